@@ -1,0 +1,172 @@
+//! The bus every adapter publishes to and subscribes from. Adapters only ever see
+//! `Arc<dyn Backbone>`, so switching between the in-memory, NATS and JetStream backbones is a
+//! config change.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+
+use crate::event::Event;
+use crate::topic::{Topic, TopicFilter};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where an event entered the mesh: the gateway instance and the connection on it. Carried in
+/// backbone metadata, never as a CloudEvents attribute; used to avoid loops and for MQTT
+/// no-local.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub instance: Arc<str>,
+    /// Connection id, unique within the instance (0 for sources without connections).
+    pub connection: u64,
+}
+
+/// An event on its way through the backbone.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub topic: Topic,
+    pub event: Arc<Event>,
+    pub origin: Origin,
+}
+
+/// Why the backbone did not take or deliver an event.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackboneError {
+    /// The backbone is full (a subscriber queue stayed full past the block timeout). The client
+    /// should retry later.
+    #[error("backbone saturated: {0}")]
+    Saturated(String),
+    /// The backbone cannot be reached right now (e.g. NATS disconnected). Retry later.
+    #[error("backbone unavailable: {0}")]
+    Unavailable(String),
+    /// The backbone refused this event for good (e.g. too large). Do not retry.
+    #[error("backbone rejected the event: {0}")]
+    Rejected(String),
+    /// The backbone is shutting down.
+    #[error("backbone is closed")]
+    Closed,
+}
+
+impl BackboneError {
+    /// Whether the same request may succeed if retried later (HTTP 503 / MQTT "server busy"
+    /// rather than 4xx / "implementation specific error").
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, BackboneError::Rejected(_))
+    }
+}
+
+/// Options of one subscription.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Members of the same queue group share the events: each goes to one of them.
+    pub queue_group: Option<String>,
+    /// Capacity of this subscriber's queue; `None` takes the backbone's default.
+    pub capacity: Option<usize>,
+}
+
+/// Settles a delivery with the backbone. The in-memory backbone has nothing to settle.
+pub trait Acknowledge: Send + Sync + fmt::Debug {
+    /// The subscriber has handled the event (written it, or its client acknowledged it).
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackboneError>>;
+    /// The subscriber could not handle the event; redeliver after `delay` where supported.
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> BoxFuture<'static, Result<(), BackboneError>>;
+}
+
+/// One event delivered to one subscription.
+#[derive(Debug)]
+pub struct Delivery {
+    pub envelope: Arc<Envelope>,
+    acker: Option<Box<dyn Acknowledge>>,
+}
+
+impl Delivery {
+    pub fn new(envelope: Arc<Envelope>, acker: Option<Box<dyn Acknowledge>>) -> Self {
+        Delivery { envelope, acker }
+    }
+
+    pub fn event(&self) -> &Arc<Event> {
+        &self.envelope.event
+    }
+
+    pub fn topic(&self) -> &Topic {
+        &self.envelope.topic
+    }
+
+    /// Acknowledges the delivery; a no-op where the backbone has no acknowledgements.
+    pub async fn ack(self) -> Result<(), BackboneError> {
+        match self.acker {
+            Some(a) => a.ack().await,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn nack(self, delay: Option<Duration>) -> Result<(), BackboneError> {
+        match self.acker {
+            Some(a) => a.nack(delay).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The stream of deliveries of one subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    filter: TopicFilter,
+    inner: Pin<Box<dyn Stream<Item = Delivery> + Send>>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").field("filter", &self.filter).finish()
+    }
+}
+
+impl Subscription {
+    pub fn new(filter: TopicFilter, inner: Pin<Box<dyn Stream<Item = Delivery> + Send>>) -> Self {
+        Subscription { filter, inner }
+    }
+
+    pub fn filter(&self) -> &TopicFilter {
+        &self.filter
+    }
+
+    /// The next delivery; `None` once the backbone closed the subscription.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        futures_util::StreamExt::next(&mut self.inner).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Delivery;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// The event bus.
+pub trait Backbone: Send + Sync + fmt::Debug {
+    /// Short name for logs and metrics (`memory`, `nats`, `jetstream`).
+    fn name(&self) -> &'static str;
+
+    /// Publishes an event. Resolves only once the backbone has accepted it (for the in-memory
+    /// backbone: queued for every matching subscriber; for JetStream: after the PubAck), so the
+    /// caller may then acknowledge its client.
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>>;
+
+    /// Subscribes to a topic filter.
+    fn subscribe(
+        &self,
+        filter: TopicFilter,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, Result<Subscription, BackboneError>>;
+
+    /// Whether the backbone can take events now (reported on `/readyz`).
+    fn is_ready(&self) -> bool;
+
+    /// Stops taking events and lets queued deliveries drain; subscriptions end after that.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,435 @@
+//! The CloudEvents JSON event format and JSON batch format (CE-BINDINGS.md §2), strict on read.
+//!
+//! Reading walks the top-level object once, keeping every member as raw JSON text, so that
+//! duplicate members are detected (serde_json's `Map` would silently keep the last one) and
+//! `data` is never parsed twice or re-rendered.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::event::{Data, Event, EventError, ExtensionValue, SPEC_VERSION};
+use crate::media;
+
+/// Media type of one JSON-format event.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Media type of a JSON batch.
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+/// The members of a JSON object in order, values as raw JSON.
+struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(8);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    out.push((key, value));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The elements of a JSON array, as raw JSON.
+struct Elements<'a>(Vec<&'a RawValue>);
+
+impl<'de> serde::Deserialize<'de> for Elements<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Elements<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element::<&'de RawValue>()? {
+                    out.push(v);
+                }
+                Ok(Elements(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+fn syntax(e: serde_json::Error) -> EventError {
+    EventError::Format(format!("body is not a valid JSON-format CloudEvent: {e}"))
+}
+
+/// A scalar attribute value as it appears in JSON.
+enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Str(String),
+}
+
+fn scalar(name: &str, raw: &RawValue) -> Result<Scalar, EventError> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'n') => Ok(Scalar::Null),
+        Some(b't') => Ok(Scalar::Bool(true)),
+        Some(b'f') => Ok(Scalar::Bool(false)),
+        Some(b'"') => serde_json::from_str::<String>(text)
+            .map(Scalar::Str)
+            .map_err(syntax),
+        Some(b'{') | Some(b'[') => Err(EventError::invalid(
+            name,
+            "objects and arrays are not allowed as attribute values",
+        )),
+        _ => {
+            // A number: an Integer has no fraction or exponent (`5.0` and `1e3` are invalid).
+            if text.contains(['.', 'e', 'E']) {
+                return Err(EventError::invalid(
+                    name,
+                    format!("{text} is not a valid Integer (no fraction or exponent allowed)"),
+                ));
+            }
+            text.parse::<i64>()
+                .map(Scalar::Int)
+                .map_err(|_| EventError::invalid(name, format!("{text} is out of Integer range")))
+        }
+    }
+}
+
+fn string_value(name: &str, raw: &RawValue) -> Result<Option<String>, EventError> {
+    match scalar(name, raw)? {
+        Scalar::Null => Ok(None),
+        Scalar::Str(s) => Ok(Some(s)),
+        _ => Err(EventError::invalid(name, "must be a JSON string")),
+    }
+}
+
+/// Parses one JSON-format event.
+pub fn decode(body: &[u8]) -> Result<Event, EventError> {
+    let members: Members<'_> = serde_json::from_slice(body).map_err(syntax)?;
+    decode_members(members)
+}
+
+fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, _) in &members.0 {
+        if !seen.insert(k.as_ref()) {
+            return Err(EventError::Duplicate(k.to_string()));
+        }
+    }
+    let get = |name: &str| -> Result<Option<String>, EventError> {
+        match members.0.iter().find(|(k, _)| k == name) {
+            Some((_, raw)) => string_value(name, raw),
+            None => Ok(None),
+        }
+    };
+    let specversion = get("specversion")?.ok_or(EventError::Missing("specversion"))?;
+    if specversion != SPEC_VERSION {
+        return Err(EventError::UnsupportedSpecVersion(specversion));
+    }
+    let mut event = Event::new(
+        get("id")?.ok_or(EventError::Missing("id"))?,
+        get("source")?.ok_or(EventError::Missing("source"))?,
+        get("type")?.ok_or(EventError::Missing("type"))?,
+    )?;
+    event.set_datacontenttype(get("datacontenttype")?)?;
+    let mut data: Option<&RawValue> = None;
+    let mut data_base64: Option<&RawValue> = None;
+    for (name, raw) in &members.0 {
+        match name.as_ref() {
+            "specversion" | "id" | "source" | "type" | "datacontenttype" => {}
+            "dataschema" => event.set_dataschema(string_value(name, raw)?)?,
+            "subject" => event.set_subject(string_value(name, raw)?)?,
+            "time" => event.set_time(string_value(name, raw)?)?,
+            "data" => data = Some(raw),
+            "data_base64" => data_base64 = Some(raw),
+            ext => {
+                let value = match scalar(ext, raw)? {
+                    Scalar::Null => continue,
+                    Scalar::Bool(b) => ExtensionValue::Boolean(b),
+                    Scalar::Str(s) => ExtensionValue::String(s),
+                    Scalar::Int(i) => ExtensionValue::Integer(i32::try_from(i).map_err(|_| {
+                        EventError::invalid(ext, format!("{i} is out of Integer (32-bit) range"))
+                    })?),
+                };
+                event.set_extension(ext, value)?;
+            }
+        }
+    }
+    match (data, data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(EventError::Format(
+                "`data` and `data_base64` must not both be present".into(),
+            ));
+        }
+        (None, Some(raw)) => {
+            if let Some(s) = string_value("data_base64", raw)? {
+                let bytes = BASE64
+                    .decode(s.as_bytes())
+                    .map_err(|e| EventError::invalid("data_base64", format!("not Base64: {e}")))?;
+                event.set_data(Some(Data::Binary(Bytes::from(bytes))));
+            }
+        }
+        (Some(raw), None) => {
+            let is_json = event.datacontenttype().is_none_or(media::is_json);
+            if is_json {
+                event.set_data(Some(Data::Json(raw.to_owned())));
+            } else {
+                match scalar("data", raw) {
+                    Ok(Scalar::Str(s)) => event.set_data(Some(Data::Text(s))),
+                    Ok(Scalar::Null) => {}
+                    _ => {
+                        return Err(EventError::invalid(
+                            "data",
+                            "must be a JSON string when datacontenttype is not JSON",
+                        ));
+                    }
+                }
+            }
+        }
+        (None, None) => {}
+    }
+    Ok(event)
+}
+
+/// Parses a JSON batch: an array of JSON-format events, all with specversion 1.0.
+/// An error names the index of the failing element.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventError)> {
+    let elements: Elements<'_> = serde_json::from_slice(body).map_err(|e| {
+        (
+            None,
+            EventError::Format(format!("body is not a JSON batch (an array of events): {e}")),
+        )
+    })?;
+    let mut parsed = Vec::with_capacity(elements.0.len());
+    for (i, raw) in elements.0.iter().enumerate() {
+        let members: Members<'_> = serde_json::from_str(raw.get()).map_err(|e| (Some(i), syntax(e)))?;
+        parsed.push(members);
+    }
+    // All events of a batch MUST share one specversion; say so before anything else fails.
+    let versions: std::collections::BTreeSet<String> = parsed
+        .iter()
+        .filter_map(|m| m.0.iter().find(|(k, _)| k == "specversion"))
+        .filter_map(|(_, raw)| string_value("specversion", raw).ok().flatten())
+        .collect();
+    if versions.len() > 1 {
+        let list: Vec<_> = versions.into_iter().collect();
+        return Err((
+            None,
+            EventError::Format(format!(
+                "a batch must not mix specversions, found {}",
+                list.join(", ")
+            )),
+        ));
+    }
+    parsed
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| decode_members(m).map_err(|e| (Some(i), e)))
+        .collect()
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// How `data` is written in JSON, following the rules of CE-BINDINGS.md §2.
+fn push_data(out: &mut Vec<u8>, event: &Event) {
+    let Some(data) = event.data() else { return };
+    match data {
+        Data::Json(raw) => {
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(raw.get().as_bytes());
+        }
+        Data::Text(s) => {
+            out.extend_from_slice(b",\"data\":");
+            push_json_string(out, s);
+        }
+        Data::Binary(bytes) => {
+            let ct = event.datacontenttype();
+            // A binary-mode JSON body becomes a JSON value, as the SDKs do; text stays text.
+            if ct.is_some_and(media::is_json)
+                && serde_json::from_slice::<&RawValue>(bytes).is_ok()
+            {
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(bytes);
+                return;
+            }
+            if ct.is_some_and(media::is_text) {
+                if let Ok(s) = std::str::from_utf8(bytes) {
+                    out.extend_from_slice(b",\"data\":");
+                    push_json_string(out, s);
+                    return;
+                }
+            }
+            out.extend_from_slice(b",\"data_base64\":\"");
+            out.extend_from_slice(BASE64.encode(bytes).as_bytes());
+            out.push(b'"');
+        }
+    }
+}
+
+/// Writes one event in the JSON format.
+pub fn encode_into(out: &mut Vec<u8>, event: &Event) {
+    out.extend_from_slice(b"{\"specversion\":\"1.0\"");
+    for (name, value) in event.attributes().skip(1) {
+        out.push(b',');
+        push_json_string(out, name);
+        out.push(b':');
+        match value {
+            crate::event::AttributeRef::Str(s) => push_json_string(out, s),
+            crate::event::AttributeRef::Ext(ExtensionValue::String(s)) => push_json_string(out, s),
+            crate::event::AttributeRef::Ext(ExtensionValue::Integer(i)) => {
+                out.extend_from_slice(i.to_string().as_bytes())
+            }
+            crate::event::AttributeRef::Ext(ExtensionValue::Boolean(b)) => {
+                out.extend_from_slice(if *b { b"true" } else { b"false" })
+            }
+        }
+    }
+    push_data(out, event);
+    out.push(b'}');
+}
+
+/// One event in the JSON format.
+pub fn encode(event: &Event) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + event.data().map_or(0, Data::len));
+    encode_into(&mut out, event);
+    out
+}
+
+/// One event in the JSON format, as a `String` (for WebSocket text frames).
+pub fn encode_string(event: &Event) -> String {
+    // The encoder writes only UTF-8: JSON strings via serde_json, raw JSON already validated as
+    // UTF-8 text, Base64 ASCII.
+    String::from_utf8(encode(event)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const E0: &str =
+        r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
+
+    fn with(extra: &str) -> String {
+        format!("{},{extra}}}", &E0[..E0.len() - 1])
+    }
+
+    #[test]
+    fn round_trip_keeps_types_and_time() {
+        let body = with(
+            r#""time":"2026-01-01T00:00:00+00:00","comexampleothervalue":5,"flag":true,"s":"x","data":{"b":1,"a":[1,2]}"#,
+        );
+        let e = decode(body.as_bytes()).unwrap();
+        assert_eq!(e.time(), Some("2026-01-01T00:00:00+00:00"));
+        assert_eq!(
+            e.extension("comexampleothervalue"),
+            Some(&ExtensionValue::Integer(5))
+        );
+        assert_eq!(e.extension("flag"), Some(&ExtensionValue::Boolean(true)));
+        let again = decode(&encode(&e)).unwrap();
+        assert_eq!(e, again);
+        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":{"b":1,"a":[1,2]}"#));
+    }
+
+    #[test]
+    fn i18_null_means_absent() {
+        let e = decode(with(r#""comexampleothervalue":5,"flag":true,"subject":null"#).as_bytes())
+            .unwrap();
+        assert_eq!(e.subject(), None);
+        let e = decode(with(r#""id2":null"#).as_bytes()).unwrap();
+        assert!(e.extensions().is_empty());
+        let body = r#"{"specversion":"1.0","id":null,"source":"/src","type":"t"}"#;
+        assert_eq!(decode(body.as_bytes()), Err(EventError::Missing("id")));
+    }
+
+    #[test]
+    fn i19_bad_integers_and_objects() {
+        for extra in [r#""n":5.0"#, r#""n":2147483648"#, r#""x":{"a":1}"#, r#""n":1e3"#, r#""x":[1]"#]
+        {
+            assert!(decode(with(extra).as_bytes()).is_err(), "{extra}");
+        }
+        assert!(decode(with(r#""n":-2147483648"#).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn i20_data_and_data_base64() {
+        assert!(decode(with(r#""data":1,"data_base64":"AA==""#).as_bytes()).is_err());
+    }
+
+    #[test]
+    fn i21_string_data_is_not_parsed_again() {
+        let e = decode(
+            with(r#""datacontenttype":"application/vnd.x+json","data":"{\"a\":1}""#).as_bytes(),
+        )
+        .unwrap();
+        match e.data() {
+            Some(Data::Json(raw)) => assert_eq!(raw.get(), r#""{\"a\":1}""#),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn i13_i14_required_and_version() {
+        assert_eq!(
+            decode(br#"{"specversion":"1.0","id":"A1","type":"t"}"#),
+            Err(EventError::Missing("source"))
+        );
+        for v in ["0.3", "1.0.2", "2.0"] {
+            let body = E0.replace("1.0", v);
+            assert!(matches!(
+                decode(body.as_bytes()),
+                Err(EventError::UnsupportedSpecVersion(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        assert_eq!(
+            decode(with(r#""id":"A2""#).as_bytes()),
+            Err(EventError::Duplicate("id".into()))
+        );
+    }
+
+    #[test]
+    fn binary_data_encoding_rules() {
+        let mut e = Event::new("A1", "/src", "t").unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(&[0, 0xFF, 0x10]))));
+        // I3: no content type -> only data_base64, no datacontenttype invented.
+        let s = String::from_utf8(encode(&e)).unwrap();
+        assert!(s.ends_with(r#","data_base64":"AP8Q"}"#), "{s}");
+        assert!(!s.contains("datacontenttype"));
+        e.set_datacontenttype(Some("text/plain".into())).unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(b"hello"))));
+        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":"hello""#));
+        e.set_datacontenttype(Some("application/json".into())).unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(b"{\"a\":1}"))));
+        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":{"a":1}"#));
+    }
+
+    #[test]
+    fn batches() {
+        assert!(decode_batch(b"[]").unwrap().is_empty());
+        let two = format!("[{E0},{}]", E0.replace("A1", "A2"));
+        assert_eq!(decode_batch(two.as_bytes()).unwrap().len(), 2);
+        let mixed = format!("[{E0},{}]", E0.replace("1.0", "0.3"));
+        let (idx, err) = decode_batch(mixed.as_bytes()).unwrap_err();
+        assert_eq!(idx, None);
+        assert!(err.to_string().contains("mix"), "{err}");
+        assert!(decode_batch(E0.as_bytes()).is_err());
+    }
+}

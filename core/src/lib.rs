@@ -1,0 +1,25 @@
+//! meshgate-core: the model every meshgate crate shares.
+//!
+//! - [`event`]: the CloudEvents 1.0 event, always valid; [`json`]: its JSON format.
+//! - [`topic`]: the protocol-neutral topic space and its mappings.
+//! - [`backbone`]: the bus trait; [`adapter`]: what adapters receive.
+//! - [`auth`]: principals and topic ACLs; [`metrics`]: Prometheus names and registry.
+
+pub mod adapter;
+pub mod auth;
+pub mod backbone;
+pub mod event;
+pub mod json;
+pub mod media;
+pub mod metrics;
+pub mod topic;
+pub mod validate;
+pub mod wrap;
+
+pub use adapter::{Adapter, AdapterContext, AdapterError};
+pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
+pub use backbone::{
+    Backbone, BackboneError, BoxFuture, Delivery, Envelope, Origin, SubscribeOptions, Subscription,
+};
+pub use event::{Data, Event, EventError, ExtensionValue};
+pub use topic::{Topic, TopicError, TopicFilter};

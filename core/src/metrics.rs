@@ -1,0 +1,259 @@
+//! A small Prometheus registry: counters, gauges and one latency histogram family, rendered in
+//! the text exposition format. Metric names live here so that every crate uses the same ones.
+//!
+//! Handles are `Arc`ed atomics: adapters look them up once and update them lock-free on the
+//! hot path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const EVENTS_RECEIVED: &str = "meshgate_events_received_total";
+pub const EVENTS_SENT: &str = "meshgate_events_sent_total";
+pub const EVENTS_DROPPED: &str = "meshgate_events_dropped_total";
+pub const CONNECTIONS: &str = "meshgate_connections";
+pub const ERRORS: &str = "meshgate_errors_total";
+pub const PUBLISH_LATENCY: &str = "meshgate_publish_latency_seconds";
+pub const BACKBONE_DROPPED: &str = "meshgate_backbone_dropped_total";
+pub const BACKBONE_SUBSCRIPTIONS: &str = "meshgate_backbone_subscriptions";
+
+fn help(name: &str) -> &'static str {
+    match name {
+        EVENTS_RECEIVED => "Events accepted from clients and published to the backbone, per adapter.",
+        EVENTS_SENT => "Events written to clients, per adapter.",
+        EVENTS_DROPPED => "Events dropped on purpose (policy), per adapter and reason.",
+        CONNECTIONS => "Open client connections, per adapter.",
+        ERRORS => "Errors by adapter and kind (bad input, auth, backbone).",
+        PUBLISH_LATENCY => "Time from a client's event arriving to the backbone accepting it.",
+        BACKBONE_DROPPED => "Events the backbone dropped for a subscriber, per reason.",
+        BACKBONE_SUBSCRIPTIONS => "Active backbone subscriptions.",
+        _ => "meshgate metric",
+    }
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+type Labels = Vec<(&'static str, String)>;
+type Key = (&'static str, Labels);
+
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(Arc<AtomicI64>);
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Histogram(Arc<HistogramInner>);
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Families {
+    counters: BTreeMap<Key, Counter>,
+    gauges: BTreeMap<Key, Gauge>,
+    histograms: BTreeMap<Key, Histogram>,
+}
+
+/// All metrics of one gateway process.
+#[derive(Debug, Clone, Default)]
+pub struct Registry(Arc<Mutex<Families>>);
+
+fn labels(l: &[(&'static str, &str)]) -> Labels {
+    l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn families(&self) -> std::sync::MutexGuard<'_, Families> {
+        // A panic while holding this lock cannot leave the maps inconsistent; keep going.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn counter(&self, name: &'static str, l: &[(&'static str, &str)]) -> Counter {
+        self.families()
+            .counters
+            .entry((name, labels(l)))
+            .or_default()
+            .clone()
+    }
+
+    pub fn gauge(&self, name: &'static str, l: &[(&'static str, &str)]) -> Gauge {
+        self.families()
+            .gauges
+            .entry((name, labels(l)))
+            .or_default()
+            .clone()
+    }
+
+    pub fn histogram(&self, name: &'static str, l: &[(&'static str, &str)]) -> Histogram {
+        self.families()
+            .histograms
+            .entry((name, labels(l)))
+            .or_default()
+            .clone()
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let f = self.families();
+        let mut out = String::with_capacity(4096);
+        let mut last = "";
+        let mut header = |out: &mut String, name: &'static str, kind: &str| {
+            if last != name {
+                let _ = writeln!(out, "# HELP {name} {}", help(name));
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                last = name;
+            }
+        };
+        for ((name, l), c) in &f.counters {
+            header(&mut out, name, "counter");
+            let _ = writeln!(out, "{name}{} {}", render_labels(l, None), c.get());
+        }
+        for ((name, l), g) in &f.gauges {
+            header(&mut out, name, "gauge");
+            let _ = writeln!(out, "{name}{} {}", render_labels(l, None), g.get());
+        }
+        for ((name, l), h) in &f.histograms {
+            header(&mut out, name, "histogram");
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cumulative += h.0.buckets[i].load(Ordering::Relaxed);
+                let le = bound.to_string();
+                let _ = writeln!(out, "{name}_bucket{} {cumulative}", render_labels(l, Some(&le)));
+            }
+            let count = h.count();
+            let _ = writeln!(out, "{name}_bucket{} {count}", render_labels(l, Some("+Inf")));
+            let sum = h.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "{name}_sum{} {sum}", render_labels(l, None));
+            let _ = writeln!(out, "{name}_count{} {count}", render_labels(l, None));
+        }
+        out
+    }
+}
+
+fn render_labels(l: &Labels, le: Option<&str>) -> String {
+    if l.is_empty() && le.is_none() {
+        return String::new();
+    }
+    let mut s = String::from("{");
+    let mut first = true;
+    for (k, v) in l.iter().map(|(k, v)| (*k, v.as_str())).chain(le.map(|v| ("le", v))) {
+        if !first {
+            s.push(',');
+        }
+        first = false;
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s.push('}');
+    s
+}
+
+/// The metrics one adapter updates, looked up once.
+#[derive(Debug, Clone)]
+pub struct AdapterMetrics {
+    adapter: &'static str,
+    registry: Registry,
+    pub received: Counter,
+    pub sent: Counter,
+    pub connections: Gauge,
+    pub publish_latency: Histogram,
+}
+
+impl AdapterMetrics {
+    pub fn new(registry: &Registry, adapter: &'static str) -> Self {
+        let a = [("adapter", adapter)];
+        AdapterMetrics {
+            adapter,
+            registry: registry.clone(),
+            received: registry.counter(EVENTS_RECEIVED, &a),
+            sent: registry.counter(EVENTS_SENT, &a),
+            connections: registry.gauge(CONNECTIONS, &a),
+            publish_latency: registry.histogram(PUBLISH_LATENCY, &a),
+        }
+    }
+
+    /// Counter of events dropped for `reason` (look it up once where drops can be frequent).
+    pub fn dropped(&self, reason: &str) -> Counter {
+        self.registry
+            .counter(EVENTS_DROPPED, &[("adapter", self.adapter), ("reason", reason)])
+    }
+
+    /// Counts one error of `kind` (e.g. `bad_event`, `unauthorized`, `backbone`).
+    pub fn error(&self, kind: &str) {
+        self.registry
+            .counter(ERRORS, &[("adapter", self.adapter), ("kind", kind)])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let r = Registry::new();
+        let m = AdapterMetrics::new(&r, "http");
+        m.received.add(3);
+        m.error("bad_event");
+        m.publish_latency.observe(Duration::from_micros(300));
+        let text = r.render();
+        assert!(text.contains("# TYPE meshgate_events_received_total counter"));
+        assert!(text.contains("meshgate_events_received_total{adapter=\"http\"} 3"));
+        assert!(text.contains("meshgate_errors_total{adapter=\"http\",kind=\"bad_event\"} 1"));
+        assert!(text.contains(
+            "meshgate_publish_latency_seconds_bucket{adapter=\"http\",le=\"0.0005\"} 1"
+        ));
+        assert!(text.contains("meshgate_publish_latency_seconds_count{adapter=\"http\"} 1"));
+    }
+}

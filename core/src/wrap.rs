@@ -1,0 +1,84 @@
+//! Wrapping a payload that is not a CloudEvent (CE-BINDINGS.md §10, "as a producer").
+
+use bytes::Bytes;
+
+use crate::event::{Data, Event, EventError};
+
+/// A new event id: a UUIDv7, unique and time-ordered.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The current time as an RFC 3339 timestamp in UTC with microseconds.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339_from_unix(now.as_secs(), now.subsec_micros())
+}
+
+fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for dates after 1970.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z")
+}
+
+/// What a wrapped event is made of.
+#[derive(Debug, Clone)]
+pub struct Wrap<'a> {
+    pub source: &'a str,
+    pub ty: &'a str,
+    pub subject: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+}
+
+/// Wraps `body` into a new event: generated id, the given source and type, the topic as subject,
+/// the content type when known (never invented), `time` now.
+pub fn wrap(body: Bytes, w: Wrap<'_>) -> Result<Event, EventError> {
+    let mut event = Event::new(new_id(), w.source, w.ty)?;
+    event.set_subject(w.subject.map(str::to_owned))?;
+    event.set_time(Some(now_rfc3339()))?;
+    event.set_datacontenttype(w.content_type.map(str::to_owned))?;
+    if !body.is_empty() {
+        // Bytes stay bytes: the JSON encoder writes JSON bodies as JSON and text as text.
+        let data = Data::Binary(body);
+        event.set_data(Some(data));
+    }
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339_from_unix(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339_from_unix(951_782_400, 5), "2000-02-29T00:00:00.000005Z");
+        assert_eq!(rfc3339_from_unix(1_795_359_845, 0), "2026-11-22T15:04:05.000000Z");
+        crate::validate::timestamp("time", &now_rfc3339()).unwrap();
+    }
+
+    #[test]
+    fn wrap_keeps_bytes_and_never_invents_a_content_type() {
+        let e = wrap(
+            Bytes::from_static(b"\x00\x01"),
+            Wrap { source: "/gw", ty: "io.meshgate.t", subject: Some("a/b"), content_type: None },
+        )
+        .unwrap();
+        assert_eq!(e.datacontenttype(), None);
+        assert_eq!(e.subject(), Some("a/b"));
+        assert_eq!(e.data(), Some(&Data::Binary(Bytes::from_static(b"\x00\x01"))));
+    }
+}

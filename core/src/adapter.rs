@@ -63,3 +63,47 @@ pub trait Adapter: Send {
     /// Runs until `ctx.shutdown` fires and in-flight work is settled.
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>>;
 }
+
+/// Why [`AdapterContext::publish`] did not publish.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Forbidden(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::BackboneError),
+}
+
+impl AdapterContext {
+    /// The one ingress path every adapter uses: authorize, publish, count. Returns once the
+    /// backbone accepted the event, so the caller may then acknowledge its client.
+    pub async fn publish(
+        &self,
+        metrics: &AdapterMetrics,
+        principal: &crate::auth::Principal,
+        topic: crate::topic::Topic,
+        event: Arc<crate::event::Event>,
+        origin: Origin,
+    ) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
+        if let Err(e) = self.authorizer.check_publish(principal, &topic) {
+            metrics.error("forbidden");
+            return Err(e.into());
+        }
+        let envelope = crate::backbone::Envelope {
+            topic,
+            event,
+            origin,
+        };
+        match self.backbone.publish(envelope).await {
+            Ok(()) => {
+                metrics.received.inc();
+                metrics.publish_latency.observe(started.elapsed());
+                Ok(())
+            }
+            Err(e) => {
+                metrics.error("backbone");
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@ pub mod topic;
 pub mod validate;
 pub mod wrap;
 
-pub use adapter::{Adapter, AdapterContext, AdapterError};
+pub use adapter::{Adapter, AdapterContext, AdapterError, PublishError};
 pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Envelope, Origin, SubscribeOptions, Subscription,

@@ -1,0 +1,413 @@
+//! One WebSocket connection after the upgrade.
+//!
+//! Three kinds of task per connection, so that nothing one client does can hold up another:
+//! - the **reader** (this module's `run`): frames from the client → publish / (un)subscribe;
+//! - the **writer**: drains the connection's bounded outbound queue into the socket, sends
+//!   pings, acknowledges backbone deliveries once written;
+//! - one **pump** per topic filter: backbone subscription → outbound queue. A pump never waits
+//!   for the socket: when the outbound queue is full the slow-consumer policy applies at once
+//!   (disconnect with 1008, or drop and count), so the backbone queue behind it never fills
+//!   because of a slow browser.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use meshgate_config::{PublishTopic, SlowConsumerPolicy};
+use meshgate_core::{
+    Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
+};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::binding::{self, FrameError, Inbound};
+
+/// Most topic filters one connection may hold; protects the gateway from a client that
+/// subscribes without end.
+pub const MAX_FILTERS_PER_CONNECTION: usize = 256;
+/// How long a close frame may take to go out before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// RFC 6455 §7.4.1 close codes used here.
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+}
+
+enum Outbound {
+    /// An event for the client, acknowledged to the backbone once written.
+    Event(Utf8Bytes, Delivery),
+    /// A gateway control or report event.
+    Control(Utf8Bytes),
+    /// Keep-alive ping (from the writer's own timer).
+    Ping,
+    /// Send this close frame after everything queued before it, then stop.
+    Close(CloseFrame),
+}
+
+fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    // Close reasons are limited to 123 bytes; ours are short ASCII.
+    CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }
+}
+
+/// Per-connection state shared between the reader and the pumps.
+struct Conn {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Outbound>,
+    /// Fired by a pump when the slow-consumer policy disconnects the client.
+    kill: CancellationToken,
+    /// The close frame to send when `kill` fires.
+    kill_frame: Mutex<Option<CloseFrame>>,
+    /// The connection's filters in subscription order; an event matching several is delivered
+    /// once, by the pump of the first matching filter.
+    filters: RwLock<Vec<TopicFilter>>,
+}
+
+impl Conn {
+    fn report(&self, err: &FrameError) {
+        tracing::debug!(code = err.code, message = %err.message, "websocket frame dropped");
+        self.shared.metrics.error(err.code);
+        let text = Utf8Bytes::from(binding::error_event(err));
+        // A client whose queue is full is being disconnected anyway; the report is not needed.
+        let _ = self.out.try_send(Outbound::Control(text));
+    }
+
+    fn send_subscribed(&self) {
+        let filters = self.filters.read().map(|f| f.clone()).unwrap_or_default();
+        let text = Utf8Bytes::from(binding::subscribed_event(&filters));
+        let _ = self.out.try_send(Outbound::Control(text));
+    }
+
+    /// The first filter (in subscription order) that matches `topic`.
+    fn first_match(&self, topic: &Topic) -> Option<TopicFilter> {
+        let filters = self.filters.read().ok()?;
+        filters.iter().find(|f| f.matches(topic)).cloned()
+    }
+
+    fn disconnect_slow(&self) {
+        if let Ok(mut frame) = self.kill_frame.lock() {
+            frame.get_or_insert_with(|| {
+                close_frame(
+                    close_code::POLICY_VIOLATION,
+                    "slow consumer: outbound queue full",
+                )
+            });
+        }
+        self.kill.cancel();
+    }
+}
+
+/// Forwards one subscription into the outbound queue.
+async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
+    while let Some(delivery) = sub.next().await {
+        if conn.first_match(delivery.topic()).as_ref() != Some(&filter) {
+            // Another of this connection's filters delivers it (or it was just removed).
+            continue;
+        }
+        let text = Utf8Bytes::from(binding::encode_event(delivery.event()));
+        match conn.out.try_send(Outbound::Event(text, delivery)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Outbound::Event(_, delivery))) => {
+                match conn.shared.config.slow_consumer {
+                    SlowConsumerPolicy::Drop => {
+                        conn.shared.dropped_slow.inc();
+                        let _ = delivery.ack().await;
+                    }
+                    SlowConsumerPolicy::Disconnect => {
+                        conn.shared.disconnected_slow.inc();
+                        conn.disconnect_slow();
+                        return;
+                    }
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The connection's pumps, aborted when the connection ends.
+struct Pumps {
+    handles: HashMap<TopicFilter, AbortHandle>,
+}
+
+impl Drop for Pumps {
+    fn drop(&mut self) {
+        for h in self.handles.values() {
+            h.abort();
+        }
+    }
+}
+
+impl Pumps {
+    async fn add(&mut self, conn: &Arc<Conn>, filter: TopicFilter, connection: u64) -> Result<(), FrameError> {
+        if self.handles.contains_key(&filter) {
+            return Ok(());
+        }
+        if self.handles.len() >= MAX_FILTERS_PER_CONNECTION {
+            return Err(FrameError::new(
+                "invalid_request",
+                format!("at most {MAX_FILTERS_PER_CONNECTION} topic filters per connection"),
+                None,
+            ));
+        }
+        let sub = conn
+            .shared
+            .ctx
+            .backbone
+            .subscribe(filter.clone(), SubscribeOptions::default())
+            .await
+            .map_err(|e| FrameError::new("unavailable", e.to_string(), None))?;
+        if let Ok(mut filters) = conn.filters.write() {
+            filters.push(filter.clone());
+        }
+        let task = tokio::spawn(pump(conn.clone(), filter.clone(), sub));
+        tracing::debug!(connection, %filter, "websocket subscribed");
+        self.handles.insert(filter, task.abort_handle());
+        Ok(())
+    }
+
+    fn remove(&mut self, conn: &Conn, filter: &TopicFilter) {
+        if let Some(h) = self.handles.remove(filter) {
+            h.abort();
+        }
+        if let Ok(mut filters) = conn.filters.write() {
+            filters.retain(|f| f != filter);
+        }
+    }
+}
+
+/// Writes queued messages; returns when told to close, when the socket fails or is killed.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    conn: Arc<Conn>,
+) {
+    let mut ping = tokio::time::interval(conn.shared.config.ping_interval);
+    ping.tick().await;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = conn.kill.cancelled() => None,
+            msg = rx.recv() => msg,
+            _ = ping.tick() => Some(Outbound::Ping),
+        };
+        let Some(msg) = next else { break };
+        let (message, delivery, is_event) = match msg {
+            Outbound::Event(text, delivery) => (Message::Text(text), Some(delivery), true),
+            Outbound::Ping => (Message::Ping(Default::default()), None, false),
+            Outbound::Control(text) => (Message::Text(text), None, false),
+            Outbound::Close(frame) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                return;
+            }
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = conn.kill.cancelled() => break,
+            r = sink.send(message) => r.is_ok(),
+        };
+        if !sent {
+            return;
+        }
+        if is_event {
+            conn.shared.metrics.sent.inc();
+        }
+        if let Some(d) = delivery {
+            let _ = d.ack().await;
+        }
+    }
+    // Killed (slow consumer): try to say why, but never wait long for a client that does not read.
+    let frame = conn.kill_frame.lock().ok().and_then(|mut f| f.take());
+    if let Some(frame) = frame {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// Why the reader stopped.
+enum End {
+    /// The client closed or vanished.
+    Client,
+    /// Close the connection with this frame, after what is already queued.
+    Close(CloseFrame),
+    /// The slow-consumer policy fired; the writer sends the close frame.
+    Killed,
+}
+
+fn classify_error(err: axum::Error, max: usize) -> End {
+    let inner = err.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Utf8(_)) => End::Close(close_frame(
+            close_code::INVALID_PAYLOAD,
+            "text frame is not valid UTF-8",
+        )),
+        Some(tungstenite::Error::Capacity(_)) => End::Close(close_frame(
+            close_code::MESSAGE_TOO_BIG,
+            &format!("message larger than {max} bytes"),
+        )),
+        Some(tungstenite::Error::Protocol(p)) => {
+            tracing::debug!(error = %p, "websocket protocol error");
+            End::Close(close_frame(close_code::PROTOCOL_ERROR, "protocol error"))
+        }
+        _ => End::Client,
+    }
+}
+
+async fn handle_text(
+    conn: &Arc<Conn>,
+    pumps: &mut Pumps,
+    principal: &Principal,
+    connection: u64,
+    text: &str,
+) {
+    let shared = &conn.shared;
+    match binding::decode_frame(text) {
+        Err(e) => conn.report(&e),
+        Ok(Inbound::Publish(event)) => {
+            let topic = match &shared.config.publish_topic {
+                PublishTopic::Fixed(t) => Topic::from_mqtt(t),
+                PublishTopic::Subject => match event.subject() {
+                    Some(s) => Topic::from_mqtt(s),
+                    None => {
+                        conn.report(&FrameError::new(
+                            "no_topic",
+                            "the event has no `subject`; set it to the topic to publish to",
+                            Some(event.id()),
+                        ));
+                        return;
+                    }
+                },
+            };
+            let topic = match topic {
+                Ok(t) => t,
+                Err(e) => {
+                    conn.report(&FrameError::new("no_topic", e.to_string(), Some(event.id())));
+                    return;
+                }
+            };
+            let id = event.id().to_owned();
+            let origin = shared.ctx.origin(connection);
+            if let Err(e) = shared
+                .ctx
+                .publish(&shared.metrics, principal, topic, Arc::new(event), origin)
+                .await
+            {
+                let code = match e {
+                    PublishError::Forbidden(_) => "forbidden",
+                    PublishError::Backbone(_) => "unavailable",
+                };
+                conn.report(&FrameError::new(code, e.to_string(), Some(&id)));
+            }
+        }
+        Ok(Inbound::Subscribe(filters)) => {
+            for filter in filters {
+                if let Err(e) = shared.ctx.authorizer.check_subscribe(principal, &filter) {
+                    conn.report(&FrameError::new("forbidden", e.to_string(), None));
+                    continue;
+                }
+                if let Err(e) = pumps.add(conn, filter, connection).await {
+                    conn.report(&e);
+                }
+            }
+            conn.send_subscribed();
+        }
+        Ok(Inbound::Unsubscribe(filters)) => {
+            for filter in &filters {
+                pumps.remove(conn, filter);
+            }
+            conn.send_subscribed();
+        }
+    }
+}
+
+/// Runs a connection until the client leaves, a protocol rule closes it, the slow-consumer
+/// policy disconnects it, or the gateway shuts down (close 1001 after flushing the queue).
+pub(crate) async fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    principal: Principal,
+    initial: Vec<TopicFilter>,
+) {
+    let connection = shared.ctx.next_connection_id();
+    let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) = socket.split();
+    let (out, rx) = mpsc::channel(shared.config.outbound_queue);
+    let conn = Arc::new(Conn {
+        shared: shared.clone(),
+        out,
+        kill: CancellationToken::new(),
+        kill_frame: Mutex::new(None),
+        filters: RwLock::new(Vec::new()),
+    });
+    let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
+    let mut pumps = Pumps {
+        handles: HashMap::new(),
+    };
+    for filter in initial {
+        if let Err(e) = pumps.add(&conn, filter, connection).await {
+            conn.report(&e);
+        }
+    }
+    conn.send_subscribed();
+    tracing::debug!(connection, principal = principal.name(), "websocket connected");
+
+    let max = shared.config.max_message_size;
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shared.ctx.shutdown.cancelled() => {
+                break End::Close(close_frame(close_code::GOING_AWAY, "server shutting down"));
+            }
+            _ = conn.kill.cancelled() => break End::Killed,
+            frame = stream.next() => match frame {
+                None => break End::Client,
+                Some(Err(e)) => break classify_error(e, max),
+                Some(Ok(Message::Text(text))) => {
+                    handle_text(&conn, &mut pumps, &principal, connection, text.as_str()).await;
+                }
+                Some(Ok(Message::Binary(_))) => break End::Close(close_frame(
+                    close_code::UNSUPPORTED_DATA,
+                    "binary frames are not supported on cloudevents.json; send JSON text frames",
+                )),
+                // Pings are answered by the protocol layer; a close frame is answered there too
+                // and the stream then ends.
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    // No more events for this client.
+    drop(pumps);
+    match end {
+        End::Close(frame) => {
+            tracing::debug!(connection, code = frame.code, reason = %frame.reason, "closing websocket");
+            // Queued events go out first, then the close frame.
+            let queued = tokio::time::timeout(CLOSE_TIMEOUT, conn.out.send(Outbound::Close(frame))).await;
+            if queued.is_err() {
+                conn.kill.cancel();
+            }
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
+            // Let the client answer the close handshake.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while stream.next().await.is_some() {} }).await;
+        }
+        End::Killed => {
+            tracing::info!(connection, "websocket slow consumer disconnected");
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
+        }
+        End::Client => {
+            conn.kill.cancel();
+            writer.abort();
+        }
+    }
+    tracing::debug!(connection, "websocket disconnected");
+}

@@ -1,0 +1,195 @@
+//! meshgate-websocket: browsers and other WebSocket clients on the CloudEvents WebSocket binding.
+//!
+//! `GET {websocket.path}` upgrades to a WebSocket speaking `cloudevents.json`: one JSON-format
+//! CloudEvent per text frame, both ways. Clients publish by sending events (the topic is the
+//! event's `subject`, or a fixed topic from config) and subscribe with `?subscribe=<filter>` at
+//! connect or `io.meshgate.subscribe` events later (see [`binding`]).
+//!
+//! The handshake is refused with an HTTP status before any upgrade: 400 without the
+//! `cloudevents.json` subprotocol (unless `require_subprotocol = false`), 401/403 for
+//! credentials and subscribe permissions, 503 at `max_connections` or during shutdown.
+
+pub mod binding;
+mod connection;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meshgate_config::WebSocketConfig;
+use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::{AdapterContext, AuthError, Credentials, TopicFilter};
+
+pub use connection::{MAX_FILTERS_PER_CONNECTION, close_code};
+
+/// Adapter name in metrics and logs.
+pub const ADAPTER: &str = "websocket";
+
+/// State shared by every connection of this adapter.
+struct Shared {
+    config: WebSocketConfig,
+    ctx: AdapterContext,
+    metrics: AdapterMetrics,
+    dropped_slow: Counter,
+    disconnected_slow: Counter,
+    connections: AtomicUsize,
+}
+
+/// The WebSocket endpoint, to be merged into the gateway's web listener.
+pub fn router(config: &WebSocketConfig, ctx: &AdapterContext) -> Router {
+    let metrics = ctx.metrics(ADAPTER);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        ctx: ctx.clone(),
+        dropped_slow: metrics.dropped("slow_consumer"),
+        disconnected_slow: ctx.registry.counter(
+            meshgate_core::metrics::ERRORS,
+            &[("adapter", ADAPTER), ("kind", "slow_consumer_disconnected")],
+        ),
+        metrics,
+        connections: AtomicUsize::new(0),
+    });
+    Router::new()
+        .route(&config.path, get(handshake))
+        .with_state(shared)
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or(""),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut r = problem(StatusCode::UNAUTHORIZED, detail);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(r#"Bearer realm="meshgate""#),
+    );
+    r
+}
+
+/// Decrements the connection count when the connection (or a refused handshake) ends.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections.dec();
+    }
+}
+
+fn bearer_from_headers(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn handshake(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => {
+            shared.metrics.error("bad_handshake");
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("this endpoint only accepts WebSocket upgrades: {rejection}"),
+            );
+        }
+    };
+    if shared.ctx.shutdown.is_cancelled() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "the gateway is shutting down");
+    }
+    let protocols = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let negotiated = match binding::negotiate(protocols, shared.config.require_subprotocol) {
+        Ok(n) => n,
+        Err(refusal) => {
+            shared.metrics.error("bad_handshake");
+            return problem(StatusCode::BAD_REQUEST, refusal.0);
+        }
+    };
+    let params = match binding::parse_query(uri.query()) {
+        Ok(p) => p,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+    };
+    let token = bearer_from_headers(&headers).or(params.access_token.as_deref());
+    let credentials = token.map_or(Credentials::None, Credentials::Token);
+    let principal = match shared.ctx.authorizer.authenticate(credentials) {
+        Ok(p) => p,
+        Err(AuthError::Required) => {
+            shared.metrics.error("unauthorized");
+            return unauthorized(
+                "authentication required: send `Authorization: Bearer <token>` or `?access_token=<token>`",
+            );
+        }
+        Err(_) => {
+            shared.metrics.error("unauthorized");
+            return unauthorized("invalid token");
+        }
+    };
+    let mut filters = Vec::new();
+    for f in &params.subscribe {
+        let filter = match TopicFilter::parse(f) {
+            Ok(f) => f,
+            Err(e) => return problem(StatusCode::BAD_REQUEST, format!("subscribe: {e}")),
+        };
+        if let Err(e) = shared.ctx.authorizer.check_subscribe(&principal, &filter) {
+            shared.metrics.error("forbidden");
+            return problem(StatusCode::FORBIDDEN, e.to_string());
+        }
+        filters.push(filter);
+    }
+    if filters.len() > MAX_FILTERS_PER_CONNECTION {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_FILTERS_PER_CONNECTION} topic filters per connection"),
+        );
+    }
+    let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
+    shared.metrics.connections.inc();
+    let slot = ConnectionSlot(shared.clone());
+    if previous >= shared.config.max_connections {
+        shared.metrics.error("too_many_connections");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "connection limit of {} reached; retry later",
+                shared.config.max_connections
+            ),
+        );
+    }
+    let mut upgrade = upgrade
+        .max_message_size(shared.config.max_message_size)
+        .max_frame_size(shared.config.max_message_size);
+    if negotiated == binding::Negotiated::CloudEventsJson {
+        upgrade = upgrade.protocols([binding::SUBPROTOCOL]);
+    }
+    let tracker = shared.ctx.tracker.clone();
+    upgrade.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            let _slot = slot;
+            connection::run(socket, shared, principal, filters).await;
+        })
+    })
+}

@@ -1,0 +1,421 @@
+//! The in-memory backbone: one process, nothing to install.
+//!
+//! Each subscription owns a bounded queue (`queue_capacity` events). Publishing matches the
+//! topic against every subscription's filter and enqueues one shared `Arc<Envelope>` per match
+//! (no copy of the event). When a queue is full the configured policy applies:
+//! - `block`: the publisher waits for room, at most `block_timeout`; after that the event is
+//!   dropped for that subscriber (counted as `block_timeout`) and `publish` returns
+//!   `Saturated`, so the client is told to retry (HTTP 503, MQTT "server busy");
+//! - `drop`: the event is dropped for that subscriber at once and counted as `queue_full`.
+//!
+//! Queue groups: among the subscriptions with the same group name and filter, each event goes
+//! to one member, chosen round-robin, skipping members whose queue is full.
+//!
+//! Delivery guarantee: at most once, within one process. Matching is a linear scan over the
+//! subscriptions; fine for thousands of subscriptions, a topic trie is the next step past that.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
+use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig};
+use meshgate_core::metrics::{self, Counter, Gauge, Registry};
+use meshgate_core::{
+    Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
+    TopicFilter,
+};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+#[derive(Debug)]
+struct Sub {
+    id: u64,
+    filter: TopicFilter,
+    group: Option<(String, TopicFilter)>,
+    tx: mpsc::Sender<Delivery>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subs: Vec<Sub>,
+    /// Round-robin cursor per (group, filter).
+    cursors: HashMap<(String, TopicFilter), Arc<AtomicUsize>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: MemoryBackboneConfig,
+    state: RwLock<State>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    dropped_queue_full: Counter,
+    dropped_block_timeout: Counter,
+    subscriptions: Gauge,
+}
+
+impl Inner {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // The state is only mutated by simple pushes/removals; a panic elsewhere cannot leave
+        // it inconsistent, so a poisoned lock is still usable.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, id: u64) {
+        let mut state = self.write();
+        if let Some(pos) = state.subs.iter().position(|s| s.id == id) {
+            let sub = state.subs.swap_remove(pos);
+            self.subscriptions.dec();
+            if let Some(key) = sub.group {
+                if !state.subs.iter().any(|s| s.group.as_ref() == Some(&key)) {
+                    state.cursors.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// The in-memory backbone.
+#[derive(Debug)]
+pub struct MemoryBackbone {
+    inner: Arc<Inner>,
+}
+
+impl MemoryBackbone {
+    pub fn new(config: MemoryBackboneConfig, registry: &Registry) -> Arc<Self> {
+        let dropped = |reason| {
+            registry.counter(
+                metrics::BACKBONE_DROPPED,
+                &[("backbone", "memory"), ("reason", reason)],
+            )
+        };
+        Arc::new(MemoryBackbone {
+            inner: Arc::new(Inner {
+                config,
+                state: RwLock::new(State::default()),
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                dropped_queue_full: dropped("queue_full"),
+                dropped_block_timeout: dropped("block_timeout"),
+                subscriptions: registry.gauge(
+                    metrics::BACKBONE_SUBSCRIPTIONS,
+                    &[("backbone", "memory")],
+                ),
+            }),
+        })
+    }
+
+    /// Number of live subscriptions (for tests and admin).
+    pub fn subscription_count(&self) -> usize {
+        self.inner.read().subs.len()
+    }
+
+    async fn publish_inner(&self, envelope: Envelope) -> Result<(), BackboneError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(BackboneError::Closed);
+        }
+        let envelope = Arc::new(envelope);
+        // Pick the targets under the lock, send after releasing it.
+        let mut single: Vec<mpsc::Sender<Delivery>> = Vec::new();
+        let mut grouped: Vec<(usize, Vec<mpsc::Sender<Delivery>>)> = Vec::new();
+        {
+            let state = inner.read();
+            let mut groups: HashMap<&(String, TopicFilter), Vec<mpsc::Sender<Delivery>>> =
+                HashMap::new();
+            for sub in state.subs.iter() {
+                if !sub.filter.matches(&envelope.topic) {
+                    continue;
+                }
+                match &sub.group {
+                    None => single.push(sub.tx.clone()),
+                    Some(key) => groups.entry(key).or_default().push(sub.tx.clone()),
+                }
+            }
+            for (key, members) in groups {
+                let start = state
+                    .cursors
+                    .get(key)
+                    .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+                grouped.push((start, members));
+            }
+        }
+        let mut saturated = false;
+        for tx in single {
+            saturated |= !self.deliver(&tx, &envelope).await;
+        }
+        for (start, members) in grouped {
+            // Prefer a member with room; if all are full, the policy applies to the chosen one.
+            let n = members.len();
+            let mut sent = false;
+            for i in 0..n {
+                let tx = &members[(start + i) % n];
+                match tx.try_send(Delivery::new(envelope.clone(), None)) {
+                    Ok(()) => {
+                        sent = true;
+                        break;
+                    }
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {}
+                }
+            }
+            if !sent {
+                saturated |= !self.deliver(&members[start % n], &envelope).await;
+            }
+        }
+        if saturated {
+            return Err(BackboneError::Saturated(format!(
+                "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
+                inner.config.block_timeout
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues for one subscriber under the full-queue policy. `false`: blocked past the timeout.
+    async fn deliver(&self, tx: &mpsc::Sender<Delivery>, envelope: &Arc<Envelope>) -> bool {
+        let delivery = Delivery::new(envelope.clone(), None);
+        match tx.try_send(delivery) {
+            Ok(()) | Err(TrySendError::Closed(_)) => true,
+            Err(TrySendError::Full(delivery)) => match self.inner.config.full_policy {
+                FullQueuePolicy::Drop => {
+                    self.inner.dropped_queue_full.inc();
+                    tracing::debug!(topic = %envelope.topic, "subscriber queue full, event dropped");
+                    true
+                }
+                FullQueuePolicy::Block => {
+                    match tokio::time::timeout(self.inner.config.block_timeout, tx.send(delivery))
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(_) => {
+                            self.inner.dropped_block_timeout.inc();
+                            tracing::warn!(
+                                topic = %envelope.topic,
+                                "subscriber queue full past block_timeout, event dropped for it"
+                            );
+                            false
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The receiving end of one subscription; removes itself from the backbone when dropped.
+struct MemoryStream {
+    id: u64,
+    rx: mpsc::Receiver<Delivery>,
+    backbone: Weak<Inner>,
+}
+
+impl Stream for MemoryStream {
+    type Item = Delivery;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for MemoryStream {
+    fn drop(&mut self) {
+        if let Some(inner) = self.backbone.upgrade() {
+            inner.remove(self.id);
+        }
+    }
+}
+
+impl Backbone for MemoryBackbone {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>> {
+        Box::pin(self.publish_inner(envelope))
+    }
+
+    fn subscribe(
+        &self,
+        filter: TopicFilter,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, Result<Subscription, BackboneError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(BackboneError::Closed);
+            }
+            let capacity = options
+                .capacity
+                .unwrap_or(inner.config.queue_capacity)
+                .max(1);
+            let (tx, rx) = mpsc::channel(capacity);
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let group = options.queue_group.map(|g| (g, filter.clone()));
+            {
+                let mut state = inner.write();
+                if let Some(key) = &group {
+                    state.cursors.entry(key.clone()).or_default();
+                }
+                state.subs.push(Sub {
+                    id,
+                    filter: filter.clone(),
+                    group,
+                    tx,
+                });
+            }
+            inner.subscriptions.inc();
+            let stream = MemoryStream {
+                id,
+                rx,
+                backbone: Arc::downgrade(inner),
+            };
+            Ok(Subscription::new(filter, Box::pin(stream)))
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.inner.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.closed.store(true, Ordering::Release);
+            // Dropping the senders lets every subscriber drain what is queued, then end.
+            let mut state = self.inner.write();
+            let n = state.subs.len();
+            state.subs.clear();
+            state.cursors.clear();
+            for _ in 0..n {
+                self.inner.subscriptions.dec();
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_core::{Event, Origin, Topic};
+    use std::time::Duration;
+
+    fn config(capacity: usize, policy: FullQueuePolicy) -> MemoryBackboneConfig {
+        MemoryBackboneConfig {
+            queue_capacity: capacity,
+            full_policy: policy,
+            block_timeout: Duration::from_millis(50),
+        }
+    }
+
+    fn envelope(topic: &str, id: &str) -> Envelope {
+        Envelope {
+            topic: Topic::from_mqtt(topic).unwrap(),
+            event: Arc::new(Event::new(id, "/test", "t").unwrap()),
+            origin: Origin {
+                instance: Arc::from("test"),
+                connection: 1,
+            },
+        }
+    }
+
+    fn filter(s: &str) -> TopicFilter {
+        TopicFilter::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn filters_route_events() {
+        let bb = MemoryBackbone::new(config(8, FullQueuePolicy::Drop), &Registry::new());
+        let mut all = bb.subscribe(filter("#"), Default::default()).await.unwrap();
+        let mut temp = bb.subscribe(filter("s/+/temp"), Default::default()).await.unwrap();
+        bb.publish(envelope("s/1/temp", "a")).await.unwrap();
+        bb.publish(envelope("s/1/hum", "b")).await.unwrap();
+        assert_eq!(all.next().await.unwrap().event().id(), "a");
+        assert_eq!(all.next().await.unwrap().event().id(), "b");
+        assert_eq!(temp.next().await.unwrap().event().id(), "a");
+        bb.close().await;
+        assert!(temp.next().await.is_none());
+        assert!(matches!(
+            bb.publish(envelope("x", "c")).await,
+            Err(BackboneError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn drop_policy_counts_and_never_blocks() {
+        let registry = Registry::new();
+        let bb = MemoryBackbone::new(config(2, FullQueuePolicy::Drop), &registry);
+        let mut sub = bb.subscribe(filter("a"), Default::default()).await.unwrap();
+        for i in 0..5 {
+            bb.publish(envelope("a", &i.to_string())).await.unwrap();
+        }
+        assert_eq!(bb.inner.dropped_queue_full.get(), 3);
+        assert_eq!(sub.next().await.unwrap().event().id(), "0");
+        assert_eq!(sub.next().await.unwrap().event().id(), "1");
+        assert!(registry.render().contains("reason=\"queue_full\"} 3"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn block_policy_waits_then_reports_saturation() {
+        let bb = MemoryBackbone::new(config(1, FullQueuePolicy::Block), &Registry::new());
+        let mut sub = bb.subscribe(filter("a"), Default::default()).await.unwrap();
+        bb.publish(envelope("a", "1")).await.unwrap();
+        // Queue full: a reader that frees room within the timeout unblocks the publisher.
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let first = sub.next().await.unwrap();
+            (first.event().id().to_owned(), sub)
+        });
+        bb.publish(envelope("a", "2")).await.unwrap();
+        let (first, mut sub) = reader.await.unwrap();
+        assert_eq!(first, "1");
+        // Nobody reads now: the publish fails after block_timeout and the drop is counted.
+        let err = bb.publish(envelope("a", "3")).await.unwrap_err();
+        assert!(matches!(err, BackboneError::Saturated(_)));
+        assert_eq!(bb.inner.dropped_block_timeout.get(), 1);
+        assert_eq!(sub.next().await.unwrap().event().id(), "2");
+    }
+
+    #[tokio::test]
+    async fn queue_groups_share_events() {
+        let bb = MemoryBackbone::new(config(64, FullQueuePolicy::Drop), &Registry::new());
+        let opts = SubscribeOptions {
+            queue_group: Some("g".into()),
+            capacity: None,
+        };
+        let mut a = bb.subscribe(filter("jobs/#"), opts.clone()).await.unwrap();
+        let mut b = bb.subscribe(filter("jobs/#"), opts).await.unwrap();
+        let mut plain = bb.subscribe(filter("jobs/#"), Default::default()).await.unwrap();
+        for i in 0..10 {
+            bb.publish(envelope("jobs/x", &i.to_string())).await.unwrap();
+        }
+        bb.close().await;
+        let (mut na, mut nb, mut np) = (0, 0, 0);
+        while a.next().await.is_some() {
+            na += 1;
+        }
+        while b.next().await.is_some() {
+            nb += 1;
+        }
+        while plain.next().await.is_some() {
+            np += 1;
+        }
+        assert_eq!((na + nb, np), (10, 10));
+        assert_eq!((na, nb), (5, 5), "round-robin");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_unsubscribes() {
+        let bb = MemoryBackbone::new(config(1, FullQueuePolicy::Block), &Registry::new());
+        let sub = bb.subscribe(filter("a"), Default::default()).await.unwrap();
+        assert_eq!(bb.subscription_count(), 1);
+        drop(sub);
+        assert_eq!(bb.subscription_count(), 0);
+        // Nothing left to block on.
+        for _ in 0..3 {
+            bb.publish(envelope("a", "x")).await.unwrap();
+        }
+    }
+}

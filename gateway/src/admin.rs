@@ -1,0 +1,58 @@
+//! The admin listener: liveness, readiness and Prometheus metrics, kept off the public port.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use meshgate_core::Backbone;
+use meshgate_core::metrics::Registry;
+
+/// What `/readyz` looks at.
+#[derive(Debug)]
+pub struct Readiness {
+    pub backbone: Arc<dyn Backbone>,
+    /// Set once every listener is bound; cleared when shutdown starts.
+    pub serving: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    readiness: Arc<Readiness>,
+    registry: Registry,
+}
+
+pub fn router(readiness: Arc<Readiness>, registry: Registry) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState {
+            readiness,
+            registry,
+        })
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    let backbone = &s.readiness.backbone;
+    if !s.readiness.serving.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not serving (starting or shutting down)\n".to_owned());
+    }
+    if !backbone.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: backbone `{}` is not connected\n", backbone.name()),
+        );
+    }
+    (StatusCode::OK, "ready\n".to_owned())
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.registry.render(),
+    )
+}

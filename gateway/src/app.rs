@@ -1,0 +1,199 @@
+//! Wiring: config → backbone, authorizer, adapters and listeners; and the ordered shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meshgate_config::Config;
+use meshgate_core::metrics::Registry;
+use meshgate_core::{AdapterContext, Authorizer, Backbone, Permissions, UserSpec};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, Readiness};
+use crate::web;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}")]
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        env: &'static str,
+        source: std::io::Error,
+    },
+    #[error("invalid auth configuration: {0}")]
+    Auth(String),
+}
+
+/// A started gateway. Call [`RunningGateway::shutdown`] to stop it in order.
+#[derive(Debug)]
+pub struct RunningGateway {
+    /// Address of the web listener (HTTP ingress, WebSocket, browser page), if enabled.
+    pub web_addr: Option<SocketAddr>,
+    /// Address of the admin listener, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    pub instance: Arc<str>,
+    pub registry: Registry,
+    ctx: AdapterContext,
+    readiness: Arc<Readiness>,
+    ingress_stop: CancellationToken,
+    admin_stop: CancellationToken,
+    web_task: Option<JoinHandle<std::io::Result<()>>>,
+    admin_task: Option<JoinHandle<std::io::Result<()>>>,
+    grace: Duration,
+}
+
+/// How shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Everything in flight was settled within the grace period.
+    pub clean: bool,
+}
+
+fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
+    let users = config
+        .auth
+        .users
+        .iter()
+        .map(|u| UserSpec {
+            name: u.name.clone(),
+            password: u.password.clone(),
+            tokens: u.tokens.clone(),
+            permissions: Permissions {
+                publish: u.acl.publish.clone(),
+                subscribe: u.acl.subscribe.clone(),
+            },
+        })
+        .collect();
+    let anonymous = config.auth.anonymous.enabled.then(|| Permissions {
+        publish: config.auth.anonymous.acl.publish.clone(),
+        subscribe: config.auth.anonymous.acl.subscribe.clone(),
+    });
+    Authorizer::new(users, anonymous).map_err(|e| StartError::Auth(e.to_string()))
+}
+
+async fn bind(addr: SocketAddr, key: &'static str, env: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        addr,
+        key,
+        env,
+        source,
+    })
+}
+
+/// Starts every configured listener. Returns once they are bound and serving.
+pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    let registry = Registry::new();
+    let instance: Arc<str> = Arc::from(
+        config
+            .gateway
+            .instance_id
+            .clone()
+            .unwrap_or_else(meshgate_core::wrap::new_id),
+    );
+    let backbone: Arc<dyn Backbone> = meshgate_backbone::build(&config.backbone, &registry);
+    let ctx = AdapterContext {
+        instance: instance.clone(),
+        backbone: backbone.clone(),
+        authorizer: Arc::new(authorizer(&config)?),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        registry: registry.clone(),
+    };
+    let readiness = Arc::new(Readiness {
+        backbone: backbone.clone(),
+        serving: false.into(),
+    });
+    let ingress_stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+
+    let (mut web_addr, mut web_task) = (None, None);
+    if web::enabled(&config) {
+        let listener = bind(config.http.listen, "http.listen", "HTTP__LISTEN").await?;
+        web_addr = listener.local_addr().ok();
+        let router = web::router(&config, &ctx);
+        let stop = ingress_stop.clone();
+        web_task = Some(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }));
+    }
+    let (mut admin_addr, mut admin_task) = (None, None);
+    if config.admin.enabled {
+        let listener = bind(config.admin.listen, "admin.listen", "ADMIN__LISTEN").await?;
+        admin_addr = listener.local_addr().ok();
+        let router = admin::router(readiness.clone(), registry.clone());
+        let stop = admin_stop.clone();
+        admin_task = Some(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }));
+    }
+    readiness.serving.store(true, Ordering::Release);
+    Ok(RunningGateway {
+        web_addr,
+        admin_addr,
+        instance,
+        registry,
+        ctx,
+        readiness,
+        ingress_stop,
+        admin_stop,
+        web_task,
+        admin_task,
+        grace: config.gateway.shutdown_grace,
+    })
+}
+
+impl RunningGateway {
+    pub fn backbone(&self) -> Arc<dyn Backbone> {
+        self.ctx.backbone.clone()
+    }
+
+    /// Stops in the order that loses nothing that was acknowledged:
+    /// 1. `/readyz` turns 503 and the web listener stops accepting; in-flight HTTP requests
+    ///    finish (each gets its reply after the backbone accepted its events);
+    /// 2. WebSocket connections flush their queues and close with 1001;
+    /// 3. the backbone drains; 4. the admin listener stops.
+    ///
+    /// Everything shares one deadline, `gateway.shutdown_grace`.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut clean = true;
+        self.readiness.serving.store(false, Ordering::Release);
+        self.ingress_stop.cancel();
+        if let Some(task) = self.web_task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("shutdown grace period ended with HTTP requests still in flight");
+                abort.abort();
+                clean = false;
+            }
+        }
+        self.ctx.shutdown.cancel();
+        self.ctx.tracker.close();
+        if tokio::time::timeout_at(deadline, self.ctx.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = self.ctx.tracker.len(),
+                "shutdown grace period ended with connections still open"
+            );
+            clean = false;
+        }
+        let _ = tokio::time::timeout_at(deadline, self.ctx.backbone.close()).await;
+        self.admin_stop.cancel();
+        if let Some(task) = self.admin_task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+                abort.abort();
+            }
+        }
+        ShutdownReport { clean }
+    }
+}

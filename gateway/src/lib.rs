@@ -1,0 +1,9 @@
+//! The meshgate binary's library half: wiring, admin server, web listener. Used by `main.rs`
+//! and by tests that run a gateway in-process.
+
+pub mod admin;
+pub mod app;
+pub mod logging;
+pub mod web;
+
+pub use app::{RunningGateway, ShutdownReport, StartError, start};

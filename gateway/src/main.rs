@@ -1,0 +1,160 @@
+//! `meshgate`: the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshgate_config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshgate",
+    version,
+    about = "A protocol gateway: HTTP and WebSocket clients exchange CloudEvents over one backbone.",
+    long_about = "A protocol gateway: HTTP and WebSocket clients exchange CloudEvents over one backbone.\n\n\
+        Configuration: embedded defaults < the TOML file given with -c < MESHGATE__SECTION__KEY \
+        environment variables (e.g. MESHGATE__HTTP__LISTEN=0.0.0.0:8080)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (without -c: embedded defaults, memory backbone, HTTP+WebSocket on
+    /// 127.0.0.1:8080, admin on 127.0.0.1:9090).
+    Run {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and report every problem; exits 2 if there is any.
+    Validate {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the embedded default configuration (a starting point for a config file).
+    Defaults,
+}
+
+fn env_overrides() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("MESHGATE__"))
+        .collect()
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    meshgate_config::load(path, env_overrides()).map_err(|errors| {
+        eprintln!("meshgate: invalid configuration:");
+        for e in &errors.0 {
+            eprintln!("  {}: {}", e.path, e.message);
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Defaults => {
+            print!("{}", meshgate_config::DEFAULTS_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Validate { config } => match load(Some(&config)) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("meshgate: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    meshgate::logging::init(&config.log);
+    let backbone_kind = format!("{:?}", config.backbone.kind).to_lowercase();
+    let events_path = config.http.events_path.clone();
+    let ws_path = config.websocket.path.clone();
+    let (http_on, ws_on, page_on) = (
+        config.http.enabled,
+        config.websocket.enabled,
+        config.http.browser_page,
+    );
+    let gateway = match meshgate::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("meshgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The banner goes to stdout so that scripts (and tests) can read the bound addresses.
+    println!(
+        "meshgate {} instance {} backbone {}",
+        env!("CARGO_PKG_VERSION"),
+        gateway.instance,
+        backbone_kind
+    );
+    if let Some(addr) = gateway.web_addr {
+        if http_on {
+            println!("http       POST http://{addr}{events_path}/{{topic}}");
+        }
+        if ws_on {
+            println!("websocket  ws://{addr}{ws_path}");
+        }
+        if page_on {
+            println!("browser    http://{addr}/");
+        }
+    }
+    if let Some(addr) = gateway.admin_addr {
+        println!("admin      http://{addr}/healthz /readyz /metrics");
+    }
+    tracing::info!("meshgate started");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let report = gateway.shutdown().await;
+    if report.clean {
+        tracing::info!("shutdown complete");
+        ExitCode::SUCCESS
+    } else {
+        tracing::warn!("shutdown grace period exceeded");
+        ExitCode::FAILURE
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -311,14 +311,14 @@ mod tests {
     }
 
     fn envelope(topic: &str, id: &str) -> Envelope {
-        Envelope {
-            topic: Topic::from_mqtt(topic).unwrap(),
-            event: Arc::new(Event::new(id, "/test", "t").unwrap()),
-            origin: Origin {
+        Envelope::new(
+            Topic::from_mqtt(topic).unwrap(),
+            Arc::new(Event::new(id, "/test", "t").unwrap()),
+            Origin {
                 instance: Arc::from("test"),
                 connection: 1,
             },
-        }
+        )
     }
 
     fn filter(s: &str) -> TopicFilter {

@@ -89,11 +89,7 @@ impl AdapterContext {
             metrics.error("forbidden");
             return Err(e.into());
         }
-        let envelope = crate::backbone::Envelope {
-            topic,
-            event,
-            origin,
-        };
+        let envelope = crate::backbone::Envelope::new(topic, event, origin);
         match self.backbone.publish(envelope).await {
             Ok(()) => {
                 metrics.received.inc();

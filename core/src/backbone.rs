@@ -26,12 +26,34 @@ pub struct Origin {
     pub connection: u64,
 }
 
-/// An event on its way through the backbone.
+/// An event on its way through the backbone. One envelope is shared (`Arc`) by every
+/// subscriber it is delivered to.
 #[derive(Debug, Clone)]
 pub struct Envelope {
     pub topic: Topic,
     pub event: Arc<Event>,
     pub origin: Origin,
+    /// The JSON format of `event`, encoded once on first use and shared by every subscriber
+    /// that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500 times).
+    json: std::sync::OnceLock<Arc<str>>,
+}
+
+impl Envelope {
+    pub fn new(topic: Topic, event: Arc<Event>, origin: Origin) -> Self {
+        Envelope {
+            topic,
+            event,
+            origin,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The event in the JSON format, encoded at most once per envelope.
+    pub fn json(&self) -> Arc<str> {
+        self.json
+            .get_or_init(|| Arc::from(crate::json::encode_string(&self.event)))
+            .clone()
+    }
 }
 
 /// Why the backbone did not take or deliver an event.

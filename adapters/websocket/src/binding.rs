@@ -10,8 +10,9 @@
 //! | `io.meshgate.unsubscribe` | client → gateway | `{"filters": ["b/#"]}` |
 //! | `io.meshgate.subscribed` | gateway → client | `{"filters": [...all current...]}` after every change and once at connect |
 //! | `io.meshgate.error` | gateway → client | `{"code": "...", "message": "...", "eventid": "..."}` for a frame that was dropped |
-
-use std::sync::Arc;
+//!
+//! Events for the client are one text frame each holding the JSON format (E10: never an
+//! array), encoded once per event by `Envelope::json`.
 
 use bytes::Bytes;
 use meshgate_core::{Data, Event, EventError, TopicFilter, json, wrap};
@@ -193,11 +194,6 @@ pub fn error_event(err: &FrameError) -> String {
 pub fn subscribed_event(filters: &[TopicFilter]) -> String {
     let list: Vec<&str> = filters.iter().map(TopicFilter::as_str).collect();
     control_event(TYPE_SUBSCRIBED, serde_json::json!({ "filters": list }))
-}
-
-/// An event for a client: one text frame holding the JSON format (E10: never an array).
-pub fn encode_event(event: &Arc<Event>) -> String {
-    json::encode_string(event)
 }
 
 #[cfg(test)]

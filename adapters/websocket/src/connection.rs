@@ -117,7 +117,7 @@ async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
             // Another of this connection's filters delivers it (or it was just removed).
             continue;
         }
-        let text = Utf8Bytes::from(binding::encode_event(delivery.event()));
+        let text = Utf8Bytes::from(&*delivery.envelope.json());
         match conn.out.try_send(Outbound::Event(text, delivery)) {
             Ok(()) => {}
             Err(TrySendError::Full(Outbound::Event(_, delivery))) => {

@@ -151,14 +151,14 @@ fn event(id: &str) -> Event {
 
 async fn publish(h: &Harness, topic: &str, e: Event) {
     h.backbone
-        .publish(Envelope {
-            topic: Topic::from_mqtt(topic).unwrap(),
-            event: Arc::new(e),
-            origin: Origin {
+        .publish(Envelope::new(
+            Topic::from_mqtt(topic).unwrap(),
+            Arc::new(e),
+            Origin {
                 instance: Arc::from("test"),
                 connection: 0,
             },
-        })
+        ))
         .await
         .unwrap();
 }

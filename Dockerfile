@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: a Rust builder, then a small non-root runtime image.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin meshgate \
+ && strip target/release/meshgate
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home meshgate
+COPY --from=build /src/target/release/meshgate /usr/local/bin/meshgate
+COPY examples/meshgate.toml /etc/meshgate/meshgate.toml
+USER 10001
+# Inside a container the listeners must bind all interfaces; override as needed.
+ENV MESHGATE__HTTP__LISTEN=0.0.0.0:8080 \
+    MESHGATE__ADMIN__LISTEN=0.0.0.0:9090
+EXPOSE 8080 9090
+HEALTHCHECK --interval=10s --timeout=2s CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3 | grep -q \" 200 \""]
+ENTRYPOINT ["/usr/local/bin/meshgate"]
+CMD ["run", "--config", "/etc/meshgate/meshgate.toml"]

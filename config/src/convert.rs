@@ -1,0 +1,332 @@
+//! Raw values → typed [`Config`], collecting every problem with its key path.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshgate_core::{Topic, TopicFilter, validate};
+use toml::{Table, Value};
+
+use crate::model::*;
+use crate::{Errors, raw, section};
+
+/// The CloudEvents minimum an intermediary must forward (CE-BINDINGS.md §1).
+const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
+
+fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(path, format!("`{v}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"1m\""));
+            Duration::ZERO
+        }
+    }
+}
+
+fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
+    v.trim().parse().unwrap_or_else(|_| {
+        errors.push(path, format!("`{v}` is not a socket address; write ip:port, e.g. \"127.0.0.1:8080\""));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// Parses "64KiB", "1 MiB", "512kB", "1048576", "10B".
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; write e.g. 65536, \"64KiB\", \"1MiB\", \"1MB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}`; use B, KiB, MiB, GiB, kB, MB or GB"
+            ));
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large"))
+}
+
+fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> usize {
+    let bytes = match v {
+        raw::Size::Bytes(n) if *n >= 0 => Ok(*n as u64),
+        raw::Size::Bytes(n) => Err(format!("{n} is negative")),
+        raw::Size::Text(t) => parse_size(t),
+    };
+    match bytes {
+        Ok(b) if b < min => {
+            errors.push(path, format!("{b} bytes is below {why}"));
+            min as usize
+        }
+        Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
+        Err(e) => {
+            errors.push(path, e);
+            min as usize
+        }
+    }
+}
+
+fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
+    if v <= 0 {
+        errors.push(path, format!("must be at least 1, got {v}"));
+        return 1;
+    }
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+fn route(v: &str, path: &str, errors: &mut Errors) -> String {
+    if !v.starts_with('/') || v == "/" || v.ends_with('/') || v.contains(['?', '#', '{', '}', ' ']) {
+        errors.push(
+            path,
+            format!("`{v}` must be a path like \"/events\": starting with `/`, not `/` itself, no trailing `/`, `?`, `#`, braces or spaces"),
+        );
+    }
+    v.to_owned()
+}
+
+fn filters(list: &[String], path: &str, errors: &mut Errors) -> Vec<String> {
+    for (i, f) in list.iter().enumerate() {
+        if let Err(e) = TopicFilter::from_template(f, "user") {
+            errors.push(format!("{path}[{i}]"), e.to_string());
+        }
+    }
+    list.to_vec()
+}
+
+fn get<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
+    table.get(key)
+}
+
+pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
+    let known = ["gateway", "log", "admin", "backbone", "http", "websocket", "auth"];
+    for key in table.keys() {
+        if !known.contains(&key.as_str()) {
+            errors.push(key.clone(), format!("unknown section; known: {}", known.join(", ")));
+        }
+    }
+    let empty = Value::Table(Table::new());
+    let sec = |k: &str| get(table, k).unwrap_or(&empty);
+
+    let gateway: Option<raw::Gateway> = section(sec("gateway"), "gateway", errors);
+    let log: Option<raw::Log> = section(sec("log"), "log", errors);
+    let admin: Option<raw::Admin> = section(sec("admin"), "admin", errors);
+    let backbone: Option<raw::Backbone> = section(sec("backbone"), "backbone", errors);
+    let http: Option<raw::Http> = section(sec("http"), "http", errors);
+    let websocket: Option<raw::WebSocket> = section(sec("websocket"), "websocket", errors);
+    let auth = auth(sec("auth"), errors);
+
+    let gateway = gateway.map(|g| {
+        if let Some(id) = &g.instance_id {
+            if id.is_empty() || id.contains(char::is_whitespace) {
+                errors.push("gateway.instance_id", "must be non-empty and without whitespace");
+            }
+        }
+        GatewayConfig {
+            instance_id: g.instance_id,
+            shutdown_grace: duration(&g.shutdown_grace, "gateway.shutdown_grace", errors),
+        }
+    });
+    let log = log.map(|l| {
+        if l.level.trim().is_empty() {
+            errors.push("log.level", "must not be empty; e.g. \"info\" or \"meshgate_http=debug,info\"");
+        }
+        let format = match l.format.as_str() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                errors.push("log.format", format!("`{other}` is not one of: pretty, json"));
+                LogFormat::Pretty
+            }
+        };
+        LogConfig { level: l.level, format }
+    });
+    let admin = admin.map(|a| AdminConfig {
+        enabled: a.enabled,
+        listen: addr(&a.listen, "admin.listen", errors),
+    });
+    let backbone = backbone.map(|b| {
+        let kind = match b.kind.as_str() {
+            "memory" => BackboneKind::Memory,
+            "nats" | "jetstream" => {
+                errors.push("backbone.kind", format!("`{}` is not built yet in this version; available: memory", b.kind));
+                BackboneKind::Memory
+            }
+            other => {
+                errors.push("backbone.kind", format!("`{other}` is not one of: memory"));
+                BackboneKind::Memory
+            }
+        };
+        let full_policy = match b.memory.full_policy.as_str() {
+            "block" => FullQueuePolicy::Block,
+            "drop" => FullQueuePolicy::Drop,
+            other => {
+                errors.push("backbone.memory.full_policy", format!("`{other}` is not one of: block, drop"));
+                FullQueuePolicy::Block
+            }
+        };
+        BackboneConfig {
+            kind,
+            memory: MemoryBackboneConfig {
+                queue_capacity: positive(b.memory.queue_capacity, "backbone.memory.queue_capacity", errors),
+                full_policy,
+                block_timeout: duration(&b.memory.block_timeout, "backbone.memory.block_timeout", errors),
+            },
+        }
+    });
+    let min_why = "the 64 KiB every CloudEvents intermediary must accept";
+    let http = http.map(|h| {
+        if let Err(e) = validate::uri_reference("source", &h.wrap.source) {
+            errors.push("http.wrap.source", e.to_string());
+        }
+        if let Err(e) = validate::non_empty_string("type", &h.wrap.event_type) {
+            errors.push("http.wrap.type", e.to_string());
+        }
+        HttpConfig {
+            enabled: h.enabled,
+            listen: addr(&h.listen, "http.listen", errors),
+            events_path: route(&h.events_path, "http.events_path", errors),
+            max_body_size: size(&h.max_body_size, "http.max_body_size", MIN_MESSAGE_SIZE, min_why, errors),
+            max_batch_events: positive(h.max_batch_events, "http.max_batch_events", errors),
+            max_in_flight: positive(h.max_in_flight, "http.max_in_flight", errors),
+            retry_after: duration(&h.retry_after, "http.retry_after", errors),
+            browser_page: h.browser_page,
+            wrap: WrapConfig {
+                source: h.wrap.source,
+                event_type: h.wrap.event_type,
+            },
+        }
+    });
+    let websocket = websocket.map(|w| {
+        let slow_consumer = match w.slow_consumer.as_str() {
+            "disconnect" => SlowConsumerPolicy::Disconnect,
+            "drop" => SlowConsumerPolicy::Drop,
+            other => {
+                errors.push("websocket.slow_consumer", format!("`{other}` is not one of: disconnect, drop"));
+                SlowConsumerPolicy::Disconnect
+            }
+        };
+        let publish_topic = match w.publish_topic.as_str() {
+            "subject" => PublishTopic::Subject,
+            other => match other.strip_prefix("fixed:") {
+                Some(t) => {
+                    if let Err(e) = Topic::from_mqtt(t) {
+                        errors.push("websocket.publish_topic", e.to_string());
+                    }
+                    PublishTopic::Fixed(t.to_owned())
+                }
+                None => {
+                    errors.push("websocket.publish_topic", format!("`{other}` is not \"subject\" or \"fixed:<topic>\""));
+                    PublishTopic::Subject
+                }
+            },
+        };
+        WebSocketConfig {
+            enabled: w.enabled,
+            path: route(&w.path, "websocket.path", errors),
+            require_subprotocol: w.require_subprotocol,
+            max_message_size: size(&w.max_message_size, "websocket.max_message_size", MIN_MESSAGE_SIZE, min_why, errors),
+            outbound_queue: positive(w.outbound_queue, "websocket.outbound_queue", errors),
+            slow_consumer,
+            publish_topic,
+            max_connections: positive(w.max_connections, "websocket.max_connections", errors),
+            ping_interval: duration(&w.ping_interval, "websocket.ping_interval", errors),
+        }
+    });
+    if let (Some(h), Some(w)) = (&http, &websocket) {
+        if h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)) {
+            errors.push("websocket.path", format!("`{}` collides with http.events_path `{}`", w.path, h.events_path));
+        }
+    }
+    for (d, path) in [
+        (gateway.as_ref().map(|g| g.shutdown_grace), "gateway.shutdown_grace"),
+        (websocket.as_ref().map(|w| w.ping_interval), "websocket.ping_interval"),
+    ] {
+        if d == Some(Duration::ZERO) {
+            errors.push(path, "must be longer than 0s");
+        }
+    }
+    Some(Config {
+        gateway: gateway?,
+        log: log?,
+        admin: admin?,
+        backbone: backbone?,
+        http: http?,
+        websocket: websocket?,
+        auth: auth?,
+    })
+}
+
+fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
+    let Value::Table(t) = value else {
+        errors.push("auth", "must be a table");
+        return None;
+    };
+    for key in t.keys() {
+        if key != "anonymous" && key != "users" {
+            errors.push(format!("auth.{key}"), "unknown key");
+        }
+    }
+    let empty = Value::Table(Table::new());
+    let anonymous: Option<raw::Anonymous> =
+        section(t.get("anonymous").unwrap_or(&empty), "auth.anonymous", errors);
+    let anonymous = anonymous.map(|a| AnonymousConfig {
+        enabled: a.enabled,
+        acl: AclConfig {
+            publish: filters(&a.publish, "auth.anonymous.publish", errors),
+            subscribe: filters(&a.subscribe, "auth.anonymous.subscribe", errors),
+        },
+    });
+    let mut users = Vec::new();
+    match t.get("users") {
+        None => {}
+        Some(Value::Array(items)) => {
+            let mut names = std::collections::BTreeSet::new();
+            let mut tokens = std::collections::BTreeSet::new();
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("auth.users[{i}]");
+                let Some(u) = section::<raw::User>(item, &path, errors) else { continue };
+                if u.name.is_empty() || u.name.contains(['/', '+', '#']) || u.name.contains(char::is_whitespace) {
+                    errors.push(format!("{path}.name"), "must be non-empty, without `/`, `+`, `#` or whitespace");
+                }
+                if !names.insert(u.name.clone()) {
+                    errors.push(format!("{path}.name"), format!("user `{}` is defined twice", u.name));
+                }
+                if u.password.is_none() && u.tokens.is_empty() {
+                    errors.push(path.clone(), format!("user `{}` has neither a password nor tokens; it could never log in", u.name));
+                }
+                if u.password.as_deref() == Some("") {
+                    errors.push(format!("{path}.password"), "must not be empty");
+                }
+                for (j, tok) in u.tokens.iter().enumerate() {
+                    if tok.len() < 8 {
+                        errors.push(format!("{path}.tokens[{j}]"), "tokens must be at least 8 characters");
+                    }
+                    if !tokens.insert(tok.clone()) {
+                        errors.push(format!("{path}.tokens[{j}]"), "this token is already given to another user");
+                    }
+                }
+                users.push(UserConfig {
+                    acl: AclConfig {
+                        publish: filters(&u.publish, &format!("{path}.publish"), errors),
+                        subscribe: filters(&u.subscribe, &format!("{path}.subscribe"), errors),
+                    },
+                    name: u.name,
+                    password: u.password,
+                    tokens: u.tokens,
+                });
+            }
+        }
+        Some(_) => errors.push("auth.users", "must be an array of tables ([[auth.users]])"),
+    }
+    Some(AuthConfig {
+        anonymous: anonymous?,
+        users,
+    })
+}

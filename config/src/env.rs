@@ -1,0 +1,152 @@
+//! `MESHGATE__SECTION__KEY=value` overrides. Names are lower-cased; `__` separates levels; a
+//! number selects an element of an array of tables (`MESHGATE__AUTH__USERS__0__PASSWORD`).
+//! The value is read as the type of the key it replaces (integer, boolean, array, string), so a
+//! password `123` stays a string.
+
+use toml::{Table, Value};
+
+use crate::Errors;
+
+const PREFIX: &str = "MESHGATE__";
+
+/// Keys of a user table that hold lists (for users created by environment variables).
+const LIST_KEYS: [&str; 3] = ["tokens", "publish", "subscribe"];
+
+pub(crate) fn apply(
+    table: &mut Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Errors,
+) {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .collect();
+    // Deterministic order: array elements are created in index order.
+    vars.sort();
+    for (var, value) in vars {
+        let segments: Vec<String> = var[PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if segments.iter().any(String::is_empty) {
+            errors.push(var, "empty key segment (use __ only between key names)");
+            continue;
+        }
+        match set(table, &segments, &value) {
+            Ok(path) => errors.env_paths.push((path, var)),
+            Err(message) => errors.push(var, message),
+        }
+    }
+}
+
+fn display_path(segments: &[String]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        if s.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{s}]"));
+        } else {
+            out = crate::join(&out, s);
+        }
+    }
+    out
+}
+
+/// Sets the value at `segments`; returns the key path it set.
+fn set(table: &mut Table, segments: &[String], raw: &str) -> Result<String, String> {
+    let path = display_path(segments);
+    let mut root = Value::Table(std::mem::take(table));
+    let result = set_in(&mut root, segments, raw, &path);
+    if let Value::Table(t) = root {
+        *table = t;
+    }
+    result.map(|()| path)
+}
+
+fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Result<(), String> {
+    let Some((seg, rest)) = segments.split_first() else {
+        return Err("no key given".into());
+    };
+    let unknown = || format!("unknown key {path}");
+    let child: &mut Value = match node {
+        Value::Table(t) => {
+            if rest.is_empty() {
+                let new = match t.get(seg.as_str()) {
+                    Some(existing) => typed(existing, raw).map_err(|m| format!("{path}: {m}"))?,
+                    None if LIST_KEYS.contains(&seg.as_str()) => list(raw)?,
+                    // Not in the defaults: a string; deserialization reports it if unknown.
+                    None => Value::String(raw.to_owned()),
+                };
+                t.insert(seg.clone(), new);
+                return Ok(());
+            }
+            if !t.contains_key(seg.as_str()) {
+                if seg == "users" {
+                    t.insert(seg.clone(), Value::Array(Vec::new()));
+                } else {
+                    return Err(unknown());
+                }
+            }
+            t.get_mut(seg.as_str()).ok_or_else(unknown)?
+        }
+        Value::Array(items) => {
+            let idx: usize = seg.parse().map_err(|_| unknown())?;
+            if idx > items.len() {
+                return Err(format!(
+                    "{path}: the list has {} element(s); set index {} first",
+                    items.len(),
+                    items.len()
+                ));
+            }
+            if idx == items.len() {
+                items.push(Value::Table(Table::new()));
+            }
+            if rest.is_empty() {
+                items[idx] = Value::String(raw.to_owned());
+                return Ok(());
+            }
+            &mut items[idx]
+        }
+        _ => return Err(unknown()),
+    };
+    set_in(child, rest, raw, path)
+}
+
+fn list(raw: &str) -> Result<Value, String> {
+    let trimmed = raw.trim();
+    if trimmed.starts_with('[') {
+        let t: Table = format!("v = {trimmed}")
+            .parse()
+            .map_err(|e: toml::de::Error| format!("not a TOML array: {}", e.message()))?;
+        return t.get("v").cloned().ok_or_else(|| "not a TOML array".to_owned());
+    }
+    Ok(Value::Array(
+        trimmed
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::String(s.to_owned()))
+            .collect(),
+    ))
+}
+
+fn typed(existing: &Value, raw: &str) -> Result<Value, String> {
+    Ok(match existing {
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got `{raw}`"))?,
+        ),
+        Value::Float(_) => Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected a number, got `{raw}`"))?,
+        ),
+        Value::Boolean(_) => match raw.trim() {
+            "true" => Value::Boolean(true),
+            "false" => Value::Boolean(false),
+            _ => return Err(format!("expected true or false, got `{raw}`")),
+        },
+        Value::Array(_) => list(raw)?,
+        _ => Value::String(raw.to_owned()),
+    })
+}

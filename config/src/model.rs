@@ -1,0 +1,179 @@
+//! The typed, validated configuration every crate consumes. Produced only by [`crate::load`]
+//! (or `Default`, which equals the embedded defaults), so its values are always valid.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub backbone: BackboneConfig,
+    pub http: HttpConfig,
+    pub websocket: WebSocketConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    /// Identifies this instance as the origin of the events it publishes. `None`: a fresh
+    /// UUIDv7 at every start.
+    pub instance_id: Option<String>,
+    /// How long shutdown may take to settle in-flight work before the process exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// A `tracing` filter directive, e.g. `info` or `meshgate_http=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackboneKind {
+    Memory,
+}
+
+/// What the in-memory backbone does when a subscriber's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullQueuePolicy {
+    /// The publisher waits for room, up to `block_timeout`; then the publish fails (the client
+    /// gets 503 / "server busy") and the event is dropped for that subscriber, counted.
+    Block,
+    /// The event is dropped for that subscriber and counted; the publisher does not wait.
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryBackboneConfig {
+    /// Capacity of each subscriber's queue, in events.
+    pub queue_capacity: usize,
+    pub full_policy: FullQueuePolicy,
+    pub block_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneConfig {
+    pub kind: BackboneKind,
+    pub memory: MemoryBackboneConfig,
+}
+
+/// The CloudEvent attributes given to wrapped (non-CloudEvents) payloads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrapConfig {
+    /// `source` of wrapped events (a URI-reference).
+    pub source: String,
+    /// `type` of wrapped events.
+    pub event_type: String,
+}
+
+/// The web listener (HTTP ingress, WebSocket, browser page) and HTTP ingress settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Ingress route prefix: `POST {events_path}/{topic}`.
+    pub events_path: String,
+    /// Largest accepted request body in bytes (at least 64 KiB, the spec's minimum).
+    pub max_body_size: usize,
+    /// Largest number of events in one batch request.
+    pub max_batch_events: usize,
+    /// Ingress requests handled at once; beyond that the reply is 503 with Retry-After.
+    pub max_in_flight: usize,
+    /// Value of `Retry-After` on 429/503 replies.
+    pub retry_after: Duration,
+    /// Serve the example browser page at `GET /`.
+    pub browser_page: bool,
+    pub wrap: WrapConfig,
+}
+
+/// What happens to a WebSocket client whose outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 1008 (policy violation) and reason "slow consumer".
+    Disconnect,
+    /// Drop the event for that client and count it.
+    Drop,
+}
+
+/// Where a WebSocket client's published event goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishTopic {
+    /// The event's `subject` is the topic (events without one are refused).
+    Subject,
+    /// Always this topic.
+    Fixed(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    /// Route of the CloudEvents WebSocket endpoint on the web listener.
+    pub path: String,
+    /// `true`: a handshake without the `cloudevents.json` subprotocol gets 400. `false`: JSON
+    /// is assumed (compatibility mode for clients that cannot set subprotocols).
+    pub require_subprotocol: bool,
+    /// Largest accepted message in bytes.
+    pub max_message_size: usize,
+    /// Events queued per connection before the slow-consumer policy applies.
+    pub outbound_queue: usize,
+    pub slow_consumer: SlowConsumerPolicy,
+    pub publish_topic: PublishTopic,
+    pub max_connections: usize,
+    /// Interval of server pings that keep idle connections alive through proxies.
+    pub ping_interval: Duration,
+}
+
+/// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AclConfig {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnonymousConfig {
+    pub enabled: bool,
+    pub acl: AclConfig,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Option<String>,
+    pub tokens: Vec<String>,
+    pub acl: AclConfig,
+}
+
+impl std::fmt::Debug for UserConfig {
+    /// Never prints passwords or tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tokens", &self.tokens.len())
+            .field("acl", &self.acl)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub anonymous: AnonymousConfig,
+    pub users: Vec<UserConfig>,
+}

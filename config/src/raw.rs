@@ -1,0 +1,104 @@
+//! The file format as serde sees it: every value as written, before validation. Conversions
+//! (addresses, sizes, durations, enums) happen in `convert.rs`, so that a bad value becomes a
+//! message naming its key instead of stopping the parse.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+pub struct Gateway {
+    pub instance_id: Option<String>,
+    pub shutdown_grace: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Log {
+    pub level: String,
+    pub format: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Admin {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Memory {
+    pub queue_capacity: i64,
+    pub full_policy: String,
+    pub block_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Backbone {
+    pub kind: String,
+    pub memory: Memory,
+}
+
+/// A size: bytes as an integer, or a string with a unit ("64KiB", "1 MB").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Wrap {
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Http {
+    pub enabled: bool,
+    pub listen: String,
+    pub events_path: String,
+    pub max_body_size: Size,
+    pub max_batch_events: i64,
+    pub max_in_flight: i64,
+    pub retry_after: String,
+    pub browser_page: bool,
+    pub wrap: Wrap,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WebSocket {
+    pub enabled: bool,
+    pub path: String,
+    pub require_subprotocol: bool,
+    pub max_message_size: Size,
+    pub outbound_queue: i64,
+    pub slow_consumer: String,
+    pub publish_topic: String,
+    pub max_connections: i64,
+    pub ping_interval: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Anonymous {
+    pub enabled: bool,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+#[derive(Deserialize)]
+pub struct User {
+    pub name: String,
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("name", &self.name).finish_non_exhaustive()
+    }
+}

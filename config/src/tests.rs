@@ -1,0 +1,198 @@
+use std::time::Duration;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn errors_of(text: &str, e: &[(&str, &str)]) -> Vec<ConfigError> {
+    load_str(text, "test.toml", env(e)).unwrap_err().0
+}
+
+fn has(errors: &[ConfigError], path: &str, needle: &str) -> bool {
+    errors
+        .iter()
+        .any(|e| e.path == path && e.message.contains(needle))
+}
+
+#[test]
+fn defaults_are_valid_and_documented_values() {
+    let c = Config::default();
+    assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.http.max_body_size, 1 << 20);
+    assert_eq!(c.backbone.kind, BackboneKind::Memory);
+    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Block);
+    assert_eq!(c.websocket.publish_topic, PublishTopic::Subject);
+    assert!(c.auth.anonymous.enabled);
+    assert!(c.auth.users.is_empty());
+    assert_eq!(c.gateway.shutdown_grace, Duration::from_secs(10));
+}
+
+#[test]
+fn file_overrides_defaults() {
+    let c = load_str(
+        "[http]\nlisten = \"0.0.0.0:1234\"\nmax_body_size = 65536\n[backbone.memory]\nfull_policy = \"drop\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(c.http.listen.to_string(), "0.0.0.0:1234");
+    assert_eq!(c.http.max_body_size, 65536);
+    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Drop);
+    assert_eq!(c.websocket.path, "/ws", "untouched keys keep defaults");
+}
+
+#[test]
+fn env_overrides_scalars_nested_lists_and_users() {
+    let c = load_str(
+        "",
+        "t",
+        env(&[
+            ("MESHGATE__HTTP__LISTEN", "0.0.0.0:9999"),
+            ("MESHGATE__BACKBONE__MEMORY__QUEUE_CAPACITY", "10"),
+            ("MESHGATE__WEBSOCKET__REQUIRE_SUBPROTOCOL", "false"),
+            ("MESHGATE__AUTH__ANONYMOUS__PUBLISH", "a/#, b/+"),
+            ("MESHGATE__AUTH__ANONYMOUS__SUBSCRIBE", "[\"x/#\"]"),
+            ("MESHGATE__AUTH__USERS__0__NAME", "dev"),
+            ("MESHGATE__AUTH__USERS__0__PASSWORD", "123"),
+            ("MESHGATE__AUTH__USERS__0__TOKENS", "token-one-123"),
+            ("OTHER_VAR", "ignored"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.http.listen.port(), 9999);
+    assert_eq!(c.backbone.memory.queue_capacity, 10);
+    assert!(!c.websocket.require_subprotocol);
+    assert_eq!(c.auth.anonymous.acl.publish, vec!["a/#", "b/+"]);
+    assert_eq!(c.auth.anonymous.acl.subscribe, vec!["x/#"]);
+    assert_eq!(c.auth.users[0].name, "dev");
+    assert_eq!(c.auth.users[0].password.as_deref(), Some("123"), "stays a string");
+    assert_eq!(c.auth.users[0].tokens, vec!["token-one-123"]);
+}
+
+#[test]
+fn env_errors_name_the_variable() {
+    let errs = errors_of("", &[("MESHGATE__HTTP__LISTNE", "x"), ("MESHGATE__HTTP__MAX_IN_FLIGHT", "many")]);
+    assert!(
+        errs.iter().any(|e| e.path.contains("MESHGATE__HTTP__LISTNE") && e.message.contains("unknown")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.path.contains("MESHGATE__HTTP__MAX_IN_FLIGHT") && e.message.contains("integer")),
+        "{errs:?}"
+    );
+    let errs = errors_of("", &[("MESHGATE__NOPE__X", "1")]);
+    assert!(errs.iter().any(|e| e.path == "MESHGATE__NOPE__X"), "{errs:?}");
+}
+
+#[test]
+fn every_error_at_once_with_paths() {
+    let errs = errors_of(
+        "[http]\nlisten = \"nowhere\"\nmax_body_size = 100\nbogus = 1\n\n[websocket]\nslow_consumer = \"sometimes\"\nmax_connections = \"lots\"\n\n[mystery]\nx = 1\n\n[backbone.memory]\nblock_timeout = \"soon\"\n",
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(has(&errs, "http.listen", "socket address"), "{text}");
+    assert!(has(&errs, "http.max_body_size", "64 KiB"), "{text}");
+    assert!(has(&errs, "http.bogus", "unknown key"), "{text}");
+    assert!(has(&errs, "websocket.max_connections", ""), "{text}");
+    assert!(has(&errs, "mystery", "unknown section"), "{text}");
+    assert!(has(&errs, "backbone.memory.block_timeout", "duration"), "{text}");
+}
+
+#[test]
+fn type_error_in_one_section_does_not_hide_others() {
+    let errs = errors_of(
+        "[http]\nenabled = \"yes\"\n[websocket]\npath = \"ws\"\n[log]\nformat = \"xml\"\n",
+        &[],
+    );
+    assert!(has(&errs, "http.enabled", ""), "{errs:?}");
+    assert!(has(&errs, "websocket.path", "must be a path"), "{errs:?}");
+    assert!(has(&errs, "log.format", "pretty, json"), "{errs:?}");
+}
+
+#[test]
+fn syntax_errors_give_line_and_column() {
+    let errs = errors_of("[http]\nlisten = \n", &[]);
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].message.contains("line 2"), "{errs:?}");
+}
+
+#[test]
+fn sizes_and_durations() {
+    assert_eq!(convert::parse_size("64KiB").unwrap(), 65536);
+    assert_eq!(convert::parse_size("1 MiB").unwrap(), 1 << 20);
+    assert_eq!(convert::parse_size("1MB").unwrap(), 1_000_000);
+    assert_eq!(convert::parse_size("512kB").unwrap(), 512_000);
+    assert_eq!(convert::parse_size("10").unwrap(), 10);
+    assert!(convert::parse_size("ten").is_err());
+    assert!(convert::parse_size("1 parsec").is_err());
+    let c = load_str("[websocket]\nping_interval = \"1m\"\n", "t", Vec::new()).unwrap();
+    assert_eq!(c.websocket.ping_interval, Duration::from_secs(60));
+}
+
+#[test]
+fn auth_rules() {
+    let errs = errors_of(
+        r#"
+[[auth.users]]
+name = "a/b"
+publish = ["x/#/y"]
+[[auth.users]]
+name = "dup"
+password = "pw"
+tokens = ["short"]
+[[auth.users]]
+name = "dup"
+tokens = ["long-enough-token"]
+[[auth.users]]
+name = "other"
+tokens = ["long-enough-token"]
+colour = "blue"
+"#,
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(has(&errs, "auth.users[0].name", "without"), "{text}");
+    assert!(has(&errs, "auth.users[0]", "neither a password nor tokens"), "{text}");
+    assert!(has(&errs, "auth.users[0].publish[0]", "#"), "{text}");
+    assert!(has(&errs, "auth.users[1].tokens[0]", "8 characters"), "{text}");
+    assert!(has(&errs, "auth.users[2].name", "twice"), "{text}");
+    assert!(has(&errs, "auth.users[3].tokens[0]", "another user"), "{text}");
+    assert!(has(&errs, "auth.users[3].colour", "unknown key"), "{text}");
+    assert!(!text.contains("pw"), "no secrets in messages: {text}");
+}
+
+#[test]
+fn backbone_kinds_not_built_yet_are_explained() {
+    let errs = errors_of("[backbone]\nkind = \"nats\"\n", &[]);
+    assert!(has(&errs, "backbone.kind", "not built yet"), "{errs:?}");
+}
+
+#[test]
+fn publish_topic_fixed() {
+    let c = load_str("[websocket]\npublish_topic = \"fixed:browser/in\"\n", "t", Vec::new()).unwrap();
+    assert_eq!(c.websocket.publish_topic, PublishTopic::Fixed("browser/in".into()));
+    let errs = errors_of("[websocket]\npublish_topic = \"fixed:a/+\"\n", &[]);
+    assert!(has(&errs, "websocket.publish_topic", "wildcard"), "{errs:?}");
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let e = load(Some(std::path::Path::new("/nonexistent/meshgate.toml")), Vec::new()).unwrap_err();
+    assert_eq!(e.0[0].path, "/nonexistent/meshgate.toml");
+}
+
+#[test]
+fn debug_output_hides_secrets() {
+    let c = load_str(
+        "[[auth.users]]\nname = \"u\"\npassword = \"hunter2\"\ntokens = [\"secret-token-1\"]\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("hunter2") && !dbg.contains("secret-token-1"), "{dbg}");
+}

@@ -1,0 +1,114 @@
+//! The command line, run as a user would: validate, version, run on embedded defaults.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::{binary, spawn};
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(binary()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("meshgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(binary()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["run", "validate", "defaults", "MESHGATE__"] {
+        assert!(help.contains(word), "--help mentions {word}: {help}");
+    }
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_key() {
+    let dir = std::env::temp_dir().join(format!("meshgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[http]\nlisten = \"nowhere\"\nmax_body_size = 100\nbogus = 1\n\n[websocket]\nslow_consumer = \"sometimes\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["validate", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["http.listen", "http.max_body_size", "http.bogus", "websocket.slow_consumer"] {
+        assert!(err.contains(key), "stderr names {key}:\n{err}");
+    }
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let out = Command::new(binary())
+        .args(["validate", "-c"])
+        .arg(examples.join("meshgate.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(binary())
+        .args(["run", "-c"])
+        .arg(dir.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_env_override_names_the_variable() {
+    let out = Command::new(binary())
+        .arg("run")
+        .env("MESHGATE__HTTP__LISTNE", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MESHGATE__HTTP__LISTNE"));
+}
+
+/// `meshgate run` with no file: the README's first command. Needs ports 8080 and 9090.
+#[tokio::test]
+async fn run_on_embedded_defaults_says_where_it_listens() {
+    for port in [8080, 9090] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is busy; this test checks the embedded defaults and needs it free"
+        );
+    }
+    let mut gw = spawn(&[], &[]);
+    let banner = gw.banner.join("\n");
+    assert!(banner.contains("POST http://127.0.0.1:8080/events/{topic}"), "{banner}");
+    assert!(banner.contains("ws://127.0.0.1:8080/ws"), "{banner}");
+    assert!(banner.contains("http://127.0.0.1:9090/"), "{banner}");
+    let health = reqwest::get("http://127.0.0.1:9090/healthz").await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get("http://127.0.0.1:9090/readyz").await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let page = reqwest::get("http://127.0.0.1:8080/").await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("/ws"));
+    let r = reqwest::Client::new()
+        .post("http://127.0.0.1:8080/events/demo/hello")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let metrics = reqwest::get("http://127.0.0.1:9090/metrics")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meshgate_events_received_total{adapter=\"http\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("meshgate_publish_latency_seconds_bucket"));
+    gw.signal("INT");
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+}

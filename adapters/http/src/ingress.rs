@@ -1,0 +1,287 @@
+//! `POST {events_path}/{topic}`: CloudEvents (or plain bodies) into the backbone.
+//!
+//! Order of checks, cheapest first: in-flight limit (503) → credentials (401) → publish
+//! permission on the topic (403) → body size (413) → binding decode (400/415) → batch size
+//! (413) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
+//! the backbone accepted every event of the request.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use meshgate_config::HttpConfig;
+use meshgate_core::metrics::AdapterMetrics;
+use meshgate_core::wrap::{self, Wrap};
+use meshgate_core::{
+    AdapterContext, AuthError, BackboneError, Credentials, Event, Principal, PublishError, Topic,
+};
+use tokio::sync::Semaphore;
+
+use crate::binding::{self, Decoded};
+
+/// Adapter name in metrics and logs.
+pub const ADAPTER: &str = "http";
+
+struct HttpState {
+    config: HttpConfig,
+    ctx: AdapterContext,
+    metrics: AdapterMetrics,
+    in_flight: Arc<Semaphore>,
+    retry_after: HeaderValue,
+}
+
+/// The ingress routes, to be merged into the gateway's web listener.
+pub fn router(config: &HttpConfig, ctx: &AdapterContext) -> Router {
+    let secs = config.retry_after.as_secs().max(1);
+    let state = Arc::new(HttpState {
+        config: config.clone(),
+        ctx: ctx.clone(),
+        metrics: ctx.metrics(ADAPTER),
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+        retry_after: HeaderValue::from(secs),
+    });
+    Router::new()
+        .route(&format!("{}/{{*topic}}", config.events_path), post(ingest))
+        .route(&config.events_path, post(missing_topic))
+        .route(&format!("{}/", config.events_path), post(missing_topic))
+        .with_state(state)
+}
+
+/// An RFC 9457 problem response.
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or(""),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn retry_later(state: &HttpState, detail: impl Into<String>) -> Response {
+    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, detail);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, state.retry_after.clone());
+    r
+}
+
+async fn missing_topic() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "no topic: POST to {events_path}/<topic>, e.g. /events/sensors/42/temperature",
+    )
+}
+
+fn credentials(headers: &HeaderMap) -> Result<(Option<String>, Option<Vec<u8>>, Option<String>), ()> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok((None, None, None));
+    };
+    let value = value.to_str().map_err(|_| ())?;
+    let (scheme, rest) = value.split_once(' ').ok_or(())?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Ok((None, None, Some(rest.trim().to_owned())));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .map_err(|_| ())?;
+        let colon = decoded.iter().position(|b| *b == b':').ok_or(())?;
+        let user = String::from_utf8(decoded[..colon].to_vec()).map_err(|_| ())?;
+        return Ok((Some(user), Some(decoded[colon + 1..].to_vec()), None));
+    }
+    Err(())
+}
+
+fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Response> {
+    let unauthorized = |detail: &str| {
+        state.metrics.error("unauthorized");
+        let mut r = problem(StatusCode::UNAUTHORIZED, detail);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Bearer realm="meshgate", Basic realm="meshgate""#),
+        );
+        r
+    };
+    let (user, password, token) = credentials(headers)
+        .map_err(|()| unauthorized("the Authorization header must be `Bearer <token>` or `Basic <base64 user:password>`"))?;
+    let creds = match (&user, &password, &token) {
+        (Some(u), Some(p), _) => Credentials::Password {
+            username: u,
+            password: p,
+        },
+        (_, _, Some(t)) => Credentials::Token(t),
+        _ => Credentials::None,
+    };
+    state.ctx.authorizer.authenticate(creds).map_err(|e| match e {
+        AuthError::Required => unauthorized("authentication required: send `Authorization: Bearer <token>` or Basic credentials"),
+        _ => unauthorized("invalid credentials"),
+    })
+}
+
+/// Reads the body, refusing (413) as soon as it grows past the limit.
+async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let limit = state.config.max_body_size;
+    let too_large = || {
+        state.metrics.error("too_large");
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than the limit of {limit} bytes (http.max_body_size)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            state.metrics.error("bad_request");
+            problem(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Response> {
+    // The raw (still percent-encoded) path, so that `%2F` inside a level is not a separator.
+    let raw = uri
+        .path()
+        .strip_prefix(state.config.events_path.as_str())
+        .and_then(|p| p.strip_prefix('/'))
+        .unwrap_or("");
+    Topic::from_url_path(raw).map_err(|e| {
+        state.metrics.error("bad_topic");
+        problem(StatusCode::BAD_REQUEST, format!("invalid topic in the path: {e}"))
+    })
+}
+
+fn decode(state: &HttpState, headers: &HeaderMap, topic: &Topic, body: Bytes) -> Result<Vec<Event>, Response> {
+    let decoded = binding::decode(headers, body.clone()).map_err(|e| {
+        let kind = if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            "unsupported_media_type"
+        } else {
+            "bad_event"
+        };
+        state.metrics.error(kind);
+        tracing::debug!(error = %e, "http: invalid event");
+        problem(e.status(), e.to_string())
+    })?;
+    let events = match decoded {
+        Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
+        Decoded::Batch(events) => {
+            if events.len() > state.config.max_batch_events {
+                state.metrics.error("too_large");
+                return Err(problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the batch holds {} events; the limit is {} (http.max_batch_events)",
+                        events.len(),
+                        state.config.max_batch_events
+                    ),
+                ));
+            }
+            events
+        }
+        Decoded::NotCloudEvent => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            let event = wrap::wrap(
+                body,
+                Wrap {
+                    source: &state.config.wrap.source,
+                    ty: &state.config.wrap.event_type,
+                    subject: Some(topic.as_str()),
+                    content_type,
+                },
+            )
+            .map_err(|e| {
+                state.metrics.error("bad_event");
+                problem(StatusCode::BAD_REQUEST, format!("cannot wrap the body: {e}"))
+            })?;
+            vec![event]
+        }
+    };
+    Ok(events)
+}
+
+async fn ingest(State(state): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        state.metrics.error("saturated");
+        return retry_later(
+            &state,
+            format!(
+                "{} requests are already in flight (http.max_in_flight); retry later",
+                state.config.max_in_flight
+            ),
+        );
+    };
+    let topic = match topic_from_path(&state, &uri) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let principal = match authenticate(&state, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {
+        state.metrics.error("forbidden");
+        return problem(StatusCode::FORBIDDEN, e.to_string());
+    }
+    let body = match read_body(&state, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let events = match decode(&state, &headers, &topic, body) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let mut ids = Vec::with_capacity(events.len());
+    for event in events {
+        let id = event.id().to_owned();
+        let result = state
+            .ctx
+            .publish(&state.metrics, &principal, topic.clone(), Arc::new(event), state.ctx.origin(0))
+            .await;
+        match result {
+            Ok(()) => ids.push(id),
+            Err(PublishError::Forbidden(e)) => return problem(StatusCode::FORBIDDEN, e.to_string()),
+            Err(PublishError::Backbone(e)) => {
+                tracing::debug!(error = %e, "http: backbone refused an event");
+                let accepted = ids.len();
+                let detail = format!("{e}; {accepted} event(s) of this request were accepted before it: {ids:?}");
+                return match e {
+                    BackboneError::Rejected(_) => problem(StatusCode::UNPROCESSABLE_ENTITY, detail),
+                    _ => retry_later(&state, detail),
+                };
+            }
+        }
+    }
+    let body = serde_json::json!({ "accepted": ids.len(), "ids": ids });
+    (
+        StatusCode::ACCEPTED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}

@@ -102,10 +102,8 @@ impl MemoryBackbone {
                 closed: AtomicBool::new(false),
                 dropped_queue_full: dropped("queue_full"),
                 dropped_block_timeout: dropped("block_timeout"),
-                subscriptions: registry.gauge(
-                    metrics::BACKBONE_SUBSCRIPTIONS,
-                    &[("backbone", "memory")],
-                ),
+                subscriptions: registry
+                    .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", "memory")]),
             }),
         })
     }
@@ -329,7 +327,10 @@ mod tests {
     async fn filters_route_events() {
         let bb = MemoryBackbone::new(config(8, FullQueuePolicy::Drop), &Registry::new());
         let mut all = bb.subscribe(filter("#"), Default::default()).await.unwrap();
-        let mut temp = bb.subscribe(filter("s/+/temp"), Default::default()).await.unwrap();
+        let mut temp = bb
+            .subscribe(filter("s/+/temp"), Default::default())
+            .await
+            .unwrap();
         bb.publish(envelope("s/1/temp", "a")).await.unwrap();
         bb.publish(envelope("s/1/hum", "b")).await.unwrap();
         assert_eq!(all.next().await.unwrap().event().id(), "a");
@@ -387,9 +388,14 @@ mod tests {
         };
         let mut a = bb.subscribe(filter("jobs/#"), opts.clone()).await.unwrap();
         let mut b = bb.subscribe(filter("jobs/#"), opts).await.unwrap();
-        let mut plain = bb.subscribe(filter("jobs/#"), Default::default()).await.unwrap();
+        let mut plain = bb
+            .subscribe(filter("jobs/#"), Default::default())
+            .await
+            .unwrap();
         for i in 0..10 {
-            bb.publish(envelope("jobs/x", &i.to_string())).await.unwrap();
+            bb.publish(envelope("jobs/x", &i.to_string()))
+                .await
+                .unwrap();
         }
         bb.close().await;
         let (mut na, mut nb, mut np) = (0, 0, 0);

@@ -40,7 +40,9 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
     config.admin.enabled = false;
     config.http.max_in_flight = 4096;
     let gateway = meshgate::start(config).await?;
-    let addr = gateway.web_addr.ok_or_else(|| anyhow::anyhow!("no web listener"))?;
+    let addr = gateway
+        .web_addr
+        .ok_or_else(|| anyhow::anyhow!("no web listener"))?;
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -59,7 +61,11 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
             while let Some(Ok(msg)) = ws.next().await {
                 if let Message::Text(t) = msg {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                    if let Some(sent) = v.get("sentus").and_then(|s| s.as_str()).and_then(|s| s.parse::<u64>().ok()) {
+                    if let Some(sent) = v
+                        .get("sentus")
+                        .and_then(|s| s.as_str())
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
                         let now = origin.elapsed().as_micros() as u64;
                         lat.push(now.saturating_sub(sent));
                         delivered.fetch_add(1, Ordering::Relaxed);
@@ -124,15 +130,27 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-    println!("meshgate http-ws benchmark: HTTP POST (256 B, binary mode) -> memory backbone -> WebSocket");
+    let seconds: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "meshgate http-ws benchmark: HTTP POST (256 B, binary mode) -> memory backbone -> WebSocket"
+    );
     println!("{seconds} s per row, closed-loop publishers, gateway in-process on loopback\n");
     println!(
         "| publishers | subscribers | published/s | delivered/s | lost | p50 µs | p99 µs | max µs |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (publishers, subscribers) in [(1, 1), (4, 1), (4, 16)] {
-        let o = run_once(&Run { publishers, subscribers }, seconds).await?;
+        let o = run_once(
+            &Run {
+                publishers,
+                subscribers,
+            },
+            seconds,
+        )
+        .await?;
         let expected = o.published * subscribers as u64;
         println!(
             "| {publishers} | {subscribers} | {:.0} | {:.0} | {} | {} | {} | {} |",

@@ -16,7 +16,10 @@ fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
     match humantime::parse_duration(v.trim()) {
         Ok(d) => d,
         Err(e) => {
-            errors.push(path, format!("`{v}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"1m\""));
+            errors.push(
+                path,
+                format!("`{v}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"1m\""),
+            );
             Duration::ZERO
         }
     }
@@ -24,7 +27,10 @@ fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
 
 fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
     v.trim().parse().unwrap_or_else(|_| {
-        errors.push(path, format!("`{v}` is not a socket address; write ip:port, e.g. \"127.0.0.1:8080\""));
+        errors.push(
+            path,
+            format!("`{v}` is not a socket address; write ip:port, e.g. \"127.0.0.1:8080\""),
+        );
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }
@@ -34,9 +40,9 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size; write e.g. 65536, \"64KiB\", \"1MiB\", \"1MB\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{text}` is not a size; write e.g. 65536, \"64KiB\", \"1MiB\", \"1MB\"")
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -51,7 +57,8 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> usize {
@@ -82,7 +89,8 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
 }
 
 fn route(v: &str, path: &str, errors: &mut Errors) -> String {
-    if !v.starts_with('/') || v == "/" || v.ends_with('/') || v.contains(['?', '#', '{', '}', ' ']) {
+    if !v.starts_with('/') || v == "/" || v.ends_with('/') || v.contains(['?', '#', '{', '}', ' '])
+    {
         errors.push(
             path,
             format!("`{v}` must be a path like \"/events\": starting with `/`, not `/` itself, no trailing `/`, `?`, `#`, braces or spaces"),
@@ -105,10 +113,21 @@ fn get<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
 }
 
 pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
-    let known = ["gateway", "log", "admin", "backbone", "http", "websocket", "auth"];
+    let known = [
+        "gateway",
+        "log",
+        "admin",
+        "backbone",
+        "http",
+        "websocket",
+        "auth",
+    ];
     for key in table.keys() {
         if !known.contains(&key.as_str()) {
-            errors.push(key.clone(), format!("unknown section; known: {}", known.join(", ")));
+            errors.push(
+                key.clone(),
+                format!("unknown section; known: {}", known.join(", ")),
+            );
         }
     }
     let empty = Value::Table(Table::new());
@@ -125,7 +144,10 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let gateway = gateway.map(|g| {
         if let Some(id) = &g.instance_id {
             if id.is_empty() || id.contains(char::is_whitespace) {
-                errors.push("gateway.instance_id", "must be non-empty and without whitespace");
+                errors.push(
+                    "gateway.instance_id",
+                    "must be non-empty and without whitespace",
+                );
             }
         }
         GatewayConfig {
@@ -135,17 +157,26 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     });
     let log = log.map(|l| {
         if l.level.trim().is_empty() {
-            errors.push("log.level", "must not be empty; e.g. \"info\" or \"meshgate_http=debug,info\"");
+            errors.push(
+                "log.level",
+                "must not be empty; e.g. \"info\" or \"meshgate_http=debug,info\"",
+            );
         }
         let format = match l.format.as_str() {
             "pretty" => LogFormat::Pretty,
             "json" => LogFormat::Json,
             other => {
-                errors.push("log.format", format!("`{other}` is not one of: pretty, json"));
+                errors.push(
+                    "log.format",
+                    format!("`{other}` is not one of: pretty, json"),
+                );
                 LogFormat::Pretty
             }
         };
-        LogConfig { level: l.level, format }
+        LogConfig {
+            level: l.level,
+            format,
+        }
     });
     let admin = admin.map(|a| AdminConfig {
         enabled: a.enabled,
@@ -155,7 +186,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         let kind = match b.kind.as_str() {
             "memory" => BackboneKind::Memory,
             "nats" | "jetstream" => {
-                errors.push("backbone.kind", format!("`{}` is not built yet in this version; available: memory", b.kind));
+                errors.push(
+                    "backbone.kind",
+                    format!(
+                        "`{}` is not built yet in this version; available: memory",
+                        b.kind
+                    ),
+                );
                 BackboneKind::Memory
             }
             other => {
@@ -167,16 +204,27 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             "block" => FullQueuePolicy::Block,
             "drop" => FullQueuePolicy::Drop,
             other => {
-                errors.push("backbone.memory.full_policy", format!("`{other}` is not one of: block, drop"));
+                errors.push(
+                    "backbone.memory.full_policy",
+                    format!("`{other}` is not one of: block, drop"),
+                );
                 FullQueuePolicy::Block
             }
         };
         BackboneConfig {
             kind,
             memory: MemoryBackboneConfig {
-                queue_capacity: positive(b.memory.queue_capacity, "backbone.memory.queue_capacity", errors),
+                queue_capacity: positive(
+                    b.memory.queue_capacity,
+                    "backbone.memory.queue_capacity",
+                    errors,
+                ),
                 full_policy,
-                block_timeout: duration(&b.memory.block_timeout, "backbone.memory.block_timeout", errors),
+                block_timeout: duration(
+                    &b.memory.block_timeout,
+                    "backbone.memory.block_timeout",
+                    errors,
+                ),
             },
         }
     });
@@ -192,7 +240,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             enabled: h.enabled,
             listen: addr(&h.listen, "http.listen", errors),
             events_path: route(&h.events_path, "http.events_path", errors),
-            max_body_size: size(&h.max_body_size, "http.max_body_size", MIN_MESSAGE_SIZE, min_why, errors),
+            max_body_size: size(
+                &h.max_body_size,
+                "http.max_body_size",
+                MIN_MESSAGE_SIZE,
+                min_why,
+                errors,
+            ),
             max_batch_events: positive(h.max_batch_events, "http.max_batch_events", errors),
             max_in_flight: positive(h.max_in_flight, "http.max_in_flight", errors),
             retry_after: duration(&h.retry_after, "http.retry_after", errors),
@@ -208,7 +262,10 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             "disconnect" => SlowConsumerPolicy::Disconnect,
             "drop" => SlowConsumerPolicy::Drop,
             other => {
-                errors.push("websocket.slow_consumer", format!("`{other}` is not one of: disconnect, drop"));
+                errors.push(
+                    "websocket.slow_consumer",
+                    format!("`{other}` is not one of: disconnect, drop"),
+                );
                 SlowConsumerPolicy::Disconnect
             }
         };
@@ -222,7 +279,10 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                     PublishTopic::Fixed(t.to_owned())
                 }
                 None => {
-                    errors.push("websocket.publish_topic", format!("`{other}` is not \"subject\" or \"fixed:<topic>\""));
+                    errors.push(
+                        "websocket.publish_topic",
+                        format!("`{other}` is not \"subject\" or \"fixed:<topic>\""),
+                    );
                     PublishTopic::Subject
                 }
             },
@@ -231,7 +291,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             enabled: w.enabled,
             path: route(&w.path, "websocket.path", errors),
             require_subprotocol: w.require_subprotocol,
-            max_message_size: size(&w.max_message_size, "websocket.max_message_size", MIN_MESSAGE_SIZE, min_why, errors),
+            max_message_size: size(
+                &w.max_message_size,
+                "websocket.max_message_size",
+                MIN_MESSAGE_SIZE,
+                min_why,
+                errors,
+            ),
             outbound_queue: positive(w.outbound_queue, "websocket.outbound_queue", errors),
             slow_consumer,
             publish_topic,
@@ -241,12 +307,24 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     });
     if let (Some(h), Some(w)) = (&http, &websocket) {
         if h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)) {
-            errors.push("websocket.path", format!("`{}` collides with http.events_path `{}`", w.path, h.events_path));
+            errors.push(
+                "websocket.path",
+                format!(
+                    "`{}` collides with http.events_path `{}`",
+                    w.path, h.events_path
+                ),
+            );
         }
     }
     for (d, path) in [
-        (gateway.as_ref().map(|g| g.shutdown_grace), "gateway.shutdown_grace"),
-        (websocket.as_ref().map(|w| w.ping_interval), "websocket.ping_interval"),
+        (
+            gateway.as_ref().map(|g| g.shutdown_grace),
+            "gateway.shutdown_grace",
+        ),
+        (
+            websocket.as_ref().map(|w| w.ping_interval),
+            "websocket.ping_interval",
+        ),
     ] {
         if d == Some(Duration::ZERO) {
             errors.push(path, "must be longer than 0s");
@@ -274,8 +352,11 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         }
     }
     let empty = Value::Table(Table::new());
-    let anonymous: Option<raw::Anonymous> =
-        section(t.get("anonymous").unwrap_or(&empty), "auth.anonymous", errors);
+    let anonymous: Option<raw::Anonymous> = section(
+        t.get("anonymous").unwrap_or(&empty),
+        "auth.anonymous",
+        errors,
+    );
     let anonymous = anonymous.map(|a| AnonymousConfig {
         enabled: a.enabled,
         acl: AclConfig {
@@ -291,25 +372,48 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
             let mut tokens = std::collections::BTreeSet::new();
             for (i, item) in items.iter().enumerate() {
                 let path = format!("auth.users[{i}]");
-                let Some(u) = section::<raw::User>(item, &path, errors) else { continue };
-                if u.name.is_empty() || u.name.contains(['/', '+', '#']) || u.name.contains(char::is_whitespace) {
-                    errors.push(format!("{path}.name"), "must be non-empty, without `/`, `+`, `#` or whitespace");
+                let Some(u) = section::<raw::User>(item, &path, errors) else {
+                    continue;
+                };
+                if u.name.is_empty()
+                    || u.name.contains(['/', '+', '#'])
+                    || u.name.contains(char::is_whitespace)
+                {
+                    errors.push(
+                        format!("{path}.name"),
+                        "must be non-empty, without `/`, `+`, `#` or whitespace",
+                    );
                 }
                 if !names.insert(u.name.clone()) {
-                    errors.push(format!("{path}.name"), format!("user `{}` is defined twice", u.name));
+                    errors.push(
+                        format!("{path}.name"),
+                        format!("user `{}` is defined twice", u.name),
+                    );
                 }
                 if u.password.is_none() && u.tokens.is_empty() {
-                    errors.push(path.clone(), format!("user `{}` has neither a password nor tokens; it could never log in", u.name));
+                    errors.push(
+                        path.clone(),
+                        format!(
+                            "user `{}` has neither a password nor tokens; it could never log in",
+                            u.name
+                        ),
+                    );
                 }
                 if u.password.as_deref() == Some("") {
                     errors.push(format!("{path}.password"), "must not be empty");
                 }
                 for (j, tok) in u.tokens.iter().enumerate() {
                     if tok.len() < 8 {
-                        errors.push(format!("{path}.tokens[{j}]"), "tokens must be at least 8 characters");
+                        errors.push(
+                            format!("{path}.tokens[{j}]"),
+                            "tokens must be at least 8 characters",
+                        );
                     }
                     if !tokens.insert(tok.clone()) {
-                        errors.push(format!("{path}.tokens[{j}]"), "this token is already given to another user");
+                        errors.push(
+                            format!("{path}.tokens[{j}]"),
+                            "this token is already given to another user",
+                        );
                     }
                 }
                 users.push(UserConfig {

@@ -117,7 +117,10 @@ fn list(raw: &str) -> Result<Value, String> {
         let t: Table = format!("v = {trimmed}")
             .parse()
             .map_err(|e: toml::de::Error| format!("not a TOML array: {}", e.message()))?;
-        return t.get("v").cloned().ok_or_else(|| "not a TOML array".to_owned());
+        return t
+            .get("v")
+            .cloned()
+            .ok_or_else(|| "not a TOML array".to_owned());
     }
     Ok(Value::Array(
         trimmed

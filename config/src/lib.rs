@@ -124,7 +124,7 @@ pub fn load_str(
     env::apply(&mut table, env, &mut errors);
     let config = convert::convert(&table, &mut errors);
     if errors.list.is_empty() {
-        config.ok_or_else(|| ConfigErrors(errors.list))
+        config.ok_or(ConfigErrors(errors.list))
     } else {
         Err(ConfigErrors(errors.list))
     }
@@ -133,7 +133,10 @@ pub fn load_str(
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, col)
 }
 
@@ -168,7 +171,11 @@ pub(crate) fn section<T: DeserializeOwned>(
         Ok(t) => Some(t),
         Err(e) => {
             let inner = e.path().to_string();
-            let at = if inner == "." { path.to_owned() } else { join(path, &inner) };
+            let at = if inner == "." {
+                path.to_owned()
+            } else {
+                join(path, &inner)
+            };
             errors.push(at, e.into_inner().message().to_owned());
             None
         }

@@ -3,7 +3,10 @@ use std::time::Duration;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn errors_of(text: &str, e: &[(&str, &str)]) -> Vec<ConfigError> {
@@ -68,23 +71,39 @@ fn env_overrides_scalars_nested_lists_and_users() {
     assert_eq!(c.auth.anonymous.acl.publish, vec!["a/#", "b/+"]);
     assert_eq!(c.auth.anonymous.acl.subscribe, vec!["x/#"]);
     assert_eq!(c.auth.users[0].name, "dev");
-    assert_eq!(c.auth.users[0].password.as_deref(), Some("123"), "stays a string");
+    assert_eq!(
+        c.auth.users[0].password.as_deref(),
+        Some("123"),
+        "stays a string"
+    );
     assert_eq!(c.auth.users[0].tokens, vec!["token-one-123"]);
 }
 
 #[test]
 fn env_errors_name_the_variable() {
-    let errs = errors_of("", &[("MESHGATE__HTTP__LISTNE", "x"), ("MESHGATE__HTTP__MAX_IN_FLIGHT", "many")]);
+    let errs = errors_of(
+        "",
+        &[
+            ("MESHGATE__HTTP__LISTNE", "x"),
+            ("MESHGATE__HTTP__MAX_IN_FLIGHT", "many"),
+        ],
+    );
     assert!(
-        errs.iter().any(|e| e.path.contains("MESHGATE__HTTP__LISTNE") && e.message.contains("unknown")),
+        errs.iter()
+            .any(|e| e.path.contains("MESHGATE__HTTP__LISTNE") && e.message.contains("unknown")),
         "{errs:?}"
     );
     assert!(
-        errs.iter().any(|e| e.path.contains("MESHGATE__HTTP__MAX_IN_FLIGHT") && e.message.contains("integer")),
+        errs.iter()
+            .any(|e| e.path.contains("MESHGATE__HTTP__MAX_IN_FLIGHT")
+                && e.message.contains("integer")),
         "{errs:?}"
     );
     let errs = errors_of("", &[("MESHGATE__NOPE__X", "1")]);
-    assert!(errs.iter().any(|e| e.path == "MESHGATE__NOPE__X"), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.path == "MESHGATE__NOPE__X"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -99,7 +118,10 @@ fn every_error_at_once_with_paths() {
     assert!(has(&errs, "http.bogus", "unknown key"), "{text}");
     assert!(has(&errs, "websocket.max_connections", ""), "{text}");
     assert!(has(&errs, "mystery", "unknown section"), "{text}");
-    assert!(has(&errs, "backbone.memory.block_timeout", "duration"), "{text}");
+    assert!(
+        has(&errs, "backbone.memory.block_timeout", "duration"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -156,11 +178,20 @@ colour = "blue"
     );
     let text = ConfigErrors(errs.clone()).to_string();
     assert!(has(&errs, "auth.users[0].name", "without"), "{text}");
-    assert!(has(&errs, "auth.users[0]", "neither a password nor tokens"), "{text}");
+    assert!(
+        has(&errs, "auth.users[0]", "neither a password nor tokens"),
+        "{text}"
+    );
     assert!(has(&errs, "auth.users[0].publish[0]", "#"), "{text}");
-    assert!(has(&errs, "auth.users[1].tokens[0]", "8 characters"), "{text}");
+    assert!(
+        has(&errs, "auth.users[1].tokens[0]", "8 characters"),
+        "{text}"
+    );
     assert!(has(&errs, "auth.users[2].name", "twice"), "{text}");
-    assert!(has(&errs, "auth.users[3].tokens[0]", "another user"), "{text}");
+    assert!(
+        has(&errs, "auth.users[3].tokens[0]", "another user"),
+        "{text}"
+    );
     assert!(has(&errs, "auth.users[3].colour", "unknown key"), "{text}");
     assert!(!text.contains("pw"), "no secrets in messages: {text}");
 }
@@ -173,15 +204,30 @@ fn backbone_kinds_not_built_yet_are_explained() {
 
 #[test]
 fn publish_topic_fixed() {
-    let c = load_str("[websocket]\npublish_topic = \"fixed:browser/in\"\n", "t", Vec::new()).unwrap();
-    assert_eq!(c.websocket.publish_topic, PublishTopic::Fixed("browser/in".into()));
+    let c = load_str(
+        "[websocket]\npublish_topic = \"fixed:browser/in\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.websocket.publish_topic,
+        PublishTopic::Fixed("browser/in".into())
+    );
     let errs = errors_of("[websocket]\npublish_topic = \"fixed:a/+\"\n", &[]);
-    assert!(has(&errs, "websocket.publish_topic", "wildcard"), "{errs:?}");
+    assert!(
+        has(&errs, "websocket.publish_topic", "wildcard"),
+        "{errs:?}"
+    );
 }
 
 #[test]
 fn missing_file_names_the_path() {
-    let e = load(Some(std::path::Path::new("/nonexistent/meshgate.toml")), Vec::new()).unwrap_err();
+    let e = load(
+        Some(std::path::Path::new("/nonexistent/meshgate.toml")),
+        Vec::new(),
+    )
+    .unwrap_err();
     assert_eq!(e.0[0].path, "/nonexistent/meshgate.toml");
 }
 
@@ -194,5 +240,8 @@ fn debug_output_hides_secrets() {
     )
     .unwrap();
     let dbg = format!("{c:?}");
-    assert!(!dbg.contains("hunter2") && !dbg.contains("secret-token-1"), "{dbg}");
+    assert!(
+        !dbg.contains("hunter2") && !dbg.contains("secret-token-1"),
+        "{dbg}"
+    );
 }

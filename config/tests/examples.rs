@@ -1,5 +1,7 @@
 //! Every example config in examples/ loads without error.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 #[test]
 fn every_example_config_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -12,12 +14,20 @@ fn every_example_config_loads() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected example configs in {}", dir.display());
+    assert!(
+        checked >= 2,
+        "expected example configs in {}",
+        dir.display()
+    );
 }
 
 #[test]
 fn the_reference_example_sets_the_defaults() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/meshgate.toml");
     let from_file = meshgate_config::load(Some(&path), Vec::new()).unwrap();
-    assert_eq!(from_file, meshgate_config::Config::default(), "examples/meshgate.toml documents the defaults");
+    assert_eq!(
+        from_file,
+        meshgate_config::Config::default(),
+        "examples/meshgate.toml documents the defaults"
+    );
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::topic::{Topic, TopicFilter, TopicError};
+use crate::topic::{Topic, TopicError, TopicFilter};
 
 /// Who is on the other end of a connection.
 #[derive(Clone, PartialEq, Eq)]
@@ -37,7 +37,10 @@ impl Principal {
 #[derive(Clone, Copy)]
 pub enum Credentials<'a> {
     None,
-    Password { username: &'a str, password: &'a [u8] },
+    Password {
+        username: &'a str,
+        password: &'a [u8],
+    },
     Token(&'a str),
 }
 
@@ -87,7 +90,9 @@ pub struct UserSpec {
 
 impl fmt::Debug for UserSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserSpec").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("UserSpec")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -308,7 +313,10 @@ mod tests {
             }),
             Err(AuthError::Invalid)
         );
-        assert_eq!(a.authenticate(Credentials::Token("nope")), Err(AuthError::Invalid));
+        assert_eq!(
+            a.authenticate(Credentials::Token("nope")),
+            Err(AuthError::Invalid)
+        );
     }
 
     #[test]
@@ -319,7 +327,10 @@ mod tests {
         let filter = |s| TopicFilter::parse(s).unwrap();
         assert!(a.check_publish(&p, &topic("devices/dev1/temp")).is_ok());
         assert!(a.check_publish(&p, &topic("devices/dev2/temp")).is_err());
-        assert!(a.check_subscribe(&p, &filter("commands/dev1/reboot")).is_ok());
+        assert!(
+            a.check_subscribe(&p, &filter("commands/dev1/reboot"))
+                .is_ok()
+        );
         assert!(a.check_subscribe(&p, &filter("commands/dev1/#")).is_err());
         assert!(a.check_subscribe(&p, &filter("#")).is_err());
     }

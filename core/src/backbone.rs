@@ -96,7 +96,10 @@ pub trait Acknowledge: Send + Sync + fmt::Debug {
     /// The subscriber has handled the event (written it, or its client acknowledged it).
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackboneError>>;
     /// The subscriber could not handle the event; redeliver after `delay` where supported.
-    fn nack(self: Box<Self>, delay: Option<Duration>) -> BoxFuture<'static, Result<(), BackboneError>>;
+    fn nack(
+        self: Box<Self>,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), BackboneError>>;
 }
 
 /// One event delivered to one subscription.
@@ -143,7 +146,9 @@ pub struct Subscription {
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription").field("filter", &self.filter).finish()
+        f.debug_struct("Subscription")
+            .field("filter", &self.filter)
+            .finish()
     }
 }
 

@@ -411,7 +411,12 @@ mod tests {
             Err(EventError::Duplicate("id".into()))
         );
         let mut a = StringAttributes::new();
-        for (n, v) in [("specversion", "0.3"), ("id", "1"), ("source", "/s"), ("type", "t")] {
+        for (n, v) in [
+            ("specversion", "0.3"),
+            ("id", "1"),
+            ("source", "/s"),
+            ("type", "t"),
+        ] {
             a.push(n, v.into()).unwrap();
         }
         assert_eq!(

@@ -209,12 +209,15 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventErro
     let elements: Elements<'_> = serde_json::from_slice(body).map_err(|e| {
         (
             None,
-            EventError::Format(format!("body is not a JSON batch (an array of events): {e}")),
+            EventError::Format(format!(
+                "body is not a JSON batch (an array of events): {e}"
+            )),
         )
     })?;
     let mut parsed = Vec::with_capacity(elements.0.len());
     for (i, raw) in elements.0.iter().enumerate() {
-        let members: Members<'_> = serde_json::from_str(raw.get()).map_err(|e| (Some(i), syntax(e)))?;
+        let members: Members<'_> =
+            serde_json::from_str(raw.get()).map_err(|e| (Some(i), syntax(e)))?;
         parsed.push(members);
     }
     // All events of a batch MUST share one specversion; say so before anything else fails.
@@ -260,8 +263,7 @@ fn push_data(out: &mut Vec<u8>, event: &Event) {
         Data::Binary(bytes) => {
             let ct = event.datacontenttype();
             // A binary-mode JSON body becomes a JSON value, as the SDKs do; text stays text.
-            if ct.is_some_and(media::is_json)
-                && serde_json::from_slice::<&RawValue>(bytes).is_ok()
+            if ct.is_some_and(media::is_json) && serde_json::from_slice::<&RawValue>(bytes).is_ok()
             {
                 out.extend_from_slice(b",\"data\":");
                 out.extend_from_slice(bytes);
@@ -321,8 +323,7 @@ pub fn encode_string(event: &Event) -> String {
 mod tests {
     use super::*;
 
-    const E0: &str =
-        r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
+    const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
 
     fn with(extra: &str) -> String {
         format!("{},{extra}}}", &E0[..E0.len() - 1])
@@ -342,7 +343,11 @@ mod tests {
         assert_eq!(e.extension("flag"), Some(&ExtensionValue::Boolean(true)));
         let again = decode(&encode(&e)).unwrap();
         assert_eq!(e, again);
-        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":{"b":1,"a":[1,2]}"#));
+        assert!(
+            String::from_utf8(encode(&e))
+                .unwrap()
+                .contains(r#""data":{"b":1,"a":[1,2]}"#)
+        );
     }
 
     #[test]
@@ -358,8 +363,13 @@ mod tests {
 
     #[test]
     fn i19_bad_integers_and_objects() {
-        for extra in [r#""n":5.0"#, r#""n":2147483648"#, r#""x":{"a":1}"#, r#""n":1e3"#, r#""x":[1]"#]
-        {
+        for extra in [
+            r#""n":5.0"#,
+            r#""n":2147483648"#,
+            r#""x":{"a":1}"#,
+            r#""n":1e3"#,
+            r#""x":[1]"#,
+        ] {
             assert!(decode(with(extra).as_bytes()).is_err(), "{extra}");
         }
         assert!(decode(with(r#""n":-2147483648"#).as_bytes()).is_ok());
@@ -415,10 +425,19 @@ mod tests {
         assert!(!s.contains("datacontenttype"));
         e.set_datacontenttype(Some("text/plain".into())).unwrap();
         e.set_data(Some(Data::Binary(Bytes::from_static(b"hello"))));
-        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":"hello""#));
-        e.set_datacontenttype(Some("application/json".into())).unwrap();
+        assert!(
+            String::from_utf8(encode(&e))
+                .unwrap()
+                .contains(r#""data":"hello""#)
+        );
+        e.set_datacontenttype(Some("application/json".into()))
+            .unwrap();
         e.set_data(Some(Data::Binary(Bytes::from_static(b"{\"a\":1}"))));
-        assert!(String::from_utf8(encode(&e)).unwrap().contains(r#""data":{"a":1}"#));
+        assert!(
+            String::from_utf8(encode(&e))
+                .unwrap()
+                .contains(r#""data":{"a":1}"#)
+        );
     }
 
     #[test]

@@ -59,13 +59,18 @@ mod tests {
 
     #[test]
     fn detection() {
-        assert!(is_cloudevents("Application/CloudEvents+JSON; charset=utf-8"));
+        assert!(is_cloudevents(
+            "Application/CloudEvents+JSON; charset=utf-8"
+        ));
         assert!(is_cloudevents_batch("application/cloudevents-batch+json"));
         assert!(!is_cloudevents_batch("application/cloudevents+json"));
         assert!(is_json("application/vnd.x+json"));
         assert!(is_json("TEXT/JSON; charset=utf-8"));
         assert!(!is_json("application/jsonx"));
         assert!(is_text("text/plain"));
-        assert_eq!(cloudevents_format("application/cloudevents+avro").as_deref(), Some("avro"));
+        assert_eq!(
+            cloudevents_format("application/cloudevents+avro").as_deref(),
+            Some("avro")
+        );
     }
 }

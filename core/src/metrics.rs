@@ -21,7 +21,9 @@ pub const BACKBONE_SUBSCRIPTIONS: &str = "meshgate_backbone_subscriptions";
 
 fn help(name: &str) -> &'static str {
     match name {
-        EVENTS_RECEIVED => "Events accepted from clients and published to the backbone, per adapter.",
+        EVENTS_RECEIVED => {
+            "Events accepted from clients and published to the backbone, per adapter."
+        }
         EVENTS_SENT => "Events written to clients, per adapter.",
         EVENTS_DROPPED => "Events dropped on purpose (policy), per adapter and reason.",
         CONNECTIONS => "Open client connections, per adapter.",
@@ -168,10 +170,18 @@ impl Registry {
             for (i, bound) in BUCKETS.iter().enumerate() {
                 cumulative += h.0.buckets[i].load(Ordering::Relaxed);
                 let le = bound.to_string();
-                let _ = writeln!(out, "{name}_bucket{} {cumulative}", render_labels(l, Some(&le)));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{} {cumulative}",
+                    render_labels(l, Some(&le))
+                );
             }
             let count = h.count();
-            let _ = writeln!(out, "{name}_bucket{} {count}", render_labels(l, Some("+Inf")));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{} {count}",
+                render_labels(l, Some("+Inf"))
+            );
             let sum = h.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
             let _ = writeln!(out, "{name}_sum{} {sum}", render_labels(l, None));
             let _ = writeln!(out, "{name}_count{} {count}", render_labels(l, None));
@@ -186,12 +196,19 @@ fn render_labels(l: &Labels, le: Option<&str>) -> String {
     }
     let mut s = String::from("{");
     let mut first = true;
-    for (k, v) in l.iter().map(|(k, v)| (*k, v.as_str())).chain(le.map(|v| ("le", v))) {
+    for (k, v) in l
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain(le.map(|v| ("le", v)))
+    {
         if !first {
             s.push(',');
         }
         first = false;
-        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
         let _ = write!(s, "{k}=\"{v}\"");
     }
     s.push('}');
@@ -224,8 +241,10 @@ impl AdapterMetrics {
 
     /// Counter of events dropped for `reason` (look it up once where drops can be frequent).
     pub fn dropped(&self, reason: &str) -> Counter {
-        self.registry
-            .counter(EVENTS_DROPPED, &[("adapter", self.adapter), ("reason", reason)])
+        self.registry.counter(
+            EVENTS_DROPPED,
+            &[("adapter", self.adapter), ("reason", reason)],
+        )
     }
 
     /// Counts one error of `kind` (e.g. `bad_event`, `unauthorized`, `backbone`).
@@ -251,9 +270,11 @@ mod tests {
         assert!(text.contains("# TYPE meshgate_events_received_total counter"));
         assert!(text.contains("meshgate_events_received_total{adapter=\"http\"} 3"));
         assert!(text.contains("meshgate_errors_total{adapter=\"http\",kind=\"bad_event\"} 1"));
-        assert!(text.contains(
-            "meshgate_publish_latency_seconds_bucket{adapter=\"http\",le=\"0.0005\"} 1"
-        ));
+        assert!(
+            text.contains(
+                "meshgate_publish_latency_seconds_bucket{adapter=\"http\",le=\"0.0005\"} 1"
+            )
+        );
         assert!(text.contains("meshgate_publish_latency_seconds_count{adapter=\"http\"} 1"));
     }
 }

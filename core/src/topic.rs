@@ -33,7 +33,9 @@ pub enum TopicError {
     Nul(String),
     #[error("topic `{0}` contains a wildcard (`+` or `#`); wildcards are only allowed in filters")]
     Wildcard(String),
-    #[error("topic filter `{0}`: `#` must be the last level and alone in it, `+` alone in its level")]
+    #[error(
+        "topic filter `{0}`: `#` must be the last level and alone in it, `+` alone in its level"
+    )]
     BadWildcard(String),
     #[error("`{0}` is not a valid {1}")]
     Mapping(String, &'static str),
@@ -88,7 +90,10 @@ impl Topic {
         for (i, level) in levels.into_iter().enumerate() {
             let level = level.as_ref();
             if level.contains('/') {
-                return Err(TopicError::Mapping(level.to_owned(), "topic level (contains `/`)"));
+                return Err(TopicError::Mapping(
+                    level.to_owned(),
+                    "topic level (contains `/`)",
+                ));
             }
             if i > 0 {
                 s.push('/');
@@ -126,7 +131,9 @@ impl Topic {
             subject
                 .strip_prefix(prefix)
                 .and_then(|r| r.strip_prefix('.'))
-                .ok_or_else(|| TopicError::Mapping(subject.to_owned(), "subject under this prefix"))?
+                .ok_or_else(|| {
+                    TopicError::Mapping(subject.to_owned(), "subject under this prefix")
+                })?
         };
         from_tokens(rest, "NATS subject")
     }
@@ -307,7 +314,10 @@ impl TopicFilter {
         let mut filter = self.levels();
         let mut levels = topic.levels();
         if topic.as_str().starts_with('$')
-            && matches!(self.levels().next(), Some(FilterLevel::Single | FilterLevel::Multi))
+            && matches!(
+                self.levels().next(),
+                Some(FilterLevel::Single | FilterLevel::Multi)
+            )
         {
             return false;
         }
@@ -330,7 +340,10 @@ impl TopicFilter {
         loop {
             match (mine.next(), theirs.next()) {
                 (Some(FilterLevel::Multi), _) => return true,
-                (Some(FilterLevel::Single), Some(FilterLevel::Single | FilterLevel::Literal(_))) => {}
+                (
+                    Some(FilterLevel::Single),
+                    Some(FilterLevel::Single | FilterLevel::Literal(_)),
+                ) => {}
                 (Some(FilterLevel::Literal(a)), Some(FilterLevel::Literal(b))) if a == b => {}
                 (None, None) => return true,
                 _ => return false,
@@ -445,7 +458,10 @@ mod tests {
     #[test]
     fn nats_and_amqp_forms() {
         assert_eq!(t("a/b.c/").to_nats_subject("mg"), "mg.a.b%2Ec.%");
-        assert_eq!(f("a/+/#").to_nats_subjects("mg"), vec!["mg.a.*", "mg.a.*.>"]);
+        assert_eq!(
+            f("a/+/#").to_nats_subjects("mg"),
+            vec!["mg.a.*", "mg.a.*.>"]
+        );
         assert_eq!(f("#").to_nats_subjects("mg"), vec!["mg.>"]);
         assert_eq!(f("#").to_nats_subjects(""), vec![">"]);
         assert_eq!(f("a/+/#").to_amqp_binding_key(), "a.*.#");
@@ -456,7 +472,8 @@ mod tests {
 
     fn level() -> impl Strategy<Value = String> {
         // Any characters MQTT allows in a level, including the ones other protocols reserve.
-        proptest::string::string_regex("[a-zA-Z0-9 .*>%$~_\\-\u{e9}\u{20ac}\u{1f600}\t]{0,6}").unwrap()
+        proptest::string::string_regex("[a-zA-Z0-9 .*>%$~_\\-\u{e9}\u{20ac}\u{1f600}\t]{0,6}")
+            .unwrap()
     }
 
     fn topic() -> impl Strategy<Value = Topic> {

@@ -31,7 +31,10 @@ pub fn attribute_name(name: &str) -> Result<(), EventError> {
 /// surrogates cannot occur in a Rust `str`.)
 pub fn is_forbidden_char(c: char) -> bool {
     let u = c as u32;
-    u <= 0x1F || (0x7F..=0x9F).contains(&u) || (0xFDD0..=0xFDEF).contains(&u) || (u & 0xFFFE) == 0xFFFE
+    u <= 0x1F
+        || (0x7F..=0x9F).contains(&u)
+        || (0xFDD0..=0xFDEF).contains(&u)
+        || (u & 0xFFFE) == 0xFFFE
 }
 
 /// A CloudEvents String value.
@@ -241,7 +244,14 @@ mod tests {
     #[test]
     fn strings_reject_controls_and_noncharacters() {
         assert!(string("s", "Euro € 😀").is_ok());
-        for bad in ["a\nb", "\u{7f}", "\u{85}", "\u{fdd0}", "\u{fffe}", "\u{1ffff}"] {
+        for bad in [
+            "a\nb",
+            "\u{7f}",
+            "\u{85}",
+            "\u{fdd0}",
+            "\u{fffe}",
+            "\u{1ffff}",
+        ] {
             assert!(string("s", bad).is_err(), "{bad:?}");
         }
     }

@@ -65,8 +65,14 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339() {
         assert_eq!(rfc3339_from_unix(0, 0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339_from_unix(951_782_400, 5), "2000-02-29T00:00:00.000005Z");
-        assert_eq!(rfc3339_from_unix(1_795_359_845, 0), "2026-11-22T15:04:05.000000Z");
+        assert_eq!(
+            rfc3339_from_unix(951_782_400, 5),
+            "2000-02-29T00:00:00.000005Z"
+        );
+        assert_eq!(
+            rfc3339_from_unix(1_795_359_845, 0),
+            "2026-11-22T15:04:05.000000Z"
+        );
         crate::validate::timestamp("time", &now_rfc3339()).unwrap();
     }
 
@@ -74,11 +80,19 @@ mod tests {
     fn wrap_keeps_bytes_and_never_invents_a_content_type() {
         let e = wrap(
             Bytes::from_static(b"\x00\x01"),
-            Wrap { source: "/gw", ty: "io.meshgate.t", subject: Some("a/b"), content_type: None },
+            Wrap {
+                source: "/gw",
+                ty: "io.meshgate.t",
+                subject: Some("a/b"),
+                content_type: None,
+            },
         )
         .unwrap();
         assert_eq!(e.datacontenttype(), None);
         assert_eq!(e.subject(), Some("a/b"));
-        assert_eq!(e.data(), Some(&Data::Binary(Bytes::from_static(b"\x00\x01"))));
+        assert_eq!(
+            e.data(),
+            Some(&Data::Binary(Bytes::from_static(b"\x00\x01")))
+        );
     }
 }

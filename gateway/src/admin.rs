@@ -39,12 +39,18 @@ pub fn router(readiness: Arc<Readiness>, registry: Registry) -> Router {
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let backbone = &s.readiness.backbone;
     if !s.readiness.serving.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: listeners not serving (starting or shutting down)\n".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: listeners not serving (starting or shutting down)\n".to_owned(),
+        );
     }
     if !backbone.is_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: backbone `{}` is not connected\n", backbone.name()),
+            format!(
+                "not ready: backbone `{}` is not connected\n",
+                backbone.name()
+            ),
         );
     }
     (StatusCode::OK, "ready\n".to_owned())
@@ -52,7 +58,10 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.registry.render(),
     )
 }

@@ -19,7 +19,9 @@ use crate::web;
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}")]
+    #[error(
+        "cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}"
+    )]
     Bind {
         addr: SocketAddr,
         key: &'static str,
@@ -77,13 +79,19 @@ fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
     Authorizer::new(users, anonymous).map_err(|e| StartError::Auth(e.to_string()))
 }
 
-async fn bind(addr: SocketAddr, key: &'static str, env: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        addr,
-        key,
-        env,
-        source,
-    })
+async fn bind(
+    addr: SocketAddr,
+    key: &'static str,
+    env: &'static str,
+) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr,
+            key,
+            env,
+            source,
+        })
 }
 
 /// Starts every configured listener. Returns once they are bound and serving.
@@ -179,7 +187,10 @@ impl RunningGateway {
         }
         self.ctx.shutdown.cancel();
         self.ctx.tracker.close();
-        if tokio::time::timeout_at(deadline, self.ctx.tracker.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.ctx.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 open = self.ctx.tracker.len(),
                 "shutdown grace period ended with connections still open"
@@ -190,7 +201,10 @@ impl RunningGateway {
         self.admin_stop.cancel();
         if let Some(task) = self.admin_task {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

@@ -2,6 +2,8 @@
 //! DevTools Protocol: an event POSTed over HTTP appears on the page, and the page's publish form
 //! reaches another WebSocket client.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 mod support;
 
 use std::path::PathBuf;
@@ -76,7 +78,10 @@ impl Browser {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("Chromium exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "Chromium wrote no DevToolsActivePort in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "Chromium wrote no DevToolsActivePort in 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -84,7 +89,9 @@ impl Browser {
 
 /// A DevTools Protocol session with one page.
 struct Page {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     next_id: u64,
 }
 
@@ -92,10 +99,11 @@ impl Page {
     async fn attach(port: u16, url_prefix: &str) -> Page {
         let deadline = Instant::now() + Duration::from_secs(30);
         let target = loop {
-            let list: Vec<Value> = match reqwest::get(format!("http://127.0.0.1:{port}/json/list")).await {
-                Ok(r) => r.json().await.unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
+            let list: Vec<Value> =
+                match reqwest::get(format!("http://127.0.0.1:{port}/json/list")).await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
             let page = list.into_iter().find(|t| {
                 t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url_prefix))
             });
@@ -119,7 +127,10 @@ impl Page {
             "method": "Runtime.evaluate",
             "params": {"expression": expression, "returnByValue": true, "awaitPromise": true},
         });
-        self.ws.send(Message::Text(request.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .unwrap();
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
                 .await
@@ -138,7 +149,12 @@ impl Page {
     }
 
     /// Polls `expression` until `accept` likes its value; panics with the page's text otherwise.
-    async fn wait_for(&mut self, what: &str, expression: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        expression: &str,
+        accept: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let v = self.eval(expression).await;
@@ -194,7 +210,13 @@ async fn an_event_posted_over_http_appears_on_the_page() {
         )
         .await;
     let text = text.as_str().unwrap();
-    for expected in ["com.example.temperature", "PAGE-1", "room=\"kitchen\"", "celsius", "21.5"] {
+    for expected in [
+        "com.example.temperature",
+        "PAGE-1",
+        "room=\"kitchen\"",
+        "celsius",
+        "21.5",
+    ] {
         assert!(text.contains(expected), "page shows {expected:?}: {text}");
     }
     gw.shutdown().await;
@@ -218,7 +240,9 @@ async fn the_publish_form_reaches_another_websocket_client() {
          document.getElementById('pub-send').click(); true",
     )
     .await;
-    let event = next_event(&mut listener, Duration::from_secs(10)).await.unwrap();
+    let event = next_event(&mut listener, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(event.subject(), Some("browser/out"));
     assert_eq!(event.ty(), "com.example.click");
     assert_eq!(event.source(), "/browser");

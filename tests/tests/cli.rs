@@ -1,5 +1,7 @@
 //! The command line, run as a user would: validate, version, run on embedded defaults.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 mod support;
 
 use std::process::Command;
@@ -39,7 +41,12 @@ fn validate_reports_every_problem_with_its_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["http.listen", "http.max_body_size", "http.bogus", "websocket.slow_consumer"] {
+    for key in [
+        "http.listen",
+        "http.max_body_size",
+        "http.bogus",
+        "websocket.slow_consumer",
+    ] {
         assert!(err.contains(key), "stderr names {key}:\n{err}");
     }
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -48,7 +55,11 @@ fn validate_reports_every_problem_with_its_key() {
         .arg(examples.join("meshgate.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(binary())
         .args(["run", "-c"])
         .arg(dir.join("missing.toml"))
@@ -81,7 +92,10 @@ async fn run_on_embedded_defaults_says_where_it_listens() {
     }
     let mut gw = spawn(&[], &[]);
     let banner = gw.banner.join("\n");
-    assert!(banner.contains("POST http://127.0.0.1:8080/events/{topic}"), "{banner}");
+    assert!(
+        banner.contains("POST http://127.0.0.1:8080/events/{topic}"),
+        "{banner}"
+    );
     assert!(banner.contains("ws://127.0.0.1:8080/ws"), "{banner}");
     assert!(banner.contains("http://127.0.0.1:9090/"), "{banner}");
     let health = reqwest::get("http://127.0.0.1:9090/healthz").await.unwrap();

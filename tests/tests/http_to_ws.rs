@@ -1,6 +1,8 @@
 //! curl (a client no one here wrote) posts CloudEvents in every HTTP content mode; a WebSocket
 //! subscriber receives them with every attribute intact, extension types included.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 mod support;
 
 use std::process::Command;
@@ -29,15 +31,24 @@ async fn every_content_mode_arrives_intact() {
 
     // Binary mode: percent-encoded header, extensions arrive as strings (string-only binding).
     let (code, body) = curl(&[
-        "-H", "ce-specversion: 1.0",
-        "-H", "ce-id: B1",
-        "-H", "ce-source: https://ex.com/a?b=c&d=e#f",
-        "-H", "ce-type: com.example.reading",
-        "-H", "ce-subject: Euro%20%E2%82%AC%20%F0%9F%98%80",
-        "-H", "ce-time: 2026-11-22T10:00:00.5+01:00",
-        "-H", "ce-count: 5",
-        "-H", "content-type: application/json",
-        "--data-binary", r#"{"t":21.5}"#,
+        "-H",
+        "ce-specversion: 1.0",
+        "-H",
+        "ce-id: B1",
+        "-H",
+        "ce-source: https://ex.com/a?b=c&d=e#f",
+        "-H",
+        "ce-type: com.example.reading",
+        "-H",
+        "ce-subject: Euro%20%E2%82%AC%20%F0%9F%98%80",
+        "-H",
+        "ce-time: 2026-11-22T10:00:00.5+01:00",
+        "-H",
+        "ce-count: 5",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        r#"{"t":21.5}"#,
         &url("sensors/1/temp"),
     ]);
     assert_eq!(code, 202, "{body}");
@@ -46,21 +57,29 @@ async fn every_content_mode_arrives_intact() {
     assert_eq!(e.source(), "https://ex.com/a?b=c&d=e#f");
     assert_eq!(e.subject(), Some("Euro € 😀"));
     assert_eq!(e.time(), Some("2026-11-22T10:00:00.5+01:00"));
-    assert_eq!(e.extension("count"), Some(&ExtensionValue::String("5".into())));
+    assert_eq!(
+        e.extension("count"),
+        Some(&ExtensionValue::String("5".into()))
+    );
     assert_eq!(e.datacontenttype(), Some("application/json"));
     assert_eq!(e.data().unwrap().to_bytes(), r#"{"t":21.5}"#.as_bytes());
 
     // Structured mode: Integer and Boolean extensions keep their JSON types.
     let structured = r#"{"specversion":"1.0","id":"S1","source":"/dev/9","type":"com.example.reading","comexampleothervalue":5,"flag":true,"dataschema":"https://ex.com/s.json","datacontenttype":"application/xml","data":"<t>21</t>"}"#;
     let (code, body) = curl(&[
-        "-H", "content-type: Application/CloudEvents+JSON; charset=utf-8",
-        "--data-binary", structured,
+        "-H",
+        "content-type: Application/CloudEvents+JSON; charset=utf-8",
+        "--data-binary",
+        structured,
         &url("sensors/9"),
     ]);
     assert_eq!(code, 202, "{body}");
     let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(e.id(), "S1");
-    assert_eq!(e.extension("comexampleothervalue"), Some(&ExtensionValue::Integer(5)));
+    assert_eq!(
+        e.extension("comexampleothervalue"),
+        Some(&ExtensionValue::Integer(5))
+    );
     assert_eq!(e.extension("flag"), Some(&ExtensionValue::Boolean(true)));
     assert_eq!(e.dataschema(), Some("https://ex.com/s.json"));
     assert_eq!(e.data(), Some(&Data::Text("<t>21</t>".into())));
@@ -68,8 +87,10 @@ async fn every_content_mode_arrives_intact() {
     // Batch mode: both events, in order.
     let batch = r#"[{"specversion":"1.0","id":"K1","source":"/b","type":"t","n":1},{"specversion":"1.0","id":"K2","source":"/b","type":"t","n":2}]"#;
     let (code, body) = curl(&[
-        "-H", "content-type: application/cloudevents-batch+json",
-        "--data-binary", batch,
+        "-H",
+        "content-type: application/cloudevents-batch+json",
+        "--data-binary",
+        batch,
         &url("sensors/batch"),
     ]);
     assert_eq!(code, 202, "{body}");
@@ -80,23 +101,49 @@ async fn every_content_mode_arrives_intact() {
     }
 
     // A plain body is wrapped: generated id, configured source/type, topic as subject.
-    let (code, body) = curl(&["-H", "content-type: text/plain", "--data-binary", "hello", &url("sensors/plain")]);
+    let (code, body) = curl(&[
+        "-H",
+        "content-type: text/plain",
+        "--data-binary",
+        "hello",
+        &url("sensors/plain"),
+    ]);
     assert_eq!(code, 202, "{body}");
     let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(e.subject(), Some("sensors/plain"));
     assert_eq!(e.source(), "/meshgate/http");
     assert_eq!(e.ty(), "io.meshgate.http.message");
-    assert!(body.contains(e.id()), "the reply names the generated id: {body}");
+    assert!(
+        body.contains(e.id()),
+        "the reply names the generated id: {body}"
+    );
     assert_eq!(e.data().unwrap().to_bytes(), "hello".as_bytes());
 
     // Bad events get a clear reply and nothing is delivered.
     let (code, body) = curl(&[
-        "-H", "ce-specversion: 1.0", "-H", "ce-id: X", "-H", "ce-source: /s", "-H", "ce-type: t",
-        "-H", "ce-my_ext: v", "--data-binary", "x", &url("sensors/bad"),
+        "-H",
+        "ce-specversion: 1.0",
+        "-H",
+        "ce-id: X",
+        "-H",
+        "ce-source: /s",
+        "-H",
+        "ce-type: t",
+        "-H",
+        "ce-my_ext: v",
+        "--data-binary",
+        "x",
+        &url("sensors/bad"),
     ]);
     assert_eq!(code, 400);
     assert!(body.contains("my_ext"), "{body}");
-    let (code, _) = curl(&["-H", "content-type: application/cloudevents+avro", "--data-binary", "x", &url("sensors/bad")]);
+    let (code, _) = curl(&[
+        "-H",
+        "content-type: application/cloudevents+avro",
+        "--data-binary",
+        "x",
+        &url("sensors/bad"),
+    ]);
     assert_eq!(code, 415);
     // The next event through is the next good one.
     let (code, _) = curl(&["--data-binary", "after", &url("sensors/after")]);

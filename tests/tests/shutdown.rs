@@ -1,5 +1,7 @@
 //! SIGTERM with requests in flight: none lost, WebSockets closed with 1001, exit 0.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 mod support;
 
 use std::collections::BTreeSet;
@@ -72,7 +74,14 @@ async fn sigterm_settles_in_flight_requests_and_exits_zero() {
     assert_eq!(code, Some(1001), "websocket closed with going-away");
     assert_eq!(received, accepted, "no accepted event lost");
     // New connections are refused now.
-    assert!(client.post(format!("http://{addr}/events/late")).body("x").send().await.is_err());
+    assert!(
+        client
+            .post(format!("http://{addr}/events/late"))
+            .body("x")
+            .send()
+            .await
+            .is_err()
+    );
     let status = gw.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
 }

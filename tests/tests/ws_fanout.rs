@@ -1,5 +1,7 @@
 //! 500 idle WebSocket connections and one slow reader do not stop delivery to the others.
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 mod support;
 
 use std::time::Duration;
@@ -35,7 +37,10 @@ async fn idle_connections_and_a_slow_reader_do_not_hold_up_delivery() {
             while ids.len() < EVENTS {
                 match next_event(&mut ws, Duration::from_secs(20)).await {
                     Ok(e) => ids.push(e.id().to_owned()),
-                    Err(code) => panic!("active reader closed with {code:?} after {} events", ids.len()),
+                    Err(code) => panic!(
+                        "active reader closed with {code:?} after {} events",
+                        ids.len()
+                    ),
                 }
             }
             ids
@@ -80,7 +85,11 @@ async fn idle_connections_and_a_slow_reader_do_not_hold_up_delivery() {
             break;
         }
     }
-    assert_eq!(code, Some(1008), "slow consumer closed with policy violation");
+    assert_eq!(
+        code,
+        Some(1008),
+        "slow consumer closed with policy violation"
+    );
 
     // The idle connections are all still alive and get an event published to them.
     let r = client

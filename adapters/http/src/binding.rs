@@ -221,13 +221,28 @@ mod tests {
 
     const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
 
-    fn binary(extra: &[(&str, &str)], content_type: Option<&str>, body: &'static [u8]) -> Result<Decoded, BindingError> {
+    fn binary(
+        extra: &[(&str, &str)],
+        content_type: Option<&str>,
+        body: &'static [u8],
+    ) -> Result<Decoded, BindingError> {
         let mut h = HeaderMap::new();
-        for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "A1"), ("ce-source", "/src"), ("ce-type", "com.example.t")] {
-            h.append(HeaderName::try_from(k).unwrap(), HeaderValue::from_static(v));
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "A1"),
+            ("ce-source", "/src"),
+            ("ce-type", "com.example.t"),
+        ] {
+            h.append(
+                HeaderName::try_from(k).unwrap(),
+                HeaderValue::from_static(v),
+            );
         }
         for (k, v) in extra {
-            h.append(HeaderName::try_from(*k).unwrap(), HeaderValue::from_bytes(v.as_bytes()).unwrap());
+            h.append(
+                HeaderName::try_from(*k).unwrap(),
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
         }
         if let Some(ct) = content_type {
             h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
@@ -250,7 +265,11 @@ mod tests {
 
     #[test]
     fn i1_octet_stream_becomes_data_base64() {
-        let e = event(binary(&[], Some("application/octet-stream"), &[0, 0xFF, 0x10]));
+        let e = event(binary(
+            &[],
+            Some("application/octet-stream"),
+            &[0, 0xFF, 0x10],
+        ));
         assert_eq!(e.datacontenttype(), Some("application/octet-stream"));
         assert!(json::encode_string(&e).contains(r#""data_base64":"AP8Q""#));
     }
@@ -265,12 +284,20 @@ mod tests {
     fn i3_no_content_type_invents_none() {
         let e = event(binary(&[], None, &[0, 0xFF, 0x10]));
         let s = json::encode_string(&e);
-        assert!(!s.contains("datacontenttype") && s.contains("data_base64"), "{s}");
+        assert!(
+            !s.contains("datacontenttype") && s.contains("data_base64"),
+            "{s}"
+        );
     }
 
     #[test]
     fn i4_i5_i6_i8_header_decoding() {
-        let subject = |v: &str| event(binary(&[("ce-subject", v)], None, b"")).subject().unwrap().to_owned();
+        let subject = |v: &str| {
+            event(binary(&[("ce-subject", v)], None, b""))
+                .subject()
+                .unwrap()
+                .to_owned()
+        };
         assert_eq!(subject("Euro%20%E2%82%AC%20%F0%9F%98%80"), "Euro € 😀");
         assert_eq!(subject("\"a b\""), "a b");
         assert_eq!(subject("%c3%bc%41"), "üA");
@@ -278,10 +305,21 @@ mod tests {
         let e = event(binary(&[("ce-subject", "x")], None, b""));
         assert_eq!(e.source(), "/src");
         let mut h = HeaderMap::new();
-        for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "A1"), ("ce-source", "https://ex.com/a?b=c&d=e#f"), ("ce-type", "t")] {
-            h.append(HeaderName::try_from(k).unwrap(), HeaderValue::from_static(v));
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "A1"),
+            ("ce-source", "https://ex.com/a?b=c&d=e#f"),
+            ("ce-type", "t"),
+        ] {
+            h.append(
+                HeaderName::try_from(k).unwrap(),
+                HeaderValue::from_static(v),
+            );
         }
-        assert_eq!(event(decode(&h, Bytes::new())).source(), "https://ex.com/a?b=c&d=e#f");
+        assert_eq!(
+            event(decode(&h, Bytes::new())).source(),
+            "https://ex.com/a?b=c&d=e#f"
+        );
     }
 
     #[test]
@@ -289,14 +327,20 @@ mod tests {
         for bad in ["%C0%A0", "%FF", "%0A", "%G1", "50%"] {
             let err = binary(&[("ce-subject", bad)], None, b"").unwrap_err();
             assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{bad}");
-            assert!(err.to_string().contains("subject"), "names the attribute: {err}");
+            assert!(
+                err.to_string().contains("subject"),
+                "names the attribute: {err}"
+            );
         }
     }
 
     #[test]
     fn i9_i10_extension_names() {
         let e = event(binary(&[("CE-MyExt", "v")], None, b""));
-        assert_eq!(e.extension("myext"), Some(&ExtensionValue::String("v".into())));
+        assert_eq!(
+            e.extension("myext"),
+            Some(&ExtensionValue::String("v".into()))
+        );
         for bad in ["ce-my_ext", "ce-data"] {
             let err = binary(&[(bad, "v")], None, b"").unwrap_err();
             assert!(err.to_string().contains(&bad[3..]), "{err}");
@@ -311,7 +355,12 @@ mod tests {
 
     #[test]
     fn i12_ce_datacontenttype_is_rejected() {
-        let err = binary(&[("ce-datacontenttype", "text/plain")], Some("text/plain"), b"x").unwrap_err();
+        let err = binary(
+            &[("ce-datacontenttype", "text/plain")],
+            Some("text/plain"),
+            b"x",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("Content-Type"), "{err}");
     }
 
@@ -321,51 +370,101 @@ mod tests {
         h.insert("ce-specversion", HeaderValue::from_static("1.0"));
         h.insert("ce-id", HeaderValue::from_static("A1"));
         h.insert("ce-type", HeaderValue::from_static("t"));
-        assert!(decode(&h, Bytes::new()).unwrap_err().to_string().contains("source"));
+        assert!(
+            decode(&h, Bytes::new())
+                .unwrap_err()
+                .to_string()
+                .contains("source")
+        );
         h.insert("ce-source", HeaderValue::from_static(""));
         assert!(decode(&h, Bytes::new()).is_err());
         h.insert("ce-source", HeaderValue::from_static("/s"));
         h.insert("ce-specversion", HeaderValue::from_static("0.3"));
-        assert!(decode(&h, Bytes::new()).unwrap_err().to_string().contains("0.3"));
+        assert!(
+            decode(&h, Bytes::new())
+                .unwrap_err()
+                .to_string()
+                .contains("0.3")
+        );
     }
 
     #[test]
     fn i15_structured_case_insensitive() {
-        let e = event(structured("Application/CloudEvents+JSON; charset=utf-8", E0));
+        let e = event(structured(
+            "Application/CloudEvents+JSON; charset=utf-8",
+            E0,
+        ));
         assert_eq!(e.id(), "A1");
     }
 
     #[test]
     fn structured_ignores_ce_headers() {
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/cloudevents+json"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json"),
+        );
         h.insert("ce-id", HeaderValue::from_static("OTHER"));
-        assert_eq!(event(decode(&h, Bytes::from_static(E0.as_bytes()))).id(), "A1");
+        assert_eq!(
+            event(decode(&h, Bytes::from_static(E0.as_bytes()))).id(),
+            "A1"
+        );
     }
 
     #[test]
     fn unsupported_format_is_415() {
-        assert_eq!(structured("application/cloudevents+avro", "x").unwrap_err().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_eq!(structured("application/cloudevents-batch+protobuf", "x").unwrap_err().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            structured("application/cloudevents+avro", "x")
+                .unwrap_err()
+                .status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert_eq!(
+            structured("application/cloudevents-batch+protobuf", "x")
+                .unwrap_err()
+                .status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
     }
 
     #[test]
     fn i16_i17_batches() {
-        assert!(matches!(structured("application/cloudevents-batch+json", "[]"), Ok(Decoded::Batch(v)) if v.is_empty()));
+        assert!(
+            matches!(structured("application/cloudevents-batch+json", "[]"), Ok(Decoded::Batch(v)) if v.is_empty())
+        );
         let mixed = r#"[{"specversion":"1.0","id":"A1","source":"/s","type":"t"},{"specversion":"0.3","id":"A2","source":"/s","type":"t"}]"#;
         let err = structured("application/cloudevents-batch+json", mixed).unwrap_err();
         assert!(err.to_string().contains("mix"), "{err}");
         let bad = r#"[{"specversion":"1.0","id":"A1","source":"/s","type":"t"},{"specversion":"1.0","id":"","source":"/s","type":"t"}]"#;
-        assert!(structured("application/cloudevents-batch+json", bad).unwrap_err().to_string().starts_with("batch element 1"));
+        assert!(
+            structured("application/cloudevents-batch+json", bad)
+                .unwrap_err()
+                .to_string()
+                .starts_with("batch element 1")
+        );
     }
 
     #[test]
     fn i18_to_i21_json_rules_apply_to_structured_mode() {
-        let e = event(structured("application/cloudevents+json", r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","comexampleothervalue":5,"flag":true,"subject":null}"#));
-        assert_eq!(e.extension("comexampleothervalue"), Some(&ExtensionValue::Integer(5)));
+        let e = event(structured(
+            "application/cloudevents+json",
+            r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","comexampleothervalue":5,"flag":true,"subject":null}"#,
+        ));
+        assert_eq!(
+            e.extension("comexampleothervalue"),
+            Some(&ExtensionValue::Integer(5))
+        );
         assert_eq!(e.subject(), None);
-        for bad in [r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","n":5.0}"#, r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","data":1,"data_base64":"AA=="}"#] {
-            assert_eq!(structured("application/cloudevents+json", bad).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        for bad in [
+            r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","n":5.0}"#,
+            r#"{"specversion":"1.0","id":"A1","source":"/src","type":"t","data":1,"data_base64":"AA=="}"#,
+        ] {
+            assert_eq!(
+                structured("application/cloudevents+json", bad)
+                    .unwrap_err()
+                    .status(),
+                StatusCode::BAD_REQUEST
+            );
         }
     }
 
@@ -373,7 +472,10 @@ mod tests {
     fn plain_body_is_not_a_cloudevent() {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert!(matches!(decode(&h, Bytes::from_static(b"{}")), Ok(Decoded::NotCloudEvent)));
+        assert!(matches!(
+            decode(&h, Bytes::from_static(b"{}")),
+            Ok(Decoded::NotCloudEvent)
+        ));
     }
 
     fn e0() -> Event {
@@ -384,9 +486,12 @@ mod tests {
     fn e1_e2_percent_encoding_on_send() {
         let mut e = e0();
         e.set_subject(Some("Euro € 😀".into())).unwrap();
-        e.set_extension("ext", ExtensionValue::String("100%".into())).unwrap();
-        e.set_extension("q", ExtensionValue::String("say \"hi\"".into())).unwrap();
-        e.set_extension("url", ExtensionValue::String("a:/b?c#d&e+f=g".into())).unwrap();
+        e.set_extension("ext", ExtensionValue::String("100%".into()))
+            .unwrap();
+        e.set_extension("q", ExtensionValue::String("say \"hi\"".into()))
+            .unwrap();
+        e.set_extension("url", ExtensionValue::String("a:/b?c#d&e+f=g".into()))
+            .unwrap();
         let (h, _) = encode_binary(&e);
         assert_eq!(h["ce-subject"], "Euro%20%E2%82%AC%20%F0%9F%98%80");
         assert_eq!(h["ce-ext"], "100%25");

@@ -54,6 +54,40 @@ pub fn router(config: &HttpConfig, ctx: &AdapterContext) -> Router {
         .with_state(state)
 }
 
+/// Why a request is refused; becomes an RFC 9457 problem response.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            detail: detail.into(),
+        }
+    }
+
+    fn into_response(self, state: &HttpState) -> Response {
+        let mut r = problem(self.status, self.detail);
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, state.retry_after.clone());
+            }
+            StatusCode::UNAUTHORIZED => {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="meshgate", Basic realm="meshgate""#),
+                );
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
 /// An RFC 9457 problem response.
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
     let body = serde_json::json!({
@@ -70,13 +104,6 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn retry_later(state: &HttpState, detail: impl Into<String>) -> Response {
-    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, detail);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, state.retry_after.clone());
-    r
-}
-
 async fn missing_topic() -> Response {
     problem(
         StatusCode::BAD_REQUEST,
@@ -84,58 +111,64 @@ async fn missing_topic() -> Response {
     )
 }
 
-fn credentials(headers: &HeaderMap) -> Result<(Option<String>, Option<Vec<u8>>, Option<String>), ()> {
+/// What the Authorization header presented.
+enum Presented {
+    Nothing,
+    Password(String, Vec<u8>),
+    Token(String),
+}
+
+fn presented(headers: &HeaderMap) -> Option<Presented> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok((None, None, None));
+        return Some(Presented::Nothing);
     };
-    let value = value.to_str().map_err(|_| ())?;
-    let (scheme, rest) = value.split_once(' ').ok_or(())?;
+    let (scheme, rest) = value.to_str().ok()?.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Ok((None, None, Some(rest.trim().to_owned())));
+        return Some(Presented::Token(rest.trim().to_owned()));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(rest.trim())
-            .map_err(|_| ())?;
-        let colon = decoded.iter().position(|b| *b == b':').ok_or(())?;
-        let user = String::from_utf8(decoded[..colon].to_vec()).map_err(|_| ())?;
-        return Ok((Some(user), Some(decoded[colon + 1..].to_vec()), None));
+            .ok()?;
+        let colon = decoded.iter().position(|b| *b == b':')?;
+        let user = String::from_utf8(decoded[..colon].to_vec()).ok()?;
+        return Some(Presented::Password(user, decoded[colon + 1..].to_vec()));
     }
-    Err(())
+    None
 }
 
-fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Response> {
+fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Refusal> {
     let unauthorized = |detail: &str| {
         state.metrics.error("unauthorized");
-        let mut r = problem(StatusCode::UNAUTHORIZED, detail);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(r#"Bearer realm="meshgate", Basic realm="meshgate""#),
-        );
-        r
+        Refusal::new(StatusCode::UNAUTHORIZED, detail)
     };
-    let (user, password, token) = credentials(headers)
-        .map_err(|()| unauthorized("the Authorization header must be `Bearer <token>` or `Basic <base64 user:password>`"))?;
-    let creds = match (&user, &password, &token) {
-        (Some(u), Some(p), _) => Credentials::Password {
-            username: u,
-            password: p,
+    let presented = presented(headers).ok_or_else(|| {
+        unauthorized(
+            "the Authorization header must be `Bearer <token>` or `Basic <base64 user:password>`",
+        )
+    })?;
+    let creds = match &presented {
+        Presented::Nothing => Credentials::None,
+        Presented::Password(user, password) => Credentials::Password {
+            username: user,
+            password,
         },
-        (_, _, Some(t)) => Credentials::Token(t),
-        _ => Credentials::None,
+        Presented::Token(t) => Credentials::Token(t),
     };
     state.ctx.authorizer.authenticate(creds).map_err(|e| match e {
-        AuthError::Required => unauthorized("authentication required: send `Authorization: Bearer <token>` or Basic credentials"),
+        AuthError::Required => unauthorized(
+            "authentication required: send `Authorization: Bearer <token>` or Basic credentials",
+        ),
         _ => unauthorized("invalid credentials"),
     })
 }
 
 /// Reads the body, refusing (413) as soon as it grows past the limit.
-async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
     let limit = state.config.max_body_size;
     let too_large = || {
         state.metrics.error("too_large");
-        problem(
+        Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is larger than the limit of {limit} bytes (http.max_body_size)"),
         )
@@ -152,7 +185,10 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             state.metrics.error("bad_request");
-            problem(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            )
         })?;
         if buf.len() + chunk.len() > limit {
             return Err(too_large());
@@ -162,7 +198,7 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     Ok(buf.freeze())
 }
 
-fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Response> {
+fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Refusal> {
     // The raw (still percent-encoded) path, so that `%2F` inside a level is not a separator.
     let raw = uri
         .path()
@@ -171,11 +207,19 @@ fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Response> {
         .unwrap_or("");
     Topic::from_url_path(raw).map_err(|e| {
         state.metrics.error("bad_topic");
-        problem(StatusCode::BAD_REQUEST, format!("invalid topic in the path: {e}"))
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid topic in the path: {e}"),
+        )
     })
 }
 
-fn decode(state: &HttpState, headers: &HeaderMap, topic: &Topic, body: Bytes) -> Result<Vec<Event>, Response> {
+fn decode(
+    state: &HttpState,
+    headers: &HeaderMap,
+    topic: &Topic,
+    body: Bytes,
+) -> Result<Vec<Event>, Refusal> {
     let decoded = binding::decode(headers, body.clone()).map_err(|e| {
         let kind = if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             "unsupported_media_type"
@@ -184,14 +228,14 @@ fn decode(state: &HttpState, headers: &HeaderMap, topic: &Topic, body: Bytes) ->
         };
         state.metrics.error(kind);
         tracing::debug!(error = %e, "http: invalid event");
-        problem(e.status(), e.to_string())
+        Refusal::new(e.status(), e.to_string())
     })?;
     let events = match decoded {
         Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
         Decoded::Batch(events) => {
             if events.len() > state.config.max_batch_events {
                 state.metrics.error("too_large");
-                return Err(problem(
+                return Err(Refusal::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
                         "the batch holds {} events; the limit is {} (http.max_batch_events)",
@@ -217,7 +261,10 @@ fn decode(state: &HttpState, headers: &HeaderMap, topic: &Topic, body: Bytes) ->
             )
             .map_err(|e| {
                 state.metrics.error("bad_event");
-                problem(StatusCode::BAD_REQUEST, format!("cannot wrap the body: {e}"))
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot wrap the body: {e}"),
+                )
             })?;
             vec![event]
         }
@@ -225,63 +272,83 @@ fn decode(state: &HttpState, headers: &HeaderMap, topic: &Topic, body: Bytes) ->
     Ok(events)
 }
 
-async fn ingest(State(state): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(
+    State(state): State<Arc<HttpState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match handle(&state, &uri, &headers, body).await {
+        Ok(ids) => {
+            let body = serde_json::json!({ "accepted": ids.len(), "ids": ids });
+            (
+                StatusCode::ACCEPTED,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Err(refusal) => refusal.into_response(&state),
+    }
+}
+
+/// Runs the checks and publishes; the ids of the accepted events.
+async fn handle(
+    state: &HttpState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<String>, Refusal> {
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         state.metrics.error("saturated");
-        return retry_later(
-            &state,
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "{} requests are already in flight (http.max_in_flight); retry later",
                 state.config.max_in_flight
             ),
-        );
+        ));
     };
-    let topic = match topic_from_path(&state, &uri) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let principal = match authenticate(&state, &headers) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
+    let topic = topic_from_path(state, uri)?;
+    let principal = authenticate(state, headers)?;
     if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {
         state.metrics.error("forbidden");
-        return problem(StatusCode::FORBIDDEN, e.to_string());
+        return Err(Refusal::new(StatusCode::FORBIDDEN, e.to_string()));
     }
-    let body = match read_body(&state, &headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let events = match decode(&state, &headers, &topic, body) {
-        Ok(e) => e,
-        Err(r) => return r,
-    };
+    let body = read_body(state, headers, body).await?;
+    let events = decode(state, headers, &topic, body)?;
     let mut ids = Vec::with_capacity(events.len());
     for event in events {
         let id = event.id().to_owned();
+        let origin = state.ctx.origin(0);
         let result = state
             .ctx
-            .publish(&state.metrics, &principal, topic.clone(), Arc::new(event), state.ctx.origin(0))
+            .publish(
+                &state.metrics,
+                &principal,
+                topic.clone(),
+                Arc::new(event),
+                origin,
+            )
             .await;
         match result {
             Ok(()) => ids.push(id),
-            Err(PublishError::Forbidden(e)) => return problem(StatusCode::FORBIDDEN, e.to_string()),
+            Err(PublishError::Forbidden(e)) => {
+                return Err(Refusal::new(StatusCode::FORBIDDEN, e.to_string()));
+            }
             Err(PublishError::Backbone(e)) => {
                 tracing::debug!(error = %e, "http: backbone refused an event");
-                let accepted = ids.len();
-                let detail = format!("{e}; {accepted} event(s) of this request were accepted before it: {ids:?}");
-                return match e {
-                    BackboneError::Rejected(_) => problem(StatusCode::UNPROCESSABLE_ENTITY, detail),
-                    _ => retry_later(&state, detail),
+                let detail = format!(
+                    "{e}; {} event(s) of this request were accepted before it: {ids:?}",
+                    ids.len()
+                );
+                let status = match e {
+                    BackboneError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
+                return Err(Refusal::new(status, detail));
             }
         }
     }
-    let body = serde_json::json!({ "accepted": ids.len(), "ids": ids });
-    (
-        StatusCode::ACCEPTED,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    Ok(ids)
 }

@@ -84,12 +84,17 @@ pub fn parse_query(query: Option<&str>) -> Result<ConnectParams, String> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode_str(value)
             .decode_utf8()
-            .map_err(|_| format!("query parameter `{key}` is not valid UTF-8 after percent-decoding"))?
+            .map_err(|_| {
+                format!("query parameter `{key}` is not valid UTF-8 after percent-decoding")
+            })?
             .into_owned();
         match key {
-            "subscribe" => params
-                .subscribe
-                .extend(value.split(',').filter(|s| !s.is_empty()).map(str::to_owned)),
+            "subscribe" => params.subscribe.extend(
+                value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            ),
             "access_token" => params.access_token = Some(value),
             _ => {}
         }
@@ -100,7 +105,7 @@ pub fn parse_query(query: Option<&str>) -> Result<ConnectParams, String> {
 /// A frame from the client.
 #[derive(Debug)]
 pub enum Inbound {
-    Publish(Event),
+    Publish(Box<Event>),
     Subscribe(Vec<TopicFilter>),
     Unsubscribe(Vec<TopicFilter>),
 }
@@ -166,7 +171,7 @@ pub fn decode_frame(text: &str) -> Result<Inbound, FrameError> {
     match event.ty() {
         TYPE_SUBSCRIBE => Ok(Inbound::Subscribe(control_filters(&event)?)),
         TYPE_UNSUBSCRIBE => Ok(Inbound::Unsubscribe(control_filters(&event)?)),
-        _ => Ok(Inbound::Publish(event)),
+        _ => Ok(Inbound::Publish(Box::new(event))),
     }
 }
 
@@ -216,7 +221,10 @@ mod tests {
 
     #[test]
     fn query_keeps_plus_as_wildcard() {
-        let p = parse_query(Some("subscribe=a/+/c&subscribe=b%2F%23,c&access_token=t%20k")).unwrap();
+        let p = parse_query(Some(
+            "subscribe=a/+/c&subscribe=b%2F%23,c&access_token=t%20k",
+        ))
+        .unwrap();
         assert_eq!(p.subscribe, vec!["a/+/c", "b/#", "c"]);
         assert_eq!(p.access_token.as_deref(), Some("t k"));
         assert!(parse_query(Some("subscribe=%FF")).is_err());
@@ -229,9 +237,12 @@ mod tests {
         let sub = r#"{"specversion":"1.0","id":"s1","source":"/b","type":"io.meshgate.subscribe","data":{"filters":["a/#"]}}"#;
         assert!(matches!(decode_frame(sub), Ok(Inbound::Subscribe(f)) if f[0].as_str() == "a/#"));
         let bad_filter = sub.replace("a/#", "a/#/b");
-        assert_eq!(decode_frame(&bad_filter).unwrap_err().code, "invalid_request");
-        let err = decode_frame(r#"{"specversion":"0.3","id":"X","source":"/s","type":"t"}"#)
-            .unwrap_err();
+        assert_eq!(
+            decode_frame(&bad_filter).unwrap_err().code,
+            "invalid_request"
+        );
+        let err =
+            decode_frame(r#"{"specversion":"0.3","id":"X","source":"/s","type":"t"}"#).unwrap_err();
         assert_eq!(err.code, "invalid_event");
         assert_eq!(err.event_id.as_deref(), Some("X"));
         assert!(decode_frame("not json").is_err());
@@ -239,10 +250,13 @@ mod tests {
 
     #[test]
     fn control_events_are_valid_cloudevents() {
-        let e = json::decode(error_event(&FrameError::new("invalid_event", "bad \"x\"", Some("A1"))).as_bytes())
-            .unwrap();
+        let e = json::decode(
+            error_event(&FrameError::new("invalid_event", "bad \"x\"", Some("A1"))).as_bytes(),
+        )
+        .unwrap();
         assert_eq!(e.ty(), TYPE_ERROR);
-        let s = json::decode(subscribed_event(&[TopicFilter::parse("a/+").unwrap()]).as_bytes()).unwrap();
+        let s = json::decode(subscribed_event(&[TopicFilter::parse("a/+").unwrap()]).as_bytes())
+            .unwrap();
         assert_eq!(s.ty(), TYPE_SUBSCRIBED);
     }
 }

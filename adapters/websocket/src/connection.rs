@@ -152,7 +152,12 @@ impl Drop for Pumps {
 }
 
 impl Pumps {
-    async fn add(&mut self, conn: &Arc<Conn>, filter: TopicFilter, connection: u64) -> Result<(), FrameError> {
+    async fn add(
+        &mut self,
+        conn: &Arc<Conn>,
+        filter: TopicFilter,
+        connection: u64,
+    ) -> Result<(), FrameError> {
         if self.handles.contains_key(&filter) {
             return Ok(());
         }
@@ -210,7 +215,8 @@ async fn write_loop(
             Outbound::Ping => (Message::Ping(Default::default()), None, false),
             Outbound::Control(text) => (Message::Text(text), None, false),
             Outbound::Close(frame) => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame))))
+                    .await;
                 return;
             }
         };
@@ -293,7 +299,11 @@ async fn handle_text(
             let topic = match topic {
                 Ok(t) => t,
                 Err(e) => {
-                    conn.report(&FrameError::new("no_topic", e.to_string(), Some(event.id())));
+                    conn.report(&FrameError::new(
+                        "no_topic",
+                        e.to_string(),
+                        Some(event.id()),
+                    ));
                     return;
                 }
             };
@@ -301,7 +311,7 @@ async fn handle_text(
             let origin = shared.ctx.origin(connection);
             if let Err(e) = shared
                 .ctx
-                .publish(&shared.metrics, principal, topic, Arc::new(event), origin)
+                .publish(&shared.metrics, principal, topic, Arc::from(event), origin)
                 .await
             {
                 let code = match e {
@@ -341,7 +351,8 @@ pub(crate) async fn run(
     initial: Vec<TopicFilter>,
 ) {
     let connection = shared.ctx.next_connection_id();
-    let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) = socket.split();
+    let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) =
+        socket.split();
     let (out, rx) = mpsc::channel(shared.config.outbound_queue);
     let conn = Arc::new(Conn {
         shared: shared.clone(),
@@ -360,7 +371,11 @@ pub(crate) async fn run(
         }
     }
     conn.send_subscribed();
-    tracing::debug!(connection, principal = principal.name(), "websocket connected");
+    tracing::debug!(
+        connection,
+        principal = principal.name(),
+        "websocket connected"
+    );
 
     let max = shared.config.max_message_size;
     let end = loop {
@@ -392,13 +407,17 @@ pub(crate) async fn run(
         End::Close(frame) => {
             tracing::debug!(connection, code = frame.code, reason = %frame.reason, "closing websocket");
             // Queued events go out first, then the close frame.
-            let queued = tokio::time::timeout(CLOSE_TIMEOUT, conn.out.send(Outbound::Close(frame))).await;
+            let queued =
+                tokio::time::timeout(CLOSE_TIMEOUT, conn.out.send(Outbound::Close(frame))).await;
             if queued.is_err() {
                 conn.kill.cancel();
             }
             let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
             // Let the client answer the close handshake.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while stream.next().await.is_some() {} }).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while stream.next().await.is_some() {}
+            })
+            .await;
         }
         End::Killed => {
             tracing::info!(connection, "websocket slow consumer disconnected");

@@ -116,7 +116,10 @@ async fn handshake(
         }
     };
     if shared.ctx.shutdown.is_cancelled() {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "the gateway is shutting down");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        );
     }
     let protocols = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)

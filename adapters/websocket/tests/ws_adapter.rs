@@ -1,5 +1,7 @@
 //! The WebSocket adapter on a memory backbone, driven by tokio-tungstenite (a real client).
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +87,9 @@ async fn connect_raw(
     query: &str,
     protocol: Option<&str>,
 ) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
-    let mut req = format!("ws://{addr}/ws{query}").into_client_request().unwrap();
+    let mut req = format!("ws://{addr}/ws{query}")
+        .into_client_request()
+        .unwrap();
     if let Some(p) = protocol {
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
@@ -172,7 +176,10 @@ async fn i28_e10_events_arrive_one_per_text_frame_with_every_attribute() {
     publish(&h, "other/1", event("A2")).await;
     publish(&h, "s/2", event("A3")).await;
     let got = next_event(&mut ws).await;
-    assert_eq!(got, sent, "every attribute, extension types and data intact");
+    assert_eq!(
+        got, sent,
+        "every attribute, extension types and data intact"
+    );
     assert_eq!(got.time(), Some("2026-11-22T10:00:00+01:00"));
     assert_eq!(next_event(&mut ws).await.id(), "A3");
 }
@@ -208,7 +215,9 @@ async fn compatibility_mode_accepts_clients_without_subprotocol() {
 async fn binary_frame_closes_with_1003() {
     let h = start(ws_config()).await;
     let mut ws = connect(h.addr, "").await;
-    ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     let (code, reason) = expect_close(&mut ws).await;
     assert_eq!(code, 1003);
     assert!(reason.contains("binary"), "{reason}");
@@ -386,9 +395,9 @@ async fn drop_policy_drops_and_counts() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let dropped = counter(
-        "meshgate_events_dropped_total{adapter=\"websocket\",reason=\"slow_consumer\"}",
-    ) + counter("meshgate_backbone_dropped_total{backbone=\"memory\",reason=\"queue_full\"}");
+    let dropped =
+        counter("meshgate_events_dropped_total{adapter=\"websocket\",reason=\"slow_consumer\"}")
+            + counter("meshgate_backbone_dropped_total{backbone=\"memory\",reason=\"queue_full\"}");
     assert!(dropped > 0, "{metrics}");
     // The connection is still alive and reads what was not dropped.
     let mut received = 0u64;
@@ -397,7 +406,11 @@ async fn drop_policy_drops_and_counts() {
     {
         received += 1;
     }
-    assert_eq!(received + dropped, 2_000, "every event delivered or counted");
+    assert_eq!(
+        received + dropped,
+        2_000,
+        "every event delivered or counted"
+    );
 }
 
 #[tokio::test]
@@ -421,15 +434,22 @@ async fn tokens_and_acls_are_enforced_at_the_handshake() {
         Ok(_) => 101,
         Err(e) => panic!("{e}"),
     };
-    assert_eq!(status(connect_raw(h.addr, "", Some("cloudevents.json")).await), 401);
+    assert_eq!(
+        status(connect_raw(h.addr, "", Some("cloudevents.json")).await),
+        401
+    );
     assert_eq!(
         status(connect_raw(h.addr, "?access_token=bad", Some("cloudevents.json")).await),
         401
     );
     assert_eq!(
         status(
-            connect_raw(h.addr, "?access_token=tok&subscribe=private/x", Some("cloudevents.json"))
-                .await
+            connect_raw(
+                h.addr,
+                "?access_token=tok&subscribe=private/x",
+                Some("cloudevents.json")
+            )
+            .await
         ),
         403
     );
@@ -437,8 +457,10 @@ async fn tokens_and_acls_are_enforced_at_the_handshake() {
     let mut req = format!("ws://{}/ws?subscribe=public/%23", h.addr)
         .into_client_request()
         .unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "cloudevents.json".parse().unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
     req.headers_mut()
         .insert("Authorization", "Bearer tok".parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
@@ -484,7 +506,10 @@ async fn connection_limit_gives_503() {
     // The slot is freed once the server notices the disconnect.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if connect_raw(h.addr, "", Some("cloudevents.json")).await.is_ok() {
+        if connect_raw(h.addr, "", Some("cloudevents.json"))
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "slot never freed");

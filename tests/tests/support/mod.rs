@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests in this directory.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -73,7 +74,10 @@ impl Process {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "meshgate did not exit within {within:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "meshgate did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -142,8 +146,10 @@ pub async fn ws_connect(addr: SocketAddr, filters: &[&str]) -> Ws {
     let mut req = format!("ws://{addr}/ws?{}", query.join("&"))
         .into_client_request()
         .unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "cloudevents.json".parse().unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let greeting = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
     assert_eq!(greeting.ty(), "io.meshgate.subscribed");

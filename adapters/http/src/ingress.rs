@@ -104,10 +104,11 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
         .into_response()
 }
 
-async fn missing_topic() -> Response {
+async fn missing_topic(State(state): State<Arc<HttpState>>) -> Response {
+    let path = &state.config.events_path;
     problem(
         StatusCode::BAD_REQUEST,
-        "no topic: POST to {events_path}/<topic>, e.g. /events/sensors/42/temperature",
+        format!("no topic in the path: POST to {path}/<topic>, e.g. {path}/sensors/42/temperature"),
     )
 }
 

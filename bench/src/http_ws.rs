@@ -39,6 +39,9 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
     config.http.listen = "127.0.0.1:0".parse()?;
     config.admin.enabled = false;
     config.http.max_in_flight = 4096;
+    // The subscribers share two cores with the gateway and the publishers; a deep queue keeps
+    // a briefly starved subscriber from being cut off as a slow consumer (the default policy).
+    config.websocket.outbound_queue = 65_536;
     let gateway = meshgate::start(config).await?;
     let addr = gateway
         .web_addr
@@ -58,14 +61,27 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
         let delivered = delivered.clone();
         subs.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            while let Some(Ok(msg)) = ws.next().await {
+            while let Some(msg) = ws.next().await {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("subscriber error: {e}");
+                        break;
+                    }
+                };
+                if let Message::Close(frame) = &msg {
+                    if frame.as_ref().is_some_and(|f| u16::from(f.code) != 1001) {
+                        eprintln!("subscriber closed: {frame:?}");
+                    }
+                }
                 if let Message::Text(t) = msg {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                    if let Some(sent) = v
-                        .get("sentus")
-                        .and_then(|s| s.as_str())
-                        .and_then(|s| s.parse::<u64>().ok())
-                    {
+                    // Cheap extraction of the "sentus" extension, so the client is not the bottleneck.
+                    let sent = t
+                        .as_str()
+                        .split_once("\"sentus\":\"")
+                        .and_then(|(_, rest)| rest.split_once('"'))
+                        .and_then(|(n, _)| n.parse::<u64>().ok());
+                    if let Some(sent) = sent {
                         let now = origin.elapsed().as_micros() as u64;
                         lat.push(now.saturating_sub(sent));
                         delivered.fetch_add(1, Ordering::Relaxed);

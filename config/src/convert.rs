@@ -89,11 +89,14 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
 }
 
 fn route(v: &str, path: &str, errors: &mut Errors) -> String {
-    if !v.starts_with('/') || v == "/" || v.ends_with('/') || v.contains(['?', '#', '{', '}', ' '])
+    if !v.starts_with('/')
+        || v == "/"
+        || v.ends_with('/')
+        || v.contains(['?', '#', '{', '}', ' ', '"', '\'', '<', '>', '%', '\\'])
     {
         errors.push(
             path,
-            format!("`{v}` must be a path like \"/events\": starting with `/`, not `/` itself, no trailing `/`, `?`, `#`, braces or spaces"),
+            format!("`{v}` must be a path like \"/events\": starting with `/`, not `/` itself, no trailing `/`, and none of ? # {{ }} \" ' < > % \\ or spaces"),
         );
     }
     v.to_owned()

@@ -168,8 +168,9 @@ impl RunningGateway {
     /// Stops in the order that loses nothing that was acknowledged:
     /// 1. `/readyz` turns 503 and the web listener stops accepting; in-flight HTTP requests
     ///    finish (each gets its reply after the backbone accepted its events);
-    /// 2. WebSocket connections flush their queues and close with 1001;
-    /// 3. the backbone drains; 4. the admin listener stops.
+    /// 2. the backbone stops taking events, and its subscriptions end once drained;
+    /// 3. WebSocket connections forward what they were given, flush, and close with 1001;
+    /// 4. the admin listener stops.
     ///
     /// Everything shares one deadline, `gateway.shutdown_grace`.
     pub async fn shutdown(self) -> ShutdownReport {
@@ -185,6 +186,9 @@ impl RunningGateway {
                 clean = false;
             }
         }
+        // The backbone stops taking events; subscriptions end once their queues are empty, so
+        // connections can forward everything that was accepted before they close.
+        let _ = tokio::time::timeout_at(deadline, self.ctx.backbone.close()).await;
         self.ctx.shutdown.cancel();
         self.ctx.tracker.close();
         if tokio::time::timeout_at(deadline, self.ctx.tracker.wait())
@@ -197,7 +201,6 @@ impl RunningGateway {
             );
             clean = false;
         }
-        let _ = tokio::time::timeout_at(deadline, self.ctx.backbone.close()).await;
         self.admin_stop.cancel();
         if let Some(task) = self.admin_task {
             let abort = task.abort_handle();

@@ -37,11 +37,12 @@ impl Browser {
             std::path::Path::new(CHROMIUM).exists(),
             "{CHROMIUM} not found: install Chromium with `apt-get install -y chromium` (scripts/test.sh does)"
         );
-        let profile = std::env::temp_dir().join(format!(
-            "meshgate-chromium-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ (url.len() as u128)
-        ));
+        // A profile of its own per browser: Chromium hands a URL to an already running instance
+        // that uses the same profile, which would mix up two tests.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile =
+            std::env::temp_dir().join(format!("meshgate-chromium-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&profile);
         std::fs::create_dir_all(&profile).unwrap();
         let child = Command::new(CHROMIUM)

@@ -22,7 +22,7 @@ use meshgate_core::{
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -140,7 +140,7 @@ async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
 
 /// The connection's pumps, aborted when the connection ends.
 struct Pumps {
-    handles: HashMap<TopicFilter, AbortHandle>,
+    handles: HashMap<TopicFilter, JoinHandle<()>>,
 }
 
 impl Drop for Pumps {
@@ -180,8 +180,20 @@ impl Pumps {
         }
         let task = tokio::spawn(pump(conn.clone(), filter.clone(), sub));
         tracing::debug!(connection, %filter, "websocket subscribed");
-        self.handles.insert(filter, task.abort_handle());
+        self.handles.insert(filter, task);
         Ok(())
+    }
+
+    /// Lets every pump forward what its subscription still holds. At shutdown the backbone is
+    /// closed first, so each subscription ends after its queue is empty and its pump returns.
+    async fn drain(mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        for (_, handle) in self.handles.drain() {
+            let abort = handle.abort_handle();
+            if tokio::time::timeout_at(deadline, handle).await.is_err() {
+                abort.abort();
+            }
+        }
     }
 
     fn remove(&mut self, conn: &Conn, filter: &TopicFilter) {
@@ -401,10 +413,14 @@ pub(crate) async fn run(
             }
         }
     };
-    // No more events for this client.
-    drop(pumps);
     match end {
         End::Close(frame) => {
+            if frame.code == close_code::GOING_AWAY {
+                // Shutdown: what the backbone already holds for this client goes out first.
+                pumps.drain(CLOSE_TIMEOUT).await;
+            } else {
+                drop(pumps);
+            }
             tracing::debug!(connection, code = frame.code, reason = %frame.reason, "closing websocket");
             // Queued events go out first, then the close frame.
             let queued =
@@ -420,10 +436,12 @@ pub(crate) async fn run(
             .await;
         }
         End::Killed => {
+            drop(pumps);
             tracing::info!(connection, "websocket slow consumer disconnected");
             let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
         }
         End::Client => {
+            drop(pumps);
             conn.kill.cancel();
             writer.abort();
         }

@@ -479,6 +479,8 @@ async fn shutdown_flushes_then_closes_with_1001() {
     for i in 0..10 {
         publish(&h, "t", event(&format!("S{i}"))).await;
     }
+    // The gateway's order: the backbone closes (subscriptions drain), then connections close.
+    h.backbone.close().await;
     h.ctx.shutdown.cancel();
     for i in 0..10 {
         assert_eq!(next_event(&mut ws).await.id(), format!("S{i}"));

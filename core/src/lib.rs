@@ -12,6 +12,7 @@ pub mod event;
 pub mod json;
 pub mod media;
 pub mod metrics;
+pub mod problem;
 pub mod topic;
 pub mod validate;
 pub mod wrap;

@@ -94,16 +94,15 @@ impl Refusal {
 
 /// An RFC 9457 problem response.
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or(""),
-        "status": status.as_u16(),
-        "detail": detail.into(),
-    });
+    let body = meshgate_core::problem::body(
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        &detail.into(),
+    );
     (
         status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        body.to_string(),
+        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
+        body,
     )
         .into_response()
 }

@@ -123,6 +123,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         "backbone",
         "http",
         "websocket",
+        "mqtt",
         "auth",
     ];
     for key in table.keys() {
@@ -142,6 +143,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let backbone: Option<raw::Backbone> = section(sec("backbone"), "backbone", errors);
     let http: Option<raw::Http> = section(sec("http"), "http", errors);
     let websocket: Option<raw::WebSocket> = section(sec("websocket"), "websocket", errors);
+    let mqtt: Option<raw::Mqtt> = section(sec("mqtt"), "mqtt", errors);
     let auth = auth(sec("auth"), errors);
 
     let gateway = gateway.map(|g| {
@@ -308,6 +310,56 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             ping_interval: duration(&w.ping_interval, "websocket.ping_interval", errors),
         }
     });
+    let mqtt = mqtt.map(|m| {
+        let v5_outbound = match m.v5_outbound.as_str() {
+            "binary" => Mqtt5Mode::Binary,
+            "structured" => Mqtt5Mode::Structured,
+            other => {
+                errors.push(
+                    "mqtt.v5_outbound",
+                    format!("`{other}` is not one of: binary, structured"),
+                );
+                Mqtt5Mode::Binary
+            }
+        };
+        let v311_outbound = match m.v311_outbound.as_str() {
+            "structured" => Mqtt311Mode::Structured,
+            "data" => Mqtt311Mode::Data,
+            other => {
+                errors.push(
+                    "mqtt.v311_outbound",
+                    format!("`{other}` is not one of: structured, data"),
+                );
+                Mqtt311Mode::Structured
+            }
+        };
+        if let Err(e) = validate::non_empty_string("type", &m.wrap_type) {
+            errors.push("mqtt.wrap_type", e.to_string());
+        }
+        let max_inflight = positive(m.max_inflight, "mqtt.max_inflight", errors);
+        let max_inflight = u16::try_from(max_inflight).unwrap_or_else(|_| {
+            errors.push("mqtt.max_inflight", "must be at most 65535");
+            u16::MAX
+        });
+        MqttConfig {
+            enabled: m.enabled,
+            listen: addr(&m.listen, "mqtt.listen", errors),
+            max_connections: positive(m.max_connections, "mqtt.max_connections", errors),
+            max_packet_size: size(
+                &m.max_packet_size,
+                "mqtt.max_packet_size",
+                MIN_MESSAGE_SIZE,
+                min_why,
+                errors,
+            ),
+            connect_timeout: duration(&m.connect_timeout, "mqtt.connect_timeout", errors),
+            max_inflight,
+            max_queued: positive(m.max_queued, "mqtt.max_queued", errors),
+            v5_outbound,
+            v311_outbound,
+            wrap_type: m.wrap_type,
+        }
+    });
     if let (Some(h), Some(w)) = (&http, &websocket) {
         if h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)) {
             errors.push(
@@ -340,6 +392,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         backbone: backbone?,
         http: http?,
         websocket: websocket?,
+        mqtt: mqtt?,
         auth: auth?,
     })
 }

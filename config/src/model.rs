@@ -13,6 +13,7 @@ pub struct Config {
     pub backbone: BackboneConfig,
     pub http: HttpConfig,
     pub websocket: WebSocketConfig,
+    pub mqtt: MqttConfig,
     pub auth: AuthConfig,
 }
 
@@ -176,4 +177,42 @@ impl std::fmt::Debug for UserConfig {
 pub struct AuthConfig {
     pub anonymous: AnonymousConfig,
     pub users: Vec<UserConfig>,
+}
+
+/// How events are written to MQTT 5 subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mqtt5Mode {
+    /// Data as the payload, attributes as user properties, `datacontenttype` as Content Type.
+    Binary,
+    /// The JSON format as the payload, Content Type `application/cloudevents+json`.
+    Structured,
+}
+
+/// How events are written to MQTT 3.1.1 subscribers (which have no properties).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mqtt311Mode {
+    /// The JSON format as the payload (the binding's only mode for 3.1.1).
+    Structured,
+    /// The bare data bytes, for legacy devices that cannot parse CloudEvents.
+    Data,
+}
+
+/// The MQTT 3.1.1/5 broker listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    /// Largest packet accepted or sent, in bytes.
+    pub max_packet_size: usize,
+    /// A socket that sends no CONNECT within this time is closed.
+    pub connect_timeout: Duration,
+    /// QoS 1/2 messages in flight per direction (the MQTT 5 Receive Maximum we announce).
+    pub max_inflight: u16,
+    /// Events queued for one client before further ones are dropped and counted.
+    pub max_queued: usize,
+    pub v5_outbound: Mqtt5Mode,
+    pub v311_outbound: Mqtt311Mode,
+    /// `type` of wrapped (non-CloudEvents) payloads.
+    pub wrap_type: String,
 }

@@ -104,3 +104,17 @@ impl std::fmt::Debug for User {
             .finish_non_exhaustive()
     }
 }
+
+#[derive(Debug, Deserialize)]
+pub struct Mqtt {
+    pub enabled: bool,
+    pub listen: String,
+    pub max_connections: i64,
+    pub max_packet_size: Size,
+    pub connect_timeout: String,
+    pub max_inflight: i64,
+    pub max_queued: i64,
+    pub v5_outbound: String,
+    pub v311_outbound: String,
+    pub wrap_type: String,
+}

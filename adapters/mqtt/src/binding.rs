@@ -1,0 +1,328 @@
+//! The CloudEvents MQTT binding (CE-BINDINGS.md §5), without I/O.
+//!
+//! Inbound:
+//! - MQTT 5 with Content Type `application/cloudevents…` → structured mode (JSON format only);
+//! - MQTT 5 with a `specversion` user property → binary mode: every user property is an
+//!   attribute (names unprefixed; a `datacontenttype` property must equal Content Type), the
+//!   payload is the data;
+//! - MQTT 3.1.1 payload that is a JSON object with a `specversion` member → structured mode;
+//! - anything else is wrapped: new id, source naming the client, the configured type, the topic
+//!   as subject, Content Type (MQTT 5) as `datacontenttype`.
+//!
+//! Outbound: MQTT 5 binary (default) or structured; MQTT 3.1.1 structured or the bare data.
+
+use bytes::Bytes;
+use meshgate_config::{Mqtt5Mode, Mqtt311Mode};
+use meshgate_core::event::StringAttributes;
+use meshgate_core::wrap::{self, Wrap};
+use meshgate_core::{Data, Event, EventError, json, media};
+use rumqttd::protocol::PublishProperties;
+
+use crate::codec::Version;
+
+/// The `source` of events wrapped from a client's payloads: `/meshgate/mqtt/<client id>`, the
+/// client id percent-encoded where a URI-reference needs it.
+pub fn client_source(client_id: &str) -> String {
+    let mut s = String::from("/meshgate/mqtt/");
+    for b in client_id.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+/// What an inbound PUBLISH carried.
+pub struct Inbound<'a> {
+    pub version: Version,
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub properties: Option<&'a PublishProperties>,
+    pub client_id: &'a str,
+    pub wrap_type: &'a str,
+}
+
+fn looks_structured_json(payload: &[u8]) -> bool {
+    let trimmed = payload.trim_ascii_start();
+    trimmed.first() == Some(&b'{')
+        && trimmed
+            .windows(b"\"specversion\"".len())
+            .any(|w| w == b"\"specversion\"")
+}
+
+/// Turns a PUBLISH into an event.
+pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
+    let content_type = m.properties.and_then(|p| p.content_type.as_deref());
+    if let Some(ct) = content_type.filter(|ct| media::is_cloudevents(ct)) {
+        return match media::cloudevents_format(ct).as_deref() {
+            None | Some("json") => json::decode(&m.payload),
+            Some(other) => Err(EventError::Format(format!(
+                "event format `{other}` is not supported; use application/cloudevents+json"
+            ))),
+        };
+    }
+    let user_properties = m.properties.map_or(&[][..], |p| &p.user_properties[..]);
+    if user_properties.iter().any(|(k, _)| k == "specversion") {
+        let mut attributes = StringAttributes::new();
+        let mut dct_property = None;
+        for (name, value) in user_properties {
+            if name == "datacontenttype" {
+                // The spec's own example sends it; accept it when it agrees with Content Type.
+                if dct_property.replace(value.clone()).is_some() {
+                    return Err(EventError::Duplicate(name.clone()));
+                }
+                continue;
+            }
+            attributes.push(name, value.clone())?;
+        }
+        let mut event = attributes.build()?;
+        if let Some(dct) = &dct_property {
+            if content_type.is_some_and(|ct| ct != dct) {
+                return Err(EventError::Format(format!(
+                    "user property datacontenttype `{dct}` disagrees with Content Type `{}`",
+                    content_type.unwrap_or_default()
+                )));
+            }
+        }
+        event.set_datacontenttype(content_type.map(str::to_owned).or(dct_property))?;
+        if !m.payload.is_empty() {
+            event.set_data(Some(Data::Binary(m.payload)));
+        }
+        return Ok(event);
+    }
+    if m.version == Version::V311 && looks_structured_json(&m.payload) {
+        return json::decode(&m.payload);
+    }
+    wrap::wrap(
+        m.payload,
+        Wrap {
+            source: &client_source(m.client_id),
+            ty: m.wrap_type,
+            subject: Some(m.topic),
+            content_type,
+        },
+    )
+}
+
+/// Payload and properties of an outbound PUBLISH.
+pub struct Outbound {
+    pub payload: Bytes,
+    pub properties: Option<PublishProperties>,
+}
+
+/// Encodes an event for a subscriber of `version`. `json` is the event's JSON format, shared
+/// by every subscriber of the envelope.
+pub fn encode(
+    event: &Event,
+    json: &str,
+    version: Version,
+    v5: Mqtt5Mode,
+    v311: Mqtt311Mode,
+) -> Outbound {
+    match (version, v5, v311) {
+        (Version::V5, Mqtt5Mode::Binary, _) => {
+            let mut props = PublishProperties {
+                content_type: event.datacontenttype().map(str::to_owned).or_else(|| {
+                    matches!(event.data(), Some(Data::Json(_)))
+                        .then(|| "application/json".to_owned())
+                }),
+                ..Default::default()
+            };
+            props.user_properties = event
+                .attributes()
+                .filter(|(n, _)| *n != "datacontenttype")
+                .map(|(n, v)| (n.to_owned(), v.to_string()))
+                .collect();
+            Outbound {
+                payload: event.data().map(Data::to_bytes).unwrap_or_default(),
+                properties: Some(props),
+            }
+        }
+        (Version::V5, Mqtt5Mode::Structured, _) => Outbound {
+            payload: Bytes::copy_from_slice(json.as_bytes()),
+            properties: Some(PublishProperties {
+                content_type: Some(json::CONTENT_TYPE.to_owned()),
+                ..Default::default()
+            }),
+        },
+        (Version::V311, _, Mqtt311Mode::Structured) => Outbound {
+            payload: Bytes::copy_from_slice(json.as_bytes()),
+            properties: None,
+        },
+        (Version::V311, _, Mqtt311Mode::Data) => Outbound {
+            payload: event.data().map(Data::to_bytes).unwrap_or_default(),
+            properties: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_core::ExtensionValue;
+
+    const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
+
+    fn inbound<'a>(
+        version: Version,
+        payload: &'static [u8],
+        props: Option<&'a PublishProperties>,
+    ) -> Inbound<'a> {
+        Inbound {
+            version,
+            topic: "t/1",
+            payload: Bytes::from_static(payload),
+            properties: props,
+            client_id: "dev 1",
+            wrap_type: "io.meshgate.mqtt.message",
+        }
+    }
+
+    fn props(ct: Option<&str>, user: &[(&str, &str)]) -> PublishProperties {
+        PublishProperties {
+            content_type: ct.map(str::to_owned),
+            user_properties: user
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    const E0_PROPS: [(&str, &str); 4] = [
+        ("specversion", "1.0"),
+        ("id", "A1"),
+        ("source", "/src"),
+        ("type", "com.example.t"),
+    ];
+
+    #[test]
+    fn i22_v311_structured() {
+        let e = decode(inbound(Version::V311, E0.as_bytes(), None)).unwrap();
+        assert_eq!(e.id(), "A1");
+    }
+
+    #[test]
+    fn i23_v5_binary() {
+        let mut user = E0_PROPS.to_vec();
+        user.push(("count", "7"));
+        let p = props(Some("application/json"), &user);
+        let e = decode(inbound(Version::V5, br#"{"a":1}"#, Some(&p))).unwrap();
+        assert_eq!(e.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            e.extension("count"),
+            Some(&ExtensionValue::String("7".into()))
+        );
+        assert_eq!(e.data().unwrap().to_bytes(), &br#"{"a":1}"#[..]);
+    }
+
+    #[test]
+    fn i24_prefixed_properties_are_not_a_cloudevent() {
+        let user: Vec<(String, &str)> = E0_PROPS
+            .iter()
+            .map(|(k, v)| (format!("ce-{k}"), *v))
+            .collect();
+        let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let p = props(None, &user);
+        let e = decode(inbound(Version::V5, b"x", Some(&p))).unwrap();
+        assert_eq!(e.ty(), "io.meshgate.mqtt.message", "wrapped, strict mode");
+    }
+
+    #[test]
+    fn v5_structured_and_datacontenttype_property_rules() {
+        let p = props(Some("application/cloudevents+json"), &[]);
+        assert_eq!(
+            decode(inbound(Version::V5, E0.as_bytes(), Some(&p)))
+                .unwrap()
+                .id(),
+            "A1"
+        );
+        let mut user = E0_PROPS.to_vec();
+        user.push(("datacontenttype", "text/plain"));
+        let agree = props(Some("text/plain"), &user);
+        assert!(decode(inbound(Version::V5, b"x", Some(&agree))).is_ok());
+        let disagree = props(Some("application/json"), &user);
+        assert!(decode(inbound(Version::V5, b"x", Some(&disagree))).is_err());
+        let mut dup = E0_PROPS.to_vec();
+        dup.push(("id", "A2"));
+        assert!(decode(inbound(Version::V5, b"x", Some(&props(None, &dup)))).is_err());
+    }
+
+    #[test]
+    fn plain_payloads_are_wrapped_with_the_client_as_source() {
+        let p = props(Some("text/plain"), &[]);
+        let e = decode(inbound(Version::V5, b"21.5", Some(&p))).unwrap();
+        assert_eq!(e.source(), "/meshgate/mqtt/dev%201");
+        assert_eq!(e.subject(), Some("t/1"));
+        assert_eq!(e.datacontenttype(), Some("text/plain"));
+        let e = decode(inbound(Version::V311, b"21.5", None)).unwrap();
+        assert_eq!(e.datacontenttype(), None);
+    }
+
+    #[test]
+    fn e5_e6_outbound() {
+        let e = json::decode(
+            br#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t","datacontenttype":"application/xml","data":"<a/>"}"#,
+        )
+        .unwrap();
+        let j = json::encode_string(&e);
+        let o = encode(
+            &e,
+            &j,
+            Version::V5,
+            Mqtt5Mode::Binary,
+            Mqtt311Mode::Structured,
+        );
+        let p = o.properties.unwrap();
+        assert_eq!(p.content_type.as_deref(), Some("application/xml"));
+        assert_eq!(&o.payload[..], b"<a/>");
+        let names: Vec<&str> = p.user_properties.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["specversion", "id", "source", "type"]);
+        let o = encode(
+            &e,
+            &j,
+            Version::V311,
+            Mqtt5Mode::Binary,
+            Mqtt311Mode::Structured,
+        );
+        assert_eq!(&o.payload[..], j.as_bytes());
+        assert!(o.properties.is_none());
+        let o = encode(&e, &j, Version::V311, Mqtt5Mode::Binary, Mqtt311Mode::Data);
+        assert_eq!(&o.payload[..], b"<a/>");
+    }
+
+    #[test]
+    fn binary_round_trip_v5() {
+        let mut e = json::decode(E0.as_bytes()).unwrap();
+        e.set_subject(Some("Euro € 😀".into())).unwrap();
+        e.set_extension("n", ExtensionValue::Integer(3)).unwrap();
+        e.set_datacontenttype(Some("text/plain".into())).unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(b"hi"))));
+        let j = json::encode_string(&e);
+        let o = encode(
+            &e,
+            &j,
+            Version::V5,
+            Mqtt5Mode::Binary,
+            Mqtt311Mode::Structured,
+        );
+        let props = o.properties.unwrap();
+        let back = decode(Inbound {
+            version: Version::V5,
+            topic: "t",
+            payload: o.payload,
+            properties: Some(&props),
+            client_id: "c",
+            wrap_type: "t",
+        })
+        .unwrap();
+        assert_eq!(back.subject(), e.subject());
+        // A string-only binding turns the Integer into its canonical string.
+        assert_eq!(
+            back.extension("n"),
+            Some(&ExtensionValue::String("3".into()))
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! A thin layer over rumqttd's wire codec (`rumqttd::protocol`, read in rumqttd 0.20.0).
+//!
+//! What the codec does not give us, and how this layer works around it:
+//! - `Publish::{qos, pkid, dup}` are `pub(crate)` with no accessors. Reading them: the public
+//!   `Publish::serialize()` writes a header byte (`dup|qos|retain`) and the packet id first, so
+//!   [`publish_meta`] reads them from there. Writing them: the public `Publish::deserialize()`
+//!   reads that same layout, so [`publish`] builds a QoS 1/2 publish through it.
+//! - The codec picks no protocol version: V4 and V5 are separate readers. [`connect_version`]
+//!   reads the protocol level from the CONNECT bytes (level 4 → 3.1.1, 5 → 5) first.
+//! - V4's CONNECT reader does not check the protocol level; [`connect_version`] does, so a
+//!   3.1 client (`MQIsdp`, level 3) gets return code 1 (unacceptable protocol version).
+//! - Passwords must be UTF-8 (the codec parses them as `String`); binary passwords are a
+//!   malformed CONNECT here.
+//! - `read_mut` consumes the frame before parsing it, so a malformed packet is gone from the
+//!   buffer; we close the connection on any parse error anyway.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{Error, Packet, Protocol, Publish, QoS};
+
+/// The MQTT version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectProbe {
+    /// Not enough bytes yet.
+    NeedMore,
+    Version(Version),
+    /// A CONNECT of a version we do not speak (the level byte), or not MQTT at all.
+    Unsupported(u8),
+    NotConnect,
+}
+
+/// Reads the protocol level of a CONNECT at the start of `buf` without consuming it.
+pub fn connect_version(buf: &[u8]) -> ConnectProbe {
+    let Some(&first) = buf.first() else {
+        return ConnectProbe::NeedMore;
+    };
+    if first != 0x10 {
+        return ConnectProbe::NotConnect;
+    }
+    // Remaining length: 1 to 4 bytes, 7 bits each.
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return ConnectProbe::NeedMore;
+        };
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return ConnectProbe::NotConnect;
+        }
+    }
+    // Protocol name (u16 length + bytes), then the level.
+    let Some(name_len) = buf
+        .get(i..i + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return ConnectProbe::NeedMore;
+    };
+    let Some(name) = buf.get(i + 2..i + 2 + name_len) else {
+        return ConnectProbe::NeedMore;
+    };
+    let Some(&level) = buf.get(i + 2 + name_len) else {
+        return ConnectProbe::NeedMore;
+    };
+    match (name, level) {
+        (b"MQTT", 4) => ConnectProbe::Version(Version::V311),
+        (b"MQTT", 5) => ConnectProbe::Version(Version::V5),
+        (b"MQTT" | b"MQIsdp", l) => ConnectProbe::Unsupported(l),
+        _ => ConnectProbe::NotConnect,
+    }
+}
+
+/// Reads one packet from `buf`; `Ok(None)` when more bytes are needed.
+pub fn read(
+    version: Version,
+    buf: &mut BytesMut,
+    max_size: usize,
+) -> Result<Option<Packet>, Error> {
+    let result = match version {
+        Version::V311 => V4.read_mut(buf, max_size),
+        Version::V5 => V5.read_mut(buf, max_size),
+    };
+    match result {
+        Ok(p) => Ok(Some(p)),
+        Err(Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Appends `packet` to `out`.
+pub fn write(version: Version, packet: Packet, out: &mut BytesMut) -> Result<usize, Error> {
+    match version {
+        Version::V311 => V4.write(packet, out),
+        Version::V5 => V5.write(packet, out),
+    }
+}
+
+/// QoS, packet id and DUP flag of a received PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishMeta {
+    pub qos: QoS,
+    pub pkid: u16,
+    pub dup: bool,
+}
+
+/// Reads the fields the codec keeps private (see the module docs).
+pub fn publish_meta(p: &Publish) -> PublishMeta {
+    let bytes = p.serialize();
+    let header = bytes.first().copied().unwrap_or(0);
+    let pkid = bytes
+        .get(1..3)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let qos = match (header >> 1) & 0b11 {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    };
+    PublishMeta {
+        qos,
+        pkid,
+        dup: header & 0b1000 != 0,
+    }
+}
+
+/// Builds a PUBLISH with any QoS, packet id and flags (see the module docs).
+pub fn publish(
+    topic: &str,
+    payload: Bytes,
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) -> Publish {
+    let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    o.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1) | (u8::from(dup) << 3));
+    o.put_u16(pkid);
+    // Topics longer than u16::MAX are rejected before this point (Topic::MAX_TOPIC_LEN).
+    o.put_u16(u16::try_from(topic.len()).unwrap_or(u16::MAX));
+    o.extend_from_slice(topic.as_bytes());
+    o.extend_from_slice(&payload);
+    Publish::deserialize(o.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_fields_survive_the_workaround() {
+        for (qos, pkid, retain, dup) in [
+            (QoS::AtMostOnce, 0, false, false),
+            (QoS::AtLeastOnce, 7, true, false),
+            (QoS::ExactlyOnce, 65535, false, true),
+        ] {
+            let p = publish("a/b", Bytes::from_static(b"xyz"), qos, pkid, retain, dup);
+            assert_eq!(publish_meta(&p), PublishMeta { qos, pkid, dup });
+            assert_eq!(p.retain, retain);
+            assert_eq!(&p.topic[..], b"a/b");
+            assert_eq!(&p.payload[..], b"xyz");
+            // And the codec writes it as a real PUBLISH that it reads back identically.
+            for v in [Version::V311, Version::V5] {
+                let mut out = BytesMut::new();
+                write(v, Packet::Publish(p.clone(), None), &mut out).unwrap();
+                match read(v, &mut out, 1 << 20).unwrap() {
+                    Some(Packet::Publish(back, _)) => {
+                        assert_eq!(publish_meta(&back), PublishMeta { qos, pkid, dup });
+                        assert_eq!(back.payload, p.payload);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn connect_version_probe() {
+        // CONNECT, remaining length 10+, "MQTT", level.
+        let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+        assert_eq!(connect_version(&v4), ConnectProbe::Version(Version::V311));
+        let mut v5 = v4;
+        v5[8] = 5;
+        assert_eq!(connect_version(&v5), ConnectProbe::Version(Version::V5));
+        let v31 = [
+            0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60,
+        ];
+        assert_eq!(connect_version(&v31), ConnectProbe::Unsupported(3));
+        assert_eq!(connect_version(&v4[..5]), ConnectProbe::NeedMore);
+        assert_eq!(connect_version(b"GET / HTTP/1.1"), ConnectProbe::NotConnect);
+    }
+}

@@ -1,0 +1,4 @@
+//! meshgate-mqtt
+#![allow(dead_code)]
+pub mod binding;
+pub mod codec;

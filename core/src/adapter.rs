@@ -84,12 +84,26 @@ impl AdapterContext {
         event: Arc<crate::event::Event>,
         origin: Origin,
     ) -> Result<(), PublishError> {
+        self.publish_envelope(
+            metrics,
+            principal,
+            crate::backbone::Envelope::new(topic, event, origin),
+        )
+        .await
+    }
+
+    /// [`AdapterContext::publish`] for a prepared envelope (e.g. with an MQTT QoS).
+    pub async fn publish_envelope(
+        &self,
+        metrics: &AdapterMetrics,
+        principal: &crate::auth::Principal,
+        envelope: crate::backbone::Envelope,
+    ) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
-        if let Err(e) = self.authorizer.check_publish(principal, &topic) {
+        if let Err(e) = self.authorizer.check_publish(principal, &envelope.topic) {
             metrics.error("forbidden");
             return Err(e.into());
         }
-        let envelope = crate::backbone::Envelope::new(topic, event, origin);
         match self.backbone.publish(envelope).await {
             Ok(()) => {
                 metrics.received.inc();

@@ -33,6 +33,9 @@ pub struct Envelope {
     pub topic: Topic,
     pub event: Arc<Event>,
     pub origin: Origin,
+    /// Delivery guarantee the publisher asked for, in MQTT terms (0, 1, 2); subscribers get at
+    /// most this. Publishers without the notion (HTTP, WebSocket) use 1.
+    pub qos: u8,
     /// The JSON format of `event`, encoded once on first use and shared by every subscriber
     /// that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500 times).
     json: std::sync::OnceLock<Arc<str>>,
@@ -44,8 +47,15 @@ impl Envelope {
             topic,
             event,
             origin,
+            qos: 1,
             json: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The same envelope with the publisher's QoS (MQTT).
+    pub fn with_qos(mut self, qos: u8) -> Self {
+        self.qos = qos.min(2);
+        self
     }
 
     /// The event in the JSON format, encoded at most once per envelope.

@@ -30,6 +30,8 @@ pub enum StartError {
     },
     #[error("invalid auth configuration: {0}")]
     Auth(String),
+    #[error("adapter failed to start: {0}")]
+    Adapter(String),
 }
 
 /// A started gateway. Call [`RunningGateway::shutdown`] to stop it in order.
@@ -39,6 +41,8 @@ pub struct RunningGateway {
     pub web_addr: Option<SocketAddr>,
     /// Address of the admin listener, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Address of the MQTT listener, if enabled.
+    pub mqtt_addr: Option<SocketAddr>,
     pub instance: Arc<str>,
     pub registry: Registry,
     ctx: AdapterContext,
@@ -46,6 +50,7 @@ pub struct RunningGateway {
     ingress_stop: CancellationToken,
     admin_stop: CancellationToken,
     web_task: Option<JoinHandle<std::io::Result<()>>>,
+    mqtt_task: Option<JoinHandle<()>>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
 }
@@ -132,6 +137,27 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 .await
         }));
     }
+    let (mut mqtt_addr, mut mqtt_task) = (None, None);
+    if config.mqtt.enabled {
+        let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt)
+            .await
+            .map_err(|e| match e {
+                meshgate_core::AdapterError::Bind { source, .. } => StartError::Bind {
+                    addr: config.mqtt.listen,
+                    key: "mqtt.listen",
+                    env: "MQTT__LISTEN",
+                    source,
+                },
+                other => StartError::Adapter(other.to_string()),
+            })?;
+        mqtt_addr = adapter.local_addr();
+        let ctx = ctx.clone();
+        mqtt_task = Some(tokio::spawn(async move {
+            if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
+                tracing::error!(error = %e, "mqtt adapter stopped");
+            }
+        }));
+    }
     let (mut admin_addr, mut admin_task) = (None, None);
     if config.admin.enabled {
         let listener = bind(config.admin.listen, "admin.listen", "ADMIN__LISTEN").await?;
@@ -148,6 +174,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     Ok(RunningGateway {
         web_addr,
         admin_addr,
+        mqtt_addr,
         instance,
         registry,
         ctx,
@@ -155,6 +182,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         ingress_stop,
         admin_stop,
         web_task,
+        mqtt_task,
         admin_task,
         grace: config.gateway.shutdown_grace,
     })
@@ -190,6 +218,9 @@ impl RunningGateway {
         // connections can forward everything that was accepted before they close.
         let _ = tokio::time::timeout_at(deadline, self.ctx.backbone.close()).await;
         self.ctx.shutdown.cancel();
+        if let Some(task) = self.mqtt_task {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
         self.ctx.tracker.close();
         if tokio::time::timeout_at(deadline, self.ctx.tracker.wait())
             .await

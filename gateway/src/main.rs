@@ -124,6 +124,9 @@ async fn run(config: Config) -> ExitCode {
             println!("browser    http://{addr}/");
         }
     }
+    if let Some(addr) = gateway.mqtt_addr {
+        println!("mqtt       mqtt://{addr}");
+    }
     if let Some(addr) = gateway.admin_addr {
         println!("admin      http://{addr}/healthz /readyz /metrics");
     }

@@ -35,6 +35,7 @@ pub fn client_source(client_id: &str) -> String {
 }
 
 /// What an inbound PUBLISH carried.
+#[derive(Debug)]
 pub struct Inbound<'a> {
     pub version: Version,
     pub topic: &'a str,
@@ -107,6 +108,7 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
 }
 
 /// Payload and properties of an outbound PUBLISH.
+#[derive(Debug)]
 pub struct Outbound {
     pub payload: Bytes,
     pub properties: Option<PublishProperties>,

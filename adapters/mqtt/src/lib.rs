@@ -1,4 +1,147 @@
-//! meshgate-mqtt
-#![allow(dead_code)]
+//! meshgate-mqtt: IoT devices connect to meshgate as to any MQTT broker (3.1.1 and 5).
+//!
+//! The wire format is rumqttd's codec ([`codec`] works around what it keeps private); the
+//! sessions are ours ([`session`]), so that every publish is authorized per topic and
+//! acknowledged only after the backbone accepted it. MQTT payloads become CloudEvents per the
+//! MQTT binding ([`binding`]).
+
 pub mod binding;
 pub mod codec;
+mod retained;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use meshgate_config::MqttConfig;
+use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Adapter name in metrics and logs.
+pub const ADAPTER: &str = "mqtt";
+
+/// State shared by the connections of one listener.
+pub(crate) struct Shared {
+    config: MqttConfig,
+    ctx: AdapterContext,
+    metrics: AdapterMetrics,
+    /// Connected client ids → (connection id, takeover token).
+    clients: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Open sockets (counted at accept, so a flood of idle sockets counts too).
+    sockets: AtomicUsize,
+    retained: retained::Retained,
+    dropped_queue_full: Counter,
+}
+
+impl Shared {
+    fn over_capacity(&self) -> bool {
+        self.sockets.load(Ordering::Acquire) > self.config.max_connections
+    }
+
+    /// Registers a client id; an existing connection with the same id is told to go
+    /// (session takeover). Returns this connection's takeover token.
+    fn register(&self, client_id: &str, connection: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, old)) = clients.insert(client_id.to_owned(), (connection, token.clone())) {
+            old.cancel();
+        }
+        token
+    }
+
+    fn unregister(&self, client_id: &str, connection: u64) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients
+            .get(client_id)
+            .is_some_and(|(c, _)| *c == connection)
+        {
+            clients.remove(client_id);
+        }
+    }
+}
+
+/// A bound MQTT listener, ready to run as an [`Adapter`].
+#[derive(Debug)]
+pub struct MqttAdapter {
+    config: MqttConfig,
+    listener: TcpListener,
+}
+
+impl MqttAdapter {
+    /// Binds `config.listen` (so the address is known before the gateway reports it).
+    pub async fn bind(config: &MqttConfig) -> Result<MqttAdapter, AdapterError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| AdapterError::Bind {
+                    addr: config.listen.to_string(),
+                    source,
+                })?;
+        Ok(MqttAdapter {
+            config: config.clone(),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Counts a socket for as long as its task runs.
+struct SocketSlot(Arc<Shared>);
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Adapter for MqttAdapter {
+    fn name(&self) -> &'static str {
+        ADAPTER
+    }
+
+    fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let metrics = ctx.metrics(ADAPTER);
+            let shared = Arc::new(Shared {
+                dropped_queue_full: metrics.dropped("queue_full"),
+                retained: retained::Retained::new(metrics.dropped("retained_limit")),
+                config: self.config,
+                ctx: ctx.clone(),
+                metrics,
+                clients: Mutex::new(HashMap::new()),
+                sockets: AtomicUsize::new(0),
+            });
+            loop {
+                let accepted = tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    a = self.listener.accept() => a,
+                };
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "mqtt: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                shared.sockets.fetch_add(1, Ordering::AcqRel);
+                let slot = SocketSlot(shared.clone());
+                let shared = shared.clone();
+                ctx.tracker.spawn(async move {
+                    let _slot = slot;
+                    session::run(stream, shared).await;
+                });
+            }
+            Ok(())
+        })
+    }
+}

@@ -11,6 +11,11 @@
 //!   3.1 client (`MQIsdp`, level 3) gets return code 1 (unacceptable protocol version).
 //! - Passwords must be UTF-8 (the codec parses them as `String`); binary passwords are a
 //!   malformed CONNECT here.
+//! - V5's reader panics (`unreachable!`) on CONNACK and UNSUBACK packets; [`read`] refuses them
+//!   first and turns any other codec panic into a malformed-packet error.
+//! - V4's CONNACK writer panics on MQTT 5 reason codes; the session maps them first.
+//! - V5's DISCONNECT writer miscounts an empty property block (length 0 counted as zero bytes,
+//!   written as one), so the session always sends a reason string property.
 //! - `read_mut` consumes the frame before parsing it, so a malformed packet is gone from the
 //!   buffer; we close the connection on any parse error anyway.
 
@@ -86,10 +91,19 @@ pub fn read(
     buf: &mut BytesMut,
     max_size: usize,
 ) -> Result<Option<Packet>, Error> {
-    let result = match version {
+    // rumqttd's V5 reader has `unreachable!()` for CONNACK and UNSUBACK (packet types 2 and
+    // 11), which only a server sends; a client sending one must not reach it.
+    let packet_type = buf.first().map(|b| b >> 4);
+    if version == Version::V5 && matches!(packet_type, Some(2 | 11)) {
+        return Err(Error::InvalidPacketType(packet_type.unwrap_or(0)));
+    }
+    // Any other panic in the codec becomes a malformed packet, which closes only this
+    // connection.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match version {
         Version::V311 => V4.read_mut(buf, max_size),
         Version::V5 => V5.read_mut(buf, max_size),
-    };
+    }))
+    .unwrap_or(Err(Error::MalformedPacket));
     match result {
         Ok(p) => Ok(Some(p)),
         Err(Error::InsufficientBytes(_)) => Ok(None),

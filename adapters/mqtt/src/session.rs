@@ -392,11 +392,19 @@ impl Session {
     /// MQTT 5 DISCONNECT with a reason; 3.1.1 has none (the socket is just closed).
     fn disconnect(&mut self, reason: DisconnectReasonCode) {
         if self.version == Version::V5 {
+            // rumqttd 0.20 counts an empty property block as zero bytes but writes one, so the
+            // frame is malformed unless there is a property: always send a reason string.
+            let properties = rumqttd::protocol::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("{reason:?}")),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
             self.write(Packet::Disconnect(
                 Disconnect {
                     reason_code: reason,
                 },
-                None,
+                Some(properties),
             ));
         }
     }

@@ -1,0 +1,674 @@
+//! The MQTT adapter on a memory backbone, driven by rumqttc (3.1.1 and 5) and raw sockets.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use meshgate_backbone::memory::MemoryBackbone;
+use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig, Mqtt5Mode, Mqtt311Mode, MqttConfig};
+use meshgate_core::metrics::Registry;
+use meshgate_core::{
+    Adapter, AdapterContext, Authorizer, Backbone, ExtensionValue, Permissions, TopicFilter,
+    UserSpec, json,
+};
+use meshgate_mqtt::codec::{self, Version};
+use rumqttc::v5::mqttbytes::v5 as mq5;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+fn mqtt_config() -> MqttConfig {
+    MqttConfig {
+        enabled: true,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: 100,
+        max_packet_size: 1 << 20,
+        connect_timeout: Duration::from_millis(500),
+        max_inflight: 16,
+        max_queued: 1000,
+        v5_outbound: Mqtt5Mode::Binary,
+        v311_outbound: Mqtt311Mode::Structured,
+        wrap_type: "io.meshgate.mqtt.message".into(),
+    }
+}
+
+struct Harness {
+    addr: SocketAddr,
+    backbone: Arc<MemoryBackbone>,
+    ctx: AdapterContext,
+}
+
+async fn start_with(config: MqttConfig, authorizer: Authorizer) -> Harness {
+    let registry = Registry::new();
+    let backbone = MemoryBackbone::new(
+        MemoryBackboneConfig {
+            queue_capacity: 1024,
+            full_policy: FullQueuePolicy::Drop,
+            block_timeout: Duration::from_secs(1),
+        },
+        &registry,
+    );
+    let ctx = AdapterContext {
+        instance: Arc::from("test"),
+        backbone: backbone.clone(),
+        authorizer: Arc::new(authorizer),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        registry,
+    };
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&config).await.unwrap();
+    let addr = adapter.local_addr().unwrap();
+    let run_ctx = ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    Harness {
+        addr,
+        backbone,
+        ctx,
+    }
+}
+
+async fn start() -> Harness {
+    start_with(mqtt_config(), Authorizer::allow_all()).await
+}
+
+/// A rumqttc 3.1.1 client whose events arrive on a channel.
+async fn client4(
+    h: &Harness,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::MqttOptions),
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+) {
+    let mut opts = rumqttc::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    configure(&mut opts);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let e = el.poll().await.map_err(|e| e.to_string());
+            let stop = e.is_err();
+            if tx.send(e).is_err() || stop {
+                break;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// A rumqttc 5 client whose events arrive on a channel.
+async fn client5(
+    h: &Harness,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (
+    rumqttc::v5::AsyncClient,
+    mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
+) {
+    let mut opts = rumqttc::v5::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    configure(&mut opts);
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let e = el.poll().await.map_err(|e| e.to_string());
+            let stop = e.is_err();
+            if tx.send(e).is_err() || stop {
+                break;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// Waits for the first event `pick` accepts.
+async fn wait<E, T>(
+    rx: &mut mpsc::UnboundedReceiver<Result<E, String>>,
+    what: &str,
+    mut pick: impl FnMut(&Result<E, String>) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|| panic!("client ended while waiting for {what}"));
+        if let Some(t) = pick(&e) {
+            return t;
+        }
+    }
+}
+
+fn publish4(e: &Result<rumqttc::Event, String>) -> Option<rumqttc::Publish> {
+    match e {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+fn publish5(e: &Result<rumqttc::v5::Event, String>) -> Option<mq5::Publish> {
+    match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Publish(p))) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+async fn suback4(
+    rx: &mut mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+) -> Vec<rumqttc::SubscribeReasonCode> {
+    wait(rx, "SUBACK", |e| match e {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s))) => Some(s.return_codes.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn suback5(
+    rx: &mut mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
+) -> Vec<mq5::SubscribeReasonCode> {
+    wait(rx, "SUBACK", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::SubAck(s))) => Some(s.return_codes.clone()),
+        _ => None,
+    })
+    .await
+}
+
+const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t","count":7,"flag":true}"#;
+
+#[tokio::test]
+async fn v311_structured_round_trip_qos1() {
+    let h = start().await;
+    let (sub, mut sub_rx) = client4(&h, "sub", |_| {}).await;
+    sub.subscribe("t/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback4(&mut sub_rx).await,
+        vec![rumqttc::SubscribeReasonCode::Success(
+            rumqttc::QoS::AtLeastOnce
+        )]
+    );
+    let (publ, mut pub_rx) = client4(&h, "pub", |_| {}).await;
+    publ.publish("t/1", rumqttc::QoS::AtLeastOnce, false, E0)
+        .await
+        .unwrap();
+    wait(&mut pub_rx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    let p = wait(&mut sub_rx, "PUBLISH", publish4).await;
+    assert_eq!(p.topic, "t/1");
+    assert_eq!(p.qos, rumqttc::QoS::AtLeastOnce);
+    let e = json::decode(&p.payload).unwrap();
+    assert_eq!(
+        e,
+        json::decode(E0.as_bytes()).unwrap(),
+        "attributes and extension types intact"
+    );
+}
+
+#[tokio::test]
+async fn v5_binary_and_v311_structured_convert_both_ways() {
+    let h = start().await;
+    let (s4, mut s4_rx) = client4(&h, "s4", |_| {}).await;
+    s4.subscribe("conv/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    suback4(&mut s4_rx).await;
+    let (c5, mut c5_rx) = client5(&h, "c5", |_| {}).await;
+    c5.subscribe("conv/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    suback5(&mut c5_rx).await;
+
+    // v5 binary in: user properties without prefix, Content Type.
+    let props = mq5::PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties: vec![
+            ("specversion".into(), "1.0".into()),
+            ("id".into(), "B5".into()),
+            ("source".into(), "/dev/5".into()),
+            ("type".into(), "com.example.reading".into()),
+            ("subject".into(), "Euro € 😀".into()),
+            ("count".into(), "7".into()),
+        ],
+        ..Default::default()
+    };
+    c5.publish_with_properties(
+        "conv/a",
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        false,
+        r#"{"a":1}"#,
+        props,
+    )
+    .await
+    .unwrap();
+    let p = wait(&mut s4_rx, "structured PUBLISH", publish4).await;
+    let e = json::decode(&p.payload).unwrap();
+    assert_eq!(e.id(), "B5");
+    assert_eq!(e.subject(), Some("Euro € 😀"));
+    assert_eq!(e.datacontenttype(), Some("application/json"));
+    assert_eq!(
+        e.extension("count"),
+        Some(&ExtensionValue::String("7".into()))
+    );
+    assert!(
+        String::from_utf8(p.payload.to_vec())
+            .unwrap()
+            .contains(r#""data":{"a":1}"#)
+    );
+
+    // v3.1.1 structured in → v5 binary out.
+    s4.publish("conv/b", rumqttc::QoS::AtMostOnce, false, E0)
+        .await
+        .unwrap();
+    let p = loop {
+        let p = wait(&mut c5_rx, "binary PUBLISH", publish5).await;
+        if &p.topic[..] == b"conv/b" {
+            break p;
+        }
+    };
+    let props = p.properties.unwrap();
+    let get = |k: &str| {
+        props
+            .user_properties
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("id").as_deref(), Some("A1"));
+    assert_eq!(get("count").as_deref(), Some("7"));
+    assert_eq!(get("flag").as_deref(), Some("true"));
+    assert_eq!(get("specversion").as_deref(), Some("1.0"));
+    assert!(get("ce-id").is_none(), "no prefix");
+}
+
+#[tokio::test]
+async fn qos2_is_published_exactly_once_even_when_resent() {
+    let h = start().await;
+    let mut sub = h
+        .backbone
+        .subscribe(TopicFilter::parse("q2/#").unwrap(), Default::default())
+        .await
+        .unwrap();
+    let mut s = raw_connect(&h, Version::V311, "q2client", 30).await;
+    let p = codec::publish(
+        "q2/x",
+        Bytes::from_static(b"once"),
+        rumqttd::protocol::QoS::ExactlyOnce,
+        9,
+        false,
+        false,
+    );
+    send(
+        &mut s,
+        Version::V311,
+        rumqttd::protocol::Packet::Publish(p.clone(), None),
+    )
+    .await;
+    assert!(
+        matches!(recv(&mut s, Version::V311).await, Some(rumqttd::protocol::Packet::PubRec(r, _)) if r.pkid == 9)
+    );
+    // The client did not see the PUBREC and resends with DUP.
+    let dup = codec::publish(
+        "q2/x",
+        Bytes::from_static(b"once"),
+        rumqttd::protocol::QoS::ExactlyOnce,
+        9,
+        false,
+        true,
+    );
+    send(
+        &mut s,
+        Version::V311,
+        rumqttd::protocol::Packet::Publish(dup, None),
+    )
+    .await;
+    assert!(
+        matches!(recv(&mut s, Version::V311).await, Some(rumqttd::protocol::Packet::PubRec(r, _)) if r.pkid == 9)
+    );
+    send(
+        &mut s,
+        Version::V311,
+        rumqttd::protocol::Packet::PubRel(
+            rumqttd::protocol::PubRel {
+                pkid: 9,
+                reason: rumqttd::protocol::PubRelReason::Success,
+            },
+            None,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(recv(&mut s, Version::V311).await, Some(rumqttd::protocol::Packet::PubComp(c, _)) if c.pkid == 9)
+    );
+    let first = tokio::time::timeout(Duration::from_secs(2), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.event().data().unwrap().to_bytes(), &b"once"[..]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sub.next())
+            .await
+            .is_err(),
+        "published once"
+    );
+}
+
+fn acl_authorizer() -> Authorizer {
+    Authorizer::new(
+        vec![UserSpec {
+            name: "dev1".into(),
+            password: Some("pw-dev1".into()),
+            tokens: vec!["token-dev1".into()],
+            permissions: Permissions {
+                publish: vec!["devices/{user}/#".into()],
+                subscribe: vec!["commands/{user}/#".into()],
+            },
+        }],
+        None,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn acl_refusals_v5_reason_codes_and_v311_close() {
+    let h = start_with(mqtt_config(), acl_authorizer()).await;
+    let (c5, mut rx5) = client5(&h, "dev1-v5", |o| {
+        o.set_credentials("dev1", "pw-dev1");
+    })
+    .await;
+    c5.publish(
+        "devices/other/x",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "x",
+    )
+    .await
+    .unwrap();
+    let reason = wait(&mut rx5, "PUBACK", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::PubAck(a))) => Some(a.reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, mq5::PubAckReason::NotAuthorized);
+    c5.subscribe("devices/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback5(&mut rx5).await,
+        vec![mq5::SubscribeReasonCode::NotAuthorized]
+    );
+    c5.subscribe("commands/dev1/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(
+        suback5(&mut rx5).await[0],
+        mq5::SubscribeReasonCode::Success(_)
+    ));
+
+    // MQTT 3.1.1 has no negative PUBACK: the connection is closed.
+    let (c4, mut rx4) = client4(&h, "dev1-v4", |o| {
+        o.set_credentials("token-dev1", "");
+    })
+    .await;
+    c4.publish("devices/other/x", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    wait(&mut rx4, "disconnect", |e| e.is_err().then_some(())).await;
+}
+
+#[tokio::test]
+async fn connack_codes_for_refusals() {
+    let h = start_with(mqtt_config(), acl_authorizer()).await;
+    let (_c, mut rx) = client4(&h, "bad", |o| {
+        o.set_credentials("dev1", "wrong");
+    })
+    .await;
+    let err = wait(&mut rx, "refusal", |e| e.as_ref().err().cloned()).await;
+    assert!(err.contains("BadUserNamePassword"), "{err}");
+    let (_c, mut rx) = client5(&h, "anon", |_| {}).await;
+    let err = wait(&mut rx, "refusal", |e| e.as_ref().err().cloned()).await;
+    assert!(err.contains("NotAuthorized"), "{err}");
+    // MQTT 3.1 (MQIsdp, level 3): unacceptable protocol version.
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(&[
+        0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 0,
+    ])
+    .await
+    .unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(buf, [0x20, 2, 0, 1]);
+}
+
+async fn raw_connect(h: &Harness, version: Version, id: &str, keep_alive: u16) -> TcpStream {
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    let connect = rumqttd::protocol::Connect {
+        keep_alive,
+        client_id: id.into(),
+        clean_session: true,
+    };
+    let props = (version == Version::V5).then(|| rumqttd::protocol::ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: vec![],
+        authentication_method: None,
+        authentication_data: None,
+    });
+    send(
+        &mut s,
+        version,
+        rumqttd::protocol::Packet::Connect(connect, props, None, None, None),
+    )
+    .await;
+    match recv(&mut s, version).await {
+        Some(rumqttd::protocol::Packet::ConnAck(a, _)) => {
+            assert_eq!(a.code, rumqttd::protocol::ConnectReturnCode::Success)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    s
+}
+
+async fn send(s: &mut TcpStream, version: Version, p: rumqttd::protocol::Packet) {
+    let mut out = BytesMut::new();
+    codec::write(version, p, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+}
+
+/// The next packet, or `None` when the server closed the connection.
+async fn recv(s: &mut TcpStream, version: Version) -> Option<rumqttd::protocol::Packet> {
+    let mut buf = BytesMut::new();
+    loop {
+        // The server-side codec cannot read CONNACK in MQTT 5; its 3.1.1 reader takes the
+        // flags and return code and ignores the properties, which is all these tests need.
+        let v = if buf.first().is_some_and(|b| b >> 4 == 2) {
+            Version::V311
+        } else {
+            version
+        };
+        if let Some(p) = codec::read(v, &mut buf, 1 << 20).unwrap() {
+            return Some(p);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .expect("server answered")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_sockets_and_expired_keep_alive_are_closed() {
+    let h = start().await;
+    // Never sends CONNECT: closed after connect_timeout (500 ms).
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b))
+        .await
+        .expect("closed in time");
+    assert!(matches!(r, Ok(0) | Err(_)));
+    // keep_alive 1 s and silence: closed after 1.5 s; MQTT 5 says why.
+    let mut s = raw_connect(&h, Version::V5, "sleepy", 1).await;
+    let started = std::time::Instant::now();
+    match recv(&mut s, Version::V5).await {
+        Some(rumqttd::protocol::Packet::Disconnect(d, _)) => {
+            assert_eq!(
+                d.reason_code,
+                rumqttd::protocol::DisconnectReasonCode::KeepAliveTimeout
+            )
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_packet_closes_only_that_connection() {
+    let h = start().await;
+    let mut bad = raw_connect(&h, Version::V5, "bad", 30).await;
+    bad.write_all(&[0x30, 0x02, 0xFF, 0xFF]).await.unwrap();
+    match recv(&mut bad, Version::V5).await {
+        Some(rumqttd::protocol::Packet::Disconnect(d, _)) => assert_eq!(
+            d.reason_code,
+            rumqttd::protocol::DisconnectReasonCode::MalformedPacket
+        ),
+        None => {}
+        other => panic!("{other:?}"),
+    }
+    let (c, mut rx) = client4(&h, "good", |_| {}).await;
+    c.subscribe("x", rumqttc::QoS::AtMostOnce).await.unwrap();
+    suback4(&mut rx).await;
+}
+
+#[tokio::test]
+async fn session_takeover_disconnects_the_old_connection() {
+    let h = start().await;
+    let mut first = raw_connect(&h, Version::V5, "same-id", 30).await;
+    let _second = raw_connect(&h, Version::V5, "same-id", 30).await;
+    match recv(&mut first, Version::V5).await {
+        Some(rumqttd::protocol::Packet::Disconnect(d, _)) => assert_eq!(
+            d.reason_code,
+            rumqttd::protocol::DisconnectReasonCode::SessionTakenOver
+        ),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_reach_later_subscribers() {
+    let h = start().await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    p.publish("status/dev1", rumqttc::QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    wait(&mut prx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    let (s, mut srx) = client4(&h, "late", |_| {}).await;
+    s.subscribe("status/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = wait(&mut srx, "retained PUBLISH", publish4).await;
+    assert!(got.retain);
+    assert_eq!(got.topic, "status/dev1");
+    let e = json::decode(&got.payload).unwrap();
+    assert_eq!(e.data().unwrap().to_bytes(), &b"online"[..]);
+    // An empty retained payload clears it.
+    p.publish("status/dev1", rumqttc::QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    wait(&mut prx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    let (s2, mut s2rx) = client4(&h, "later", |_| {}).await;
+    s2.subscribe("status/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback4(&mut s2rx).await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(300),
+        wait(&mut s2rx, "nothing", publish4),
+    )
+    .await;
+    assert!(r.is_err(), "cleared retained message not sent");
+    drop(s);
+}
+
+#[tokio::test]
+async fn will_is_published_when_a_client_vanishes() {
+    let h = start().await;
+    let (w, mut wrx) = client4(&h, "watcher", |_| {}).await;
+    w.subscribe("wills/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback4(&mut wrx).await;
+    // A raw client with a will, dropped without DISCONNECT.
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    let connect = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: "mortal".into(),
+        clean_session: true,
+    };
+    let will = rumqttd::protocol::LastWill {
+        topic: Bytes::from_static(b"wills/mortal"),
+        message: Bytes::from_static(b"gone"),
+        qos: rumqttd::protocol::QoS::AtLeastOnce,
+        retain: false,
+    };
+    send(
+        &mut s,
+        Version::V311,
+        rumqttd::protocol::Packet::Connect(connect, None, Some(will), None, None),
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut s, Version::V311).await,
+        Some(rumqttd::protocol::Packet::ConnAck(..))
+    ));
+    drop(s);
+    let got = wait(&mut wrx, "will", publish4).await;
+    assert_eq!(got.topic, "wills/mortal");
+    assert_eq!(
+        json::decode(&got.payload)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_bytes(),
+        &b"gone"[..]
+    );
+}
+
+#[tokio::test]
+async fn shutdown_sends_v5_server_shutting_down() {
+    let h = start().await;
+    let mut s = raw_connect(&h, Version::V5, "bye", 30).await;
+    h.ctx.shutdown.cancel();
+    match recv(&mut s, Version::V5).await {
+        Some(rumqttd::protocol::Packet::Disconnect(d, _)) => assert_eq!(
+            d.reason_code,
+            rumqttd::protocol::DisconnectReasonCode::ServerShuttingDown
+        ),
+        other => panic!("{other:?}"),
+    }
+}

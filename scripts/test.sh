@@ -9,12 +9,15 @@ cd "$(dirname "$0")/.."
 declare -A NEEDED=(
     [curl]=curl
     [chromium]=chromium
+    [mosquitto_pub]=mosquitto-clients
+    [mosquitto_sub]=mosquitto-clients
 )
 
 missing=()
 for cmd in "${!NEEDED[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEEDED[$cmd]}")
 done
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 if ((${#missing[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

@@ -1,0 +1,153 @@
+//! Mosquitto's command-line clients (real MQTT clients no one here wrote) against meshgate:
+//! MQTT → WebSocket, HTTP → MQTT 5 and 3.1.1 subscribers, v5 binary ↔ 3.1.1 structured.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use meshgate_core::{ExtensionValue, json};
+use support::{next_event, test_config, ws_connect};
+
+fn mqtt_config() -> meshgate_config::Config {
+    let mut c = test_config();
+    c.mqtt.enabled = true;
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+fn mosquitto(cmd: &str) -> Command {
+    let path = format!("/usr/bin/{cmd}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} not found: install it with `apt-get install -y mosquitto-clients` (scripts/test.sh does)"
+    );
+    Command::new(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_reaches_a_websocket_client() {
+    let gw = meshgate::start(mqtt_config()).await.unwrap();
+    let mqtt = gw.mqtt_addr.unwrap();
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["plant/#"]).await;
+    // MQTT 3.1.1, QoS 1, a plain payload: wrapped into a CloudEvent.
+    let status = mosquitto("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt.port().to_string(),
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+        ])
+        .args(["-i", "press-7", "-t", "plant/press/7", "-m", "42.5"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.subject(), Some("plant/press/7"));
+    assert_eq!(e.source(), "/meshgate/mqtt/press-7");
+    assert_eq!(e.ty(), "io.meshgate.mqtt.message");
+    assert_eq!(e.data().unwrap().to_bytes(), &b"42.5"[..]);
+    // MQTT 5 binary mode with user properties and Content Type: a CloudEvent as is.
+    let status = mosquitto("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt.port().to_string(),
+            "-V",
+            "mqttv5",
+            "-q",
+            "2",
+        ])
+        .args(["-t", "plant/line/1", "-m", r#"{"rpm":900}"#])
+        .args(["-D", "publish", "content-type", "application/json"])
+        .args(["-D", "publish", "user-property", "specversion", "1.0"])
+        .args(["-D", "publish", "user-property", "id", "M5-1"])
+        .args(["-D", "publish", "user-property", "source", "/plant/line/1"])
+        .args(["-D", "publish", "user-property", "type", "com.example.rpm"])
+        .args(["-D", "publish", "user-property", "shift", "night"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.id(), "M5-1");
+    assert_eq!(e.datacontenttype(), Some("application/json"));
+    assert_eq!(
+        e.extension("shift"),
+        Some(&ExtensionValue::String("night".into()))
+    );
+    assert_eq!(e.data().unwrap().to_bytes(), &br#"{"rpm":900}"#[..]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_events_reach_mosquitto_sub_v5_binary_and_v311_structured() {
+    let gw = meshgate::start(mqtt_config()).await.unwrap();
+    let port = gw.mqtt_addr.unwrap().port().to_string();
+    let spawn_sub = |version: &str, format: &str| {
+        mosquitto("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args(["-t", "orders/#", "-C", "1", "-W", "10", "-F", format])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let sub5 = spawn_sub("mqttv5", "%t|%C|%P|%p");
+    let sub3 = spawn_sub("mqttv311", "%t|%p");
+    // Wait until both subscriptions exist on the backbone.
+    let metrics_url = format!("http://{}/metrics", gw.admin_addr.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("meshgate_backbone_subscriptions{backbone=\"memory\"} 2") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscribers never subscribed:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/events/orders/42", gw.web_addr.unwrap()))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"O42","source":"/shop","type":"com.example.order","priority":2,"express":true,"datacontenttype":"application/json","data":{"sku":"X1"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let out5 = String::from_utf8(sub5.wait_with_output().unwrap().stdout).unwrap();
+    let out3 = String::from_utf8(sub3.wait_with_output().unwrap().stdout).unwrap();
+    // MQTT 5: binary mode, attributes as unprefixed user properties.
+    let parts: Vec<&str> = out5.trim_end().splitn(4, '|').collect();
+    assert_eq!(parts[0], "orders/42", "{out5}");
+    assert_eq!(parts[1], "application/json", "{out5}");
+    for prop in [
+        "specversion:1.0",
+        "id:O42",
+        "source:/shop",
+        "priority:2",
+        "express:true",
+    ] {
+        assert!(parts[2].contains(prop), "user properties {prop}: {out5}");
+    }
+    assert_eq!(parts[3], r#"{"sku":"X1"}"#, "{out5}");
+    // MQTT 3.1.1: structured JSON with the extension types intact.
+    let (topic, payload) = out3.trim_end().split_once('|').unwrap();
+    assert_eq!(topic, "orders/42");
+    let e = json::decode(payload.as_bytes()).unwrap();
+    assert_eq!(e.extension("priority"), Some(&ExtensionValue::Integer(2)));
+    assert_eq!(e.extension("express"), Some(&ExtensionValue::Boolean(true)));
+    gw.shutdown().await;
+}

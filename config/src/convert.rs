@@ -358,8 +358,21 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             v5_outbound,
             v311_outbound,
             wrap_type: m.wrap_type,
+            websocket_path: (!m.websocket_path.is_empty())
+                .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),
         }
     });
+    if let (Some(h), Some(w), Some(m)) = (&http, &websocket, &mqtt) {
+        if let Some(p) = &m.websocket_path {
+            if p == &w.path || p == &h.events_path || p.starts_with(&format!("{}/", h.events_path))
+            {
+                errors.push(
+                    "mqtt.websocket_path",
+                    format!("`{p}` collides with websocket.path or http.events_path"),
+                );
+            }
+        }
+    }
     if let (Some(h), Some(w)) = (&http, &websocket) {
         if h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)) {
             errors.push(

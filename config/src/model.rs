@@ -215,4 +215,6 @@ pub struct MqttConfig {
     pub v311_outbound: Mqtt311Mode,
     /// `type` of wrapped (non-CloudEvents) payloads.
     pub wrap_type: String,
+    /// Route for MQTT over WebSocket (subprotocol `mqtt`) on the web listener; `None`: off.
+    pub websocket_path: Option<String>,
 }

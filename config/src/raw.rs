@@ -117,4 +117,5 @@ pub struct Mqtt {
     pub v5_outbound: String,
     pub v311_outbound: String,
     pub wrap_type: String,
+    pub websocket_path: String,
 }

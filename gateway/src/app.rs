@@ -125,21 +125,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let ingress_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
 
-    let (mut web_addr, mut web_task) = (None, None);
-    if web::enabled(&config) {
-        let listener = bind(config.http.listen, "http.listen", "HTTP__LISTEN").await?;
-        web_addr = listener.local_addr().ok();
-        let router = web::router(&config, &ctx);
-        let stop = ingress_stop.clone();
-        web_task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }));
-    }
-    let (mut mqtt_addr, mut mqtt_task) = (None, None);
+    let (mut mqtt_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None);
     if config.mqtt.enabled {
-        let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt)
+        let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt, &ctx)
             .await
             .map_err(|e| match e {
                 meshgate_core::AdapterError::Bind { source, .. } => StartError::Bind {
@@ -151,11 +139,27 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 other => StartError::Adapter(other.to_string()),
             })?;
         mqtt_addr = adapter.local_addr();
+        mqtt_ws = adapter.websocket_router();
         let ctx = ctx.clone();
         mqtt_task = Some(tokio::spawn(async move {
             if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
                 tracing::error!(error = %e, "mqtt adapter stopped");
             }
+        }));
+    }
+    let (mut web_addr, mut web_task) = (None, None);
+    if web::enabled(&config) {
+        let listener = bind(config.http.listen, "http.listen", "HTTP__LISTEN").await?;
+        web_addr = listener.local_addr().ok();
+        let mut router = web::router(&config, &ctx);
+        if let Some(mqtt_ws) = mqtt_ws {
+            router = router.merge(mqtt_ws);
+        }
+        let stop = ingress_stop.clone();
+        web_task = Some(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         }));
     }
     let (mut admin_addr, mut admin_task) = (None, None);

@@ -94,6 +94,7 @@ async fn run(config: Config) -> ExitCode {
     let backbone_kind = format!("{:?}", config.backbone.kind).to_lowercase();
     let events_path = config.http.events_path.clone();
     let ws_path = config.websocket.path.clone();
+    let mqtt_ws_path = config.mqtt.websocket_path.clone();
     let (http_on, ws_on, page_on) = (
         config.http.enabled,
         config.websocket.enabled,
@@ -126,6 +127,9 @@ async fn run(config: Config) -> ExitCode {
     }
     if let Some(addr) = gateway.mqtt_addr {
         println!("mqtt       mqtt://{addr}");
+        if let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path) {
+            println!("mqtt-ws    ws://{web}{path}");
+        }
     }
     if let Some(addr) = gateway.admin_addr {
         println!("admin      http://{addr}/healthz /readyz /metrics");

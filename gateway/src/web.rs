@@ -14,7 +14,10 @@ pub const BROWSER_PAGE: &str = include_str!("../../examples/browser/index.html")
 
 /// Whether anything is served on the web listener at all.
 pub fn enabled(config: &Config) -> bool {
-    config.http.enabled || config.websocket.enabled || config.http.browser_page
+    config.http.enabled
+        || config.websocket.enabled
+        || config.http.browser_page
+        || (config.mqtt.enabled && config.mqtt.websocket_path.is_some())
 }
 
 pub fn router(config: &Config, ctx: &AdapterContext) -> Router {

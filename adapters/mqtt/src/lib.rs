@@ -9,6 +9,7 @@ pub mod binding;
 pub mod codec;
 mod retained;
 mod session;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,15 +67,25 @@ impl Shared {
 }
 
 /// A bound MQTT listener, ready to run as an [`Adapter`].
-#[derive(Debug)]
 pub struct MqttAdapter {
-    config: MqttConfig,
+    shared: Arc<Shared>,
     listener: TcpListener,
+}
+
+impl std::fmt::Debug for MqttAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttAdapter")
+            .field("listen", &self.local_addr())
+            .finish()
+    }
 }
 
 impl MqttAdapter {
     /// Binds `config.listen` (so the address is known before the gateway reports it).
-    pub async fn bind(config: &MqttConfig) -> Result<MqttAdapter, AdapterError> {
+    pub async fn bind(
+        config: &MqttConfig,
+        ctx: &AdapterContext,
+    ) -> Result<MqttAdapter, AdapterError> {
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -82,14 +93,28 @@ impl MqttAdapter {
                     addr: config.listen.to_string(),
                     source,
                 })?;
-        Ok(MqttAdapter {
+        let metrics = ctx.metrics(ADAPTER);
+        let shared = Arc::new(Shared {
+            dropped_queue_full: metrics.dropped("queue_full"),
+            retained: retained::Retained::new(metrics.dropped("retained_limit")),
             config: config.clone(),
-            listener,
-        })
+            ctx: ctx.clone(),
+            metrics,
+            clients: Mutex::new(HashMap::new()),
+            sockets: AtomicUsize::new(0),
+        });
+        Ok(MqttAdapter { shared, listener })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// MQTT over WebSocket at `mqtt.websocket_path`, sharing this broker's sessions, for the
+    /// gateway's web listener.
+    pub fn websocket_router(&self) -> Option<axum::Router> {
+        let path = self.shared.config.websocket_path.as_deref()?;
+        Some(websocket::router(path, self.shared.clone()))
     }
 }
 
@@ -109,22 +134,13 @@ impl Adapter for MqttAdapter {
 
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
-            let metrics = ctx.metrics(ADAPTER);
-            let shared = Arc::new(Shared {
-                dropped_queue_full: metrics.dropped("queue_full"),
-                retained: retained::Retained::new(metrics.dropped("retained_limit")),
-                config: self.config,
-                ctx: ctx.clone(),
-                metrics,
-                clients: Mutex::new(HashMap::new()),
-                sockets: AtomicUsize::new(0),
-            });
+            let shared = self.shared;
             loop {
                 let accepted = tokio::select! {
                     _ = ctx.shutdown.cancelled() => break,
                     a = self.listener.accept() => a,
                 };
-                let (stream, _) = match accepted {
+                let (stream, _): (tokio::net::TcpStream, _) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -133,6 +149,7 @@ impl Adapter for MqttAdapter {
                         continue;
                     }
                 };
+                let _ = stream.set_nodelay(true);
                 shared.sockets.fetch_add(1, Ordering::AcqRel);
                 let slot = SocketSlot(shared.clone());
                 let shared = shared.clone();

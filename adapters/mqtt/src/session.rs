@@ -25,8 +25,7 @@ use rumqttd::protocol::{
     PubCompReason, PubRec, PubRecReason, PublishProperties, QoS, SubAck, SubscribeReasonCode,
     UnsubAck, UnsubAckReason,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -98,8 +97,8 @@ fn to_qos(n: u8) -> QoS {
 /// Most QoS meshgate grants to a subscription (outbound QoS 2 is not implemented yet).
 const MAX_GRANTED_QOS: QoS = QoS::AtLeastOnce;
 
-async fn write_now(
-    stream: &mut TcpStream,
+async fn write_now<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     version: Version,
     packet: Packet,
 ) -> std::io::Result<()> {
@@ -137,8 +136,8 @@ fn connack(version: Version, code: ConnectReturnCode, props: Option<ConnAckPrope
 }
 
 /// Reads until one packet is complete (or fails).
-async fn read_packet(
-    stream: &mut TcpStream,
+async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     version: Version,
     max: usize,
@@ -156,9 +155,11 @@ async fn read_packet(
     }
 }
 
-/// Handles a new TCP connection until it ends.
-pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+/// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) until it ends.
+pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let mut buf = BytesMut::with_capacity(4096);
     let timeout = shared.config.connect_timeout;
     let connect =
@@ -173,8 +174,8 @@ pub(crate) async fn run(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 /// Reads CONNECT and answers CONNACK. `None`: refused (already answered) or broken.
-async fn connect_phase(
-    stream: &mut TcpStream,
+async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
 ) -> Option<(Session, mpsc::Receiver<Queued>, u16)> {
@@ -854,14 +855,14 @@ impl Session {
     }
 }
 
-async fn run_session(
-    stream: TcpStream,
+async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    stream: S,
     mut buf: BytesMut,
     mut session: Session,
     mut queue_rx: mpsc::Receiver<Queued>,
     keep_alive: u16,
 ) {
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let shared = session.shared.clone();
     let max = shared.config.max_packet_size;
     let keep = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));

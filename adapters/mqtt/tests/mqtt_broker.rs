@@ -34,11 +34,14 @@ fn mqtt_config() -> MqttConfig {
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
         wrap_type: "io.meshgate.mqtt.message".into(),
+        websocket_path: Some("/mqtt".into()),
     }
 }
 
 struct Harness {
     addr: SocketAddr,
+    /// The web listener serving MQTT over WebSocket at /mqtt.
+    ws_addr: SocketAddr,
     backbone: Arc<MemoryBackbone>,
     ctx: AdapterContext,
 }
@@ -61,12 +64,19 @@ async fn start_with(config: MqttConfig, authorizer: Authorizer) -> Harness {
         tracker: TaskTracker::new(),
         registry,
     };
-    let adapter = meshgate_mqtt::MqttAdapter::bind(&config).await.unwrap();
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&config, &ctx)
+        .await
+        .unwrap();
     let addr = adapter.local_addr().unwrap();
+    let ws_router = adapter.websocket_router().unwrap();
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = web.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(web, ws_router).await });
     let run_ctx = ctx.clone();
     tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
     Harness {
         addr,
+        ws_addr,
         backbone,
         ctx,
     }
@@ -669,6 +679,100 @@ async fn shutdown_sends_v5_server_shutting_down() {
             d.reason_code,
             rumqttd::protocol::DisconnectReasonCode::ServerShuttingDown
         ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn mqtt_over_websocket_uses_the_same_sessions() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let h = start().await;
+    // Without the `mqtt` subprotocol: refused.
+    let req = format!("ws://{}/mqtt", h.ws_addr)
+        .into_client_request()
+        .unwrap();
+    assert!(tokio_tungstenite::connect_async(req).await.is_err());
+
+    let mut req = format!("ws://{}/mqtt", h.ws_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "mqtt");
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let frame = |p: rumqttd::protocol::Packet| {
+        let mut out = BytesMut::new();
+        codec::write(Version::V311, p, &mut out).unwrap();
+        Message::Binary(out.freeze())
+    };
+    let mut next = async || -> rumqttd::protocol::Packet {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws_rx.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+            {
+                Message::Binary(b) => {
+                    let mut buf = BytesMut::from(&b[..]);
+                    return codec::read(Version::V311, &mut buf, 1 << 20)
+                        .unwrap()
+                        .unwrap();
+                }
+                _ => continue,
+            }
+        }
+    };
+    let connect = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: "browser".into(),
+        clean_session: true,
+    };
+    ws_tx
+        .send(frame(rumqttd::protocol::Packet::Connect(
+            connect, None, None, None, None,
+        )))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next().await, rumqttd::protocol::Packet::ConnAck(a, _) if a.code == rumqttd::protocol::ConnectReturnCode::Success)
+    );
+    let sub = rumqttd::protocol::Subscribe {
+        pkid: 1,
+        filters: vec![rumqttd::protocol::Filter {
+            path: "ws/#".into(),
+            qos: rumqttd::protocol::QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+        }],
+    };
+    ws_tx
+        .send(frame(rumqttd::protocol::Packet::Subscribe(sub, None)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next().await,
+        rumqttd::protocol::Packet::SubAck(..)
+    ));
+    // A TCP client publishes; the WebSocket client receives.
+    let (tcp, mut trx) = client4(&h, "tcp", |_| {}).await;
+    tcp.publish("ws/hello", rumqttc::QoS::AtLeastOnce, false, E0)
+        .await
+        .unwrap();
+    wait(&mut trx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    match next().await {
+        rumqttd::protocol::Packet::Publish(p, _) => {
+            assert_eq!(&p.topic[..], b"ws/hello");
+            assert_eq!(json::decode(&p.payload).unwrap().id(), "A1");
+        }
         other => panic!("{other:?}"),
     }
 }

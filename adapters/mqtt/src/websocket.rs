@@ -1,0 +1,135 @@
+//! MQTT over WebSocket (MQTT 5 §6, 3.1.1 §6): the `mqtt` subprotocol, MQTT packets in binary
+//! frames. The frames are bridged to an in-memory byte stream and run through the very same
+//! session code as TCP connections, so browser MQTT clients (MQTT.js, Paho JS) get the same
+//! broker.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Shared, SocketSlot, session};
+
+/// The subprotocol MQTT over WebSocket requires.
+pub const SUBPROTOCOL: &str = "mqtt";
+
+pub(crate) fn router(path: &str, shared: Arc<Shared>) -> Router {
+    Router::new().route(path, get(upgrade)).with_state(shared)
+}
+
+fn refuse(status: StatusCode, detail: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
+        meshgate_core::problem::body(
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            detail,
+        ),
+    )
+        .into_response()
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(ws) = ws else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "this endpoint only accepts WebSocket upgrades (subprotocol mqtt)",
+        );
+    };
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case(SUBPROTOCOL));
+    if !offered {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "MQTT over WebSocket needs the `mqtt` subprotocol (Sec-WebSocket-Protocol: mqtt)",
+        );
+    }
+    if shared.ctx.shutdown.is_cancelled() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        );
+    }
+    shared.sockets.fetch_add(1, Ordering::AcqRel);
+    let slot = SocketSlot(shared.clone());
+    let tracker = shared.ctx.tracker.clone();
+    let max = shared.config.max_packet_size;
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(max + 8)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let _slot = slot;
+                bridge(socket, shared).await;
+            })
+        })
+}
+
+/// Runs a session over the WebSocket: binary frames in → session bytes, session bytes → binary
+/// frames out.
+async fn bridge(socket: WebSocket, shared: Arc<Shared>) {
+    let (client_side, session_side) = tokio::io::duplex(64 * 1024);
+    let (mut from_session, mut to_session) = tokio::io::split(client_side);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let session = tokio::spawn(session::run(session_side, shared));
+    let inbound = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if to_session.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Text(_) => break,
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+        // The session sees end-of-stream: an abnormal end, so the will is published.
+        let _ = to_session.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from_session.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx
+                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx
+            .send(Message::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "".into(),
+            })))
+            .await;
+    };
+    tokio::select! {
+        _ = inbound => {}
+        _ = outbound => {}
+    }
+    let _ = session.await;
+}

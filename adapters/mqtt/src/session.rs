@@ -9,7 +9,7 @@
 //! Implemented: MQTT 3.1.1 and 5, QoS 0/1/2 inbound (QoS 2 deduplicated by packet id until
 //! PUBREL), QoS 0/1 outbound (subscriptions are granted at most QoS 1) with an in-flight window,
 //! keep-alive (1.5×), connect timeout, session takeover, wills, retained messages, v5 no-local
-//! and receive-maximum. Clean sessions only: state ends with the connection.
+//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups). Clean sessions only: state ends with the connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -53,7 +53,11 @@ struct Outgoing {
 }
 
 struct Subscription {
+    /// The filter as the client wrote it (`$share/g/a/#` for a shared subscription).
+    key: String,
     filter: TopicFilter,
+    /// Shared subscription: a backbone queue group; delivered independently of the others.
+    shared: bool,
     granted: QoS,
     no_local: bool,
     pump: JoinHandle<()>,
@@ -286,7 +290,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         max_qos: None,
         wildcard_subscription_available: Some(1),
         subscription_identifiers_available: Some(0),
-        shared_subscription_available: Some(0),
+        shared_subscription_available: Some(1),
         ..Default::default()
     };
     if write_now(
@@ -350,18 +354,22 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
         })
 }
 
-/// A delivery from a pump, with the filter whose subscription produced it.
+/// A delivery from a pump, with the subscription (its key) that produced it.
 pub(crate) struct Queued {
-    filter: TopicFilter,
+    key: Arc<str>,
     delivery: Delivery,
 }
 
 /// Forwards one backbone subscription into the connection's queue without ever waiting.
-async fn pump(mut sub: meshgate_core::Subscription, tx: mpsc::Sender<Queued>, shared: Arc<Shared>) {
-    let filter = sub.filter().clone();
+async fn pump(
+    mut sub: meshgate_core::Subscription,
+    key: Arc<str>,
+    tx: mpsc::Sender<Queued>,
+    shared: Arc<Shared>,
+) {
     while let Some(delivery) = sub.next().await {
         match tx.try_send(Queued {
-            filter: filter.clone(),
+            key: key.clone(),
             delivery,
         }) {
             Ok(()) => {}
@@ -372,6 +380,20 @@ async fn pump(mut sub: meshgate_core::Subscription, tx: mpsc::Sender<Queued>, sh
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
+}
+
+/// Splits `$share/<group>/<filter>` (MQTT 5 §4.8.2); `None` for an ordinary filter,
+/// `Some(Err)` for a malformed shared one.
+fn shared_filter(path: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = path.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, filter))
+            if !group.is_empty() && !group.contains(['+', '#']) && !filter.is_empty() =>
+        {
+            Ok((group, filter))
+        }
+        _ => Err(()),
+    })
 }
 
 enum Flow {
@@ -445,7 +467,7 @@ impl Session {
                 for f in &unsub.filters {
                     let before = self.subscriptions.len();
                     self.subscriptions.retain(|s| {
-                        let keep = s.filter.as_str() != f;
+                        let keep = s.key != *f;
                         if !keep {
                             s.pump.abort();
                         }
@@ -630,13 +652,20 @@ impl Session {
             Version::V311 => SubscribeReasonCode::Failure,
         };
         for f in filters {
-            if f.path.starts_with("$share/") {
-                codes.push(failure(
-                    SubscribeReasonCode::SharedSubscriptionsNotSupported,
-                ));
+            let (group, filter_text) = match shared_filter(&f.path) {
+                None => (None, f.path.as_str()),
+                Some(Ok((g, rest))) => (Some(g), rest),
+                Some(Err(())) => {
+                    codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
+                    continue;
+                }
+            };
+            if group.is_some() && f.nolocal {
+                // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
+                codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
                 continue;
             }
-            let Ok(filter) = TopicFilter::parse(&f.path) else {
+            let Ok(filter) = TopicFilter::parse(filter_text) else {
                 codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
                 continue;
             };
@@ -652,17 +681,23 @@ impl Session {
                 continue;
             }
             let granted = qos_min(f.qos, MAX_GRANTED_QOS);
-            let existed = self.subscriptions.iter().position(|s| s.filter == filter);
+            let existed = self.subscriptions.iter().position(|s| s.key == f.path);
             if let Some(i) = existed {
                 // Same filter again: replace options, keep the backbone subscription.
                 self.subscriptions[i].granted = granted;
                 self.subscriptions[i].no_local = f.nolocal;
             } else {
+                let options = SubscribeOptions {
+                    // Shared subscriptions are backbone queue groups, so the group's members
+                    // share the messages across connections (and, on NATS, instances).
+                    queue_group: group.map(|g| format!("mqtt-share:{g}")),
+                    capacity: None,
+                };
                 let sub = match self
                     .shared
                     .ctx
                     .backbone
-                    .subscribe(filter.clone(), SubscribeOptions::default())
+                    .subscribe(filter.clone(), options)
                     .await
                 {
                     Ok(s) => s,
@@ -672,13 +707,21 @@ impl Session {
                         continue;
                     }
                 };
-                let pump = tokio::spawn(pump(sub, self.queue_tx.clone(), self.shared.clone()));
+                let key: Arc<str> = Arc::from(f.path.as_str());
+                let pump = tokio::spawn(pump(sub, key, self.queue_tx.clone(), self.shared.clone()));
                 self.subscriptions.push(Subscription {
+                    key: f.path.clone(),
                     filter: filter.clone(),
+                    shared: group.is_some(),
                     granted,
                     no_local: f.nolocal,
                     pump,
                 });
+            }
+            // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
+            if group.is_some() {
+                codes.push(SubscribeReasonCode::Success(granted));
+                continue;
             }
             let send_retained = match f.retain_forward_rule {
                 rumqttd::protocol::RetainForwardRule::OnEverySubscribe => true,
@@ -712,15 +755,29 @@ impl Session {
     /// A delivery from a pump: deliver once per connection, at the best QoS of the matching
     /// subscriptions, honouring no-local.
     fn deliver(&mut self, q: Queued) {
+        let Some(source) = self.subscriptions.iter().find(|s| *s.key == *q.key) else {
+            // Unsubscribed meanwhile.
+            return;
+        };
+        let publish_qos = to_qos(q.delivery.envelope.qos);
+        if source.shared {
+            let qos = qos_min(publish_qos, source.granted);
+            self.send(Outgoing {
+                delivery: q.delivery,
+                qos,
+                retain: false,
+            });
+            return;
+        }
         let topic = q.delivery.topic();
         let mut first = None;
         let mut best = QoS::AtMostOnce;
-        for s in &self.subscriptions {
+        for s in self.subscriptions.iter().filter(|s| !s.shared) {
             if s.filter.matches(topic) {
                 if s.no_local && q.delivery.envelope.origin == self.origin {
                     continue;
                 }
-                first.get_or_insert(&s.filter);
+                first.get_or_insert(s.key.as_str());
                 best = if (s.granted as u8) > (best as u8) {
                     s.granted
                 } else {
@@ -728,10 +785,10 @@ impl Session {
                 };
             }
         }
-        if first != Some(&q.filter) {
+        if first != Some(&*q.key) {
             return;
         }
-        let qos = qos_min(to_qos(q.delivery.envelope.qos), best);
+        let qos = qos_min(publish_qos, best);
         self.send(Outgoing {
             delivery: q.delivery,
             qos,

@@ -776,3 +776,56 @@ async fn mqtt_over_websocket_uses_the_same_sessions() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn shared_subscriptions_split_the_messages() {
+    let h = start().await;
+    let mut clients = Vec::new();
+    for id in ["worker-a", "worker-b"] {
+        let (c, mut rx) = client5(&h, id, |_| {}).await;
+        c.subscribe(
+            "$share/workers/jobs/#",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            suback5(&mut rx).await[0],
+            mq5::SubscribeReasonCode::Success(_)
+        ));
+        clients.push((c, rx));
+    }
+    let (p, mut prx) = client4(&h, "producer", |_| {}).await;
+    for i in 0..10 {
+        p.publish(format!("jobs/{i}"), rumqttc::QoS::AtLeastOnce, false, E0)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 10 {
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+        acked += 1;
+    }
+    let mut counts = Vec::new();
+    for (_c, rx) in clients.iter_mut() {
+        let mut n = 0;
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            if publish5(&e).is_some() {
+                n += 1;
+            }
+        }
+        counts.push(n);
+    }
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        10,
+        "each job delivered once: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|n| *n > 0),
+        "both workers got work: {counts:?}"
+    );
+}

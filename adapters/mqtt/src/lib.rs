@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use meshgate_config::MqttConfig;
-use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,6 @@ pub(crate) struct Shared {
     /// Open sockets (counted at accept, so a flood of idle sockets counts too).
     sockets: AtomicUsize,
     retained: retained::Retained,
-    dropped_queue_full: Counter,
 }
 
 impl Shared {
@@ -95,7 +94,6 @@ impl MqttAdapter {
                 })?;
         let metrics = ctx.metrics(ADAPTER);
         let shared = Arc::new(Shared {
-            dropped_queue_full: metrics.dropped("queue_full"),
             retained: retained::Retained::new(metrics.dropped("retained_limit")),
             config: config.clone(),
             ctx: ctx.clone(),

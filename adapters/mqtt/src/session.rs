@@ -360,24 +360,18 @@ pub(crate) struct Queued {
     delivery: Delivery,
 }
 
-/// Forwards one backbone subscription into the connection's queue without ever waiting.
-async fn pump(
-    mut sub: meshgate_core::Subscription,
-    key: Arc<str>,
-    tx: mpsc::Sender<Queued>,
-    shared: Arc<Shared>,
-) {
+/// Forwards one backbone subscription into the connection's queue. When the client does not
+/// keep up, this waits, so the backbone subscription's own queue fills and the backbone's
+/// full-queue policy applies (`block`: publishers wait and are told "busy" past
+/// `block_timeout`; `drop`: counted drops) — nothing is lost silently here.
+async fn pump(mut sub: meshgate_core::Subscription, key: Arc<str>, tx: mpsc::Sender<Queued>) {
     while let Some(delivery) = sub.next().await {
-        match tx.try_send(Queued {
+        let queued = Queued {
             key: key.clone(),
             delivery,
-        }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(q)) => {
-                shared.dropped_queue_full.inc();
-                let _ = q.delivery.ack().await;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
+        if tx.send(queued).await.is_err() {
+            return;
         }
     }
 }
@@ -708,7 +702,7 @@ impl Session {
                     }
                 };
                 let key: Arc<str> = Arc::from(f.path.as_str());
-                let pump = tokio::spawn(pump(sub, key, self.queue_tx.clone(), self.shared.clone()));
+                let pump = tokio::spawn(pump(sub, key, self.queue_tx.clone()));
                 self.subscriptions.push(Subscription {
                     key: f.path.clone(),
                     filter: filter.clone(),
@@ -813,10 +807,7 @@ impl Session {
     /// Writes a delivery now, or queues it while the in-flight window is full.
     fn send(&mut self, o: Outgoing) {
         if o.qos != QoS::AtMostOnce && self.inflight.len() >= self.client_receive_max {
-            if self.pending.len() >= self.shared.config.max_queued {
-                self.shared.dropped_queue_full.inc();
-                return;
-            }
+            // Bounded: the packet loop stops taking deliveries while `pending` is full.
             self.pending.push_back(o);
             return;
         }
@@ -925,6 +916,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let keep = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
     let takeover = session.takeover.clone();
+    let pending_limit = shared.config.max_queued;
     let end = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
@@ -972,14 +964,14 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 Ok(0) | Err(_) => break End::Abnormal,
                 Ok(_) => {}
             },
-            Some(q) = queue_rx.recv() => {
+            // While the in-flight window and `pending` are full, deliveries wait in the queue
+            // (and behind it, in the backbone), until the client acknowledges.
+            Some(q) = queue_rx.recv(), if session.pending.len() < pending_limit => {
                 session.deliver(q);
                 // Drain what else is queued, so writes are batched.
-                while let Ok(q) = queue_rx.try_recv() {
+                while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
+                    let Ok(q) = queue_rx.try_recv() else { break };
                     session.deliver(q);
-                    if session.out.len() > 64 * 1024 {
-                        break;
-                    }
                 }
             }
             _ = tokio::time::sleep_until(deadline), if keep.is_some() => {

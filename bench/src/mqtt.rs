@@ -6,7 +6,7 @@
 //! and RSS per idle connection with `--conns N` idle MQTT connections.
 //!
 //! Usage (release build; the brokers are started by this program on free loopback ports):
-//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--conns N]`
+//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--conns N] [--only NAME] [--rss-only]`
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
@@ -20,7 +20,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 const PAYLOAD: usize = 256;
 
 struct Broker {
-    name: &'static str,
     port: u16,
     child: Child,
     _dir: Option<std::path::PathBuf>,
@@ -86,7 +85,6 @@ fn start_meshgate() -> anyhow::Result<Broker> {
         .spawn()?;
     anyhow::ensure!(wait_listening(port), "meshgate did not listen");
     Ok(Broker {
-        name: "meshgate",
         port,
         child,
         _dir: None,
@@ -111,7 +109,6 @@ fn start_mosquitto() -> anyhow::Result<Broker> {
         .spawn()?;
     anyhow::ensure!(wait_listening(port), "mosquitto did not listen");
     Ok(Broker {
-        name: "mosquitto",
         port,
         child,
         _dir: Some(dir),
@@ -138,7 +135,6 @@ fn start_nats() -> anyhow::Result<Broker> {
         .spawn()?;
     anyhow::ensure!(wait_listening(port), "nats-server did not listen on MQTT");
     Ok(Broker {
-        name: "nats-server",
         port,
         child,
         _dir: Some(dir),
@@ -388,6 +384,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let seconds = arg("--seconds", 5);
     let conns = arg("--conns", 20_000) as usize;
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let rss_only = args.iter().any(|a| a == "--rss-only");
     println!(
         "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, rumqttc load generator, all on this machine\n"
     );
@@ -395,12 +397,23 @@ async fn main() -> anyhow::Result<()> {
         "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let starters: [(&str, fn() -> anyhow::Result<Broker>); 3] = [
+    type Start = fn() -> anyhow::Result<Broker>;
+    let starters: [(&str, Start); 3] = [
         ("meshgate", start_meshgate),
         ("mosquitto", start_mosquitto),
         ("nats-server", start_nats),
     ];
     for (name, start) in starters {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        if rss_only {
+            let fresh = start()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = rss_per_connection(&fresh, conns).await?;
+            println!("| {name} | | | | | | | | {r:.1} KiB |");
+            continue;
+        }
         let broker = match start() {
             Ok(b) => b,
             Err(e) => {
@@ -436,7 +449,7 @@ async fn main() -> anyhow::Result<()> {
         drop(broker);
         // A fresh process for the memory figure, so that heap grown by the load above does
         // not hide the cost of connections.
-        let rss = match start().map_err(anyhow::Error::from) {
+        let rss = match start() {
             Ok(fresh) => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 rss_per_connection(&fresh, conns).await

@@ -76,7 +76,11 @@ struct Session {
     client_receive_max: usize,
     out: BytesMut,
     subscriptions: Vec<Subscription>,
-    queue_tx: mpsc::Sender<Queued>,
+    /// Deliveries from the pumps; created at the first subscription (an idle connection has
+    /// none, which keeps it small).
+    queue_tx: Option<mpsc::Sender<Queued>>,
+    /// The receiving end of a queue just created, for the packet loop to pick up.
+    new_queue_rx: Option<mpsc::Receiver<Queued>>,
     /// Deliveries waiting for a free slot in the in-flight window.
     pending: VecDeque<Outgoing>,
     /// QoS 1 messages sent and not yet PUBACKed.
@@ -164,17 +168,17 @@ pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(512);
     let timeout = shared.config.connect_timeout;
     let connect =
         tokio::time::timeout(timeout, connect_phase(&mut stream, &mut buf, &shared)).await;
-    let Ok(Some((session, queue_rx, keep_alive))) = connect else {
+    let Ok(Some((session, keep_alive))) = connect else {
         if connect.is_err() {
             shared.metrics.error("connect_timeout");
         }
         return;
     };
-    run_session(stream, buf, session, queue_rx, keep_alive).await;
+    run_session(stream, buf, session, keep_alive).await;
 }
 
 /// Reads CONNECT and answers CONNACK. `None`: refused (already answered) or broken.
@@ -182,7 +186,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
-) -> Option<(Session, mpsc::Receiver<Queued>, u16)> {
+) -> Option<(Session, u16)> {
     let version = loop {
         match codec::connect_version(buf) {
             ConnectProbe::Version(v) => break v,
@@ -270,7 +274,6 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let connection = shared.ctx.next_connection_id();
-    let (queue_tx, queue_rx) = mpsc::channel(shared.config.max_queued);
     let takeover = shared.register(&client_id, connection);
     let client_max_packet = props
         .as_ref()
@@ -319,9 +322,10 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         principal,
         client_max_packet,
         client_receive_max,
-        out: BytesMut::with_capacity(4096),
+        out: BytesMut::new(),
         subscriptions: Vec::new(),
-        queue_tx,
+        queue_tx: None,
+        new_queue_rx: None,
         pending: VecDeque::new(),
         inflight: HashMap::new(),
         next_pkid: 1,
@@ -330,7 +334,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         takeover,
         connection,
     };
-    Some((session, queue_rx, connect.keep_alive))
+    Some((session, connect.keep_alive))
 }
 
 fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, ConnectReturnCode> {
@@ -702,7 +706,12 @@ impl Session {
                     }
                 };
                 let key: Arc<str> = Arc::from(f.path.as_str());
-                let pump = tokio::spawn(pump(sub, key, self.queue_tx.clone()));
+                let tx = self.queue_tx.get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(self.shared.config.max_queued);
+                    self.new_queue_rx = Some(rx);
+                    tx
+                });
+                let pump = tokio::spawn(pump(sub, key, tx.clone()));
                 self.subscriptions.push(Subscription {
                     key: f.path.clone(),
                     filter: filter.clone(),
@@ -903,11 +912,18 @@ impl Session {
     }
 }
 
+/// The next delivery, or never while the connection has no subscriptions.
+async fn next_queued(rx: &mut Option<mpsc::Receiver<Queued>>) -> Option<Queued> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     mut buf: BytesMut,
     mut session: Session,
-    mut queue_rx: mpsc::Receiver<Queued>,
     keep_alive: u16,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -917,6 +933,8 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
+    let mut queue_rx: Option<mpsc::Receiver<Queued>> = None;
+    let mut busy = false;
     let end = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
@@ -948,7 +966,15 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             if wr.write_all(&session.out).await.is_err() {
                 break End::Abnormal;
             }
-            session.out.clear();
+            // Give the buffer back: an idle connection holds no write buffer.
+            session.out = BytesMut::new();
+        }
+        if let Some(rx) = session.new_queue_rx.take() {
+            queue_rx = Some(rx);
+        }
+        // Idle connections keep a small read buffer; busy ones read in larger chunks.
+        if buf.is_empty() {
+            buf = BytesMut::with_capacity(if busy { 16 * 1024 } else { 64 });
         }
         tokio::select! {
             biased;
@@ -962,16 +988,18 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) | Err(_) => break End::Abnormal,
-                Ok(_) => {}
+                Ok(n) => busy = n >= 64,
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
-            Some(q) = queue_rx.recv(), if session.pending.len() < pending_limit => {
+            Some(q) = next_queued(&mut queue_rx), if session.pending.len() < pending_limit => {
                 session.deliver(q);
                 // Drain what else is queued, so writes are batched.
-                while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
-                    let Ok(q) = queue_rx.try_recv() else { break };
-                    session.deliver(q);
+                if let Some(rx) = queue_rx.as_mut() {
+                    while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
+                        let Ok(q) = rx.try_recv() else { break };
+                        session.deliver(q);
+                    }
                 }
             }
             _ = tokio::time::sleep_until(deadline), if keep.is_some() => {

@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 /// Adapter name in metrics and logs.
 pub const ADAPTER: &str = "mqtt";
 
+/// Sockets accepted beyond `mqtt.max_connections` only to answer CONNACK "server busy".
+const BUSY_HEADROOM: usize = 64;
+
 /// State shared by the connections of one listener.
 pub(crate) struct Shared {
     config: MqttConfig,
@@ -147,6 +150,15 @@ impl Adapter for MqttAdapter {
                         continue;
                     }
                 };
+                // Past the limit, a few more sockets are taken so they can be told "server
+                // busy" in their CONNACK; beyond that they are closed at once, so a flood of
+                // sockets cannot exhaust file descriptors.
+                let open = shared.sockets.load(Ordering::Acquire);
+                if open >= shared.config.max_connections.saturating_add(BUSY_HEADROOM) {
+                    shared.metrics.error("too_many_connections");
+                    drop(stream);
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 shared.sockets.fetch_add(1, Ordering::AcqRel);
                 let slot = SocketSlot(shared.clone());

@@ -170,8 +170,11 @@ where
 {
     let mut buf = BytesMut::with_capacity(512);
     let timeout = shared.config.connect_timeout;
-    let connect =
-        tokio::time::timeout(timeout, connect_phase(&mut stream, &mut buf, &shared)).await;
+    let connect = tokio::time::timeout(
+        timeout,
+        Box::pin(connect_phase(&mut stream, &mut buf, &shared)),
+    )
+    .await;
     let Ok(Some((session, keep_alive))) = connect else {
         if connect.is_err() {
             shared.metrics.error("connect_timeout");
@@ -943,7 +946,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     if let Some(k) = keep {
                         deadline = tokio::time::Instant::now() + k;
                     }
-                    if let Flow::End(e) = session.handle(packet).await {
+                    // Boxed: handling a packet needs a large future, but only briefly; an idle
+                    // connection should not carry its space (connection memory, issue 3).
+                    if let Flow::End(e) = Box::pin(session.handle(packet)).await {
                         break 'conn e;
                     }
                 }
@@ -1017,7 +1022,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         s.pump.abort();
     }
     if end != End::Normal {
-        session.publish_will().await;
+        Box::pin(session.publish_will()).await;
     }
     shared.unregister(&session.client_id, session.connection);
     shared.metrics.connections.dec();

@@ -41,7 +41,9 @@ pub struct Inbound<'a> {
     pub topic: &'a str,
     pub payload: Bytes,
     pub properties: Option<&'a PublishProperties>,
-    pub client_id: &'a str,
+    /// `source` for wrapped payloads: [`client_source`] of the client id, computed once per
+    /// connection.
+    pub source: &'a str,
     pub wrap_type: &'a str,
 }
 
@@ -99,7 +101,7 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
     wrap::wrap(
         m.payload,
         Wrap {
-            source: &client_source(m.client_id),
+            source: m.source,
             ty: m.wrap_type,
             subject: Some(m.topic),
             content_type,
@@ -114,11 +116,11 @@ pub struct Outbound {
     pub properties: Option<PublishProperties>,
 }
 
-/// Encodes an event for a subscriber of `version`. `json` is the event's JSON format, shared
-/// by every subscriber of the envelope.
+/// Encodes an event for a subscriber of `version`. `json` gives the event's JSON format (shared
+/// by every subscriber of the envelope); it is only asked for in the structured modes.
 pub fn encode(
     event: &Event,
-    json: &str,
+    json: impl FnOnce() -> std::sync::Arc<str>,
     version: Version,
     v5: Mqtt5Mode,
     v311: Mqtt311Mode,
@@ -143,14 +145,14 @@ pub fn encode(
             }
         }
         (Version::V5, Mqtt5Mode::Structured, _) => Outbound {
-            payload: Bytes::copy_from_slice(json.as_bytes()),
+            payload: Bytes::copy_from_slice(json().as_bytes()),
             properties: Some(PublishProperties {
                 content_type: Some(json::CONTENT_TYPE.to_owned()),
                 ..Default::default()
             }),
         },
         (Version::V311, _, Mqtt311Mode::Structured) => Outbound {
-            payload: Bytes::copy_from_slice(json.as_bytes()),
+            payload: Bytes::copy_from_slice(json().as_bytes()),
             properties: None,
         },
         (Version::V311, _, Mqtt311Mode::Data) => Outbound {
@@ -177,7 +179,7 @@ mod tests {
             topic: "t/1",
             payload: Bytes::from_static(payload),
             properties: props,
-            client_id: "dev 1",
+            source: "/meshgate/mqtt/dev%201",
             wrap_type: "io.meshgate.mqtt.message",
         }
     }
@@ -272,7 +274,7 @@ mod tests {
         let j = json::encode_string(&e);
         let o = encode(
             &e,
-            &j,
+            || std::sync::Arc::from(j.as_str()),
             Version::V5,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,
@@ -284,14 +286,20 @@ mod tests {
         assert_eq!(names, ["specversion", "id", "source", "type"]);
         let o = encode(
             &e,
-            &j,
+            || std::sync::Arc::from(j.as_str()),
             Version::V311,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,
         );
         assert_eq!(&o.payload[..], j.as_bytes());
         assert!(o.properties.is_none());
-        let o = encode(&e, &j, Version::V311, Mqtt5Mode::Binary, Mqtt311Mode::Data);
+        let o = encode(
+            &e,
+            || std::sync::Arc::from(j.as_str()),
+            Version::V311,
+            Mqtt5Mode::Binary,
+            Mqtt311Mode::Data,
+        );
         assert_eq!(&o.payload[..], b"<a/>");
     }
 
@@ -305,7 +313,7 @@ mod tests {
         let j = json::encode_string(&e);
         let o = encode(
             &e,
-            &j,
+            || std::sync::Arc::from(j.as_str()),
             Version::V5,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,
@@ -316,7 +324,7 @@ mod tests {
             topic: "t",
             payload: o.payload,
             properties: Some(&props),
-            client_id: "c",
+            source: "/c",
             wrap_type: "t",
         })
         .unwrap();

@@ -127,7 +127,45 @@ pub struct PublishMeta {
     pub dup: bool,
 }
 
-/// Reads the fields the codec keeps private (see the module docs).
+/// QoS, packet id and DUP of the PUBLISH frame at the start of `buf`, read from the raw bytes
+/// (no copy), or `None` if `buf` does not start with a complete enough PUBLISH header.
+pub fn peek_publish_meta(buf: &[u8]) -> Option<PublishMeta> {
+    let header = *buf.first()?;
+    if header >> 4 != 3 {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    let qos = match (header >> 1) & 0b11 {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let pkid = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        let topic_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+        let at = i + 2 + topic_len;
+        u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])
+    };
+    Some(PublishMeta {
+        qos,
+        pkid,
+        dup: header & 0b1000 != 0,
+    })
+}
+
+/// Reads the fields the codec keeps private (see the module docs). Copies the packet; the
+/// session uses [`peek_publish_meta`] on the raw bytes instead.
 pub fn publish_meta(p: &Publish) -> PublishMeta {
     let bytes = p.serialize();
     let header = bytes.first().copied().unwrap_or(0);
@@ -194,6 +232,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn peeked_meta_matches_the_workaround() {
+        for (qos, pkid, dup) in [
+            (QoS::AtMostOnce, 0, false),
+            (QoS::AtLeastOnce, 300, true),
+            (QoS::ExactlyOnce, 7, false),
+        ] {
+            let p = publish(
+                "a/b/c",
+                Bytes::from_static(b"payload"),
+                qos,
+                pkid,
+                false,
+                dup,
+            );
+            let mut out = BytesMut::new();
+            write(Version::V311, Packet::Publish(p.clone(), None), &mut out).unwrap();
+            assert_eq!(peek_publish_meta(&out), Some(publish_meta(&p)));
+        }
+        assert_eq!(peek_publish_meta(&[0x32, 5, 0]), None);
     }
 
     #[test]

@@ -68,6 +68,8 @@ struct Session {
     shared: Arc<Shared>,
     version: Version,
     client_id: String,
+    /// `source` of the events wrapped from this client's payloads.
+    source: String,
     principal: Principal,
     origin: Origin,
     /// Largest packet the client accepts (MQTT 5 CONNECT property).
@@ -321,6 +323,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         origin: shared.ctx.origin(connection),
         shared: shared.clone(),
         version,
+        source: binding::client_source(&client_id),
         client_id,
         principal,
         client_max_packet,
@@ -433,9 +436,12 @@ impl Session {
         }
     }
 
-    async fn handle(&mut self, packet: Packet) -> Flow {
+    async fn handle(&mut self, packet: Packet, meta: Option<codec::PublishMeta>) -> Flow {
         match packet {
-            Packet::Publish(p, props) => self.handle_publish(p, props).await,
+            Packet::Publish(p, props) => {
+                let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));
+                self.handle_publish(p, props, meta).await
+            }
             Packet::PubAck(ack, _) => {
                 if let Some(d) = self.inflight.remove(&ack.pkid) {
                     let _ = d.ack().await;
@@ -551,8 +557,8 @@ impl Session {
         &mut self,
         p: rumqttd::protocol::Publish,
         props: Option<PublishProperties>,
+        meta: codec::PublishMeta,
     ) -> Flow {
-        let meta = codec::publish_meta(&p);
         let (qos, pkid) = (meta.qos, meta.pkid);
         if qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&pkid) {
             // A resent QoS 2 publish before PUBREL: acknowledge again, publish once.
@@ -601,7 +607,7 @@ impl Session {
             topic: topic.as_str(),
             payload: p.payload.clone(),
             properties: props.as_ref(),
-            client_id: &self.client_id,
+            source: &self.source,
             wrap_type: &self.shared.config.wrap_type,
         });
         let event = match event {
@@ -824,10 +830,9 @@ impl Session {
             return;
         }
         let envelope = o.delivery.envelope.clone();
-        let json = envelope.json();
         let encoded = binding::encode(
             &envelope.event,
-            &json,
+            || envelope.json(),
             self.version,
             self.shared.config.v5_outbound,
             self.shared.config.v311_outbound,
@@ -890,7 +895,7 @@ impl Session {
             topic: topic.as_str(),
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
-            client_id: &self.client_id,
+            source: &self.source,
             wrap_type: &self.shared.config.wrap_type,
         });
         let Ok(event) = event else {
@@ -941,6 +946,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let end = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
+            let meta = codec::peek_publish_meta(&buf);
             match codec::read(session.version, &mut buf, max) {
                 Ok(Some(packet)) => {
                     if let Some(k) = keep {
@@ -948,7 +954,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     }
                     // Boxed: handling a packet needs a large future, but only briefly; an idle
                     // connection should not carry its space (connection memory, issue 3).
-                    if let Flow::End(e) = Box::pin(session.handle(packet)).await {
+                    if let Flow::End(e) = Box::pin(session.handle(packet, meta)).await {
                         break 'conn e;
                     }
                 }

@@ -1,15 +1,18 @@
 //! One MQTT connection: CONNECT/CONNACK, then the packet loop.
 //!
-//! One task per connection owns the socket. Backbone subscriptions run in small **pump** tasks
-//! that `try_send` deliveries into the connection's bounded queue (`mqtt.max_queued`); a full
-//! queue drops and counts, so a slow device never slows the backbone or other clients.
+//! One task per connection owns the socket and polls the connection's backbone subscriptions
+//! directly, as one stream set (no task per subscription: one wake-up per delivered message).
+//! Deliveries beyond the client's in-flight window wait in `pending` (at most `mqtt.max_queued`);
+//! past that the stream set is not polled, so backpressure reaches the backbone queue and its
+//! full-queue policy decides (block the publishers, or drop and count).
 //! Inbound PUBLISHes are handled one at a time and acknowledged (PUBACK/PUBREC) only after
 //! the backbone accepted the event.
 //!
 //! Implemented: MQTT 3.1.1 and 5, QoS 0/1/2 inbound (QoS 2 deduplicated by packet id until
 //! PUBREL), QoS 0/1 outbound (subscriptions are granted at most QoS 1) with an in-flight window,
 //! keep-alive (1.5×), connect timeout, session takeover, wills, retained messages, v5 no-local
-//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups). Clean sessions only: state ends with the connection.
+//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups).
+//! Clean sessions only: state ends with the connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -26,8 +29,6 @@ use rumqttd::protocol::{
     UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -60,7 +61,8 @@ struct Subscription {
     shared: bool,
     granted: QoS,
     no_local: bool,
-    pump: JoinHandle<()>,
+    /// Ends this subscription's stream in the connection's stream set (unsubscribe).
+    cancel: CancellationToken,
 }
 
 /// The state of one connected client.
@@ -78,11 +80,9 @@ struct Session {
     client_receive_max: usize,
     out: BytesMut,
     subscriptions: Vec<Subscription>,
-    /// Deliveries from the pumps; created at the first subscription (an idle connection has
-    /// none, which keeps it small).
-    queue_tx: Option<mpsc::Sender<Queued>>,
-    /// The receiving end of a queue just created, for the packet loop to pick up.
-    new_queue_rx: Option<mpsc::Receiver<Queued>>,
+    /// Subscription streams created while handling a packet, for the packet loop to add to
+    /// its stream set.
+    new_streams: Vec<DeliveryStream>,
     /// Deliveries waiting for a free slot in the in-flight window.
     pending: VecDeque<Outgoing>,
     /// QoS 1 messages sent and not yet PUBACKed.
@@ -330,8 +330,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         client_receive_max,
         out: BytesMut::new(),
         subscriptions: Vec::new(),
-        queue_tx: None,
-        new_queue_rx: None,
+        new_streams: Vec::new(),
         pending: VecDeque::new(),
         inflight: HashMap::new(),
         next_pkid: 1,
@@ -364,26 +363,34 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
         })
 }
 
-/// A delivery from a pump, with the subscription (its key) that produced it.
+/// A delivery, with the subscription (its key) that produced it.
 pub(crate) struct Queued {
     key: Arc<str>,
     delivery: Delivery,
 }
 
-/// Forwards one backbone subscription into the connection's queue. When the client does not
-/// keep up, this waits, so the backbone subscription's own queue fills and the backbone's
+/// One subscription's deliveries, tagged with its key, ending when it is cancelled.
+type DeliveryStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Queued> + Send>>;
+
+/// The connection's subscriptions as one stream. While the client does not keep up, the packet
+/// loop stops polling it, so each backbone subscription's queue fills and the backbone's
 /// full-queue policy applies (`block`: publishers wait and are told "busy" past
 /// `block_timeout`; `drop`: counted drops) — nothing is lost silently here.
-async fn pump(mut sub: meshgate_core::Subscription, key: Arc<str>, tx: mpsc::Sender<Queued>) {
-    while let Some(delivery) = sub.next().await {
-        let queued = Queued {
+type DeliveryStreams = futures_util::stream::SelectAll<DeliveryStream>;
+
+fn delivery_stream(
+    sub: meshgate_core::Subscription,
+    key: Arc<str>,
+    cancel: CancellationToken,
+) -> DeliveryStream {
+    use futures_util::StreamExt;
+    Box::pin(
+        sub.map(move |delivery| Queued {
             key: key.clone(),
             delivery,
-        };
-        if tx.send(queued).await.is_err() {
-            return;
-        }
-    }
+        })
+        .take_until(cancel.cancelled_owned()),
+    )
 }
 
 /// Splits `$share/<group>/<filter>` (MQTT 5 §4.8.2); `None` for an ordinary filter,
@@ -476,7 +483,7 @@ impl Session {
                     self.subscriptions.retain(|s| {
                         let keep = s.key != *f;
                         if !keep {
-                            s.pump.abort();
+                            s.cancel.cancel();
                         }
                         keep
                     });
@@ -715,19 +722,16 @@ impl Session {
                     }
                 };
                 let key: Arc<str> = Arc::from(f.path.as_str());
-                let tx = self.queue_tx.get_or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(self.shared.config.max_queued);
-                    self.new_queue_rx = Some(rx);
-                    tx
-                });
-                let pump = tokio::spawn(pump(sub, key, tx.clone()));
+                let cancel = CancellationToken::new();
+                self.new_streams
+                    .push(delivery_stream(sub, key, cancel.clone()));
                 self.subscriptions.push(Subscription {
                     key: f.path.clone(),
                     filter: filter.clone(),
                     shared: group.is_some(),
                     granted,
                     no_local: f.nolocal,
-                    pump,
+                    cancel,
                 });
             }
             // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
@@ -764,7 +768,7 @@ impl Session {
         }
     }
 
-    /// A delivery from a pump: deliver once per connection, at the best QoS of the matching
+    /// A delivery from a subscription: deliver once per connection, at the best QoS of the matching
     /// subscriptions, honouring no-local.
     fn deliver(&mut self, q: Queued) {
         let Some(source) = self.subscriptions.iter().find(|s| *s.key == *q.key) else {
@@ -921,10 +925,11 @@ impl Session {
 }
 
 /// The next delivery, or never while the connection has no subscriptions.
-async fn next_queued(rx: &mut Option<mpsc::Receiver<Queued>>) -> Option<Queued> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+async fn next_queued(streams: &mut Option<DeliveryStreams>) -> Option<Queued> {
+    use futures_util::StreamExt;
+    match streams {
+        Some(s) if !s.is_empty() => s.next().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -941,7 +946,8 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
-    let mut queue_rx: Option<mpsc::Receiver<Queued>> = None;
+    // Created at the first subscription: an idle connection has none, which keeps it small.
+    let mut streams: Option<DeliveryStreams> = None;
     let mut busy = false;
     let end = 'conn: loop {
         // Handle every complete packet already buffered.
@@ -980,8 +986,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             // Give the buffer back: an idle connection holds no write buffer.
             session.out = BytesMut::new();
         }
-        if let Some(rx) = session.new_queue_rx.take() {
-            queue_rx = Some(rx);
+        for stream in session.new_streams.drain(..) {
+            streams
+                .get_or_insert_with(DeliveryStreams::new)
+                .push(stream);
         }
         // Idle connections keep a small read buffer; busy ones read in larger chunks.
         if buf.is_empty() {
@@ -1003,12 +1011,13 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
-            Some(q) = next_queued(&mut queue_rx), if session.pending.len() < pending_limit => {
+            Some(q) = next_queued(&mut streams), if session.pending.len() < pending_limit => {
                 session.deliver(q);
-                // Drain what else is queued, so writes are batched.
-                if let Some(rx) = queue_rx.as_mut() {
+                // Take what else is ready without waiting, so writes are batched.
+                if let Some(s) = streams.as_mut() {
+                    use futures_util::{FutureExt, StreamExt};
                     while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
-                        let Ok(q) = rx.try_recv() else { break };
+                        let Some(Some(q)) = s.next().now_or_never() else { break };
                         session.deliver(q);
                     }
                 }
@@ -1025,7 +1034,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     }
     let _ = wr.shutdown().await;
     for s in session.subscriptions.drain(..) {
-        s.pump.abort();
+        s.cancel.cancel();
     }
     if end != End::Normal {
         Box::pin(session.publish_will()).await;

@@ -14,7 +14,8 @@ USER 10001
 # Inside a container the listeners must bind all interfaces; override as needed.
 ENV MESHGATE__HTTP__LISTEN=0.0.0.0:8080 \
     MESHGATE__ADMIN__LISTEN=0.0.0.0:9090
-EXPOSE 8080 9090
+# 1883: MQTT, when enabled (MESHGATE__MQTT__ENABLED=true, MESHGATE__MQTT__LISTEN=0.0.0.0:1883).
+EXPOSE 8080 9090 1883
 HEALTHCHECK --interval=10s --timeout=2s CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3 | grep -q \" 200 \""]
 ENTRYPOINT ["/usr/local/bin/meshgate"]
 CMD ["run", "--config", "/etc/meshgate/meshgate.toml"]

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use meshgate_config::MqttConfig;
-use meshgate_core::metrics::AdapterMetrics;
+use meshgate_core::metrics::{self, AdapterMetrics, Counter};
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,10 @@ pub(crate) struct Shared {
     /// Open sockets (counted at accept, so a flood of idle sockets counts too).
     sockets: AtomicUsize,
     retained: retained::Retained,
+    /// PUBLISHes accepted from clients, per QoS 0/1/2.
+    in_by_qos: [Counter; 3],
+    /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged), per QoS 0/1.
+    out_by_qos: [Counter; 2],
 }
 
 impl Shared {
@@ -96,7 +100,13 @@ impl MqttAdapter {
                     source,
                 })?;
         let metrics = ctx.metrics(ADAPTER);
+        let by_qos = |name: &'static str, qos: &str| {
+            ctx.registry
+                .counter(name, &[("adapter", ADAPTER), ("qos", qos)])
+        };
         let shared = Arc::new(Shared {
+            in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
+            out_by_qos: [0, 1].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
             retained: retained::Retained::new(metrics.dropped("retained_limit")),
             config: config.clone(),
             ctx: ctx.clone(),

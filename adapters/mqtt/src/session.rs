@@ -453,6 +453,7 @@ impl Session {
                 if let Some(d) = self.inflight.remove(&ack.pkid) {
                     let _ = d.ack().await;
                     self.shared.metrics.sent.inc();
+                    self.shared.out_by_qos[1].inc();
                 }
                 self.fill_window();
                 Flow::Continue
@@ -644,6 +645,7 @@ impl Session {
             .await
         {
             Ok(()) => {
+                self.shared.in_by_qos[usize::from(qos as u8).min(2)].inc();
                 self.ack(qos, pkid, PubAckReason::Success);
                 Flow::Continue
             }
@@ -865,6 +867,7 @@ impl Session {
         self.write(Packet::Publish(publish, encoded.properties));
         if o.qos == QoS::AtMostOnce {
             self.shared.metrics.sent.inc();
+            self.shared.out_by_qos[0].inc();
         } else {
             self.inflight.insert(pkid, o.delivery);
         }

@@ -222,6 +222,18 @@ async fn v311_structured_round_trip_qos1() {
         json::decode(E0.as_bytes()).unwrap(),
         "attributes and extension types intact"
     );
+    // Counted per QoS once the subscriber acknowledged.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = h.ctx.registry.render();
+        if m.contains("meshgate_mqtt_publish_in_total{adapter=\"mqtt\",qos=\"1\"} 1")
+            && m.contains("meshgate_mqtt_publish_out_total{adapter=\"mqtt\",qos=\"1\"} 1")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

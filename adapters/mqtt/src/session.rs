@@ -11,7 +11,8 @@
 //! Implemented: MQTT 3.1.1 and 5, QoS 0/1/2 inbound (QoS 2 deduplicated by packet id until
 //! PUBREL), QoS 0/1 outbound (subscriptions are granted at most QoS 1) with an in-flight window,
 //! keep-alive (1.5×), connect timeout, session takeover, wills, retained messages, v5 no-local
-//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups).
+//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups),
+//! inbound topic aliases.
 //! Clean sessions only: state ends with the connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -91,6 +92,8 @@ struct Session {
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
     incoming_qos2: HashSet<u16>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// Topic aliases the client set (MQTT 5), allocated on first use.
+    aliases: Option<HashMap<u16, Topic>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
     connection: u64,
@@ -103,6 +106,9 @@ fn to_qos(n: u8) -> QoS {
         _ => QoS::AtMostOnce,
     }
 }
+
+/// Topic Alias Maximum meshgate announces to MQTT 5 clients (aliases they may set).
+const TOPIC_ALIAS_MAX: u16 = 16;
 
 /// Most QoS meshgate grants to a subscription (outbound QoS 2 is not implemented yet).
 const MAX_GRANTED_QOS: QoS = QoS::AtLeastOnce;
@@ -293,7 +299,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         receive_max: Some(shared.config.max_inflight),
         max_packet_size: u32::try_from(max).ok(),
         assigned_client_identifier: assigned,
-        topic_alias_max: Some(0),
+        topic_alias_max: Some(TOPIC_ALIAS_MAX),
         retain_available: Some(1),
         max_qos: None,
         wildcard_subscription_available: Some(1),
@@ -336,6 +342,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
         will: will.map(|w| (w, will_props)),
+        aliases: None,
         takeover,
         connection,
     };
@@ -641,12 +648,29 @@ impl Session {
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
             return Flow::End(End::Abnormal);
         }
-        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
-            // We announce Topic Alias Maximum 0.
-            self.disconnect(DisconnectReasonCode::TopicAliasInvalid);
-            return Flow::End(End::Abnormal);
-        }
-        let topic = match std::str::from_utf8(&p.topic).ok().map(Topic::from_mqtt) {
+        // MQTT 5 topic aliases (§3.3.2.3.4): a topic with an alias sets it, an empty topic with
+        // an alias uses it.
+        let alias = props.as_ref().and_then(|p| p.topic_alias);
+        let aliased = match alias {
+            None => None,
+            Some(a) if a == 0 || a > TOPIC_ALIAS_MAX => {
+                self.disconnect(DisconnectReasonCode::TopicAliasInvalid);
+                return Flow::End(End::Abnormal);
+            }
+            Some(a) if p.topic.is_empty() => match self.aliases.as_ref().and_then(|m| m.get(&a)) {
+                Some(t) => Some(t.clone()),
+                None => {
+                    // An alias that was never set is a protocol error.
+                    self.disconnect(DisconnectReasonCode::ProtocolError);
+                    return Flow::End(End::Abnormal);
+                }
+            },
+            Some(_) => None,
+        };
+        let topic = match aliased
+            .map(Ok)
+            .or_else(|| std::str::from_utf8(&p.topic).ok().map(Topic::from_mqtt))
+        {
             Some(Ok(t)) => t,
             _ => {
                 if self.version == Version::V5 && qos == QoS::AtMostOnce {
@@ -656,6 +680,11 @@ impl Session {
                 return self.refuse(qos, pkid, PubAckReason::TopicNameInvalid, "bad_topic");
             }
         };
+        if let (Some(a), false) = (alias, p.topic.is_empty()) {
+            self.aliases
+                .get_or_insert_with(Default::default)
+                .insert(a, topic.clone());
+        }
         if self
             .shared
             .ctx

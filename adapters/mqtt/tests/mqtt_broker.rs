@@ -841,3 +841,55 @@ async fn shared_subscriptions_split_the_messages() {
         "both workers got work: {counts:?}"
     );
 }
+
+#[tokio::test]
+async fn v5_topic_aliases_set_use_and_reject() {
+    let h = start().await;
+    let mut sub = h
+        .backbone
+        .subscribe(TopicFilter::parse("alias/#").unwrap(), Default::default())
+        .await
+        .unwrap();
+    let mut s = raw_connect(&h, Version::V5, "aliaser", 30).await;
+    let with_alias = |topic: &str, alias: u16, pkid: u16| {
+        let p = codec::publish(
+            topic,
+            Bytes::from_static(b"x"),
+            rumqttd::protocol::QoS::AtLeastOnce,
+            pkid,
+            false,
+            false,
+        );
+        let props = rumqttd::protocol::PublishProperties {
+            topic_alias: Some(alias),
+            ..Default::default()
+        };
+        rumqttd::protocol::Packet::Publish(p, Some(props))
+    };
+    send(&mut s, Version::V5, with_alias("alias/x", 1, 1)).await;
+    assert!(
+        matches!(recv(&mut s, Version::V5).await, Some(rumqttd::protocol::Packet::PubAck(a, _)) if a.pkid == 1)
+    );
+    send(&mut s, Version::V5, with_alias("", 1, 2)).await;
+    assert!(
+        matches!(recv(&mut s, Version::V5).await, Some(rumqttd::protocol::Packet::PubAck(a, _)) if a.pkid == 2)
+    );
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.topic().as_str(), "alias/x");
+    }
+    // Above the announced maximum (16): DISCONNECT 0x94.
+    send(&mut s, Version::V5, with_alias("alias/y", 17, 3)).await;
+    match recv(&mut s, Version::V5).await {
+        Some(rumqttd::protocol::Packet::Disconnect(d, _)) => {
+            assert_eq!(
+                d.reason_code,
+                rumqttd::protocol::DisconnectReasonCode::TopicAliasInvalid
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}

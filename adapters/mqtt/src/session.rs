@@ -295,7 +295,11 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|p| p.receive_maximum)
         .map_or(65_535, usize::from)
         .min(usize::from(shared.config.max_inflight));
+    // Sessions end with the connection (no persistence yet). MQTT 5 §3.2.2.3.2: when the server
+    // uses another Session Expiry Interval than the client asked for, it says so.
+    let requested_expiry = props.as_ref().and_then(|p| p.session_expiry_interval);
     let ack_props = ConnAckProperties {
+        session_expiry_interval: requested_expiry.filter(|e| *e > 0).map(|_| 0),
         receive_max: Some(shared.config.max_inflight),
         max_packet_size: u32::try_from(max).ok(),
         assigned_client_identifier: assigned,

@@ -893,3 +893,25 @@ async fn v5_topic_aliases_set_use_and_reject() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn v5_connack_states_that_sessions_do_not_persist_yet() {
+    let h = start().await;
+    let (_c, mut rx) = client5(&h, "wants-a-session", |o| {
+        o.set_clean_start(false);
+        let mut props = mq5::ConnectProperties::new();
+        props.session_expiry_interval = Some(3600);
+        o.set_connect_properties(props);
+    })
+    .await;
+    let ack = wait(&mut rx, "CONNACK", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::ConnAck(a))) => Some(a.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(!ack.session_present);
+    let props = ack.properties.unwrap();
+    assert_eq!(props.session_expiry_interval, Some(0));
+    assert_eq!(props.topic_alias_max, Some(16));
+    assert_eq!(props.shared_subscription_available, Some(1));
+}

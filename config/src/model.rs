@@ -136,7 +136,8 @@ pub struct WebSocketConfig {
     pub slow_consumer: SlowConsumerPolicy,
     pub publish_topic: PublishTopic,
     pub max_connections: usize,
-    /// Interval of server pings that keep idle connections alive through proxies.
+    /// Interval of server pings that keep idle connections alive through proxies; a client
+    /// silent (not even a pong) for two intervals is closed with 1001.
     pub ping_interval: Duration,
 }
 

@@ -66,6 +66,8 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 /// Per-connection state shared between the reader and the pumps.
 struct Conn {
     shared: Arc<Shared>,
+    /// When the client last sent anything (frame or pong), for dead-peer detection.
+    last_seen: Mutex<tokio::time::Instant>,
     out: mpsc::Sender<Outbound>,
     /// Fired by a pump when the slow-consumer policy disconnects the client.
     kill: CancellationToken,
@@ -77,6 +79,12 @@ struct Conn {
 }
 
 impl Conn {
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_seen.lock() {
+            *t = tokio::time::Instant::now();
+        }
+    }
+
     fn report(&self, err: &FrameError) {
         tracing::debug!(code = err.code, message = %err.message, "websocket frame dropped");
         self.shared.metrics.error(err.code);
@@ -219,7 +227,21 @@ async fn write_loop(
             biased;
             _ = conn.kill.cancelled() => None,
             msg = rx.recv() => msg,
-            _ = ping.tick() => Some(Outbound::Ping),
+            _ = ping.tick() => {
+                // A peer that answered nothing for two ping intervals is gone (half-open TCP,
+                // suspended laptop): close instead of holding its resources forever.
+                let silent = conn.last_seen.lock().map(|t| t.elapsed()).unwrap_or_default();
+                if silent > conn.shared.config.ping_interval * 2 {
+                    conn.shared.metrics.error("ping_timeout");
+                    if let Ok(mut frame) = conn.kill_frame.lock() {
+                        frame.get_or_insert_with(|| close_frame(close_code::GOING_AWAY, "no answer to pings"));
+                    }
+                    conn.kill.cancel();
+                    None
+                } else {
+                    Some(Outbound::Ping)
+                }
+            }
         };
         let Some(msg) = next else { break };
         let (message, delivery, is_event) = match msg {
@@ -371,6 +393,7 @@ pub(crate) async fn run(
         out,
         kill: CancellationToken::new(),
         kill_frame: Mutex::new(None),
+        last_seen: Mutex::new(tokio::time::Instant::now()),
         filters: RwLock::new(Vec::new()),
     });
     let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
@@ -397,7 +420,9 @@ pub(crate) async fn run(
                 break End::Close(close_frame(close_code::GOING_AWAY, "server shutting down"));
             }
             _ = conn.kill.cancelled() => break End::Killed,
-            frame = stream.next() => match frame {
+            frame = stream.next() => {
+                conn.touch();
+                match frame {
                 None => break End::Client,
                 Some(Err(e)) => break classify_error(e, max),
                 Some(Ok(Message::Text(text))) => {
@@ -410,6 +435,7 @@ pub(crate) async fn run(
                 // Pings are answered by the protocol layer; a close frame is answered there too
                 // and the stream then ends.
                 Some(Ok(_)) => {}
+                }
             }
         }
     };
@@ -437,7 +463,10 @@ pub(crate) async fn run(
         }
         End::Killed => {
             drop(pumps);
-            tracing::info!(connection, "websocket slow consumer disconnected");
+            tracing::info!(
+                connection,
+                "websocket closed by policy (slow consumer or no pong)"
+            );
             let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
         }
         End::Client => {

@@ -518,3 +518,29 @@ async fn connection_limit_gives_503() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_closed() {
+    let mut config = ws_config();
+    config.ping_interval = Duration::from_millis(100);
+    let h = start(config).await;
+    let (mut silent, _) = connect_raw(h.addr, "", Some("cloudevents.json"))
+        .await
+        .unwrap();
+    // Never read (so never answer pings) for a while; then the server has given up on us.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (code, reason) = expect_close(&mut silent).await;
+    assert_eq!(code, 1001);
+    assert!(reason.contains("ping"), "{reason}");
+    // A client that reads (and so answers pings) stays connected.
+    let mut live = connect(h.addr, "").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(50), live.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => panic!("live client closed: {f:?}"),
+            Ok(None) => panic!("live client closed"),
+            _ => {}
+        }
+    }
+    assert!(h.registry.render().contains("kind=\"ping_timeout\"} 1"));
+}

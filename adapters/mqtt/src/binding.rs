@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use meshgate_config::{Mqtt5Mode, Mqtt311Mode};
 use meshgate_core::event::StringAttributes;
-use meshgate_core::wrap::{self, Wrap};
+use meshgate_core::wrap::Wrapper;
 use meshgate_core::{Data, Event, EventError, json, media};
 use rumqttd::protocol::PublishProperties;
 
@@ -41,10 +41,9 @@ pub struct Inbound<'a> {
     pub topic: &'a str,
     pub payload: Bytes,
     pub properties: Option<&'a PublishProperties>,
-    /// `source` for wrapped payloads: [`client_source`] of the client id, computed once per
-    /// connection.
-    pub source: &'a str,
-    pub wrap_type: &'a str,
+    /// Wraps plain payloads: source [`client_source`] of the client id, the configured type;
+    /// made once per connection.
+    pub wrapper: &'a Wrapper,
 }
 
 fn looks_structured_json(payload: &[u8]) -> bool {
@@ -98,15 +97,7 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
     if m.version == Version::V311 && looks_structured_json(&m.payload) {
         return json::decode(&m.payload);
     }
-    wrap::wrap(
-        m.payload,
-        Wrap {
-            source: m.source,
-            ty: m.wrap_type,
-            subject: Some(m.topic),
-            content_type,
-        },
-    )
+    m.wrapper.wrap(m.payload, Some(m.topic), content_type)
 }
 
 /// Payload and properties of an outbound PUBLISH.
@@ -169,6 +160,10 @@ mod tests {
 
     const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
 
+    static WRAPPER: std::sync::LazyLock<Wrapper> = std::sync::LazyLock::new(|| {
+        Wrapper::new(client_source("dev 1"), "io.meshgate.mqtt.message").unwrap()
+    });
+
     fn inbound<'a>(
         version: Version,
         payload: &'static [u8],
@@ -179,8 +174,7 @@ mod tests {
             topic: "t/1",
             payload: Bytes::from_static(payload),
             properties: props,
-            source: "/meshgate/mqtt/dev%201",
-            wrap_type: "io.meshgate.mqtt.message",
+            wrapper: &WRAPPER,
         }
     }
 
@@ -324,8 +318,7 @@ mod tests {
             topic: "t",
             payload: o.payload,
             properties: Some(&props),
-            source: "/c",
-            wrap_type: "t",
+            wrapper: &WRAPPER,
         })
         .unwrap();
         assert_eq!(back.subject(), e.subject());

@@ -71,8 +71,8 @@ struct Session {
     shared: Arc<Shared>,
     version: Version,
     client_id: String,
-    /// `source` of the events wrapped from this client's payloads.
-    source: String,
+    /// Wraps this client's plain payloads (source naming the client, configured type).
+    wrapper: meshgate_core::wrap::Wrapper,
     principal: Principal,
     origin: Origin,
     /// Largest packet the client accepts (MQTT 5 CONNECT property).
@@ -284,6 +284,22 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     }
+    let wrapper = match meshgate_core::wrap::Wrapper::new(
+        binding::client_source(&client_id),
+        shared.config.wrap_type.clone(),
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            // The source is percent-encoded and the type checked by config; report, not panic.
+            tracing::warn!(error = %e, "mqtt: cannot build the wrapper for this client");
+            let p = refuse(
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "client id not usable",
+            );
+            let _ = write_now(stream, version, p).await;
+            return None;
+        }
+    };
     let connection = shared.ctx.next_connection_id();
     let takeover = shared.register(&client_id, connection);
     let client_max_packet = props
@@ -333,7 +349,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         origin: shared.ctx.origin(connection),
         shared: shared.clone(),
         version,
-        source: binding::client_source(&client_id),
+        wrapper,
         client_id,
         principal,
         client_max_packet,
@@ -703,8 +719,7 @@ impl Session {
             topic: topic.as_str(),
             payload: p.payload.clone(),
             properties: props.as_ref(),
-            source: &self.source,
-            wrap_type: &self.shared.config.wrap_type,
+            wrapper: &self.wrapper,
         });
         let event = match event {
             Ok(e) => e,
@@ -990,8 +1005,7 @@ impl Session {
             topic: topic.as_str(),
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
-            source: &self.source,
-            wrap_type: &self.shared.config.wrap_type,
+            wrapper: &self.wrapper,
         });
         let Ok(event) = event else {
             self.shared.metrics.dropped("bad_will").inc();

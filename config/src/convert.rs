@@ -88,6 +88,14 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+fn non_negative(v: i64, path: &str, errors: &mut Errors) -> usize {
+    if v < 0 {
+        errors.push(path, format!("must be 0 or more, got {v}"));
+        return 0;
+    }
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
 fn route(v: &str, path: &str, errors: &mut Errors) -> String {
     if !v.starts_with('/')
         || v == "/"
@@ -355,6 +363,12 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             connect_timeout: duration(&m.connect_timeout, "mqtt.connect_timeout", errors),
             max_inflight,
             max_queued: positive(m.max_queued, "mqtt.max_queued", errors),
+            max_session_expiry: duration(&m.max_session_expiry, "mqtt.max_session_expiry", errors),
+            max_offline_sessions: non_negative(
+                m.max_offline_sessions,
+                "mqtt.max_offline_sessions",
+                errors,
+            ),
             v5_outbound,
             v311_outbound,
             wrap_type: m.wrap_type,

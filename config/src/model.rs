@@ -212,6 +212,12 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Events queued for one client before further ones are dropped and counted.
     pub max_queued: usize,
+    /// Longest a disconnected persistent session is kept: MQTT 5 Session Expiry Intervals are
+    /// capped to it, MQTT 3.1.1 sessions with clean-session 0 are kept this long.
+    pub max_session_expiry: Duration,
+    /// Disconnected persistent sessions kept at once; past it a session ends at disconnect
+    /// (counted as dropped `session_limit`).
+    pub max_offline_sessions: usize,
     pub v5_outbound: Mqtt5Mode,
     pub v311_outbound: Mqtt311Mode,
     /// `type` of wrapped (non-CloudEvents) payloads.

@@ -36,6 +36,9 @@ pub struct Envelope {
     /// Delivery guarantee the publisher asked for, in MQTT terms (0, 1, 2); subscribers get at
     /// most this. Publishers without the notion (HTTP, WebSocket) use 1.
     pub qos: u8,
+    /// Published as an MQTT retained message (MQTT 5 subscribers with Retain As Published see
+    /// the flag). False for publishers without the notion.
+    pub retain: bool,
     /// The JSON format of `event`, encoded once on first use and shared by every subscriber
     /// that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500 times).
     json: std::sync::OnceLock<Arc<str>>,
@@ -48,6 +51,7 @@ impl Envelope {
             event,
             origin,
             qos: 1,
+            retain: false,
             json: std::sync::OnceLock::new(),
         }
     }
@@ -55,6 +59,12 @@ impl Envelope {
     /// The same envelope with the publisher's QoS (MQTT).
     pub fn with_qos(mut self, qos: u8) -> Self {
         self.qos = qos.min(2);
+        self
+    }
+
+    /// The same envelope, marked as published with the MQTT RETAIN flag.
+    pub fn with_retain(mut self, retain: bool) -> Self {
+        self.retain = retain;
         self
     }
 

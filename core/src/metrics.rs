@@ -20,6 +20,8 @@ pub const BACKBONE_DROPPED: &str = "meshgate_backbone_dropped_total";
 pub const BACKBONE_SUBSCRIPTIONS: &str = "meshgate_backbone_subscriptions";
 pub const MQTT_IN_BY_QOS: &str = "meshgate_mqtt_publish_in_total";
 pub const MQTT_OUT_BY_QOS: &str = "meshgate_mqtt_publish_out_total";
+pub const MQTT_SESSIONS_OFFLINE: &str = "meshgate_mqtt_sessions_offline";
+pub const MQTT_SUBSCRIPTIONS: &str = "meshgate_mqtt_subscriptions";
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -35,6 +37,8 @@ fn help(name: &str) -> &'static str {
         BACKBONE_SUBSCRIPTIONS => "Active backbone subscriptions.",
         MQTT_IN_BY_QOS => "MQTT PUBLISHes accepted from clients, per QoS.",
         MQTT_OUT_BY_QOS => "MQTT PUBLISHes delivered to clients, per QoS.",
+        MQTT_SESSIONS_OFFLINE => "Persistent MQTT sessions kept while their client is away.",
+        MQTT_SUBSCRIPTIONS => "MQTT subscriptions, of connected and offline sessions.",
         _ => "meshgate metric",
     }
 }
@@ -66,6 +70,9 @@ pub struct Gauge(Arc<AtomicI64>);
 impl Gauge {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
     }
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);

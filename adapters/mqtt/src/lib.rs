@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use meshgate_config::MqttConfig;
-use meshgate_core::metrics::{self, AdapterMetrics, Counter};
+use meshgate_core::metrics::{self, AdapterMetrics, Counter, Gauge};
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,15 +34,26 @@ pub(crate) struct Shared {
     config: MqttConfig,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
-    /// Connected client ids → (connection id, takeover token).
-    clients: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Connected client ids → their connection id, takeover token, and the token cancelled when
+    /// that connection has finished (its session parked or ended).
+    clients: Mutex<HashMap<String, Client>>,
+    /// Persistent sessions whose client is away.
+    parked: session::parked::Parked,
+    /// Subscriptions of all sessions, connected or parked.
+    subscriptions: Gauge,
     /// Open sockets (counted at accept, so a flood of idle sockets counts too).
     sockets: AtomicUsize,
     retained: retained::Retained,
     /// PUBLISHes accepted from clients, per QoS 0/1/2.
     in_by_qos: [Counter; 3],
-    /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged), per QoS 0/1.
-    out_by_qos: [Counter; 2],
+    /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged, QoS 2 completed).
+    out_by_qos: [Counter; 3],
+}
+
+struct Client {
+    connection: u64,
+    takeover: CancellationToken,
+    finished: CancellationToken,
 }
 
 impl Shared {
@@ -51,21 +62,30 @@ impl Shared {
     }
 
     /// Registers a client id; an existing connection with the same id is told to go
-    /// (session takeover). Returns this connection's takeover token.
-    fn register(&self, client_id: &str, connection: u64) -> CancellationToken {
-        let token = CancellationToken::new();
+    /// (session takeover) and its `finished` token is returned, to wait for.
+    fn register(
+        &self,
+        client_id: &str,
+        connection: u64,
+        takeover: &CancellationToken,
+        finished: &CancellationToken,
+    ) -> Option<CancellationToken> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, old)) = clients.insert(client_id.to_owned(), (connection, token.clone())) {
-            old.cancel();
-        }
-        token
+        let new = Client {
+            connection,
+            takeover: takeover.clone(),
+            finished: finished.clone(),
+        };
+        let old = clients.insert(client_id.to_owned(), new)?;
+        old.takeover.cancel();
+        Some(old.finished)
     }
 
     fn unregister(&self, client_id: &str, connection: u64) {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients
             .get(client_id)
-            .is_some_and(|(c, _)| *c == connection)
+            .is_some_and(|c| c.connection == connection)
         {
             clients.remove(client_id);
         }
@@ -106,12 +126,20 @@ impl MqttAdapter {
         };
         let shared = Arc::new(Shared {
             in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
-            out_by_qos: [0, 1].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
+            out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
             retained: retained::Retained::new(metrics.dropped("retained_limit")),
             config: config.clone(),
             ctx: ctx.clone(),
             metrics,
             clients: Mutex::new(HashMap::new()),
+            parked: session::parked::Parked::new(
+                config.max_offline_sessions,
+                ctx.registry
+                    .gauge(metrics::MQTT_SESSIONS_OFFLINE, &[("adapter", ADAPTER)]),
+            ),
+            subscriptions: ctx
+                .registry
+                .gauge(metrics::MQTT_SUBSCRIPTIONS, &[("adapter", ADAPTER)]),
             sockets: AtomicUsize::new(0),
         });
         Ok(MqttAdapter { shared, listener })

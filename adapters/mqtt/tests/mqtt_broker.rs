@@ -2,193 +2,9 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use bytes::{Bytes, BytesMut};
-use meshgate_backbone::memory::MemoryBackbone;
-use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig, Mqtt5Mode, Mqtt311Mode, MqttConfig};
-use meshgate_core::metrics::Registry;
-use meshgate_core::{
-    Adapter, AdapterContext, Authorizer, Backbone, ExtensionValue, Permissions, TopicFilter,
-    UserSpec, json,
-};
-use meshgate_mqtt::codec::{self, Version};
-use rumqttc::v5::mqttbytes::v5 as mq5;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-fn mqtt_config() -> MqttConfig {
-    MqttConfig {
-        enabled: true,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_connections: 100,
-        max_packet_size: 1 << 20,
-        connect_timeout: Duration::from_millis(500),
-        max_inflight: 16,
-        max_queued: 1000,
-        v5_outbound: Mqtt5Mode::Binary,
-        v311_outbound: Mqtt311Mode::Structured,
-        wrap_type: "io.meshgate.mqtt.message".into(),
-        websocket_path: Some("/mqtt".into()),
-    }
-}
-
-struct Harness {
-    addr: SocketAddr,
-    /// The web listener serving MQTT over WebSocket at /mqtt.
-    ws_addr: SocketAddr,
-    backbone: Arc<MemoryBackbone>,
-    ctx: AdapterContext,
-}
-
-async fn start_with(config: MqttConfig, authorizer: Authorizer) -> Harness {
-    let registry = Registry::new();
-    let backbone = MemoryBackbone::new(
-        MemoryBackboneConfig {
-            queue_capacity: 1024,
-            full_policy: FullQueuePolicy::Drop,
-            block_timeout: Duration::from_secs(1),
-        },
-        &registry,
-    );
-    let ctx = AdapterContext {
-        instance: Arc::from("test"),
-        backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        registry,
-    };
-    let adapter = meshgate_mqtt::MqttAdapter::bind(&config, &ctx)
-        .await
-        .unwrap();
-    let addr = adapter.local_addr().unwrap();
-    let ws_router = adapter.websocket_router().unwrap();
-    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = web.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(web, ws_router).await });
-    let run_ctx = ctx.clone();
-    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
-    Harness {
-        addr,
-        ws_addr,
-        backbone,
-        ctx,
-    }
-}
-
-async fn start() -> Harness {
-    start_with(mqtt_config(), Authorizer::allow_all()).await
-}
-
-/// A rumqttc 3.1.1 client whose events arrive on a channel.
-async fn client4(
-    h: &Harness,
-    id: &str,
-    configure: impl FnOnce(&mut rumqttc::MqttOptions),
-) -> (
-    rumqttc::AsyncClient,
-    mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
-) {
-    let mut opts = rumqttc::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
-    opts.set_keep_alive(Duration::from_secs(5));
-    configure(&mut opts);
-    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let e = el.poll().await.map_err(|e| e.to_string());
-            let stop = e.is_err();
-            if tx.send(e).is_err() || stop {
-                break;
-            }
-        }
-    });
-    (client, rx)
-}
-
-/// A rumqttc 5 client whose events arrive on a channel.
-async fn client5(
-    h: &Harness,
-    id: &str,
-    configure: impl FnOnce(&mut rumqttc::v5::MqttOptions),
-) -> (
-    rumqttc::v5::AsyncClient,
-    mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
-) {
-    let mut opts = rumqttc::v5::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
-    opts.set_keep_alive(Duration::from_secs(5));
-    configure(&mut opts);
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let e = el.poll().await.map_err(|e| e.to_string());
-            let stop = e.is_err();
-            if tx.send(e).is_err() || stop {
-                break;
-            }
-        }
-    });
-    (client, rx)
-}
-
-/// Waits for the first event `pick` accepts.
-async fn wait<E, T>(
-    rx: &mut mpsc::UnboundedReceiver<Result<E, String>>,
-    what: &str,
-    mut pick: impl FnMut(&Result<E, String>) -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let e = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .unwrap_or_else(|| panic!("client ended while waiting for {what}"));
-        if let Some(t) = pick(&e) {
-            return t;
-        }
-    }
-}
-
-fn publish4(e: &Result<rumqttc::Event, String>) -> Option<rumqttc::Publish> {
-    match e {
-        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Some(p.clone()),
-        _ => None,
-    }
-}
-
-fn publish5(e: &Result<rumqttc::v5::Event, String>) -> Option<mq5::Publish> {
-    match e {
-        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Publish(p))) => Some(p.clone()),
-        _ => None,
-    }
-}
-
-async fn suback4(
-    rx: &mut mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
-) -> Vec<rumqttc::SubscribeReasonCode> {
-    wait(rx, "SUBACK", |e| match e {
-        Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s))) => Some(s.return_codes.clone()),
-        _ => None,
-    })
-    .await
-}
-
-async fn suback5(
-    rx: &mut mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
-) -> Vec<mq5::SubscribeReasonCode> {
-    wait(rx, "SUBACK", |e| match e {
-        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::SubAck(s))) => Some(s.return_codes.clone()),
-        _ => None,
-    })
-    .await
-}
+use common::*;
 
 const E0: &str = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t","count":7,"flag":true}"#;
 
@@ -469,69 +285,6 @@ async fn connack_codes_for_refusals() {
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(buf, [0x20, 2, 0, 1]);
-}
-
-async fn raw_connect(h: &Harness, version: Version, id: &str, keep_alive: u16) -> TcpStream {
-    let mut s = TcpStream::connect(h.addr).await.unwrap();
-    let connect = rumqttd::protocol::Connect {
-        keep_alive,
-        client_id: id.into(),
-        clean_session: true,
-    };
-    let props = (version == Version::V5).then(|| rumqttd::protocol::ConnectProperties {
-        session_expiry_interval: None,
-        receive_maximum: None,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: vec![],
-        authentication_method: None,
-        authentication_data: None,
-    });
-    send(
-        &mut s,
-        version,
-        rumqttd::protocol::Packet::Connect(connect, props, None, None, None),
-    )
-    .await;
-    match recv(&mut s, version).await {
-        Some(rumqttd::protocol::Packet::ConnAck(a, _)) => {
-            assert_eq!(a.code, rumqttd::protocol::ConnectReturnCode::Success)
-        }
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    s
-}
-
-async fn send(s: &mut TcpStream, version: Version, p: rumqttd::protocol::Packet) {
-    let mut out = BytesMut::new();
-    codec::write(version, p, &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-}
-
-/// The next packet, or `None` when the server closed the connection.
-async fn recv(s: &mut TcpStream, version: Version) -> Option<rumqttd::protocol::Packet> {
-    let mut buf = BytesMut::new();
-    loop {
-        // The server-side codec cannot read CONNACK in MQTT 5; its 3.1.1 reader takes the
-        // flags and return code and ignores the properties, which is all these tests need.
-        let v = if buf.first().is_some_and(|b| b >> 4 == 2) {
-            Version::V311
-        } else {
-            version
-        };
-        if let Some(p) = codec::read(v, &mut buf, 1 << 20).unwrap() {
-            return Some(p);
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
-            .await
-            .expect("server answered")
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-    }
 }
 
 #[tokio::test]
@@ -895,9 +648,9 @@ async fn v5_topic_aliases_set_use_and_reject() {
 }
 
 #[tokio::test]
-async fn v5_connack_states_that_sessions_do_not_persist_yet() {
+async fn v5_connack_caps_the_session_expiry() {
     let h = start().await;
-    let (_c, mut rx) = client5(&h, "wants-a-session", |o| {
+    let (_c, mut rx) = client5(&h, "wants-a-long-session", |o| {
         o.set_clean_start(false);
         let mut props = mq5::ConnectProperties::new();
         props.session_expiry_interval = Some(3600);
@@ -911,7 +664,8 @@ async fn v5_connack_states_that_sessions_do_not_persist_yet() {
     .await;
     assert!(!ack.session_present);
     let props = ack.properties.unwrap();
-    assert_eq!(props.session_expiry_interval, Some(0));
+    // mqtt.max_session_expiry is 60 s in these tests.
+    assert_eq!(props.session_expiry_interval, Some(60));
     assert_eq!(props.topic_alias_max, Some(16));
     assert_eq!(props.shared_subscription_available, Some(1));
 }

@@ -1,6 +1,6 @@
 //! One MQTT connection: CONNECT/CONNACK, then the packet loop.
 //!
-//! One task per connection owns the socket and polls the connection's backbone subscriptions
+//! One task per connection owns the socket and polls the session's backbone subscriptions
 //! directly, as one stream set (no task per subscription: one wake-up per delivered message).
 //! Deliveries beyond the client's in-flight window wait in `pending` (at most `mqtt.max_queued`);
 //! past that the stream set is not polled, so backpressure reaches the backbone queue and its
@@ -8,26 +8,24 @@
 //! Inbound PUBLISHes are handled one at a time and acknowledged (PUBACK/PUBREC) only after
 //! the backbone accepted the event.
 //!
-//! Implemented: MQTT 3.1.1 and 5, QoS 0/1/2 inbound (QoS 2 deduplicated by packet id until
-//! PUBREL), QoS 0/1 outbound (subscriptions are granted at most QoS 1) with an in-flight window,
-//! keep-alive (1.5×), connect timeout, session takeover, wills, retained messages, v5 no-local
-//! and receive-maximum, shared subscriptions (`$share/group/filter`, as backbone queue groups),
-//! inbound topic aliases.
-//! Clean sessions only: state ends with the connection.
+//! Submodules: [`outbound`] (routing, in-flight window, QoS 1/2 handshakes, retransmission),
+//! [`subscribe`] (SUBSCRIBE/UNSUBSCRIBE), [`parked`] (persistent sessions while the client is
+//! away).
+
+mod outbound;
+pub(crate) mod parked;
+mod subscribe;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{
-    Credentials, Delivery, Origin, Principal, PublishError, SubscribeOptions, Topic, TopicFilter,
-};
+use meshgate_core::{Credentials, Origin, Principal, PublishError, Topic};
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
-    LastWill, LastWillProperties, Login, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, PublishProperties, QoS, SubAck, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    LastWillProperties, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, PublishProperties, QoS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::binding::{self, Inbound};
 use crate::codec::{self, ConnectProbe, Version};
+use outbound::{DeliveryStreams, Inflight, Outgoing, next_queued};
+use subscribe::Subscription;
 
 /// Why a connection ended, for logs and for the will.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,26 +47,9 @@ enum End {
     Server,
 }
 
-/// A delivery waiting to be written: the event and the QoS it goes out with.
-struct Outgoing {
-    delivery: Delivery,
-    qos: QoS,
-    retain: bool,
-}
-
-struct Subscription {
-    /// The filter as the client wrote it (`$share/g/a/#` for a shared subscription).
-    key: String,
-    filter: TopicFilter,
-    /// Shared subscription: a backbone queue group; delivered independently of the others.
-    shared: bool,
-    granted: QoS,
-    no_local: bool,
-    /// Ends this subscription's stream in the connection's stream set (unsubscribe).
-    cancel: CancellationToken,
-}
-
-/// The state of one connected client.
+/// One client's session: its connection state and, for persistent sessions, what outlives
+/// the connection (subscriptions, queued and in-flight messages, packet ids), which is handed to
+/// [`parked`] at disconnect and back at reconnect.
 struct Session {
     shared: Arc<Shared>,
     version: Version,
@@ -74,6 +57,7 @@ struct Session {
     /// Wraps this client's plain payloads (source naming the client, configured type).
     wrapper: meshgate_core::wrap::Wrapper,
     principal: Principal,
+    /// Origin of this session's publishes (kept across reconnects, for no-local).
     origin: Origin,
     /// Largest packet the client accepts (MQTT 5 CONNECT property).
     client_max_packet: usize,
@@ -81,22 +65,51 @@ struct Session {
     client_receive_max: usize,
     out: BytesMut,
     subscriptions: Vec<Subscription>,
-    /// Subscription streams created while handling a packet, for the packet loop to add to
-    /// its stream set.
-    new_streams: Vec<DeliveryStream>,
-    /// Deliveries waiting for a free slot in the in-flight window.
+    /// The subscriptions' delivery streams; created at the first subscription, so an idle
+    /// connection has none.
+    streams: Option<DeliveryStreams>,
+    /// Deliveries waiting for a free slot in the in-flight window (or for the client to return).
     pending: VecDeque<Outgoing>,
-    /// QoS 1 messages sent and not yet PUBACKed.
-    inflight: HashMap<u16, Delivery>,
+    /// QoS 1/2 messages sent and not yet fully acknowledged.
+    inflight: HashMap<u16, Inflight>,
+    next_seq: u64,
     next_pkid: u16,
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
     incoming_qos2: HashSet<u16>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
+    will_delay: Option<Duration>,
+    /// How long the session outlives its connection (zero: it ends with it).
+    expiry: Duration,
+    /// Session Expiry Interval the client sent in CONNECT (MQTT 5), in seconds.
+    requested_expiry: u32,
     /// Topic aliases the client set (MQTT 5), allocated on first use.
     aliases: Option<HashMap<u16, Topic>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
-    connection: u64,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let n = i64::try_from(self.subscriptions.len()).unwrap_or(i64::MAX);
+        self.shared.subscriptions.add(-n);
+    }
+}
+
+impl Session {
+    /// Takes over what a persistent session kept from its previous connection.
+    fn resume(&mut self, old: &mut Session) {
+        self.subscriptions = std::mem::take(&mut old.subscriptions);
+        self.streams = old.streams.take();
+        self.pending = std::mem::take(&mut old.pending);
+        self.inflight = std::mem::take(&mut old.inflight);
+        self.next_seq = old.next_seq;
+        self.next_pkid = old.next_pkid;
+        self.incoming_qos2 = std::mem::take(&mut old.incoming_qos2);
+        self.origin = old.origin.clone();
+        // The old will is not sent: the client is back (MQTT 5 §3.1.3.2.2).
+        old.will = None;
+    }
 }
 
 fn to_qos(n: u8) -> QoS {
@@ -110,8 +123,8 @@ fn to_qos(n: u8) -> QoS {
 /// Topic Alias Maximum meshgate announces to MQTT 5 clients (aliases they may set).
 const TOPIC_ALIAS_MAX: u16 = 16;
 
-/// Most QoS meshgate grants to a subscription (outbound QoS 2 is not implemented yet).
-const MAX_GRANTED_QOS: QoS = QoS::AtLeastOnce;
+/// Most QoS meshgate grants to a subscription.
+const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 
 async fn write_now<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -124,7 +137,12 @@ async fn write_now<S: AsyncWrite + Unpin>(
     stream.write_all(&buf).await
 }
 
-fn connack(version: Version, code: ConnectReturnCode, props: Option<ConnAckProperties>) -> Packet {
+fn connack(
+    version: Version,
+    code: ConnectReturnCode,
+    session_present: bool,
+    props: Option<ConnAckProperties>,
+) -> Packet {
     // rumqttd's V4 writer panics on codes 3.1.1 does not have; map them first.
     let code = match version {
         Version::V5 => code,
@@ -144,7 +162,7 @@ fn connack(version: Version, code: ConnectReturnCode, props: Option<ConnAckPrope
     let props = if version == Version::V5 { props } else { None };
     Packet::ConnAck(
         ConnAck {
-            session_present: false,
+            session_present,
             code,
         },
         props,
@@ -183,13 +201,15 @@ where
         Box::pin(connect_phase(&mut stream, &mut buf, &shared)),
     )
     .await;
-    let Ok(Some((session, keep_alive))) = connect else {
+    let Ok(Some((session, keep_alive, registration))) = connect else {
         if connect.is_err() {
             shared.metrics.error("connect_timeout");
         }
         return;
     };
     run_session(stream, buf, session, keep_alive).await;
+    // Released only now, after the session was parked or ended.
+    drop(registration);
 }
 
 /// Reads CONNECT and answers CONNACK. `None`: refused (already answered) or broken.
@@ -197,7 +217,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
-) -> Option<(Session, u16)> {
+) -> Option<(Session, u16, Registration)> {
     let version = loop {
         match codec::connect_version(buf) {
             ConnectProbe::Version(v) => break v,
@@ -210,7 +230,12 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
                 tracing::debug!(level, "mqtt: unsupported protocol level");
                 shared.metrics.error("unsupported_version");
                 let code = ConnectReturnCode::RefusedProtocolVersion;
-                let _ = write_now(stream, Version::V311, connack(Version::V311, code, None)).await;
+                let _ = write_now(
+                    stream,
+                    Version::V311,
+                    connack(Version::V311, code, false, None),
+                )
+                .await;
                 return None;
             }
             ConnectProbe::NotConnect => {
@@ -236,7 +261,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             reason_string: Some(reason.to_owned()),
             ..Default::default()
         };
-        connack(version, code, Some(props))
+        connack(version, code, false, Some(props))
     };
     // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1).
     let mut assigned = None;
@@ -301,7 +326,17 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let connection = shared.ctx.next_connection_id();
-    let takeover = shared.register(&client_id, connection);
+    let registration = Registration::new(shared, &client_id, connection);
+    if let Some(previous) = &registration.previous {
+        // Session takeover: the previous connection closes and, if its session is persistent,
+        // parks it; wait for that so the session can be resumed below.
+        if tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(client_id, "mqtt: previous connection did not close in time");
+        }
+    }
     let client_max_packet = props
         .as_ref()
         .and_then(|p| p.max_packet_size)
@@ -311,41 +346,36 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|p| p.receive_maximum)
         .map_or(65_535, usize::from)
         .min(usize::from(shared.config.max_inflight));
-    // Sessions end with the connection (no persistence yet). MQTT 5 §3.2.2.3.2: when the server
-    // uses another Session Expiry Interval than the client asked for, it says so.
-    let requested_expiry = props.as_ref().and_then(|p| p.session_expiry_interval);
-    let ack_props = ConnAckProperties {
-        session_expiry_interval: requested_expiry.filter(|e| *e > 0).map(|_| 0),
-        receive_max: Some(shared.config.max_inflight),
-        max_packet_size: u32::try_from(max).ok(),
-        assigned_client_identifier: assigned,
-        topic_alias_max: Some(TOPIC_ALIAS_MAX),
-        retain_available: Some(1),
-        max_qos: None,
-        wildcard_subscription_available: Some(1),
-        subscription_identifiers_available: Some(0),
-        shared_subscription_available: Some(1),
-        ..Default::default()
+    // Session lifetime: MQTT 5 Session Expiry Interval (absent = 0), MQTT 3.1.1 clean session
+    // 0 = "until the server discards it"; both capped by `mqtt.max_session_expiry`.
+    let requested_expiry = match version {
+        Version::V5 => props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0),
+        Version::V311 if connect.clean_session => 0,
+        Version::V311 => u32::MAX,
     };
-    if write_now(
-        stream,
-        version,
-        connack(version, ConnectReturnCode::Success, Some(ack_props)),
-    )
-    .await
-    .is_err()
-    {
-        shared.unregister(&client_id, connection);
-        return None;
+    let expiry =
+        Duration::from_secs(u64::from(requested_expiry)).min(shared.config.max_session_expiry);
+    // Clean start discards a kept session (its will, if delayed, is published now).
+    let mut resumed = shared.parked.take(&client_id, !connect.clean_session).await;
+    if let Some(old) = &resumed {
+        if old.principal.name() != principal.name() {
+            // Another principal may not inherit this session's subscriptions and messages.
+            tracing::info!(
+                client_id,
+                "mqtt: kept session belongs to another user; starting clean"
+            );
+            resumed = None;
+        }
     }
-    shared.metrics.connections.inc();
-    tracing::debug!(
-        client_id,
-        ?version,
-        principal = principal.name(),
-        "mqtt connected"
-    );
-    let session = Session {
+    let will_delay = will_props
+        .as_ref()
+        .and_then(|p| p.delay_interval)
+        .filter(|d| *d > 0)
+        .map(|d| Duration::from_secs(u64::from(d)));
+    let mut session = Session {
         origin: shared.ctx.origin(connection),
         shared: shared.clone(),
         version,
@@ -356,17 +386,128 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         client_receive_max,
         out: BytesMut::new(),
         subscriptions: Vec::new(),
-        new_streams: Vec::new(),
+        streams: None,
         pending: VecDeque::new(),
         inflight: HashMap::new(),
+        next_seq: 0,
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
         will: will.map(|w| (w, will_props)),
+        will_delay,
+        expiry,
+        requested_expiry,
         aliases: None,
-        takeover,
-        connection,
+        takeover: registration.takeover.clone(),
     };
-    Some((session, connect.keep_alive))
+    let session_present = match resumed.as_mut() {
+        Some(old) => {
+            session.resume(old);
+            true
+        }
+        None => false,
+    };
+    drop(resumed);
+    let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
+    let ack_props = ConnAckProperties {
+        // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
+        session_expiry_interval: (granted_expiry != requested_expiry).then_some(granted_expiry),
+        receive_max: Some(shared.config.max_inflight),
+        max_packet_size: u32::try_from(max).ok(),
+        assigned_client_identifier: assigned,
+        topic_alias_max: Some(TOPIC_ALIAS_MAX),
+        retain_available: Some(1),
+        max_qos: None,
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(1),
+        shared_subscription_available: Some(1),
+        ..Default::default()
+    };
+    let ack = connack(
+        version,
+        ConnectReturnCode::Success,
+        session_present,
+        Some(ack_props),
+    );
+    if write_now(stream, version, ack).await.is_err() {
+        finish(session, End::Abnormal).await;
+        return None;
+    }
+    shared.metrics.connections.inc();
+    tracing::debug!(
+        client_id = session.client_id,
+        ?version,
+        principal = session.principal.name(),
+        session_present,
+        "mqtt connected"
+    );
+    // A resumed session first resends what the client had not acknowledged, then what was
+    // queued while it was away.
+    session.resend_inflight();
+    session.fill_window();
+    Some((session, connect.keep_alive, registration))
+}
+
+/// How long a connection taking over a client id waits for the previous one to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// A connection's claim on its client id; released (and announced to a connection waiting to
+/// take over) when dropped, after the session was parked or ended.
+pub(crate) struct Registration {
+    shared: Arc<Shared>,
+    client_id: String,
+    connection: u64,
+    takeover: CancellationToken,
+    finished: CancellationToken,
+    /// The previous connection's `finished`, when this one takes over.
+    previous: Option<CancellationToken>,
+}
+
+impl Registration {
+    fn new(shared: &Arc<Shared>, client_id: &str, connection: u64) -> Self {
+        let takeover = CancellationToken::new();
+        let finished = CancellationToken::new();
+        let previous = shared.register(client_id, connection, &takeover, &finished);
+        Registration {
+            shared: shared.clone(),
+            client_id: client_id.to_owned(),
+            connection,
+            takeover,
+            finished,
+            previous,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.unregister(&self.client_id, self.connection);
+        self.finished.cancel();
+    }
+}
+
+/// Ends a connection's part of a session: a persistent session is parked (its will published
+/// now, or by the parked session after the Will Delay Interval); otherwise the session ends
+/// here and its will, if any, is published.
+async fn finish(mut session: Session, end: End) {
+    if end == End::Normal {
+        session.will = None;
+    }
+    let shared = session.shared.clone();
+    if !session.expiry.is_zero() {
+        if session.will_delay.is_none() {
+            Box::pin(session.publish_will()).await;
+        }
+        session.out = BytesMut::new();
+        session.aliases = None;
+        match shared.parked.park(session) {
+            Ok(()) => return,
+            Err(s) => {
+                shared.metrics.dropped("session_limit").inc();
+                session = s;
+            }
+        }
+    }
+    Box::pin(session.publish_will()).await;
 }
 
 fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, ConnectReturnCode> {
@@ -388,105 +529,6 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
             meshgate_core::AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
             _ => ConnectReturnCode::NotAuthorized,
         })
-}
-
-/// A delivery, with the subscription (its key) that produced it.
-pub(crate) struct Queued {
-    key: Arc<str>,
-    delivery: Delivery,
-}
-
-/// One subscription's deliveries, tagged with its key, ending when it is cancelled.
-type DeliveryStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Queued> + Send>>;
-
-/// The connection's subscriptions, polled in turn. While the client does not keep up, the packet
-/// loop stops polling them, so each backbone subscription's queue fills and the backbone's
-/// full-queue policy applies (`block`: publishers wait and are told "busy" past
-/// `block_timeout`; `drop`: counted drops) — nothing is lost silently here.
-///
-/// A plain vector polled round-robin rather than `SelectAll`, which allocates a task node for
-/// every item it yields (seen in a profile of the MQTT benchmark).
-#[derive(Default)]
-struct DeliveryStreams {
-    streams: Vec<DeliveryStream>,
-    next: usize,
-}
-
-impl DeliveryStreams {
-    fn push(&mut self, s: DeliveryStream) {
-        self.streams.push(s);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.streams.is_empty()
-    }
-
-    /// The next ready delivery, trying each subscription once starting after the last one that
-    /// yielded; finished subscriptions are removed.
-    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Queued>> {
-        use std::task::Poll;
-        let mut tried = 0;
-        while tried < self.streams.len() {
-            let i = self.next % self.streams.len();
-            match self.streams[i].as_mut().poll_next(cx) {
-                Poll::Ready(Some(q)) => {
-                    self.next = i + 1;
-                    return Poll::Ready(Some(q));
-                }
-                Poll::Ready(None) => {
-                    drop(self.streams.swap_remove(i));
-                }
-                Poll::Pending => {
-                    self.next = i + 1;
-                    tried += 1;
-                }
-            }
-        }
-        if self.streams.is_empty() {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// A delivery that is ready now, without waiting.
-    fn try_next(&mut self) -> Option<Queued> {
-        let waker = futures_util::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        match self.poll_next(&mut cx) {
-            std::task::Poll::Ready(q) => q,
-            std::task::Poll::Pending => None,
-        }
-    }
-}
-
-fn delivery_stream(
-    sub: meshgate_core::Subscription,
-    key: Arc<str>,
-    cancel: CancellationToken,
-) -> DeliveryStream {
-    use futures_util::StreamExt;
-    Box::pin(
-        sub.map(move |delivery| Queued {
-            key: key.clone(),
-            delivery,
-        })
-        .take_until(cancel.cancelled_owned()),
-    )
-}
-
-/// Splits `$share/<group>/<filter>` (MQTT 5 §4.8.2); `None` for an ordinary filter,
-/// `Some(Err)` for a malformed shared one.
-fn shared_filter(path: &str) -> Option<Result<(&str, &str), ()>> {
-    let rest = path.strip_prefix("$share/")?;
-    Some(match rest.split_once('/') {
-        Some((group, filter))
-            if !group.is_empty() && !group.contains(['+', '#']) && !filter.is_empty() =>
-        {
-            Ok((group, filter))
-        }
-        _ => Err(()),
-    })
 }
 
 enum Flow {
@@ -532,12 +574,15 @@ impl Session {
                 self.handle_publish(p, props, meta).await
             }
             Packet::PubAck(ack, _) => {
-                if let Some(d) = self.inflight.remove(&ack.pkid) {
-                    let _ = d.ack().await;
-                    self.shared.metrics.sent.inc();
-                    self.shared.out_by_qos[1].inc();
-                }
-                self.fill_window();
+                self.on_puback(ack.pkid).await;
+                Flow::Continue
+            }
+            Packet::PubRec(rec, _) => {
+                self.on_pubrec(rec.pkid, rec.reason).await;
+                Flow::Continue
+            }
+            Packet::PubComp(comp, _) => {
+                self.on_pubcomp(comp.pkid);
                 Flow::Continue
             }
             Packet::PubRel(rel, _) => {
@@ -555,49 +600,43 @@ impl Session {
                 ));
                 Flow::Continue
             }
-            Packet::Subscribe(sub, _) => {
-                self.handle_subscribe(sub.pkid, sub.filters).await;
+            Packet::Subscribe(sub, props) => {
+                if props.as_ref().is_some_and(|p| p.id == Some(0)) {
+                    // MQTT 5 §3.8.2.1.2: a Subscription Identifier of 0 is a protocol error.
+                    self.shared.metrics.error("protocol");
+                    self.disconnect(DisconnectReasonCode::ProtocolError);
+                    return Flow::End(End::Abnormal);
+                }
+                self.handle_subscribe(sub.pkid, sub.filters, props).await;
                 Flow::Continue
             }
             Packet::Unsubscribe(unsub, _) => {
-                let mut reasons = Vec::with_capacity(unsub.filters.len());
-                for f in &unsub.filters {
-                    let before = self.subscriptions.len();
-                    self.subscriptions.retain(|s| {
-                        let keep = s.key != *f;
-                        if !keep {
-                            s.cancel.cancel();
-                        }
-                        keep
-                    });
-                    reasons.push(if self.subscriptions.len() < before {
-                        UnsubAckReason::Success
-                    } else {
-                        UnsubAckReason::NoSubscriptionExisted
-                    });
-                }
-                self.write(Packet::UnsubAck(
-                    UnsubAck {
-                        pkid: unsub.pkid,
-                        reasons,
-                    },
-                    None,
-                ));
+                self.handle_unsubscribe(unsub.pkid, &unsub.filters);
                 Flow::Continue
             }
             Packet::PingReq(_) => {
                 self.write(Packet::PingResp(PingResp));
                 Flow::Continue
             }
-            Packet::Disconnect(d, _) => {
+            Packet::Disconnect(d, props) => {
+                if let Some(e) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.requested_expiry == 0 && e > 0 {
+                        // MQTT 5 §3.14.2.2.2: a session that was to end with the connection
+                        // cannot be made persistent at DISCONNECT.
+                        self.shared.metrics.error("protocol");
+                        self.disconnect(DisconnectReasonCode::ProtocolError);
+                        return Flow::End(End::Abnormal);
+                    }
+                    self.expiry = Duration::from_secs(u64::from(e))
+                        .min(self.shared.config.max_session_expiry);
+                }
                 if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                     Flow::End(End::Abnormal)
                 } else {
                     Flow::End(End::Normal)
                 }
             }
-            // Outbound QoS 2 is not granted, so PUBREC/PUBCOMP from a client are out of order,
-            // as is a second CONNECT.
+            // A second CONNECT, or packets only a server sends.
             other => {
                 tracing::debug!(packet = ?other, "mqtt: unexpected packet");
                 self.shared.metrics.error("protocol");
@@ -737,7 +776,8 @@ impl Session {
         };
         let event = Arc::new(event);
         let envelope = meshgate_core::Envelope::new(topic.clone(), event, self.origin.clone())
-            .with_qos(qos as u8);
+            .with_qos(qos as u8)
+            .with_retain(p.retain);
         if p.retain {
             self.shared.retained.update(&envelope, p.payload.is_empty());
         }
@@ -760,228 +800,6 @@ impl Session {
                 // Never acknowledge what the backbone did not take.
                 self.refuse(qos, pkid, PubAckReason::QuotaExceeded, "backbone")
             }
-        }
-    }
-
-    async fn handle_subscribe(&mut self, pkid: u16, filters: Vec<Filter>) {
-        let mut codes = Vec::with_capacity(filters.len());
-        let mut retained_for = Vec::new();
-        let failure = |v5: SubscribeReasonCode| match self.version {
-            Version::V5 => v5,
-            Version::V311 => SubscribeReasonCode::Failure,
-        };
-        for f in filters {
-            let (group, filter_text) = match shared_filter(&f.path) {
-                None => (None, f.path.as_str()),
-                Some(Ok((g, rest))) => (Some(g), rest),
-                Some(Err(())) => {
-                    codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
-                    continue;
-                }
-            };
-            if group.is_some() && f.nolocal {
-                // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
-                codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
-                continue;
-            }
-            let Ok(filter) = TopicFilter::parse(filter_text) else {
-                codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
-                continue;
-            };
-            if self
-                .shared
-                .ctx
-                .authorizer
-                .check_subscribe(&self.principal, &filter)
-                .is_err()
-            {
-                self.shared.metrics.error("forbidden");
-                codes.push(failure(SubscribeReasonCode::NotAuthorized));
-                continue;
-            }
-            let granted = qos_min(f.qos, MAX_GRANTED_QOS);
-            let existed = self.subscriptions.iter().position(|s| s.key == f.path);
-            if let Some(i) = existed {
-                // Same filter again: replace options, keep the backbone subscription.
-                self.subscriptions[i].granted = granted;
-                self.subscriptions[i].no_local = f.nolocal;
-            } else {
-                let options = SubscribeOptions {
-                    // Shared subscriptions are backbone queue groups, so the group's members
-                    // share the messages across connections (and, on NATS, instances).
-                    queue_group: group.map(|g| format!("mqtt-share:{g}")),
-                    capacity: None,
-                };
-                let sub = match self
-                    .shared
-                    .ctx
-                    .backbone
-                    .subscribe(filter.clone(), options)
-                    .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "mqtt: backbone subscribe failed");
-                        codes.push(failure(SubscribeReasonCode::ImplementationSpecific));
-                        continue;
-                    }
-                };
-                let key: Arc<str> = Arc::from(f.path.as_str());
-                let cancel = CancellationToken::new();
-                self.new_streams
-                    .push(delivery_stream(sub, key, cancel.clone()));
-                self.subscriptions.push(Subscription {
-                    key: f.path.clone(),
-                    filter: filter.clone(),
-                    shared: group.is_some(),
-                    granted,
-                    no_local: f.nolocal,
-                    cancel,
-                });
-            }
-            // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
-            if group.is_some() {
-                codes.push(SubscribeReasonCode::Success(granted));
-                continue;
-            }
-            let send_retained = match f.retain_forward_rule {
-                rumqttd::protocol::RetainForwardRule::OnEverySubscribe => true,
-                rumqttd::protocol::RetainForwardRule::OnNewSubscribe => existed.is_none(),
-                rumqttd::protocol::RetainForwardRule::Never => false,
-            };
-            if send_retained {
-                retained_for.push((filter, granted));
-            }
-            codes.push(SubscribeReasonCode::Success(granted));
-        }
-        self.write(Packet::SubAck(
-            SubAck {
-                pkid,
-                return_codes: codes,
-            },
-            None,
-        ));
-        for (filter, granted) in retained_for {
-            for envelope in self.shared.retained.matching(&filter) {
-                let qos = qos_min(to_qos(envelope.qos), granted);
-                self.send(Outgoing {
-                    delivery: Delivery::new(envelope, None),
-                    qos,
-                    retain: true,
-                });
-            }
-        }
-    }
-
-    /// A delivery from a subscription: deliver once per connection, at the best QoS of the matching
-    /// subscriptions, honouring no-local.
-    fn deliver(&mut self, q: Queued) {
-        let Some(source) = self.subscriptions.iter().find(|s| *s.key == *q.key) else {
-            // Unsubscribed meanwhile.
-            return;
-        };
-        let publish_qos = to_qos(q.delivery.envelope.qos);
-        if source.shared {
-            let qos = qos_min(publish_qos, source.granted);
-            self.send(Outgoing {
-                delivery: q.delivery,
-                qos,
-                retain: false,
-            });
-            return;
-        }
-        let topic = q.delivery.topic();
-        let mut first = None;
-        let mut best = QoS::AtMostOnce;
-        for s in self.subscriptions.iter().filter(|s| !s.shared) {
-            if s.filter.matches(topic) {
-                if s.no_local && q.delivery.envelope.origin == self.origin {
-                    continue;
-                }
-                first.get_or_insert(s.key.as_str());
-                best = if (s.granted as u8) > (best as u8) {
-                    s.granted
-                } else {
-                    best
-                };
-            }
-        }
-        if first != Some(&*q.key) {
-            return;
-        }
-        let qos = qos_min(publish_qos, best);
-        self.send(Outgoing {
-            delivery: q.delivery,
-            qos,
-            retain: false,
-        });
-    }
-
-    fn alloc_pkid(&mut self) -> u16 {
-        loop {
-            let id = self.next_pkid;
-            self.next_pkid = if self.next_pkid == u16::MAX {
-                1
-            } else {
-                self.next_pkid + 1
-            };
-            if !self.inflight.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
-    /// Writes a delivery now, or queues it while the in-flight window is full.
-    fn send(&mut self, o: Outgoing) {
-        if o.qos != QoS::AtMostOnce && self.inflight.len() >= self.client_receive_max {
-            // Bounded: the packet loop stops taking deliveries while `pending` is full.
-            self.pending.push_back(o);
-            return;
-        }
-        let envelope = o.delivery.envelope.clone();
-        let encoded = binding::encode(
-            &envelope.event,
-            || envelope.json(),
-            self.version,
-            self.shared.config.v5_outbound,
-            self.shared.config.v311_outbound,
-        );
-        let topic = envelope.topic.as_str();
-        let approx = 16
-            + topic.len()
-            + encoded.payload.len()
-            + encoded.properties.as_ref().map_or(0, |p| {
-                p.user_properties
-                    .iter()
-                    .map(|(k, v)| 5 + k.len() + v.len())
-                    .sum::<usize>()
-                    + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
-            });
-        if approx > self.client_max_packet {
-            self.shared.metrics.dropped("too_large_for_client").inc();
-            return;
-        }
-        let pkid = if o.qos == QoS::AtMostOnce {
-            0
-        } else {
-            self.alloc_pkid()
-        };
-        let publish = codec::publish(topic, encoded.payload, o.qos, pkid, o.retain, false);
-        self.write(Packet::Publish(publish, encoded.properties));
-        if o.qos == QoS::AtMostOnce {
-            self.shared.metrics.sent.inc();
-            self.shared.out_by_qos[0].inc();
-        } else {
-            self.inflight.insert(pkid, o.delivery);
-        }
-    }
-
-    fn fill_window(&mut self) {
-        while self.inflight.len() < self.client_receive_max {
-            let Some(o) = self.pending.pop_front() else {
-                break;
-            };
-            self.send(o);
         }
     }
 
@@ -1012,7 +830,8 @@ impl Session {
             return;
         };
         let envelope = meshgate_core::Envelope::new(topic, Arc::new(event), self.origin.clone())
-            .with_qos(will.qos as u8);
+            .with_qos(will.qos as u8)
+            .with_retain(will.retain);
         if will.retain {
             self.shared
                 .retained
@@ -1029,14 +848,6 @@ impl Session {
     }
 }
 
-/// The next delivery, or never while the connection has no subscriptions.
-async fn next_queued(streams: &mut Option<DeliveryStreams>) -> Option<Queued> {
-    match streams {
-        Some(s) if !s.is_empty() => std::future::poll_fn(|cx| s.poll_next(cx)).await,
-        _ => std::future::pending().await,
-    }
-}
-
 async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     mut buf: BytesMut,
@@ -1050,8 +861,6 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
-    // Created at the first subscription: an idle connection has none, which keeps it small.
-    let mut streams: Option<DeliveryStreams> = None;
     let mut busy = false;
     let end = 'conn: loop {
         // Handle every complete packet already buffered.
@@ -1090,11 +899,6 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             // Give the buffer back: an idle connection holds no write buffer.
             session.out = BytesMut::new();
         }
-        for stream in session.new_streams.drain(..) {
-            streams
-                .get_or_insert_with(DeliveryStreams::default)
-                .push(stream);
-        }
         // Idle connections keep a small read buffer; busy ones read in larger chunks.
         if buf.is_empty() {
             buf = BytesMut::with_capacity(if busy { 16 * 1024 } else { 64 });
@@ -1115,14 +919,14 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
-            Some(q) = next_queued(&mut streams), if session.pending.len() < pending_limit => {
+            Some(q) = next_queued(&mut session.streams), if session.pending.len() < pending_limit => {
                 session.deliver(q);
                 // Take what else is ready without waiting, so writes are batched.
-                if let Some(s) = streams.as_mut() {
-                    while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
-                        let Some(q) = s.try_next() else { break };
-                        session.deliver(q);
-                    }
+                while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
+                    let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {
+                        break;
+                    };
+                    session.deliver(q);
                 }
             }
             _ = tokio::time::sleep_until(deadline), if keep.is_some() => {
@@ -1136,13 +940,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&session.out)).await;
     }
     let _ = wr.shutdown().await;
-    for s in session.subscriptions.drain(..) {
-        s.cancel.cancel();
-    }
-    if end != End::Normal {
-        Box::pin(session.publish_will()).await;
-    }
-    shared.unregister(&session.client_id, session.connection);
     shared.metrics.connections.dec();
     tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
+    finish(session, end).await;
 }

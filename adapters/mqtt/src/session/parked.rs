@@ -1,0 +1,147 @@
+//! Persistent sessions while their client is away (MQTT 3.1.1 clean session 0, MQTT 5 Session
+//! Expiry Interval > 0).
+//!
+//! A parked session is owned by one task that keeps its backbone subscriptions drained into
+//! the session's queue (QoS 1/2, up to `mqtt.max_queued`, the rest counted as dropped), so an
+//! absent client never blocks publishers. The task ends when the client comes back (the
+//! session is handed to the new connection), when a clean start discards it, or when it
+//! expires; a delayed will (MQTT 5 Will Delay Interval) is published by this task unless the
+//! client returns first.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meshgate_core::metrics::Gauge;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::Session;
+use super::outbound::next_queued;
+
+/// What the owner of a parked session is told to do.
+enum Command {
+    /// Hand the session to the reconnecting client.
+    Resume(oneshot::Sender<Session>),
+    /// End it (a clean start took the client id): its will is published now.
+    End,
+}
+
+struct Entry {
+    generation: u64,
+    control: oneshot::Sender<Command>,
+}
+
+/// The disconnected persistent sessions of one listener, by client id.
+pub(crate) struct Parked {
+    sessions: Mutex<HashMap<String, Entry>>,
+    generation: AtomicU64,
+    limit: usize,
+    /// How many are parked (the `meshgate_mqtt_sessions_offline` gauge).
+    gauge: Gauge,
+}
+
+impl Parked {
+    pub(crate) fn new(limit: usize, gauge: Gauge) -> Self {
+        Parked {
+            sessions: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            limit,
+            gauge,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `session` until its client returns or it expires. Gives it back when the limit of
+    /// parked sessions is reached (the caller ends it).
+    pub(super) fn park(&self, session: Session) -> Result<(), Session> {
+        let (control, commands) = oneshot::channel();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut map = self.lock();
+            if map.len() >= self.limit && !map.contains_key(&session.client_id) {
+                return Err(session);
+            }
+            // A session parked under the same id cannot exist (the connection that parks owns
+            // the id), but if it did, dropping its control ends it.
+            map.insert(
+                session.client_id.clone(),
+                Entry {
+                    generation,
+                    control,
+                },
+            );
+        }
+        self.gauge.inc();
+        let tracker = session.shared.ctx.tracker.clone();
+        tracker.spawn(hold(session, commands, generation));
+        Ok(())
+    }
+
+    /// The parked session of `client_id`, handed over (`resume`) or ended.
+    pub(super) async fn take(&self, client_id: &str, resume: bool) -> Option<Session> {
+        let entry = self.lock().remove(client_id)?;
+        if !resume {
+            let _ = entry.control.send(Command::End);
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        entry.control.send(Command::Resume(tx)).ok()?;
+        // Err: the session expired at this very moment.
+        rx.await.ok()
+    }
+
+    /// Removes the entry of a session that ended by itself (expired), unless a newer session
+    /// took its place.
+    fn forget(&self, client_id: &str, generation: u64) {
+        let mut map = self.lock();
+        if map
+            .get(client_id)
+            .is_some_and(|e| e.generation == generation)
+        {
+            map.remove(client_id);
+        }
+    }
+}
+
+/// Owns a parked session until it resumes, ends or expires.
+async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, generation: u64) {
+    let shared = session.shared.clone();
+    let expires = Instant::now() + session.expiry;
+    let will_at = session.will_delay.map(|d| Instant::now() + d);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.ctx.shutdown.cancelled() => break,
+            command = &mut commands => {
+                match command {
+                    Ok(Command::Resume(to)) => {
+                        shared.parked.gauge.dec();
+                        // If the new connection is gone already, the session goes with it.
+                        let _ = to.send(session);
+                        return;
+                    }
+                    Ok(Command::End) | Err(_) => {
+                        Box::pin(session.publish_will()).await;
+                        break;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(expires) => {
+                // The session ends: a will still waiting for its delay goes now (MQTT 5 §3.1.3.2.2).
+                Box::pin(session.publish_will()).await;
+                shared.parked.forget(&session.client_id, generation);
+                break;
+            }
+            _ = tokio::time::sleep_until(will_at.unwrap_or(expires)), if will_at.is_some() && session.will.is_some() => {
+                Box::pin(session.publish_will()).await;
+            }
+            Some(q) = next_queued(&mut session.streams) => session.queue_offline(q),
+        }
+    }
+    shared.parked.gauge.dec();
+    tracing::debug!(client_id = session.client_id, "mqtt: session ended");
+}

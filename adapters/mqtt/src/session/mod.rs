@@ -503,7 +503,7 @@ async fn finish(mut session: Session, end: End) {
             Ok(()) => return,
             Err(s) => {
                 shared.metrics.dropped("session_limit").inc();
-                session = s;
+                session = *s;
             }
         }
     }

@@ -57,13 +57,13 @@ impl Parked {
 
     /// Keeps `session` until its client returns or it expires. Gives it back when the limit of
     /// parked sessions is reached (the caller ends it).
-    pub(super) fn park(&self, session: Session) -> Result<(), Session> {
+    pub(super) fn park(&self, session: Session) -> Result<(), Box<Session>> {
         let (control, commands) = oneshot::channel();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut map = self.lock();
             if map.len() >= self.limit && !map.contains_key(&session.client_id) {
-                return Err(session);
+                return Err(Box::new(session));
             }
             // A session parked under the same id cannot exist (the connection that parks owns
             // the id), but if it did, dropping its control ends it.

@@ -1,7 +1,7 @@
 //! Shared harness of the MQTT adapter tests: the adapter on a memory backbone, rumqttc
 //! (3.1.1 and 5) clients whose events arrive on channels, and raw-packet helpers.
 
-#![allow(dead_code)] // each test file uses a part
+#![allow(dead_code, unused_imports)] // each test file uses a part
 
 pub use std::net::SocketAddr;
 pub use std::sync::Arc;
@@ -100,12 +100,27 @@ pub async fn client4(
     rumqttc::AsyncClient,
     mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
 ) {
+    let (client, rx, _) = killable4(h, id, configure).await;
+    (client, rx)
+}
+
+/// Like `client4`, with a handle that kills the connection without DISCONNECT (the event
+/// loop and its socket are dropped), as a device losing power would.
+pub async fn killable4(
+    h: &Harness,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::MqttOptions),
+) -> (
+    rumqttc::AsyncClient,
+    mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+    tokio::task::AbortHandle,
+) {
     let mut opts = rumqttc::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
     opts.set_keep_alive(Duration::from_secs(5));
     configure(&mut opts);
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let e = el.poll().await.map_err(|e| e.to_string());
             let stop = e.is_err();
@@ -114,7 +129,7 @@ pub async fn client4(
             }
         }
     });
-    (client, rx)
+    (client, rx, task.abort_handle())
 }
 
 /// A rumqttc 5 client whose events arrive on a channel.
@@ -126,12 +141,27 @@ pub async fn client5(
     rumqttc::v5::AsyncClient,
     mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
 ) {
+    let (client, rx, _) = killable5(h, id, configure).await;
+    (client, rx)
+}
+
+/// Like `client5`, with a handle that kills the connection without DISCONNECT (the event
+/// loop and its socket are dropped), as a device losing power would.
+pub async fn killable5(
+    h: &Harness,
+    id: &str,
+    configure: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (
+    rumqttc::v5::AsyncClient,
+    mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
+    tokio::task::AbortHandle,
+) {
     let mut opts = rumqttc::v5::MqttOptions::new(id, h.addr.ip().to_string(), h.addr.port());
     opts.set_keep_alive(Duration::from_secs(5));
     configure(&mut opts);
     let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 100);
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let e = el.poll().await.map_err(|e| e.to_string());
             let stop = e.is_err();
@@ -140,7 +170,7 @@ pub async fn client5(
             }
         }
     });
-    (client, rx)
+    (client, rx, task.abort_handle())
 }
 
 /// Waits for the first event `pick` accepts.

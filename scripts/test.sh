@@ -11,6 +11,7 @@ declare -A NEEDED=(
     [chromium]=chromium
     [mosquitto_pub]=mosquitto-clients
     [mosquitto_sub]=mosquitto-clients
+    [openssl]=openssl
 )
 
 missing=()

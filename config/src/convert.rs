@@ -88,6 +88,19 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+/// A PEM file that must exist (its content is checked when the listener starts).
+fn pem_file(v: &str, path: &str, errors: &mut Errors) -> std::path::PathBuf {
+    if v.is_empty() {
+        errors.push(
+            path,
+            "required when mqtt.tls_listen is set: the path of a PEM file",
+        );
+    } else if !std::path::Path::new(v).is_file() {
+        errors.push(path, format!("`{v}` is not a readable file"));
+    }
+    std::path::PathBuf::from(v)
+}
+
 fn non_negative(v: i64, path: &str, errors: &mut Errors) -> usize {
     if v < 0 {
         errors.push(path, format!("must be 0 or more, got {v}"));
@@ -374,6 +387,11 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             wrap_type: m.wrap_type,
             websocket_path: (!m.websocket_path.is_empty())
                 .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),
+            tls: (!m.tls_listen.is_empty()).then(|| MqttTlsConfig {
+                listen: addr(&m.tls_listen, "mqtt.tls_listen", errors),
+                cert_file: pem_file(&m.tls_cert_file, "mqtt.tls_cert_file", errors),
+                key_file: pem_file(&m.tls_key_file, "mqtt.tls_key_file", errors),
+            }),
         }
     });
     if let (Some(h), Some(w), Some(m)) = (&http, &websocket, &mqtt) {

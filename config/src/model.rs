@@ -224,4 +224,16 @@ pub struct MqttConfig {
     pub wrap_type: String,
     /// Route for MQTT over WebSocket (subprotocol `mqtt`) on the web listener; `None`: off.
     pub websocket_path: Option<String>,
+    /// MQTT over TLS (conventionally port 8883); `None`: off.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+/// The MQTT over TLS listener: same sessions as the plain one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTlsConfig {
+    pub listen: SocketAddr,
+    /// PEM file with the server certificate chain (leaf first).
+    pub cert_file: std::path::PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }

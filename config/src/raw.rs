@@ -120,4 +120,7 @@ pub struct Mqtt {
     pub v311_outbound: String,
     pub wrap_type: String,
     pub websocket_path: String,
+    pub tls_listen: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }

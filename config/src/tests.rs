@@ -245,3 +245,31 @@ fn debug_output_hides_secrets() {
         "{dbg}"
     );
 }
+
+#[test]
+fn mqtt_tls_and_session_settings_are_checked() {
+    let errors = errors_of(
+        "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\ntls_key_file = \"/nonexistent/key.pem\"\nmax_session_expiry = \"forever\"\nmax_offline_sessions = -1\n",
+        &[],
+    );
+    assert!(has(&errors, "mqtt.tls_cert_file", "required"), "{errors:?}");
+    assert!(
+        has(&errors, "mqtt.tls_key_file", "not a readable file"),
+        "{errors:?}"
+    );
+    assert!(
+        has(&errors, "mqtt.max_session_expiry", "duration"),
+        "{errors:?}"
+    );
+    assert!(
+        has(&errors, "mqtt.max_offline_sessions", "0 or more"),
+        "{errors:?}"
+    );
+    let c = load_str("[mqtt]\nmax_session_expiry = \"0s\"\n", "t", Vec::new()).unwrap();
+    assert_eq!(
+        c.mqtt.max_session_expiry,
+        Duration::ZERO,
+        "0 turns persistence off"
+    );
+    assert!(c.mqtt.tls.is_none(), "TLS is off by default");
+}

@@ -43,6 +43,8 @@ pub struct RunningGateway {
     pub admin_addr: Option<SocketAddr>,
     /// Address of the MQTT listener, if enabled.
     pub mqtt_addr: Option<SocketAddr>,
+    /// MQTT over TLS, when `mqtt.tls_listen` is set.
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub instance: Arc<str>,
     pub registry: Registry,
     ctx: AdapterContext,
@@ -125,20 +127,29 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let ingress_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
 
-    let (mut mqtt_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None);
+    let (mut mqtt_addr, mut mqtt_tls_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None, None);
     if config.mqtt.enabled {
         let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt, &ctx)
             .await
             .map_err(|e| match e {
-                meshgate_core::AdapterError::Bind { source, .. } => StartError::Bind {
-                    addr: config.mqtt.listen,
-                    key: "mqtt.listen",
-                    env: "MQTT__LISTEN",
-                    source,
+                meshgate_core::AdapterError::Bind { source, addr } => match &config.mqtt.tls {
+                    Some(tls) if addr == tls.listen.to_string() => StartError::Bind {
+                        addr: tls.listen,
+                        key: "mqtt.tls_listen",
+                        env: "MQTT__TLS_LISTEN",
+                        source,
+                    },
+                    _ => StartError::Bind {
+                        addr: config.mqtt.listen,
+                        key: "mqtt.listen",
+                        env: "MQTT__LISTEN",
+                        source,
+                    },
                 },
                 other => StartError::Adapter(other.to_string()),
             })?;
         mqtt_addr = adapter.local_addr();
+        mqtt_tls_addr = adapter.tls_addr();
         mqtt_ws = adapter.websocket_router();
         let ctx = ctx.clone();
         mqtt_task = Some(tokio::spawn(async move {
@@ -179,6 +190,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         web_addr,
         admin_addr,
         mqtt_addr,
+        mqtt_tls_addr,
         instance,
         registry,
         ctx,

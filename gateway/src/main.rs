@@ -127,6 +127,11 @@ async fn run(config: Config) -> ExitCode {
     }
     if let Some(addr) = gateway.mqtt_addr {
         println!("mqtt       mqtt://{addr}");
+    }
+    if let Some(addr) = gateway.mqtt_tls_addr {
+        println!("mqtt-tls   mqtts://{addr}");
+    }
+    if gateway.mqtt_addr.is_some() {
         if let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path) {
             println!("mqtt-ws    ws://{web}{path}");
         }

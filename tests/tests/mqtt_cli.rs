@@ -238,3 +238,132 @@ async fn mosquitto_persistent_session_gets_what_was_published_while_away() {
     );
     gw.shutdown().await;
 }
+
+/// A self-signed certificate for 127.0.0.1 made with the openssl command (cert, key paths).
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=meshgate-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs (Debian package openssl)");
+    assert!(status.success());
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_mosquitto_clients() {
+    let dir = std::env::temp_dir().join(format!("meshgate-tls-{}", std::process::id()));
+    let (cert, key) = self_signed(&dir);
+    let mut config = mqtt_config();
+    config.mqtt.tls = Some(meshgate_config::MqttTlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_file: cert.clone(),
+        key_file: key,
+    });
+    let gw = meshgate::start(config).await.unwrap();
+    let port = gw.mqtt_tls_addr.unwrap().port().to_string();
+    let cafile = cert.to_str().unwrap();
+    // A client speaking plain MQTT to the TLS port fails its handshake, and nothing else.
+    let plain = mosquitto("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "secure/x",
+            "-m",
+            "clear",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!plain.success(), "plain MQTT must not work on the TLS port");
+    let sub = mosquitto("mosquitto_sub")
+        .args([
+            "--cafile",
+            cafile,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv5",
+        ])
+        .args([
+            "-t", "secure/#", "-q", "1", "-C", "1", "-W", "10", "-F", "%t|%p",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_url = format!("http://{}/metrics", gw.admin_addr.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("meshgate_mqtt_subscriptions{adapter=\"mqtt\"} 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no subscription:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = mosquitto("mosquitto_pub")
+        .args([
+            "--cafile",
+            cafile,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+        ])
+        .args(["-t", "secure/door", "-m", "locked"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim_end(),
+        "secure/door|locked"
+    );
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_key_that_is_not_a_key_is_a_start_error_naming_the_setting() {
+    let dir = std::env::temp_dir().join(format!("meshgate-badtls-{}", std::process::id()));
+    let (cert, _) = self_signed(&dir);
+    let mut config = mqtt_config();
+    config.mqtt.tls = Some(meshgate_config::MqttTlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_file: cert.clone(),
+        key_file: cert,
+    });
+    let err = meshgate::start(config).await.err().unwrap().to_string();
+    assert!(err.contains("mqtt.tls_key_file"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

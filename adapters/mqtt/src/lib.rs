@@ -9,6 +9,7 @@ pub mod binding;
 pub mod codec;
 mod retained;
 mod session;
+mod tls;
 pub mod websocket;
 
 use std::collections::HashMap;
@@ -92,10 +93,11 @@ impl Shared {
     }
 }
 
-/// A bound MQTT listener, ready to run as an [`Adapter`].
+/// A bound MQTT listener (and TLS listener, when configured), ready to run as an [`Adapter`].
 pub struct MqttAdapter {
     shared: Arc<Shared>,
     listener: TcpListener,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
 impl std::fmt::Debug for MqttAdapter {
@@ -119,6 +121,20 @@ impl MqttAdapter {
                     addr: config.listen.to_string(),
                     source,
                 })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => {
+                let acceptor = tls::acceptor(t).map_err(AdapterError::Other)?;
+                let listener =
+                    TcpListener::bind(t.listen)
+                        .await
+                        .map_err(|source| AdapterError::Bind {
+                            addr: t.listen.to_string(),
+                            source,
+                        })?;
+                Some((listener, acceptor))
+            }
+        };
         let metrics = ctx.metrics(ADAPTER);
         let by_qos = |name: &'static str, qos: &str| {
             ctx.registry
@@ -142,11 +158,20 @@ impl MqttAdapter {
                 .gauge(metrics::MQTT_SUBSCRIPTIONS, &[("adapter", ADAPTER)]),
             sockets: AtomicUsize::new(0),
         });
-        Ok(MqttAdapter { shared, listener })
+        Ok(MqttAdapter {
+            shared,
+            listener,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// The MQTT over TLS listener's address, when configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// MQTT over WebSocket at `mqtt.websocket_path`, sharing this broker's sessions, for the
@@ -173,40 +198,81 @@ impl Adapter for MqttAdapter {
 
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
-            let shared = self.shared;
-            loop {
-                let accepted = tokio::select! {
-                    _ = ctx.shutdown.cancelled() => break,
-                    a = self.listener.accept() => a,
-                };
-                let (stream, _): (tokio::net::TcpStream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "mqtt: accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Past the limit, a few more sockets are taken so they can be told "server
-                // busy" in their CONNACK; beyond that they are closed at once, so a flood of
-                // sockets cannot exhaust file descriptors.
-                let open = shared.sockets.load(Ordering::Acquire);
-                if open >= shared.config.max_connections.saturating_add(BUSY_HEADROOM) {
-                    shared.metrics.error("too_many_connections");
-                    drop(stream);
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
-                shared.sockets.fetch_add(1, Ordering::AcqRel);
-                let slot = SocketSlot(shared.clone());
-                let shared = shared.clone();
-                ctx.tracker.spawn(async move {
-                    let _slot = slot;
-                    session::run(stream, shared).await;
-                });
+            let MqttAdapter {
+                shared,
+                listener,
+                tls,
+            } = *self;
+            let tls_loop = tls.map(|(listener, acceptor)| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    shared.clone(),
+                    ctx.clone(),
+                    Some(acceptor),
+                ))
+            });
+            accept_loop(listener, shared, ctx, None).await;
+            if let Some(t) = tls_loop {
+                let _ = t.await;
             }
             Ok(())
         })
+    }
+}
+
+/// Accepts sockets until shutdown; each runs its session in its own task (after the TLS
+/// handshake, for the TLS listener).
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ctx: AdapterContext,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _): (tokio::net::TcpStream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "mqtt: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Past the limit, a few more sockets are taken so they can be told "server busy" in
+        // their CONNACK; beyond that they are closed at once, so a flood of sockets cannot
+        // exhaust file descriptors.
+        let open = shared.sockets.load(Ordering::Acquire);
+        if open >= shared.config.max_connections.saturating_add(BUSY_HEADROOM) {
+            shared.metrics.error("too_many_connections");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        shared.sockets.fetch_add(1, Ordering::AcqRel);
+        let slot = SocketSlot(shared.clone());
+        let shared = shared.clone();
+        let tls = tls.clone();
+        ctx.tracker.spawn(async move {
+            let _slot = slot;
+            match tls {
+                None => session::run(stream, shared).await,
+                Some(acceptor) => {
+                    // The handshake counts against the connect timeout, like CONNECT.
+                    let timeout = shared.config.connect_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => session::run(tls_stream, shared).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "mqtt: TLS handshake failed");
+                            shared.metrics.error("tls_handshake");
+                        }
+                        Err(_) => shared.metrics.error("tls_handshake_timeout"),
+                    }
+                }
+            }
+        });
     }
 }

@@ -99,6 +99,7 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         v311_outbound: Mqtt311Mode::Structured,
         wrap_type: "t".into(),
         websocket_path: None,
+        tls: None,
     };
     let adapter = meshgate_mqtt::MqttAdapter::bind(&config, &ctx)
         .await

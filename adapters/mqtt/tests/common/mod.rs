@@ -40,6 +40,7 @@ pub fn mqtt_config() -> MqttConfig {
         v311_outbound: Mqtt311Mode::Structured,
         wrap_type: "io.meshgate.mqtt.message".into(),
         websocket_path: Some("/mqtt".into()),
+        tls: None,
     }
 }
 

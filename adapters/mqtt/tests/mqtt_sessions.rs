@@ -428,3 +428,37 @@ async fn takeover_hands_the_live_session_to_the_new_connection() {
     let p = wait(&mut rx2, "delivery to the new connection", publish5).await;
     assert_eq!(&p.payload[..], b"m0");
 }
+
+#[tokio::test]
+async fn offline_session_limit_ends_extra_sessions_and_counts_them() {
+    let mut config = mqtt_config();
+    config.max_offline_sessions = 1;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    for id in ["kept-1", "kept-2"] {
+        let (c, mut rx) = client4(&h, id, |o| {
+            o.set_clean_session(false);
+        })
+        .await;
+        connack4(&mut rx).await;
+        c.disconnect().await.unwrap();
+        wait(&mut rx, "the connection to end", |e| {
+            e.is_err().then_some(())
+        })
+        .await;
+    }
+    eventually("the second session to be refused", || {
+        dropped(&h, "session_limit") == 1
+    })
+    .await;
+    assert_eq!(offline_sessions(&h), 1);
+    let (_c, mut rx) = client4(&h, "kept-1", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    assert!(connack4(&mut rx).await, "the first one was kept");
+    let (_c, mut rx) = client4(&h, "kept-2", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    assert!(!connack4(&mut rx).await, "the second one was not");
+}

@@ -260,19 +260,27 @@ async fn accept_loop(
             let _slot = slot;
             match tls {
                 None => session::run(stream, shared).await,
-                Some(acceptor) => {
-                    // The handshake counts against the connect timeout, like CONNECT.
-                    let timeout = shared.config.connect_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => session::run(tls_stream, shared).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "mqtt: TLS handshake failed");
-                            shared.metrics.error("tls_handshake");
-                        }
-                        Err(_) => shared.metrics.error("tls_handshake_timeout"),
-                    }
-                }
+                // Boxed: a TLS connection's state is large, and inline it would make every
+                // plain connection's task as large (idle connection memory, issue 3).
+                Some(acceptor) => Box::pin(run_tls(stream, shared, acceptor)).await,
             }
         });
+    }
+}
+
+/// The TLS handshake (within the connect timeout, like CONNECT), then the session.
+async fn run_tls(
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    let timeout = shared.config.connect_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => session::run(tls_stream, shared).await,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "mqtt: TLS handshake failed");
+            shared.metrics.error("tls_handshake");
+        }
+        Err(_) => shared.metrics.error("tls_handshake_timeout"),
     }
 }

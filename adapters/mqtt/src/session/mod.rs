@@ -76,7 +76,8 @@ struct Session {
     next_pkid: u16,
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
     incoming_qos2: HashSet<u16>,
-    will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// Boxed: most clients have none, and an idle connection should stay small.
+    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
     /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
     will_delay: Option<Duration>,
     /// How long the session outlives its connection (zero: it ends with it).
@@ -392,7 +393,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         next_seq: 0,
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
-        will: will.map(|w| (w, will_props)),
+        will: will.map(|w| Box::new((w, will_props))),
         will_delay,
         expiry,
         requested_expiry,
@@ -804,7 +805,7 @@ impl Session {
     }
 
     async fn publish_will(&mut self) {
-        let Some((will, props)) = self.will.take() else {
+        let Some((will, props)) = self.will.take().map(|b| *b) else {
             return;
         };
         let Some(topic) = std::str::from_utf8(&will.topic)
@@ -942,5 +943,6 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let _ = wr.shutdown().await;
     shared.metrics.connections.dec();
     tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
-    finish(session, end).await;
+    // Boxed, like packet handling: only the last moments of a connection need it.
+    Box::pin(finish(session, end)).await;
 }

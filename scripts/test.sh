@@ -12,6 +12,7 @@ declare -A NEEDED=(
     [mosquitto_pub]=mosquitto-clients
     [mosquitto_sub]=mosquitto-clients
     [openssl]=openssl
+    [nats-server]=nats-server
 )
 
 missing=()

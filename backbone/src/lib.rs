@@ -2,6 +2,8 @@
 //! the implementation from `backbone.kind`.
 
 pub mod memory;
+pub mod nats;
+mod nats_wire;
 
 use std::sync::Arc;
 
@@ -9,9 +11,14 @@ use meshgate_config::{BackboneConfig, BackboneKind};
 use meshgate_core::Backbone;
 use meshgate_core::metrics::Registry;
 
-/// Builds the configured backbone.
-pub fn build(config: &BackboneConfig, registry: &Registry) -> Arc<dyn Backbone> {
-    match config.kind {
+/// Builds the configured backbone. `instance` names this gateway to the bus (NATS client name).
+pub async fn build(
+    config: &BackboneConfig,
+    instance: &str,
+    registry: &Registry,
+) -> Result<Arc<dyn Backbone>, nats::NatsStartError> {
+    Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
-    }
+        BackboneKind::Nats => nats::NatsBackbone::connect(&config.nats, instance, registry).await?,
+    })
 }

@@ -88,6 +88,81 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
+    if n.urls.is_empty() {
+        errors.push(
+            "backbone.nats.urls",
+            "at least one server URL, e.g. \"nats://127.0.0.1:4222\"",
+        );
+    }
+    for u in &n.urls {
+        let rest = u.split_once("://").map_or(u.as_str(), |(scheme, rest)| {
+            if !matches!(scheme, "nats" | "tls") {
+                errors.push(
+                    "backbone.nats.urls",
+                    format!("`{u}`: the scheme must be nats:// or tls://"),
+                );
+            }
+            rest
+        });
+        if rest.is_empty() || rest.contains(['/', ' ']) {
+            errors.push(
+                "backbone.nats.urls",
+                format!("`{u}` is not a server URL like \"nats://127.0.0.1:4222\""),
+            );
+        }
+    }
+    let prefix_ok = n.subject_prefix.is_empty()
+        || n.subject_prefix
+            .split('.')
+            .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t', '\r', '\n']));
+    if !prefix_ok {
+        errors.push(
+            "backbone.nats.subject_prefix",
+            format!(
+                "`{}` is not a subject prefix: dot-separated tokens without spaces, `*` or `>`",
+                n.subject_prefix
+            ),
+        );
+    }
+    let wire_mode = match n.wire_mode.as_str() {
+        "structured" => NatsWireMode::Structured,
+        "binary" => NatsWireMode::Binary,
+        other => {
+            errors.push(
+                "backbone.nats.wire_mode",
+                format!("`{other}` is not one of: structured, binary"),
+            );
+            NatsWireMode::Structured
+        }
+    };
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    let (user, password, token) = (some(n.user), some(n.password), some(n.token));
+    if user.is_some() != password.is_some() {
+        errors.push("backbone.nats.password", "user and password go together");
+    }
+    if token.is_some() && user.is_some() {
+        errors.push(
+            "backbone.nats.token",
+            "use a token or a user and password, not both",
+        );
+    }
+    NatsBackboneConfig {
+        urls: n.urls,
+        subject_prefix: n.subject_prefix,
+        wire_mode,
+        user,
+        password,
+        token,
+        connect_timeout: duration(&n.connect_timeout, "backbone.nats.connect_timeout", errors),
+        subscription_capacity: positive(
+            n.subscription_capacity,
+            "backbone.nats.subscription_capacity",
+            errors,
+        ),
+    }
+}
+
 /// A PEM file that must exist (its content is checked when the listener starts).
 fn pem_file(v: &str, path: &str, errors: &mut Errors) -> std::path::PathBuf {
     if v.is_empty() {
@@ -211,18 +286,19 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let backbone = backbone.map(|b| {
         let kind = match b.kind.as_str() {
             "memory" => BackboneKind::Memory,
-            "nats" | "jetstream" => {
+            "nats" => BackboneKind::Nats,
+            "jetstream" => {
                 errors.push(
                     "backbone.kind",
-                    format!(
-                        "`{}` is not built yet in this version; available: memory",
-                        b.kind
-                    ),
+                    "`jetstream` is not built yet in this version; available: memory, nats",
                 );
                 BackboneKind::Memory
             }
             other => {
-                errors.push("backbone.kind", format!("`{other}` is not one of: memory"));
+                errors.push(
+                    "backbone.kind",
+                    format!("`{other}` is not one of: memory, nats"),
+                );
                 BackboneKind::Memory
             }
         };
@@ -252,6 +328,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                     errors,
                 ),
             },
+            nats: nats_config(b.nats, errors),
         }
     });
     let min_why = "the 64 KiB every CloudEvents intermediary must accept";

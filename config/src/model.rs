@@ -48,6 +48,7 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackboneKind {
     Memory,
+    Nats,
 }
 
 /// What the in-memory backbone does when a subscriber's queue is full.
@@ -72,6 +73,51 @@ pub struct MemoryBackboneConfig {
 pub struct BackboneConfig {
     pub kind: BackboneKind,
     pub memory: MemoryBackboneConfig,
+    pub nats: NatsBackboneConfig,
+}
+
+/// How events are written on the NATS bus (CE-BINDINGS.md §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsWireMode {
+    /// The JSON format with `Content-Type: application/cloudevents+json` (keeps Integer and
+    /// Boolean extension types).
+    Structured,
+    /// Data as the payload, every attribute as a percent-encoded `ce-` header.
+    Binary,
+}
+
+/// The NATS core backbone.
+#[derive(Clone, PartialEq)]
+pub struct NatsBackboneConfig {
+    /// Server URLs (`nats://host:port`, `tls://host:port`), tried in turn.
+    pub urls: Vec<String>,
+    /// Subjects are `<subject_prefix>.<topic>`; "" for none.
+    pub subject_prefix: String,
+    pub wire_mode: NatsWireMode,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// How long start-up waits for the first connection before serving anyway (not ready).
+    pub connect_timeout: Duration,
+    /// Messages the NATS client buffers per subscription; beyond it they are dropped (slow
+    /// consumer) and counted.
+    pub subscription_capacity: usize,
+}
+
+impl std::fmt::Debug for NatsBackboneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials never reach logs.
+        f.debug_struct("NatsBackboneConfig")
+            .field("urls", &self.urls)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("wire_mode", &self.wire_mode)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("subscription_capacity", &self.subscription_capacity)
+            .finish()
+    }
 }
 
 /// The CloudEvent attributes given to wrapped (non-CloudEvents) payloads.

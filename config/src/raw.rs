@@ -33,6 +33,27 @@ pub struct Memory {
 pub struct Backbone {
     pub kind: String,
     pub memory: Memory,
+    pub nats: Nats,
+}
+
+#[derive(Deserialize)]
+pub struct Nats {
+    pub urls: Vec<String>,
+    pub subject_prefix: String,
+    pub wire_mode: String,
+    pub user: String,
+    pub password: String,
+    pub token: String,
+    pub connect_timeout: String,
+    pub subscription_capacity: i64,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats")
+            .field("urls", &self.urls)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A size: bytes as an integer, or a string with a unit ("64KiB", "1 MB").

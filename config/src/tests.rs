@@ -198,8 +198,56 @@ colour = "blue"
 
 #[test]
 fn backbone_kinds_not_built_yet_are_explained() {
-    let errs = errors_of("[backbone]\nkind = \"nats\"\n", &[]);
+    let errs = errors_of("[backbone]\nkind = \"jetstream\"\n", &[]);
     assert!(has(&errs, "backbone.kind", "not built yet"), "{errs:?}");
+}
+
+#[test]
+fn nats_backbone_settings_are_checked() {
+    let c = load_str(
+        "[backbone]\nkind = \"nats\"\n",
+        "t",
+        env(&[(
+            "MESHGATE__BACKBONE__NATS__URLS",
+            "nats://10.0.0.1:4222, tls://10.0.0.2:4222",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(c.backbone.kind, BackboneKind::Nats);
+    assert_eq!(c.backbone.nats.urls.len(), 2);
+    assert_eq!(c.backbone.nats.wire_mode, NatsWireMode::Structured);
+    let errs = errors_of(
+        "[backbone.nats]\nurls = [\"http://x:1\"]\nsubject_prefix = \"a..b\"\nwire_mode = \"xml\"\nuser = \"u\"\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "backbone.nats.urls", "nats:// or tls://"),
+        "{errs:?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "backbone.nats.subject_prefix",
+            "not a subject prefix"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "backbone.nats.wire_mode", "structured, binary"),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "backbone.nats.password", "go together"),
+        "{errs:?}"
+    );
+    let shown = format!(
+        "{:?}",
+        load_str("[backbone.nats]\ntoken = \"s3cret\"\n", "t", Vec::new())
+            .unwrap()
+            .backbone
+            .nats
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
 }
 
 #[test]

@@ -30,6 +30,8 @@ pub enum StartError {
     },
     #[error("invalid auth configuration: {0}")]
     Auth(String),
+    #[error("backbone failed to start: {0}")]
+    Backbone(String),
     #[error("adapter failed to start: {0}")]
     Adapter(String),
 }
@@ -111,7 +113,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .clone()
             .unwrap_or_else(meshgate_core::wrap::new_id),
     );
-    let backbone: Arc<dyn Backbone> = meshgate_backbone::build(&config.backbone, &registry);
+    let backbone: Arc<dyn Backbone> =
+        meshgate_backbone::build(&config.backbone, &instance, &registry)
+            .await
+            .map_err(|e| StartError::Backbone(e.to_string()))?;
     let ctx = AdapterContext {
         instance: instance.clone(),
         backbone: backbone.clone(),

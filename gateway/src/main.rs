@@ -10,8 +10,9 @@ use meshgate_config::Config;
 #[command(
     name = "meshgate",
     version,
-    about = "A protocol gateway: HTTP and WebSocket clients exchange CloudEvents over one backbone.",
-    long_about = "A protocol gateway: HTTP and WebSocket clients exchange CloudEvents over one backbone.\n\n\
+    about = "A protocol gateway: HTTP, WebSocket and MQTT clients exchange CloudEvents over one backbone (memory or NATS).",
+    long_about = "A protocol gateway: HTTP, WebSocket and MQTT clients exchange CloudEvents over one backbone: \
+        in memory (one process) or NATS (several instances sharing one bus).\n\n\
         Configuration: embedded defaults < the TOML file given with -c < MESHGATE__SECTION__KEY \
         environment variables (e.g. MESHGATE__HTTP__LISTEN=0.0.0.0:8080)."
 )]

@@ -11,6 +11,7 @@
 //! was expected and what was seen instead.
 
 pub mod chromium;
+pub mod nats;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use meshgate_core::event::StringAttributes;
+pub use meshgate_core::header::{decode_header_value, percent_encode_header};
 use meshgate_core::{Data, Event, EventError, json, media};
 
 /// What a request carried.
@@ -109,79 +110,6 @@ pub fn decode(headers: &HeaderMap, body: Bytes) -> Result<Decoded, BindingError>
         event.set_data(Some(Data::Binary(body)));
     }
     Ok(Decoded::Binary(event))
-}
-
-/// Undoes RFC 7230 quoted-string quoting, if the value is quoted.
-fn unquote(raw: &[u8]) -> Result<Vec<u8>, String> {
-    if raw.len() < 2 || raw[0] != b'"' || raw[raw.len() - 1] != b'"' {
-        return Ok(raw.to_vec());
-    }
-    let inner = &raw[1..raw.len() - 1];
-    let mut out = Vec::with_capacity(inner.len());
-    let mut bytes = inner.iter();
-    while let Some(&b) = bytes.next() {
-        match b {
-            b'\\' => match bytes.next() {
-                Some(&escaped) => out.push(escaped),
-                None => return Err("quoted string ends with a lone backslash".into()),
-            },
-            b'"' => return Err("unescaped `\"` inside a quoted string".into()),
-            b => out.push(b),
-        }
-    }
-    Ok(out)
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Decodes a `ce-` header value: quoted-string first, then exactly one round of
-/// percent-decoding (lowercase hex accepted, `+` stays `+`), then strict UTF-8.
-pub fn decode_header_value(raw: &[u8]) -> Result<String, String> {
-    let unquoted = unquote(raw)?;
-    let mut out = Vec::with_capacity(unquoted.len());
-    let mut i = 0;
-    while i < unquoted.len() {
-        if unquoted[i] == b'%' {
-            let decoded = unquoted
-                .get(i + 1..i + 3)
-                .and_then(|h| Some(hex(h[0])? << 4 | hex(h[1])?));
-            match decoded {
-                Some(b) => {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-                None => return Err("`%` not followed by two hex digits".into()),
-            }
-        }
-        out.push(unquoted[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| "not valid UTF-8 after percent-decoding".into())
-}
-
-/// Encodes a header value per §3.1.3.2: space, `"`, `%` and everything outside U+0021–U+007E
-/// become UTF-8 `%XY` (uppercase); nothing else is encoded.
-pub fn percent_encode_header(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        if c == ' ' || c == '"' || c == '%' || !('\u{21}'..='\u{7e}').contains(&c) {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// An event as a binary-mode HTTP message (for webhook delivery): `ce-` headers, the data

@@ -71,10 +71,10 @@ impl Inner {
         if let Some(pos) = state.subs.iter().position(|s| s.id == id) {
             let sub = state.subs.swap_remove(pos);
             self.subscriptions.dec();
-            if let Some(key) = sub.group {
-                if !state.subs.iter().any(|s| s.group.as_ref() == Some(&key)) {
-                    state.cursors.remove(&key);
-                }
+            if let Some(key) = sub.group
+                && !state.subs.iter().any(|s| s.group.as_ref() == Some(&key))
+            {
+                state.cursors.remove(&key);
             }
         }
     }

@@ -69,10 +69,10 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
                         break;
                     }
                 };
-                if let Message::Close(frame) = &msg {
-                    if frame.as_ref().is_some_and(|f| u16::from(f.code) != 1001) {
-                        eprintln!("subscriber closed: {frame:?}");
-                    }
+                if let Message::Close(frame) = &msg
+                    && frame.as_ref().is_some_and(|f| u16::from(f.code) != 1001)
+                {
+                    eprintln!("subscriber closed: {frame:?}");
                 }
                 if let Message::Text(t) = msg {
                     // Cheap extraction of the "sentus" extension, so the client is not the bottleneck.

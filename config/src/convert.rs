@@ -243,13 +243,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let auth = auth(sec("auth"), errors);
 
     let gateway = gateway.map(|g| {
-        if let Some(id) = &g.instance_id {
-            if id.is_empty() || id.contains(char::is_whitespace) {
-                errors.push(
-                    "gateway.instance_id",
-                    "must be non-empty and without whitespace",
-                );
-            }
+        if let Some(id) = &g.instance_id
+            && (id.is_empty() || id.contains(char::is_whitespace))
+        {
+            errors.push(
+                "gateway.instance_id",
+                "must be non-empty and without whitespace",
+            );
         }
         GatewayConfig {
             instance_id: g.instance_id,
@@ -471,27 +471,25 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             }),
         }
     });
-    if let (Some(h), Some(w), Some(m)) = (&http, &websocket, &mqtt) {
-        if let Some(p) = &m.websocket_path {
-            if p == &w.path || p == &h.events_path || p.starts_with(&format!("{}/", h.events_path))
-            {
-                errors.push(
-                    "mqtt.websocket_path",
-                    format!("`{p}` collides with websocket.path or http.events_path"),
-                );
-            }
-        }
+    if let (Some(h), Some(w), Some(m)) = (&http, &websocket, &mqtt)
+        && let Some(p) = &m.websocket_path
+        && (p == &w.path || p == &h.events_path || p.starts_with(&format!("{}/", h.events_path)))
+    {
+        errors.push(
+            "mqtt.websocket_path",
+            format!("`{p}` collides with websocket.path or http.events_path"),
+        );
     }
-    if let (Some(h), Some(w)) = (&http, &websocket) {
-        if h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)) {
-            errors.push(
-                "websocket.path",
-                format!(
-                    "`{}` collides with http.events_path `{}`",
-                    w.path, h.events_path
-                ),
-            );
-        }
+    if let (Some(h), Some(w)) = (&http, &websocket)
+        && (h.events_path == w.path || w.path.starts_with(&format!("{}/", h.events_path)))
+    {
+        errors.push(
+            "websocket.path",
+            format!(
+                "`{}` collides with http.events_path `{}`",
+                w.path, h.events_path
+            ),
+        );
     }
     for (d, path) in [
         (

@@ -269,12 +269,12 @@ fn push_data(out: &mut Vec<u8>, event: &Event) {
                 out.extend_from_slice(bytes);
                 return;
             }
-            if ct.is_some_and(media::is_text) {
-                if let Ok(s) = std::str::from_utf8(bytes) {
-                    out.extend_from_slice(b",\"data\":");
-                    push_json_string(out, s);
-                    return;
-                }
+            if ct.is_some_and(media::is_text)
+                && let Ok(s) = std::str::from_utf8(bytes)
+            {
+                out.extend_from_slice(b",\"data\":");
+                push_json_string(out, s);
+                return;
             }
             out.extend_from_slice(b",\"data_base64\":\"");
             out.extend_from_slice(BASE64.encode(bytes).as_bytes());

@@ -132,10 +132,10 @@ async fn run(config: Config) -> ExitCode {
     if let Some(addr) = gateway.mqtt_tls_addr {
         println!("mqtt-tls   mqtts://{addr}");
     }
-    if gateway.mqtt_addr.is_some() {
-        if let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path) {
-            println!("mqtt-ws    ws://{web}{path}");
-        }
+    if gateway.mqtt_addr.is_some()
+        && let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path)
+    {
+        println!("mqtt-ws    ws://{web}{path}");
     }
     if let Some(addr) = gateway.admin_addr {
         println!("admin      http://{addr}/healthz /readyz /metrics");

@@ -170,10 +170,10 @@ impl Browser {
             // Both lines present: the file is complete.
             if let Ok(text) = std::fs::read_to_string(&file) {
                 let mut lines = text.lines();
-                if let (Some(port), Some(_)) = (lines.next(), lines.next()) {
-                    if let Ok(port) = port.trim().parse() {
-                        return port;
-                    }
+                if let (Some(port), Some(_)) = (lines.next(), lines.next())
+                    && let Ok(port) = port.trim().parse()
+                {
+                    return port;
                 }
             }
             if deadline.passed() || matches!(self.child.try_wait(), Ok(Some(_))) {

@@ -80,13 +80,13 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
             attributes.push(name, value.clone())?;
         }
         let mut event = attributes.build()?;
-        if let Some(dct) = &dct_property {
-            if content_type.is_some_and(|ct| ct != dct) {
-                return Err(EventError::Format(format!(
-                    "user property datacontenttype `{dct}` disagrees with Content Type `{}`",
-                    content_type.unwrap_or_default()
-                )));
-            }
+        if let Some(dct) = &dct_property
+            && content_type.is_some_and(|ct| ct != dct)
+        {
+            return Err(EventError::Format(format!(
+                "user property datacontenttype `{dct}` disagrees with Content Type `{}`",
+                content_type.unwrap_or_default()
+            )));
         }
         event.set_datacontenttype(content_type.map(str::to_owned).or(dct_property))?;
         if !m.payload.is_empty() {

@@ -124,10 +124,10 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         // Garbage, sometimes shaped like a packet header of a random type.
         let len = (rng.next() % 300) as usize;
         let mut junk = rng.bytes(len);
-        if let Some(first) = junk.first_mut() {
-            if round % 3 == 0 {
-                *first = (*first & 0xF0) | 0x02;
-            }
+        if let Some(first) = junk.first_mut()
+            && round % 3 == 0
+        {
+            *first = (*first & 0xF0) | 0x02;
         }
         let _ = s.write_all(&junk).await;
         // End of our stream: the server must finish with what it has and close.

@@ -361,15 +361,15 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Duration::from_secs(u64::from(requested_expiry)).min(shared.config.max_session_expiry);
     // Clean start discards a kept session (its will, if delayed, is published now).
     let mut resumed = shared.parked.take(&client_id, !connect.clean_session).await;
-    if let Some(old) = &resumed {
-        if old.principal.name() != principal.name() {
-            // Another principal may not inherit this session's subscriptions and messages.
-            tracing::info!(
-                client_id,
-                "mqtt: kept session belongs to another user; starting clean"
-            );
-            resumed = None;
-        }
+    if let Some(old) = &resumed
+        && old.principal.name() != principal.name()
+    {
+        // Another principal may not inherit this session's subscriptions and messages.
+        tracing::info!(
+            client_id,
+            "mqtt: kept session belongs to another user; starting clean"
+        );
+        resumed = None;
     }
     let will_delay = will_props
         .as_ref()

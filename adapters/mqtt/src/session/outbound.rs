@@ -293,16 +293,15 @@ impl Session {
             self.inflight.get(&pkid),
             Some(Inflight { stage: Stage::Sent(o), .. }) if o.qos == QoS::AtLeastOnce
         );
-        if is_qos1 {
-            if let Some(Inflight {
+        if is_qos1
+            && let Some(Inflight {
                 stage: Stage::Sent(o),
                 ..
             }) = self.inflight.remove(&pkid)
-            {
-                let _ = o.delivery.ack().await;
-                self.shared.metrics.sent.inc();
-                self.shared.out_by_qos[1].inc();
-            }
+        {
+            let _ = o.delivery.ack().await;
+            self.shared.metrics.sent.inc();
+            self.shared.out_by_qos[1].inc();
         }
         self.fill_window();
     }

@@ -273,3 +273,104 @@ async fn nats_restart_is_reported_refused_then_recovered() {
     }
     gw.shutdown().await;
 }
+
+fn mosquitto(cmd: &str) -> std::process::Command {
+    let path = format!("/usr/bin/{cmd}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} not found: install it with `apt-get install -y mosquitto-clients` (scripts/test.sh does)"
+    );
+    std::process::Command::new(path)
+}
+
+fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
+    c.mqtt.enabled = true;
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_shared_subscriptions_are_shared_across_instances() {
+    let nats = NatsServer::start();
+    let a = start_gateway(with_mqtt(nats_config(&nats, "gw-ma"))).await;
+    let b = start_gateway(with_mqtt(nats_config(&nats, "gw-mb"))).await;
+    let sub = |gw: &meshgate::RunningGateway| {
+        mosquitto("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &gw.mqtt_addr.unwrap().port().to_string(),
+            ])
+            .args(["-V", "mqttv5", "-q", "1", "-t", "$share/workers/jobs/#"])
+            .args(["-W", "4", "-F", "%t|%p"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // An ordinary subscriber on B sees everything, once.
+    let watcher = mosquitto("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &b.mqtt_addr.unwrap().port().to_string(),
+        ])
+        .args([
+            "-V", "mqttv311", "-q", "1", "-t", "jobs/#", "-W", "4", "-F", "%t",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (sub_a, sub_b) = (sub(&a), sub(&b));
+    wait_metric(
+        a.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 1",
+    )
+    .await;
+    wait_metric(
+        b.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 2",
+    )
+    .await;
+    const N: usize = 30;
+    let port = a.mqtt_addr.unwrap().port().to_string();
+    for i in 0..N {
+        let status = mosquitto("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
+            .args(["-t", &format!("jobs/{i}"), "-m", &format!("job-{i}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let lines = |c: std::process::Child| {
+        String::from_utf8(c.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (got_a, got_b, watched) = (lines(sub_a), lines(sub_b), lines(watcher));
+    let mut all: Vec<_> = got_a.iter().chain(&got_b).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        got_a.len() + got_b.len(),
+        N,
+        "each job to exactly one member: A {got_a:?} B {got_b:?}"
+    );
+    assert_eq!(all.len(), N, "no job twice");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both instances' members got work: A {} B {}",
+        got_a.len(),
+        got_b.len()
+    );
+    assert_eq!(
+        watched.len(),
+        N,
+        "the ordinary subscriber on B: {watched:?}"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -34,6 +34,9 @@ use crate::nats_wire;
 
 const NAME: &str = "nats";
 
+/// At most one slow-consumer warning per this interval (every drop is counted).
+const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub struct NatsBackbone {
     client: async_nats::Client,
@@ -74,6 +77,8 @@ impl NatsBackbone {
             .collect::<Result<Vec<_>, _>>()?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
+        // The client reports every dropped message; log at most one line per interval.
+        let last_warned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
         let mut options = ConnectOptions::new()
             .name(format!("meshgate {instance}"))
             .retry_on_initial_connect()
@@ -82,11 +87,19 @@ impl NatsBackbone {
             .subscription_capacity(config.subscription_capacity)
             .event_callback(move |event| {
                 let slow_consumer = slow_consumer.clone();
+                let last_warned = last_warned.clone();
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(sid) => {
                             slow_consumer.inc();
-                            tracing::warn!(sid, "nats: subscriber too slow, messages dropped");
+                            let mut last = last_warned.lock().unwrap_or_else(|e| e.into_inner());
+                            if last.is_none_or(|t| t.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
+                                *last = Some(std::time::Instant::now());
+                                tracing::warn!(
+                                    sid,
+                                    "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
+                                );
+                            }
                         }
                         async_nats::Event::Connected => tracing::info!("nats: connected"),
                         async_nats::Event::Disconnected => {

@@ -10,85 +10,16 @@
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-const PAYLOAD: usize = 256;
-
-struct Broker {
-    port: u16,
-    child: Child,
-    _dir: Option<std::path::PathBuf>,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(d) = &self._dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("meshgate-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    let _ = std::fs::create_dir_all(&d);
-    d
-}
-
-fn wait_listening(port: u16) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
+use meshgate_bench::{
+    Broker, PAYLOAD, free_port, latency, start_meshgate_with, temp_dir, throughput, wait_listening,
+};
+use rumqttc::QoS;
 
 fn start_meshgate() -> anyhow::Result<Broker> {
-    let port = free_port();
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("meshgate");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} missing: cargo build --release --bin meshgate",
-        bin.display()
-    );
-    let child = Command::new(bin)
-        .arg("run")
-        .env("MESHGATE__MQTT__ENABLED", "true")
-        .env("MESHGATE__MQTT__LISTEN", format!("127.0.0.1:{port}"))
-        .env("MESHGATE__MQTT__MAX_QUEUED", "100000")
-        // Bare payloads to 3.1.1 subscribers, as the other brokers deliver them (the default,
-        // structured CloudEvents JSON, adds ~200 bytes per message).
-        .env("MESHGATE__MQTT__V311_OUTBOUND", "data")
-        .env("MESHGATE__MQTT__MAX_CONNECTIONS", "100000")
-        .env("MESHGATE__HTTP__LISTEN", "127.0.0.1:0")
-        .env("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("MESHGATE__LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
-    anyhow::ensure!(wait_listening(port), "meshgate did not listen");
-    Ok(Broker {
-        port,
-        child,
-        _dir: None,
-    })
+    start_meshgate_with(&[])
 }
 
 fn start_mosquitto() -> anyhow::Result<Broker> {
@@ -139,190 +70,6 @@ fn start_nats() -> anyhow::Result<Broker> {
         child,
         _dir: Some(dir),
     })
-}
-
-fn options(id: &str, port: u16) -> MqttOptions {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    o.set_inflight(100);
-    o
-}
-
-/// A connected client; events are polled by a task that reports publishes to `on_publish`.
-async fn connect(
-    id: &str,
-    port: u16,
-    on_publish: impl Fn(&[u8]) + Send + 'static,
-) -> anyhow::Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
-    connect_counting(id, port, on_publish, None).await
-}
-
-/// Like [`connect`], counting the PUBACKs the broker sends in `acked`.
-async fn connect_counting(
-    id: &str,
-    port: u16,
-    on_publish: impl Fn(&[u8]) + Send + 'static,
-    acked: Option<Arc<AtomicU64>>,
-) -> anyhow::Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
-    let (client, mut el) = AsyncClient::new(options(id, port), 1000);
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&p.payload),
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    if let Some(a) = &acked {
-                        a.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(5), ready_rx).await??;
-    Ok((client, task))
-}
-
-fn now_us(origin: Instant) -> u64 {
-    origin.elapsed().as_micros() as u64
-}
-
-/// Payload: send time (µs, 8 bytes) then filler.
-fn payload(origin: Instant) -> Vec<u8> {
-    let mut p = now_us(origin).to_be_bytes().to_vec();
-    p.resize(PAYLOAD, b'x');
-    p
-}
-
-struct Throughput {
-    rate: f64,
-    /// QoS 1: publishes the broker acknowledged (PUBACK); QoS 0: publishes sent.
-    accepted: u64,
-    delivered: u64,
-}
-
-async fn throughput(
-    port: u16,
-    qos: QoS,
-    publishers: usize,
-    seconds: u64,
-) -> anyhow::Result<Throughput> {
-    let delivered = Arc::new(AtomicU64::new(0));
-    let d = delivered.clone();
-    let (sub, sub_task) = connect("bench-sub", port, move |_| {
-        d.fetch_add(1, Ordering::Relaxed);
-    })
-    .await?;
-    sub.subscribe("bench/#", qos).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(AtomicU64::new(0));
-    let origin = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..publishers {
-        let (client, task) =
-            connect_counting(&format!("bench-pub-{i}"), port, |_| {}, Some(acked.clone())).await?;
-        let (stop, sent) = (stop.clone(), sent.clone());
-        tasks.push((
-            task,
-            tokio::spawn(async move {
-                let topic = format!("bench/{i}");
-                while !stop.load(Ordering::Relaxed) {
-                    if client
-                        .publish(&topic, qos, false, payload(origin))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-                // Let the in-flight window drain before leaving.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = client.disconnect().await;
-            }),
-        ));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let publishing = started.elapsed().as_secs_f64();
-    for (task, publisher) in tasks {
-        let _ = publisher.await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    // Let the tail arrive: wait until deliveries stop growing.
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = delivered.load(Ordering::Relaxed);
-        if now == last || now >= sent.load(Ordering::Relaxed) {
-            break;
-        }
-        last = now;
-    }
-    let _ = sub.disconnect().await;
-    sub_task.abort();
-    let delivered = delivered.load(Ordering::Relaxed);
-    let accepted = if qos == QoS::AtMostOnce {
-        sent.load(Ordering::Relaxed)
-    } else {
-        acked.load(Ordering::Relaxed)
-    };
-    Ok(Throughput {
-        rate: delivered as f64 / publishing,
-        accepted,
-        delivered,
-    })
-}
-
-async fn latency(port: u16, rate: u64, seconds: u64) -> anyhow::Result<(u64, u64)> {
-    let origin = Instant::now();
-    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s = samples.clone();
-    let (sub, sub_task) = connect("lat-sub", port, move |p| {
-        if p.len() >= 8 {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&p[..8]);
-            let sent = u64::from_be_bytes(b);
-            if let Ok(mut v) = s.lock() {
-                v.push(now_us(origin).saturating_sub(sent));
-            }
-        }
-    })
-    .await?;
-    sub.subscribe("lat/#", QoS::AtLeastOnce).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (publ, pub_task) = connect("lat-pub", port, |_| {}).await?;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for _ in 0..rate * seconds {
-        tick.tick().await;
-        publ.publish("lat/x", QoS::AtLeastOnce, false, payload(origin))
-            .await?;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = publ.disconnect().await;
-    let _ = sub.disconnect().await;
-    pub_task.abort();
-    sub_task.abort();
-    let mut v = samples.lock().map(|v| v.clone()).unwrap_or_default();
-    v.sort_unstable();
-    let pct = |p: f64| {
-        v.get(((v.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok((pct(0.50), pct(0.99)))
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -429,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             (QoS::AtLeastOnce, 1),
             (QoS::AtLeastOnce, 4),
         ] {
-            match throughput(broker.port, qos, pubs, seconds).await {
+            match throughput(broker.port, broker.port, qos, pubs, seconds).await {
                 Ok(t) => {
                     if qos == QoS::AtLeastOnce {
                         loss += t.accepted.saturating_sub(t.delivered);
@@ -439,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => cells.push(format!("error: {e}")),
             }
         }
-        let (p50, p99) = match latency(broker.port, 2_000, seconds).await {
+        let (p50, p99) = match latency(broker.port, broker.port, 2_000, seconds).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("{name}: latency run failed: {e}");

@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of glibc malloc: per-thread heaps without the arena lock contention seen
+/// in profiles (docs/ARCHITECTURE.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use meshgate_config::Config;
 
 #[derive(Debug, Parser)]

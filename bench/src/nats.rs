@@ -1,0 +1,253 @@
+//! meshgate over the NATS backbone, next to raw NATS in the same run (issue 4).
+//!
+//! Rows: raw NATS core (async-nats publisher → subscriber), raw JetStream publish-with-ack (256
+//! acknowledgements outstanding), and meshgate MQTT → NATS → MQTT with the NATS backbone on one
+//! instance and across two instances, plus the memory backbone for reference. Delivered
+//! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
+//!
+//! Usage (release build; starts its own nats-server and meshgate processes on free ports):
+//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S]`
+
+use std::collections::VecDeque;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use meshgate_bench::{
+    Broker, PAYLOAD, free_port, latency, now_us, payload, start_meshgate_with, temp_dir,
+    throughput, wait_listening,
+};
+use rumqttc::QoS;
+
+fn start_nats_server() -> anyhow::Result<Broker> {
+    let port = free_port();
+    let dir = temp_dir("nats-backbone");
+    let child = Command::new("/usr/sbin/nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("nats-server: {e} (apt-get install -y nats-server)"))?;
+    anyhow::ensure!(wait_listening(port), "nats-server did not listen");
+    Ok(Broker {
+        port,
+        child,
+        _dir: Some(dir),
+    })
+}
+
+/// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost).
+async fn raw_core(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    let sub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe("rawbench.>").await?;
+    sub_client.flush().await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let d = delivered.clone();
+    let reader = tokio::spawn(async move {
+        while sub.next().await.is_some() {
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let client = async_nats::connect(url).await?;
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let publisher = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            if client
+                .publish("rawbench.x", payload(origin).into())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        let _ = client.flush().await;
+        sent
+    });
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = publisher.await?;
+    settle(&delivered, sent).await;
+    reader.abort();
+    let got = delivered.load(Ordering::Relaxed);
+    Ok((got as f64 / elapsed, sent.saturating_sub(got)))
+}
+
+/// Raw JetStream: publish and wait for every PubAck, 256 outstanding; acknowledged/s.
+async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "RAWBENCH".into(),
+        subjects: vec!["jsbench.>".into()],
+        max_bytes: 1 << 30,
+        ..Default::default()
+    })
+    .await?;
+    let origin = Instant::now();
+    let started = Instant::now();
+    let mut outstanding = VecDeque::new();
+    let mut acked = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if outstanding.len() >= 256
+            && let Some(f) = outstanding.pop_front()
+        {
+            let _: async_nats::jetstream::publish::PublishAck = f.await?;
+            acked += 1;
+        }
+        outstanding.push_back(js.publish("jsbench.x", payload(origin).into()).await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    for f in outstanding {
+        f.await?;
+        acked += 1;
+    }
+    Ok(acked as f64 / elapsed)
+}
+
+/// Raw NATS core latency at a fixed rate; (p50, p99) in µs.
+async fn raw_latency(url: &str, rate: u64, seconds: u64) -> anyhow::Result<(u64, u64)> {
+    let origin = Instant::now();
+    let sub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe("rawlat.>").await?;
+    sub_client.flush().await?;
+    let reader = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+            if m.payload.len() >= 8 {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&m.payload[..8]);
+                samples.push(now_us(origin).saturating_sub(u64::from_be_bytes(b)));
+            }
+        }
+        samples
+    });
+    let client = async_nats::connect(url).await?;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for _ in 0..rate * seconds {
+        tick.tick().await;
+        client.publish("rawlat.x", payload(origin).into()).await?;
+        // Unbuffered, like an MQTT client writing each message.
+        client.flush().await?;
+    }
+    let mut v = reader.await?;
+    v.sort_unstable();
+    let pct = |p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok((pct(0.5), pct(0.99)))
+}
+
+async fn settle(delivered: &AtomicU64, sent: u64) {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now >= sent || now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn row(name: &str, rate: f64, lost: &str, lat: Option<(u64, u64)>) {
+    let (p50, p99) = lat.map_or((String::new(), String::new()), |(a, b)| {
+        (format!("{a} µs"), format!("{b} µs"))
+    });
+    println!("| {name} | {rate:.0} | {lost} | {p50} | {p99} |");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5u64);
+    println!(
+        "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine\n"
+    );
+    println!("| path | delivered/s | lost | p50 @2k/s | p99 @2k/s |");
+    println!("|---|---:|---:|---:|---:|");
+    let nats = start_nats_server()?;
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let (rate, lost) = raw_core(&url, seconds).await?;
+    let lat = raw_latency(&url, 2_000, seconds).await.ok();
+    row(
+        "raw NATS core, async-nats pub → sub",
+        rate,
+        &lost.to_string(),
+        lat,
+    );
+    let js = raw_jetstream(&url, seconds).await?;
+    row(
+        "raw JetStream publish + PubAck (256 outstanding; acked/s)",
+        js,
+        "",
+        None,
+    );
+    let nats_env = [
+        ("MESHGATE__BACKBONE__KIND", "nats"),
+        ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
+    ];
+    for (name, qos) in [
+        (
+            "meshgate MQTT QoS 0 → NATS → MQTT, one instance",
+            QoS::AtMostOnce,
+        ),
+        (
+            "meshgate MQTT QoS 1 → NATS → MQTT, one instance",
+            QoS::AtLeastOnce,
+        ),
+    ] {
+        let gw = start_meshgate_with(&nats_env)?;
+        let t = throughput(gw.port, gw.port, qos, 1, seconds).await?;
+        let lat = if qos == QoS::AtLeastOnce {
+            latency(gw.port, gw.port, 2_000, seconds).await.ok()
+        } else {
+            None
+        };
+        row(
+            name,
+            t.rate,
+            &t.accepted.saturating_sub(t.delivered).to_string(),
+            lat,
+        );
+    }
+    let a = start_meshgate_with(&nats_env)?;
+    let b = start_meshgate_with(&nats_env)?;
+    let t = throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds).await?;
+    let lat = latency(a.port, b.port, 2_000, seconds).await.ok();
+    row(
+        "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B",
+        t.rate,
+        &t.accepted.saturating_sub(t.delivered).to_string(),
+        lat,
+    );
+    drop((a, b));
+    let mem = start_meshgate_with(&[])?;
+    let t = throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds).await?;
+    let lat = latency(mem.port, mem.port, 2_000, seconds).await.ok();
+    row(
+        "meshgate MQTT QoS 0 → memory backbone → MQTT (reference)",
+        t.rate,
+        &t.accepted.saturating_sub(t.delivered).to_string(),
+        lat,
+    );
+    println!(
+        "\n(lost: published or acknowledged, never delivered; latency rows use QoS 1 publishes at 2,000 msg/s, raw NATS flushes each message)"
+    );
+    Ok(())
+}

@@ -40,6 +40,8 @@ const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct NatsBackbone {
     client: async_nats::Client,
+    /// This instance's id, and percent-encoded for the origin header.
+    instance: (String, String),
     prefix: String,
     wire: NatsWireMode,
     closed: AtomicBool,
@@ -132,6 +134,10 @@ impl NatsBackbone {
         }
         Ok(Arc::new(NatsBackbone {
             client,
+            instance: (
+                instance.to_owned(),
+                meshgate_core::header::percent_encode_header(instance),
+            ),
             prefix: config.subject_prefix.clone(),
             wire: config.wire_mode,
             closed: AtomicBool::new(false),
@@ -187,7 +193,8 @@ impl Backbone for NatsBackbone {
                 ));
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
-            let (headers, payload) = nats_wire::encode(&envelope, self.wire);
+            let (headers, payload) =
+                nats_wire::encode(&envelope, self.wire, (&self.instance.0, &self.instance.1));
             self.client
                 .publish_with_headers(subject, headers, payload)
                 .await

@@ -24,18 +24,26 @@ pub(crate) const QOS: &str = "Meshgate-Qos";
 pub(crate) const RETAIN: &str = "Meshgate-Retain";
 const CONTENT_TYPE: &str = "Content-Type";
 
-/// The message for `envelope`: headers and payload.
-pub(crate) fn encode(envelope: &Envelope, mode: NatsWireMode) -> (HeaderMap, Bytes) {
+/// The message for `envelope`: headers and payload. `instance` is this gateway's instance id,
+/// already percent-encoded (the usual origin; encoded once, not per message).
+pub(crate) fn encode(
+    envelope: &Envelope,
+    mode: NatsWireMode,
+    instance: (&str, &str),
+) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     let origin = &envelope.origin;
-    headers.insert(
-        ORIGIN,
+    let (plain, encoded) = instance;
+    let origin_value = if *origin.instance == *plain {
+        format!("{}@{encoded}", origin.connection)
+    } else {
         format!(
             "{}@{}",
             origin.connection,
             percent_encode_header(&origin.instance)
-        ),
-    );
+        )
+    };
+    headers.insert(ORIGIN, origin_value);
     if envelope.qos != 1 {
         headers.insert(QOS, envelope.qos.to_string());
     }
@@ -45,7 +53,8 @@ pub(crate) fn encode(envelope: &Envelope, mode: NatsWireMode) -> (HeaderMap, Byt
     let payload = match mode {
         NatsWireMode::Structured => {
             headers.insert(CONTENT_TYPE, json::CONTENT_TYPE);
-            Bytes::from(envelope.json().as_bytes().to_vec())
+            // The JSON is shared with other subscribers of the envelope: no copy.
+            Bytes::from_owner(JsonBytes(envelope.json()))
         }
         NatsWireMode::Binary => {
             let event = &envelope.event;
@@ -73,6 +82,15 @@ pub(crate) fn encode(envelope: &Envelope, mode: NatsWireMode) -> (HeaderMap, Byt
         }
     };
     (headers, payload)
+}
+
+/// `Arc<str>` as bytes, for [`Bytes::from_owner`].
+struct JsonBytes(Arc<str>);
+
+impl AsRef<[u8]> for JsonBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// The envelope a NATS message carries, or why it is not one.
@@ -196,7 +214,7 @@ mod tests {
         let e = envelope();
         let subject = e.topic.to_nats_subject("mg");
         assert_eq!(subject, "mg.plant.line%2E1");
-        let (headers, payload) = encode(&e, mode);
+        let (headers, payload) = encode(&e, mode, ("other", "other"));
         decode("mg", &subject, Some(&headers), payload).unwrap()
     }
 
@@ -224,7 +242,8 @@ mod tests {
     #[test]
     fn binary_round_trip_has_every_attribute_as_a_header() {
         let e = envelope();
-        let (headers, payload) = encode(&e, NatsWireMode::Binary);
+        let (headers, payload) = encode(&e, NatsWireMode::Binary, ("gw a@b", "gw%20a@b"));
+        assert_eq!(headers.get(ORIGIN).unwrap().as_str(), "42@gw%20a@b");
         assert_eq!(headers.get("ce-subject").unwrap().as_str(), "a%20b");
         assert_eq!(
             headers.get("ce-datacontenttype").unwrap().as_str(),

@@ -6,7 +6,7 @@
 //! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
-//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S]`
+//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary]`
 
 use std::collections::VecDeque;
 use std::process::{Command, Stdio};
@@ -148,6 +148,51 @@ async fn raw_latency(url: &str, rate: u64, seconds: u64) -> anyhow::Result<(u64,
     Ok((pct(0.5), pct(0.99)))
 }
 
+/// MQTT QoS 0 publishes into meshgate, counted by a plain NATS subscriber on meshgate's
+/// subjects; (delivered/s, lost).
+async fn mqtt_to_raw_nats(port: u16, url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    let sub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe("meshgate.bench.>").await?;
+    sub_client.flush().await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let d = delivered.clone();
+    let reader = tokio::spawn(async move {
+        while sub.next().await.is_some() {
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let origin = Instant::now();
+    let (client, task) = meshgate_bench::connect("raw-pub", port, |_| {}).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let publisher = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            if client
+                .publish("bench/x", QoS::AtMostOnce, false, payload(origin))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = client.disconnect().await;
+        sent
+    });
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = publisher.await?;
+    settle(&delivered, sent).await;
+    reader.abort();
+    task.abort();
+    let got = delivered.load(Ordering::Relaxed);
+    Ok((got as f64 / elapsed, sent.saturating_sub(got)))
+}
+
 async fn settle(delivered: &AtomicU64, sent: u64) {
     let mut last = u64::MAX;
     loop {
@@ -179,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine\n"
     );
+    if args.iter().any(|a| a == "--wire") {
+        println!("(backbone.nats.wire_mode as given with --wire)\n");
+    }
     println!("| path | delivered/s | lost | p50 @2k/s | p99 @2k/s |");
     println!("|---|---:|---:|---:|---:|");
     let nats = start_nats_server()?;
@@ -198,9 +246,15 @@ async fn main() -> anyhow::Result<()> {
         "",
         None,
     );
+    let wire = args
+        .iter()
+        .position(|a| a == "--wire")
+        .and_then(|i| args.get(i + 1))
+        .map_or("structured", String::as_str);
     let nats_env = [
         ("MESHGATE__BACKBONE__KIND", "nats"),
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
+        ("MESHGATE__BACKBONE__NATS__WIRE_MODE", wire),
     ];
     for (name, qos) in [
         (
@@ -224,6 +278,16 @@ async fn main() -> anyhow::Result<()> {
             t.rate,
             &t.accepted.saturating_sub(t.delivered).to_string(),
             lat,
+        );
+    }
+    {
+        let gw = start_meshgate_with(&nats_env)?;
+        let (rate, lost) = mqtt_to_raw_nats(gw.port, &url, seconds).await?;
+        row(
+            "meshgate MQTT QoS 0 → NATS → raw NATS subscriber (meshgate's ingress)",
+            rate,
+            &lost.to_string(),
+            None,
         );
     }
     let a = start_meshgate_with(&nats_env)?;

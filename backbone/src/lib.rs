@@ -1,6 +1,7 @@
 //! meshgate backbones. Adapters see only `Arc<dyn meshgate_core::Backbone>`; the gateway picks
 //! the implementation from `backbone.kind`.
 
+pub mod jetstream;
 pub mod memory;
 pub mod nats;
 mod nats_wire;
@@ -20,5 +21,14 @@ pub async fn build(
     Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
         BackboneKind::Nats => nats::NatsBackbone::connect(&config.nats, instance, registry).await?,
+        BackboneKind::JetStream => {
+            jetstream::JetStreamBackbone::connect(
+                &config.nats,
+                &config.jetstream,
+                instance,
+                registry,
+            )
+            .await?
+        }
     })
 }

@@ -67,71 +67,8 @@ impl NatsBackbone {
         instance: &str,
         registry: &Registry,
     ) -> Result<Arc<NatsBackbone>, NatsStartError> {
-        let addrs = config
-            .urls
-            .iter()
-            .map(|u| {
-                ServerAddr::from_str(u).map_err(|e| NatsStartError::Url {
-                    url: u.clone(),
-                    reason: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let client = connect_client(config, instance, registry, NAME).await?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
-        let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
-        // The client reports every dropped message; log at most one line per interval.
-        let last_warned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
-        let mut options = ConnectOptions::new()
-            .name(format!("meshgate {instance}"))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(config.connect_timeout)
-            .subscription_capacity(config.subscription_capacity)
-            .event_callback(move |event| {
-                let slow_consumer = slow_consumer.clone();
-                let last_warned = last_warned.clone();
-                async move {
-                    match event {
-                        async_nats::Event::SlowConsumer(sid) => {
-                            slow_consumer.inc();
-                            let mut last = last_warned.lock().unwrap_or_else(|e| e.into_inner());
-                            if last.is_none_or(|t| t.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
-                                *last = Some(std::time::Instant::now());
-                                tracing::warn!(
-                                    sid,
-                                    "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
-                                );
-                            }
-                        }
-                        async_nats::Event::Connected => tracing::info!("nats: connected"),
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("nats: disconnected; reconnecting")
-                        }
-                        other => tracing::info!(event = %other, "nats"),
-                    }
-                }
-            });
-        if let (Some(user), Some(password)) = (&config.user, &config.password) {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &config.token {
-            options = options.token(token.clone());
-        }
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|e| NatsStartError::Client(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        while client.connection_state() != State::Connected {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    urls = ?config.urls,
-                    "nats: not reachable yet; serving as not ready and retrying"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         Ok(Arc::new(NatsBackbone {
             client,
             instance: (
@@ -151,9 +88,85 @@ impl NatsBackbone {
     }
 }
 
+/// Starts the NATS client (shared by the `nats` and `jetstream` backbones). Waits up to
+/// `connect_timeout` for the first connection; after that the client keeps trying.
+pub(crate) async fn connect_client(
+    config: &NatsBackboneConfig,
+    instance: &str,
+    registry: &Registry,
+    metric_backbone: &'static str,
+) -> Result<async_nats::Client, NatsStartError> {
+    let addrs = config
+        .urls
+        .iter()
+        .map(|u| {
+            ServerAddr::from_str(u).map_err(|e| NatsStartError::Url {
+                url: u.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
+    let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
+    // The client reports every dropped message; log at most one line per interval.
+    let last_warned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let mut options = ConnectOptions::new()
+        .name(format!("meshgate {instance}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(config.connect_timeout)
+        .subscription_capacity(config.subscription_capacity)
+        .event_callback(move |event| {
+            let slow_consumer = slow_consumer.clone();
+            let last_warned = last_warned.clone();
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        slow_consumer.inc();
+                        let mut last = last_warned.lock().unwrap_or_else(|e| e.into_inner());
+                        if last.is_none_or(|t| t.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
+                            *last = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                sid,
+                                "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
+                            );
+                        }
+                    }
+                    async_nats::Event::Connected => tracing::info!("nats: connected"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("nats: disconnected; reconnecting")
+                    }
+                    other => tracing::info!(event = %other, "nats"),
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    let client = options
+        .connect(addrs)
+        .await
+        .map_err(|e| NatsStartError::Client(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    while client.connection_state() != State::Connected {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                urls = ?config.urls,
+                "nats: not reachable yet; serving as not ready and retrying"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}
+
 /// NATS queue group names are tokens without whitespace; MQTT share names may hold any
 /// character but `/`, `+` and `#`, so others are percent-encoded.
-fn queue_name(group: &str) -> String {
+pub(crate) fn queue_name(group: &str) -> String {
     let mut out = String::with_capacity(group.len());
     for c in group.chars() {
         if c.is_ascii_graphic() && c != '%' {
@@ -169,7 +182,7 @@ fn queue_name(group: &str) -> String {
 }
 
 /// Decrements the subscription gauge when the subscription's stream is dropped.
-struct Counted(Gauge);
+pub(crate) struct Counted(pub(crate) Gauge);
 
 impl Drop for Counted {
     fn drop(&mut self) {

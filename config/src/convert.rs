@@ -88,6 +88,83 @@ fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
+    let name_ok = !j.stream.is_empty()
+        && j.stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        errors.push(
+            "backbone.jetstream.stream",
+            format!(
+                "`{}` is not a stream name: letters, digits, `-` and `_` only",
+                j.stream
+            ),
+        );
+    }
+    let max_bytes = match &j.max_bytes {
+        raw::Size::Bytes(n) if *n > 0 => *n as u64,
+        raw::Size::Text(t) => parse_size(t).unwrap_or_else(|e| {
+            errors.push("backbone.jetstream.max_bytes", e);
+            0
+        }),
+        raw::Size::Bytes(n) => {
+            errors.push(
+                "backbone.jetstream.max_bytes",
+                format!("must be positive, got {n}"),
+            );
+            0
+        }
+    };
+    let max_deliver = j.max_deliver;
+    if max_deliver < 1 {
+        errors.push(
+            "backbone.jetstream.max_deliver",
+            format!("must be at least 1, got {max_deliver}"),
+        );
+    }
+    let backoff: Vec<Duration> = j
+        .backoff
+        .iter()
+        .map(|b| duration(b, "backbone.jetstream.backoff", errors))
+        .collect();
+    if !backoff.is_empty() && backoff.len() as i64 >= max_deliver {
+        errors.push(
+            "backbone.jetstream.backoff",
+            format!(
+                "{} steps need max_deliver above {}",
+                backoff.len(),
+                backoff.len()
+            ),
+        );
+    }
+    let dead_letter_subject = (!j.dead_letter_subject.is_empty()).then_some(j.dead_letter_subject);
+    if dead_letter_subject.as_deref().is_some_and(|s| {
+        s.split('.')
+            .any(|t| t.is_empty() || t.contains(['*', '>', ' ']))
+    }) {
+        errors.push(
+            "backbone.jetstream.dead_letter_subject",
+            "a NATS subject: dot-separated tokens without spaces or wildcards",
+        );
+    }
+    JetStreamConfig {
+        stream: j.stream,
+        max_age: duration(&j.max_age, "backbone.jetstream.max_age", errors),
+        max_bytes,
+        replicas: positive(j.replicas, "backbone.jetstream.replicas", errors),
+        duplicate_window: duration(
+            &j.duplicate_window,
+            "backbone.jetstream.duplicate_window",
+            errors,
+        ),
+        ack_wait: duration(&j.ack_wait, "backbone.jetstream.ack_wait", errors),
+        backoff,
+        max_deliver,
+        dead_letter_subject,
+    }
+}
+
 fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
     if n.urls.is_empty() {
         errors.push(
@@ -287,17 +364,11 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         let kind = match b.kind.as_str() {
             "memory" => BackboneKind::Memory,
             "nats" => BackboneKind::Nats,
-            "jetstream" => {
-                errors.push(
-                    "backbone.kind",
-                    "`jetstream` is not built yet in this version; available: memory, nats",
-                );
-                BackboneKind::Memory
-            }
+            "jetstream" => BackboneKind::JetStream,
             other => {
                 errors.push(
                     "backbone.kind",
-                    format!("`{other}` is not one of: memory, nats"),
+                    format!("`{other}` is not one of: memory, nats, jetstream"),
                 );
                 BackboneKind::Memory
             }
@@ -329,6 +400,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 ),
             },
             nats: nats_config(b.nats, errors),
+            jetstream: jetstream_config(b.jetstream, errors),
         }
     });
     let min_why = "the 64 KiB every CloudEvents intermediary must accept";

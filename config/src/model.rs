@@ -49,6 +49,7 @@ pub struct AdminConfig {
 pub enum BackboneKind {
     Memory,
     Nats,
+    JetStream,
 }
 
 /// What the in-memory backbone does when a subscriber's queue is full.
@@ -74,6 +75,30 @@ pub struct BackboneConfig {
     pub kind: BackboneKind,
     pub memory: MemoryBackboneConfig,
     pub nats: NatsBackboneConfig,
+    pub jetstream: JetStreamConfig,
+}
+
+/// The JetStream backbone: NATS connection settings from `backbone.nats`, plus the stream and
+/// the delivery policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JetStreamConfig {
+    /// Stream holding the events (subjects `<subject_prefix>.>`), created or updated at start.
+    pub stream: String,
+    pub max_age: Duration,
+    pub max_bytes: u64,
+    pub replicas: usize,
+    /// Publishes with the same `Nats-Msg-Id` (CloudEvent `source` + `id`) within this window are
+    /// stored once.
+    pub duplicate_window: Duration,
+    /// A delivery not acknowledged within this time is delivered again.
+    pub ack_wait: Duration,
+    /// Waits before the 2nd, 3rd, … delivery (replace `ack_wait` when set).
+    pub backoff: Vec<Duration>,
+    /// Deliveries of one event to one subscription before it goes to the dead-letter subject.
+    pub max_deliver: i64,
+    /// Events delivered `max_deliver` times without acknowledgement are republished here
+    /// (`None`: dropped and counted).
+    pub dead_letter_subject: Option<String>,
 }
 
 /// How events are written on the NATS bus (CE-BINDINGS.md §8).

@@ -34,6 +34,20 @@ pub struct Backbone {
     pub kind: String,
     pub memory: Memory,
     pub nats: Nats,
+    pub jetstream: JetStream,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JetStream {
+    pub stream: String,
+    pub max_age: String,
+    pub max_bytes: Size,
+    pub replicas: i64,
+    pub duplicate_window: String,
+    pub ack_wait: String,
+    pub backoff: Vec<String>,
+    pub max_deliver: i64,
+    pub dead_letter_subject: String,
 }
 
 #[derive(Deserialize)]

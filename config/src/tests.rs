@@ -197,9 +197,35 @@ colour = "blue"
 }
 
 #[test]
-fn backbone_kinds_not_built_yet_are_explained() {
-    let errs = errors_of("[backbone]\nkind = \"jetstream\"\n", &[]);
-    assert!(has(&errs, "backbone.kind", "not built yet"), "{errs:?}");
+fn unknown_backbone_kinds_list_the_known_ones() {
+    let errs = errors_of("[backbone]\nkind = \"kafka\"\n", &[]);
+    assert!(
+        has(&errs, "backbone.kind", "memory, nats, jetstream"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn jetstream_settings_are_checked() {
+    let c = load_str("[backbone]\nkind = \"jetstream\"\n", "t", Vec::new()).unwrap();
+    assert_eq!(c.backbone.kind, BackboneKind::JetStream);
+    assert_eq!(c.backbone.jetstream.max_bytes, 1 << 30);
+    let errs = errors_of(
+        "[backbone.jetstream]\nstream = \"a.b\"\nbackoff = [\"1s\", \"2s\"]\nmax_deliver = 2\ndead_letter_subject = \"dl.>\"\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "backbone.jetstream.stream", "stream name"),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "backbone.jetstream.backoff", "max_deliver"),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "backbone.jetstream.dead_letter_subject", "wildcards"),
+        "{errs:?}"
+    );
 }
 
 #[test]

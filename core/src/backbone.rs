@@ -142,6 +142,12 @@ impl Delivery {
         &self.envelope.topic
     }
 
+    /// Whether the backbone waits for [`Delivery::ack`] (JetStream); false for the memory and
+    /// NATS core backbones, so callers can skip the await.
+    pub fn needs_ack(&self) -> bool {
+        self.acker.is_some()
+    }
+
     /// Acknowledges the delivery; a no-op where the backbone has no acknowledgements.
     pub async fn ack(self) -> Result<(), BackboneError> {
         match self.acker {

@@ -122,7 +122,9 @@ impl Conn {
 async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
     while let Some(delivery) = sub.next().await {
         if conn.first_match(delivery.topic()).as_ref() != Some(&filter) {
-            // Another of this connection's filters delivers it (or it was just removed).
+            // Another of this connection's filters delivers it (or it was just removed): this
+            // copy is settled (JetStream would otherwise deliver it again).
+            let _ = delivery.ack().await;
             continue;
         }
         let text = Utf8Bytes::from(&*delivery.envelope.json());

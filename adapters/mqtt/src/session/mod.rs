@@ -72,6 +72,9 @@ struct Session {
     pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet fully acknowledged.
     inflight: HashMap<u16, Inflight>,
+    /// Deliveries to acknowledge to the backbone after the next socket write (QoS 0 sent,
+    /// copies skipped); empty unless the backbone has acknowledgements (JetStream).
+    settle: Vec<meshgate_core::Delivery>,
     next_seq: u64,
     next_pkid: u16,
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
@@ -390,6 +393,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         streams: None,
         pending: VecDeque::new(),
         inflight: HashMap::new(),
+        settle: Vec::new(),
         next_seq: 0,
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
@@ -899,6 +903,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
             // Give the buffer back: an idle connection holds no write buffer.
             session.out = BytesMut::new();
+        }
+        if !session.settle.is_empty() {
+            session.settle().await;
         }
         // Idle connections keep a small read buffer; busy ones read in larger chunks.
         if buf.is_empty() {

@@ -132,9 +132,13 @@ impl Session {
     /// How a delivery goes to this client, if at all: once per session even when several
     /// subscriptions match (at the best granted QoS, with all their identifiers), honouring
     /// no-local and retain-as-published. Shared subscriptions deliver independently.
-    fn route(&self, q: Queued) -> Option<Outgoing> {
-        // `None`: unsubscribed meanwhile.
-        let source = self.subscriptions.iter().find(|s| *s.key == *q.key)?;
+    /// A delivery not sent (another subscription sends it, or it was unsubscribed meanwhile)
+    /// is settled with the backbone after the next write.
+    fn route(&mut self, q: Queued) -> Option<Outgoing> {
+        let Some(source) = self.subscriptions.iter().find(|s| *s.key == *q.key) else {
+            self.settle_later(q.delivery);
+            return None;
+        };
         let envelope = &q.delivery.envelope;
         let publish_qos = to_qos(envelope.qos);
         if source.shared {
@@ -163,6 +167,7 @@ impl Session {
         }
         // Only the first matching subscription's stream delivers; the others skip the copy.
         if first != Some(&*q.key) {
+            self.settle_later(q.delivery);
             return None;
         }
         Some(Outgoing {
@@ -171,6 +176,21 @@ impl Session {
             sub_ids,
             delivery: q.delivery,
         })
+    }
+
+    /// Keeps `delivery` to acknowledge to the backbone once the write buffer reached the socket
+    /// (JetStream; nothing to do for backbones without acknowledgements).
+    pub(super) fn settle_later(&mut self, delivery: Delivery) {
+        if delivery.needs_ack() {
+            self.settle.push(delivery);
+        }
+    }
+
+    /// Acknowledges the deliveries kept by [`Session::settle_later`].
+    pub(super) async fn settle(&mut self) {
+        for d in std::mem::take(&mut self.settle) {
+            let _ = d.ack().await;
+        }
     }
 
     /// A delivery while the client is connected.
@@ -187,6 +207,7 @@ impl Session {
         let Some(o) = self.route(q) else { return };
         if o.qos == QoS::AtMostOnce {
             self.shared.metrics.dropped("offline_qos0").inc();
+            self.settle_later(o.delivery);
         } else if self.pending.len() >= self.shared.config.max_queued {
             self.shared.metrics.dropped("session_queue_full").inc();
         } else {
@@ -227,6 +248,7 @@ impl Session {
         if o.qos == QoS::AtMostOnce {
             self.shared.metrics.sent.inc();
             self.shared.out_by_qos[0].inc();
+            self.settle_later(o.delivery);
         } else {
             let seq = self.next_seq;
             self.next_seq += 1;

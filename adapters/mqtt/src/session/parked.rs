@@ -139,7 +139,10 @@ async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, ge
             _ = tokio::time::sleep_until(will_at.unwrap_or(expires)), if will_at.is_some() && session.will.is_some() => {
                 Box::pin(session.publish_will()).await;
             }
-            Some(q) = next_queued(&mut session.streams) => session.queue_offline(q),
+            Some(q) = next_queued(&mut session.streams) => {
+                session.queue_offline(q);
+                session.settle().await;
+            }
         }
     }
     shared.parked.gauge.dec();

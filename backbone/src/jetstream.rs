@@ -1,0 +1,409 @@
+//! The JetStream backbone: at least once, end to end, across gateway instances and restarts.
+//!
+//! One stream (`backbone.jetstream.stream`, subjects `<subject_prefix>.>`) keeps every event,
+//! in the wire format of [`crate::nats_wire`]. `publish` resolves only after the stream's
+//! PubAck, so the client's acknowledgement (HTTP 202, MQTT PUBACK/PUBREC) means "stored".
+//! Each event carries `Nats-Msg-Id: <source> <id>` (percent-encoded), so the same CloudEvent
+//! published twice within `duplicate_window` is stored once.
+//!
+//! Each subscription is a durable pull consumer with `DeliverPolicy::New` on one subject (a
+//! filter like `a/#` needs two: `p.a` and `p.a.>`, as NATS 2.9 has one filter per consumer).
+//! Durable, so it survives a NATS restart; `inactive_threshold` removes it once nobody pulls
+//! (a gateway that died), and dropping the subscription deletes it. A queue group is one
+//! durable consumer named after the group and subject, which every instance pulls from, so
+//! members share the events across instances. Deliveries carry an acker: the adapter acks after
+//! the client acknowledged (MQTT QoS 1/2) or the write succeeded; otherwise JetStream delivers
+//! again after `ack_wait` (or the `backoff` steps), at most `max_deliver` times. Then the
+//! server's MAX_DELIVERIES advisory makes one instance (a queue subscription) republish the
+//! event to `dead_letter_subject`, counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use futures_util::StreamExt;
+use meshgate_config::{JetStreamConfig, NatsBackboneConfig, NatsWireMode};
+use meshgate_core::backbone::Acknowledge;
+use meshgate_core::header::percent_encode_header;
+use meshgate_core::metrics::{self, Counter, Gauge, Registry};
+use meshgate_core::{
+    Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
+    TopicFilter,
+};
+
+use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
+use crate::nats_wire;
+
+const NAME: &str = "jetstream";
+
+/// A consumer nobody pulls from for this long is removed by the server.
+const INACTIVE_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct JetStreamBackbone {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: JetStreamConfig,
+    instance: (String, String),
+    prefix: String,
+    wire: NatsWireMode,
+    closed: AtomicBool,
+    malformed: Counter,
+    duplicates: Counter,
+    subscriptions: Gauge,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BackboneError {
+    BackboneError::Unavailable(format!("JetStream: {e}"))
+}
+
+impl JetStreamBackbone {
+    /// Connects, creates or updates the stream, and starts the dead-letter handler. NATS must be
+    /// reachable within `backbone.nats.connect_timeout` (the stream is set up at start).
+    pub async fn connect(
+        nats: &NatsBackboneConfig,
+        config: &JetStreamConfig,
+        instance: &str,
+        registry: &Registry,
+    ) -> Result<Arc<JetStreamBackbone>, NatsStartError> {
+        let client = connect_client(nats, instance, registry, NAME).await?;
+        if client.connection_state() != State::Connected {
+            return Err(NatsStartError::Client(format!(
+                "NATS at {:?} is not reachable; the JetStream backbone sets up its stream at start",
+                nats.urls
+            )));
+        }
+        let js = jetstream::new(client.clone());
+        let all = if nats.subject_prefix.is_empty() {
+            ">".to_owned()
+        } else {
+            format!("{}.>", nats.subject_prefix)
+        };
+        let stream_config = stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![all],
+            max_age: config.max_age,
+            max_bytes: i64::try_from(config.max_bytes).unwrap_or(i64::MAX),
+            num_replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            ..Default::default()
+        };
+        js.create_or_update_stream(stream_config)
+            .await
+            .map_err(|e| {
+                NatsStartError::Client(format!(
+                    "backbone.jetstream.stream: cannot create or update stream `{}`: {e}",
+                    config.stream
+                ))
+            })?;
+        let labels = |reason| [("backbone", NAME), ("reason", reason)];
+        let backbone = Arc::new(JetStreamBackbone {
+            client,
+            js,
+            config: config.clone(),
+            instance: (instance.to_owned(), percent_encode_header(instance)),
+            prefix: nats.subject_prefix.clone(),
+            wire: nats.wire_mode,
+            closed: AtomicBool::new(false),
+            malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
+            duplicates: registry.counter(metrics::BACKBONE_DROPPED, &labels("duplicate")),
+            subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
+        });
+        let dead = registry.counter(metrics::BACKBONE_DROPPED, &labels("max_deliveries"));
+        tokio::spawn(dead_letters(backbone.clone(), dead));
+        Ok(backbone)
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Consumer settings for one subject of a subscription.
+    fn consumer_config(&self, subject: String, durable: String) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(durable),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: self.config.max_deliver,
+            backoff: self.config.backoff.clone(),
+            filter_subject: subject,
+            inactive_threshold: INACTIVE_THRESHOLD,
+            ..Default::default()
+        }
+    }
+}
+
+/// Settles one JetStream delivery.
+struct JsAck(jetstream::message::Acker);
+
+impl std::fmt::Debug for JsAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsAck")
+    }
+}
+
+impl Acknowledge for JsAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackboneError>> {
+        Box::pin(async move { self.0.ack().await.map_err(unavailable) })
+    }
+
+    fn nack(
+        self: Box<Self>,
+        delay: Option<std::time::Duration>,
+    ) -> BoxFuture<'static, Result<(), BackboneError>> {
+        Box::pin(async move {
+            self.0
+                .ack_with(AckKind::Nak(delay))
+                .await
+                .map_err(unavailable)
+        })
+    }
+}
+
+/// Consumer names: NATS tokens (no `.`, `*`, `>`, whitespace), bounded in length.
+fn consumer_name(parts: &[&str]) -> String {
+    let joined = parts.join("_");
+    let mut out: String = queue_name(&joined)
+        .chars()
+        .map(|c| if matches!(c, '.' | '*' | '>') { '_' } else { c })
+        .collect();
+    if out.len() > 200 {
+        // Long filters: keep the start, make the rest a hash.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        joined.hash(&mut h);
+        out.truncate(180);
+        out.push_str(&format!("_{:016x}", h.finish()));
+    }
+    out
+}
+
+/// Deletes a subscription's consumers once its stream is dropped (unsubscribe).
+struct DeleteOnDrop {
+    js: jetstream::Context,
+    stream: String,
+    names: Vec<String>,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let (js, stream, names) = (
+            self.js.clone(),
+            self.stream.clone(),
+            std::mem::take(&mut self.names),
+        );
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Ok(s) = js.get_stream(&stream).await {
+                    for n in names {
+                        let _ = s.delete_consumer(&n).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Backbone for JetStreamBackbone {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>> {
+        Box::pin(async move {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(BackboneError::Closed);
+            }
+            if !self.connected() {
+                return Err(unavailable("NATS is not connected; retry later"));
+            }
+            let subject = envelope.topic.to_nats_subject(&self.prefix);
+            let (mut headers, payload) =
+                nats_wire::encode(&envelope, self.wire, (&self.instance.0, &self.instance.1));
+            let id = format!("{} {}", envelope.event.source(), envelope.event.id());
+            headers.insert("Nats-Msg-Id", percent_encode_header(&id));
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)?;
+            if ack.duplicate {
+                // Stored before within the duplicate window: acknowledged, not stored again.
+                self.duplicates.inc();
+            }
+            Ok(())
+        })
+    }
+
+    fn subscribe(
+        &self,
+        filter: TopicFilter,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, Result<Subscription, BackboneError>> {
+        Box::pin(async move {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(BackboneError::Closed);
+            }
+            let stream = self
+                .js
+                .get_stream(&self.config.stream)
+                .await
+                .map_err(unavailable)?;
+            let unique = meshgate_core::wrap::new_id();
+            let mut streams = Vec::new();
+            let mut owned = Vec::new();
+            for subject in filter.to_nats_subjects(&self.prefix) {
+                let name = match &options.queue_group {
+                    // Shared by every instance: one consumer per group and subject.
+                    Some(g) => consumer_name(&["q", g, &subject]),
+                    None => {
+                        let n = consumer_name(&["s", &self.instance.0, &unique, &subject]);
+                        owned.push(n.clone());
+                        n
+                    }
+                };
+                let consumer: consumer::PullConsumer = stream
+                    .get_or_create_consumer(&name, self.consumer_config(subject, name.clone()))
+                    .await
+                    .map_err(unavailable)?;
+                streams.push(consumer.messages().await.map_err(unavailable)?);
+            }
+            self.subscriptions.inc();
+            let counted = Counted(self.subscriptions.clone());
+            let cleanup = DeleteOnDrop {
+                js: self.js.clone(),
+                stream: self.config.stream.clone(),
+                names: owned,
+            };
+            let prefix = self.prefix.clone();
+            let malformed = self.malformed.clone();
+            let merged = futures_util::stream::select_all(streams).filter_map(move |m| {
+                let _alive = (&counted, &cleanup);
+                let delivery = match m {
+                    Ok(m) => {
+                        let (m, acker) = m.split();
+                        match nats_wire::decode(
+                            &prefix,
+                            m.subject.as_str(),
+                            m.headers.as_ref(),
+                            m.payload,
+                        ) {
+                            Ok(envelope) => Some(Delivery::new(
+                                Arc::new(envelope),
+                                Some(Box::new(JsAck(acker))),
+                            )),
+                            Err(reason) => {
+                                malformed.inc();
+                                tracing::debug!(
+                                    reason,
+                                    "jetstream: skipped a message that is not a CloudEvent"
+                                );
+                                // Never deliverable: terminate instead of redelivering.
+                                tokio::spawn(async move {
+                                    let _ = acker.ack_with(AckKind::Term).await;
+                                });
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Heartbeat gaps, reconnects: the pull stream carries on.
+                        tracing::debug!(error = %e, "jetstream: pull");
+                        None
+                    }
+                };
+                futures_util::future::ready(delivery)
+            });
+            Ok(Subscription::new(filter, Box::pin(merged)))
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.connected()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            if let Err(e) = self.client.flush().await {
+                tracing::debug!(error = %e, "jetstream: flush");
+            }
+            if let Err(e) = self.client.drain().await {
+                tracing::debug!(error = %e, "jetstream: drain");
+            }
+        })
+    }
+}
+
+/// The MAX_DELIVERIES advisory, as far as we read it.
+#[derive(serde::Deserialize)]
+struct MaxDeliveries {
+    stream: String,
+    consumer: String,
+    stream_seq: u64,
+}
+
+/// Republishes events that reached `max_deliver` to the dead-letter subject (one instance
+/// handles each advisory: a queue subscription), or counts them as dropped.
+async fn dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter) {
+    let subject = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+        backbone.config.stream
+    );
+    let Ok(mut advisories) = backbone
+        .client
+        .queue_subscribe(subject, "meshgate-dead-letter".to_owned())
+        .await
+    else {
+        tracing::warn!("jetstream: cannot watch max-deliveries advisories");
+        return;
+    };
+    while let Some(m) = advisories.next().await {
+        let Ok(a) = serde_json::from_slice::<MaxDeliveries>(&m.payload) else {
+            continue;
+        };
+        counter.inc();
+        let Some(target) = backbone.config.dead_letter_subject.clone() else {
+            tracing::warn!(
+                seq = a.stream_seq,
+                consumer = a.consumer,
+                "jetstream: event dropped after max_deliver attempts"
+            );
+            continue;
+        };
+        let Ok(stream) = backbone.js.get_stream(&a.stream).await else {
+            continue;
+        };
+        match stream.get_raw_message(a.stream_seq).await {
+            Ok(raw) => {
+                let mut headers = raw.headers.clone();
+                headers.insert("Meshgate-Dead-Stream", a.stream.as_str());
+                headers.insert("Meshgate-Dead-Sequence", a.stream_seq.to_string());
+                headers.insert("Meshgate-Dead-Consumer", percent_encode_header(&a.consumer));
+                headers.insert("Meshgate-Dead-Subject", raw.subject.as_str());
+                if let Err(e) = backbone
+                    .client
+                    .publish_with_headers(target, headers, raw.payload)
+                    .await
+                {
+                    tracing::warn!(error = %e, "jetstream: dead-letter publish failed");
+                } else {
+                    tracing::info!(
+                        seq = a.stream_seq,
+                        consumer = a.consumer,
+                        "jetstream: event dead-lettered after max_deliver attempts"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "jetstream: dead-lettered event not found"),
+        }
+    }
+}

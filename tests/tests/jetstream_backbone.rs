@@ -1,0 +1,233 @@
+//! The JetStream backbone against a real nats-server (one per test, file store): ingress
+//! acknowledged after the stream stored the event and deduplicated by source + id, nothing
+//! acknowledged lost across a NATS restart, redelivery then dead-lettering of unacknowledged
+//! deliveries.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use meshgate_config::BackboneKind;
+use support::nats::NatsServer;
+use support::{Deadline, next_event, start_gateway, test_config, ws_connect};
+
+fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
+    let mut c = test_config();
+    c.gateway.instance_id = Some(instance.into());
+    c.backbone.kind = BackboneKind::JetStream;
+    c.backbone.nats.urls = vec![server.url()];
+    c
+}
+
+async fn wait_metric(admin: SocketAddr, needle: &str) {
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let m = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(needle) {
+            return;
+        }
+        assert!(!d.passed(), "`{needle}` not in /metrics:\n{m}");
+        d.pause().await;
+    }
+}
+
+async fn post(web: SocketAddr, topic: &str, id: &str) -> Result<reqwest::StatusCode, String> {
+    reqwest::Client::new()
+        .post(format!("http://{web}/events/{topic}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/test","type":"t"}}"#
+        ))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map(|r| r.status())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_is_stored_once_per_source_and_id() {
+    let nats = NatsServer::start();
+    let gw = start_gateway(js_config(&nats, "js-dedup")).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let mut ws = ws_connect(web, &["orders/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    // The same event twice (a client retrying after a lost 202), and another one.
+    assert_eq!(post(web, "orders/1", "same").await.unwrap(), 202);
+    assert_eq!(post(web, "orders/1", "same").await.unwrap(), 202);
+    assert_eq!(post(web, "orders/2", "other").await.unwrap(), 202);
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "same"
+    );
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "other"
+    );
+    wait_metric(
+        admin,
+        "meshgate_backbone_dropped_total{backbone=\"jetstream\",reason=\"duplicate\"} 1",
+    )
+    .await;
+    // The stream holds two events.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream("MESHGATE").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_event_is_lost_across_a_nats_restart() {
+    let mut nats = NatsServer::start();
+    let gw = start_gateway(js_config(&nats, "js-restart")).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let mut ws = ws_connect(web, &["jobs/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        if i == 20 {
+            nats.kill();
+        }
+        if i == 40 {
+            nats.restart();
+            // Let the client reconnect before the last third.
+            let d = Deadline::after(Duration::from_secs(20));
+            while reqwest::get(format!("http://{admin}/readyz"))
+                .await
+                .unwrap()
+                .status()
+                != 200
+            {
+                assert!(!d.passed(), "not ready after the NATS restart");
+                d.pause().await;
+            }
+        }
+        let id = format!("job-{i}");
+        match post(web, "jobs/x", &id).await {
+            Ok(s) if s == 202 => accepted.push(id),
+            Ok(s) => {
+                assert_eq!(s, 503, "refusals say: retry later");
+                refused += 1;
+            }
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "events sent while NATS was down must be refused"
+    );
+    assert!(accepted.len() >= 40, "accepted {}", accepted.len());
+    // Every acknowledged event arrives (at least once).
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let d = Deadline::after(Duration::from_secs(30));
+    while accepted.iter().any(|id| !seen.contains_key(id)) {
+        assert!(
+            !d.passed(),
+            "missing: {:?}",
+            accepted
+                .iter()
+                .filter(|id| !seen.contains_key(*id))
+                .collect::<Vec<_>>()
+        );
+        let e = next_event(&mut ws, Duration::from_secs(30)).await.unwrap();
+        *seen.entry(e.id().to_owned()).or_default() += 1;
+    }
+    let duplicates: usize = seen.values().map(|c| c - 1).sum();
+    println!(
+        "accepted {}, refused {refused}, delivered {} distinct, {duplicates} duplicates",
+        accepted.len(),
+        seen.len()
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_deliveries_are_redelivered_then_dead_lettered() {
+    let nats = NatsServer::start();
+    let mut config = js_config(&nats, "js-dead");
+    config.backbone.jetstream.ack_wait = Duration::from_millis(500);
+    config.backbone.jetstream.max_deliver = 2;
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let gw = start_gateway(config).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let watcher = async_nats::connect(nats.url()).await.unwrap();
+    let mut dead = watcher.subscribe("meshgate-dead-letter").await.unwrap();
+    watcher.flush().await.unwrap();
+    // An MQTT 5 device that receives at QoS 1 and never acknowledges.
+    let mqtt = gw.mqtt_addr.unwrap();
+    let mut opts = rumqttc::v5::MqttOptions::new("never-acks", "127.0.0.1", mqtt.port());
+    opts.set_manual_acks(true);
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = el.poll().await {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) = e
+            {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    client
+        .subscribe("alerts/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    assert_eq!(post(web, "alerts/fire", "a1").await.unwrap(), 202);
+    // Delivered, not acknowledged, delivered again (max_deliver 2) ...
+    for attempt in 1..=2 {
+        let p = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {attempt} missing"))
+            .unwrap();
+        assert_eq!(&p.topic[..], b"alerts/fire");
+    }
+    // ... then republished to the dead-letter subject, with where it came from.
+    let m = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("dead letter")
+        .unwrap();
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Meshgate-Dead-Stream").unwrap().as_str(), "MESHGATE");
+    assert_eq!(
+        h.get("Meshgate-Dead-Subject").unwrap().as_str(),
+        "meshgate.alerts.fire"
+    );
+    let e = meshgate_core::json::decode(&m.payload).unwrap();
+    assert_eq!(e.id(), "a1");
+    wait_metric(
+        admin,
+        "meshgate_backbone_dropped_total{backbone=\"jetstream\",reason=\"max_deliveries\"} 1",
+    )
+    .await;
+    gw.shutdown().await;
+}

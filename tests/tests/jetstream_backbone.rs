@@ -231,3 +231,58 @@ async fn unacknowledged_deliveries_are_redelivered_then_dead_lettered() {
     .await;
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    // Instance A: the real binary, killed with SIGKILL mid-stream.
+    let mut a = support::spawn(
+        &[],
+        &[
+            ("MESHGATE__BACKBONE__KIND", "jetstream"),
+            ("MESHGATE__BACKBONE__NATS__URLS", &url),
+            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__GATEWAY__INSTANCE_ID", "js-doomed"),
+        ],
+    );
+    // Instance B, with the subscriber.
+    let b = start_gateway(js_config(&nats, "js-survivor")).await;
+    let mut ws = ws_connect(b.web_addr.unwrap(), &["ledger/#"]).await;
+    wait_metric(
+        b.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    let web_a = a.web.unwrap();
+    // A client keeps publishing to A; A is killed while requests are in flight.
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let acc = accepted.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 0.. {
+            let id = format!("entry-{i}");
+            match post(web_a, "ledger/x", &id).await {
+                Ok(s) if s == 202 => acc.lock().unwrap().push(id),
+                Ok(_) => {}
+                Err(_) => break, // A is gone
+            }
+        }
+    });
+    let d = Deadline::after(Duration::from_secs(10));
+    while accepted.lock().unwrap().len() < 25 {
+        assert!(!d.passed(), "A accepted too little");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.child.kill().unwrap(); // SIGKILL, mid-stream
+    a.child.wait().unwrap();
+    let _ = publisher.await;
+    let accepted = accepted.lock().unwrap().clone();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < accepted.len() {
+        let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+        seen.insert(e.id().to_owned());
+    }
+    assert!(accepted.iter().all(|id| seen.contains(id)));
+    b.shutdown().await;
+}

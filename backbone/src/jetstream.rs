@@ -40,10 +40,24 @@ const NAME: &str = "jetstream";
 /// A consumer nobody pulls from for this long is removed by the server.
 const INACTIVE_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// A message for the stream, with where to send the pending PubAck.
+struct Submit {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    done: tokio::sync::oneshot::Sender<Result<jetstream::context::PublishAckFuture, String>>,
+}
+
+/// Messages handed to the client one after another, in the order `publish` was called:
+/// async-nats's JetStream publish awaits more than the send, so concurrent publishes from one
+/// connection could otherwise reach the stream out of order (seen in the pipelining test).
+const SUBMIT_QUEUE: usize = 65_536;
+
 #[derive(Debug)]
 pub struct JetStreamBackbone {
     client: async_nats::Client,
     js: jetstream::Context,
+    submit: tokio::sync::mpsc::Sender<Submit>,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -100,9 +114,21 @@ impl JetStreamBackbone {
                 ))
             })?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
+        let (submit, mut queue) = tokio::sync::mpsc::channel::<Submit>(SUBMIT_QUEUE);
+        let sender = js.clone();
+        tokio::spawn(async move {
+            while let Some(s) = queue.recv().await {
+                let r = sender
+                    .publish_with_headers(s.subject, s.headers, s.payload)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = s.done.send(r);
+            }
+        });
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
+            submit,
             config: config.clone(),
             instance: (instance.to_owned(), percent_encode_header(instance)),
             prefix: nats.subject_prefix.clone(),
@@ -226,10 +252,20 @@ impl Backbone for JetStreamBackbone {
                 nats_wire::encode(&envelope, self.wire, (&self.instance.0, &self.instance.1));
             let id = format!("{} {}", envelope.event.source(), envelope.event.id());
             headers.insert("Nats-Msg-Id", percent_encode_header(&id));
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload)
+            let (done, pending) = tokio::sync::oneshot::channel();
+            self.submit
+                .try_send(Submit {
+                    subject,
+                    headers,
+                    payload,
+                    done,
+                })
+                .map_err(|_| {
+                    BackboneError::Saturated("JetStream publish queue is full; retry later".into())
+                })?;
+            let ack = pending
                 .await
+                .map_err(|_| BackboneError::Closed)?
                 .map_err(unavailable)?
                 .await
                 .map_err(unavailable)?;

@@ -301,6 +301,30 @@ async fn main() -> anyhow::Result<()> {
         lat,
     );
     drop((a, b));
+    let js_env = [
+        ("MESHGATE__BACKBONE__KIND", "jetstream"),
+        ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
+        ("MESHGATE__BACKBONE__NATS__WIRE_MODE", wire),
+        ("MESHGATE__BACKBONE__JETSTREAM__STREAM", "MGBENCH"),
+        ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", "mgjs"),
+    ];
+    for publishers in [1, 4] {
+        let gw = start_meshgate_with(&js_env)?;
+        let t = throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds).await?;
+        let lat = if publishers == 1 {
+            latency(gw.port, gw.port, 2_000, seconds).await.ok()
+        } else {
+            None
+        };
+        row(
+            &format!(
+                "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s) (PUBACK after PubAck)"
+            ),
+            t.rate,
+            &t.accepted.saturating_sub(t.delivered).to_string(),
+            lat,
+        );
+    }
     let mem = start_meshgate_with(&[])?;
     let t = throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds).await?;
     let lat = latency(mem.port, mem.port, 2_000, seconds).await.ok();

@@ -286,3 +286,79 @@ async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
     assert!(accepted.iter().all(|id| seen.contains(id)));
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
+    let nats = NatsServer::start();
+    let mut config = js_config(&nats, "js-mqtt");
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
+    let gw = start_gateway(config).await;
+    let port = gw.mqtt_addr.unwrap().port();
+    let client = |id: &str| {
+        let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_inflight(100);
+        rumqttc::AsyncClient::new(o, 500)
+    };
+    let (sub, mut sub_el) = client("js-sub");
+    sub.subscribe("seq/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = sub_el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e {
+                let _ = got_tx.send(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+        }
+    });
+    wait_metric(
+        gw.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    const N: usize = 300;
+    let (publ, mut pub_el) = client("js-pub");
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = pub_el.poll().await {
+            match e {
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
+                    let _ = sent_tx.send(pkid);
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => {
+                    let _ = acked_tx.send(a.pkid);
+                }
+                _ => {}
+            }
+        }
+    });
+    for i in 0..N {
+        publ.publish("seq/x", rumqttc::QoS::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let mut sent = Vec::new();
+    let mut acked = Vec::new();
+    while acked.len() < N {
+        let a = tokio::time::timeout(Duration::from_secs(10), acked_rx.recv())
+            .await
+            .expect("PUBACKs")
+            .unwrap();
+        acked.push(a);
+    }
+    while let Ok(p) = sent_rx.try_recv() {
+        sent.push(p);
+    }
+    assert_eq!(acked, sent[..N], "PUBACKs in the order of the PUBLISHes");
+    for i in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
+            .await
+            .expect("deliveries")
+            .unwrap();
+        assert_eq!(m, format!("m{i}"), "delivered in publish order");
+    }
+    gw.shutdown().await;
+}

@@ -5,8 +5,9 @@
 //! Deliveries beyond the client's in-flight window wait in `pending` (at most `mqtt.max_queued`);
 //! past that the stream set is not polled, so backpressure reaches the backbone queue and its
 //! full-queue policy decides (block the publishers, or drop and count).
-//! Inbound PUBLISHes are handled one at a time and acknowledged (PUBACK/PUBREC) only after
-//! the backbone accepted the event.
+//! Inbound PUBLISHes are acknowledged (PUBACK/PUBREC) only after the backbone accepted the
+//! event; up to `mqtt.max_inflight` of them may wait for the backbone at once (a JetStream
+//! PubAck is a round trip), answered in arrival order.
 //!
 //! Submodules: [`outbound`] (routing, in-flight window, QoS 1/2 handshakes, retransmission),
 //! [`subscribe`] (SUBSCRIBE/UNSUBSCRIBE), [`parked`] (persistent sessions while the client is
@@ -79,6 +80,12 @@ struct Session {
     next_pkid: u16,
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
     incoming_qos2: HashSet<u16>,
+    /// PUBLISHes handed to the backbone and not yet accepted, in arrival order, so that their
+    /// PUBACK/PUBREC go out in that order (MQTT 3.1.1 §4.6) while several are pending — a
+    /// JetStream PubAck takes a round trip. Boxed and created on first use (idle memory).
+    inbound: Option<Box<futures_util::stream::FuturesOrdered<InboundPublish>>>,
+    /// Packet ids of the QoS 2 PUBLISHes in `inbound`.
+    inbound_qos2: HashSet<u16>,
     /// Boxed: most clients have none, and an idle connection should stay small.
     will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
     /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
@@ -397,6 +404,8 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         next_seq: 0,
         next_pkid: 1,
         incoming_qos2: HashSet::new(),
+        inbound: None,
+        inbound_qos2: HashSet::new(),
         will: will.map(|w| Box::new((w, will_props))),
         will_delay,
         expiry,
@@ -451,6 +460,9 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     session.fill_window();
     Some((session, connect.keep_alive, registration))
 }
+
+/// How long a closing connection waits for its pending inbound publishes.
+const INBOUND_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long a connection taking over a client id waits for the previous one to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -534,6 +546,22 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
             meshgate_core::AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
             _ => ConnectReturnCode::NotAuthorized,
         })
+}
+
+/// An inbound PUBLISH on its way into the backbone: its QoS, packet id and the outcome.
+type InboundPublish = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (QoS, u16, Result<(), PublishError>)> + Send>,
+>;
+
+/// The next answer to a pending inbound PUBLISH, or never while there is none.
+async fn next_inbound(
+    inbound: &mut Option<Box<futures_util::stream::FuturesOrdered<InboundPublish>>>,
+) -> Option<(QoS, u16, Result<(), PublishError>)> {
+    use futures_util::StreamExt;
+    match inbound {
+        Some(f) if !f.is_empty() => f.next().await,
+        _ => std::future::pending().await,
+    }
 }
 
 enum Flow {
@@ -694,6 +722,10 @@ impl Session {
         meta: codec::PublishMeta,
     ) -> Flow {
         let (qos, pkid) = (meta.qos, meta.pkid);
+        if qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&pkid) {
+            // Resent while the first copy is still with the backbone: its PUBREC will follow.
+            return Flow::Continue;
+        }
         if qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&pkid) {
             // A resent QoS 2 publish before PUBREL: acknowledge again, publish once.
             self.write(Packet::PubRec(
@@ -786,12 +818,39 @@ impl Session {
         if p.retain {
             self.shared.retained.update(&envelope, p.payload.is_empty());
         }
-        match self
-            .shared
-            .ctx
-            .publish_envelope(&self.shared.metrics, &self.principal, envelope)
-            .await
-        {
+        let shared = self.shared.clone();
+        let principal = self.principal.clone();
+        let mut publish: InboundPublish = Box::pin(async move {
+            let r = shared
+                .ctx
+                .publish_envelope(&shared.metrics, &principal, envelope)
+                .await;
+            (qos, pkid, r)
+        });
+        if self.inbound.as_ref().is_none_or(|f| f.is_empty()) {
+            // Usually accepted at once (memory backbone): answer without queueing. If not, the
+            // queue below polls it again with a real waker.
+            let waker = futures_util::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            if let std::task::Poll::Ready((qos, pkid, r)) = publish.as_mut().poll(&mut cx) {
+                return self.published(qos, pkid, r);
+            }
+        }
+        if qos == QoS::ExactlyOnce {
+            self.inbound_qos2.insert(pkid);
+        }
+        self.inbound
+            .get_or_insert_with(Default::default)
+            .push_back(publish);
+        Flow::Continue
+    }
+
+    /// The backbone's answer to an inbound PUBLISH: acknowledge it, or refuse it.
+    fn published(&mut self, qos: QoS, pkid: u16, r: Result<(), PublishError>) -> Flow {
+        if qos == QoS::ExactlyOnce {
+            self.inbound_qos2.remove(&pkid);
+        }
+        match r {
             Ok(()) => {
                 self.shared.in_by_qos[usize::from(qos as u8).min(2)].inc();
                 self.ack(qos, pkid, PubAckReason::Success);
@@ -806,6 +865,14 @@ impl Session {
                 self.refuse(qos, pkid, PubAckReason::QuotaExceeded, "backbone")
             }
         }
+    }
+
+    /// Whether as many PUBLISHes wait for the backbone as the client may send unacknowledged
+    /// (our Receive Maximum): then no more packets are read until one is answered.
+    fn inbound_full(&self) -> bool {
+        self.inbound
+            .as_ref()
+            .is_some_and(|f| f.len() >= usize::from(self.shared.config.max_inflight))
     }
 
     async fn publish_will(&mut self) {
@@ -868,8 +935,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let pending_limit = shared.config.max_queued;
     let mut busy = false;
     let end = 'conn: loop {
-        // Handle every complete packet already buffered.
+        // Handle every complete packet already buffered (while the backbone keeps up).
         loop {
+            if session.inbound_full() {
+                break;
+            }
             let meta = codec::peek_publish_meta(&buf);
             match codec::read(session.version, &mut buf, max) {
                 Ok(Some(packet)) => {
@@ -921,7 +991,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 session.disconnect(DisconnectReasonCode::SessionTakenOver);
                 break End::Server;
             }
-            r = rd.read_buf(&mut buf) => match r {
+            Some((qos, pkid, r)) = next_inbound(&mut session.inbound) => {
+                if let Flow::End(e) = session.published(qos, pkid, r) {
+                    break e;
+                }
+            }
+            r = rd.read_buf(&mut buf), if !session.inbound_full() => match r {
                 Ok(0) | Err(_) => break End::Abnormal,
                 Ok(n) => busy = n >= 64,
             },
@@ -944,6 +1019,19 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
         }
     };
+    // Publishes the client sent before it left still reach the backbone (a QoS 0 publish
+    // followed by DISCONNECT must not be lost).
+    if let Some(mut inbound) = session.inbound.take() {
+        use futures_util::StreamExt;
+        let drain = async {
+            while let Some((qos, pkid, r)) = inbound.next().await {
+                let _ = session.published(qos, pkid, r);
+            }
+        };
+        if tokio::time::timeout(INBOUND_DRAIN, drain).await.is_err() {
+            shared.metrics.error("inbound_drain_timeout");
+        }
+    }
     if !session.out.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&session.out)).await;
     }

@@ -360,6 +360,10 @@ impl Backbone for JetStreamBackbone {
         })
     }
 
+    fn publish_round_trips(&self) -> bool {
+        true
+    }
+
     fn is_ready(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && self.connected()
     }

@@ -149,7 +149,10 @@ pub fn payload(origin: Instant) -> Vec<u8> {
 
 #[derive(Debug)]
 pub struct Throughput {
+    /// Delivered messages per second of publishing.
     pub rate: f64,
+    /// Accepted (QoS 1: acknowledged) messages per second of publishing.
+    pub accepted_rate: f64,
     /// QoS 1: publishes the broker acknowledged (PUBACK); QoS 0: publishes sent.
     pub accepted: u64,
     pub delivered: u64,
@@ -234,6 +237,7 @@ pub async fn throughput(
     };
     Ok(Throughput {
         rate: delivered as f64 / publishing,
+        accepted_rate: accepted as f64 / publishing,
         accepted,
         delivered,
     })

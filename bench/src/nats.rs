@@ -318,7 +318,8 @@ async fn main() -> anyhow::Result<()> {
         };
         row(
             &format!(
-                "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s) (PUBACK after PubAck)"
+                "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s); PUBACKed/s {:.0}",
+                t.accepted_rate
             ),
             t.rate,
             &t.accepted.saturating_sub(t.delivered).to_string(),

@@ -217,6 +217,12 @@ pub trait Backbone: Send + Sync + fmt::Debug {
         options: SubscribeOptions,
     ) -> BoxFuture<'_, Result<Subscription, BackboneError>>;
 
+    /// Whether `publish` waits for a remote acknowledgement (JetStream's PubAck): then adapters
+    /// keep several publishes of one connection in flight instead of one at a time.
+    fn publish_round_trips(&self) -> bool {
+        false
+    }
+
     /// Whether the backbone can take events now (reported on `/readyz`).
     fn is_ready(&self) -> bool;
 

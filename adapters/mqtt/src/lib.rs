@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     /// Open sockets (counted at accept, so a flood of idle sockets counts too).
     sockets: AtomicUsize,
     retained: retained::Retained,
+    /// The backbone acknowledges publishes remotely (JetStream): pipeline inbound PUBLISHes.
+    pipeline: bool,
     /// PUBLISHes accepted from clients, per QoS 0/1/2.
     in_by_qos: [Counter; 3],
     /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged, QoS 2 completed).
@@ -144,6 +146,7 @@ impl MqttAdapter {
             in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
             out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
             retained: retained::Retained::new(metrics.dropped("retained_limit")),
+            pipeline: ctx.backbone.publish_round_trips(),
             config: config.clone(),
             ctx: ctx.clone(),
             metrics,

@@ -6,8 +6,9 @@
 //! past that the stream set is not polled, so backpressure reaches the backbone queue and its
 //! full-queue policy decides (block the publishers, or drop and count).
 //! Inbound PUBLISHes are acknowledged (PUBACK/PUBREC) only after the backbone accepted the
-//! event; up to `mqtt.max_inflight` of them may wait for the backbone at once (a JetStream
-//! PubAck is a round trip), answered in arrival order.
+//! event: one at a time where the backbone answers at once (memory, NATS core); up to
+//! `mqtt.max_inflight` at once, answered in arrival order, where it answers after a round trip
+//! (JetStream's PubAck).
 //!
 //! Submodules: [`outbound`] (routing, in-flight window, QoS 1/2 handshakes, retransmission),
 //! [`subscribe`] (SUBSCRIBE/UNSUBSCRIBE), [`parked`] (persistent sessions while the client is
@@ -817,6 +818,15 @@ impl Session {
             .with_retain(p.retain);
         if p.retain {
             self.shared.retained.update(&envelope, p.payload.is_empty());
+        }
+        if !self.shared.pipeline {
+            // The backbone answers at once (memory, NATS core): no queue, no allocation.
+            let r = self
+                .shared
+                .ctx
+                .publish_envelope(&self.shared.metrics, &self.principal, envelope)
+                .await;
+            return self.published(qos, pkid, r);
         }
         let shared = self.shared.clone();
         let principal = self.principal.clone();

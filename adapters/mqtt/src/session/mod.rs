@@ -96,7 +96,7 @@ struct Session {
     /// Session Expiry Interval the client sent in CONNECT (MQTT 5), in seconds.
     requested_expiry: u32,
     /// Topic aliases the client set (MQTT 5), allocated on first use.
-    aliases: Option<HashMap<u16, Topic>>,
+    aliases: Option<Box<HashMap<u16, Topic>>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
 }

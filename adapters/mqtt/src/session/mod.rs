@@ -95,7 +95,9 @@ struct Session {
     expiry: Duration,
     /// Session Expiry Interval the client sent in CONNECT (MQTT 5), in seconds.
     requested_expiry: u32,
-    /// Topic aliases the client set (MQTT 5), allocated on first use.
+    /// Topic aliases the client set (MQTT 5), allocated on first use. Boxed: `None` costs 8
+    /// bytes instead of a map's 48 on every idle connection.
+    #[allow(clippy::box_collection)]
     aliases: Option<Box<HashMap<u16, Topic>>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,

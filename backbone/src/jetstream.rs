@@ -324,22 +324,12 @@ impl Backbone for JetStreamBackbone {
                 let delivery = match m {
                     Ok(m) => {
                         let (m, acker) = m.split();
-                        match nats_wire::decode(
-                            &prefix,
-                            m.subject.as_str(),
-                            m.headers.as_ref(),
-                            m.payload,
-                        ) {
-                            Ok(envelope) => Some(Delivery::new(
+                        match nats_wire::decode_or_count(&prefix, m, &malformed) {
+                            Some(envelope) => Some(Delivery::new(
                                 Arc::new(envelope),
                                 Some(Box::new(JsAck(acker))),
                             )),
-                            Err(reason) => {
-                                malformed.inc();
-                                tracing::debug!(
-                                    reason,
-                                    "jetstream: skipped a message that is not a CloudEvent"
-                                );
+                            None => {
                                 // Never deliverable: terminate instead of redelivering.
                                 tokio::spawn(async move {
                                     let _ = acker.ack_with(AckKind::Term).await;

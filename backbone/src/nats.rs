@@ -251,15 +251,8 @@ impl Backbone for NatsBackbone {
             let malformed = self.malformed.clone();
             let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
                 let _alive = &counted;
-                let delivery =
-                    match nats_wire::decode(&prefix, m.subject.as_str(), m.headers.as_ref(), m.payload) {
-                        Ok(envelope) => Some(Delivery::new(Arc::new(envelope), None)),
-                        Err(reason) => {
-                            malformed.inc();
-                            tracing::debug!(subject = %m.subject, reason, "nats: skipped a message that is not a CloudEvent");
-                            None
-                        }
-                    };
+                let delivery = nats_wire::decode_or_count(&prefix, m, &malformed)
+                    .map(|envelope| Delivery::new(Arc::new(envelope), None));
                 futures_util::future::ready(delivery)
             });
             Ok(Subscription::new(filter, Box::pin(stream)))

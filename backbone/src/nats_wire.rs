@@ -93,6 +93,23 @@ impl AsRef<[u8]> for JsonBytes {
     }
 }
 
+/// The envelope of a received message; a message that is not a CloudEvent is counted in
+/// `malformed`, logged at debug level and skipped (`None`).
+pub(crate) fn decode_or_count(
+    prefix: &str,
+    m: async_nats::Message,
+    malformed: &meshgate_core::metrics::Counter,
+) -> Option<Envelope> {
+    match decode(prefix, m.subject.as_str(), m.headers.as_ref(), m.payload) {
+        Ok(envelope) => Some(envelope),
+        Err(reason) => {
+            malformed.inc();
+            tracing::debug!(subject = %m.subject, reason, "skipped a NATS message that is not a CloudEvent");
+            None
+        }
+    }
+}
+
 /// The envelope a NATS message carries, or why it is not one.
 pub(crate) fn decode(
     prefix: &str,

@@ -306,6 +306,34 @@ pub async fn next_event(ws: &mut Ws, within: Duration) -> Result<Event, Option<u
     }
 }
 
+/// The gateway's Prometheus text from its admin listener.
+pub async fn metrics(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics on {admin}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("reading /metrics on {admin}: {e}"))
+}
+
+/// Waits (up to 10 s) until the gateway's /metrics contains `needle`, e.g. a subscription
+/// count, so a test publishes only once its subscribers exist.
+pub async fn wait_metric(admin: SocketAddr, needle: &str) {
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let m = metrics(admin).await;
+        if m.contains(needle) {
+            return;
+        }
+        assert!(
+            !d.passed(),
+            "`{needle}` not in /metrics within {:?}:\n{m}",
+            d.within()
+        );
+        d.pause().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

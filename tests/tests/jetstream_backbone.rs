@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use meshgate_config::BackboneKind;
 use support::nats::NatsServer;
-use support::{Deadline, next_event, start_gateway, test_config, ws_connect};
+use support::{Deadline, next_event, start_gateway, test_config, wait_metric, ws_connect};
 
 fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     let mut c = test_config();
@@ -22,23 +22,6 @@ fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     c.backbone.kind = BackboneKind::JetStream;
     c.backbone.nats.urls = vec![server.url()];
     c
-}
-
-async fn wait_metric(admin: SocketAddr, needle: &str) {
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let m = reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains(needle) {
-            return;
-        }
-        assert!(!d.passed(), "`{needle}` not in /metrics:\n{m}");
-        d.pause().await;
-    }
 }
 
 async fn post(web: SocketAddr, topic: &str, id: &str) -> Result<reqwest::StatusCode, String> {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshgate_core::{ExtensionValue, json};
-use support::{next_event, test_config, ws_connect};
+use support::{next_event, test_config, wait_metric, ws_connect};
 
 fn mqtt_config() -> meshgate_config::Config {
     let mut c = test_config();
@@ -101,24 +101,11 @@ async fn http_events_reach_mosquitto_sub_v5_binary_and_v311_structured() {
     let sub5 = spawn_sub("mqttv5", "%t|%C|%P|%p");
     let sub3 = spawn_sub("mqttv311", "%t|%p");
     // Wait until both subscriptions exist on the backbone.
-    let metrics_url = format!("http://{}/metrics", gw.admin_addr.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = reqwest::get(&metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains("meshgate_backbone_subscriptions{backbone=\"memory\"} 2") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "subscribers never subscribed:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric(
+        gw.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"memory\"} 2",
+    )
+    .await;
     let r = reqwest::Client::new()
         .post(format!("http://{}/events/orders/42", gw.web_addr.unwrap()))
         .header("content-type", "application/cloudevents+json")
@@ -311,24 +298,11 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics_url = format!("http://{}/metrics", gw.admin_addr.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = reqwest::get(&metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains("meshgate_mqtt_subscriptions{adapter=\"mqtt\"} 1") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no subscription:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric(
+        gw.admin_addr.unwrap(),
+        "meshgate_mqtt_subscriptions{adapter=\"mqtt\"} 1",
+    )
+    .await;
     let status = mosquitto("mosquitto_pub")
         .args([
             "--cafile",

@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use meshgate_config::{BackboneKind, NatsWireMode};
 use support::nats::NatsServer;
-use support::{Deadline, Ws, next_event, start_gateway, test_config, ws_connect};
+use support::{
+    Deadline, Ws, metrics, next_event, start_gateway, test_config, wait_metric, ws_connect,
+};
 
 fn nats_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     let mut c = test_config();
@@ -21,32 +23,6 @@ fn nats_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     c.backbone.nats.urls = vec![server.url()];
     c.backbone.nats.connect_timeout = Duration::from_secs(5);
     c
-}
-
-async fn metrics(admin: SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Waits until the gateway's /metrics contains `needle`.
-async fn wait_metric(admin: SocketAddr, needle: &str) {
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let m = metrics(admin).await;
-        if m.contains(needle) {
-            return;
-        }
-        assert!(
-            !d.passed(),
-            "`{needle}` not in /metrics within {:?}:\n{m}",
-            d.within()
-        );
-        d.pause().await;
-    }
 }
 
 async fn post(web: SocketAddr, topic: &str, id: &str) -> reqwest::StatusCode {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use meshgate_config::NatsWireMode;
+use meshgate_core::backbone::MqttProperties;
 use meshgate_core::event::StringAttributes;
 use meshgate_core::header::{decode_header_value, percent_encode_header};
 use meshgate_core::{Data, Envelope, Event, Origin, Topic, json, media};
@@ -22,6 +23,10 @@ use meshgate_core::{Data, Envelope, Event, Origin, Topic, json, media};
 pub(crate) const ORIGIN: &str = "Meshgate-Origin";
 pub(crate) const QOS: &str = "Meshgate-Qos";
 pub(crate) const RETAIN: &str = "Meshgate-Retain";
+const MQTT_RESPONSE_TOPIC: &str = "Meshgate-Mqtt-Response-Topic";
+const MQTT_CORRELATION: &str = "Meshgate-Mqtt-Correlation-Data";
+const MQTT_UTF8: &str = "Meshgate-Mqtt-Payload-Utf8";
+const MQTT_EXPIRES: &str = "Meshgate-Mqtt-Expires-At-Ms";
 const CONTENT_TYPE: &str = "Content-Type";
 
 /// The message for `envelope`: headers and payload. `instance` is this gateway's instance id,
@@ -49,6 +54,24 @@ pub(crate) fn encode(
     }
     if envelope.retain {
         headers.insert(RETAIN, "1");
+    }
+    if let Some(m) = &envelope.mqtt {
+        if let Some(t) = &m.response_topic {
+            headers.insert(MQTT_RESPONSE_TOPIC, percent_encode_header(t));
+        }
+        if let Some(c) = &m.correlation_data {
+            use base64::Engine;
+            headers.insert(
+                MQTT_CORRELATION,
+                base64::engine::general_purpose::STANDARD.encode(c),
+            );
+        }
+        if m.payload_utf8 {
+            headers.insert(MQTT_UTF8, "1");
+        }
+        if let Some(t) = m.expires_at_ms {
+            headers.insert(MQTT_EXPIRES, t.to_string());
+        }
     }
     let payload = match mode {
         NatsWireMode::Structured => {
@@ -158,9 +181,24 @@ pub(crate) fn decode(
     };
     let qos = header(QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
     let retain = header(RETAIN) == Some("1");
-    Ok(Envelope::new(topic, Arc::new(event), origin)
+    let mqtt = MqttProperties {
+        response_topic: header(MQTT_RESPONSE_TOPIC)
+            .and_then(|t| decode_header_value(t.as_bytes()).ok()),
+        correlation_data: header(MQTT_CORRELATION).and_then(|c| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(c)
+                .ok()
+                .map(Bytes::from)
+        }),
+        payload_utf8: header(MQTT_UTF8) == Some("1"),
+        expires_at_ms: header(MQTT_EXPIRES).and_then(|t| t.parse().ok()),
+    };
+    let mut envelope = Envelope::new(topic, Arc::new(event), origin)
         .with_qos(qos)
-        .with_retain(retain))
+        .with_retain(retain);
+    envelope.mqtt = (!mqtt.is_empty()).then(|| Arc::new(mqtt));
+    Ok(envelope)
 }
 
 fn decode_binary(
@@ -225,6 +263,12 @@ mod tests {
         )
         .with_qos(2)
         .with_retain(true)
+        .with_mqtt(MqttProperties {
+            response_topic: Some("replies/é 1".into()),
+            correlation_data: Some(Bytes::from_static(&[0, 1, 0xFF])),
+            payload_utf8: true,
+            expires_at_ms: Some(1_800_000_000_000),
+        })
     }
 
     fn round_trip(mode: NatsWireMode) -> Envelope {
@@ -254,6 +298,11 @@ mod tests {
         assert_eq!(&*back.origin.instance, "gw a@b");
         assert_eq!(back.origin.connection, 42);
         assert_eq!((back.qos, back.retain), (2, true));
+        assert_eq!(
+            back.mqtt,
+            envelope().mqtt,
+            "MQTT 5 properties survive the bus"
+        );
     }
 
     #[test]

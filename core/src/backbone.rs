@@ -39,6 +39,9 @@ pub struct Envelope {
     /// Published as an MQTT retained message (MQTT 5 subscribers with Retain As Published see
     /// the flag). False for publishers without the notion.
     pub retain: bool,
+    /// MQTT 5 request/response and expiry properties of the publish, forwarded to MQTT 5
+    /// subscribers unaltered (they are not CloudEvents attributes).
+    pub mqtt: Option<Arc<MqttProperties>>,
     /// The JSON format of `event`, encoded once on first use and shared by every subscriber
     /// that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500 times).
     json: std::sync::OnceLock<Arc<str>>,
@@ -52,6 +55,7 @@ impl Envelope {
             origin,
             qos: 1,
             retain: false,
+            mqtt: None,
             json: std::sync::OnceLock::new(),
         }
     }
@@ -59,6 +63,12 @@ impl Envelope {
     /// The same envelope with the publisher's QoS (MQTT).
     pub fn with_qos(mut self, qos: u8) -> Self {
         self.qos = qos.min(2);
+        self
+    }
+
+    /// The same envelope with MQTT 5 properties to forward.
+    pub fn with_mqtt(mut self, mqtt: MqttProperties) -> Self {
+        self.mqtt = (!mqtt.is_empty()).then(|| Arc::new(mqtt));
         self
     }
 
@@ -74,6 +84,32 @@ impl Envelope {
             .get_or_init(|| Arc::from(crate::json::encode_string(&self.event)))
             .clone()
     }
+}
+
+/// MQTT 5 PUBLISH properties a broker must forward unaltered (MQTT 5 §3.3.2.3): they travel
+/// with the envelope, on NATS as `Meshgate-Mqtt-*` headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MqttProperties {
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<bytes::Bytes>,
+    /// Payload Format Indicator 1: the payload is UTF-8.
+    pub payload_utf8: bool,
+    /// Message Expiry Interval, as the time it ends (milliseconds since the Unix epoch), so
+    /// that every hop forwards what remains of it.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl MqttProperties {
+    pub fn is_empty(&self) -> bool {
+        self == &MqttProperties::default()
+    }
+}
+
+/// Milliseconds since the Unix epoch (for [`MqttProperties::expires_at_ms`]).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Why the backbone did not take or deliver an event.

@@ -462,3 +462,64 @@ async fn offline_session_limit_ends_extra_sessions_and_counts_them() {
     .await;
     assert!(!connack4(&mut rx).await, "the second one was not");
 }
+
+#[tokio::test]
+async fn v5_request_response_properties_are_forwarded_and_expiry_honoured() {
+    let h = start().await;
+    let (s, mut srx) = client5(&h, "responder", |_| {}).await;
+    s.subscribe("rpc/#", Q5::AtLeastOnce).await.unwrap();
+    suback5(&mut srx).await;
+    let (p, mut prx) = client5(&h, "requester", |_| {}).await;
+    let props = mq5::PublishProperties {
+        response_topic: Some("rpc-replies/requester".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00req-1")),
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    p.publish_with_properties("rpc/sum", Q5::AtLeastOnce, false, "1+2", props)
+        .await
+        .unwrap();
+    wait(&mut prx, "PUBACK", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::PubAck(_))) => Some(()),
+        _ => None,
+    })
+    .await;
+    let got = wait(&mut srx, "the request", publish5).await;
+    let gp = got.properties.unwrap();
+    assert_eq!(gp.response_topic.as_deref(), Some("rpc-replies/requester"));
+    assert_eq!(gp.correlation_data.as_deref(), Some(&b"\x00req-1"[..]));
+    assert_eq!(gp.payload_format_indicator, Some(1));
+    let left = gp.message_expiry_interval.unwrap();
+    assert!((1..=60).contains(&left), "remaining expiry {left}");
+
+    // A message that expires while its persistent subscriber is away is not delivered.
+    let persistent = |o: &mut rumqttc::v5::MqttOptions| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(30));
+    };
+    let (c, mut crx) = client5(&h, "sleeper", persistent).await;
+    connack5(&mut crx).await;
+    c.subscribe("news/#", Q5::AtLeastOnce).await.unwrap();
+    suback5(&mut crx).await;
+    c.disconnect().await.unwrap();
+    eventually("the session to be parked", || offline_sessions(&h) == 1).await;
+    for (topic, expiry) in [("news/short", 1), ("news/long", 600)] {
+        let props = mq5::PublishProperties {
+            message_expiry_interval: Some(expiry),
+            ..Default::default()
+        };
+        p.publish_with_properties(topic, Q5::AtLeastOnce, false, topic, props)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_c, mut crx) = client5(&h, "sleeper", persistent).await;
+    assert!(connack5(&mut crx).await.session_present);
+    let got = wait(&mut crx, "the unexpired message", publish5).await;
+    assert_eq!(&got.payload[..], b"news/long");
+    eventually("the expired one to be counted", || {
+        dropped(&h, "expired") == 1
+    })
+    .await;
+}

@@ -551,6 +551,23 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
         })
 }
 
+/// The MQTT 5 properties a broker forwards unaltered (response topic, correlation data,
+/// payload format) and the message expiry, as an absolute deadline.
+fn forwarded_properties(
+    props: Option<&PublishProperties>,
+) -> Option<Arc<meshgate_core::backbone::MqttProperties>> {
+    let p = props?;
+    let m = meshgate_core::backbone::MqttProperties {
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        payload_utf8: p.payload_format_indicator == Some(1),
+        expires_at_ms: p
+            .message_expiry_interval
+            .map(|s| meshgate_core::backbone::now_ms().saturating_add(u64::from(s) * 1000)),
+    };
+    (!m.is_empty()).then(|| Arc::new(m))
+}
+
 /// An inbound PUBLISH on its way into the backbone: its QoS, packet id and the outcome.
 type InboundPublish = std::pin::Pin<
     Box<dyn std::future::Future<Output = (QoS, u16, Result<(), PublishError>)> + Send>,
@@ -815,9 +832,10 @@ impl Session {
             }
         };
         let event = Arc::new(event);
-        let envelope = meshgate_core::Envelope::new(topic.clone(), event, self.origin.clone())
+        let mut envelope = meshgate_core::Envelope::new(topic.clone(), event, self.origin.clone())
             .with_qos(qos as u8)
             .with_retain(p.retain);
+        envelope.mqtt = forwarded_properties(props.as_ref());
         if p.retain {
             self.shared.retained.update(&envelope, p.payload.is_empty());
         }
@@ -900,6 +918,10 @@ impl Session {
         let publish_props = props.map(|p| PublishProperties {
             content_type: p.content_type,
             user_properties: p.user_properties,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
             ..Default::default()
         });
         let event = binding::decode(Inbound {
@@ -913,9 +935,11 @@ impl Session {
             self.shared.metrics.dropped("bad_will").inc();
             return;
         };
-        let envelope = meshgate_core::Envelope::new(topic, Arc::new(event), self.origin.clone())
-            .with_qos(will.qos as u8)
-            .with_retain(will.retain);
+        let mut envelope =
+            meshgate_core::Envelope::new(topic, Arc::new(event), self.origin.clone())
+                .with_qos(will.qos as u8)
+                .with_retain(will.retain);
+        envelope.mqtt = forwarded_properties(publish_props.as_ref());
         if will.retain {
             self.shared
                 .retained

@@ -231,6 +231,16 @@ impl Session {
 
     /// Writes a delivery now, or queues it while the in-flight window is full.
     pub(super) fn send(&mut self, o: Outgoing) {
+        let expired = o.delivery.envelope.mqtt.as_ref().is_some_and(|m| {
+            m.expires_at_ms
+                .is_some_and(|t| t <= meshgate_core::backbone::now_ms())
+        });
+        if expired {
+            // MQTT 5 §3.3.2.3.3: not delivered once its Message Expiry Interval has passed.
+            self.shared.metrics.dropped("expired").inc();
+            self.settle_later(o.delivery);
+            return;
+        }
         if o.qos != QoS::AtMostOnce && self.inflight.len() >= self.client_receive_max {
             // Bounded: the packet loop stops taking deliveries while `pending` is full.
             self.pending.push_back(o);
@@ -279,6 +289,20 @@ impl Session {
                 .get_or_insert_with(Default::default)
                 .subscription_identifiers = o.sub_ids.clone();
         }
+        if let (Version::V5, Some(m)) = (self.version, &envelope.mqtt) {
+            // Forwarded unaltered (MQTT 5 §3.3.2.3.4–3.3.2.3.6); the expiry as what remains.
+            let p = encoded.properties.get_or_insert_with(Default::default);
+            p.response_topic.clone_from(&m.response_topic);
+            p.correlation_data.clone_from(&m.correlation_data);
+            if m.payload_utf8 {
+                p.payload_format_indicator = Some(1);
+            }
+            if let Some(t) = m.expires_at_ms {
+                let left_ms = t.saturating_sub(meshgate_core::backbone::now_ms());
+                p.message_expiry_interval =
+                    Some(u32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+            }
+        }
         let topic = envelope.topic.as_str();
         let approx = 16
             + topic.len()
@@ -290,6 +314,9 @@ impl Session {
                     .sum::<usize>()
                     + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
                     + 5 * p.subscription_identifiers.len()
+                    + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
+                    + p.correlation_data.as_ref().map_or(0, |c| 3 + c.len())
+                    + 7
             });
         if approx > self.client_max_packet {
             return false;

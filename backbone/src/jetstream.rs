@@ -58,6 +58,7 @@ pub struct JetStreamBackbone {
     client: async_nats::Client,
     js: jetstream::Context,
     submit: tokio::sync::mpsc::Sender<Submit>,
+    retained: crate::jetstream_retained::KvRetained,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -113,6 +114,14 @@ impl JetStreamBackbone {
                     config.stream
                 ))
             })?;
+        let retained =
+            crate::jetstream_retained::KvRetained::open(&js, &config.stream, config.replicas)
+                .await
+                .map_err(|e| {
+                    NatsStartError::Client(format!(
+                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
+                    ))
+                })?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let (submit, mut queue) = tokio::sync::mpsc::channel::<Submit>(SUBMIT_QUEUE);
         let sender = js.clone();
@@ -129,6 +138,7 @@ impl JetStreamBackbone {
             client,
             js,
             submit,
+            retained,
             config: config.clone(),
             instance: (instance.to_owned(), percent_encode_header(instance)),
             prefix: nats.subject_prefix.clone(),
@@ -352,6 +362,10 @@ impl Backbone for JetStreamBackbone {
 
     fn publish_round_trips(&self) -> bool {
         true
+    }
+
+    fn retained_store(&self) -> Option<&dyn meshgate_core::RetainedStore> {
+        Some(&self.retained)
     }
 
     fn is_ready(&self) -> bool {

@@ -2,6 +2,7 @@
 //! the implementation from `backbone.kind`.
 
 pub mod jetstream;
+mod jetstream_retained;
 pub mod memory;
 pub mod nats;
 mod nats_wire;

@@ -112,6 +112,20 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Retained messages shared by the gateway instances on one backbone: the last retained event
+/// per topic.
+pub trait RetainedStore: Send + Sync {
+    /// Stores `envelope` as its topic's retained message.
+    fn set<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Removes the topic's retained message.
+    fn clear<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// The retained messages whose topic matches `filter`.
+    fn matching<'a>(
+        &'a self,
+        filter: &'a TopicFilter,
+    ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>>;
+}
+
 /// Why the backbone did not take or deliver an event.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackboneError {
@@ -252,6 +266,12 @@ pub trait Backbone: Send + Sync + fmt::Debug {
         filter: TopicFilter,
         options: SubscribeOptions,
     ) -> BoxFuture<'_, Result<Subscription, BackboneError>>;
+
+    /// Where MQTT retained messages live when the backbone keeps them for every instance
+    /// (JetStream: a KV bucket). `None`: each adapter keeps its own in memory.
+    fn retained_store(&self) -> Option<&dyn RetainedStore> {
+        None
+    }
 
     /// Whether `publish` waits for a remote acknowledgement (JetStream's PubAck): then adapters
     /// keep several publishes of one connection in flight instead of one at a time.

@@ -345,3 +345,54 @@ async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_shared_by_the_instances() {
+    let nats = NatsServer::start();
+    let with_mqtt = |mut c: meshgate_config::Config| {
+        c.mqtt.enabled = true;
+        c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+        c.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
+        c
+    };
+    let a = start_gateway(with_mqtt(js_config(&nats, "js-ret-a"))).await;
+    let b = start_gateway(with_mqtt(js_config(&nats, "js-ret-b"))).await;
+    let port = |gw: &meshgate::RunningGateway| gw.mqtt_addr.unwrap().port().to_string();
+    let mosquitto = |cmd: &str| std::process::Command::new(format!("/usr/bin/{cmd}"));
+    // Retained on A (QoS 1: acknowledged once stored).
+    let status = mosquitto("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port(&a), "-q", "1", "-r"])
+        .args(["-t", "site/door", "-m", "locked"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A new subscriber on B gets it, flagged as retained.
+    let out = mosquitto("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port(&b), "-t", "site/#"])
+        .args(["-C", "1", "-W", "5", "-F", "%t|%r|%p"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "site/door|1|locked"
+    );
+    // Cleared on B (empty retained payload): a later subscriber on A gets nothing.
+    let status = mosquitto("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port(&b), "-q", "1", "-r", "-n"])
+        .args(["-t", "site/door"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = mosquitto("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port(&a), "-t", "site/#"])
+        .args(["-C", "1", "-W", "2", "-F", "%t|%r|%p"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "",
+        "cleared for everyone"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}

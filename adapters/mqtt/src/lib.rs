@@ -145,7 +145,14 @@ impl MqttAdapter {
         let shared = Arc::new(Shared {
             in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
             out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
-            retained: retained::Retained::new(metrics.dropped("retained_limit")),
+            retained: retained::Retained::new(
+                &ctx.backbone,
+                metrics.dropped("retained_limit"),
+                ctx.registry.counter(
+                    metrics::ERRORS,
+                    &[("adapter", ADAPTER), ("kind", "retained_store")],
+                ),
+            ),
             pipeline: ctx.backbone.publish_round_trips(),
             config: config.clone(),
             ctx: ctx.clone(),

@@ -837,7 +837,10 @@ impl Session {
             .with_retain(p.retain);
         envelope.mqtt = forwarded_properties(props.as_ref());
         if p.retain {
-            self.shared.retained.update(&envelope, p.payload.is_empty());
+            self.shared
+                .retained
+                .update(&envelope, p.payload.is_empty())
+                .await;
         }
         if !self.shared.pipeline {
             // The backbone answers at once (memory, NATS core): no queue, no allocation.
@@ -943,7 +946,8 @@ impl Session {
         if will.retain {
             self.shared
                 .retained
-                .update(&envelope, will.message.is_empty());
+                .update(&envelope, will.message.is_empty())
+                .await;
         }
         if let Err(e) = self
             .shared

@@ -161,7 +161,7 @@ impl Session {
             None,
         ));
         for (filter, granted) in retained_for {
-            for envelope in self.shared.retained.matching(&filter) {
+            for envelope in self.shared.retained.matching(&filter).await {
                 let qos = qos_min(to_qos(envelope.qos), granted);
                 self.send(Outgoing {
                     delivery: Delivery::new(envelope, None),

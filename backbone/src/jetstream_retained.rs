@@ -1,0 +1,144 @@
+//! MQTT retained messages in a JetStream key-value bucket (`<stream>_RETAINED`, one value per
+//! topic), so that every gateway instance sends the same retained messages to its subscribers.
+//!
+//! Keys are the topic in unpadded base64url (KV keys allow only `[-/_=.a-zA-Z0-9]`, topics
+//! allow anything); values are `{"qos":<n>,"event":<the JSON format>}`. `matching` lists the
+//! keys and reads the matching values: a scan, like the in-memory store.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use base64::Engine;
+use futures_util::StreamExt;
+use meshgate_core::{
+    BackboneError, BoxFuture, Envelope, Origin, RetainedStore, Topic, TopicFilter, json,
+};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+pub(crate) struct KvRetained {
+    kv: kv::Store,
+}
+
+impl std::fmt::Debug for KvRetained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvRetained")
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> BackboneError {
+    BackboneError::Unavailable(format!("retained messages (JetStream KV): {e}"))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored<'a> {
+    qos: u8,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
+}
+
+impl KvRetained {
+    /// Creates (or opens) the bucket.
+    pub(crate) async fn open(
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        replicas: usize,
+    ) -> Result<KvRetained, String> {
+        let bucket = format!("{stream}_RETAINED");
+        // The bucket's stream is created here rather than with `create_key_value`, whose
+        // reply parsing fails against nats-server 2.9 (seen in the test); this is the layout
+        // a KV bucket has (ADR-8): one message per key, rollups, no deletes, direct gets.
+        let config = async_nats::jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| format!("bucket {bucket}: {e}"))?;
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| format!("bucket {bucket}: {e}"))?;
+        Ok(KvRetained { kv })
+    }
+}
+
+impl RetainedStore for KvRetained {
+    fn set<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            let json = envelope.json();
+            let event = serde_json::value::RawValue::from_string(json.to_string())
+                .map_err(|e| BackboneError::Rejected(e.to_string()))?;
+            let value = serde_json::to_vec(&Stored {
+                qos: envelope.qos,
+                event: &event,
+            })
+            .map_err(|e| BackboneError::Rejected(e.to_string()))?;
+            self.kv
+                .put(B64.encode(envelope.topic.as_str()), value.into())
+                .await
+                .map_err(failed)?;
+            Ok(())
+        })
+    }
+
+    fn clear<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            self.kv
+                .purge(B64.encode(topic.as_str()))
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn matching<'a>(
+        &'a self,
+        filter: &'a TopicFilter,
+    ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>> {
+        Box::pin(async move {
+            let mut keys = self.kv.keys().await.map_err(failed)?;
+            let mut out = Vec::new();
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(failed)?;
+                let Some(topic) = B64
+                    .decode(&key)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| Topic::from_mqtt(&t).ok())
+                else {
+                    continue;
+                };
+                if !filter.matches(&topic) {
+                    continue;
+                }
+                let Some(value) = self.kv.get(key.as_str()).await.map_err(failed)? else {
+                    continue;
+                };
+                let Ok(stored) = serde_json::from_slice::<Stored<'_>>(&value) else {
+                    continue;
+                };
+                let Ok(event) = json::decode(stored.event.get().as_bytes()) else {
+                    continue;
+                };
+                let origin = Origin {
+                    instance: Arc::from(""),
+                    connection: 0,
+                };
+                out.push(
+                    Envelope::new(topic, Arc::new(event), origin)
+                        .with_qos(stored.qos)
+                        .with_retain(true),
+                );
+            }
+            Ok(out)
+        })
+    }
+}

@@ -329,12 +329,20 @@ impl Backbone for JetStreamBackbone {
             };
             let prefix = self.prefix.clone();
             let malformed = self.malformed.clone();
+            // As for NATS core: `$` topics are not matched by MQTT wildcards, subjects are.
+            let matcher = filter.clone();
             let merged = futures_util::stream::select_all(streams).filter_map(move |m| {
                 let _alive = (&counted, &cleanup);
                 let delivery = match m {
                     Ok(m) => {
                         let (m, acker) = m.split();
                         match nats_wire::decode_or_count(&prefix, m, &malformed) {
+                            Some(envelope) if !matcher.matches(&envelope.topic) => {
+                                tokio::spawn(async move {
+                                    let _ = acker.ack().await;
+                                });
+                                None
+                            }
                             Some(envelope) => Some(Delivery::new(
                                 Arc::new(envelope),
                                 Some(Box::new(JsAck(acker))),

@@ -249,9 +249,13 @@ impl Backbone for NatsBackbone {
             let counted = Counted(self.subscriptions.clone());
             let prefix = self.prefix.clone();
             let malformed = self.malformed.clone();
+            // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
+            // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
+            let matcher = filter.clone();
             let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
                 let _alive = &counted;
                 let delivery = nats_wire::decode_or_count(&prefix, m, &malformed)
+                    .filter(|envelope| matcher.matches(&envelope.topic))
                     .map(|envelope| Delivery::new(Arc::new(envelope), None));
                 futures_util::future::ready(delivery)
             });

@@ -350,3 +350,52 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_do_not_match_dollar_topics_over_nats() {
+    let nats = NatsServer::start();
+    let gw = start_gateway(nats_config(&nats, "gw-dollar")).await;
+    let mut all = ws_connect(gw.web_addr.unwrap(), &["#"]).await;
+    let mut sys = ws_connect(gw.web_addr.unwrap(), &["$SYS/#"]).await;
+    wait_metric(
+        gw.admin_addr.unwrap(),
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 2",
+    )
+    .await;
+    // Clients may not publish to `$` topics (the ACL `#` does not cover them either), so the
+    // `$` event comes from another NATS program.
+    assert_eq!(post(gw.web_addr.unwrap(), "$SYS/load", "x").await, 403);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let subject = meshgate_core::Topic::from_mqtt("$SYS/load")
+        .unwrap()
+        .to_nats_subject("meshgate");
+    client
+        .publish(
+            subject,
+            r#"{"specversion":"1.0","id":"d1","source":"/broker","type":"t"}"#.into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(post(gw.web_addr.unwrap(), "plain", "p1").await, 202);
+    // `#` gets the plain topic only (MQTT 5 §4.7.2), `$SYS/#` the `$` one.
+    assert_eq!(
+        next_event(&mut all, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "p1"
+    );
+    assert_eq!(
+        next_event(&mut sys, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "d1"
+    );
+    if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(300), all.next()).await
+    {
+        panic!("`#` received more: {extra:?}");
+    }
+    gw.shutdown().await;
+}

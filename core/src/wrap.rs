@@ -6,7 +6,13 @@ use crate::event::{Data, Event, EventError};
 
 /// A new event id: a UUIDv7, unique and time-ordered.
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // Encoded directly rather than through `Display` (formatting machinery showed up in the
+    // MQTT benchmark's profile).
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 /// The current time as an RFC 3339 timestamp in UTC with microseconds.
@@ -31,7 +37,33 @@ fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + u64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z")
+    // Digits written by hand: this runs for every wrapped message.
+    let mut out = [0u8; 27];
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, mo);
+    put(8, 2, d);
+    put(11, 2, h);
+    put(14, 2, m);
+    put(17, 2, s);
+    put(20, 6, u64::from(micros));
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        out[i] = c;
+    }
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 /// What a wrapped event is made of.

@@ -63,7 +63,26 @@ fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
     ] {
         out[i] = c;
     }
-    out.iter().map(|&b| char::from(b)).collect()
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Monotonic counter state for the UUIDv7s of [`id_and_time`].
+static V7_CONTEXT: std::sync::Mutex<uuid::timestamp::context::ContextV7> =
+    std::sync::Mutex::new(uuid::timestamp::context::ContextV7::new());
+
+/// A new event id (UUIDv7) and the current time (RFC 3339), from one reading of the clock.
+pub fn id_and_time() -> (String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ts = uuid::Timestamp::from_unix(&V7_CONTEXT, now.as_secs(), now.subsec_nanos());
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v7(ts)
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned();
+    (id, rfc3339_from_unix(now.as_secs(), now.subsec_micros()))
 }
 
 /// What a wrapped event is made of.
@@ -108,12 +127,8 @@ impl Wrapper {
         subject: Option<&str>,
         content_type: Option<&str>,
     ) -> Result<Event, EventError> {
-        let mut event = Event::from_trusted(
-            new_id(),
-            self.source.clone(),
-            self.ty.clone(),
-            now_rfc3339(),
-        );
+        let (id, time) = id_and_time();
+        let mut event = Event::from_trusted(id, self.source.clone(), self.ty.clone(), time);
         event.set_subject(subject.map(str::to_owned))?;
         event.set_datacontenttype(content_type.map(str::to_owned))?;
         if !body.is_empty() {
@@ -140,6 +155,11 @@ mod tests {
             "2026-11-22T15:04:05.000000Z"
         );
         crate::validate::timestamp("time", &now_rfc3339()).unwrap();
+        let (id, time) = id_and_time();
+        crate::validate::timestamp("time", &time).unwrap();
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+        let (later, _) = id_and_time();
+        assert!(later > id, "time-ordered ids");
     }
 
     #[test]

@@ -976,6 +976,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let mut busy = false;
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
+        let mut got_packet = false;
         loop {
             if session.inbound_full() {
                 break;
@@ -983,9 +984,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             let meta = codec::peek_publish_meta(&buf);
             match codec::read(session.version, &mut buf, max) {
                 Ok(Some(packet)) => {
-                    if let Some(k) = keep {
-                        deadline = tokio::time::Instant::now() + k;
-                    }
+                    got_packet = true;
                     // Boxed: handling a packet needs a large future, but only briefly; an idle
                     // connection should not carry its space (connection memory, issue 3).
                     if let Flow::End(e) = Box::pin(session.handle(packet, meta)).await {
@@ -1006,6 +1005,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     break 'conn End::Abnormal;
                 }
             }
+        }
+        // Keep-alive counts from the last complete packet (one clock reading per batch).
+        if let (true, Some(k)) = (got_packet, keep) {
+            deadline = tokio::time::Instant::now() + k;
         }
         if !session.out.is_empty() {
             if wr.write_all(&session.out).await.is_err() {

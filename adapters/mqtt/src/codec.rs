@@ -203,9 +203,70 @@ pub fn publish(
     Publish::deserialize(o.freeze())
 }
 
+/// Writes an MQTT 3.1.1 PUBLISH straight into `out` (no intermediate packet: one copy of the
+/// payload instead of two, on the hottest path). Byte-for-byte what rumqttd's V4 writer makes
+/// (unit-tested below).
+pub fn write_publish_v311(
+    out: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) {
+    let with_pkid = qos != QoS::AtMostOnce;
+    let remaining = 2 + topic.len() + if with_pkid { 2 } else { 0 } + payload.len();
+    out.reserve(5 + remaining);
+    out.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1) | (u8::from(dup) << 3));
+    let mut len = remaining;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    // Topics longer than u16::MAX are rejected before this point (Topic::MAX_TOPIC_LEN).
+    out.put_u16(u16::try_from(topic.len()).unwrap_or(u16::MAX));
+    out.extend_from_slice(topic.as_bytes());
+    if with_pkid {
+        out.put_u16(pkid);
+    }
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_v311_publish_matches_the_codec() {
+        let big = vec![7u8; 20_000];
+        for (qos, pkid, retain, dup, payload) in [
+            (QoS::AtMostOnce, 0, false, false, &b"x"[..]),
+            (QoS::AtLeastOnce, 9, true, false, &b""[..]),
+            (QoS::ExactlyOnce, 65535, false, true, &big[..]),
+        ] {
+            let p = publish(
+                "a/b",
+                Bytes::copy_from_slice(payload),
+                qos,
+                pkid,
+                retain,
+                dup,
+            );
+            let mut expected = BytesMut::new();
+            write(Version::V311, Packet::Publish(p, None), &mut expected).unwrap();
+            let mut direct = BytesMut::new();
+            write_publish_v311(&mut direct, "a/b", payload, qos, pkid, retain, dup);
+            assert_eq!(direct, expected);
+        }
+    }
 
     #[test]
     fn publish_fields_survive_the_workaround() {

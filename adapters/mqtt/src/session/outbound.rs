@@ -321,6 +321,18 @@ impl Session {
         if approx > self.client_max_packet {
             return false;
         }
+        if self.version == Version::V311 {
+            codec::write_publish_v311(
+                &mut self.out,
+                topic,
+                &encoded.payload,
+                o.qos,
+                pkid,
+                o.retain,
+                dup,
+            );
+            return true;
+        }
         let publish = codec::publish(topic, encoded.payload, o.qos, pkid, o.retain, dup);
         self.write(Packet::Publish(publish, encoded.properties));
         true

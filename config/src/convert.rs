@@ -12,7 +12,7 @@ use crate::{Errors, raw, section};
 /// The CloudEvents minimum an intermediary must forward (CE-BINDINGS.md §1).
 const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
 
-fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
+pub(crate) fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
     match humantime::parse_duration(v.trim()) {
         Ok(d) => d,
         Err(e) => {
@@ -80,7 +80,7 @@ fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> 
     }
 }
 
-fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
+pub(crate) fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     if v <= 0 {
         errors.push(path, format!("must be at least 1, got {v}"));
         return 1;
@@ -297,6 +297,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         "http",
         "websocket",
         "mqtt",
+        "amqp",
         "auth",
     ];
     for key in table.keys() {
@@ -317,6 +318,8 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let http: Option<raw::Http> = section(sec("http"), "http", errors);
     let websocket: Option<raw::WebSocket> = section(sec("websocket"), "websocket", errors);
     let mqtt: Option<raw::Mqtt> = section(sec("mqtt"), "mqtt", errors);
+    let amqp: Option<raw::Amqp> = section(sec("amqp"), "amqp", errors);
+    let amqp = amqp.map(|a| crate::amqp::convert(a, errors));
     let auth = auth(sec("auth"), errors);
 
     let gateway = gateway.map(|g| {
@@ -585,6 +588,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         http: http?,
         websocket: websocket?,
         mqtt: mqtt?,
+        amqp: amqp?,
         auth: auth?,
     })
 }

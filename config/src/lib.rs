@@ -6,6 +6,7 @@
 //! them, not just the first), wrong TOML types (one per section or list element), and values
 //! that do not convert or violate a rule.
 
+mod amqp;
 mod convert;
 mod env;
 pub mod model;

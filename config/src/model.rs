@@ -14,6 +14,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub websocket: WebSocketConfig,
     pub mqtt: MqttConfig,
+    pub amqp: AmqpConfig,
     pub auth: AuthConfig,
 }
 
@@ -307,4 +308,100 @@ pub struct MqttTlsConfig {
     pub cert_file: std::path::PathBuf,
     /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: std::path::PathBuf,
+}
+
+/// The AMQP 0.9.1 bridge (RabbitMQ): sources consume queues into the mesh, sinks publish mesh
+/// events to exchanges. Each source and sink has its own connection, re-established after any
+/// failure.
+#[derive(Clone, PartialEq)]
+pub struct AmqpConfig {
+    pub enabled: bool,
+    /// `amqp://host:port` or `amqps://host:port` (TLS); no credentials and no vhost in it.
+    pub url: String,
+    pub vhost: String,
+    pub user: String,
+    pub password: String,
+    /// PEM file with the CA certificates that sign the broker's certificate (amqps); `None`:
+    /// the system's root certificates.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Heartbeat interval proposed to the broker (0: none).
+    pub heartbeat: Duration,
+    /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
+    pub connect_timeout: Duration,
+    /// First wait before reconnecting after a failure; doubled after each failed attempt up
+    /// to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub sources: Vec<AmqpSourceConfig>,
+    pub sinks: Vec<AmqpSinkConfig>,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    /// Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("enabled", &self.enabled)
+            .field("url", &self.url)
+            .field("vhost", &self.vhost)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("ca_file", &self.ca_file)
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("sources", &self.sources)
+            .field("sinks", &self.sinks)
+            .finish()
+    }
+}
+
+/// One queue consumed into the mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpSourceConfig {
+    /// Names the source in logs, metrics and the connection name.
+    pub name: String,
+    /// The queue to consume. With `exchange` set, meshgate declares it (durable) and binds it.
+    pub queue: String,
+    /// Exchange to bind `queue` to with `binding_keys`; `None`: the queue must exist.
+    pub exchange: Option<String>,
+    pub binding_keys: Vec<String>,
+    /// Topic levels put before the routing key's (`legacy` + `orders.eu` → `legacy/orders/eu`).
+    pub topic_prefix: Option<String>,
+    /// Unacknowledged deliveries RabbitMQ sends ahead (basic.qos prefetch count).
+    pub prefetch: u16,
+    /// `source` of wrapped (non-CloudEvents) messages.
+    pub wrap_source: String,
+    /// `type` of wrapped messages.
+    pub wrap_type: String,
+}
+
+/// How events are written to AMQP (CE-BINDINGS.md §6 policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmqpMode {
+    /// Data as the body, `datacontenttype` as `content_type`, every other attribute as a
+    /// `cloudEvents_<name>` header (Integer and Boolean keep their types).
+    Binary,
+    /// The JSON format as the body, `content_type: application/cloudevents+json`.
+    Structured,
+}
+
+/// One topic filter published to an exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpSinkConfig {
+    pub name: String,
+    /// Mesh events whose topic matches this filter are published.
+    pub filter: String,
+    /// Exchange to publish to ("" is the default exchange: the routing key names a queue).
+    pub exchange: String,
+    /// Routing key template: literal text with `{topic}` (the topic as a routing key,
+    /// `a/b` → `a.b`) and `{type}` (the event type).
+    pub routing_key: String,
+    pub mode: AmqpMode,
+    /// Delivery mode 2 (persistent) instead of 1.
+    pub persistent: bool,
+    /// Publish with the mandatory flag: messages no queue takes are returned, counted and logged.
+    pub mandatory: bool,
+    /// Publishes awaiting their confirm at once.
+    pub max_in_flight: usize,
 }

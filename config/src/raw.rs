@@ -159,3 +159,86 @@ pub struct Mqtt {
     pub tls_cert_file: String,
     pub tls_key_file: String,
 }
+
+#[derive(Deserialize)]
+pub struct Amqp {
+    pub enabled: bool,
+    pub url: String,
+    pub vhost: String,
+    pub user: String,
+    pub password: String,
+    pub ca_file: String,
+    pub heartbeat: String,
+    pub connect_timeout: String,
+    pub reconnect_min: String,
+    pub reconnect_max: String,
+    #[serde(default)]
+    pub sources: Vec<toml::Value>,
+    #[serde(default)]
+    pub sinks: Vec<toml::Value>,
+}
+
+impl std::fmt::Debug for Amqp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Amqp")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AmqpSource {
+    pub name: String,
+    #[serde(default)]
+    pub queue: String,
+    #[serde(default)]
+    pub exchange: String,
+    #[serde(default)]
+    pub binding_keys: Vec<String>,
+    #[serde(default)]
+    pub topic_prefix: String,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: i64,
+    #[serde(default)]
+    pub wrap_source: String,
+    #[serde(default = "default_amqp_wrap_type")]
+    pub wrap_type: String,
+}
+
+fn default_prefetch() -> i64 {
+    256
+}
+
+fn default_amqp_wrap_type() -> String {
+    "io.meshgate.amqp.message".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AmqpSink {
+    pub name: String,
+    pub filter: String,
+    #[serde(default)]
+    pub exchange: String,
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+    #[serde(default = "default_sink_mode")]
+    pub mode: String,
+    #[serde(default = "default_true")]
+    pub persistent: bool,
+    #[serde(default = "default_true")]
+    pub mandatory: bool,
+    #[serde(default = "default_prefetch")]
+    pub max_in_flight: i64,
+}
+
+fn default_routing_key() -> String {
+    "{topic}".to_owned()
+}
+
+fn default_sink_mode() -> String {
+    "binary".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}

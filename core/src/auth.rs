@@ -16,6 +16,9 @@ use crate::topic::{Topic, TopicError, TopicFilter};
 pub struct Principal {
     name: Arc<str>,
     anonymous: bool,
+    /// A part of the gateway configured by the operator (an AMQP source), not a client: it may
+    /// publish and subscribe anywhere.
+    internal: bool,
 }
 
 impl fmt::Debug for Principal {
@@ -25,6 +28,16 @@ impl fmt::Debug for Principal {
 }
 
 impl Principal {
+    /// A principal for a bridge the operator configured (e.g. an AMQP source): not subject to
+    /// the client ACLs.
+    pub fn internal(name: impl Into<Arc<str>>) -> Principal {
+        Principal {
+            name: name.into(),
+            anonymous: false,
+            internal: true,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -159,6 +172,7 @@ impl Authorizer {
                 principal: Principal {
                     name: Arc::from(spec.name.as_str()),
                     anonymous: false,
+                    internal: false,
                 },
                 password: spec.password,
                 permissions: CompiledPermissions::compile(&spec.permissions, &spec.name)?,
@@ -170,6 +184,7 @@ impl Authorizer {
                 Principal {
                     name: Arc::from("anonymous"),
                     anonymous: true,
+                    internal: false,
                 },
                 CompiledPermissions::compile(&p, "anonymous")?,
             )),
@@ -240,9 +255,10 @@ impl Authorizer {
     }
 
     pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
-        let allowed = self
-            .permissions(principal)
-            .is_some_and(|p| p.publish.iter().any(|f| f.matches(topic)));
+        let allowed = principal.internal
+            || self
+                .permissions(principal)
+                .is_some_and(|p| p.publish.iter().any(|f| f.matches(topic)));
         if allowed {
             Ok(())
         } else {
@@ -259,9 +275,10 @@ impl Authorizer {
         principal: &Principal,
         filter: &TopicFilter,
     ) -> Result<(), AuthError> {
-        let allowed = self
-            .permissions(principal)
-            .is_some_and(|p| p.subscribe.iter().any(|f| f.covers(filter)));
+        let allowed = principal.internal
+            || self
+                .permissions(principal)
+                .is_some_and(|p| p.subscribe.iter().any(|f| f.covers(filter)));
         if allowed {
             Ok(())
         } else {

@@ -23,7 +23,9 @@ pub fn now_rfc3339() -> String {
     rfc3339_from_unix(now.as_secs(), now.subsec_micros())
 }
 
-fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
+/// An RFC 3339 timestamp in UTC with microseconds, from seconds and microseconds since the Unix
+/// epoch (AMQP 0.9.1 timestamps are seconds).
+pub fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);

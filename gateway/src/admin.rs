@@ -17,6 +17,9 @@ pub struct Readiness {
     pub backbone: Arc<dyn Backbone>,
     /// Set once every listener is bound; cleared when shutdown starts.
     pub serving: AtomicBool,
+    /// The AMQP bridge's sources and sinks, when it is enabled: ready only while all are
+    /// connected.
+    pub amqp: Option<meshgate_amqp::AmqpStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,12 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
                 "not ready: backbone `{}` is not connected\n",
                 backbone.name()
             ),
+        );
+    }
+    if let Some(why) = s.readiness.amqp.as_ref().and_then(|a| a.not_ready()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
         );
     }
     (StatusCode::OK, "ready\n".to_owned())

@@ -55,6 +55,9 @@ pub struct RunningGateway {
     admin_stop: CancellationToken,
     web_task: Option<JoinHandle<std::io::Result<()>>>,
     mqtt_task: Option<JoinHandle<()>>,
+    amqp_task: Option<JoinHandle<()>>,
+    /// The AMQP bridge's links, when enabled.
+    pub amqp: Option<meshgate_amqp::AmqpStatus>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
 }
@@ -125,9 +128,23 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tracker: TaskTracker::new(),
         registry: registry.clone(),
     };
+    let mut amqp_task = None;
+    let mut amqp_status = None;
+    if config.amqp.enabled {
+        let adapter = meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx)
+            .map_err(|e| StartError::Adapter(e.to_string()))?;
+        amqp_status = Some(adapter.status());
+        let ctx = ctx.clone();
+        amqp_task = Some(tokio::spawn(async move {
+            if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
+                tracing::error!(error = %e, "amqp adapter stopped");
+            }
+        }));
+    }
     let readiness = Arc::new(Readiness {
         backbone: backbone.clone(),
         serving: false.into(),
+        amqp: amqp_status.clone(),
     });
     let ingress_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
@@ -204,6 +221,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         admin_stop,
         web_task,
         mqtt_task,
+        amqp_task,
+        amqp: amqp_status,
         admin_task,
         grace: config.gateway.shutdown_grace,
     })
@@ -241,6 +260,14 @@ impl RunningGateway {
         self.ctx.shutdown.cancel();
         if let Some(task) = self.mqtt_task {
             let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+        if let Some(task) = self.amqp_task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("shutdown grace period ended with AMQP links still settling");
+                abort.abort();
+                clean = false;
+            }
         }
         self.ctx.tracker.close();
         if tokio::time::timeout_at(deadline, self.ctx.tracker.wait())

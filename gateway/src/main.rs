@@ -101,6 +101,15 @@ async fn run(config: Config) -> ExitCode {
     let events_path = config.http.events_path.clone();
     let ws_path = config.websocket.path.clone();
     let mqtt_ws_path = config.mqtt.websocket_path.clone();
+    let amqp = config.amqp.enabled.then(|| {
+        format!(
+            "amqp       {} vhost {} ({} sources, {} sinks)",
+            config.amqp.url,
+            config.amqp.vhost,
+            config.amqp.sources.len(),
+            config.amqp.sinks.len()
+        )
+    });
     let (http_on, ws_on, page_on) = (
         config.http.enabled,
         config.websocket.enabled,
@@ -141,6 +150,9 @@ async fn run(config: Config) -> ExitCode {
         && let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path)
     {
         println!("mqtt-ws    ws://{web}{path}");
+    }
+    if let Some(line) = amqp {
+        println!("{line}");
     }
     if let Some(addr) = gateway.admin_addr {
         println!("admin      http://{addr}/healthz /readyz /metrics");

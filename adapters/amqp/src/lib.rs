@@ -1,0 +1,150 @@
+//! meshgate-amqp: the AMQP 0.9.1 bridge. Legacy applications on RabbitMQ join the mesh:
+//!
+//! - a **source** consumes a queue (an existing one, or one meshgate declares and binds to an
+//!   exchange) and publishes each message to the backbone as a CloudEvent, acknowledging it
+//!   only after the backbone accepted it (`source.rs`);
+//! - a **sink** subscribes to a topic filter on the backbone and publishes each event to an
+//!   exchange with publisher confirms, acknowledging the backbone delivery only after
+//!   RabbitMQ's confirm (`sink.rs`);
+//! - the CloudEvents mapping is in `binding.rs`, connections and reconnects in `link.rs`.
+//!
+//! The adapter runs without RabbitMQ: links that cannot connect keep retrying, and `/readyz`
+//! reports them (see [`AmqpStatus::not_ready`]).
+
+pub mod binding;
+mod link;
+mod sink;
+mod source;
+
+use std::sync::Arc;
+
+use meshgate_config::AmqpConfig;
+use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
+
+pub use link::Link;
+
+/// The adapter name in metrics and logs.
+pub const ADAPTER: &str = "amqp";
+
+/// The state of every source and sink, for `/readyz`.
+#[derive(Debug, Clone)]
+pub struct AmqpStatus {
+    links: Arc<[Arc<Link>]>,
+}
+
+impl AmqpStatus {
+    /// `None` when every source and sink is connected and set up; otherwise which are not,
+    /// and why.
+    pub fn not_ready(&self) -> Option<String> {
+        let down: Vec<String> = self
+            .links
+            .iter()
+            .filter(|l| !l.is_up())
+            .map(|l| match l.last_error() {
+                Some(e) => format!("amqp {} `{}`: {e}", l.kind, l.name),
+                None => format!("amqp {} `{}`: connecting", l.kind, l.name),
+            })
+            .collect();
+        (!down.is_empty()).then(|| down.join("; "))
+    }
+
+    pub fn links(&self) -> &[Arc<Link>] {
+        &self.links
+    }
+}
+
+/// The configured sources and sinks, ready to run.
+pub struct AmqpAdapter {
+    config: Arc<AmqpConfig>,
+    connector: link::Connector,
+    sources: Vec<Arc<source::Source>>,
+    sinks: Vec<Arc<sink::Sink>>,
+    status: AmqpStatus,
+}
+
+impl std::fmt::Debug for AmqpAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpAdapter")
+            .field("connector", &self.connector)
+            .field("sources", &self.sources.len())
+            .field("sinks", &self.sinks.len())
+            .finish()
+    }
+}
+
+impl AmqpAdapter {
+    /// Checks the configuration (CA file, wrap attributes) and prepares every link; nothing
+    /// connects before [`Adapter::run`].
+    pub fn new(config: &AmqpConfig, ctx: &AdapterContext) -> Result<AmqpAdapter, AdapterError> {
+        let connector =
+            link::Connector::new(config, ctx.instance.clone()).map_err(AdapterError::Other)?;
+        let metrics = ctx.metrics(ADAPTER);
+        let mut links = Vec::new();
+        let mut sources = Vec::new();
+        for s in &config.sources {
+            let l = Link::new(&ctx.registry, "source", &s.name);
+            links.push(l.clone());
+            sources.push(Arc::new(
+                source::Source::new(s.clone(), l, ctx, metrics.clone())
+                    .map_err(AdapterError::Other)?,
+            ));
+        }
+        let mut sinks = Vec::new();
+        for s in &config.sinks {
+            let l = Link::new(&ctx.registry, "sink", &s.name);
+            links.push(l.clone());
+            sinks.push(Arc::new(
+                sink::Sink::new(s.clone(), l, ctx, metrics.clone()).map_err(AdapterError::Other)?,
+            ));
+        }
+        Ok(AmqpAdapter {
+            config: Arc::new(config.clone()),
+            connector,
+            sources,
+            sinks,
+            status: AmqpStatus {
+                links: links.into(),
+            },
+        })
+    }
+
+    pub fn status(&self) -> AmqpStatus {
+        self.status.clone()
+    }
+}
+
+impl Adapter for AmqpAdapter {
+    fn name(&self) -> &'static str {
+        ADAPTER
+    }
+
+    /// Runs every source and sink until `ctx.shutdown`; each settles what it has in flight
+    /// and closes its connection.
+    fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for s in &self.sources {
+                tasks.spawn(s.clone().run(
+                    ctx.clone(),
+                    self.connector.clone(),
+                    self.config.clone(),
+                ));
+            }
+            for s in &self.sinks {
+                tasks.spawn(s.clone().run(
+                    ctx.clone(),
+                    self.connector.clone(),
+                    self.config.clone(),
+                ));
+            }
+            while let Some(r) = tasks.join_next().await {
+                if let Err(e) = r
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "an AMQP link task panicked");
+                }
+            }
+            Ok(())
+        })
+    }
+}

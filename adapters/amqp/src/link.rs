@@ -1,0 +1,253 @@
+//! Connections to RabbitMQ and the reconnect loop every source and sink runs in.
+//!
+//! Each source and sink owns one connection (named `meshgate <instance> <kind> <name>` in
+//! `rabbitmqctl list_connections`), so a channel error on one — a missing queue, a refused
+//! exchange — never takes the others down. Any failure ends the connection; the loop waits
+//! (`reconnect_min`, doubling up to `reconnect_max`), connects again and re-declares the
+//! topology. lapin's own recovery is not used: meshgate's loop re-runs the same setup code as
+//! the first start, and RabbitMQ requeues whatever the old connection left unacknowledged.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{Connection, ConnectionProperties};
+use meshgate_config::AmqpConfig;
+use meshgate_core::metrics::{self, Counter, Gauge, Registry};
+use tokio_util::sync::CancellationToken;
+
+/// How to reach the broker: everything but the per-link connection name.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    uri: AMQPUri,
+    tls: OwnedTLSConfig,
+    connect_timeout: Duration,
+    instance: Arc<str>,
+    /// `host:port` for logs (never the credentials).
+    pub(crate) endpoint: String,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("endpoint", &self.endpoint)
+            .field("vhost", &self.uri.vhost)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `amqp://host:port` (validated by the config) into its parts. The AMQPUri is built
+/// from them rather than parsed by amq-protocol-uri 10.6, whose parser takes the host from
+/// `Url::domain()`: an IP address such as `10.0.0.5` is not a domain, and it silently falls
+/// back to `localhost`.
+fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("amqp.url `{url}` has no scheme"))?;
+    let scheme = match scheme {
+        "amqp" => AMQPScheme::AMQP,
+        "amqps" => AMQPScheme::AMQPS,
+        other => return Err(format!("amqp.url: unknown scheme `{other}`")),
+    };
+    let default_port = if scheme == AMQPScheme::AMQPS {
+        5671
+    } else {
+        5672
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !rest.ends_with(']') => (
+            h,
+            p.parse()
+                .map_err(|_| format!("amqp.url: `{p}` is not a port"))?,
+        ),
+        _ => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((scheme, host.to_owned(), port))
+}
+
+impl Connector {
+    pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, String> {
+        let (scheme, host, port) = split_url(&config.url)?;
+        let tls =
+            match &config.ca_file {
+                Some(path) => OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(std::fs::read_to_string(path).map_err(|e| {
+                        format!("amqp.ca_file: cannot read `{}`: {e}", path.display())
+                    })?),
+                },
+                None => OwnedTLSConfig::default(),
+            };
+        let endpoint = format!("{host}:{port}");
+        let uri = AMQPUri {
+            scheme,
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: config.user.clone(),
+                    password: config.password.clone(),
+                },
+                host,
+                port,
+            },
+            vhost: config.vhost.clone(),
+            query: AMQPQueryString {
+                heartbeat: Some(u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX)),
+                ..AMQPQueryString::default()
+            },
+        };
+        Ok(Connector {
+            uri,
+            tls,
+            connect_timeout: config.connect_timeout,
+            instance,
+            endpoint,
+        })
+    }
+
+    /// One connection attempt, bounded by `amqp.connect_timeout`.
+    pub(crate) async fn connect(&self, link: &Link) -> Result<Connection, String> {
+        let properties = ConnectionProperties::default().with_connection_name(
+            format!("meshgate {} {} {}", self.instance, link.kind, link.name).into(),
+        );
+        let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+        let attempt = Connection::connect_uri_with_config(
+            self.uri.clone(),
+            properties,
+            self.tls.clone(),
+            runtime,
+        );
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!(
+                "cannot connect to {} (vhost `{}`): {}",
+                self.endpoint,
+                self.uri.vhost,
+                describe(&e)
+            )),
+            Err(_) => Err(format!(
+                "cannot connect to {}: no connection within amqp.connect_timeout ({:?})",
+                self.endpoint, self.connect_timeout
+            )),
+        }
+    }
+}
+
+/// A lapin error as an operator-readable sentence (refused credentials, missing queues and the
+/// like arrive as AMQP reply codes with the broker's text).
+pub(crate) fn describe(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            format!(
+                "the broker refused: {} ({:?})",
+                amqp.get_message(),
+                amqp.kind()
+            )
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The state of one source or sink, shared with `/readyz` and the metrics.
+#[derive(Debug)]
+pub struct Link {
+    /// `source` or `sink`.
+    pub kind: &'static str,
+    pub name: String,
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    up_gauge: Gauge,
+    reconnects: Counter,
+}
+
+impl Link {
+    pub(crate) fn new(registry: &Registry, kind: &'static str, name: &str) -> Arc<Link> {
+        let labels = [("kind", kind), ("link", name)];
+        Arc::new(Link {
+            kind,
+            name: name.to_owned(),
+            up: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            up_gauge: registry.gauge(metrics::AMQP_LINK_UP, &labels),
+            reconnects: registry.counter(metrics::AMQP_RECONNECTS, &labels),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Why the link is down, if it failed (`None` while still connecting for the first time).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub(crate) fn set_up(&self) {
+        self.up.store(true, Ordering::Release);
+        self.up_gauge.add(1 - self.up_gauge.get());
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+    }
+
+    pub(crate) fn set_down(&self, error: String) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.reconnects.inc();
+        }
+        self.up_gauge.add(-self.up_gauge.get());
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(error);
+        }
+    }
+}
+
+/// How one session of a link ended.
+pub(crate) enum Ended {
+    /// Shutdown: stop.
+    Shutdown,
+    /// The connection or channel failed, or setup was refused: reconnect after a pause.
+    Failed(String),
+}
+
+/// The pause between connection attempts: `reconnect_min`, doubled after each failure up to
+/// `reconnect_max`, back to `reconnect_min` once a session had got as far as `set_up`.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    pause: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: &AmqpConfig) -> Backoff {
+        Backoff {
+            min: config.reconnect_min,
+            max: config.reconnect_max,
+            pause: config.reconnect_min,
+        }
+    }
+
+    /// Marks the link down with `error` and waits before the next attempt. False: shutdown
+    /// came first.
+    pub(crate) async fn failed(
+        &mut self,
+        link: &Link,
+        error: String,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if link.is_up() {
+            // The link had been working: start the backoff afresh.
+            self.pause = self.min;
+        }
+        tracing::warn!(kind = link.kind, link = %link.name, %error, retry_in = ?self.pause, "AMQP link down");
+        link.set_down(error);
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(self.max);
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(pause) => true,
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! A sink: mesh events matching a topic filter, published to an exchange.
+//!
+//! The sink subscribes to the backbone once, in the queue group `amqp-sink:<name>`, so that
+//! with several gateway instances each event is published to RabbitMQ by one of them. Every
+//! message goes out with publisher confirms; the backbone delivery is acknowledged only after
+//! RabbitMQ confirmed it. Deliveries whose confirm did not arrive when a connection failed are
+//! kept and published again, in order, on the next connection (at least once: RabbitMQ may
+//! have stored some of them). A message published with the mandatory flag that no queue takes
+//! comes back as a return: counted (`reason="unroutable"`), logged, and acknowledged, since
+//! publishing it again would not route it either.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Confirmation, Connection, ExchangeKind};
+use meshgate_config::{AmqpConfig, AmqpSinkConfig};
+use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::{
+    AdapterContext, BoxFuture, Delivery, SubscribeOptions, Subscription, TopicFilter,
+};
+
+use crate::binding;
+use crate::link::{self, Backoff, Connector, Ended, Link};
+
+/// How long a failed connection's outstanding confirms are waited for before their deliveries
+/// are queued for the next connection anyway.
+const CONFIRM_DRAIN: Duration = Duration::from_secs(5);
+
+/// Returns and encoding failures are logged at most this often per sink (each one is counted).
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+type Confirming = BoxFuture<'static, (Delivery, Result<Confirmation, lapin::Error>)>;
+
+pub(crate) struct Sink {
+    pub(crate) config: AmqpSinkConfig,
+    pub(crate) link: Arc<Link>,
+    filter: TopicFilter,
+    instance: Arc<str>,
+    metrics: AdapterMetrics,
+    unroutable: Counter,
+    unencodable: Counter,
+    nacked: Counter,
+    last_warn: std::sync::Mutex<Option<Instant>>,
+}
+
+/// The deliveries a sink holds across connections.
+struct State {
+    subscription: Subscription,
+    /// Not yet confirmed by RabbitMQ; published first on the next connection, in order.
+    retry: VecDeque<Delivery>,
+}
+
+impl Sink {
+    pub(crate) fn new(
+        config: AmqpSinkConfig,
+        link: Arc<Link>,
+        ctx: &AdapterContext,
+        metrics: AdapterMetrics,
+    ) -> Result<Sink, String> {
+        let filter = TopicFilter::parse(&config.filter)
+            .map_err(|e| format!("amqp sink `{}`: filter: {e}", config.name))?;
+        Ok(Sink {
+            unroutable: metrics.dropped("unroutable"),
+            unencodable: metrics.dropped("unencodable"),
+            nacked: metrics.dropped("broker_nack"),
+            metrics,
+            instance: ctx.instance.clone(),
+            filter,
+            link,
+            config,
+            last_warn: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn warn(&self, what: &str, detail: &str) {
+        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::warn!(sink = %self.config.name, exchange = %self.config.exchange, %detail,
+                "{what}; further ones in the next 10s are only counted");
+        }
+    }
+
+    /// Encodes and publishes one delivery; the future resolves with RabbitMQ's confirm. `Err`
+    /// hands the delivery back when the channel failed before the message was sent.
+    async fn publish(
+        &self,
+        channel: &lapin::Channel,
+        delivery: Delivery,
+    ) -> Result<Option<Confirming>, (Delivery, lapin::Error)> {
+        let envelope = delivery.envelope.clone();
+        let encoded =
+            binding::routing_key(&self.config.routing_key, &envelope.topic, &envelope.event)
+                .and_then(|key| {
+                    binding::encode(
+                        &envelope.event,
+                        || envelope.json(),
+                        self.config.mode,
+                        self.config.persistent,
+                        &self.instance,
+                    )
+                    .map(|m| (key, m))
+                });
+        let (routing_key, message) = match encoded {
+            Ok(x) => x,
+            Err(e) => {
+                self.unencodable.inc();
+                self.metrics.error("unencodable");
+                self.warn(
+                    "an event cannot be written as an AMQP message; dropped",
+                    &e.to_string(),
+                );
+                let _ = delivery.ack().await;
+                return Ok(None);
+            }
+        };
+        let sent = channel
+            .basic_publish(
+                self.config.exchange.as_str().into(),
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: self.config.mandatory,
+                    immediate: false,
+                },
+                &message.body,
+                message.properties,
+            )
+            .await;
+        match sent {
+            Ok(confirm) => Ok(Some(Box::pin(async move { (delivery, confirm.await) }))),
+            Err(e) => Err((delivery, e)),
+        }
+    }
+
+    /// Acts on RabbitMQ's answer for one message. `Err`: the connection failed; the delivery
+    /// is handed back to be published again.
+    async fn confirmed(
+        &self,
+        delivery: Delivery,
+        confirm: Result<Confirmation, lapin::Error>,
+    ) -> Result<(), (Delivery, String)> {
+        match confirm {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
+                self.metrics.sent.inc();
+                let _ = delivery.ack().await;
+                Ok(())
+            }
+            Ok(Confirmation::Ack(Some(returned))) => {
+                self.unroutable.inc();
+                let reply = returned.reply_text.to_string();
+                self.warn(
+                    "RabbitMQ returned a message no queue is bound for (mandatory flag)",
+                    &format!("routing key `{}`: {reply}", returned.delivery.routing_key),
+                );
+                let _ = delivery.ack().await;
+                Ok(())
+            }
+            Ok(Confirmation::Nack(_)) => {
+                // The broker could not store it (an internal error): publish again later.
+                self.nacked.inc();
+                Err((
+                    delivery,
+                    "RabbitMQ nacked a message; publishing it again".to_owned(),
+                ))
+            }
+            Err(e) => Err((delivery, link::describe(&e))),
+        }
+    }
+
+    async fn setup(&self, connection: &Connection) -> Result<lapin::Channel, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        if !self.config.exchange.is_empty() {
+            // The exchange belongs to the application: check that it exists, change nothing.
+            channel
+                .exchange_declare(
+                    self.config.exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(channel)
+    }
+
+    async fn session(
+        &self,
+        ctx: &AdapterContext,
+        connection: Connection,
+        state: &mut State,
+    ) -> Ended {
+        let mut events = connection.events_listener();
+        let channel = match self.setup(&connection).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = connection.close(200, "setup failed".into()).await;
+                return Ended::Failed(format!(
+                    "cannot publish to exchange `{}`: {}",
+                    self.config.exchange,
+                    link::describe(&e)
+                ));
+            }
+        };
+        self.link.set_up();
+        tracing::info!(sink = %self.config.name, exchange = %self.config.exchange, filter = %self.filter, "AMQP sink publishing");
+        let mut inflight: FuturesOrdered<Confirming> = FuturesOrdered::new();
+        let mut handed_back: Vec<Delivery> = Vec::new();
+        let window = self.config.max_in_flight;
+        let outcome = loop {
+            // Deliveries held from the last connection go first.
+            if inflight.len() < window
+                && let Some(d) = state.retry.pop_front()
+            {
+                match self.publish(&channel, d).await {
+                    Ok(Some(c)) => inflight.push_back(c),
+                    Ok(None) => {}
+                    Err((d, e)) => {
+                        handed_back.push(d);
+                        break Some(link::describe(&e));
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                Some((d, confirm)) = inflight.next(), if !inflight.is_empty() => {
+                    if let Err((d, e)) = self.confirmed(d, confirm).await {
+                        handed_back.push(d);
+                        break Some(e);
+                    }
+                }
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => break Some(link::describe(&e)),
+                    Some(_) => {}
+                    None => break Some("the connection ended".to_owned()),
+                },
+                () = ctx.shutdown.cancelled() => break None,
+                next = state.subscription.next(), if inflight.len() < window => match next {
+                    Some(d) => match self.publish(&channel, d).await {
+                        Ok(Some(c)) => inflight.push_back(c),
+                        Ok(None) => {}
+                        Err((d, e)) => {
+                            handed_back.push(d);
+                            break Some(link::describe(&e));
+                        }
+                    },
+                    // The backbone closed (shutdown): finish what is in flight below.
+                    None => break None,
+                },
+            }
+        };
+        // Wait for the outstanding confirms; on a failed connection they resolve with errors
+        // (or not at all: bounded by CONFIRM_DRAIN) and their deliveries are kept for the next.
+        let drain = async {
+            while let Some((d, confirm)) = inflight.next().await {
+                if let Err((d, _)) = self.confirmed(d, confirm).await {
+                    handed_back.push(d);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CONFIRM_DRAIN, drain).await;
+        // Deliveries whose confirm never came are dropped with `inflight`; over JetStream they
+        // are redelivered after ack_wait, over the memory and NATS core backbones they are lost
+        // and counted.
+        let unconfirmed = inflight.len();
+        if unconfirmed > 0 {
+            self.metrics.dropped("unconfirmed").add(unconfirmed as u64);
+        }
+        for d in handed_back.into_iter().rev() {
+            state.retry.push_front(d);
+        }
+        match outcome {
+            Some(error) => {
+                let _ = connection.close(200, "reconnecting".into()).await;
+                Ended::Failed(error)
+            }
+            None => {
+                if !state.retry.is_empty() {
+                    self.metrics
+                        .dropped("shutdown")
+                        .add(state.retry.len() as u64);
+                }
+                let _ = connection.close(200, "meshgate shutting down".into()).await;
+                Ended::Shutdown
+            }
+        }
+    }
+
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        ctx: AdapterContext,
+        connector: Connector,
+        config: Arc<AmqpConfig>,
+    ) {
+        let mut backoff = Backoff::new(&config);
+        let options = SubscribeOptions {
+            queue_group: Some(format!("amqp-sink:{}", self.config.name)),
+            capacity: None,
+        };
+        let subscription = loop {
+            match ctx
+                .backbone
+                .subscribe(self.filter.clone(), options.clone())
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) => {
+                    let error =
+                        format!("cannot subscribe to `{}` on the backbone: {e}", self.filter);
+                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut state = State {
+            subscription,
+            retry: VecDeque::new(),
+        };
+        while !ctx.shutdown.is_cancelled() {
+            let ended = match connector.connect(&self.link).await {
+                Ok(connection) => self.session(&ctx, connection, &mut state).await,
+                Err(e) => Ended::Failed(e),
+            };
+            match ended {
+                Ended::Shutdown => return,
+                Ended::Failed(error) => {
+                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

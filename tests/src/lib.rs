@@ -10,6 +10,7 @@
 //! Failing here means failing the test, so these helpers panic with a message that says what
 //! was expected and what was seen instead.
 
+pub mod amqp;
 pub mod chromium;
 pub mod nats;
 

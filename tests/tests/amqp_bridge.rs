@@ -1,0 +1,659 @@
+//! The AMQP 0.9.1 bridge against the real RabbitMQ on 127.0.0.1:5672: AMQP → WebSocket with
+//! attributes and extension types intact, poison messages dead-lettered, HTTP and MQTT → AMQP,
+//! the loop guard, readiness, and every connection closed mid-stream with each event counted.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use meshgate_config::{AmqpMode, AmqpSinkConfig, AmqpSourceConfig, Config};
+use meshgate_core::{Data, ExtensionValue};
+use meshgate_tests::amqp::{Rabbit, Vhost, header, unique};
+use meshgate_tests::{Deadline, metrics, next_event, start_gateway, test_config, ws_connect};
+
+fn amqp_config(vhost: &str) -> Config {
+    let mut c = test_config();
+    c.amqp.enabled = true;
+    c.amqp.vhost = vhost.to_owned();
+    c.amqp.reconnect_min = Duration::from_millis(100);
+    c.amqp.reconnect_max = Duration::from_secs(1);
+    c
+}
+
+fn source(name: &str, queue: &str, topic_prefix: Option<&str>) -> AmqpSourceConfig {
+    AmqpSourceConfig {
+        name: name.to_owned(),
+        queue: queue.to_owned(),
+        exchange: None,
+        binding_keys: Vec::new(),
+        topic_prefix: topic_prefix.map(str::to_owned),
+        prefetch: 64,
+        wrap_source: format!("/meshgate/amqp/{name}"),
+        wrap_type: "io.meshgate.amqp.message".to_owned(),
+    }
+}
+
+fn sink(
+    name: &str,
+    filter: &str,
+    exchange: &str,
+    routing_key: &str,
+    mode: AmqpMode,
+) -> AmqpSinkConfig {
+    AmqpSinkConfig {
+        name: name.to_owned(),
+        filter: filter.to_owned(),
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        mode,
+        persistent: true,
+        mandatory: true,
+        max_in_flight: 64,
+    }
+}
+
+/// Waits until every source and sink is connected and set up.
+async fn links_up(gw: &meshgate::RunningGateway) {
+    let status = gw.amqp.clone().expect("the AMQP bridge is enabled");
+    let d = Deadline::after(Duration::from_secs(20));
+    while let Some(why) = status.not_ready() {
+        assert!(
+            !d.passed(),
+            "AMQP links not up within {:?}: {why}",
+            d.within()
+        );
+        d.pause().await;
+    }
+}
+
+async fn readyz(admin: SocketAddr) -> (u16, String) {
+    let r = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The value of a metric line `name{labels} value`, 0 when absent.
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_messages_reach_websocket_with_attributes_intact_and_poison_is_dead_lettered() {
+    let rabbit = Rabbit::connect("/").await;
+    let (ex, q, dlx, dlq) = (unique("ex"), unique("q"), unique("dlx"), unique("dlq"));
+    rabbit.exchange(&ex).await;
+    rabbit.exchange(&dlx).await;
+    rabbit.queue(&dlq, None).await;
+    rabbit.bind(&dlq, &dlx, "#").await;
+    rabbit.queue(&q, Some(&dlx)).await;
+    rabbit.bind(&q, &ex, "orders.#").await;
+
+    let mut config = amqp_config("/");
+    config.amqp.sources = vec![source("orders", &q, Some("legacy"))];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["legacy/#"]).await;
+
+    // Binary mode, as sdk-java writes it: cloudEvents_ headers, native integer and boolean.
+    let binary = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers(&[
+            ("cloudEvents_specversion", text("1.0")),
+            ("cloudEvents_id", text("A1")),
+            ("cloudEvents_source", text("/src")),
+            ("cloudEvents_type", text("com.example.t")),
+            ("cloudEvents_time", text("2026-12-02T10:00:00.123+01:00")),
+            ("cloudEvents_seq", AMQPValue::LongLongInt(3)),
+            ("cloudEvents_flag", AMQPValue::Boolean(true)),
+            ("cloudEvents_room", text("kitchen")),
+        ]));
+    rabbit
+        .publish(&ex, "orders.eu", binary, br#"{"a":1}"#)
+        .await;
+    // A plain message from a legacy application: wrapped.
+    let plain = BasicProperties::default().with_content_type("text/plain".into());
+    rabbit
+        .publish(&ex, "orders.us.7", plain.clone(), b"hello")
+        .await;
+    // Structured mode.
+    let structured = BasicProperties::default()
+        .with_content_type("application/cloudevents+json; charset=utf-8".into());
+    rabbit
+        .publish(
+            &ex,
+            "orders.eu",
+            structured,
+            br#"{"specversion":"1.0","id":"S1","source":"/src","type":"com.example.t","ext":5,"data":{"b":2}}"#,
+        )
+        .await;
+    // Poison: no id; an integer outside 32 bits; mixed prefixes. Rejected, dead-lettered.
+    let no_id = headers(&[
+        ("cloudEvents_specversion", text("1.0")),
+        ("cloudEvents_source", text("/src")),
+        ("cloudEvents_type", text("t")),
+    ]);
+    let too_big = headers(&[
+        ("cloudEvents_specversion", text("1.0")),
+        ("cloudEvents_id", text("P2")),
+        ("cloudEvents_source", text("/src")),
+        ("cloudEvents_type", text("t")),
+        ("cloudEvents_seq", AMQPValue::LongLongInt(1 << 40)),
+    ]);
+    let mixed = headers(&[
+        ("cloudEvents_specversion", text("1.0")),
+        ("cloudEvents:id", text("P3")),
+        ("cloudEvents_source", text("/src")),
+        ("cloudEvents_type", text("t")),
+    ]);
+    for h in [no_id, too_big, mixed] {
+        rabbit
+            .publish(
+                &ex,
+                "orders.bad",
+                BasicProperties::default().with_headers(h),
+                b"x",
+            )
+            .await;
+    }
+    // The source goes on after poison.
+    rabbit.publish(&ex, "orders.after", plain, b"after").await;
+
+    let within = Duration::from_secs(10);
+    let a1 = next_event(&mut ws, within).await.unwrap();
+    assert_eq!(a1.id(), "A1");
+    assert_eq!(a1.source(), "/src");
+    assert_eq!(
+        a1.time(),
+        Some("2026-12-02T10:00:00.123+01:00"),
+        "time forwarded exactly"
+    );
+    assert_eq!(a1.extension("seq"), Some(&ExtensionValue::Integer(3)));
+    assert_eq!(a1.extension("flag"), Some(&ExtensionValue::Boolean(true)));
+    assert_eq!(
+        a1.extension("room"),
+        Some(&ExtensionValue::String("kitchen".into()))
+    );
+    assert_eq!(a1.datacontenttype(), Some("application/json"));
+    assert_eq!(&a1.data().unwrap().to_bytes()[..], br#"{"a":1}"#);
+    assert!(
+        a1.subject().is_none(),
+        "the binding adds no subject to a CloudEvent"
+    );
+
+    let hello = next_event(&mut ws, within).await.unwrap();
+    assert_eq!(hello.source(), "/meshgate/amqp/orders");
+    assert_eq!(hello.ty(), "io.meshgate.amqp.message");
+    assert_eq!(
+        hello.subject(),
+        Some("orders.us.7"),
+        "the routing key is the subject"
+    );
+    assert_eq!(hello.datacontenttype(), Some("text/plain"));
+    assert_eq!(&hello.data().unwrap().to_bytes()[..], b"hello");
+    assert!(hello.time().is_some());
+
+    let s1 = next_event(&mut ws, within).await.unwrap();
+    assert_eq!(s1.id(), "S1");
+    assert_eq!(s1.extension("ext"), Some(&ExtensionValue::Integer(5)));
+    assert!(matches!(s1.data(), Some(Data::Json(j)) if j.get() == r#"{"b":2}"#));
+
+    let after = next_event(&mut ws, within).await.unwrap();
+    assert_eq!(after.subject(), Some("orders.after"));
+
+    let dead = rabbit.consume(&dlq, 3, within).await;
+    assert_eq!(
+        dead.len(),
+        3,
+        "the three poison messages were dead-lettered"
+    );
+    let dead_ids: HashSet<String> = dead
+        .iter()
+        .filter_map(|d| {
+            match header(&d.properties, "cloudEvents_id")
+                .or_else(|| header(&d.properties, "cloudEvents:id"))
+            {
+                Some(AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(dead_ids, HashSet::from(["P2".to_owned(), "P3".to_owned()]));
+
+    let m = metrics(gw.admin_addr.unwrap()).await;
+    assert_eq!(
+        metric(&m, "meshgate_events_received_total{adapter=\"amqp\"}"),
+        4,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"rejected\"}"
+        ),
+        3,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meshgate_amqp_link_up{kind=\"source\",link=\"orders\"}"),
+        1,
+        "{m}"
+    );
+    assert_eq!(readyz(gw.admin_addr.unwrap()).await.0, 200);
+
+    gw.shutdown().await;
+    rabbit.delete_queue(&q).await;
+    rabbit.delete_queue(&dlq).await;
+    rabbit.delete_exchange(&ex).await;
+    rabbit.delete_exchange(&dlx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_mqtt_events_reach_amqp_once_and_never_loop_back() {
+    let rabbit = Rabbit::connect("/").await;
+    let (ex, out, back) = (unique("ex"), unique("out"), unique("back"));
+    rabbit.exchange(&ex).await;
+    rabbit.queue(&out, None).await;
+    rabbit.bind(&out, &ex, "out.#").await;
+    // A queue bound to the sinks' exchange and consumed by a source: what the sinks publish
+    // comes back to meshgate, which must not publish it into the mesh again.
+    rabbit.queue(&back, None).await;
+    rabbit.bind(&back, &ex, "out.#").await;
+
+    let mut config = amqp_config("/");
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.amqp.sinks = vec![
+        sink("bin", "out/bin/#", &ex, "{topic}", AmqpMode::Binary),
+        sink("json", "out/json/#", &ex, "{topic}", AmqpMode::Structured),
+        sink(
+            "lost",
+            "out/unroutable/#",
+            &ex,
+            "nowhere.{type}",
+            AmqpMode::Binary,
+        ),
+    ];
+    config.amqp.sources = vec![source("back", &back, None)];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let mut ws = ws_connect(web, &["#"]).await;
+
+    let post = |topic: &'static str, body: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("http://{web}/events/{topic}"))
+            .header("content-type", "application/cloudevents+json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        post(
+            "out/bin/a",
+            r#"{"specversion":"1.0","id":"B1","source":"/test","type":"t","seq":5,"flag":true,"time":"2026-12-02T10:00:00.5+01:00","datacontenttype":"text/plain","data":"hi"}"#
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        post(
+            "out/json/b",
+            r#"{"specversion":"1.0","id":"J1","source":"/test","type":"t","seq":6,"data":{"x":1}}"#
+        )
+        .await,
+        202
+    );
+    let mqtt_port = gw.mqtt_addr.unwrap().port().to_string();
+    let pub_status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-p", &mqtt_port, "-V", "mqttv311", "-i", "thermo-7", "-q", "1",
+        ])
+        .args(["-t", "out/bin/mqtt", "-m", "21.5"])
+        .status()
+        .expect("mosquitto_pub (package mosquitto-clients)");
+    assert!(pub_status.success());
+    assert_eq!(
+        post(
+            "out/unroutable/x",
+            r#"{"specversion":"1.0","id":"U1","source":"/test","type":"t"}"#
+        )
+        .await,
+        202
+    );
+
+    let got = rabbit.consume(&out, 3, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 3);
+    let by_key = |k: &str| {
+        got.iter()
+            .find(|d| d.routing_key.as_str() == k)
+            .unwrap_or_else(|| panic!("no message with routing key {k}"))
+    };
+    let b1 = by_key("out.bin.a");
+    let p = &b1.properties;
+    assert_eq!(
+        p.content_type().as_ref().map(|c| c.as_str()),
+        Some("text/plain")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(b1.data, b"hi");
+    assert_eq!(header(p, "cloudEvents_id"), Some(&text("B1")));
+    assert_eq!(header(p, "cloudEvents_specversion"), Some(&text("1.0")));
+    assert_eq!(
+        header(p, "cloudEvents_seq"),
+        Some(&AMQPValue::LongLongInt(5))
+    );
+    assert_eq!(
+        header(p, "cloudEvents_flag"),
+        Some(&AMQPValue::Boolean(true))
+    );
+    assert_eq!(
+        header(p, "cloudEvents_time"),
+        Some(&text("2026-12-02T10:00:00.5+01:00"))
+    );
+    assert!(
+        header(p, "cloudEvents_datacontenttype").is_none(),
+        "it is content_type"
+    );
+    assert_eq!(header(p, "x-meshgate-origin"), Some(&text(&gw.instance)));
+
+    let j1 = by_key("out.json.b");
+    assert_eq!(
+        j1.properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/cloudevents+json")
+    );
+    let e = meshgate_core::json::decode(&j1.data).unwrap();
+    assert_eq!(
+        (e.id(), e.extension("seq")),
+        ("J1", Some(&ExtensionValue::Integer(6)))
+    );
+
+    let m1 = by_key("out.bin.mqtt");
+    assert_eq!(m1.data, b"21.5");
+    assert_eq!(
+        header(&m1.properties, "cloudEvents_source"),
+        Some(&text("/meshgate/mqtt/thermo-7"))
+    );
+
+    // Each event reached the WebSocket subscriber once: the three copies that came back
+    // through `back` were skipped.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(
+            next_event(&mut ws, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .id()
+                .to_owned(),
+        );
+    }
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let m = metrics(admin).await;
+        let looped = metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"loop\"}",
+        );
+        let unroutable = metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"unroutable\"}",
+        );
+        if looped == 3 && unroutable == 1 {
+            assert_eq!(
+                metric(&m, "meshgate_events_sent_total{adapter=\"amqp\"}"),
+                3,
+                "{m}"
+            );
+            assert_eq!(
+                metric(&m, "meshgate_events_received_total{adapter=\"amqp\"}"),
+                0,
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            !d.passed(),
+            "loop guard / unroutable counts not reached:\n{m}"
+        );
+        d.pause().await;
+    }
+    let extra = tokio::time::timeout(
+        Duration::from_millis(500),
+        next_event(&mut ws, Duration::from_secs(1)),
+    )
+    .await;
+    assert!(
+        extra.is_err(),
+        "no event came back into the mesh, saw {seen:?} then {extra:?}"
+    );
+
+    gw.shutdown().await;
+    rabbit.delete_queue(&out).await;
+    rabbit.delete_queue(&back).await;
+    rabbit.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_the_link_that_is_down() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = amqp_config("/");
+    config.amqp.url = format!("amqp://127.0.0.1:{port}");
+    config.amqp.sources = vec![source("nowhere", "q", None)];
+    let gw = start_gateway(config).await;
+    let admin = gw.admin_addr.unwrap();
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let (code, body) = readyz(admin).await;
+        if body.contains("cannot connect") {
+            assert_eq!(code, 503);
+            assert!(body.contains("amqp source `nowhere`"), "{body}");
+            assert!(body.contains(&format!("127.0.0.1:{port}")), "{body}");
+            break;
+        }
+        assert!(
+            !d.passed(),
+            "/readyz never reported the link: {code} {body}"
+        );
+        d.pause().await;
+    }
+    gw.shutdown().await;
+
+    // A queue that does not exist: the broker's refusal is what /readyz shows.
+    let mut config = amqp_config("/");
+    let missing = unique("missing");
+    config.amqp.sources = vec![source("missing", &missing, None)];
+    let gw = start_gateway(config).await;
+    let admin = gw.admin_addr.unwrap();
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let (code, body) = readyz(admin).await;
+        if body.contains(&missing) {
+            assert_eq!(code, 503);
+            assert!(
+                body.contains("NOT_FOUND")
+                    || body.contains("not found")
+                    || body.contains("NotFound"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            !d.passed(),
+            "/readyz never named the missing queue: {code} {body}"
+        );
+        d.pause().await;
+    }
+    gw.shutdown().await;
+}
+
+/// Publishes `cloudEvents_`-headed messages with ids `m-<i>` to `queue` (default exchange),
+/// reconnecting when the connection is closed under it; returns once all `n` are confirmed.
+async fn publish_all(vhost: String, queue: String, n: usize, pace: Duration) -> usize {
+    let mut rabbit = Rabbit::connect(&vhost).await;
+    let mut reconnects = 0;
+    let mut i = 0;
+    while i < n {
+        let props = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers(&[
+                ("cloudEvents_specversion", text("1.0")),
+                ("cloudEvents_id", text(&format!("m-{i}"))),
+                ("cloudEvents_source", text("/load")),
+                ("cloudEvents_type", text("t")),
+            ]));
+        let confirmed = async {
+            rabbit
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    Default::default(),
+                    b"x",
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match confirmed {
+            Ok(c) if c.is_ack() => {
+                i += 1;
+                tokio::time::sleep(pace).await;
+            }
+            _ => {
+                // Closed under us: the message may or may not be stored; send it again.
+                reconnects += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                rabbit = Rabbit::connect(&vhost).await;
+            }
+        }
+    }
+    reconnects
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_every_connection_mid_stream_loses_nothing_acknowledged() {
+    let vhost = Vhost::create();
+    let rabbit = Rabbit::connect(&vhost.name).await;
+    let (input, ex, out) = (unique("in"), unique("ex"), unique("out"));
+    rabbit.queue(&input, None).await;
+    rabbit.exchange(&ex).await;
+    rabbit.queue(&out, None).await;
+    rabbit.bind(&out, &ex, "flow.#").await;
+
+    let mut config = amqp_config(&vhost.name);
+    config.amqp.sources = vec![source("in", &input, Some("flow"))];
+    config.amqp.sinks = vec![sink("out", "flow/#", &ex, "{topic}", AmqpMode::Binary)];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let admin = gw.admin_addr.unwrap();
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["flow/#"]).await;
+
+    const N: usize = 3000;
+    let publisher = tokio::spawn(publish_all(
+        vhost.name.clone(),
+        input.clone(),
+        N,
+        Duration::from_micros(300),
+    ));
+    // Let the stream flow, then close every connection of the vhost: meshgate's source and
+    // sink, and this test's own publisher and consumer.
+    let d = Deadline::after(Duration::from_secs(20));
+    while metric(
+        &metrics(admin).await,
+        "meshgate_events_sent_total{adapter=\"amqp\"}",
+    ) < 500
+    {
+        assert!(!d.passed(), "the stream did not start");
+        d.pause().await;
+    }
+    vhost.close_all_connections();
+    let publisher_reconnects = publisher.await.unwrap();
+
+    // Every confirmed message reached the WebSocket subscriber and, through the sink, the
+    // output queue: at least once (a message acknowledged just before the close may come twice).
+    let mut ws_ids = HashSet::new();
+    let mut ws_total = 0;
+    while ws_ids.len() < N {
+        let e = next_event(&mut ws, Duration::from_secs(30)).await.unwrap();
+        ws_total += 1;
+        ws_ids.insert(e.id().to_owned());
+    }
+    let reader = Rabbit::connect(&vhost.name).await;
+    let mut out_ids = HashSet::new();
+    let mut out_total = 0;
+    let d = Deadline::after(Duration::from_secs(30));
+    while out_ids.len() < N {
+        for m in reader.consume(&out, N, Duration::from_secs(2)).await {
+            out_total += 1;
+            if let Some(AMQPValue::LongString(id)) = header(&m.properties, "cloudEvents_id") {
+                out_ids.insert(String::from_utf8_lossy(id.as_bytes()).into_owned());
+            }
+        }
+        assert!(
+            !d.passed(),
+            "only {} of {N} reached the output queue",
+            out_ids.len()
+        );
+    }
+    let m = metrics(admin).await;
+    println!(
+        "published {N} (publisher reconnected {publisher_reconnects}x); websocket got {ws_total} ({} unique); output queue got {out_total} ({} unique)",
+        ws_ids.len(),
+        out_ids.len()
+    );
+    assert!(
+        metric(
+            &m,
+            "meshgate_amqp_reconnects_total{kind=\"source\",link=\"in\"}"
+        ) >= 1,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "meshgate_amqp_reconnects_total{kind=\"sink\",link=\"out\"}"
+        ) >= 1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"unconfirmed\"}"
+        ),
+        0,
+        "{m}"
+    );
+    links_up(&gw).await;
+    gw.shutdown().await;
+    drop(reader);
+    drop(rabbit);
+}

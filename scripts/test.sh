@@ -13,6 +13,8 @@ declare -A NEEDED=(
     [mosquitto_sub]=mosquitto-clients
     [openssl]=openssl
     [nats-server]=nats-server
+    [rabbitmq-server]=rabbitmq-server
+    [rabbitmqctl]=rabbitmq-server
 )
 
 missing=()
@@ -30,6 +32,19 @@ if ((${#missing[@]})); then
         echo "test.sh: missing ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
+fi
+
+# The AMQP bridge tests use the RabbitMQ on 127.0.0.1:5672 (guest/guest); start it if it is
+# not running.
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+    echo "test.sh: starting rabbitmq-server"
+    rabbitmq-server -detached
+    for _ in $(seq 60); do
+        rabbitmqctl -q await_startup >/dev/null 2>&1 && break
+        sleep 2
+    done
+    rabbitmqctl -q status >/dev/null 2>&1 ||
+        { echo "test.sh: RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
 fi
 
 # The fan-out tests open 1,000+ sockets in one process.

@@ -39,7 +39,7 @@ fn url(v: &str, errors: &mut Errors) {
             path,
             "the URL is only scheme://host:port: set the virtual host with amqp.vhost",
         );
-    } else if rest.is_empty() || rest.contains(char::is_whitespace) {
+    } else if rest.is_empty() || rest.starts_with(':') || rest.contains(char::is_whitespace) {
         errors.push(
             path,
             format!("`{v}` is not a broker URL like \"amqp://127.0.0.1:5672\""),

@@ -347,3 +347,228 @@ fn mqtt_tls_and_session_settings_are_checked() {
     );
     assert!(c.mqtt.tls.is_none(), "TLS is off by default");
 }
+
+#[test]
+fn amqp_defaults_are_valid() {
+    let c = Config::default();
+    assert!(!c.amqp.enabled, "the AMQP bridge is off by default");
+    assert_eq!(c.amqp.url, "amqp://127.0.0.1:5672");
+    assert_eq!(c.amqp.vhost, "/");
+    assert_eq!(c.amqp.user, "guest");
+    assert!(c.amqp.ca_file.is_none());
+    assert_eq!(c.amqp.heartbeat, Duration::from_secs(30));
+    assert_eq!(c.amqp.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.amqp.reconnect_min, Duration::from_millis(200));
+    assert_eq!(c.amqp.reconnect_max, Duration::from_secs(10));
+    assert!(c.amqp.sources.is_empty() && c.amqp.sinks.is_empty());
+    let c = load_str(
+        "[amqp]\nenabled = true\nurl = \"amqps://rabbit.example.com:5671\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert!(c.amqp.enabled);
+    assert_eq!(c.amqp.url, "amqps://rabbit.example.com:5671");
+}
+
+#[test]
+fn amqp_url_is_only_scheme_host_and_port() {
+    let url_errors = |url: &str| errors_of(&format!("[amqp]\nurl = \"{url}\"\n"), &[]);
+    let errs = url_errors("amqp://u:p@h:5672");
+    assert!(has(&errs, "amqp.url", "amqp.user"), "{errs:?}");
+    assert!(
+        !ConfigErrors(errs.clone()).to_string().contains("u:p"),
+        "the URL's credentials are not repeated: {errs:?}"
+    );
+    let errs = url_errors("amqp://h:5672/vhost");
+    assert!(has(&errs, "amqp.url", "amqp.vhost"), "{errs:?}");
+    let errs = url_errors("http://x");
+    assert!(has(&errs, "amqp.url", "amqp:// or amqps://"), "{errs:?}");
+    let errs = url_errors("127.0.0.1:5672");
+    assert!(has(&errs, "amqp.url", "not a broker URL"), "{errs:?}");
+    let errs = url_errors("amqp://h:port");
+    assert!(has(&errs, "amqp.url", "not a port number"), "{errs:?}");
+    for ok in ["amqp://h", "amqp://[::1]:5672", "amqps://h:5671"] {
+        let c = load_str(&format!("[amqp]\nurl = \"{ok}\"\n"), "t", Vec::new());
+        assert!(c.is_ok(), "{ok}: {c:?}");
+    }
+}
+
+#[test]
+fn amqp_sources_are_checked() {
+    let errs = errors_of(
+        r##"
+[[amqp.sources]]
+name = "nothing"
+[[amqp.sources]]
+name = "no-keys"
+exchange = "x"
+[[amqp.sources]]
+name = "no-exchange"
+queue = "q"
+binding_keys = ["#"]
+[[amqp.sources]]
+name = "zero"
+queue = "q"
+prefetch = 0
+[[amqp.sources]]
+name = "huge"
+queue = "q"
+prefetch = 70000
+[[amqp.sources]]
+name = "typo"
+queue = "q"
+bogus = 1
+"##,
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(
+        has(&errs, "amqp.sources[0].queue", "`exchange`"),
+        "neither queue nor exchange: {text}"
+    );
+    assert!(
+        has(&errs, "amqp.sources[1].binding_keys", "at least one"),
+        "{text}"
+    );
+    assert!(
+        has(&errs, "amqp.sources[2].binding_keys", "need `exchange`"),
+        "{text}"
+    );
+    assert!(
+        has(&errs, "amqp.sources[3].prefetch", "at least 1"),
+        "{text}"
+    );
+    assert!(
+        has(&errs, "amqp.sources[4].prefetch", "at most 65535"),
+        "{text}"
+    );
+    assert!(has(&errs, "amqp.sources[5].bogus", "unknown key"), "{text}");
+    assert_eq!(errs.len(), 6, "one error each: {text}");
+}
+
+#[test]
+fn amqp_sinks_are_checked() {
+    let errs = errors_of(
+        r##"
+[[amqp.sinks]]
+name = "bad-filter"
+filter = "a/#/b"
+[[amqp.sinks]]
+name = "bad-key"
+filter = "#"
+routing_key = "x.{nope}"
+[[amqp.sinks]]
+name = "bad-mode"
+filter = "#"
+mode = "weird"
+"##,
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(has(&errs, "amqp.sinks[0].filter", "#"), "{text}");
+    assert!(
+        has(&errs, "amqp.sinks[1].routing_key", "unknown placeholder"),
+        "{text}"
+    );
+    assert!(
+        has(&errs, "amqp.sinks[1].routing_key", "{topic}, {type}"),
+        "the known placeholders are listed: {text}"
+    );
+    assert!(
+        has(&errs, "amqp.sinks[2].mode", "binary, structured"),
+        "{text}"
+    );
+    assert_eq!(errs.len(), 3, "one error each: {text}");
+}
+
+#[test]
+fn amqp_names_are_unique_across_sources_and_sinks() {
+    let errs = errors_of(
+        r##"
+[[amqp.sources]]
+name = "orders"
+queue = "q"
+[[amqp.sinks]]
+name = "orders"
+filter = "#"
+"##,
+        &[],
+    );
+    assert!(
+        has(&errs, "amqp.sinks[0].name", "used by another"),
+        "{errs:?}"
+    );
+    let errs = errors_of(
+        "[[amqp.sources]]\nname = \"a\"\nqueue = \"q\"\n[[amqp.sources]]\nname = \"a\"\nqueue = \"q2\"\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "amqp.sources[1].name", "used by another"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn amqp_source_and_sink_defaults() {
+    let c = load_str(
+        r##"
+[[amqp.sources]]
+name = "legacy"
+exchange = "orders"
+binding_keys = ["#"]
+[[amqp.sources]]
+name = "existing"
+queue = "their.queue"
+wrap_source = "/legacy/orders"
+[[amqp.sinks]]
+name = "out"
+filter = "orders/#"
+exchange = "mesh"
+routing_key = "x.{type}.{topic}"
+mode = "structured"
+"##,
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    let s = &c.amqp.sources[0];
+    assert_eq!(
+        s.queue, "meshgate.legacy",
+        "meshgate names the queue it declares"
+    );
+    assert_eq!(s.exchange.as_deref(), Some("orders"));
+    assert_eq!(s.binding_keys, vec!["#"]);
+    assert_eq!(s.wrap_source, "/meshgate/amqp/legacy");
+    assert_eq!(s.wrap_type, "io.meshgate.amqp.message");
+    assert_eq!(s.prefetch, 256);
+    assert_eq!(s.topic_prefix, None);
+    let s = &c.amqp.sources[1];
+    assert_eq!(s.queue, "their.queue");
+    assert_eq!(s.exchange, None);
+    assert_eq!(s.wrap_source, "/legacy/orders");
+    let k = &c.amqp.sinks[0];
+    assert_eq!(k.mode, AmqpMode::Structured);
+    assert_eq!(k.routing_key, "x.{type}.{topic}");
+    assert!(k.persistent && k.mandatory);
+    assert_eq!(k.max_in_flight, 256);
+}
+
+#[test]
+fn amqp_debug_output_hides_the_password() {
+    let c = load_str(
+        "[amqp]\nuser = \"mesh\"\npassword = \"rabbit-s3cret\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(c.amqp.password, "rabbit-s3cret");
+    let dbg = format!("{:?}", c.amqp);
+    assert!(!dbg.contains("rabbit-s3cret"), "{dbg}");
+    assert!(dbg.contains("mesh"), "the user is shown: {dbg}");
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("rabbit-s3cret"), "{dbg}");
+    let c = load_str("", "t", env(&[("MESHGATE__AMQP__PASSWORD", "env-s3cret")])).unwrap();
+    assert_eq!(c.amqp.password, "env-s3cret");
+    assert!(!format!("{:?}", c.amqp).contains("env-s3cret"));
+}

@@ -65,6 +65,10 @@ fn attribute_header(key: &str) -> Option<(usize, String)> {
     })
 }
 
+/// 9999-12-31T23:59:59Z in seconds: RFC 3339 years have four digits, and `rfc3339_from_unix`
+/// would silently drop a fifth.
+const MAX_TIMESTAMP: u64 = 253_402_300_799;
+
 /// An attribute value as it arrived: a canonical string, or a natively typed extension value.
 enum Value {
     Str(String),
@@ -96,7 +100,15 @@ fn value(name: &str, v: &AMQPValue) -> Result<Value, EventError> {
         AMQPValue::LongInt(i) => int(i64::from(*i)),
         AMQPValue::LongUInt(i) => int(i64::from(*i)),
         AMQPValue::LongLongInt(i) => int(*i),
-        AMQPValue::Timestamp(secs) => Ok(Value::Str(rfc3339_from_unix(*secs, 0))),
+        AMQPValue::Timestamp(secs) if *secs <= MAX_TIMESTAMP => {
+            Ok(Value::Str(rfc3339_from_unix(*secs, 0)))
+        }
+        AMQPValue::Timestamp(secs) => Err(EventError::InvalidValue {
+            name: name.to_owned(),
+            reason: format!(
+                "timestamp {secs} is after 9999-12-31T23:59:59Z, the last time RFC 3339 can write (0.9.1 timestamps are seconds)"
+            ),
+        }),
         AMQPValue::ByteArray(b) => Ok(Value::Str(base64::Engine::encode(
             &base64::engine::general_purpose::STANDARD,
             b.as_slice(),
@@ -304,4 +316,651 @@ pub fn routing_key(
     }
     key.push_str(rest);
     short("routing key", key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use meshgate_core::Topic;
+
+    /// The E0 event's required attributes, as `cloudEvents_` headers.
+    const E0: [(&str, &str); 4] = [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "A1"),
+        ("cloudEvents_source", "/src"),
+        ("cloudEvents_type", "com.example.t"),
+    ];
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v))
+    }
+
+    fn table<K: AsRef<str>>(headers: &[(K, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in headers {
+            t.insert(ShortString::from(k.as_ref()), v.clone());
+        }
+        t
+    }
+
+    /// Basic properties with `headers` and, when given, a `content_type`.
+    fn props<K: AsRef<str>>(
+        content_type: Option<&str>,
+        headers: &[(K, AMQPValue)],
+    ) -> BasicProperties {
+        let p = BasicProperties::default().with_headers(table(headers));
+        match content_type {
+            Some(ct) => p.with_content_type(ShortString::from(ct)),
+            None => p,
+        }
+    }
+
+    /// Basic properties with only a `content_type`.
+    fn with_ct(content_type: &str) -> BasicProperties {
+        BasicProperties::default().with_content_type(ShortString::from(content_type))
+    }
+
+    /// The E0 headers followed by `extra`.
+    fn e0_with(extra: &[(&str, AMQPValue)]) -> Vec<(String, AMQPValue)> {
+        E0.iter()
+            .map(|(k, v)| (k.to_string(), s(v)))
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    fn wrapper() -> Wrapper {
+        Wrapper::new("/meshgate/amqp/orders", "io.meshgate.amqp.message").unwrap()
+    }
+
+    fn decode_at(
+        routing_key: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Result<Event, EventError> {
+        let w = wrapper();
+        decode(Inbound {
+            routing_key,
+            properties,
+            body: Bytes::copy_from_slice(body),
+            wrapper: &w,
+        })
+    }
+
+    fn decode_props(properties: &BasicProperties, body: &[u8]) -> Result<Event, EventError> {
+        decode_at("orders.eu", properties, body)
+    }
+
+    /// Decodes the E0 headers plus one extension header `name` with `value`.
+    fn decode_ext(name: &str, value: AMQPValue) -> Result<Event, EventError> {
+        decode_props(&props(None, &e0_with(&[(name, value)])), b"")
+    }
+
+    fn header<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+        p.headers().as_ref()?.inner().get(name)
+    }
+
+    fn e0() -> Event {
+        Event::new("A1", "/src", "com.example.t").unwrap()
+    }
+
+    fn no_json() -> Arc<str> {
+        panic!("binary mode must not ask for the JSON format")
+    }
+
+    #[test]
+    fn i27_binary_headers_and_json_body() {
+        let p = props(
+            Some("application/json"),
+            &e0_with(&[("cloudEvents_count", s("7"))]),
+        );
+        let e = decode_props(&p, br#"{"a":1}"#).unwrap();
+        assert_eq!(e.id(), "A1");
+        assert_eq!(e.source(), "/src");
+        assert_eq!(e.ty(), "com.example.t");
+        assert_eq!(e.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            e.extension("count"),
+            Some(&ExtensionValue::String("7".into()))
+        );
+        assert_eq!(
+            e.data(),
+            Some(&Data::Binary(Bytes::from_static(br#"{"a":1}"#)))
+        );
+    }
+
+    #[test]
+    fn every_prefix_is_accepted_in_any_case() {
+        for prefix in ["cloudEvents_", "cloudEvents:", "ce-", "CLOUDEVENTS_", "Ce-"] {
+            let headers: Vec<(String, AMQPValue)> = [
+                ("specversion", "1.0"),
+                ("id", "A1"),
+                ("source", "/src"),
+                ("type", "com.example.t"),
+            ]
+            .iter()
+            .map(|(n, v)| (format!("{prefix}{n}"), s(v)))
+            .collect();
+            let e = decode_props(&props(None, &headers), b"")
+                .unwrap_or_else(|err| panic!("prefix {prefix}: {err}"));
+            assert_eq!((e.id(), e.ty()), ("A1", "com.example.t"), "{prefix}");
+        }
+        // Attribute names are lower-cased whatever the header's case.
+        let p = props(
+            None,
+            &[
+                ("CloudEvents_SpecVersion", s("1.0")),
+                ("CloudEvents_ID", s("A1")),
+                ("cloudevents_Source", s("/src")),
+                ("CLOUDEVENTS_TYPE", s("com.example.t")),
+                ("CloudEvents_Count", s("7")),
+            ],
+        );
+        let e = decode_props(&p, b"").unwrap();
+        assert_eq!(e.id(), "A1");
+        assert_eq!(
+            e.extension("count"),
+            Some(&ExtensionValue::String("7".into()))
+        );
+    }
+
+    #[test]
+    fn mixed_prefixes_are_rejected() {
+        // I26: `cloudEvents:id` next to `cloudEvents_type`.
+        let p = props(
+            None,
+            &[
+                ("cloudEvents_specversion", s("1.0")),
+                ("cloudEvents:id", s("A1")),
+                ("cloudEvents_source", s("/src")),
+                ("cloudEvents_type", s("com.example.t")),
+            ],
+        );
+        assert!(matches!(decode_props(&p, b""), Err(EventError::Format(_))));
+        let p = props(
+            None,
+            &[
+                ("ce-specversion", s("1.0")),
+                ("ce-id", s("A1")),
+                ("ce-source", s("/src")),
+                ("ce-type", s("com.example.t")),
+                ("cloudEvents_count", s("7")),
+            ],
+        );
+        assert!(matches!(decode_props(&p, b""), Err(EventError::Format(_))));
+    }
+
+    #[test]
+    fn case_variants_of_one_header_are_duplicates() {
+        let p = props(None, &e0_with(&[("cloudEvents_ID", s("A2"))]));
+        assert_eq!(
+            decode_props(&p, b""),
+            Err(EventError::Duplicate("id".into()))
+        );
+        let p = props(
+            None,
+            &e0_with(&[
+                ("cloudEvents_seq", s("1")),
+                ("cloudEvents_SEQ", AMQPValue::LongInt(1)),
+            ]),
+        );
+        assert_eq!(
+            decode_props(&p, b""),
+            Err(EventError::Duplicate("seq".into()))
+        );
+    }
+
+    #[test]
+    fn integers_of_every_width_become_integer_extensions() {
+        let cases = [
+            (AMQPValue::ShortShortInt(-8), -8),
+            (AMQPValue::ShortShortUInt(200), 200),
+            (AMQPValue::ShortInt(-30_000), -30_000),
+            (AMQPValue::ShortUInt(60_000), 60_000),
+            (AMQPValue::LongInt(i32::MIN), i32::MIN),
+            (AMQPValue::LongUInt(2_000_000_000), 2_000_000_000),
+            (AMQPValue::LongLongInt(3), 3),
+            (AMQPValue::LongLongInt(i64::from(i32::MAX)), i32::MAX),
+        ];
+        for (value, want) in cases {
+            let e = decode_ext("cloudEvents_seq", value.clone())
+                .unwrap_or_else(|err| panic!("{value:?}: {err}"));
+            assert_eq!(
+                e.extension("seq"),
+                Some(&ExtensionValue::Integer(want)),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn integers_outside_32_bits_are_rejected() {
+        for value in [
+            AMQPValue::LongLongInt(2_147_483_648),
+            AMQPValue::LongLongInt(-2_147_483_649),
+            AMQPValue::LongUInt(u32::MAX),
+        ] {
+            assert!(
+                matches!(
+                    decode_ext("cloudEvents_seq", value.clone()),
+                    Err(EventError::InvalidValue { name, .. }) if name == "seq"
+                ),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn booleans_timestamps_and_byte_arrays() {
+        let e = decode_ext("cloudEvents_flag", AMQPValue::Boolean(true)).unwrap();
+        assert_eq!(e.extension("flag"), Some(&ExtensionValue::Boolean(true)));
+        let e = decode_ext("cloudEvents_time", AMQPValue::Timestamp(0)).unwrap();
+        assert_eq!(e.time(), Some("1970-01-01T00:00:00.000000Z"));
+        let e = decode_ext("cloudEvents_time", AMQPValue::Timestamp(1_795_359_845)).unwrap();
+        assert_eq!(e.time(), Some("2026-11-22T15:04:05.000000Z"));
+        let e = decode_ext("cloudEvents_time", s("2026-11-22T15:04:05+01:00")).unwrap();
+        assert_eq!(e.time(), Some("2026-11-22T15:04:05+01:00"), "kept as sent");
+        assert!(decode_ext("cloudEvents_time", s("yesterday")).is_err());
+        let e = decode_ext(
+            "cloudEvents_blob",
+            AMQPValue::ByteArray(vec![0u8, 1, 2].into()),
+        )
+        .unwrap();
+        assert_eq!(
+            e.extension("blob"),
+            Some(&ExtensionValue::String("AAEC".into()))
+        );
+        // An integer header for a core attribute is its canonical string.
+        let p = props(
+            None,
+            &[
+                ("cloudEvents_specversion", s("1.0")),
+                ("cloudEvents_id", AMQPValue::LongInt(5)),
+                ("cloudEvents_source", s("/src")),
+                ("cloudEvents_type", s("com.example.t")),
+            ],
+        );
+        assert_eq!(decode_props(&p, b"").unwrap().id(), "5");
+    }
+
+    #[test]
+    fn timestamps_past_year_9999_are_rejected() {
+        // 10000-01-01T00:00:00Z has no RFC 3339 form (four-digit years); a producer that sends
+        // milliseconds where 0.9.1 has seconds lands there too.
+        for secs in [253_402_300_800, 1_795_359_845_000] {
+            let got = decode_ext("cloudEvents_time", AMQPValue::Timestamp(secs));
+            assert!(
+                matches!(&got, Err(EventError::InvalidValue { name, .. }) if name == "time"),
+                "{secs}: {:?}",
+                got.map(|e| e.time().map(str::to_owned))
+            );
+        }
+        let e = decode_ext("cloudEvents_time", AMQPValue::Timestamp(253_402_300_799)).unwrap();
+        assert_eq!(e.time(), Some("9999-12-31T23:59:59.000000Z"));
+    }
+
+    #[test]
+    fn types_without_a_cloudevents_equivalent_are_rejected() {
+        for value in [
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(1.5),
+            AMQPValue::FieldTable(table(&[("a", s("b"))])),
+            AMQPValue::FieldArray(vec![s("a")].into()),
+            AMQPValue::Void,
+        ] {
+            assert!(
+                matches!(
+                    decode_ext("cloudEvents_x", value.clone()),
+                    Err(EventError::InvalidValue { name, .. }) if name == "x"
+                ),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn structured_mode_reads_the_body_as_json() {
+        let body = br#"{"specversion":"1.0","id":"S1","source":"/src","type":"com.example.t","seq":3,"data":{"a":1}}"#;
+        for ct in [
+            "application/cloudevents+json",
+            "Application/CloudEvents+JSON; charset=utf-8",
+            "application/cloudevents",
+        ] {
+            // Headers do not matter in structured mode, not even attribute headers.
+            let p = props(Some(ct), &e0_with(&[]));
+            let e = decode_props(&p, body).unwrap_or_else(|err| panic!("{ct}: {err}"));
+            assert_eq!(e, json::decode(body).unwrap(), "{ct}");
+            assert_eq!(e.extension("seq"), Some(&ExtensionValue::Integer(3)));
+        }
+        let p = with_ct("application/cloudevents+json");
+        assert!(decode_props(&p, b"{not json").is_err());
+    }
+
+    #[test]
+    fn batches_and_other_formats_are_rejected() {
+        let batch = br#"[{"specversion":"1.0","id":"S1","source":"/src","type":"t"}]"#;
+        for ct in [
+            "application/cloudevents-batch+json",
+            "APPLICATION/CLOUDEVENTS-BATCH+JSON",
+        ] {
+            let p = with_ct(ct);
+            assert!(
+                matches!(decode_props(&p, batch), Err(EventError::Format(_))),
+                "{ct}"
+            );
+        }
+        let p = with_ct("application/cloudevents+avro");
+        assert!(matches!(decode_props(&p, b"x"), Err(EventError::Format(_))));
+    }
+
+    #[test]
+    fn plain_messages_are_wrapped() {
+        // Attribute headers without specversion do not make a CloudEvent.
+        let p = props(Some("text/plain"), &[("cloudEvents_id", s("A1"))]);
+        let e = decode_at("orders.eu", &p, b"21.5").unwrap();
+        assert_ne!(e.id(), "A1", "a new id");
+        assert!(!e.id().is_empty());
+        assert_eq!(e.source(), "/meshgate/amqp/orders");
+        assert_eq!(e.ty(), "io.meshgate.amqp.message");
+        assert_eq!(e.subject(), Some("orders.eu"));
+        assert_eq!(e.datacontenttype(), Some("text/plain"));
+        assert_eq!(e.data(), Some(&Data::Binary(Bytes::from_static(b"21.5"))));
+        assert!(e.time().is_some());
+        assert!(
+            e.extensions().is_empty(),
+            "headers do not become extensions"
+        );
+
+        let bare = BasicProperties::default();
+        let e = decode_at("", &bare, b"x").unwrap();
+        assert_eq!(e.subject(), None, "no routing key, no subject");
+        assert_eq!(e.datacontenttype(), None, "never invented");
+        let e = decode_at("k", &bare, b"").unwrap();
+        assert_eq!(e.data(), None);
+        let other = decode_at("k", &bare, b"").unwrap();
+        assert_ne!(e.id(), other.id());
+    }
+
+    #[test]
+    fn missing_attributes_and_other_versions_are_rejected() {
+        for missing in ["id", "source", "type"] {
+            let headers: Vec<(&str, AMQPValue)> = E0
+                .iter()
+                .filter(|(k, _)| !k.ends_with(missing))
+                .map(|(k, v)| (*k, s(v)))
+                .collect();
+            let p = props(Some("application/json"), &headers);
+            assert!(
+                matches!(decode_props(&p, b"{}"), Err(EventError::Missing(m)) if m == missing),
+                "{missing}"
+            );
+        }
+        let p = props(
+            None,
+            &[
+                ("cloudEvents_specversion", s("0.3")),
+                ("cloudEvents_id", s("A1")),
+                ("cloudEvents_source", s("/src")),
+                ("cloudEvents_type", s("com.example.t")),
+            ],
+        );
+        assert_eq!(
+            decode_props(&p, b""),
+            Err(EventError::UnsupportedSpecVersion("0.3".into()))
+        );
+    }
+
+    #[test]
+    fn datacontenttype_header_must_agree_with_content_type() {
+        let dct = [("cloudEvents_datacontenttype", s("text/plain"))];
+        let agree = props(Some("text/plain"), &e0_with(&dct));
+        assert_eq!(
+            decode_props(&agree, b"x").unwrap().datacontenttype(),
+            Some("text/plain")
+        );
+        let disagree = props(Some("application/json"), &e0_with(&dct));
+        assert!(matches!(
+            decode_props(&disagree, b"x"),
+            Err(EventError::Format(_))
+        ));
+        // Alone, the header gives the datacontenttype.
+        let alone = props(None, &e0_with(&dct));
+        assert_eq!(
+            decode_props(&alone, b"x").unwrap().datacontenttype(),
+            Some("text/plain")
+        );
+        let none = props(None, &e0_with(&[]));
+        assert_eq!(decode_props(&none, b"x").unwrap().datacontenttype(), None);
+    }
+
+    #[test]
+    fn binary_encoding_writes_headers_content_type_and_body() {
+        let mut e = e0();
+        e.set_datacontenttype(Some("application/xml".into()))
+            .unwrap();
+        e.set_subject(Some("orders/eu".into())).unwrap();
+        e.set_time(Some("2026-11-22T15:04:05Z".into())).unwrap();
+        e.set_extension("seq", ExtensionValue::Integer(3)).unwrap();
+        e.set_extension("flag", ExtensionValue::Boolean(false))
+            .unwrap();
+        e.set_extension("count", ExtensionValue::String("7".into()))
+            .unwrap();
+        e.set_data(Some(Data::Text("<a/>".into())));
+        let o = encode(&e, no_json, AmqpMode::Binary, true, "gw-1").unwrap();
+        let p = &o.properties;
+        assert_eq!(
+            p.content_type().as_ref().map(ShortString::as_str),
+            Some("application/xml")
+        );
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(&o.body[..], b"<a/>");
+        let names: Vec<&str> = p
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(ShortString::as_str)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cloudEvents_count",
+                "cloudEvents_flag",
+                "cloudEvents_id",
+                "cloudEvents_seq",
+                "cloudEvents_source",
+                "cloudEvents_specversion",
+                "cloudEvents_subject",
+                "cloudEvents_time",
+                "cloudEvents_type",
+                ORIGIN_HEADER,
+            ],
+            "no datacontenttype header"
+        );
+        assert_eq!(header(p, "cloudEvents_specversion"), Some(&s("1.0")));
+        assert_eq!(header(p, "cloudEvents_id"), Some(&s("A1")));
+        assert_eq!(header(p, "cloudEvents_subject"), Some(&s("orders/eu")));
+        assert_eq!(
+            header(p, "cloudEvents_time"),
+            Some(&s("2026-11-22T15:04:05Z")),
+            "time as a string, exactly as it arrived"
+        );
+        assert_eq!(
+            header(p, "cloudEvents_seq"),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+        assert_eq!(
+            header(p, "cloudEvents_flag"),
+            Some(&AMQPValue::Boolean(false))
+        );
+        assert_eq!(header(p, "cloudEvents_count"), Some(&s("7")));
+        assert_eq!(header(p, ORIGIN_HEADER), Some(&s("gw-1")));
+        assert!(from_mesh(p));
+
+        let o = encode(&e, no_json, AmqpMode::Binary, false, "gw-1").unwrap();
+        assert_eq!(o.properties.delivery_mode(), &Some(1));
+    }
+
+    #[test]
+    fn binary_encoding_of_json_data_and_of_no_data() {
+        let e = json::decode(
+            br#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t","data":"hi"}"#,
+        )
+        .unwrap();
+        let o = encode(&e, no_json, AmqpMode::Binary, true, "gw-1").unwrap();
+        assert_eq!(
+            o.properties
+                .content_type()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("application/json"),
+            "JSON data without a content type is declared JSON"
+        );
+        assert_eq!(&o.body[..], br#""hi""#);
+        let o = encode(&e0(), no_json, AmqpMode::Binary, true, "gw-1").unwrap();
+        assert_eq!(o.properties.content_type(), &None);
+        assert!(o.body.is_empty());
+    }
+
+    #[test]
+    fn structured_encoding_carries_the_json_format() {
+        let mut e = e0();
+        e.set_extension("seq", ExtensionValue::Integer(3)).unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(b"\x00\x01"))));
+        let text = json::encode_string(&e);
+        let o = encode(
+            &e,
+            || Arc::from(text.as_str()),
+            AmqpMode::Structured,
+            false,
+            "gw-2",
+        )
+        .unwrap();
+        let p = &o.properties;
+        assert_eq!(
+            p.content_type().as_ref().map(ShortString::as_str),
+            Some(json::CONTENT_TYPE)
+        );
+        assert_eq!(&o.body[..], text.as_bytes());
+        assert_eq!(p.delivery_mode(), &Some(1));
+        assert_eq!(header(p, ORIGIN_HEADER), Some(&s("gw-2")));
+        assert_eq!(header(p, "cloudEvents_id"), None, "no attribute headers");
+        assert!(from_mesh(p));
+        // And it reads back as the same event.
+        assert_eq!(decode_props(p, &o.body).unwrap(), e);
+    }
+
+    #[test]
+    fn from_mesh_needs_the_origin_header() {
+        assert!(!from_mesh(&BasicProperties::default()));
+        assert!(!from_mesh(&props(None, &e0_with(&[]))));
+        assert!(from_mesh(&props(None, &[(ORIGIN_HEADER, s("other-gw"))])));
+    }
+
+    #[test]
+    fn binary_round_trip_keeps_the_event() {
+        let mut e = e0();
+        e.set_datacontenttype(Some("application/json".into()))
+            .unwrap();
+        e.set_dataschema(Some("https://example.com/schema".into()))
+            .unwrap();
+        e.set_subject(Some("orders/eu".into())).unwrap();
+        e.set_time(Some("2026-11-22T15:04:05.123+01:00".into()))
+            .unwrap();
+        e.set_extension("seq", ExtensionValue::Integer(-42))
+            .unwrap();
+        e.set_extension("big", ExtensionValue::Integer(i32::MAX))
+            .unwrap();
+        e.set_extension("flag", ExtensionValue::Boolean(true))
+            .unwrap();
+        e.set_extension("count", ExtensionValue::String("7".into()))
+            .unwrap();
+        e.set_data(Some(Data::Binary(Bytes::from_static(br#"{"a":1}"#))));
+        let o = encode(&e, no_json, AmqpMode::Binary, true, "gw-1").unwrap();
+        let back = decode_props(&o.properties, &o.body).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.extension("seq"), Some(&ExtensionValue::Integer(-42)));
+        assert_eq!(back.extension("flag"), Some(&ExtensionValue::Boolean(true)));
+        assert_eq!(
+            back.extension("count"),
+            Some(&ExtensionValue::String("7".into())),
+            "a string that looks like a number stays a string"
+        );
+        // The minimal event too.
+        let o = encode(&e0(), no_json, AmqpMode::Binary, false, "gw-1").unwrap();
+        assert_eq!(decode_props(&o.properties, &o.body).unwrap(), e0());
+    }
+
+    #[test]
+    fn encoding_refuses_over_long_header_names() {
+        let mut e = e0();
+        let name = "x".repeat(250);
+        e.set_extension(&name, ExtensionValue::Boolean(true))
+            .unwrap();
+        assert!(matches!(
+            encode(&e, no_json, AmqpMode::Binary, true, "gw-1"),
+            Err(EncodeError::TooLong { .. })
+        ));
+        let mut e = e0();
+        e.set_datacontenttype(Some(format!("text/{}", "x".repeat(260))))
+            .unwrap();
+        assert!(matches!(
+            encode(&e, no_json, AmqpMode::Binary, true, "gw-1"),
+            Err(EncodeError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn routing_keys_from_templates() {
+        let topic = Topic::from_mqtt("a/b/c").unwrap();
+        let e = e0();
+        assert_eq!(
+            routing_key("{topic}", &topic, &e).unwrap().as_str(),
+            "a.b.c"
+        );
+        assert_eq!(
+            routing_key("x.{type}.{topic}", &topic, &e)
+                .unwrap()
+                .as_str(),
+            "x.com.example.t.a.b.c"
+        );
+        assert_eq!(routing_key("fixed", &topic, &e).unwrap().as_str(), "fixed");
+        assert_eq!(
+            routing_key("{topic}.{topic}", &topic, &e).unwrap().as_str(),
+            "a.b.c.a.b.c"
+        );
+        assert_eq!(
+            routing_key("{nope}.{topic}", &topic, &e).unwrap().as_str(),
+            "{nope}.a.b.c",
+            "unknown placeholders stay literal"
+        );
+    }
+
+    #[test]
+    fn over_long_routing_keys_are_errors() {
+        let e = e0();
+        let long_topic = Topic::from_levels(["a".repeat(200), "b".repeat(60)]).unwrap();
+        assert!(matches!(
+            routing_key("{topic}", &long_topic, &e),
+            Err(EncodeError::TooLong {
+                what: "routing key",
+                ..
+            })
+        ));
+        let topic = Topic::from_mqtt("a").unwrap();
+        let template = format!("{}.{{topic}}", "x".repeat(254));
+        assert!(matches!(
+            routing_key(&template, &topic, &e),
+            Err(EncodeError::TooLong { .. })
+        ));
+        // Exactly 255 bytes fit.
+        let template = format!("{}.{{topic}}", "x".repeat(253));
+        assert_eq!(
+            routing_key(&template, &topic, &e).unwrap().as_str().len(),
+            255
+        );
+        let long_type = Event::new("A1", "/src", "t".repeat(300)).unwrap();
+        assert!(routing_key("{type}", &topic, &long_type).is_err());
+    }
 }

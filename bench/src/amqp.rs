@@ -42,6 +42,28 @@ fn cpu(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// (busy, total) jiffies of the whole machine, from the first line of /proc/stat.
+fn machine() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn busy_since(start: (u64, u64)) -> f64 {
+    let (b, t) = machine();
+    (b - start.0) as f64 / (t - start.1).max(1) as f64 * 100.0
+}
+
 fn rabbitmq_pid() -> anyhow::Result<u32> {
     let out = Command::new("pgrep").args(["-o", "beam.smp"]).output()?;
     String::from_utf8_lossy(&out.stdout)
@@ -145,6 +167,8 @@ struct Row {
     seconds: f64,
     rabbit_cpu: Duration,
     meshgate_cpu: Option<Duration>,
+    /// Share of both cores busy while publishing and draining.
+    machine_busy: f64,
 }
 
 fn print_row(name: &str, r: &Row, direct: Option<&Row>) {
@@ -165,9 +189,10 @@ fn print_row(name: &str, r: &Row, direct: Option<&Row>) {
         format!("{:.0}%", rate / (d.delivered as f64 / d.seconds) * 100.0)
     });
     println!(
-        "| {name} | {:.0} | {rate:.0} | {of_direct} | {} | {rabbit_us:.1} | {mg_us} | {added} |",
+        "| {name} | {:.0} | {rate:.0} | {of_direct} | {} | {rabbit_us:.1} | {mg_us} | {added} | {:.0}% |",
         r.confirmed as f64 / r.seconds,
         r.confirmed.saturating_sub(r.delivered),
+        r.machine_busy,
     );
 }
 
@@ -194,7 +219,7 @@ async fn direct(rabbit: u32, seconds: u64) -> anyhow::Result<Row> {
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let (cpu0, t0) = (cpu(rabbit), Instant::now());
+    let (cpu0, m0) = (cpu(rabbit), machine());
     let confirmed = publish(&queue, seconds).await?;
     drain(&delivered, confirmed).await;
     let row = Row {
@@ -203,8 +228,8 @@ async fn direct(rabbit: u32, seconds: u64) -> anyhow::Result<Row> {
         seconds: seconds as f64,
         rabbit_cpu: cpu(rabbit) - cpu0,
         meshgate_cpu: None,
+        machine_busy: busy_since(m0),
     };
-    let _ = t0;
     task.abort();
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -215,12 +240,16 @@ async fn direct(rabbit: u32, seconds: u64) -> anyhow::Result<Row> {
 
 /// The release meshgate binary with an AMQP source on `queue` and `backbone` settings.
 fn start_meshgate(queue: &str, web_port: u16, backbone: &str) -> anyhow::Result<Broker> {
+    let prefetch: u16 = std::env::var("BENCH_PREFETCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(WINDOW as u16);
     let dir = temp_dir("amqp");
     let file = dir.join("meshgate.toml");
     std::fs::write(
         &file,
         format!(
-            "[http]\nlisten = \"127.0.0.1:{web_port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n{backbone}\n[amqp]\nenabled = true\n[[amqp.sources]]\nname = \"bench\"\nqueue = \"{queue}\"\nprefetch = {WINDOW}\n"
+            "[http]\nlisten = \"127.0.0.1:{web_port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n[websocket]\noutbound_queue = 100000\n{backbone}\n[amqp]\nenabled = true\n[[amqp.sources]]\nname = \"bench\"\nqueue = \"{queue}\"\nprefetch = {prefetch}\n"
         ),
     )?;
     let bin = std::env::current_exe()?.with_file_name("meshgate");
@@ -262,7 +291,7 @@ where
     let task = subscribe(web_port, delivered.clone()).await?;
     // Let the source connect and start consuming.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, mg0) = (cpu(rabbit), cpu(gw.child.id()));
+    let (cpu0, mg0, m0) = (cpu(rabbit), cpu(gw.child.id()), machine());
     let confirmed = publish(&queue, seconds).await?;
     drain(&delivered, confirmed).await;
     let row = Row {
@@ -271,6 +300,7 @@ where
         seconds: seconds as f64,
         rabbit_cpu: cpu(rabbit) - cpu0,
         meshgate_cpu: Some(cpu(gw.child.id()) - mg0),
+        machine_busy: busy_since(m0),
     };
     task.abort();
     drop(gw);
@@ -334,9 +364,9 @@ async fn main() -> anyhow::Result<()> {
         "AMQP bridge: {PAYLOAD}-byte binary-mode CloudEvents, one publisher with confirms ({WINDOW} outstanding) for {seconds} s per row, RabbitMQ on 127.0.0.1:5672, all on this machine\n"
     );
     println!(
-        "| path | confirmed/s | delivered/s | of direct | lost | RabbitMQ CPU µs/msg | meshgate CPU µs/msg | meshgate CPU / direct RabbitMQ CPU |"
+        "| path | confirmed/s | delivered/s | of direct | lost | RabbitMQ CPU µs/msg | meshgate CPU µs/msg | meshgate CPU / direct RabbitMQ CPU | machine busy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let d = direct(rabbit, seconds).await?;
     print_row("direct: publish → queue → consumer (manual acks)", &d, None);
     let ws = through_meshgate(rabbit, seconds, "", websocket_subscriber).await?;

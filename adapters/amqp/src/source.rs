@@ -35,11 +35,14 @@ use crate::link::{self, Backoff, Connector, Ended, Link};
 /// unavailable backbone does not turn into a redelivery storm.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(200);
 
-/// Acknowledgements are batched: one `basic.ack` with `multiple` covers up to this many
-/// consecutive published messages, or whatever was published when no further delivery is
-/// waiting (so a quiet queue is acknowledged at once). One ack frame per message cost RabbitMQ
-/// and meshgate a frame and a hop through lapin's I/O loop each.
-const ACK_BATCH: usize = 64;
+/// Acknowledgements are batched: one `basic.ack` with `multiple` covers up to a quarter of
+/// the prefetch window of consecutive published messages, or whatever was published when no
+/// further delivery is waiting (so a quiet queue is acknowledged at once). One ack frame per
+/// message cost RabbitMQ and meshgate a frame and a hop through lapin's I/O loop each; a
+/// quarter of the window keeps RabbitMQ sending while the batch fills.
+fn ack_batch(prefetch: u16) -> usize {
+    usize::from(prefetch / 4).max(1)
+}
 
 /// Rejected messages are logged at most this often per source (each one is counted).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -287,7 +290,7 @@ impl Source {
         let window = usize::from(self.config.prefetch);
         let mut inflight: FuturesOrdered<BoxFuture<'static, (Acker, Outcome)>> =
             FuturesOrdered::new();
-        let mut acks = Acks::default();
+        let mut acks = Acks::new(ack_batch(self.config.prefetch));
         let failed = loop {
             tokio::select! {
                 biased;
@@ -368,15 +371,23 @@ impl Source {
     }
 }
 
-/// Published deliveries not acknowledged yet; see [`ACK_BATCH`].
-#[derive(Default)]
+/// Published deliveries not acknowledged yet; see [`ack_batch`].
 struct Acks {
     /// The latest one: acking it with `multiple` covers the others.
     last: Option<Acker>,
     count: usize,
+    batch: usize,
 }
 
 impl Acks {
+    fn new(batch: usize) -> Acks {
+        Acks {
+            last: None,
+            count: 0,
+            batch,
+        }
+    }
+
     fn pending(&self) -> bool {
         self.last.is_some()
     }
@@ -384,7 +395,7 @@ impl Acks {
     async fn ack(&mut self, acker: Acker) -> Result<(), lapin::Error> {
         self.last = Some(acker);
         self.count += 1;
-        if self.count >= ACK_BATCH {
+        if self.count >= self.batch {
             self.flush().await?;
         }
         Ok(())

@@ -11,7 +11,8 @@
 //! delivered), and CPU per message of RabbitMQ (`beam.smp`) and of the meshgate process, read
 //! from /proc. Uses the RabbitMQ on 127.0.0.1:5672 (guest/guest) and its own nats-server.
 //!
-//! Usage: `cargo build --release -p meshgate -p meshgate-bench && ./target/release/amqp [--seconds S]`
+//! Usage: `cargo build --release -p meshgate -p meshgate-bench && ./target/release/amqp [--seconds S] [--rounds R]`
+//! (`BENCH_MESHGATE_WORKERS=N` sets meshgate's `gateway.worker_threads`)
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -261,6 +262,7 @@ fn start_meshgate(queue: &str, web_port: u16, backbone: &str) -> anyhow::Result<
     let child = Command::new(bin)
         .args(["run", "-c"])
         .arg(&file)
+        .envs(meshgate_bench::workers_env())
         .stdout(Stdio::null())
         .spawn()?;
     anyhow::ensure!(wait_listening(web_port), "meshgate did not listen");
@@ -350,52 +352,80 @@ fn start_nats_server() -> anyhow::Result<Broker> {
     })
 }
 
+/// The row whose delivered rate is the median of `rows` (an odd count gives a real run).
+fn median(mut rows: Vec<Row>) -> Row {
+    rows.sort_by(|a, b| {
+        (a.delivered as f64 / a.seconds).total_cmp(&(b.delivered as f64 / b.seconds))
+    });
+    let mid = rows.len() / 2;
+    rows.swap_remove(mid)
+}
+
+async fn nats_subscriber(
+    url: String,
+    delivered: Arc<AtomicU64>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = async_nats::connect(&url).await?;
+    let mut sub = client.subscribe("meshgate.>").await?;
+    client.flush().await?;
+    Ok(tokio::spawn(async move {
+        let _keep = client;
+        while sub.next().await.is_some() {
+            delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5u64);
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (seconds, rounds) = (arg("--seconds", 5), arg("--rounds", 3).max(1));
     let rabbit = rabbitmq_pid()?;
     println!(
-        "AMQP bridge: {PAYLOAD}-byte binary-mode CloudEvents, one publisher with confirms ({WINDOW} outstanding) for {seconds} s per row, RabbitMQ on 127.0.0.1:5672, all on this machine\n"
-    );
-    println!(
-        "| path | confirmed/s | delivered/s | of direct | lost | RabbitMQ CPU µs/msg | meshgate CPU µs/msg | meshgate CPU / direct RabbitMQ CPU | machine busy |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let d = direct(rabbit, seconds).await?;
-    print_row("direct: publish → queue → consumer (manual acks)", &d, None);
-    let ws = through_meshgate(rabbit, seconds, "", websocket_subscriber).await?;
-    print_row(
-        "AMQP → meshgate → memory backbone → WebSocket",
-        &ws,
-        Some(&d),
+        "AMQP bridge: {PAYLOAD}-byte binary-mode CloudEvents, one publisher with confirms ({WINDOW} outstanding) for {seconds} s per run, RabbitMQ on 127.0.0.1:5672, all on this machine; {rounds} rounds of the three paths interleaved, the median run of each path shown\n"
     );
     let nats = start_nats_server()?;
     let url = format!("nats://127.0.0.1:{}", nats.port);
     let backbone = format!("[backbone]\nkind = \"nats\"\n[backbone.nats]\nurls = [\"{url}\"]\n");
-    let n = through_meshgate(rabbit, seconds, &backbone, |_, delivered| {
-        let url = url.clone();
-        async move {
-            let client = async_nats::connect(&url).await?;
-            let mut sub = client.subscribe("meshgate.>").await?;
-            client.flush().await?;
-            Ok(tokio::spawn(async move {
-                let _keep = client;
-                while sub.next().await.is_some() {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                }
-            }))
-        }
-    })
-    .await?;
+    let (mut directs, mut wss, mut natss) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let d = direct(rabbit, seconds).await?;
+        let ws = through_meshgate(rabbit, seconds, "", websocket_subscriber).await?;
+        let n = through_meshgate(rabbit, seconds, &backbone, |_, delivered| {
+            nats_subscriber(url.clone(), delivered)
+        })
+        .await?;
+        eprintln!(
+            "round {round}: direct {:.0}/s, websocket {:.0}/s, nats {:.0}/s",
+            d.delivered as f64 / d.seconds,
+            ws.delivered as f64 / ws.seconds,
+            n.delivered as f64 / n.seconds
+        );
+        directs.push(d);
+        wss.push(ws);
+        natss.push(n);
+    }
+    println!(
+        "| path | confirmed/s | delivered/s | of direct | lost | RabbitMQ CPU µs/msg | meshgate CPU µs/msg | meshgate CPU / direct RabbitMQ CPU | machine busy |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let d = median(directs);
+    print_row("direct: publish → queue → consumer (manual acks)", &d, None);
+    print_row(
+        "AMQP → meshgate → memory backbone → WebSocket",
+        &median(wss),
+        Some(&d),
+    );
     print_row(
         "AMQP → meshgate → NATS backbone → NATS subscriber",
-        &n,
+        &median(natss),
         Some(&d),
     );
     Ok(())

@@ -76,6 +76,7 @@ pub fn start_meshgate_with(extra: &[(&str, &str)]) -> anyhow::Result<Broker> {
         .env("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("MESHGATE__LOG__LEVEL", "warn")
         .envs(extra.iter().copied())
+        .envs(workers_env())
         .stdout(Stdio::null())
         .spawn()?;
     anyhow::ensure!(wait_listening(port), "meshgate did not listen");
@@ -84,6 +85,14 @@ pub fn start_meshgate_with(extra: &[(&str, &str)]) -> anyhow::Result<Broker> {
         child,
         _dir: None,
     })
+}
+
+/// `MESHGATE__GATEWAY__WORKER_THREADS` for the meshgate child when the benchmark runs with
+/// `BENCH_MESHGATE_WORKERS=<n>` (the load generator's own runtime is left alone).
+pub fn workers_env() -> Vec<(String, String)> {
+    std::env::var("BENCH_MESHGATE_WORKERS")
+        .map(|n| vec![("MESHGATE__GATEWAY__WORKER_THREADS".to_owned(), n)])
+        .unwrap_or_default()
 }
 
 pub fn options(id: &str, port: u16) -> MqttOptions {

@@ -334,6 +334,17 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         GatewayConfig {
             instance_id: g.instance_id,
             shutdown_grace: duration(&g.shutdown_grace, "gateway.shutdown_grace", errors),
+            worker_threads: match g.worker_threads {
+                0 => None,
+                n if (1..=1024).contains(&n) => usize::try_from(n).ok(),
+                n => {
+                    errors.push(
+                        "gateway.worker_threads",
+                        format!("must be 0 (one per CPU core) or 1 to 1024, got {n}"),
+                    );
+                    None
+                }
+            },
         }
     });
     let log = log.map(|l| {

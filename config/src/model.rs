@@ -25,6 +25,8 @@ pub struct GatewayConfig {
     pub instance_id: Option<String>,
     /// How long shutdown may take to settle in-flight work before the process exits anyway.
     pub shutdown_grace: Duration,
+    /// Threads of the async runtime; `None`: one per CPU core.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use serde::Deserialize;
 pub struct Gateway {
     pub instance_id: Option<String>,
     pub shutdown_grace: String,
+    pub worker_threads: i64,
 }
 
 #[derive(Debug, Deserialize)]

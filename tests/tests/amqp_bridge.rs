@@ -657,3 +657,149 @@ async fn closing_every_connection_mid_stream_loses_nothing_acknowledged() {
     drop(reader);
     drop(rabbit);
 }
+
+/// Over JetStream (publishes pipelined up to `prefetch`, each AMQP ack after its PubAck) with
+/// two gateway instances sharing one sink: every message reaches the other instance's
+/// WebSocket subscriber, and the sink's queue group publishes each event to RabbitMQ once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_jetstream_publish_each_event_to_amqp_once() {
+    let nats = meshgate_tests::nats::NatsServer::start();
+    let rabbit = Rabbit::connect("/").await;
+    let (input, ex, out) = (unique("in"), unique("ex"), unique("out"));
+    rabbit.queue(&input, None).await;
+    rabbit.exchange(&ex).await;
+    rabbit.queue(&out, None).await;
+    rabbit.bind(&out, &ex, "js.#").await;
+
+    let instance = |id: &str, with_source: bool| {
+        let mut c = amqp_config("/");
+        c.gateway.instance_id = Some(id.to_owned());
+        c.backbone.kind = meshgate_config::BackboneKind::JetStream;
+        c.backbone.nats.urls = vec![nats.url()];
+        c.amqp.sinks = vec![sink("out", "js/#", &ex, "{topic}", AmqpMode::Binary)];
+        if with_source {
+            c.amqp.sources = vec![source("in", &input, Some("js"))];
+        }
+        c
+    };
+    let a = start_gateway(instance("amqp-js-a", true)).await;
+    let b = start_gateway(instance("amqp-js-b", false)).await;
+    links_up(&a).await;
+    links_up(&b).await;
+    let mut ws = ws_connect(b.web_addr.unwrap(), &["js/#"]).await;
+
+    const N: usize = 500;
+    let props = |i: usize| {
+        BasicProperties::default().with_headers(headers(&[
+            ("cloudEvents_specversion", text("1.0")),
+            ("cloudEvents_id", text(&format!("js-{i}"))),
+            ("cloudEvents_source", text("/load")),
+            ("cloudEvents_type", text("t")),
+            ("cloudEvents_seq", AMQPValue::LongInt(i as i32)),
+        ]))
+    };
+    for i in 0..N {
+        rabbit.publish("", &input, props(i), b"x").await;
+    }
+    let mut ws_ids = HashSet::new();
+    while ws_ids.len() < N {
+        let e = next_event(&mut ws, Duration::from_secs(20)).await.unwrap();
+        assert_eq!(
+            e.extension("seq"),
+            Some(&ExtensionValue::Integer(e.id()[3..].parse().unwrap()))
+        );
+        ws_ids.insert(e.id().to_owned());
+    }
+    let got = rabbit.consume(&out, N + 50, Duration::from_secs(5)).await;
+    let out_ids: HashSet<String> = got
+        .iter()
+        .filter_map(|m| match header(&m.properties, "cloudEvents_id") {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(out_ids.len(), N, "every event reached the output queue");
+    assert_eq!(
+        got.len(),
+        N,
+        "and once: the sink's queue group spans both instances"
+    );
+    let published = |m: &str| metric(m, "meshgate_events_sent_total{adapter=\"amqp\"}");
+    let (ma, mb) = (
+        metrics(a.admin_addr.unwrap()).await,
+        metrics(b.admin_addr.unwrap()).await,
+    );
+    assert_eq!(published(&ma) + published(&mb), N as u64, "{ma}\n{mb}");
+    assert_eq!(
+        metric(&ma, "meshgate_events_received_total{adapter=\"amqp\"}"),
+        N as u64,
+        "{ma}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    rabbit.delete_queue(&input).await;
+    rabbit.delete_queue(&out).await;
+    rabbit.delete_exchange(&ex).await;
+}
+
+/// JetStream killed while a source is consuming: what the backbone could not take stays in
+/// RabbitMQ (nacked with requeue, never acknowledged) and arrives once NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_under_a_source_loses_no_message() {
+    let mut nats = meshgate_tests::nats::NatsServer::start();
+    let rabbit = Rabbit::connect("/").await;
+    let input = unique("in");
+    rabbit.queue(&input, None).await;
+    let mut c = amqp_config("/");
+    c.gateway.instance_id = Some("amqp-js-restart".to_owned());
+    c.backbone.kind = meshgate_config::BackboneKind::JetStream;
+    c.backbone.nats.urls = vec![nats.url()];
+    c.amqp.sources = vec![source("in", &input, Some("restart"))];
+    let gw = start_gateway(c).await;
+    links_up(&gw).await;
+    let admin = gw.admin_addr.unwrap();
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["restart/#"]).await;
+
+    const N: usize = 300;
+    let props = |i: usize| {
+        BasicProperties::default().with_headers(headers(&[
+            ("cloudEvents_specversion", text("1.0")),
+            ("cloudEvents_id", text(&format!("r-{i}"))),
+            ("cloudEvents_source", text("/load")),
+            ("cloudEvents_type", text("t")),
+        ]))
+    };
+    for i in 0..N {
+        if i == 100 {
+            nats.kill();
+        }
+        if i == 200 {
+            nats.restart();
+        }
+        rabbit.publish("", &input, props(i), b"x").await;
+    }
+    let mut ids = HashSet::new();
+    while ids.len() < N {
+        let e = next_event(&mut ws, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|c| panic!("closed ({c:?}) with {} of {N} received", ids.len()));
+        ids.insert(e.id().to_owned());
+    }
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"rejected\"}"
+        ),
+        0,
+        "nothing was rejected for a transient failure:\n{m}"
+    );
+    assert!(
+        metric(&m, "meshgate_errors_total{adapter=\"amqp\",kind=\"backbone\"}") > 0,
+        "the backbone refused publishes while NATS was down (so they were requeued):\n{m}"
+    );
+    gw.shutdown().await;
+    rabbit.delete_queue(&input).await;
+}

@@ -797,7 +797,10 @@ async fn a_nats_restart_under_a_source_loses_no_message() {
         "nothing was rejected for a transient failure:\n{m}"
     );
     assert!(
-        metric(&m, "meshgate_errors_total{adapter=\"amqp\",kind=\"backbone\"}") > 0,
+        metric(
+            &m,
+            "meshgate_errors_total{adapter=\"amqp\",kind=\"backbone\"}"
+        ) > 0,
         "the backbone refused publishes while NATS was down (so they were requeued):\n{m}"
     );
     gw.shutdown().await;

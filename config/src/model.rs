@@ -323,8 +323,8 @@ pub struct AmqpConfig {
     pub vhost: String,
     pub user: String,
     pub password: String,
-    /// PEM file with the CA certificates that sign the broker's certificate (amqps); `None`:
-    /// the system's root certificates.
+    /// PEM file with CA certificates for the broker's certificate (amqps), trusted in addition
+    /// to the system's root certificates; `None`: the system roots only.
     pub ca_file: Option<std::path::PathBuf>,
     /// Heartbeat interval proposed to the broker (0: none).
     pub heartbeat: Duration,

@@ -56,6 +56,7 @@ pub struct RunningGateway {
     web_task: Option<JoinHandle<std::io::Result<()>>>,
     mqtt_task: Option<JoinHandle<()>>,
     amqp_task: Option<JoinHandle<()>>,
+    amqp_ingress: Option<meshgate_amqp::AmqpIngress>,
     /// The AMQP bridge's links, when enabled.
     pub amqp: Option<meshgate_amqp::AmqpStatus>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
@@ -130,10 +131,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     };
     let mut amqp_task = None;
     let mut amqp_status = None;
+    let mut amqp_ingress = None;
     if config.amqp.enabled {
         let adapter = meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx)
             .map_err(|e| StartError::Adapter(e.to_string()))?;
         amqp_status = Some(adapter.status());
+        amqp_ingress = Some(adapter.ingress());
         let ctx = ctx.clone();
         amqp_task = Some(tokio::spawn(async move {
             if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
@@ -222,6 +225,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         web_task,
         mqtt_task,
         amqp_task,
+        amqp_ingress,
         amqp: amqp_status,
         admin_task,
         grace: config.gateway.shutdown_grace,
@@ -236,7 +240,9 @@ impl RunningGateway {
     /// Stops in the order that loses nothing that was acknowledged:
     /// 1. `/readyz` turns 503 and the web listener stops accepting; in-flight HTTP requests
     ///    finish (each gets its reply after the backbone accepted its events);
-    /// 2. the backbone stops taking events, and its subscriptions end once drained;
+    ///    AMQP sources stop consuming and settle their in-flight publishes;
+    /// 2. the backbone stops taking events, and its subscriptions end once drained (AMQP sinks
+    ///    publish what theirs held);
     /// 3. WebSocket connections forward what they were given, flush, and close with 1001;
     /// 4. the admin listener stops.
     ///
@@ -253,6 +259,16 @@ impl RunningGateway {
                 abort.abort();
                 clean = false;
             }
+        }
+        // AMQP sources are ingress too: they settle their in-flight publishes (and acknowledge
+        // them to RabbitMQ) while the backbone still takes events.
+        if let Some(ingress) = &self.amqp_ingress
+            && tokio::time::timeout_at(deadline, ingress.stop())
+                .await
+                .is_err()
+        {
+            tracing::warn!("shutdown grace period ended with AMQP sources still settling");
+            clean = false;
         }
         // The backbone stops taking events; subscriptions end once their queues are empty, so
         // connections can forward everything that was accepted before they close.

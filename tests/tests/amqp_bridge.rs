@@ -996,3 +996,47 @@ async fn amqps_with_a_private_ca_and_credentials_kept_out_of_messages() {
     rabbit.delete_queue(&q).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A graceful shutdown right after a burst: every event the gateway accepted (202) is still
+/// published to RabbitMQ by the sink before it closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_publishes_everything_the_sink_was_given() {
+    let rabbit = Rabbit::connect("/").await;
+    let (ex, out) = (unique("ex"), unique("out"));
+    rabbit.exchange(&ex).await;
+    rabbit.queue(&out, None).await;
+    rabbit.bind(&out, &ex, "sd.#").await;
+    let mut config = amqp_config("/");
+    config.amqp.sinks = vec![sink("sd", "sd/#", &ex, "{topic}", AmqpMode::Binary)];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let web = gw.web_addr.unwrap();
+    const N: usize = 400;
+    let client = reqwest::Client::new();
+    let mut accepted = 0;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(50) {
+        let posts = chunk.iter().map(|i| {
+            client
+                .post(format!("http://{web}/events/sd/x"))
+                .header("content-type", "application/cloudevents+json")
+                .body(format!(
+                    r#"{{"specversion":"1.0","id":"sd-{i}","source":"/t","type":"t"}}"#
+                ))
+                .send()
+        });
+        for r in futures_util::future::join_all(posts).await {
+            assert_eq!(r.unwrap().status(), 202);
+            accepted += 1;
+        }
+    }
+    let report = gw.shutdown().await;
+    assert!(report.clean, "shutdown within the grace period");
+    let got = rabbit.consume(&out, N, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.len(),
+        accepted,
+        "every accepted event was published before shutdown ended"
+    );
+    rabbit.delete_queue(&out).await;
+    rabbit.delete_exchange(&ex).await;
+}

@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use meshgate_config::AmqpConfig;
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use link::Link;
 
@@ -53,6 +55,25 @@ impl AmqpStatus {
     }
 }
 
+/// Stops the sources (the bridge's ingress) ahead of the rest of the gateway: at shutdown they
+/// must settle their in-flight publishes while the backbone still takes them.
+#[derive(Debug, Clone)]
+pub struct AmqpIngress {
+    stop: CancellationToken,
+    sources: TaskTracker,
+}
+
+impl AmqpIngress {
+    /// Stops consuming: each source settles what it has in flight (acknowledging what the
+    /// backbone accepted), cancels its consumer and closes its connection. Returns once all
+    /// have; RabbitMQ requeues whatever they had received but not acknowledged.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.sources.close();
+        self.sources.wait().await;
+    }
+}
+
 /// The configured sources and sinks, ready to run.
 pub struct AmqpAdapter {
     config: Arc<AmqpConfig>,
@@ -60,6 +81,7 @@ pub struct AmqpAdapter {
     sources: Vec<Arc<source::Source>>,
     sinks: Vec<Arc<sink::Sink>>,
     status: AmqpStatus,
+    ingress: AmqpIngress,
 }
 
 impl std::fmt::Debug for AmqpAdapter {
@@ -79,13 +101,17 @@ impl AmqpAdapter {
         let connector =
             link::Connector::new(config, ctx.instance.clone()).map_err(AdapterError::Other)?;
         let metrics = ctx.metrics(ADAPTER);
+        let ingress = AmqpIngress {
+            stop: CancellationToken::new(),
+            sources: TaskTracker::new(),
+        };
         let mut links = Vec::new();
         let mut sources = Vec::new();
         for s in &config.sources {
             let l = Link::new(&ctx.registry, "source", &s.name);
             links.push(l.clone());
             sources.push(Arc::new(
-                source::Source::new(s.clone(), l, ctx, metrics.clone())
+                source::Source::new(s.clone(), l, ctx, metrics.clone(), ingress.stop.clone())
                     .map_err(AdapterError::Other)?,
             ));
         }
@@ -105,11 +131,17 @@ impl AmqpAdapter {
             status: AmqpStatus {
                 links: links.into(),
             },
+            ingress,
         })
     }
 
     pub fn status(&self) -> AmqpStatus {
         self.status.clone()
+    }
+
+    /// The handle that stops the sources first at shutdown.
+    pub fn ingress(&self) -> AmqpIngress {
+        self.ingress.clone()
     }
 }
 
@@ -123,8 +155,17 @@ impl Adapter for AmqpAdapter {
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
             let mut tasks = tokio::task::JoinSet::new();
+            // The sources stop with the gateway at the latest (normally earlier, through
+            // `AmqpIngress::stop`).
+            let (stop, shutdown) = (self.ingress.stop.clone(), ctx.shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => stop.cancel(),
+                    () = stop.cancelled() => {}
+                }
+            });
             for s in &self.sources {
-                tasks.spawn(s.clone().run(
+                self.ingress.sources.spawn(s.clone().run(
                     ctx.clone(),
                     self.connector.clone(),
                     self.config.clone(),
@@ -144,6 +185,8 @@ impl Adapter for AmqpAdapter {
                     tracing::error!(error = %e, "an AMQP link task panicked");
                 }
             }
+            self.ingress.sources.close();
+            self.ingress.sources.wait().await;
             Ok(())
         })
     }

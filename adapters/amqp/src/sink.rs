@@ -3,9 +3,13 @@
 //! The sink subscribes to the backbone once, in the queue group `amqp-sink:<name>`, so that
 //! with several gateway instances each event is published to RabbitMQ by one of them. Every
 //! message goes out with publisher confirms; the backbone delivery is acknowledged only after
-//! RabbitMQ confirmed it. Deliveries whose confirm did not arrive when a connection failed are
-//! kept and published again, in order, on the next connection (at least once: RabbitMQ may
-//! have stored some of them). A message published with the mandatory flag that no queue takes
+//! RabbitMQ confirmed it. Deliveries whose confirm failed with their connection are kept and
+//! published again, in order, on the next connection (at least once: RabbitMQ may have stored
+//! some of them); one whose confirm never came within `CONFIRM_DRAIN` is dropped and counted
+//! (`reason="unconfirmed"`; over JetStream it is redelivered after `ack_wait`). A nacked
+//! message is published again after a pause, on the same connection. On shutdown the sink
+//! forwards everything its subscription still holds: it ends when the backbone closes the
+//! subscription. A message published with the mandatory flag that no queue takes
 //! comes back as a return: counted (`reason="unroutable"`), logged, and acknowledged, since
 //! publishing it again would not route it either.
 
@@ -34,6 +38,20 @@ const CONFIRM_DRAIN: Duration = Duration::from_secs(5);
 /// Returns and encoding failures are logged at most this often per sink (each one is counted).
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Pause before a message RabbitMQ nacked is published again (a full queue stays full for a
+/// while; this throttles the sink instead of spinning).
+const NACK_PAUSE: Duration = Duration::from_millis(200);
+
+/// What became of one published message.
+enum Settled {
+    /// Confirmed (or returned as unroutable, counted): the backbone delivery is acknowledged.
+    Done,
+    /// Nacked by RabbitMQ: publish it again.
+    Again(Delivery),
+    /// The connection failed before the confirm: publish it again on the next one.
+    Failed(Delivery, String),
+}
+
 type Confirming = BoxFuture<'static, (Delivery, Result<Confirmation, lapin::Error>)>;
 
 pub(crate) struct Sink {
@@ -44,7 +62,6 @@ pub(crate) struct Sink {
     metrics: AdapterMetrics,
     unroutable: Counter,
     unencodable: Counter,
-    nacked: Counter,
     last_warn: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -67,7 +84,6 @@ impl Sink {
         Ok(Sink {
             unroutable: metrics.dropped("unroutable"),
             unencodable: metrics.dropped("unencodable"),
-            nacked: metrics.dropped("broker_nack"),
             metrics,
             instance: ctx.instance.clone(),
             filter,
@@ -143,12 +159,12 @@ impl Sink {
         &self,
         delivery: Delivery,
         confirm: Result<Confirmation, lapin::Error>,
-    ) -> Result<(), (Delivery, String)> {
+    ) -> Settled {
         match confirm {
             Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
                 self.metrics.sent.inc();
                 let _ = delivery.ack().await;
-                Ok(())
+                Settled::Done
             }
             Ok(Confirmation::Ack(Some(returned))) => {
                 self.unroutable.inc();
@@ -158,17 +174,16 @@ impl Sink {
                     &format!("routing key `{}`: {reply}", returned.delivery.routing_key),
                 );
                 let _ = delivery.ack().await;
-                Ok(())
+                Settled::Done
             }
             Ok(Confirmation::Nack(_)) => {
-                // The broker could not store it (an internal error): publish again later.
-                self.nacked.inc();
-                Err((
-                    delivery,
-                    "RabbitMQ nacked a message; publishing it again".to_owned(),
-                ))
+                // The broker did not take it (a full queue with `x-overflow = reject-publish`,
+                // an internal error): publish it again after a pause, on the same connection.
+                self.metrics.error("broker_nack");
+                self.warn("RabbitMQ nacked a message; publishing it again", "");
+                Settled::Again(delivery)
             }
-            Err(e) => Err((delivery, link::describe(&e))),
+            Err(e) => Settled::Failed(delivery, link::describe(&e)),
         }
     }
 
@@ -194,12 +209,7 @@ impl Sink {
         Ok(channel)
     }
 
-    async fn session(
-        &self,
-        ctx: &AdapterContext,
-        connection: Connection,
-        state: &mut State,
-    ) -> Ended {
+    async fn session(&self, connection: Connection, state: &mut State) -> Ended {
         let mut events = connection.events_listener();
         let channel = match self.setup(&connection).await {
             Ok(c) => c,
@@ -215,7 +225,10 @@ impl Sink {
         self.link.set_up();
         tracing::info!(sink = %self.config.name, exchange = %self.config.exchange, filter = %self.filter, "AMQP sink publishing");
         let mut inflight: FuturesOrdered<Confirming> = FuturesOrdered::new();
+        // Deliveries to publish again on the next connection, oldest first: those whose
+        // confirm failed, then the one whose publish failed.
         let mut handed_back: Vec<Delivery> = Vec::new();
+        let mut unsent: Option<Delivery> = None;
         let window = self.config.max_in_flight;
         let outcome = loop {
             // Deliveries held from the last connection go first.
@@ -226,7 +239,7 @@ impl Sink {
                     Ok(Some(c)) => inflight.push_back(c),
                     Ok(None) => {}
                     Err((d, e)) => {
-                        handed_back.push(d);
+                        unsent = Some(d);
                         break Some(link::describe(&e));
                     }
                 }
@@ -235,9 +248,16 @@ impl Sink {
             tokio::select! {
                 biased;
                 Some((d, confirm)) = inflight.next(), if !inflight.is_empty() => {
-                    if let Err((d, e)) = self.confirmed(d, confirm).await {
-                        handed_back.push(d);
-                        break Some(e);
+                    match self.confirmed(d, confirm).await {
+                        Settled::Done => {}
+                        Settled::Again(d) => {
+                            tokio::time::sleep(NACK_PAUSE).await;
+                            state.retry.push_front(d);
+                        }
+                        Settled::Failed(d, e) => {
+                            handed_back.push(d);
+                            break Some(e);
+                        }
                     }
                 }
                 event = events.next() => match event {
@@ -245,17 +265,17 @@ impl Sink {
                     Some(_) => {}
                     None => break Some("the connection ended".to_owned()),
                 },
-                () = ctx.shutdown.cancelled() => break None,
                 next = state.subscription.next(), if inflight.len() < window => match next {
                     Some(d) => match self.publish(&channel, d).await {
                         Ok(Some(c)) => inflight.push_back(c),
                         Ok(None) => {}
                         Err((d, e)) => {
-                            handed_back.push(d);
+                            unsent = Some(d);
                             break Some(link::describe(&e));
                         }
                     },
-                    // The backbone closed (shutdown): finish what is in flight below.
+                    // The backbone closed the subscription (shutdown) after handing over all
+                    // it held: finish what is in flight below.
                     None => break None,
                 },
             }
@@ -264,8 +284,9 @@ impl Sink {
         // (or not at all: bounded by CONFIRM_DRAIN) and their deliveries are kept for the next.
         let drain = async {
             while let Some((d, confirm)) = inflight.next().await {
-                if let Err((d, _)) = self.confirmed(d, confirm).await {
-                    handed_back.push(d);
+                match self.confirmed(d, confirm).await {
+                    Settled::Done => {}
+                    Settled::Again(d) | Settled::Failed(d, _) => handed_back.push(d),
                 }
             }
         };
@@ -277,6 +298,7 @@ impl Sink {
         if unconfirmed > 0 {
             self.metrics.dropped("unconfirmed").add(unconfirmed as u64);
         }
+        handed_back.extend(unsent);
         for d in handed_back.into_iter().rev() {
             state.retry.push_front(d);
         }
@@ -286,11 +308,6 @@ impl Sink {
                 Ended::Failed(error)
             }
             None => {
-                if !state.retry.is_empty() {
-                    self.metrics
-                        .dropped("shutdown")
-                        .add(state.retry.len() as u64);
-                }
                 let _ = connection.close(200, "meshgate shutting down".into()).await;
                 Ended::Shutdown
             }
@@ -330,17 +347,24 @@ impl Sink {
         };
         while !ctx.shutdown.is_cancelled() {
             let ended = match connector.connect(&self.link).await {
-                Ok(connection) => self.session(&ctx, connection, &mut state).await,
+                Ok(connection) => self.session(connection, &mut state).await,
                 Err(e) => Ended::Failed(e),
             };
             match ended {
-                Ended::Shutdown => return,
+                Ended::Shutdown => break,
                 Ended::Failed(error) => {
                     if !backoff.failed(&self.link, error, &ctx.shutdown).await {
-                        return;
+                        break;
                     }
                 }
             }
+        }
+        // Shutdown while RabbitMQ could not be reached: what the sink still holds is lost
+        // (over JetStream: redelivered to another instance after ack_wait), and counted.
+        if !state.retry.is_empty() {
+            self.metrics
+                .dropped("shutdown")
+                .add(state.retry.len() as u64);
         }
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Over backbones that acknowledge after a round trip (JetStream) up to `prefetch` publishes
 //! are in flight at once and settled in arrival order; over the memory and NATS core backbones
-//! each publish is awaited before the next, which keeps the order of the queue.
+//! each publish is awaited before the next, which keeps the order of the queue (as long as
+//! the backbone takes every message: a requeued one comes back after later ones).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use meshgate_config::{AmqpConfig, AmqpSourceConfig};
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::wrap::Wrapper;
 use meshgate_core::{AdapterContext, BoxFuture, Envelope, Principal, PublishError, Topic};
+use tokio_util::sync::CancellationToken;
 
 use crate::binding;
 use crate::link::{self, Backoff, Connector, Ended, Link};
@@ -46,6 +48,19 @@ fn ack_batch(prefetch: u16) -> usize {
 
 /// Rejected messages are logged at most this often per source (each one is counted).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `meshgate-<instance>-<source>`, cut to the 255 bytes of an AMQP short string.
+fn consumer_tag(instance: &str, name: &str) -> String {
+    let mut tag = format!("meshgate-{instance}-{name}");
+    if tag.len() > 255 {
+        let mut end = 255;
+        while !tag.is_char_boundary(end) {
+            end -= 1;
+        }
+        tag.truncate(end);
+    }
+    tag
+}
 
 /// What to tell RabbitMQ about one delivery.
 #[derive(Debug)]
@@ -70,6 +85,8 @@ pub(crate) struct Source {
     looped: Counter,
     rejected: Counter,
     consumer_tag: String,
+    /// Fires when the sources stop (before the backbone closes, at shutdown).
+    stop: CancellationToken,
     last_reject_log: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -79,6 +96,7 @@ impl Source {
         link: Arc<Link>,
         ctx: &AdapterContext,
         metrics: AdapterMetrics,
+        stop: CancellationToken,
     ) -> Result<Source, String> {
         let wrapper = Wrapper::new(config.wrap_source.clone(), config.wrap_type.clone())
             .map_err(|e| format!("amqp source `{}`: {e}", config.name))?;
@@ -90,7 +108,8 @@ impl Source {
             .map_err(|e| format!("amqp source `{}`: topic_prefix: {e}", config.name))?;
         Ok(Source {
             principal: Principal::internal(format!("amqp-source:{}", config.name)),
-            consumer_tag: format!("meshgate-{}-{}", ctx.instance, config.name),
+            consumer_tag: consumer_tag(&ctx.instance, &config.name),
+            stop,
             looped: metrics.dropped("loop"),
             rejected: metrics.dropped("rejected"),
             metrics,
@@ -187,7 +206,9 @@ impl Source {
             }
             Outcome::Requeue(reason) => {
                 tracing::debug!(source = %self.config.name, %reason, "backbone refused for now; requeueing");
-                tokio::time::sleep(REQUEUE_PAUSE).await;
+                if !self.stop.is_cancelled() {
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
+                }
                 acker
                     .nack(BasicNackOptions {
                         multiple: false,
@@ -294,7 +315,7 @@ impl Source {
         let failed = loop {
             tokio::select! {
                 biased;
-                () = ctx.shutdown.cancelled() => break None,
+                () = self.stop.cancelled() => break None,
                 Some((acker, outcome)) = inflight.next(), if !inflight.is_empty() => {
                     if let Err(e) = self.settle(&mut acks, acker, outcome).await {
                         break Some(format!("cannot acknowledge: {}", link::describe(&e)));
@@ -354,7 +375,7 @@ impl Source {
         config: Arc<AmqpConfig>,
     ) {
         let mut backoff = Backoff::new(&config);
-        while !ctx.shutdown.is_cancelled() {
+        while !self.stop.is_cancelled() {
             let ended = match connector.connect(&self.link).await {
                 Ok(connection) => self.session(&ctx, connection).await,
                 Err(e) => Ended::Failed(e),
@@ -362,7 +383,7 @@ impl Source {
             match ended {
                 Ended::Shutdown => return,
                 Ended::Failed(error) => {
-                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                    if !backoff.failed(&self.link, error, &self.stop).await {
                         return;
                     }
                 }

@@ -192,6 +192,16 @@ impl Link {
         }
     }
 
+    /// Connected but unable to work (RabbitMQ blocked the connection): not ready, not a
+    /// reconnect.
+    pub(crate) fn set_blocked(&self, why: String) {
+        self.up.store(false, Ordering::Release);
+        self.up_gauge.add(-self.up_gauge.get());
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(why);
+        }
+    }
+
     pub(crate) fn set_down(&self, error: String) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.reconnects.inc();

@@ -262,6 +262,12 @@ impl Sink {
                 }
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) => break Some(link::describe(&e)),
+                    // A resource alarm (memory, disk): RabbitMQ stops reading what we publish.
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(sink = %self.config.name, %reason, "RabbitMQ blocked the connection");
+                        self.link.set_blocked(format!("RabbitMQ blocked the connection: {reason}"));
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => self.link.set_up(),
                     Some(_) => {}
                     None => break Some("the connection ended".to_owned()),
                 },

@@ -78,6 +78,19 @@ impl Rabbit {
             .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
     }
 
+    /// Declares a topic exchange that stays until deleted (the test must delete it).
+    pub async fn exchange_kept(&self, name: &str) {
+        self.channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
+    }
+
     /// Declares a queue that RabbitMQ removes by itself 2 minutes after its last use, so a
     /// failed test leaves nothing behind; `dead_letter` names an exchange for rejected messages.
     pub async fn queue(&self, name: &str, dead_letter: Option<&str>) {

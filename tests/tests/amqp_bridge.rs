@@ -1040,3 +1040,51 @@ async fn a_graceful_shutdown_publishes_everything_the_sink_was_given() {
     rabbit.delete_queue(&out).await;
     rabbit.delete_exchange(&ex).await;
 }
+
+/// The queue a source declared is deleted under it: the broker cancels the consumer, the
+/// source reconnects, declares and binds the queue again, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_declared_and_bound_again() {
+    let rabbit = Rabbit::connect("/").await;
+    let ex = unique("ex");
+    // Not auto-deleted: deleting the queue removes the exchange's last binding.
+    rabbit.exchange_kept(&ex).await;
+    let queue = unique("declared");
+    let mut config = amqp_config("/");
+    let mut s = source("decl", &queue, Some("decl"));
+    s.exchange = Some(ex.clone());
+    s.binding_keys = vec!["a.#".to_owned(), "b.*".to_owned()];
+    config.amqp.sources = vec![s];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let admin = gw.admin_addr.unwrap();
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["decl/#"]).await;
+    let plain = BasicProperties::default().with_content_type("text/plain".into());
+    rabbit.publish(&ex, "a.1", plain.clone(), b"one").await;
+    rabbit.publish(&ex, "b.2", plain.clone(), b"two").await;
+    rabbit.publish(&ex, "c.3", plain.clone(), b"unbound").await;
+    for want in ["a.1", "b.2"] {
+        let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(e.subject(), Some(want));
+    }
+    rabbit.delete_queue(&queue).await;
+    let d = Deadline::after(Duration::from_secs(20));
+    while metric(
+        &metrics(admin).await,
+        "meshgate_amqp_reconnects_total{kind=\"source\",link=\"decl\"}",
+    ) < 1
+    {
+        assert!(
+            !d.passed(),
+            "the source did not notice its queue was deleted"
+        );
+        d.pause().await;
+    }
+    links_up(&gw).await;
+    rabbit.publish(&ex, "a.after", plain, b"after").await;
+    let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(e.subject(), Some("a.after"), "queue and bindings are back");
+    gw.shutdown().await;
+    rabbit.delete_queue(&queue).await;
+    rabbit.delete_exchange(&ex).await;
+}

@@ -78,13 +78,17 @@ impl Rabbit {
             .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
     }
 
-    /// Declares a topic exchange that stays until deleted (the test must delete it).
+    /// Declares a durable topic exchange: it stays until deleted, across broker restarts too
+    /// (the test must delete it).
     pub async fn exchange_kept(&self, name: &str) {
         self.channel
             .exchange_declare(
                 name.into(),
                 ExchangeKind::Topic,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -104,6 +108,21 @@ impl Rabbit {
         }
         self.channel
             .queue_declare(name.into(), QueueDeclareOptions::default(), args)
+            .await
+            .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
+    }
+
+    /// Declares a durable queue (it survives a broker restart; the test must delete it).
+    pub async fn queue_durable(&self, name: &str) {
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
     }
@@ -224,7 +243,8 @@ pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQ
     properties.headers().as_ref()?.inner().get(name)
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl` and panics with its output when it fails.
+pub fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()

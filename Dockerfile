@@ -7,7 +7,11 @@ RUN cargo build --release --locked --bin meshgate \
  && strip target/release/meshgate
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home meshgate
+# ca-certificates: the system roots that amqps:// (and tls:// NATS) connections verify against.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home meshgate
 COPY --from=build /src/target/release/meshgate /usr/local/bin/meshgate
 COPY examples/meshgate.toml /etc/meshgate/meshgate.toml
 USER 10001

@@ -334,24 +334,6 @@ async fn websocket_subscriber(
     }))
 }
 
-fn start_nats_server() -> anyhow::Result<Broker> {
-    let port = free_port();
-    let dir = temp_dir("amqp-nats");
-    let child = Command::new("/usr/sbin/nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("nats-server: {e} (apt-get install -y nats-server)"))?;
-    anyhow::ensure!(wait_listening(port), "nats-server did not listen");
-    Ok(Broker {
-        port,
-        child,
-        _dir: Some(dir),
-    })
-}
-
 /// The row whose delivered rate is the median of `rows` (an odd count gives a real run).
 fn median(mut rows: Vec<Row>) -> Row {
     rows.sort_by(|a, b| {
@@ -391,7 +373,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "AMQP bridge: {PAYLOAD}-byte binary-mode CloudEvents, one publisher with confirms ({WINDOW} outstanding) for {seconds} s per run, RabbitMQ on 127.0.0.1:5672, all on this machine; {rounds} rounds of the three paths interleaved, the median run of each path shown\n"
     );
-    let nats = start_nats_server()?;
+    let nats = meshgate_bench::start_nats_server("amqp-nats")?;
     let url = format!("nats://127.0.0.1:{}", nats.port);
     let backbone = format!("[backbone]\nkind = \"nats\"\n[backbone.nats]\nurls = [\"{url}\"]\n");
     let (mut directs, mut wss, mut natss) = (Vec::new(), Vec::new(), Vec::new());

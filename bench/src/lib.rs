@@ -95,6 +95,25 @@ pub fn workers_env() -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// A nats-server on a free loopback port with its own store directory (JetStream on).
+pub fn start_nats_server(name: &str) -> anyhow::Result<Broker> {
+    let port = free_port();
+    let dir = temp_dir(name);
+    let child = Command::new("/usr/sbin/nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("nats-server: {e} (apt-get install -y nats-server)"))?;
+    anyhow::ensure!(wait_listening(port), "nats-server did not listen");
+    Ok(Broker {
+        port,
+        child,
+        _dir: Some(dir),
+    })
+}
+
 pub fn options(id: &str, port: u16) -> MqttOptions {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(60));

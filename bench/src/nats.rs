@@ -9,35 +9,15 @@
 //! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary]`
 
 use std::collections::VecDeque;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use meshgate_bench::{
-    Broker, PAYLOAD, free_port, latency, now_us, payload, start_meshgate_with, temp_dir,
-    throughput, wait_listening,
+    PAYLOAD, latency, now_us, payload, start_meshgate_with, start_nats_server, throughput,
 };
 use rumqttc::QoS;
-
-fn start_nats_server() -> anyhow::Result<Broker> {
-    let port = free_port();
-    let dir = temp_dir("nats-backbone");
-    let child = Command::new("/usr/sbin/nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("nats-server: {e} (apt-get install -y nats-server)"))?;
-    anyhow::ensure!(wait_listening(port), "nats-server did not listen");
-    Ok(Broker {
-        port,
-        child,
-        _dir: Some(dir),
-    })
-}
 
 /// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost).
 async fn raw_core(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
@@ -229,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("| path | delivered/s | lost | p50 @2k/s | p99 @2k/s |");
     println!("|---|---:|---:|---:|---:|");
-    let nats = start_nats_server()?;
+    let nats = start_nats_server("nats-backbone")?;
     let url = format!("nats://127.0.0.1:{}", nats.port);
     let (rate, lost) = raw_core(&url, seconds).await?;
     let lat = raw_latency(&url, 2_000, seconds).await.ok();

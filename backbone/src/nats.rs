@@ -109,7 +109,9 @@ pub(crate) async fn connect_client(
     let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
     let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
     // The client reports every dropped message; log at most one line per interval.
-    let last_warned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
+        SLOW_CONSUMER_LOG_INTERVAL,
+    ));
     let mut options = ConnectOptions::new()
         .name(format!("meshgate {instance}"))
         .retry_on_initial_connect()
@@ -118,14 +120,12 @@ pub(crate) async fn connect_client(
         .subscription_capacity(config.subscription_capacity)
         .event_callback(move |event| {
             let slow_consumer = slow_consumer.clone();
-            let last_warned = last_warned.clone();
+            let warn_slow = warn_slow.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
                         slow_consumer.inc();
-                        let mut last = last_warned.lock().unwrap_or_else(|e| e.into_inner());
-                        if last.is_none_or(|t| t.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL) {
-                            *last = Some(std::time::Instant::now());
+                        if warn_slow.ready() {
                             tracing::warn!(
                                 sid,
                                 "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"

@@ -14,6 +14,7 @@ pub mod json;
 pub mod media;
 pub mod metrics;
 pub mod problem;
+pub mod throttle;
 pub mod topic;
 pub mod validate;
 pub mod wrap;

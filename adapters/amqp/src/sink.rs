@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -24,6 +24,7 @@ use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection, ExchangeKind};
 use meshgate_config::{AmqpConfig, AmqpSinkConfig};
 use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::throttle::LogThrottle;
 use meshgate_core::{
     AdapterContext, BoxFuture, Delivery, SubscribeOptions, Subscription, TopicFilter,
 };
@@ -62,7 +63,7 @@ pub(crate) struct Sink {
     metrics: AdapterMetrics,
     unroutable: Counter,
     unencodable: Counter,
-    last_warn: std::sync::Mutex<Option<Instant>>,
+    warn_log: LogThrottle,
 }
 
 /// The deliveries a sink holds across connections.
@@ -89,14 +90,12 @@ impl Sink {
             filter,
             link,
             config,
-            last_warn: std::sync::Mutex::new(None),
+            warn_log: LogThrottle::new(WARN_INTERVAL),
         })
     }
 
     fn warn(&self, what: &str, detail: &str) {
-        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
-            *last = Some(Instant::now());
+        if self.warn_log.ready() {
             tracing::warn!(sink = %self.config.name, exchange = %self.config.exchange, %detail,
                 "{what}; further ones in the next 10s are only counted");
         }

@@ -13,7 +13,7 @@
 //! the backbone takes every message: a requeued one comes back after later ones).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -26,6 +26,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Connection};
 use meshgate_config::{AmqpConfig, AmqpSourceConfig};
 use meshgate_core::metrics::{AdapterMetrics, Counter};
+use meshgate_core::throttle::LogThrottle;
 use meshgate_core::wrap::Wrapper;
 use meshgate_core::{AdapterContext, BoxFuture, Envelope, Principal, PublishError, Topic};
 use tokio_util::sync::CancellationToken;
@@ -87,7 +88,7 @@ pub(crate) struct Source {
     consumer_tag: String,
     /// Fires when the sources stop (before the backbone closes, at shutdown).
     stop: CancellationToken,
-    last_reject_log: std::sync::Mutex<Option<Instant>>,
+    reject_log: LogThrottle,
 }
 
 impl Source {
@@ -117,7 +118,7 @@ impl Source {
             prefix,
             link,
             config,
-            last_reject_log: std::sync::Mutex::new(None),
+            reject_log: LogThrottle::new(REJECT_LOG_INTERVAL),
         })
     }
 
@@ -221,12 +222,7 @@ impl Source {
     }
 
     fn log_reject(&self, reason: &str) {
-        let mut last = self
-            .last_reject_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= REJECT_LOG_INTERVAL) {
-            *last = Some(Instant::now());
+        if self.reject_log.ready() {
             tracing::warn!(source = %self.config.name, queue = %self.config.queue, %reason,
                 "rejected a message (requeue=false; the queue's dead-letter exchange gets it if it has one); further rejections in the next 10s are only counted");
         }

@@ -186,7 +186,7 @@ impl Link {
 
     pub(crate) fn set_up(&self) {
         self.up.store(true, Ordering::Release);
-        self.up_gauge.add(1 - self.up_gauge.get());
+        self.up_gauge.set(1);
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
@@ -196,7 +196,7 @@ impl Link {
     /// reconnect.
     pub(crate) fn set_blocked(&self, why: String) {
         self.up.store(false, Ordering::Release);
-        self.up_gauge.add(-self.up_gauge.get());
+        self.up_gauge.set(0);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(why);
         }
@@ -206,7 +206,7 @@ impl Link {
         if self.up.swap(false, Ordering::AcqRel) {
             self.reconnects.inc();
         }
-        self.up_gauge.add(-self.up_gauge.get());
+        self.up_gauge.set(0);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error);
         }

@@ -102,7 +102,9 @@ impl AmqpAdapter {
             link::Connector::new(config, ctx.instance.clone()).map_err(AdapterError::Other)?;
         let metrics = ctx.metrics(ADAPTER);
         let ingress = AmqpIngress {
-            stop: CancellationToken::new(),
+            // The sources stop with the gateway at the latest (normally earlier, through
+            // `AmqpIngress::stop`).
+            stop: ctx.shutdown.child_token(),
             sources: TaskTracker::new(),
         };
         let mut links = Vec::new();
@@ -155,21 +157,13 @@ impl Adapter for AmqpAdapter {
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
             let mut tasks = tokio::task::JoinSet::new();
-            // The sources stop with the gateway at the latest (normally earlier, through
-            // `AmqpIngress::stop`).
-            let (stop, shutdown) = (self.ingress.stop.clone(), ctx.shutdown.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = shutdown.cancelled() => stop.cancel(),
-                    () = stop.cancelled() => {}
-                }
-            });
             for s in &self.sources {
-                self.ingress.sources.spawn(s.clone().run(
+                // Tracked, so that `AmqpIngress::stop` can wait for the sources alone.
+                tasks.spawn(self.ingress.sources.track_future(s.clone().run(
                     ctx.clone(),
                     self.connector.clone(),
                     self.config.clone(),
-                ));
+                )));
             }
             for s in &self.sinks {
                 tasks.spawn(s.clone().run(
@@ -185,8 +179,6 @@ impl Adapter for AmqpAdapter {
                     tracing::error!(error = %e, "an AMQP link task panicked");
                 }
             }
-            self.ingress.sources.close();
-            self.ingress.sources.wait().await;
             Ok(())
         })
     }

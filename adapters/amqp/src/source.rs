@@ -143,13 +143,13 @@ impl Source {
     }
 
     /// Decodes and publishes one delivery; the future resolves to what to tell RabbitMQ.
-    fn handle(
-        &self,
-        ctx: &AdapterContext,
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a AdapterContext,
         routing_key: &str,
         properties: &lapin::BasicProperties,
         body: Vec<u8>,
-    ) -> BoxFuture<'static, Outcome> {
+    ) -> BoxFuture<'a, Outcome> {
         if binding::from_mesh(properties) {
             self.looped.inc();
             return Box::pin(async { Outcome::Ack });
@@ -172,9 +172,11 @@ impl Source {
             }
         };
         let envelope = Envelope::new(topic, Arc::new(event), ctx.origin(0));
-        let (ctx, principal, metrics) = (ctx.clone(), self.principal.clone(), self.metrics.clone());
         Box::pin(async move {
-            match ctx.publish_envelope(&metrics, &principal, envelope).await {
+            match ctx
+                .publish_envelope(&self.metrics, &self.principal, envelope)
+                .await
+            {
                 Ok(()) => Outcome::Ack,
                 Err(PublishError::Backbone(e)) if e.is_retryable() => {
                     Outcome::Requeue(e.to_string())
@@ -305,8 +307,7 @@ impl Source {
         tracing::info!(source = %self.config.name, queue = %self.config.queue, "AMQP source consuming");
         let pipelined = ctx.backbone.publish_round_trips();
         let window = usize::from(self.config.prefetch);
-        let mut inflight: FuturesOrdered<BoxFuture<'static, (Acker, Outcome)>> =
-            FuturesOrdered::new();
+        let mut inflight: FuturesOrdered<BoxFuture<'_, (Acker, Outcome)>> = FuturesOrdered::new();
         let mut acks = Acks::new(ack_batch(self.config.prefetch));
         let failed = loop {
             tokio::select! {

@@ -238,6 +238,24 @@ impl Rabbit {
     }
 }
 
+/// Binary-mode headers of an event with id `id`, source `/load`, type `t` and specversion 1.0,
+/// plus `extra` headers.
+pub fn ce_headers(id: &str, extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", id),
+        ("cloudEvents_source", "/load"),
+        ("cloudEvents_type", "t"),
+    ] {
+        t.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    for (k, v) in extra {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
 /// A header value of a delivery, for assertions.
 pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties.headers().as_ref()?.inner().get(name)

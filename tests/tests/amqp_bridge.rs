@@ -12,7 +12,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use meshgate_config::{AmqpMode, AmqpSinkConfig, AmqpSourceConfig, Config};
 use meshgate_core::{Data, ExtensionValue};
-use meshgate_tests::amqp::{Rabbit, Vhost, header, unique};
+use meshgate_tests::amqp::{Rabbit, Vhost, ce_headers, header, unique};
 use meshgate_tests::{Deadline, metrics, next_event, start_gateway, test_config, ws_connect};
 
 fn amqp_config(vhost: &str) -> Config {
@@ -75,6 +75,23 @@ async fn readyz(admin: SocketAddr) -> (u16, String) {
         .await
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Polls `/readyz` (up to 10 s) until its body contains `needle`; returns status and body.
+async fn readyz_once(admin: SocketAddr, needle: &str) -> (u16, String) {
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let (code, body) = readyz(admin).await;
+        if body.contains(needle) {
+            return (code, body);
+        }
+        assert!(
+            !d.passed(),
+            "/readyz never said `{needle}` within {:?}: {code} {body}",
+            d.within()
+        );
+        d.pause().await;
+    }
 }
 
 fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -469,21 +486,10 @@ async fn readiness_names_the_link_that_is_down() {
     config.amqp.sources = vec![source("nowhere", "q", None)];
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let (code, body) = readyz(admin).await;
-        if body.contains("cannot connect") {
-            assert_eq!(code, 503);
-            assert!(body.contains("amqp source `nowhere`"), "{body}");
-            assert!(body.contains(&format!("127.0.0.1:{port}")), "{body}");
-            break;
-        }
-        assert!(
-            !d.passed(),
-            "/readyz never reported the link: {code} {body}"
-        );
-        d.pause().await;
-    }
+    let (code, body) = readyz_once(admin, "cannot connect").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("amqp source `nowhere`"), "{body}");
+    assert!(body.contains(&format!("127.0.0.1:{port}")), "{body}");
     gw.shutdown().await;
 
     // A queue that does not exist: the broker's refusal is what /readyz shows.
@@ -492,25 +498,12 @@ async fn readiness_names_the_link_that_is_down() {
     config.amqp.sources = vec![source("missing", &missing, None)];
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let (code, body) = readyz(admin).await;
-        if body.contains(&missing) {
-            assert_eq!(code, 503);
-            assert!(
-                body.contains("NOT_FOUND")
-                    || body.contains("not found")
-                    || body.contains("NotFound"),
-                "{body}"
-            );
-            break;
-        }
-        assert!(
-            !d.passed(),
-            "/readyz never named the missing queue: {code} {body}"
-        );
-        d.pause().await;
-    }
+    let (code, body) = readyz_once(admin, &missing).await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("NOT_FOUND") || body.contains("not found") || body.contains("NotFound"),
+        "{body}"
+    );
     gw.shutdown().await;
 }
 
@@ -523,12 +516,7 @@ async fn publish_all(vhost: String, queue: String, n: usize, pace: Duration) -> 
     while i < n {
         let props = BasicProperties::default()
             .with_content_type("text/plain".into())
-            .with_headers(headers(&[
-                ("cloudEvents_specversion", text("1.0")),
-                ("cloudEvents_id", text(&format!("m-{i}"))),
-                ("cloudEvents_source", text("/load")),
-                ("cloudEvents_type", text("t")),
-            ]));
+            .with_headers(ce_headers(&format!("m-{i}"), &[]));
         let confirmed = async {
             rabbit
                 .channel
@@ -690,13 +678,10 @@ async fn two_instances_on_jetstream_publish_each_event_to_amqp_once() {
 
     const N: usize = 500;
     let props = |i: usize| {
-        BasicProperties::default().with_headers(headers(&[
-            ("cloudEvents_specversion", text("1.0")),
-            ("cloudEvents_id", text(&format!("js-{i}"))),
-            ("cloudEvents_source", text("/load")),
-            ("cloudEvents_type", text("t")),
-            ("cloudEvents_seq", AMQPValue::LongInt(i as i32)),
-        ]))
+        BasicProperties::default().with_headers(ce_headers(
+            &format!("js-{i}"),
+            &[("cloudEvents_seq", AMQPValue::LongInt(i as i32))],
+        ))
     };
     for i in 0..N {
         rabbit.publish("", &input, props(i), b"x").await;
@@ -763,14 +748,8 @@ async fn a_nats_restart_under_a_source_loses_no_message() {
     let mut ws = ws_connect(gw.web_addr.unwrap(), &["restart/#"]).await;
 
     const N: usize = 300;
-    let props = |i: usize| {
-        BasicProperties::default().with_headers(headers(&[
-            ("cloudEvents_specversion", text("1.0")),
-            ("cloudEvents_id", text(&format!("r-{i}"))),
-            ("cloudEvents_source", text("/load")),
-            ("cloudEvents_type", text("t")),
-        ]))
-    };
+    let props =
+        |i: usize| BasicProperties::default().with_headers(ce_headers(&format!("r-{i}"), &[]));
     for i in 0..N {
         if i == 100 {
             nats.kill();
@@ -957,17 +936,9 @@ async fn amqps_with_a_private_ca_and_credentials_kept_out_of_messages() {
     config.amqp.sources = vec![source("untrusted", &q, None)];
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let (code, body) = readyz(admin).await;
-        if body.contains("cannot connect") {
-            assert_eq!(code, 503);
-            assert!(body.to_lowercase().contains("certificate"), "{body}");
-            break;
-        }
-        assert!(!d.passed(), "{code} {body}");
-        d.pause().await;
-    }
+    let (code, body) = readyz_once(admin, "cannot connect").await;
+    assert_eq!(code, 503);
+    assert!(body.to_lowercase().contains("certificate"), "{body}");
     gw.shutdown().await;
 
     // A wrong password: the refusal is reported, the password is not.
@@ -979,17 +950,9 @@ async fn amqps_with_a_private_ca_and_credentials_kept_out_of_messages() {
     assert!(!debug.contains(secret), "Debug output hides the password");
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();
-    let d = Deadline::after(Duration::from_secs(10));
-    loop {
-        let (code, body) = readyz(admin).await;
-        if body.contains("cannot connect") {
-            assert_eq!(code, 503);
-            assert!(!body.contains(secret), "{body}");
-            break;
-        }
-        assert!(!d.passed(), "{code} {body}");
-        d.pause().await;
-    }
+    let (code, body) = readyz_once(admin, "cannot connect").await;
+    assert_eq!(code, 503);
+    assert!(!body.contains(secret), "{body}");
     println!("wrong password reported as: {}", readyz(admin).await.1);
     assert!(!metrics(admin).await.contains(secret));
     gw.shutdown().await;

@@ -8,24 +8,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::AMQPValue;
 use meshgate_config::{AmqpMode, AmqpSinkConfig, AmqpSourceConfig};
-use meshgate_tests::amqp::{Rabbit, header, rabbitmqctl, unique};
+use meshgate_tests::amqp::{Rabbit, ce_headers, header, rabbitmqctl, unique};
 use meshgate_tests::{Deadline, next_event, start_gateway, test_config, ws_connect};
 
 fn event(id: &str) -> BasicProperties {
-    let mut h = FieldTable::default();
-    for (k, v) in [
-        ("cloudEvents_specversion", "1.0"),
-        ("cloudEvents_id", id),
-        ("cloudEvents_source", "/restart"),
-        ("cloudEvents_type", "t"),
-    ] {
-        h.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
-    }
     BasicProperties::default()
         .with_delivery_mode(2)
-        .with_headers(h)
+        .with_headers(ce_headers(id, &[]))
 }
 
 async fn post(web: std::net::SocketAddr, id: &str) {

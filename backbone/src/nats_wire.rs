@@ -87,11 +87,7 @@ pub(crate) fn encode(
                     percent_encode_header(&value.to_string()),
                 );
             }
-            let content_type = match (event.datacontenttype(), event.data()) {
-                (Some(ct), _) => Some(ct),
-                (None, Some(Data::Json(_))) => Some("application/json"),
-                _ => None,
-            };
+            let content_type = event.binary_content_type();
             if let Some(ct) = content_type {
                 // (A header value with CR or LF would make the NATS client panic.)
                 if !media::is_cloudevents(ct) && !ct.contains(['\r', '\n']) {

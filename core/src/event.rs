@@ -215,6 +215,17 @@ impl Event {
         self.data.as_ref()
     }
 
+    /// The content type a binary-mode binding states for the data: `datacontenttype`, or
+    /// `application/json` for JSON data without one (CE-BINDINGS E4: a JSON string keeps its
+    /// quotes' meaning); bytes without a content type get none (E3: nothing is invented).
+    pub fn binary_content_type(&self) -> Option<&str> {
+        match (self.datacontenttype(), self.data()) {
+            (Some(ct), _) => Some(ct),
+            (None, Some(Data::Json(_))) => Some("application/json"),
+            _ => None,
+        }
+    }
+
     pub fn set_datacontenttype(&mut self, v: Option<String>) -> Result<(), EventError> {
         if let Some(v) = &v {
             validate::media_type("datacontenttype", v)?;

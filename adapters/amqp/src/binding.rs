@@ -180,14 +180,15 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
             }
             Value::Typed(t) => {
                 meshgate_core::validate::attribute_name(&name)?;
-                if strings.contains(&name) || typed.iter().any(|(n, _)| n == &name) {
+                if typed.iter().any(|(n, _)| n == &name) {
                     return Err(EventError::Duplicate(name));
                 }
                 typed.push((name, t));
             }
         }
     }
-    // Header names differing only in case or prefix collapse to one attribute name.
+    // Header names differing only in case or prefix collapse to one attribute name: a typed
+    // value must not repeat a string one, whichever came first.
     if let Some((name, _)) = typed.iter().find(|(n, _)| strings.contains(n)) {
         return Err(EventError::Duplicate(name.clone()));
     }
@@ -273,13 +274,8 @@ pub fn encode(
                     value,
                 );
             }
-            // As in HTTP binary mode (CE-BINDINGS E4): JSON data without a content type is
-            // declared JSON, so a string keeps its quotes' meaning.
-            let content_type = event.datacontenttype().map(str::to_owned).or_else(|| {
-                matches!(event.data(), Some(Data::Json(_))).then(|| "application/json".to_owned())
-            });
-            if let Some(ct) = content_type {
-                properties = properties.with_content_type(short("datacontenttype", ct)?);
+            if let Some(ct) = event.binary_content_type() {
+                properties = properties.with_content_type(short("datacontenttype", ct.to_owned())?);
             }
             event.data().map(Data::to_bytes).unwrap_or_default()
         }

@@ -128,14 +128,10 @@ pub fn encode_binary(event: &Event) -> (HeaderMap, Bytes) {
             headers.append(n, v);
         }
     }
-    let content_type = match (event.datacontenttype(), event.data()) {
-        (Some(ct), _) => Some(ct),
-        // E4: JSON data without a content type is stated as JSON.
-        (None, Some(Data::Json(_))) => Some("application/json"),
-        // E3: bytes without a content type get none; nothing is invented.
-        _ => None,
-    };
-    if let Some(v) = content_type.and_then(|ct| HeaderValue::try_from(ct).ok()) {
+    if let Some(v) = event
+        .binary_content_type()
+        .and_then(|ct| HeaderValue::try_from(ct).ok())
+    {
         headers.insert(CONTENT_TYPE, v);
     }
     let body = event.data().map(Data::to_bytes).unwrap_or_default();

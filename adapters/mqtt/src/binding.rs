@@ -119,10 +119,7 @@ pub fn encode(
     match (version, v5, v311) {
         (Version::V5, Mqtt5Mode::Binary, _) => {
             let mut props = PublishProperties {
-                content_type: event.datacontenttype().map(str::to_owned).or_else(|| {
-                    matches!(event.data(), Some(Data::Json(_)))
-                        .then(|| "application/json".to_owned())
-                }),
+                content_type: event.binary_content_type().map(str::to_owned),
                 ..Default::default()
             };
             props.user_properties = event

@@ -59,6 +59,7 @@ pub struct JetStreamBackbone {
     js: jetstream::Context,
     submit: tokio::sync::mpsc::Sender<Submit>,
     retained: crate::jetstream_retained::KvRetained,
+    sessions: crate::jetstream_sessions::KvSessions,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -122,6 +123,20 @@ impl JetStreamBackbone {
                         "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
                     ))
                 })?;
+        let sessions = crate::jetstream_sessions::KvSessions::open(
+            &client,
+            &js,
+            &config.stream,
+            config.replicas,
+            &nats.subject_prefix,
+            instance,
+        )
+        .await
+        .map_err(|e| {
+            NatsStartError::Client(format!(
+                "backbone.jetstream.stream: cannot set up the MQTT session bucket: {e}"
+            ))
+        })?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let (submit, mut queue) = tokio::sync::mpsc::channel::<Submit>(SUBMIT_QUEUE);
         let sender = js.clone();
@@ -139,6 +154,7 @@ impl JetStreamBackbone {
             js,
             submit,
             retained,
+            sessions,
             config: config.clone(),
             instance: (instance.to_owned(), percent_encode_header(instance)),
             prefix: nats.subject_prefix.clone(),
@@ -157,8 +173,14 @@ impl JetStreamBackbone {
         self.client.connection_state() == State::Connected
     }
 
-    /// Consumer settings for one subject of a subscription.
-    fn consumer_config(&self, subject: String, durable: String) -> consumer::pull::Config {
+    /// Consumer settings for one subject of a subscription; `ttl`: how long it outlives its
+    /// last puller.
+    fn consumer_config(
+        &self,
+        subject: String,
+        durable: String,
+        ttl: std::time::Duration,
+    ) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(durable),
             deliver_policy: consumer::DeliverPolicy::New,
@@ -167,7 +189,7 @@ impl JetStreamBackbone {
             max_deliver: self.config.max_deliver,
             backoff: self.config.backoff.clone(),
             filter_subject: subject,
-            inactive_threshold: INACTIVE_THRESHOLD,
+            inactive_threshold: ttl,
             ..Default::default()
         }
     }
@@ -209,13 +231,49 @@ fn consumer_name(parts: &[&str]) -> String {
         .collect();
     if out.len() > 200 {
         // Long filters: keep the start, make the rest a hash.
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        joined.hash(&mut h);
-        out.truncate(180);
-        out.push_str(&format!("_{:016x}", h.finish()));
+        // FNV-1a: the same on every instance and build (durable names must agree).
+        let hash = joined.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut cut = 180;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str(&format!("_{hash:016x}"));
     }
     out
+}
+
+/// The consumer of durable subscription `name` for one subject: the same on every instance,
+/// so a session's consumers are found again wherever its client reconnects.
+pub(crate) fn durable_consumer(name: &str, subject: &str) -> String {
+    consumer_name(&["d", name, subject])
+}
+
+/// Opens a durable subscription's consumer: created (new events only) the first time; when it
+/// exists, re-created from its acknowledgement floor. Re-created, not bound, because pull
+/// requests of the instance that held the session before may still wait at the server (they
+/// outlive the dropped stream until they expire) and would take the next events into a
+/// subscription nobody reads (seen in the test: delivered, never redelivered). From the floor,
+/// every event not acknowledged is delivered again at once (at least once: an event
+/// acknowledged out of order past the floor comes again).
+async fn resume_durable(
+    stream: &stream::Stream,
+    name: &str,
+    mut config: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, BackboneError> {
+    let Ok(info) = stream.consumer_info(name).await else {
+        return stream
+            .get_or_create_consumer(name, config)
+            .await
+            .map_err(unavailable);
+    };
+    let _ = stream.delete_consumer(name).await;
+    config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: info.ack_floor.stream_sequence + 1,
+    };
+    stream.create_consumer(config).await.map_err(unavailable)
 }
 
 /// Deletes a subscription's consumers once its stream is dropped (unsubscribe).
@@ -305,19 +363,29 @@ impl Backbone for JetStreamBackbone {
             let mut streams = Vec::new();
             let mut owned = Vec::new();
             for subject in filter.to_nats_subjects(&self.prefix) {
-                let name = match &options.queue_group {
+                let (name, ttl) = match (&options.queue_group, &options.durable) {
                     // Shared by every instance: one consumer per group and subject.
-                    Some(g) => consumer_name(&["q", g, &subject]),
-                    None => {
+                    (Some(g), _) => (consumer_name(&["q", g, &subject]), INACTIVE_THRESHOLD),
+                    // A persistent session's: kept while its client is away, on any instance.
+                    (None, Some(d)) => (
+                        durable_consumer(&d.name, &subject),
+                        d.ttl.max(INACTIVE_THRESHOLD),
+                    ),
+                    (None, None) => {
                         let n = consumer_name(&["s", &self.instance.0, &unique, &subject]);
                         owned.push(n.clone());
-                        n
+                        (n, INACTIVE_THRESHOLD)
                     }
                 };
-                let consumer: consumer::PullConsumer = stream
-                    .get_or_create_consumer(&name, self.consumer_config(subject, name.clone()))
-                    .await
-                    .map_err(unavailable)?;
+                let config = self.consumer_config(subject, name.clone(), ttl);
+                let consumer: consumer::PullConsumer = if options.durable.is_some() {
+                    resume_durable(&stream, &name, config).await?
+                } else {
+                    stream
+                        .get_or_create_consumer(&name, config)
+                        .await
+                        .map_err(unavailable)?
+                };
                 streams.push(consumer.messages().await.map_err(unavailable)?);
             }
             self.subscriptions.inc();
@@ -374,6 +442,10 @@ impl Backbone for JetStreamBackbone {
 
     fn retained_store(&self) -> Option<&dyn meshgate_core::RetainedStore> {
         Some(&self.retained)
+    }
+
+    fn session_store(&self) -> Option<&dyn meshgate_core::SessionStore> {
+        Some(&self.sessions)
     }
 
     fn is_ready(&self) -> bool {

@@ -14,7 +14,8 @@ use meshgate_core::{
     BackboneError, BoxFuture, Envelope, Origin, RetainedStore, Topic, TopicFilter, json,
 };
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+pub(crate) const B64: base64::engine::GeneralPurpose =
+    base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 pub(crate) struct KvRetained {
     kv: kv::Store,
@@ -44,31 +45,38 @@ impl KvRetained {
         stream: &str,
         replicas: usize,
     ) -> Result<KvRetained, String> {
-        let bucket = format!("{stream}_RETAINED");
-        // The bucket's stream is created here rather than with `create_key_value`, whose
-        // reply parsing fails against nats-server 2.9 (seen in the test); this is the layout
-        // a KV bucket has (ADR-8): one message per key, rollups, no deletes, direct gets.
-        let config = async_nats::jetstream::stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            discard: async_nats::jetstream::stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            num_replicas: replicas,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        };
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| format!("bucket {bucket}: {e}"))?;
-        let kv = js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|e| format!("bucket {bucket}: {e}"))?;
+        let kv = open_bucket(js, &format!("{stream}_RETAINED"), replicas).await?;
         Ok(KvRetained { kv })
     }
+}
+
+/// Creates (or opens) a KV bucket. Its stream is created here rather than with
+/// `create_key_value`, whose reply parsing fails against nats-server 2.9 (seen in the test);
+/// this is the layout a KV bucket has (ADR-8): one message per key, rollups, no deletes,
+/// direct gets.
+pub(crate) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    let config = async_nats::jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    js.create_or_update_stream(config)
+        .await
+        .map_err(|e| format!("bucket {bucket}: {e}"))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| format!("bucket {bucket}: {e}"))
 }
 
 impl RetainedStore for KvRetained {

@@ -3,6 +3,7 @@
 
 pub mod jetstream;
 mod jetstream_retained;
+mod jetstream_sessions;
 pub mod memory;
 pub mod nats;
 mod nats_wire;

@@ -385,6 +385,7 @@ mod tests {
         let opts = SubscribeOptions {
             queue_group: Some("g".into()),
             capacity: None,
+            durable: None,
         };
         let mut a = bb.subscribe(filter("jobs/#"), opts.clone()).await.unwrap();
         let mut b = bb.subscribe(filter("jobs/#"), opts).await.unwrap();

@@ -126,6 +126,92 @@ pub trait RetainedStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>>;
 }
 
+/// Persistent MQTT sessions kept by the backbone for every instance (JetStream: a KV bucket
+/// for the session records, durable consumers for the queued messages), so a device can
+/// reconnect to another gateway instance and find its session.
+///
+/// Records are opaque here (the MQTT adapter owns their format). An instance holding a session
+/// (its client connected there, or the session parked there waiting for it) is asked to let
+/// go of it with [`SessionStore::release`] before another instance takes it.
+pub trait SessionStore: Send + Sync {
+    /// The stored record of `client_id`.
+    fn load<'a>(
+        &'a self,
+        client_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackboneError>>;
+    fn save<'a>(
+        &'a self,
+        client_id: &'a str,
+        record: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn remove<'a>(&'a self, client_id: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Deletes a durable subscription ([`SubscribeOptions::durable`]) and what it kept.
+    fn delete_durable<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a TopicFilter,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Asks gateway instance `instance` to let go of `client_id`'s session (close its
+    /// connection, save the record, stop pulling). Resolves when it did, or at once when that
+    /// instance is not there; `Err` when it did not answer within `within`.
+    fn release<'a>(
+        &'a self,
+        instance: &'a str,
+        client_id: &'a str,
+        within: Duration,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Release requests addressed to this instance: a client id each, with the channel to
+    /// answer on once the session is let go.
+    fn release_requests(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<futures_util::stream::BoxStream<'static, ReleaseRequest>, BackboneError>,
+    >;
+}
+
+/// Another instance asks this one to let go of a session ([`SessionStore::release_requests`]).
+/// Dropping the request answers the requester: drop it once the session is let go (or when
+/// there was nothing to let go).
+pub struct ReleaseRequest {
+    pub client_id: String,
+    answer: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl ReleaseRequest {
+    pub fn new(client_id: String, answer: Box<dyn FnOnce() + Send>) -> Self {
+        ReleaseRequest {
+            client_id,
+            answer: Some(answer),
+        }
+    }
+}
+
+impl fmt::Debug for ReleaseRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReleaseRequest")
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+impl Drop for ReleaseRequest {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            answer();
+        }
+    }
+}
+
+/// A subscription that outlives its subscriber: the backbone keeps what matches for `name`
+/// until a subscriber with the same name comes back (on any instance), for `ttl` after the
+/// last one left, or until [`SessionStore::delete_durable`].
+#[derive(Debug, Clone)]
+pub struct Durable {
+    pub name: String,
+    pub ttl: Duration,
+}
+
 /// Why the backbone did not take or deliver an event.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackboneError {
@@ -159,6 +245,9 @@ pub struct SubscribeOptions {
     pub queue_group: Option<String>,
     /// Capacity of this subscriber's queue; `None` takes the backbone's default.
     pub capacity: Option<usize>,
+    /// Keep the subscription for a persistent session; honoured by backbones with a
+    /// [`Backbone::session_store`], ignored by the others.
+    pub durable: Option<Durable>,
 }
 
 /// Settles a delivery with the backbone. The in-memory backbone has nothing to settle.
@@ -270,6 +359,12 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     /// Where MQTT retained messages live when the backbone keeps them for every instance
     /// (JetStream: a KV bucket). `None`: each adapter keeps its own in memory.
     fn retained_store(&self) -> Option<&dyn RetainedStore> {
+        None
+    }
+
+    /// Where persistent MQTT sessions live when the backbone keeps them for every instance
+    /// (JetStream). `None`: each adapter parks its own sessions in memory.
+    fn session_store(&self) -> Option<&dyn SessionStore> {
         None
     }
 

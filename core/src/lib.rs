@@ -22,8 +22,8 @@ pub mod wrap;
 pub use adapter::{Adapter, AdapterContext, AdapterError, PublishError};
 pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
 pub use backbone::{
-    Backbone, BackboneError, BoxFuture, Delivery, Envelope, Origin, RetainedStore,
-    SubscribeOptions, Subscription,
+    Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,
+    RetainedStore, SessionStore, SubscribeOptions, Subscription,
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
 pub use topic::{Topic, TopicError, TopicFilter};

@@ -396,3 +396,229 @@ async fn retained_messages_are_shared_by_the_instances() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
+    c.mqtt.enabled = true;
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
+    c
+}
+
+/// Runs a mosquitto command-line client against `gw` and returns its standard output.
+fn mosquitto(cmd: &str, gw: &meshgate::RunningGateway, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let port = gw.mqtt_addr.unwrap().port().to_string();
+    let mut child = std::process::Command::new(format!("/usr/bin/{cmd}"))
+        .args(["-h", "127.0.0.1", "-p", &port])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sorted_lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s.lines().map(str::to_owned).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_mqtt_sessions_move_between_instances() {
+    let nats = NatsServer::start();
+    let a = start_gateway(with_mqtt(js_config(&nats, "js-sess-a"))).await;
+    let b = start_gateway(with_mqtt(js_config(&nats, "js-sess-b"))).await;
+    let messages: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    let lines = messages.join("\n") + "\n";
+
+    // 3.1.1, clean session 0: subscribe on A and leave; 20 QoS 1 messages arrive through B
+    // while the device is away; it reconnects to B and gets each of them once.
+    let persistent = ["-c", "-i", "dev-311", "-q", "1", "-t", "cmd/#"];
+    mosquitto(
+        "mosquitto_sub",
+        &a,
+        &[&persistent[..], &["-E"]].concat(),
+        "",
+    );
+    mosquitto(
+        "mosquitto_pub",
+        &b,
+        &["-q", "1", "-t", "cmd/x", "-l"],
+        &lines,
+    );
+    let got = mosquitto(
+        "mosquitto_sub",
+        &b,
+        &[&persistent[..], &["-C", "20", "-W", "15"]].concat(),
+        "",
+    );
+    assert_eq!(sorted_lines(&got), messages, "queued on A, delivered on B");
+    // Back on A: the session moved again, with nothing left over.
+    mosquitto(
+        "mosquitto_pub",
+        &b,
+        &["-q", "1", "-t", "cmd/y", "-m", "after"],
+        "",
+    );
+    let got = mosquitto(
+        "mosquitto_sub",
+        &a,
+        &[&persistent[..], &["-C", "2", "-W", "3"]].concat(),
+        "",
+    );
+    assert_eq!(got.trim(), "after", "one message, no repeats");
+
+    // MQTT 5 with a session expiry: the session's holder (A) is gone when the device comes
+    // back on B — what waited in JetStream is still delivered.
+    let v5 = [
+        "-V", "5", "-c", "-x", "600", "-i", "dev-5", "-q", "1", "-t", "tel/#",
+    ];
+    mosquitto("mosquitto_sub", &a, &[&v5[..], &["-E"]].concat(), "");
+    mosquitto(
+        "mosquitto_pub",
+        &b,
+        &["-q", "1", "-t", "tel/t", "-l"],
+        &lines,
+    );
+    let c = start_gateway(with_mqtt(js_config(&nats, "js-sess-c"))).await;
+    a.shutdown().await;
+    let got = mosquitto(
+        "mosquitto_sub",
+        &c,
+        &[&v5[..], &["-C", "20", "-W", "15"]].concat(),
+        "",
+    );
+    assert_eq!(
+        sorted_lines(&got),
+        messages,
+        "delivered after its holder left"
+    );
+
+    // A clean start on another instance ends a session kept on B.
+    let kept = ["-c", "-i", "dev-clean", "-q", "1", "-t", "job/#"];
+    mosquitto("mosquitto_sub", &b, &[&kept[..], &["-E"]].concat(), "");
+    mosquitto(
+        "mosquitto_pub",
+        &b,
+        &["-q", "1", "-t", "job/1", "-m", "old"],
+        "",
+    );
+    let got = mosquitto(
+        "mosquitto_sub",
+        &c,
+        &[
+            "-i",
+            "dev-clean",
+            "-q",
+            "1",
+            "-t",
+            "job/#",
+            "-C",
+            "1",
+            "-W",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(
+        got.trim(),
+        "",
+        "a clean session does not get the kept messages"
+    );
+    let got = mosquitto(
+        "mosquitto_sub",
+        &b,
+        &[&kept[..], &["-C", "1", "-W", "2"]].concat(),
+        "",
+    );
+    assert_eq!(got.trim(), "", "the kept session is gone");
+    c.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_session_is_taken_over_from_another_instance() {
+    let nats = NatsServer::start();
+    let a = start_gateway(with_mqtt(js_config(&nats, "js-take-a"))).await;
+    let b = start_gateway(with_mqtt(js_config(&nats, "js-take-b"))).await;
+    let options = |gw: &meshgate::RunningGateway| {
+        let mut o =
+            rumqttc::MqttOptions::new("dev-take", "127.0.0.1", gw.mqtt_addr.unwrap().port());
+        o.set_clean_session(false);
+        o
+    };
+    // Connected on A, subscribed.
+    let (client_a, mut el_a) = rumqttc::AsyncClient::new(options(&a), 10);
+    client_a
+        .subscribe("alarm/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el_a.poll().await.unwrap() {
+            break;
+        }
+    }
+    mosquitto(
+        "mosquitto_pub",
+        &b,
+        &["-q", "1", "-t", "alarm/0", "-m", "smoke"],
+        "",
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                el_a.poll().await.unwrap()
+            {
+                break String::from_utf8(p.payload.to_vec()).unwrap();
+            }
+        }
+    })
+    .await;
+    assert_eq!(got.ok().as_deref(), Some("smoke"), "delivered on A first");
+    // The same client id connects to B: A's connection is closed, B resumes the session.
+    let (_client_b, mut el_b) = rumqttc::AsyncClient::new(options(&b), 10);
+    let connack = loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) = el_b.poll().await.unwrap() {
+            break c;
+        }
+    };
+    assert!(connack.session_present, "resumed the session held on A");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if el_a.poll().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "A closed the taken-over connection");
+    // A message published through A reaches the device on B, through the resumed subscription.
+    mosquitto(
+        "mosquitto_pub",
+        &a,
+        &["-q", "1", "-t", "alarm/1", "-m", "fire"],
+        "",
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                el_b.poll().await.unwrap()
+            {
+                break String::from_utf8(p.payload.to_vec()).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("delivered on B");
+    assert_eq!(got, "fire");
+    b.shutdown().await;
+    a.shutdown().await;
+}

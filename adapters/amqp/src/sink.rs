@@ -329,6 +329,7 @@ impl Sink {
         let options = SubscribeOptions {
             queue_group: Some(format!("amqp-sink:{}", self.config.name)),
             capacity: None,
+            durable: None,
         };
         let subscription = loop {
             match ctx

@@ -84,6 +84,15 @@ impl Shared {
         Some(old.finished)
     }
 
+    /// Tells the connection of `client_id`, if there is one, to go (another instance takes
+    /// the session over); its `finished` token is returned, to wait for.
+    fn take_over(&self, client_id: &str) -> Option<CancellationToken> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let c = clients.get(client_id)?;
+        c.takeover.cancel();
+        Some(c.finished.clone())
+    }
+
     fn unregister(&self, client_id: &str, connection: u64) {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients
@@ -221,7 +230,10 @@ impl Adapter for MqttAdapter {
                     Some(acceptor),
                 ))
             });
+            // Sessions kept by the backbone move between instances on request.
+            let releases = tokio::spawn(session::stored::serve_releases(shared.clone()));
             accept_loop(listener, shared, ctx, None).await;
+            releases.abort();
             if let Some(t) = tls_loop {
                 let _ = t.await;
             }

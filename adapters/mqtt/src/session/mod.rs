@@ -16,6 +16,7 @@
 
 mod outbound;
 pub(crate) mod parked;
+pub(crate) mod stored;
 mod subscribe;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -101,6 +102,8 @@ struct Session {
     aliases: Option<Box<HashMap<u16, Topic>>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
+    /// Some subscription is durable in the backbone's session store (see [`stored`]).
+    durable: bool,
 }
 
 impl Drop for Session {
@@ -121,6 +124,7 @@ impl Session {
         self.next_pkid = old.next_pkid;
         self.incoming_qos2 = std::mem::take(&mut old.incoming_qos2);
         self.origin = old.origin.clone();
+        self.durable = old.durable;
         // The old will is not sent: the client is back (MQTT 5 §3.1.3.2.2).
         old.will = None;
     }
@@ -374,6 +378,15 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Duration::from_secs(u64::from(requested_expiry)).min(shared.config.max_session_expiry);
     // Clean start discards a kept session (its will, if delayed, is published now).
     let mut resumed = shared.parked.take(&client_id, !connect.clean_session).await;
+    let mut stored_session = None;
+    if shared.ctx.backbone.session_store().is_some() {
+        // Sessions live in the backbone: what was parked here is only a placeholder (timers).
+        if let Some(mut placeholder) = resumed.take() {
+            placeholder.will = None;
+        }
+        stored_session =
+            stored::claim(shared, &client_id, &principal, !connect.clean_session).await;
+    }
     if let Some(old) = &resumed
         && old.principal.name() != principal.name()
     {
@@ -415,8 +428,9 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         requested_expiry,
         aliases: None,
         takeover: registration.takeover.clone(),
+        durable: false,
     };
-    let session_present = match resumed.as_mut() {
+    let mut session_present = match resumed.as_mut() {
         Some(old) => {
             session.resume(old);
             true
@@ -424,6 +438,12 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         None => false,
     };
     drop(resumed);
+    if let Some(record) = stored_session {
+        session.restore_stored(record).await;
+        session_present = true;
+    }
+    // This instance holds the session now (a clean one, too: the client id is taken here).
+    session.save_stored().await;
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
     let ack_props = ConnAckProperties {
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
@@ -517,6 +537,7 @@ async fn finish(mut session: Session, end: End) {
         if session.will_delay.is_none() {
             Box::pin(session.publish_will()).await;
         }
+        Box::pin(session.leave_stored()).await;
         session.out = BytesMut::new();
         session.aliases = None;
         match shared.parked.park(session) {
@@ -527,6 +548,7 @@ async fn finish(mut session: Session, end: End) {
             }
         }
     }
+    Box::pin(session.end_stored()).await;
     Box::pin(session.publish_will()).await;
 }
 
@@ -664,7 +686,7 @@ impl Session {
                 Flow::Continue
             }
             Packet::Unsubscribe(unsub, _) => {
-                self.handle_unsubscribe(unsub.pkid, &unsub.filters);
+                self.handle_unsubscribe(unsub.pkid, &unsub.filters).await;
                 Flow::Continue
             }
             Packet::PingReq(_) => {

@@ -451,3 +451,58 @@ impl Session {
         }
     }
 }
+
+impl Session {
+    /// Packet ids of the QoS 2 messages released (PUBREL sent) and not yet completed, in send
+    /// order: what a session moving to another instance must still finish.
+    pub(super) fn released_pkids(&self) -> Vec<u16> {
+        let mut ids: Vec<(u64, u16)> = self
+            .inflight
+            .iter()
+            .filter(|(_, e)| matches!(e.stage, Stage::Released))
+            .map(|(p, e)| (e.seq, *p))
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// A QoS 2 message released on another instance: PUBREL is resent on reconnect.
+    pub(super) fn restore_released(&mut self, pkid: u16) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.insert(
+            pkid,
+            Inflight {
+                seq,
+                stage: Stage::Released,
+            },
+        );
+    }
+
+    /// Stops taking deliveries and gives back to the backbone what it delivered and the client
+    /// did not acknowledge (queued, or PUBLISHed and not PUBACKed/PUBRECed), so that whoever
+    /// resumes the session — on any instance — receives them again at once.
+    pub(super) async fn detach(&mut self) {
+        self.settle().await;
+        self.streams = None;
+        let mut back: Vec<Delivery> = self.pending.drain(..).map(|o| o.delivery).collect();
+        let sent: Vec<u16> = self
+            .inflight
+            .iter()
+            .filter(|(_, e)| matches!(e.stage, Stage::Sent(_)))
+            .map(|(p, _)| *p)
+            .collect();
+        for pkid in sent {
+            if let Some(Inflight {
+                stage: Stage::Sent(o),
+                ..
+            }) = self.inflight.remove(&pkid)
+            {
+                back.push(o.delivery);
+            }
+        }
+        for d in back {
+            let _ = d.nack(None).await;
+        }
+    }
+}

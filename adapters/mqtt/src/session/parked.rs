@@ -132,6 +132,7 @@ async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, ge
             }
             _ = tokio::time::sleep_until(expires) => {
                 // The session ends: a will still waiting for its delay goes now (MQTT 5 §3.1.3.2.2).
+                Box::pin(session.end_stored()).await;
                 Box::pin(session.publish_will()).await;
                 shared.parked.forget(&session.client_id, generation);
                 break;

@@ -38,7 +38,7 @@ impl Drop for Subscription {
 
 /// Splits `$share/<group>/<filter>` (MQTT 5 §4.8.2); `None` for an ordinary filter,
 /// `Some(Err)` for a malformed shared one.
-fn shared_filter(path: &str) -> Option<Result<(&str, &str), ()>> {
+pub(super) fn shared_filter(path: &str) -> Option<Result<(&str, &str), ()>> {
     let rest = path.strip_prefix("$share/")?;
     Some(match rest.split_once('/') {
         Some((group, filter))
@@ -50,7 +50,60 @@ fn shared_filter(path: &str) -> Option<Result<(&str, &str), ()>> {
     })
 }
 
+/// A subscription's options (MQTT 5 §3.8.3.1), as kept with the session.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SubOptions {
+    pub(super) granted: QoS,
+    pub(super) no_local: bool,
+    pub(super) retain_as_published: bool,
+    pub(super) id: Option<usize>,
+}
+
 impl Session {
+    /// Subscribes to the backbone for filter `key` (as the client wrote it) and adds the
+    /// subscription to the session; `durable` for a persistent session's ordinary
+    /// subscriptions where the backbone keeps sessions ([`Session::durable`]).
+    pub(super) async fn open(
+        &mut self,
+        key: &str,
+        filter: TopicFilter,
+        group: Option<&str>,
+        o: SubOptions,
+        durable: Option<meshgate_core::Durable>,
+    ) -> Result<(), meshgate_core::BackboneError> {
+        self.durable |= durable.is_some();
+        let options = SubscribeOptions {
+            // Shared subscriptions are backbone queue groups, so the group's members share the
+            // messages across connections (and, on NATS, instances).
+            queue_group: group.map(|g| format!("mqtt-share:{g}")),
+            capacity: None,
+            durable,
+        };
+        let sub = self
+            .shared
+            .ctx
+            .backbone
+            .subscribe(filter.clone(), options)
+            .await?;
+        let stream_key: Arc<str> = Arc::from(key);
+        let cancel = CancellationToken::new();
+        self.streams
+            .get_or_insert_with(Default::default)
+            .push(delivery_stream(sub, stream_key, cancel.clone()));
+        self.subscriptions.push(Subscription {
+            key: key.to_owned(),
+            filter,
+            shared: group.is_some(),
+            granted: o.granted,
+            no_local: o.no_local,
+            retain_as_published: o.retain_as_published,
+            id: o.id,
+            cancel,
+        });
+        self.shared.subscriptions.inc();
+        Ok(())
+    }
+
     pub(super) async fn handle_subscribe(
         &mut self,
         pkid: u16,
@@ -60,7 +113,8 @@ impl Session {
         let id = props.and_then(|p| p.id);
         let mut codes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
-        let failure = |v5: SubscribeReasonCode| match self.version {
+        let version = self.version;
+        let failure = move |v5: SubscribeReasonCode| match version {
             Version::V5 => v5,
             Version::V311 => SubscribeReasonCode::Failure,
         };
@@ -103,42 +157,21 @@ impl Session {
                 s.retain_as_published = f.preserve_retain;
                 s.id = id;
             } else {
-                let options = SubscribeOptions {
-                    // Shared subscriptions are backbone queue groups, so the group's members
-                    // share the messages across connections (and, on NATS, instances).
-                    queue_group: group.map(|g| format!("mqtt-share:{g}")),
-                    capacity: None,
-                };
-                let sub = match self
-                    .shared
-                    .ctx
-                    .backbone
-                    .subscribe(filter.clone(), options)
-                    .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "mqtt: backbone subscribe failed");
-                        codes.push(failure(SubscribeReasonCode::ImplementationSpecific));
-                        continue;
-                    }
-                };
-                let key: Arc<str> = Arc::from(f.path.as_str());
-                let cancel = CancellationToken::new();
-                self.streams
-                    .get_or_insert_with(Default::default)
-                    .push(delivery_stream(sub, key, cancel.clone()));
-                self.subscriptions.push(Subscription {
-                    key: f.path.clone(),
-                    filter: filter.clone(),
-                    shared: group.is_some(),
+                let options = SubOptions {
                     granted,
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     id,
-                    cancel,
-                });
-                self.shared.subscriptions.inc();
+                };
+                let durable = group.is_none().then(|| self.durable(&f.path)).flatten();
+                if let Err(e) = self
+                    .open(&f.path, filter.clone(), group, options, durable)
+                    .await
+                {
+                    tracing::debug!(error = %e, "mqtt: backbone subscribe failed");
+                    codes.push(failure(SubscribeReasonCode::ImplementationSpecific));
+                    continue;
+                }
             }
             // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
             if group.is_none() {
@@ -153,6 +186,7 @@ impl Session {
             }
             codes.push(SubscribeReasonCode::Success(granted));
         }
+        self.save_stored().await;
         self.write(Packet::SubAck(
             SubAck {
                 pkid,
@@ -174,19 +208,21 @@ impl Session {
         }
     }
 
-    pub(super) fn handle_unsubscribe(&mut self, pkid: u16, filters: &[String]) {
+    pub(super) async fn handle_unsubscribe(&mut self, pkid: u16, filters: &[String]) {
         let mut reasons = Vec::with_capacity(filters.len());
         for f in filters {
-            let before = self.subscriptions.len();
-            // Dropping a subscription ends its stream (and its backbone subscription).
-            self.subscriptions.retain(|s| s.key != *f);
-            reasons.push(if self.subscriptions.len() < before {
-                self.shared.subscriptions.dec();
-                UnsubAckReason::Success
-            } else {
-                UnsubAckReason::NoSubscriptionExisted
-            });
+            let Some(i) = self.subscriptions.iter().position(|s| s.key == *f) else {
+                reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                continue;
+            };
+            // Dropping a subscription ends its stream (and its backbone subscription); a
+            // durable one is also deleted from the backbone.
+            let removed = self.subscriptions.remove(i);
+            self.shared.subscriptions.dec();
+            self.forget_durable(&removed).await;
+            reasons.push(UnsubAckReason::Success);
         }
+        self.save_stored().await;
         self.write(Packet::UnsubAck(UnsubAck { pkid, reasons }, None));
     }
 }

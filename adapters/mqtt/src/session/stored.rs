@@ -1,0 +1,301 @@
+//! Persistent sessions kept by the backbone ([`meshgate_core::SessionStore`], JetStream), so a
+//! device can reconnect to any gateway instance and find its session.
+//!
+//! What lives where: the session record (principal, subscriptions with their options, QoS 2
+//! packet ids still in a handshake, where the session is held and since when the client is
+//! away) in the store; the messages queued for the session in the durable backbone
+//! subscriptions its ordinary subscriptions become. One instance holds a session at a time —
+//! the one its client is connected to, or the one it left, which keeps a parked placeholder for
+//! the expiry and the delayed will. Another instance takes a session only after asking the
+//! holder to let go ([`meshgate_core::SessionStore::release`]): the holder closes the
+//! connection (session taken over), gives back the deliveries the client had not acknowledged
+//! (so they are redelivered at once), saves the record and drops its placeholder.
+
+use meshgate_core::backbone::now_ms;
+use meshgate_core::{Durable, Principal, SessionStore, TopicFilter};
+
+use super::subscribe::{SubOptions, Subscription, shared_filter};
+use super::{Session, TAKEOVER_WAIT, to_qos};
+use crate::Shared;
+
+/// A session as the store keeps it (JSON).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct Record {
+    principal: String,
+    /// The instance holding the session.
+    owner: String,
+    /// When the client left (milliseconds since the Unix epoch); `None` while connected.
+    left_at_ms: Option<u64>,
+    expiry_secs: u64,
+    subscriptions: Vec<StoredSubscription>,
+    /// QoS 2 packet ids received from the client, PUBREL not yet.
+    incoming_qos2: Vec<u16>,
+    /// QoS 2 packet ids sent to the client and released (PUBREL sent), PUBCOMP not yet.
+    released: Vec<u16>,
+    next_pkid: u16,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StoredSubscription {
+    key: String,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<usize>,
+}
+
+/// The durable subscription name of one of a session's filters, the same on every instance
+/// (base64url: client ids and filters may hold characters a JetStream consumer name may not).
+fn durable_name(client_id: &str, key: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!("mqtt_{}_{}", b64.encode(client_id), b64.encode(key))
+}
+
+async fn load(store: &dyn SessionStore, shared: &Shared, client_id: &str) -> Option<Record> {
+    match store.load(client_id).await {
+        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "mqtt: unreadable stored session; starting clean");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            shared.metrics.error("session_store");
+            tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session; starting clean");
+            None
+        }
+    }
+}
+
+/// Deletes a stored session: its durable subscriptions and its record.
+async fn discard(store: &dyn SessionStore, client_id: &str, record: &Record) {
+    for s in &record.subscriptions {
+        if shared_filter(&s.key).is_some() {
+            continue;
+        }
+        if let Ok(filter) = TopicFilter::parse(&s.key) {
+            let _ = store
+                .delete_durable(&durable_name(client_id, &s.key), &filter)
+                .await;
+        }
+    }
+    let _ = store.remove(client_id).await;
+}
+
+/// At CONNECT: the stored session of `client_id`, taken from whichever instance held it, when
+/// the client resumes it (`resume`: clean start 0) as the same principal and it has not
+/// expired. Otherwise a stored session is discarded (clean start ends it, MQTT 5 §3.1.2.4).
+pub(super) async fn claim(
+    shared: &Shared,
+    client_id: &str,
+    principal: &Principal,
+    resume: bool,
+) -> Option<Record> {
+    let store = shared.ctx.backbone.session_store()?;
+    let mut record = load(store, shared, client_id).await?;
+    if record.owner != *shared.ctx.instance {
+        if let Err(e) = store.release(&record.owner, client_id, TAKEOVER_WAIT).await {
+            tracing::warn!(client_id, error = %e, "mqtt: taking the session over without its holder");
+        }
+        // What the holder saved when it let go.
+        record = load(store, shared, client_id).await?;
+    }
+    let expired = record.left_at_ms.is_some_and(|left| {
+        now_ms() > left.saturating_add(record.expiry_secs.saturating_mul(1000))
+    });
+    if !resume || expired || record.principal != principal.name() {
+        if record.principal != principal.name() && resume {
+            tracing::info!(
+                client_id,
+                "mqtt: stored session belongs to another user; starting clean"
+            );
+        }
+        discard(store, client_id, &record).await;
+        return None;
+    }
+    Some(record)
+}
+
+/// Lets go of a session held here, for another instance: its connection closes (session taken
+/// over) and saves it; a parked placeholder is dropped without its will (the client is back).
+pub(crate) async fn release_here(shared: &Shared, client_id: &str) {
+    if let Some(finished) = shared.take_over(client_id)
+        && tokio::time::timeout(TAKEOVER_WAIT, finished.cancelled())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            client_id,
+            "mqtt: connection did not close in time for a release"
+        );
+    }
+    if let Some(mut placeholder) = shared.parked.take(client_id, true).await {
+        placeholder.will = None;
+    }
+}
+
+/// Answers other instances' release requests until shutdown.
+pub(crate) async fn serve_releases(shared: std::sync::Arc<Shared>) {
+    let Some(store) = shared.ctx.backbone.session_store() else {
+        return;
+    };
+    let mut requests = match store.release_requests().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "mqtt: cannot take session release requests; sessions held here cannot move to other instances");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shared.ctx.shutdown.cancelled() => return,
+            r = futures_util::StreamExt::next(&mut requests) => r,
+        };
+        let Some(request) = request else { return };
+        let shared = shared.clone();
+        shared.ctx.tracker.clone().spawn(async move {
+            release_here(&shared, &request.client_id).await;
+            // Dropping the request answers it.
+            drop(request);
+        });
+    }
+}
+
+impl Session {
+    fn store(&self) -> Option<&dyn SessionStore> {
+        self.shared.ctx.backbone.session_store()
+    }
+
+    /// How filter `key` is subscribed for a persistent session where the backbone keeps
+    /// sessions: durably, so what arrives while the client is away waits for it on any instance.
+    pub(super) fn durable(&self, key: &str) -> Option<Durable> {
+        (self.store().is_some() && !self.expiry.is_zero()).then(|| self.durable_forced(key))
+    }
+
+    fn durable_forced(&self, key: &str) -> Durable {
+        Durable {
+            name: durable_name(&self.client_id, key),
+            // The longest a session may be away; the holder deletes it earlier when it expires.
+            ttl: self.shared.config.max_session_expiry,
+        }
+    }
+
+    /// Deletes an unsubscribed filter's durable subscription.
+    pub(super) async fn forget_durable(&mut self, sub: &Subscription) {
+        if let Some(store) = self.store()
+            && self.durable
+            && !sub.shared
+        {
+            let _ = store
+                .delete_durable(&durable_name(&self.client_id, &sub.key), &sub.filter)
+                .await;
+        }
+    }
+
+    fn record(&self, left_at_ms: Option<u64>) -> Record {
+        Record {
+            principal: self.principal.name().to_owned(),
+            owner: self.shared.ctx.instance.to_string(),
+            left_at_ms,
+            expiry_secs: self.expiry.as_secs(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|s| StoredSubscription {
+                    key: s.key.clone(),
+                    qos: s.granted as u8,
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    id: s.id,
+                })
+                .collect(),
+            incoming_qos2: self.incoming_qos2.iter().copied().collect(),
+            released: self.released_pkids(),
+            next_pkid: self.next_pkid,
+        }
+    }
+
+    async fn save(&mut self, left_at_ms: Option<u64>) {
+        let Some(store) = self.store() else { return };
+        if self.expiry.is_zero() {
+            return;
+        }
+        let record = match serde_json::to_vec(&self.record(left_at_ms)) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if let Err(e) = store.save(&self.client_id, record).await {
+            self.shared.metrics.error("session_store");
+            tracing::warn!(client_id = self.client_id, error = %e, "mqtt: cannot save the session");
+        }
+    }
+
+    /// Saves a connected persistent session (after CONNECT and every subscription change), so
+    /// its subscriptions survive even this instance being killed.
+    pub(super) async fn save_stored(&mut self) {
+        self.save(None).await;
+    }
+
+    /// Takes what the stored session kept: its subscriptions (bound again to their durable
+    /// subscriptions, with what waited there) and its unfinished QoS 2 handshakes.
+    pub(super) async fn restore_stored(&mut self, record: Record) {
+        for s in record.subscriptions {
+            let (group, text) = match shared_filter(&s.key) {
+                None => (None, s.key.as_str()),
+                Some(Ok((g, f))) => (Some(g), f),
+                Some(Err(())) => continue,
+            };
+            let Ok(filter) = TopicFilter::parse(text) else {
+                continue;
+            };
+            let options = SubOptions {
+                granted: to_qos(s.qos),
+                no_local: s.no_local,
+                retain_as_published: s.retain_as_published,
+                id: s.id,
+            };
+            // Bound to the durable subscription even when this connection's session ends with
+            // it (expiry 0): what waited there is delivered, and it is deleted at the end.
+            let durable = group.is_none().then(|| self.durable_forced(&s.key));
+            if let Err(e) = self.open(&s.key, filter, group, options, durable).await {
+                tracing::warn!(client_id = self.client_id, error = %e, filter = s.key, "mqtt: cannot restore a subscription");
+            }
+        }
+        self.incoming_qos2 = record.incoming_qos2.into_iter().collect();
+        for pkid in record.released {
+            self.restore_released(pkid);
+        }
+        self.next_pkid = record.next_pkid.max(1);
+    }
+
+    /// The connection of a persistent session ends: the deliveries the client did not
+    /// acknowledge go back to the backbone and the record says the client left, so the session
+    /// can be resumed on any instance.
+    pub(super) async fn leave_stored(&mut self) {
+        if self.store().is_none() {
+            return;
+        }
+        self.detach().await;
+        self.save(Some(now_ms())).await;
+    }
+
+    /// The session is over (expired, or its last connection had expiry 0): its durable
+    /// subscriptions and record are deleted — unless another instance holds it by now.
+    pub(super) async fn end_stored(&mut self) {
+        let Some(store) = self.store() else { return };
+        if !self.durable {
+            return;
+        }
+        match load(store, &self.shared, &self.client_id).await {
+            Some(r) if r.owner != *self.shared.ctx.instance => {}
+            Some(r) => discard(store, &self.client_id, &r).await,
+            None => {
+                let r = self.record(None);
+                discard(store, &self.client_id, &r).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Persistent MQTT sessions on JetStream, shared by every gateway instance: the records in a KV
+//! bucket `<stream>_SESSIONS` (key = client id in unpadded base64url), the queued messages in
+//! the sessions' durable consumers (see `JetStreamBackbone::subscribe`), and release requests
+//! between instances as NATS request/reply on `_MESHGATE.<stream>.release.<instance>`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use base64::Engine;
+use futures_util::StreamExt;
+use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
+
+use crate::jetstream_retained::{B64, open_bucket};
+
+pub(crate) struct KvSessions {
+    kv: kv::Store,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stream: String,
+    prefix: String,
+    instance: String,
+}
+
+impl std::fmt::Debug for KvSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvSessions")
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> BackboneError {
+    BackboneError::Unavailable(format!("MQTT sessions (JetStream KV): {e}"))
+}
+
+impl KvSessions {
+    pub(crate) async fn open(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        stream: &str,
+        replicas: usize,
+        prefix: &str,
+        instance: &str,
+    ) -> Result<KvSessions, String> {
+        let kv = open_bucket(js, &format!("{stream}_SESSIONS"), replicas).await?;
+        Ok(KvSessions {
+            kv,
+            js: js.clone(),
+            client: client.clone(),
+            stream: stream.to_owned(),
+            prefix: prefix.to_owned(),
+            instance: instance.to_owned(),
+        })
+    }
+
+    /// The subject on which `instance` takes release requests (instance names may hold any
+    /// character; subject tokens may not).
+    fn release_subject(&self, instance: &str) -> String {
+        format!(
+            "_MESHGATE.{}.release.{}",
+            self.stream,
+            B64.encode(instance.as_bytes())
+        )
+    }
+}
+
+impl SessionStore for KvSessions {
+    fn load<'a>(
+        &'a self,
+        client_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackboneError>> {
+        Box::pin(async move {
+            let value = self.kv.get(B64.encode(client_id)).await.map_err(failed)?;
+            // A purged key reads as an empty value.
+            Ok(value.filter(|v| !v.is_empty()).map(|v| v.to_vec()))
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        client_id: &'a str,
+        record: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            self.kv
+                .put(B64.encode(client_id), record.into())
+                .await
+                .map_err(failed)?;
+            Ok(())
+        })
+    }
+
+    fn remove<'a>(&'a self, client_id: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move { self.kv.purge(B64.encode(client_id)).await.map_err(failed) })
+    }
+
+    fn delete_durable<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a TopicFilter,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            let stream = self.js.get_stream(&self.stream).await.map_err(failed)?;
+            for subject in filter.to_nats_subjects(&self.prefix) {
+                let consumer = crate::jetstream::durable_consumer(name, &subject);
+                // Not found: the server removed it already (inactive past its ttl).
+                let _ = stream.delete_consumer(&consumer).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        instance: &'a str,
+        client_id: &'a str,
+        within: Duration,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            let request = async_nats::Request::new()
+                .payload(bytes::Bytes::copy_from_slice(client_id.as_bytes()))
+                .timeout(Some(within));
+            match self
+                .client
+                .send_request(self.release_subject(instance), request)
+                .await
+            {
+                Ok(_) => Ok(()),
+                // That instance is gone: nobody holds the session.
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                Err(e) => Err(failed(format!("instance {instance} did not release: {e}"))),
+            }
+        })
+    }
+
+    fn release_requests(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<futures_util::stream::BoxStream<'static, ReleaseRequest>, BackboneError>,
+    > {
+        Box::pin(async move {
+            let subscriber = self
+                .client
+                .subscribe(self.release_subject(&self.instance))
+                .await
+                .map_err(failed)?;
+            let client = self.client.clone();
+            let requests = subscriber.filter_map(move |m| {
+                let client = client.clone();
+                let request = String::from_utf8(m.payload.to_vec()).ok().zip(m.reply).map(
+                    |(client_id, reply)| {
+                        let answer = move || {
+                            tokio::spawn(async move {
+                                let _ = client.publish(reply, bytes::Bytes::new()).await;
+                            });
+                        };
+                        ReleaseRequest::new(client_id, Box::new(answer))
+                    },
+                );
+                futures_util::future::ready(request)
+            });
+            Ok(requests.boxed())
+        })
+    }
+}

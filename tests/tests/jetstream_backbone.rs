@@ -622,3 +622,92 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_its_instance_killed_with_sigkill() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let a = support::spawn(
+        &[],
+        &[
+            ("MESHGATE__BACKBONE__KIND", "jetstream"),
+            ("MESHGATE__BACKBONE__NATS__URLS", &url),
+            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__MQTT__ENABLED", "true"),
+            ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__MQTT__V311_OUTBOUND", "data"),
+            ("MESHGATE__GATEWAY__INSTANCE_ID", "js-kill-a"),
+        ],
+    );
+    let b = start_gateway(with_mqtt(js_config(&nats, "js-kill-b"))).await;
+    let options = |port: u16| {
+        let mut o = rumqttc::MqttOptions::new("dev-kill", "127.0.0.1", port);
+        o.set_clean_session(false);
+        o
+    };
+    let publish = |what: &str| {
+        mosquitto(
+            "mosquitto_pub",
+            &b,
+            &["-q", "1", "-t", "sensor/t", "-l"],
+            what,
+        );
+    };
+    // Connected to A and subscribed; one message proves the subscription works.
+    let (client, mut el) = rumqttc::AsyncClient::new(options(a.mqtt.unwrap().port()), 10);
+    client
+        .subscribe("sensor/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut published = false;
+        loop {
+            match el.poll().await.unwrap() {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) if !published => {
+                    published = true;
+                    publish("first\n");
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    break String::from_utf8(p.payload.to_vec()).unwrap();
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("delivered through A");
+    assert_eq!(first, "first");
+    // Ten more while the device does not read (so it acknowledges none), then A dies.
+    let messages: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    publish(&(messages.join("\n") + "\n"));
+    let mut a = a;
+    a.child.kill().unwrap(); // SIGKILL: no record saved, no release answered
+    a.child.wait().unwrap();
+    drop((client, el));
+    // The device reconnects to B: session present, and each of the ten arrives.
+    let (_client, mut el) = rumqttc::AsyncClient::new(options(b.mqtt_addr.unwrap().port()), 10);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut session_present = None;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while seen.len() < messages.len() {
+            match el.poll().await.unwrap() {
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) => {
+                    session_present = Some(c.session_present);
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    let m = String::from_utf8(p.payload.to_vec()).unwrap();
+                    if m != "first" {
+                        seen.insert(m);
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {seen:?} arrived on B"));
+    assert_eq!(session_present, Some(true));
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), messages);
+    b.shutdown().await;
+}

@@ -45,11 +45,14 @@ struct StoredSubscription {
 }
 
 /// The durable subscription name of one of a session's filters, the same on every instance
-/// (base64url: client ids and filters may hold characters a JetStream consumer name may not).
+/// (base64url: client ids and filters may hold characters a JetStream consumer name may not,
+/// and names with `#` or `%` were accepted but never delivered to — seen in the test).
 fn durable_name(client_id: &str, key: &str) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    format!("mqtt_{}_{}", b64.encode(client_id), b64.encode(key))
+    let id = b64.encode(client_id);
+    // The length makes the split unambiguous (`_` is in the base64url alphabet).
+    format!("mqtt_{}_{id}_{}", id.len(), b64.encode(key))
 }
 
 async fn load(store: &dyn SessionStore, shared: &Shared, client_id: &str) -> Option<Record> {
@@ -220,7 +223,9 @@ impl Session {
 
     async fn save(&mut self, left_at_ms: Option<u64>) {
         let Some(store) = self.store() else { return };
-        if self.expiry.is_zero() {
+        // A clean session has nothing stored — unless it resumed a stored one (a v5 client
+        // may resume with expiry 0): then the record says it is held here until it ends.
+        if self.expiry.is_zero() && !self.durable {
             return;
         }
         let record = match serde_json::to_vec(&self.record(left_at_ms)) {
@@ -297,5 +302,22 @@ impl Session {
                 discard(store, &self.client_id, &r).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::durable_name;
+
+    #[test]
+    fn durable_names_hold_only_characters_jetstream_delivers_to() {
+        // `#`, `%`, `/` in consumer names broke delivery or were refused (see the module doc).
+        let name = durable_name("plant 7/dev#1", "$share/g/a/#");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "{name}"
+        );
+        assert_ne!(durable_name("a_b", "c"), durable_name("a", "b_c"));
     }
 }

@@ -544,6 +544,21 @@ async fn persistent_mqtt_sessions_move_between_instances() {
     b.shutdown().await;
 }
 
+/// The payload of the next PUBLISH the client receives within 5 s.
+async fn next_payload(el: &mut rumqttc::EventLoop) -> Option<String> {
+    let publish = async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = el.poll().await.ok()? {
+                return Some(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), publish)
+        .await
+        .ok()
+        .flatten()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_session_is_taken_over_from_another_instance() {
     let nats = NatsServer::start();
@@ -572,17 +587,8 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
         &["-q", "1", "-t", "alarm/0", "-m", "smoke"],
         "",
     );
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
-                el_a.poll().await.unwrap()
-            {
-                break String::from_utf8(p.payload.to_vec()).unwrap();
-            }
-        }
-    })
-    .await;
-    assert_eq!(got.ok().as_deref(), Some("smoke"), "delivered on A first");
+    let got = next_payload(&mut el_a).await;
+    assert_eq!(got.as_deref(), Some("smoke"), "delivered on A first");
     // The same client id connects to B: A's connection is closed, B resumes the session.
     let (_client_b, mut el_b) = rumqttc::AsyncClient::new(options(&b), 10);
     let connack = loop {
@@ -607,18 +613,8 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
         &["-q", "1", "-t", "alarm/1", "-m", "fire"],
         "",
     );
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
-                el_b.poll().await.unwrap()
-            {
-                break String::from_utf8(p.payload.to_vec()).unwrap();
-            }
-        }
-    })
-    .await
-    .expect("delivered on B");
-    assert_eq!(got, "fire");
+    let got = next_payload(&mut el_b).await;
+    assert_eq!(got.as_deref(), Some("fire"), "delivered on B");
     b.shutdown().await;
     a.shutdown().await;
 }

@@ -260,15 +260,7 @@ impl Session {
             self.shared.out_by_qos[0].inc();
             self.settle_later(o.delivery);
         } else {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.inflight.insert(
-                pkid,
-                Inflight {
-                    seq,
-                    stage: Stage::Sent(o),
-                },
-            );
+            self.track(pkid, Stage::Sent(o));
         }
     }
 
@@ -468,15 +460,14 @@ impl Session {
 
     /// A QoS 2 message released on another instance: PUBREL is resent on reconnect.
     pub(super) fn restore_released(&mut self, pkid: u16) {
+        self.track(pkid, Stage::Released);
+    }
+
+    /// Adds an in-flight entry, numbered in send order.
+    fn track(&mut self, pkid: u16, stage: Stage) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.inflight.insert(
-            pkid,
-            Inflight {
-                seq,
-                stage: Stage::Released,
-            },
-        );
+        self.inflight.insert(pkid, Inflight { seq, stage });
     }
 
     /// Stops taking deliveries and gives back to the backbone what it delivered and the client

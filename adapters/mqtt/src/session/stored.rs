@@ -33,6 +33,9 @@ pub(super) struct Record {
     /// QoS 2 packet ids sent to the client and released (PUBREL sent), PUBCOMP not yet.
     released: Vec<u16>,
     next_pkid: u16,
+    /// The origin of the session's publishes, kept wherever it moves so that no-local
+    /// recognises what the client published through an earlier instance.
+    origin: (String, u64),
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -218,6 +221,7 @@ impl Session {
             incoming_qos2: self.incoming_qos2.iter().copied().collect(),
             released: self.released_pkids(),
             next_pkid: self.next_pkid,
+            origin: (self.origin.instance.to_string(), self.origin.connection),
         }
     }
 
@@ -274,6 +278,11 @@ impl Session {
             self.restore_released(pkid);
         }
         self.next_pkid = record.next_pkid.max(1);
+        // Only no-local compares origins, and (instance, connection) stays unique.
+        self.origin = meshgate_core::Origin {
+            instance: std::sync::Arc::from(record.origin.0),
+            connection: record.origin.1,
+        };
     }
 
     /// The connection of a persistent session ends: the deliveries the client did not

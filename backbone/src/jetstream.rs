@@ -263,11 +263,16 @@ async fn resume_durable(
     name: &str,
     mut config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, BackboneError> {
-    let Ok(info) = stream.consumer_info(name).await else {
-        return stream
-            .get_or_create_consumer(name, config)
-            .await
-            .map_err(unavailable);
+    let info = match stream.consumer_info(name).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            return stream
+                .get_or_create_consumer(name, config)
+                .await
+                .map_err(unavailable);
+        }
+        // Not "new events only" for a session that had a consumer: the caller refuses instead.
+        Err(e) => return Err(unavailable(e)),
     };
     let _ = stream.delete_consumer(name).await;
     config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {

@@ -66,11 +66,13 @@ impl SessionStore for KvSessions {
     fn load<'a>(
         &'a self,
         client_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackboneError>> {
+    ) -> BoxFuture<'a, Result<Option<meshgate_core::backbone::StoredRecord>, BackboneError>> {
         Box::pin(async move {
-            let value = self.kv.get(B64.encode(client_id)).await.map_err(failed)?;
-            // A purged key reads as an empty value.
-            Ok(value.filter(|v| !v.is_empty()).map(|v| v.to_vec()))
+            let entry = self.kv.entry(B64.encode(client_id)).await.map_err(failed)?;
+            // A purged or deleted key is a tombstone: no record.
+            Ok(entry
+                .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty())
+                .map(|e| (e.value.to_vec(), e.revision)))
         })
     }
 
@@ -78,18 +80,37 @@ impl SessionStore for KvSessions {
         &'a self,
         client_id: &'a str,
         record: Vec<u8>,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<u64>, BackboneError>> {
         Box::pin(async move {
-            self.kv
-                .put(B64.encode(client_id), record.into())
-                .await
-                .map_err(failed)?;
-            Ok(())
+            let key = B64.encode(client_id);
+            match revision {
+                // `create` also succeeds over a tombstone.
+                None => match self.kv.create(&key, record.into()).await {
+                    Ok(r) => Ok(Some(r)),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                    Err(e) => Err(failed(e)),
+                },
+                Some(rev) => match self.kv.update(&key, record.into(), rev).await {
+                    Ok(r) => Ok(Some(r)),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                    Err(e) => Err(failed(e)),
+                },
+            }
         })
     }
 
-    fn remove<'a>(&'a self, client_id: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
-        Box::pin(async move { self.kv.purge(B64.encode(client_id)).await.map_err(failed) })
+    fn remove<'a>(
+        &'a self,
+        client_id: &'a str,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        Box::pin(async move {
+            self.kv
+                .purge_expect_revision(B64.encode(client_id), Some(revision))
+                .await
+                .map_err(failed)
+        })
     }
 
     fn delete_durable<'a>(

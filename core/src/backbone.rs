@@ -134,17 +134,26 @@ pub trait RetainedStore: Send + Sync {
 /// (its client connected there, or the session parked there waiting for it) is asked to let
 /// go of it with [`SessionStore::release`] before another instance takes it.
 pub trait SessionStore: Send + Sync {
-    /// The stored record of `client_id`.
+    /// The stored record of `client_id` and its revision.
     fn load<'a>(
         &'a self,
         client_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackboneError>>;
+    ) -> BoxFuture<'a, Result<Option<StoredRecord>, BackboneError>>;
+    /// Saves `record` if the stored one is still at `revision` (`None`: there is none), so two
+    /// instances cannot both take a session: `Ok(Some(new revision))`, or `Ok(None)` when
+    /// another writer came first.
     fn save<'a>(
         &'a self,
         client_id: &'a str,
         record: Vec<u8>,
+        revision: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<u64>, BackboneError>>;
+    /// Removes the record if it is still at `revision`.
+    fn remove<'a>(
+        &'a self,
+        client_id: &'a str,
+        revision: u64,
     ) -> BoxFuture<'a, Result<(), BackboneError>>;
-    fn remove<'a>(&'a self, client_id: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
     /// Deletes a durable subscription ([`SubscribeOptions::durable`]) and what it kept.
     fn delete_durable<'a>(
         &'a self,
@@ -169,6 +178,9 @@ pub trait SessionStore: Send + Sync {
         Result<futures_util::stream::BoxStream<'static, ReleaseRequest>, BackboneError>,
     >;
 }
+
+/// A session record as stored, and its revision.
+pub type StoredRecord = (Vec<u8>, u64);
 
 /// Another instance asks this one to let go of a session ([`SessionStore::release_requests`]).
 /// Dropping the request answers the requester: drop it once the session is let go (or when

@@ -102,8 +102,11 @@ struct Session {
     aliases: Option<Box<HashMap<u16, Topic>>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
-    /// Some subscription is durable in the backbone's session store (see [`stored`]).
+    /// The session has state in the backbone's session store (see [`stored`]): durable
+    /// subscriptions or a record.
     durable: bool,
+    /// Revision of the stored record this session last read or wrote (0: none).
+    store_revision: u64,
 }
 
 impl Drop for Session {
@@ -378,14 +381,24 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Duration::from_secs(u64::from(requested_expiry)).min(shared.config.max_session_expiry);
     // Clean start discards a kept session (its will, if delayed, is published now).
     let mut resumed = shared.parked.take(&client_id, !connect.clean_session).await;
-    let mut stored_session = None;
+    let mut claim = stored::Claim::default();
     if shared.ctx.backbone.session_store().is_some() {
         // Sessions live in the backbone: what was parked here is only a placeholder (timers).
         if let Some(mut placeholder) = resumed.take() {
             placeholder.will = None;
         }
-        stored_session =
-            stored::claim(shared, &client_id, &principal, !connect.clean_session).await;
+        match stored::claim(shared, &client_id, &principal, !connect.clean_session).await {
+            Ok(c) => claim = c,
+            Err(()) => {
+                // Deciding without the store could hand one session to two instances.
+                let p = refuse(
+                    ConnectReturnCode::ServerUnavailable,
+                    "session store unavailable; retry later",
+                );
+                let _ = write_now(stream, version, p).await;
+                return None;
+            }
+        }
     }
     if let Some(old) = &resumed
         && old.principal.name() != principal.name()
@@ -429,6 +442,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         aliases: None,
         takeover: registration.takeover.clone(),
         durable: false,
+        store_revision: 0,
     };
     let mut session_present = match resumed.as_mut() {
         Some(old) => {
@@ -438,12 +452,27 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         None => false,
     };
     drop(resumed);
-    if let Some(record) = stored_session {
-        session.restore_stored(record).await;
+    session.store_revision = claim.revision;
+    if let Some(record) = claim.record {
+        if session.restore_stored(record).await.is_err() {
+            let p = refuse(
+                ConnectReturnCode::ServerUnavailable,
+                "cannot restore the session's subscriptions; retry later",
+            );
+            let _ = write_now(stream, version, p).await;
+            return None;
+        }
         session_present = true;
     }
-    // This instance holds the session now (a clean one, too: the client id is taken here).
-    session.save_stored().await;
+    // A persistent session is held here from now on; the record says so to other instances.
+    if session.save_stored().await != stored::Saved::Yes {
+        let p = refuse(
+            ConnectReturnCode::ServerUnavailable,
+            "session store unavailable or session taken elsewhere; retry later",
+        );
+        let _ = write_now(stream, version, p).await;
+        return None;
+    }
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
     let ack_props = ConnAckProperties {
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
@@ -537,7 +566,11 @@ async fn finish(mut session: Session, end: End) {
         if session.will_delay.is_none() {
             Box::pin(session.publish_will()).await;
         }
-        Box::pin(session.leave_stored()).await;
+        if !Box::pin(session.leave_stored()).await {
+            // Another instance holds the session now: nothing is left here.
+            session.will = None;
+            return;
+        }
         session.out = BytesMut::new();
         session.aliases = None;
         match shared.parked.park(session) {

@@ -58,26 +58,34 @@ fn durable_name(client_id: &str, key: &str) -> String {
     format!("mqtt_{}_{id}_{}", id.len(), b64.encode(key))
 }
 
-async fn load(store: &dyn SessionStore, shared: &Shared, client_id: &str) -> Option<Record> {
+/// The stored record and its revision; `Err` when the store cannot be read (then nothing may
+/// be decided about the session). An unreadable record is removed.
+async fn load(
+    store: &dyn SessionStore,
+    shared: &Shared,
+    client_id: &str,
+) -> Result<Option<(Record, u64)>, ()> {
     match store.load(client_id).await {
-        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
-            Ok(r) => Some(r),
+        Ok(Some((bytes, revision))) => match serde_json::from_slice(&bytes) {
+            Ok(r) => Ok(Some((r, revision))),
             Err(e) => {
-                tracing::warn!(client_id, error = %e, "mqtt: unreadable stored session; starting clean");
-                None
+                tracing::warn!(client_id, error = %e, "mqtt: unreadable stored session; removed");
+                let _ = store.remove(client_id, revision).await;
+                Ok(None)
             }
         },
-        Ok(None) => None,
+        Ok(None) => Ok(None),
         Err(e) => {
             shared.metrics.error("session_store");
-            tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session; starting clean");
-            None
+            tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session");
+            Err(())
         }
     }
 }
 
-/// Deletes a stored session: its durable subscriptions and its record.
-async fn discard(store: &dyn SessionStore, client_id: &str, record: &Record) {
+/// Deletes a stored session (its durable subscriptions, then its record) if the record is
+/// still at `revision`.
+async fn discard(store: &dyn SessionStore, client_id: &str, record: &Record, revision: u64) {
     for s in &record.subscriptions {
         if shared_filter(&s.key).is_some() {
             continue;
@@ -88,7 +96,15 @@ async fn discard(store: &dyn SessionStore, client_id: &str, record: &Record) {
                 .await;
         }
     }
-    let _ = store.remove(client_id).await;
+    let _ = store.remove(client_id, revision).await;
+}
+
+/// What CONNECT found in the store: the session to resume, and the record's revision to
+/// save over (0: none).
+#[derive(Debug, Default)]
+pub(super) struct Claim {
+    pub(super) record: Option<Record>,
+    pub(super) revision: u64,
 }
 
 /// At CONNECT: the stored session of `client_id`, taken from whichever instance held it, when
@@ -99,15 +115,22 @@ pub(super) async fn claim(
     client_id: &str,
     principal: &Principal,
     resume: bool,
-) -> Option<Record> {
-    let store = shared.ctx.backbone.session_store()?;
-    let mut record = load(store, shared, client_id).await?;
+) -> Result<Claim, ()> {
+    let Some(store) = shared.ctx.backbone.session_store() else {
+        return Ok(Claim::default());
+    };
+    let Some((mut record, mut revision)) = load(store, shared, client_id).await? else {
+        return Ok(Claim::default());
+    };
     if record.owner != *shared.ctx.instance {
         if let Err(e) = store.release(&record.owner, client_id, TAKEOVER_WAIT).await {
             tracing::warn!(client_id, error = %e, "mqtt: taking the session over without its holder");
         }
         // What the holder saved when it let go.
-        record = load(store, shared, client_id).await?;
+        match load(store, shared, client_id).await? {
+            Some(found) => (record, revision) = found,
+            None => return Ok(Claim::default()),
+        }
     }
     let expired = record.left_at_ms.is_some_and(|left| {
         now_ms() > left.saturating_add(record.expiry_secs.saturating_mul(1000))
@@ -119,10 +142,13 @@ pub(super) async fn claim(
                 "mqtt: stored session belongs to another user; starting clean"
             );
         }
-        discard(store, client_id, &record).await;
-        return None;
+        discard(store, client_id, &record, revision).await;
+        return Ok(Claim::default());
     }
-    Some(record)
+    Ok(Claim {
+        record: Some(record),
+        revision,
+    })
 }
 
 /// Lets go of a session held here, for another instance: its connection closes (session taken
@@ -225,32 +251,58 @@ impl Session {
         }
     }
 
-    async fn save(&mut self, left_at_ms: Option<u64>) {
-        let Some(store) = self.store() else { return };
+    async fn save(&mut self, left_at_ms: Option<u64>) -> Saved {
+        let shared = self.shared.clone();
+        let Some(store) = shared.ctx.backbone.session_store() else {
+            return Saved::Yes;
+        };
         // A clean session has nothing stored — unless it resumed a stored one (a v5 client
         // may resume with expiry 0): then the record says it is held here until it ends.
         if self.expiry.is_zero() && !self.durable {
-            return;
+            return Saved::Yes;
         }
-        let record = match serde_json::to_vec(&self.record(left_at_ms)) {
-            Ok(r) => r,
-            Err(_) => return,
+        let Ok(record) = serde_json::to_vec(&self.record(left_at_ms)) else {
+            return Saved::Failed;
         };
-        if let Err(e) = store.save(&self.client_id, record).await {
-            self.shared.metrics.error("session_store");
-            tracing::warn!(client_id = self.client_id, error = %e, "mqtt: cannot save the session");
+        let expected = (self.store_revision != 0).then_some(self.store_revision);
+        match store.save(&self.client_id, record, expected).await {
+            Ok(Some(revision)) => {
+                self.store_revision = revision;
+                self.durable = true;
+                Saved::Yes
+            }
+            Ok(None) => {
+                tracing::info!(
+                    client_id = self.client_id,
+                    "mqtt: the session was taken by another instance"
+                );
+                Saved::Conflict
+            }
+            Err(e) => {
+                shared.metrics.error("session_store");
+                tracing::warn!(client_id = self.client_id, error = %e, "mqtt: cannot save the session");
+                Saved::Failed
+            }
         }
     }
 
     /// Saves a connected persistent session (after CONNECT and every subscription change), so
-    /// its subscriptions survive even this instance being killed.
-    pub(super) async fn save_stored(&mut self) {
-        self.save(None).await;
+    /// its subscriptions survive even this instance being killed. A session another instance
+    /// took meanwhile (its holder did not answer in time) ends its connection here.
+    pub(super) async fn save_stored(&mut self) -> Saved {
+        let saved = self.save(None).await;
+        if saved == Saved::Conflict {
+            self.takeover.cancel();
+        }
+        saved
     }
 
     /// Takes what the stored session kept: its subscriptions (bound again to their durable
     /// subscriptions, with what waited there) and its unfinished QoS 2 handshakes.
-    pub(super) async fn restore_stored(&mut self, record: Record) {
+    pub(super) async fn restore_stored(
+        &mut self,
+        record: Record,
+    ) -> Result<(), meshgate_core::BackboneError> {
         for s in record.subscriptions {
             let (group, text) = match shared_filter(&s.key) {
                 None => (None, s.key.as_str()),
@@ -270,7 +322,9 @@ impl Session {
             // it (expiry 0): what waited there is delivered, and it is deleted at the end.
             let durable = group.is_none().then(|| self.durable_forced(&s.key));
             if let Err(e) = self.open(&s.key, filter, group, options, durable).await {
+                // The caller refuses the CONNECT; the record and consumers stay for a retry.
                 tracing::warn!(client_id = self.client_id, error = %e, filter = s.key, "mqtt: cannot restore a subscription");
+                return Err(e);
             }
         }
         self.incoming_qos2 = record.incoming_qos2.into_iter().collect();
@@ -283,35 +337,46 @@ impl Session {
             instance: std::sync::Arc::from(record.origin.0),
             connection: record.origin.1,
         };
+        Ok(())
     }
 
     /// The connection of a persistent session ends: the deliveries the client did not
     /// acknowledge go back to the backbone and the record says the client left, so the session
-    /// can be resumed on any instance.
-    pub(super) async fn leave_stored(&mut self) {
+    /// can be resumed on any instance. False when another instance has taken the session.
+    pub(super) async fn leave_stored(&mut self) -> bool {
         if self.store().is_none() {
-            return;
+            return true;
         }
         self.detach().await;
-        self.save(Some(now_ms())).await;
+        self.save(Some(now_ms())).await != Saved::Conflict
     }
 
     /// The session is over (expired, or its last connection had expiry 0): its durable
-    /// subscriptions and record are deleted — unless another instance holds it by now.
+    /// subscriptions and record are deleted — unless the record changed since this instance
+    /// wrote it (another instance holds the session by now), or cannot be read.
     pub(super) async fn end_stored(&mut self) {
-        let Some(store) = self.store() else { return };
-        if !self.durable {
+        let shared = self.shared.clone();
+        let Some(store) = shared.ctx.backbone.session_store() else {
+            return;
+        };
+        if self.store_revision == 0 {
             return;
         }
-        match load(store, &self.shared, &self.client_id).await {
-            Some(r) if r.owner != *self.shared.ctx.instance => {}
-            Some(r) => discard(store, &self.client_id, &r).await,
-            None => {
-                let r = self.record(None);
-                discard(store, &self.client_id, &r).await;
-            }
+        if let Ok(Some((record, revision))) = load(store, &shared, &self.client_id).await
+            && revision == self.store_revision
+        {
+            discard(store, &self.client_id, &record, revision).await;
         }
     }
+}
+
+/// How saving a session record went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Saved {
+    Yes,
+    /// Another instance wrote the record since this one did: the session is no longer ours.
+    Conflict,
+    Failed,
 }
 
 #[cfg(test)]

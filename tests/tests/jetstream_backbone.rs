@@ -707,3 +707,44 @@ async fn a_session_survives_its_instance_killed_with_sigkill() {
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), messages);
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_written_by_someone_else_is_no_longer_held_here() {
+    let nats = NatsServer::start();
+    let a = start_gateway(with_mqtt(js_config(&nats, "js-cas-a"))).await;
+    let mut o = rumqttc::MqttOptions::new("dev-cas", "127.0.0.1", a.mqtt_addr.unwrap().port());
+    o.set_clean_session(false);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client
+        .subscribe("x/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    // Another writer (an instance that took the session without A's answer) updates the record.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("MESHGATE_SESSIONS").await.unwrap();
+    // "dev-cas" in unpadded base64url.
+    let key = "ZGV2LWNhcw";
+    assert!(kv.get(key).await.unwrap().is_some(), "A saved the session");
+    kv.put(key, "{}".into()).await.unwrap();
+    // A's next save finds a newer revision: it lets the connection go instead of overwriting.
+    client
+        .subscribe("y/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while el.poll().await.is_ok() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was closed");
+    assert_eq!(
+        kv.get(key).await.unwrap().as_deref(),
+        Some(&b"{}"[..]),
+        "A did not overwrite the other writer's record"
+    );
+    a.shutdown().await;
+}

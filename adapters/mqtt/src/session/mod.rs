@@ -102,10 +102,8 @@ struct Session {
     aliases: Option<Box<HashMap<u16, Topic>>>,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
-    /// The session has state in the backbone's session store (see [`stored`]): durable
-    /// subscriptions or a record.
-    durable: bool,
-    /// Revision of the stored record this session last read or wrote (0: none).
+    /// Revision of the record in the backbone's session store (see [`stored`]) this session
+    /// last read or wrote; 0: the session has nothing stored.
     store_revision: u64,
 }
 
@@ -127,7 +125,6 @@ impl Session {
         self.next_pkid = old.next_pkid;
         self.incoming_qos2 = std::mem::take(&mut old.incoming_qos2);
         self.origin = old.origin.clone();
-        self.durable = old.durable;
         // The old will is not sent: the client is back (MQTT 5 §3.1.3.2.2).
         old.will = None;
     }
@@ -441,7 +438,6 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         requested_expiry,
         aliases: None,
         takeover: registration.takeover.clone(),
-        durable: false,
         store_revision: 0,
     };
     let mut session_present = match resumed.as_mut() {

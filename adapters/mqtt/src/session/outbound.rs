@@ -477,21 +477,14 @@ impl Session {
         self.settle().await;
         self.streams = None;
         let mut back: Vec<Delivery> = self.pending.drain(..).map(|o| o.delivery).collect();
-        let sent: Vec<u16> = self
+        // Released QoS 2 entries stay: their PUBREL is resent wherever the session resumes.
+        let sent = self
             .inflight
-            .iter()
-            .filter(|(_, e)| matches!(e.stage, Stage::Sent(_)))
-            .map(|(p, _)| *p)
-            .collect();
-        for pkid in sent {
-            if let Some(Inflight {
-                stage: Stage::Sent(o),
-                ..
-            }) = self.inflight.remove(&pkid)
-            {
-                back.push(o.delivery);
-            }
-        }
+            .extract_if(|_, e| matches!(e.stage, Stage::Sent(_)));
+        back.extend(sent.filter_map(|(_, e)| match e.stage {
+            Stage::Sent(o) => Some(o.delivery),
+            Stage::Released => None,
+        }));
         for d in back {
             let _ = d.nack(None).await;
         }

@@ -91,12 +91,22 @@ async fn discard(store: &dyn SessionStore, client_id: &str, record: &Record, rev
             continue;
         }
         if let Ok(filter) = TopicFilter::parse(&s.key) {
-            let _ = store
-                .delete_durable(&durable_name(client_id, &s.key), &filter)
-                .await;
+            delete_durable(store, client_id, &s.key, &filter).await;
         }
     }
     let _ = store.remove(client_id, revision).await;
+}
+
+/// Deletes the durable subscription of one of a session's filters (gone already is fine).
+async fn delete_durable(
+    store: &dyn SessionStore,
+    client_id: &str,
+    key: &str,
+    filter: &TopicFilter,
+) {
+    let _ = store
+        .delete_durable(&durable_name(client_id, key), filter)
+        .await;
 }
 
 /// What CONNECT found in the store: the session to resume, and the record's revision to
@@ -218,12 +228,10 @@ impl Session {
     /// Deletes an unsubscribed filter's durable subscription.
     pub(super) async fn forget_durable(&mut self, sub: &Subscription) {
         if let Some(store) = self.store()
-            && self.durable
+            && self.store_revision != 0
             && !sub.shared
         {
-            let _ = store
-                .delete_durable(&durable_name(&self.client_id, &sub.key), &sub.filter)
-                .await;
+            delete_durable(store, &self.client_id, &sub.key, &sub.filter).await;
         }
     }
 
@@ -258,7 +266,7 @@ impl Session {
         };
         // A clean session has nothing stored — unless it resumed a stored one (a v5 client
         // may resume with expiry 0): then the record says it is held here until it ends.
-        if self.expiry.is_zero() && !self.durable {
+        if self.expiry.is_zero() && self.store_revision == 0 {
             return Saved::Yes;
         }
         let Ok(record) = serde_json::to_vec(&self.record(left_at_ms)) else {
@@ -268,7 +276,6 @@ impl Session {
         match store.save(&self.client_id, record, expected).await {
             Ok(Some(revision)) => {
                 self.store_revision = revision;
-                self.durable = true;
                 Saved::Yes
             }
             Ok(None) => {

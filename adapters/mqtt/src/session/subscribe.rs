@@ -71,7 +71,6 @@ impl Session {
         o: SubOptions,
         durable: Option<meshgate_core::Durable>,
     ) -> Result<(), meshgate_core::BackboneError> {
-        self.durable |= durable.is_some();
         let options = SubscribeOptions {
             // Shared subscriptions are backbone queue groups, so the group's members share the
             // messages across connections (and, on NATS, instances).

@@ -42,6 +42,17 @@ pub fn test_config() -> meshgate_config::Config {
     c
 }
 
+/// A Mosquitto command-line client (`mosquitto_pub`, `mosquitto_sub`), failing with how to
+/// install it when it is missing.
+pub fn mosquitto_command(cmd: &str) -> std::process::Command {
+    let path = format!("/usr/bin/{cmd}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} not found: install it with `apt-get install -y mosquitto-clients` (scripts/test.sh does)"
+    );
+    std::process::Command::new(path)
+}
+
 /// Starts a gateway in this process; its bound addresses are in `web_addr` / `admin_addr`.
 pub async fn start_gateway(config: meshgate_config::Config) -> meshgate::RunningGateway {
     meshgate::start(config)

@@ -349,16 +349,10 @@ async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_are_shared_by_the_instances() {
     let nats = NatsServer::start();
-    let with_mqtt = |mut c: meshgate_config::Config| {
-        c.mqtt.enabled = true;
-        c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-        c.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
-        c
-    };
     let a = start_gateway(with_mqtt(js_config(&nats, "js-ret-a"))).await;
     let b = start_gateway(with_mqtt(js_config(&nats, "js-ret-b"))).await;
     let port = |gw: &meshgate::RunningGateway| gw.mqtt_addr.unwrap().port().to_string();
-    let mosquitto = |cmd: &str| std::process::Command::new(format!("/usr/bin/{cmd}"));
+    let mosquitto = support::mosquitto_command;
     // Retained on A (QoS 1: acknowledged once stored).
     let status = mosquitto("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port(&a), "-q", "1", "-r"])
@@ -408,7 +402,7 @@ fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
 fn mosquitto(cmd: &str, gw: &meshgate::RunningGateway, args: &[&str], stdin: &str) -> String {
     use std::io::Write;
     let port = gw.mqtt_addr.unwrap().port().to_string();
-    let mut child = std::process::Command::new(format!("/usr/bin/{cmd}"))
+    let mut child = support::mosquitto_command(cmd)
         .args(["-h", "127.0.0.1", "-p", &port])
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -423,6 +417,11 @@ fn mosquitto(cmd: &str, gw: &meshgate::RunningGateway, args: &[&str], stdin: &st
         .unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Publishes each line of `lines` at QoS 1 to `topic` through `gw` (mosquitto_pub).
+fn publish_lines(gw: &meshgate::RunningGateway, topic: &str, lines: &str) {
+    mosquitto("mosquitto_pub", gw, &["-q", "1", "-t", topic, "-l"], lines);
 }
 
 fn sorted_lines(s: &str) -> Vec<String> {
@@ -448,12 +447,7 @@ async fn persistent_mqtt_sessions_move_between_instances() {
         &[&persistent[..], &["-E"]].concat(),
         "",
     );
-    mosquitto(
-        "mosquitto_pub",
-        &b,
-        &["-q", "1", "-t", "cmd/x", "-l"],
-        &lines,
-    );
+    publish_lines(&b, "cmd/x", &lines);
     let got = mosquitto(
         "mosquitto_sub",
         &b,
@@ -462,12 +456,7 @@ async fn persistent_mqtt_sessions_move_between_instances() {
     );
     assert_eq!(sorted_lines(&got), messages, "queued on A, delivered on B");
     // Back on A: the session moved again, with nothing left over.
-    mosquitto(
-        "mosquitto_pub",
-        &b,
-        &["-q", "1", "-t", "cmd/y", "-m", "after"],
-        "",
-    );
+    publish_lines(&b, "cmd/y", "after\n");
     let got = mosquitto(
         "mosquitto_sub",
         &a,
@@ -482,12 +471,7 @@ async fn persistent_mqtt_sessions_move_between_instances() {
         "-V", "5", "-c", "-x", "600", "-i", "dev-5", "-q", "1", "-t", "tel/#",
     ];
     mosquitto("mosquitto_sub", &a, &[&v5[..], &["-E"]].concat(), "");
-    mosquitto(
-        "mosquitto_pub",
-        &b,
-        &["-q", "1", "-t", "tel/t", "-l"],
-        &lines,
-    );
+    publish_lines(&b, "tel/t", &lines);
     let c = start_gateway(with_mqtt(js_config(&nats, "js-sess-c"))).await;
     a.shutdown().await;
     let got = mosquitto(
@@ -505,12 +489,7 @@ async fn persistent_mqtt_sessions_move_between_instances() {
     // A clean start on another instance ends a session kept on B.
     let kept = ["-c", "-i", "dev-clean", "-q", "1", "-t", "job/#"];
     mosquitto("mosquitto_sub", &b, &[&kept[..], &["-E"]].concat(), "");
-    mosquitto(
-        "mosquitto_pub",
-        &b,
-        &["-q", "1", "-t", "job/1", "-m", "old"],
-        "",
-    );
+    publish_lines(&b, "job/1", "old\n");
     let got = mosquitto(
         "mosquitto_sub",
         &c,
@@ -581,12 +560,7 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
             break;
         }
     }
-    mosquitto(
-        "mosquitto_pub",
-        &b,
-        &["-q", "1", "-t", "alarm/0", "-m", "smoke"],
-        "",
-    );
+    publish_lines(&b, "alarm/0", "smoke\n");
     let got = next_payload(&mut el_a).await;
     assert_eq!(got.as_deref(), Some("smoke"), "delivered on A first");
     // The same client id connects to B: A's connection is closed, B resumes the session.
@@ -607,12 +581,7 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
     .await;
     assert!(closed.is_ok(), "A closed the taken-over connection");
     // A message published through A reaches the device on B, through the resumed subscription.
-    mosquitto(
-        "mosquitto_pub",
-        &a,
-        &["-q", "1", "-t", "alarm/1", "-m", "fire"],
-        "",
-    );
+    publish_lines(&a, "alarm/1", "fire\n");
     let got = next_payload(&mut el_b).await;
     assert_eq!(got.as_deref(), Some("fire"), "delivered on B");
     b.shutdown().await;
@@ -643,12 +612,7 @@ async fn a_session_survives_its_instance_killed_with_sigkill() {
         o
     };
     let publish = |what: &str| {
-        mosquitto(
-            "mosquitto_pub",
-            &b,
-            &["-q", "1", "-t", "sensor/t", "-l"],
-            what,
-        );
+        publish_lines(&b, "sensor/t", what);
     };
     // Connected to A and subscribed; one message proves the subscription works.
     let (client, mut el) = rumqttc::AsyncClient::new(options(a.mqtt.unwrap().port()), 10);

@@ -250,15 +250,6 @@ async fn nats_restart_is_reported_refused_then_recovered() {
     gw.shutdown().await;
 }
 
-fn mosquitto(cmd: &str) -> std::process::Command {
-    let path = format!("/usr/bin/{cmd}");
-    assert!(
-        std::path::Path::new(&path).exists(),
-        "{path} not found: install it with `apt-get install -y mosquitto-clients` (scripts/test.sh does)"
-    );
-    std::process::Command::new(path)
-}
-
 fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
     c.mqtt.enabled = true;
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
@@ -271,7 +262,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
     let a = start_gateway(with_mqtt(nats_config(&nats, "gw-ma"))).await;
     let b = start_gateway(with_mqtt(nats_config(&nats, "gw-mb"))).await;
     let sub = |gw: &meshgate::RunningGateway| {
-        mosquitto("mosquitto_sub")
+        support::mosquitto_command("mosquitto_sub")
             .args([
                 "-h",
                 "127.0.0.1",
@@ -285,7 +276,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
             .unwrap()
     };
     // An ordinary subscriber on B sees everything, once.
-    let watcher = mosquitto("mosquitto_sub")
+    let watcher = support::mosquitto_command("mosquitto_sub")
         .args([
             "-h",
             "127.0.0.1",
@@ -312,7 +303,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
     const N: usize = 30;
     let port = a.mqtt_addr.unwrap().port().to_string();
     for i in 0..N {
-        let status = mosquitto("mosquitto_pub")
+        let status = support::mosquitto_command("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
             .args(["-t", &format!("jobs/{i}"), "-m", &format!("job-{i}")])
             .status()

@@ -25,7 +25,7 @@ use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
 use meshgate_core::{
     Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
-    TopicFilter,
+    TopicFilter, TryPublish,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -113,94 +113,69 @@ impl MemoryBackbone {
         self.inner.read().subs.len()
     }
 
-    async fn publish_inner(&self, envelope: Envelope) -> Result<(), BackboneError> {
+    /// Queues the event for every matching subscriber without waiting. Subscribers whose queue
+    /// is full get it under the full-queue policy: dropped and counted at once (`drop`), or
+    /// returned, to be waited for (`block`).
+    fn enqueue(&self, envelope: &Arc<Envelope>) -> Vec<mpsc::Sender<Delivery>> {
         let inner = &self.inner;
-        if inner.closed.load(Ordering::Acquire) {
-            return Err(BackboneError::Closed);
-        }
-        let envelope = Arc::new(envelope);
-        // Pick the targets under the lock, send after releasing it.
-        let mut single: Vec<mpsc::Sender<Delivery>> = Vec::new();
-        let mut grouped: Vec<(usize, Vec<mpsc::Sender<Delivery>>)> = Vec::new();
-        {
-            let state = inner.read();
-            let mut groups: HashMap<&(String, TopicFilter), Vec<mpsc::Sender<Delivery>>> =
-                HashMap::new();
-            for sub in state.subs.iter() {
-                if !sub.filter.matches(&envelope.topic) {
-                    continue;
-                }
-                match &sub.group {
-                    None => single.push(sub.tx.clone()),
-                    Some(key) => groups.entry(key).or_default().push(sub.tx.clone()),
-                }
+        let mut blocked = Vec::new();
+        let mut full = |tx: &mpsc::Sender<Delivery>| match inner.config.full_policy {
+            FullQueuePolicy::Drop => {
+                inner.dropped_queue_full.inc();
+                tracing::debug!(topic = %envelope.topic, "subscriber queue full, event dropped");
             }
-            for (key, members) in groups {
-                let start = state
-                    .cursors
-                    .get(key)
-                    .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
-                grouped.push((start, members));
+            FullQueuePolicy::Block => blocked.push(tx.clone()),
+        };
+        let state = inner.read();
+        // Queue groups seen so far (rarely any: no allocation unless there are).
+        let mut groups: HashMap<&(String, TopicFilter), Vec<&mpsc::Sender<Delivery>>> =
+            HashMap::new();
+        for sub in state.subs.iter() {
+            if !sub.filter.matches(&envelope.topic) {
+                continue;
+            }
+            match &sub.group {
+                None => match sub.tx.try_send(Delivery::new(envelope.clone(), None)) {
+                    Ok(()) | Err(TrySendError::Closed(_)) => {}
+                    Err(TrySendError::Full(_)) => full(&sub.tx),
+                },
+                Some(key) => groups.entry(key).or_default().push(&sub.tx),
             }
         }
-        let mut saturated = false;
-        for tx in single {
-            saturated |= !self.deliver(&tx, &envelope).await;
-        }
-        for (start, members) in grouped {
+        for (key, members) in groups {
+            let start = state
+                .cursors
+                .get(key)
+                .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
             // Prefer a member with room; if all are full, the policy applies to the chosen one.
             let n = members.len();
-            let mut sent = false;
-            for i in 0..n {
-                let tx = &members[(start + i) % n];
-                match tx.try_send(Delivery::new(envelope.clone(), None)) {
-                    Ok(()) => {
-                        sent = true;
-                        break;
-                    }
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {}
-                }
-            }
+            let sent = (0..n).any(|i| {
+                members[(start + i) % n]
+                    .try_send(Delivery::new(envelope.clone(), None))
+                    .is_ok()
+            });
             if !sent {
-                saturated |= !self.deliver(&members[start % n], &envelope).await;
+                full(members[start % n]);
             }
         }
-        if saturated {
-            return Err(BackboneError::Saturated(format!(
-                "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
-                inner.config.block_timeout
-            )));
-        }
-        Ok(())
+        blocked
     }
 
-    /// Enqueues for one subscriber under the full-queue policy. `false`: blocked past the timeout.
-    async fn deliver(&self, tx: &mpsc::Sender<Delivery>, envelope: &Arc<Envelope>) -> bool {
+    /// Waits (at most `block_timeout`) for room in a full subscriber queue. `false`: timed out,
+    /// the event was dropped for that subscriber.
+    async fn wait_for_room(&self, tx: &mpsc::Sender<Delivery>, envelope: &Arc<Envelope>) -> bool {
         let delivery = Delivery::new(envelope.clone(), None);
-        match tx.try_send(delivery) {
-            Ok(()) | Err(TrySendError::Closed(_)) => true,
-            Err(TrySendError::Full(delivery)) => match self.inner.config.full_policy {
-                FullQueuePolicy::Drop => {
-                    self.inner.dropped_queue_full.inc();
-                    tracing::debug!(topic = %envelope.topic, "subscriber queue full, event dropped");
-                    true
-                }
-                FullQueuePolicy::Block => {
-                    match tokio::time::timeout(self.inner.config.block_timeout, tx.send(delivery))
-                        .await
-                    {
-                        Ok(_) => true,
-                        Err(_) => {
-                            self.inner.dropped_block_timeout.inc();
-                            tracing::warn!(
-                                topic = %envelope.topic,
-                                "subscriber queue full past block_timeout, event dropped for it"
-                            );
-                            false
-                        }
-                    }
-                }
-            },
+        match tokio::time::timeout(self.inner.config.block_timeout, tx.send(delivery)).await {
+            // Sent, or the subscriber went away meanwhile.
+            Ok(_) => true,
+            Err(_) => {
+                self.inner.dropped_block_timeout.inc();
+                tracing::warn!(
+                    topic = %envelope.topic,
+                    "subscriber queue full past block_timeout, event dropped for it"
+                );
+                false
+            }
         }
     }
 }
@@ -233,7 +208,34 @@ impl Backbone for MemoryBackbone {
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>> {
-        Box::pin(self.publish_inner(envelope))
+        match self.try_publish(envelope) {
+            TryPublish::Done(r) => Box::pin(std::future::ready(r)),
+            TryPublish::Pending(f) => f,
+        }
+    }
+
+    fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return TryPublish::Done(Err(BackboneError::Closed));
+        }
+        let envelope = Arc::new(envelope);
+        let blocked = self.enqueue(&envelope);
+        if blocked.is_empty() {
+            return TryPublish::Done(Ok(()));
+        }
+        TryPublish::Pending(Box::pin(async move {
+            let mut saturated = false;
+            for tx in blocked {
+                saturated |= !self.wait_for_room(&tx, &envelope).await;
+            }
+            if saturated {
+                return Err(BackboneError::Saturated(format!(
+                    "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
+                    self.inner.config.block_timeout
+                )));
+            }
+            Ok(())
+        }))
     }
 
     fn subscribe(

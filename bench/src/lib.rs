@@ -8,7 +8,70 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+pub mod raw;
+
 pub const PAYLOAD: usize = 256;
+
+/// Which MQTT client drives a run: the same one for every broker in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generator {
+    /// [`raw`]: pre-encoded packets on plain sockets, little CPU of its own (the default).
+    Raw,
+    /// rumqttc clients: what an application would use, but they take most of a core here.
+    Rumqttc,
+}
+
+impl Generator {
+    /// `--client raw|rumqttc` from the command line (default `raw`).
+    pub fn from_args(args: &[String]) -> anyhow::Result<Generator> {
+        match args
+            .iter()
+            .position(|a| a == "--client")
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+        {
+            None | Some("raw") => Ok(Generator::Raw),
+            Some("rumqttc") => Ok(Generator::Rumqttc),
+            Some(other) => anyhow::bail!("--client {other}: expected raw or rumqttc"),
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Generator::Raw => "raw-socket load generator (pre-encoded packets, batched writes)",
+            Generator::Rumqttc => "rumqttc load generator",
+        }
+    }
+
+    pub async fn throughput(
+        self,
+        pub_port: u16,
+        sub_port: u16,
+        qos: QoS,
+        publishers: usize,
+        seconds: u64,
+    ) -> anyhow::Result<Throughput> {
+        match self {
+            Generator::Raw => {
+                raw::throughput(pub_port, sub_port, qos as u8, publishers, seconds).await
+            }
+            Generator::Rumqttc => throughput(pub_port, sub_port, qos, publishers, seconds).await,
+        }
+    }
+
+    pub async fn latency(
+        self,
+        pub_port: u16,
+        sub_port: u16,
+        rate: u64,
+        seconds: u64,
+    ) -> anyhow::Result<(u64, u64)> {
+        match self {
+            Generator::Raw => raw::latency(pub_port, sub_port, rate, seconds).await,
+            Generator::Rumqttc => latency(pub_port, sub_port, rate, seconds).await,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Broker {

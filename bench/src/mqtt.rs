@@ -1,12 +1,12 @@
 //! MQTT → MQTT side by side: meshgate, Mosquitto and nats-server's MQTT listener, same load
-//! generator (rumqttc), same machine, one run.
+//! generator (raw sockets by default, rumqttc with `--client rumqttc`), same machine, one run.
 //!
 //! For each broker: delivered messages/s for QoS 0 and QoS 1 with 1 and 4 publishers (256-byte
 //! payloads, one subscriber on `bench/#`, loss counted), p50/p99 latency at a fixed 2,000 msg/s,
 //! and RSS per idle connection with `--conns N` idle MQTT connections.
 //!
 //! Usage (release build; the brokers are started by this program on free loopback ports):
-//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--conns N] [--only NAME] [--rss-only]`
+//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--conns N] [--only NAME] [--rss-only] [--client raw|rumqttc]`
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshgate_bench::{
-    Broker, PAYLOAD, free_port, latency, start_meshgate_with, temp_dir, throughput, wait_listening,
+    Broker, Generator, PAYLOAD, free_port, start_meshgate_with, temp_dir, wait_listening,
 };
 use rumqttc::QoS;
 
@@ -137,8 +137,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let rss_only = args.iter().any(|a| a == "--rss-only");
+    let generator = Generator::from_args(&args)?;
     println!(
-        "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, rumqttc load generator, all on this machine\n"
+        "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, {}, all on this machine\n",
+        generator.describe()
     );
     println!(
         "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}) |"
@@ -176,7 +178,10 @@ async fn main() -> anyhow::Result<()> {
             (QoS::AtLeastOnce, 1),
             (QoS::AtLeastOnce, 4),
         ] {
-            match throughput(broker.port, broker.port, qos, pubs, seconds).await {
+            match generator
+                .throughput(broker.port, broker.port, qos, pubs, seconds)
+                .await
+            {
                 Ok(t) => {
                     if qos == QoS::AtLeastOnce {
                         loss += t.accepted.saturating_sub(t.delivered);
@@ -186,7 +191,10 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => cells.push(format!("error: {e}")),
             }
         }
-        let (p50, p99) = match latency(broker.port, broker.port, 2_000, seconds).await {
+        let (p50, p99) = match generator
+            .latency(broker.port, broker.port, 2_000, seconds)
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("{name}: latency run failed: {e}");

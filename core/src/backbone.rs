@@ -352,6 +352,23 @@ impl Stream for Subscription {
 }
 
 /// The event bus.
+/// The outcome of [`Backbone::try_publish`].
+pub enum TryPublish<'a> {
+    /// Accepted or refused already.
+    Done(Result<(), BackboneError>),
+    /// The rest of the publish (waiting for room, or for an acknowledgement).
+    Pending(BoxFuture<'a, Result<(), BackboneError>>),
+}
+
+impl fmt::Debug for TryPublish<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryPublish::Done(r) => f.debug_tuple("Done").field(r).finish(),
+            TryPublish::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
+
 pub trait Backbone: Send + Sync + fmt::Debug {
     /// Short name for logs and metrics (`memory`, `nats`, `jetstream`).
     fn name(&self) -> &'static str;
@@ -360,6 +377,13 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     /// backbone: queued for every matching subscriber; for JetStream: after the PubAck), so the
     /// caller may then acknowledge its client.
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>>;
+
+    /// [`Backbone::publish`], done at once where the backbone can (the memory backbone when
+    /// every subscriber's queue has room): no future to allocate and poll on the path every
+    /// message takes. The default hands everything to `publish`.
+    fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
+        TryPublish::Pending(self.publish(envelope))
+    }
 
     /// Subscribes to a topic filter.
     fn subscribe(

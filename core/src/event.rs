@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -116,11 +117,13 @@ impl Data {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     id: String,
-    source: String,
-    ty: String,
+    // Shared strings: a producer's wrapped events all carry the same source and type, and the
+    // subject of a wrapped event is its topic, so these are reference counts, not copies.
+    source: Arc<str>,
+    ty: Arc<str>,
     datacontenttype: Option<String>,
     dataschema: Option<String>,
-    subject: Option<String>,
+    subject: Option<Arc<str>>,
     time: Option<String>,
     extensions: BTreeMap<String, ExtensionValue>,
     data: Option<Data>,
@@ -153,8 +156,8 @@ impl Event {
         validate::non_empty_string("type", &ty)?;
         Ok(Event {
             id,
-            source,
-            ty,
+            source: source.into(),
+            ty: ty.into(),
             datacontenttype: None,
             dataschema: None,
             subject: None,
@@ -166,7 +169,7 @@ impl Event {
 
     /// An event from values the caller has already validated (see `wrap::Wrapper`, which
     /// checks its source and type once rather than per message).
-    pub(crate) fn from_trusted(id: String, source: String, ty: String, time: String) -> Event {
+    pub(crate) fn from_trusted(id: String, source: Arc<str>, ty: Arc<str>, time: String) -> Event {
         Event {
             id,
             source,
@@ -241,6 +244,10 @@ impl Event {
         Ok(())
     }
     pub fn set_subject(&mut self, v: Option<String>) -> Result<(), EventError> {
+        self.set_shared_subject(v.map(Arc::from))
+    }
+    /// [`Event::set_subject`] with a shared string (a topic's text, say), without a copy.
+    pub fn set_shared_subject(&mut self, v: Option<Arc<str>>) -> Result<(), EventError> {
         if let Some(v) = &v {
             validate::non_empty_string("subject", v)?;
         }

@@ -19,11 +19,11 @@ pub mod topic;
 pub mod validate;
 pub mod wrap;
 
-pub use adapter::{Adapter, AdapterContext, AdapterError, PublishError};
+pub use adapter::{Adapter, AdapterContext, AdapterError, PublishError, Published};
 pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,
-    RetainedStore, SessionStore, SubscribeOptions, Subscription,
+    RetainedStore, SessionStore, SubscribeOptions, Subscription, TryPublish,
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
 pub use topic::{Topic, TopicError, TopicFilter};

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use meshgate_config::{Mqtt5Mode, Mqtt311Mode};
 use meshgate_core::event::StringAttributes;
 use meshgate_core::wrap::Wrapper;
-use meshgate_core::{Data, Event, EventError, json, media};
+use meshgate_core::{Data, Event, EventError, Topic, json, media};
 use rumqttd::protocol::PublishProperties;
 
 use crate::codec::Version;
@@ -38,7 +38,7 @@ pub fn client_source(client_id: &str) -> String {
 #[derive(Debug)]
 pub struct Inbound<'a> {
     pub version: Version,
-    pub topic: &'a str,
+    pub topic: &'a Topic,
     pub payload: Bytes,
     pub properties: Option<&'a PublishProperties>,
     /// Wraps plain payloads: source [`client_source`] of the client id, the configured type;
@@ -97,7 +97,8 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
     if m.version == Version::V311 && looks_structured_json(&m.payload) {
         return json::decode(&m.payload);
     }
-    m.wrapper.wrap(m.payload, Some(m.topic), content_type)
+    m.wrapper
+        .wrap_shared(m.payload, Some(m.topic.shared_str()), content_type)
 }
 
 /// Payload and properties of an outbound PUBLISH.
@@ -160,6 +161,8 @@ mod tests {
     static WRAPPER: std::sync::LazyLock<Wrapper> = std::sync::LazyLock::new(|| {
         Wrapper::new(client_source("dev 1"), "io.meshgate.mqtt.message").unwrap()
     });
+    static T1: std::sync::LazyLock<Topic> =
+        std::sync::LazyLock::new(|| Topic::from_mqtt("t/1").unwrap());
 
     fn inbound<'a>(
         version: Version,
@@ -168,7 +171,7 @@ mod tests {
     ) -> Inbound<'a> {
         Inbound {
             version,
-            topic: "t/1",
+            topic: &T1,
             payload: Bytes::from_static(payload),
             properties: props,
             wrapper: &WRAPPER,
@@ -312,7 +315,7 @@ mod tests {
         let props = o.properties.unwrap();
         let back = decode(Inbound {
             version: Version::V5,
-            topic: "t",
+            topic: &Topic::from_mqtt("t").unwrap(),
             payload: o.payload,
             properties: Some(&props),
             wrapper: &WRAPPER,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{Credentials, Origin, Principal, PublishError, Topic};
+use meshgate_core::{Credentials, Origin, Principal, PublishError, Published, Topic};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
@@ -786,16 +786,18 @@ impl Session {
         Flow::Continue
     }
 
-    async fn handle_publish(
+    /// Everything about an inbound PUBLISH that needs no waiting: QoS 2 duplicates, topic
+    /// (aliases), authorization, the CloudEvent, the envelope. `Err`: answered or refused here.
+    fn prepare_publish(
         &mut self,
-        p: rumqttd::protocol::Publish,
-        props: Option<PublishProperties>,
-        meta: codec::PublishMeta,
-    ) -> Flow {
+        p: &codec::InPublish,
+        props: Option<&PublishProperties>,
+    ) -> Result<meshgate_core::Envelope, Flow> {
+        let meta = p.meta;
         let (qos, pkid) = (meta.qos, meta.pkid);
         if qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&pkid) {
             // Resent while the first copy is still with the backbone: its PUBREC will follow.
-            return Flow::Continue;
+            return Err(Flow::Continue);
         }
         if qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&pkid) {
             // A resent QoS 2 publish before PUBREL: acknowledge again, publish once.
@@ -806,30 +808,30 @@ impl Session {
                 },
                 None,
             ));
-            return Flow::Continue;
+            return Err(Flow::Continue);
         }
         if qos == QoS::ExactlyOnce
             && self.incoming_qos2.len() >= usize::from(self.shared.config.max_inflight)
         {
             self.shared.metrics.error("receive_maximum");
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
-            return Flow::End(End::Abnormal);
+            return Err(Flow::End(End::Abnormal));
         }
         // MQTT 5 topic aliases (§3.3.2.3.4): a topic with an alias sets it, an empty topic with
         // an alias uses it.
-        let alias = props.as_ref().and_then(|p| p.topic_alias);
+        let alias = props.and_then(|p| p.topic_alias);
         let aliased = match alias {
             None => None,
             Some(a) if a == 0 || a > TOPIC_ALIAS_MAX => {
                 self.disconnect(DisconnectReasonCode::TopicAliasInvalid);
-                return Flow::End(End::Abnormal);
+                return Err(Flow::End(End::Abnormal));
             }
             Some(a) if p.topic.is_empty() => match self.aliases.as_ref().and_then(|m| m.get(&a)) {
                 Some(t) => Some(t.clone()),
                 None => {
                     // An alias that was never set is a protocol error.
                     self.disconnect(DisconnectReasonCode::ProtocolError);
-                    return Flow::End(End::Abnormal);
+                    return Err(Flow::End(End::Abnormal));
                 }
             },
             Some(_) => None,
@@ -842,9 +844,9 @@ impl Session {
             _ => {
                 if self.version == Version::V5 && qos == QoS::AtMostOnce {
                     self.disconnect(DisconnectReasonCode::TopicNameInvalid);
-                    return Flow::End(End::Abnormal);
+                    return Err(Flow::End(End::Abnormal));
                 }
-                return self.refuse(qos, pkid, PubAckReason::TopicNameInvalid, "bad_topic");
+                return Err(self.refuse(qos, pkid, PubAckReason::TopicNameInvalid, "bad_topic"));
             }
         };
         if let (Some(a), false) = (alias, p.topic.is_empty()) {
@@ -859,13 +861,13 @@ impl Session {
             .check_publish(&self.principal, &topic)
             .is_err()
         {
-            return self.refuse(qos, pkid, PubAckReason::NotAuthorized, "forbidden");
+            return Err(self.refuse(qos, pkid, PubAckReason::NotAuthorized, "forbidden"));
         }
         let event = binding::decode(Inbound {
             version: self.version,
-            topic: topic.as_str(),
+            topic: &topic,
             payload: p.payload.clone(),
-            properties: props.as_ref(),
+            properties: props,
             wrapper: &self.wrapper,
         });
         let event = match event {
@@ -877,16 +879,58 @@ impl Session {
                     self.shared.metrics.error("bad_event");
                     self.shared.metrics.dropped("bad_event").inc();
                     self.ack(qos, pkid, PubAckReason::Success);
-                    return Flow::Continue;
+                    return Err(Flow::Continue);
                 }
-                return self.refuse(qos, pkid, PubAckReason::PayloadFormatInvalid, "bad_event");
+                return Err(self.refuse(
+                    qos,
+                    pkid,
+                    PubAckReason::PayloadFormatInvalid,
+                    "bad_event",
+                ));
             }
         };
         let event = Arc::new(event);
         let mut envelope = meshgate_core::Envelope::new(topic.clone(), event, self.origin.clone())
             .with_qos(qos as u8)
             .with_retain(p.retain);
-        envelope.mqtt = forwarded_properties(props.as_ref());
+        envelope.mqtt = forwarded_properties(props);
+        Ok(envelope)
+    }
+
+    /// Handles a PUBLISH on a backbone that settles publishes at once: no boxed future unless
+    /// the backbone has to wait (a full subscriber queue under the `block` policy).
+    async fn publish_now(
+        &mut self,
+        shared: &Shared,
+        p: &codec::InPublish,
+        props: Option<&PublishProperties>,
+    ) -> Flow {
+        let envelope = match self.prepare_publish(p, props) {
+            Ok(envelope) => envelope,
+            Err(flow) => return flow,
+        };
+        let r = match shared
+            .ctx
+            .try_publish_envelope(&shared.metrics, &self.principal, envelope)
+        {
+            Published::Done(r) => r,
+            Published::Pending(f) => f.await,
+        };
+        self.published(p.meta.qos, p.meta.pkid, r)
+    }
+
+    async fn handle_publish(
+        &mut self,
+        p: rumqttd::protocol::Publish,
+        props: Option<PublishProperties>,
+        meta: codec::PublishMeta,
+    ) -> Flow {
+        let (qos, pkid) = (meta.qos, meta.pkid);
+        let p = codec::InPublish::from_rumqttd(p, meta);
+        let envelope = match self.prepare_publish(&p, props.as_ref()) {
+            Ok(envelope) => envelope,
+            Err(flow) => return flow,
+        };
         if p.retain {
             self.shared
                 .retained
@@ -980,7 +1024,7 @@ impl Session {
         });
         let event = binding::decode(Inbound {
             version: self.version,
-            topic: topic.as_str(),
+            topic: &topic,
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
             wrapper: &self.wrapper,
@@ -1025,6 +1069,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
     let mut busy = false;
+    // Created once, not per loop turn: each new `cancelled()` future registers with (and on
+    // drop leaves) the token's waiter list under a lock.
+    let shutdown = shared.ctx.shutdown.cancelled();
+    let taken_over = takeover.cancelled();
+    tokio::pin!(shutdown, taken_over);
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
         let mut got_packet = false;
@@ -1032,10 +1081,36 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             if session.inbound_full() {
                 break;
             }
+            // The common case first, without rumqttd's reader or a future of its own: an MQTT
+            // 3.1.1 PUBLISH to a backbone that settles it at once (memory, NATS core), not
+            // retained (flag bit 0; a retained one goes the long way: the retained store waits).
+            if session.version == Version::V311
+                && !shared.pipeline
+                && buf.first().is_some_and(|b| b & 1 == 0)
+                && let Some(p) = codec::read_publish_v311(&mut buf, max)
+            {
+                got_packet = true;
+                if let Flow::End(e) = session.publish_now(&shared, &p, None).await {
+                    break 'conn e;
+                }
+                continue;
+            }
             let meta = codec::peek_publish_meta(&buf);
             match codec::read(session.version, &mut buf, max) {
                 Ok(Some(packet)) => {
                     got_packet = true;
+                    let packet = match packet {
+                        Packet::Publish(p, props) if !shared.pipeline && !p.retain => {
+                            let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));
+                            let p = codec::InPublish::from_rumqttd(p, meta);
+                            let flow = session.publish_now(&shared, &p, props.as_ref()).await;
+                            if let Flow::End(e) = flow {
+                                break 'conn e;
+                            }
+                            continue;
+                        }
+                        other => other,
+                    };
                     // Boxed: handling a packet needs a large future, but only briefly; an idle
                     // connection should not carry its space (connection memory, issue 3).
                     if let Flow::End(e) = Box::pin(session.handle(packet, meta)).await {
@@ -1077,11 +1152,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         }
         tokio::select! {
             biased;
-            _ = shared.ctx.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 session.disconnect(DisconnectReasonCode::ServerShuttingDown);
                 break End::Server;
             }
-            _ = takeover.cancelled() => {
+            _ = &mut taken_over => {
                 session.disconnect(DisconnectReasonCode::SessionTakenOver);
                 break End::Server;
             }

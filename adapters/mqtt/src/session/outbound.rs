@@ -118,14 +118,38 @@ pub(super) fn delivery_stream(
     key: Arc<str>,
     cancel: CancellationToken,
 ) -> DeliveryStream {
-    use futures_util::StreamExt;
-    Box::pin(
-        sub.map(move |delivery| Queued {
-            key: key.clone(),
-            delivery,
+    Box::pin(Tagged { sub, key, cancel })
+}
+
+/// A subscription's deliveries tagged with its key, ending once `cancel` fires.
+struct Tagged {
+    sub: meshgate_core::Subscription,
+    key: Arc<str>,
+    cancel: CancellationToken,
+}
+
+impl futures_util::Stream for Tagged {
+    type Item = Queued;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Queued>> {
+        // The token is checked, not awaited (`take_until` polled its future, and with it a
+        // lock in the token's waiter list, on every delivery): only the session polling this
+        // stream cancels it (unsubscribe), and a delivery arriving afterwards wakes that
+        // session, which then ends the stream here.
+        if self.cancel.is_cancelled() {
+            return std::task::Poll::Ready(None);
+        }
+        let this = &mut *self;
+        std::pin::Pin::new(&mut this.sub).poll_next(cx).map(|d| {
+            d.map(|delivery| Queued {
+                key: this.key.clone(),
+                delivery,
+            })
         })
-        .take_until(cancel.cancelled_owned()),
-    )
+    }
 }
 
 impl Session {

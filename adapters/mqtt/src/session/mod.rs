@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{Credentials, Origin, Principal, PublishError, Published, Topic};
+use meshgate_core::{BoxFuture, Credentials, Origin, Principal, PublishError, Published, Topic};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
@@ -212,20 +212,26 @@ pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut buf = BytesMut::with_capacity(512);
-    let timeout = shared.config.connect_timeout;
-    let connect = tokio::time::timeout(
-        timeout,
-        Box::pin(connect_phase(&mut stream, &mut buf, &shared)),
-    )
-    .await;
-    let Ok(Some((session, keep_alive, registration))) = connect else {
-        if connect.is_err() {
-            shared.metrics.error("connect_timeout");
-        }
-        return;
+    // In a block, so that what the connect phase returned (a `Session` moved into
+    // `run_session`) is not kept in this future beside it: rustc keeps a moved-from local's
+    // space while its scope lasts, and this future is an idle connection's memory.
+    let (session, registration) = {
+        let mut buf = BytesMut::with_capacity(512);
+        let timeout = shared.config.connect_timeout;
+        let connect = tokio::time::timeout(
+            timeout,
+            Box::pin(connect_phase(&mut stream, &mut buf, &shared)),
+        )
+        .await;
+        let Ok(Some((session, keep_alive, registration))) = connect else {
+            if connect.is_err() {
+                shared.metrics.error("connect_timeout");
+            }
+            return;
+        };
+        (run_session(stream, buf, session, keep_alive), registration)
     };
-    run_session(stream, buf, session, keep_alive).await;
+    session.await;
     // Released only now, after the session was parked or ended.
     drop(registration);
 }
@@ -897,26 +903,26 @@ impl Session {
         Ok(envelope)
     }
 
-    /// Handles a PUBLISH on a backbone that settles publishes at once: no boxed future unless
-    /// the backbone has to wait (a full subscriber queue under the `block` policy).
-    async fn publish_now(
+    /// Handles a PUBLISH on a backbone that settles publishes at once, without a future:
+    /// `Err` is the rest of the publish when the backbone has to wait (a full subscriber
+    /// queue under the `block` policy); pass its outcome to [`Session::published`].
+    fn publish_now<'s>(
         &mut self,
-        shared: &Shared,
+        shared: &'s Shared,
         p: &codec::InPublish,
         props: Option<&PublishProperties>,
-    ) -> Flow {
+    ) -> Result<Flow, BoxFuture<'s, Result<(), PublishError>>> {
         let envelope = match self.prepare_publish(p, props) {
             Ok(envelope) => envelope,
-            Err(flow) => return flow,
+            Err(flow) => return Ok(flow),
         };
-        let r = match shared
+        match shared
             .ctx
             .try_publish_envelope(&shared.metrics, &self.principal, envelope)
         {
-            Published::Done(r) => r,
-            Published::Pending(f) => f.await,
-        };
-        self.published(p.meta.qos, p.meta.pkid, r)
+            Published::Done(r) => Ok(self.published(p.meta.qos, p.meta.pkid, r)),
+            Published::Pending(f) => Err(f),
+        }
     }
 
     async fn handle_publish(
@@ -1055,6 +1061,77 @@ impl Session {
     }
 }
 
+/// What the next buffered packet needs.
+enum Step<'a> {
+    /// No complete packet buffered.
+    NeedMore,
+    /// Handled.
+    Done(Flow),
+    /// The rest of its handling, which waits (boxed: see [`run_session`]).
+    Wait(std::pin::Pin<Box<dyn std::future::Future<Output = Flow> + Send + 'a>>),
+}
+
+/// Reads and handles the next buffered packet as far as that needs no waiting.
+fn next_step<'a>(
+    session: &'a mut Session,
+    shared: &'a Shared,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Step<'a> {
+    // The common case first, without rumqttd's reader: an MQTT 3.1.1 PUBLISH to a backbone
+    // that settles it at once (memory, NATS core), not retained (flag bit 0; a retained one
+    // goes the long way: the retained store waits).
+    if session.version == Version::V311
+        && !shared.pipeline
+        && buf.first().is_some_and(|b| b & 1 == 0)
+        && let Some(p) = codec::read_publish_v311(buf, max)
+    {
+        return publish_step(session, shared, p, None);
+    }
+    let meta = codec::peek_publish_meta(buf);
+    match codec::read(session.version, buf, max) {
+        Ok(Some(Packet::Publish(p, props))) if !shared.pipeline && !p.retain => {
+            let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));
+            publish_step(
+                session,
+                shared,
+                codec::InPublish::from_rumqttd(p, meta),
+                props.as_ref(),
+            )
+        }
+        Ok(Some(packet)) => Step::Wait(Box::pin(session.handle(packet, meta))),
+        Ok(None) => Step::NeedMore,
+        Err(e) => {
+            tracing::debug!(error = %e, client_id = session.client_id, "mqtt: malformed packet");
+            shared.metrics.error("malformed");
+            let reason = match e {
+                rumqttd::protocol::Error::PayloadSizeLimitExceeded(_) => {
+                    DisconnectReasonCode::PacketTooLarge
+                }
+                _ => DisconnectReasonCode::MalformedPacket,
+            };
+            session.disconnect(reason);
+            Step::Done(Flow::End(End::Abnormal))
+        }
+    }
+}
+
+/// A PUBLISH to a backbone that settles publishes at once ([`Session::publish_now`]).
+fn publish_step<'a>(
+    session: &'a mut Session,
+    shared: &'a Shared,
+    p: codec::InPublish,
+    props: Option<&PublishProperties>,
+) -> Step<'a> {
+    match session.publish_now(shared, &p, props) {
+        Ok(flow) => Step::Done(flow),
+        Err(pending) => Step::Wait(Box::pin(async move {
+            let r = pending.await;
+            session.published(p.meta.qos, p.meta.pkid, r)
+        })),
+    }
+}
+
 async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     mut buf: BytesMut,
@@ -1081,54 +1158,22 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             if session.inbound_full() {
                 break;
             }
-            // The common case first, without rumqttd's reader or a future of its own: an MQTT
-            // 3.1.1 PUBLISH to a backbone that settles it at once (memory, NATS core), not
-            // retained (flag bit 0; a retained one goes the long way: the retained store waits).
-            if session.version == Version::V311
-                && !shared.pipeline
-                && buf.first().is_some_and(|b| b & 1 == 0)
-                && let Some(p) = codec::read_publish_v311(&mut buf, max)
-            {
-                got_packet = true;
-                if let Flow::End(e) = session.publish_now(&shared, &p, None).await {
-                    break 'conn e;
-                }
-                continue;
-            }
-            let meta = codec::peek_publish_meta(&buf);
-            match codec::read(session.version, &mut buf, max) {
-                Ok(Some(packet)) => {
+            // No packet is held in this future across an await: `next_step` handles what it
+            // can at once and boxes the rest (a `Packet` is 392 bytes, and this future is an
+            // idle connection's memory).
+            match next_step(&mut session, &shared, &mut buf, max) {
+                Step::NeedMore => break,
+                Step::Done(flow) => {
                     got_packet = true;
-                    let packet = match packet {
-                        Packet::Publish(p, props) if !shared.pipeline && !p.retain => {
-                            let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));
-                            let p = codec::InPublish::from_rumqttd(p, meta);
-                            let flow = session.publish_now(&shared, &p, props.as_ref()).await;
-                            if let Flow::End(e) = flow {
-                                break 'conn e;
-                            }
-                            continue;
-                        }
-                        other => other,
-                    };
-                    // Boxed: handling a packet needs a large future, but only briefly; an idle
-                    // connection should not carry its space (connection memory, issue 3).
-                    if let Flow::End(e) = Box::pin(session.handle(packet, meta)).await {
+                    if let Flow::End(e) = flow {
                         break 'conn e;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, client_id = session.client_id, "mqtt: malformed packet");
-                    shared.metrics.error("malformed");
-                    let reason = match e {
-                        rumqttd::protocol::Error::PayloadSizeLimitExceeded(_) => {
-                            DisconnectReasonCode::PacketTooLarge
-                        }
-                        _ => DisconnectReasonCode::MalformedPacket,
-                    };
-                    session.disconnect(reason);
-                    break 'conn End::Abnormal;
+                Step::Wait(rest) => {
+                    got_packet = true;
+                    if let Flow::End(e) = rest.await {
+                        break 'conn e;
+                    }
                 }
             }
         }

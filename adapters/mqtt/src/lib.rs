@@ -278,16 +278,6 @@ async fn accept_loop(
         let slot = SocketSlot(shared.clone());
         let shared = shared.clone();
         let tls = tls.clone();
-        if tls.is_none() {
-            let fut = session::run(stream, shared);
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| eprintln!("SIZE run future: {}", std::mem::size_of_val(&fut)));
-            ctx.tracker.spawn(async move {
-                let _slot = slot;
-                fut.await
-            });
-            continue;
-        }
         ctx.tracker.spawn(async move {
             let _slot = slot;
             match tls {

@@ -317,6 +317,30 @@ async fn silent_sockets_and_expired_keep_alive_are_closed() {
 }
 
 #[tokio::test]
+async fn packets_within_the_keep_alive_keep_a_connection_open() {
+    let h = start().await;
+    // keep_alive 1 s: a PINGREQ every 600 ms for 3.6 s (more than twice the 1.5 s limit, so
+    // the keep-alive timer fires early and is moved on at least once), each answered.
+    let mut s = raw_connect(&h, Version::V311, "lively", 1).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        s.write_all(&[0xc0, 0]).await.unwrap();
+        match recv(&mut s, Version::V311).await {
+            Some(rumqttd::protocol::Packet::PingResp(_)) => {}
+            other => panic!("expected PINGRESP, got {other:?}"),
+        }
+    }
+    // Then silence: closed after 1.5 s.
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b))
+        .await
+        .expect("closed in time");
+    assert!(matches!(r, Ok(0) | Err(_)));
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+}
+
+#[tokio::test]
 async fn malformed_packet_closes_only_that_connection() {
     let h = start().await;
     let mut bad = raw_connect(&h, Version::V5, "bad", 30).await;

@@ -1150,7 +1150,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     // drop leaves) the token's waiter list under a lock.
     let shutdown = shared.ctx.shutdown.cancelled();
     let taken_over = takeover.cancelled();
-    tokio::pin!(shutdown, taken_over);
+    // One keep-alive timer per connection, moved only when it fires early: a new `sleep_until`
+    // per loop turn inserted into and removed from the timer wheel (under its lock) for every
+    // batch of packets.
+    let keep_alive_timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(shutdown, taken_over, keep_alive_timer);
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
         let mut got_packet = false;
@@ -1226,7 +1230,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     session.deliver(q);
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if keep.is_some() => {
+            _ = &mut keep_alive_timer, if keep.is_some() => {
+                if tokio::time::Instant::now() < deadline {
+                    // Packets came since the timer was set: wait for the rest of the interval.
+                    keep_alive_timer.as_mut().reset(deadline);
+                    continue;
+                }
                 shared.metrics.error("keep_alive_timeout");
                 session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
                 break End::Abnormal;

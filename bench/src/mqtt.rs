@@ -6,7 +6,7 @@
 //! and RSS per idle connection with `--conns N` idle MQTT connections.
 //!
 //! Usage (release build; the brokers are started by this program on free loopback ports):
-//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--conns N] [--only NAME] [--rss-only] [--client raw|rumqttc]`
+//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--rounds R] [--conns N] [--only NAME] [--rss-only] [--client raw|rumqttc]`
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
@@ -119,6 +119,11 @@ async fn rss_per_connection(broker: &Broker, n: usize) -> anyhow::Result<f64> {
     Ok((after.saturating_sub(before)) as f64 / n as f64)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -131,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let seconds = arg("--seconds", 5);
     let conns = arg("--conns", 20_000) as usize;
+    let rounds = arg("--rounds", 3).max(1) as usize;
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -139,86 +145,176 @@ async fn main() -> anyhow::Result<()> {
     let rss_only = args.iter().any(|a| a == "--rss-only");
     let generator = Generator::from_args(&args)?;
     println!(
-        "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, {}, all on this machine\n",
+        "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, {}, all on this machine",
         generator.describe()
     );
     println!(
-        "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}) |"
+        "{rounds} round(s), brokers taking turns within each round; each cell is the median of the rounds\n"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     type Start = fn() -> anyhow::Result<Broker>;
-    let starters: [(&str, Start); 3] = [
-        ("meshgate", start_meshgate),
+    let starters: Vec<(&str, Start)> = [
+        ("meshgate", start_meshgate as Start),
         ("mosquitto", start_mosquitto),
         ("nats-server", start_nats),
-    ];
-    for (name, start) in starters {
-        if only.as_deref().is_some_and(|o| o != name) {
-            continue;
-        }
-        if rss_only {
-            let fresh = start()?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let r = rss_per_connection(&fresh, conns).await?;
-            println!("| {name} | | | | | | | | {r:.1} KiB |");
-            continue;
-        }
-        let broker = match start() {
-            Ok(b) => b,
-            Err(e) => {
-                println!("| {name} | not run: {e} | | | | | | | |");
-                continue;
+    ]
+    .into_iter()
+    .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name))
+    .collect();
+    let mut rows: Vec<Row> = starters.iter().map(|(name, _)| Row::new(name)).collect();
+    if !rss_only {
+        // All brokers run at once (an idle one costs no CPU), so that rounds can alternate.
+        let mut brokers = Vec::new();
+        for ((name, start), row) in starters.iter().zip(&mut rows) {
+            match start() {
+                Ok(b) => brokers.push(Some(b)),
+                Err(e) => {
+                    row.error = Some(format!("not run: {e}"));
+                    brokers.push(None);
+                    eprintln!("{name}: {e}");
+                }
             }
-        };
-        let mut cells = Vec::new();
-        let mut loss = 0;
-        for (qos, pubs) in [
+        }
+        let cells = [
             (QoS::AtMostOnce, 1),
             (QoS::AtMostOnce, 4),
             (QoS::AtLeastOnce, 1),
             (QoS::AtLeastOnce, 4),
-        ] {
-            match generator
-                .throughput(broker.port, broker.port, qos, pubs, seconds)
-                .await
-            {
-                Ok(t) => {
-                    if qos == QoS::AtLeastOnce {
-                        loss += t.accepted.saturating_sub(t.delivered);
+        ];
+        for _ in 0..rounds {
+            for (c, (qos, pubs)) in cells.iter().enumerate() {
+                for (broker, row) in brokers.iter().zip(&mut rows) {
+                    let Some(broker) = broker else { continue };
+                    match generator
+                        .throughput(broker.port, broker.port, *qos, *pubs, seconds)
+                        .await
+                    {
+                        Ok(t) => {
+                            if *qos == QoS::AtLeastOnce {
+                                row.loss += t.accepted.saturating_sub(t.delivered);
+                            }
+                            row.rates[c].push(t.rate);
+                        }
+                        Err(e) => eprintln!("{}: {e}", row.name),
                     }
-                    cells.push(format!("{:.0}", t.rate));
                 }
-                Err(e) => cells.push(format!("error: {e}")),
+            }
+            for (broker, row) in brokers.iter().zip(&mut rows) {
+                let Some(broker) = broker else { continue };
+                match generator
+                    .latency(broker.port, broker.port, 2_000, seconds)
+                    .await
+                {
+                    Ok((p50, p99)) => {
+                        row.p50.push(p50 as f64);
+                        row.p99.push(p99 as f64);
+                    }
+                    Err(e) => eprintln!("{}: latency run failed: {e}", row.name),
+                }
             }
         }
-        let (p50, p99) = match generator
-            .latency(broker.port, broker.port, 2_000, seconds)
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("{name}: latency run failed: {e}");
-                (0, 0)
-            }
-        };
-        drop(broker);
+    }
+    for ((_, start), row) in starters.iter().zip(&mut rows) {
         // A fresh process for the memory figure, so that heap grown by the load above does
         // not hide the cost of connections.
-        let rss = match start() {
+        row.rss = match start() {
             Ok(fresh) => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                rss_per_connection(&fresh, conns).await
+                rss_per_connection(&fresh, conns)
+                    .await
+                    .map(|r| format!("{r:.1} KiB"))
             }
             Err(e) => Err(e),
-        };
-        let rss = match rss {
-            Ok(r) => format!("{r:.1} KiB"),
-            Err(e) => format!("error: {e}"),
-        };
+        }
+        .unwrap_or_else(|e| format!("error: {e}"));
+    }
+    println!(
+        "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        if let Some(e) = &row.error {
+            println!("| {} | {e} | | | | | | | {} |", row.name, row.rss);
+            continue;
+        }
+        let cells: Vec<String> = row
+            .rates
+            .iter()
+            .map(|r| {
+                if r.is_empty() {
+                    String::new()
+                } else {
+                    format!("{:.0}", median(r.clone()))
+                }
+            })
+            .collect();
         println!(
-            "| {name} | {} | {} | {} | {} | {loss} | {p50} µs | {p99} µs | {rss} |",
-            cells[0], cells[1], cells[2], cells[3]
+            "| {} | {} | {} | {} | {} | {} | {:.0} µs | {:.0} µs | {} |",
+            row.name,
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            row.loss,
+            median(row.p50.clone()),
+            median(row.p99.clone()),
+            row.rss
         );
     }
+    // meshgate against the better of the others, cell by cell.
+    if let Some((me, others)) = rows.split_first()
+        && me.name == "meshgate"
+        && !others.is_empty()
+    {
+        let best = |f: &dyn Fn(&Row) -> f64, higher: bool| {
+            others.iter().filter(|r| r.error.is_none()).map(f).fold(
+                if higher { 0.0 } else { f64::MAX },
+                |a, b| {
+                    if higher { a.max(b) } else { a.min(b) }
+                },
+            )
+        };
+        let mut line = String::from("\nmeshgate / better anchor:");
+        for (c, label) in ["QoS0 1 pub", "QoS0 4 pub", "QoS1 1 pub", "QoS1 4 pub"]
+            .iter()
+            .enumerate()
+        {
+            let b = best(&|r: &Row| median(r.rates[c].clone()), true);
+            line.push_str(&format!(
+                " {label} {:.2}x;",
+                median(me.rates[c].clone()) / b
+            ));
+        }
+        let b99 = best(&|r: &Row| median(r.p99.clone()), false);
+        line.push_str(&format!(
+            " p99 {:.0} vs {b99:.0} µs",
+            median(me.p99.clone())
+        ));
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// One broker's figures over the rounds.
+struct Row {
+    name: &'static str,
+    error: Option<String>,
+    rates: [Vec<f64>; 4],
+    loss: u64,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    rss: String,
+}
+
+impl Row {
+    fn new(name: &'static str) -> Row {
+        Row {
+            name,
+            error: None,
+            rates: Default::default(),
+            loss: 0,
+            p50: Vec::new(),
+            p99: Vec::new(),
+            rss: String::new(),
+        }
+    }
 }

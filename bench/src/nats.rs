@@ -6,7 +6,7 @@
 //! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
-//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary]`
+//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary] [--client raw|rumqttc]`
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use meshgate_bench::{
-    PAYLOAD, latency, now_us, payload, start_meshgate_with, start_nats_server, throughput,
-};
+use meshgate_bench::{Generator, PAYLOAD, now_us, payload, start_meshgate_with, start_nats_server};
 use rumqttc::QoS;
 
 /// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost).
@@ -201,8 +199,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(5u64);
+    let generator = Generator::from_args(&args)?;
     println!(
-        "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine\n"
+        "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine, MQTT rows by the {}\n",
+        generator.describe()
     );
     if args.iter().any(|a| a == "--wire") {
         println!("(backbone.nats.wire_mode as given with --wire)\n");
@@ -247,9 +247,14 @@ async fn main() -> anyhow::Result<()> {
         ),
     ] {
         let gw = start_meshgate_with(&nats_env)?;
-        let t = throughput(gw.port, gw.port, qos, 1, seconds).await?;
+        let t = generator
+            .throughput(gw.port, gw.port, qos, 1, seconds)
+            .await?;
         let lat = if qos == QoS::AtLeastOnce {
-            latency(gw.port, gw.port, 2_000, seconds).await.ok()
+            generator
+                .latency(gw.port, gw.port, 2_000, seconds)
+                .await
+                .ok()
         } else {
             None
         };
@@ -272,8 +277,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let a = start_meshgate_with(&nats_env)?;
     let b = start_meshgate_with(&nats_env)?;
-    let t = throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds).await?;
-    let lat = latency(a.port, b.port, 2_000, seconds).await.ok();
+    let t = generator
+        .throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds)
+        .await?;
+    let lat = generator.latency(a.port, b.port, 2_000, seconds).await.ok();
     row(
         "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B",
         t.rate,
@@ -290,9 +297,14 @@ async fn main() -> anyhow::Result<()> {
     ];
     for publishers in [1, 4] {
         let gw = start_meshgate_with(&js_env)?;
-        let t = throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds).await?;
+        let t = generator
+            .throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds)
+            .await?;
         let lat = if publishers == 1 {
-            latency(gw.port, gw.port, 2_000, seconds).await.ok()
+            generator
+                .latency(gw.port, gw.port, 2_000, seconds)
+                .await
+                .ok()
         } else {
             None
         };
@@ -307,8 +319,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mem = start_meshgate_with(&[])?;
-    let t = throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds).await?;
-    let lat = latency(mem.port, mem.port, 2_000, seconds).await.ok();
+    let t = generator
+        .throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds)
+        .await?;
+    let lat = generator
+        .latency(mem.port, mem.port, 2_000, seconds)
+        .await
+        .ok();
     row(
         "meshgate MQTT QoS 0 → memory backbone → MQTT (reference)",
         t.rate,

@@ -105,6 +105,9 @@ struct Session {
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
     /// last read or wrote; 0: the session has nothing stored.
     store_revision: u64,
+    /// A QoS 1/2 publish was accepted since the last write: its acknowledgement waits until
+    /// the deliveries it caused on this instance went out (see [`run_session`]).
+    acked_publish: bool,
 }
 
 impl Drop for Session {
@@ -445,6 +448,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         aliases: None,
         takeover: registration.takeover.clone(),
         store_revision: 0,
+        acked_publish: false,
     };
     let mut session_present = match resumed.as_mut() {
         Some(old) => {
@@ -514,6 +518,12 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     session.fill_window();
     Some((session, connect.keep_alive, registration))
 }
+
+/// Deliveries are written in batches of up to this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A busy connection reads this much at a time (an idle one, 64 bytes).
+const READ_CHUNK: usize = 64 * 1024;
 
 /// How long a closing connection waits for its pending inbound publishes.
 const INBOUND_DRAIN: Duration = Duration::from_secs(5);
@@ -987,6 +997,7 @@ impl Session {
         match r {
             Ok(()) => {
                 self.shared.in_by_qos[usize::from(qos as u8).min(2)].inc();
+                self.acked_publish |= qos != QoS::AtMostOnce;
                 self.ack(qos, pkid, PubAckReason::Success);
                 Flow::Continue
             }
@@ -1146,6 +1157,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
     let mut busy = false;
+    let mut out_hint = 0;
     // Created once, not per loop turn: each new `cancelled()` future registers with (and on
     // drop leaves) the token's waiter list under a lock.
     let shutdown = shared.ctx.shutdown.cancelled();
@@ -1186,10 +1198,20 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             deadline = tokio::time::Instant::now() + k;
         }
         if !session.out.is_empty() {
+            if std::mem::take(&mut session.acked_publish) {
+                // Let the subscribers this batch of publishes woke (on the memory backbone,
+                // runnable on this thread next) write their deliveries before the PUBACKs go
+                // out, as Mosquitto does: a delivery should not wait behind the publisher's
+                // acknowledgement. Once per batch, not per message.
+                tokio::task::yield_now().await;
+            }
             if wr.write_all(&session.out).await.is_err() {
                 break End::Abnormal;
             }
-            // Give the buffer back: an idle connection holds no write buffer.
+            // Give the buffer back: an idle connection holds no write buffer. How much was
+            // written is the size to start the next batch with, instead of growing the buffer
+            // by doubling (a copy each time) from nothing for every batch.
+            out_hint = session.out.len().min(WRITE_BATCH);
             session.out = BytesMut::new();
         }
         if !session.settle.is_empty() {
@@ -1197,7 +1219,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         }
         // Idle connections keep a small read buffer; busy ones read in larger chunks.
         if buf.is_empty() {
-            buf = BytesMut::with_capacity(if busy { 16 * 1024 } else { 64 });
+            buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
         }
         tokio::select! {
             biased;
@@ -1221,9 +1243,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
             Some(q) = next_queued(&mut session.streams), if session.pending.len() < pending_limit => {
+                if session.out.capacity() == 0 && out_hint > 1024 {
+                    session.out.reserve(out_hint);
+                }
                 session.deliver(q);
                 // Take what else is ready without waiting, so writes are batched.
-                while session.pending.len() < pending_limit && session.out.len() < 64 * 1024 {
+                while session.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
                     let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {
                         break;
                     };

@@ -341,6 +341,76 @@ async fn packets_within_the_keep_alive_keep_a_connection_open() {
 }
 
 #[tokio::test]
+async fn topic_aliases_are_given_to_clients_that_take_them() {
+    let h = start().await;
+    // A Topic Alias Maximum of 2: the first two topics sent get aliases 1 and 2, and later
+    // PUBLISHes on them carry only the alias (an empty topic: rumqttc's events show the packets
+    // as they came); the third topic goes in full without one.
+    let (sub, mut rx) = client5(&h, "aliased", |o| {
+        o.set_topic_alias_max(Some(2));
+    })
+    .await;
+    sub.subscribe("al/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback5(&mut rx).await;
+    let (publ, mut prx) = client4(&h, "alias-pub", |_| {}).await;
+    let sent = ["al/1", "al/1", "al/2", "al/3", "al/2", "al/1"];
+    for t in sent {
+        publ.publish(t, rumqttc::QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let (topic, alias) = wait(&mut rx, "PUBLISH", |e| match e {
+            Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Publish(p))) => Some((
+                String::from_utf8(p.topic.to_vec()).unwrap(),
+                p.properties.as_ref().and_then(|p| p.topic_alias),
+            )),
+            _ => None,
+        })
+        .await;
+        got.push((topic, alias));
+    }
+    let expected: Vec<(String, Option<u16>)> = [
+        ("al/1", Some(1)),
+        ("", Some(1)),
+        ("al/2", Some(2)),
+        ("al/3", None),
+        ("", Some(2)),
+        ("", Some(1)),
+    ]
+    .into_iter()
+    .map(|(t, a)| (t.to_owned(), a))
+    .collect();
+    assert_eq!(got, expected);
+    // A client that announces no maximum gets full topics and no aliases.
+    let (plain, mut prx5) = client5(&h, "unaliased", |_| {}).await;
+    plain
+        .subscribe("al/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    suback5(&mut prx5).await;
+    publ.publish("al/1", rumqttc::QoS::AtMostOnce, false, "y")
+        .await
+        .unwrap();
+    let alias = wait(&mut prx5, "PUBLISH", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Publish(p))) => {
+            assert_eq!(&p.topic[..], b"al/1");
+            Some(p.properties.as_ref().and_then(|p| p.topic_alias))
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(alias, None);
+}
+
+#[tokio::test]
 async fn malformed_packet_closes_only_that_connection() {
     let h = start().await;
     let mut bad = raw_connect(&h, Version::V5, "bad", 30).await;

@@ -100,6 +100,11 @@ struct Session {
     /// bytes instead of a map's 48 on every idle connection.
     #[allow(clippy::box_collection)]
     aliases: Option<Box<HashMap<u16, Topic>>>,
+    /// Topic aliases this connection gave its client (MQTT 5 Topic Alias Maximum > 0), made
+    /// on first use; they last as long as the connection, not the session.
+    out_aliases: Option<Box<outbound::OutAliases>>,
+    /// Topic Alias Maximum the client announced in CONNECT (0: no aliases to it).
+    client_alias_max: u16,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
@@ -143,6 +148,10 @@ fn to_qos(n: u8) -> QoS {
 
 /// Topic Alias Maximum meshgate announces to MQTT 5 clients (aliases they may set).
 const TOPIC_ALIAS_MAX: u16 = 16;
+
+/// Most topic aliases meshgate gives one client (fewer if the client's Topic Alias Maximum is
+/// lower): the map is per connection, and a client must not make it grow without bound.
+const OUT_TOPIC_ALIAS_MAX: u16 = 64;
 
 /// Most QoS meshgate grants to a subscription.
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
@@ -373,6 +382,11 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|p| p.receive_maximum)
         .map_or(65_535, usize::from)
         .min(usize::from(shared.config.max_inflight));
+    let client_alias_max = props
+        .as_ref()
+        .and_then(|p| p.topic_alias_max)
+        .unwrap_or(0)
+        .min(OUT_TOPIC_ALIAS_MAX);
     // Session lifetime: MQTT 5 Session Expiry Interval (absent = 0), MQTT 3.1.1 clean session
     // 0 = "until the server discards it"; both capped by `mqtt.max_session_expiry`.
     let requested_expiry = match version {
@@ -446,6 +460,8 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         expiry,
         requested_expiry,
         aliases: None,
+        out_aliases: None,
+        client_alias_max,
         takeover: registration.takeover.clone(),
         store_revision: 0,
         acked_publish: false,
@@ -585,6 +601,7 @@ async fn finish(mut session: Session, end: End) {
         }
         session.out = BytesMut::new();
         session.aliases = None;
+        session.out_aliases = None;
         match shared.parked.park(session) {
             Ok(()) => return,
             Err(s) => {

@@ -21,6 +21,14 @@ pub(super) struct Outgoing {
     pub(super) sub_ids: Vec<usize>,
 }
 
+/// Topic aliases given to a client (MQTT 5 §3.3.2.3.4): the first topics it is sent get one,
+/// up to its Topic Alias Maximum; after that, topics go in full. Later PUBLISHes on an
+/// aliased topic carry the alias and an empty topic.
+#[derive(Debug, Default)]
+pub(super) struct OutAliases {
+    by_topic: std::collections::HashMap<meshgate_core::Topic, u16>,
+}
+
 /// A QoS 1/2 message the client has not finished acknowledging.
 pub(super) struct Inflight {
     /// Send order, so a resumed session retransmits in the original order (MQTT 5 §4.6).
@@ -290,6 +298,27 @@ impl Session {
 
     /// Encodes a PUBLISH into the write buffer; false when it exceeds the client's Maximum
     /// Packet Size (MQTT 5 §3.1.2.11.4: the server must not send it).
+    /// The topic to write and the alias to send with it: an alias already given (empty
+    /// topic), a new one (topic and alias), or none (the client takes no aliases, or all of
+    /// them are taken).
+    fn out_alias<'t>(&mut self, topic: &'t meshgate_core::Topic) -> (&'t str, Option<u16>) {
+        if self.client_alias_max == 0 {
+            return (topic.as_str(), None);
+        }
+        let aliases = self.out_aliases.get_or_insert_with(Default::default);
+        if let Some(&a) = aliases.by_topic.get(topic) {
+            return ("", Some(a));
+        }
+        let given = aliases.by_topic.len();
+        if given >= usize::from(self.client_alias_max) {
+            return (topic.as_str(), None);
+        }
+        // Aliases 1..=max, in the order topics are first sent.
+        let a = u16::try_from(given + 1).unwrap_or(u16::MAX);
+        aliases.by_topic.insert(topic.clone(), a);
+        (topic.as_str(), Some(a))
+    }
+
     fn write_publish(&mut self, o: &Outgoing, pkid: u16, dup: bool) -> bool {
         let envelope = &o.delivery.envelope;
         let mut encoded = binding::encode(
@@ -348,6 +377,13 @@ impl Session {
                 dup,
             );
             return true;
+        }
+        let (topic, alias) = self.out_alias(&envelope.topic);
+        if let Some(alias) = alias {
+            encoded
+                .properties
+                .get_or_insert_with(Default::default)
+                .topic_alias = Some(alias);
         }
         let publish = codec::publish(topic, encoded.payload, o.qos, pkid, o.retain, dup);
         self.write(Packet::Publish(publish, encoded.properties));

@@ -47,6 +47,9 @@ pub(crate) struct Shared {
     retained: retained::Retained,
     /// The backbone acknowledges publishes remotely (JetStream): pipeline inbound PUBLISHes.
     pipeline: bool,
+    /// The backbone hands events to this process's subscribers directly (memory): a publish
+    /// can make another session runnable on this thread at once.
+    in_process: bool,
     /// PUBLISHes accepted from clients, per QoS 0/1/2.
     in_by_qos: [Counter; 3],
     /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged, QoS 2 completed).
@@ -163,6 +166,7 @@ impl MqttAdapter {
                 ),
             ),
             pipeline: ctx.backbone.publish_round_trips(),
+            in_process: ctx.backbone.name() == "memory",
             config: config.clone(),
             ctx: ctx.clone(),
             metrics,

@@ -1215,11 +1215,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             deadline = tokio::time::Instant::now() + k;
         }
         if !session.out.is_empty() {
-            if std::mem::take(&mut session.acked_publish) {
+            if std::mem::take(&mut session.acked_publish) && shared.in_process {
                 // Let the subscribers this batch of publishes woke (on the memory backbone,
                 // runnable on this thread next) write their deliveries before the PUBACKs go
                 // out, as Mosquitto does: a delivery should not wait behind the publisher's
-                // acknowledgement. Once per batch, not per message.
+                // acknowledgement. Once per batch, not per message; not over NATS, where
+                // deliveries come back through the server anyway.
                 tokio::task::yield_now().await;
             }
             if wr.write_all(&session.out).await.is_err() {

@@ -249,6 +249,42 @@ pub struct Throughput {
     pub delivered: u64,
 }
 
+/// Waits until `delivered` reaches `sent` or stops growing (the tail of a run arriving).
+pub async fn settle(delivered: &AtomicU64, sent: u64) {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now == last || now >= sent {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// p50 and p99 of latency samples (µs).
+pub fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
+    v.sort_unstable();
+    let pct = |p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    (pct(0.50), pct(0.99))
+}
+
+impl Throughput {
+    /// Rates over `seconds` of publishing.
+    pub fn new(accepted: u64, delivered: u64, seconds: f64) -> Throughput {
+        Throughput {
+            rate: delivered as f64 / seconds,
+            accepted_rate: accepted as f64 / seconds,
+            accepted,
+            delivered,
+        }
+    }
+}
+
 /// Delivered messages/s from `publishers` clients on `pub_port` to one subscriber on
 /// `sub_port` (the same broker, or another gateway instance on the same bus).
 pub async fn throughput(
@@ -308,16 +344,7 @@ pub async fn throughput(
         let _ = publisher.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
-    // Let the tail arrive: wait until deliveries stop growing.
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = delivered.load(Ordering::Relaxed);
-        if now == last || now >= sent.load(Ordering::Relaxed) {
-            break;
-        }
-        last = now;
-    }
+    settle(&delivered, sent.load(Ordering::Relaxed)).await;
     let _ = sub.disconnect().await;
     sub_task.abort();
     let delivered = delivered.load(Ordering::Relaxed);
@@ -326,12 +353,7 @@ pub async fn throughput(
     } else {
         acked.load(Ordering::Relaxed)
     };
-    Ok(Throughput {
-        rate: delivered as f64 / publishing,
-        accepted_rate: accepted as f64 / publishing,
-        accepted,
-        delivered,
-    })
+    Ok(Throughput::new(accepted, delivered, publishing))
 }
 
 /// p50/p99 latency (µs) of QoS 1 publishes at a steady `rate`, publisher on `pub_port`,
@@ -371,12 +393,6 @@ pub async fn latency(
     let _ = sub.disconnect().await;
     pub_task.abort();
     sub_task.abort();
-    let mut v = samples.lock().map(|v| v.clone()).unwrap_or_default();
-    v.sort_unstable();
-    let pct = |p: f64| {
-        v.get(((v.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok((pct(0.50), pct(0.99)))
+    let v = samples.lock().map(|v| v.clone()).unwrap_or_default();
+    Ok(percentiles(v))
 }

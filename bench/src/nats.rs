@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use meshgate_bench::{Generator, PAYLOAD, now_us, payload, start_meshgate_with, start_nats_server};
+use meshgate_bench::{
+    Generator, PAYLOAD, now_us, payload, percentiles, settle, start_meshgate_with,
+    start_nats_server,
+};
 use rumqttc::QoS;
 
 /// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost).
@@ -116,14 +119,7 @@ async fn raw_latency(url: &str, rate: u64, seconds: u64) -> anyhow::Result<(u64,
         // Unbuffered, like an MQTT client writing each message.
         client.flush().await?;
     }
-    let mut v = reader.await?;
-    v.sort_unstable();
-    let pct = |p: f64| {
-        v.get(((v.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok((pct(0.5), pct(0.99)))
+    Ok(percentiles(reader.await?))
 }
 
 /// MQTT QoS 0 publishes into meshgate, counted by a plain NATS subscriber on meshgate's
@@ -169,18 +165,6 @@ async fn mqtt_to_raw_nats(port: u16, url: &str, seconds: u64) -> anyhow::Result<
     task.abort();
     let got = delivered.load(Ordering::Relaxed);
     Ok((got as f64 / elapsed, sent.saturating_sub(got)))
-}
-
-async fn settle(delivered: &AtomicU64, sent: u64) {
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = delivered.load(Ordering::Relaxed);
-        if now >= sent || now == last {
-            return;
-        }
-        last = now;
-    }
 }
 
 fn row(name: &str, rate: f64, lost: &str, lat: Option<(u64, u64)>) {

@@ -158,6 +158,21 @@ pub async fn subscriber(
     }
 }
 
+/// Counts the PUBACKs among the `n` bytes just read into `inbuf` after `filled`, keeping an
+/// unfinished packet for the next read.
+fn take_pubacks(inbuf: &mut [u8], filled: &mut usize, n: usize) -> usize {
+    *filled += n;
+    let mut got = 0;
+    let used = packets(&inbuf[..*filled], |first, _| {
+        if first >> 4 == 4 {
+            got += 1;
+        }
+    });
+    inbuf.copy_within(used..*filled, 0);
+    *filled -= used;
+    got
+}
+
 /// Publishes as fast as the broker takes them until `stop`: QoS 0 in batches of whole
 /// packets, QoS 1 with up to [`WINDOW`] unacknowledged. Returns (sent, acknowledged).
 async fn publisher(
@@ -199,15 +214,7 @@ async fn publisher(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        filled += n;
-        let mut got = 0;
-        let used = packets(&inbuf[..filled], |first, _| {
-            if first >> 4 == 4 {
-                got += 1;
-            }
-        });
-        inbuf.copy_within(used..filled, 0);
-        filled -= used;
+        let got = take_pubacks(&mut inbuf, &mut filled, n);
         inflight -= got.min(inflight);
         acked += got as u64;
     }
@@ -221,15 +228,7 @@ async fn publisher(
         if n == 0 {
             break;
         }
-        filled += n;
-        let mut got = 0;
-        let used = packets(&inbuf[..filled], |first, _| {
-            if first >> 4 == 4 {
-                got += 1;
-            }
-        });
-        inbuf.copy_within(used..filled, 0);
-        filled -= used;
+        let got = take_pubacks(&mut inbuf, &mut filled, n);
         inflight -= got.min(inflight);
         acked += got as u64;
     }
@@ -274,25 +273,11 @@ pub async fn throughput(
         sent += s;
         acked += a;
     }
-    // Let the tail arrive: wait until deliveries stop growing.
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = delivered.load(Ordering::Relaxed);
-        if now == last || now >= sent {
-            break;
-        }
-        last = now;
-    }
+    crate::settle(&delivered, sent).await;
     reader.abort();
     let delivered = delivered.load(Ordering::Relaxed);
     let accepted = if qos == 0 { sent } else { acked };
-    Ok(Throughput {
-        rate: delivered as f64 / publishing,
-        accepted_rate: accepted as f64 / publishing,
-        accepted,
-        delivered,
-    })
+    Ok(Throughput::new(accepted, delivered, publishing))
 }
 
 /// p50/p99 latency (µs) of QoS 1 publishes at a steady `rate`, each written on its own, from
@@ -335,14 +320,8 @@ pub async fn latency(
     let _ = wr.write_all(&[0xe0, 0]).await;
     reader.abort();
     acks.abort();
-    let mut v = samples.lock().map(|v| v.clone()).unwrap_or_default();
-    v.sort_unstable();
-    let pct = |p: f64| {
-        v.get(((v.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    Ok((pct(0.50), pct(0.99)))
+    let v = samples.lock().map(|v| v.clone()).unwrap_or_default();
+    Ok(crate::percentiles(v))
 }
 
 #[cfg(test)]

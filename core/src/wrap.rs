@@ -71,14 +71,15 @@ pub fn rfc3339_from_unix(secs: u64, micros: u32) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Per-thread state of [`id_and_time`]: no lock and no shared counter on the path every
-/// wrapped message takes (the global `uuid` context behind a mutex, a fresh random draw per id
+/// The last UUIDv7 timestamp and counter handed out, as `unix_ms << 12 | counter`: one atomic
+/// step per id keeps ids increasing across the whole process (one connection's task moves
+/// between threads), without the `uuid` crate's global context behind a mutex.
+static LAST_V7: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Per-thread state of [`id_and_time`]: the random bits and the formatted time, on the path
+/// every wrapped message takes (the `uuid` context behind a mutex, a fresh random draw per id
 /// and two formatted strings were ~10% of the MQTT benchmark's profile).
 struct IdState {
-    /// Millisecond of the last id and the counter within it (RFC 9562 §6.2 method 1: a
-    /// 42-bit counter in `rand_a` and the top of `rand_b`, seeded randomly each millisecond).
-    ms: u64,
-    counter: u64,
     /// xorshift64* state, seeded once per thread from the OS-seeded generator.
     rng: u64,
     /// `YYYY-MM-DDTHH:MM:SS.` of `second`, so a timestamp is formatted once per second.
@@ -91,8 +92,6 @@ impl IdState {
         // 74 random bits from the `uuid` crate's OS-seeded generator.
         let (a, b) = uuid::Uuid::now_v7().as_u64_pair();
         IdState {
-            ms: 0,
-            counter: 0,
             rng: (a.rotate_left(32) ^ b) | 1,
             second: u64::MAX,
             prefix: [0; 20],
@@ -113,34 +112,34 @@ thread_local! {
     static ID_STATE: std::cell::RefCell<IdState> = std::cell::RefCell::new(IdState::new());
 }
 
+/// The next `unix_ms << 12 | counter` (RFC 9562 §6.2 method 1, a 12-bit counter in `rand_a`):
+/// the current millisecond with counter 0, or one past the last value when that is later (the
+/// same millisecond, more than 4,096 ids in it, or a clock that stepped back).
+fn next_v7_stamp(ms: u64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let fresh = ms << 12;
+    let mut last = LAST_V7.load(Ordering::Relaxed);
+    loop {
+        let next = fresh.max(last + 1);
+        match LAST_V7.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 /// A new event id (UUIDv7) and the current time (RFC 3339, microseconds), from one reading of
-/// the clock. Ids are unique and increase within a thread; across threads they are ordered by
-/// millisecond (the 32 low bits are random, the counter starts at a random value each
-/// millisecond), which is all UUIDv7 promises.
+/// the clock. Ids increase across the process (so one producer's events sort in the order they
+/// were made) and carry 62 random bits.
 pub fn id_and_time() -> (String, String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let (secs, micros) = (now.as_secs(), now.subsec_micros());
-    let ms = secs * 1000 + u64::from(micros / 1000);
+    let stamp = next_v7_stamp(secs * 1000 + u64::from(micros / 1000));
     ID_STATE.with_borrow_mut(|st| {
-        const COUNTER_BITS: u32 = 42;
-        if ms > st.ms {
-            st.ms = ms;
-            // Leave the top bit clear so the counter has room to grow within the millisecond.
-            st.counter = st.next_random() >> (64 - COUNTER_BITS + 1);
-        } else {
-            // Same millisecond, or the clock stepped back: keep counting from the last id.
-            st.counter += 1;
-            if st.counter >> COUNTER_BITS != 0 {
-                st.ms += 1;
-                st.counter = 0;
-            }
-        }
-        let rand_a = (st.counter >> 30) & 0xfff;
-        let rand_b = ((st.counter & 0x3fff_ffff) << 32) | (st.next_random() >> 32);
-        let hi = (st.ms << 16) | 0x7000 | rand_a;
-        let lo = (0b10 << 62) | rand_b;
+        let hi = ((stamp >> 12) << 16) | 0x7000 | (stamp & 0xfff);
+        let lo = (0b10 << 62) | (st.next_random() >> 2);
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id = uuid::Uuid::from_u64_pair(hi, lo)
             .hyphenated()
@@ -264,6 +263,13 @@ mod tests {
             crate::validate::timestamp("time", &time).unwrap();
             last = next;
         }
+        // Across threads too: ids made one after another on different threads increase.
+        let mut ids = vec![last];
+        for _ in 0..4 {
+            ids.push(std::thread::spawn(|| id_and_time().0).join().unwrap());
+            ids.push(id_and_time().0);
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
         // The id's timestamp is the event's time (same clock reading), to the millisecond.
         let (id, time) = id_and_time();
         let (secs, _) = uuid::Uuid::parse_str(&id)

@@ -538,8 +538,10 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
 /// Deliveries are written in batches of up to this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// A busy connection reads this much at a time (an idle one, 64 bytes).
-const READ_CHUNK: usize = 64 * 1024;
+/// A busy connection reads this much at a time (an idle one, 64 bytes). Payloads are slices
+/// of the read buffer, so a queued message keeps its chunk alive: larger chunks would pin more
+/// memory per message waiting for an offline session.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// How long a closing connection waits for its pending inbound publishes.
 const INBOUND_DRAIN: Duration = Duration::from_secs(5);
@@ -1230,6 +1232,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             // written is the size to start the next batch with, instead of growing the buffer
             // by doubling (a copy each time) from nothing for every batch.
             out_hint = session.out.len().min(WRITE_BATCH);
+            session.out = BytesMut::new();
+        } else if session.out.capacity() != 0 {
+            // Reserved for deliveries that wrote nothing (window full, no-local, expired).
             session.out = BytesMut::new();
         }
         if !session.settle.is_empty() {

@@ -85,6 +85,11 @@ fn scalar(name: &str, raw: &RawValue) -> Result<Scalar, EventError> {
         Some(b'n') => Ok(Scalar::Null),
         Some(b't') => Ok(Scalar::Bool(true)),
         Some(b'f') => Ok(Scalar::Bool(false)),
+        // A string without escapes is its text between the quotes: serde_json checked it
+        // (control characters included) when it read the object, so no second parse.
+        Some(b'"') if text.len() >= 2 && !text.contains('\\') => {
+            Ok(Scalar::Str(text[1..text.len() - 1].to_owned()))
+        }
         Some(b'"') => serde_json::from_str::<String>(text)
             .map(Scalar::Str)
             .map_err(syntax),
@@ -122,10 +127,19 @@ pub fn decode(body: &[u8]) -> Result<Event, EventError> {
 }
 
 fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
-    let mut seen = std::collections::BTreeSet::new();
-    for (k, _) in &members.0 {
-        if !seen.insert(k.as_ref()) {
-            return Err(EventError::Duplicate(k.to_string()));
+    // Duplicate members (I7): a pairwise check for the usual dozen, a set beyond that.
+    if members.0.len() <= 16 {
+        for (i, (k, _)) in members.0.iter().enumerate() {
+            if members.0[..i].iter().any(|(earlier, _)| earlier == k) {
+                return Err(EventError::Duplicate(k.to_string()));
+            }
+        }
+    } else {
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _) in &members.0 {
+            if !seen.insert(k.as_ref()) {
+                return Err(EventError::Duplicate(k.to_string()));
+            }
         }
     }
     let get = |name: &str| -> Result<Option<String>, EventError> {
@@ -327,6 +341,29 @@ mod tests {
 
     fn with(extra: &str) -> String {
         format!("{},{extra}}}", &E0[..E0.len() - 1])
+    }
+
+    #[test]
+    fn strings_with_and_without_escapes_read_the_same() {
+        let e = decode(with(r#""subject":"plain €","ext1":"a\u0041\"b\\""#).as_bytes()).unwrap();
+        assert_eq!(e.subject(), Some("plain €"));
+        assert_eq!(
+            e.extension("ext1"),
+            Some(&ExtensionValue::String("aA\"b\\".into()))
+        );
+        // A raw control character inside a string is not JSON, escaped or not elsewhere.
+        assert!(decode(with("\"subject\":\"a\u{1}b\"").as_bytes()).is_err());
+        // Duplicates are found with few members and with many.
+        assert!(matches!(
+            decode(with(r#""id":"again""#).as_bytes()),
+            Err(EventError::Duplicate(_))
+        ));
+        let many: String = (0..20).map(|i| format!(r#""x{i}":"v","#)).collect();
+        assert!(matches!(
+            decode(with(&format!(r#"{many}"x3":"w""#)).as_bytes()),
+            Err(EventError::Duplicate(_))
+        ));
+        assert!(decode(with(&format!(r#"{many}"y":"w""#)).as_bytes()).is_ok());
     }
 
     #[test]

@@ -214,6 +214,10 @@ impl Backbone for MemoryBackbone {
         }
     }
 
+    fn delivers_in_process(&self) -> bool {
+        true
+    }
+
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
         if self.inner.closed.load(Ordering::Acquire) {
             return TryPublish::Done(Err(BackboneError::Closed));

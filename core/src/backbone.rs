@@ -351,7 +351,6 @@ impl Stream for Subscription {
     }
 }
 
-/// The event bus.
 /// The outcome of [`Backbone::try_publish`].
 pub enum TryPublish<'a> {
     /// Accepted or refused already.
@@ -369,6 +368,7 @@ impl fmt::Debug for TryPublish<'_> {
     }
 }
 
+/// The event bus.
 pub trait Backbone: Send + Sync + fmt::Debug {
     /// Short name for logs and metrics (`memory`, `nats`, `jetstream`).
     fn name(&self) -> &'static str;
@@ -407,6 +407,13 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     /// Whether `publish` waits for a remote acknowledgement (JetStream's PubAck): then adapters
     /// keep several publishes of one connection in flight instead of one at a time.
     fn publish_round_trips(&self) -> bool {
+        false
+    }
+
+    /// Whether `publish` hands events to this process's subscribers directly (the memory
+    /// backbone), so a publish can make another connection runnable at once; over NATS,
+    /// deliveries come back through the server.
+    fn delivers_in_process(&self) -> bool {
         false
     }
 

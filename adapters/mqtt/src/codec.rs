@@ -323,6 +323,7 @@ pub fn write_publish_v311(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_fast_publish_reader_agrees_with_rumqttd() {
@@ -378,7 +379,6 @@ mod tests {
             })
             .unwrap();
     }
-    use super::*;
 
     #[test]
     fn direct_v311_publish_matches_the_codec() {

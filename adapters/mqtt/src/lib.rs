@@ -166,7 +166,7 @@ impl MqttAdapter {
                 ),
             ),
             pipeline: ctx.backbone.publish_round_trips(),
-            in_process: ctx.backbone.name() == "memory",
+            in_process: ctx.backbone.delivers_in_process(),
             config: config.clone(),
             ctx: ctx.clone(),
             metrics,

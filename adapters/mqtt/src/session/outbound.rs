@@ -296,8 +296,6 @@ impl Session {
         }
     }
 
-    /// Encodes a PUBLISH into the write buffer; false when it exceeds the client's Maximum
-    /// Packet Size (MQTT 5 §3.1.2.11.4: the server must not send it).
     /// The topic to write and the alias to send with it: an alias already given (empty
     /// topic), a new one (topic and alias), or none (the client takes no aliases, or all of
     /// them are taken).
@@ -319,6 +317,8 @@ impl Session {
         (topic.as_str(), Some(a))
     }
 
+    /// Encodes a PUBLISH into the write buffer; false when it exceeds the client's Maximum
+    /// Packet Size (MQTT 5 §3.1.2.11.4: the server must not send it).
     fn write_publish(&mut self, o: &Outgoing, pkid: u16, dup: bool) -> bool {
         let envelope = &o.delivery.envelope;
         let mut encoded = binding::encode(

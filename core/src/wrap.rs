@@ -6,15 +6,14 @@ use bytes::Bytes;
 
 use crate::event::{Data, Event, EventError};
 
-/// A new event id: a UUIDv7, unique and time-ordered.
+/// A new event id: a UUIDv7, unique and time-ordered, from the same generator as
+/// [`id_and_time`] (so ids made by either increase together).
 pub fn new_id() -> String {
-    // Encoded directly rather than through `Display` (formatting machinery showed up in the
-    // MQTT benchmark's profile).
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::now_v7()
-        .hyphenated()
-        .encode_lower(&mut buf)
-        .to_owned()
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = now.as_secs() * 1000 + u64::from(now.subsec_millis());
+    ID_STATE.with_borrow_mut(|st| st.id(ms))
 }
 
 /// The current time as an RFC 3339 timestamp in UTC with microseconds.
@@ -98,6 +97,19 @@ impl IdState {
         }
     }
 
+    /// A UUIDv7 for `unix_ms` (see [`next_v7_stamp`]), encoded directly rather than through
+    /// `Display` (formatting machinery showed up in the MQTT benchmark's profile).
+    fn id(&mut self, unix_ms: u64) -> String {
+        let stamp = next_v7_stamp(unix_ms);
+        let hi = ((stamp >> 12) << 16) | 0x7000 | (stamp & 0xfff);
+        let lo = (0b10 << 62) | (self.next_random() >> 2);
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::from_u64_pair(hi, lo)
+            .hyphenated()
+            .encode_lower(&mut buf)
+            .to_owned()
+    }
+
     fn next_random(&mut self) -> u64 {
         let mut x = self.rng;
         x ^= x >> 12;
@@ -136,15 +148,8 @@ pub fn id_and_time() -> (String, String) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let (secs, micros) = (now.as_secs(), now.subsec_micros());
-    let stamp = next_v7_stamp(secs * 1000 + u64::from(micros / 1000));
     ID_STATE.with_borrow_mut(|st| {
-        let hi = ((stamp >> 12) << 16) | 0x7000 | (stamp & 0xfff);
-        let lo = (0b10 << 62) | (st.next_random() >> 2);
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id = uuid::Uuid::from_u64_pair(hi, lo)
-            .hyphenated()
-            .encode_lower(&mut buf)
-            .to_owned();
+        let id = st.id(secs * 1000 + u64::from(micros / 1000));
         if secs != st.second {
             let full = rfc3339_from_unix(secs, 0);
             st.prefix.copy_from_slice(&full.as_bytes()[..20]);
@@ -269,6 +274,8 @@ mod tests {
             ids.push(std::thread::spawn(|| id_and_time().0).join().unwrap());
             ids.push(id_and_time().0);
         }
+        ids.push(new_id());
+        ids.push(id_and_time().0);
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
         // The id's timestamp is the event's time (same clock reading), to the millisecond.
         let (id, time) = id_and_time();

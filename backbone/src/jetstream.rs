@@ -33,7 +33,7 @@ use meshgate_core::{
 };
 
 use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
-use crate::nats_wire;
+use crate::nats_wire::{self, HeaderSource};
 
 const NAME: &str = "jetstream";
 
@@ -321,8 +321,13 @@ impl Backbone for JetStreamBackbone {
                 return Err(unavailable("NATS is not connected; retry later"));
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
-            let (mut headers, payload) =
-                nats_wire::encode(&envelope, self.wire, (&self.instance.0, &self.instance.1));
+            let mut headers = async_nats::HeaderMap::new();
+            let payload = nats_wire::encode(
+                &envelope,
+                self.wire,
+                (&self.instance.0, &self.instance.1),
+                &mut headers,
+            );
             let id = format!("{} {}", envelope.event.source(), envelope.event.id());
             headers.insert("Nats-Msg-Id", percent_encode_header(&id));
             let (done, pending) = tokio::sync::oneshot::channel();
@@ -409,7 +414,13 @@ impl Backbone for JetStreamBackbone {
                 let delivery = match m {
                     Ok(m) => {
                         let (m, acker) = m.split();
-                        match nats_wire::decode_or_count(&prefix, m, &malformed) {
+                        match nats_wire::decode_or_count(
+                            &prefix,
+                            m.subject.as_str(),
+                            m.headers.as_ref().map(|h| h as &dyn HeaderSource),
+                            m.payload.clone(),
+                            &malformed,
+                        ) {
                             Some(envelope) if !matcher.matches(&envelope.topic) => {
                                 tokio::spawn(async move {
                                     let _ = acker.ack().await;

@@ -6,6 +6,7 @@ mod jetstream_retained;
 mod jetstream_sessions;
 pub mod memory;
 pub mod nats;
+mod nats_client;
 mod nats_wire;
 
 use std::sync::Arc;
@@ -22,7 +23,9 @@ pub async fn build(
 ) -> Result<Arc<dyn Backbone>, nats::NatsStartError> {
     Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
-        BackboneKind::Nats => nats::NatsBackbone::connect(&config.nats, instance, registry).await?,
+        BackboneKind::Nats => {
+            nats::NatsBackbone::connect(&config.nats, &config.memory, instance, registry).await?
+        }
         BackboneKind::JetStream => {
             jetstream::JetStreamBackbone::connect(
                 &config.nats,

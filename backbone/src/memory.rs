@@ -88,10 +88,20 @@ pub struct MemoryBackbone {
 
 impl MemoryBackbone {
     pub fn new(config: MemoryBackboneConfig, registry: &Registry) -> Arc<Self> {
+        Self::with_metrics_label(config, registry, "memory")
+    }
+
+    /// A memory backbone whose metrics say `backbone="<label>"` (the NATS backbone's local
+    /// deliveries are `nats-local`).
+    pub fn with_metrics_label(
+        config: MemoryBackboneConfig,
+        registry: &Registry,
+        label: &'static str,
+    ) -> Arc<Self> {
         let dropped = |reason| {
             registry.counter(
                 metrics::BACKBONE_DROPPED,
-                &[("backbone", "memory"), ("reason", reason)],
+                &[("backbone", label), ("reason", reason)],
             )
         };
         Arc::new(MemoryBackbone {
@@ -103,7 +113,7 @@ impl MemoryBackbone {
                 dropped_queue_full: dropped("queue_full"),
                 dropped_block_timeout: dropped("block_timeout"),
                 subscriptions: registry
-                    .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", "memory")]),
+                    .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", label)]),
             }),
         })
     }

@@ -1,19 +1,25 @@
 //! The NATS core backbone: several gateway instances on one NATS server or cluster.
 //!
 //! Events travel on `<subject_prefix>.<topic>` (the core `Topic` mapping) in the wire format of
-//! [`crate::nats_wire`]. Every local subscriber gets its events from NATS, including those
-//! published on this instance, so each subscriber gets each event once whichever instance
-//! published it; the origin (instance and connection) travels in a header, for MQTT no-local.
-//! Queue groups are NATS queue groups, so a shared subscription is shared across instances.
+//! [`crate::nats_wire`]. An event published on this instance reaches this instance's own
+//! subscribers in process (an in-memory backbone inside this one, sized by `backbone.memory`)
+//! and every other instance through NATS: the publishing connection is opened with `no_echo`,
+//! so the server never sends an instance its own events back, and each subscriber gets each
+//! event once whichever instance published it. Queue groups (shared subscriptions) are NATS
+//! queue groups on a second connection, with echo: the server picks one member among all
+//! instances, this one included. The origin (instance and connection) travels in a header,
+//! for MQTT no-local.
 //!
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
 //! not connected, so a client is told to retry rather than acknowledged; an event handed to
 //! the NATS client just before a disconnect can still be lost. A subscriber that falls more
 //! than `subscription_capacity` messages behind loses messages (NATS "slow consumer"), counted
 //! as `meshgate_backbone_dropped_total{backbone="nats",reason="slow_consumer"}`. Malformed
-//! messages from other NATS programs are skipped and counted (`reason="malformed"`).
+//! messages from other NATS programs are skipped and counted (`reason="malformed"`). Local
+//! deliveries follow `backbone.memory.full_policy` (counted with `backbone="nats-local"`).
 //!
-//! The async-nats client reconnects on its own (with backoff, forever) and re-subscribes.
+//! The client ([`crate::nats_client`], not async-nats: see there why) reconnects on its own
+//! (with backoff, forever) and re-subscribes.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -23,14 +29,16 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::{ConnectOptions, ServerAddr};
 use futures_util::StreamExt;
-use meshgate_config::{NatsBackboneConfig, NatsWireMode};
+use meshgate_config::{MemoryBackboneConfig, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
 use meshgate_core::{
     Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
-    TopicFilter,
+    TopicFilter, TryPublish,
 };
 
-use crate::nats_wire;
+use crate::memory::MemoryBackbone;
+use crate::nats_client::{self, ClientError};
+use crate::nats_wire::{self, HeaderSource, RawHeaderBlock, RawHeaders};
 
 const NAME: &str = "nats";
 
@@ -39,7 +47,14 @@ const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct NatsBackbone {
-    client: async_nats::Client,
+    /// Publishes, and subscribes for plain subscriptions; `no_echo`, so this instance's own
+    /// events do not come back to it (they go to `local`).
+    client: nats_client::Client,
+    /// Queue-group subscriptions, with echo: the group may pick a member on this instance for
+    /// an event published here.
+    group_client: nats_client::Client,
+    /// This instance's plain subscribers, for the events published here.
+    local: Arc<MemoryBackbone>,
     /// This instance's id, and percent-encoded for the origin header.
     instance: (String, String),
     prefix: String,
@@ -64,13 +79,45 @@ impl NatsBackbone {
     /// client keeps trying.
     pub async fn connect(
         config: &NatsBackboneConfig,
+        local: &MemoryBackboneConfig,
         instance: &str,
         registry: &Registry,
     ) -> Result<Arc<NatsBackbone>, NatsStartError> {
-        let client = connect_client(config, instance, registry, NAME).await?;
+        for url in &config.urls {
+            nats_client::parse_url(url).map_err(|reason| NatsStartError::Url {
+                url: url.clone(),
+                reason,
+            })?;
+        }
+        let options = |echo| nats_client::Options {
+            urls: config.urls.clone(),
+            name: format!("meshgate {instance}"),
+            echo,
+            user: config.user.clone().filter(|_| config.password.is_some()),
+            password: config.password.clone().filter(|_| config.user.is_some()),
+            token: config.token.clone(),
+            connect_timeout: config.connect_timeout,
+            subscription_capacity: config.subscription_capacity,
+            slow_consumer: registry.counter(
+                metrics::BACKBONE_DROPPED,
+                &[("backbone", NAME), ("reason", "slow_consumer")],
+            ),
+        };
+        let (client, group_client) = tokio::join!(
+            nats_client::Client::connect(options(false)),
+            nats_client::Client::connect(options(true)),
+        );
+        if !(client.is_connected() && group_client.is_connected()) {
+            tracing::warn!(
+                urls = ?config.urls,
+                "nats: not reachable yet; serving as not ready and retrying"
+            );
+        }
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         Ok(Arc::new(NatsBackbone {
             client,
+            group_client,
+            local: MemoryBackbone::with_metrics_label(local.clone(), registry, "nats-local"),
             instance: (
                 instance.to_owned(),
                 meshgate_core::header::percent_encode_header(instance),
@@ -84,12 +131,90 @@ impl NatsBackbone {
     }
 
     fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.client.is_connected() && self.group_client.is_connected()
+    }
+
+    /// NATS subscriptions for `filter` on `client`, as one stream of deliveries.
+    async fn nats_subscription(
+        &self,
+        client: &nats_client::Client,
+        filter: &TopicFilter,
+        queue_group: Option<&str>,
+    ) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
+        let queue = queue_group.map(queue_name);
+        let mut subscribers = Vec::new();
+        // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
+        for subject in filter.to_nats_subjects(&self.prefix) {
+            subscribers.push(
+                client
+                    .subscribe(&subject, queue.as_deref())
+                    .map_err(client_error)?,
+            );
+        }
+        // Once the server answered the flush, it has the interest: events published from
+        // now on (by any instance) reach this subscription.
+        client.flush().await.map_err(client_error)?;
+        let prefix = self.prefix.clone();
+        let malformed = self.malformed.clone();
+        // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
+        // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
+        let matcher = filter.clone();
+        let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
+            let delivery = decode_message(&prefix, m, &malformed)
+                .filter(|envelope| matcher.matches(&envelope.topic))
+                .map(|envelope| Delivery::new(Arc::new(envelope), None));
+            futures_util::future::ready(delivery)
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Appends the event to the client's write buffer; `Ok(false)`: the buffer is full, wait
+    /// for room before the next.
+    fn send(&self, envelope: &Envelope) -> Result<bool, BackboneError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BackboneError::Closed);
+        }
+        let subject = envelope.topic.to_nats_subject(&self.prefix);
+        let mut headers = RawHeaders::new();
+        let payload = nats_wire::encode(
+            envelope,
+            self.wire,
+            (&self.instance.0, &self.instance.1),
+            &mut headers,
+        );
+        self.client
+            .publish(&subject, &headers.finish(), &payload)
+            .map_err(client_error)
     }
 }
 
-/// Starts the NATS client (shared by the `nats` and `jetstream` backbones). Waits up to
-/// `connect_timeout` for the first connection; after that the client keeps trying.
+fn decode_message(prefix: &str, m: nats_client::Msg, malformed: &Counter) -> Option<Envelope> {
+    let Ok(subject) = std::str::from_utf8(&m.subject) else {
+        malformed.inc();
+        return None;
+    };
+    let block = m.headers.as_deref().map(RawHeaderBlock);
+    nats_wire::decode_or_count(
+        prefix,
+        subject,
+        block.as_ref().map(|b| b as &dyn HeaderSource),
+        m.payload,
+        malformed,
+    )
+}
+
+fn client_error(e: ClientError) -> BackboneError {
+    match e {
+        ClientError::NotConnected => BackboneError::Unavailable(e.to_string()),
+        ClientError::Closed => BackboneError::Closed,
+        ClientError::TooLarge { .. } | ClientError::BadSubject(_) => {
+            BackboneError::Rejected(e.to_string())
+        }
+    }
+}
+
+/// Starts the async-nats client of the `jetstream` backbone. Waits up to `connect_timeout` for
+/// the first connection; after that the client keeps trying.
 pub(crate) async fn connect_client(
     config: &NatsBackboneConfig,
     instance: &str,
@@ -196,28 +321,33 @@ impl Backbone for NatsBackbone {
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<(), BackboneError>> {
-        Box::pin(async move {
-            if self.closed.load(Ordering::Acquire) {
-                return Err(BackboneError::Closed);
-            }
-            if !self.connected() {
-                return Err(BackboneError::Unavailable(
-                    "NATS is not connected; retry later".into(),
-                ));
-            }
-            let subject = envelope.topic.to_nats_subject(&self.prefix);
-            let (headers, payload) =
-                nats_wire::encode(&envelope, self.wire, (&self.instance.0, &self.instance.1));
-            self.client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| match e.kind() {
-                    async_nats::client::PublishErrorKind::Send => {
-                        BackboneError::Unavailable(e.to_string())
-                    }
-                    _ => BackboneError::Rejected(e.to_string()),
-                })
-        })
+        match self.try_publish(envelope) {
+            TryPublish::Done(r) => Box::pin(std::future::ready(r)),
+            TryPublish::Pending(f) => f,
+        }
+    }
+
+    fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
+        // To NATS first: a refused publish, which the client retries, was delivered nowhere.
+        let room = match self.send(&envelope) {
+            Ok(room) => room,
+            Err(e) => return TryPublish::Done(Err(e)),
+        };
+        // Other instances have it (as far as NATS core goes); now this one's subscribers.
+        match (room, self.local.try_publish(envelope)) {
+            (true, done @ TryPublish::Done(_)) => done,
+            (room, local) => TryPublish::Pending(Box::pin(async move {
+                let result = match local {
+                    TryPublish::Done(r) => r,
+                    TryPublish::Pending(f) => f.await,
+                };
+                if !room {
+                    // Backpressure: the next publish of this client waits for the writer.
+                    self.client.room().await;
+                }
+                result
+            })),
+        }
     }
 
     fn subscribe(
@@ -229,35 +359,32 @@ impl Backbone for NatsBackbone {
             if self.closed.load(Ordering::Acquire) {
                 return Err(BackboneError::Closed);
             }
-            let mut subscribers = Vec::new();
-            // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
-            for subject in filter.to_nats_subjects(&self.prefix) {
-                let sub = match &options.queue_group {
-                    Some(g) => self.client.queue_subscribe(subject, queue_name(g)).await,
-                    None => self.client.subscribe(subject).await,
+            let stream = match options.queue_group.as_deref() {
+                // Shared across instances: NATS picks the member, this instance's included.
+                Some(group) => {
+                    self.nats_subscription(&self.group_client, &filter, Some(group))
+                        .await?
                 }
-                .map_err(|e| BackboneError::Unavailable(e.to_string()))?;
-                subscribers.push(sub);
-            }
-            // Once the server answered the flush, it has the interest: events published from
-            // now on (by any instance) reach this subscription.
-            self.client
-                .flush()
-                .await
-                .map_err(|e| BackboneError::Unavailable(e.to_string()))?;
+                None => {
+                    let remote = self.nats_subscription(&self.client, &filter, None).await?;
+                    let local = self
+                        .local
+                        .subscribe(
+                            filter.clone(),
+                            SubscribeOptions {
+                                capacity: options.capacity,
+                                ..SubscribeOptions::default()
+                            },
+                        )
+                        .await?;
+                    Box::pin(futures_util::stream::select(local, remote))
+                }
+            };
             self.subscriptions.inc();
             let counted = Counted(self.subscriptions.clone());
-            let prefix = self.prefix.clone();
-            let malformed = self.malformed.clone();
-            // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
-            // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
-            let matcher = filter.clone();
-            let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
+            let stream = stream.map(move |d| {
                 let _alive = &counted;
-                let delivery = nats_wire::decode_or_count(&prefix, m, &malformed)
-                    .filter(|envelope| matcher.matches(&envelope.topic))
-                    .map(|envelope| Delivery::new(Arc::new(envelope), None));
-                futures_util::future::ready(delivery)
+                d
             });
             Ok(Subscription::new(filter, Box::pin(stream)))
         })
@@ -274,9 +401,8 @@ impl Backbone for NatsBackbone {
             }
             // Flushes what was published and ends every subscription once its buffered
             // messages are consumed.
-            if let Err(e) = self.client.drain().await {
-                tracing::debug!(error = %e, "nats: drain");
-            }
+            tokio::join!(self.client.drain(), self.group_client.drain());
+            self.local.close().await;
         })
     }
 }

@@ -29,78 +29,126 @@ const MQTT_UTF8: &str = "Meshgate-Mqtt-Payload-Utf8";
 const MQTT_EXPIRES: &str = "Meshgate-Mqtt-Expires-At-Ms";
 const CONTENT_TYPE: &str = "Content-Type";
 
-/// The message for `envelope`: headers and payload. `instance` is this gateway's instance id,
-/// already percent-encoded (the usual origin; encoded once, not per message).
+/// Where [`encode`] writes headers: an async-nats `HeaderMap` (JetStream) or a raw NATS
+/// header block ([`RawHeaders`], the core backbone's own client).
+pub(crate) trait HeaderSink {
+    /// Adds a header; `value` is the concatenation of `parts` (no CR or LF in any of them).
+    fn put(&mut self, name: &'static str, parts: &[&str]);
+    /// Adds a header with a name made at run time (binary mode's `ce-<attribute>`).
+    fn put_owned(&mut self, name: String, value: &str);
+}
+
+impl HeaderSink for HeaderMap {
+    fn put(&mut self, name: &'static str, parts: &[&str]) {
+        self.insert(name, parts.concat());
+    }
+    fn put_owned(&mut self, name: String, value: &str) {
+        self.insert(name, value);
+    }
+}
+
+/// A NATS header block being written: `NATS/1.0\r\n`, `Name: value\r\n` lines, `\r\n`.
+#[derive(Debug, Default)]
+pub(crate) struct RawHeaders(Vec<u8>);
+
+impl RawHeaders {
+    pub(crate) fn new() -> Self {
+        let mut v = Vec::with_capacity(128);
+        v.extend_from_slice(b"NATS/1.0\r\n");
+        RawHeaders(v)
+    }
+    /// The finished block.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(b"\r\n");
+        self.0
+    }
+}
+
+impl HeaderSink for RawHeaders {
+    fn put(&mut self, name: &'static str, parts: &[&str]) {
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b": ");
+        for p in parts {
+            self.0.extend_from_slice(p.as_bytes());
+        }
+        self.0.extend_from_slice(b"\r\n");
+    }
+    fn put_owned(&mut self, name: String, value: &str) {
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value.as_bytes());
+        self.0.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Writes `envelope`'s headers to `headers` and returns the payload. `instance` is this
+/// gateway's instance id, and percent-encoded (the usual origin; encoded once, not per
+/// message).
 pub(crate) fn encode(
     envelope: &Envelope,
     mode: NatsWireMode,
     instance: (&str, &str),
-) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
+    headers: &mut impl HeaderSink,
+) -> Bytes {
     let origin = &envelope.origin;
     let (plain, encoded) = instance;
-    let origin_value = if *origin.instance == *plain {
-        format!("{}@{encoded}", origin.connection)
+    let mut connection = itoa::Buffer::new();
+    let connection = connection.format(origin.connection);
+    if *origin.instance == *plain {
+        headers.put(ORIGIN, &[connection, "@", encoded]);
     } else {
-        format!(
-            "{}@{}",
-            origin.connection,
-            percent_encode_header(&origin.instance)
-        )
-    };
-    headers.insert(ORIGIN, origin_value);
+        let other = percent_encode_header(&origin.instance);
+        headers.put(ORIGIN, &[connection, "@", &other]);
+    }
     if envelope.qos != 1 {
-        headers.insert(QOS, envelope.qos.to_string());
+        headers.put(QOS, &[&envelope.qos.to_string()]);
     }
     if envelope.retain {
-        headers.insert(RETAIN, "1");
+        headers.put(RETAIN, &["1"]);
     }
     if let Some(m) = &envelope.mqtt {
         if let Some(t) = &m.response_topic {
-            headers.insert(MQTT_RESPONSE_TOPIC, percent_encode_header(t));
+            headers.put(MQTT_RESPONSE_TOPIC, &[&percent_encode_header(t)]);
         }
         if let Some(c) = &m.correlation_data {
             use base64::Engine;
-            headers.insert(
-                MQTT_CORRELATION,
-                base64::engine::general_purpose::STANDARD.encode(c),
-            );
+            let c = base64::engine::general_purpose::STANDARD.encode(c);
+            headers.put(MQTT_CORRELATION, &[&c]);
         }
         if m.payload_utf8 {
-            headers.insert(MQTT_UTF8, "1");
+            headers.put(MQTT_UTF8, &["1"]);
         }
         if let Some(t) = m.expires_at_ms {
-            headers.insert(MQTT_EXPIRES, t.to_string());
+            headers.put(MQTT_EXPIRES, &[&t.to_string()]);
         }
     }
-    let payload = match mode {
+    match mode {
         NatsWireMode::Structured => {
-            headers.insert(CONTENT_TYPE, json::CONTENT_TYPE);
+            headers.put(CONTENT_TYPE, &[json::CONTENT_TYPE]);
             // The JSON is shared with other subscribers of the envelope: no copy.
             Bytes::from_owner(JsonBytes(envelope.json()))
         }
         NatsWireMode::Binary => {
             let event = &envelope.event;
             for (name, value) in event.attributes() {
-                headers.insert(
+                headers.put_owned(
                     format!("ce-{name}"),
-                    percent_encode_header(&value.to_string()),
+                    &percent_encode_header(&value.to_string()),
                 );
             }
             let content_type = event.binary_content_type();
             if let Some(ct) = content_type {
-                // (A header value with CR or LF would make the NATS client panic.)
+                // (A header value with CR or LF would break the header block.)
                 if !media::is_cloudevents(ct) && !ct.contains(['\r', '\n']) {
-                    headers.insert(CONTENT_TYPE, ct);
+                    headers.put(CONTENT_TYPE, &[ct]);
                 }
                 if event.datacontenttype().is_none() {
-                    headers.insert("ce-datacontenttype", percent_encode_header(ct));
+                    headers.put("ce-datacontenttype", &[&percent_encode_header(ct)]);
                 }
             }
             event.data().map(Data::to_bytes).unwrap_or_default()
         }
-    };
-    (headers, payload)
+    }
 }
 
 /// `Arc<str>` as bytes, for [`Bytes::from_owner`].
@@ -112,18 +160,84 @@ impl AsRef<[u8]> for JsonBytes {
     }
 }
 
+/// Where [`decode`] reads headers: an async-nats `HeaderMap` (JetStream) or a raw header
+/// block (the core backbone's own client). Names are compared case-insensitively.
+pub(crate) trait HeaderSource {
+    /// The first value of header `name`.
+    fn get(&self, name: &str) -> Option<&str>;
+    /// Every (name, value), in order.
+    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String>;
+}
+
+impl HeaderSource for HeaderMap {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.first())
+            .map(|v| v.as_str())
+    }
+    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
+        for (name, values) in self.iter() {
+            for value in values {
+                f(name.as_ref(), value.as_str())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A received header block, read in place: `NATS/1.0[ status]\r\n`, then `Name: value\r\n`
+/// lines up to an empty line. Lines that are not UTF-8 or have no `:` are skipped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawHeaderBlock<'a>(pub &'a [u8]);
+
+impl<'a> RawHeaderBlock<'a> {
+    fn lines(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.0
+            .split(|&b| b == b'\n')
+            .skip(1)
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| {
+                let l = std::str::from_utf8(l).ok()?;
+                let (k, v) = l.split_once(':')?;
+                Some((k.trim(), v.trim()))
+            })
+    }
+}
+
+impl HeaderSource for RawHeaderBlock<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.lines()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
+        for (k, v) in self.lines() {
+            f(k, v)?;
+        }
+        Ok(())
+    }
+}
+
 /// The envelope of a received message; a message that is not a CloudEvent is counted in
 /// `malformed`, logged at debug level and skipped (`None`).
 pub(crate) fn decode_or_count(
     prefix: &str,
-    m: async_nats::Message,
+    subject: &str,
+    headers: Option<&dyn HeaderSource>,
+    payload: Bytes,
     malformed: &meshgate_core::metrics::Counter,
 ) -> Option<Envelope> {
-    match decode(prefix, m.subject.as_str(), m.headers.as_ref(), m.payload) {
+    match decode(prefix, subject, headers, payload) {
         Ok(envelope) => Some(envelope),
         Err(reason) => {
             malformed.inc();
-            tracing::debug!(subject = %m.subject, reason, "skipped a NATS message that is not a CloudEvent");
+            tracing::debug!(
+                subject,
+                reason,
+                "skipped a NATS message that is not a CloudEvent"
+            );
             None
         }
     }
@@ -133,37 +247,29 @@ pub(crate) fn decode_or_count(
 pub(crate) fn decode(
     prefix: &str,
     subject: &str,
-    headers: Option<&HeaderMap>,
+    headers: Option<&dyn HeaderSource>,
     payload: Bytes,
 ) -> Result<Envelope, String> {
     let topic = Topic::from_nats_subject(prefix, subject)
         .map_err(|e| format!("subject `{subject}`: {e}"))?;
-    let header = |name: &str| {
-        headers.and_then(|h| {
-            h.iter()
-                .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
-                .and_then(|(_, v)| v.first())
-                .map(|v| v.as_str())
-        })
-    };
+    let header = |name: &str| headers.and_then(|h| h.get(name));
     let content_type = header(CONTENT_TYPE);
     let event = match content_type {
         Some(ct) if media::is_cloudevents(ct) => {
             json::decode(&payload).map_err(|e| format!("structured event: {e}"))?
         }
         _ => {
-            let binary = headers.is_some_and(|h| {
-                h.iter().any(|(k, _)| {
-                    AsRef::<str>::as_ref(k)
-                        .to_ascii_lowercase()
-                        .starts_with("ce-")
-                })
-            });
-            if binary {
-                decode_binary(headers, content_type, payload)?
-            } else {
-                json::decode(&payload)
-                    .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?
+            let mut binary = false;
+            if let Some(h) = headers {
+                let _ = h.each(&mut |k, _| {
+                    binary |= k.len() > 3 && k[..3].eq_ignore_ascii_case("ce-");
+                    Ok(())
+                });
+            }
+            match headers {
+                Some(h) if binary => decode_binary(h, content_type, payload)?,
+                _ => json::decode(&payload)
+                    .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?,
             }
         }
     };
@@ -198,24 +304,22 @@ pub(crate) fn decode(
 }
 
 fn decode_binary(
-    headers: Option<&HeaderMap>,
+    headers: &dyn HeaderSource,
     content_type: Option<&str>,
     payload: Bytes,
 ) -> Result<Event, String> {
     let mut attributes = StringAttributes::new();
-    for (name, values) in headers.into_iter().flat_map(|h| h.iter()) {
-        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
-        let Some(attr) = lower.strip_prefix("ce-") else {
-            continue;
-        };
-        for value in values {
-            let value = decode_header_value(value.as_str().as_bytes())
-                .map_err(|e| format!("header `{name}`: {e}"))?;
-            attributes
-                .push(attr, value)
-                .map_err(|e| format!("header `{name}`: {e}"))?;
+    headers.each(&mut |name, value| {
+        if name.len() <= 3 || !name[..3].eq_ignore_ascii_case("ce-") {
+            return Ok(());
         }
-    }
+        let attr = name[3..].to_ascii_lowercase();
+        let value =
+            decode_header_value(value.as_bytes()).map_err(|e| format!("header `{name}`: {e}"))?;
+        attributes
+            .push(&attr, value)
+            .map_err(|e| format!("header `{name}`: {e}"))
+    })?;
     let has_content_type = attributes.contains("datacontenttype");
     let mut event = attributes.build().map_err(|e| e.to_string())?;
     if !has_content_type {
@@ -267,12 +371,49 @@ mod tests {
         })
     }
 
+    /// Through a raw header block (the core backbone) and through a `HeaderMap` (JetStream):
+    /// both give the same envelope, which is returned.
     fn round_trip(mode: NatsWireMode) -> Envelope {
         let e = envelope();
         let subject = e.topic.to_nats_subject("mg");
         assert_eq!(subject, "mg.plant.line%2E1");
-        let (headers, payload) = encode(&e, mode, ("other", "other"));
-        decode("mg", &subject, Some(&headers), payload).unwrap()
+        let mut raw = RawHeaders::new();
+        let payload = encode(&e, mode, ("other", "other"), &mut raw);
+        let block = raw.finish();
+        let back = decode("mg", &subject, Some(&RawHeaderBlock(&block)), payload).unwrap();
+        let mut map = HeaderMap::new();
+        let payload = encode(&e, mode, ("other", "other"), &mut map);
+        let back_map = decode("mg", &subject, Some(&map), payload).unwrap();
+        assert_eq!(
+            json::encode_string(&back.event),
+            json::encode_string(&back_map.event)
+        );
+        assert_eq!(
+            (&back.origin, back.qos, back.retain, &back.mqtt),
+            (
+                &back_map.origin,
+                back_map.qos,
+                back_map.retain,
+                &back_map.mqtt
+            )
+        );
+        back
+    }
+
+    #[test]
+    fn raw_header_blocks_are_read_case_insensitively_and_in_order() {
+        let block = b"NATS/1.0 503\r\nContent-Type: text/plain\r\nce-ID:  x1 \r\nbad line\r\nce-id: x2\r\n\r\nignored: 1\r\n";
+        let h = RawHeaderBlock(block);
+        assert_eq!(h.get("content-type"), Some("text/plain"));
+        assert_eq!(h.get("CE-id"), Some("x1"));
+        assert_eq!(h.get("ignored"), None, "the block ends at the empty line");
+        let mut seen = Vec::new();
+        h.each(&mut |k, v| {
+            seen.push(format!("{k}={v}"));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, ["Content-Type=text/plain", "ce-ID=x1", "ce-id=x2"]);
     }
 
     #[test]
@@ -304,13 +445,13 @@ mod tests {
     #[test]
     fn binary_round_trip_has_every_attribute_as_a_header() {
         let e = envelope();
-        let (headers, payload) = encode(&e, NatsWireMode::Binary, ("gw a@b", "gw%20a@b"));
-        assert_eq!(headers.get(ORIGIN).unwrap().as_str(), "42@gw%20a@b");
-        assert_eq!(headers.get("ce-subject").unwrap().as_str(), "a%20b");
-        assert_eq!(
-            headers.get("ce-datacontenttype").unwrap().as_str(),
-            "application/json"
-        );
+        let mut raw = RawHeaders::new();
+        let payload = encode(&e, NatsWireMode::Binary, ("gw a@b", "gw%20a@b"), &mut raw);
+        let block = raw.finish();
+        let headers = RawHeaderBlock(&block);
+        assert_eq!(headers.get(ORIGIN), Some("42@gw%20a@b"));
+        assert_eq!(headers.get("ce-subject"), Some("a%20b"));
+        assert_eq!(headers.get("ce-datacontenttype"), Some("application/json"));
         assert_eq!(&payload[..], br#"{"a":1}"#);
         let back = round_trip(NatsWireMode::Binary);
         assert_eq!(back.event.subject(), Some("a b"));
@@ -342,6 +483,16 @@ mod tests {
             h.insert(k, v);
         }
         let e = decode("mg", "mg.a", Some(&h), Bytes::from_static(b"hi")).unwrap();
+        assert_eq!(e.event.datacontenttype(), Some("text/plain"));
+        // The same as a raw block, names in other cases.
+        let block = b"NATS/1.0\r\nCE-SpecVersion: 1.0\r\nce-id: B1\r\nce-source: /x\r\nCe-Type: t\r\ncontent-type: text/plain\r\n\r\n";
+        let e = decode(
+            "mg",
+            "mg.a",
+            Some(&RawHeaderBlock(block)),
+            Bytes::from_static(b"hi"),
+        )
+        .unwrap();
         assert_eq!(e.event.datacontenttype(), Some("text/plain"));
         assert_eq!(e.event.data().unwrap().to_bytes(), &b"hi"[..]);
     }

@@ -6,7 +6,7 @@
 //! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
-//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary] [--client raw|rumqttc]`
+//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary] [--client raw|rumqttc] [--only <row name part>]`
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -184,6 +184,13 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5u64);
     let generator = Generator::from_args(&args)?;
+    // `--only <text>`: run only the rows whose name contains it (for profiling one row).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let want = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     println!(
         "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine, MQTT rows by the {}\n",
         generator.describe()
@@ -195,21 +202,17 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|");
     let nats = start_nats_server("nats-backbone")?;
     let url = format!("nats://127.0.0.1:{}", nats.port);
-    let (rate, lost) = raw_core(&url, seconds).await?;
-    let lat = raw_latency(&url, 2_000, seconds).await.ok();
-    row(
-        "raw NATS core, async-nats pub → sub",
-        rate,
-        &lost.to_string(),
-        lat,
-    );
-    let js = raw_jetstream(&url, seconds).await?;
-    row(
-        "raw JetStream publish + PubAck (256 outstanding; acked/s)",
-        js,
-        "",
-        None,
-    );
+    let name = "raw NATS core, async-nats pub → sub";
+    if want(name) {
+        let (rate, lost) = raw_core(&url, seconds).await?;
+        let lat = raw_latency(&url, 2_000, seconds).await.ok();
+        row(name, rate, &lost.to_string(), lat);
+    }
+    let name = "raw JetStream publish + PubAck (256 outstanding; acked/s)";
+    if want(name) {
+        let js = raw_jetstream(&url, seconds).await?;
+        row(name, js, "", None);
+    }
     let wire = args
         .iter()
         .position(|a| a == "--wire")
@@ -230,6 +233,9 @@ async fn main() -> anyhow::Result<()> {
             QoS::AtLeastOnce,
         ),
     ] {
+        if !want(name) {
+            continue;
+        }
         let gw = start_meshgate_with(&nats_env)?;
         let t = generator
             .throughput(gw.port, gw.port, qos, 1, seconds)
@@ -249,29 +255,28 @@ async fn main() -> anyhow::Result<()> {
             lat,
         );
     }
-    {
+    let name = "meshgate MQTT QoS 0 → NATS → raw NATS subscriber (meshgate's ingress)";
+    if want(name) {
         let gw = start_meshgate_with(&nats_env)?;
         let (rate, lost) = mqtt_to_raw_nats(gw.port, &url, seconds).await?;
-        row(
-            "meshgate MQTT QoS 0 → NATS → raw NATS subscriber (meshgate's ingress)",
-            rate,
-            &lost.to_string(),
-            None,
-        );
+        row(name, rate, &lost.to_string(), None);
     }
-    let a = start_meshgate_with(&nats_env)?;
-    let b = start_meshgate_with(&nats_env)?;
-    let t = generator
-        .throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds)
-        .await?;
-    let lat = generator.latency(a.port, b.port, 2_000, seconds).await.ok();
-    row(
-        "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B",
-        t.rate,
-        &t.accepted.saturating_sub(t.delivered).to_string(),
-        lat,
-    );
-    drop((a, b));
+    let name = "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B";
+    if want(name) {
+        let a = start_meshgate_with(&nats_env)?;
+        let b = start_meshgate_with(&nats_env)?;
+        let t = generator
+            .throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds)
+            .await?;
+        let lat = generator.latency(a.port, b.port, 2_000, seconds).await.ok();
+        row(
+            name,
+            t.rate,
+            &t.accepted.saturating_sub(t.delivered).to_string(),
+            lat,
+        );
+        drop((a, b));
+    }
     let js_env = [
         ("MESHGATE__BACKBONE__KIND", "jetstream"),
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
@@ -280,6 +285,11 @@ async fn main() -> anyhow::Result<()> {
         ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", "mgjs"),
     ];
     for publishers in [1, 4] {
+        if !want(&format!(
+            "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s)"
+        )) {
+            continue;
+        }
         let gw = start_meshgate_with(&js_env)?;
         let t = generator
             .throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds)
@@ -302,20 +312,23 @@ async fn main() -> anyhow::Result<()> {
             lat,
         );
     }
-    let mem = start_meshgate_with(&[])?;
-    let t = generator
-        .throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds)
-        .await?;
-    let lat = generator
-        .latency(mem.port, mem.port, 2_000, seconds)
-        .await
-        .ok();
-    row(
-        "meshgate MQTT QoS 0 → memory backbone → MQTT (reference)",
-        t.rate,
-        &t.accepted.saturating_sub(t.delivered).to_string(),
-        lat,
-    );
+    let name = "meshgate MQTT QoS 0 → memory backbone → MQTT (reference)";
+    if want(name) {
+        let mem = start_meshgate_with(&[])?;
+        let t = generator
+            .throughput(mem.port, mem.port, QoS::AtMostOnce, 1, seconds)
+            .await?;
+        let lat = generator
+            .latency(mem.port, mem.port, 2_000, seconds)
+            .await
+            .ok();
+        row(
+            name,
+            t.rate,
+            &t.accepted.saturating_sub(t.delivered).to_string(),
+            lat,
+        );
+    }
     println!(
         "\n(lost: published or acknowledged, never delivered; latency rows use QoS 1 publishes at 2,000 msg/s, raw NATS flushes each message)"
     );

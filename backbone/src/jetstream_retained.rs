@@ -83,7 +83,9 @@ impl RetainedStore for KvRetained {
     fn set<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
             let json = envelope.json();
-            let event = serde_json::value::RawValue::from_string(json.to_string())
+            let text = String::from_utf8(json.to_vec())
+                .map_err(|e| BackboneError::Rejected(e.to_string()))?;
+            let event = serde_json::value::RawValue::from_string(text)
                 .map_err(|e| BackboneError::Rejected(e.to_string()))?;
             let value = serde_json::to_vec(&Stored {
                 qos: envelope.qos,

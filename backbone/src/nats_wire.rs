@@ -126,7 +126,7 @@ pub(crate) fn encode(
         NatsWireMode::Structured => {
             headers.put(CONTENT_TYPE, &[json::CONTENT_TYPE]);
             // The JSON is shared with other subscribers of the envelope: no copy.
-            Bytes::from_owner(JsonBytes(envelope.json()))
+            envelope.json()
         }
         NatsWireMode::Binary => {
             let event = &envelope.event;
@@ -151,31 +151,16 @@ pub(crate) fn encode(
     }
 }
 
-/// `Arc<str>` as bytes, for [`Bytes::from_owner`].
-struct JsonBytes(Arc<str>);
-
-impl AsRef<[u8]> for JsonBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
-
 /// Where [`decode`] reads headers: an async-nats `HeaderMap` (JetStream) or a raw header
 /// block (the core backbone's own client). Names are compared case-insensitively.
 pub(crate) trait HeaderSource {
-    /// The first value of header `name`.
-    fn get(&self, name: &str) -> Option<&str>;
-    /// Every (name, value), in order.
+    /// Every (name, value), in order, until `f` fails.
     fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String>;
+    /// Every (name, value), in order, borrowed for as long as the headers.
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str));
 }
 
 impl HeaderSource for HeaderMap {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| v.first())
-            .map(|v| v.as_str())
-    }
     fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
         for (name, values) in self.iter() {
             for value in values {
@@ -183,6 +168,13 @@ impl HeaderSource for HeaderMap {
             }
         }
         Ok(())
+    }
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) {
+        for (name, values) in self.iter() {
+            for value in values {
+                f(name.as_ref(), value.as_str());
+            }
+        }
     }
 }
 
@@ -193,30 +185,54 @@ pub(crate) struct RawHeaderBlock<'a>(pub &'a [u8]);
 
 impl<'a> RawHeaderBlock<'a> {
     fn lines(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
-        self.0
-            .split(|&b| b == b'\n')
-            .skip(1)
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .take_while(|l| !l.is_empty())
-            .filter_map(|l| {
-                let l = std::str::from_utf8(l).ok()?;
-                let (k, v) = l.split_once(':')?;
-                Some((k.trim(), v.trim()))
-            })
+        let block = self.0;
+        // Past the version line.
+        let mut at = memchr::memchr(b'\n', block).map_or(block.len(), |i| i + 1);
+        std::iter::from_fn(move || {
+            loop {
+                let rest = &block[at..];
+                let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+                at += (end + 1).min(rest.len());
+                let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+                if line.is_empty() {
+                    return None;
+                }
+                let Some(colon) = memchr::memchr(b':', line) else {
+                    continue;
+                };
+                let (Ok(k), Ok(v)) = (
+                    std::str::from_utf8(&line[..colon]),
+                    std::str::from_utf8(&line[colon + 1..]),
+                ) else {
+                    continue;
+                };
+                return Some((k.trim(), v.trim()));
+            }
+        })
     }
 }
 
-impl HeaderSource for RawHeaderBlock<'_> {
+#[cfg(test)]
+impl RawHeaderBlock<'_> {
+    /// The first value of header `name`.
     fn get(&self, name: &str) -> Option<&str> {
         self.lines()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     }
+}
+
+impl HeaderSource for RawHeaderBlock<'_> {
     fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
         for (k, v) in self.lines() {
             f(k, v)?;
         }
         Ok(())
+    }
+    fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b str, &'b str)) {
+        for (k, v) in self.lines() {
+            f(k, v);
+        }
     }
 }
 
@@ -252,28 +268,18 @@ pub(crate) fn decode(
 ) -> Result<Envelope, String> {
     let topic = Topic::from_nats_subject(prefix, subject)
         .map_err(|e| format!("subject `{subject}`: {e}"))?;
-    let header = |name: &str| headers.and_then(|h| h.get(name));
-    let content_type = header(CONTENT_TYPE);
-    let event = match content_type {
+    let m = Meta::read(headers);
+    let event = match m.content_type {
         Some(ct) if media::is_cloudevents(ct) => {
             json::decode(&payload).map_err(|e| format!("structured event: {e}"))?
         }
-        _ => {
-            let mut binary = false;
-            if let Some(h) = headers {
-                let _ = h.each(&mut |k, _| {
-                    binary |= k.len() > 3 && k[..3].eq_ignore_ascii_case("ce-");
-                    Ok(())
-                });
-            }
-            match headers {
-                Some(h) if binary => decode_binary(h, content_type, payload)?,
-                _ => json::decode(&payload)
-                    .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?,
-            }
-        }
+        _ => match headers {
+            Some(h) if m.binary => decode_binary(h, m.content_type, payload)?,
+            _ => json::decode(&payload)
+                .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?,
+        },
     };
-    let origin = match header(ORIGIN).and_then(parse_origin) {
+    let origin = match m.origin.and_then(parse_origin) {
         Some(o) => o,
         // Published by another NATS program: no meshgate connection to compare with.
         None => Origin {
@@ -281,26 +287,74 @@ pub(crate) fn decode(
             connection: 0,
         },
     };
-    let qos = header(QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
-    let retain = header(RETAIN) == Some("1");
+    let qos = m.qos.and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
+    let retain = m.retain == Some("1");
     let mqtt = MqttProperties {
-        response_topic: header(MQTT_RESPONSE_TOPIC)
+        response_topic: m
+            .response_topic
             .and_then(|t| decode_header_value(t.as_bytes()).ok()),
-        correlation_data: header(MQTT_CORRELATION).and_then(|c| {
+        correlation_data: m.correlation.and_then(|c| {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD
                 .decode(c)
                 .ok()
                 .map(Bytes::from)
         }),
-        payload_utf8: header(MQTT_UTF8) == Some("1"),
-        expires_at_ms: header(MQTT_EXPIRES).and_then(|t| t.parse().ok()),
+        payload_utf8: m.utf8 == Some("1"),
+        expires_at_ms: m.expires.and_then(|t| t.parse().ok()),
     };
     let mut envelope = Envelope::new(topic, Arc::new(event), origin)
         .with_qos(qos)
         .with_retain(retain);
     envelope.mqtt = (!mqtt.is_empty()).then(|| Arc::new(mqtt));
     Ok(envelope)
+}
+
+/// The headers [`decode`] looks at, found in one pass (first value of each).
+#[derive(Default)]
+struct Meta<'a> {
+    content_type: Option<&'a str>,
+    origin: Option<&'a str>,
+    qos: Option<&'a str>,
+    retain: Option<&'a str>,
+    response_topic: Option<&'a str>,
+    correlation: Option<&'a str>,
+    utf8: Option<&'a str>,
+    expires: Option<&'a str>,
+    /// Any `ce-` header.
+    binary: bool,
+}
+
+impl<'a> Meta<'a> {
+    fn read(headers: Option<&'a dyn HeaderSource>) -> Meta<'a> {
+        let mut m = Meta::default();
+        if let Some(h) = headers {
+            h.visit(&mut |k, v| {
+                let slot = if k.eq_ignore_ascii_case(CONTENT_TYPE) {
+                    &mut m.content_type
+                } else if k.eq_ignore_ascii_case(ORIGIN) {
+                    &mut m.origin
+                } else if k.eq_ignore_ascii_case(QOS) {
+                    &mut m.qos
+                } else if k.eq_ignore_ascii_case(RETAIN) {
+                    &mut m.retain
+                } else if k.eq_ignore_ascii_case(MQTT_RESPONSE_TOPIC) {
+                    &mut m.response_topic
+                } else if k.eq_ignore_ascii_case(MQTT_CORRELATION) {
+                    &mut m.correlation
+                } else if k.eq_ignore_ascii_case(MQTT_UTF8) {
+                    &mut m.utf8
+                } else if k.eq_ignore_ascii_case(MQTT_EXPIRES) {
+                    &mut m.expires
+                } else {
+                    m.binary |= k.len() > 3 && k[..3].eq_ignore_ascii_case("ce-");
+                    return;
+                };
+                slot.get_or_insert(v);
+            });
+        }
+        m
+    }
 }
 
 fn decode_binary(

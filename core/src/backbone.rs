@@ -42,9 +42,10 @@ pub struct Envelope {
     /// MQTT 5 request/response and expiry properties of the publish, forwarded to MQTT 5
     /// subscribers unaltered (they are not CloudEvents attributes).
     pub mqtt: Option<Arc<MqttProperties>>,
-    /// The JSON format of `event`, encoded once on first use and shared by every subscriber
-    /// that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500 times).
-    json: std::sync::OnceLock<Arc<str>>,
+    /// The JSON format of `event` (UTF-8), encoded once on first use and shared by every
+    /// subscriber that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500
+    /// times). `Bytes`, so that payloads and frames share it without a copy.
+    json: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl Envelope {
@@ -78,10 +79,10 @@ impl Envelope {
         self
     }
 
-    /// The event in the JSON format, encoded at most once per envelope.
-    pub fn json(&self) -> Arc<str> {
+    /// The event in the JSON format (UTF-8 text), encoded at most once per envelope.
+    pub fn json(&self) -> bytes::Bytes {
         self.json
-            .get_or_init(|| Arc::from(crate::json::encode_string(&self.event)))
+            .get_or_init(|| bytes::Bytes::from(crate::json::encode(&self.event)))
             .clone()
     }
 }

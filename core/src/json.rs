@@ -87,7 +87,7 @@ fn scalar(name: &str, raw: &RawValue) -> Result<Scalar, EventError> {
         Some(b'f') => Ok(Scalar::Bool(false)),
         // A string without escapes is its text between the quotes: serde_json checked it
         // (control characters included) when it read the object, so no second parse.
-        Some(b'"') if text.len() >= 2 && !text.contains('\\') => {
+        Some(b'"') if text.len() >= 2 && memchr::memchr(b'\\', text.as_bytes()).is_none() => {
             Ok(Scalar::Str(text[1..text.len() - 1].to_owned()))
         }
         Some(b'"') => serde_json::from_str::<String>(text)
@@ -188,9 +188,19 @@ fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
             ));
         }
         (None, Some(raw)) => {
-            if let Some(s) = string_value("data_base64", raw)? {
-                let bytes = BASE64
-                    .decode(s.as_bytes())
+            let text = raw.get();
+            // Base64 has no characters JSON escapes: decode between the quotes, no copy
+            // (an escaped form, e.g. `\/`, takes the general path).
+            let plain = text.len() >= 2
+                && text.starts_with('"')
+                && memchr::memchr(b'\\', text.as_bytes()).is_none();
+            let decoded = if plain {
+                Some(BASE64.decode(&text.as_bytes()[1..text.len() - 1]))
+            } else {
+                string_value("data_base64", raw)?.map(|s| BASE64.decode(s.as_bytes()))
+            };
+            if let Some(bytes) = decoded {
+                let bytes = bytes
                     .map_err(|e| EventError::invalid("data_base64", format!("not Base64: {e}")))?;
                 event.set_data(Some(Data::Binary(Bytes::from(bytes))));
             }
@@ -258,8 +268,16 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventErro
 }
 
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
-    // Serialising a &str cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    // Most strings need no escape: copied between quotes. The rest through serde_json (which
+    // cannot fail on a &str).
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// How `data` is written in JSON, following the rules of CE-BINDINGS.md §2.
@@ -291,7 +309,11 @@ fn push_data(out: &mut Vec<u8>, event: &Event) {
                 return;
             }
             out.extend_from_slice(b",\"data_base64\":\"");
-            out.extend_from_slice(BASE64.encode(bytes).as_bytes());
+            // Straight into the output: no intermediate String.
+            let start = out.len();
+            out.resize(start + base64_len(bytes.len()), 0);
+            let written = BASE64.encode_slice(bytes, &mut out[start..]).unwrap_or(0);
+            out.truncate(start + written);
             out.push(b'"');
         }
     }
@@ -319,9 +341,15 @@ pub fn encode_into(out: &mut Vec<u8>, event: &Event) {
     out.push(b'}');
 }
 
+/// Length of the padded Base64 of `n` bytes.
+fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
 /// One event in the JSON format.
 pub fn encode(event: &Event) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + event.data().map_or(0, Data::len));
+    // Room for the attributes and the data as Base64 (the longest form), so one allocation.
+    let mut out = Vec::with_capacity(256 + event.data().map_or(0, |d| base64_len(d.len())));
     encode_into(&mut out, event);
     out
 }
@@ -341,6 +369,54 @@ mod tests {
 
     fn with(extra: &str) -> String {
         format!("{},{extra}}}", &E0[..E0.len() - 1])
+    }
+
+    proptest::proptest! {
+        /// The copy-between-quotes path writes what serde_json writes, for any string.
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(s in "(?s).{0,40}") {
+            let mut out = Vec::new();
+            push_json_string(&mut out, &s);
+            proptest::prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+        }
+
+        /// Base64 written in place has the length and text of the engine's own encoding.
+        #[test]
+        fn data_base64_is_written_in_place(data in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            let mut e = Event::new("1", "/s", "t").unwrap();
+            e.set_data(Some(Data::Binary(Bytes::from(data.clone()))));
+            let json = encode_string(&e);
+            let expected = format!(",\"data_base64\":\"{}\"}}", BASE64.encode(&data));
+            proptest::prop_assert!(json.ends_with(&expected), "{}", json);
+        }
+    }
+
+    #[test]
+    fn data_base64_reads_the_same_with_and_without_escapes() {
+        let plain = decode(with(r#""data_base64":"AAEC/w==""#).as_bytes()).unwrap();
+        let escaped = decode(with(r#""data_base64":"AAEC\/w==""#).as_bytes()).unwrap();
+        assert_eq!(plain.data().unwrap().to_bytes(), &[0u8, 1, 2, 0xFF][..]);
+        assert_eq!(escaped.data().unwrap().to_bytes(), &[0u8, 1, 2, 0xFF][..]);
+        assert!(
+            decode(with(r#""data_base64":null"#).as_bytes())
+                .unwrap()
+                .data()
+                .is_none()
+        );
+        for bad in [r#""data_base64":"A*==""#, r#""data_base64":5"#] {
+            assert!(decode(with(bad).as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forbidden_characters_are_refused_in_ascii_and_beyond() {
+        // DEL, a C1 control and a noncharacter, each escaped in JSON.
+        for bad in [r#"\u007f"#, r#"\u0085"#, r#"\ufdd0"#] {
+            let body = with(&format!(r#""subject":"a{bad}b""#));
+            assert!(decode(body.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(decode(with(r#""subject":"tab\tfree? no""#).as_bytes()).is_err());
+        assert!(decode(with(r#""subject":"ascii ~ and é ok""#).as_bytes()).is_ok());
     }
 
     #[test]

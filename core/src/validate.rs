@@ -39,6 +39,10 @@ pub fn is_forbidden_char(c: char) -> bool {
 
 /// A CloudEvents String value.
 pub fn string(name: &str, value: &str) -> Result<(), EventError> {
+    // ASCII (nearly every attribute): only the C0 controls and DEL can be forbidden.
+    if value.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+        return Ok(());
+    }
     if let Some(c) = value.chars().find(|c| is_forbidden_char(*c)) {
         return Err(EventError::invalid(
             name,

@@ -17,8 +17,6 @@
 //! Outbound: binary (default: `cloudEvents_` headers, Integer as a 64-bit long and Boolean as a
 //! boolean, `time` as a string, `datacontenttype` as `content_type`) or structured.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -237,7 +235,7 @@ pub struct Outbound {
 /// envelope); it is asked for only in structured mode. `origin` is this gateway's instance id.
 pub fn encode(
     event: &Event,
-    json: impl FnOnce() -> Arc<str>,
+    json: impl FnOnce() -> Bytes,
     mode: AmqpMode,
     persistent: bool,
     origin: &str,
@@ -253,7 +251,7 @@ pub fn encode(
         AmqpMode::Structured => {
             properties =
                 properties.with_content_type(short("content type", json::CONTENT_TYPE.to_owned())?);
-            Bytes::copy_from_slice(json().as_bytes())
+            json()
         }
         AmqpMode::Binary => {
             for (name, v) in event.attributes() {
@@ -400,7 +398,7 @@ mod tests {
         Event::new("A1", "/src", "com.example.t").unwrap()
     }
 
-    fn no_json() -> Arc<str> {
+    fn no_json() -> Bytes {
         panic!("binary mode must not ask for the JSON format")
     }
 
@@ -827,7 +825,7 @@ mod tests {
         let text = json::encode_string(&e);
         let o = encode(
             &e,
-            || Arc::from(text.as_str()),
+            || Bytes::from(text.clone()),
             AmqpMode::Structured,
             false,
             "gw-2",

@@ -112,7 +112,7 @@ pub struct Outbound {
 /// by every subscriber of the envelope); it is only asked for in the structured modes.
 pub fn encode(
     event: &Event,
-    json: impl FnOnce() -> std::sync::Arc<str>,
+    json: impl FnOnce() -> Bytes,
     version: Version,
     v5: Mqtt5Mode,
     v311: Mqtt311Mode,
@@ -134,14 +134,14 @@ pub fn encode(
             }
         }
         (Version::V5, Mqtt5Mode::Structured, _) => Outbound {
-            payload: Bytes::copy_from_slice(json().as_bytes()),
+            payload: json(),
             properties: Some(PublishProperties {
                 content_type: Some(json::CONTENT_TYPE.to_owned()),
                 ..Default::default()
             }),
         },
         (Version::V311, _, Mqtt311Mode::Structured) => Outbound {
-            payload: Bytes::copy_from_slice(json().as_bytes()),
+            payload: json(),
             properties: None,
         },
         (Version::V311, _, Mqtt311Mode::Data) => Outbound {
@@ -268,7 +268,7 @@ mod tests {
         let j = json::encode_string(&e);
         let o = encode(
             &e,
-            || std::sync::Arc::from(j.as_str()),
+            || Bytes::from(j.clone()),
             Version::V5,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,
@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(names, ["specversion", "id", "source", "type"]);
         let o = encode(
             &e,
-            || std::sync::Arc::from(j.as_str()),
+            || Bytes::from(j.clone()),
             Version::V311,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,
@@ -289,7 +289,7 @@ mod tests {
         assert!(o.properties.is_none());
         let o = encode(
             &e,
-            || std::sync::Arc::from(j.as_str()),
+            || Bytes::from(j.clone()),
             Version::V311,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Data,
@@ -307,7 +307,7 @@ mod tests {
         let j = json::encode_string(&e);
         let o = encode(
             &e,
-            || std::sync::Arc::from(j.as_str()),
+            || Bytes::from(j.clone()),
             Version::V5,
             Mqtt5Mode::Binary,
             Mqtt311Mode::Structured,

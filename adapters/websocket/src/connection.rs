@@ -127,7 +127,8 @@ async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
             let _ = delivery.ack().await;
             continue;
         }
-        let text = Utf8Bytes::from(&*delivery.envelope.json());
+        // The JSON encoder writes UTF-8 only; checked anyway rather than trusted (no copy).
+        let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
         match conn.out.try_send(Outbound::Event(text, delivery)) {
             Ok(()) => {}
             Err(TrySendError::Full(Outbound::Event(_, delivery))) => {

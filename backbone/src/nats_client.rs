@@ -110,6 +110,8 @@ struct Shared {
     wake_writer: Notify,
     /// The writer took the buffer: publishers waiting for room may go on.
     room: Notify,
+    /// A write is in progress (no keep-alive PING then).
+    writing: AtomicBool,
     /// Stop reconnecting.
     closed: AtomicBool,
     close: Notify,
@@ -145,6 +147,7 @@ impl Client {
             next_sid: AtomicUsize::new(1),
             wake_writer: Notify::new(),
             room: Notify::new(),
+            writing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             close: Notify::new(),
             max_payload: AtomicUsize::new(1 << 20),
@@ -175,17 +178,19 @@ impl Client {
         if subject.is_empty() || subject.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(ClientError::BadSubject(subject.to_owned()));
         }
-        let size = headers.len() + payload.len();
-        let max = self.shared.max_payload.load(Ordering::Relaxed);
-        if size > max {
-            return Err(ClientError::TooLarge { size, max });
-        }
         let mut out = self.shared.out();
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
+        // Before the size: until a server said its max_payload, the limit is a guess, and a
+        // client told "not connected" retries where "too large" would give up.
         if !out.connected {
             return Err(ClientError::NotConnected);
+        }
+        let size = headers.len() + payload.len();
+        let max = self.shared.max_payload.load(Ordering::Relaxed);
+        if size > max {
+            return Err(ClientError::TooLarge { size, max });
         }
         let was_empty = out.buf.is_empty();
         let buf = &mut out.buf;
@@ -509,7 +514,7 @@ async fn tls(
 }
 
 /// `nats://host:port`, `tls://host:port`, `host:port` → (TLS, host, port); the port defaults
-/// to 4222. (Credentials in URLs are not read: the config has its own keys.)
+/// to 4222. Credentials in a URL are refused: the config has its own keys for them.
 pub(crate) fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("tls://") {
         (true, r)
@@ -518,7 +523,11 @@ pub(crate) fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     } else {
         (false, url)
     };
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    if rest.contains('@') {
+        return Err(format!(
+            "`{url}`: credentials go in backbone.nats.user and backbone.nats.password (or token), not in the URL"
+        ));
+    }
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
@@ -575,14 +584,39 @@ async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> String 
     tokio::select! {
         r = read_loop(shared, reader, rest) => r,
         r = write_loop(shared, writer) => r,
+        r = keep_alive(shared) => r,
         _ = closed => "closed".into(),
+    }
+}
+
+/// A `PING` every [`PING_INTERVAL`]; the connection is given up with
+/// [`MAX_PINGS_OUTSTANDING`] of them unanswered. Skipped while a write is in progress: a PING
+/// queued behind megabytes the server is slowly reading would look unanswered (a connection
+/// that dies mid-write is left to TCP's retransmission timeout).
+async fn keep_alive(shared: &Shared) -> String {
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    // After a stall, one tick, not a burst that would find its own PINGs unanswered.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ping.tick().await;
+        if shared.writing.load(Ordering::Acquire) {
+            continue;
+        }
+        {
+            let mut out = shared.out();
+            if out.pongs.iter().filter(|p| p.is_none()).count() >= MAX_PINGS_OUTSTANDING {
+                return "the server stopped answering PINGs".into();
+            }
+            out.buf.extend_from_slice(b"PING\r\n");
+            out.pongs.push_back(None);
+        }
+        shared.wake_writer.notify_one();
     }
 }
 
 async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -> String {
     let mut spare = Vec::with_capacity(64 << 10);
-    let mut ping = tokio::time::interval(PING_INTERVAL);
-    ping.tick().await;
     loop {
         let idle = {
             let mut out = shared.out();
@@ -593,24 +627,18 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
             idle
         };
         if idle {
-            tokio::select! {
-                    _ = shared.wake_writer.notified() => {}
-                    _ = ping.tick() => {
-                        let mut out = shared.out();
-                        if out.pongs.iter().filter(|p| p.is_none()).count() >= MAX_PINGS_OUTSTANDING {
-                            return "the server stopped answering PINGs".into();
-                        }
-                        out.buf.extend_from_slice(b"PING\r\n");
-                        out.pongs.push_back(None);
-                    }
-            }
+            shared.wake_writer.notified().await;
             continue;
         }
         shared.room.notify_waiters();
-        if let Err(e) = w.write_all(&spare).await {
-            return format!("write: {e}");
+        shared.writing.store(true, Ordering::Release);
+        let written = async {
+            w.write_all(&spare).await?;
+            w.flush().await
         }
-        if let Err(e) = w.flush().await {
+        .await;
+        shared.writing.store(false, Ordering::Release);
+        if let Err(e) = written {
             return format!("write: {e}");
         }
         spare.clear();
@@ -882,6 +910,120 @@ mod tests {
         }
     }
 
+    /// A client's shared state as [`Client::connect`] makes it, without connecting.
+    fn unconnected() -> Arc<Shared> {
+        Arc::new(Shared {
+            options: Options {
+                urls: vec!["127.0.0.1:4222".into()],
+                name: "test".into(),
+                echo: false,
+                user: None,
+                password: None,
+                token: None,
+                connect_timeout: Duration::from_secs(1),
+                subscription_capacity: 16,
+                slow_consumer: Counter::default(),
+            },
+            out: Mutex::new(Out::default()),
+            subs: Mutex::new(HashMap::new()),
+            next_sid: AtomicUsize::new(1),
+            wake_writer: Notify::new(),
+            room: Notify::new(),
+            writing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            close: Notify::new(),
+            max_payload: AtomicUsize::new(1 << 20),
+            warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
+        })
+    }
+
+    /// Runs [`serve`] on one end of an in-memory pipe (`capacity` bytes), once connected; the
+    /// other end is the server's.
+    async fn serving(
+        capacity: usize,
+    ) -> (
+        Client,
+        tokio::task::JoinHandle<String>,
+        tokio::io::DuplexStream,
+    ) {
+        let shared = unconnected();
+        let (io, server) = tokio::io::duplex(capacity);
+        let serving = tokio::spawn({
+            let shared = shared.clone();
+            async move { serve(&shared, Box::new(io), BytesMut::new()).await }
+        });
+        let client = Client { shared };
+        while !client.is_connected() {
+            tokio::task::yield_now().await;
+        }
+        (client, serving, server)
+    }
+
+    /// A server that reads slowly (3 KiB every 100 ms) and answers each `PING` as soon as it has
+    /// read it (`answer`), or never.
+    async fn slow_server(io: tokio::io::DuplexStream, answer: bool) {
+        let (mut r, mut w) = tokio::io::split(io);
+        let mut tail = Vec::new();
+        let mut chunk = vec![0u8; 3 << 10];
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            tail.extend_from_slice(&chunk[..n]);
+            let pings = memchr::memmem::find_iter(&tail, b"PING\r\n").count();
+            // Keep what could be the start of a PING cut by this read.
+            tail.drain(..tail.len() - tail.len().min(5));
+            for _ in 0..pings {
+                if answer && w.write_all(b"PONG\r\n").await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_pings_are_answered_and_a_server_answering_none_is_dropped() {
+        let (_client, serving, server) = serving(16 << 10).await;
+        let (mut r, mut w) = tokio::io::split(server);
+        w.write_all(b"PING\r\n").await.unwrap();
+        let mut pong = [0u8; 6];
+        r.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"PONG\r\n");
+        // Keep-alives from now on, none answered: dropped at the third interval, with two
+        // PINGs outstanding.
+        let start = tokio::time::Instant::now();
+        tokio::spawn(slow_server(r.unsplit(w), false));
+        let reason = tokio::time::timeout(4 * PING_INTERVAL, serving)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert_eq!(reason, "the server stopped answering PINGs");
+        let after = start.elapsed();
+        assert!(
+            after >= 2 * PING_INTERVAL && after <= 3 * PING_INTERVAL + Duration::from_secs(1),
+            "dropped after {after:?}"
+        );
+    }
+
+    /// A write that takes over three keep-alive intervals to a server that reads slowly and
+    /// answers every PING: the connection is kept (no PING is counted as unanswered while it
+    /// waits behind the data, nor fired in a burst after it).
+    #[tokio::test(start_paused = true)]
+    async fn a_long_busy_write_does_not_make_a_live_server_look_dead() {
+        let (client, serving, server) = serving(16 << 10).await;
+        tokio::spawn(slow_server(server, true));
+        // About 7 MB, which this server takes some 235 s to read: the writer is busy through
+        // three keep-alive intervals while the server answers every PING it gets.
+        let payload = vec![b'x'; 1024];
+        for _ in 0..7000 {
+            client.publish("s", b"", &payload).unwrap();
+        }
+        let ended = tokio::time::timeout(4 * PING_INTERVAL + PING_INTERVAL / 2, serving).await;
+        assert!(ended.is_err(), "the connection ended: {ended:?}");
+    }
+
     #[test]
     fn urls() {
         assert_eq!(
@@ -901,5 +1043,7 @@ mod tests {
             (false, "::1".into(), 4222)
         );
         assert!(parse_url("nats://h:x").is_err());
+        let err = parse_url("nats://mg:secret@h:4222").unwrap_err();
+        assert!(err.contains("backbone.nats.user"), "{err}");
     }
 }

@@ -1,5 +1,7 @@
 //! A `nats-server -js` per test, on a free port with its own store directory, so a test can
-//! kill and restart it (Debian package `nats-server`; scripts/test.sh installs it).
+//! kill and restart it (Debian package `nats-server`; scripts/test.sh installs it). Extra
+//! command-line arguments ([`NatsServer::start_with`], e.g. `--user`/`--pass`, `--auth`) or a
+//! configuration file ([`NatsServer::start_with_config`], e.g. `max_payload: 4096`) go with it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     pub port: u16,
     dir: PathBuf,
+    /// Given on every (re)start after the address, port and JetStream options.
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -34,17 +38,42 @@ fn binary() -> &'static str {
 impl NatsServer {
     /// Starts a server with JetStream on a free port.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// Starts a server with JetStream on a free port and `args` besides, e.g.
+    /// `["--user", "mg", "--pass", "secret"]` or `["--auth", "token"]` (see `nats-server --help`).
+    pub fn start_with(args: &[&str]) -> NatsServer {
+        let mut server = NatsServer::prepare();
+        server.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+        server.restart();
+        server
+    }
+
+    /// Starts a server with JetStream on a free port and a configuration file holding `config`
+    /// (nats-server's format, e.g. `max_payload: 4096`); the command line's address, port and
+    /// store directory take precedence over the file's.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let mut server = NatsServer::prepare();
+        let file = server.dir.join("nats-server.conf");
+        std::fs::write(&file, config).expect("the nats-server configuration file is written");
+        server.extra_args = vec!["-c".to_owned(), file.display().to_string()];
+        server.restart();
+        server
+    }
+
+    /// A free port and an empty store directory; not started.
+    fn prepare() -> NatsServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("meshgate-nats-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a store directory");
-        let mut server = NatsServer {
+        NatsServer {
             port,
             dir,
+            extra_args: Vec::new(),
             child: None,
-        };
-        server.restart();
-        server
+        }
     }
 
     /// `nats://127.0.0.1:<port>`
@@ -73,6 +102,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -80,6 +110,14 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            // A bad argument or configuration file makes it exit at once: say so now.
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                panic!(
+                    "nats-server {:?} exited ({status}) before listening on {}",
+                    self.extra_args, self.port
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on {}",

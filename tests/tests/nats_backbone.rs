@@ -1,5 +1,7 @@
 //! The NATS core backbone against a real nats-server (one per test): several gateway instances
-//! on one bus, every event counted; the wire format seen by other NATS programs; a NATS restart.
+//! on one bus, every event counted; the wire format seen by other NATS programs; a NATS restart;
+//! credentials from the config; the server's max_payload; NATS and WebSocket subscribers of one
+//! gateway getting each event once.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
@@ -388,5 +390,341 @@ async fn wildcards_do_not_match_dollar_topics_over_nats() {
     {
         panic!("`#` received more: {extra:?}");
     }
+    gw.shutdown().await;
+}
+
+/// Posts a structured CloudEvent whose `data` is the JSON string `data`; the status and body.
+async fn post_data(
+    web: SocketAddr,
+    topic: &str,
+    id: &str,
+    data: &str,
+) -> (reqwest::StatusCode, String) {
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "/test",
+        "type": "t",
+        "data": data,
+    });
+    let response = reqwest::Client::new()
+        .post(format!("http://{web}/events/{topic}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// `/readyz` on the admin listener.
+async fn ready(admin: SocketAddr) -> reqwest::StatusCode {
+    reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap()
+        .status()
+}
+
+/// The `id` of a structured CloudEvent received by a plain NATS client.
+fn nats_event_id(m: &async_nats::Message) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&m.payload)
+        .unwrap_or_else(|e| panic!("not a structured CloudEvent ({e}): {m:?}"));
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {v}"))
+        .to_owned()
+}
+
+/// The next message of a plain NATS subscription, within 5 s.
+async fn next_nats(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a NATS message within 5 s")
+        .expect("the NATS subscription is open")
+}
+
+/// How the gateway (`backbone.nats.*`) and a plain client authenticate to nats-server.
+#[derive(Debug, Clone, Copy)]
+enum Credentials<'a> {
+    UserPassword(&'a str, &'a str),
+    Token(&'a str),
+}
+
+impl Credentials<'_> {
+    fn configure(self, mut c: meshgate_config::Config) -> meshgate_config::Config {
+        match self {
+            Credentials::UserPassword(user, password) => {
+                c.backbone.nats.user = Some(user.into());
+                c.backbone.nats.password = Some(password.into());
+            }
+            Credentials::Token(token) => c.backbone.nats.token = Some(token.into()),
+        }
+        c
+    }
+
+    async fn client(self, nats: &NatsServer) -> async_nats::Client {
+        let options = match self {
+            Credentials::UserPassword(user, password) => {
+                async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            }
+            Credentials::Token(token) => async_nats::ConnectOptions::with_token(token.into()),
+        };
+        options.connect(nats.url()).await.unwrap()
+    }
+}
+
+/// A gateway with `right` credentials is ready and its events reach a WebSocket subscriber and
+/// a plain NATS subscriber; one with `wrong` credentials stays not ready and refuses publishes.
+async fn check_credentials(nats: &NatsServer, right: Credentials<'_>, wrong: Credentials<'_>) {
+    let mut bad_config = wrong.configure(nats_config(nats, "gw-wrong-credentials"));
+    // Start-up waits this long for a first connection that never comes.
+    bad_config.backbone.nats.connect_timeout = Duration::from_secs(1);
+    let (good, bad) = tokio::join!(
+        start_gateway(right.configure(nats_config(nats, "gw-credentials"))),
+        start_gateway(bad_config),
+    );
+    let (web, admin) = (good.web_addr.unwrap(), good.admin_addr.unwrap());
+    assert_eq!(ready(admin).await, 200, "{right:?}: connected, so ready");
+
+    let client = right.client(nats).await;
+    let mut tap = client.subscribe("meshgate.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut ws = ws_connect(web, &["secured/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 1",
+    )
+    .await;
+    assert_eq!(post(web, "secured/a", "authenticated").await, 202);
+    let m = next_nats(&mut tap).await;
+    assert_eq!(m.subject.as_str(), "meshgate.secured.a");
+    assert_eq!(nats_event_id(&m), "authenticated");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "authenticated"
+    );
+
+    // Wrong credentials: the server refuses every attempt (the client retries every 50 ms,
+    // 100 ms, 200 ms ... meanwhile); not ready, and a publish is refused rather than
+    // acknowledged.
+    let (bad_web, bad_admin) = (bad.web_addr.unwrap(), bad.admin_addr.unwrap());
+    let d = Deadline::after(Duration::from_millis(1500));
+    while !d.passed() {
+        assert_eq!(
+            ready(bad_admin).await,
+            503,
+            "{wrong:?}: the server refuses them, so not ready"
+        );
+        d.pause().await;
+    }
+    let (status, body) = post_data(bad_web, "secured/a", "refused", "x").await;
+    assert_eq!(status, 503, "{wrong:?}: {body}");
+    assert!(body.contains("not connected"), "{wrong:?}: {body}");
+    assert_eq!(ready(bad_admin).await, 503);
+    // The right one is unaffected, and nothing of the refused event went anywhere.
+    assert_eq!(ready(admin).await, 200);
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {
+        panic!("unexpected message on NATS: {m:?}");
+    }
+    // (A WebSocket left open makes the shutdown wait for its close handshake.)
+    drop(ws);
+    bad.shutdown().await;
+    good.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_from_config_are_used_and_wrong_ones_leave_the_gateway_not_ready() {
+    let nats = NatsServer::start_with(&["--user", "mg", "--pass", "s3cret"]);
+    check_credentials(
+        &nats,
+        Credentials::UserPassword("mg", "s3cret"),
+        Credentials::UserPassword("mg", "wrong"),
+    )
+    .await;
+    drop(nats);
+
+    let nats = NatsServer::start_with(&["--auth", "t0ken-of-the-bus"]);
+    check_credentials(
+        &nats,
+        Credentials::Token("t0ken-of-the-bus"),
+        Credentials::Token("not-the-token"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_servers_max_payload_is_refused_with_a_clear_error() {
+    const MAX_PAYLOAD: usize = 4096;
+    let nats = NatsServer::start_with_config(&format!("max_payload: {MAX_PAYLOAD}\n"));
+    let gw = start_gateway(nats_config(&nats, "gw-max-payload")).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut tap = client.subscribe("meshgate.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut ws = ws_connect(web, &["big/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 1",
+    )
+    .await;
+
+    // 8 KiB of data: refused by the gateway (BackboneError::Rejected → 422), not sent to a
+    // server that would close the connection over it.
+    let (status, body) = post_data(web, "big/1", "big", &"x".repeat(8 << 10)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("max_payload") && body.contains(&MAX_PAYLOAD.to_string()),
+        "the refusal names the limit: {body}"
+    );
+
+    // Still connected and serving; the refused event went nowhere, the next one everywhere.
+    assert_eq!(ready(admin).await, 200);
+    let (status, body) = post_data(web, "big/1", "small", "hello").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(nats_event_id(&next_nats(&mut tap).await), "small");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "small"
+    );
+
+    // The limit is the server's, headers included: bisect the data length to the largest
+    // accepted event. Every accepted one must have reached the server (which would have closed
+    // the connection over a message past its limit instead), and the largest is exactly
+    // max_payload bytes of headers and payload as the server counts them.
+    let (mut accepted, mut refused) = (0usize, 8usize << 10);
+    let mut largest = None;
+    let mut n = 0;
+    while refused - accepted > 1 {
+        let len = (accepted + refused) / 2;
+        n += 1;
+        let id = format!("p{n:03}"); // the same length every time
+        let (status, body) = post_data(web, "big/1", &id, &"y".repeat(len)).await;
+        match status.as_u16() {
+            202 => {
+                accepted = len;
+                let m = tokio::time::timeout(Duration::from_secs(5), tap.next())
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "the event of {len} data bytes was accepted (202) but never reached \
+                             NATS: sent past the server's max_payload, which closes the connection?"
+                        )
+                    });
+                assert_eq!(
+                    nats_event_id(&m),
+                    id,
+                    "the accepted event of {len} data bytes reached NATS"
+                );
+                largest = Some(m.length - m.subject.len());
+                assert_eq!(
+                    next_event(&mut ws, Duration::from_secs(5))
+                        .await
+                        .unwrap()
+                        .id(),
+                    id
+                );
+            }
+            422 => {
+                refused = len;
+                assert!(body.contains("max_payload"), "{body}");
+            }
+            other => panic!("{len} data bytes: {other} {body}"),
+        }
+    }
+    assert_eq!(
+        largest,
+        Some(MAX_PAYLOAD),
+        "the largest accepted message ({accepted} data bytes), headers and payload"
+    );
+    assert_eq!(ready(admin).await, 200);
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {
+        panic!("unexpected message on NATS: {m:?}");
+    }
+    drop(ws);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_and_websocket_subscribers_of_one_gateway_each_get_every_event_once() {
+    let nats = NatsServer::start();
+    let gw = start_gateway(nats_config(&nats, "gw-once")).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    // The subjects the gateway subscribes to for `orders/#`; an event matches one of them.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let exact = client.subscribe("meshgate.orders").await.unwrap();
+    let below = client.subscribe("meshgate.orders.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut tap = futures_util::stream::select(exact, below);
+    let mut all = ws_connect(web, &["orders/#"]).await;
+    let mut some = ws_connect(web, &["orders/x/+"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 2",
+    )
+    .await;
+
+    const N: usize = 20;
+    for i in 0..N {
+        // Even ones on `orders` itself, odd ones below it.
+        let topic = if i % 2 == 0 {
+            "orders".to_owned()
+        } else {
+            format!("orders/x/{i}")
+        };
+        assert_eq!(post(web, &topic, &format!("g{i}")).await, 202);
+    }
+    // And from another NATS program: to the gateway's subscribers, once (and back to the
+    // program itself, which has echo).
+    const M: usize = 5;
+    for i in 0..M {
+        client
+            .publish(
+                format!("meshgate.orders.x.n{i}"),
+                format!(r#"{{"specversion":"1.0","id":"n{i}","source":"/other","type":"t"}}"#)
+                    .into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+
+    let mut on_nats = HashMap::new();
+    for _ in 0..N + M {
+        let m = tokio::time::timeout(Duration::from_secs(5), tap.next())
+            .await
+            .expect("a NATS message within 5 s")
+            .unwrap();
+        *on_nats.entry(nats_event_id(&m)).or_insert(0usize) += 1;
+    }
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), tap.next()).await {
+        panic!("unexpected extra message on NATS: {m:?}");
+    }
+    assert_eq!(on_nats.len(), N + M, "every event on NATS: {on_nats:?}");
+    assert!(
+        on_nats.values().all(|&c| c == 1),
+        "duplicates on NATS: {on_nats:?}"
+    );
+
+    let seen = collect(&mut all, N + M).await;
+    assert_eq!(seen.len(), N + M, "`orders/#`: every event: {seen:?}");
+    assert!(seen.values().all(|&c| c == 1), "`orders/#`: {seen:?}");
+    let seen = collect(&mut some, N / 2 + M).await;
+    assert_eq!(seen.len(), N / 2 + M, "`orders/x/+`: {seen:?}");
+    assert!(
+        seen.keys()
+            .all(|id| id.starts_with('n') || id[1..].parse::<usize>().unwrap() % 2 == 1),
+        "`orders/x/+`: only the events below `orders/x`: {seen:?}"
+    );
+    assert!(seen.values().all(|&c| c == 1), "`orders/x/+`: {seen:?}");
+    drop((all, some));
     gw.shutdown().await;
 }

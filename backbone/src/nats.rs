@@ -390,6 +390,11 @@ impl Backbone for NatsBackbone {
         })
     }
 
+    fn delivers_in_process(&self) -> bool {
+        // This instance's own subscribers get its events from the in-memory part.
+        true
+    }
+
     fn is_ready(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && self.connected()
     }

@@ -412,8 +412,9 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     }
 
     /// Whether `publish` hands events to this process's subscribers directly (the memory
-    /// backbone), so a publish can make another connection runnable at once; over NATS,
-    /// deliveries come back through the server.
+    /// backbone, and NATS core for the publishing instance's own subscribers), so a publish
+    /// can make another connection runnable at once; over JetStream, deliveries come back
+    /// through the server.
     fn delivers_in_process(&self) -> bool {
         false
     }

@@ -1,7 +1,8 @@
 //! meshgate over the NATS backbone, next to raw NATS in the same run (issue 4).
 //!
-//! Rows: raw NATS core (async-nats publisher → subscriber), raw JetStream publish-with-ack (256
-//! acknowledgements outstanding), and meshgate MQTT → NATS → MQTT with the NATS backbone on one
+//! Rows: raw NATS core (async-nats publisher → subscriber; also with the messages meshgate puts
+//! on the bus, headers and CloudEvent JSON, to show what they cost any NATS client), raw
+//! JetStream publish-with-ack (256 acknowledgements outstanding), and meshgate MQTT → NATS → MQTT with the NATS backbone on one
 //! instance and across two instances, plus the memory backbone for reference. Delivered
 //! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
@@ -20,8 +21,23 @@ use meshgate_bench::{
 };
 use rumqttc::QoS;
 
-/// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost).
-async fn raw_core(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
+/// What meshgate puts on the bus for one 256-byte MQTT publish: the two headers and the
+/// structured CloudEvent (the data as Base64), about 520 bytes.
+fn meshgate_like_message() -> (async_nats::HeaderMap, Vec<u8>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Meshgate-Origin", "17@meshgate-bench");
+    headers.insert("Content-Type", "application/cloudevents+json");
+    let json = format!(
+        r#"{{"specversion":"1.0","id":"019ae0b0-5c3d-7a41-8f2e-6b1d2c3e4f50","source":"mqtt://meshgate/raw-pub","type":"io.meshgate.mqtt.publish","subject":"bench/x","time":"2026-12-02T19:00:00.123456Z","data_base64":"{}"}}"#,
+        "A".repeat(PAYLOAD.div_ceil(3) * 4)
+    );
+    (headers, json.into_bytes())
+}
+
+/// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost). With
+/// `meshgate_messages`, each message is what meshgate publishes (headers and JSON) instead of
+/// the bare 256-byte payload.
+async fn raw_core(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::Result<(f64, u64)> {
     let sub_client = async_nats::connect(url).await?;
     let mut sub = sub_client.subscribe("rawbench.>").await?;
     sub_client.flush().await?;
@@ -38,12 +54,16 @@ async fn raw_core(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
     let s = stop.clone();
     let publisher = tokio::spawn(async move {
         let mut sent = 0u64;
+        let (headers, message) = meshgate_like_message();
         while !s.load(Ordering::Relaxed) {
-            if client
-                .publish("rawbench.x", payload(origin).into())
-                .await
-                .is_err()
-            {
+            let published = if meshgate_messages {
+                client
+                    .publish_with_headers("rawbench.x", headers.clone(), message.clone().into())
+                    .await
+            } else {
+                client.publish("rawbench.x", payload(origin).into()).await
+            };
+            if published.is_err() {
                 break;
             }
             sent += 1;
@@ -204,9 +224,14 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("nats://127.0.0.1:{}", nats.port);
     let name = "raw NATS core, async-nats pub → sub";
     if want(name) {
-        let (rate, lost) = raw_core(&url, seconds).await?;
+        let (rate, lost) = raw_core(&url, seconds, false).await?;
         let lat = raw_latency(&url, 2_000, seconds).await.ok();
         row(name, rate, &lost.to_string(), lat);
+    }
+    let name = "raw NATS core, async-nats pub → sub, meshgate's messages (2 headers, ~520-byte CloudEvent JSON)";
+    if want(name) {
+        let (rate, lost) = raw_core(&url, seconds, true).await?;
+        row(name, rate, &lost.to_string(), None);
     }
     let name = "raw JetStream publish + PubAck (256 outstanding; acked/s)";
     if want(name) {

@@ -248,14 +248,21 @@ async fn main() -> anyhow::Result<()> {
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
         ("MESHGATE__BACKBONE__NATS__WIRE_MODE", wire),
     ];
-    for (name, qos) in [
+    for (name, qos, publishers) in [
         (
             "meshgate MQTT QoS 0 → NATS → MQTT, one instance",
             QoS::AtMostOnce,
+            1,
+        ),
+        (
+            "meshgate MQTT QoS 0 → NATS → MQTT, one instance, 4 publishers",
+            QoS::AtMostOnce,
+            4,
         ),
         (
             "meshgate MQTT QoS 1 → NATS → MQTT, one instance",
             QoS::AtLeastOnce,
+            1,
         ),
     ] {
         if !want(name) {
@@ -263,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let gw = start_meshgate_with(&nats_env)?;
         let t = generator
-            .throughput(gw.port, gw.port, qos, 1, seconds)
+            .throughput(gw.port, gw.port, qos, publishers, seconds)
             .await?;
         let lat = if qos == QoS::AtLeastOnce {
             generator
@@ -286,14 +293,29 @@ async fn main() -> anyhow::Result<()> {
         let (rate, lost) = mqtt_to_raw_nats(gw.port, &url, seconds).await?;
         row(name, rate, &lost.to_string(), None);
     }
-    let name = "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B";
-    if want(name) {
+    for (name, publishers) in [
+        (
+            "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, subscriber on B",
+            1,
+        ),
+        (
+            "meshgate MQTT QoS 0 → NATS → MQTT, 4 publishers on A, subscriber on B",
+            4,
+        ),
+    ] {
+        if !want(name) {
+            continue;
+        }
         let a = start_meshgate_with(&nats_env)?;
         let b = start_meshgate_with(&nats_env)?;
         let t = generator
-            .throughput(a.port, b.port, QoS::AtMostOnce, 1, seconds)
+            .throughput(a.port, b.port, QoS::AtMostOnce, publishers, seconds)
             .await?;
-        let lat = generator.latency(a.port, b.port, 2_000, seconds).await.ok();
+        let lat = if publishers == 1 {
+            generator.latency(a.port, b.port, 2_000, seconds).await.ok()
+        } else {
+            None
+        };
         row(
             name,
             t.rate,

@@ -120,6 +120,23 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(options: Options) -> Shared {
+        Shared {
+            options,
+            out: Mutex::new(Out::default()),
+            subs: Mutex::new(HashMap::new()),
+            next_sid: AtomicUsize::new(1),
+            wake_writer: Notify::new(),
+            room: Notify::new(),
+            writing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            close: Notify::new(),
+            // Until the server's INFO says otherwise (nats-server's default).
+            max_payload: AtomicUsize::new(1 << 20),
+            warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
+        }
+    }
+
     fn out(&self) -> MutexGuard<'_, Out> {
         // Only appends and swaps happen under the lock; a panic cannot leave it inconsistent.
         self.out.lock().unwrap_or_else(|e| e.into_inner())
@@ -140,19 +157,7 @@ impl Client {
     /// connection, then returns either way (see [`Client::is_connected`]).
     pub async fn connect(options: Options) -> Client {
         let timeout = options.connect_timeout;
-        let shared = Arc::new(Shared {
-            options,
-            out: Mutex::new(Out::default()),
-            subs: Mutex::new(HashMap::new()),
-            next_sid: AtomicUsize::new(1),
-            wake_writer: Notify::new(),
-            room: Notify::new(),
-            writing: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            close: Notify::new(),
-            max_payload: AtomicUsize::new(1 << 20),
-            warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
-        });
+        let shared = Arc::new(Shared::new(options));
         tokio::spawn(run(shared.clone()));
         let client = Client { shared };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -912,29 +917,17 @@ mod tests {
 
     /// A client's shared state as [`Client::connect`] makes it, without connecting.
     fn unconnected() -> Arc<Shared> {
-        Arc::new(Shared {
-            options: Options {
-                urls: vec!["127.0.0.1:4222".into()],
-                name: "test".into(),
-                echo: false,
-                user: None,
-                password: None,
-                token: None,
-                connect_timeout: Duration::from_secs(1),
-                subscription_capacity: 16,
-                slow_consumer: Counter::default(),
-            },
-            out: Mutex::new(Out::default()),
-            subs: Mutex::new(HashMap::new()),
-            next_sid: AtomicUsize::new(1),
-            wake_writer: Notify::new(),
-            room: Notify::new(),
-            writing: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            close: Notify::new(),
-            max_payload: AtomicUsize::new(1 << 20),
-            warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
-        })
+        Arc::new(Shared::new(Options {
+            urls: vec!["127.0.0.1:4222".into()],
+            name: "test".into(),
+            echo: false,
+            user: None,
+            password: None,
+            token: None,
+            connect_timeout: Duration::from_secs(1),
+            subscription_capacity: 16,
+            slow_consumer: Counter::default(),
+        }))
     }
 
     /// Runs [`serve`] on one end of an in-memory pipe (`capacity` bytes), once connected; the

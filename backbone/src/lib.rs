@@ -7,6 +7,7 @@ mod jetstream_sessions;
 pub mod memory;
 pub mod nats;
 mod nats_client;
+mod nats_fanout;
 mod nats_wire;
 
 use std::sync::Arc;

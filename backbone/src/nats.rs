@@ -38,6 +38,7 @@ use meshgate_core::{
 
 use crate::memory::MemoryBackbone;
 use crate::nats_client::{self, ClientError};
+use crate::nats_fanout::Fanout;
 use crate::nats_wire::{self, HeaderSource, RawHeaderBlock, RawHeaders};
 
 const NAME: &str = "nats";
@@ -55,6 +56,11 @@ pub struct NatsBackbone {
     group_client: nats_client::Client,
     /// This instance's plain subscribers, for the events published here.
     local: Arc<MemoryBackbone>,
+    /// This instance's plain subscribers, for other instances' events: one NATS subscription
+    /// per distinct filter.
+    fanout: Fanout,
+    /// Queue size of a plain subscriber for other instances' events, unless it asks for one.
+    subscription_capacity: usize,
     /// This instance's id, and percent-encoded for the origin header.
     instance: (String, String),
     prefix: String,
@@ -118,6 +124,11 @@ impl NatsBackbone {
             client,
             group_client,
             local: MemoryBackbone::with_metrics_label(local.clone(), registry, "nats-local"),
+            fanout: Fanout::new(registry.counter(
+                metrics::BACKBONE_DROPPED,
+                &[("backbone", NAME), ("reason", "slow_consumer")],
+            )),
+            subscription_capacity: config.subscription_capacity,
             instance: (
                 instance.to_owned(),
                 meshgate_core::header::percent_encode_header(instance),
@@ -366,7 +377,13 @@ impl Backbone for NatsBackbone {
                         .await?
                 }
                 None => {
-                    let remote = self.nats_subscription(&self.client, &filter, None).await?;
+                    let capacity = options.capacity.unwrap_or(self.subscription_capacity);
+                    let remote = self
+                        .fanout
+                        .join(&filter, capacity, async || {
+                            self.nats_subscription(&self.client, &filter, None).await
+                        })
+                        .await?;
                     let local = self
                         .local
                         .subscribe(

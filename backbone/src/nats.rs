@@ -5,7 +5,9 @@
 //! subscribers in process (an in-memory backbone inside this one, sized by `backbone.memory`)
 //! and every other instance through NATS: the publishing connection is opened with `no_echo`,
 //! so the server never sends an instance its own events back, and each subscriber gets each
-//! event once whichever instance published it. Queue groups (shared subscriptions) are NATS
+//! event once whichever instance published it. Other instances' events come through one NATS
+//! subscription per distinct filter, shared by the subscribers with that filter
+//! ([`crate::nats_fanout`]). Queue groups (shared subscriptions) are NATS
 //! queue groups on a second connection, with echo: the server picks one member among all
 //! instances, this one included. The origin (instance and connection) travels in a header,
 //! for MQTT no-local.

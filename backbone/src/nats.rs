@@ -181,11 +181,10 @@ impl NatsBackbone {
         Ok(Box::pin(stream))
     }
 
-    /// Appends the event to the client's write buffer; `Ok(false)`: the buffer is full, wait
-    /// for room before the next.
-    fn send(&self, envelope: &Envelope) -> Result<bool, BackboneError> {
+    /// Appends the event to the client's write buffer.
+    fn send(&self, envelope: &Envelope) -> Result<(), ClientError> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(BackboneError::Closed);
+            return Err(ClientError::Closed);
         }
         let subject = envelope.topic.to_nats_subject(&self.prefix);
         let mut headers = RawHeaders::new();
@@ -195,9 +194,7 @@ impl NatsBackbone {
             (&self.instance.0, &self.instance.1),
             &mut headers,
         );
-        self.client
-            .publish(&subject, &headers.finish(), &payload)
-            .map_err(client_error)
+        self.client.publish(&subject, &headers.finish(), &payload)
     }
 }
 
@@ -223,6 +220,7 @@ fn client_error(e: ClientError) -> BackboneError {
         ClientError::TooLarge { .. } | ClientError::BadSubject(_) => {
             BackboneError::Rejected(e.to_string())
         }
+        ClientError::Full => BackboneError::Saturated(e.to_string()),
     }
 }
 
@@ -342,25 +340,29 @@ impl Backbone for NatsBackbone {
 
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
         // To NATS first: a refused publish, which the client retries, was delivered nowhere.
-        let room = match self.send(&envelope) {
-            Ok(room) => room,
-            Err(e) => return TryPublish::Done(Err(e)),
-        };
-        // Other instances have it (as far as NATS core goes); now this one's subscribers.
-        match (room, self.local.try_publish(envelope)) {
-            (true, done @ TryPublish::Done(_)) => done,
-            (room, local) => TryPublish::Pending(Box::pin(async move {
-                let result = match local {
-                    TryPublish::Done(r) => r,
-                    TryPublish::Pending(f) => f.await,
-                };
-                if !room {
-                    // Backpressure: the next publish of this client waits for the writer.
-                    self.client.room().await;
-                }
-                result
-            })),
+        match self.send(&envelope) {
+            Ok(()) => {}
+            Err(ClientError::Full) => {
+                // Backpressure: wait for the writer, then the same again.
+                return TryPublish::Pending(Box::pin(async move {
+                    loop {
+                        self.client.room().await;
+                        match self.send(&envelope) {
+                            Ok(()) => break,
+                            Err(ClientError::Full) => continue,
+                            Err(e) => return Err(client_error(e)),
+                        }
+                    }
+                    match self.local.try_publish(envelope) {
+                        TryPublish::Done(r) => r,
+                        TryPublish::Pending(f) => f.await,
+                    }
+                }));
+            }
+            Err(e) => return TryPublish::Done(Err(client_error(e))),
         }
+        // Other instances have it (as far as NATS core goes); now this one's subscribers.
+        self.local.try_publish(envelope)
     }
 
     fn subscribe(

@@ -43,6 +43,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 const MAX_PENDING: usize = 8 << 20;
 /// Read chunk; received messages are slices of it (no copy).
 const READ_CHUNK: usize = 32 << 10;
+/// Largest message accepted from the server (nats-server's own hard limit for max_payload);
+/// a bigger size in a `MSG` line is a protocol error, not an allocation.
+const MAX_INBOUND_MESSAGE: usize = 64 << 20;
 /// Longest control line accepted from the server (INFO can be long in a cluster).
 const MAX_CONTROL_LINE: usize = 1 << 20;
 /// At most one slow-consumer warning per this interval (every drop is counted).
@@ -81,6 +84,9 @@ pub(crate) enum ClientError {
     TooLarge { size: usize, max: usize },
     #[error("subject `{0}` is not a NATS subject")]
     BadSubject(String),
+    /// [`MAX_PENDING`] bytes are waiting for the writer: wait with [`Client::room`], then retry.
+    #[error("the NATS write buffer is full")]
+    Full,
 }
 
 #[derive(Debug)]
@@ -171,15 +177,15 @@ impl Client {
         self.shared.out().connected
     }
 
-    /// Appends `HPUB` (or `PUB` when `headers` is empty) for the writer. `Ok(false)`: appended,
-    /// but the unwritten bytes are past [`MAX_PENDING`]; wait with [`Client::room`] before the
-    /// next one.
+    /// Appends `HPUB` (or `PUB` when `headers` is empty) for the writer. [`ClientError::Full`]
+    /// while [`MAX_PENDING`] unwritten bytes wait: wait with [`Client::room`] and retry (checked
+    /// under the buffer's lock, so the limit holds whatever the number of publishers).
     pub fn publish(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
-    ) -> Result<bool, ClientError> {
+    ) -> Result<(), ClientError> {
         if subject.is_empty() || subject.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(ClientError::BadSubject(subject.to_owned()));
         }
@@ -196,6 +202,9 @@ impl Client {
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if size > max {
             return Err(ClientError::TooLarge { size, max });
+        }
+        if out.buf.len() >= MAX_PENDING {
+            return Err(ClientError::Full);
         }
         let was_empty = out.buf.is_empty();
         let buf = &mut out.buf;
@@ -215,12 +224,11 @@ impl Client {
         buf.extend_from_slice(headers);
         buf.extend_from_slice(payload);
         buf.extend_from_slice(b"\r\n");
-        let room = buf.len() < MAX_PENDING;
         drop(out);
         if was_empty {
             self.shared.wake_writer.notify_one();
         }
-        Ok(room)
+        Ok(())
     }
 
     /// Waits until the unwritten bytes are below [`MAX_PENDING`] (or the connection is gone).
@@ -380,15 +388,26 @@ async fn run(shared: Arc<Shared>) {
         };
         match result {
             Ok((io, rest)) => {
-                backoff = Duration::from_millis(50);
                 tracing::info!(url = %url, "nats: connected");
                 was_connected = true;
+                let started = tokio::time::Instant::now();
                 let reason = serve(&shared, io, rest).await;
                 disconnected(&shared);
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
                 tracing::warn!(url = %url, reason = %reason, "nats: disconnected; reconnecting");
+                if started.elapsed() < Duration::from_secs(1) {
+                    // Ended at once (refused after the handshake, say): no tight loop.
+                    let closed = shared.close.notified();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = closed => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                } else {
+                    backoff = Duration::from_millis(50);
+                }
             }
             Err(e) => {
                 if was_connected || index <= urls.len() {
@@ -572,6 +591,8 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
 
 /// Runs a connection until it fails: re-subscribes, then reads and writes. Returns why it ended.
 async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> String {
+    // (A write cancelled by the last connection's end left it set.)
+    shared.writing.store(false, Ordering::Release);
     {
         let mut out = shared.out();
         out.buf.clear();
@@ -737,7 +758,7 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
         } else {
             0
         };
-        if hdr > total {
+        if hdr > total || total > MAX_INBOUND_MESSAGE {
             return Err(format!("bad `{}`", String::from_utf8_lossy(line)));
         }
         let subject_len = parts[0].len();
@@ -745,6 +766,12 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
         if buf.len() < end + 2 + total + 2 {
             buf.reserve(end + 2 + total + 2 - buf.len());
             return Ok(None);
+        }
+        if &buf[end + 2 + total..end + 2 + total + 2] != b"\r\n" {
+            return Err(format!(
+                "no CRLF after the {total} bytes of `{}`",
+                String::from_utf8_lossy(line)
+            ));
         }
         let mut head = buf.split_to(end + 2).freeze();
         let subject = head.split_off(subject_at).split_to(subject_len);
@@ -811,12 +838,10 @@ fn handle(shared: &Shared, op: Op) -> Result<(), String> {
         }
         Op::Ok => {}
         Op::Err(text) => {
-            // Permissions violations keep the connection; most other errors end it (the
-            // server closes it after sending them).
+            // The server closes the connection after the errors that end it (and the reader
+            // then sees the end); others (permissions, subscription limits) leave it open, and
+            // dropping it here would reconnect, resubscribe and meet the same error in a loop.
             tracing::warn!(error = %text, "nats: the server reported an error");
-            if !text.to_ascii_lowercase().contains("permissions violation") {
-                return Err(format!("server error: {text}"));
-            }
         }
         Op::Info(json) => {
             if let Ok(info) = serde_json::from_str::<Info>(&json)
@@ -910,9 +935,40 @@ mod tests {
             &b"MSG a x 3\r\nabc\r\n"[..],
             b"HMSG a 1 9 3\r\nabc\r\n",
             b"WHAT\r\n",
+            // Sizes a server must never send: no overflow, no allocation, an error.
+            b"MSG a 1 18446744073709551613\r\n",
+            b"MSG a 1 1000000000000\r\n",
+            b"HMSG a 1 2 18446744073709551615\r\n",
+            // The body is not followed by CRLF: out of step.
+            b"MSG a 1 3\r\nabcde\r\n",
         ] {
-            assert!(parse_op(&mut BytesMut::from(bad)).is_err());
+            assert!(
+                parse_op(&mut BytesMut::from(bad)).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
+    }
+
+    #[test]
+    fn publishers_wait_once_the_write_buffer_is_full() {
+        let client = Client {
+            shared: unconnected(),
+        };
+        client.shared.out().connected = true;
+        let payload = vec![b'x'; 1 << 19];
+        let mut appended = 0;
+        let full = loop {
+            match client.publish("s", b"", &payload) {
+                Ok(()) => appended += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full, ClientError::Full);
+        // Never past the limit by more than the last message.
+        let pending = client.shared.out().buf.len();
+        assert!(pending >= MAX_PENDING && pending < MAX_PENDING + payload.len() + 64);
+        assert_eq!(appended, MAX_PENDING.div_ceil(payload.len() + 16));
     }
 
     /// A client's shared state as [`Client::connect`] makes it, without connecting.

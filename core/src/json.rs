@@ -348,8 +348,14 @@ fn base64_len(n: usize) -> usize {
 
 /// One event in the JSON format.
 pub fn encode(event: &Event) -> Vec<u8> {
-    // Room for the attributes and the data as Base64 (the longest form), so one allocation.
-    let mut out = Vec::with_capacity(256 + event.data().map_or(0, |d| base64_len(d.len())));
+    // Room for the attributes and the data (binary data as Base64, the longest form that takes),
+    // so usually one allocation; the buffer is kept as the envelope's JSON, so not more.
+    let data = match event.data() {
+        Some(Data::Binary(b)) => base64_len(b.len()),
+        Some(d) => d.len(),
+        None => 0,
+    };
+    let mut out = Vec::with_capacity(256 + data);
     encode_into(&mut out, event);
     out
 }

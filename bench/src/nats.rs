@@ -324,6 +324,19 @@ async fn main() -> anyhow::Result<()> {
         );
         drop((a, b));
     }
+    let name = "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, 20 subscribers of one topic on B (every copy counted)";
+    if want(name) {
+        let a = start_meshgate_with(&nats_env)?;
+        let b = start_meshgate_with(&nats_env)?;
+        let t = meshgate_bench::raw::fanout_throughput(a.port, b.port, 20, seconds).await?;
+        row(
+            name,
+            t.rate,
+            &t.accepted.saturating_sub(t.delivered).to_string(),
+            None,
+        );
+        drop((a, b));
+    }
     let js_env = [
         ("MESHGATE__BACKBONE__KIND", "jetstream"),
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),

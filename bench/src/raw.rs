@@ -280,6 +280,43 @@ pub async fn throughput(
     Ok(Throughput::new(accepted, delivered, publishing))
 }
 
+/// QoS 0 fan-out: one publisher on `pub_port`, `subscribers` subscribers of the same filter on
+/// `sub_port`; `delivered` counts every copy (a rate of N × the publish rate is all delivered).
+pub async fn fanout_throughput(
+    pub_port: u16,
+    sub_port: u16,
+    subscribers: usize,
+    seconds: u64,
+) -> anyhow::Result<Throughput> {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for i in 0..subscribers {
+        let mut sub = connect(sub_port, &format!("fan-sub-{i}")).await?;
+        subscribe(&mut sub, "fan/#", 0).await?;
+        readers.push(tokio::spawn(subscriber(sub, delivered.clone(), |_| {})));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let origin = Instant::now();
+    let s = connect(pub_port, "fan-pub").await?;
+    let task = tokio::spawn(publisher(s, "fan/x".into(), 0, origin, stop.clone()));
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let publishing = started.elapsed().as_secs_f64();
+    let (sent, _) = task.await?;
+    let copies = sent * subscribers as u64;
+    crate::settle(&delivered, copies).await;
+    for r in readers {
+        r.abort();
+    }
+    Ok(Throughput::new(
+        copies,
+        delivered.load(Ordering::Relaxed),
+        publishing,
+    ))
+}
+
 /// p50/p99 latency (µs) of QoS 1 publishes at a steady `rate`, each written on its own, from
 /// a raw publisher on `pub_port` to a raw subscriber on `sub_port`.
 pub async fn latency(

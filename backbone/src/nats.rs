@@ -46,7 +46,7 @@ use crate::nats_wire::{self, HeaderSource, RawHeaderBlock, RawHeaders};
 const NAME: &str = "nats";
 
 /// At most one slow-consumer warning per this interval (every drop is counted).
-const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct NatsBackbone {
@@ -97,6 +97,11 @@ impl NatsBackbone {
                 reason,
             })?;
         }
+        // One counter for both connections and the fan-out queues.
+        let slow_consumer = registry.counter(
+            metrics::BACKBONE_DROPPED,
+            &[("backbone", NAME), ("reason", "slow_consumer")],
+        );
         let options = |echo| nats_client::Options {
             urls: config.urls.clone(),
             name: format!("meshgate {instance}"),
@@ -106,10 +111,7 @@ impl NatsBackbone {
             token: config.token.clone(),
             connect_timeout: config.connect_timeout,
             subscription_capacity: config.subscription_capacity,
-            slow_consumer: registry.counter(
-                metrics::BACKBONE_DROPPED,
-                &[("backbone", NAME), ("reason", "slow_consumer")],
-            ),
+            slow_consumer: slow_consumer.clone(),
         };
         let (client, group_client) = tokio::join!(
             nats_client::Client::connect(options(false)),
@@ -126,10 +128,7 @@ impl NatsBackbone {
             client,
             group_client,
             local: MemoryBackbone::with_metrics_label(local.clone(), registry, "nats-local"),
-            fanout: Fanout::new(registry.counter(
-                metrics::BACKBONE_DROPPED,
-                &[("backbone", NAME), ("reason", "slow_consumer")],
-            )),
+            fanout: Fanout::new(slow_consumer),
             subscription_capacity: config.subscription_capacity,
             instance: (
                 instance.to_owned(),

@@ -31,6 +31,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
 use meshgate_core::metrics::Counter;
 use meshgate_core::throttle::LogThrottle;
+
+use crate::nats::SLOW_CONSUMER_LOG_INTERVAL;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -48,8 +50,6 @@ const READ_CHUNK: usize = 32 << 10;
 const MAX_INBOUND_MESSAGE: usize = 64 << 20;
 /// Longest control line accepted from the server (INFO can be long in a cluster).
 const MAX_CONTROL_LINE: usize = 1 << 20;
-/// At most one slow-consumer warning per this interval (every drop is counted).
-const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A received message. `headers` is the raw header block (`NATS/1.0\r\n…\r\n\r\n`), if any.
 #[derive(Debug, Clone, PartialEq)]
@@ -682,11 +682,7 @@ async fn read_loop(
     loop {
         loop {
             match parse_op(&mut buf) {
-                Ok(Some(op)) => {
-                    if let Err(reason) = handle(shared, op) {
-                        return reason;
-                    }
-                }
+                Ok(Some(op)) => handle(shared, op),
                 Ok(None) => break,
                 Err(e) => return format!("protocol error: {e}"),
             }
@@ -810,7 +806,7 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
     ))
 }
 
-fn handle(shared: &Shared, op: Op) -> Result<(), String> {
+fn handle(shared: &Shared, op: Op) {
     match op {
         Op::Msg { sid, msg } => {
             let subs = shared.subs();
@@ -853,7 +849,6 @@ fn handle(shared: &Shared, op: Op) -> Result<(), String> {
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

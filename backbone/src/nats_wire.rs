@@ -154,21 +154,11 @@ pub(crate) fn encode(
 /// Where [`decode`] reads headers: an async-nats `HeaderMap` (JetStream) or a raw header
 /// block (the core backbone's own client). Names are compared case-insensitively.
 pub(crate) trait HeaderSource {
-    /// Every (name, value), in order, until `f` fails.
-    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String>;
     /// Every (name, value), in order, borrowed for as long as the headers.
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str));
 }
 
 impl HeaderSource for HeaderMap {
-    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
-        for (name, values) in self.iter() {
-            for value in values {
-                f(name.as_ref(), value.as_str())?;
-            }
-        }
-        Ok(())
-    }
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) {
         for (name, values) in self.iter() {
             for value in values {
@@ -223,12 +213,6 @@ impl RawHeaderBlock<'_> {
 }
 
 impl HeaderSource for RawHeaderBlock<'_> {
-    fn each(&self, f: &mut dyn FnMut(&str, &str) -> Result<(), String>) -> Result<(), String> {
-        for (k, v) in self.lines() {
-            f(k, v)?;
-        }
-        Ok(())
-    }
     fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b str, &'b str)) {
         for (k, v) in self.lines() {
             f(k, v);
@@ -363,17 +347,23 @@ fn decode_binary(
     payload: Bytes,
 ) -> Result<Event, String> {
     let mut attributes = StringAttributes::new();
-    headers.each(&mut |name, value| {
-        if name.len() <= 3 || !name[..3].eq_ignore_ascii_case("ce-") {
-            return Ok(());
+    // The first bad header is the error; the ones after it are not looked at.
+    let mut failed = None;
+    headers.visit(&mut |name, value| {
+        if failed.is_some() || name.len() <= 3 || !name[..3].eq_ignore_ascii_case("ce-") {
+            return;
         }
         let attr = name[3..].to_ascii_lowercase();
-        let value =
-            decode_header_value(value.as_bytes()).map_err(|e| format!("header `{name}`: {e}"))?;
-        attributes
-            .push(&attr, value)
-            .map_err(|e| format!("header `{name}`: {e}"))
-    })?;
+        let pushed = decode_header_value(value.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|value| attributes.push(&attr, value).map_err(|e| e.to_string()));
+        if let Err(e) = pushed {
+            failed = Some(format!("header `{name}`: {e}"));
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let has_content_type = attributes.contains("datacontenttype");
     let mut event = attributes.build().map_err(|e| e.to_string())?;
     if !has_content_type {
@@ -462,11 +452,7 @@ mod tests {
         assert_eq!(h.get("CE-id"), Some("x1"));
         assert_eq!(h.get("ignored"), None, "the block ends at the empty line");
         let mut seen = Vec::new();
-        h.each(&mut |k, v| {
-            seen.push(format!("{k}={v}"));
-            Ok(())
-        })
-        .unwrap();
+        h.visit(&mut |k, v| seen.push(format!("{k}={v}")));
         assert_eq!(seen, ["Content-Type=text/plain", "ce-ID=x1", "ce-id=x2"]);
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use meshgate_bench::{
-    Generator, PAYLOAD, now_us, payload, percentiles, settle, start_meshgate_with,
+    Generator, PAYLOAD, Throughput, now_us, payload, percentiles, settle, start_meshgate_with,
     start_nats_server,
 };
 use rumqttc::QoS;
@@ -187,6 +187,16 @@ async fn mqtt_to_raw_nats(port: u16, url: &str, seconds: u64) -> anyhow::Result<
     Ok((got as f64 / elapsed, sent.saturating_sub(got)))
 }
 
+/// A meshgate row: delivered/s, and lost = accepted but never delivered.
+fn throughput_row(name: &str, t: &Throughput, lat: Option<(u64, u64)>) {
+    row(
+        name,
+        t.rate,
+        &t.accepted.saturating_sub(t.delivered).to_string(),
+        lat,
+    );
+}
+
 fn row(name: &str, rate: f64, lost: &str, lat: Option<(u64, u64)>) {
     let (p50, p99) = lat.map_or((String::new(), String::new()), |(a, b)| {
         (format!("{a} µs"), format!("{b} µs"))
@@ -280,12 +290,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        row(
-            name,
-            t.rate,
-            &t.accepted.saturating_sub(t.delivered).to_string(),
-            lat,
-        );
+        throughput_row(name, &t, lat);
     }
     let name = "meshgate MQTT QoS 0 → NATS → raw NATS subscriber (meshgate's ingress)";
     if want(name) {
@@ -316,12 +321,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        row(
-            name,
-            t.rate,
-            &t.accepted.saturating_sub(t.delivered).to_string(),
-            lat,
-        );
+        throughput_row(name, &t, lat);
         drop((a, b));
     }
     let name = "meshgate MQTT QoS 0 → NATS → MQTT, publisher on A, 20 subscribers of one topic on B (every copy counted)";
@@ -329,12 +329,7 @@ async fn main() -> anyhow::Result<()> {
         let a = start_meshgate_with(&nats_env)?;
         let b = start_meshgate_with(&nats_env)?;
         let t = meshgate_bench::raw::fanout_throughput(a.port, b.port, 20, seconds).await?;
-        row(
-            name,
-            t.rate,
-            &t.accepted.saturating_sub(t.delivered).to_string(),
-            None,
-        );
+        throughput_row(name, &t, None);
         drop((a, b));
     }
     let js_env = [
@@ -362,13 +357,12 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        row(
+        throughput_row(
             &format!(
                 "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s); PUBACKed/s {:.0}",
                 t.accepted_rate
             ),
-            t.rate,
-            &t.accepted.saturating_sub(t.delivered).to_string(),
+            &t,
             lat,
         );
     }
@@ -382,12 +376,7 @@ async fn main() -> anyhow::Result<()> {
             .latency(mem.port, mem.port, 2_000, seconds)
             .await
             .ok();
-        row(
-            name,
-            t.rate,
-            &t.accepted.saturating_sub(t.delivered).to_string(),
-            lat,
-        );
+        throughput_row(name, &t, lat);
     }
     println!(
         "\n(lost: published or acknowledged, never delivered; latency rows use QoS 1 publishes at 2,000 msg/s, raw NATS flushes each message)"

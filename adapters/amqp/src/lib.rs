@@ -6,12 +6,14 @@
 //! - a **sink** subscribes to a topic filter on the backbone and publishes each event to an
 //!   exchange with publisher confirms, acknowledging the backbone delivery only after
 //!   RabbitMQ's confirm (`sink.rs`);
-//! - the CloudEvents mapping is in `binding.rs`, connections and reconnects in `link.rs`.
+//! - the CloudEvents mapping is in `binding.rs`, connections and reconnects in `link.rs`; the
+//!   sources' consumer connections are meshgate's own (`consumer.rs`), the sinks' are lapin's.
 //!
 //! The adapter runs without RabbitMQ: links that cannot connect keep retrying, and `/readyz`
 //! reports them (see [`AmqpStatus::not_ready`]).
 
 pub mod binding;
+mod consumer;
 mod link;
 mod sink;
 mod source;

@@ -11,11 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::consumer::{self, Target};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Connection, ConnectionProperties};
 use meshgate_config::AmqpConfig;
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
 /// How to reach the broker: everything but the per-link connection name.
@@ -23,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct Connector {
     uri: AMQPUri,
     tls: OwnedTLSConfig,
+    /// The sources' own consumer connections (consumer.rs) go to the same place.
+    target: Arc<Target>,
     connect_timeout: Duration,
     instance: Arc<str>,
     /// `host:port` for logs (never the credentials).
@@ -71,16 +75,33 @@ fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), String> {
 impl Connector {
     pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, String> {
         let (scheme, host, port) = split_url(&config.url)?;
-        let tls =
-            match &config.ca_file {
-                Some(path) => OwnedTLSConfig {
-                    identity: None,
-                    cert_chain: Some(std::fs::read_to_string(path).map_err(|e| {
-                        format!("amqp.ca_file: cannot read `{}`: {e}", path.display())
-                    })?),
-                },
-                None => OwnedTLSConfig::default(),
-            };
+        let ca_pem = match &config.ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                format!("amqp.ca_file: cannot read `{}`: {e}", path.display())
+            })?),
+            None => None,
+        };
+        let target_tls = match scheme {
+            AMQPScheme::AMQPS => {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| format!("amqp.url: `{host}` is not a host name: {e}"))?;
+                Some((consumer::tls_connector(ca_pem.as_deref())?, name))
+            }
+            AMQPScheme::AMQP => None,
+        };
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca_pem,
+        };
+        let target = Arc::new(Target {
+            host: host.clone(),
+            port,
+            tls: target_tls,
+            vhost: config.vhost.clone(),
+            user: config.user.clone(),
+            password: config.password.clone(),
+            heartbeat: config.heartbeat,
+        });
         let endpoint = format!("{host}:{port}");
         let uri = AMQPUri {
             scheme,
@@ -101,6 +122,7 @@ impl Connector {
         Ok(Connector {
             uri,
             tls,
+            target,
             connect_timeout: config.connect_timeout,
             instance,
             endpoint,
@@ -119,13 +141,28 @@ impl Connector {
             self.tls.clone(),
             runtime,
         );
+        let attempt = async { attempt.await.map_err(|e| describe(&e)) };
+        self.bounded(attempt).await
+    }
+
+    /// A source's consumer connection (consumer.rs), bounded by `amqp.connect_timeout`.
+    pub(crate) async fn consumer(&self, link: &Link) -> Result<consumer::Connection, String> {
+        let name = format!("meshgate {} {} {}", self.instance, link.kind, link.name);
+        self.bounded(consumer::Connection::open(&self.target, &name))
+            .await
+    }
+
+    /// A connection attempt within `amqp.connect_timeout`, its failure said the same way for
+    /// both kinds of connection.
+    async fn bounded<T>(
+        &self,
+        attempt: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(format!(
-                "cannot connect to {} (vhost `{}`): {}",
-                self.endpoint,
-                self.uri.vhost,
-                describe(&e)
+                "cannot connect to {} (vhost `{}`): {e}",
+                self.endpoint, self.uri.vhost
             )),
             Err(_) => Err(format!(
                 "cannot connect to {}: no connection within amqp.connect_timeout ({:?})",

@@ -15,37 +15,41 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use amq_protocol::protocol::{AMQPClass, basic, queue};
+use amq_protocol::types::FieldTable;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Acker, Connection};
 use meshgate_config::{AmqpConfig, AmqpSourceConfig};
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::throttle::LogThrottle;
 use meshgate_core::wrap::Wrapper;
-use meshgate_core::{AdapterContext, BoxFuture, Envelope, Principal, PublishError, Topic};
+use meshgate_core::{
+    AdapterContext, BoxFuture, Envelope, Principal, PublishError, Published, Topic,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::binding;
-use crate::link::{self, Backoff, Connector, Ended, Link};
+use crate::consumer::{Connection, Delivery};
+use crate::link::{Backoff, Connector, Ended, Link};
 
 /// Pause before a message the backbone refused for now is handed back to RabbitMQ, so that an
 /// unavailable backbone does not turn into a redelivery storm.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(200);
 
 /// Acknowledgements are batched: one `basic.ack` with `multiple` covers up to a quarter of
-/// the prefetch window of consecutive published messages, or whatever was published when no
-/// further delivery is waiting (so a quiet queue is acknowledged at once). One ack frame per
-/// message cost RabbitMQ and meshgate a frame and a hop through lapin's I/O loop each; a
-/// quarter of the window keeps RabbitMQ sending while the batch fills.
+/// the prefetch window of consecutive published messages, or whatever was published
+/// [`ACK_DELAY`] after the first of them. One ack frame per message cost RabbitMQ and meshgate
+/// a frame and a write each; a quarter of the window keeps RabbitMQ sending while the batch
+/// fills.
 fn ack_batch(prefetch: u16) -> usize {
     usize::from(prefetch / 4).max(1)
 }
+
+/// The longest a published message waits for its acknowledgement. Acking whatever was
+/// published after each read cost a write per read, which at a few deliveries per read was a
+/// large part of meshgate's CPU per message; the price of waiting is that a connection lost
+/// in between has RabbitMQ deliver those messages again (at least once, as any failure).
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// Rejected messages are logged at most this often per source (each one is counted).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -61,6 +65,21 @@ fn consumer_tag(instance: &str, name: &str) -> String {
         tag.truncate(end);
     }
     tag
+}
+
+/// What to tell RabbitMQ about a delivery, now or later.
+enum Handled<'a> {
+    Now(Outcome),
+    Later(BoxFuture<'a, Outcome>),
+}
+
+/// What a publish's result means for the delivery.
+fn outcome(published: Result<(), PublishError>) -> Outcome {
+    match published {
+        Ok(()) => Outcome::Ack,
+        Err(PublishError::Backbone(e)) if e.is_retryable() => Outcome::Requeue(e.to_string()),
+        Err(e) => Outcome::Reject(e.to_string()),
+    }
 }
 
 /// What to tell RabbitMQ about one delivery.
@@ -142,83 +161,61 @@ impl Source {
         }
     }
 
-    /// Decodes and publishes one delivery; the future resolves to what to tell RabbitMQ.
-    fn handle<'a>(
-        &'a self,
-        ctx: &'a AdapterContext,
-        routing_key: &str,
-        properties: &lapin::BasicProperties,
-        body: Vec<u8>,
-    ) -> BoxFuture<'a, Outcome> {
-        if binding::from_mesh(properties) {
+    /// Decodes and publishes one delivery: what to tell RabbitMQ, now or once the backbone
+    /// answered.
+    fn handle<'a>(&'a self, ctx: &'a AdapterContext, d: Delivery) -> Handled<'a> {
+        if binding::from_mesh(&d.properties) {
             self.looped.inc();
-            return Box::pin(async { Outcome::Ack });
+            return Handled::Now(Outcome::Ack);
         }
-        let topic = match self.topic(routing_key) {
+        let topic = match self.topic(d.routing_key.as_str()) {
             Ok(t) => t,
-            Err(e) => return Box::pin(async move { Outcome::Reject(e) }),
+            Err(e) => return Handled::Now(Outcome::Reject(e)),
         };
         let event = binding::decode(binding::Inbound {
-            routing_key,
-            properties,
-            body: Bytes::from(body),
+            routing_key: d.routing_key.as_str(),
+            properties: &d.properties,
+            body: d.body,
             wrapper: &self.wrapper,
         });
         let event = match event {
             Ok(e) => e,
-            Err(e) => {
-                let reason = format!("not a valid CloudEvent: {e}");
-                return Box::pin(async move { Outcome::Reject(reason) });
-            }
+            Err(e) => return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}"))),
         };
         let envelope = Envelope::new(topic, Arc::new(event), ctx.origin(0));
-        Box::pin(async move {
-            match ctx
-                .publish_envelope(&self.metrics, &self.principal, envelope)
-                .await
-            {
-                Ok(()) => Outcome::Ack,
-                Err(PublishError::Backbone(e)) if e.is_retryable() => {
-                    Outcome::Requeue(e.to_string())
-                }
-                Err(e) => Outcome::Reject(e.to_string()),
-            }
-        })
+        match ctx.try_publish_envelope(&self.metrics, &self.principal, envelope) {
+            Published::Done(r) => Handled::Now(outcome(r)),
+            Published::Pending(f) => Handled::Later(Box::pin(async move { outcome(f.await) })),
+        }
     }
 
+    /// Tells RabbitMQ what became of delivery `tag` (acknowledgements are batched, see
+    /// [`Acks`]; the rest is written at once).
     async fn settle(
         &self,
+        conn: &mut Connection,
         acks: &mut Acks,
-        acker: Acker,
+        tag: u64,
         outcome: Outcome,
-    ) -> Result<(), lapin::Error> {
+    ) {
         if !matches!(outcome, Outcome::Ack) {
             // Acknowledge what came before first: `multiple` must not cover this one.
-            acks.flush().await?;
+            acks.flush(conn);
         }
         match outcome {
-            Outcome::Ack => acks.ack(acker).await,
+            Outcome::Ack => acks.ack(conn, tag),
             Outcome::Reject(reason) => {
                 self.rejected.inc();
                 self.metrics.error("bad_event");
                 self.log_reject(&reason);
-                acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .map(drop)
+                conn.reject(tag);
             }
             Outcome::Requeue(reason) => {
                 tracing::debug!(source = %self.config.name, %reason, "backbone refused for now; requeueing");
                 if !self.stop.is_cancelled() {
                     tokio::time::sleep(REQUEUE_PAUSE).await;
                 }
-                acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await
-                    .map(drop)
+                conn.requeue(tag);
             }
         }
     }
@@ -231,138 +228,150 @@ impl Source {
     }
 
     /// Declares (or checks) the queue and its bindings and starts consuming.
-    async fn setup(
-        &self,
-        connection: &Connection,
-    ) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+    async fn setup(&self, conn: &mut Connection) -> Result<(), String> {
         let c = &self.config;
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(c.prefetch, BasicQosOptions::default())
+        conn.call(AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: c.prefetch,
+            global: false,
+        })))
+        .await?;
+        let declare = queue::Declare {
+            queue: c.queue.as_str().into(),
+            // A queue meshgate declares survives a broker restart; an application's queue is
+            // only checked (passive): it must exist, and nothing about it changes.
+            passive: c.exchange.is_none(),
+            durable: c.exchange.is_some(),
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        };
+        conn.call(AMQPClass::Queue(queue::AMQPMethod::Declare(declare)))
             .await?;
-        let queue = ShortString::from(c.queue.as_str());
-        match &c.exchange {
-            Some(exchange) => {
-                channel
-                    .queue_declare(
-                        queue.clone(),
-                        QueueDeclareOptions {
-                            durable: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                for key in &c.binding_keys {
-                    channel
-                        .queue_bind(
-                            queue.clone(),
-                            exchange.as_str().into(),
-                            key.as_str().into(),
-                            QueueBindOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await?;
-                }
-            }
-            None => {
-                // The queue belongs to the application: check that it exists, change nothing.
-                channel
-                    .queue_declare(
-                        queue.clone(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
+        if let Some(exchange) = &c.exchange {
+            for key in &c.binding_keys {
+                conn.call(AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+                    queue: c.queue.as_str().into(),
+                    exchange: exchange.as_str().into(),
+                    routing_key: key.as_str().into(),
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })))
+                .await?;
             }
         }
-        let consumer = channel
-            .basic_consume(
-                queue,
-                self.consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((channel, consumer))
+        conn.call(AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: c.queue.as_str().into(),
+            consumer_tag: self.consumer_tag.as_str().into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })))
+        .await?;
+        Ok(())
     }
 
     /// One connection's worth of consuming.
-    async fn session(&self, ctx: &AdapterContext, connection: Connection) -> Ended {
-        let (channel, mut consumer) = match self.setup(&connection).await {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = connection.close(200, "setup failed".into()).await;
-                return Ended::Failed(format!(
-                    "cannot consume queue `{}`: {}",
-                    self.config.queue,
-                    link::describe(&e)
-                ));
-            }
-        };
+    async fn session(&self, ctx: &AdapterContext, mut conn: Connection) -> Ended {
+        if let Err(e) = self.setup(&mut conn).await {
+            conn.abandon().await;
+            return Ended::Failed(format!(
+                "cannot consume queue `{}`: {e}",
+                self.config.queue
+            ));
+        }
         self.link.set_up();
         tracing::info!(source = %self.config.name, queue = %self.config.queue, "AMQP source consuming");
         let pipelined = ctx.backbone.publish_round_trips();
-        let window = usize::from(self.config.prefetch);
-        let mut inflight: FuturesOrdered<BoxFuture<'_, (Acker, Outcome)>> = FuturesOrdered::new();
+        let mut inflight: FuturesOrdered<BoxFuture<'_, (u64, Outcome)>> = FuturesOrdered::new();
         let mut acks = Acks::new(ack_batch(self.config.prefetch));
+        let ack_timer = tokio::time::sleep(ACK_DELAY);
+        tokio::pin!(ack_timer);
+        let mut ticks = conn.tick_every().map(|every| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         let failed = loop {
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break None,
-                Some((acker, outcome)) = inflight.next(), if !inflight.is_empty() => {
-                    if let Err(e) = self.settle(&mut acks, acker, outcome).await {
-                        break Some(format!("cannot acknowledge: {}", link::describe(&e)));
-                    }
+                Some((tag, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                    self.settle(&mut conn, &mut acks, tag, outcome).await;
+                    Ok(())
                 }
-                next = consumer.next(), if inflight.len() < window => match next {
-                    Some(Ok(d)) => {
-                        let outcome = self.handle(ctx, d.routing_key.as_str(), &d.properties, d.data);
-                        if pipelined {
-                            let acker = d.acker;
-                            inflight.push_back(Box::pin(async move { (acker, outcome.await) }));
-                        } else if let Err(e) = self.settle(&mut acks, d.acker, outcome.await).await {
-                            break Some(format!("cannot acknowledge: {}", link::describe(&e)));
-                        }
-                    }
-                    Some(Err(e)) => break Some(link::describe(&e)),
-                    None => break Some("the broker cancelled the consumer (queue deleted?)".to_owned()),
+                read = conn.read_more() => match read {
+                    Ok(()) => self.deliveries(ctx, &mut conn, &mut acks, &mut inflight, pipelined).await,
+                    Err(e) => Err(e),
                 },
-                // Nothing else is ready: acknowledge what has been published.
-                () = std::future::ready(()), if acks.pending() => {
-                    if let Err(e) = acks.flush().await {
-                        break Some(format!("cannot acknowledge: {}", link::describe(&e)));
-                    }
+                () = &mut ack_timer, if acks.pending() => {
+                    acks.flush(&mut conn);
+                    Ok(())
                 }
+                _ = async { ticks.as_mut()?.tick().await; Some(()) }, if ticks.is_some() => conn.tick(),
+            };
+            if let Err(e) = step {
+                break Some(e);
+            }
+            if acks.started() {
+                ack_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + ACK_DELAY);
+            }
+            if let Err(e) = conn.flush().await {
+                break Some(e);
             }
         };
         // Settle what is in flight: acknowledged publishes are acked, the rest is requeued by
-        // RabbitMQ when the channel closes.
-        while let Some((acker, outcome)) = inflight.next().await {
-            if self.settle(&mut acks, acker, outcome).await.is_err() {
-                break;
-            }
+        // RabbitMQ when the connection closes.
+        while let Some((tag, outcome)) = inflight.next().await {
+            self.settle(&mut conn, &mut acks, tag, outcome).await;
         }
-        let _ = acks.flush().await;
+        acks.flush(&mut conn);
         match failed {
             Some(error) => {
-                let _ = connection.close(200, "reconnecting".into()).await;
+                conn.abandon().await;
                 Ended::Failed(error)
             }
             None => {
-                let _ = channel
-                    .basic_cancel(
-                        self.consumer_tag.as_str().into(),
-                        BasicCancelOptions::default(),
-                    )
-                    .await;
-                let _ = connection.close(200, "meshgate shutting down".into()).await;
+                conn.close("meshgate shutting down").await;
                 Ended::Shutdown
             }
         }
+    }
+
+    /// Handles every delivery the read buffer holds. Over a backbone that settles at once
+    /// (memory, NATS core) each is published and settled in turn; over one with round trips
+    /// (JetStream) they join `inflight`, which settles them in arrival order.
+    async fn deliveries<'a>(
+        &'a self,
+        ctx: &'a AdapterContext,
+        conn: &mut Connection,
+        acks: &mut Acks,
+        inflight: &mut FuturesOrdered<BoxFuture<'a, (u64, Outcome)>>,
+        pipelined: bool,
+    ) -> Result<(), String> {
+        while let Some(d) = conn.next_delivery()? {
+            let tag = d.tag;
+            match self.handle(ctx, d) {
+                Handled::Now(outcome) if !pipelined || inflight.is_empty() => {
+                    self.settle(conn, acks, tag, outcome).await;
+                }
+                Handled::Now(outcome) => {
+                    inflight.push_back(Box::pin(std::future::ready((tag, outcome))));
+                }
+                Handled::Later(f) if pipelined => {
+                    inflight.push_back(Box::pin(async move { (tag, f.await) }));
+                }
+                Handled::Later(f) => {
+                    let outcome = f.await;
+                    self.settle(conn, acks, tag, outcome).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn run(
@@ -373,7 +382,7 @@ impl Source {
     ) {
         let mut backoff = Backoff::new(&config);
         while !self.stop.is_cancelled() {
-            let ended = match connector.connect(&self.link).await {
+            let ended = match connector.consumer(&self.link).await {
                 Ok(connection) => self.session(&ctx, connection).await,
                 Err(e) => Ended::Failed(e),
             };
@@ -392,9 +401,11 @@ impl Source {
 /// Published deliveries not acknowledged yet; see [`ack_batch`].
 struct Acks {
     /// The latest one: acking it with `multiple` covers the others.
-    last: Option<Acker>,
+    last: Option<u64>,
     count: usize,
     batch: usize,
+    /// A batch began since [`Acks::started`] was last asked (its timer must start).
+    began: bool,
 }
 
 impl Acks {
@@ -403,6 +414,7 @@ impl Acks {
             last: None,
             count: 0,
             batch,
+            began: false,
         }
     }
 
@@ -410,20 +422,25 @@ impl Acks {
         self.last.is_some()
     }
 
-    async fn ack(&mut self, acker: Acker) -> Result<(), lapin::Error> {
-        self.last = Some(acker);
-        self.count += 1;
-        if self.count >= self.batch {
-            self.flush().await?;
-        }
-        Ok(())
+    /// Whether a batch began since the last call: the caller starts its [`ACK_DELAY`] timer.
+    fn started(&mut self) -> bool {
+        std::mem::take(&mut self.began) && self.pending()
     }
 
-    async fn flush(&mut self) -> Result<(), lapin::Error> {
+    fn ack(&mut self, conn: &mut Connection, tag: u64) {
+        self.began |= self.last.is_none();
+        self.last = Some(tag);
+        self.count += 1;
+        if self.count >= self.batch {
+            self.flush(conn);
+        }
+    }
+
+    /// Queues one `basic.ack` with `multiple` for everything acknowledged so far.
+    fn flush(&mut self, conn: &mut Connection) {
         self.count = 0;
-        match self.last.take() {
-            Some(a) => a.ack(BasicAckOptions { multiple: true }).await.map(drop),
-            None => Ok(()),
+        if let Some(tag) = self.last.take() {
+            conn.ack(tag, true);
         }
     }
 }

@@ -217,6 +217,9 @@ impl Pumps {
     }
 }
 
+/// Most messages written with one flush.
+const WRITE_BATCH: usize = 64;
+
 /// Writes queued messages; returns when told to close, when the socket fails or is killed.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -225,6 +228,8 @@ async fn write_loop(
 ) {
     let mut ping = tokio::time::interval(conn.shared.config.ping_interval);
     ping.tick().await;
+    // Deliveries written in the current batch, acknowledged once it is flushed.
+    let mut written_deliveries = Vec::new();
     loop {
         let next = tokio::select! {
             biased;
@@ -246,30 +251,52 @@ async fn write_loop(
                 }
             }
         };
-        let Some(msg) = next else { break };
-        let (message, delivery, is_event) = match msg {
-            Outbound::Event(text, delivery) => (Message::Text(text), Some(delivery), true),
-            Outbound::Ping => (Message::Ping(Default::default()), None, false),
-            Outbound::Control(text) => (Message::Text(text), None, false),
-            Outbound::Close(frame) => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame))))
-                    .await;
-                return;
+        let Some(first) = next else { break };
+        // The first message and whatever else is queued already go out with one flush: a
+        // `send` per event cost a write system call each, most of the gateway's CPU per event
+        // when events arrive a few at a time.
+        let mut close = None;
+        let mut events = 0u64;
+        let written = async {
+            let mut next = Some(first);
+            let mut fed = 0;
+            while let Some(msg) = next.take() {
+                let message = match msg {
+                    Outbound::Event(text, delivery) => {
+                        events += 1;
+                        written_deliveries.push(delivery);
+                        Message::Text(text)
+                    }
+                    Outbound::Ping => Message::Ping(Default::default()),
+                    Outbound::Control(text) => Message::Text(text),
+                    Outbound::Close(frame) => {
+                        close = Some(frame);
+                        break;
+                    }
+                };
+                sink.feed(message).await?;
+                fed += 1;
+                if fed < WRITE_BATCH {
+                    next = rx.try_recv().ok();
+                }
             }
+            sink.flush().await
         };
         let sent = tokio::select! {
             biased;
             _ = conn.kill.cancelled() => break,
-            r = sink.send(message) => r.is_ok(),
+            r = written => r.is_ok(),
         };
         if !sent {
             return;
         }
-        if is_event {
-            conn.shared.metrics.sent.inc();
-        }
-        if let Some(d) = delivery {
+        conn.shared.metrics.sent.add(events);
+        for d in written_deliveries.drain(..) {
             let _ = d.ack().await;
+        }
+        if let Some(frame) = close {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            return;
         }
     }
     // Killed (slow consumer): try to say why, but never wait long for a client that does not read.

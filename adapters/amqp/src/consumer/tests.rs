@@ -1,0 +1,299 @@
+use amq_protocol::frame::AMQPContentHeader;
+use amq_protocol::protocol::queue;
+
+use super::*;
+
+fn encode(frames: &[AMQPFrame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        out = gen_frame(f)(out.into()).unwrap().into_inner().0;
+    }
+    out
+}
+
+fn deliver(tag: u64, key: &str) -> AMQPFrame {
+    AMQPFrame::Method(
+        CHANNEL,
+        AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: "c".into(),
+            delivery_tag: tag,
+            redelivered: false,
+            exchange: "ex".into(),
+            routing_key: key.into(),
+        })),
+    )
+}
+
+fn header(size: u64) -> AMQPFrame {
+    AMQPFrame::Header(
+        CHANNEL,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: size,
+            properties: BasicProperties::default().with_content_type("text/plain".into()),
+        },
+    )
+}
+
+fn body(data: &[u8]) -> AMQPFrame {
+    AMQPFrame::Body(CHANNEL, data.to_vec())
+}
+
+/// A connection over an in-memory pipe; the other end is returned to play the broker.
+fn connection() -> (Connection, tokio::io::DuplexStream) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let c = Connection {
+        io: Box::new(ours),
+        read: BytesMut::new(),
+        write: Vec::new(),
+        frame_max: FRAME_MAX,
+        heartbeat: Duration::from_secs(10),
+        assembling: None,
+        heard: false,
+        spoke: false,
+        silent_ticks: 0,
+    };
+    (c, theirs)
+}
+
+/// Every delivery in `bytes`, fed to the connection `step` bytes at a time.
+fn deliveries_fed_in_steps(bytes: &[u8], step: usize) -> Vec<Delivery> {
+    let (mut c, _peer) = connection();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(step) {
+        c.read.extend_from_slice(chunk);
+        while let Some(d) = c.next_delivery().unwrap() {
+            out.push(d);
+        }
+    }
+    assert!(c.read.is_empty(), "every byte consumed");
+    out
+}
+
+#[test]
+fn deliveries_are_assembled_however_the_bytes_arrive() {
+    let big = vec![7u8; COPY_BODY_BELOW + 100];
+    let bytes = encode(&[
+        deliver(1, "a.b"),
+        header(5),
+        body(b"hello"),
+        AMQPFrame::Heartbeat,
+        // An empty body has no body frame.
+        deliver(2, "empty"),
+        header(0),
+        // A body over three frames, one of them shared with the read buffer.
+        deliver(3, "multi"),
+        header(6 + big.len() as u64),
+        body(b"abc"),
+        body(&big),
+        body(b"def"),
+        deliver(4, "big"),
+        header(big.len() as u64),
+        body(&big),
+    ]);
+    for step in [1, 2, 3, 7, 8, 13, 100, bytes.len()] {
+        let got = deliveries_fed_in_steps(&bytes, step);
+        let summary: Vec<(u64, &str, usize)> = got
+            .iter()
+            .map(|d| (d.tag, d.routing_key.as_str(), d.body.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, "a.b", 5),
+                (2, "empty", 0),
+                (3, "multi", 6 + big.len()),
+                (4, "big", big.len())
+            ],
+            "fed {step} bytes at a time"
+        );
+        assert_eq!(&got[0].body[..], b"hello");
+        assert_eq!(
+            got[0].properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("text/plain")
+        );
+        assert_eq!(&got[2].body[..3], b"abc");
+        assert_eq!(&got[2].body[3 + big.len()..], b"def");
+        assert_eq!(&got[3].body[..], &big[..]);
+    }
+}
+
+#[test]
+fn broken_frames_end_the_connection_with_a_reason() {
+    let (mut c, _peer) = connection();
+    // Larger than frame_max.
+    c.read.extend_from_slice(&[FRAME_BODY, 0, 1, 0, 0x10, 0, 0]);
+    let e = c.next_delivery().unwrap_err();
+    assert!(e.contains("frame_max"), "{e}");
+
+    let (mut c, _peer) = connection();
+    let mut bytes = encode(&[deliver(1, "k")]);
+    *bytes.last_mut().unwrap() = 0;
+    c.read.extend_from_slice(&bytes);
+    assert!(c.next_delivery().unwrap_err().contains("frame end"));
+
+    let (mut c, _peer) = connection();
+    c.read.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, FRAME_END]);
+    assert!(c.next_delivery().unwrap_err().contains("unknown frame type 9"));
+
+    // A method frame whose payload is not a method.
+    let (mut c, _peer) = connection();
+    c.read
+        .extend_from_slice(&[FRAME_METHOD, 0, 1, 0, 0, 0, 2, 0xff, 0xff, FRAME_END]);
+    assert!(c.next_delivery().unwrap_err().contains("malformed method"));
+
+    // More body than the header announced.
+    let (mut c, _peer) = connection();
+    c.read
+        .extend_from_slice(&encode(&[deliver(1, "k"), header(2), body(b"abc")]));
+    assert!(c.next_delivery().unwrap_err().contains("longer"));
+
+    // A body larger than meshgate assembles.
+    let (mut c, _peer) = connection();
+    c.read
+        .extend_from_slice(&encode(&[deliver(1, "k"), header(MAX_BODY + 1)]));
+    assert!(c.next_delivery().unwrap_err().contains("at most"));
+
+    // A header before any delivery.
+    let (mut c, _peer) = connection();
+    c.read.extend_from_slice(&encode(&[header(1)]));
+    assert!(c.next_delivery().unwrap_err().contains("unexpected frame"));
+}
+
+#[test]
+fn the_brokers_close_is_answered_and_reported() {
+    let (mut c, _peer) = connection();
+    c.read.extend_from_slice(&encode(&[AMQPFrame::Method(
+        CHANNEL,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 404,
+            reply_text: "NOT_FOUND - no queue 'q' in vhost '/'".into(),
+            class_id: 50,
+            method_id: 10,
+        })),
+    )]));
+    let e = c.next_delivery().unwrap_err();
+    assert!(e.contains("NOT_FOUND - no queue 'q'"), "{e}");
+    assert!(e.contains("reply code 404"), "{e}");
+    let close_ok = encode(&[AMQPFrame::Method(
+        CHANNEL,
+        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+    )]);
+    assert_eq!(c.write, close_ok, "channel.close-ok queued");
+
+    let (mut c, _peer) = connection();
+    c.read.extend_from_slice(&encode(&[AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 320,
+            reply_text: "CONNECTION_FORCED - Closed via management plugin".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )]));
+    let e = c.next_delivery().unwrap_err();
+    assert!(e.contains("CONNECTION_FORCED"), "{e}");
+    let close_ok = encode(&[AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+    )]);
+    assert_eq!(c.write, close_ok, "connection.close-ok queued");
+
+    // The broker cancels the consumer (its queue was deleted).
+    let (mut c, _peer) = connection();
+    c.read.extend_from_slice(&encode(&[AMQPFrame::Method(
+        CHANNEL,
+        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+            consumer_tag: "c".into(),
+            nowait: true,
+        })),
+    )]));
+    assert!(c.next_delivery().unwrap_err().contains("cancelled"));
+}
+
+#[test]
+fn heartbeats_are_sent_when_quiet_and_a_silent_broker_is_given_up() {
+    let (mut c, _peer) = connection();
+    assert_eq!(c.tick_every(), Some(Duration::from_secs(5)));
+    // Nothing sent since the last tick: a heartbeat is queued.
+    c.tick().unwrap();
+    assert_eq!(c.write, encode(&[AMQPFrame::Heartbeat]));
+    c.write.clear();
+    // Something sent: no heartbeat needed.
+    c.spoke = true;
+    c.heard = true;
+    c.tick().unwrap();
+    assert!(c.write.is_empty());
+    // Silence from the broker: three ticks are tolerated, the fourth (two intervals) is not.
+    for _ in 0..3 {
+        c.tick().unwrap();
+    }
+    let e = c.tick().unwrap_err();
+    assert!(e.contains("two heartbeat intervals"), "{e}");
+    // Hearing anything resets the count.
+    let (mut c, _peer) = connection();
+    for _ in 0..3 {
+        c.tick().unwrap();
+    }
+    c.heard = true;
+    c.tick().unwrap();
+    for _ in 0..3 {
+        c.tick().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_call_returns_the_reply_and_leaves_later_deliveries_in_the_buffer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut c, mut peer) = connection();
+    let broker = tokio::spawn(async move {
+        let mut request = [0u8; 256];
+        let n = peer.read(&mut request).await.unwrap();
+        let frame = next_frame(&mut BytesMut::from(&request[..n]), FRAME_MAX)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            frame,
+            Frame::Method(
+                CHANNEL,
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare { passive: true, .. }))
+            )
+        ));
+        // The reply and a delivery in one write.
+        let reply = encode(&[
+            AMQPFrame::Heartbeat,
+            AMQPFrame::Method(
+                CHANNEL,
+                AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                    queue: "q".into(),
+                    message_count: 1,
+                    consumer_count: 0,
+                })),
+            ),
+            deliver(9, "k"),
+            header(1),
+            body(b"x"),
+        ]);
+        peer.write_all(&reply).await.unwrap();
+        peer
+    });
+    let reply = c
+        .call(AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            passive: true,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })))
+        .await
+        .unwrap();
+    assert!(matches!(
+        reply,
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+    ));
+    let d = c.next_delivery().unwrap().expect("the delivery stayed buffered");
+    assert_eq!((d.tag, &d.body[..]), (9, &b"x"[..]));
+    drop(broker.await.unwrap());
+}

@@ -35,12 +35,17 @@ const WINDOW: usize = 256;
 /// CPU time (user + system) a process has used so far.
 fn cpu(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15 (clock ticks).
+    // Fields after the `(comm)` by position: state is field 3, utime 14, stime 15 (clock
+    // ticks). By position, not by "what parses as a number": field 8 (tpgid) is -1 for a
+    // daemon, and skipping it once made this read stime + cutime instead.
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
-    // `rest` starts at field 3 (a letter, skipped by parse): utime/stime are f[10], f[11].
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    let field = |n: usize| -> u64 {
+        rest.split(' ')
+            .nth(n - 3)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((field(14) + field(15)) * 10)
 }
 
 /// (busy, total) jiffies of the whole machine, from the first line of /proc/stat.

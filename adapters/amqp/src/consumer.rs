@@ -75,9 +75,45 @@ pub(crate) struct Target {
     pub(crate) heartbeat: Duration,
 }
 
+/// Class and method id of `basic.deliver` (60, 60).
+const BASIC_DELIVER: [u8; 4] = [0, 60, 0, 60];
+
+/// `basic.deliver`'s arguments after the ids: (delivery tag, routing key). Read here rather
+/// than by amq-protocol's general parser, which allocates the consumer tag and exchange name
+/// of every delivery; this is the one method that comes once per message.
+fn parse_deliver(mut p: &[u8]) -> Option<(u64, ShortString)> {
+    fn short<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let (&len, rest) = p.split_first()?;
+        let (s, rest) = rest.split_at_checked(usize::from(len))?;
+        *p = rest;
+        Some(s)
+    }
+    short(&mut p)?; // consumer tag: meshgate's only consumer on this channel
+    let (tag, rest) = p.split_first_chunk::<8>()?;
+    let tag = u64::from_be_bytes(*tag);
+    let (_redelivered, rest) = rest.split_first()?;
+    p = rest;
+    short(&mut p)?; // exchange
+    let key = short(&mut p)?;
+    if !p.is_empty() {
+        return None;
+    }
+    // Routing keys are UTF-8 in practice; a broken one is kept (replaced characters) so that
+    // the message is still handled — and rejected if its topic is invalid — rather than the
+    // connection failing on it at every redelivery.
+    let mut key = String::from_utf8_lossy(key).into_owned();
+    // Each replaced byte became three: cut back to the 255 bytes of a short string.
+    while key.len() > 255 {
+        key.pop();
+    }
+    Some((tag, ShortString::from(key)))
+}
+
 /// One frame cut from the read buffer.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Frame {
+    /// `basic.deliver`: channel, delivery tag, routing key.
+    Deliver(u16, u64, ShortString),
     Method(u16, AMQPClass),
     /// A content header: the properties and the size of the body that follows.
     Header(u16, Box<BasicProperties>, u64),
@@ -112,9 +148,16 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
     }
     let payload = FRAME_HEAD..total - 1;
     let frame = match kind {
+        FRAME_METHOD if buf[payload.clone()].starts_with(&BASIC_DELIVER) => {
+            let (tag, routing_key) =
+                parse_deliver(&buf[payload.start + BASIC_DELIVER.len()..payload.end])
+                    .ok_or("malformed basic.deliver frame")?;
+            buf.advance(total);
+            Frame::Deliver(channel, tag, routing_key)
+        }
         FRAME_METHOD => {
             let class = match amq_protocol::protocol::parse_class(&buf[payload]) {
-                Ok((rest, class)) if rest.is_empty() => class,
+                Ok(([], class)) => class,
                 _ => return Err("malformed method frame".to_owned()),
             };
             buf.advance(total);
@@ -122,7 +165,7 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
         }
         FRAME_HEADER => {
             let header = match parse_content_header(&buf[payload]) {
-                Ok((rest, header)) if rest.is_empty() => header,
+                Ok(([], header)) => header,
                 _ => return Err("malformed content header frame".to_owned()),
             };
             buf.advance(total);
@@ -436,19 +479,17 @@ impl Connection {
                 continue;
             };
             match (frame, &mut self.assembling) {
-                (Frame::Method(CHANNEL, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))), None) => {
+                (Frame::Deliver(CHANNEL, tag, routing_key), None) => {
                     self.assembling = Some(Assembling {
-                        tag: d.delivery_tag,
-                        routing_key: d.routing_key,
+                        tag,
+                        routing_key,
                         header: None,
                         parts: Vec::new(),
                         received: 0,
                     });
                 }
                 (Frame::Method(CHANNEL, AMQPClass::Basic(basic::AMQPMethod::Cancel(_))), _) => {
-                    return Err(
-                        "the broker cancelled the consumer (queue deleted?)".to_owned()
-                    );
+                    return Err("the broker cancelled the consumer (queue deleted?)".to_owned());
                 }
                 (Frame::Header(CHANNEL, properties, size), Some(a)) if a.header.is_none() => {
                     if size > MAX_BODY {
@@ -460,7 +501,10 @@ impl Connection {
                 }
                 (Frame::Body(CHANNEL, body), Some(a)) if a.header.is_some() => {
                     a.received += body.len() as u64;
-                    if a.header.as_ref().is_some_and(|(_, size)| a.received > *size) {
+                    if a.header
+                        .as_ref()
+                        .is_some_and(|(_, size)| a.received > *size)
+                    {
                         return Err("a message body was longer than its header said".to_owned());
                     }
                     if !body.is_empty() {
@@ -563,8 +607,10 @@ impl Connection {
             self.flush().await?;
             loop {
                 while let Some(frame) = self.frame()? {
-                    if let Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) =
-                        frame
+                    if let Frame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
+                    ) = frame
                     {
                         return Ok::<(), String>(());
                     }

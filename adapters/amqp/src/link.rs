@@ -76,9 +76,10 @@ impl Connector {
     pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, String> {
         let (scheme, host, port) = split_url(&config.url)?;
         let ca_pem = match &config.ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                format!("amqp.ca_file: cannot read `{}`: {e}", path.display())
-            })?),
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("amqp.ca_file: cannot read `{}`: {e}", path.display()))?,
+            ),
             None => None,
         };
         let target_tls = match scheme {

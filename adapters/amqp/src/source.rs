@@ -191,13 +191,7 @@ impl Source {
 
     /// Tells RabbitMQ what became of delivery `tag` (acknowledgements are batched, see
     /// [`Acks`]; the rest is written at once).
-    async fn settle(
-        &self,
-        conn: &mut Connection,
-        acks: &mut Acks,
-        tag: u64,
-        outcome: Outcome,
-    ) {
+    async fn settle(&self, conn: &mut Connection, acks: &mut Acks, tag: u64, outcome: Outcome) {
         if !matches!(outcome, Outcome::Ack) {
             // Acknowledge what came before first: `multiple` must not cover this one.
             acks.flush(conn);
@@ -260,15 +254,17 @@ impl Source {
                 .await?;
             }
         }
-        conn.call(AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: c.queue.as_str().into(),
-            consumer_tag: self.consumer_tag.as_str().into(),
-            no_local: false,
-            no_ack: false,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })))
+        conn.call(AMQPClass::Basic(basic::AMQPMethod::Consume(
+            basic::Consume {
+                queue: c.queue.as_str().into(),
+                consumer_tag: self.consumer_tag.as_str().into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            },
+        )))
         .await?;
         Ok(())
     }
@@ -277,10 +273,7 @@ impl Source {
     async fn session(&self, ctx: &AdapterContext, mut conn: Connection) -> Ended {
         if let Err(e) = self.setup(&mut conn).await {
             conn.abandon().await;
-            return Ended::Failed(format!(
-                "cannot consume queue `{}`: {e}",
-                self.config.queue
-            ));
+            return Ended::Failed(format!("cannot consume queue `{}`: {e}", self.config.queue));
         }
         self.link.set_up();
         tracing::info!(source = %self.config.name, queue = %self.config.queue, "AMQP source consuming");

@@ -295,7 +295,8 @@ async fn write_loop(
             let _ = d.ack().await;
         }
         if let Some(frame) = close {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
             return;
         }
     }

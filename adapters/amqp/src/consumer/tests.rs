@@ -109,7 +109,11 @@ fn deliveries_are_assembled_however_the_bytes_arrive() {
         );
         assert_eq!(&got[0].body[..], b"hello");
         assert_eq!(
-            got[0].properties.content_type().as_ref().map(|c| c.as_str()),
+            got[0]
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.as_str()),
             Some("text/plain")
         );
         assert_eq!(&got[2].body[..3], b"abc");
@@ -134,7 +138,11 @@ fn broken_frames_end_the_connection_with_a_reason() {
 
     let (mut c, _peer) = connection();
     c.read.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, FRAME_END]);
-    assert!(c.next_delivery().unwrap_err().contains("unknown frame type 9"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .contains("unknown frame type 9")
+    );
 
     // A method frame whose payload is not a method.
     let (mut c, _peer) = connection();
@@ -256,7 +264,10 @@ async fn a_call_returns_the_reply_and_leaves_later_deliveries_in_the_buffer() {
             frame,
             Frame::Method(
                 CHANNEL,
-                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare { passive: true, .. }))
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                    passive: true,
+                    ..
+                }))
             )
         ));
         // The reply and a delivery in one write.
@@ -278,22 +289,55 @@ async fn a_call_returns_the_reply_and_leaves_later_deliveries_in_the_buffer() {
         peer
     });
     let reply = c
-        .call(AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "q".into(),
-            passive: true,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })))
+        .call(AMQPClass::Queue(queue::AMQPMethod::Declare(
+            queue::Declare {
+                queue: "q".into(),
+                passive: true,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            },
+        )))
         .await
         .unwrap();
     assert!(matches!(
         reply,
         AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
     ));
-    let d = c.next_delivery().unwrap().expect("the delivery stayed buffered");
+    let d = c
+        .next_delivery()
+        .unwrap()
+        .expect("the delivery stayed buffered");
     assert_eq!((d.tag, &d.body[..]), (9, &b"x"[..]));
     drop(broker.await.unwrap());
+}
+
+#[test]
+fn deliver_frames_are_read_by_hand_like_amq_protocol_writes_them() {
+    for key in ["", "a", "orders.eu.created", &"k".repeat(255)] {
+        let mut buf = BytesMut::from(&encode(&[deliver(u64::MAX - 3, key)])[..]);
+        assert_eq!(
+            next_frame(&mut buf, FRAME_MAX).unwrap(),
+            Some(Frame::Deliver(CHANNEL, u64::MAX - 3, key.into()))
+        );
+    }
+    // Cut short or with bytes left over: refused, never a panic.
+    let payload = &encode(&[deliver(7, "key")])[FRAME_HEAD..];
+    let args = &payload[4..payload.len() - 1];
+    for end in 0..args.len() {
+        assert_eq!(parse_deliver(&args[..end]), None, "cut at {end}");
+    }
+    let mut longer = args.to_vec();
+    longer.push(0);
+    assert_eq!(parse_deliver(&longer), None);
+    // A routing key that is not UTF-8 is kept, replaced and within 255 bytes.
+    let mut bad = vec![1, b'c'];
+    bad.extend_from_slice(&7u64.to_be_bytes());
+    bad.extend_from_slice(&[0, 0, 255]);
+    bad.extend_from_slice(&[0xff; 255]);
+    let (tag, key) = parse_deliver(&bad).unwrap();
+    assert_eq!(tag, 7);
+    assert!(key.as_str().len() <= 255 && key.as_str().starts_with('\u{fffd}'));
 }

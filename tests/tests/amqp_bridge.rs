@@ -1051,3 +1051,65 @@ async fn a_deleted_queue_is_declared_and_bound_again() {
     rabbit.delete_queue(&queue).await;
     rabbit.delete_exchange(&ex).await;
 }
+
+/// The sources' own consumer connection negotiates the configured heartbeat with RabbitMQ
+/// (its `timeout` column), keeps an idle connection alive with it — RabbitMQ closes a
+/// connection after two missed intervals — and still delivers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_source_stays_connected_on_one_second_heartbeats() {
+    let rabbit = Rabbit::connect("/").await;
+    let q = unique("heartbeat");
+    rabbit.queue(&q, None).await;
+    let name = unique("hb");
+    let mut config = amqp_config("/");
+    config.amqp.heartbeat = Duration::from_secs(1);
+    config.amqp.sources = vec![source(&name, &q, Some("hb"))];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let admin = gw.admin_addr.unwrap();
+
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "timeout",
+            "client_properties",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&format!("source {name}")))
+        .unwrap_or_else(|| panic!("the source's connection is not listed: {listing}"));
+    assert!(
+        line.starts_with("1\t"),
+        "heartbeat of 1 s negotiated: {line:?}"
+    );
+
+    // Five intervals without a message: only heartbeats keep the connection.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let text = metrics(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("meshgate_amqp_reconnects_total{{kind=\"source\",link=\"{name}\"}}")
+        ),
+        0,
+        "the connection was never lost"
+    );
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["hb/#"]).await;
+    rabbit
+        .publish(
+            "",
+            &q,
+            BasicProperties::default().with_content_type("text/plain".into()),
+            b"after a quiet while",
+        )
+        .await;
+    let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(&e.data().unwrap().to_bytes()[..], b"after a quiet while");
+    gw.shutdown().await;
+    rabbit.delete_queue(&q).await;
+}

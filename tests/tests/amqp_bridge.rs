@@ -1113,3 +1113,61 @@ async fn an_idle_source_stays_connected_on_one_second_heartbeats() {
     gw.shutdown().await;
     rabbit.delete_queue(&q).await;
 }
+
+/// Messages waiting before the source starts arrive with (or right after) `consume-ok`, often
+/// in the same read; they are handled at once — without heartbeats (0), nothing else would
+/// wake the source while RabbitMQ waits for acks of its full prefetch window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_waiting_before_the_source_starts_is_consumed() {
+    let rabbit = Rabbit::connect("/").await;
+    let q = unique("backlog");
+    rabbit.queue(&q, None).await;
+    let plain = BasicProperties::default().with_content_type("text/plain".into());
+    for i in 0..5 {
+        rabbit
+            .publish("", &q, plain.clone(), format!("waiting {i}").as_bytes())
+            .await;
+    }
+    let mut config = amqp_config("/");
+    config.amqp.heartbeat = Duration::ZERO;
+    let mut s = source("backlog", &q, Some("backlog"));
+    s.prefetch = 5;
+    config.amqp.sources = vec![s];
+    let gw = start_gateway(config).await;
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "name",
+                "messages",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let left = listing
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{q}\t")))
+            .map(|n| n.trim().to_owned());
+        if left.as_deref() == Some("0") {
+            break;
+        }
+        if d.passed() {
+            let text = metrics(gw.admin_addr.unwrap()).await;
+            panic!("the backlog was not consumed and acknowledged: {left:?} left\n{text}");
+        }
+        d.pause().await;
+    }
+    let text = metrics(gw.admin_addr.unwrap()).await;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("meshgate_events_received_total{adapter=\"amqp\"")
+                && l.ends_with(" 5")
+        ),
+        "five events received:\n{text}"
+    );
+    gw.shutdown().await;
+    rabbit.delete_queue(&q).await;
+}

@@ -78,10 +78,10 @@ pub(crate) struct Target {
 /// Class and method id of `basic.deliver` (60, 60).
 const BASIC_DELIVER: [u8; 4] = [0, 60, 0, 60];
 
-/// `basic.deliver`'s arguments after the ids: (delivery tag, routing key). Read here rather
+/// `basic.deliver`'s arguments after the ids: (delivery tag, routing key if UTF-8). Read here rather
 /// than by amq-protocol's general parser, which allocates the consumer tag and exchange name
 /// of every delivery; this is the one method that comes once per message.
-fn parse_deliver(mut p: &[u8]) -> Option<(u64, ShortString)> {
+fn parse_deliver(mut p: &[u8]) -> Option<(u64, Option<ShortString>)> {
     fn short<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
         let (&len, rest) = p.split_first()?;
         let (s, rest) = rest.split_at_checked(usize::from(len))?;
@@ -98,22 +98,17 @@ fn parse_deliver(mut p: &[u8]) -> Option<(u64, ShortString)> {
     if !p.is_empty() {
         return None;
     }
-    // Routing keys are UTF-8 in practice; a broken one is kept (replaced characters) so that
-    // the message is still handled — and rejected if its topic is invalid — rather than the
-    // connection failing on it at every redelivery.
-    let mut key = String::from_utf8_lossy(key).into_owned();
-    // Each replaced byte became three: cut back to the 255 bytes of a short string.
-    while key.len() > 255 {
-        key.pop();
-    }
-    Some((tag, ShortString::from(key)))
+    // `None`: not UTF-8. The message is still delivered (and then rejected as having no
+    // topic) rather than the connection failing on it at every redelivery.
+    let key = std::str::from_utf8(key).ok().map(ShortString::from);
+    Some((tag, key))
 }
 
 /// One frame cut from the read buffer.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Frame {
-    /// `basic.deliver`: channel, delivery tag, routing key.
-    Deliver(u16, u64, ShortString),
+    /// `basic.deliver`: channel, delivery tag, routing key (`None`: not UTF-8).
+    Deliver(u16, u64, Option<ShortString>),
     Method(u16, AMQPClass),
     /// A content header: the properties and the size of the body that follows.
     Header(u16, Box<BasicProperties>, u64),
@@ -194,7 +189,8 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
 #[derive(Debug)]
 pub(crate) struct Delivery {
     pub(crate) tag: u64,
-    pub(crate) routing_key: ShortString,
+    /// `None`: the broker's routing key was not UTF-8.
+    pub(crate) routing_key: Option<ShortString>,
     pub(crate) properties: Box<BasicProperties>,
     pub(crate) body: Bytes,
 }
@@ -202,11 +198,15 @@ pub(crate) struct Delivery {
 /// A delivery whose header or body frames are still to come.
 struct Assembling {
     tag: u64,
-    routing_key: ShortString,
+    routing_key: Option<ShortString>,
     /// Properties and announced body size, once the header frame arrived.
     header: Option<(Box<BasicProperties>, u64)>,
-    /// Body frames so far (usually one).
-    parts: Vec<Bytes>,
+    /// The first body frame, kept as it came (most bodies have one frame).
+    first: Option<Bytes>,
+    /// Bodies of several frames, copied together as they come: memory follows the bytes
+    /// received, not the number of frames (a broker sending 1-byte frames cannot make each
+    /// byte cost an allocation).
+    joined: BytesMut,
     received: u64,
 }
 
@@ -217,20 +217,13 @@ impl Assembling {
             return None;
         }
         let (properties, _) = self.header.take()?;
-        let body = match self.parts.len() {
-            0 => Bytes::new(),
-            1 => self.parts.pop().unwrap_or_default(),
-            _ => {
-                let mut all = BytesMut::with_capacity(self.received as usize);
-                for p in self.parts.drain(..) {
-                    all.extend_from_slice(&p);
-                }
-                all.freeze()
-            }
+        let body = match self.first.take() {
+            Some(first) => first,
+            None => std::mem::take(&mut self.joined).freeze(),
         };
         Some(Delivery {
             tag: self.tag,
-            routing_key: std::mem::take(&mut self.routing_key),
+            routing_key: self.routing_key.take(),
             properties,
             body,
         })
@@ -328,7 +321,8 @@ impl Connection {
             0 => FRAME_MAX,
             n => n.min(FRAME_MAX),
         };
-        let ours = u16::try_from(target.heartbeat.as_secs()).unwrap_or(u16::MAX);
+        // Whole seconds on the wire: a configured fraction rounds up, never down to "none".
+        let ours = u16::try_from(target.heartbeat.as_millis().div_ceil(1000)).unwrap_or(u16::MAX);
         let heartbeat = match (ours, tune.heartbeat) {
             (0, _) => 0,
             (h, 0) => h,
@@ -347,7 +341,8 @@ impl Connection {
         self.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: target.vhost.as_str().into(),
+                virtual_host: ShortString::try_new(target.vhost.as_str())
+                    .map_err(|_| "amqp.vhost is longer than 255 bytes".to_owned())?,
             })),
         );
         self.flush().await?;
@@ -484,7 +479,8 @@ impl Connection {
                         tag,
                         routing_key,
                         header: None,
-                        parts: Vec::new(),
+                        first: None,
+                        joined: BytesMut::new(),
                         received: 0,
                     });
                 }
@@ -507,8 +503,13 @@ impl Connection {
                     {
                         return Err("a message body was longer than its header said".to_owned());
                     }
-                    if !body.is_empty() {
-                        a.parts.push(body);
+                    if a.first.is_none() && a.joined.is_empty() {
+                        a.first = Some(body);
+                    } else {
+                        if let Some(first) = a.first.take() {
+                            a.joined.extend_from_slice(&first);
+                        }
+                        a.joined.extend_from_slice(&body);
                     }
                 }
                 (Frame::Method(_, class), _) => {
@@ -603,23 +604,38 @@ impl Connection {
                 method_id: 0,
             })),
         );
-        let closed = async {
-            self.flush().await?;
-            loop {
-                while let Some(frame) = self.frame()? {
-                    if let Frame::Method(
-                        0,
-                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
-                    ) = frame
-                    {
-                        return Ok::<(), String>(());
+        // Bounded as a whole: a peer that stopped reading must not hold up the shutdown.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.closing().await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Sends the queued `connection.close` and waits for the broker's close-ok.
+    async fn closing(&mut self) -> Result<(), String> {
+        self.flush().await?;
+        loop {
+            while let Some(frame) = self.frame()? {
+                match frame {
+                    Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                        return Ok(());
                     }
+                    // The broker closed at the same time: answer it, and that is the end.
+                    Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                        self.method(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                connection::CloseOk {},
+                            )),
+                        );
+                        return self.flush().await;
+                    }
+                    _ => {}
                 }
-                self.read_more().await?;
             }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
-        let _ = self.io.shutdown().await;
+            self.read_more().await?;
+        }
     }
 
     /// Sends what is queued (a close-ok, say) before the connection is dropped after an

@@ -32,8 +32,8 @@ use crate::binding;
 use crate::consumer::{Connection, Delivery};
 use crate::link::{Backoff, Connector, Ended, Link};
 
-/// Pause before a message the backbone refused for now is handed back to RabbitMQ, so that an
-/// unavailable backbone does not turn into a redelivery storm.
+/// Pause in consuming after a message the backbone refused for now was handed back to
+/// RabbitMQ, so that an unavailable backbone does not turn into a redelivery storm.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(200);
 
 /// Acknowledgements are batched: one `basic.ack` with `multiple` covers up to a quarter of
@@ -168,12 +168,17 @@ impl Source {
             self.looped.inc();
             return Handled::Now(Outcome::Ack);
         }
-        let topic = match self.topic(d.routing_key.as_str()) {
+        let Some(routing_key) = &d.routing_key else {
+            return Handled::Now(Outcome::Reject(
+                "the routing key is not UTF-8: it names no topic".to_owned(),
+            ));
+        };
+        let topic = match self.topic(routing_key.as_str()) {
             Ok(t) => t,
             Err(e) => return Handled::Now(Outcome::Reject(e)),
         };
         let event = binding::decode(binding::Inbound {
-            routing_key: d.routing_key.as_str(),
+            routing_key: routing_key.as_str(),
             properties: &d.properties,
             body: d.body,
             wrapper: &self.wrapper,
@@ -190,26 +195,29 @@ impl Source {
     }
 
     /// Tells RabbitMQ what became of delivery `tag` (acknowledgements are batched, see
-    /// [`Acks`]; the rest is written at once).
-    async fn settle(&self, conn: &mut Connection, acks: &mut Acks, tag: u64, outcome: Outcome) {
+    /// [`Acks`]; the rest is queued at once). True when the message was requeued: the caller
+    /// pauses consuming for [`REQUEUE_PAUSE`].
+    fn settle(&self, conn: &mut Connection, acks: &mut Acks, tag: u64, outcome: Outcome) -> bool {
         if !matches!(outcome, Outcome::Ack) {
             // Acknowledge what came before first: `multiple` must not cover this one.
             acks.flush(conn);
         }
         match outcome {
-            Outcome::Ack => acks.ack(conn, tag),
+            Outcome::Ack => {
+                acks.ack(conn, tag);
+                false
+            }
             Outcome::Reject(reason) => {
                 self.rejected.inc();
                 self.metrics.error("bad_event");
                 self.log_reject(&reason);
                 conn.reject(tag);
+                false
             }
             Outcome::Requeue(reason) => {
                 tracing::debug!(source = %self.config.name, %reason, "backbone refused for now; requeueing");
-                if !self.stop.is_cancelled() {
-                    tokio::time::sleep(REQUEUE_PAUSE).await;
-                }
                 conn.requeue(tag);
+                true
             }
         }
     }
@@ -278,27 +286,60 @@ impl Source {
         self.link.set_up();
         tracing::info!(source = %self.config.name, queue = %self.config.queue, "AMQP source consuming");
         let pipelined = ctx.backbone.publish_round_trips();
+        let window = usize::from(self.config.prefetch);
         let mut inflight: FuturesOrdered<BoxFuture<'_, (u64, Outcome)>> = FuturesOrdered::new();
         let mut acks = Acks::new(ack_batch(self.config.prefetch));
         let ack_timer = tokio::time::sleep(ACK_DELAY);
         tokio::pin!(ack_timer);
+        // After a requeue, consuming pauses (the socket is not read, deliveries wait in the
+        // buffer) so that an unavailable backbone is not a redelivery storm; heartbeats and
+        // settling go on meanwhile.
+        let resume = tokio::time::sleep(REQUEUE_PAUSE);
+        tokio::pin!(resume);
+        let mut paused = false;
         let mut ticks = conn.tick_every().map(|every| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
         let failed = loop {
+            // What the buffer holds first: deliveries can arrive with consume-ok, and a pause
+            // or a full window leaves some behind.
+            let handled = if paused || inflight.len() >= window {
+                Ok(false)
+            } else {
+                self.deliveries(ctx, &mut conn, &mut acks, &mut inflight, pipelined, window)
+                    .await
+            };
+            match handled {
+                Ok(true) => {
+                    paused = true;
+                    resume
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + REQUEUE_PAUSE);
+                }
+                Ok(false) => {}
+                Err(e) => break Some(e),
+            }
+            // Everything queued (acks, rejects, nacks, a heartbeat) goes out before waiting.
+            if let Err(e) = conn.flush().await {
+                break Some(e);
+            }
             let step = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break None,
                 Some((tag, outcome)) = inflight.next(), if !inflight.is_empty() => {
-                    self.settle(&mut conn, &mut acks, tag, outcome).await;
+                    if self.settle(&mut conn, &mut acks, tag, outcome) && !paused {
+                        paused = true;
+                        resume.as_mut().reset(tokio::time::Instant::now() + REQUEUE_PAUSE);
+                    }
                     Ok(())
                 }
-                read = conn.read_more() => match read {
-                    Ok(()) => self.deliveries(ctx, &mut conn, &mut acks, &mut inflight, pipelined).await,
-                    Err(e) => Err(e),
-                },
+                () = &mut resume, if paused => {
+                    paused = false;
+                    Ok(())
+                }
+                read = conn.read_more(), if !paused && inflight.len() < window => read,
                 () = &mut ack_timer, if acks.pending() => {
                     acks.flush(&mut conn);
                     Ok(())
@@ -313,31 +354,31 @@ impl Source {
                     .as_mut()
                     .reset(tokio::time::Instant::now() + ACK_DELAY);
             }
-            if let Err(e) = conn.flush().await {
-                break Some(e);
-            }
         };
-        // Settle what is in flight: acknowledged publishes are acked, the rest is requeued by
-        // RabbitMQ when the connection closes.
-        while let Some((tag, outcome)) = inflight.next().await {
-            self.settle(&mut conn, &mut acks, tag, outcome).await;
-        }
-        acks.flush(&mut conn);
         match failed {
             Some(error) => {
+                // The connection is gone or going: what is in flight is requeued by RabbitMQ,
+                // and settling it could only queue frames behind a close-ok.
                 conn.abandon().await;
                 Ended::Failed(error)
             }
             None => {
+                // Settle what is in flight: acknowledged publishes are acked, the rest is
+                // requeued by RabbitMQ when the connection closes.
+                while let Some((tag, outcome)) = inflight.next().await {
+                    self.settle(&mut conn, &mut acks, tag, outcome);
+                }
+                acks.flush(&mut conn);
                 conn.close("meshgate shutting down").await;
                 Ended::Shutdown
             }
         }
     }
 
-    /// Handles every delivery the read buffer holds. Over a backbone that settles at once
-    /// (memory, NATS core) each is published and settled in turn; over one with round trips
-    /// (JetStream) they join `inflight`, which settles them in arrival order.
+    /// Handles the deliveries the read buffer holds, up to `window` in flight. Over a backbone
+    /// that settles at once (memory, NATS core) each is published and settled in turn; over
+    /// one with round trips (JetStream) they join `inflight`, which settles them in arrival
+    /// order. True when a message was requeued: the rest wait for the pause to end.
     async fn deliveries<'a>(
         &'a self,
         ctx: &'a AdapterContext,
@@ -345,26 +386,35 @@ impl Source {
         acks: &mut Acks,
         inflight: &mut FuturesOrdered<BoxFuture<'a, (u64, Outcome)>>,
         pipelined: bool,
-    ) -> Result<(), String> {
-        while let Some(d) = conn.next_delivery()? {
+        window: usize,
+    ) -> Result<bool, String> {
+        while inflight.len() < window {
+            let Some(d) = conn.next_delivery()? else {
+                break;
+            };
             let tag = d.tag;
-            match self.handle(ctx, d) {
+            let requeued = match self.handle(ctx, d) {
                 Handled::Now(outcome) if !pipelined || inflight.is_empty() => {
-                    self.settle(conn, acks, tag, outcome).await;
+                    self.settle(conn, acks, tag, outcome)
                 }
                 Handled::Now(outcome) => {
                     inflight.push_back(Box::pin(std::future::ready((tag, outcome))));
+                    false
                 }
                 Handled::Later(f) if pipelined => {
                     inflight.push_back(Box::pin(async move { (tag, f.await) }));
+                    false
                 }
                 Handled::Later(f) => {
                     let outcome = f.await;
-                    self.settle(conn, acks, tag, outcome).await;
+                    self.settle(conn, acks, tag, outcome)
                 }
+            };
+            if requeued {
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     pub(crate) async fn run(

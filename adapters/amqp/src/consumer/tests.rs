@@ -95,7 +95,13 @@ fn deliveries_are_assembled_however_the_bytes_arrive() {
         let got = deliveries_fed_in_steps(&bytes, step);
         let summary: Vec<(u64, &str, usize)> = got
             .iter()
-            .map(|d| (d.tag, d.routing_key.as_str(), d.body.len()))
+            .map(|d| {
+                (
+                    d.tag,
+                    d.routing_key.as_ref().unwrap().as_str(),
+                    d.body.len(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,
@@ -320,7 +326,7 @@ fn deliver_frames_are_read_by_hand_like_amq_protocol_writes_them() {
         let mut buf = BytesMut::from(&encode(&[deliver(u64::MAX - 3, key)])[..]);
         assert_eq!(
             next_frame(&mut buf, FRAME_MAX).unwrap(),
-            Some(Frame::Deliver(CHANNEL, u64::MAX - 3, key.into()))
+            Some(Frame::Deliver(CHANNEL, u64::MAX - 3, Some(key.into())))
         );
     }
     // Cut short or with bytes left over: refused, never a panic.
@@ -332,12 +338,20 @@ fn deliver_frames_are_read_by_hand_like_amq_protocol_writes_them() {
     let mut longer = args.to_vec();
     longer.push(0);
     assert_eq!(parse_deliver(&longer), None);
-    // A routing key that is not UTF-8 is kept, replaced and within 255 bytes.
+    // A routing key that is not UTF-8: the delivery is read (the source rejects it).
     let mut bad = vec![1, b'c'];
     bad.extend_from_slice(&7u64.to_be_bytes());
     bad.extend_from_slice(&[0, 0, 255]);
     bad.extend_from_slice(&[0xff; 255]);
-    let (tag, key) = parse_deliver(&bad).unwrap();
-    assert_eq!(tag, 7);
-    assert!(key.as_str().len() <= 255 && key.as_str().starts_with('\u{fffd}'));
+    assert_eq!(parse_deliver(&bad), Some((7, None)));
+}
+
+#[test]
+fn a_body_of_many_tiny_frames_is_joined_in_one_buffer() {
+    let mut frames = vec![deliver(1, "k"), header(1000)];
+    frames.extend((0..1000).map(|i| body(&[(i % 251) as u8])));
+    let got = deliveries_fed_in_steps(&encode(&frames), 4096);
+    assert_eq!(got.len(), 1);
+    let want: Vec<u8> = (0..1000).map(|i| (i % 251) as u8).collect();
+    assert_eq!(&got[0].body[..], &want[..]);
 }

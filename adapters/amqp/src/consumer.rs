@@ -401,6 +401,11 @@ impl Connection {
         }
     }
 
+    /// Bytes read and not yet processed.
+    pub(crate) fn buffered(&self) -> usize {
+        self.read.len()
+    }
+
     /// The next frame the buffer holds, growing the buffer to fit one that is cut short.
     fn frame(&mut self) -> Result<Option<Frame>, String> {
         let frame = next_frame(&mut self.read, self.frame_max)?;

@@ -51,6 +51,10 @@ fn ack_batch(prefetch: u16) -> usize {
 /// in between has RabbitMQ deliver those messages again (at least once, as any failure).
 const ACK_DELAY: Duration = Duration::from_millis(10);
 
+/// Unprocessed bytes the source reads ahead while it pauses or its window is full (more than
+/// one frame of RabbitMQ's default `frame_max`, so a large message's frames keep coming).
+const READ_AHEAD: usize = 1 << 20;
+
 /// Rejected messages are logged at most this often per source (each one is counted).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -291,9 +295,9 @@ impl Source {
         let mut acks = Acks::new(ack_batch(self.config.prefetch));
         let ack_timer = tokio::time::sleep(ACK_DELAY);
         tokio::pin!(ack_timer);
-        // After a requeue, consuming pauses (the socket is not read, deliveries wait in the
-        // buffer) so that an unavailable backbone is not a redelivery storm; heartbeats and
-        // settling go on meanwhile.
+        // After a requeue, consuming pauses (deliveries wait in the buffer) so that an
+        // unavailable backbone is not a redelivery storm; reading, heartbeats and settling go
+        // on meanwhile.
         let resume = tokio::time::sleep(REQUEUE_PAUSE);
         tokio::pin!(resume);
         let mut paused = false;
@@ -339,7 +343,9 @@ impl Source {
                     paused = false;
                     Ok(())
                 }
-                read = conn.read_more(), if !paused && inflight.len() < window => read,
+                // Read on while paused or with a full window, so heartbeats are heard, up to
+                // READ_AHEAD unprocessed bytes (RabbitMQ sends no more than prefetch anyway).
+                read = conn.read_more(), if conn.buffered() < READ_AHEAD => read,
                 () = &mut ack_timer, if acks.pending() => {
                     acks.flush(&mut conn);
                     Ok(())

@@ -114,6 +114,73 @@ async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
     Ok(acked as f64 / elapsed)
 }
 
+/// Raw JetStream end to end: the publisher of [`raw_jetstream`] plus a durable pull consumer
+/// (explicit acks, one per message, as meshgate's) on its own connection; delivered and acked
+/// per second. What nats-server does per message when someone consumes, without meshgate.
+async fn raw_jetstream_consumed(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    use async_nats::jetstream::{consumer, stream};
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let _ = js.delete_stream("RAWBENCHC").await;
+    let s = js
+        .create_stream(stream::Config {
+            name: "RAWBENCHC".into(),
+            subjects: vec!["jsbenchc.>".into()],
+            max_bytes: 1 << 30,
+            ..Default::default()
+        })
+        .await?;
+    let consumer_client = async_nats::connect(url).await?;
+    let cjs = async_nats::jetstream::new(consumer_client);
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some("raw".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await?;
+    let c: consumer::PullConsumer = cjs
+        .get_stream("RAWBENCHC")
+        .await?
+        .get_consumer("raw")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut messages = c.messages().await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let d = delivered.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = m.ack().await;
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let origin = Instant::now();
+    let started = Instant::now();
+    let mut outstanding = VecDeque::new();
+    let mut acked = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if outstanding.len() >= 256
+            && let Some(f) = outstanding.pop_front()
+        {
+            let _: async_nats::jetstream::publish::PublishAck = f.await?;
+            acked += 1;
+        }
+        outstanding.push_back(js.publish("jsbenchc.x", payload(origin).into()).await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    for f in outstanding {
+        f.await?;
+        acked += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reader.abort();
+    let got = delivered.load(Ordering::Relaxed);
+    let _ = js.delete_stream("RAWBENCHC").await;
+    Ok((got as f64 / elapsed, acked.saturating_sub(got)))
+}
+
 /// Raw NATS core latency at a fixed rate; (p50, p99) in µs.
 async fn raw_latency(url: &str, rate: u64, seconds: u64) -> anyhow::Result<(u64, u64)> {
     let origin = Instant::now();
@@ -247,6 +314,11 @@ async fn main() -> anyhow::Result<()> {
     if want(name) {
         let js = raw_jetstream(&url, seconds).await?;
         row(name, js, "", None);
+    }
+    let name = "raw JetStream publish + PubAck → pull consumer, one ack per message (delivered/s)";
+    if want(name) {
+        let (rate, lost) = raw_jetstream_consumed(&url, seconds).await?;
+        row(name, rate, &lost.to_string(), None);
     }
     let wire = args
         .iter()

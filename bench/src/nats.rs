@@ -93,6 +93,17 @@ async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
         ..Default::default()
     })
     .await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds).await?;
+    Ok(acked as f64 / elapsed)
+}
+
+/// Publishes to `subject` for `seconds` with up to 256 PubAcks outstanding; returns how many
+/// were acknowledged and the seconds the publishing took (the final acks not included).
+async fn publish_with_acks(
+    js: &async_nats::jetstream::Context,
+    subject: &'static str,
+    seconds: u64,
+) -> anyhow::Result<(u64, f64)> {
     let origin = Instant::now();
     let started = Instant::now();
     let mut outstanding = VecDeque::new();
@@ -104,14 +115,14 @@ async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
             let _: async_nats::jetstream::publish::PublishAck = f.await?;
             acked += 1;
         }
-        outstanding.push_back(js.publish("jsbench.x", payload(origin).into()).await?);
+        outstanding.push_back(js.publish(subject, payload(origin).into()).await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
     for f in outstanding {
         f.await?;
         acked += 1;
     }
-    Ok(acked as f64 / elapsed)
+    Ok((acked, elapsed))
 }
 
 /// Raw JetStream end to end: the publisher of [`raw_jetstream`] plus a durable pull consumer
@@ -153,24 +164,7 @@ async fn raw_jetstream_consumed(url: &str, seconds: u64) -> anyhow::Result<(f64,
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let origin = Instant::now();
-    let started = Instant::now();
-    let mut outstanding = VecDeque::new();
-    let mut acked = 0u64;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        if outstanding.len() >= 256
-            && let Some(f) = outstanding.pop_front()
-        {
-            let _: async_nats::jetstream::publish::PublishAck = f.await?;
-            acked += 1;
-        }
-        outstanding.push_back(js.publish("jsbenchc.x", payload(origin).into()).await?);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    for f in outstanding {
-        f.await?;
-        acked += 1;
-    }
+    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

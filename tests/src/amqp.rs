@@ -261,8 +261,8 @@ pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQ
     properties.headers().as_ref()?.inner().get(name)
 }
 
-/// Runs `rabbitmqctl` and panics with its output when it fails.
-pub fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl`; returns what it printed, and panics with its output when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -273,6 +273,7 @@ pub fn rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A virtual host of this test's own, with guest allowed everything; deleted (with all its

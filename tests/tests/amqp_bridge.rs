@@ -12,7 +12,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use meshgate_config::{AmqpMode, AmqpSinkConfig, AmqpSourceConfig, Config};
 use meshgate_core::{Data, ExtensionValue};
-use meshgate_tests::amqp::{Rabbit, Vhost, ce_headers, header, unique};
+use meshgate_tests::amqp::{Rabbit, Vhost, ce_headers, header, rabbitmqctl, unique};
 use meshgate_tests::{Deadline, metrics, next_event, start_gateway, test_config, ws_connect};
 
 fn amqp_config(vhost: &str) -> Config {
@@ -1068,17 +1068,13 @@ async fn an_idle_source_stays_connected_on_one_second_heartbeats() {
     links_up(&gw).await;
     let admin = gw.admin_addr.unwrap();
 
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "timeout",
-            "client_properties",
-            "--quiet",
-            "--no-table-headers",
-        ])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "timeout",
+        "client_properties",
+        "--quiet",
+        "--no-table-headers",
+    ]);
     let line = listing
         .lines()
         .find(|l| l.contains(&format!("source {name}")))
@@ -1136,17 +1132,13 @@ async fn a_backlog_waiting_before_the_source_starts_is_consumed() {
     let gw = start_gateway(config).await;
     let d = Deadline::after(Duration::from_secs(10));
     loop {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "name",
-                "messages",
-                "--quiet",
-                "--no-table-headers",
-            ])
-            .output()
-            .unwrap();
-        let listing = String::from_utf8_lossy(&out.stdout);
+        let listing = rabbitmqctl(&[
+            "list_queues",
+            "name",
+            "messages",
+            "--quiet",
+            "--no-table-headers",
+        ]);
         let left = listing
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{q}\t")))

@@ -116,22 +116,27 @@ pub(crate) enum Frame {
     Heartbeat,
 }
 
+/// (payload size, whole frame size) of the frame `buf` starts with, once its head is there.
+fn frame_size(buf: &[u8]) -> Option<(u32, usize)> {
+    let head = buf.get(..FRAME_HEAD)?;
+    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
+    Some((size, FRAME_HEAD + size as usize + 1))
+}
+
 /// Cuts the next complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
 /// An error means the stream cannot be read further (the connection must end).
 pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, String> {
-    if buf.len() < FRAME_HEAD {
+    let Some((size, total)) = frame_size(buf) else {
         return Ok(None);
-    }
+    };
     let kind = buf[0];
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
-    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
     // frame_max counts the whole frame: head, payload and end octet.
-    if u64::from(size) + FRAME_HEAD as u64 + 1 > u64::from(frame_max) {
+    if total as u64 > u64::from(frame_max) {
         return Err(format!(
             "the broker sent a {size}-byte frame; the negotiated frame_max is {frame_max}"
         ));
     }
-    let total = FRAME_HEAD + size as usize + 1;
     if buf.len() < total {
         return Ok(None);
     }
@@ -409,9 +414,9 @@ impl Connection {
     /// The next frame the buffer holds, growing the buffer to fit one that is cut short.
     fn frame(&mut self) -> Result<Option<Frame>, String> {
         let frame = next_frame(&mut self.read, self.frame_max)?;
-        if frame.is_none() && self.read.len() >= FRAME_HEAD {
-            let size = u32::from_be_bytes([self.read[3], self.read[4], self.read[5], self.read[6]]);
-            let total = FRAME_HEAD + size as usize + 1;
+        if frame.is_none()
+            && let Some((_, total)) = frame_size(&self.read)
+        {
             self.read.reserve(total.saturating_sub(self.read.len()));
         }
         Ok(frame)

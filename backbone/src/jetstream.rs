@@ -32,32 +32,22 @@ use meshgate_core::{
     TopicFilter,
 };
 
+use crate::jetstream_publish::{JsPublisher, PublishFailure};
 use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
-use crate::nats_wire::{self, HeaderSource};
+use crate::nats_client;
+use crate::nats_wire::{self, HeaderSink, HeaderSource, RawHeaders};
 
 const NAME: &str = "jetstream";
 
 /// A consumer nobody pulls from for this long is removed by the server.
 const INACTIVE_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// A message for the stream, with where to send the pending PubAck.
-struct Submit {
-    subject: String,
-    headers: async_nats::HeaderMap,
-    payload: bytes::Bytes,
-    done: tokio::sync::oneshot::Sender<Result<jetstream::context::PublishAckFuture, String>>,
-}
-
-/// Messages handed to the client one after another, in the order `publish` was called:
-/// async-nats's JetStream publish awaits more than the send, so concurrent publishes from one
-/// connection could otherwise reach the stream out of order (seen in the pipelining test).
-const SUBMIT_QUEUE: usize = 65_536;
-
 #[derive(Debug)]
 pub struct JetStreamBackbone {
     client: async_nats::Client,
     js: jetstream::Context,
-    submit: tokio::sync::mpsc::Sender<Submit>,
+    /// Publishes, on a connection of meshgate's own client (see there why).
+    publisher: JsPublisher,
     retained: crate::jetstream_retained::KvRetained,
     sessions: crate::jetstream_sessions::KvSessions,
     config: JetStreamConfig,
@@ -72,6 +62,17 @@ pub struct JetStreamBackbone {
 
 fn unavailable(e: impl std::fmt::Display) -> BackboneError {
     BackboneError::Unavailable(format!("JetStream: {e}"))
+}
+
+fn publish_error(e: PublishFailure) -> BackboneError {
+    match e {
+        PublishFailure::Client(e) => crate::nats::client_error(e),
+        // A bad request (such as over the stream's max_msg_size) fails the same way again.
+        PublishFailure::Refused { code: 400, .. } => {
+            BackboneError::Rejected(format!("JetStream: {e}"))
+        }
+        e => unavailable(e),
+    }
 }
 
 impl JetStreamBackbone {
@@ -138,21 +139,18 @@ impl JetStreamBackbone {
             ))
         })?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
-        let (submit, mut queue) = tokio::sync::mpsc::channel::<Submit>(SUBMIT_QUEUE);
-        let sender = js.clone();
-        tokio::spawn(async move {
-            while let Some(s) = queue.recv().await {
-                let r = sender
-                    .publish_with_headers(s.subject, s.headers, s.payload)
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = s.done.send(r);
-            }
-        });
+        let options = crate::nats::client_options(
+            nats,
+            instance,
+            true,
+            registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer")),
+        );
+        let publisher = JsPublisher::start(nats_client::Client::connect(options).await)
+            .map_err(|e| NatsStartError::Client(e.to_string()))?;
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
-            submit,
+            publisher,
             retained,
             sessions,
             config: config.clone(),
@@ -170,7 +168,7 @@ impl JetStreamBackbone {
     }
 
     fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.client.connection_state() == State::Connected && self.publisher.client().is_connected()
     }
 
     /// Consumer settings for one subject of a subscription; `ttl`: how long it outlives its
@@ -321,7 +319,7 @@ impl Backbone for JetStreamBackbone {
                 return Err(unavailable("NATS is not connected; retry later"));
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
-            let mut headers = async_nats::HeaderMap::new();
+            let mut headers = RawHeaders::new();
             let payload = nats_wire::encode(
                 &envelope,
                 self.wire,
@@ -329,24 +327,12 @@ impl Backbone for JetStreamBackbone {
                 &mut headers,
             );
             let id = format!("{} {}", envelope.event.source(), envelope.event.id());
-            headers.insert("Nats-Msg-Id", percent_encode_header(&id));
-            let (done, pending) = tokio::sync::oneshot::channel();
-            self.submit
-                .try_send(Submit {
-                    subject,
-                    headers,
-                    payload,
-                    done,
-                })
-                .map_err(|_| {
-                    BackboneError::Saturated("JetStream publish queue is full; retry later".into())
-                })?;
-            let ack = pending
+            headers.put("Nats-Msg-Id", &[&percent_encode_header(&id)]);
+            let ack = self
+                .publisher
+                .publish(&subject, &headers.finish(), &payload)
                 .await
-                .map_err(|_| BackboneError::Closed)?
-                .map_err(unavailable)?
-                .await
-                .map_err(unavailable)?;
+                .map_err(publish_error)?;
             if ack.duplicate {
                 // Stored before within the duplicate window: acknowledged, not stored again.
                 self.duplicates.inc();
@@ -473,6 +459,7 @@ impl Backbone for JetStreamBackbone {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return;
             }
+            self.publisher.drain().await;
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

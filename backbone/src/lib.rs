@@ -2,6 +2,7 @@
 //! the implementation from `backbone.kind`.
 
 pub mod jetstream;
+mod jetstream_publish;
 mod jetstream_retained;
 mod jetstream_sessions;
 pub mod memory;

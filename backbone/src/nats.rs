@@ -102,17 +102,7 @@ impl NatsBackbone {
             metrics::BACKBONE_DROPPED,
             &[("backbone", NAME), ("reason", "slow_consumer")],
         );
-        let options = |echo| nats_client::Options {
-            urls: config.urls.clone(),
-            name: format!("meshgate {instance}"),
-            echo,
-            user: config.user.clone().filter(|_| config.password.is_some()),
-            password: config.password.clone().filter(|_| config.user.is_some()),
-            token: config.token.clone(),
-            connect_timeout: config.connect_timeout,
-            subscription_capacity: config.subscription_capacity,
-            slow_consumer: slow_consumer.clone(),
-        };
+        let options = |echo| client_options(config, instance, echo, slow_consumer.clone());
         let (client, group_client) = tokio::join!(
             nats_client::Client::connect(options(false)),
             nats_client::Client::connect(options(true)),
@@ -212,7 +202,27 @@ fn decode_message(prefix: &str, m: nats_client::Msg, malformed: &Counter) -> Opt
     )
 }
 
-fn client_error(e: ClientError) -> BackboneError {
+/// Options of meshgate's own NATS client for `config`.
+pub(crate) fn client_options(
+    config: &NatsBackboneConfig,
+    instance: &str,
+    echo: bool,
+    slow_consumer: Counter,
+) -> nats_client::Options {
+    nats_client::Options {
+        urls: config.urls.clone(),
+        name: format!("meshgate {instance}"),
+        echo,
+        user: config.user.clone().filter(|_| config.password.is_some()),
+        password: config.password.clone().filter(|_| config.user.is_some()),
+        token: config.token.clone(),
+        connect_timeout: config.connect_timeout,
+        subscription_capacity: config.subscription_capacity,
+        slow_consumer,
+    }
+}
+
+pub(crate) fn client_error(e: ClientError) -> BackboneError {
     match e {
         ClientError::NotConnected => BackboneError::Unavailable(e.to_string()),
         ClientError::Closed => BackboneError::Closed,

@@ -93,7 +93,25 @@ pub(crate) enum ClientError {
 struct Sub {
     subject: String,
     queue: Option<String>,
-    tx: mpsc::Sender<Msg>,
+    to: Deliver,
+}
+
+/// Where a subscription's messages go.
+enum Deliver {
+    /// A bounded queue read by a [`SubStream`]; a full queue drops (slow consumer).
+    Queue(mpsc::Sender<Msg>),
+    /// Called on the connection's reader task, for handlers that only hand a message on
+    /// without waiting (one task wake-up less per message: request replies).
+    Call(Arc<dyn Fn(Msg) + Send + Sync>),
+}
+
+impl std::fmt::Debug for Deliver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Deliver::Queue(_) => "Queue",
+            Deliver::Call(_) => "Call",
+        })
+    }
 }
 
 /// What the writer sends, and who waits for which `PONG`.
@@ -186,8 +204,23 @@ impl Client {
         headers: &[u8],
         payload: &[u8],
     ) -> Result<(), ClientError> {
-        if subject.is_empty() || subject.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        self.publish_with_reply(subject, None, headers, payload)
+    }
+
+    /// [`Client::publish`] with a reply subject, for requests (the caller subscribed to it).
+    pub fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f);
+        if bad(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
+        }
+        if reply.is_some_and(bad) {
+            return Err(ClientError::BadSubject(format!("reply subject {reply:?}")));
         }
         let mut out = self.shared.out();
         if self.shared.closed.load(Ordering::Acquire) {
@@ -209,12 +242,17 @@ impl Client {
         let was_empty = out.buf.is_empty();
         let buf = &mut out.buf;
         let mut n = itoa::Buffer::new();
-        if headers.is_empty() {
-            buf.extend_from_slice(b"PUB ");
-            buf.extend_from_slice(subject.as_bytes());
+        buf.extend_from_slice(if headers.is_empty() {
+            b"PUB "
         } else {
-            buf.extend_from_slice(b"HPUB ");
-            buf.extend_from_slice(subject.as_bytes());
+            b"HPUB "
+        });
+        buf.extend_from_slice(subject.as_bytes());
+        if let Some(reply) = reply {
+            buf.push(b' ');
+            buf.extend_from_slice(reply.as_bytes());
+        }
+        if !headers.is_empty() {
             buf.push(b' ');
             buf.extend_from_slice(n.format(headers.len()).as_bytes());
         }
@@ -265,6 +303,32 @@ impl Client {
     /// every reconnect; it ends when the stream is dropped. Call [`Client::flush`] to know the
     /// server has it.
     pub fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<SubStream, ClientError> {
+        let (tx, rx) = mpsc::channel(self.shared.options.subscription_capacity.max(1));
+        let sid = self.add_sub(subject, queue, Deliver::Queue(tx))?;
+        Ok(SubStream {
+            rx,
+            _sub: Unsubscribe {
+                sid,
+                shared: self.shared.clone(),
+            },
+        })
+    }
+
+    /// Subscribes with `handler` called for each message on the connection's reader task:
+    /// it must not block (hand the message on, no I/O). Ends when the result is dropped.
+    pub fn subscribe_with(
+        &self,
+        subject: &str,
+        handler: impl Fn(Msg) + Send + Sync + 'static,
+    ) -> Result<Unsubscribe, ClientError> {
+        let sid = self.add_sub(subject, None, Deliver::Call(Arc::new(handler)))?;
+        Ok(Unsubscribe {
+            sid,
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn add_sub(&self, subject: &str, queue: Option<&str>, to: Deliver) -> Result<u64, ClientError> {
         let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f);
         if bad(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
@@ -275,12 +339,11 @@ impl Client {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
-        let (tx, rx) = mpsc::channel(self.shared.options.subscription_capacity.max(1));
         let sid = self.shared.next_sid.fetch_add(1, Ordering::Relaxed) as u64;
         let sub = Sub {
             subject: subject.to_owned(),
             queue: queue.map(str::to_owned),
-            tx,
+            to,
         };
         // Lock order out → subs, as on (re)connect, so a SUB is written exactly once.
         let mut out = self.shared.out();
@@ -290,11 +353,7 @@ impl Client {
         self.shared.subs().insert(sid, sub);
         drop(out);
         self.shared.wake_writer.notify_one();
-        Ok(SubStream {
-            rx,
-            sid,
-            shared: self.shared.clone(),
-        })
+        Ok(sid)
     }
 
     /// Writes what was published, waits for the server to have it, ends every subscription
@@ -326,8 +385,7 @@ fn write_sub(buf: &mut Vec<u8>, sid: u64, sub: &Sub) {
 #[derive(Debug)]
 pub(crate) struct SubStream {
     rx: mpsc::Receiver<Msg>,
-    sid: u64,
-    shared: Arc<Shared>,
+    _sub: Unsubscribe,
 }
 
 impl Stream for SubStream {
@@ -337,7 +395,14 @@ impl Stream for SubStream {
     }
 }
 
-impl Drop for SubStream {
+/// A subscription; dropping it unsubscribes.
+#[derive(Debug)]
+pub(crate) struct Unsubscribe {
+    sid: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Unsubscribe {
     fn drop(&mut self) {
         let mut out = self.shared.out();
         let removed = self.shared.subs().remove(&self.sid).is_some();
@@ -810,9 +875,19 @@ fn handle(shared: &Shared, op: Op) {
     match op {
         Op::Msg { sid, msg } => {
             let subs = shared.subs();
-            if let Some(sub) = subs.get(&sid)
-                && let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(msg)
-            {
+            let Some(sub) = subs.get(&sid) else {
+                return;
+            };
+            let tx = match &sub.to {
+                Deliver::Queue(tx) => tx,
+                Deliver::Call(handler) => {
+                    let handler = handler.clone();
+                    drop(subs);
+                    handler(msg);
+                    return;
+                }
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
                 shared.options.slow_consumer.inc();
                 if shared.warn_slow.ready() {
                     tracing::warn!(
@@ -1001,6 +1076,70 @@ mod tests {
             tokio::task::yield_now().await;
         }
         (client, serving, server)
+    }
+
+    /// Reads from the client until a whole line starting with `verb` came; returns that line.
+    async fn line_of(r: &mut (impl AsyncRead + Unpin), seen: &mut Vec<u8>, verb: &str) -> String {
+        loop {
+            if let Some(at) = memchr::memmem::find(seen, verb.as_bytes())
+                && let Some(end) = memchr::memmem::find(&seen[at..], b"\r\n")
+            {
+                let line = String::from_utf8_lossy(&seen[at..at + end]).into_owned();
+                seen.drain(..at + end + 2);
+                return line;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = r.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
+        use crate::jetstream_publish::{JsPublisher, PubAck, PublishFailure};
+        let (client, _serving, server) = serving(64 << 10).await;
+        let publisher = JsPublisher::start(client).unwrap();
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(
+            sub.starts_with("SUB _INBOX.") && sub.ends_with(".* 1"),
+            "{sub}"
+        );
+
+        let first = tokio::spawn(async move {
+            let a = publisher
+                .publish("p.a", b"NATS/1.0\r\nX: y\r\n\r\n", b"hi")
+                .await;
+            let b = publisher.publish("p.b", b"", b"yo").await;
+            (a, b)
+        });
+        // HPUB <subject> <reply> <header size> <total size>, then the reply to it.
+        let hpub = line_of(&mut r, &mut seen, "HPUB ").await;
+        let parts: Vec<&str> = hpub.split(' ').collect();
+        assert_eq!(
+            (parts[1], parts[3], parts[4]),
+            ("p.a", "18", "20"),
+            "{hpub}"
+        );
+        let ack = r#"{"stream":"S","seq":1,"duplicate":true}"#;
+        let reply = format!("MSG {} 1 {}\r\n{ack}\r\n", parts[2], ack.len());
+        w.write_all(reply.as_bytes()).await.unwrap();
+        // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503).
+        let publ = line_of(&mut r, &mut seen, "PUB p.b").await;
+        let inbox = publ.split(' ').nth(2).unwrap().to_owned();
+        let status = "NATS/1.0 503\r\n\r\n";
+        let reply = format!(
+            "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+            status.len(),
+            status.len()
+        );
+        w.write_all(reply.as_bytes()).await.unwrap();
+
+        let (a, b) = first.await.unwrap();
+        assert_eq!(a, Ok(PubAck { duplicate: true }));
+        assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
     }
 
     /// A server that reads slowly (3 KiB every 100 ms) and answers each `PING` as soon as it has

@@ -83,7 +83,7 @@ async fn raw_core(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::R
 }
 
 /// Raw JetStream: publish and wait for every PubAck, 256 outstanding; acknowledged/s.
-async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
+async fn raw_jetstream(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
@@ -93,16 +93,18 @@ async fn raw_jetstream(url: &str, seconds: u64) -> anyhow::Result<f64> {
         ..Default::default()
     })
     .await?;
-    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds).await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds, meshgate_messages).await?;
     Ok(acked as f64 / elapsed)
 }
 
 /// Publishes to `subject` for `seconds` with up to 256 PubAcks outstanding; returns how many
-/// were acknowledged and the seconds the publishing took (the final acks not included).
+/// were acknowledged and the seconds the publishing took (the final acks not included). With
+/// `meshgate_messages`, each message is what meshgate stores for a 256-byte MQTT publish.
 async fn publish_with_acks(
     js: &async_nats::jetstream::Context,
     subject: &'static str,
     seconds: u64,
+    meshgate_messages: bool,
 ) -> anyhow::Result<(u64, f64)> {
     let origin = Instant::now();
     let started = Instant::now();
@@ -115,7 +117,21 @@ async fn publish_with_acks(
             let _: async_nats::jetstream::publish::PublishAck = f.await?;
             acked += 1;
         }
-        outstanding.push_back(js.publish(subject, payload(origin).into()).await?);
+        let ack = if meshgate_messages {
+            // What meshgate's JetStream backbone sends: its headers and a deduplication id
+            // (`<source> <id>`, unique per message).
+            let (mut headers, body) = meshgate_like_message();
+            let sent = acked + outstanding.len() as u64;
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("mqtt://meshgate/raw-pub {sent}").as_str(),
+            );
+            js.publish_with_headers(subject, headers, body.into())
+                .await?
+        } else {
+            js.publish(subject, payload(origin).into()).await?
+        };
+        outstanding.push_back(ack);
     }
     let elapsed = started.elapsed().as_secs_f64();
     for f in outstanding {
@@ -164,7 +180,7 @@ async fn raw_jetstream_consumed(url: &str, seconds: u64) -> anyhow::Result<(f64,
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds).await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, false).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -306,7 +322,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let name = "raw JetStream publish + PubAck (256 outstanding; acked/s)";
     if want(name) {
-        let js = raw_jetstream(&url, seconds).await?;
+        let js = raw_jetstream(&url, seconds, false).await?;
+        row(name, js, "", None);
+    }
+    let name = "raw JetStream publish + PubAck, meshgate's messages (2 headers + Nats-Msg-Id, ~520-byte CloudEvent JSON; acked/s)";
+    if want(name) {
+        let js = raw_jetstream(&url, seconds, true).await?;
         row(name, js, "", None);
     }
     let name = "raw JetStream publish + PubAck → pull consumer, one ack per message (delivered/s)";
@@ -405,6 +426,12 @@ async fn main() -> anyhow::Result<()> {
         ("MESHGATE__BACKBONE__JETSTREAM__STREAM", "MGBENCH"),
         ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", "mgjs"),
     ];
+    let name = "meshgate MQTT QoS 1 → JetStream, nobody subscribed (PUBACKed/s)";
+    if want(name) {
+        let gw = start_meshgate_with(&js_env)?;
+        let rate = meshgate_bench::raw::acknowledged_rate(gw.port, 1, seconds).await?;
+        row(name, rate, "", None);
+    }
     for publishers in [1, 4] {
         if !want(&format!(
             "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s)"

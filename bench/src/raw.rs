@@ -280,6 +280,33 @@ pub async fn throughput(
     Ok(Throughput::new(accepted, delivered, publishing))
 }
 
+/// QoS 1 publishes acknowledged per second by the broker on `port` with nobody subscribed:
+/// the ingress alone, as a raw JetStream publish-with-ack measures JetStream's.
+pub async fn acknowledged_rate(port: u16, publishers: usize, seconds: u64) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let origin = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..publishers {
+        let s = connect(port, &format!("bench-ack-{i}")).await?;
+        tasks.push(tokio::spawn(publisher(
+            s,
+            format!("bench/{i}"),
+            1,
+            origin,
+            stop.clone(),
+        )));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let publishing = started.elapsed().as_secs_f64();
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await?.1;
+    }
+    Ok(acked as f64 / publishing)
+}
+
 /// QoS 0 fan-out: one publisher on `pub_port`, `subscribers` subscribers of the same filter on
 /// `sub_port`; `delivered` counts every copy (a rate of N × the publish rate is all delivered).
 pub async fn fanout_throughput(

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use meshgate_config::{JetStreamConfig, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::backbone::Acknowledge;
@@ -193,8 +193,14 @@ impl JetStreamBackbone {
     }
 }
 
-/// Settles one JetStream delivery.
-struct JsAck(jetstream::message::Acker);
+/// Settles one JetStream delivery: a publish to the delivery's reply subject (`+ACK`, `-NAK`
+/// with an optional delay, `+TERM`). Sent on the publishing connection of meshgate's own client,
+/// appended to its write buffer, instead of as a command through async-nats's connection task
+/// per acknowledgement; the server takes an acknowledgement from any connection.
+struct JsAck {
+    reply: async_nats::Subject,
+    client: nats_client::Client,
+}
 
 impl std::fmt::Debug for JsAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,9 +208,21 @@ impl std::fmt::Debug for JsAck {
     }
 }
 
+impl JsAck {
+    async fn send(&self, body: &[u8]) -> Result<(), BackboneError> {
+        loop {
+            match self.client.publish(self.reply.as_str(), b"", body) {
+                Ok(()) => return Ok(()),
+                Err(nats_client::ClientError::Full) => self.client.room().await,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+}
+
 impl Acknowledge for JsAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackboneError>> {
-        Box::pin(async move { self.0.ack().await.map_err(unavailable) })
+        Box::pin(async move { self.send(b"+ACK").await })
     }
 
     fn nack(
@@ -212,10 +230,13 @@ impl Acknowledge for JsAck {
         delay: Option<std::time::Duration>,
     ) -> BoxFuture<'static, Result<(), BackboneError>> {
         Box::pin(async move {
-            self.0
-                .ack_with(AckKind::Nak(delay))
-                .await
-                .map_err(unavailable)
+            match delay {
+                None => self.send(b"-NAK").await,
+                Some(d) => {
+                    let body = format!("-NAK {{\"delay\":{}}}", d.as_nanos());
+                    self.send(body.as_bytes()).await
+                }
+            }
         })
     }
 }
@@ -393,13 +414,17 @@ impl Backbone for JetStreamBackbone {
             };
             let prefix = self.prefix.clone();
             let malformed = self.malformed.clone();
+            let client = self.publisher.client().clone();
             // As for NATS core: `$` topics are not matched by MQTT wildcards, subjects are.
             let matcher = filter.clone();
             let merged = futures_util::stream::select_all(streams).filter_map(move |m| {
                 let _alive = (&counted, &cleanup);
                 let delivery = match m {
                     Ok(m) => {
-                        let (m, acker) = m.split();
+                        let acker = m.reply.clone().map(|reply| JsAck {
+                            reply,
+                            client: client.clone(),
+                        });
                         match nats_wire::decode_or_count(
                             &prefix,
                             m.subject.as_str(),
@@ -408,20 +433,24 @@ impl Backbone for JetStreamBackbone {
                             &malformed,
                         ) {
                             Some(envelope) if !matcher.matches(&envelope.topic) => {
-                                tokio::spawn(async move {
-                                    let _ = acker.ack().await;
-                                });
+                                if let Some(a) = acker {
+                                    tokio::spawn(async move {
+                                        let _ = a.send(b"+ACK").await;
+                                    });
+                                }
                                 None
                             }
                             Some(envelope) => Some(Delivery::new(
                                 Arc::new(envelope),
-                                Some(Box::new(JsAck(acker))),
+                                acker.map(|a| Box::new(a) as Box<dyn Acknowledge>),
                             )),
                             None => {
                                 // Never deliverable: terminate instead of redelivering.
-                                tokio::spawn(async move {
-                                    let _ = acker.ack_with(AckKind::Term).await;
-                                });
+                                if let Some(a) = acker {
+                                    tokio::spawn(async move {
+                                        let _ = a.send(b"+TERM").await;
+                                    });
+                                }
                                 None
                             }
                         }

@@ -144,7 +144,11 @@ async fn publish_with_acks(
 /// Raw JetStream end to end: the publisher of [`raw_jetstream`] plus a durable pull consumer
 /// (explicit acks, one per message, as meshgate's) on its own connection; delivered and acked
 /// per second. What nats-server does per message when someone consumes, without meshgate.
-async fn raw_jetstream_consumed(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
+async fn raw_jetstream_consumed(
+    url: &str,
+    seconds: u64,
+    meshgate_messages: bool,
+) -> anyhow::Result<(f64, u64)> {
     use async_nats::jetstream::{consumer, stream};
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
@@ -180,7 +184,7 @@ async fn raw_jetstream_consumed(url: &str, seconds: u64) -> anyhow::Result<(f64,
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, false).await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, meshgate_messages).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -332,7 +336,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let name = "raw JetStream publish + PubAck → pull consumer, one ack per message (delivered/s)";
     if want(name) {
-        let (rate, lost) = raw_jetstream_consumed(&url, seconds).await?;
+        let (rate, lost) = raw_jetstream_consumed(&url, seconds, false).await?;
+        row(name, rate, &lost.to_string(), None);
+    }
+    let name = "raw JetStream publish + PubAck → pull consumer, meshgate's messages (delivered/s)";
+    if want(name) {
+        let (rate, lost) = raw_jetstream_consumed(&url, seconds, true).await?;
         row(name, rate, &lost.to_string(), None);
     }
     let wire = args

@@ -712,3 +712,34 @@ async fn a_session_written_by_someone_else_is_no_longer_held_here() {
     );
     a.shutdown().await;
 }
+
+/// Over the server's `max_payload`: refused for good (422 naming the limit), not sent and not
+/// answered "retry later" (503) as a publish that could succeed later; the connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_servers_max_payload_is_refused_naming_the_limit() {
+    const MAX_PAYLOAD: usize = 4096;
+    let nats = NatsServer::start_with_config(&format!("max_payload: {MAX_PAYLOAD}\n"));
+    let gw = start_gateway(js_config(&nats, "js-max-payload")).await;
+    let web = gw.web_addr.unwrap();
+    let post_data = async |id: &str, data: String| {
+        let event = serde_json::json!({
+            "specversion": "1.0", "id": id, "source": "/test", "type": "t", "data": data,
+        });
+        let response = reqwest::Client::new()
+            .post(format!("http://{web}/events/big"))
+            .header("content-type", "application/cloudevents+json")
+            .body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    let (status, body) = post_data("big", "x".repeat(8 << 10)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("max_payload") && body.contains(&MAX_PAYLOAD.to_string()),
+        "the refusal names the limit: {body}"
+    );
+    let (status, body) = post_data("small", "hello".into()).await;
+    assert_eq!(status, 202, "{body}");
+}

@@ -236,6 +236,28 @@ async fn publisher(
     (sent, acked)
 }
 
+/// Starts `publishers` raw publishers on `port` (topics `bench/<i>`) until `stop`.
+async fn start_publishers(
+    port: u16,
+    publishers: usize,
+    qos: u8,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<(u64, u64)>>> {
+    let origin = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..publishers {
+        let s = connect(port, &format!("bench-pub-{i}")).await?;
+        tasks.push(tokio::spawn(publisher(
+            s,
+            format!("bench/{i}"),
+            qos,
+            origin,
+            stop.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
 /// Delivered messages/s from `publishers` raw clients on `pub_port` to one raw subscriber on
 /// `sub_port` (the same broker, or another gateway instance on the same bus).
 pub async fn throughput(
@@ -251,18 +273,7 @@ pub async fn throughput(
     let reader = tokio::spawn(subscriber(sub, delivered.clone(), |_| {}));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let origin = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..publishers {
-        let s = connect(pub_port, &format!("bench-pub-{i}")).await?;
-        tasks.push(tokio::spawn(publisher(
-            s,
-            format!("bench/{i}"),
-            qos,
-            origin,
-            stop.clone(),
-        )));
-    }
+    let tasks = start_publishers(pub_port, publishers, qos, &stop).await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
@@ -284,18 +295,7 @@ pub async fn throughput(
 /// the ingress alone, as a raw JetStream publish-with-ack measures JetStream's.
 pub async fn acknowledged_rate(port: u16, publishers: usize, seconds: u64) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
-    let origin = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..publishers {
-        let s = connect(port, &format!("bench-ack-{i}")).await?;
-        tasks.push(tokio::spawn(publisher(
-            s,
-            format!("bench/{i}"),
-            1,
-            origin,
-            stop.clone(),
-        )));
-    }
+    let tasks = start_publishers(port, publishers, 1, &stop).await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);

@@ -318,6 +318,34 @@ pub async fn next_event(ws: &mut Ws, within: Duration) -> Result<Event, Option<u
     }
 }
 
+/// Posts a structured CloudEvent whose `data` is the JSON string `data`; the status and body.
+pub async fn post_data(
+    web: SocketAddr,
+    topic: &str,
+    id: &str,
+    data: &str,
+) -> (reqwest::StatusCode, String) {
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "/test",
+        "type": "t",
+        "data": data,
+    });
+    let response = reqwest::Client::new()
+        .post(format!("http://{web}/events/{topic}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event.to_string())
+        .send()
+        .await
+        .expect("the gateway answers the POST");
+    let status = response.status();
+    (
+        status,
+        response.text().await.expect("the answer's body is read"),
+    )
+}
+
 /// The gateway's Prometheus text from its admin listener.
 pub async fn metrics(admin: SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))

@@ -14,7 +14,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use meshgate_config::BackboneKind;
 use support::nats::NatsServer;
-use support::{Deadline, next_event, start_gateway, test_config, wait_metric, ws_connect};
+use support::{
+    Deadline, next_event, post_data, start_gateway, test_config, wait_metric, ws_connect,
+};
 
 fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     let mut c = test_config();
@@ -721,25 +723,12 @@ async fn an_event_over_the_servers_max_payload_is_refused_naming_the_limit() {
     let nats = NatsServer::start_with_config(&format!("max_payload: {MAX_PAYLOAD}\n"));
     let gw = start_gateway(js_config(&nats, "js-max-payload")).await;
     let web = gw.web_addr.unwrap();
-    let post_data = async |id: &str, data: String| {
-        let event = serde_json::json!({
-            "specversion": "1.0", "id": id, "source": "/test", "type": "t", "data": data,
-        });
-        let response = reqwest::Client::new()
-            .post(format!("http://{web}/events/big"))
-            .header("content-type", "application/cloudevents+json")
-            .body(event.to_string())
-            .send()
-            .await
-            .unwrap();
-        (response.status(), response.text().await.unwrap())
-    };
-    let (status, body) = post_data("big", "x".repeat(8 << 10)).await;
+    let (status, body) = post_data(web, "big", "big", &"x".repeat(8 << 10)).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body.contains("max_payload") && body.contains(&MAX_PAYLOAD.to_string()),
         "the refusal names the limit: {body}"
     );
-    let (status, body) = post_data("small", "hello".into()).await;
+    let (status, body) = post_data(web, "big", "small", "hello").await;
     assert_eq!(status, 202, "{body}");
 }

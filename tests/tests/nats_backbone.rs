@@ -15,7 +15,8 @@ use futures_util::StreamExt;
 use meshgate_config::{BackboneKind, NatsWireMode};
 use support::nats::NatsServer;
 use support::{
-    Deadline, Ws, metrics, next_event, start_gateway, test_config, wait_metric, ws_connect,
+    Deadline, Ws, metrics, next_event, post_data, start_gateway, test_config, wait_metric,
+    ws_connect,
 };
 
 fn nats_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
@@ -391,31 +392,6 @@ async fn wildcards_do_not_match_dollar_topics_over_nats() {
         panic!("`#` received more: {extra:?}");
     }
     gw.shutdown().await;
-}
-
-/// Posts a structured CloudEvent whose `data` is the JSON string `data`; the status and body.
-async fn post_data(
-    web: SocketAddr,
-    topic: &str,
-    id: &str,
-    data: &str,
-) -> (reqwest::StatusCode, String) {
-    let event = serde_json::json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": "/test",
-        "type": "t",
-        "data": data,
-    });
-    let response = reqwest::Client::new()
-        .post(format!("http://{web}/events/{topic}"))
-        .header("content-type", "application/cloudevents+json")
-        .body(event.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.text().await.unwrap())
 }
 
 /// `/readyz` on the admin listener.

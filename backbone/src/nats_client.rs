@@ -1,7 +1,8 @@
 //! The NATS core client of the `nats` backbone: the hot path every event takes.
 //!
-//! Why not async-nats here (it stays for JetStream): measured in the bench program, async-nats
-//! publishing the two headers every meshgate message carries delivers 283k msg/s instead of
+//! Why not async-nats here (it stays for JetStream streams, consumers and KV; JetStream
+//! publishes and acks use this client too, see `jetstream_publish`): measured in the bench
+//! program, async-nats publishing the two headers every meshgate message carries delivers 283k msg/s instead of
 //! 722k without them — each message becomes a `HeaderMap` (a `HashMap` with a `String` per
 //! name and value) on both sides, plus a command through a channel to the connection task.
 //! This client writes `HPUB` lines straight into one buffer that a writer task sends in as few

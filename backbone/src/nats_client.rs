@@ -2,9 +2,10 @@
 //!
 //! Why not async-nats here (it stays for JetStream streams, consumers and KV; JetStream
 //! publishes and acks use this client too, see `jetstream_publish`): measured in the bench
-//! program, async-nats publishing the two headers every meshgate message carries delivers 283k msg/s instead of
-//! 722k without them — each message becomes a `HeaderMap` (a `HashMap` with a `String` per
-//! name and value) on both sides, plus a command through a channel to the connection task.
+//! program, async-nats publishing the two headers every meshgate message carries delivers
+//! 283k msg/s instead of 722k without them — each message becomes a `HeaderMap` (a `HashMap`
+//! with a `String` per name and value) on both sides, plus a command through a channel to the
+//! connection task.
 //! This client writes `HPUB` lines straight into one buffer that a writer task sends in as few
 //! writes as it can, and hands received messages over with their header block unparsed
 //! (`nats_wire` reads the few headers it needs from the bytes).

@@ -210,13 +210,10 @@ impl std::fmt::Debug for JsAck {
 
 impl JsAck {
     async fn send(&self, body: &[u8]) -> Result<(), BackboneError> {
-        loop {
-            match self.client.publish(self.reply.as_str(), b"", body) {
-                Ok(()) => return Ok(()),
-                Err(nats_client::ClientError::Full) => self.client.room().await,
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
+        self.client
+            .publish_when_room(self.reply.as_str(), None, b"", body)
+            .await
+            .map_err(unavailable)
     }
 }
 

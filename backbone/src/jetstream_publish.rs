@@ -109,17 +109,9 @@ impl JsPublisher {
         lock(&self.waiting).insert(id, tx);
         // Forgets the waiter however this ends (error, timeout, the caller gave up).
         let _forget = Forget(&self.waiting, id);
-        loop {
-            match self
-                .client
-                .publish_with_reply(subject, Some(&reply), headers, payload)
-            {
-                Ok(()) => break,
-                // Backpressure: wait for the writer, then the same again.
-                Err(ClientError::Full) => self.client.room().await,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.client
+            .publish_when_room(subject, Some(&reply), headers, payload)
+            .await?;
         match tokio::time::timeout(PUBACK_TIMEOUT, rx).await {
             Ok(Ok(answer)) => answer.map_err(|e| match e {
                 PublishFailure::NoResponders(_) => PublishFailure::NoResponders(subject.into()),

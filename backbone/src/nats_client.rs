@@ -217,11 +217,10 @@ impl Client {
         headers: &[u8],
         payload: &[u8],
     ) -> Result<(), ClientError> {
-        let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f);
-        if bad(subject) {
+        if not_a_subject(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
         }
-        if reply.is_some_and(bad) {
+        if reply.is_some_and(not_a_subject) {
             return Err(ClientError::BadSubject(format!("reply subject {reply:?}")));
         }
         let mut out = self.shared.out();
@@ -269,6 +268,24 @@ impl Client {
             self.shared.wake_writer.notify_one();
         }
         Ok(())
+    }
+
+    /// [`Client::publish_with_reply`], waiting for the writer while the buffer is full instead
+    /// of failing with [`ClientError::Full`]. Appended at once when there is room, so calls
+    /// made one after another are written in that order.
+    pub async fn publish_when_room(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        loop {
+            match self.publish_with_reply(subject, reply, headers, payload) {
+                Err(ClientError::Full) => self.room().await,
+                done => return done,
+            }
+        }
     }
 
     /// Waits until the unwritten bytes are below [`MAX_PENDING`] (or the connection is gone).
@@ -331,11 +348,10 @@ impl Client {
     }
 
     fn add_sub(&self, subject: &str, queue: Option<&str>, to: Deliver) -> Result<u64, ClientError> {
-        let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f);
-        if bad(subject) {
+        if not_a_subject(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
         }
-        if queue.is_some_and(bad) {
+        if queue.is_some_and(not_a_subject) {
             return Err(ClientError::BadSubject(format!("queue group {queue:?}")));
         }
         if self.shared.closed.load(Ordering::Acquire) {
@@ -369,6 +385,11 @@ impl Client {
         self.shared.close.notify_one();
         self.shared.room.notify_waiters();
     }
+}
+
+/// Empty, or with a byte the protocol line cannot carry (whitespace, control characters).
+fn not_a_subject(s: &str) -> bool {
+    s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f)
 }
 
 fn write_sub(buf: &mut Vec<u8>, sid: u64, sub: &Sub) {

@@ -1261,10 +1261,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 // The answers already in as well, so their PUBACKs go out in one write (a
                 // JetStream PubAck per publish otherwise costs a write each). Polling with a
                 // no-op waker is fine: the next turn's `next_inbound` registers ours again.
-                while let Some(Some((qos, pkid, r))) = session
-                    .inbound
-                    .as_mut()
-                    .and_then(|f| futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut **f)))
+                use futures_util::{FutureExt as _, StreamExt as _};
+                while let Some(Some((qos, pkid, r))) =
+                    session.inbound.as_mut().and_then(|f| f.next().now_or_never())
                 {
                     if let Flow::End(e) = session.published(qos, pkid, r) {
                         break 'conn e;

@@ -33,9 +33,10 @@ use meshgate_core::{
 };
 
 use crate::jetstream_publish::{JsPublisher, PublishFailure};
+use crate::jetstream_pull::Pull;
 use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
 use crate::nats_client;
-use crate::nats_wire::{self, HeaderSink, HeaderSource, RawHeaders};
+use crate::nats_wire::{self, HeaderSink, RawHeaders};
 
 const NAME: &str = "jetstream";
 
@@ -198,7 +199,7 @@ impl JetStreamBackbone {
 /// appended to its write buffer, instead of as a command through async-nats's connection task
 /// per acknowledgement; the server takes an acknowledgement from any connection.
 struct JsAck {
-    reply: async_nats::Subject,
+    reply: bytes::Bytes,
     client: nats_client::Client,
 }
 
@@ -210,8 +211,10 @@ impl std::fmt::Debug for JsAck {
 
 impl JsAck {
     async fn send(&self, body: &[u8]) -> Result<(), BackboneError> {
+        let reply = std::str::from_utf8(&self.reply)
+            .map_err(|_| unavailable("a JetStream reply subject that is not UTF-8"))?;
         self.client
-            .publish_when_room(self.reply.as_str(), None, b"", body)
+            .publish_when_room(reply, None, b"", body)
             .await
             .map_err(unavailable)
     }
@@ -374,7 +377,7 @@ impl Backbone for JetStreamBackbone {
                 .await
                 .map_err(unavailable)?;
             let unique = meshgate_core::wrap::new_id();
-            let mut streams = Vec::new();
+            let mut pulls = Vec::new();
             let mut owned = Vec::new();
             for subject in filter.to_nats_subjects(&self.prefix) {
                 let (name, ttl) = match (&options.queue_group, &options.durable) {
@@ -392,15 +395,19 @@ impl Backbone for JetStreamBackbone {
                     }
                 };
                 let config = self.consumer_config(subject, name.clone(), ttl);
-                let consumer: consumer::PullConsumer = if options.durable.is_some() {
-                    resume_durable(&stream, &name, config).await?
+                // Created (or checked) through async-nats; pulled on meshgate's own client.
+                if options.durable.is_some() {
+                    resume_durable(&stream, &name, config).await?;
                 } else {
                     stream
-                        .get_or_create_consumer(&name, config)
+                        .get_or_create_consumer::<consumer::pull::Config>(&name, config)
                         .await
-                        .map_err(unavailable)?
-                };
-                streams.push(consumer.messages().await.map_err(unavailable)?);
+                        .map_err(unavailable)?;
+                }
+                pulls.push(
+                    Pull::start(self.publisher.client(), &self.config.stream, &name)
+                        .map_err(unavailable)?,
+                );
             }
             self.subscriptions.inc();
             let counted = Counted(self.subscriptions.clone());
@@ -414,47 +421,32 @@ impl Backbone for JetStreamBackbone {
             let client = self.publisher.client().clone();
             // As for NATS core: `$` topics are not matched by MQTT wildcards, subjects are.
             let matcher = filter.clone();
-            let merged = futures_util::stream::select_all(streams).filter_map(move |m| {
+            let merged = futures_util::stream::select_all(pulls).filter_map(move |mut m| {
                 let _alive = (&counted, &cleanup);
-                let delivery = match m {
-                    Ok(m) => {
-                        let acker = m.reply.clone().map(|reply| JsAck {
-                            reply,
-                            client: client.clone(),
-                        });
-                        match nats_wire::decode_or_count(
-                            &prefix,
-                            m.subject.as_str(),
-                            m.headers.as_ref().map(|h| h as &dyn HeaderSource),
-                            m.payload.clone(),
-                            &malformed,
-                        ) {
-                            Some(envelope) if !matcher.matches(&envelope.topic) => {
-                                if let Some(a) = acker {
-                                    tokio::spawn(async move {
-                                        let _ = a.send(b"+ACK").await;
-                                    });
-                                }
-                                None
-                            }
-                            Some(envelope) => Some(Delivery::new(
-                                Arc::new(envelope),
-                                acker.map(|a| Box::new(a) as Box<dyn Acknowledge>),
-                            )),
-                            None => {
-                                // Never deliverable: terminate instead of redelivering.
-                                if let Some(a) = acker {
-                                    tokio::spawn(async move {
-                                        let _ = a.send(b"+TERM").await;
-                                    });
-                                }
-                                None
-                            }
+                let acker = m.reply.take().map(|reply| JsAck {
+                    reply,
+                    client: client.clone(),
+                });
+                let delivery = match crate::nats::decode_message(&prefix, m, &malformed) {
+                    Some(envelope) if !matcher.matches(&envelope.topic) => {
+                        if let Some(a) = acker {
+                            tokio::spawn(async move {
+                                let _ = a.send(b"+ACK").await;
+                            });
                         }
+                        None
                     }
-                    Err(e) => {
-                        // Heartbeat gaps, reconnects: the pull stream carries on.
-                        tracing::debug!(error = %e, "jetstream: pull");
+                    Some(envelope) => Some(Delivery::new(
+                        Arc::new(envelope),
+                        acker.map(|a| Box::new(a) as Box<dyn Acknowledge>),
+                    )),
+                    None => {
+                        // Never deliverable: terminate instead of redelivering.
+                        if let Some(a) = acker {
+                            tokio::spawn(async move {
+                                let _ = a.send(b"+TERM").await;
+                            });
+                        }
                         None
                     }
                 };

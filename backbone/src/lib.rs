@@ -3,6 +3,7 @@
 
 pub mod jetstream;
 mod jetstream_publish;
+mod jetstream_pull;
 mod jetstream_retained;
 mod jetstream_sessions;
 pub mod memory;

@@ -187,7 +187,11 @@ impl NatsBackbone {
     }
 }
 
-fn decode_message(prefix: &str, m: nats_client::Msg, malformed: &Counter) -> Option<Envelope> {
+pub(crate) fn decode_message(
+    prefix: &str,
+    m: nats_client::Msg,
+    malformed: &Counter,
+) -> Option<Envelope> {
     let Ok(subject) = std::str::from_utf8(&m.subject) else {
         malformed.inc();
         return None;

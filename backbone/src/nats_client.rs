@@ -24,7 +24,7 @@
 //! (slow consumer), counted.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -57,6 +57,8 @@ const MAX_CONTROL_LINE: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Msg {
     pub subject: Bytes,
+    /// The reply subject, if any (a JetStream delivery's is where its acknowledgement goes).
+    pub reply: Option<Bytes>,
     pub headers: Option<Bytes>,
     pub payload: Bytes,
 }
@@ -142,6 +144,9 @@ struct Shared {
     closed: AtomicBool,
     close: Notify,
     max_payload: AtomicUsize,
+    /// Connections made so far: a change tells subscribers that server-side state tied to the
+    /// last connection (pending JetStream pull requests) is gone.
+    connections: AtomicU64,
     warn_slow: LogThrottle,
 }
 
@@ -159,6 +164,7 @@ impl Shared {
             close: Notify::new(),
             // Until the server's INFO says otherwise (nats-server's default).
             max_payload: AtomicUsize::new(1 << 20),
+            connections: AtomicU64::new(0),
             warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
         }
     }
@@ -195,6 +201,11 @@ impl Client {
 
     pub fn is_connected(&self) -> bool {
         self.shared.out().connected
+    }
+
+    /// How many connections were made so far (each reconnect adds one).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Acquire)
     }
 
     /// Appends `HPUB` (or `PUB` when `headers` is empty) for the writer. [`ClientError::Full`]
@@ -322,7 +333,17 @@ impl Client {
     /// every reconnect; it ends when the stream is dropped. Call [`Client::flush`] to know the
     /// server has it.
     pub fn subscribe(&self, subject: &str, queue: Option<&str>) -> Result<SubStream, ClientError> {
-        let (tx, rx) = mpsc::channel(self.shared.options.subscription_capacity.max(1));
+        self.subscribe_bounded(subject, queue, self.shared.options.subscription_capacity)
+    }
+
+    /// [`Client::subscribe`] with its own queue size instead of `subscription_capacity`.
+    pub fn subscribe_bounded(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+        capacity: usize,
+    ) -> Result<SubStream, ClientError> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         let sid = self.add_sub(subject, queue, Deliver::Queue(tx))?;
         Ok(SubStream {
             rx,
@@ -691,6 +712,7 @@ async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> String 
         }
         drop(subs);
         out.connected = true;
+        shared.connections.fetch_add(1, Ordering::Release);
     }
     shared.wake_writer.notify_one();
     let (reader, writer) = tokio::io::split(io);
@@ -816,10 +838,21 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
     };
     if verb.eq_ignore_ascii_case(b"MSG") || verb.eq_ignore_ascii_case(b"HMSG") {
         let headers = verb.len() == 4;
-        let parts: Vec<&[u8]> = args
+        // At most 5 arguments; a sixth makes the count wrong (refused below). No allocation:
+        // this runs for every message.
+        let mut parts: [&[u8]; 6] = [&[]; 6];
+        let mut count = 0;
+        for p in args
             .split(|&b| b == b' ' || b == b'\t')
             .filter(|p| !p.is_empty())
-            .collect();
+        {
+            if count == parts.len() {
+                break;
+            }
+            parts[count] = p;
+            count += 1;
+        }
+        let parts = &parts[..count];
         let num = |p: &[u8]| -> Result<usize, String> {
             std::str::from_utf8(p)
                 .ok()
@@ -845,8 +878,9 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
         if hdr > total || total > MAX_INBOUND_MESSAGE {
             return Err(format!("bad `{}`", String::from_utf8_lossy(line)));
         }
-        let subject_len = parts[0].len();
-        let subject_at = parts[0].as_ptr() as usize - buf.as_ptr() as usize;
+        let at = |p: &[u8]| (p.as_ptr() as usize - buf.as_ptr() as usize, p.len());
+        let subject_at = at(parts[0]);
+        let reply_at = (parts.len() == if headers { 5 } else { 4 }).then(|| at(parts[2]));
         if buf.len() < end + 2 + total + 2 {
             buf.reserve(end + 2 + total + 2 - buf.len());
             return Ok(None);
@@ -857,8 +891,9 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
                 String::from_utf8_lossy(line)
             ));
         }
-        let mut head = buf.split_to(end + 2).freeze();
-        let subject = head.split_off(subject_at).split_to(subject_len);
+        let head = buf.split_to(end + 2).freeze();
+        let subject = head.slice(subject_at.0..subject_at.0 + subject_at.1);
+        let reply = reply_at.map(|(i, n)| head.slice(i..i + n));
         let mut body = buf.split_to(total + 2).freeze();
         body.truncate(total);
         let headers = headers.then(|| body.split_to(hdr));
@@ -866,6 +901,7 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
             sid,
             msg: Msg {
                 subject,
+                reply,
                 headers,
                 payload: body,
             },
@@ -1163,6 +1199,82 @@ mod tests {
         let (a, b) = first.await.unwrap();
         assert_eq!(a, Ok(PubAck { duplicate: true }));
         assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
+        use crate::jetstream_pull::{BATCH, Pull};
+        use futures_util::StreamExt;
+        let (client, _serving, server) = serving(64 << 10).await;
+        let mut pull = Pull::start(&client, "S", "C").unwrap();
+        let (got_tx, mut got) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = pull.next().await {
+                let _ = got_tx.send(m);
+            }
+        });
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = sub.split(' ').nth(1).unwrap().to_owned();
+        // PUB $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer> <inbox> <size>, then the request.
+        let mut request = async |seen: &mut Vec<u8>| {
+            let publ = line_of(&mut r, seen, "PUB ").await;
+            let parts: Vec<&str> = publ.split(' ').collect();
+            assert_eq!(
+                (parts[1], parts[2]),
+                ("$JS.API.CONSUMER.MSG.NEXT.S.C", inbox.as_str())
+            );
+            let body: serde_json::Value =
+                serde_json::from_str(&line_of(&mut r, seen, "{").await).unwrap();
+            assert!(
+                body["expires"].as_u64().unwrap() > body["idle_heartbeat"].as_u64().unwrap() * 2
+            );
+            body["batch"].as_u64().unwrap() as usize
+        };
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH,
+            "the first request fills the window"
+        );
+
+        let mut send = String::new();
+        for n in 1..=BATCH / 2 {
+            send.push_str(&format!("MSG p.x 1 $JS.ACK.S.C.1.{n}.{n}.0.0 2\r\nhi\r\n"));
+        }
+        w.write_all(send.as_bytes()).await.unwrap();
+        for n in 1..=BATCH / 2 {
+            let m = got.recv().await.unwrap();
+            assert_eq!(&m.subject[..], b"p.x");
+            let ack = format!("$JS.ACK.S.C.1.{n}.{n}.0.0");
+            assert_eq!(m.reply.as_deref(), Some(ack.as_bytes()));
+        }
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH / 2,
+            "half came: that half again"
+        );
+
+        // Statuses are not deliveries. The first request expired with the other half unsent:
+        // that half is asked for again.
+        let status =
+            |text: &str| format!("HMSG {inbox} 1 {} {}\r\n{text}\r\n", text.len(), text.len());
+        let heartbeat = status("NATS/1.0 100 Idle Heartbeat\r\n\r\n");
+        let expired = status(
+            "NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 256\r\nNats-Pending-Bytes: 0\r\n\r\n",
+        );
+        w.write_all(format!("{heartbeat}{expired}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH / 2);
+        // Deleted: everything asked for again, after a pause.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Consumer Deleted\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(got.try_recv().is_err(), "no status was delivered");
     }
 
     /// A server that reads slowly (3 KiB every 100 ms) and answers each `PING` as soon as it has

@@ -202,10 +202,9 @@ impl<'a> RawHeaderBlock<'a> {
     }
 }
 
-#[cfg(test)]
 impl RawHeaderBlock<'_> {
     /// The first value of header `name`.
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.lines()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)

@@ -49,6 +49,10 @@ pub struct JetStreamBackbone {
     js: jetstream::Context,
     /// Publishes, on a connection of meshgate's own client (see there why).
     publisher: JsPublisher,
+    /// Pull requests, deliveries and their acknowledgements, on a second connection of the own
+    /// client: nats-server reads each connection on one goroutine, and with publishes and acks
+    /// on one connection that goroutine was the serial stage of MQTT → JetStream → MQTT.
+    consumer: nats_client::Client,
     retained: crate::jetstream_retained::KvRetained,
     sessions: crate::jetstream_sessions::KvSessions,
     config: JetStreamConfig,
@@ -146,12 +150,14 @@ impl JetStreamBackbone {
             true,
             registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer")),
         );
-        let publisher = JsPublisher::start(nats_client::Client::connect(options).await)
+        let publisher = JsPublisher::start(nats_client::Client::connect(options.clone()).await)
             .map_err(|e| NatsStartError::Client(e.to_string()))?;
+        let consumer = nats_client::Client::connect(options).await;
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
             publisher,
+            consumer,
             retained,
             sessions,
             config: config.clone(),
@@ -169,7 +175,9 @@ impl JetStreamBackbone {
     }
 
     fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected && self.publisher.client().is_connected()
+        self.client.connection_state() == State::Connected
+            && self.publisher.client().is_connected()
+            && self.consumer.is_connected()
     }
 
     /// Consumer settings for one subject of a subscription; `ttl`: how long it outlives its
@@ -195,9 +203,8 @@ impl JetStreamBackbone {
 }
 
 /// Settles one JetStream delivery: a publish to the delivery's reply subject (`+ACK`, `-NAK`
-/// with an optional delay, `+TERM`). Sent on the publishing connection of meshgate's own client,
-/// appended to its write buffer, instead of as a command through async-nats's connection task
-/// per acknowledgement; the server takes an acknowledgement from any connection.
+/// with an optional delay, `+TERM`), appended to the write buffer of the consuming connection of
+/// meshgate's own client rather than sent as a command through async-nats's connection task.
 struct JsAck {
     reply: bytes::Bytes,
     client: nats_client::Client,
@@ -405,8 +412,7 @@ impl Backbone for JetStreamBackbone {
                         .map_err(unavailable)?;
                 }
                 pulls.push(
-                    Pull::start(self.publisher.client(), &self.config.stream, &name)
-                        .map_err(unavailable)?,
+                    Pull::start(&self.consumer, &self.config.stream, &name).map_err(unavailable)?,
                 );
             }
             self.subscriptions.inc();
@@ -418,7 +424,7 @@ impl Backbone for JetStreamBackbone {
             };
             let prefix = self.prefix.clone();
             let malformed = self.malformed.clone();
-            let client = self.publisher.client().clone();
+            let client = self.consumer.clone();
             // As for NATS core: `$` topics are not matched by MQTT wildcards, subjects are.
             let matcher = filter.clone();
             let merged = futures_util::stream::select_all(pulls).filter_map(move |mut m| {
@@ -478,6 +484,7 @@ impl Backbone for JetStreamBackbone {
                 return;
             }
             self.publisher.drain().await;
+            self.consumer.drain().await;
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

@@ -2,9 +2,11 @@
 //!
 //! Rows: raw NATS core (async-nats publisher → subscriber; also with the messages meshgate puts
 //! on the bus, headers and CloudEvent JSON, to show what they cost any NATS client), raw
-//! JetStream publish-with-ack (256 acknowledgements outstanding), and meshgate MQTT → NATS → MQTT with the NATS backbone on one
-//! instance and across two instances, plus the memory backbone for reference. Delivered
-//! messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
+//! JetStream publish-with-ack (256 acknowledgements outstanding; also with meshgate's messages,
+//! and with a pull consumer), meshgate MQTT → NATS → MQTT with the NATS backbone on one
+//! instance and across two instances, meshgate MQTT QoS 1 → JetStream (PUBACKed/s with nobody
+//! subscribed, 1 and 4 publishers) and → MQTT, plus the memory backbone for reference.
+//! Delivered messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
 //! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary] [--client raw|rumqttc] [--only <row name part>]`
@@ -438,11 +440,16 @@ async fn main() -> anyhow::Result<()> {
         ("MESHGATE__BACKBONE__JETSTREAM__STREAM", "MGBENCH"),
         ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", "mgjs"),
     ];
-    let name = "meshgate MQTT QoS 1 → JetStream, nobody subscribed (PUBACKed/s)";
-    if want(name) {
+    for publishers in [1, 4] {
+        let name = format!(
+            "meshgate MQTT QoS 1 → JetStream, {publishers} publisher(s), nobody subscribed (PUBACKed/s)"
+        );
+        if !want(&name) {
+            continue;
+        }
         let gw = start_meshgate_with(&js_env)?;
-        let rate = meshgate_bench::raw::acknowledged_rate(gw.port, 1, seconds).await?;
-        row(name, rate, "", None);
+        let rate = meshgate_bench::raw::acknowledged_rate(gw.port, publishers, seconds).await?;
+        row(&name, rate, "", None);
     }
     for publishers in [1, 4] {
         if !want(&format!(

@@ -33,7 +33,7 @@ use meshgate_core::{
 };
 
 use crate::jetstream_publish::{JsPublisher, PublishFailure};
-use crate::jetstream_pull::Pull;
+use crate::jetstream_pull::{Limits, Pull};
 use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
 use crate::nats_client;
 use crate::nats_wire::{self, HeaderSink, RawHeaders};
@@ -206,7 +206,7 @@ impl JetStreamBackbone {
 /// with an optional delay, `+TERM`), appended to the write buffer of the consuming connection of
 /// meshgate's own client rather than sent as a command through async-nats's connection task.
 struct JsAck {
-    reply: bytes::Bytes,
+    reply: String,
     client: nats_client::Client,
 }
 
@@ -218,10 +218,8 @@ impl std::fmt::Debug for JsAck {
 
 impl JsAck {
     async fn send(&self, body: &[u8]) -> Result<(), BackboneError> {
-        let reply = std::str::from_utf8(&self.reply)
-            .map_err(|_| unavailable("a JetStream reply subject that is not UTF-8"))?;
         self.client
-            .publish_when_room(reply, None, b"", body)
+            .publish_when_room(&self.reply, None, b"", body)
             .await
             .map_err(unavailable)
     }
@@ -402,17 +400,21 @@ impl Backbone for JetStreamBackbone {
                     }
                 };
                 let config = self.consumer_config(subject, name.clone(), ttl);
-                // Created (or checked) through async-nats; pulled on meshgate's own client.
-                if options.durable.is_some() {
-                    resume_durable(&stream, &name, config).await?;
+                // Created (or checked) through async-nats; pulled on meshgate's own client,
+                // within the consumer's request limits (an existing one may have its own).
+                let consumer: consumer::PullConsumer = if options.durable.is_some() {
+                    resume_durable(&stream, &name, config).await?
                 } else {
                     stream
-                        .get_or_create_consumer::<consumer::pull::Config>(&name, config)
+                        .get_or_create_consumer(&name, config)
                         .await
-                        .map_err(unavailable)?;
-                }
+                        .map_err(unavailable)?
+                };
+                let c = &consumer.cached_info().config;
+                let limits = Limits::of(c.max_batch, c.max_expires);
                 pulls.push(
-                    Pull::start(&self.consumer, &self.config.stream, &name).map_err(unavailable)?,
+                    Pull::start(&self.consumer, &self.config.stream, &name, limits)
+                        .map_err(unavailable)?,
                 );
             }
             self.subscriptions.inc();
@@ -429,9 +431,13 @@ impl Backbone for JetStreamBackbone {
             let matcher = filter.clone();
             let merged = futures_util::stream::select_all(pulls).filter_map(move |mut m| {
                 let _alive = (&counted, &cleanup);
-                let acker = m.reply.take().map(|reply| JsAck {
-                    reply,
-                    client: client.clone(),
+                // Copied out (~60 bytes): a slice would keep the whole read buffer it came in
+                // alive until the delivery is settled.
+                let acker = m.reply.take().and_then(|reply| {
+                    Some(JsAck {
+                        reply: String::from_utf8(reply.to_vec()).ok()?,
+                        client: client.clone(),
+                    })
                 });
                 let delivery = match crate::nats::decode_message(&prefix, m, &malformed) {
                     Some(envelope) if !matcher.matches(&envelope.topic) => {

@@ -15,18 +15,22 @@
 //! subject, no payload and a status in the header line (`NATS/1.0 408 Request Timeout`):
 //! - `100` idle heartbeat: a request is waiting and the consumer has nothing to send;
 //! - `408` the request expired, `409` it ended otherwise (consumer deleted, leadership change,
-//!   server shutdown, too many waiting requests): `Nats-Pending-Messages` says how many of its
-//!   messages will not come; `404` (no messages, for `no_wait` requests, which we do not send);
+//!   server shutdown): `Nats-Pending-Messages` says how many of its messages will not come;
+//!   `404` (no messages, for `no_wait` requests, which we do not send);
+//! - `409 Exceeded Max…`: the request was refused as it came (over the consumer's `max_batch`
+//!   or `max_expires`, or too many requests waiting), no headers;
 //! - `503` no responders: no consumer (or no JetStream) answers that subject.
 //!
-//! Flow control ([`Window`]): at most [`BATCH`] messages are asked for and not yet received;
-//! when half have come, the rest is asked for again, so the server always has a request to
-//! serve. Requests are sent from `poll_next`, so a subscriber that stops reading stops pulling:
-//! what waits in the subscription's queue stays bounded. The window starts over (everything
-//! asked for again) when the connection was replaced (requests die with it), and when nothing
-//! at all came for [`SILENCE`] (heartbeats stopped: requests lost some other way). After a status
-//! that says the consumer cannot serve (`409` other than for an expired or full request, `503`),
-//! the next request waits [`RETRY`].
+//! Flow control ([`Window`]): at most [`BATCH`] messages (or the consumer's `max_batch`) are
+//! asked for and not yet received; when half have come, the rest is asked for again, so the
+//! server always has a request to serve. Requests are sent from `poll_next`, so a subscriber
+//! that stops reading stops pulling: what waits in the subscription's queue stays bounded. The
+//! window starts over, on a new inbox, when the connection was replaced (requests die with it)
+//! and when nothing at all came for [`SILENCE`] (heartbeats stopped: requests lost some other
+//! way); the new inbox keeps what requests from before still send out of the new count (the
+//! consumer delivers those messages again after `ack_wait`). After a refusal (`409 Exceeded
+//! Max…`, a `409` such as "Consumer Deleted", `503`) the next request waits [`RETRY`]; the first
+//! refusal after a delivery is logged as a warning.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -37,18 +41,53 @@ use tokio::time::{Instant, Interval};
 
 use crate::nats_client::{self, ClientError, Msg, SubStream};
 
-/// Messages asked for and not yet received, at most.
+/// Messages asked for and not yet received, at most (less when the consumer's `max_batch` is).
 pub(crate) const BATCH: usize = 512;
-/// How long one pull request waits at the server.
+/// How long one pull request waits at the server (less when the consumer's `max_expires` is).
 const EXPIRES: Duration = Duration::from_secs(30);
-/// How often the server tells a waiting request it is still there.
+/// How often the server tells a waiting request it is still there (at most a third of expires).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Nothing for this long (not even a heartbeat): the requests are gone, ask again.
 const SILENCE: Duration = Duration::from_secs(12);
 /// Pause before asking again after the consumer could not serve.
 const RETRY: Duration = Duration::from_secs(1);
 /// How often the pull checks for silence and a replaced connection.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_secs(1);
+
+/// What one pull request may ask for: [`BATCH`] and [`EXPIRES`] within the consumer's own
+/// `max_batch` / `max_expires` (a request over them is refused with `409 Exceeded
+/// MaxRequest…`; nats-server's `jetstream.limits` set them on every consumer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub batch: usize,
+    pub expires: Duration,
+}
+
+impl Limits {
+    /// From the consumer's `max_batch` and `max_expires` (0 = no limit).
+    pub(crate) fn of(max_batch: i64, max_expires: Duration) -> Limits {
+        let batch = usize::try_from(max_batch)
+            .ok()
+            .filter(|&b| b > 0)
+            .map_or(BATCH, |b| b.min(BATCH));
+        let expires = if max_expires.is_zero() {
+            EXPIRES
+        } else {
+            max_expires.min(EXPIRES)
+        };
+        Limits { batch, expires }
+    }
+
+    fn heartbeat(&self) -> Duration {
+        HEARTBEAT.min(self.expires / 3)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::of(0, Duration::ZERO)
+    }
+}
 
 /// What a status message means for the pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +96,9 @@ pub(crate) enum Status {
     Heartbeat,
     /// A request ended with `pending` of its messages not sent (`None`: not said); ask again.
     Ended { pending: Option<usize> },
+    /// The last request was refused as it came (`409 Exceeded Max…`: over the consumer's
+    /// limits, or too many requests waiting): not counted; ask again after [`RETRY`].
+    Rejected,
     /// The consumer cannot serve now (deleted, no responders, …): ask again after [`RETRY`].
     Refused { pending: Option<usize> },
 }
@@ -78,27 +120,34 @@ pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, Status)> {
     let status = match code {
         100 => Status::Heartbeat,
         404 | 408 => Status::Ended { pending },
-        // The request ended because of its own limits, or too many requests wait: ask again.
-        409 if description.starts_with("Exceeded Max")
-            || description.starts_with("Message Size Exceeds") =>
-        {
-            Status::Ended { pending }
-        }
+        // nats-server 2.9 refuses a request over max_batch / max_expires, or past max_waiting,
+        // at once and without pending headers.
+        409 if description.starts_with("Exceeded Max") => Status::Rejected,
+        // A request with max_bytes ended on a message larger than that (not sent by us).
+        409 if description.starts_with("Message Size Exceeds") => Status::Ended { pending },
         _ => Status::Refused { pending },
     };
     Some((code, status))
 }
 
 /// How many messages are asked for and not yet received.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Window {
     pending: usize,
+    size: usize,
 }
 
 impl Window {
-    /// How many to ask for now, if any: up to [`BATCH`] once half the window has come.
+    pub(crate) fn new(size: usize) -> Window {
+        Window {
+            pending: 0,
+            size: size.max(1),
+        }
+    }
+
+    /// How many to ask for now, if any: up to the window's size once half of it has come.
     pub(crate) fn want(&self) -> Option<usize> {
-        (self.pending <= BATCH / 2).then_some(BATCH - self.pending)
+        (self.pending <= self.size / 2).then_some(self.size - self.pending)
     }
     pub(crate) fn asked(&mut self, n: usize) {
         self.pending += n;
@@ -124,14 +173,22 @@ impl Window {
 pub(crate) struct Pull {
     client: nats_client::Client,
     messages: SubStream,
+    /// This window's inbox: a new one each time the window starts over, so that messages and
+    /// statuses of requests from before are not counted in it (they go to an inbox nobody
+    /// reads, and the consumer delivers those messages again after `ack_wait`).
     inbox: String,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`
     next: String,
+    limits: Limits,
     window: Window,
+    /// What the last request asked for (undone when it is rejected on arrival).
+    last_asked: usize,
     /// The client's connection count when the window was last started.
     connection: u64,
     last_heard: Instant,
     not_before: Instant,
+    /// A refusal was logged at warn level and nothing was delivered since.
+    warned: bool,
     tick: Interval,
     consumer: String,
 }
@@ -144,6 +201,17 @@ impl std::fmt::Debug for Pull {
     }
 }
 
+/// A new inbox and its subscription, with room for a whole window and its statuses (the
+/// client drops what does not fit; JetStream delivers it again after `ack_wait`).
+fn subscribe_inbox(
+    client: &nats_client::Client,
+    limits: Limits,
+) -> Result<(String, SubStream), ClientError> {
+    let inbox = format!("_INBOX.{}", meshgate_core::wrap::new_id());
+    let messages = client.subscribe_bounded(&inbox, None, limits.batch + 64)?;
+    Ok((inbox, messages))
+}
+
 impl Pull {
     /// Subscribes to a new inbox for consumer `consumer` of stream `stream`; the first request
     /// goes out on the first poll.
@@ -151,11 +219,13 @@ impl Pull {
         client: &nats_client::Client,
         stream: &str,
         consumer: &str,
+        limits: Limits,
     ) -> Result<Pull, ClientError> {
-        let inbox = format!("_INBOX.{}", meshgate_core::wrap::new_id());
-        // Room for a whole window, and for one more of requests from before a reset: the
-        // client drops what does not fit (to be redelivered after `ack_wait`).
-        let messages = client.subscribe_bounded(&inbox, None, 2 * BATCH + 64)?;
+        let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
+        if nats_client::not_a_subject(&next) {
+            return Err(ClientError::BadSubject(next));
+        }
+        let (inbox, messages) = subscribe_inbox(client, limits)?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = Instant::now();
@@ -163,11 +233,14 @@ impl Pull {
             client: client.clone(),
             messages,
             inbox,
-            next: format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
-            window: Window::default(),
+            next,
+            limits,
+            window: Window::new(limits.batch),
+            last_asked: 0,
             connection: client.connections(),
             last_heard: now,
             not_before: now,
+            warned: false,
             tick,
             consumer: consumer.to_owned(),
         })
@@ -183,14 +256,17 @@ impl Pull {
         }
         let body = format!(
             "{{\"batch\":{n},\"expires\":{},\"idle_heartbeat\":{}}}",
-            EXPIRES.as_nanos(),
-            HEARTBEAT.as_nanos()
+            self.limits.expires.as_nanos(),
+            self.limits.heartbeat().as_nanos()
         );
         match self
             .client
             .publish_with_reply(&self.next, Some(&self.inbox), b"", body.as_bytes())
         {
-            Ok(()) => self.window.asked(n),
+            Ok(()) => {
+                self.window.asked(n);
+                self.last_asked = n;
+            }
             // Not connected or the write buffer full: the next tick asks again.
             Err(e) => {
                 tracing::debug!(consumer = %self.consumer, error = %e, "jetstream: pull request not sent")
@@ -202,13 +278,27 @@ impl Pull {
         let Some((code, status)) = headers.and_then(read_status) else {
             return;
         };
+        let refused = |this: &mut Pull| {
+            this.not_before = Instant::now() + RETRY;
+            if !this.warned {
+                this.warned = true;
+                let status = headers
+                    .and_then(|h| h.split(|&b| b == b'\r').next())
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                tracing::warn!(consumer = %this.consumer, code, %status, "jetstream: the consumer refused a pull request; asking again every second");
+            }
+        };
         match status {
             Status::Heartbeat => {}
             Status::Ended { pending } => self.window.ended(pending),
+            Status::Rejected => {
+                self.window.ended(Some(self.last_asked));
+                refused(self);
+            }
             Status::Refused { pending } => {
-                tracing::debug!(consumer = %self.consumer, code, "jetstream: the consumer refused a pull request");
                 self.window.ended(pending);
-                self.not_before = Instant::now() + RETRY;
+                refused(self);
             }
         }
     }
@@ -216,10 +306,21 @@ impl Pull {
     /// On a tick: start over when the connection was replaced or the server went silent.
     fn check(&mut self) {
         let connection = self.client.connections();
-        if connection != self.connection || self.last_heard.elapsed() >= SILENCE {
-            self.connection = connection;
-            self.last_heard = Instant::now();
-            self.window.reset();
+        if connection == self.connection && self.last_heard.elapsed() < SILENCE {
+            return;
+        }
+        match subscribe_inbox(&self.client, self.limits) {
+            Ok((inbox, messages)) => {
+                // The old subscription ends here (UNSUB).
+                (self.inbox, self.messages) = (inbox, messages);
+                self.connection = connection;
+                self.last_heard = Instant::now();
+                self.window.reset();
+            }
+            // Closed: the old subscription ends too, and with it this stream.
+            Err(e) => {
+                tracing::debug!(consumer = %self.consumer, error = %e, "jetstream: no new pull inbox")
+            }
         }
     }
 }
@@ -239,6 +340,7 @@ impl Stream for Pull {
                         continue;
                     }
                     this.window.received();
+                    this.warned = false;
                     return Poll::Ready(Some(m));
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -270,7 +372,11 @@ mod tests {
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n"),
-            Some((409, Status::Ended { pending: None }))
+            Some((409, Status::Rejected))
+        );
+        assert_eq!(
+            read_status(b"NATS/1.0 409 Exceeded MaxRequestBatch of 100\r\n\r\n"),
+            Some((409, Status::Rejected))
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Consumer Deleted\r\n\r\n"),
@@ -285,8 +391,33 @@ mod tests {
     }
 
     #[test]
+    fn requests_stay_within_the_consumers_limits() {
+        assert_eq!(
+            Limits::default(),
+            Limits {
+                batch: BATCH,
+                expires: EXPIRES
+            }
+        );
+        let l = Limits::of(100, Duration::from_secs(3));
+        assert_eq!(
+            l,
+            Limits {
+                batch: 100,
+                expires: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(l.heartbeat(), Duration::from_secs(1));
+        assert_eq!(
+            Limits::of(10_000, Duration::from_secs(600)),
+            Limits::default()
+        );
+        assert_eq!(Limits::of(-1, Duration::ZERO), Limits::default());
+    }
+
+    #[test]
     fn the_window_asks_again_at_half_and_starts_over_when_told() {
-        let mut w = Window::default();
+        let mut w = Window::new(BATCH);
         assert_eq!(w.want(), Some(BATCH));
         w.asked(BATCH);
         assert_eq!(w.want(), None, "a full window asks for nothing");

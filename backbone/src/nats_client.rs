@@ -409,7 +409,7 @@ impl Client {
 }
 
 /// Empty, or with a byte the protocol line cannot carry (whitespace, control characters).
-fn not_a_subject(s: &str) -> bool {
+pub(crate) fn not_a_subject(s: &str) -> bool {
     s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f)
 }
 
@@ -1206,7 +1206,7 @@ mod tests {
         use crate::jetstream_pull::{BATCH, Pull};
         use futures_util::StreamExt;
         let (client, _serving, server) = serving(64 << 10).await;
-        let mut pull = Pull::start(&client, "S", "C").unwrap();
+        let mut pull = Pull::start(&client, "S", "C", Default::default()).unwrap();
         let (got_tx, mut got) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(m) = pull.next().await {
@@ -1270,6 +1270,14 @@ mod tests {
         // Deleted: everything asked for again, after a pause.
         let started = std::time::Instant::now();
         w.write_all(status("NATS/1.0 409 Consumer Deleted\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        // That request refused as it came (too many waiting): asked again after a pause, not
+        // in a tight loop.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n").as_bytes())
             .await
             .unwrap();
         assert_eq!(request(&mut seen).await, BATCH);

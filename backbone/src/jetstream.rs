@@ -225,6 +225,15 @@ impl JsAck {
     }
 }
 
+impl JsAck {
+    /// Settles without anyone waiting for it (a delivery that is skipped or never deliverable).
+    fn send_later(self, body: &'static [u8]) {
+        tokio::spawn(async move {
+            let _ = self.send(body).await;
+        });
+    }
+}
+
 impl Acknowledge for JsAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackboneError>> {
         Box::pin(async move { self.send(b"+ACK").await })
@@ -442,9 +451,7 @@ impl Backbone for JetStreamBackbone {
                 let delivery = match crate::nats::decode_message(&prefix, m, &malformed) {
                     Some(envelope) if !matcher.matches(&envelope.topic) => {
                         if let Some(a) = acker {
-                            tokio::spawn(async move {
-                                let _ = a.send(b"+ACK").await;
-                            });
+                            a.send_later(b"+ACK");
                         }
                         None
                     }
@@ -455,9 +462,7 @@ impl Backbone for JetStreamBackbone {
                     None => {
                         // Never deliverable: terminate instead of redelivering.
                         if let Some(a) = acker {
-                            tokio::spawn(async move {
-                                let _ = a.send(b"+TERM").await;
-                            });
+                            a.send_later(b"+TERM");
                         }
                         None
                     }

@@ -103,17 +103,15 @@ pub(crate) enum Status {
     Refused { pending: Option<usize> },
 }
 
-/// Reads a status message's header block (`NATS/1.0 <code> <description>\r\n…`); `None` when it
-/// is not one.
-pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, Status)> {
+/// Reads a status message's header block (`NATS/1.0 <code> <description>\r\n…`): its code,
+/// description and meaning; `None` when it is not one.
+pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, &str, Status)> {
     let line_end = memchr::memchr(b'\n', headers).unwrap_or(headers.len());
     let line = std::str::from_utf8(&headers[..line_end]).ok()?.trim();
-    let mut words = line.split_ascii_whitespace();
-    if words.next() != Some("NATS/1.0") {
-        return None;
-    }
-    let code: u16 = words.next()?.parse().ok()?;
-    let description = words.collect::<Vec<_>>().join(" ");
+    let rest = line.strip_prefix("NATS/1.0")?.trim_start();
+    let (code, description) = rest.split_once(' ').unwrap_or((rest, ""));
+    let code: u16 = code.parse().ok()?;
+    let description = description.trim();
     let pending = crate::nats_wire::RawHeaderBlock(headers)
         .get("Nats-Pending-Messages")
         .and_then(|v| v.parse().ok());
@@ -127,7 +125,7 @@ pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, Status)> {
         409 if description.starts_with("Message Size Exceeds") => Status::Ended { pending },
         _ => Status::Refused { pending },
     };
-    Some((code, status))
+    Some((code, description, status))
 }
 
 /// How many messages are asked for and not yet received.
@@ -275,18 +273,14 @@ impl Pull {
     }
 
     fn on_status(&mut self, headers: Option<&[u8]>) {
-        let Some((code, status)) = headers.and_then(read_status) else {
+        let Some((code, description, status)) = headers.and_then(read_status) else {
             return;
         };
         let refused = |this: &mut Pull| {
             this.not_before = Instant::now() + RETRY;
             if !this.warned {
                 this.warned = true;
-                let status = headers
-                    .and_then(|h| h.split(|&b| b == b'\r').next())
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default();
-                tracing::warn!(consumer = %this.consumer, code, %status, "jetstream: the consumer refused a pull request; asking again every second");
+                tracing::warn!(consumer = %this.consumer, code, description, "jetstream: the consumer refused a pull request; asking again every second");
             }
         };
         match status {
@@ -362,29 +356,29 @@ mod tests {
     fn statuses_are_told_apart() {
         assert_eq!(
             read_status(b"NATS/1.0 100 Idle Heartbeat\r\n\r\n"),
-            Some((100, Status::Heartbeat))
+            Some((100, "Idle Heartbeat", Status::Heartbeat))
         );
         assert_eq!(
             read_status(
                 b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 7\r\nNats-Pending-Bytes: 0\r\n\r\n"
             ),
-            Some((408, Status::Ended { pending: Some(7) }))
+            Some((408, "Request Timeout", Status::Ended { pending: Some(7) }))
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n"),
-            Some((409, Status::Rejected))
+            Some((409, "Exceeded MaxWaiting", Status::Rejected))
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Exceeded MaxRequestBatch of 100\r\n\r\n"),
-            Some((409, Status::Rejected))
+            Some((409, "Exceeded MaxRequestBatch of 100", Status::Rejected))
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Consumer Deleted\r\n\r\n"),
-            Some((409, Status::Refused { pending: None }))
+            Some((409, "Consumer Deleted", Status::Refused { pending: None }))
         );
         assert_eq!(
             read_status(b"NATS/1.0 503\r\n\r\n"),
-            Some((503, Status::Refused { pending: None }))
+            Some((503, "", Status::Refused { pending: None }))
         );
         assert_eq!(read_status(b"NATS/1.0\r\nA: b\r\n\r\n"), None);
         assert_eq!(read_status(b"HTTP/1.1 200 OK\r\n\r\n"), None);

@@ -87,6 +87,31 @@ pub struct MemoryBackbone {
 }
 
 impl MemoryBackbone {
+    /// [`Backbone::try_publish`] of an envelope already shared (the NATS backbone's writer
+    /// holds it too).
+    pub(crate) fn try_publish_shared(&self, envelope: Arc<Envelope>) -> TryPublish<'_> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return TryPublish::Done(Err(BackboneError::Closed));
+        }
+        let blocked = self.enqueue(&envelope);
+        if blocked.is_empty() {
+            return TryPublish::Done(Ok(()));
+        }
+        TryPublish::Pending(Box::pin(async move {
+            let mut saturated = false;
+            for tx in blocked {
+                saturated |= !self.wait_for_room(&tx, &envelope).await;
+            }
+            if saturated {
+                return Err(BackboneError::Saturated(format!(
+                    "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
+                    self.inner.config.block_timeout
+                )));
+            }
+            Ok(())
+        }))
+    }
+
     pub fn new(config: MemoryBackboneConfig, registry: &Registry) -> Arc<Self> {
         Self::with_metrics_label(config, registry, "memory")
     }
@@ -229,29 +254,8 @@ impl Backbone for MemoryBackbone {
     }
 
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return TryPublish::Done(Err(BackboneError::Closed));
-        }
-        let envelope = Arc::new(envelope);
-        let blocked = self.enqueue(&envelope);
-        if blocked.is_empty() {
-            return TryPublish::Done(Ok(()));
-        }
-        TryPublish::Pending(Box::pin(async move {
-            let mut saturated = false;
-            for tx in blocked {
-                saturated |= !self.wait_for_room(&tx, &envelope).await;
-            }
-            if saturated {
-                return Err(BackboneError::Saturated(format!(
-                    "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
-                    self.inner.config.block_timeout
-                )));
-            }
-            Ok(())
-        }))
+        self.try_publish_shared(Arc::new(envelope))
     }
-
     fn subscribe(
         &self,
         filter: TopicFilter,

@@ -63,10 +63,7 @@ pub struct NatsBackbone {
     fanout: Fanout,
     /// Queue size of a plain subscriber for other instances' events, unless it asks for one.
     subscription_capacity: usize,
-    /// This instance's id, and percent-encoded for the origin header.
-    instance: (String, String),
     prefix: String,
-    wire: NatsWireMode,
     closed: AtomicBool,
     malformed: Counter,
     subscriptions: Gauge,
@@ -102,9 +99,22 @@ impl NatsBackbone {
             metrics::BACKBONE_DROPPED,
             &[("backbone", NAME), ("reason", "slow_consumer")],
         );
+        let instance_ids = (
+            instance.to_owned(),
+            meshgate_core::header::percent_encode_header(instance),
+        );
         let options = |echo| client_options(config, instance, echo, slow_consumer.clone());
+        // Only the publishing connection encodes events (on its writer's task).
+        let publishing = nats_client::Options {
+            later: Some(Arc::new(CoreWire {
+                prefix: config.subject_prefix.clone(),
+                wire: config.wire_mode,
+                instance: instance_ids.clone(),
+            })),
+            ..options(false)
+        };
         let (client, group_client) = tokio::join!(
-            nats_client::Client::connect(options(false)),
+            nats_client::Client::connect(publishing),
             nats_client::Client::connect(options(true)),
         );
         if !(client.is_connected() && group_client.is_connected()) {
@@ -120,12 +130,7 @@ impl NatsBackbone {
             local: MemoryBackbone::with_metrics_label(local.clone(), registry, "nats-local"),
             fanout: Fanout::new(slow_consumer),
             subscription_capacity: config.subscription_capacity,
-            instance: (
-                instance.to_owned(),
-                meshgate_core::header::percent_encode_header(instance),
-            ),
             prefix: config.subject_prefix.clone(),
-            wire: config.wire_mode,
             closed: AtomicBool::new(false),
             malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
@@ -170,20 +175,43 @@ impl NatsBackbone {
         Ok(Box::pin(stream))
     }
 
-    /// Appends the event to the client's write buffer.
-    fn send(&self, envelope: &Envelope) -> Result<(), ClientError> {
+    /// Queues the event for the client's writer, which encodes it.
+    fn send(&self, envelope: &Arc<Envelope>) -> Result<(), ClientError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
-        let subject = envelope.topic.to_nats_subject(&self.prefix);
-        let mut headers = RawHeaders::new();
-        let payload = nats_wire::encode(
+        self.client.publish_later(envelope)
+    }
+}
+
+/// How the publishing connection's writer encodes this instance's events
+/// ([`nats_client::Client::publish_later`]).
+#[derive(Debug)]
+struct CoreWire {
+    prefix: String,
+    wire: NatsWireMode,
+    /// This instance's id, and percent-encoded for the origin header.
+    instance: (String, String),
+}
+
+impl nats_client::EncodeLater for CoreWire {
+    fn encode(&self, envelope: &Envelope, frame: &mut nats_client::Frame) {
+        envelope
+            .topic
+            .push_nats_subject(&self.prefix, &mut frame.subject);
+        let mut headers = RawHeaders::reuse(std::mem::take(&mut frame.headers));
+        nats_wire::encode_headers(
             envelope,
             self.wire,
             (&self.instance.0, &self.instance.1),
             &mut headers,
         );
-        self.client.publish(&subject, &headers.finish(), &payload)
+        frame.headers = headers.finish();
+        nats_wire::write_payload(envelope, self.wire, &mut frame.payload);
+    }
+
+    fn size_bound(&self, envelope: &Envelope) -> usize {
+        nats_wire::size_bound(envelope, self.wire)
     }
 }
 
@@ -223,6 +251,7 @@ pub(crate) fn client_options(
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
         slow_consumer,
+        later: None,
     }
 }
 
@@ -352,6 +381,8 @@ impl Backbone for NatsBackbone {
     }
 
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
+        // Shared by the NATS writer, which encodes it, and this instance's subscribers.
+        let envelope = Arc::new(envelope);
         // To NATS first: a refused publish, which the client retries, was delivered nowhere.
         match self.send(&envelope) {
             Ok(()) => {}
@@ -366,7 +397,7 @@ impl Backbone for NatsBackbone {
                             Err(e) => return Err(client_error(e)),
                         }
                     }
-                    match self.local.try_publish(envelope) {
+                    match self.local.try_publish_shared(envelope) {
                         TryPublish::Done(r) => r,
                         TryPublish::Pending(f) => f.await,
                     }
@@ -375,7 +406,7 @@ impl Backbone for NatsBackbone {
             Err(e) => return TryPublish::Done(Err(client_error(e))),
         }
         // Other instances have it (as far as NATS core goes); now this one's subscribers.
-        self.local.try_publish(envelope)
+        self.local.try_publish_shared(envelope)
     }
 
     fn subscribe(

@@ -10,6 +10,11 @@
 //! writes as it can, and hands received messages over with their header block unparsed
 //! (`nats_wire` reads the few headers it needs from the bytes).
 //!
+//! Events can also be handed over unencoded ([`Client::publish_later`]): the writer task
+//! encodes them, in order with everything else, as it fills its next write. The publisher's
+//! task (an MQTT connection reading its socket) then only queues an `Arc`; the JSON and
+//! Base64 work runs beside it, on the writer's task, into buffers reused for every message.
+//!
 //! What it does (the NATS client protocol, <https://docs.nats.io/reference/reference-protocols/nats-protocol>):
 //! `CONNECT` with `headers`, `echo` as asked, user/password or token; `PING`/`PONG` both ways
 //! (a keep-alive every [`PING_INTERVAL`], the connection is dropped after
@@ -31,6 +36,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
+use meshgate_core::Envelope;
 use meshgate_core::metrics::Counter;
 use meshgate_core::throttle::LogThrottle;
 
@@ -45,6 +51,8 @@ const MAX_PINGS_OUTSTANDING: usize = 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
 /// Bytes appended and not yet written beyond which publishers wait for the writer.
 const MAX_PENDING: usize = 8 << 20;
+/// Largest encoding buffer the writer keeps for the next event.
+const MAX_KEPT_FRAME: usize = 1 << 20;
 /// Read chunk; received messages are slices of it (no copy).
 const READ_CHUNK: usize = 32 << 10;
 /// Largest message accepted from the server (nats-server's own hard limit for max_payload);
@@ -75,6 +83,36 @@ pub(crate) struct Options {
     pub connect_timeout: Duration,
     pub subscription_capacity: usize,
     pub slow_consumer: Counter,
+    /// How the writer encodes what [`Client::publish_later`] queued; needed only by it.
+    pub later: Option<Arc<dyn EncodeLater>>,
+}
+
+/// Encodes an event queued with [`Client::publish_later`] into one NATS message, on the
+/// writer's task.
+pub(crate) trait EncodeLater: Send + Sync + std::fmt::Debug {
+    /// Fills `frame` (cleared before) with the message's subject, header block (empty for
+    /// none) and payload.
+    fn encode(&self, envelope: &Envelope, frame: &mut Frame);
+    /// At least the header block's and payload's length together: checked against the
+    /// server's `max_payload` when queued (only a bound over it costs an encoding then) and
+    /// counted against the write buffer's limit.
+    fn size_bound(&self, envelope: &Envelope) -> usize;
+}
+
+/// One message as [`EncodeLater`] writes it; its buffers are reused from message to message.
+#[derive(Debug, Default)]
+pub(crate) struct Frame {
+    pub subject: String,
+    pub headers: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    fn clear(&mut self) {
+        self.subject.clear();
+        self.headers.clear();
+        self.payload.clear();
+    }
 }
 
 /// Why a request to the client failed.
@@ -123,9 +161,30 @@ impl std::fmt::Debug for Deliver {
 struct Out {
     connected: bool,
     buf: Vec<u8>,
+    /// Events for the writer to encode ([`Client::publish_later`]), each with the length `buf`
+    /// had when it was queued: where it goes among the bytes.
+    later: Vec<(usize, Arc<Envelope>)>,
+    /// The sum of `later`'s size bounds.
+    later_bytes: usize,
     /// One entry per `PING` sent on this connection, in order: a flush waiting for its `PONG`,
     /// or `None` for a keep-alive.
     pongs: VecDeque<Option<oneshot::Sender<()>>>,
+}
+
+impl Out {
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.later.is_empty()
+    }
+    /// Bytes waiting for the writer (events queued unencoded counted by their bound).
+    fn pending(&self) -> usize {
+        self.buf.len() + self.later_bytes
+    }
+    /// Forgets what was not written (the connection is gone).
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.later.clear();
+        self.later_bytes = 0;
+    }
 }
 
 #[derive(Debug)]
@@ -248,32 +307,54 @@ impl Client {
         if size > max {
             return Err(ClientError::TooLarge { size, max });
         }
-        if out.buf.len() >= MAX_PENDING {
+        if out.pending() >= MAX_PENDING {
             return Err(ClientError::Full);
         }
-        let was_empty = out.buf.is_empty();
-        let buf = &mut out.buf;
-        let mut n = itoa::Buffer::new();
-        buf.extend_from_slice(if headers.is_empty() {
-            b"PUB "
-        } else {
-            b"HPUB "
-        });
-        buf.extend_from_slice(subject.as_bytes());
-        if let Some(reply) = reply {
-            buf.push(b' ');
-            buf.extend_from_slice(reply.as_bytes());
+        let was_empty = out.is_empty();
+        write_pub(&mut out.buf, subject, reply, headers, payload);
+        drop(out);
+        if was_empty {
+            self.shared.wake_writer.notify_one();
         }
-        if !headers.is_empty() {
-            buf.push(b' ');
-            buf.extend_from_slice(n.format(headers.len()).as_bytes());
+        Ok(())
+    }
+
+    /// Queues `envelope` for the writer, which encodes it with [`Options::later`] when it
+    /// sends it, in order with everything appended before and after. The same errors as
+    /// [`Client::publish`]; the subject is the encoder's, which must make valid ones.
+    ///
+    /// Panics if the client was made without [`Options::later`] (a programming error: only
+    /// the backbone that sets it calls this).
+    pub fn publish_later(&self, envelope: &Arc<Envelope>) -> Result<(), ClientError> {
+        let encoder = self
+            .shared
+            .options
+            .later
+            .as_ref()
+            .expect("publish_later needs Options::later");
+        let bound = encoder.size_bound(envelope);
+        let max = self.shared.max_payload.load(Ordering::Relaxed);
+        if bound > max {
+            // Maybe too large: only an encoding tells. Rare (max_payload is 1 MiB by
+            // default), so the encoding is simply published as bytes.
+            let mut frame = Frame::default();
+            encoder.encode(envelope, &mut frame);
+            return self.publish(&frame.subject, &frame.headers, &frame.payload);
         }
-        buf.push(b' ');
-        buf.extend_from_slice(n.format(size).as_bytes());
-        buf.extend_from_slice(b"\r\n");
-        buf.extend_from_slice(headers);
-        buf.extend_from_slice(payload);
-        buf.extend_from_slice(b"\r\n");
+        let mut out = self.shared.out();
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
+        if !out.connected {
+            return Err(ClientError::NotConnected);
+        }
+        if out.pending() >= MAX_PENDING {
+            return Err(ClientError::Full);
+        }
+        let was_empty = out.is_empty();
+        let at = out.buf.len();
+        out.later.push((at, envelope.clone()));
+        out.later_bytes += bound;
         drop(out);
         if was_empty {
             self.shared.wake_writer.notify_one();
@@ -305,7 +386,7 @@ impl Client {
             let notified = self.shared.room.notified();
             {
                 let out = self.shared.out();
-                if out.buf.len() < MAX_PENDING || !out.connected {
+                if out.pending() < MAX_PENDING || !out.connected {
                     return;
                 }
             }
@@ -411,6 +492,38 @@ impl Client {
 /// Empty, or with a byte the protocol line cannot carry (whitespace, control characters).
 pub(crate) fn not_a_subject(s: &str) -> bool {
     s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f)
+}
+
+/// Appends `PUB` (or `HPUB` with a header block) and the message.
+fn write_pub(
+    buf: &mut Vec<u8>,
+    subject: &str,
+    reply: Option<&str>,
+    headers: &[u8],
+    payload: &[u8],
+) {
+    let mut n = itoa::Buffer::new();
+    buf.reserve(subject.len() + headers.len() + payload.len() + 32);
+    buf.extend_from_slice(if headers.is_empty() {
+        b"PUB "
+    } else {
+        b"HPUB "
+    });
+    buf.extend_from_slice(subject.as_bytes());
+    if let Some(reply) = reply {
+        buf.push(b' ');
+        buf.extend_from_slice(reply.as_bytes());
+    }
+    if !headers.is_empty() {
+        buf.push(b' ');
+        buf.extend_from_slice(n.format(headers.len()).as_bytes());
+    }
+    buf.push(b' ');
+    buf.extend_from_slice(n.format(headers.len() + payload.len()).as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    buf.extend_from_slice(headers);
+    buf.extend_from_slice(payload);
+    buf.extend_from_slice(b"\r\n");
 }
 
 fn write_sub(buf: &mut Vec<u8>, sid: u64, sub: &Sub) {
@@ -541,7 +654,7 @@ async fn run(shared: Arc<Shared>) {
 fn disconnected(shared: &Shared) {
     let mut out = shared.out();
     out.connected = false;
-    out.buf.clear();
+    out.clear();
     // Dropping the senders tells every flush waiting for a PONG that it will not come.
     out.pongs.clear();
     drop(out);
@@ -704,7 +817,7 @@ async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> String 
     shared.writing.store(false, Ordering::Release);
     {
         let mut out = shared.out();
-        out.buf.clear();
+        out.clear();
         out.pongs.clear();
         let subs = shared.subs();
         for (sid, sub) in subs.iter() {
@@ -753,12 +866,18 @@ async fn keep_alive(shared: &Shared) -> String {
 
 async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -> String {
     let mut spare = Vec::with_capacity(64 << 10);
+    let mut later = Vec::new();
+    // Where the bytes and the events encoded here are put together, and one event's encoding.
+    let mut joined = Vec::with_capacity(64 << 10);
+    let mut frame = Frame::default();
     loop {
         let idle = {
             let mut out = shared.out();
-            let idle = out.buf.is_empty();
+            let idle = out.is_empty();
             if !idle {
                 std::mem::swap(&mut out.buf, &mut spare);
+                std::mem::swap(&mut out.later, &mut later);
+                out.later_bytes = 0;
             }
             idle
         };
@@ -767,9 +886,15 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
             continue;
         }
         shared.room.notify_waiters();
+        let bytes = if later.is_empty() {
+            &spare
+        } else {
+            join_later(shared, &spare, &mut later, &mut frame, &mut joined);
+            &joined
+        };
         shared.writing.store(true, Ordering::Release);
         let written = async {
-            w.write_all(&spare).await?;
+            w.write_all(bytes).await?;
             w.flush().await
         }
         .await;
@@ -777,10 +902,42 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
         if let Err(e) = written {
             return format!("write: {e}");
         }
-        spare.clear();
-        if spare.capacity() > 4 * MAX_PENDING {
-            spare = Vec::with_capacity(64 << 10);
+        for buf in [&mut spare, &mut joined] {
+            buf.clear();
+            if buf.capacity() > 4 * MAX_PENDING {
+                *buf = Vec::with_capacity(64 << 10);
+            }
         }
+    }
+}
+
+/// Puts `bytes` and the events queued among them together in `joined`, encoding each event
+/// where it was queued.
+fn join_later(
+    shared: &Shared,
+    bytes: &[u8],
+    later: &mut Vec<(usize, Arc<Envelope>)>,
+    frame: &mut Frame,
+    joined: &mut Vec<u8>,
+) {
+    let Some(encoder) = shared.options.later.as_ref() else {
+        // Nothing is queued without an encoder (`publish_later` checks).
+        later.clear();
+        joined.extend_from_slice(bytes);
+        return;
+    };
+    let mut at = 0;
+    for (offset, envelope) in later.drain(..) {
+        joined.extend_from_slice(&bytes[at..offset]);
+        at = offset;
+        frame.clear();
+        encoder.encode(&envelope, frame);
+        write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload);
+    }
+    joined.extend_from_slice(&bytes[at..]);
+    if frame.payload.capacity() > MAX_KEPT_FRAME {
+        // (One big event should not keep its buffer for good.)
+        *frame = Frame::default();
     }
 }
 
@@ -1100,8 +1257,101 @@ mod tests {
         assert_eq!(appended, MAX_PENDING.div_ceil(payload.len() + 16));
     }
 
+    /// Encodes an event as `PUB ev.<topic>` with its id as the payload; says it may be
+    /// `bound` bytes long.
+    #[derive(Debug)]
+    struct IdOnly {
+        bound: usize,
+    }
+
+    impl EncodeLater for IdOnly {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) {
+            envelope.topic.push_nats_subject("ev", &mut frame.subject);
+            frame
+                .payload
+                .extend_from_slice(envelope.event.id().as_bytes());
+        }
+        fn size_bound(&self, _: &Envelope) -> usize {
+            self.bound
+        }
+    }
+
+    fn event(id: &str) -> Arc<Envelope> {
+        let event = meshgate_core::Event::new(id, "/s", "t").unwrap();
+        let origin = meshgate_core::Origin {
+            instance: Arc::from("i"),
+            connection: 1,
+        };
+        let topic = meshgate_core::Topic::from_mqtt("t").unwrap();
+        Arc::new(Envelope::new(topic, Arc::new(event), origin))
+    }
+
+    #[tokio::test]
+    async fn events_encoded_by_the_writer_keep_their_place_among_other_messages() {
+        let encoder = Arc::new(IdOnly { bound: 64 });
+        let (client, _serving, mut server) = serving_with(64 << 10, Some(encoder)).await;
+        client.publish("a", b"", b"1").unwrap();
+        client.publish_later(&event("x")).unwrap();
+        client.publish_later(&event("y")).unwrap();
+        client.publish("b", b"", b"2").unwrap();
+        client.publish_later(&event("z")).unwrap();
+        let flushed = tokio::spawn({
+            let client = client.clone();
+            async move { client.flush().await }
+        });
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"PING\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = server.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        let expected = "PUB a 1\r\n1\r\nPUB ev.t 1\r\nx\r\nPUB ev.t 1\r\ny\r\n\
+                        PUB b 1\r\n2\r\nPUB ev.t 1\r\nz\r\nPING\r\n";
+        assert_eq!(String::from_utf8_lossy(&seen), expected);
+        server.write_all(b"PONG\r\n").await.unwrap();
+        flushed.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn events_queued_unencoded_count_their_bound_and_big_ones_are_checked_at_once() {
+        let client = Client {
+            shared: unconnected_with(Some(Arc::new(IdOnly { bound: 1 << 19 }))),
+        };
+        client.shared.out().connected = true;
+        let mut queued = 0;
+        let full = loop {
+            match client.publish_later(&event("x")) {
+                Ok(()) => queued += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full, ClientError::Full);
+        assert_eq!(queued, MAX_PENDING / (1 << 19));
+        assert!(client.shared.out().buf.is_empty());
+
+        // Over the server's max_payload by the bound: encoded at once, and only refused if
+        // the encoding is over it too.
+        let client = Client {
+            shared: unconnected_with(Some(Arc::new(IdOnly { bound: 100 }))),
+        };
+        client.shared.out().connected = true;
+        client.shared.max_payload.store(4, Ordering::Relaxed);
+        assert_eq!(client.publish_later(&event("abcd")), Ok(()));
+        assert_eq!(client.shared.out().buf, b"PUB ev.t 4\r\nabcd\r\n");
+        assert!(client.shared.out().later.is_empty());
+        assert_eq!(
+            client.publish_later(&event("abcde")),
+            Err(ClientError::TooLarge { size: 5, max: 4 })
+        );
+    }
+
     /// A client's shared state as [`Client::connect`] makes it, without connecting.
     fn unconnected() -> Arc<Shared> {
+        unconnected_with(None)
+    }
+
+    fn unconnected_with(later: Option<Arc<dyn EncodeLater>>) -> Arc<Shared> {
         Arc::new(Shared::new(Options {
             urls: vec!["127.0.0.1:4222".into()],
             name: "test".into(),
@@ -1112,6 +1362,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             subscription_capacity: 16,
             slow_consumer: Counter::default(),
+            later,
         }))
     }
 
@@ -1124,7 +1375,18 @@ mod tests {
         tokio::task::JoinHandle<String>,
         tokio::io::DuplexStream,
     ) {
-        let shared = unconnected();
+        serving_with(capacity, None).await
+    }
+
+    async fn serving_with(
+        capacity: usize,
+        later: Option<Arc<dyn EncodeLater>>,
+    ) -> (
+        Client,
+        tokio::task::JoinHandle<String>,
+        tokio::io::DuplexStream,
+    ) {
+        let shared = unconnected_with(later);
         let (io, server) = tokio::io::duplex(capacity);
         let serving = tokio::spawn({
             let shared = shared.clone();

@@ -16,9 +16,9 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use meshgate_config::NatsWireMode;
 use meshgate_core::backbone::MqttProperties;
-use meshgate_core::event::StringAttributes;
+use meshgate_core::event::{AttributeRef, StringAttributes};
 use meshgate_core::header::{decode_header_value, percent_encode_header};
-use meshgate_core::{Data, Envelope, Event, Origin, Topic, json, media};
+use meshgate_core::{Data, Envelope, Event, ExtensionValue, Origin, Topic, json, media};
 
 pub(crate) const ORIGIN: &str = "Meshgate-Origin";
 pub(crate) const QOS: &str = "Meshgate-Qos";
@@ -53,9 +53,13 @@ pub(crate) struct RawHeaders(Vec<u8>);
 
 impl RawHeaders {
     pub(crate) fn new() -> Self {
-        let mut v = Vec::with_capacity(128);
-        v.extend_from_slice(b"NATS/1.0\r\n");
-        RawHeaders(v)
+        RawHeaders::reuse(Vec::with_capacity(128))
+    }
+    /// A block written into `buf` (cleared first), to keep its allocation.
+    pub(crate) fn reuse(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.extend_from_slice(b"NATS/1.0\r\n");
+        RawHeaders(buf)
     }
     /// The finished block.
     pub(crate) fn finish(mut self) -> Vec<u8> {
@@ -90,6 +94,72 @@ pub(crate) fn encode(
     instance: (&str, &str),
     headers: &mut impl HeaderSink,
 ) -> Bytes {
+    encode_headers(envelope, mode, instance, headers);
+    match mode {
+        // The JSON is shared with other subscribers of the envelope: no copy.
+        NatsWireMode::Structured => envelope.json(),
+        NatsWireMode::Binary => envelope
+            .event
+            .data()
+            .map(Data::to_bytes)
+            .unwrap_or_default(),
+    }
+}
+
+/// Appends [`encode`]'s payload to `out` (the JSON encoded there, unless the envelope has it
+/// already).
+pub(crate) fn write_payload(envelope: &Envelope, mode: NatsWireMode, out: &mut Vec<u8>) {
+    match mode {
+        NatsWireMode::Structured => match envelope.json_if_encoded() {
+            Some(json) => out.extend_from_slice(json),
+            None => json::encode_into(out, &envelope.event),
+        },
+        NatsWireMode::Binary => {
+            if let Some(data) = envelope.event.data() {
+                out.extend_from_slice(data.as_slice());
+            }
+        }
+    }
+}
+
+/// At least the length of [`encode`]'s header block and payload together.
+pub(crate) fn size_bound(envelope: &Envelope, mode: NatsWireMode) -> usize {
+    // Header values are percent-encoded (at most 3 bytes a byte); each line's name, `: `
+    // and CRLF, and the fixed lines, are in the constant.
+    let mut headers = 512 + envelope.origin.instance.len() * 3;
+    if let Some(m) = &envelope.mqtt {
+        headers += m.response_topic.as_ref().map_or(0, |t| t.len() * 3);
+        headers += m
+            .correlation_data
+            .as_ref()
+            .map_or(0, |c| c.len().div_ceil(3) * 4);
+    }
+    let event = &envelope.event;
+    match mode {
+        NatsWireMode::Structured => headers + json::encoded_len_bound(event),
+        NatsWireMode::Binary => {
+            for (name, value) in event.attributes() {
+                headers += 8 + name.len();
+                headers += match value {
+                    AttributeRef::Ext(ExtensionValue::Integer(_)) => 20,
+                    AttributeRef::Ext(ExtensionValue::Boolean(_)) => 5,
+                    AttributeRef::Str(s) => s.len() * 3,
+                    AttributeRef::Ext(ExtensionValue::String(s)) => s.len() * 3,
+                };
+            }
+            let ct = event.binary_content_type().map_or(0, str::len);
+            headers + ct * 4 + event.data().map_or(0, Data::len)
+        }
+    }
+}
+
+/// Writes `envelope`'s headers (those of [`encode`]) to `headers`.
+pub(crate) fn encode_headers(
+    envelope: &Envelope,
+    mode: NatsWireMode,
+    instance: (&str, &str),
+    headers: &mut impl HeaderSink,
+) {
     let origin = &envelope.origin;
     let (plain, encoded) = instance;
     let mut connection = itoa::Buffer::new();
@@ -123,11 +193,7 @@ pub(crate) fn encode(
         }
     }
     match mode {
-        NatsWireMode::Structured => {
-            headers.put(CONTENT_TYPE, &[json::CONTENT_TYPE]);
-            // The JSON is shared with other subscribers of the envelope: no copy.
-            envelope.json()
-        }
+        NatsWireMode::Structured => headers.put(CONTENT_TYPE, &[json::CONTENT_TYPE]),
         NatsWireMode::Binary => {
             let event = &envelope.event;
             for (name, value) in event.attributes() {
@@ -146,7 +212,6 @@ pub(crate) fn encode(
                     headers.put("ce-datacontenttype", &[&percent_encode_header(ct)]);
                 }
             }
-            event.data().map(Data::to_bytes).unwrap_or_default()
         }
     }
 }
@@ -412,6 +477,54 @@ mod tests {
             payload_utf8: true,
             expires_at_ms: Some(1_800_000_000_000),
         })
+    }
+
+    /// What the core backbone's writer encodes ([`encode_headers`], [`write_payload`]) is
+    /// what [`encode`] gives, and within [`size_bound`], in both modes.
+    #[test]
+    fn the_writers_encoding_is_encode_and_within_the_bound() {
+        fn with_data(data: Data, content_type: Option<&str>) -> Envelope {
+            let mut e = Event::new("b\"1\\", "/s", "t é").unwrap();
+            e.set_data(Some(data));
+            e.set_datacontenttype(content_type.map(str::to_owned))
+                .unwrap();
+            Envelope::new(
+                Topic::from_mqtt("a/b").unwrap(),
+                Arc::new(e),
+                envelope().origin,
+            )
+        }
+        fn binary() -> Envelope {
+            let data = Data::Binary(Bytes::from(vec![0xC3; 300]));
+            with_data(data, Some("application/octet-stream"))
+        }
+        fn text() -> Envelope {
+            with_data(Data::Text("\u{1}\"quoted\"\\".repeat(20)), None)
+        }
+        // Each made anew for each encoding: `encode` keeps the JSON in the envelope, and
+        // `write_payload` is to encode it itself.
+        let envelopes: [fn() -> Envelope; 3] = [envelope, binary, text];
+        for make in envelopes {
+            for mode in [NatsWireMode::Structured, NatsWireMode::Binary] {
+                let e = make();
+                let mut headers = RawHeaders::reuse(b"left over".to_vec());
+                encode_headers(&e, mode, ("gw", "gw"), &mut headers);
+                let headers = headers.finish();
+                let mut payload = Vec::new();
+                write_payload(&e, mode, &mut payload);
+                assert!(e.json_if_encoded().is_none());
+                let mut expected_headers = RawHeaders::new();
+                let expected = encode(&e, mode, ("gw", "gw"), &mut expected_headers);
+                assert_eq!(headers, expected_headers.finish(), "{mode:?}");
+                assert_eq!(payload, expected, "{mode:?}");
+                let bound = size_bound(&e, mode);
+                assert!(
+                    bound >= headers.len() + payload.len(),
+                    "{mode:?}: {bound} < {}",
+                    headers.len() + payload.len()
+                );
+            }
+        }
     }
 
     /// Through a raw header block (the core backbone) and through a `HeaderMap` (JetStream):

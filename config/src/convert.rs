@@ -190,14 +190,14 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
         }
     }
     let prefix_ok = n.subject_prefix.is_empty()
-        || n.subject_prefix
-            .split('.')
-            .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t', '\r', '\n']));
+        || n.subject_prefix.split('.').all(|t| {
+            !t.is_empty() && !t.contains(['*', '>']) && !t.bytes().any(|b| b <= b' ' || b == 0x7f)
+        });
     if !prefix_ok {
         errors.push(
             "backbone.nats.subject_prefix",
             format!(
-                "`{}` is not a subject prefix: dot-separated tokens without spaces, `*` or `>`",
+                "`{}` is not a subject prefix: dot-separated tokens without spaces, control characters, `*` or `>`",
                 n.subject_prefix
             ),
         );

@@ -79,6 +79,11 @@ impl Envelope {
         self
     }
 
+    /// The JSON format of `event` if something asked for it already ([`Envelope::json`]).
+    pub fn json_if_encoded(&self) -> Option<&bytes::Bytes> {
+        self.json.get()
+    }
+
     /// The event in the JSON format (UTF-8 text), encoded at most once per envelope.
     pub fn json(&self) -> bytes::Bytes {
         self.json

@@ -92,9 +92,17 @@ impl Data {
     /// The payload as the bytes a binary-mode binding puts in the message body.
     pub fn to_bytes(&self) -> Bytes {
         match self {
-            Data::Json(raw) => Bytes::copy_from_slice(raw.get().as_bytes()),
-            Data::Text(s) => Bytes::copy_from_slice(s.as_bytes()),
             Data::Binary(b) => b.clone(),
+            other => Bytes::copy_from_slice(other.as_slice()),
+        }
+    }
+
+    /// The payload as a binary-mode body, borrowed.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Data::Json(raw) => raw.get().as_bytes(),
+            Data::Text(s) => s.as_bytes(),
+            Data::Binary(b) => b,
         }
     }
 

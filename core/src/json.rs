@@ -341,6 +341,37 @@ pub fn encode_into(out: &mut Vec<u8>, event: &Event) {
     out.push(b'}');
 }
 
+/// At least the length of what [`encode_into`] writes for `event`, without encoding it: every
+/// string counted as if each byte needed the longest escape (`\u00XX`).
+pub fn encoded_len_bound(event: &Event) -> usize {
+    let escaped = |s: &str| s.len() * 6 + 2;
+    let mut n = 32;
+    for (name, value) in event.attributes().skip(1) {
+        n += escaped(name) + 2;
+        n += match value {
+            crate::event::AttributeRef::Str(s) => escaped(s),
+            crate::event::AttributeRef::Ext(ExtensionValue::String(s)) => escaped(s),
+            // i32::MIN has 11 characters.
+            crate::event::AttributeRef::Ext(ExtensionValue::Integer(_)) => 11,
+            crate::event::AttributeRef::Ext(ExtensionValue::Boolean(_)) => 5,
+        };
+    }
+    n + match event.data() {
+        None => 0,
+        Some(Data::Json(raw)) => 16 + raw.get().len(),
+        Some(Data::Text(s)) => 16 + escaped(s),
+        Some(Data::Binary(b)) => {
+            // Written as JSON or text when the content type says so (see `push_data`).
+            let ct = event.datacontenttype();
+            if ct.is_some_and(|ct| media::is_json(ct) || media::is_text(ct)) {
+                16 + b.len() * 6 + 2
+            } else {
+                20 + base64_len(b.len())
+            }
+        }
+    }
+}
+
 /// Length of the padded Base64 of `n` bytes.
 fn base64_len(n: usize) -> usize {
     n.div_ceil(3) * 4
@@ -384,6 +415,26 @@ mod tests {
             let mut out = Vec::new();
             push_json_string(&mut out, &s);
             proptest::prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+        }
+
+        /// The bound the NATS writer counts on is never under the encoding's length.
+        #[test]
+        fn the_length_bound_holds(
+            subject in "[ -~é€]{0,40}",
+            text in "(?s).{0,60}",
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            ct in proptest::sample::select(vec!["", "text/plain", "application/json", "application/octet-stream"]),
+            number in proptest::num::i32::ANY,
+        ) {
+            let mut e = Event::new("1", "/s", "t").unwrap();
+            e.set_subject(Some(subject)).unwrap();
+            e.set_extension("n", ExtensionValue::Integer(number)).unwrap();
+            for data in [Data::Text(text), Data::Binary(Bytes::from(data))] {
+                e.set_datacontenttype((!ct.is_empty()).then(|| ct.to_owned())).unwrap();
+                e.set_data(Some(data));
+                let len = encode(&e).len();
+                proptest::prop_assert!(encoded_len_bound(&e) >= len, "{} < {}", encoded_len_bound(&e), len);
+            }
         }
 
         /// Base64 written in place has the length and text of the engine's own encoding.

@@ -121,12 +121,17 @@ impl Topic {
     /// The NATS subject `<prefix>.<escaped levels>`; an empty prefix gives no leading dot.
     pub fn to_nats_subject(&self, prefix: &str) -> String {
         let mut out = String::with_capacity(prefix.len() + self.0.len() + 8);
+        self.push_nats_subject(prefix, &mut out);
+        out
+    }
+
+    /// Appends [`Topic::to_nats_subject`] to `out`.
+    pub fn push_nats_subject(&self, prefix: &str, out: &mut String) {
         if !prefix.is_empty() {
             out.push_str(prefix);
             out.push('.');
         }
-        push_tokens(&mut out, self.levels());
-        out
+        push_tokens(out, self.levels());
     }
 
     /// Reverses [`Topic::to_nats_subject`].

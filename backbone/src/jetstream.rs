@@ -48,7 +48,8 @@ pub struct JetStreamBackbone {
     client: async_nats::Client,
     js: jetstream::Context,
     /// Publishes, on a connection of meshgate's own client (see there why).
-    publisher: JsPublisher,
+    /// `backbone.jetstream.publish_connections` of them, never empty.
+    publishers: Vec<JsPublisher>,
     /// Pull requests, deliveries and their acknowledgements, on a second connection of the own
     /// client: nats-server reads each connection on one goroutine, and with publishes and acks
     /// on one connection that goroutine was the serial stage of MQTT → JetStream → MQTT.
@@ -150,13 +151,20 @@ impl JetStreamBackbone {
             true,
             registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer")),
         );
-        let publisher = JsPublisher::start(nats_client::Client::connect(options.clone()).await)
-            .map_err(|e| NatsStartError::Client(e.to_string()))?;
+        // nats-server reads each connection on one goroutine: several let it store from
+        // several cores (see `publish`).
+        let mut publishers = Vec::with_capacity(config.publish_connections);
+        for _ in 0..config.publish_connections.max(1) {
+            publishers.push(
+                JsPublisher::start(nats_client::Client::connect(options.clone()).await)
+                    .map_err(|e| NatsStartError::Client(e.to_string()))?,
+            );
+        }
         let consumer = nats_client::Client::connect(options).await;
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
-            publisher,
+            publishers,
             consumer,
             retained,
             sessions,
@@ -176,7 +184,7 @@ impl JetStreamBackbone {
 
     fn connected(&self) -> bool {
         self.client.connection_state() == State::Connected
-            && self.publisher.client().is_connected()
+            && self.publishers.iter().all(|p| p.client().is_connected())
             && self.consumer.is_connected()
     }
 
@@ -363,8 +371,10 @@ impl Backbone for JetStreamBackbone {
             );
             let id = format!("{} {}", envelope.event.source(), envelope.event.id());
             headers.put("Nats-Msg-Id", &[&percent_encode_header(&id)]);
-            let ack = self
-                .publisher
+            // One client connection's events always on the same NATS connection: stored in
+            // the order it published them.
+            let shard = (envelope.origin.connection % self.publishers.len() as u64) as usize;
+            let ack = self.publishers[shard]
                 .publish(&subject, &headers.finish(), &payload)
                 .await
                 .map_err(publish_error)?;
@@ -494,7 +504,9 @@ impl Backbone for JetStreamBackbone {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return;
             }
-            self.publisher.drain().await;
+            for p in &self.publishers {
+                p.drain().await;
+            }
             self.consumer.drain().await;
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");

@@ -85,7 +85,7 @@ async fn raw_core(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::R
 }
 
 /// Raw JetStream: publish and wait for every PubAck, 256 outstanding; acknowledged/s.
-async fn raw_jetstream(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::Result<f64> {
+async fn raw_jetstream(url: &str, seconds: u64, kind: JsMessages) -> anyhow::Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
@@ -95,18 +95,30 @@ async fn raw_jetstream(url: &str, seconds: u64, meshgate_messages: bool) -> anyh
         ..Default::default()
     })
     .await?;
-    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds, meshgate_messages).await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds, kind).await?;
     Ok(acked as f64 / elapsed)
 }
 
+/// What the raw JetStream rows publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsMessages {
+    /// The bare 256-byte payload.
+    Bare,
+    /// The bare payload with a `Nats-Msg-Id` (unique per message): what deduplication alone
+    /// costs the server.
+    BareWithMsgId,
+    /// What meshgate stores for a 256-byte MQTT publish: its headers, `Nats-Msg-Id`, the
+    /// structured JSON.
+    Meshgate,
+}
+
 /// Publishes to `subject` for `seconds` with up to 256 PubAcks outstanding; returns how many
-/// were acknowledged and the seconds the publishing took (the final acks not included). With
-/// `meshgate_messages`, each message is what meshgate stores for a 256-byte MQTT publish.
+/// were acknowledged and the seconds the publishing took (the final acks not included).
 async fn publish_with_acks(
     js: &async_nats::jetstream::Context,
     subject: &'static str,
     seconds: u64,
-    meshgate_messages: bool,
+    kind: JsMessages,
 ) -> anyhow::Result<(u64, f64)> {
     let origin = Instant::now();
     let started = Instant::now();
@@ -122,19 +134,24 @@ async fn publish_with_acks(
             let _: async_nats::jetstream::publish::PublishAck = f.await?;
             acked += 1;
         }
-        let ack = if meshgate_messages {
-            // What meshgate's JetStream backbone sends: its headers and a deduplication id
-            // (`<source> <id>`, unique per message).
-            let mut headers = headers.clone();
-            let sent = acked + outstanding.len() as u64;
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("mqtt://meshgate/raw-pub {sent}").as_str(),
-            );
-            js.publish_with_headers(subject, headers, body.clone())
-                .await?
-        } else {
-            js.publish(subject, payload(origin).into()).await?
+        // A deduplication id as meshgate's JetStream backbone makes them (`<source> <id>`),
+        // unique per message, and per row: rows share the stream and its duplicate window.
+        let sent = acked + outstanding.len() as u64;
+        let msg_id = || format!("mqtt://meshgate/raw-pub/{kind:?} {sent}");
+        let ack = match kind {
+            JsMessages::Meshgate => {
+                let mut headers = headers.clone();
+                headers.insert("Nats-Msg-Id", msg_id().as_str());
+                js.publish_with_headers(subject, headers, body.clone())
+                    .await?
+            }
+            JsMessages::BareWithMsgId => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", msg_id().as_str());
+                js.publish_with_headers(subject, headers, payload(origin).into())
+                    .await?
+            }
+            JsMessages::Bare => js.publish(subject, payload(origin).into()).await?,
         };
         outstanding.push_back(ack);
     }
@@ -152,7 +169,7 @@ async fn publish_with_acks(
 async fn raw_jetstream_consumed(
     url: &str,
     seconds: u64,
-    meshgate_messages: bool,
+    kind: JsMessages,
 ) -> anyhow::Result<(f64, u64)> {
     use async_nats::jetstream::{consumer, stream};
     let client = async_nats::connect(url).await?;
@@ -189,7 +206,7 @@ async fn raw_jetstream_consumed(
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, meshgate_messages).await?;
+    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, kind).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -331,22 +348,27 @@ async fn main() -> anyhow::Result<()> {
     }
     let name = "raw JetStream publish + PubAck (256 outstanding; acked/s)";
     if want(name) {
-        let js = raw_jetstream(&url, seconds, false).await?;
+        let js = raw_jetstream(&url, seconds, JsMessages::Bare).await?;
+        row(name, js, "", None);
+    }
+    let name = "raw JetStream publish + PubAck, bare payload with Nats-Msg-Id (acked/s)";
+    if want(name) {
+        let js = raw_jetstream(&url, seconds, JsMessages::BareWithMsgId).await?;
         row(name, js, "", None);
     }
     let name = "raw JetStream publish + PubAck, meshgate's messages (2 headers + Nats-Msg-Id, ~520-byte CloudEvent JSON; acked/s)";
     if want(name) {
-        let js = raw_jetstream(&url, seconds, true).await?;
+        let js = raw_jetstream(&url, seconds, JsMessages::Meshgate).await?;
         row(name, js, "", None);
     }
     let name = "raw JetStream publish + PubAck → pull consumer, one ack per message (delivered/s)";
     if want(name) {
-        let (rate, lost) = raw_jetstream_consumed(&url, seconds, false).await?;
+        let (rate, lost) = raw_jetstream_consumed(&url, seconds, JsMessages::Bare).await?;
         row(name, rate, &lost.to_string(), None);
     }
     let name = "raw JetStream publish + PubAck → pull consumer, meshgate's messages (delivered/s)";
     if want(name) {
-        let (rate, lost) = raw_jetstream_consumed(&url, seconds, true).await?;
+        let (rate, lost) = raw_jetstream_consumed(&url, seconds, JsMessages::Meshgate).await?;
         row(name, rate, &lost.to_string(), None);
     }
     let wire = args

@@ -148,6 +148,17 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
             "a NATS subject: dot-separated tokens without spaces or wildcards",
         );
     }
+    let publish_connections = positive(
+        j.publish_connections,
+        "backbone.jetstream.publish_connections",
+        errors,
+    );
+    if publish_connections > MAX_PUBLISH_CONNECTIONS {
+        errors.push(
+            "backbone.jetstream.publish_connections",
+            format!("at most {MAX_PUBLISH_CONNECTIONS}, got {publish_connections}"),
+        );
+    }
     JetStreamConfig {
         stream: j.stream,
         max_age: duration(&j.max_age, "backbone.jetstream.max_age", errors),
@@ -162,8 +173,12 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
         backoff,
         max_deliver,
         dead_letter_subject,
+        publish_connections: publish_connections.min(MAX_PUBLISH_CONNECTIONS),
     }
 }
+
+/// More JetStream publishing connections than a server has cores gain nothing.
+const MAX_PUBLISH_CONNECTIONS: usize = 16;
 
 fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
     if n.urls.is_empty() {

@@ -102,6 +102,8 @@ pub struct JetStreamConfig {
     /// Events delivered `max_deliver` times without acknowledgement are republished here
     /// (`None`: dropped and counted).
     pub dead_letter_subject: Option<String>,
+    /// NATS connections publishing to the stream; one publisher's events always take the same.
+    pub publish_connections: usize,
 }
 
 /// How events are written on the NATS bus (CE-BINDINGS.md §8).

@@ -49,6 +49,7 @@ pub struct JetStream {
     pub backoff: Vec<String>,
     pub max_deliver: i64,
     pub dead_letter_subject: String,
+    pub publish_connections: i64,
 }
 
 #[derive(Deserialize)]

@@ -210,9 +210,18 @@ fn jetstream_settings_are_checked() {
     let c = load_str("[backbone]\nkind = \"jetstream\"\n", "t", Vec::new()).unwrap();
     assert_eq!(c.backbone.kind, BackboneKind::JetStream);
     assert_eq!(c.backbone.jetstream.max_bytes, 1 << 30);
+    assert_eq!(c.backbone.jetstream.publish_connections, 2);
     let errs = errors_of(
-        "[backbone.jetstream]\nstream = \"a.b\"\nbackoff = [\"1s\", \"2s\"]\nmax_deliver = 2\ndead_letter_subject = \"dl.>\"\n",
+        "[backbone.jetstream]\nstream = \"a.b\"\nbackoff = [\"1s\", \"2s\"]\nmax_deliver = 2\ndead_letter_subject = \"dl.>\"\npublish_connections = 17\n",
         &[],
+    );
+    assert!(
+        has(
+            &errs,
+            "backbone.jetstream.publish_connections",
+            "at most 16"
+        ),
+        "{errs:?}"
     );
     assert!(
         has(&errs, "backbone.jetstream.stream", "stream name"),
@@ -224,6 +233,15 @@ fn jetstream_settings_are_checked() {
     );
     assert!(
         has(&errs, "backbone.jetstream.dead_letter_subject", "wildcards"),
+        "{errs:?}"
+    );
+    let errs = errors_of("[backbone.jetstream]\npublish_connections = 0\n", &[]);
+    assert!(
+        has(
+            &errs,
+            "backbone.jetstream.publish_connections",
+            "at least 1"
+        ),
         "{errs:?}"
     );
 }

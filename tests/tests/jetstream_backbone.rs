@@ -279,6 +279,7 @@ async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
     config.mqtt.enabled = true;
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     config.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
+    config.backbone.jetstream.publish_connections = 3;
     let gw = start_gateway(config).await;
     let port = gw.mqtt_addr.unwrap().port();
     let client = |id: &str| {
@@ -303,48 +304,73 @@ async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
         "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
     )
     .await;
+    // Two publishing MQTT connections at once, over several JetStream publishing connections:
+    // each one's events still stored, acknowledged and delivered in its order.
     const N: usize = 300;
-    let (publ, mut pub_el) = client("js-pub");
-    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(e) = pub_el.poll().await {
-            match e {
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
-                    let _ = sent_tx.send(pkid);
+    let publish = |name: &'static str| {
+        let (publ, mut pub_el) = client(name);
+        async move {
+            let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Ok(e) = pub_el.poll().await {
+                    match e {
+                        rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
+                            let _ = sent_tx.send(pkid);
+                        }
+                        rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => {
+                            let _ = acked_tx.send(a.pkid);
+                        }
+                        _ => {}
+                    }
                 }
-                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => {
-                    let _ = acked_tx.send(a.pkid);
-                }
-                _ => {}
+            });
+            for i in 0..N {
+                publ.publish(
+                    "seq/x",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!("{name} {i}"),
+                )
+                .await
+                .unwrap();
             }
+            let mut sent = Vec::new();
+            let mut acked = Vec::new();
+            while acked.len() < N {
+                let a = tokio::time::timeout(Duration::from_secs(10), acked_rx.recv())
+                    .await
+                    .expect("PUBACKs")
+                    .unwrap();
+                acked.push(a);
+            }
+            while let Ok(p) = sent_rx.try_recv() {
+                sent.push(p);
+            }
+            assert_eq!(
+                acked,
+                sent[..N],
+                "{name}: PUBACKs in the order of the PUBLISHes"
+            );
         }
-    });
-    for i in 0..N {
-        publ.publish("seq/x", rumqttc::QoS::AtLeastOnce, false, format!("m{i}"))
-            .await
-            .unwrap();
-    }
-    let mut sent = Vec::new();
-    let mut acked = Vec::new();
-    while acked.len() < N {
-        let a = tokio::time::timeout(Duration::from_secs(10), acked_rx.recv())
-            .await
-            .expect("PUBACKs")
-            .unwrap();
-        acked.push(a);
-    }
-    while let Ok(p) = sent_rx.try_recv() {
-        sent.push(p);
-    }
-    assert_eq!(acked, sent[..N], "PUBACKs in the order of the PUBLISHes");
-    for i in 0..N {
+    };
+    tokio::join!(publish("a"), publish("b"));
+    let mut next = std::collections::HashMap::from([("a", 0), ("b", 0)]);
+    for _ in 0..2 * N {
         let m = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
             .await
             .expect("deliveries")
             .unwrap();
-        assert_eq!(m, format!("m{i}"), "delivered in publish order");
+        let (name, i) = m.split_once(' ').unwrap();
+        let expected = next.get_mut(name).unwrap();
+        assert_eq!(
+            i,
+            expected.to_string(),
+            "{name}: delivered in publish order"
+        );
+        *expected += 1;
     }
+    assert_eq!(next, std::collections::HashMap::from([("a", N), ("b", N)]));
     gw.shutdown().await;
 }
 

@@ -86,9 +86,8 @@ async fn raw_core(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::R
 
 /// Raw JetStream: publish and wait for every PubAck, 256 outstanding; acknowledged/s.
 async fn raw_jetstream(url: &str, seconds: u64, kind: JsMessages) -> anyhow::Result<f64> {
-    let client = async_nats::connect(url).await?;
-    let js = async_nats::jetstream::new(client);
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+    let js = fresh_jetstream(url).await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
         name: "RAWBENCH".into(),
         subjects: vec!["jsbench.>".into()],
         max_bytes: 1 << 30,
@@ -97,6 +96,17 @@ async fn raw_jetstream(url: &str, seconds: u64, kind: JsMessages) -> anyhow::Res
     .await?;
     let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds, kind).await?;
     Ok(acked as f64 / elapsed)
+}
+
+/// Deletes the streams earlier rows filled, so that every JetStream row starts on an empty
+/// server: a stream's stored messages and its duplicate window's ids (millions after a row)
+/// otherwise slow the rows after it, raw or meshgate's.
+async fn fresh_jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    for stream in ["RAWBENCH", "RAWBENCHC", "MESHGATE"] {
+        let _ = js.delete_stream(stream).await;
+    }
+    Ok(js)
 }
 
 /// What the raw JetStream rows publish.
@@ -172,9 +182,7 @@ async fn raw_jetstream_consumed(
     kind: JsMessages,
 ) -> anyhow::Result<(f64, u64)> {
     use async_nats::jetstream::{consumer, stream};
-    let client = async_nats::connect(url).await?;
-    let js = async_nats::jetstream::new(client);
-    let _ = js.delete_stream("RAWBENCHC").await;
+    let js = fresh_jetstream(url).await?;
     let s = js
         .create_stream(stream::Config {
             name: "RAWBENCHC".into(),
@@ -469,6 +477,7 @@ async fn main() -> anyhow::Result<()> {
         if !want(&name) {
             continue;
         }
+        fresh_jetstream(&url).await?;
         let gw = start_meshgate_with(&js_env)?;
         let rate = meshgate_bench::raw::acknowledged_rate(gw.port, publishers, seconds).await?;
         row(&name, rate, "", None);
@@ -479,6 +488,7 @@ async fn main() -> anyhow::Result<()> {
         )) {
             continue;
         }
+        fresh_jetstream(&url).await?;
         let gw = start_meshgate_with(&js_env)?;
         let t = generator
             .throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds)

@@ -4,7 +4,9 @@
 //! in the wire format of [`crate::nats_wire`]. `publish` resolves only after the stream's
 //! PubAck, so the client's acknowledgement (HTTP 202, MQTT PUBACK/PUBREC) means "stored".
 //! Each event carries `Nats-Msg-Id: <source> <id>` (percent-encoded), so the same CloudEvent
-//! published twice within `duplicate_window` is stored once.
+//! published twice within `duplicate_window` is stored once. Publishes go out on
+//! `publish_connections` NATS connections, each client connection's always on the same one
+//! (stored in its order; nats-server reads each connection on one goroutine).
 //!
 //! Each subscription is a durable pull consumer with `DeliverPolicy::New` on one subject (a
 //! filter like `a/#` needs two: `p.a` and `p.a.>`, as NATS 2.9 has one filter per consumer).

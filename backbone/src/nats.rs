@@ -10,7 +10,8 @@
 //! ([`crate::nats_fanout`]). Queue groups (shared subscriptions) are NATS
 //! queue groups on a second connection, with echo: the server picks one member among all
 //! instances, this one included. The origin (instance and connection) travels in a header,
-//! for MQTT no-local.
+//! for MQTT no-local. Events are handed to the publishing connection unencoded: its writer
+//! task encodes them ([`nats_client::Client::publish_later`]), not the publisher's task.
 //!
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
 //! not connected, so a client is told to retry rather than acknowledged; an event handed to

@@ -317,9 +317,19 @@ pub(crate) fn decode(
     let topic = Topic::from_nats_subject(prefix, subject)
         .map_err(|e| format!("subject `{subject}`: {e}"))?;
     let m = Meta::read(headers);
+    let origin = m.origin.and_then(parse_origin);
+    // Another meshgate instance's structured event: its bytes are the event's JSON format,
+    // kept for the subscribers that want that (WebSocket, MQTT structured) instead of
+    // encoding it again. (Other programs' JSON is re-encoded: it may hold nulls or forms
+    // meshgate does not write.)
+    let mut own_json = None;
     let event = match m.content_type {
         Some(ct) if media::is_cloudevents(ct) => {
-            json::decode(&payload).map_err(|e| format!("structured event: {e}"))?
+            let event = json::decode(&payload).map_err(|e| format!("structured event: {e}"))?;
+            if origin.is_some() {
+                own_json = Some(payload);
+            }
+            event
         }
         _ => match headers {
             Some(h) if m.binary => decode_binary(h, m.content_type, payload)?,
@@ -327,7 +337,7 @@ pub(crate) fn decode(
                 .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?,
         },
     };
-    let origin = match m.origin.and_then(parse_origin) {
+    let origin = match origin {
         Some(o) => o,
         // Published by another NATS program: no meshgate connection to compare with.
         None => Origin {
@@ -355,7 +365,10 @@ pub(crate) fn decode(
         .with_qos(qos)
         .with_retain(retain);
     envelope.mqtt = (!mqtt.is_empty()).then(|| Arc::new(mqtt));
-    Ok(envelope)
+    Ok(match own_json {
+        Some(json) => envelope.with_json(json),
+        None => envelope,
+    })
 }
 
 /// The headers [`decode`] looks at, found in one pass (first value of each).
@@ -592,6 +605,8 @@ mod tests {
             envelope().mqtt,
             "MQTT 5 properties survive the bus"
         );
+        // Another instance's JSON is kept, byte for byte, for structured subscribers.
+        assert_eq!(back.json_if_encoded(), Some(&envelope().json()));
     }
 
     #[test]
@@ -623,6 +638,12 @@ mod tests {
         assert_eq!(e.event.id(), "N1");
         assert_eq!(&*e.origin.instance, "");
         assert_eq!(e.qos, 1);
+        // Structured from another program: read, and encoded anew for subscribers.
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", json::CONTENT_TYPE);
+        let e = decode("mg", "mg.a", Some(&h), Bytes::from_static(E.as_bytes())).unwrap();
+        assert_eq!(e.event.id(), "N1");
+        assert!(e.json_if_encoded().is_none());
         // Binary mode with Content-Type and no ce-datacontenttype (sdk-go JetStream style).
         let mut h = HeaderMap::new();
         for (k, v) in [

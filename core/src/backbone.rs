@@ -79,6 +79,14 @@ impl Envelope {
         self
     }
 
+    /// The same envelope with `json` as its JSON format, for [`Envelope::json`] to hand out
+    /// instead of encoding. Only for bytes that are `event`'s JSON format: those it was decoded
+    /// from, when another meshgate instance encoded them.
+    pub fn with_json(self, json: bytes::Bytes) -> Self {
+        let _ = self.json.set(json);
+        self
+    }
+
     /// The JSON format of `event` if something asked for it already ([`Envelope::json`]).
     pub fn json_if_encoded(&self) -> Option<&bytes::Bytes> {
         self.json.get()

@@ -324,6 +324,38 @@ async fn resume_durable(
     stream.create_consumer(config).await.map_err(unavailable)
 }
 
+/// How a pull repairs its consumer when the server says it is gone (see `jetstream_pull`):
+/// nothing if it is there after all (JetStream was only not up yet), otherwise created again
+/// with `config`, from the stream sequence the pull gives when it has one. Another instance
+/// (a queue group's member) may create it first: then it is there, which is as good.
+fn repair_consumer(
+    stream: stream::Stream,
+    name: String,
+    config: consumer::pull::Config,
+) -> crate::jetstream_pull::Repair {
+    Arc::new(move |start| {
+        let (stream, name, mut config) = (stream.clone(), name.clone(), config.clone());
+        Box::pin(async move {
+            use async_nats::jetstream::context::ConsumerInfoErrorKind;
+            match stream.consumer_info(&name).await {
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if let Some(start_sequence) = start {
+                config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence };
+            }
+            match stream.create_consumer(config).await {
+                Ok(_) => Ok(true),
+                Err(e) => match stream.consumer_info(&name).await {
+                    Ok(_) => Ok(false),
+                    Err(_) => Err(e.to_string()),
+                },
+            }
+        })
+    })
+}
+
 /// Deletes a subscription's consumers once its stream is dropped (unsubscribe).
 struct DeleteOnDrop {
     js: jetstream::Context,
@@ -421,6 +453,7 @@ impl Backbone for JetStreamBackbone {
                     }
                 };
                 let config = self.consumer_config(subject, name.clone(), ttl);
+                let repair = repair_consumer(stream.clone(), name.clone(), config.clone());
                 // Created (or checked) through async-nats; pulled on meshgate's own client,
                 // within the consumer's request limits (an existing one may have its own).
                 let consumer: consumer::PullConsumer = if options.durable.is_some() {
@@ -434,8 +467,14 @@ impl Backbone for JetStreamBackbone {
                 let c = &consumer.cached_info().config;
                 let limits = Limits::of(c.max_batch, c.max_expires);
                 pulls.push(
-                    Pull::start(&self.consumer, &self.config.stream, &name, limits)
-                        .map_err(unavailable)?,
+                    Pull::start(
+                        &self.consumer,
+                        &self.config.stream,
+                        &name,
+                        limits,
+                        Some(repair),
+                    )
+                    .map_err(unavailable)?,
                 );
             }
             self.subscriptions.inc();

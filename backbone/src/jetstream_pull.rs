@@ -31,12 +31,21 @@
 //! consumer delivers those messages again after `ack_wait`). After a refusal (`409 Exceeded
 //! Max…`, a `409` such as "Consumer Deleted", `503`) the next request waits [`RETRY`]; the first
 //! refusal after a delivery is logged as a warning.
+//!
+//! A consumer that is gone (`409 Consumer Deleted`, or `503`: nobody serves its subject) is
+//! repaired ([`Repair`]): looked up and, if it really is gone (deleted by an operator, or
+//! removed by its `inactive_threshold` during a long outage), created again from the stream
+//! sequence after the last message this pull received, so that the subscription neither stops
+//! nor skips what was stored meanwhile. Deliveries not yet acknowledged when it went are not
+//! delivered again (their consumer is gone); with nothing received yet, the new consumer starts
+//! as the first did.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
+use meshgate_core::BoxFuture;
 use tokio::time::{Instant, Interval};
 
 use crate::nats_client::{self, ClientError, Msg, SubStream};
@@ -89,6 +98,37 @@ impl Default for Limits {
     }
 }
 
+/// Looks up the pull's consumer and creates it again if it is gone, starting at the given
+/// stream sequence (`None`: as it was first created). `Ok(true)`: created again; `Ok(false)`:
+/// it was there.
+pub(crate) type Repair =
+    std::sync::Arc<dyn Fn(Option<u64>) -> BoxFuture<'static, Result<bool, String>> + Send + Sync>;
+
+/// The stream sequence of a delivery, from its `$JS.ACK` reply subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ms>.<pending>`, or,
+/// with a domain and account hash (ADR-15), `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.…`
+/// with one more token at the end.
+pub(crate) fn stream_sequence(reply: &[u8]) -> Option<u64> {
+    let mut tokens = [&b""[..]; 12];
+    let mut n = 0;
+    for t in reply.split(|b| *b == b'.') {
+        if n == tokens.len() {
+            return None;
+        }
+        tokens[n] = t;
+        n += 1;
+    }
+    if tokens[0] != b"$JS" || tokens[1] != b"ACK" {
+        return None;
+    }
+    let at = match n {
+        9 => 5,
+        11 | 12 => 7,
+        _ => return None,
+    };
+    std::str::from_utf8(tokens[at]).ok()?.parse().ok()
+}
+
 /// What a status message means for the pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
@@ -99,8 +139,12 @@ pub(crate) enum Status {
     /// The last request was refused as it came (`409 Exceeded Max…`: over the consumer's
     /// limits, or too many requests waiting): not counted; ask again after [`RETRY`].
     Rejected,
-    /// The consumer cannot serve now (deleted, no responders, …): ask again after [`RETRY`].
+    /// The consumer cannot serve now (leadership change, server shutdown, …): ask again
+    /// after [`RETRY`].
     Refused { pending: Option<usize> },
+    /// The consumer is gone (`409 Consumer Deleted`) or nobody serves its subject (`503`: no
+    /// such consumer, or JetStream not up yet): repair it, then ask again.
+    Gone,
 }
 
 /// Reads a status message's header block (`NATS/1.0 <code> <description>\r\n…`): its code,
@@ -123,6 +167,8 @@ pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, &str, Status)> {
         409 if description.starts_with("Exceeded Max") => Status::Rejected,
         // A request with max_bytes ended on a message larger than that (not sent by us).
         409 if description.starts_with("Message Size Exceeds") => Status::Ended { pending },
+        409 if description.starts_with("Consumer Deleted") => Status::Gone,
+        503 => Status::Gone,
         _ => Status::Refused { pending },
     };
     Some((code, description, status))
@@ -189,6 +235,12 @@ pub(crate) struct Pull {
     warned: bool,
     tick: Interval,
     consumer: String,
+    repair: Option<Repair>,
+    /// The consumer is gone: repair it before asking again.
+    gone: bool,
+    repairing: Option<BoxFuture<'static, Result<bool, String>>>,
+    /// The stream sequence of the last message received (where a repaired consumer goes on).
+    last_sequence: Option<u64>,
 }
 
 impl std::fmt::Debug for Pull {
@@ -218,6 +270,7 @@ impl Pull {
         stream: &str,
         consumer: &str,
         limits: Limits,
+        repair: Option<Repair>,
     ) -> Result<Pull, ClientError> {
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
         if nats_client::not_a_subject(&next) {
@@ -241,6 +294,10 @@ impl Pull {
             warned: false,
             tick,
             consumer: consumer.to_owned(),
+            repair,
+            gone: false,
+            repairing: None,
+            last_sequence: None,
         })
     }
 
@@ -249,7 +306,7 @@ impl Pull {
         let Some(n) = self.window.want() else {
             return;
         };
-        if Instant::now() < self.not_before {
+        if Instant::now() < self.not_before || self.gone {
             return;
         }
         let body = format!(
@@ -294,7 +351,46 @@ impl Pull {
                 self.window.ended(pending);
                 refused(self);
             }
+            Status::Gone => {
+                // What the consumer owed will not come; a repaired one starts a new window.
+                self.window.reset();
+                self.gone = self.repair.is_some();
+                refused(self);
+            }
         }
+    }
+
+    /// Drives the repair of a consumer that is gone; `Pending` while it runs.
+    fn poll_repair(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.gone || Instant::now() < self.not_before {
+            return Poll::Ready(());
+        }
+        let Some(repair) = &self.repair else {
+            self.gone = false;
+            return Poll::Ready(());
+        };
+        let start = self.last_sequence.map(|s| s + 1);
+        let running = self.repairing.get_or_insert_with(|| repair(start));
+        let Poll::Ready(done) = running.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        self.repairing = None;
+        match done {
+            Ok(created) => {
+                if created {
+                    tracing::warn!(consumer = %self.consumer, start_sequence = ?start, "jetstream: the consumer was gone and is created again");
+                }
+                self.gone = false;
+                self.not_before = Instant::now();
+                // Old requests died with the consumer: a new window on a new inbox.
+                self.start_over();
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %self.consumer, error = %e, "jetstream: consumer not repaired yet");
+                self.not_before = Instant::now() + RETRY;
+            }
+        }
+        Poll::Ready(())
     }
 
     /// On a tick: start over when the connection was replaced or the server went silent.
@@ -303,11 +399,16 @@ impl Pull {
         if connection == self.connection && self.last_heard.elapsed() < SILENCE {
             return;
         }
+        self.start_over();
+    }
+
+    /// A new window on a new inbox: what requests from before still send goes nowhere.
+    fn start_over(&mut self) {
         match subscribe_inbox(&self.client, self.limits) {
             Ok((inbox, messages)) => {
                 // The old subscription ends here (UNSUB).
                 (self.inbox, self.messages) = (inbox, messages);
-                self.connection = connection;
+                self.connection = self.client.connections();
                 self.last_heard = Instant::now();
                 self.window.reset();
             }
@@ -325,6 +426,10 @@ impl Stream for Pull {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Msg>> {
         let this = &mut *self;
         loop {
+            if this.poll_repair(cx).is_pending() {
+                // (Its future wakes this task; messages still queued wait for it.)
+                return Poll::Pending;
+            }
             this.request();
             match Pin::new(&mut this.messages).poll_next(cx) {
                 Poll::Ready(Some(m)) => {
@@ -335,6 +440,9 @@ impl Stream for Pull {
                     }
                     this.window.received();
                     this.warned = false;
+                    if let Some(seq) = m.reply.as_deref().and_then(stream_sequence) {
+                        this.last_sequence = Some(seq);
+                    }
                     return Poll::Ready(Some(m));
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -374,14 +482,48 @@ mod tests {
         );
         assert_eq!(
             read_status(b"NATS/1.0 409 Consumer Deleted\r\n\r\n"),
-            Some((409, "Consumer Deleted", Status::Refused { pending: None }))
+            Some((409, "Consumer Deleted", Status::Gone))
         );
         assert_eq!(
             read_status(b"NATS/1.0 503\r\n\r\n"),
-            Some((503, "", Status::Refused { pending: None }))
+            Some((503, "", Status::Gone))
+        );
+        assert_eq!(
+            read_status(b"NATS/1.0 409 Leadership Change\r\n\r\n"),
+            Some((409, "Leadership Change", Status::Refused { pending: None }))
         );
         assert_eq!(read_status(b"NATS/1.0\r\nA: b\r\n\r\n"), None);
         assert_eq!(read_status(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn the_stream_sequence_is_read_from_the_ack_subject() {
+        assert_eq!(
+            stream_sequence(b"$JS.ACK.S.C.1.41.7.1700000000.3"),
+            Some(41)
+        );
+        assert_eq!(
+            stream_sequence(b"$JS.ACK.dom.ACCHASH.S.C.2.42.8.1700000000.3.tok"),
+            Some(42)
+        );
+        assert_eq!(
+            stream_sequence(b"$JS.ACK.dom.ACCHASH.S.C.2.43.8.1700000000.3"),
+            Some(43)
+        );
+        for bad in [
+            &b"$JS.ACK.S.C.1.x.7.1.3"[..],
+            b"$JS.ACK.S.C.1.41",
+            b"_INBOX.a.b.c.d.e.f.g.h",
+            b"",
+            b"$JS.ACK.a.b.c.d.e.f.g.h.i.j.k.l.m",
+        ] {
+            assert_eq!(
+                stream_sequence(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -1468,7 +1468,7 @@ mod tests {
         use crate::jetstream_pull::{BATCH, Pull};
         use futures_util::StreamExt;
         let (client, _serving, server) = serving(64 << 10).await;
-        let mut pull = Pull::start(&client, "S", "C", Default::default()).unwrap();
+        let mut pull = Pull::start(&client, "S", "C", Default::default(), None).unwrap();
         let (got_tx, mut got) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(m) = pull.next().await {
@@ -1544,6 +1544,60 @@ mod tests {
             .unwrap();
         assert_eq!(request(&mut seen).await, BATCH);
         assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(got.try_recv().is_err(), "no status was delivered");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
+        use crate::jetstream_pull::{BATCH, Pull, Repair};
+        use futures_util::StreamExt;
+        let (client, _serving, server) = serving(64 << 10).await;
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let repair: Repair = Arc::new({
+            let starts = starts.clone();
+            move |start| {
+                starts.lock().unwrap().push(start);
+                Box::pin(async { Ok(true) })
+            }
+        });
+        let mut pull = Pull::start(&client, "S", "C", Default::default(), Some(repair)).unwrap();
+        let (got_tx, mut got) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = pull.next().await {
+                let _ = got_tx.send(m);
+            }
+        });
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let first = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = first.split(' ').nth(1).unwrap().to_owned();
+        line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        // Two deliveries (the second with a domain and account hash in its reply subject),
+        // then the server says nobody serves the consumer's subject.
+        let gone = "NATS/1.0 503\r\n\r\n";
+        let send = format!(
+            "MSG p.x 1 $JS.ACK.S.C.1.41.1.0.0 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.dom.hash.S.C.1.42.2.0.0.tok 2\r\nhi\r\n\
+             HMSG {inbox} 1 {} {}\r\n{gone}\r\n",
+            gone.len(),
+            gone.len()
+        );
+        let started = std::time::Instant::now();
+        w.write_all(send.as_bytes()).await.unwrap();
+        for _ in 0..2 {
+            got.recv().await.unwrap();
+        }
+        // After a pause: repaired from sequence 43, and pulled again on a new inbox.
+        let second = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert_eq!(*starts.lock().unwrap(), vec![Some(43)]);
+        let inbox2 = second.split(' ').nth(1).unwrap().to_owned();
+        assert_ne!(inbox2, inbox);
+        let publ = line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        assert_eq!(publ.split(' ').nth(2), Some(inbox2.as_str()));
+        let body: serde_json::Value =
+            serde_json::from_str(&line_of(&mut r, &mut seen, "{").await).unwrap();
+        assert_eq!(body["batch"].as_u64(), Some(BATCH as u64));
         assert!(got.try_recv().is_err(), "no status was delivered");
     }
 

@@ -81,6 +81,56 @@ async fn ingress_is_stored_once_per_source_and_id() {
     gw.shutdown().await;
 }
 
+/// An operator deletes a subscription's consumer (or its `inactive_threshold` removed it
+/// during a long outage): the gateway creates it again from after the last event the
+/// subscriber got, so the events stored meanwhile still arrive, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
+    let nats = NatsServer::start();
+    let gw = start_gateway(js_config(&nats, "js-gone")).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let mut ws = ws_connect(web, &["gone/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(post(web, "gone/x", &format!("e{i}")).await.unwrap(), 202);
+    }
+    for i in 0..3 {
+        let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(e.id(), format!("e{i}"));
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("MESHGATE").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().map(|n| n.unwrap()).collect().await;
+    // `gone/#` is two consumers (`meshgate.gone` and `meshgate.gone.>`).
+    assert_eq!(names.len(), 2, "{names:?}");
+    for name in &names {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    // Stored while the subscription has no consumer.
+    for i in 3..8 {
+        assert_eq!(post(web, "gone/x", &format!("e{i}")).await.unwrap(), 202);
+    }
+    for i in 3..8 {
+        let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            e.id(),
+            format!("e{i}"),
+            "after the repair, in order, none skipped"
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), ws.next())
+            .await
+            .is_err(),
+        "nothing twice"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_event_is_lost_across_a_nats_restart() {
     let mut nats = NatsServer::start();

@@ -453,7 +453,13 @@ impl Backbone for JetStreamBackbone {
                     }
                 };
                 let config = self.consumer_config(subject, name.clone(), ttl);
-                let repair = repair_consumer(stream.clone(), name.clone(), config.clone());
+                // Not for a persistent session's durable consumer: meshgate deletes and
+                // re-creates those itself when the session moves or ends, and a repair by the
+                // instance that held it would take it back.
+                let repair = options
+                    .durable
+                    .is_none()
+                    .then(|| repair_consumer(stream.clone(), name.clone(), config.clone()));
                 // Created (or checked) through async-nats; pulled on meshgate's own client,
                 // within the consumer's request limits (an existing one may have its own).
                 let consumer: consumer::PullConsumer = if options.durable.is_some() {
@@ -464,18 +470,14 @@ impl Backbone for JetStreamBackbone {
                         .await
                         .map_err(unavailable)?
                 };
-                let c = &consumer.cached_info().config;
-                let limits = Limits::of(c.max_batch, c.max_expires);
-                pulls.push(
-                    Pull::start(
-                        &self.consumer,
-                        &self.config.stream,
-                        &name,
-                        limits,
-                        Some(repair),
-                    )
-                    .map_err(unavailable)?,
-                );
+                let info = consumer.cached_info();
+                let limits = Limits::of(info.config.max_batch, info.config.max_expires);
+                let mut pull = Pull::start(&self.consumer, &self.config.stream, &name, limits)
+                    .map_err(unavailable)?;
+                if let Some(repair) = repair {
+                    pull = pull.with_repair(repair, info.delivered.stream_sequence);
+                }
+                pulls.push(pull);
             }
             self.subscriptions.inc();
             let counted = Counted(self.subscriptions.clone());

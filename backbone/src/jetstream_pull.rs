@@ -33,12 +33,15 @@
 //! refusal after a delivery is logged as a warning.
 //!
 //! A consumer that is gone (`409 Consumer Deleted`, or `503`: nobody serves its subject) is
-//! repaired ([`Repair`]): looked up and, if it really is gone (deleted by an operator, or
-//! removed by its `inactive_threshold` during a long outage), created again from the stream
-//! sequence after the last message this pull received, so that the subscription neither stops
-//! nor skips what was stored meanwhile. Deliveries not yet acknowledged when it went are not
-//! delivered again (their consumer is gone); with nothing received yet, the new consumer starts
-//! as the first did.
+//! repaired when the pull was given a [`Repair`] (the backbone gives one to consumers only it
+//! uses, and to queue groups' shared ones; not to persistent sessions' durable consumers,
+//! which meshgate itself deletes and re-creates when a session moves): looked up and, if it
+//! really is gone (deleted by an operator, or removed by its `inactive_threshold` during a long
+//! outage), created again from the stream sequence after the last message this pull received
+//! (or, before the first, after the last the consumer had delivered when it was opened), so that
+//! the subscription neither stops nor skips what was stored meanwhile. Deliveries not yet
+//! acknowledged when it went are not delivered again: their consumer is gone. Failed repairs
+//! are tried again after 1, 2, 4 … up to 32 s.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -109,13 +112,13 @@ pub(crate) type Repair =
 /// with a domain and account hash (ADR-15), `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.…`
 /// with one more token at the end.
 pub(crate) fn stream_sequence(reply: &[u8]) -> Option<u64> {
-    let mut tokens = [&b""[..]; 12];
+    // The first 8 tokens are enough; later ones (ADR-15 allows more) are only counted.
+    let mut tokens = [&b""[..]; 8];
     let mut n = 0;
     for t in reply.split(|b| *b == b'.') {
-        if n == tokens.len() {
-            return None;
+        if let Some(slot) = tokens.get_mut(n) {
+            *slot = t;
         }
-        tokens[n] = t;
         n += 1;
     }
     if tokens[0] != b"$JS" || tokens[1] != b"ACK" {
@@ -123,7 +126,7 @@ pub(crate) fn stream_sequence(reply: &[u8]) -> Option<u64> {
     }
     let at = match n {
         9 => 5,
-        11 | 12 => 7,
+        n if n >= 11 => 7,
         _ => return None,
     };
     std::str::from_utf8(tokens[at]).ok()?.parse().ok()
@@ -241,6 +244,8 @@ pub(crate) struct Pull {
     repairing: Option<BoxFuture<'static, Result<bool, String>>>,
     /// The stream sequence of the last message received (where a repaired consumer goes on).
     last_sequence: Option<u64>,
+    /// Repairs that failed in a row (the next waits longer).
+    repair_failures: u32,
 }
 
 impl std::fmt::Debug for Pull {
@@ -270,7 +275,6 @@ impl Pull {
         stream: &str,
         consumer: &str,
         limits: Limits,
-        repair: Option<Repair>,
     ) -> Result<Pull, ClientError> {
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
         if nats_client::not_a_subject(&next) {
@@ -294,11 +298,21 @@ impl Pull {
             warned: false,
             tick,
             consumer: consumer.to_owned(),
-            repair,
+            repair: None,
             gone: false,
             repairing: None,
             last_sequence: None,
+            repair_failures: 0,
         })
+    }
+
+    /// Repairs the consumer when it is gone ([`Repair`]); `delivered` is the stream sequence
+    /// it had delivered up to when it was opened (from its info), where a repaired one goes
+    /// on until this pull has received something.
+    pub(crate) fn with_repair(mut self, repair: Repair, delivered: u64) -> Pull {
+        self.repair = Some(repair);
+        self.last_sequence = Some(delivered);
+        self
     }
 
     /// Asks for more when the window has room (and the last refusal is long enough ago).
@@ -377,6 +391,7 @@ impl Pull {
         self.repairing = None;
         match done {
             Ok(created) => {
+                self.repair_failures = 0;
                 if created {
                     tracing::warn!(consumer = %self.consumer, start_sequence = ?start, "jetstream: the consumer was gone and is created again");
                 }
@@ -386,8 +401,16 @@ impl Pull {
                 self.start_over();
             }
             Err(e) => {
-                tracing::debug!(consumer = %self.consumer, error = %e, "jetstream: consumer not repaired yet");
-                self.not_before = Instant::now() + RETRY;
+                // Every subscription repairs its own consumers: back off, so that a JetStream
+                // that is down is not asked by each of them every second.
+                let wait = RETRY * 2u32.pow(self.repair_failures.min(5));
+                self.repair_failures += 1;
+                if self.repair_failures == 1 {
+                    tracing::warn!(consumer = %self.consumer, error = %e, "jetstream: the consumer is gone and cannot be created again yet; trying again with a growing pause (up to 32 s)");
+                } else {
+                    tracing::debug!(consumer = %self.consumer, error = %e, ?wait, "jetstream: consumer not repaired yet");
+                }
+                self.not_before = Instant::now() + wait;
             }
         }
         Poll::Ready(())
@@ -440,8 +463,9 @@ impl Stream for Pull {
                     }
                     this.window.received();
                     this.warned = false;
+                    // (A redelivery of an older message does not move it back.)
                     if let Some(seq) = m.reply.as_deref().and_then(stream_sequence) {
-                        this.last_sequence = Some(seq);
+                        this.last_sequence = Some(this.last_sequence.map_or(seq, |l| l.max(seq)));
                     }
                     return Poll::Ready(Some(m));
                 }
@@ -509,6 +533,11 @@ mod tests {
         assert_eq!(
             stream_sequence(b"$JS.ACK.dom.ACCHASH.S.C.2.43.8.1700000000.3"),
             Some(43)
+        );
+        // Tokens added after those (ADR-15 says to expect them).
+        assert_eq!(
+            stream_sequence(b"$JS.ACK.dom.ACCHASH.S.C.2.44.8.1700000000.3.tok.more.more"),
+            Some(44)
         );
         for bad in [
             &b"$JS.ACK.S.C.1.x.7.1.3"[..],

@@ -1468,7 +1468,7 @@ mod tests {
         use crate::jetstream_pull::{BATCH, Pull};
         use futures_util::StreamExt;
         let (client, _serving, server) = serving(64 << 10).await;
-        let mut pull = Pull::start(&client, "S", "C", Default::default(), None).unwrap();
+        let mut pull = Pull::start(&client, "S", "C", Default::default()).unwrap();
         let (got_tx, mut got) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(m) = pull.next().await {
@@ -1560,7 +1560,9 @@ mod tests {
                 Box::pin(async { Ok(true) })
             }
         });
-        let mut pull = Pull::start(&client, "S", "C", Default::default(), Some(repair)).unwrap();
+        let mut pull = Pull::start(&client, "S", "C", Default::default())
+            .unwrap()
+            .with_repair(repair, 7);
         let (got_tx, mut got) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(m) = pull.next().await {
@@ -1575,16 +1577,18 @@ mod tests {
         // Two deliveries (the second with a domain and account hash in its reply subject),
         // then the server says nobody serves the consumer's subject.
         let gone = "NATS/1.0 503\r\n\r\n";
+        // (And a redelivery of an older one, which does not move the start back.)
         let send = format!(
             "MSG p.x 1 $JS.ACK.S.C.1.41.1.0.0 2\r\nhi\r\n\
              MSG p.x 1 $JS.ACK.dom.hash.S.C.1.42.2.0.0.tok 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.S.C.2.10.3.0.0 2\r\nhi\r\n\
              HMSG {inbox} 1 {} {}\r\n{gone}\r\n",
             gone.len(),
             gone.len()
         );
         let started = std::time::Instant::now();
         w.write_all(send.as_bytes()).await.unwrap();
-        for _ in 0..2 {
+        for _ in 0..3 {
             got.recv().await.unwrap();
         }
         // After a pause: repaired from sequence 43, and pulled again on a new inbox.

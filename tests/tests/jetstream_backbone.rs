@@ -90,9 +90,11 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
     let gw = start_gateway(js_config(&nats, "js-gone")).await;
     let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
     let mut ws = ws_connect(web, &["gone/#"]).await;
+    // A subscriber that has received nothing when its consumers go.
+    let mut quiet = ws_connect(web, &["quiet/x"]).await;
     wait_metric(
         admin,
-        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 2",
     )
     .await;
     for i in 0..3 {
@@ -105,8 +107,8 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("MESHGATE").await.unwrap();
     let names: Vec<String> = stream.consumer_names().map(|n| n.unwrap()).collect().await;
-    // `gone/#` is two consumers (`meshgate.gone` and `meshgate.gone.>`).
-    assert_eq!(names.len(), 2, "{names:?}");
+    // `gone/#` is two consumers (`meshgate.gone` and `meshgate.gone.>`), `quiet/x` one.
+    assert_eq!(names.len(), 3, "{names:?}");
     for name in &names {
         stream.delete_consumer(name).await.unwrap();
     }
@@ -114,6 +116,7 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
     for i in 3..8 {
         assert_eq!(post(web, "gone/x", &format!("e{i}")).await.unwrap(), 202);
     }
+    assert_eq!(post(web, "quiet/x", "q").await.unwrap(), 202);
     for i in 3..8 {
         let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
         assert_eq!(
@@ -122,12 +125,16 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
             "after the repair, in order, none skipped"
         );
     }
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), ws.next())
-            .await
-            .is_err(),
-        "nothing twice"
-    );
+    let q = next_event(&mut quiet, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(q.id(), "q");
+    for ws in [&mut ws, &mut quiet] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), ws.next())
+                .await
+                .is_err(),
+            "nothing twice"
+        );
+    }
     gw.shutdown().await;
 }
 

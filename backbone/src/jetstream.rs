@@ -155,13 +155,18 @@ impl JetStreamBackbone {
         );
         // nats-server reads each connection on one goroutine: several let it store from
         // several cores (see `publish`).
-        let mut publishers = Vec::with_capacity(config.publish_connections);
-        for _ in 0..config.publish_connections.max(1) {
-            publishers.push(
-                JsPublisher::start(nats_client::Client::connect(options.clone()).await)
-                    .map_err(|e| NatsStartError::Client(e.to_string()))?,
-            );
-        }
+        // (Connected at once, not one after another: with NATS down each waits connect_timeout.)
+        let clients = futures_util::future::join_all(
+            (0..config.publish_connections.max(1))
+                .map(|_| nats_client::Client::connect(options.clone())),
+        )
+        .await;
+        let publishers = clients
+            .into_iter()
+            .map(|client| {
+                JsPublisher::start(client).map_err(|e| NatsStartError::Client(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let consumer = nats_client::Client::connect(options).await;
         let backbone = Arc::new(JetStreamBackbone {
             client,

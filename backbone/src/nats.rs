@@ -214,6 +214,11 @@ impl nats_client::EncodeLater for CoreWire {
     fn size_bound(&self, envelope: &Envelope) -> usize {
         nats_wire::size_bound(envelope, self.wire)
     }
+
+    fn subject_bound(&self, envelope: &Envelope) -> usize {
+        // Each topic byte becomes itself, `.` or a `%XX` escape.
+        self.prefix.len() + 1 + envelope.topic.as_str().len() * 3
+    }
 }
 
 pub(crate) fn decode_message(

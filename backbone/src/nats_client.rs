@@ -94,9 +94,11 @@ pub(crate) trait EncodeLater: Send + Sync + std::fmt::Debug {
     /// none) and payload.
     fn encode(&self, envelope: &Envelope, frame: &mut Frame);
     /// At least the header block's and payload's length together: checked against the
-    /// server's `max_payload` when queued (only a bound over it costs an encoding then) and
-    /// counted against the write buffer's limit.
+    /// server's `max_payload` when queued (only a bound over it costs an encoding then) and,
+    /// with [`EncodeLater::subject_bound`], counted against the write buffer's limit.
     fn size_bound(&self, envelope: &Envelope) -> usize;
+    /// At least the subject's length.
+    fn subject_bound(&self, envelope: &Envelope) -> usize;
 }
 
 /// One message as [`EncodeLater`] writes it; its buffers are reused from message to message.
@@ -335,8 +337,9 @@ impl Client {
         let bound = encoder.size_bound(envelope);
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if bound > max {
-            // Maybe too large: only an encoding tells. Rare (max_payload is 1 MiB by
-            // default), so the encoding is simply published as bytes.
+            // Maybe too large: only an encoding tells (for events of some hundred KiB of
+            // text, whose bound counts every byte as an escape; max_payload is 1 MiB by
+            // default). Encoded here, and published as bytes.
             let mut frame = Frame::default();
             encoder.encode(envelope, &mut frame);
             return self.publish(&frame.subject, &frame.headers, &frame.payload);
@@ -354,7 +357,9 @@ impl Client {
         let was_empty = out.is_empty();
         let at = out.buf.len();
         out.later.push((at, envelope.clone()));
-        out.later_bytes += bound;
+        // The whole `HPUB` as the writer will append it: the line (verb, sizes, CRLFs) is
+        // under 64 bytes.
+        out.later_bytes += bound + encoder.subject_bound(envelope) + 64;
         drop(out);
         if was_empty {
             self.shared.wake_writer.notify_one();
@@ -1274,6 +1279,9 @@ mod tests {
         fn size_bound(&self, _: &Envelope) -> usize {
             self.bound
         }
+        fn subject_bound(&self, _: &Envelope) -> usize {
+            0
+        }
     }
 
     fn event(id: &str) -> Arc<Envelope> {
@@ -1327,8 +1335,10 @@ mod tests {
             }
         };
         assert_eq!(full, ClientError::Full);
+        // Each counted with its line (64 bytes).
         assert_eq!(queued, MAX_PENDING / (1 << 19));
         assert!(client.shared.out().buf.is_empty());
+        assert_eq!(client.shared.out().later_bytes, queued * ((1 << 19) + 64));
 
         // Over the server's max_payload by the bound: encoded at once, and only refused if
         // the encoding is over it too.

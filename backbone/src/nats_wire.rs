@@ -136,7 +136,11 @@ pub(crate) fn size_bound(envelope: &Envelope, mode: NatsWireMode) -> usize {
     }
     let event = &envelope.event;
     match mode {
-        NatsWireMode::Structured => headers + json::encoded_len_bound(event),
+        // Kept JSON (another instance's, or encoded here already) is written as it is.
+        NatsWireMode::Structured => match envelope.json_if_encoded() {
+            Some(json) => headers + json.len(),
+            None => headers + json::encoded_len_bound(event),
+        },
         NatsWireMode::Binary => {
             for (name, value) in event.attributes() {
                 headers += 8 + name.len();
@@ -318,16 +322,18 @@ pub(crate) fn decode(
         .map_err(|e| format!("subject `{subject}`: {e}"))?;
     let m = Meta::read(headers);
     let origin = m.origin.and_then(parse_origin);
-    // Another meshgate instance's structured event: its bytes are the event's JSON format,
-    // kept for the subscribers that want that (WebSocket, MQTT structured) instead of
-    // encoding it again. (Other programs' JSON is re-encoded: it may hold nulls or forms
-    // meshgate does not write.)
+    // A structured event with meshgate's origin header (another instance's): its bytes, now
+    // checked to be a valid event, are kept as its JSON format for the subscribers that want
+    // that (WebSocket, MQTT structured) instead of encoding it again. Copied: a slice would
+    // keep the client's whole read buffer alive while the event waits in queues. JSON without
+    // that header (other programs') is encoded anew, as it may hold nulls or forms meshgate
+    // does not write; a program that sets the header gets its valid JSON passed on as it is.
     let mut own_json = None;
     let event = match m.content_type {
         Some(ct) if media::is_cloudevents(ct) => {
             let event = json::decode(&payload).map_err(|e| format!("structured event: {e}"))?;
             if origin.is_some() {
-                own_json = Some(payload);
+                own_json = Some(Bytes::copy_from_slice(&payload));
             }
             event
         }
@@ -538,6 +544,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// JSON kept from another instance is written as it came, and counted as long as it is,
+    /// even when it is longer than meshgate's own encoding (whitespace).
+    #[test]
+    fn kept_json_is_written_as_it_came_and_within_the_bound() {
+        let padded = format!("{{{}{}", " ".repeat(2000), &E[1..]);
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", json::CONTENT_TYPE);
+        h.insert(ORIGIN, "3@other");
+        let e = decode("mg", "mg.a", Some(&h), Bytes::from(padded.clone())).unwrap();
+        let mut headers = RawHeaders::new();
+        encode_headers(&e, NatsWireMode::Structured, ("gw", "gw"), &mut headers);
+        let mut payload = Vec::new();
+        write_payload(&e, NatsWireMode::Structured, &mut payload);
+        assert_eq!(payload, padded.as_bytes());
+        assert!(size_bound(&e, NatsWireMode::Structured) >= headers.finish().len() + payload.len());
     }
 
     /// Through a raw header block (the core backbone) and through a `HeaderMap` (JetStream):

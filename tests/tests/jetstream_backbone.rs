@@ -125,7 +125,9 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
             "after the repair, in order, none skipped"
         );
     }
-    let q = next_event(&mut quiet, Duration::from_secs(10)).await.unwrap();
+    let q = next_event(&mut quiet, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(q.id(), "q");
     for ws in [&mut ws, &mut quiet] {
         assert!(

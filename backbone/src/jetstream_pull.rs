@@ -463,8 +463,11 @@ impl Stream for Pull {
                     }
                     this.window.received();
                     this.warned = false;
-                    // (A redelivery of an older message does not move it back.)
-                    if let Some(seq) = m.reply.as_deref().and_then(stream_sequence) {
+                    // Only a pull that repairs needs it. (A redelivery of an older message does
+                    // not move it back.)
+                    if this.repair.is_some()
+                        && let Some(seq) = m.reply.as_deref().and_then(stream_sequence)
+                    {
                         this.last_sequence = Some(this.last_sequence.map_or(seq, |l| l.max(seq)));
                     }
                     return Poll::Ready(Some(m));

@@ -100,17 +100,16 @@ impl NatsBackbone {
             metrics::BACKBONE_DROPPED,
             &[("backbone", NAME), ("reason", "slow_consumer")],
         );
-        let instance_ids = (
-            instance.to_owned(),
-            meshgate_core::header::percent_encode_header(instance),
-        );
         let options = |echo| client_options(config, instance, echo, slow_consumer.clone());
         // Only the publishing connection encodes events (on its writer's task).
         let publishing = nats_client::Options {
             later: Some(Arc::new(CoreWire {
                 prefix: config.subject_prefix.clone(),
                 wire: config.wire_mode,
-                instance: instance_ids.clone(),
+                instance: (
+                    instance.to_owned(),
+                    meshgate_core::header::percent_encode_header(instance),
+                ),
             })),
             ..options(false)
         };

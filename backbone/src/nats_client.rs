@@ -1473,18 +1473,23 @@ mod tests {
         assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
     }
 
+    /// Polls `pull` on a task of its own; what it yields, in order.
+    fn forward(mut pull: crate::jetstream_pull::Pull) -> mpsc::UnboundedReceiver<Msg> {
+        use futures_util::StreamExt;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = pull.next().await {
+                let _ = tx.send(m);
+            }
+        });
+        rx
+    }
+
     #[tokio::test]
     async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
         use crate::jetstream_pull::{BATCH, Pull};
-        use futures_util::StreamExt;
         let (client, _serving, server) = serving(64 << 10).await;
-        let mut pull = Pull::start(&client, "S", "C", Default::default()).unwrap();
-        let (got_tx, mut got) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(m) = pull.next().await {
-                let _ = got_tx.send(m);
-            }
-        });
+        let mut got = forward(Pull::start(&client, "S", "C", Default::default()).unwrap());
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
         let sub = line_of(&mut r, &mut seen, "SUB ").await;
@@ -1560,7 +1565,6 @@ mod tests {
     #[tokio::test]
     async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
         use crate::jetstream_pull::{BATCH, Pull, Repair};
-        use futures_util::StreamExt;
         let (client, _serving, server) = serving(64 << 10).await;
         let starts = Arc::new(Mutex::new(Vec::new()));
         let repair: Repair = Arc::new({
@@ -1570,15 +1574,10 @@ mod tests {
                 Box::pin(async { Ok(true) })
             }
         });
-        let mut pull = Pull::start(&client, "S", "C", Default::default())
+        let pull = Pull::start(&client, "S", "C", Default::default())
             .unwrap()
             .with_repair(repair, 7);
-        let (got_tx, mut got) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(m) = pull.next().await {
-                let _ = got_tx.send(m);
-            }
-        });
+        let mut got = forward(pull);
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
         let first = line_of(&mut r, &mut seen, "SUB ").await;

@@ -124,14 +124,18 @@ impl JetStreamBackbone {
                     config.stream
                 ))
             })?;
-        let retained =
-            crate::jetstream_retained::KvRetained::open(&js, &config.stream, config.replicas)
-                .await
-                .map_err(|e| {
-                    NatsStartError::Client(format!(
-                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-                    ))
-                })?;
+        let retained = crate::jetstream_retained::KvRetained::open(
+            &js,
+            &config.stream,
+            config.replicas,
+            nats.max_control_line,
+        )
+        .await
+        .map_err(|e| {
+            NatsStartError::Client(format!(
+                "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
+            ))
+        })?;
         let sessions = crate::jetstream_sessions::KvSessions::open(
             &client,
             &js,
@@ -139,6 +143,7 @@ impl JetStreamBackbone {
             config.replicas,
             &nats.subject_prefix,
             instance,
+            nats.max_control_line,
         )
         .await
         .map_err(|e| {
@@ -152,6 +157,7 @@ impl JetStreamBackbone {
             instance,
             true,
             registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer")),
+            registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", NAME)]),
         );
         // nats-server reads each connection on one goroutine: several let it store from
         // several cores (see `publish`).

@@ -19,6 +19,8 @@ pub(crate) const B64: base64::engine::GeneralPurpose =
 
 pub(crate) struct KvRetained {
     kv: kv::Store,
+    bucket: String,
+    max_control_line: usize,
 }
 
 impl std::fmt::Debug for KvRetained {
@@ -44,10 +46,26 @@ impl KvRetained {
         js: &async_nats::jetstream::Context,
         stream: &str,
         replicas: usize,
+        max_control_line: usize,
     ) -> Result<KvRetained, String> {
-        let kv = open_bucket(js, &format!("{stream}_RETAINED"), replicas).await?;
-        Ok(KvRetained { kv })
+        let bucket = format!("{stream}_RETAINED");
+        let kv = open_bucket(js, &bucket, replicas).await?;
+        Ok(KvRetained {
+            kv,
+            bucket,
+            max_control_line,
+        })
     }
+}
+
+/// Whether requests on `key` fit in the server's `max_control_line`; a longer protocol line
+/// makes nats-server close the connection, which the whole backbone shares. The longest is a
+/// direct get: `HPUB $JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key> <reply inbox> <sizes>`.
+pub(crate) fn key_fits(bucket: &str, key: &str, max_control_line: usize) -> bool {
+    // The verb, `$JS.API.DIRECT.GET.KV_` and `.$KV.`, async-nats' reply inbox (`_INBOX.` and
+    // two 22-character NUIDs), two sizes and CRLF: about 110 bytes.
+    const OVERHEAD: usize = 160;
+    key.len() + 2 * bucket.len() + OVERHEAD <= max_control_line
 }
 
 /// Creates (or opens) a KV bucket. Its stream is created here rather than with
@@ -92,20 +110,29 @@ impl RetainedStore for KvRetained {
                 event: &event,
             })
             .map_err(|e| BackboneError::Rejected(e.to_string()))?;
-            self.kv
-                .put(B64.encode(envelope.topic.as_str()), value.into())
-                .await
-                .map_err(failed)?;
+            let key = B64.encode(envelope.topic.as_str());
+            if !key_fits(&self.bucket, &key, self.max_control_line) {
+                return Err(BackboneError::TopicTooLong(format!(
+                    "a retained message's topic of {} bytes is too long for the JetStream \
+                     retained-message bucket: its key's protocol line would be over the {} \
+                     bytes nats-server accepts (max_control_line; backbone.nats.max_control_line)",
+                    envelope.topic.as_str().len(),
+                    self.max_control_line
+                )));
+            }
+            self.kv.put(key, value.into()).await.map_err(failed)?;
             Ok(())
         })
     }
 
     fn clear<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
-            self.kv
-                .purge(B64.encode(topic.as_str()))
-                .await
-                .map_err(failed)
+            let key = B64.encode(topic.as_str());
+            if !key_fits(&self.bucket, &key, self.max_control_line) {
+                // Never stored (`set` refuses such keys): nothing to clear.
+                return Ok(());
+            }
+            self.kv.purge(key).await.map_err(failed)
         })
     }
 

@@ -10,7 +10,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
-use crate::jetstream_retained::{B64, open_bucket};
+use crate::jetstream_retained::{B64, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
     kv: kv::Store,
@@ -19,6 +19,8 @@ pub(crate) struct KvSessions {
     stream: String,
     prefix: String,
     instance: String,
+    bucket: String,
+    max_control_line: usize,
 }
 
 impl std::fmt::Debug for KvSessions {
@@ -39,8 +41,10 @@ impl KvSessions {
         replicas: usize,
         prefix: &str,
         instance: &str,
+        max_control_line: usize,
     ) -> Result<KvSessions, String> {
-        let kv = open_bucket(js, &format!("{stream}_SESSIONS"), replicas).await?;
+        let bucket = format!("{stream}_SESSIONS");
+        let kv = open_bucket(js, &bucket, replicas).await?;
         Ok(KvSessions {
             kv,
             js: js.clone(),
@@ -48,11 +52,29 @@ impl KvSessions {
             stream: stream.to_owned(),
             prefix: prefix.to_owned(),
             instance: instance.to_owned(),
+            bucket,
+            max_control_line,
         })
     }
 
     /// The subject on which `instance` takes release requests (instance names may hold any
     /// character; subject tokens may not).
+    /// The key of `client_id`'s record, refused when its requests would not fit the server's
+    /// `max_control_line` (nats-server would close the connection).
+    fn key(&self, client_id: &str) -> Result<String, BackboneError> {
+        let key = B64.encode(client_id);
+        if key_fits(&self.bucket, &key, self.max_control_line) {
+            return Ok(key);
+        }
+        Err(BackboneError::Rejected(format!(
+            "a client id of {} bytes is too long for the JetStream session store: its key's \
+             protocol line would be over the {} bytes nats-server accepts (max_control_line; \
+             backbone.nats.max_control_line)",
+            client_id.len(),
+            self.max_control_line
+        )))
+    }
+
     fn release_subject(&self, instance: &str) -> String {
         format!(
             "_MESHGATE.{}.release.{}",
@@ -68,7 +90,7 @@ impl SessionStore for KvSessions {
         client_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<meshgate_core::backbone::StoredRecord>, BackboneError>> {
         Box::pin(async move {
-            let entry = self.kv.entry(B64.encode(client_id)).await.map_err(failed)?;
+            let entry = self.kv.entry(self.key(client_id)?).await.map_err(failed)?;
             // A purged or deleted key is a tombstone: no record.
             Ok(entry
                 .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty())
@@ -83,7 +105,7 @@ impl SessionStore for KvSessions {
         revision: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<u64>, BackboneError>> {
         Box::pin(async move {
-            let key = B64.encode(client_id);
+            let key = self.key(client_id)?;
             match revision {
                 // `create` also succeeds over a tombstone.
                 None => match self.kv.create(&key, record.into()).await {
@@ -107,7 +129,7 @@ impl SessionStore for KvSessions {
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
             self.kv
-                .purge_expect_revision(B64.encode(client_id), Some(revision))
+                .purge_expect_revision(self.key(client_id)?, Some(revision))
                 .await
                 .map_err(failed)
         })

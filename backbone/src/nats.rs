@@ -100,7 +100,16 @@ impl NatsBackbone {
             metrics::BACKBONE_DROPPED,
             &[("backbone", NAME), ("reason", "slow_consumer")],
         );
-        let options = |echo| client_options(config, instance, echo, slow_consumer.clone());
+        let disconnects = registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", NAME)]);
+        let options = |echo| {
+            client_options(
+                config,
+                instance,
+                echo,
+                slow_consumer.clone(),
+                disconnects.clone(),
+            )
+        };
         // Only the publishing connection encodes events (on its writer's task).
         let publishing = nats_client::Options {
             later: Some(Arc::new(CoreWire {
@@ -245,6 +254,7 @@ pub(crate) fn client_options(
     instance: &str,
     echo: bool,
     slow_consumer: Counter,
+    disconnects: Counter,
 ) -> nats_client::Options {
     nats_client::Options {
         urls: config.urls.clone(),
@@ -256,7 +266,9 @@ pub(crate) fn client_options(
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
         slow_consumer,
+        disconnects,
         later: None,
+        max_control_line: config.max_control_line,
     }
 }
 
@@ -267,6 +279,7 @@ pub(crate) fn client_error(e: ClientError) -> BackboneError {
         ClientError::TooLarge { .. } | ClientError::BadSubject(_) => {
             BackboneError::Rejected(e.to_string())
         }
+        ClientError::LineTooLong { .. } => BackboneError::TopicTooLong(e.to_string()),
         ClientError::Full => BackboneError::Saturated(e.to_string()),
     }
 }

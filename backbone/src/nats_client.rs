@@ -83,8 +83,15 @@ pub(crate) struct Options {
     pub connect_timeout: Duration,
     pub subscription_capacity: usize,
     pub slow_consumer: Counter,
+    /// Counts each established connection that was lost (not the ones closed on purpose).
+    pub disconnects: Counter,
     /// How the writer encodes what [`Client::publish_later`] queued; needed only by it.
     pub later: Option<Arc<dyn EncodeLater>>,
+    /// Longest protocol line (`PUB`/`HPUB`/`SUB` with subject, reply subject or queue group,
+    /// and sizes) sent: the server's `max_control_line`, which INFO does not announce.
+    /// nats-server answers a longer line with `-ERR 'Maximum Control Line Exceeded'` and closes
+    /// the connection, which every client of this instance shares; so the line is refused here.
+    pub max_control_line: usize,
 }
 
 /// Encodes an event queued with [`Client::publish_later`] into one NATS message, on the
@@ -128,6 +135,12 @@ pub(crate) enum ClientError {
     TooLarge { size: usize, max: usize },
     #[error("subject `{0}` is not a NATS subject")]
     BadSubject(String),
+    /// The protocol line would be longer than [`Options::max_control_line`].
+    #[error(
+        "the subject is too long: its NATS protocol line would be {len} bytes, over the {max} \
+         bytes nats-server accepts (its max_control_line; backbone.nats.max_control_line)"
+    )]
+    LineTooLong { len: usize, max: usize },
     /// [`MAX_PENDING`] bytes are waiting for the writer: wait with [`Client::room`], then retry.
     #[error("the NATS write buffer is full")]
     Full,
@@ -295,6 +308,8 @@ impl Client {
         if reply.is_some_and(not_a_subject) {
             return Err(ClientError::BadSubject(format!("reply subject {reply:?}")));
         }
+        let size = headers.len() + payload.len();
+        self.check_line(pub_line_len(subject, reply, headers.len(), size))?;
         let mut out = self.shared.out();
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
@@ -304,7 +319,6 @@ impl Client {
         if !out.connected {
             return Err(ClientError::NotConnected);
         }
-        let size = headers.len() + payload.len();
         let max = self.shared.max_payload.load(Ordering::Relaxed);
         if size > max {
             return Err(ClientError::TooLarge { size, max });
@@ -335,11 +349,13 @@ impl Client {
             .as_ref()
             .expect("publish_later needs Options::later");
         let bound = encoder.size_bound(envelope);
+        let subject_bound = encoder.subject_bound(envelope);
         let max = self.shared.max_payload.load(Ordering::Relaxed);
-        if bound > max {
-            // Maybe too large: only an encoding tells (for events of some hundred KiB of
-            // text, whose bound counts every byte as an escape; max_payload is 1 MiB by
-            // default). Encoded here, and published as bytes.
+        if bound > max || subject_bound + PUB_LINE_OVERHEAD > self.shared.options.max_control_line {
+            // Maybe too large, or its line too long: only an encoding tells (for events of
+            // some hundred KiB of text, whose bound counts every byte as an escape;
+            // max_payload is 1 MiB by default; a topic's bound counts every byte as escaped).
+            // Encoded here, and published as bytes, which checks both exactly.
             let mut frame = Frame::default();
             encoder.encode(envelope, &mut frame);
             return self.publish(&frame.subject, &frame.headers, &frame.payload);
@@ -359,7 +375,7 @@ impl Client {
         out.later.push((at, envelope.clone()));
         // The whole `HPUB` as the writer will append it: the line (verb, sizes, CRLFs) is
         // under 64 bytes.
-        out.later_bytes += bound + encoder.subject_bound(envelope) + 64;
+        out.later_bytes += bound + subject_bound + PUB_LINE_OVERHEAD;
         drop(out);
         if was_empty {
             self.shared.wake_writer.notify_one();
@@ -464,6 +480,8 @@ impl Client {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
+        // `SUB <subject> [<queue>] <sid>\r\n`, the sid at most 20 digits.
+        self.check_line(4 + subject.len() + queue.map_or(0, |q| q.len() + 1) + 1 + 20 + 2)?;
         let sid = self.shared.next_sid.fetch_add(1, Ordering::Relaxed) as u64;
         let sub = Sub {
             subject: subject.to_owned(),
@@ -481,6 +499,15 @@ impl Client {
         Ok(sid)
     }
 
+    /// Refuses a protocol line over the server's `max_control_line`.
+    fn check_line(&self, len: usize) -> Result<(), ClientError> {
+        let max = self.shared.options.max_control_line;
+        if len > max {
+            return Err(ClientError::LineTooLong { len, max });
+        }
+        Ok(())
+    }
+
     /// Writes what was published, waits for the server to have it, ends every subscription
     /// (each stream ends after the messages it buffered) and stops the connection.
     pub async fn drain(&self) {
@@ -492,6 +519,21 @@ impl Client {
         self.shared.close.notify_one();
         self.shared.room.notify_waiters();
     }
+}
+
+/// At least what an `HPUB` line holds besides its subject: verb, spaces, two sizes, CRLF.
+const PUB_LINE_OVERHEAD: usize = 64;
+
+/// The length of the `PUB`/`HPUB` line [`write_pub`] writes.
+fn pub_line_len(subject: &str, reply: Option<&str>, headers: usize, total: usize) -> usize {
+    let digits = |n: usize| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let verb = if headers == 0 { 3 } else { 4 };
+    let sizes = if headers == 0 {
+        1 + digits(total)
+    } else {
+        1 + digits(headers) + 1 + digits(total)
+    };
+    verb + 1 + subject.len() + reply.map_or(0, |r| r.len() + 1) + sizes + 2
 }
 
 /// Empty, or with a byte the protocol line cannot carry (whitespace, control characters).
@@ -623,6 +665,7 @@ async fn run(shared: Arc<Shared>) {
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
+                shared.options.disconnects.inc();
                 tracing::warn!(url = %url, reason = %reason, "nats: disconnected; reconnecting");
                 if started.elapsed() < Duration::from_secs(1) {
                     // Ended at once (refused after the handshake, say): no tight loop.
@@ -1356,6 +1399,86 @@ mod tests {
         );
     }
 
+    /// Subject `ev.<topic>`, its bound counting every topic byte as escaped (as the real
+    /// encoder's does).
+    #[derive(Debug)]
+    struct ByTopic;
+
+    impl EncodeLater for ByTopic {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) {
+            envelope.topic.push_nats_subject("ev", &mut frame.subject);
+            frame.payload.push(b'x');
+        }
+        fn size_bound(&self, _: &Envelope) -> usize {
+            1
+        }
+        fn subject_bound(&self, envelope: &Envelope) -> usize {
+            3 + 3 * envelope.topic.as_str().len()
+        }
+    }
+
+    fn event_on(topic: &str) -> Arc<Envelope> {
+        let origin = meshgate_core::Origin {
+            instance: Arc::from("i"),
+            connection: 1,
+        };
+        let event = meshgate_core::Event::new("1", "/s", "t").unwrap();
+        let topic = meshgate_core::Topic::from_mqtt(topic).unwrap();
+        Arc::new(Envelope::new(topic, Arc::new(event), origin))
+    }
+
+    #[test]
+    fn protocol_lines_over_max_control_line_are_refused_and_nothing_is_written() {
+        const MAX: usize = 4096;
+        let client = Client {
+            shared: unconnected_with(Some(Arc::new(ByTopic))),
+        };
+        client.shared.out().connected = true;
+        let too_long = |len| Err(ClientError::LineTooLong { len, max: MAX });
+        // `PUB <subject> 1\r\n` is the subject and 8 bytes.
+        let fits = "a".repeat(MAX - 8);
+        assert_eq!(client.publish(&fits, b"", b"x"), Ok(()));
+        let written = client.shared.out().buf.len();
+        assert_eq!(written, MAX + 3, "the line and `x\r\n`");
+        let over = "a".repeat(MAX - 7);
+        assert_eq!(client.publish(&over, b"", b"x"), too_long(MAX + 1));
+        // `HPUB <subject> <reply> 12 13\r\n`: the subject and 4 + 1 + 6 + 6 + 2 bytes.
+        let headers = b"NATS/1.0\r\n\r\n";
+        assert_eq!(headers.len(), 12);
+        let subject = "b".repeat(MAX - 19);
+        assert_eq!(
+            client.publish_with_reply(&subject, Some("reply"), headers, b"x"),
+            Ok(())
+        );
+        let subject = "b".repeat(MAX - 18);
+        assert_eq!(
+            client.publish_with_reply(&subject, Some("reply"), headers, b"x"),
+            too_long(MAX + 1)
+        );
+        // A subscription: `SUB <subject> <queue> <sid>\r\n`, the sid counted as 20 digits.
+        assert!(client.subscribe(&"c".repeat(MAX - 27), None).is_ok());
+        assert_eq!(
+            client.subscribe(&"c".repeat(MAX - 28), Some("q")).err(),
+            Some(ClientError::LineTooLong {
+                len: MAX + 1,
+                max: MAX
+            })
+        );
+        // An event whose subject bound is over (every byte escaped) but whose subject is not:
+        // encoded at once and sent.
+        let before = client.shared.out().buf.len();
+        let topic = "d".repeat(MAX - 3 - 8);
+        assert_eq!(client.publish_later(&event_on(&topic)), Ok(()));
+        assert!(client.shared.out().later.is_empty());
+        assert_eq!(client.shared.out().buf.len(), before + MAX + 3);
+        // Really over: refused with the real line length.
+        let topic = "d".repeat(MAX - 3 - 7);
+        assert_eq!(client.publish_later(&event_on(&topic)), too_long(MAX + 1));
+        // Short ones are queued for the writer as before.
+        assert_eq!(client.publish_later(&event_on("short")), Ok(()));
+        assert_eq!(client.shared.out().later.len(), 1);
+    }
+
     /// A client's shared state as [`Client::connect`] makes it, without connecting.
     fn unconnected() -> Arc<Shared> {
         unconnected_with(None)
@@ -1372,7 +1495,9 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             subscription_capacity: 16,
             slow_consumer: Counter::default(),
+            disconnects: Counter::default(),
             later,
+            max_control_line: 4096,
         }))
     }
 

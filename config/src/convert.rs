@@ -252,6 +252,13 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
             "backbone.nats.subscription_capacity",
             errors,
         ),
+        max_control_line: size(
+            &n.max_control_line,
+            "backbone.nats.max_control_line",
+            512,
+            "the 512 bytes meshgate's own JetStream requests may take (nats-server's default is 4096)",
+            errors,
+        ),
     }
 }
 

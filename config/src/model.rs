@@ -132,6 +132,10 @@ pub struct NatsBackboneConfig {
     /// Messages the NATS client buffers per subscription; beyond it they are dropped (slow
     /// consumer) and counted.
     pub subscription_capacity: usize,
+    /// The server's `max_control_line`: a publish or subscription whose protocol line would be
+    /// longer (a long topic) is refused instead of sent, because the server would close the
+    /// shared connection.
+    pub max_control_line: usize,
 }
 
 impl std::fmt::Debug for NatsBackboneConfig {
@@ -146,6 +150,7 @@ impl std::fmt::Debug for NatsBackboneConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("subscription_capacity", &self.subscription_capacity)
+            .field("max_control_line", &self.max_control_line)
             .finish()
     }
 }

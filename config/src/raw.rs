@@ -62,6 +62,7 @@ pub struct Nats {
     pub token: String,
     pub connect_timeout: String,
     pub subscription_capacity: i64,
+    pub max_control_line: Size,
 }
 
 impl std::fmt::Debug for Nats {

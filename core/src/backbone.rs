@@ -251,6 +251,12 @@ pub enum BackboneError {
     /// The backbone refused this event for good (e.g. too large). Do not retry.
     #[error("backbone rejected the event: {0}")]
     Rejected(String),
+    /// The backbone cannot carry a topic, topic filter or shared-subscription group this long
+    /// (on NATS: its protocol line would be over the server's `max_control_line`, and the
+    /// server would close the connection every client shares). Do not retry; a shorter one
+    /// may go.
+    #[error("backbone refused the topic: {0}")]
+    TopicTooLong(String),
     /// The backbone is shutting down.
     #[error("backbone is closed")]
     Closed,
@@ -260,7 +266,10 @@ impl BackboneError {
     /// Whether the same request may succeed if retried later (HTTP 503 / MQTT "server busy"
     /// rather than 4xx / "implementation specific error").
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BackboneError::Rejected(_))
+        !matches!(
+            self,
+            BackboneError::Rejected(_) | BackboneError::TopicTooLong(_)
+        )
     }
 }
 

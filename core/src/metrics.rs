@@ -18,6 +18,7 @@ pub const ERRORS: &str = "meshgate_errors_total";
 pub const PUBLISH_LATENCY: &str = "meshgate_publish_latency_seconds";
 pub const BACKBONE_DROPPED: &str = "meshgate_backbone_dropped_total";
 pub const BACKBONE_SUBSCRIPTIONS: &str = "meshgate_backbone_subscriptions";
+pub const BACKBONE_DISCONNECTS: &str = "meshgate_backbone_disconnects_total";
 pub const MQTT_IN_BY_QOS: &str = "meshgate_mqtt_publish_in_total";
 pub const MQTT_OUT_BY_QOS: &str = "meshgate_mqtt_publish_out_total";
 pub const MQTT_SESSIONS_OFFLINE: &str = "meshgate_mqtt_sessions_offline";
@@ -37,6 +38,7 @@ fn help(name: &str) -> &'static str {
         PUBLISH_LATENCY => "Time from a client's event arriving to the backbone accepting it.",
         BACKBONE_DROPPED => "Events the backbone dropped for a subscriber, per reason.",
         BACKBONE_SUBSCRIPTIONS => "Active backbone subscriptions.",
+        BACKBONE_DISCONNECTS => "Times a connection of the backbone to NATS was lost.",
         MQTT_IN_BY_QOS => "MQTT PUBLISHes accepted from clients, per QoS.",
         MQTT_OUT_BY_QOS => "MQTT PUBLISHes delivered to clients, per QoS.",
         MQTT_SESSIONS_OFFLINE => "Persistent MQTT sessions kept while their client is away.",

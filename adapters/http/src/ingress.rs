@@ -357,7 +357,9 @@ async fn handle(
                     ids.len()
                 );
                 let status = match e {
-                    BackboneError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    BackboneError::Rejected(_) | BackboneError::TopicTooLong(_) => {
+                        StatusCode::UNPROCESSABLE_ENTITY
+                    }
                     _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 return Err(Refusal::new(status, detail));

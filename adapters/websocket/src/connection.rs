@@ -185,7 +185,14 @@ impl Pumps {
             .backbone
             .subscribe(filter.clone(), SubscribeOptions::default())
             .await
-            .map_err(|e| FrameError::new("unavailable", e.to_string(), None))?;
+            .map_err(|e| {
+                let code = if e.is_retryable() {
+                    "unavailable"
+                } else {
+                    "invalid_request"
+                };
+                FrameError::new(code, e.to_string(), None)
+            })?;
         if let Ok(mut filters) = conn.filters.write() {
             filters.push(filter.clone());
         }
@@ -379,8 +386,10 @@ async fn handle_text(
                 .publish(&shared.metrics, principal, topic, Arc::from(event), origin)
                 .await
             {
-                let code = match e {
+                let code = match &e {
                     PublishError::Forbidden(_) => "forbidden",
+                    // Too large, or a topic too long for the bus: sending it again won't help.
+                    PublishError::Backbone(b) if !b.is_retryable() => "invalid_request",
                     PublishError::Backbone(_) => "unavailable",
                 };
                 conn.report(&FrameError::new(code, e.to_string(), Some(&id)));

@@ -409,7 +409,13 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match stored::claim(shared, &client_id, &principal, !connect.clean_session).await {
             Ok(c) => claim = c,
-            Err(()) => {
+            Err(e) if !e.is_retryable() => {
+                // A client id the store cannot hold (too long for its keys).
+                let p = refuse(ConnectReturnCode::ClientIdentifierNotValid, &e.to_string());
+                let _ = write_now(stream, version, p).await;
+                return None;
+            }
+            Err(_) => {
                 // Deciding without the store could hand one session to two instances.
                 let p = refuse(
                     ConnectReturnCode::ServerUnavailable,
@@ -1026,7 +1032,11 @@ impl Session {
             Err(PublishError::Backbone(e)) => {
                 tracing::debug!(error = %e, "mqtt: backbone refused");
                 // Never acknowledge what the backbone did not take.
-                self.refuse(qos, pkid, PubAckReason::QuotaExceeded, "backbone")
+                let reason = match e {
+                    meshgate_core::BackboneError::TopicTooLong(_) => PubAckReason::TopicNameInvalid,
+                    _ => PubAckReason::QuotaExceeded,
+                };
+                self.refuse(qos, pkid, reason, "backbone")
             }
         }
     }

@@ -12,7 +12,7 @@
 //! (so they are redelivered at once), saves the record and drops its placeholder.
 
 use meshgate_core::backbone::now_ms;
-use meshgate_core::{Durable, Principal, SessionStore, TopicFilter};
+use meshgate_core::{BackboneError, Durable, Principal, SessionStore, TopicFilter};
 
 use super::subscribe::{SubOptions, Subscription, shared_filter};
 use super::{Session, TAKEOVER_WAIT, to_qos};
@@ -64,7 +64,7 @@ async fn load(
     store: &dyn SessionStore,
     shared: &Shared,
     client_id: &str,
-) -> Result<Option<(Record, u64)>, ()> {
+) -> Result<Option<(Record, u64)>, BackboneError> {
     match store.load(client_id).await {
         Ok(Some((bytes, revision))) => match serde_json::from_slice(&bytes) {
             Ok(r) => Ok(Some((r, revision))),
@@ -78,7 +78,7 @@ async fn load(
         Err(e) => {
             shared.metrics.error("session_store");
             tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session");
-            Err(())
+            Err(e)
         }
     }
 }
@@ -125,7 +125,7 @@ pub(super) async fn claim(
     client_id: &str,
     principal: &Principal,
     resume: bool,
-) -> Result<Claim, ()> {
+) -> Result<Claim, BackboneError> {
     let Some(store) = shared.ctx.backbone.session_store() else {
         return Ok(Claim::default());
     };
@@ -306,10 +306,7 @@ impl Session {
 
     /// Takes what the stored session kept: its subscriptions (bound again to their durable
     /// subscriptions, with what waited there) and its unfinished QoS 2 handshakes.
-    pub(super) async fn restore_stored(
-        &mut self,
-        record: Record,
-    ) -> Result<(), meshgate_core::BackboneError> {
+    pub(super) async fn restore_stored(&mut self, record: Record) -> Result<(), BackboneError> {
         for s in record.subscriptions {
             let (group, text) = match shared_filter(&s.key) {
                 None => (None, s.key.as_str()),

@@ -168,7 +168,12 @@ impl Session {
                     .await
                 {
                     tracing::debug!(error = %e, "mqtt: backbone subscribe failed");
-                    codes.push(failure(SubscribeReasonCode::ImplementationSpecific));
+                    codes.push(failure(match e {
+                        meshgate_core::BackboneError::TopicTooLong(_) => {
+                            SubscribeReasonCode::TopicFilterInvalid
+                        }
+                        _ => SubscribeReasonCode::ImplementationSpecific,
+                    }));
                     continue;
                 }
             }

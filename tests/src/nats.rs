@@ -15,9 +15,12 @@ pub struct NatsServer {
     /// Given on every (re)start after the address, port and JetStream options.
     extra_args: Vec<String>,
     child: Option<Child>,
+    /// The HTTP monitoring port, if started with one.
+    monitor: Option<u16>,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -73,7 +76,43 @@ impl NatsServer {
             dir,
             extra_args: Vec::new(),
             child: None,
+            monitor: None,
         }
+    }
+
+    /// Starts a server with JetStream and its HTTP monitoring on free ports (for
+    /// [`NatsServer::closed_by_server`]).
+    pub fn start_monitored() -> NatsServer {
+        let monitor = free_port();
+        let mut server = NatsServer::start_with(&["-m", &monitor.to_string()]);
+        server.monitor = Some(monitor);
+        server
+    }
+
+    /// Why the server closed each client connection it closed so far, besides those the
+    /// client closed (`/connz?state=closed`), e.g. "Maximum Control Line Exceeded". Needs
+    /// [`NatsServer::start_monitored`].
+    pub async fn closed_by_server(&self) -> Vec<String> {
+        let port = self
+            .monitor
+            .expect("closed_by_server needs NatsServer::start_monitored");
+        let connz: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/connz?state=closed"))
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .expect("nats-server's /connz answers")
+                .json()
+                .await
+                .expect("/connz is JSON");
+        connz["connections"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|c| c["reason"].as_str().unwrap_or_default().to_owned())
+                    .filter(|reason| reason != "Client Closed")
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// `nats://127.0.0.1:<port>`

@@ -817,3 +817,78 @@ async fn an_event_over_the_servers_max_payload_is_refused_naming_the_limit() {
     let (status, body) = post_data(web, "big", "small", "hello").await;
     assert_eq!(status, 202, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_too_long_for_the_servers_protocol_line_are_refused_not_sent() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
+    let nats = NatsServer::start_monitored();
+    let mut c = js_config(&nats, "gw-long-keys");
+    c.mqtt.enabled = true;
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let gw = start_gateway(c).await;
+    let (port, admin) = (gw.mqtt_addr.unwrap().port(), gw.admin_addr.unwrap());
+    let client = |id: &str, clean: bool| {
+        let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_max_packet_size(Some(1 << 20));
+        o.set_clean_start(clean);
+        if !clean {
+            o.set_session_expiry_interval(Some(3600));
+        }
+        rumqttc::v5::AsyncClient::new(o, 10)
+    };
+
+    // A persistent session whose client id makes a session-store key too long: CONNACK
+    // "client identifier not valid", naming the limit.
+    let (_c, mut el) = client(&"c".repeat(3000), false);
+    match el.poll().await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A retained message whose topic fits a subject but not the retained-message key
+    // (base64, 4/3 as long): delivered, not retained, counted.
+    let (publisher, mut el) = client("long-retained", true);
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = el.poll().await {
+            if let rumqttc::v5::Event::Incoming(Packet::PubAck(a)) = e {
+                let _ = acks_tx.send(a.reason);
+            }
+        }
+    });
+    let long = format!("r/{}", "z".repeat(3000));
+    for (topic, payload) in [(long.as_str(), "long"), ("r/short", "short")] {
+        publisher
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason, PubAckReason::Success, "{payload}");
+    }
+    wait_metric(
+        admin,
+        "meshgate_errors_total{adapter=\"mqtt\",kind=\"retained_store\"} 1",
+    )
+    .await;
+    // The short one was retained (the KV connection is fine): a new subscriber gets it alone.
+    let (sub, mut el) = client("retained-reader", true);
+    sub.subscribe("r/#", QoS::AtLeastOnce).await.unwrap();
+    let mut retained = Vec::new();
+    let d = Deadline::after(Duration::from_secs(2));
+    while let Ok(Ok(e)) = tokio::time::timeout(d.remaining(), el.poll()).await {
+        if let rumqttc::v5::Event::Incoming(Packet::Publish(p)) = e {
+            retained.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    assert_eq!(retained, ["short"]);
+
+    // Nothing made the server close a connection.
+    assert_eq!(nats.closed_by_server().await, Vec::<String>::new());
+    gw.shutdown().await;
+}

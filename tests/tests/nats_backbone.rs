@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use meshgate_config::{BackboneKind, NatsWireMode};
 use support::nats::NatsServer;
 use support::{
@@ -702,5 +702,141 @@ async fn nats_and_websocket_subscribers_of_one_gateway_each_get_every_event_once
     );
     assert!(seen.values().all(|&c| c == 1), "`orders/x/+`: {seen:?}");
     drop((all, some));
+    gw.shutdown().await;
+}
+
+/// The gateway's count of lost NATS connections, from /metrics.
+async fn disconnects(admin: SocketAddr, backbone: &str) -> String {
+    let needle = format!("meshgate_backbone_disconnects_total{{backbone=\"{backbone}\"}} ");
+    metrics(admin)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {needle} in /metrics"))
+}
+
+/// An MQTT 5 client on `port`; its PUBACKs and SUBACKs come out of the channel.
+fn mqtt5_client(
+    port: u16,
+    id: &str,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_max_packet_size(Some(1 << 20));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = el.poll().await {
+            if let rumqttc::v5::Event::Incoming(p @ (Packet::PubAck(_) | Packet::SubAck(_))) = e {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_too_long_for_the_servers_protocol_line_is_refused_and_nobody_else_notices() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+    // nats-server's default max_control_line (4096), and the gateway's.
+    let nats = NatsServer::start_monitored();
+    let gw = start_gateway(with_mqtt(nats_config(&nats, "gw-long-topic"))).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut tap = client.subscribe("meshgate.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut ws = ws_connect(web, &["ok/#", "long/#"]).await;
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"nats\"} 2",
+    )
+    .await;
+    // Subject `meshgate.long.xxx…`: 4,100 bytes of topic is over 4096 whatever else the line
+    // holds; 3,900 leaves room for the verb, the sizes and a WebSocket/MQTT event's headers.
+    let long = format!("long/{}", "x".repeat(4100));
+    let fits = format!("long/{}", "y".repeat(3900));
+
+    // HTTP: 422 naming the limit.
+    let (status, body) = post_data(web, &long, "h-long", "hello").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("max_control_line"), "{body}");
+    let (status, body) = post_data(web, &fits, "h-fits", "hello").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(nats_event_id(&next_nats(&mut tap).await), "h-fits");
+
+    // MQTT 5: PUBACK "topic name invalid"; SUBACK "topic filter invalid".
+    let (mqtt, mut acks) = mqtt5_client(gw.mqtt_addr.unwrap().port(), "long-topic");
+    let mut next_ack = async || {
+        tokio::time::timeout(Duration::from_secs(5), acks.recv())
+            .await
+            .expect("an acknowledgement within 5 s")
+            .unwrap()
+    };
+    mqtt.publish(long.as_str(), QoS::AtLeastOnce, false, "m-long")
+        .await
+        .unwrap();
+    match next_ack().await {
+        Packet::PubAck(a) => assert_eq!(a.reason, PubAckReason::TopicNameInvalid),
+        other => panic!("{other:?}"),
+    }
+    mqtt.publish(fits.as_str(), QoS::AtLeastOnce, false, "m-fits")
+        .await
+        .unwrap();
+    match next_ack().await {
+        Packet::PubAck(a) => assert_eq!(a.reason, PubAckReason::Success),
+        other => panic!("{other:?}"),
+    }
+    assert!(next_nats(&mut tap).await.subject.len() > 3900);
+    mqtt.subscribe(format!("{long}/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    match next_ack().await {
+        Packet::SubAck(a) => {
+            assert_eq!(a.return_codes, [SubscribeReasonCode::TopicFilterInvalid]);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // WebSocket: an `io.meshgate.error` with `invalid_request`, the socket open.
+    let event = serde_json::json!({
+        "specversion": "1.0", "id": "w-long", "source": "/t", "type": "t", "subject": long,
+    });
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        event.to_string(),
+    ))
+    .await
+    .unwrap();
+    // The WebSocket subscriber got the two events that fit (the MQTT one wrapped, its payload
+    // as data), then the error.
+    let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.id(), "h-fits");
+    let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.data().unwrap().as_slice(), b"m-fits");
+    let error = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(error.ty(), "io.meshgate.error");
+    let data = String::from_utf8_lossy(error.data().unwrap().as_slice()).into_owned();
+    assert!(
+        data.contains("invalid_request") && data.contains("max_control_line"),
+        "{data}"
+    );
+
+    // Nothing was sent that made the server close the connection all clients share: never
+    // disconnected, ready, and the next event goes everywhere.
+    assert_eq!(nats.closed_by_server().await, Vec::<String>::new());
+    assert_eq!(disconnects(admin, "nats").await, "0");
+    assert_eq!(ready(admin).await, 200);
+    let (status, body) = post_data(web, "ok/1", "after", "hello").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(nats_event_id(&next_nats(&mut tap).await), "after");
+    let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(e.id(), "after");
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {
+        panic!("unexpected message on NATS: {m:?}");
+    }
+    drop(ws);
     gw.shutdown().await;
 }

@@ -260,8 +260,16 @@ fn nats_backbone_settings_are_checked() {
     assert_eq!(c.backbone.kind, BackboneKind::Nats);
     assert_eq!(c.backbone.nats.urls.len(), 2);
     assert_eq!(c.backbone.nats.wire_mode, NatsWireMode::Structured);
+    assert_eq!(c.backbone.nats.max_control_line, 4096);
+    let c = load_str(
+        "[backbone.nats]\nmax_control_line = \"8KiB\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(c.backbone.nats.max_control_line, 8192);
     let errs = errors_of(
-        "[backbone.nats]\nurls = [\"http://x:1\"]\nsubject_prefix = \"a..b\"\nwire_mode = \"xml\"\nuser = \"u\"\n",
+        "[backbone.nats]\nurls = [\"http://x:1\"]\nsubject_prefix = \"a..b\"\nwire_mode = \"xml\"\nuser = \"u\"\nmax_control_line = 100\n",
         &[],
     );
     assert!(
@@ -282,6 +290,14 @@ fn nats_backbone_settings_are_checked() {
     );
     assert!(
         has(&errs, "backbone.nats.password", "go together"),
+        "{errs:?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "backbone.nats.max_control_line",
+            "below the 512 bytes"
+        ),
         "{errs:?}"
     );
     let shown = format!(

@@ -147,7 +147,13 @@ async fn publish_with_acks(
         // A deduplication id as meshgate's JetStream backbone makes them (`<source> <id>`),
         // unique per message, and per row: rows share the stream and its duplicate window.
         let sent = acked + outstanding.len() as u64;
-        let msg_id = || format!("mqtt://meshgate/raw-pub/{kind:?} {sent}");
+        let msg_id = || match std::env::var("MSGID_LEN")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(n) => format!("{:0>n$}", format!("{kind:?}{sent}"), n = n),
+            None => format!("mqtt://meshgate/raw-pub/{kind:?} {sent}"),
+        };
         let ack = match kind {
             JsMessages::Meshgate => {
                 let mut headers = headers.clone();

@@ -561,6 +561,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             connect_timeout: duration(&m.connect_timeout, "mqtt.connect_timeout", errors),
             max_inflight,
             max_queued: positive(m.max_queued, "mqtt.max_queued", errors),
+            max_subscriptions: positive(m.max_subscriptions, "mqtt.max_subscriptions", errors),
             max_session_expiry: duration(&m.max_session_expiry, "mqtt.max_session_expiry", errors),
             max_offline_sessions: non_negative(
                 m.max_offline_sessions,

@@ -293,6 +293,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Events queued for one client before further ones are dropped and counted.
     pub max_queued: usize,
+    /// Subscriptions one client (session) may hold; each is a backbone subscription (a NATS
+    /// subscription, a JetStream consumer), so one client cannot make the bus carry thousands.
+    pub max_subscriptions: usize,
     /// Longest a disconnected persistent session is kept: MQTT 5 Session Expiry Intervals are
     /// capped to it, MQTT 3.1.1 sessions with clean-session 0 are kept this long.
     pub max_session_expiry: Duration,

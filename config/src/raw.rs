@@ -152,6 +152,7 @@ pub struct Mqtt {
     pub connect_timeout: String,
     pub max_inflight: i64,
     pub max_queued: i64,
+    pub max_subscriptions: i64,
     pub max_session_expiry: String,
     pub max_offline_sessions: i64,
     pub v5_outbound: String,

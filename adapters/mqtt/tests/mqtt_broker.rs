@@ -763,3 +763,61 @@ async fn v5_connack_caps_the_session_expiry() {
     assert_eq!(props.topic_alias_max, Some(16));
     assert_eq!(props.shared_subscription_available, Some(1));
 }
+
+#[tokio::test]
+async fn subscriptions_past_the_limit_are_refused_per_filter() {
+    let mut config = mqtt_config();
+    config.max_subscriptions = 3;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    let (c5, mut rx5) = client5(&h, "many-filters", |_| {}).await;
+    let filter = |f: &str| mq5::Filter::new(f, rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+    // Four in one SUBSCRIBE: the fourth is over the limit.
+    c5.subscribe_many(["a/#", "b/#", "c/#", "d/#"].map(filter))
+        .await
+        .unwrap();
+    let codes = suback5(&mut rx5).await;
+    assert!(
+        codes[..3]
+            .iter()
+            .all(|c| matches!(c, mq5::SubscribeReasonCode::Success(_))),
+        "{codes:?}"
+    );
+    assert_eq!(codes[3], mq5::SubscribeReasonCode::QuotaExceeded);
+    // At the limit, a filter already held may still be subscribed again (new options).
+    c5.subscribe("a/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert!(matches!(
+        suback5(&mut rx5).await[0],
+        mq5::SubscribeReasonCode::Success(_)
+    ));
+    // One unsubscribed makes room for another.
+    c5.unsubscribe("b/#").await.unwrap();
+    c5.subscribe("d/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(
+        suback5(&mut rx5).await[0],
+        mq5::SubscribeReasonCode::Success(_)
+    ));
+    // The refused filter got nothing; the others work.
+    let (p, _rx) = client5(&h, "publisher", |_| {}).await;
+    for t in ["b/1", "d/1"] {
+        p.publish(t, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, t)
+            .await
+            .unwrap();
+    }
+    let got = wait(&mut rx5, "a publish", publish5).await;
+    assert_eq!(got.topic, "d/1");
+
+    // MQTT 3.1.1: the refused filter's return code is 0x80.
+    let (c4, mut rx4) = client4(&h, "many-filters-v4", |_| {}).await;
+    c4.subscribe_many(
+        ["a/#", "b/#", "c/#", "d/#"]
+            .map(|f| rumqttc::SubscribeFilter::new(f.into(), rumqttc::QoS::AtLeastOnce)),
+    )
+    .await
+    .unwrap();
+    let codes = suback4(&mut rx4).await;
+    assert_eq!(codes[3], rumqttc::SubscribeReasonCode::Failure, "{codes:?}");
+}

@@ -93,6 +93,7 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         connect_timeout: Duration::from_millis(300),
         max_inflight: 8,
         max_queued: 100,
+        max_subscriptions: 100,
         max_session_expiry: Duration::from_secs(5),
         max_offline_sessions: 100,
         v5_outbound: Mqtt5Mode::Binary,

@@ -155,6 +155,11 @@ impl Session {
                 s.no_local = f.nolocal;
                 s.retain_as_published = f.preserve_retain;
                 s.id = id;
+            } else if self.subscriptions.len() >= self.shared.config.max_subscriptions {
+                // Each is a backbone subscription (on JetStream a consumer on the server).
+                self.shared.metrics.error("subscription_limit");
+                codes.push(failure(SubscribeReasonCode::QuotaExceeded));
+                continue;
             } else {
                 let options = SubOptions {
                     granted,

@@ -34,6 +34,7 @@ pub fn mqtt_config() -> MqttConfig {
         connect_timeout: Duration::from_millis(500),
         max_inflight: 16,
         max_queued: 1000,
+        max_subscriptions: 100,
         max_session_expiry: Duration::from_secs(60),
         max_offline_sessions: 10,
         v5_outbound: Mqtt5Mode::Binary,

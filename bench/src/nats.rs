@@ -144,15 +144,14 @@ async fn publish_with_acks(
             let _: async_nats::jetstream::publish::PublishAck = f.await?;
             acked += 1;
         }
-        // A deduplication id as meshgate's JetStream backbone makes them (`<source> <id>`),
-        // unique per message, and per row: rows share the stream and its duplicate window.
+        // A deduplication id as meshgate's JetStream backbone makes them (22 characters of
+        // the digest of source and id), unique per message and per row.
         let sent = acked + outstanding.len() as u64;
-        let msg_id = || match std::env::var("MSGID_LEN")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            Some(n) => format!("{:0>n$}", format!("{kind:?}{sent}"), n = n),
-            None => format!("mqtt://meshgate/raw-pub/{kind:?} {sent}"),
+        let msg_id = || {
+            meshgate_backbone::jetstream::dedup_id(
+                &format!("mqtt://meshgate/raw-pub/{kind:?}"),
+                &sent.to_string(),
+            )
         };
         let ack = match kind {
             JsMessages::Meshgate => {

@@ -78,6 +78,34 @@ async fn ingress_is_stored_once_per_source_and_id() {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut stream = js.get_stream("MESHGATE").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    // Their ids are the documented digest, base64url(SHA-256("<source> <id>")[..16]), here
+    // computed with Python's hashlib:
+    // base64.urlsafe_b64encode(hashlib.sha256(b"/test same").digest()[:16]).rstrip(b"=")
+    let first = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        first
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned()),
+        Some("SgznbRn4aVQxYY43w-xf3g".to_owned())
+    );
+    // So another NATS program that publishes the same CloudEvent with that id is
+    // deduplicated against meshgate's copy.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/cloudevents+json");
+    headers.insert("Nats-Msg-Id", "6XVRuOUjIMn1ioy8Keby_Q"); // "/test other"
+    let ack = js
+        .publish_with_headers(
+            "meshgate.orders.2",
+            headers,
+            r#"{"specversion":"1.0","id":"other","source":"/test","type":"t"}"#.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ack.duplicate, "{ack:?}");
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
     gw.shutdown().await;
 }
 

@@ -2,7 +2,10 @@
 //!
 //! Reading walks the top-level object once, keeping every member as raw JSON text, so that
 //! duplicate members are detected (serde_json's `Map` would silently keep the last one) and
-//! `data` is never parsed twice or re-rendered.
+//! `data` is never parsed twice or re-rendered. The walk is [`scan`]'s for the usual shape (every
+//! value a string without escapes, or `data`), serde_json's for everything else.
+
+mod scan;
 
 use std::fmt;
 
@@ -21,7 +24,32 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// The members of a JSON object in order, values as raw JSON.
-struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
+struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, Raw<'a>)>);
+
+/// A member's value as the JSON text it was read from.
+#[derive(Debug, Clone, Copy)]
+enum Raw<'a> {
+    /// Read by serde_json.
+    Checked(&'a RawValue),
+    /// A string read by [`scan`]: its quotes and text, no escape, no control character.
+    Scanned(&'a str),
+}
+
+impl<'a> Raw<'a> {
+    fn get(self) -> &'a str {
+        match self {
+            Raw::Checked(raw) => raw.get(),
+            Raw::Scanned(text) => text,
+        }
+    }
+
+    fn to_boxed(self) -> Result<Box<RawValue>, EventError> {
+        match self {
+            Raw::Checked(raw) => Ok(raw.to_owned()),
+            Raw::Scanned(text) => RawValue::from_string(text.to_owned()).map_err(syntax),
+        }
+    }
+}
 
 impl<'de> serde::Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -35,7 +63,7 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
                 let mut out = Vec::with_capacity(8);
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     let value: &'de RawValue = map.next_value()?;
-                    out.push((key, value));
+                    out.push((key, Raw::Checked(value)));
                 }
                 Ok(Members(out))
             }
@@ -79,7 +107,7 @@ enum Scalar {
     Str(String),
 }
 
-fn scalar(name: &str, raw: &RawValue) -> Result<Scalar, EventError> {
+fn scalar(name: &str, raw: Raw<'_>) -> Result<Scalar, EventError> {
     let text = raw.get();
     match text.as_bytes().first() {
         Some(b'n') => Ok(Scalar::Null),
@@ -112,7 +140,7 @@ fn scalar(name: &str, raw: &RawValue) -> Result<Scalar, EventError> {
     }
 }
 
-fn string_value(name: &str, raw: &RawValue) -> Result<Option<String>, EventError> {
+fn string_value(name: &str, raw: Raw<'_>) -> Result<Option<String>, EventError> {
     match scalar(name, raw)? {
         Scalar::Null => Ok(None),
         Scalar::Str(s) => Ok(Some(s)),
@@ -130,7 +158,10 @@ pub fn decode(body: &[u8]) -> Result<Event, EventError> {
             e.valid_up_to()
         ))
     })?;
-    let members: Members<'_> = serde_json::from_str(text).map_err(syntax)?;
+    let members = match scan::members(text) {
+        Some(members) => members,
+        None => serde_json::from_str(text).map_err(syntax)?,
+    };
     decode_members(members)
 }
 
@@ -152,7 +183,7 @@ fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
     }
     let get = |name: &str| -> Result<Option<String>, EventError> {
         match members.0.iter().find(|(k, _)| k == name) {
-            Some((_, raw)) => string_value(name, raw),
+            Some((_, raw)) => string_value(name, *raw),
             None => Ok(None),
         }
     };
@@ -166,9 +197,9 @@ fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
         get("type")?.ok_or(EventError::Missing("type"))?,
     )?;
     event.set_datacontenttype(get("datacontenttype")?)?;
-    let mut data: Option<&RawValue> = None;
-    let mut data_base64: Option<&RawValue> = None;
-    for (name, raw) in &members.0 {
+    let mut data: Option<Raw<'_>> = None;
+    let mut data_base64: Option<Raw<'_>> = None;
+    for &(ref name, raw) in &members.0 {
         match name.as_ref() {
             "specversion" | "id" | "source" | "type" | "datacontenttype" => {}
             "dataschema" => event.set_dataschema(string_value(name, raw)?)?,
@@ -216,7 +247,7 @@ fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
         (Some(raw), None) => {
             let is_json = event.datacontenttype().is_none_or(media::is_json);
             if is_json {
-                event.set_data(Some(Data::Json(raw.to_owned())));
+                event.set_data(Some(Data::Json(raw.to_boxed()?)));
             } else {
                 match scalar("data", raw) {
                     Ok(Scalar::Str(s)) => event.set_data(Some(Data::Text(s))),
@@ -256,7 +287,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventErro
     let versions: std::collections::BTreeSet<String> = parsed
         .iter()
         .filter_map(|m| m.0.iter().find(|(k, _)| k == "specversion"))
-        .filter_map(|(_, raw)| string_value("specversion", raw).ok().flatten())
+        .filter_map(|(_, raw)| string_value("specversion", *raw).ok().flatten())
         .collect();
     if versions.len() > 1 {
         let list: Vec<_> = versions.into_iter().collect();

@@ -62,6 +62,8 @@ pub struct JetStreamBackbone {
     instance: (String, String),
     prefix: String,
     wire: NatsWireMode,
+    /// `backbone.nats.max_control_line`: see [`JetStreamBackbone::check_create_request`].
+    max_control_line: usize,
     closed: AtomicBool,
     malformed: Counter,
     duplicates: Counter,
@@ -70,6 +72,28 @@ pub struct JetStreamBackbone {
 
 fn unavailable(e: impl std::fmt::Display) -> BackboneError {
     BackboneError::Unavailable(format!("JetStream: {e}"))
+}
+
+impl JetStreamBackbone {
+    /// Refuses a subscription whose consumer cannot be created without a protocol line over
+    /// the server's `max_control_line`: async-nats puts the filter subject into the request's
+    /// subject (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<subject>`, on the connection the KV
+    /// stores and consumer management share), and nats-server would close that connection.
+    fn check_create_request(&self, name: &str, subject: &str) -> Result<(), BackboneError> {
+        // `PUB `, the API prefix, two dots, the reply inbox (`_INBOX.` and two 22-character
+        // NUIDs), the body's size and CRLF: under 100 bytes.
+        const OVERHEAD: usize = 128;
+        let len = OVERHEAD + self.config.stream.len() + name.len() + subject.len();
+        if len <= self.max_control_line {
+            return Ok(());
+        }
+        Err(BackboneError::TopicTooLong(format!(
+            "the topic filter is too long for JetStream: the request that creates its consumer \
+             would be about {len} bytes, over the {} bytes nats-server accepts (max_control_line; \
+             backbone.nats.max_control_line)",
+            self.max_control_line
+        )))
+    }
 }
 
 fn publish_error(e: PublishFailure) -> BackboneError {
@@ -185,6 +209,7 @@ impl JetStreamBackbone {
             instance: (instance.to_owned(), percent_encode_header(instance)),
             prefix: nats.subject_prefix.clone(),
             wire: nats.wire_mode,
+            max_control_line: nats.max_control_line,
             closed: AtomicBool::new(false),
             malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
             duplicates: registry.counter(metrics::BACKBONE_DROPPED, &labels("duplicate")),
@@ -299,8 +324,6 @@ fn consumer_name(parts: &[&str]) -> String {
     out
 }
 
-/// The consumer of durable subscription `name` for one subject: the same on every instance,
-/// so a session's consumers are found again wherever its client reconnects.
 /// The `Nats-Msg-Id` of the event with `source` and `id`: the first 16 bytes of SHA-256 over
 /// `<source> <id>` (a source holds no space, so the pair is unambiguous), in base64url without
 /// padding — 22 characters whatever the attributes' lengths. Another program that publishes
@@ -323,6 +346,8 @@ pub fn dedup_id(source: &str, id: &str) -> String {
     crate::jetstream_retained::B64.encode(&digest[..16])
 }
 
+/// The consumer of durable subscription `name` for one subject: the same on every instance,
+/// so a session's consumers are found again wherever its client reconnects.
 pub(crate) fn durable_consumer(name: &str, subject: &str) -> String {
     consumer_name(&["d", name, subject])
 }
@@ -487,6 +512,7 @@ impl Backbone for JetStreamBackbone {
                         (n, INACTIVE_THRESHOLD)
                     }
                 };
+                self.check_create_request(&name, &subject)?;
                 let config = self.consumer_config(subject, name.clone(), ttl);
                 // Not for a persistent session's durable consumer: meshgate deletes and
                 // re-creates those itself when the session moves or ends, and a repair by the
@@ -508,7 +534,7 @@ impl Backbone for JetStreamBackbone {
                 let info = consumer.cached_info();
                 let limits = Limits::of(info.config.max_batch, info.config.max_expires);
                 let mut pull = Pull::start(&self.consumer, &self.config.stream, &name, limits)
-                    .map_err(unavailable)?;
+                    .map_err(crate::nats::client_error)?;
                 if let Some(repair) = repair {
                     pull = pull.with_repair(repair, info.delivered.stream_sequence);
                 }

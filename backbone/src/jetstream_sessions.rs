@@ -57,8 +57,6 @@ impl KvSessions {
         })
     }
 
-    /// The subject on which `instance` takes release requests (instance names may hold any
-    /// character; subject tokens may not).
     /// The key of `client_id`'s record, refused when its requests would not fit the server's
     /// `max_control_line` (nats-server would close the connection).
     fn key(&self, client_id: &str) -> Result<String, BackboneError> {
@@ -75,6 +73,8 @@ impl KvSessions {
         )))
     }
 
+    /// The subject on which `instance` takes release requests (instance names may hold any
+    /// character; subject tokens may not).
     fn release_subject(&self, instance: &str) -> String {
         format!(
             "_MESHGATE.{}.release.{}",
@@ -90,7 +90,12 @@ impl SessionStore for KvSessions {
         client_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<meshgate_core::backbone::StoredRecord>, BackboneError>> {
         Box::pin(async move {
-            let entry = self.kv.entry(self.key(client_id)?).await.map_err(failed)?;
+            // A client id too long for a key has nothing stored (`save` refuses it), and
+            // a clean-session client with such an id needs nothing stored.
+            let Ok(key) = self.key(client_id) else {
+                return Ok(None);
+            };
+            let entry = self.kv.entry(key).await.map_err(failed)?;
             // A purged or deleted key is a tombstone: no record.
             Ok(entry
                 .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty())

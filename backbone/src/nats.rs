@@ -304,6 +304,10 @@ pub(crate) async fn connect_client(
         .collect::<Result<Vec<_>, _>>()?;
     let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
     let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
+    let disconnects = registry.counter(
+        metrics::BACKBONE_DISCONNECTS,
+        &[("backbone", metric_backbone)],
+    );
     // The client reports every dropped message; log at most one line per interval.
     let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
         SLOW_CONSUMER_LOG_INTERVAL,
@@ -317,6 +321,7 @@ pub(crate) async fn connect_client(
         .event_callback(move |event| {
             let slow_consumer = slow_consumer.clone();
             let warn_slow = warn_slow.clone();
+            let disconnects = disconnects.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -330,6 +335,7 @@ pub(crate) async fn connect_client(
                     }
                     async_nats::Event::Connected => tracing::info!("nats: connected"),
                     async_nats::Event::Disconnected => {
+                        disconnects.inc();
                         tracing::warn!("nats: disconnected; reconnecting")
                     }
                     other => tracing::info!(event = %other, "nats"),

@@ -59,7 +59,6 @@ pub fn non_empty_string(name: &str, value: &str) -> Result<(), EventError> {
     string(name, value)
 }
 
-/// Characters RFC 3986 allows in a URI-reference outside percent-escapes.
 /// The bytes a URI-reference holds as they are: RFC 3986's unreserved characters, gen-delims
 /// and sub-delims (`%` starts an escape and is checked apart). A table: every event's `source`
 /// goes through here, and searching the punctuation list for each byte was a tenth of decoding.
@@ -79,6 +78,7 @@ const URI_CHAR: [bool; 256] = {
     table
 };
 
+/// Characters RFC 3986 allows in a URI-reference outside percent-escapes.
 fn is_uri_char(b: u8) -> bool {
     URI_CHAR[usize::from(b)]
 }

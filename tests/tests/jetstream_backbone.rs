@@ -867,14 +867,43 @@ async fn keys_too_long_for_the_servers_protocol_line_are_refused_not_sent() {
     };
 
     // A persistent session whose client id makes a session-store key too long: CONNACK
-    // "client identifier not valid", naming the limit.
-    let (_c, mut el) = client(&"c".repeat(3000), false);
+    // "client identifier not valid". With a clean session nothing is stored: connected.
+    let long_id = "c".repeat(3000);
+    let (_c, mut el) = client(&long_id, false);
     match el.poll().await {
         Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
             assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid);
         }
         other => panic!("{other:?}"),
     }
+    let (clean, mut el) = client(&long_id, true);
+    match el.poll().await {
+        Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(c))) => {
+            assert_eq!(c.code, ConnectReturnCode::Success);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A filter whose consumer-creating request (the filter is in its subject) would be too
+    // long: SUBACK "topic filter invalid".
+    clean
+        .subscribe(format!("f/{}/#", "w".repeat(3800)), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(s)))) => {
+                assert_eq!(
+                    s.return_codes,
+                    [rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::TopicFilterInvalid]
+                );
+                break;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(clean);
 
     // A retained message whose topic fits a subject but not the retained-message key
     // (base64, 4/3 as long): delivered, not retained, counted.

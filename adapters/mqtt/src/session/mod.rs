@@ -409,12 +409,6 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match stored::claim(shared, &client_id, &principal, !connect.clean_session).await {
             Ok(c) => claim = c,
-            Err(e) if !e.is_retryable() => {
-                // A client id the store cannot hold (too long for its keys).
-                let p = refuse(ConnectReturnCode::ClientIdentifierNotValid, &e.to_string());
-                let _ = write_now(stream, version, p).await;
-                return None;
-            }
             Err(_) => {
                 // Deciding without the store could hand one session to two instances.
                 let p = refuse(
@@ -493,13 +487,22 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         session_present = true;
     }
     // A persistent session is held here from now on; the record says so to other instances.
-    if session.save_stored().await != stored::Saved::Yes {
-        let p = refuse(
-            ConnectReturnCode::ServerUnavailable,
-            "session store unavailable or session taken elsewhere; retry later",
-        );
-        let _ = write_now(stream, version, p).await;
-        return None;
+    match session.save_stored().await {
+        stored::Saved::Yes => {}
+        stored::Saved::Refused(reason) => {
+            // A client id the store cannot hold (too long for its keys).
+            let p = refuse(ConnectReturnCode::ClientIdentifierNotValid, &reason);
+            let _ = write_now(stream, version, p).await;
+            return None;
+        }
+        stored::Saved::Conflict | stored::Saved::Failed => {
+            let p = refuse(
+                ConnectReturnCode::ServerUnavailable,
+                "session store unavailable or session taken elsewhere; retry later",
+            );
+            let _ = write_now(stream, version, p).await;
+            return None;
+        }
     }
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
     let ack_props = ConnAckProperties {

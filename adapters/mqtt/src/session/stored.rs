@@ -285,6 +285,7 @@ impl Session {
                 );
                 Saved::Conflict
             }
+            Err(e) if !e.is_retryable() => Saved::Refused(e.to_string()),
             Err(e) => {
                 shared.metrics.error("session_store");
                 tracing::warn!(client_id = self.client_id, error = %e, "mqtt: cannot save the session");
@@ -375,12 +376,14 @@ impl Session {
 }
 
 /// How saving a session record went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Saved {
     Yes,
     /// Another instance wrote the record since this one did: the session is no longer ours.
     Conflict,
     Failed,
+    /// The store cannot hold this session at all (its client id is too long for a key): why.
+    Refused(String),
 }
 
 #[cfg(test)]

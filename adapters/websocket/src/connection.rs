@@ -31,6 +31,17 @@ use crate::binding::{self, FrameError, Inbound};
 /// Most topic filters one connection may hold; protects the gateway from a client that
 /// subscribes without end.
 pub const MAX_FILTERS_PER_CONNECTION: usize = 256;
+
+/// The `io.meshgate.error` code for a backbone refusal: `unavailable` when the same frame may
+/// go through later, `invalid_request` when sending it again won't help (too large, a topic
+/// too long for the bus).
+fn backbone_code(e: &meshgate_core::BackboneError) -> &'static str {
+    if e.is_retryable() {
+        "unavailable"
+    } else {
+        "invalid_request"
+    }
+}
 /// How long a close frame may take to go out before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -185,14 +196,7 @@ impl Pumps {
             .backbone
             .subscribe(filter.clone(), SubscribeOptions::default())
             .await
-            .map_err(|e| {
-                let code = if e.is_retryable() {
-                    "unavailable"
-                } else {
-                    "invalid_request"
-                };
-                FrameError::new(code, e.to_string(), None)
-            })?;
+            .map_err(|e| FrameError::new(backbone_code(&e), e.to_string(), None))?;
         if let Ok(mut filters) = conn.filters.write() {
             filters.push(filter.clone());
         }
@@ -388,9 +392,7 @@ async fn handle_text(
             {
                 let code = match &e {
                     PublishError::Forbidden(_) => "forbidden",
-                    // Too large, or a topic too long for the bus: sending it again won't help.
-                    PublishError::Backbone(b) if !b.is_retryable() => "invalid_request",
-                    PublishError::Backbone(_) => "unavailable",
+                    PublishError::Backbone(b) => backbone_code(b),
                 };
                 conn.report(&FrameError::new(code, e.to_string(), Some(&id)));
             }

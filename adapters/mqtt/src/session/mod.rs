@@ -409,7 +409,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match stored::claim(shared, &client_id, &principal, !connect.clean_session).await {
             Ok(c) => claim = c,
-            Err(_) => {
+            Err(()) => {
                 // Deciding without the store could hand one session to two instances.
                 let p = refuse(
                     ConnectReturnCode::ServerUnavailable,

@@ -64,7 +64,7 @@ async fn load(
     store: &dyn SessionStore,
     shared: &Shared,
     client_id: &str,
-) -> Result<Option<(Record, u64)>, BackboneError> {
+) -> Result<Option<(Record, u64)>, ()> {
     match store.load(client_id).await {
         Ok(Some((bytes, revision))) => match serde_json::from_slice(&bytes) {
             Ok(r) => Ok(Some((r, revision))),
@@ -78,7 +78,7 @@ async fn load(
         Err(e) => {
             shared.metrics.error("session_store");
             tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session");
-            Err(e)
+            Err(())
         }
     }
 }
@@ -125,7 +125,7 @@ pub(super) async fn claim(
     client_id: &str,
     principal: &Principal,
     resume: bool,
-) -> Result<Claim, BackboneError> {
+) -> Result<Claim, ()> {
     let Some(store) = shared.ctx.backbone.session_store() else {
         return Ok(Claim::default());
     };

@@ -90,7 +90,7 @@ impl NatsServer {
     }
 
     /// Why the server closed each client connection it closed so far, besides those the
-    /// client closed (`/connz?state=closed`), e.g. "Maximum Control Line Exceeded". Needs
+    /// client closed and the readiness probe's (`/connz?state=closed`), e.g. "Maximum Control Line Exceeded". Needs
     /// [`NatsServer::start_monitored`].
     pub async fn closed_by_server(&self) -> Vec<String> {
         let port = self
@@ -108,6 +108,9 @@ impl NatsServer {
             .as_array()
             .map(|list| {
                 list.iter()
+                    // A connection that never sent a byte is `restart`'s readiness probe (it
+                    // connects and drops: "Read Error"); it cannot have sent a bad line.
+                    .filter(|c| c["in_bytes"].as_u64() != Some(0))
                     .map(|c| c["reason"].as_str().unwrap_or_default().to_owned())
                     .filter(|reason| reason != "Client Closed")
                     .collect()

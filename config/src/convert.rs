@@ -367,6 +367,16 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                     None
                 }
             },
+            max_connections_per_ip: non_negative(
+                g.max_connections_per_ip,
+                "gateway.max_connections_per_ip",
+                errors,
+            ),
+            max_connections_per_user: non_negative(
+                g.max_connections_per_user,
+                "gateway.max_connections_per_user",
+                errors,
+            ),
         }
     });
     let log = log.map(|l| {

@@ -27,6 +27,12 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     /// Threads of the async runtime; `None`: one per CPU core.
     pub worker_threads: Option<usize>,
+    /// Connections one source address may hold across MQTT, WebSocket and MQTT over WebSocket
+    /// (0: no cap).
+    pub max_connections_per_ip: usize,
+    /// Connections one authenticated user may hold across those listeners (0: no cap;
+    /// anonymous clients are bounded per address instead).
+    pub max_connections_per_user: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

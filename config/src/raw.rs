@@ -9,6 +9,8 @@ pub struct Gateway {
     pub instance_id: Option<String>,
     pub shutdown_grace: String,
     pub worker_threads: i64,
+    pub max_connections_per_ip: i64,
+    pub max_connections_per_user: i64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,6 +22,8 @@ pub struct AdapterContext {
     /// Connection tasks register here so that shutdown can wait for them.
     pub tracker: TaskTracker,
     pub registry: Registry,
+    /// Per source address and per user connection caps, shared by every listener.
+    pub limits: Arc<crate::limits::ConnectionLimits>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);

@@ -44,6 +44,15 @@ impl Principal {
     pub fn is_anonymous(&self) -> bool {
         self.anonymous
     }
+
+    #[cfg(test)]
+    pub(crate) fn anonymous_for_tests() -> Principal {
+        Principal {
+            name: Arc::from("anonymous"),
+            anonymous: true,
+            internal: false,
+        }
+    }
 }
 
 /// What a client presented.

@@ -11,6 +11,7 @@ pub mod backbone;
 pub mod event;
 pub mod header;
 pub mod json;
+pub mod limits;
 pub mod media;
 pub mod metrics;
 pub mod problem;
@@ -26,4 +27,5 @@ pub use backbone::{
     RetainedStore, SessionStore, SubscribeOptions, Subscription, TryPublish,
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
+pub use limits::{ConnectionLimits, ConnectionPermit, LimitError};
 pub use topic::{Topic, TopicError, TopicFilter};

@@ -128,6 +128,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),
+        limits: meshgate_core::ConnectionLimits::new(
+            config.gateway.max_connections_per_ip,
+            config.gateway.max_connections_per_user,
+        ),
     };
     let mut amqp_task = None;
     let mut amqp_status = None;

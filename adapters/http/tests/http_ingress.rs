@@ -52,6 +52,7 @@ async fn start_with(
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry,
+        limits: meshgate_core::ConnectionLimits::unlimited(),
     };
     let router = meshgate_http::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -84,6 +84,7 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry,
+        limits: meshgate_core::ConnectionLimits::unlimited(),
     };
     let config = MqttConfig {
         enabled: true,

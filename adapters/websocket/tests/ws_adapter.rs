@@ -65,6 +65,7 @@ async fn start_with(config: WebSocketConfig, authorizer: Authorizer) -> Harness 
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),
+        limits: meshgate_core::ConnectionLimits::unlimited(),
     };
     let router = meshgate_websocket::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -70,6 +70,7 @@ pub async fn start_with(config: MqttConfig, authorizer: Authorizer) -> Harness {
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry,
+        limits: meshgate_core::ConnectionLimits::unlimited(),
     };
     let adapter = meshgate_mqtt::MqttAdapter::bind(&config, &ctx)
         .await

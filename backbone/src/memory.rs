@@ -3,10 +3,12 @@
 //! Each subscription owns a bounded queue (`queue_capacity` events). Publishing matches the
 //! topic against every subscription's filter and enqueues one shared `Arc<Envelope>` per match
 //! (no copy of the event). When a queue is full the configured policy applies:
-//! - `block`: the publisher waits for room, at most `block_timeout`; after that the event is
-//!   dropped for that subscriber (counted as `block_timeout`) and `publish` returns
-//!   `Saturated`, so the client is told to retry (HTTP 503, MQTT "server busy");
-//! - `drop`: the event is dropped for that subscriber at once and counted as `queue_full`.
+//! - `drop` (the default): the event is dropped for that subscriber at once and counted as
+//!   `queue_full`; a slow or stuck subscriber costs only itself;
+//! - `block`: the publisher waits for room, at most `block_timeout` in all (the full queues
+//!   are waited for together, under one deadline); after that the event is dropped for each
+//!   subscriber still full (counted as `block_timeout`) and `publish` returns `Saturated`, so
+//!   the client is told to retry (HTTP 503, MQTT "server busy").
 //!
 //! Queue groups: among the subscriptions with the same group name and filter, each event goes
 //! to one member, chosen round-robin, skipping members whose queue is full.
@@ -98,10 +100,17 @@ impl MemoryBackbone {
             return TryPublish::Done(Ok(()));
         }
         TryPublish::Pending(Box::pin(async move {
-            let mut saturated = false;
-            for tx in blocked {
-                saturated |= !self.wait_for_room(&tx, &envelope).await;
-            }
+            // One deadline for all the full queues, waited for together: a publish waits at
+            // most `block_timeout` in all, however many subscribers are full (waiting for
+            // each in turn made it N × block_timeout: review F3).
+            let deadline = tokio::time::Instant::now() + self.inner.config.block_timeout;
+            let waits = blocked
+                .iter()
+                .map(|tx| self.wait_for_room(tx, &envelope, deadline));
+            let saturated = futures_util::future::join_all(waits)
+                .await
+                .into_iter()
+                .any(|delivered| !delivered);
             if saturated {
                 return Err(BackboneError::Saturated(format!(
                     "a subscriber's queue stayed full for {:?}; the event was not delivered to it",
@@ -196,11 +205,16 @@ impl MemoryBackbone {
         blocked
     }
 
-    /// Waits (at most `block_timeout`) for room in a full subscriber queue. `false`: timed out,
-    /// the event was dropped for that subscriber.
-    async fn wait_for_room(&self, tx: &mpsc::Sender<Delivery>, envelope: &Arc<Envelope>) -> bool {
+    /// Waits (until `deadline`) for room in a full subscriber queue. `false`: timed out, the
+    /// event was dropped for that subscriber.
+    async fn wait_for_room(
+        &self,
+        tx: &mpsc::Sender<Delivery>,
+        envelope: &Arc<Envelope>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
         let delivery = Delivery::new(envelope.clone(), None);
-        match tokio::time::timeout(self.inner.config.block_timeout, tx.send(delivery)).await {
+        match tokio::time::timeout_at(deadline, tx.send(delivery)).await {
             // Sent, or the subscriber went away meanwhile.
             Ok(_) => true,
             Err(_) => {
@@ -397,6 +411,38 @@ mod tests {
         assert!(matches!(err, BackboneError::Saturated(_)));
         assert_eq!(bb.inner.dropped_block_timeout.get(), 1);
         assert_eq!(sub.next().await.unwrap().event().id(), "2");
+    }
+
+    /// Review F3: with many full subscriptions that are never polled, one publish under
+    /// `block` waits `block_timeout` in all (not once per full subscriber), and under `drop`
+    /// not at all; every full subscriber's drop is counted.
+    #[tokio::test(start_paused = true)]
+    async fn one_publish_waits_at_most_block_timeout_whatever_the_number_of_full_queues() {
+        const FULL: usize = 20;
+        for policy in [FullQueuePolicy::Block, FullQueuePolicy::Drop] {
+            let bb = MemoryBackbone::new(config(1, policy), &Registry::new());
+            let mut never_polled = Vec::new();
+            for _ in 0..FULL {
+                never_polled.push(bb.subscribe(filter("a/#"), Default::default()).await.unwrap());
+            }
+            bb.publish(envelope("a/b", "fills")).await.unwrap();
+            let started = tokio::time::Instant::now();
+            let result = bb.publish(envelope("a/b", "waits")).await;
+            let waited = started.elapsed();
+            match policy {
+                FullQueuePolicy::Block => {
+                    assert!(matches!(result, Err(BackboneError::Saturated(_))));
+                    // block_timeout is 50 ms; in turn it was FULL × 50 ms.
+                    assert!(waited <= Duration::from_millis(60), "{waited:?}");
+                    assert_eq!(bb.inner.dropped_block_timeout.get(), FULL as u64);
+                }
+                FullQueuePolicy::Drop => {
+                    result.unwrap();
+                    assert_eq!(waited, Duration::ZERO);
+                    assert_eq!(bb.inner.dropped_queue_full.get(), FULL as u64);
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -427,7 +427,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                     "backbone.memory.full_policy",
                     format!("`{other}` is not one of: block, drop"),
                 );
-                FullQueuePolicy::Block
+                FullQueuePolicy::Drop
             }
         };
         BackboneConfig {

@@ -67,6 +67,8 @@ pub struct JetStreamBackbone {
     closed: AtomicBool,
     malformed: Counter,
     duplicates: Counter,
+    /// Events refused because a header line could not be written valid.
+    unrepresentable: Counter,
     subscriptions: Gauge,
 }
 
@@ -213,6 +215,7 @@ impl JetStreamBackbone {
             closed: AtomicBool::new(false),
             malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
             duplicates: registry.counter(metrics::BACKBONE_DROPPED, &labels("duplicate")),
+            unrepresentable: registry.counter(metrics::BACKBONE_DROPPED, &labels("unrepresentable")),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
         });
         let dead = registry.counter(metrics::BACKBONE_DROPPED, &labels("max_deliveries"));
@@ -468,8 +471,13 @@ impl Backbone for JetStreamBackbone {
             // One client connection's events always on the same NATS connection: stored in
             // the order it published them.
             let shard = (envelope.origin.connection % self.publishers.len() as u64) as usize;
+            // A header line that would break the block: refused and counted, never sent.
+            let headers = headers.finish().map_err(|reason| {
+                self.unrepresentable.inc();
+                BackboneError::Rejected(format!("the event cannot be sent over NATS: {reason}"))
+            })?;
             let ack = self.publishers[shard]
-                .publish(&subject, &headers.finish(), &payload)
+                .publish(&subject, &headers, &payload)
                 .await
                 .map_err(publish_error)?;
             if ack.duplicate {

@@ -119,6 +119,10 @@ impl NatsBackbone {
                     instance.to_owned(),
                     meshgate_core::header::percent_encode_header(instance),
                 ),
+                unrepresentable: registry.counter(
+                    metrics::BACKBONE_DROPPED,
+                    &[("backbone", NAME), ("reason", "unrepresentable")],
+                ),
             })),
             ..options(false)
         };
@@ -201,10 +205,12 @@ struct CoreWire {
     wire: NatsWireMode,
     /// This instance's id, and percent-encoded for the origin header.
     instance: (String, String),
+    /// Events skipped because a header line could not be written valid.
+    unrepresentable: Counter,
 }
 
 impl nats_client::EncodeLater for CoreWire {
-    fn encode(&self, envelope: &Envelope, frame: &mut nats_client::Frame) {
+    fn encode(&self, envelope: &Envelope, frame: &mut nats_client::Frame) -> Result<(), String> {
         envelope
             .topic
             .push_nats_subject(&self.prefix, &mut frame.subject);
@@ -215,8 +221,17 @@ impl nats_client::EncodeLater for CoreWire {
             (&self.instance.0, &self.instance.1),
             &mut headers,
         );
-        frame.headers = headers.finish();
+        frame.headers = match headers.finish() {
+            Ok(block) => block,
+            Err(reason) => {
+                self.unrepresentable.inc();
+                tracing::warn!(topic = %envelope.topic, reason, "nats: an event that cannot be sent as a NATS message was skipped (counted in meshgate_backbone_dropped_total{{reason=\"unrepresentable\"}})");
+                frame.clear();
+                return Err(reason);
+            }
+        };
         nats_wire::write_payload(envelope, self.wire, &mut frame.payload);
+        Ok(())
     }
 
     fn size_bound(&self, envelope: &Envelope) -> usize {
@@ -276,9 +291,9 @@ pub(crate) fn client_error(e: ClientError) -> BackboneError {
     match e {
         ClientError::NotConnected => BackboneError::Unavailable(e.to_string()),
         ClientError::Closed => BackboneError::Closed,
-        ClientError::TooLarge { .. } | ClientError::BadSubject(_) => {
-            BackboneError::Rejected(e.to_string())
-        }
+        ClientError::TooLarge { .. }
+        | ClientError::BadSubject(_)
+        | ClientError::Unrepresentable(_) => BackboneError::Rejected(e.to_string()),
         ClientError::LineTooLong { .. } => BackboneError::TopicTooLong(e.to_string()),
         ClientError::Full => BackboneError::Saturated(e.to_string()),
     }

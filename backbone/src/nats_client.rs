@@ -98,8 +98,9 @@ pub(crate) struct Options {
 /// writer's task.
 pub(crate) trait EncodeLater: Send + Sync + std::fmt::Debug {
     /// Fills `frame` (cleared before) with the message's subject, header block (empty for
-    /// none) and payload.
-    fn encode(&self, envelope: &Envelope, frame: &mut Frame);
+    /// none) and payload; `Err` (why) when the event cannot be represented as a NATS message:
+    /// nothing of it is written (the encoder counts it).
+    fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String>;
     /// At least the header block's and payload's length together: checked against the
     /// server's `max_payload` when queued (only a bound over it costs an encoding then) and,
     /// with [`EncodeLater::subject_bound`], counted against the write buffer's limit.
@@ -117,7 +118,7 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.subject.clear();
         self.headers.clear();
         self.payload.clear();
@@ -144,6 +145,9 @@ pub(crate) enum ClientError {
     /// [`MAX_PENDING`] bytes are waiting for the writer: wait with [`Client::room`], then retry.
     #[error("the NATS write buffer is full")]
     Full,
+    /// The event cannot be written as a NATS message (a header that would break the block).
+    #[error("the event cannot be sent over NATS: {0}")]
+    Unrepresentable(String),
 }
 
 #[derive(Debug)]
@@ -357,7 +361,9 @@ impl Client {
             // max_payload is 1 MiB by default; a topic's bound counts every byte as escaped).
             // Encoded here, and published as bytes, which checks both exactly.
             let mut frame = Frame::default();
-            encoder.encode(envelope, &mut frame);
+            encoder
+                .encode(envelope, &mut frame)
+                .map_err(ClientError::Unrepresentable)?;
             return self.publish(&frame.subject, &frame.headers, &frame.payload);
         }
         let mut out = self.shared.out();
@@ -979,8 +985,11 @@ fn join_later(
         joined.extend_from_slice(&bytes[at..offset]);
         at = offset;
         frame.clear();
-        encoder.encode(&envelope, frame);
-        write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload);
+        // An event that cannot be represented is skipped (the encoder counted it): a
+        // malformed message would end the connection every client shares, or be misread.
+        if encoder.encode(&envelope, frame).is_ok() {
+            write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload);
+        }
     }
     joined.extend_from_slice(&bytes[at..]);
     if frame.payload.capacity() > MAX_KEPT_FRAME {
@@ -1313,11 +1322,12 @@ mod tests {
     }
 
     impl EncodeLater for IdOnly {
-        fn encode(&self, envelope: &Envelope, frame: &mut Frame) {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String> {
             envelope.topic.push_nats_subject("ev", &mut frame.subject);
             frame
                 .payload
                 .extend_from_slice(envelope.event.id().as_bytes());
+            Ok(())
         }
         fn size_bound(&self, _: &Envelope) -> usize {
             self.bound
@@ -1405,9 +1415,10 @@ mod tests {
     struct ByTopic;
 
     impl EncodeLater for ByTopic {
-        fn encode(&self, envelope: &Envelope, frame: &mut Frame) {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String> {
             envelope.topic.push_nats_subject("ev", &mut frame.subject);
             frame.payload.push(b'x');
+            Ok(())
         }
         fn size_bound(&self, _: &Envelope) -> usize {
             1

@@ -48,8 +48,21 @@ impl HeaderSink for HeaderMap {
 }
 
 /// A NATS header block being written: `NATS/1.0\r\n`, `Name: value\r\n` lines, `\r\n`.
+///
+/// Every line is checked before it is written (review F2 for NATS): a name that is not a
+/// token ([`is_header_name`]) or a value with CR, LF or another control character
+/// ([`is_header_value`]) would break the block, or be read back as other headers. Such a line
+/// is not written and the block is refused by [`RawHeaders::finish`]: the event is skipped
+/// and counted by the caller, never sent malformed. (meshgate's own encoder writes only
+/// constant names, `ce-` + an attribute name (`[a-z0-9]+`), and percent-encoded, Base64 or
+/// numeric values, so this never fires today; it keeps a future change from writing a
+/// malformed block.)
 #[derive(Debug, Default)]
-pub(crate) struct RawHeaders(Vec<u8>);
+pub(crate) struct RawHeaders {
+    buf: Vec<u8>,
+    /// Why a line was refused (the first one).
+    bad: Option<String>,
+}
 
 impl RawHeaders {
     pub(crate) fn new() -> Self {
@@ -59,30 +72,70 @@ impl RawHeaders {
     pub(crate) fn reuse(mut buf: Vec<u8>) -> Self {
         buf.clear();
         buf.extend_from_slice(b"NATS/1.0\r\n");
-        RawHeaders(buf)
+        RawHeaders { buf, bad: None }
     }
-    /// The finished block.
-    pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.0.extend_from_slice(b"\r\n");
-        self.0
+    /// The finished block, or why a header could not be written (the event cannot be
+    /// represented as a NATS message: skip it and count it).
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, String> {
+        if let Some(bad) = self.bad {
+            return Err(bad);
+        }
+        self.buf.extend_from_slice(b"\r\n");
+        Ok(self.buf)
+    }
+
+    /// Appends `name: <parts>` if the line is valid; records why not otherwise.
+    fn line(&mut self, name: &str, parts: &[&str]) {
+        if self.bad.is_some() {
+            return;
+        }
+        if !is_header_name(name.as_bytes()) {
+            self.bad = Some(format!("header name {name:?} is not a NATS header token"));
+            return;
+        }
+        if let Some(p) = parts.iter().find(|p| !is_header_value(p.as_bytes())) {
+            self.bad = Some(format!(
+                "the value of header `{name}` has a control character ({:.40?}…)",
+                p
+            ));
+            return;
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(b": ");
+        for p in parts {
+            self.buf.extend_from_slice(p.as_bytes());
+        }
+        self.buf.extend_from_slice(b"\r\n");
     }
 }
 
 impl HeaderSink for RawHeaders {
     fn put(&mut self, name: &'static str, parts: &[&str]) {
-        self.0.extend_from_slice(name.as_bytes());
-        self.0.extend_from_slice(b": ");
-        for p in parts {
-            self.0.extend_from_slice(p.as_bytes());
-        }
-        self.0.extend_from_slice(b"\r\n");
+        self.line(name, parts);
     }
     fn put_owned(&mut self, name: String, value: &str) {
-        self.0.extend_from_slice(name.as_bytes());
-        self.0.extend_from_slice(b": ");
-        self.0.extend_from_slice(value.as_bytes());
-        self.0.extend_from_slice(b"\r\n");
+        self.line(&name, &[value]);
     }
+}
+
+/// A header name NATS (and HTTP) can carry: one or more printable ASCII characters, no `:`
+/// (the same rule as async-nats's `HeaderName`, which panics on others).
+pub(crate) fn is_header_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|&b| b.is_ascii_graphic() && b != b':')
+}
+
+/// A header value that stays on its line: no CR, LF or other control character (tab
+/// allowed), no DEL. Non-ASCII UTF-8 is allowed (NATS carries bytes; `decode` needs UTF-8).
+pub(crate) fn is_header_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+}
+
+/// `name` starts with `ce-`, any case, and has more after it: a binary-mode attribute.
+/// Byte comparisons: a name is any bytes a NATS program sent (`abé` has no char boundary at
+/// byte 3, where slicing the `str` panicked: review F8).
+fn is_ce_header(name: &str) -> bool {
+    let name = name.as_bytes();
+    name.len() > 3 && name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"ce-"))
 }
 
 /// Writes `envelope`'s headers to `headers` and returns the payload. `instance` is this
@@ -225,6 +278,11 @@ pub(crate) fn encode_headers(
 pub(crate) trait HeaderSource {
     /// Every (name, value), in order, borrowed for as long as the headers.
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str));
+    /// Why the headers are not a valid NATS header block, if they are not (a message with
+    /// such headers is refused, not read in part).
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl HeaderSource for HeaderMap {
@@ -286,6 +344,44 @@ impl HeaderSource for RawHeaderBlock<'_> {
             f(k, v);
         }
     }
+    fn check(&self) -> Result<(), String> {
+        check_block(self.0)
+    }
+}
+
+/// Checks a received header block: the version line `NATS/1.0[ status]`, then `Name: value`
+/// lines up to an empty line (or the block's end), each ending in LF (CRLF as sent).
+/// Names must be [`is_header_name`] tokens and values UTF-8 and [`is_header_value`]; a line
+/// without `:` is refused too. Only byte comparisons and `get`: any input gives a verdict.
+pub(crate) fn check_block(block: &[u8]) -> Result<(), String> {
+    let mut lines = block.split(|&b| b == b'\n');
+    let version = lines.next().unwrap_or_default();
+    if !version.starts_with(b"NATS/1.0") {
+        return Err("the header block does not start with NATS/1.0".into());
+    }
+    for (n, line) in lines.enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            return Err(format!("header line {} has no `:`", n + 1));
+        };
+        let (name, value) = (line.get(..colon).unwrap_or_default(), line.get(colon + 1..).unwrap_or_default());
+        if !is_header_name(name) {
+            return Err(format!(
+                "header name {:?} is not a NATS header token (printable ASCII, no `:`)",
+                String::from_utf8_lossy(name)
+            ));
+        }
+        if !is_header_value(value) || std::str::from_utf8(value).is_err() {
+            return Err(format!(
+                "the value of header `{}` is not UTF-8 text without control characters",
+                String::from_utf8_lossy(name)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The envelope of a received message; a message that is not a CloudEvent is counted in
@@ -320,6 +416,9 @@ pub(crate) fn decode(
 ) -> Result<Envelope, String> {
     let topic = Topic::from_nats_subject(prefix, subject)
         .map_err(|e| format!("subject `{subject}`: {e}"))?;
+    if let Some(h) = headers {
+        h.check()?;
+    }
     let m = Meta::read(headers);
     let origin = m.origin.and_then(parse_origin);
     // A structured event with meshgate's origin header (another instance's): its bytes, now
@@ -414,7 +513,7 @@ impl<'a> Meta<'a> {
                 } else if k.eq_ignore_ascii_case(MQTT_EXPIRES) {
                     &mut m.expires
                 } else {
-                    m.binary |= k.len() > 3 && k[..3].eq_ignore_ascii_case("ce-");
+                    m.binary |= is_ce_header(k);
                     return;
                 };
                 slot.get_or_insert(v);
@@ -433,10 +532,12 @@ fn decode_binary(
     // The first bad header is the error; the ones after it are not looked at.
     let mut failed = None;
     headers.visit(&mut |name, value| {
-        if failed.is_some() || name.len() <= 3 || !name[..3].eq_ignore_ascii_case("ce-") {
+        if failed.is_some() || !is_ce_header(name) {
             return;
         }
-        let attr = name[3..].to_ascii_lowercase();
+        // `is_ce_header`: the first three bytes are ASCII, so byte 3 is a char boundary;
+        // `get` all the same, no slicing of input.
+        let attr = name.get(3..).unwrap_or_default().to_ascii_lowercase();
         let pushed = decode_header_value(value.as_bytes())
             .map_err(|e| e.to_string())
             .and_then(|value| attributes.push(&attr, value).map_err(|e| e.to_string()));
@@ -528,13 +629,13 @@ mod tests {
                 let e = make();
                 let mut headers = RawHeaders::reuse(b"left over".to_vec());
                 encode_headers(&e, mode, ("gw", "gw"), &mut headers);
-                let headers = headers.finish();
+                let headers = headers.finish().unwrap();
                 let mut payload = Vec::new();
                 write_payload(&e, mode, &mut payload);
                 assert!(e.json_if_encoded().is_none());
                 let mut expected_headers = RawHeaders::new();
                 let expected = encode(&e, mode, ("gw", "gw"), &mut expected_headers);
-                assert_eq!(headers, expected_headers.finish(), "{mode:?}");
+                assert_eq!(headers, expected_headers.finish().unwrap(), "{mode:?}");
                 assert_eq!(payload, expected, "{mode:?}");
                 let bound = size_bound(&e, mode);
                 assert!(
@@ -560,7 +661,7 @@ mod tests {
         let mut payload = Vec::new();
         write_payload(&e, NatsWireMode::Structured, &mut payload);
         assert_eq!(payload, padded.as_bytes());
-        assert!(size_bound(&e, NatsWireMode::Structured) >= headers.finish().len() + payload.len());
+        assert!(size_bound(&e, NatsWireMode::Structured) >= headers.finish().unwrap().len() + payload.len());
     }
 
     /// Through a raw header block (the core backbone) and through a `HeaderMap` (JetStream):
@@ -571,7 +672,7 @@ mod tests {
         assert_eq!(subject, "mg.plant.line%2E1");
         let mut raw = RawHeaders::new();
         let payload = encode(&e, mode, ("other", "other"), &mut raw);
-        let block = raw.finish();
+        let block = raw.finish().unwrap();
         let back = decode("mg", &subject, Some(&RawHeaderBlock(&block)), payload).unwrap();
         let mut map = HeaderMap::new();
         let payload = encode(&e, mode, ("other", "other"), &mut map);
@@ -637,7 +738,7 @@ mod tests {
         let e = envelope();
         let mut raw = RawHeaders::new();
         let payload = encode(&e, NatsWireMode::Binary, ("gw a@b", "gw%20a@b"), &mut raw);
-        let block = raw.finish();
+        let block = raw.finish().unwrap();
         let headers = RawHeaderBlock(&block);
         assert_eq!(headers.get(ORIGIN), Some("42@gw%20a@b"));
         assert_eq!(headers.get("ce-subject"), Some("a%20b"));
@@ -714,5 +815,77 @@ mod tests {
                 .unwrap_err()
                 .contains("source")
         );
+    }
+
+    const VALID_BINARY: &[u8] =
+        b"NATS/1.0\r\nce-specversion: 1.0\r\nce-id: B1\r\nce-source: /x\r\nce-type: t\r\n";
+
+    /// Review F8: a header name with a multi-byte character where `ce-` would end (`abé`,
+    /// `ce\u{e9}…`), or any other name or value that is not a token / text, is refused as a
+    /// whole message (counted by the caller as malformed), never a panic.
+    #[test]
+    fn bad_header_names_and_values_refuse_the_message_without_a_panic() {
+        let with = |line: &[u8]| {
+            let mut block = VALID_BINARY.to_vec();
+            block.extend_from_slice(line);
+            block.extend_from_slice(b"\r\n\r\n");
+            block
+        };
+        let good = with(b"X-Other: 1");
+        decode("mg", "mg.a", Some(&RawHeaderBlock(&good)), Bytes::new()).unwrap();
+        for bad in [
+            "abé: 1".as_bytes(),
+            "cé: 1".as_bytes(),
+            "ceé-x: 1".as_bytes(),
+            "é: 1".as_bytes(),
+            b"ab\xC3: 1",
+            b": no name",
+            b"no colon",
+            b"a b: 1",
+            b"x: a\x00b",
+            b"x: a\rb",
+            b"x: \xFF",
+        ] {
+            let block = with(bad);
+            let err = decode("mg", "mg.a", Some(&RawHeaderBlock(&block)), Bytes::new())
+                .expect_err(&String::from_utf8_lossy(bad));
+            assert!(err.contains("header"), "{err}");
+            // The lenient reader used for status lines never panics on them either.
+            let h = RawHeaderBlock(&block);
+            let _ = h.get("ce-id");
+            let _ = Meta::read(Some(&h));
+            let _ = decode_binary(&h, None, Bytes::new());
+        }
+        let counter = meshgate_core::metrics::Counter::default();
+        let block = with("abé: 1".as_bytes());
+        assert!(decode_or_count("mg", "mg.a", Some(&RawHeaderBlock(&block)), Bytes::new(), &counter).is_none());
+        assert_eq!(counter.get(), 1);
+        // Not a header block at all.
+        assert!(check_block(b"HTTP/1.1\r\n\r\n").is_err());
+    }
+
+    /// Review F2 for NATS: a line meshgate would write that is not valid (a name that is not a
+    /// token, a value with CR/LF) is not written, and the block is refused.
+    #[test]
+    fn a_header_line_that_would_break_the_block_is_refused_not_written() {
+        for (name, value) in [
+            ("ce-x", "a\r\nInjected: 1"),
+            ("ce-x", "a\nb"),
+            ("ce-x", "nul\0"),
+            ("ce-é", "1"),
+            ("a:b", "1"),
+            ("a b", "1"),
+            ("", "1"),
+        ] {
+            let mut h = RawHeaders::new();
+            h.put("Meshgate-Qos", &["0"]);
+            h.put_owned(name.to_owned(), value);
+            h.put("Meshgate-Retain", &["1"]);
+            assert!(h.finish().is_err(), "{name:?}: {value:?}");
+        }
+        let mut h = RawHeaders::new();
+        h.put_owned("ce-x".into(), "tab\tand é");
+        let block = h.finish().unwrap();
+        check_block(&block).unwrap();
     }
 }

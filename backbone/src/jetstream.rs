@@ -178,13 +178,7 @@ impl JetStreamBackbone {
             ))
         })?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
-        let options = crate::nats::client_options(
-            nats,
-            instance,
-            true,
-            registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer")),
-            registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", NAME)]),
-        );
+        let options = crate::nats::client_options(nats, instance, true, registry, NAME);
         // nats-server reads each connection on one goroutine: several let it store from
         // several cores (see `publish`).
         // (Connected at once, not one after another: with NATS down each waits connect_timeout.)
@@ -215,7 +209,8 @@ impl JetStreamBackbone {
             closed: AtomicBool::new(false),
             malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
             duplicates: registry.counter(metrics::BACKBONE_DROPPED, &labels("duplicate")),
-            unrepresentable: registry.counter(metrics::BACKBONE_DROPPED, &labels("unrepresentable")),
+            unrepresentable: registry
+                .counter(metrics::BACKBONE_DROPPED, &labels("unrepresentable")),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
         });
         let dead = registry.counter(metrics::BACKBONE_DROPPED, &labels("max_deliveries"));

@@ -423,7 +423,11 @@ mod tests {
             let bb = MemoryBackbone::new(config(1, policy), &Registry::new());
             let mut never_polled = Vec::new();
             for _ in 0..FULL {
-                never_polled.push(bb.subscribe(filter("a/#"), Default::default()).await.unwrap());
+                never_polled.push(
+                    bb.subscribe(filter("a/#"), Default::default())
+                        .await
+                        .unwrap(),
+                );
             }
             bb.publish(envelope("a/b", "fills")).await.unwrap();
             let started = tokio::time::Instant::now();

@@ -64,6 +64,8 @@ pub struct NatsBackbone {
     fanout: Fanout,
     /// Queue size of a plain subscriber for other instances' events, unless it asks for one.
     subscription_capacity: usize,
+    /// Byte budget of that queue.
+    subscription_bytes: usize,
     prefix: String,
     closed: AtomicBool,
     malformed: Counter,
@@ -100,16 +102,7 @@ impl NatsBackbone {
             metrics::BACKBONE_DROPPED,
             &[("backbone", NAME), ("reason", "slow_consumer")],
         );
-        let disconnects = registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", NAME)]);
-        let options = |echo| {
-            client_options(
-                config,
-                instance,
-                echo,
-                slow_consumer.clone(),
-                disconnects.clone(),
-            )
-        };
+        let options = |echo| client_options(config, instance, echo, registry, NAME);
         // Only the publishing connection encodes events (on its writer's task).
         let publishing = nats_client::Options {
             later: Some(Arc::new(CoreWire {
@@ -141,8 +134,9 @@ impl NatsBackbone {
             client,
             group_client,
             local: MemoryBackbone::with_metrics_label(local.clone(), registry, "nats-local"),
-            fanout: Fanout::new(slow_consumer),
+            fanout: Fanout::new(slow_consumer, task_panicked(registry)),
             subscription_capacity: config.subscription_capacity,
+            subscription_bytes: config.subscription_bytes,
             prefix: config.subject_prefix.clone(),
             closed: AtomicBool::new(false),
             malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
@@ -161,31 +155,14 @@ impl NatsBackbone {
         filter: &TopicFilter,
         queue_group: Option<&str>,
     ) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
-        let queue = queue_group.map(queue_name);
-        let mut subscribers = Vec::new();
-        // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
-        for subject in filter.to_nats_subjects(&self.prefix) {
-            subscribers.push(
-                client
-                    .subscribe(&subject, queue.as_deref())
-                    .map_err(client_error)?,
-            );
-        }
-        // Once the server answered the flush, it has the interest: events published from
-        // now on (by any instance) reach this subscription.
-        client.flush().await.map_err(client_error)?;
-        let prefix = self.prefix.clone();
-        let malformed = self.malformed.clone();
-        // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
-        // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
-        let matcher = filter.clone();
-        let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
-            let delivery = decode_message(&prefix, m, &malformed)
-                .filter(|envelope| matcher.matches(&envelope.topic))
-                .map(|envelope| Delivery::new(Arc::new(envelope), None));
-            futures_util::future::ready(delivery)
-        });
-        Ok(Box::pin(stream))
+        nats_subscription(
+            client,
+            self.prefix.clone(),
+            self.malformed.clone(),
+            filter,
+            queue_group,
+        )
+        .await
     }
 
     /// Queues the event for the client's writer, which encodes it.
@@ -195,6 +172,40 @@ impl NatsBackbone {
         }
         self.client.publish_later(envelope)
     }
+}
+
+/// NATS subscriptions for `filter` on `client`, as one stream of deliveries (messages that
+/// are not events of `filter` skipped, those not CloudEvents counted in `malformed`).
+async fn nats_subscription(
+    client: &nats_client::Client,
+    prefix: String,
+    malformed: Counter,
+    filter: &TopicFilter,
+    queue_group: Option<&str>,
+) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
+    let queue = queue_group.map(queue_name);
+    let mut subscribers = Vec::new();
+    // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
+    for subject in filter.to_nats_subjects(&prefix) {
+        subscribers.push(
+            client
+                .subscribe(&subject, queue.as_deref())
+                .map_err(client_error)?,
+        );
+    }
+    // Once the server answered the flush, it has the interest: events published from
+    // now on (by any instance) reach this subscription.
+    client.flush().await.map_err(client_error)?;
+    // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
+    // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
+    let matcher = filter.clone();
+    let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
+        let delivery = decode_message(&prefix, m, &malformed)
+            .filter(|envelope| matcher.matches(&envelope.topic))
+            .map(|envelope| Delivery::new(Arc::new(envelope), None));
+        futures_util::future::ready(delivery)
+    });
+    Ok(Box::pin(stream))
 }
 
 /// How the publishing connection's writer encodes this instance's events
@@ -244,7 +255,38 @@ impl nats_client::EncodeLater for CoreWire {
     }
 }
 
+/// `meshgate_errors_total{adapter="backbone",kind="task_panicked"}`: a backbone task (a NATS
+/// connection, a fan-out) that ended by a panic and was restarted.
+pub(crate) fn task_panicked(registry: &Registry) -> Counter {
+    registry.counter(
+        metrics::ERRORS,
+        &[("adapter", "backbone"), ("kind", "task_panicked")],
+    )
+}
+
+/// The envelope of a received message, or `None` (counted in `malformed`) when it is not a
+/// valid event. A panic in the decoder (a bug: it refuses bad input with errors) costs that one
+/// message, counted and logged, not the task reading the subscription (review F8: a fan-out
+/// task, an MQTT session, an AMQP sink). The decoder only reads `m`: nothing is left half-done.
 pub(crate) fn decode_message(
+    prefix: &str,
+    m: nats_client::Msg,
+    malformed: &Counter,
+) -> Option<Envelope> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_message_unguarded(prefix, m, malformed)
+    }));
+    decoded.unwrap_or_else(|panic| {
+        malformed.inc();
+        tracing::error!(
+            panic = nats_client::panic_message(&*panic),
+            "nats: decoding a received message panicked; the message was skipped (counted as malformed)"
+        );
+        None
+    })
+}
+
+fn decode_message_unguarded(
     prefix: &str,
     m: nats_client::Msg,
     malformed: &Counter,
@@ -263,14 +305,21 @@ pub(crate) fn decode_message(
     )
 }
 
-/// Options of meshgate's own NATS client for `config`.
+/// Options of meshgate's own NATS client for `config`; its counters labelled
+/// `backbone="<backbone>"`.
 pub(crate) fn client_options(
     config: &NatsBackboneConfig,
     instance: &str,
     echo: bool,
-    slow_consumer: Counter,
-    disconnects: Counter,
+    registry: &Registry,
+    backbone: &'static str,
 ) -> nats_client::Options {
+    let dropped = |reason| {
+        registry.counter(
+            metrics::BACKBONE_DROPPED,
+            &[("backbone", backbone), ("reason", reason)],
+        )
+    };
     nats_client::Options {
         urls: config.urls.clone(),
         name: format!("meshgate {instance}"),
@@ -280,8 +329,11 @@ pub(crate) fn client_options(
         token: config.token.clone(),
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
-        slow_consumer,
-        disconnects,
+        subscription_bytes: config.subscription_bytes,
+        slow_consumer: dropped("slow_consumer"),
+        too_large: dropped("too_large"),
+        panicked: task_panicked(registry),
+        disconnects: registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", backbone)]),
         later: None,
         max_control_line: config.max_control_line,
     }
@@ -465,11 +517,22 @@ impl Backbone for NatsBackbone {
                 }
                 None => {
                     let capacity = options.capacity.unwrap_or(self.subscription_capacity);
+                    // Made again by the fan-out should its task end by a panic.
+                    let (client, prefix, malformed) = (
+                        self.client.clone(),
+                        self.prefix.clone(),
+                        self.malformed.clone(),
+                    );
+                    let subscribe = move |filter: TopicFilter| {
+                        let (client, prefix, malformed) =
+                            (client.clone(), prefix.clone(), malformed.clone());
+                        Box::pin(async move {
+                            nats_subscription(&client, prefix, malformed, &filter, None).await
+                        }) as BoxFuture<'static, _>
+                    };
                     let remote = self
                         .fanout
-                        .join(&filter, capacity, async || {
-                            self.nats_subscription(&self.client, &filter, None).await
-                        })
+                        .join(&filter, capacity, self.subscription_bytes, subscribe)
                         .await?;
                     let local = self
                         .local

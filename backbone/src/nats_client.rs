@@ -55,9 +55,13 @@ const MAX_PENDING: usize = 8 << 20;
 const MAX_KEPT_FRAME: usize = 1 << 20;
 /// Read chunk; received messages are slices of it (no copy).
 const READ_CHUNK: usize = 32 << 10;
-/// Largest message accepted from the server (nats-server's own hard limit for max_payload);
-/// a bigger size in a `MSG` line is a protocol error, not an allocation.
+/// Largest message size a `MSG` line may announce at all (nats-server's own hard limit for
+/// max_payload); a bigger size is a protocol error, not an allocation.
 const MAX_INBOUND_MESSAGE: usize = 64 << 20;
+/// Room above the server's `max_payload` for a received message (headers a server may add
+/// to a stored message); past `max_payload` + this, a message is skipped unread and counted
+/// as `too_large` (review F15: was any size up to [`MAX_INBOUND_MESSAGE`]).
+const INBOUND_SLACK: usize = 64 << 10;
 /// Longest control line accepted from the server (INFO can be long in a cluster).
 const MAX_CONTROL_LINE: usize = 1 << 20;
 
@@ -82,7 +86,14 @@ pub(crate) struct Options {
     pub token: Option<String>,
     pub connect_timeout: Duration,
     pub subscription_capacity: usize,
+    /// Bytes (headers and payload) a subscription's queue holds at most, besides
+    /// `subscription_capacity` messages; past it messages are dropped (slow consumer).
+    pub subscription_bytes: usize,
     pub slow_consumer: Counter,
+    /// Messages from the server over its own `max_payload` (+ [`INBOUND_SLACK`]), skipped.
+    pub too_large: Counter,
+    /// The connection task ended by a panic (it is restarted).
+    pub panicked: Counter,
     /// Counts each established connection that was lost (not the ones closed on purpose).
     pub disconnects: Counter,
     /// How the writer encodes what [`Client::publish_later`] queued; needed only by it.
@@ -160,7 +171,7 @@ struct Sub {
 /// Where a subscription's messages go.
 enum Deliver {
     /// A bounded queue read by a [`SubStream`]; a full queue drops (slow consumer).
-    Queue(mpsc::Sender<Msg>),
+    Queue(ByteQueueTx<Msg>),
     /// Called on the connection's reader task, for handlers that only hand a message on
     /// without waiting (one task wake-up less per message: request replies).
     Call(Arc<dyn Fn(Msg) + Send + Sync>),
@@ -268,7 +279,7 @@ impl Client {
     pub async fn connect(options: Options) -> Client {
         let timeout = options.connect_timeout;
         let shared = Arc::new(Shared::new(options));
-        tokio::spawn(run(shared.clone()));
+        tokio::spawn(supervise(shared.clone()));
         let client = Client { shared };
         let deadline = tokio::time::Instant::now() + timeout;
         while !client.is_connected() && tokio::time::Instant::now() < deadline {
@@ -451,7 +462,7 @@ impl Client {
         queue: Option<&str>,
         capacity: usize,
     ) -> Result<SubStream, ClientError> {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = byte_queue(capacity, self.shared.options.subscription_bytes);
         let sid = self.add_sub(subject, queue, Deliver::Queue(tx))?;
         Ok(SubStream {
             rx,
@@ -591,10 +602,102 @@ fn write_sub(buf: &mut Vec<u8>, sid: u64, sub: &Sub) {
     buf.extend_from_slice(b"\r\n");
 }
 
+/// A queue bounded in messages (`capacity`) and in bytes (`max_bytes`, the sizes given to
+/// [`ByteQueueTx::try_send`]): review F15, where 65,536 messages of up to 1 MiB each could be
+/// held for one slow subscriber. An empty queue takes one message of any size (the server's
+/// `max_payload` bounds it), so a budget below a message's size still lets it through.
+pub(crate) fn byte_queue<T>(capacity: usize, max_bytes: usize) -> (ByteQueueTx<T>, ByteQueueRx<T>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        ByteQueueTx {
+            tx,
+            bytes: bytes.clone(),
+            max: max_bytes,
+        },
+        ByteQueueRx { rx, bytes },
+    )
+}
+
+/// The sending side of [`byte_queue`].
+pub(crate) struct ByteQueueTx<T> {
+    tx: mpsc::Sender<(T, usize)>,
+    bytes: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl<T> Clone for ByteQueueTx<T> {
+    fn clone(&self) -> Self {
+        ByteQueueTx {
+            tx: self.tx.clone(),
+            bytes: self.bytes.clone(),
+            max: self.max,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for ByteQueueTx<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteQueueTx")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl<T> ByteQueueTx<T> {
+    /// Queues `item` of `size` bytes unless the queue is full in messages or bytes
+    /// (`Full`), or its reader is gone (`Closed`).
+    pub(crate) fn try_send(
+        &self,
+        item: T,
+        size: usize,
+    ) -> Result<(), mpsc::error::TrySendError<T>> {
+        use mpsc::error::TrySendError;
+        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(size) > self.max {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(TrySendError::Full(item));
+        }
+        self.tx.try_send((item, size)).map_err(|e| {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            match e {
+                TrySendError::Full((item, _)) => TrySendError::Full(item),
+                TrySendError::Closed((item, _)) => TrySendError::Closed(item),
+            }
+        })
+    }
+}
+
+/// The receiving side of [`byte_queue`].
+pub(crate) struct ByteQueueRx<T> {
+    rx: mpsc::Receiver<(T, usize)>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl<T> std::fmt::Debug for ByteQueueRx<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteQueueRx")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl<T> ByteQueueRx<T> {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|(item, size)| {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
+                item
+            })
+        })
+    }
+}
+
 /// The messages of one subscription; unsubscribes when dropped.
 #[derive(Debug)]
 pub(crate) struct SubStream {
-    rx: mpsc::Receiver<Msg>,
+    rx: ByteQueueRx<Msg>,
     _sub: Unsubscribe,
 }
 
@@ -639,6 +742,44 @@ struct Info {
     tls_required: bool,
     #[serde(default)]
     headers: bool,
+}
+
+/// Runs [`run`], again after a panic (a bug: the parser and handlers refuse bad input with
+/// errors), so the client is never silently gone: the panic is logged and counted
+/// (`meshgate_errors_total{adapter="backbone",kind="task_panicked"}`), the connection is
+/// dropped as on a disconnect (the backbone is not ready meanwhile), and a new one is made
+/// with every subscription.
+async fn supervise(shared: Arc<Shared>) {
+    use futures_util::FutureExt;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let run = std::panic::AssertUnwindSafe(run(shared.clone())).catch_unwind();
+        match run.await {
+            Ok(()) => return,
+            Err(panic) => {
+                disconnected(&shared);
+                shared.options.panicked.inc();
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "nats: the connection task panicked; reconnecting (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
+                );
+                if shared.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The text of a caught panic, for the log.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 /// Connects, reconnects, and runs each connection's reader and writer.
@@ -1003,9 +1144,28 @@ async fn read_loop(
     mut r: tokio::io::ReadHalf<Box<dyn Io>>,
     mut buf: BytesMut,
 ) -> String {
+    // Bytes of a too-large message still to be skipped.
+    let mut skip = 0usize;
     loop {
         loop {
-            match parse_op(&mut buf) {
+            if skip > 0 {
+                let n = skip.min(buf.len());
+                buf.advance(n);
+                skip -= n;
+                if skip > 0 {
+                    break;
+                }
+            }
+            match parse_op(&mut buf, inbound_limit(shared)) {
+                Ok(Some(Op::TooLarge { sid, size, skip: s })) => {
+                    skip = s;
+                    shared.options.too_large.inc();
+                    tracing::warn!(
+                        sid,
+                        size,
+                        "nats: the server sent a message over its own max_payload; skipped (counted in meshgate_backbone_dropped_total{{reason=\"too_large\"}})"
+                    );
+                }
                 Ok(Some(op)) => handle(shared, op),
                 Ok(None) => break,
                 Err(e) => return format!("protocol error: {e}"),
@@ -1022,10 +1182,25 @@ async fn read_loop(
     }
 }
 
+/// The largest message accepted from the server: its `max_payload` and some room.
+fn inbound_limit(shared: &Shared) -> usize {
+    (shared.max_payload.load(Ordering::Relaxed) + INBOUND_SLACK).min(MAX_INBOUND_MESSAGE)
+}
+
 /// One operation from the server.
 #[derive(Debug, PartialEq)]
 enum Op {
-    Msg { sid: u64, msg: Msg },
+    Msg {
+        sid: u64,
+        msg: Msg,
+    },
+    /// A well-formed `MSG`/`HMSG` of `size` bytes over the limit: its line was consumed; the
+    /// next `skip` bytes (body and CRLF) are to be skipped, not buffered.
+    TooLarge {
+        sid: u64,
+        size: usize,
+        skip: usize,
+    },
     Ping,
     Pong,
     Ok,
@@ -1034,7 +1209,8 @@ enum Op {
 }
 
 /// The next complete operation in `buf` (consumed), `None` when more bytes are needed.
-fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
+/// A message over `limit` bytes is [`Op::TooLarge`] (never buffered).
+fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
     let Some(end) = find_crlf(buf) else {
         if buf.len() > MAX_CONTROL_LINE {
             return Err("control line too long".into());
@@ -1091,6 +1267,14 @@ fn parse_op(buf: &mut BytesMut) -> Result<Option<Op>, String> {
         };
         if hdr > total || total > MAX_INBOUND_MESSAGE {
             return Err(format!("bad `{}`", String::from_utf8_lossy(line)));
+        }
+        if total > limit {
+            buf.advance(end + 2);
+            return Ok(Some(Op::TooLarge {
+                sid,
+                size: total,
+                skip: total + 2,
+            }));
         }
         let at = |p: &[u8]| (p.as_ptr() as usize - buf.as_ptr() as usize, p.len());
         let subject_at = at(parts[0]);
@@ -1160,7 +1344,8 @@ fn handle(shared: &Shared, op: Op) {
                     return;
                 }
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
+            let size = msg.headers.as_ref().map_or(0, Bytes::len) + msg.payload.len();
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg, size) {
                 shared.options.slow_consumer.inc();
                 if shared.warn_slow.ready() {
                     tracing::warn!(
@@ -1180,7 +1365,8 @@ fn handle(shared: &Shared, op: Op) {
                 let _ = waiter.send(());
             }
         }
-        Op::Ok => {}
+        // (Skipped and counted by the reader.)
+        Op::Ok | Op::TooLarge { .. } => {}
         Op::Err(text) => {
             // The server closes the connection after the errors that end it (and the reader
             // then sees the end); others (permissions, subscription limits) leave it open, and
@@ -1208,7 +1394,7 @@ mod tests {
     fn ops(input: &[u8]) -> (Vec<Op>, usize) {
         let mut buf = BytesMut::from(input);
         let mut v = Vec::new();
-        while let Some(op) = parse_op(&mut buf).unwrap() {
+        while let Some(op) = parse_op(&mut buf, MAX_INBOUND_MESSAGE).unwrap() {
             v.push(op);
         }
         (v, buf.len())
@@ -1252,11 +1438,11 @@ mod tests {
         for cut in 0..input.len() {
             let mut buf = BytesMut::from(&input[..cut]);
             let mut got = Vec::new();
-            while let Some(op) = parse_op(&mut buf).unwrap() {
+            while let Some(op) = parse_op(&mut buf, MAX_INBOUND_MESSAGE).unwrap() {
                 got.push(op);
             }
             buf.extend_from_slice(&input[cut..]);
-            while let Some(op) = parse_op(&mut buf).unwrap() {
+            while let Some(op) = parse_op(&mut buf, MAX_INBOUND_MESSAGE).unwrap() {
                 got.push(op);
             }
             assert_eq!(got.len(), 2, "cut at {cut}");
@@ -1286,7 +1472,7 @@ mod tests {
             b"MSG a 1 3\r\nabcde\r\n",
         ] {
             assert!(
-                parse_op(&mut BytesMut::from(bad)).is_err(),
+                parse_op(&mut BytesMut::from(bad), MAX_INBOUND_MESSAGE).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
@@ -1505,7 +1691,10 @@ mod tests {
             token: None,
             connect_timeout: Duration::from_secs(1),
             subscription_capacity: 16,
+            subscription_bytes: 1 << 20,
             slow_consumer: Counter::default(),
+            too_large: Counter::default(),
+            panicked: Counter::default(),
             disconnects: Counter::default(),
             later,
             max_control_line: 4096,
@@ -1560,6 +1749,49 @@ mod tests {
             assert!(n > 0, "the client closed");
             seen.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// Review F15: a message over the server's own max_payload (+ slack) is skipped unread
+    /// and counted, the connection and the next messages go on; a subscription's queue is
+    /// bounded in bytes as well as messages (an empty one takes any one message).
+    #[tokio::test]
+    async fn messages_over_max_payload_are_skipped_and_queues_are_bounded_in_bytes() {
+        use futures_util::StreamExt;
+        let (client, serving, server) = serving(1 << 20).await;
+        client.shared.max_payload.store(1000, Ordering::Relaxed);
+        let mut sub = client.subscribe("s", None).unwrap();
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let line = line_of(&mut r, &mut seen, "SUB ").await;
+        assert_eq!(line, "SUB s 1");
+        let big = 1000 + INBOUND_SLACK + 1;
+        let mut input = format!("MSG s 1 {big}\r\n").into_bytes();
+        input.extend(std::iter::repeat_n(b'x', big));
+        input.extend_from_slice(b"\r\nMSG s 1 2\r\nok\r\n");
+        // The per-subscription byte budget (1 MiB in `unconnected_with`): the first of
+        // these fills it, the second is over it and dropped.
+        let near = 1000 + INBOUND_SLACK;
+        for _ in 0..20 {
+            input.extend_from_slice(format!("MSG s 1 {near}\r\n").as_bytes());
+            input.extend(std::iter::repeat_n(b'y', near));
+            input.extend_from_slice(b"\r\n");
+        }
+        w.write_all(&input).await.unwrap();
+        let first = sub.next().await.unwrap();
+        assert_eq!(&first.payload[..], b"ok");
+        assert_eq!(client.shared.options.too_large.get(), 1);
+        // Wait for the reader to have handed on (or dropped) all twenty.
+        while client.shared.options.slow_consumer.get()
+            + ((sub.rx.bytes.load(Ordering::Relaxed) / near) as u64)
+            < 20
+        {
+            tokio::task::yield_now().await;
+        }
+        let queued = sub.rx.bytes.load(Ordering::Relaxed);
+        assert!(queued <= 1 << 20, "{queued}");
+        assert_eq!(queued / near, (1 << 20) / near);
+        assert!(client.shared.options.slow_consumer.get() > 0);
+        assert!(!serving.is_finished(), "the connection is still served");
     }
 
     #[tokio::test]

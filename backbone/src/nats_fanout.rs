@@ -6,30 +6,49 @@
 //! forwarding task per filter also takes the decoding off the subscriber's own task, so a busy
 //! subscriber's writes and the decoding run on different cores.
 //!
-//! A subscriber whose queue (`capacity`) is full loses the event (counted as slow consumer, as
-//! NATS itself does when the forwarding subscription falls behind).
+//! A subscriber whose queue (`capacity` events, or `max_bytes` of them) is full loses the
+//! event (counted as slow consumer, as NATS itself does when the forwarding subscription falls
+//! behind).
+//!
+//! A forwarding task that panics (a bug: decoding refuses bad messages with errors, and a panic
+//! while decoding costs only that message, see `nats::decode_message`) is logged, counted
+//! (`meshgate_errors_total{adapter="backbone",kind="task_panicked"}`) and restarted on a new
+//! NATS subscription, with the same members: a group is never left in the map with no task.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
+use meshgate_config::NatsWireMode;
 use meshgate_core::metrics::Counter;
-use meshgate_core::{Delivery, TopicFilter};
-use tokio::sync::mpsc;
+use meshgate_core::{BoxFuture, Delivery, Envelope, TopicFilter};
+
+use crate::nats_client::{ByteQueueRx, ByteQueueTx, byte_queue};
+
+/// Longest wait between two attempts to subscribe again after a forwarding task's panic.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Makes the NATS subscription of a filter (again, after a panic).
+pub(crate) type Subscribe<E> = Arc<
+    dyn Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, Delivery>, E>>
+        + Send
+        + Sync,
+>;
 
 /// The local subscribers of one filter and the task forwarding to them.
 #[derive(Debug)]
 struct Group {
-    members: Mutex<Vec<(u64, mpsc::Sender<Delivery>)>>,
+    members: Mutex<Vec<(u64, ByteQueueTx<Delivery>)>>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Group {
-    fn members(&self) -> MutexGuard<'_, Vec<(u64, mpsc::Sender<Delivery>)>> {
+    fn members(&self) -> MutexGuard<'_, Vec<(u64, ByteQueueTx<Delivery>)>> {
         // Pushes and removals only: usable after a panic elsewhere.
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -66,29 +85,36 @@ impl Inner {
 pub(crate) struct Fanout {
     inner: Arc<Inner>,
     slow_consumer: Counter,
+    panicked: Counter,
 }
 
 impl Fanout {
-    pub(crate) fn new(slow_consumer: Counter) -> Fanout {
+    pub(crate) fn new(slow_consumer: Counter, panicked: Counter) -> Fanout {
         Fanout {
             inner: Arc::new(Inner::default()),
             slow_consumer,
+            panicked,
         }
     }
 
     /// Joins the group of `filter`'s subscribers, subscribing on NATS first with `subscribe`
     /// when the filter has none yet; the stream has this subscriber's events, `capacity` of
-    /// them queued at most.
+    /// them queued at most, and at most about `max_bytes` of them.
     pub(crate) async fn join<F, E>(
         &self,
         filter: &TopicFilter,
         capacity: usize,
+        max_bytes: usize,
         subscribe: F,
     ) -> Result<MemberStream, E>
     where
-        F: AsyncFnOnce() -> Result<BoxStream<'static, Delivery>, E>,
+        F: Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, Delivery>, E>>
+            + Send
+            + Sync
+            + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = byte_queue(capacity, max_bytes);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let member = |group: &Arc<Group>, rx| MemberStream {
             rx,
@@ -104,7 +130,7 @@ impl Fanout {
             return Ok(member(group, rx));
         }
         // Outside the lock: subscribing waits for the server.
-        let remote = subscribe().await?;
+        let remote = subscribe(filter.clone()).await?;
         let mut groups = self.inner.groups();
         if let Some(group) = groups.get(filter) {
             // Another subscriber made the group meanwhile: `remote` is dropped (unsubscribed).
@@ -120,7 +146,8 @@ impl Fanout {
             group.clone(),
             filter.clone(),
             Arc::downgrade(&self.inner),
-            self.slow_consumer.clone(),
+            (self.slow_consumer.clone(), self.panicked.clone()),
+            Arc::new(subscribe),
         ));
         *group.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         groups.insert(filter.clone(), group.clone());
@@ -134,24 +161,52 @@ impl Fanout {
     }
 }
 
+/// About the memory an event holds in a queue (its JSON, or data and attributes).
+fn approx_size(envelope: &Envelope) -> usize {
+    crate::nats_wire::size_bound(envelope, NatsWireMode::Structured)
+}
+
 /// Hands each event of `remote` to every member of `group`; when `remote` ends (the client
-/// drained), the members' streams end after what they have queued.
-async fn forward(
+/// drained), the members' streams end after what they have queued. After a panic, subscribes
+/// again (with a backoff) and goes on with the same members; the task is aborted when the last
+/// member leaves.
+async fn forward<E: std::fmt::Display>(
     mut remote: BoxStream<'static, Delivery>,
     group: Arc<Group>,
     filter: TopicFilter,
     inner: std::sync::Weak<Inner>,
-    slow_consumer: Counter,
+    (slow_consumer, panicked): (Counter, Counter),
+    subscribe: Subscribe<E>,
 ) {
-    while let Some(delivery) = remote.next().await {
-        let members = group.members();
-        for (_, tx) in members.iter() {
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                tx.try_send(Delivery::new(delivery.envelope.clone(), None))
-            {
-                slow_consumer.inc();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let passed = std::panic::AssertUnwindSafe(pass_on(&mut remote, &group, &slow_consumer))
+            .catch_unwind()
+            .await;
+        let Err(panic) = passed else {
+            break;
+        };
+        panicked.inc();
+        tracing::error!(
+            filter = %filter,
+            panic = crate::nats_client::panic_message(&*panic),
+            "nats: a fan-out task panicked; subscribing again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
+        );
+        // The stream may be left half-way through a message: a new one. Events published
+        // until it is made are lost for these members (at most once, as on a reconnect).
+        drop(remote);
+        remote = loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+            match subscribe(filter.clone()).await {
+                Ok(stream) => break stream,
+                Err(e) => tracing::warn!(
+                    filter = %filter,
+                    error = %e,
+                    "nats: cannot subscribe again after a fan-out task's panic; retrying"
+                ),
             }
-        }
+        };
     }
     if let Some(inner) = inner.upgrade() {
         let mut groups = inner.groups();
@@ -162,11 +217,30 @@ async fn forward(
     group.members().clear();
 }
 
+/// Forwards until `remote` ends.
+async fn pass_on(
+    remote: &mut BoxStream<'static, Delivery>,
+    group: &Group,
+    slow_consumer: &Counter,
+) {
+    while let Some(delivery) = remote.next().await {
+        let size = approx_size(&delivery.envelope);
+        let members = group.members();
+        for (_, tx) in members.iter() {
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+                tx.try_send(Delivery::new(delivery.envelope.clone(), None), size)
+            {
+                slow_consumer.inc();
+            }
+        }
+    }
+}
+
 /// One subscriber's events; leaves the group when dropped (the last one out ends the NATS
 /// subscription).
 #[derive(Debug)]
 pub(crate) struct MemberStream {
-    rx: mpsc::Receiver<Delivery>,
+    rx: ByteQueueRx<Delivery>,
     id: u64,
     group: Arc<Group>,
     filter: TopicFilter,
@@ -201,6 +275,9 @@ mod tests {
 
     use super::*;
     use meshgate_core::{Envelope, Event, Origin, Topic};
+    use tokio::sync::mpsc;
+
+    const BYTES: usize = 1 << 20;
 
     fn delivery(id: &str) -> Delivery {
         let envelope = Envelope::new(
@@ -214,32 +291,55 @@ mod tests {
         Delivery::new(Arc::new(envelope), None)
     }
 
-    /// A fake NATS subscription: its sender, and how many times one was made.
+    type Factory = Box<
+        dyn Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, Delivery>, String>>
+            + Send
+            + Sync,
+    >;
+
+    /// A fake NATS subscription: its sender, and how many times one was made. Each call of
+    /// the factory makes a new one, whose sender is sent on `made_tx` (after the first).
     fn source(
         made: &Arc<AtomicU64>,
     ) -> (
         mpsc::UnboundedSender<Delivery>,
-        impl AsyncFnOnce() -> Result<BoxStream<'static, Delivery>, ()>,
+        mpsc::UnboundedReceiver<mpsc::UnboundedSender<Delivery>>,
+        Factory,
     ) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (first_tx, first_rx) = mpsc::unbounded_channel::<Delivery>();
+        let first = Mutex::new(Some(first_rx));
+        let (again_tx, again_rx) = mpsc::unbounded_channel();
         let made = made.clone();
-        let subscribe = async move || {
+        let subscribe = move |_filter: TopicFilter| {
             made.fetch_add(1, Ordering::Relaxed);
-            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            Ok(stream.boxed())
+            let mut rx = first.lock().unwrap().take().unwrap_or_else(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = again_tx.send(tx);
+                rx
+            });
+            let stream = futures_util::stream::poll_fn(move |cx| {
+                let polled = rx.poll_recv(cx);
+                if let Poll::Ready(Some(d)) = &polled
+                    && d.event().id() == "panic"
+                {
+                    panic!("a bug while forwarding");
+                }
+                polled
+            });
+            Box::pin(async move { Ok(stream.boxed()) }) as BoxFuture<'static, _>
         };
-        (tx, subscribe)
+        (first_tx, again_rx, Box::new(subscribe))
     }
 
     #[tokio::test]
     async fn one_subscription_per_filter_each_member_gets_each_event_once() {
-        let fanout = Fanout::new(Counter::default());
+        let fanout = Fanout::new(Counter::default(), Counter::default());
         let filter = TopicFilter::parse("a/#").unwrap();
         let made = Arc::new(AtomicU64::new(0));
-        let (events, subscribe) = source(&made);
-        let mut first = fanout.join(&filter, 8, subscribe).await.unwrap();
-        let (_unused, subscribe) = source(&made);
-        let mut second = fanout.join(&filter, 8, subscribe).await.unwrap();
+        let (events, _, subscribe) = source(&made);
+        let mut first = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let (_unused, _, subscribe) = source(&made);
+        let mut second = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
         assert_eq!(
             made.load(Ordering::Relaxed),
             1,
@@ -254,21 +354,21 @@ mod tests {
         assert_eq!(fanout.groups(), 1);
         drop(second);
         assert_eq!(fanout.groups(), 0);
-        let (_events, subscribe) = source(&made);
-        let _third = fanout.join(&filter, 8, subscribe).await.unwrap();
+        let (_events, _, subscribe) = source(&made);
+        let _third = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
         assert_eq!(made.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
     async fn a_full_member_loses_events_counted_others_do_not_wait() {
         let slow = Counter::default();
-        let fanout = Fanout::new(slow.clone());
+        let fanout = Fanout::new(slow.clone(), Counter::default());
         let filter = TopicFilter::parse("a/b").unwrap();
         let made = Arc::new(AtomicU64::new(0));
-        let (events, subscribe) = source(&made);
-        let mut small = fanout.join(&filter, 1, subscribe).await.unwrap();
-        let (_unused, subscribe) = source(&made);
-        let mut large = fanout.join(&filter, 8, subscribe).await.unwrap();
+        let (events, _, subscribe) = source(&made);
+        let mut small = fanout.join(&filter, 1, BYTES, subscribe).await.unwrap();
+        let (_unused, _, subscribe) = source(&made);
+        let mut large = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
         for i in 0..3 {
             events.send(delivery(&format!("e{i}"))).unwrap();
         }
@@ -279,17 +379,73 @@ mod tests {
         assert_eq!(slow.get(), 2);
     }
 
+    /// Review F15: a member's queue is bounded in bytes too; the first event always fits.
     #[tokio::test]
-    async fn members_end_when_the_nats_subscription_ends() {
-        let fanout = Fanout::new(Counter::default());
+    async fn a_member_queue_is_bounded_in_bytes() {
+        let slow = Counter::default();
+        let fanout = Fanout::new(slow.clone(), Counter::default());
         let filter = TopicFilter::parse("a/b").unwrap();
         let made = Arc::new(AtomicU64::new(0));
-        let (events, subscribe) = source(&made);
-        let mut member = fanout.join(&filter, 8, subscribe).await.unwrap();
+        let (events, _, subscribe) = source(&made);
+        let one = approx_size(&delivery("e0").envelope);
+        // Room for two events' bytes, ten in count.
+        let mut member = fanout.join(&filter, 10, 2 * one, subscribe).await.unwrap();
+        // A second member, with room, tells when the forwarder went through all five.
+        let (_unused, _, subscribe) = source(&made);
+        let mut probe = fanout.join(&filter, 10, BYTES, subscribe).await.unwrap();
+        for i in 0..5 {
+            events.send(delivery(&format!("e{i}"))).unwrap();
+        }
+        for i in 0..5 {
+            assert_eq!(probe.next().await.unwrap().event().id(), format!("e{i}"));
+        }
+        assert_eq!(member.next().await.unwrap().event().id(), "e0");
+        assert_eq!(member.next().await.unwrap().event().id(), "e1");
+        assert_eq!(slow.get(), 3, "e2..e4 over the byte budget");
+        // Read: room again.
+        events.send(delivery("e6")).unwrap();
+        assert_eq!(member.next().await.unwrap().event().id(), "e6");
+    }
+
+    #[tokio::test]
+    async fn members_end_when_the_nats_subscription_ends() {
+        let fanout = Fanout::new(Counter::default(), Counter::default());
+        let filter = TopicFilter::parse("a/b").unwrap();
+        let made = Arc::new(AtomicU64::new(0));
+        let (events, _, subscribe) = source(&made);
+        let mut member = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
         events.send(delivery("last")).unwrap();
         drop(events);
         assert_eq!(member.next().await.unwrap().event().id(), "last");
         assert!(member.next().await.is_none());
         assert_eq!(fanout.groups(), 0);
+    }
+
+    /// A forwarding task that panics is counted and restarted on a new subscription: its
+    /// members keep receiving, and new subscribers join the same live group (review F8: the
+    /// dead group stayed in the map, swallowing every later event for the filter).
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_forwarder_is_counted_and_restarted_with_its_members() {
+        let panicked = Counter::default();
+        let fanout = Fanout::new(Counter::default(), panicked.clone());
+        let filter = TopicFilter::parse("a/b").unwrap();
+        let made = Arc::new(AtomicU64::new(0));
+        let (events, mut again, subscribe) = source(&made);
+        let mut member = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        events.send(delivery("e1")).unwrap();
+        events.send(delivery("panic")).unwrap();
+        assert_eq!(member.next().await.unwrap().event().id(), "e1");
+        // Subscribed again, after the backoff.
+        let events = again.recv().await.unwrap();
+        assert_eq!(panicked.get(), 1);
+        assert_eq!(made.load(Ordering::Relaxed), 2);
+        events.send(delivery("e2")).unwrap();
+        assert_eq!(member.next().await.unwrap().event().id(), "e2");
+        let (_unused, _, subscribe) = source(&made);
+        let mut late = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        assert_eq!(fanout.groups(), 1);
+        events.send(delivery("e3")).unwrap();
+        assert_eq!(member.next().await.unwrap().event().id(), "e3");
+        assert_eq!(late.next().await.unwrap().event().id(), "e3");
     }
 }

@@ -127,7 +127,9 @@ pub(crate) fn is_header_name(name: &[u8]) -> bool {
 /// A header value that stays on its line: no CR, LF or other control character (tab
 /// allowed), no DEL. Non-ASCII UTF-8 is allowed (NATS carries bytes; `decode` needs UTF-8).
 pub(crate) fn is_header_value(value: &[u8]) -> bool {
-    value.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
 }
 
 /// `name` starts with `ce-`, any case, and has more after it: a binary-mode attribute.
@@ -135,7 +137,10 @@ pub(crate) fn is_header_value(value: &[u8]) -> bool {
 /// byte 3, where slicing the `str` panicked: review F8).
 fn is_ce_header(name: &str) -> bool {
     let name = name.as_bytes();
-    name.len() > 3 && name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"ce-"))
+    name.len() > 3
+        && name
+            .get(..3)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"ce-"))
 }
 
 /// Writes `envelope`'s headers to `headers` and returns the payload. `instance` is this
@@ -367,7 +372,10 @@ pub(crate) fn check_block(block: &[u8]) -> Result<(), String> {
         let Some(colon) = memchr::memchr(b':', line) else {
             return Err(format!("header line {} has no `:`", n + 1));
         };
-        let (name, value) = (line.get(..colon).unwrap_or_default(), line.get(colon + 1..).unwrap_or_default());
+        let (name, value) = (
+            line.get(..colon).unwrap_or_default(),
+            line.get(colon + 1..).unwrap_or_default(),
+        );
         if !is_header_name(name) {
             return Err(format!(
                 "header name {:?} is not a NATS header token (printable ASCII, no `:`)",
@@ -661,7 +669,10 @@ mod tests {
         let mut payload = Vec::new();
         write_payload(&e, NatsWireMode::Structured, &mut payload);
         assert_eq!(payload, padded.as_bytes());
-        assert!(size_bound(&e, NatsWireMode::Structured) >= headers.finish().unwrap().len() + payload.len());
+        assert!(
+            size_bound(&e, NatsWireMode::Structured)
+                >= headers.finish().unwrap().len() + payload.len()
+        );
     }
 
     /// Through a raw header block (the core backbone) and through a `HeaderMap` (JetStream):
@@ -858,7 +869,16 @@ mod tests {
         }
         let counter = meshgate_core::metrics::Counter::default();
         let block = with("abé: 1".as_bytes());
-        assert!(decode_or_count("mg", "mg.a", Some(&RawHeaderBlock(&block)), Bytes::new(), &counter).is_none());
+        assert!(
+            decode_or_count(
+                "mg",
+                "mg.a",
+                Some(&RawHeaderBlock(&block)),
+                Bytes::new(),
+                &counter
+            )
+            .is_none()
+        );
         assert_eq!(counter.get(), 1);
         // Not a header block at all.
         assert!(check_block(b"HTTP/1.1\r\n\r\n").is_err());

@@ -252,6 +252,13 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
             "backbone.nats.subscription_capacity",
             errors,
         ),
+        subscription_bytes: size(
+            &n.subscription_bytes,
+            "backbone.nats.subscription_bytes",
+            64 << 10,
+            "64 KiB (one message always fits in an empty queue, whatever its size)",
+            errors,
+        ),
         max_control_line: size(
             &n.max_control_line,
             "backbone.nats.max_control_line",

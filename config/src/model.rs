@@ -138,6 +138,9 @@ pub struct NatsBackboneConfig {
     /// Messages the NATS client buffers per subscription; beyond it they are dropped (slow
     /// consumer) and counted.
     pub subscription_capacity: usize,
+    /// Bytes (headers and payload) buffered per subscription at most, besides
+    /// `subscription_capacity` messages; beyond it messages are dropped (slow consumer).
+    pub subscription_bytes: usize,
     /// The server's `max_control_line`: a publish or subscription whose protocol line would be
     /// longer (a long topic) is refused instead of sent, because the server would close the
     /// shared connection.
@@ -156,6 +159,7 @@ impl std::fmt::Debug for NatsBackboneConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("subscription_capacity", &self.subscription_capacity)
+            .field("subscription_bytes", &self.subscription_bytes)
             .field("max_control_line", &self.max_control_line)
             .finish()
     }

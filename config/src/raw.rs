@@ -64,6 +64,7 @@ pub struct Nats {
     pub token: String,
     pub connect_timeout: String,
     pub subscription_capacity: i64,
+    pub subscription_bytes: Size,
     pub max_control_line: Size,
 }
 

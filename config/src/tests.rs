@@ -262,6 +262,12 @@ fn nats_backbone_settings_are_checked() {
     assert_eq!(c.backbone.nats.urls.len(), 2);
     assert_eq!(c.backbone.nats.wire_mode, NatsWireMode::Structured);
     assert_eq!(c.backbone.nats.max_control_line, 4096);
+    assert_eq!(c.backbone.nats.subscription_bytes, 64 << 20);
+    let errs = errors_of("[backbone.nats]\nsubscription_bytes = 100\n", &[]);
+    assert!(
+        has(&errs, "backbone.nats.subscription_bytes", "below 64 KiB"),
+        "{errs:?}"
+    );
     let c = load_str(
         "[backbone.nats]\nmax_control_line = \"8KiB\"\n",
         "t",

@@ -615,4 +615,44 @@ mod tests {
         w.reset();
         assert_eq!(w.want(), Some(BATCH));
     }
+
+    /// Fuzz target `jetstream_status`: any reply subject or status header block is read
+    /// without a panic; well-formed ack subjects give their stream sequence back.
+    #[test]
+    fn fuzz_jetstream_status() {
+        use meshgate_fuzz::proptest::prelude::*;
+        let seeds: [&[u8]; 4] = [
+            b"$JS.ACK.S.C.1.42.7.1700000000000000000.3",
+            b"$JS.ACK.dom.hash.S.C.1.42.7.1700000000000000000.3.rand",
+            b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 5\r\nNats-Pending-Bytes: 0\r\n\r\n",
+            b"NATS/1.0 409 Consumer Deleted\r\n\r\n",
+        ];
+        let inputs = prop_oneof![
+            meshgate_fuzz::bytes("jetstream_status", &seeds, 256).prop_map(|b| (
+                b,
+                0u64,
+                String::new()
+            )),
+            (any::<u64>(), "[A-Za-z0-9_-]{1,12}").prop_map(|(seq, name)| (Vec::new(), seq, name)),
+        ];
+        meshgate_fuzz::run(
+            "jetstream_status",
+            inputs,
+            |b| Some((b.to_vec(), 0, String::new())),
+            |(bytes, seq, name)| {
+                let _ = stream_sequence(&bytes);
+                let _ = read_status(&bytes);
+                if !name.is_empty() {
+                    let plain = format!("$JS.ACK.{name}.{name}.1.{seq}.9.1700000000.0");
+                    let domain = format!("$JS.ACK.d.h.{name}.{name}.1.{seq}.9.1700000000.0.r");
+                    for subject in [plain, domain] {
+                        if stream_sequence(subject.as_bytes()) != Some(seq) {
+                            return Err(format!("{subject}: not {seq}"));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
 }

@@ -2069,4 +2069,93 @@ mod tests {
         let err = parse_url("nats://mg:secret@h:4222").unwrap_err();
         assert!(err.contains("backbone.nats.user"), "{err}");
     }
+
+    /// Drives [`parse_op`] over `chunks` as [`read_loop`] does (too-large messages skipped):
+    /// the operations up to the first error, and whether there was one.
+    fn drive(chunks: &[&[u8]], limit: usize) -> (Vec<Op>, bool) {
+        let mut buf = BytesMut::new();
+        let mut ops = Vec::new();
+        let mut skip = 0usize;
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                if skip > 0 {
+                    let n = skip.min(buf.len());
+                    buf.advance(n);
+                    skip -= n;
+                    if skip > 0 {
+                        break;
+                    }
+                }
+                match parse_op(&mut buf, limit) {
+                    Ok(Some(op)) => {
+                        if let Op::TooLarge { skip: s, .. } = op {
+                            skip = s;
+                        }
+                        ops.push(op);
+                    }
+                    Ok(None) => {
+                        // Bounded memory: waiting for more never holds more than a control
+                        // line and one message within the limit.
+                        assert!(buf.len() <= MAX_CONTROL_LINE + limit + 4, "{}", buf.len());
+                        break;
+                    }
+                    Err(_) => return (ops, true),
+                }
+            }
+        }
+        (ops, false)
+    }
+
+    /// Fuzz target `nats_protocol`: any bytes from the server, whole or cut anywhere, give
+    /// the same operations (or the same protocol error), never a panic; messages over the
+    /// limit are skipped, never buffered.
+    #[test]
+    fn fuzz_nats_protocol() {
+        use meshgate_fuzz::proptest;
+        use meshgate_fuzz::proptest::prelude::*;
+        const LIMIT: usize = 64;
+        let seeds: [&[u8]; 4] = [
+            b"INFO {\"max_payload\":1024,\"headers\":true}\r\nPING\r\nPONG\r\n+OK\r\n-ERR 'Permissions Violation'\r\n",
+            b"MSG a.b 1 5\r\nhello\r\nMSG a.b 1 r.x 2\r\nhi\r\n",
+            b"HMSG a.b 2 r.x 22 24\r\nNATS/1.0\r\nabc: 1\r\n\r\nhi\r\nHMSG s 3 16 16\r\nNATS/1.0 100 Idle\r\n\r\n\r\n",
+            b"MSG big 1 100\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\nPING\r\n",
+        ];
+        let inputs = (
+            meshgate_fuzz::bytes("nats_protocol", &seeds, 512),
+            proptest::collection::vec(any::<usize>(), 0..6),
+        );
+        meshgate_fuzz::run(
+            "nats_protocol",
+            inputs,
+            |b| Some((b.to_vec(), vec![1, 7, 30])),
+            |(input, cuts)| {
+                let whole = drive(&[input.as_slice()], LIMIT);
+                let mut at: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+                at.sort_unstable();
+                let mut chunks: Vec<&[u8]> = Vec::new();
+                let mut from = 0;
+                for a in at {
+                    chunks.push(&input[from..a]);
+                    from = a;
+                }
+                chunks.push(&input[from..]);
+                let cut = drive(&chunks, LIMIT);
+                if whole != cut {
+                    return Err(format!("whole {whole:?} != cut at {chunks:?}: {cut:?}"));
+                }
+                for op in &whole.0 {
+                    if let Op::Msg { msg, .. } = op {
+                        let size = msg.headers.as_ref().map_or(0, Bytes::len) + msg.payload.len();
+                        if size > LIMIT {
+                            return Err(format!(
+                                "a message of {size} bytes over the limit was kept"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
 }

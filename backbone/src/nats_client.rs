@@ -2158,4 +2158,84 @@ mod tests {
             },
         );
     }
+
+    /// An encoder with a bug: it panics on the event with id `boom`.
+    #[derive(Debug)]
+    struct Buggy;
+
+    impl EncodeLater for Buggy {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String> {
+            assert_ne!(envelope.event.id(), "boom", "a bug in the encoder");
+            frame.subject.push_str("ev");
+            frame.payload.push(b'x');
+            Ok(())
+        }
+        fn size_bound(&self, _: &Envelope) -> usize {
+            1
+        }
+        fn subject_bound(&self, _: &Envelope) -> usize {
+            2
+        }
+    }
+
+    /// A connection task that panics is not silently gone: counted, the client shows as
+    /// disconnected, and it connects again (with its subscriptions) and serves on.
+    #[tokio::test]
+    async fn a_panicking_connection_task_is_counted_and_restarted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conn_tx, mut conns) = mpsc::unbounded_channel();
+        // A minimal server: INFO, then PONG to the handshake's PING; reports each SUB seen.
+        tokio::spawn(async move {
+            for n in 1.. {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let conn_tx = conn_tx.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = tokio::io::split(tcp);
+                    w.write_all(b"INFO {\"headers\":true,\"max_payload\":1048576}\r\n")
+                        .await
+                        .unwrap();
+                    let mut lines = tokio::io::BufReader::new(r).lines();
+                    use tokio::io::AsyncBufReadExt;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if line == "PING" {
+                            let _ = w.write_all(b"PONG\r\n").await;
+                        }
+                        let _ = conn_tx.send((n, line));
+                    }
+                });
+            }
+        });
+        let panicked = Counter::default();
+        let mut options = Arc::into_inner(unconnected_with(Some(Arc::new(Buggy))))
+            .unwrap()
+            .options;
+        options.urls = vec![addr.to_string()];
+        options.panicked = panicked.clone();
+        let client = Client::connect(options).await;
+        assert!(client.is_connected());
+        let _sub = client.subscribe("s", None).unwrap();
+        client.publish_later(&event("fine")).unwrap();
+        client.publish_later(&event("boom")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.connections() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "not reconnected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(panicked.get(), 1);
+        // Subscribed again on the new connection.
+        loop {
+            let (n, line) = tokio::time::timeout(Duration::from_secs(5), conns.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if n == 2 && line == "SUB s 1" {
+                break;
+            }
+        }
+        while !client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        client.publish_later(&event("after")).unwrap();
+    }
 }

@@ -65,10 +65,10 @@ struct RawNats {
 }
 
 impl RawNats {
-    async fn connect() -> RawNats {
-        let tcp = TcpStream::connect(NATS)
+    async fn connect(addr: &str) -> RawNats {
+        let tcp = TcpStream::connect(addr)
             .await
-            .unwrap_or_else(|e| panic!("nats-server on {NATS}: {e}"));
+            .unwrap_or_else(|e| panic!("nats-server on {addr}: {e}"));
         let (r, w) = tokio::io::split(tcp);
         let mut nats = RawNats {
             r: BufReader::new(r),
@@ -140,30 +140,49 @@ async fn ids(ws: &mut Ws, n: usize) -> Vec<String> {
     v
 }
 
-/// Review F8 and F15: messages no valid event could be cost only themselves.
+/// Review F8 and F15 on NATS core (the shared server): messages no valid event could be
+/// cost only themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_nats_messages_are_dropped_and_counted_and_subscribers_keep_receiving() {
-    let prefix = unique("hostile");
-    let mut gw = spawn(
-        &[],
-        &[
-            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__BACKBONE__KIND", "nats"),
-            ("MESHGATE__BACKBONE__NATS__URLS", "nats://127.0.0.1:4222"),
-            ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", &prefix),
-        ],
-    );
-    let (web, admin) = (gw.web.expect("web"), gw.admin.expect("admin"));
-    let mut ws = ws_connect(web, &["a/#"]).await;
-    wait_metric(
-        admin,
-        "meshgate_backbone_subscriptions{backbone=\"nats\"} 1",
+    hostile_messages("nats", NATS, &[]).await;
+}
+
+/// The same on the JetStream backbone (its own nats-server with JetStream): the pull path
+/// (decoded on the subscriber's task) refuses and counts them too (and terminates them, so
+/// they are not redelivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_jetstream_messages_are_dropped_and_counted_and_subscribers_keep_receiving() {
+    let server = meshgate_tests::nats::NatsServer::start();
+    let url = server.url();
+    let addr = url.trim_start_matches("nats://").to_owned();
+    let stream = unique("HOSTILE");
+    hostile_messages(
+        "jetstream",
+        &addr,
+        &[("MESHGATE__BACKBONE__JETSTREAM__STREAM", stream.as_str())],
     )
     .await;
+}
+
+async fn hostile_messages(kind: &'static str, nats_addr: &str, extra: &[(&str, &str)]) {
+    let prefix = unique("hostile");
+    let url = format!("nats://{nats_addr}");
+    let mut env = vec![
+        ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+        ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+        ("MESHGATE__BACKBONE__KIND", kind),
+        ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
+        ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", prefix.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let mut gw = spawn(&[], &env);
+    let (web, admin) = (gw.web.expect("web"), gw.admin.expect("admin"));
+    let mut ws = ws_connect(web, &["a/#"]).await;
+    let subscriptions = |n| format!("meshgate_backbone_subscriptions{{backbone=\"{kind}\"}} {n}");
+    wait_metric(admin, &subscriptions(1)).await;
     let rss_before = rss(gw.pid());
 
-    let mut nats = RawNats::connect().await;
+    let mut nats = RawNats::connect(nats_addr).await;
     let subject = format!("{prefix}.a.b");
     let structured = b"Content-Type: application/cloudevents+json\r\n";
     let block = |line: &[u8]| {
@@ -202,7 +221,7 @@ async fn hostile_nats_messages_are_dropped_and_counted_and_subscribers_keep_rece
     let malformed = metric(
         &m,
         "meshgate_backbone_dropped_total",
-        &["backbone=\"nats\"", "reason=\"malformed\""],
+        &[&format!("backbone=\"{kind}\""), "reason=\"malformed\""],
     );
     assert_eq!(malformed, 5, "the five bad messages are counted:\n{m}");
     assert_eq!(
@@ -216,11 +235,7 @@ async fn hostile_nats_messages_are_dropped_and_counted_and_subscribers_keep_rece
     assert_eq!(ids(&mut ws, 1).await, ["v4"]);
     // And a new subscriber of the filter joins it and gets events too.
     let mut late = ws_connect(web, &["a/#"]).await;
-    wait_metric(
-        admin,
-        "meshgate_backbone_subscriptions{backbone=\"nats\"} 2",
-    )
-    .await;
+    wait_metric(admin, &subscriptions(2)).await;
     nats.hpub(&subject, &block(b"X-Fine: 7"), event("v5").as_bytes())
         .await;
     assert_eq!(ids(&mut ws, 1).await, ["v5"]);

@@ -56,6 +56,9 @@ struct Inner {
     dropped_queue_full: Counter,
     dropped_block_timeout: Counter,
     subscriptions: Gauge,
+    /// At most one warning per interval for events dropped after `block_timeout` (each is
+    /// counted): one line per subscriber per event flooded the log with many stuck ones.
+    warn_block: meshgate_core::throttle::LogThrottle,
 }
 
 impl Inner {
@@ -148,6 +151,9 @@ impl MemoryBackbone {
                 dropped_block_timeout: dropped("block_timeout"),
                 subscriptions: registry
                     .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", label)]),
+                warn_block: meshgate_core::throttle::LogThrottle::new(
+                    std::time::Duration::from_secs(10),
+                ),
             }),
         })
     }
@@ -219,10 +225,12 @@ impl MemoryBackbone {
             Ok(_) => true,
             Err(_) => {
                 self.inner.dropped_block_timeout.inc();
-                tracing::warn!(
-                    topic = %envelope.topic,
-                    "subscriber queue full past block_timeout, event dropped for it"
-                );
+                if self.inner.warn_block.ready() {
+                    tracing::warn!(
+                        topic = %envelope.topic,
+                        "subscriber queue full past block_timeout, event dropped for it (each counted in meshgate_backbone_dropped_total{{reason=\"block_timeout\"}}; at most one such line per 10 s)"
+                    );
+                }
                 false
             }
         }

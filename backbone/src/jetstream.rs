@@ -214,7 +214,11 @@ impl JetStreamBackbone {
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
         });
         let dead = registry.counter(metrics::BACKBONE_DROPPED, &labels("max_deliveries"));
-        tokio::spawn(dead_letters(backbone.clone(), dead));
+        tokio::spawn(watch_dead_letters(
+            backbone.clone(),
+            dead,
+            crate::nats::task_panicked(registry),
+        ));
         Ok(backbone)
     }
 
@@ -635,6 +639,37 @@ struct MaxDeliveries {
 
 /// Republishes events that reached `max_deliver` to the dead-letter subject (one instance
 /// handles each advisory: a queue subscription), or counts them as dropped.
+/// Runs [`dead_letters`] until the backbone closes: again when it ends early (it could not
+/// subscribe, or its subscription ended) or panics (logged and counted in
+/// `meshgate_errors_total{adapter="backbone",kind="task_panicked"}`), so dead letters are never
+/// silently no longer counted or forwarded.
+async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, panicked: Counter) {
+    use futures_util::FutureExt;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let run = std::panic::AssertUnwindSafe(dead_letters(backbone.clone(), counter.clone()))
+            .catch_unwind()
+            .await;
+        if backbone.closed.load(Ordering::Acquire) {
+            return;
+        }
+        match run {
+            Ok(()) => {
+                tracing::warn!("jetstream: the max-deliveries advisory watch ended; watching again")
+            }
+            Err(panic) => {
+                panicked.inc();
+                tracing::error!(
+                    panic = crate::nats_client::panic_message(&*panic),
+                    "jetstream: the max-deliveries advisory task panicked; watching again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
+                );
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
 async fn dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter) {
     let subject = format!(
         "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",

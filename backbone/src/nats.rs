@@ -16,10 +16,16 @@
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
 //! not connected, so a client is told to retry rather than acknowledged; an event handed to
 //! the NATS client just before a disconnect can still be lost. A subscriber that falls more
-//! than `subscription_capacity` messages behind loses messages (NATS "slow consumer"), counted
-//! as `meshgate_backbone_dropped_total{backbone="nats",reason="slow_consumer"}`. Malformed
-//! messages from other NATS programs are skipped and counted (`reason="malformed"`). Local
+//! than `subscription_capacity` messages or `subscription_bytes` behind loses messages (NATS
+//! "slow consumer"), counted as
+//! `meshgate_backbone_dropped_total{backbone="nats",reason="slow_consumer"}`. Malformed
+//! messages from other NATS programs (not an event, or a header block with a name that is not a
+//! token or a value with control characters) are skipped and counted (`reason="malformed"`);
+//! messages over the server's `max_payload` are skipped unread (`reason="too_large"`); an event
+//! whose headers could not be written valid is not sent (`reason="unrepresentable"`). Local
 //! deliveries follow `backbone.memory.full_policy` (counted with `backbone="nats-local"`).
+//! A connection or fan-out task that panics is logged, counted
+//! (`meshgate_errors_total{adapter="backbone",kind="task_panicked"}`) and restarted.
 //!
 //! The client ([`crate::nats_client`], not async-nats: see there why) reconnects on its own
 //! (with backoff, forever) and re-subscribes.

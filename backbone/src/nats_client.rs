@@ -25,8 +25,10 @@
 //!
 //! Guarantees: what is appended while connected is written in order; on a disconnect the
 //! unwritten rest is dropped (NATS core is at most once; the backbone refuses publishes while
-//! disconnected). A subscription that falls `capacity` messages behind loses messages
-//! (slow consumer), counted.
+//! disconnected). A subscription that falls `capacity` messages (or `subscription_bytes`)
+//! behind loses messages (slow consumer), counted; a message over the server's `max_payload`
+//! is skipped unread, counted. The connection task runs under a supervisor that restarts it
+//! after a panic (counted).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -1315,7 +1317,12 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
         return simple(buf, Op::Ok);
     }
     if verb.eq_ignore_ascii_case(b"-ERR") {
-        let text = String::from_utf8_lossy(args).trim().to_owned();
+        // At most 256 characters are kept for the log (a line may be up to 1 MiB).
+        let text = String::from_utf8_lossy(args)
+            .trim()
+            .chars()
+            .take(256)
+            .collect();
         return simple(buf, Op::Err(text));
     }
     if verb.eq_ignore_ascii_case(b"INFO") {

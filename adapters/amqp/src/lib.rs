@@ -15,6 +15,7 @@
 pub mod binding;
 mod consumer;
 mod link;
+pub mod scan;
 mod sink;
 mod source;
 

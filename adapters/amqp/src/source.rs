@@ -29,7 +29,7 @@ use meshgate_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::binding;
-use crate::consumer::{Connection, Delivery};
+use crate::consumer::{Connection, Delivery, Incoming, Refusal};
 use crate::link::{Backoff, Connector, Ended, Link};
 
 /// Pause in consuming after a message the backbone refused for now was handed back to
@@ -93,6 +93,9 @@ enum Outcome {
     Ack,
     /// Never a valid event: `basic.reject` without requeue (dead-lettered where configured).
     Reject(String),
+    /// Refused from its content header alone (headers over the scan.rs bounds, a body over
+    /// `amqp.max_body_size`): `basic.reject` without requeue, counted under its own reason.
+    Refuse(Refusal, String),
     /// The backbone could not take it now: `basic.nack` with requeue.
     Requeue(String),
 }
@@ -108,6 +111,8 @@ pub(crate) struct Source {
     metrics: AdapterMetrics,
     looped: Counter,
     rejected: Counter,
+    bad_message: Counter,
+    too_large: Counter,
     consumer_tag: String,
     /// Fires when the sources stop (before the backbone closes, at shutdown).
     stop: CancellationToken,
@@ -136,6 +141,8 @@ impl Source {
             stop,
             looped: metrics.dropped("loop"),
             rejected: metrics.dropped("rejected"),
+            bad_message: metrics.dropped(Refusal::BadMessage.reason()),
+            too_large: metrics.dropped(Refusal::TooLarge.reason()),
             metrics,
             wrapper,
             prefix,
@@ -214,6 +221,16 @@ impl Source {
             Outcome::Reject(reason) => {
                 self.rejected.inc();
                 self.metrics.error("bad_event");
+                self.log_reject(&reason);
+                conn.reject(tag);
+                false
+            }
+            Outcome::Refuse(kind, reason) => {
+                match kind {
+                    Refusal::BadMessage => self.bad_message.inc(),
+                    Refusal::TooLarge => self.too_large.inc(),
+                }
+                self.metrics.error(kind.reason());
                 self.log_reject(&reason);
                 conn.reject(tag);
                 false
@@ -395,11 +412,15 @@ impl Source {
         window: usize,
     ) -> Result<bool, String> {
         while inflight.len() < window {
-            let Some(d) = conn.next_delivery()? else {
-                break;
+            let handled = match conn.next_delivery()? {
+                None => break,
+                Some(Incoming::Message(d)) => (d.tag, self.handle(ctx, d)),
+                Some(Incoming::Refused { tag, kind, reason }) => {
+                    (tag, Handled::Now(Outcome::Refuse(kind, reason)))
+                }
             };
-            let tag = d.tag;
-            let requeued = match self.handle(ctx, d) {
+            let (tag, handled) = handled;
+            let requeued = match handled {
                 Handled::Now(outcome) if !pipelined || inflight.is_empty() => {
                     self.settle(conn, acks, tag, outcome)
                 }

@@ -405,3 +405,88 @@ async fn bodies_over_max_body_size_are_refused_unread_and_counted() {
     rabbit.delete_queue(&dlq).await;
     let _ = std::fs::remove_file(config);
 }
+
+/// Posts a structured CloudEvent with id `id` and, when `ext` is given, an extension `x` of
+/// that many bytes.
+async fn post_event(web: std::net::SocketAddr, topic: &str, id: &str, ext: Option<usize>) {
+    let mut event = serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "/test", "type": "t", "data": id,
+    });
+    if let Some(n) = ext {
+        event["x"] = serde_json::Value::String("a".repeat(n));
+    }
+    let r = reqwest::Client::new()
+        .post(format!("http://{web}/events/{topic}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        202,
+        "{id}: {}",
+        r.text().await.unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_headers_exceed_frame_max_is_skipped_by_the_sink_and_counted() {
+    let rabbit = Rabbit::connect("/").await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    rabbit.exchange(&ex).await;
+    rabbit.queue(&q, None).await;
+    rabbit.bind(&q, &ex, "#").await;
+    // A source is needed by write_config; it consumes a queue of its own, idle here.
+    let idle = unique("idle");
+    rabbit.queue(&idle, None).await;
+    let sink = format!("[[amqp.sinks]]\nname = \"out\"\nfilter = \"s/#\"\nexchange = \"{ex}\"\n");
+    let path = write_config(&idle, "");
+    let text = std::fs::read_to_string(&path).unwrap() + &sink;
+    std::fs::write(&path, text).unwrap();
+    let mut gw = start(&path);
+    link_up(&mut gw).await;
+    let sink_up = r#"meshgate_amqp_link_up{kind="sink",link="out"}"#;
+    wait_count(&mut gw, sink_up, 1).await;
+    let web = gw.web.unwrap();
+    let mut ws = ws_connect(web, &["s/#"]).await;
+
+    // Binary mode writes every attribute as a header: a 200 kB extension needs a content
+    // header frame over RabbitMQ's 128 KiB frame_max, which RabbitMQ answers by closing the
+    // connection (FRAME_ERROR) — and the sink used to publish it again on every reconnect.
+    post_event(web, "s/a", "good-0", None).await;
+    post_event(web, "s/a", "big", Some(200_000)).await;
+    post_event(web, "s/a", "good-1", Some(1000)).await;
+    for id in ["good-0", "big", "good-1"] {
+        let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(e.id(), id, "the WebSocket subscriber gets every event");
+    }
+    let got = rabbit.consume(&q, 2, Duration::from_secs(10)).await;
+    let ids: Vec<String> = got
+        .iter()
+        .map(
+            |d| match meshgate_tests::amqp::header(&d.properties, "cloudEvents_id") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(ids, ["good-0", "good-1"]);
+    let unencodable = r#"meshgate_events_dropped_total{adapter="amqp",reason="unencodable"}"#;
+    assert_eq!(wait_count(&mut gw, unencodable, 1).await, 1);
+    let m = metrics(gw.admin.unwrap()).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshgate_amqp_reconnects_total{kind="sink",link="out"}"#
+        ),
+        0,
+        "the sink's connection stayed up:\n{m}"
+    );
+    alive(&mut gw);
+    rabbit.delete_queue(&q).await;
+    rabbit.delete_queue(&idle).await;
+    let _ = std::fs::remove_file(path);
+}

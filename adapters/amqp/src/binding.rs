@@ -213,6 +213,43 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
 pub enum EncodeError {
     #[error("{what} `{value}` is longer than the 255 bytes an AMQP short string holds")]
     TooLong { what: &'static str, value: String },
+    /// AMQP 0.9.1 has no continuation for content headers: the properties (with every
+    /// attribute header) must fit in one frame of the connection's `frame_max`, or RabbitMQ
+    /// closes the connection (FRAME_ERROR) — and the sink, publishing the same event again on
+    /// the next one, would never get past it.
+    #[error(
+        "its attributes need a {size}-byte content header frame; the connection's frame_max is {frame_max} (make extension attributes shorter, or use mode = \"structured\")"
+    )]
+    HeaderTooLarge { size: usize, frame_max: usize },
+    /// A long string's length is a u32 on the wire.
+    #[error("attribute `{0}` is longer than the 4 GiB an AMQP long string holds")]
+    ValueTooLong(String),
+}
+
+/// Bytes of a content header frame around its properties: frame type, channel and size (7),
+/// class id, weight and body size (12), the property flags (2), the frame end (1).
+const HEADER_FRAME_OVERHEAD: usize = 7 + 12 + 2 + 1;
+
+/// Wire size of one field table entry: the key (a short string), the type tag, the value.
+fn entry_size(key: &ShortString, value: &AMQPValue) -> Result<usize, EncodeError> {
+    let value = match value {
+        AMQPValue::LongString(s) => {
+            if u32::try_from(s.as_bytes().len()).is_err() {
+                return Err(EncodeError::ValueTooLong(key.as_str().to_owned()));
+            }
+            4 + s.as_bytes().len()
+        }
+        AMQPValue::LongLongInt(_) => 8,
+        AMQPValue::Boolean(_) => 1,
+        // encode() writes no other type.
+        other => {
+            let bytes = amq_protocol::types::generation::gen_raw_value(other)(Vec::new().into())
+                .map(|w| w.into_inner().0.len())
+                .unwrap_or(usize::MAX / 2);
+            return Ok(1 + key.as_str().len() + 1 + bytes);
+        }
+    };
+    Ok(1 + key.as_str().len() + 1 + value)
 }
 
 fn short(what: &'static str, value: String) -> Result<ShortString, EncodeError> {
@@ -229,6 +266,23 @@ fn short(what: &'static str, value: String) -> Result<ShortString, EncodeError> 
 pub struct Outbound {
     pub properties: BasicProperties,
     pub body: Bytes,
+    /// The size of the content header frame these properties make (checked against the
+    /// connection's `frame_max` by [`Outbound::fits`]).
+    pub header_frame_size: usize,
+}
+
+impl Outbound {
+    /// Whether the content header fits in one frame of `frame_max` bytes (0: no limit).
+    pub fn fits(&self, frame_max: u32) -> Result<(), EncodeError> {
+        let max = usize::try_from(frame_max).unwrap_or(usize::MAX);
+        if frame_max != 0 && self.header_frame_size > max {
+            return Err(EncodeError::HeaderTooLarge {
+                size: self.header_frame_size,
+                frame_max: max,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Encodes an event. `json` gives the event's JSON format (shared by every subscriber of the
@@ -241,16 +295,26 @@ pub fn encode(
     origin: &str,
 ) -> Result<Outbound, EncodeError> {
     let mut headers = FieldTable::default();
-    headers.insert(
+    // The frame's size, property by property: delivery mode (1) and the table's length (4).
+    let mut size = HEADER_FRAME_OVERHEAD + 1 + 4;
+    let mut insert = |headers: &mut FieldTable, key: ShortString, value: AMQPValue| {
+        size = size.saturating_add(entry_size(&key, &value)?);
+        headers.insert(key, value);
+        Ok::<(), EncodeError>(())
+    };
+    insert(
+        &mut headers,
         short("header", ORIGIN_HEADER.to_owned())?,
         AMQPValue::LongString(LongString::from(origin)),
-    );
+    )?;
     let mut properties =
         BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+    let mut content_type_size = 0;
     let body = match mode {
         AmqpMode::Structured => {
-            properties =
-                properties.with_content_type(short("content type", json::CONTENT_TYPE.to_owned())?);
+            let ct = short("content type", json::CONTENT_TYPE.to_owned())?;
+            content_type_size = 1 + ct.as_str().len();
+            properties = properties.with_content_type(ct);
             json()
         }
         AmqpMode::Binary => {
@@ -267,13 +331,16 @@ pub fn encode(
                     }
                     other => AMQPValue::LongString(LongString::from(other.to_string())),
                 };
-                headers.insert(
+                insert(
+                    &mut headers,
                     short("attribute header", format!("{ATTRIBUTE_PREFIX}{name}"))?,
                     value,
-                );
+                )?;
             }
             if let Some(ct) = event.binary_content_type() {
-                properties = properties.with_content_type(short("datacontenttype", ct.to_owned())?);
+                let ct = short("datacontenttype", ct.to_owned())?;
+                content_type_size = 1 + ct.as_str().len();
+                properties = properties.with_content_type(ct);
             }
             event.data().map(Data::to_bytes).unwrap_or_default()
         }
@@ -281,6 +348,7 @@ pub fn encode(
     Ok(Outbound {
         properties: properties.with_headers(headers),
         body,
+        header_frame_size: size.saturating_add(content_type_size),
     })
 }
 

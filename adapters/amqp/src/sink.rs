@@ -43,6 +43,10 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// while; this throttles the sink instead of spinning).
 const NACK_PAUSE: Duration = Duration::from_millis(200);
 
+/// When a backbone that redelivers (JetStream) gets back an event a disconnected sink had no
+/// room for.
+const UNREACHABLE_REDELIVERY: Duration = Duration::from_secs(5);
+
 /// What became of one published message.
 enum Settled {
     /// Confirmed (or returned as unroutable, counted): the backbone delivery is acknowledged.
@@ -63,6 +67,9 @@ pub(crate) struct Sink {
     metrics: AdapterMetrics,
     unroutable: Counter,
     unencodable: Counter,
+    unreachable: Counter,
+    /// `exchange` as a short string (config checked it holds at most 255 bytes).
+    exchange: lapin::types::ShortString,
     warn_log: LogThrottle,
 }
 
@@ -71,6 +78,9 @@ struct State {
     subscription: Subscription,
     /// Not yet confirmed by RabbitMQ; published first on the next connection, in order.
     retry: VecDeque<Delivery>,
+    /// The subscription ended (shutdown) while the sink was not connected: it is not polled
+    /// again.
+    closed: bool,
 }
 
 impl Sink {
@@ -82,9 +92,13 @@ impl Sink {
     ) -> Result<Sink, String> {
         let filter = TopicFilter::parse(&config.filter)
             .map_err(|e| format!("amqp sink `{}`: filter: {e}", config.name))?;
+        let exchange = lapin::types::ShortString::try_new(config.exchange.as_str())
+            .map_err(|e| format!("amqp sink `{}`: exchange: {e}", config.name))?;
         Ok(Sink {
             unroutable: metrics.dropped("unroutable"),
             unencodable: metrics.dropped("unencodable"),
+            unreachable: metrics.dropped("unreachable"),
+            exchange,
             metrics,
             instance: ctx.instance.clone(),
             filter,
@@ -106,20 +120,25 @@ impl Sink {
     async fn publish(
         &self,
         channel: &lapin::Channel,
+        frame_max: u32,
         delivery: Delivery,
     ) -> Result<Option<Confirming>, (Delivery, lapin::Error)> {
         let envelope = delivery.envelope.clone();
+        // Everything written is checked first (short strings, the header frame against
+        // frame_max): an event AMQP cannot carry is skipped for this sink and counted, never
+        // truncated, and never sent to make RabbitMQ close the connection.
         let encoded =
             binding::routing_key(&self.config.routing_key, &envelope.topic, &envelope.event)
                 .and_then(|key| {
-                    binding::encode(
+                    let m = binding::encode(
                         &envelope.event,
                         || envelope.json(),
                         self.config.mode,
                         self.config.persistent,
                         &self.instance,
-                    )
-                    .map(|m| (key, m))
+                    )?;
+                    m.fits(frame_max)?;
+                    Ok((key, m))
                 });
         let (routing_key, message) = match encoded {
             Ok(x) => x,
@@ -136,7 +155,7 @@ impl Sink {
         };
         let sent = channel
             .basic_publish(
-                self.config.exchange.as_str().into(),
+                self.exchange.clone(),
                 routing_key,
                 BasicPublishOptions {
                     mandatory: self.config.mandatory,
@@ -195,7 +214,7 @@ impl Sink {
             // The exchange belongs to the application: check that it exists, change nothing.
             channel
                 .exchange_declare(
-                    self.config.exchange.as_str().into(),
+                    self.exchange.clone(),
                     ExchangeKind::Topic,
                     ExchangeDeclareOptions {
                         passive: true,
@@ -223,6 +242,7 @@ impl Sink {
         };
         self.link.set_up();
         tracing::info!(sink = %self.config.name, exchange = %self.config.exchange, filter = %self.filter, "AMQP sink publishing");
+        let frame_max = connection.configuration().frame_max();
         let mut inflight: FuturesOrdered<Confirming> = FuturesOrdered::new();
         // Deliveries to publish again on the next connection, oldest first: those whose
         // confirm failed, then the one whose publish failed.
@@ -230,11 +250,15 @@ impl Sink {
         let mut unsent: Option<Delivery> = None;
         let window = self.config.max_in_flight;
         let outcome = loop {
+            if state.closed && state.retry.is_empty() {
+                // The subscription closed while RabbitMQ was unreachable: nothing more comes.
+                break None;
+            }
             // Deliveries held from the last connection go first.
             if inflight.len() < window
                 && let Some(d) = state.retry.pop_front()
             {
-                match self.publish(&channel, d).await {
+                match self.publish(&channel, frame_max, d).await {
                     Ok(Some(c)) => inflight.push_back(c),
                     Ok(None) => {}
                     Err((d, e)) => {
@@ -270,8 +294,8 @@ impl Sink {
                     Some(_) => {}
                     None => break Some("the connection ended".to_owned()),
                 },
-                next = state.subscription.next(), if inflight.len() < window => match next {
-                    Some(d) => match self.publish(&channel, d).await {
+                next = state.subscription.next(), if inflight.len() < window && !state.closed => match next {
+                    Some(d) => match self.publish(&channel, frame_max, d).await {
                         Ok(Some(c)) => inflight.push_back(c),
                         Ok(None) => {}
                         Err((d, e)) => {
@@ -319,6 +343,42 @@ impl Sink {
         }
     }
 
+    /// Runs `work` (a connection attempt, the pause before the next) while taking deliveries
+    /// off the subscription, so that the backbone never waits on a sink that cannot publish.
+    async fn draining<T>(&self, state: &mut State, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                next = state.subscription.next(), if !state.closed => match next {
+                    Some(d) => self.hold(&mut state.retry, d).await,
+                    None => state.closed = true,
+                },
+            }
+        }
+    }
+
+    /// A delivery that arrived while RabbitMQ cannot be reached: kept for the next connection
+    /// (published first, in order) up to `max_in_flight`; past that, handed back for
+    /// redelivery where the backbone redelivers (JetStream), else dropped and counted as
+    /// `reason="unreachable"`.
+    async fn hold(&self, retry: &mut VecDeque<Delivery>, d: Delivery) {
+        if retry.len() < self.config.max_in_flight {
+            retry.push_back(d);
+            return;
+        }
+        if d.needs_ack() {
+            let _ = d.nack(Some(UNREACHABLE_REDELIVERY)).await;
+        } else {
+            self.unreachable.inc();
+            self.warn(
+                "RabbitMQ cannot be reached and the sink holds max_in_flight events; dropping",
+                "",
+            );
+        }
+    }
+
     pub(crate) async fn run(
         self: Arc<Self>,
         ctx: AdapterContext,
@@ -350,16 +410,24 @@ impl Sink {
         let mut state = State {
             subscription,
             retry: VecDeque::new(),
+            closed: false,
         };
         while !ctx.shutdown.is_cancelled() {
-            let ended = match connector.connect(&self.link).await {
+            // While it connects (up to amqp.connect_timeout) and between attempts, the sink
+            // keeps taking deliveries (see `hold`): a sink that cannot reach RabbitMQ must not
+            // fill its backbone queue and make publishers wait on it (review F3).
+            let connected = self
+                .draining(&mut state, connector.connect(&self.link))
+                .await;
+            let ended = match connected {
                 Ok(connection) => self.session(connection, &mut state).await,
                 Err(e) => Ended::Failed(e),
             };
             match ended {
                 Ended::Shutdown => break,
                 Ended::Failed(error) => {
-                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                    let wait = backoff.failed(&self.link, error, &ctx.shutdown);
+                    if !self.draining(&mut state, wait).await {
                         break;
                     }
                 }

@@ -490,3 +490,67 @@ async fn an_event_whose_headers_exceed_frame_max_is_skipped_by_the_sink_and_coun
     rabbit.delete_queue(&idle).await;
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_cannot_reach_rabbitmq_never_makes_publishers_wait() {
+    // A port nobody listens on: every connection attempt is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The `block` policy with a small queue: before the fix the sink's unpolled subscription
+    // filled after 16 events and every later publish waited block_timeout, then got 503.
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("hostile-amqp")));
+    let text = format!(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[backbone.memory]
+queue_capacity = 16
+full_policy = "block"
+block_timeout = "5s"
+[amqp]
+enabled = true
+url = "amqp://127.0.0.1:{port}"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+[[amqp.sinks]]
+name = "down"
+filter = "s/#"
+exchange = "nowhere"
+max_in_flight = 8
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut gw = start(&path);
+    let web = gw.web.unwrap();
+    let mut ws = ws_connect(web, &["s/#"]).await;
+    let started = std::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        for i in 0..200 {
+            let e = next_event(&mut ws, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("event {i} not delivered: {e:?}"));
+            assert_eq!(e.id(), format!("e-{i}"));
+        }
+    });
+    for i in 0..200 {
+        post_event(web, "s/a", &format!("e-{i}"), None).await;
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "200 publishes took {took:?}");
+    reader.await.unwrap();
+    let unreachable = r#"meshgate_events_dropped_total{adapter="amqp",reason="unreachable"}"#;
+    let dropped = wait_count(&mut gw, unreachable, 200 - 8 - 16).await;
+    assert!(dropped <= 200 - 8, "{dropped}");
+    let m = metrics(gw.admin.unwrap()).await;
+    assert_eq!(
+        metric(&m, r#"meshgate_amqp_link_up{kind="sink",link="down"}"#),
+        0
+    );
+    alive(&mut gw);
+    let _ = std::fs::remove_file(path);
+}

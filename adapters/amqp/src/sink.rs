@@ -127,7 +127,9 @@ impl Sink {
         // Everything written is checked first (short strings, the header frame against
         // frame_max): an event AMQP cannot carry is skipped for this sink and counted, never
         // truncated, and never sent to make RabbitMQ close the connection.
-        let encoded =
+        // A panic in the encoder is this event's fault: skipped and counted like an event
+        // AMQP cannot carry, rather than ending the sink's task.
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             binding::routing_key(&self.config.routing_key, &envelope.topic, &envelope.event)
                 .and_then(|key| {
                     let m = binding::encode(
@@ -139,16 +141,18 @@ impl Sink {
                     )?;
                     m.fits(frame_max)?;
                     Ok((key, m))
-                });
+                })
+                .map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| {
+            Err("encoding it panicked (a meshgate bug: please report it)".to_owned())
+        });
         let (routing_key, message) = match encoded {
             Ok(x) => x,
             Err(e) => {
                 self.unencodable.inc();
                 self.metrics.error("unencodable");
-                self.warn(
-                    "an event cannot be written as an AMQP message; dropped",
-                    &e.to_string(),
-                );
+                self.warn("an event cannot be written as an AMQP message; dropped", &e);
                 let _ = delivery.ack().await;
                 return Ok(None);
             }

@@ -188,15 +188,27 @@ impl Source {
             Ok(t) => t,
             Err(e) => return Handled::Now(Outcome::Reject(e)),
         };
-        let event = binding::decode(binding::Inbound {
-            routing_key: routing_key.as_str(),
-            properties: &d.properties,
-            body: d.body,
-            wrapper: &self.wrapper,
-        });
+        // A decoder panic is this message's fault: it is rejected (dead-lettered) and counted
+        // like any bad message, rather than ending the task and coming back after the restart.
+        let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            binding::decode(binding::Inbound {
+                routing_key: routing_key.as_str(),
+                properties: &d.properties,
+                body: d.body,
+                wrapper: &self.wrapper,
+            })
+        }));
         let event = match event {
-            Ok(e) => e,
-            Err(e) => return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}"))),
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}")));
+            }
+            Err(_) => {
+                return Handled::Now(Outcome::Refuse(
+                    Refusal::BadMessage,
+                    "decoding it panicked (a meshgate bug: please report it)".to_owned(),
+                ));
+            }
         };
         let envelope = Envelope::new(topic, Arc::new(event), ctx.origin(0));
         match ctx.try_publish_envelope(&self.metrics, &self.principal, envelope) {

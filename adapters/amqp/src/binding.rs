@@ -1025,4 +1025,104 @@ mod tests {
         let long_type = Event::new("A1", "/src", "t".repeat(300)).unwrap();
         assert!(routing_key("{type}", &topic, &long_type).is_err());
     }
+
+    /// An arbitrary valid event for the round trip: attributes of any length around the
+    /// 255-byte short string limit, extensions of every type, binary data or none.
+    fn arbitrary_event() -> impl meshgate_fuzz::proptest::strategy::Strategy<Value = Event> {
+        use meshgate_fuzz::proptest::prelude::*;
+        use meshgate_fuzz::proptest::{collection, option};
+        let text = || "[ -~\u{a0}-\u{3ff}]{1,40}|[a-z]{200,300}";
+        let ext_value = prop_oneof![
+            any::<i32>().prop_map(ExtensionValue::Integer),
+            any::<bool>().prop_map(ExtensionValue::Boolean),
+            "[ -~é€]{0,30}|x{1000,1500}".prop_map(ExtensionValue::String),
+        ];
+        (
+            (text(), text(), text()),
+            option::of(text()),
+            option::of("(text|application)/[a-z]{1,10}|[a-z]{250,260}"),
+            option::of(Just("2026-11-22T15:04:05.123+01:00".to_owned())),
+            collection::vec(("[a-z0-9]{1,12}|[a-z]{240,250}", ext_value), 0..6),
+            option::of(collection::vec(any::<u8>(), 1..64)),
+        )
+            .prop_filter_map(
+                "not a valid event",
+                |((id, source, ty), subject, ct, time, exts, data)| {
+                    let mut e = Event::new(id, source, ty).ok()?;
+                    e.set_subject(subject).ok()?;
+                    e.set_datacontenttype(ct).ok()?;
+                    e.set_time(time).ok()?;
+                    for (name, v) in exts {
+                        e.set_extension(&name, v).ok()?;
+                    }
+                    e.set_data(data.map(|d| Data::Binary(Bytes::from(d))));
+                    Some(e)
+                },
+            )
+    }
+
+    /// Fuzz target: the sink's binary-mode encoding, through the wire and back. For any valid
+    /// event, `encode` either refuses it for a true reason (a short string over 255 bytes, a
+    /// header frame over frame_max) or gives properties whose content header frame is exactly
+    /// the size it announced, and which amq-protocol parses back into the same event.
+    #[test]
+    fn fuzz_amqp_sink_headers() {
+        use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame, parsing::parse_frame};
+        // A small frame_max, so that the generated attributes reach it.
+        const FRAME_MAX: u32 = 4096;
+        meshgate_fuzz::run(
+            "fuzz_amqp_sink_headers",
+            arbitrary_event(),
+            |b| json::decode(b).ok(),
+            |e| {
+                let o = match encode(&e, no_json, AmqpMode::Binary, true, "gw-1") {
+                    Ok(o) => o,
+                    Err(EncodeError::TooLong { what, .. }) => {
+                        // True only if some name or the content type is over 255 bytes.
+                        let long = e
+                            .attributes()
+                            .any(|(n, _)| n.len() + ATTRIBUTE_PREFIX.len() > 255)
+                            || e.binary_content_type().is_some_and(|ct| ct.len() > 255);
+                        return if long {
+                            Ok(())
+                        } else {
+                            Err(format!("TooLong({what}) for {e:?}"))
+                        };
+                    }
+                    Err(other) => return Err(format!("{other}")),
+                };
+                let frame = AMQPFrame::Header(
+                    1,
+                    AMQPContentHeader {
+                        class_id: 60,
+                        body_size: o.body.len() as u64,
+                        properties: o.properties.clone(),
+                    },
+                );
+                let bytes = gen_frame(&frame)(Vec::new().into())
+                    .map_err(|e| format!("{e:?}"))?
+                    .into_inner()
+                    .0;
+                if bytes.len() != o.header_frame_size {
+                    return Err(format!(
+                        "header frame is {} bytes, encode said {}",
+                        bytes.len(),
+                        o.header_frame_size
+                    ));
+                }
+                if o.fits(FRAME_MAX).is_ok() != (bytes.len() <= FRAME_MAX as usize) {
+                    return Err("fits() disagrees with the frame's size".to_owned());
+                }
+                let properties = match parse_frame(&bytes[..]) {
+                    Ok(([], AMQPFrame::Header(1, h))) => h.properties,
+                    other => return Err(format!("amq-protocol cannot read it back: {other:?}")),
+                };
+                let back = decode_props(&properties, &o.body).map_err(|err| format!("{err}"))?;
+                if back != e {
+                    return Err(format!("round trip changed the event: {e:?} -> {back:?}"));
+                }
+                Ok(())
+            },
+        );
+    }
 }

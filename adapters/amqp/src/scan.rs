@@ -349,4 +349,112 @@ mod tests {
         assert_eq!(method(&[0, 50, 0, 10, 0, 0]), Err(Refused::Malformed));
         assert_eq!(method(&[0, 60, 0, 80]), Ok(()));
     }
+
+    /// Runs amq-protocol's parsers on what the pre-scan admits (never on what it refuses: that
+    /// may nest deep enough to overflow the stack, which is the point of the pre-scan).
+    fn check(input: &[u8]) -> Result<(), String> {
+        if let Ok(n) = field_table(input) {
+            let table = &input[..n];
+            match amq_protocol::types::parsing::parse_field_table(table) {
+                // Admitted and parsed: all of it, nothing more.
+                Ok((rest, _)) if !rest.is_empty() => {
+                    return Err(format!(
+                        "the scan admitted {n} bytes, the parser took fewer"
+                    ));
+                }
+                // Keys that are not UTF-8 and the like: amq-protocol's to refuse.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        // The same bytes as a content header's property list (flags: headers only).
+        let mut header = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0];
+        header.extend_from_slice(input);
+        if content_header(&header).is_ok() {
+            let _ = amq_protocol::frame::parsing::parse_content_header(&header[..]);
+        }
+        // And as connection.start's server properties.
+        let mut start = vec![0, 10, 0, 10, 0, 9];
+        start.extend_from_slice(input);
+        if method(&start).is_ok() {
+            let _ = amq_protocol::protocol::parse_class(&start[..]);
+        }
+        Ok(())
+    }
+
+    /// Fuzz target: the depth/size pre-scan, and amq-protocol's table parser on whatever the
+    /// pre-scan admits: no panic, no stack overflow. The seeds include tables nested 20,000
+    /// deep (arrays and tables) and just at and over the bound.
+    #[test]
+    fn fuzz_amqp_field_table() {
+        let seeds = [
+            nested(MAX_DEPTH - 1, b'A'),
+            nested(MAX_DEPTH, b'A'),
+            nested(MAX_DEPTH, b'F'),
+            nested(20_000, b'A'),
+            table(&[
+                (b"a", b"S\0\0\0\x02hi"),
+                (b"b", b"t\x01"),
+                (b"c", b"l\0\0\0\0\0\0\0\x05"),
+            ]),
+        ];
+        let seed_refs: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+        meshgate_fuzz::run(
+            "fuzz_amqp_field_table",
+            meshgate_fuzz::bytes("fuzz_amqp_field_table", &seed_refs, 256),
+            |b| Some(b.to_vec()),
+            |input| check(&input),
+        );
+    }
+
+    /// Any table amq-protocol writes (nested up to the bound) is admitted, with its exact size.
+    #[test]
+    fn every_table_amq_protocol_writes_is_admitted() {
+        use amq_protocol::types::generation::gen_field_table;
+        use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
+        use meshgate_fuzz::proptest;
+        use meshgate_fuzz::proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            ".{0,8}".prop_map(|s: String| AMQPValue::LongString(LongString::from(s))),
+            proptest::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|b| AMQPValue::ByteArray(b.into())),
+            Just(AMQPValue::Void),
+        ];
+        let value = leaf.prop_recursive(6, 64, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                proptest::collection::vec(("[a-z]{1,4}", inner), 0..4).prop_map(|kv| {
+                    let mut t = FieldTable::default();
+                    for (k, v) in kv {
+                        t.insert(k.into(), v);
+                    }
+                    AMQPValue::FieldTable(t)
+                }),
+            ]
+        });
+        let tables = proptest::collection::vec(("[a-z]{1,6}", value), 0..6).prop_map(|kv| {
+            let mut t = FieldTable::default();
+            for (k, v) in kv {
+                t.insert(k.into(), v);
+            }
+            t
+        });
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(&tables, |t| {
+                let bytes = gen_field_table(&t)(Vec::new().into())
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?
+                    .into_inner()
+                    .0;
+                prop_assert_eq!(field_table(&bytes), Ok(bytes.len()));
+                Ok(())
+            })
+            .unwrap();
+    }
 }

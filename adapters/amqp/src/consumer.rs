@@ -101,7 +101,10 @@ fn parse_deliver(mut p: &[u8]) -> Option<(u64, Option<ShortString>)> {
     }
     // `None`: not UTF-8. The message is still delivered (and then rejected as having no
     // topic) rather than the connection failing on it at every redelivery.
-    let key = std::str::from_utf8(key).ok().map(ShortString::from);
+    // At most 255 bytes (its length is one octet), so `try_new` cannot fail.
+    let key = std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| ShortString::try_new(k).ok());
     Some((tag, key))
 }
 
@@ -709,7 +712,8 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
                 reply_code: 200,
-                reply_text: reason.into(),
+                // A fixed text of meshgate's; should one ever be too long, close without it.
+                reply_text: ShortString::try_new(reason).unwrap_or_default(),
                 class_id: 0,
                 method_id: 0,
             })),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, basic, queue};
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{FieldTable, ShortString};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use meshgate_config::{AmqpConfig, AmqpSourceConfig};
@@ -265,13 +265,18 @@ impl Source {
     /// Declares (or checks) the queue and its bindings and starts consuming.
     async fn setup(&self, conn: &mut Connection) -> Result<(), String> {
         let c = &self.config;
+        // Every name is a short string; the config checked their lengths, and this checks
+        // again rather than trusting it (lapin's `From<&str>` panics over 255 bytes).
+        let short =
+            |what: &str, v: &str| ShortString::try_new(v).map_err(|e| format!("{what} `{v}`: {e}"));
+        let queue_name = short("queue", &c.queue)?;
         conn.call(AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
             prefetch_count: c.prefetch,
             global: false,
         })))
         .await?;
         let declare = queue::Declare {
-            queue: c.queue.as_str().into(),
+            queue: queue_name.clone(),
             // A queue meshgate declares survives a broker restart; an application's queue is
             // only checked (passive): it must exist, and nothing about it changes.
             passive: c.exchange.is_none(),
@@ -286,9 +291,9 @@ impl Source {
         if let Some(exchange) = &c.exchange {
             for key in &c.binding_keys {
                 conn.call(AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                    queue: c.queue.as_str().into(),
-                    exchange: exchange.as_str().into(),
-                    routing_key: key.as_str().into(),
+                    queue: queue_name.clone(),
+                    exchange: short("exchange", exchange)?,
+                    routing_key: short("binding key", key)?,
                     nowait: false,
                     arguments: FieldTable::default(),
                 })))
@@ -297,8 +302,8 @@ impl Source {
         }
         conn.call(AMQPClass::Basic(basic::AMQPMethod::Consume(
             basic::Consume {
-                queue: c.queue.as_str().into(),
-                consumer_tag: self.consumer_tag.as_str().into(),
+                queue: queue_name,
+                consumer_tag: short("consumer tag", &self.consumer_tag)?,
                 no_local: false,
                 no_ack: false,
                 exclusive: false,

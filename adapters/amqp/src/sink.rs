@@ -43,10 +43,6 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// while; this throttles the sink instead of spinning).
 const NACK_PAUSE: Duration = Duration::from_millis(200);
 
-/// When a backbone that redelivers (JetStream) gets back an event a disconnected sink had no
-/// room for.
-const UNREACHABLE_REDELIVERY: Duration = Duration::from_secs(5);
-
 /// What became of one published message.
 enum Settled {
     /// Confirmed (or returned as unroutable, counted): the backbone delivery is acknowledged.
@@ -81,6 +77,9 @@ struct State {
     /// The subscription ended (shutdown) while the sink was not connected: it is not polled
     /// again.
     closed: bool,
+    /// The backbone redelivers what is not acknowledged (JetStream): while RabbitMQ cannot be
+    /// reached, a full `retry` stops the sink from reading instead of dropping (see `hold`).
+    redelivers: bool,
 }
 
 impl Sink {
@@ -352,11 +351,14 @@ impl Sink {
     async fn draining<T>(&self, state: &mut State, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
         loop {
+            // A backbone that redelivers keeps what the sink does not read, and its publishers
+            // do not wait on this subscription: with `retry` full the sink stops reading.
+            let room = !state.redelivers || state.retry.len() < self.config.max_in_flight;
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                next = state.subscription.next(), if !state.closed => match next {
-                    Some(d) => self.hold(&mut state.retry, d).await,
+                next = state.subscription.next(), if !state.closed && room => match next {
+                    Some(d) => self.hold(state, d),
                     None => state.closed = true,
                 },
             }
@@ -364,23 +366,24 @@ impl Sink {
     }
 
     /// A delivery that arrived while RabbitMQ cannot be reached: kept for the next connection
-    /// (published first, in order) up to `max_in_flight`; past that, handed back for
-    /// redelivery where the backbone redelivers (JetStream), else dropped and counted as
-    /// `reason="unreachable"`.
-    async fn hold(&self, retry: &mut VecDeque<Delivery>, d: Delivery) {
-        if retry.len() < self.config.max_in_flight {
-            retry.push_back(d);
+    /// (published first, in order) up to `max_in_flight`. Past that, on a backbone that
+    /// redelivers (JetStream) it is kept too and the sink stops reading (`draining`): the
+    /// stream keeps the rest, nothing is lost, nobody waits. On the others (memory, NATS core)
+    /// it is dropped and counted as `reason="unreachable"`: reading on is what keeps the
+    /// memory backbone's publishers from waiting on this subscription (`block` policy).
+    fn hold(&self, state: &mut State, d: Delivery) {
+        if d.needs_ack() {
+            state.redelivers = true;
+        }
+        if state.retry.len() < self.config.max_in_flight || d.needs_ack() {
+            state.retry.push_back(d);
             return;
         }
-        if d.needs_ack() {
-            let _ = d.nack(Some(UNREACHABLE_REDELIVERY)).await;
-        } else {
-            self.unreachable.inc();
-            self.warn(
-                "RabbitMQ cannot be reached and the sink holds max_in_flight events; dropping",
-                "",
-            );
-        }
+        self.unreachable.inc();
+        self.warn(
+            "RabbitMQ cannot be reached and the sink holds max_in_flight events; dropping",
+            "",
+        );
     }
 
     pub(crate) async fn run(
@@ -415,6 +418,7 @@ impl Sink {
             subscription,
             retry: VecDeque::new(),
             closed: false,
+            redelivers: false,
         };
         while !ctx.shutdown.is_cancelled() {
             // While it connects (up to amqp.connect_timeout) and between attempts, the sink

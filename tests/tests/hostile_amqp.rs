@@ -4,7 +4,10 @@
 //! - a message whose `headers` nest arrays 20,000 deep (amq-protocol's table parser recurses
 //!   once per level: before the pre-scan this aborted the whole process with a stack overflow,
 //!   and again after every restart, since the message stayed unacknowledged);
-//! - a body far over `amqp.max_body_size` (it used to be assembled up to 512 MiB).
+//! - a body far over `amqp.max_body_size` (it used to be assembled up to 512 MiB);
+//! - (F2) an event whose attribute headers need a content header frame over RabbitMQ's
+//!   frame_max (RabbitMQ closed the sink's connection, and the sink sent it again forever);
+//! - (F3) a sink that cannot reach RabbitMQ, under the memory backbone's `block` policy.
 //!
 //! Each test asserts: the process stays alive, the offending message is rejected without
 //! requeue (dead-lettered, so no crash loop and no redelivery loop), the refusal is counted on

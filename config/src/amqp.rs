@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use meshgate_core::{Topic, TopicFilter, validate};
 
-use crate::convert::{duration, positive};
+use crate::convert::{duration, parse_size, positive};
 use crate::model::{AmqpConfig, AmqpMode, AmqpSinkConfig, AmqpSourceConfig};
 use crate::{Errors, raw, section};
 
@@ -249,6 +249,7 @@ pub(crate) fn convert(a: raw::Amqp, errors: &mut Errors) -> AmqpConfig {
     if heartbeat.as_secs() > u64::from(u16::MAX) {
         errors.push("amqp.heartbeat", "must be at most 65535s");
     }
+    let max_body_size = max_body_size(&a.max_body_size, errors);
     let mut seen = BTreeSet::new();
     let sources = a
         .sources
@@ -281,7 +282,38 @@ pub(crate) fn convert(a: raw::Amqp, errors: &mut Errors) -> AmqpConfig {
         connect_timeout,
         reconnect_min,
         reconnect_max,
+        max_body_size,
         sources,
         sinks,
+    }
+}
+
+/// RabbitMQ's own ceiling for `max_message_size`.
+const MAX_MESSAGE_SIZE: u64 = 512 << 20;
+
+/// `amqp.max_body_size`: 1 byte up to RabbitMQ's 512 MiB ceiling.
+fn max_body_size(v: &raw::Size, errors: &mut Errors) -> usize {
+    let path = "amqp.max_body_size";
+    let bytes = match v {
+        raw::Size::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+        raw::Size::Text(t) => parse_size(t),
+    };
+    match bytes {
+        Ok(0) => {
+            errors.push(path, "must be at least 1 byte, e.g. \"1MiB\"");
+            1
+        }
+        Ok(b) if b > MAX_MESSAGE_SIZE => {
+            errors.push(
+                path,
+                format!("{b} bytes is over 512MiB, the most RabbitMQ delivers"),
+            );
+            1
+        }
+        Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
+        Err(e) => {
+            errors.push(path, e);
+            1
+        }
     }
 }

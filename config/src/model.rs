@@ -354,6 +354,10 @@ pub struct AmqpConfig {
     /// to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Largest message body a source takes, checked against the size the content header
+    /// announces before any of the body is read; larger messages are rejected (requeue=false)
+    /// and counted (`reason="too_large"`).
+    pub max_body_size: usize,
     pub sources: Vec<AmqpSourceConfig>,
     pub sinks: Vec<AmqpSinkConfig>,
 }
@@ -372,6 +376,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
+            .field("max_body_size", &self.max_body_size)
             .field("sources", &self.sources)
             .field("sinks", &self.sinks)
             .finish()

@@ -179,6 +179,7 @@ pub struct Amqp {
     pub connect_timeout: String,
     pub reconnect_min: String,
     pub reconnect_max: String,
+    pub max_body_size: Size,
     #[serde(default)]
     pub sources: Vec<toml::Value>,
     #[serde(default)]

@@ -402,6 +402,7 @@ fn amqp_defaults_are_valid() {
     assert_eq!(c.amqp.reconnect_min, Duration::from_millis(200));
     assert_eq!(c.amqp.reconnect_max, Duration::from_secs(10));
     assert!(c.amqp.sources.is_empty() && c.amqp.sinks.is_empty());
+    assert_eq!(c.amqp.max_body_size, 1 << 20);
     let c = load_str(
         "[amqp]\nenabled = true\nurl = \"amqps://rabbit.example.com:5671\"\n",
         "t",
@@ -410,6 +411,17 @@ fn amqp_defaults_are_valid() {
     .unwrap();
     assert!(c.amqp.enabled);
     assert_eq!(c.amqp.url, "amqps://rabbit.example.com:5671");
+}
+
+#[test]
+fn amqp_max_body_size_is_checked() {
+    let errs_of = |v: &str| errors_of(&format!("[amqp]\nmax_body_size = {v}\n"), &[]);
+    for bad in ["0", "-1", "\"1TiB\"", "\"513MiB\"", "\"lots\""] {
+        let errs = errs_of(bad);
+        assert!(has(&errs, "amqp.max_body_size", ""), "{bad}: {errs:?}");
+    }
+    let c = load_str("[amqp]\nmax_body_size = \"64KiB\"\n", "test.toml", env(&[])).unwrap();
+    assert_eq!(c.amqp.max_body_size, 64 << 10);
 }
 
 #[test]

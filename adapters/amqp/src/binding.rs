@@ -213,6 +213,43 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
 pub enum EncodeError {
     #[error("{what} `{value}` is longer than the 255 bytes an AMQP short string holds")]
     TooLong { what: &'static str, value: String },
+    /// AMQP 0.9.1 has no continuation for content headers: the properties (with every
+    /// attribute header) must fit in one frame of the connection's `frame_max`, or RabbitMQ
+    /// closes the connection (FRAME_ERROR) — and the sink, publishing the same event again on
+    /// the next one, would never get past it.
+    #[error(
+        "its attributes need a {size}-byte content header frame; the connection's frame_max is {frame_max} (make extension attributes shorter, or use mode = \"structured\")"
+    )]
+    HeaderTooLarge { size: usize, frame_max: usize },
+    /// A long string's length is a u32 on the wire.
+    #[error("attribute `{0}` is longer than the 4 GiB an AMQP long string holds")]
+    ValueTooLong(String),
+}
+
+/// Bytes of a content header frame around its properties: frame type, channel and size (7),
+/// class id, weight and body size (12), the property flags (2), the frame end (1).
+const HEADER_FRAME_OVERHEAD: usize = 7 + 12 + 2 + 1;
+
+/// Wire size of one field table entry: the key (a short string), the type tag, the value.
+fn entry_size(key: &ShortString, value: &AMQPValue) -> Result<usize, EncodeError> {
+    let value = match value {
+        AMQPValue::LongString(s) => {
+            if u32::try_from(s.as_bytes().len()).is_err() {
+                return Err(EncodeError::ValueTooLong(key.as_str().to_owned()));
+            }
+            4 + s.as_bytes().len()
+        }
+        AMQPValue::LongLongInt(_) => 8,
+        AMQPValue::Boolean(_) => 1,
+        // encode() writes no other type.
+        other => {
+            let bytes = amq_protocol::types::generation::gen_raw_value(other)(Vec::new().into())
+                .map(|w| w.into_inner().0.len())
+                .unwrap_or(usize::MAX / 2);
+            return Ok(1 + key.as_str().len() + 1 + bytes);
+        }
+    };
+    Ok(1 + key.as_str().len() + 1 + value)
 }
 
 fn short(what: &'static str, value: String) -> Result<ShortString, EncodeError> {
@@ -229,6 +266,23 @@ fn short(what: &'static str, value: String) -> Result<ShortString, EncodeError> 
 pub struct Outbound {
     pub properties: BasicProperties,
     pub body: Bytes,
+    /// The size of the content header frame these properties make (checked against the
+    /// connection's `frame_max` by [`Outbound::fits`]).
+    pub header_frame_size: usize,
+}
+
+impl Outbound {
+    /// Whether the content header fits in one frame of `frame_max` bytes (0: no limit).
+    pub fn fits(&self, frame_max: u32) -> Result<(), EncodeError> {
+        let max = usize::try_from(frame_max).unwrap_or(usize::MAX);
+        if frame_max != 0 && self.header_frame_size > max {
+            return Err(EncodeError::HeaderTooLarge {
+                size: self.header_frame_size,
+                frame_max: max,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Encodes an event. `json` gives the event's JSON format (shared by every subscriber of the
@@ -241,16 +295,26 @@ pub fn encode(
     origin: &str,
 ) -> Result<Outbound, EncodeError> {
     let mut headers = FieldTable::default();
-    headers.insert(
+    // The frame's size, property by property: delivery mode (1) and the table's length (4).
+    let mut size = HEADER_FRAME_OVERHEAD + 1 + 4;
+    let mut insert = |headers: &mut FieldTable, key: ShortString, value: AMQPValue| {
+        size = size.saturating_add(entry_size(&key, &value)?);
+        headers.insert(key, value);
+        Ok::<(), EncodeError>(())
+    };
+    insert(
+        &mut headers,
         short("header", ORIGIN_HEADER.to_owned())?,
         AMQPValue::LongString(LongString::from(origin)),
-    );
+    )?;
     let mut properties =
         BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+    let mut content_type_size = 0;
     let body = match mode {
         AmqpMode::Structured => {
-            properties =
-                properties.with_content_type(short("content type", json::CONTENT_TYPE.to_owned())?);
+            let ct = short("content type", json::CONTENT_TYPE.to_owned())?;
+            content_type_size = 1 + ct.as_str().len();
+            properties = properties.with_content_type(ct);
             json()
         }
         AmqpMode::Binary => {
@@ -267,13 +331,16 @@ pub fn encode(
                     }
                     other => AMQPValue::LongString(LongString::from(other.to_string())),
                 };
-                headers.insert(
+                insert(
+                    &mut headers,
                     short("attribute header", format!("{ATTRIBUTE_PREFIX}{name}"))?,
                     value,
-                );
+                )?;
             }
             if let Some(ct) = event.binary_content_type() {
-                properties = properties.with_content_type(short("datacontenttype", ct.to_owned())?);
+                let ct = short("datacontenttype", ct.to_owned())?;
+                content_type_size = 1 + ct.as_str().len();
+                properties = properties.with_content_type(ct);
             }
             event.data().map(Data::to_bytes).unwrap_or_default()
         }
@@ -281,6 +348,7 @@ pub fn encode(
     Ok(Outbound {
         properties: properties.with_headers(headers),
         body,
+        header_frame_size: size.saturating_add(content_type_size),
     })
 }
 
@@ -956,5 +1024,105 @@ mod tests {
         );
         let long_type = Event::new("A1", "/src", "t".repeat(300)).unwrap();
         assert!(routing_key("{type}", &topic, &long_type).is_err());
+    }
+
+    /// An arbitrary valid event for the round trip: attributes of any length around the
+    /// 255-byte short string limit, extensions of every type, binary data or none.
+    fn arbitrary_event() -> impl meshgate_fuzz::proptest::strategy::Strategy<Value = Event> {
+        use meshgate_fuzz::proptest::prelude::*;
+        use meshgate_fuzz::proptest::{collection, option};
+        let text = || "[ -~\u{a0}-\u{3ff}]{1,40}|[a-z]{200,300}";
+        let ext_value = prop_oneof![
+            any::<i32>().prop_map(ExtensionValue::Integer),
+            any::<bool>().prop_map(ExtensionValue::Boolean),
+            "[ -~é€]{0,30}|x{1000,1500}".prop_map(ExtensionValue::String),
+        ];
+        (
+            (text(), text(), text()),
+            option::of(text()),
+            option::of("(text|application)/[a-z]{1,10}|[a-z]{250,260}"),
+            option::of(Just("2026-11-22T15:04:05.123+01:00".to_owned())),
+            collection::vec(("[a-z0-9]{1,12}|[a-z]{240,250}", ext_value), 0..6),
+            option::of(collection::vec(any::<u8>(), 1..64)),
+        )
+            .prop_filter_map(
+                "not a valid event",
+                |((id, source, ty), subject, ct, time, exts, data)| {
+                    let mut e = Event::new(id, source, ty).ok()?;
+                    e.set_subject(subject).ok()?;
+                    e.set_datacontenttype(ct).ok()?;
+                    e.set_time(time).ok()?;
+                    for (name, v) in exts {
+                        e.set_extension(&name, v).ok()?;
+                    }
+                    e.set_data(data.map(|d| Data::Binary(Bytes::from(d))));
+                    Some(e)
+                },
+            )
+    }
+
+    /// Fuzz target: the sink's binary-mode encoding, through the wire and back. For any valid
+    /// event, `encode` either refuses it for a true reason (a short string over 255 bytes, a
+    /// header frame over frame_max) or gives properties whose content header frame is exactly
+    /// the size it announced, and which amq-protocol parses back into the same event.
+    #[test]
+    fn fuzz_amqp_sink_headers() {
+        use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame, parsing::parse_frame};
+        // A small frame_max, so that the generated attributes reach it.
+        const FRAME_MAX: u32 = 4096;
+        meshgate_fuzz::run(
+            "fuzz_amqp_sink_headers",
+            arbitrary_event(),
+            |b| json::decode(b).ok(),
+            |e| {
+                let o = match encode(&e, no_json, AmqpMode::Binary, true, "gw-1") {
+                    Ok(o) => o,
+                    Err(EncodeError::TooLong { what, .. }) => {
+                        // True only if some name or the content type is over 255 bytes.
+                        let long = e
+                            .attributes()
+                            .any(|(n, _)| n.len() + ATTRIBUTE_PREFIX.len() > 255)
+                            || e.binary_content_type().is_some_and(|ct| ct.len() > 255);
+                        return if long {
+                            Ok(())
+                        } else {
+                            Err(format!("TooLong({what}) for {e:?}"))
+                        };
+                    }
+                    Err(other) => return Err(format!("{other}")),
+                };
+                let frame = AMQPFrame::Header(
+                    1,
+                    AMQPContentHeader {
+                        class_id: 60,
+                        body_size: o.body.len() as u64,
+                        properties: o.properties.clone(),
+                    },
+                );
+                let bytes = gen_frame(&frame)(Vec::new().into())
+                    .map_err(|e| format!("{e:?}"))?
+                    .into_inner()
+                    .0;
+                if bytes.len() != o.header_frame_size {
+                    return Err(format!(
+                        "header frame is {} bytes, encode said {}",
+                        bytes.len(),
+                        o.header_frame_size
+                    ));
+                }
+                if o.fits(FRAME_MAX).is_ok() != (bytes.len() <= FRAME_MAX as usize) {
+                    return Err("fits() disagrees with the frame's size".to_owned());
+                }
+                let properties = match parse_frame(&bytes[..]) {
+                    Ok(([], AMQPFrame::Header(1, h))) => h.properties,
+                    other => return Err(format!("amq-protocol cannot read it back: {other:?}")),
+                };
+                let back = decode_props(&properties, &o.body).map_err(|err| format!("{err}"))?;
+                if back != e {
+                    return Err(format!("round trip changed the event: {e:?} -> {back:?}"));
+                }
+                Ok(())
+            },
+        );
     }
 }

@@ -16,9 +16,12 @@
 //! which end the connection with the broker's reason. Everything written is appended to one
 //! buffer and sent once per batch of frames read.
 //!
-//! Bounds: no frame may exceed the negotiated `frame_max`, and no body 512 MiB (more than
-//! RabbitMQ's own `max_message_size` allows), so a broken peer cannot make meshgate allocate
-//! without limit.
+//! Bounds: no frame may exceed the negotiated `frame_max`; a message whose body is announced
+//! over `amqp.max_body_size`, or whose headers nest deeper or hold more values than scan.rs
+//! allows, is refused before anything of it is buffered or parsed: the source rejects it
+//! (requeue=false) and counts it, its body frames are skipped, and consuming goes on. Tables
+//! in method frames are bounded the same way (scan.rs), so nothing the broker or a publisher
+//! sends reaches amq-protocol's recursive table parser unchecked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,10 +50,6 @@ const FRAME_HEAD: usize = 7;
 /// the same bound applies to the broker's first frames.
 const FRAME_MAX: u32 = 131_072;
 
-/// The largest message body meshgate assembles (RabbitMQ's `max_message_size` is at most
-/// 512 MiB).
-const MAX_BODY: u64 = 512 * 1024 * 1024;
-
 /// Bodies up to this size are copied out of the read buffer; larger ones are shared with it.
 /// A copy keeps an event that waits in a slow subscriber's queue from holding a whole read
 /// chunk; above this size the copy costs more than the chunk it would free.
@@ -73,6 +72,8 @@ pub(crate) struct Target {
     pub(crate) password: String,
     /// Proposed heartbeat interval (zero: none).
     pub(crate) heartbeat: Duration,
+    /// `amqp.max_body_size`: larger messages are refused before their body is read.
+    pub(crate) max_body: u64,
 }
 
 /// Class and method id of `basic.deliver` (60, 60).
@@ -100,7 +101,10 @@ fn parse_deliver(mut p: &[u8]) -> Option<(u64, Option<ShortString>)> {
     }
     // `None`: not UTF-8. The message is still delivered (and then rejected as having no
     // topic) rather than the connection failing on it at every redelivery.
-    let key = std::str::from_utf8(key).ok().map(ShortString::from);
+    // At most 255 bytes (its length is one octet), so `try_new` cannot fail.
+    let key = std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| ShortString::try_new(k).ok());
     Some((tag, key))
 }
 
@@ -112,6 +116,10 @@ pub(crate) enum Frame {
     Method(u16, AMQPClass),
     /// A content header: the properties and the size of the body that follows.
     Header(u16, Box<BasicProperties>, u64),
+    /// A content header meshgate refuses to parse (headers over scan.rs's bounds) or cannot
+    /// (malformed): the size of the body that follows, and why. The message is rejected and
+    /// its body skipped; the stream itself is intact (the frame's end octet was there).
+    BadHeader(u16, u64, String),
     Body(u16, Bytes),
     Heartbeat,
 }
@@ -156,6 +164,12 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
             Frame::Deliver(channel, tag, routing_key)
         }
         FRAME_METHOD => {
+            // Tables inside methods are bounded before amq-protocol recurses into them.
+            if let Err(why) = crate::scan::method(&buf[payload.clone()]) {
+                return Err(format!(
+                    "the broker sent a method frame meshgate refuses: {why}"
+                ));
+            }
             let class = match amq_protocol::protocol::parse_class(&buf[payload]) {
                 Ok(([], class)) => class,
                 _ => return Err("malformed method frame".to_owned()),
@@ -164,12 +178,31 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
             Frame::Method(channel, class)
         }
         FRAME_HEADER => {
-            let header = match parse_content_header(&buf[payload]) {
-                Ok(([], header)) => header,
-                _ => return Err("malformed content header frame".to_owned()),
+            let p = &buf[payload];
+            // class-id (2), weight (2), body-size (8): without the size the body frames that
+            // follow cannot be skipped, so the stream cannot go on.
+            let size = p
+                .get(4..12)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or("malformed content header frame")?;
+            // The pre-scan first: amq-protocol's table parser recurses once per nesting level
+            // with no limit (scan.rs), and a stack overflow aborts the process.
+            let frame = match crate::scan::content_header(p) {
+                Err(why) => Frame::BadHeader(channel, size, why.to_string()),
+                Ok(()) => match parse_content_header(p) {
+                    Ok(([], header)) => {
+                        Frame::Header(channel, Box::new(header.properties), header.body_size)
+                    }
+                    _ => Frame::BadHeader(
+                        channel,
+                        size,
+                        "its content header is malformed".to_owned(),
+                    ),
+                },
             };
             buf.advance(total);
-            Frame::Header(channel, Box::new(header.properties), header.body_size)
+            frame
         }
         FRAME_BODY => {
             let body = if size as usize <= COPY_BODY_BELOW {
@@ -200,12 +233,44 @@ pub(crate) struct Delivery {
     pub(crate) body: Bytes,
 }
 
+/// Why a delivery was refused without being assembled (the metric's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Headers over scan.rs's bounds, or a content header amq-protocol cannot read.
+    BadMessage,
+    /// A body announced over `amqp.max_body_size`.
+    TooLarge,
+}
+
+impl Refusal {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadMessage => "bad_message",
+            Refusal::TooLarge => "too_large",
+        }
+    }
+}
+
+/// What the broker delivered: a message, or one refused from its content header alone (its
+/// body frames are skipped as they come; the source rejects it without requeue).
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    Message(Delivery),
+    Refused {
+        tag: u64,
+        kind: Refusal,
+        reason: String,
+    },
+}
+
 /// A delivery whose header or body frames are still to come.
 struct Assembling {
     tag: u64,
     routing_key: Option<ShortString>,
     /// Properties and announced body size, once the header frame arrived.
     header: Option<(Box<BasicProperties>, u64)>,
+    /// Announced body size of a refused delivery: its body frames are counted, not kept.
+    skipping: Option<u64>,
     /// The first body frame, kept as it came (most bodies have one frame).
     first: Option<Bytes>,
     /// Bodies of several frames, copied together as they come: memory follows the bytes
@@ -255,6 +320,8 @@ pub(crate) struct Connection {
     spoke: bool,
     /// Heartbeat ticks (half an interval each) without anything from the broker.
     silent_ticks: u32,
+    /// `amqp.max_body_size`.
+    max_body: u64,
 }
 
 impl Connection {
@@ -284,6 +351,7 @@ impl Connection {
             heard: false,
             spoke: false,
             silent_ticks: 0,
+            max_body: target.max_body,
         };
         c.handshake(target, name).await?;
         Ok(c)
@@ -478,17 +546,19 @@ impl Connection {
 
     /// The next delivery the read buffer holds, if one is complete. Errors end the connection:
     /// the broker closed it, cancelled the consumer, or sent what a consumer cannot accept.
-    pub(crate) fn next_delivery(&mut self) -> Result<Option<Delivery>, String> {
+    pub(crate) fn next_delivery(&mut self) -> Result<Option<Incoming>, String> {
         while let Some(frame) = self.frame()? {
             let Some(frame) = self.common(frame)? else {
                 continue;
             };
+            let mut refused = None;
             match (frame, &mut self.assembling) {
                 (Frame::Deliver(CHANNEL, tag, routing_key), None) => {
                     self.assembling = Some(Assembling {
                         tag,
                         routing_key,
                         header: None,
+                        skipping: None,
                         first: None,
                         joined: BytesMut::new(),
                         received: 0,
@@ -497,13 +567,40 @@ impl Connection {
                 (Frame::Method(CHANNEL, AMQPClass::Basic(basic::AMQPMethod::Cancel(_))), _) => {
                     return Err("the broker cancelled the consumer (queue deleted?)".to_owned());
                 }
-                (Frame::Header(CHANNEL, properties, size), Some(a)) if a.header.is_none() => {
-                    if size > MAX_BODY {
-                        return Err(format!(
-                            "the broker announced a {size}-byte message; meshgate takes at most {MAX_BODY}"
-                        ));
+                (Frame::Header(CHANNEL, properties, size), Some(a))
+                    if a.header.is_none() && a.skipping.is_none() =>
+                {
+                    // Checked against the announced size, before any of the body is read.
+                    if size > self.max_body {
+                        a.skipping = Some(size);
+                        refused = Some(Incoming::Refused {
+                            tag: a.tag,
+                            kind: Refusal::TooLarge,
+                            reason: format!(
+                                "its body of {size} bytes is over amqp.max_body_size ({} bytes)",
+                                self.max_body
+                            ),
+                        });
+                    } else {
+                        a.header = Some((properties, size));
                     }
-                    a.header = Some((properties, size));
+                }
+                (Frame::BadHeader(CHANNEL, size, reason), Some(a))
+                    if a.header.is_none() && a.skipping.is_none() =>
+                {
+                    a.skipping = Some(size);
+                    refused = Some(Incoming::Refused {
+                        tag: a.tag,
+                        kind: Refusal::BadMessage,
+                        reason,
+                    });
+                }
+                (Frame::Body(CHANNEL, body), Some(a)) if a.skipping.is_some() => {
+                    // A refused message's body: counted, never kept.
+                    a.received += body.len() as u64;
+                    if a.skipping.is_some_and(|size| a.received > size) {
+                        return Err("a message body was longer than its header said".to_owned());
+                    }
                 }
                 (Frame::Body(CHANNEL, body), Some(a)) if a.header.is_some() => {
                     a.received += body.len() as u64;
@@ -531,11 +628,17 @@ impl Connection {
                     return Err(format!("unexpected frame while consuming: {other:?}"));
                 }
             }
-            if let Some(a) = &mut self.assembling
-                && let Some(d) = a.done()
-            {
-                self.assembling = None;
-                return Ok(Some(d));
+            if let Some(a) = &mut self.assembling {
+                if a.skipping.is_some_and(|size| a.received >= size) {
+                    // A refused message's body is all there: the next delivery may begin.
+                    self.assembling = None;
+                } else if let Some(d) = a.done() {
+                    self.assembling = None;
+                    return Ok(Some(Incoming::Message(d)));
+                }
+            }
+            if refused.is_some() {
+                return Ok(refused);
             }
         }
         Ok(None)
@@ -609,7 +712,8 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
                 reply_code: 200,
-                reply_text: reason.into(),
+                // A fixed text of meshgate's; should one ever be too long, close without it.
+                reply_text: ShortString::try_new(reason).unwrap_or_default(),
                 class_id: 0,
                 method_id: 0,
             })),

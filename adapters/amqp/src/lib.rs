@@ -15,12 +15,15 @@
 pub mod binding;
 mod consumer;
 mod link;
+pub mod scan;
 mod sink;
 mod source;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshgate_config::AmqpConfig;
+use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -158,30 +161,146 @@ impl Adapter for AmqpAdapter {
     /// and closes its connection.
     fn run(self: Box<Self>, ctx: AdapterContext) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
+            let metrics = ctx.metrics(ADAPTER);
             let mut tasks = tokio::task::JoinSet::new();
             for s in &self.sources {
-                // Tracked, so that `AmqpIngress::stop` can wait for the sources alone.
-                tasks.spawn(self.ingress.sources.track_future(s.clone().run(
+                let (s, ctx2, connector, config) = (
+                    s.clone(),
                     ctx.clone(),
                     self.connector.clone(),
                     self.config.clone(),
+                );
+                // Tracked, so that `AmqpIngress::stop` can wait for the sources alone.
+                tasks.spawn(self.ingress.sources.track_future(supervise(
+                    s.link.clone(),
+                    metrics.clone(),
+                    self.config.reconnect_max,
+                    self.ingress.stop.clone(),
+                    move || {
+                        s.clone()
+                            .run(ctx2.clone(), connector.clone(), config.clone())
+                    },
                 )));
             }
             for s in &self.sinks {
-                tasks.spawn(s.clone().run(
+                let (s, ctx2, connector, config) = (
+                    s.clone(),
                     ctx.clone(),
                     self.connector.clone(),
                     self.config.clone(),
+                );
+                tasks.spawn(supervise(
+                    s.link.clone(),
+                    metrics.clone(),
+                    self.config.reconnect_max,
+                    ctx.shutdown.clone(),
+                    move || {
+                        s.clone()
+                            .run(ctx2.clone(), connector.clone(), config.clone())
+                    },
                 ));
             }
-            while let Some(r) = tasks.join_next().await {
-                if let Err(e) = r
-                    && e.is_panic()
-                {
-                    tracing::error!(error = %e, "an AMQP link task panicked");
-                }
-            }
+            while tasks.join_next().await.is_some() {}
             Ok(())
         })
+    }
+}
+
+/// Runs one source's or sink's task, and runs it again if it panics: a link task that ends
+/// unexpectedly is logged, counted (`meshgate_errors_total{adapter="amqp",kind="task_panic"}`),
+/// marks its link down (so `/readyz` and `meshgate_amqp_link_up` say so) and is restarted after
+/// `pause` — never silently gone. Each run is its own tokio task, so a panic ends only that
+/// run. A normal return (shutdown) ends the supervision; so does `stop`.
+///
+/// A source restarted after a panic reconnects, and RabbitMQ redelivers what it had not
+/// acknowledged; a sink subscribes again (what its old subscription held is redelivered on
+/// JetStream, lost and counted as dropped by the backbone otherwise).
+async fn supervise<F, Fut>(
+    link: Arc<Link>,
+    metrics: AdapterMetrics,
+    pause: Duration,
+    stop: CancellationToken,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let run = tokio::spawn(start());
+        let error = match run.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => panic_message(e.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        };
+        metrics.error("task_panic");
+        tracing::error!(kind = link.kind, link = %link.name, %error, retry_in = ?pause,
+            "an AMQP link task panicked; the link is down and restarts");
+        link.set_down(format!("its task panicked ({error}); restarting"));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "a panic without a message".to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod supervise_tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use meshgate_core::metrics::Registry;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_link_task_is_counted_marked_down_and_restarted() {
+        let registry = Registry::new();
+        let link = Link::new(&registry, "sink", "s1");
+        link.set_up();
+        let metrics = AdapterMetrics::new(&registry, ADAPTER);
+        let runs = Arc::new(AtomicU32::new(0));
+        let seen_down = Arc::new(AtomicU32::new(0));
+        let (r, l, d) = (runs.clone(), link.clone(), seen_down.clone());
+        supervise(
+            link.clone(),
+            metrics,
+            Duration::from_millis(1),
+            CancellationToken::new(),
+            move || {
+                let (r, l, d) = (r.clone(), l.clone(), d.clone());
+                async move {
+                    if r.fetch_add(1, Ordering::SeqCst) < 2 {
+                        panic!("boom");
+                    }
+                    // The restarted run sees the link marked down with the reason.
+                    if !l.is_up() && l.last_error().is_some_and(|e| e.contains("boom")) {
+                        d.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "restarted after each panic");
+        assert_eq!(seen_down.load(Ordering::SeqCst), 1);
+        let text = registry.render();
+        assert!(
+            text.contains(r#"meshgate_errors_total{adapter="amqp",kind="task_panic"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meshgate_amqp_link_up{kind="sink",link="s1"} 0"#),
+            "{text}"
+        );
     }
 }

@@ -102,6 +102,7 @@ impl Connector {
             user: config.user.clone(),
             password: config.password.clone(),
             heartbeat: config.heartbeat,
+            max_body: config.max_body_size as u64,
         });
         let endpoint = format!("{host}:{port}");
         let uri = AMQPUri {

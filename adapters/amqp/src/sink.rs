@@ -63,6 +63,9 @@ pub(crate) struct Sink {
     metrics: AdapterMetrics,
     unroutable: Counter,
     unencodable: Counter,
+    unreachable: Counter,
+    /// `exchange` as a short string (config checked it holds at most 255 bytes).
+    exchange: lapin::types::ShortString,
     warn_log: LogThrottle,
 }
 
@@ -71,6 +74,12 @@ struct State {
     subscription: Subscription,
     /// Not yet confirmed by RabbitMQ; published first on the next connection, in order.
     retry: VecDeque<Delivery>,
+    /// The subscription ended (shutdown) while the sink was not connected: it is not polled
+    /// again.
+    closed: bool,
+    /// The backbone redelivers what is not acknowledged (JetStream): while RabbitMQ cannot be
+    /// reached, a full `retry` stops the sink from reading instead of dropping (see `hold`).
+    redelivers: bool,
 }
 
 impl Sink {
@@ -82,9 +91,13 @@ impl Sink {
     ) -> Result<Sink, String> {
         let filter = TopicFilter::parse(&config.filter)
             .map_err(|e| format!("amqp sink `{}`: filter: {e}", config.name))?;
+        let exchange = lapin::types::ShortString::try_new(config.exchange.as_str())
+            .map_err(|e| format!("amqp sink `{}`: exchange: {e}", config.name))?;
         Ok(Sink {
             unroutable: metrics.dropped("unroutable"),
             unencodable: metrics.dropped("unencodable"),
+            unreachable: metrics.dropped("unreachable"),
+            exchange,
             metrics,
             instance: ctx.instance.clone(),
             filter,
@@ -106,37 +119,46 @@ impl Sink {
     async fn publish(
         &self,
         channel: &lapin::Channel,
+        frame_max: u32,
         delivery: Delivery,
     ) -> Result<Option<Confirming>, (Delivery, lapin::Error)> {
         let envelope = delivery.envelope.clone();
-        let encoded =
+        // Everything written is checked first (short strings, the header frame against
+        // frame_max): an event AMQP cannot carry is skipped for this sink and counted, never
+        // truncated, and never sent to make RabbitMQ close the connection.
+        // A panic in the encoder is this event's fault: skipped and counted like an event
+        // AMQP cannot carry, rather than ending the sink's task.
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             binding::routing_key(&self.config.routing_key, &envelope.topic, &envelope.event)
                 .and_then(|key| {
-                    binding::encode(
+                    let m = binding::encode(
                         &envelope.event,
                         || envelope.json(),
                         self.config.mode,
                         self.config.persistent,
                         &self.instance,
-                    )
-                    .map(|m| (key, m))
-                });
+                    )?;
+                    m.fits(frame_max)?;
+                    Ok((key, m))
+                })
+                .map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| {
+            Err("encoding it panicked (a meshgate bug: please report it)".to_owned())
+        });
         let (routing_key, message) = match encoded {
             Ok(x) => x,
             Err(e) => {
                 self.unencodable.inc();
                 self.metrics.error("unencodable");
-                self.warn(
-                    "an event cannot be written as an AMQP message; dropped",
-                    &e.to_string(),
-                );
+                self.warn("an event cannot be written as an AMQP message; dropped", &e);
                 let _ = delivery.ack().await;
                 return Ok(None);
             }
         };
         let sent = channel
             .basic_publish(
-                self.config.exchange.as_str().into(),
+                self.exchange.clone(),
                 routing_key,
                 BasicPublishOptions {
                     mandatory: self.config.mandatory,
@@ -195,7 +217,7 @@ impl Sink {
             // The exchange belongs to the application: check that it exists, change nothing.
             channel
                 .exchange_declare(
-                    self.config.exchange.as_str().into(),
+                    self.exchange.clone(),
                     ExchangeKind::Topic,
                     ExchangeDeclareOptions {
                         passive: true,
@@ -223,6 +245,7 @@ impl Sink {
         };
         self.link.set_up();
         tracing::info!(sink = %self.config.name, exchange = %self.config.exchange, filter = %self.filter, "AMQP sink publishing");
+        let frame_max = connection.configuration().frame_max();
         let mut inflight: FuturesOrdered<Confirming> = FuturesOrdered::new();
         // Deliveries to publish again on the next connection, oldest first: those whose
         // confirm failed, then the one whose publish failed.
@@ -230,11 +253,15 @@ impl Sink {
         let mut unsent: Option<Delivery> = None;
         let window = self.config.max_in_flight;
         let outcome = loop {
+            if state.closed && state.retry.is_empty() {
+                // The subscription closed while RabbitMQ was unreachable: nothing more comes.
+                break None;
+            }
             // Deliveries held from the last connection go first.
             if inflight.len() < window
                 && let Some(d) = state.retry.pop_front()
             {
-                match self.publish(&channel, d).await {
+                match self.publish(&channel, frame_max, d).await {
                     Ok(Some(c)) => inflight.push_back(c),
                     Ok(None) => {}
                     Err((d, e)) => {
@@ -270,8 +297,8 @@ impl Sink {
                     Some(_) => {}
                     None => break Some("the connection ended".to_owned()),
                 },
-                next = state.subscription.next(), if inflight.len() < window => match next {
-                    Some(d) => match self.publish(&channel, d).await {
+                next = state.subscription.next(), if inflight.len() < window && !state.closed => match next {
+                    Some(d) => match self.publish(&channel, frame_max, d).await {
                         Ok(Some(c)) => inflight.push_back(c),
                         Ok(None) => {}
                         Err((d, e)) => {
@@ -319,6 +346,46 @@ impl Sink {
         }
     }
 
+    /// Runs `work` (a connection attempt, the pause before the next) while taking deliveries
+    /// off the subscription, so that the backbone never waits on a sink that cannot publish.
+    async fn draining<T>(&self, state: &mut State, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            // A backbone that redelivers keeps what the sink does not read, and its publishers
+            // do not wait on this subscription: with `retry` full the sink stops reading.
+            let room = !state.redelivers || state.retry.len() < self.config.max_in_flight;
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                next = state.subscription.next(), if !state.closed && room => match next {
+                    Some(d) => self.hold(state, d),
+                    None => state.closed = true,
+                },
+            }
+        }
+    }
+
+    /// A delivery that arrived while RabbitMQ cannot be reached: kept for the next connection
+    /// (published first, in order) up to `max_in_flight`. Past that, on a backbone that
+    /// redelivers (JetStream) it is kept too and the sink stops reading (`draining`): the
+    /// stream keeps the rest, nothing is lost, nobody waits. On the others (memory, NATS core)
+    /// it is dropped and counted as `reason="unreachable"`: reading on is what keeps the
+    /// memory backbone's publishers from waiting on this subscription (`block` policy).
+    fn hold(&self, state: &mut State, d: Delivery) {
+        if d.needs_ack() {
+            state.redelivers = true;
+        }
+        if state.retry.len() < self.config.max_in_flight || d.needs_ack() {
+            state.retry.push_back(d);
+            return;
+        }
+        self.unreachable.inc();
+        self.warn(
+            "RabbitMQ cannot be reached and the sink holds max_in_flight events; dropping",
+            "",
+        );
+    }
+
     pub(crate) async fn run(
         self: Arc<Self>,
         ctx: AdapterContext,
@@ -350,16 +417,25 @@ impl Sink {
         let mut state = State {
             subscription,
             retry: VecDeque::new(),
+            closed: false,
+            redelivers: false,
         };
         while !ctx.shutdown.is_cancelled() {
-            let ended = match connector.connect(&self.link).await {
+            // While it connects (up to amqp.connect_timeout) and between attempts, the sink
+            // keeps taking deliveries (see `hold`): a sink that cannot reach RabbitMQ must not
+            // fill its backbone queue and make publishers wait on it (review F3).
+            let connected = self
+                .draining(&mut state, connector.connect(&self.link))
+                .await;
+            let ended = match connected {
                 Ok(connection) => self.session(connection, &mut state).await,
                 Err(e) => Ended::Failed(e),
             };
             match ended {
                 Ended::Shutdown => break,
                 Ended::Failed(error) => {
-                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                    let wait = backoff.failed(&self.link, error, &ctx.shutdown);
+                    if !self.draining(&mut state, wait).await {
                         break;
                     }
                 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, basic, queue};
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{FieldTable, ShortString};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use meshgate_config::{AmqpConfig, AmqpSourceConfig};
@@ -29,7 +29,7 @@ use meshgate_core::{
 use tokio_util::sync::CancellationToken;
 
 use crate::binding;
-use crate::consumer::{Connection, Delivery};
+use crate::consumer::{Connection, Delivery, Incoming, Refusal};
 use crate::link::{Backoff, Connector, Ended, Link};
 
 /// Pause in consuming after a message the backbone refused for now was handed back to
@@ -93,6 +93,9 @@ enum Outcome {
     Ack,
     /// Never a valid event: `basic.reject` without requeue (dead-lettered where configured).
     Reject(String),
+    /// Refused from its content header alone (headers over the scan.rs bounds, a body over
+    /// `amqp.max_body_size`): `basic.reject` without requeue, counted under its own reason.
+    Refuse(Refusal, String),
     /// The backbone could not take it now: `basic.nack` with requeue.
     Requeue(String),
 }
@@ -108,6 +111,8 @@ pub(crate) struct Source {
     metrics: AdapterMetrics,
     looped: Counter,
     rejected: Counter,
+    bad_message: Counter,
+    too_large: Counter,
     consumer_tag: String,
     /// Fires when the sources stop (before the backbone closes, at shutdown).
     stop: CancellationToken,
@@ -136,6 +141,8 @@ impl Source {
             stop,
             looped: metrics.dropped("loop"),
             rejected: metrics.dropped("rejected"),
+            bad_message: metrics.dropped(Refusal::BadMessage.reason()),
+            too_large: metrics.dropped(Refusal::TooLarge.reason()),
             metrics,
             wrapper,
             prefix,
@@ -181,15 +188,27 @@ impl Source {
             Ok(t) => t,
             Err(e) => return Handled::Now(Outcome::Reject(e)),
         };
-        let event = binding::decode(binding::Inbound {
-            routing_key: routing_key.as_str(),
-            properties: &d.properties,
-            body: d.body,
-            wrapper: &self.wrapper,
-        });
+        // A decoder panic is this message's fault: it is rejected (dead-lettered) and counted
+        // like any bad message, rather than ending the task and coming back after the restart.
+        let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            binding::decode(binding::Inbound {
+                routing_key: routing_key.as_str(),
+                properties: &d.properties,
+                body: d.body,
+                wrapper: &self.wrapper,
+            })
+        }));
         let event = match event {
-            Ok(e) => e,
-            Err(e) => return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}"))),
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}")));
+            }
+            Err(_) => {
+                return Handled::Now(Outcome::Refuse(
+                    Refusal::BadMessage,
+                    "decoding it panicked (a meshgate bug: please report it)".to_owned(),
+                ));
+            }
         };
         let envelope = Envelope::new(topic, Arc::new(event), ctx.origin(0));
         match ctx.try_publish_envelope(&self.metrics, &self.principal, envelope) {
@@ -218,6 +237,16 @@ impl Source {
                 conn.reject(tag);
                 false
             }
+            Outcome::Refuse(kind, reason) => {
+                match kind {
+                    Refusal::BadMessage => self.bad_message.inc(),
+                    Refusal::TooLarge => self.too_large.inc(),
+                }
+                self.metrics.error(kind.reason());
+                self.log_reject(&reason);
+                conn.reject(tag);
+                false
+            }
             Outcome::Requeue(reason) => {
                 tracing::debug!(source = %self.config.name, %reason, "backbone refused for now; requeueing");
                 conn.requeue(tag);
@@ -236,13 +265,18 @@ impl Source {
     /// Declares (or checks) the queue and its bindings and starts consuming.
     async fn setup(&self, conn: &mut Connection) -> Result<(), String> {
         let c = &self.config;
+        // Every name is a short string; the config checked their lengths, and this checks
+        // again rather than trusting it (lapin's `From<&str>` panics over 255 bytes).
+        let short =
+            |what: &str, v: &str| ShortString::try_new(v).map_err(|e| format!("{what} `{v}`: {e}"));
+        let queue_name = short("queue", &c.queue)?;
         conn.call(AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
             prefetch_count: c.prefetch,
             global: false,
         })))
         .await?;
         let declare = queue::Declare {
-            queue: c.queue.as_str().into(),
+            queue: queue_name.clone(),
             // A queue meshgate declares survives a broker restart; an application's queue is
             // only checked (passive): it must exist, and nothing about it changes.
             passive: c.exchange.is_none(),
@@ -257,9 +291,9 @@ impl Source {
         if let Some(exchange) = &c.exchange {
             for key in &c.binding_keys {
                 conn.call(AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                    queue: c.queue.as_str().into(),
-                    exchange: exchange.as_str().into(),
-                    routing_key: key.as_str().into(),
+                    queue: queue_name.clone(),
+                    exchange: short("exchange", exchange)?,
+                    routing_key: short("binding key", key)?,
                     nowait: false,
                     arguments: FieldTable::default(),
                 })))
@@ -268,8 +302,8 @@ impl Source {
         }
         conn.call(AMQPClass::Basic(basic::AMQPMethod::Consume(
             basic::Consume {
-                queue: c.queue.as_str().into(),
-                consumer_tag: self.consumer_tag.as_str().into(),
+                queue: queue_name,
+                consumer_tag: short("consumer tag", &self.consumer_tag)?,
                 no_local: false,
                 no_ack: false,
                 exclusive: false,
@@ -395,11 +429,15 @@ impl Source {
         window: usize,
     ) -> Result<bool, String> {
         while inflight.len() < window {
-            let Some(d) = conn.next_delivery()? else {
-                break;
+            let handled = match conn.next_delivery()? {
+                None => break,
+                Some(Incoming::Message(d)) => (d.tag, self.handle(ctx, d)),
+                Some(Incoming::Refused { tag, kind, reason }) => {
+                    (tag, Handled::Now(Outcome::Refuse(kind, reason)))
+                }
             };
-            let tag = d.tag;
-            let requeued = match self.handle(ctx, d) {
+            let (tag, handled) = handled;
+            let requeued = match handled {
                 Handled::Now(outcome) if !pipelined || inflight.is_empty() => {
                     self.settle(conn, acks, tag, outcome)
                 }

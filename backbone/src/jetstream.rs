@@ -150,8 +150,7 @@ impl JetStreamBackbone {
             })?;
         let retained = crate::jetstream_retained::KvRetained::open(
             &js,
-            &config.stream,
-            config.replicas,
+            config,
             nats.max_control_line,
         )
         .await
@@ -163,8 +162,7 @@ impl JetStreamBackbone {
         let sessions = crate::jetstream_sessions::KvSessions::open(
             &client,
             &js,
-            &config.stream,
-            config.replicas,
+            config,
             &nats.subject_prefix,
             instance,
             nats.max_control_line,

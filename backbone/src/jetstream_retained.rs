@@ -41,15 +41,19 @@ struct Stored<'a> {
 }
 
 impl KvRetained {
-    /// Creates (or opens) the bucket.
+    /// Creates (or opens) the bucket, bounded by `backbone.jetstream.retained_max_bytes` and
+    /// `kv_max_value_size`.
     pub(crate) async fn open(
         js: &async_nats::jetstream::Context,
-        stream: &str,
-        replicas: usize,
+        config: &meshgate_config::JetStreamConfig,
         max_control_line: usize,
     ) -> Result<KvRetained, String> {
-        let bucket = format!("{stream}_RETAINED");
-        let kv = open_bucket(js, &bucket, replicas).await?;
+        let bucket = format!("{}_RETAINED", config.stream);
+        let limits = BucketLimits {
+            max_bytes: config.retained_max_bytes,
+            max_value_size: config.kv_max_value_size,
+        };
+        let kv = open_bucket(js, &bucket, config.replicas, limits).await?;
         Ok(KvRetained {
             kv,
             bucket,
@@ -68,7 +72,16 @@ pub(crate) fn key_fits(bucket: &str, key: &str, max_control_line: usize) -> bool
     key.len() + 2 * bucket.len() + OVERHEAD <= max_control_line
 }
 
-/// Creates (or opens) a KV bucket. Its stream is created here rather than with
+/// What a KV bucket may hold on the server: without a bound, retained messages or session
+/// records fill nats-server's disk (review F6). Past `max_bytes` a put is refused (discard
+/// policy `new`: what is stored stays), and so is a value over `max_value_size`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BucketLimits {
+    pub(crate) max_bytes: u64,
+    pub(crate) max_value_size: usize,
+}
+
+/// Creates (or opens, updating its limits) a KV bucket. Its stream is created here rather than with
 /// `create_key_value`, whose reply parsing fails against nats-server 2.9 (seen in the test);
 /// this is the layout a KV bucket has (ADR-8): one message per key, rollups, no deletes,
 /// direct gets.
@@ -76,6 +89,7 @@ pub(crate) async fn open_bucket(
     js: &async_nats::jetstream::Context,
     bucket: &str,
     replicas: usize,
+    limits: BucketLimits,
 ) -> Result<kv::Store, String> {
     let config = async_nats::jetstream::stream::Config {
         name: format!("KV_{bucket}"),
@@ -87,6 +101,10 @@ pub(crate) async fn open_bucket(
         allow_direct: true,
         num_replicas: replicas,
         storage: async_nats::jetstream::stream::StorageType::File,
+        max_bytes: i64::try_from(limits.max_bytes).unwrap_or(i64::MAX),
+        // A KV value is one message: its data, the key's subject and headers; config caps the
+        // value size at i32::MAX.
+        max_message_size: i32::try_from(limits.max_value_size).unwrap_or(i32::MAX),
         ..Default::default()
     };
     js.create_or_update_stream(config)

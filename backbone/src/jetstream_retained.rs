@@ -138,7 +138,25 @@ impl RetainedStore for KvRetained {
                     self.max_control_line
                 )));
             }
-            self.kv.put(key, value.into()).await.map_err(failed)?;
+            self.kv.put(key, value.into()).await.map_err(|e| {
+                // The bucket's bounds (JetStream API errors 10077 "maximum bytes exceeded",
+                // 10054 "message size exceeds maximum allowed"): a refusal of this message,
+                // not a failure of the store.
+                let text = e.to_string();
+                if text.contains("10077") || text.contains("maximum bytes exceeded") {
+                    BackboneError::Rejected(
+                        "the retained-message bucket is full (backbone.jetstream.retained_max_bytes)"
+                            .to_owned(),
+                    )
+                } else if text.contains("10054") || text.contains("message size exceeds") {
+                    BackboneError::Rejected(
+                        "the retained message is larger than backbone.jetstream.kv_max_value_size"
+                            .to_owned(),
+                    )
+                } else {
+                    failed(e)
+                }
+            })?;
             Ok(())
         })
     }

@@ -781,3 +781,113 @@ async fn mqtt_over_websocket_is_under_the_connection_cap() {
     println!("oversized frame: closed with {closed:?}");
     assert!(rss(&gw) < before + 32 * MIB);
 }
+
+/// F4 and F6 on JetStream (the nats-server on 4222, a stream of its own): the retained-message
+/// KV bucket is bounded by `backbone.jetstream.retained_max_bytes`, and a session stored in
+/// the KV bucket is neither released by its holder nor discarded when another user connects
+/// with its client id through another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user() {
+    let unique = format!("HMS{}", meshgate_core::wrap::new_id().replace('-', ""));
+    let prefix = unique.to_lowercase();
+    let env = |instance: &'static str| {
+        vec![
+            ("MESHGATE__BACKBONE__KIND", "jetstream"),
+            ("MESHGATE__BACKBONE__NATS__URLS", "nats://127.0.0.1:4222"),
+            ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", prefix.as_str()),
+            ("MESHGATE__BACKBONE__JETSTREAM__STREAM", unique.as_str()),
+            ("MESHGATE__BACKBONE__JETSTREAM__RETAINED_MAX_BYTES", "64KiB"),
+            ("MESHGATE__GATEWAY__INSTANCE_ID", instance),
+        ]
+    };
+    let a = gateway(&env("hms-a"), Some(USERS));
+    let b = gateway(&env("hms-b"), Some(USERS));
+    let (mqtt_a, admin_a) = (a.mqtt.unwrap(), a.admin.unwrap());
+    let mqtt_b = b.mqtt.unwrap();
+    let before = rss(&a);
+
+    // F6: 10 retained messages of 10 kB against a 64 KiB bucket.
+    let (_live, mut live) = good_subscriber(mqtt_a, "live", "big/#", None).await;
+    let (mut publisher, _, _) = connect(mqtt_a, Connect::v311("p")).await;
+    let big = vec![b'z'; 10_000];
+    for i in 0..10 {
+        publisher
+            .write_all(&publish(&format!("big/{i}"), &big, true))
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        receive_all(&mut live, &format!("big/{i}"), 1).await;
+    }
+    let (mut s, _, _) = connect(mqtt_a, Connect::v311("late")).await;
+    s.write_all(&subscribe(false, 1, &[("big/#", 0)]))
+        .await
+        .unwrap();
+    let mut kept = 0u64;
+    while let Some((first, _)) = read_packet(&mut s, Duration::from_millis(1500)).await {
+        if first & 0xf0 == 0x30 {
+            kept += 1;
+        }
+    }
+    println!("{kept} of 10 retained messages of 10 kB fit in a 64 KiB bucket");
+    assert!((2..10).contains(&kept), "kept {kept}");
+    let dropped = counter(
+        admin_a,
+        "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_limit\"}",
+    )
+    .await;
+    assert_eq!(dropped, 10 - kept);
+
+    // F4: alice's persistent session, stored; she leaves.
+    let alice = Connect {
+        clean: false,
+        expiry: 300,
+        login: Some(("alice", "alice-pw")),
+        ..Connect::v5("js-dev1")
+    };
+    let (mut c, _, code) = connect(mqtt_a, alice).await;
+    assert_eq!(code, 0);
+    c.write_all(&subscribe(true, 1, &[("a/in", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut c, Duration::from_secs(5)).await.unwrap().0,
+        0x90
+    );
+    c.write_all(&packet(0xe0, &[0, 0])).await.unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Mallory, through the other instance, clean and persistent: refused both times.
+    for clean in [true, false] {
+        let (_, _, code) = connect(
+            mqtt_b,
+            Connect {
+                clean,
+                expiry: 60,
+                login: Some(("mallory", "mallory-pw")),
+                ..Connect::v5("js-dev1")
+            },
+        )
+        .await;
+        assert_eq!(code, 0x85, "clean start {clean}");
+    }
+    // Alice finds her session on either instance.
+    let (_c, present, code) = connect(mqtt_b, alice).await;
+    assert_eq!((present, code), (true, 0));
+    wait_metric(
+        b.admin.unwrap(),
+        "meshgate_errors_total{adapter=\"mqtt\",kind=\"client_id_taken\"} 2",
+    )
+    .await;
+    assert!(rss(&a) < before + 64 * MIB);
+    drop((a, b));
+    // Clean up the stream and its buckets.
+    let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
+    for name in [
+        unique.clone(),
+        format!("KV_{unique}_RETAINED"),
+        format!("KV_{unique}_SESSIONS"),
+    ] {
+        let _ = js.delete_stream(&name).await;
+    }
+}

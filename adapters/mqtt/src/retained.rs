@@ -96,7 +96,11 @@ impl Retained {
             } else {
                 store.set(envelope).await
             };
-            if let Err(e) = r {
+            if let Err(meshgate_core::BackboneError::Rejected(why)) = &r {
+                // The store's bounds (a full bucket): like the memory store's, not a failure.
+                self.dropped.inc();
+                tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained message delivered, not retained: {why}");
+            } else if let Err(e) = r {
                 self.failed.inc();
                 tracing::warn!(error = %e, topic = %envelope.topic.as_str(), "mqtt: retained message not stored");
             }

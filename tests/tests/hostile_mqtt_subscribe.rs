@@ -788,6 +788,21 @@ async fn mqtt_over_websocket_is_under_the_connection_cap() {
 /// with its client id through another instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user() {
+    // Streams left by an earlier run of this test that failed before cleaning up.
+    let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
+    let names: Vec<String> = {
+        use futures_util::StreamExt;
+        js.stream_names()
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await
+    };
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with("HMS") || n.starts_with("KV_HMS"))
+    {
+        let _ = js.delete_stream(name).await;
+    }
     let unique = format!("HMS{}", meshgate_core::wrap::new_id().replace('-', ""));
     let prefix = unique.to_lowercase();
     let env = |instance: &'static str| {
@@ -882,7 +897,6 @@ async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user
     assert!(rss(&a) < before + 64 * MIB);
     drop((a, b));
     // Clean up the stream and its buckets.
-    let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
     for name in [
         unique.clone(),
         format!("KV_{unique}_RETAINED"),

@@ -148,17 +148,14 @@ impl JetStreamBackbone {
                     config.stream
                 ))
             })?;
-        let retained = crate::jetstream_retained::KvRetained::open(
-            &js,
-            config,
-            nats.max_control_line,
-        )
-        .await
-        .map_err(|e| {
-            NatsStartError::Client(format!(
-                "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-            ))
-        })?;
+        let retained =
+            crate::jetstream_retained::KvRetained::open(&js, config, nats.max_control_line)
+                .await
+                .map_err(|e| {
+                    NatsStartError::Client(format!(
+                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
+                    ))
+                })?;
         let sessions = crate::jetstream_sessions::KvSessions::open(
             &client,
             &js,

@@ -343,7 +343,12 @@ async fn one_subscribe_repeating_a_filter_200000_times_stays_bounded() {
     let mut peak = before;
     for i in 0..200u32 {
         client
-            .publish("w/1", rumqttc::QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
+            .publish(
+                "w/1",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
             .await
             .unwrap();
         if i % 10 == 0 {
@@ -671,7 +676,11 @@ async fn per_address_and_per_user_caps() {
     let mut fourth = TcpStream::connect(mqtt).await.unwrap();
     let _ = fourth.write_all(&Connect::v5("fourth").encode()).await;
     let start = Instant::now();
-    assert!(read_packet(&mut fourth, Duration::from_secs(3)).await.is_none());
+    assert!(
+        read_packet(&mut fourth, Duration::from_secs(3))
+            .await
+            .is_none()
+    );
     assert!(start.elapsed() < Duration::from_secs(2), "closed at once");
     wait_metric(
         admin,
@@ -684,9 +693,14 @@ async fn per_address_and_per_user_caps() {
     )
     .await;
     for i in 0..50u32 {
-        good.publish("g/1", rumqttc::QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
-            .await
-            .unwrap();
+        good.publish(
+            "g/1",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            i.to_be_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(receive_all(&mut rx, "g/1", 50).await.len(), 50);
     assert!(rss(&gw) < before + 32 * MIB);
@@ -750,9 +764,14 @@ async fn mqtt_over_websocket_is_under_the_connection_cap() {
     .await;
     // The good client still receives.
     for i in 0..20u32 {
-        good.publish("g/1", rumqttc::QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
-            .await
-            .unwrap();
+        good.publish(
+            "g/1",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            i.to_be_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(receive_all(&mut rx, "g/1", 20).await.len(), 20);
     // Slots come back; a frame over max_packet_size closes the WebSocket.

@@ -126,9 +126,10 @@ impl Retained {
             return;
         }
         store.bytes = store.bytes - replaced + size;
-        store
-            .messages
-            .insert(envelope.topic.shared_str(), (Arc::new(envelope.clone()), size));
+        store.messages.insert(
+            envelope.topic.shared_str(),
+            (Arc::new(envelope.clone()), size),
+        );
     }
 
     /// Up to `limit` retained messages whose topic matches `filter`, and how many more match.
@@ -160,7 +161,10 @@ impl Retained {
         let mut out = Matches::default();
         let candidates = store
             .messages
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(t, _)| t.starts_with(prefix));
         for (envelope, _) in candidates.map(|(_, v)| v) {
             if !filter.matches(&envelope.topic) {

@@ -278,7 +278,10 @@ impl Session {
             }
         }
         if dropped > 0 {
-            self.shared.metrics.dropped("retained_queue_full").add(dropped);
+            self.shared
+                .metrics
+                .dropped("retained_queue_full")
+                .add(dropped);
             tracing::debug!(
                 client_id = self.client_id,
                 dropped,
@@ -301,7 +304,6 @@ fn retained_cost(envelope: &meshgate_core::Envelope, encode: bool) -> usize {
 }
 
 impl Session {
-
     pub(super) async fn handle_unsubscribe(&mut self, pkid: u16, filters: &[String]) {
         let mut reasons = Vec::with_capacity(filters.len());
         for f in filters {

@@ -175,10 +175,13 @@ impl RetainedStore for KvRetained {
     fn matching<'a>(
         &'a self,
         filter: &'a TopicFilter,
-    ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>> {
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>> {
         Box::pin(async move {
             let mut keys = self.kv.keys().await.map_err(failed)?;
             let mut out = Vec::new();
+            // Matches past `limit` are counted from the key listing, never read.
+            let mut beyond = 0u64;
             while let Some(key) = keys.next().await {
                 let key = key.map_err(failed)?;
                 let Some(topic) = B64
@@ -190,6 +193,10 @@ impl RetainedStore for KvRetained {
                     continue;
                 };
                 if !filter.matches(&topic) {
+                    continue;
+                }
+                if out.len() >= limit {
+                    beyond += 1;
                     continue;
                 }
                 let Some(value) = self.kv.get(key.as_str()).await.map_err(failed)? else {
@@ -211,7 +218,7 @@ impl RetainedStore for KvRetained {
                         .with_retain(true),
                 );
             }
-            Ok(out)
+            Ok((out, beyond))
         })
     }
 }

@@ -831,6 +831,8 @@ async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user
             ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", prefix.as_str()),
             ("MESHGATE__BACKBONE__JETSTREAM__STREAM", unique.as_str()),
             ("MESHGATE__BACKBONE__JETSTREAM__RETAINED_MAX_BYTES", "64KiB"),
+            // Retained sends per SUBSCRIBE (F1): 2 read from the bucket, the rest counted.
+            ("MESHGATE__MQTT__MAX_QUEUED", "2"),
             ("MESHGATE__GATEWAY__INSTANCE_ID", instance),
         ]
     };
@@ -863,14 +865,22 @@ async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user
             kept += 1;
         }
     }
-    println!("{kept} of 10 retained messages of 10 kB fit in a 64 KiB bucket");
-    assert!((2..10).contains(&kept), "kept {kept}");
     let dropped = counter(
         admin_a,
         "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_limit\"}",
     )
     .await;
-    assert_eq!(dropped, 10 - kept);
+    let stored = 10 - dropped;
+    println!("{stored} of 10 retained messages of 10 kB fit in a 64 KiB bucket");
+    assert!((3..10).contains(&stored), "stored {stored}");
+    // The late subscriber got max_queued (2) of them; the others were not read, only counted.
+    assert_eq!(kept, 2);
+    let not_sent = counter(
+        admin_a,
+        "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"}",
+    )
+    .await;
+    assert_eq!(not_sent, stored - 2);
 
     // F4: alice's persistent session, stored; she leaves.
     let alice = Connect {

@@ -141,14 +141,11 @@ impl Retained {
     /// matches.
     pub(crate) async fn matching(&self, filter: &TopicFilter, limit: usize) -> Matches {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
-            return match store.matching(filter).await {
-                Ok(v) => {
-                    let beyond = v.len().saturating_sub(limit) as u64;
-                    Matches {
-                        envelopes: v.into_iter().take(limit).map(Arc::new).collect(),
-                        beyond,
-                    }
-                }
+            return match store.matching(filter, limit).await {
+                Ok((v, beyond)) => Matches {
+                    envelopes: v.into_iter().map(Arc::new).collect(),
+                    beyond,
+                },
                 Err(e) => {
                     self.failed.inc();
                     tracing::warn!(error = %e, "mqtt: retained messages not read");

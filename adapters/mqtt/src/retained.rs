@@ -179,8 +179,74 @@ impl Retained {
 
 #[cfg(test)]
 mod tests {
-    use super::literal_prefix;
-    use meshgate_core::TopicFilter;
+    use super::*;
+    use meshgate_core::metrics::Registry;
+    use meshgate_core::{Origin, Topic};
+
+    fn store(max_messages: usize, max_bytes: usize) -> (Retained, Counter) {
+        let registry = Registry::new();
+        let backbone: Arc<dyn Backbone> = meshgate_backbone::memory::MemoryBackbone::new(
+            meshgate_config::MemoryBackboneConfig {
+                queue_capacity: 16,
+                full_policy: meshgate_config::FullQueuePolicy::Drop,
+                block_timeout: std::time::Duration::from_secs(1),
+            },
+            &registry,
+        );
+        let dropped = registry.counter("dropped", &[]);
+        let failed = registry.counter("failed", &[]);
+        (
+            Retained::new(&backbone, max_messages, max_bytes, dropped.clone(), failed),
+            dropped,
+        )
+    }
+
+    fn envelope(topic: &str, size: usize) -> Envelope {
+        let w = meshgate_core::wrap::Wrapper::new("/t", "t").unwrap();
+        let event = w
+            .wrap(bytes::Bytes::from(vec![b'a'; size]), None, None)
+            .unwrap();
+        let origin = Origin {
+            instance: Arc::from("i"),
+            connection: 1,
+        };
+        Envelope::new(Topic::from_mqtt(topic).unwrap(), Arc::new(event), origin)
+    }
+
+    #[tokio::test]
+    async fn the_byte_count_follows_replacements_and_clears() {
+        let one = cost(&envelope("t/1", 1000));
+        // Room for three messages of this size.
+        let (r, dropped) = store(100, 3 * one + one / 2);
+        for t in ["t/1", "t/2", "t/3"] {
+            r.update(&envelope(t, 1000), false).await;
+        }
+        r.update(&envelope("t/4", 1000), false).await;
+        assert_eq!(dropped.get(), 1, "a fourth does not fit");
+        // Replacing a kept topic's message with one of the same size fits.
+        r.update(&envelope("t/1", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        // Clearing gives the bytes back.
+        r.update(&envelope("t/2", 0), true).await;
+        r.update(&envelope("t/4", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        let filter = TopicFilter::parse("t/#").unwrap();
+        let all = r.matching(&filter, 10).await;
+        assert_eq!(all.envelopes.len(), 3);
+        assert_eq!(r.store.lock().unwrap().bytes, 3 * one);
+        // A limit returns that many and counts the rest.
+        let two = r.matching(&filter, 2).await;
+        assert_eq!((two.envelopes.len(), two.beyond), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn the_count_bound_refuses_new_topics_only() {
+        let (r, dropped) = store(1, usize::MAX);
+        r.update(&envelope("c/1", 10), false).await;
+        r.update(&envelope("c/2", 10), false).await;
+        r.update(&envelope("c/1", 20), false).await;
+        assert_eq!(dropped.get(), 1);
+    }
 
     #[test]
     fn literal_prefix_stops_at_the_first_wildcard() {

@@ -126,6 +126,51 @@ async fn retained_sends_are_bounded_by_max_queued() {
     );
 }
 
+/// F1: and by `mqtt.max_retained_send_bytes` (the write buffer and `pending`, in bytes).
+#[tokio::test]
+async fn retained_sends_are_bounded_in_bytes() {
+    let mut config = mqtt_config();
+    // Room for two messages of 10 kB (each costs its JSON — the data in base64, ~13.4 kB —, topic
+    // and a little more).
+    config.max_retained_send_bytes = 30_000;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    for i in 0..6 {
+        p.publish(
+            format!("b/{i}"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            vec![b'x'; 10_000],
+        )
+        .await
+        .unwrap();
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+    }
+    let (c, mut rx) = client4(&h, "sub", |o| {
+        o.set_max_packet_size(1 << 20, 1 << 20);
+    })
+    .await;
+    c.subscribe("b/#", rumqttc::QoS::AtMostOnce).await.unwrap();
+    let mut got = 0;
+    while tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4))
+        .await
+        .is_ok()
+    {
+        got += 1;
+    }
+    assert_eq!(got, 2);
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"} 4"
+        ),
+        "{m}"
+    );
+}
+
 /// F6: the memory store's topic count bound (`mqtt.max_retained_messages`); replacing a kept
 /// topic's message still works at the bound.
 #[tokio::test]

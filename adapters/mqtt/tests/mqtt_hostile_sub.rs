@@ -332,3 +332,50 @@ async fn the_per_user_cap_refuses_with_quota_exceeded() {
         "{m}"
     );
 }
+
+/// F7/F19: MQTT over WebSocket counts against `gateway.max_connections_per_ip` when the web
+/// listener provides the peer address (served with connect info): past it, HTTP 429.
+#[tokio::test]
+async fn websocket_upgrades_count_against_the_per_address_cap() {
+    let mut h = start().await;
+    h.ctx.limits = meshgate_core::ConnectionLimits::new(2, 0);
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&mqtt_config(), &h.ctx)
+        .await
+        .unwrap();
+    let router = adapter.websocket_router().unwrap();
+    let run_ctx = h.ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = web.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            web,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let upgrade = || async move {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{ws_addr}/mqtt")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        tokio_tungstenite::connect_async(req).await
+    };
+    let first = upgrade().await.expect("first");
+    let _second = upgrade().await.expect("second");
+    match upgrade().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|r| r.1)),
+    }
+    // The slot comes back when a connection ends.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _third = upgrade().await.expect("slot given back");
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_ip\"} 1"),
+        "{m}"
+    );
+}

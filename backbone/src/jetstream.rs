@@ -150,23 +150,18 @@ impl JetStreamBackbone {
                     config.stream
                 ))
             })?;
-        let retained = crate::jetstream_retained::KvRetained::open(
-            &js,
-            &config.stream,
-            config.replicas,
-            nats.max_control_line,
-        )
-        .await
-        .map_err(|e| {
-            NatsStartError::Client(format!(
-                "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-            ))
-        })?;
+        let retained =
+            crate::jetstream_retained::KvRetained::open(&js, config, nats.max_control_line)
+                .await
+                .map_err(|e| {
+                    NatsStartError::Client(format!(
+                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
+                    ))
+                })?;
         let sessions = crate::jetstream_sessions::KvSessions::open(
             &client,
             &js,
-            &config.stream,
-            config.replicas,
+            config,
             &nats.subject_prefix,
             instance,
             nats.max_control_line,

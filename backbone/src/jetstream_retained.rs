@@ -41,15 +41,19 @@ struct Stored<'a> {
 }
 
 impl KvRetained {
-    /// Creates (or opens) the bucket.
+    /// Creates (or opens) the bucket, bounded by `backbone.jetstream.retained_max_bytes` and
+    /// `kv_max_value_size`.
     pub(crate) async fn open(
         js: &async_nats::jetstream::Context,
-        stream: &str,
-        replicas: usize,
+        config: &meshgate_config::JetStreamConfig,
         max_control_line: usize,
     ) -> Result<KvRetained, String> {
-        let bucket = format!("{stream}_RETAINED");
-        let kv = open_bucket(js, &bucket, replicas).await?;
+        let bucket = format!("{}_RETAINED", config.stream);
+        let limits = BucketLimits {
+            max_bytes: config.retained_max_bytes,
+            max_value_size: config.kv_max_value_size,
+        };
+        let kv = open_bucket(js, &bucket, config.replicas, limits).await?;
         Ok(KvRetained {
             kv,
             bucket,
@@ -68,7 +72,16 @@ pub(crate) fn key_fits(bucket: &str, key: &str, max_control_line: usize) -> bool
     key.len() + 2 * bucket.len() + OVERHEAD <= max_control_line
 }
 
-/// Creates (or opens) a KV bucket. Its stream is created here rather than with
+/// What a KV bucket may hold on the server: without a bound, retained messages or session
+/// records fill nats-server's disk (review F6). Past `max_bytes` a put is refused (discard
+/// policy `new`: what is stored stays), and so is a value over `max_value_size`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BucketLimits {
+    pub(crate) max_bytes: u64,
+    pub(crate) max_value_size: usize,
+}
+
+/// Creates (or opens, updating its limits) a KV bucket. Its stream is created here rather than with
 /// `create_key_value`, whose reply parsing fails against nats-server 2.9 (seen in the test);
 /// this is the layout a KV bucket has (ADR-8): one message per key, rollups, no deletes,
 /// direct gets.
@@ -76,6 +89,7 @@ pub(crate) async fn open_bucket(
     js: &async_nats::jetstream::Context,
     bucket: &str,
     replicas: usize,
+    limits: BucketLimits,
 ) -> Result<kv::Store, String> {
     let config = async_nats::jetstream::stream::Config {
         name: format!("KV_{bucket}"),
@@ -87,6 +101,10 @@ pub(crate) async fn open_bucket(
         allow_direct: true,
         num_replicas: replicas,
         storage: async_nats::jetstream::stream::StorageType::File,
+        max_bytes: i64::try_from(limits.max_bytes).unwrap_or(i64::MAX),
+        // A KV value is one message: its data, the key's subject and headers; config caps the
+        // value size at i32::MAX.
+        max_message_size: i32::try_from(limits.max_value_size).unwrap_or(i32::MAX),
         ..Default::default()
     };
     js.create_or_update_stream(config)
@@ -120,7 +138,25 @@ impl RetainedStore for KvRetained {
                     self.max_control_line
                 )));
             }
-            self.kv.put(key, value.into()).await.map_err(failed)?;
+            self.kv.put(key, value.into()).await.map_err(|e| {
+                // The bucket's bounds (JetStream API errors 10077 "maximum bytes exceeded",
+                // 10054 "message size exceeds maximum allowed"): a refusal of this message,
+                // not a failure of the store.
+                let text = e.to_string();
+                if text.contains("10077") || text.contains("maximum bytes exceeded") {
+                    BackboneError::Rejected(
+                        "the retained-message bucket is full (backbone.jetstream.retained_max_bytes)"
+                            .to_owned(),
+                    )
+                } else if text.contains("10054") || text.contains("message size exceeds") {
+                    BackboneError::Rejected(
+                        "the retained message is larger than backbone.jetstream.kv_max_value_size"
+                            .to_owned(),
+                    )
+                } else {
+                    failed(e)
+                }
+            })?;
             Ok(())
         })
     }
@@ -139,10 +175,13 @@ impl RetainedStore for KvRetained {
     fn matching<'a>(
         &'a self,
         filter: &'a TopicFilter,
-    ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>> {
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>> {
         Box::pin(async move {
             let mut keys = self.kv.keys().await.map_err(failed)?;
             let mut out = Vec::new();
+            // Matches past `limit` are counted from the key listing, never read.
+            let mut beyond = 0u64;
             while let Some(key) = keys.next().await {
                 let key = key.map_err(failed)?;
                 let Some(topic) = B64
@@ -154,6 +193,10 @@ impl RetainedStore for KvRetained {
                     continue;
                 };
                 if !filter.matches(&topic) {
+                    continue;
+                }
+                if out.len() >= limit {
+                    beyond += 1;
                     continue;
                 }
                 let Some(value) = self.kv.get(key.as_str()).await.map_err(failed)? else {
@@ -175,7 +218,7 @@ impl RetainedStore for KvRetained {
                         .with_retain(true),
                 );
             }
-            Ok(out)
+            Ok((out, beyond))
         })
     }
 }

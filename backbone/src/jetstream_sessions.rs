@@ -10,7 +10,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
-use crate::jetstream_retained::{B64, key_fits, open_bucket};
+use crate::jetstream_retained::{B64, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
     kv: kv::Store,
@@ -37,14 +37,19 @@ impl KvSessions {
     pub(crate) async fn open(
         client: &async_nats::Client,
         js: &jetstream::Context,
-        stream: &str,
-        replicas: usize,
+        config: &meshgate_config::JetStreamConfig,
         prefix: &str,
         instance: &str,
         max_control_line: usize,
     ) -> Result<KvSessions, String> {
+        let stream = &config.stream;
         let bucket = format!("{stream}_SESSIONS");
-        let kv = open_bucket(js, &bucket, replicas).await?;
+        // Bounded by `backbone.jetstream.sessions_max_bytes` and `kv_max_value_size`.
+        let limits = BucketLimits {
+            max_bytes: config.sessions_max_bytes,
+            max_value_size: config.kv_max_value_size,
+        };
+        let kv = open_bucket(js, &bucket, config.replicas, limits).await?;
         Ok(KvSessions {
             kv,
             js: js.clone(),

@@ -139,6 +139,19 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
         );
     }
     let dead_letter_subject = (!j.dead_letter_subject.is_empty()).then_some(j.dead_letter_subject);
+    let kv_max_value_size = size(
+        &j.kv_max_value_size,
+        "backbone.jetstream.kv_max_value_size",
+        MIN_KV_VALUE,
+        "4KiB (a session record with a few subscriptions)",
+        errors,
+    );
+    if kv_max_value_size > i32::MAX as usize {
+        errors.push(
+            "backbone.jetstream.kv_max_value_size",
+            format!("at most {} bytes", i32::MAX),
+        );
+    }
     if dead_letter_subject.as_deref().is_some_and(|s| {
         s.split('.')
             .any(|t| t.is_empty() || t.contains(['*', '>', ' ']))
@@ -174,8 +187,28 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
         max_deliver,
         dead_letter_subject,
         publish_connections: publish_connections.min(MAX_PUBLISH_CONNECTIONS),
+        retained_max_bytes: size(
+            &j.retained_max_bytes,
+            "backbone.jetstream.retained_max_bytes",
+            MIN_KV_BYTES,
+            "64KiB (room for a few retained messages)",
+            errors,
+        ) as u64,
+        sessions_max_bytes: size(
+            &j.sessions_max_bytes,
+            "backbone.jetstream.sessions_max_bytes",
+            MIN_KV_BYTES,
+            "64KiB (room for a few session records)",
+            errors,
+        ) as u64,
+        kv_max_value_size: kv_max_value_size.min(i32::MAX as usize),
     }
 }
+
+/// Smallest `backbone.jetstream.{retained,sessions}_max_bytes`.
+const MIN_KV_BYTES: u64 = 64 * 1024;
+/// Smallest `backbone.jetstream.kv_max_value_size`.
+const MIN_KV_VALUE: u64 = 4 * 1024;
 
 /// More JetStream publishing connections than a server has cores gain nothing.
 const MAX_PUBLISH_CONNECTIONS: usize = 16;
@@ -280,6 +313,19 @@ fn pem_file(v: &str, path: &str, errors: &mut Errors) -> std::path::PathBuf {
         errors.push(path, format!("`{v}` is not a readable file"));
     }
     std::path::PathBuf::from(v)
+}
+
+/// `mqtt.max_client_id_len`: at least 23 (MQTT 3.1.1 §3.1.3.1 and 5 §3.1.3.1: a server must
+/// accept client ids of 1 to 23 characters), at most 65535 (the field's limit).
+fn client_id_len(v: i64, errors: &mut Errors) -> usize {
+    if !(23..=65_535).contains(&v) {
+        errors.push(
+            "mqtt.max_client_id_len",
+            format!("must be from 23 (the MQTT minimum) to 65535, got {v}"),
+        );
+        return 256;
+    }
+    usize::try_from(v).unwrap_or(256)
 }
 
 fn non_negative(v: i64, path: &str, errors: &mut Errors) -> usize {
@@ -585,6 +631,26 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 "mqtt.max_offline_sessions",
                 errors,
             ),
+            max_retained_messages: positive(
+                m.max_retained_messages,
+                "mqtt.max_retained_messages",
+                errors,
+            ),
+            max_retained_bytes: size(
+                &m.max_retained_bytes,
+                "mqtt.max_retained_bytes",
+                MIN_MESSAGE_SIZE,
+                "64KiB (one retained message of the smallest max_packet_size)",
+                errors,
+            ),
+            max_retained_send_bytes: size(
+                &m.max_retained_send_bytes,
+                "mqtt.max_retained_send_bytes",
+                MIN_MESSAGE_SIZE,
+                "64KiB (one retained message of the smallest max_packet_size)",
+                errors,
+            ),
+            max_client_id_len: client_id_len(m.max_client_id_len, errors),
             v5_outbound,
             v311_outbound,
             wrap_type: m.wrap_type,

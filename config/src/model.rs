@@ -110,6 +110,13 @@ pub struct JetStreamConfig {
     pub dead_letter_subject: Option<String>,
     /// NATS connections publishing to the stream; one publisher's events always take the same.
     pub publish_connections: usize,
+    /// Bytes the MQTT retained-message KV bucket (`<stream>_RETAINED`) may hold on the server;
+    /// past it a retained message is not stored (counted).
+    pub retained_max_bytes: u64,
+    /// Bytes the MQTT session KV bucket (`<stream>_SESSIONS`) may hold on the server.
+    pub sessions_max_bytes: u64,
+    /// Largest value either KV bucket accepts (one retained event, one session record).
+    pub kv_max_value_size: usize,
 }
 
 /// How events are written on the NATS bus (CE-BINDINGS.md §8).
@@ -312,6 +319,16 @@ pub struct MqttConfig {
     /// Disconnected persistent sessions kept at once; past it a session ends at disconnect
     /// (counted as dropped `session_limit`).
     pub max_offline_sessions: usize,
+    /// Topics with a retained message in the in-memory store; past it a new topic's retained
+    /// message is delivered but not retained (counted).
+    pub max_retained_messages: usize,
+    /// Bytes (topic + event JSON) the in-memory retained store may hold; likewise.
+    pub max_retained_bytes: usize,
+    /// Bytes of retained messages one SUBSCRIBE may queue for its client (with at most
+    /// `max_queued` messages); the rest are dropped and counted.
+    pub max_retained_send_bytes: usize,
+    /// Longest client identifier accepted in CONNECT, in bytes.
+    pub max_client_id_len: usize,
     pub v5_outbound: Mqtt5Mode,
     pub v311_outbound: Mqtt311Mode,
     /// `type` of wrapped (non-CloudEvents) payloads.

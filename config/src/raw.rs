@@ -52,6 +52,9 @@ pub struct JetStream {
     pub max_deliver: i64,
     pub dead_letter_subject: String,
     pub publish_connections: i64,
+    pub retained_max_bytes: Size,
+    pub sessions_max_bytes: Size,
+    pub kv_max_value_size: Size,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +161,10 @@ pub struct Mqtt {
     pub max_subscriptions: i64,
     pub max_session_expiry: String,
     pub max_offline_sessions: i64,
+    pub max_retained_messages: i64,
+    pub max_retained_bytes: Size,
+    pub max_retained_send_bytes: Size,
+    pub max_client_id_len: i64,
     pub v5_outbound: String,
     pub v311_outbound: String,
     pub wrap_type: String,

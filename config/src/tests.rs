@@ -126,6 +126,27 @@ fn every_error_at_once_with_paths() {
 }
 
 #[test]
+fn mqtt_retained_and_client_id_bounds_are_checked() {
+    let errs = errors_of(
+        "[mqtt]\nmax_client_id_len = 10\nmax_retained_messages = 0\nmax_retained_bytes = \"1KiB\"\nmax_retained_send_bytes = -1\n[backbone.jetstream]\nretained_max_bytes = \"1KiB\"\nsessions_max_bytes = 0\nkv_max_value_size = \"100\"\n",
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    for key in [
+        "mqtt.max_client_id_len",
+        "mqtt.max_retained_messages",
+        "mqtt.max_retained_bytes",
+        "mqtt.max_retained_send_bytes",
+        "backbone.jetstream.retained_max_bytes",
+        "backbone.jetstream.sessions_max_bytes",
+        "backbone.jetstream.kv_max_value_size",
+    ] {
+        assert!(has(&errs, key, ""), "{key}: {text}");
+    }
+    assert!(has(&errs, "mqtt.max_client_id_len", "23"), "{text}");
+}
+
+#[test]
 fn type_error_in_one_section_does_not_hide_others() {
     let errs = errors_of(
         "[http]\nenabled = \"yes\"\n[websocket]\npath = \"ws\"\n[log]\nformat = \"xml\"\n",

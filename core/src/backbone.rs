@@ -133,11 +133,13 @@ pub trait RetainedStore: Send + Sync {
     fn set<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), BackboneError>>;
     /// Removes the topic's retained message.
     fn clear<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<(), BackboneError>>;
-    /// The retained messages whose topic matches `filter`.
+    /// Up to `limit` retained messages whose topic matches `filter` (only those are read), and
+    /// how many more match.
     fn matching<'a>(
         &'a self,
         filter: &'a TopicFilter,
-    ) -> BoxFuture<'a, Result<Vec<Envelope>, BackboneError>>;
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>>;
 }
 
 /// Persistent MQTT sessions kept by the backbone for every instance (JetStream: a KV bucket

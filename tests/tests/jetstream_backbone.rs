@@ -852,6 +852,9 @@ async fn keys_too_long_for_the_servers_protocol_line_are_refused_not_sent() {
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
     let nats = NatsServer::start_monitored();
     let mut c = js_config(&nats, "gw-long-keys");
+    // Client ids this long are refused by default (mqtt.max_client_id_len = 256); this test is
+    // about the session store's key limit.
+    c.mqtt.max_client_id_len = 4096;
     c.mqtt.enabled = true;
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     let gw = start_gateway(c).await;

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
 }
 
 struct Client {
+    /// Who holds the client id: only the same principal may take it over.
+    principal: meshgate_core::Principal,
     connection: u64,
     takeover: CancellationToken,
     finished: CancellationToken,
@@ -67,24 +69,46 @@ impl Shared {
         self.sockets.load(Ordering::Acquire) > self.config.max_connections
     }
 
-    /// Registers a client id; an existing connection with the same id is told to go
-    /// (session takeover) and its `finished` token is returned, to wait for.
+    /// Past the limit and the few sockets kept to answer "server busy": new sockets are
+    /// closed (TCP) or refused (WebSocket upgrades) at once.
+    fn at_hard_cap(&self) -> bool {
+        self.sockets.load(Ordering::Acquire)
+            >= self.config.max_connections.saturating_add(BUSY_HEADROOM)
+    }
+
+    /// Registers a client id for `principal`; an existing connection with the same id is told
+    /// to go (session takeover) and its `finished` token is returned, to wait for.
+    ///
+    /// `Err(ClientIdTaken)` — nothing changed, nobody told to go — when the id is held by
+    /// another principal: connected, or its session parked here. Checked under the clients'
+    /// lock (the parked sessions' lock inside it), so two principals cannot both pass.
     fn register(
         &self,
         client_id: &str,
+        principal: &meshgate_core::Principal,
         connection: u64,
         takeover: &CancellationToken,
         finished: &CancellationToken,
-    ) -> Option<CancellationToken> {
+    ) -> Result<Option<CancellationToken>, ClientIdTaken> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients
+            .get(client_id)
+            .is_some_and(|c| c.principal != *principal)
+            || !self.parked.held_by(client_id, principal)
+        {
+            return Err(ClientIdTaken);
+        }
         let new = Client {
+            principal: principal.clone(),
             connection,
             takeover: takeover.clone(),
             finished: finished.clone(),
         };
-        let old = clients.insert(client_id.to_owned(), new)?;
+        let Some(old) = clients.insert(client_id.to_owned(), new) else {
+            return Ok(None);
+        };
         old.takeover.cancel();
-        Some(old.finished)
+        Ok(Some(old.finished))
     }
 
     /// Tells the connection of `client_id`, if there is one, to go (another instance takes
@@ -106,6 +130,11 @@ impl Shared {
         }
     }
 }
+
+/// A client id held by another principal (a connection or a kept session): it is not taken
+/// over (MQTT 5 CONNACK 0x85, 3.1.1 0x02).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientIdTaken;
 
 /// A bound MQTT listener (and TLS listener, when configured), ready to run as an [`Adapter`].
 pub struct MqttAdapter {
@@ -159,6 +188,8 @@ impl MqttAdapter {
             out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
             retained: retained::Retained::new(
                 &ctx.backbone,
+                config.max_retained_messages,
+                config.max_retained_bytes,
                 metrics.dropped("retained_limit"),
                 ctx.registry.counter(
                     metrics::ERRORS,
@@ -259,7 +290,7 @@ async fn accept_loop(
             _ = ctx.shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, _): (tokio::net::TcpStream, _) = match accepted {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
@@ -271,19 +302,30 @@ async fn accept_loop(
         // Past the limit, a few more sockets are taken so they can be told "server busy" in
         // their CONNACK; beyond that they are closed at once, so a flood of sockets cannot
         // exhaust file descriptors.
-        let open = shared.sockets.load(Ordering::Acquire);
-        if open >= shared.config.max_connections.saturating_add(BUSY_HEADROOM) {
+        if shared.at_hard_cap() {
             shared.metrics.error("too_many_connections");
             drop(stream);
             continue;
         }
+        // Per source address (`gateway.max_connections_per_ip`): refused before anything is
+        // read, by closing — there is no CONNECT yet to answer.
+        let ip_permit = match ctx.limits.acquire_ip(peer.ip()) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.metrics.error(e.metric_kind());
+                tracing::debug!(%peer, "mqtt: {e}");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         shared.sockets.fetch_add(1, Ordering::AcqRel);
         let slot = SocketSlot(shared.clone());
         let shared = shared.clone();
         let tls = tls.clone();
         ctx.tracker.spawn(async move {
-            let _slot = slot;
+            // Both held for the connection's life.
+            let (_slot, _ip_permit) = (slot, ip_permit);
             match tls {
                 None => session::run(stream, shared).await,
                 // Boxed: a TLS connection's state is large, and inline it would make every

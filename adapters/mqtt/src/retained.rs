@@ -1,7 +1,9 @@
 //! Retained messages: the last retained PUBLISH per topic, sent to new subscribers with the
 //! RETAIN flag. Kept by the backbone when it shares them between instances (JetStream: a KV
-//! bucket), otherwise in this gateway's memory. The memory store is bounded: past
-//! [`MAX_RETAINED`] topics new ones are refused and counted.
+//! bucket, bounded by `backbone.jetstream.retained_max_bytes`), otherwise in this gateway's
+//! memory, bounded by `mqtt.max_retained_messages` topics and `mqtt.max_retained_bytes`
+//! bytes: a retained message past either bound is delivered to current subscribers but not
+//! retained, and counted (`meshgate_events_dropped_total{adapter="mqtt",reason="retained_limit"}`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,11 +11,26 @@ use std::sync::{Arc, Mutex};
 use meshgate_core::metrics::Counter;
 use meshgate_core::{Backbone, Envelope, TopicFilter};
 
-/// Most topics with a retained message (memory store).
-pub const MAX_RETAINED: usize = 100_000;
+/// What [`Retained::matching`] found: at most the limit the caller gave, and how many more
+/// matched beyond it (not read, not returned).
+#[derive(Debug, Default)]
+pub(crate) struct Matches {
+    pub(crate) envelopes: Vec<Arc<Envelope>>,
+    pub(crate) beyond: u64,
+}
+
+/// The in-memory store: the messages and their total size, under one lock.
+#[derive(Default)]
+struct Store {
+    /// By topic (as `Arc<str>`, so it can be searched by a `&str` prefix).
+    messages: BTreeMap<Arc<str>, (Arc<Envelope>, usize)>,
+    bytes: usize,
+}
 
 pub(crate) struct Retained {
-    messages: Mutex<BTreeMap<meshgate_core::Topic, Arc<Envelope>>>,
+    store: Mutex<Store>,
+    max_messages: usize,
+    max_bytes: usize,
     dropped: Counter,
     failed: Counter,
     /// The backbone, when it has a shared store.
@@ -28,10 +45,38 @@ impl std::fmt::Debug for Retained {
     }
 }
 
+/// What a retained message costs the memory store: its topic (the map key) and its event as
+/// JSON (the encoding every subscriber's packet is made from; cached in the envelope), plus a
+/// fixed overhead for the map entry and the event's allocations.
+fn cost(envelope: &Envelope) -> usize {
+    const ENTRY: usize = 256;
+    ENTRY + envelope.topic.as_str().len() + envelope.json().len()
+}
+
+/// The literal levels of `filter` before its first wildcard, with their trailing `/`
+/// (`a/b/#` → `a/b/`; `#` → ``): every topic it matches starts with this, so the sorted
+/// store is searched from there instead of from the start.
+fn literal_prefix(filter: &TopicFilter) -> &str {
+    let f = filter.as_str();
+    match f.find(['+', '#']) {
+        Some(i) => &f[..i],
+        // No wildcard: the filter is one topic.
+        None => f,
+    }
+}
+
 impl Retained {
-    pub(crate) fn new(backbone: &Arc<dyn Backbone>, dropped: Counter, failed: Counter) -> Self {
+    pub(crate) fn new(
+        backbone: &Arc<dyn Backbone>,
+        max_messages: usize,
+        max_bytes: usize,
+        dropped: Counter,
+        failed: Counter,
+    ) -> Self {
         Retained {
-            messages: Mutex::new(BTreeMap::new()),
+            store: Mutex::new(Store::default()),
+            max_messages,
+            max_bytes,
             dropped,
             failed,
             shared: backbone
@@ -42,6 +87,8 @@ impl Retained {
     }
 
     /// Stores `envelope` as the topic's retained message, or clears it (an empty payload).
+    /// Past the store's bounds the message is not retained (counted); replacing a topic's
+    /// message with one that fits is always possible.
     pub(crate) async fn update(&self, envelope: &Envelope, clear: bool) {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
             let r = if clear {
@@ -49,40 +96,165 @@ impl Retained {
             } else {
                 store.set(envelope).await
             };
-            if let Err(e) = r {
+            if let Err(meshgate_core::BackboneError::Rejected(why)) = &r {
+                // The store's bounds (a full bucket): like the memory store's, not a failure.
+                self.dropped.inc();
+                tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained message delivered, not retained: {why}");
+            } else if let Err(e) = r {
                 self.failed.inc();
                 tracing::warn!(error = %e, topic = %envelope.topic.as_str(), "mqtt: retained message not stored");
             }
             return;
         }
-        let mut map = self.messages.lock().unwrap_or_else(|e| e.into_inner());
+        // Measured before the lock: encoding the JSON is the costly part.
+        let size = if clear { 0 } else { cost(envelope) };
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         if clear {
-            map.remove(&envelope.topic);
+            if let Some((_, old)) = store.messages.remove(envelope.topic.as_str()) {
+                store.bytes -= old;
+            }
             return;
         }
-        if map.len() >= MAX_RETAINED && !map.contains_key(&envelope.topic) {
+        let old = store.messages.get(envelope.topic.as_str()).map(|(_, n)| *n);
+        let (is_new, replaced) = (old.is_none(), old.unwrap_or(0));
+        if (is_new && store.messages.len() >= self.max_messages)
+            || store.bytes - replaced + size > self.max_bytes
+        {
+            drop(store);
             self.dropped.inc();
+            tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained store full; message delivered, not retained");
             return;
         }
-        map.insert(envelope.topic.clone(), Arc::new(envelope.clone()));
+        store.bytes = store.bytes - replaced + size;
+        store.messages.insert(
+            envelope.topic.shared_str(),
+            (Arc::new(envelope.clone()), size),
+        );
     }
 
-    /// The retained messages whose topic matches `filter`.
-    pub(crate) async fn matching(&self, filter: &TopicFilter) -> Vec<Arc<Envelope>> {
+    /// Up to `limit` retained messages whose topic matches `filter`, and how many more match.
+    ///
+    /// The memory store is searched from the filter's literal prefix only (a sorted map), and
+    /// under its lock only cheap work is done (matching, cloning `Arc`s): the messages are
+    /// sent after the lock is released. A filter starting with a wildcard still scans every
+    /// topic — a topic index (issue 27, fleet scale) would make that proportional to the
+    /// matches.
+    pub(crate) async fn matching(&self, filter: &TopicFilter, limit: usize) -> Matches {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
-            return match store.matching(filter).await {
-                Ok(v) => v.into_iter().map(Arc::new).collect(),
+            return match store.matching(filter, limit).await {
+                Ok((v, beyond)) => Matches {
+                    envelopes: v.into_iter().map(Arc::new).collect(),
+                    beyond,
+                },
                 Err(e) => {
                     self.failed.inc();
                     tracing::warn!(error = %e, "mqtt: retained messages not read");
-                    Vec::new()
+                    Matches::default()
                 }
             };
         }
-        let map = self.messages.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|(t, _)| filter.matches(t))
-            .map(|(_, e)| e.clone())
-            .collect()
+        let prefix = literal_prefix(filter);
+        let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Matches::default();
+        let candidates = store
+            .messages
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(t, _)| t.starts_with(prefix));
+        for (envelope, _) in candidates.map(|(_, v)| v) {
+            if !filter.matches(&envelope.topic) {
+                continue;
+            }
+            if out.envelopes.len() < limit {
+                out.envelopes.push(envelope.clone());
+            } else {
+                out.beyond += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_core::metrics::Registry;
+    use meshgate_core::{Origin, Topic};
+
+    fn store(max_messages: usize, max_bytes: usize) -> (Retained, Counter) {
+        let registry = Registry::new();
+        let backbone: Arc<dyn Backbone> = meshgate_backbone::memory::MemoryBackbone::new(
+            meshgate_config::MemoryBackboneConfig {
+                queue_capacity: 16,
+                full_policy: meshgate_config::FullQueuePolicy::Drop,
+                block_timeout: std::time::Duration::from_secs(1),
+            },
+            &registry,
+        );
+        let dropped = registry.counter("dropped", &[]);
+        let failed = registry.counter("failed", &[]);
+        (
+            Retained::new(&backbone, max_messages, max_bytes, dropped.clone(), failed),
+            dropped,
+        )
+    }
+
+    fn envelope(topic: &str, size: usize) -> Envelope {
+        let w = meshgate_core::wrap::Wrapper::new("/t", "t").unwrap();
+        let event = w
+            .wrap(bytes::Bytes::from(vec![b'a'; size]), None, None)
+            .unwrap();
+        let origin = Origin {
+            instance: Arc::from("i"),
+            connection: 1,
+        };
+        Envelope::new(Topic::from_mqtt(topic).unwrap(), Arc::new(event), origin)
+    }
+
+    #[tokio::test]
+    async fn the_byte_count_follows_replacements_and_clears() {
+        let one = cost(&envelope("t/1", 1000));
+        // Room for three messages of this size.
+        let (r, dropped) = store(100, 3 * one + one / 2);
+        for t in ["t/1", "t/2", "t/3"] {
+            r.update(&envelope(t, 1000), false).await;
+        }
+        r.update(&envelope("t/4", 1000), false).await;
+        assert_eq!(dropped.get(), 1, "a fourth does not fit");
+        // Replacing a kept topic's message with one of the same size fits.
+        r.update(&envelope("t/1", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        // Clearing gives the bytes back.
+        r.update(&envelope("t/2", 0), true).await;
+        r.update(&envelope("t/4", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        let filter = TopicFilter::parse("t/#").unwrap();
+        let all = r.matching(&filter, 10).await;
+        assert_eq!(all.envelopes.len(), 3);
+        assert_eq!(r.store.lock().unwrap().bytes, 3 * one);
+        // A limit returns that many and counts the rest.
+        let two = r.matching(&filter, 2).await;
+        assert_eq!((two.envelopes.len(), two.beyond), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn the_count_bound_refuses_new_topics_only() {
+        let (r, dropped) = store(1, usize::MAX);
+        r.update(&envelope("c/1", 10), false).await;
+        r.update(&envelope("c/2", 10), false).await;
+        r.update(&envelope("c/1", 20), false).await;
+        assert_eq!(dropped.get(), 1);
+    }
+
+    #[test]
+    fn literal_prefix_stops_at_the_first_wildcard() {
+        let p = |f: &str| literal_prefix(&TopicFilter::parse(f).unwrap()).to_owned();
+        assert_eq!(p("#"), "");
+        assert_eq!(p("a/b/#"), "a/b/");
+        assert_eq!(p("a/+/c"), "a/");
+        assert_eq!(p("a/b"), "a/b");
+        assert_eq!(p("+/b"), "");
     }
 }

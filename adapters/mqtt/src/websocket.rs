@@ -3,12 +3,13 @@
 //! session code as TCP connections, so browser MQTT clients (MQTT.js, Paho JS) get the same
 //! broker.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,6 +42,7 @@ fn refuse(status: StatusCode, detail: &str) -> Response {
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(ws) = ws else {
@@ -67,15 +69,39 @@ async fn upgrade(
             "the gateway is shutting down",
         );
     }
+    // The same hard cap as the TCP accept loop (`mqtt.max_connections` and the few sockets
+    // kept to answer "server busy"): MQTT over WebSocket counts against it too, so a flood of
+    // upgrades cannot lock MQTT over TCP out (review F19).
+    if shared.at_hard_cap() {
+        shared.metrics.error("too_many_connections");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "MQTT connection limit reached (mqtt.max_connections); retry later",
+        );
+    }
+    // Per source address, when the web listener tells it (it is served with connect info).
+    let ip_permit = match extensions.get::<ConnectInfo<SocketAddr>>() {
+        None => None,
+        Some(ConnectInfo(peer)) => match shared.ctx.limits.acquire_ip(peer.ip()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                shared.metrics.error(e.metric_kind());
+                return refuse(StatusCode::TOO_MANY_REQUESTS, &e.to_string());
+            }
+        },
+    };
     shared.sockets.fetch_add(1, Ordering::AcqRel);
     let slot = SocketSlot(shared.clone());
     let tracker = shared.ctx.tracker.clone();
-    let max = shared.config.max_packet_size;
+    // A frame and a message are both at most one MQTT packet (and the WebSocket framing):
+    // tungstenite would otherwise buffer frames up to its 16 MiB default (review F19).
+    let max = shared.config.max_packet_size + 8;
     ws.protocols([SUBPROTOCOL])
-        .max_message_size(max + 8)
+        .max_message_size(max)
+        .max_frame_size(max)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                let _slot = slot;
+                let (_slot, _ip_permit) = (slot, ip_permit);
                 bridge(socket, shared).await;
             })
         })

@@ -183,9 +183,11 @@ fn connack(
             | ConnectReturnCode::ServiceUnavailable
             | ConnectReturnCode::BadUserNamePassword
             | ConnectReturnCode::NotAuthorized => code,
-            ConnectReturnCode::ServerBusy | ConnectReturnCode::ServerUnavailable => {
-                ConnectReturnCode::ServiceUnavailable
-            }
+            // A per-user connection cap is a temporary refusal: "server unavailable" (0x03)
+            // makes 3.1.1 clients retry later, where "not authorized" would not.
+            ConnectReturnCode::ServerBusy
+            | ConnectReturnCode::ServerUnavailable
+            | ConnectReturnCode::QuotaExceeded => ConnectReturnCode::ServiceUnavailable,
             _ => ConnectReturnCode::NotAuthorized,
         },
     };
@@ -299,7 +301,21 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         };
         connack(version, code, false, Some(props))
     };
-    // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1).
+    // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1). A server may refuse long ids; a
+    // connection keeps several copies of its id (the clients map, the wrapper's source, the
+    // session), so it is capped (`mqtt.max_client_id_len`).
+    if connect.client_id.len() > shared.config.max_client_id_len {
+        shared.metrics.error("client_id_too_long");
+        let p = refuse(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            &format!(
+                "client id longer than {} bytes (mqtt.max_client_id_len)",
+                shared.config.max_client_id_len
+            ),
+        );
+        let _ = write_now(stream, version, p).await;
+        return None;
+    }
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_session {
@@ -333,6 +349,17 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
+    // Per user (`gateway.max_connections_per_user`), held until the session is parked or
+    // ended. MQTT 5: 0x97 quota exceeded; 3.1.1: 0x03 server unavailable (see `connack`).
+    let user_permit = match shared.ctx.limits.acquire_user(&principal) {
+        Ok(p) => p,
+        Err(e) => {
+            shared.metrics.error(e.metric_kind());
+            let p = refuse(ConnectReturnCode::QuotaExceeded, &e.to_string());
+            let _ = write_now(stream, version, p).await;
+            return None;
+        }
+    };
     if let Some(w) = &will {
         let allowed = std::str::from_utf8(&w.topic)
             .ok()
@@ -362,7 +389,27 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let connection = shared.ctx.next_connection_id();
-    let registration = Registration::new(shared, &client_id, connection);
+    // A client id is bound to the principal holding it (connected, or its session kept here or
+    // in the backbone): another principal is refused and nothing of the holder's is touched —
+    // no takeover, no will, no discarded session (review F4).
+    let taken = || {
+        shared.metrics.error("client_id_taken");
+        tracing::info!(
+            client_id,
+            principal = principal.name(),
+            "mqtt: client id held by another user; refused"
+        );
+        refuse(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id in use by another user",
+        )
+    };
+    let Ok(registration) =
+        Registration::new(shared, &client_id, &principal, connection, user_permit)
+    else {
+        let _ = write_now(stream, version, taken()).await;
+        return None;
+    };
     if let Some(previous) = &registration.previous {
         // Session takeover: the previous connection closes and, if its session is persistent,
         // parks it; wait for that so the session can be resumed below.
@@ -409,7 +456,11 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match stored::claim(shared, &client_id, &principal, !connect.clean_session).await {
             Ok(c) => claim = c,
-            Err(()) => {
+            Err(stored::ClaimError::Taken) => {
+                let _ = write_now(stream, version, taken()).await;
+                return None;
+            }
+            Err(stored::ClaimError::Unavailable) => {
                 // Deciding without the store could hand one session to two instances.
                 let p = refuse(
                     ConnectReturnCode::ServerUnavailable,
@@ -421,8 +472,9 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     if let Some(old) = &resumed
-        && old.principal.name() != principal.name()
+        && old.principal != principal
     {
+        // Not reached: `register` refused another principal's parked session.
         // Another principal may not inherit this session's subscriptions and messages.
         tracing::info!(
             client_id,
@@ -559,8 +611,10 @@ const INBOUND_DRAIN: Duration = Duration::from_secs(5);
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// A connection's claim on its client id; released (and announced to a connection waiting to
-/// take over) when dropped, after the session was parked or ended.
+/// take over) when dropped, after the session was parked or ended. Holds the connection's
+/// per-user slot as long.
 pub(crate) struct Registration {
+    _user_permit: meshgate_core::ConnectionPermit,
     shared: Arc<Shared>,
     client_id: String,
     connection: u64,
@@ -571,18 +625,25 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
-    fn new(shared: &Arc<Shared>, client_id: &str, connection: u64) -> Self {
+    fn new(
+        shared: &Arc<Shared>,
+        client_id: &str,
+        principal: &Principal,
+        connection: u64,
+        user_permit: meshgate_core::ConnectionPermit,
+    ) -> Result<Self, crate::ClientIdTaken> {
         let takeover = CancellationToken::new();
         let finished = CancellationToken::new();
-        let previous = shared.register(client_id, connection, &takeover, &finished);
-        Registration {
+        let previous = shared.register(client_id, principal, connection, &takeover, &finished)?;
+        Ok(Registration {
+            _user_permit: user_permit,
             shared: shared.clone(),
             client_id: client_id.to_owned(),
             connection,
             takeover,
             finished,
             previous,
-        }
+        })
     }
 }
 

@@ -28,6 +28,9 @@ enum Command {
 }
 
 struct Entry {
+    /// The session's principal: only it may resume or end the session (see
+    /// [`Parked::held_by`]).
+    principal: meshgate_core::Principal,
     generation: u64,
     control: oneshot::Sender<Command>,
 }
@@ -70,6 +73,7 @@ impl Parked {
             map.insert(
                 session.client_id.clone(),
                 Entry {
+                    principal: session.principal.clone(),
                     generation,
                     control,
                 },
@@ -79,6 +83,15 @@ impl Parked {
         let tracker = session.shared.ctx.tracker.clone();
         tracker.spawn(hold(session, commands, generation));
         Ok(())
+    }
+
+    /// Whether `principal` may take the client id `client_id` as far as parked sessions go:
+    /// none is parked under it, or the one parked is `principal`'s. (Anonymous clients all
+    /// share one principal, so they share client ids as before.)
+    pub(crate) fn held_by(&self, client_id: &str, principal: &meshgate_core::Principal) -> bool {
+        self.lock()
+            .get(client_id)
+            .is_none_or(|e| e.principal == *principal)
     }
 
     /// The parked session of `client_id`, handed over (`resume`) or ended.

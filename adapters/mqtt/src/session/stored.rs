@@ -22,6 +22,10 @@ use crate::Shared;
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Record {
     principal: String,
+    /// Whether `principal` is the anonymous principal (a configured user may be named
+    /// `anonymous` too). Absent in records written before it existed: then the name decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    anonymous: Option<bool>,
     /// The instance holding the session.
     owner: String,
     /// When the client left (milliseconds since the Unix epoch); `None` while connected.
@@ -109,6 +113,33 @@ async fn delete_durable(
         .await;
 }
 
+impl Record {
+    /// Whether the session belongs to `principal`.
+    fn held_by(&self, principal: &Principal) -> bool {
+        self.principal == principal.name()
+            && self
+                .anonymous
+                .is_none_or(|anonymous| anonymous == principal.is_anonymous())
+    }
+
+    /// Whether the client left longer ago than the session's expiry (a session held by a
+    /// connection, `left_at_ms` `None`, has not).
+    fn expired(&self) -> bool {
+        self.left_at_ms.is_some_and(|left| {
+            now_ms() > left.saturating_add(self.expiry_secs.saturating_mul(1000))
+        })
+    }
+}
+
+/// Why CONNECT cannot have the stored session of its client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClaimError {
+    /// The store cannot be read: nothing may be decided about the session.
+    Unavailable,
+    /// Another principal's session, not expired: neither taken over nor discarded.
+    Taken,
+}
+
 /// What CONNECT found in the store: the session to resume, and the record's revision to
 /// save over (0: none).
 #[derive(Debug, Default)]
@@ -119,39 +150,46 @@ pub(super) struct Claim {
 
 /// At CONNECT: the stored session of `client_id`, taken from whichever instance held it, when
 /// the client resumes it (`resume`: clean start 0) as the same principal and it has not
-/// expired. Otherwise a stored session is discarded (clean start ends it, MQTT 5 §3.1.2.4).
+/// expired. Otherwise a stored session of the same principal is discarded (clean start ends
+/// it, MQTT 5 §3.1.2.4); another principal's unexpired session is left alone
+/// (`Err(Taken)`, checked before its holder is asked to let go of it).
 pub(super) async fn claim(
     shared: &Shared,
     client_id: &str,
     principal: &Principal,
     resume: bool,
-) -> Result<Claim, ()> {
+) -> Result<Claim, ClaimError> {
     let Some(store) = shared.ctx.backbone.session_store() else {
         return Ok(Claim::default());
     };
-    let Some((mut record, mut revision)) = load(store, shared, client_id).await? else {
+    let loaded = load(store, shared, client_id)
+        .await
+        .map_err(|()| ClaimError::Unavailable)?;
+    let Some((mut record, mut revision)) = loaded else {
         return Ok(Claim::default());
     };
+    if !record.held_by(principal) && !record.expired() {
+        return Err(ClaimError::Taken);
+    }
     if record.owner != *shared.ctx.instance {
         if let Err(e) = store.release(&record.owner, client_id, TAKEOVER_WAIT).await {
             tracing::warn!(client_id, error = %e, "mqtt: taking the session over without its holder");
         }
         // What the holder saved when it let go.
-        match load(store, shared, client_id).await? {
+        match load(store, shared, client_id)
+            .await
+            .map_err(|()| ClaimError::Unavailable)?
+        {
             Some(found) => (record, revision) = found,
             None => return Ok(Claim::default()),
         }
     }
-    let expired = record.left_at_ms.is_some_and(|left| {
-        now_ms() > left.saturating_add(record.expiry_secs.saturating_mul(1000))
-    });
-    if !resume || expired || record.principal != principal.name() {
-        if record.principal != principal.name() && resume {
-            tracing::info!(
-                client_id,
-                "mqtt: stored session belongs to another user; starting clean"
-            );
-        }
+    let expired = record.expired();
+    if !record.held_by(principal) && !expired {
+        // Another principal's client came back (or connected elsewhere) meanwhile.
+        return Err(ClaimError::Taken);
+    }
+    if !resume || expired || !record.held_by(principal) {
         discard(store, client_id, &record, revision).await;
         return Ok(Claim::default());
     }
@@ -238,6 +276,7 @@ impl Session {
     fn record(&self, left_at_ms: Option<u64>) -> Record {
         Record {
             principal: self.principal.name().to_owned(),
+            anonymous: Some(self.principal.is_anonymous()),
             owner: self.shared.ctx.instance.to_string(),
             left_at_ms,
             expiry_secs: self.expiry.as_secs(),

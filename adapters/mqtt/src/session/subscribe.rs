@@ -103,6 +103,10 @@ impl Session {
         Ok(())
     }
 
+    /// SUBSCRIBE. A filter listed more than once in one packet is one subscription: its last
+    /// listing's options win and its retained messages are sent once (MQTT 5 §3.8.4 reads the
+    /// packet as a sequence of SUBSCRIBEs, which would send them once per listing — that is
+    /// the amplification of review F1); every listing still gets its SUBACK code (§3.9.3).
     pub(super) async fn handle_subscribe(
         &mut self,
         pkid: u16,
@@ -110,6 +114,18 @@ impl Session {
         props: Option<SubscribeProperties>,
     ) {
         let id = props.and_then(|p| p.id);
+        // For each listing, the later listing of the same filter whose code it repeats.
+        let repeats: Vec<Option<usize>> = {
+            let mut last = std::collections::HashMap::with_capacity(filters.len().min(1024));
+            for (i, f) in filters.iter().enumerate() {
+                last.insert(f.path.as_str(), i);
+            }
+            filters
+                .iter()
+                .enumerate()
+                .map(|(i, f)| last.get(f.path.as_str()).copied().filter(|&l| l != i))
+                .collect()
+        };
         let mut codes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
         let version = self.version;
@@ -117,7 +133,12 @@ impl Session {
             Version::V5 => v5,
             Version::V311 => SubscribeReasonCode::Failure,
         };
-        for f in filters {
+        for (f, repeat) in filters.into_iter().zip(&repeats) {
+            if repeat.is_some() {
+                // Answered below with the code of its last listing.
+                codes.push(SubscribeReasonCode::Unspecified);
+                continue;
+            }
             let (group, filter_text) = match shared_filter(&f.path) {
                 None => (None, f.path.as_str()),
                 Some(Ok((g, rest))) => (Some(g), rest),
@@ -195,6 +216,13 @@ impl Session {
             }
             codes.push(SubscribeReasonCode::Success(granted));
         }
+        for (i, repeat) in repeats.iter().enumerate() {
+            if let Some(last) = *repeat
+                && let Some(&code) = codes.get(last)
+            {
+                codes[i] = code;
+            }
+        }
         self.save_stored().await;
         self.write(Packet::SubAck(
             SubAck {
@@ -203,8 +231,42 @@ impl Session {
             },
             None,
         ));
+        self.send_retained(retained_for, id).await;
+    }
+
+    /// Sends the retained messages of newly subscribed filters, through the same bounds as
+    /// every other delivery: no more than `mqtt.max_queued` messages waiting for the client
+    /// (in `pending` and in this SUBSCRIBE's sends), and no more than
+    /// `mqtt.max_retained_send_bytes` in the write buffer and `pending`. Retained messages
+    /// past either bound are dropped and counted (`reason="retained_queue_full"`): without
+    /// this, one SUBSCRIBE from a client that never reads made the gateway encode every
+    /// matching retained message into memory (review F1).
+    async fn send_retained(&mut self, retained_for: Vec<(TopicFilter, QoS)>, id: Option<usize>) {
+        if retained_for.is_empty() {
+            return;
+        }
+        let config = &self.shared.config;
+        let mut messages = config.max_queued.saturating_sub(self.pending.len());
+        // What waits already counts; a queued envelope not yet encoded counts its topic only.
+        let waiting = self.out.len()
+            + self
+                .pending
+                .iter()
+                .map(|o| retained_cost(&o.delivery.envelope, false))
+                .sum::<usize>();
+        let mut bytes = config.max_retained_send_bytes.saturating_sub(waiting);
+        let mut dropped = 0u64;
         for (filter, granted) in retained_for {
-            for envelope in self.shared.retained.matching(&filter).await {
+            let found = self.shared.retained.matching(&filter, messages).await;
+            dropped += found.beyond;
+            for envelope in found.envelopes {
+                let size = retained_cost(&envelope, true);
+                if messages == 0 || size > bytes {
+                    dropped += 1;
+                    continue;
+                }
+                messages -= 1;
+                bytes -= size;
                 let qos = qos_min(to_qos(envelope.qos), granted);
                 self.send(Outgoing {
                     delivery: Delivery::new(envelope, None),
@@ -215,8 +277,33 @@ impl Session {
                 });
             }
         }
+        if dropped > 0 {
+            self.shared
+                .metrics
+                .dropped("retained_queue_full")
+                .add(dropped);
+            tracing::debug!(
+                client_id = self.client_id,
+                dropped,
+                "mqtt: retained messages past the client's queue bound dropped"
+            );
+        }
     }
+}
 
+/// About what sending `envelope` holds in memory: its topic and its event's JSON (the size of
+/// its packet, within the properties' overhead). `encode`: encode the JSON if it is not yet
+/// (the memory store keeps it encoded; JetStream's have it as read).
+fn retained_cost(envelope: &meshgate_core::Envelope, encode: bool) -> usize {
+    let json = if encode {
+        envelope.json().len()
+    } else {
+        envelope.json_if_encoded().map_or(0, |j| j.len())
+    };
+    64 + envelope.topic.as_str().len() + json
+}
+
+impl Session {
     pub(super) async fn handle_unsubscribe(&mut self, pkid: u16, filters: &[String]) {
         let mut reasons = Vec::with_capacity(filters.len());
         for f in filters {

@@ -1,0 +1,381 @@
+//! Issue 18 (review F1, F4, F6, F7) at the adapter: duplicate filters in one SUBSCRIBE, the
+//! retained store's bounds, client ids bound to principals, the per-user connection cap —
+//! with rumqttc (3.1.1 and 5) against the adapter on a memory backbone.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod common;
+
+use common::*;
+
+fn users() -> Authorizer {
+    let user = |name: &str| UserSpec {
+        name: name.into(),
+        password: Some(format!("pw-{name}")),
+        tokens: vec![],
+        permissions: Permissions {
+            publish: vec!["#".into()],
+            subscribe: vec!["#".into()],
+        },
+    };
+    Authorizer::new(
+        vec![user("alice"), user("mallory"), user("anonymous")],
+        Some(Permissions {
+            publish: vec!["#".into()],
+            subscribe: vec!["#".into()],
+        }),
+    )
+    .unwrap()
+}
+
+fn connack5(e: &Result<rumqttc::v5::Event, String>) -> Option<mq5::ConnectReturnCode> {
+    match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::ConnAck(c))) => Some(c.code),
+        Err(text) if text.contains("ClientIdentifierNotValid") => {
+            Some(mq5::ConnectReturnCode::ClientIdentifierNotValid)
+        }
+        Err(text) if text.contains("QuotaExceeded") => Some(mq5::ConnectReturnCode::QuotaExceeded),
+        _ => None,
+    }
+}
+
+/// MQTT 5: the same filter twice in one SUBSCRIBE with different options is one subscription
+/// with the last options (here No Local), one SUBACK code per listing, one retained copy.
+#[tokio::test]
+async fn a_repeated_filter_is_one_subscription_with_the_last_options() {
+    let h = start().await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    p.publish("n/kept", rumqttc::QoS::AtLeastOnce, true, "r")
+        .await
+        .unwrap();
+    wait(&mut prx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    let (c, mut rx) = client5(&h, "dup", |_| {}).await;
+    let filter = |qos, nolocal| {
+        let mut f = mq5::Filter::new("n/#", qos);
+        f.nolocal = nolocal;
+        f
+    };
+    c.subscribe_many([
+        filter(rumqttc::v5::mqttbytes::QoS::AtMostOnce, false),
+        filter(rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true),
+    ])
+    .await
+    .unwrap();
+    let codes = suback5(&mut rx).await;
+    assert_eq!(
+        codes,
+        vec![mq5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce); 2]
+    );
+    let kept = wait(&mut rx, "retained", publish5).await;
+    assert_eq!(&kept.topic[..], b"n/kept");
+    // No Local (the last listing's option): its own publish does not come back; another's does.
+    c.publish(
+        "n/own",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "own",
+    )
+    .await
+    .unwrap();
+    p.publish("n/other", rumqttc::QoS::AtLeastOnce, false, "other")
+        .await
+        .unwrap();
+    let next = wait(&mut rx, "publish", publish5).await;
+    assert_eq!(
+        &next.topic[..],
+        b"n/other",
+        "no second retained copy, no own message"
+    );
+}
+
+/// F1: retained messages sent for a SUBSCRIBE count against `mqtt.max_queued`.
+#[tokio::test]
+async fn retained_sends_are_bounded_by_max_queued() {
+    let mut config = mqtt_config();
+    config.max_queued = 5;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    for i in 0..12 {
+        p.publish(format!("q/{i}"), rumqttc::QoS::AtLeastOnce, true, "r")
+            .await
+            .unwrap();
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+    }
+    let (c, mut rx) = client4(&h, "sub", |_| {}).await;
+    c.subscribe("q/#", rumqttc::QoS::AtMostOnce).await.unwrap();
+    let mut got = 0;
+    while tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4))
+        .await
+        .is_ok()
+    {
+        got += 1;
+    }
+    assert_eq!(got, 5);
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"} 7"
+        ),
+        "{m}"
+    );
+}
+
+/// F1: and by `mqtt.max_retained_send_bytes` (the write buffer and `pending`, in bytes).
+#[tokio::test]
+async fn retained_sends_are_bounded_in_bytes() {
+    let mut config = mqtt_config();
+    // Room for two messages of 10 kB (each costs its JSON — the data in base64, ~13.4 kB —, topic
+    // and a little more).
+    config.max_retained_send_bytes = 30_000;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    for i in 0..6 {
+        p.publish(
+            format!("b/{i}"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            vec![b'x'; 10_000],
+        )
+        .await
+        .unwrap();
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+    }
+    let (c, mut rx) = client4(&h, "sub", |o| {
+        o.set_max_packet_size(1 << 20, 1 << 20);
+    })
+    .await;
+    c.subscribe("b/#", rumqttc::QoS::AtMostOnce).await.unwrap();
+    let mut got = 0;
+    while tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4))
+        .await
+        .is_ok()
+    {
+        got += 1;
+    }
+    assert_eq!(got, 2);
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"} 4"
+        ),
+        "{m}"
+    );
+}
+
+/// F6: the memory store's topic count bound (`mqtt.max_retained_messages`); replacing a kept
+/// topic's message still works at the bound.
+#[tokio::test]
+async fn the_retained_store_is_bounded_by_count() {
+    let mut config = mqtt_config();
+    config.max_retained_messages = 2;
+    let h = start_with(config, Authorizer::allow_all()).await;
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    for (t, m) in [("c/1", "a"), ("c/2", "b"), ("c/3", "c"), ("c/1", "a2")] {
+        p.publish(t, rumqttc::QoS::AtLeastOnce, true, m)
+            .await
+            .unwrap();
+        wait(&mut prx, "PUBACK", |e| {
+            matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+        })
+        .await;
+    }
+    let (c, mut rx) = client4(&h, "sub", |_| {}).await;
+    c.subscribe("c/#", rumqttc::QoS::AtMostOnce).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(p) =
+        tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4)).await
+    {
+        let e = json::decode(&p.payload).unwrap();
+        got.push((p.topic, e.data().unwrap().to_bytes().to_vec()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("c/1".into(), b"a2".to_vec()),
+            ("c/2".into(), b"b".to_vec())
+        ]
+    );
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_limit\"} 1"),
+        "{m}"
+    );
+}
+
+/// F4: mallory (and an anonymous client, and a user named `anonymous`) cannot take alice's
+/// client id: refused with 0x85; alice stays connected and her will is not published.
+#[tokio::test]
+async fn a_client_id_is_bound_to_its_principal() {
+    let h = start_with(mqtt_config(), users()).await;
+    let (w, mut wrx) = client4(&h, "watcher", |_| {}).await;
+    w.subscribe("wills/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback4(&mut wrx).await;
+    let (alice, mut arx) = client5(&h, "dev-a", |o| {
+        o.set_credentials("alice", "pw-alice");
+        o.set_last_will(mq5::LastWill::new(
+            "wills/dev-a",
+            "gone",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+    })
+    .await;
+    assert_eq!(
+        wait(&mut arx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    for creds in [
+        Some(("mallory", "pw-mallory")),
+        None,
+        Some(("anonymous", "pw-anonymous")),
+    ] {
+        let (_m, mut mrx) = client5(&h, "dev-a", |o| {
+            if let Some((u, p)) = creds {
+                o.set_credentials(u, p);
+            }
+        })
+        .await;
+        assert_eq!(
+            wait(&mut mrx, "CONNACK", connack5).await,
+            mq5::ConnectReturnCode::ClientIdentifierNotValid,
+            "{creds:?}"
+        );
+    }
+    // Alice is still connected: she subscribes and receives.
+    alice
+        .subscribe("alice/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback5(&mut arx).await;
+    w.publish("alice/x", rumqttc::QoS::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    let got = wait(&mut arx, "publish", publish5).await;
+    assert_eq!(&got.topic[..], b"alice/x");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), wait(&mut wrx, "will", publish4))
+            .await
+            .is_err(),
+        "alice's will is not published"
+    );
+    // The same user takes her own id over, as before.
+    let (_again, mut again) = client5(&h, "dev-a", |o| {
+        o.set_credentials("alice", "pw-alice");
+    })
+    .await;
+    assert_eq!(
+        wait(&mut again, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"client_id_taken\"} 3"),
+        "{m}"
+    );
+}
+
+/// F7: `gateway.max_connections_per_user` — the second connection of a user gets 0x97; the
+/// slot comes back when the first one ends.
+#[tokio::test]
+async fn the_per_user_cap_refuses_with_quota_exceeded() {
+    let mut h = start_with(mqtt_config(), users()).await;
+    // The harness context is shared by the listener already; a new adapter with the cap.
+    h.ctx.limits = meshgate_core::ConnectionLimits::new(0, 1);
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&mqtt_config(), &h.ctx)
+        .await
+        .unwrap();
+    h.addr = adapter.local_addr().unwrap();
+    let run_ctx = h.ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    let (first, mut frx) = client5(&h, "a-1", |o| {
+        o.set_credentials("alice", "pw-alice");
+    })
+    .await;
+    assert_eq!(
+        wait(&mut frx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    let (_second, mut srx) = client5(&h, "a-2", |o| {
+        o.set_credentials("alice", "pw-alice");
+    })
+    .await;
+    assert_eq!(
+        wait(&mut srx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::QuotaExceeded
+    );
+    first.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_third, mut trx) = client5(&h, "a-3", |o| {
+        o.set_credentials("alice", "pw-alice");
+    })
+    .await;
+    assert_eq!(
+        wait(&mut trx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_user\"} 1"),
+        "{m}"
+    );
+}
+
+/// F7/F19: MQTT over WebSocket counts against `gateway.max_connections_per_ip` when the web
+/// listener provides the peer address (served with connect info): past it, HTTP 429.
+#[tokio::test]
+async fn websocket_upgrades_count_against_the_per_address_cap() {
+    let mut h = start().await;
+    h.ctx.limits = meshgate_core::ConnectionLimits::new(2, 0);
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&mqtt_config(), &h.ctx)
+        .await
+        .unwrap();
+    let router = adapter.websocket_router().unwrap();
+    let run_ctx = h.ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = web.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            web,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let upgrade = || async move {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{ws_addr}/mqtt")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        tokio_tungstenite::connect_async(req).await
+    };
+    let first = upgrade().await.expect("first");
+    let _second = upgrade().await.expect("second");
+    match upgrade().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|r| r.1)),
+    }
+    // The slot comes back when a connection ends.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _third = upgrade().await.expect("slot given back");
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_ip\"} 1"),
+        "{m}"
+    );
+}

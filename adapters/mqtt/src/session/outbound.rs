@@ -441,7 +441,9 @@ impl Session {
             return true;
         }
         let name = if p.full_topic { topic.as_str() } else { "" };
-        let publish = codec::publish(name, p.payload, o.qos, pkid, o.retain, dup);
+        let Ok(publish) = codec::publish(name, p.payload, o.qos, pkid, o.retain, dup) else {
+            return false;
+        };
         if let Err(e) = codec::write(self.version, Packet::Publish(publish, p.properties), &mut self.out) {
             tracing::warn!(error = %e, "mqtt: PUBLISH refused by the codec after the checks");
             return false;

@@ -708,7 +708,8 @@ async fn v5_topic_aliases_set_use_and_reject() {
             pkid,
             false,
             false,
-        );
+        )
+        .unwrap();
         let props = rumqttd::protocol::PublishProperties {
             topic_alias: Some(alias),
             ..Default::default()

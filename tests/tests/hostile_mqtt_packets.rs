@@ -146,15 +146,25 @@ async fn f2_unrepresentable_event_does_not_break_or_loop_a_persistent_subscriber
     assert!(bystander.next_line("next").starts_with("f2/next "));
     let m = metrics(admin).await;
     assert!(
-        m.contains("meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"unrepresentable\"} 1\n"),
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"unrepresentable\"} 1\n"
+        ),
         "{m}"
     );
 
     // The persistent session comes back: the skipped event is not resent, new ones arrive.
     drop(victim);
-    wait_metric(admin, "meshgate_mqtt_sessions_offline{adapter=\"mqtt\"} 1\n").await;
+    wait_metric(
+        admin,
+        "meshgate_mqtt_sessions_offline{adapter=\"mqtt\"} 1\n",
+    )
+    .await;
     let mut victim = MosquittoSub::start(mqtt, &victim_args);
-    wait_metric(admin, "meshgate_mqtt_sessions_offline{adapter=\"mqtt\"} 0\n").await;
+    wait_metric(
+        admin,
+        "meshgate_mqtt_sessions_offline{adapter=\"mqtt\"} 0\n",
+    )
+    .await;
     post(web, "f2/after", event("after", 10)).await;
     let line = victim.next_line("an event after reconnecting");
     assert!(line.starts_with("f2/after "), "no resend first: {line}");
@@ -162,7 +172,9 @@ async fn f2_unrepresentable_event_does_not_break_or_loop_a_persistent_subscriber
     assert!(bystander.next_line("after").starts_with("f2/after "));
     let m = metrics(admin).await;
     assert!(
-        m.contains("meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"unrepresentable\"} 1\n"),
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"unrepresentable\"} 1\n"
+        ),
         "skipped once, not per reconnect: {m}"
     );
     assert!(rss_kb(&gw) < RSS_LIMIT_KB, "RSS {} kB", rss_kb(&gw));
@@ -247,12 +259,9 @@ async fn attacker(mqtt: SocketAddr, id: &str, v5: bool) -> TcpStream {
 /// The answer to a protocol violation: MQTT 5 DISCONNECT with `reason` then close, or (3.1.1,
 /// `None`) just close.
 async fn answered(s: &mut TcpStream, reason: Option<u8>) {
-    match reason {
-        Some(r) => {
-            let d = read_frame(s).await.expect("a DISCONNECT");
-            assert_eq!((d[0], d[2]), (0xe0, r), "DISCONNECT reason: {d:?}");
-        }
-        None => {}
+    if let Some(r) = reason {
+        let d = read_frame(s).await.expect("a DISCONNECT");
+        assert_eq!((d[0], d[2]), (0xe0, r), "DISCONNECT reason: {d:?}");
     }
     assert_eq!(read_frame(s).await, None, "then the connection is closed");
 }
@@ -292,7 +301,9 @@ async fn protocol_errors_get_the_specified_answer_while_others_keep_receiving() 
     // CONNECT with the reserved flag set: closed without CONNACK [MQTT-3.1.2-3].
     for props in [None, Some(&[][..])] {
         let mut s = TcpStream::connect(mqtt).await.unwrap();
-        s.write_all(&connect("reserved", 0x03, props)).await.unwrap();
+        s.write_all(&connect("reserved", 0x03, props))
+            .await
+            .unwrap();
         answered(&mut s, None).await;
         check_bystander().await;
     }

@@ -274,7 +274,10 @@ fn publish_props_len(p: &rumqttd::protocol::PublishProperties) -> Result<usize, 
         }
         n += 3;
     }
-    n += opt_field(p.response_topic.as_deref().map(str::as_bytes), "response topic")?;
+    n += opt_field(
+        p.response_topic.as_deref().map(str::as_bytes),
+        "response topic",
+    )?;
     n += opt_field(p.correlation_data.as_deref(), "correlation data")?;
     n = n.saturating_add(user_props(&p.user_properties)?);
     for &id in &p.subscription_identifiers {
@@ -330,10 +333,22 @@ pub fn check_packet(version: Version, packet: &Packet) -> Result<(), Unrepresent
             publish_size(version, p.topic.len(), qos, props.as_ref(), p.payload.len())?;
         }
         P::ConnAck(_, Some(p)) => {
-            opt_field(p.assigned_client_identifier.as_deref().map(str::as_bytes), "client id")?;
-            opt_field(p.response_information.as_deref().map(str::as_bytes), "response info")?;
-            opt_field(p.server_reference.as_deref().map(str::as_bytes), "server reference")?;
-            opt_field(p.authentication_method.as_deref().map(str::as_bytes), "auth method")?;
+            opt_field(
+                p.assigned_client_identifier.as_deref().map(str::as_bytes),
+                "client id",
+            )?;
+            opt_field(
+                p.response_information.as_deref().map(str::as_bytes),
+                "response info",
+            )?;
+            opt_field(
+                p.server_reference.as_deref().map(str::as_bytes),
+                "server reference",
+            )?;
+            opt_field(
+                p.authentication_method.as_deref().map(str::as_bytes),
+                "auth method",
+            )?;
             opt_field(p.authentication_data.as_deref(), "auth data")?;
             reason(p.reason_string.as_ref(), &p.user_properties)?;
         }
@@ -344,7 +359,10 @@ pub fn check_packet(version: Version, packet: &Packet) -> Result<(), Unrepresent
         P::SubAck(_, Some(p)) => reason(p.reason_string.as_ref(), &p.user_properties)?,
         P::UnsubAck(_, Some(p)) => reason(p.reason_string.as_ref(), &p.user_properties)?,
         P::Disconnect(_, Some(p)) => {
-            opt_field(p.server_reference.as_deref().map(str::as_bytes), "server reference")?;
+            opt_field(
+                p.server_reference.as_deref().map(str::as_bytes),
+                "server reference",
+            )?;
             reason(p.reason_string.as_ref(), &p.user_properties)?;
         }
         // What a client writes (tests use these to make packets).
@@ -352,7 +370,10 @@ pub fn check_packet(version: Version, packet: &Packet) -> Result<(), Unrepresent
             field(c.client_id.len(), "client id")?;
             if let Some(p) = props {
                 user_props(&p.user_properties)?;
-                opt_field(p.authentication_method.as_deref().map(str::as_bytes), "auth method")?;
+                opt_field(
+                    p.authentication_method.as_deref().map(str::as_bytes),
+                    "auth method",
+                )?;
                 opt_field(p.authentication_data.as_deref(), "auth data")?;
             }
             if let Some(w) = will {
@@ -361,7 +382,10 @@ pub fn check_packet(version: Version, packet: &Packet) -> Result<(), Unrepresent
             }
             if let Some(p) = will_props {
                 opt_field(p.content_type.as_deref().map(str::as_bytes), "content type")?;
-                opt_field(p.response_topic.as_deref().map(str::as_bytes), "response topic")?;
+                opt_field(
+                    p.response_topic.as_deref().map(str::as_bytes),
+                    "response topic",
+                )?;
                 opt_field(p.correlation_data.as_deref(), "correlation data")?;
                 user_props(&p.user_properties)?;
             }
@@ -466,10 +490,14 @@ pub fn connect_properties_error(
 ) -> Option<&'static str> {
     let p = props?;
     if p.receive_maximum == Some(0) {
-        return Some("Receive Maximum 0 is a protocol error (MQTT 5 3.1.2.11.3); send 1 to 65535 or leave it out");
+        return Some(
+            "Receive Maximum 0 is a protocol error (MQTT 5 3.1.2.11.3); send 1 to 65535 or leave it out",
+        );
     }
     if p.max_packet_size == Some(0) {
-        return Some("Maximum Packet Size 0 is a protocol error (MQTT 5 3.1.2.11.4); leave it out for no limit");
+        return Some(
+            "Maximum Packet Size 0 is a protocol error (MQTT 5 3.1.2.11.4); leave it out for no limit",
+        );
     }
     None
 }
@@ -481,7 +509,11 @@ pub fn connect_properties_error(
 /// - MQTT 3.1.1: more than the maximum → held to the maximum (3.1.1 cannot tell the client);
 ///   0 stays 0 — silent subscribers are legitimate there and would lose messages to a forced
 ///   timeout; dead peers are found by TCP keep-alive, set on every MQTT socket.
-pub fn keep_alive(version: Version, requested: u16, max: std::time::Duration) -> (u16, Option<u16>) {
+pub fn keep_alive(
+    version: Version,
+    requested: u16,
+    max: std::time::Duration,
+) -> (u16, Option<u16>) {
     let max = u16::try_from(max.as_secs().clamp(1, 65_535)).unwrap_or(u16::MAX);
     match version {
         Version::V5 if requested == 0 || requested > max => (max, Some(max)),
@@ -647,7 +679,8 @@ pub fn publish(
     retain: bool,
     dup: bool,
 ) -> Result<Publish, Unrepresentable> {
-    let topic_len = u16::try_from(topic.len()).map_err(|_| Unrepresentable::FieldTooLong("topic"))?;
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| Unrepresentable::FieldTooLong("topic"))?;
     let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
     o.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1) | (u8::from(dup) << 3));
     o.put_u16(pkid);

@@ -39,7 +39,11 @@ impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         fn short(s: &str) -> String {
             if s.len() > 40 {
-                format!("{:?}…({} bytes)", s.chars().take(8).collect::<String>(), s.len())
+                format!(
+                    "{:?}…({} bytes)",
+                    s.chars().take(8).collect::<String>(),
+                    s.len()
+                )
             } else {
                 format!("{s:?}")
             }
@@ -146,16 +150,18 @@ fn props() -> impl Strategy<Value = PublishProperties> {
         ),
         proptest::option::of(string()),
     )
-        .prop_map(|(pfi, expiry, alias, rt, cd, user, ids, ct)| PublishProperties {
-            payload_format_indicator: pfi,
-            message_expiry_interval: expiry,
-            topic_alias: alias,
-            response_topic: rt,
-            correlation_data: cd,
-            user_properties: user,
-            subscription_identifiers: ids,
-            content_type: ct,
-        })
+        .prop_map(
+            |(pfi, expiry, alias, rt, cd, user, ids, ct)| PublishProperties {
+                payload_format_indicator: pfi,
+                message_expiry_interval: expiry,
+                topic_alias: alias,
+                response_topic: rt,
+                correlation_data: cd,
+                user_properties: user,
+                subscription_identifiers: ids,
+                content_type: ct,
+            },
+        )
 }
 
 fn outbound() -> impl Strategy<Value = Out> {
@@ -211,11 +217,12 @@ fn decodes_to(o: &Out, bytes: &[u8]) -> Result<(), String> {
     let same = p.topic == o.topic.as_bytes()
         && p.payload == o.payload
         && p.retain == o.retain
-        && meta == codec::PublishMeta {
-            qos: qos(o.qos),
-            pkid: if o.qos == 0 { 0 } else { o.pkid },
-            dup: o.dup,
-        }
+        && meta
+            == codec::PublishMeta {
+                qos: qos(o.qos),
+                pkid: if o.qos == 0 { 0 } else { o.pkid },
+                dup: o.dup,
+            }
         && normal(props.clone()) == normal(o.props.clone());
     if same {
         Ok(())
@@ -286,7 +293,10 @@ fn check_encode(o: Out) -> Result<(), String> {
         return if o.topic.len() > codec::MAX_FIELD && size.is_err() {
             Ok(())
         } else {
-            Err(format!("codec::publish refused a {}-byte topic", o.topic.len()))
+            Err(format!(
+                "codec::publish refused a {}-byte topic",
+                o.topic.len()
+            ))
         };
     };
     let mut out = BytesMut::from(&b"prev"[..]);
@@ -347,7 +357,10 @@ fn check_encode(o: Out) -> Result<(), String> {
     // The session's own prediction (it skips before writing) agrees with the writer, except
     // for packet id 0, which the session never uses.
     if o.pkid != 0 && size.is_ok() != out.len().gt(&4) {
-        return Err(format!("publish_size {size:?} but write {:?}", out.len() > 4));
+        return Err(format!(
+            "publish_size {size:?} but write {:?}",
+            out.len() > 4
+        ));
     }
     Ok(())
 }

@@ -212,9 +212,17 @@ async fn f2_unrepresentable_event_is_skipped_per_subscriber_and_never_resent() {
     publish_raw(&h, "f2/next", &event_json("next", 10)).await;
 
     let p = wait(&mut vrx, "the next event", publish5).await;
-    assert_eq!(p.topic, &b"f2/next"[..], "the big one was skipped, not mangled");
+    assert_eq!(
+        p.topic,
+        &b"f2/next"[..],
+        "the big one was skipped, not mangled"
+    );
     let props = p.properties.unwrap();
-    assert!(props.user_properties.contains(&("id".into(), "next".into())));
+    assert!(
+        props
+            .user_properties
+            .contains(&("id".into(), "next".into()))
+    );
     assert_eq!(dropped(&h, "unrepresentable"), 1);
     let big = wait(&mut v4rx, "the big event (3.1.1)", publish4).await;
     assert_eq!(json::decode(&big.payload).unwrap().id(), "big");
@@ -234,7 +242,11 @@ async fn f2_unrepresentable_event_is_skipped_per_subscriber_and_never_resent() {
     let p = wait(&mut vrx, "an event after reconnecting", publish5).await;
     assert_eq!(p.topic, &b"f2/after"[..], "no resend of the skipped event");
     assert!(!p.dup);
-    assert_eq!(dropped(&h, "unrepresentable"), 1, "skipped once, not per reconnect");
+    assert_eq!(
+        dropped(&h, "unrepresentable"),
+        1,
+        "skipped once, not per reconnect"
+    );
 }
 
 /// MQTT 5 §3.1.2.11.4: a PUBLISH larger than the client's Maximum Packet Size is not sent.
@@ -424,7 +436,10 @@ async fn a_client_that_stops_reading_is_cut_off_after_write_timeout() {
         .unwrap();
     assert_eq!(read_frame(&mut stuck).await.unwrap(), [0x20, 2, 0, 0]);
     stuck
-        .write_all(&frame(0x82, &[&[0, 1][..], &string(b"wt/#"), &[0]].concat()))
+        .write_all(&frame(
+            0x82,
+            &[&[0, 1][..], &string(b"wt/#"), &[0]].concat(),
+        ))
         .await
         .unwrap();
     assert_eq!(read_frame(&mut stuck).await.unwrap()[0], 0x90);
@@ -480,7 +495,12 @@ async fn keep_alive_policy() {
     let mut v4_long = raw_connect(&h, Version::V311, "ka-v4-60", 60).await;
     let started = tokio::time::Instant::now();
     // Held to 1 s (timeout at 1.5 s): DISCONNECT 0x8D for MQTT 5, closed for 3.1.1.
-    closed_with(&mut v5, Version::V5, Some(DisconnectReasonCode::KeepAliveTimeout)).await;
+    closed_with(
+        &mut v5,
+        Version::V5,
+        Some(DisconnectReasonCode::KeepAliveTimeout),
+    )
+    .await;
     closed_with(&mut v4_long, Version::V311, None).await;
     assert!(started.elapsed() < Duration::from_secs(4));
     // Keep-alive 0 on 3.1.1: still there after the others timed out.

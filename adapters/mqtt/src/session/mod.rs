@@ -566,7 +566,12 @@ const TCP_KEEPALIVE_RETRIES: u32 = 6;
 /// failure is logged, the connection is served anyway.
 pub(crate) fn set_tcp_keepalive(stream: &tokio::net::TcpStream) {
     let params = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE_IDLE);
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "freebsd"))]
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd"
+    ))]
     let params = params
         .with_interval(TCP_KEEPALIVE_INTERVAL)
         .with_retries(TCP_KEEPALIVE_RETRIES);

@@ -346,14 +346,22 @@ impl Session {
             return (None, false, true);
         }
         let given = self.out_aliases.as_ref().map_or(0, |a| a.by_topic.len());
-        if let Some(&a) = self.out_aliases.as_ref().and_then(|a| a.by_topic.get(topic)) {
+        if let Some(&a) = self
+            .out_aliases
+            .as_ref()
+            .and_then(|a| a.by_topic.get(topic))
+        {
             return (Some(a), false, false);
         }
         if given >= usize::from(self.client_alias_max) {
             return (None, false, true);
         }
         // Aliases 1..=max, in the order topics are first sent.
-        (Some(u16::try_from(given + 1).unwrap_or(u16::MAX)), true, true)
+        (
+            Some(u16::try_from(given + 1).unwrap_or(u16::MAX)),
+            true,
+            true,
+        )
     }
 
     /// Encodes a delivery's payload and properties for this client and checks that the
@@ -444,7 +452,11 @@ impl Session {
         let Ok(publish) = codec::publish(name, p.payload, o.qos, pkid, o.retain, dup) else {
             return false;
         };
-        if let Err(e) = codec::write(self.version, Packet::Publish(publish, p.properties), &mut self.out) {
+        if let Err(e) = codec::write(
+            self.version,
+            Packet::Publish(publish, p.properties),
+            &mut self.out,
+        ) {
             tracing::warn!(error = %e, "mqtt: PUBLISH refused by the codec after the checks");
             return false;
         }

@@ -1276,8 +1276,18 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 tokio::task::yield_now().await;
             }
             // Bounded: a client that stops reading (a zero TCP window) must not pin this task
-            // and, through its full queues, the publishers (F3).
-            match tokio::time::timeout(write_timeout, wr.write_all(&session.out)).await {
+            // and, through its full queues, the publishers (F3). The timer is only made when
+            // the socket is not writable at once (the common case needs none: no clock read, no
+            // timer handle per batch).
+            let written = {
+                use futures_util::FutureExt as _;
+                let mut write = std::pin::pin!(wr.write_all(&session.out));
+                match write.as_mut().now_or_never() {
+                    Some(r) => Ok(r),
+                    None => tokio::time::timeout(write_timeout, write).await,
+                }
+            };
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break End::Abnormal,
                 Err(_) => {

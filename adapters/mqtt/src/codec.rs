@@ -862,6 +862,95 @@ mod tests {
     }
 
     #[test]
+    fn fixed_header_flags_and_the_connect_reserved_bit() {
+        // PUBREL, SUBSCRIBE, UNSUBSCRIBE: 0b0010; the others 0; PUBLISH any.
+        for (first, ok) in [
+            (0x62, true),
+            (0x60, false),
+            (0x82, true),
+            (0x80, false),
+            (0x8a, false),
+            (0xa2, true),
+            (0xa0, false),
+            (0x40, true),
+            (0x41, false),
+            (0xc0, true),
+            (0xc8, false),
+            (0xe0, true),
+            (0xe2, false),
+            (0x3f, true),
+        ] {
+            assert_eq!(fixed_header_ok(&[first, 0]).is_ok(), ok, "{first:#x}");
+        }
+        let connect = |flags: u8| {
+            [
+                0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60, 0, 0,
+            ]
+        };
+        assert!(fixed_header_ok(&connect(0x02)).is_ok());
+        assert!(fixed_header_ok(&connect(0x03)).is_err());
+        // Not there yet: decided when it is.
+        assert!(fixed_header_ok(&connect(0x03)[..9]).is_ok());
+        assert!(matches!(
+            read(
+                Version::V311,
+                &mut BytesMut::from(&connect(0x03)[..]),
+                1 << 10
+            ),
+            Err(Error::IncorrectPacketFormat)
+        ));
+    }
+
+    #[test]
+    fn topic_names_and_their_reason_codes() {
+        use rumqttd::protocol::DisconnectReasonCode as R;
+        assert_eq!(topic_name(b"a/b").unwrap().as_str(), "a/b");
+        for (raw, why, code) in [
+            (&b"a/\xff"[..], BadTopicName::NotUtf8, R::MalformedPacket),
+            (b"a\0b", BadTopicName::Nul, R::MalformedPacket),
+            (b"a/+", BadTopicName::Wildcard, R::ProtocolError),
+            (b"#", BadTopicName::Wildcard, R::ProtocolError),
+            (b"", BadTopicName::Empty, R::ProtocolError),
+        ] {
+            assert_eq!(topic_name(raw).unwrap_err(), why);
+            assert_eq!(why.reason_code(), code);
+        }
+    }
+
+    #[test]
+    fn keep_alive_policy() {
+        let max = std::time::Duration::from_secs(600);
+        assert_eq!(keep_alive(Version::V5, 0, max), (600, Some(600)));
+        assert_eq!(keep_alive(Version::V5, 601, max), (600, Some(600)));
+        assert_eq!(keep_alive(Version::V5, 60, max), (60, None));
+        assert_eq!(keep_alive(Version::V311, 0, max), (0, None));
+        assert_eq!(keep_alive(Version::V311, 900, max), (600, None));
+        assert_eq!(keep_alive(Version::V311, 30, max), (30, None));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let mut out = BytesMut::from(&b"before"[..]);
+        // Packet id 0 at QoS 1: rumqttd's writer fails after writing the header and topic.
+        let p = publish("t", Bytes::new(), QoS::AtLeastOnce, 0, false, false).unwrap();
+        assert!(write(Version::V5, Packet::Publish(p, None), &mut out).is_err());
+        assert_eq!(&out[..], b"before");
+        // A user property over 65,535 bytes is refused before the writer.
+        let p = publish("t", Bytes::new(), QoS::AtMostOnce, 0, false, false).unwrap();
+        let props = rumqttd::protocol::PublishProperties {
+            user_properties: vec![("k".into(), "v".repeat(MAX_FIELD + 1))],
+            ..Default::default()
+        };
+        assert!(matches!(
+            write(Version::V5, Packet::Publish(p, Some(props)), &mut out),
+            Err(WriteError::Unrepresentable(Unrepresentable::FieldTooLong(
+                "user property value"
+            )))
+        ));
+        assert_eq!(&out[..], b"before");
+    }
+
+    #[test]
     fn connect_version_probe() {
         // CONNECT, remaining length 10+, "MQTT", level.
         let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];

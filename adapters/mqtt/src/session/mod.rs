@@ -727,7 +727,9 @@ fn qos_min(a: QoS, b: QoS) -> QoS {
 impl Session {
     fn write(&mut self, packet: Packet) {
         if let Err(e) = codec::write(self.version, packet, &mut self.out) {
-            tracing::debug!(error = %e, "mqtt: cannot encode packet");
+            // Nothing was written (see `codec::write`); counted, as it should never happen.
+            tracing::warn!(error = %e, "mqtt: cannot encode packet");
+            self.shared.metrics.error("encode");
         }
     }
 

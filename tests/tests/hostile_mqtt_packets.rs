@@ -348,3 +348,61 @@ async fn protocol_errors_get_the_specified_answer_while_others_keep_receiving() 
     }
     assert!(rss_kb(&gw) < RSS_LIMIT_KB, "RSS {} kB", rss_kb(&gw));
 }
+
+/// F2 on JetStream: the skipped delivery is acknowledged ("as if sent", MQTT-3.1.2-25), so
+/// JetStream does not redeliver it after `ack_wait` — it would otherwise come back (and be
+/// skipped again) every second, up to `max_deliver` times, for every persistent subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f2_on_jetstream_the_skipped_delivery_is_acknowledged_not_redelivered() {
+    let nats = meshgate_tests::nats::NatsServer::start();
+    let url = nats.url();
+    let gw = spawn(
+        &[],
+        &[
+            ("MESHGATE__BACKBONE__KIND", "jetstream"),
+            ("MESHGATE__BACKBONE__NATS__URLS", &url),
+            ("MESHGATE__BACKBONE__JETSTREAM__ACK_WAIT", "1s"),
+            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__MQTT__ENABLED", "true"),
+            ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    let (mqtt, web, admin) = (gw.mqtt.unwrap(), gw.web.unwrap(), gw.admin.unwrap());
+    let mut victim = MosquittoSub::start(
+        mqtt,
+        &[
+            "-V",
+            "5",
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "js-victim",
+            "-x",
+            "3600",
+            "-t",
+            "f2/#",
+        ],
+    );
+    subscriptions(admin, 1).await;
+    post(web, "f2/big", event("big", 65_600)).await;
+    post(web, "f2/next", event("next", 10)).await;
+    let line = victim.next_line("the next event");
+    assert!(line.starts_with("f2/next "), "{line}");
+    // Three ack_wait periods: a delivery left unacknowledged would have come back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(victim.still_running());
+    let m = metrics(admin).await;
+    assert!(
+        m.contains(
+            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"unrepresentable\"} 1\n"
+        ),
+        "skipped once, not redelivered: {m}"
+    );
+    assert!(
+        victim.lines.try_recv().is_err(),
+        "nothing else was delivered"
+    );
+    assert!(rss_kb(&gw) < RSS_LIMIT_KB, "RSS {} kB", rss_kb(&gw));
+}

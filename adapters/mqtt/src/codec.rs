@@ -14,8 +14,9 @@
 //! - V5's reader panics (`unreachable!`) on CONNACK and UNSUBACK packets; [`read`] refuses them
 //!   first and turns any other codec panic into a malformed-packet error.
 //! - V4's CONNACK writer panics on MQTT 5 reason codes; the session maps them first.
-//! - V5's DISCONNECT writer miscounts an empty property block (length 0 counted as zero bytes,
-//!   written as one), so the session always sends a reason string property.
+//! - V5's DISCONNECT writer is wrong without properties (length counted without the property
+//!   length byte it writes) and with an empty property block (the reason code is dropped), so
+//!   [`write`] gives such a DISCONNECT a reason string (and the session always sends one).
 //! - `read_mut` consumes the frame before parsing it, so a malformed packet is gone from the
 //!   buffer; we close the connection on any parse error anyway.
 //! - Neither reader checks the fixed-header flags of packets other than PUBLISH, nor the
@@ -415,11 +416,43 @@ pub fn check_packet(version: Version, packet: &Packet) -> Result<(), Unrepresent
     Ok(())
 }
 
+/// rumqttd's MQTT 5 DISCONNECT writer (`v5/disconnect.rs:9-25`, `:63-88`) is only right with a
+/// non-empty property block (or for a plain Normal Disconnection): without properties it
+/// counts a remaining length of 1 but writes the reason code *and* a property length byte (a
+/// stray byte the client reads as the next packet), and with an empty block it computes
+/// length 2 and writes `E0 00`, dropping the reason code. Such a DISCONNECT gets its reason
+/// code's name as Reason String, which the writer gets right.
+fn disconnect_with_properties(version: Version, packet: Packet) -> Packet {
+    use rumqttd::protocol::{DisconnectProperties, DisconnectReasonCode};
+    match packet {
+        Packet::Disconnect(d, props)
+            if version == Version::V5
+                && d.reason_code != DisconnectReasonCode::NormalDisconnection
+                && props.as_ref().is_none_or(|p| {
+                    p.session_expiry_interval.is_none()
+                        && p.reason_string.is_none()
+                        && p.user_properties.is_empty()
+                        && p.server_reference.is_none()
+                }) =>
+        {
+            let props = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("{:?}", d.reason_code)),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            Packet::Disconnect(d, Some(props))
+        }
+        other => other,
+    }
+}
+
 /// Appends `packet` to `out`, or nothing: a packet with a field rumqttd's writer would
 /// truncate is refused ([`check_packet`]), and whatever the writer appended before failing
 /// (or panicking: V4's CONNACK writer on MQTT 5 codes) is removed again, so `out` only ever
 /// holds whole, well-formed packets.
 pub fn write(version: Version, packet: Packet, out: &mut BytesMut) -> Result<usize, WriteError> {
+    let packet = disconnect_with_properties(version, packet);
     check_packet(version, &packet).map_err(WriteError::Unrepresentable)?;
     let start = out.len();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match version {
@@ -948,6 +981,50 @@ mod tests {
             )))
         ));
         assert_eq!(&out[..], b"before");
+    }
+
+    #[test]
+    fn every_v5_disconnect_is_well_formed() {
+        use rumqttc::v5::mqttbytes::v5 as mq;
+        use rumqttd::protocol::{Disconnect, DisconnectProperties, DisconnectReasonCode as R};
+        let empty = DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            server_reference: None,
+        };
+        for reason in [
+            R::NormalDisconnection,
+            R::MalformedPacket,
+            R::ProtocolError,
+            R::KeepAliveTimeout,
+            R::SessionTakenOver,
+            R::ServerShuttingDown,
+        ] {
+            for props in [None, Some(empty.clone())] {
+                let mut out = BytesMut::new();
+                let d = Disconnect {
+                    reason_code: reason,
+                };
+                write(Version::V5, Packet::Disconnect(d, props.clone()), &mut out).unwrap();
+                if reason == R::NormalDisconnection {
+                    // Remaining length 0 (MQTT 5 §3.14.2.1), which rumqttc's reader refuses.
+                    assert_eq!(&out[..], [0xe0, 0]);
+                    continue;
+                }
+                let whole = out.len();
+                match mq::Packet::read(&mut out, None) {
+                    Ok(mq::Packet::Disconnect(back)) => {
+                        assert_eq!(format!("{:?}", back.reason_code), format!("{reason:?}"));
+                    }
+                    other => panic!("{reason:?} {props:?}: {other:?}"),
+                }
+                assert!(
+                    out.is_empty(),
+                    "{reason:?} {props:?}: stray bytes of {whole}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -622,6 +622,23 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 errors,
             ),
             connect_timeout: duration(&m.connect_timeout, "mqtt.connect_timeout", errors),
+            write_timeout: {
+                let d = duration(&m.write_timeout, "mqtt.write_timeout", errors);
+                if d.is_zero() {
+                    errors.push("mqtt.write_timeout", "must be longer than 0s, e.g. \"30s\"");
+                }
+                d
+            },
+            max_keep_alive: {
+                let d = duration(&m.max_keep_alive, "mqtt.max_keep_alive", errors);
+                if d < Duration::from_secs(1) || d > Duration::from_secs(65_535) {
+                    errors.push(
+                        "mqtt.max_keep_alive",
+                        "must be between 1s and 65535s (MQTT's Server Keep Alive is a 16-bit count of seconds)",
+                    );
+                }
+                d
+            },
             max_inflight,
             max_queued: positive(m.max_queued, "mqtt.max_queued", errors),
             max_subscriptions: positive(m.max_subscriptions, "mqtt.max_subscriptions", errors),

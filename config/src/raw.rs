@@ -156,6 +156,8 @@ pub struct Mqtt {
     pub max_connections: i64,
     pub max_packet_size: Size,
     pub connect_timeout: String,
+    pub write_timeout: String,
+    pub max_keep_alive: String,
     pub max_inflight: i64,
     pub max_queued: i64,
     pub max_subscriptions: i64,

@@ -383,6 +383,31 @@ fn debug_output_hides_secrets() {
 }
 
 #[test]
+fn mqtt_write_timeout_and_max_keep_alive_are_checked() {
+    let errors = errors_of(
+        "[mqtt]\nwrite_timeout = \"0s\"\nmax_keep_alive = \"70000s\"\n",
+        &[],
+    );
+    assert!(
+        has(&errors, "mqtt.write_timeout", "longer than 0s"),
+        "{errors:?}"
+    );
+    assert!(has(&errors, "mqtt.max_keep_alive", "65535s"), "{errors:?}");
+    let errors = errors_of(
+        "[mqtt]\nwrite_timeout = \"soon\"\nmax_keep_alive = \"0s\"\n",
+        &[],
+    );
+    assert!(has(&errors, "mqtt.write_timeout", "duration"), "{errors:?}");
+    assert!(
+        has(&errors, "mqtt.max_keep_alive", "between 1s"),
+        "{errors:?}"
+    );
+    let c = load_str("", "t", Vec::new()).unwrap();
+    assert_eq!(c.mqtt.write_timeout, Duration::from_secs(30));
+    assert_eq!(c.mqtt.max_keep_alive, Duration::from_secs(3600));
+}
+
+#[test]
 fn mqtt_tls_and_session_settings_are_checked() {
     let errors = errors_of(
         "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\ntls_key_file = \"/nonexistent/key.pem\"\nmax_session_expiry = \"forever\"\nmax_offline_sessions = -1\n",

@@ -319,6 +319,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        session::set_tcp_keepalive(&stream);
         shared.sockets.fetch_add(1, Ordering::AcqRel);
         let slot = SocketSlot(shared.clone());
         let shared = shared.clone();

@@ -144,7 +144,8 @@ async fn qos2_is_published_exactly_once_even_when_resent() {
         9,
         false,
         false,
-    );
+    )
+    .unwrap();
     send(
         &mut s,
         Version::V311,
@@ -162,7 +163,8 @@ async fn qos2_is_published_exactly_once_even_when_resent() {
         9,
         false,
         true,
-    );
+    )
+    .unwrap();
     send(
         &mut s,
         Version::V311,
@@ -706,7 +708,8 @@ async fn v5_topic_aliases_set_use_and_reject() {
             pkid,
             false,
             false,
-        );
+        )
+        .unwrap();
         let props = rumqttd::protocol::PublishProperties {
             topic_alias: Some(alias),
             ..Default::default()

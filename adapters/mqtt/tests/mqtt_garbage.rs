@@ -92,6 +92,8 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         max_connections: 1000,
         max_packet_size: 64 * 1024,
         connect_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_secs(30),
+        max_keep_alive: Duration::from_secs(3600),
         max_inflight: 8,
         max_queued: 100,
         max_subscriptions: 100,

@@ -301,6 +301,13 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         };
         connack(version, code, false, Some(props))
     };
+    if let Some(why) = codec::connect_properties_error(props.as_ref()) {
+        // MQTT 5 §3.1.2.11.3/.4: Receive Maximum or Maximum Packet Size 0 is a Protocol Error.
+        shared.metrics.error("protocol");
+        let p = refuse(ConnectReturnCode::ProtocolError, why);
+        let _ = write_now(stream, version, p).await;
+        return None;
+    }
     // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1). A server may refuse long ids; a
     // connection keeps several copies of its id (the clients map, the wrapper's source, the
     // session), so it is capped (`mqtt.max_client_id_len`).
@@ -557,6 +564,8 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
+    let (keep_alive, server_keep_alive) =
+        codec::keep_alive(version, connect.keep_alive, shared.config.max_keep_alive);
     let ack_props = ConnAckProperties {
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
         session_expiry_interval: (granted_expiry != requested_expiry).then_some(granted_expiry),
@@ -569,6 +578,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         wildcard_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
         shared_subscription_available: Some(1),
+        server_keep_alive,
         ..Default::default()
     };
     let ack = connack(
@@ -593,7 +603,33 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     // queued while it was away.
     session.resend_inflight();
     session.fill_window();
-    Some((session, connect.keep_alive, registration))
+    Some((session, keep_alive, registration))
+}
+
+/// TCP keep-alive of MQTT sockets: probes after this long idle, then every
+/// [`TCP_KEEPALIVE_INTERVAL`], [`TCP_KEEPALIVE_RETRIES`] times. A peer that vanished (power
+/// loss, NAT timeout) is then found within about 2 minutes even when its MQTT keep-alive is 0
+/// (3.1.1) — otherwise such a half-open connection would hold its slot and session forever.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 6;
+
+/// Turns on TCP keep-alive (SO_KEEPALIVE with the timers above) on an accepted socket; a
+/// failure is logged, the connection is served anyway.
+pub(crate) fn set_tcp_keepalive(stream: &tokio::net::TcpStream) {
+    let params = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE_IDLE);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd"
+    ))]
+    let params = params
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "mqtt: cannot set TCP keep-alive");
+    }
 }
 
 /// Deliveries are written in batches of up to this many bytes.
@@ -752,7 +788,9 @@ fn qos_min(a: QoS, b: QoS) -> QoS {
 impl Session {
     fn write(&mut self, packet: Packet) {
         if let Err(e) = codec::write(self.version, packet, &mut self.out) {
-            tracing::debug!(error = %e, "mqtt: cannot encode packet");
+            // Nothing was written (see `codec::write`); counted, as it should never happen.
+            tracing::warn!(error = %e, "mqtt: cannot encode packet");
+            self.shared.metrics.error("encode");
         }
     }
 
@@ -941,18 +979,20 @@ impl Session {
             },
             Some(_) => None,
         };
-        let topic = match aliased
-            .map(Ok)
-            .or_else(|| std::str::from_utf8(&p.topic).ok().map(Topic::from_mqtt))
-        {
-            Some(Ok(t)) => t,
-            _ => {
-                if self.version == Version::V5 && qos == QoS::AtMostOnce {
-                    self.disconnect(DisconnectReasonCode::TopicNameInvalid);
+        let topic = match aliased {
+            Some(t) => t,
+            None => match codec::topic_name(&p.topic) {
+                Ok(t) => t,
+                Err(e) => {
+                    // A topic name that breaks the spec is a protocol violation, not a refusal:
+                    // MQTT 5 DISCONNECT 0x81 (invalid UTF-8, U+0000) or 0x82 (wildcard, empty
+                    // without an alias); 3.1.1 closes the connection.
+                    tracing::debug!(error = %e, client_id = self.client_id, "mqtt: bad topic name");
+                    self.shared.metrics.error("bad_topic");
+                    self.disconnect(e.reason_code());
                     return Err(Flow::End(End::Abnormal));
                 }
-                return Err(self.refuse(qos, pkid, PubAckReason::TopicNameInvalid, "bad_topic"));
-            }
+            },
         };
         if let (Some(a), false) = (alias, p.topic.is_empty()) {
             self.aliases
@@ -980,11 +1020,9 @@ impl Session {
             Err(e) => {
                 tracing::debug!(error = %e, client_id = self.client_id, "mqtt: invalid CloudEvent");
                 if self.version == Version::V311 {
-                    // No way to say it in 3.1.1: acknowledge, drop, count.
-                    self.shared.metrics.error("bad_event");
+                    // 3.1.1 has no negative acknowledgement: the connection is closed (as
+                    // README says), not acknowledged — the client must not think it was taken.
                     self.shared.metrics.dropped("bad_event").inc();
-                    self.ack(qos, pkid, PubAckReason::Success);
-                    return Err(Flow::Continue);
                 }
                 return Err(self.refuse(
                     qos,
@@ -1249,6 +1287,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
+    let write_timeout = shared.config.write_timeout;
     let mut busy = false;
     let mut out_hint = 0;
     // Created once, not per loop turn: each new `cancelled()` future registers with (and on
@@ -1299,8 +1338,27 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 // deliveries come back through the server anyway.
                 tokio::task::yield_now().await;
             }
-            if wr.write_all(&session.out).await.is_err() {
-                break End::Abnormal;
+            // Bounded: a client that stops reading (a zero TCP window) must not pin this task
+            // and, through its full queues, the publishers (F3). The timer is only made when
+            // the socket is not writable at once (the common case needs none: no clock read, no
+            // timer handle per batch).
+            let written = {
+                use futures_util::FutureExt as _;
+                let mut write = std::pin::pin!(wr.write_all(&session.out));
+                match write.as_mut().now_or_never() {
+                    Some(r) => Ok(r),
+                    None => tokio::time::timeout(write_timeout, write).await,
+                }
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break End::Abnormal,
+                Err(_) => {
+                    shared.metrics.error("write_timeout");
+                    tracing::debug!(client_id = session.client_id, "mqtt: write timed out");
+                    session.out = BytesMut::new();
+                    break End::Abnormal;
+                }
             }
             // Give the buffer back: an idle connection holds no write buffer. How much was
             // written is the size to start the next batch with, instead of growing the buffer
@@ -1391,7 +1449,8 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     if !session.out.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&session.out)).await;
     }
-    let _ = wr.shutdown().await;
+    // Bounded too: a TLS close_notify is a write.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     shared.metrics.connections.dec();
     tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
     // Boxed, like packet handling: only the last moments of a connection need it.

@@ -29,6 +29,25 @@ pub(super) struct OutAliases {
     by_topic: std::collections::HashMap<meshgate_core::Topic, u16>,
 }
 
+/// Why a delivery is not sent to a client (counted in `meshgate_events_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Skip {
+    /// A field or length MQTT cannot carry (`reason="unrepresentable"`).
+    Unrepresentable,
+    /// Larger than the client's Maximum Packet Size (`reason="too_large_for_client"`).
+    TooLarge,
+}
+
+/// A PUBLISH checked to fit its client, ready to write.
+struct Prepared {
+    payload: bytes::Bytes,
+    properties: Option<rumqttd::protocol::PublishProperties>,
+    /// False: the topic goes as an alias the client already has (empty topic name).
+    full_topic: bool,
+    /// An alias this PUBLISH gives the client for its topic.
+    new_alias: Option<u16>,
+}
+
 /// A QoS 1/2 message the client has not finished acknowledging.
 pub(super) struct Inflight {
     /// Send order, so a resumed session retransmits in the original order (MQTT 5 §4.6).
@@ -261,7 +280,9 @@ impl Session {
         }
     }
 
-    /// Writes a delivery now, or queues it while the in-flight window is full.
+    /// Writes a delivery now, or queues it while the in-flight window is full. A delivery
+    /// this client cannot be sent (see [`Session::prepare_delivery`]) is skipped before it
+    /// takes a packet id or an in-flight slot, so it can never be resent on reconnect.
     pub(super) fn send(&mut self, o: Outgoing) {
         let expired = o.delivery.envelope.mqtt.as_ref().is_some_and(|m| {
             m.expires_at_ms
@@ -278,13 +299,22 @@ impl Session {
             self.pending.push_back(o);
             return;
         }
+        let prepared = match self.prepare_delivery(&o) {
+            Ok(p) => p,
+            Err(skip) => {
+                self.skipped(skip);
+                self.settle_later(o.delivery);
+                return;
+            }
+        };
         let pkid = if o.qos == QoS::AtMostOnce {
             0
         } else {
             self.alloc_pkid()
         };
-        if !self.write_publish(&o, pkid, false) {
-            self.shared.metrics.dropped("too_large_for_client").inc();
+        if !self.put_publish(&o, prepared, pkid, false) {
+            self.skipped(Skip::Unrepresentable);
+            self.settle_later(o.delivery);
             return;
         }
         if o.qos == QoS::AtMostOnce {
@@ -296,30 +326,50 @@ impl Session {
         }
     }
 
-    /// The topic to write and the alias to send with it: an alias already given (empty
-    /// topic), a new one (topic and alias), or none (the client takes no aliases, or all of
-    /// them are taken).
-    fn out_alias<'t>(&mut self, topic: &'t meshgate_core::Topic) -> (&'t str, Option<u16>) {
-        if self.client_alias_max == 0 {
-            return (topic.as_str(), None);
-        }
-        let aliases = self.out_aliases.get_or_insert_with(Default::default);
-        if let Some(&a) = aliases.by_topic.get(topic) {
-            return ("", Some(a));
-        }
-        let given = aliases.by_topic.len();
-        if given >= usize::from(self.client_alias_max) {
-            return (topic.as_str(), None);
-        }
-        // Aliases 1..=max, in the order topics are first sent.
-        let a = u16::try_from(given + 1).unwrap_or(u16::MAX);
-        aliases.by_topic.insert(topic.clone(), a);
-        (topic.as_str(), Some(a))
+    /// Counts a delivery not sent to this client. The backbone is told it was delivered
+    /// (MQTT 5 §3.1.2.11.4 [MQTT-3.1.2-25]: the server "behaves as if it had completed
+    /// sending" a packet too large for the client), so JetStream does not redeliver it.
+    fn skipped(&self, skip: Skip) {
+        let reason = match skip {
+            Skip::Unrepresentable => "unrepresentable",
+            Skip::TooLarge => "too_large_for_client",
+        };
+        tracing::debug!(client_id = self.client_id, reason, "mqtt: delivery skipped");
+        self.shared.metrics.dropped(reason).inc();
     }
 
-    /// Encodes a PUBLISH into the write buffer; false when it exceeds the client's Maximum
-    /// Packet Size (MQTT 5 §3.1.2.11.4: the server must not send it).
-    fn write_publish(&mut self, o: &Outgoing, pkid: u16, dup: bool) -> bool {
+    /// The alias to send a topic with, without giving it yet: `(alias, new, full topic)` — an
+    /// alias already given (empty topic), a new one (topic and alias, given by
+    /// [`Session::put_publish`]), or none (the client takes no aliases, or all are taken).
+    fn peek_alias(&self, topic: &meshgate_core::Topic) -> (Option<u16>, bool, bool) {
+        if self.version != Version::V5 || self.client_alias_max == 0 {
+            return (None, false, true);
+        }
+        let given = self.out_aliases.as_ref().map_or(0, |a| a.by_topic.len());
+        if let Some(&a) = self
+            .out_aliases
+            .as_ref()
+            .and_then(|a| a.by_topic.get(topic))
+        {
+            return (Some(a), false, false);
+        }
+        if given >= usize::from(self.client_alias_max) {
+            return (None, false, true);
+        }
+        // Aliases 1..=max, in the order topics are first sent.
+        (
+            Some(u16::try_from(given + 1).unwrap_or(u16::MAX)),
+            true,
+            true,
+        )
+    }
+
+    /// Encodes a delivery's payload and properties for this client and checks that the
+    /// PUBLISH can be written at all — every length-prefixed field within 65,535 bytes, the
+    /// property block and remaining length within 268,435,455 (rumqttd's writer would wrap
+    /// them around: see `codec`) — and that it fits the client's Maximum Packet Size (MQTT 5
+    /// §3.1.2.11.4: the server must not send it). Never truncates: `Err` skips it.
+    fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
         let mut encoded = binding::encode(
             &envelope.event,
@@ -348,29 +398,49 @@ impl Session {
                     Some(u32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
             }
         }
-        let topic = envelope.topic.as_str();
-        let approx = 16
-            + topic.len()
-            + encoded.payload.len()
-            + encoded.properties.as_ref().map_or(0, |p| {
-                p.user_properties
-                    .iter()
-                    .map(|(k, v)| 5 + k.len() + v.len())
-                    .sum::<usize>()
-                    + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
-                    + 5 * p.subscription_identifiers.len()
-                    + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
-                    + p.correlation_data.as_ref().map_or(0, |c| 3 + c.len())
-                    + 7
-            });
-        if approx > self.client_max_packet {
-            return false;
+        let (alias, new_alias, full_topic) = self.peek_alias(&envelope.topic);
+        if let Some(a) = alias {
+            encoded
+                .properties
+                .get_or_insert_with(Default::default)
+                .topic_alias = Some(a);
         }
+        let topic_len = if full_topic {
+            envelope.topic.as_str().len()
+        } else {
+            0
+        };
+        let size = codec::publish_size(
+            self.version,
+            topic_len,
+            o.qos,
+            encoded.properties.as_ref(),
+            encoded.payload.len(),
+        )
+        .map_err(|why| {
+            tracing::debug!(client_id = self.client_id, %why, "mqtt: event not representable");
+            Skip::Unrepresentable
+        })?;
+        if size > self.client_max_packet {
+            return Err(Skip::TooLarge);
+        }
+        Ok(Prepared {
+            payload: encoded.payload,
+            properties: encoded.properties,
+            full_topic,
+            new_alias: alias.filter(|_| new_alias),
+        })
+    }
+
+    /// Writes a prepared PUBLISH into the write buffer (and gives its new topic alias);
+    /// false if the codec still refused it (nothing was written).
+    fn put_publish(&mut self, o: &Outgoing, p: Prepared, pkid: u16, dup: bool) -> bool {
+        let topic = &o.delivery.envelope.topic;
         if self.version == Version::V311 {
             codec::write_publish_v311(
                 &mut self.out,
-                topic,
-                &encoded.payload,
+                topic.as_str(),
+                &p.payload,
                 o.qos,
                 pkid,
                 o.retain,
@@ -378,15 +448,24 @@ impl Session {
             );
             return true;
         }
-        let (topic, alias) = self.out_alias(&envelope.topic);
-        if let Some(alias) = alias {
-            encoded
-                .properties
-                .get_or_insert_with(Default::default)
-                .topic_alias = Some(alias);
+        let name = if p.full_topic { topic.as_str() } else { "" };
+        let Ok(publish) = codec::publish(name, p.payload, o.qos, pkid, o.retain, dup) else {
+            return false;
+        };
+        if let Err(e) = codec::write(
+            self.version,
+            Packet::Publish(publish, p.properties),
+            &mut self.out,
+        ) {
+            tracing::warn!(error = %e, "mqtt: PUBLISH refused by the codec after the checks");
+            return false;
         }
-        let publish = codec::publish(topic, encoded.payload, o.qos, pkid, o.retain, dup);
-        self.write(Packet::Publish(publish, encoded.properties));
+        if let Some(a) = p.new_alias {
+            self.out_aliases
+                .get_or_insert_with(Default::default)
+                .by_topic
+                .insert(topic.clone(), a);
+        }
         true
     }
 
@@ -490,14 +569,24 @@ impl Session {
             let Some(entry) = self.inflight.remove(&pkid) else {
                 continue;
             };
-            match &entry.stage {
-                Stage::Released => self.write_pubrel(pkid, PubRelReason::Success),
-                Stage::Sent(o) => {
-                    if !self.write_publish(o, pkid, true) {
-                        self.shared.metrics.dropped("too_large_for_client").inc();
-                        continue;
+            if let Stage::Sent(o) = &entry.stage {
+                // Checked again: the client may have reconnected with a smaller Maximum
+                // Packet Size. Skipped ones leave the session for good (no poison message).
+                let written = match self.prepare_delivery(o) {
+                    Ok(p) => self.put_publish(o, p, pkid, true),
+                    Err(skip) => {
+                        self.skipped(skip);
+                        false
                     }
+                };
+                if !written {
+                    if let Stage::Sent(o) = entry.stage {
+                        self.settle_later(o.delivery);
+                    }
+                    continue;
                 }
+            } else {
+                self.write_pubrel(pkid, PubRelReason::Success);
             }
             self.inflight.insert(pkid, entry);
         }

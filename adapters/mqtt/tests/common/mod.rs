@@ -32,6 +32,8 @@ pub fn mqtt_config() -> MqttConfig {
         max_connections: 100,
         max_packet_size: 1 << 20,
         connect_timeout: Duration::from_millis(500),
+        write_timeout: Duration::from_secs(30),
+        max_keep_alive: Duration::from_secs(3600),
         max_inflight: 16,
         max_queued: 1000,
         max_subscriptions: 100,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Readiness};
-use crate::web;
+use crate::{serve, web};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -196,11 +196,16 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             router = router.merge(mqtt_ws);
         }
         let stop = ingress_stop.clone();
-        web_task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }));
+        let limits = serve::Limits {
+            header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
+            max_connections: config.http.max_connections,
+            max_connections_key: "http.max_connections",
+        };
+        let counters = serve::Counters::new(&registry, "http");
+        web_task = Some(tokio::spawn(serve::serve(
+            listener, router, limits, counters, stop,
+        )));
     }
     let (mut admin_addr, mut admin_task) = (None, None);
     if config.admin.enabled {
@@ -208,11 +213,16 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         admin_addr = listener.local_addr().ok();
         let router = admin::router(readiness.clone(), registry.clone());
         let stop = admin_stop.clone();
-        admin_task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }));
+        let limits = serve::Limits {
+            header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
+            max_connections: config.admin.max_connections,
+            max_connections_key: "admin.max_connections",
+        };
+        let counters = serve::Counters::new(&registry, "admin");
+        admin_task = Some(tokio::spawn(serve::serve(
+            listener, router, limits, counters, stop,
+        )));
     }
     readiness.serving.store(true, Ordering::Release);
     Ok(RunningGateway {

@@ -109,6 +109,13 @@ async fn bind(
 
 /// Starts every configured listener. Returns once they are bound and serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    for listener in web::anonymous_exposure(&config) {
+        tracing::warn!(
+            %listener,
+            "anonymous clients may publish/subscribe on a non-loopback address: anyone who can reach it can use the gateway; \
+             set auth.anonymous.enabled = false (or narrow its publish/subscribe lists) and configure [[auth.users]]"
+        );
+    }
     let registry = Registry::new();
     let instance: Arc<str> = Arc::from(
         config
@@ -193,7 +200,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         web_addr = listener.local_addr().ok();
         let mut router = web::router(&config, &ctx);
         if let Some(mqtt_ws) = mqtt_ws {
-            router = router.merge(mqtt_ws);
+            router = router.merge(web::origin_checked(mqtt_ws, &config, &registry));
         }
         let stop = ingress_stop.clone();
         let limits = serve::Limits {

@@ -1,8 +1,8 @@
 //! `POST {events_path}/{topic}`: CloudEvents (or plain bodies) into the backbone.
 //!
 //! Order of checks, cheapest first: in-flight limit (503) → credentials (401) → publish
-//! permission on the topic (403) → body size (413) → binding decode (400/415) → batch size
-//! (413) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
+//! permission on the topic (403) → body size (413) → binding decode (400/415; a batch over
+//! `max_batch_events` is 413 as soon as the decoder reaches its next element) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
 //! the backbone accepted every event of the request.
 
 use std::sync::Arc;
@@ -234,11 +234,11 @@ fn decode(
     topic: &Topic,
     body: Bytes,
 ) -> Result<Vec<Event>, Refusal> {
-    let decoded = binding::decode(headers, body.clone()).map_err(|e| {
-        let kind = if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            "unsupported_media_type"
-        } else {
-            "bad_event"
+    let decoded = binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
+        let kind = match e.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            _ => "bad_event",
         };
         state.metrics.error(kind);
         tracing::debug!(error = %e, "http: invalid event");
@@ -246,20 +246,8 @@ fn decode(
     })?;
     let events = match decoded {
         Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
-        Decoded::Batch(events) => {
-            if events.len() > state.config.max_batch_events {
-                state.metrics.error("too_large");
-                return Err(Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the batch holds {} events; the limit is {} (http.max_batch_events)",
-                        events.len(),
-                        state.config.max_batch_events
-                    ),
-                ));
-            }
-            events
-        }
+        // At most `max_batch_events`: the decoder stops at the next one (413).
+        Decoded::Batch(events) => events,
         Decoded::NotCloudEvent => {
             let content_type = headers
                 .get(header::CONTENT_TYPE)

@@ -26,6 +26,9 @@ fn http_config() -> HttpConfig {
         max_in_flight: 64,
         retry_after: Duration::from_secs(2),
         browser_page: false,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 10_000,
         wrap: WrapConfig {
             source: "/meshgate/http".into(),
             event_type: "io.meshgate.http.message".into(),

@@ -504,6 +504,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             ),
             idle_timeout: duration(&h.idle_timeout, "http.idle_timeout", errors),
             max_connections: positive(h.max_connections, "http.max_connections", errors),
+            max_header_size: size(
+                &h.max_header_size,
+                "http.max_header_size",
+                8 * 1024,
+                "8 KiB (browsers send heads of a few KiB: cookies, long URLs)",
+                errors,
+            ),
             wrap: WrapConfig {
                 source: h.wrap.source,
                 event_type: h.wrap.event_type,

@@ -197,6 +197,8 @@ pub struct HttpConfig {
     /// Connections the web listener holds at once (HTTP, WebSocket, MQTT over WebSocket),
     /// counted at accept.
     pub max_connections: usize,
+    /// Largest request head in bytes, request line included; 431 above it.
+    pub max_header_size: usize,
     pub wrap: WrapConfig,
 }
 

@@ -104,6 +104,7 @@ pub struct Http {
     pub header_read_timeout: String,
     pub idle_timeout: String,
     pub max_connections: i64,
+    pub max_header_size: Size,
     pub wrap: Wrap,
 }
 

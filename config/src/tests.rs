@@ -610,12 +610,13 @@ fn amqp_debug_output_hides_the_password() {
 #[test]
 fn web_listener_bounds_are_checked_and_name_their_keys() {
     let errs = errors_of(
-        "[http]\nheader_read_timeout = \"0s\"\nidle_timeout = \"soon\"\nmax_connections = 0\n[admin]\nmax_connections = -1\n[websocket]\nmax_filters = 0\nallowed_origins = [\"example.com\", \"https://ok.example\"]\n",
+        "[http]\nheader_read_timeout = \"0s\"\nmax_header_size = 100\nidle_timeout = \"soon\"\nmax_connections = 0\n[admin]\nmax_connections = -1\n[websocket]\nmax_filters = 0\nallowed_origins = [\"example.com\", \"https://ok.example\"]\n",
         &[],
     );
     let text = ConfigErrors(errs.clone()).to_string();
     assert!(has(&errs, "http.header_read_timeout", "longer than 0s"), "{text}");
     assert!(has(&errs, "http.idle_timeout", "duration"), "{text}");
+    assert!(has(&errs, "http.max_header_size", "8 KiB"), "{text}");
     assert!(has(&errs, "http.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "admin.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "websocket.max_filters", "at least 1"), "{text}");
@@ -638,6 +639,7 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
     assert_eq!(d.http.header_read_timeout, Duration::from_secs(10));
     assert_eq!(d.http.idle_timeout, Duration::from_secs(60));
     assert_eq!(d.http.max_connections, 10_000);
+    assert_eq!(d.http.max_header_size, 64 * 1024);
     assert_eq!(d.websocket.max_filters, 256);
     assert!(d.websocket.allowed_origins.is_empty());
 }

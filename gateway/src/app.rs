@@ -208,6 +208,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             idle_timeout: config.http.idle_timeout,
             max_connections: config.http.max_connections,
             max_connections_key: "http.max_connections",
+            max_header_size: config.http.max_header_size,
         };
         let counters = serve::Counters::new(&registry, "http");
         web_task = Some(tokio::spawn(serve::serve(
@@ -225,6 +226,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             idle_timeout: config.http.idle_timeout,
             max_connections: config.admin.max_connections,
             max_connections_key: "admin.max_connections",
+            max_header_size: config.http.max_header_size,
         };
         let counters = serve::Counters::new(&registry, "admin");
         admin_task = Some(tokio::spawn(serve::serve(

@@ -55,6 +55,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// The config key of `max_connections`, for the refusal's message.
     pub max_connections_key: &'static str,
+    /// Largest request head, request line included (hyper's http1 `max_header_size`; without
+    /// it hyper stops at its read buffer's ~408 KiB); a larger one gets 431.
+    pub max_header_size: usize,
 }
 
 /// What a listener counts, under `meshgate_errors_total{adapter=<name>}` and
@@ -63,6 +66,7 @@ pub struct Limits {
 pub struct Counters {
     refused: Counter,
     header_timeouts: Counter,
+    headers_too_large: Counter,
     open: Gauge,
 }
 
@@ -77,6 +81,7 @@ impl Counters {
         Counters {
             refused: error("connection_limit"),
             header_timeouts: error("header_timeout"),
+            headers_too_large: error("header_too_large"),
             open: registry.gauge(meshgate_core::metrics::CONNECTIONS, &[("adapter", adapter)]),
         }
     }
@@ -182,7 +187,8 @@ async fn connection(
             idle: limits.idle_timeout,
             heads: AtomicBool::new(false),
         })
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_size);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -198,6 +204,8 @@ async fn connection(
         // A keep-alive connection closed for idleness is no error; a head too slow is.
         if e.is_timeout() && !activity.idle_closed.load(Ordering::Relaxed) {
             counters.header_timeouts.inc();
+        } else if e.is_parse_too_large() {
+            counters.headers_too_large.inc();
         }
         tracing::trace!(%peer, error = %e, "web connection ended with an error");
     }

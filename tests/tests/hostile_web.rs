@@ -358,3 +358,70 @@ async fn websocket_per_address_cap_and_cross_origin_refusal() {
         d.pause().await;
     }
 }
+
+/// F11 for MQTT over WebSocket, which shares the web listener: a page of another origin gets
+/// 403 before the upgrade (counted under adapter="mqtt"); a client without Origin connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_origin_mqtt_over_websocket_is_refused() {
+    let gw = gateway(&[
+        ("MESHGATE__MQTT__ENABLED", "true"),
+        ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
+    ]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let upgrade = |origin: Option<&str>| {
+        let mut req = format!("ws://{web}/mqtt").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+        }
+        req
+    };
+    match tokio_tungstenite::connect_async(upgrade(Some("https://evil.example"))).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    let (_mqtt_ws, resp) = tokio_tungstenite::connect_async(upgrade(None)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101, "no Origin: not a browser");
+    let m = metrics(admin).await;
+    assert_eq!(
+        counter(&m, r#"meshgate_errors_total{adapter="mqtt",kind="forbidden_origin"}"#),
+        1,
+        "{m}"
+    );
+}
+
+/// A request head over `http.max_header_size` (64 KiB) gets 431 and is counted; hyper's own
+/// limit (~400 KiB per connection) no longer applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_gets_431() {
+    let gw = gateway(&[]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let mut s = TcpStream::connect(web).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    // The server may stop reading (and close) before all of it is written.
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
+    let m = metrics(admin).await;
+    assert_eq!(
+        counter(&m, r#"meshgate_errors_total{adapter="http",kind="header_too_large"}"#),
+        1,
+        "{m}"
+    );
+    // A head under the limit is served.
+    let mut s = TcpStream::connect(web).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&answer));
+}

@@ -29,6 +29,7 @@ fn http_config() -> HttpConfig {
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         max_connections: 10_000,
+        max_header_size: 64 * 1024,
         wrap: WrapConfig {
             source: "/meshgate/http".into(),
             event_type: "io.meshgate.http.message".into(),

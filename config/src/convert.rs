@@ -87,7 +87,9 @@ fn origin(v: &str, errors: &mut Errors) -> Option<String> {
     let ok = o == "*"
         || o.split_once("://").is_some_and(|(scheme, host)| {
             !scheme.is_empty()
-                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
                 && !host.is_empty()
                 && !host.contains(['/', '?', '#', ' '])
         });

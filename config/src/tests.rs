@@ -614,14 +614,21 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
         &[],
     );
     let text = ConfigErrors(errs.clone()).to_string();
-    assert!(has(&errs, "http.header_read_timeout", "longer than 0s"), "{text}");
+    assert!(
+        has(&errs, "http.header_read_timeout", "longer than 0s"),
+        "{text}"
+    );
     assert!(has(&errs, "http.idle_timeout", "duration"), "{text}");
     assert!(has(&errs, "http.max_header_size", "8 KiB"), "{text}");
     assert!(has(&errs, "http.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "admin.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "websocket.max_filters", "at least 1"), "{text}");
     assert!(
-        has(&errs, "websocket.allowed_origins", "`example.com` is not an origin"),
+        has(
+            &errs,
+            "websocket.allowed_origins",
+            "`example.com` is not an origin"
+        ),
         "{text}"
     );
     assert!(!text.contains("ok.example"), "{text}");

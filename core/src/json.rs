@@ -330,9 +330,11 @@ pub fn decode_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, BatchE
             });
         }
     };
-    let invalid = |i: usize| move |error| BatchError::Invalid {
-        index: Some(i),
-        error,
+    let invalid = |i: usize| {
+        move |error| BatchError::Invalid {
+            index: Some(i),
+            error,
+        }
     };
     let mut parsed = Vec::with_capacity(elements.0.len());
     for (i, raw) in elements.0.iter().enumerate() {
@@ -712,10 +714,17 @@ mod tests {
         assert!(decode_batch(b"[]", 10).unwrap().is_empty());
         let two = format!("[{E0},{}]", E0.replace("A1", "A2"));
         assert_eq!(decode_batch(two.as_bytes(), 10).unwrap().len(), 2);
-        assert_eq!(decode_batch(two.as_bytes(), 2).unwrap().len(), 2, "at the limit");
+        assert_eq!(
+            decode_batch(two.as_bytes(), 2).unwrap().len(),
+            2,
+            "at the limit"
+        );
         let mixed = format!("[{E0},{}]", E0.replace("1.0", "0.3"));
         let err = decode_batch(mixed.as_bytes(), 10).unwrap_err();
-        assert!(matches!(err, BatchError::Invalid { index: None, .. }), "{err}");
+        assert!(
+            matches!(err, BatchError::Invalid { index: None, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("mix"), "{err}");
         let bad = format!("[{E0},{{}}]");
         let err = decode_batch(bad.as_bytes(), 10).unwrap_err();

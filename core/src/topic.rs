@@ -536,7 +536,10 @@ mod tests {
         for topic in ["$SYS/a", "$x/x", "$SYS/broker/load"] {
             for (mine, theirs) in [("#", "$SYS/#"), ("$SYS/#", "$SYS/a"), ("+/x", "$x/x")] {
                 if f(mine).covers(&f(theirs)) && f(theirs).matches(&t(topic)) {
-                    assert!(f(mine).matches(&t(topic)), "{mine} covers {theirs} but misses {topic}");
+                    assert!(
+                        f(mine).matches(&t(topic)),
+                        "{mine} covers {theirs} but misses {topic}"
+                    );
                 }
             }
         }

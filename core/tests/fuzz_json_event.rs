@@ -23,10 +23,10 @@ fn check(input: Vec<u8>) -> Result<(), String> {
             return Err(format!("{event:?} was written and read back as {again:?}"));
         }
     }
-    if let Ok(events) = json::decode_batch(&input, 1000) {
-        if events.len() > 1000 {
-            return Err(format!("{} events read past the limit", events.len()));
-        }
+    if let Ok(events) = json::decode_batch(&input, 1000)
+        && events.len() > 1000
+    {
+        return Err(format!("{} events read past the limit", events.len()));
     }
     // A small limit: the early stop at the limit is on a path of its own.
     let _ = json::decode_batch(&input, 1);
@@ -78,12 +78,14 @@ fn events() -> impl Strategy<Value = Event> {
                         e.set_data(Some(Data::Text(text)));
                     }
                     3 => {
-                        e.set_datacontenttype(Some("application/json".into())).ok()?;
+                        e.set_datacontenttype(Some("application/json".into()))
+                            .ok()?;
                         let raw = serde_json::json!({ "t": text, "n": [1, -2.5] }).to_string();
                         e.set_data(Some(Data::Json(RawValue::from_string(raw).ok()?)));
                     }
                     _ => {
-                        e.set_datacontenttype(Some("application/octet-stream".into())).ok()?;
+                        e.set_datacontenttype(Some("application/octet-stream".into()))
+                            .ok()?;
                         e.set_data(Some(Data::Binary(bytes.into())));
                     }
                 }
@@ -100,9 +102,8 @@ fn fuzz_json_event_round_trip() {
         |_| None,
         |event| {
             let written = json::encode(&event);
-            let read = json::decode(&written).map_err(|e| {
-                format!("{e}: {}", String::from_utf8_lossy(&written))
-            })?;
+            let read = json::decode(&written)
+                .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&written)))?;
             if read != event {
                 return Err(format!("{event:?} read back as {read:?}"));
             }

@@ -257,7 +257,9 @@ impl AsyncRead for Socket {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            self.activity.reads.fetch_add(read as u64, Ordering::Relaxed);
+            self.activity
+                .reads
+                .fetch_add(read as u64, Ordering::Relaxed);
         }
         polled
     }

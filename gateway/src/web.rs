@@ -130,7 +130,10 @@ mod tests {
         assert_eq!(anonymous_exposure(&c).len(), 2);
         c.auth.anonymous.acl.publish.clear();
         c.auth.anonymous.acl.subscribe.clear();
-        assert!(anonymous_exposure(&c).is_empty(), "anonymous may do nothing");
+        assert!(
+            anonymous_exposure(&c).is_empty(),
+            "anonymous may do nothing"
+        );
         c.auth.anonymous.acl.subscribe.push("#".into());
         c.auth.anonymous.enabled = false;
         assert!(anonymous_exposure(&c).is_empty(), "anonymous off");

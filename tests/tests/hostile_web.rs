@@ -96,7 +96,9 @@ async fn slowloris_sockets_are_cut_off_while_clients_keep_working() {
     let mut slow = Vec::with_capacity(SOCKETS);
     for _ in 0..SOCKETS {
         let mut s = TcpStream::connect(web).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            .await
+            .unwrap();
         slow.push(s);
     }
     let open_took = opened.elapsed();
@@ -105,7 +107,11 @@ async fn slowloris_sockets_are_cut_off_while_clients_keep_working() {
     let mut sent = BTreeSet::new();
     for i in 0..20 {
         let id = format!("L{i}");
-        assert_eq!(curl_post(web, "loris/x", &id), 202, "curl POST {id} during the attack");
+        assert_eq!(
+            curl_post(web, "loris/x", &id),
+            202,
+            "curl POST {id} during the attack"
+        );
         sent.insert(id);
     }
     let mut received = BTreeSet::new();
@@ -134,16 +140,31 @@ async fn slowloris_sockets_are_cut_off_while_clients_keep_working() {
         "slowloris: {SOCKETS} sockets opened in {open_took:?}; RSS idle {idle_rss} kB, under attack {peak_rss} kB"
     );
     let m = metrics(admin).await;
-    let timeouts = counter(&m, r#"meshgate_errors_total{adapter="http",kind="header_timeout"}"#);
-    assert!(timeouts >= SOCKETS as u64, "header timeouts counted: {timeouts}\n{m}");
+    let timeouts = counter(
+        &m,
+        r#"meshgate_errors_total{adapter="http",kind="header_timeout"}"#,
+    );
+    assert!(
+        timeouts >= SOCKETS as u64,
+        "header timeouts counted: {timeouts}\n{m}"
+    );
     assert!(
         peak_rss < idle_rss + 60 * 1024,
         "RSS {peak_rss} kB with {SOCKETS} slow sockets, idle {idle_rss} kB"
     );
     // The listener serves normally afterwards, with its sockets given back.
     assert_eq!(curl_post(web, "loris/y", "after"), 202);
-    assert_eq!(next_event(&mut ws, Duration::from_secs(5)).await.unwrap().id(), "after");
-    let open = counter(&metrics(admin).await, r#"meshgate_connections{adapter="http"}"#);
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "after"
+    );
+    let open = counter(
+        &metrics(admin).await,
+        r#"meshgate_connections{adapter="http"}"#,
+    );
     assert!(open <= 3, "open web sockets after the attack: {open}");
 }
 
@@ -162,14 +183,24 @@ async fn keep_alive_connections_are_closed_when_idle() {
     s.write_all(request).await.unwrap();
     let mut buf = [0u8; 1024];
     let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 404"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     s.write_all(request).await.unwrap();
     let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "served after 1.5 s idle");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 404"),
+        "served after 1.5 s idle"
+    );
     // Then nothing: closed at idle_timeout.
     let idle_from = Instant::now();
-    assert!(closed_within(&mut s, Duration::from_secs(5)).await, "idle connection closed");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "idle connection closed"
+    );
     let idle = idle_from.elapsed();
     assert!(
         idle >= Duration::from_millis(2300) && idle < Duration::from_millis(4000),
@@ -178,7 +209,10 @@ async fn keep_alive_connections_are_closed_when_idle() {
     // Idle closes are not errors: no header timeout counted for them.
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="http",kind="header_timeout"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="header_timeout"}"#
+        ),
         0,
         "{m}"
     );
@@ -219,7 +253,10 @@ async fn connections_past_the_cap_are_refused_at_accept_and_counted() {
     }
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="http",kind="connection_limit"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="connection_limit"}"#
+        ),
         10,
         "{m}"
     );
@@ -235,7 +272,13 @@ async fn connections_past_the_cap_are_refused_at_accept_and_counted() {
         d.pause().await;
     };
     assert_eq!(status, 202, "served once the slots are free");
-    assert_eq!(next_event(&mut ws, Duration::from_secs(5)).await.unwrap().id(), "C1");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "C1"
+    );
 }
 
 /// F10: a 1 MiB batch of ~349,000 `{}` elements gets 413 naming `http.max_batch_events`, fast,
@@ -285,20 +328,31 @@ async fn a_huge_batch_is_refused_before_it_is_expanded() {
     );
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="http",kind="too_large"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="too_large"}"#
+        ),
         8,
         "{m}"
     );
     // A batch at the limit is still accepted, and delivered.
     assert_eq!(curl_post(web, "batch/ok", "B1"), 202);
-    assert_eq!(next_event(&mut ws, Duration::from_secs(5)).await.unwrap().id(), "B1");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "B1"
+    );
 }
 
 /// The WebSocket handshake with extra headers; the HTTP status (101 when upgraded).
 async fn ws_status(web: SocketAddr, headers: &[(&str, &str)]) -> (u16, Option<meshgate_tests::Ws>) {
     let mut req = format!("ws://{web}/ws").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "cloudevents.json".parse().unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
     for (k, v) in headers {
         let name = tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
         req.headers_mut().insert(name, v.parse().unwrap());
@@ -324,10 +378,16 @@ async fn websocket_per_address_cap_and_cross_origin_refusal() {
     let (status, third) = ws_status(web, &[]).await;
     assert_eq!(status, 101, "no Origin (not a browser) is allowed");
     for _ in 0..5 {
-        assert_eq!(ws_status(web, &[]).await.0, 503, "fourth connection from one address");
+        assert_eq!(
+            ws_status(web, &[]).await.0,
+            503,
+            "fourth connection from one address"
+        );
     }
     assert_eq!(
-        ws_status(web, &[("Origin", "https://evil.example")]).await.0,
+        ws_status(web, &[("Origin", "https://evil.example")])
+            .await
+            .0,
         403,
         "cross-origin upgrade"
     );
@@ -341,12 +401,18 @@ async fn websocket_per_address_cap_and_cross_origin_refusal() {
     }
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="websocket",kind="connection_limit_ip"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="websocket",kind="connection_limit_ip"}"#
+        ),
         5,
         "{m}"
     );
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="websocket",kind="forbidden_origin"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="websocket",kind="forbidden_origin"}"#
+        ),
         1,
         "{m}"
     );
@@ -381,11 +447,16 @@ async fn cross_origin_mqtt_over_websocket_is_refused() {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
         other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
     }
-    let (_mqtt_ws, resp) = tokio_tungstenite::connect_async(upgrade(None)).await.unwrap();
+    let (_mqtt_ws, resp) = tokio_tungstenite::connect_async(upgrade(None))
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 101, "no Origin: not a browser");
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="mqtt",kind="forbidden_origin"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="mqtt",kind="forbidden_origin"}"#
+        ),
         1,
         "{m}"
     );
@@ -410,7 +481,10 @@ async fn an_oversized_request_head_gets_431() {
     assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
     let m = metrics(admin).await;
     assert_eq!(
-        counter(&m, r#"meshgate_errors_total{adapter="http",kind="header_too_large"}"#),
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="header_too_large"}"#
+        ),
         1,
         "{m}"
     );
@@ -423,5 +497,9 @@ async fn an_oversized_request_head_gets_431() {
     s.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
-    assert!(answer.starts_with(b"HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
 }

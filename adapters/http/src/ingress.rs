@@ -234,16 +234,17 @@ fn decode(
     topic: &Topic,
     body: Bytes,
 ) -> Result<Vec<Event>, Refusal> {
-    let decoded = binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
-        let kind = match e.status() {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-            _ => "bad_event",
-        };
-        state.metrics.error(kind);
-        tracing::debug!(error = %e, "http: invalid event");
-        Refusal::new(e.status(), e.to_string())
-    })?;
+    let decoded =
+        binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
+            let kind = match e.status() {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                _ => "bad_event",
+            };
+            state.metrics.error(kind);
+            tracing::debug!(error = %e, "http: invalid event");
+            Refusal::new(e.status(), e.to_string())
+        })?;
     let events = match decoded {
         Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
         // At most `max_batch_events`: the decoder stops at the next one (413).

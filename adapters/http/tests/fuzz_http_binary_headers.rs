@@ -30,7 +30,9 @@ fn request(input: &[u8]) -> (HeaderMap, Bytes) {
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
-        let value = line[colon + 1..].strip_prefix(b" ").unwrap_or(&line[colon + 1..]);
+        let value = line[colon + 1..]
+            .strip_prefix(b" ")
+            .unwrap_or(&line[colon + 1..]);
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&line[..colon]),
             HeaderValue::from_bytes(value),
@@ -89,7 +91,11 @@ fn fuzz_http_header_value_round_trip() {
 /// Events that binary mode carries exactly: string extensions, bytes as data with a type.
 fn events() -> impl Strategy<Value = Event> {
     (
-        ("[ -~é€😀\"%]{1,16}", "/[a-z0-9/._~%-]{0,15}", "[ -~é]{1,16}"),
+        (
+            "[ -~é€😀\"%]{1,16}",
+            "/[a-z0-9/._~%-]{0,15}",
+            "[ -~é]{1,16}",
+        ),
         proptest::option::of("[ -~é€😀\"%]{0,24}"),
         proptest::collection::btree_map("[a-z0-9]{1,12}", "[ -~é€\"%]{0,16}", 0..4),
         proptest::option::of(proptest::collection::vec(any::<u8>(), 1..32)),

@@ -76,10 +76,19 @@ mod tests {
     fn same_origin_listed_origins_and_non_browsers_pass_others_are_refused() {
         let none: &[String] = &[];
         let host = Some("gw.example:8080");
-        assert!(check(&headers(None, host), none).is_ok(), "no Origin: not a browser");
+        assert!(
+            check(&headers(None, host), none).is_ok(),
+            "no Origin: not a browser"
+        );
         assert!(check(&headers(Some("http://gw.example:8080"), host), none).is_ok());
         assert!(check(&headers(Some("HTTPS://GW.example:8080/"), host), none).is_ok());
-        assert!(check(&headers(Some("http://gw.example"), Some("gw.example:80")), none).is_ok());
+        assert!(
+            check(
+                &headers(Some("http://gw.example"), Some("gw.example:80")),
+                none
+            )
+            .is_ok()
+        );
         assert!(check(&headers(Some("https://evil.example"), host), none).is_err());
         assert!(check(&headers(Some("http://gw.example:9999"), host), none).is_err());
         assert!(check(&headers(Some("null"), host), none).is_err());

@@ -567,7 +567,9 @@ async fn a_peer_that_never_answers_pings_is_closed() {
     assert!(h.registry.render().contains("kind=\"ping_timeout\"} 1"));
 }
 
-fn http_status(r: Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error>) -> u16 {
+fn http_status(
+    r: Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error>,
+) -> u16 {
     match r {
         Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
         Ok(_) => 101,
@@ -581,7 +583,14 @@ async fn max_filters_refuses_the_handshake_and_later_subscribes_counted() {
     config.max_filters = 2;
     let h = start(config).await;
     assert_eq!(
-        http_status(connect_raw(h.addr, "?subscribe=a&subscribe=b&subscribe=c", Some("cloudevents.json")).await),
+        http_status(
+            connect_raw(
+                h.addr,
+                "?subscribe=a&subscribe=b&subscribe=c",
+                Some("cloudevents.json")
+            )
+            .await
+        ),
         400
     );
     let mut ws = connect(h.addr, "?subscribe=a&subscribe=b").await;
@@ -640,10 +649,16 @@ async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
     );
     let text = h.registry.render();
     assert!(text.contains(r#"kind="connection_limit_ip"} 1"#), "{text}");
-    assert!(text.contains(r#"kind="connection_limit_user"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"kind="connection_limit_user"} 1"#),
+        "{text}"
+    );
     drop(user);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while connect_raw(h.addr, "?access_token=tok-web-1", Some("cloudevents.json")).await.is_err() {
+    while connect_raw(h.addr, "?access_token=tok-web-1", Some("cloudevents.json"))
+        .await
+        .is_err()
+    {
         assert!(tokio::time::Instant::now() < deadline, "slots never freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -653,17 +668,28 @@ async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
 async fn cross_origin_upgrade_is_refused_with_403() {
     let h = start(ws_config()).await;
     let mut req = format!("ws://{}/ws", h.addr).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "cloudevents.json".parse().unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
     req.headers_mut()
         .insert("Origin", "https://evil.example".parse().unwrap());
-    assert_eq!(http_status(tokio_tungstenite::connect_async(req).await), 403);
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(req).await),
+        403
+    );
     let mut req = format!("ws://{}/ws", h.addr).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "cloudevents.json".parse().unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
     req.headers_mut()
         .insert("Origin", format!("http://{}", h.addr).parse().unwrap());
-    assert_eq!(http_status(tokio_tungstenite::connect_async(req).await), 101, "same origin");
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(req).await),
+        101,
+        "same origin"
+    );
     let text = h.registry.render();
     assert!(
         text.contains(r#"meshgate_errors_total{adapter="websocket",kind="forbidden_origin"} 1"#),

@@ -116,6 +116,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
              set auth.anonymous.enabled = false (or narrow its publish/subscribe lists) and configure [[auth.users]]"
         );
     }
+    if let Some((caps, limit)) = web::descriptors_short(&config, web::open_files_limit()) {
+        tracing::warn!(
+            caps,
+            limit,
+            "the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) \
+             exceed the process's open-file limit: past it accepts fail for every listener and \
+             backbone reconnects; raise the limit (ulimit -n, LimitNOFILE=) or lower the caps"
+        );
+    }
     let registry = Registry::new();
     let instance: Arc<str> = Arc::from(
         config

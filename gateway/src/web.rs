@@ -115,9 +115,51 @@ pub fn anonymous_exposure(config: &Config) -> Vec<String> {
     exposed
 }
 
+/// The soft open-file limit of this process (`Max open files` in /proc/self/limits), if known.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `Some((sockets the caps allow, limit))` when the listeners' connection caps, plus headroom
+/// for the backbone, log and files, exceed the open-file limit: then the caps are not what
+/// bounds the process, EMFILE is.
+pub fn descriptors_short(config: &Config, limit: Option<u64>) -> Option<(u64, u64)> {
+    let limit = limit?;
+    let mut caps = 0u64;
+    if enabled(config) {
+        caps += config.http.max_connections as u64;
+    }
+    if config.admin.enabled {
+        caps += config.admin.max_connections as u64;
+    }
+    if config.mqtt.enabled {
+        caps += config.mqtt.max_connections as u64;
+    }
+    // Listeners, backbone and AMQP connections, the log, the runtime's own descriptors.
+    const HEADROOM: u64 = 64;
+    (caps + HEADROOM > limit).then_some((caps, limit))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caps_above_the_open_file_limit_are_reported() {
+        let mut c = Config::default();
+        assert_eq!(descriptors_short(&c, None), None, "limit unknown");
+        assert_eq!(descriptors_short(&c, Some(1 << 20)), None);
+        assert_eq!(descriptors_short(&c, Some(1024)), Some((10_064, 1024)));
+        c.mqtt.enabled = true;
+        assert_eq!(descriptors_short(&c, Some(20_000)), Some((20_064, 20_000)));
+        assert!(open_files_limit().is_some_and(|l| l > 0), "read on Linux");
+    }
 
     #[test]
     fn anonymous_access_on_a_public_address_is_reported() {

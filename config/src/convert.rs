@@ -80,9 +80,9 @@ fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> 
     }
 }
 
-/// A `websocket.allowed_origins` entry: `*`, or `scheme://host[:port]` as browsers send it in
-/// `Origin` (kept lower-case, without a trailing `/`).
-fn origin(v: &str, errors: &mut Errors) -> Option<String> {
+/// An `allowed_origins` entry: `*`, or `scheme://host[:port]` as browsers send it in `Origin`
+/// (kept lower-case, without a trailing `/`).
+fn origin(v: &str, path: &str, errors: &mut Errors) -> Option<String> {
     let o = v.trim().trim_end_matches('/').to_ascii_lowercase();
     let ok = o == "*"
         || o.split_once("://").is_some_and(|(scheme, host)| {
@@ -97,7 +97,7 @@ fn origin(v: &str, errors: &mut Errors) -> Option<String> {
         Some(o)
     } else {
         errors.push(
-            "websocket.allowed_origins",
+            path,
             format!(
                 "`{v}` is not an origin; write scheme://host[:port], e.g. \"https://app.example.com\", or \"*\""
             ),
@@ -513,6 +513,11 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 "8 KiB (browsers send heads of a few KiB: cookies, long URLs)",
                 errors,
             ),
+            allowed_origins: h
+                .allowed_origins
+                .into_iter()
+                .filter_map(|o| origin(&o, "http.allowed_origins", errors))
+                .collect(),
             wrap: WrapConfig {
                 source: h.wrap.source,
                 event_type: h.wrap.event_type,
@@ -569,7 +574,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             allowed_origins: w
                 .allowed_origins
                 .into_iter()
-                .filter_map(|o| origin(&o, errors))
+                .filter_map(|o| origin(&o, "websocket.allowed_origins", errors))
                 .collect(),
         }
     });

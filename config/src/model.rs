@@ -199,6 +199,9 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Largest request head in bytes, request line included; 431 above it.
     pub max_header_size: usize,
+    /// Origins allowed to POST events from a browser (`*`: any); empty: the request's own
+    /// host only. Requests without `Origin` are allowed.
+    pub allowed_origins: Vec<String>,
     pub wrap: WrapConfig,
 }
 

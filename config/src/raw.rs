@@ -105,6 +105,7 @@ pub struct Http {
     pub idle_timeout: String,
     pub max_connections: i64,
     pub max_header_size: Size,
+    pub allowed_origins: Vec<String>,
     pub wrap: Wrap,
 }
 

@@ -649,4 +649,10 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
     assert_eq!(d.http.max_header_size, 64 * 1024);
     assert_eq!(d.websocket.max_filters, 256);
     assert!(d.websocket.allowed_origins.is_empty());
+    assert!(d.http.allowed_origins.is_empty());
+    let errs = errors_of("[http]\nallowed_origins = [\"null\"]\n", &[]);
+    assert!(
+        has(&errs, "http.allowed_origins", "not an origin"),
+        "{errs:?}"
+    );
 }

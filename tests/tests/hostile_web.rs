@@ -366,7 +366,8 @@ async fn ws_status(web: SocketAddr, headers: &[(&str, &str)]) -> (u16, Option<me
 
 /// F7: with `gateway.max_connections_per_ip = 3`, a fourth WebSocket from 127.0.0.1 gets 503
 /// (counted `connection_limit_ip`) while the first three keep receiving; F11: a page of another
-/// origin gets 403 (counted `forbidden_origin`), the same origin and non-browsers are allowed.
+/// origin gets 403 (counted `forbidden_origin`), the same origin and non-browsers are allowed;
+/// a cross-origin `POST /events` gets 403 too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_per_address_cap_and_cross_origin_refusal() {
     let gw = gateway(&[("MESHGATE__GATEWAY__MAX_CONNECTIONS_PER_IP", "3")]);
@@ -391,7 +392,18 @@ async fn websocket_per_address_cap_and_cross_origin_refusal() {
         403,
         "cross-origin upgrade"
     );
-    // The connected subscriber still gets everything.
+    // A page elsewhere cannot publish through the visitor's browser either (text/plain is a
+    // "simple request": no CORS preflight).
+    let forged = reqwest::Client::new()
+        .post(format!("http://{web}/events/ip/x"))
+        .header("origin", "https://evil.example")
+        .header("content-type", "text/plain")
+        .body("forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 403, "cross-origin POST");
+    // The connected subscriber still gets everything (and not the forged post).
     for i in 0..10 {
         assert_eq!(curl_post(web, "ip/x", &format!("I{i}")), 202);
     }
@@ -412,6 +424,14 @@ async fn websocket_per_address_cap_and_cross_origin_refusal() {
         counter(
             &m,
             r#"meshgate_errors_total{adapter="websocket",kind="forbidden_origin"}"#
+        ),
+        1,
+        "{m}"
+    );
+    assert_eq!(
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="forbidden_origin"}"#
         ),
         1,
         "{m}"

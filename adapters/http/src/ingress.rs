@@ -1,6 +1,7 @@
 //! `POST {events_path}/{topic}`: CloudEvents (or plain bodies) into the backbone.
 //!
-//! Order of checks, cheapest first: in-flight limit (503) → credentials (401) → publish
+//! Order of checks, cheapest first: in-flight limit (503) → browser origin (403) → credentials
+//! (401) → publish
 //! permission on the topic (403) → body size (413) → binding decode (400/415; a batch over
 //! `max_batch_events` is 413 as soon as the decoder reaches its next element) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
 //! the backbone accepted every event of the request.
@@ -312,6 +313,17 @@ async fn handle(
             ),
         ));
     };
+    // A page of another origin may not publish through the visitor's browser (a text/plain
+    // "simple request" needs no CORS preflight).
+    if let Err(why) = meshgate_core::header::check_origin(
+        headers.get(header::ORIGIN).map(|v| v.as_bytes()),
+        headers.get(header::HOST).map(|v| v.as_bytes()),
+        &state.config.allowed_origins,
+        "http.allowed_origins",
+    ) {
+        state.metrics.error("forbidden_origin");
+        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
+    }
     let topic = topic_from_path(state, uri)?;
     let principal = authenticate(state, headers)?;
     if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {

@@ -8,53 +8,14 @@
 
 use axum::http::{HeaderMap, header};
 
-/// `host[:port]` with the scheme's default port removed, lower-case.
-fn authority_without_default_port(scheme: &str, authority: &str) -> String {
-    let a = authority.to_ascii_lowercase();
-    let default = match scheme {
-        "http" | "ws" => ":80",
-        "https" | "wss" => ":443",
-        _ => "",
-    };
-    match a.strip_suffix(default) {
-        Some(stripped) if !default.is_empty() => stripped.to_owned(),
-        _ => a,
-    }
-}
-
 /// `Ok` when the upgrade may proceed, else the reason for a 403.
 pub fn check(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    if allowed.iter().any(|a| a == "*") {
-        return Ok(());
-    }
-    let refused = || {
-        format!(
-            "origin `{}` may not open a WebSocket here; add it to websocket.allowed_origins",
-            String::from_utf8_lossy(origin.as_bytes())
-        )
-    };
-    let origin = origin.to_str().map_err(|_| refused())?.trim();
-    let lower = origin.trim_end_matches('/').to_ascii_lowercase();
-    if allowed.contains(&lower) {
-        return Ok(());
-    }
-    // Same origin: the page was served by this host (Origin `null` and the like never are).
-    let Some((scheme, authority)) = lower.split_once("://") else {
-        return Err(refused());
-    };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    match host {
-        Some(host)
-            if authority_without_default_port(scheme, authority)
-                == authority_without_default_port(scheme, host.trim()) =>
-        {
-            Ok(())
-        }
-        _ => Err(refused()),
-    }
+    meshgate_core::header::check_origin(
+        headers.get(header::ORIGIN).map(|v| v.as_bytes()),
+        headers.get(header::HOST).map(|v| v.as_bytes()),
+        allowed,
+        "websocket.allowed_origins",
+    )
 }
 
 #[cfg(test)]

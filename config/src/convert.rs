@@ -518,6 +518,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 .into_iter()
                 .filter_map(|o| origin(&o, "http.allowed_origins", errors))
                 .collect(),
+            body_read_timeout: duration(&h.body_read_timeout, "http.body_read_timeout", errors),
             wrap: WrapConfig {
                 source: h.wrap.source,
                 event_type: h.wrap.event_type,
@@ -676,6 +677,10 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             "http.header_read_timeout",
         ),
         (http.as_ref().map(|h| h.idle_timeout), "http.idle_timeout"),
+        (
+            http.as_ref().map(|h| h.body_read_timeout),
+            "http.body_read_timeout",
+        ),
     ] {
         if d == Some(Duration::ZERO) {
             errors.push(path, "must be longer than 0s");

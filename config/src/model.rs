@@ -202,6 +202,8 @@ pub struct HttpConfig {
     /// Origins allowed to POST events from a browser (`*`: any); empty: the request's own
     /// host only. Requests without `Origin` are allowed.
     pub allowed_origins: Vec<String>,
+    /// Time for an ingress request's body to arrive completely; 408 after it.
+    pub body_read_timeout: Duration,
     pub wrap: WrapConfig,
 }
 

@@ -106,6 +106,7 @@ pub struct Http {
     pub max_connections: i64,
     pub max_header_size: Size,
     pub allowed_origins: Vec<String>,
+    pub body_read_timeout: String,
     pub wrap: Wrap,
 }
 

@@ -650,6 +650,7 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
     assert_eq!(d.websocket.max_filters, 256);
     assert!(d.websocket.allowed_origins.is_empty());
     assert!(d.http.allowed_origins.is_empty());
+    assert_eq!(d.http.body_read_timeout, Duration::from_secs(30));
     let errs = errors_of("[http]\nallowed_origins = [\"null\"]\n", &[]);
     assert!(
         has(&errs, "http.allowed_origins", "not an origin"),

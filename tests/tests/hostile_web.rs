@@ -524,3 +524,64 @@ async fn an_oversized_request_head_gets_431() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+/// A body trickled byte by byte (the body half of slowloris) gets 408 at
+/// `http.body_read_timeout`, counted `kind="timeout"`, while curl is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_408_at_the_body_read_timeout() {
+    let gw = gateway(&[("MESHGATE__HTTP__BODY_READ_TIMEOUT", "1500ms")]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let mut ws = ws_connect(web, &["body/#"]).await;
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(
+        b"POST /events/body/x HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\ncontent-length: 1000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        for _ in 0..100 {
+            if s.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                n = s.read(&mut buf) => match n {
+                    Ok(n) if n > 0 => {
+                        answer.extend_from_slice(&buf[..n]);
+                        break;
+                    }
+                    _ => break,
+                },
+            }
+        }
+        (answer, started.elapsed())
+    });
+    assert_eq!(curl_post(web, "body/y", "T1"), 202, "served meanwhile");
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id(),
+        "T1"
+    );
+    let (answer, took) = trickle.await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert!(text.contains("http.body_read_timeout"), "{text:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "408 after {took:?}"
+    );
+    let m = metrics(admin).await;
+    assert_eq!(
+        counter(
+            &m,
+            r#"meshgate_errors_total{adapter="http",kind="timeout"}"#
+        ),
+        1,
+        "{m}"
+    );
+}

@@ -30,10 +30,6 @@ use crate::binding::{self, Decoded};
 /// Adapter name in metrics and logs.
 pub const ADAPTER: &str = "http";
 
-/// How long a request body may take to arrive. A client that trickles its body (slowloris)
-/// holds one of the `max_in_flight` slots at most this long.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 struct HttpState {
     config: HttpConfig,
     ctx: AdapterContext,
@@ -187,14 +183,19 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     let mut stream = body.into_data_stream();
-    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    // A client that trickles its body (slowloris) holds one of the `max_in_flight` slots at
+    // most this long.
+    let within = state.config.body_read_timeout;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next()).await;
         let Ok(next) = next else {
             state.metrics.error("timeout");
             return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+                format!(
+                    "the request body did not arrive within {within:?} (http.body_read_timeout)"
+                ),
             ));
         };
         let Some(chunk) = next else { break };

@@ -31,6 +31,7 @@ fn http_config() -> HttpConfig {
         max_connections: 10_000,
         max_header_size: 64 * 1024,
         allowed_origins: Vec::new(),
+        body_read_timeout: Duration::from_secs(30),
         wrap: WrapConfig {
             source: "/meshgate/http".into(),
             event_type: "io.meshgate.http.message".into(),

@@ -131,3 +131,42 @@ pub fn check_origin(
         _ => Err(refused()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_rule() {
+        let check = |origin: Option<&str>, host: Option<&str>, allowed: &[&str]| {
+            let allowed: Vec<String> = allowed.iter().map(|s| (*s).to_owned()).collect();
+            check_origin(
+                origin.map(str::as_bytes),
+                host.map(str::as_bytes),
+                &allowed,
+                "x.allowed_origins",
+            )
+        };
+        let host = Some("gw.example:8080");
+        assert!(check(None, host, &[]).is_ok(), "no Origin: not a browser");
+        assert!(check(Some("http://gw.example:8080"), host, &[]).is_ok());
+        assert!(check(Some("https://gw.example"), Some("GW.example:443"), &[]).is_ok());
+        assert!(
+            check(Some("http://gw.example:8080"), None, &[]).is_err(),
+            "no Host"
+        );
+        assert!(check(Some("null"), host, &[]).is_err());
+        assert!(
+            check(Some("http://gw.example:80"), host, &[]).is_err(),
+            "other port"
+        );
+        assert!(check(Some("https://a.example"), host, &["https://a.example"]).is_ok());
+        assert!(check(Some("https://b.example"), host, &["*"]).is_ok());
+        let err = check(Some("https://b.example"), host, &["https://a.example"]).unwrap_err();
+        assert!(
+            err.contains("`https://b.example`") && err.contains("x.allowed_origins"),
+            "{err}"
+        );
+        assert!(check(Some("\u{e9}"), host, &[]).is_err());
+    }
+}

@@ -686,6 +686,28 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             errors.push(path, "must be longer than 0s");
         }
     }
+    // Deadlines are computed as `now + timeout` (in hyper too, which would panic on an overflow):
+    // longer than a day is a typo, not a policy.
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    for (d, path) in [
+        (
+            http.as_ref().map(|h| h.header_read_timeout),
+            "http.header_read_timeout",
+        ),
+        (http.as_ref().map(|h| h.idle_timeout), "http.idle_timeout"),
+        (
+            http.as_ref().map(|h| h.body_read_timeout),
+            "http.body_read_timeout",
+        ),
+        (
+            websocket.as_ref().map(|w| w.ping_interval),
+            "websocket.ping_interval",
+        ),
+    ] {
+        if let Some(d) = d.filter(|d| *d > DAY) {
+            errors.push(path, format!("{d:?} is longer than the maximum of 24h"));
+        }
+    }
     Some(Config {
         gateway: gateway?,
         log: log?,

@@ -620,6 +620,8 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
     );
     assert!(has(&errs, "http.idle_timeout", "duration"), "{text}");
     assert!(has(&errs, "http.max_header_size", "8 KiB"), "{text}");
+    let long = errors_of("[http]\nbody_read_timeout = \"1000000000000000s\"\n", &[]);
+    assert!(has(&long, "http.body_read_timeout", "24h"), "{long:?}");
     assert!(has(&errs, "http.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "admin.max_connections", "at least 1"), "{text}");
     assert!(has(&errs, "websocket.max_filters", "at least 1"), "{text}");

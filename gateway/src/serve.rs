@@ -108,7 +108,10 @@ pub async fn serve(
     counters: Counters,
     stop: CancellationToken,
 ) -> io::Result<()> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // `Semaphore::new` panics above MAX_PERMITS (usize::MAX >> 3); a larger cap is no cap.
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let refused = refusal(limits.max_connections_key);
     let connections = TaskTracker::new();
     loop {

@@ -131,19 +131,21 @@ pub fn open_files_limit() -> Option<u64> {
 /// bounds the process, EMFILE is.
 pub fn descriptors_short(config: &Config, limit: Option<u64>) -> Option<(u64, u64)> {
     let limit = limit?;
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    // Saturating: a cap may be configured as large as i64::MAX ("no cap").
     let mut caps = 0u64;
     if enabled(config) {
-        caps += config.http.max_connections as u64;
+        caps = caps.saturating_add(as_u64(config.http.max_connections));
     }
     if config.admin.enabled {
-        caps += config.admin.max_connections as u64;
+        caps = caps.saturating_add(as_u64(config.admin.max_connections));
     }
     if config.mqtt.enabled {
-        caps += config.mqtt.max_connections as u64;
+        caps = caps.saturating_add(as_u64(config.mqtt.max_connections));
     }
     // Listeners, backbone and AMQP connections, the log, the runtime's own descriptors.
     const HEADROOM: u64 = 64;
-    (caps + HEADROOM > limit).then_some((caps, limit))
+    (caps.saturating_add(HEADROOM) > limit).then_some((caps, limit))
 }
 
 #[cfg(test)]
@@ -159,6 +161,12 @@ mod tests {
         c.mqtt.enabled = true;
         assert_eq!(descriptors_short(&c, Some(20_000)), Some((20_064, 20_000)));
         assert!(open_files_limit().is_some_and(|l| l > 0), "read on Linux");
+        c.http.max_connections = usize::MAX;
+        c.mqtt.max_connections = usize::MAX;
+        assert_eq!(
+            descriptors_short(&c, Some(20_000)),
+            Some((u64::MAX, 20_000))
+        );
     }
 
     #[test]

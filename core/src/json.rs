@@ -734,6 +734,22 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_data_neither_overflows_the_stack_nor_is_refused_for_depth_alone() {
+        // 1 MiB of nesting, in `data` (kept as raw text), in a batch and in an attribute.
+        let depth = 500_000;
+        let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let event =
+            format!(r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{nested}}}"#);
+        assert!(decode(event.as_bytes()).is_ok());
+        let batch = format!("[{event}]");
+        assert_eq!(decode_batch(batch.as_bytes(), 10).map(|v| v.len()), Ok(1));
+        let attribute = event.replace(r#""data""#, r#""x""#);
+        assert!(decode(attribute.as_bytes()).is_err());
+        let unclosed = format!("[{}", "[".repeat(depth));
+        assert!(decode_batch(unclosed.as_bytes(), 10).is_err());
+    }
+
+    #[test]
     fn f10_a_batch_past_the_limit_is_refused_before_its_elements_are_decoded() {
         // 349,000 `{}` in a 1 MiB body: refused at element 1001, which is all that is read.
         let body = format!("[{}]", vec!["{}"; 349_000].join(","));

@@ -80,6 +80,32 @@ fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> 
     }
 }
 
+/// An `allowed_origins` entry: `*`, or `scheme://host[:port]` as browsers send it in `Origin`
+/// (kept lower-case, without a trailing `/`).
+fn origin(v: &str, path: &str, errors: &mut Errors) -> Option<String> {
+    let o = v.trim().trim_end_matches('/').to_ascii_lowercase();
+    let ok = o == "*"
+        || o.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && !host.is_empty()
+                && !host.contains(['/', '?', '#', ' '])
+        });
+    if ok {
+        Some(o)
+    } else {
+        errors.push(
+            path,
+            format!(
+                "`{v}` is not an origin; write scheme://host[:port], e.g. \"https://app.example.com\", or \"*\""
+            ),
+        );
+        None
+    }
+}
+
 pub(crate) fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
     if v <= 0 {
         errors.push(path, format!("must be at least 1, got {v}"));
@@ -458,6 +484,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let admin = admin.map(|a| AdminConfig {
         enabled: a.enabled,
         listen: addr(&a.listen, "admin.listen", errors),
+        max_connections: positive(a.max_connections, "admin.max_connections", errors),
     });
     let backbone = backbone.map(|b| {
         let kind = match b.kind.as_str() {
@@ -525,6 +552,26 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             max_in_flight: positive(h.max_in_flight, "http.max_in_flight", errors),
             retry_after: duration(&h.retry_after, "http.retry_after", errors),
             browser_page: h.browser_page,
+            header_read_timeout: duration(
+                &h.header_read_timeout,
+                "http.header_read_timeout",
+                errors,
+            ),
+            idle_timeout: duration(&h.idle_timeout, "http.idle_timeout", errors),
+            max_connections: positive(h.max_connections, "http.max_connections", errors),
+            max_header_size: size(
+                &h.max_header_size,
+                "http.max_header_size",
+                8 * 1024,
+                "8 KiB (browsers send heads of a few KiB: cookies, long URLs)",
+                errors,
+            ),
+            allowed_origins: h
+                .allowed_origins
+                .into_iter()
+                .filter_map(|o| origin(&o, "http.allowed_origins", errors))
+                .collect(),
+            body_read_timeout: duration(&h.body_read_timeout, "http.body_read_timeout", errors),
             wrap: WrapConfig {
                 source: h.wrap.source,
                 event_type: h.wrap.event_type,
@@ -577,6 +624,12 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             publish_topic,
             max_connections: positive(w.max_connections, "websocket.max_connections", errors),
             ping_interval: duration(&w.ping_interval, "websocket.ping_interval", errors),
+            max_filters: positive(w.max_filters, "websocket.max_filters", errors),
+            allowed_origins: w
+                .allowed_origins
+                .into_iter()
+                .filter_map(|o| origin(&o, "websocket.allowed_origins", errors))
+                .collect(),
         }
     });
     let mqtt = mqtt.map(|m| {
@@ -709,9 +762,40 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             websocket.as_ref().map(|w| w.ping_interval),
             "websocket.ping_interval",
         ),
+        (
+            http.as_ref().map(|h| h.header_read_timeout),
+            "http.header_read_timeout",
+        ),
+        (http.as_ref().map(|h| h.idle_timeout), "http.idle_timeout"),
+        (
+            http.as_ref().map(|h| h.body_read_timeout),
+            "http.body_read_timeout",
+        ),
     ] {
         if d == Some(Duration::ZERO) {
             errors.push(path, "must be longer than 0s");
+        }
+    }
+    // Deadlines are computed as `now + timeout` (in hyper too, which would panic on an overflow):
+    // longer than a day is a typo, not a policy.
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    for (d, path) in [
+        (
+            http.as_ref().map(|h| h.header_read_timeout),
+            "http.header_read_timeout",
+        ),
+        (http.as_ref().map(|h| h.idle_timeout), "http.idle_timeout"),
+        (
+            http.as_ref().map(|h| h.body_read_timeout),
+            "http.body_read_timeout",
+        ),
+        (
+            websocket.as_ref().map(|w| w.ping_interval),
+            "websocket.ping_interval",
+        ),
+    ] {
+        if let Some(d) = d.filter(|d| *d > DAY) {
+            errors.push(path, format!("{d:?} is longer than the maximum of 24h"));
         }
     }
     Some(Config {

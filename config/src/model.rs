@@ -52,6 +52,8 @@ pub struct LogConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Connections the admin listener holds at once; more are closed at accept.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +200,21 @@ pub struct HttpConfig {
     pub retry_after: Duration,
     /// Serve the example browser page at `GET /`.
     pub browser_page: bool,
+    /// A request head must arrive within this time: from accept for a connection's first
+    /// request, from the request's first byte on a keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Connections the web listener holds at once (HTTP, WebSocket, MQTT over WebSocket),
+    /// counted at accept.
+    pub max_connections: usize,
+    /// Largest request head in bytes, request line included; 431 above it.
+    pub max_header_size: usize,
+    /// Origins allowed to POST events from a browser (`*`: any); empty: the request's own
+    /// host only. Requests without `Origin` are allowed.
+    pub allowed_origins: Vec<String>,
+    /// Time for an ingress request's body to arrive completely; 408 after it.
+    pub body_read_timeout: Duration,
     pub wrap: WrapConfig,
 }
 
@@ -237,6 +254,11 @@ pub struct WebSocketConfig {
     /// Interval of server pings that keep idle connections alive through proxies; a client
     /// silent (not even a pong) for two intervals is closed with 1001.
     pub ping_interval: Duration,
+    /// Topic filters one connection may hold.
+    pub max_filters: usize,
+    /// Origins allowed to open a WebSocket on the web listener (`*`: any); empty: the
+    /// request's own host only. Requests without `Origin` (not from a browser) are allowed.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name.

@@ -23,6 +23,7 @@ pub struct Log {
 pub struct Admin {
     pub enabled: bool,
     pub listen: String,
+    pub max_connections: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +105,12 @@ pub struct Http {
     pub max_in_flight: i64,
     pub retry_after: String,
     pub browser_page: bool,
+    pub header_read_timeout: String,
+    pub idle_timeout: String,
+    pub max_connections: i64,
+    pub max_header_size: Size,
+    pub allowed_origins: Vec<String>,
+    pub body_read_timeout: String,
     pub wrap: Wrap,
 }
 
@@ -118,6 +125,8 @@ pub struct WebSocket {
     pub publish_topic: String,
     pub max_connections: i64,
     pub ping_interval: String,
+    pub max_filters: i64,
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -671,3 +671,56 @@ fn amqp_debug_output_hides_the_password() {
     assert_eq!(c.amqp.password, "env-s3cret");
     assert!(!format!("{:?}", c.amqp).contains("env-s3cret"));
 }
+
+#[test]
+fn web_listener_bounds_are_checked_and_name_their_keys() {
+    let errs = errors_of(
+        "[http]\nheader_read_timeout = \"0s\"\nmax_header_size = 100\nidle_timeout = \"soon\"\nmax_connections = 0\n[admin]\nmax_connections = -1\n[websocket]\nmax_filters = 0\nallowed_origins = [\"example.com\", \"https://ok.example\"]\n",
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(
+        has(&errs, "http.header_read_timeout", "longer than 0s"),
+        "{text}"
+    );
+    assert!(has(&errs, "http.idle_timeout", "duration"), "{text}");
+    assert!(has(&errs, "http.max_header_size", "8 KiB"), "{text}");
+    let long = errors_of("[http]\nbody_read_timeout = \"1000000000000000s\"\n", &[]);
+    assert!(has(&long, "http.body_read_timeout", "24h"), "{long:?}");
+    assert!(has(&errs, "http.max_connections", "at least 1"), "{text}");
+    assert!(has(&errs, "admin.max_connections", "at least 1"), "{text}");
+    assert!(has(&errs, "websocket.max_filters", "at least 1"), "{text}");
+    assert!(
+        has(
+            &errs,
+            "websocket.allowed_origins",
+            "`example.com` is not an origin"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("ok.example"), "{text}");
+    let c = load_str(
+        "[websocket]\nallowed_origins = [\"HTTPS://App.Example.com/\", \"*\"]\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.websocket.allowed_origins,
+        vec!["https://app.example.com", "*"]
+    );
+    let d = Config::default();
+    assert_eq!(d.http.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(d.http.idle_timeout, Duration::from_secs(60));
+    assert_eq!(d.http.max_connections, 10_000);
+    assert_eq!(d.http.max_header_size, 64 * 1024);
+    assert_eq!(d.websocket.max_filters, 256);
+    assert!(d.websocket.allowed_origins.is_empty());
+    assert!(d.http.allowed_origins.is_empty());
+    assert_eq!(d.http.body_read_timeout, Duration::from_secs(30));
+    let errs = errors_of("[http]\nallowed_origins = [\"null\"]\n", &[]);
+    assert!(
+        has(&errs, "http.allowed_origins", "not an origin"),
+        "{errs:?}"
+    );
+}

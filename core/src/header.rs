@@ -73,3 +73,100 @@ pub fn percent_encode_header(value: &str) -> String {
     }
     out
 }
+
+/// `host[:port]` with the scheme's default port removed, lower-case.
+fn authority_without_default_port(scheme: &str, authority: &str) -> String {
+    let a = authority.to_ascii_lowercase();
+    let default = match scheme {
+        "http" | "ws" => ":80",
+        "https" | "wss" => ":443",
+        _ => return a,
+    };
+    match a.strip_suffix(default) {
+        Some(stripped) => stripped.to_owned(),
+        None => a,
+    }
+}
+
+/// The `Origin` rule of the web listener (against cross-site WebSocket hijacking and
+/// cross-site form posts), as the NATS server's websocket `same_origin`/`allowed_origins`:
+/// a request without `Origin` is not from a browser (devices, CLI tools) and passes; a
+/// browser's must name the request's own `Host` (default ports ignored) or be one of
+/// `allowed` (lower-case `scheme://host[:port]`, or `*` for any). `key` names the setting in
+/// the refusal.
+pub fn check_origin(
+    origin: Option<&[u8]>,
+    host: Option<&[u8]>,
+    allowed: &[String],
+    key: &str,
+) -> Result<(), String> {
+    let Some(origin) = origin else {
+        return Ok(());
+    };
+    if allowed.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    let refused = || {
+        format!(
+            "origin `{}` may not use this endpoint; add it to {key}",
+            String::from_utf8_lossy(origin)
+        )
+    };
+    let origin = std::str::from_utf8(origin).map_err(|_| refused())?.trim();
+    let lower = origin.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.contains(&lower) {
+        return Ok(());
+    }
+    // Same origin: the page was served by this host (`null` and the like never are).
+    let Some((scheme, authority)) = lower.split_once("://") else {
+        return Err(refused());
+    };
+    match host.and_then(|h| std::str::from_utf8(h).ok()) {
+        Some(host)
+            if authority_without_default_port(scheme, authority)
+                == authority_without_default_port(scheme, host.trim()) =>
+        {
+            Ok(())
+        }
+        _ => Err(refused()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_rule() {
+        let check = |origin: Option<&str>, host: Option<&str>, allowed: &[&str]| {
+            let allowed: Vec<String> = allowed.iter().map(|s| (*s).to_owned()).collect();
+            check_origin(
+                origin.map(str::as_bytes),
+                host.map(str::as_bytes),
+                &allowed,
+                "x.allowed_origins",
+            )
+        };
+        let host = Some("gw.example:8080");
+        assert!(check(None, host, &[]).is_ok(), "no Origin: not a browser");
+        assert!(check(Some("http://gw.example:8080"), host, &[]).is_ok());
+        assert!(check(Some("https://gw.example"), Some("GW.example:443"), &[]).is_ok());
+        assert!(
+            check(Some("http://gw.example:8080"), None, &[]).is_err(),
+            "no Host"
+        );
+        assert!(check(Some("null"), host, &[]).is_err());
+        assert!(
+            check(Some("http://gw.example:80"), host, &[]).is_err(),
+            "other port"
+        );
+        assert!(check(Some("https://a.example"), host, &["https://a.example"]).is_ok());
+        assert!(check(Some("https://b.example"), host, &["*"]).is_ok());
+        let err = check(Some("https://b.example"), host, &["https://a.example"]).unwrap_err();
+        assert!(
+            err.contains("`https://b.example`") && err.contains("x.allowed_origins"),
+            "{err}"
+        );
+        assert!(check(Some("\u{e9}"), host, &[]).is_err());
+    }
+}

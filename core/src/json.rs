@@ -75,10 +75,26 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
 /// The elements of a JSON array, as raw JSON.
 struct Elements<'a>(Vec<&'a RawValue>);
 
-impl<'de> serde::Deserialize<'de> for Elements<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
+/// Reads at most `max` elements of a JSON array: the next one stops the read (and sets
+/// `too_many`), so that a body of a million tiny elements costs no more than `max` of them.
+struct ElementsUpTo<'f> {
+    max: usize,
+    too_many: &'f std::cell::Cell<bool>,
+}
+
+/// The message of the error that stops a read at the limit (never shown: replaced by
+/// [`BatchError::TooMany`]).
+const TOO_MANY: &str = "too many batch elements";
+
+impl<'de> serde::de::DeserializeSeed<'de> for ElementsUpTo<'_> {
+    type Value = Elements<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct V<'f> {
+            max: usize,
+            too_many: &'f std::cell::Cell<bool>,
+        }
+        impl<'de> Visitor<'de> for V<'_> {
             type Value = Elements<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON array")
@@ -86,13 +102,34 @@ impl<'de> serde::Deserialize<'de> for Elements<'de> {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(v) = seq.next_element::<&'de RawValue>()? {
+                    if out.len() == self.max {
+                        self.too_many.set(true);
+                        return Err(serde::de::Error::custom(TOO_MANY));
+                    }
                     out.push(v);
                 }
                 Ok(Elements(out))
             }
         }
-        d.deserialize_seq(V)
+        d.deserialize_seq(V {
+            max: self.max,
+            too_many: self.too_many,
+        })
     }
+}
+
+/// Why a JSON batch was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// More than the allowed number of events; found while reading, before any is decoded.
+    #[error("the batch holds more than {max} events")]
+    TooMany { max: usize },
+    /// The body is not a batch (`index: None`) or element `index` is not a valid event.
+    #[error("{}", match .index { Some(i) => format!("batch element {i}: {}", .error), None => .error.to_string() })]
+    Invalid {
+        index: Option<usize>,
+        error: EventError,
+    },
 }
 
 fn syntax(e: serde_json::Error) -> EventError {
@@ -266,21 +303,44 @@ fn decode_members(members: Members<'_>) -> Result<Event, EventError> {
     Ok(event)
 }
 
-/// Parses a JSON batch: an array of JSON-format events, all with specversion 1.0.
-/// An error names the index of the failing element.
-pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventError)> {
-    let elements: Elements<'_> = serde_json::from_slice(body).map_err(|e| {
-        (
-            None,
-            EventError::Format(format!(
-                "body is not a JSON batch (an array of events): {e}"
-            )),
-        )
-    })?;
+/// Parses a JSON batch of at most `max_events` events: an array of JSON-format events, all
+/// with specversion 1.0. An error names the index of the failing element. A longer batch is
+/// refused as soon as its element `max_events + 1` is reached, before any element is decoded
+/// (a 1 MiB body of `{}` elements would otherwise cost ~140 MB of decoded members).
+pub fn decode_batch(body: &[u8], max_events: usize) -> Result<Vec<Event>, BatchError> {
+    let too_many = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let read = serde::de::DeserializeSeed::deserialize(
+        ElementsUpTo {
+            max: max_events,
+            too_many: &too_many,
+        },
+        &mut de,
+    )
+    .and_then(|elements| de.end().map(|()| elements));
+    let elements = match read {
+        Ok(elements) => elements,
+        Err(_) if too_many.get() => return Err(BatchError::TooMany { max: max_events }),
+        Err(e) => {
+            return Err(BatchError::Invalid {
+                index: None,
+                error: EventError::Format(format!(
+                    "body is not a JSON batch (an array of events): {e}"
+                )),
+            });
+        }
+    };
+    let invalid = |i: usize| {
+        move |error| BatchError::Invalid {
+            index: Some(i),
+            error,
+        }
+    };
     let mut parsed = Vec::with_capacity(elements.0.len());
     for (i, raw) in elements.0.iter().enumerate() {
-        let members: Members<'_> =
-            serde_json::from_str(raw.get()).map_err(|e| (Some(i), syntax(e)))?;
+        let members: Members<'_> = serde_json::from_str(raw.get())
+            .map_err(syntax)
+            .map_err(invalid(i))?;
         parsed.push(members);
     }
     // All events of a batch MUST share one specversion; say so before anything else fails.
@@ -291,18 +351,18 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, (Option<usize>, EventErro
         .collect();
     if versions.len() > 1 {
         let list: Vec<_> = versions.into_iter().collect();
-        return Err((
-            None,
-            EventError::Format(format!(
+        return Err(BatchError::Invalid {
+            index: None,
+            error: EventError::Format(format!(
                 "a batch must not mix specversions, found {}",
                 list.join(", ")
             )),
-        ));
+        });
     }
     parsed
         .into_iter()
         .enumerate()
-        .map(|(i, m)| decode_members(m).map_err(|e| (Some(i), e)))
+        .map(|(i, m)| decode_members(m).map_err(invalid(i)))
         .collect()
 }
 
@@ -651,13 +711,59 @@ mod tests {
 
     #[test]
     fn batches() {
-        assert!(decode_batch(b"[]").unwrap().is_empty());
+        assert!(decode_batch(b"[]", 10).unwrap().is_empty());
         let two = format!("[{E0},{}]", E0.replace("A1", "A2"));
-        assert_eq!(decode_batch(two.as_bytes()).unwrap().len(), 2);
+        assert_eq!(decode_batch(two.as_bytes(), 10).unwrap().len(), 2);
+        assert_eq!(
+            decode_batch(two.as_bytes(), 2).unwrap().len(),
+            2,
+            "at the limit"
+        );
         let mixed = format!("[{E0},{}]", E0.replace("1.0", "0.3"));
-        let (idx, err) = decode_batch(mixed.as_bytes()).unwrap_err();
-        assert_eq!(idx, None);
+        let err = decode_batch(mixed.as_bytes(), 10).unwrap_err();
+        assert!(
+            matches!(err, BatchError::Invalid { index: None, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("mix"), "{err}");
-        assert!(decode_batch(E0.as_bytes()).is_err());
+        let bad = format!("[{E0},{{}}]");
+        let err = decode_batch(bad.as_bytes(), 10).unwrap_err();
+        assert!(err.to_string().starts_with("batch element 1"), "{err}");
+        assert!(decode_batch(E0.as_bytes(), 10).is_err());
+        assert!(decode_batch(b"[] x", 10).is_err(), "trailing characters");
+    }
+
+    #[test]
+    fn deeply_nested_data_neither_overflows_the_stack_nor_is_refused_for_depth_alone() {
+        // 1 MiB of nesting, in `data` (kept as raw text), in a batch and in an attribute.
+        let depth = 500_000;
+        let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let event =
+            format!(r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{nested}}}"#);
+        assert!(decode(event.as_bytes()).is_ok());
+        let batch = format!("[{event}]");
+        assert_eq!(decode_batch(batch.as_bytes(), 10).map(|v| v.len()), Ok(1));
+        let attribute = event.replace(r#""data""#, r#""x""#);
+        assert!(decode(attribute.as_bytes()).is_err());
+        let unclosed = format!("[{}", "[".repeat(depth));
+        assert!(decode_batch(unclosed.as_bytes(), 10).is_err());
+    }
+
+    #[test]
+    fn f10_a_batch_past_the_limit_is_refused_before_its_elements_are_decoded() {
+        // 349,000 `{}` in a 1 MiB body: refused at element 1001, which is all that is read.
+        let body = format!("[{}]", vec!["{}"; 349_000].join(","));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            decode_batch(body.as_bytes(), 1000),
+            Err(BatchError::TooMany { max: 1000 })
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Stopped at the limit: what follows element 1001 is never looked at.
+        let cut = format!("[{}, {{\"unterminated", vec!["{}"; 1001].join(","));
+        assert_eq!(
+            decode_batch(cut.as_bytes(), 1000),
+            Err(BatchError::TooMany { max: 1000 })
+        );
     }
 }

@@ -359,7 +359,16 @@ impl TopicFilter {
 
     /// Is every topic matched by `other` also matched by `self`? Used by the authorizer to
     /// decide whether a requested subscription stays inside what a principal may see.
+    ///
+    /// The `$` rule applies as in [`TopicFilter::matches`]: a filter starting with a wildcard
+    /// matches no `$…` topic, so it does not cover a filter whose first level is a literal
+    /// starting with `$` (ACL `#` does not grant `$SYS/#`).
     pub fn covers(&self, other: &TopicFilter) -> bool {
+        if matches!(self.0.as_bytes().first(), Some(b'+' | b'#'))
+            && other.0.as_bytes().first() == Some(&b'$')
+        {
+            return false;
+        }
         let mut mine = self.levels();
         let mut theirs = other.levels();
         loop {
@@ -507,6 +516,33 @@ mod tests {
         assert!(!f("a/+").covers(&f("a/#")));
         assert!(f("a/#").covers(&f("a/b/#")));
         assert!(!f("a/b").covers(&f("a/+")));
+    }
+
+    #[test]
+    fn f16_covering_keeps_the_dollar_rule_of_matching() {
+        // `#` and `+/…` match no `$…` topic, so they grant no `$…` subscription.
+        assert!(!f("#").covers(&f("$SYS/#")));
+        assert!(!f("#").covers(&f("$SYS/broker/load")));
+        assert!(!f("+/x").covers(&f("$x/x")));
+        assert!(!f("+/#").covers(&f("$share/#")));
+        assert!(!f("#").matches(&t("$SYS/a")), "as matching says");
+        // A filter that names the `$` level explicitly does.
+        assert!(f("$SYS/#").covers(&f("$SYS/broker/load")));
+        assert!(f("$SYS/+").covers(&f("$SYS/a")));
+        // Wildcard requests match no `$…` topic either, so `#` still covers them.
+        assert!(f("#").covers(&f("+/x")));
+        assert!(f("#").covers(&f("#")));
+        // Covering implies matching on every `$` topic too.
+        for topic in ["$SYS/a", "$x/x", "$SYS/broker/load"] {
+            for (mine, theirs) in [("#", "$SYS/#"), ("$SYS/#", "$SYS/a"), ("+/x", "$x/x")] {
+                if f(mine).covers(&f(theirs)) && f(theirs).matches(&t(topic)) {
+                    assert!(
+                        f(mine).matches(&t(topic)),
+                        "{mine} covers {theirs} but misses {topic}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Readiness};
-use crate::web;
+use crate::{serve, web};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +109,22 @@ async fn bind(
 
 /// Starts every configured listener. Returns once they are bound and serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    for listener in web::anonymous_exposure(&config) {
+        tracing::warn!(
+            %listener,
+            "anonymous clients may publish/subscribe on a non-loopback address: anyone who can reach it can use the gateway; \
+             set auth.anonymous.enabled = false (or narrow its publish/subscribe lists) and configure [[auth.users]]"
+        );
+    }
+    if let Some((caps, limit)) = web::descriptors_short(&config, web::open_files_limit()) {
+        tracing::warn!(
+            caps,
+            limit,
+            "the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) \
+             exceed the process's open-file limit: past it accepts fail for every listener and \
+             backbone reconnects; raise the limit (ulimit -n, LimitNOFILE=) or lower the caps"
+        );
+    }
     let registry = Registry::new();
     let instance: Arc<str> = Arc::from(
         config
@@ -193,14 +209,20 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         web_addr = listener.local_addr().ok();
         let mut router = web::router(&config, &ctx);
         if let Some(mqtt_ws) = mqtt_ws {
-            router = router.merge(mqtt_ws);
+            router = router.merge(web::origin_checked(mqtt_ws, &config, &registry));
         }
         let stop = ingress_stop.clone();
-        web_task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }));
+        let limits = serve::Limits {
+            header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
+            max_connections: config.http.max_connections,
+            max_connections_key: "http.max_connections",
+            max_header_size: config.http.max_header_size,
+        };
+        let counters = serve::Counters::new(&registry, "http");
+        web_task = Some(tokio::spawn(serve::serve(
+            listener, router, limits, counters, stop,
+        )));
     }
     let (mut admin_addr, mut admin_task) = (None, None);
     if config.admin.enabled {
@@ -208,11 +230,17 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         admin_addr = listener.local_addr().ok();
         let router = admin::router(readiness.clone(), registry.clone());
         let stop = admin_stop.clone();
-        admin_task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }));
+        let limits = serve::Limits {
+            header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
+            max_connections: config.admin.max_connections,
+            max_connections_key: "admin.max_connections",
+            max_header_size: config.http.max_header_size,
+        };
+        let counters = serve::Counters::new(&registry, "admin");
+        admin_task = Some(tokio::spawn(serve::serve(
+            listener, router, limits, counters, stop,
+        )));
     }
     readiness.serving.store(true, Ordering::Release);
     Ok(RunningGateway {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod logging;
+pub mod serve;
 pub mod web;
 
 pub use app::{RunningGateway, ShutdownReport, StartError, start};

@@ -348,7 +348,10 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcards_do_not_match_dollar_topics_over_nats() {
     let nats = NatsServer::start();
-    let gw = start_gateway(nats_config(&nats, "gw-dollar")).await;
+    let mut config = nats_config(&nats, "gw-dollar");
+    // ACL `#` does not grant `$` topics (review F16): the `$SYS/#` subscriber needs its own rule.
+    config.auth.anonymous.acl.subscribe.push("$SYS/#".into());
+    let gw = start_gateway(config).await;
     let mut all = ws_connect(gw.web_addr.unwrap(), &["#"]).await;
     let mut sys = ws_connect(gw.web_addr.unwrap(), &["$SYS/#"]).await;
     wait_metric(

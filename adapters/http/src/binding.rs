@@ -28,6 +28,8 @@ pub enum BindingError {
     Event(#[from] EventError),
     #[error("batch element {index}: {source}")]
     BatchElement { index: usize, source: EventError },
+    #[error("the batch holds more than {max} events, the limit (http.max_batch_events)")]
+    TooManyEvents { max: usize },
     #[error("header `{name}`: {reason}")]
     Header { name: String, reason: String },
     #[error(
@@ -38,10 +40,12 @@ pub enum BindingError {
 }
 
 impl BindingError {
-    /// 415 for a format meshgate does not read, 400 for everything else.
+    /// 415 for a format meshgate does not read, 413 for a batch over the limit, 400 for
+    /// everything else.
     pub fn status(&self) -> StatusCode {
         match self {
             BindingError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BindingError::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -54,8 +58,12 @@ fn header_error(name: &str, reason: impl Into<String>) -> BindingError {
     }
 }
 
-/// Decodes a request's headers and body.
-pub fn decode(headers: &HeaderMap, body: Bytes) -> Result<Decoded, BindingError> {
+/// Decodes a request's headers and body; a batch may hold at most `max_batch_events` events.
+pub fn decode(
+    headers: &HeaderMap,
+    body: Bytes,
+    max_batch_events: usize,
+) -> Result<Decoded, BindingError> {
     let content_type = match headers.get(CONTENT_TYPE) {
         Some(v) => Some(
             v.to_str()
@@ -73,9 +81,16 @@ pub fn decode(headers: &HeaderMap, body: Bytes) -> Result<Decoded, BindingError>
         };
         if media::is_cloudevents_batch(ct) {
             json_format(ct)?;
-            let events = json::decode_batch(&body).map_err(|(index, source)| match index {
-                Some(index) => BindingError::BatchElement { index, source },
-                None => BindingError::Event(source),
+            let events = json::decode_batch(&body, max_batch_events).map_err(|e| match e {
+                json::BatchError::TooMany { max } => BindingError::TooManyEvents { max },
+                json::BatchError::Invalid {
+                    index: Some(index),
+                    error,
+                } => BindingError::BatchElement {
+                    index,
+                    source: error,
+                },
+                json::BatchError::Invalid { index: None, error } => BindingError::Event(error),
             })?;
             return Ok(Decoded::Batch(events));
         }
@@ -171,7 +186,7 @@ mod tests {
         if let Some(ct) = content_type {
             h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
         }
-        decode(&h, Bytes::from_static(body))
+        decode(&h, Bytes::from_static(body), 1000)
     }
 
     fn event(d: Result<Decoded, BindingError>) -> Event {
@@ -184,7 +199,7 @@ mod tests {
     fn structured(ct: &str, body: &'static str) -> Result<Decoded, BindingError> {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
-        decode(&h, Bytes::from_static(body.as_bytes()))
+        decode(&h, Bytes::from_static(body.as_bytes()), 1000)
     }
 
     #[test]
@@ -241,7 +256,7 @@ mod tests {
             );
         }
         assert_eq!(
-            event(decode(&h, Bytes::new())).source(),
+            event(decode(&h, Bytes::new(), 1000)).source(),
             "https://ex.com/a?b=c&d=e#f"
         );
     }
@@ -295,17 +310,17 @@ mod tests {
         h.insert("ce-id", HeaderValue::from_static("A1"));
         h.insert("ce-type", HeaderValue::from_static("t"));
         assert!(
-            decode(&h, Bytes::new())
+            decode(&h, Bytes::new(), 1000)
                 .unwrap_err()
                 .to_string()
                 .contains("source")
         );
         h.insert("ce-source", HeaderValue::from_static(""));
-        assert!(decode(&h, Bytes::new()).is_err());
+        assert!(decode(&h, Bytes::new(), 1000).is_err());
         h.insert("ce-source", HeaderValue::from_static("/s"));
         h.insert("ce-specversion", HeaderValue::from_static("0.3"));
         assert!(
-            decode(&h, Bytes::new())
+            decode(&h, Bytes::new(), 1000)
                 .unwrap_err()
                 .to_string()
                 .contains("0.3")
@@ -330,7 +345,7 @@ mod tests {
         );
         h.insert("ce-id", HeaderValue::from_static("OTHER"));
         assert_eq!(
-            event(decode(&h, Bytes::from_static(E0.as_bytes()))).id(),
+            event(decode(&h, Bytes::from_static(E0.as_bytes()), 1000)).id(),
             "A1"
         );
     }
@@ -397,7 +412,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         assert!(matches!(
-            decode(&h, Bytes::from_static(b"{}")),
+            decode(&h, Bytes::from_static(b"{}"), 1000),
             Ok(Decoded::NotCloudEvent)
         ));
     }
@@ -449,6 +464,6 @@ mod tests {
         e.set_datacontenttype(Some("text/plain".into())).unwrap();
         e.set_data(Some(Data::Binary(Bytes::from_static(b"hi"))));
         let (h, body) = encode_binary(&e);
-        assert_eq!(event(decode(&h, body)), e);
+        assert_eq!(event(decode(&h, body, 1000)), e);
     }
 }

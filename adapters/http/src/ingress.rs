@@ -1,8 +1,9 @@
 //! `POST {events_path}/{topic}`: CloudEvents (or plain bodies) into the backbone.
 //!
-//! Order of checks, cheapest first: in-flight limit (503) → credentials (401) → publish
-//! permission on the topic (403) → body size (413) → binding decode (400/415) → batch size
-//! (413) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
+//! Order of checks, cheapest first: in-flight limit (503) → browser origin (403) → credentials
+//! (401) → publish
+//! permission on the topic (403) → body size (413) → binding decode (400/415; a batch over
+//! `max_batch_events` is 413 as soon as the decoder reaches its next element) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
 //! the backbone accepted every event of the request.
 
 use std::sync::Arc;
@@ -28,10 +29,6 @@ use crate::binding::{self, Decoded};
 
 /// Adapter name in metrics and logs.
 pub const ADAPTER: &str = "http";
-
-/// How long a request body may take to arrive. A client that trickles its body (slowloris)
-/// holds one of the `max_in_flight` slots at most this long.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct HttpState {
     config: HttpConfig,
@@ -186,14 +183,19 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     let mut stream = body.into_data_stream();
-    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    // A client that trickles its body (slowloris) holds one of the `max_in_flight` slots at
+    // most this long.
+    let within = state.config.body_read_timeout;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next()).await;
         let Ok(next) = next else {
             state.metrics.error("timeout");
             return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+                format!(
+                    "the request body did not arrive within {within:?} (http.body_read_timeout)"
+                ),
             ));
         };
         let Some(chunk) = next else { break };
@@ -234,32 +236,21 @@ fn decode(
     topic: &Topic,
     body: Bytes,
 ) -> Result<Vec<Event>, Refusal> {
-    let decoded = binding::decode(headers, body.clone()).map_err(|e| {
-        let kind = if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            "unsupported_media_type"
-        } else {
-            "bad_event"
-        };
-        state.metrics.error(kind);
-        tracing::debug!(error = %e, "http: invalid event");
-        Refusal::new(e.status(), e.to_string())
-    })?;
+    let decoded =
+        binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
+            let kind = match e.status() {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                _ => "bad_event",
+            };
+            state.metrics.error(kind);
+            tracing::debug!(error = %e, "http: invalid event");
+            Refusal::new(e.status(), e.to_string())
+        })?;
     let events = match decoded {
         Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
-        Decoded::Batch(events) => {
-            if events.len() > state.config.max_batch_events {
-                state.metrics.error("too_large");
-                return Err(Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the batch holds {} events; the limit is {} (http.max_batch_events)",
-                        events.len(),
-                        state.config.max_batch_events
-                    ),
-                ));
-            }
-            events
-        }
+        // At most `max_batch_events`: the decoder stops at the next one (413).
+        Decoded::Batch(events) => events,
         Decoded::NotCloudEvent => {
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -323,6 +314,17 @@ async fn handle(
             ),
         ));
     };
+    // A page of another origin may not publish through the visitor's browser (a text/plain
+    // "simple request" needs no CORS preflight).
+    if let Err(why) = meshgate_core::header::check_origin(
+        headers.get(header::ORIGIN).map(|v| v.as_bytes()),
+        headers.get(header::HOST).map(|v| v.as_bytes()),
+        &state.config.allowed_origins,
+        "http.allowed_origins",
+    ) {
+        state.metrics.error("forbidden_origin");
+        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
+    }
     let topic = topic_from_path(state, uri)?;
     let principal = authenticate(state, headers)?;
     if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {

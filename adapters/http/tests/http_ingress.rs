@@ -26,6 +26,12 @@ fn http_config() -> HttpConfig {
         max_in_flight: 64,
         retry_after: Duration::from_secs(2),
         browser_page: false,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 10_000,
+        max_header_size: 64 * 1024,
+        allowed_origins: Vec::new(),
+        body_read_timeout: Duration::from_secs(30),
         wrap: WrapConfig {
             source: "/meshgate/http".into(),
             event_type: "io.meshgate.http.message".into(),
@@ -344,4 +350,46 @@ async fn saturated_backbone_gives_503_with_retry_after() {
     let r = post().await.unwrap();
     assert!(r.headers().contains_key("retry-after"));
     assert!(problem(r, 503).await.contains("saturated"));
+}
+
+#[tokio::test]
+async fn cross_origin_posts_are_refused_same_origin_and_non_browsers_accepted() {
+    let mut config = http_config();
+    config.allowed_origins = vec!["https://app.example".into()];
+    let h = start_with(config, Authorizer::allow_all(), memory()).await;
+    let mut sub = subscribe(&h, "o/#").await;
+    let client = reqwest::Client::new();
+    let post = |origin: Option<String>, body: &'static str| {
+        let mut r = client
+            .post(format!("http://{}/events/o/x", h.addr))
+            .header("content-type", "text/plain")
+            .body(body);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    // The attack: a page elsewhere posts a text/plain "simple request".
+    let r = post(Some("https://evil.example".into()), "forged")
+        .await
+        .unwrap();
+    let detail = problem(r, 403).await;
+    assert!(detail.contains("http.allowed_origins"), "{detail}");
+    for (origin, body) in [
+        (None, "curl"),
+        (Some(format!("http://{}", h.addr)), "same origin"),
+        (Some("https://app.example".to_owned()), "listed"),
+    ] {
+        let r = post(origin, body).await.unwrap();
+        assert_eq!(r.status(), 202, "{body}");
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.event().data().map(|d| d.to_bytes()),
+            Some(bytes::Bytes::from(body)),
+            "the forged post was not published"
+        );
+    }
 }

@@ -28,10 +28,6 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::binding::{self, FrameError, Inbound};
 
-/// Most topic filters one connection may hold; protects the gateway from a client that
-/// subscribes without end.
-pub const MAX_FILTERS_PER_CONNECTION: usize = 256;
-
 /// The `io.meshgate.error` code for a backbone refusal: `unavailable` when the same frame may
 /// go through later, `invalid_request` when sending it again won't help (too large, a topic
 /// too long for the bus).
@@ -183,10 +179,16 @@ impl Pumps {
         if self.handles.contains_key(&filter) {
             return Ok(());
         }
-        if self.handles.len() >= MAX_FILTERS_PER_CONNECTION {
+        // Each filter is a backbone subscription and a pump task (on JetStream a consumer on
+        // the server): a client may not subscribe without end.
+        let max = conn.shared.config.max_filters;
+        if self.handles.len() >= max {
+            conn.shared.metrics.error("too_many_filters");
             return Err(FrameError::new(
                 "invalid_request",
-                format!("at most {MAX_FILTERS_PER_CONNECTION} topic filters per connection"),
+                format!(
+                    "`{filter}` refused: at most {max} topic filters per connection (websocket.max_filters)"
+                ),
                 None,
             ));
         }

@@ -5,19 +5,24 @@
 //! event's `subject`, or a fixed topic from config) and subscribe with `?subscribe=<filter>` at
 //! connect or `io.meshgate.subscribe` events later (see [`binding`]).
 //!
-//! The handshake is refused with an HTTP status before any upgrade: 400 without the
-//! `cloudevents.json` subprotocol (unless `require_subprotocol = false`), 401/403 for
-//! credentials and subscribe permissions, 503 at `max_connections` or during shutdown.
+//! The handshake is refused with an HTTP status before any upgrade: 403 for a browser page of
+//! another origin (`allowed_origins`), 400 without the `cloudevents.json` subprotocol (unless
+//! `require_subprotocol = false`) or with more than `max_filters` filters, 401/403 for
+//! credentials and subscribe permissions, 503 at `max_connections`, at the per-address or
+//! per-user cap (`gateway.max_connections_per_ip`/`_per_user`) or during shutdown.
 
 pub mod binding;
 mod connection;
+pub mod origin;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,7 +30,7 @@ use meshgate_config::WebSocketConfig;
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::{AdapterContext, AuthError, Credentials, TopicFilter};
 
-pub use connection::{MAX_FILTERS_PER_CONNECTION, close_code};
+pub use connection::close_code;
 
 /// Adapter name in metrics and logs.
 pub const ADAPTER: &str = "websocket";
@@ -92,6 +97,24 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// The client's address, when the server put it in the request (`ConnectInfo<SocketAddr>`, as
+/// meshgate's web listener and `into_make_service_with_connect_info` do); without it the
+/// per-address cap does not apply.
+struct PeerAddr(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(PeerAddr(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
 fn bearer_from_headers(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -100,6 +123,7 @@ fn bearer_from_headers(headers: &HeaderMap) -> Option<&str> {
 
 async fn handshake(
     State(shared): State<Arc<Shared>>,
+    PeerAddr(peer): PeerAddr,
     headers: HeaderMap,
     uri: Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -120,6 +144,24 @@ async fn handshake(
             "the gateway is shutting down",
         );
     }
+    // Cross-site WebSocket hijacking: a page of another origin must not use the visitor's
+    // network position (or cookies) to subscribe.
+    if let Err(refusal) = origin::check(&headers, &shared.config.allowed_origins) {
+        shared.metrics.error("forbidden_origin");
+        return problem(StatusCode::FORBIDDEN, refusal);
+    }
+    // One address may not take every slot; held for the connection's life.
+    let ip_permit = match peer.map(|p| shared.ctx.limits.acquire_ip(p.ip())) {
+        None => None,
+        Some(Ok(permit)) => Some(permit),
+        Some(Err(e)) => {
+            shared.metrics.error(e.metric_kind());
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; close another connection or retry later"),
+            );
+        }
+    };
     let protocols = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -150,6 +192,27 @@ async fn handshake(
             return unauthorized("invalid token");
         }
     };
+    let max_filters = shared.config.max_filters;
+    if params.subscribe.len() > max_filters {
+        shared.metrics.error("too_many_filters");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} topic filters requested; at most {max_filters} per connection (websocket.max_filters)",
+                params.subscribe.len()
+            ),
+        );
+    }
+    let user_permit = match shared.ctx.limits.acquire_user(&principal) {
+        Ok(permit) => permit,
+        Err(e) => {
+            shared.metrics.error(e.metric_kind());
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; close another connection or retry later"),
+            );
+        }
+    };
     let mut filters = Vec::new();
     for f in &params.subscribe {
         let filter = match TopicFilter::parse(f) {
@@ -161,12 +224,6 @@ async fn handshake(
             return problem(StatusCode::FORBIDDEN, e.to_string());
         }
         filters.push(filter);
-    }
-    if filters.len() > MAX_FILTERS_PER_CONNECTION {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("at most {MAX_FILTERS_PER_CONNECTION} topic filters per connection"),
-        );
     }
     let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.metrics.connections.inc();
@@ -190,7 +247,7 @@ async fn handshake(
     let tracker = shared.ctx.tracker.clone();
     upgrade.on_upgrade(move |socket| {
         tracker.track_future(async move {
-            let _slot = slot;
+            let _slots = (slot, ip_permit, user_permit);
             connection::run(socket, shared, principal, filters).await;
         })
     })

@@ -38,6 +38,8 @@ fn ws_config() -> WebSocketConfig {
         publish_topic: PublishTopic::Subject,
         max_connections: 1000,
         ping_interval: Duration::from_secs(30),
+        max_filters: 256,
+        allowed_origins: Vec::new(),
     }
 }
 
@@ -49,6 +51,19 @@ struct Harness {
 }
 
 async fn start_with(config: WebSocketConfig, authorizer: Authorizer) -> Harness {
+    start_limited(
+        config,
+        authorizer,
+        meshgate_core::ConnectionLimits::unlimited(),
+    )
+    .await
+}
+
+async fn start_limited(
+    config: WebSocketConfig,
+    authorizer: Authorizer,
+    limits: Arc<meshgate_core::ConnectionLimits>,
+) -> Harness {
     let registry = Registry::new();
     let backbone = MemoryBackbone::new(
         MemoryBackboneConfig {
@@ -65,12 +80,18 @@ async fn start_with(config: WebSocketConfig, authorizer: Authorizer) -> Harness 
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),
-        limits: meshgate_core::ConnectionLimits::unlimited(),
+        limits,
     };
     let router = meshgate_websocket::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
     Harness {
         addr,
         ctx,
@@ -544,4 +565,134 @@ async fn a_peer_that_never_answers_pings_is_closed() {
         }
     }
     assert!(h.registry.render().contains("kind=\"ping_timeout\"} 1"));
+}
+
+fn http_status(
+    r: Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error>,
+) -> u16 {
+    match r {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Ok(_) => 101,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn max_filters_refuses_the_handshake_and_later_subscribes_counted() {
+    let mut config = ws_config();
+    config.max_filters = 2;
+    let h = start(config).await;
+    assert_eq!(
+        http_status(
+            connect_raw(
+                h.addr,
+                "?subscribe=a&subscribe=b&subscribe=c",
+                Some("cloudevents.json")
+            )
+            .await
+        ),
+        400
+    );
+    let mut ws = connect(h.addr, "?subscribe=a&subscribe=b").await;
+    ws.send(Message::Text(
+        r##"{"specversion":"1.0","id":"c1","source":"/client","type":"io.meshgate.subscribe","data":{"filters":["c/#"]}}"##.into(),
+    ))
+    .await
+    .unwrap();
+    let report = json::encode_string(&next_event(&mut ws).await);
+    assert!(report.contains("websocket.max_filters"), "{report}");
+    let ack = json::encode_string(&next_event(&mut ws).await);
+    assert!(ack.contains(r#""filters":["a","b"]"#), "{ack}");
+    let text = h.registry.render();
+    assert!(
+        text.contains(r#"meshgate_errors_total{adapter="websocket",kind="too_many_filters"} 2"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
+    let authorizer = Authorizer::new(
+        vec![UserSpec {
+            name: "web".into(),
+            password: None,
+            tokens: vec!["tok-web-1".into()],
+            permissions: Permissions {
+                publish: vec!["#".into()],
+                subscribe: vec!["#".into()],
+            },
+        }],
+        Some(Permissions {
+            publish: vec!["#".into()],
+            subscribe: vec!["#".into()],
+        }),
+    )
+    .unwrap();
+    let h = start_limited(
+        ws_config(),
+        authorizer,
+        meshgate_core::ConnectionLimits::new(3, 1),
+    )
+    .await;
+    let user = connect(h.addr, "?access_token=tok-web-1").await;
+    assert_eq!(
+        http_status(connect_raw(h.addr, "?access_token=tok-web-1", Some("cloudevents.json")).await),
+        503,
+        "second connection of the same user"
+    );
+    let _a = connect(h.addr, "").await;
+    let _b = connect(h.addr, "").await;
+    assert_eq!(
+        http_status(connect_raw(h.addr, "", Some("cloudevents.json")).await),
+        503,
+        "fourth connection from 127.0.0.1"
+    );
+    let text = h.registry.render();
+    assert!(text.contains(r#"kind="connection_limit_ip"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"kind="connection_limit_user"} 1"#),
+        "{text}"
+    );
+    drop(user);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while connect_raw(h.addr, "?access_token=tok-web-1", Some("cloudevents.json"))
+        .await
+        .is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn cross_origin_upgrade_is_refused_with_403() {
+    let h = start(ws_config()).await;
+    let mut req = format!("ws://{}/ws", h.addr).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
+    req.headers_mut()
+        .insert("Origin", "https://evil.example".parse().unwrap());
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(req).await),
+        403
+    );
+    let mut req = format!("ws://{}/ws", h.addr).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
+    req.headers_mut()
+        .insert("Origin", format!("http://{}", h.addr).parse().unwrap());
+    assert_eq!(
+        http_status(tokio_tungstenite::connect_async(req).await),
+        101,
+        "same origin"
+    );
+    let text = h.registry.render();
+    assert!(
+        text.contains(r#"meshgate_errors_total{adapter="websocket",kind="forbidden_origin"} 1"#),
+        "{text}"
+    );
 }

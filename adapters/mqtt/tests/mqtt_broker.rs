@@ -486,6 +486,50 @@ async fn retained_messages_reach_later_subscribers() {
     drop(s);
 }
 
+/// A retained publish the backbone refuses leaves the topic's retained message as it was
+/// (review F14: the store used to be updated before the publish, even a refused one).
+#[tokio::test]
+async fn a_refused_retained_publish_does_not_replace_the_retained_message() {
+    use meshgate_core::{Backbone, SubscribeOptions, TopicFilter};
+    let memory = MemoryBackboneConfig {
+        queue_capacity: 1,
+        full_policy: FullQueuePolicy::Block,
+        block_timeout: Duration::from_millis(100),
+    };
+    let h = start_on(mqtt_config(), Authorizer::allow_all(), memory).await;
+    // A subscriber that never reads: its one-event queue is full after the first publish, so
+    // the second is refused (Saturated) after block_timeout.
+    let _stuck = h
+        .backbone
+        .subscribe(
+            TopicFilter::parse("r/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let (p, mut prx) = client4(&h, "retainer", |_| {}).await;
+    p.publish("r/x", rumqttc::QoS::AtLeastOnce, true, "v1")
+        .await
+        .unwrap();
+    wait(&mut prx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    p.publish("r/x", rumqttc::QoS::AtLeastOnce, true, "v2")
+        .await
+        .unwrap();
+    // MQTT 3.1.1 has no negative PUBACK: the refusal closes the connection.
+    wait(&mut prx, "the connection closed", |e| {
+        e.is_err().then_some(())
+    })
+    .await;
+    let (s, mut srx) = client4(&h, "late", |_| {}).await;
+    s.subscribe("r/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let got = wait(&mut srx, "retained PUBLISH", publish4).await;
+    let e = json::decode(&got.payload).unwrap();
+    assert_eq!(e.data().unwrap().to_bytes(), &b"v1"[..]);
+}
+
 #[tokio::test]
 async fn will_is_published_when_a_client_vanishes() {
     let h = start().await;

@@ -17,6 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use meshgate_config::{PublishTopic, SlowConsumerPolicy};
+use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{
     Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
 };
@@ -330,19 +331,28 @@ enum End {
     Killed,
 }
 
-fn classify_error(err: axum::Error, max: usize) -> End {
+/// The close a read error calls for; counted in `meshgate_errors_total` (`bad_frame`,
+/// `too_large`, `protocol`) like every other refusal of client input.
+fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End {
     let inner = err.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Utf8(_)) => End::Close(close_frame(
-            close_code::INVALID_PAYLOAD,
-            "text frame is not valid UTF-8",
-        )),
-        Some(tungstenite::Error::Capacity(_)) => End::Close(close_frame(
-            close_code::MESSAGE_TOO_BIG,
-            &format!("message larger than {max} bytes"),
-        )),
+        Some(tungstenite::Error::Utf8(_)) => {
+            metrics.error("bad_frame");
+            End::Close(close_frame(
+                close_code::INVALID_PAYLOAD,
+                "text frame is not valid UTF-8",
+            ))
+        }
+        Some(tungstenite::Error::Capacity(_)) => {
+            metrics.error("too_large");
+            End::Close(close_frame(
+                close_code::MESSAGE_TOO_BIG,
+                &format!("message larger than {max} bytes"),
+            ))
+        }
         Some(tungstenite::Error::Protocol(p)) => {
             tracing::debug!(error = %p, "websocket protocol error");
+            metrics.error("protocol");
             End::Close(close_frame(close_code::PROTOCOL_ERROR, "protocol error"))
         }
         _ => End::Client,
@@ -468,7 +478,7 @@ pub(crate) async fn run(
                 conn.touch();
                 match frame {
                 None => break End::Client,
-                Some(Err(e)) => break classify_error(e, max),
+                Some(Err(e)) => break classify_error(e, max, &shared.metrics),
                 Some(Ok(Message::Text(text))) => {
                     handle_text(&conn, &mut pumps, &principal, connection, text.as_str()).await;
                 }

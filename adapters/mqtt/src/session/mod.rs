@@ -885,7 +885,13 @@ impl Session {
             }
             // A second CONNECT, or packets only a server sends.
             other => {
-                tracing::debug!(packet = ?other, "mqtt: unexpected packet");
+                // Only the packet's kind: a second CONNECT's `Debug` prints its password
+                // (rumqttd's `Login` derives it).
+                let kind = match other {
+                    Packet::Connect(..) => "CONNECT",
+                    _ => "a packet only a server sends",
+                };
+                tracing::debug!(packet = kind, "mqtt: unexpected packet");
                 self.shared.metrics.error("protocol");
                 self.disconnect(DisconnectReasonCode::ProtocolError);
                 Flow::End(End::Abnormal)
@@ -1074,20 +1080,32 @@ impl Session {
             Ok(envelope) => envelope,
             Err(flow) => return flow,
         };
-        if p.retain {
-            self.shared
-                .retained
-                .update(&envelope, p.payload.is_empty())
-                .await;
-        }
         if !self.shared.pipeline {
-            // The backbone answers at once (memory, NATS core): no queue, no allocation.
+            // The backbone answers at once (memory, NATS core): no queue, no allocation. A
+            // retained message is stored once the backbone took the publish, so a refused
+            // publish leaves the retained state as it was.
+            let retained = p.retain.then(|| envelope.clone());
             let r = self
                 .shared
                 .ctx
                 .publish_envelope(&self.shared.metrics, &self.principal, envelope)
                 .await;
+            if let (Ok(()), Some(envelope)) = (&r, retained) {
+                self.shared
+                    .retained
+                    .update(&envelope, p.payload.is_empty())
+                    .await;
+            }
             return self.published(qos, pkid, r);
+        }
+        // Pipelined (JetStream): stored before the publish, in packet order, so that two
+        // retained publishes of one client cannot reach the store in the other order; a
+        // refused publish leaves its message retained (the client is told, and retries).
+        if p.retain {
+            self.shared
+                .retained
+                .update(&envelope, p.payload.is_empty())
+                .await;
         }
         let shared = self.shared.clone();
         let principal = self.principal.clone();

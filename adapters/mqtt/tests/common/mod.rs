@@ -60,15 +60,22 @@ pub struct Harness {
 }
 
 pub async fn start_with(config: MqttConfig, authorizer: Authorizer) -> Harness {
+    let memory = MemoryBackboneConfig {
+        queue_capacity: 1024,
+        full_policy: FullQueuePolicy::Drop,
+        block_timeout: Duration::from_secs(1),
+    };
+    start_on(config, authorizer, memory).await
+}
+
+/// [`start_with`] on a memory backbone configured by the test.
+pub async fn start_on(
+    config: MqttConfig,
+    authorizer: Authorizer,
+    memory: MemoryBackboneConfig,
+) -> Harness {
     let registry = Registry::new();
-    let backbone = MemoryBackbone::new(
-        MemoryBackboneConfig {
-            queue_capacity: 1024,
-            full_policy: FullQueuePolicy::Drop,
-            block_timeout: Duration::from_secs(1),
-        },
-        &registry,
-    );
+    let backbone = MemoryBackbone::new(memory, &registry);
     let ctx = AdapterContext {
         instance: Arc::from("test"),
         backbone: backbone.clone(),

@@ -53,13 +53,15 @@ fn cost(envelope: &Envelope) -> usize {
     ENTRY + envelope.topic.as_str().len() + envelope.json().len()
 }
 
-/// The literal levels of `filter` before its first wildcard, with their trailing `/`
-/// (`a/b/#` → `a/b/`; `#` → ``): every topic it matches starts with this, so the sorted
-/// store is searched from there instead of from the start.
+/// The literal levels of `filter` before its first wildcard, without their trailing `/`
+/// (`a/b/#` → `a/b`; `#` → ``): every topic it matches starts with this, so the sorted
+/// store is searched from there instead of from the start. The `/` is left out because
+/// `a/b/#` also matches the topic `a/b` itself (MQTT §4.7.1.2), which sorts before `a/b/`;
+/// the extra candidates this lets in (`a/bc`) are rejected by `TopicFilter::matches`.
 fn literal_prefix(filter: &TopicFilter) -> &str {
     let f = filter.as_str();
     match f.find(['+', '#']) {
-        Some(i) => &f[..i],
+        Some(i) => f[..i].strip_suffix('/').unwrap_or(&f[..i]),
         // No wildcard: the filter is one topic.
         None => f,
     }
@@ -252,9 +254,50 @@ mod tests {
     fn literal_prefix_stops_at_the_first_wildcard() {
         let p = |f: &str| literal_prefix(&TopicFilter::parse(f).unwrap()).to_owned();
         assert_eq!(p("#"), "");
-        assert_eq!(p("a/b/#"), "a/b/");
-        assert_eq!(p("a/+/c"), "a/");
+        assert_eq!(p("a/b/#"), "a/b");
+        assert_eq!(p("a/+/c"), "a");
         assert_eq!(p("a/b"), "a/b");
         assert_eq!(p("+/b"), "");
+        assert_eq!(p("/#"), "");
+        assert_eq!(p("$SYS/#"), "$SYS");
+    }
+
+    /// The topics `filter` finds in a store holding `topics`, sorted.
+    async fn found(topics: &[&str], filter: &str) -> Vec<String> {
+        let (r, _) = store(100, usize::MAX);
+        for t in topics {
+            r.update(&envelope(t, 1), false).await;
+        }
+        let f = TopicFilter::parse(filter).unwrap();
+        let mut v: Vec<String> = r
+            .matching(&f, 100)
+            .await
+            .envelopes
+            .iter()
+            .map(|e| e.topic.as_str().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `a/#` matches the topic `a` itself (MQTT §4.7.1.2): the search from the filter's
+    /// literal prefix must not start after it (`a` sorts before `a/`).
+    #[tokio::test]
+    async fn a_multi_level_wildcard_finds_its_parent_topic() {
+        let topics = ["a", "a/b", "a/b/c", "ab", "a0", "b", "$SYS/x", "$SYS"];
+        assert_eq!(found(&topics, "a/#").await, ["a", "a/b", "a/b/c"]);
+        assert_eq!(found(&topics, "a/b/#").await, ["a/b", "a/b/c"]);
+        // No wildcard: exactly the topic.
+        assert_eq!(found(&topics, "a").await, ["a"]);
+        assert_eq!(found(&topics, "a/b").await, ["a/b"]);
+        // `#` alone matches every topic but those starting with `$` (MQTT §4.7.2).
+        assert_eq!(
+            found(&topics, "#").await,
+            ["a", "a/b", "a/b/c", "a0", "ab", "b"]
+        );
+        // A `$` topic is found by a filter naming it.
+        assert_eq!(found(&topics, "$SYS/#").await, ["$SYS", "$SYS/x"]);
+        assert_eq!(found(&topics, "a/+").await, ["a/b"]);
+        assert_eq!(found(&topics, "+").await, ["a", "a0", "ab", "b"]);
     }
 }

@@ -3,7 +3,8 @@
 //! bucket, bounded by `backbone.jetstream.retained_max_bytes`), otherwise in this gateway's
 //! memory, bounded by `mqtt.max_retained_messages` topics and `mqtt.max_retained_bytes`
 //! bytes: a retained message past either bound is delivered to current subscribers but not
-//! retained, and counted (`meshgate_events_dropped_total{adapter="mqtt",reason="retained_limit"}`).
+//! retained, and counted (`meshgate_events_dropped_total{adapter="mqtt",reason="retained_limit"}`);
+//! the topic's earlier retained message, if any, is removed rather than left as stale state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -89,8 +90,9 @@ impl Retained {
     }
 
     /// Stores `envelope` as the topic's retained message, or clears it (an empty payload).
-    /// Past the store's bounds the message is not retained (counted); replacing a topic's
-    /// message with one that fits is always possible.
+    /// Past the store's bounds the message is not retained (counted), and the topic's earlier
+    /// retained message is removed (it is no longer the last one); replacing a topic's message
+    /// with one that fits is always possible.
     pub(crate) async fn update(&self, envelope: &Envelope, clear: bool) {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
             let r = if clear {
@@ -122,9 +124,15 @@ impl Retained {
         if (is_new && store.messages.len() >= self.max_messages)
             || store.bytes - replaced + size > self.max_bytes
         {
+            // The topic's earlier message is no longer its last retained one: keeping it would
+            // send new subscribers stale state ([MQTT-3.3.1-5] replaces it). It goes, and its
+            // bytes are given back.
+            if !is_new && let Some((_, old)) = store.messages.remove(envelope.topic.as_str()) {
+                store.bytes -= old;
+            }
             drop(store);
             self.dropped.inc();
-            tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained store full; message delivered, not retained");
+            tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained store full; message delivered, not retained (and the topic's earlier one removed)");
             return;
         }
         store.bytes = store.bytes - replaced + size;
@@ -239,6 +247,28 @@ mod tests {
         // A limit returns that many and counts the rest.
         let two = r.matching(&filter, 2).await;
         assert_eq!((two.envelopes.len(), two.beyond), (2, 1));
+    }
+
+    /// A retained message refused for a topic that has one removes the old one: a new
+    /// subscriber must not get state that was replaced ([MQTT-3.3.1-5]).
+    #[tokio::test]
+    async fn a_refused_replacement_removes_the_stale_message() {
+        let one = cost(&envelope("s/1", 1000));
+        let (r, dropped) = store(2, 2 * one + one / 2);
+        r.update(&envelope("s/1", 1000), false).await;
+        r.update(&envelope("s/2", 1000), false).await;
+        // Too big for the bytes left: refused, and s/1's old message goes with its bytes.
+        r.update(&envelope("s/1", 3000), false).await;
+        assert_eq!(dropped.get(), 1);
+        let filter = TopicFilter::parse("s/#").unwrap();
+        let left = r.matching(&filter, 10).await;
+        let topics: Vec<&str> = left.envelopes.iter().map(|e| e.topic.as_str()).collect();
+        assert_eq!(topics, ["s/2"]);
+        assert_eq!(r.store.lock().unwrap().bytes, one);
+        // The bytes given back take a new topic.
+        r.update(&envelope("s/3", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        assert_eq!(r.matching(&filter, 10).await.envelopes.len(), 2);
     }
 
     #[tokio::test]

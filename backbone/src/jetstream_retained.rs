@@ -21,6 +21,9 @@ pub(crate) struct KvRetained {
     kv: kv::Store,
     bucket: String,
     max_control_line: usize,
+    /// Values `matching` read (tests check it is bounded).
+    #[cfg(test)]
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for KvRetained {
@@ -58,6 +61,8 @@ impl KvRetained {
             kv,
             bucket,
             max_control_line,
+            #[cfg(test)]
+            reads: Default::default(),
         })
     }
 }
@@ -194,12 +199,17 @@ impl RetainedStore for KvRetained {
         &'a self,
         filter: &'a TopicFilter,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>> {
         Box::pin(async move {
             let mut keys = self.kv.keys().await.map_err(failed)?;
             let mut out = Vec::new();
-            // Matches past `limit` are counted from the key listing, never read.
+            // Matches past `limit` or `max_bytes` are counted from the key listing, never read.
             let mut beyond = 0u64;
+            // What is left of `max_bytes`; `None` once a value read did not fit. A value's size
+            // is known only once it is read (up to `kv_max_value_size`), so the one that does
+            // not fit is the last read.
+            let mut bytes_left = Some(max_bytes);
             while let Some(key) = keys.next().await {
                 let key = key.map_err(failed)?;
                 let Some(topic) = B64
@@ -213,16 +223,26 @@ impl RetainedStore for KvRetained {
                 if !filter.matches(&topic) {
                     continue;
                 }
-                if out.len() >= limit {
+                let Some(left) = bytes_left.filter(|_| out.len() < limit) else {
                     beyond += 1;
                     continue;
-                }
+                };
+                #[cfg(test)]
+                self.reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(value) = self.kv.get(key.as_str()).await.map_err(failed)? else {
                     continue;
                 };
                 let Ok(stored) = serde_json::from_slice::<Stored<'_>>(&value) else {
                     continue;
                 };
+                let size = topic.as_str().len() + stored.event.get().len();
+                if size > left {
+                    bytes_left = None;
+                    beyond += 1;
+                    continue;
+                }
+                bytes_left = Some(left - size);
                 let Ok(event) = json::decode(stored.event.get().as_bytes()) else {
                     continue;
                 };
@@ -280,7 +300,7 @@ mod tests {
 
     async fn topics(store: &KvRetained, filter: &str) -> Vec<String> {
         let f = TopicFilter::parse(filter).unwrap();
-        let (v, _) = store.matching(&f, 100).await.unwrap();
+        let (v, _) = store.matching(&f, 100, usize::MAX).await.unwrap();
         let mut t: Vec<String> = v.iter().map(|e| e.topic.as_str().to_owned()).collect();
         t.sort();
         t
@@ -316,6 +336,41 @@ mod tests {
         assert!(matches!(r, Err(BackboneError::Rejected(_))), "{r:?}");
         let entry = store.kv.entry(B64.encode("s/new")).await.unwrap();
         assert!(entry.is_none(), "{entry:?}");
+        drop_bucket(store, js).await;
+    }
+
+    /// One SUBSCRIBE's retained messages are bounded in bytes as they are read: past the
+    /// budget no more values are read from the bucket (each may be `kv_max_value_size`).
+    #[tokio::test]
+    async fn matching_stops_reading_once_the_byte_budget_is_spent() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, js) = bucket(4 * 1024 * 1024, 64 * 1024).await;
+        for i in 0..20 {
+            store
+                .set(&envelope(&format!("m/{i:02}"), 10_000))
+                .await
+                .unwrap();
+        }
+        let one = {
+            let e = envelope("m/00", 10_000);
+            e.topic.as_str().len() + e.json().len()
+        };
+        let f = TopicFilter::parse("m/#").unwrap();
+        // Room for three and a half.
+        let (v, beyond) = store.matching(&f, 1000, 3 * one + one / 2).await.unwrap();
+        assert_eq!((v.len(), beyond), (3, 17));
+        // The three returned and the fourth, which did not fit; the other 16 never read.
+        assert_eq!(store.reads.load(Relaxed), 4);
+        // The count limit still applies, and nothing is read past it.
+        store.reads.store(0, Relaxed);
+        let (v, beyond) = store.matching(&f, 2, usize::MAX).await.unwrap();
+        assert_eq!((v.len(), beyond), (2, 18));
+        assert_eq!(store.reads.load(Relaxed), 2);
+        // A budget smaller than one message: one read, none returned, all counted.
+        store.reads.store(0, Relaxed);
+        let (v, beyond) = store.matching(&f, 1000, one - 1).await.unwrap();
+        assert_eq!((v.len(), beyond), (0, 20));
+        assert_eq!(store.reads.load(Relaxed), 1);
         drop_bucket(store, js).await;
     }
 }

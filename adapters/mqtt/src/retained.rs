@@ -142,16 +142,23 @@ impl Retained {
         );
     }
 
-    /// Up to `limit` retained messages whose topic matches `filter`, and how many more match.
+    /// Up to `limit` retained messages whose topic matches `filter`, together at most
+    /// `max_bytes` (topic and event JSON each), and how many more match
+    /// ([`meshgate_core::RetainedStore::matching`]).
     ///
     /// The memory store is searched from the filter's literal prefix only (a sorted map), and
     /// under its lock only cheap work is done (matching, cloning `Arc`s): the messages are
     /// sent after the lock is released. A filter starting with a wildcard still scans every
     /// topic — a topic index (issue 27, fleet scale) would make that proportional to the
     /// matches.
-    pub(crate) async fn matching(&self, filter: &TopicFilter, limit: usize) -> Matches {
+    pub(crate) async fn matching(
+        &self,
+        filter: &TopicFilter,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Matches {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
-            return match store.matching(filter, limit).await {
+            return match store.matching(filter, limit, max_bytes).await {
                 Ok((v, beyond)) => Matches {
                     envelopes: v.into_iter().map(Arc::new).collect(),
                     beyond,
@@ -166,6 +173,7 @@ impl Retained {
         let prefix = literal_prefix(filter);
         let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Matches::default();
+        let mut bytes_left = max_bytes;
         let candidates = store
             .messages
             .range::<str, _>((
@@ -177,9 +185,13 @@ impl Retained {
             if !filter.matches(&envelope.topic) {
                 continue;
             }
-            if out.envelopes.len() < limit {
+            // Encoded when it was stored: no work under the lock.
+            let size = envelope.topic.as_str().len() + envelope.json().len();
+            if out.envelopes.len() < limit && size <= bytes_left {
+                bytes_left -= size;
                 out.envelopes.push(envelope.clone());
             } else {
+                // Nothing is read here (the map holds them): a smaller one later may still fit.
                 out.beyond += 1;
             }
         }
@@ -241,11 +253,11 @@ mod tests {
         r.update(&envelope("t/4", 1000), false).await;
         assert_eq!(dropped.get(), 1);
         let filter = TopicFilter::parse("t/#").unwrap();
-        let all = r.matching(&filter, 10).await;
+        let all = r.matching(&filter, 10, usize::MAX).await;
         assert_eq!(all.envelopes.len(), 3);
         assert_eq!(r.store.lock().unwrap().bytes, 3 * one);
         // A limit returns that many and counts the rest.
-        let two = r.matching(&filter, 2).await;
+        let two = r.matching(&filter, 2, usize::MAX).await;
         assert_eq!((two.envelopes.len(), two.beyond), (2, 1));
     }
 
@@ -261,14 +273,32 @@ mod tests {
         r.update(&envelope("s/1", 3000), false).await;
         assert_eq!(dropped.get(), 1);
         let filter = TopicFilter::parse("s/#").unwrap();
-        let left = r.matching(&filter, 10).await;
+        let left = r.matching(&filter, 10, usize::MAX).await;
         let topics: Vec<&str> = left.envelopes.iter().map(|e| e.topic.as_str()).collect();
         assert_eq!(topics, ["s/2"]);
         assert_eq!(r.store.lock().unwrap().bytes, one);
         // The bytes given back take a new topic.
         r.update(&envelope("s/3", 1000), false).await;
         assert_eq!(dropped.get(), 1);
-        assert_eq!(r.matching(&filter, 10).await.envelopes.len(), 2);
+        assert_eq!(r.matching(&filter, 10, usize::MAX).await.envelopes.len(), 2);
+    }
+
+    /// The byte budget of one SUBSCRIBE's retained messages: those that fit are returned, the
+    /// others counted.
+    #[tokio::test]
+    async fn matching_is_bounded_in_bytes() {
+        let (r, _) = store(100, usize::MAX);
+        for i in 0..10 {
+            r.update(&envelope(&format!("m/{i}"), 10_000), false).await;
+        }
+        r.update(&envelope("m/small", 10), false).await;
+        let e = envelope("m/0", 10_000);
+        let one = e.topic.as_str().len() + e.json().len();
+        let filter = TopicFilter::parse("m/#").unwrap();
+        let found = r.matching(&filter, 100, 3 * one + one / 2).await;
+        // Three large ones, then the small one still fits.
+        assert_eq!((found.envelopes.len(), found.beyond), (4, 7));
+        assert_eq!(found.envelopes[3].topic.as_str(), "m/small");
     }
 
     #[tokio::test]
@@ -300,7 +330,7 @@ mod tests {
         }
         let f = TopicFilter::parse(filter).unwrap();
         let mut v: Vec<String> = r
-            .matching(&f, 100)
+            .matching(&f, 100, usize::MAX)
             .await
             .envelopes
             .iter()

@@ -323,6 +323,24 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = write_now(stream, version, p).await;
         return None;
     }
+    // `mqtt.max_keep_alive`: MQTT 5 is told the maximum in CONNACK; 3.1.1 cannot be told
+    // another keep-alive, so a longer one is refused (see `codec::keep_alive`).
+    let Some((keep_alive, server_keep_alive)) =
+        codec::keep_alive(version, connect.keep_alive, shared.config.max_keep_alive)
+    else {
+        shared.metrics.error("keep_alive_too_long");
+        let p = refuse(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            &format!(
+                "keep-alive {} s is longer than this server allows ({} s, mqtt.max_keep_alive); \
+                 connect with a shorter one",
+                connect.keep_alive,
+                shared.config.max_keep_alive.as_secs()
+            ),
+        );
+        let _ = write_now(stream, version, p).await;
+        return None;
+    };
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_session {
@@ -564,8 +582,6 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
-    let (keep_alive, server_keep_alive) =
-        codec::keep_alive(version, connect.keep_alive, shared.config.max_keep_alive);
     let ack_props = ConnAckProperties {
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
         session_expiry_interval: (granted_expiry != requested_expiry).then_some(granted_expiry),

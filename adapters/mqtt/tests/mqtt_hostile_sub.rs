@@ -434,3 +434,55 @@ async fn websocket_upgrades_count_against_the_per_address_cap() {
         "{m}"
     );
 }
+
+/// F7: a user at `gateway.max_connections_per_user` may still take over its own client id
+/// (a device reconnecting before its old connection was seen to die): the old connection's
+/// slot becomes the new one's. Another connection of the user is still refused.
+#[tokio::test]
+async fn a_user_at_its_cap_can_take_over_its_own_client_id() {
+    let mut h = start_with(mqtt_config(), users()).await;
+    h.ctx.limits = meshgate_core::ConnectionLimits::new(0, 1);
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&mqtt_config(), &h.ctx)
+        .await
+        .unwrap();
+    h.addr = adapter.local_addr().unwrap();
+    let run_ctx = h.ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    let alice = |o: &mut rumqttc::v5::MqttOptions| {
+        o.set_credentials("alice", "pw-alice");
+    };
+    let (_first, mut frx) = client5(&h, "a-1", alice).await;
+    assert_eq!(
+        wait(&mut frx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    // The same client id again, at the cap: taken over, not refused.
+    let (again, mut arx) = client5(&h, "a-1", alice).await;
+    assert_eq!(
+        wait(&mut arx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    // The old connection is told to go.
+    wait(&mut frx, "the takeover", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Disconnect(_))) | Err(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    // The new connection works.
+    again
+        .subscribe("a/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback5(&mut arx).await;
+    // It holds the user's one slot: another client id of alice's is refused.
+    let (_other, mut orx) = client5(&h, "a-2", alice).await;
+    assert_eq!(
+        wait(&mut orx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::QuotaExceeded
+    );
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_user\"} 1"),
+        "{m}"
+    );
+}

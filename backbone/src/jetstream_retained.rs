@@ -21,6 +21,9 @@ pub(crate) struct KvRetained {
     kv: kv::Store,
     bucket: String,
     max_control_line: usize,
+    /// Values `matching` read (tests check it is bounded).
+    #[cfg(test)]
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for KvRetained {
@@ -58,6 +61,8 @@ impl KvRetained {
             kv,
             bucket,
             max_control_line,
+            #[cfg(test)]
+            reads: Default::default(),
         })
     }
 }
@@ -138,7 +143,7 @@ impl RetainedStore for KvRetained {
                     self.max_control_line
                 )));
             }
-            self.kv.put(key, value.into()).await.map_err(|e| {
+            let refused = match self.kv.put(key.as_str(), value.into()).await.map_err(|e| {
                 // The bucket's bounds (JetStream API errors 10077 "maximum bytes exceeded",
                 // 10054 "message size exceeds maximum allowed"): a refusal of this message,
                 // not a failure of the store.
@@ -156,8 +161,26 @@ impl RetainedStore for KvRetained {
                 } else {
                     failed(e)
                 }
-            })?;
-            Ok(())
+            }) {
+                Ok(_) => return Ok(()),
+                Err(BackboneError::Rejected(why)) => why,
+                Err(e) => return Err(e),
+            };
+            // Refused: the topic's earlier retained message, if it has one, is no longer its
+            // last and must not be sent to new subscribers as if it were ([MQTT-3.3.1-5]); it
+            // is purged. The purge marker is smaller than the stored value, so nats-server
+            // takes it even in a full bucket (a message replacing the subject's last one frees
+            // that one's bytes). Read only on a refusal, to purge only keys that exist.
+            if let Ok(Some(entry)) = self.kv.entry(key.as_str()).await
+                && entry.operation == kv::Operation::Put
+                && let Err(e) = self.kv.purge(key.as_str()).await
+            {
+                return Err(failed(format!(
+                    "a retained message was refused ({refused}) and the topic's earlier one \
+                     could not be removed: {e}"
+                )));
+            }
+            Err(BackboneError::Rejected(refused))
         })
     }
 
@@ -176,12 +199,17 @@ impl RetainedStore for KvRetained {
         &'a self,
         filter: &'a TopicFilter,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>> {
         Box::pin(async move {
             let mut keys = self.kv.keys().await.map_err(failed)?;
             let mut out = Vec::new();
-            // Matches past `limit` are counted from the key listing, never read.
+            // Matches past `limit` or `max_bytes` are counted from the key listing, never read.
             let mut beyond = 0u64;
+            // What is left of `max_bytes`; `None` once a value read did not fit. A value's size
+            // is known only once it is read (up to `kv_max_value_size`), so the one that does
+            // not fit is the last read.
+            let mut bytes_left = Some(max_bytes);
             while let Some(key) = keys.next().await {
                 let key = key.map_err(failed)?;
                 let Some(topic) = B64
@@ -195,16 +223,26 @@ impl RetainedStore for KvRetained {
                 if !filter.matches(&topic) {
                     continue;
                 }
-                if out.len() >= limit {
+                let Some(left) = bytes_left.filter(|_| out.len() < limit) else {
                     beyond += 1;
                     continue;
-                }
+                };
+                #[cfg(test)]
+                self.reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(value) = self.kv.get(key.as_str()).await.map_err(failed)? else {
                     continue;
                 };
                 let Ok(stored) = serde_json::from_slice::<Stored<'_>>(&value) else {
                     continue;
                 };
+                let size = topic.as_str().len() + stored.event.get().len();
+                if size > left {
+                    bytes_left = None;
+                    beyond += 1;
+                    continue;
+                }
+                bytes_left = Some(left - size);
                 let Ok(event) = json::decode(stored.event.get().as_bytes()) else {
                     continue;
                 };
@@ -220,5 +258,119 @@ impl RetainedStore for KvRetained {
             }
             Ok((out, beyond))
         })
+    }
+}
+
+/// Against the nats-server on 127.0.0.1:4222 (with JetStream), each test in a bucket of its own.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn bucket(
+        max_bytes: u64,
+        max_value_size: usize,
+    ) -> (KvRetained, async_nats::jetstream::Context) {
+        let client = async_nats::connect("127.0.0.1:4222")
+            .await
+            .expect("these tests need nats-server with JetStream on 127.0.0.1:4222");
+        let js = async_nats::jetstream::new(client);
+        let mut config = meshgate_config::Config::default().backbone.jetstream;
+        config.stream = format!("RT{}", meshgate_core::wrap::new_id().replace('-', ""));
+        config.retained_max_bytes = max_bytes;
+        config.kv_max_value_size = max_value_size;
+        let store = KvRetained::open(&js, &config, 4096).await.unwrap();
+        (store, js)
+    }
+
+    async fn drop_bucket(store: KvRetained, js: async_nats::jetstream::Context) {
+        let _ = js.delete_stream(format!("KV_{}", store.bucket)).await;
+    }
+
+    fn envelope(topic: &str, size: usize) -> Envelope {
+        let w = meshgate_core::wrap::Wrapper::new("/t", "t").unwrap();
+        let event = w
+            .wrap(bytes::Bytes::from(vec![b'a'; size]), None, None)
+            .unwrap();
+        let origin = Origin {
+            instance: Arc::from("i"),
+            connection: 1,
+        };
+        Envelope::new(Topic::from_mqtt(topic).unwrap(), Arc::new(event), origin)
+    }
+
+    async fn topics(store: &KvRetained, filter: &str) -> Vec<String> {
+        let f = TopicFilter::parse(filter).unwrap();
+        let (v, _) = store.matching(&f, 100, usize::MAX).await.unwrap();
+        let mut t: Vec<String> = v.iter().map(|e| e.topic.as_str().to_owned()).collect();
+        t.sort();
+        t
+    }
+
+    /// A retained message the bucket refuses (full, or over the value size) for a topic that
+    /// has one removes the old one ([MQTT-3.3.1-5]: a new subscriber must not get stale state).
+    #[tokio::test]
+    async fn a_refused_replacement_purges_the_stale_message() {
+        let (store, js) = bucket(32 * 1024, 16 * 1024).await;
+        store.set(&envelope("s/1", 8000)).await.unwrap();
+        store.set(&envelope("s/2", 8000)).await.unwrap();
+        assert_eq!(topics(&store, "s/#").await, ["s/1", "s/2"]);
+        // Over the value size: refused, and s/1's earlier message is gone.
+        let r = store.set(&envelope("s/1", 20_000)).await;
+        assert!(matches!(r, Err(BackboneError::Rejected(_))), "{r:?}");
+        assert_eq!(topics(&store, "s/#").await, ["s/2"]);
+        // Fill the bucket; a bigger replacement of a kept topic is refused and purges it.
+        let mut kept = Vec::new();
+        for i in 3..10 {
+            let t = format!("s/{i}");
+            if store.set(&envelope(&t, 8000)).await.is_ok() {
+                kept.push(t);
+            }
+        }
+        assert!(kept.len() < 7, "the bucket never filled: {kept:?}");
+        let victim = kept.pop().unwrap();
+        let r = store.set(&envelope(&victim, 12_000)).await;
+        assert!(matches!(r, Err(BackboneError::Rejected(_))), "{r:?}");
+        assert!(!topics(&store, "s/#").await.contains(&victim));
+        // A refused message for a topic without one stores nothing (no purge marker).
+        let r = store.set(&envelope("s/new", 20_000)).await;
+        assert!(matches!(r, Err(BackboneError::Rejected(_))), "{r:?}");
+        let entry = store.kv.entry(B64.encode("s/new")).await.unwrap();
+        assert!(entry.is_none(), "{entry:?}");
+        drop_bucket(store, js).await;
+    }
+
+    /// One SUBSCRIBE's retained messages are bounded in bytes as they are read: past the
+    /// budget no more values are read from the bucket (each may be `kv_max_value_size`).
+    #[tokio::test]
+    async fn matching_stops_reading_once_the_byte_budget_is_spent() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, js) = bucket(4 * 1024 * 1024, 64 * 1024).await;
+        for i in 0..20 {
+            store
+                .set(&envelope(&format!("m/{i:02}"), 10_000))
+                .await
+                .unwrap();
+        }
+        let one = {
+            let e = envelope("m/00", 10_000);
+            e.topic.as_str().len() + e.json().len()
+        };
+        let f = TopicFilter::parse("m/#").unwrap();
+        // Room for three and a half.
+        let (v, beyond) = store.matching(&f, 1000, 3 * one + one / 2).await.unwrap();
+        assert_eq!((v.len(), beyond), (3, 17));
+        // The three returned and the fourth, which did not fit; the other 16 never read.
+        assert_eq!(store.reads.load(Relaxed), 4);
+        // The count limit still applies, and nothing is read past it.
+        store.reads.store(0, Relaxed);
+        let (v, beyond) = store.matching(&f, 2, usize::MAX).await.unwrap();
+        assert_eq!((v.len(), beyond), (2, 18));
+        assert_eq!(store.reads.load(Relaxed), 2);
+        // A budget smaller than one message: one read, none returned, all counted.
+        store.reads.store(0, Relaxed);
+        let (v, beyond) = store.matching(&f, 1000, one - 1).await.unwrap();
+        assert_eq!((v.len(), beyond), (0, 20));
+        assert_eq!(store.reads.load(Relaxed), 1);
+        drop_bucket(store, js).await;
     }
 }

@@ -333,7 +333,8 @@ pub struct MqttConfig {
     pub write_timeout: Duration,
     /// Longest MQTT keep-alive granted, whole seconds (1 to 65,535): MQTT 5 clients asking
     /// for 0 (none) or more are told this as Server Keep Alive; MQTT 3.1.1 clients asking
-    /// for more are held to it (keep-alive 0 stays allowed there, see docs/decisions/hardening/mqtt-encoding-and-protocol-errors.md).
+    /// for more are refused (keep-alive 0 stays allowed there, see
+    /// docs/decisions/hardening/mqtt-encoding-and-protocol-errors.md).
     pub max_keep_alive: Duration,
     /// QoS 1/2 messages in flight per direction (the MQTT 5 Receive Maximum we announce).
     pub max_inflight: u16,

@@ -133,12 +133,16 @@ pub trait RetainedStore: Send + Sync {
     fn set<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), BackboneError>>;
     /// Removes the topic's retained message.
     fn clear<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<(), BackboneError>>;
-    /// Up to `limit` retained messages whose topic matches `filter` (only those are read), and
-    /// how many more match.
+    /// Up to `limit` retained messages whose topic matches `filter`, together at most
+    /// `max_bytes` (each counts its topic and its event's JSON encoding), and how many more
+    /// match. Only those returned are read, plus at most one that did not fit: once a message
+    /// read does not fit in what is left of `max_bytes`, no more are read, the rest are only
+    /// counted (one SUBSCRIBE must not make the store read every match into memory).
     fn matching<'a>(
         &'a self,
         filter: &'a TopicFilter,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>>;
 }
 

@@ -290,6 +290,36 @@ async fn counter(admin: SocketAddr, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads PUBLISHes on `s` (each within 10 s) until `n` were read, then proves no other came
+/// before them: a non-retained marker on `marker_topic`, published by `publisher` now, must be
+/// the next PUBLISH (one connection's messages arrive in order). Instead of reading until a
+/// quiet gap, which a loaded machine can fake. Returns `n`.
+async fn exactly(s: &mut TcpStream, publisher: &mut TcpStream, n: u64, marker_topic: &str) -> u64 {
+    let mut got = 0;
+    while got < n {
+        let (first, _) = read_packet(s, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("only {got} of {n} PUBLISHes"));
+        if first & 0xf0 == 0x30 {
+            got += 1;
+        }
+    }
+    publisher
+        .write_all(&publish(marker_topic, b"marker", false))
+        .await
+        .unwrap();
+    loop {
+        let (first, body) = read_packet(s, Duration::from_secs(10))
+            .await
+            .expect("the marker");
+        if first & 0xf0 == 0x30 {
+            let (topic, _) = publish_parts(&body);
+            assert_eq!(topic, marker_topic, "a PUBLISH past the {n} expected");
+            return got;
+        }
+    }
+}
+
 /// F1: one SUBSCRIBE repeating `#` 200,000 times (and two other filters matching everything),
 /// from a client that never reads, with 50 retained messages of 10 kB. Before the fix the
 /// gateway encoded 200,000 × 50 × 10 kB (~100 GB) into the session's buffer. Now the repeats
@@ -448,27 +478,25 @@ async fn the_retained_store_has_a_byte_cap() {
     for i in 0..10 {
         receive_all(&mut live, &format!("big/{i}"), 1).await;
     }
-    // A new subscriber gets only what fitted.
-    let (mut s, _, _) = connect(mqtt, Connect::v311("late")).await;
-    s.write_all(&subscribe(false, 1, &[("big/#", 0)]))
-        .await
-        .unwrap();
-    let mut kept = 0u64;
-    loop {
-        match read_packet(&mut s, Duration::from_millis(1000)).await {
-            Some((first, _)) if first & 0xf0 == 0x30 => kept += 1,
-            Some(_) => {}
-            None => break,
-        }
-    }
-    println!("{kept} of 10 retained messages of 10 kB fit in 64 KiB");
-    assert!((3..10).contains(&kept), "kept {kept}");
+    // Every refusal is counted by now: a retained message is stored (or refused) before it is
+    // delivered.
     let dropped = counter(
         admin,
         "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_limit\"}",
     )
     .await;
-    assert_eq!(dropped, 10 - kept);
+    let kept = 10 - dropped;
+    println!("{kept} of 10 retained messages of 10 kB fit in 64 KiB");
+    assert!((3..10).contains(&kept), "kept {kept}");
+    // A new subscriber gets exactly what fitted.
+    let (mut s, _, _) = connect(mqtt, Connect::v311("late")).await;
+    s.write_all(&subscribe(false, 1, &[("big/#", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        exactly(&mut s, &mut publisher, kept, "big/marker").await,
+        kept
+    );
     assert!(rss(&gw) < before + 32 * MIB);
 }
 
@@ -568,7 +596,8 @@ async fn another_user_cannot_take_a_client_id() {
     // Alice leaves normally; her session is kept (no will: a normal DISCONNECT).
     a.write_all(&packet(0xe0, &[0, 0])).await.unwrap();
     drop(a);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Parked (instead of a fixed sleep).
+    wait_metric(admin, "meshgate_mqtt_sessions_offline{adapter=\"mqtt\"} 1").await;
     watcher
         .publish("a/in", rumqttc::QoS::AtLeastOnce, false, "queued")
         .await
@@ -590,11 +619,19 @@ async fn another_user_cannot_take_a_client_id() {
     let (first, body) = read_packet(&mut a, Duration::from_secs(5)).await.unwrap();
     assert_eq!(first & 0xf0, 0x30);
     assert!(String::from_utf8_lossy(&body).contains("queued"));
-    // The will was never published.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), watched.recv())
-            .await
-            .is_err(),
+    // The will was never published: a marker on its topic, published now, is the first
+    // message the watcher gets there.
+    watcher
+        .publish("a/status", rumqttc::QoS::AtLeastOnce, false, "marker")
+        .await
+        .unwrap();
+    let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), watched.recv())
+        .await
+        .expect("the marker")
+        .unwrap();
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("a/status", &b"marker"[..]),
         "alice's will must not be published"
     );
 
@@ -668,20 +705,36 @@ async fn per_address_and_per_user_caps() {
     .await;
     assert_eq!(code, 0x03, "MQTT 3.1.1: server unavailable");
     assert!(read_packet(&mut s, Duration::from_secs(2)).await.is_none());
-    // Wait until those two closed sockets gave their slots back.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_third, _, code) = connect(mqtt, Connect::v5("third")).await; // 3
-    assert_eq!(code, 0);
+    // Wait until those two closed sockets gave their slots back (in the background): retry
+    // while the address is still at its cap (each such try is closed and counted).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut early = 0;
+    let _third = loop {
+        let mut t = TcpStream::connect(mqtt).await.unwrap();
+        let _ = t.write_all(&Connect::v5("third").encode()).await;
+        match read_packet(&mut t, Duration::from_secs(10)).await {
+            Some((0x20, body)) => {
+                assert_eq!(body[1], 0);
+                break t;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "no slot came back: {other:?}");
+                early += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }; // 3
     // The fourth socket from this address: closed without a CONNACK.
     let mut fourth = TcpStream::connect(mqtt).await.unwrap();
     let _ = fourth.write_all(&Connect::v5("fourth").encode()).await;
     let start = Instant::now();
     assert!(
-        read_packet(&mut fourth, Duration::from_secs(3))
+        read_packet(&mut fourth, Duration::from_secs(10))
             .await
             .is_none()
     );
-    assert!(start.elapsed() < Duration::from_secs(2), "closed at once");
+    // Not left waiting for a CONNACK (the read gives up after 10 s).
+    assert!(start.elapsed() < Duration::from_secs(5), "closed at once");
     wait_metric(
         admin,
         "meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_user\"} 2",
@@ -689,7 +742,10 @@ async fn per_address_and_per_user_caps() {
     .await;
     wait_metric(
         admin,
-        "meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_ip\"} 1",
+        &format!(
+            "meshgate_errors_total{{adapter=\"mqtt\",kind=\"connection_limit_ip\"}} {}",
+            1 + early
+        ),
     )
     .await;
     for i in 0..50u32 {
@@ -776,8 +832,15 @@ async fn mqtt_over_websocket_is_under_the_connection_cap() {
     assert_eq!(receive_all(&mut rx, "g/1", 20).await.len(), 20);
     // Slots come back; a frame over max_packet_size closes the WebSocket.
     held.clear();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut ws, _) = upgrade().await.expect("slots given back");
+    // Given back when the server sees the closes (in the background): retry until then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ws = loop {
+        match upgrade().await {
+            Ok((ws, _)) => break ws,
+            Err(e) => assert!(Instant::now() < deadline, "slots never given back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let _ = ws
         .send(tokio_tungstenite::tungstenite::Message::Binary(
             vec![0x30; 200 * 1024].into(),
@@ -855,16 +918,7 @@ async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user
     for i in 0..10 {
         receive_all(&mut live, &format!("big/{i}"), 1).await;
     }
-    let (mut s, _, _) = connect(mqtt_a, Connect::v311("late")).await;
-    s.write_all(&subscribe(false, 1, &[("big/#", 0)]))
-        .await
-        .unwrap();
-    let mut kept = 0u64;
-    while let Some((first, _)) = read_packet(&mut s, Duration::from_millis(1500)).await {
-        if first & 0xf0 == 0x30 {
-            kept += 1;
-        }
-    }
+    // Final once the live subscriber has them all (stored or refused before delivery).
     let dropped = counter(
         admin_a,
         "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_limit\"}",
@@ -873,14 +927,21 @@ async fn jetstream_bounds_retained_bytes_and_keeps_stored_sessions_to_their_user
     let stored = 10 - dropped;
     println!("{stored} of 10 retained messages of 10 kB fit in a 64 KiB bucket");
     assert!((3..10).contains(&stored), "stored {stored}");
-    // The late subscriber got max_queued (2) of them; the others were not read, only counted.
-    assert_eq!(kept, 2);
-    let not_sent = counter(
+    let (mut s, _, _) = connect(mqtt_a, Connect::v311("late")).await;
+    s.write_all(&subscribe(false, 1, &[("big/#", 0)]))
+        .await
+        .unwrap();
+    // The late subscriber gets max_queued (2) of them; the others were not read, only counted
+    // (counted once the SUBSCRIBE's retained sends are done).
+    wait_metric(
         admin_a,
-        "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"}",
+        &format!(
+            "meshgate_events_dropped_total{{adapter=\"mqtt\",reason=\"retained_queue_full\"}} {}",
+            stored - 2
+        ),
     )
     .await;
-    assert_eq!(not_sent, stored - 2);
+    assert_eq!(exactly(&mut s, &mut publisher, 2, "big/marker").await, 2);
 
     // F4: alice's persistent session, stored; she leaves.
     let alice = Connect {

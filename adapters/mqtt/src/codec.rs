@@ -536,22 +536,26 @@ pub fn connect_properties_error(
 }
 
 /// The keep-alive a connection is held to and the Server Keep Alive to announce, given what
-/// the client asked for and `mqtt.max_keep_alive`:
+/// the client asked for and `mqtt.max_keep_alive`; `None`: the CONNECT is refused.
 /// - MQTT 5: 0 (no keep-alive) or more than the maximum → the maximum, announced in CONNACK
 ///   as Server Keep Alive (§3.2.2.3.14: the client must then use it);
-/// - MQTT 3.1.1: more than the maximum → held to the maximum (3.1.1 cannot tell the client);
-///   0 stays 0 — silent subscribers are legitimate there and would lose messages to a forced
-///   timeout; dead peers are found by TCP keep-alive, set on every MQTT socket.
+/// - MQTT 3.1.1: more than the maximum → refused (CONNACK 0x02, as Mosquitto's
+///   `max_keepalive` does): 3.1.1 cannot tell the client another keep-alive, and holding it
+///   to a shorter one silently would disconnect a client that pings on its own schedule, as
+///   the spec lets it; 0 stays 0 — silent subscribers are legitimate there and would lose
+///   messages to a forced timeout; dead peers are found by TCP keep-alive, set on every MQTT
+///   socket.
 pub fn keep_alive(
     version: Version,
     requested: u16,
     max: std::time::Duration,
-) -> (u16, Option<u16>) {
+) -> Option<(u16, Option<u16>)> {
     let max = u16::try_from(max.as_secs().clamp(1, 65_535)).unwrap_or(u16::MAX);
     match version {
-        Version::V5 if requested == 0 || requested > max => (max, Some(max)),
-        Version::V5 => (requested, None),
-        Version::V311 => (requested.min(max), None),
+        Version::V5 if requested == 0 || requested > max => Some((max, Some(max))),
+        Version::V5 => Some((requested, None)),
+        Version::V311 if requested > max => None,
+        Version::V311 => Some((requested, None)),
     }
 }
 
@@ -953,12 +957,15 @@ mod tests {
     #[test]
     fn keep_alive_policy() {
         let max = std::time::Duration::from_secs(600);
-        assert_eq!(keep_alive(Version::V5, 0, max), (600, Some(600)));
-        assert_eq!(keep_alive(Version::V5, 601, max), (600, Some(600)));
-        assert_eq!(keep_alive(Version::V5, 60, max), (60, None));
-        assert_eq!(keep_alive(Version::V311, 0, max), (0, None));
-        assert_eq!(keep_alive(Version::V311, 900, max), (600, None));
-        assert_eq!(keep_alive(Version::V311, 30, max), (30, None));
+        assert_eq!(keep_alive(Version::V5, 0, max), Some((600, Some(600))));
+        assert_eq!(keep_alive(Version::V5, 601, max), Some((600, Some(600))));
+        assert_eq!(keep_alive(Version::V5, 60, max), Some((60, None)));
+        assert_eq!(keep_alive(Version::V311, 0, max), Some((0, None)));
+        // 3.1.1 cannot be told another keep-alive: refused.
+        assert_eq!(keep_alive(Version::V311, 900, max), None);
+        assert_eq!(keep_alive(Version::V311, 601, max), None);
+        assert_eq!(keep_alive(Version::V311, 600, max), Some((600, None)));
+        assert_eq!(keep_alive(Version::V311, 30, max), Some((30, None)));
     }
 
     #[test]

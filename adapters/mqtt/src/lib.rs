@@ -111,6 +111,15 @@ impl Shared {
         Ok(Some(old.finished))
     }
 
+    /// Whether `client_id` is connected here as `principal` (a CONNECT with it would take
+    /// that connection over).
+    fn connected_as(&self, client_id: &str, principal: &meshgate_core::Principal) -> bool {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .get(client_id)
+            .is_some_and(|c| c.principal == *principal)
+    }
+
     /// Tells the connection of `client_id`, if there is one, to go (another instance takes
     /// the session over); its `finished` token is returned, to wait for.
     fn take_over(&self, client_id: &str) -> Option<CancellationToken> {

@@ -3,7 +3,8 @@
 //! bucket, bounded by `backbone.jetstream.retained_max_bytes`), otherwise in this gateway's
 //! memory, bounded by `mqtt.max_retained_messages` topics and `mqtt.max_retained_bytes`
 //! bytes: a retained message past either bound is delivered to current subscribers but not
-//! retained, and counted (`meshgate_events_dropped_total{adapter="mqtt",reason="retained_limit"}`).
+//! retained, and counted (`meshgate_events_dropped_total{adapter="mqtt",reason="retained_limit"}`);
+//! the topic's earlier retained message, if any, is removed rather than left as stale state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -53,13 +54,15 @@ fn cost(envelope: &Envelope) -> usize {
     ENTRY + envelope.topic.as_str().len() + envelope.json().len()
 }
 
-/// The literal levels of `filter` before its first wildcard, with their trailing `/`
-/// (`a/b/#` → `a/b/`; `#` → ``): every topic it matches starts with this, so the sorted
-/// store is searched from there instead of from the start.
+/// The literal levels of `filter` before its first wildcard, without their trailing `/`
+/// (`a/b/#` → `a/b`; `#` → ``): every topic it matches starts with this, so the sorted
+/// store is searched from there instead of from the start. The `/` is left out because
+/// `a/b/#` also matches the topic `a/b` itself (MQTT §4.7.1.2), which sorts before `a/b/`;
+/// the extra candidates this lets in (`a/bc`) are rejected by `TopicFilter::matches`.
 fn literal_prefix(filter: &TopicFilter) -> &str {
     let f = filter.as_str();
     match f.find(['+', '#']) {
-        Some(i) => &f[..i],
+        Some(i) => f[..i].strip_suffix('/').unwrap_or(&f[..i]),
         // No wildcard: the filter is one topic.
         None => f,
     }
@@ -87,8 +90,9 @@ impl Retained {
     }
 
     /// Stores `envelope` as the topic's retained message, or clears it (an empty payload).
-    /// Past the store's bounds the message is not retained (counted); replacing a topic's
-    /// message with one that fits is always possible.
+    /// Past the store's bounds the message is not retained (counted), and the topic's earlier
+    /// retained message is removed (it is no longer the last one); replacing a topic's message
+    /// with one that fits is always possible.
     pub(crate) async fn update(&self, envelope: &Envelope, clear: bool) {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
             let r = if clear {
@@ -120,9 +124,15 @@ impl Retained {
         if (is_new && store.messages.len() >= self.max_messages)
             || store.bytes - replaced + size > self.max_bytes
         {
+            // The topic's earlier message is no longer its last retained one: keeping it would
+            // send new subscribers stale state ([MQTT-3.3.1-5] replaces it). It goes, and its
+            // bytes are given back.
+            if !is_new && let Some((_, old)) = store.messages.remove(envelope.topic.as_str()) {
+                store.bytes -= old;
+            }
             drop(store);
             self.dropped.inc();
-            tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained store full; message delivered, not retained");
+            tracing::debug!(topic = %envelope.topic.as_str(), "mqtt: retained store full; message delivered, not retained (and the topic's earlier one removed)");
             return;
         }
         store.bytes = store.bytes - replaced + size;
@@ -132,16 +142,23 @@ impl Retained {
         );
     }
 
-    /// Up to `limit` retained messages whose topic matches `filter`, and how many more match.
+    /// Up to `limit` retained messages whose topic matches `filter`, together at most
+    /// `max_bytes` (topic and event JSON each), and how many more match
+    /// ([`meshgate_core::RetainedStore::matching`]).
     ///
     /// The memory store is searched from the filter's literal prefix only (a sorted map), and
     /// under its lock only cheap work is done (matching, cloning `Arc`s): the messages are
     /// sent after the lock is released. A filter starting with a wildcard still scans every
     /// topic — a topic index (issue 27, fleet scale) would make that proportional to the
     /// matches.
-    pub(crate) async fn matching(&self, filter: &TopicFilter, limit: usize) -> Matches {
+    pub(crate) async fn matching(
+        &self,
+        filter: &TopicFilter,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Matches {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
-            return match store.matching(filter, limit).await {
+            return match store.matching(filter, limit, max_bytes).await {
                 Ok((v, beyond)) => Matches {
                     envelopes: v.into_iter().map(Arc::new).collect(),
                     beyond,
@@ -156,6 +173,7 @@ impl Retained {
         let prefix = literal_prefix(filter);
         let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Matches::default();
+        let mut bytes_left = max_bytes;
         let candidates = store
             .messages
             .range::<str, _>((
@@ -167,9 +185,13 @@ impl Retained {
             if !filter.matches(&envelope.topic) {
                 continue;
             }
-            if out.envelopes.len() < limit {
+            // Encoded when it was stored: no work under the lock.
+            let size = envelope.topic.as_str().len() + envelope.json().len();
+            if out.envelopes.len() < limit && size <= bytes_left {
+                bytes_left -= size;
                 out.envelopes.push(envelope.clone());
             } else {
+                // Nothing is read here (the map holds them): a smaller one later may still fit.
                 out.beyond += 1;
             }
         }
@@ -231,12 +253,52 @@ mod tests {
         r.update(&envelope("t/4", 1000), false).await;
         assert_eq!(dropped.get(), 1);
         let filter = TopicFilter::parse("t/#").unwrap();
-        let all = r.matching(&filter, 10).await;
+        let all = r.matching(&filter, 10, usize::MAX).await;
         assert_eq!(all.envelopes.len(), 3);
         assert_eq!(r.store.lock().unwrap().bytes, 3 * one);
         // A limit returns that many and counts the rest.
-        let two = r.matching(&filter, 2).await;
+        let two = r.matching(&filter, 2, usize::MAX).await;
         assert_eq!((two.envelopes.len(), two.beyond), (2, 1));
+    }
+
+    /// A retained message refused for a topic that has one removes the old one: a new
+    /// subscriber must not get state that was replaced ([MQTT-3.3.1-5]).
+    #[tokio::test]
+    async fn a_refused_replacement_removes_the_stale_message() {
+        let one = cost(&envelope("s/1", 1000));
+        let (r, dropped) = store(2, 2 * one + one / 2);
+        r.update(&envelope("s/1", 1000), false).await;
+        r.update(&envelope("s/2", 1000), false).await;
+        // Too big for the bytes left: refused, and s/1's old message goes with its bytes.
+        r.update(&envelope("s/1", 3000), false).await;
+        assert_eq!(dropped.get(), 1);
+        let filter = TopicFilter::parse("s/#").unwrap();
+        let left = r.matching(&filter, 10, usize::MAX).await;
+        let topics: Vec<&str> = left.envelopes.iter().map(|e| e.topic.as_str()).collect();
+        assert_eq!(topics, ["s/2"]);
+        assert_eq!(r.store.lock().unwrap().bytes, one);
+        // The bytes given back take a new topic.
+        r.update(&envelope("s/3", 1000), false).await;
+        assert_eq!(dropped.get(), 1);
+        assert_eq!(r.matching(&filter, 10, usize::MAX).await.envelopes.len(), 2);
+    }
+
+    /// The byte budget of one SUBSCRIBE's retained messages: those that fit are returned, the
+    /// others counted.
+    #[tokio::test]
+    async fn matching_is_bounded_in_bytes() {
+        let (r, _) = store(100, usize::MAX);
+        for i in 0..10 {
+            r.update(&envelope(&format!("m/{i}"), 10_000), false).await;
+        }
+        r.update(&envelope("m/small", 10), false).await;
+        let e = envelope("m/0", 10_000);
+        let one = e.topic.as_str().len() + e.json().len();
+        let filter = TopicFilter::parse("m/#").unwrap();
+        let found = r.matching(&filter, 100, 3 * one + one / 2).await;
+        // Three large ones, then the small one still fits.
+        assert_eq!((found.envelopes.len(), found.beyond), (4, 7));
+        assert_eq!(found.envelopes[3].topic.as_str(), "m/small");
     }
 
     #[tokio::test]
@@ -252,9 +314,50 @@ mod tests {
     fn literal_prefix_stops_at_the_first_wildcard() {
         let p = |f: &str| literal_prefix(&TopicFilter::parse(f).unwrap()).to_owned();
         assert_eq!(p("#"), "");
-        assert_eq!(p("a/b/#"), "a/b/");
-        assert_eq!(p("a/+/c"), "a/");
+        assert_eq!(p("a/b/#"), "a/b");
+        assert_eq!(p("a/+/c"), "a");
         assert_eq!(p("a/b"), "a/b");
         assert_eq!(p("+/b"), "");
+        assert_eq!(p("/#"), "");
+        assert_eq!(p("$SYS/#"), "$SYS");
+    }
+
+    /// The topics `filter` finds in a store holding `topics`, sorted.
+    async fn found(topics: &[&str], filter: &str) -> Vec<String> {
+        let (r, _) = store(100, usize::MAX);
+        for t in topics {
+            r.update(&envelope(t, 1), false).await;
+        }
+        let f = TopicFilter::parse(filter).unwrap();
+        let mut v: Vec<String> = r
+            .matching(&f, 100, usize::MAX)
+            .await
+            .envelopes
+            .iter()
+            .map(|e| e.topic.as_str().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `a/#` matches the topic `a` itself (MQTT §4.7.1.2): the search from the filter's
+    /// literal prefix must not start after it (`a` sorts before `a/`).
+    #[tokio::test]
+    async fn a_multi_level_wildcard_finds_its_parent_topic() {
+        let topics = ["a", "a/b", "a/b/c", "ab", "a0", "b", "$SYS/x", "$SYS"];
+        assert_eq!(found(&topics, "a/#").await, ["a", "a/b", "a/b/c"]);
+        assert_eq!(found(&topics, "a/b/#").await, ["a/b", "a/b/c"]);
+        // No wildcard: exactly the topic.
+        assert_eq!(found(&topics, "a").await, ["a"]);
+        assert_eq!(found(&topics, "a/b").await, ["a/b"]);
+        // `#` alone matches every topic but those starting with `$` (MQTT §4.7.2).
+        assert_eq!(
+            found(&topics, "#").await,
+            ["a", "a/b", "a/b/c", "a0", "ab", "b"]
+        );
+        // A `$` topic is found by a filter naming it.
+        assert_eq!(found(&topics, "$SYS/#").await, ["$SYS", "$SYS/x"]);
+        assert_eq!(found(&topics, "a/+").await, ["a/b"]);
+        assert_eq!(found(&topics, "+").await, ["a", "a0", "ab", "b"]);
     }
 }

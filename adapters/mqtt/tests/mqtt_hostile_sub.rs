@@ -39,6 +39,53 @@ fn connack5(e: &Result<rumqttc::v5::Event, String>) -> Option<mq5::ConnectReturn
     }
 }
 
+/// Waits (up to 10 s) until the registry shows `series` at `value` — the end of work done in
+/// the background, instead of a fixed sleep that a loaded machine can outrun.
+async fn metric_reaches(h: &Harness, series: &str, value: u64) {
+    let line = format!("{series} {value}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = h.ctx.registry.render();
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {line}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `n` PUBLISHes (each within `wait`'s deadline), then proves nothing else was sent
+/// before them: a non-retained marker published now must be the very next message (one
+/// connection's messages arrive in order). Returns the `n` PUBLISHes.
+async fn exactly(
+    h: &Harness,
+    rx: &mut mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+    n: usize,
+    marker_topic: &str,
+) -> Vec<rumqttc::Publish> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(wait(rx, "publish", publish4).await);
+    }
+    let (m, mut mrx) = client4(h, &format!("marker-{marker_topic}"), |_| {}).await;
+    m.publish(marker_topic, rumqttc::QoS::AtLeastOnce, false, "marker")
+        .await
+        .unwrap();
+    wait(&mut mrx, "PUBACK", |e| {
+        matches!(e, Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))).then_some(())
+    })
+    .await;
+    let next = wait(rx, "marker", publish4).await;
+    assert_eq!(
+        next.topic, marker_topic,
+        "a message past the bound: {next:?}"
+    );
+    got
+}
+
 /// MQTT 5: the same filter twice in one SUBSCRIBE with different options is one subscription
 /// with the last options (here No Local), one SUBACK code per listing, one retained copy.
 #[tokio::test]
@@ -109,21 +156,15 @@ async fn retained_sends_are_bounded_by_max_queued() {
     }
     let (c, mut rx) = client4(&h, "sub", |_| {}).await;
     c.subscribe("q/#", rumqttc::QoS::AtMostOnce).await.unwrap();
-    let mut got = 0;
-    while tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4))
-        .await
-        .is_ok()
-    {
-        got += 1;
-    }
-    assert_eq!(got, 5);
-    let m = h.ctx.registry.render();
-    assert!(
-        m.contains(
-            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"} 7"
-        ),
-        "{m}"
-    );
+    // Counted once the SUBSCRIBE's retained sends are done.
+    metric_reaches(
+        &h,
+        "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"}",
+        7,
+    )
+    .await;
+    let got = exactly(&h, &mut rx, 5, "q/marker").await;
+    assert!(got.iter().all(|p| p.retain), "{got:?}");
 }
 
 /// F1: and by `mqtt.max_retained_send_bytes` (the write buffer and `pending`, in bytes).
@@ -154,21 +195,13 @@ async fn retained_sends_are_bounded_in_bytes() {
     })
     .await;
     c.subscribe("b/#", rumqttc::QoS::AtMostOnce).await.unwrap();
-    let mut got = 0;
-    while tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4))
-        .await
-        .is_ok()
-    {
-        got += 1;
-    }
-    assert_eq!(got, 2);
-    let m = h.ctx.registry.render();
-    assert!(
-        m.contains(
-            "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"} 4"
-        ),
-        "{m}"
-    );
+    metric_reaches(
+        &h,
+        "meshgate_events_dropped_total{adapter=\"mqtt\",reason=\"retained_queue_full\"}",
+        4,
+    )
+    .await;
+    exactly(&h, &mut rx, 2, "b/marker").await;
 }
 
 /// F6: the memory store's topic count bound (`mqtt.max_retained_messages`); replacing a kept
@@ -190,13 +223,14 @@ async fn the_retained_store_is_bounded_by_count() {
     }
     let (c, mut rx) = client4(&h, "sub", |_| {}).await;
     c.subscribe("c/#", rumqttc::QoS::AtMostOnce).await.unwrap();
-    let mut got = Vec::new();
-    while let Ok(p) =
-        tokio::time::timeout(Duration::from_millis(500), wait(&mut rx, "pub", publish4)).await
-    {
-        let e = json::decode(&p.payload).unwrap();
-        got.push((p.topic, e.data().unwrap().to_bytes().to_vec()));
-    }
+    let mut got: Vec<_> = exactly(&h, &mut rx, 2, "c/marker")
+        .await
+        .into_iter()
+        .map(|p| {
+            let e = json::decode(&p.payload).unwrap();
+            (p.topic, e.data().unwrap().to_bytes().to_vec())
+        })
+        .collect();
     got.sort();
     assert_eq!(
         got,
@@ -265,12 +299,13 @@ async fn a_client_id_is_bound_to_its_principal() {
         .unwrap();
     let got = wait(&mut arx, "publish", publish5).await;
     assert_eq!(&got.topic[..], b"alice/x");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), wait(&mut wrx, "will", publish4))
-            .await
-            .is_err(),
-        "alice's will is not published"
-    );
+    // Alice's will is not published: a marker on the will topics, published after the
+    // refusals, is the first thing the watcher gets there.
+    w.publish("wills/marker", rumqttc::QoS::AtLeastOnce, false, "marker")
+        .await
+        .unwrap();
+    let first = wait(&mut wrx, "marker", publish4).await;
+    assert_eq!(first.topic, "wills/marker", "alice's will was published");
     // The same user takes her own id over, as before.
     let (_again, mut again) = client5(&h, "dev-a", |o| {
         o.set_credentials("alice", "pw-alice");
@@ -317,7 +352,17 @@ async fn the_per_user_cap_refuses_with_quota_exceeded() {
         mq5::ConnectReturnCode::QuotaExceeded
     );
     first.disconnect().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slot comes back when the session ends (in the background): probe the cap directly
+    // (a probe through the adapter would count another refusal).
+    let alice = meshgate_core::auth::Principal::internal("alice");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.ctx.limits.acquire_user(&alice).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (_third, mut trx) = client5(&h, "a-3", |o| {
         o.set_credentials("alice", "pw-alice");
     })
@@ -371,11 +416,73 @@ async fn websocket_upgrades_count_against_the_per_address_cap() {
     }
     // The slot comes back when a connection ends.
     drop(first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Given back when the server sees the close (in the background): probe the cap directly
+    // (a probe through the listener would count another refusal).
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.ctx.limits.acquire_ip(ip).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _third = upgrade().await.expect("slot given back");
     let m = h.ctx.registry.render();
     assert!(
         m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_ip\"} 1"),
+        "{m}"
+    );
+}
+
+/// F7: a user at `gateway.max_connections_per_user` may still take over its own client id
+/// (a device reconnecting before its old connection was seen to die): the old connection's
+/// slot becomes the new one's. Another connection of the user is still refused.
+#[tokio::test]
+async fn a_user_at_its_cap_can_take_over_its_own_client_id() {
+    let mut h = start_with(mqtt_config(), users()).await;
+    h.ctx.limits = meshgate_core::ConnectionLimits::new(0, 1);
+    let adapter = meshgate_mqtt::MqttAdapter::bind(&mqtt_config(), &h.ctx)
+        .await
+        .unwrap();
+    h.addr = adapter.local_addr().unwrap();
+    let run_ctx = h.ctx.clone();
+    tokio::spawn(async move { Box::new(adapter).run(run_ctx).await });
+    let alice = |o: &mut rumqttc::v5::MqttOptions| {
+        o.set_credentials("alice", "pw-alice");
+    };
+    let (_first, mut frx) = client5(&h, "a-1", alice).await;
+    assert_eq!(
+        wait(&mut frx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    // The same client id again, at the cap: taken over, not refused.
+    let (again, mut arx) = client5(&h, "a-1", alice).await;
+    assert_eq!(
+        wait(&mut arx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::Success
+    );
+    // The old connection is told to go.
+    wait(&mut frx, "the takeover", |e| match e {
+        Ok(rumqttc::v5::Event::Incoming(mq5::Packet::Disconnect(_))) | Err(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    // The new connection works.
+    again
+        .subscribe("a/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback5(&mut arx).await;
+    // It holds the user's one slot: another client id of alice's is refused.
+    let (_other, mut orx) = client5(&h, "a-2", alice).await;
+    assert_eq!(
+        wait(&mut orx, "CONNACK", connack5).await,
+        mq5::ConnectReturnCode::QuotaExceeded
+    );
+    let m = h.ctx.registry.render();
+    assert!(
+        m.contains("meshgate_errors_total{adapter=\"mqtt\",kind=\"connection_limit_user\"} 1"),
         "{m}"
     );
 }

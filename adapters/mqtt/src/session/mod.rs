@@ -323,6 +323,24 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = write_now(stream, version, p).await;
         return None;
     }
+    // `mqtt.max_keep_alive`: MQTT 5 is told the maximum in CONNACK; 3.1.1 cannot be told
+    // another keep-alive, so a longer one is refused (see `codec::keep_alive`).
+    let Some((keep_alive, server_keep_alive)) =
+        codec::keep_alive(version, connect.keep_alive, shared.config.max_keep_alive)
+    else {
+        shared.metrics.error("keep_alive_too_long");
+        let p = refuse(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            &format!(
+                "keep-alive {} s is longer than this server allows ({} s, mqtt.max_keep_alive); \
+                 connect with a shorter one",
+                connect.keep_alive,
+                shared.config.max_keep_alive.as_secs()
+            ),
+        );
+        let _ = write_now(stream, version, p).await;
+        return None;
+    };
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_session {
@@ -358,8 +376,12 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Per user (`gateway.max_connections_per_user`), held until the session is parked or
     // ended. MQTT 5: 0x97 quota exceeded; 3.1.1: 0x03 server unavailable (see `connack`).
+    // A user at the cap may still take over its own client id's connection (a client
+    // reconnecting before the server noticed its old connection die): that connection's slot
+    // becomes this one's, so the slot is taken after the takeover below.
     let user_permit = match shared.ctx.limits.acquire_user(&principal) {
-        Ok(p) => p,
+        Ok(p) => Some(p),
+        Err(_) if shared.connected_as(&client_id, &principal) => None,
         Err(e) => {
             shared.metrics.error(e.metric_kind());
             let p = refuse(ConnectReturnCode::QuotaExceeded, &e.to_string());
@@ -367,6 +389,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
+    let permit_after_takeover = user_permit.is_none();
     if let Some(w) = &will {
         let allowed = std::str::from_utf8(&w.topic)
             .ok()
@@ -411,7 +434,7 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             "client id in use by another user",
         )
     };
-    let Ok(registration) =
+    let Ok(mut registration) =
         Registration::new(shared, &client_id, &principal, connection, user_permit)
     else {
         let _ = write_now(stream, version, taken()).await;
@@ -425,6 +448,19 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             .is_err()
         {
             tracing::warn!(client_id, "mqtt: previous connection did not close in time");
+        }
+    }
+    if permit_after_takeover {
+        // The previous connection gave its slot back when it finished (or another
+        // connection of the user took it meanwhile: then the cap holds).
+        match shared.ctx.limits.acquire_user(&principal) {
+            Ok(p) => registration.user_permit = Some(p),
+            Err(e) => {
+                shared.metrics.error(e.metric_kind());
+                let p = refuse(ConnectReturnCode::QuotaExceeded, &e.to_string());
+                let _ = write_now(stream, version, p).await;
+                return None;
+            }
         }
     }
     let client_max_packet = props
@@ -564,8 +600,6 @@ async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let granted_expiry = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
-    let (keep_alive, server_keep_alive) =
-        codec::keep_alive(version, connect.keep_alive, shared.config.max_keep_alive);
     let ack_props = ConnAckProperties {
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
         session_expiry_interval: (granted_expiry != requested_expiry).then_some(granted_expiry),
@@ -650,7 +684,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// take over) when dropped, after the session was parked or ended. Holds the connection's
 /// per-user slot as long.
 pub(crate) struct Registration {
-    _user_permit: meshgate_core::ConnectionPermit,
+    /// `None` only while a connection at its user's cap takes over its own client id.
+    user_permit: Option<meshgate_core::ConnectionPermit>,
     shared: Arc<Shared>,
     client_id: String,
     connection: u64,
@@ -666,13 +701,13 @@ impl Registration {
         client_id: &str,
         principal: &Principal,
         connection: u64,
-        user_permit: meshgate_core::ConnectionPermit,
+        user_permit: Option<meshgate_core::ConnectionPermit>,
     ) -> Result<Self, crate::ClientIdTaken> {
         let takeover = CancellationToken::new();
         let finished = CancellationToken::new();
         let previous = shared.register(client_id, principal, connection, &takeover, &finished)?;
         Ok(Registration {
-            _user_permit: user_permit,
+            user_permit,
             shared: shared.clone(),
             client_id: client_id.to_owned(),
             connection,
@@ -686,6 +721,9 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.unregister(&self.client_id, self.connection);
+        // The slot is given back before `finished` wakes a connection taking over, which
+        // may need it.
+        drop(self.user_permit.take());
         self.finished.cancel();
     }
 }

@@ -257,7 +257,13 @@ impl Session {
         let mut bytes = config.max_retained_send_bytes.saturating_sub(waiting);
         let mut dropped = 0u64;
         for (filter, granted) in retained_for {
-            let found = self.shared.retained.matching(&filter, messages).await;
+            // Bounded in bytes too: the store reads no more than the budget (JetStream would
+            // otherwise read up to `messages` values of up to `kv_max_value_size` each).
+            let found = self
+                .shared
+                .retained
+                .matching(&filter, messages, bytes)
+                .await;
             dropped += found.beyond;
             for envelope in found.envelopes {
                 let size = retained_cost(&envelope, true);

@@ -3,12 +3,19 @@
 //! Each subscription owns a bounded queue (`queue_capacity` events). Publishing matches the
 //! topic against every subscription's filter and enqueues one shared `Arc<Envelope>` per match
 //! (no copy of the event). When a queue is full the configured policy applies:
-//! - `drop` (the default): the event is dropped for that subscriber at once and counted as
-//!   `queue_full`; a slow or stuck subscriber costs only itself;
-//! - `block`: the publisher waits for room, at most `block_timeout` in all (the full queues
-//!   are waited for together, under one deadline); after that the event is dropped for each
-//!   subscriber still full (counted as `block_timeout`) and `publish` returns `Saturated`, so
-//!   the client is told to retry (HTTP 503, MQTT "server busy").
+//! - `block` (the default): the publisher waits for room, at most `block_timeout` in all (the
+//!   full queues are waited for together, under one deadline), so a subscriber that is only
+//!   slower than its publishers slows them down instead of losing events. A subscriber still
+//!   full at the deadline loses the event (counted as `block_timeout`), `publish` returns
+//!   `Saturated` (HTTP 503, MQTT "server busy"), and the subscriber is marked *stalled*: until
+//!   its queue is half empty again, publishes do not wait for it — its copies are dropped at
+//!   once (counted as `stalled`). A stuck subscriber therefore costs publishers one
+//!   `block_timeout` per episode, then only itself (review F3: it used to cost every publish
+//!   `block_timeout` per full queue, in turn);
+//! - `drop`: the event is dropped for that subscriber at once and counted as `queue_full`.
+//!   Publishers never wait, but nothing paces them either: under overload they take the CPU
+//!   that subscribers need (the MQTT benchmark's QoS 0 row with four publishers delivered 1%
+//!   of what it delivers under `block`).
 //!
 //! Queue groups: among the subscriptions with the same group name and filter, each event goes
 //! to one member, chosen round-robin, skipping members whose queue is full.
@@ -38,7 +45,24 @@ struct Sub {
     filter: TopicFilter,
     group: Option<(String, TopicFilter)>,
     tx: mpsc::Sender<Delivery>,
+    /// Set when a publish gave up waiting for this subscriber (`block`); cleared once its
+    /// queue is half empty again. While set, publishes do not wait for it.
+    stalled: Arc<AtomicBool>,
 }
+
+impl Sub {
+    /// A copy of the event could be queued: a stalled subscriber whose queue has drained to
+    /// half is waited for again.
+    fn sent(&self) {
+        if self.stalled.load(Ordering::Relaxed) && self.tx.capacity() * 2 >= self.tx.max_capacity()
+        {
+            self.stalled.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A full queue a `block` publish waits for.
+type Blocked = (mpsc::Sender<Delivery>, Arc<AtomicBool>);
 
 #[derive(Debug, Default)]
 struct State {
@@ -55,6 +79,7 @@ struct Inner {
     closed: AtomicBool,
     dropped_queue_full: Counter,
     dropped_block_timeout: Counter,
+    dropped_stalled: Counter,
     subscriptions: Gauge,
     /// At most one warning per interval for events dropped after `block_timeout` (each is
     /// counted): one line per subscriber per event flooded the log with many stuck ones.
@@ -109,7 +134,7 @@ impl MemoryBackbone {
             let deadline = tokio::time::Instant::now() + self.inner.config.block_timeout;
             let waits = blocked
                 .iter()
-                .map(|tx| self.wait_for_room(tx, &envelope, deadline));
+                .map(|(tx, stalled)| self.wait_for_room(tx, stalled, &envelope, deadline));
             let saturated = futures_util::future::join_all(waits)
                 .await
                 .into_iter()
@@ -149,6 +174,7 @@ impl MemoryBackbone {
                 closed: AtomicBool::new(false),
                 dropped_queue_full: dropped("queue_full"),
                 dropped_block_timeout: dropped("block_timeout"),
+                dropped_stalled: dropped("stalled"),
                 subscriptions: registry
                     .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", label)]),
                 warn_block: meshgate_core::throttle::LogThrottle::new(
@@ -166,30 +192,34 @@ impl MemoryBackbone {
     /// Queues the event for every matching subscriber without waiting. Subscribers whose queue
     /// is full get it under the full-queue policy: dropped and counted at once (`drop`), or
     /// returned, to be waited for (`block`).
-    fn enqueue(&self, envelope: &Arc<Envelope>) -> Vec<mpsc::Sender<Delivery>> {
+    fn enqueue(&self, envelope: &Arc<Envelope>) -> Vec<Blocked> {
         let inner = &self.inner;
+        let block = inner.config.full_policy == FullQueuePolicy::Block;
         let mut blocked = Vec::new();
-        let mut full = |tx: &mpsc::Sender<Delivery>| match inner.config.full_policy {
-            FullQueuePolicy::Drop => {
+        let mut full = |sub: &Sub| {
+            if !block {
                 inner.dropped_queue_full.inc();
                 tracing::debug!(topic = %envelope.topic, "subscriber queue full, event dropped");
+            } else if sub.stalled.load(Ordering::Relaxed) {
+                inner.dropped_stalled.inc();
+            } else {
+                blocked.push((sub.tx.clone(), sub.stalled.clone()));
             }
-            FullQueuePolicy::Block => blocked.push(tx.clone()),
         };
         let state = inner.read();
         // Queue groups seen so far (rarely any: no allocation unless there are).
-        let mut groups: HashMap<&(String, TopicFilter), Vec<&mpsc::Sender<Delivery>>> =
-            HashMap::new();
+        let mut groups: HashMap<&(String, TopicFilter), Vec<&Sub>> = HashMap::new();
         for sub in state.subs.iter() {
             if !sub.filter.matches(&envelope.topic) {
                 continue;
             }
             match &sub.group {
                 None => match sub.tx.try_send(Delivery::new(envelope.clone(), None)) {
+                    Ok(()) if block => sub.sent(),
                     Ok(()) | Err(TrySendError::Closed(_)) => {}
-                    Err(TrySendError::Full(_)) => full(&sub.tx),
+                    Err(TrySendError::Full(_)) => full(sub),
                 },
-                Some(key) => groups.entry(key).or_default().push(&sub.tx),
+                Some(key) => groups.entry(key).or_default().push(sub),
             }
         }
         for (key, members) in groups {
@@ -200,9 +230,15 @@ impl MemoryBackbone {
             // Prefer a member with room; if all are full, the policy applies to the chosen one.
             let n = members.len();
             let sent = (0..n).any(|i| {
-                members[(start + i) % n]
+                let member = members[(start + i) % n];
+                let ok = member
+                    .tx
                     .try_send(Delivery::new(envelope.clone(), None))
-                    .is_ok()
+                    .is_ok();
+                if ok && block {
+                    member.sent();
+                }
+                ok
             });
             if !sent {
                 full(members[start % n]);
@@ -216,6 +252,7 @@ impl MemoryBackbone {
     async fn wait_for_room(
         &self,
         tx: &mpsc::Sender<Delivery>,
+        stalled: &AtomicBool,
         envelope: &Arc<Envelope>,
         deadline: tokio::time::Instant,
     ) -> bool {
@@ -225,10 +262,11 @@ impl MemoryBackbone {
             Ok(_) => true,
             Err(_) => {
                 self.inner.dropped_block_timeout.inc();
+                stalled.store(true, Ordering::Relaxed);
                 if self.inner.warn_block.ready() {
                     tracing::warn!(
                         topic = %envelope.topic,
-                        "subscriber queue full past block_timeout, event dropped for it (each counted in meshgate_backbone_dropped_total{{reason=\"block_timeout\"}}; at most one such line per 10 s)"
+                        "subscriber queue full past block_timeout, event dropped for it and the subscriber skipped until its queue is half empty (counted in meshgate_backbone_dropped_total{{reason=\"block_timeout\"|\"stalled\"}}; at most one such line per 10 s)"
                     );
                 }
                 false
@@ -305,6 +343,7 @@ impl Backbone for MemoryBackbone {
                     filter: filter.clone(),
                     group,
                     tx,
+                    stalled: Arc::default(),
                 });
             }
             inner.subscriptions.inc();
@@ -455,6 +494,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `block`: a subscriber that made a publish wait past `block_timeout` is skipped at once
+    /// (counted `stalled`) until its queue is half empty; then it is waited for again.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_subscriber_is_skipped_until_its_queue_is_half_empty() {
+        let bb = MemoryBackbone::new(config(4, FullQueuePolicy::Block), &Registry::new());
+        let mut slow = bb
+            .subscribe(filter("a/#"), Default::default())
+            .await
+            .unwrap();
+        let mut other = bb
+            .subscribe(filter("a/#"), Default::default())
+            .await
+            .unwrap();
+        for i in 0..4 {
+            bb.publish(envelope("a/b", &i.to_string())).await.unwrap();
+            other.next().await.unwrap();
+        }
+        // Full: the first publish waits block_timeout, is refused, marks the subscriber.
+        let started = tokio::time::Instant::now();
+        let r = bb.publish(envelope("a/b", "waits")).await;
+        assert!(matches!(r, Err(BackboneError::Saturated(_))));
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        other.next().await.unwrap();
+        // Stalled: later publishes do not wait, the other subscriber gets them.
+        for i in 0..10 {
+            let started = tokio::time::Instant::now();
+            bb.publish(envelope("a/b", &format!("skip{i}")))
+                .await
+                .unwrap();
+            assert_eq!(started.elapsed(), Duration::ZERO);
+            assert!(other.next().await.is_some());
+        }
+        assert_eq!(bb.inner.dropped_block_timeout.get(), 1);
+        assert_eq!(bb.inner.dropped_stalled.get(), 10);
+        // Drained: the first copy that finds room clears the mark, so once the queue is full
+        // again the subscriber is waited for again.
+        for _ in 0..4 {
+            slow.next().await.unwrap();
+        }
+        for i in 0..4 {
+            bb.publish(envelope("a/b", &format!("q{i}"))).await.unwrap();
+            other.next().await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let r = bb.publish(envelope("a/b", "waits again")).await;
+        assert!(matches!(r, Err(BackboneError::Saturated(_))));
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert_eq!(bb.inner.dropped_block_timeout.get(), 2);
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ fn defaults_are_valid_and_documented_values() {
     assert_eq!(c.http.max_body_size, 1 << 20);
     assert_eq!(c.backbone.kind, BackboneKind::Memory);
     // A slow or stuck subscriber costs only itself by default (review F3).
-    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Drop);
+    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Block);
     assert_eq!(c.websocket.publish_topic, PublishTopic::Subject);
     assert!(c.auth.anonymous.enabled);
     assert!(c.auth.users.is_empty());
@@ -37,14 +37,14 @@ fn defaults_are_valid_and_documented_values() {
 #[test]
 fn file_overrides_defaults() {
     let c = load_str(
-        "[http]\nlisten = \"0.0.0.0:1234\"\nmax_body_size = 65536\n[backbone.memory]\nfull_policy = \"block\"\n",
+        "[http]\nlisten = \"0.0.0.0:1234\"\nmax_body_size = 65536\n[backbone.memory]\nfull_policy = \"drop\"\n",
         "t",
         Vec::new(),
     )
     .unwrap();
     assert_eq!(c.http.listen.to_string(), "0.0.0.0:1234");
     assert_eq!(c.http.max_body_size, 65536);
-    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Block);
+    assert_eq!(c.backbone.memory.full_policy, FullQueuePolicy::Drop);
     assert_eq!(c.websocket.path, "/ws", "untouched keys keep defaults");
 }
 

@@ -282,13 +282,12 @@ async fn stuck_mqtt_subscriber(mqtt: SocketAddr, client_id: &str, filters: &[&st
     tcp
 }
 
-/// Review F3 with the default policy: a subscriber that never reads (four full queues) costs
-/// only itself.
+/// Review F3 with the default policy (`block` with stall detection): a subscriber that never
+/// reads (four full queues) costs publishers one `block_timeout` (1 s), then only itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_does_not_stall_publishers_by_default() {
     const EVENTS: usize = 3000;
-    // Publishers at a pace a reading subscriber keeps up with on a busy machine (with the
-    // `drop` policy a reader slower than the publishers would lose events too).
+    // Publishers at a pace a reading subscriber keeps up with on a busy machine.
     const PARALLEL: usize = 4;
     let mut gw = spawn(
         &[],
@@ -343,41 +342,61 @@ async fn a_subscriber_that_never_reads_does_not_stall_publishers_by_default() {
         let (sent, received) = (sent.clone(), received.clone());
         publishers.push(tokio::spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;
-            let mut slowest = Duration::ZERO;
+            let mut slow = Vec::new();
+            let mut refused = 0;
             for i in (p..EVENTS).step_by(PARALLEL) {
                 while sent.load(Relaxed).saturating_sub(received.load(Relaxed)) > AHEAD {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 sent.fetch_add(1, Relaxed);
-                let t = Instant::now();
-                let status = client
-                    .post(format!("http://{web}/events/s/x"))
-                    .header("ce-specversion", "1.0")
-                    .header("ce-id", format!("e{i}"))
-                    .header("ce-source", "/f3")
-                    .header("ce-type", "t")
-                    .header("content-type", "text/plain")
-                    .body(data.clone())
-                    .send()
-                    .await
-                    .expect("the gateway answers")
-                    .status();
-                assert_eq!(status, 202, "event e{i}");
-                slowest = slowest.max(t.elapsed());
+                loop {
+                    let t = Instant::now();
+                    let status = client
+                        .post(format!("http://{web}/events/s/x"))
+                        .header("ce-specversion", "1.0")
+                        .header("ce-id", format!("e{i}"))
+                        .header("ce-source", "/f3")
+                        .header("ce-type", "t")
+                        .header("content-type", "text/plain")
+                        .body(data.clone())
+                        .send()
+                        .await
+                        .expect("the gateway answers")
+                        .status();
+                    if t.elapsed() > Duration::from_millis(500) {
+                        slow.push(t.elapsed());
+                    }
+                    if status == 503 {
+                        // The publish that found the stuck subscriber full for block_timeout:
+                        // "retry later", and the retry does not wait for it any more.
+                        refused += 1;
+                        continue;
+                    }
+                    assert_eq!(status, 202, "event e{i}");
+                    break;
+                }
             }
-            slowest
+            (slow, refused)
         }));
     }
-    let mut slowest = Duration::ZERO;
+    let (mut slow, mut refused) = (Vec::new(), 0);
     for p in publishers {
-        slowest = slowest.max(p.await.expect("a publisher"));
+        let (s, r) = p.await.expect("a publisher");
+        slow.extend(s);
+        refused += r;
     }
     let took = started.elapsed();
-    // With `block` (the old default) a publish waited 5 s per full queue, here 4 of them:
-    // 4 s leaves a loaded machine room and is still below one such wait.
+    // One stall episode: the publishes in flight when the stuck subscriber's queues filled
+    // (at most one per publisher) waited up to block_timeout; every other one went through
+    // at once. Waiting for each full queue in turn (review F3) made every publish take
+    // 4 × block_timeout.
     assert!(
-        slowest < Duration::from_secs(4),
-        "a publish waited {slowest:?} (all {EVENTS} took {took:?})"
+        slow.len() <= PARALLEL && refused <= PARALLEL,
+        "slow publishes {slow:?}, {refused} refused (all {EVENTS} took {took:?})"
+    );
+    assert!(
+        slow.iter().all(|d| *d < Duration::from_secs(3)),
+        "a publish waited {slow:?}"
     );
     let seen = tokio::time::timeout(Duration::from_secs(20), reader)
         .await
@@ -385,22 +404,21 @@ async fn a_subscriber_that_never_reads_does_not_stall_publishers_by_default() {
         .expect("the reader");
     assert_eq!(seen.len(), EVENTS, "the reading subscriber got every event");
     let m = metrics(admin).await;
-    let dropped = metric(
-        &m,
-        "meshgate_backbone_dropped_total",
-        &["backbone=\"memory\"", "reason=\"queue_full\""],
-    );
-    assert!(
-        dropped > 0,
-        "the stuck subscriber's drops are counted:\n{m}"
-    );
-    assert_eq!(
+    let dropped = |reason: &str| {
         metric(
             &m,
             "meshgate_backbone_dropped_total",
-            &["backbone=\"memory\"", "reason=\"block_timeout\""]
-        ),
-        0
+            &["backbone=\"memory\"", &format!("reason=\"{reason}\"")],
+        )
+    };
+    assert!(
+        dropped("block_timeout") >= 1 && dropped("stalled") > 0,
+        "the stuck subscriber's drops are counted:\n{m}"
+    );
+    assert_eq!(
+        dropped("queue_full"),
+        0,
+        "no other subscriber lost anything"
     );
     assert_alive(&mut gw);
     let rss_after = rss(gw.pid());
@@ -412,7 +430,8 @@ async fn a_subscriber_that_never_reads_does_not_stall_publishers_by_default() {
 }
 
 /// Review F3 under `full_policy = "block"`: with four full queues, one publish waits at most
-/// `block_timeout` in all (it waited once per full queue, in turn), then is refused (503).
+/// `block_timeout` in all (it waited once per full queue, in turn), then is refused (503);
+/// after that the stalled subscriber is skipped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_block_one_publish_waits_at_most_block_timeout_in_all() {
     const BLOCK: Duration = Duration::from_millis(600);
@@ -425,7 +444,7 @@ async fn under_block_one_publish_waits_at_most_block_timeout_in_all() {
             ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
             ("MESHGATE__BACKBONE__MEMORY__FULL_POLICY", "block"),
             ("MESHGATE__BACKBONE__MEMORY__BLOCK_TIMEOUT", "600ms"),
-            ("MESHGATE__BACKBONE__MEMORY__QUEUE_CAPACITY", "16"),
+            ("MESHGATE__BACKBONE__MEMORY__QUEUE_CAPACITY", "256"),
         ],
     );
     let (web, admin, mqtt) = (
@@ -443,13 +462,8 @@ async fn under_block_one_publish_waits_at_most_block_timeout_in_all() {
     let client = reqwest::Client::new();
     let data = "d".repeat(8 << 10);
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut refused = 0;
-    let mut slowest = Duration::ZERO;
-    // Until the queues are full and a few publishes were refused.
-    while refused < 3 {
-        assert!(Instant::now() < deadline, "the queues never filled");
-        let t = Instant::now();
-        let status = client
+    let post = || {
+        client
             .post(format!("http://{web}/events/s/x"))
             .header("ce-specversion", "1.0")
             .header("ce-id", "b")
@@ -458,30 +472,61 @@ async fn under_block_one_publish_waits_at_most_block_timeout_in_all() {
             .header("content-type", "text/plain")
             .body(data.clone())
             .send()
-            .await
-            .expect("the gateway answers")
-            .status();
-        slowest = slowest.max(t.elapsed());
+    };
+    // Until the queues are full and a publish was refused after waiting for them.
+    let waited = loop {
+        assert!(Instant::now() < deadline, "the queues never filled");
+        let t = Instant::now();
+        let status = post().await.expect("the gateway answers").status();
         match status.as_u16() {
             202 => {}
-            503 => refused += 1,
+            503 => break t.elapsed(),
             other => panic!("status {other}"),
         }
-    }
+    };
     // Four full queues waited for in turn took 4 × 600 ms; one shared deadline takes 600 ms.
     // 2 × BLOCK leaves a loaded machine room and still tells them apart.
     assert!(
-        slowest < 2 * BLOCK,
-        "a publish waited {slowest:?} with block_timeout {BLOCK:?}"
+        waited < 2 * BLOCK,
+        "a publish waited {waited:?} with block_timeout {BLOCK:?}"
+    );
+    // Each full queue that made a publish wait past block_timeout is marked stalled and no
+    // longer waited for. The four queues drain (into the socket's kernel buffer) at different
+    // moments, so each may cost one more such episode; after that, publishes go through at
+    // once.
+    let mut later_refused = 0;
+    for i in 0..30 {
+        let t = Instant::now();
+        let status = post().await.expect("the gateway answers").status();
+        let took = t.elapsed();
+        if status == 503 {
+            later_refused += 1;
+            assert!(took < 2 * BLOCK, "a refused publish waited {took:?}");
+            continue;
+        }
+        assert_eq!(status, 202);
+        if i >= 20 {
+            assert!(
+                took < BLOCK,
+                "publish {i} waited {took:?} for stalled subscribers"
+            );
+        }
+    }
+    assert!(
+        later_refused <= 3,
+        "{later_refused} more publishes waited for subscribers already marked stalled"
     );
     let m = metrics(admin).await;
-    assert!(
+    let dropped = |reason: &str| {
         metric(
             &m,
             "meshgate_backbone_dropped_total",
-            &["backbone=\"memory\"", "reason=\"block_timeout\""]
-        ) >= 3,
-        "each refused publish dropped the event for a full queue, counted:\n{m}"
+            &["backbone=\"memory\"", &format!("reason=\"{reason}\"")],
+        )
+    };
+    assert!(
+        dropped("block_timeout") >= 1 && dropped("stalled") >= 10,
+        "the refused publish and the skipped copies are counted:\n{m}"
     );
     assert_alive(&mut gw);
 }

@@ -110,6 +110,7 @@ pub struct Outbound {
 
 /// Encodes an event for a subscriber of `version`. `json` gives the event's JSON format (shared
 /// by every subscriber of the envelope); it is only asked for in the structured modes.
+#[inline]
 pub fn encode(
     event: &Event,
     json: impl FnOnce() -> Bytes,

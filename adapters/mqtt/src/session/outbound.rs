@@ -369,6 +369,7 @@ impl Session {
     /// property block and remaining length within 268,435,455 (rumqttd's writer would wrap
     /// them around: see `codec`) — and that it fits the client's Maximum Packet Size (MQTT 5
     /// §3.1.2.11.4: the server must not send it). Never truncates: `Err` skips it.
+    #[inline]
     fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
         let mut encoded = binding::encode(
@@ -434,6 +435,7 @@ impl Session {
 
     /// Writes a prepared PUBLISH into the write buffer (and gives its new topic alias);
     /// false if the codec still refused it (nothing was written).
+    #[inline]
     fn put_publish(&mut self, o: &Outgoing, p: Prepared, pkid: u16, dup: bool) -> bool {
         let topic = &o.delivery.envelope.topic;
         if self.version == Version::V311 {

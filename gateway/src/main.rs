@@ -15,9 +15,9 @@ use meshgate_config::Config;
 #[command(
     name = "meshgate",
     version,
-    about = "A protocol gateway: HTTP, WebSocket and MQTT clients exchange CloudEvents over one backbone (memory or NATS).",
-    long_about = "A protocol gateway: HTTP, WebSocket and MQTT clients exchange CloudEvents over one backbone: \
-        in memory (one process) or NATS (several instances sharing one bus).\n\n\
+    about = "A protocol gateway: HTTP, WebSocket and MQTT clients (and RabbitMQ through the AMQP bridge) exchange CloudEvents over one backbone (memory, NATS or JetStream).",
+    long_about = "A protocol gateway: HTTP, WebSocket and MQTT clients (and RabbitMQ through the AMQP bridge) exchange CloudEvents over one backbone: \
+        in memory (one process), NATS or JetStream (several instances sharing one bus; JetStream durable).\n\n\
         Configuration: embedded defaults < the TOML file given with -c < MESHGATE__SECTION__KEY \
         environment variables (e.g. MESHGATE__HTTP__LISTEN=0.0.0.0:8080)."
 )]

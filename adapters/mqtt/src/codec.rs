@@ -150,19 +150,24 @@ pub fn fixed_header_ok(buf: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// The Connect Flags byte of a CONNECT at the start of `buf`, when it is there.
-fn connect_flags(buf: &[u8]) -> Option<u8> {
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        i += 1;
+/// The Remaining Length of the packet at the start of `buf` (after its first byte: 1 to 4
+/// bytes, 7 bits each) and the index of the byte after it; `None` when it is not all in `buf`
+/// or runs past 4 bytes.
+fn remaining_length(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (n, at) in (1..=4).enumerate() {
+        let b = *buf.get(at)?;
+        value |= usize::from(b & 0x7f) << (7 * n);
         if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return None;
+            return Some((value, at + 1));
         }
     }
+    None
+}
+
+/// The Connect Flags byte of a CONNECT at the start of `buf`, when it is there.
+fn connect_flags(buf: &[u8]) -> Option<u8> {
+    let (_, i) = remaining_length(buf)?;
     let name_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
     // Protocol name, then the level byte, then the flags.
     buf.get(i + 2 + name_len + 1).copied()
@@ -597,19 +602,7 @@ pub fn read_publish_v311(buf: &mut BytesMut, max_size: usize) -> Option<InPublis
         2 => QoS::ExactlyOnce,
         _ => return None,
     };
-    let (mut remaining, mut at, mut shift) = (0usize, 1, 0);
-    loop {
-        let b = *buf.get(at)?;
-        at += 1;
-        remaining += usize::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 21 {
-            return None;
-        }
-    }
+    let (remaining, at) = remaining_length(buf)?;
     let total = at + remaining;
     if remaining == 0 || remaining > max_size || buf.len() < total {
         return None;
@@ -655,17 +648,7 @@ pub fn peek_publish_meta(buf: &[u8]) -> Option<PublishMeta> {
     if header >> 4 != 3 {
         return None;
     }
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return None;
-        }
-    }
+    let (_, i) = remaining_length(buf)?;
     let qos = match (header >> 1) & 0b11 {
         1 => QoS::AtLeastOnce,
         2 => QoS::ExactlyOnce,

@@ -1150,17 +1150,8 @@ async fn read_loop(
     let mut skip = 0usize;
     loop {
         loop {
-            if skip > 0 {
-                let n = skip.min(buf.len());
-                buf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
-            match parse_op(&mut buf, inbound_limit(shared)) {
-                Ok(Some(Op::TooLarge { sid, size, skip: s })) => {
-                    skip = s;
+            match next_op(&mut buf, &mut skip, inbound_limit(shared)) {
+                Ok(Some(Op::TooLarge { sid, size, .. })) => {
                     shared.options.too_large.inc();
                     tracing::warn!(
                         sid,
@@ -1208,6 +1199,24 @@ enum Op {
     Ok,
     Err(String),
     Info(String),
+}
+
+/// [`parse_op`] after skipping what is left of a too-large message (`skip` bytes, kept
+/// across reads): the reader's one step, also what the fuzz target drives.
+fn next_op(buf: &mut BytesMut, skip: &mut usize, limit: usize) -> Result<Option<Op>, String> {
+    if *skip > 0 {
+        let n = (*skip).min(buf.len());
+        buf.advance(n);
+        *skip -= n;
+        if *skip > 0 {
+            return Ok(None);
+        }
+    }
+    let op = parse_op(buf, limit)?;
+    if let Some(Op::TooLarge { skip: s, .. }) = &op {
+        *skip = *s;
+    }
+    Ok(op)
 }
 
 /// The next complete operation in `buf` (consumed), `None` when more bytes are needed.
@@ -2077,7 +2086,7 @@ mod tests {
         assert!(err.contains("backbone.nats.user"), "{err}");
     }
 
-    /// Drives [`parse_op`] over `chunks` as [`read_loop`] does (too-large messages skipped):
+    /// Drives [`next_op`] over `chunks` as [`read_loop`] does (too-large messages skipped):
     /// the operations up to the first error, and whether there was one.
     fn drive(chunks: &[&[u8]], limit: usize) -> (Vec<Op>, bool) {
         let mut buf = BytesMut::new();
@@ -2086,21 +2095,8 @@ mod tests {
         for chunk in chunks {
             buf.extend_from_slice(chunk);
             loop {
-                if skip > 0 {
-                    let n = skip.min(buf.len());
-                    buf.advance(n);
-                    skip -= n;
-                    if skip > 0 {
-                        break;
-                    }
-                }
-                match parse_op(&mut buf, limit) {
-                    Ok(Some(op)) => {
-                        if let Op::TooLarge { skip: s, .. } = op {
-                            skip = s;
-                        }
-                        ops.push(op);
-                    }
+                match next_op(&mut buf, &mut skip, limit) {
+                    Ok(Some(op)) => ops.push(op),
                     Ok(None) => {
                         // Bounded memory: waiting for more never holds more than a control
                         // line and one message within the limit.

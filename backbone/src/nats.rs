@@ -189,10 +189,25 @@ async fn nats_subscription(
     filter: &TopicFilter,
     queue_group: Option<&str>,
 ) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
+    let messages = raw_subscription(client, &prefix, filter, queue_group).await?;
+    let decode = decoder(prefix, malformed, filter);
+    Ok(Box::pin(messages.filter_map(move |m| {
+        futures_util::future::ready(decode(m))
+    })))
+}
+
+/// NATS subscriptions for `filter` on `client`, as one stream of undecoded messages (see
+/// [`decoder`]).
+async fn raw_subscription(
+    client: &nats_client::Client,
+    prefix: &str,
+    filter: &TopicFilter,
+    queue_group: Option<&str>,
+) -> Result<futures_util::stream::BoxStream<'static, nats_client::Msg>, BackboneError> {
     let queue = queue_group.map(queue_name);
     let mut subscribers = Vec::new();
     // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
-    for subject in filter.to_nats_subjects(&prefix) {
+    for subject in filter.to_nats_subjects(prefix) {
         subscribers.push(
             client
                 .subscribe(&subject, queue.as_deref())
@@ -202,16 +217,24 @@ async fn nats_subscription(
     // Once the server answered the flush, it has the interest: events published from
     // now on (by any instance) reach this subscription.
     client.flush().await.map_err(client_error)?;
-    // Subjects match a little more than the filter: MQTT's `#` and `+` must not match
-    // topics starting with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
+    Ok(Box::pin(futures_util::stream::select_all(subscribers)))
+}
+
+/// What turns a message of `filter`'s subscription into a delivery: `None` for a message
+/// that is not a CloudEvent (counted in `malformed`) or not an event of `filter`. Subjects
+/// match a little more than the filter: MQTT's `#` and `+` must not match topics starting
+/// with `$` (MQTT 5 §4.7.2), NATS's `>` and `*` do.
+fn decoder(
+    prefix: String,
+    malformed: Counter,
+    filter: &TopicFilter,
+) -> Arc<dyn Fn(nats_client::Msg) -> Option<Delivery> + Send + Sync> {
     let matcher = filter.clone();
-    let stream = futures_util::stream::select_all(subscribers).filter_map(move |m| {
-        let delivery = decode_message(&prefix, m, &malformed)
+    Arc::new(move |m| {
+        decode_message(&prefix, m, &malformed)
             .filter(|envelope| matcher.matches(&envelope.topic))
-            .map(|envelope| Delivery::new(Arc::new(envelope), None));
-        futures_util::future::ready(delivery)
-    });
-    Ok(Box::pin(stream))
+            .map(|envelope| Delivery::new(Arc::new(envelope), None))
+    })
 }
 
 /// How the publishing connection's writer encodes this instance's events
@@ -529,16 +552,21 @@ impl Backbone for NatsBackbone {
                         self.prefix.clone(),
                         self.malformed.clone(),
                     );
+                    let decode = decoder(prefix.clone(), malformed, &filter);
                     let subscribe = move |filter: TopicFilter| {
-                        let (client, prefix, malformed) =
-                            (client.clone(), prefix.clone(), malformed.clone());
-                        Box::pin(async move {
-                            nats_subscription(&client, prefix, malformed, &filter, None).await
-                        }) as BoxFuture<'static, _>
+                        let (client, prefix) = (client.clone(), prefix.clone());
+                        Box::pin(
+                            async move { raw_subscription(&client, &prefix, &filter, None).await },
+                        ) as BoxFuture<'static, _>
                     };
                     let remote = self
                         .fanout
-                        .join(&filter, capacity, self.subscription_bytes, subscribe)
+                        .join(
+                            &filter,
+                            (capacity, self.subscription_bytes),
+                            subscribe,
+                            decode,
+                        )
                         .await?;
                     let local = self
                         .local

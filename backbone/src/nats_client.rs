@@ -648,6 +648,12 @@ impl<T> std::fmt::Debug for ByteQueueTx<T> {
 }
 
 impl<T> ByteQueueTx<T> {
+    /// No room for one more message: its count is reached, or its bytes are (a message
+    /// of any size is refused then). A snapshot: the reader may make room right after.
+    pub(crate) fn is_full(&self) -> bool {
+        self.tx.capacity() == 0 || self.bytes.load(Ordering::Acquire) >= self.max
+    }
+
     /// Queues `item` of `size` bytes unless the queue is full in messages or bytes
     /// (`Full`), or its reader is gone (`Closed`).
     pub(crate) fn try_send(

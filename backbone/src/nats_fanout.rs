@@ -33,12 +33,16 @@ use crate::nats_client::{ByteQueueRx, ByteQueueTx, byte_queue};
 /// Longest wait between two attempts to subscribe again after a forwarding task's panic.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Makes the NATS subscription of a filter (again, after a panic).
-pub(crate) type Subscribe<E> = Arc<
-    dyn Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, Delivery>, E>>
-        + Send
-        + Sync,
->;
+/// Makes the NATS subscription of a filter (again, after a panic): a stream of undecoded
+/// messages `M`.
+pub(crate) type Subscribe<M, E> =
+    Arc<dyn Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, M>, E>> + Send + Sync>;
+
+/// Turns a message of the subscription into the delivery for the members (`None`: skipped).
+/// Called only when some member has room: under load, the messages every member would drop
+/// are dropped before they are decoded (issue 18: decoding what was then thrown away took the
+/// receiving instance's CPU from its subscribers' writes).
+pub(crate) type Decode<M> = Arc<dyn Fn(M) -> Option<Delivery> + Send + Sync>;
 
 /// The local subscribers of one filter and the task forwarding to them.
 #[derive(Debug)]
@@ -98,17 +102,19 @@ impl Fanout {
     }
 
     /// Joins the group of `filter`'s subscribers, subscribing on NATS first with `subscribe`
-    /// when the filter has none yet; the stream has this subscriber's events, `capacity` of
-    /// them queued at most, and at most about `max_bytes` of them.
-    pub(crate) async fn join<F, E>(
+    /// (whose messages `decode` reads) when the filter has none yet; the stream has this
+    /// subscriber's events, `capacity` of them queued at most, and at most about `max_bytes`
+    /// of them.
+    pub(crate) async fn join<M, F, E>(
         &self,
         filter: &TopicFilter,
-        capacity: usize,
-        max_bytes: usize,
+        (capacity, max_bytes): (usize, usize),
         subscribe: F,
+        decode: Decode<M>,
     ) -> Result<MemberStream, E>
     where
-        F: Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, Delivery>, E>>
+        M: Send + 'static,
+        F: Fn(TopicFilter) -> BoxFuture<'static, Result<BoxStream<'static, M>, E>>
             + Send
             + Sync
             + 'static,
@@ -147,7 +153,7 @@ impl Fanout {
             filter.clone(),
             Arc::downgrade(&self.inner),
             (self.slow_consumer.clone(), self.panicked.clone()),
-            Arc::new(subscribe),
+            (Arc::new(subscribe), decode),
         ));
         *group.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         groups.insert(filter.clone(), group.clone());
@@ -170,19 +176,20 @@ fn approx_size(envelope: &Envelope) -> usize {
 /// drained), the members' streams end after what they have queued. After a panic, subscribes
 /// again (with a backoff) and goes on with the same members; the task is aborted when the last
 /// member leaves.
-async fn forward<E: std::fmt::Display>(
-    mut remote: BoxStream<'static, Delivery>,
+async fn forward<M, E: std::fmt::Display>(
+    mut remote: BoxStream<'static, M>,
     group: Arc<Group>,
     filter: TopicFilter,
     inner: std::sync::Weak<Inner>,
     (slow_consumer, panicked): (Counter, Counter),
-    subscribe: Subscribe<E>,
+    (subscribe, decode): (Subscribe<M, E>, Decode<M>),
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let passed = std::panic::AssertUnwindSafe(pass_on(&mut remote, &group, &slow_consumer))
-            .catch_unwind()
-            .await;
+        let passed =
+            std::panic::AssertUnwindSafe(pass_on(&mut remote, &group, &*decode, &slow_consumer))
+                .catch_unwind()
+                .await;
         let Err(panic) = passed else {
             break;
         };
@@ -218,12 +225,24 @@ async fn forward<E: std::fmt::Display>(
 }
 
 /// Forwards until `remote` ends.
-async fn pass_on(
-    remote: &mut BoxStream<'static, Delivery>,
+async fn pass_on<M>(
+    remote: &mut BoxStream<'static, M>,
     group: &Group,
+    decode: &(dyn Fn(M) -> Option<Delivery> + Send + Sync),
     slow_consumer: &Counter,
 ) {
-    while let Some(delivery) = remote.next().await {
+    while let Some(message) = remote.next().await {
+        {
+            // Every member full: each loses this message, as it would after decoding.
+            let members = group.members();
+            if members.iter().all(|(_, tx)| tx.is_full()) {
+                slow_consumer.add(members.len() as u64);
+                continue;
+            }
+        }
+        let Some(delivery) = decode(message) else {
+            continue;
+        };
         let size = approx_size(&delivery.envelope);
         let members = group.members();
         for (_, tx) in members.iter() {
@@ -297,6 +316,11 @@ mod tests {
             + Sync,
     >;
 
+    /// The fake subscriptions carry deliveries: nothing to decode.
+    fn as_is() -> Decode<Delivery> {
+        Arc::new(Some)
+    }
+
     /// A fake NATS subscription: its sender, and how many times one was made. Each call of
     /// the factory makes a new one, whose sender is sent on `made_tx` (after the first).
     fn source(
@@ -337,9 +361,15 @@ mod tests {
         let filter = TopicFilter::parse("a/#").unwrap();
         let made = Arc::new(AtomicU64::new(0));
         let (events, _, subscribe) = source(&made);
-        let mut first = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut first = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         let (_unused, _, subscribe) = source(&made);
-        let mut second = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut second = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         assert_eq!(
             made.load(Ordering::Relaxed),
             1,
@@ -355,7 +385,10 @@ mod tests {
         drop(second);
         assert_eq!(fanout.groups(), 0);
         let (_events, _, subscribe) = source(&made);
-        let _third = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let _third = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         assert_eq!(made.load(Ordering::Relaxed), 2);
     }
 
@@ -366,9 +399,15 @@ mod tests {
         let filter = TopicFilter::parse("a/b").unwrap();
         let made = Arc::new(AtomicU64::new(0));
         let (events, _, subscribe) = source(&made);
-        let mut small = fanout.join(&filter, 1, BYTES, subscribe).await.unwrap();
+        let mut small = fanout
+            .join(&filter, (1, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         let (_unused, _, subscribe) = source(&made);
-        let mut large = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut large = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         for i in 0..3 {
             events.send(delivery(&format!("e{i}"))).unwrap();
         }
@@ -377,6 +416,52 @@ mod tests {
         }
         assert_eq!(small.next().await.unwrap().event().id(), "e0");
         assert_eq!(slow.get(), 2);
+    }
+
+    /// A message that every member would drop is not decoded (it is counted once per member,
+    /// as a drop after decoding was).
+    #[tokio::test]
+    async fn a_message_for_full_members_only_is_dropped_before_decoding() {
+        let slow = Counter::default();
+        let fanout = Fanout::new(slow.clone(), Counter::default());
+        let filter = TopicFilter::parse("a/b").unwrap();
+        let made = Arc::new(AtomicU64::new(0));
+        let (events, _, subscribe) = source(&made);
+        let decoded = Arc::new(AtomicU64::new(0));
+        let counting: Decode<Delivery> = {
+            let decoded = decoded.clone();
+            Arc::new(move |d| {
+                decoded.fetch_add(1, Ordering::Relaxed);
+                Some(d)
+            })
+        };
+        let mut one = fanout
+            .join(&filter, (1, BYTES), subscribe, counting)
+            .await
+            .unwrap();
+        let (_unused, _, subscribe) = source(&made);
+        let mut two = fanout
+            .join(&filter, (1, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
+        for i in 0..4 {
+            events.send(delivery(&format!("e{i}"))).unwrap();
+        }
+        // The forwarder handles each message it is given in turn; wait until it took all four.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while slow.get() < 6 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(decoded.load(Ordering::Relaxed), 1, "only e0 found room");
+        assert_eq!(slow.get(), 6, "e1..e3, for both members");
+        assert_eq!(one.next().await.unwrap().event().id(), "e0");
+        assert_eq!(two.next().await.unwrap().event().id(), "e0");
+        events.send(delivery("e4")).unwrap();
+        assert_eq!(one.next().await.unwrap().event().id(), "e4");
+        assert_eq!(decoded.load(Ordering::Relaxed), 2);
     }
 
     /// Review F15: a member's queue is bounded in bytes too; the first event always fits.
@@ -389,10 +474,16 @@ mod tests {
         let (events, _, subscribe) = source(&made);
         let one = approx_size(&delivery("e0").envelope);
         // Room for two events' bytes, ten in count.
-        let mut member = fanout.join(&filter, 10, 2 * one, subscribe).await.unwrap();
+        let mut member = fanout
+            .join(&filter, (10, 2 * one), subscribe, as_is())
+            .await
+            .unwrap();
         // A second member, with room, tells when the forwarder went through all five.
         let (_unused, _, subscribe) = source(&made);
-        let mut probe = fanout.join(&filter, 10, BYTES, subscribe).await.unwrap();
+        let mut probe = fanout
+            .join(&filter, (10, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         for i in 0..5 {
             events.send(delivery(&format!("e{i}"))).unwrap();
         }
@@ -413,7 +504,10 @@ mod tests {
         let filter = TopicFilter::parse("a/b").unwrap();
         let made = Arc::new(AtomicU64::new(0));
         let (events, _, subscribe) = source(&made);
-        let mut member = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut member = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         events.send(delivery("last")).unwrap();
         drop(events);
         assert_eq!(member.next().await.unwrap().event().id(), "last");
@@ -431,7 +525,10 @@ mod tests {
         let filter = TopicFilter::parse("a/b").unwrap();
         let made = Arc::new(AtomicU64::new(0));
         let (events, mut again, subscribe) = source(&made);
-        let mut member = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut member = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         events.send(delivery("e1")).unwrap();
         events.send(delivery("panic")).unwrap();
         assert_eq!(member.next().await.unwrap().event().id(), "e1");
@@ -442,7 +539,10 @@ mod tests {
         events.send(delivery("e2")).unwrap();
         assert_eq!(member.next().await.unwrap().event().id(), "e2");
         let (_unused, _, subscribe) = source(&made);
-        let mut late = fanout.join(&filter, 8, BYTES, subscribe).await.unwrap();
+        let mut late = fanout
+            .join(&filter, (8, BYTES), subscribe, as_is())
+            .await
+            .unwrap();
         assert_eq!(fanout.groups(), 1);
         events.send(delivery("e3")).unwrap();
         assert_eq!(member.next().await.unwrap().event().id(), "e3");

@@ -244,19 +244,29 @@ fn from_tokens(s: &str, what: &'static str) -> Result<Topic, TopicError> {
     if s.is_empty() {
         return Err(bad());
     }
-    let mut levels = Vec::new();
-    for token in s.split('.') {
+    // Levels written straight into the topic, no `String` per level: this runs for every
+    // message received from NATS.
+    let mut topic = String::with_capacity(s.len());
+    for (i, token) in s.split('.').enumerate() {
+        if i > 0 {
+            topic.push('/');
+        }
         if token == "%" {
-            levels.push(String::new());
             continue;
         }
         if token.is_empty() || token == "*" || token == ">" || token == "#" {
             return Err(bad());
         }
-        let decoded = percent_decode_str(token).decode_utf8().map_err(|_| bad())?;
-        levels.push(decoded.into_owned());
+        let level = percent_decode_str(token).decode_utf8().map_err(|_| bad())?;
+        if level.contains('/') {
+            return Err(TopicError::Mapping(
+                level.into_owned(),
+                "topic level (contains `/`)",
+            ));
+        }
+        topic.push_str(&level);
     }
-    Topic::from_levels(levels)
+    Topic::from_mqtt(&topic)
 }
 
 /// One level of a topic filter.

@@ -688,11 +688,9 @@ impl<T> ByteQueueTx<T> {
 /// The receiving side of [`byte_queue`].
 ///
 /// It gives the bytes of what it took back to the shared count in batches (at most 1/16 of
-/// the budget or 64 KiB, and all of them whenever the queue is empty), not per message: the
-/// count's cache line moving between the reader's and the writer's cores on every message
-/// cost the cross-instance NATS row with 4 publishers 8–12% of its throughput (issue 18,
-/// found by bisecting). The budget is thereby at most that much tighter while the reader is
-/// busy.
+/// the budget or 64 KiB, and all of them whenever the queue is empty), not per message, so
+/// that the count's cache line does not move between the reader's and the writer's cores on
+/// every message. The budget is thereby at most that much tighter while the reader is busy.
 pub(crate) struct ByteQueueRx<T> {
     rx: mpsc::Receiver<(T, usize)>,
     bytes: Arc<AtomicUsize>,

@@ -9,6 +9,18 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
+/// tungstenite's read buffer for each WebSocket connection (both listeners: CloudEvents and
+/// MQTT over WebSocket). Its default, 128 KiB, is allocated and zeroed when the connection is
+/// made, so it was almost all of an idle connection's 140 KiB (issue 27). A message larger
+/// than this still arrives whole: the buffer grows to the frame's length, up to the
+/// listener's `max_message_size`.
+pub const WEBSOCKET_READ_BUFFER: usize = 4 << 10;
+
+/// What tungstenite collects before writing (a flush writes at once anyway). Its default is
+/// 128 KiB; this much is plenty to batch the frames of one flush, and is what a connection
+/// keeps after a burst.
+pub const WEBSOCKET_WRITE_BUFFER: usize = 16 << 10;
+
 /// Why a connection was refused by [`ConnectionLimits`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {

@@ -13,7 +13,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -97,6 +97,8 @@ async fn upgrade(
     // tungstenite would otherwise buffer frames up to its 16 MiB default (review F19).
     let max = shared.config.max_packet_size + 8;
     ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(meshgate_core::limits::WEBSOCKET_READ_BUFFER)
+        .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
@@ -131,16 +133,17 @@ async fn bridge(socket: WebSocket, shared: Arc<Shared>) {
         let _ = to_session.shutdown().await;
     };
     let outbound = async move {
-        let mut buf = vec![0u8; 16 * 1024];
+        // Reserved, not zeroed: an idle connection's buffer is address space, not memory
+        // (a zeroed `vec!` cost every connection 16 KiB of RSS). Each read is sent as it is,
+        // without a copy.
+        let mut buf = BytesMut::new();
         loop {
-            match from_session.read(&mut buf).await {
+            buf.reserve(16 * 1024);
+            match from_session.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if ws_tx
-                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .is_err()
-                    {
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
+                    if ws_tx.send(Message::Binary(chunk)).await.is_err() {
                         break;
                     }
                 }

@@ -239,6 +239,8 @@ async fn handshake(
         );
     }
     let mut upgrade = upgrade
+        .read_buffer_size(meshgate_core::limits::WEBSOCKET_READ_BUFFER)
+        .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
         .max_message_size(shared.config.max_message_size)
         .max_frame_size(shared.config.max_message_size);
     if negotiated == binding::Negotiated::CloudEventsJson {

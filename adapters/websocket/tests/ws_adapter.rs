@@ -696,3 +696,28 @@ async fn cross_origin_upgrade_is_refused_with_403() {
         "{text}"
     );
 }
+
+/// The read buffer is 4 KiB (`limits::WEBSOCKET_READ_BUFFER`, issue 27's idle memory); a
+/// message of 40 KiB in one frame still arrives whole.
+#[tokio::test]
+async fn messages_larger_than_the_read_buffer_arrive_whole() {
+    let h = start(ws_config()).await;
+    let mut sub = h
+        .backbone
+        .subscribe(TopicFilter::parse("#").unwrap(), Default::default())
+        .await
+        .unwrap();
+    let mut ws = connect(h.addr, "").await;
+    let mut big = event("L1");
+    big.set_extension("pad", ExtensionValue::String("p".repeat(40 * 1024)))
+        .unwrap();
+    assert!(meshgate_core::limits::WEBSOCKET_READ_BUFFER < 40 * 1024);
+    ws.send(Message::Text(json::encode_string(&big).into()))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(**d.event(), big);
+}

@@ -711,7 +711,7 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
     let mut big = event("L1");
     big.set_extension("pad", ExtensionValue::String("p".repeat(40 * 1024)))
         .unwrap();
-    assert!(meshgate_core::limits::WEBSOCKET_READ_BUFFER < 40 * 1024);
+    const { assert!(meshgate_core::limits::WEBSOCKET_READ_BUFFER < 40 * 1024) };
     ws.send(Message::Text(json::encode_string(&big).into()))
         .await
         .unwrap();

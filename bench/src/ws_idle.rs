@@ -1,6 +1,7 @@
 //! Memory per idle WebSocket connection (issue 27): RSS growth of a `meshgate` process per
 //! connection, for CloudEvents WebSocket subscribers (each on its own topic, as a fleet of
-//! browsers would be) and for MQTT over WebSocket (each connected, subscribed to nothing).
+//! browsers would be; and without a subscription, to tell the connection from the
+//! subscription) and for MQTT over WebSocket (each connected, subscribed to nothing).
 //!
 //! The clients are raw sockets that send the upgrade request (and, for MQTT, a CONNECT) and
 //! then nothing: their own memory is not in the figure, and nothing is read or written after.
@@ -74,7 +75,10 @@ fn mqtt_connect_frame(id: &str) -> Vec<u8> {
 
 #[derive(Clone, Copy)]
 enum Kind {
-    CloudEvents,
+    /// With one subscription (its own topic) each, or none.
+    CloudEvents {
+        subscribed: bool,
+    },
     Mqtt,
 }
 
@@ -107,7 +111,7 @@ async fn per_connection(kind: Kind, n: usize) -> anyhow::Result<f64> {
 
 async fn open(kind: Kind, port: u16, i: usize) -> anyhow::Result<TcpStream> {
     match kind {
-        Kind::CloudEvents => {
+        Kind::CloudEvents { subscribed: true } => {
             upgrade(
                 port,
                 &format!("/ws?subscribe=fleet/{i}"),
@@ -115,6 +119,7 @@ async fn open(kind: Kind, port: u16, i: usize) -> anyhow::Result<TcpStream> {
             )
             .await
         }
+        Kind::CloudEvents { subscribed: false } => upgrade(port, "/ws", "cloudevents.json").await,
         Kind::Mqtt => {
             let mut s = upgrade(port, "/mqtt", "mqtt").await?;
             s.write_all(&mqtt_connect_frame(&format!("ws-idle-{i}")))
@@ -142,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
     for (name, kind) in [
         (
             "CloudEvents WebSocket, one subscription each",
-            Kind::CloudEvents,
+            Kind::CloudEvents { subscribed: true },
+        ),
+        (
+            "CloudEvents WebSocket, no subscription",
+            Kind::CloudEvents { subscribed: false },
         ),
         ("MQTT over WebSocket, connected", Kind::Mqtt),
     ] {

@@ -670,6 +670,11 @@ impl<T> ByteQueueTx<T> {
         size: usize,
     ) -> Result<(), mpsc::error::TrySendError<T>> {
         use mpsc::error::TrySendError;
+        // Full in count: refused without touching the byte count (a flooded subscription
+        // refuses most messages, on the reader's task).
+        if self.tx.capacity() == 0 {
+            return Err(TrySendError::Full(item));
+        }
         let before = self.bytes.fetch_add(size, Ordering::AcqRel);
         if before > 0 && before.saturating_add(size) > self.max {
             self.bytes.fetch_sub(size, Ordering::AcqRel);

@@ -116,6 +116,20 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
              set auth.anonymous.enabled = false (or narrow its publish/subscribe lists) and configure [[auth.users]]"
         );
     }
+    match crate::fd_limit::raise_soft_limit() {
+        Ok(crate::fd_limit::Raised::Raised { from, to }) => {
+            tracing::info!(
+                from,
+                to,
+                "raised the open-file soft limit to the hard limit"
+            );
+        }
+        Ok(crate::fd_limit::Raised::Unchanged) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot raise the open-file soft limit to the hard limit; it stays as it was"
+        ),
+    }
     if let Some((caps, limit)) = web::descriptors_short(&config, web::open_files_limit()) {
         tracing::warn!(
             caps,

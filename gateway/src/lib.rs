@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod fd_limit;
 pub mod logging;
 pub mod serve;
 pub mod web;

@@ -126,3 +126,59 @@ async fn run_on_embedded_defaults_says_where_it_listens() {
     gw.signal("INT");
     assert!(gw.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// (soft, hard) `Max open files` of process `pid` ("self" for this one).
+fn open_file_limits(pid: &str) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut numbers = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// Started with a soft open-file limit of 256 (as a service manager might), meshgate raises it
+/// to the hard limit before it listens: every connection is a descriptor.
+#[test]
+fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
+    let (_, hard) = open_file_limits("self");
+    assert!(
+        hard > 256,
+        "this test needs a hard open-file limit above 256"
+    );
+    // `prlimit` sets the limits, then runs meshgate in its own process (same pid).
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=256:{hard}"))
+        .arg("--")
+        .arg(binary())
+        .arg("run")
+        .env("MESHGATE__HTTP__LISTEN", "127.0.0.1:0")
+        .env("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("MESHGATE__MQTT__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let pid = child.id().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Until prlimit has exec'd meshgate, the limits read are prlimit's (or this process's).
+    let comm = || std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    while comm().trim() != "meshgate" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(comm().trim(), "meshgate", "prlimit ran meshgate");
+    let mut seen = (0, 0);
+    while std::time::Instant::now() < deadline {
+        seen = open_file_limits(&pid);
+        if seen.0 == hard {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, (hard, hard), "soft limit raised to the hard one");
+}

@@ -396,3 +396,15 @@ pub async fn latency(
     let v = samples.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(percentiles(v))
 }
+
+/// The resident memory of process `pid`, in KiB (`VmRSS`; 0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}

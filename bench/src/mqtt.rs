@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshgate_bench::{
-    Broker, Generator, PAYLOAD, free_port, start_meshgate_with, temp_dir, wait_listening,
+    Broker, Generator, PAYLOAD, free_port, rss_kib, start_meshgate_with, temp_dir, wait_listening,
 };
 use rumqttc::QoS;
 
@@ -72,17 +72,6 @@ fn start_nats() -> anyhow::Result<Broker> {
     })
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// Opens `n` idle MQTT 3.1.1 connections with raw CONNECT packets; RSS growth per connection.
 async fn rss_per_connection(broker: &Broker, n: usize) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,24 +79,11 @@ async fn rss_per_connection(broker: &Broker, n: usize) -> anyhow::Result<f64> {
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", broker.port)).await?;
-        let id = format!("idle-{i}");
-        let mut pkt = vec![
-            0x10,
-            (12 + id.len()) as u8,
-            0,
-            4,
-            b'M',
-            b'Q',
-            b'T',
-            b'T',
-            4,
-            2,
-            0,
+        s.write_all(&meshgate_bench::raw::connect_packet(
+            &format!("idle-{i}"),
             240,
-        ];
-        pkt.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        pkt.extend_from_slice(id.as_bytes());
-        s.write_all(&pkt).await?;
+        ))
+        .await?;
         let mut ack = [0u8; 4];
         s.read_exact(&mut ack).await?;
         anyhow::ensure!(ack[3] == 0, "connection {i} refused: {ack:?}");

@@ -48,18 +48,24 @@ pub fn publish_packet(topic: &str, qos: u8, pkid: u16, sent_us: u64, out: &mut V
     out.resize(out.len() + PAYLOAD - 8, b'x');
 }
 
-/// Connects with a clean session and waits for a successful CONNACK.
-pub async fn connect(port: u16, client_id: &str) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.set_nodelay(true)?;
+/// An MQTT 3.1.1 CONNECT with a clean session and `keep_alive` seconds.
+pub fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
     let mut body = Vec::new();
     string("MQTT", &mut body);
-    body.extend_from_slice(&[4, 2, 0, 60]); // level 4, clean session, keep-alive 60 s
+    body.extend_from_slice(&[4, 2]); // level 4, clean session
+    body.extend_from_slice(&keep_alive.to_be_bytes());
     string(client_id, &mut body);
     let mut pkt = vec![0x10];
     remaining_length(body.len(), &mut pkt);
     pkt.extend_from_slice(&body);
-    s.write_all(&pkt).await?;
+    pkt
+}
+
+/// Connects with a clean session and waits for a successful CONNACK.
+pub async fn connect(port: u16, client_id: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    s.write_all(&connect_packet(client_id, 60)).await?;
     let mut ack = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack)).await??;
     anyhow::ensure!(

@@ -12,20 +12,9 @@
 
 use std::time::Duration;
 
-use meshgate_bench::{free_port, start_meshgate_with, wait_listening};
+use meshgate_bench::{free_port, rss_kib, start_meshgate_with, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 /// Sends a WebSocket upgrade for `path` and reads the response head; fails unless it is 101.
 async fn upgrade(port: u16, path: &str, protocol: &str) -> anyhow::Result<TcpStream> {
@@ -50,22 +39,7 @@ async fn upgrade(port: u16, path: &str, protocol: &str) -> anyhow::Result<TcpStr
 
 /// A masked binary WebSocket frame (clients must mask) holding an MQTT 3.1.1 CONNECT.
 fn mqtt_connect_frame(id: &str) -> Vec<u8> {
-    let mut connect = vec![
-        0x10,
-        (12 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        2,
-        0,
-        240,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id.as_bytes());
+    let connect = meshgate_bench::raw::connect_packet(id, 240);
     let mask = [1u8, 2, 3, 4];
     let mut frame = vec![0x82, 0x80 | connect.len() as u8];
     frame.extend_from_slice(&mask);

@@ -130,7 +130,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             "cannot raise the open-file soft limit to the hard limit; it stays as it was"
         ),
     }
-    if let Some((caps, limit)) = web::descriptors_short(&config, web::open_files_limit()) {
+    if let Some((caps, limit)) = web::descriptors_short(&config, crate::fd_limit::soft_limit()) {
         tracing::warn!(
             caps,
             limit,
@@ -226,13 +226,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             router = router.merge(web::origin_checked(mqtt_ws, &config, &registry));
         }
         let stop = ingress_stop.clone();
-        let limits = serve::Limits {
-            header_read_timeout: config.http.header_read_timeout,
-            idle_timeout: config.http.idle_timeout,
-            max_connections: config.http.max_connections,
-            max_connections_key: "http.max_connections",
-            max_header_size: config.http.max_header_size,
-        };
+        let limits = serve::Limits::of(
+            &config.http,
+            config.http.max_connections,
+            "http.max_connections",
+        );
         let counters = serve::Counters::new(&registry, "http");
         web_task = Some(tokio::spawn(serve::serve(
             listener, router, limits, counters, stop,
@@ -244,13 +242,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         admin_addr = listener.local_addr().ok();
         let router = admin::router(readiness.clone(), registry.clone());
         let stop = admin_stop.clone();
-        let limits = serve::Limits {
-            header_read_timeout: config.http.header_read_timeout,
-            idle_timeout: config.http.idle_timeout,
-            max_connections: config.admin.max_connections,
-            max_connections_key: "admin.max_connections",
-            max_header_size: config.http.max_header_size,
-        };
+        let limits = serve::Limits::of(
+            &config.http,
+            config.admin.max_connections,
+            "admin.max_connections",
+        );
         let counters = serve::Counters::new(&registry, "admin");
         admin_task = Some(tokio::spawn(serve::serve(
             listener, router, limits, counters, stop,

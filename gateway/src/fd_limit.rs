@@ -16,6 +16,11 @@ pub enum Raised {
     Unchanged,
 }
 
+/// This process's soft open-file limit; `None` when unlimited.
+pub fn soft_limit() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
 /// Raises this process's soft open-file limit to its hard limit.
 pub fn raise_soft_limit() -> std::io::Result<Raised> {
     let limit = getrlimit(Resource::Nofile);
@@ -38,4 +43,12 @@ pub fn raise_soft_limit() -> std::io::Result<Raised> {
         from: current,
         to: maximum,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_soft_limit_is_read() {
+        assert!(super::soft_limit().is_some_and(|l| l > 0));
+    }
 }

@@ -60,6 +60,24 @@ pub struct Limits {
     pub max_header_size: usize,
 }
 
+impl Limits {
+    /// The `http` section's timeouts and head size (the admin listener uses them too), with
+    /// this listener's own connection cap and its config key.
+    pub fn of(
+        http: &meshgate_config::HttpConfig,
+        max_connections: usize,
+        max_connections_key: &'static str,
+    ) -> Limits {
+        Limits {
+            header_read_timeout: http.header_read_timeout,
+            idle_timeout: http.idle_timeout,
+            max_connections,
+            max_connections_key,
+            max_header_size: http.max_header_size,
+        }
+    }
+}
+
 /// What a listener counts, under `meshgate_errors_total{adapter=<name>}` and
 /// `meshgate_connections{adapter=<name>}`.
 #[derive(Debug, Clone)]

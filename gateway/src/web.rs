@@ -115,17 +115,6 @@ pub fn anonymous_exposure(config: &Config) -> Vec<String> {
     exposed
 }
 
-/// The soft open-file limit of this process (`Max open files` in /proc/self/limits), if known.
-pub fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// `Some((sockets the caps allow, limit))` when the listeners' connection caps, plus headroom
 /// for the backbone, log and files, exceed the open-file limit: then the caps are not what
 /// bounds the process, EMFILE is.
@@ -160,7 +149,6 @@ mod tests {
         assert_eq!(descriptors_short(&c, Some(1024)), Some((10_064, 1024)));
         c.mqtt.enabled = true;
         assert_eq!(descriptors_short(&c, Some(20_000)), Some((20_064, 20_000)));
-        assert!(open_files_limit().is_some_and(|l| l > 0), "read on Linux");
         c.http.max_connections = usize::MAX;
         c.mqtt.max_connections = usize::MAX;
         assert_eq!(

@@ -49,13 +49,18 @@ impl AdapterContext {
 /// Why an adapter stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listener's address could not be bound; `key` is the config key that set it (so the
+    /// gateway can tell the operator which one to change).
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
-        addr: String,
+        key: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    /// Anything else that stops the adapter from starting, with its cause.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// An adapter that runs its own listener or client loop (MQTT, AMQP). HTTP and WebSocket share

@@ -20,20 +20,21 @@ use crate::{serve, web};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}"
+        "cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}",
+        env = env_name(key)
     )]
     Bind {
         addr: SocketAddr,
         key: &'static str,
-        env: &'static str,
+        #[source]
         source: std::io::Error,
     },
     #[error("invalid auth configuration: {0}")]
-    Auth(String),
+    Auth(#[source] meshgate_core::TopicError),
     #[error("backbone failed to start: {0}")]
-    Backbone(String),
+    Backbone(#[source] meshgate_backbone::nats::NatsStartError),
     #[error("adapter failed to start: {0}")]
-    Adapter(String),
+    Adapter(#[source] meshgate_core::AdapterError),
 }
 
 /// A started gateway. Call [`RunningGateway::shutdown`] to stop it in order.
@@ -89,22 +90,19 @@ fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
         publish: config.auth.anonymous.acl.publish.clone(),
         subscribe: config.auth.anonymous.acl.subscribe.clone(),
     });
-    Authorizer::new(users, anonymous).map_err(|e| StartError::Auth(e.to_string()))
+    Authorizer::new(users, anonymous).map_err(StartError::Auth)
 }
 
-async fn bind(
-    addr: SocketAddr,
-    key: &'static str,
-    env: &'static str,
-) -> Result<TcpListener, StartError> {
+/// The environment variable that overrides a config key, without the `MESHGATE__` prefix:
+/// `mqtt.tls_listen` -> `MQTT__TLS_LISTEN`.
+fn env_name(key: &str) -> String {
+    key.to_ascii_uppercase().replace('.', "__")
+}
+
+async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind {
-            addr,
-            key,
-            env,
-            source,
-        })
+        .map_err(|source| StartError::Bind { addr, key, source })
 }
 
 /// Starts every configured listener. Returns once they are bound and serving.
@@ -150,7 +148,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let backbone: Arc<dyn Backbone> =
         meshgate_backbone::build(&config.backbone, &instance, &registry)
             .await
-            .map_err(|e| StartError::Backbone(e.to_string()))?;
+            .map_err(StartError::Backbone)?;
     let ctx = AdapterContext {
         instance: instance.clone(),
         backbone: backbone.clone(),
@@ -167,8 +165,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let mut amqp_status = None;
     let mut amqp_ingress = None;
     if config.amqp.enabled {
-        let adapter = meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx)
-            .map_err(|e| StartError::Adapter(e.to_string()))?;
+        let adapter =
+            meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx).map_err(StartError::Adapter)?;
         amqp_status = Some(adapter.status());
         amqp_ingress = Some(adapter.ingress());
         let ctx = ctx.clone();
@@ -191,21 +189,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt, &ctx)
             .await
             .map_err(|e| match e {
-                meshgate_core::AdapterError::Bind { source, addr } => match &config.mqtt.tls {
-                    Some(tls) if addr == tls.listen.to_string() => StartError::Bind {
-                        addr: tls.listen,
-                        key: "mqtt.tls_listen",
-                        env: "MQTT__TLS_LISTEN",
-                        source,
-                    },
-                    _ => StartError::Bind {
-                        addr: config.mqtt.listen,
-                        key: "mqtt.listen",
-                        env: "MQTT__LISTEN",
-                        source,
-                    },
-                },
-                other => StartError::Adapter(other.to_string()),
+                meshgate_core::AdapterError::Bind { key, addr, source } => {
+                    StartError::Bind { addr, key, source }
+                }
+                other => StartError::Adapter(other),
             })?;
         mqtt_addr = adapter.local_addr();
         mqtt_tls_addr = adapter.tls_addr();
@@ -219,7 +206,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     }
     let (mut web_addr, mut web_task) = (None, None);
     if web::enabled(&config) {
-        let listener = bind(config.http.listen, "http.listen", "HTTP__LISTEN").await?;
+        let listener = bind(config.http.listen, "http.listen").await?;
         web_addr = listener.local_addr().ok();
         let mut router = web::router(&config, &ctx);
         if let Some(mqtt_ws) = mqtt_ws {
@@ -238,7 +225,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     }
     let (mut admin_addr, mut admin_task) = (None, None);
     if config.admin.enabled {
-        let listener = bind(config.admin.listen, "admin.listen", "ADMIN__LISTEN").await?;
+        let listener = bind(config.admin.listen, "admin.listen").await?;
         admin_addr = listener.local_addr().ok();
         let router = admin::router(readiness.clone(), registry.clone());
         let stop = admin_stop.clone();

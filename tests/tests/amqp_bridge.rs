@@ -490,6 +490,26 @@ async fn readiness_names_the_link_that_is_down() {
     assert_eq!(code, 503);
     assert!(body.contains("amqp source `nowhere`"), "{body}");
     assert!(body.contains(&format!("127.0.0.1:{port}")), "{body}");
+    assert!(
+        body.contains("`nowhere`: network:"),
+        "an unreachable broker reads as a network failure: {body}"
+    );
+    gw.shutdown().await;
+
+    // A wrong password reads as a login failure, not as a network one, on both kinds of link
+    // (the sources' own consumer connection and the sinks' lapin connection).
+    let mut config = amqp_config("/");
+    config.amqp.password = "not-the-password".to_owned();
+    config.amqp.sources = vec![source("badlogin", "q", None)];
+    config.amqp.sinks = vec![sink("badsink", "#", "", "x", AmqpMode::Binary)];
+    let gw = start_gateway(config).await;
+    let admin = gw.admin_addr.unwrap();
+    let (code, body) = readyz_once(admin, "`badsink`: auth:").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("amqp source `badlogin`: auth:") && body.contains("check amqp.user"),
+        "{body}"
+    );
     gw.shutdown().await;
 
     // A queue that does not exist: the broker's refusal is what /readyz shows.
@@ -500,6 +520,7 @@ async fn readiness_names_the_link_that_is_down() {
     let admin = gw.admin_addr.unwrap();
     let (code, body) = readyz_once(admin, &missing).await;
     assert_eq!(code, 503);
+    assert!(body.contains("`missing`: refused:"), "{body}");
     assert!(
         body.contains("NOT_FOUND") || body.contains("not found") || body.contains("NotFound"),
         "{body}"

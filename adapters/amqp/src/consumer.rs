@@ -35,6 +35,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
+use crate::error::AmqpError;
+
 /// The one channel a consumer connection uses.
 pub(crate) const CHANNEL: u16 = 1;
 
@@ -133,7 +135,7 @@ fn frame_size(buf: &[u8]) -> Option<(u32, usize)> {
 
 /// Cuts the next complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
 /// An error means the stream cannot be read further (the connection must end).
-pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, String> {
+pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, AmqpError> {
     let Some((size, total)) = frame_size(buf) else {
         return Ok(None);
     };
@@ -141,38 +143,38 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
     // frame_max counts the whole frame: head, payload and end octet.
     if total as u64 > u64::from(frame_max) {
-        return Err(format!(
+        return Err(AmqpError::Protocol(format!(
             "the broker sent a {size}-byte frame; the negotiated frame_max is {frame_max}"
-        ));
+        )));
     }
     if buf.len() < total {
         return Ok(None);
     }
     if buf[total - 1] != FRAME_END {
-        return Err(format!(
+        return Err(AmqpError::Protocol(format!(
             "malformed frame: byte {total} is {:#04x}, not the frame end 0xce",
             buf[total - 1]
-        ));
+        )));
     }
     let payload = FRAME_HEAD..total - 1;
     let frame = match kind {
         FRAME_METHOD if buf[payload.clone()].starts_with(&BASIC_DELIVER) => {
             let (tag, routing_key) =
                 parse_deliver(&buf[payload.start + BASIC_DELIVER.len()..payload.end])
-                    .ok_or("malformed basic.deliver frame")?;
+                    .ok_or_else(|| protocol("malformed basic.deliver frame"))?;
             buf.advance(total);
             Frame::Deliver(channel, tag, routing_key)
         }
         FRAME_METHOD => {
             // Tables inside methods are bounded before amq-protocol recurses into them.
             if let Err(why) = crate::scan::method(&buf[payload.clone()]) {
-                return Err(format!(
+                return Err(AmqpError::Protocol(format!(
                     "the broker sent a method frame meshgate refuses: {why}"
-                ));
+                )));
             }
             let class = match amq_protocol::protocol::parse_class(&buf[payload]) {
                 Ok(([], class)) => class,
-                _ => return Err("malformed method frame".to_owned()),
+                _ => return Err(protocol("malformed method frame")),
             };
             buf.advance(total);
             Frame::Method(channel, class)
@@ -185,7 +187,7 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
                 .get(4..12)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
-                .ok_or("malformed content header frame")?;
+                .ok_or_else(|| protocol("malformed content header frame"))?;
             // The pre-scan first: amq-protocol's table parser recurses once per nesting level
             // with no limit (scan.rs), and a stack overflow aborts the process.
             let frame = match crate::scan::content_header(p) {
@@ -218,7 +220,7 @@ pub(crate) fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Fr
             buf.advance(total);
             Frame::Heartbeat
         }
-        other => return Err(format!("unknown frame type {other}")),
+        other => return Err(AmqpError::Protocol(format!("unknown frame type {other}"))),
     };
     Ok(Some(frame))
 }
@@ -300,10 +302,8 @@ impl Assembling {
     }
 }
 
-/// The broker's reason for closing, as an operator reads it (RabbitMQ's text starts with the
-/// reply's name: `NOT_FOUND - no queue 'orders' in vhost '/'`).
-fn refusal(code: u16, text: &ShortString) -> String {
-    format!("the broker refused: {} (reply code {code})", text.as_str())
+fn protocol(what: &str) -> AmqpError {
+    AmqpError::Protocol(what.to_owned())
 }
 
 /// A consumer connection with its channel open.
@@ -322,15 +322,17 @@ pub(crate) struct Connection {
     silent_ticks: u32,
     /// `amqp.max_body_size`.
     max_body: u64,
+    /// `connection.open-ok` came: a refusal from here on is not about the login.
+    logged_in: bool,
 }
 
 impl Connection {
     /// Connects, logs in, opens the virtual host and channel 1. `name` is the connection name
     /// RabbitMQ shows (`rabbitmqctl list_connections name`).
-    pub(crate) async fn open(target: &Target, name: &str) -> Result<Connection, String> {
+    pub(crate) async fn open(target: &Target, name: &str) -> Result<Connection, AmqpError> {
         let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(AmqpError::io("cannot connect"))?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match &target.tls {
             None => Box::new(tcp),
@@ -338,7 +340,7 @@ impl Connection {
                 connector
                     .connect(server_name.clone(), tcp)
                     .await
-                    .map_err(|e| format!("TLS: {e}"))?,
+                    .map_err(AmqpError::Tls)?,
             ),
         };
         let mut c = Connection {
@@ -352,23 +354,28 @@ impl Connection {
             spoke: false,
             silent_ticks: 0,
             max_body: target.max_body,
+            logged_in: false,
         };
         c.handshake(target, name).await?;
         Ok(c)
     }
 
-    async fn handshake(&mut self, target: &Target, name: &str) -> Result<(), String> {
+    async fn handshake(&mut self, target: &Target, name: &str) -> Result<(), AmqpError> {
         self.push(&AMQPFrame::ProtocolHeader(ProtocolVersion::amqp_0_9_1()));
         self.flush().await?;
         let start = match self.expect(0).await? {
             AMQPClass::Connection(connection::AMQPMethod::Start(s)) => s,
-            other => return Err(format!("expected connection.start, got {other:?}")),
+            other => {
+                return Err(AmqpError::Protocol(format!(
+                    "expected connection.start, got {other:?}"
+                )));
+            }
         };
         let mechanisms = String::from_utf8_lossy(start.mechanisms.as_bytes()).into_owned();
         if !mechanisms.split(' ').any(|m| m == "PLAIN") {
-            return Err(format!(
+            return Err(AmqpError::Protocol(format!(
                 "the broker offers no PLAIN login (it offers `{mechanisms}`); meshgate logs in with amqp.user and amqp.password"
-            ));
+            )));
         }
         let mut response = Vec::with_capacity(2 + target.user.len() + target.password.len());
         response.push(0);
@@ -387,7 +394,11 @@ impl Connection {
         self.flush().await?;
         let tune = match self.expect(0).await? {
             AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => t,
-            other => return Err(format!("expected connection.tune, got {other:?}")),
+            other => {
+                return Err(AmqpError::Protocol(format!(
+                    "expected connection.tune, got {other:?}"
+                )));
+            }
         };
         // 0 from the broker means "no limit".
         let frame_max = match tune.frame_max {
@@ -414,14 +425,19 @@ impl Connection {
         self.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: ShortString::try_new(target.vhost.as_str())
-                    .map_err(|_| "amqp.vhost is longer than 255 bytes".to_owned())?,
+                virtual_host: ShortString::try_new(target.vhost.as_str()).map_err(|_| {
+                    AmqpError::Config("amqp.vhost is longer than 255 bytes".to_owned())
+                })?,
             })),
         );
         self.flush().await?;
         match self.expect(0).await? {
-            AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)) => {}
-            other => return Err(format!("expected connection.open-ok, got {other:?}")),
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)) => self.logged_in = true,
+            other => {
+                return Err(AmqpError::Protocol(format!(
+                    "expected connection.open-ok, got {other:?}"
+                )));
+            }
         }
         self.call(AMQPClass::Channel(channel::AMQPMethod::Open(
             channel::Open {},
@@ -445,32 +461,32 @@ impl Connection {
     }
 
     /// Sends what the write buffer holds.
-    pub(crate) async fn flush(&mut self) -> Result<(), String> {
+    pub(crate) async fn flush(&mut self) -> Result<(), AmqpError> {
         if self.write.is_empty() {
             return Ok(());
         }
         self.spoke = true;
         let r = self.io.write_all(&self.write).await;
         self.write.clear();
-        r.map_err(|e| format!("cannot write to the broker: {e}"))?;
+        r.map_err(AmqpError::io("cannot write to the broker"))?;
         self.io
             .flush()
             .await
-            .map_err(|e| format!("cannot write to the broker: {e}"))
+            .map_err(AmqpError::io("cannot write to the broker"))
     }
 
     /// Reads more bytes from the broker. Cancel-safe: bytes read are kept in the buffer.
-    pub(crate) async fn read_more(&mut self) -> Result<(), String> {
+    pub(crate) async fn read_more(&mut self) -> Result<(), AmqpError> {
         if self.read.capacity() - self.read.len() < FRAME_HEAD {
             self.read.reserve(READ_CHUNK);
         }
         match self.io.read_buf(&mut self.read).await {
-            Ok(0) => Err("the broker closed the connection".to_owned()),
+            Ok(0) => Err(AmqpError::Closed),
             Ok(_) => {
                 self.heard = true;
                 Ok(())
             }
-            Err(e) => Err(format!("cannot read from the broker: {e}")),
+            Err(e) => Err(AmqpError::io("cannot read from the broker")(e)),
         }
     }
 
@@ -480,7 +496,7 @@ impl Connection {
     }
 
     /// The next frame the buffer holds, growing the buffer to fit one that is cut short.
-    fn frame(&mut self) -> Result<Option<Frame>, String> {
+    fn frame(&mut self) -> Result<Option<Frame>, AmqpError> {
         let frame = next_frame(&mut self.read, self.frame_max)?;
         if frame.is_none()
             && let Some((_, total)) = frame_size(&self.read)
@@ -493,7 +509,7 @@ impl Connection {
     /// Handles the frames every state must answer: the broker closing the connection or the
     /// channel (answered, then an error with its reason) and heartbeats (nothing to do).
     /// Returns the frame when it is something else.
-    fn common(&mut self, frame: Frame) -> Result<Option<Frame>, String> {
+    fn common(&mut self, frame: Frame) -> Result<Option<Frame>, AmqpError> {
         match frame {
             Frame::Heartbeat => Ok(None),
             Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
@@ -501,14 +517,22 @@ impl Connection {
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
-                Err(refusal(c.reply_code, &c.reply_text))
+                Err(AmqpError::from_reply(
+                    c.reply_code,
+                    c.reply_text.as_str(),
+                    !self.logged_in,
+                ))
             }
             Frame::Method(ch, AMQPClass::Channel(channel::AMQPMethod::Close(c))) => {
                 self.method(
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                 );
-                Err(refusal(c.reply_code, &c.reply_text))
+                Err(AmqpError::from_reply(
+                    c.reply_code,
+                    c.reply_text.as_str(),
+                    !self.logged_in,
+                ))
             }
             Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Blocked(_)))
             | Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_))) => {
@@ -520,7 +544,7 @@ impl Connection {
     }
 
     /// Waits for the next method on `channel` (during the handshake and setup).
-    async fn expect(&mut self, channel: u16) -> Result<AMQPClass, String> {
+    async fn expect(&mut self, channel: u16) -> Result<AMQPClass, AmqpError> {
         loop {
             while let Some(frame) = self.frame()? {
                 match self.common(frame) {
@@ -538,7 +562,7 @@ impl Connection {
     }
 
     /// Sends a synchronous method on the channel and waits for its reply.
-    pub(crate) async fn call(&mut self, class: AMQPClass) -> Result<AMQPClass, String> {
+    pub(crate) async fn call(&mut self, class: AMQPClass) -> Result<AMQPClass, AmqpError> {
         self.method(CHANNEL, class);
         self.flush().await?;
         self.expect(CHANNEL).await
@@ -546,7 +570,7 @@ impl Connection {
 
     /// The next delivery the read buffer holds, if one is complete. Errors end the connection:
     /// the broker closed it, cancelled the consumer, or sent what a consumer cannot accept.
-    pub(crate) fn next_delivery(&mut self) -> Result<Option<Incoming>, String> {
+    pub(crate) fn next_delivery(&mut self) -> Result<Option<Incoming>, AmqpError> {
         while let Some(frame) = self.frame()? {
             let Some(frame) = self.common(frame)? else {
                 continue;
@@ -565,7 +589,10 @@ impl Connection {
                     });
                 }
                 (Frame::Method(CHANNEL, AMQPClass::Basic(basic::AMQPMethod::Cancel(_))), _) => {
-                    return Err("the broker cancelled the consumer (queue deleted?)".to_owned());
+                    return Err(AmqpError::Refused {
+                        code: 0,
+                        text: "the broker cancelled the consumer (queue deleted?)".to_owned(),
+                    });
                 }
                 (Frame::Header(CHANNEL, properties, size), Some(a))
                     if a.header.is_none() && a.skipping.is_none() =>
@@ -599,7 +626,7 @@ impl Connection {
                     // A refused message's body: counted, never kept.
                     a.received += body.len() as u64;
                     if a.skipping.is_some_and(|size| a.received > size) {
-                        return Err("a message body was longer than its header said".to_owned());
+                        return Err(protocol("a message body was longer than its header said"));
                     }
                 }
                 (Frame::Body(CHANNEL, body), Some(a)) if a.header.is_some() => {
@@ -608,7 +635,7 @@ impl Connection {
                         .as_ref()
                         .is_some_and(|(_, size)| a.received > *size)
                     {
-                        return Err("a message body was longer than its header said".to_owned());
+                        return Err(protocol("a message body was longer than its header said"));
                     }
                     if a.first.is_none() && a.joined.is_empty() {
                         a.first = Some(body);
@@ -625,7 +652,9 @@ impl Connection {
                     continue;
                 }
                 (other, _) => {
-                    return Err(format!("unexpected frame while consuming: {other:?}"));
+                    return Err(AmqpError::Protocol(format!(
+                        "unexpected frame while consuming: {other:?}"
+                    )));
                 }
             }
             if let Some(a) = &mut self.assembling {
@@ -686,7 +715,7 @@ impl Connection {
 
     /// Heartbeat bookkeeping, every half interval: queues a heartbeat when nothing else was
     /// sent; an error when the broker has been silent for two intervals (the spec's limit).
-    pub(crate) fn tick(&mut self) -> Result<(), String> {
+    pub(crate) fn tick(&mut self) -> Result<(), AmqpError> {
         if !std::mem::take(&mut self.spoke) {
             self.push(&AMQPFrame::Heartbeat);
         }
@@ -695,10 +724,16 @@ impl Connection {
         } else {
             self.silent_ticks += 1;
             if self.silent_ticks >= 4 {
-                return Err(format!(
-                    "nothing from the broker for two heartbeat intervals ({}s)",
-                    self.heartbeat.as_secs() * 2
-                ));
+                return Err(AmqpError::Io {
+                    doing: "heartbeat",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "nothing from the broker for two heartbeat intervals ({}s)",
+                            self.heartbeat.as_secs() * 2
+                        ),
+                    ),
+                });
             }
         }
         Ok(())
@@ -727,7 +762,7 @@ impl Connection {
     }
 
     /// Sends the queued `connection.close` and waits for the broker's close-ok.
-    async fn closing(&mut self) -> Result<(), String> {
+    async fn closing(&mut self) -> Result<(), AmqpError> {
         self.flush().await?;
         loop {
             while let Some(frame) = self.frame()? {
@@ -782,7 +817,7 @@ fn client_properties(name: &str) -> FieldTable {
 
 /// The TLS client for `amqps`: the system's root certificates, and the CA file's when one is
 /// configured (`ca_pem`: its contents).
-pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, String> {
+pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, AmqpError> {
     use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
     use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
     let mut roots = RootCertStore::empty();
@@ -792,19 +827,23 @@ pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, String
     if let Some(pem) = ca_pem {
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| format!("amqp.ca_file: not a PEM certificate: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("amqp.ca_file: unusable certificate: {e}"))?;
+            let cert = cert.map_err(|e| {
+                AmqpError::Config(format!("amqp.ca_file: not a PEM certificate: {e}"))
+            })?;
+            roots.add(cert).map_err(|e| {
+                AmqpError::Config(format!("amqp.ca_file: unusable certificate: {e}"))
+            })?;
             added += 1;
         }
         if added == 0 {
-            return Err("amqp.ca_file holds no certificate".to_owned());
+            return Err(AmqpError::Config(
+                "amqp.ca_file holds no certificate".to_owned(),
+            ));
         }
     }
     let config = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| AmqpError::Config(format!("TLS for amqps: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))

@@ -14,6 +14,7 @@
 
 pub mod binding;
 mod consumer;
+mod error;
 mod link;
 pub mod scan;
 mod sink;
@@ -28,6 +29,12 @@ use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// A start-up error of this adapter, as the gateway's `AdapterError`.
+fn boxed(e: AmqpError) -> AdapterError {
+    AdapterError::Other(Box::new(e))
+}
+
+pub use error::AmqpError;
 pub use link::Link;
 
 /// The adapter name in metrics and logs.
@@ -103,8 +110,7 @@ impl AmqpAdapter {
     /// Checks the configuration (CA file, wrap attributes) and prepares every link; nothing
     /// connects before [`Adapter::run`].
     pub fn new(config: &AmqpConfig, ctx: &AdapterContext) -> Result<AmqpAdapter, AdapterError> {
-        let connector =
-            link::Connector::new(config, ctx.instance.clone()).map_err(AdapterError::Other)?;
+        let connector = link::Connector::new(config, ctx.instance.clone()).map_err(boxed)?;
         let metrics = ctx.metrics(ADAPTER);
         let ingress = AmqpIngress {
             // The sources stop with the gateway at the latest (normally earlier, through
@@ -119,7 +125,7 @@ impl AmqpAdapter {
             links.push(l.clone());
             sources.push(Arc::new(
                 source::Source::new(s.clone(), l, ctx, metrics.clone(), ingress.stop.clone())
-                    .map_err(AdapterError::Other)?,
+                    .map_err(boxed)?,
             ));
         }
         let mut sinks = Vec::new();
@@ -127,7 +133,7 @@ impl AmqpAdapter {
             let l = Link::new(&ctx.registry, "sink", &s.name);
             links.push(l.clone());
             sinks.push(Arc::new(
-                sink::Sink::new(s.clone(), l, ctx, metrics.clone()).map_err(AdapterError::Other)?,
+                sink::Sink::new(s.clone(), l, ctx, metrics.clone()).map_err(boxed)?,
             ));
         }
         Ok(AmqpAdapter {
@@ -236,7 +242,7 @@ async fn supervise<F, Fut>(
         metrics.error("task_panic");
         tracing::error!(kind = link.kind, link = %link.name, %error, retry_in = ?pause,
             "an AMQP link task panicked; the link is down and restarts");
-        link.set_down(format!("its task panicked ({error}); restarting"));
+        link.set_down(&AmqpError::Panicked(error));
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause) => {}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::consumer::{self, Target};
+use crate::error::AmqpError;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Connection, ConnectionProperties};
@@ -46,14 +47,18 @@ impl std::fmt::Debug for Connector {
 /// from them rather than parsed by amq-protocol-uri 10.6, whose parser takes the host from
 /// `Url::domain()`: an IP address such as `10.0.0.5` is not a domain, and it silently falls
 /// back to `localhost`.
-fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), String> {
+fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), AmqpError> {
     let (scheme, rest) = url
         .split_once("://")
-        .ok_or_else(|| format!("amqp.url `{url}` has no scheme"))?;
+        .ok_or_else(|| AmqpError::Config(format!("amqp.url `{url}` has no scheme")))?;
     let scheme = match scheme {
         "amqp" => AMQPScheme::AMQP,
         "amqps" => AMQPScheme::AMQPS,
-        other => return Err(format!("amqp.url: unknown scheme `{other}`")),
+        other => {
+            return Err(AmqpError::Config(format!(
+                "amqp.url: unknown scheme `{other}`"
+            )));
+        }
     };
     let default_port = if scheme == AMQPScheme::AMQPS {
         5671
@@ -64,7 +69,7 @@ fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), String> {
         Some((h, p)) if !rest.ends_with(']') => (
             h,
             p.parse()
-                .map_err(|_| format!("amqp.url: `{p}` is not a port"))?,
+                .map_err(|_| AmqpError::Config(format!("amqp.url: `{p}` is not a port")))?,
         ),
         _ => (rest, default_port),
     };
@@ -73,19 +78,22 @@ fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), String> {
 }
 
 impl Connector {
-    pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, String> {
+    pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, AmqpError> {
         let (scheme, host, port) = split_url(&config.url)?;
         let ca_pem = match &config.ca_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("amqp.ca_file: cannot read `{}`: {e}", path.display()))?,
-            ),
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                AmqpError::Config(format!(
+                    "amqp.ca_file: cannot read `{}`: {e}",
+                    path.display()
+                ))
+            })?),
             None => None,
         };
         let target_tls = match scheme {
             AMQPScheme::AMQPS => {
-                let name = ServerName::try_from(host.clone())
-                    .map_err(|e| format!("amqp.url: `{host}` is not a host name: {e}"))?;
+                let name = ServerName::try_from(host.clone()).map_err(|e| {
+                    AmqpError::Config(format!("amqp.url: `{host}` is not a host name: {e}"))
+                })?;
                 Some((consumer::tls_connector(ca_pem.as_deref())?, name))
             }
             AMQPScheme::AMQP => None,
@@ -132,23 +140,23 @@ impl Connector {
     }
 
     /// One connection attempt, bounded by `amqp.connect_timeout`.
-    pub(crate) async fn connect(&self, link: &Link) -> Result<Connection, String> {
+    pub(crate) async fn connect(&self, link: &Link) -> Result<Connection, AmqpError> {
         let properties = ConnectionProperties::default().with_connection_name(
             format!("meshgate {} {} {}", self.instance, link.kind, link.name).into(),
         );
-        let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+        let runtime = lapin::runtime::default_runtime()?;
         let attempt = Connection::connect_uri_with_config(
             self.uri.clone(),
             properties,
             self.tls.clone(),
             runtime,
         );
-        let attempt = async { attempt.await.map_err(|e| describe(&e)) };
+        let attempt = async { attempt.await.map_err(AmqpError::from) };
         self.bounded(attempt).await
     }
 
     /// A source's consumer connection (consumer.rs), bounded by `amqp.connect_timeout`.
-    pub(crate) async fn consumer(&self, link: &Link) -> Result<consumer::Connection, String> {
+    pub(crate) async fn consumer(&self, link: &Link) -> Result<consumer::Connection, AmqpError> {
         let name = format!("meshgate {} {} {}", self.instance, link.kind, link.name);
         self.bounded(consumer::Connection::open(&self.target, &name))
             .await
@@ -158,34 +166,19 @@ impl Connector {
     /// both kinds of connection.
     async fn bounded<T>(
         &self,
-        attempt: impl Future<Output = Result<T, String>>,
-    ) -> Result<T, String> {
+        attempt: impl Future<Output = Result<T, AmqpError>>,
+    ) -> Result<T, AmqpError> {
+        let what = || {
+            format!(
+                "cannot connect to {} (vhost `{}`)",
+                self.endpoint, self.uri.vhost
+            )
+        };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!(
-                "cannot connect to {} (vhost `{}`): {e}",
-                self.endpoint, self.uri.vhost
-            )),
-            Err(_) => Err(format!(
-                "cannot connect to {}: no connection within amqp.connect_timeout ({:?})",
-                self.endpoint, self.connect_timeout
-            )),
+            Ok(Err(e)) => Err(e.during(what())),
+            Err(_) => Err(AmqpError::Timeout(self.connect_timeout).during(what())),
         }
-    }
-}
-
-/// A lapin error as an operator-readable sentence (refused credentials, missing queues and the
-/// like arrive as AMQP reply codes with the broker's text).
-pub(crate) fn describe(e: &lapin::Error) -> String {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => {
-            format!(
-                "the broker refused: {} ({:?})",
-                amqp.get_message(),
-                amqp.kind()
-            )
-        }
-        _ => e.to_string(),
     }
 }
 
@@ -241,13 +234,13 @@ impl Link {
         }
     }
 
-    pub(crate) fn set_down(&self, error: String) {
+    pub(crate) fn set_down(&self, error: &AmqpError) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.reconnects.inc();
         }
         self.up_gauge.set(0);
         if let Ok(mut e) = self.last_error.lock() {
-            *e = Some(error);
+            *e = Some(format!("{}: {error}", error.kind()));
         }
     }
 }
@@ -257,7 +250,7 @@ pub(crate) enum Ended {
     /// Shutdown: stop.
     Shutdown,
     /// The connection or channel failed, or setup was refused: reconnect after a pause.
-    Failed(String),
+    Failed(AmqpError),
 }
 
 /// The pause between connection attempts: `reconnect_min`, doubled after each failure up to
@@ -283,15 +276,22 @@ impl Backoff {
     pub(crate) async fn failed(
         &mut self,
         link: &Link,
-        error: String,
+        error: AmqpError,
         shutdown: &CancellationToken,
     ) -> bool {
         if link.is_up() {
             // The link had been working: start the backoff afresh.
             self.pause = self.min;
         }
-        tracing::warn!(kind = link.kind, link = %link.name, %error, retry_in = ?self.pause, "AMQP link down");
-        link.set_down(error);
+        tracing::warn!(
+            kind = link.kind,
+            link = %link.name,
+            failure = error.kind(),
+            %error,
+            retry_in = ?self.pause,
+            "AMQP link down"
+        );
+        link.set_down(&error);
         let pause = self.pause;
         self.pause = (self.pause * 2).min(self.max);
         tokio::select! {

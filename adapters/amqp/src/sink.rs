@@ -30,7 +30,8 @@ use meshgate_core::{
 };
 
 use crate::binding;
-use crate::link::{self, Backoff, Connector, Ended, Link};
+use crate::error::AmqpError;
+use crate::link::{Backoff, Connector, Ended, Link};
 
 /// How long a failed connection's outstanding confirms are waited for before their deliveries
 /// are queued for the next connection anyway.
@@ -50,7 +51,7 @@ enum Settled {
     /// Nacked by RabbitMQ: publish it again.
     Again(Delivery),
     /// The connection failed before the confirm: publish it again on the next one.
-    Failed(Delivery, String),
+    Failed(Delivery, AmqpError),
 }
 
 type Confirming = BoxFuture<'static, (Delivery, Result<Confirmation, lapin::Error>)>;
@@ -88,11 +89,13 @@ impl Sink {
         link: Arc<Link>,
         ctx: &AdapterContext,
         metrics: AdapterMetrics,
-    ) -> Result<Sink, String> {
+    ) -> Result<Sink, AmqpError> {
         let filter = TopicFilter::parse(&config.filter)
-            .map_err(|e| format!("amqp sink `{}`: filter: {e}", config.name))?;
-        let exchange = lapin::types::ShortString::try_new(config.exchange.as_str())
-            .map_err(|e| format!("amqp sink `{}`: exchange: {e}", config.name))?;
+            .map_err(|e| AmqpError::Config(format!("amqp sink `{}`: filter: {e}", config.name)))?;
+        let exchange =
+            lapin::types::ShortString::try_new(config.exchange.as_str()).map_err(|e| {
+                AmqpError::Config(format!("amqp sink `{}`: exchange: {e}", config.name))
+            })?;
         Ok(Sink {
             unroutable: metrics.dropped("unroutable"),
             unencodable: metrics.dropped("unencodable"),
@@ -204,7 +207,7 @@ impl Sink {
                 self.warn("RabbitMQ nacked a message; publishing it again", "");
                 Settled::Again(delivery)
             }
-            Err(e) => Settled::Failed(delivery, link::describe(&e)),
+            Err(e) => Settled::Failed(delivery, e.into()),
         }
     }
 
@@ -236,11 +239,10 @@ impl Sink {
             Ok(c) => c,
             Err(e) => {
                 let _ = connection.close(200, "setup failed".into()).await;
-                return Ended::Failed(format!(
-                    "cannot publish to exchange `{}`: {}",
-                    self.config.exchange,
-                    link::describe(&e)
-                ));
+                return Ended::Failed(AmqpError::from(e).during(format!(
+                    "cannot publish to exchange `{}`",
+                    self.config.exchange
+                )));
             }
         };
         self.link.set_up();
@@ -266,7 +268,7 @@ impl Sink {
                     Ok(None) => {}
                     Err((d, e)) => {
                         unsent = Some(d);
-                        break Some(link::describe(&e));
+                        break Some(AmqpError::from(e));
                     }
                 }
                 continue;
@@ -287,7 +289,7 @@ impl Sink {
                     }
                 }
                 event = events.next() => match event {
-                    Some(lapin::Event::Error(e)) => break Some(link::describe(&e)),
+                    Some(lapin::Event::Error(e)) => break Some(AmqpError::from(e)),
                     // A resource alarm (memory, disk): RabbitMQ stops reading what we publish.
                     Some(lapin::Event::ConnectionBlocked(reason)) => {
                         tracing::warn!(sink = %self.config.name, %reason, "RabbitMQ blocked the connection");
@@ -295,7 +297,7 @@ impl Sink {
                     }
                     Some(lapin::Event::ConnectionUnblocked) => self.link.set_up(),
                     Some(_) => {}
-                    None => break Some("the connection ended".to_owned()),
+                    None => break Some(AmqpError::Closed),
                 },
                 next = state.subscription.next(), if inflight.len() < window && !state.closed => match next {
                     Some(d) => match self.publish(&channel, frame_max, d).await {
@@ -303,7 +305,7 @@ impl Sink {
                         Ok(None) => {}
                         Err((d, e)) => {
                             unsent = Some(d);
-                            break Some(link::describe(&e));
+                            break Some(AmqpError::from(e));
                         }
                     },
                     // The backbone closed the subscription (shutdown) after handing over all
@@ -405,9 +407,11 @@ impl Sink {
                 .await
             {
                 Ok(s) => break s,
-                Err(e) => {
-                    let error =
-                        format!("cannot subscribe to `{}` on the backbone: {e}", self.filter);
+                Err(source) => {
+                    let error = AmqpError::Subscribe {
+                        filter: self.filter.to_string(),
+                        source,
+                    };
                     if !backoff.failed(&self.link, error, &ctx.shutdown).await {
                         return;
                     }

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::binding;
 use crate::consumer::{Connection, Delivery, Incoming, Refusal};
+use crate::error::AmqpError;
 use crate::link::{Backoff, Connector, Ended, Link};
 
 /// Pause in consuming after a message the backbone refused for now was handed back to
@@ -119,6 +120,15 @@ pub(crate) struct Source {
     reject_log: LogThrottle,
 }
 
+/// Why a message names no topic.
+#[derive(Debug, thiserror::Error)]
+enum NoTopic {
+    #[error(transparent)]
+    Invalid(#[from] meshgate_core::TopicError),
+    #[error("the message has no routing key and the source no topic_prefix: it has no topic")]
+    Missing,
+}
+
 impl Source {
     pub(crate) fn new(
         config: AmqpSourceConfig,
@@ -126,15 +136,17 @@ impl Source {
         ctx: &AdapterContext,
         metrics: AdapterMetrics,
         stop: CancellationToken,
-    ) -> Result<Source, String> {
+    ) -> Result<Source, AmqpError> {
         let wrapper = Wrapper::new(config.wrap_source.clone(), config.wrap_type.clone())
-            .map_err(|e| format!("amqp source `{}`: {e}", config.name))?;
+            .map_err(|e| AmqpError::Config(format!("amqp source `{}`: {e}", config.name)))?;
         let prefix = config
             .topic_prefix
             .as_deref()
             .map(Topic::from_mqtt)
             .transpose()
-            .map_err(|e| format!("amqp source `{}`: topic_prefix: {e}", config.name))?;
+            .map_err(|e| {
+                AmqpError::Config(format!("amqp source `{}`: topic_prefix: {e}", config.name))
+            })?;
         Ok(Source {
             principal: Principal::internal(format!("amqp-source:{}", config.name)),
             consumer_tag: consumer_tag(&ctx.instance, &config.name),
@@ -153,22 +165,17 @@ impl Source {
     }
 
     /// The topic of a message: the prefix's levels, then the routing key's.
-    fn topic(&self, routing_key: &str) -> Result<Topic, String> {
+    fn topic(&self, routing_key: &str) -> Result<Topic, NoTopic> {
         let key = if routing_key.is_empty() {
             None
         } else {
-            Some(Topic::from_amqp_routing_key(routing_key).map_err(|e| e.to_string())?)
+            Some(Topic::from_amqp_routing_key(routing_key)?)
         };
         match (&self.prefix, key) {
-            (Some(p), Some(k)) => {
-                Topic::from_levels(p.levels().chain(k.levels())).map_err(|e| e.to_string())
-            }
+            (Some(p), Some(k)) => Ok(Topic::from_levels(p.levels().chain(k.levels()))?),
             (Some(p), None) => Ok(p.clone()),
             (None, Some(k)) => Ok(k),
-            (None, None) => Err(
-                "the message has no routing key and the source no topic_prefix: it has no topic"
-                    .to_owned(),
-            ),
+            (None, None) => Err(NoTopic::Missing),
         }
     }
 
@@ -186,7 +193,7 @@ impl Source {
         };
         let topic = match self.topic(routing_key.as_str()) {
             Ok(t) => t,
-            Err(e) => return Handled::Now(Outcome::Reject(e)),
+            Err(e) => return Handled::Now(Outcome::Reject(e.to_string())),
         };
         // A decoder panic is this message's fault: it is rejected (dead-lettered) and counted
         // like any bad message, rather than ending the task and coming back after the restart.
@@ -263,12 +270,13 @@ impl Source {
     }
 
     /// Declares (or checks) the queue and its bindings and starts consuming.
-    async fn setup(&self, conn: &mut Connection) -> Result<(), String> {
+    async fn setup(&self, conn: &mut Connection) -> Result<(), AmqpError> {
         let c = &self.config;
         // Every name is a short string; the config checked their lengths, and this checks
         // again rather than trusting it (lapin's `From<&str>` panics over 255 bytes).
-        let short =
-            |what: &str, v: &str| ShortString::try_new(v).map_err(|e| format!("{what} `{v}`: {e}"));
+        let short = |what: &str, v: &str| {
+            ShortString::try_new(v).map_err(|e| AmqpError::Config(format!("{what} `{v}`: {e}")))
+        };
         let queue_name = short("queue", &c.queue)?;
         conn.call(AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
             prefetch_count: c.prefetch,
@@ -319,7 +327,9 @@ impl Source {
     async fn session(&self, ctx: &AdapterContext, mut conn: Connection) -> Ended {
         if let Err(e) = self.setup(&mut conn).await {
             conn.abandon().await;
-            return Ended::Failed(format!("cannot consume queue `{}`: {e}", self.config.queue));
+            return Ended::Failed(
+                e.during(format!("cannot consume queue `{}`", self.config.queue)),
+            );
         }
         self.link.set_up();
         tracing::info!(source = %self.config.name, queue = %self.config.queue, "AMQP source consuming");
@@ -427,7 +437,7 @@ impl Source {
         inflight: &mut FuturesOrdered<BoxFuture<'a, (u64, Outcome)>>,
         pipelined: bool,
         window: usize,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, AmqpError> {
         while inflight.len() < window {
             let handled = match conn.next_delivery()? {
                 None => break,

@@ -170,18 +170,20 @@ impl MqttAdapter {
             TcpListener::bind(config.listen)
                 .await
                 .map_err(|source| AdapterError::Bind {
-                    addr: config.listen.to_string(),
+                    key: "mqtt.listen",
+                    addr: config.listen,
                     source,
                 })?;
         let tls = match &config.tls {
             None => None,
             Some(t) => {
-                let acceptor = tls::acceptor(t).map_err(AdapterError::Other)?;
+                let acceptor = tls::acceptor(t).map_err(|e| AdapterError::Other(e.into()))?;
                 let listener =
                     TcpListener::bind(t.listen)
                         .await
                         .map_err(|source| AdapterError::Bind {
-                            addr: t.listen.to_string(),
+                            key: "mqtt.tls_listen",
+                            addr: t.listen,
                             source,
                         })?;
                 Some((listener, acceptor))

@@ -64,6 +64,7 @@ fn connection() -> (Connection, tokio::io::DuplexStream) {
         spoke: false,
         silent_ticks: 0,
         max_body: MAX_BODY,
+        logged_in: true,
     };
     (c, theirs)
 }
@@ -146,19 +147,26 @@ fn broken_frames_end_the_connection_with_a_reason() {
     // Larger than frame_max.
     c.read.extend_from_slice(&[FRAME_BODY, 0, 1, 0, 0x10, 0, 0]);
     let e = c.next_delivery().unwrap_err();
-    assert!(e.contains("frame_max"), "{e}");
+    assert!(e.to_string().contains("frame_max"), "{e}");
+    assert_eq!(e.kind(), "protocol");
 
     let (mut c, _peer) = connection();
     let mut bytes = encode(&[deliver(1, "k")]);
     *bytes.last_mut().unwrap() = 0;
     c.read.extend_from_slice(&bytes);
-    assert!(c.next_delivery().unwrap_err().contains("frame end"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("frame end")
+    );
 
     let (mut c, _peer) = connection();
     c.read.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, FRAME_END]);
     assert!(
         c.next_delivery()
             .unwrap_err()
+            .to_string()
             .contains("unknown frame type 9")
     );
 
@@ -166,18 +174,33 @@ fn broken_frames_end_the_connection_with_a_reason() {
     let (mut c, _peer) = connection();
     c.read
         .extend_from_slice(&[FRAME_METHOD, 0, 1, 0, 0, 0, 2, 0xff, 0xff, FRAME_END]);
-    assert!(c.next_delivery().unwrap_err().contains("malformed method"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("malformed method")
+    );
 
     // More body than the header announced.
     let (mut c, _peer) = connection();
     c.read
         .extend_from_slice(&encode(&[deliver(1, "k"), header(2), body(b"abc")]));
-    assert!(c.next_delivery().unwrap_err().contains("longer"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("longer")
+    );
 
     // A header before any delivery.
     let (mut c, _peer) = connection();
     c.read.extend_from_slice(&encode(&[header(1)]));
-    assert!(c.next_delivery().unwrap_err().contains("unexpected frame"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("unexpected frame")
+    );
 }
 
 #[test]
@@ -193,8 +216,13 @@ fn the_brokers_close_is_answered_and_reported() {
         })),
     )]));
     let e = c.next_delivery().unwrap_err();
-    assert!(e.contains("NOT_FOUND - no queue 'q'"), "{e}");
-    assert!(e.contains("reply code 404"), "{e}");
+    assert!(e.to_string().contains("NOT_FOUND - no queue 'q'"), "{e}");
+    assert!(e.to_string().contains("reply code 404"), "{e}");
+    assert_eq!(
+        e.kind(),
+        "refused",
+        "a missing queue is a refusal, not a login failure"
+    );
     let close_ok = encode(&[AMQPFrame::Method(
         CHANNEL,
         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
@@ -212,7 +240,7 @@ fn the_brokers_close_is_answered_and_reported() {
         })),
     )]));
     let e = c.next_delivery().unwrap_err();
-    assert!(e.contains("CONNECTION_FORCED"), "{e}");
+    assert!(e.to_string().contains("CONNECTION_FORCED"), "{e}");
     let close_ok = encode(&[AMQPFrame::Method(
         0,
         AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
@@ -228,7 +256,12 @@ fn the_brokers_close_is_answered_and_reported() {
             nowait: true,
         })),
     )]));
-    assert!(c.next_delivery().unwrap_err().contains("cancelled"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("cancelled")
+    );
 }
 
 #[test]
@@ -249,7 +282,7 @@ fn heartbeats_are_sent_when_quiet_and_a_silent_broker_is_given_up() {
         c.tick().unwrap();
     }
     let e = c.tick().unwrap_err();
-    assert!(e.contains("two heartbeat intervals"), "{e}");
+    assert!(e.to_string().contains("two heartbeat intervals"), "{e}");
     // Hearing anything resets the count.
     let (mut c, _peer) = connection();
     for _ in 0..3 {
@@ -464,7 +497,12 @@ fn bodies_over_max_body_size_are_refused_before_they_are_read() {
         c.next_delivery(),
         Ok(Some(Incoming::Refused { .. }))
     ));
-    assert!(c.next_delivery().unwrap_err().contains("longer"));
+    assert!(
+        c.next_delivery()
+            .unwrap_err()
+            .to_string()
+            .contains("longer")
+    );
     // A refused empty message: the next one follows at once.
     let (mut c, _peer) = connection();
     c.read.extend_from_slice(&encode(&[deliver(1, "k")]));
@@ -489,7 +527,7 @@ fn methods_with_deep_tables_end_the_connection_without_recursing() {
     f.push(FRAME_END);
     let mut buf = BytesMut::from(&f[..]);
     let e = next_frame(&mut buf, FRAME_MAX).unwrap_err();
-    assert!(e.contains("deeper than 32"), "{e}");
+    assert!(e.to_string().contains("deeper than 32"), "{e}");
 }
 
 /// Seeds for the frame cutter: a delivery in three frames, one with a nested header, a

@@ -25,6 +25,7 @@ pub const MQTT_SESSIONS_OFFLINE: &str = "meshgate_mqtt_sessions_offline";
 pub const MQTT_SUBSCRIPTIONS: &str = "meshgate_mqtt_subscriptions";
 pub const AMQP_LINK_UP: &str = "meshgate_amqp_link_up";
 pub const AMQP_RECONNECTS: &str = "meshgate_amqp_reconnects_total";
+pub const BUILD_INFO: &str = "meshgate_build_info";
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -45,6 +46,7 @@ fn help(name: &str) -> &'static str {
         MQTT_SUBSCRIPTIONS => "MQTT subscriptions, of connected and offline sessions.",
         AMQP_LINK_UP => "1 while an AMQP source or sink is connected and set up, else 0.",
         AMQP_RECONNECTS => "Times an AMQP source or sink lost its connection or channel.",
+        BUILD_INFO => "Always 1; the labels say which meshgate runs (version, compiled features).",
         _ => "meshgate metric",
     }
 }

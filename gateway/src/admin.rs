@@ -71,6 +71,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.registry.render(),
+        {
+            let mut text = s.registry.render();
+            crate::process_metrics::render(&mut text);
+            text
+        },
     )
 }

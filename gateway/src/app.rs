@@ -138,6 +138,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         );
     }
     let registry = Registry::new();
+    registry
+        .gauge(
+            meshgate_core::metrics::BUILD_INFO,
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1);
     let instance: Arc<str> = Arc::from(
         config
             .gateway

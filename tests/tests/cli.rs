@@ -123,6 +123,25 @@ async fn run_on_embedded_defaults_says_where_it_listens() {
         "{metrics}"
     );
     assert!(metrics.contains("meshgate_publish_latency_seconds_bucket"));
+    assert!(
+        metrics.contains(&format!(
+            "meshgate_build_info{{version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    // The process collector's metrics, with this process's figures.
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_start_time_seconds") > 1.7e9);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
     gw.signal("INT");
     assert!(gw.wait_exit(Duration::from_secs(10)).success());
 }

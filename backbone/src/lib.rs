@@ -11,6 +11,8 @@ pub mod nats;
 mod nats_client;
 mod nats_fanout;
 mod nats_wire;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::sync::Arc;
 

@@ -90,18 +90,8 @@ impl Refusal {
 }
 
 /// An RFC 9457 problem response.
-fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    let body = meshgate_core::problem::body(
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        &detail.into(),
-    );
-    (
-        status,
-        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
-        body,
-    )
-        .into_response()
+fn problem(status: StatusCode, detail: impl AsRef<str>) -> Response {
+    meshgate_web::problem(status, detail.as_ref())
 }
 
 async fn missing_topic(State(state): State<Arc<HttpState>>) -> Response {

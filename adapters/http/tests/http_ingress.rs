@@ -7,14 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_backbone::memory::MemoryBackbone;
+use meshgate_backbone::testkit::TestKit;
 use meshgate_config::{FullQueuePolicy, HttpConfig, MemoryBackboneConfig, WrapConfig};
-use meshgate_core::metrics::Registry;
-use meshgate_core::{
-    AdapterContext, Authorizer, Backbone, Permissions, Subscription, TopicFilter, UserSpec,
-};
+use meshgate_core::{Authorizer, Backbone, Permissions, Subscription, TopicFilter, UserSpec};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 fn http_config() -> HttpConfig {
     HttpConfig {
@@ -49,17 +45,7 @@ async fn start_with(
     authorizer: Authorizer,
     memory: MemoryBackboneConfig,
 ) -> Harness {
-    let registry = Registry::new();
-    let backbone = MemoryBackbone::new(memory, &registry);
-    let ctx = AdapterContext {
-        instance: Arc::from("test"),
-        backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        registry,
-        limits: meshgate_core::ConnectionLimits::unlimited(),
-    };
+    let TestKit { ctx, backbone, .. } = TestKit::on(authorizer, memory);
     let router = meshgate_http::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

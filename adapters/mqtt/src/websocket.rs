@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::get;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -26,18 +26,7 @@ pub(crate) fn router(path: &str, shared: Arc<Shared>) -> Router {
     Router::new().route(path, get(upgrade)).with_state(shared)
 }
 
-fn refuse(status: StatusCode, detail: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
-        meshgate_core::problem::body(
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            detail,
-        ),
-    )
-        .into_response()
-}
+use meshgate_web::problem as refuse;
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
@@ -51,12 +40,8 @@ async fn upgrade(
             "this endpoint only accepts WebSocket upgrades (subprotocol mqtt)",
         );
     };
-    let offered = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case(SUBPROTOCOL));
+    let offered =
+        meshgate_web::offered_subprotocols(&headers).any(|p| p.eq_ignore_ascii_case(SUBPROTOCOL));
     if !offered {
         return refuse(
             StatusCode::BAD_REQUEST,

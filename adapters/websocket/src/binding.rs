@@ -40,16 +40,13 @@ pub enum Negotiated {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeRefusal(pub String);
 
-/// Chooses the subprotocol from the values of the `Sec-WebSocket-Protocol` headers.
+/// Chooses the subprotocol from the ones offered (each `Sec-WebSocket-Protocol` entry, split
+/// at commas: `meshgate_web::offered_subprotocols`).
 pub fn negotiate<'a>(
-    offered_headers: impl Iterator<Item = &'a str>,
+    offered: impl Iterator<Item = &'a str>,
     require_subprotocol: bool,
 ) -> Result<Negotiated, HandshakeRefusal> {
-    let offered: Vec<&str> = offered_headers
-        .flat_map(|h| h.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
+    let offered: Vec<&str> = offered.collect();
     if offered.iter().any(|p| p.eq_ignore_ascii_case(SUBPROTOCOL)) {
         return Ok(Negotiated::CloudEventsJson);
     }
@@ -208,7 +205,7 @@ mod tests {
     #[test]
     fn i28_i29_negotiation() {
         assert_eq!(
-            negotiate(["chat.v1, cloudevents.json"].into_iter(), true),
+            negotiate(["chat.v1", "cloudevents.json"].into_iter(), true),
             Ok(Negotiated::CloudEventsJson)
         );
         assert!(negotiate(["chat.v1"].into_iter(), true).is_err());

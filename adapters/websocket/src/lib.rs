@@ -15,20 +15,19 @@ pub mod binding;
 mod connection;
 pub mod origin;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
+use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, FromRequestParts, State};
-use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use meshgate_config::WebSocketConfig;
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::{AdapterContext, AuthError, Credentials, TopicFilter};
+use meshgate_web::PeerAddr;
 
 pub use connection::close_code;
 
@@ -64,18 +63,8 @@ pub fn router(config: &WebSocketConfig, ctx: &AdapterContext) -> Router {
         .with_state(shared)
 }
 
-fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    let body = meshgate_core::problem::body(
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        &detail.into(),
-    );
-    (
-        status,
-        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
-        body,
-    )
-        .into_response()
+fn problem(status: StatusCode, detail: impl AsRef<str>) -> Response {
+    meshgate_web::problem(status, detail.as_ref())
 }
 
 fn unauthorized(detail: &str) -> Response {
@@ -94,24 +83,6 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.connections.dec();
-    }
-}
-
-/// The client's address, when the server put it in the request (`ConnectInfo<SocketAddr>`, as
-/// meshgate's web listener and `into_make_service_with_connect_info` do); without it the
-/// per-address cap does not apply.
-struct PeerAddr(Option<SocketAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(PeerAddr(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
     }
 }
 
@@ -162,10 +133,7 @@ async fn handshake(
             );
         }
     };
-    let protocols = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
+    let protocols = meshgate_web::offered_subprotocols(&headers);
     let negotiated = match binding::negotiate(protocols, shared.config.require_subprotocol) {
         Ok(n) => n,
         Err(refusal) => {

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use meshgate_backbone::memory::MemoryBackbone;
-use meshgate_config::{
-    FullQueuePolicy, MemoryBackboneConfig, PublishTopic, SlowConsumerPolicy, WebSocketConfig,
-};
+use meshgate_backbone::testkit::TestKit;
+use meshgate_config::{PublishTopic, SlowConsumerPolicy, WebSocketConfig};
 use meshgate_core::metrics::Registry;
 use meshgate_core::{
     AdapterContext, Authorizer, Backbone, Envelope, Event, ExtensionValue, Origin, Permissions,
@@ -22,8 +21,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, Op
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -64,24 +61,11 @@ async fn start_limited(
     authorizer: Authorizer,
     limits: Arc<meshgate_core::ConnectionLimits>,
 ) -> Harness {
-    let registry = Registry::new();
-    let backbone = MemoryBackbone::new(
-        MemoryBackboneConfig {
-            queue_capacity: 1024,
-            full_policy: FullQueuePolicy::Drop,
-            block_timeout: Duration::from_secs(1),
-        },
-        &registry,
-    );
-    let ctx = AdapterContext {
-        instance: Arc::from("test"),
-        backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        registry: registry.clone(),
-        limits,
-    };
+    let TestKit {
+        ctx,
+        backbone,
+        registry,
+    } = TestKit::new(authorizer).with_limits(limits);
     let router = meshgate_websocket::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

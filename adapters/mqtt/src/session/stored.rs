@@ -15,7 +15,8 @@ use meshgate_core::backbone::now_ms;
 use meshgate_core::{BackboneError, Durable, Principal, SessionStore, TopicFilter};
 
 use super::subscribe::{SubOptions, Subscription, shared_filter};
-use super::{Session, TAKEOVER_WAIT, to_qos};
+use super::connect::TAKEOVER_WAIT;
+use super::{Session, to_qos};
 use crate::Shared;
 
 /// A session as the store keeps it (JSON).

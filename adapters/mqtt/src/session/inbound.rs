@@ -2,17 +2,20 @@
 //! the backbone's answer and the PUBACK/PUBREC it decides), the QoS 2 inbound bookkeeping,
 //! and the will.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::stream::FuturesOrdered;
 use meshgate_core::{BoxFuture, PublishError, Published, Topic};
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PubAck, PubAckReason, PubRec, PubRecReason, PublishProperties,
-    QoS,
+    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, PublishProperties, QoS,
 };
 
-use super::{End, Flow, Session, TOPIC_ALIAS_MAX};
+use super::{End, Flow, Session};
 use crate::Shared;
-use crate::binding::{self, Inbound};
+use crate::binding;
 use crate::codec::{self, Version};
 
 /// The MQTT 5 properties a broker forwards unaltered (response topic, correlation data,
@@ -33,18 +36,103 @@ fn forwarded_properties(
 }
 
 /// An inbound PUBLISH on its way into the backbone: its QoS, packet id and the outcome.
-pub(super) type InboundPublish = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (QoS, u16, Result<(), PublishError>)> + Send>,
->;
+pub(super) type InboundPublish =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>;
 
-/// The next answer to a pending inbound PUBLISH, or never while there is none.
-pub(super) async fn next_inbound(
-    inbound: &mut Option<Box<futures_util::stream::FuturesOrdered<InboundPublish>>>,
-) -> Option<(QoS, u16, Result<(), PublishError>)> {
-    use futures_util::StreamExt;
-    match inbound {
-        Some(f) if !f.is_empty() => f.next().await,
-        _ => std::future::pending().await,
+/// The backbone's answer to an inbound PUBLISH: its QoS, packet id and the outcome.
+pub(super) type Answer = (QoS, u16, Result<(), PublishError>);
+
+/// The client's PUBLISHes between their arrival and their acknowledgement: those with the
+/// backbone, and the QoS 2 handshakes (PUBREC sent, PUBREL not yet).
+#[derive(Default)]
+pub(super) struct Inbound {
+    /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL. Kept with the session.
+    pub(super) awaiting_pubrel: HashSet<u16>,
+    /// PUBLISHes handed to the backbone and not yet accepted, in arrival order, so that their
+    /// PUBACK/PUBREC go out in that order (MQTT 3.1.1 §4.6) while several are pending — a
+    /// JetStream PubAck takes a round trip. Boxed and created on first use (idle memory).
+    at_backbone: Option<Box<FuturesOrdered<InboundPublish>>>,
+    /// Packet ids of the QoS 2 PUBLISHes in `at_backbone`.
+    qos2_at_backbone: HashSet<u16>,
+    /// A QoS 1/2 publish was accepted since the last write: its acknowledgement waits until
+    /// the deliveries it caused on this instance went out (see [`super::run_session`]).
+    acked_since_write: bool,
+}
+
+impl Inbound {
+    /// Takes the QoS 2 handshakes a persistent session's previous connection left open.
+    pub(super) fn resume(&mut self, old: &mut Inbound) {
+        self.awaiting_pubrel = std::mem::take(&mut old.awaiting_pubrel);
+    }
+
+    /// Whether `max` PUBLISHes wait for the backbone.
+    fn is_full(&self, max: usize) -> bool {
+        self.at_backbone.as_ref().is_some_and(|f| f.len() >= max)
+    }
+
+    /// The next answer to a PUBLISH with the backbone, or never while there is none.
+    pub(super) async fn next_answer(&mut self) -> Option<Answer> {
+        use futures_util::StreamExt;
+        match &mut self.at_backbone {
+            Some(f) if !f.is_empty() => f.next().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// An answer that is in already, without waiting. Polling with a no-op waker is fine: the
+    /// packet loop's next [`Inbound::next_answer`] registers its waker again.
+    pub(super) fn ready_answer(&mut self) -> Option<Answer> {
+        use futures_util::{FutureExt as _, StreamExt as _};
+        self.at_backbone
+            .as_mut()
+            .and_then(|f| f.next().now_or_never())
+            .flatten()
+    }
+
+    /// The PUBLISHes still with the backbone, for the connection's end.
+    pub(super) fn take_at_backbone(&mut self) -> Option<Box<FuturesOrdered<InboundPublish>>> {
+        self.at_backbone.take()
+    }
+
+    /// Whether a QoS 1/2 publish was acknowledged since the last call.
+    pub(super) fn take_acked(&mut self) -> bool {
+        std::mem::take(&mut self.acked_since_write)
+    }
+
+    /// PUBREL: the QoS 2 handshake of `pkid` ends; false if there was none.
+    fn release(&mut self, pkid: u16) -> bool {
+        self.awaiting_pubrel.remove(&pkid)
+    }
+}
+
+/// The client's will (CONNECT), published when its connection ends other than by DISCONNECT.
+pub(super) struct Will {
+    /// Boxed: most clients have none, and an idle connection should stay small.
+    message: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+    /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
+    pub(super) delay: Option<Duration>,
+}
+
+impl Will {
+    pub(super) fn new(will: Option<LastWill>, props: Option<LastWillProperties>) -> Self {
+        let delay = props
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .filter(|d| *d > 0)
+            .map(|d| Duration::from_secs(u64::from(d)));
+        Will {
+            message: will.map(|w| Box::new((w, props))),
+            delay,
+        }
+    }
+
+    /// The will is not to be sent (DISCONNECT, the client came back, the session moved).
+    pub(super) fn cancel(&mut self) {
+        self.message = None;
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.message.is_some()
     }
 }
 
@@ -64,7 +152,7 @@ impl Session {
                     _ => PubRecReason::ImplementationSpecificError,
                 };
                 if reason == PubRecReason::Success {
-                    self.incoming_qos2.insert(pkid);
+                    self.inbound.awaiting_pubrel.insert(pkid);
                 }
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None));
             }
@@ -73,7 +161,13 @@ impl Session {
 
     /// Refuses a publish: MQTT 5 answers with a reason code (QoS 0 is dropped and counted),
     /// MQTT 3.1.1 has no negative acknowledgement, so the connection is closed (3.1.1 §3.3.5).
-    pub(super) fn refuse(&mut self, qos: QoS, pkid: u16, reason: PubAckReason, kind: &'static str) -> Flow {
+    pub(super) fn refuse(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        reason: PubAckReason,
+        kind: &'static str,
+    ) -> Flow {
         self.shared.metrics.error(kind);
         if self.version == Version::V311 {
             return Flow::End(End::Abnormal);
@@ -94,11 +188,11 @@ impl Session {
     ) -> Result<meshgate_core::Envelope, Flow> {
         let meta = p.meta;
         let (qos, pkid) = (meta.qos, meta.pkid);
-        if qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&pkid) {
+        if qos == QoS::ExactlyOnce && self.inbound.qos2_at_backbone.contains(&pkid) {
             // Resent while the first copy is still with the backbone: its PUBREC will follow.
             return Err(Flow::Continue);
         }
-        if qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&pkid) {
+        if qos == QoS::ExactlyOnce && self.inbound.awaiting_pubrel.contains(&pkid) {
             // A resent QoS 2 publish before PUBREL: acknowledge again, publish once.
             self.write(Packet::PubRec(
                 PubRec {
@@ -110,7 +204,7 @@ impl Session {
             return Err(Flow::Continue);
         }
         if qos == QoS::ExactlyOnce
-            && self.incoming_qos2.len() >= usize::from(self.shared.config.max_inflight)
+            && self.inbound.awaiting_pubrel.len() >= usize::from(self.shared.config.max_inflight)
         {
             self.shared.metrics.error("receive_maximum");
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
@@ -119,21 +213,12 @@ impl Session {
         // MQTT 5 topic aliases (§3.3.2.3.4): a topic with an alias sets it, an empty topic with
         // an alias uses it.
         let alias = props.and_then(|p| p.topic_alias);
-        let aliased = match alias {
-            None => None,
-            Some(a) if a == 0 || a > TOPIC_ALIAS_MAX => {
-                self.disconnect(DisconnectReasonCode::TopicAliasInvalid);
+        let aliased = match self.aliases.resolve(alias, p.topic.is_empty()) {
+            Ok(aliased) => aliased,
+            Err(reason) => {
+                self.disconnect(reason);
                 return Err(Flow::End(End::Abnormal));
             }
-            Some(a) if p.topic.is_empty() => match self.aliases.as_ref().and_then(|m| m.get(&a)) {
-                Some(t) => Some(t.clone()),
-                None => {
-                    // An alias that was never set is a protocol error.
-                    self.disconnect(DisconnectReasonCode::ProtocolError);
-                    return Err(Flow::End(End::Abnormal));
-                }
-            },
-            Some(_) => None,
         };
         let topic = match aliased {
             Some(t) => t,
@@ -151,9 +236,7 @@ impl Session {
             },
         };
         if let (Some(a), false) = (alias, p.topic.is_empty()) {
-            self.aliases
-                .get_or_insert_with(Default::default)
-                .insert(a, topic.clone());
+            self.aliases.set(a, topic.clone());
         }
         if self
             .shared
@@ -164,7 +247,7 @@ impl Session {
         {
             return Err(self.refuse(qos, pkid, PubAckReason::NotAuthorized, "forbidden"));
         }
-        let event = binding::decode(Inbound {
+        let event = binding::decode(binding::Inbound {
             version: self.version,
             topic: &topic,
             payload: p.payload.clone(),
@@ -266,7 +349,12 @@ impl Session {
                 .await;
             (qos, pkid, r)
         });
-        if self.inbound.as_ref().is_none_or(|f| f.is_empty()) {
+        if self
+            .inbound
+            .at_backbone
+            .as_ref()
+            .is_none_or(|f| f.is_empty())
+        {
             // Usually accepted at once (memory backbone): answer without queueing. If not, the
             // queue below polls it again with a real waker.
             let waker = futures_util::task::noop_waker();
@@ -276,9 +364,10 @@ impl Session {
             }
         }
         if qos == QoS::ExactlyOnce {
-            self.inbound_qos2.insert(pkid);
+            self.inbound.qos2_at_backbone.insert(pkid);
         }
         self.inbound
+            .at_backbone
             .get_or_insert_with(Default::default)
             .push_back(publish);
         Flow::Continue
@@ -287,12 +376,12 @@ impl Session {
     /// The backbone's answer to an inbound PUBLISH: acknowledge it, or refuse it.
     pub(super) fn published(&mut self, qos: QoS, pkid: u16, r: Result<(), PublishError>) -> Flow {
         if qos == QoS::ExactlyOnce {
-            self.inbound_qos2.remove(&pkid);
+            self.inbound.qos2_at_backbone.remove(&pkid);
         }
         match r {
             Ok(()) => {
                 self.shared.in_by_qos[usize::from(qos as u8).min(2)].inc();
-                self.acked_publish |= qos != QoS::AtMostOnce;
+                self.inbound.acked_since_write |= qos != QoS::AtMostOnce;
                 self.ack(qos, pkid, PubAckReason::Success);
                 Flow::Continue
             }
@@ -315,12 +404,21 @@ impl Session {
     /// (our Receive Maximum): then no more packets are read until one is answered.
     pub(super) fn inbound_full(&self) -> bool {
         self.inbound
-            .as_ref()
-            .is_some_and(|f| f.len() >= usize::from(self.shared.config.max_inflight))
+            .is_full(usize::from(self.shared.config.max_inflight))
+    }
+
+    /// PUBREL: the client releases a QoS 2 message; PUBCOMP ends the handshake.
+    pub(super) fn on_pubrel(&mut self, pkid: u16) {
+        let reason = if self.inbound.release(pkid) {
+            PubCompReason::Success
+        } else {
+            PubCompReason::PacketIdentifierNotFound
+        };
+        self.write(Packet::PubComp(PubComp { pkid, reason }, None));
     }
 
     pub(super) async fn publish_will(&mut self) {
-        let Some((will, props)) = self.will.take().map(|b| *b) else {
+        let Some((will, props)) = self.will.message.take().map(|b| *b) else {
             return;
         };
         let Some(topic) = std::str::from_utf8(&will.topic)
@@ -338,7 +436,7 @@ impl Session {
             message_expiry_interval: p.message_expiry_interval,
             ..Default::default()
         });
-        let event = binding::decode(Inbound {
+        let event = binding::decode(binding::Inbound {
             version: self.version,
             topic: &topic,
             payload: will.message.clone(),

@@ -14,6 +14,7 @@
 //! [`subscribe`] (SUBSCRIBE/UNSUBSCRIBE), [`parked`] (persistent sessions while the client is
 //! away).
 
+mod aliases;
 mod connect;
 mod inbound;
 mod outbound;
@@ -21,24 +22,23 @@ pub(crate) mod parked;
 pub(crate) mod stored;
 mod subscribe;
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{Origin, Principal, Topic};
+use meshgate_core::{Origin, Principal};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubComp,
-    PubCompReason, PublishProperties, QoS,
+    Disconnect, DisconnectReasonCode, Packet, PingResp, PublishProperties, QoS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::codec::{self, Version};
-use connect::connect_phase;
-use inbound::{InboundPublish, next_inbound};
-use outbound::{DeliveryStreams, Inflight, Outgoing, next_queued};
+use aliases::TopicAliases;
+use connect::{Registration, connect_phase};
+use inbound::{Inbound, Will};
+use outbound::{DeliveryStreams, Window, next_queued};
 use subscribe::Subscription;
 
 /// Why a connection ended, for logs and for the will.
@@ -66,55 +66,30 @@ struct Session {
     origin: Origin,
     /// Largest packet the client accepts (MQTT 5 CONNECT property).
     client_max_packet: usize,
-    /// How many QoS 1/2 messages we may have unacknowledged at the client.
-    client_receive_max: usize,
     out: BytesMut,
     subscriptions: Vec<Subscription>,
     /// The subscriptions' delivery streams; created at the first subscription, so an idle
     /// connection has none.
     streams: Option<DeliveryStreams>,
-    /// Deliveries waiting for a free slot in the in-flight window (or for the client to return).
-    pending: VecDeque<Outgoing>,
-    /// QoS 1/2 messages sent and not yet fully acknowledged.
-    inflight: HashMap<u16, Inflight>,
+    /// Messages to the client: the in-flight window and the deliveries waiting for it.
+    window: Window,
     /// Deliveries to acknowledge to the backbone after the next socket write (QoS 0 sent,
     /// copies skipped); empty unless the backbone has acknowledgements (JetStream).
     settle: Vec<meshgate_core::Delivery>,
-    next_seq: u64,
-    next_pkid: u16,
-    /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL.
-    incoming_qos2: HashSet<u16>,
-    /// PUBLISHes handed to the backbone and not yet accepted, in arrival order, so that their
-    /// PUBACK/PUBREC go out in that order (MQTT 3.1.1 §4.6) while several are pending — a
-    /// JetStream PubAck takes a round trip. Boxed and created on first use (idle memory).
-    inbound: Option<Box<futures_util::stream::FuturesOrdered<InboundPublish>>>,
-    /// Packet ids of the QoS 2 PUBLISHes in `inbound`.
-    inbound_qos2: HashSet<u16>,
-    /// Boxed: most clients have none, and an idle connection should stay small.
-    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
-    /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
-    will_delay: Option<Duration>,
+    /// PUBLISHes from the client: with the backbone, or in a QoS 2 handshake.
+    inbound: Inbound,
+    will: Will,
     /// How long the session outlives its connection (zero: it ends with it).
     expiry: Duration,
     /// Session Expiry Interval the client sent in CONNECT (MQTT 5), in seconds.
     requested_expiry: u32,
-    /// Topic aliases the client set (MQTT 5), allocated on first use. Boxed: `None` costs 8
-    /// bytes instead of a map's 48 on every idle connection.
-    #[allow(clippy::box_collection)]
-    aliases: Option<Box<HashMap<u16, Topic>>>,
-    /// Topic aliases this connection gave its client (MQTT 5 Topic Alias Maximum > 0), made
-    /// on first use; they last as long as the connection, not the session.
-    out_aliases: Option<Box<outbound::OutAliases>>,
-    /// Topic Alias Maximum the client announced in CONNECT (0: no aliases to it).
-    client_alias_max: u16,
+    /// Topic aliases, both ways (MQTT 5); they last as long as the connection.
+    aliases: TopicAliases,
     /// Fired when another connection takes over this client id.
     takeover: CancellationToken,
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
     /// last read or wrote; 0: the session has nothing stored.
     store_revision: u64,
-    /// A QoS 1/2 publish was accepted since the last write: its acknowledgement waits until
-    /// the deliveries it caused on this instance went out (see [`run_session`]).
-    acked_publish: bool,
 }
 
 impl Drop for Session {
@@ -125,18 +100,48 @@ impl Drop for Session {
 }
 
 impl Session {
+    /// A new session for a client admitted by the CONNECT phase, holding `registration`.
+    fn new(
+        shared: &Arc<Shared>,
+        registration: &Registration,
+        client_id: String,
+        principal: Principal,
+        wrapper: meshgate_core::wrap::Wrapper,
+        terms: &connect::Terms,
+        will: Will,
+    ) -> Session {
+        Session {
+            origin: shared.ctx.origin(registration.connection),
+            shared: shared.clone(),
+            version: terms.version,
+            wrapper,
+            client_id,
+            principal,
+            client_max_packet: terms.max_packet,
+            out: BytesMut::new(),
+            subscriptions: Vec::new(),
+            streams: None,
+            window: Window::new(terms.receive_max),
+            settle: Vec::new(),
+            inbound: Inbound::default(),
+            will,
+            expiry: terms.expiry,
+            requested_expiry: terms.requested_expiry,
+            aliases: TopicAliases::new(terms.alias_max),
+            takeover: registration.takeover.clone(),
+            store_revision: 0,
+        }
+    }
+
     /// Takes over what a persistent session kept from its previous connection.
     fn resume(&mut self, old: &mut Session) {
         self.subscriptions = std::mem::take(&mut old.subscriptions);
         self.streams = old.streams.take();
-        self.pending = std::mem::take(&mut old.pending);
-        self.inflight = std::mem::take(&mut old.inflight);
-        self.next_seq = old.next_seq;
-        self.next_pkid = old.next_pkid;
-        self.incoming_qos2 = std::mem::take(&mut old.incoming_qos2);
+        self.window.resume(&mut old.window);
+        self.inbound.resume(&mut old.inbound);
         self.origin = old.origin.clone();
         // The old will is not sent: the client is back (MQTT 5 §3.1.3.2.2).
-        old.will = None;
+        old.will.cancel();
     }
 }
 
@@ -144,13 +149,6 @@ impl Session {
 fn to_qos(n: u8) -> QoS {
     codec::qos(n).unwrap_or(QoS::AtMostOnce)
 }
-
-/// Topic Alias Maximum meshgate announces to MQTT 5 clients (aliases they may set).
-const TOPIC_ALIAS_MAX: u16 = 16;
-
-/// Most topic aliases meshgate gives one client (fewer if the client's Topic Alias Maximum is
-/// lower): the map is per connection, and a client must not make it grow without bound.
-const OUT_TOPIC_ALIAS_MAX: u16 = 64;
 
 /// Most QoS meshgate grants to a subscription.
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
@@ -226,21 +224,20 @@ const INBOUND_DRAIN: Duration = Duration::from_secs(5);
 /// here and its will, if any, is published.
 async fn finish(mut session: Session, end: End) {
     if end == End::Normal {
-        session.will = None;
+        session.will.cancel();
     }
     let shared = session.shared.clone();
     if !session.expiry.is_zero() {
-        if session.will_delay.is_none() {
+        if session.will.delay.is_none() {
             Box::pin(session.publish_will()).await;
         }
         if !Box::pin(session.leave_stored()).await {
             // Another instance holds the session now: nothing is left here.
-            session.will = None;
+            session.will.cancel();
             return;
         }
         session.out = BytesMut::new();
-        session.aliases = None;
-        session.out_aliases = None;
+        session.aliases.clear();
         match shared.parked.park(session) {
             Ok(()) => return,
             Err(s) => {
@@ -310,18 +307,7 @@ impl Session {
                 Flow::Continue
             }
             Packet::PubRel(rel, _) => {
-                let reason = if self.incoming_qos2.remove(&rel.pkid) {
-                    PubCompReason::Success
-                } else {
-                    PubCompReason::PacketIdentifierNotFound
-                };
-                self.write(Packet::PubComp(
-                    PubComp {
-                        pkid: rel.pkid,
-                        reason,
-                    },
-                    None,
-                ));
+                self.on_pubrel(rel.pkid);
                 Flow::Continue
             }
             Packet::Subscribe(sub, props) => {
@@ -448,6 +434,36 @@ fn publish_step<'a>(
     }
 }
 
+/// The client's keep-alive (MQTT 3.1.1 §3.1.2.10, 5 §3.1.2.10): the connection is closed
+/// after one and a half times it without a complete packet; 0 is none.
+struct KeepAlive {
+    /// One and a half times the keep-alive.
+    period: Option<Duration>,
+    /// When the connection is closed unless a packet comes first.
+    deadline: tokio::time::Instant,
+}
+
+impl KeepAlive {
+    fn new(seconds: u16) -> Self {
+        let period = (seconds > 0).then(|| Duration::from_millis(u64::from(seconds) * 1500));
+        KeepAlive {
+            period,
+            deadline: tokio::time::Instant::now() + period.unwrap_or(Duration::from_secs(86_400)),
+        }
+    }
+
+    fn is_on(&self) -> bool {
+        self.period.is_some()
+    }
+
+    /// A complete packet came: the count starts again.
+    fn packet_received(&mut self) {
+        if let Some(period) = self.period {
+            self.deadline = tokio::time::Instant::now() + period;
+        }
+    }
+}
+
 async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     mut buf: BytesMut,
@@ -457,8 +473,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let shared = session.shared.clone();
     let max = shared.config.max_packet_size;
-    let keep = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let mut deadline = tokio::time::Instant::now() + keep.unwrap_or(Duration::from_secs(86_400));
+    let mut keep_alive = KeepAlive::new(keep_alive);
     let takeover = session.takeover.clone();
     let pending_limit = shared.config.max_queued;
     let write_timeout = shared.config.write_timeout;
@@ -471,7 +486,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     // One keep-alive timer per connection, moved only when it fires early: a new `sleep_until`
     // per loop turn inserted into and removed from the timer wheel (under its lock) for every
     // batch of packets.
-    let keep_alive_timer = tokio::time::sleep_until(deadline);
+    let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
     tokio::pin!(shutdown, taken_over, keep_alive_timer);
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
@@ -500,11 +515,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
         }
         // Keep-alive counts from the last complete packet (one clock reading per batch).
-        if let (true, Some(k)) = (got_packet, keep) {
-            deadline = tokio::time::Instant::now() + k;
+        if got_packet {
+            keep_alive.packet_received();
         }
         if !session.out.is_empty() {
-            if std::mem::take(&mut session.acked_publish) && shared.in_process {
+            if session.inbound.take_acked() && shared.in_process {
                 // Let the subscribers this batch of publishes woke (on the memory backbone,
                 // runnable on this thread next) write their deliveries before the PUBACKs go
                 // out, as Mosquitto does: a delivery should not wait behind the publisher's
@@ -560,17 +575,13 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 session.disconnect(DisconnectReasonCode::SessionTakenOver);
                 break End::Server;
             }
-            Some((qos, pkid, r)) = next_inbound(&mut session.inbound) => {
+            Some((qos, pkid, r)) = session.inbound.next_answer() => {
                 if let Flow::End(e) = session.published(qos, pkid, r) {
                     break e;
                 }
                 // The answers already in as well, so their PUBACKs go out in one write (a
-                // JetStream PubAck per publish otherwise costs a write each). Polling with a
-                // no-op waker is fine: the next turn's `next_inbound` registers ours again.
-                use futures_util::{FutureExt as _, StreamExt as _};
-                while let Some(Some((qos, pkid, r))) =
-                    session.inbound.as_mut().and_then(|f| f.next().now_or_never())
-                {
+                // JetStream PubAck per publish otherwise costs a write each).
+                while let Some((qos, pkid, r)) = session.inbound.ready_answer() {
                     if let Flow::End(e) = session.published(qos, pkid, r) {
                         break 'conn e;
                     }
@@ -582,23 +593,23 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
-            Some(q) = next_queued(&mut session.streams), if session.pending.len() < pending_limit => {
+            Some(q) = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
                 if session.out.capacity() == 0 && out_hint > 1024 {
                     session.out.reserve(out_hint);
                 }
                 session.deliver(q);
                 // Take what else is ready without waiting, so writes are batched.
-                while session.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
+                while session.window.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
                     let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {
                         break;
                     };
                     session.deliver(q);
                 }
             }
-            _ = &mut keep_alive_timer, if keep.is_some() => {
-                if tokio::time::Instant::now() < deadline {
+            _ = &mut keep_alive_timer, if keep_alive.is_on() => {
+                if tokio::time::Instant::now() < keep_alive.deadline {
                     // Packets came since the timer was set: wait for the rest of the interval.
-                    keep_alive_timer.as_mut().reset(deadline);
+                    keep_alive_timer.as_mut().reset(keep_alive.deadline);
                     continue;
                 }
                 shared.metrics.error("keep_alive_timeout");
@@ -609,7 +620,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     };
     // Publishes the client sent before it left still reach the backbone (a QoS 0 publish
     // followed by DISCONNECT must not be lost).
-    if let Some(mut inbound) = session.inbound.take() {
+    if let Some(mut inbound) = session.inbound.take_at_backbone() {
         use futures_util::StreamExt;
         let drain = async {
             while let Some((qos, pkid, r)) = inbound.next().await {

@@ -1096,7 +1096,11 @@ mod tests {
             &[0x30, 0xff, 0xff],
             &[0x30, 0xff, 0xff, 0xff],
         ] {
-            assert_eq!(FixedHeader::read(cut), Err(HeaderError::NeedMore), "{cut:x?}");
+            assert_eq!(
+                FixedHeader::read(cut),
+                Err(HeaderError::NeedMore),
+                "{cut:x?}"
+            );
         }
         // A fifth length byte (a value over 268,435,455) is malformed, not "need more".
         for bad in [
@@ -1104,18 +1108,31 @@ mod tests {
             &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
             &[0x30, 0x80, 0x80, 0x80, 0x80, 0x00],
         ] {
-            assert_eq!(FixedHeader::read(bad), Err(HeaderError::Malformed), "{bad:x?}");
+            assert_eq!(
+                FixedHeader::read(bad),
+                Err(HeaderError::Malformed),
+                "{bad:x?}"
+            );
         }
         let h = FixedHeader::read(&[0x3d, 5]).unwrap();
         assert_eq!(
-            (h.packet_type(), h.qos(), h.dup(), h.retain(), h.packet_len()),
+            (
+                h.packet_type(),
+                h.qos(),
+                h.dup(),
+                h.retain(),
+                h.packet_len()
+            ),
             (3, Some(QoS::ExactlyOnce), true, true, 7)
         );
         assert_eq!(FixedHeader::read(&[0x36, 0]).unwrap().qos(), None);
         // The readers built on it: a malformed length is not a PUBLISH or a CONNECT.
         let five = [0x32, 0xff, 0xff, 0xff, 0xff, 0x01, 0, 1, b't', 0, 1];
         assert_eq!(peek_publish_meta(&five), None);
-        assert_eq!(read_publish_v311(&mut BytesMut::from(&five[..]), 1 << 30), None);
+        assert_eq!(
+            read_publish_v311(&mut BytesMut::from(&five[..]), 1 << 30),
+            None
+        );
         assert_eq!(
             connect_version(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x01]),
             ConnectProbe::NotConnect

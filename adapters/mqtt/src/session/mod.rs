@@ -21,6 +21,8 @@ mod outbound;
 pub(crate) mod parked;
 pub(crate) mod stored;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

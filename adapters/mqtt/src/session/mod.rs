@@ -10,9 +10,20 @@
 //! `mqtt.max_inflight` at once, answered in arrival order, where it answers after a round trip
 //! (JetStream's PubAck).
 //!
-//! Submodules: [`outbound`] (routing, in-flight window, QoS 1/2 handshakes, retransmission),
-//! [`subscribe`] (SUBSCRIBE/UNSUBSCRIBE), [`parked`] (persistent sessions while the client is
-//! away).
+//! This module: [`Session`] and its construction, packet dispatch ([`Session::handle`],
+//! [`next_step`]), the connection loop ([`run_session`]) and its end ([`finish`]).
+//! Submodules, one phase or concern each:
+//! - [`connect`]: the CONNECT phase, in steps from reading CONNECT to CONNACK (client id,
+//!   authentication, registration and takeover, resuming a kept session);
+//! - [`inbound`]: the client's PUBLISHes (authorization, the backbone's answer, PUBACK/PUBREC),
+//!   the QoS 2 inbound handshake and the will;
+//! - [`outbound`]: routing deliveries, the in-flight window, QoS 1/2 handshakes to the client,
+//!   retransmission;
+//! - [`aliases`]: MQTT 5 topic aliases, both ways;
+//! - [`subscribe`]: SUBSCRIBE/UNSUBSCRIBE and retained messages;
+//! - [`parked`]: persistent sessions while the client is away;
+//! - [`stored`]: persistent sessions kept by the backbone (JetStream), movable between
+//!   instances.
 
 mod aliases;
 mod connect;

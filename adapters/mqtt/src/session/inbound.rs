@@ -54,9 +54,6 @@ pub(super) struct Inbound {
     at_backbone: Option<Box<FuturesOrdered<InboundPublish>>>,
     /// Packet ids of the QoS 2 PUBLISHes in `at_backbone`.
     qos2_at_backbone: HashSet<u16>,
-    /// A QoS 1/2 publish was accepted since the last write: its acknowledgement waits until
-    /// the deliveries it caused on this instance went out (see [`super::run_session`]).
-    acked_since_write: bool,
 }
 
 impl Inbound {
@@ -92,11 +89,6 @@ impl Inbound {
     /// The PUBLISHes still with the backbone, for the connection's end.
     pub(super) fn take_at_backbone(&mut self) -> Option<Box<FuturesOrdered<InboundPublish>>> {
         self.at_backbone.take()
-    }
-
-    /// Whether a QoS 1/2 publish was acknowledged since the last call.
-    pub(super) fn take_acked(&mut self) -> bool {
-        std::mem::take(&mut self.acked_since_write)
     }
 
     /// PUBREL: the QoS 2 handshake of `pkid` ends; false if there was none.
@@ -381,7 +373,7 @@ impl Session {
         match r {
             Ok(()) => {
                 self.shared.in_by_qos[usize::from(qos as u8).min(2)].inc();
-                self.inbound.acked_since_write |= qos != QoS::AtMostOnce;
+                self.acked_publish |= qos != QoS::AtMostOnce;
                 self.ack(qos, pkid, PubAckReason::Success);
                 Flow::Continue
             }

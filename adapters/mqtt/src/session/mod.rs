@@ -103,6 +103,10 @@ struct Session {
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
     /// last read or wrote; 0: the session has nothing stored.
     store_revision: u64,
+    /// A QoS 1/2 publish was accepted since the last write: its acknowledgement waits until
+    /// the deliveries it caused on this instance went out (see [`run_session`]). Here, not in
+    /// [`Inbound`]: it is the write batch's, and beside `version` it takes no padding.
+    acked_publish: bool,
 }
 
 impl Drop for Session {
@@ -143,6 +147,7 @@ impl Session {
             aliases: TopicAliases::new(terms.alias_max),
             takeover: registration.takeover.clone(),
             store_revision: 0,
+            acked_publish: false,
         }
     }
 
@@ -532,7 +537,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             keep_alive.packet_received();
         }
         if !session.out.is_empty() {
-            if session.inbound.take_acked() && shared.in_process {
+            if std::mem::take(&mut session.acked_publish) && shared.in_process {
                 // Let the subscribers this batch of publishes woke (on the memory backbone,
                 // runnable on this thread next) write their deliveries before the PUBACKs go
                 // out, as Mosquitto does: a delivery should not wait behind the publisher's

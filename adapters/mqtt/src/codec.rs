@@ -60,20 +60,11 @@ pub fn connect_version(buf: &[u8]) -> ConnectProbe {
     if first != 0x10 {
         return ConnectProbe::NotConnect;
     }
-    // Remaining length: 1 to 4 bytes, 7 bits each.
-    let mut i = 1;
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return ConnectProbe::NeedMore;
-        };
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return ConnectProbe::NotConnect;
-        }
-    }
+    let i = match FixedHeader::read(buf) {
+        Ok(h) => h.len,
+        Err(HeaderError::NeedMore) => return ConnectProbe::NeedMore,
+        Err(HeaderError::Malformed) => return ConnectProbe::NotConnect,
+    };
     // Protocol name (u16 length + bytes), then the level.
     let Some(name_len) = buf
         .get(i..i + 2)
@@ -150,24 +141,90 @@ pub fn fixed_header_ok(buf: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// The Remaining Length of the packet at the start of `buf` (after its first byte: 1 to 4
-/// bytes, 7 bits each) and the index of the byte after it; `None` when it is not all in `buf`
-/// or runs past 4 bytes.
-fn remaining_length(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut value = 0usize;
-    for (n, at) in (1..=4).enumerate() {
-        let b = *buf.get(at)?;
-        value |= usize::from(b & 0x7f) << (7 * n);
-        if b & 0x80 == 0 {
-            return Some((value, at + 1));
+/// The fixed header of the packet at the start of a buffer (MQTT 3.1.1 §2.2, 5 §2.1.1): the
+/// one reader of its Remaining Length and of a PUBLISH's flag bits, for [`connect_version`],
+/// [`read_publish_v311`], [`peek_publish_meta`] and the CONNECT flags check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedHeader {
+    /// The first byte: packet type (high nibble) and flags (low nibble).
+    pub first: u8,
+    /// Remaining Length: the bytes of the packet after its fixed header.
+    pub remaining: usize,
+    /// Bytes of the fixed header itself: the first byte and the 1 to 4 of the Remaining Length.
+    pub len: usize,
+}
+
+/// Why [`FixedHeader::read`] has no header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    /// The buffer ends inside the header.
+    NeedMore,
+    /// The Remaining Length runs past 4 bytes, i.e. over 268,435,455 ([`MAX_VARINT`]): a
+    /// malformed packet (3.1.1 §2.2.3, 5 §1.5.5).
+    Malformed,
+}
+
+impl FixedHeader {
+    /// Reads the fixed header at the start of `buf` without consuming anything.
+    pub fn read(buf: &[u8]) -> Result<FixedHeader, HeaderError> {
+        let first = *buf.first().ok_or(HeaderError::NeedMore)?;
+        // Remaining Length: a Variable Byte Integer, 1 to 4 bytes of 7 bits, least significant
+        // first; the high bit says another byte follows.
+        let mut remaining = 0usize;
+        for n in 0..4 {
+            let b = *buf.get(1 + n).ok_or(HeaderError::NeedMore)?;
+            remaining |= usize::from(b & 0x7f) << (7 * n);
+            if b & 0x80 == 0 {
+                return Ok(FixedHeader {
+                    first,
+                    remaining,
+                    len: 2 + n,
+                });
+            }
         }
+        Err(HeaderError::Malformed)
     }
-    None
+
+    /// The packet type (1 CONNECT … 15 AUTH).
+    pub fn packet_type(self) -> u8 {
+        self.first >> 4
+    }
+
+    /// A PUBLISH's QoS (flag bits 1–2); `None` for the malformed QoS 3.
+    pub fn qos(self) -> Option<QoS> {
+        qos((self.first >> 1) & 0b11)
+    }
+
+    /// A PUBLISH's DUP flag (bit 3).
+    pub fn dup(self) -> bool {
+        self.first & 0b1000 != 0
+    }
+
+    /// A PUBLISH's RETAIN flag (bit 0).
+    pub fn retain(self) -> bool {
+        self.first & 1 != 0
+    }
+
+    /// The whole packet's size: header and Remaining Length.
+    pub fn packet_len(self) -> usize {
+        self.len + self.remaining
+    }
+}
+
+/// The QoS numbered `n` (a PUBLISH's flag bits, a subscription option, a stored number);
+/// `None` for anything but 0, 1 and 2.
+pub fn qos(n: u8) -> Option<QoS> {
+    match n {
+        0 => Some(QoS::AtMostOnce),
+        1 => Some(QoS::AtLeastOnce),
+        2 => Some(QoS::ExactlyOnce),
+        _ => None,
+    }
 }
 
 /// The Connect Flags byte of a CONNECT at the start of `buf`, when it is there.
 fn connect_flags(buf: &[u8]) -> Option<u8> {
-    let (_, i) = remaining_length(buf)?;
+    let i = FixedHeader::read(buf).ok()?.len;
     let name_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
     // Protocol name, then the level byte, then the flags.
     buf.get(i + 2 + name_len + 1).copied()
@@ -592,18 +649,13 @@ impl InPublish {
 /// [`read`], which reads it or reports the error. Accepts exactly what rumqttd's V4 reader
 /// accepts, with the same result (unit-tested against it on random input).
 pub fn read_publish_v311(buf: &mut BytesMut, max_size: usize) -> Option<InPublish> {
-    let header = *buf.first()?;
-    if header >> 4 != 3 {
+    let header = FixedHeader::read(buf).ok()?;
+    if header.packet_type() != 3 {
         return None;
     }
-    let qos = match (header >> 1) & 0b11 {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => return None,
-    };
-    let (remaining, at) = remaining_length(buf)?;
-    let total = at + remaining;
+    let qos = header.qos()?;
+    let (remaining, at) = (header.remaining, header.len);
+    let total = header.packet_len();
     if remaining == 0 || remaining > max_size || buf.len() < total {
         return None;
     }
@@ -624,11 +676,11 @@ pub fn read_publish_v311(buf: &mut BytesMut, max_size: usize) -> Option<InPublis
     Some(InPublish {
         topic: packet.slice(topic_at..topic_at + topic_len),
         payload: packet.slice(payload_at..),
-        retain: header & 1 != 0,
+        retain: header.retain(),
         meta: PublishMeta {
             qos,
             pkid,
-            dup: header & 0b1000 != 0,
+            dup: header.dup(),
         },
     })
 }
@@ -644,16 +696,13 @@ pub struct PublishMeta {
 /// QoS, packet id and DUP of the PUBLISH frame at the start of `buf`, read from the raw bytes
 /// (no copy), or `None` if `buf` does not start with a complete enough PUBLISH header.
 pub fn peek_publish_meta(buf: &[u8]) -> Option<PublishMeta> {
-    let header = *buf.first()?;
-    if header >> 4 != 3 {
+    let header = FixedHeader::read(buf).ok()?;
+    if header.packet_type() != 3 {
         return None;
     }
-    let (_, i) = remaining_length(buf)?;
-    let qos = match (header >> 1) & 0b11 {
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtMostOnce,
-    };
+    let i = header.len;
+    // QoS 3 is refused by the codec's reader; the meta is not used then.
+    let qos = header.qos().unwrap_or(QoS::AtMostOnce);
     let pkid = if qos == QoS::AtMostOnce {
         0
     } else {
@@ -664,7 +713,7 @@ pub fn peek_publish_meta(buf: &[u8]) -> Option<PublishMeta> {
     Some(PublishMeta {
         qos,
         pkid,
-        dup: header & 0b1000 != 0,
+        dup: header.dup(),
     })
 }
 
@@ -672,19 +721,19 @@ pub fn peek_publish_meta(buf: &[u8]) -> Option<PublishMeta> {
 /// session uses [`peek_publish_meta`] on the raw bytes instead.
 pub fn publish_meta(p: &Publish) -> PublishMeta {
     let bytes = p.serialize();
-    let header = bytes.first().copied().unwrap_or(0);
+    // The flags sit in the first byte as in a PUBLISH's fixed header (no Remaining Length).
+    let flags = FixedHeader {
+        first: bytes.first().copied().unwrap_or(0),
+        remaining: 0,
+        len: 1,
+    };
     let pkid = bytes
         .get(1..3)
         .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    let qos = match (header >> 1) & 0b11 {
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtMostOnce,
-    };
     PublishMeta {
-        qos,
+        qos: flags.qos().unwrap_or(QoS::AtMostOnce),
         pkid,
-        dup: header & 0b1000 != 0,
+        dup: flags.dup(),
     }
 }
 
@@ -1015,6 +1064,80 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn fixed_header_reader() {
+        let ok = |buf: &[u8], remaining: usize, len: usize| {
+            assert_eq!(
+                FixedHeader::read(buf),
+                Ok(FixedHeader {
+                    first: buf[0],
+                    remaining,
+                    len
+                }),
+                "{buf:x?}"
+            );
+        };
+        ok(&[0xc0, 0], 0, 2);
+        ok(&[0x30, 0x7f], 127, 2);
+        ok(&[0x30, 0x80, 0x01], 128, 3);
+        ok(&[0x30, 0xff, 0x7f], 16_383, 3);
+        ok(&[0x30, 0x80, 0x80, 0x01], 16_384, 4);
+        ok(&[0x30, 0xff, 0xff, 0x7f], 2_097_151, 4);
+        ok(&[0x30, 0x80, 0x80, 0x80, 0x01], 2_097_152, 5);
+        // The largest Remaining Length there is: 268,435,455, four bytes.
+        ok(&[0x30, 0xff, 0xff, 0xff, 0x7f, 0xaa], MAX_VARINT, 5);
+        // Cut anywhere inside the header: more bytes needed, whatever follows.
+        for cut in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x80],
+            &[0x30, 0xff, 0xff],
+            &[0x30, 0xff, 0xff, 0xff],
+        ] {
+            assert_eq!(
+                FixedHeader::read(cut),
+                Err(HeaderError::NeedMore),
+                "{cut:x?}"
+            );
+        }
+        // A fifth length byte (a value over 268,435,455) is malformed, not "need more".
+        for bad in [
+            &[0x30, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
+            &[0x30, 0x80, 0x80, 0x80, 0x80, 0x00],
+        ] {
+            assert_eq!(
+                FixedHeader::read(bad),
+                Err(HeaderError::Malformed),
+                "{bad:x?}"
+            );
+        }
+        let h = FixedHeader::read(&[0x3d, 5]).unwrap();
+        assert_eq!(
+            (
+                h.packet_type(),
+                h.qos(),
+                h.dup(),
+                h.retain(),
+                h.packet_len()
+            ),
+            (3, Some(QoS::ExactlyOnce), true, true, 7)
+        );
+        assert_eq!(FixedHeader::read(&[0x36, 0]).unwrap().qos(), None);
+        // The readers built on it: a malformed length is not a PUBLISH or a CONNECT.
+        let five = [0x32, 0xff, 0xff, 0xff, 0xff, 0x01, 0, 1, b't', 0, 1];
+        assert_eq!(peek_publish_meta(&five), None);
+        assert_eq!(
+            read_publish_v311(&mut BytesMut::from(&five[..]), 1 << 30),
+            None
+        );
+        assert_eq!(
+            connect_version(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            ConnectProbe::NotConnect
+        );
+        assert_eq!(connect_version(&[0x10, 0x80, 0x80]), ConnectProbe::NeedMore);
     }
 
     #[test]

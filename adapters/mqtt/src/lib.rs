@@ -65,6 +65,44 @@ struct Client {
 }
 
 impl Shared {
+    /// The state of one listener's connections (also what the session tests run on).
+    fn new(config: &MqttConfig, ctx: &AdapterContext) -> Arc<Shared> {
+        let metrics = ctx.metrics(ADAPTER);
+        let by_qos = |name: &'static str, qos: &str| {
+            ctx.registry
+                .counter(name, &[("adapter", ADAPTER), ("qos", qos)])
+        };
+        Arc::new(Shared {
+            in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
+            out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
+            retained: retained::Retained::new(
+                &ctx.backbone,
+                config.max_retained_messages,
+                config.max_retained_bytes,
+                metrics.dropped("retained_limit"),
+                ctx.registry.counter(
+                    metrics::ERRORS,
+                    &[("adapter", ADAPTER), ("kind", "retained_store")],
+                ),
+            ),
+            pipeline: ctx.backbone.publish_round_trips(),
+            in_process: ctx.backbone.delivers_in_process(),
+            config: config.clone(),
+            ctx: ctx.clone(),
+            metrics,
+            clients: Mutex::new(HashMap::new()),
+            parked: session::parked::Parked::new(
+                config.max_offline_sessions,
+                ctx.registry
+                    .gauge(metrics::MQTT_SESSIONS_OFFLINE, &[("adapter", ADAPTER)]),
+            ),
+            subscriptions: ctx
+                .registry
+                .gauge(metrics::MQTT_SUBSCRIPTIONS, &[("adapter", ADAPTER)]),
+            sockets: AtomicUsize::new(0),
+        })
+    }
+
     fn over_capacity(&self) -> bool {
         self.sockets.load(Ordering::Acquire) > self.config.max_connections
     }
@@ -189,40 +227,7 @@ impl MqttAdapter {
                 Some((listener, acceptor))
             }
         };
-        let metrics = ctx.metrics(ADAPTER);
-        let by_qos = |name: &'static str, qos: &str| {
-            ctx.registry
-                .counter(name, &[("adapter", ADAPTER), ("qos", qos)])
-        };
-        let shared = Arc::new(Shared {
-            in_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_IN_BY_QOS, &q.to_string())),
-            out_by_qos: [0, 1, 2].map(|q| by_qos(metrics::MQTT_OUT_BY_QOS, &q.to_string())),
-            retained: retained::Retained::new(
-                &ctx.backbone,
-                config.max_retained_messages,
-                config.max_retained_bytes,
-                metrics.dropped("retained_limit"),
-                ctx.registry.counter(
-                    metrics::ERRORS,
-                    &[("adapter", ADAPTER), ("kind", "retained_store")],
-                ),
-            ),
-            pipeline: ctx.backbone.publish_round_trips(),
-            in_process: ctx.backbone.delivers_in_process(),
-            config: config.clone(),
-            ctx: ctx.clone(),
-            metrics,
-            clients: Mutex::new(HashMap::new()),
-            parked: session::parked::Parked::new(
-                config.max_offline_sessions,
-                ctx.registry
-                    .gauge(metrics::MQTT_SESSIONS_OFFLINE, &[("adapter", ADAPTER)]),
-            ),
-            subscriptions: ctx
-                .registry
-                .gauge(metrics::MQTT_SUBSCRIPTIONS, &[("adapter", ADAPTER)]),
-            sockets: AtomicUsize::new(0),
-        });
+        let shared = Shared::new(config, ctx);
         Ok(MqttAdapter {
             shared,
             listener,

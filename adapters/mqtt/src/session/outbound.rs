@@ -2,12 +2,14 @@
 //! in-flight window (QoS 1 and the full QoS 2 handshake), retransmission when a persistent
 //! session resumes, and queueing while its client is away.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use meshgate_core::Delivery;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
 use tokio_util::sync::CancellationToken;
 
+use super::aliases::OutAlias;
 use super::{Session, qos_min, to_qos};
 use crate::binding;
 use crate::codec::{self, Version};
@@ -19,14 +21,6 @@ pub(super) struct Outgoing {
     pub(super) retain: bool,
     /// MQTT 5 Subscription Identifiers of the subscriptions it matched.
     pub(super) sub_ids: Vec<usize>,
-}
-
-/// Topic aliases given to a client (MQTT 5 §3.3.2.3.4): the first topics it is sent get one,
-/// up to its Topic Alias Maximum; after that, topics go in full. Later PUBLISHes on an
-/// aliased topic carry the alias and an empty topic.
-#[derive(Debug, Default)]
-pub(super) struct OutAliases {
-    by_topic: std::collections::HashMap<meshgate_core::Topic, u16>,
 }
 
 /// Why a delivery is not sent to a client (counted in `meshgate_events_dropped_total`).
@@ -48,8 +42,95 @@ struct Prepared {
     new_alias: Option<u16>,
 }
 
+/// The in-flight window to the client and what waits for it: QoS 1/2 messages sent and not
+/// yet acknowledged (at most the client's Receive Maximum), the deliveries waiting for a slot,
+/// and the packet ids and send order they take. What a persistent session keeps across its
+/// connections, apart from the Receive Maximum, which is each connection's own.
+pub(super) struct Window {
+    /// How many QoS 1/2 messages we may have unacknowledged at the client (u16, as the
+    /// Receive Maximum: an idle connection's memory).
+    receive_max: u16,
+    /// Deliveries waiting for a free slot in the in-flight window (or for the client to return).
+    pub(super) pending: VecDeque<Outgoing>,
+    /// QoS 1/2 messages sent and not yet fully acknowledged.
+    inflight: HashMap<u16, Inflight>,
+    next_seq: u64,
+    pub(super) next_pkid: u16,
+}
+
+impl Window {
+    /// An empty window of `receive_max` messages.
+    pub(super) fn new(receive_max: u16) -> Self {
+        Window {
+            receive_max,
+            pending: VecDeque::new(),
+            inflight: HashMap::new(),
+            next_seq: 0,
+            next_pkid: 1,
+        }
+    }
+
+    /// Takes over what the previous connection of a persistent session left: queued and
+    /// in-flight messages, packet ids, send order.
+    pub(super) fn resume(&mut self, old: &mut Window) {
+        self.pending = std::mem::take(&mut old.pending);
+        self.inflight = std::mem::take(&mut old.inflight);
+        self.next_seq = old.next_seq;
+        self.next_pkid = old.next_pkid;
+    }
+
+    /// Whether as many QoS 1/2 messages are in flight as the client accepts.
+    fn is_full(&self) -> bool {
+        self.inflight.len() >= usize::from(self.receive_max)
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if self.next_pkid == u16::MAX {
+                1
+            } else {
+                self.next_pkid + 1
+            };
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Adds an in-flight entry, numbered in send order.
+    fn track(&mut self, pkid: u16, stage: Stage) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.insert(pkid, Inflight { seq, stage });
+    }
+
+    /// Packet ids in flight whose entries `keep` selects, in send order.
+    fn in_send_order(&self, keep: impl Fn(&Inflight) -> bool) -> Vec<u16> {
+        let mut ids: Vec<(u64, u16)> = self
+            .inflight
+            .iter()
+            .filter(|(_, e)| keep(e))
+            .map(|(p, e)| (e.seq, *p))
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Packet ids of the QoS 2 messages released (PUBREL sent) and not yet completed, in send
+    /// order: what a session moving to another instance must still finish.
+    pub(super) fn released_pkids(&self) -> Vec<u16> {
+        self.in_send_order(|e| matches!(e.stage, Stage::Released))
+    }
+
+    /// A QoS 2 message released on another instance: PUBREL is resent on reconnect.
+    pub(super) fn restore_released(&mut self, pkid: u16) {
+        self.track(pkid, Stage::Released);
+    }
+}
+
 /// A QoS 1/2 message the client has not finished acknowledging.
-pub(super) struct Inflight {
+struct Inflight {
     /// Send order, so a resumed session retransmits in the original order (MQTT 5 §4.6).
     seq: u64,
     stage: Stage,
@@ -259,24 +340,10 @@ impl Session {
         if o.qos == QoS::AtMostOnce {
             self.shared.metrics.dropped("offline_qos0").inc();
             self.settle_later(o.delivery);
-        } else if self.pending.len() >= self.shared.config.max_queued {
+        } else if self.window.pending.len() >= self.shared.config.max_queued {
             self.shared.metrics.dropped("session_queue_full").inc();
         } else {
-            self.pending.push_back(o);
-        }
-    }
-
-    fn alloc_pkid(&mut self) -> u16 {
-        loop {
-            let id = self.next_pkid;
-            self.next_pkid = if self.next_pkid == u16::MAX {
-                1
-            } else {
-                self.next_pkid + 1
-            };
-            if !self.inflight.contains_key(&id) {
-                return id;
-            }
+            self.window.pending.push_back(o);
         }
     }
 
@@ -294,9 +361,9 @@ impl Session {
             self.settle_later(o.delivery);
             return;
         }
-        if o.qos != QoS::AtMostOnce && self.inflight.len() >= self.client_receive_max {
+        if o.qos != QoS::AtMostOnce && self.window.is_full() {
             // Bounded: the packet loop stops taking deliveries while `pending` is full.
-            self.pending.push_back(o);
+            self.window.pending.push_back(o);
             return;
         }
         let prepared = match self.prepare_delivery(&o) {
@@ -310,7 +377,7 @@ impl Session {
         let pkid = if o.qos == QoS::AtMostOnce {
             0
         } else {
-            self.alloc_pkid()
+            self.window.alloc_pkid()
         };
         if !self.put_publish(&o, prepared, pkid, false) {
             self.skipped(Skip::Unrepresentable);
@@ -322,7 +389,7 @@ impl Session {
             self.shared.out_by_qos[0].inc();
             self.settle_later(o.delivery);
         } else {
-            self.track(pkid, Stage::Sent(o));
+            self.window.track(pkid, Stage::Sent(o));
         }
     }
 
@@ -336,32 +403,6 @@ impl Session {
         };
         tracing::debug!(client_id = self.client_id, reason, "mqtt: delivery skipped");
         self.shared.metrics.dropped(reason).inc();
-    }
-
-    /// The alias to send a topic with, without giving it yet: `(alias, new, full topic)` — an
-    /// alias already given (empty topic), a new one (topic and alias, given by
-    /// [`Session::put_publish`]), or none (the client takes no aliases, or all are taken).
-    fn peek_alias(&self, topic: &meshgate_core::Topic) -> (Option<u16>, bool, bool) {
-        if self.version != Version::V5 || self.client_alias_max == 0 {
-            return (None, false, true);
-        }
-        let given = self.out_aliases.as_ref().map_or(0, |a| a.by_topic.len());
-        if let Some(&a) = self
-            .out_aliases
-            .as_ref()
-            .and_then(|a| a.by_topic.get(topic))
-        {
-            return (Some(a), false, false);
-        }
-        if given >= usize::from(self.client_alias_max) {
-            return (None, false, true);
-        }
-        // Aliases 1..=max, in the order topics are first sent.
-        (
-            Some(u16::try_from(given + 1).unwrap_or(u16::MAX)),
-            true,
-            true,
-        )
     }
 
     /// Encodes a delivery's payload and properties for this client and checks that the
@@ -399,7 +440,15 @@ impl Session {
                     Some(u32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
             }
         }
-        let (alias, new_alias, full_topic) = self.peek_alias(&envelope.topic);
+        let OutAlias {
+            alias,
+            new: new_alias,
+            full_topic,
+        } = if self.version == Version::V5 {
+            self.aliases.peek(&envelope.topic)
+        } else {
+            OutAlias::NONE
+        };
         if let Some(a) = alias {
             encoded
                 .properties
@@ -463,18 +512,15 @@ impl Session {
             return false;
         }
         if let Some(a) = p.new_alias {
-            self.out_aliases
-                .get_or_insert_with(Default::default)
-                .by_topic
-                .insert(topic.clone(), a);
+            self.aliases.give(topic, a);
         }
         true
     }
 
     /// Moves queued deliveries into the in-flight window as it frees up.
     pub(super) fn fill_window(&mut self) {
-        while self.inflight.len() < self.client_receive_max {
-            let Some(o) = self.pending.pop_front() else {
+        while !self.window.is_full() {
+            let Some(o) = self.window.pending.pop_front() else {
                 break;
             };
             self.send(o);
@@ -484,14 +530,14 @@ impl Session {
     /// PUBACK: a QoS 1 message is delivered.
     pub(super) async fn on_puback(&mut self, pkid: u16) {
         let is_qos1 = matches!(
-            self.inflight.get(&pkid),
+            self.window.inflight.get(&pkid),
             Some(Inflight { stage: Stage::Sent(o), .. }) if o.qos == QoS::AtLeastOnce
         );
         if is_qos1
             && let Some(Inflight {
                 stage: Stage::Sent(o),
                 ..
-            }) = self.inflight.remove(&pkid)
+            }) = self.window.inflight.remove(&pkid)
         {
             let _ = o.delivery.ack().await;
             self.shared.metrics.sent.inc();
@@ -506,7 +552,7 @@ impl Session {
             reason,
             PubRecReason::Success | PubRecReason::NoMatchingSubscribers
         );
-        let Some(entry) = self.inflight.get_mut(&pkid) else {
+        let Some(entry) = self.window.inflight.get_mut(&pkid) else {
             // MQTT 5 §4.3.3: unknown packet id.
             self.write_pubrel(pkid, PubRelReason::PacketIdentifierNotFound);
             return;
@@ -520,7 +566,7 @@ impl Session {
             }
             Stage::Sent(_) if refused => {
                 // MQTT 5: a PUBREC reason code ≥ 0x80 ends the exchange; the message is gone.
-                if self.inflight.remove(&pkid).is_some() {
+                if self.window.inflight.remove(&pkid).is_some() {
                     self.shared.metrics.dropped("refused_by_client").inc();
                 }
                 self.fill_window();
@@ -539,13 +585,13 @@ impl Session {
     /// PUBCOMP: a QoS 2 message is delivered exactly once.
     pub(super) fn on_pubcomp(&mut self, pkid: u16) {
         if matches!(
-            self.inflight.get(&pkid),
+            self.window.inflight.get(&pkid),
             Some(Inflight {
                 stage: Stage::Released,
                 ..
             })
         ) {
-            self.inflight.remove(&pkid);
+            self.window.inflight.remove(&pkid);
             self.shared.metrics.sent.inc();
             self.shared.out_by_qos[2].inc();
         }
@@ -565,10 +611,8 @@ impl Session {
     /// A resumed session resends, in their original order, the PUBLISHes not yet acknowledged
     /// (with DUP set) and the PUBRELs not yet completed (MQTT 3.1.1 §4.4, 5 §4.4).
     pub(super) fn resend_inflight(&mut self) {
-        let mut order: Vec<(u64, u16)> = self.inflight.iter().map(|(p, e)| (e.seq, *p)).collect();
-        order.sort_unstable();
-        for (_, pkid) in order {
-            let Some(entry) = self.inflight.remove(&pkid) else {
+        for pkid in self.window.in_send_order(|_| true) {
+            let Some(entry) = self.window.inflight.remove(&pkid) else {
                 continue;
             };
             if let Stage::Sent(o) = &entry.stage {
@@ -590,46 +634,22 @@ impl Session {
             } else {
                 self.write_pubrel(pkid, PubRelReason::Success);
             }
-            self.inflight.insert(pkid, entry);
+            self.window.inflight.insert(pkid, entry);
         }
     }
 }
 
 impl Session {
-    /// Packet ids of the QoS 2 messages released (PUBREL sent) and not yet completed, in send
-    /// order: what a session moving to another instance must still finish.
-    pub(super) fn released_pkids(&self) -> Vec<u16> {
-        let mut ids: Vec<(u64, u16)> = self
-            .inflight
-            .iter()
-            .filter(|(_, e)| matches!(e.stage, Stage::Released))
-            .map(|(p, e)| (e.seq, *p))
-            .collect();
-        ids.sort_unstable();
-        ids.into_iter().map(|(_, p)| p).collect()
-    }
-
-    /// A QoS 2 message released on another instance: PUBREL is resent on reconnect.
-    pub(super) fn restore_released(&mut self, pkid: u16) {
-        self.track(pkid, Stage::Released);
-    }
-
-    /// Adds an in-flight entry, numbered in send order.
-    fn track(&mut self, pkid: u16, stage: Stage) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.inflight.insert(pkid, Inflight { seq, stage });
-    }
-
     /// Stops taking deliveries and gives back to the backbone what it delivered and the client
     /// did not acknowledge (queued, or PUBLISHed and not PUBACKed/PUBRECed), so that whoever
     /// resumes the session — on any instance — receives them again at once.
     pub(super) async fn detach(&mut self) {
         self.settle().await;
         self.streams = None;
-        let mut back: Vec<Delivery> = self.pending.drain(..).map(|o| o.delivery).collect();
+        let mut back: Vec<Delivery> = self.window.pending.drain(..).map(|o| o.delivery).collect();
         // Released QoS 2 entries stay: their PUBREL is resent wherever the session resumes.
         let sent = self
+            .window
             .inflight
             .extract_if(|_, e| matches!(e.stage, Stage::Sent(_)));
         back.extend(sent.filter_map(|(_, e)| match e.stage {

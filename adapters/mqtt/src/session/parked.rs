@@ -124,7 +124,7 @@ impl Parked {
 async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, generation: u64) {
     let shared = session.shared.clone();
     let expires = Instant::now() + session.expiry;
-    let will_at = session.will_delay.map(|d| Instant::now() + d);
+    let will_at = session.will.delay.map(|d| Instant::now() + d);
     loop {
         tokio::select! {
             biased;
@@ -150,7 +150,7 @@ async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, ge
                 shared.parked.forget(&session.client_id, generation);
                 break;
             }
-            _ = tokio::time::sleep_until(will_at.unwrap_or(expires)), if will_at.is_some() && session.will.is_some() => {
+            _ = tokio::time::sleep_until(will_at.unwrap_or(expires)), if will_at.is_some() && session.will.is_set() => {
                 Box::pin(session.publish_will()).await;
             }
             Some(q) = next_queued(&mut session.streams) => {

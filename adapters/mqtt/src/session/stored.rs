@@ -14,8 +14,9 @@
 use meshgate_core::backbone::now_ms;
 use meshgate_core::{BackboneError, Durable, Principal, SessionStore, TopicFilter};
 
+use super::connect::TAKEOVER_WAIT;
 use super::subscribe::{SubOptions, Subscription, shared_filter};
-use super::{Session, TAKEOVER_WAIT, to_qos};
+use super::{Session, to_qos};
 use crate::Shared;
 
 /// A session as the store keeps it (JSON).
@@ -213,7 +214,7 @@ pub(crate) async fn release_here(shared: &Shared, client_id: &str) {
         );
     }
     if let Some(mut placeholder) = shared.parked.take(client_id, true).await {
-        placeholder.will = None;
+        placeholder.will.cancel();
     }
 }
 
@@ -291,9 +292,9 @@ impl Session {
                     id: s.id,
                 })
                 .collect(),
-            incoming_qos2: self.incoming_qos2.iter().copied().collect(),
-            released: self.released_pkids(),
-            next_pkid: self.next_pkid,
+            incoming_qos2: self.inbound.awaiting_pubrel.iter().copied().collect(),
+            released: self.window.released_pkids(),
+            next_pkid: self.window.next_pkid,
             origin: (self.origin.instance.to_string(), self.origin.connection),
         }
     }
@@ -371,11 +372,11 @@ impl Session {
                 return Err(e);
             }
         }
-        self.incoming_qos2 = record.incoming_qos2.into_iter().collect();
+        self.inbound.awaiting_pubrel = record.incoming_qos2.into_iter().collect();
         for pkid in record.released {
-            self.restore_released(pkid);
+            self.window.restore_released(pkid);
         }
-        self.next_pkid = record.next_pkid.max(1);
+        self.window.next_pkid = record.next_pkid.max(1);
         // Only no-local compares origins, and (instance, connection) stays unique.
         self.origin = meshgate_core::Origin {
             instance: std::sync::Arc::from(record.origin.0),

@@ -246,10 +246,11 @@ impl Session {
             return;
         }
         let config = &self.shared.config;
-        let mut messages = config.max_queued.saturating_sub(self.pending.len());
+        let mut messages = config.max_queued.saturating_sub(self.window.pending.len());
         // What waits already counts; a queued envelope not yet encoded counts its topic only.
         let waiting = self.out.len()
             + self
+                .window
                 .pending
                 .iter()
                 .map(|o| retained_cost(&o.delivery.envelope, false))

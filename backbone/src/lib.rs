@@ -2,15 +2,8 @@
 //! the implementation from `backbone.kind`.
 
 pub mod jetstream;
-mod jetstream_publish;
-mod jetstream_pull;
-mod jetstream_retained;
-mod jetstream_sessions;
 pub mod memory;
 pub mod nats;
-mod nats_client;
-mod nats_fanout;
-mod nats_wire;
 
 use std::sync::Arc;
 

@@ -1,11 +1,11 @@
-//! JetStream pull consumers on meshgate's own NATS client ([`crate::nats_client`]): the egress
+//! JetStream pull consumers on meshgate's own NATS client ([`crate::nats::client`]): the egress
 //! hot path of the `jetstream` backbone.
 //!
 //! Why not async-nats's `PullConsumer::messages` (still used to create the consumers): every
 //! delivery became a `HeaderMap` and went through async-nats's connection task and a channel
 //! of its pull stream; in a profile of the bench row MQTT → JetStream → MQTT that was about a
 //! fifth of meshgate's CPU. Here deliveries are the client's raw messages (the header block
-//! read in place by `nats_wire`), and acknowledgements go out on the same connection.
+//! read in place by `crate::nats::wire`), and acknowledgements go out on the same connection.
 //!
 //! The protocol (JetStream's consumer API): a pull request is a publish to
 //! `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with reply subject `<inbox>` and the body
@@ -51,7 +51,7 @@ use futures_util::Stream;
 use meshgate_core::BoxFuture;
 use tokio::time::{Instant, Interval};
 
-use crate::nats_client::{self, ClientError, Msg, SubStream};
+use crate::nats::client::{Client, ClientError, Msg, SubStream, not_a_subject};
 
 /// Messages asked for and not yet received, at most (less when the consumer's `max_batch` is).
 pub(crate) const BATCH: usize = 512;
@@ -159,7 +159,7 @@ pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, &str, Status)> {
     let (code, description) = rest.split_once(' ').unwrap_or((rest, ""));
     let code: u16 = code.parse().ok()?;
     let description = description.trim();
-    let pending = crate::nats_wire::RawHeaderBlock(headers)
+    let pending = crate::nats::wire::RawHeaderBlock(headers)
         .get("Nats-Pending-Messages")
         .and_then(|v| v.parse().ok());
     let status = match code {
@@ -218,7 +218,7 @@ impl Window {
 /// The deliveries of one pull consumer, as the client's raw messages (subject, `$JS.ACK` reply,
 /// header block, payload). Ends when the client is closed; unsubscribes when dropped.
 pub(crate) struct Pull {
-    client: nats_client::Client,
+    client: Client,
     messages: SubStream,
     /// This window's inbox: a new one each time the window starts over, so that messages and
     /// statuses of requests from before are not counted in it (they go to an inbox nobody
@@ -259,7 +259,7 @@ impl std::fmt::Debug for Pull {
 /// A new inbox and its subscription, with room for a whole window and its statuses (the
 /// client drops what does not fit; JetStream delivers it again after `ack_wait`).
 fn subscribe_inbox(
-    client: &nats_client::Client,
+    client: &Client,
     limits: Limits,
 ) -> Result<(String, SubStream), ClientError> {
     let inbox = format!("_INBOX.{}", meshgate_core::wrap::new_id());
@@ -271,13 +271,13 @@ impl Pull {
     /// Subscribes to a new inbox for consumer `consumer` of stream `stream`; the first request
     /// goes out on the first poll.
     pub(crate) fn start(
-        client: &nats_client::Client,
+        client: &Client,
         stream: &str,
         consumer: &str,
         limits: Limits,
     ) -> Result<Pull, ClientError> {
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
-        if nats_client::not_a_subject(&next) {
+        if not_a_subject(&next) {
             return Err(ClientError::BadSubject(next));
         }
         let (inbox, messages) = subscribe_inbox(client, limits)?;

@@ -1,4 +1,4 @@
-//! JetStream publishes on meshgate's own NATS client ([`crate::nats_client`]): the ingress hot
+//! JetStream publishes on meshgate's own NATS client ([`crate::nats::client`]): the ingress hot
 //! path of the `jetstream` backbone.
 //!
 //! A JetStream publish is a NATS request: `HPUB <subject> <reply>` and the stream answers on
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::nats_client::{self, ClientError};
+use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
 
 /// How long a publish waits for its PubAck (as async-nats's default).
 pub(crate) const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,12 +57,12 @@ type Waiters = HashMap<u64, oneshot::Sender<Result<PubAck, PublishFailure>>>;
 
 #[derive(Debug)]
 pub(crate) struct JsPublisher {
-    client: nats_client::Client,
+    client: Client,
     /// `_INBOX.<unique>.`; a request's reply subject is this and its number.
     inbox: String,
     next: AtomicU64,
     waiting: Arc<Mutex<Waiters>>,
-    _replies: nats_client::Unsubscribe,
+    _replies: Unsubscribe,
 }
 
 fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
@@ -72,7 +72,7 @@ fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
 
 impl JsPublisher {
     /// Starts on `client` (a connection of its own: its inbox subscription is made here).
-    pub(crate) fn start(client: nats_client::Client) -> Result<JsPublisher, ClientError> {
+    pub(crate) fn start(client: Client) -> Result<JsPublisher, ClientError> {
         let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
         let waiting = Arc::new(Mutex::new(Waiters::new()));
         let (w, prefix_len) = (waiting.clone(), inbox.len());
@@ -89,7 +89,7 @@ impl JsPublisher {
         })
     }
 
-    pub(crate) fn client(&self) -> &nats_client::Client {
+    pub(crate) fn client(&self) -> &Client {
         &self.client
     }
 
@@ -136,7 +136,7 @@ impl Drop for Forget<'_> {
 }
 
 /// Hands a reply to the publish waiting for it.
-fn answer(waiting: &Mutex<Waiters>, prefix_len: usize, m: nats_client::Msg) {
+fn answer(waiting: &Mutex<Waiters>, prefix_len: usize, m: Msg) {
     let Some(id) = m
         .subject
         .get(prefix_len..)

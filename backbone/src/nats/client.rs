@@ -1,14 +1,14 @@
 //! The NATS core client of the `nats` backbone: the hot path every event takes.
 //!
 //! Why not async-nats here (it stays for JetStream streams, consumers and KV; JetStream
-//! publishes and acks use this client too, see `jetstream_publish`): measured in the bench
+//! publishes and acks use this client too, see `crate::jetstream::publish`): measured in the bench
 //! program, async-nats publishing the two headers every meshgate message carries delivers
 //! 283k msg/s instead of 722k without them — each message becomes a `HeaderMap` (a `HashMap`
 //! with a `String` per name and value) on both sides, plus a command through a channel to the
 //! connection task.
 //! This client writes `HPUB` lines straight into one buffer that a writer task sends in as few
 //! writes as it can, and hands received messages over with their header block unparsed
-//! (`nats_wire` reads the few headers it needs from the bytes).
+//! (`super::wire` reads the few headers it needs from the bytes).
 //!
 //! Events can also be handed over unencoded ([`Client::publish_later`]): the writer task
 //! encodes them, in order with everything else, as it fills its next write. The publisher's
@@ -1852,7 +1852,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
-        use crate::jetstream_publish::{JsPublisher, PubAck, PublishFailure};
+        use crate::jetstream::publish::{JsPublisher, PubAck, PublishFailure};
         let (client, _serving, server) = serving(64 << 10).await;
         let publisher = JsPublisher::start(client).unwrap();
         let (mut r, mut w) = tokio::io::split(server);
@@ -1898,7 +1898,7 @@ mod tests {
     }
 
     /// Polls `pull` on a task of its own; what it yields, in order.
-    fn forward(mut pull: crate::jetstream_pull::Pull) -> mpsc::UnboundedReceiver<Msg> {
+    fn forward(mut pull: crate::jetstream::pull::Pull) -> mpsc::UnboundedReceiver<Msg> {
         use futures_util::StreamExt;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -1911,7 +1911,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
-        use crate::jetstream_pull::{BATCH, Pull};
+        use crate::jetstream::pull::{BATCH, Pull};
         let (client, _serving, server) = serving(64 << 10).await;
         let mut got = forward(Pull::start(&client, "S", "C", Default::default()).unwrap());
         let (mut r, mut w) = tokio::io::split(server);
@@ -1988,7 +1988,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
-        use crate::jetstream_pull::{BATCH, Pull, Repair};
+        use crate::jetstream::pull::{BATCH, Pull, Repair};
         let (client, _serving, server) = serving(64 << 10).await;
         let starts = Arc::new(Mutex::new(Vec::new()));
         let repair: Repair = Arc::new({

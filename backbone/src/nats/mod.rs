@@ -1,17 +1,17 @@
 //! The NATS core backbone: several gateway instances on one NATS server or cluster.
 //!
 //! Events travel on `<subject_prefix>.<topic>` (the core `Topic` mapping) in the wire format of
-//! [`crate::nats_wire`]. An event published on this instance reaches this instance's own
+//! [`crate::nats::wire`]. An event published on this instance reaches this instance's own
 //! subscribers in process (an in-memory backbone inside this one, sized by `backbone.memory`)
 //! and every other instance through NATS: the publishing connection is opened with `no_echo`,
 //! so the server never sends an instance its own events back, and each subscriber gets each
 //! event once whichever instance published it. Other instances' events come through one NATS
 //! subscription per distinct filter, shared by the subscribers with that filter
-//! ([`crate::nats_fanout`]). Queue groups (shared subscriptions) are NATS
+//! ([`crate::nats::fanout`]). Queue groups (shared subscriptions) are NATS
 //! queue groups on a second connection, with echo: the server picks one member among all
 //! instances, this one included. The origin (instance and connection) travels in a header,
 //! for MQTT no-local. Events are handed to the publishing connection unencoded: its writer
-//! task encodes them ([`nats_client::Client::publish_later`]), not the publisher's task.
+//! task encodes them ([`client::Client::publish_later`]), not the publisher's task.
 //!
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
 //! not connected, so a client is told to retry rather than acknowledged; an event handed to
@@ -27,7 +27,7 @@
 //! A connection or fan-out task that panics is logged, counted
 //! (`meshgate_errors_total{adapter="backbone",kind="task_panicked"}`) and restarted.
 //!
-//! The client ([`crate::nats_client`], not async-nats: see there why) reconnects on its own
+//! The client ([`crate::nats::client`], not async-nats: see there why) reconnects on its own
 //! (with backoff, forever) and re-subscribes.
 
 use std::str::FromStr;
@@ -45,10 +45,14 @@ use meshgate_core::{
     TopicFilter, TryPublish,
 };
 
+use self::client::ClientError;
+use self::fanout::Fanout;
+use self::wire::{HeaderSource, RawHeaderBlock, RawHeaders};
 use crate::memory::MemoryBackbone;
-use crate::nats_client::{self, ClientError};
-use crate::nats_fanout::Fanout;
-use crate::nats_wire::{self, HeaderSource, RawHeaderBlock, RawHeaders};
+
+pub(crate) mod client;
+mod fanout;
+pub(crate) mod wire;
 
 const NAME: &str = "nats";
 
@@ -59,10 +63,10 @@ pub(crate) const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct NatsBackbone {
     /// Publishes, and subscribes for plain subscriptions; `no_echo`, so this instance's own
     /// events do not come back to it (they go to `local`).
-    client: nats_client::Client,
+    client: client::Client,
     /// Queue-group subscriptions, with echo: the group may pick a member on this instance for
     /// an event published here.
-    group_client: nats_client::Client,
+    group_client: client::Client,
     /// This instance's plain subscribers, for the events published here.
     local: Arc<MemoryBackbone>,
     /// This instance's plain subscribers, for other instances' events: one NATS subscription
@@ -98,7 +102,7 @@ impl NatsBackbone {
         registry: &Registry,
     ) -> Result<Arc<NatsBackbone>, NatsStartError> {
         for url in &config.urls {
-            nats_client::parse_url(url).map_err(|reason| NatsStartError::Url {
+            client::parse_url(url).map_err(|reason| NatsStartError::Url {
                 url: url.clone(),
                 reason,
             })?;
@@ -110,7 +114,7 @@ impl NatsBackbone {
         );
         let options = |echo| client_options(config, instance, echo, registry, NAME);
         // Only the publishing connection encodes events (on its writer's task).
-        let publishing = nats_client::Options {
+        let publishing = client::Options {
             later: Some(Arc::new(CoreWire {
                 prefix: config.subject_prefix.clone(),
                 wire: config.wire_mode,
@@ -126,8 +130,8 @@ impl NatsBackbone {
             ..options(false)
         };
         let (client, group_client) = tokio::join!(
-            nats_client::Client::connect(publishing),
-            nats_client::Client::connect(options(true)),
+            client::Client::connect(publishing),
+            client::Client::connect(options(true)),
         );
         if !(client.is_connected() && group_client.is_connected()) {
             tracing::warn!(
@@ -157,7 +161,7 @@ impl NatsBackbone {
     /// NATS subscriptions for `filter` on `client`, as one stream of deliveries.
     async fn nats_subscription(
         &self,
-        client: &nats_client::Client,
+        client: &client::Client,
         filter: &TopicFilter,
         queue_group: Option<&str>,
     ) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
@@ -183,7 +187,7 @@ impl NatsBackbone {
 /// NATS subscriptions for `filter` on `client`, as one stream of deliveries (messages that
 /// are not events of `filter` skipped, those not CloudEvents counted in `malformed`).
 async fn nats_subscription(
-    client: &nats_client::Client,
+    client: &client::Client,
     prefix: String,
     malformed: Counter,
     filter: &TopicFilter,
@@ -199,11 +203,11 @@ async fn nats_subscription(
 /// NATS subscriptions for `filter` on `client`, as one stream of undecoded messages (see
 /// [`decoder`]).
 async fn raw_subscription(
-    client: &nats_client::Client,
+    client: &client::Client,
     prefix: &str,
     filter: &TopicFilter,
     queue_group: Option<&str>,
-) -> Result<futures_util::stream::BoxStream<'static, nats_client::Msg>, BackboneError> {
+) -> Result<futures_util::stream::BoxStream<'static, client::Msg>, BackboneError> {
     let queue = queue_group.map(queue_name);
     let mut subscribers = Vec::new();
     // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
@@ -228,7 +232,7 @@ fn decoder(
     prefix: String,
     malformed: Counter,
     filter: &TopicFilter,
-) -> Arc<dyn Fn(nats_client::Msg) -> Option<Delivery> + Send + Sync> {
+) -> Arc<dyn Fn(client::Msg) -> Option<Delivery> + Send + Sync> {
     let matcher = filter.clone();
     Arc::new(move |m| {
         decode_message(&prefix, m, &malformed)
@@ -238,7 +242,7 @@ fn decoder(
 }
 
 /// How the publishing connection's writer encodes this instance's events
-/// ([`nats_client::Client::publish_later`]).
+/// ([`client::Client::publish_later`]).
 #[derive(Debug)]
 struct CoreWire {
     prefix: String,
@@ -249,13 +253,13 @@ struct CoreWire {
     unrepresentable: Counter,
 }
 
-impl nats_client::EncodeLater for CoreWire {
-    fn encode(&self, envelope: &Envelope, frame: &mut nats_client::Frame) -> Result<(), String> {
+impl client::EncodeLater for CoreWire {
+    fn encode(&self, envelope: &Envelope, frame: &mut client::Frame) -> Result<(), String> {
         envelope
             .topic
             .push_nats_subject(&self.prefix, &mut frame.subject);
         let mut headers = RawHeaders::reuse(std::mem::take(&mut frame.headers));
-        nats_wire::encode_headers(
+        wire::encode_headers(
             envelope,
             self.wire,
             (&self.instance.0, &self.instance.1),
@@ -270,12 +274,12 @@ impl nats_client::EncodeLater for CoreWire {
                 return Err(reason);
             }
         };
-        nats_wire::write_payload(envelope, self.wire, &mut frame.payload);
+        wire::write_payload(envelope, self.wire, &mut frame.payload);
         Ok(())
     }
 
     fn size_bound(&self, envelope: &Envelope) -> usize {
-        nats_wire::size_bound(envelope, self.wire)
+        wire::size_bound(envelope, self.wire)
     }
 
     fn subject_bound(&self, envelope: &Envelope) -> usize {
@@ -299,7 +303,7 @@ pub(crate) fn task_panicked(registry: &Registry) -> Counter {
 /// task, an MQTT session, an AMQP sink). The decoder only reads `m`: nothing is left half-done.
 pub(crate) fn decode_message(
     prefix: &str,
-    m: nats_client::Msg,
+    m: client::Msg,
     malformed: &Counter,
 ) -> Option<Envelope> {
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -308,7 +312,7 @@ pub(crate) fn decode_message(
     decoded.unwrap_or_else(|panic| {
         malformed.inc();
         tracing::error!(
-            panic = nats_client::panic_message(&*panic),
+            panic = client::panic_message(&*panic),
             "nats: decoding a received message panicked; the message was skipped (counted as malformed)"
         );
         None
@@ -317,7 +321,7 @@ pub(crate) fn decode_message(
 
 fn decode_message_unguarded(
     prefix: &str,
-    m: nats_client::Msg,
+    m: client::Msg,
     malformed: &Counter,
 ) -> Option<Envelope> {
     let Ok(subject) = std::str::from_utf8(&m.subject) else {
@@ -325,7 +329,7 @@ fn decode_message_unguarded(
         return None;
     };
     let block = m.headers.as_deref().map(RawHeaderBlock);
-    nats_wire::decode_or_count(
+    wire::decode_or_count(
         prefix,
         subject,
         block.as_ref().map(|b| b as &dyn HeaderSource),
@@ -342,14 +346,14 @@ pub(crate) fn client_options(
     echo: bool,
     registry: &Registry,
     backbone: &'static str,
-) -> nats_client::Options {
+) -> client::Options {
     let dropped = |reason| {
         registry.counter(
             metrics::BACKBONE_DROPPED,
             &[("backbone", backbone), ("reason", reason)],
         )
     };
-    nats_client::Options {
+    client::Options {
         urls: config.urls.clone(),
         name: format!("meshgate {instance}"),
         echo,

@@ -10,7 +10,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
-use crate::jetstream_retained::{B64, BucketLimits, key_fits, open_bucket};
+use super::retained::{B64, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
     kv: kv::Store,

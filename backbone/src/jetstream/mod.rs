@@ -1,7 +1,7 @@
 //! The JetStream backbone: at least once, end to end, across gateway instances and restarts.
 //!
 //! One stream (`backbone.jetstream.stream`, subjects `<subject_prefix>.>`) keeps every event,
-//! in the wire format of [`crate::nats_wire`]. `publish` resolves only after the stream's
+//! in the wire format of [`crate::nats::wire`]. `publish` resolves only after the stream's
 //! PubAck, so the client's acknowledgement (HTTP 202, MQTT PUBACK/PUBREC) means "stored".
 //! Each event carries a `Nats-Msg-Id` made from its `source` and `id` ([`dedup_id`]), so the
 //! same CloudEvent published twice within `duplicate_window` is stored once. Publishes go out on
@@ -34,11 +34,16 @@ use meshgate_core::{
     TopicFilter,
 };
 
-use crate::jetstream_publish::{JsPublisher, PublishFailure};
-use crate::jetstream_pull::{Limits, Pull};
+use self::publish::{JsPublisher, PublishFailure};
+use self::pull::{Limits, Pull};
 use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
-use crate::nats_client;
-use crate::nats_wire::{self, HeaderSink, RawHeaders};
+use crate::nats::client::Client;
+use crate::nats::wire::{self, HeaderSink, RawHeaders};
+
+pub(crate) mod publish;
+pub(crate) mod pull;
+mod retained;
+mod sessions;
 
 const NAME: &str = "jetstream";
 
@@ -55,9 +60,9 @@ pub struct JetStreamBackbone {
     /// Pull requests, deliveries and their acknowledgements, on a second connection of the own
     /// client: nats-server reads each connection on one goroutine, and with publishes and acks
     /// on one connection that goroutine was the serial stage of MQTT → JetStream → MQTT.
-    consumer: nats_client::Client,
-    retained: crate::jetstream_retained::KvRetained,
-    sessions: crate::jetstream_sessions::KvSessions,
+    consumer: Client,
+    retained: retained::KvRetained,
+    sessions: sessions::KvSessions,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -151,14 +156,14 @@ impl JetStreamBackbone {
                 ))
             })?;
         let retained =
-            crate::jetstream_retained::KvRetained::open(&js, config, nats.max_control_line)
+            retained::KvRetained::open(&js, config, nats.max_control_line)
                 .await
                 .map_err(|e| {
                     NatsStartError::Client(format!(
                         "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
                     ))
                 })?;
-        let sessions = crate::jetstream_sessions::KvSessions::open(
+        let sessions = sessions::KvSessions::open(
             &client,
             &js,
             config,
@@ -179,7 +184,7 @@ impl JetStreamBackbone {
         // (Connected at once, not one after another: with NATS down each waits connect_timeout.)
         let clients = futures_util::future::join_all(
             (0..config.publish_connections.max(1))
-                .map(|_| nats_client::Client::connect(options.clone())),
+                .map(|_| Client::connect(options.clone())),
         )
         .await;
         let publishers = clients
@@ -188,7 +193,7 @@ impl JetStreamBackbone {
                 JsPublisher::start(client).map_err(|e| NatsStartError::Client(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let consumer = nats_client::Client::connect(options).await;
+        let consumer = Client::connect(options).await;
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
@@ -250,7 +255,7 @@ impl JetStreamBackbone {
 /// meshgate's own client rather than sent as a command through async-nats's connection task.
 struct JsAck {
     reply: String,
-    client: nats_client::Client,
+    client: Client,
 }
 
 impl std::fmt::Debug for JsAck {
@@ -340,7 +345,7 @@ pub fn dedup_id(source: &str, id: &str) -> String {
         .chain_update(b" ")
         .chain_update(id.as_bytes())
         .finalize();
-    crate::jetstream_retained::B64.encode(&digest[..16])
+    retained::B64.encode(&digest[..16])
 }
 
 /// The consumer of durable subscription `name` for one subject: the same on every instance,
@@ -379,7 +384,7 @@ async fn resume_durable(
     stream.create_consumer(config).await.map_err(unavailable)
 }
 
-/// How a pull repairs its consumer when the server says it is gone (see `jetstream_pull`):
+/// How a pull repairs its consumer when the server says it is gone (see `pull`):
 /// nothing if it is there after all (JetStream was only not up yet), otherwise created again
 /// with `config`, from the stream sequence the pull gives when it has one. Another instance
 /// (a queue group's member) may create it first: then it is there, which is as good.
@@ -387,7 +392,7 @@ fn repair_consumer(
     stream: stream::Stream,
     name: String,
     config: consumer::pull::Config,
-) -> crate::jetstream_pull::Repair {
+) -> pull::Repair {
     Arc::new(move |start| {
         let (stream, name, mut config) = (stream.clone(), name.clone(), config.clone());
         Box::pin(async move {
@@ -452,7 +457,7 @@ impl Backbone for JetStreamBackbone {
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
             let mut headers = RawHeaders::new();
-            let payload = nats_wire::encode(
+            let payload = wire::encode(
                 &envelope,
                 self.wire,
                 (&self.instance.0, &self.instance.1),
@@ -655,7 +660,7 @@ async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, 
             Err(panic) => {
                 panicked.inc();
                 tracing::error!(
-                    panic = crate::nats_client::panic_message(&*panic),
+                    panic = crate::nats::client::panic_message(&*panic),
                     "jetstream: the max-deliveries advisory task panicked; watching again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
                 );
             }

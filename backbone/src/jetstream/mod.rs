@@ -36,9 +36,9 @@ use meshgate_core::{
 
 use self::publish::{JsPublisher, PublishFailure};
 use self::pull::{Limits, Pull};
-use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
 use crate::nats::client::Client;
 use crate::nats::wire::{self, HeaderSink, RawHeaders};
+use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
 
 pub(crate) mod publish;
 pub(crate) mod pull;
@@ -155,14 +155,13 @@ impl JetStreamBackbone {
                     config.stream
                 ))
             })?;
-        let retained =
-            retained::KvRetained::open(&js, config, nats.max_control_line)
-                .await
-                .map_err(|e| {
-                    NatsStartError::Client(format!(
-                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-                    ))
-                })?;
+        let retained = retained::KvRetained::open(&js, config, nats.max_control_line)
+            .await
+            .map_err(|e| {
+                NatsStartError::Client(format!(
+                    "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
+                ))
+            })?;
         let sessions = sessions::KvSessions::open(
             &client,
             &js,
@@ -183,8 +182,7 @@ impl JetStreamBackbone {
         // several cores (see `publish`).
         // (Connected at once, not one after another: with NATS down each waits connect_timeout.)
         let clients = futures_util::future::join_all(
-            (0..config.publish_connections.max(1))
-                .map(|_| Client::connect(options.clone())),
+            (0..config.publish_connections.max(1)).map(|_| Client::connect(options.clone())),
         )
         .await;
         let publishers = clients
@@ -660,7 +658,7 @@ async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, 
             Err(panic) => {
                 panicked.inc();
                 tracing::error!(
-                    panic = crate::nats::client::panic_message(&*panic),
+                    panic = crate::nats::connector::panic_message(&*panic),
                     "jetstream: the max-deliveries advisory task panicked; watching again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
                 );
             }

@@ -198,7 +198,11 @@ fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Result<PubAck, Publish
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use crate::nats::testing::{line_of, serving};
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn pubacks_errors_and_no_responders_are_told_apart() {
@@ -232,5 +236,52 @@ mod tests {
             parse_reply(None, b"{}"),
             Err(PublishFailure::BadReply(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
+        use crate::jetstream::publish::{JsPublisher, PubAck, PublishFailure};
+        let (client, _serving, server) = serving(64 << 10).await;
+        let publisher = JsPublisher::start(client).unwrap();
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(
+            sub.starts_with("SUB _INBOX.") && sub.ends_with(".* 1"),
+            "{sub}"
+        );
+
+        let first = tokio::spawn(async move {
+            let a = publisher
+                .publish("p.a", b"NATS/1.0\r\nX: y\r\n\r\n", b"hi")
+                .await;
+            let b = publisher.publish("p.b", b"", b"yo").await;
+            (a, b)
+        });
+        // HPUB <subject> <reply> <header size> <total size>, then the reply to it.
+        let hpub = line_of(&mut r, &mut seen, "HPUB ").await;
+        let parts: Vec<&str> = hpub.split(' ').collect();
+        assert_eq!(
+            (parts[1], parts[3], parts[4]),
+            ("p.a", "18", "20"),
+            "{hpub}"
+        );
+        let ack = r#"{"stream":"S","seq":1,"duplicate":true}"#;
+        let reply = format!("MSG {} 1 {}\r\n{ack}\r\n", parts[2], ack.len());
+        w.write_all(reply.as_bytes()).await.unwrap();
+        // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503).
+        let publ = line_of(&mut r, &mut seen, "PUB p.b").await;
+        let inbox = publ.split(' ').nth(2).unwrap().to_owned();
+        let status = "NATS/1.0 503\r\n\r\n";
+        let reply = format!(
+            "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+            status.len(),
+            status.len()
+        );
+        w.write_all(reply.as_bytes()).await.unwrap();
+
+        let (a, b) = first.await.unwrap();
+        assert_eq!(a, Ok(PubAck { duplicate: true }));
+        assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
     }
 }

@@ -51,7 +51,8 @@ use futures_util::Stream;
 use meshgate_core::BoxFuture;
 use tokio::time::{Instant, Interval};
 
-use crate::nats::client::{Client, ClientError, Msg, SubStream, not_a_subject};
+use crate::nats::client::{Client, ClientError, Msg, SubStream};
+use crate::nats::proto::not_a_subject;
 
 /// Messages asked for and not yet received, at most (less when the consumer's `max_batch` is).
 pub(crate) const BATCH: usize = 512;
@@ -258,10 +259,7 @@ impl std::fmt::Debug for Pull {
 
 /// A new inbox and its subscription, with room for a whole window and its statuses (the
 /// client drops what does not fit; JetStream delivers it again after `ack_wait`).
-fn subscribe_inbox(
-    client: &Client,
-    limits: Limits,
-) -> Result<(String, SubStream), ClientError> {
+fn subscribe_inbox(client: &Client, limits: Limits) -> Result<(String, SubStream), ClientError> {
     let inbox = format!("_INBOX.{}", meshgate_core::wrap::new_id());
     let messages = client.subscribe_bounded(&inbox, None, limits.batch + 64)?;
     Ok((inbox, messages))
@@ -485,7 +483,14 @@ impl Stream for Pull {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use crate::nats::testing::{line_of, serving};
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::mpsc;
 
     #[test]
     fn statuses_are_told_apart() {
@@ -654,5 +659,146 @@ mod tests {
                 Ok(())
             },
         );
+    }
+
+    /// Polls `pull` on a task of its own; what it yields, in order.
+    fn forward(mut pull: crate::jetstream::pull::Pull) -> mpsc::UnboundedReceiver<Msg> {
+        use futures_util::StreamExt;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = pull.next().await {
+                let _ = tx.send(m);
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
+        use crate::jetstream::pull::{BATCH, Pull};
+        let (client, _serving, server) = serving(64 << 10).await;
+        let mut got = forward(Pull::start(&client, "S", "C", Default::default()).unwrap());
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = sub.split(' ').nth(1).unwrap().to_owned();
+        // PUB $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer> <inbox> <size>, then the request.
+        let mut request = async |seen: &mut Vec<u8>| {
+            let publ = line_of(&mut r, seen, "PUB ").await;
+            let parts: Vec<&str> = publ.split(' ').collect();
+            assert_eq!(
+                (parts[1], parts[2]),
+                ("$JS.API.CONSUMER.MSG.NEXT.S.C", inbox.as_str())
+            );
+            let body: serde_json::Value =
+                serde_json::from_str(&line_of(&mut r, seen, "{").await).unwrap();
+            assert!(
+                body["expires"].as_u64().unwrap() > body["idle_heartbeat"].as_u64().unwrap() * 2
+            );
+            body["batch"].as_u64().unwrap() as usize
+        };
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH,
+            "the first request fills the window"
+        );
+
+        let mut send = String::new();
+        for n in 1..=BATCH / 2 {
+            send.push_str(&format!("MSG p.x 1 $JS.ACK.S.C.1.{n}.{n}.0.0 2\r\nhi\r\n"));
+        }
+        w.write_all(send.as_bytes()).await.unwrap();
+        for n in 1..=BATCH / 2 {
+            let m = got.recv().await.unwrap();
+            assert_eq!(&m.subject[..], b"p.x");
+            let ack = format!("$JS.ACK.S.C.1.{n}.{n}.0.0");
+            assert_eq!(m.reply.as_deref(), Some(ack.as_bytes()));
+        }
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH / 2,
+            "half came: that half again"
+        );
+
+        // Statuses are not deliveries. The first request expired with the other half unsent:
+        // that half is asked for again.
+        let status =
+            |text: &str| format!("HMSG {inbox} 1 {} {}\r\n{text}\r\n", text.len(), text.len());
+        let heartbeat = status("NATS/1.0 100 Idle Heartbeat\r\n\r\n");
+        let expired = status(
+            "NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 256\r\nNats-Pending-Bytes: 0\r\n\r\n",
+        );
+        w.write_all(format!("{heartbeat}{expired}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH / 2);
+        // Deleted: everything asked for again, after a pause.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Consumer Deleted\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        // That request refused as it came (too many waiting): asked again after a pause, not
+        // in a tight loop.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(got.try_recv().is_err(), "no status was delivered");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
+        use crate::jetstream::pull::{BATCH, Pull, Repair};
+        let (client, _serving, server) = serving(64 << 10).await;
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let repair: Repair = Arc::new({
+            let starts = starts.clone();
+            move |start| {
+                starts.lock().unwrap().push(start);
+                Box::pin(async { Ok(true) })
+            }
+        });
+        let pull = Pull::start(&client, "S", "C", Default::default())
+            .unwrap()
+            .with_repair(repair, 7);
+        let mut got = forward(pull);
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let first = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = first.split(' ').nth(1).unwrap().to_owned();
+        line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        // Two deliveries (the second with a domain and account hash in its reply subject),
+        // then the server says nobody serves the consumer's subject.
+        let gone = "NATS/1.0 503\r\n\r\n";
+        // (And a redelivery of an older one, which does not move the start back.)
+        let send = format!(
+            "MSG p.x 1 $JS.ACK.S.C.1.41.1.0.0 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.dom.hash.S.C.1.42.2.0.0.tok 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.S.C.2.10.3.0.0 2\r\nhi\r\n\
+             HMSG {inbox} 1 {} {}\r\n{gone}\r\n",
+            gone.len(),
+            gone.len()
+        );
+        let started = std::time::Instant::now();
+        w.write_all(send.as_bytes()).await.unwrap();
+        for _ in 0..3 {
+            got.recv().await.unwrap();
+        }
+        // After a pause: repaired from sequence 43, and pulled again on a new inbox.
+        let second = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert_eq!(*starts.lock().unwrap(), vec![Some(43)]);
+        let inbox2 = second.split(' ').nth(1).unwrap().to_owned();
+        assert_ne!(inbox2, inbox);
+        let publ = line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        assert_eq!(publ.split(' ').nth(2), Some(inbox2.as_str()));
+        let body: serde_json::Value =
+            serde_json::from_str(&line_of(&mut r, &mut seen, "{").await).unwrap();
+        assert_eq!(body["batch"].as_u64(), Some(BATCH as u64));
+        assert!(got.try_recv().is_err(), "no status was delivered");
     }
 }

@@ -196,7 +196,7 @@ async fn forward<M, E: std::fmt::Display>(
         panicked.inc();
         tracing::error!(
             filter = %filter,
-            panic = crate::nats::client::panic_message(&*panic),
+            panic = crate::nats::connector::panic_message(&*panic),
             "nats: a fan-out task panicked; subscribing again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
         );
         // The stream may be left half-way through a message: a new one. Events published

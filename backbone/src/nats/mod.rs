@@ -51,13 +51,15 @@ use self::wire::{HeaderSource, RawHeaderBlock, RawHeaders};
 use crate::memory::MemoryBackbone;
 
 pub(crate) mod client;
+mod connection;
+pub(crate) mod connector;
 mod fanout;
+pub(crate) mod proto;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod wire;
 
 const NAME: &str = "nats";
-
-/// At most one slow-consumer warning per this interval (every drop is counted).
-pub(crate) const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct NatsBackbone {
@@ -102,7 +104,7 @@ impl NatsBackbone {
         registry: &Registry,
     ) -> Result<Arc<NatsBackbone>, NatsStartError> {
         for url in &config.urls {
-            client::parse_url(url).map_err(|reason| NatsStartError::Url {
+            connector::parse_url(url).map_err(|reason| NatsStartError::Url {
                 url: url.clone(),
                 reason,
             })?;
@@ -312,18 +314,14 @@ pub(crate) fn decode_message(
     decoded.unwrap_or_else(|panic| {
         malformed.inc();
         tracing::error!(
-            panic = client::panic_message(&*panic),
+            panic = connector::panic_message(&*panic),
             "nats: decoding a received message panicked; the message was skipped (counted as malformed)"
         );
         None
     })
 }
 
-fn decode_message_unguarded(
-    prefix: &str,
-    m: client::Msg,
-    malformed: &Counter,
-) -> Option<Envelope> {
+fn decode_message_unguarded(prefix: &str, m: client::Msg, malformed: &Counter) -> Option<Envelope> {
     let Ok(subject) = std::str::from_utf8(&m.subject) else {
         malformed.inc();
         return None;
@@ -410,7 +408,7 @@ pub(crate) async fn connect_client(
     );
     // The client reports every dropped message; log at most one line per interval.
     let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
-        SLOW_CONSUMER_LOG_INTERVAL,
+        client::SLOW_CONSUMER_LOG_INTERVAL,
     ));
     let mut options = ConnectOptions::new()
         .name(format!("meshgate {instance}"))

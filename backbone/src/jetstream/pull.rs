@@ -51,6 +51,7 @@ use futures_util::Stream;
 use meshgate_core::BoxFuture;
 use tokio::time::{Instant, Interval};
 
+use super::consumer::{ConsumerError, Repair};
 use crate::nats::client::{Client, ClientError, Msg, SubStream};
 use crate::nats::proto::not_a_subject;
 
@@ -101,12 +102,6 @@ impl Default for Limits {
         Limits::of(0, Duration::ZERO)
     }
 }
-
-/// Looks up the pull's consumer and creates it again if it is gone, starting at the given
-/// stream sequence (`None`: as it was first created). `Ok(true)`: created again; `Ok(false)`:
-/// it was there.
-pub(crate) type Repair =
-    std::sync::Arc<dyn Fn(Option<u64>) -> BoxFuture<'static, Result<bool, String>> + Send + Sync>;
 
 /// The stream sequence of a delivery, from its `$JS.ACK` reply subject:
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ms>.<pending>`, or,
@@ -242,7 +237,7 @@ pub(crate) struct Pull {
     repair: Option<Repair>,
     /// The consumer is gone: repair it before asking again.
     gone: bool,
-    repairing: Option<BoxFuture<'static, Result<bool, String>>>,
+    repairing: Option<BoxFuture<'static, Result<bool, ConsumerError>>>,
     /// The stream sequence of the last message received (where a repaired consumer goes on).
     last_sequence: Option<u64>,
     /// Repairs that failed in a row (the next waits longer).
@@ -752,7 +747,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
-        use crate::jetstream::pull::{BATCH, Pull, Repair};
+        use crate::jetstream::pull::{BATCH, Pull};
         let (client, _serving, server) = serving(64 << 10).await;
         let starts = Arc::new(Mutex::new(Vec::new()));
         let repair: Repair = Arc::new({

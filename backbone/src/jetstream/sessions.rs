@@ -10,6 +10,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
+use super::consumer::durable_consumer;
 use super::retained::{B64, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
@@ -153,7 +154,7 @@ impl SessionStore for KvSessions {
         Box::pin(async move {
             let stream = self.js.get_stream(&self.stream).await.map_err(failed)?;
             for subject in filter.to_nats_subjects(&self.prefix) {
-                let consumer = crate::jetstream::durable_consumer(name, &subject);
+                let consumer = durable_consumer(name, &subject);
                 // Not found: the server removed it already (inactive past its ttl).
                 let _ = stream.delete_consumer(&consumer).await;
             }

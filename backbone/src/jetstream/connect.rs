@@ -26,9 +26,9 @@ pub(super) async fn connect_client(
         .urls
         .iter()
         .map(|u| {
-            ServerAddr::from_str(u).map_err(|e| NatsStartError::Url {
+            ServerAddr::from_str(u).map_err(|source| NatsStartError::ServerAddr {
                 url: u.clone(),
-                reason: e.to_string(),
+                source,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -81,7 +81,7 @@ pub(super) async fn connect_client(
     let client = options
         .connect(addrs)
         .await
-        .map_err(|e| NatsStartError::Client(e.to_string()))?;
+        .map_err(NatsStartError::Connect)?;
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     while client.connection_state() != State::Connected {
         if tokio::time::Instant::now() >= deadline {

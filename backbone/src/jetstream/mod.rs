@@ -134,10 +134,9 @@ impl JetStreamBackbone {
     ) -> Result<Arc<JetStreamBackbone>, NatsStartError> {
         let client = connect_client(nats, instance, registry, NAME).await?;
         if client.connection_state() != State::Connected {
-            return Err(NatsStartError::Client(format!(
-                "NATS at {:?} is not reachable; the JetStream backbone sets up its stream at start",
-                nats.urls
-            )));
+            return Err(NatsStartError::NotReachable {
+                urls: nats.urls.clone(),
+            });
         }
         let js = jetstream::new(client.clone());
         let all = if nats.subject_prefix.is_empty() {
@@ -158,19 +157,13 @@ impl JetStreamBackbone {
         };
         js.create_or_update_stream(stream_config)
             .await
-            .map_err(|e| {
-                NatsStartError::Client(format!(
-                    "backbone.jetstream.stream: cannot create or update stream `{}`: {e}",
-                    config.stream
-                ))
+            .map_err(|source| NatsStartError::Stream {
+                stream: config.stream.clone(),
+                source,
             })?;
         let retained = retained::KvRetained::open(&js, config, nats.max_control_line)
             .await
-            .map_err(|e| {
-                NatsStartError::Client(format!(
-                    "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-                ))
-            })?;
+            .map_err(|e| NatsStartError::RetainedBucket(Box::new(e)))?;
         let sessions = sessions::KvSessions::open(
             &client,
             &js,
@@ -180,11 +173,7 @@ impl JetStreamBackbone {
             nats.max_control_line,
         )
         .await
-        .map_err(|e| {
-            NatsStartError::Client(format!(
-                "backbone.jetstream.stream: cannot set up the MQTT session bucket: {e}"
-            ))
-        })?;
+        .map_err(|e| NatsStartError::SessionBucket(Box::new(e)))?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let options = crate::nats::client_options(nats, instance, true, registry, NAME);
         // nats-server reads each connection on one goroutine: several let it store from
@@ -197,7 +186,7 @@ impl JetStreamBackbone {
         let publishers = clients
             .into_iter()
             .map(|client| {
-                JsPublisher::start(client).map_err(|e| NatsStartError::Client(e.to_string()))
+                JsPublisher::start(client).map_err(|e| NatsStartError::Publisher(Box::new(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let consumer = Client::connect(options).await;

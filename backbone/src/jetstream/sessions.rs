@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
 use super::consumer::durable_consumer;
-use super::retained::{B64, BucketLimits, key_fits, open_bucket};
+use super::retained::{B64, BucketError, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
     kv: kv::Store,
@@ -42,7 +42,7 @@ impl KvSessions {
         prefix: &str,
         instance: &str,
         max_control_line: usize,
-    ) -> Result<KvSessions, String> {
+    ) -> Result<KvSessions, BucketError> {
         let stream = &config.stream;
         let bucket = format!("{stream}_SESSIONS");
         // Bounded by `backbone.jetstream.sessions_max_bytes` and `kv_max_value_size`.

@@ -53,6 +53,7 @@ pub(crate) use super::proto::Msg;
 use super::proto::{
     PUB_LINE_OVERHEAD, not_a_subject, pub_line_len, write_pub, write_sub, write_unsub,
 };
+use super::wire::HeaderError;
 
 /// At most one slow-consumer warning per this interval (every drop is counted).
 pub(crate) const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -96,7 +97,7 @@ pub(crate) trait EncodeLater: Send + Sync + std::fmt::Debug {
     /// Fills `frame` (cleared before) with the message's subject, header block (empty for
     /// none) and payload; `Err` (why) when the event cannot be represented as a NATS message:
     /// nothing of it is written (the encoder counts it).
-    fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String>;
+    fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), HeaderError>;
     /// At least the header block's and payload's length together: checked against the
     /// server's `max_payload` when queued (only a bound over it costs an encoding then) and,
     /// with [`EncodeLater::subject_bound`], counted against the write buffer's limit.
@@ -143,7 +144,7 @@ pub(crate) enum ClientError {
     Full,
     /// The event cannot be written as a NATS message (a header that would break the block).
     #[error("the event cannot be sent over NATS: {0}")]
-    Unrepresentable(String),
+    Unrepresentable(#[source] HeaderError),
 }
 
 #[derive(Debug)]
@@ -688,6 +689,7 @@ mod tests {
 
     use super::*;
     use crate::nats::testing::{IdOnly, event, unconnected, unconnected_with};
+    use crate::nats::wire::HeaderError;
 
     #[test]
     fn publishers_wait_once_the_write_buffer_is_full() {
@@ -751,7 +753,7 @@ mod tests {
     struct ByTopic;
 
     impl EncodeLater for ByTopic {
-        fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String> {
+        fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), HeaderError> {
             envelope.topic.push_nats_subject("ev", &mut frame.subject);
             frame.payload.push(b'x');
             Ok(())

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::client::{Deliver, Frame, MAX_PENDING, Shared};
-use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, next_op, write_pub, write_sub};
+use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
 
 /// Keep-alive `PING` interval (as async-nats and the Go client).
 pub(super) const PING_INTERVAL: Duration = Duration::from_secs(60);
@@ -34,8 +34,27 @@ const INBOUND_SLACK: usize = 64 << 10;
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// Why an established connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Disconnect {
+    /// The client was drained (closed on purpose).
+    #[error("closed")]
+    Closed,
+    #[error("connection closed by the server")]
+    ServerClosed,
+    #[error("read: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("write: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[source] ProtocolError),
+    /// [`MAX_PINGS_OUTSTANDING`] keep-alive `PING`s went unanswered.
+    #[error("the server stopped answering PINGs")]
+    Unresponsive,
+}
+
 /// Runs a connection until it fails: re-subscribes, then reads and writes. Returns why it ended.
-pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> String {
+pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> Disconnect {
     // (A write cancelled by the last connection's end left it set.)
     shared.writing.store(false, Ordering::Release);
     {
@@ -57,7 +76,7 @@ pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut)
         r = read_loop(shared, reader, rest) => r,
         r = write_loop(shared, writer) => r,
         r = keep_alive(shared) => r,
-        _ = closed => "closed".into(),
+        _ = closed => Disconnect::Closed,
     }
 }
 
@@ -65,7 +84,7 @@ pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut)
 /// [`MAX_PINGS_OUTSTANDING`] of them unanswered. Skipped while a write is in progress: a PING
 /// queued behind megabytes the server is slowly reading would look unanswered (a connection
 /// that dies mid-write is left to TCP's retransmission timeout).
-async fn keep_alive(shared: &Shared) -> String {
+async fn keep_alive(shared: &Shared) -> Disconnect {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     // After a stall, one tick, not a burst that would find its own PINGs unanswered.
@@ -78,7 +97,7 @@ async fn keep_alive(shared: &Shared) -> String {
         {
             let mut out = shared.out();
             if out.pongs.iter().filter(|p| p.is_none()).count() >= MAX_PINGS_OUTSTANDING {
-                return "the server stopped answering PINGs".into();
+                return Disconnect::Unresponsive;
             }
             out.buf.extend_from_slice(b"PING\r\n");
             out.pongs.push_back(None);
@@ -87,7 +106,7 @@ async fn keep_alive(shared: &Shared) -> String {
     }
 }
 
-async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -> String {
+async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -> Disconnect {
     let mut spare = Vec::with_capacity(64 << 10);
     let mut later = Vec::new();
     // Where the bytes and the events encoded here are put together, and one event's encoding.
@@ -123,7 +142,7 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
         .await;
         shared.writing.store(false, Ordering::Release);
         if let Err(e) = written {
-            return format!("write: {e}");
+            return Disconnect::Write(e);
         }
         for buf in [&mut spare, &mut joined] {
             buf.clear();
@@ -171,7 +190,7 @@ async fn read_loop(
     shared: &Shared,
     mut r: tokio::io::ReadHalf<Box<dyn Io>>,
     mut buf: BytesMut,
-) -> String {
+) -> Disconnect {
     // Bytes of a too-large message still to be skipped.
     let mut skip = 0usize;
     loop {
@@ -187,16 +206,16 @@ async fn read_loop(
                 }
                 Ok(Some(op)) => handle(shared, op),
                 Ok(None) => break,
-                Err(e) => return format!("protocol error: {e}"),
+                Err(e) => return Disconnect::Protocol(e),
             }
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_CHUNK);
         }
         match r.read_buf(&mut buf).await {
-            Ok(0) => return "connection closed by the server".into(),
+            Ok(0) => return Disconnect::ServerClosed,
             Ok(_) => {}
-            Err(e) => return format!("read: {e}"),
+            Err(e) => return Disconnect::Read(e),
         }
     }
 }
@@ -378,7 +397,7 @@ mod tests {
             .await
             .expect("the connection ends")
             .unwrap();
-        assert_eq!(reason, "the server stopped answering PINGs");
+        assert!(matches!(reason, Disconnect::Unresponsive), "{reason}");
         let after = start.elapsed();
         assert!(
             after >= 2 * PING_INTERVAL && after <= 3 * PING_INTERVAL + Duration::from_secs(1),

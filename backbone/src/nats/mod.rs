@@ -43,7 +43,7 @@ use meshgate_core::{
 
 use self::client::ClientError;
 use self::fanout::Fanout;
-use self::wire::{HeaderSource, RawHeaderBlock, RawHeaders};
+use self::wire::{HeaderError, HeaderSource, RawHeaderBlock, RawHeaders};
 use crate::memory::MemoryBackbone;
 
 pub(crate) mod client;
@@ -80,13 +80,58 @@ pub struct NatsBackbone {
     subscriptions: Gauge,
 }
 
+/// The cause of a [`NatsStartError`] that is one of this crate's own errors (boxed: those
+/// types are not part of the crate's API).
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why the NATS backbone could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsStartError {
-    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {reason}")]
-    Url { url: String, reason: String },
+    /// A URL meshgate's own client cannot connect to.
+    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: Cause,
+    },
+    /// A URL async-nats (the `jetstream` backbone's management client) cannot parse.
+    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {source}")]
+    ServerAddr {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// async-nats refused to start its client.
     #[error("cannot start the NATS client: {0}")]
-    Client(String),
+    Connect(#[source] async_nats::ConnectError),
+    /// The `jetstream` backbone sets up its stream at start, so it needs NATS then.
+    #[error(
+        "cannot start the NATS client: NATS at {urls:?} is not reachable; the JetStream \
+         backbone sets up its stream at start"
+    )]
+    NotReachable { urls: Vec<String> },
+    #[error(
+        "cannot start the NATS client: backbone.jetstream.stream: cannot create or update \
+         stream `{stream}`: {source}"
+    )]
+    Stream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    #[error(
+        "cannot start the NATS client: backbone.jetstream.stream: cannot set up the \
+         retained-message bucket: {0}"
+    )]
+    RetainedBucket(#[source] Cause),
+    #[error(
+        "cannot start the NATS client: backbone.jetstream.stream: cannot set up the MQTT \
+         session bucket: {0}"
+    )]
+    SessionBucket(#[source] Cause),
+    /// A JetStream publisher could not subscribe to its reply inbox.
+    #[error("cannot start the NATS client: {0}")]
+    Publisher(#[source] Cause),
 }
 
 impl NatsBackbone {
@@ -100,9 +145,9 @@ impl NatsBackbone {
         registry: &Registry,
     ) -> Result<Arc<NatsBackbone>, NatsStartError> {
         for url in &config.urls {
-            connector::parse_url(url).map_err(|reason| NatsStartError::Url {
+            connector::parse_url(url).map_err(|e| NatsStartError::Url {
                 url: url.clone(),
-                reason,
+                source: Box::new(e),
             })?;
         }
         // One counter for both connections and the fan-out queues.
@@ -252,7 +297,7 @@ struct CoreWire {
 }
 
 impl client::EncodeLater for CoreWire {
-    fn encode(&self, envelope: &Envelope, frame: &mut client::Frame) -> Result<(), String> {
+    fn encode(&self, envelope: &Envelope, frame: &mut client::Frame) -> Result<(), HeaderError> {
         envelope
             .topic
             .push_nats_subject(&self.prefix, &mut frame.subject);
@@ -267,7 +312,7 @@ impl client::EncodeLater for CoreWire {
             Ok(block) => block,
             Err(reason) => {
                 self.unrepresentable.inc();
-                tracing::warn!(topic = %envelope.topic, reason, "nats: an event that cannot be sent as a NATS message was skipped (counted in meshgate_backbone_dropped_total{{reason=\"unrepresentable\"}})");
+                tracing::warn!(topic = %envelope.topic, reason = %reason, "nats: an event that cannot be sent as a NATS message was skipped (counted in meshgate_backbone_dropped_total{{reason=\"unrepresentable\"}})");
                 frame.clear();
                 return Err(reason);
             }

@@ -21,6 +21,29 @@ pub(crate) struct Msg {
     pub payload: Bytes,
 }
 
+/// What the server sent that is not the NATS protocol: the connection is out of step and is
+/// dropped. The line is the offending control line (lossy UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ProtocolError {
+    #[error("control line too long")]
+    LineTooLong,
+    #[error("bad number in `{line}`")]
+    BadNumber { line: String },
+    #[error("bad `{line}`")]
+    BadMessageLine { line: String },
+    #[error("no CRLF after the {size} bytes of `{line}`")]
+    NoCrlfAfterBody { size: usize, line: String },
+    #[error("unknown operation `{line}`")]
+    UnknownOperation { line: String },
+    /// The handshake: the server's first line is not a valid `INFO` (at most 80 characters
+    /// of it kept).
+    #[error("the server did not start with INFO: {line}")]
+    NoInfo { line: String },
+    /// The handshake: a line the server may not send before its `PONG`.
+    #[error("unexpected `{line}` before the server's PONG")]
+    Unexpected { line: String },
+}
+
 /// At least what an `HPUB` line holds besides its subject: verb, spaces, two sizes, CRLF.
 pub(super) const PUB_LINE_OVERHEAD: usize = 64;
 
@@ -140,7 +163,7 @@ pub(super) fn next_op(
     buf: &mut BytesMut,
     skip: &mut usize,
     limit: usize,
-) -> Result<Option<Op>, String> {
+) -> Result<Option<Op>, ProtocolError> {
     if *skip > 0 {
         let n = (*skip).min(buf.len());
         buf.advance(n);
@@ -158,10 +181,10 @@ pub(super) fn next_op(
 
 /// The next complete operation in `buf` (consumed), `None` when more bytes are needed.
 /// A message over `limit` bytes is [`Op::TooLarge`] (never buffered).
-fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
+fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, ProtocolError> {
     let Some(end) = find_crlf(buf) else {
         if buf.len() > MAX_CONTROL_LINE {
-            return Err("control line too long".into());
+            return Err(ProtocolError::LineTooLong);
         }
         return Ok(None);
     };
@@ -191,11 +214,16 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
             count += 1;
         }
         let parts = &parts[..count];
-        let num = |p: &[u8]| -> Result<usize, String> {
+        let num = |p: &[u8]| -> Result<usize, ProtocolError> {
             std::str::from_utf8(p)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("bad number in `{}`", String::from_utf8_lossy(line)))
+                .ok_or_else(|| ProtocolError::BadNumber {
+                    line: String::from_utf8_lossy(line).into_owned(),
+                })
+        };
+        let bad = || ProtocolError::BadMessageLine {
+            line: String::from_utf8_lossy(line).into_owned(),
         };
         // MSG subject sid [reply] size; HMSG subject sid [reply] hdr_size total_size
         let ok = if headers {
@@ -204,7 +232,7 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
             parts.len() == 3 || parts.len() == 4
         };
         if !ok {
-            return Err(format!("bad `{}`", String::from_utf8_lossy(line)));
+            return Err(bad());
         }
         let sid = num(parts[1])? as u64;
         let total = num(parts[parts.len() - 1])?;
@@ -214,7 +242,7 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
             0
         };
         if hdr > total || total > MAX_INBOUND_MESSAGE {
-            return Err(format!("bad `{}`", String::from_utf8_lossy(line)));
+            return Err(bad());
         }
         if total > limit {
             buf.advance(end + 2);
@@ -232,10 +260,10 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
             return Ok(None);
         }
         if &buf[end + 2 + total..end + 2 + total + 2] != b"\r\n" {
-            return Err(format!(
-                "no CRLF after the {total} bytes of `{}`",
-                String::from_utf8_lossy(line)
-            ));
+            return Err(ProtocolError::NoCrlfAfterBody {
+                size: total,
+                line: String::from_utf8_lossy(line).into_owned(),
+            });
         }
         let head = buf.split_to(end + 2).freeze();
         let subject = head.slice(subject_at.0..subject_at.0 + subject_at.1);
@@ -275,10 +303,9 @@ fn parse_op(buf: &mut BytesMut, limit: usize) -> Result<Option<Op>, String> {
         let text = String::from_utf8_lossy(args).into_owned();
         return simple(buf, Op::Info(text));
     }
-    Err(format!(
-        "unknown operation `{}`",
-        String::from_utf8_lossy(line)
-    ))
+    Err(ProtocolError::UnknownOperation {
+        line: String::from_utf8_lossy(line).into_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use meshgate_core::metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::client::{Client, EncodeLater, Frame, Options, Shared};
-use super::connection::serve;
+use super::connection::{Disconnect, serve};
+use super::wire::HeaderError;
 
 /// A client's shared state as [`Client::connect`] makes it, without connecting.
 pub(super) fn unconnected() -> Arc<Shared> {
@@ -44,7 +45,7 @@ pub(crate) async fn serving(
     capacity: usize,
 ) -> (
     Client,
-    tokio::task::JoinHandle<String>,
+    tokio::task::JoinHandle<Disconnect>,
     tokio::io::DuplexStream,
 ) {
     serving_with(capacity, None).await
@@ -55,7 +56,7 @@ pub(crate) async fn serving_with(
     later: Option<Arc<dyn EncodeLater>>,
 ) -> (
     Client,
-    tokio::task::JoinHandle<String>,
+    tokio::task::JoinHandle<Disconnect>,
     tokio::io::DuplexStream,
 ) {
     let shared = unconnected_with(later);
@@ -110,7 +111,7 @@ pub(crate) struct IdOnly {
 }
 
 impl EncodeLater for IdOnly {
-    fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), String> {
+    fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), HeaderError> {
         envelope.topic.push_nats_subject("ev", &mut frame.subject);
         frame
             .payload

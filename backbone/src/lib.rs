@@ -1,9 +1,12 @@
 //! meshgate backbones. Adapters see only `Arc<dyn meshgate_core::Backbone>`; the gateway picks
 //! the implementation from `backbone.kind`.
 
+mod error;
 pub mod jetstream;
 pub mod memory;
 pub mod nats;
+
+pub use error::BackboneStartError;
 
 use std::sync::Arc;
 
@@ -16,7 +19,7 @@ pub async fn build(
     config: &BackboneConfig,
     instance: &str,
     registry: &Registry,
-) -> Result<Arc<dyn Backbone>, nats::NatsStartError> {
+) -> Result<Arc<dyn Backbone>, BackboneStartError> {
     Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
         BackboneKind::Nats => {

@@ -11,7 +11,7 @@ use async_nats::{ConnectOptions, ServerAddr};
 use meshgate_config::NatsBackboneConfig;
 use meshgate_core::metrics::{self, Registry};
 
-use crate::nats::NatsStartError;
+use crate::BackboneStartError;
 use crate::nats::client::SLOW_CONSUMER_LOG_INTERVAL;
 
 /// Starts the async-nats client of the `jetstream` backbone. Waits up to `connect_timeout` for
@@ -21,12 +21,12 @@ pub(super) async fn connect_client(
     instance: &str,
     registry: &Registry,
     metric_backbone: &'static str,
-) -> Result<async_nats::Client, NatsStartError> {
+) -> Result<async_nats::Client, BackboneStartError> {
     let addrs = config
         .urls
         .iter()
         .map(|u| {
-            ServerAddr::from_str(u).map_err(|source| NatsStartError::ServerAddr {
+            ServerAddr::from_str(u).map_err(|source| BackboneStartError::ServerAddr {
                 url: u.clone(),
                 source,
             })
@@ -81,7 +81,7 @@ pub(super) async fn connect_client(
     let client = options
         .connect(addrs)
         .await
-        .map_err(NatsStartError::Connect)?;
+        .map_err(BackboneStartError::Connect)?;
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     while client.connection_state() != State::Connected {
         if tokio::time::Instant::now() >= deadline {

@@ -43,9 +43,10 @@ use self::connect::connect_client;
 use self::consumer::{consumer_name, durable_consumer, repair_consumer, resume_durable};
 use self::publish::{JsPublisher, PublishFailure};
 use self::pull::{Limits, Pull};
+use crate::BackboneStartError;
+use crate::nats::Counted;
 use crate::nats::client::Client;
 use crate::nats::wire::{self, HeaderSink, RawHeaders};
-use crate::nats::{Counted, NatsStartError};
 
 pub(crate) mod connect;
 mod consumer;
@@ -131,10 +132,10 @@ impl JetStreamBackbone {
         config: &JetStreamConfig,
         instance: &str,
         registry: &Registry,
-    ) -> Result<Arc<JetStreamBackbone>, NatsStartError> {
+    ) -> Result<Arc<JetStreamBackbone>, BackboneStartError> {
         let client = connect_client(nats, instance, registry, NAME).await?;
         if client.connection_state() != State::Connected {
-            return Err(NatsStartError::NotReachable {
+            return Err(BackboneStartError::NotReachable {
                 urls: nats.urls.clone(),
             });
         }
@@ -157,13 +158,13 @@ impl JetStreamBackbone {
         };
         js.create_or_update_stream(stream_config)
             .await
-            .map_err(|source| NatsStartError::Stream {
+            .map_err(|source| BackboneStartError::Stream {
                 stream: config.stream.clone(),
                 source,
             })?;
         let retained = retained::KvRetained::open(&js, config, nats.max_control_line)
             .await
-            .map_err(|e| NatsStartError::RetainedBucket(Box::new(e)))?;
+            .map_err(|e| BackboneStartError::RetainedBucket(Box::new(e)))?;
         let sessions = sessions::KvSessions::open(
             &client,
             &js,
@@ -173,7 +174,7 @@ impl JetStreamBackbone {
             nats.max_control_line,
         )
         .await
-        .map_err(|e| NatsStartError::SessionBucket(Box::new(e)))?;
+        .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let options = crate::nats::client_options(nats, instance, true, registry, NAME);
         // nats-server reads each connection on one goroutine: several let it store from
@@ -186,7 +187,7 @@ impl JetStreamBackbone {
         let publishers = clients
             .into_iter()
             .map(|client| {
-                JsPublisher::start(client).map_err(|e| NatsStartError::Publisher(Box::new(e)))
+                JsPublisher::start(client).map_err(|e| BackboneStartError::Publisher(Box::new(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let consumer = Client::connect(options).await;

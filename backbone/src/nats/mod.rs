@@ -44,6 +44,7 @@ use meshgate_core::{
 use self::client::ClientError;
 use self::fanout::Fanout;
 use self::wire::{HeaderError, HeaderSource, RawHeaderBlock, RawHeaders};
+use crate::BackboneStartError;
 use crate::memory::MemoryBackbone;
 
 pub(crate) mod client;
@@ -80,60 +81,6 @@ pub struct NatsBackbone {
     subscriptions: Gauge,
 }
 
-/// The cause of a [`NatsStartError`] that is one of this crate's own errors (boxed: those
-/// types are not part of the crate's API).
-type Cause = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why the NATS backbone could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum NatsStartError {
-    /// A URL meshgate's own client cannot connect to.
-    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: Cause,
-    },
-    /// A URL async-nats (the `jetstream` backbone's management client) cannot parse.
-    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {source}")]
-    ServerAddr {
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// async-nats refused to start its client.
-    #[error("cannot start the NATS client: {0}")]
-    Connect(#[source] async_nats::ConnectError),
-    /// The `jetstream` backbone sets up its stream at start, so it needs NATS then.
-    #[error(
-        "cannot start the NATS client: NATS at {urls:?} is not reachable; the JetStream \
-         backbone sets up its stream at start"
-    )]
-    NotReachable { urls: Vec<String> },
-    #[error(
-        "cannot start the NATS client: backbone.jetstream.stream: cannot create or update \
-         stream `{stream}`: {source}"
-    )]
-    Stream {
-        stream: String,
-        #[source]
-        source: async_nats::jetstream::context::CreateStreamError,
-    },
-    #[error(
-        "cannot start the NATS client: backbone.jetstream.stream: cannot set up the \
-         retained-message bucket: {0}"
-    )]
-    RetainedBucket(#[source] Cause),
-    #[error(
-        "cannot start the NATS client: backbone.jetstream.stream: cannot set up the MQTT \
-         session bucket: {0}"
-    )]
-    SessionBucket(#[source] Cause),
-    /// A JetStream publisher could not subscribe to its reply inbox.
-    #[error("cannot start the NATS client: {0}")]
-    Publisher(#[source] Cause),
-}
-
 impl NatsBackbone {
     /// Starts the client. Waits up to `connect_timeout` for the first connection; after that
     /// the gateway serves anyway, not ready (`/readyz`) and refusing publishes, while the
@@ -143,9 +90,9 @@ impl NatsBackbone {
         local: &MemoryBackboneConfig,
         instance: &str,
         registry: &Registry,
-    ) -> Result<Arc<NatsBackbone>, NatsStartError> {
+    ) -> Result<Arc<NatsBackbone>, BackboneStartError> {
         for url in &config.urls {
-            connector::parse_url(url).map_err(|e| NatsStartError::Url {
+            connector::parse_url(url).map_err(|e| BackboneStartError::Url {
                 url: url.clone(),
                 source: Box::new(e),
             })?;

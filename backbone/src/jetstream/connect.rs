@@ -11,7 +11,7 @@ use async_nats::{ConnectOptions, ServerAddr};
 use meshgate_config::NatsBackboneConfig;
 use meshgate_core::metrics::{self, Registry};
 
-use crate::BackboneStartError;
+use crate::error::BackboneStartError;
 use crate::nats::client::SLOW_CONSUMER_LOG_INTERVAL;
 
 /// Starts the async-nats client of the `jetstream` backbone. Waits up to `connect_timeout` for

@@ -43,7 +43,7 @@ use self::connect::connect_client;
 use self::consumer::{consumer_name, durable_consumer, repair_consumer, resume_durable};
 use self::publish::{JsPublisher, PublishFailure};
 use self::pull::{Limits, Pull};
-use crate::BackboneStartError;
+use crate::error::BackboneStartError;
 use crate::nats::Counted;
 use crate::nats::client::Client;
 use crate::nats::wire::{self, HeaderSink, RawHeaders};

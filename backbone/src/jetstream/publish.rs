@@ -240,7 +240,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
-        use crate::jetstream::publish::{JsPublisher, PubAck, PublishFailure};
         let (client, _serving, server) = serving(64 << 10).await;
         let publisher = JsPublisher::start(client).unwrap();
         let (mut r, mut w) = tokio::io::split(server);

@@ -657,7 +657,7 @@ mod tests {
     }
 
     /// Polls `pull` on a task of its own; what it yields, in order.
-    fn forward(mut pull: crate::jetstream::pull::Pull) -> mpsc::UnboundedReceiver<Msg> {
+    fn forward(mut pull: Pull) -> mpsc::UnboundedReceiver<Msg> {
         use futures_util::StreamExt;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -670,7 +670,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
-        use crate::jetstream::pull::{BATCH, Pull};
         let (client, _serving, server) = serving(64 << 10).await;
         let mut got = forward(Pull::start(&client, "S", "C", Default::default()).unwrap());
         let (mut r, mut w) = tokio::io::split(server);
@@ -747,7 +746,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
-        use crate::jetstream::pull::{BATCH, Pull};
         let (client, _serving, server) = serving(64 << 10).await;
         let starts = Arc::new(Mutex::new(Vec::new()));
         let repair: Repair = Arc::new({

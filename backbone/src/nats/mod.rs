@@ -44,7 +44,7 @@ use meshgate_core::{
 use self::client::ClientError;
 use self::fanout::Fanout;
 use self::wire::{HeaderError, HeaderSource, RawHeaderBlock, RawHeaders};
-use crate::BackboneStartError;
+use crate::error::BackboneStartError;
 use crate::memory::MemoryBackbone;
 
 pub(crate) mod client;

@@ -19,9 +19,9 @@
 //! server's MAX_DELIVERIES advisory makes one instance (a queue subscription) republish the
 //! event to `dead_letter_subject`, counted.
 //!
-//! The parts: [`connect`] (the async-nats client, for streams, consumers and KV), [`publish`]
-//! and [`pull`] (publishes, pulls and acks on meshgate's own client), [`consumer`] (consumer
-//! names, resuming and repairing consumers), [`retained`] and [`sessions`] (the MQTT stores in
+//! The parts: `connect` (the async-nats client, for streams, consumers and KV), `publish`
+//! and `pull` (publishes, pulls and acks on meshgate's own client), `consumer` (consumer
+//! names, resuming and repairing consumers), `retained` and `sessions` (the MQTT stores in
 //! KV buckets).
 
 use std::sync::Arc;

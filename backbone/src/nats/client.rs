@@ -76,7 +76,7 @@ pub(crate) struct Options {
     /// `subscription_capacity` messages; past it messages are dropped (slow consumer).
     pub subscription_bytes: usize,
     pub slow_consumer: Counter,
-    /// Messages from the server over its own `max_payload` (+ [`INBOUND_SLACK`]), skipped.
+    /// Messages from the server over its own `max_payload` (+ [`super::connection::INBOUND_SLACK`]), skipped.
     pub too_large: Counter,
     /// The connection task ended by a panic (it is restarted).
     pub panicked: Counter,

@@ -28,7 +28,7 @@ const READ_CHUNK: usize = 32 << 10;
 /// Room above the server's `max_payload` for a received message (headers a server may add
 /// to a stored message); past `max_payload` + this, a message is skipped unread and counted
 /// as `too_large` (review F15: was any size up to [`MAX_INBOUND_MESSAGE`]).
-const INBOUND_SLACK: usize = 64 << 10;
+pub(super) const INBOUND_SLACK: usize = 64 << 10;
 
 /// A connection's byte stream: TCP, or TLS over it.
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}

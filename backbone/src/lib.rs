@@ -1,18 +1,14 @@
 //! meshgate backbones. Adapters see only `Arc<dyn meshgate_core::Backbone>`; the gateway picks
 //! the implementation from `backbone.kind`.
 
+mod error;
 pub mod jetstream;
-mod jetstream_publish;
-mod jetstream_pull;
-mod jetstream_retained;
-mod jetstream_sessions;
 pub mod memory;
 pub mod nats;
-mod nats_client;
-mod nats_fanout;
-mod nats_wire;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+pub use error::BackboneStartError;
 
 use std::sync::Arc;
 
@@ -25,7 +21,7 @@ pub async fn build(
     config: &BackboneConfig,
     instance: &str,
     registry: &Registry,
-) -> Result<Arc<dyn Backbone>, nats::NatsStartError> {
+) -> Result<Arc<dyn Backbone>, BackboneStartError> {
     Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
         BackboneKind::Nats => {

@@ -32,7 +32,7 @@ pub enum StartError {
     #[error("invalid auth configuration: {0}")]
     Auth(#[source] meshgate_core::TopicError),
     #[error("backbone failed to start: {0}")]
-    Backbone(#[source] meshgate_backbone::nats::NatsStartError),
+    Backbone(#[source] meshgate_backbone::BackboneStartError),
     #[error("adapter failed to start: {0}")]
     Adapter(#[source] meshgate_core::AdapterError),
 }

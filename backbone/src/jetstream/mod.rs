@@ -1,7 +1,7 @@
 //! The JetStream backbone: at least once, end to end, across gateway instances and restarts.
 //!
 //! One stream (`backbone.jetstream.stream`, subjects `<subject_prefix>.>`) keeps every event,
-//! in the wire format of [`crate::nats_wire`]. `publish` resolves only after the stream's
+//! in the wire format of [`crate::nats::wire`]. `publish` resolves only after the stream's
 //! PubAck, so the client's acknowledgement (HTTP 202, MQTT PUBACK/PUBREC) means "stored".
 //! Each event carries a `Nats-Msg-Id` made from its `source` and `id` ([`dedup_id`]), so the
 //! same CloudEvent published twice within `duplicate_window` is stored once. Publishes go out on
@@ -18,12 +18,17 @@
 //! again after `ack_wait` (or the `backoff` steps), at most `max_deliver` times. Then the
 //! server's MAX_DELIVERIES advisory makes one instance (a queue subscription) republish the
 //! event to `dead_letter_subject`, counted.
+//!
+//! The parts: `connect` (the async-nats client, for streams, consumers and KV), `publish`
+//! and `pull` (publishes, pulls and acks on meshgate's own client), `consumer` (consumer
+//! names, resuming and repairing consumers), `retained` and `sessions` (the MQTT stores in
+//! KV buckets).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use meshgate_config::{JetStreamConfig, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::backbone::Acknowledge;
@@ -34,11 +39,21 @@ use meshgate_core::{
     TopicFilter,
 };
 
-use crate::jetstream_publish::{JsPublisher, PublishFailure};
-use crate::jetstream_pull::{Limits, Pull};
-use crate::nats::{Counted, NatsStartError, connect_client, queue_name};
-use crate::nats_client;
-use crate::nats_wire::{self, HeaderSink, RawHeaders};
+use self::connect::connect_client;
+use self::consumer::{consumer_name, durable_consumer, repair_consumer, resume_durable};
+use self::publish::{JsPublisher, PublishFailure};
+use self::pull::{Limits, Pull};
+use crate::error::BackboneStartError;
+use crate::nats::Counted;
+use crate::nats::client::Client;
+use crate::nats::wire::{self, HeaderSink, RawHeaders};
+
+pub(crate) mod connect;
+mod consumer;
+mod publish;
+pub(crate) mod pull;
+mod retained;
+mod sessions;
 
 const NAME: &str = "jetstream";
 
@@ -55,9 +70,9 @@ pub struct JetStreamBackbone {
     /// Pull requests, deliveries and their acknowledgements, on a second connection of the own
     /// client: nats-server reads each connection on one goroutine, and with publishes and acks
     /// on one connection that goroutine was the serial stage of MQTT → JetStream → MQTT.
-    consumer: nats_client::Client,
-    retained: crate::jetstream_retained::KvRetained,
-    sessions: crate::jetstream_sessions::KvSessions,
+    consumer: Client,
+    retained: retained::KvRetained,
+    sessions: sessions::KvSessions,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -117,13 +132,12 @@ impl JetStreamBackbone {
         config: &JetStreamConfig,
         instance: &str,
         registry: &Registry,
-    ) -> Result<Arc<JetStreamBackbone>, NatsStartError> {
+    ) -> Result<Arc<JetStreamBackbone>, BackboneStartError> {
         let client = connect_client(nats, instance, registry, NAME).await?;
         if client.connection_state() != State::Connected {
-            return Err(NatsStartError::Client(format!(
-                "NATS at {:?} is not reachable; the JetStream backbone sets up its stream at start",
-                nats.urls
-            )));
+            return Err(BackboneStartError::NotReachable {
+                urls: nats.urls.clone(),
+            });
         }
         let js = jetstream::new(client.clone());
         let all = if nats.subject_prefix.is_empty() {
@@ -144,21 +158,14 @@ impl JetStreamBackbone {
         };
         js.create_or_update_stream(stream_config)
             .await
-            .map_err(|e| {
-                NatsStartError::Client(format!(
-                    "backbone.jetstream.stream: cannot create or update stream `{}`: {e}",
-                    config.stream
-                ))
+            .map_err(|source| BackboneStartError::Stream {
+                stream: config.stream.clone(),
+                source,
             })?;
-        let retained =
-            crate::jetstream_retained::KvRetained::open(&js, config, nats.max_control_line)
-                .await
-                .map_err(|e| {
-                    NatsStartError::Client(format!(
-                        "backbone.jetstream.stream: cannot set up the retained-message bucket: {e}"
-                    ))
-                })?;
-        let sessions = crate::jetstream_sessions::KvSessions::open(
+        let retained = retained::KvRetained::open(&js, config, nats.max_control_line)
+            .await
+            .map_err(|e| BackboneStartError::RetainedBucket(Box::new(e)))?;
+        let sessions = sessions::KvSessions::open(
             &client,
             &js,
             config,
@@ -167,28 +174,23 @@ impl JetStreamBackbone {
             nats.max_control_line,
         )
         .await
-        .map_err(|e| {
-            NatsStartError::Client(format!(
-                "backbone.jetstream.stream: cannot set up the MQTT session bucket: {e}"
-            ))
-        })?;
+        .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
         let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let options = crate::nats::client_options(nats, instance, true, registry, NAME);
         // nats-server reads each connection on one goroutine: several let it store from
         // several cores (see `publish`).
         // (Connected at once, not one after another: with NATS down each waits connect_timeout.)
         let clients = futures_util::future::join_all(
-            (0..config.publish_connections.max(1))
-                .map(|_| nats_client::Client::connect(options.clone())),
+            (0..config.publish_connections.max(1)).map(|_| Client::connect(options.clone())),
         )
         .await;
         let publishers = clients
             .into_iter()
             .map(|client| {
-                JsPublisher::start(client).map_err(|e| NatsStartError::Client(e.to_string()))
+                JsPublisher::start(client).map_err(|e| BackboneStartError::Publisher(Box::new(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let consumer = nats_client::Client::connect(options).await;
+        let consumer = Client::connect(options).await;
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
@@ -230,11 +232,11 @@ impl JetStreamBackbone {
         subject: String,
         durable: String,
         ttl: std::time::Duration,
-    ) -> consumer::pull::Config {
-        consumer::pull::Config {
+    ) -> jetstream::consumer::pull::Config {
+        jetstream::consumer::pull::Config {
             durable_name: Some(durable),
-            deliver_policy: consumer::DeliverPolicy::New,
-            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: self.config.ack_wait,
             max_deliver: self.config.max_deliver,
             backoff: self.config.backoff.clone(),
@@ -250,7 +252,7 @@ impl JetStreamBackbone {
 /// meshgate's own client rather than sent as a command through async-nats's connection task.
 struct JsAck {
     reply: String,
-    client: nats_client::Client,
+    client: Client,
 }
 
 impl std::fmt::Debug for JsAck {
@@ -298,29 +300,6 @@ impl Acknowledge for JsAck {
     }
 }
 
-/// Consumer names: NATS tokens (no `.`, `*`, `>`, whitespace), bounded in length.
-fn consumer_name(parts: &[&str]) -> String {
-    let joined = parts.join("_");
-    let mut out: String = queue_name(&joined)
-        .chars()
-        .map(|c| if matches!(c, '.' | '*' | '>') { '_' } else { c })
-        .collect();
-    if out.len() > 200 {
-        // Long filters: keep the start, make the rest a hash.
-        // FNV-1a: the same on every instance and build (durable names must agree).
-        let hash = joined.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        let mut cut = 180;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push_str(&format!("_{hash:016x}"));
-    }
-    out
-}
-
 /// The `Nats-Msg-Id` of the event with `source` and `id`: the first 16 bytes of SHA-256 over
 /// `<source> <id>` (a source holds no space, so the pair is unambiguous), in base64url without
 /// padding — 22 characters whatever the attributes' lengths. Another program that publishes
@@ -340,75 +319,7 @@ pub fn dedup_id(source: &str, id: &str) -> String {
         .chain_update(b" ")
         .chain_update(id.as_bytes())
         .finalize();
-    crate::jetstream_retained::B64.encode(&digest[..16])
-}
-
-/// The consumer of durable subscription `name` for one subject: the same on every instance,
-/// so a session's consumers are found again wherever its client reconnects.
-pub(crate) fn durable_consumer(name: &str, subject: &str) -> String {
-    consumer_name(&["d", name, subject])
-}
-
-/// Opens a durable subscription's consumer: created (new events only) the first time; when it
-/// exists, re-created from its acknowledgement floor. Re-created, not bound, because pull
-/// requests of the instance that held the session before may still wait at the server (they
-/// outlive the dropped stream until they expire) and would take the next events into a
-/// subscription nobody reads (seen in the test: delivered, never redelivered). From the floor,
-/// every event not acknowledged is delivered again at once (at least once: an event
-/// acknowledged out of order past the floor comes again).
-async fn resume_durable(
-    stream: &stream::Stream,
-    name: &str,
-    mut config: consumer::pull::Config,
-) -> Result<consumer::PullConsumer, BackboneError> {
-    let info = match stream.consumer_info(name).await {
-        Ok(info) => info,
-        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {
-            return stream
-                .get_or_create_consumer(name, config)
-                .await
-                .map_err(unavailable);
-        }
-        // Not "new events only" for a session that had a consumer: the caller refuses instead.
-        Err(e) => return Err(unavailable(e)),
-    };
-    let _ = stream.delete_consumer(name).await;
-    config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
-        start_sequence: info.ack_floor.stream_sequence + 1,
-    };
-    stream.create_consumer(config).await.map_err(unavailable)
-}
-
-/// How a pull repairs its consumer when the server says it is gone (see `jetstream_pull`):
-/// nothing if it is there after all (JetStream was only not up yet), otherwise created again
-/// with `config`, from the stream sequence the pull gives when it has one. Another instance
-/// (a queue group's member) may create it first: then it is there, which is as good.
-fn repair_consumer(
-    stream: stream::Stream,
-    name: String,
-    config: consumer::pull::Config,
-) -> crate::jetstream_pull::Repair {
-    Arc::new(move |start| {
-        let (stream, name, mut config) = (stream.clone(), name.clone(), config.clone());
-        Box::pin(async move {
-            use async_nats::jetstream::context::ConsumerInfoErrorKind;
-            match stream.consumer_info(&name).await {
-                Ok(_) => return Ok(false),
-                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            if let Some(start_sequence) = start {
-                config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence };
-            }
-            match stream.create_consumer(config).await {
-                Ok(_) => Ok(true),
-                Err(e) => match stream.consumer_info(&name).await {
-                    Ok(_) => Ok(false),
-                    Err(_) => Err(e.to_string()),
-                },
-            }
-        })
-    })
+    retained::B64.encode(&digest[..16])
 }
 
 /// Deletes a subscription's consumers once its stream is dropped (unsubscribe).
@@ -452,7 +363,7 @@ impl Backbone for JetStreamBackbone {
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
             let mut headers = RawHeaders::new();
-            let payload = nats_wire::encode(
+            let payload = wire::encode(
                 &envelope,
                 self.wire,
                 (&self.instance.0, &self.instance.1),
@@ -525,8 +436,10 @@ impl Backbone for JetStreamBackbone {
                     .then(|| repair_consumer(stream.clone(), name.clone(), config.clone()));
                 // Created (or checked) through async-nats; pulled on meshgate's own client,
                 // within the consumer's request limits (an existing one may have its own).
-                let consumer: consumer::PullConsumer = if options.durable.is_some() {
-                    resume_durable(&stream, &name, config).await?
+                let consumer: jetstream::consumer::PullConsumer = if options.durable.is_some() {
+                    resume_durable(&stream, &name, config)
+                        .await
+                        .map_err(unavailable)?
                 } else {
                     stream
                         .get_or_create_consumer(&name, config)
@@ -655,7 +568,7 @@ async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, 
             Err(panic) => {
                 panicked.inc();
                 tracing::error!(
-                    panic = crate::nats_client::panic_message(&*panic),
+                    panic = crate::nats::connector::panic_message(&*panic),
                     "jetstream: the max-deliveries advisory task panicked; watching again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
                 );
             }

@@ -1,11 +1,11 @@
-//! JetStream pull consumers on meshgate's own NATS client ([`crate::nats_client`]): the egress
+//! JetStream pull consumers on meshgate's own NATS client ([`crate::nats::client`]): the egress
 //! hot path of the `jetstream` backbone.
 //!
 //! Why not async-nats's `PullConsumer::messages` (still used to create the consumers): every
 //! delivery became a `HeaderMap` and went through async-nats's connection task and a channel
 //! of its pull stream; in a profile of the bench row MQTT → JetStream → MQTT that was about a
 //! fifth of meshgate's CPU. Here deliveries are the client's raw messages (the header block
-//! read in place by `nats_wire`), and acknowledgements go out on the same connection.
+//! read in place by `crate::nats::wire`), and acknowledgements go out on the same connection.
 //!
 //! The protocol (JetStream's consumer API): a pull request is a publish to
 //! `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with reply subject `<inbox>` and the body
@@ -51,7 +51,9 @@ use futures_util::Stream;
 use meshgate_core::BoxFuture;
 use tokio::time::{Instant, Interval};
 
-use crate::nats_client::{self, ClientError, Msg, SubStream};
+use super::consumer::{ConsumerError, Repair};
+use crate::nats::client::{Client, ClientError, Msg, SubStream};
+use crate::nats::proto::not_a_subject;
 
 /// Messages asked for and not yet received, at most (less when the consumer's `max_batch` is).
 pub(crate) const BATCH: usize = 512;
@@ -100,12 +102,6 @@ impl Default for Limits {
         Limits::of(0, Duration::ZERO)
     }
 }
-
-/// Looks up the pull's consumer and creates it again if it is gone, starting at the given
-/// stream sequence (`None`: as it was first created). `Ok(true)`: created again; `Ok(false)`:
-/// it was there.
-pub(crate) type Repair =
-    std::sync::Arc<dyn Fn(Option<u64>) -> BoxFuture<'static, Result<bool, String>> + Send + Sync>;
 
 /// The stream sequence of a delivery, from its `$JS.ACK` reply subject:
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ms>.<pending>`, or,
@@ -159,7 +155,7 @@ pub(crate) fn read_status(headers: &[u8]) -> Option<(u16, &str, Status)> {
     let (code, description) = rest.split_once(' ').unwrap_or((rest, ""));
     let code: u16 = code.parse().ok()?;
     let description = description.trim();
-    let pending = crate::nats_wire::RawHeaderBlock(headers)
+    let pending = crate::nats::wire::RawHeaderBlock(headers)
         .get("Nats-Pending-Messages")
         .and_then(|v| v.parse().ok());
     let status = match code {
@@ -218,7 +214,7 @@ impl Window {
 /// The deliveries of one pull consumer, as the client's raw messages (subject, `$JS.ACK` reply,
 /// header block, payload). Ends when the client is closed; unsubscribes when dropped.
 pub(crate) struct Pull {
-    client: nats_client::Client,
+    client: Client,
     messages: SubStream,
     /// This window's inbox: a new one each time the window starts over, so that messages and
     /// statuses of requests from before are not counted in it (they go to an inbox nobody
@@ -241,7 +237,7 @@ pub(crate) struct Pull {
     repair: Option<Repair>,
     /// The consumer is gone: repair it before asking again.
     gone: bool,
-    repairing: Option<BoxFuture<'static, Result<bool, String>>>,
+    repairing: Option<BoxFuture<'static, Result<bool, ConsumerError>>>,
     /// The stream sequence of the last message received (where a repaired consumer goes on).
     last_sequence: Option<u64>,
     /// Repairs that failed in a row (the next waits longer).
@@ -258,10 +254,7 @@ impl std::fmt::Debug for Pull {
 
 /// A new inbox and its subscription, with room for a whole window and its statuses (the
 /// client drops what does not fit; JetStream delivers it again after `ack_wait`).
-fn subscribe_inbox(
-    client: &nats_client::Client,
-    limits: Limits,
-) -> Result<(String, SubStream), ClientError> {
+fn subscribe_inbox(client: &Client, limits: Limits) -> Result<(String, SubStream), ClientError> {
     let inbox = format!("_INBOX.{}", meshgate_core::wrap::new_id());
     let messages = client.subscribe_bounded(&inbox, None, limits.batch + 64)?;
     Ok((inbox, messages))
@@ -271,13 +264,13 @@ impl Pull {
     /// Subscribes to a new inbox for consumer `consumer` of stream `stream`; the first request
     /// goes out on the first poll.
     pub(crate) fn start(
-        client: &nats_client::Client,
+        client: &Client,
         stream: &str,
         consumer: &str,
         limits: Limits,
     ) -> Result<Pull, ClientError> {
         let next = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
-        if nats_client::not_a_subject(&next) {
+        if not_a_subject(&next) {
             return Err(ClientError::BadSubject(next));
         }
         let (inbox, messages) = subscribe_inbox(client, limits)?;
@@ -485,7 +478,14 @@ impl Stream for Pull {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use crate::nats::testing::{line_of, serving};
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::mpsc;
 
     #[test]
     fn statuses_are_told_apart() {
@@ -654,5 +654,144 @@ mod tests {
                 Ok(())
             },
         );
+    }
+
+    /// Polls `pull` on a task of its own; what it yields, in order.
+    fn forward(mut pull: Pull) -> mpsc::UnboundedReceiver<Msg> {
+        use futures_util::StreamExt;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = pull.next().await {
+                let _ = tx.send(m);
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_pull_asks_again_at_half_and_after_a_request_ended() {
+        let (client, _serving, server) = serving(64 << 10).await;
+        let mut got = forward(Pull::start(&client, "S", "C", Default::default()).unwrap());
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = sub.split(' ').nth(1).unwrap().to_owned();
+        // PUB $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer> <inbox> <size>, then the request.
+        let mut request = async |seen: &mut Vec<u8>| {
+            let publ = line_of(&mut r, seen, "PUB ").await;
+            let parts: Vec<&str> = publ.split(' ').collect();
+            assert_eq!(
+                (parts[1], parts[2]),
+                ("$JS.API.CONSUMER.MSG.NEXT.S.C", inbox.as_str())
+            );
+            let body: serde_json::Value =
+                serde_json::from_str(&line_of(&mut r, seen, "{").await).unwrap();
+            assert!(
+                body["expires"].as_u64().unwrap() > body["idle_heartbeat"].as_u64().unwrap() * 2
+            );
+            body["batch"].as_u64().unwrap() as usize
+        };
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH,
+            "the first request fills the window"
+        );
+
+        let mut send = String::new();
+        for n in 1..=BATCH / 2 {
+            send.push_str(&format!("MSG p.x 1 $JS.ACK.S.C.1.{n}.{n}.0.0 2\r\nhi\r\n"));
+        }
+        w.write_all(send.as_bytes()).await.unwrap();
+        for n in 1..=BATCH / 2 {
+            let m = got.recv().await.unwrap();
+            assert_eq!(&m.subject[..], b"p.x");
+            let ack = format!("$JS.ACK.S.C.1.{n}.{n}.0.0");
+            assert_eq!(m.reply.as_deref(), Some(ack.as_bytes()));
+        }
+        assert_eq!(
+            request(&mut seen).await,
+            BATCH / 2,
+            "half came: that half again"
+        );
+
+        // Statuses are not deliveries. The first request expired with the other half unsent:
+        // that half is asked for again.
+        let status =
+            |text: &str| format!("HMSG {inbox} 1 {} {}\r\n{text}\r\n", text.len(), text.len());
+        let heartbeat = status("NATS/1.0 100 Idle Heartbeat\r\n\r\n");
+        let expired = status(
+            "NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 256\r\nNats-Pending-Bytes: 0\r\n\r\n",
+        );
+        w.write_all(format!("{heartbeat}{expired}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH / 2);
+        // Deleted: everything asked for again, after a pause.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Consumer Deleted\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        // That request refused as it came (too many waiting): asked again after a pause, not
+        // in a tight loop.
+        let started = std::time::Instant::now();
+        w.write_all(status("NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(request(&mut seen).await, BATCH);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(got.try_recv().is_err(), "no status was delivered");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_is_gone_is_repaired_from_after_the_last_message() {
+        let (client, _serving, server) = serving(64 << 10).await;
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let repair: Repair = Arc::new({
+            let starts = starts.clone();
+            move |start| {
+                starts.lock().unwrap().push(start);
+                Box::pin(async { Ok(true) })
+            }
+        });
+        let pull = Pull::start(&client, "S", "C", Default::default())
+            .unwrap()
+            .with_repair(repair, 7);
+        let mut got = forward(pull);
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let first = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = first.split(' ').nth(1).unwrap().to_owned();
+        line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        // Two deliveries (the second with a domain and account hash in its reply subject),
+        // then the server says nobody serves the consumer's subject.
+        let gone = "NATS/1.0 503\r\n\r\n";
+        // (And a redelivery of an older one, which does not move the start back.)
+        let send = format!(
+            "MSG p.x 1 $JS.ACK.S.C.1.41.1.0.0 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.dom.hash.S.C.1.42.2.0.0.tok 2\r\nhi\r\n\
+             MSG p.x 1 $JS.ACK.S.C.2.10.3.0.0 2\r\nhi\r\n\
+             HMSG {inbox} 1 {} {}\r\n{gone}\r\n",
+            gone.len(),
+            gone.len()
+        );
+        let started = std::time::Instant::now();
+        w.write_all(send.as_bytes()).await.unwrap();
+        for _ in 0..3 {
+            got.recv().await.unwrap();
+        }
+        // After a pause: repaired from sequence 43, and pulled again on a new inbox.
+        let second = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert_eq!(*starts.lock().unwrap(), vec![Some(43)]);
+        let inbox2 = second.split(' ').nth(1).unwrap().to_owned();
+        assert_ne!(inbox2, inbox);
+        let publ = line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT.S.C").await;
+        assert_eq!(publ.split(' ').nth(2), Some(inbox2.as_str()));
+        let body: serde_json::Value =
+            serde_json::from_str(&line_of(&mut r, &mut seen, "{").await).unwrap();
+        assert_eq!(body["batch"].as_u64(), Some(BATCH as u64));
+        assert!(got.try_recv().is_err(), "no status was delivered");
     }
 }

@@ -1,17 +1,17 @@
 //! The NATS core backbone: several gateway instances on one NATS server or cluster.
 //!
 //! Events travel on `<subject_prefix>.<topic>` (the core `Topic` mapping) in the wire format of
-//! [`crate::nats_wire`]. An event published on this instance reaches this instance's own
+//! [`crate::nats::wire`]. An event published on this instance reaches this instance's own
 //! subscribers in process (an in-memory backbone inside this one, sized by `backbone.memory`)
 //! and every other instance through NATS: the publishing connection is opened with `no_echo`,
 //! so the server never sends an instance its own events back, and each subscriber gets each
 //! event once whichever instance published it. Other instances' events come through one NATS
 //! subscription per distinct filter, shared by the subscribers with that filter
-//! ([`crate::nats_fanout`]). Queue groups (shared subscriptions) are NATS
+//! ([`crate::nats::fanout`]). Queue groups (shared subscriptions) are NATS
 //! queue groups on a second connection, with echo: the server picks one member among all
 //! instances, this one included. The origin (instance and connection) travels in a header,
 //! for MQTT no-local. Events are handed to the publishing connection unencoded: its writer
-//! task encodes them ([`nats_client::Client::publish_later`]), not the publisher's task.
+//! task encodes them ([`client::Client::publish_later`]), not the publisher's task.
 //!
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
 //! not connected, so a client is told to retry rather than acknowledged; an event handed to
@@ -27,16 +27,12 @@
 //! A connection or fan-out task that panics is logged, counted
 //! (`meshgate_errors_total{adapter="backbone",kind="task_panicked"}`) and restarted.
 //!
-//! The client ([`crate::nats_client`], not async-nats: see there why) reconnects on its own
+//! The client ([`crate::nats::client`], not async-nats: see there why) reconnects on its own
 //! (with backoff, forever) and re-subscribes.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use async_nats::connection::State;
-use async_nats::{ConnectOptions, ServerAddr};
 use futures_util::StreamExt;
 use meshgate_config::{MemoryBackboneConfig, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
@@ -45,24 +41,31 @@ use meshgate_core::{
     TopicFilter, TryPublish,
 };
 
+use self::client::ClientError;
+use self::fanout::Fanout;
+use self::wire::{HeaderError, HeaderSource, RawHeaderBlock, RawHeaders};
+use crate::error::BackboneStartError;
 use crate::memory::MemoryBackbone;
-use crate::nats_client::{self, ClientError};
-use crate::nats_fanout::Fanout;
-use crate::nats_wire::{self, HeaderSource, RawHeaderBlock, RawHeaders};
+
+pub(crate) mod client;
+mod connection;
+pub(crate) mod connector;
+mod fanout;
+pub(crate) mod proto;
+#[cfg(test)]
+pub(crate) mod testing;
+pub(crate) mod wire;
 
 const NAME: &str = "nats";
-
-/// At most one slow-consumer warning per this interval (every drop is counted).
-pub(crate) const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct NatsBackbone {
     /// Publishes, and subscribes for plain subscriptions; `no_echo`, so this instance's own
     /// events do not come back to it (they go to `local`).
-    client: nats_client::Client,
+    client: client::Client,
     /// Queue-group subscriptions, with echo: the group may pick a member on this instance for
     /// an event published here.
-    group_client: nats_client::Client,
+    group_client: client::Client,
     /// This instance's plain subscribers, for the events published here.
     local: Arc<MemoryBackbone>,
     /// This instance's plain subscribers, for other instances' events: one NATS subscription
@@ -78,15 +81,6 @@ pub struct NatsBackbone {
     subscriptions: Gauge,
 }
 
-/// Why the NATS backbone could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum NatsStartError {
-    #[error("backbone.nats.urls: `{url}` is not a NATS server address: {reason}")]
-    Url { url: String, reason: String },
-    #[error("cannot start the NATS client: {0}")]
-    Client(String),
-}
-
 impl NatsBackbone {
     /// Starts the client. Waits up to `connect_timeout` for the first connection; after that
     /// the gateway serves anyway, not ready (`/readyz`) and refusing publishes, while the
@@ -96,11 +90,11 @@ impl NatsBackbone {
         local: &MemoryBackboneConfig,
         instance: &str,
         registry: &Registry,
-    ) -> Result<Arc<NatsBackbone>, NatsStartError> {
+    ) -> Result<Arc<NatsBackbone>, BackboneStartError> {
         for url in &config.urls {
-            nats_client::parse_url(url).map_err(|reason| NatsStartError::Url {
+            connector::parse_url(url).map_err(|e| BackboneStartError::Url {
                 url: url.clone(),
-                reason,
+                source: Box::new(e),
             })?;
         }
         // One counter for both connections and the fan-out queues.
@@ -110,7 +104,7 @@ impl NatsBackbone {
         );
         let options = |echo| client_options(config, instance, echo, registry, NAME);
         // Only the publishing connection encodes events (on its writer's task).
-        let publishing = nats_client::Options {
+        let publishing = client::Options {
             later: Some(Arc::new(CoreWire {
                 prefix: config.subject_prefix.clone(),
                 wire: config.wire_mode,
@@ -126,8 +120,8 @@ impl NatsBackbone {
             ..options(false)
         };
         let (client, group_client) = tokio::join!(
-            nats_client::Client::connect(publishing),
-            nats_client::Client::connect(options(true)),
+            client::Client::connect(publishing),
+            client::Client::connect(options(true)),
         );
         if !(client.is_connected() && group_client.is_connected()) {
             tracing::warn!(
@@ -157,7 +151,7 @@ impl NatsBackbone {
     /// NATS subscriptions for `filter` on `client`, as one stream of deliveries.
     async fn nats_subscription(
         &self,
-        client: &nats_client::Client,
+        client: &client::Client,
         filter: &TopicFilter,
         queue_group: Option<&str>,
     ) -> Result<futures_util::stream::BoxStream<'static, Delivery>, BackboneError> {
@@ -183,7 +177,7 @@ impl NatsBackbone {
 /// NATS subscriptions for `filter` on `client`, as one stream of deliveries (messages that
 /// are not events of `filter` skipped, those not CloudEvents counted in `malformed`).
 async fn nats_subscription(
-    client: &nats_client::Client,
+    client: &client::Client,
     prefix: String,
     malformed: Counter,
     filter: &TopicFilter,
@@ -199,11 +193,11 @@ async fn nats_subscription(
 /// NATS subscriptions for `filter` on `client`, as one stream of undecoded messages (see
 /// [`decoder`]).
 async fn raw_subscription(
-    client: &nats_client::Client,
+    client: &client::Client,
     prefix: &str,
     filter: &TopicFilter,
     queue_group: Option<&str>,
-) -> Result<futures_util::stream::BoxStream<'static, nats_client::Msg>, BackboneError> {
+) -> Result<futures_util::stream::BoxStream<'static, client::Msg>, BackboneError> {
     let queue = queue_group.map(queue_name);
     let mut subscribers = Vec::new();
     // `a/#` is two subjects (`a` and `a.>`); a message matches at most one of them.
@@ -228,7 +222,7 @@ fn decoder(
     prefix: String,
     malformed: Counter,
     filter: &TopicFilter,
-) -> Arc<dyn Fn(nats_client::Msg) -> Option<Delivery> + Send + Sync> {
+) -> Arc<dyn Fn(client::Msg) -> Option<Delivery> + Send + Sync> {
     let matcher = filter.clone();
     Arc::new(move |m| {
         decode_message(&prefix, m, &malformed)
@@ -238,7 +232,7 @@ fn decoder(
 }
 
 /// How the publishing connection's writer encodes this instance's events
-/// ([`nats_client::Client::publish_later`]).
+/// ([`client::Client::publish_later`]).
 #[derive(Debug)]
 struct CoreWire {
     prefix: String,
@@ -249,13 +243,13 @@ struct CoreWire {
     unrepresentable: Counter,
 }
 
-impl nats_client::EncodeLater for CoreWire {
-    fn encode(&self, envelope: &Envelope, frame: &mut nats_client::Frame) -> Result<(), String> {
+impl client::EncodeLater for CoreWire {
+    fn encode(&self, envelope: &Envelope, frame: &mut client::Frame) -> Result<(), HeaderError> {
         envelope
             .topic
             .push_nats_subject(&self.prefix, &mut frame.subject);
         let mut headers = RawHeaders::reuse(std::mem::take(&mut frame.headers));
-        nats_wire::encode_headers(
+        wire::encode_headers(
             envelope,
             self.wire,
             (&self.instance.0, &self.instance.1),
@@ -265,17 +259,17 @@ impl nats_client::EncodeLater for CoreWire {
             Ok(block) => block,
             Err(reason) => {
                 self.unrepresentable.inc();
-                tracing::warn!(topic = %envelope.topic, reason, "nats: an event that cannot be sent as a NATS message was skipped (counted in meshgate_backbone_dropped_total{{reason=\"unrepresentable\"}})");
+                tracing::warn!(topic = %envelope.topic, reason = %reason, "nats: an event that cannot be sent as a NATS message was skipped (counted in meshgate_backbone_dropped_total{{reason=\"unrepresentable\"}})");
                 frame.clear();
                 return Err(reason);
             }
         };
-        nats_wire::write_payload(envelope, self.wire, &mut frame.payload);
+        wire::write_payload(envelope, self.wire, &mut frame.payload);
         Ok(())
     }
 
     fn size_bound(&self, envelope: &Envelope) -> usize {
-        nats_wire::size_bound(envelope, self.wire)
+        wire::size_bound(envelope, self.wire)
     }
 
     fn subject_bound(&self, envelope: &Envelope) -> usize {
@@ -299,7 +293,7 @@ pub(crate) fn task_panicked(registry: &Registry) -> Counter {
 /// task, an MQTT session, an AMQP sink). The decoder only reads `m`: nothing is left half-done.
 pub(crate) fn decode_message(
     prefix: &str,
-    m: nats_client::Msg,
+    m: client::Msg,
     malformed: &Counter,
 ) -> Option<Envelope> {
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -308,24 +302,20 @@ pub(crate) fn decode_message(
     decoded.unwrap_or_else(|panic| {
         malformed.inc();
         tracing::error!(
-            panic = nats_client::panic_message(&*panic),
+            panic = connector::panic_message(&*panic),
             "nats: decoding a received message panicked; the message was skipped (counted as malformed)"
         );
         None
     })
 }
 
-fn decode_message_unguarded(
-    prefix: &str,
-    m: nats_client::Msg,
-    malformed: &Counter,
-) -> Option<Envelope> {
+fn decode_message_unguarded(prefix: &str, m: client::Msg, malformed: &Counter) -> Option<Envelope> {
     let Ok(subject) = std::str::from_utf8(&m.subject) else {
         malformed.inc();
         return None;
     };
     let block = m.headers.as_deref().map(RawHeaderBlock);
-    nats_wire::decode_or_count(
+    wire::decode_or_count(
         prefix,
         subject,
         block.as_ref().map(|b| b as &dyn HeaderSource),
@@ -342,14 +332,14 @@ pub(crate) fn client_options(
     echo: bool,
     registry: &Registry,
     backbone: &'static str,
-) -> nats_client::Options {
+) -> client::Options {
     let dropped = |reason| {
         registry.counter(
             metrics::BACKBONE_DROPPED,
             &[("backbone", backbone), ("reason", reason)],
         )
     };
-    nats_client::Options {
+    client::Options {
         urls: config.urls.clone(),
         name: format!("meshgate {instance}"),
         echo,
@@ -378,88 +368,6 @@ pub(crate) fn client_error(e: ClientError) -> BackboneError {
         ClientError::LineTooLong { .. } => BackboneError::TopicTooLong(e.to_string()),
         ClientError::Full => BackboneError::Saturated(e.to_string()),
     }
-}
-
-/// Starts the async-nats client of the `jetstream` backbone. Waits up to `connect_timeout` for
-/// the first connection; after that the client keeps trying.
-pub(crate) async fn connect_client(
-    config: &NatsBackboneConfig,
-    instance: &str,
-    registry: &Registry,
-    metric_backbone: &'static str,
-) -> Result<async_nats::Client, NatsStartError> {
-    let addrs = config
-        .urls
-        .iter()
-        .map(|u| {
-            ServerAddr::from_str(u).map_err(|e| NatsStartError::Url {
-                url: u.clone(),
-                reason: e.to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
-    let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
-    let disconnects = registry.counter(
-        metrics::BACKBONE_DISCONNECTS,
-        &[("backbone", metric_backbone)],
-    );
-    // The client reports every dropped message; log at most one line per interval.
-    let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
-        SLOW_CONSUMER_LOG_INTERVAL,
-    ));
-    let mut options = ConnectOptions::new()
-        .name(format!("meshgate {instance}"))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(config.connect_timeout)
-        .subscription_capacity(config.subscription_capacity)
-        .event_callback(move |event| {
-            let slow_consumer = slow_consumer.clone();
-            let warn_slow = warn_slow.clone();
-            let disconnects = disconnects.clone();
-            async move {
-                match event {
-                    async_nats::Event::SlowConsumer(sid) => {
-                        slow_consumer.inc();
-                        if warn_slow.ready() {
-                            tracing::warn!(
-                                sid,
-                                "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
-                            );
-                        }
-                    }
-                    async_nats::Event::Connected => tracing::info!("nats: connected"),
-                    async_nats::Event::Disconnected => {
-                        disconnects.inc();
-                        tracing::warn!("nats: disconnected; reconnecting")
-                    }
-                    other => tracing::info!(event = %other, "nats"),
-                }
-            }
-        });
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &config.token {
-        options = options.token(token.clone());
-    }
-    let client = options
-        .connect(addrs)
-        .await
-        .map_err(|e| NatsStartError::Client(e.to_string()))?;
-    let deadline = tokio::time::Instant::now() + config.connect_timeout;
-    while client.connection_state() != State::Connected {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                urls = ?config.urls,
-                "nats: not reachable yet; serving as not ready and retrying"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(client)
 }
 
 /// NATS queue group names are tokens without whitespace; MQTT share names may hold any

@@ -1,4 +1,4 @@
-//! JetStream publishes on meshgate's own NATS client ([`crate::nats_client`]): the ingress hot
+//! JetStream publishes on meshgate's own NATS client ([`crate::nats::client`]): the ingress hot
 //! path of the `jetstream` backbone.
 //!
 //! A JetStream publish is a NATS request: `HPUB <subject> <reply>` and the stream answers on
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::nats_client::{self, ClientError};
+use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
 
 /// How long a publish waits for its PubAck (as async-nats's default).
 pub(crate) const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,12 +57,12 @@ type Waiters = HashMap<u64, oneshot::Sender<Result<PubAck, PublishFailure>>>;
 
 #[derive(Debug)]
 pub(crate) struct JsPublisher {
-    client: nats_client::Client,
+    client: Client,
     /// `_INBOX.<unique>.`; a request's reply subject is this and its number.
     inbox: String,
     next: AtomicU64,
     waiting: Arc<Mutex<Waiters>>,
-    _replies: nats_client::Unsubscribe,
+    _replies: Unsubscribe,
 }
 
 fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
@@ -72,7 +72,7 @@ fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
 
 impl JsPublisher {
     /// Starts on `client` (a connection of its own: its inbox subscription is made here).
-    pub(crate) fn start(client: nats_client::Client) -> Result<JsPublisher, ClientError> {
+    pub(crate) fn start(client: Client) -> Result<JsPublisher, ClientError> {
         let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
         let waiting = Arc::new(Mutex::new(Waiters::new()));
         let (w, prefix_len) = (waiting.clone(), inbox.len());
@@ -89,7 +89,7 @@ impl JsPublisher {
         })
     }
 
-    pub(crate) fn client(&self) -> &nats_client::Client {
+    pub(crate) fn client(&self) -> &Client {
         &self.client
     }
 
@@ -136,7 +136,7 @@ impl Drop for Forget<'_> {
 }
 
 /// Hands a reply to the publish waiting for it.
-fn answer(waiting: &Mutex<Waiters>, prefix_len: usize, m: nats_client::Msg) {
+fn answer(waiting: &Mutex<Waiters>, prefix_len: usize, m: Msg) {
     let Some(id) = m
         .subject
         .get(prefix_len..)
@@ -198,7 +198,11 @@ fn parse_reply(headers: Option<&[u8]>, payload: &[u8]) -> Result<PubAck, Publish
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use crate::nats::testing::{line_of, serving};
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn pubacks_errors_and_no_responders_are_told_apart() {
@@ -232,5 +236,51 @@ mod tests {
             parse_reply(None, b"{}"),
             Err(PublishFailure::BadReply(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
+        let (client, _serving, server) = serving(64 << 10).await;
+        let publisher = JsPublisher::start(client).unwrap();
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        assert!(
+            sub.starts_with("SUB _INBOX.") && sub.ends_with(".* 1"),
+            "{sub}"
+        );
+
+        let first = tokio::spawn(async move {
+            let a = publisher
+                .publish("p.a", b"NATS/1.0\r\nX: y\r\n\r\n", b"hi")
+                .await;
+            let b = publisher.publish("p.b", b"", b"yo").await;
+            (a, b)
+        });
+        // HPUB <subject> <reply> <header size> <total size>, then the reply to it.
+        let hpub = line_of(&mut r, &mut seen, "HPUB ").await;
+        let parts: Vec<&str> = hpub.split(' ').collect();
+        assert_eq!(
+            (parts[1], parts[3], parts[4]),
+            ("p.a", "18", "20"),
+            "{hpub}"
+        );
+        let ack = r#"{"stream":"S","seq":1,"duplicate":true}"#;
+        let reply = format!("MSG {} 1 {}\r\n{ack}\r\n", parts[2], ack.len());
+        w.write_all(reply.as_bytes()).await.unwrap();
+        // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503).
+        let publ = line_of(&mut r, &mut seen, "PUB p.b").await;
+        let inbox = publ.split(' ').nth(2).unwrap().to_owned();
+        let status = "NATS/1.0 503\r\n\r\n";
+        let reply = format!(
+            "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+            status.len(),
+            status.len()
+        );
+        w.write_all(reply.as_bytes()).await.unwrap();
+
+        let (a, b) = first.await.unwrap();
+        assert_eq!(a, Ok(PubAck { duplicate: true }));
+        assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
     }
 }

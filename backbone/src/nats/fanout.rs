@@ -28,7 +28,7 @@ use meshgate_config::NatsWireMode;
 use meshgate_core::metrics::Counter;
 use meshgate_core::{BoxFuture, Delivery, Envelope, TopicFilter};
 
-use crate::nats_client::{ByteQueueRx, ByteQueueTx, byte_queue};
+use crate::nats::client::{ByteQueueRx, ByteQueueTx, byte_queue};
 
 /// Longest wait between two attempts to subscribe again after a forwarding task's panic.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(5);
@@ -169,7 +169,7 @@ impl Fanout {
 
 /// About the memory an event holds in a queue (its JSON, or data and attributes).
 fn approx_size(envelope: &Envelope) -> usize {
-    crate::nats_wire::size_bound(envelope, NatsWireMode::Structured)
+    crate::nats::wire::size_bound(envelope, NatsWireMode::Structured)
 }
 
 /// Hands each event of `remote` to every member of `group`; when `remote` ends (the client
@@ -196,7 +196,7 @@ async fn forward<M, E: std::fmt::Display>(
         panicked.inc();
         tracing::error!(
             filter = %filter,
-            panic = crate::nats_client::panic_message(&*panic),
+            panic = crate::nats::connector::panic_message(&*panic),
             "nats: a fan-out task panicked; subscribing again (counted in meshgate_errors_total{{kind=\"task_panicked\"}})"
         );
         // The stream may be left half-way through a message: a new one. Events published

@@ -50,7 +50,7 @@ impl KvRetained {
         js: &async_nats::jetstream::Context,
         config: &meshgate_config::JetStreamConfig,
         max_control_line: usize,
-    ) -> Result<KvRetained, String> {
+    ) -> Result<KvRetained, BucketError> {
         let bucket = format!("{}_RETAINED", config.stream);
         let limits = BucketLimits {
             max_bytes: config.retained_max_bytes,
@@ -86,6 +86,23 @@ pub(crate) struct BucketLimits {
     pub(crate) max_value_size: usize,
 }
 
+/// Why a KV bucket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BucketError {
+    #[error("bucket {bucket}: {source}")]
+    Stream {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    #[error("bucket {bucket}: {source}")]
+    Open {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::KeyValueError,
+    },
+}
+
 /// Creates (or opens, updating its limits) a KV bucket. Its stream is created here rather than with
 /// `create_key_value`, whose reply parsing fails against nats-server 2.9 (seen in the test);
 /// this is the layout a KV bucket has (ADR-8): one message per key, rollups, no deletes,
@@ -95,7 +112,7 @@ pub(crate) async fn open_bucket(
     bucket: &str,
     replicas: usize,
     limits: BucketLimits,
-) -> Result<kv::Store, String> {
+) -> Result<kv::Store, BucketError> {
     let config = async_nats::jetstream::stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
@@ -114,10 +131,16 @@ pub(crate) async fn open_bucket(
     };
     js.create_or_update_stream(config)
         .await
-        .map_err(|e| format!("bucket {bucket}: {e}"))?;
+        .map_err(|source| BucketError::Stream {
+            bucket: bucket.to_owned(),
+            source,
+        })?;
     js.get_key_value(bucket)
         .await
-        .map_err(|e| format!("bucket {bucket}: {e}"))
+        .map_err(|source| BucketError::Open {
+            bucket: bucket.to_owned(),
+            source,
+        })
 }
 
 impl RetainedStore for KvRetained {

@@ -10,7 +10,8 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
-use crate::jetstream_retained::{B64, BucketLimits, key_fits, open_bucket};
+use super::consumer::durable_consumer;
+use super::retained::{B64, BucketError, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
     kv: kv::Store,
@@ -41,7 +42,7 @@ impl KvSessions {
         prefix: &str,
         instance: &str,
         max_control_line: usize,
-    ) -> Result<KvSessions, String> {
+    ) -> Result<KvSessions, BucketError> {
         let stream = &config.stream;
         let bucket = format!("{stream}_SESSIONS");
         // Bounded by `backbone.jetstream.sessions_max_bytes` and `kv_max_value_size`.
@@ -153,7 +154,7 @@ impl SessionStore for KvSessions {
         Box::pin(async move {
             let stream = self.js.get_stream(&self.stream).await.map_err(failed)?;
             for subject in filter.to_nats_subjects(&self.prefix) {
-                let consumer = crate::jetstream::durable_consumer(name, &subject);
+                let consumer = durable_consumer(name, &subject);
                 // Not found: the server removed it already (inactive past its ttl).
                 let _ = stream.delete_consumer(&consumer).await;
             }

@@ -18,7 +18,9 @@ use meshgate_config::NatsWireMode;
 use meshgate_core::backbone::MqttProperties;
 use meshgate_core::event::{AttributeRef, StringAttributes};
 use meshgate_core::header::{decode_header_value, percent_encode_header};
-use meshgate_core::{Data, Envelope, Event, ExtensionValue, Origin, Topic, json, media};
+use meshgate_core::{
+    Data, Envelope, Event, EventError, ExtensionValue, Origin, Topic, TopicError, json, media,
+};
 
 pub(crate) const ORIGIN: &str = "Meshgate-Origin";
 pub(crate) const QOS: &str = "Meshgate-Qos";
@@ -28,6 +30,52 @@ const MQTT_CORRELATION: &str = "Meshgate-Mqtt-Correlation-Data";
 const MQTT_UTF8: &str = "Meshgate-Mqtt-Payload-Utf8";
 const MQTT_EXPIRES: &str = "Meshgate-Mqtt-Expires-At-Ms";
 const CONTENT_TYPE: &str = "Content-Type";
+
+/// Why a header line cannot be written, or a received header block is not a valid one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HeaderError {
+    #[error("the header block does not start with NATS/1.0")]
+    NoVersionLine,
+    #[error("header line {line} has no `:`")]
+    NoColon { line: usize },
+    #[error("header name {name:?} is not a NATS header token (printable ASCII, no `:`)")]
+    BadName { name: String },
+    /// Outbound: a value with CR, LF or another control character (its start, for the log).
+    #[error("the value of header `{name}` has a control character ({value:.40?}…)")]
+    ControlCharacter { name: String, value: String },
+    /// Inbound: a value that is not UTF-8 text without control characters.
+    #[error("the value of header `{name}` is not UTF-8 text without control characters")]
+    BadValue { name: String },
+}
+
+/// Why a NATS message is not an event.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DecodeError {
+    #[error("subject `{subject}`: {source}")]
+    Subject {
+        subject: String,
+        #[source]
+        source: TopicError,
+    },
+    #[error(transparent)]
+    Headers(#[from] HeaderError),
+    #[error("structured event: {0}")]
+    Structured(#[source] EventError),
+    #[error("no CloudEvents headers and not a JSON event: {0}")]
+    NotAnEvent(#[source] EventError),
+    /// A `ce-` header whose value is not percent-encoded text (the decoder's reason).
+    #[error("header `{name}`: {reason}")]
+    HeaderValue { name: String, reason: String },
+    #[error("header `{name}`: {source}")]
+    Attribute {
+        name: String,
+        #[source]
+        source: EventError,
+    },
+    /// The attributes of a binary-mode event do not make an event.
+    #[error(transparent)]
+    Binary(EventError),
+}
 
 /// Where [`encode`] writes headers: an async-nats `HeaderMap` (JetStream) or a raw NATS
 /// header block ([`RawHeaders`], the core backbone's own client).
@@ -61,7 +109,7 @@ impl HeaderSink for HeaderMap {
 pub(crate) struct RawHeaders {
     buf: Vec<u8>,
     /// Why a line was refused (the first one).
-    bad: Option<String>,
+    bad: Option<HeaderError>,
 }
 
 impl RawHeaders {
@@ -76,7 +124,7 @@ impl RawHeaders {
     }
     /// The finished block, or why a header could not be written (the event cannot be
     /// represented as a NATS message: skip it and count it).
-    pub(crate) fn finish(mut self) -> Result<Vec<u8>, String> {
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, HeaderError> {
         if let Some(bad) = self.bad {
             return Err(bad);
         }
@@ -92,14 +140,16 @@ impl RawHeaders {
         }
         debug_assert!(!name_checked || is_header_name(name.as_bytes()), "{name}");
         if !name_checked && !is_header_name(name.as_bytes()) {
-            self.bad = Some(format!("header name {name:?} is not a NATS header token"));
+            self.bad = Some(HeaderError::BadName {
+                name: name.to_owned(),
+            });
             return;
         }
         if let Some(p) = parts.iter().find(|p| !is_header_value(p.as_bytes())) {
-            self.bad = Some(format!(
-                "the value of header `{name}` has a control character ({:.40?}…)",
-                p
-            ));
+            self.bad = Some(HeaderError::ControlCharacter {
+                name: name.to_owned(),
+                value: p.chars().take(40).collect(),
+            });
             return;
         }
         self.buf.extend_from_slice(name.as_bytes());
@@ -287,12 +337,12 @@ pub(crate) trait HeaderSource {
     /// Every (name, value), in order, borrowed for as long as the headers; or why the headers
     /// are not a valid NATS header block (a message with such headers is refused, not read in
     /// part: the caller drops what `f` saw).
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) -> Result<(), String>;
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) -> Result<(), HeaderError>;
 }
 
 impl HeaderSource for HeaderMap {
     // async-nats checked names and values when it parsed them.
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) -> Result<(), String> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) -> Result<(), HeaderError> {
         for (name, values) in self.iter() {
             for value in values {
                 f(name.as_ref(), value.as_str());
@@ -346,7 +396,7 @@ impl RawHeaderBlock<'_> {
 }
 
 impl HeaderSource for RawHeaderBlock<'_> {
-    fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b str, &'b str)) -> Result<(), String> {
+    fn visit<'b>(&'b self, f: &mut dyn FnMut(&'b str, &'b str)) -> Result<(), HeaderError> {
         visit_block(self.0, f)
     }
 }
@@ -356,7 +406,7 @@ impl HeaderSource for RawHeaderBlock<'_> {
 /// Names must be [`is_header_name`] tokens and values UTF-8 and [`is_header_value`]; a line
 /// without `:` is refused too. Only byte comparisons and `get`: any input gives a verdict.
 #[cfg(test)]
-pub(crate) fn check_block(block: &[u8]) -> Result<(), String> {
+pub(crate) fn check_block(block: &[u8]) -> Result<(), HeaderError> {
     visit_block(block, &mut |_, _| {})
 }
 
@@ -364,9 +414,12 @@ pub(crate) fn check_block(block: &[u8]) -> Result<(), String> {
 /// value without the blanks around it) until the first bad line, whose reason is the error.
 /// One pass because this runs for every message a subscription receives: checking first and
 /// reading after walked and UTF-8-checked each block twice (issue 18's NATS benchmark rows).
-fn visit_block<'a>(block: &'a [u8], f: &mut dyn FnMut(&'a str, &'a str)) -> Result<(), String> {
+fn visit_block<'a>(
+    block: &'a [u8],
+    f: &mut dyn FnMut(&'a str, &'a str),
+) -> Result<(), HeaderError> {
     let Some(rest) = block.strip_prefix(b"NATS/1.0") else {
-        return Err("the header block does not start with NATS/1.0".into());
+        return Err(HeaderError::NoVersionLine);
     };
     let Some(version_end) = memchr::memchr(b'\n', rest) else {
         return Ok(());
@@ -383,26 +436,24 @@ fn visit_block<'a>(block: &'a [u8], f: &mut dyn FnMut(&'a str, &'a str)) -> Resu
             break;
         }
         let Some(colon) = memchr::memchr(b':', line) else {
-            return Err(format!("header line {n} has no `:`"));
+            return Err(HeaderError::NoColon { line: n });
         };
         let (name, value) = (
             line.get(..colon).unwrap_or_default(),
             line.get(colon + 1..).unwrap_or_default(),
         );
         if !is_header_name(name) {
-            return Err(format!(
-                "header name {:?} is not a NATS header token (printable ASCII, no `:`)",
-                String::from_utf8_lossy(name)
-            ));
+            return Err(HeaderError::BadName {
+                name: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         let text = is_header_value(value)
             .then(|| std::str::from_utf8(value.trim_ascii()).ok())
             .flatten();
         let (Ok(name), Some(value)) = (std::str::from_utf8(name), text) else {
-            return Err(format!(
-                "the value of header `{}` is not UTF-8 text without control characters",
-                String::from_utf8_lossy(name)
-            ));
+            return Err(HeaderError::BadValue {
+                name: String::from_utf8_lossy(name).into_owned(),
+            });
         };
         f(name, value);
     }
@@ -424,7 +475,7 @@ pub(crate) fn decode_or_count(
             malformed.inc();
             tracing::debug!(
                 subject,
-                reason,
+                reason = %reason,
                 "skipped a NATS message that is not a CloudEvent"
             );
             None
@@ -438,9 +489,12 @@ pub(crate) fn decode(
     subject: &str,
     headers: Option<&dyn HeaderSource>,
     payload: Bytes,
-) -> Result<Envelope, String> {
-    let topic = Topic::from_nats_subject(prefix, subject)
-        .map_err(|e| format!("subject `{subject}`: {e}"))?;
+) -> Result<Envelope, DecodeError> {
+    let topic =
+        Topic::from_nats_subject(prefix, subject).map_err(|source| DecodeError::Subject {
+            subject: subject.to_owned(),
+            source,
+        })?;
     let m = Meta::read(headers)?;
     let origin = m.origin.and_then(parse_origin);
     // A structured event with meshgate's origin header (another instance's): its bytes, now
@@ -452,7 +506,7 @@ pub(crate) fn decode(
     let mut own_json = None;
     let event = match m.content_type {
         Some(ct) if media::is_cloudevents(ct) => {
-            let event = json::decode(&payload).map_err(|e| format!("structured event: {e}"))?;
+            let event = json::decode(&payload).map_err(DecodeError::Structured)?;
             if origin.is_some() {
                 own_json = Some(Bytes::copy_from_slice(&payload));
             }
@@ -460,8 +514,7 @@ pub(crate) fn decode(
         }
         _ => match headers {
             Some(h) if m.binary => decode_binary(h, m.content_type, payload)?,
-            _ => json::decode(&payload)
-                .map_err(|e| format!("no CloudEvents headers and not a JSON event: {e}"))?,
+            _ => json::decode(&payload).map_err(DecodeError::NotAnEvent)?,
         },
     };
     let origin = match origin {
@@ -514,7 +567,7 @@ struct Meta<'a> {
 }
 
 impl<'a> Meta<'a> {
-    fn read(headers: Option<&'a dyn HeaderSource>) -> Result<Meta<'a>, String> {
+    fn read(headers: Option<&'a dyn HeaderSource>) -> Result<Meta<'a>, HeaderError> {
         let mut m = Meta::default();
         if let Some(h) = headers {
             h.visit(&mut |k, v| {
@@ -549,7 +602,7 @@ fn decode_binary(
     headers: &dyn HeaderSource,
     content_type: Option<&str>,
     payload: Bytes,
-) -> Result<Event, String> {
+) -> Result<Event, DecodeError> {
     let mut attributes = StringAttributes::new();
     // The first bad header is the error; the ones after it are not looked at.
     let mut failed = None;
@@ -560,23 +613,32 @@ fn decode_binary(
         // `is_ce_header`: the first three bytes are ASCII, so byte 3 is a char boundary;
         // `get` all the same, no slicing of input.
         let attr = name.get(3..).unwrap_or_default().to_ascii_lowercase();
-        let pushed = decode_header_value(value.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|value| attributes.push(&attr, value).map_err(|e| e.to_string()));
+        let pushed = match decode_header_value(value.as_bytes()) {
+            Ok(value) => attributes
+                .push(&attr, value)
+                .map_err(|source| DecodeError::Attribute {
+                    name: name.to_owned(),
+                    source,
+                }),
+            Err(reason) => Err(DecodeError::HeaderValue {
+                name: name.to_owned(),
+                reason,
+            }),
+        };
         if let Err(e) = pushed {
-            failed = Some(format!("header `{name}`: {e}"));
+            failed = Some(e);
         }
     })?;
     if let Some(e) = failed {
         return Err(e);
     }
     let has_content_type = attributes.contains("datacontenttype");
-    let mut event = attributes.build().map_err(|e| e.to_string())?;
+    let mut event = attributes.build().map_err(DecodeError::Binary)?;
     if !has_content_type {
         // §8 policy: without ce-datacontenttype, Content-Type is the data content type.
         event
             .set_datacontenttype(content_type.map(str::to_owned))
-            .map_err(|e| e.to_string())?;
+            .map_err(DecodeError::Binary)?;
     }
     if !payload.is_empty() {
         event.set_data(Some(Data::Binary(payload)));
@@ -729,7 +791,7 @@ mod tests {
         let mut seen = Vec::new();
         let refused = h.visit(&mut |k, v| seen.push(format!("{k}={v}")));
         assert_eq!(seen, ["Content-Type=text/plain", "ce-ID=x1"]);
-        assert_eq!(refused.unwrap_err(), "header line 3 has no `:`");
+        assert_eq!(refused.unwrap_err().to_string(), "header line 3 has no `:`");
         let good = RawHeaderBlock(b"NATS/1.0\r\nA: 1\r\nce-id:\tx2\r\n\r\nignored: 1\r\n");
         seen.clear();
         good.visit(&mut |k, v| seen.push(format!("{k}={v}")))
@@ -841,7 +903,7 @@ mod tests {
             ("other.a", E.as_bytes()),
         ] {
             let err = decode("mg", subject, None, Bytes::copy_from_slice(payload)).unwrap_err();
-            assert!(!err.is_empty());
+            assert!(!err.to_string().is_empty());
         }
         let mut h = HeaderMap::new();
         h.insert("ce-specversion", "1.0");
@@ -849,6 +911,7 @@ mod tests {
         assert!(
             decode("mg", "mg.a", Some(&h), Bytes::new())
                 .unwrap_err()
+                .to_string()
                 .contains("source")
         );
     }
@@ -884,7 +947,8 @@ mod tests {
         ] {
             let block = with(bad);
             let err = decode("mg", "mg.a", Some(&RawHeaderBlock(&block)), Bytes::new())
-                .expect_err(&String::from_utf8_lossy(bad));
+                .expect_err(&String::from_utf8_lossy(bad))
+                .to_string();
             assert!(err.contains("header"), "{err}");
             // The lenient reader used for status lines never panics on them either.
             let h = RawHeaderBlock(&block);
@@ -1079,8 +1143,9 @@ mod tests {
                 let block = raw
                     .finish()
                     .map_err(|e| format!("valid event refused: {e}"))?;
-                check_block(&block)?;
-                let back = decode("mg", "mg.a.b", Some(&RawHeaderBlock(&block)), payload)?;
+                check_block(&block).map_err(|e| e.to_string())?;
+                let back = decode("mg", "mg.a.b", Some(&RawHeaderBlock(&block)), payload)
+                    .map_err(|e| e.to_string())?;
                 let (a, b) = (
                     json::encode_string(&envelope.event),
                     json::encode_string(&back.event),

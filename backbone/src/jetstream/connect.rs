@@ -1,0 +1,97 @@
+//! The async-nats client of the `jetstream` backbone: JetStream's stream, consumer and KV
+//! management, the sessions' release requests and the dead-letter advisories go through it
+//! (publishes, pulls and acks go through meshgate's own client, [`crate::nats::client`]).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{ConnectOptions, ServerAddr};
+use meshgate_config::NatsBackboneConfig;
+use meshgate_core::metrics::{self, Registry};
+
+use crate::error::BackboneStartError;
+use crate::nats::client::SLOW_CONSUMER_LOG_INTERVAL;
+
+/// Starts the async-nats client of the `jetstream` backbone. Waits up to `connect_timeout` for
+/// the first connection; after that the client keeps trying.
+pub(super) async fn connect_client(
+    config: &NatsBackboneConfig,
+    instance: &str,
+    registry: &Registry,
+    metric_backbone: &'static str,
+) -> Result<async_nats::Client, BackboneStartError> {
+    let addrs = config
+        .urls
+        .iter()
+        .map(|u| {
+            ServerAddr::from_str(u).map_err(|source| BackboneStartError::ServerAddr {
+                url: u.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
+    let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
+    let disconnects = registry.counter(
+        metrics::BACKBONE_DISCONNECTS,
+        &[("backbone", metric_backbone)],
+    );
+    // The client reports every dropped message; log at most one line per interval.
+    let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
+        SLOW_CONSUMER_LOG_INTERVAL,
+    ));
+    let mut options = ConnectOptions::new()
+        .name(format!("meshgate {instance}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(config.connect_timeout)
+        .subscription_capacity(config.subscription_capacity)
+        .event_callback(move |event| {
+            let slow_consumer = slow_consumer.clone();
+            let warn_slow = warn_slow.clone();
+            let disconnects = disconnects.clone();
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        slow_consumer.inc();
+                        if warn_slow.ready() {
+                            tracing::warn!(
+                                sid,
+                                "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
+                            );
+                        }
+                    }
+                    async_nats::Event::Connected => tracing::info!("nats: connected"),
+                    async_nats::Event::Disconnected => {
+                        disconnects.inc();
+                        tracing::warn!("nats: disconnected; reconnecting")
+                    }
+                    other => tracing::info!(event = %other, "nats"),
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    let client = options
+        .connect(addrs)
+        .await
+        .map_err(BackboneStartError::Connect)?;
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    while client.connection_state() != State::Connected {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                urls = ?config.urls,
+                "nats: not reachable yet; serving as not ready and retrying"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(client)
+}

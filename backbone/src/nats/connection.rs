@@ -1,0 +1,424 @@
+//! One established connection of the client: re-subscribing, the writer (one buffer swapped
+//! out under the lock, events queued unencoded encoded in place), the reader (operations
+//! parsed from the read buffer and handed to their subscriptions) and the keep-alive.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use meshgate_core::Envelope;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::client::{Deliver, Frame, MAX_PENDING, Shared};
+use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
+
+/// Keep-alive `PING` interval (as async-nats and the Go client).
+pub(super) const PING_INTERVAL: Duration = Duration::from_secs(60);
+/// Unanswered keep-alive `PING`s after which the connection is given up.
+pub(super) const MAX_PINGS_OUTSTANDING: usize = 2;
+
+/// Largest encoding buffer the writer keeps for the next event.
+const MAX_KEPT_FRAME: usize = 1 << 20;
+
+/// Read chunk; received messages are slices of it (no copy).
+const READ_CHUNK: usize = 32 << 10;
+
+/// Room above the server's `max_payload` for a received message (headers a server may add
+/// to a stored message); past `max_payload` + this, a message is skipped unread and counted
+/// as `too_large` (review F15: was any size up to [`MAX_INBOUND_MESSAGE`]).
+pub(super) const INBOUND_SLACK: usize = 64 << 10;
+
+/// A connection's byte stream: TCP, or TLS over it.
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Why an established connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Disconnect {
+    /// The client was drained (closed on purpose).
+    #[error("closed")]
+    Closed,
+    #[error("connection closed by the server")]
+    ServerClosed,
+    #[error("read: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("write: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[source] ProtocolError),
+    /// [`MAX_PINGS_OUTSTANDING`] keep-alive `PING`s went unanswered.
+    #[error("the server stopped answering PINGs")]
+    Unresponsive,
+}
+
+/// Runs a connection until it fails: re-subscribes, then reads and writes. Returns why it ended.
+pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> Disconnect {
+    // (A write cancelled by the last connection's end left it set.)
+    shared.writing.store(false, Ordering::Release);
+    {
+        let mut out = shared.out();
+        out.clear();
+        out.pongs.clear();
+        let subs = shared.subs();
+        for (sid, sub) in subs.iter() {
+            write_sub(&mut out.buf, *sid, &sub.subject, sub.queue.as_deref());
+        }
+        drop(subs);
+        out.connected = true;
+        shared.connections.fetch_add(1, Ordering::Release);
+    }
+    shared.wake_writer.notify_one();
+    let (reader, writer) = tokio::io::split(io);
+    let closed = shared.close.notified();
+    tokio::select! {
+        r = read_loop(shared, reader, rest) => r,
+        r = write_loop(shared, writer) => r,
+        r = keep_alive(shared) => r,
+        _ = closed => Disconnect::Closed,
+    }
+}
+
+/// A `PING` every [`PING_INTERVAL`]; the connection is given up with
+/// [`MAX_PINGS_OUTSTANDING`] of them unanswered. Skipped while a write is in progress: a PING
+/// queued behind megabytes the server is slowly reading would look unanswered (a connection
+/// that dies mid-write is left to TCP's retransmission timeout).
+async fn keep_alive(shared: &Shared) -> Disconnect {
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    // After a stall, one tick, not a burst that would find its own PINGs unanswered.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ping.tick().await;
+        if shared.writing.load(Ordering::Acquire) {
+            continue;
+        }
+        {
+            let mut out = shared.out();
+            if out.pongs.iter().filter(|p| p.is_none()).count() >= MAX_PINGS_OUTSTANDING {
+                return Disconnect::Unresponsive;
+            }
+            out.buf.extend_from_slice(b"PING\r\n");
+            out.pongs.push_back(None);
+        }
+        shared.wake_writer.notify_one();
+    }
+}
+
+async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -> Disconnect {
+    let mut spare = Vec::with_capacity(64 << 10);
+    let mut later = Vec::new();
+    // Where the bytes and the events encoded here are put together, and one event's encoding.
+    let mut joined = Vec::with_capacity(64 << 10);
+    let mut frame = Frame::default();
+    loop {
+        let idle = {
+            let mut out = shared.out();
+            let idle = out.is_empty();
+            if !idle {
+                std::mem::swap(&mut out.buf, &mut spare);
+                std::mem::swap(&mut out.later, &mut later);
+                out.later_bytes = 0;
+            }
+            idle
+        };
+        if idle {
+            shared.wake_writer.notified().await;
+            continue;
+        }
+        shared.room.notify_waiters();
+        let bytes = if later.is_empty() {
+            &spare
+        } else {
+            join_later(shared, &spare, &mut later, &mut frame, &mut joined);
+            &joined
+        };
+        shared.writing.store(true, Ordering::Release);
+        let written = async {
+            w.write_all(bytes).await?;
+            w.flush().await
+        }
+        .await;
+        shared.writing.store(false, Ordering::Release);
+        if let Err(e) = written {
+            return Disconnect::Write(e);
+        }
+        for buf in [&mut spare, &mut joined] {
+            buf.clear();
+            if buf.capacity() > 4 * MAX_PENDING {
+                *buf = Vec::with_capacity(64 << 10);
+            }
+        }
+    }
+}
+
+/// Puts `bytes` and the events queued among them together in `joined`, encoding each event
+/// where it was queued.
+fn join_later(
+    shared: &Shared,
+    bytes: &[u8],
+    later: &mut Vec<(usize, Arc<Envelope>)>,
+    frame: &mut Frame,
+    joined: &mut Vec<u8>,
+) {
+    let Some(encoder) = shared.options.later.as_ref() else {
+        // Nothing is queued without an encoder (`publish_later` checks).
+        later.clear();
+        joined.extend_from_slice(bytes);
+        return;
+    };
+    let mut at = 0;
+    for (offset, envelope) in later.drain(..) {
+        joined.extend_from_slice(&bytes[at..offset]);
+        at = offset;
+        frame.clear();
+        // An event that cannot be represented is skipped (the encoder counted it): a
+        // malformed message would end the connection every client shares, or be misread.
+        if encoder.encode(&envelope, frame).is_ok() {
+            write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload);
+        }
+    }
+    joined.extend_from_slice(&bytes[at..]);
+    if frame.payload.capacity() > MAX_KEPT_FRAME {
+        // (One big event should not keep its buffer for good.)
+        *frame = Frame::default();
+    }
+}
+
+async fn read_loop(
+    shared: &Shared,
+    mut r: tokio::io::ReadHalf<Box<dyn Io>>,
+    mut buf: BytesMut,
+) -> Disconnect {
+    // Bytes of a too-large message still to be skipped.
+    let mut skip = 0usize;
+    loop {
+        loop {
+            match next_op(&mut buf, &mut skip, inbound_limit(shared)) {
+                Ok(Some(Op::TooLarge { sid, size, .. })) => {
+                    shared.options.too_large.inc();
+                    tracing::warn!(
+                        sid,
+                        size,
+                        "nats: the server sent a message over its own max_payload; skipped (counted in meshgate_backbone_dropped_total{{reason=\"too_large\"}})"
+                    );
+                }
+                Ok(Some(op)) => handle(shared, op),
+                Ok(None) => break,
+                Err(e) => return Disconnect::Protocol(e),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) => return Disconnect::ServerClosed,
+            Ok(_) => {}
+            Err(e) => return Disconnect::Read(e),
+        }
+    }
+}
+
+/// The largest message accepted from the server: its `max_payload` and some room.
+fn inbound_limit(shared: &Shared) -> usize {
+    (shared.max_payload.load(Ordering::Relaxed) + INBOUND_SLACK).min(MAX_INBOUND_MESSAGE)
+}
+
+fn handle(shared: &Shared, op: Op) {
+    match op {
+        Op::Msg { sid, msg } => {
+            let subs = shared.subs();
+            let Some(sub) = subs.get(&sid) else {
+                return;
+            };
+            let tx = match &sub.to {
+                Deliver::Queue(tx) => tx,
+                Deliver::Call(handler) => {
+                    let handler = handler.clone();
+                    drop(subs);
+                    handler(msg);
+                    return;
+                }
+            };
+            let size = msg.headers.as_ref().map_or(0, Bytes::len) + msg.payload.len();
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg, size) {
+                shared.options.slow_consumer.inc();
+                if shared.warn_slow.ready() {
+                    tracing::warn!(
+                        sid,
+                        subject = %sub.subject,
+                        "nats: a subscriber is too slow, messages dropped for it (counted in meshgate_backbone_dropped_total{{reason=\"slow_consumer\"}})"
+                    );
+                }
+            }
+        }
+        Op::Ping => {
+            shared.out().buf.extend_from_slice(b"PONG\r\n");
+            shared.wake_writer.notify_one();
+        }
+        Op::Pong => {
+            if let Some(Some(waiter)) = shared.out().pongs.pop_front() {
+                let _ = waiter.send(());
+            }
+        }
+        // (Skipped and counted by the reader.)
+        Op::Ok | Op::TooLarge { .. } => {}
+        Op::Err(text) => {
+            // The server closes the connection after the errors that end it (and the reader
+            // then sees the end); others (permissions, subscription limits) leave it open, and
+            // dropping it here would reconnect, resubscribe and meet the same error in a loop.
+            tracing::warn!(error = %text, "nats: the server reported an error");
+        }
+        Op::Info(json) => {
+            if let Ok(info) = serde_json::from_str::<Info>(&json)
+                && info.max_payload > 0
+            {
+                shared
+                    .max_payload
+                    .store(info.max_payload, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::nats::testing::{IdOnly, event, line_of, serving, serving_with};
+
+    #[tokio::test]
+    async fn events_encoded_by_the_writer_keep_their_place_among_other_messages() {
+        let encoder = Arc::new(IdOnly { bound: 64 });
+        let (client, _serving, mut server) = serving_with(64 << 10, Some(encoder)).await;
+        client.publish("a", b"", b"1").unwrap();
+        client.publish_later(&event("x")).unwrap();
+        client.publish_later(&event("y")).unwrap();
+        client.publish("b", b"", b"2").unwrap();
+        client.publish_later(&event("z")).unwrap();
+        let flushed = tokio::spawn({
+            let client = client.clone();
+            async move { client.flush().await }
+        });
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"PING\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = server.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        let expected = "PUB a 1\r\n1\r\nPUB ev.t 1\r\nx\r\nPUB ev.t 1\r\ny\r\n\
+                        PUB b 1\r\n2\r\nPUB ev.t 1\r\nz\r\nPING\r\n";
+        assert_eq!(String::from_utf8_lossy(&seen), expected);
+        server.write_all(b"PONG\r\n").await.unwrap();
+        flushed.await.unwrap().unwrap();
+    }
+
+    /// Review F15: a message over the server's own max_payload (+ slack) is skipped unread
+    /// and counted, the connection and the next messages go on; a subscription's queue is
+    /// bounded in bytes as well as messages (an empty one takes any one message).
+    #[tokio::test]
+    async fn messages_over_max_payload_are_skipped_and_queues_are_bounded_in_bytes() {
+        use futures_util::StreamExt;
+        let (client, serving, server) = serving(1 << 20).await;
+        client.shared.max_payload.store(1000, Ordering::Relaxed);
+        let mut sub = client.subscribe("s", None).unwrap();
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let line = line_of(&mut r, &mut seen, "SUB ").await;
+        assert_eq!(line, "SUB s 1");
+        let big = 1000 + INBOUND_SLACK + 1;
+        let mut input = format!("MSG s 1 {big}\r\n").into_bytes();
+        input.extend(std::iter::repeat_n(b'x', big));
+        input.extend_from_slice(b"\r\nMSG s 1 2\r\nok\r\n");
+        // The per-subscription byte budget (1 MiB in `unconnected_with`): the first of
+        // these fills it, the second is over it and dropped.
+        let near = 1000 + INBOUND_SLACK;
+        for _ in 0..20 {
+            input.extend_from_slice(format!("MSG s 1 {near}\r\n").as_bytes());
+            input.extend(std::iter::repeat_n(b'y', near));
+            input.extend_from_slice(b"\r\n");
+        }
+        w.write_all(&input).await.unwrap();
+        let first = sub.next().await.unwrap();
+        assert_eq!(&first.payload[..], b"ok");
+        assert_eq!(client.shared.options.too_large.get(), 1);
+        // Wait for the reader to have handed on (or dropped) all twenty.
+        while client.shared.options.slow_consumer.get() + ((sub.queued_bytes() / near) as u64) < 20
+        {
+            tokio::task::yield_now().await;
+        }
+        let queued = sub.queued_bytes();
+        assert!(queued <= 1 << 20, "{queued}");
+        assert_eq!(queued / near, (1 << 20) / near);
+        assert!(client.shared.options.slow_consumer.get() > 0);
+        assert!(!serving.is_finished(), "the connection is still served");
+    }
+
+    /// A server that reads slowly (3 KiB every 100 ms) and answers each `PING` as soon as it has
+    /// read it (`answer`), or never.
+    async fn slow_server(io: tokio::io::DuplexStream, answer: bool) {
+        let (mut r, mut w) = tokio::io::split(io);
+        let mut tail = Vec::new();
+        let mut chunk = vec![0u8; 3 << 10];
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            tail.extend_from_slice(&chunk[..n]);
+            let pings = memchr::memmem::find_iter(&tail, b"PING\r\n").count();
+            // Keep what could be the start of a PING cut by this read.
+            tail.drain(..tail.len() - tail.len().min(5));
+            for _ in 0..pings {
+                if answer && w.write_all(b"PONG\r\n").await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_pings_are_answered_and_a_server_answering_none_is_dropped() {
+        let (_client, serving, server) = serving(16 << 10).await;
+        let (mut r, mut w) = tokio::io::split(server);
+        w.write_all(b"PING\r\n").await.unwrap();
+        let mut pong = [0u8; 6];
+        r.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"PONG\r\n");
+        // Keep-alives from now on, none answered: dropped at the third interval, with two
+        // PINGs outstanding.
+        let start = tokio::time::Instant::now();
+        tokio::spawn(slow_server(r.unsplit(w), false));
+        let reason = tokio::time::timeout(4 * PING_INTERVAL, serving)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert!(matches!(reason, Disconnect::Unresponsive), "{reason}");
+        let after = start.elapsed();
+        assert!(
+            after >= 2 * PING_INTERVAL && after <= 3 * PING_INTERVAL + Duration::from_secs(1),
+            "dropped after {after:?}"
+        );
+    }
+
+    /// A write that takes over three keep-alive intervals to a server that reads slowly and
+    /// answers every PING: the connection is kept (no PING is counted as unanswered while it
+    /// waits behind the data, nor fired in a burst after it).
+    #[tokio::test(start_paused = true)]
+    async fn a_long_busy_write_does_not_make_a_live_server_look_dead() {
+        let (client, serving, server) = serving(16 << 10).await;
+        tokio::spawn(slow_server(server, true));
+        // About 7 MB, which this server takes some 235 s to read: the writer is busy through
+        // three keep-alive intervals while the server answers every PING it gets.
+        let payload = vec![b'x'; 1024];
+        for _ in 0..7000 {
+            client.publish("s", b"", &payload).unwrap();
+        }
+        let ended = tokio::time::timeout(4 * PING_INTERVAL + PING_INTERVAL / 2, serving).await;
+        assert!(ended.is_err(), "the connection ended: {ended:?}");
+    }
+}

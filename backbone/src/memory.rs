@@ -23,6 +23,7 @@
 //! Delivery guarantee: at most once, within one process. Matching is a linear scan over the
 //! subscriptions; fine for thousands of subscriptions, a topic trie is the next step past that.
 
+use meshgate_core::metrics::DropReason;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -160,21 +161,16 @@ impl MemoryBackbone {
         registry: &Registry,
         label: &'static str,
     ) -> Arc<Self> {
-        let dropped = |reason| {
-            registry.counter(
-                metrics::BACKBONE_DROPPED,
-                &[("backbone", label), ("reason", reason)],
-            )
-        };
+        let dropped = |reason| registry.backbone_dropped(label, reason);
         Arc::new(MemoryBackbone {
             inner: Arc::new(Inner {
                 config,
                 state: RwLock::new(State::default()),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
-                dropped_queue_full: dropped("queue_full"),
-                dropped_block_timeout: dropped("block_timeout"),
-                dropped_stalled: dropped("stalled"),
+                dropped_queue_full: dropped(DropReason::QueueFull),
+                dropped_block_timeout: dropped(DropReason::BlockTimeout),
+                dropped_stalled: dropped(DropReason::Stalled),
                 subscriptions: registry
                     .gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", label)]),
                 warn_block: meshgate_core::throttle::LogThrottle::new(

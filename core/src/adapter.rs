@@ -1,5 +1,6 @@
 //! What every adapter gets from the gateway, and the trait for adapters that own a listener.
 
+use crate::metrics::ErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -122,7 +123,7 @@ impl AdapterContext {
         envelope: crate::backbone::Envelope,
     ) -> Published<'a> {
         if let Err(e) = self.authorizer.check_publish(principal, &envelope.topic) {
-            metrics.error("forbidden");
+            metrics.error(ErrorKind::Forbidden);
             return Published::Done(Err(e.into()));
         }
         match self.backbone.try_publish(envelope) {
@@ -171,7 +172,7 @@ fn settled(
             Ok(())
         }
         Err(e) => {
-            metrics.error("backbone");
+            metrics.error(ErrorKind::Backbone);
             Err(e.into())
         }
     }

@@ -32,10 +32,10 @@ pub enum LimitError {
 
 impl LimitError {
     /// The `kind` label this refusal is counted under in `meshgate_errors_total`.
-    pub fn metric_kind(self) -> &'static str {
+    pub fn metric_kind(self) -> crate::metrics::ErrorKind {
         match self {
-            LimitError::PerIp => "connection_limit_ip",
-            LimitError::PerUser => "connection_limit_user",
+            LimitError::PerIp => crate::metrics::ErrorKind::ConnectionLimitIp,
+            LimitError::PerUser => crate::metrics::ErrorKind::ConnectionLimitUser,
         }
     }
 }

@@ -1,13 +1,24 @@
 //! A small Prometheus registry: counters, gauges and one latency histogram family, rendered in
 //! the text exposition format. Metric names live here so that every crate uses the same ones.
 //!
-//! Handles are `Arc`ed atomics: adapters look them up once and update them lock-free on the
-//! hot path.
+//! Handles are `Arc`ed atomics: components look them up once and update them lock-free on the
+//! hot path. The values of the `kind` and `reason` labels are enums ([`ErrorKind`],
+//! [`DropReason`], in labels.rs), so the label set is written down in one place.
+//!
+//! Why an own registry rather than `prometheus-client`: what meshgate needs is counters,
+//! gauges and one histogram family with fixed buckets, rendered as text — about 300 lines here,
+//! no dependency. prometheus-client's `Family` looks a label set up (a read lock and a hash)
+//! per `get_or_create`, so holding handles is what makes either fast; its OpenMetrics
+//! extras (exemplars, info/stateset types) are not used. The process collector is
+//! gateway/src/process_metrics.rs. Revisit if exemplars or OpenMetrics negotiation are needed.
+
+mod labels;
+pub use labels::{DropReason, ErrorKind};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub const EVENTS_RECEIVED: &str = "meshgate_events_received_total";
@@ -158,6 +169,27 @@ impl Registry {
             .clone()
     }
 
+    /// `meshgate_errors_total{adapter, kind}`.
+    pub fn error_counter(&self, adapter: &'static str, kind: ErrorKind) -> Counter {
+        self.counter(ERRORS, &[("adapter", adapter), ("kind", kind.as_str())])
+    }
+
+    /// `meshgate_events_dropped_total{adapter, reason}`.
+    pub fn dropped_counter(&self, adapter: &'static str, reason: DropReason) -> Counter {
+        self.counter(
+            EVENTS_DROPPED,
+            &[("adapter", adapter), ("reason", reason.as_str())],
+        )
+    }
+
+    /// `meshgate_backbone_dropped_total{backbone, reason}`.
+    pub fn backbone_dropped(&self, backbone: &'static str, reason: DropReason) -> Counter {
+        self.counter(
+            BACKBONE_DROPPED,
+            &[("backbone", backbone), ("reason", reason.as_str())],
+        )
+    }
+
     pub fn histogram(&self, name: &'static str, l: &[(&'static str, &str)]) -> Histogram {
         self.families()
             .histograms
@@ -237,7 +269,9 @@ fn render_labels(l: &Labels, le: Option<&str>) -> String {
     s
 }
 
-/// The metrics one adapter updates, looked up once.
+/// The metrics one adapter updates, looked up once. The error and drop counters are
+/// registered on first use (so `/metrics` shows only what happened) and then held: counting
+/// one more takes no lock.
 #[derive(Debug, Clone)]
 pub struct AdapterMetrics {
     adapter: &'static str,
@@ -246,6 +280,10 @@ pub struct AdapterMetrics {
     pub sent: Counter,
     pub connections: Gauge,
     pub publish_latency: Histogram,
+    /// Indexed by `ErrorKind as usize`.
+    errors: Arc<[OnceLock<Counter>]>,
+    /// Indexed by `DropReason as usize`.
+    drops: Arc<[OnceLock<Counter>]>,
 }
 
 impl AdapterMetrics {
@@ -258,21 +296,21 @@ impl AdapterMetrics {
             sent: registry.counter(EVENTS_SENT, &a),
             connections: registry.gauge(CONNECTIONS, &a),
             publish_latency: registry.histogram(PUBLISH_LATENCY, &a),
+            errors: ErrorKind::ALL.iter().map(|_| OnceLock::new()).collect(),
+            drops: DropReason::ALL.iter().map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// Counter of events dropped for `reason` (look it up once where drops can be frequent).
-    pub fn dropped(&self, reason: &str) -> Counter {
-        self.registry.counter(
-            EVENTS_DROPPED,
-            &[("adapter", self.adapter), ("reason", reason)],
-        )
+    /// The counter of events dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        self.drops[reason as usize]
+            .get_or_init(|| self.registry.dropped_counter(self.adapter, reason))
     }
 
-    /// Counts one error of `kind` (e.g. `bad_event`, `unauthorized`, `backbone`).
-    pub fn error(&self, kind: &str) {
-        self.registry
-            .counter(ERRORS, &[("adapter", self.adapter), ("kind", kind)])
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors[kind as usize]
+            .get_or_init(|| self.registry.error_counter(self.adapter, kind))
             .inc();
     }
 }
@@ -286,12 +324,21 @@ mod tests {
         let r = Registry::new();
         let m = AdapterMetrics::new(&r, "http");
         m.received.add(3);
-        m.error("bad_event");
+        m.error(ErrorKind::BadEvent);
+        m.error(ErrorKind::BadEvent);
+        m.dropped(DropReason::QueueFull).add(2);
         m.publish_latency.observe(Duration::from_micros(300));
         let text = r.render();
         assert!(text.contains("# TYPE meshgate_events_received_total counter"));
         assert!(text.contains("meshgate_events_received_total{adapter=\"http\"} 3"));
-        assert!(text.contains("meshgate_errors_total{adapter=\"http\",kind=\"bad_event\"} 1"));
+        assert!(text.contains("meshgate_errors_total{adapter=\"http\",kind=\"bad_event\"} 2"));
+        assert!(
+            text.contains(
+                "meshgate_events_dropped_total{adapter=\"http\",reason=\"queue_full\"} 2"
+            )
+        );
+        // Only what happened is shown.
+        assert!(!text.contains("kind=\"unauthorized\""), "{text}");
         assert!(
             text.contains(
                 "meshgate_publish_latency_seconds_bucket{adapter=\"http\",le=\"0.0005\"} 1"

@@ -23,6 +23,7 @@
 //!   ended. Upgraded WebSocket connections are not waited for here (they are tracked by the
 //!   adapters and closed after the backbone drained).
 
+use meshgate_core::metrics::ErrorKind;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -90,16 +91,11 @@ pub struct Counters {
 
 impl Counters {
     pub fn new(registry: &Registry, adapter: &'static str) -> Counters {
-        let error = |kind| {
-            registry.counter(
-                meshgate_core::metrics::ERRORS,
-                &[("adapter", adapter), ("kind", kind)],
-            )
-        };
+        let error = |kind| registry.error_counter(adapter, kind);
         Counters {
-            refused: error("connection_limit"),
-            header_timeouts: error("header_timeout"),
-            headers_too_large: error("header_too_large"),
+            refused: error(ErrorKind::ConnectionLimit),
+            header_timeouts: error(ErrorKind::HeaderTimeout),
+            headers_too_large: error(ErrorKind::HeaderTooLarge),
             open: registry.gauge(meshgate_core::metrics::CONNECTIONS, &[("adapter", adapter)]),
         }
     }

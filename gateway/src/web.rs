@@ -1,6 +1,7 @@
 //! The public web listener: HTTP ingress, the WebSocket endpoint and the example browser page
 //! share one port, each contributing its routes.
 
+use meshgate_core::metrics::ErrorKind;
 use std::sync::Arc;
 
 use axum::Router;
@@ -53,10 +54,7 @@ pub fn router(config: &Config, ctx: &AdapterContext) -> Router {
 /// (`websocket.allowed_origins`): a page of another origin gets 403 before the upgrade,
 /// counted as `meshgate_errors_total{adapter="mqtt",kind="forbidden_origin"}`.
 pub fn origin_checked(router: Router, config: &Config, registry: &Registry) -> Router {
-    let refused = registry.counter(
-        meshgate_core::metrics::ERRORS,
-        &[("adapter", "mqtt"), ("kind", "forbidden_origin")],
-    );
+    let refused = registry.error_counter("mqtt", ErrorKind::ForbiddenOrigin);
     let state: Arc<(Vec<String>, Counter)> =
         Arc::new((config.websocket.allowed_origins.clone(), refused));
     router.layer(axum::middleware::from_fn(

@@ -245,10 +245,19 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    pub(crate) fn reason(self) -> &'static str {
+    pub(crate) fn drop_reason(self) -> meshgate_core::metrics::DropReason {
+        use meshgate_core::metrics::DropReason;
         match self {
-            Refusal::BadMessage => "bad_message",
-            Refusal::TooLarge => "too_large",
+            Refusal::BadMessage => DropReason::BadMessage,
+            Refusal::TooLarge => DropReason::TooLarge,
+        }
+    }
+
+    pub(crate) fn error_kind(self) -> meshgate_core::metrics::ErrorKind {
+        use meshgate_core::metrics::ErrorKind;
+        match self {
+            Refusal::BadMessage => ErrorKind::BadMessage,
+            Refusal::TooLarge => ErrorKind::TooLarge,
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod scan;
 mod sink;
 mod source;
 
+use meshgate_core::metrics::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,7 +240,7 @@ async fn supervise<F, Fut>(
             // Cancelled: the runtime is shutting down.
             Err(_) => return,
         };
-        metrics.error("task_panic");
+        metrics.error(ErrorKind::TaskPanic);
         tracing::error!(kind = link.kind, link = %link.name, %error, retry_in = ?pause,
             "an AMQP link task panicked; the link is down and restarts");
         link.set_down(&AmqpError::Panicked(error));

@@ -13,6 +13,7 @@
 //! comes back as a return: counted (`reason="unroutable"`), logged, and acknowledged, since
 //! publishing it again would not route it either.
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,9 +98,9 @@ impl Sink {
                 AmqpError::Config(format!("amqp sink `{}`: exchange: {e}", config.name))
             })?;
         Ok(Sink {
-            unroutable: metrics.dropped("unroutable"),
-            unencodable: metrics.dropped("unencodable"),
-            unreachable: metrics.dropped("unreachable"),
+            unroutable: metrics.dropped(DropReason::Unroutable).clone(),
+            unencodable: metrics.dropped(DropReason::Unencodable).clone(),
+            unreachable: metrics.dropped(DropReason::Unreachable).clone(),
             exchange,
             metrics,
             instance: ctx.instance.clone(),
@@ -153,7 +154,7 @@ impl Sink {
             Ok(x) => x,
             Err(e) => {
                 self.unencodable.inc();
-                self.metrics.error("unencodable");
+                self.metrics.error(ErrorKind::Unencodable);
                 self.warn("an event cannot be written as an AMQP message; dropped", &e);
                 let _ = delivery.ack().await;
                 return Ok(None);
@@ -203,7 +204,7 @@ impl Sink {
             Ok(Confirmation::Nack(_)) => {
                 // The broker did not take it (a full queue with `x-overflow = reject-publish`,
                 // an internal error): publish it again after a pause, on the same connection.
-                self.metrics.error("broker_nack");
+                self.metrics.error(ErrorKind::BrokerNack);
                 self.warn("RabbitMQ nacked a message; publishing it again", "");
                 Settled::Again(delivery)
             }
@@ -330,7 +331,9 @@ impl Sink {
         // and counted.
         let unconfirmed = inflight.len();
         if unconfirmed > 0 {
-            self.metrics.dropped("unconfirmed").add(unconfirmed as u64);
+            self.metrics
+                .dropped(DropReason::Unconfirmed)
+                .add(unconfirmed as u64);
         }
         handed_back.extend(unsent);
         for d in handed_back.into_iter().rev() {
@@ -449,7 +452,7 @@ impl Sink {
         // (over JetStream: redelivered to another instance after ack_wait), and counted.
         if !state.retry.is_empty() {
             self.metrics
-                .dropped("shutdown")
+                .dropped(DropReason::Shutdown)
                 .add(state.retry.len() as u64);
         }
     }

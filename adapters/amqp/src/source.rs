@@ -12,6 +12,7 @@
 //! each publish is awaited before the next, which keeps the order of the queue (as long as
 //! the backbone takes every message: a requeued one comes back after later ones).
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -151,10 +152,10 @@ impl Source {
             principal: Principal::internal(format!("amqp-source:{}", config.name)),
             consumer_tag: consumer_tag(&ctx.instance, &config.name),
             stop,
-            looped: metrics.dropped("loop"),
-            rejected: metrics.dropped("rejected"),
-            bad_message: metrics.dropped(Refusal::BadMessage.reason()),
-            too_large: metrics.dropped(Refusal::TooLarge.reason()),
+            looped: metrics.dropped(DropReason::Loop).clone(),
+            rejected: metrics.dropped(DropReason::Rejected).clone(),
+            bad_message: metrics.dropped(Refusal::BadMessage.drop_reason()).clone(),
+            too_large: metrics.dropped(Refusal::TooLarge.drop_reason()).clone(),
             metrics,
             wrapper,
             prefix,
@@ -239,7 +240,7 @@ impl Source {
             }
             Outcome::Reject(reason) => {
                 self.rejected.inc();
-                self.metrics.error("bad_event");
+                self.metrics.error(ErrorKind::BadEvent);
                 self.log_reject(&reason);
                 conn.reject(tag);
                 false
@@ -249,7 +250,7 @@ impl Source {
                     Refusal::BadMessage => self.bad_message.inc(),
                     Refusal::TooLarge => self.too_large.inc(),
                 }
-                self.metrics.error(kind.reason());
+                self.metrics.error(kind.error_kind());
                 self.log_reject(&reason);
                 conn.reject(tag);
                 false

@@ -6,6 +6,7 @@
 //! `max_batch_events` is 413 as soon as the decoder reaches its next element) → backbone publish (503 when saturated or unavailable). The 202 is sent only after
 //! the backbone accepted every event of the request.
 
+use meshgate_core::metrics::ErrorKind;
 use std::sync::Arc;
 
 use axum::Router;
@@ -130,7 +131,7 @@ fn presented(headers: &HeaderMap) -> Option<Presented> {
 
 fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Refusal> {
     let unauthorized = |detail: &str| {
-        state.metrics.error("unauthorized");
+        state.metrics.error(ErrorKind::Unauthorized);
         Refusal::new(StatusCode::UNAUTHORIZED, detail)
     };
     let presented = presented(headers).ok_or_else(|| {
@@ -158,7 +159,7 @@ fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Ref
 async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
     let limit = state.config.max_body_size;
     let too_large = || {
-        state.metrics.error("too_large");
+        state.metrics.error(ErrorKind::TooLarge);
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is larger than the limit of {limit} bytes (http.max_body_size)"),
@@ -180,7 +181,7 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next()).await;
         let Ok(next) = next else {
-            state.metrics.error("timeout");
+            state.metrics.error(ErrorKind::Timeout);
             return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
@@ -190,7 +191,7 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
         };
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
-            state.metrics.error("bad_request");
+            state.metrics.error(ErrorKind::BadRequest);
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the request body: {e}"),
@@ -212,7 +213,7 @@ fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Refusal> {
         .and_then(|p| p.strip_prefix('/'))
         .unwrap_or("");
     Topic::from_url_path(raw).map_err(|e| {
-        state.metrics.error("bad_topic");
+        state.metrics.error(ErrorKind::BadTopic);
         Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("invalid topic in the path: {e}"),
@@ -229,9 +230,9 @@ fn decode(
     let decoded =
         binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
             let kind = match e.status() {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-                _ => "bad_event",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorKind::UnsupportedMediaType,
+                StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
+                _ => ErrorKind::BadEvent,
             };
             state.metrics.error(kind);
             tracing::debug!(error = %e, "http: invalid event");
@@ -255,7 +256,7 @@ fn decode(
                 },
             )
             .map_err(|e| {
-                state.metrics.error("bad_event");
+                state.metrics.error(ErrorKind::BadEvent);
                 Refusal::new(
                     StatusCode::BAD_REQUEST,
                     format!("cannot wrap the body: {e}"),
@@ -295,7 +296,7 @@ async fn handle(
     body: Body,
 ) -> Result<Vec<String>, Refusal> {
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        state.metrics.error("saturated");
+        state.metrics.error(ErrorKind::Saturated);
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -312,13 +313,13 @@ async fn handle(
         &state.config.allowed_origins,
         "http.allowed_origins",
     ) {
-        state.metrics.error("forbidden_origin");
+        state.metrics.error(ErrorKind::ForbiddenOrigin);
         return Err(Refusal::new(StatusCode::FORBIDDEN, why));
     }
     let topic = topic_from_path(state, uri)?;
     let principal = authenticate(state, headers)?;
     if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {
-        state.metrics.error("forbidden");
+        state.metrics.error(ErrorKind::Forbidden);
         return Err(Refusal::new(StatusCode::FORBIDDEN, e.to_string()));
     }
     let body = read_body(state, headers, body).await?;

@@ -12,6 +12,7 @@ mod session;
 mod tls;
 pub mod websocket;
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,11 +80,9 @@ impl Shared {
                 &ctx.backbone,
                 config.max_retained_messages,
                 config.max_retained_bytes,
-                metrics.dropped("retained_limit"),
-                ctx.registry.counter(
-                    metrics::ERRORS,
-                    &[("adapter", ADAPTER), ("kind", "retained_store")],
-                ),
+                metrics.dropped(DropReason::RetainedLimit).clone(),
+                ctx.registry
+                    .error_counter(ADAPTER, ErrorKind::RetainedStore),
             ),
             pipeline: ctx.backbone.publish_round_trips(),
             in_process: ctx.backbone.delivers_in_process(),
@@ -319,7 +318,7 @@ async fn accept_loop(
         // their CONNACK; beyond that they are closed at once, so a flood of sockets cannot
         // exhaust file descriptors.
         if shared.at_hard_cap() {
-            shared.metrics.error("too_many_connections");
+            shared.metrics.error(ErrorKind::TooManyConnections);
             drop(stream);
             continue;
         }
@@ -364,8 +363,8 @@ async fn run_tls(
         Ok(Ok(tls_stream)) => session::run(tls_stream, shared).await,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "mqtt: TLS handshake failed");
-            shared.metrics.error("tls_handshake");
+            shared.metrics.error(ErrorKind::TlsHandshake);
         }
-        Err(_) => shared.metrics.error("tls_handshake_timeout"),
+        Err(_) => shared.metrics.error(ErrorKind::TlsHandshakeTimeout),
     }
 }

@@ -3,6 +3,7 @@
 //! session code as TCP connections, so browser MQTT clients (MQTT.js, Paho JS) get the same
 //! broker.
 
+use meshgate_core::metrics::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -58,7 +59,7 @@ async fn upgrade(
     // kept to answer "server busy"): MQTT over WebSocket counts against it too, so a flood of
     // upgrades cannot lock MQTT over TCP out (review F19).
     if shared.at_hard_cap() {
-        shared.metrics.error("too_many_connections");
+        shared.metrics.error(ErrorKind::TooManyConnections);
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "MQTT connection limit reached (mqtt.max_connections); retry later",

@@ -15,6 +15,7 @@
 //! array), encoded once per event by `Envelope::json`.
 
 use bytes::Bytes;
+use meshgate_core::metrics::ErrorKind;
 use meshgate_core::{Data, Event, EventError, TopicFilter, json, wrap};
 use percent_encoding::percent_decode_str;
 
@@ -107,17 +108,46 @@ pub enum Inbound {
     Unsubscribe(Vec<TopicFilter>),
 }
 
+/// The `code` of an `io.meshgate.error` event: what was wrong with the frame. Each is also the
+/// `kind` it is counted as in `meshgate_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameCode {
+    InvalidEvent,
+    InvalidRequest,
+    Forbidden,
+    /// The backbone could not take it now; the same frame may go through later.
+    Unavailable,
+    NoTopic,
+}
+
+impl FrameCode {
+    /// The metric kind, whose label text is the code on the wire.
+    pub const fn kind(self) -> ErrorKind {
+        match self {
+            FrameCode::InvalidEvent => ErrorKind::InvalidEvent,
+            FrameCode::InvalidRequest => ErrorKind::InvalidRequest,
+            FrameCode::Forbidden => ErrorKind::Forbidden,
+            FrameCode::Unavailable => ErrorKind::Unavailable,
+            FrameCode::NoTopic => ErrorKind::NoTopic,
+        }
+    }
+
+    /// The code as the error event carries it.
+    pub const fn as_str(self) -> &'static str {
+        self.kind().as_str()
+    }
+}
+
 /// A frame that was dropped, reported back as an `io.meshgate.error` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
-    /// `invalid_event`, `invalid_request`, `forbidden`, `unavailable`, `no_topic`.
-    pub code: &'static str,
+    pub code: FrameCode,
     pub message: String,
     pub event_id: Option<String>,
 }
 
 impl FrameError {
-    pub fn new(code: &'static str, message: impl Into<String>, event_id: Option<&str>) -> Self {
+    pub fn new(code: FrameCode, message: impl Into<String>, event_id: Option<&str>) -> Self {
         FrameError {
             code,
             message: message.into(),
@@ -133,7 +163,7 @@ struct FiltersData {
 }
 
 fn control_filters(event: &Event) -> Result<Vec<TopicFilter>, FrameError> {
-    let bad = |msg: String| FrameError::new("invalid_request", msg, Some(event.id()));
+    let bad = |msg: String| FrameError::new(FrameCode::InvalidRequest, msg, Some(event.id()));
     let bytes = match event.data() {
         Some(Data::Json(raw)) => Bytes::copy_from_slice(raw.get().as_bytes()),
         Some(Data::Binary(b)) => b.clone(),
@@ -163,7 +193,7 @@ pub fn decode_frame(text: &str) -> Result<Inbound, FrameError> {
         let id = serde_json::from_str::<serde_json::Value>(text)
             .ok()
             .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-        FrameError::new("invalid_event", e.to_string(), id.as_deref())
+        FrameError::new(FrameCode::InvalidEvent, e.to_string(), id.as_deref())
     })?;
     match event.ty() {
         TYPE_SUBSCRIBE => Ok(Inbound::Subscribe(control_filters(&event)?)),
@@ -185,7 +215,7 @@ fn control_event(ty: &str, data: serde_json::Value) -> String {
 
 /// The `io.meshgate.error` event reporting a dropped frame.
 pub fn error_event(err: &FrameError) -> String {
-    let mut data = serde_json::json!({ "code": err.code, "message": err.message });
+    let mut data = serde_json::json!({ "code": err.code.as_str(), "message": err.message });
     if let Some(id) = &err.event_id {
         data["eventid"] = serde_json::Value::String(id.clone());
     }
@@ -235,12 +265,12 @@ mod tests {
         assert!(matches!(decode_frame(sub), Ok(Inbound::Subscribe(f)) if f[0].as_str() == "a/#"));
         let bad_filter = sub.replace("a/#", "a/#/b");
         assert_eq!(
-            decode_frame(&bad_filter).unwrap_err().code,
+            decode_frame(&bad_filter).unwrap_err().code.as_str(),
             "invalid_request"
         );
         let err =
             decode_frame(r#"{"specversion":"0.3","id":"X","source":"/s","type":"t"}"#).unwrap_err();
-        assert_eq!(err.code, "invalid_event");
+        assert_eq!(err.code.as_str(), "invalid_event");
         assert_eq!(err.event_id.as_deref(), Some("X"));
         assert!(decode_frame("not json").is_err());
     }
@@ -248,7 +278,12 @@ mod tests {
     #[test]
     fn control_events_are_valid_cloudevents() {
         let e = json::decode(
-            error_event(&FrameError::new("invalid_event", "bad \"x\"", Some("A1"))).as_bytes(),
+            error_event(&FrameError::new(
+                FrameCode::InvalidEvent,
+                "bad \"x\"",
+                Some("A1"),
+            ))
+            .as_bytes(),
         )
         .unwrap();
         assert_eq!(e.ty(), TYPE_ERROR);

@@ -9,6 +9,7 @@
 //!   (disconnect with 1008, or drop and count), so the backbone queue behind it never fills
 //!   because of a slow browser.
 
+use meshgate_core::metrics::ErrorKind;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -27,16 +28,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::binding::{self, FrameError, Inbound};
+use crate::binding::{self, FrameCode, FrameError, Inbound};
 
 /// The `io.meshgate.error` code for a backbone refusal: `unavailable` when the same frame may
 /// go through later, `invalid_request` when sending it again won't help (too large, a topic
 /// too long for the bus).
-fn backbone_code(e: &meshgate_core::BackboneError) -> &'static str {
+fn backbone_code(e: &meshgate_core::BackboneError) -> FrameCode {
     if e.is_retryable() {
-        "unavailable"
+        FrameCode::Unavailable
     } else {
-        "invalid_request"
+        FrameCode::InvalidRequest
     }
 }
 /// How long a close frame may take to go out before the socket is simply dropped.
@@ -94,8 +95,8 @@ impl Conn {
     }
 
     fn report(&self, err: &FrameError) {
-        tracing::debug!(code = err.code, message = %err.message, "websocket frame dropped");
-        self.shared.metrics.error(err.code);
+        tracing::debug!(code = err.code.as_str(), message = %err.message, "websocket frame dropped");
+        self.shared.metrics.error(err.code.kind());
         let text = Utf8Bytes::from(binding::error_event(err));
         // A client whose queue is full is being disconnected anyway; the report is not needed.
         let _ = self.out.try_send(Outbound::Control(text));
@@ -184,9 +185,9 @@ impl Pumps {
         // the server): a client may not subscribe without end.
         let max = conn.shared.config.max_filters;
         if self.handles.len() >= max {
-            conn.shared.metrics.error("too_many_filters");
+            conn.shared.metrics.error(ErrorKind::TooManyFilters);
             return Err(FrameError::new(
-                "invalid_request",
+                FrameCode::InvalidRequest,
                 format!(
                     "`{filter}` refused: at most {max} topic filters per connection (websocket.max_filters)"
                 ),
@@ -254,7 +255,7 @@ async fn write_loop(
                 // suspended laptop): close instead of holding its resources forever.
                 let silent = conn.last_seen.lock().map(|t| t.elapsed()).unwrap_or_default();
                 if silent > conn.shared.config.ping_interval * 2 {
-                    conn.shared.metrics.error("ping_timeout");
+                    conn.shared.metrics.error(ErrorKind::PingTimeout);
                     if let Ok(mut frame) = conn.kill_frame.lock() {
                         frame.get_or_insert_with(|| close_frame(close_code::GOING_AWAY, "no answer to pings"));
                     }
@@ -337,14 +338,14 @@ fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End
     let inner = err.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Utf8(_)) => {
-            metrics.error("bad_frame");
+            metrics.error(ErrorKind::BadFrame);
             End::Close(close_frame(
                 close_code::INVALID_PAYLOAD,
                 "text frame is not valid UTF-8",
             ))
         }
         Some(tungstenite::Error::Capacity(_)) => {
-            metrics.error("too_large");
+            metrics.error(ErrorKind::TooLarge);
             End::Close(close_frame(
                 close_code::MESSAGE_TOO_BIG,
                 &format!("message larger than {max} bytes"),
@@ -352,7 +353,7 @@ fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End
         }
         Some(tungstenite::Error::Protocol(p)) => {
             tracing::debug!(error = %p, "websocket protocol error");
-            metrics.error("protocol");
+            metrics.error(ErrorKind::Protocol);
             End::Close(close_frame(close_code::PROTOCOL_ERROR, "protocol error"))
         }
         _ => End::Client,
@@ -376,7 +377,7 @@ async fn handle_text(
                     Some(s) => Topic::from_mqtt(s),
                     None => {
                         conn.report(&FrameError::new(
-                            "no_topic",
+                            FrameCode::NoTopic,
                             "the event has no `subject`; set it to the topic to publish to",
                             Some(event.id()),
                         ));
@@ -388,7 +389,7 @@ async fn handle_text(
                 Ok(t) => t,
                 Err(e) => {
                     conn.report(&FrameError::new(
-                        "no_topic",
+                        FrameCode::NoTopic,
                         e.to_string(),
                         Some(event.id()),
                     ));
@@ -403,7 +404,7 @@ async fn handle_text(
                 .await
             {
                 let code = match &e {
-                    PublishError::Forbidden(_) => "forbidden",
+                    PublishError::Forbidden(_) => FrameCode::Forbidden,
                     PublishError::Backbone(b) => backbone_code(b),
                 };
                 conn.report(&FrameError::new(code, e.to_string(), Some(&id)));
@@ -412,7 +413,7 @@ async fn handle_text(
         Ok(Inbound::Subscribe(filters)) => {
             for filter in filters {
                 if let Err(e) = shared.ctx.authorizer.check_subscribe(principal, &filter) {
-                    conn.report(&FrameError::new("forbidden", e.to_string(), None));
+                    conn.report(&FrameError::new(FrameCode::Forbidden, e.to_string(), None));
                     continue;
                 }
                 if let Err(e) = pumps.add(conn, filter, connection).await {

@@ -15,6 +15,7 @@ pub mod binding;
 mod connection;
 pub mod origin;
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -50,11 +51,10 @@ pub fn router(config: &WebSocketConfig, ctx: &AdapterContext) -> Router {
     let shared = Arc::new(Shared {
         config: config.clone(),
         ctx: ctx.clone(),
-        dropped_slow: metrics.dropped("slow_consumer"),
-        disconnected_slow: ctx.registry.counter(
-            meshgate_core::metrics::ERRORS,
-            &[("adapter", ADAPTER), ("kind", "slow_consumer_disconnected")],
-        ),
+        dropped_slow: metrics.dropped(DropReason::SlowConsumer).clone(),
+        disconnected_slow: ctx
+            .registry
+            .error_counter(ADAPTER, ErrorKind::SlowConsumerDisconnected),
         metrics,
         connections: AtomicUsize::new(0),
     });
@@ -102,7 +102,7 @@ async fn handshake(
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => {
-            shared.metrics.error("bad_handshake");
+            shared.metrics.error(ErrorKind::BadHandshake);
             return problem(
                 StatusCode::BAD_REQUEST,
                 format!("this endpoint only accepts WebSocket upgrades: {rejection}"),
@@ -118,7 +118,7 @@ async fn handshake(
     // Cross-site WebSocket hijacking: a page of another origin must not use the visitor's
     // network position (or cookies) to subscribe.
     if let Err(refusal) = origin::check(&headers, &shared.config.allowed_origins) {
-        shared.metrics.error("forbidden_origin");
+        shared.metrics.error(ErrorKind::ForbiddenOrigin);
         return problem(StatusCode::FORBIDDEN, refusal);
     }
     // One address may not take every slot; held for the connection's life.
@@ -137,7 +137,7 @@ async fn handshake(
     let negotiated = match binding::negotiate(protocols, shared.config.require_subprotocol) {
         Ok(n) => n,
         Err(refusal) => {
-            shared.metrics.error("bad_handshake");
+            shared.metrics.error(ErrorKind::BadHandshake);
             return problem(StatusCode::BAD_REQUEST, refusal.0);
         }
     };
@@ -150,19 +150,19 @@ async fn handshake(
     let principal = match shared.ctx.authorizer.authenticate(credentials) {
         Ok(p) => p,
         Err(AuthError::Required) => {
-            shared.metrics.error("unauthorized");
+            shared.metrics.error(ErrorKind::Unauthorized);
             return unauthorized(
                 "authentication required: send `Authorization: Bearer <token>` or `?access_token=<token>`",
             );
         }
         Err(_) => {
-            shared.metrics.error("unauthorized");
+            shared.metrics.error(ErrorKind::Unauthorized);
             return unauthorized("invalid token");
         }
     };
     let max_filters = shared.config.max_filters;
     if params.subscribe.len() > max_filters {
-        shared.metrics.error("too_many_filters");
+        shared.metrics.error(ErrorKind::TooManyFilters);
         return problem(
             StatusCode::BAD_REQUEST,
             format!(
@@ -188,7 +188,7 @@ async fn handshake(
             Err(e) => return problem(StatusCode::BAD_REQUEST, format!("subscribe: {e}")),
         };
         if let Err(e) = shared.ctx.authorizer.check_subscribe(&principal, &filter) {
-            shared.metrics.error("forbidden");
+            shared.metrics.error(ErrorKind::Forbidden);
             return problem(StatusCode::FORBIDDEN, e.to_string());
         }
         filters.push(filter);
@@ -197,7 +197,7 @@ async fn handshake(
     shared.metrics.connections.inc();
     let slot = ConnectionSlot(shared.clone());
     if previous >= shared.config.max_connections {
-        shared.metrics.error("too_many_connections");
+        shared.metrics.error(ErrorKind::TooManyConnections);
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -2,6 +2,7 @@
 //! management, the sessions' release requests and the dead-letter advisories go through it
 //! (publishes, pulls and acks go through meshgate's own client, [`crate::nats::client`]).
 
+use meshgate_core::metrics::DropReason;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +33,7 @@ pub(super) async fn connect_client(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let labels = |reason| [("backbone", metric_backbone), ("reason", reason)];
-    let slow_consumer = registry.counter(metrics::BACKBONE_DROPPED, &labels("slow_consumer"));
+    let slow_consumer = registry.backbone_dropped(metric_backbone, DropReason::SlowConsumer);
     let disconnects = registry.counter(
         metrics::BACKBONE_DISCONNECTS,
         &[("backbone", metric_backbone)],

@@ -24,6 +24,7 @@
 //! names, resuming and repairing consumers), `retained` and `sessions` (the MQTT stores in
 //! KV buckets).
 
+use meshgate_core::metrics::DropReason;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -175,7 +176,6 @@ impl JetStreamBackbone {
         )
         .await
         .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
-        let labels = |reason| [("backbone", NAME), ("reason", reason)];
         let options = crate::nats::client_options(nats, instance, true, registry, NAME);
         // nats-server reads each connection on one goroutine: several let it store from
         // several cores (see `publish`).
@@ -204,13 +204,12 @@ impl JetStreamBackbone {
             wire: nats.wire_mode,
             max_control_line: nats.max_control_line,
             closed: AtomicBool::new(false),
-            malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
-            duplicates: registry.counter(metrics::BACKBONE_DROPPED, &labels("duplicate")),
-            unrepresentable: registry
-                .counter(metrics::BACKBONE_DROPPED, &labels("unrepresentable")),
+            malformed: registry.backbone_dropped(NAME, DropReason::Malformed),
+            duplicates: registry.backbone_dropped(NAME, DropReason::Duplicate),
+            unrepresentable: registry.backbone_dropped(NAME, DropReason::Unrepresentable),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
         });
-        let dead = registry.counter(metrics::BACKBONE_DROPPED, &labels("max_deliveries"));
+        let dead = registry.backbone_dropped(NAME, DropReason::MaxDeliveries);
         tokio::spawn(watch_dead_letters(
             backbone.clone(),
             dead,

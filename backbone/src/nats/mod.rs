@@ -30,6 +30,7 @@
 //! The client ([`crate::nats::client`], not async-nats: see there why) reconnects on its own
 //! (with backoff, forever) and re-subscribes.
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -98,10 +99,7 @@ impl NatsBackbone {
             })?;
         }
         // One counter for both connections and the fan-out queues.
-        let slow_consumer = registry.counter(
-            metrics::BACKBONE_DROPPED,
-            &[("backbone", NAME), ("reason", "slow_consumer")],
-        );
+        let slow_consumer = registry.backbone_dropped(NAME, DropReason::SlowConsumer);
         let options = |echo| client_options(config, instance, echo, registry, NAME);
         // Only the publishing connection encodes events (on its writer's task).
         let publishing = client::Options {
@@ -112,10 +110,7 @@ impl NatsBackbone {
                     instance.to_owned(),
                     meshgate_core::header::percent_encode_header(instance),
                 ),
-                unrepresentable: registry.counter(
-                    metrics::BACKBONE_DROPPED,
-                    &[("backbone", NAME), ("reason", "unrepresentable")],
-                ),
+                unrepresentable: registry.backbone_dropped(NAME, DropReason::Unrepresentable),
             })),
             ..options(false)
         };
@@ -129,7 +124,6 @@ impl NatsBackbone {
                 "nats: not reachable yet; serving as not ready and retrying"
             );
         }
-        let labels = |reason| [("backbone", NAME), ("reason", reason)];
         Ok(Arc::new(NatsBackbone {
             client,
             group_client,
@@ -139,7 +133,7 @@ impl NatsBackbone {
             subscription_bytes: config.subscription_bytes,
             prefix: config.subject_prefix.clone(),
             closed: AtomicBool::new(false),
-            malformed: registry.counter(metrics::BACKBONE_DROPPED, &labels("malformed")),
+            malformed: registry.backbone_dropped(NAME, DropReason::Malformed),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
         }))
     }
@@ -281,10 +275,7 @@ impl client::EncodeLater for CoreWire {
 /// `meshgate_errors_total{adapter="backbone",kind="task_panicked"}`: a backbone task (a NATS
 /// connection, a fan-out) that ended by a panic and was restarted.
 pub(crate) fn task_panicked(registry: &Registry) -> Counter {
-    registry.counter(
-        metrics::ERRORS,
-        &[("adapter", "backbone"), ("kind", "task_panicked")],
-    )
+    registry.error_counter("backbone", ErrorKind::TaskPanicked)
 }
 
 /// The envelope of a received message, or `None` (counted in `malformed`) when it is not a
@@ -333,12 +324,7 @@ pub(crate) fn client_options(
     registry: &Registry,
     backbone: &'static str,
 ) -> client::Options {
-    let dropped = |reason| {
-        registry.counter(
-            metrics::BACKBONE_DROPPED,
-            &[("backbone", backbone), ("reason", reason)],
-        )
-    };
+    let dropped = |reason| registry.backbone_dropped(backbone, reason);
     client::Options {
         urls: config.urls.clone(),
         name: format!("meshgate {instance}"),
@@ -349,8 +335,8 @@ pub(crate) fn client_options(
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
         subscription_bytes: config.subscription_bytes,
-        slow_consumer: dropped("slow_consumer"),
-        too_large: dropped("too_large"),
+        slow_consumer: dropped(DropReason::SlowConsumer),
+        too_large: dropped(DropReason::TooLarge),
         panicked: task_panicked(registry),
         disconnects: registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", backbone)]),
         later: None,

@@ -442,7 +442,7 @@ fn deeply_nested_headers_are_refused_their_body_skipped_and_the_next_message_rea
                 got.push(match i {
                     Incoming::Message(d) => format!("{} {:?}", d.tag, d.body),
                     Incoming::Refused { tag, kind, reason } => {
-                        format!("{tag} {} {reason}", kind.reason())
+                        format!("{tag} {} {reason}", kind.drop_reason())
                     }
                 });
             }

@@ -3,6 +3,7 @@
 //! (and takeover of a previous connection), the session (new, resumed from [`super::parked`]
 //! or from the backbone's session store, [`super::stored`]), then CONNACK.
 
+use meshgate_core::metrics::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -198,7 +199,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Err(r) => return refuse(stream, version, r).await,
     };
     if shared.over_capacity() {
-        shared.metrics.error("too_many_connections");
+        shared.metrics.error(ErrorKind::TooManyConnections);
         let r = Refusal::new(
             ConnectReturnCode::ServerBusy,
             "connection limit reached; retry later",
@@ -208,7 +209,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     let principal = match authenticate(shared, request.login.as_ref()) {
         Ok(p) => p,
         Err(code) => {
-            shared.metrics.error("unauthorized");
+            shared.metrics.error(ErrorKind::Unauthorized);
             let r = Refusal::new(code, "authentication failed");
             return refuse(stream, version, r).await;
         }
@@ -289,7 +290,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             }
             ConnectProbe::Unsupported(level) => {
                 tracing::debug!(level, "mqtt: unsupported protocol level");
-                shared.metrics.error("unsupported_version");
+                shared.metrics.error(ErrorKind::UnsupportedVersion);
                 let code = ConnectReturnCode::RefusedProtocolVersion;
                 let _ = write_now(
                     stream,
@@ -300,7 +301,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
             ConnectProbe::NotConnect => {
-                shared.metrics.error("malformed");
+                shared.metrics.error(ErrorKind::Malformed);
                 return None;
             }
         }
@@ -310,7 +311,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "mqtt: bad CONNECT");
-            shared.metrics.error("malformed");
+            shared.metrics.error(ErrorKind::Malformed);
             return None;
         }
     };
@@ -333,7 +334,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
 fn check_connect(shared: &Shared, request: &Request) -> Result<(u16, Option<u16>), Refusal> {
     if let Some(why) = codec::connect_properties_error(request.props.as_ref()) {
         // MQTT 5 §3.1.2.11.3/.4: Receive Maximum or Maximum Packet Size 0 is a Protocol Error.
-        shared.metrics.error("protocol");
+        shared.metrics.error(ErrorKind::Protocol);
         return Err(Refusal::new(ConnectReturnCode::ProtocolError, why));
     }
     // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1). A server may refuse long ids; a
@@ -341,7 +342,7 @@ fn check_connect(shared: &Shared, request: &Request) -> Result<(u16, Option<u16>
     // session), so it is capped (`mqtt.max_client_id_len`).
     let max_id = shared.config.max_client_id_len;
     if request.connect.client_id.len() > max_id {
-        shared.metrics.error("client_id_too_long");
+        shared.metrics.error(ErrorKind::ClientIdTooLong);
         return Err(Refusal::new(
             ConnectReturnCode::ClientIdentifierNotValid,
             format!("client id longer than {max_id} bytes (mqtt.max_client_id_len)"),
@@ -351,7 +352,7 @@ fn check_connect(shared: &Shared, request: &Request) -> Result<(u16, Option<u16>
     // another keep-alive, so a longer one is refused (see `codec::keep_alive`).
     let requested = request.connect.keep_alive;
     codec::keep_alive(request.version, requested, shared.config.max_keep_alive).ok_or_else(|| {
-        shared.metrics.error("keep_alive_too_long");
+        shared.metrics.error(ErrorKind::KeepAliveTooLong);
         Refusal::new(
             ConnectReturnCode::ClientIdentifierNotValid,
             format!(
@@ -461,7 +462,7 @@ fn check_will(
         .and_then(|t| Topic::from_mqtt(t).ok())
         .is_some_and(|t| shared.ctx.authorizer.check_publish(principal, &t).is_ok());
     if !allowed {
-        shared.metrics.error("forbidden");
+        shared.metrics.error(ErrorKind::Forbidden);
         return Err(Refusal::new(
             ConnectReturnCode::NotAuthorized,
             "will topic not allowed",
@@ -490,7 +491,7 @@ fn wrapper(shared: &Shared, client_id: &str) -> Result<meshgate_core::wrap::Wrap
 /// in the backbone): another principal is refused and nothing of the holder's is touched —
 /// no takeover, no will, no discarded session (review F4).
 fn client_id_taken(shared: &Shared, client_id: &str, principal: &Principal) -> Refusal {
-    shared.metrics.error("client_id_taken");
+    shared.metrics.error(ErrorKind::ClientIdTaken);
     tracing::info!(
         client_id,
         principal = principal.name(),

@@ -2,6 +2,7 @@
 //! the backbone's answer and the PUBACK/PUBREC it decides), the QoS 2 inbound bookkeeping,
 //! and the will.
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,9 @@ use super::{End, Flow, Session};
 use crate::Shared;
 use crate::binding;
 use crate::codec::{self, Version};
+
+/// How a publish the ACL refused is counted.
+const FORBIDDEN: (ErrorKind, DropReason) = (ErrorKind::Forbidden, DropReason::Forbidden);
 
 /// The MQTT 5 properties a broker forwards unaltered (response topic, correlation data,
 /// payload format) and the message expiry, as an absolute deadline.
@@ -158,14 +162,14 @@ impl Session {
         qos: QoS,
         pkid: u16,
         reason: PubAckReason,
-        kind: &'static str,
+        (kind, dropped): (ErrorKind, DropReason),
     ) -> Flow {
         self.shared.metrics.error(kind);
         if self.version == Version::V311 {
             return Flow::End(End::Abnormal);
         }
         if qos == QoS::AtMostOnce {
-            self.shared.metrics.dropped(kind).inc();
+            self.shared.metrics.dropped(dropped).inc();
         }
         self.ack(qos, pkid, reason);
         Flow::Continue
@@ -198,7 +202,7 @@ impl Session {
         if qos == QoS::ExactlyOnce
             && self.inbound.awaiting_pubrel.len() >= usize::from(self.shared.config.max_inflight)
         {
-            self.shared.metrics.error("receive_maximum");
+            self.shared.metrics.error(ErrorKind::ReceiveMaximum);
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
             return Err(Flow::End(End::Abnormal));
         }
@@ -221,7 +225,7 @@ impl Session {
                     // MQTT 5 DISCONNECT 0x81 (invalid UTF-8, U+0000) or 0x82 (wildcard, empty
                     // without an alias); 3.1.1 closes the connection.
                     tracing::debug!(error = %e, client_id = self.client_id, "mqtt: bad topic name");
-                    self.shared.metrics.error("bad_topic");
+                    self.shared.metrics.error(ErrorKind::BadTopic);
                     self.disconnect(e.reason_code());
                     return Err(Flow::End(End::Abnormal));
                 }
@@ -237,7 +241,7 @@ impl Session {
             .check_publish(&self.principal, &topic)
             .is_err()
         {
-            return Err(self.refuse(qos, pkid, PubAckReason::NotAuthorized, "forbidden"));
+            return Err(self.refuse(qos, pkid, PubAckReason::NotAuthorized, FORBIDDEN));
         }
         let event = binding::decode(binding::Inbound {
             version: self.version,
@@ -253,13 +257,13 @@ impl Session {
                 if self.version == Version::V311 {
                     // 3.1.1 has no negative acknowledgement: the connection is closed (as
                     // README says), not acknowledged — the client must not think it was taken.
-                    self.shared.metrics.dropped("bad_event").inc();
+                    self.shared.metrics.dropped(DropReason::BadEvent).inc();
                 }
                 return Err(self.refuse(
                     qos,
                     pkid,
                     PubAckReason::PayloadFormatInvalid,
-                    "bad_event",
+                    (ErrorKind::BadEvent, DropReason::BadEvent),
                 ));
             }
         };
@@ -378,7 +382,7 @@ impl Session {
                 Flow::Continue
             }
             Err(PublishError::Forbidden(_)) => {
-                self.refuse(qos, pkid, PubAckReason::NotAuthorized, "forbidden")
+                self.refuse(qos, pkid, PubAckReason::NotAuthorized, FORBIDDEN)
             }
             Err(PublishError::Backbone(e)) => {
                 tracing::debug!(error = %e, "mqtt: backbone refused");
@@ -387,7 +391,12 @@ impl Session {
                     meshgate_core::BackboneError::TopicTooLong(_) => PubAckReason::TopicNameInvalid,
                     _ => PubAckReason::QuotaExceeded,
                 };
-                self.refuse(qos, pkid, reason, "backbone")
+                self.refuse(
+                    qos,
+                    pkid,
+                    reason,
+                    (ErrorKind::Backbone, DropReason::Backbone),
+                )
             }
         }
     }
@@ -436,7 +445,7 @@ impl Session {
             wrapper: &self.wrapper,
         });
         let Ok(event) = event else {
-            self.shared.metrics.dropped("bad_will").inc();
+            self.shared.metrics.dropped(DropReason::BadWill).inc();
             return;
         };
         let mut envelope =

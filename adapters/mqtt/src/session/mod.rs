@@ -35,6 +35,7 @@ mod subscribe;
 #[cfg(test)]
 mod tests;
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,7 +190,7 @@ where
         .await;
         let Ok(Some((session, keep_alive, registration))) = connect else {
             if connect.is_err() {
-                shared.metrics.error("connect_timeout");
+                shared.metrics.error(ErrorKind::ConnectTimeout);
             }
             return;
         };
@@ -259,7 +260,7 @@ async fn finish(mut session: Session, end: End) {
         match shared.parked.park(session) {
             Ok(()) => return,
             Err(s) => {
-                shared.metrics.dropped("session_limit").inc();
+                shared.metrics.dropped(DropReason::SessionLimit).inc();
                 session = *s;
             }
         }
@@ -282,7 +283,7 @@ impl Session {
         if let Err(e) = codec::write(self.version, packet, &mut self.out) {
             // Nothing was written (see `codec::write`); counted, as it should never happen.
             tracing::warn!(error = %e, "mqtt: cannot encode packet");
-            self.shared.metrics.error("encode");
+            self.shared.metrics.error(ErrorKind::Encode);
         }
     }
 
@@ -331,7 +332,7 @@ impl Session {
             Packet::Subscribe(sub, props) => {
                 if props.as_ref().is_some_and(|p| p.id == Some(0)) {
                     // MQTT 5 §3.8.2.1.2: a Subscription Identifier of 0 is a protocol error.
-                    self.shared.metrics.error("protocol");
+                    self.shared.metrics.error(ErrorKind::Protocol);
                     self.disconnect(DisconnectReasonCode::ProtocolError);
                     return Flow::End(End::Abnormal);
                 }
@@ -351,7 +352,7 @@ impl Session {
                     if self.requested_expiry == 0 && e > 0 {
                         // MQTT 5 §3.14.2.2.2: a session that was to end with the connection
                         // cannot be made persistent at DISCONNECT.
-                        self.shared.metrics.error("protocol");
+                        self.shared.metrics.error(ErrorKind::Protocol);
                         self.disconnect(DisconnectReasonCode::ProtocolError);
                         return Flow::End(End::Abnormal);
                     }
@@ -373,7 +374,7 @@ impl Session {
                     _ => "a packet only a server sends",
                 };
                 tracing::debug!(packet = kind, "mqtt: unexpected packet");
-                self.shared.metrics.error("protocol");
+                self.shared.metrics.error(ErrorKind::Protocol);
                 self.disconnect(DisconnectReasonCode::ProtocolError);
                 Flow::End(End::Abnormal)
             }
@@ -423,7 +424,7 @@ fn next_step<'a>(
         Ok(None) => Step::NeedMore,
         Err(e) => {
             tracing::debug!(error = %e, client_id = session.client_id, "mqtt: malformed packet");
-            shared.metrics.error("malformed");
+            shared.metrics.error(ErrorKind::Malformed);
             let reason = match e {
                 rumqttd::protocol::Error::PayloadSizeLimitExceeded(_) => {
                     DisconnectReasonCode::PacketTooLarge
@@ -561,7 +562,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break End::Abnormal,
                 Err(_) => {
-                    shared.metrics.error("write_timeout");
+                    shared.metrics.error(ErrorKind::WriteTimeout);
                     tracing::debug!(client_id = session.client_id, "mqtt: write timed out");
                     session.out = BytesMut::new();
                     break End::Abnormal;
@@ -630,7 +631,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     keep_alive_timer.as_mut().reset(keep_alive.deadline);
                     continue;
                 }
-                shared.metrics.error("keep_alive_timeout");
+                shared.metrics.error(ErrorKind::KeepAliveTimeout);
                 session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
                 break End::Abnormal;
             }
@@ -646,7 +647,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
         };
         if tokio::time::timeout(INBOUND_DRAIN, drain).await.is_err() {
-            shared.metrics.error("inbound_drain_timeout");
+            shared.metrics.error(ErrorKind::InboundDrainTimeout);
         }
     }
     if !session.out.is_empty() {

@@ -2,6 +2,7 @@
 //! in-flight window (QoS 1 and the full QoS 2 handshake), retransmission when a persistent
 //! session resumes, and queueing while its client is away.
 
+use meshgate_core::metrics::DropReason;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -338,10 +339,13 @@ impl Session {
     pub(super) fn queue_offline(&mut self, q: Queued) {
         let Some(o) = self.route(q) else { return };
         if o.qos == QoS::AtMostOnce {
-            self.shared.metrics.dropped("offline_qos0").inc();
+            self.shared.metrics.dropped(DropReason::OfflineQos0).inc();
             self.settle_later(o.delivery);
         } else if self.window.pending.len() >= self.shared.config.max_queued {
-            self.shared.metrics.dropped("session_queue_full").inc();
+            self.shared
+                .metrics
+                .dropped(DropReason::SessionQueueFull)
+                .inc();
         } else {
             self.window.pending.push_back(o);
         }
@@ -357,7 +361,7 @@ impl Session {
         });
         if expired {
             // MQTT 5 §3.3.2.3.3: not delivered once its Message Expiry Interval has passed.
-            self.shared.metrics.dropped("expired").inc();
+            self.shared.metrics.dropped(DropReason::Expired).inc();
             self.settle_later(o.delivery);
             return;
         }
@@ -398,10 +402,14 @@ impl Session {
     /// sending" a packet too large for the client), so JetStream does not redeliver it.
     fn skipped(&self, skip: Skip) {
         let reason = match skip {
-            Skip::Unrepresentable => "unrepresentable",
-            Skip::TooLarge => "too_large_for_client",
+            Skip::Unrepresentable => DropReason::Unrepresentable,
+            Skip::TooLarge => DropReason::TooLargeForClient,
         };
-        tracing::debug!(client_id = self.client_id, reason, "mqtt: delivery skipped");
+        tracing::debug!(
+            client_id = self.client_id,
+            reason = reason.as_str(),
+            "mqtt: delivery skipped"
+        );
         self.shared.metrics.dropped(reason).inc();
     }
 
@@ -567,7 +575,10 @@ impl Session {
             Stage::Sent(_) if refused => {
                 // MQTT 5: a PUBREC reason code ≥ 0x80 ends the exchange; the message is gone.
                 if self.window.inflight.remove(&pkid).is_some() {
-                    self.shared.metrics.dropped("refused_by_client").inc();
+                    self.shared
+                        .metrics
+                        .dropped(DropReason::RefusedByClient)
+                        .inc();
                 }
                 self.fill_window();
             }

@@ -12,6 +12,7 @@
 //! (so they are redelivered at once), saves the record and drops its placeholder.
 
 use meshgate_core::backbone::now_ms;
+use meshgate_core::metrics::ErrorKind;
 use meshgate_core::{BackboneError, Durable, Principal, SessionStore, TopicFilter};
 
 use super::connect::TAKEOVER_WAIT;
@@ -81,7 +82,7 @@ async fn load(
         },
         Ok(None) => Ok(None),
         Err(e) => {
-            shared.metrics.error("session_store");
+            shared.metrics.error(ErrorKind::SessionStore);
             tracing::warn!(client_id, error = %e, "mqtt: cannot read the stored session");
             Err(())
         }
@@ -327,7 +328,7 @@ impl Session {
             }
             Err(e) if !e.is_retryable() => Saved::Refused(e.to_string()),
             Err(e) => {
-                shared.metrics.error("session_store");
+                shared.metrics.error(ErrorKind::SessionStore);
                 tracing::warn!(client_id = self.client_id, error = %e, "mqtt: cannot save the session");
                 Saved::Failed
             }

@@ -1,6 +1,7 @@
 //! SUBSCRIBE and UNSUBSCRIBE: topic filters become backbone subscriptions; retained messages
 //! are sent per the retain-handling option.
 
+use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 
 use meshgate_core::{Delivery, SubscribeOptions, TopicFilter};
@@ -163,7 +164,7 @@ impl Session {
                 .check_subscribe(&self.principal, &filter)
                 .is_err()
             {
-                self.shared.metrics.error("forbidden");
+                self.shared.metrics.error(ErrorKind::Forbidden);
                 codes.push(failure(SubscribeReasonCode::NotAuthorized));
                 continue;
             }
@@ -178,7 +179,7 @@ impl Session {
                 s.id = id;
             } else if self.subscriptions.len() >= self.shared.config.max_subscriptions {
                 // Each is a backbone subscription (on JetStream a consumer on the server).
-                self.shared.metrics.error("subscription_limit");
+                self.shared.metrics.error(ErrorKind::SubscriptionLimit);
                 codes.push(failure(SubscribeReasonCode::QuotaExceeded));
                 continue;
             } else {
@@ -287,7 +288,7 @@ impl Session {
         if dropped > 0 {
             self.shared
                 .metrics
-                .dropped("retained_queue_full")
+                .dropped(DropReason::RetainedQueueFull)
                 .add(dropped);
             tracing::debug!(
                 client_id = self.client_id,

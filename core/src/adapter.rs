@@ -8,8 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authorizer;
-use crate::backbone::{Backbone, BoxFuture, Origin, TryPublish};
+use crate::backbone::{Backbone, BoxFuture, Envelope, Origin, TryPublish};
 use crate::metrics::{AdapterMetrics, Registry};
+use crate::topic::Topic;
 
 /// Shared by all adapters of one gateway process.
 #[derive(Debug, Clone)]
@@ -81,33 +82,92 @@ pub enum PublishError {
     Backbone(#[from] crate::backbone::BackboneError),
 }
 
+/// A topic the ACL allows `principal` to publish to: made only by
+/// [`AdapterContext::authorize`], so every publish is checked against the ACL exactly once —
+/// early where an adapter wants to refuse before reading a body or decoding an event (HTTP,
+/// MQTT), and the publish itself takes the proof instead of checking again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized(Topic);
+
+impl Authorized {
+    pub fn topic(&self) -> &Topic {
+        &self.0
+    }
+
+    /// The envelope to publish on this topic.
+    pub fn envelope(self, event: Arc<crate::event::Event>, origin: Origin) -> AuthorizedEnvelope {
+        AuthorizedEnvelope(Envelope::new(self.0, event, origin))
+    }
+}
+
+/// An envelope on an [`Authorized`] topic; its topic cannot be changed, the rest can.
+#[derive(Debug, Clone)]
+pub struct AuthorizedEnvelope(Envelope);
+
+impl AuthorizedEnvelope {
+    pub fn with_qos(self, qos: u8) -> Self {
+        AuthorizedEnvelope(self.0.with_qos(qos))
+    }
+
+    pub fn with_retain(self, retain: bool) -> Self {
+        AuthorizedEnvelope(self.0.with_retain(retain))
+    }
+
+    /// MQTT properties forwarded with the event (`None`: none).
+    pub fn with_mqtt_properties(
+        mut self,
+        mqtt: Option<Arc<crate::backbone::MqttProperties>>,
+    ) -> Self {
+        self.0.mqtt = mqtt;
+        self
+    }
+
+    /// The envelope, to read (e.g. to store it as a retained message).
+    pub fn envelope(&self) -> &Envelope {
+        &self.0
+    }
+}
+
 impl AdapterContext {
-    /// The one ingress path every adapter uses: authorize, publish, count. Returns once the
+    /// The one place a publish is authorized: checks `topic` against `principal`'s ACL and
+    /// counts a refusal (`meshgate_errors_total{kind="forbidden"}`).
+    pub fn authorize(
+        &self,
+        metrics: &AdapterMetrics,
+        principal: &crate::auth::Principal,
+        topic: Topic,
+    ) -> Result<Authorized, PublishError> {
+        match self.authorizer.check_publish(principal, &topic) {
+            Ok(()) => Ok(Authorized(topic)),
+            Err(e) => {
+                metrics.error(ErrorKind::Forbidden);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The ingress path for an event as it is: authorize, publish, count. Returns once the
     /// backbone accepted the event, so the caller may then acknowledge its client.
     pub async fn publish(
         &self,
         metrics: &AdapterMetrics,
         principal: &crate::auth::Principal,
-        topic: crate::topic::Topic,
+        topic: Topic,
         event: Arc<crate::event::Event>,
         origin: Origin,
     ) -> Result<(), PublishError> {
-        self.publish_envelope(
-            metrics,
-            principal,
-            crate::backbone::Envelope::new(topic, event, origin),
-        )
-        .await
+        let authorized = self.authorize(metrics, principal, topic)?;
+        self.publish_envelope(metrics, authorized.envelope(event, origin))
+            .await
     }
 
-    /// [`AdapterContext::publish`] for a prepared envelope (e.g. with an MQTT QoS).
+    /// Publishes a prepared envelope (e.g. with an MQTT QoS) on an authorized topic.
     pub async fn publish_envelope(
         &self,
         metrics: &AdapterMetrics,
-        principal: &crate::auth::Principal,
-        envelope: crate::backbone::Envelope,
+        envelope: AuthorizedEnvelope,
     ) -> Result<(), PublishError> {
-        match self.try_publish_envelope(metrics, principal, envelope) {
+        match self.try_publish_envelope(metrics, envelope) {
             Published::Done(r) => r,
             Published::Pending(f) => f.await,
         }
@@ -119,14 +179,9 @@ impl AdapterContext {
     pub fn try_publish_envelope<'a>(
         &'a self,
         metrics: &'a AdapterMetrics,
-        principal: &crate::auth::Principal,
-        envelope: crate::backbone::Envelope,
+        envelope: AuthorizedEnvelope,
     ) -> Published<'a> {
-        if let Err(e) = self.authorizer.check_publish(principal, &envelope.topic) {
-            metrics.error(ErrorKind::Forbidden);
-            return Published::Done(Err(e.into()));
-        }
-        match self.backbone.try_publish(envelope) {
+        match self.backbone.try_publish(envelope.0) {
             // Settled without waiting: recorded as taking no time (the lowest latency bucket)
             // rather than reading the clock twice per message.
             TryPublish::Done(r) => Published::Done(settled(metrics, r, None)),

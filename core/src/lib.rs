@@ -20,7 +20,9 @@ pub mod topic;
 pub mod validate;
 pub mod wrap;
 
-pub use adapter::{Adapter, AdapterContext, AdapterError, PublishError, Published};
+pub use adapter::{
+    Adapter, AdapterContext, AdapterError, Authorized, AuthorizedEnvelope, PublishError, Published,
+};
 pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,

@@ -24,9 +24,7 @@ use meshgate_config::{AmqpConfig, AmqpSourceConfig};
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::throttle::LogThrottle;
 use meshgate_core::wrap::Wrapper;
-use meshgate_core::{
-    AdapterContext, BoxFuture, Envelope, Principal, PublishError, Published, Topic,
-};
+use meshgate_core::{AdapterContext, BoxFuture, Principal, PublishError, Published, Topic};
 use tokio_util::sync::CancellationToken;
 
 use crate::binding;
@@ -218,8 +216,11 @@ impl Source {
                 ));
             }
         };
-        let envelope = Envelope::new(topic, Arc::new(event), ctx.origin(0));
-        match ctx.try_publish_envelope(&self.metrics, &self.principal, envelope) {
+        let envelope = match ctx.authorize(&self.metrics, &self.principal, topic) {
+            Ok(authorized) => authorized.envelope(Arc::new(event), ctx.origin(0)),
+            Err(e) => return Handled::Now(outcome(Err(e))),
+        };
+        match ctx.try_publish_envelope(&self.metrics, envelope) {
             Published::Done(r) => Handled::Now(outcome(r)),
             Published::Pending(f) => Handled::Later(Box::pin(async move { outcome(f.await) })),
         }

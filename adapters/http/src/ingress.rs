@@ -318,24 +318,22 @@ async fn handle(
     }
     let topic = topic_from_path(state, uri)?;
     let principal = authenticate(state, headers)?;
-    if let Err(e) = state.ctx.authorizer.check_publish(&principal, &topic) {
-        state.metrics.error(ErrorKind::Forbidden);
-        return Err(Refusal::new(StatusCode::FORBIDDEN, e.to_string()));
-    }
+    // Authorized before the body is read: a client without the right is refused at once.
+    let authorized = state
+        .ctx
+        .authorize(&state.metrics, &principal, topic)
+        .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, e.to_string()))?;
     let body = read_body(state, headers, body).await?;
-    let events = decode(state, headers, &topic, body)?;
+    let events = decode(state, headers, authorized.topic(), body)?;
     let mut ids = Vec::with_capacity(events.len());
     for event in events {
         let id = event.id().to_owned();
         let origin = state.ctx.origin(0);
         let result = state
             .ctx
-            .publish(
+            .publish_envelope(
                 &state.metrics,
-                &principal,
-                topic.clone(),
-                Arc::new(event),
-                origin,
+                authorized.clone().envelope(Arc::new(event), origin),
             )
             .await;
         match result {

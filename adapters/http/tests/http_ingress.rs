@@ -38,6 +38,7 @@ fn http_config() -> HttpConfig {
 struct Harness {
     addr: SocketAddr,
     backbone: Arc<MemoryBackbone>,
+    registry: meshgate_core::metrics::Registry,
 }
 
 async fn start_with(
@@ -45,12 +46,20 @@ async fn start_with(
     authorizer: Authorizer,
     memory: MemoryBackboneConfig,
 ) -> Harness {
-    let TestKit { ctx, backbone, .. } = TestKit::on(authorizer, memory);
+    let TestKit {
+        ctx,
+        backbone,
+        registry,
+    } = TestKit::on(authorizer, memory);
     let router = meshgate_http::router(&config, &ctx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Harness { addr, backbone }
+    Harness {
+        addr,
+        backbone,
+        registry,
+    }
 }
 
 fn memory() -> MemoryBackboneConfig {
@@ -277,6 +286,17 @@ async fn credentials_401_and_acl_403() {
         .await
         .unwrap();
     assert!(problem(r, 403).await.contains("svc/other/x"));
+    // One authorization per publish: the refusal is counted once, and the accepted ones
+    // were not checked again on their way to the backbone (nothing else counts forbidden).
+    let text = h.registry.render();
+    assert!(
+        text.contains(r#"meshgate_errors_total{adapter="http",kind="forbidden"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"meshgate_events_received_total{adapter="http"} 2"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{Credentials, Principal, Topic};
+use meshgate_core::{Authorized, Credentials, Principal, Topic};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
     LastWillProperties, Login, Packet,
@@ -219,9 +219,10 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Err(r) => return refuse(stream, version, r).await,
     };
     let permit_after_takeover = user_permit.is_none();
-    if let Err(r) = check_will(shared, request.will.as_ref(), &principal) {
-        return refuse(stream, version, r).await;
-    }
+    let will_grant = match check_will(shared, request.will.as_ref(), &principal) {
+        Ok(grant) => grant,
+        Err(r) => return refuse(stream, version, r).await,
+    };
     let wrapper = match wrapper(shared, &client_id) {
         Ok(w) => w,
         Err(r) => return refuse(stream, version, r).await,
@@ -242,7 +243,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(found) => found,
             Err(r) => return refuse(stream, version, r).await,
         };
-    let will = Will::new(request.will, request.will_props);
+    let will = Will::new(request.will.zip(will_grant), request.will_props);
     let mut session = Session::new(
         shared,
         &registration,
@@ -448,27 +449,29 @@ fn user_slot_after_takeover(
     }
 }
 
-/// The will's topic must be one the client may publish to.
+/// The will's topic must be one the client may publish to; the grant is kept with the will
+/// and its publish takes it (no second check when the connection ends).
 fn check_will(
     shared: &Shared,
     will: Option<&LastWill>,
     principal: &Principal,
-) -> Result<(), Refusal> {
+) -> Result<Option<Authorized>, Refusal> {
     let Some(w) = will else {
-        return Ok(());
+        return Ok(None);
     };
-    let allowed = std::str::from_utf8(&w.topic)
+    let refused = || Refusal::new(ConnectReturnCode::NotAuthorized, "will topic not allowed");
+    let Some(topic) = std::str::from_utf8(&w.topic)
         .ok()
         .and_then(|t| Topic::from_mqtt(t).ok())
-        .is_some_and(|t| shared.ctx.authorizer.check_publish(principal, &t).is_ok());
-    if !allowed {
+    else {
         shared.metrics.error(ErrorKind::Forbidden);
-        return Err(Refusal::new(
-            ConnectReturnCode::NotAuthorized,
-            "will topic not allowed",
-        ));
-    }
-    Ok(())
+        return Err(refused());
+    };
+    shared
+        .ctx
+        .authorize(&shared.metrics, principal, topic)
+        .map(Some)
+        .map_err(|_| refused())
 }
 
 /// The wrapper of this client's plain payloads.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
-use meshgate_core::{BoxFuture, PublishError, Published, Topic};
+use meshgate_core::{Authorized, AuthorizedEnvelope, BoxFuture, PublishError, Published};
 use rumqttd::protocol::{
     DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, PublishProperties, QoS,
@@ -18,9 +18,6 @@ use super::{End, Flow, Session};
 use crate::Shared;
 use crate::binding;
 use crate::codec::{self, Version};
-
-/// How a publish the ACL refused is counted.
-const FORBIDDEN: (ErrorKind, DropReason) = (ErrorKind::Forbidden, DropReason::Forbidden);
 
 /// The MQTT 5 properties a broker forwards unaltered (response topic, correlation data,
 /// payload format) and the message expiry, as an absolute deadline.
@@ -104,20 +101,25 @@ impl Inbound {
 /// The client's will (CONNECT), published when its connection ends other than by DISCONNECT.
 pub(super) struct Will {
     /// Boxed: most clients have none, and an idle connection should stay small.
-    message: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+    /// With the grant `AdapterContext::authorize` gave its topic at CONNECT (a will on a topic
+    /// the client may not publish to refuses the CONNECT).
+    message: Option<Box<(LastWill, Option<LastWillProperties>, Authorized)>>,
     /// MQTT 5 Will Delay Interval: the will waits this long after the connection ends.
     pub(super) delay: Option<Duration>,
 }
 
 impl Will {
-    pub(super) fn new(will: Option<LastWill>, props: Option<LastWillProperties>) -> Self {
+    pub(super) fn new(
+        will: Option<(LastWill, Authorized)>,
+        props: Option<LastWillProperties>,
+    ) -> Self {
         let delay = props
             .as_ref()
             .and_then(|p| p.delay_interval)
             .filter(|d| *d > 0)
             .map(|d| Duration::from_secs(u64::from(d)));
         Will {
-            message: will.map(|w| Box::new((w, props))),
+            message: will.map(|(w, authorized)| Box::new((w, props, authorized))),
             delay,
         }
     }
@@ -165,6 +167,18 @@ impl Session {
         (kind, dropped): (ErrorKind, DropReason),
     ) -> Flow {
         self.shared.metrics.error(kind);
+        self.refuse_counted(qos, pkid, reason, dropped)
+    }
+
+    /// [`Session::refuse`] for a refusal already counted as an error (by
+    /// `AdapterContext::authorize`).
+    fn refuse_counted(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        reason: PubAckReason,
+        dropped: DropReason,
+    ) -> Flow {
         if self.version == Version::V311 {
             return Flow::End(End::Abnormal);
         }
@@ -181,7 +195,7 @@ impl Session {
         &mut self,
         p: &codec::InPublish,
         props: Option<&PublishProperties>,
-    ) -> Result<meshgate_core::Envelope, Flow> {
+    ) -> Result<AuthorizedEnvelope, Flow> {
         let meta = p.meta;
         let (qos, pkid) = (meta.qos, meta.pkid);
         if qos == QoS::ExactlyOnce && self.inbound.qos2_at_backbone.contains(&pkid) {
@@ -234,18 +248,26 @@ impl Session {
         if let (Some(a), false) = (alias, p.topic.is_empty()) {
             self.aliases.set(a, topic.clone());
         }
-        if self
-            .shared
-            .ctx
-            .authorizer
-            .check_publish(&self.principal, &topic)
-            .is_err()
-        {
-            return Err(self.refuse(qos, pkid, PubAckReason::NotAuthorized, FORBIDDEN));
-        }
+        // Authorized before the payload is decoded; the publish takes this proof.
+        let authorized =
+            match self
+                .shared
+                .ctx
+                .authorize(&self.shared.metrics, &self.principal, topic)
+            {
+                Ok(a) => a,
+                Err(_) => {
+                    return Err(self.refuse_counted(
+                        qos,
+                        pkid,
+                        PubAckReason::NotAuthorized,
+                        DropReason::Forbidden,
+                    ));
+                }
+            };
         let event = binding::decode(binding::Inbound {
             version: self.version,
-            topic: &topic,
+            topic: authorized.topic(),
             payload: p.payload.clone(),
             properties: props,
             wrapper: &self.wrapper,
@@ -268,11 +290,11 @@ impl Session {
             }
         };
         let event = Arc::new(event);
-        let mut envelope = meshgate_core::Envelope::new(topic.clone(), event, self.origin.clone())
+        Ok(authorized
+            .envelope(event, self.origin.clone())
             .with_qos(qos as u8)
-            .with_retain(p.retain);
-        envelope.mqtt = forwarded_properties(props);
-        Ok(envelope)
+            .with_retain(p.retain)
+            .with_mqtt_properties(forwarded_properties(props)))
     }
 
     /// Handles a PUBLISH on a backbone that settles publishes at once, without a future:
@@ -288,10 +310,7 @@ impl Session {
             Ok(envelope) => envelope,
             Err(flow) => return Ok(flow),
         };
-        match shared
-            .ctx
-            .try_publish_envelope(&shared.metrics, &self.principal, envelope)
-        {
+        match shared.ctx.try_publish_envelope(&shared.metrics, envelope) {
             Published::Done(r) => Ok(self.published(p.meta.qos, p.meta.pkid, r)),
             Published::Pending(f) => Err(f),
         }
@@ -317,12 +336,12 @@ impl Session {
             let r = self
                 .shared
                 .ctx
-                .publish_envelope(&self.shared.metrics, &self.principal, envelope)
+                .publish_envelope(&self.shared.metrics, envelope)
                 .await;
             if let (Ok(()), Some(envelope)) = (&r, retained) {
                 self.shared
                     .retained
-                    .update(&envelope, p.payload.is_empty())
+                    .update(envelope.envelope(), p.payload.is_empty())
                     .await;
             }
             return self.published(qos, pkid, r);
@@ -333,16 +352,12 @@ impl Session {
         if p.retain {
             self.shared
                 .retained
-                .update(&envelope, p.payload.is_empty())
+                .update(envelope.envelope(), p.payload.is_empty())
                 .await;
         }
         let shared = self.shared.clone();
-        let principal = self.principal.clone();
         let mut publish: InboundPublish = Box::pin(async move {
-            let r = shared
-                .ctx
-                .publish_envelope(&shared.metrics, &principal, envelope)
-                .await;
+            let r = shared.ctx.publish_envelope(&shared.metrics, envelope).await;
             (qos, pkid, r)
         });
         if self
@@ -381,9 +396,12 @@ impl Session {
                 self.ack(qos, pkid, PubAckReason::Success);
                 Flow::Continue
             }
-            Err(PublishError::Forbidden(_)) => {
-                self.refuse(qos, pkid, PubAckReason::NotAuthorized, FORBIDDEN)
-            }
+            Err(PublishError::Forbidden(_)) => self.refuse_counted(
+                qos,
+                pkid,
+                PubAckReason::NotAuthorized,
+                DropReason::Forbidden,
+            ),
             Err(PublishError::Backbone(e)) => {
                 tracing::debug!(error = %e, "mqtt: backbone refused");
                 // Never acknowledge what the backbone did not take.
@@ -419,13 +437,7 @@ impl Session {
     }
 
     pub(super) async fn publish_will(&mut self) {
-        let Some((will, props)) = self.will.message.take().map(|b| *b) else {
-            return;
-        };
-        let Some(topic) = std::str::from_utf8(&will.topic)
-            .ok()
-            .and_then(|t| Topic::from_mqtt(t).ok())
-        else {
+        let Some((will, props, authorized)) = self.will.message.take().map(|b| *b) else {
             return;
         };
         let publish_props = props.map(|p| PublishProperties {
@@ -439,7 +451,7 @@ impl Session {
         });
         let event = binding::decode(binding::Inbound {
             version: self.version,
-            topic: &topic,
+            topic: authorized.topic(),
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
             wrapper: &self.wrapper,
@@ -448,21 +460,21 @@ impl Session {
             self.shared.metrics.dropped(DropReason::BadWill).inc();
             return;
         };
-        let mut envelope =
-            meshgate_core::Envelope::new(topic, Arc::new(event), self.origin.clone())
-                .with_qos(will.qos as u8)
-                .with_retain(will.retain);
-        envelope.mqtt = forwarded_properties(publish_props.as_ref());
+        let envelope = authorized
+            .envelope(Arc::new(event), self.origin.clone())
+            .with_qos(will.qos as u8)
+            .with_retain(will.retain)
+            .with_mqtt_properties(forwarded_properties(publish_props.as_ref()));
         if will.retain {
             self.shared
                 .retained
-                .update(&envelope, will.message.is_empty())
+                .update(envelope.envelope(), will.message.is_empty())
                 .await;
         }
         if let Err(e) = self
             .shared
             .ctx
-            .publish_envelope(&self.shared.metrics, &self.principal, envelope)
+            .publish_envelope(&self.shared.metrics, envelope)
             .await
         {
             tracing::debug!(error = %e, "mqtt: will not published");

@@ -2,12 +2,10 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::{binary, spawn};
+use meshgate_tests::{binary, spawn};
 
 #[test]
 fn version_and_help() {

@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use meshgate_core::{Data, ExtensionValue};
-use support::{next_event, test_config, ws_connect};
+use meshgate_tests::{next_event, test_config, ws_connect};
 
 fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")

@@ -5,16 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use meshgate_config::BackboneKind;
-use support::nats::NatsServer;
-use support::{
+use meshgate_tests::nats::NatsServer;
+use meshgate_tests::{
     Deadline, next_event, post_data, start_gateway, test_config, wait_metric, ws_connect,
 };
 
@@ -309,7 +307,7 @@ async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
     let nats = NatsServer::start();
     let url = nats.url();
     // Instance A: the real binary, killed with SIGKILL mid-stream.
-    let mut a = support::spawn(
+    let mut a = meshgate_tests::spawn(
         &[],
         &[
             ("MESHGATE__BACKBONE__KIND", "jetstream"),
@@ -467,7 +465,7 @@ async fn retained_messages_are_shared_by_the_instances() {
     let a = start_gateway(with_mqtt(js_config(&nats, "js-ret-a"))).await;
     let b = start_gateway(with_mqtt(js_config(&nats, "js-ret-b"))).await;
     let port = |gw: &meshgate::RunningGateway| gw.mqtt_addr.unwrap().port().to_string();
-    let mosquitto = support::mosquitto_command;
+    let mosquitto = meshgate_tests::mosquitto_command;
     // Retained on A (QoS 1: acknowledged once stored).
     let status = mosquitto("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port(&a), "-q", "1", "-r"])
@@ -517,7 +515,7 @@ fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
 fn mosquitto(cmd: &str, gw: &meshgate::RunningGateway, args: &[&str], stdin: &str) -> String {
     use std::io::Write;
     let port = gw.mqtt_addr.unwrap().port().to_string();
-    let mut child = support::mosquitto_command(cmd)
+    let mut child = meshgate_tests::mosquitto_command(cmd)
         .args(["-h", "127.0.0.1", "-p", &port])
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -707,7 +705,7 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
 async fn a_session_survives_its_instance_killed_with_sigkill() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let a = support::spawn(
+    let a = meshgate_tests::spawn(
         &[],
         &[
             ("MESHGATE__BACKBONE__KIND", "jetstream"),

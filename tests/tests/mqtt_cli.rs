@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshgate_core::{ExtensionValue, json};
-use support::{next_event, test_config, wait_metric, ws_connect};
+use meshgate_tests::{next_event, test_config, wait_metric, ws_connect};
 
 fn mqtt_config() -> meshgate_config::Config {
     let mut c = test_config();
@@ -24,7 +22,7 @@ async fn mosquitto_pub_reaches_a_websocket_client() {
     let mqtt = gw.mqtt_addr.unwrap();
     let mut ws = ws_connect(gw.web_addr.unwrap(), &["plant/#"]).await;
     // MQTT 3.1.1, QoS 1, a plain payload: wrapped into a CloudEvent.
-    let status = support::mosquitto_command("mosquitto_pub")
+    let status = meshgate_tests::mosquitto_command("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
@@ -45,7 +43,7 @@ async fn mosquitto_pub_reaches_a_websocket_client() {
     assert_eq!(e.ty(), "io.meshgate.mqtt.message");
     assert_eq!(e.data().unwrap().to_bytes(), &b"42.5"[..]);
     // MQTT 5 binary mode with user properties and Content Type: a CloudEvent as is.
-    let status = support::mosquitto_command("mosquitto_pub")
+    let status = meshgate_tests::mosquitto_command("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
@@ -82,7 +80,7 @@ async fn http_events_reach_mosquitto_sub_v5_binary_and_v311_structured() {
     let gw = meshgate::start(mqtt_config()).await.unwrap();
     let port = gw.mqtt_addr.unwrap().port().to_string();
     let spawn_sub = |version: &str, format: &str| {
-        support::mosquitto_command("mosquitto_sub")
+        meshgate_tests::mosquitto_command("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
             .args(["-t", "orders/#", "-C", "1", "-W", "10", "-F", format])
             .stdout(Stdio::piped())
@@ -132,7 +130,7 @@ async fn http_events_reach_mosquitto_sub_v5_binary_and_v311_structured() {
 
 /// Runs mosquitto_pub against `port` with `args`, and checks that it succeeded.
 fn mosquitto_pub(port: &str, args: &[&str]) {
-    let status = support::mosquitto_command("mosquitto_pub")
+    let status = meshgate_tests::mosquitto_command("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", port])
         .args(args)
         .status()
@@ -143,7 +141,7 @@ fn mosquitto_pub(port: &str, args: &[&str]) {
 /// `mosquitto_sub -c` (3.1.1, clean session off) as client `keeper`, until `count` messages,
 /// printed as `topic|qos|retain|payload` lines.
 fn keeper_sub(port: &str, count: &str) -> std::process::Child {
-    support::mosquitto_command("mosquitto_sub")
+    meshgate_tests::mosquitto_command("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", port, "-V", "mqttv311"])
         .args(["-c", "-i", "keeper", "-q", "2", "-t", "fleet/#"])
         .args(["-C", count, "-W", "10", "-F", "%t|%q|%r|%p"])
@@ -257,7 +255,7 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
     let port = gw.mqtt_tls_addr.unwrap().port().to_string();
     let cafile = cert.to_str().unwrap();
     // A client speaking plain MQTT to the TLS port fails its handshake, and nothing else.
-    let plain = support::mosquitto_command("mosquitto_pub")
+    let plain = meshgate_tests::mosquitto_command("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
@@ -272,7 +270,7 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
         .status()
         .unwrap();
     assert!(!plain.success(), "plain MQTT must not work on the TLS port");
-    let sub = support::mosquitto_command("mosquitto_sub")
+    let sub = meshgate_tests::mosquitto_command("mosquitto_sub")
         .args([
             "--cafile",
             cafile,
@@ -294,7 +292,7 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
         "meshgate_mqtt_subscriptions{adapter=\"mqtt\"} 1",
     )
     .await;
-    let status = support::mosquitto_command("mosquitto_pub")
+    let status = meshgate_tests::mosquitto_command("mosquitto_pub")
         .args([
             "--cafile",
             cafile,

@@ -5,16 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use meshgate_config::{BackboneKind, NatsWireMode};
-use support::nats::NatsServer;
-use support::{
+use meshgate_tests::nats::NatsServer;
+use meshgate_tests::{
     Deadline, Ws, metrics, next_event, post_data, start_gateway, test_config, wait_metric,
     ws_connect,
 };
@@ -265,7 +263,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
     let a = start_gateway(with_mqtt(nats_config(&nats, "gw-ma"))).await;
     let b = start_gateway(with_mqtt(nats_config(&nats, "gw-mb"))).await;
     let sub = |gw: &meshgate::RunningGateway| {
-        support::mosquitto_command("mosquitto_sub")
+        meshgate_tests::mosquitto_command("mosquitto_sub")
             .args([
                 "-h",
                 "127.0.0.1",
@@ -279,7 +277,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
             .unwrap()
     };
     // An ordinary subscriber on B sees everything, once.
-    let watcher = support::mosquitto_command("mosquitto_sub")
+    let watcher = meshgate_tests::mosquitto_command("mosquitto_sub")
         .args([
             "-h",
             "127.0.0.1",
@@ -306,7 +304,7 @@ async fn mqtt_shared_subscriptions_are_shared_across_instances() {
     const N: usize = 30;
     let port = a.mqtt_addr.unwrap().port().to_string();
     for i in 0..N {
-        let status = support::mosquitto_command("mosquitto_pub")
+        let status = meshgate_tests::mosquitto_command("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
             .args(["-t", &format!("jobs/{i}"), "-m", &format!("job-{i}")])
             .status()

@@ -2,12 +2,10 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{next_event, spawn, ws_connect};
+use meshgate_tests::{next_event, spawn, ws_connect};
 
 const IN_FLIGHT: usize = 40;
 

@@ -2,12 +2,10 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-mod support;
-
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::{next_event, test_config, ws_connect};
+use meshgate_tests::{next_event, test_config, ws_connect};
 
 const IDLE: usize = 500;
 const EVENTS: usize = 400;

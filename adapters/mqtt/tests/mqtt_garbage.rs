@@ -3,20 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_backbone::memory::MemoryBackbone;
 use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig, Mqtt5Mode, Mqtt311Mode, MqttConfig};
-use meshgate_core::metrics::Registry;
-use meshgate_core::{Adapter, AdapterContext, Authorizer};
+use meshgate_core::{Adapter, Authorizer};
 use meshgate_mqtt::codec::{self, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
@@ -68,24 +63,16 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         PANICS.fetch_add(1, Ordering::SeqCst);
         previous(info);
     }));
-    let registry = Registry::new();
-    let backbone = MemoryBackbone::new(
+    let ctx = meshgate_backbone::testkit::TestKit::on(
+        Authorizer::allow_all(),
         MemoryBackboneConfig {
             queue_capacity: 64,
             full_policy: FullQueuePolicy::Drop,
             block_timeout: Duration::from_secs(1),
         },
-        &registry,
-    );
-    let ctx = AdapterContext {
-        instance: Arc::from("fuzz"),
-        backbone,
-        authorizer: Arc::new(Authorizer::allow_all()),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        registry,
-        limits: meshgate_core::ConnectionLimits::unlimited(),
-    };
+    )
+    .with_instance("fuzz")
+    .ctx;
     let config = MqttConfig {
         enabled: true,
         listen: "127.0.0.1:0".parse().unwrap(),

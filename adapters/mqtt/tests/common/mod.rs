@@ -74,17 +74,8 @@ pub async fn start_on(
     authorizer: Authorizer,
     memory: MemoryBackboneConfig,
 ) -> Harness {
-    let registry = Registry::new();
-    let backbone = MemoryBackbone::new(memory, &registry);
-    let ctx = AdapterContext {
-        instance: Arc::from("test"),
-        backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        registry,
-        limits: meshgate_core::ConnectionLimits::unlimited(),
-    };
+    let meshgate_backbone::testkit::TestKit { ctx, backbone, .. } =
+        meshgate_backbone::testkit::TestKit::on(authorizer, memory);
     let adapter = meshgate_mqtt::MqttAdapter::bind(&config, &ctx)
         .await
         .unwrap();

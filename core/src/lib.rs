@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod auth;
 pub mod backbone;
 pub mod event;
+mod event_error;
 pub mod header;
 pub mod json;
 pub mod limits;

@@ -17,6 +17,8 @@ pub mod media;
 pub mod metrics;
 pub mod problem;
 pub mod throttle;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod topic;
 pub mod validate;
 pub mod wrap;

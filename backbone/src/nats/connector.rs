@@ -98,6 +98,8 @@ pub(crate) enum TlsError {
     },
     #[error("{0}")]
     Handshake(#[source] std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] meshgate_core::tls::TlsSetupError),
 }
 
 /// Longest pause between connection attempts (the pause doubles up to it).
@@ -319,20 +321,14 @@ async fn tls(
     tcp: Box<dyn Io>,
     host: &str,
 ) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, TlsError> {
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let config = tokio_rustls::rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let connector = meshgate_core::tls::connector(None)?;
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(
         |source| TlsError::ServerName {
             host: host.to_owned(),
             source,
         },
     )?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    connector
         .connect(name, tcp)
         .await
         .map_err(TlsError::Handshake)

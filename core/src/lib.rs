@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod auth;
 pub mod backbone;
+pub mod backoff;
 pub mod event;
 mod event_error;
 pub mod header;

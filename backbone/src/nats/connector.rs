@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use meshgate_core::backoff::Backoff;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -130,7 +131,7 @@ impl Client {
 /// with every subscription.
 async fn supervise(shared: Arc<Shared>) {
     use futures_util::FutureExt;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     loop {
         let run = std::panic::AssertUnwindSafe(run(shared.clone())).catch_unwind();
         match run.await {
@@ -145,8 +146,7 @@ async fn supervise(shared: Arc<Shared>) {
                 if shared.closed.load(Ordering::Acquire) {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
     }
@@ -169,7 +169,7 @@ async fn run(shared: Arc<Shared>) {
         tracing::error!("nats: no server URL to connect to (backbone.nats.urls)");
         return;
     }
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
     let mut index = 0usize;
     let mut was_connected = false;
     while !shared.closed.load(Ordering::Acquire) {
@@ -197,12 +197,11 @@ async fn run(shared: Arc<Shared>) {
                     // Ended at once (refused after the handshake, say): no tight loop.
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                         _ = closed => break,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 } else {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                 }
             }
             Err(e) => {
@@ -224,10 +223,9 @@ async fn run(shared: Arc<Shared>) {
                 if index.is_multiple_of(urls.len()) {
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                         _ = closed => break,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

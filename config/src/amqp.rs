@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use meshgate_core::{Topic, TopicFilter, validate};
 
-use crate::convert::{duration, parse_size, positive};
+use crate::check::{SizeError, duration, parse_size, positive};
 use crate::model::{AmqpConfig, AmqpMode, AmqpSinkConfig, AmqpSourceConfig};
 use crate::{Errors, raw, section};
 
@@ -295,7 +295,7 @@ const MAX_MESSAGE_SIZE: u64 = 512 << 20;
 fn max_body_size(v: &raw::Size, errors: &mut Errors) -> usize {
     let path = "amqp.max_body_size";
     let bytes = match v {
-        raw::Size::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+        raw::Size::Bytes(n) => u64::try_from(*n).map_err(|_| SizeError::Negative(*n)),
         raw::Size::Text(t) => parse_size(t),
     };
     match bytes {
@@ -312,7 +312,7 @@ fn max_body_size(v: &raw::Size, errors: &mut Errors) -> usize {
         }
         Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
         Err(e) => {
-            errors.push(path, e);
+            errors.push(path, e.to_string());
             1
         }
     }

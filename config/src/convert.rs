@@ -6,24 +6,12 @@ use std::time::Duration;
 use meshgate_core::{Topic, TopicFilter, validate};
 use toml::{Table, Value};
 
+use crate::check::{SizeError, duration, parse_size, positive};
 use crate::model::*;
 use crate::{Errors, raw, section};
 
 /// The CloudEvents minimum an intermediary must forward (CE-BINDINGS.md §1).
 const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
-
-pub(crate) fn duration(v: &str, path: &str, errors: &mut Errors) -> Duration {
-    match humantime::parse_duration(v.trim()) {
-        Ok(d) => d,
-        Err(e) => {
-            errors.push(
-                path,
-                format!("`{v}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"1m\""),
-            );
-            Duration::ZERO
-        }
-    }
-}
 
 fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
     v.trim().parse().unwrap_or_else(|_| {
@@ -35,36 +23,10 @@ fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
     })
 }
 
-/// Parses "64KiB", "1 MiB", "512kB", "1048576", "10B".
-pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("`{text}` is not a size; write e.g. 65536, \"64KiB\", \"1MiB\", \"1MB\"")
-    })?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "kB" | "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{text}`; use B, KiB, MiB, GiB, kB, MB or GB"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{text}` is too large"))
-}
-
 fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> usize {
     let bytes = match v {
         raw::Size::Bytes(n) if *n >= 0 => Ok(*n as u64),
-        raw::Size::Bytes(n) => Err(format!("{n} is negative")),
+        raw::Size::Bytes(n) => Err(SizeError::Negative(*n)),
         raw::Size::Text(t) => parse_size(t),
     };
     match bytes {
@@ -74,7 +36,7 @@ fn size(v: &raw::Size, path: &str, min: u64, why: &str, errors: &mut Errors) -> 
         }
         Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
         Err(e) => {
-            errors.push(path, e);
+            errors.push(path, e.to_string());
             min as usize
         }
     }
@@ -106,14 +68,6 @@ fn origin(v: &str, path: &str, errors: &mut Errors) -> Option<String> {
     }
 }
 
-pub(crate) fn positive(v: i64, path: &str, errors: &mut Errors) -> usize {
-    if v <= 0 {
-        errors.push(path, format!("must be at least 1, got {v}"));
-        return 1;
-    }
-    usize::try_from(v).unwrap_or(usize::MAX)
-}
-
 fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
     let name_ok = !j.stream.is_empty()
         && j.stream
@@ -131,7 +85,7 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
     let max_bytes = match &j.max_bytes {
         raw::Size::Bytes(n) if *n > 0 => *n as u64,
         raw::Size::Text(t) => parse_size(t).unwrap_or_else(|e| {
-            errors.push("backbone.jetstream.max_bytes", e);
+            errors.push("backbone.jetstream.max_bytes", e.to_string());
             0
         }),
         raw::Size::Bytes(n) => {

@@ -12,6 +12,39 @@ const PREFIX: &str = "MESHGATE__";
 /// Keys of a user table that hold lists (for users created by environment variables).
 const LIST_KEYS: [&str; 3] = ["tokens", "publish", "subscribe"];
 
+/// Why a variable cannot be applied; the text is the config error's message (the variable's
+/// name is added by [`Errors::push`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum EnvError {
+    #[error("no key given")]
+    NoKey,
+    #[error("unknown key {0}")]
+    UnknownKey(String),
+    #[error("{path}: the list has {len} element(s); set index {len} first")]
+    IndexGap { path: String, len: usize },
+    /// The value does not fit the key it replaces.
+    #[error("{path}: {problem}")]
+    Value { path: String, problem: ValueError },
+    /// A list for a key the defaults do not have (a user's `tokens`, say).
+    #[error(transparent)]
+    List(ValueError),
+}
+
+/// Why a value is not of the type of the key it replaces.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ValueError {
+    #[error("not a TOML array: {0}")]
+    NotTomlArray(String),
+    #[error("not a TOML array")]
+    NoArray,
+    #[error("expected an integer, got `{0}`")]
+    Integer(String),
+    #[error("expected a number, got `{0}`")]
+    Number(String),
+    #[error("expected true or false, got `{0}`")]
+    Boolean(String),
+}
+
 pub(crate) fn apply(
     table: &mut Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -34,7 +67,7 @@ pub(crate) fn apply(
         }
         match set(table, &segments, &value) {
             Ok(path) => errors.env_paths.push((path, var)),
-            Err(message) => errors.push(var, message),
+            Err(e) => errors.push(var, e.to_string()),
         }
     }
 }
@@ -52,7 +85,7 @@ fn display_path(segments: &[String]) -> String {
 }
 
 /// Sets the value at `segments`; returns the key path it set.
-fn set(table: &mut Table, segments: &[String], raw: &str) -> Result<String, String> {
+fn set(table: &mut Table, segments: &[String], raw: &str) -> Result<String, EnvError> {
     let path = display_path(segments);
     let mut root = Value::Table(std::mem::take(table));
     let result = set_in(&mut root, segments, raw, &path);
@@ -62,17 +95,22 @@ fn set(table: &mut Table, segments: &[String], raw: &str) -> Result<String, Stri
     result.map(|()| path)
 }
 
-fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Result<(), String> {
+fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Result<(), EnvError> {
     let Some((seg, rest)) = segments.split_first() else {
-        return Err("no key given".into());
+        return Err(EnvError::NoKey);
     };
-    let unknown = || format!("unknown key {path}");
+    let unknown = || EnvError::UnknownKey(path.to_owned());
     let child: &mut Value = match node {
         Value::Table(t) => {
             if rest.is_empty() {
                 let new = match t.get(seg.as_str()) {
-                    Some(existing) => typed(existing, raw).map_err(|m| format!("{path}: {m}"))?,
-                    None if LIST_KEYS.contains(&seg.as_str()) => list(raw)?,
+                    Some(existing) => typed(existing, raw).map_err(|problem| EnvError::Value {
+                        path: path.to_owned(),
+                        problem,
+                    })?,
+                    None if LIST_KEYS.contains(&seg.as_str()) => {
+                        list(raw).map_err(EnvError::List)?
+                    }
                     // Not in the defaults: a string; deserialization reports it if unknown.
                     None => Value::String(raw.to_owned()),
                 };
@@ -91,11 +129,10 @@ fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Resul
         Value::Array(items) => {
             let idx: usize = seg.parse().map_err(|_| unknown())?;
             if idx > items.len() {
-                return Err(format!(
-                    "{path}: the list has {} element(s); set index {} first",
-                    items.len(),
-                    items.len()
-                ));
+                return Err(EnvError::IndexGap {
+                    path: path.to_owned(),
+                    len: items.len(),
+                });
             }
             if idx == items.len() {
                 items.push(Value::Table(Table::new()));
@@ -111,16 +148,13 @@ fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Resul
     set_in(child, rest, raw, path)
 }
 
-fn list(raw: &str) -> Result<Value, String> {
+fn list(raw: &str) -> Result<Value, ValueError> {
     let trimmed = raw.trim();
     if trimmed.starts_with('[') {
         let t: Table = format!("v = {trimmed}")
             .parse()
-            .map_err(|e: toml::de::Error| format!("not a TOML array: {}", e.message()))?;
-        return t
-            .get("v")
-            .cloned()
-            .ok_or_else(|| "not a TOML array".to_owned());
+            .map_err(|e: toml::de::Error| ValueError::NotTomlArray(e.message().to_owned()))?;
+        return t.get("v").cloned().ok_or(ValueError::NoArray);
     }
     Ok(Value::Array(
         trimmed
@@ -132,22 +166,22 @@ fn list(raw: &str) -> Result<Value, String> {
     ))
 }
 
-fn typed(existing: &Value, raw: &str) -> Result<Value, String> {
+fn typed(existing: &Value, raw: &str) -> Result<Value, ValueError> {
     Ok(match existing {
         Value::Integer(_) => Value::Integer(
             raw.trim()
                 .parse()
-                .map_err(|_| format!("expected an integer, got `{raw}`"))?,
+                .map_err(|_| ValueError::Integer(raw.to_owned()))?,
         ),
         Value::Float(_) => Value::Float(
             raw.trim()
                 .parse()
-                .map_err(|_| format!("expected a number, got `{raw}`"))?,
+                .map_err(|_| ValueError::Number(raw.to_owned()))?,
         ),
         Value::Boolean(_) => match raw.trim() {
             "true" => Value::Boolean(true),
             "false" => Value::Boolean(false),
-            _ => return Err(format!("expected true or false, got `{raw}`")),
+            _ => return Err(ValueError::Boolean(raw.to_owned())),
         },
         Value::Array(_) => list(raw)?,
         _ => Value::String(raw.to_owned()),

@@ -7,6 +7,7 @@
 //! that do not convert or violate a rule.
 
 mod amqp;
+mod check;
 mod convert;
 mod env;
 pub mod model;

@@ -166,13 +166,13 @@ fn syntax_errors_give_line_and_column() {
 
 #[test]
 fn sizes_and_durations() {
-    assert_eq!(convert::parse_size("64KiB").unwrap(), 65536);
-    assert_eq!(convert::parse_size("1 MiB").unwrap(), 1 << 20);
-    assert_eq!(convert::parse_size("1MB").unwrap(), 1_000_000);
-    assert_eq!(convert::parse_size("512kB").unwrap(), 512_000);
-    assert_eq!(convert::parse_size("10").unwrap(), 10);
-    assert!(convert::parse_size("ten").is_err());
-    assert!(convert::parse_size("1 parsec").is_err());
+    assert_eq!(check::parse_size("64KiB").unwrap(), 65536);
+    assert_eq!(check::parse_size("1 MiB").unwrap(), 1 << 20);
+    assert_eq!(check::parse_size("1MB").unwrap(), 1_000_000);
+    assert_eq!(check::parse_size("512kB").unwrap(), 512_000);
+    assert_eq!(check::parse_size("10").unwrap(), 10);
+    assert!(check::parse_size("ten").is_err());
+    assert!(check::parse_size("1 parsec").is_err());
     let c = load_str("[websocket]\nping_interval = \"1m\"\n", "t", Vec::new()).unwrap();
     assert_eq!(c.websocket.ping_interval, Duration::from_secs(60));
 }

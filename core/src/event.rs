@@ -1,7 +1,7 @@
 //! The CloudEvents 1.0 event model, with the validation the spec demands and SDKs skip.
 //!
 //! meshgate keeps its own small event type instead of `cloudevents::Event` (see
-//! `docs/ARCHITECTURE.md`, "Why our own Event type"): attribute values are kept as the exact
+//! `docs/decisions/0001-own-cloudevent-type.md`): attribute values are kept as the exact
 //! strings that arrived (so `time` is forwarded unchanged), extension types survive every hop,
 //! and every constructor validates, so an `Event` value is always a valid CloudEvent.
 
@@ -14,35 +14,10 @@ use serde_json::value::RawValue;
 
 use crate::validate;
 
+pub use crate::event_error::EventError;
+
 /// The only `specversion` meshgate accepts and writes (CE-BINDINGS.md §10, version rejection).
 pub const SPEC_VERSION: &str = "1.0";
-
-/// Why an event (or one attribute of it) is not a valid CloudEvent. The text always names the
-/// attribute, so it can be shown to the client as is.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EventError {
-    #[error("required attribute `{0}` is missing")]
-    Missing(&'static str),
-    #[error("attribute `{name}` is invalid: {reason}")]
-    InvalidValue { name: String, reason: String },
-    #[error("attribute name `{name}` is invalid: {reason}")]
-    InvalidName { name: String, reason: &'static str },
-    #[error("attribute `{0}` appears more than once")]
-    Duplicate(String),
-    #[error("specversion `{0}` is not supported; meshgate accepts only 1.0")]
-    UnsupportedSpecVersion(String),
-    #[error("{0}")]
-    Format(String),
-}
-
-impl EventError {
-    pub(crate) fn invalid(name: &str, reason: impl Into<String>) -> Self {
-        EventError::InvalidValue {
-            name: name.to_owned(),
-            reason: reason.into(),
-        }
-    }
-}
 
 /// The value of an extension attribute. JSON carries Boolean and Integer natively; every other
 /// CloudEvents type (String, URI, URI-reference, Binary, Timestamp) is carried as its canonical

@@ -1,8 +1,33 @@
 //! `ce-` header values, shared by the bindings that carry attributes as headers (HTTP, NATS):
 //! RFC 7230 quoted-string, then one round of percent-encoding (CE HTTP binding §3.1.3.2).
 
+/// Why a `ce-` header value cannot be decoded. The text is the reason shown to the client
+/// (after the header's name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderValueError {
+    #[error("quoted string ends with a lone backslash")]
+    LoneBackslash,
+    #[error("unescaped `\"` inside a quoted string")]
+    UnescapedQuote,
+    #[error("`%` not followed by two hex digits")]
+    BadPercent,
+    #[error("not valid UTF-8 after percent-decoding")]
+    NotUtf8,
+}
+
+/// A browser's request refused by [`check_origin`]. The text is the detail of the 403: it
+/// names the origin and the setting that would allow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("origin `{origin}` may not use this endpoint; add it to {key}")]
+pub struct OriginRefused {
+    /// The `Origin` header as sent (invalid UTF-8 replaced).
+    pub origin: String,
+    /// The setting that lists the allowed origins (`http.allowed_origins`, …).
+    pub key: String,
+}
+
 /// Undoes RFC 7230 quoted-string quoting, if the value is quoted.
-fn unquote(raw: &[u8]) -> Result<Vec<u8>, String> {
+fn unquote(raw: &[u8]) -> Result<Vec<u8>, HeaderValueError> {
     if raw.len() < 2 || raw[0] != b'"' || raw[raw.len() - 1] != b'"' {
         return Ok(raw.to_vec());
     }
@@ -13,9 +38,9 @@ fn unquote(raw: &[u8]) -> Result<Vec<u8>, String> {
         match b {
             b'\\' => match bytes.next() {
                 Some(&escaped) => out.push(escaped),
-                None => return Err("quoted string ends with a lone backslash".into()),
+                None => return Err(HeaderValueError::LoneBackslash),
             },
-            b'"' => return Err("unescaped `\"` inside a quoted string".into()),
+            b'"' => return Err(HeaderValueError::UnescapedQuote),
             b => out.push(b),
         }
     }
@@ -33,7 +58,7 @@ fn hex(b: u8) -> Option<u8> {
 
 /// Decodes a `ce-` header value: quoted-string first, then exactly one round of
 /// percent-decoding (lowercase hex accepted, `+` stays `+`), then strict UTF-8.
-pub fn decode_header_value(raw: &[u8]) -> Result<String, String> {
+pub fn decode_header_value(raw: &[u8]) -> Result<String, HeaderValueError> {
     let unquoted = unquote(raw)?;
     let mut out = Vec::with_capacity(unquoted.len());
     let mut i = 0;
@@ -48,13 +73,13 @@ pub fn decode_header_value(raw: &[u8]) -> Result<String, String> {
                     i += 3;
                     continue;
                 }
-                None => return Err("`%` not followed by two hex digits".into()),
+                None => return Err(HeaderValueError::BadPercent),
             }
         }
         out.push(unquoted[i]);
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| "not valid UTF-8 after percent-decoding".into())
+    String::from_utf8(out).map_err(|_| HeaderValueError::NotUtf8)
 }
 
 /// Encodes a header value per §3.1.3.2: space, `"`, `%` and everything outside U+0021–U+007E
@@ -99,18 +124,16 @@ pub fn check_origin(
     host: Option<&[u8]>,
     allowed: &[String],
     key: &str,
-) -> Result<(), String> {
+) -> Result<(), OriginRefused> {
     let Some(origin) = origin else {
         return Ok(());
     };
     if allowed.iter().any(|a| a == "*") {
         return Ok(());
     }
-    let refused = || {
-        format!(
-            "origin `{}` may not use this endpoint; add it to {key}",
-            String::from_utf8_lossy(origin)
-        )
+    let refused = || OriginRefused {
+        origin: String::from_utf8_lossy(origin).into_owned(),
+        key: key.to_owned(),
     };
     let origin = std::str::from_utf8(origin).map_err(|_| refused())?.trim();
     let lower = origin.trim_end_matches('/').to_ascii_lowercase();
@@ -162,7 +185,9 @@ mod tests {
         );
         assert!(check(Some("https://a.example"), host, &["https://a.example"]).is_ok());
         assert!(check(Some("https://b.example"), host, &["*"]).is_ok());
-        let err = check(Some("https://b.example"), host, &["https://a.example"]).unwrap_err();
+        let err = check(Some("https://b.example"), host, &["https://a.example"])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("`https://b.example`") && err.contains("x.allowed_origins"),
             "{err}"

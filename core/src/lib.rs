@@ -8,7 +8,9 @@
 pub mod adapter;
 pub mod auth;
 pub mod backbone;
+pub mod backoff;
 pub mod event;
+mod event_error;
 pub mod header;
 pub mod json;
 pub mod limits;
@@ -16,6 +18,8 @@ pub mod media;
 pub mod metrics;
 pub mod problem;
 pub mod throttle;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod topic;
 pub mod validate;
 pub mod wrap;

@@ -1,7 +1,7 @@
 //! Checks of the CloudEvents type system (spec.md, "Type System" and "Naming Conventions") that
 //! the Rust SDK does not perform. Each returns an [`EventError`] naming the attribute.
 
-use crate::event::EventError;
+use crate::event_error::EventError;
 
 /// Attribute names: `[a-z0-9]+`, not `data` (CE-BINDINGS.md §1). The SHOULD rules (start with a
 /// letter, at most 20 characters) are not enforced: a receiver must accept what the MUSTs allow.

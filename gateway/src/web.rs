@@ -65,7 +65,7 @@ pub fn origin_checked(router: Router, config: &Config, registry: &Registry) -> R
                     Ok(()) => next.run(request).await,
                     Err(why) => {
                         state.1.inc();
-                        forbidden(why)
+                        forbidden(why.to_string())
                     }
                 }
             }

@@ -23,7 +23,6 @@
 //! in method frames are bounded the same way (scan.rs), so nothing the broker or a publisher
 //! sends reaches amq-protocol's recursive table parser unchecked.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::frame::parsing::parse_content_header;
@@ -825,37 +824,18 @@ fn client_properties(name: &str) -> FieldTable {
 }
 
 /// The TLS client for `amqps`: the system's root certificates, and the CA file's when one is
-/// configured (`ca_pem`: its contents).
+/// configured (`ca_pem`: its contents). The errors name `amqp.ca_file`.
 pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, AmqpError> {
-    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(pem) = ca_pem {
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| {
-                AmqpError::Config(format!("amqp.ca_file: not a PEM certificate: {e}"))
-            })?;
-            roots.add(cert).map_err(|e| {
-                AmqpError::Config(format!("amqp.ca_file: unusable certificate: {e}"))
-            })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(AmqpError::Config(
-                "amqp.ca_file holds no certificate".to_owned(),
-            ));
-        }
-    }
-    let config = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AmqpError::Config(format!("TLS for amqps: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    use meshgate_core::tls::TlsSetupError;
+    meshgate_core::tls::connector(ca_pem.map(str::as_bytes)).map_err(|e| {
+        AmqpError::Config(match e {
+            TlsSetupError::NoCertificate => "amqp.ca_file holds no certificate".to_owned(),
+            TlsSetupError::Protocols(e) => format!("TLS for amqps: {e}"),
+            e @ (TlsSetupError::NotPem(_) | TlsSetupError::Unusable(_)) => {
+                format!("amqp.ca_file: {e}")
+            }
+        })
+    })
 }
 
 #[cfg(test)]

@@ -257,17 +257,16 @@ pub(crate) enum Ended {
 /// `reconnect_max`, back to `reconnect_min` once a session had got as far as `set_up`.
 #[derive(Debug)]
 pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    pause: Duration,
+    pauses: meshgate_core::backoff::Backoff,
 }
 
 impl Backoff {
     pub(crate) fn new(config: &AmqpConfig) -> Backoff {
         Backoff {
-            min: config.reconnect_min,
-            max: config.reconnect_max,
-            pause: config.reconnect_min,
+            pauses: meshgate_core::backoff::Backoff::new(
+                config.reconnect_min,
+                config.reconnect_max,
+            ),
         }
     }
 
@@ -281,19 +280,18 @@ impl Backoff {
     ) -> bool {
         if link.is_up() {
             // The link had been working: start the backoff afresh.
-            self.pause = self.min;
+            self.pauses.reset();
         }
         tracing::warn!(
             kind = link.kind,
             link = %link.name,
             failure = error.kind(),
             %error,
-            retry_in = ?self.pause,
+            retry_in = ?self.pauses.current(),
             "AMQP link down"
         );
         link.set_down(&error);
-        let pause = self.pause;
-        self.pause = (self.pause * 2).min(self.max);
+        let pause = self.pauses.next_pause();
         tokio::select! {
             () = shutdown.cancelled() => false,
             () = tokio::time::sleep(pause) => true,

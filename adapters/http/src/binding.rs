@@ -115,8 +115,8 @@ pub fn decode(
                 "must not be sent in binary mode: the data content type goes in Content-Type",
             ));
         }
-        let value =
-            decode_header_value(value.as_bytes()).map_err(|r| header_error(name.as_str(), r))?;
+        let value = decode_header_value(value.as_bytes())
+            .map_err(|r| header_error(name.as_str(), r.to_string()))?;
         attributes.push(attr, value)?;
     }
     let mut event = attributes.build()?;

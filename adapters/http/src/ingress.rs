@@ -314,7 +314,7 @@ async fn handle(
         "http.allowed_origins",
     ) {
         state.metrics.error(ErrorKind::ForbiddenOrigin);
-        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
+        return Err(Refusal::new(StatusCode::FORBIDDEN, why.to_string()));
     }
     let topic = topic_from_path(state, uri)?;
     let principal = authenticate(state, headers)?;

@@ -74,16 +74,24 @@ pub struct ConnectParams {
     pub access_token: Option<String>,
 }
 
+/// A query parameter that is not text: the detail of the 400 refusing the upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("query parameter `{key}` is not valid UTF-8 after percent-decoding")]
+pub struct QueryError {
+    /// The parameter's name as written in the query.
+    pub key: String,
+}
+
 /// Parses the query string with RFC 3986 percent-decoding. Unlike HTML forms, `+` stays `+`,
 /// because it is the MQTT single-level wildcard; write `#` as `%23`.
-pub fn parse_query(query: Option<&str>) -> Result<ConnectParams, String> {
+pub fn parse_query(query: Option<&str>) -> Result<ConnectParams, QueryError> {
     let mut params = ConnectParams::default();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode_str(value)
             .decode_utf8()
-            .map_err(|_| {
-                format!("query parameter `{key}` is not valid UTF-8 after percent-decoding")
+            .map_err(|_| QueryError {
+                key: key.to_owned(),
             })?
             .into_owned();
         match key {

@@ -119,7 +119,7 @@ async fn handshake(
     // network position (or cookies) to subscribe.
     if let Err(refusal) = origin::check(&headers, &shared.config.allowed_origins) {
         shared.metrics.error(ErrorKind::ForbiddenOrigin);
-        return problem(StatusCode::FORBIDDEN, refusal);
+        return problem(StatusCode::FORBIDDEN, refusal.to_string());
     }
     // One address may not take every slot; held for the connection's life.
     let ip_permit = match peer.map(|p| shared.ctx.limits.acquire_ip(p.ip())) {
@@ -143,7 +143,7 @@ async fn handshake(
     };
     let params = match binding::parse_query(uri.query()) {
         Ok(p) => p,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let token = bearer_from_headers(&headers).or(params.access_token.as_deref());
     let credentials = token.map_or(Credentials::None, Credentials::Token);

@@ -7,9 +7,10 @@
 //! name the request's own host (`Host`) or one of the configured origins (`*`: any).
 
 use axum::http::{HeaderMap, header};
+use meshgate_core::header::OriginRefused;
 
 /// `Ok` when the upgrade may proceed, else the reason for a 403.
-pub fn check(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+pub fn check(headers: &HeaderMap, allowed: &[String]) -> Result<(), OriginRefused> {
     meshgate_core::header::check_origin(
         headers.get(header::ORIGIN).map(|v| v.as_bytes()),
         headers.get(header::HOST).map(|v| v.as_bytes()),
@@ -58,7 +59,9 @@ mod tests {
         assert!(check(&headers(Some("https://app.example"), host), &listed).is_ok());
         assert!(check(&headers(Some("https://APP.example/"), host), &listed).is_ok());
         assert!(check(&headers(Some("http://app.example"), host), &listed).is_err());
-        let err = check(&headers(Some("https://evil.example"), host), &listed).unwrap_err();
+        let err = check(&headers(Some("https://evil.example"), host), &listed)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("websocket.allowed_origins"), "{err}");
         let any = ["*".to_owned()];
         assert!(check(&headers(Some("https://evil.example"), host), &any).is_ok());

@@ -552,7 +552,10 @@ struct MaxDeliveries {
 /// silently no longer counted or forwarded.
 async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, panicked: Counter) {
     use futures_util::FutureExt;
-    let mut backoff = std::time::Duration::from_millis(100);
+    let mut backoff = meshgate_core::backoff::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
     loop {
         let run = std::panic::AssertUnwindSafe(dead_letters(backbone.clone(), counter.clone()))
             .catch_unwind()
@@ -572,8 +575,7 @@ async fn watch_dead_letters(backbone: Arc<JetStreamBackbone>, counter: Counter, 
                 );
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_pause()).await;
     }
 }
 

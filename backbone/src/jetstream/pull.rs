@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use meshgate_core::BoxFuture;
+use meshgate_core::backoff::Backoff;
 use tokio::time::{Instant, Interval};
 
 use super::consumer::{ConsumerError, Repair};
@@ -65,6 +66,8 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const SILENCE: Duration = Duration::from_secs(12);
 /// Pause before asking again after the consumer could not serve.
 const RETRY: Duration = Duration::from_secs(1);
+/// Longest pause between repairs of a gone consumer (they start at [`RETRY`] and double).
+const MAX_REPAIR_PAUSE: Duration = Duration::from_secs(32);
 /// How often the pull checks for silence and a replaced connection.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -240,8 +243,8 @@ pub(crate) struct Pull {
     repairing: Option<BoxFuture<'static, Result<bool, ConsumerError>>>,
     /// The stream sequence of the last message received (where a repaired consumer goes on).
     last_sequence: Option<u64>,
-    /// Repairs that failed in a row (the next waits longer).
-    repair_failures: u32,
+    /// The pause after a failed repair: longer after each in a row, reset by a repair.
+    repair_backoff: Backoff,
 }
 
 impl std::fmt::Debug for Pull {
@@ -295,7 +298,7 @@ impl Pull {
             gone: false,
             repairing: None,
             last_sequence: None,
-            repair_failures: 0,
+            repair_backoff: Backoff::new(RETRY, MAX_REPAIR_PAUSE),
         })
     }
 
@@ -384,7 +387,7 @@ impl Pull {
         self.repairing = None;
         match done {
             Ok(created) => {
-                self.repair_failures = 0;
+                self.repair_backoff.reset();
                 if created {
                     tracing::warn!(consumer = %self.consumer, start_sequence = ?start, "jetstream: the consumer was gone and is created again");
                 }
@@ -396,9 +399,9 @@ impl Pull {
             Err(e) => {
                 // Every subscription repairs its own consumers: back off, so that a JetStream
                 // that is down is not asked by each of them every second.
-                let wait = RETRY * 2u32.pow(self.repair_failures.min(5));
-                self.repair_failures += 1;
-                if self.repair_failures == 1 {
+                let wait = self.repair_backoff.next_pause();
+                // The shortest pause: the first failure in a row.
+                if wait == RETRY {
                     tracing::warn!(consumer = %self.consumer, error = %e, "jetstream: the consumer is gone and cannot be created again yet; trying again with a growing pause (up to 32 s)");
                 } else {
                     tracing::debug!(consumer = %self.consumer, error = %e, ?wait, "jetstream: consumer not repaired yet");

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use meshgate_core::backoff::Backoff;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -98,6 +99,8 @@ pub(crate) enum TlsError {
     },
     #[error("{0}")]
     Handshake(#[source] std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] meshgate_core::tls::TlsSetupError),
 }
 
 /// Longest pause between connection attempts (the pause doubles up to it).
@@ -128,7 +131,7 @@ impl Client {
 /// with every subscription.
 async fn supervise(shared: Arc<Shared>) {
     use futures_util::FutureExt;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     loop {
         let run = std::panic::AssertUnwindSafe(run(shared.clone())).catch_unwind();
         match run.await {
@@ -143,8 +146,7 @@ async fn supervise(shared: Arc<Shared>) {
                 if shared.closed.load(Ordering::Acquire) {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
     }
@@ -167,7 +169,7 @@ async fn run(shared: Arc<Shared>) {
         tracing::error!("nats: no server URL to connect to (backbone.nats.urls)");
         return;
     }
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
     let mut index = 0usize;
     let mut was_connected = false;
     while !shared.closed.load(Ordering::Acquire) {
@@ -195,12 +197,11 @@ async fn run(shared: Arc<Shared>) {
                     // Ended at once (refused after the handshake, say): no tight loop.
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                         _ = closed => break,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 } else {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                 }
             }
             Err(e) => {
@@ -222,10 +223,9 @@ async fn run(shared: Arc<Shared>) {
                 if index.is_multiple_of(urls.len()) {
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                         _ = closed => break,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -319,20 +319,14 @@ async fn tls(
     tcp: Box<dyn Io>,
     host: &str,
 ) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, TlsError> {
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let config = tokio_rustls::rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let connector = meshgate_core::tls::connector(None)?;
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(
         |source| TlsError::ServerName {
             host: host.to_owned(),
             source,
         },
     )?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    connector
         .connect(name, tcp)
         .await
         .map_err(TlsError::Handshake)

@@ -25,6 +25,7 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, Stream, StreamExt};
 use meshgate_config::NatsWireMode;
+use meshgate_core::backoff::Backoff;
 use meshgate_core::metrics::Counter;
 use meshgate_core::{BoxFuture, Delivery, Envelope, TopicFilter};
 
@@ -184,7 +185,7 @@ async fn forward<M, E: std::fmt::Display>(
     (slow_consumer, panicked): (Counter, Counter),
     (subscribe, decode): (Subscribe<M, E>, Decode<M>),
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_RESTART_BACKOFF);
     loop {
         let passed =
             std::panic::AssertUnwindSafe(pass_on(&mut remote, &group, &*decode, &slow_consumer))
@@ -203,8 +204,7 @@ async fn forward<M, E: std::fmt::Display>(
         // until it is made are lost for these members (at most once, as on a reconnect).
         drop(remote);
         remote = loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+            tokio::time::sleep(backoff.next_pause()).await;
             match subscribe(filter.clone()).await {
                 Ok(stream) => break stream,
                 Err(e) => tracing::warn!(

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use meshgate_config::NatsWireMode;
 use meshgate_core::backbone::MqttProperties;
 use meshgate_core::event::{AttributeRef, StringAttributes};
-use meshgate_core::header::{decode_header_value, percent_encode_header};
+use meshgate_core::header::{HeaderValueError, decode_header_value, percent_encode_header};
 use meshgate_core::{
     Data, Envelope, Event, EventError, ExtensionValue, Origin, Topic, TopicError, json, media,
 };
@@ -64,8 +64,12 @@ pub(crate) enum DecodeError {
     #[error("no CloudEvents headers and not a JSON event: {0}")]
     NotAnEvent(#[source] EventError),
     /// A `ce-` header whose value is not percent-encoded text (the decoder's reason).
-    #[error("header `{name}`: {reason}")]
-    HeaderValue { name: String, reason: String },
+    #[error("header `{name}`: {source}")]
+    HeaderValue {
+        name: String,
+        #[source]
+        source: HeaderValueError,
+    },
     #[error("header `{name}`: {source}")]
     Attribute {
         name: String,
@@ -620,9 +624,9 @@ fn decode_binary(
                     name: name.to_owned(),
                     source,
                 }),
-            Err(reason) => Err(DecodeError::HeaderValue {
+            Err(source) => Err(DecodeError::HeaderValue {
                 name: name.to_owned(),
-                reason,
+                source,
             }),
         };
         if let Err(e) = pushed {

@@ -68,22 +68,31 @@ fn connack(
     )
 }
 
+/// Why no CONNECT packet could be read (logged at debug level).
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Codec(#[from] rumqttd::protocol::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("connection closed")]
+    Closed,
+}
+
 /// Reads until one packet is complete (or fails).
 async fn read_packet<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     version: Version,
     max: usize,
-) -> Result<Packet, String> {
+) -> Result<Packet, ReadError> {
     loop {
-        match codec::read(version, buf, max) {
-            Ok(Some(p)) => return Ok(p),
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some(p) = codec::read(version, buf, max)? {
+            return Ok(p);
         }
-        let n = stream.read_buf(buf).await.map_err(|e| e.to_string())?;
+        let n = stream.read_buf(buf).await?;
         if n == 0 {
-            return Err("connection closed".into());
+            return Err(ReadError::Closed);
         }
     }
 }

@@ -21,8 +21,8 @@ use crate::{serve, web};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The configuration enables an adapter or backbone this build does not contain.
-    #[error("{0}")]
-    MissingFeatures(#[source] MissingFeatures),
+    #[error(transparent)]
+    MissingFeatures(MissingFeatures),
     #[error(
         "cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}",
         env = env_name(key)

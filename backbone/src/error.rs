@@ -23,6 +23,7 @@ pub enum BackboneStartError {
         source: std::io::Error,
     },
     /// async-nats refused to start its client.
+    #[cfg(feature = "nats")]
     #[error("cannot start the NATS client: {0}")]
     Connect(#[source] async_nats::ConnectError),
     /// The `jetstream` backbone sets up its stream at start, so it needs NATS then.
@@ -31,6 +32,7 @@ pub enum BackboneStartError {
          backbone sets up its stream at start"
     )]
     NotReachable { urls: Vec<String> },
+    #[cfg(feature = "nats")]
     #[error(
         "cannot start the NATS client: backbone.jetstream.stream: cannot create or update \
          stream `{stream}`: {source}"
@@ -53,4 +55,13 @@ pub enum BackboneStartError {
     /// A JetStream publisher could not subscribe to its reply inbox.
     #[error("cannot start the NATS client: {0}")]
     Publisher(#[source] Cause),
+    /// `backbone.kind` names a NATS backbone but this build left them out. The gateway checks
+    /// for this before it builds the backbone (with the feature to rebuild with); this is the
+    /// answer for other callers of [`crate::build`].
+    #[cfg(not(feature = "nats"))]
+    #[error(
+        "backbone.kind names a NATS backbone but meshgate-backbone was built without the \
+         \"nats\" feature"
+    )]
+    NotCompiled,
 }

@@ -1,9 +1,12 @@
 //! meshgate backbones. Adapters see only `Arc<dyn meshgate_core::Backbone>`; the gateway picks
-//! the implementation from `backbone.kind`.
+//! the implementation from `backbone.kind`. The NATS core and JetStream backbones are behind the
+//! `nats` feature (on by default), so a build without it carries no NATS client.
 
 mod error;
+#[cfg(feature = "nats")]
 pub mod jetstream;
 pub mod memory;
+#[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -19,14 +22,20 @@ use meshgate_core::metrics::Registry;
 /// Builds the configured backbone. `instance` names this gateway to the bus (NATS client name).
 pub async fn build(
     config: &BackboneConfig,
+    #[cfg_attr(
+        not(feature = "nats"),
+        expect(unused_variables, reason = "names NATS clients")
+    )]
     instance: &str,
     registry: &Registry,
 ) -> Result<Arc<dyn Backbone>, BackboneStartError> {
     Ok(match config.kind {
         BackboneKind::Memory => memory::MemoryBackbone::new(config.memory.clone(), registry),
+        #[cfg(feature = "nats")]
         BackboneKind::Nats => {
             nats::NatsBackbone::connect(&config.nats, &config.memory, instance, registry).await?
         }
+        #[cfg(feature = "nats")]
         BackboneKind::JetStream => {
             jetstream::JetStreamBackbone::connect(
                 &config.nats,
@@ -35,6 +44,10 @@ pub async fn build(
                 registry,
             )
             .await?
+        }
+        #[cfg(not(feature = "nats"))]
+        BackboneKind::Nats | BackboneKind::JetStream => {
+            return Err(BackboneStartError::NotCompiled);
         }
     })
 }

@@ -19,6 +19,7 @@ pub struct Readiness {
     pub serving: AtomicBool,
     /// The AMQP bridge's sources and sinks, when it is enabled: ready only while all are
     /// connected.
+    #[cfg(feature = "amqp")]
     pub amqp: Option<meshgate_amqp::AmqpStatus>,
 }
 
@@ -56,6 +57,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             ),
         );
     }
+    #[cfg(feature = "amqp")]
     if let Some(why) = s.readiness.amqp.as_ref().and_then(|a| a.not_ready()) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -14,11 +14,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Readiness};
+use crate::features::MissingFeatures;
 use crate::{serve, web};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The configuration enables an adapter or backbone this build does not contain.
+    #[error(transparent)]
+    MissingFeatures(MissingFeatures),
     #[error(
         "cannot listen on {addr} ({key}): {source}; choose another address with `{key}` in the config file or MESHGATE__{env}",
         env = env_name(key)
@@ -57,8 +61,10 @@ pub struct RunningGateway {
     web_task: Option<JoinHandle<std::io::Result<()>>>,
     mqtt_task: Option<JoinHandle<()>>,
     amqp_task: Option<JoinHandle<()>>,
+    #[cfg(feature = "amqp")]
     amqp_ingress: Option<meshgate_amqp::AmqpIngress>,
     /// The AMQP bridge's links, when enabled.
+    #[cfg(feature = "amqp")]
     pub amqp: Option<meshgate_amqp::AmqpStatus>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
@@ -107,6 +113,7 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartE
 
 /// Starts every configured listener. Returns once they are bound and serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    crate::features::check(&config).map_err(StartError::MissingFeatures)?;
     for listener in web::anonymous_exposure(&config) {
         tracing::warn!(
             %listener,
@@ -141,7 +148,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     registry
         .gauge(
             meshgate_core::metrics::BUILD_INFO,
-            &[("version", env!("CARGO_PKG_VERSION"))],
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("features", &crate::features::compiled()),
+            ],
         )
         .set(1);
     let instance: Arc<str> = Arc::from(
@@ -167,9 +177,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.gateway.max_connections_per_user,
         ),
     };
+    #[cfg_attr(
+        not(feature = "amqp"),
+        expect(unused_mut, reason = "set by the AMQP bridge")
+    )]
     let mut amqp_task = None;
-    let mut amqp_status = None;
-    let mut amqp_ingress = None;
+    #[cfg(feature = "amqp")]
+    let (mut amqp_status, mut amqp_ingress) = (None, None);
+    #[cfg(feature = "amqp")]
     if config.amqp.enabled {
         let adapter =
             meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx).map_err(StartError::Adapter)?;
@@ -185,12 +200,18 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let readiness = Arc::new(Readiness {
         backbone: backbone.clone(),
         serving: false.into(),
+        #[cfg(feature = "amqp")]
         amqp: amqp_status.clone(),
     });
     let ingress_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
 
+    #[cfg_attr(
+        not(feature = "mqtt"),
+        expect(unused_mut, reason = "set by the MQTT adapter")
+    )]
     let (mut mqtt_addr, mut mqtt_tls_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None, None);
+    #[cfg(feature = "mqtt")]
     if config.mqtt.enabled {
         let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt, &ctx)
             .await
@@ -260,7 +281,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         web_task,
         mqtt_task,
         amqp_task,
+        #[cfg(feature = "amqp")]
         amqp_ingress,
+        #[cfg(feature = "amqp")]
         amqp: amqp_status,
         admin_task,
         grace: config.gateway.shutdown_grace,
@@ -297,6 +320,7 @@ impl RunningGateway {
         }
         // AMQP sources are ingress too: they settle their in-flight publishes (and acknowledge
         // them to RabbitMQ) while the backbone still takes events.
+        #[cfg(feature = "amqp")]
         if let Some(ingress) = &self.amqp_ingress
             && tokio::time::timeout_at(deadline, ingress.stop())
                 .await

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::LazyLock;
 
 use clap::{Parser, Subcommand};
 
@@ -11,10 +12,20 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use meshgate_config::Config;
 
+/// `--version`: the version and the compiled Cargo features, since a build may leave adapters
+/// and backbones out (gateway/src/features.rs).
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (features: {})",
+        env!("CARGO_PKG_VERSION"),
+        meshgate::features::compiled()
+    )
+});
+
 #[derive(Debug, Parser)]
 #[command(
     name = "meshgate",
-    version,
+    version = VERSION.as_str(),
     about = "A protocol gateway: HTTP, WebSocket and MQTT clients (and RabbitMQ through the AMQP bridge) exchange CloudEvents over one backbone (memory, NATS or JetStream).",
     long_about = "A protocol gateway: HTTP, WebSocket and MQTT clients (and RabbitMQ through the AMQP bridge) exchange CloudEvents over one backbone: \
         in memory (one process), NATS or JetStream (several instances sharing one bus; JetStream durable).\n\n\
@@ -51,14 +62,24 @@ fn env_overrides() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The configuration, or exit code 2 after reporting every problem: the config's own, or (once
+/// it is valid) the parts it enables that this build does not contain.
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    meshgate_config::load(path, env_overrides()).map_err(|errors| {
+    let config = meshgate_config::load(path, env_overrides()).map_err(|errors| {
         eprintln!("meshgate: invalid configuration:");
         for e in &errors.0 {
             eprintln!("  {}: {}", e.path, e.message);
         }
         ExitCode::from(2)
-    })
+    })?;
+    meshgate::features::check(&config).map_err(|missing| {
+        eprintln!("meshgate: invalid configuration for this build:");
+        for m in &missing.0 {
+            eprintln!("  {m}");
+        }
+        ExitCode::from(2)
+    })?;
+    Ok(config)
 }
 
 fn main() -> ExitCode {

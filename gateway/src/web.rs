@@ -31,6 +31,7 @@ pub fn router(config: &Config, ctx: &AdapterContext) -> Router {
     if config.http.enabled {
         router = router.merge(meshgate_http::router(&config.http, ctx));
     }
+    #[cfg(feature = "websocket")]
     if config.websocket.enabled {
         router = router.merge(meshgate_websocket::router(&config.websocket, ctx));
     }
@@ -61,7 +62,15 @@ pub fn origin_checked(router: Router, config: &Config, registry: &Registry) -> R
         move |request: Request, next: Next| {
             let state = state.clone();
             async move {
-                match meshgate_websocket::origin::check(request.headers(), &state.0) {
+                // The rule of meshgate_websocket::origin::check, called through core so that
+                // MQTT over WebSocket does not need the `websocket` feature.
+                let headers = request.headers();
+                match meshgate_core::header::check_origin(
+                    headers.get(header::ORIGIN).map(|v| v.as_bytes()),
+                    headers.get(header::HOST).map(|v| v.as_bytes()),
+                    &state.0,
+                    "websocket.allowed_origins",
+                ) {
                     Ok(()) => next.run(request).await,
                     Err(why) => {
                         state.1.inc();

@@ -13,7 +13,10 @@ fn version_and_help() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("meshgate {}", env!("CARGO_PKG_VERSION"))
+        format!(
+            "meshgate {} (features: amqp,mqtt,nats,websocket)",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     let out = Command::new(binary()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
@@ -123,7 +126,7 @@ async fn run_on_embedded_defaults_says_where_it_listens() {
     assert!(metrics.contains("meshgate_publish_latency_seconds_bucket"));
     assert!(
         metrics.contains(&format!(
-            "meshgate_build_info{{version=\"{}\"",
+            "meshgate_build_info{{version=\"{}\",features=\"amqp,mqtt,nats,websocket\"}} 1",
             env!("CARGO_PKG_VERSION")
         )),
         "{metrics}"

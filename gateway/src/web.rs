@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use meshgate_config::Config;
 use meshgate_core::AdapterContext;
@@ -62,39 +62,20 @@ pub fn origin_checked(router: Router, config: &Config, registry: &Registry) -> R
         move |request: Request, next: Next| {
             let state = state.clone();
             async move {
-                // The rule of meshgate_websocket::origin::check, called through core so that
-                // MQTT over WebSocket does not need the `websocket` feature.
-                let headers = request.headers();
-                match meshgate_core::header::check_origin(
-                    headers.get(header::ORIGIN).map(|v| v.as_bytes()),
-                    headers.get(header::HOST).map(|v| v.as_bytes()),
+                match meshgate_web::origin::check(
+                    request.headers(),
                     &state.0,
                     "websocket.allowed_origins",
                 ) {
                     Ok(()) => next.run(request).await,
                     Err(why) => {
                         state.1.inc();
-                        forbidden(why.to_string())
+                        meshgate_web::problem(StatusCode::FORBIDDEN, &why.to_string())
                     }
                 }
             }
         },
     ))
-}
-
-fn forbidden(detail: String) -> Response {
-    let status = StatusCode::FORBIDDEN;
-    let body = meshgate_core::problem::body(
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        &detail,
-    );
-    (
-        status,
-        [(header::CONTENT_TYPE, meshgate_core::problem::CONTENT_TYPE)],
-        body,
-    )
-        .into_response()
 }
 
 /// The public listeners on which anonymous clients may publish or subscribe although they are

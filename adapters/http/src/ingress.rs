@@ -307,9 +307,8 @@ async fn handle(
     };
     // A page of another origin may not publish through the visitor's browser (a text/plain
     // "simple request" needs no CORS preflight).
-    if let Err(why) = meshgate_core::header::check_origin(
-        headers.get(header::ORIGIN).map(|v| v.as_bytes()),
-        headers.get(header::HOST).map(|v| v.as_bytes()),
+    if let Err(why) = meshgate_web::origin::check(
+        headers,
         &state.config.allowed_origins,
         "http.allowed_origins",
     ) {

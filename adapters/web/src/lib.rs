@@ -3,6 +3,8 @@
 //! client's address. One place, so that HTTP ingress, the CloudEvents WebSocket endpoint and
 //! MQTT over WebSocket answer in one shape.
 
+pub mod origin;
+
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, FromRequestParts};

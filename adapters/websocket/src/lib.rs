@@ -13,7 +13,6 @@
 
 pub mod binding;
 mod connection;
-pub mod origin;
 
 use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
@@ -117,7 +116,11 @@ async fn handshake(
     }
     // Cross-site WebSocket hijacking: a page of another origin must not use the visitor's
     // network position (or cookies) to subscribe.
-    if let Err(refusal) = origin::check(&headers, &shared.config.allowed_origins) {
+    if let Err(refusal) = meshgate_web::origin::check(
+        &headers,
+        &shared.config.allowed_origins,
+        "websocket.allowed_origins",
+    ) {
         shared.metrics.error(ErrorKind::ForbiddenOrigin);
         return problem(StatusCode::FORBIDDEN, refusal.to_string());
     }

@@ -150,6 +150,32 @@ pub fn start_meshgate_with(extra: &[(&str, &str)]) -> anyhow::Result<Broker> {
     })
 }
 
+/// Mosquitto on a free loopback port: anonymous, no persistence, 100,000 queued messages per
+/// client (its default of 1,000 drops QoS 1 messages of a slow subscriber within a second).
+pub fn start_mosquitto() -> anyhow::Result<Broker> {
+    let port = free_port();
+    let dir = temp_dir("mosquitto");
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"
+        ),
+    )?;
+    let child = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    anyhow::ensure!(wait_listening(port), "mosquitto did not listen");
+    Ok(Broker {
+        port,
+        child,
+        _dir: Some(dir),
+    })
+}
+
 /// `MESHGATE__GATEWAY__WORKER_THREADS` for the meshgate child when the benchmark runs with
 /// `BENCH_MESHGATE_WORKERS=<n>` (the load generator's own runtime is left alone).
 pub fn workers_env() -> Vec<(String, String)> {

@@ -14,36 +14,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshgate_bench::{
-    Broker, Generator, PAYLOAD, free_port, rss_kib, start_meshgate_with, temp_dir, wait_listening,
+    Broker, Generator, PAYLOAD, free_port, rss_kib, start_meshgate_with, start_mosquitto, temp_dir,
+    wait_listening,
 };
 use rumqttc::QoS;
 
 fn start_meshgate() -> anyhow::Result<Broker> {
     start_meshgate_with(&[])
-}
-
-fn start_mosquitto() -> anyhow::Result<Broker> {
-    let port = free_port();
-    let dir = temp_dir("mosquitto");
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"
-        ),
-    )?;
-    let child = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    anyhow::ensure!(wait_listening(port), "mosquitto did not listen");
-    Ok(Broker {
-        port,
-        child,
-        _dir: Some(dir),
-    })
 }
 
 fn start_nats() -> anyhow::Result<Broker> {

@@ -34,4 +34,4 @@ pub use backbone::{
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
 pub use limits::{ConnectionLimits, ConnectionPermit, LimitError};
-pub use topic::{Topic, TopicError, TopicFilter};
+pub use topic::{Topic, TopicError, TopicFilter, TopicIndex};

@@ -18,6 +18,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+mod index;
+pub use index::TopicIndex;
+
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
 /// Maximum length of a topic in bytes (MQTT's UTF-8 string limit).

@@ -1,10 +1,11 @@
 //! Fleet shape: many devices, each subscribed to its own topic, and one hot topic. Delivered
-//! messages/s to one subscriber of the hot topic (QoS 0, one raw publisher) and the broker's
+//! messages/s to one subscriber of the hot topic (QoS 0, `--pubs` raw publishers, 1 by
+//! default) and the broker's
 //! CPU µs per delivered message, with N other subscriptions on distinct topics that never
 //! match (`cold/<i>`, 100 per connection, meshgate's default `mqtt.max_subscriptions`),
 //! meshgate (memory backbone) next to Mosquitto in the same run.
 //!
-//! `cargo build --release -p meshgate -p meshgate-bench && (ulimit -n 20000; ./target/release/fleet [--seconds S] [--subs 0,10000,100000] [--rounds R])`
+//! `cargo build --release -p meshgate -p meshgate-bench && (ulimit -n 20000; ./target/release/fleet [--seconds S] [--subs 0,10000,100000] [--rounds R] [--pubs P])`
 
 use std::time::Duration;
 
@@ -89,10 +90,10 @@ async fn cold_subscriptions(port: u16, n: usize) -> anyhow::Result<Vec<TcpStream
 }
 
 /// Delivered msg/s and the broker's CPU µs per delivered message.
-async fn measure(broker: &Broker, seconds: u64) -> anyhow::Result<(f64, f64)> {
+async fn measure(broker: &Broker, seconds: u64, pubs: usize) -> anyhow::Result<(f64, f64)> {
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let before = cpu_ticks(broker.child.id());
-    let t = raw::throughput(broker.port, broker.port, 0, 1, seconds).await?;
+    let t = raw::throughput(broker.port, broker.port, 0, pubs, seconds).await?;
     let after = cpu_ticks(broker.child.id());
     let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
     Ok((t.rate, cpu_us / t.delivered.max(1) as f64))
@@ -117,17 +118,22 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
+    let pubs: usize = value("--pubs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let subs: Vec<usize> = value("--subs")
         .unwrap_or_else(|| "0,10000,100000".to_owned())
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
     println!(
-        "Fleet shape: QoS 0, one raw publisher on bench/0, one subscriber on bench/#, N other subscriptions on cold/<i> ({PER_CONNECTION} per connection), {seconds} s per cell, {rounds} round(s) (median), all on this machine\n"
+        "Fleet shape: QoS 0, {pubs} raw publisher(s) on bench/<i>, one subscriber on bench/#, N other subscriptions on cold/<i> ({PER_CONNECTION} per connection), {seconds} s per cell, {rounds} round(s) (median), all on this machine\n"
     );
     println!("| broker | N other subscriptions | delivered/s | CPU µs/msg | vs N = 0 |");
     println!("|---|---:|---:|---:|---:|");
-    let brokers: [(&str, fn() -> anyhow::Result<Broker>); 2] = [
+    type Start = fn() -> anyhow::Result<Broker>;
+    let brokers: [(&str, Start); 2] = [
         ("meshgate", || start_meshgate_with(&[])),
         ("mosquitto", start_mosquitto),
     ];
@@ -141,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
             let mut rates = Vec::new();
             let mut cpus = Vec::new();
             for _ in 0..rounds {
-                let (rate, cpu) = measure(&broker, seconds).await?;
+                let (rate, cpu) = measure(&broker, seconds, pubs).await?;
                 rates.push(rate);
                 cpus.push(cpu);
             }

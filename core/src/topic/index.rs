@@ -182,6 +182,9 @@ mod smallvec_levels {
 
     const INLINE: usize = 16;
 
+    // Lives on the stack for one match: the inline variant is the point (no allocation per
+    // publish), so its size is intended.
+    #[allow(clippy::large_enum_variant)]
     pub(super) enum Levels<'a> {
         Inline([&'a str; INLINE], usize),
         Heap(Vec<&'a str>),

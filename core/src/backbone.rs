@@ -452,4 +452,11 @@ pub trait Backbone: Send + Sync + fmt::Debug {
 
     /// Stops taking events and lets queued deliveries drain; subscriptions end after that.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// Releases what the connections still needed after [`Backbone::close`]: called once every
+    /// connection has ended, so that MQTT sessions can save their state in the session store
+    /// (JetStream KV) on their way out. Default: nothing to release.
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }

@@ -355,6 +355,9 @@ impl RunningGateway {
             );
             clean = false;
         }
+        // Every connection has ended (and saved its session): what they needed of the backbone
+        // after `close` goes now.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ctx.backbone.finish()).await;
         self.admin_stop.cancel();
         if let Some(task) = self.admin_task {
             let abort = task.abort_handle();

@@ -205,13 +205,18 @@ impl Process {
 /// banner on stdout and parses the listener addresses from it. The banner ends with the
 /// `admin` line, so the admin listener must be enabled.
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
+    spawn_logging_to(args, env, Stdio::inherit())
+}
+
+/// [`spawn`] with the log (stderr) going to `log`, e.g. a file the test reads afterwards.
+pub fn spawn_logging_to(args: &[&str], env: &[(&str, &str)], log: impl Into<Stdio>) -> Process {
     let mut cmd = Command::new(binary());
     cmd.arg("run")
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }

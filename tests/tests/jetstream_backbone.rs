@@ -950,3 +950,102 @@ async fn keys_too_long_for_the_servers_protocol_line_are_refused_not_sent() {
     assert_eq!(nats.closed_by_server().await, Vec::<String>::new());
     gw.shutdown().await;
 }
+
+/// Connects an MQTT 5 client with `clean_start = false` and the given session expiry; returns
+/// the CONNACK's session-present flag and the client, subscribed to `cmd/#`.
+async fn v5_session(
+    port: u16,
+    client_id: &str,
+    expiry_secs: u32,
+) -> (bool, rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(expiry_secs));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    client
+        .subscribe("cmd/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut present = None;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await.unwrap() {
+                rumqttc::v5::Event::Incoming(Packet::ConnAck(c)) => {
+                    present = Some(c.session_present);
+                }
+                rumqttc::v5::Event::Incoming(Packet::SubAck(_)) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("CONNACK and SUBACK");
+    (present.expect("a CONNACK"), client, el)
+}
+
+/// Issue 27 (SIGTERM saves sessions): sessions still connected when their instance gets
+/// SIGTERM are saved with their departure, without a warning per session; the JetStream
+/// management connection (the KV stores) used to be drained before the sessions ended, and
+/// each session's last store access failed with "cannot save the session". Their expiry runs
+/// from the shutdown: after it a session is not resumed, within it it is, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let log_path =
+        std::env::temp_dir().join(format!("meshgate-js-term-{}.log", std::process::id()));
+    let mut a = meshgate_tests::spawn_logging_to(
+        &[],
+        &[
+            ("MESHGATE__BACKBONE__KIND", "jetstream"),
+            ("MESHGATE__BACKBONE__NATS__URLS", &url),
+            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__MQTT__ENABLED", "true"),
+            ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__GATEWAY__INSTANCE_ID", "js-term-a"),
+        ],
+        std::fs::File::create(&log_path).unwrap(),
+    );
+    let port = a.mqtt.unwrap().port();
+    let (present, short, short_el) = v5_session(port, "dev-term-short", 1).await;
+    assert!(!present, "a new session");
+    let (_, long, long_el) = v5_session(port, "dev-term-long", 600).await;
+    // The clients stay connected through SIGTERM (as devices do when a gateway restarts).
+    a.signal("TERM");
+    assert!(a.wait_exit(Duration::from_secs(15)).success());
+    drop((short, short_el, long, long_el));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        !log.contains("cannot save the session"),
+        "SIGTERM saves sessions without a warning per session:\n{log}"
+    );
+    // Both records say when their connection left (the expiry runs from then).
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("MESHGATE_SESSIONS").await.unwrap();
+    // The client ids in unpadded base64url.
+    for key in ["ZGV2LXRlcm0tc2hvcnQ", "ZGV2LXRlcm0tbG9uZw"] {
+        let record = kv.get(key).await.unwrap().expect("a stored session");
+        let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        assert!(
+            record["left_at_ms"].is_u64(),
+            "saved with its departure at SIGTERM: {record}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = start_gateway(with_mqtt(js_config(&nats, "js-term-b"))).await;
+    let port = b.mqtt_addr.unwrap().port();
+    let started = std::time::Instant::now();
+    let (present, ..) = v5_session(port, "dev-term-short", 1).await;
+    assert!(!present, "expired 1 s after the shutdown: not resumed");
+    let (present, ..) = v5_session(port, "dev-term-long", 600).await;
+    assert!(present, "within its expiry: resumed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "released at shutdown: no takeover wait for a holder that is gone ({:?})",
+        started.elapsed()
+    );
+    b.shutdown().await;
+}

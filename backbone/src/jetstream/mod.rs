@@ -526,6 +526,13 @@ impl Backbone for JetStreamBackbone {
                 p.drain().await;
             }
             self.consumer.drain().await;
+            // The management connection (KV stores of sessions and retained messages) stays
+            // open: MQTT sessions save their state on their way out, after this (`finish`).
+        })
+    }
+
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

@@ -50,9 +50,14 @@ pub fn publish_packet(topic: &str, qos: u8, pkid: u16, sent_us: u64, out: &mut V
 
 /// An MQTT 3.1.1 CONNECT with a clean session and `keep_alive` seconds.
 pub fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    connect_packet_with(client_id, keep_alive, true)
+}
+
+/// An MQTT 3.1.1 CONNECT; `clean: false` asks for a persistent session.
+pub fn connect_packet_with(client_id: &str, keep_alive: u16, clean: bool) -> Vec<u8> {
     let mut body = Vec::new();
     string("MQTT", &mut body);
-    body.extend_from_slice(&[4, 2]); // level 4, clean session
+    body.extend_from_slice(&[4, if clean { 2 } else { 0 }]); // level 4, flags
     body.extend_from_slice(&keep_alive.to_be_bytes());
     string(client_id, &mut body);
     let mut pkt = vec![0x10];

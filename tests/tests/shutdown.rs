@@ -83,3 +83,92 @@ async fn sigterm_settles_in_flight_requests_and_exits_zero() {
     let status = gw.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Issue 19 item 1: at shutdown, an MQTT subscriber that is behind still gets every event the
+/// gateway acknowledged (PUBACK) before it: its connection delivers what its subscription holds,
+/// then sends DISCONNECT 0x8B. It used to be disconnected at once, its backlog discarded
+/// (1,052 and 2,121 PUBACKed events lost in two runs of the issue's test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_subscriber_behind_gets_its_backlog_before_disconnect() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut config = meshgate_tests::test_config();
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let gw = meshgate_tests::start_gateway(config).await;
+    let port = gw.mqtt_addr.unwrap().port();
+
+    // The subscriber subscribes, then stops reading: the backlog builds up in the gateway.
+    let (sub, mut sub_el) = AsyncClient::new(MqttOptions::new("behind", "127.0.0.1", port), 10);
+    sub.subscribe("bulk/#", QoS::AtMostOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = sub_el.poll().await.unwrap() {
+            break;
+        }
+    }
+    // 600 QoS 1 publishes of 8 KiB (4.8 MB: more than the sockets hold), each counted once
+    // the gateway acknowledged it.
+    const SENT: usize = 600;
+    let (publisher, mut pub_el) =
+        AsyncClient::new(MqttOptions::new("bulk-pub", "127.0.0.1", port), 100);
+    let publishing = tokio::spawn(async move {
+        for i in 0..SENT {
+            let mut payload = format!("{i:06}").into_bytes();
+            payload.resize(8 * 1024, b'x');
+            publisher
+                .publish("bulk/x", QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        publisher
+    });
+    let mut acked = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while acked < SENT {
+            match pub_el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    let _publisher = publishing.await.unwrap();
+    assert!(acked > 0, "the gateway acknowledged publishes");
+
+    // Shutdown starts while the subscriber is behind; then it reads.
+    let shutdown = tokio::spawn(gw.shutdown());
+    let mut received = BTreeSet::new();
+    let mut reason = None;
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match sub_el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    received.insert(String::from_utf8_lossy(&p.payload[..6]).into_owned());
+                }
+                Ok(_) => {}
+                // rumqttc reports the server's DISCONNECT as an error carrying its reason.
+                Err(e) => {
+                    reason = Some(format!("{e:?}"));
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        shutdown.await.unwrap().clean,
+        "shutdown within the grace period"
+    );
+    assert!(
+        received.len() >= acked,
+        "every acknowledged event arrived before the disconnect: {} of {acked}",
+        received.len()
+    );
+    let reason = reason.unwrap_or_default();
+    assert!(
+        reason.contains("ServerDisconnect") && reason.contains("ServerShuttingDown"),
+        "DISCONNECT 0x8B after the backlog: {reason}"
+    );
+}

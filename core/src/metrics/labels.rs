@@ -196,7 +196,8 @@ label_values! {
         Unencodable => "unencodable",
         /// Published to RabbitMQ, but no confirm came before the connection ended.
         Unconfirmed => "unconfirmed",
-        /// Held by an AMQP sink when the gateway shut down.
+        /// Not delivered when the gateway shut down: held by an AMQP sink, or queued for an MQTT
+        /// client that had not taken it within the shutdown drain.
         Shutdown => "shutdown",
     }
 }

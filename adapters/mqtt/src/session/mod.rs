@@ -238,6 +238,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// How long a closing connection waits for its pending inbound publishes.
 const INBOUND_DRAIN: Duration = Duration::from_secs(5);
 
+/// At shutdown, how long a connection keeps delivering what its subscriptions still hold (the
+/// backbone is closed first, so they end once empty) and waiting for the client's
+/// acknowledgements, before DISCONNECT 0x8B. Within the gateway's `shutdown_grace` (10 s by
+/// default), as the WebSocket connections' drain is.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// Ends a connection's part of a session: a persistent session is parked (its will published
 /// now, or by the parked session after the Will Delay Interval); otherwise the session ends
 /// here and its will, if any, is published.
@@ -506,7 +512,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     // per loop turn inserted into and removed from the timer wheel (under its lock) for every
     // batch of packets.
     let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
-    tokio::pin!(shutdown, taken_over, keep_alive_timer);
+    // Set once shutdown began: the connection delivers what its subscriptions still hold until
+    // they ended and the client acknowledged everything, or this deadline.
+    let mut draining = false;
+    let drain_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(shutdown, taken_over, keep_alive_timer, drain_timer);
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
         let mut got_packet = false;
@@ -580,13 +590,34 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         if !session.settle.is_empty() {
             session.settle().await;
         }
+        if draining
+            && session.streams.as_ref().is_none_or(|s| s.is_empty())
+            && session.window.is_idle()
+        {
+            // Everything the subscriptions held was delivered and acknowledged.
+            session.disconnect(DisconnectReasonCode::ServerShuttingDown);
+            break End::Server;
+        }
         // Idle connections keep a small read buffer; busy ones read in larger chunks.
         if buf.is_empty() {
             buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
         }
         tokio::select! {
             biased;
-            _ = &mut shutdown => {
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                drain_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
+                continue;
+            }
+            _ = &mut drain_timer, if draining => {
+                // What is still not delivered is lost with this connection (kept in the stored
+                // session on JetStream, and redelivered there).
+                let undelivered = session.window.undelivered();
+                if undelivered > 0 {
+                    shared.metrics.dropped(DropReason::Shutdown).add(undelivered as u64);
+                }
                 session.disconnect(DisconnectReasonCode::ServerShuttingDown);
                 break End::Server;
             }

@@ -60,6 +60,16 @@ pub(super) struct Window {
 }
 
 impl Window {
+    /// Nothing waits for a slot and nothing is unacknowledged at the client.
+    pub(super) fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.inflight.is_empty()
+    }
+
+    /// Messages not fully delivered: waiting for a slot, or sent and unacknowledged.
+    pub(super) fn undelivered(&self) -> usize {
+        self.pending.len() + self.inflight.len()
+    }
+
     /// An empty window of `receive_max` messages.
     pub(super) fn new(receive_max: u16) -> Self {
         Window {
@@ -171,7 +181,7 @@ impl DeliveryStreams {
         self.streams.push(s);
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }
 

@@ -137,6 +137,10 @@ async fn run(config: Config) -> ExitCode {
         config.websocket.enabled,
         config.http.browser_page,
     );
+    // Before anything is announced: a SIGINT/SIGTERM that follows the banner at once (a script,
+    // a test) must find the handler in place, not the default action that ends the process
+    // without a graceful shutdown.
+    let signals = Signals::install();
     let gateway = match meshgate::start(config).await {
         Ok(g) => g,
         Err(e) => {
@@ -180,7 +184,7 @@ async fn run(config: Config) -> ExitCode {
         println!("admin      http://{addr}/healthz /readyz /metrics");
     }
     tracing::info!("meshgate started");
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down");
     let report = gateway.shutdown().await;
     if report.clean {
@@ -192,24 +196,48 @@ async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
+/// The shutdown signals (SIGTERM, SIGINT), listened for from when this is made.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for the first of them.
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -27,26 +27,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use meshgate_bench::{Broker, PAYLOAD, free_port, temp_dir, wait_listening};
+use meshgate_bench::{Broker, PAYLOAD, free_port, process_cpu, temp_dir, wait_listening};
 
 const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WINDOW: usize = 256;
-
-/// CPU time (user + system) a process has used so far.
-fn cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the `(comm)` by position: state is field 3, utime 14, stime 15 (clock
-    // ticks). By position, not by "what parses as a number": field 8 (tpgid) is -1 for a
-    // daemon, and skipping it once made this read stime + cutime instead.
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let field = |n: usize| -> u64 {
-        rest.split(' ')
-            .nth(n - 3)
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((field(14) + field(15)) * 10)
-}
 
 /// (busy, total) jiffies of the whole machine, from the first line of /proc/stat.
 fn machine() -> (u64, u64) {
@@ -225,14 +209,14 @@ async fn direct(rabbit: u32, seconds: u64) -> anyhow::Result<Row> {
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let (cpu0, m0) = (cpu(rabbit), machine());
+    let (cpu0, m0) = (process_cpu(rabbit), machine());
     let confirmed = publish(&queue, seconds).await?;
     drain(&delivered, confirmed).await;
     let row = Row {
         confirmed,
         delivered: delivered.load(Ordering::Relaxed),
         seconds: seconds as f64,
-        rabbit_cpu: cpu(rabbit) - cpu0,
+        rabbit_cpu: process_cpu(rabbit) - cpu0,
         meshgate_cpu: None,
         machine_busy: busy_since(m0),
     };
@@ -298,15 +282,15 @@ where
     let task = subscribe(web_port, delivered.clone()).await?;
     // Let the source connect and start consuming.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, mg0, m0) = (cpu(rabbit), cpu(gw.child.id()), machine());
+    let (cpu0, mg0, m0) = (process_cpu(rabbit), process_cpu(gw.child.id()), machine());
     let confirmed = publish(&queue, seconds).await?;
     drain(&delivered, confirmed).await;
     let row = Row {
         confirmed,
         delivered: delivered.load(Ordering::Relaxed),
         seconds: seconds as f64,
-        rabbit_cpu: cpu(rabbit) - cpu0,
-        meshgate_cpu: Some(cpu(gw.child.id()) - mg0),
+        rabbit_cpu: process_cpu(rabbit) - cpu0,
+        meshgate_cpu: Some(process_cpu(gw.child.id()) - mg0),
         machine_busy: busy_since(m0),
     };
     task.abort();

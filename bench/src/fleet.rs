@@ -10,28 +10,12 @@
 use std::time::Duration;
 
 use meshgate_bench::raw;
-use meshgate_bench::{Broker, start_meshgate_with, start_mosquitto};
+use meshgate_bench::{Broker, process_cpu, start_meshgate_with, start_mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Subscriptions per cold connection.
 const PER_CONNECTION: usize = 100;
-
-/// CPU time (user + system) of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(14) + field(15)
-}
 
 /// One SUBSCRIBE packet with `filters` (QoS 0 each), then its SUBACK.
 async fn subscribe_all(s: &mut TcpStream, filters: &[String]) -> anyhow::Result<()> {
@@ -91,11 +75,9 @@ async fn cold_subscriptions(port: u16, n: usize) -> anyhow::Result<Vec<TcpStream
 
 /// Delivered msg/s and the broker's CPU µs per delivered message.
 async fn measure(broker: &Broker, seconds: u64, pubs: usize) -> anyhow::Result<(f64, f64)> {
-    let ticks_per_s = 100.0; // USER_HZ on Linux
-    let before = cpu_ticks(broker.child.id());
+    let before = process_cpu(broker.child.id());
     let t = raw::throughput(broker.port, broker.port, 0, pubs, seconds).await?;
-    let after = cpu_ticks(broker.child.id());
-    let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
+    let cpu_us = (process_cpu(broker.child.id()) - before).as_secs_f64() * 1e6;
     Ok((t.rate, cpu_us / t.delivered.max(1) as f64))
 }
 

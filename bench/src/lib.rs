@@ -426,6 +426,22 @@ pub async fn latency(
     Ok(percentiles(v))
 }
 
+/// CPU time (user + system) a process has used so far.
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)` by position: state is field 3, utime 14, stime 15 (clock
+    // ticks). By position, not by "what parses as a number": field 8 (tpgid) is -1 for a
+    // daemon, and skipping it once made this read stime + cutime instead.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let field = |n: usize| -> u64 {
+        rest.split(' ')
+            .nth(n - 3)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((field(14) + field(15)) * 10)
+}
+
 /// The resident memory of process `pid`, in KiB (`VmRSS`; 0 if it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

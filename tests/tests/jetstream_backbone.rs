@@ -504,6 +504,20 @@ async fn retained_messages_are_shared_by_the_instances() {
     a.shutdown().await;
 }
 
+/// The environment of a `meshgate` child on the JetStream backbone at `url` with MQTT on free
+/// ports, as instance `instance`.
+fn js_mqtt_env<'a>(url: &'a str, instance: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("MESHGATE__BACKBONE__KIND", "jetstream"),
+        ("MESHGATE__BACKBONE__NATS__URLS", url),
+        ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+        ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+        ("MESHGATE__MQTT__ENABLED", "true"),
+        ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
+        ("MESHGATE__GATEWAY__INSTANCE_ID", instance),
+    ]
+}
+
 fn with_mqtt(mut c: meshgate_config::Config) -> meshgate_config::Config {
     c.mqtt.enabled = true;
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
@@ -705,19 +719,9 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
 async fn a_session_survives_its_instance_killed_with_sigkill() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let a = meshgate_tests::spawn(
-        &[],
-        &[
-            ("MESHGATE__BACKBONE__KIND", "jetstream"),
-            ("MESHGATE__BACKBONE__NATS__URLS", &url),
-            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__MQTT__ENABLED", "true"),
-            ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__MQTT__V311_OUTBOUND", "data"),
-            ("MESHGATE__GATEWAY__INSTANCE_ID", "js-kill-a"),
-        ],
-    );
+    let mut env = js_mqtt_env(&url, "js-kill-a");
+    env.push(("MESHGATE__MQTT__V311_OUTBOUND", "data"));
+    let a = meshgate_tests::spawn(&[], &env);
     let b = start_gateway(with_mqtt(js_config(&nats, "js-kill-b"))).await;
     let options = |port: u16| {
         let mut o = rumqttc::MqttOptions::new("dev-kill", "127.0.0.1", port);
@@ -997,15 +1001,7 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
         std::env::temp_dir().join(format!("meshgate-js-term-{}.log", std::process::id()));
     let mut a = meshgate_tests::spawn_logging_to(
         &[],
-        &[
-            ("MESHGATE__BACKBONE__KIND", "jetstream"),
-            ("MESHGATE__BACKBONE__NATS__URLS", &url),
-            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__MQTT__ENABLED", "true"),
-            ("MESHGATE__MQTT__LISTEN", "127.0.0.1:0"),
-            ("MESHGATE__GATEWAY__INSTANCE_ID", "js-term-a"),
-        ],
+        &js_mqtt_env(&url, "js-term-a"),
         std::fs::File::create(&log_path).unwrap(),
     );
     let port = a.mqtt.unwrap().port();

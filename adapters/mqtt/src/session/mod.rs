@@ -513,10 +513,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     // batch of packets.
     let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
     // Set once shutdown began: the connection delivers what its subscriptions still hold until
-    // they ended and the client acknowledged everything, or this deadline.
-    let mut draining = false;
-    let drain_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(shutdown, taken_over, keep_alive_timer, drain_timer);
+    // they ended and the client acknowledged everything, or this deadline. Boxed and made only
+    // then: a second timer in every idle connection's future would cost memory for an event
+    // that happens once per process.
+    let mut draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    tokio::pin!(shutdown, taken_over, keep_alive_timer);
     let end = 'conn: loop {
         // Handle every complete packet already buffered (while the backbone keeps up).
         let mut got_packet = false;
@@ -590,7 +591,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         if !session.settle.is_empty() {
             session.settle().await;
         }
-        if draining
+        if draining.is_some()
             && session.streams.as_ref().is_none_or(|s| s.is_empty())
             && session.window.is_idle()
         {
@@ -604,14 +605,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         }
         tokio::select! {
             biased;
-            _ = &mut shutdown, if !draining => {
-                draining = true;
-                drain_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
+            _ = &mut shutdown, if draining.is_none() => {
+                draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));
                 continue;
             }
-            _ = &mut drain_timer, if draining => {
+            () = async { if let Some(t) = draining.as_mut() { t.await } }, if draining.is_some() => {
                 // What is still not delivered is lost with this connection (kept in the stored
                 // session on JetStream, and redelivered there).
                 let undelivered = session.window.undelivered();

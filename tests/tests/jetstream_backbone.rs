@@ -1045,3 +1045,76 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
     );
     b.shutdown().await;
 }
+
+/// Issue 19 (shutdown drain): an MQTT subscriber that got and acknowledged every event lets
+/// the shutdown end at once: its subscriptions end when the backbone closes, and the
+/// connection, with nothing left to deliver, closes (DISCONNECT 0x8B) instead of waiting out
+/// the 5 s drain (the connection's loop used to stop watching its subscriptions when the last
+/// one ended, and waited for the drain's timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let nats = NatsServer::start();
+    let gw = start_gateway(with_mqtt(js_config(&nats, "js-drain"))).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let opts =
+        rumqttc::v5::MqttOptions::new("drain-sub", "127.0.0.1", gw.mqtt_addr.unwrap().port());
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    client
+        .subscribe("drain/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(Packet::Publish(_))) => {
+                    let _ = tx.send(None);
+                }
+                Ok(_) => {}
+                // rumqttc reports the server's DISCONNECT as an error (src/v5/state.rs:298).
+                Err(e) => {
+                    let _ = tx.send(Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    // Two subjects (`drain/#` is `p.drain` and `p.drain.>`), so two pull consumers.
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    for i in 0..20 {
+        assert_eq!(
+            post(web, &format!("drain/{i}"), &format!("d{i}"))
+                .await
+                .unwrap(),
+            202
+        );
+    }
+    for _ in 0..20 {
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("every event delivered")
+            .unwrap();
+        assert_eq!(got, None, "an event, not the end");
+    }
+    // (rumqttc acknowledges each PUBLISH as it reads it.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let report = gw.shutdown().await;
+    let took = started.elapsed();
+    assert!(report.clean, "a clean shutdown");
+    assert!(
+        took < Duration::from_secs(2),
+        "nothing left to deliver: the shutdown ends at once, not after the 5 s drain ({took:?})"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+    let end = end.expect("the connection ended").unwrap().unwrap();
+    assert!(
+        end.contains("ServerShuttingDown"),
+        "the client was told the server is shutting down: {end}"
+    );
+}

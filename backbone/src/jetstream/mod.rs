@@ -525,14 +525,20 @@ impl Backbone for JetStreamBackbone {
             for p in &self.publishers {
                 p.drain().await;
             }
-            self.consumer.drain().await;
+            // Every pull subscription ends once it delivered what it fetched; the consuming
+            // connection stays until `finish`, so that the acknowledgements of those last
+            // deliveries (clients acknowledge them during the connections' shutdown drain) still
+            // reach JetStream instead of being redelivered after ack_wait.
+            self.consumer.end_subscriptions();
             // The management connection (KV stores of sessions and retained messages) stays
-            // open: MQTT sessions save their state on their way out, after this (`finish`).
+            // open too: MQTT sessions save their state on their way out, after this (`finish`).
         })
     }
 
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // Writes the last acknowledgements and waits for the server to have them.
+            self.consumer.drain().await;
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

@@ -203,6 +203,16 @@ impl Out {
     }
 }
 
+/// Callbacks run when a connection ends ([`Client::on_disconnect`]).
+#[derive(Default)]
+pub(super) struct Hooks(Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) options: Options,
@@ -226,6 +236,8 @@ pub(super) struct Shared {
     /// last connection (pending JetStream pull requests) is gone.
     pub(super) connections: AtomicU64,
     pub(super) warn_slow: LogThrottle,
+    /// Called whenever a connection ends (lost, or closed): see [`Client::on_disconnect`].
+    pub(super) on_disconnect: Hooks,
 }
 
 impl Shared {
@@ -245,6 +257,7 @@ impl Shared {
             max_payload: AtomicUsize::new(1 << 20),
             connections: AtomicU64::new(0),
             warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
+            on_disconnect: Hooks::default(),
         }
     }
 
@@ -254,6 +267,20 @@ impl Shared {
     }
     pub(super) fn subs(&self) -> MutexGuard<'_, HashMap<u64, Sub>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the [`Client::on_disconnect`] hooks (the connection is marked disconnected
+    /// already, so nothing new is appended to what it discarded).
+    pub(super) fn run_disconnect_hooks(&self) {
+        let hooks = self
+            .on_disconnect
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for hook in hooks {
+            hook();
+        }
     }
 }
 
@@ -534,6 +561,19 @@ impl Client {
             drop(out);
             self.shared.wake_writer.notify_one();
         }
+    }
+
+    /// Calls `hook` on the connection's task each time a connection ends, lost or closed, after
+    /// what was not written was discarded: replies to requests sent on it will not come (a
+    /// JetStream publish waiting for its PubAck is refused then, not after its timeout). It
+    /// must not block.
+    pub fn on_disconnect(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.shared
+            .on_disconnect
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
     }
 
     /// Whether [`Client::drain`] or [`Client::end_subscriptions`] ran: no subscription

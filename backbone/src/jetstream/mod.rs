@@ -544,6 +544,11 @@ impl Backbone for JetStreamBackbone {
         Box::pin(async move {
             // Writes the last acknowledgements and waits for the server to have them.
             self.consumer.drain().await;
+            if self.client.connection_state() != State::Connected {
+                // Nothing can be written: async-nats's flush and drain would wait for a
+                // reconnect until the gateway's bound (2 s) ran out (issue 19 item 4).
+                return;
+            }
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

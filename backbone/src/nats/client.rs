@@ -82,6 +82,9 @@ pub(crate) struct Options {
     pub panicked: Counter,
     /// Counts each established connection that was lost (not the ones closed on purpose).
     pub disconnects: Counter,
+    /// Events ([`Client::publish_later`]) appended and not written when their connection
+    /// dropped (`meshgate_backbone_dropped_total{reason="disconnected"}`).
+    pub discarded: Counter,
     /// How the writer encodes what [`Client::publish_later`] queued; needed only by it.
     pub later: Option<Arc<dyn EncodeLater>>,
     /// Longest protocol line (`PUB`/`HPUB`/`SUB` with subject, reply subject or queue group,
@@ -172,6 +175,18 @@ impl std::fmt::Debug for Deliver {
     }
 }
 
+/// Who waits for one `PONG`.
+#[derive(Debug)]
+pub(super) enum Pong {
+    /// A keep-alive.
+    KeepAlive,
+    /// [`Client::flush`].
+    Flush(oneshot::Sender<()>),
+    /// The publishers of the events of one write: the server read them when it answers the
+    /// `PING` the writer put after them.
+    Written(Vec<oneshot::Sender<()>>),
+}
+
 /// What the writer sends, and who waits for which `PONG`.
 #[derive(Debug, Default)]
 pub(super) struct Out {
@@ -182,9 +197,17 @@ pub(super) struct Out {
     pub(super) later: Vec<(usize, Arc<Envelope>)>,
     /// The sum of `later`'s size bounds.
     pub(super) later_bytes: usize,
+    /// Events ([`Client::publish_later`]) in `buf` and `later`: counted as discarded
+    /// (`Options::discarded`) if the connection drops before they are written.
+    pub(super) events: usize,
+    /// Publishers waiting for their event to reach the server ([`Client::publish_later`] with
+    /// a sender): the writer puts a `PING` after the write that holds them and they are told
+    /// at its `PONG` (the server read everything before it); dropped (an error for them) when
+    /// the connection drops first.
+    pub(super) written: Vec<oneshot::Sender<()>>,
     /// One entry per `PING` sent on this connection, in order: a flush waiting for its `PONG`,
     /// or `None` for a keep-alive.
-    pub(super) pongs: VecDeque<Option<oneshot::Sender<()>>>,
+    pub(super) pongs: VecDeque<Pong>,
 }
 
 impl Out {
@@ -195,11 +218,23 @@ impl Out {
     pub(super) fn pending(&self) -> usize {
         self.buf.len() + self.later_bytes
     }
-    /// Forgets what was not written (the connection is gone).
-    pub(super) fn clear(&mut self) {
+    /// Forgets what was not written (the connection is gone); how many events that was.
+    pub(super) fn clear(&mut self) -> usize {
         self.buf.clear();
         self.later.clear();
         self.later_bytes = 0;
+        self.written.clear();
+        // Written, not yet confirmed by the server: lost with the connection too.
+        let unconfirmed: usize = self
+            .pongs
+            .iter()
+            .map(|p| match p {
+                Pong::Written(w) => w.len(),
+                _ => 0,
+            })
+            .sum();
+        self.pongs.clear();
+        std::mem::take(&mut self.events) + unconfirmed
     }
 }
 
@@ -303,6 +338,7 @@ impl Client {
     /// Appends `HPUB` (or `PUB` when `headers` is empty) for the writer. [`ClientError::Full`]
     /// while [`MAX_PENDING`] unwritten bytes wait: wait with [`Client::room`] and retry (checked
     /// under the buffer's lock, so the limit holds whatever the number of publishers).
+    #[cfg(test)]
     pub fn publish(
         &self,
         subject: &str,
@@ -319,6 +355,19 @@ impl Client {
         reply: Option<&str>,
         headers: &[u8],
         payload: &[u8],
+    ) -> Result<(), ClientError> {
+        self.append(subject, reply, headers, payload, None)
+    }
+
+    /// Appends one message; `event`: it is an event ([`Client::publish_later`]), with the
+    /// sender to tell once it is written, if any.
+    fn append(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+        event: Option<Option<oneshot::Sender<()>>>,
     ) -> Result<(), ClientError> {
         if not_a_subject(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
@@ -346,6 +395,12 @@ impl Client {
         }
         let was_empty = out.is_empty();
         write_pub(&mut out.buf, subject, reply, headers, payload);
+        if let Some(written) = event {
+            out.events += 1;
+            if let Some(w) = written {
+                out.written.push(w);
+            }
+        }
         drop(out);
         if was_empty {
             self.shared.wake_writer.notify_one();
@@ -359,7 +414,15 @@ impl Client {
     ///
     /// Panics if the client was made without [`Options::later`] (a programming error: only
     /// the backbone that sets it calls this).
-    pub fn publish_later(&self, envelope: &Arc<Envelope>) -> Result<(), ClientError> {
+    ///
+    /// With `written`, the sender is told once the write holding the event succeeded, and
+    /// dropped (an error for its receiver) when the connection drops first: the event was
+    /// discarded, not sent.
+    pub fn publish_later(
+        &self,
+        envelope: &Arc<Envelope>,
+        written: Option<oneshot::Sender<()>>,
+    ) -> Result<(), ClientError> {
         let encoder = self
             .shared
             .options
@@ -378,7 +441,13 @@ impl Client {
             encoder
                 .encode(envelope, &mut frame)
                 .map_err(ClientError::Unrepresentable)?;
-            return self.publish(&frame.subject, &frame.headers, &frame.payload);
+            return self.append(
+                &frame.subject,
+                None,
+                &frame.headers,
+                &frame.payload,
+                Some(written),
+            );
         }
         let mut out = self.shared.out();
         if self.shared.closed.load(Ordering::Acquire) {
@@ -393,6 +462,10 @@ impl Client {
         let was_empty = out.is_empty();
         let at = out.buf.len();
         out.later.push((at, envelope.clone()));
+        out.events += 1;
+        if let Some(w) = written {
+            out.written.push(w);
+        }
         // The whole `HPUB` as the writer will append it: the line (verb, sizes, CRLFs) is
         // under 64 bytes.
         out.later_bytes += bound + subject_bound + PUB_LINE_OVERHEAD;
@@ -445,7 +518,7 @@ impl Client {
                 return Err(ClientError::NotConnected);
             }
             out.buf.extend_from_slice(b"PING\r\n");
-            out.pongs.push_back(Some(tx));
+            out.pongs.push_back(Pong::Flush(tx));
         }
         self.shared.wake_writer.notify_one();
         rx.await.map_err(|_| ClientError::NotConnected)
@@ -793,7 +866,7 @@ mod tests {
         client.shared.out().connected = true;
         let mut queued = 0;
         let full = loop {
-            match client.publish_later(&event("x")) {
+            match client.publish_later(&event("x"), None) {
                 Ok(()) => queued += 1,
                 Err(e) => break e,
             }
@@ -811,11 +884,11 @@ mod tests {
         };
         client.shared.out().connected = true;
         client.shared.max_payload.store(4, Ordering::Relaxed);
-        assert_eq!(client.publish_later(&event("abcd")), Ok(()));
+        assert_eq!(client.publish_later(&event("abcd"), None), Ok(()));
         assert_eq!(client.shared.out().buf, b"PUB ev.t 4\r\nabcd\r\n");
         assert!(client.shared.out().later.is_empty());
         assert_eq!(
-            client.publish_later(&event("abcde")),
+            client.publish_later(&event("abcde"), None),
             Err(ClientError::TooLarge { size: 5, max: 4 })
         );
     }
@@ -890,14 +963,17 @@ mod tests {
         // encoded at once and sent.
         let before = client.shared.out().buf.len();
         let topic = "d".repeat(MAX - 3 - 8);
-        assert_eq!(client.publish_later(&event_on(&topic)), Ok(()));
+        assert_eq!(client.publish_later(&event_on(&topic), None), Ok(()));
         assert!(client.shared.out().later.is_empty());
         assert_eq!(client.shared.out().buf.len(), before + MAX + 3);
         // Really over: refused with the real line length.
         let topic = "d".repeat(MAX - 3 - 7);
-        assert_eq!(client.publish_later(&event_on(&topic)), too_long(MAX + 1));
+        assert_eq!(
+            client.publish_later(&event_on(&topic), None),
+            too_long(MAX + 1)
+        );
         // Short ones are queued for the writer as before.
-        assert_eq!(client.publish_later(&event_on("short")), Ok(()));
+        assert_eq!(client.publish_later(&event_on("short"), None), Ok(()));
         assert_eq!(client.shared.out().later.len(), 1);
     }
 }

@@ -11,7 +11,7 @@ use meshgate_core::Envelope;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::client::{Deliver, Frame, MAX_PENDING, Shared};
+use super::client::{Deliver, Frame, MAX_PENDING, Pong, Shared};
 use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
 
 /// Keep-alive `PING` interval (as async-nats and the Go client).
@@ -59,8 +59,9 @@ pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut)
     shared.writing.store(false, Ordering::Release);
     {
         let mut out = shared.out();
-        out.clear();
-        out.pongs.clear();
+        // (Empty: `disconnected` cleared it when the last connection ended, and publishes
+        // are refused until this one is up.)
+        let _ = out.clear();
         let subs = shared.subs();
         for (sid, sub) in subs.iter() {
             write_sub(&mut out.buf, *sid, &sub.subject, sub.queue.as_deref());
@@ -96,11 +97,16 @@ async fn keep_alive(shared: &Shared) -> Disconnect {
         }
         {
             let mut out = shared.out();
-            if out.pongs.iter().filter(|p| p.is_none()).count() >= MAX_PINGS_OUTSTANDING {
+            let keep_alives = out
+                .pongs
+                .iter()
+                .filter(|p| matches!(p, Pong::KeepAlive))
+                .count();
+            if keep_alives >= MAX_PINGS_OUTSTANDING {
                 return Disconnect::Unresponsive;
             }
             out.buf.extend_from_slice(b"PING\r\n");
-            out.pongs.push_back(None);
+            out.pongs.push_back(Pong::KeepAlive);
         }
         shared.wake_writer.notify_one();
     }
@@ -112,16 +118,29 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
     // Where the bytes and the events encoded here are put together, and one event's encoding.
     let mut joined = Vec::with_capacity(64 << 10);
     let mut frame = Frame::default();
+    // The publishers waiting for this write, and how many events it holds.
+    let mut written = Vec::new();
     loop {
-        let idle = {
+        let (idle, events, confirm) = {
             let mut out = shared.out();
             let idle = out.is_empty();
+            let (mut events, mut confirm) = (0, false);
             if !idle {
                 std::mem::swap(&mut out.buf, &mut spare);
                 std::mem::swap(&mut out.later, &mut later);
+                std::mem::swap(&mut out.written, &mut written);
                 out.later_bytes = 0;
+                events = std::mem::take(&mut out.events);
+                // Publishers wait for these events: a PING after them, whose PONG says the
+                // server read them. Its place among the PONGs is taken now, under the lock,
+                // after every PING already in this buffer and before any appended later.
+                if !written.is_empty() {
+                    out.pongs
+                        .push_back(Pong::Written(std::mem::take(&mut written)));
+                    confirm = true;
+                }
             }
-            idle
+            (idle, events, confirm)
         };
         if idle {
             shared.wake_writer.notified().await;
@@ -129,19 +148,28 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
         }
         shared.room.notify_waiters();
         let bytes = if later.is_empty() {
+            if confirm {
+                spare.extend_from_slice(b"PING\r\n");
+            }
             &spare
         } else {
             join_later(shared, &spare, &mut later, &mut frame, &mut joined);
+            if confirm {
+                joined.extend_from_slice(b"PING\r\n");
+            }
             &joined
         };
         shared.writing.store(true, Ordering::Release);
-        let written = async {
+        let result = async {
             w.write_all(bytes).await?;
             w.flush().await
         }
         .await;
         shared.writing.store(false, Ordering::Release);
-        if let Err(e) = written {
+        if let Err(e) = result {
+            // Some of it may have reached the server, none of it is known to have: counted as
+            // discarded (its waiting publishers are in `pongs`, told by `disconnected`).
+            shared.options.discarded.add(events as u64);
             return Disconnect::Write(e);
         }
         for buf in [&mut spare, &mut joined] {
@@ -258,8 +286,17 @@ fn handle(shared: &Shared, op: Op) {
             shared.wake_writer.notify_one();
         }
         Op::Pong => {
-            if let Some(Some(waiter)) = shared.out().pongs.pop_front() {
-                let _ = waiter.send(());
+            let pong = shared.out().pongs.pop_front();
+            match pong {
+                Some(Pong::Flush(waiter)) => {
+                    let _ = waiter.send(());
+                }
+                Some(Pong::Written(waiters)) => {
+                    for w in waiters {
+                        let _ = w.send(());
+                    }
+                }
+                Some(Pong::KeepAlive) | None => {}
             }
         }
         // (Skipped and counted by the reader.)
@@ -294,10 +331,10 @@ mod tests {
         let encoder = Arc::new(IdOnly { bound: 64 });
         let (client, _serving, mut server) = serving_with(64 << 10, Some(encoder)).await;
         client.publish("a", b"", b"1").unwrap();
-        client.publish_later(&event("x")).unwrap();
-        client.publish_later(&event("y")).unwrap();
+        client.publish_later(&event("x"), None).unwrap();
+        client.publish_later(&event("y"), None).unwrap();
         client.publish("b", b"", b"2").unwrap();
-        client.publish_later(&event("z")).unwrap();
+        client.publish_later(&event("z"), None).unwrap();
         let flushed = tokio::spawn({
             let client = client.clone();
             async move { client.flush().await }

@@ -236,9 +236,12 @@ async fn run(shared: Arc<Shared>) {
 fn disconnected(shared: &Shared) {
     let mut out = shared.out();
     out.connected = false;
-    out.clear();
-    // Dropping the senders tells every flush waiting for a PONG that it will not come.
-    out.pongs.clear();
+    // Events appended and not written are lost with the connection: counted, and the
+    // publishers waiting for them are told (their senders dropped).
+    // (Dropping the senders of `pongs` tells every flush waiting for a PONG, and every publish
+    // waiting for the server to have read its event, that it will not come.)
+    let discarded = out.clear();
+    shared.options.discarded.add(discarded as u64);
     drop(out);
     shared.room.notify_waiters();
     shared.run_disconnect_hooks();
@@ -522,8 +525,8 @@ mod tests {
         let client = Client::connect(options).await;
         assert!(client.is_connected());
         let _sub = client.subscribe("s", None).unwrap();
-        client.publish_later(&event("fine")).unwrap();
-        client.publish_later(&event("boom")).unwrap();
+        client.publish_later(&event("fine"), None).unwrap();
+        client.publish_later(&event("boom"), None).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while client.connections() < 2 {
             assert!(tokio::time::Instant::now() < deadline, "not reconnected");
@@ -543,6 +546,6 @@ mod tests {
         while !client.is_connected() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        client.publish_later(&event("after")).unwrap();
+        client.publish_later(&event("after"), None).unwrap();
     }
 }

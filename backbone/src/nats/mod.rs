@@ -42,6 +42,8 @@ use meshgate_core::{
     TopicFilter, TryPublish,
 };
 
+use tokio::sync::oneshot;
+
 use self::client::ClientError;
 use self::fanout::Fanout;
 use self::wire::{HeaderError, HeaderSource, RawHeaderBlock, RawHeaders};
@@ -159,12 +161,42 @@ impl NatsBackbone {
         .await
     }
 
-    /// Queues the event for the client's writer, which encodes it.
-    fn send(&self, envelope: &Arc<Envelope>) -> Result<(), ClientError> {
+    /// Queues the event for the client's writer, which encodes it; `written` is told once its
+    /// bytes were written to the server's socket (dropped if they never are).
+    fn send(
+        &self,
+        envelope: &Arc<Envelope>,
+        written: Option<oneshot::Sender<()>>,
+    ) -> Result<(), ClientError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
-        self.client.publish_later(envelope)
+        self.client.publish_later(envelope, written)
+    }
+
+    /// An acknowledged publish: resolves once the event's bytes were written to nats-server's
+    /// socket (then this instance's subscribers get it), or with a retryable error when the
+    /// connection dropped first and the event was discarded.
+    async fn publish_written(&self, envelope: Arc<Envelope>) -> Result<(), BackboneError> {
+        let written = loop {
+            let (tx, rx) = oneshot::channel();
+            match self.send(&envelope, Some(tx)) {
+                Ok(()) => break rx,
+                // Backpressure: wait for the writer, then the same again.
+                Err(ClientError::Full) => self.client.room().await,
+                Err(e) => return Err(client_error(e)),
+            }
+        };
+        if written.await.is_err() {
+            return Err(BackboneError::Unavailable(
+                "the NATS connection dropped before the event was written to it; retry later"
+                    .to_owned(),
+            ));
+        }
+        match self.local.try_publish_shared(envelope) {
+            TryPublish::Done(r) => r,
+            TryPublish::Pending(f) => f.await,
+        }
     }
 }
 
@@ -339,6 +371,7 @@ pub(crate) fn client_options(
         too_large: dropped(DropReason::TooLarge),
         panicked: task_panicked(registry),
         disconnects: registry.counter(metrics::BACKBONE_DISCONNECTS, &[("backbone", backbone)]),
+        discarded: dropped(DropReason::Disconnected),
         later: None,
         max_control_line: config.max_control_line,
     }
@@ -397,15 +430,21 @@ impl Backbone for NatsBackbone {
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
         // Shared by the NATS writer, which encodes it, and this instance's subscribers.
         let envelope = Arc::new(envelope);
-        // To NATS first: a refused publish, which the client retries, was delivered nowhere.
-        match self.send(&envelope) {
+        if envelope.qos > 0 {
+            // Acknowledged to the client (HTTP 202, MQTT PUBACK/PUBREC, AMQP basic.ack): only
+            // once written to nats-server (issue 19 item 2).
+            return TryPublish::Pending(Box::pin(self.publish_written(envelope)));
+        }
+        // MQTT QoS 0: at most once, no acknowledgement; done once appended. To NATS first: a
+        // refused publish, which the client retries, was delivered nowhere.
+        match self.send(&envelope, None) {
             Ok(()) => {}
             Err(ClientError::Full) => {
                 // Backpressure: wait for the writer, then the same again.
                 return TryPublish::Pending(Box::pin(async move {
                     loop {
                         self.client.room().await;
-                        match self.send(&envelope) {
+                        match self.send(&envelope, None) {
                             Ok(()) => break,
                             Err(ClientError::Full) => continue,
                             Err(e) => return Err(client_error(e)),
@@ -483,6 +522,12 @@ impl Backbone for NatsBackbone {
             });
             Ok(Subscription::new(filter, Box::pin(stream)))
         })
+    }
+
+    fn publish_round_trips(&self) -> bool {
+        // An acknowledged publish waits for the writer task's write: MQTT keeps several in
+        // flight per connection (as over JetStream) instead of one write per PUBACK.
+        true
     }
 
     fn delivers_in_process(&self) -> bool {

@@ -34,6 +34,7 @@ pub(super) fn unconnected_with(later: Option<Arc<dyn EncodeLater>>) -> Arc<Share
         too_large: Counter::default(),
         panicked: Counter::default(),
         disconnects: Counter::default(),
+        discarded: Counter::default(),
         later,
         max_control_line: 4096,
     }))

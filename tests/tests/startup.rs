@@ -2,6 +2,8 @@
 //! its backbone, so its own outgoing connection (an ephemeral port) cannot take a port it is
 //! about to listen on ("Address already in use" on a configured port was seen).
 
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

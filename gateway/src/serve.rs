@@ -25,9 +25,10 @@
 //!   Counted as `bad_request`, `uri_too_long`, `header_too_large`.
 //! - `TCP_NODELAY` on every accepted socket (responses and WebSocket frames are written whole;
 //!   Nagle would only delay them).
-//! - Graceful shutdown as before: stop accepting, let in-flight requests finish, close idle
-//!   keep-alive connections (hyper's `graceful_shutdown`), return once every connection task
-//!   ended. Upgraded WebSocket connections are not waited for here (they are tracked by the
+//! - Graceful shutdown: stop accepting, let in-flight requests finish, serve a request whose
+//!   bytes already reached a keep-alive connection (its reply closes the connection), close
+//!   keep-alive connections once quiet for `SHUTDOWN_QUIET` (hyper's `graceful_shutdown`),
+//!   return once every connection task ended. Upgraded WebSocket connections are not waited for here (they are tracked by the
 //!   adapters and closed after the backbone drained).
 
 use meshgate_core::metrics::ErrorKind;
@@ -52,6 +53,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
+
+/// At shutdown, how long a keep-alive connection must have read nothing before it is closed
+/// (see `connection`): long enough for bytes already in the socket to be read, short
+/// against `gateway.shutdown_grace`.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(250);
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -230,12 +236,26 @@ async fn connection(
     stop: CancellationToken,
 ) {
     let activity = io.activity.clone();
+    let closing = activity.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         // The peer address for handlers (`ConnectInfo<SocketAddr>`): per-address caps.
         request.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
+        let closing = closing.clone();
         // `Router` is always ready (its `poll_ready` returns `Ready` without side effects).
-        router.call(request)
+        let reply = router.call(request);
+        async move {
+            let mut response = reply.await?;
+            // Shutting down: this reply is the connection's last (hyper closes after a
+            // `connection: close` reply, 1.12 `src/proto/h1/role.rs:847-850`).
+            if closing.closing.load(Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -254,8 +274,24 @@ async fn connection(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            activity.closing.store(true, Ordering::Relaxed);
+            // A request that reached the socket before the stop is served, never answered
+            // with a closed socket: hyper's `graceful_shutdown` closes a connection at once
+            // when it is between requests, even with the next request's bytes already in the
+            // socket (unread, which makes the close a reset). So the connection runs on until
+            // it has been quiet (no byte read) for `SHUTDOWN_QUIET`; a reply given meanwhile
+            // carries `connection: close` and ends it.
+            loop {
+                let reads = activity.reads.load(Ordering::Relaxed);
+                match tokio::time::timeout(SHUTDOWN_QUIET, conn.as_mut()).await {
+                    Ok(result) => break result,
+                    Err(_) if activity.reads.load(Ordering::Relaxed) == reads => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    Err(_) => {}
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -284,6 +320,8 @@ struct Activity {
     idle_closed: AtomicBool,
     /// The status of hyper's automatic reply to a head it could not read, once written.
     automatic_reply: AtomicU16,
+    /// The listener is stopping: replies end their connection.
+    closing: AtomicBool,
 }
 
 /// A listener's socket: counts the bytes read (for [`HeadTimer`]) and holds the listener slot

@@ -641,7 +641,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
-            Some(q) = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
+            // `None`: the last subscription ended (the backbone closed at shutdown). Matched,
+            // not filtered by the pattern: a `Some(q) =` pattern would leave this `select!`
+            // waiting on the other branches, so a draining connection would sit until its
+            // drain deadline instead of disconnecting now (the check at the loop's top).
+            q = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
+                let Some(q) = q else { continue };
                 if session.out.capacity() == 0 && out_hint > 1024 {
                     session.out.reserve(out_hint);
                 }

@@ -23,6 +23,7 @@ use crate::codec::{self, Version};
 /// payload format) and the message expiry, as an absolute deadline.
 fn forwarded_properties(
     props: Option<&PublishProperties>,
+    plain: bool,
 ) -> Option<Arc<meshgate_core::backbone::MqttProperties>> {
     let p = props?;
     let m = meshgate_core::backbone::MqttProperties {
@@ -32,6 +33,14 @@ fn forwarded_properties(
         expires_at_ms: p
             .message_expiry_interval
             .map(|s| meshgate_core::backbone::now_ms().saturating_add(u64::from(s) * 1000)),
+        // A CloudEvent's user properties and Content Type are its attributes (binary mode);
+        // a plain message's travel as they were sent.
+        content_type: p.content_type.clone().filter(|_| plain),
+        user_properties: if plain {
+            p.user_properties.clone()
+        } else {
+            Vec::new()
+        },
     };
     (!m.is_empty()).then(|| Arc::new(m))
 }
@@ -265,15 +274,15 @@ impl Session {
                     ));
                 }
             };
-        let event = binding::decode(binding::Inbound {
+        let decoded = binding::decode_publish(binding::Inbound {
             version: self.version,
             topic: authorized.topic(),
             payload: p.payload.clone(),
             properties: props,
             wrapper: &self.wrapper,
         });
-        let event = match event {
-            Ok(e) => e,
+        let binding::Decoded { event, plain } = match decoded {
+            Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, client_id = self.client_id, "mqtt: invalid CloudEvent");
                 if self.version == Version::V311 {
@@ -294,7 +303,8 @@ impl Session {
             .envelope(event, self.origin.clone())
             .with_qos(qos as u8)
             .with_retain(p.retain)
-            .with_mqtt_properties(forwarded_properties(props)))
+            .with_plain(plain)
+            .with_mqtt_properties(forwarded_properties(props, plain)))
     }
 
     /// Handles a PUBLISH on a backbone that settles publishes at once, without a future:
@@ -449,14 +459,14 @@ impl Session {
             message_expiry_interval: p.message_expiry_interval,
             ..Default::default()
         });
-        let event = binding::decode(binding::Inbound {
+        let decoded = binding::decode_publish(binding::Inbound {
             version: self.version,
             topic: authorized.topic(),
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
             wrapper: &self.wrapper,
         });
-        let Ok(event) = event else {
+        let Ok(binding::Decoded { event, plain }) = decoded else {
             self.shared.metrics.dropped(DropReason::BadWill).inc();
             return;
         };
@@ -464,7 +474,8 @@ impl Session {
             .envelope(Arc::new(event), self.origin.clone())
             .with_qos(will.qos as u8)
             .with_retain(will.retain)
-            .with_mqtt_properties(forwarded_properties(publish_props.as_ref()));
+            .with_plain(plain)
+            .with_mqtt_properties(forwarded_properties(publish_props.as_ref(), plain));
         if will.retain {
             self.shared
                 .retained

@@ -6,6 +6,7 @@ use meshgate_core::metrics::DropReason;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use meshgate_config::PlainMessages;
 use meshgate_core::Delivery;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
 use tokio_util::sync::CancellationToken;
@@ -431,13 +432,18 @@ impl Session {
     #[inline]
     fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
-        let mut encoded = binding::encode(
-            &envelope.event,
-            || envelope.json(),
-            self.version,
-            self.shared.config.v5_outbound,
-            self.shared.config.v311_outbound,
-        );
+        let config = &self.shared.config;
+        let mut encoded = if envelope.plain && config.plain_messages == PlainMessages::AsPublished {
+            binding::as_published(&envelope.event, envelope.mqtt.as_deref(), self.version)
+        } else {
+            binding::encode(
+                &envelope.event,
+                || envelope.json(),
+                self.version,
+                config.v5_outbound,
+                config.v311_outbound,
+            )
+        };
         if self.version == Version::V5 && !o.sub_ids.is_empty() {
             encoded
                 .properties

@@ -586,7 +586,8 @@ pub struct Expression {
 pub struct Evaluation<'a> {
     /// The value (the zero value of the expression's type when an error stopped it).
     pub value: Value<'a>,
-    /// The errors; evaluation stops at the first, so there is at most one.
+    /// The errors raised: once an operand reports one, nothing more is evaluated, so there
+    /// are several only when one operator's own casts fail (`'a' + 'b'`).
     pub errors: Vec<EvalError>,
 }
 

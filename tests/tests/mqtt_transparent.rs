@@ -338,3 +338,45 @@ async fn a_small_publish_is_no_larger_than_through_mosquitto() {
     );
     gw.shutdown().await;
 }
+
+/// Issue 20 item 2: a CloudEvent published over MQTT 5 in binary mode may carry user
+/// properties that are not attribute names; they travel with the MQTT message (after the
+/// attributes) and never become attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_attribute_user_properties_travel_with_a_cloudevent() {
+    let gw = start_gateway(config(BackboneKind::Memory, None, "t-extra")).await;
+    let port = gw.mqtt_addr.unwrap().port();
+    let (_s, mut sel) = v5_subscribe(port, "extra-sub", "ce/#").await;
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["ce/#"]).await;
+    let (p, mut pel) = v5_client(port, "extra-pub").await;
+    let mut props = PublishProperties::default();
+    for (k, v) in [
+        ("specversion", "1.0"),
+        ("id", "E1"),
+        ("source", "/dev"),
+        ("type", "com.example.t"),
+        ("x-trace", "abc"),
+        ("Origin", "lab"),
+    ] {
+        props.user_properties.push((k.to_owned(), v.to_owned()));
+    }
+    p.publish_with_properties("ce/1", QoS::AtLeastOnce, false, "data", props)
+        .await
+        .unwrap();
+    tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    let got = next_publish(&mut sel).await;
+    let user = got.properties.unwrap_or_default().user_properties;
+    assert!(
+        user.contains(&("id".to_owned(), "E1".to_owned())),
+        "{user:?}"
+    );
+    let extra: Vec<_> = user
+        .iter()
+        .filter(|(k, _)| k == "x-trace" || k == "Origin")
+        .collect();
+    assert_eq!(extra.len(), 2, "{user:?}");
+    let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(e.id(), "E1");
+    assert_eq!(e.extension("x-trace"), None, "not an attribute");
+    gw.shutdown().await;
+}

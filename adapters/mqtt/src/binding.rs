@@ -67,6 +67,9 @@ pub struct Decoded {
     /// A plain payload: the event is its wrapping, and MQTT subscribers may get the message
     /// as published (`mqtt.plain_messages`).
     pub plain: bool,
+    /// The User Properties that travel with the message without being attributes: all of a
+    /// plain message's; a binary-mode event's whose names are not attribute names.
+    pub user_properties: Vec<(String, String)>,
 }
 
 /// [`decode`], telling a wrapped plain payload from a CloudEvent.
@@ -84,7 +87,14 @@ pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
     if user_properties.iter().any(|(k, _)| k == "specversion") {
         let mut attributes = StringAttributes::new();
         let mut dct_property = None;
+        let mut others = Vec::new();
         for (name, value) in user_properties {
+            // Not an attribute (`x-trace`, `Origin`, …): it travels with the MQTT message,
+            // never as part of the event.
+            if meshgate_core::validate::attribute_name(name).is_err() {
+                others.push((name.clone(), value.clone()));
+                continue;
+            }
             if name == "datacontenttype" {
                 // The spec's own example sends it; accept it when it agrees with Content Type.
                 if dct_property.replace(value.clone()).is_some() {
@@ -107,7 +117,11 @@ pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
         if !m.payload.is_empty() {
             event.set_data(Some(Data::Binary(m.payload)));
         }
-        return Ok(Decoded::event(event));
+        return Ok(Decoded {
+            event,
+            plain: false,
+            user_properties: others,
+        });
     }
     if m.version == Version::V311 && looks_structured_json(&m.payload) {
         return json::decode(&m.payload).map(Decoded::event);
@@ -124,7 +138,11 @@ pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
         Err(_) if content_type.is_some() => m.wrapper.wrap_shared(m.payload, subject, None)?,
         Err(e) => return Err(e),
     };
-    Ok(Decoded { event, plain: true })
+    Ok(Decoded {
+        event,
+        plain: true,
+        user_properties: user_properties.to_vec(),
+    })
 }
 
 impl Decoded {
@@ -132,6 +150,7 @@ impl Decoded {
         Decoded {
             event,
             plain: false,
+            user_properties: Vec::new(),
         }
     }
 }
@@ -271,6 +290,40 @@ mod tests {
             Some(&ExtensionValue::String("7".into()))
         );
         assert_eq!(e.data().unwrap().to_bytes(), &br#"{"a":1}"#[..]);
+    }
+
+    /// Issue 20 item 2: a user property whose name is not an attribute name travels with the
+    /// message and never becomes an attribute; it no longer makes the event invalid.
+    #[test]
+    fn non_attribute_user_properties_travel_beside_a_binary_event() {
+        let mut user = E0_PROPS.to_vec();
+        user.extend([("x-trace", "t1"), ("Origin", "lab"), ("x-trace", "t2")]);
+        let p = props(None, &user);
+        let d = decode_publish(inbound(Version::V5, b"x", Some(&p))).unwrap();
+        assert!(!d.plain);
+        assert_eq!(d.event.id(), "A1");
+        assert_eq!(d.event.extension("x-trace"), None);
+        assert_eq!(
+            d.event.attributes().count(),
+            4,
+            "specversion, id, source, type only"
+        );
+        let names: Vec<&str> = d.user_properties.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["x-trace", "Origin", "x-trace"]);
+    }
+
+    /// Issue 20: MQTT's Content Type is any UTF-8 string [MQTT-3.3.2-20]: a plain message
+    /// whose Content Type is no media type is taken (was refused with 0x99), keeping all of its
+    /// user properties for MQTT subscribers.
+    #[test]
+    fn a_plain_message_with_any_content_type_is_taken() {
+        for ct in ["My name", ""] {
+            let p = props(Some(ct), &[("a", "1"), ("a", "2")]);
+            let d = decode_publish(inbound(Version::V5, b"x", Some(&p))).unwrap();
+            assert!(d.plain);
+            assert_eq!(d.event.datacontenttype(), None, "{ct:?} is no media type");
+            assert_eq!(d.user_properties.len(), 2);
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::codec::{self, Version};
 fn forwarded_properties(
     props: Option<&PublishProperties>,
     plain: bool,
+    user_properties: Vec<(String, String)>,
 ) -> Option<Arc<meshgate_core::backbone::MqttProperties>> {
     let p = props?;
     let m = meshgate_core::backbone::MqttProperties {
@@ -33,14 +34,11 @@ fn forwarded_properties(
         expires_at_ms: p
             .message_expiry_interval
             .map(|s| meshgate_core::backbone::now_ms().saturating_add(u64::from(s) * 1000)),
-        // A CloudEvent's user properties and Content Type are its attributes (binary mode);
-        // a plain message's travel as they were sent.
+        // A CloudEvent's Content Type is its `datacontenttype` and its user properties are
+        // its attributes, but for those whose names are not attribute names; a plain
+        // message's travel as they were sent (see `binding::Decoded`).
         content_type: p.content_type.clone().filter(|_| plain),
-        user_properties: if plain {
-            p.user_properties.clone()
-        } else {
-            Vec::new()
-        },
+        user_properties,
     };
     (!m.is_empty()).then(|| Arc::new(m))
 }
@@ -281,7 +279,11 @@ impl Session {
             properties: props,
             wrapper: &self.wrapper,
         });
-        let binding::Decoded { event, plain } = match decoded {
+        let binding::Decoded {
+            event,
+            plain,
+            user_properties,
+        } = match decoded {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, client_id = self.client_id, "mqtt: invalid CloudEvent");
@@ -304,7 +306,7 @@ impl Session {
             .with_qos(qos as u8)
             .with_retain(p.retain)
             .with_plain(plain)
-            .with_mqtt_properties(forwarded_properties(props, plain)))
+            .with_mqtt_properties(forwarded_properties(props, plain, user_properties)))
     }
 
     /// Handles a PUBLISH on a backbone that settles publishes at once, without a future:
@@ -466,7 +468,12 @@ impl Session {
             properties: publish_props.as_ref(),
             wrapper: &self.wrapper,
         });
-        let Ok(binding::Decoded { event, plain }) = decoded else {
+        let Ok(binding::Decoded {
+            event,
+            plain,
+            user_properties,
+        }) = decoded
+        else {
             self.shared.metrics.dropped(DropReason::BadWill).inc();
             return;
         };
@@ -475,7 +482,11 @@ impl Session {
             .with_qos(will.qos as u8)
             .with_retain(will.retain)
             .with_plain(plain)
-            .with_mqtt_properties(forwarded_properties(publish_props.as_ref(), plain));
+            .with_mqtt_properties(forwarded_properties(
+                publish_props.as_ref(),
+                plain,
+                user_properties,
+            ));
         if will.retain {
             self.shared
                 .retained

@@ -433,7 +433,8 @@ impl Session {
     fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
         let config = &self.shared.config;
-        let mut encoded = if envelope.plain && config.plain_messages == PlainMessages::AsPublished {
+        let as_published = envelope.plain && config.plain_messages == PlainMessages::AsPublished;
+        let mut encoded = if as_published {
             binding::as_published(&envelope.event, envelope.mqtt.as_deref(), self.version)
         } else {
             binding::encode(
@@ -462,6 +463,11 @@ impl Session {
                 let left_ms = t.saturating_sub(meshgate_core::backbone::now_ms());
                 p.message_expiry_interval =
                     Some(u32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+            }
+            // User properties that are not attributes travel with the message in the
+            // CloudEvent modes too, after the attributes (`as_published` wrote them already).
+            if !as_published {
+                p.user_properties.extend(m.user_properties.iter().cloned());
             }
         }
         let OutAlias {

@@ -152,6 +152,20 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
             format!("at most {MAX_PUBLISH_CONNECTIONS}, got {publish_connections}"),
         );
     }
+    let publish_timeout = duration(
+        &j.publish_timeout,
+        "backbone.jetstream.publish_timeout",
+        errors,
+    );
+    if !(MIN_PUBLISH_TIMEOUT..=MAX_PUBLISH_TIMEOUT).contains(&publish_timeout) {
+        errors.push(
+            "backbone.jetstream.publish_timeout",
+            format!(
+                "between {MIN_PUBLISH_TIMEOUT:?} and {MAX_PUBLISH_TIMEOUT:?} (a client's publish \
+                 waits this long at most for its answer), got {publish_timeout:?}"
+            ),
+        );
+    }
     JetStreamConfig {
         stream: j.stream,
         max_age: duration(&j.max_age, "backbone.jetstream.max_age", errors),
@@ -167,6 +181,7 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
         max_deliver,
         dead_letter_subject,
         publish_connections: publish_connections.min(MAX_PUBLISH_CONNECTIONS),
+        publish_timeout: publish_timeout.clamp(MIN_PUBLISH_TIMEOUT, MAX_PUBLISH_TIMEOUT),
         retained_max_bytes: size(
             &j.retained_max_bytes,
             "backbone.jetstream.retained_max_bytes",
@@ -192,6 +207,10 @@ const MIN_KV_VALUE: u64 = 4 * 1024;
 
 /// More JetStream publishing connections than a server has cores gain nothing.
 const MAX_PUBLISH_CONNECTIONS: usize = 16;
+/// `backbone.jetstream.publish_timeout` bounds: a PubAck takes a round trip and a disk write
+/// (well under a second on a healthy server); a minute is already longer than clients wait.
+const MIN_PUBLISH_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
     if n.urls.is_empty() {

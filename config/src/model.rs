@@ -112,6 +112,10 @@ pub struct JetStreamConfig {
     pub dead_letter_subject: Option<String>,
     /// NATS connections publishing to the stream; one publisher's events always take the same.
     pub publish_connections: usize,
+    /// Longest wait for the stream's PubAck: past it the publish is refused (the client
+    /// retries; `Nats-Msg-Id` stores the retry once). A publish whose connection drops is
+    /// refused at once.
+    pub publish_timeout: Duration,
     /// Bytes the MQTT retained-message KV bucket (`<stream>_RETAINED`) may hold on the server;
     /// past it a retained message is not stored (counted).
     pub retained_max_bytes: u64,

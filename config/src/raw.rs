@@ -53,6 +53,7 @@ pub struct JetStream {
     pub max_deliver: i64,
     pub dead_letter_subject: String,
     pub publish_connections: i64,
+    pub publish_timeout: String,
     pub retained_max_bytes: Size,
     pub sessions_max_bytes: Size,
     pub kv_max_value_size: Size,

@@ -257,6 +257,20 @@ fn jetstream_settings_are_checked() {
         has(&errs, "backbone.jetstream.dead_letter_subject", "wildcards"),
         "{errs:?}"
     );
+    assert_eq!(
+        c.backbone.jetstream.publish_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    for bad in ["\"50ms\"", "\"2m\"", "\"soon\""] {
+        let errs = errors_of(
+            &format!("[backbone.jetstream]\npublish_timeout = {bad}\n"),
+            &[],
+        );
+        assert!(
+            has(&errs, "backbone.jetstream.publish_timeout", ""),
+            "{bad}: {errs:?}"
+        );
+    }
     let errs = errors_of("[backbone.jetstream]\npublish_connections = 0\n", &[]);
     assert!(
         has(

@@ -1045,3 +1045,202 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
     );
     b.shutdown().await;
 }
+
+/// Issue 19 (shutdown drain): an MQTT subscriber that got and acknowledged every event lets
+/// the shutdown end at once: its subscriptions end when the backbone closes, and the
+/// connection, with nothing left to deliver, closes (DISCONNECT 0x8B) instead of waiting out
+/// the 5 s drain (the connection's loop used to stop watching its subscriptions when the last
+/// one ended, and waited for the drain's timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let nats = NatsServer::start();
+    let gw = start_gateway(with_mqtt(js_config(&nats, "js-drain"))).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let opts =
+        rumqttc::v5::MqttOptions::new("drain-sub", "127.0.0.1", gw.mqtt_addr.unwrap().port());
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    client
+        .subscribe("drain/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(Packet::Publish(_))) => {
+                    let _ = tx.send(None);
+                }
+                Ok(_) => {}
+                // rumqttc reports the server's DISCONNECT as an error (src/v5/state.rs:298).
+                Err(e) => {
+                    let _ = tx.send(Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    // Two subjects (`drain/#` is `p.drain` and `p.drain.>`), so two pull consumers.
+    wait_metric(
+        admin,
+        "meshgate_backbone_subscriptions{backbone=\"jetstream\"} 1",
+    )
+    .await;
+    for i in 0..20 {
+        assert_eq!(
+            post(web, &format!("drain/{i}"), &format!("d{i}"))
+                .await
+                .unwrap(),
+            202
+        );
+    }
+    for _ in 0..20 {
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("every event delivered")
+            .unwrap();
+        assert_eq!(got, None, "an event, not the end");
+    }
+    // (rumqttc acknowledges each PUBLISH as it reads it.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let report = gw.shutdown().await;
+    let took = started.elapsed();
+    assert!(report.clean, "a clean shutdown");
+    assert!(
+        took < Duration::from_secs(2),
+        "nothing left to deliver: the shutdown ends at once, not after the 5 s drain ({took:?})"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+    let end = end.expect("the connection ended").unwrap().unwrap();
+    assert!(
+        end.contains("ServerShuttingDown"),
+        "the client was told the server is shutting down: {end}"
+    );
+}
+
+/// What a stored stream holds: how often each event id is stored (read message by message).
+async fn stored_ids(nats: &NatsServer) -> HashMap<String, usize> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream("MESHGATE").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for seq in 1..=last {
+        // (A sequence may be missing: deleted, or skipped by the store.)
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let e = meshgate_core::json::decode(&m.payload).unwrap();
+            *ids.entry(e.id().to_owned()).or_default() += 1;
+        }
+    }
+    ids
+}
+
+/// Issue 19 item 3 ("every acknowledgement is a promise"): around a NATS restart, every
+/// publish is answered — 202, or 503 and the client retries — and fast: those waiting for
+/// their PubAck when the connection drops are refused then, not when
+/// `backbone.jetstream.publish_timeout` runs out (before: every one of them waited the whole
+/// 5 s). Counted: published (attempts), acknowledged, refused, stored, lost (acknowledged and
+/// not stored: must be 0), duplicates (stored twice: 0, as retries carry the same id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_publish_is_answered_within_the_bound_across_a_nats_restart() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut nats = NatsServer::start();
+    let mut config = js_config(&nats, "js-answer");
+    let timeout = Duration::from_secs(4);
+    config.backbone.jetstream.publish_timeout = timeout;
+    let gw = start_gateway(config).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (stop, http) = (stop.clone(), http.clone());
+        tasks.push(tokio::spawn(async move {
+            // (acknowledged ids, attempts, refusals, slowest answer)
+            let (mut acked, mut attempts, mut refused) = (Vec::new(), 0u64, 0u64);
+            let mut slowest = Duration::ZERO;
+            for n in 0.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let id = format!("a{t}-{n}");
+                // The same event again until it is acknowledged, as a client retries.
+                loop {
+                    attempts += 1;
+                    let started = std::time::Instant::now();
+                    let status = http
+                        .post(format!("http://{web}/events/answer/{t}"))
+                        .header("content-type", "application/cloudevents+json")
+                        .body(format!(
+                            r#"{{"specversion":"1.0","id":"{id}","source":"/test","type":"t"}}"#
+                        ))
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await
+                        .expect("every publish is answered")
+                        .status();
+                    slowest = slowest.max(started.elapsed());
+                    if status == 202 {
+                        acked.push(id);
+                        break;
+                    }
+                    assert_eq!(status, 503, "a refusal says: retry later");
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            (acked, attempts, refused, slowest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| nats.kill());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| nats.restart());
+    let restarted = std::time::Instant::now();
+    let d = Deadline::after(Duration::from_secs(20));
+    while reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(!d.passed(), "not ready after the NATS restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ready_after = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Release);
+    let (mut acked, mut attempts, mut refused, mut slowest) = (Vec::new(), 0, 0, Duration::ZERO);
+    for t in tasks {
+        let (a, n, r, s) = t.await.unwrap();
+        acked.extend(a);
+        attempts += n;
+        refused += r;
+        slowest = slowest.max(s);
+    }
+    let stored = stored_ids(&nats).await;
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    let duplicates: usize = stored.values().map(|c| c - 1).sum();
+    println!(
+        "published {attempts} (attempts), acknowledged {}, refused {refused}, stored {} \
+         distinct, lost {}, duplicates {duplicates}; slowest answer {slowest:?}; ready {:?} \
+         after the restart",
+        acked.len(),
+        stored.len(),
+        lost.len(),
+        ready_after
+    );
+    assert!(refused > 0, "publishes during the outage are refused");
+    assert!(lost.is_empty(), "acknowledged and not stored: {lost:?}");
+    assert_eq!(duplicates, 0, "retries carry the same id: stored once");
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "every publish answered at once when the connection dropped, not after the {timeout:?} \
+         publish_timeout: slowest {slowest:?}"
+    );
+    gw.shutdown().await;
+}

@@ -184,10 +184,18 @@ impl JetStreamBackbone {
             (0..config.publish_connections.max(1)).map(|_| Client::connect(options.clone())),
         )
         .await;
+        let timed_out = registry.backbone_dropped(NAME, DropReason::PubackTimeout);
+        let disconnected = registry.backbone_dropped(NAME, DropReason::Disconnected);
         let publishers = clients
             .into_iter()
             .map(|client| {
-                JsPublisher::start(client).map_err(|e| BackboneStartError::Publisher(Box::new(e)))
+                JsPublisher::start(
+                    client,
+                    config.publish_timeout,
+                    timed_out.clone(),
+                    disconnected.clone(),
+                )
+                .map_err(|e| BackboneStartError::Publisher(Box::new(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let consumer = Client::connect(options).await;
@@ -218,10 +226,11 @@ impl JetStreamBackbone {
         Ok(backbone)
     }
 
-    fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
-            && self.publishers.iter().all(|p| p.client().is_connected())
-            && self.consumer.is_connected()
+    /// Whether the connections that take events are up: readiness follows them, not the
+    /// management connection (async-nats, which reconnected some 2 s after the own client
+    /// after a NATS restart, while publishes were already stored; issue 19 item 3).
+    fn publishing(&self) -> bool {
+        self.publishers.iter().all(|p| p.client().is_connected())
     }
 
     /// Consumer settings for one subject of a subscription; `ttl`: how long it outlives its
@@ -356,9 +365,6 @@ impl Backbone for JetStreamBackbone {
         Box::pin(async move {
             if self.closed.load(Ordering::Acquire) {
                 return Err(BackboneError::Closed);
-            }
-            if !self.connected() {
-                return Err(unavailable("NATS is not connected; retry later"));
             }
             let subject = envelope.topic.to_nats_subject(&self.prefix);
             let mut headers = RawHeaders::new();
@@ -514,7 +520,7 @@ impl Backbone for JetStreamBackbone {
     }
 
     fn is_ready(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && self.connected()
+        !self.closed.load(Ordering::Acquire) && self.publishing()
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -522,17 +528,27 @@ impl Backbone for JetStreamBackbone {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return;
             }
-            for p in &self.publishers {
-                p.drain().await;
-            }
-            self.consumer.drain().await;
+            // Each waits for its publishes in flight to be answered, then closes.
+            futures_util::future::join_all(self.publishers.iter().map(JsPublisher::drain)).await;
+            // Every pull subscription ends once it delivered what it fetched; the consuming
+            // connection stays until `finish`, so that the acknowledgements of those last
+            // deliveries (clients acknowledge them during the connections' shutdown drain) still
+            // reach JetStream instead of being redelivered after ack_wait.
+            self.consumer.end_subscriptions();
             // The management connection (KV stores of sessions and retained messages) stays
-            // open: MQTT sessions save their state on their way out, after this (`finish`).
+            // open too: MQTT sessions save their state on their way out, after this (`finish`).
         })
     }
 
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // Writes the last acknowledgements and waits for the server to have them.
+            self.consumer.drain().await;
+            if self.client.connection_state() != State::Connected {
+                // Nothing can be written: async-nats's flush and drain would wait for a
+                // reconnect until the gateway's bound (2 s) ran out (issue 19 item 4).
+                return;
+            }
             if let Err(e) = self.client.flush().await {
                 tracing::debug!(error = %e, "jetstream: flush");
             }

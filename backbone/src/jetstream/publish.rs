@@ -15,9 +15,13 @@
 //! itself, sending the same messages, gets 42k. Here a publish is appended to the write buffer
 //! in call order, so order holds without a task.
 //!
-//! A request whose reply does not come within [`PUBACK_TIMEOUT`] fails (NATS gone mid-request,
-//! a reply lost): the caller refuses the client's publish, the client retries, and the
-//! `Nats-Msg-Id` deduplication stores the retry once.
+//! Every publish is answered within `backbone.jetstream.publish_timeout` (5 s by default): by
+//! its PubAck, by the stream's refusal, at once when its connection drops (the hook of
+//! [`Client::on_disconnect`] fails every publish still waiting on it: their replies would have
+//! come on that connection; counted as `reason="disconnected"`), or by the timeout (a reply
+//! lost; `reason="puback_timeout"`). Then the caller refuses the client's publish, the client
+//! retries, and the `Nats-Msg-Id` deduplication stores the retry once if the first one was
+//! stored after all.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +30,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
+use meshgate_core::metrics::Counter;
 
-/// How long a publish waits for its PubAck (as async-nats's default).
-pub(crate) const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
 
 /// The stream's answer to a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +50,11 @@ pub(crate) enum PublishFailure {
     NoResponders(String),
     #[error("JetStream refused the publish: {description} (code {code})")]
     Refused { code: u16, description: String },
-    #[error("no PubAck within {0:?}")]
+    #[error("no PubAck within {0:?} (backbone.jetstream.publish_timeout)")]
     TimedOut(Duration),
+    /// The connection dropped before the answer came: the event may or may not be stored.
+    #[error("the NATS connection dropped before JetStream answered; retry (stored once)")]
+    ConnectionLost,
     #[error("unexpected reply to a JetStream publish: {0}")]
     BadReply(String),
 }
@@ -63,6 +69,10 @@ pub(crate) struct JsPublisher {
     next: AtomicU64,
     waiting: Arc<Mutex<Waiters>>,
     _replies: Unsubscribe,
+    /// `backbone.jetstream.publish_timeout`
+    timeout: Duration,
+    /// Publishes refused for want of a PubAck within `timeout`.
+    timed_out: Counter,
 }
 
 fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
@@ -72,9 +82,35 @@ fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
 
 impl JsPublisher {
     /// Starts on `client` (a connection of its own: its inbox subscription is made here).
-    pub(crate) fn start(client: Client) -> Result<JsPublisher, ClientError> {
+    /// A publish waits `timeout` at most for its PubAck (counted in `timed_out`); those still
+    /// waiting when the connection drops are refused then (counted in `disconnected`).
+    pub(crate) fn start(
+        client: Client,
+        timeout: Duration,
+        timed_out: Counter,
+        disconnected: Counter,
+    ) -> Result<JsPublisher, ClientError> {
         let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
         let waiting = Arc::new(Mutex::new(Waiters::new()));
+        // Replies come on the connection the request went out on: when it drops, none of the
+        // waiting publishes will get one.
+        client.on_disconnect({
+            let waiting = waiting.clone();
+            move || {
+                let lost: Vec<_> = lock(&waiting).drain().map(|(_, tx)| tx).collect();
+                let n = lost.len();
+                for tx in lost {
+                    let _ = tx.send(Err(PublishFailure::ConnectionLost));
+                }
+                if n > 0 {
+                    disconnected.add(n as u64);
+                    tracing::warn!(
+                        publishes = n,
+                        "jetstream: the publishing connection dropped with publishes waiting for their PubAck; refused them (the clients retry; counted in meshgate_backbone_dropped_total{{reason=\"disconnected\"}})"
+                    );
+                }
+            }
+        });
         let (w, prefix_len) = (waiting.clone(), inbox.len());
         // On the reader task: the publisher waiting for a reply wakes straight from there.
         let replies = client.subscribe_with(&format!("{inbox}*"), move |m| {
@@ -86,6 +122,8 @@ impl JsPublisher {
             next: AtomicU64::new(1),
             waiting,
             _replies: replies,
+            timeout,
+            timed_out,
         })
     }
 
@@ -112,17 +150,30 @@ impl JsPublisher {
         self.client
             .publish_when_room(subject, Some(&reply), headers, payload)
             .await?;
-        match tokio::time::timeout(PUBACK_TIMEOUT, rx).await {
+        match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(answer)) => answer.map_err(|e| match e {
                 PublishFailure::NoResponders(_) => PublishFailure::NoResponders(subject.into()),
                 e => e,
             }),
             Ok(Err(_)) => Err(ClientError::Closed.into()),
-            Err(_) => Err(PublishFailure::TimedOut(PUBACK_TIMEOUT)),
+            Err(_) => {
+                self.timed_out.inc();
+                Err(PublishFailure::TimedOut(self.timeout))
+            }
         }
     }
 
+    /// Waits (at most `timeout`) for the answers to the publishes in flight, then closes the
+    /// connection: a publish accepted before the backbone closed still gets its PubAck
+    /// rather than a refusal for a connection closed under it.
     pub(crate) async fn drain(&self) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        while !lock(&self.waiting).is_empty()
+            && self.client.is_connected()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.client.drain().await;
     }
 }
@@ -241,7 +292,13 @@ mod tests {
     #[tokio::test]
     async fn a_jetstream_publish_is_a_request_whose_reply_settles_it() {
         let (client, _serving, server) = serving(64 << 10).await;
-        let publisher = JsPublisher::start(client).unwrap();
+        let publisher = JsPublisher::start(
+            client,
+            Duration::from_secs(5),
+            Counter::default(),
+            Counter::default(),
+        )
+        .unwrap();
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
         let sub = line_of(&mut r, &mut seen, "SUB ").await;

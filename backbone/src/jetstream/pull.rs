@@ -445,6 +445,16 @@ impl Stream for Pull {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Msg>> {
         let this = &mut *self;
         loop {
+            if this.client.subscriptions_ended() {
+                // The backbone closed: no repair, no request; the inbox's stream yields what it
+                // holds, then ends, and so does this one.
+                this.repairing = None;
+                this.gone = false;
+                match Pin::new(&mut this.messages).poll_next(cx) {
+                    Poll::Ready(Some(m)) if m.subject == this.inbox => continue,
+                    polled => return polled,
+                }
+            }
             if this.poll_repair(cx).is_pending() {
                 // (Its future wakes this task; messages still queued wait for it.)
                 return Poll::Pending;

@@ -35,6 +35,17 @@ fn failed(e: impl std::fmt::Display) -> BackboneError {
 }
 
 impl KvSessions {
+    /// Refuses at once while the management connection is down: async-nats would hold the
+    /// request until its timeout (5 s), and an MQTT connection saving its session on the way
+    /// out at shutdown waited that long for a NATS that was gone (issue 19 item 4).
+    fn reachable(&self) -> Result<(), BackboneError> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(failed("NATS is not connected"))
+        }
+    }
+
     pub(crate) async fn open(
         client: &async_nats::Client,
         js: &jetstream::Context,
@@ -96,6 +107,7 @@ impl SessionStore for KvSessions {
         client_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<meshgate_core::backbone::StoredRecord>, BackboneError>> {
         Box::pin(async move {
+            self.reachable()?;
             // A client id too long for a key has nothing stored (`save` refuses it), and
             // a clean-session client with such an id needs nothing stored.
             let Ok(key) = self.key(client_id) else {
@@ -116,6 +128,7 @@ impl SessionStore for KvSessions {
         revision: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<u64>, BackboneError>> {
         Box::pin(async move {
+            self.reachable()?;
             let key = self.key(client_id)?;
             match revision {
                 // `create` also succeeds over a tombstone.
@@ -139,6 +152,7 @@ impl SessionStore for KvSessions {
         revision: u64,
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
+            self.reachable()?;
             self.kv
                 .purge_expect_revision(self.key(client_id)?, Some(revision))
                 .await
@@ -152,6 +166,7 @@ impl SessionStore for KvSessions {
         filter: &'a TopicFilter,
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
+            self.reachable()?;
             let stream = self.js.get_stream(&self.stream).await.map_err(failed)?;
             for subject in filter.to_nats_subjects(&self.prefix) {
                 let consumer = durable_consumer(name, &subject);
@@ -169,6 +184,7 @@ impl SessionStore for KvSessions {
         within: Duration,
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
+            self.reachable()?;
             let request = async_nats::Request::new()
                 .payload(bytes::Bytes::copy_from_slice(client_id.as_bytes()))
                 .timeout(Some(within));

@@ -203,6 +203,16 @@ impl Out {
     }
 }
 
+/// Callbacks run when a connection ends ([`Client::on_disconnect`]).
+#[derive(Default)]
+pub(super) struct Hooks(Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) options: Options,
@@ -217,12 +227,17 @@ pub(super) struct Shared {
     pub(super) writing: AtomicBool,
     /// Stop reconnecting.
     pub(super) closed: AtomicBool,
+    /// No subscriptions any more ([`Client::end_subscriptions`]): the connection stays for
+    /// publishes (JetStream acks) until [`Client::drain`].
+    pub(super) subs_ended: AtomicBool,
     pub(super) close: Notify,
     pub(super) max_payload: AtomicUsize,
     /// Connections made so far: a change tells subscribers that server-side state tied to the
     /// last connection (pending JetStream pull requests) is gone.
     pub(super) connections: AtomicU64,
     pub(super) warn_slow: LogThrottle,
+    /// Called whenever a connection ends (lost, or closed): see [`Client::on_disconnect`].
+    pub(super) on_disconnect: Hooks,
 }
 
 impl Shared {
@@ -236,11 +251,13 @@ impl Shared {
             room: Notify::new(),
             writing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            subs_ended: AtomicBool::new(false),
             close: Notify::new(),
             // Until the server's INFO says otherwise (nats-server's default).
             max_payload: AtomicUsize::new(1 << 20),
             connections: AtomicU64::new(0),
             warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
+            on_disconnect: Hooks::default(),
         }
     }
 
@@ -250,6 +267,20 @@ impl Shared {
     }
     pub(super) fn subs(&self) -> MutexGuard<'_, HashMap<u64, Sub>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the [`Client::on_disconnect`] hooks (the connection is marked disconnected
+    /// already, so nothing new is appended to what it discarded).
+    pub(super) fn run_disconnect_hooks(&self) {
+        let hooks = self
+            .on_disconnect
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for hook in hooks {
+            hook();
+        }
     }
 }
 
@@ -466,9 +497,6 @@ impl Client {
         if queue.is_some_and(not_a_subject) {
             return Err(ClientError::BadSubject(format!("queue group {queue:?}")));
         }
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(ClientError::Closed);
-        }
         // `SUB <subject> [<queue>] <sid>\r\n`, the sid at most 20 digits.
         self.check_line(4 + subject.len() + queue.map_or(0, |q| q.len() + 1) + 1 + 20 + 2)?;
         let sid = self.shared.next_sid.fetch_add(1, Ordering::Relaxed) as u64;
@@ -479,6 +507,13 @@ impl Client {
         };
         // Lock order out → subs, as on (re)connect, so a SUB is written exactly once.
         let mut out = self.shared.out();
+        // Checked under the lock `drain` and `end_subscriptions` take: a subscription made
+        // while they run is refused, never kept (its stream would never end).
+        if self.shared.closed.load(Ordering::Acquire)
+            || self.shared.subs_ended.load(Ordering::Acquire)
+        {
+            return Err(ClientError::Closed);
+        }
         if out.connected {
             write_sub(&mut out.buf, sid, &sub.subject, sub.queue.as_deref());
         }
@@ -503,10 +538,48 @@ impl Client {
         if self.is_connected() {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
         }
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.subs().clear();
+        {
+            let _out = self.shared.out();
+            self.shared.closed.store(true, Ordering::Release);
+            self.shared.subs().clear();
+        }
         self.shared.close.notify_one();
         self.shared.room.notify_waiters();
+    }
+
+    /// Ends every subscription (each stream ends after the messages it buffered; the server is
+    /// told with `UNSUB`) and refuses new ones, while the connection stays for publishes: the
+    /// acknowledgements of what those streams still deliver. [`Client::drain`] closes it.
+    pub fn end_subscriptions(&self) {
+        let mut out = self.shared.out();
+        self.shared.subs_ended.store(true, Ordering::Release);
+        let ended: Vec<u64> = self.shared.subs().drain().map(|(sid, _)| sid).collect();
+        if out.connected && !ended.is_empty() {
+            for sid in ended {
+                write_unsub(&mut out.buf, sid);
+            }
+            drop(out);
+            self.shared.wake_writer.notify_one();
+        }
+    }
+
+    /// Calls `hook` on the connection's task each time a connection ends, lost or closed, after
+    /// what was not written was discarded: replies to requests sent on it will not come (a
+    /// JetStream publish waiting for its PubAck is refused then, not after its timeout). It
+    /// must not block.
+    pub fn on_disconnect(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.shared
+            .on_disconnect
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
+    }
+
+    /// Whether [`Client::drain`] or [`Client::end_subscriptions`] ran: no subscription
+    /// delivers any more.
+    pub fn subscriptions_ended(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire) || self.shared.subs_ended.load(Ordering::Acquire)
     }
 }
 

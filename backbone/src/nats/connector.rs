@@ -241,6 +241,7 @@ fn disconnected(shared: &Shared) {
     out.pongs.clear();
     drop(out);
     shared.room.notify_waiters();
+    shared.run_disconnect_hooks();
 }
 
 /// Opens the connection: `INFO`, then `CONNECT` + `PING`, until `PONG`. Returns the stream

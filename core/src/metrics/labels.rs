@@ -205,6 +205,13 @@ label_values! {
         /// Not delivered when the gateway shut down: held by an AMQP sink, or queued for an MQTT
         /// client that had not taken it within the shutdown drain.
         Shutdown => "shutdown",
+        /// Publishes refused because their NATS connection dropped before their bytes were
+        /// written (NATS core) or before their PubAck came (JetStream): the client was told to
+        /// retry (HTTP 503, MQTT reason code, AMQP nack); none of them was acknowledged.
+        Disconnected => "disconnected",
+        /// JetStream publishes refused because no PubAck came within
+        /// `backbone.jetstream.publish_timeout` (the client retries; deduplicated).
+        PubackTimeout => "puback_timeout",
     }
 }
 

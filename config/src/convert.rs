@@ -628,6 +628,17 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 Mqtt311Mode::Structured
             }
         };
+        let plain_messages = match m.plain_messages.as_str() {
+            "as_published" => PlainMessages::AsPublished,
+            "cloudevents" => PlainMessages::CloudEvents,
+            other => {
+                errors.push(
+                    "mqtt.plain_messages",
+                    format!("`{other}` is not one of: as_published, cloudevents"),
+                );
+                PlainMessages::AsPublished
+            }
+        };
         if let Err(e) = validate::non_empty_string("type", &m.wrap_type) {
             errors.push("mqtt.wrap_type", e.to_string());
         }
@@ -696,6 +707,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             max_client_id_len: client_id_len(m.max_client_id_len, errors),
             v5_outbound,
             v311_outbound,
+            plain_messages,
             wrap_type: m.wrap_type,
             websocket_path: (!m.websocket_path.is_empty())
                 .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),

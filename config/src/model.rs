@@ -313,6 +313,19 @@ pub enum Mqtt5Mode {
     Structured,
 }
 
+/// How a message an MQTT client published as a plain payload (not a CloudEvent) reaches MQTT
+/// subscribers. Other protocols always see it as the CloudEvent it was wrapped into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlainMessages {
+    /// As a broker forwards it: the payload bytes, with Content Type, User Properties (all, in
+    /// order), Payload Format Indicator, Response Topic, Correlation Data and Message Expiry
+    /// unaltered (MQTT 5 §3.3.2.3); 3.1.1 subscribers get the payload bytes.
+    #[default]
+    AsPublished,
+    /// As the CloudEvent it was wrapped into, in `v5_outbound` / `v311_outbound` mode.
+    CloudEvents,
+}
+
 /// How events are written to MQTT 3.1.1 subscribers (which have no properties).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mqtt311Mode {
@@ -365,6 +378,8 @@ pub struct MqttConfig {
     pub max_client_id_len: usize,
     pub v5_outbound: Mqtt5Mode,
     pub v311_outbound: Mqtt311Mode,
+    /// How messages MQTT clients published as plain payloads reach MQTT subscribers.
+    pub plain_messages: PlainMessages,
     /// `type` of wrapped (non-CloudEvents) payloads.
     pub wrap_type: String,
     /// Route for MQTT over WebSocket (subprotocol `mqtt`) on the web listener; `None`: off.

@@ -179,6 +179,7 @@ pub struct Mqtt {
     pub max_client_id_len: i64,
     pub v5_outbound: String,
     pub v311_outbound: String,
+    pub plain_messages: String,
     pub wrap_type: String,
     pub websocket_path: String,
     pub tls_listen: String,

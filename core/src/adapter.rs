@@ -113,6 +113,11 @@ impl AuthorizedEnvelope {
         AuthorizedEnvelope(self.0.with_retain(retain))
     }
 
+    /// Marked as a plain MQTT message (see [`crate::Envelope::plain`]).
+    pub fn with_plain(self, plain: bool) -> Self {
+        AuthorizedEnvelope(self.0.with_plain(plain))
+    }
+
     /// MQTT properties forwarded with the event (`None`: none).
     pub fn with_mqtt_properties(
         mut self,

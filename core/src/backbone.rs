@@ -42,6 +42,11 @@ pub struct Envelope {
     /// MQTT 5 request/response and expiry properties of the publish, forwarded to MQTT 5
     /// subscribers unaltered (they are not CloudEvents attributes).
     pub mqtt: Option<Arc<MqttProperties>>,
+    /// Published over MQTT as a plain payload, not a CloudEvent: `event` is its wrapping, and
+    /// MQTT subscribers may get the message as it was published (`mqtt.plain_messages`: the
+    /// data as payload, with `mqtt`'s Content Type and User Properties). Here rather than in
+    /// `mqtt`, which a plain 3.1.1 publish would then need allocated for every message.
+    pub plain: bool,
     /// The JSON format of `event` (UTF-8), encoded once on first use and shared by every
     /// subscriber that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500
     /// times). `Bytes`, so that payloads and frames share it without a copy.
@@ -57,6 +62,7 @@ impl Envelope {
             qos: 1,
             retain: false,
             mqtt: None,
+            plain: false,
             json: std::sync::OnceLock::new(),
         }
     }
@@ -64,6 +70,12 @@ impl Envelope {
     /// The same envelope with the publisher's QoS (MQTT).
     pub fn with_qos(mut self, qos: u8) -> Self {
         self.qos = qos.min(2);
+        self
+    }
+
+    /// The same envelope, marked as a plain MQTT message (see [`Envelope::plain`]).
+    pub fn with_plain(mut self, plain: bool) -> Self {
+        self.plain = plain;
         self
     }
 
@@ -111,6 +123,12 @@ pub struct MqttProperties {
     /// Message Expiry Interval, as the time it ends (milliseconds since the Unix epoch), so
     /// that every hop forwards what remains of it.
     pub expires_at_ms: Option<u64>,
+    /// A plain message's (see [`Envelope::plain`]) Content Type, as the client sent it (any UTF-8 string: MQTT does not
+    /// require a media type; only a valid one also became the event's `datacontenttype`).
+    pub content_type: Option<String>,
+    /// A plain message's (see [`Envelope::plain`]) User Properties, all of them, in order, duplicates kept
+    /// [MQTT-3.3.2-17], [MQTT-3.3.2-18].
+    pub user_properties: Vec<(String, String)>,
 }
 
 impl MqttProperties {

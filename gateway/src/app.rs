@@ -161,6 +161,30 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .clone()
             .unwrap_or_else(meshgate_core::wrap::new_id),
     );
+    // Every listener is bound before anything connects out (backbone, AMQP): an outgoing
+    // connection's ephemeral port could otherwise take a port configured here.
+    let web_listener = match web::enabled(&config) {
+        true => Some(bind(config.http.listen, "http.listen").await?),
+        false => None,
+    };
+    let admin_listener = match config.admin.enabled {
+        true => Some(bind(config.admin.listen, "admin.listen").await?),
+        false => None,
+    };
+    #[cfg(feature = "mqtt")]
+    let mqtt_listeners = match config.mqtt.enabled {
+        true => Some(
+            meshgate_mqtt::MqttListeners::bind(&config.mqtt)
+                .await
+                .map_err(|e| match e {
+                    meshgate_core::AdapterError::Bind { key, addr, source } => {
+                        StartError::Bind { addr, key, source }
+                    }
+                    other => StartError::Adapter(other),
+                })?,
+        ),
+        false => None,
+    };
     let backbone: Arc<dyn Backbone> =
         meshgate_backbone::build(&config.backbone, &instance, &registry)
             .await
@@ -212,15 +236,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     )]
     let (mut mqtt_addr, mut mqtt_tls_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None, None);
     #[cfg(feature = "mqtt")]
-    if config.mqtt.enabled {
-        let adapter = meshgate_mqtt::MqttAdapter::bind(&config.mqtt, &ctx)
-            .await
-            .map_err(|e| match e {
-                meshgate_core::AdapterError::Bind { key, addr, source } => {
-                    StartError::Bind { addr, key, source }
-                }
-                other => StartError::Adapter(other),
-            })?;
+    if let Some(listeners) = mqtt_listeners {
+        let adapter = meshgate_mqtt::MqttAdapter::new(listeners, &config.mqtt, &ctx);
         mqtt_addr = adapter.local_addr();
         mqtt_tls_addr = adapter.tls_addr();
         mqtt_ws = adapter.websocket_router();
@@ -232,8 +249,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         }));
     }
     let (mut web_addr, mut web_task) = (None, None);
-    if web::enabled(&config) {
-        let listener = bind(config.http.listen, "http.listen").await?;
+    if let Some(listener) = web_listener {
         web_addr = listener.local_addr().ok();
         let mut router = web::router(&config, &ctx);
         if let Some(mqtt_ws) = mqtt_ws {
@@ -251,8 +267,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         )));
     }
     let (mut admin_addr, mut admin_task) = (None, None);
-    if config.admin.enabled {
-        let listener = bind(config.admin.listen, "admin.listen").await?;
+    if let Some(listener) = admin_listener {
         admin_addr = listener.local_addr().ok();
         let router = admin::router(readiness.clone(), registry.clone());
         let stop = admin_stop.clone();

@@ -16,11 +16,19 @@
 //!   for a connection's first request the head must be complete `header_read_timeout` after
 //!   accept; on a keep-alive connection the next request's first byte must come within
 //!   `idle_timeout`, and its head must be complete `header_read_timeout` after that byte.
+//! - **Every refusal says why and is counted.** A path the listener does not serve gets a 404
+//!   problem reply, a method its path does not take a 405 (with axum's `Allow`), counted as
+//!   `not_found` / `method_not_allowed`. A request head hyper cannot read is answered by hyper
+//!   itself (400, 414, 431: hyper 1.12 `src/proto/h1/role.rs:493-511`) with an empty body and
+//!   no hook to give it one; [`Socket`] recognises that automatic head as it is written and
+//!   sends a problem reply with the same status in its place (see [`automatic_reply`]).
+//!   Counted as `bad_request`, `uri_too_long`, `header_too_large`.
 //! - `TCP_NODELAY` on every accepted socket (responses and WebSocket frames are written whole;
 //!   Nagle would only delay them).
-//! - Graceful shutdown as before: stop accepting, let in-flight requests finish, close idle
-//!   keep-alive connections (hyper's `graceful_shutdown`), return once every connection task
-//!   ended. Upgraded WebSocket connections are not waited for here (they are tracked by the
+//! - Graceful shutdown: stop accepting, let in-flight requests finish, serve a request whose
+//!   bytes already reached a keep-alive connection (its reply closes the connection), close
+//!   keep-alive connections once quiet for `SHUTDOWN_QUIET` (hyper's `graceful_shutdown`),
+//!   return once every connection task ended. Upgraded WebSocket connections are not waited for here (they are tracked by the
 //!   adapters and closed after the backbone drained).
 
 use meshgate_core::metrics::ErrorKind;
@@ -29,12 +37,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use meshgate_core::metrics::{Counter, Gauge, Registry};
@@ -44,6 +53,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
+
+/// At shutdown, how long a keep-alive connection must have read nothing before it is closed
+/// (see `connection`): long enough for bytes already in the socket to be read, short
+/// against `gateway.shutdown_grace`.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(250);
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +100,10 @@ pub struct Counters {
     refused: Counter,
     header_timeouts: Counter,
     headers_too_large: Counter,
+    uris_too_long: Counter,
+    bad_heads: Counter,
+    not_found: Counter,
+    method_not_allowed: Counter,
     open: Gauge,
 }
 
@@ -96,6 +114,10 @@ impl Counters {
             refused: error(ErrorKind::ConnectionLimit),
             header_timeouts: error(ErrorKind::HeaderTimeout),
             headers_too_large: error(ErrorKind::HeaderTooLarge),
+            uris_too_long: error(ErrorKind::UriTooLong),
+            bad_heads: error(ErrorKind::BadRequest),
+            not_found: error(ErrorKind::NotFound),
+            method_not_allowed: error(ErrorKind::MethodNotAllowed),
             open: registry.gauge(meshgate_core::metrics::CONNECTIONS, &[("adapter", adapter)]),
         }
     }
@@ -113,6 +135,30 @@ fn refusal(key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `router` with problem replies for a path it does not serve (404) and a method a path does
+/// not take (405), each counted. Added here, after every adapter's routes were merged:
+/// axum applies the 405 fallback to the method routers registered before it.
+fn with_refusals(router: Router, counters: &Counters) -> Router {
+    let (not_found, not_allowed) = (
+        counters.not_found.clone(),
+        counters.method_not_allowed.clone(),
+    );
+    router
+        .fallback(move |uri: axum::http::Uri| {
+            not_found.inc();
+            let detail = format!("nothing is served at {}", uri.path());
+            std::future::ready(meshgate_web::problem(StatusCode::NOT_FOUND, &detail))
+        })
+        .method_not_allowed_fallback(move |method: axum::http::Method| {
+            not_allowed.inc();
+            let detail = format!("{method} is not allowed here; the Allow header lists what is");
+            std::future::ready(meshgate_web::problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &detail,
+            ))
+        })
+}
+
 /// Serves `router` on `listener` until `stop` is cancelled, then waits for the connections'
 /// in-flight requests.
 pub async fn serve(
@@ -127,6 +173,7 @@ pub async fn serve(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
     ));
     let refused = refusal(limits.max_connections_key);
+    let router = with_refusals(router, &counters);
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -155,7 +202,7 @@ pub async fn serve(
         };
         // Only a latency setting: a socket that refuses it is served anyway.
         let _ = stream.set_nodelay(true);
-        let io = Socket::new(stream, slot, counters.open.clone());
+        let io = Socket::new(stream, slot, counters.open.clone(), limits.max_header_size);
         connections.spawn(connection(
             io,
             peer,
@@ -189,12 +236,26 @@ async fn connection(
     stop: CancellationToken,
 ) {
     let activity = io.activity.clone();
+    let closing = activity.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         // The peer address for handlers (`ConnectInfo<SocketAddr>`): per-address caps.
         request.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
+        let closing = closing.clone();
         // `Router` is always ready (its `poll_ready` returns `Ready` without side effects).
-        router.call(request)
+        let reply = router.call(request);
+        async move {
+            let mut response = reply.await?;
+            // Shutting down: this reply is the connection's last (hyper closes after a
+            // `connection: close` reply, 1.12 `src/proto/h1/role.rs:847-850`).
+            if closing.closing.load(Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -213,8 +274,24 @@ async fn connection(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            activity.closing.store(true, Ordering::Relaxed);
+            // A request that reached the socket before the stop is served, never answered
+            // with a closed socket: hyper's `graceful_shutdown` closes a connection at once
+            // when it is between requests, even with the next request's bytes already in the
+            // socket (unread, which makes the close a reset). So the connection runs on until
+            // it has been quiet (no byte read) for `SHUTDOWN_QUIET`; a reply given meanwhile
+            // carries `connection: close` and ends it.
+            loop {
+                let reads = activity.reads.load(Ordering::Relaxed);
+                match tokio::time::timeout(SHUTDOWN_QUIET, conn.as_mut()).await {
+                    Ok(result) => break result,
+                    Err(_) if activity.reads.load(Ordering::Relaxed) == reads => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    Err(_) => {}
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -222,7 +299,13 @@ async fn connection(
         if e.is_timeout() && !activity.idle_closed.load(Ordering::Relaxed) {
             counters.header_timeouts.inc();
         } else if e.is_parse_too_large() {
-            counters.headers_too_large.inc();
+            // hyper's one predicate covers both; the reply written tells them apart.
+            match activity.automatic_reply.load(Ordering::Relaxed) {
+                414 => counters.uris_too_long.inc(),
+                _ => counters.headers_too_large.inc(),
+            }
+        } else if e.is_parse() {
+            counters.bad_heads.inc();
         }
         tracing::trace!(%peer, error = %e, "web connection ended with an error");
     }
@@ -235,6 +318,10 @@ struct Activity {
     reads: AtomicU64,
     /// The timer fired while a keep-alive connection waited for its next request.
     idle_closed: AtomicBool,
+    /// The status of hyper's automatic reply to a head it could not read, once written.
+    automatic_reply: AtomicU16,
+    /// The listener is stopping: replies end their connection.
+    closing: AtomicBool,
 }
 
 /// A listener's socket: counts the bytes read (for [`HeadTimer`]) and holds the listener slot
@@ -244,18 +331,103 @@ struct Socket {
     activity: Arc<Activity>,
     _slot: OwnedSemaphorePermit,
     open: Gauge,
+    /// For the 431 reply's detail.
+    max_header_size: usize,
+    /// A problem reply being written in place of hyper's automatic one: the bytes, how many
+    /// went out, and the length of hyper's head to report as written once they all did.
+    replacing: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl Socket {
-    fn new(inner: TcpStream, slot: OwnedSemaphorePermit, open: Gauge) -> Socket {
+    fn new(
+        inner: TcpStream,
+        slot: OwnedSemaphorePermit,
+        open: Gauge,
+        max_header_size: usize,
+    ) -> Socket {
         open.inc();
         Socket {
             inner,
             activity: Arc::default(),
             _slot: slot,
             open,
+            max_header_size,
+            replacing: None,
         }
     }
+
+    /// Writes the replacement of an automatic reply; `Ready(Ok(n))` with hyper's length once
+    /// it is all out.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        while let Some((bytes, sent, reported)) = &mut self.replacing {
+            if *sent == bytes.len() {
+                let reported = *reported;
+                self.replacing = None;
+                return Poll::Ready(Ok(reported));
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *sent += n,
+                other => return other,
+            }
+        }
+        Poll::Ready(Ok(0))
+    }
+
+    /// Starts replacing `head` when it is hyper's automatic reply.
+    fn replace_if_automatic(&mut self, head: &[u8]) -> bool {
+        let Some(status) = automatic_reply(head) else {
+            return false;
+        };
+        self.activity
+            .automatic_reply
+            .store(status.as_u16(), Ordering::Relaxed);
+        let reply = problem_reply(status, self.max_header_size);
+        self.replacing = Some((reply, 0, head.len()));
+        true
+    }
+}
+
+/// The status of `head` when it is hyper's own reply to a request head it could not read:
+/// the whole of a bodyless 400, 414 or 431 head (`content-length: 0`). The handlers behind
+/// the router never send those bodyless.
+fn automatic_reply(head: &[u8]) -> Option<StatusCode> {
+    let status = match head.get(..13)? {
+        b"HTTP/1.1 400 " => StatusCode::BAD_REQUEST,
+        b"HTTP/1.1 414 " => StatusCode::URI_TOO_LONG,
+        b"HTTP/1.1 431 " => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => return None,
+    };
+    let bodyless = head.ends_with(b"\r\n\r\n")
+        && head
+            .windows(21)
+            .any(|w| w.eq_ignore_ascii_case(b"\r\ncontent-length: 0\r\n"));
+    bodyless.then_some(status)
+}
+
+/// The problem reply sent instead of hyper's bodyless one; the connection closes after it
+/// (hyper stops reading after a head it could not parse).
+fn problem_reply(status: StatusCode, max_header_size: usize) -> Vec<u8> {
+    let detail = match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => format!(
+            "the request line and headers are over {max_header_size} bytes \
+             (http.max_header_size); send fewer or shorter headers"
+        ),
+        StatusCode::URI_TOO_LONG => {
+            "the request target is over 65,534 bytes; shorten the path and query".to_owned()
+        }
+        _ => "the request line or a header is not valid HTTP/1.1".to_owned(),
+    };
+    let reason = status.canonical_reason().unwrap_or("");
+    let body = meshgate_core::problem::body(status.as_u16(), reason, &detail);
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        meshgate_core::problem::CONTENT_TYPE,
+        body.len()
+    )
+    .into_bytes()
 }
 
 impl Drop for Socket {
@@ -288,6 +460,9 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.replacing.is_some() || self.replace_if_automatic(buf) {
+            return self.poll_replacement(cx);
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -296,6 +471,10 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        // hyper's automatic reply is a head alone, the first (and only) slice.
+        if self.replacing.is_some() || self.replace_if_automatic(bufs.first().map_or(&[], |b| b)) {
+            return self.poll_replacement(cx);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

@@ -585,3 +585,124 @@ async fn a_trickled_body_gets_408_at_the_body_read_timeout() {
         "{m}"
     );
 }
+
+/// Sends `request` on a fresh connection and reads the reply until the server closes.
+async fn raw_reply(web: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(web).await.unwrap();
+    // The server may answer (and close) before all of a large head is written.
+    let _ = s.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Issue 19 item 7: every refusal of the web listener says why in an RFC 9457 body and is
+/// counted — the router's 404 and 405, and the 400, 414 and 431 hyper answers on its own
+/// (bodyless before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_web_refusal_has_a_problem_body_and_a_count() {
+    // A head limit above hyper's request-target limit (65,534 bytes), so that 414 can happen.
+    let gw = gateway(&[("MESHGATE__HTTP__MAX_HEADER_SIZE", "131072")]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let long_target = format!("/events/{}", "a".repeat(70_000));
+    let big_header = "b".repeat(140 * 1024);
+    let cases: [(String, &str, &str, &str); 5] = [
+        (
+            "GET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned(),
+            "404",
+            "nothing is served at /nothing-here",
+            "not_found",
+        ),
+        (
+            "DELETE /events/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned(),
+            "405",
+            "DELETE is not allowed here",
+            "method_not_allowed",
+        ),
+        (
+            format!("POST {long_target} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "414",
+            "request target is over",
+            "uri_too_long",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big_header}\r\n\r\n"),
+            "431",
+            "over 131072 bytes (http.max_header_size)",
+            "header_too_large",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n".to_owned(),
+            "400",
+            "not valid HTTP/1.1",
+            "bad_request",
+        ),
+    ];
+    for (request, status, detail, kind) in &cases {
+        let reply = raw_reply(web, request.as_bytes()).await;
+        let head_end = reply.find("\r\n\r\n").unwrap_or(reply.len());
+        let (head, body) = reply.split_at(head_end);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{kind}: {:?}",
+            head.lines().next()
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{kind}: {head}"
+        );
+        assert!(body.contains(detail), "{kind}: {body}");
+        assert!(
+            body.contains(&format!("\"status\":{status}")),
+            "{kind}: {body}"
+        );
+    }
+    let m = metrics(admin).await;
+    for (_, _, _, kind) in &cases {
+        let series = format!("meshgate_errors_total{{adapter=\"http\",kind=\"{kind}\"}}");
+        assert_eq!(counter(&m, &series), 1, "{series}\n{m}");
+    }
+    // The 405 keeps axum's Allow header.
+    let reply = raw_reply(
+        web,
+        b"GET /events/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reply.to_ascii_lowercase().contains("\r\nallow: post"),
+        "{reply}"
+    );
+}
+
+/// Issue 19 item 7: `meshgate_connections{adapter="http"}` counts the web listener's open
+/// connections (it was reported to read 0 always).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_connection_gauge_counts_open_connections() {
+    let gw = gateway(&[]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let series = r#"meshgate_connections{adapter="http"}"#;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        s.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 404"));
+        open.push(s);
+    }
+    let m = metrics(admin).await;
+    assert_eq!(counter(&m, series), 3, "{m}");
+    drop(open);
+    let d = Deadline::after(Duration::from_secs(5));
+    loop {
+        let m = metrics(admin).await;
+        if counter(&m, series) == 0 && m.contains(series) {
+            break;
+        }
+        assert!(!d.passed(), "the gauge did not go back to 0:\n{m}");
+        d.pause().await;
+    }
+}

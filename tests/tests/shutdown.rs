@@ -138,6 +138,7 @@ async fn an_mqtt_subscriber_behind_gets_its_backlog_before_disconnect() {
     assert!(acked > 0, "the gateway acknowledged publishes");
 
     // Shutdown starts while the subscriber is behind; then it reads.
+    let began = std::time::Instant::now();
     let shutdown = tokio::spawn(gw.shutdown());
     let mut received = BTreeSet::new();
     let mut reason = None;
@@ -148,19 +149,18 @@ async fn an_mqtt_subscriber_behind_gets_its_backlog_before_disconnect() {
                     received.insert(String::from_utf8_lossy(&p.payload[..6]).into_owned());
                 }
                 Ok(_) => {}
-                // rumqttc reports the server's DISCONNECT as an error carrying its reason.
-                // The PUBLISHes it decoded in the same read are still in its event queue
-                // (rumqttc 0.25.1 src/v5/framed.rs:50-77 reads several packets at once,
-                // src/v5/state.rs:298 fails on the DISCONNECT, and src/v5/eventloop.rs:145
-                // would reconnect before handing them out): count them too, the server sent
-                // them before its DISCONNECT.
+                // rumqttc reports the server's DISCONNECT as an error carrying its reason, at
+                // once, even when PUBLISHes read in the same batch before it are still queued
+                // as events (rumqttc 0.25.1 `v5/framed.rs:50-78` returns the error from the
+                // batch; `poll` would yield them first only on a later call, which now tries to
+                // reconnect): they arrived before the DISCONNECT, so they count.
                 Err(e) => {
+                    reason = Some(format!("{e:?}"));
                     for event in sub_el.state.events.drain(..) {
                         if let Event::Incoming(Packet::Publish(p)) = event {
                             received.insert(String::from_utf8_lossy(&p.payload[..6]).into_owned());
                         }
                     }
-                    reason = Some(format!("{e:?}"));
                     break;
                 }
             }
@@ -170,6 +170,12 @@ async fn an_mqtt_subscriber_behind_gets_its_backlog_before_disconnect() {
     assert!(
         shutdown.await.unwrap().clean,
         "shutdown within the grace period"
+    );
+    // Once the backlog is out, the connection ends at once, not at its drain deadline (5 s).
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "the shutdown waited for the drain deadline: {:?}",
+        began.elapsed()
     );
     assert!(
         received.len() >= acked,
@@ -182,6 +188,72 @@ async fn an_mqtt_subscriber_behind_gets_its_backlog_before_disconnect() {
         "DISCONNECT 0x8B after the backlog: {reason}"
     );
 }
+
+/// Reads one HTTP/1.1 response (head and `content-length` body) from `s`; `None` when the
+/// connection ends (EOF or reset) before a whole one came.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return Some(String::from_utf8_lossy(&got[..end + 4 + length]).into_owned());
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Issue 19 item 1: a request on a keep-alive connection whose bytes reached the gateway just
+/// before the shutdown began is answered (202 or 503), never with a closed socket. Runs on one
+/// thread, so the gateway cannot read the second request between the client's write and the
+/// shutdown: its bytes wait in the socket when the listener stops.
+#[tokio::test]
+async fn a_keep_alive_request_sent_just_before_shutdown_gets_a_reply() {
+    use tokio::io::AsyncWriteExt;
+    for round in 0..5 {
+        let gw = meshgate_tests::start_gateway(meshgate_tests::test_config()).await;
+        let web = gw.web_addr.unwrap();
+        let request = |id: &str| {
+            let body =
+                format!(r#"{{"specversion":"1.0","id":"{id}","source":"/keep-alive","type":"t"}}"#);
+            format!(
+                "POST /events/orders HTTP/1.1\r\nHost: x\r\ncontent-type: application/cloudevents+json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let mut s = tokio::net::TcpStream::connect(web).await.unwrap();
+        s.write_all(request("first").as_bytes()).await.unwrap();
+        let first = read_response(&mut s).await.expect("the first reply");
+        assert!(first.starts_with("HTTP/1.1 202"), "{first}");
+        assert!(!first.contains("connection: close"), "{first}");
+        // The second request is in the socket; then the shutdown begins.
+        s.write_all(request("second").as_bytes()).await.unwrap();
+        let shutdown = tokio::spawn(gw.shutdown());
+        let second = read_response(&mut s).await;
+        let second = second.unwrap_or_else(|| {
+            panic!("round {round}: the connection closed without answering the request sent before the shutdown")
+        });
+        assert!(
+            second.starts_with("HTTP/1.1 202") || second.starts_with("HTTP/1.1 503"),
+            "round {round}: {second}"
+        );
+        assert!(
+            second.to_ascii_lowercase().contains("connection: close"),
+            "the last reply says the connection closes: {second}"
+        );
+        let report = shutdown.await.unwrap();
+        assert!(report.clean, "round {round}");
+    }
 
 /// Issue 19 item 4: SIGTERM while the backbone (JetStream, an own nats-server child) is down and
 /// an MQTT client with a subscription is connected. Nothing more can be delivered, so the

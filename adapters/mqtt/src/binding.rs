@@ -13,6 +13,7 @@
 
 use bytes::Bytes;
 use meshgate_config::{Mqtt5Mode, Mqtt311Mode};
+use meshgate_core::backbone::MqttProperties;
 use meshgate_core::event::StringAttributes;
 use meshgate_core::wrap::Wrapper;
 use meshgate_core::{Data, Event, EventError, Topic, json, media};
@@ -56,10 +57,27 @@ fn looks_structured_json(payload: &[u8]) -> bool {
 
 /// Turns a PUBLISH into an event.
 pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
+    decode_publish(m).map(|d| d.event)
+}
+
+/// A PUBLISH as an event, and whether it was a plain payload (wrapped) or a CloudEvent.
+#[derive(Debug)]
+pub struct Decoded {
+    pub event: Event,
+    /// A plain payload: the event is its wrapping, and MQTT subscribers may get the message
+    /// as published (`mqtt.plain_messages`).
+    pub plain: bool,
+    /// The User Properties that travel with the message without being attributes: all of a
+    /// plain message's; a binary-mode event's whose names are not attribute names.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// [`decode`], telling a wrapped plain payload from a CloudEvent.
+pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
     let content_type = m.properties.and_then(|p| p.content_type.as_deref());
     if let Some(ct) = content_type.filter(|ct| media::is_cloudevents(ct)) {
         return match media::cloudevents_format(ct).as_deref() {
-            None | Some("json") => json::decode(&m.payload),
+            None | Some("json") => json::decode(&m.payload).map(Decoded::event),
             Some(other) => Err(EventError::Format(format!(
                 "event format `{other}` is not supported; use application/cloudevents+json"
             ))),
@@ -69,7 +87,14 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
     if user_properties.iter().any(|(k, _)| k == "specversion") {
         let mut attributes = StringAttributes::new();
         let mut dct_property = None;
+        let mut others = Vec::new();
         for (name, value) in user_properties {
+            // Not an attribute (`x-trace`, `Origin`, …): it travels with the MQTT message,
+            // never as part of the event.
+            if meshgate_core::validate::attribute_name(name).is_err() {
+                others.push((name.clone(), value.clone()));
+                continue;
+            }
             if name == "datacontenttype" {
                 // The spec's own example sends it; accept it when it agrees with Content Type.
                 if dct_property.replace(value.clone()).is_some() {
@@ -92,13 +117,42 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
         if !m.payload.is_empty() {
             event.set_data(Some(Data::Binary(m.payload)));
         }
-        return Ok(event);
+        return Ok(Decoded {
+            event,
+            plain: false,
+            user_properties: others,
+        });
     }
     if m.version == Version::V311 && looks_structured_json(&m.payload) {
-        return json::decode(&m.payload);
+        return json::decode(&m.payload).map(Decoded::event);
     }
-    m.wrapper
-        .wrap_shared(m.payload, Some(m.topic.shared_str()), content_type)
+    let subject = Some(m.topic.shared_str());
+    let event = match m
+        .wrapper
+        .wrap_shared(m.payload.clone(), subject.clone(), content_type)
+    {
+        Ok(event) => event,
+        // MQTT's Content Type is any UTF-8 string [MQTT-3.3.2-20]; only a media type can be
+        // the event's `datacontenttype`. The message is taken all the same, and MQTT
+        // subscribers get its Content Type unaltered (`MqttProperties::content_type`).
+        Err(_) if content_type.is_some() => m.wrapper.wrap_shared(m.payload, subject, None)?,
+        Err(e) => return Err(e),
+    };
+    Ok(Decoded {
+        event,
+        plain: true,
+        user_properties: user_properties.to_vec(),
+    })
+}
+
+impl Decoded {
+    fn event(event: Event) -> Decoded {
+        Decoded {
+            event,
+            plain: false,
+            user_properties: Vec::new(),
+        }
+    }
 }
 
 /// Payload and properties of an outbound PUBLISH.
@@ -106,6 +160,27 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
 pub struct Outbound {
     pub payload: Bytes,
     pub properties: Option<PublishProperties>,
+}
+
+/// A plain MQTT message as its publisher sent it: the data as payload; MQTT 5 with the
+/// publisher's Content Type and User Properties (the other forwarded properties are added by
+/// the session, as for every delivery).
+#[inline]
+pub fn as_published(event: &Event, mqtt: Option<&MqttProperties>, version: Version) -> Outbound {
+    let properties = match (version, mqtt) {
+        (Version::V5, Some(m)) if m.content_type.is_some() || !m.user_properties.is_empty() => {
+            Some(PublishProperties {
+                content_type: m.content_type.clone(),
+                user_properties: m.user_properties.clone(),
+                ..Default::default()
+            })
+        }
+        _ => None,
+    };
+    Outbound {
+        payload: event.data().map(Data::to_bytes).unwrap_or_default(),
+        properties,
+    }
 }
 
 /// Encodes an event for a subscriber of `version`. `json` gives the event's JSON format (shared
@@ -215,6 +290,40 @@ mod tests {
             Some(&ExtensionValue::String("7".into()))
         );
         assert_eq!(e.data().unwrap().to_bytes(), &br#"{"a":1}"#[..]);
+    }
+
+    /// Issue 20 item 2: a user property whose name is not an attribute name travels with the
+    /// message and never becomes an attribute; it no longer makes the event invalid.
+    #[test]
+    fn non_attribute_user_properties_travel_beside_a_binary_event() {
+        let mut user = E0_PROPS.to_vec();
+        user.extend([("x-trace", "t1"), ("Origin", "lab"), ("x-trace", "t2")]);
+        let p = props(None, &user);
+        let d = decode_publish(inbound(Version::V5, b"x", Some(&p))).unwrap();
+        assert!(!d.plain);
+        assert_eq!(d.event.id(), "A1");
+        assert_eq!(d.event.extension("x-trace"), None);
+        assert_eq!(
+            d.event.attributes().count(),
+            4,
+            "specversion, id, source, type only"
+        );
+        let names: Vec<&str> = d.user_properties.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["x-trace", "Origin", "x-trace"]);
+    }
+
+    /// Issue 20: MQTT's Content Type is any UTF-8 string [MQTT-3.3.2-20]: a plain message
+    /// whose Content Type is no media type is taken (was refused with 0x99), keeping all of its
+    /// user properties for MQTT subscribers.
+    #[test]
+    fn a_plain_message_with_any_content_type_is_taken() {
+        for ct in ["My name", ""] {
+            let p = props(Some(ct), &[("a", "1"), ("a", "2")]);
+            let d = decode_publish(inbound(Version::V5, b"x", Some(&p))).unwrap();
+            assert!(d.plain);
+            assert_eq!(d.event.datacontenttype(), None, "{ct:?} is no media type");
+            assert_eq!(d.user_properties.len(), 2);
+        }
     }
 
     #[test]

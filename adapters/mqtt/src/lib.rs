@@ -197,12 +197,26 @@ impl std::fmt::Debug for MqttAdapter {
     }
 }
 
-impl MqttAdapter {
-    /// Binds `config.listen` (so the address is known before the gateway reports it).
-    pub async fn bind(
-        config: &MqttConfig,
-        ctx: &AdapterContext,
-    ) -> Result<MqttAdapter, AdapterError> {
+/// The MQTT listeners, bound and not yet serving: a gateway binds every listener before it
+/// connects to its backbone, so an outgoing connection cannot take a port it is about to
+/// listen on (an ephemeral port can equal a configured one).
+pub struct MqttListeners {
+    listener: TcpListener,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+impl std::fmt::Debug for MqttListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttListeners")
+            .field("listen", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl MqttListeners {
+    /// Binds `mqtt.listen` and, when configured, `mqtt.tls_listen` (its certificate is read
+    /// here too, so a bad one fails the start before anything connects anywhere).
+    pub async fn bind(config: &MqttConfig) -> Result<MqttListeners, AdapterError> {
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -226,12 +240,30 @@ impl MqttAdapter {
                 Some((listener, acceptor))
             }
         };
-        let shared = Shared::new(config, ctx);
-        Ok(MqttAdapter {
-            shared,
-            listener,
-            tls,
-        })
+        Ok(MqttListeners { listener, tls })
+    }
+}
+
+impl MqttAdapter {
+    /// Binds `config.listen` (so the address is known before the gateway reports it).
+    pub async fn bind(
+        config: &MqttConfig,
+        ctx: &AdapterContext,
+    ) -> Result<MqttAdapter, AdapterError> {
+        Ok(MqttAdapter::new(
+            MqttListeners::bind(config).await?,
+            config,
+            ctx,
+        ))
+    }
+
+    /// The adapter on listeners bound before (see [`MqttListeners`]).
+    pub fn new(listeners: MqttListeners, config: &MqttConfig, ctx: &AdapterContext) -> MqttAdapter {
+        MqttAdapter {
+            shared: Shared::new(config, ctx),
+            listener: listeners.listener,
+            tls: listeners.tls,
+        }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {

@@ -51,7 +51,14 @@ impl std::fmt::Debug for Retained {
 /// fixed overhead for the map entry and the event's allocations.
 fn cost(envelope: &Envelope) -> usize {
     const ENTRY: usize = 256;
-    ENTRY + envelope.topic.as_str().len() + envelope.json().len()
+    let forwarded = envelope.mqtt.as_ref().map_or(0, |m| {
+        m.content_type.as_ref().map_or(0, String::len)
+            + m.user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    });
+    ENTRY + envelope.topic.as_str().len() + envelope.json().len() + forwarded
 }
 
 /// The literal levels of `filter` before its first wildcard, without their trailing `/`

@@ -92,6 +92,7 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         max_client_id_len: 256,
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
+        plain_messages: meshgate_config::PlainMessages::AsPublished,
         wrap_type: "t".into(),
         websocket_path: None,
         tls: None,

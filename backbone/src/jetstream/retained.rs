@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_nats::jetstream::kv;
 use base64::Engine;
 use futures_util::StreamExt;
+use meshgate_core::backbone::MqttProperties;
 use meshgate_core::{
     BackboneError, BoxFuture, Envelope, Origin, RetainedStore, Topic, TopicFilter, json,
 };
@@ -41,6 +42,56 @@ struct Stored<'a> {
     qos: u8,
     #[serde(borrow)]
     event: &'a serde_json::value::RawValue,
+    /// A plain MQTT message ([`Envelope::plain`]); absent in values stored before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    plain: bool,
+    /// The MQTT 5 properties forwarded with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mqtt: Option<StoredMqtt>,
+}
+
+/// [`MqttProperties`] as stored (correlation data as bytes in a JSON array is what serde
+/// gives `Vec<u8>`; retained messages are few and small, so the plain form is kept).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredMqtt {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation_data: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    payload_utf8: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    user_properties: Vec<(String, String)>,
+}
+
+impl From<&MqttProperties> for StoredMqtt {
+    fn from(m: &MqttProperties) -> StoredMqtt {
+        StoredMqtt {
+            response_topic: m.response_topic.clone(),
+            correlation_data: m.correlation_data.as_ref().map(|c| c.to_vec()),
+            payload_utf8: m.payload_utf8,
+            expires_at_ms: m.expires_at_ms,
+            content_type: m.content_type.clone(),
+            user_properties: m.user_properties.clone(),
+        }
+    }
+}
+
+impl From<StoredMqtt> for MqttProperties {
+    fn from(m: StoredMqtt) -> MqttProperties {
+        MqttProperties {
+            response_topic: m.response_topic,
+            correlation_data: m.correlation_data.map(bytes::Bytes::from),
+            payload_utf8: m.payload_utf8,
+            expires_at_ms: m.expires_at_ms,
+            content_type: m.content_type,
+            user_properties: m.user_properties,
+        }
+    }
 }
 
 impl KvRetained {
@@ -154,6 +205,8 @@ impl RetainedStore for KvRetained {
             let value = serde_json::to_vec(&Stored {
                 qos: envelope.qos,
                 event: &event,
+                plain: envelope.plain,
+                mqtt: envelope.mqtt.as_deref().map(StoredMqtt::from),
             })
             .map_err(|e| BackboneError::Rejected(e.to_string()))?;
             let key = B64.encode(envelope.topic.as_str());
@@ -273,11 +326,14 @@ impl RetainedStore for KvRetained {
                     instance: Arc::from(""),
                     connection: 0,
                 };
-                out.push(
-                    Envelope::new(topic, Arc::new(event), origin)
-                        .with_qos(stored.qos)
-                        .with_retain(true),
-                );
+                let mut envelope = Envelope::new(topic, Arc::new(event), origin)
+                    .with_qos(stored.qos)
+                    .with_retain(true)
+                    .with_plain(stored.plain);
+                if let Some(m) = stored.mqtt {
+                    envelope = envelope.with_mqtt(m.into());
+                }
+                out.push(envelope);
             }
             Ok((out, beyond))
         })

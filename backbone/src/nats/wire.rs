@@ -8,7 +8,10 @@
 //!
 //! meshgate's own metadata travels in headers, never as CloudEvents attributes:
 //! `Meshgate-Origin` (`<connection>@<instance>`, for no-local and loop-free delivery),
-//! `Meshgate-Qos` (the MQTT publisher's QoS, when not 1), `Meshgate-Retain` (`1`).
+//! `Meshgate-Qos` (the MQTT publisher's QoS, when not 1), `Meshgate-Retain` (`1`), and the
+//! MQTT 5 properties a broker forwards (`Meshgate-Mqtt-*`: response topic, correlation data,
+//! payload format, expiry; for a plain MQTT message also its Content Type and every User
+//! Property, in order).
 
 use std::sync::Arc;
 
@@ -29,6 +32,13 @@ const MQTT_RESPONSE_TOPIC: &str = "Meshgate-Mqtt-Response-Topic";
 const MQTT_CORRELATION: &str = "Meshgate-Mqtt-Correlation-Data";
 const MQTT_UTF8: &str = "Meshgate-Mqtt-Payload-Utf8";
 const MQTT_EXPIRES: &str = "Meshgate-Mqtt-Expires-At-Ms";
+/// A plain MQTT message (`Envelope::plain`): `1`.
+const MQTT_PLAIN: &str = "Meshgate-Mqtt-Plain";
+/// A plain MQTT message's Content Type, percent-encoded.
+const MQTT_CONTENT_TYPE: &str = "Meshgate-Mqtt-Content-Type";
+/// One User Property of a plain MQTT message, `<name>=<value>`, each percent-encoded (`=` in
+/// the name too); one line per property, in order.
+const MQTT_USER_PROPERTY: &str = "Meshgate-Mqtt-User-Property";
 const CONTENT_TYPE: &str = "Content-Type";
 
 /// Why a header line cannot be written, or a received header block is not a valid one.
@@ -91,8 +101,9 @@ pub(crate) trait HeaderSink {
 }
 
 impl HeaderSink for HeaderMap {
+    // Appended, not inserted: a header may repeat (`Meshgate-Mqtt-User-Property`, in order).
     fn put(&mut self, name: &'static str, parts: &[&str]) {
-        self.insert(name, parts.concat());
+        self.append(name, parts.concat());
     }
     fn put_owned(&mut self, name: String, value: &str) {
         self.insert(name, value);
@@ -248,6 +259,12 @@ pub(crate) fn size_bound(envelope: &Envelope, mode: NatsWireMode) -> usize {
             .correlation_data
             .as_ref()
             .map_or(0, |c| c.len().div_ceil(3) * 4);
+        headers += m.content_type.as_ref().map_or(0, |t| 32 + t.len() * 3);
+        headers += m
+            .user_properties
+            .iter()
+            .map(|(k, v)| 32 + (k.len() + v.len()) * 3)
+            .sum::<usize>();
     }
     let event = &envelope.event;
     match mode {
@@ -295,7 +312,20 @@ pub(crate) fn encode_headers(
     if envelope.retain {
         headers.put(RETAIN, &["1"]);
     }
+    if envelope.plain {
+        headers.put(MQTT_PLAIN, &["1"]);
+    }
     if let Some(m) = &envelope.mqtt {
+        if let Some(t) = &m.content_type {
+            headers.put(MQTT_CONTENT_TYPE, &[&percent_encode_header(t)]);
+        }
+        for (name, value) in &m.user_properties {
+            let name = percent_encode_header(name).replace('=', "%3D");
+            headers.put(
+                MQTT_USER_PROPERTY,
+                &[&name, "=", &percent_encode_header(value)],
+            );
+        }
         if let Some(t) = &m.response_topic {
             headers.put(MQTT_RESPONSE_TOPIC, &[&percent_encode_header(t)]);
         }
@@ -544,10 +574,25 @@ pub(crate) fn decode(
         }),
         payload_utf8: m.utf8 == Some("1"),
         expires_at_ms: m.expires.and_then(|t| t.parse().ok()),
+        content_type: m
+            .content_type_mqtt
+            .and_then(|t| decode_header_value(t.as_bytes()).ok()),
+        user_properties: m
+            .user_properties
+            .iter()
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                Some((
+                    decode_header_value(k.as_bytes()).ok()?,
+                    decode_header_value(v.as_bytes()).ok()?,
+                ))
+            })
+            .collect(),
     };
     let mut envelope = Envelope::new(topic, Arc::new(event), origin)
         .with_qos(qos)
-        .with_retain(retain);
+        .with_retain(retain)
+        .with_plain(m.plain == Some("1"));
     envelope.mqtt = (!mqtt.is_empty()).then(|| Arc::new(mqtt));
     Ok(match own_json {
         Some(json) => envelope.with_json(json),
@@ -566,6 +611,10 @@ struct Meta<'a> {
     correlation: Option<&'a str>,
     utf8: Option<&'a str>,
     expires: Option<&'a str>,
+    plain: Option<&'a str>,
+    content_type_mqtt: Option<&'a str>,
+    /// Every `Meshgate-Mqtt-User-Property`, in order (allocated only when there is one).
+    user_properties: Vec<&'a str>,
     /// Any `ce-` header.
     binary: bool,
 }
@@ -591,6 +640,13 @@ impl<'a> Meta<'a> {
                     &mut m.utf8
                 } else if k.eq_ignore_ascii_case(MQTT_EXPIRES) {
                     &mut m.expires
+                } else if k.eq_ignore_ascii_case(MQTT_PLAIN) {
+                    &mut m.plain
+                } else if k.eq_ignore_ascii_case(MQTT_CONTENT_TYPE) {
+                    &mut m.content_type_mqtt
+                } else if k.eq_ignore_ascii_case(MQTT_USER_PROPERTY) {
+                    m.user_properties.push(v);
+                    return;
                 } else {
                     m.binary |= is_ce_header(k);
                     return;
@@ -684,7 +740,15 @@ mod tests {
             correlation_data: Some(Bytes::from_static(&[0, 1, 0xFF])),
             payload_utf8: true,
             expires_at_ms: Some(1_800_000_000_000),
+            content_type: Some("My name".into()),
+            user_properties: vec![
+                ("k=1".into(), "v=1 é".into()),
+                ("dup".into(), "first".into()),
+                ("".into(), "".into()),
+                ("dup".into(), "second".into()),
+            ],
         })
+        .with_plain(true)
     }
 
     /// What the core backbone's writer encodes ([`encode_headers`], [`write_payload`]) is
@@ -773,12 +837,13 @@ mod tests {
             json::encode_string(&back_map.event)
         );
         assert_eq!(
-            (&back.origin, back.qos, back.retain, &back.mqtt),
+            (&back.origin, back.qos, back.retain, &back.mqtt, back.plain),
             (
                 &back_map.origin,
                 back_map.qos,
                 back_map.retain,
-                &back_map.mqtt
+                &back_map.mqtt,
+                back_map.plain
             )
         );
         back
@@ -831,6 +896,7 @@ mod tests {
             envelope().mqtt,
             "MQTT 5 properties survive the bus"
         );
+        assert!(back.plain, "a plain MQTT message stays one");
         // Another instance's JSON is kept, byte for byte, for structured subscribers.
         assert_eq!(back.json_if_encoded(), Some(&envelope().json()));
     }
@@ -1131,7 +1197,15 @@ mod tests {
                     Envelope::new(Topic::from_mqtt("a/b").unwrap(), Arc::new(event), origin)
                         .with_qos(qos)
                         .with_retain(retain)
+                        .with_plain(qos == 0)
                         .with_mqtt(MqttProperties {
+                            // The same generated text as the response topic: any UTF-8, in
+                            // both names and values, repeated.
+                            content_type: response_topic.clone(),
+                            user_properties: response_topic
+                                .iter()
+                                .flat_map(|t| [(t.clone(), t.clone()), ("=".into(), t.clone())])
+                                .collect(),
                             response_topic,
                             correlation_data: correlation.map(Bytes::from),
                             payload_utf8: retain,
@@ -1169,7 +1243,7 @@ mod tests {
                         (back.qos, back.retain, &back.origin)
                     ));
                 }
-                if back.mqtt != envelope.mqtt {
+                if back.mqtt != envelope.mqtt || back.plain != envelope.plain {
                     return Err(format!("{mode:?}: {:?} != {:?}", back.mqtt, envelope.mqtt));
                 }
                 round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

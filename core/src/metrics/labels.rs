@@ -74,6 +74,12 @@ label_values! {
         HeaderTimeout => "header_timeout",
         /// Request headers over the web listener's limit.
         HeaderTooLarge => "header_too_large",
+        /// A request target longer than the HTTP parser takes (414).
+        UriTooLong => "uri_too_long",
+        /// A request for a path the listener does not serve (404).
+        NotFound => "not_found",
+        /// A request with a method its path does not take (405).
+        MethodNotAllowed => "method_not_allowed",
         /// More topic filters than one connection may hold.
         TooManyFilters => "too_many_filters",
         /// A WebSocket client that answered no ping.

@@ -23,6 +23,8 @@ use crate::codec::{self, Version};
 /// payload format) and the message expiry, as an absolute deadline.
 fn forwarded_properties(
     props: Option<&PublishProperties>,
+    plain: bool,
+    user_properties: Vec<(String, String)>,
 ) -> Option<Arc<meshgate_core::backbone::MqttProperties>> {
     let p = props?;
     let m = meshgate_core::backbone::MqttProperties {
@@ -32,6 +34,11 @@ fn forwarded_properties(
         expires_at_ms: p
             .message_expiry_interval
             .map(|s| meshgate_core::backbone::now_ms().saturating_add(u64::from(s) * 1000)),
+        // A CloudEvent's Content Type is its `datacontenttype` and its user properties are
+        // its attributes, but for those whose names are not attribute names; a plain
+        // message's travel as they were sent (see `binding::Decoded`).
+        content_type: p.content_type.clone().filter(|_| plain),
+        user_properties,
     };
     (!m.is_empty()).then(|| Arc::new(m))
 }
@@ -265,15 +272,19 @@ impl Session {
                     ));
                 }
             };
-        let event = binding::decode(binding::Inbound {
+        let decoded = binding::decode_publish(binding::Inbound {
             version: self.version,
             topic: authorized.topic(),
             payload: p.payload.clone(),
             properties: props,
             wrapper: &self.wrapper,
         });
-        let event = match event {
-            Ok(e) => e,
+        let binding::Decoded {
+            event,
+            plain,
+            user_properties,
+        } = match decoded {
+            Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, client_id = self.client_id, "mqtt: invalid CloudEvent");
                 if self.version == Version::V311 {
@@ -294,7 +305,8 @@ impl Session {
             .envelope(event, self.origin.clone())
             .with_qos(qos as u8)
             .with_retain(p.retain)
-            .with_mqtt_properties(forwarded_properties(props)))
+            .with_plain(plain)
+            .with_mqtt_properties(forwarded_properties(props, plain, user_properties)))
     }
 
     /// Handles a PUBLISH on a backbone that settles publishes at once, without a future:
@@ -449,14 +461,19 @@ impl Session {
             message_expiry_interval: p.message_expiry_interval,
             ..Default::default()
         });
-        let event = binding::decode(binding::Inbound {
+        let decoded = binding::decode_publish(binding::Inbound {
             version: self.version,
             topic: authorized.topic(),
             payload: will.message.clone(),
             properties: publish_props.as_ref(),
             wrapper: &self.wrapper,
         });
-        let Ok(event) = event else {
+        let Ok(binding::Decoded {
+            event,
+            plain,
+            user_properties,
+        }) = decoded
+        else {
             self.shared.metrics.dropped(DropReason::BadWill).inc();
             return;
         };
@@ -464,7 +481,12 @@ impl Session {
             .envelope(Arc::new(event), self.origin.clone())
             .with_qos(will.qos as u8)
             .with_retain(will.retain)
-            .with_mqtt_properties(forwarded_properties(publish_props.as_ref()));
+            .with_plain(plain)
+            .with_mqtt_properties(forwarded_properties(
+                publish_props.as_ref(),
+                plain,
+                user_properties,
+            ));
         if will.retain {
             self.shared
                 .retained

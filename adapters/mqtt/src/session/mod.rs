@@ -641,11 +641,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.
+            // `None`: the last subscription ended (the backbone closed at shutdown). Matched,
+            // not filtered by the pattern: a `Some(q) =` pattern would leave this `select!`
+            // waiting on the other branches, so a draining connection would sit until its
+            // drain deadline instead of disconnecting now (the check at the loop's top).
             q = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
-                // `None`: the last subscription ended (the backbone closed them at shutdown).
-                // Back to the top, where a draining connection sees it has nothing left; a
-                // `Some(q)` pattern here disabled the branch instead and the loop waited out
-                // SHUTDOWN_DRAIN.
                 let Some(q) = q else { continue };
                 if session.out.capacity() == 0 && out_hint > 1024 {
                     session.out.reserve(out_hint);

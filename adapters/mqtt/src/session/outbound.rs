@@ -6,6 +6,7 @@ use meshgate_core::metrics::DropReason;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use meshgate_config::PlainMessages;
 use meshgate_core::Delivery;
 use rumqttd::protocol::{Packet, PubRecReason, PubRel, PubRelReason, QoS};
 use tokio_util::sync::CancellationToken;
@@ -431,13 +432,19 @@ impl Session {
     #[inline]
     fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
-        let mut encoded = binding::encode(
-            &envelope.event,
-            || envelope.json(),
-            self.version,
-            self.shared.config.v5_outbound,
-            self.shared.config.v311_outbound,
-        );
+        let config = &self.shared.config;
+        let as_published = envelope.plain && config.plain_messages == PlainMessages::AsPublished;
+        let mut encoded = if as_published {
+            binding::as_published(&envelope.event, envelope.mqtt.as_deref(), self.version)
+        } else {
+            binding::encode(
+                &envelope.event,
+                || envelope.json(),
+                self.version,
+                config.v5_outbound,
+                config.v311_outbound,
+            )
+        };
         if self.version == Version::V5 && !o.sub_ids.is_empty() {
             encoded
                 .properties
@@ -456,6 +463,11 @@ impl Session {
                 let left_ms = t.saturating_sub(meshgate_core::backbone::now_ms());
                 p.message_expiry_interval =
                     Some(u32::try_from(left_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+            }
+            // User properties that are not attributes travel with the message in the
+            // CloudEvent modes too, after the attributes (`as_published` wrote them already).
+            if !as_published {
+                p.user_properties.extend(m.user_properties.iter().cloned());
             }
         }
         let OutAlias {

@@ -39,6 +39,7 @@ fn config() -> MqttConfig {
         max_client_id_len: 256,
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
+        plain_messages: meshgate_config::PlainMessages::AsPublished,
         wrap_type: "io.meshgate.mqtt.message".into(),
         websocket_path: None,
         tls: None,

@@ -45,6 +45,7 @@ pub fn mqtt_config() -> MqttConfig {
         max_client_id_len: 256,
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
+        plain_messages: meshgate_config::PlainMessages::AsPublished,
         wrap_type: "io.meshgate.mqtt.message".into(),
         websocket_path: Some("/mqtt".into()),
         tls: None,

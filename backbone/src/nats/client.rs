@@ -26,7 +26,9 @@
 //!
 //! Guarantees: what is appended while connected is written in order; on a disconnect the
 //! unwritten rest is dropped (NATS core is at most once; the backbone refuses publishes while
-//! disconnected). A subscription that falls `capacity` messages (or `subscription_bytes`)
+//! disconnected). An event queued with a [`Confirm`] is confirmed only once the server answered
+//! the `PING` written after it (the server read it); events lost with a connection are counted
+//! (`Options::discarded`), and their waiting publishers told. A subscription that falls `capacity` messages (or `subscription_bytes`)
 //! behind loses messages (slow consumer), counted; a message over the server's `max_payload`
 //! is skipped unread, counted. The connection task runs under a supervisor that restarts it
 //! after a panic (counted).
@@ -82,8 +84,11 @@ pub(crate) struct Options {
     pub panicked: Counter,
     /// Counts each established connection that was lost (not the ones closed on purpose).
     pub disconnects: Counter,
-    /// Events ([`Client::publish_later`]) appended and not written when their connection
-    /// dropped (`meshgate_backbone_dropped_total{reason="disconnected"}`).
+    /// Events ([`Client::publish_later`]) lost with their connection: appended and not
+    /// written, in a write that failed or was cut short, or written and not yet confirmed by the
+    /// server when a publisher waits for that (`meshgate_backbone_dropped_total{reason="disconnected"}`).
+    /// Events written without a confirmation asked for (MQTT QoS 0) are not known lost and not
+    /// counted.
     pub discarded: Counter,
     /// How the writer encodes what [`Client::publish_later`] queued; needed only by it.
     pub later: Option<Arc<dyn EncodeLater>>,
@@ -175,6 +180,21 @@ impl std::fmt::Debug for Deliver {
     }
 }
 
+/// Told once nats-server has read an event ([`Client::publish_later`] with a confirmation):
+/// `Ok` at the `PONG` that answers the `PING` written after it; `Err` when the writer could
+/// not encode it (nothing of it was sent); dropped (an error for the receiver) when the
+/// connection ended first: the event may or may not have reached the server.
+pub(crate) type Confirm = oneshot::Sender<Result<(), ClientError>>;
+
+/// A publisher waiting for its event to be confirmed.
+#[derive(Debug)]
+pub(super) struct Waiting {
+    /// The event's index in [`Out::later`] when it was queued unencoded (its encoding may
+    /// still fail), `None` when it was encoded on append.
+    pub(super) later: Option<usize>,
+    pub(super) confirm: Confirm,
+}
+
 /// Who waits for one `PONG`.
 #[derive(Debug)]
 pub(super) enum Pong {
@@ -183,8 +203,8 @@ pub(super) enum Pong {
     /// [`Client::flush`].
     Flush(oneshot::Sender<()>),
     /// The publishers of the events of one write: the server read them when it answers the
-    /// `PING` the writer put after them.
-    Written(Vec<oneshot::Sender<()>>),
+    /// `PING` the writer put after them (one `PING` per write, whatever the number of events).
+    Written(Vec<Confirm>),
 }
 
 /// What the writer sends, and who waits for which `PONG`.
@@ -200,13 +220,16 @@ pub(super) struct Out {
     /// Events ([`Client::publish_later`]) in `buf` and `later`: counted as discarded
     /// (`Options::discarded`) if the connection drops before they are written.
     pub(super) events: usize,
-    /// Publishers waiting for their event to reach the server ([`Client::publish_later`] with
-    /// a sender): the writer puts a `PING` after the write that holds them and they are told
-    /// at its `PONG` (the server read everything before it); dropped (an error for them) when
-    /// the connection drops first.
-    pub(super) written: Vec<oneshot::Sender<()>>,
-    /// One entry per `PING` sent on this connection, in order: a flush waiting for its `PONG`,
-    /// or `None` for a keep-alive.
+    /// Events without a [`Waiting`] publisher in the write under way (set by the writer as it
+    /// takes the buffer, back to 0 once the write is done): counted as discarded if the write
+    /// fails or the connection ends during it. (Those with one are in `pongs`.)
+    pub(super) in_write: usize,
+    /// Publishers waiting for their event to be read by the server ([`Client::publish_later`]
+    /// with a [`Confirm`]), in append order: the writer puts a `PING` after the write that holds
+    /// them and moves them to `pongs`; they are told at its `PONG` (the server read everything
+    /// before it), or their senders are dropped when the connection ends first.
+    pub(super) waiting: Vec<Waiting>,
+    /// One entry per `PING` sent on this connection, in order: who waits for its `PONG`.
     pub(super) pongs: VecDeque<Pong>,
 }
 
@@ -218,23 +241,24 @@ impl Out {
     pub(super) fn pending(&self) -> usize {
         self.buf.len() + self.later_bytes
     }
-    /// Forgets what was not written (the connection is gone); how many events that was.
+    /// Forgets what was not written or not confirmed (the connection is gone), which tells
+    /// every publisher and flush still waiting (their senders are dropped); returns how many
+    /// events were lost: not written, in the write under way, or written and not confirmed.
     pub(super) fn clear(&mut self) -> usize {
         self.buf.clear();
         self.later.clear();
         self.later_bytes = 0;
-        self.written.clear();
-        // Written, not yet confirmed by the server: lost with the connection too.
+        self.waiting.clear();
         let unconfirmed: usize = self
             .pongs
             .iter()
             .map(|p| match p {
                 Pong::Written(w) => w.len(),
-                _ => 0,
+                Pong::KeepAlive | Pong::Flush(_) => 0,
             })
             .sum();
         self.pongs.clear();
-        std::mem::take(&mut self.events) + unconfirmed
+        std::mem::take(&mut self.events) + std::mem::take(&mut self.in_write) + unconfirmed
     }
 }
 
@@ -360,14 +384,14 @@ impl Client {
     }
 
     /// Appends one message; `event`: it is an event ([`Client::publish_later`]), with the
-    /// sender to tell once it is written, if any.
+    /// publisher waiting for the server to confirm it, if any.
     fn append(
         &self,
         subject: &str,
         reply: Option<&str>,
         headers: &[u8],
         payload: &[u8],
-        event: Option<Option<oneshot::Sender<()>>>,
+        event: Option<Option<Confirm>>,
     ) -> Result<(), ClientError> {
         if not_a_subject(subject) {
             return Err(ClientError::BadSubject(subject.to_owned()));
@@ -395,10 +419,13 @@ impl Client {
         }
         let was_empty = out.is_empty();
         write_pub(&mut out.buf, subject, reply, headers, payload);
-        if let Some(written) = event {
+        if let Some(confirm) = event {
             out.events += 1;
-            if let Some(w) = written {
-                out.written.push(w);
+            if let Some(confirm) = confirm {
+                out.waiting.push(Waiting {
+                    later: None,
+                    confirm,
+                });
             }
         }
         drop(out);
@@ -415,13 +442,14 @@ impl Client {
     /// Panics if the client was made without [`Options::later`] (a programming error: only
     /// the backbone that sets it calls this).
     ///
-    /// With `written`, the sender is told once the write holding the event succeeded, and
-    /// dropped (an error for its receiver) when the connection drops first: the event was
-    /// discarded, not sent.
+    /// With `confirm`, the writer puts a `PING` after the write holding the event, and
+    /// `confirm` is told at its `PONG` (nats-server has read the event); see [`Confirm`]. Without,
+    /// the event is fire and forget (lost unnoticed if the connection drops before the
+    /// server read it).
     pub fn publish_later(
         &self,
         envelope: &Arc<Envelope>,
-        written: Option<oneshot::Sender<()>>,
+        confirm: Option<Confirm>,
     ) -> Result<(), ClientError> {
         let encoder = self
             .shared
@@ -446,7 +474,7 @@ impl Client {
                 None,
                 &frame.headers,
                 &frame.payload,
-                Some(written),
+                Some(confirm),
             );
         }
         let mut out = self.shared.out();
@@ -461,11 +489,12 @@ impl Client {
         }
         let was_empty = out.is_empty();
         let at = out.buf.len();
+        if let Some(confirm) = confirm {
+            let later = Some(out.later.len());
+            out.waiting.push(Waiting { later, confirm });
+        }
         out.later.push((at, envelope.clone()));
         out.events += 1;
-        if let Some(w) = written {
-            out.written.push(w);
-        }
         // The whole `HPUB` as the writer will append it: the line (verb, sizes, CRLFs) is
         // under 64 bytes.
         out.later_bytes += bound + subject_bound + PUB_LINE_OVERHEAD;

@@ -11,13 +11,17 @@ use meshgate_core::Envelope;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::client::{Deliver, Frame, MAX_PENDING, Pong, Shared};
+use super::client::{ClientError, Deliver, Frame, MAX_PENDING, Pong, Shared, Waiting};
 use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
+use super::wire::HeaderError;
 
 /// Keep-alive `PING` interval (as async-nats and the Go client).
 pub(super) const PING_INTERVAL: Duration = Duration::from_secs(60);
 /// Unanswered keep-alive `PING`s after which the connection is given up.
 pub(super) const MAX_PINGS_OUTSTANDING: usize = 2;
+/// A write to which the server takes no byte for this long ends the connection (a stopped
+/// server: its kernel keeps the connection open with a zero window).
+pub(super) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Largest encoding buffer the writer keeps for the next event.
 const MAX_KEPT_FRAME: usize = 1 << 20;
@@ -83,8 +87,8 @@ pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut)
 
 /// A `PING` every [`PING_INTERVAL`]; the connection is given up with
 /// [`MAX_PINGS_OUTSTANDING`] of them unanswered. Skipped while a write is in progress: a PING
-/// queued behind megabytes the server is slowly reading would look unanswered (a connection
-/// that dies mid-write is left to TCP's retransmission timeout).
+/// queued behind megabytes the server is slowly reading would look unanswered (a write the
+/// server stops reading ends after [`WRITE_STALL_TIMEOUT`] without progress).
 async fn keep_alive(shared: &Shared) -> Disconnect {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
@@ -118,29 +122,37 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
     // Where the bytes and the events encoded here are put together, and one event's encoding.
     let mut joined = Vec::with_capacity(64 << 10);
     let mut frame = Frame::default();
-    // The publishers waiting for this write, and how many events it holds.
-    let mut written = Vec::new();
+    // The publishers waiting for this write (swapped with `Out::waiting`), where each one's
+    // event is in `later` (if queued unencoded), and the events the encoder refused.
+    let mut waiting = Vec::new();
+    let mut tags = Vec::new();
+    let mut refused = Vec::new();
     loop {
-        let (idle, events, confirm) = {
+        let (idle, confirm) = {
             let mut out = shared.out();
+            // (The last write is done.)
+            out.in_write = 0;
             let idle = out.is_empty();
-            let (mut events, mut confirm) = (0, false);
+            let mut confirm = false;
             if !idle {
                 std::mem::swap(&mut out.buf, &mut spare);
                 std::mem::swap(&mut out.later, &mut later);
-                std::mem::swap(&mut out.written, &mut written);
+                std::mem::swap(&mut out.waiting, &mut waiting);
                 out.later_bytes = 0;
-                events = std::mem::take(&mut out.events);
-                // Publishers wait for these events: a PING after them, whose PONG says the
-                // server read them. Its place among the PONGs is taken now, under the lock,
+                let events = std::mem::take(&mut out.events);
+                out.in_write = events - waiting.len();
+                tags.clear();
+                // Publishers wait for some of these events: a PING after them, whose PONG says
+                // the server read them. Its place among the PONGs is taken now, under the lock,
                 // after every PING already in this buffer and before any appended later.
-                if !written.is_empty() {
-                    out.pongs
-                        .push_back(Pong::Written(std::mem::take(&mut written)));
+                if !waiting.is_empty() {
+                    tags.extend(waiting.iter().map(|w: &Waiting| w.later));
+                    let confirms = waiting.drain(..).map(|w| w.confirm).collect();
+                    out.pongs.push_back(Pong::Written(confirms));
                     confirm = true;
                 }
             }
-            (idle, events, confirm)
+            (idle, confirm)
         };
         if idle {
             shared.wake_writer.notified().await;
@@ -153,23 +165,29 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
             }
             &spare
         } else {
-            join_later(shared, &spare, &mut later, &mut frame, &mut joined);
+            join_later(
+                shared,
+                &spare,
+                &mut later,
+                &mut frame,
+                &mut joined,
+                &mut refused,
+            );
+            if !refused.is_empty() {
+                refuse(shared, &tags, &mut refused);
+            }
             if confirm {
                 joined.extend_from_slice(b"PING\r\n");
             }
             &joined
         };
         shared.writing.store(true, Ordering::Release);
-        let result = async {
-            w.write_all(bytes).await?;
-            w.flush().await
-        }
-        .await;
+        let result = write_all(&mut w, bytes).await;
         shared.writing.store(false, Ordering::Release);
         if let Err(e) = result {
-            // Some of it may have reached the server, none of it is known to have: counted as
-            // discarded (its waiting publishers are in `pongs`, told by `disconnected`).
-            shared.options.discarded.add(events as u64);
+            // Some of it may have reached the server, none of it is known to have: its events
+            // are counted as discarded by `disconnected` (`Out::in_write`, and `pongs` for those
+            // whose publishers wait), which also tells those publishers.
             return Disconnect::Write(e);
         }
         for buf in [&mut spare, &mut joined] {
@@ -181,14 +199,74 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
     }
 }
 
+/// Writes `bytes` and flushes; an error when the server takes no byte for
+/// [`WRITE_STALL_TIMEOUT`] (a stopped or wedged server whose kernel still holds the
+/// connection open: without this, publishers waiting for their events to be confirmed would
+/// wait for as long, and the keep-alive is skipped while a write is under way).
+async fn write_all(w: &mut tokio::io::WriteHalf<Box<dyn Io>>, bytes: &[u8]) -> std::io::Result<()> {
+    let stalled = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the server took no byte for {} s",
+                WRITE_STALL_TIMEOUT.as_secs()
+            ),
+        )
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        // (The timer is armed only when the write has to wait.)
+        match tokio::time::timeout(WRITE_STALL_TIMEOUT, w.write(&bytes[at..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(stalled()),
+        }
+    }
+    tokio::time::timeout(WRITE_STALL_TIMEOUT, w.flush())
+        .await
+        .map_err(|_| stalled())?
+}
+
+/// Tells the publishers waiting for the events the encoder refused (`refused`: their indices
+/// in the write's `later`, with why) that nothing of them was sent; those without one are no
+/// longer in the write (`Out::in_write`).
+fn refuse(shared: &Shared, tags: &[Option<usize>], refused: &mut Vec<(usize, HeaderError)>) {
+    let mut guard = shared.out();
+    let out = &mut *guard;
+    // This write's entry: the last `Written` one (its PING is not written yet, so no PONG
+    // took it; entries after it are keep-alives and flushes).
+    let mut confirms = out.pongs.iter_mut().rev().find_map(|p| match p {
+        Pong::Written(c) => Some(c),
+        Pong::KeepAlive | Pong::Flush(_) => None,
+    });
+    // Last first: removing a publisher leaves the positions of those before it as they were.
+    for (index, error) in refused.drain(..).rev() {
+        match tags.iter().rposition(|t| *t == Some(index)) {
+            Some(position) => {
+                if let Some(c) = confirms.as_mut()
+                    && position < c.len()
+                {
+                    let _ = c
+                        .remove(position)
+                        .send(Err(ClientError::Unrepresentable(error)));
+                }
+            }
+            None => out.in_write = out.in_write.saturating_sub(1),
+        }
+    }
+}
+
 /// Puts `bytes` and the events queued among them together in `joined`, encoding each event
-/// where it was queued.
+/// where it was queued; those the encoder refuses are skipped and listed in `refused` (their
+/// index in `later`, with why).
 fn join_later(
     shared: &Shared,
     bytes: &[u8],
     later: &mut Vec<(usize, Arc<Envelope>)>,
     frame: &mut Frame,
     joined: &mut Vec<u8>,
+    refused: &mut Vec<(usize, HeaderError)>,
 ) {
     let Some(encoder) = shared.options.later.as_ref() else {
         // Nothing is queued without an encoder (`publish_later` checks).
@@ -197,14 +275,15 @@ fn join_later(
         return;
     };
     let mut at = 0;
-    for (offset, envelope) in later.drain(..) {
+    for (index, (offset, envelope)) in later.drain(..).enumerate() {
         joined.extend_from_slice(&bytes[at..offset]);
         at = offset;
         frame.clear();
         // An event that cannot be represented is skipped (the encoder counted it): a
         // malformed message would end the connection every client shares, or be misread.
-        if encoder.encode(&envelope, frame).is_ok() {
-            write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload);
+        match encoder.encode(&envelope, frame) {
+            Ok(()) => write_pub(joined, &frame.subject, None, &frame.headers, &frame.payload),
+            Err(e) => refused.push((index, e)),
         }
     }
     joined.extend_from_slice(&bytes[at..]);
@@ -291,9 +370,9 @@ fn handle(shared: &Shared, op: Op) {
                 Some(Pong::Flush(waiter)) => {
                     let _ = waiter.send(());
                 }
-                Some(Pong::Written(waiters)) => {
-                    for w in waiters {
-                        let _ = w.send(());
+                Some(Pong::Written(confirms)) => {
+                    for c in confirms {
+                        let _ = c.send(Ok(()));
                     }
                 }
                 Some(Pong::KeepAlive) | None => {}
@@ -351,6 +430,102 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&seen), expected);
         server.write_all(b"PONG\r\n").await.unwrap();
         flushed.await.unwrap().unwrap();
+    }
+
+    /// Reads what the client writes until it ends with a `PING`.
+    async fn until_ping(server: &mut tokio::io::DuplexStream) -> String {
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"PING\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = server.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    /// Issue 19 item 2: a publisher waiting for a confirmation is told at the PONG that answers
+    /// the one PING written after its write (one PING for every event of the write), not when
+    /// the event was appended or written; an event the writer cannot encode is refused to its
+    /// publisher, not confirmed.
+    #[tokio::test]
+    async fn confirmations_come_with_the_pong_after_the_write() {
+        let encoder = Arc::new(IdOnly { bound: 64 });
+        let (client, _serving, mut server) = serving_with(64 << 10, Some(encoder)).await;
+        let (tx1, mut rx1) = tokio::sync::oneshot::channel();
+        let (tx2, mut rx2) = tokio::sync::oneshot::channel();
+        let (tx3, mut rx3) = tokio::sync::oneshot::channel();
+        // (One write: the writer task runs once this test's task waits.)
+        client.publish_later(&event("x"), Some(tx1)).unwrap();
+        client.publish_later(&event("y"), None).unwrap();
+        client.publish_later(&event("bad"), Some(tx2)).unwrap();
+        client.publish_later(&event("z"), Some(tx3)).unwrap();
+        let seen = until_ping(&mut server).await;
+        assert_eq!(
+            seen,
+            "PUB ev.t 1\r\nx\r\nPUB ev.t 1\r\ny\r\nPUB ev.t 1\r\nz\r\nPING\r\n"
+        );
+        // Refused at once, without waiting for the PONG.
+        let refused = rx2.try_recv().unwrap();
+        assert!(
+            matches!(refused, Err(ClientError::Unrepresentable(_))),
+            "{refused:?}"
+        );
+        tokio::task::yield_now().await;
+        assert!(rx1.try_recv().is_err(), "confirmed before the PONG");
+        assert!(rx3.try_recv().is_err(), "confirmed before the PONG");
+        server.write_all(b"PONG\r\n").await.unwrap();
+        assert_eq!(rx1.await.unwrap(), Ok(()));
+        assert_eq!(rx3.await.unwrap(), Ok(()));
+        assert_eq!(client.shared.options.discarded.get(), 0);
+    }
+
+    /// Issue 19 item 2: when the connection ends, the events written and not confirmed and those
+    /// not written are counted as discarded, and their publishers are told (no one waits on).
+    #[tokio::test]
+    async fn unconfirmed_events_are_counted_and_their_publishers_told_on_a_disconnect() {
+        let encoder = Arc::new(IdOnly { bound: 64 });
+        let (client, serving, mut server) = serving_with(64 << 10, Some(encoder)).await;
+        let (tx1, rx1) = tokio::sync::oneshot::channel();
+        client.publish_later(&event("x"), Some(tx1)).unwrap();
+        until_ping(&mut server).await;
+        // Written, PING sent, no PONG: the server goes away.
+        drop(server);
+        let reason = serving.await.unwrap();
+        assert!(
+            matches!(reason, Disconnect::ServerClosed | Disconnect::Write(_)),
+            "{reason}"
+        );
+        super::super::connector::disconnected(&client.shared);
+        assert!(rx1.await.is_err(), "the publisher is told");
+        assert_eq!(client.shared.options.discarded.get(), 1);
+        assert!(client.shared.out().pongs.is_empty());
+        assert!(
+            client.publish_later(&event("y"), None) == Err(ClientError::NotConnected),
+            "refused while disconnected"
+        );
+    }
+
+    /// A server that stops reading (SIGSTOP: its kernel keeps the connection open) does not
+    /// keep the publishers waiting for a confirmation forever: the write that makes no progress
+    /// for [`WRITE_STALL_TIMEOUT`] ends the connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_server_stops_taking_ends_the_connection() {
+        let (client, serving, _server) = serving(16 << 10).await;
+        let payload = vec![b'x'; 1024];
+        for _ in 0..64 {
+            client.publish("s", b"", &payload).unwrap();
+        }
+        let start = tokio::time::Instant::now();
+        let reason = tokio::time::timeout(2 * WRITE_STALL_TIMEOUT, serving)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert!(
+            matches!(&reason, Disconnect::Write(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{reason}"
+        );
+        assert!(start.elapsed() >= WRITE_STALL_TIMEOUT);
     }
 
     /// Review F15: a message over the server's own max_payload (+ slack) is skipped unread

@@ -233,7 +233,7 @@ async fn run(shared: Arc<Shared>) {
     disconnected(&shared);
 }
 
-fn disconnected(shared: &Shared) {
+pub(super) fn disconnected(shared: &Shared) {
     let mut out = shared.out();
     out.connected = false;
     // Events appended and not written are lost with the connection: counted, and the

@@ -14,8 +14,14 @@
 //! task encodes them ([`client::Client::publish_later`]), not the publisher's task.
 //!
 //! Guarantee: at most once (NATS core). `publish` refuses (`Unavailable`) while the client is
-//! not connected, so a client is told to retry rather than acknowledged; an event handed to
-//! the NATS client just before a disconnect can still be lost. A subscriber that falls more
+//! not connected, so a client is told to retry rather than acknowledged. An acknowledged
+//! publish (`qos` > 0: HTTP, WebSocket, AMQP, MQTT QoS 1/2) resolves only once nats-server
+//! answered the `PING` the writer put after the write that held it, that is once the server read
+//! the event and handed it to the subscriptions it had (decision 0050); if the connection ends
+//! first it is refused (`Unavailable`: the client retries; the event may have reached
+//! subscribers, so a retry can duplicate it) and counted as
+//! `meshgate_backbone_dropped_total{backbone="nats",reason="disconnected"}`. An MQTT QoS 0
+//! publish is done once queued for the writer (lost uncounted if the connection drops first). A subscriber that falls more
 //! than `subscription_capacity` messages or `subscription_bytes` behind loses messages (NATS
 //! "slow consumer"), counted as
 //! `meshgate_backbone_dropped_total{backbone="nats",reason="slow_consumer"}`. Malformed
@@ -161,37 +167,62 @@ impl NatsBackbone {
         .await
     }
 
-    /// Queues the event for the client's writer, which encodes it; `written` is told once its
-    /// bytes were written to the server's socket (dropped if they never are).
+    /// Queues the event for the client's writer, which encodes it; with `confirm`, told once
+    /// nats-server read it ([`client::Confirm`]).
     fn send(
         &self,
         envelope: &Arc<Envelope>,
-        written: Option<oneshot::Sender<()>>,
+        confirm: Option<client::Confirm>,
     ) -> Result<(), ClientError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
-        self.client.publish_later(envelope, written)
+        self.client.publish_later(envelope, confirm)
     }
 
-    /// An acknowledged publish: resolves once the event's bytes were written to nats-server's
-    /// socket (then this instance's subscribers get it), or with a retryable error when the
-    /// connection dropped first and the event was discarded.
-    async fn publish_written(&self, envelope: Arc<Envelope>) -> Result<(), BackboneError> {
-        let written = loop {
-            let (tx, rx) = oneshot::channel();
-            match self.send(&envelope, Some(tx)) {
-                Ok(()) => break rx,
+    /// An acknowledged publish (`qos` > 0): queued at once when there is room (so a
+    /// connection's publishes are written in the order they were made), then resolves once
+    /// nats-server confirmed it read the event; only then do this instance's subscribers get
+    /// it, so a refused publish, which the client retries, was delivered nowhere here.
+    fn publish_confirmed(&self, envelope: Arc<Envelope>) -> TryPublish<'_> {
+        let (tx, rx) = oneshot::channel();
+        match self.send(&envelope, Some(tx)) {
+            Ok(()) => TryPublish::Pending(Box::pin(self.confirmed(envelope, rx))),
+            Err(ClientError::Full) => TryPublish::Pending(Box::pin(async move {
                 // Backpressure: wait for the writer, then the same again.
-                Err(ClientError::Full) => self.client.room().await,
-                Err(e) => return Err(client_error(e)),
+                let rx = loop {
+                    self.client.room().await;
+                    let (tx, rx) = oneshot::channel();
+                    match self.send(&envelope, Some(tx)) {
+                        Ok(()) => break rx,
+                        Err(ClientError::Full) => continue,
+                        Err(e) => return Err(client_error(e)),
+                    }
+                };
+                self.confirmed(envelope, rx).await
+            })),
+            Err(e) => TryPublish::Done(Err(client_error(e))),
+        }
+    }
+
+    /// Waits for nats-server to confirm `envelope` (`rx`), then delivers it to this instance's
+    /// subscribers.
+    async fn confirmed(
+        &self,
+        envelope: Arc<Envelope>,
+        rx: oneshot::Receiver<Result<(), ClientError>>,
+    ) -> Result<(), BackboneError> {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(client_error(e)),
+            // Counted in meshgate_backbone_dropped_total{reason="disconnected"}.
+            Err(_) => {
+                return Err(BackboneError::Unavailable(
+                    "the NATS connection ended before nats-server confirmed it read the event \
+                     (it may have reached subscribers); retry later"
+                        .to_owned(),
+                ));
             }
-        };
-        if written.await.is_err() {
-            return Err(BackboneError::Unavailable(
-                "the NATS connection dropped before the event was written to it; retry later"
-                    .to_owned(),
-            ));
         }
         match self.local.try_publish_shared(envelope) {
             TryPublish::Done(r) => r,
@@ -431,9 +462,9 @@ impl Backbone for NatsBackbone {
         // Shared by the NATS writer, which encodes it, and this instance's subscribers.
         let envelope = Arc::new(envelope);
         if envelope.qos > 0 {
-            // Acknowledged to the client (HTTP 202, MQTT PUBACK/PUBREC, AMQP basic.ack): only
-            // once written to nats-server (issue 19 item 2).
-            return TryPublish::Pending(Box::pin(self.publish_written(envelope)));
+            // Acknowledged to the client (HTTP 202, MQTT PUBACK/PUBREC, WebSocket, AMQP
+            // basic.ack): only once nats-server read it (issue 19 item 2, decision 0050).
+            return self.publish_confirmed(envelope);
         }
         // MQTT QoS 0: at most once, no acknowledgement; done once appended. To NATS first: a
         // refused publish, which the client retries, was delivered nowhere.
@@ -525,8 +556,8 @@ impl Backbone for NatsBackbone {
     }
 
     fn publish_round_trips(&self) -> bool {
-        // An acknowledged publish waits for the writer task's write: MQTT keeps several in
-        // flight per connection (as over JetStream) instead of one write per PUBACK.
+        // An acknowledged publish waits for nats-server's PONG: MQTT and AMQP keep several in
+        // flight per connection (as over JetStream), so that one PING covers many of them.
         true
     }
 

@@ -105,7 +105,8 @@ pub(crate) fn event(id: &str) -> Arc<Envelope> {
 }
 
 /// Encodes an event as `PUB ev.<topic>` with its id as the payload; says it may be
-/// `bound` bytes long.
+/// `bound` bytes long. Refuses an event whose id starts with `bad` (as if a header could not
+/// be written).
 #[derive(Debug)]
 pub(crate) struct IdOnly {
     pub(crate) bound: usize,
@@ -113,6 +114,12 @@ pub(crate) struct IdOnly {
 
 impl EncodeLater for IdOnly {
     fn encode(&self, envelope: &Envelope, frame: &mut Frame) -> Result<(), HeaderError> {
+        if envelope.event.id().starts_with("bad") {
+            return Err(HeaderError::ControlCharacter {
+                name: "x".into(),
+                value: "\n".into(),
+            });
+        }
         envelope.topic.push_nats_subject("ev", &mut frame.subject);
         frame
             .payload

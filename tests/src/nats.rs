@@ -131,6 +131,18 @@ impl NatsServer {
         }
     }
 
+    /// Sends `signal` (a name `kill -s` knows: `STOP`, `CONT`, …) to the server. `STOP` leaves its
+    /// connections open while it reads nothing: what clients write waits in the socket buffers,
+    /// and is lost if the server is then killed.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("nats-server is running").id();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {signal} {pid}: {status}");
+    }
+
     /// Starts it again on the same port and store (after [`NatsServer::kill`]).
     pub fn restart(&mut self) {
         self.kill();

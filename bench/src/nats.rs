@@ -5,7 +5,9 @@
 //! JetStream publish-with-ack (256 acknowledgements outstanding; also with meshgate's messages,
 //! and with a pull consumer), meshgate MQTT → NATS → MQTT with the NATS backbone on one
 //! instance and across two instances, meshgate MQTT QoS 1 → JetStream (PUBACKed/s with nobody
-//! subscribed, 1 and 4 publishers) and → MQTT, plus the memory backbone for reference.
+//! subscribed, 1 and 4 publishers) and → MQTT, meshgate MQTT QoS 1 and HTTP POST → NATS core
+//! with nobody subscribed (acknowledged/s: what waiting for nats-server's PONG costs, decision
+//! 0050), plus the memory backbone for reference.
 //! Delivered messages/s, messages lost, p50/p99 latency at a steady 2,000 msg/s.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
@@ -320,6 +322,53 @@ fn row(name: &str, rate: f64, lost: &str, lat: Option<(u64, u64)>) {
     println!("| {name} | {rate:.0} | {lost} | {p50} | {p99} |");
 }
 
+/// 256-byte binary-mode CloudEvents POSTed to `addr` by `concurrency` closed-loop clients (each
+/// waits for its answer) for `seconds`; 202s per second.
+async fn http_accepted_rate(addr: &str, concurrency: usize, seconds: u64) -> anyhow::Result<f64> {
+    let port: u16 = addr.rsplit(':').next().unwrap_or_default().parse()?;
+    anyhow::ensure!(
+        meshgate_bench::wait_listening(port),
+        "meshgate's HTTP listener on {addr}"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let payload = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut tasks = Vec::new();
+    for p in 0..concurrency {
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/events/bench/http{p}");
+        let (stop, accepted, payload) = (stop.clone(), accepted.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .post(&url)
+                    .header("ce-specversion", "1.0")
+                    .header("ce-id", format!("{p}-{i}"))
+                    .header("ce-source", "/bench")
+                    .header("ce-type", "io.meshgate.bench")
+                    .header("content-type", "application/octet-stream")
+                    .body(payload.clone())
+                    .send()
+                    .await;
+                if matches!(r, Ok(ref resp) if resp.status() == 202) {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let counted = accepted.load(Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(counted as f64 / elapsed)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -427,6 +476,35 @@ async fn main() -> anyhow::Result<()> {
             None
         };
         throughput_row(name, &t, lat);
+    }
+    // What an acknowledgement costs over NATS core (decision 0050): acknowledged publishes
+    // per second with nobody subscribed, the ingress alone.
+    for publishers in [1, 4] {
+        let name = format!(
+            "meshgate MQTT QoS 1 → NATS, {publishers} publisher(s), nobody subscribed (PUBACKed/s)"
+        );
+        if !want(&name) {
+            continue;
+        }
+        let gw = start_meshgate_with(&nats_env)?;
+        let rate = meshgate_bench::raw::acknowledged_rate(gw.port, publishers, seconds).await?;
+        row(&name, rate, "", None);
+    }
+    for concurrency in [1, 16] {
+        let name = format!(
+            "meshgate HTTP POST → NATS, {concurrency} request(s) at a time, nobody subscribed (202/s)"
+        );
+        if !want(&name) {
+            continue;
+        }
+        let http_port = meshgate_bench::free_port().to_string();
+        let listen = format!("127.0.0.1:{http_port}");
+        let mut env = nats_env.to_vec();
+        env.push(("MESHGATE__HTTP__LISTEN", listen.as_str()));
+        let gw = start_meshgate_with(&env)?;
+        let rate = http_accepted_rate(&listen, concurrency, seconds).await?;
+        row(&name, rate, "", None);
+        drop(gw);
     }
     let name = "meshgate MQTT QoS 0 → NATS → raw NATS subscriber (meshgate's ingress)";
     if want(name) {

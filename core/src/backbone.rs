@@ -457,6 +457,14 @@ pub trait Backbone: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether an unacknowledged publish (`qos` 0, MQTT QoS 0) waits for a remote answer as
+    /// well: on JetStream every publish waits for its PubAck; NATS core waits for the server
+    /// only with acknowledged ones (decision 0050) and settles QoS 0 once queued, so adapters
+    /// that pipeline ([`Backbone::publish_round_trips`]) may still handle QoS 0 inline.
+    fn qos0_round_trips(&self) -> bool {
+        self.publish_round_trips()
+    }
+
     /// Whether `publish` hands events to this process's subscribers directly (the memory
     /// backbone, and NATS core for the publishing instance's own subscribers), so a publish
     /// can make another connection runnable at once; over JetStream, deliveries come back

@@ -46,8 +46,11 @@ pub(crate) struct Shared {
     /// Open sockets (counted at accept, so a flood of idle sockets counts too).
     sockets: AtomicUsize,
     retained: retained::Retained,
-    /// The backbone acknowledges publishes remotely (JetStream): pipeline inbound PUBLISHes.
+    /// The backbone acknowledges publishes remotely (JetStream, NATS core): pipeline inbound
+    /// PUBLISHes.
     pipeline: bool,
+    /// QoS 0 PUBLISHes are pipelined too (JetStream), not settled inline (memory, NATS core).
+    pipeline_qos0: bool,
     /// The backbone hands events to this process's subscribers directly (memory): a publish
     /// can make another session runnable on this thread at once.
     in_process: bool,
@@ -85,6 +88,7 @@ impl Shared {
                     .error_counter(ADAPTER, ErrorKind::RetainedStore),
             ),
             pipeline: ctx.backbone.publish_round_trips(),
+            pipeline_qos0: ctx.backbone.publish_round_trips() && ctx.backbone.qos0_round_trips(),
             in_process: ctx.backbone.delivers_in_process(),
             config: config.clone(),
             ctx: ctx.clone(),

@@ -561,6 +561,11 @@ impl Backbone for NatsBackbone {
         true
     }
 
+    fn qos0_round_trips(&self) -> bool {
+        // MQTT QoS 0 is settled once queued for the writer.
+        false
+    }
+
     fn delivers_in_process(&self) -> bool {
         // This instance's own subscribers get its events from the in-memory part.
         true

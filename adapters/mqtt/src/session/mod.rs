@@ -406,18 +406,27 @@ fn next_step<'a>(
     max: usize,
 ) -> Step<'a> {
     // The common case first, without rumqttd's reader: an MQTT 3.1.1 PUBLISH to a backbone
-    // that settles it at once (memory, NATS core), not retained (flag bit 0; a retained one
-    // goes the long way: the retained store waits).
+    // that settles it at once (memory; NATS core at QoS 0), not retained (flag bit 0; a
+    // retained one goes the long way: the retained store waits). A QoS 0 PUBLISH settled
+    // inline while QoS 1/2 ones are pipelined may reach the backbone before them: MQTT orders
+    // per topic and QoS only (3.1.1 §4.6).
     if session.version == Version::V311
-        && !shared.pipeline
-        && buf.first().is_some_and(|b| b & 1 == 0)
+        && buf
+            .first()
+            .is_some_and(|b| b & 1 == 0 && inline(shared, b & 0x06 == 0))
         && let Some(p) = codec::read_publish_v311(buf, max)
     {
         return publish_step(session, shared, p, None);
     }
     let meta = codec::peek_publish_meta(buf);
     match codec::read(session.version, buf, max) {
-        Ok(Some(Packet::Publish(p, props))) if !shared.pipeline && !p.retain => {
+        Ok(Some(Packet::Publish(p, props)))
+            if !p.retain
+                && inline(
+                    shared,
+                    meta.as_ref().is_some_and(|m| m.qos == QoS::AtMostOnce),
+                ) =>
+        {
             let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));
             publish_step(
                 session,
@@ -441,6 +450,12 @@ fn next_step<'a>(
             Step::Done(Flow::End(End::Abnormal))
         }
     }
+}
+
+/// Whether a PUBLISH (`qos0`: at QoS 0) is settled inline ([`publish_step`]) rather than
+/// pipelined.
+fn inline(shared: &Shared, qos0: bool) -> bool {
+    !shared.pipeline || (qos0 && !shared.pipeline_qos0)
 }
 
 /// A PUBLISH to a backbone that settles publishes at once ([`Session::publish_now`]).

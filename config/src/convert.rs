@@ -708,6 +708,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             v5_outbound,
             v311_outbound,
             plain_messages,
+            sys_interval: duration(&m.sys_interval, "mqtt.sys_interval", errors),
             wrap_type: m.wrap_type,
             websocket_path: (!m.websocket_path.is_empty())
                 .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),

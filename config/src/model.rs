@@ -380,6 +380,8 @@ pub struct MqttConfig {
     pub v311_outbound: Mqtt311Mode,
     /// How messages MQTT clients published as plain payloads reach MQTT subscribers.
     pub plain_messages: PlainMessages,
+    /// How often the `$SYS/broker/...` statistics are published; zero: never.
+    pub sys_interval: Duration,
     /// `type` of wrapped (non-CloudEvents) payloads.
     pub wrap_type: String,
     /// Route for MQTT over WebSocket (subprotocol `mqtt`) on the web listener; `None`: off.

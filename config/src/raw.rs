@@ -180,6 +180,7 @@ pub struct Mqtt {
     pub v5_outbound: String,
     pub v311_outbound: String,
     pub plain_messages: String,
+    pub sys_interval: String,
     pub wrap_type: String,
     pub websocket_path: String,
     pub tls_listen: String,

@@ -254,6 +254,7 @@ async fn a_keep_alive_request_sent_just_before_shutdown_gets_a_reply() {
         let report = shutdown.await.unwrap();
         assert!(report.clean, "round {round}");
     }
+}
 
 /// Issue 19 item 4: SIGTERM while the backbone (JetStream, an own nats-server child) is down and
 /// an MQTT client with a subscription is connected. Nothing more can be delivered, so the

@@ -9,7 +9,9 @@
 //! `subscriptions/count`, `retained messages/count` (the in-memory store only: a JetStream
 //! bucket's count would cost a request per interval). With a backbone shared by several
 //! instances (NATS, JetStream) each instance's figures are its own, so they go under
-//! `$SYS/broker/instance/<instance id>/` instead, where they cannot overwrite each other.
+//! `$SYS/broker/instance/<instance id>/` instead, where they cannot overwrite each other, and
+//! are not retained: instance ids change with every start unless configured, and the shared
+//! retained store would keep every past instance's figures.
 //!
 //! Wildcards do not match `$` topics [MQTT-4.7.2-1] and ACL `#` does not grant them: a client
 //! must be allowed `$SYS/#` explicitly.
@@ -65,6 +67,7 @@ pub(crate) async fn publish_every_interval(shared: Arc<Shared>) {
     }
     let started = tokio::time::Instant::now();
     let prefix = prefix(&shared);
+    let retain = prefix == "$SYS/broker/";
     let principal = Principal::internal("$SYS");
     // Counted apart from the clients' publishes (`adapter="mqtt_sys"`), so that
     // `messages/received` stays what clients sent.
@@ -107,9 +110,11 @@ pub(crate) async fn publish_every_interval(shared: Arc<Shared>) {
             let envelope = authorized
                 .envelope(Arc::new(event), origin.clone())
                 .with_qos(0)
-                .with_retain(true)
+                .with_retain(retain)
                 .with_plain(true);
-            shared.retained.update(envelope.envelope(), false).await;
+            if retain {
+                shared.retained.update(envelope.envelope(), false).await;
+            }
             // A full subscriber queue must not hold this task: figures are best effort.
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),

@@ -158,3 +158,31 @@ async fn sys_topics_need_an_explicit_grant() {
     assert!(quiet.is_err(), "`#` received {quiet:?}");
     gw.shutdown().await;
 }
+
+/// On a backbone shared by instances (NATS), each instance's figures are under its own
+/// `$SYS/broker/instance/<id>/`, not retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_instance_has_its_own_sys_topics_on_a_shared_backbone() {
+    let nats = meshgate_tests::nats::NatsServer::start();
+    let mut c = config(true);
+    c.gateway.instance_id = Some("sys-a".into());
+    c.backbone.kind = meshgate_config::BackboneKind::Nats;
+    c.backbone.nats.urls = vec![nats.url()];
+    let gw = start_gateway(c).await;
+    let port = gw.mqtt_addr.unwrap().port();
+    let (c, mut el) = client(port, "sys-nats").await;
+    assert_eq!(
+        subscribe(&c, &mut el, "$SYS/#").await,
+        "Success(AtMostOnce)"
+    );
+    let seen = read_sys(&mut el, |s| {
+        s.contains_key("$SYS/broker/instance/sys-a/version")
+    })
+    .await;
+    assert!(
+        seen.keys()
+            .all(|k| k.starts_with("$SYS/broker/instance/sys-a/")),
+        "{seen:?}"
+    );
+    gw.shutdown().await;
+}

@@ -551,11 +551,7 @@ async fn websocket_and_http_honour_deny_rules() {
         assert_eq!(post(topic).await.unwrap().status(), 202, "{topic}");
     }
     let e = next_event(&mut ws, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(
-        e.id(),
-        "test/after",
-        "the denied topic is skipped"
-    );
+    assert_eq!(e.id(), "test/after", "the denied topic is skipped");
     gw.shutdown().await;
 }
 

@@ -572,3 +572,63 @@ async fn ws_connect_as(web: std::net::SocketAddr, token: &str, filter: &str) -> 
     assert_eq!(first.ty(), "io.meshgate.subscribed");
     ws
 }
+
+/// `meshgate validate` names the key of each bad ACL entry: a malformed deny filter, a
+/// misspelt template, a deny list that is not a list.
+#[test]
+fn acl_config_errors_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("meshgate-acl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad-acl.toml");
+    std::fs::write(
+        &bad,
+        r##"
+[auth.anonymous]
+enabled = true
+deny_subscribe = ["test/#/x"]
+
+[[auth.users]]
+name = "dev"
+password = "dev-pw"
+publish = ["devices/{client_id}/#"]
+deny_publish = "devices/x"
+"##,
+    )
+    .unwrap();
+    let out = std::process::Command::new(meshgate_tests::binary())
+        .args(["validate", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (key, says) in [
+        (
+            "auth.anonymous.deny_subscribe[0]",
+            "`#` must be the last level",
+        ),
+        ("auth.users[0]", "deny_publish"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(key) && l.contains(says)),
+            "{key}: {says}: {err}"
+        );
+    }
+    // Once the list is a list, the template is checked too.
+    std::fs::write(
+        &bad,
+        "[[auth.users]]\nname = \"dev\"\npassword = \"pw\"\npublish = [\"devices/{client_id}/#\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(meshgate_tests::binary())
+        .args(["validate", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("auth.users[0].publish[0]") && err.contains("unknown template `{client_id}`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -349,13 +349,63 @@ fn route(v: &str, path: &str, errors: &mut Errors) -> String {
     v.to_owned()
 }
 
+/// ACL filters: valid MQTT filters once `{user}` and `{clientid}` are replaced, and no other
+/// `{name}` (a misspelt template would silently be a literal level, and a deny rule with it
+/// would deny nothing).
 fn filters(list: &[String], path: &str, errors: &mut Errors) -> Vec<String> {
     for (i, f) in list.iter().enumerate() {
-        if let Err(e) = TopicFilter::from_template(f, "user") {
+        // User names and the client ids bound have no `/`, `+` or `#`: the filter as written
+        // has the shape of every filter made from it.
+        if let Err(e) = TopicFilter::parse(f) {
             errors.push(format!("{path}[{i}]"), e.to_string());
+        } else if let Some(name) =
+            unknown_template(&f.replace("{clientid}", "c").replace("{user}", "u"))
+        {
+            errors.push(
+                format!("{path}[{i}]"),
+                format!(
+                    "unknown template `{{{name}}}`; the templates are {{user}} and {{clientid}}"
+                ),
+            );
         }
     }
     list.to_vec()
+}
+
+/// The first `{name}` in `s` (name: ASCII letters, digits, `_`, `-`).
+fn unknown_template(s: &str) -> Option<&str> {
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        if let Some(close) = rest.find('}') {
+            let name = &rest[..close];
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Some(name);
+            }
+        }
+    }
+    None
+}
+
+/// The ACL lists of `section` (`auth.anonymous` or `auth.users[i]`), checked.
+fn acl(
+    publish: &[String],
+    subscribe: &[String],
+    deny_publish: &[String],
+    deny_subscribe: &[String],
+    section: &str,
+    errors: &mut Errors,
+) -> AclConfig {
+    AclConfig {
+        publish: filters(publish, &format!("{section}.publish"), errors),
+        subscribe: filters(subscribe, &format!("{section}.subscribe"), errors),
+        deny_publish: filters(deny_publish, &format!("{section}.deny_publish"), errors),
+        deny_subscribe: filters(deny_subscribe, &format!("{section}.deny_subscribe"), errors),
+    }
 }
 
 fn get<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
@@ -815,10 +865,14 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
     );
     let anonymous = anonymous.map(|a| AnonymousConfig {
         enabled: a.enabled,
-        acl: AclConfig {
-            publish: filters(&a.publish, "auth.anonymous.publish", errors),
-            subscribe: filters(&a.subscribe, "auth.anonymous.subscribe", errors),
-        },
+        acl: acl(
+            &a.publish,
+            &a.subscribe,
+            &a.deny_publish,
+            &a.deny_subscribe,
+            "auth.anonymous",
+            errors,
+        ),
     });
     let mut users = Vec::new();
     match t.get("users") {
@@ -873,10 +927,14 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                     }
                 }
                 users.push(UserConfig {
-                    acl: AclConfig {
-                        publish: filters(&u.publish, &format!("{path}.publish"), errors),
-                        subscribe: filters(&u.subscribe, &format!("{path}.subscribe"), errors),
-                    },
+                    acl: acl(
+                        &u.publish,
+                        &u.subscribe,
+                        &u.deny_publish,
+                        &u.deny_subscribe,
+                        &path,
+                        errors,
+                    ),
                     name: u.name,
                     password: u.password,
                     tokens: u.tokens,

@@ -265,11 +265,16 @@ pub struct WebSocketConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name.
+/// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name,
+/// `{clientid}` the MQTT client id (a rule with it matches nothing for clients without one).
+/// A topic is allowed when an allow filter matches it and no deny filter does: a deny wins,
+/// whatever the order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AclConfig {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    pub deny_publish: Vec<String>,
+    pub deny_subscribe: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

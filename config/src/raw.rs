@@ -137,6 +137,10 @@ pub struct Anonymous {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +153,10 @@ pub struct User {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
 }
 
 impl std::fmt::Debug for User {

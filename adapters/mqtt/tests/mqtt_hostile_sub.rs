@@ -16,6 +16,7 @@ fn users() -> Authorizer {
         permissions: Permissions {
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            ..Permissions::default()
         },
     };
     Authorizer::new(
@@ -23,6 +24,7 @@ fn users() -> Authorizer {
         Some(Permissions {
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            ..Permissions::default()
         }),
     )
     .unwrap()

@@ -20,7 +20,8 @@ use futures_util::{SinkExt, StreamExt};
 use meshgate_config::{PublishTopic, SlowConsumerPolicy};
 use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{
-    Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
+    Delivery, Principal, PublishError, SubscribeGrant, SubscribeOptions, Subscription, Topic,
+    TopicFilter,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -85,6 +86,8 @@ struct Conn {
     /// The connection's filters in subscription order; an event matching several is delivered
     /// once, by the pump of the first matching filter.
     filters: RwLock<Vec<TopicFilter>>,
+    /// Whose ACL filters the deliveries of [`SubscribeGrant::Filtered`] subscriptions.
+    principal: Principal,
 }
 
 impl Conn {
@@ -127,9 +130,20 @@ impl Conn {
     }
 }
 
-/// Forwards one subscription into the outbound queue.
-async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
+/// Forwards one subscription into the outbound queue; `filtered`: drops the deliveries on
+/// topics the ACL denies (a deny rule inside the filter).
+async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription, filtered: bool) {
     while let Some(delivery) = sub.next().await {
+        if filtered
+            && !conn
+                .shared
+                .ctx
+                .authorizer
+                .may_receive(&conn.principal, delivery.topic())
+        {
+            let _ = delivery.ack().await;
+            continue;
+        }
         if conn.first_match(delivery.topic()).as_ref() != Some(&filter) {
             // Another of this connection's filters delivers it (or it was just removed): this
             // copy is settled (JetStream would otherwise deliver it again).
@@ -176,6 +190,7 @@ impl Pumps {
         &mut self,
         conn: &Arc<Conn>,
         filter: TopicFilter,
+        grant: SubscribeGrant,
         connection: u64,
     ) -> Result<(), FrameError> {
         if self.handles.contains_key(&filter) {
@@ -204,7 +219,8 @@ impl Pumps {
         if let Ok(mut filters) = conn.filters.write() {
             filters.push(filter.clone());
         }
-        let task = tokio::spawn(pump(conn.clone(), filter.clone(), sub));
+        let filtered = grant == SubscribeGrant::Filtered;
+        let task = tokio::spawn(pump(conn.clone(), filter.clone(), sub, filtered));
         tracing::debug!(connection, %filter, "websocket subscribed");
         self.handles.insert(filter, task);
         Ok(())
@@ -412,11 +428,14 @@ async fn handle_text(
         }
         Ok(Inbound::Subscribe(filters)) => {
             for filter in filters {
-                if let Err(e) = shared.ctx.authorizer.check_subscribe(principal, &filter) {
-                    conn.report(&FrameError::new(FrameCode::Forbidden, e.to_string(), None));
-                    continue;
-                }
-                if let Err(e) = pumps.add(conn, filter, connection).await {
+                let grant = match shared.ctx.authorizer.check_subscribe(principal, &filter) {
+                    Ok(grant) => grant,
+                    Err(e) => {
+                        conn.report(&FrameError::new(FrameCode::Forbidden, e.to_string(), None));
+                        continue;
+                    }
+                };
+                if let Err(e) = pumps.add(conn, filter, grant, connection).await {
                     conn.report(&e);
                 }
             }
@@ -437,7 +456,7 @@ pub(crate) async fn run(
     socket: WebSocket,
     shared: Arc<Shared>,
     principal: Principal,
-    initial: Vec<TopicFilter>,
+    initial: Vec<(TopicFilter, SubscribeGrant)>,
 ) {
     let connection = shared.ctx.next_connection_id();
     let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) =
@@ -450,13 +469,14 @@ pub(crate) async fn run(
         kill_frame: Mutex::new(None),
         last_seen: Mutex::new(tokio::time::Instant::now()),
         filters: RwLock::new(Vec::new()),
+        principal: principal.clone(),
     });
     let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
     let mut pumps = Pumps {
         handles: HashMap::new(),
     };
-    for filter in initial {
-        if let Err(e) = pumps.add(&conn, filter, connection).await {
+    for (filter, grant) in initial {
+        if let Err(e) = pumps.add(&conn, filter, grant, connection).await {
             conn.report(&e);
         }
     }

@@ -190,11 +190,14 @@ async fn handshake(
             Ok(f) => f,
             Err(e) => return problem(StatusCode::BAD_REQUEST, format!("subscribe: {e}")),
         };
-        if let Err(e) = shared.ctx.authorizer.check_subscribe(&principal, &filter) {
-            shared.metrics.error(ErrorKind::Forbidden);
-            return problem(StatusCode::FORBIDDEN, e.to_string());
-        }
-        filters.push(filter);
+        let grant = match shared.ctx.authorizer.check_subscribe(&principal, &filter) {
+            Ok(grant) => grant,
+            Err(e) => {
+                shared.metrics.error(ErrorKind::Forbidden);
+                return problem(StatusCode::FORBIDDEN, e.to_string());
+            }
+        };
+        filters.push((filter, grant));
     }
     let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.metrics.connections.inc();

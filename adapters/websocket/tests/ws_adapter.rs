@@ -429,6 +429,7 @@ async fn tokens_and_acls_are_enforced_at_the_handshake() {
             permissions: Permissions {
                 publish: vec!["web/{user}/#".into()],
                 subscribe: vec!["public/#".into()],
+                ..Permissions::default()
             },
         }],
         None,
@@ -604,11 +605,13 @@ async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
             permissions: Permissions {
                 publish: vec!["#".into()],
                 subscribe: vec!["#".into()],
+                ..Permissions::default()
             },
         }],
         Some(Permissions {
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            ..Permissions::default()
         }),
     )
     .unwrap();

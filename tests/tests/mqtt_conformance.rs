@@ -91,6 +91,20 @@ async fn no_local_keeps_a_clients_own_messages_from_it() {
         [&b"nl/other"[..]],
         "only the subscription without No Local echoes"
     );
+    // Another client's No Local subscription gets what this one publishes (the Paho
+    // interoperability suite's `test_subscribe_options`).
+    let (other, mut other_el) = connect(options(&gw, "nolocal-other")).await;
+    let mut theirs = Filter::new("nl/own", QoS::ExactlyOnce);
+    theirs.nolocal = true;
+    other.subscribe_many([theirs]).await.unwrap();
+    suback(&mut other_el).await;
+    c.publish("nl/own", QoS::AtLeastOnce, false, "for the other")
+        .await
+        .unwrap();
+    let mine = publishes_within(&mut el, Duration::from_millis(300)).await;
+    let theirs = publishes_within(&mut other_el, Duration::from_millis(800)).await;
+    assert!(mine.is_empty(), "{mine:?}");
+    assert_eq!(theirs.len(), 1, "the other client's No Local subscription");
 }
 
 /// [MQTT-3.3.1-12]: Retain As Published 0 — the RETAIN flag of a forwarded message is 0;

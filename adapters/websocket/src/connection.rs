@@ -5,12 +5,14 @@
 //! - the **writer**: drains the connection's bounded outbound queue into the socket, sends
 //!   pings, acknowledges backbone deliveries once written;
 //! - one **pump** per topic filter: backbone subscription → outbound queue. A pump never waits
-//!   for the socket: when the outbound queue is full the slow-consumer policy applies at once
-//!   (disconnect with 1008, or drop and count), so the backbone queue behind it never fills
-//!   because of a slow browser.
+//!   for the socket: when an event would take the outbound queue past its byte budget
+//!   (`websocket.outbound_queue_bytes`) the slow-consumer policy applies at once (disconnect
+//!   with 1008, or drop and count), so the backbone queue behind it never fills because of a
+//!   slow browser.
 
 use meshgate_core::metrics::ErrorKind;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,7 +25,6 @@ use meshgate_core::{
     Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
 };
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,22 @@ enum Outbound {
     Close(CloseFrame),
 }
 
+impl Outbound {
+    /// What the message counts against `websocket.outbound_queue_bytes`: its text, which the
+    /// connection may hold for as long as the client takes to read it, and its queue entry.
+    /// (The JSON of an event is shared by every subscriber it goes to, so the budget is an
+    /// upper bound on what one connection makes the process hold.)
+    fn cost(&self) -> usize {
+        match self {
+            Outbound::Event(text, _) | Outbound::Control(text) => text.len() + ENTRY_COST,
+            Outbound::Ping | Outbound::Close(_) => 0,
+        }
+    }
+}
+
+/// What a queued message costs beside its text: its queue slot and the delivery it carries.
+const ENTRY_COST: usize = std::mem::size_of::<Outbound>() + 32;
+
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
     // Close reasons are limited to 123 bytes; ours are short ASCII.
     CloseFrame {
@@ -77,7 +94,10 @@ struct Conn {
     shared: Arc<Shared>,
     /// When the client last sent anything (frame or pong), for dead-peer detection.
     last_seen: Mutex<tokio::time::Instant>,
-    out: mpsc::Sender<Outbound>,
+    out: mpsc::UnboundedSender<Outbound>,
+    /// Bytes in `out` (see [`Outbound::cost`]); at most `websocket.outbound_queue_bytes`, except
+    /// that one message always fits into an empty queue.
+    queued: AtomicUsize,
     /// Fired by a pump when the slow-consumer policy disconnects the client.
     kill: CancellationToken,
     /// The close frame to send when `kill` fires.
@@ -88,6 +108,29 @@ struct Conn {
 }
 
 impl Conn {
+    /// Queues `msg` if it fits into the byte budget; gives it back if not.
+    fn push(&self, msg: Outbound) -> Result<(), Outbound> {
+        let cost = msg.cost();
+        let budget = self.shared.config.outbound_queue_bytes;
+        let room = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q == 0 || q + cost <= budget).then_some(q + cost)
+            });
+        if room.is_err() {
+            return Err(msg);
+        }
+        self.out.send(msg).map_err(|e| {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            e.0
+        })
+    }
+
+    /// Gives back the budget of a message taken from the queue.
+    fn taken(&self, msg: &Outbound) {
+        self.queued.fetch_sub(msg.cost(), Ordering::AcqRel);
+    }
+
     fn touch(&self) {
         if let Ok(mut t) = self.last_seen.lock() {
             *t = tokio::time::Instant::now();
@@ -99,13 +142,13 @@ impl Conn {
         self.shared.metrics.error(err.code.kind());
         let text = Utf8Bytes::from(binding::error_event(err));
         // A client whose queue is full is being disconnected anyway; the report is not needed.
-        let _ = self.out.try_send(Outbound::Control(text));
+        let _ = self.push(Outbound::Control(text));
     }
 
     fn send_subscribed(&self) {
         let filters = self.filters.read().map(|f| f.clone()).unwrap_or_default();
         let text = Utf8Bytes::from(binding::subscribed_event(&filters));
-        let _ = self.out.try_send(Outbound::Control(text));
+        let _ = self.push(Outbound::Control(text));
     }
 
     /// The first filter (in subscription order) that matches `topic`.
@@ -119,7 +162,7 @@ impl Conn {
             frame.get_or_insert_with(|| {
                 close_frame(
                     close_code::POLICY_VIOLATION,
-                    "slow consumer: outbound queue full",
+                    "slow consumer: outbound queue full (websocket.outbound_queue_bytes)",
                 )
             });
         }
@@ -138,9 +181,12 @@ async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
         }
         // The JSON encoder writes UTF-8 only; checked anyway rather than trusted (no copy).
         let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
-        match conn.out.try_send(Outbound::Event(text, delivery)) {
+        match conn.push(Outbound::Event(text, delivery)) {
             Ok(()) => {}
-            Err(TrySendError::Full(Outbound::Event(_, delivery))) => {
+            Err(Outbound::Event(_, delivery)) => {
+                if conn.out.is_closed() {
+                    return;
+                }
                 match conn.shared.config.slow_consumer {
                     SlowConsumerPolicy::Drop => {
                         conn.shared.dropped_slow.inc();
@@ -238,18 +284,24 @@ const WRITE_BATCH: usize = 64;
 /// Writes queued messages; returns when told to close, when the socket fails or is killed.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
     conn: Arc<Conn>,
 ) {
     let mut ping = tokio::time::interval(conn.shared.config.ping_interval);
     ping.tick().await;
-    // Deliveries written in the current batch, acknowledged once it is flushed.
-    let mut written_deliveries = Vec::new();
+    // Deliveries handed to the socket since the last flush: acknowledged and counted as sent
+    // once a flush went out.
+    let mut unflushed: Vec<Delivery> = Vec::new();
     loop {
         let next = tokio::select! {
             biased;
             _ = conn.kill.cancelled() => None,
-            msg = rx.recv() => msg,
+            msg = rx.recv() => {
+                if let Some(m) = &msg {
+                    conn.taken(m);
+                }
+                msg
+            }
             _ = ping.tick() => {
                 // A peer that answered nothing for two ping intervals is gone (half-open TCP,
                 // suspended laptop): close instead of holding its resources forever.
@@ -271,28 +323,28 @@ async fn write_loop(
         // `send` per event cost a write system call each, most of the gateway's CPU per event
         // when events arrive a few at a time.
         let mut close = None;
-        let mut events = 0u64;
         let written = async {
             let mut next = Some(first);
             let mut fed = 0;
             while let Some(msg) = next.take() {
-                let message = match msg {
-                    Outbound::Event(text, delivery) => {
-                        events += 1;
-                        written_deliveries.push(delivery);
-                        Message::Text(text)
-                    }
-                    Outbound::Ping => Message::Ping(Default::default()),
-                    Outbound::Control(text) => Message::Text(text),
+                let (message, delivery) = match msg {
+                    Outbound::Event(text, delivery) => (Message::Text(text), Some(delivery)),
+                    Outbound::Ping => (Message::Ping(Default::default()), None),
+                    Outbound::Control(text) => (Message::Text(text), None),
                     Outbound::Close(frame) => {
                         close = Some(frame);
                         break;
                     }
                 };
+                // Cancelled before `feed` completes, the message was not handed over.
                 sink.feed(message).await?;
+                unflushed.extend(delivery);
                 fed += 1;
                 if fed < WRITE_BATCH {
                     next = rx.try_recv().ok();
+                    if let Some(m) = &next {
+                        conn.taken(m);
+                    }
                 }
             }
             sink.flush().await
@@ -305,10 +357,7 @@ async fn write_loop(
         if !sent {
             return;
         }
-        conn.shared.metrics.sent.add(events);
-        for d in written_deliveries.drain(..) {
-            let _ = d.ack().await;
-        }
+        settle(&conn, &mut unflushed).await;
         if let Some(frame) = close {
             let _ =
                 tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
@@ -318,7 +367,17 @@ async fn write_loop(
     // Killed (slow consumer): try to say why, but never wait long for a client that does not read.
     let frame = conn.kill_frame.lock().ok().and_then(|mut f| f.take());
     if let Some(frame) = frame {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+        let closed =
+            tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+        let _ = closed;
+    }
+}
+
+/// Counts the deliveries that went out with a flush as sent and acknowledges them.
+async fn settle(conn: &Conn, unflushed: &mut Vec<Delivery>) {
+    conn.shared.metrics.sent.add(unflushed.len() as u64);
+    for d in unflushed.drain(..) {
+        let _ = d.ack().await;
     }
 }
 
@@ -442,10 +501,11 @@ pub(crate) async fn run(
     let connection = shared.ctx.next_connection_id();
     let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) =
         socket.split();
-    let (out, rx) = mpsc::channel(shared.config.outbound_queue);
+    let (out, rx) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         out,
+        queued: AtomicUsize::new(0),
         kill: CancellationToken::new(),
         kill_frame: Mutex::new(None),
         last_seen: Mutex::new(tokio::time::Instant::now()),
@@ -504,9 +564,7 @@ pub(crate) async fn run(
             }
             tracing::debug!(connection, code = frame.code, reason = %frame.reason, "closing websocket");
             // Queued events go out first, then the close frame.
-            let queued =
-                tokio::time::timeout(CLOSE_TIMEOUT, conn.out.send(Outbound::Close(frame))).await;
-            if queued.is_err() {
+            if conn.out.send(Outbound::Close(frame)).is_err() {
                 conn.kill.cancel();
             }
             let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;

@@ -30,7 +30,7 @@ fn ws_config() -> WebSocketConfig {
         path: "/ws".into(),
         require_subprotocol: true,
         max_message_size: 64 * 1024,
-        outbound_queue: 16,
+        outbound_queue_bytes: 64 * 1024,
         slow_consumer: SlowConsumerPolicy::Disconnect,
         publish_topic: PublishTopic::Subject,
         max_connections: 1000,
@@ -332,7 +332,7 @@ async fn subscribe_and_unsubscribe_while_connected_delivering_once() {
 #[tokio::test]
 async fn slow_consumer_is_disconnected_without_holding_up_others() {
     let mut config = ws_config();
-    config.outbound_queue = 64;
+    config.outbound_queue_bytes = 64 * 16 * 1024;
     let h = start(config).await;
     let mut fast = connect(h.addr, "?subscribe=t").await;
     let (mut slow, _) = connect_raw(h.addr, "?subscribe=t", Some("cloudevents.json"))
@@ -379,7 +379,7 @@ async fn slow_consumer_is_disconnected_without_holding_up_others() {
 async fn drop_policy_drops_and_counts() {
     let mut config = ws_config();
     config.slow_consumer = SlowConsumerPolicy::Drop;
-    config.outbound_queue = 4;
+    config.outbound_queue_bytes = 64 * 1024;
     let h = start(config).await;
     let mut ws = connect(h.addr, "?subscribe=t").await;
     // 16 KiB events: the socket buffers fill, then the 4-slot queue, then events are dropped.

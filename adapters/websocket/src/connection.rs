@@ -290,7 +290,9 @@ async fn write_loop(
     let mut ping = tokio::time::interval(conn.shared.config.ping_interval);
     ping.tick().await;
     // Deliveries handed to the socket since the last flush: acknowledged and counted as sent
-    // once a flush went out.
+    // once a flush went out, or the close frame (which flushes everything before it). A slow
+    // consumer killed in the middle of a batch still gets the events already handed over,
+    // then the close frame, so they are counted then, not lost from `events_sent_total`.
     let mut unflushed: Vec<Delivery> = Vec::new();
     loop {
         let next = tokio::select! {
@@ -369,7 +371,9 @@ async fn write_loop(
     if let Some(frame) = frame {
         let closed =
             tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-        let _ = closed;
+        if matches!(closed, Ok(Ok(()))) {
+            settle(&conn, &mut unflushed).await;
+        }
     }
 }
 

@@ -705,3 +705,65 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
         .unwrap();
     assert_eq!(**d.event(), big);
 }
+
+/// The value of the sample `name` (with its labels) on the harness's registry, 0 if absent.
+fn sample(h: &Harness, name: &str) -> u64 {
+    h.registry
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sized_event(id: String, bytes: usize) -> Event {
+    let mut e = Event::new(id, "/s", "t").unwrap();
+    e.set_data(Some(meshgate_core::Data::Json(
+        serde_json::value::RawValue::from_string(format!(r#""{}""#, "x".repeat(bytes))).unwrap(),
+    )));
+    e
+}
+
+/// Issue 19 item 7: `events_sent_total` counts exactly what a client received, also when the
+/// slow-consumer policy cut it off in the middle of a batch (the events handed to the socket
+/// before the close frame reach the client with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_counts_what_a_cut_off_client_received() {
+    let mut config = ws_config();
+    config.outbound_queue_bytes = 1024 * 1024;
+    let h = start(config).await;
+    let mut ws = connect(h.addr, "?subscribe=t").await;
+    let disconnected =
+        "meshgate_errors_total{adapter=\"websocket\",kind=\"slow_consumer_disconnected\"}";
+    let mut published = 0;
+    while sample(&h, disconnected) == 0 {
+        assert!(published < 20_000, "never disconnected");
+        publish(&h, "t", sized_event(format!("C{published}"), 16 * 1024)).await;
+        published += 1;
+        // Paced so that the writer keeps up until the client's socket is full: it is then in
+        // the middle of a batch when the queue overflows.
+        if published % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // The client reads now: everything handed to its socket, then the close frame.
+    let mut received = 0u64;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {received} events: {other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(received > 0);
+    // The writer counts once the close frame went out, which the client saw already.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sample(&h, "meshgate_events_sent_total{adapter=\"websocket\"}"),
+        received,
+        "published {published}"
+    );
+}

@@ -23,17 +23,25 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{Sink, Stream, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use hyper_util::rt::TokioIo;
 use meshgate_config::{PublishTopic, SlowConsumerPolicy};
 use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{
     Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
 };
 use tokio::time::{Instant, Sleep};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::Shared;
 use crate::binding::{self, FrameCode, FrameError, Inbound};
+use crate::read_ahead::ReadAhead;
+
+/// The upgraded connection as the connection task sees it.
+pub(crate) type WebSocket =
+    tokio_tungstenite::WebSocketStream<ReadAhead<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The `io.meshgate.error` code for a backbone refusal: `unavailable` when the same frame may
 /// go through later, `invalid_request` when sending it again won't help (too large, a topic
@@ -101,7 +109,7 @@ const TAKE_BATCH: usize = 256;
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
     // Close reasons are limited to 123 bytes; ours are short ASCII.
     CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Utf8Bytes::from(reason),
     }
 }
@@ -124,7 +132,7 @@ enum OpDone {
 /// What the connection's poll found to do.
 enum Step {
     /// A frame from the client, the end of its stream, or a read error.
-    Frame(Option<Result<Message, axum::Error>>),
+    Frame(Option<Result<Message, tungstenite::Error>>),
     /// The publish or subscribe finished.
     Op(OpDone),
     /// A flush went out: its deliveries are settled.
@@ -587,24 +595,23 @@ enum End {
 
 /// The close a read error calls for; counted in `meshgate_errors_total` (`bad_frame`,
 /// `too_large`, `protocol`) like every other refusal of client input.
-fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End {
-    let inner = err.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Utf8(_)) => {
+fn classify_error(err: tungstenite::Error, max: usize, metrics: &AdapterMetrics) -> End {
+    match err {
+        tungstenite::Error::Utf8(_) => {
             metrics.error(ErrorKind::BadFrame);
             End::Close(close_frame(
                 close_code::INVALID_PAYLOAD,
                 "text frame is not valid UTF-8",
             ))
         }
-        Some(tungstenite::Error::Capacity(_)) => {
+        tungstenite::Error::Capacity(_) => {
             metrics.error(ErrorKind::TooLarge);
             End::Close(close_frame(
                 close_code::MESSAGE_TOO_BIG,
                 &format!("message larger than {max} bytes"),
             ))
         }
-        Some(tungstenite::Error::Protocol(p)) => {
+        tungstenite::Error::Protocol(p) => {
             tracing::debug!(error = %p, "websocket protocol error");
             metrics.error(ErrorKind::Protocol);
             End::Close(close_frame(close_code::PROTOCOL_ERROR, "protocol error"))
@@ -736,7 +743,7 @@ pub(crate) async fn run(
 
 /// Closes with `frame` after what is queued, then waits for the client's answer.
 async fn close(conn: &mut Conn, ws: &mut WebSocket, frame: CloseFrame) {
-    tracing::debug!(connection = conn.id, code = frame.code, reason = %frame.reason, "closing websocket");
+    tracing::debug!(connection = conn.id, code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
     if !conn.flush_queue(ws, CLOSE_TIMEOUT * 2).await {
         return;
     }

@@ -681,8 +681,9 @@ async fn cross_origin_upgrade_is_refused_with_403() {
     );
 }
 
-/// The read buffer is 4 KiB (`limits::WEBSOCKET_READ_BUFFER`, issue 27's idle memory); a
-/// message of 40 KiB in one frame still arrives whole.
+/// tungstenite's read buffer is 512 bytes and the read-ahead below it reads 8 KiB at a time
+/// (issue 27's idle memory, `read_ahead.rs`); a message of 40 KiB in one frame still arrives
+/// whole.
 #[tokio::test]
 async fn messages_larger_than_the_read_buffer_arrive_whole() {
     let h = start(ws_config()).await;
@@ -695,7 +696,6 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
     let mut big = event("L1");
     big.set_extension("pad", ExtensionValue::String("p".repeat(40 * 1024)))
         .unwrap();
-    const { assert!(meshgate_core::limits::WEBSOCKET_READ_BUFFER < 40 * 1024) };
     ws.send(Message::Text(json::encode_string(&big).into()))
         .await
         .unwrap();
@@ -704,6 +704,51 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
         .unwrap()
         .unwrap();
     assert_eq!(**d.event(), big);
+}
+
+/// Frames sent back to back in one write (sizes around tungstenite's 512-byte reads and the
+/// 8 KiB read-ahead) are each read whole and in order, however they fall across reads.
+#[tokio::test]
+async fn frames_sent_back_to_back_are_read_whole_and_in_order() {
+    let h = start(ws_config()).await;
+    let mut sub = h
+        .backbone
+        .subscribe(TopicFilter::parse("#").unwrap(), Default::default())
+        .await
+        .unwrap();
+    let mut ws = connect(h.addr, "").await;
+    let sizes = [
+        0usize,
+        100,
+        500,
+        511,
+        512,
+        513,
+        3000,
+        8 * 1024,
+        8 * 1024 + 7,
+        20_000,
+    ];
+    let mut sent = Vec::new();
+    for round in 0..5 {
+        for (i, pad) in sizes.iter().enumerate() {
+            let mut e = event(&format!("P{round}-{i}"));
+            e.set_extension("pad", ExtensionValue::String("p".repeat(*pad)))
+                .unwrap();
+            ws.feed(Message::Text(json::encode_string(&e).into()))
+                .await
+                .unwrap();
+            sent.push(e);
+        }
+    }
+    ws.flush().await.unwrap();
+    for e in &sent {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(**d.event(), *e);
+    }
 }
 
 /// The value of the sample `name` (with its labels) on the harness's registry, 0 if absent.

@@ -21,7 +21,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// tungstenite's own read buffer (`read_buffer_size`): what every connection keeps touched.
-pub(crate) const TUNGSTENITE_READ: usize = 512;
+pub(crate) const TUNGSTENITE_READ: usize = 256;
 
 /// Bytes asked of the socket per read.
 pub(crate) const CHUNK: usize = 8 * 1024;
@@ -51,9 +51,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         let this = &mut *self;
         if this.buf.is_empty() {
             if out.remaining() >= CHUNK {
-                // A large read (a long frame): straight into tungstenite's buffer.
+                // A reader with room for a whole chunk needs no read-ahead (tungstenite, asking
+                // for TUNGSTENITE_READ bytes at a time, never has).
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
+            // Allocated before the read, freed at once if the socket has nothing: one
+            // allocation and free per poll of an idle socket (tokio answers `Pending` from its
+            // cached readiness without a system call).
             this.buf.reserve(CHUNK);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Ready(Ok(_)) => {}

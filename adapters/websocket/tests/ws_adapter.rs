@@ -681,7 +681,7 @@ async fn cross_origin_upgrade_is_refused_with_403() {
     );
 }
 
-/// tungstenite's read buffer is 512 bytes and the read-ahead below it reads 8 KiB at a time
+/// tungstenite's read buffer is 256 bytes and the read-ahead below it reads 8 KiB at a time
 /// (issue 27's idle memory, `read_ahead.rs`); a message of 40 KiB in one frame still arrives
 /// whole.
 #[tokio::test]
@@ -706,7 +706,7 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
     assert_eq!(**d.event(), big);
 }
 
-/// Frames sent back to back in one write (sizes around tungstenite's 512-byte reads and the
+/// Frames sent back to back in one write (sizes around tungstenite's 256-byte reads and the
 /// 8 KiB read-ahead) are each read whole and in order, however they fall across reads.
 #[tokio::test]
 async fn frames_sent_back_to_back_are_read_whole_and_in_order() {

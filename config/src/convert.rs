@@ -12,6 +12,8 @@ use crate::{Errors, raw, section};
 
 /// The CloudEvents minimum an intermediary must forward (CE-BINDINGS.md §1).
 const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
+/// Least `websocket.outbound_queue_bytes`: a few events of ordinary size.
+const MIN_OUTBOUND_QUEUE_BYTES: u64 = 64 * 1024;
 
 fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
     v.trim().parse().unwrap_or_else(|_| {
@@ -602,6 +604,12 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         }
     });
     let websocket = websocket.map(|w| {
+        if w.outbound_queue.is_some() {
+            errors.push(
+                "websocket.outbound_queue",
+                "retired: the outbound queue is bounded in bytes now; set websocket.outbound_queue_bytes (default 16MiB) instead",
+            );
+        }
         let slow_consumer = match w.slow_consumer.as_str() {
             "disconnect" => SlowConsumerPolicy::Disconnect,
             "drop" => SlowConsumerPolicy::Drop,
@@ -642,7 +650,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 min_why,
                 errors,
             ),
-            outbound_queue: positive(w.outbound_queue, "websocket.outbound_queue", errors),
+            outbound_queue_bytes: size(
+                &w.outbound_queue_bytes,
+                "websocket.outbound_queue_bytes",
+                MIN_OUTBOUND_QUEUE_BYTES,
+                "64 KiB, the least a connection's outbound queue may hold",
+                errors,
+            ),
             slow_consumer,
             publish_topic,
             max_connections: positive(w.max_connections, "websocket.max_connections", errors),

@@ -250,8 +250,9 @@ pub struct WebSocketConfig {
     pub require_subprotocol: bool,
     /// Largest accepted message in bytes.
     pub max_message_size: usize,
-    /// Events queued per connection before the slow-consumer policy applies.
-    pub outbound_queue: usize,
+    /// Bytes of events (their JSON text plus a fixed per-entry cost) queued for one connection
+    /// before the slow-consumer policy applies; an event always fits into an empty queue.
+    pub outbound_queue_bytes: usize,
     pub slow_consumer: SlowConsumerPolicy,
     pub publish_topic: PublishTopic,
     pub max_connections: usize,

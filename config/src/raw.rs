@@ -121,7 +121,11 @@ pub struct WebSocket {
     pub path: String,
     pub require_subprotocol: bool,
     pub max_message_size: Size,
-    pub outbound_queue: i64,
+    pub outbound_queue_bytes: Size,
+    /// Retired (the queue is bounded in bytes since issue 19): kept only to name its
+    /// replacement in the error.
+    #[serde(default)]
+    pub outbound_queue: Option<toml::Value>,
     pub slow_consumer: String,
     pub publish_topic: String,
     pub max_connections: i64,

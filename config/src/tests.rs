@@ -833,3 +833,36 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn websocket_outbound_queue_is_bounded_in_bytes() {
+    let d = load_str("", "t", Vec::new()).unwrap();
+    assert_eq!(d.websocket.outbound_queue_bytes, 16 * 1024 * 1024);
+    let c = load_str(
+        "[websocket]\noutbound_queue_bytes = \"1MiB\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(c.websocket.outbound_queue_bytes, 1024 * 1024);
+    let errs = errors_of("[websocket]\noutbound_queue_bytes = 1000\n", &[]);
+    assert!(
+        has(&errs, "websocket.outbound_queue_bytes", "below 64 KiB"),
+        "{errs:?}"
+    );
+    // The retired event count names its replacement, from the file or the environment.
+    let errs = errors_of("[websocket]\noutbound_queue = 256\n", &[]);
+    assert!(
+        has(&errs, "websocket.outbound_queue", "outbound_queue_bytes"),
+        "{errs:?}"
+    );
+    let errs = errors_of("", &[("MESHGATE__WEBSOCKET__OUTBOUND_QUEUE", "256")]);
+    assert!(
+        has(
+            &errs,
+            "MESHGATE__WEBSOCKET__OUTBOUND_QUEUE (websocket.outbound_queue)",
+            "outbound_queue_bytes"
+        ),
+        "{errs:?}"
+    );
+}

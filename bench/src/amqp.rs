@@ -239,7 +239,7 @@ fn start_meshgate(queue: &str, web_port: u16, backbone: &str) -> anyhow::Result<
     std::fs::write(
         &file,
         format!(
-            "[http]\nlisten = \"127.0.0.1:{web_port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n[websocket]\noutbound_queue = 100000\n{backbone}\n[amqp]\nenabled = true\n[[amqp.sources]]\nname = \"bench\"\nqueue = \"{queue}\"\nprefetch = {prefetch}\n"
+            "[http]\nlisten = \"127.0.0.1:{web_port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n[websocket]\noutbound_queue_bytes = \"256MiB\"\n{backbone}\n[amqp]\nenabled = true\n[[amqp.sources]]\nname = \"bench\"\nqueue = \"{queue}\"\nprefetch = {prefetch}\n"
         ),
     )?;
     let bin = std::env::current_exe()?.with_file_name("meshgate");

@@ -41,7 +41,7 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
     config.http.max_in_flight = 4096;
     // The subscribers share two cores with the gateway and the publishers; a deep queue keeps
     // a briefly starved subscriber from being cut off as a slow consumer (the default policy).
-    config.websocket.outbound_queue = 65_536;
+    config.websocket.outbound_queue_bytes = 256 << 20;
     let gateway = meshgate::start(config).await?;
     let addr = gateway
         .web_addr

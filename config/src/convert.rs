@@ -12,6 +12,8 @@ use crate::{Errors, raw, section};
 
 /// The CloudEvents minimum an intermediary must forward (CE-BINDINGS.md §1).
 const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
+/// Least `websocket.outbound_queue_bytes`: a few events of ordinary size.
+const MIN_OUTBOUND_QUEUE_BYTES: u64 = 64 * 1024;
 
 fn addr(v: &str, path: &str, errors: &mut Errors) -> SocketAddr {
     v.trim().parse().unwrap_or_else(|_| {
@@ -349,13 +351,63 @@ fn route(v: &str, path: &str, errors: &mut Errors) -> String {
     v.to_owned()
 }
 
+/// ACL filters: valid MQTT filters once `{user}` and `{clientid}` are replaced, and no other
+/// `{name}` (a misspelt template would silently be a literal level, and a deny rule with it
+/// would deny nothing).
 fn filters(list: &[String], path: &str, errors: &mut Errors) -> Vec<String> {
     for (i, f) in list.iter().enumerate() {
-        if let Err(e) = TopicFilter::from_template(f, "user") {
+        // User names and the client ids bound have no `/`, `+` or `#`: the filter as written
+        // has the shape of every filter made from it.
+        if let Err(e) = TopicFilter::parse(f) {
             errors.push(format!("{path}[{i}]"), e.to_string());
+        } else if let Some(name) =
+            unknown_template(&f.replace("{clientid}", "c").replace("{user}", "u"))
+        {
+            errors.push(
+                format!("{path}[{i}]"),
+                format!(
+                    "unknown template `{{{name}}}`; the templates are {{user}} and {{clientid}}"
+                ),
+            );
         }
     }
     list.to_vec()
+}
+
+/// The first `{name}` in `s` (name: ASCII letters, digits, `_`, `-`).
+fn unknown_template(s: &str) -> Option<&str> {
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        if let Some(close) = rest.find('}') {
+            let name = &rest[..close];
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Some(name);
+            }
+        }
+    }
+    None
+}
+
+/// The ACL lists of `section` (`auth.anonymous` or `auth.users[i]`), checked.
+fn acl(
+    publish: &[String],
+    subscribe: &[String],
+    deny_publish: &[String],
+    deny_subscribe: &[String],
+    section: &str,
+    errors: &mut Errors,
+) -> AclConfig {
+    AclConfig {
+        publish: filters(publish, &format!("{section}.publish"), errors),
+        subscribe: filters(subscribe, &format!("{section}.subscribe"), errors),
+        deny_publish: filters(deny_publish, &format!("{section}.deny_publish"), errors),
+        deny_subscribe: filters(deny_subscribe, &format!("{section}.deny_subscribe"), errors),
+    }
 }
 
 fn get<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
@@ -552,6 +604,12 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         }
     });
     let websocket = websocket.map(|w| {
+        if w.outbound_queue.is_some() {
+            errors.push(
+                "websocket.outbound_queue",
+                "retired: the outbound queue is bounded in bytes now; set websocket.outbound_queue_bytes (default 16MiB) instead",
+            );
+        }
         let slow_consumer = match w.slow_consumer.as_str() {
             "disconnect" => SlowConsumerPolicy::Disconnect,
             "drop" => SlowConsumerPolicy::Drop,
@@ -592,7 +650,13 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
                 min_why,
                 errors,
             ),
-            outbound_queue: positive(w.outbound_queue, "websocket.outbound_queue", errors),
+            outbound_queue_bytes: size(
+                &w.outbound_queue_bytes,
+                "websocket.outbound_queue_bytes",
+                MIN_OUTBOUND_QUEUE_BYTES,
+                "64 KiB, the least a connection's outbound queue may hold",
+                errors,
+            ),
             slow_consumer,
             publish_topic,
             max_connections: positive(w.max_connections, "websocket.max_connections", errors),
@@ -708,6 +772,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             v5_outbound,
             v311_outbound,
             plain_messages,
+            sys_interval: duration(&m.sys_interval, "mqtt.sys_interval", errors),
             wrap_type: m.wrap_type,
             websocket_path: (!m.websocket_path.is_empty())
                 .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),
@@ -814,10 +879,14 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
     );
     let anonymous = anonymous.map(|a| AnonymousConfig {
         enabled: a.enabled,
-        acl: AclConfig {
-            publish: filters(&a.publish, "auth.anonymous.publish", errors),
-            subscribe: filters(&a.subscribe, "auth.anonymous.subscribe", errors),
-        },
+        acl: acl(
+            &a.publish,
+            &a.subscribe,
+            &a.deny_publish,
+            &a.deny_subscribe,
+            "auth.anonymous",
+            errors,
+        ),
     });
     let mut users = Vec::new();
     match t.get("users") {
@@ -872,10 +941,14 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                     }
                 }
                 users.push(UserConfig {
-                    acl: AclConfig {
-                        publish: filters(&u.publish, &format!("{path}.publish"), errors),
-                        subscribe: filters(&u.subscribe, &format!("{path}.subscribe"), errors),
-                    },
+                    acl: acl(
+                        &u.publish,
+                        &u.subscribe,
+                        &u.deny_publish,
+                        &u.deny_subscribe,
+                        &path,
+                        errors,
+                    ),
                     name: u.name,
                     password: u.password,
                     tokens: u.tokens,

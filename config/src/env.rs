@@ -9,8 +9,15 @@ use crate::Errors;
 
 const PREFIX: &str = "MESHGATE__";
 
-/// Keys of a user table that hold lists (for users created by environment variables).
-const LIST_KEYS: [&str; 3] = ["tokens", "publish", "subscribe"];
+/// Keys of a user table (or `auth.anonymous`) that hold lists and have no default value (for
+/// users created by environment variables, and the deny lists).
+const LIST_KEYS: [&str; 5] = [
+    "tokens",
+    "publish",
+    "subscribe",
+    "deny_publish",
+    "deny_subscribe",
+];
 
 /// Why a variable cannot be applied; the text is the config error's message (the variable's
 /// name is added by [`Errors::push`]).

@@ -250,8 +250,9 @@ pub struct WebSocketConfig {
     pub require_subprotocol: bool,
     /// Largest accepted message in bytes.
     pub max_message_size: usize,
-    /// Events queued per connection before the slow-consumer policy applies.
-    pub outbound_queue: usize,
+    /// Bytes of events (their JSON text plus a fixed per-entry cost) queued for one connection
+    /// before the slow-consumer policy applies; an event always fits into an empty queue.
+    pub outbound_queue_bytes: usize,
     pub slow_consumer: SlowConsumerPolicy,
     pub publish_topic: PublishTopic,
     pub max_connections: usize,
@@ -265,11 +266,16 @@ pub struct WebSocketConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name.
+/// Publish/subscribe permissions: MQTT-style topic filters; `{user}` is the principal's name,
+/// `{clientid}` the MQTT client id (a rule with it matches nothing for clients without one).
+/// A topic is allowed when an allow filter matches it and no deny filter does: a deny wins,
+/// whatever the order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AclConfig {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    pub deny_publish: Vec<String>,
+    pub deny_subscribe: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -380,6 +386,8 @@ pub struct MqttConfig {
     pub v311_outbound: Mqtt311Mode,
     /// How messages MQTT clients published as plain payloads reach MQTT subscribers.
     pub plain_messages: PlainMessages,
+    /// How often the `$SYS/broker/...` statistics are published; zero: never.
+    pub sys_interval: Duration,
     /// `type` of wrapped (non-CloudEvents) payloads.
     pub wrap_type: String,
     /// Route for MQTT over WebSocket (subprotocol `mqtt`) on the web listener; `None`: off.

@@ -121,7 +121,11 @@ pub struct WebSocket {
     pub path: String,
     pub require_subprotocol: bool,
     pub max_message_size: Size,
-    pub outbound_queue: i64,
+    pub outbound_queue_bytes: Size,
+    /// Retired (the queue is bounded in bytes since issue 19): kept only to name its
+    /// replacement in the error.
+    #[serde(default)]
+    pub outbound_queue: Option<toml::Value>,
     pub slow_consumer: String,
     pub publish_topic: String,
     pub max_connections: i64,
@@ -137,6 +141,10 @@ pub struct Anonymous {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +157,10 @@ pub struct User {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
 }
 
 impl std::fmt::Debug for User {
@@ -180,6 +192,7 @@ pub struct Mqtt {
     pub v5_outbound: String,
     pub v311_outbound: String,
     pub plain_messages: String,
+    pub sys_interval: String,
     pub wrap_type: String,
     pub websocket_path: String,
     pub tls_listen: String,

@@ -219,6 +219,101 @@ colour = "blue"
 }
 
 #[test]
+fn acl_deny_lists() {
+    let c = load_str(
+        r##"
+[auth.anonymous]
+enabled = true
+deny_subscribe = ["test/nosubscribe"]
+[[auth.users]]
+name = "dev"
+password = "pw"
+publish = ["devices/{clientid}/#"]
+deny_publish = ["devices/{clientid}/config"]
+subscribe = ["#"]
+deny_subscribe = ["$SYS/#", "secret/{user}/#"]
+"##,
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    let anon = &c.auth.anonymous.acl;
+    // The defaults' allow lists stay; the deny list is added.
+    assert_eq!(anon.publish, vec!["#"]);
+    assert_eq!(anon.subscribe, vec!["#"]);
+    assert_eq!(anon.deny_subscribe, vec!["test/nosubscribe"]);
+    assert!(anon.deny_publish.is_empty());
+    let dev = &c.auth.users[0].acl;
+    assert_eq!(dev.deny_publish, vec!["devices/{clientid}/config"]);
+    assert_eq!(dev.deny_subscribe, vec!["$SYS/#", "secret/{user}/#"]);
+    // And from the environment.
+    let c = load_str(
+        "",
+        "t",
+        env(&[
+            (
+                "MESHGATE__AUTH__ANONYMOUS__DENY_SUBSCRIBE",
+                "test/nosubscribe, a/+",
+            ),
+            ("MESHGATE__AUTH__USERS__0__NAME", "dev"),
+            ("MESHGATE__AUTH__USERS__0__PASSWORD", "pw"),
+            ("MESHGATE__AUTH__USERS__0__DENY_PUBLISH", "[\"x/#\"]"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.auth.anonymous.acl.deny_subscribe,
+        vec!["test/nosubscribe", "a/+"]
+    );
+    assert_eq!(c.auth.users[0].acl.deny_publish, vec!["x/#"]);
+}
+
+#[test]
+fn acl_errors_name_the_key() {
+    let errs = errors_of(
+        r##"
+[auth.anonymous]
+enabled = true
+deny_subscribe = ["ok", "a/#/b"]
+[[auth.users]]
+name = "dev"
+password = "pw"
+publish = ["devices/{client_id}/#"]
+deny_subscribe = ["{clientid}#"]
+deny = ["x"]
+"##,
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(
+        has(
+            &errs,
+            "auth.anonymous.deny_subscribe[1]",
+            "`#` must be the last"
+        ),
+        "{text}"
+    );
+    assert!(
+        has(
+            &errs,
+            "auth.users[0].publish[0]",
+            "unknown template `{client_id}`"
+        ),
+        "{text}"
+    );
+    assert!(has(&errs, "auth.users[0].deny_subscribe[0]", "#"), "{text}");
+    assert!(has(&errs, "auth.users[0].deny", "unknown key"), "{text}");
+    let errs = errors_of(
+        "[auth.anonymous]\nenabled = true\ndeny_publish = \"x\"\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "auth.anonymous.deny_publish", "sequence"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn unknown_backbone_kinds_list_the_known_ones() {
     let errs = errors_of("[backbone]\nkind = \"kafka\"\n", &[]);
     assert!(
@@ -735,6 +830,39 @@ fn web_listener_bounds_are_checked_and_name_their_keys() {
     let errs = errors_of("[http]\nallowed_origins = [\"null\"]\n", &[]);
     assert!(
         has(&errs, "http.allowed_origins", "not an origin"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn websocket_outbound_queue_is_bounded_in_bytes() {
+    let d = load_str("", "t", Vec::new()).unwrap();
+    assert_eq!(d.websocket.outbound_queue_bytes, 16 * 1024 * 1024);
+    let c = load_str(
+        "[websocket]\noutbound_queue_bytes = \"1MiB\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(c.websocket.outbound_queue_bytes, 1024 * 1024);
+    let errs = errors_of("[websocket]\noutbound_queue_bytes = 1000\n", &[]);
+    assert!(
+        has(&errs, "websocket.outbound_queue_bytes", "below 64 KiB"),
+        "{errs:?}"
+    );
+    // The retired event count names its replacement, from the file or the environment.
+    let errs = errors_of("[websocket]\noutbound_queue = 256\n", &[]);
+    assert!(
+        has(&errs, "websocket.outbound_queue", "outbound_queue_bytes"),
+        "{errs:?}"
+    );
+    let errs = errors_of("", &[("MESHGATE__WEBSOCKET__OUTBOUND_QUEUE", "256")]);
+    assert!(
+        has(
+            &errs,
+            "MESHGATE__WEBSOCKET__OUTBOUND_QUEUE (websocket.outbound_queue)",
+            "outbound_queue_bytes"
+        ),
         "{errs:?}"
     );
 }

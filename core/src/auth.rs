@@ -1,9 +1,23 @@
 //! Authentication to a [`Principal`] and topic-level authorization.
 //!
 //! Every connection authenticates first (username/password or a static bearer token; anonymous
-//! only where configured). Every publish is checked against the principal's `publish` filters
-//! and every subscription against its `subscribe` filters before anything reaches the backbone.
-//! Filters may contain `{user}`, replaced by the principal's name.
+//! only where configured). Every publish is checked against the principal's `publish` rules
+//! and every subscription against its `subscribe` rules before anything reaches the backbone.
+//!
+//! Rules are allow lists (`publish`, `subscribe`) and deny lists (`deny_publish`,
+//! `deny_subscribe`) of MQTT topic filters; **a deny wins** over any allow, whatever the order
+//! (as Mosquitto handles `topic deny` lines before the lines that grant access). A topic is
+//! allowed when an allow filter matches it and no deny filter does. A requested subscription is
+//! granted when one allow filter covers all of it and no deny filter covers all of it; when a
+//! deny filter covers only part of it (`test/#` against a deny of `test/nosubscribe`) it is
+//! granted [`SubscribeGrant::Filtered`], and the adapter drops each delivery on a denied topic
+//! ([`Authorizer::may_receive`]), as Mosquitto checks read access per message.
+//!
+//! Filters may contain `{user}` (the principal's name) and `{clientid}` (the MQTT client id,
+//! bound with [`Authorizer::for_client`]). A rule with `{clientid}` matches nothing for a
+//! principal without a client id (HTTP, WebSocket) or whose client id contains `/`, `+` or `#`
+//! (which would change the filter's shape). Wildcards at the first level match no topic starting
+//! with `$` ([MQTT-4.7.2-1]), so `#` grants no `$SYS/…`: it must be listed explicitly.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,15 +25,27 @@ use std::sync::Arc;
 
 use crate::topic::{Topic, TopicError, TopicFilter};
 
-/// Who is on the other end of a connection.
-#[derive(Clone, PartialEq, Eq)]
+/// Who is on the other end of a connection, with its compiled ACL. Two principals are equal
+/// when they are the same user (or both anonymous), whatever client id their ACL was bound to.
+#[derive(Clone)]
 pub struct Principal {
     name: Arc<str>,
     anonymous: bool,
     /// A part of the gateway configured by the operator (an AMQP source), not a client: it may
     /// publish and subscribe anywhere.
     internal: bool,
+    acl: Arc<Acl>,
 }
+
+impl PartialEq for Principal {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.anonymous == other.anonymous
+            && self.internal == other.internal
+    }
+}
+
+impl Eq for Principal {}
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,6 +61,7 @@ impl Principal {
             name: name.into(),
             anonymous: false,
             internal: true,
+            acl: Arc::default(),
         }
     }
 
@@ -51,6 +78,7 @@ impl Principal {
             name: Arc::from("anonymous"),
             anonymous: true,
             internal: false,
+            acl: Arc::default(),
         }
     }
 }
@@ -94,11 +122,14 @@ pub enum AuthError {
     },
 }
 
-/// Publish and subscribe permissions, as filter templates (`{user}` allowed).
+/// Publish and subscribe permissions, as filter templates (`{user}`, `{clientid}` allowed):
+/// allow lists and deny lists; a deny wins (see the module documentation).
 #[derive(Debug, Clone, Default)]
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    pub deny_publish: Vec<String>,
+    pub deny_subscribe: Vec<String>,
 }
 
 /// One configured user.
@@ -118,22 +149,145 @@ impl fmt::Debug for UserSpec {
     }
 }
 
-#[derive(Debug)]
-struct CompiledPermissions {
-    publish: Vec<TopicFilter>,
-    subscribe: Vec<TopicFilter>,
+/// What a granted subscription may receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeGrant {
+    /// Every topic the filter matches.
+    All,
+    /// Some topics it matches are denied: each delivery is checked with
+    /// [`Authorizer::may_receive`] and those on denied topics are dropped.
+    Filtered,
 }
 
-impl CompiledPermissions {
+/// The template of the client id in ACL filters.
+pub const CLIENT_ID_TEMPLATE: &str = "{clientid}";
+
+/// The allow and deny filters of one action, compiled.
+#[derive(Debug, Default)]
+struct Rules {
+    allow: Vec<TopicFilter>,
+    deny: Vec<TopicFilter>,
+}
+
+impl Rules {
+    /// An allow filter matches `topic` and no deny filter does: a scan of two short lists (the
+    /// deny list is empty unless configured), once per publish.
+    #[inline]
+    fn allows(&self, topic: &Topic) -> bool {
+        self.allow.iter().any(|f| f.matches(topic)) && !self.deny.iter().any(|f| f.matches(topic))
+    }
+
+    fn grant(&self, filter: &TopicFilter) -> Option<SubscribeGrant> {
+        if !self.allow.iter().any(|f| f.covers(filter)) {
+            return None;
+        }
+        let mut grant = SubscribeGrant::All;
+        for deny in &self.deny {
+            if deny.covers(filter) {
+                return None;
+            }
+            if deny.intersects(filter) {
+                grant = SubscribeGrant::Filtered;
+            }
+        }
+        Some(grant)
+    }
+}
+
+/// A principal's compiled ACL.
+#[derive(Debug, Default)]
+struct Acl {
+    publish: Rules,
+    subscribe: Rules,
+}
+
+/// The filter templates of one action's list that contain `{clientid}` (with `{user}`
+/// replaced), compiled once the client id is known.
+#[derive(Debug, Default, Clone)]
+struct ClientTemplates {
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+    deny_publish: Vec<String>,
+    deny_subscribe: Vec<String>,
+}
+
+impl ClientTemplates {
+    fn is_empty(&self) -> bool {
+        self.publish.is_empty()
+            && self.subscribe.is_empty()
+            && self.deny_publish.is_empty()
+            && self.deny_subscribe.is_empty()
+    }
+}
+
+/// A user's (or the anonymous) ACL as configured: the rules without `{clientid}` compiled, the
+/// others kept until [`Authorizer::for_client`].
+#[derive(Debug)]
+struct AclSpec {
+    base: Arc<Acl>,
+    templates: ClientTemplates,
+}
+
+impl AclSpec {
     fn compile(p: &Permissions, user: &str) -> Result<Self, TopicError> {
-        let compile = |list: &[String]| {
-            list.iter()
-                .map(|t| TopicFilter::from_template(t, user))
-                .collect::<Result<Vec<_>, _>>()
+        let mut templates = ClientTemplates::default();
+        let split = |list: &[String], pending: &mut Vec<String>| {
+            let mut filters = Vec::with_capacity(list.len());
+            for t in list {
+                let t = t.replace("{user}", user);
+                if t.contains(CLIENT_ID_TEMPLATE) {
+                    // Checked with a client id that keeps the filter's shape.
+                    TopicFilter::parse(&t.replace(CLIENT_ID_TEMPLATE, "c"))?;
+                    pending.push(t);
+                } else {
+                    filters.push(TopicFilter::parse(&t)?);
+                }
+            }
+            Ok::<_, TopicError>(filters)
         };
-        Ok(CompiledPermissions {
-            publish: compile(&p.publish)?,
-            subscribe: compile(&p.subscribe)?,
+        let acl = Acl {
+            publish: Rules {
+                allow: split(&p.publish, &mut templates.publish)?,
+                deny: split(&p.deny_publish, &mut templates.deny_publish)?,
+            },
+            subscribe: Rules {
+                allow: split(&p.subscribe, &mut templates.subscribe)?,
+                deny: split(&p.deny_subscribe, &mut templates.deny_subscribe)?,
+            },
+        };
+        Ok(AclSpec {
+            base: Arc::new(acl),
+            templates,
+        })
+    }
+
+    /// The ACL of a client with id `client_id`: the base rules plus the `{clientid}` ones.
+    fn for_client(&self, client_id: &str) -> Arc<Acl> {
+        if self.templates.is_empty() {
+            return self.base.clone();
+        }
+        // A client id with `/`, `+` or `#` would change the filter's levels or add wildcards:
+        // its `{clientid}` rules match nothing (allow and deny alike).
+        let usable = !client_id.is_empty() && !client_id.contains(['/', '+', '#']);
+        let with = |base: &[TopicFilter], templates: &[String]| {
+            let mut v = base.to_vec();
+            if usable {
+                v.extend(templates.iter().filter_map(|t| {
+                    TopicFilter::parse(&t.replace(CLIENT_ID_TEMPLATE, client_id)).ok()
+                }));
+            }
+            v
+        };
+        let (b, t) = (&self.base, &self.templates);
+        Arc::new(Acl {
+            publish: Rules {
+                allow: with(&b.publish.allow, &t.publish),
+                deny: with(&b.publish.deny, &t.deny_publish),
+            },
+            subscribe: Rules {
+                allow: with(&b.subscribe.allow, &t.subscribe),
+                deny: with(&b.subscribe.deny, &t.deny_subscribe),
+            },
         })
     }
 }
@@ -141,14 +295,14 @@ impl CompiledPermissions {
 struct User {
     principal: Principal,
     password: Option<String>,
-    permissions: CompiledPermissions,
+    acl: AclSpec,
 }
 
 /// Authenticates clients and checks their topic permissions. Built once from config.
 pub struct Authorizer {
     users: HashMap<String, User>,
     tokens: HashMap<String, String>,
-    anonymous: Option<(Principal, CompiledPermissions)>,
+    anonymous: Option<(Principal, AclSpec)>,
 }
 
 impl fmt::Debug for Authorizer {
@@ -177,26 +331,32 @@ impl Authorizer {
             for token in &spec.tokens {
                 tokens.insert(token.clone(), spec.name.clone());
             }
+            let acl = AclSpec::compile(&spec.permissions, &spec.name)?;
             let user = User {
                 principal: Principal {
                     name: Arc::from(spec.name.as_str()),
                     anonymous: false,
                     internal: false,
+                    acl: acl.base.clone(),
                 },
                 password: spec.password,
-                permissions: CompiledPermissions::compile(&spec.permissions, &spec.name)?,
+                acl,
             };
             map.insert(spec.name, user);
         }
         let anonymous = match anonymous {
-            Some(p) => Some((
-                Principal {
-                    name: Arc::from("anonymous"),
-                    anonymous: true,
-                    internal: false,
-                },
-                CompiledPermissions::compile(&p, "anonymous")?,
-            )),
+            Some(p) => {
+                let acl = AclSpec::compile(&p, "anonymous")?;
+                Some((
+                    Principal {
+                        name: Arc::from("anonymous"),
+                        anonymous: true,
+                        internal: false,
+                        acl: acl.base.clone(),
+                    },
+                    acl,
+                ))
+            }
             None => None,
         };
         Ok(Authorizer {
@@ -211,6 +371,7 @@ impl Authorizer {
         let all = Permissions {
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            ..Permissions::default()
         };
         // "#" is a valid filter.
         Authorizer::new(Vec::new(), Some(all)).unwrap_or_else(|_| Authorizer {
@@ -218,6 +379,26 @@ impl Authorizer {
             tokens: HashMap::new(),
             anonymous: None,
         })
+    }
+
+    /// `principal` as the MQTT client `client_id`: its rules with `{clientid}` bound (without
+    /// this, they match nothing). Once per CONNECT; shares the compiled ACL when the principal
+    /// has no such rule.
+    pub fn for_client(&self, principal: &Principal, client_id: &str) -> Principal {
+        let spec = if principal.internal {
+            None
+        } else if principal.anonymous {
+            self.anonymous.as_ref().map(|(_, a)| a)
+        } else {
+            self.users.get(principal.name()).map(|u| &u.acl)
+        };
+        match spec {
+            Some(spec) => Principal {
+                acl: spec.for_client(client_id),
+                ..principal.clone()
+            },
+            None => principal.clone(),
+        }
     }
 
     pub fn anonymous_allowed(&self) -> bool {
@@ -255,20 +436,8 @@ impl Authorizer {
         }
     }
 
-    fn permissions(&self, principal: &Principal) -> Option<&CompiledPermissions> {
-        if principal.anonymous {
-            self.anonymous.as_ref().map(|(_, p)| p)
-        } else {
-            self.users.get(principal.name()).map(|u| &u.permissions)
-        }
-    }
-
     pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
-        let allowed = principal.internal
-            || self
-                .permissions(principal)
-                .is_some_and(|p| p.publish.iter().any(|f| f.matches(topic)));
-        if allowed {
+        if principal.internal || principal.acl.publish.allows(topic) {
             Ok(())
         } else {
             Err(AuthError::Forbidden {
@@ -279,24 +448,31 @@ impl Authorizer {
         }
     }
 
+    /// Whether `principal` may subscribe to `filter`, and whether what it receives on it must
+    /// then be checked delivery by delivery ([`SubscribeGrant::Filtered`]).
     pub fn check_subscribe(
         &self,
         principal: &Principal,
         filter: &TopicFilter,
-    ) -> Result<(), AuthError> {
-        let allowed = principal.internal
-            || self
-                .permissions(principal)
-                .is_some_and(|p| p.subscribe.iter().any(|f| f.covers(filter)));
-        if allowed {
-            Ok(())
-        } else {
-            Err(AuthError::Forbidden {
+    ) -> Result<SubscribeGrant, AuthError> {
+        if principal.internal {
+            return Ok(SubscribeGrant::All);
+        }
+        principal
+            .acl
+            .subscribe
+            .grant(filter)
+            .ok_or_else(|| AuthError::Forbidden {
                 principal: principal.name().to_owned(),
                 action: "subscribe to",
                 target: filter.to_string(),
             })
-        }
+    }
+
+    /// Whether `principal` may receive a message on `topic` (its subscribe rules), for the
+    /// deliveries of a [`SubscribeGrant::Filtered`] subscription.
+    pub fn may_receive(&self, principal: &Principal, topic: &Topic) -> bool {
+        principal.internal || principal.acl.subscribe.allows(topic)
     }
 }
 
@@ -313,6 +489,7 @@ mod tests {
                 permissions: Permissions {
                     publish: vec!["devices/{user}/#".into()],
                     subscribe: vec!["commands/{user}/+".into()],
+                    ..Permissions::default()
                 },
             }],
             None,
@@ -359,5 +536,301 @@ mod tests {
         );
         assert!(a.check_subscribe(&p, &filter("commands/dev1/#")).is_err());
         assert!(a.check_subscribe(&p, &filter("#")).is_err());
+    }
+
+    fn topic(s: &str) -> Topic {
+        Topic::from_mqtt(s).unwrap()
+    }
+    fn filter(s: &str) -> TopicFilter {
+        TopicFilter::parse(s).unwrap()
+    }
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// An authorizer with anonymous access under `anonymous` and one user `dev1` (password
+    /// `pw`) under `user`.
+    fn with(anonymous: Permissions, user: Permissions) -> Authorizer {
+        Authorizer::new(
+            vec![UserSpec {
+                name: "dev1".into(),
+                password: Some("pw".into()),
+                tokens: Vec::new(),
+                permissions: user,
+            }],
+            Some(anonymous),
+        )
+        .unwrap()
+    }
+
+    fn dev1(a: &Authorizer) -> Principal {
+        a.authenticate(Credentials::Password {
+            username: "dev1",
+            password: b"pw",
+        })
+        .unwrap()
+    }
+
+    /// "Everything except subscribing to `test/nosubscribe`" (the Paho interoperability
+    /// suite's `test_subscribe_failure`).
+    fn all_but_nosubscribe() -> Permissions {
+        Permissions {
+            publish: strings(&["#"]),
+            subscribe: strings(&["#"]),
+            deny_subscribe: strings(&["test/nosubscribe"]),
+            ..Permissions::default()
+        }
+    }
+
+    #[test]
+    fn everything_except_subscribing_to_one_topic() {
+        let a = with(all_but_nosubscribe(), Permissions::default());
+        let anon = a.authenticate(Credentials::None).unwrap();
+        assert!(
+            a.check_subscribe(&anon, &filter("test/nosubscribe"))
+                .is_err()
+        );
+        assert_eq!(
+            a.check_subscribe(&anon, &filter("test/other")),
+            Ok(SubscribeGrant::All)
+        );
+        // Overlapping filters are granted, their deliveries filtered (as Mosquitto does).
+        for f in ["test/#", "+/+", "#", "test/+"] {
+            assert_eq!(
+                a.check_subscribe(&anon, &filter(f)),
+                Ok(SubscribeGrant::Filtered),
+                "{f}"
+            );
+        }
+        assert!(!a.may_receive(&anon, &topic("test/nosubscribe")));
+        assert!(a.may_receive(&anon, &topic("test/other")));
+        // Publishing to it stays allowed: deny_subscribe is about subscribing only.
+        assert!(a.check_publish(&anon, &topic("test/nosubscribe")).is_ok());
+        // The user has no rules at all.
+        let u = dev1(&a);
+        assert!(a.check_publish(&u, &topic("test/other")).is_err());
+        assert!(a.check_subscribe(&u, &filter("test/other")).is_err());
+    }
+
+    #[test]
+    fn deny_wins_whatever_the_order() {
+        let p = Permissions {
+            publish: strings(&["a/#", "a/b/c"]),
+            deny_publish: strings(&["a/b/#"]),
+            subscribe: strings(&["a/b/c", "a/#"]),
+            deny_subscribe: strings(&["a/+/c"]),
+        };
+        let a = with(Permissions::default(), p);
+        let u = dev1(&a);
+        // `a/b/c` is allowed twice over, and denied once: denied.
+        assert!(a.check_publish(&u, &topic("a/b/c")).is_err());
+        assert!(
+            a.check_publish(&u, &topic("a/b")).is_err(),
+            "a/b/# matches a/b"
+        );
+        assert!(a.check_publish(&u, &topic("a/x")).is_ok());
+        assert!(a.check_subscribe(&u, &filter("a/b/c")).is_err());
+        assert!(a.check_subscribe(&u, &filter("a/+/c")).is_err());
+        assert_eq!(
+            a.check_subscribe(&u, &filter("a/x/d")),
+            Ok(SubscribeGrant::All)
+        );
+        assert_eq!(
+            a.check_subscribe(&u, &filter("a/x/+")),
+            Ok(SubscribeGrant::Filtered)
+        );
+    }
+
+    #[test]
+    fn a_deny_is_no_grant() {
+        // A deny list alone allows nothing.
+        let p = Permissions {
+            deny_publish: strings(&["x"]),
+            deny_subscribe: strings(&["x"]),
+            ..Permissions::default()
+        };
+        let a = with(p, Permissions::default());
+        let anon = a.authenticate(Credentials::None).unwrap();
+        assert!(a.check_publish(&anon, &topic("y")).is_err());
+        assert!(a.check_subscribe(&anon, &filter("y")).is_err());
+        assert!(!a.may_receive(&anon, &topic("y")));
+    }
+
+    #[test]
+    fn dollar_topics_need_an_explicit_grant() {
+        let a = with(all_but_nosubscribe(), Permissions::default());
+        let anon = a.authenticate(Credentials::None).unwrap();
+        assert!(a.check_publish(&anon, &topic("$SYS/x")).is_err());
+        assert!(a.check_subscribe(&anon, &filter("$SYS/#")).is_err());
+        assert!(
+            a.check_subscribe(&anon, &filter("$SYS/broker/load"))
+                .is_err()
+        );
+        let p = Permissions {
+            publish: strings(&["#", "$SYS/#"]),
+            subscribe: strings(&["#", "$SYS/#"]),
+            // `#` denies no `$…` topic either.
+            deny_subscribe: strings(&["#"]),
+            deny_publish: strings(&["+/x"]),
+        };
+        let a = with(p, Permissions::default());
+        let anon = a.authenticate(Credentials::None).unwrap();
+        assert!(a.check_publish(&anon, &topic("$SYS/x")).is_ok());
+        assert!(a.check_publish(&anon, &topic("a/x")).is_err());
+        assert_eq!(
+            a.check_subscribe(&anon, &filter("$SYS/#")),
+            Ok(SubscribeGrant::All)
+        );
+        assert!(a.check_subscribe(&anon, &filter("a")).is_err());
+    }
+
+    #[test]
+    fn client_id_template() {
+        let p = Permissions {
+            publish: strings(&["devices/{clientid}/#", "users/{user}/#"]),
+            subscribe: strings(&["devices/#"]),
+            deny_subscribe: strings(&["devices/{clientid}/secret"]),
+            ..Permissions::default()
+        };
+        let a = with(Permissions::default(), p);
+        let u = dev1(&a);
+        // Without a client id (HTTP, WebSocket) `{clientid}` rules match nothing.
+        assert!(a.check_publish(&u, &topic("devices/d7/t")).is_err());
+        assert!(a.check_publish(&u, &topic("devices/{clientid}/t")).is_err());
+        assert!(a.check_publish(&u, &topic("users/dev1/t")).is_ok());
+        assert_eq!(
+            a.check_subscribe(&u, &filter("devices/d7/secret")),
+            Ok(SubscribeGrant::All)
+        );
+        let d7 = a.for_client(&u, "d7");
+        assert_eq!(d7, u, "the same principal");
+        assert!(a.check_publish(&d7, &topic("devices/d7/t")).is_ok());
+        assert!(a.check_publish(&d7, &topic("devices/d7")).is_ok());
+        assert!(a.check_publish(&d7, &topic("devices/d8/t")).is_err());
+        assert!(a.check_publish(&d7, &topic("users/dev1/t")).is_ok());
+        assert!(
+            a.check_subscribe(&d7, &filter("devices/d7/secret"))
+                .is_err()
+        );
+        assert_eq!(
+            a.check_subscribe(&d7, &filter("devices/d8/secret")),
+            Ok(SubscribeGrant::All)
+        );
+        assert_eq!(
+            a.check_subscribe(&d7, &filter("devices/+/secret")),
+            Ok(SubscribeGrant::Filtered)
+        );
+        assert!(!a.may_receive(&d7, &topic("devices/d7/secret")));
+        // Client ids that would change the filter's shape bind nothing.
+        for id in ["a/b", "+", "#", "x+y", ""] {
+            let p = a.for_client(&u, id);
+            assert!(
+                a.check_publish(&p, &topic("devices/a/b/t")).is_err(),
+                "{id}"
+            );
+        }
+        // Bound again to another id, the first one's rules are gone.
+        let d8 = a.for_client(&d7, "d8");
+        assert!(a.check_publish(&d8, &topic("devices/d7/t")).is_err());
+        assert!(a.check_publish(&d8, &topic("devices/d8/t")).is_ok());
+    }
+
+    #[test]
+    fn internal_principals_are_not_subject_to_acls() {
+        let a = with(Permissions::default(), Permissions::default());
+        let p = Principal::internal("amqp-source:x");
+        assert!(a.check_publish(&p, &topic("$SYS/x")).is_ok());
+        assert_eq!(a.check_subscribe(&p, &filter("#")), Ok(SubscribeGrant::All));
+        assert!(a.may_receive(&p, &topic("a")));
+        assert!(a.check_publish(&a.for_client(&p, "c"), &topic("a")).is_ok());
+    }
+
+    #[test]
+    fn bad_filters_are_refused() {
+        for bad in ["a/#/b", "a/{clientid}#", "{user}+"] {
+            let p = Permissions {
+                deny_subscribe: strings(&[bad]),
+                ..Permissions::default()
+            };
+            assert!(Authorizer::new(Vec::new(), Some(p)).is_err(), "{bad}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Every topic of up to 3 levels over a few names.
+        fn topics() -> Vec<Topic> {
+            let names = ["a", "b", "$s", "z"];
+            let mut all = vec![String::new()];
+            let mut out = Vec::new();
+            for depth in 0..3 {
+                all = all
+                    .iter()
+                    .flat_map(|p| {
+                        names.iter().map(move |n| {
+                            if depth == 0 {
+                                (*n).to_owned()
+                            } else {
+                                format!("{p}/{n}")
+                            }
+                        })
+                    })
+                    .collect();
+                out.extend(all.iter().map(|t| topic(t)));
+            }
+            out
+        }
+
+        fn filter_text() -> impl Strategy<Value = String> {
+            proptest::collection::vec(prop_oneof!["a", "b", "\\$s", "\\+", "#"], 1..4)
+                .prop_filter("bad wildcard", |l| TopicFilter::parse(&l.join("/")).is_ok())
+                .prop_map(|l| l.join("/"))
+        }
+
+        fn list() -> impl Strategy<Value = Vec<String>> {
+            proptest::collection::vec(filter_text(), 0..4)
+        }
+
+        proptest! {
+            /// A granted subscription never delivers a denied topic: with `All`, every topic
+            /// it matches is allowed; with `Filtered`, `may_receive` lets exactly the allowed
+            /// ones through. A publish is allowed exactly when an allow matches and no deny.
+            #[test]
+            fn grants_never_leak_a_denied_topic(
+                allow in list(),
+                deny in list(),
+                requested in filter_text(),
+            ) {
+                let p = Permissions {
+                    publish: allow.clone(),
+                    subscribe: allow.clone(),
+                    deny_publish: deny.clone(),
+                    deny_subscribe: deny.clone(),
+                };
+                let a = Authorizer::new(Vec::new(), Some(p)).unwrap();
+                let anon = a.authenticate(Credentials::None).unwrap();
+                let matches_any = |list: &[String], t: &Topic| {
+                    list.iter().any(|f| filter(f).matches(t))
+                };
+                let requested = filter(&requested);
+                let grant = a.check_subscribe(&anon, &requested);
+                for t in topics() {
+                    let allowed = matches_any(&allow, &t) && !matches_any(&deny, &t);
+                    prop_assert_eq!(a.check_publish(&anon, &t).is_ok(), allowed);
+                    prop_assert_eq!(a.may_receive(&anon, &t), allowed);
+                    if requested.matches(&t) && grant == Ok(SubscribeGrant::All) {
+                        prop_assert!(allowed, "{} granted in full, {} is denied", requested, t);
+                    }
+                }
+                // Refused only when no allow covers the filter or a deny covers all of it.
+                if grant.is_err() {
+                    let covered = allow.iter().any(|f| filter(f).covers(&requested));
+                    let denied = deny.iter().any(|f| filter(f).covers(&requested));
+                    prop_assert!(!covered || denied);
+                }
+            }
+        }
     }
 }

@@ -27,7 +27,9 @@ pub mod wrap;
 pub use adapter::{
     Adapter, AdapterContext, AdapterError, Authorized, AuthorizedEnvelope, PublishError, Published,
 };
-pub use auth::{AuthError, Authorizer, Credentials, Permissions, Principal, UserSpec};
+pub use auth::{
+    AuthError, Authorizer, Credentials, Permissions, Principal, SubscribeGrant, UserSpec,
+};
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,
     RetainedStore, SessionStore, SubscribeOptions, Subscription, TryPublish,

@@ -34,6 +34,8 @@ pub const MQTT_IN_BY_QOS: &str = "meshgate_mqtt_publish_in_total";
 pub const MQTT_OUT_BY_QOS: &str = "meshgate_mqtt_publish_out_total";
 pub const MQTT_SESSIONS_OFFLINE: &str = "meshgate_mqtt_sessions_offline";
 pub const MQTT_SUBSCRIPTIONS: &str = "meshgate_mqtt_subscriptions";
+pub const MQTT_BYTES_RECEIVED: &str = "meshgate_mqtt_bytes_received_total";
+pub const MQTT_BYTES_SENT: &str = "meshgate_mqtt_bytes_sent_total";
 pub const AMQP_LINK_UP: &str = "meshgate_amqp_link_up";
 pub const AMQP_RECONNECTS: &str = "meshgate_amqp_reconnects_total";
 pub const BUILD_INFO: &str = "meshgate_build_info";
@@ -55,6 +57,8 @@ fn help(name: &str) -> &'static str {
         MQTT_OUT_BY_QOS => "MQTT PUBLISHes delivered to clients, per QoS.",
         MQTT_SESSIONS_OFFLINE => "Persistent MQTT sessions kept while their client is away.",
         MQTT_SUBSCRIPTIONS => "MQTT subscriptions, of connected and offline sessions.",
+        MQTT_BYTES_RECEIVED => "Bytes read from MQTT clients' sockets.",
+        MQTT_BYTES_SENT => "Bytes written to MQTT clients' sockets.",
         AMQP_LINK_UP => "1 while an AMQP source or sink is connected and set up, else 0.",
         AMQP_RECONNECTS => "Times an AMQP source or sink lost its connection or channel.",
         BUILD_INFO => "Always 1; the labels say which meshgate runs (version, compiled features).",

@@ -398,6 +398,30 @@ impl TopicFilter {
         }
     }
 
+    /// Is there a topic that both `self` and `other` match? Used by the authorizer to tell
+    /// whether a deny rule touches a requested subscription (whose deliveries are then checked
+    /// one by one). The `$` rule of [`TopicFilter::matches`] applies: `#` and `$SYS/#` share no
+    /// topic.
+    pub fn intersects(&self, other: &TopicFilter) -> bool {
+        let wild_first = |f: &TopicFilter| matches!(f.0.as_bytes().first(), Some(b'+' | b'#'));
+        let dollar_first = |f: &TopicFilter| f.0.as_bytes().first() == Some(&b'$');
+        if (wild_first(self) && dollar_first(other)) || (wild_first(other) && dollar_first(self)) {
+            return false;
+        }
+        let mut mine = self.levels();
+        let mut theirs = other.levels();
+        loop {
+            match (mine.next(), theirs.next()) {
+                // `a/#` matches `a` too, so `#` meets whatever is left, even nothing.
+                (Some(FilterLevel::Multi), _) | (_, Some(FilterLevel::Multi)) => return true,
+                (None, None) => return true,
+                (Some(FilterLevel::Single), Some(_)) | (Some(_), Some(FilterLevel::Single)) => {}
+                (Some(FilterLevel::Literal(a)), Some(FilterLevel::Literal(b))) if a == b => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// The filter as NATS subjects. MQTT's `a/#` also matches `a`, NATS's `a.>` does not, so
     /// such a filter needs two subjects.
     pub fn to_nats_subjects(&self, prefix: &str) -> Vec<String> {
@@ -559,6 +583,52 @@ mod tests {
     }
 
     #[test]
+    fn intersecting() {
+        assert!(f("test/#").intersects(&f("test/nosubscribe")));
+        assert!(f("test/nosubscribe").intersects(&f("test/#")));
+        assert!(f("+/+").intersects(&f("test/nosubscribe")));
+        assert!(f("a").intersects(&f("a/#")), "a/# matches a");
+        assert!(f("a/+").intersects(&f("+/b")));
+        assert!(f("#").intersects(&f("+")));
+        assert!(!f("a/+").intersects(&f("a")));
+        assert!(!f("a/b").intersects(&f("a/c")));
+        assert!(!f("a/+").intersects(&f("a/b/c")));
+        // The `$` rule: wildcards at the first level meet no `$…` topic.
+        assert!(!f("#").intersects(&f("$SYS/#")));
+        assert!(!f("$SYS/x").intersects(&f("+/x")));
+        assert!(f("$SYS/+").intersects(&f("$SYS/#")));
+    }
+
+    /// Every topic of up to 4 levels over a few level names (a `$` one, and one no filter
+    /// below names): enough to find a topic common to two filters of up to 4 levels.
+    fn small_topics() -> Vec<Topic> {
+        let names = ["a", "b", "$s", "z"];
+        let mut all: Vec<Vec<&str>> = vec![vec![]];
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            all = all
+                .iter()
+                .flat_map(|p| {
+                    names.iter().map(move |n| {
+                        let mut v = p.clone();
+                        v.push(*n);
+                        v
+                    })
+                })
+                .collect();
+            out.extend(all.iter().map(|levels| Topic::from_levels(levels).unwrap()));
+        }
+        out
+    }
+
+    fn small_filter() -> impl Strategy<Value = TopicFilter> {
+        proptest::collection::vec(prop_oneof!["a", "b", "\\$s", "\\+", "#"], 1..5)
+            .prop_filter_map("bad wildcard", |levels| {
+                TopicFilter::parse(&levels.join("/")).ok()
+            })
+    }
+
+    #[test]
     fn nats_and_amqp_forms() {
         assert_eq!(t("a/b.c/").to_nats_subject("mg"), "mg.a.b%2Ec.%");
         assert_eq!(
@@ -642,6 +712,19 @@ mod tests {
                 prop_assert_eq!(filter.matches(&topic), reference_matches(&filter, &topic));
                 let same = TopicFilter::from(topic.clone());
                 prop_assert!(same.matches(&topic));
+            }
+        }
+
+        #[test]
+        fn intersects_and_covers_agree_with_matching(a in small_filter(), b in small_filter()) {
+            let topics = small_topics();
+            let common = topics.iter().any(|t| a.matches(t) && b.matches(t));
+            prop_assert_eq!(a.intersects(&b), common, "{} and {}", a, b);
+            prop_assert_eq!(b.intersects(&a), common, "{} and {}", b, a);
+            if a.covers(&b) {
+                for t in topics.iter().filter(|t| b.matches(t)) {
+                    prop_assert!(a.matches(t), "{} covers {} but misses {}", a, b, t);
+                }
             }
         }
 

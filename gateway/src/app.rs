@@ -86,17 +86,24 @@ fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
             name: u.name.clone(),
             password: u.password.clone(),
             tokens: u.tokens.clone(),
-            permissions: Permissions {
-                publish: u.acl.publish.clone(),
-                subscribe: u.acl.subscribe.clone(),
-            },
+            permissions: permissions(&u.acl),
         })
         .collect();
-    let anonymous = config.auth.anonymous.enabled.then(|| Permissions {
-        publish: config.auth.anonymous.acl.publish.clone(),
-        subscribe: config.auth.anonymous.acl.subscribe.clone(),
-    });
+    let anonymous = config
+        .auth
+        .anonymous
+        .enabled
+        .then(|| permissions(&config.auth.anonymous.acl));
     Authorizer::new(users, anonymous).map_err(StartError::Auth)
+}
+
+fn permissions(acl: &meshgate_config::AclConfig) -> Permissions {
+    Permissions {
+        publish: acl.publish.clone(),
+        subscribe: acl.subscribe.clone(),
+        deny_publish: acl.deny_publish.clone(),
+        deny_subscribe: acl.deny_subscribe.clone(),
+    }
 }
 
 /// The environment variable that overrides a config key, without the `MESHGATE__` prefix:

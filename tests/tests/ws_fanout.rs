@@ -14,7 +14,7 @@ const EVENT_BYTES: usize = 32 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_and_a_slow_reader_do_not_hold_up_delivery() {
     let mut config = test_config();
-    config.websocket.outbound_queue = 64;
+    config.websocket.outbound_queue_bytes = 64 * EVENT_BYTES;
     config.websocket.max_connections = 2 * IDLE;
     let gw = meshgate::start(config).await.unwrap();
     let addr = gw.web_addr.unwrap();

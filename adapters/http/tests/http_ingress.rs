@@ -233,6 +233,7 @@ async fn credentials_401_and_acl_403() {
             permissions: Permissions {
                 publish: vec!["svc/{user}/#".into()],
                 subscribe: vec![],
+                ..Permissions::default()
             },
         }],
         None,

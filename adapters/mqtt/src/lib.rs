@@ -9,6 +9,7 @@ pub mod binding;
 pub mod codec;
 mod retained;
 mod session;
+mod sys;
 mod tls;
 pub mod websocket;
 
@@ -58,6 +59,10 @@ pub(crate) struct Shared {
     in_by_qos: [Counter; 3],
     /// PUBLISHes delivered to clients (QoS 0 written, QoS 1 acknowledged, QoS 2 completed).
     out_by_qos: [Counter; 3],
+    /// Bytes read from and written to clients' sockets (`$SYS/broker/bytes/*`), counted per
+    /// read and per write batch.
+    bytes_in: Counter,
+    bytes_out: Counter,
 }
 
 struct Client {
@@ -103,6 +108,12 @@ impl Shared {
                 .registry
                 .gauge(metrics::MQTT_SUBSCRIPTIONS, &[("adapter", ADAPTER)]),
             sockets: AtomicUsize::new(0),
+            bytes_in: ctx
+                .registry
+                .counter(metrics::MQTT_BYTES_RECEIVED, &[("adapter", ADAPTER)]),
+            bytes_out: ctx
+                .registry
+                .counter(metrics::MQTT_BYTES_SENT, &[("adapter", ADAPTER)]),
         })
     }
 
@@ -318,8 +329,10 @@ impl Adapter for MqttAdapter {
             });
             // Sessions kept by the backbone move between instances on request.
             let releases = tokio::spawn(session::stored::serve_releases(shared.clone()));
+            let sys = tokio::spawn(sys::publish_every_interval(shared.clone()));
             accept_loop(listener, shared, ctx, None).await;
             releases.abort();
+            sys.abort();
             if let Some(t) = tls_loop {
                 let _ = t.await;
             }

@@ -100,6 +100,20 @@ impl Retained {
     /// Past the store's bounds the message is not retained (counted), and the topic's earlier
     /// retained message is removed (it is no longer the last one); replacing a topic's message
     /// with one that fits is always possible.
+    /// Retained messages held here; `None` when the backbone's shared store holds them.
+    pub(crate) fn count(&self) -> Option<usize> {
+        if self.shared.is_some() {
+            return None;
+        }
+        Some(
+            self.store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .messages
+                .len(),
+        )
+    }
+
     pub(crate) async fn update(&self, envelope: &Envelope, clear: bool) {
         if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
             let r = if clear {

@@ -211,6 +211,7 @@ fn acl_authorizer() -> Authorizer {
             permissions: Permissions {
                 publish: vec!["devices/{user}/#".into()],
                 subscribe: vec!["commands/{user}/#".into()],
+                ..Permissions::default()
             },
         }],
         None,

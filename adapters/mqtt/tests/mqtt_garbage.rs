@@ -93,6 +93,7 @@ async fn random_bytes_after_connect_never_take_the_broker_down() {
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
         plain_messages: meshgate_config::PlainMessages::AsPublished,
+        sys_interval: std::time::Duration::ZERO,
         wrap_type: "t".into(),
         websocket_path: None,
         tls: None,

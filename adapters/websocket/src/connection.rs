@@ -1,34 +1,48 @@
 //! One WebSocket connection after the upgrade.
 //!
-//! Three kinds of task per connection, so that nothing one client does can hold up another:
-//! - the **reader** (this module's `run`): frames from the client → publish / (un)subscribe;
-//! - the **writer**: drains the connection's bounded outbound queue into the socket, sends
-//!   pings, acknowledges backbone deliveries once written;
-//! - one **pump** per topic filter: backbone subscription → outbound queue. A pump never waits
-//!   for the socket: when the outbound queue is full the slow-consumer policy applies at once
-//!   (disconnect with 1008, or drop and count), so the backbone queue behind it never fills
-//!   because of a slow browser.
+//! One task per connection (the upgraded connection's own) that polls, as one set: the
+//! socket's reader, its writer, the connection's backbone subscriptions, the publish or
+//! subscribe it is waiting for, the ping timer and the gateway's shutdown — as the MQTT
+//! session does (no task or channel per subscription, [0041](../../../docs/decisions/0041-one-task-per-websocket-connection.md)):
+//! - deliveries are taken from the subscriptions whenever they are ready, whatever the socket
+//!   does, and queued for the client in the connection's outbound queue. When a delivery would
+//!   take that queue past its byte budget (`websocket.outbound_queue_bytes`) the slow-consumer
+//!   policy applies at once (disconnect with 1008, or drop and count), so the backbone queue
+//!   behind a slow browser never fills and publishers never wait for it;
+//! - the queue goes to the socket up to 64 frames per flush; deliveries are acknowledged to the
+//!   backbone and counted as sent once the flush (or a close frame after them) went out;
+//! - frames from the client are read one at a time: a publish or subscribe is awaited (as a
+//!   boxed future polled with the rest) before the next frame is read, so a client that
+//!   publishes faster than the backbone accepts is slowed by TCP, not buffered.
 
 use meshgate_core::metrics::ErrorKind;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use hyper_util::rt::TokioIo;
 use meshgate_config::{PublishTopic, SlowConsumerPolicy};
 use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{
-    Delivery, Principal, PublishError, SubscribeOptions, Subscription, Topic, TopicFilter,
+    Delivery, Principal, PublishError, SubscribeGrant, SubscribeOptions, Subscription, Topic,
+    TopicFilter,
 };
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::Shared;
 use crate::binding::{self, FrameCode, FrameError, Inbound};
+use crate::read_ahead::ReadAhead;
+
+/// The upgraded connection as the connection task sees it.
+pub(crate) type WebSocket =
+    tokio_tungstenite::WebSocketStream<ReadAhead<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The `io.meshgate.error` code for a backbone refusal: `unavailable` when the same frame may
 /// go through later, `invalid_request` when sending it again won't help (too large, a topic
@@ -40,7 +54,8 @@ fn backbone_code(e: &meshgate_core::BackboneError) -> FrameCode {
         FrameCode::InvalidRequest
     }
 }
-/// How long a close frame may take to go out before the socket is simply dropped.
+/// How long a close frame may take to go out before the socket is simply dropped; at shutdown
+/// also how long the subscriptions may take to hand over what they hold.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// RFC 6455 §7.4.1 close codes used here.
@@ -58,300 +73,566 @@ enum Outbound {
     Event(Utf8Bytes, Delivery),
     /// A gateway control or report event.
     Control(Utf8Bytes),
-    /// Keep-alive ping (from the writer's own timer).
+    /// Keep-alive ping (from the ping timer).
     Ping,
-    /// Send this close frame after everything queued before it, then stop.
-    Close(CloseFrame),
 }
 
-fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    // Close reasons are limited to 123 bytes; ours are short ASCII.
-    CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }
-}
-
-/// Per-connection state shared between the reader and the pumps.
-struct Conn {
-    shared: Arc<Shared>,
-    /// When the client last sent anything (frame or pong), for dead-peer detection.
-    last_seen: Mutex<tokio::time::Instant>,
-    out: mpsc::Sender<Outbound>,
-    /// Fired by a pump when the slow-consumer policy disconnects the client.
-    kill: CancellationToken,
-    /// The close frame to send when `kill` fires.
-    kill_frame: Mutex<Option<CloseFrame>>,
-    /// The connection's filters in subscription order; an event matching several is delivered
-    /// once, by the pump of the first matching filter.
-    filters: RwLock<Vec<TopicFilter>>,
-}
-
-impl Conn {
-    fn touch(&self) {
-        if let Ok(mut t) = self.last_seen.lock() {
-            *t = tokio::time::Instant::now();
+impl Outbound {
+    /// What the message counts against `websocket.outbound_queue_bytes`: its text, which the
+    /// connection may hold for as long as the client takes to read it, and its queue entry.
+    /// (The JSON of an event is shared by every subscriber it goes to, so the budget is an
+    /// upper bound on what one connection makes the process hold.)
+    fn cost(&self) -> usize {
+        match self {
+            Outbound::Event(text, _) | Outbound::Control(text) => text.len() + ENTRY_COST,
+            Outbound::Ping => 0,
         }
     }
 
-    fn report(&self, err: &FrameError) {
-        tracing::debug!(code = err.code.as_str(), message = %err.message, "websocket frame dropped");
-        self.shared.metrics.error(err.code.kind());
-        let text = Utf8Bytes::from(binding::error_event(err));
-        // A client whose queue is full is being disconnected anyway; the report is not needed.
-        let _ = self.out.try_send(Outbound::Control(text));
-    }
-
-    fn send_subscribed(&self) {
-        let filters = self.filters.read().map(|f| f.clone()).unwrap_or_default();
-        let text = Utf8Bytes::from(binding::subscribed_event(&filters));
-        let _ = self.out.try_send(Outbound::Control(text));
-    }
-
-    /// The first filter (in subscription order) that matches `topic`.
-    fn first_match(&self, topic: &Topic) -> Option<TopicFilter> {
-        let filters = self.filters.read().ok()?;
-        filters.iter().find(|f| f.matches(topic)).cloned()
-    }
-
-    fn disconnect_slow(&self) {
-        if let Ok(mut frame) = self.kill_frame.lock() {
-            frame.get_or_insert_with(|| {
-                close_frame(
-                    close_code::POLICY_VIOLATION,
-                    "slow consumer: outbound queue full",
-                )
-            });
-        }
-        self.kill.cancel();
-    }
-}
-
-/// Forwards one subscription into the outbound queue.
-async fn pump(conn: Arc<Conn>, filter: TopicFilter, mut sub: Subscription) {
-    while let Some(delivery) = sub.next().await {
-        if conn.first_match(delivery.topic()).as_ref() != Some(&filter) {
-            // Another of this connection's filters delivers it (or it was just removed): this
-            // copy is settled (JetStream would otherwise deliver it again).
-            let _ = delivery.ack().await;
-            continue;
-        }
-        // The JSON encoder writes UTF-8 only; checked anyway rather than trusted (no copy).
-        let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
-        match conn.out.try_send(Outbound::Event(text, delivery)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(Outbound::Event(_, delivery))) => {
-                match conn.shared.config.slow_consumer {
-                    SlowConsumerPolicy::Drop => {
-                        conn.shared.dropped_slow.inc();
-                        let _ = delivery.ack().await;
-                    }
-                    SlowConsumerPolicy::Disconnect => {
-                        conn.shared.disconnected_slow.inc();
-                        conn.disconnect_slow();
-                        return;
-                    }
-                }
-            }
-            Err(_) => return,
+    fn into_message(self) -> (Message, Option<Delivery>) {
+        match self {
+            Outbound::Event(text, delivery) => (Message::Text(text), Some(delivery)),
+            Outbound::Control(text) => (Message::Text(text), None),
+            Outbound::Ping => (Message::Ping(Default::default()), None),
         }
     }
 }
 
-/// The connection's pumps, aborted when the connection ends.
-struct Pumps {
-    handles: HashMap<TopicFilter, JoinHandle<()>>,
-}
-
-impl Drop for Pumps {
-    fn drop(&mut self) {
-        for h in self.handles.values() {
-            h.abort();
-        }
-    }
-}
-
-impl Pumps {
-    async fn add(
-        &mut self,
-        conn: &Arc<Conn>,
-        filter: TopicFilter,
-        connection: u64,
-    ) -> Result<(), FrameError> {
-        if self.handles.contains_key(&filter) {
-            return Ok(());
-        }
-        // Each filter is a backbone subscription and a pump task (on JetStream a consumer on
-        // the server): a client may not subscribe without end.
-        let max = conn.shared.config.max_filters;
-        if self.handles.len() >= max {
-            conn.shared.metrics.error(ErrorKind::TooManyFilters);
-            return Err(FrameError::new(
-                FrameCode::InvalidRequest,
-                format!(
-                    "`{filter}` refused: at most {max} topic filters per connection (websocket.max_filters)"
-                ),
-                None,
-            ));
-        }
-        let sub = conn
-            .shared
-            .ctx
-            .backbone
-            .subscribe(filter.clone(), SubscribeOptions::default())
-            .await
-            .map_err(|e| FrameError::new(backbone_code(&e), e.to_string(), None))?;
-        if let Ok(mut filters) = conn.filters.write() {
-            filters.push(filter.clone());
-        }
-        let task = tokio::spawn(pump(conn.clone(), filter.clone(), sub));
-        tracing::debug!(connection, %filter, "websocket subscribed");
-        self.handles.insert(filter, task);
-        Ok(())
-    }
-
-    /// Lets every pump forward what its subscription still holds. At shutdown the backbone is
-    /// closed first, so each subscription ends after its queue is empty and its pump returns.
-    async fn drain(mut self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        for (_, handle) in self.handles.drain() {
-            let abort = handle.abort_handle();
-            if tokio::time::timeout_at(deadline, handle).await.is_err() {
-                abort.abort();
-            }
-        }
-    }
-
-    fn remove(&mut self, conn: &Conn, filter: &TopicFilter) {
-        if let Some(h) = self.handles.remove(filter) {
-            h.abort();
-        }
-        if let Ok(mut filters) = conn.filters.write() {
-            filters.retain(|f| f != filter);
-        }
-    }
-}
+/// What a queued message costs beside its text: its queue slot and the delivery it carries.
+const ENTRY_COST: usize = std::mem::size_of::<Outbound>() + 32;
 
 /// Most messages written with one flush.
 const WRITE_BATCH: usize = 64;
 
-/// Writes queued messages; returns when told to close, when the socket fails or is killed.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
-    conn: Arc<Conn>,
-) {
-    let mut ping = tokio::time::interval(conn.shared.config.ping_interval);
-    ping.tick().await;
-    // Deliveries written in the current batch, acknowledged once it is flushed.
-    let mut written_deliveries = Vec::new();
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => None,
-            msg = rx.recv() => msg,
-            _ = ping.tick() => {
-                // A peer that answered nothing for two ping intervals is gone (half-open TCP,
-                // suspended laptop): close instead of holding its resources forever.
-                let silent = conn.last_seen.lock().map(|t| t.elapsed()).unwrap_or_default();
-                if silent > conn.shared.config.ping_interval * 2 {
-                    conn.shared.metrics.error(ErrorKind::PingTimeout);
-                    if let Ok(mut frame) = conn.kill_frame.lock() {
-                        frame.get_or_insert_with(|| close_frame(close_code::GOING_AWAY, "no answer to pings"));
-                    }
-                    conn.kill.cancel();
-                    None
-                } else {
-                    Some(Outbound::Ping)
-                }
-            }
-        };
-        let Some(first) = next else { break };
-        // The first message and whatever else is queued already go out with one flush: a
-        // `send` per event cost a write system call each, most of the gateway's CPU per event
-        // when events arrive a few at a time.
-        let mut close = None;
-        let mut events = 0u64;
-        let written = async {
-            let mut next = Some(first);
-            let mut fed = 0;
-            while let Some(msg) = next.take() {
-                let message = match msg {
-                    Outbound::Event(text, delivery) => {
-                        events += 1;
-                        written_deliveries.push(delivery);
-                        Message::Text(text)
-                    }
-                    Outbound::Ping => Message::Ping(Default::default()),
-                    Outbound::Control(text) => Message::Text(text),
-                    Outbound::Close(frame) => {
-                        close = Some(frame);
-                        break;
-                    }
-                };
-                sink.feed(message).await?;
-                fed += 1;
-                if fed < WRITE_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            sink.flush().await
-        };
-        let sent = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => break,
-            r = written => r.is_ok(),
-        };
-        if !sent {
-            return;
-        }
-        conn.shared.metrics.sent.add(events);
-        for d in written_deliveries.drain(..) {
-            let _ = d.ack().await;
-        }
-        if let Some(frame) = close {
-            let _ =
-                tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-            return;
-        }
-    }
-    // Killed (slow consumer): try to say why, but never wait long for a client that does not read.
-    let frame = conn.kill_frame.lock().ok().and_then(|mut f| f.take());
-    if let Some(frame) = frame {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+/// Most deliveries taken from the subscriptions in one turn before the socket is served again.
+const TAKE_BATCH: usize = 256;
+
+fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    // Close reasons are limited to 123 bytes; ours are short ASCII.
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
     }
 }
 
-/// Why the reader stopped.
+/// One topic filter of the connection and its backbone subscription (`None` once the backbone
+/// ended it, at shutdown).
+struct Sub {
+    filter: TopicFilter,
+    stream: Option<Subscription>,
+    /// Granted with a deny rule inside it ([`SubscribeGrant::Filtered`]): each delivery's
+    /// topic is checked against the ACL.
+    filtered: bool,
+}
+
+/// A publish or subscribe the connection waits for before it reads the next frame.
+type Op = Pin<Box<dyn Future<Output = OpDone> + Send>>;
+
+enum OpDone {
+    Published(Result<(), FrameError>),
+    Subscribed(Vec<Result<(TopicFilter, bool, Subscription), FrameError>>),
+}
+
+/// What the connection's poll found to do.
+enum Step {
+    /// A frame from the client, the end of its stream, or a read error.
+    Frame(Option<Result<Message, tungstenite::Error>>),
+    /// The publish or subscribe finished.
+    Op(OpDone),
+    /// A flush went out: its deliveries are settled.
+    Flushed,
+    /// Deliveries not sent (another filter of this connection sends them, or dropped by the
+    /// policy) wait for their acknowledgement.
+    Ack,
+    /// The ping timer fired (at shutdown: the drain's deadline).
+    Timer,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The slow-consumer policy disconnects the client.
+    Killed,
+    /// The socket failed while writing.
+    WriteFailed,
+    /// Shutdown: every subscription ended and everything queued went out.
+    Drained,
+}
+
+/// Per-connection state, owned by the connection's one task.
+struct Conn {
+    shared: Arc<Shared>,
+    principal: Principal,
+    id: u64,
+    /// Filters in subscription order; an event matching several is delivered once, for the
+    /// first matching filter.
+    subs: Vec<Sub>,
+    /// Where the next turn over the subscriptions starts (round-robin).
+    next_sub: usize,
+    /// Messages for the client not yet handed to the socket.
+    queue: VecDeque<Outbound>,
+    /// Bytes in `queue` (see [`Outbound::cost`]); at most `websocket.outbound_queue_bytes`,
+    /// except that one message always fits into an empty queue.
+    queued: usize,
+    /// Frames were handed to the socket since its last flush.
+    writing: bool,
+    /// Deliveries handed to the socket since the last flush: acknowledged and counted as sent
+    /// once a flush went out, or the close frame (which flushes everything before it).
+    unflushed: Vec<Delivery>,
+    /// Deliveries settled without being sent, to acknowledge (JetStream only).
+    to_ack: Vec<Delivery>,
+    /// The publish or subscribe being waited for; no frame is read meanwhile.
+    op: Option<Op>,
+    /// When the client last sent anything (frame or pong), for dead-peer detection.
+    last_seen: Instant,
+    /// Set by the slow-consumer policy: the close frame to send.
+    killed: Option<CloseFrame>,
+    /// Shutdown: no more frames are read; the subscriptions hand over what they hold.
+    draining: bool,
+}
+
+impl Conn {
+    fn budget(&self) -> usize {
+        self.shared.config.outbound_queue_bytes
+    }
+
+    /// Queues `msg` if it fits into the byte budget; gives it back if not.
+    fn push(&mut self, msg: Outbound) -> Result<(), Outbound> {
+        let cost = msg.cost();
+        if !self.queue.is_empty() && self.queued + cost > self.budget() {
+            return Err(msg);
+        }
+        self.queued += cost;
+        self.queue.push_back(msg);
+        Ok(())
+    }
+
+    fn report(&mut self, err: &FrameError) {
+        tracing::debug!(code = err.code.as_str(), message = %err.message, "websocket frame dropped");
+        self.shared.metrics.error(err.code.kind());
+        let text = Utf8Bytes::from(binding::error_event(err));
+        // A client whose queue is full is being disconnected anyway; the report is not needed.
+        let _ = self.push(Outbound::Control(text));
+    }
+
+    fn send_subscribed(&mut self) {
+        let filters: Vec<TopicFilter> = self.subs.iter().map(|s| s.filter.clone()).collect();
+        let text = Utf8Bytes::from(binding::subscribed_event(&filters));
+        let _ = self.push(Outbound::Control(text));
+    }
+
+    /// Settles a delivery that is not sent: acknowledged if the backbone waits for that.
+    fn settle_unsent(&mut self, delivery: Delivery) {
+        if delivery.needs_ack() {
+            self.to_ack.push(delivery);
+        }
+    }
+
+    /// Routes one delivery of subscription `i`: queued for the client, settled (another
+    /// filter sends it), or handed to the slow-consumer policy. False when the connection is
+    /// to be disconnected.
+    fn route(&mut self, i: usize, delivery: Delivery) -> bool {
+        if self.subs[i].filtered
+            && !self
+                .shared
+                .ctx
+                .authorizer
+                .may_receive(&self.principal, delivery.topic())
+        {
+            // A topic a deny rule keeps from this client: settled, not sent.
+            self.settle_unsent(delivery);
+            return true;
+        }
+        let first = self
+            .subs
+            .iter()
+            .position(|s| s.filter.matches(delivery.topic()));
+        if first != Some(i) {
+            // Another of this connection's filters delivers it (or it was just removed): this
+            // copy is settled (JetStream would otherwise deliver it again).
+            self.settle_unsent(delivery);
+            return true;
+        }
+        // The JSON encoder writes UTF-8 only; checked anyway rather than trusted (no copy).
+        let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
+        match self.push(Outbound::Event(text, delivery)) {
+            Ok(()) => true,
+            Err(Outbound::Event(_, delivery)) => match self.shared.config.slow_consumer {
+                SlowConsumerPolicy::Drop => {
+                    self.shared.dropped_slow.inc();
+                    self.settle_unsent(delivery);
+                    true
+                }
+                SlowConsumerPolicy::Disconnect => {
+                    self.shared.disconnected_slow.inc();
+                    self.killed = Some(close_frame(
+                        close_code::POLICY_VIOLATION,
+                        "slow consumer: outbound queue full (websocket.outbound_queue_bytes)",
+                    ));
+                    false
+                }
+            },
+            Err(_) => true,
+        }
+    }
+
+    /// Takes what the subscriptions hold now (at most [`TAKE_BATCH`]); true if it took any.
+    /// Subscriptions the backbone ended are kept as filters without a stream.
+    fn poll_subscriptions(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut took = 0;
+        let n = self.subs.len();
+        let mut idle = 0;
+        while idle < n && took < TAKE_BATCH {
+            let i = self.next_sub % n;
+            self.next_sub = i + 1;
+            let Some(stream) = self.subs[i].stream.as_mut() else {
+                idle += 1;
+                continue;
+            };
+            match Pin::new(stream).poll_next(cx) {
+                Poll::Ready(Some(delivery)) => {
+                    idle = 0;
+                    took += 1;
+                    if !self.route(i, delivery) {
+                        return Poll::Ready(true);
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.subs[i].stream = None;
+                    idle += 1;
+                }
+                Poll::Pending => idle += 1,
+            }
+        }
+        Poll::Ready(took > 0)
+    }
+
+    /// Hands queued messages to the socket and flushes them. `Ready(Some(step))` when there is
+    /// something to do about it, `Ready(None)` when it made progress, `Pending` when it waits
+    /// for the socket or has nothing to write.
+    fn poll_write(&mut self, ws: &mut WebSocket, cx: &mut Context<'_>) -> Poll<Option<Step>> {
+        if !self.writing {
+            if self.queue.is_empty() {
+                return Poll::Pending;
+            }
+            let mut fed = 0;
+            while fed < WRITE_BATCH && !self.queue.is_empty() {
+                match Pin::new(&mut *ws).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Some(Step::WriteFailed)),
+                    Poll::Pending if fed == 0 => return Poll::Pending,
+                    Poll::Pending => break,
+                }
+                let Some(msg) = self.queue.pop_front() else {
+                    break;
+                };
+                self.queued -= msg.cost();
+                let (message, delivery) = msg.into_message();
+                if Pin::new(&mut *ws).start_send(message).is_err() {
+                    return Poll::Ready(Some(Step::WriteFailed));
+                }
+                self.unflushed.extend(delivery);
+                fed += 1;
+            }
+            self.writing = true;
+        }
+        match Pin::new(&mut *ws).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.writing = false;
+                if self.unflushed.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Step::Flushed))
+                }
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Some(Step::WriteFailed)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Waits for the next thing to do. `shutdown` and `timer` are the task's own futures.
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut WebSocket,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<Step> {
+        if !self.draining && shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Step::Shutdown);
+        }
+        for round in 0.. {
+            if round == 4 {
+                // Still busy: the task comes back after the others had their turn.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if self.killed.is_some() {
+                return Poll::Ready(Step::Killed);
+            }
+            if !self.to_ack.is_empty() {
+                return Poll::Ready(Step::Ack);
+            }
+            // The socket first: what is queued goes out before more is taken.
+            let wrote = match self.poll_write(ws, cx) {
+                Poll::Ready(Some(step)) => return Poll::Ready(step),
+                Poll::Ready(None) => true,
+                Poll::Pending => false,
+            };
+            // Always taken, whether the socket keeps up or not: the policy applies here.
+            let Poll::Ready(took) = self.poll_subscriptions(cx) else {
+                unreachable!("poll_subscriptions is always ready")
+            };
+            if !wrote && !took {
+                break;
+            }
+        }
+        if let Some(op) = self.op.as_mut()
+            && let Poll::Ready(done) = op.as_mut().poll(cx)
+        {
+            self.op = None;
+            return Poll::Ready(Step::Op(done));
+        }
+        if self.draining {
+            let ended = self.subs.iter().all(|s| s.stream.is_none());
+            if ended && self.queue.is_empty() && !self.writing {
+                return Poll::Ready(Step::Drained);
+            }
+        } else if self.op.is_none()
+            && let Poll::Ready(frame) = Pin::new(&mut *ws).poll_next(cx)
+        {
+            return Poll::Ready(Step::Frame(frame));
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Step::Timer);
+        }
+        Poll::Pending
+    }
+
+    /// Counts the deliveries that went out with a flush as sent and acknowledges them.
+    async fn settle_sent(&mut self) {
+        self.shared.metrics.sent.add(self.unflushed.len() as u64);
+        for d in self.unflushed.drain(..) {
+            if d.needs_ack() {
+                let _ = d.ack().await;
+            }
+        }
+    }
+
+    async fn ack_unsent(&mut self) {
+        for d in std::mem::take(&mut self.to_ack) {
+            let _ = d.ack().await;
+        }
+    }
+
+    /// Starts what a text frame asks for: a publish or subscribe becomes `self.op`.
+    fn handle_text(&mut self, text: &str) {
+        match binding::decode_frame(text) {
+            Err(e) => self.report(&e),
+            Ok(Inbound::Publish(event)) => {
+                let shared = &self.shared;
+                let topic = match &shared.config.publish_topic {
+                    PublishTopic::Fixed(t) => Topic::from_mqtt(t),
+                    PublishTopic::Subject => match event.subject() {
+                        Some(s) => Topic::from_mqtt(s),
+                        None => {
+                            self.report(&FrameError::new(
+                                FrameCode::NoTopic,
+                                "the event has no `subject`; set it to the topic to publish to",
+                                Some(event.id()),
+                            ));
+                            return;
+                        }
+                    },
+                };
+                let topic = match topic {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.report(&FrameError::new(
+                            FrameCode::NoTopic,
+                            e.to_string(),
+                            Some(event.id()),
+                        ));
+                        return;
+                    }
+                };
+                let shared = shared.clone();
+                let principal = self.principal.clone();
+                let origin = shared.ctx.origin(self.id);
+                self.op = Some(Box::pin(async move {
+                    let id = event.id().to_owned();
+                    let published = shared
+                        .ctx
+                        .publish(&shared.metrics, &principal, topic, Arc::from(event), origin)
+                        .await;
+                    OpDone::Published(published.map_err(|e| {
+                        let code = match &e {
+                            PublishError::Forbidden(_) => FrameCode::Forbidden,
+                            PublishError::Backbone(b) => backbone_code(b),
+                        };
+                        FrameError::new(code, e.to_string(), Some(&id))
+                    }))
+                }));
+            }
+            Ok(Inbound::Subscribe(filters)) => self.subscribe(filters),
+            Ok(Inbound::Unsubscribe(filters)) => {
+                for filter in &filters {
+                    // Dropping the stream ends the backbone subscription.
+                    self.subs.retain(|s| &s.filter != filter);
+                }
+                self.send_subscribed();
+            }
+        }
+    }
+
+    /// Starts subscribing to `filters` (checked against the ACL and `websocket.max_filters`
+    /// here, subscribed by the backbone in `self.op`); answered with `io.meshgate.subscribed`.
+    fn subscribe(&mut self, filters: Vec<TopicFilter>) {
+        let shared = self.shared.clone();
+        let max = shared.config.max_filters;
+        let mut held = self.subs.len();
+        let mut wanted = Vec::with_capacity(filters.len());
+        let mut refused = Vec::new();
+        for filter in filters {
+            if self.subs.iter().any(|s| s.filter == filter)
+                || wanted.iter().any(|(f, _)| *f == filter)
+            {
+                continue;
+            }
+            let filtered = match shared
+                .ctx
+                .authorizer
+                .check_subscribe(&self.principal, &filter)
+            {
+                Ok(grant) => grant == SubscribeGrant::Filtered,
+                Err(e) => {
+                    refused.push(FrameError::new(FrameCode::Forbidden, e.to_string(), None));
+                    continue;
+                }
+            };
+            // Each filter is a backbone subscription (on JetStream a consumer on the server):
+            // a client may not subscribe without end.
+            if held >= max {
+                shared.metrics.error(ErrorKind::TooManyFilters);
+                refused.push(FrameError::new(
+                    FrameCode::InvalidRequest,
+                    format!(
+                        "`{filter}` refused: at most {max} topic filters per connection (websocket.max_filters)"
+                    ),
+                    None,
+                ));
+                continue;
+            }
+            held += 1;
+            wanted.push((filter, filtered));
+        }
+        for e in &refused {
+            self.report(e);
+        }
+        let connection = self.id;
+        self.op = Some(Box::pin(async move {
+            let mut done = Vec::with_capacity(wanted.len());
+            for (filter, filtered) in wanted {
+                let sub = shared
+                    .ctx
+                    .backbone
+                    .subscribe(filter.clone(), SubscribeOptions::default())
+                    .await
+                    .map_err(|e| FrameError::new(backbone_code(&e), e.to_string(), None));
+                if sub.is_ok() {
+                    tracing::debug!(connection, %filter, "websocket subscribed");
+                }
+                done.push(sub.map(|s| (filter, filtered, s)));
+            }
+            OpDone::Subscribed(done)
+        }));
+    }
+
+    fn finish_op(&mut self, done: OpDone) {
+        match done {
+            OpDone::Published(Ok(())) => {}
+            OpDone::Published(Err(e)) => self.report(&e),
+            OpDone::Subscribed(results) => {
+                for r in results {
+                    match r {
+                        Ok((filter, filtered, stream)) => self.subs.push(Sub {
+                            filter,
+                            stream: Some(stream),
+                            filtered,
+                        }),
+                        Err(e) => self.report(&e),
+                    }
+                }
+                self.send_subscribed();
+            }
+        }
+    }
+
+    /// Writes what is queued and flushes it, within `within`; false if that failed or took
+    /// longer. Subscriptions are not polled meanwhile.
+    async fn flush_queue(&mut self, ws: &mut WebSocket, within: Duration) -> bool {
+        let flushed = tokio::time::timeout(within, async {
+            loop {
+                let step = std::future::poll_fn(|cx| match self.poll_write(ws, cx) {
+                    Poll::Ready(step) => Poll::Ready(step),
+                    Poll::Pending if self.queue.is_empty() && !self.writing => {
+                        Poll::Ready(Some(Step::Drained))
+                    }
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                match step {
+                    Some(Step::Flushed) => self.settle_sent().await,
+                    Some(Step::Drained) => return true,
+                    Some(_) => return false,
+                    None => {}
+                }
+            }
+        })
+        .await;
+        matches!(flushed, Ok(true))
+    }
+
+    /// Sends `frame` after whatever was handed to the socket already; what went out before it
+    /// is counted as sent.
+    async fn send_close(&mut self, ws: &mut WebSocket, frame: CloseFrame) {
+        let closed =
+            tokio::time::timeout(CLOSE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+        if matches!(closed, Ok(Ok(()))) {
+            self.settle_sent().await;
+        }
+    }
+}
+
+/// Why the connection stopped reading.
 enum End {
-    /// The client closed or vanished.
+    /// The client closed or vanished (or the socket failed).
     Client,
     /// Close the connection with this frame, after what is already queued.
     Close(CloseFrame),
-    /// The slow-consumer policy fired; the writer sends the close frame.
-    Killed,
+    /// Shutdown: the subscriptions handed over what they hold; queued events, then 1001.
+    Shutdown,
+    /// The slow-consumer policy or the ping check fired: send this close frame after what the
+    /// socket has already, and drop the queue.
+    Killed(CloseFrame),
 }
 
 /// The close a read error calls for; counted in `meshgate_errors_total` (`bad_frame`,
 /// `too_large`, `protocol`) like every other refusal of client input.
-fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End {
-    let inner = err.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Utf8(_)) => {
+fn classify_error(err: tungstenite::Error, max: usize, metrics: &AdapterMetrics) -> End {
+    match err {
+        tungstenite::Error::Utf8(_) => {
             metrics.error(ErrorKind::BadFrame);
             End::Close(close_frame(
                 close_code::INVALID_PAYLOAD,
                 "text frame is not valid UTF-8",
             ))
         }
-        Some(tungstenite::Error::Capacity(_)) => {
+        tungstenite::Error::Capacity(_) => {
             metrics.error(ErrorKind::TooLarge);
             End::Close(close_frame(
                 close_code::MESSAGE_TOO_BIG,
                 &format!("message larger than {max} bytes"),
             ))
         }
-        Some(tungstenite::Error::Protocol(p)) => {
+        tungstenite::Error::Protocol(p) => {
             tracing::debug!(error = %p, "websocket protocol error");
             metrics.error(ErrorKind::Protocol);
             End::Close(close_frame(close_code::PROTOCOL_ERROR, "protocol error"))
@@ -360,175 +641,134 @@ fn classify_error(err: axum::Error, max: usize, metrics: &AdapterMetrics) -> End
     }
 }
 
-async fn handle_text(
-    conn: &Arc<Conn>,
-    pumps: &mut Pumps,
-    principal: &Principal,
-    connection: u64,
-    text: &str,
-) {
-    let shared = &conn.shared;
-    match binding::decode_frame(text) {
-        Err(e) => conn.report(&e),
-        Ok(Inbound::Publish(event)) => {
-            let topic = match &shared.config.publish_topic {
-                PublishTopic::Fixed(t) => Topic::from_mqtt(t),
-                PublishTopic::Subject => match event.subject() {
-                    Some(s) => Topic::from_mqtt(s),
-                    None => {
-                        conn.report(&FrameError::new(
-                            FrameCode::NoTopic,
-                            "the event has no `subject`; set it to the topic to publish to",
-                            Some(event.id()),
-                        ));
-                        return;
-                    }
-                },
-            };
-            let topic = match topic {
-                Ok(t) => t,
-                Err(e) => {
-                    conn.report(&FrameError::new(
-                        FrameCode::NoTopic,
-                        e.to_string(),
-                        Some(event.id()),
-                    ));
-                    return;
-                }
-            };
-            let id = event.id().to_owned();
-            let origin = shared.ctx.origin(connection);
-            if let Err(e) = shared
-                .ctx
-                .publish(&shared.metrics, principal, topic, Arc::from(event), origin)
-                .await
-            {
-                let code = match &e {
-                    PublishError::Forbidden(_) => FrameCode::Forbidden,
-                    PublishError::Backbone(b) => backbone_code(b),
-                };
-                conn.report(&FrameError::new(code, e.to_string(), Some(&id)));
-            }
-        }
-        Ok(Inbound::Subscribe(filters)) => {
-            for filter in filters {
-                if let Err(e) = shared.ctx.authorizer.check_subscribe(principal, &filter) {
-                    conn.report(&FrameError::new(FrameCode::Forbidden, e.to_string(), None));
-                    continue;
-                }
-                if let Err(e) = pumps.add(conn, filter, connection).await {
-                    conn.report(&e);
-                }
-            }
-            conn.send_subscribed();
-        }
-        Ok(Inbound::Unsubscribe(filters)) => {
-            for filter in &filters {
-                pumps.remove(conn, filter);
-            }
-            conn.send_subscribed();
-        }
-    }
-}
-
 /// Runs a connection until the client leaves, a protocol rule closes it, the slow-consumer
-/// policy disconnects it, or the gateway shuts down (close 1001 after flushing the queue).
+/// policy disconnects it, or the gateway shuts down (what its subscriptions hold and the queue
+/// go out first, then close 1001).
 pub(crate) async fn run(
-    socket: WebSocket,
+    mut ws: WebSocket,
     shared: Arc<Shared>,
     principal: Principal,
     initial: Vec<TopicFilter>,
 ) {
-    let connection = shared.ctx.next_connection_id();
-    let (sink, mut stream): (SplitSink<WebSocket, Message>, SplitStream<WebSocket>) =
-        socket.split();
-    let (out, rx) = mpsc::channel(shared.config.outbound_queue);
-    let conn = Arc::new(Conn {
-        shared: shared.clone(),
-        out,
-        kill: CancellationToken::new(),
-        kill_frame: Mutex::new(None),
-        last_seen: Mutex::new(tokio::time::Instant::now()),
-        filters: RwLock::new(Vec::new()),
-    });
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
-    let mut pumps = Pumps {
-        handles: HashMap::new(),
-    };
-    for filter in initial {
-        if let Err(e) = pumps.add(&conn, filter, connection).await {
-            conn.report(&e);
-        }
-    }
-    conn.send_subscribed();
+    let id = shared.ctx.next_connection_id();
+    let ping_interval = shared.config.ping_interval;
+    let max = shared.config.max_message_size;
     tracing::debug!(
-        connection,
+        connection = id,
         principal = principal.name(),
         "websocket connected"
     );
+    let shutdown = shared.ctx.shutdown.clone();
+    let shutdown = shutdown.cancelled();
+    tokio::pin!(shutdown);
+    let timer = tokio::time::sleep(ping_interval);
+    tokio::pin!(timer);
+    let mut conn = Conn {
+        shared,
+        principal,
+        id,
+        subs: Vec::new(),
+        next_sub: 0,
+        queue: VecDeque::new(),
+        queued: 0,
+        writing: false,
+        unflushed: Vec::new(),
+        to_ack: Vec::new(),
+        op: None,
+        last_seen: Instant::now(),
+        killed: None,
+        draining: false,
+    };
+    // Answered with the greeting `io.meshgate.subscribed` (also without filters), so a client
+    // knows when it is subscribed.
+    conn.subscribe(initial);
 
-    let max = shared.config.max_message_size;
     let end = loop {
-        tokio::select! {
-            biased;
-            _ = shared.ctx.shutdown.cancelled() => {
-                break End::Close(close_frame(close_code::GOING_AWAY, "server shutting down"));
-            }
-            _ = conn.kill.cancelled() => break End::Killed,
-            frame = stream.next() => {
-                conn.touch();
+        let step = std::future::poll_fn(|cx| {
+            conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
+        })
+        .await;
+        match step {
+            Step::Frame(frame) => {
+                conn.last_seen = Instant::now();
                 match frame {
-                None => break End::Client,
-                Some(Err(e)) => break classify_error(e, max, &shared.metrics),
-                Some(Ok(Message::Text(text))) => {
-                    handle_text(&conn, &mut pumps, &principal, connection, text.as_str()).await;
-                }
-                Some(Ok(Message::Binary(_))) => break End::Close(close_frame(
-                    close_code::UNSUPPORTED_DATA,
-                    "binary frames are not supported on cloudevents.json; send JSON text frames",
-                )),
-                // Pings are answered by the protocol layer; a close frame is answered there too
-                // and the stream then ends.
-                Some(Ok(_)) => {}
+                    None => break End::Client,
+                    Some(Err(e)) => break classify_error(e, max, &conn.shared.metrics),
+                    Some(Ok(Message::Text(text))) => conn.handle_text(text.as_str()),
+                    Some(Ok(Message::Binary(_))) => {
+                        break End::Close(close_frame(
+                            close_code::UNSUPPORTED_DATA,
+                            "binary frames are not supported on cloudevents.json; send JSON text frames",
+                        ));
+                    }
+                    // Pings are answered by the protocol layer; a close frame is answered there
+                    // too and the stream then ends.
+                    Some(Ok(_)) => {}
                 }
             }
+            Step::Op(done) => conn.finish_op(done),
+            Step::Flushed => conn.settle_sent().await,
+            Step::Ack => conn.ack_unsent().await,
+            Step::Timer if conn.draining => break End::Shutdown,
+            Step::Timer => {
+                timer.as_mut().reset(Instant::now() + ping_interval);
+                // A peer that answered nothing for two ping intervals is gone (half-open TCP,
+                // suspended laptop): close instead of holding its resources forever.
+                if conn.last_seen.elapsed() > ping_interval * 2 {
+                    conn.shared.metrics.error(ErrorKind::PingTimeout);
+                    break End::Killed(close_frame(close_code::GOING_AWAY, "no answer to pings"));
+                }
+                conn.queue.push_back(Outbound::Ping);
+            }
+            Step::Shutdown => {
+                // The backbone was closed first: each subscription ends once it handed over
+                // what it holds. The timer becomes the deadline for that.
+                conn.draining = true;
+                timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+            }
+            Step::Drained => break End::Shutdown,
+            Step::Killed => {
+                let frame = conn
+                    .killed
+                    .take()
+                    .unwrap_or_else(|| close_frame(close_code::POLICY_VIOLATION, "slow consumer"));
+                break End::Killed(frame);
+            }
+            Step::WriteFailed => break End::Client,
         }
     };
+    // The subscriptions end here (except at shutdown, where they ended already).
+    conn.subs.clear();
+    let id = conn.id;
     match end {
-        End::Close(frame) => {
-            if frame.code == close_code::GOING_AWAY {
-                // Shutdown: what the backbone already holds for this client goes out first.
-                pumps.drain(CLOSE_TIMEOUT).await;
-            } else {
-                drop(pumps);
-            }
-            tracing::debug!(connection, code = frame.code, reason = %frame.reason, "closing websocket");
-            // Queued events go out first, then the close frame.
-            let queued =
-                tokio::time::timeout(CLOSE_TIMEOUT, conn.out.send(Outbound::Close(frame))).await;
-            if queued.is_err() {
-                conn.kill.cancel();
-            }
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
-            // Let the client answer the close handshake.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while stream.next().await.is_some() {}
-            })
-            .await;
+        End::Shutdown => {
+            let frame = close_frame(close_code::GOING_AWAY, "server shutting down");
+            close(&mut conn, &mut ws, frame).await;
         }
-        End::Killed => {
-            drop(pumps);
+        End::Close(frame) => close(&mut conn, &mut ws, frame).await,
+        End::Killed(frame) => {
             tracing::info!(
-                connection,
+                connection = id,
                 "websocket closed by policy (slow consumer or no pong)"
             );
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, writer).await;
+            // Never wait long for a client that does not read: what the socket has already,
+            // then the close frame, and no waiting for its answer.
+            conn.queue.clear();
+            conn.send_close(&mut ws, frame).await;
         }
-        End::Client => {
-            drop(pumps);
-            conn.kill.cancel();
-            writer.abort();
-        }
+        End::Client => {}
     }
-    tracing::debug!(connection, "websocket disconnected");
+    conn.ack_unsent().await;
+    tracing::debug!(connection = id, "websocket disconnected");
+}
+
+/// Closes with `frame` after what is queued, then waits for the client's answer.
+async fn close(conn: &mut Conn, ws: &mut WebSocket, frame: CloseFrame) {
+    tracing::debug!(connection = conn.id, code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
+    if !conn.flush_queue(ws, CLOSE_TIMEOUT * 2).await {
+        return;
+    }
+    conn.send_close(ws, frame).await;
+    // Let the client answer the close handshake.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while ws.next().await.is_some() {} }).await;
 }

@@ -13,21 +13,24 @@
 
 pub mod binding;
 mod connection;
+mod read_ahead;
 
 use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
-use axum::extract::State;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
-use axum::response::Response;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::TokioIo;
 use meshgate_config::WebSocketConfig;
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::{AdapterContext, AuthError, Credentials, TopicFilter};
 use meshgate_web::PeerAddr;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::{Role, WebSocketConfig as Limits};
 
 pub use connection::close_code;
 
@@ -85,29 +88,71 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Why a request is not a WebSocket upgrade (RFC 6455 §4.2.1), as axum's `WebSocketUpgrade`
+/// checks it; `Ok` is the `Sec-WebSocket-Key`.
+fn upgrade_key(request: &Request) -> Result<&HeaderValue, &'static str> {
+    let headers = request.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if request.method() != Method::GET {
+        return Err("the method must be GET");
+    }
+    if !has(header::CONNECTION, "upgrade") {
+        return Err("`Connection` must contain `upgrade`");
+    }
+    if !has(header::UPGRADE, "websocket") {
+        return Err("`Upgrade` must be `websocket`");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("`Sec-WebSocket-Version` must be 13");
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("`Sec-WebSocket-Key` is missing")
+}
+
 fn bearer_from_headers(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The upgrade is done here rather than by axum's `WebSocketUpgrade`, so that the socket under
+/// tungstenite can be wrapped ([`read_ahead`]: no read buffer while idle).
 async fn handshake(
     State(shared): State<Arc<Shared>>,
     PeerAddr(peer): PeerAddr,
-    headers: HeaderMap,
-    uri: Uri,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
-    let upgrade = match upgrade {
-        Ok(u) => u,
-        Err(rejection) => {
+    let accept = match upgrade_key(&request) {
+        Ok(key) => tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        Err(why) => {
             shared.metrics.error(ErrorKind::BadHandshake);
             return problem(
                 StatusCode::BAD_REQUEST,
-                format!("this endpoint only accepts WebSocket upgrades: {rejection}"),
+                format!("this endpoint only accepts WebSocket upgrades: {why}"),
             );
         }
     };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        shared.metrics.error(ErrorKind::BadHandshake);
+        return problem(
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded",
+        );
+    };
+    let headers = request.headers();
+    let uri = request.uri();
     if shared.ctx.shutdown.is_cancelled() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -117,7 +162,7 @@ async fn handshake(
     // Cross-site WebSocket hijacking: a page of another origin must not use the visitor's
     // network position (or cookies) to subscribe.
     if let Err(refusal) = meshgate_web::origin::check(
-        &headers,
+        headers,
         &shared.config.allowed_origins,
         "websocket.allowed_origins",
     ) {
@@ -136,7 +181,7 @@ async fn handshake(
             );
         }
     };
-    let protocols = meshgate_web::offered_subprotocols(&headers);
+    let protocols = meshgate_web::offered_subprotocols(headers);
     let negotiated = match binding::negotiate(protocols, shared.config.require_subprotocol) {
         Ok(n) => n,
         Err(refusal) => {
@@ -148,7 +193,7 @@ async fn handshake(
         Ok(p) => p,
         Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let token = bearer_from_headers(&headers).or(params.access_token.as_deref());
+    let token = bearer_from_headers(headers).or(params.access_token.as_deref());
     let credentials = token.map_or(Credentials::None, Credentials::Token);
     let principal = match shared.ctx.authorizer.authenticate(credentials) {
         Ok(p) => p,
@@ -190,6 +235,8 @@ async fn handshake(
             Ok(f) => f,
             Err(e) => return problem(StatusCode::BAD_REQUEST, format!("subscribe: {e}")),
         };
+        // Refused here with 403; the connection checks again (and learns whether the
+        // subscription is filtered) when it subscribes.
         if let Err(e) = shared.ctx.authorizer.check_subscribe(&principal, &filter) {
             shared.metrics.error(ErrorKind::Forbidden);
             return problem(StatusCode::FORBIDDEN, e.to_string());
@@ -209,19 +256,39 @@ async fn handshake(
             ),
         );
     }
-    let mut upgrade = upgrade
-        .read_buffer_size(meshgate_core::limits::WEBSOCKET_READ_BUFFER)
+    let limits = Limits::default()
+        .read_buffer_size(read_ahead::TUNGSTENITE_READ)
         .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
-        .max_message_size(shared.config.max_message_size)
-        .max_frame_size(shared.config.max_message_size);
-    if negotiated == binding::Negotiated::CloudEventsJson {
-        upgrade = upgrade.protocols([binding::SUBPROTOCOL]);
-    }
+        .max_message_size(Some(shared.config.max_message_size))
+        .max_frame_size(Some(shared.config.max_message_size));
     let tracker = shared.ctx.tracker.clone();
-    upgrade.on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            let _slots = (slot, ip_permit, user_permit);
-            connection::run(socket, shared, principal, filters).await;
-        })
-    })
+    tokio::spawn(tracker.track_future(async move {
+        let _slots = (slot, ip_permit, user_permit);
+        // Fulfilled once hyper has written the 101 below; fails if the client left before.
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let io = read_ahead::ReadAhead::new(TokioIo::new(upgraded));
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
+        connection::run(socket, shared, principal, filters).await;
+    }));
+    let mut response = (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, HeaderValue::from_static("upgrade")),
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+        ],
+    )
+        .into_response();
+    let h = response.headers_mut();
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if negotiated == binding::Negotiated::CloudEventsJson {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(binding::SUBPROTOCOL),
+        );
+    }
+    response
 }

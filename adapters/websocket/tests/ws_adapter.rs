@@ -30,7 +30,7 @@ fn ws_config() -> WebSocketConfig {
         path: "/ws".into(),
         require_subprotocol: true,
         max_message_size: 64 * 1024,
-        outbound_queue: 16,
+        outbound_queue_bytes: 64 * 1024,
         slow_consumer: SlowConsumerPolicy::Disconnect,
         publish_topic: PublishTopic::Subject,
         max_connections: 1000,
@@ -332,7 +332,7 @@ async fn subscribe_and_unsubscribe_while_connected_delivering_once() {
 #[tokio::test]
 async fn slow_consumer_is_disconnected_without_holding_up_others() {
     let mut config = ws_config();
-    config.outbound_queue = 64;
+    config.outbound_queue_bytes = 64 * 16 * 1024;
     let h = start(config).await;
     let mut fast = connect(h.addr, "?subscribe=t").await;
     let (mut slow, _) = connect_raw(h.addr, "?subscribe=t", Some("cloudevents.json"))
@@ -379,7 +379,7 @@ async fn slow_consumer_is_disconnected_without_holding_up_others() {
 async fn drop_policy_drops_and_counts() {
     let mut config = ws_config();
     config.slow_consumer = SlowConsumerPolicy::Drop;
-    config.outbound_queue = 4;
+    config.outbound_queue_bytes = 64 * 1024;
     let h = start(config).await;
     let mut ws = connect(h.addr, "?subscribe=t").await;
     // 16 KiB events: the socket buffers fill, then the 4-slot queue, then events are dropped.
@@ -429,6 +429,7 @@ async fn tokens_and_acls_are_enforced_at_the_handshake() {
             permissions: Permissions {
                 publish: vec!["web/{user}/#".into()],
                 subscribe: vec!["public/#".into()],
+                ..Permissions::default()
             },
         }],
         None,
@@ -604,11 +605,13 @@ async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
             permissions: Permissions {
                 publish: vec!["#".into()],
                 subscribe: vec!["#".into()],
+                ..Permissions::default()
             },
         }],
         Some(Permissions {
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            ..Permissions::default()
         }),
     )
     .unwrap();
@@ -681,8 +684,9 @@ async fn cross_origin_upgrade_is_refused_with_403() {
     );
 }
 
-/// The read buffer is 4 KiB (`limits::WEBSOCKET_READ_BUFFER`, issue 27's idle memory); a
-/// message of 40 KiB in one frame still arrives whole.
+/// tungstenite's read buffer is 256 bytes and the read-ahead below it reads 8 KiB at a time
+/// (issue 27's idle memory, `read_ahead.rs`); a message of 40 KiB in one frame still arrives
+/// whole.
 #[tokio::test]
 async fn messages_larger_than_the_read_buffer_arrive_whole() {
     let h = start(ws_config()).await;
@@ -695,7 +699,6 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
     let mut big = event("L1");
     big.set_extension("pad", ExtensionValue::String("p".repeat(40 * 1024)))
         .unwrap();
-    const { assert!(meshgate_core::limits::WEBSOCKET_READ_BUFFER < 40 * 1024) };
     ws.send(Message::Text(json::encode_string(&big).into()))
         .await
         .unwrap();
@@ -704,4 +707,111 @@ async fn messages_larger_than_the_read_buffer_arrive_whole() {
         .unwrap()
         .unwrap();
     assert_eq!(**d.event(), big);
+}
+
+/// Frames sent back to back in one write (sizes around tungstenite's 256-byte reads and the
+/// 8 KiB read-ahead) are each read whole and in order, however they fall across reads.
+#[tokio::test]
+async fn frames_sent_back_to_back_are_read_whole_and_in_order() {
+    let h = start(ws_config()).await;
+    let mut sub = h
+        .backbone
+        .subscribe(TopicFilter::parse("#").unwrap(), Default::default())
+        .await
+        .unwrap();
+    let mut ws = connect(h.addr, "").await;
+    let sizes = [
+        0usize,
+        100,
+        500,
+        511,
+        512,
+        513,
+        3000,
+        8 * 1024,
+        8 * 1024 + 7,
+        20_000,
+    ];
+    let mut sent = Vec::new();
+    for round in 0..5 {
+        for (i, pad) in sizes.iter().enumerate() {
+            let mut e = event(&format!("P{round}-{i}"));
+            e.set_extension("pad", ExtensionValue::String("p".repeat(*pad)))
+                .unwrap();
+            ws.feed(Message::Text(json::encode_string(&e).into()))
+                .await
+                .unwrap();
+            sent.push(e);
+        }
+    }
+    ws.flush().await.unwrap();
+    for e in &sent {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(**d.event(), *e);
+    }
+}
+
+/// The value of the sample `name` (with its labels) on the harness's registry, 0 if absent.
+fn sample(h: &Harness, name: &str) -> u64 {
+    h.registry
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sized_event(id: String, bytes: usize) -> Event {
+    let mut e = Event::new(id, "/s", "t").unwrap();
+    e.set_data(Some(meshgate_core::Data::Json(
+        serde_json::value::RawValue::from_string(format!(r#""{}""#, "x".repeat(bytes))).unwrap(),
+    )));
+    e
+}
+
+/// Issue 19 item 7: `events_sent_total` counts exactly what a client received, also when the
+/// slow-consumer policy cut it off in the middle of a batch (the events handed to the socket
+/// before the close frame reach the client with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_counts_what_a_cut_off_client_received() {
+    let mut config = ws_config();
+    config.outbound_queue_bytes = 1024 * 1024;
+    let h = start(config).await;
+    let mut ws = connect(h.addr, "?subscribe=t").await;
+    let disconnected =
+        "meshgate_errors_total{adapter=\"websocket\",kind=\"slow_consumer_disconnected\"}";
+    let mut published = 0;
+    while sample(&h, disconnected) == 0 {
+        assert!(published < 20_000, "never disconnected");
+        publish(&h, "t", sized_event(format!("C{published}"), 16 * 1024)).await;
+        published += 1;
+        // Paced so that the writer keeps up until the client's socket is full: it is then in
+        // the middle of a batch when the queue overflows.
+        if published % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // The client reads now: everything handed to its socket, then the close frame.
+    let mut received = 0u64;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {received} events: {other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(received > 0);
+    // The writer counts once the close frame went out, which the client saw already.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sample(&h, "meshgate_events_sent_total{adapter=\"websocket\"}"),
+        received,
+        "published {published}"
+    );
 }

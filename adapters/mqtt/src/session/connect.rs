@@ -215,7 +215,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return refuse(stream, version, r).await;
     }
-    let principal = match authenticate(shared, request.login.as_ref()) {
+    let principal = match authenticate(shared, request.login.as_ref(), &client_id) {
         Ok(p) => p,
         Err(code) => {
             shared.metrics.error(ErrorKind::Unauthorized);
@@ -389,8 +389,13 @@ fn client_id(request: &Request) -> Result<(String, Option<String>), Refusal> {
     Ok((id.clone(), Some(id)))
 }
 
-/// Checks the credentials of CONNECT.
-fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, ConnectReturnCode> {
+/// Checks the credentials of CONNECT; the principal's ACL rules with `{clientid}` are bound to
+/// `client_id` (assigned or not), so the will's topic is checked with them too.
+fn authenticate(
+    shared: &Shared,
+    login: Option<&Login>,
+    client_id: &str,
+) -> Result<Principal, ConnectReturnCode> {
     let credentials = match login {
         None => Credentials::None,
         Some(l) if l.username.is_empty() && l.password.is_empty() => Credentials::None,
@@ -401,10 +406,10 @@ fn authenticate(shared: &Shared, login: Option<&Login>) -> Result<Principal, Con
             password: l.password.as_bytes(),
         },
     };
-    shared
-        .ctx
-        .authorizer
+    let authorizer = &shared.ctx.authorizer;
+    authorizer
         .authenticate(credentials)
+        .map(|p| authorizer.for_client(&p, client_id))
         .map_err(|e| match e {
             meshgate_core::AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
             _ => ConnectReturnCode::NotAuthorized,

@@ -585,7 +585,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 }
             };
             match written {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => shared.bytes_out.add(session.out.len() as u64),
                 Ok(Err(_)) => break End::Abnormal,
                 Err(_) => {
                     shared.metrics.error(ErrorKind::WriteTimeout);
@@ -652,7 +652,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
             r = rd.read_buf(&mut buf), if !session.inbound_full() => match r {
                 Ok(0) | Err(_) => break End::Abnormal,
-                Ok(n) => busy = n >= 64,
+                Ok(n) => {
+                    busy = n >= 64;
+                    shared.bytes_in.add(n as u64);
+                }
             },
             // While the in-flight window and `pending` are full, deliveries wait in the queue
             // (and behind it, in the backbone), until the client acknowledges.

@@ -284,6 +284,13 @@ impl Session {
             return None;
         };
         let envelope = &q.delivery.envelope;
+        if source.filtered && !self.may_receive(&envelope.topic) {
+            // A deny rule inside the filter (`test/#` with `test/nosubscribe` denied): not
+            // for this client, as Mosquitto checks read access per message. Every subscription
+            // matching a denied topic is `filtered`, so the copies from the others stop here too.
+            self.settle_later(q.delivery);
+            return None;
+        }
         let publish_qos = to_qos(envelope.qos);
         if source.shared {
             return Some(Outgoing {
@@ -320,6 +327,14 @@ impl Session {
             sub_ids,
             delivery: q.delivery,
         })
+    }
+
+    /// Whether the client may receive a message on `topic` (its ACL's subscribe rules).
+    pub(super) fn may_receive(&self, topic: &meshgate_core::Topic) -> bool {
+        self.shared
+            .ctx
+            .authorizer
+            .may_receive(&self.principal, topic)
     }
 
     /// Keeps `delivery` to acknowledge to the backbone once the write buffer reached the socket

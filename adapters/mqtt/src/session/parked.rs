@@ -54,6 +54,11 @@ impl Parked {
         }
     }
 
+    /// How many sessions are parked.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }

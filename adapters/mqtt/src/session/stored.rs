@@ -358,11 +358,25 @@ impl Session {
             let Ok(filter) = TopicFilter::parse(text) else {
                 continue;
             };
+            // Checked again: the ACL may have changed since the subscription was stored.
+            let filtered = match self
+                .shared
+                .ctx
+                .authorizer
+                .check_subscribe(&self.principal, &filter)
+            {
+                Ok(grant) => grant == meshgate_core::SubscribeGrant::Filtered,
+                Err(e) => {
+                    tracing::info!(client_id = self.client_id, error = %e, "mqtt: a stored subscription is no longer allowed; not restored");
+                    continue;
+                }
+            };
             let options = SubOptions {
                 granted: to_qos(s.qos),
                 no_local: s.no_local,
                 retain_as_published: s.retain_as_published,
                 id: s.id,
+                filtered,
             };
             // Bound to the durable subscription even when this connection's session ends with
             // it (expiry 0): what waited there is delivered, and it is deleted at the end.

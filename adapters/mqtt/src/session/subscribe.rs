@@ -4,7 +4,7 @@
 use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 
-use meshgate_core::{Delivery, SubscribeOptions, TopicFilter};
+use meshgate_core::{Delivery, SubscribeGrant, SubscribeOptions, TopicFilter};
 use rumqttd::protocol::{
     Filter, Packet, QoS, RetainForwardRule, SubAck, SubscribeProperties, SubscribeReasonCode,
     UnsubAck, UnsubAckReason,
@@ -27,6 +27,9 @@ pub(super) struct Subscription {
     pub(super) retain_as_published: bool,
     /// MQTT 5 Subscription Identifier, sent back with every matching PUBLISH.
     pub(super) id: Option<usize>,
+    /// A deny rule of the principal covers part of the filter: each delivery is checked
+    /// ([`meshgate_core::SubscribeGrant::Filtered`]).
+    pub(super) filtered: bool,
     /// Ends this subscription's stream in the session's stream set (unsubscribe).
     cancel: CancellationToken,
 }
@@ -58,6 +61,8 @@ pub(super) struct SubOptions {
     pub(super) no_local: bool,
     pub(super) retain_as_published: bool,
     pub(super) id: Option<usize>,
+    /// Granted [`SubscribeGrant::Filtered`]: deliveries on topics the ACL denies are dropped.
+    pub(super) filtered: bool,
 }
 
 impl Session {
@@ -98,6 +103,7 @@ impl Session {
             no_local: o.no_local,
             retain_as_published: o.retain_as_published,
             id: o.id,
+            filtered: o.filtered,
             cancel,
         });
         self.shared.subscriptions.inc();
@@ -157,17 +163,19 @@ impl Session {
                 codes.push(failure(SubscribeReasonCode::TopicFilterInvalid));
                 continue;
             };
-            if self
+            let filtered = match self
                 .shared
                 .ctx
                 .authorizer
                 .check_subscribe(&self.principal, &filter)
-                .is_err()
             {
-                self.shared.metrics.error(ErrorKind::Forbidden);
-                codes.push(failure(SubscribeReasonCode::NotAuthorized));
-                continue;
-            }
+                Ok(grant) => grant == SubscribeGrant::Filtered,
+                Err(_) => {
+                    self.shared.metrics.error(ErrorKind::Forbidden);
+                    codes.push(failure(SubscribeReasonCode::NotAuthorized));
+                    continue;
+                }
+            };
             let granted = qos_min(f.qos, MAX_GRANTED_QOS);
             let existed = self.subscriptions.iter().position(|s| s.key == f.path);
             if let Some(i) = existed {
@@ -177,6 +185,7 @@ impl Session {
                 s.no_local = f.nolocal;
                 s.retain_as_published = f.preserve_retain;
                 s.id = id;
+                s.filtered = filtered;
             } else if self.subscriptions.len() >= self.shared.config.max_subscriptions {
                 // Each is a backbone subscription (on JetStream a consumer on the server).
                 self.shared.metrics.error(ErrorKind::SubscriptionLimit);
@@ -188,6 +197,7 @@ impl Session {
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     id,
+                    filtered,
                 };
                 let durable = group.is_none().then(|| self.durable(&f.path)).flatten();
                 if let Err(e) = self
@@ -268,6 +278,10 @@ impl Session {
                 .await;
             dropped += found.beyond;
             for envelope in found.envelopes {
+                if !self.may_receive(&envelope.topic) {
+                    // Denied by the subscriber's ACL (a deny rule inside the filter).
+                    continue;
+                }
                 let size = retained_cost(&envelope, true);
                 if messages == 0 || size > bytes {
                     dropped += 1;

@@ -40,6 +40,7 @@ fn config() -> MqttConfig {
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
         plain_messages: meshgate_config::PlainMessages::AsPublished,
+        sys_interval: std::time::Duration::ZERO,
         wrap_type: "io.meshgate.mqtt.message".into(),
         websocket_path: None,
         tls: None,

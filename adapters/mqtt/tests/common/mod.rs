@@ -46,6 +46,7 @@ pub fn mqtt_config() -> MqttConfig {
         v5_outbound: Mqtt5Mode::Binary,
         v311_outbound: Mqtt311Mode::Structured,
         plain_messages: meshgate_config::PlainMessages::AsPublished,
+        sys_interval: std::time::Duration::ZERO,
         wrap_type: "io.meshgate.mqtt.message".into(),
         websocket_path: Some("/mqtt".into()),
         tls: None,

@@ -102,10 +102,13 @@ impl Proxy {
                             }
                         }
                     };
+                    // The cut first: `cut()` sends it before it lifts the stall, and the stalled
+                    // bytes must not be forwarded once the stall is lifted.
                     tokio::select! {
+                        biased;
+                        _ = cut.changed() => {}
                         _ = up => {}
                         _ = down => {}
-                        _ = cut.changed() => {}
                     }
                     // Dropped with unread bytes: the kernel resets both connections.
                 });

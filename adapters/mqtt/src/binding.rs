@@ -126,18 +126,15 @@ pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
     if m.version == Version::V311 && looks_structured_json(&m.payload) {
         return json::decode(&m.payload).map(Decoded::event);
     }
-    let subject = Some(m.topic.shared_str());
-    let event = match m
+    // MQTT's Content Type is any UTF-8 string [MQTT-3.3.2-20]; only a media type can be the
+    // event's `datacontenttype`. The message is taken all the same, and MQTT subscribers get
+    // its Content Type unaltered (`MqttProperties::content_type`). Checked before wrapping, so
+    // the payload and topic are moved, not cloned for a second try (the publish hot path).
+    let content_type = content_type
+        .filter(|ct| meshgate_core::validate::media_type("datacontenttype", ct).is_ok());
+    let event = m
         .wrapper
-        .wrap_shared(m.payload.clone(), subject.clone(), content_type)
-    {
-        Ok(event) => event,
-        // MQTT's Content Type is any UTF-8 string [MQTT-3.3.2-20]; only a media type can be
-        // the event's `datacontenttype`. The message is taken all the same, and MQTT
-        // subscribers get its Content Type unaltered (`MqttProperties::content_type`).
-        Err(_) if content_type.is_some() => m.wrapper.wrap_shared(m.payload, subject, None)?,
-        Err(e) => return Err(e),
-    };
+        .wrap_shared(m.payload, Some(m.topic.shared_str()), content_type)?;
     Ok(Decoded {
         event,
         plain: true,

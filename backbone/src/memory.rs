@@ -311,6 +311,10 @@ impl Backbone for MemoryBackbone {
         true
     }
 
+    fn spans_instances(&self) -> bool {
+        false
+    }
+
     fn try_publish(&self, envelope: Envelope) -> TryPublish<'_> {
         self.try_publish_shared(Arc::new(envelope))
     }

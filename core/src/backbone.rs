@@ -473,6 +473,12 @@ pub trait Backbone: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether several gateway instances may share this backbone (NATS, JetStream), so that
+    /// what one instance publishes about itself (`$SYS`) must not overwrite another's.
+    fn spans_instances(&self) -> bool {
+        true
+    }
+
     /// Whether the backbone can take events now (reported on `/readyz`).
     fn is_ready(&self) -> bool;
 

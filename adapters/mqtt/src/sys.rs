@@ -52,7 +52,7 @@ fn figures(shared: &Shared, uptime: Duration) -> Vec<(&'static str, String)> {
 
 /// `$SYS/broker/` on a backbone of one instance; `$SYS/broker/instance/<id>/` otherwise.
 fn prefix(shared: &Shared) -> String {
-    if shared.ctx.backbone.delivers_in_process() && shared.ctx.backbone.name() == "memory" {
+    if !shared.ctx.backbone.spans_instances() {
         "$SYS/broker/".to_owned()
     } else {
         format!("$SYS/broker/instance/{}/", shared.ctx.instance)

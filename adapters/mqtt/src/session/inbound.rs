@@ -37,7 +37,7 @@ fn forwarded_properties(
         // A CloudEvent's Content Type is its `datacontenttype` and its user properties are
         // its attributes, but for those whose names are not attribute names; a plain
         // message's travel as they were sent (see `binding::Decoded`).
-        content_type: p.content_type.clone().filter(|_| plain),
+        content_type: if plain { p.content_type.clone() } else { None },
         user_properties,
     };
     (!m.is_empty()).then(|| Arc::new(m))

@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
+use meshgate_tests::mqtt5::{connect, suback};
 use meshgate_tests::{Process, spawn};
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, Packet, Publish};
 use rumqttc::v5::mqttbytes::{QoS, v5::RetainForwardRule};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{Event, EventLoop, MqttOptions};
 
 fn gateway() -> Process {
     spawn(
@@ -28,23 +29,6 @@ fn gateway() -> Process {
 fn options(gw: &Process, id: &str) -> MqttOptions {
     let port = gw.mqtt.expect("the MQTT listener in the banner").port();
     MqttOptions::new(id, "127.0.0.1", port)
-}
-
-async fn connect(options: MqttOptions) -> (AsyncClient, EventLoop) {
-    let (c, mut el) = AsyncClient::new(options, 100);
-    loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await.unwrap() {
-            return (c, el);
-        }
-    }
-}
-
-async fn suback(el: &mut EventLoop) {
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-            return;
-        }
-    }
 }
 
 /// The PUBLISHes `el` receives within `within` (polling on: acknowledgements go out).

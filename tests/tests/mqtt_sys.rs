@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use meshgate_tests::mqtt5::connect_to as client;
 use meshgate_tests::{Deadline, start_gateway, test_config};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 
 fn config(grant_sys: bool) -> meshgate_config::Config {
     let mut c = test_config();
@@ -23,23 +24,11 @@ fn config(grant_sys: bool) -> meshgate_config::Config {
     c
 }
 
-async fn client(port: u16, id: &str) -> (AsyncClient, EventLoop) {
-    let (c, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 10);
-    loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await.unwrap() {
-            return (c, el);
-        }
-    }
-}
-
 /// Subscribes and returns the SUBACK's first reason code, as its debug text.
 async fn subscribe(c: &AsyncClient, el: &mut EventLoop, filter: &str) -> String {
     c.subscribe(filter, QoS::AtMostOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(s)) = el.poll().await.unwrap() {
-            return format!("{:?}", s.return_codes[0]);
-        }
-    }
+    let s = meshgate_tests::mqtt5::suback(el).await;
+    format!("{:?}", s.return_codes[0])
 }
 
 /// Reads `$SYS` PUBLISHes until `done` says the figures seen so far suffice.

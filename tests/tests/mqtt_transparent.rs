@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meshgate_config::BackboneKind;
+use meshgate_tests::mqtt5::{connect_to as v5_client, suback};
 use meshgate_tests::nats::NatsServer;
 use meshgate_tests::{Deadline, next_event, start_gateway, test_config, ws_connect};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 
 const PAYLOAD: &[u8] = b"\x00\x01 plain bytes \xff";
 
@@ -56,23 +57,11 @@ fn config(
     c
 }
 
-async fn v5_client(port: u16, id: &str) -> (AsyncClient, EventLoop) {
-    let (c, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 10);
-    loop {
-        if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await.unwrap() {
-            return (c, el);
-        }
-    }
-}
-
 async fn v5_subscribe(port: u16, id: &str, filter: &str) -> (AsyncClient, EventLoop) {
     let (c, mut el) = v5_client(port, id).await;
     c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
-            return (c, el);
-        }
-    }
+    suback(&mut el).await;
+    (c, el)
 }
 
 async fn next_publish(el: &mut EventLoop) -> rumqttc::v5::mqttbytes::v5::Publish {

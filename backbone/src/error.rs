@@ -52,6 +52,10 @@ pub enum BackboneStartError {
          session bucket: {0}"
     )]
     SessionBucket(#[source] Cause),
+    /// The instance feed (`backbone.jetstream.subscriptions = "instance_feed"`) could not
+    /// start: its consumer, or the direct get inbox.
+    #[error("cannot start the NATS client: backbone.jetstream.subscriptions: {0}")]
+    Feed(String),
     /// A JetStream publisher could not subscribe to its reply inbox.
     #[error("cannot start the NATS client: {0}")]
     Publisher(#[source] Cause),

@@ -168,6 +168,17 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
             ),
         );
     }
+    let subscriptions = match j.subscriptions.as_str() {
+        "consumer_each" => JetStreamSubscriptions::ConsumerEach,
+        "instance_feed" => JetStreamSubscriptions::InstanceFeed,
+        other => {
+            errors.push(
+                "backbone.jetstream.subscriptions",
+                format!("`{other}` is not one of: consumer_each, instance_feed"),
+            );
+            JetStreamSubscriptions::ConsumerEach
+        }
+    };
     JetStreamConfig {
         stream: j.stream,
         max_age: duration(&j.max_age, "backbone.jetstream.max_age", errors),
@@ -199,6 +210,7 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
             errors,
         ) as u64,
         kv_max_value_size: kv_max_value_size.min(i32::MAX as usize),
+        subscriptions,
     }
 }
 

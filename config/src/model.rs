@@ -123,9 +123,20 @@ pub struct JetStreamConfig {
     pub sessions_max_bytes: u64,
     /// Largest value either KV bucket accepts (one retained event, one session record).
     pub kv_max_value_size: usize,
+    /// How subscriptions read the stream (decision 0080).
+    pub subscriptions: JetStreamSubscriptions,
 }
 
-/// How events are written on the NATS bus (CE-BINDINGS.md §8).
+/// How the JetStream backbone's subscriptions read the stream (decision 0080).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JetStreamSubscriptions {
+    /// A durable pull consumer per subscription (and per subject of its filter).
+    ConsumerEach,
+    /// One consumer per gateway instance, matched locally; durable subscriptions keep a
+    /// cursor in a KV bucket and read what they missed by direct get. Queue groups keep a
+    /// consumer per group.
+    InstanceFeed,
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatsWireMode {
     /// The JSON format with `Content-Type: application/cloudevents+json` (keeps Integer and

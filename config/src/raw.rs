@@ -57,6 +57,7 @@ pub struct JetStream {
     pub retained_max_bytes: Size,
     pub sessions_max_bytes: Size,
     pub kv_max_value_size: Size,
+    pub subscriptions: String,
 }
 
 #[derive(Deserialize)]

@@ -366,6 +366,19 @@ fn jetstream_settings_are_checked() {
             "{bad}: {errs:?}"
         );
     }
+    assert_eq!(
+        c.backbone.jetstream.subscriptions,
+        JetStreamSubscriptions::ConsumerEach
+    );
+    let errs = errors_of("[backbone.jetstream]\nsubscriptions = \"feed\"\n", &[]);
+    assert!(
+        has(
+            &errs,
+            "backbone.jetstream.subscriptions",
+            "consumer_each, instance_feed"
+        ),
+        "{errs:?}"
+    );
     let errs = errors_of("[backbone.jetstream]\npublish_connections = 0\n", &[]);
     assert!(
         has(

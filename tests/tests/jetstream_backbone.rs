@@ -11,17 +11,33 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use meshgate_config::BackboneKind;
+use meshgate_config::JetStreamSubscriptions as Mode;
 use meshgate_tests::nats::NatsServer;
 use meshgate_tests::{
     Deadline, next_event, post_data, start_gateway, test_config, wait_metric, ws_connect,
 };
 
 fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
+    js_config_in(Mode::ConsumerEach, server, instance)
+}
+
+/// How the gateway's subscriptions read the stream (decision 0080): the tests of delivery,
+/// sessions and faults run with each.
+fn js_config_in(mode: Mode, server: &NatsServer, instance: &str) -> meshgate_config::Config {
     let mut c = test_config();
     c.gateway.instance_id = Some(instance.into());
     c.backbone.kind = BackboneKind::JetStream;
     c.backbone.nats.urls = vec![server.url()];
+    c.backbone.jetstream.subscriptions = mode;
     c
+}
+
+/// The value of `backbone.jetstream.subscriptions` for `mode`.
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::ConsumerEach => "consumer_each",
+        Mode::InstanceFeed => "instance_feed",
+    }
 }
 
 async fn post(web: SocketAddr, topic: &str, id: &str) -> Result<reqwest::StatusCode, String> {
@@ -168,8 +184,17 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_event_is_lost_across_a_nats_restart() {
+    no_acknowledged_event_is_lost_across_a_nats_restart_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_event_is_lost_across_a_nats_restart_on_the_instance_feed() {
+    no_acknowledged_event_is_lost_across_a_nats_restart_in(Mode::InstanceFeed).await;
+}
+
+async fn no_acknowledged_event_is_lost_across_a_nats_restart_in(mode: Mode) {
     let mut nats = NatsServer::start();
-    let gw = start_gateway(js_config(&nats, "js-restart")).await;
+    let gw = start_gateway(js_config_in(mode, &nats, "js-restart")).await;
     let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
     let mut ws = ws_connect(web, &["jobs/#"]).await;
     wait_metric(
@@ -304,6 +329,18 @@ async fn unacknowledged_deliveries_are_redelivered_then_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
+    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(Mode::ConsumerEach)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_on_the_instance_feed()
+{
+    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(Mode::InstanceFeed)
+        .await;
+}
+
+async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(mode: Mode) {
     let nats = NatsServer::start();
     let url = nats.url();
     // Instance A: the real binary, killed with SIGKILL mid-stream.
@@ -315,10 +352,14 @@ async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
             ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
             ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
             ("MESHGATE__GATEWAY__INSTANCE_ID", "js-doomed"),
+            (
+                "MESHGATE__BACKBONE__JETSTREAM__SUBSCRIPTIONS",
+                mode_name(mode),
+            ),
         ],
     );
     // Instance B, with the subscriber.
-    let b = start_gateway(js_config(&nats, "js-survivor")).await;
+    let b = start_gateway(js_config_in(mode, &nats, "js-survivor")).await;
     let mut ws = ws_connect(b.web_addr.unwrap(), &["ledger/#"]).await;
     wait_metric(
         b.admin_addr.unwrap(),
@@ -359,8 +400,17 @@ async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
+    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_on_the_instance_feed() {
+    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(Mode::InstanceFeed).await;
+}
+
+async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(mode: Mode) {
     let nats = NatsServer::start();
-    let mut config = js_config(&nats, "js-mqtt");
+    let mut config = js_config_in(mode, &nats, "js-mqtt");
     config.mqtt.enabled = true;
     config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     config.mqtt.v311_outbound = meshgate_config::Mqtt311Mode::Data;
@@ -506,8 +556,12 @@ async fn retained_messages_are_shared_by_the_instances() {
 
 /// The environment of a `meshgate` child on the JetStream backbone at `url` with MQTT on free
 /// ports, as instance `instance`.
-fn js_mqtt_env<'a>(url: &'a str, instance: &'a str) -> Vec<(&'a str, &'a str)> {
+fn js_mqtt_env_in<'a>(mode: Mode, url: &'a str, instance: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
+        (
+            "MESHGATE__BACKBONE__JETSTREAM__SUBSCRIPTIONS",
+            mode_name(mode),
+        ),
         ("MESHGATE__BACKBONE__KIND", "jetstream"),
         ("MESHGATE__BACKBONE__NATS__URLS", url),
         ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
@@ -559,9 +613,18 @@ fn sorted_lines(s: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_mqtt_sessions_move_between_instances() {
+    persistent_mqtt_sessions_move_between_instances_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_mqtt_sessions_move_between_instances_on_the_instance_feed() {
+    persistent_mqtt_sessions_move_between_instances_in(Mode::InstanceFeed).await;
+}
+
+async fn persistent_mqtt_sessions_move_between_instances_in(mode: Mode) {
     let nats = NatsServer::start();
-    let a = start_gateway(with_mqtt(js_config(&nats, "js-sess-a"))).await;
-    let b = start_gateway(with_mqtt(js_config(&nats, "js-sess-b"))).await;
+    let a = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-sess-a"))).await;
+    let b = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-sess-b"))).await;
     let messages: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
     let lines = messages.join("\n") + "\n";
 
@@ -599,7 +662,7 @@ async fn persistent_mqtt_sessions_move_between_instances() {
     ];
     mosquitto("mosquitto_sub", &a, &[&v5[..], &["-E"]].concat(), "");
     publish_lines(&b, "tel/t", &lines);
-    let c = start_gateway(with_mqtt(js_config(&nats, "js-sess-c"))).await;
+    let c = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-sess-c"))).await;
     a.shutdown().await;
     let got = mosquitto(
         "mosquitto_sub",
@@ -667,9 +730,18 @@ async fn next_payload(el: &mut rumqttc::EventLoop) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_session_is_taken_over_from_another_instance() {
+    a_connected_session_is_taken_over_from_another_instance_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_session_is_taken_over_from_another_instance_on_the_instance_feed() {
+    a_connected_session_is_taken_over_from_another_instance_in(Mode::InstanceFeed).await;
+}
+
+async fn a_connected_session_is_taken_over_from_another_instance_in(mode: Mode) {
     let nats = NatsServer::start();
-    let a = start_gateway(with_mqtt(js_config(&nats, "js-take-a"))).await;
-    let b = start_gateway(with_mqtt(js_config(&nats, "js-take-b"))).await;
+    let a = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-take-a"))).await;
+    let b = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-take-b"))).await;
     let options = |gw: &meshgate::RunningGateway| {
         let mut o =
             rumqttc::MqttOptions::new("dev-take", "127.0.0.1", gw.mqtt_addr.unwrap().port());
@@ -717,12 +789,21 @@ async fn a_connected_session_is_taken_over_from_another_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_survives_its_instance_killed_with_sigkill() {
+    a_session_survives_its_instance_killed_with_sigkill_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_its_instance_killed_with_sigkill_on_the_instance_feed() {
+    a_session_survives_its_instance_killed_with_sigkill_in(Mode::InstanceFeed).await;
+}
+
+async fn a_session_survives_its_instance_killed_with_sigkill_in(mode: Mode) {
     let nats = NatsServer::start();
     let url = nats.url();
-    let mut env = js_mqtt_env(&url, "js-kill-a");
+    let mut env = js_mqtt_env_in(mode, &url, "js-kill-a");
     env.push(("MESHGATE__MQTT__V311_OUTBOUND", "data"));
     let a = meshgate_tests::spawn(&[], &env);
-    let b = start_gateway(with_mqtt(js_config(&nats, "js-kill-b"))).await;
+    let b = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-kill-b"))).await;
     let options = |port: u16| {
         let mut o = rumqttc::MqttOptions::new("dev-kill", "127.0.0.1", port);
         o.set_clean_session(false);
@@ -791,8 +872,17 @@ async fn a_session_survives_its_instance_killed_with_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_written_by_someone_else_is_no_longer_held_here() {
+    a_session_written_by_someone_else_is_no_longer_held_here_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_written_by_someone_else_is_no_longer_held_here_on_the_instance_feed() {
+    a_session_written_by_someone_else_is_no_longer_held_here_in(Mode::InstanceFeed).await;
+}
+
+async fn a_session_written_by_someone_else_is_no_longer_held_here_in(mode: Mode) {
     let nats = NatsServer::start();
-    let a = start_gateway(with_mqtt(js_config(&nats, "js-cas-a"))).await;
+    let a = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-cas-a"))).await;
     let mut o = rumqttc::MqttOptions::new("dev-cas", "127.0.0.1", a.mqtt_addr.unwrap().port());
     o.set_clean_session(false);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
@@ -995,13 +1085,22 @@ async fn v5_session(
 /// from the shutdown: after it a session is not resumed, within it it is, at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
+    sessions_connected_at_shutdown_are_saved_with_their_departure_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_connected_at_shutdown_are_saved_with_their_departure_on_the_instance_feed() {
+    sessions_connected_at_shutdown_are_saved_with_their_departure_in(Mode::InstanceFeed).await;
+}
+
+async fn sessions_connected_at_shutdown_are_saved_with_their_departure_in(mode: Mode) {
     let nats = NatsServer::start();
     let url = nats.url();
     let log_path =
         std::env::temp_dir().join(format!("meshgate-js-term-{}.log", std::process::id()));
     let mut a = meshgate_tests::spawn_logging_to(
         &[],
-        &js_mqtt_env(&url, "js-term-a"),
+        &js_mqtt_env_in(mode, &url, "js-term-a"),
         std::fs::File::create(&log_path).unwrap(),
     );
     let port = a.mqtt.unwrap().port();
@@ -1031,7 +1130,7 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
         );
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let b = start_gateway(with_mqtt(js_config(&nats, "js-term-b"))).await;
+    let b = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-term-b"))).await;
     let port = b.mqtt_addr.unwrap().port();
     let started = std::time::Instant::now();
     let (present, ..) = v5_session(port, "dev-term-short", 1).await;
@@ -1053,9 +1152,18 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
 /// one ended, and waited for the drain's timer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged() {
+    shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(Mode::ConsumerEach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged_on_the_instance_feed() {
+    shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(Mode::InstanceFeed).await;
+}
+
+async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(mode: Mode) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     let nats = NatsServer::start();
-    let gw = start_gateway(with_mqtt(js_config(&nats, "js-drain"))).await;
+    let gw = start_gateway(with_mqtt(js_config_in(mode, &nats, "js-drain"))).await;
     let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
     let opts =
         rumqttc::v5::MqttOptions::new("drain-sub", "127.0.0.1", gw.mqtt_addr.unwrap().port());

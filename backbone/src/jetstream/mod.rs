@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
-use meshgate_config::{JetStreamConfig, NatsBackboneConfig, NatsWireMode};
+use meshgate_config::{JetStreamConfig, JetStreamSubscriptions, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::backbone::Acknowledge;
 use meshgate_core::header::percent_encode_header;
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
@@ -51,6 +51,10 @@ use crate::nats::wire::{self, HeaderSink, RawHeaders};
 
 pub(crate) mod connect;
 mod consumer;
+mod cursors;
+mod direct;
+mod feed;
+mod member;
 mod publish;
 pub(crate) mod pull;
 mod retained;
@@ -86,6 +90,21 @@ pub struct JetStreamBackbone {
     /// Events refused because a header line could not be written valid.
     unrepresentable: Counter,
     subscriptions: Gauge,
+    /// `backbone.jetstream.subscriptions = "instance_feed"` (decision 0080).
+    feed: Option<FeedParts>,
+}
+
+/// The parts of the instance feed (decision 0080).
+#[derive(Debug)]
+struct FeedParts {
+    feed: Arc<feed::Feed>,
+    direct: Arc<direct::DirectGet>,
+    cursors: Arc<cursors::Cursors>,
+    /// A member's queue: `backbone.nats.subscription_capacity` messages and
+    /// `subscription_bytes` bytes.
+    queue: (usize, usize),
+    /// Unacknowledged deliveries a durable member stopped tracking (its bound).
+    forgotten: Counter,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BackboneError {
@@ -155,6 +174,8 @@ impl JetStreamBackbone {
             duplicate_window: config.duplicate_window,
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
+            // The instance feed's subscriptions read what they missed by direct get.
+            allow_direct: config.subscriptions == JetStreamSubscriptions::InstanceFeed,
             ..Default::default()
         };
         js.create_or_update_stream(stream_config)
@@ -166,6 +187,20 @@ impl JetStreamBackbone {
         let retained = retained::KvRetained::open(&js, config, nats.max_control_line)
             .await
             .map_err(|e| BackboneStartError::RetainedBucket(Box::new(e)))?;
+        let cursors = match config.subscriptions {
+            JetStreamSubscriptions::ConsumerEach => None,
+            JetStreamSubscriptions::InstanceFeed => {
+                let limits = retained::BucketLimits {
+                    max_bytes: config.sessions_max_bytes,
+                    max_value_size: 64,
+                };
+                let bucket = format!("{}_CURSORS", config.stream);
+                let kv = retained::open_bucket(&js, &bucket, config.replicas, limits)
+                    .await
+                    .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
+                Some(cursors::Cursors::new(kv))
+            }
+        };
         let sessions = sessions::KvSessions::open(
             &client,
             &js,
@@ -173,6 +208,7 @@ impl JetStreamBackbone {
             &nats.subject_prefix,
             instance,
             nats.max_control_line,
+            cursors.clone(),
         )
         .await
         .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
@@ -199,6 +235,36 @@ impl JetStreamBackbone {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let consumer = Client::connect(options).await;
+        let malformed = registry.backbone_dropped(NAME, DropReason::Malformed);
+        let feed = match cursors {
+            None => None,
+            Some(cursors) => {
+                let stream = js
+                    .get_stream(&config.stream)
+                    .await
+                    .map_err(|e| BackboneStartError::Feed(e.to_string()))?;
+                let feed = feed::Feed::start(
+                    &stream,
+                    &consumer,
+                    &config.stream,
+                    &nats.subject_prefix,
+                    instance,
+                    malformed.clone(),
+                )
+                .await
+                .map_err(BackboneStartError::Feed)?;
+                let direct =
+                    direct::DirectGet::start(&consumer, &config.stream, config.publish_timeout)
+                        .map_err(|e| BackboneStartError::Feed(e.to_string()))?;
+                Some(FeedParts {
+                    feed,
+                    direct: Arc::new(direct),
+                    cursors,
+                    queue: (nats.subscription_capacity, nats.subscription_bytes),
+                    forgotten: registry.backbone_dropped(NAME, DropReason::Unacknowledged),
+                })
+            }
+        };
         let backbone = Arc::new(JetStreamBackbone {
             client,
             js,
@@ -212,10 +278,11 @@ impl JetStreamBackbone {
             wire: nats.wire_mode,
             max_control_line: nats.max_control_line,
             closed: AtomicBool::new(false),
-            malformed: registry.backbone_dropped(NAME, DropReason::Malformed),
+            malformed,
             duplicates: registry.backbone_dropped(NAME, DropReason::Duplicate),
             unrepresentable: registry.backbone_dropped(NAME, DropReason::Unrepresentable),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
+            feed,
         });
         let dead = registry.backbone_dropped(NAME, DropReason::MaxDeliveries);
         tokio::spawn(watch_dead_letters(
@@ -356,6 +423,66 @@ impl Drop for DeleteOnDrop {
     }
 }
 
+impl JetStreamBackbone {
+    /// A subscription of the instance feed (decision 0080): a member of the feed; a durable
+    /// one resumes from its stored cursor.
+    async fn subscribe_feed(
+        &self,
+        parts: &FeedParts,
+        filter: TopicFilter,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BackboneError> {
+        let subjects = filter.to_nats_subjects(&self.prefix);
+        use member::Start;
+        let (start, cursor) = match &options.durable {
+            None => (Start::Live(parts.feed.position() + 1), None),
+            Some(d) => {
+                let key = cursors::cursor_key(&d.name);
+                match parts.cursors.read(&key).await? {
+                    // Resumed: read what came since.
+                    Some(floor) => (Start::Behind(floor + 1), Some((key, floor))),
+                    // New: stored at once, so that what comes while the client is away waits.
+                    None => {
+                        let position = parts.feed.position();
+                        parts.cursors.write(&key, position).await?;
+                        (Start::Live(position + 1), Some((key, position)))
+                    }
+                }
+            }
+        };
+        let capacity = options.capacity.unwrap_or(parts.queue.0);
+        let member = Arc::new(member::Member::new(
+            parts.feed.new_id(),
+            filter.clone(),
+            subjects,
+            cursor.is_some(),
+            start,
+            (capacity, parts.queue.1),
+            parts.forgotten.clone(),
+        ));
+        parts.feed.join(member.clone());
+        if let Some((key, written)) = &cursor {
+            parts.cursors.track(key.clone(), &member, *written);
+        }
+        self.subscriptions.inc();
+        let counted = Counted(self.subscriptions.clone());
+        let (feed, cursors) = (parts.feed.clone(), parts.cursors.clone());
+        let on_drop = Box::new(move |m: &Arc<member::Member>| {
+            feed.leave(m);
+            if let Some((key, _)) = cursor {
+                cursors.end(key, m);
+            }
+            drop(counted);
+        });
+        let (prefix, malformed) = (self.prefix.clone(), self.malformed.clone());
+        let decode: member::DecodeStored = Arc::new(move |stored: direct::Stored| {
+            crate::nats::decode_message(&prefix, stored.msg, &malformed)
+        });
+        let stream = member::MemberStream::new(member, parts.direct.clone(), decode, on_drop);
+        Ok(Subscription::new(filter, Box::pin(stream)))
+    }
+}
+
 impl Backbone for JetStreamBackbone {
     fn name(&self) -> &'static str {
         NAME
@@ -406,6 +533,11 @@ impl Backbone for JetStreamBackbone {
         Box::pin(async move {
             if self.closed.load(Ordering::Acquire) {
                 return Err(BackboneError::Closed);
+            }
+            if let Some(parts) = &self.feed
+                && options.queue_group.is_none()
+            {
+                return self.subscribe_feed(parts, filter, options).await;
             }
             let stream = self
                 .js

@@ -39,7 +39,10 @@
 //! really is gone (deleted by an operator, or removed by its `inactive_threshold` during a long
 //! outage), created again from the stream sequence after the last message this pull received
 //! (or, before the first, after the last the consumer had delivered when it was opened), so that
-//! the subscription neither stops nor skips what was stored meanwhile. Deliveries not yet
+//! the subscription neither stops nor skips what was stored meanwhile. A pull with a
+//! [`Repair`] also looks its consumer up after every reconnect before it asks again: nats-server
+//! restarted without a memory-stored consumer (the instance feed's) answered its pull requests
+//! with nothing at all, not `503` (seen in the NATS restart test). Deliveries not yet
 //! acknowledged when it went are not delivered again: their consumer is gone. Failed repairs
 //! are tried again after 1, 2, 4 … up to 32 s.
 
@@ -111,8 +114,15 @@ impl Default for Limits {
 /// with a domain and account hash (ADR-15), `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.…`
 /// with one more token at the end.
 pub(crate) fn stream_sequence(reply: &[u8]) -> Option<u64> {
-    // The first 8 tokens are enough; later ones (ADR-15 allows more) are only counted.
-    let mut tokens = [&b""[..]; 8];
+    sequences(reply).map(|(stream, _)| stream)
+}
+
+/// The stream and consumer sequences of a delivery, from its `$JS.ACK` reply subject (see
+/// [`stream_sequence`]). The consumer sequence counts deliveries of the consumer: a gap in
+/// it means deliveries were lost on the way (the instance feed reads them again).
+pub(crate) fn sequences(reply: &[u8]) -> Option<(u64, u64)> {
+    // The first 9 tokens are enough; later ones (ADR-15 allows more) are only counted.
+    let mut tokens = [&b""[..]; 9];
     let mut n = 0;
     for t in reply.split(|b| *b == b'.') {
         if let Some(slot) = tokens.get_mut(n) {
@@ -128,7 +138,8 @@ pub(crate) fn stream_sequence(reply: &[u8]) -> Option<u64> {
         n if n >= 11 => 7,
         _ => return None,
     };
-    std::str::from_utf8(tokens[at]).ok()?.parse().ok()
+    let number = |t: &[u8]| std::str::from_utf8(t).ok()?.parse::<u64>().ok();
+    Some((number(tokens[at])?, number(tokens[at + 1])?))
 }
 
 /// What a status message means for the pull.
@@ -418,6 +429,15 @@ impl Pull {
         if connection == self.connection && self.last_heard.elapsed() < SILENCE {
             return;
         }
+        if connection != self.connection && self.repair.is_some() {
+            // A new connection may be to a server that restarted and lost the consumer (one
+            // with memory storage, such as the instance feed's): look before asking; the
+            // repair starts the window over.
+            self.connection = connection;
+            self.window.reset();
+            self.gone = true;
+            return;
+        }
         self.start_over();
     }
 
@@ -554,6 +574,11 @@ mod tests {
         assert_eq!(
             stream_sequence(b"$JS.ACK.dom.ACCHASH.S.C.2.44.8.1700000000.3.tok.more.more"),
             Some(44)
+        );
+        assert_eq!(sequences(b"$JS.ACK.S.C.1.41.7.1700000000.3"), Some((41, 7)));
+        assert_eq!(
+            sequences(b"$JS.ACK.dom.ACCHASH.S.C.2.42.8.1700000000.3.tok"),
+            Some((42, 8))
         );
         for bad in [
             &b"$JS.ACK.S.C.1.x.7.1.3"[..],

@@ -10,7 +10,10 @@ use base64::Engine;
 use futures_util::StreamExt;
 use meshgate_core::{BackboneError, BoxFuture, ReleaseRequest, SessionStore, TopicFilter};
 
+use std::sync::Arc;
+
 use super::consumer::durable_consumer;
+use super::cursors::{Cursors, cursor_key};
 use super::retained::{B64, BucketError, BucketLimits, key_fits, open_bucket};
 
 pub(crate) struct KvSessions {
@@ -22,6 +25,9 @@ pub(crate) struct KvSessions {
     instance: String,
     bucket: String,
     max_control_line: usize,
+    /// The instance feed's cursors (decision 0080), when subscriptions use it: a durable
+    /// subscription is its cursor, not consumers.
+    cursors: Option<Arc<Cursors>>,
 }
 
 impl std::fmt::Debug for KvSessions {
@@ -53,6 +59,7 @@ impl KvSessions {
         prefix: &str,
         instance: &str,
         max_control_line: usize,
+        cursors: Option<Arc<Cursors>>,
     ) -> Result<KvSessions, BucketError> {
         let stream = &config.stream;
         let bucket = format!("{stream}_SESSIONS");
@@ -71,6 +78,7 @@ impl KvSessions {
             instance: instance.to_owned(),
             bucket,
             max_control_line,
+            cursors,
         })
     }
 
@@ -130,6 +138,12 @@ impl SessionStore for KvSessions {
         Box::pin(async move {
             self.reachable()?;
             let key = self.key(client_id)?;
+            // A record saved on the way out (or when letting the session go to another
+            // instance) comes after the positions of the subscriptions that just ended, so
+            // that the next holder reads where this one stood.
+            if let Some(cursors) = &self.cursors {
+                cursors.settled().await;
+            }
             match revision {
                 // `create` also succeeds over a tombstone.
                 None => match self.kv.create(&key, record.into()).await {
@@ -167,6 +181,9 @@ impl SessionStore for KvSessions {
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
         Box::pin(async move {
             self.reachable()?;
+            if let Some(cursors) = &self.cursors {
+                return cursors.delete(&cursor_key(name)).await;
+            }
             let stream = self.js.get_stream(&self.stream).await.map_err(failed)?;
             for subject in filter.to_nats_subjects(&self.prefix) {
                 let consumer = durable_consumer(name, &subject);

@@ -160,6 +160,9 @@ label_values! {
         Duplicate => "duplicate",
         /// Delivered `max_deliver` times without an ack: dead-lettered.
         MaxDeliveries => "max_deliveries",
+        /// A durable subscription of the JetStream instance feed stopped tracking a delivery its
+        /// client did not acknowledge (past its bound): not delivered again on resume.
+        Unacknowledged => "unacknowledged",
         /// An event that a protocol cannot carry (a field or length out of range).
         Unrepresentable => "unrepresentable",
         /// Over a size limit.

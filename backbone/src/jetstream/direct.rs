@@ -1,0 +1,212 @@
+//! Reading stored messages without a consumer: JetStream's *direct get*
+//! (`$JS.API.DIRECT.GET.<stream>`, nats-server ≥ 2.9, streams with `allow_direct`), on
+//! meshgate's own client. A subscription of the instance feed that fell behind reads what it
+//! missed this way ([`super::member`], decision 0080).
+//!
+//! The request body `{"seq":N,"next_by_subj":"<subject>"}` asks for the first message at or
+//! after sequence `N` whose subject matches `<subject>` (wildcards allowed). The answer is the
+//! stored message itself, with `Nats-Stream`, `Nats-Subject`, `Nats-Sequence` and
+//! `Nats-Time-Stamp` added to its headers, or a status (`NATS/1.0 404 Message Not Found`: none;
+//! `408 …`: a bad request; `503`: no stream answers, e.g. without `allow_direct`). Replies come
+//! to one wildcard inbox subscription handled on the connection's reader task, as for
+//! publishes ([`super::publish`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
+use crate::nats::wire::RawHeaderBlock;
+
+/// Why a direct get did not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DirectError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no answer to a JetStream direct get within {0:?}")]
+    TimedOut(Duration),
+    #[error("JetStream refused a direct get: {0}")]
+    Refused(String),
+    #[error("the NATS connection dropped before JetStream answered a direct get")]
+    ConnectionLost,
+}
+
+/// A stored message: its stream sequence, and the message with its stored subject.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    pub seq: u64,
+    pub msg: Msg,
+}
+
+type Waiters = HashMap<u64, oneshot::Sender<Result<Option<Stored>, DirectError>>>;
+
+fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
+    // Only inserts and removes happen under the lock.
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+pub(crate) struct DirectGet {
+    client: Client,
+    /// `$JS.API.DIRECT.GET.<stream>`
+    subject: String,
+    /// `_INBOX.<unique>.`; a request's reply subject is this and its number.
+    inbox: String,
+    next: AtomicU64,
+    waiting: Arc<Mutex<Waiters>>,
+    _replies: Unsubscribe,
+    timeout: Duration,
+}
+
+impl DirectGet {
+    pub(crate) fn start(
+        client: &Client,
+        stream: &str,
+        timeout: Duration,
+    ) -> Result<DirectGet, ClientError> {
+        let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
+        let waiting = Arc::new(Mutex::new(Waiters::new()));
+        client.on_disconnect({
+            let waiting = waiting.clone();
+            move || {
+                let lost: Vec<_> = lock(&waiting).drain().map(|(_, tx)| tx).collect();
+                for tx in lost {
+                    let _ = tx.send(Err(DirectError::ConnectionLost));
+                }
+            }
+        });
+        let (w, prefix_len) = (waiting.clone(), inbox.len());
+        let replies = client.subscribe_with(&format!("{inbox}*"), move |m| {
+            let Some(id) = m
+                .subject
+                .get(prefix_len..)
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                return;
+            };
+            if let Some(tx) = lock(&w).remove(&id) {
+                let _ = tx.send(read_answer(m));
+            }
+        })?;
+        Ok(DirectGet {
+            client: client.clone(),
+            subject: format!("$JS.API.DIRECT.GET.{stream}"),
+            inbox,
+            next: AtomicU64::new(1),
+            waiting,
+            _replies: replies,
+            timeout,
+        })
+    }
+
+    /// The first message at or after `seq` on `subject` (a NATS subject, wildcards allowed);
+    /// `None` when there is none.
+    pub(crate) async fn next_by_subject(
+        &self,
+        seq: u64,
+        subject: &str,
+    ) -> Result<Option<Stored>, DirectError> {
+        let body = serde_json::json!({ "seq": seq.max(1), "next_by_subj": subject }).to_string();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let reply = format!("{}{id}", self.inbox);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert(id, tx);
+        let _forget = Forget(&self.waiting, id);
+        self.client
+            .publish_when_room(&self.subject, Some(&reply), b"", body.as_bytes())
+            .await?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ClientError::Closed.into()),
+            Err(_) => Err(DirectError::TimedOut(self.timeout)),
+        }
+    }
+}
+
+struct Forget<'a>(&'a Mutex<Waiters>, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
+    }
+}
+
+/// Reads a direct get's answer: the stored message (its subject put back from `Nats-Subject`),
+/// `None` for `404`, or why not.
+fn read_answer(mut m: Msg) -> Result<Option<Stored>, DirectError> {
+    let Some(headers) = m.headers.as_deref() else {
+        return Err(DirectError::Refused("an answer without headers".into()));
+    };
+    let first = headers.split(|&b| b == b'\r').next().unwrap_or_default();
+    let status = first
+        .strip_prefix(b"NATS/1.0")
+        .unwrap_or_default()
+        .trim_ascii();
+    if status.starts_with(b"404") {
+        return Ok(None);
+    }
+    if !status.is_empty() {
+        return Err(DirectError::Refused(
+            String::from_utf8_lossy(status).into_owned(),
+        ));
+    }
+    let block = RawHeaderBlock(headers);
+    let seq = block
+        .get("Nats-Sequence")
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let subject = block.get("Nats-Subject").map(|s| s.trim().to_owned());
+    let (Some(seq), Some(subject)) = (seq, subject) else {
+        return Err(DirectError::Refused(
+            "an answer without Nats-Sequence or Nats-Subject".into(),
+        ));
+    };
+    m.subject = Bytes::from(subject);
+    m.reply = None;
+    Ok(Some(Stored { seq, msg: m }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn msg(headers: &str, payload: &str) -> Msg {
+        Msg {
+            subject: Bytes::from_static(b"_INBOX.x.1"),
+            reply: None,
+            headers: Some(Bytes::from(headers.to_owned())),
+            payload: Bytes::from(payload.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_stored_message_gets_its_subject_back_and_404_is_none() {
+        let m = msg(
+            "NATS/1.0\r\nNats-Stream: S\r\nNats-Subject: p.a.b\r\nNats-Sequence: 42\r\nNats-Time-Stamp: 2026-12-05T00:00:00Z\r\n\r\n",
+            "hi",
+        );
+        let s = read_answer(m).unwrap().unwrap();
+        assert_eq!(s.seq, 42);
+        assert_eq!(&s.msg.subject[..], b"p.a.b");
+        assert_eq!(&s.msg.payload[..], b"hi");
+        assert!(
+            read_answer(msg("NATS/1.0 404 Message Not Found\r\n\r\n", ""))
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            read_answer(msg("NATS/1.0 408 Bad Request\r\n\r\n", "")),
+            Err(DirectError::Refused(_))
+        ));
+        assert!(matches!(
+            read_answer(msg("NATS/1.0\r\nNats-Subject: p.a\r\n\r\n", "")),
+            Err(DirectError::Refused(_))
+        ));
+    }
+}

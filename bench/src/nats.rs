@@ -565,33 +565,35 @@ async fn main() -> anyhow::Result<()> {
         let rate = meshgate_bench::raw::acknowledged_rate(gw.port, publishers, seconds).await?;
         row(&name, rate, "", None);
     }
-    for publishers in [1, 4] {
-        if !want(&format!(
-            "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s)"
-        )) {
-            continue;
+    // Each way the subscriptions read the stream (decision 0080).
+    for (mode, label) in [("consumer_each", ""), ("instance_feed", ", instance feed")] {
+        let mut env = js_env.to_vec();
+        env.push(("MESHGATE__BACKBONE__JETSTREAM__SUBSCRIPTIONS", mode));
+        for publishers in [1, 4] {
+            let name =
+                format!("meshgate MQTT QoS 1 → JetStream → MQTT{label}, {publishers} publisher(s)");
+            if !want(&name) {
+                continue;
+            }
+            fresh_jetstream(&url).await?;
+            let gw = start_meshgate_with(&env)?;
+            let t = generator
+                .throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds)
+                .await?;
+            let lat = if publishers == 1 {
+                generator
+                    .latency(gw.port, gw.port, 2_000, seconds)
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            throughput_row(
+                &format!("{name}; PUBACKed/s {:.0}", t.accepted_rate),
+                &t,
+                lat,
+            );
         }
-        fresh_jetstream(&url).await?;
-        let gw = start_meshgate_with(&js_env)?;
-        let t = generator
-            .throughput(gw.port, gw.port, QoS::AtLeastOnce, publishers, seconds)
-            .await?;
-        let lat = if publishers == 1 {
-            generator
-                .latency(gw.port, gw.port, 2_000, seconds)
-                .await
-                .ok()
-        } else {
-            None
-        };
-        throughput_row(
-            &format!(
-                "meshgate MQTT QoS 1 → JetStream → MQTT, {publishers} publisher(s); PUBACKed/s {:.0}",
-                t.accepted_rate
-            ),
-            &t,
-            lat,
-        );
     }
     let name = "meshgate MQTT QoS 0 → memory backbone → MQTT (reference)";
     if want(name) {

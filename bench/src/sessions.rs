@@ -4,7 +4,7 @@
 //! count per session, and after a graceful restart of the gateway how long until every device
 //! is back with its session (CONNACK session present).
 //!
-//! `cargo build --release -p meshgate -p meshgate-bench && (ulimit -n 20000; ./target/release/sessions [--sessions N] [--parallel P])`
+//! `cargo build --release -p meshgate -p meshgate-bench && (ulimit -n 20000; ./target/release/sessions [--sessions N] [--parallel P] [--modes consumer_each,instance_feed])`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,31 +68,20 @@ async fn consumers(nats_port: u16) -> anyhow::Result<usize> {
     Ok(stream.info().await?.state.consumer_count)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let n = value("--sessions", 2_000);
-    let parallel = value("--parallel", 64);
-    let nats = start_nats_server("sessions-bench")?;
+/// One row: `n` sessions with `backbone.jetstream.subscriptions = mode`, on a nats-server of
+/// their own.
+async fn run(mode: &str, n: usize, parallel: usize) -> anyhow::Result<String> {
+    let nats = start_nats_server(&format!("sessions-bench-{mode}"))?;
     let nats_url = format!("nats://127.0.0.1:{}", nats.port);
     let env = [
         ("MESHGATE__BACKBONE__KIND", "jetstream"),
         ("MESHGATE__BACKBONE__NATS__URLS", nats_url.as_str()),
+        ("MESHGATE__BACKBONE__JETSTREAM__SUBSCRIPTIONS", mode),
     ];
     let start = || -> anyhow::Result<Broker> { start_meshgate_with(&env) };
     let nats_rss_before = rss_kib(nats.child.id());
     let gw = start()?;
     let port = gw.port;
-    println!(
-        "JetStream backbone, {n} persistent MQTT 3.1.1 sessions (clean session 0), each subscribed at QoS 1 to dev/<i>/cmd, {parallel} at a time, all on this machine\n"
-    );
 
     // Connect and subscribe every session.
     let started = Instant::now();
@@ -131,16 +120,43 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let back_secs = restarted.elapsed().as_secs_f64();
     let resumed = back.iter().filter(|r| matches!(r, Ok(true))).count();
-
-    println!(
-        "| sessions | connect+subscribe/s | failed | nats-server RSS per session | JetStream consumers | gateway listening after restart | all back after restart | resumed (session present) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {n} | {:.0} | {failed} | {:.1} KiB | {consumer_count} | {ready_secs:.2} s | {back_secs:.2} s | {resumed} |",
+    drop(gw);
+    Ok(format!(
+        "| {mode} | {n} | {:.0} | {failed} | {:.1} KiB | {consumer_count} | {ready_secs:.2} s | {back_secs:.2} s | {resumed} |",
         (n - failed) as f64 / connect_secs,
         nats_rss as f64 / n as f64,
+    ))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n = value("--sessions")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let parallel = value("--parallel")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let modes = value("--modes").unwrap_or_else(|| "consumer_each,instance_feed".to_owned());
+    println!(
+        "JetStream backbone, {n} persistent MQTT 3.1.1 sessions (clean session 0), each subscribed at QoS 1 to dev/<i>/cmd, {parallel} at a time, all on this machine; backbone.jetstream.subscriptions = each mode in turn\n"
     );
-    drop(gw);
+    let mut rows = Vec::new();
+    for mode in modes.split(',') {
+        rows.push(run(mode, n, parallel).await?);
+    }
+    println!(
+        "| subscriptions | sessions | connect+subscribe/s | failed | nats-server RSS per session | JetStream consumers | gateway listening after restart | all back after restart | resumed (session present) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!("{row}");
+    }
     Ok(())
 }

@@ -268,3 +268,55 @@ async fn a_lost_feed_consumer_is_made_again_and_nothing_is_skipped() {
     assert_eq!(consumers(&nats).await.len(), 1);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_persistent_session_on_a_full_stream_gets_only_what_came_after_it() {
+    let nats = NatsServer::start();
+    let mut config = feed_config(&nats, "feed-old");
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    // Events stored before this instance started.
+    let earlier = start_gateway(config.clone()).await;
+    for i in 0..50 {
+        post(earlier.web_addr.unwrap(), "old/x", &format!("old-{i}")).await;
+    }
+    earlier.shutdown().await;
+    let gw = start_gateway(config).await;
+    let port = gw.mqtt_addr.unwrap().port();
+    let options = || {
+        let mut o = rumqttc::MqttOptions::new("dev-old", "127.0.0.1", port);
+        o.set_clean_session(false);
+        o
+    };
+    let (client, mut el) = rumqttc::AsyncClient::new(options(), 10);
+    client
+        .subscribe("old/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+    post(gw.web_addr.unwrap(), "old/x", "new").await;
+    let (_client, mut el) = rumqttc::AsyncClient::new(options(), 10);
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = el.poll().await.unwrap()
+            {
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+        }
+    })
+    .await;
+    assert_eq!(got.len(), 1, "only what came after it subscribed: {got:?}");
+    assert!(got[0].contains("new"), "{got:?}");
+    gw.shutdown().await;
+}

@@ -79,7 +79,13 @@ impl Feed {
             .await
             .map_err(|e| format!("the instance feed's consumer {name}: {e}"))?;
         let info = consumer.cached_info();
-        let position = info.delivered.stream_sequence;
+        // Where new messages begin: what the consumer says it delivered up to, and never
+        // below the stream's last sequence as read just before (a durable subscription made now
+        // stores this as its cursor, so it must not be too low).
+        let position = info
+            .delivered
+            .stream_sequence
+            .max(stream.cached_info().state.last_sequence);
         let limits = Limits::of(info.config.max_batch, info.config.max_expires);
         let pull = Pull::start(client, stream_name, &name, limits)
             .map_err(|e| format!("the instance feed's pull: {e}"))?

@@ -439,6 +439,11 @@ impl JetStreamBackbone {
             Some(d) => {
                 let key = cursors::cursor_key(&d.name);
                 match parts.cursors.read(&key).await? {
+                    // Resumed with nothing stored since (a restart storm without traffic): live
+                    // at once, no request to the stream.
+                    Some(floor) if floor >= parts.feed.position() => {
+                        (Start::Live(floor + 1), Some((key, floor)))
+                    }
                     // Resumed: read what came since.
                     Some(floor) => (Start::Behind(floor + 1), Some((key, floor))),
                     // New: stored at once, so that what comes while the client is away waits.

@@ -96,7 +96,11 @@ async fn run(mode: &str, n: usize, parallel: usize) -> anyhow::Result<String> {
     if let Some(Err(e)) = conns.iter().find(|c| c.is_err()) {
         eprintln!("first failure: {e}");
     }
+    // nats-server's heap settles slowly (Go returns freed memory to the system lazily): read
+    // 2 s and 15 s after the last subscribe.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let nats_rss_2s = rss_kib(nats.child.id()).saturating_sub(nats_rss_before);
+    tokio::time::sleep(Duration::from_secs(13)).await;
     let nats_rss = rss_kib(nats.child.id()).saturating_sub(nats_rss_before);
     let consumer_count = consumers(nats.port).await.unwrap_or(0);
 
@@ -122,8 +126,9 @@ async fn run(mode: &str, n: usize, parallel: usize) -> anyhow::Result<String> {
     let resumed = back.iter().filter(|r| matches!(r, Ok(true))).count();
     drop(gw);
     Ok(format!(
-        "| {mode} | {n} | {:.0} | {failed} | {:.1} KiB | {consumer_count} | {ready_secs:.2} s | {back_secs:.2} s | {resumed} |",
+        "| {mode} | {n} | {:.0} | {failed} | {:.1} KiB / {:.1} KiB | {consumer_count} | {ready_secs:.2} s | {back_secs:.2} s | {resumed} |",
         (n - failed) as f64 / connect_secs,
+        nats_rss_2s as f64 / n as f64,
         nats_rss as f64 / n as f64,
     ))
 }
@@ -152,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
         rows.push(run(mode, n, parallel).await?);
     }
     println!(
-        "| subscriptions | sessions | connect+subscribe/s | failed | nats-server RSS per session | JetStream consumers | gateway listening after restart | all back after restart | resumed (session present) |"
+        "| subscriptions | sessions | connect+subscribe/s | failed | nats-server RSS per session (2 s / 15 s after) | JetStream consumers | gateway listening after restart | all back after restart | resumed (session present) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {

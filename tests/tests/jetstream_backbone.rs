@@ -1352,3 +1352,66 @@ async fn every_publish_is_answered_within_the_bound_across_a_nats_restart() {
     );
     gw.shutdown().await;
 }
+
+/// More connected persistent sessions than `mqtt.max_offline_sessions` at SIGTERM: each one
+/// stays in the session store (those past the limit used to be deleted as the gateway stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_every_session_past_the_offline_limit() {
+    const DEVICES: usize = 6;
+    let nats = NatsServer::start();
+    let mut config = with_mqtt(js_config(&nats, "js-many"));
+    config.mqtt.max_offline_sessions = 2;
+    let gw = start_gateway(config.clone()).await;
+    let options = |i: usize, port: u16| {
+        let mut o = rumqttc::MqttOptions::new(format!("many-{i}"), "127.0.0.1", port);
+        o.set_clean_session(false);
+        o
+    };
+    let mut connected = Vec::new();
+    for i in 0..DEVICES {
+        let (client, mut el) =
+            rumqttc::AsyncClient::new(options(i, gw.mqtt_addr.unwrap().port()), 10);
+        client
+            .subscribe(format!("many/{i}"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+                    el.poll().await.unwrap()
+                {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        // Still connected when the gateway stops.
+        connected.push(tokio::spawn(async move {
+            let _client = client;
+            while el.poll().await.is_ok() {}
+        }));
+    }
+    gw.shutdown().await;
+    let gw = start_gateway(config).await;
+    for i in 0..DEVICES {
+        let (_client, mut el) =
+            rumqttc::AsyncClient::new(options(i, gw.mqtt_addr.unwrap().port()), 10);
+        let present = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) =
+                    el.poll().await.unwrap()
+                {
+                    break c.session_present;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(present, "session many-{i} was lost at the restart");
+    }
+    for c in connected {
+        c.abort();
+    }
+    gw.shutdown().await;
+}

@@ -265,6 +265,19 @@ async fn finish(mut session: Session, end: End) {
         session.aliases.clear();
         match shared.parked.park(session) {
             Ok(()) => return,
+            // Saved in the backbone's session store: it stays there (any instance resumes it,
+            // and whoever finds it expired discards it) even though this instance cannot keep
+            // a placeholder. Ending it would delete what the client will come back for: at
+            // SIGTERM with more connected sessions than `mqtt.max_offline_sessions`, every one
+            // past the limit was deleted (issue 27: 9,700 of 19,700 sessions lost at a restart).
+            // Its delayed will is not published, as when its holder dies.
+            Err(s) if s.store_revision != 0 => {
+                tracing::debug!(
+                    client_id = s.client_id,
+                    "mqtt: offline session limit reached; the session stays in the session store only"
+                );
+                return;
+            }
             Err(s) => {
                 shared.metrics.dropped(DropReason::SessionLimit).inc();
                 session = *s;

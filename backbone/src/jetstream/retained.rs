@@ -22,6 +22,10 @@ pub(crate) struct KvRetained {
     kv: kv::Store,
     bucket: String,
     max_control_line: usize,
+    /// The topics that have a retained message, kept by one watcher per instance, so that a
+    /// SUBSCRIBE with a wildcard filter finds its matches without listing the bucket.
+    index: Arc<KeyIndex>,
+    _watcher: AbortOnDrop,
     /// Values `matching` read (tests check it is bounded).
     #[cfg(test)]
     reads: std::sync::atomic::AtomicUsize,
@@ -94,6 +98,109 @@ impl From<StoredMqtt> for MqttProperties {
     }
 }
 
+/// The topics with a retained message, as the watcher last saw them.
+///
+/// Why: listing the bucket's keys (async-nats `keys()`) creates a consumer on the server, which
+/// it keeps 30 s after the listing; one per SUBSCRIBE made a connect storm of 20,000 devices
+/// hold 20,000 consumers at once, about 40 KiB of nats-server memory each (issue 27, measured
+/// with nats-server 2.9.10). One watcher per instance costs one consumer, whatever the number of
+/// subscriptions.
+#[derive(Debug, Default)]
+struct KeyIndex {
+    topics: std::sync::Mutex<std::collections::BTreeSet<Topic>>,
+    /// The watcher has delivered every key the bucket had when it started: the set is whole.
+    current: std::sync::atomic::AtomicBool,
+}
+
+impl KeyIndex {
+    fn topics(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<Topic>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_current(&self) -> bool {
+        self.current.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_current(&self, current: bool) {
+        self.current
+            .store(current, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The keys of the topics `filter` matches, if the set is whole.
+    fn matching(&self, filter: &TopicFilter) -> Option<Vec<String>> {
+        if !self.is_current() {
+            return None;
+        }
+        Some(
+            self.topics()
+                .iter()
+                .filter(|t| filter.matches(t))
+                .map(|t| B64.encode(t.as_str()))
+                .collect(),
+        )
+    }
+}
+
+/// Aborts the watcher task with the store.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The topic of a retained-message key (`None`: not one of ours).
+fn topic_of_key(key: &str) -> Option<Topic> {
+    B64.decode(key)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| Topic::from_mqtt(&t).ok())
+}
+
+/// Keeps `index` up to date with the bucket: the last value of every key, then every change.
+/// When the watch fails or ends (NATS reconnecting), the set is marked not whole (SUBSCRIBEs
+/// list the bucket meanwhile) and a new watch starts over after a pause.
+async fn watch_keys(kv: kv::Store, index: Arc<KeyIndex>) {
+    let mut backoff = meshgate_core::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        index.set_current(false);
+        match kv.watch_with_history(">").await {
+            Ok(mut watch) => {
+                index.topics().clear();
+                // An empty bucket delivers nothing: whole at once (a key put since comes
+                // through the watch all the same).
+                if kv.status().await.is_ok_and(|s| s.values() == 0) {
+                    index.set_current(true);
+                }
+                while let Some(Ok(entry)) = watch.next().await {
+                    backoff.reset();
+                    if let Some(topic) = topic_of_key(&entry.key) {
+                        let mut topics = index.topics();
+                        if entry.operation == kv::Operation::Put {
+                            topics.insert(topic);
+                        } else {
+                            topics.remove(&topic);
+                        }
+                    }
+                    if entry.seen_current {
+                        index.set_current(true);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "jetstream: cannot watch the retained-message keys; SUBSCRIBEs list the bucket meanwhile")
+            }
+        }
+        index.set_current(false);
+        tokio::time::sleep(backoff.next_pause()).await;
+    }
+}
+
 impl KvRetained {
     /// Creates (or opens) the bucket, bounded by `backbone.jetstream.retained_max_bytes` and
     /// `kv_max_value_size`.
@@ -108,10 +215,14 @@ impl KvRetained {
             max_value_size: config.kv_max_value_size,
         };
         let kv = open_bucket(js, &bucket, config.replicas, limits).await?;
+        let index = Arc::new(KeyIndex::default());
+        let watcher = tokio::spawn(watch_keys(kv.clone(), index.clone())).abort_handle();
         Ok(KvRetained {
             kv,
             bucket,
             max_control_line,
+            index,
+            _watcher: AbortOnDrop(watcher),
             #[cfg(test)]
             reads: Default::default(),
         })
@@ -238,7 +349,11 @@ impl RetainedStore for KvRetained {
                     failed(e)
                 }
             }) {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    // Seen by this instance's next SUBSCRIBE at once, before the watcher has it.
+                    self.index.topics().insert(envelope.topic.clone());
+                    return Ok(());
+                }
                 Err(BackboneError::Rejected(why)) => why,
                 Err(e) => return Err(e),
             };
@@ -247,6 +362,7 @@ impl RetainedStore for KvRetained {
             // is purged. The purge marker is smaller than the stored value, so nats-server
             // takes it even in a full bucket (a message replacing the subject's last one frees
             // that one's bytes). Read only on a refusal, to purge only keys that exist.
+            self.index.topics().remove(&envelope.topic);
             if let Ok(Some(entry)) = self.kv.entry(key.as_str()).await
                 && entry.operation == kv::Operation::Put
                 && let Err(e) = self.kv.purge(key.as_str()).await
@@ -267,6 +383,7 @@ impl RetainedStore for KvRetained {
                 // Never stored (`set` refuses such keys): nothing to clear.
                 return Ok(());
             }
+            self.index.topics().remove(topic);
             self.kv.purge(key).await.map_err(failed)
         })
     }
@@ -278,7 +395,25 @@ impl RetainedStore for KvRetained {
         max_bytes: usize,
     ) -> BoxFuture<'a, Result<(Vec<Envelope>, u64), BackboneError>> {
         Box::pin(async move {
-            let mut keys = self.kv.keys().await.map_err(failed)?;
+            // A filter without wildcards is one topic: one key to read. Otherwise the watcher's
+            // set, or, while it is not whole (start, reconnect), a listing of the bucket.
+            let keys: Vec<String> = if !filter.has_wildcards() {
+                let key = B64.encode(filter.as_str());
+                if key_fits(&self.bucket, &key, self.max_control_line) {
+                    vec![key]
+                } else {
+                    Vec::new()
+                }
+            } else if let Some(keys) = self.index.matching(filter) {
+                keys
+            } else {
+                let mut listed = self.kv.keys().await.map_err(failed)?;
+                let mut keys = Vec::new();
+                while let Some(key) = listed.next().await {
+                    keys.push(key.map_err(failed)?);
+                }
+                keys
+            };
             let mut out = Vec::new();
             // Matches past `limit` or `max_bytes` are counted from the key listing, never read.
             let mut beyond = 0u64;
@@ -286,14 +421,8 @@ impl RetainedStore for KvRetained {
             // is known only once it is read (up to `kv_max_value_size`), so the one that does
             // not fit is the last read.
             let mut bytes_left = Some(max_bytes);
-            while let Some(key) = keys.next().await {
-                let key = key.map_err(failed)?;
-                let Some(topic) = B64
-                    .decode(&key)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|t| Topic::from_mqtt(&t).ok())
-                else {
+            for key in keys {
+                let Some(topic) = topic_of_key(&key) else {
                     continue;
                 };
                 if !filter.matches(&topic) {
@@ -415,6 +544,45 @@ mod tests {
         assert!(matches!(r, Err(BackboneError::Rejected(_))), "{r:?}");
         let entry = store.kv.entry(B64.encode("s/new")).await.unwrap();
         assert!(entry.is_none(), "{entry:?}");
+        drop_bucket(store, js).await;
+    }
+
+    /// Wildcard filters are matched against the watcher's set of topics, exact ones read their
+    /// one key: however many SUBSCRIBEs, the bucket has one consumer (the watcher's), where
+    /// listing its keys made one per SUBSCRIBE. Another writer's changes reach the set.
+    #[tokio::test]
+    async fn subscribes_find_retained_messages_without_a_consumer_each() {
+        let (store, js) = bucket(1 << 20, 64 * 1024).await;
+        for t in ["w/1", "w/2", "x/1"] {
+            store.set(&envelope(t, 10)).await.unwrap();
+        }
+        // Seen at once by this instance (its own writes).
+        assert_eq!(topics(&store, "w/+").await, ["w/1", "w/2"]);
+        // Another writer (another instance) puts a key: the watcher brings it.
+        let other = js.get_key_value(store.bucket.clone()).await.unwrap();
+        let value = store.kv.get(B64.encode("x/1")).await.unwrap().unwrap();
+        other.put(B64.encode("w/3"), value).await.unwrap();
+        let d = std::time::Instant::now();
+        while topics(&store, "w/#").await.len() < 3 {
+            assert!(
+                d.elapsed() < std::time::Duration::from_secs(5),
+                "the watcher did not see w/3"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(store.index.is_current());
+        for _ in 0..20 {
+            assert_eq!(topics(&store, "x/1").await, ["x/1"]);
+            assert_eq!(topics(&store, "#").await.len(), 4);
+        }
+        store
+            .clear(&Topic::from_mqtt("w/1").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(topics(&store, "w/+").await, ["w/2", "w/3"]);
+        let mut stream = js.get_stream(format!("KV_{}", store.bucket)).await.unwrap();
+        let consumers = stream.info().await.unwrap().state.consumer_count;
+        assert_eq!(consumers, 1, "the watcher's only");
         drop_bucket(store, js).await;
     }
 

@@ -368,7 +368,7 @@ fn jetstream_settings_are_checked() {
     }
     assert_eq!(
         c.backbone.jetstream.subscriptions,
-        JetStreamSubscriptions::ConsumerEach
+        JetStreamSubscriptions::InstanceFeed
     );
     let errs = errors_of("[backbone.jetstream]\nsubscriptions = \"feed\"\n", &[]);
     assert!(

@@ -17,8 +17,9 @@ use meshgate_tests::{
     Deadline, next_event, post_data, start_gateway, test_config, wait_metric, ws_connect,
 };
 
+/// The default mode (`instance_feed`); tests of what only consumers do pin `consumer_each`.
 fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
-    js_config_in(Mode::ConsumerEach, server, instance)
+    js_config_in(Mode::InstanceFeed, server, instance)
 }
 
 /// How the gateway's subscriptions read the stream (decision 0080): the tests of delivery,
@@ -129,7 +130,7 @@ async fn ingress_is_stored_once_per_source_and_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
     let nats = NatsServer::start();
-    let gw = start_gateway(js_config(&nats, "js-gone")).await;
+    let gw = start_gateway(js_config_in(Mode::ConsumerEach, &nats, "js-gone")).await;
     let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
     let mut ws = ws_connect(web, &["gone/#"]).await;
     // A subscriber that has received nothing when its consumers go.
@@ -264,7 +265,8 @@ async fn no_acknowledged_event_is_lost_across_a_nats_restart_in(mode: Mode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_deliveries_are_redelivered_then_dead_lettered() {
     let nats = NatsServer::start();
-    let mut config = js_config(&nats, "js-dead");
+    // A consumer per subscription redelivers; the instance feed does not (decision 0080).
+    let mut config = js_config_in(Mode::ConsumerEach, &nats, "js-dead");
     config.backbone.jetstream.ack_wait = Duration::from_millis(500);
     config.backbone.jetstream.max_deliver = 2;
     config.mqtt.enabled = true;
@@ -943,7 +945,9 @@ async fn keys_too_long_for_the_servers_protocol_line_are_refused_not_sent() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
     let nats = NatsServer::start_monitored();
-    let mut c = js_config(&nats, "gw-long-keys");
+    // With a consumer per subscription, whose creating request names the filter (the instance
+    // feed creates none: a long filter is granted there).
+    let mut c = js_config_in(Mode::ConsumerEach, &nats, "gw-long-keys");
     // Client ids this long are refused by default (mqtt.max_client_id_len = 256); this test is
     // about the session store's key limit.
     c.mqtt.max_client_id_len = 4096;

@@ -159,7 +159,10 @@ fn read_answer(mut m: Msg) -> Result<Option<Stored>, DirectError> {
     let seq = block
         .get("Nats-Sequence")
         .and_then(|s| s.trim().parse::<u64>().ok());
-    let subject = block.get("Nats-Subject").map(|s| s.trim().to_owned());
+    let subject = block
+        .get("Nats-Subject")
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
     let (Some(seq), Some(subject)) = (seq, subject) else {
         return Err(DirectError::Refused(
             "an answer without Nats-Sequence or Nats-Subject".into(),
@@ -208,5 +211,35 @@ mod tests {
             read_answer(msg("NATS/1.0\r\nNats-Subject: p.a\r\n\r\n", "")),
             Err(DirectError::Refused(_))
         ));
+    }
+
+    /// Direct get answers come from the bus: any header block and payload is a message, a
+    /// `None` or a refusal, never a panic.
+    #[test]
+    fn fuzz_direct_get_answer() {
+        let seeds: [&[u8]; 3] = [
+            b"NATS/1.0\r\nNats-Stream: S\r\nNats-Subject: p.a\r\nNats-Sequence: 42\r\n\r\n",
+            b"NATS/1.0 404 Message Not Found\r\n\r\n",
+            b"NATS/1.0 408 Bad Request\r\n\r\n",
+        ];
+        meshgate_fuzz::run(
+            "direct_get_answer",
+            meshgate_fuzz::bytes("direct_get_answer", &seeds, 256),
+            |b| Some(b.to_vec()),
+            |bytes| {
+                let m = Msg {
+                    subject: Bytes::from_static(b"_INBOX.x.1"),
+                    reply: None,
+                    headers: Some(Bytes::from(bytes)),
+                    payload: Bytes::new(),
+                };
+                if let Ok(Some(s)) = read_answer(m)
+                    && s.msg.subject.is_empty()
+                {
+                    return Err("a stored message without a subject".into());
+                }
+                Ok(())
+            },
+        );
     }
 }

@@ -6,13 +6,19 @@
 //!
 //! | type | direction | data |
 //! |---|---|---|
-//! | `io.meshgate.subscribe` | client → gateway | `{"filters": ["a/+/c", "b/#"]}` |
+//! | `io.meshgate.subscribe` | client → gateway | `{"filters": ["a/+/c", "b/#"]}`, optionally `"match": [...]` |
 //! | `io.meshgate.unsubscribe` | client → gateway | `{"filters": ["b/#"]}` |
 //! | `io.meshgate.subscribed` | gateway → client | `{"filters": [...all current...]}` after every change and once at connect |
 //! | `io.meshgate.error` | gateway → client | `{"code": "...", "message": "...", "eventid": "..."}` for a frame that was dropped |
 //!
 //! Events for the client are one text frame each holding the JSON format (E10: never an
 //! array), encoded once per event by `Envelope::json`.
+//!
+//! `match` narrows the subscribe's topic filters to the events that pass a list of filters in
+//! Knative Eventing's dialects (`exact`, `prefix`, `suffix`, `all`, `any`, `not`, `cesql`;
+//! [`meshgate_core::filter`]), e.g. `{"filters": ["sensors/#"], "match": [{"prefix": {"type":
+//! "com.example."}}, {"cesql": "temperature > 30"}]}`. Subscribing to a filter again replaces its
+//! `match` (none: every event of the topic).
 
 use bytes::Bytes;
 use meshgate_core::metrics::ErrorKind;
@@ -112,7 +118,11 @@ pub fn parse_query(query: Option<&str>) -> Result<ConnectParams, QueryError> {
 #[derive(Debug)]
 pub enum Inbound {
     Publish(Box<Event>),
-    Subscribe(Vec<TopicFilter>),
+    /// Topic filters, and the event filter (`match`) that applies to each of them.
+    Subscribe(
+        Vec<TopicFilter>,
+        Option<std::sync::Arc<meshgate_core::filter::Filter>>,
+    ),
     Unsubscribe(Vec<TopicFilter>),
 }
 
@@ -168,9 +178,17 @@ impl FrameError {
 #[serde(deny_unknown_fields)]
 struct FiltersData {
     filters: Vec<String>,
+    /// Only on `io.meshgate.subscribe`: Knative-dialect event filters.
+    #[serde(default, rename = "match")]
+    matching: Option<serde_json::Value>,
 }
 
-fn control_filters(event: &Event) -> Result<Vec<TopicFilter>, FrameError> {
+type Control = (
+    Vec<TopicFilter>,
+    Option<std::sync::Arc<meshgate_core::filter::Filter>>,
+);
+
+fn control_filters(event: &Event) -> Result<Control, FrameError> {
     let bad = |msg: String| FrameError::new(FrameCode::InvalidRequest, msg, Some(event.id()));
     let bytes = match event.data() {
         Some(Data::Json(raw)) => Bytes::copy_from_slice(raw.get().as_bytes()),
@@ -188,10 +206,22 @@ fn control_filters(event: &Event) -> Result<Vec<TopicFilter>, FrameError> {
             event.ty()
         ))
     })?;
-    data.filters
+    let filters = data
+        .filters
         .iter()
         .map(|f| TopicFilter::parse(f).map_err(|e| bad(e.to_string())))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let matching = match data.matching {
+        None => None,
+        Some(_) if event.ty() != TYPE_SUBSCRIBE => {
+            return Err(bad(format!("{} takes no `match`", event.ty())));
+        }
+        Some(json) => Some(std::sync::Arc::new(
+            meshgate_core::filter::Filter::parse_list(&json, "match")
+                .map_err(|e| bad(format!("{} data: {e}", event.ty())))?,
+        )),
+    };
+    Ok((filters, matching))
 }
 
 /// Reads one text frame.
@@ -204,8 +234,11 @@ pub fn decode_frame(text: &str) -> Result<Inbound, FrameError> {
         FrameError::new(FrameCode::InvalidEvent, e.to_string(), id.as_deref())
     })?;
     match event.ty() {
-        TYPE_SUBSCRIBE => Ok(Inbound::Subscribe(control_filters(&event)?)),
-        TYPE_UNSUBSCRIBE => Ok(Inbound::Unsubscribe(control_filters(&event)?)),
+        TYPE_SUBSCRIBE => {
+            let (filters, matching) = control_filters(&event)?;
+            Ok(Inbound::Subscribe(filters, matching))
+        }
+        TYPE_UNSUBSCRIBE => Ok(Inbound::Unsubscribe(control_filters(&event)?.0)),
         _ => Ok(Inbound::Publish(Box::new(event))),
     }
 }
@@ -270,7 +303,9 @@ mod tests {
         let e0 = r#"{"specversion":"1.0","id":"A1","source":"/src","type":"com.example.t"}"#;
         assert!(matches!(decode_frame(e0), Ok(Inbound::Publish(e)) if e.id() == "A1"));
         let sub = r#"{"specversion":"1.0","id":"s1","source":"/b","type":"io.meshgate.subscribe","data":{"filters":["a/#"]}}"#;
-        assert!(matches!(decode_frame(sub), Ok(Inbound::Subscribe(f)) if f[0].as_str() == "a/#"));
+        assert!(
+            matches!(decode_frame(sub), Ok(Inbound::Subscribe(f, None)) if f[0].as_str() == "a/#")
+        );
         let bad_filter = sub.replace("a/#", "a/#/b");
         assert_eq!(
             decode_frame(&bad_filter).unwrap_err().code.as_str(),

@@ -26,6 +26,7 @@ use std::time::Duration;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use meshgate_config::{PublishTopic, SlowConsumerPolicy};
+use meshgate_core::filter::Filter as EventFilter;
 use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::{
     Delivery, Principal, PublishError, SubscribeGrant, SubscribeOptions, Subscription, Topic,
@@ -123,6 +124,19 @@ struct Sub {
     /// Granted with a deny rule inside it ([`SubscribeGrant::Filtered`]): each delivery's
     /// topic is checked against the ACL.
     filtered: bool,
+    /// The subscribe's `match`: only events that pass it are sent for this filter.
+    matching: Option<Arc<EventFilter>>,
+}
+
+impl Sub {
+    /// Whether this subscription wants `delivery`: its topic filter and its `match`.
+    fn wants(&self, delivery: &Delivery) -> bool {
+        self.filter.matches(delivery.topic())
+            && self
+                .matching
+                .as_ref()
+                .is_none_or(|m| m.matches(delivery.event()))
+    }
 }
 
 /// A publish or subscribe the connection waits for before it reads the next frame.
@@ -130,8 +144,12 @@ type Op = Pin<Box<dyn Future<Output = OpDone> + Send>>;
 
 enum OpDone {
     Published(Result<(), FrameError>),
-    Subscribed(Vec<Result<(TopicFilter, bool, Subscription), FrameError>>),
+    Subscribed(Vec<Result<Subscribed, FrameError>>),
 }
+
+/// A filter the backbone subscribed: the filter, whether the ACL filters it, the stream, and
+/// the subscribe's `match`.
+type Subscribed = (TopicFilter, bool, Subscription, Option<Arc<EventFilter>>);
 
 /// What the connection's poll found to do.
 enum Step {
@@ -240,13 +258,12 @@ impl Conn {
             self.settle_unsent(delivery);
             return true;
         }
-        let first = self
-            .subs
-            .iter()
-            .position(|s| s.filter.matches(delivery.topic()));
+        // The first subscription that wants it sends it: its topic filter and its `match`.
+        let first = self.subs.iter().position(|s| s.wants(&delivery));
         if first != Some(i) {
-            // Another of this connection's filters delivers it (or it was just removed): this
-            // copy is settled (JetStream would otherwise deliver it again).
+            // Another of this connection's filters delivers it, its `match` leaves it out, or
+            // it was just removed: this copy is settled (JetStream would otherwise deliver it
+            // again).
             self.settle_unsent(delivery);
             return true;
         }
@@ -471,7 +488,7 @@ impl Conn {
                     }))
                 }));
             }
-            Ok(Inbound::Subscribe(filters)) => self.subscribe(filters),
+            Ok(Inbound::Subscribe(filters, matching)) => self.subscribe(filters, matching),
             Ok(Inbound::Unsubscribe(filters)) => {
                 for filter in &filters {
                     // Dropping the stream ends the backbone subscription.
@@ -484,16 +501,19 @@ impl Conn {
 
     /// Starts subscribing to `filters` (checked against the ACL and `websocket.max_filters`
     /// here, subscribed by the backbone in `self.op`); answered with `io.meshgate.subscribed`.
-    fn subscribe(&mut self, filters: Vec<TopicFilter>) {
+    fn subscribe(&mut self, filters: Vec<TopicFilter>, matching: Option<Arc<EventFilter>>) {
         let shared = self.shared.clone();
         let max = shared.config.max_filters;
         let mut held = self.subs.len();
         let mut wanted = Vec::with_capacity(filters.len());
         let mut refused = Vec::new();
         for filter in filters {
-            if self.subs.iter().any(|s| s.filter == filter)
-                || wanted.iter().any(|(f, _)| *f == filter)
-            {
+            if let Some(sub) = self.subs.iter_mut().find(|s| s.filter == filter) {
+                // Subscribed already: its `match` is replaced.
+                sub.matching = matching.clone();
+                continue;
+            }
+            if wanted.iter().any(|(f, _)| *f == filter) {
                 continue;
             }
             let filtered = match shared
@@ -528,6 +548,7 @@ impl Conn {
         }
         let connection = self.id;
         self.op = Some(Box::pin(async move {
+            let matching = matching;
             let mut done = Vec::with_capacity(wanted.len());
             for (filter, filtered) in wanted {
                 let sub = shared
@@ -539,7 +560,7 @@ impl Conn {
                 if sub.is_ok() {
                     tracing::debug!(connection, %filter, "websocket subscribed");
                 }
-                done.push(sub.map(|s| (filter, filtered, s)));
+                done.push(sub.map(|s| (filter, filtered, s, matching.clone())));
             }
             OpDone::Subscribed(done)
         }));
@@ -552,10 +573,11 @@ impl Conn {
             OpDone::Subscribed(results) => {
                 for r in results {
                     match r {
-                        Ok((filter, filtered, stream)) => self.subs.push(Sub {
+                        Ok((filter, filtered, stream, matching)) => self.subs.push(Sub {
                             filter,
                             stream: Some(stream),
                             filtered,
+                            matching,
                         }),
                         Err(e) => self.report(&e),
                     }
@@ -681,7 +703,7 @@ pub(crate) async fn run(
     };
     // Answered with the greeting `io.meshgate.subscribed` (also without filters), so a client
     // knows when it is subscribed.
-    conn.subscribe(initial);
+    conn.subscribe(initial, None);
 
     let end = loop {
         let step = std::future::poll_fn(|cx| {

@@ -370,6 +370,17 @@ fn jetstream_settings_are_checked() {
         c.backbone.jetstream.subscriptions,
         JetStreamSubscriptions::InstanceFeed
     );
+    let errs = errors_of("[backbone.jetstream]\nreplicas = 3\n", &[]);
+    assert!(
+        has(&errs, "backbone.jetstream.subscriptions", "consumer_each"),
+        "{errs:?}"
+    );
+    let ok = load_str(
+        "[backbone.jetstream]\nreplicas = 3\nsubscriptions = \"consumer_each\"\n",
+        "test.toml",
+        env(&[]),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
     let errs = errors_of("[backbone.jetstream]\nsubscriptions = \"feed\"\n", &[]);
     assert!(
         has(

@@ -1100,8 +1100,12 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure_on_the_in
 async fn sessions_connected_at_shutdown_are_saved_with_their_departure_in(mode: Mode) {
     let nats = NatsServer::start();
     let url = nats.url();
-    let log_path =
-        std::env::temp_dir().join(format!("meshgate-js-term-{}.log", std::process::id()));
+    // One file per mode: both modes' tests run at once in this process.
+    let log_path = std::env::temp_dir().join(format!(
+        "meshgate-js-term-{}-{}.log",
+        mode_name(mode),
+        std::process::id()
+    ));
     let mut a = meshgate_tests::spawn_logging_to(
         &[],
         &js_mqtt_env_in(mode, &url, "js-term-a"),

@@ -320,3 +320,70 @@ async fn a_new_persistent_session_on_a_full_stream_gets_only_what_came_after_it(
     assert!(got[0].contains("new"), "{got:?}");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribed_filter_subscribed_again_does_not_get_what_came_meanwhile() {
+    use rumqttc::v5::mqttbytes::QoS;
+    let nats = NatsServer::start();
+    let mut config = feed_config(&nats, "feed-unsub");
+    config.mqtt.enabled = true;
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let gw = start_gateway(config).await;
+    let (web, port) = (gw.web_addr.unwrap(), gw.mqtt_addr.unwrap().port());
+    let mut o = rumqttc::v5::MqttOptions::new("dev-unsub", "127.0.0.1", port);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        while let Ok(e) = el.poll().await {
+            match e {
+                rumqttc::v5::Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(Some(String::from_utf8(p.payload.to_vec()).unwrap()));
+                }
+                rumqttc::v5::Event::Incoming(Packet::SubAck(_) | Packet::UnsubAck(_)) => {
+                    let _ = tx.send(None);
+                }
+                _ => {}
+            }
+        }
+    });
+    client.subscribe("un/#", QoS::AtLeastOnce).await.unwrap();
+    acked(&mut rx).await;
+    post(web, "un/x", "first").await;
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.unwrap().contains("first"));
+    client.unsubscribe("un/#").await.unwrap();
+    acked(&mut rx).await;
+    for i in 0..3 {
+        post(web, "un/x", &format!("meanwhile-{i}")).await;
+    }
+    // Let the ended subscription's stream go and its cursor writes settle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.subscribe("un/#", QoS::AtLeastOnce).await.unwrap();
+    acked(&mut rx).await;
+    post(web, "un/x", "after").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.contains("after"),
+        "what was published while unsubscribed came back: {next}"
+    );
+    gw.shutdown().await;
+}
+
+/// Waits for the next SUBACK or UNSUBACK (`None` on the channel).
+async fn acked(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Option<String>>) {
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, None, "expected an acknowledgement, got {got:?}");
+}

@@ -10,7 +10,6 @@
 //! before. A cursor that is older than the truth only repeats messages (at least once).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -38,17 +37,27 @@ pub(crate) fn cursor_key(name: &str) -> String {
     B64.encode(&digest[..18])
 }
 
+/// A live durable member and the floor last written for it.
+#[derive(Debug)]
+struct Entry {
+    member: Weak<Member>,
+    /// The member's id: only the member that owns the key ends it (a newer subscription with
+    /// the same durable name may have taken the key over on this instance).
+    id: u64,
+    written: u64,
+}
+
 #[derive(Debug, Default)]
 struct Tracked {
-    /// Live durable members and the floor last written for each.
-    members: HashMap<String, (Weak<Member>, u64)>,
+    members: HashMap<String, Entry>,
+    /// Final writes of ended subscriptions not yet answered, by ticket number.
+    ending: std::collections::BTreeSet<u64>,
+    next_ticket: u64,
 }
 
 pub(crate) struct Cursors {
     kv: kv::Store,
     tracked: Mutex<Tracked>,
-    /// Final writes of ended subscriptions not yet answered.
-    ending: AtomicUsize,
     ended: tokio::sync::Notify,
 }
 
@@ -63,7 +72,6 @@ impl Cursors {
         let cursors = Arc::new(Cursors {
             kv,
             tracked: Mutex::new(Tracked::default()),
-            ending: AtomicUsize::new(0),
             ended: tokio::sync::Notify::new(),
         });
         tokio::spawn(flush(Arc::downgrade(&cursors)));
@@ -93,37 +101,60 @@ impl Cursors {
 
     /// Keeps `key` written while `member` lives (`written`: the floor stored now).
     pub(crate) fn track(&self, key: String, member: &Arc<Member>, written: u64) {
-        self.tracked()
-            .members
-            .insert(key, (Arc::downgrade(member), written));
+        self.tracked().members.insert(
+            key,
+            Entry {
+                member: Arc::downgrade(member),
+                id: member.id,
+                written,
+            },
+        );
     }
 
     /// The subscription ended: writes its floor one last time (in the background;
-    /// [`Cursors::settled`] waits for it).
+    /// [`Cursors::settled`] waits for it). Nothing is written when the key is no longer this
+    /// member's: deleted (an unsubscribe, a session that ended, whose stream is dropped after
+    /// the delete) or taken over by a newer subscription with the same name.
     pub(crate) fn end(self: &Arc<Self>, key: String, member: &Member) {
-        let written = self.tracked().members.remove(&key).map(|(_, w)| w);
         let floor = member.floor();
-        if written == Some(floor) {
-            return;
-        }
-        self.ending.fetch_add(1, Ordering::AcqRel);
+        let ticket = {
+            let mut tracked = self.tracked();
+            let owned = tracked.members.get(&key).is_some_and(|e| e.id == member.id);
+            if !owned {
+                return;
+            }
+            let written = tracked.members.remove(&key).map(|e| e.written);
+            if written == Some(floor) {
+                return;
+            }
+            let ticket = tracked.next_ticket;
+            tracked.next_ticket += 1;
+            tracked.ending.insert(ticket);
+            ticket
+        };
         let cursors = self.clone();
         tokio::spawn(async move {
             if let Err(e) = cursors.write(&key, floor).await {
                 tracing::warn!(error = %e, "jetstream: the position of an ended durable subscription was not stored; the session may receive messages again");
             }
-            if cursors.ending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                cursors.ended.notify_waiters();
-            }
+            cursors.tracked().ending.remove(&ticket);
+            cursors.ended.notify_waiters();
         });
     }
 
-    /// Waits (at most 2 s) until the last writes of ended subscriptions are stored.
+    /// Waits (at most 2 s) until the last writes of subscriptions that ended before this call
+    /// are stored (not those that end meanwhile: under steady churn there always are some).
     pub(crate) async fn settled(&self) {
+        let before = self.tracked().next_ticket;
         let wait = async {
             loop {
                 let notified = self.ended.notified();
-                if self.ending.load(Ordering::Acquire) == 0 {
+                if self
+                    .tracked()
+                    .ending
+                    .first()
+                    .is_none_or(|&oldest| oldest >= before)
+                {
                     return;
                 }
                 notified.await;
@@ -132,7 +163,8 @@ impl Cursors {
         let _ = tokio::time::timeout(SETTLE_WITHIN, wait).await;
     }
 
-    /// Forgets `key` (the durable subscription was deleted).
+    /// Forgets `key` (the durable subscription was deleted); its member, if still alive,
+    /// writes nothing more.
     pub(crate) async fn delete(&self, key: &str) -> Result<(), BackboneError> {
         self.tracked().members.remove(key);
         self.kv.purge(key).await.map_err(failed)
@@ -152,9 +184,9 @@ async fn flush(cursors: Weak<Cursors>) {
             .tracked()
             .members
             .iter()
-            .filter_map(|(key, (member, written))| {
-                let floor = member.upgrade()?.floor();
-                (floor != *written).then(|| (key.clone(), floor))
+            .filter_map(|(key, e)| {
+                let floor = e.member.upgrade()?.floor();
+                (floor != e.written).then(|| (key.clone(), floor))
             })
             .collect();
         for chunk in moved.chunks(256) {
@@ -166,7 +198,7 @@ async fn flush(cursors: Weak<Cursors>) {
                 match result {
                     Ok(()) => {
                         if let Some(entry) = cursors.tracked().members.get_mut(key) {
-                            entry.1 = entry.1.max(floor);
+                            entry.written = floor;
                         }
                     }
                     Err(e) => {

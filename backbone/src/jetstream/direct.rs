@@ -60,7 +60,12 @@ pub(crate) struct DirectGet {
     waiting: Arc<Mutex<Waiters>>,
     _replies: Unsubscribe,
     timeout: Duration,
+    /// Requests in flight at most: after a NATS restart every subscription asks at once.
+    in_flight: tokio::sync::Semaphore,
 }
+
+/// Direct gets in flight at most per instance.
+const MAX_IN_FLIGHT: usize = 256;
 
 impl DirectGet {
     pub(crate) fn start(
@@ -101,6 +106,7 @@ impl DirectGet {
             waiting,
             _replies: replies,
             timeout,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -111,6 +117,9 @@ impl DirectGet {
         seq: u64,
         subject: &str,
     ) -> Result<Option<Stored>, DirectError> {
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return Err(ClientError::Closed.into());
+        };
         let body = serde_json::json!({ "seq": seq.max(1), "next_by_subj": subject }).to_string();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let reply = format!("{}{id}", self.inbox);

@@ -24,6 +24,9 @@ use super::member::{Member, Offer};
 use super::pull::{Limits, Pull, sequences};
 use crate::nats::client::Client;
 
+/// How often the feed checks whether its connection was replaced.
+const RECONNECT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long the server keeps the feed's consumer once nobody pulls (a gateway that died).
 const FEED_INACTIVE: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -99,7 +102,14 @@ impl Feed {
             next_id: AtomicU64::new(1),
             consumer: name,
         });
-        tokio::spawn(feed.clone().run(pull, prefix.to_owned(), malformed));
+        let delivered = info.delivered.consumer_sequence;
+        tokio::spawn(feed.clone().run(
+            pull,
+            client.clone(),
+            delivered,
+            prefix.to_owned(),
+            malformed,
+        ));
         Ok(feed)
     }
 
@@ -133,14 +143,44 @@ impl Feed {
 
     /// Hands each message to the members it matches; ends them when the pull ends (the
     /// backbone closed).
-    async fn run(self: Arc<Self>, mut pull: Pull, prefix: String, malformed: Counter) {
-        let mut last_consumer_seq = 0u64;
+    async fn run(
+        self: Arc<Self>,
+        mut pull: Pull,
+        client: Client,
+        delivered: u64,
+        prefix: String,
+        malformed: Counter,
+    ) {
+        // Where the consumer stood when it was opened: a gap before the first message counts.
+        let mut last_consumer_seq = delivered;
         let mut matched: Vec<Arc<Member>> = Vec::new();
-        while let Some(m) = pull.next().await {
+        let mut connection = client.connections();
+        let mut tick = tokio::time::interval(RECONNECT_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let m = tokio::select! {
+                m = pull.next() => m,
+                _ = tick.tick() => {
+                    // After a reconnect, what the server sent to the old pull request is gone,
+                    // and on a quiet stream no later message would show the gap: every member
+                    // reads the stream from its own position now.
+                    let now = client.connections();
+                    if now != connection {
+                        connection = now;
+                        for member in self.members.all().values() {
+                            member.lost();
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(m) = m else {
+                break;
+            };
             let Some((seq, consumer_seq)) = m.reply.as_deref().and_then(sequences) else {
                 continue;
             };
-            if consumer_seq != last_consumer_seq + 1 && last_consumer_seq != 0 {
+            if consumer_seq != last_consumer_seq + 1 {
                 // Lost on the way, or a consumer created again: every member reads the stream.
                 tracing::debug!(
                     consumer = %self.consumer,

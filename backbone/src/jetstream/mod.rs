@@ -465,7 +465,16 @@ impl JetStreamBackbone {
             (capacity, parts.queue.1),
             parts.forgotten.clone(),
         ));
+        let first = match start {
+            Start::Live(next) | Start::Behind(next) => next,
+        };
         parts.feed.join(member.clone());
+        // The feed may have passed `first` between reading its position and the join (the
+        // index did not hold the member yet): then the member reads it from the stream. The
+        // feed moves its position before it reads the index, so this sees any such message.
+        if parts.feed.position() >= first {
+            member.lost();
+        }
         if let Some((key, written)) = &cursor {
             parts.cursors.track(key.clone(), &member, *written);
         }

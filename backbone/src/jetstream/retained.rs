@@ -202,6 +202,18 @@ async fn watch_keys(kv: kv::Store, index: Arc<KeyIndex>) {
 }
 
 impl KvRetained {
+    /// The watcher's keys matching `filter`, once its set is whole, waiting at most 2 s.
+    async fn wait_for_index(&self, filter: &TopicFilter) -> Option<Vec<String>> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if let Some(keys) = self.index.matching(filter) {
+                return Some(keys);
+            }
+        }
+        None
+    }
+
     /// Creates (or opens) the bucket, bounded by `backbone.jetstream.retained_max_bytes` and
     /// `kv_max_value_size`.
     pub(crate) async fn open(
@@ -362,7 +374,6 @@ impl RetainedStore for KvRetained {
             // is purged. The purge marker is smaller than the stored value, so nats-server
             // takes it even in a full bucket (a message replacing the subject's last one frees
             // that one's bytes). Read only on a refusal, to purge only keys that exist.
-            self.index.topics().remove(&envelope.topic);
             if let Ok(Some(entry)) = self.kv.entry(key.as_str()).await
                 && entry.operation == kv::Operation::Put
                 && let Err(e) = self.kv.purge(key.as_str()).await
@@ -383,7 +394,6 @@ impl RetainedStore for KvRetained {
                 // Never stored (`set` refuses such keys): nothing to clear.
                 return Ok(());
             }
-            self.index.topics().remove(topic);
             self.kv.purge(key).await.map_err(failed)
         })
     }
@@ -405,6 +415,10 @@ impl RetainedStore for KvRetained {
                     Vec::new()
                 }
             } else if let Some(keys) = self.index.matching(filter) {
+                keys
+            } else if let Some(keys) = self.wait_for_index(filter).await {
+                // Listing makes a consumer per SUBSCRIBE: worth a short wait for the watcher
+                // (at start, and after a NATS reconnect, it delivers the keys within moments).
                 keys
             } else {
                 let mut listed = self.kv.keys().await.map_err(failed)?;

@@ -12,6 +12,7 @@
 
 pub mod amqp;
 pub mod chromium;
+pub mod mqtt311;
 pub mod mqtt5;
 pub mod nats;
 

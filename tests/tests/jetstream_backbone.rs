@@ -17,6 +17,22 @@ use meshgate_tests::{
     Deadline, next_event, post_data, start_gateway, test_config, wait_metric, ws_connect,
 };
 
+/// Two tests of one body: `$each` with a consumer per subscription, `$feed` on the instance
+/// feed (decision 0080).
+macro_rules! in_both_modes {
+    ($each:ident, $feed:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $each() {
+            $body(Mode::ConsumerEach).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $feed() {
+            $body(Mode::InstanceFeed).await;
+        }
+    };
+}
+
 /// The default mode (`instance_feed`); tests of what only consumers do pin `consumer_each`.
 fn js_config(server: &NatsServer, instance: &str) -> meshgate_config::Config {
     js_config_in(Mode::InstanceFeed, server, instance)
@@ -183,15 +199,11 @@ async fn a_subscription_whose_consumer_was_deleted_goes_on_where_it_was() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_acknowledged_event_is_lost_across_a_nats_restart() {
-    no_acknowledged_event_is_lost_across_a_nats_restart_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_acknowledged_event_is_lost_across_a_nats_restart_on_the_instance_feed() {
-    no_acknowledged_event_is_lost_across_a_nats_restart_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    no_acknowledged_event_is_lost_across_a_nats_restart,
+    no_acknowledged_event_is_lost_across_a_nats_restart_on_the_instance_feed,
+    no_acknowledged_event_is_lost_across_a_nats_restart_in
+);
 
 async fn no_acknowledged_event_is_lost_across_a_nats_restart_in(mode: Mode) {
     let mut nats = NatsServer::start();
@@ -329,18 +341,11 @@ async fn unacknowledged_deliveries_are_redelivered_then_dead_lettered() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive() {
-    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(Mode::ConsumerEach)
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_on_the_instance_feed()
-{
-    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(Mode::InstanceFeed)
-        .await;
-}
+in_both_modes!(
+    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive,
+    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_on_the_instance_feed,
+    events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in
+);
 
 async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -400,15 +405,11 @@ async fn events_acknowledged_by_an_instance_killed_with_sigkill_still_arrive_in(
     b.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order() {
-    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_on_the_instance_feed() {
-    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order,
+    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_on_the_instance_feed,
+    mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in
+);
 
 async fn mqtt_qos1_over_jetstream_is_pipelined_and_acknowledged_in_order_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -613,15 +614,11 @@ fn sorted_lines(s: &str) -> Vec<String> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn persistent_mqtt_sessions_move_between_instances() {
-    persistent_mqtt_sessions_move_between_instances_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn persistent_mqtt_sessions_move_between_instances_on_the_instance_feed() {
-    persistent_mqtt_sessions_move_between_instances_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    persistent_mqtt_sessions_move_between_instances,
+    persistent_mqtt_sessions_move_between_instances_on_the_instance_feed,
+    persistent_mqtt_sessions_move_between_instances_in
+);
 
 async fn persistent_mqtt_sessions_move_between_instances_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -730,15 +727,11 @@ async fn next_payload(el: &mut rumqttc::EventLoop) -> Option<String> {
         .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_session_is_taken_over_from_another_instance() {
-    a_connected_session_is_taken_over_from_another_instance_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_session_is_taken_over_from_another_instance_on_the_instance_feed() {
-    a_connected_session_is_taken_over_from_another_instance_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    a_connected_session_is_taken_over_from_another_instance,
+    a_connected_session_is_taken_over_from_another_instance_on_the_instance_feed,
+    a_connected_session_is_taken_over_from_another_instance_in
+);
 
 async fn a_connected_session_is_taken_over_from_another_instance_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -752,15 +745,7 @@ async fn a_connected_session_is_taken_over_from_another_instance_in(mode: Mode) 
     };
     // Connected on A, subscribed.
     let (client_a, mut el_a) = rumqttc::AsyncClient::new(options(&a), 10);
-    client_a
-        .subscribe("alarm/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el_a.poll().await.unwrap() {
-            break;
-        }
-    }
+    meshgate_tests::mqtt311::subscribe(&client_a, &mut el_a, "alarm/#").await;
     publish_lines(&b, "alarm/0", "smoke\n");
     let got = next_payload(&mut el_a).await;
     assert_eq!(got.as_deref(), Some("smoke"), "delivered on A first");
@@ -789,15 +774,11 @@ async fn a_connected_session_is_taken_over_from_another_instance_in(mode: Mode) 
     a.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_survives_its_instance_killed_with_sigkill() {
-    a_session_survives_its_instance_killed_with_sigkill_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_survives_its_instance_killed_with_sigkill_on_the_instance_feed() {
-    a_session_survives_its_instance_killed_with_sigkill_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    a_session_survives_its_instance_killed_with_sigkill,
+    a_session_survives_its_instance_killed_with_sigkill_on_the_instance_feed,
+    a_session_survives_its_instance_killed_with_sigkill_in
+);
 
 async fn a_session_survives_its_instance_killed_with_sigkill_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -872,15 +853,11 @@ async fn a_session_survives_its_instance_killed_with_sigkill_in(mode: Mode) {
     b.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_written_by_someone_else_is_no_longer_held_here() {
-    a_session_written_by_someone_else_is_no_longer_held_here_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_written_by_someone_else_is_no_longer_held_here_on_the_instance_feed() {
-    a_session_written_by_someone_else_is_no_longer_held_here_in(Mode::InstanceFeed).await;
-}
+in_both_modes!(
+    a_session_written_by_someone_else_is_no_longer_held_here,
+    a_session_written_by_someone_else_is_no_longer_held_here_on_the_instance_feed,
+    a_session_written_by_someone_else_is_no_longer_held_here_in
+);
 
 async fn a_session_written_by_someone_else_is_no_longer_held_here_in(mode: Mode) {
     let nats = NatsServer::start();
@@ -888,15 +865,7 @@ async fn a_session_written_by_someone_else_is_no_longer_held_here_in(mode: Mode)
     let mut o = rumqttc::MqttOptions::new("dev-cas", "127.0.0.1", a.mqtt_addr.unwrap().port());
     o.set_clean_session(false);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
-    client
-        .subscribe("x/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
-            break;
-        }
-    }
+    meshgate_tests::mqtt311::subscribe(&client, &mut el, "x/#").await;
     // Another writer (an instance that took the session without A's answer) updates the record.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let kv = js.get_key_value("MESHGATE_SESSIONS").await.unwrap();
@@ -1082,21 +1051,17 @@ async fn v5_session(
     (present.expect("a CONNACK"), client, el)
 }
 
+in_both_modes!(
+    sessions_connected_at_shutdown_are_saved_with_their_departure,
+    sessions_connected_at_shutdown_are_saved_with_their_departure_on_the_instance_feed,
+    sessions_connected_at_shutdown_are_saved_with_their_departure_in
+);
+
 /// Issue 27 (SIGTERM saves sessions): sessions still connected when their instance gets
 /// SIGTERM are saved with their departure, without a warning per session; the JetStream
 /// management connection (the KV stores) used to be drained before the sessions ended, and
 /// each session's last store access failed with "cannot save the session". Their expiry runs
 /// from the shutdown: after it a session is not resumed, within it it is, at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_connected_at_shutdown_are_saved_with_their_departure() {
-    sessions_connected_at_shutdown_are_saved_with_their_departure_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_connected_at_shutdown_are_saved_with_their_departure_on_the_instance_feed() {
-    sessions_connected_at_shutdown_are_saved_with_their_departure_in(Mode::InstanceFeed).await;
-}
-
 async fn sessions_connected_at_shutdown_are_saved_with_their_departure_in(mode: Mode) {
     let nats = NatsServer::start();
     let url = nats.url();
@@ -1153,21 +1118,17 @@ async fn sessions_connected_at_shutdown_are_saved_with_their_departure_in(mode: 
     b.shutdown().await;
 }
 
+in_both_modes!(
+    shutdown_ends_at_once_when_every_delivery_was_acknowledged,
+    shutdown_ends_at_once_when_every_delivery_was_acknowledged_on_the_instance_feed,
+    shutdown_ends_at_once_when_every_delivery_was_acknowledged_in
+);
+
 /// Issue 19 (shutdown drain): an MQTT subscriber that got and acknowledged every event lets
 /// the shutdown end at once: its subscriptions end when the backbone closes, and the
 /// connection, with nothing left to deliver, closes (DISCONNECT 0x8B) instead of waiting out
 /// the 5 s drain (the connection's loop used to stop watching its subscriptions when the last
 /// one ended, and waited for the drain's timer).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged() {
-    shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(Mode::ConsumerEach).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged_on_the_instance_feed() {
-    shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(Mode::InstanceFeed).await;
-}
-
 async fn shutdown_ends_at_once_when_every_delivery_was_acknowledged_in(mode: Mode) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     let nats = NatsServer::start();
@@ -1379,21 +1340,7 @@ async fn a_restart_keeps_every_session_past_the_offline_limit() {
     for i in 0..DEVICES {
         let (client, mut el) =
             rumqttc::AsyncClient::new(options(i, gw.mqtt_addr.unwrap().port()), 10);
-        client
-            .subscribe(format!("many/{i}"), rumqttc::QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
-                    el.poll().await.unwrap()
-                {
-                    break;
-                }
-            }
-        })
-        .await
-        .unwrap();
+        meshgate_tests::mqtt311::subscribe(&client, &mut el, &format!("many/{i}")).await;
         // Still connected when the gateway stops.
         connected.push(tokio::spawn(async move {
             let _client = client;

@@ -140,21 +140,7 @@ async fn persistent_sessions_cost_the_server_no_consumer_and_find_their_messages
     for i in 0..DEVICES {
         let (client, mut el) =
             rumqttc::AsyncClient::new(options(i, a.mqtt_addr.unwrap().port()), 10);
-        client
-            .subscribe(format!("dev/{i}/cmd"), rumqttc::QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
-                    el.poll().await.unwrap()
-                {
-                    break;
-                }
-            }
-        })
-        .await
-        .unwrap();
+        meshgate_tests::mqtt311::subscribe(&client, &mut el, &format!("dev/{i}/cmd")).await;
         client.disconnect().await.unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
     }
@@ -289,19 +275,7 @@ async fn a_new_persistent_session_on_a_full_stream_gets_only_what_came_after_it(
         o
     };
     let (client, mut el) = rumqttc::AsyncClient::new(options(), 10);
-    client
-        .subscribe("old/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = el.poll().await.unwrap() {
-                break;
-            }
-        }
-    })
-    .await
-    .unwrap();
+    meshgate_tests::mqtt311::subscribe(&client, &mut el, "old/#").await;
     client.disconnect().await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
     post(gw.web_addr.unwrap(), "old/x", "new").await;

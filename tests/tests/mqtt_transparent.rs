@@ -108,14 +108,7 @@ async fn check_transparency(
         rumqttc::MqttOptions::new(format!("{what}-sub3"), "127.0.0.1", pb),
         10,
     );
-    s3.subscribe("dev/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = s3el.poll().await.unwrap() {
-            break;
-        }
-    }
+    meshgate_tests::mqtt311::subscribe(&s3, &mut s3el, "dev/#").await;
     let mut ws = ws_connect(b.web_addr.unwrap(), &["dev/#"]).await;
     // Subscriptions on another instance take a moment to reach the bus.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -8,18 +8,14 @@
 //! stored message itself, with `Nats-Stream`, `Nats-Subject`, `Nats-Sequence` and
 //! `Nats-Time-Stamp` added to its headers, or a status (`NATS/1.0 404 Message Not Found`: none;
 //! `408 …`: a bad request; `503`: no stream answers, e.g. without `allow_direct`). Replies come
-//! to one wildcard inbox subscription handled on the connection's reader task, as for
-//! publishes ([`super::publish`]).
+//! to one wildcard inbox, as for publishes ([`super::replies`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
-use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
+use super::replies::Replies;
+use crate::nats::client::{Client, ClientError, Msg};
 use crate::nats::wire::RawHeaderBlock;
 
 /// Why a direct get did not answer.
@@ -42,23 +38,12 @@ pub(crate) struct Stored {
     pub msg: Msg,
 }
 
-type Waiters = HashMap<u64, oneshot::Sender<Result<Option<Stored>, DirectError>>>;
-
-fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
-    // Only inserts and removes happen under the lock.
-    w.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Debug)]
 pub(crate) struct DirectGet {
     client: Client,
     /// `$JS.API.DIRECT.GET.<stream>`
     subject: String,
-    /// `_INBOX.<unique>.`; a request's reply subject is this and its number.
-    inbox: String,
-    next: AtomicU64,
-    waiting: Arc<Mutex<Waiters>>,
-    _replies: Unsubscribe,
+    replies: Replies<Result<Option<Stored>, DirectError>>,
     timeout: Duration,
     /// Requests in flight at most: after a NATS restart every subscription asks at once.
     in_flight: tokio::sync::Semaphore,
@@ -73,38 +58,16 @@ impl DirectGet {
         stream: &str,
         timeout: Duration,
     ) -> Result<DirectGet, ClientError> {
-        let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
-        let waiting = Arc::new(Mutex::new(Waiters::new()));
-        client.on_disconnect({
-            let waiting = waiting.clone();
-            move || {
-                let lost: Vec<_> = lock(&waiting).drain().map(|(_, tx)| tx).collect();
-                for tx in lost {
-                    let _ = tx.send(Err(DirectError::ConnectionLost));
-                }
-            }
-        });
-        let (w, prefix_len) = (waiting.clone(), inbox.len());
-        let replies = client.subscribe_with(&format!("{inbox}*"), move |m| {
-            let Some(id) = m
-                .subject
-                .get(prefix_len..)
-                .and_then(|t| std::str::from_utf8(t).ok())
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                return;
-            };
-            if let Some(tx) = lock(&w).remove(&id) {
-                let _ = tx.send(read_answer(m));
-            }
-        })?;
+        let replies = Replies::start(
+            client,
+            read_answer,
+            || Err(DirectError::ConnectionLost),
+            |_| {},
+        )?;
         Ok(DirectGet {
             client: client.clone(),
             subject: format!("$JS.API.DIRECT.GET.{stream}"),
-            inbox,
-            next: AtomicU64::new(1),
-            waiting,
-            _replies: replies,
+            replies,
             timeout,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
@@ -121,27 +84,15 @@ impl DirectGet {
             return Err(ClientError::Closed.into());
         };
         let body = serde_json::json!({ "seq": seq.max(1), "next_by_subj": subject }).to_string();
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let reply = format!("{}{id}", self.inbox);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiting).insert(id, tx);
-        let _forget = Forget(&self.waiting, id);
+        let mut waiter = self.replies.waiter();
         self.client
-            .publish_when_room(&self.subject, Some(&reply), b"", body.as_bytes())
+            .publish_when_room(&self.subject, Some(&waiter.reply), b"", body.as_bytes())
             .await?;
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout(self.timeout, &mut waiter.answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(ClientError::Closed.into()),
             Err(_) => Err(DirectError::TimedOut(self.timeout)),
         }
-    }
-}
-
-struct Forget<'a>(&'a Mutex<Waiters>, u64);
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        lock(self.0).remove(&self.1);
     }
 }
 

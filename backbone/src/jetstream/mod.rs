@@ -57,6 +57,7 @@ mod feed;
 mod member;
 mod publish;
 pub(crate) mod pull;
+mod replies;
 mod retained;
 mod sessions;
 

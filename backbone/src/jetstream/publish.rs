@@ -23,16 +23,12 @@
 //! retries, and the `Nats-Msg-Id` deduplication stores the retry once if the first one was
 //! stored after all.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-use tokio::sync::oneshot;
 
 use meshgate_core::metrics::Counter;
 
-use crate::nats::client::{Client, ClientError, Msg, Unsubscribe};
+use super::replies::Replies;
+use crate::nats::client::{Client, ClientError};
 
 /// The stream's answer to a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,25 +55,14 @@ pub(crate) enum PublishFailure {
     BadReply(String),
 }
 
-type Waiters = HashMap<u64, oneshot::Sender<Result<PubAck, PublishFailure>>>;
-
 #[derive(Debug)]
 pub(crate) struct JsPublisher {
     client: Client,
-    /// `_INBOX.<unique>.`; a request's reply subject is this and its number.
-    inbox: String,
-    next: AtomicU64,
-    waiting: Arc<Mutex<Waiters>>,
-    _replies: Unsubscribe,
+    replies: Replies<Result<PubAck, PublishFailure>>,
     /// `backbone.jetstream.publish_timeout`
     timeout: Duration,
     /// Publishes refused for want of a PubAck within `timeout`.
     timed_out: Counter,
-}
-
-fn lock(w: &Mutex<Waiters>) -> MutexGuard<'_, Waiters> {
-    // Only inserts and removes happen under the lock.
-    w.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl JsPublisher {
@@ -90,18 +75,11 @@ impl JsPublisher {
         timed_out: Counter,
         disconnected: Counter,
     ) -> Result<JsPublisher, ClientError> {
-        let inbox = format!("_INBOX.{}.", meshgate_core::wrap::new_id());
-        let waiting = Arc::new(Mutex::new(Waiters::new()));
-        // Replies come on the connection the request went out on: when it drops, none of the
-        // waiting publishes will get one.
-        client.on_disconnect({
-            let waiting = waiting.clone();
-            move || {
-                let lost: Vec<_> = lock(&waiting).drain().map(|(_, tx)| tx).collect();
-                let n = lost.len();
-                for tx in lost {
-                    let _ = tx.send(Err(PublishFailure::ConnectionLost));
-                }
+        let replies = Replies::start(
+            &client,
+            |m| parse_reply(m.headers.as_deref(), &m.payload),
+            || Err(PublishFailure::ConnectionLost),
+            move |n| {
                 if n > 0 {
                     disconnected.add(n as u64);
                     tracing::warn!(
@@ -109,19 +87,11 @@ impl JsPublisher {
                         "jetstream: the publishing connection dropped with publishes waiting for their PubAck; refused them (the clients retry; counted in meshgate_backbone_dropped_total{{reason=\"disconnected\"}})"
                     );
                 }
-            }
-        });
-        let (w, prefix_len) = (waiting.clone(), inbox.len());
-        // On the reader task: the publisher waiting for a reply wakes straight from there.
-        let replies = client.subscribe_with(&format!("{inbox}*"), move |m| {
-            answer(&w, prefix_len, m);
-        })?;
+            },
+        )?;
         Ok(JsPublisher {
             client,
-            inbox,
-            next: AtomicU64::new(1),
-            waiting,
-            _replies: replies,
+            replies,
             timeout,
             timed_out,
         })
@@ -139,18 +109,12 @@ impl JsPublisher {
         headers: &[u8],
         payload: &[u8],
     ) -> Result<PubAck, PublishFailure> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut reply = String::with_capacity(self.inbox.len() + 20);
-        reply.push_str(&self.inbox);
-        reply.push_str(itoa::Buffer::new().format(id));
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiting).insert(id, tx);
-        // Forgets the waiter however this ends (error, timeout, the caller gave up).
-        let _forget = Forget(&self.waiting, id);
+        // Forgets the request however this ends (error, timeout, the caller gave up).
+        let mut waiter = self.replies.waiter();
         self.client
-            .publish_when_room(subject, Some(&reply), headers, payload)
+            .publish_when_room(subject, Some(&waiter.reply), headers, payload)
             .await?;
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout(self.timeout, &mut waiter.answer).await {
             Ok(Ok(answer)) => answer.map_err(|e| match e {
                 PublishFailure::NoResponders(_) => PublishFailure::NoResponders(subject.into()),
                 e => e,
@@ -168,37 +132,13 @@ impl JsPublisher {
     /// rather than a refusal for a connection closed under it.
     pub(crate) async fn drain(&self) {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        while !lock(&self.waiting).is_empty()
+        while !self.replies.is_empty()
             && self.client.is_connected()
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.client.drain().await;
-    }
-}
-
-struct Forget<'a>(&'a Mutex<Waiters>, u64);
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        lock(self.0).remove(&self.1);
-    }
-}
-
-/// Hands a reply to the publish waiting for it.
-fn answer(waiting: &Mutex<Waiters>, prefix_len: usize, m: Msg) {
-    let Some(id) = m
-        .subject
-        .get(prefix_len..)
-        .and_then(|t| std::str::from_utf8(t).ok())
-        .and_then(|t| t.parse::<u64>().ok())
-    else {
-        return;
-    };
-    // None: timed out before, or not ours.
-    if let Some(tx) = lock(waiting).remove(&id) {
-        let _ = tx.send(parse_reply(m.headers.as_deref(), &m.payload));
     }
 }
 

@@ -160,8 +160,8 @@ fn topic_of_key(key: &str) -> Option<Topic> {
 }
 
 /// Keeps `index` up to date with the bucket: the last value of every key, then every change.
-/// When the watch fails or ends (NATS reconnecting), the set is marked not whole (SUBSCRIBEs
-/// list the bucket meanwhile) and a new watch starts over after a pause.
+/// When the watch fails or ends (NATS reconnecting), the set is marked not whole (a SUBSCRIBE
+/// waits up to 2 s for it, then lists the bucket) and a new watch starts over after a pause.
 async fn watch_keys(kv: kv::Store, index: Arc<KeyIndex>) {
     let mut backoff = meshgate_core::backoff::Backoff::new(
         std::time::Duration::from_millis(200),
@@ -171,7 +171,9 @@ async fn watch_keys(kv: kv::Store, index: Arc<KeyIndex>) {
         index.set_current(false);
         match kv.watch_with_history(">").await {
             Ok(mut watch) => {
-                index.topics().clear();
+                // Not cleared: the watch's history brings every key again, with its removal
+                // if it was purged meanwhile; clearing here also wiped what this instance had
+                // just written (its own `set` inserts at once) and made a SUBSCRIBE miss it.
                 // An empty bucket delivers nothing: whole at once (a key put since comes
                 // through the watch all the same).
                 if kv.status().await.is_ok_and(|s| s.values() == 0) {

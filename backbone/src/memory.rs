@@ -558,6 +558,7 @@ mod tests {
             queue_group: Some("g".into()),
             capacity: None,
             durable: None,
+            max_in_flight: None,
         };
         let mut a = bb.subscribe(filter("jobs/#"), opts.clone()).await.unwrap();
         let mut b = bb.subscribe(filter("jobs/#"), opts).await.unwrap();

@@ -447,6 +447,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         "mqtt",
         "amqp",
         "auth",
+        "triggers",
     ];
     for key in table.keys() {
         if !known.contains(&key.as_str()) {
@@ -469,6 +470,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let amqp: Option<raw::Amqp> = section(sec("amqp"), "amqp", errors);
     let amqp = amqp.map(|a| crate::amqp::convert(a, errors));
     let auth = auth(sec("auth"), errors);
+    let triggers = triggers(table.get("triggers"), errors);
 
     let gateway = gateway.map(|g| {
         if let Some(id) = &g.instance_id
@@ -532,6 +534,17 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         enabled: a.enabled,
         listen: addr(&a.listen, "admin.listen", errors),
         max_connections: positive(a.max_connections, "admin.max_connections", errors),
+        api_token: match a.api_token.as_str() {
+            "" => None,
+            t if t.len() < 16 || t.contains(char::is_whitespace) => {
+                errors.push(
+                    "admin.api_token",
+                    "at least 16 characters without whitespace (or \"\" to turn the admin API off)",
+                );
+                None
+            }
+            t => Some(t.to_owned()),
+        },
     });
     let backbone = backbone.map(|b| {
         let kind = match b.kind.as_str() {
@@ -880,7 +893,50 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         mqtt: mqtt?,
         amqp: amqp?,
         auth: auth?,
+        triggers,
     })
+}
+
+/// `[[triggers]]`: each checked as the admin API checks a `PUT /triggers/{name}` body.
+fn triggers(value: Option<&Value>, errors: &mut Errors) -> Vec<crate::TriggerConfig> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Value::Array(list) = value else {
+        errors.push("triggers", "must be an array of tables ([[triggers]])");
+        return Vec::new();
+    };
+    let mut out: Vec<crate::TriggerConfig> = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let at = format!("triggers[{i}]");
+        let doc = match serde_json::to_value(item) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(at, format!("cannot read the trigger: {e}"));
+                continue;
+            }
+        };
+        match crate::parse_trigger(None, &doc) {
+            Ok(t) if out.iter().any(|o| o.name == t.name) => {
+                errors.push(
+                    format!("{at}.name"),
+                    format!("`{}` is used by an earlier trigger", t.name),
+                );
+            }
+            Ok(t) => out.push(t),
+            Err(problems) => {
+                for (path, message) in problems {
+                    let path = if path.is_empty() {
+                        at.clone()
+                    } else {
+                        format!("{at}.{path}")
+                    };
+                    errors.push(path, message);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {

@@ -10,8 +10,10 @@ mod amqp;
 mod check;
 mod convert;
 mod env;
+mod iso8601;
 pub mod model;
 mod raw;
+pub mod triggers;
 
 use std::fmt;
 use std::path::Path;
@@ -19,6 +21,7 @@ use std::path::Path;
 pub use model::*;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
+pub use triggers::{TriggerConfig, parse_trigger};
 
 /// The embedded defaults; every key a file may set appears here.
 pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");

@@ -16,6 +16,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
+    /// `[[triggers]]`: filtered push delivery to HTTP subscribers (more come from the admin
+    /// API at run time).
+    pub triggers: Vec<crate::TriggerConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,12 +51,27 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     /// Connections the admin listener holds at once; more are closed at accept.
     pub max_connections: usize,
+    /// Bearer token the admin API (`/triggers`) requires; `None`: the API answers 403 (the
+    /// health, readiness and metrics endpoints need none).
+    pub api_token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,11 +19,22 @@ pub struct Log {
     pub format: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct Admin {
     pub enabled: bool,
     pub listen: String,
     pub max_connections: i64,
+    pub api_token: String,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -305,8 +305,12 @@ pub struct SubscribeOptions {
     /// Capacity of this subscriber's queue; `None` takes the backbone's default.
     pub capacity: Option<usize>,
     /// Keep the subscription for a persistent session; honoured by backbones with a
-    /// [`Backbone::session_store`], ignored by the others.
+    /// [`Backbone::session_store`], ignored by the others. With a `queue_group` on JetStream:
+    /// how long the group's consumer outlives its last member (`ttl`; the name is the group's).
     pub durable: Option<Durable>,
+    /// Deliveries handed out and not yet settled, at most (JetStream: the consumer's
+    /// `max_ack_pending`, shared by every member of a queue group); `None`: the backbone's.
+    pub max_in_flight: Option<usize>,
 }
 
 /// Settles a delivery with the backbone. The in-memory backbone has nothing to settle.
@@ -318,6 +322,11 @@ pub trait Acknowledge: Send + Sync + fmt::Debug {
         self: Box<Self>,
         delay: Option<Duration>,
     ) -> BoxFuture<'static, Result<(), BackboneError>>;
+    /// The subscriber is still working on the event: do not redeliver it yet (JetStream's
+    /// `+WPI`, which restarts the consumer's `ack_wait`). Default: nothing to say.
+    fn in_progress(&self) -> BoxFuture<'static, Result<(), BackboneError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// One event delivered to one subscription.
@@ -357,6 +366,15 @@ impl Delivery {
     pub async fn nack(self, delay: Option<Duration>) -> Result<(), BackboneError> {
         match self.acker {
             Some(a) => a.nack(delay).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the backbone the event is still being worked on (see
+    /// [`Acknowledge::in_progress`]); a no-op where the backbone has no acknowledgements.
+    pub async fn in_progress(&self) -> Result<(), BackboneError> {
+        match &self.acker {
+            Some(a) => a.in_progress().await,
             None => Ok(()),
         }
     }

@@ -39,6 +39,12 @@ pub const MQTT_BYTES_SENT: &str = "meshgate_mqtt_bytes_sent_total";
 pub const AMQP_LINK_UP: &str = "meshgate_amqp_link_up";
 pub const AMQP_RECONNECTS: &str = "meshgate_amqp_reconnects_total";
 pub const BUILD_INFO: &str = "meshgate_build_info";
+pub const TRIGGER_EVENTS: &str = "meshgate_trigger_events_total";
+pub const TRIGGER_RETRIES: &str = "meshgate_trigger_retries_total";
+pub const TRIGGER_REPLIES: &str = "meshgate_trigger_replies_total";
+pub const TRIGGER_IN_FLIGHT: &str = "meshgate_trigger_in_flight";
+pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
+pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -61,6 +67,20 @@ fn help(name: &str) -> &'static str {
         MQTT_BYTES_SENT => "Bytes written to MQTT clients' sockets.",
         AMQP_LINK_UP => "1 while an AMQP source or sink is connected and set up, else 0.",
         AMQP_RECONNECTS => "Times an AMQP source or sink lost its connection or channel.",
+        TRIGGER_EVENTS => {
+            "Events a trigger settled, per trigger and outcome (delivered, filtered, dead_lettered, failed, overflow, abandoned)."
+        }
+        TRIGGER_RETRIES => "Attempts a trigger made after the first one, per trigger.",
+        TRIGGER_REPLIES => {
+            "Replies of subscribers, per trigger and outcome (published, refused, publish_failed)."
+        }
+        TRIGGER_IN_FLIGHT => "Events a trigger is delivering or waiting to retry.",
+        TRIGGER_PENDING_BYTES => {
+            "Bytes of events queued for a trigger on backbones that do not keep them (memory, NATS core)."
+        }
+        TRIGGER_LATENCY => {
+            "Time from a trigger taking an event to its subscriber's 2xx, retries included."
+        }
         BUILD_INFO => "Always 1; the labels say which meshgate runs (version, compiled features).",
         _ => "meshgate metric",
     }

@@ -31,6 +31,12 @@ pub enum TlsSetupError {
 /// system without a store: the handshake then says which certificate it could not verify),
 /// plus every certificate of `extra_ca_pem` (the contents of a PEM file) when given.
 pub fn connector(extra_ca_pem: Option<&[u8]>) -> Result<TlsConnector, TlsSetupError> {
+    client_config(extra_ca_pem).map(|c| TlsConnector::from(Arc::new(c)))
+}
+
+/// The rustls client configuration [`connector`] uses, for clients that take one (the HTTP
+/// client of triggers).
+pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<ClientConfig, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
@@ -52,7 +58,7 @@ pub fn connector(extra_ca_pem: Option<&[u8]>) -> Result<TlsConnector, TlsSetupEr
         .map_err(TlsSetupError::Protocols)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 #[cfg(test)]

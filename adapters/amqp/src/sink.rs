@@ -402,6 +402,7 @@ impl Sink {
             queue_group: Some(format!("amqp-sink:{}", self.config.name)),
             capacity: None,
             durable: None,
+            max_in_flight: None,
         };
         let subscription = loop {
             match ctx

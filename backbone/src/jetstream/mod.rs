@@ -374,6 +374,14 @@ impl Acknowledge for JsAck {
             }
         })
     }
+
+    fn in_progress(&self) -> BoxFuture<'static, Result<(), BackboneError>> {
+        let this = JsAck {
+            reply: self.reply.clone(),
+            client: self.client.clone(),
+        };
+        Box::pin(async move { this.send(b"+WPI").await })
+    }
 }
 
 /// The `Nats-Msg-Id` of the event with `source` and `id`: the first 16 bytes of SHA-256 over
@@ -565,7 +573,11 @@ impl Backbone for JetStreamBackbone {
             for subject in filter.to_nats_subjects(&self.prefix) {
                 let (name, ttl) = match (&options.queue_group, &options.durable) {
                     // Shared by every instance: one consumer per group and subject.
-                    (Some(g), _) => (consumer_name(&["q", g, &subject]), INACTIVE_THRESHOLD),
+                    (Some(g), d) => (
+                        consumer_name(&["q", g, &subject]),
+                        d.as_ref()
+                            .map_or(INACTIVE_THRESHOLD, |d| d.ttl.max(INACTIVE_THRESHOLD)),
+                    ),
                     // A persistent session's: kept while its client is away, on any instance.
                     (None, Some(d)) => (
                         durable_consumer(&d.name, &subject),
@@ -578,17 +590,19 @@ impl Backbone for JetStreamBackbone {
                     }
                 };
                 self.check_create_request(&name, &subject)?;
-                let config = self.consumer_config(subject, name.clone(), ttl);
+                let mut config = self.consumer_config(subject, name.clone(), ttl);
+                if let Some(n) = options.max_in_flight {
+                    config.max_ack_pending = i64::try_from(n).unwrap_or(i64::MAX);
+                }
                 // Not for a persistent session's durable consumer: meshgate deletes and
                 // re-creates those itself when the session moves or ends, and a repair by the
                 // instance that held it would take it back.
-                let repair = options
-                    .durable
-                    .is_none()
+                let session = options.durable.is_some() && options.queue_group.is_none();
+                let repair = (!session)
                     .then(|| repair_consumer(stream.clone(), name.clone(), config.clone()));
                 // Created (or checked) through async-nats; pulled on meshgate's own client,
                 // within the consumer's request limits (an existing one may have its own).
-                let consumer: jetstream::consumer::PullConsumer = if options.durable.is_some() {
+                let consumer: jetstream::consumer::PullConsumer = if session {
                     resume_durable(&stream, &name, config)
                         .await
                         .map_err(unavailable)?

@@ -83,6 +83,7 @@ impl Session {
             queue_group: group.map(|g| format!("mqtt-share:{g}")),
             capacity: None,
             durable,
+            max_in_flight: None,
         };
         let sub = self
             .shared

@@ -1,0 +1,204 @@
+//! meshgate-triggers: events of the mesh pushed to HTTP services, filtered on their
+//! CloudEvents attributes (Knative's dialects and CESQL), with Knative's delivery contract:
+//! retries with linear or exponential backoff, `Retry-After`, a dead-letter sink with the
+//! `knativeerror*` extensions, and replies published back into the mesh.
+//!
+//! [`Triggers`] holds the running set: from `[[triggers]]` at start, and from the admin API
+//! (`PUT`/`DELETE /triggers/{name}`) while running; a change takes effect at once. Each trigger
+//! is a backbone queue group named after it, so with several gateway instances on NATS or
+//! JetStream each event goes to one of them. See `runner.rs` for how events wait and how they
+//! are acknowledged.
+
+mod dead_letter;
+pub mod policy;
+mod runner;
+pub mod sender;
+pub mod webhook;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use meshgate_config::TriggerConfig;
+use meshgate_core::Backbone;
+use meshgate_core::backbone::Origin;
+use meshgate_core::metrics::Registry;
+
+use crate::runner::Trigger;
+
+/// Why a trigger was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    /// The trigger's subscriber client cannot be set up (its CA file).
+    #[error("trigger `{name}`: {source}")]
+    Client {
+        name: String,
+        #[source]
+        source: sender::ClientError,
+    },
+    /// Defined in the config file: the file is its source of truth.
+    #[error("trigger `{0}` is defined in the config file ([[triggers]]); change it there")]
+    FromConfig(String),
+}
+
+/// What a [`Triggers::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Replaced,
+    /// The same document was already running.
+    Unchanged,
+}
+
+/// The running triggers of this instance.
+#[derive(Debug, Clone)]
+pub struct Triggers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    backbone: Arc<dyn Backbone>,
+    instance: Arc<str>,
+    registry: Registry,
+    connection: u64,
+    running: Mutex<BTreeMap<String, Arc<Trigger>>>,
+    from_config: BTreeSet<String>,
+}
+
+impl Triggers {
+    /// Starts the triggers of the config file. `connection`: the origin id of what triggers
+    /// publish (replies, dead letters) on this instance.
+    pub fn start(
+        backbone: Arc<dyn Backbone>,
+        instance: Arc<str>,
+        connection: u64,
+        registry: Registry,
+        configs: &[TriggerConfig],
+    ) -> Result<Triggers, TriggerError> {
+        let triggers = Triggers {
+            inner: Arc::new(Inner {
+                backbone,
+                instance,
+                registry,
+                connection,
+                running: Mutex::default(),
+                from_config: configs.iter().map(|c| c.name.clone()).collect(),
+            }),
+        };
+        for c in configs {
+            triggers.apply(c.clone())?;
+        }
+        Ok(triggers)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Trigger>>> {
+        self.inner.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every running trigger, by name.
+    pub fn list(&self) -> Vec<TriggerConfig> {
+        self.running().values().map(|t| t.config.clone()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<TriggerConfig> {
+        self.running().get(name).map(|t| t.config.clone())
+    }
+
+    /// Whether `name` comes from the config file (the admin API may not change it).
+    pub fn is_from_config(&self, name: &str) -> bool {
+        self.inner.from_config.contains(name)
+    }
+
+    /// Starts `config`, or replaces the running trigger of that name: the old one stops taking
+    /// events, and finishes the deliveries it started (their retries included).
+    pub fn put(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
+        if self.is_from_config(&config.name) {
+            return Err(TriggerError::FromConfig(config.name));
+        }
+        self.apply(config)
+    }
+
+    fn apply(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
+        let name = config.name.clone();
+        if self
+            .running()
+            .get(&name)
+            .is_some_and(|t| t.config == config)
+        {
+            return Ok(Applied::Unchanged);
+        }
+        let origin = Origin {
+            instance: self.inner.instance.clone(),
+            connection: self.inner.connection,
+        };
+        let trigger = Trigger::new(
+            config,
+            self.inner.backbone.clone(),
+            origin,
+            &self.inner.registry,
+        )
+        .map_err(|source| TriggerError::Client {
+            name: name.clone(),
+            source,
+        })?;
+        tokio::spawn(trigger.clone().run());
+        let old = self.running().insert(name.clone(), trigger);
+        match old {
+            Some(old) => {
+                old.reading.cancel();
+                old.tasks.close();
+                tracing::info!(trigger = %name, "trigger replaced");
+                Ok(Applied::Replaced)
+            }
+            None => {
+                tracing::info!(trigger = %name, "trigger started");
+                Ok(Applied::Created)
+            }
+        }
+    }
+
+    /// Stops a trigger: no new events, and deliveries under way end (JetStream gives them back
+    /// to be delivered again if a trigger of that name returns). `Ok(false)`: there is none.
+    pub fn delete(&self, name: &str) -> Result<bool, TriggerError> {
+        if self.is_from_config(name) {
+            return Err(TriggerError::FromConfig(name.to_owned()));
+        }
+        let Some(old) = self.running().remove(name) else {
+            return Ok(false);
+        };
+        old.reading.cancel();
+        old.abandon.cancel();
+        old.tasks.close();
+        tracing::info!(trigger = %name, "trigger deleted");
+        Ok(true)
+    }
+
+    /// Stops taking events; deliveries under way may finish until `deadline`, then they are
+    /// abandoned (JetStream delivers them again, to this or another instance). Returns whether
+    /// every delivery finished in time.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) -> bool {
+        let all: Vec<Arc<Trigger>> = self.running().values().cloned().collect();
+        for t in &all {
+            t.reading.cancel();
+            t.tasks.close();
+        }
+        let mut clean = true;
+        for t in &all {
+            if tokio::time::timeout_at(deadline, t.tasks.wait())
+                .await
+                .is_err()
+            {
+                clean = false;
+                t.abandon.cancel();
+            }
+        }
+        if !clean {
+            // Abandoning is quick (a nack each); give it a moment to be sent.
+            for t in &all {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), t.tasks.wait()).await;
+            }
+        }
+        clean
+    }
+}

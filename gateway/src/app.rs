@@ -39,6 +39,8 @@ pub enum StartError {
     Backbone(#[source] meshgate_backbone::BackboneStartError),
     #[error("adapter failed to start: {0}")]
     Adapter(#[source] meshgate_core::AdapterError),
+    #[error("{0}")]
+    Trigger(#[source] meshgate_triggers::TriggerError),
 }
 
 /// A started gateway. Call [`RunningGateway::shutdown`] to stop it in order.
@@ -54,6 +56,8 @@ pub struct RunningGateway {
     pub mqtt_tls_addr: Option<SocketAddr>,
     pub instance: Arc<str>,
     pub registry: Registry,
+    /// The running triggers (config file and admin API).
+    pub triggers: meshgate_triggers::Triggers,
     ctx: AdapterContext,
     readiness: Arc<Readiness>,
     ingress_stop: CancellationToken,
@@ -208,6 +212,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.gateway.max_connections_per_user,
         ),
     };
+    let triggers = meshgate_triggers::Triggers::start(
+        backbone.clone(),
+        instance.clone(),
+        ctx.next_connection_id(),
+        registry.clone(),
+        &config.triggers,
+    )
+    .map_err(StartError::Trigger)?;
     #[cfg_attr(
         not(feature = "amqp"),
         expect(unused_mut, reason = "set by the AMQP bridge")
@@ -276,7 +288,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (mut admin_addr, mut admin_task) = (None, None);
     if let Some(listener) = admin_listener {
         admin_addr = listener.local_addr().ok();
-        let router = admin::router(readiness.clone(), registry.clone());
+        let router = admin::router(readiness.clone(), registry.clone()).merge(
+            crate::triggers_api::router(triggers.clone(), config.admin.api_token.clone()),
+        );
         let stop = admin_stop.clone();
         let limits = serve::Limits::of(
             &config.http,
@@ -296,6 +310,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         mqtt_tls_addr,
         instance,
         registry,
+        triggers,
         ctx,
         readiness,
         ingress_stop,
@@ -349,6 +364,12 @@ impl RunningGateway {
                 .is_err()
         {
             tracing::warn!("shutdown grace period ended with AMQP sources still settling");
+            clean = false;
+        }
+        // Triggers stop taking events and finish (or, at the deadline, give back) the deliveries
+        // under way, while the backbone still takes their replies and dead letters.
+        if !self.triggers.shutdown(deadline).await {
+            tracing::warn!("shutdown grace period ended with trigger deliveries under way");
             clean = false;
         }
         // The backbone stops taking events; subscriptions end once their queues are empty, so

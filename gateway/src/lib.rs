@@ -8,6 +8,7 @@ pub mod features;
 pub mod logging;
 pub mod process_metrics;
 pub mod serve;
+pub mod triggers_api;
 pub mod web;
 
 pub use app::{RunningGateway, ShutdownReport, StartError, start};

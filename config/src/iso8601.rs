@@ -15,7 +15,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         ));
     };
     let (date, time) = match rest.split_once('T') {
-        Some((_, t)) if t.is_empty() => {
+        Some((_, "")) => {
             return Err(format!("`{text}`: nothing after T; {example}"));
         }
         Some((d, t)) => (d, Some(t)),
@@ -85,7 +85,7 @@ fn whole(number: &str, text: &str) -> Result<Duration, String> {
 fn seconds(number: &str, text: &str) -> Result<Duration, String> {
     let number = number.replace(',', ".");
     match number.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.0 && s < 1e12 && !number.starts_with('.') => {
+        Ok(s) if (0.0..1e12).contains(&s) && !number.starts_with('.') => {
             Ok(Duration::from_secs_f64(s))
         }
         _ => Err(format!("`{text}`: `{number}` is not a number of seconds")),

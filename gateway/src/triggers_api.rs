@@ -55,10 +55,10 @@ fn problem(status: StatusCode, detail: &str, extra: Option<Json>) -> Response {
     r
 }
 
-/// Checks the bearer token; `Err` is the answer to send.
-fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks the bearer token; `Some` is the refusal to send.
+fn refusal(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &state.token else {
-        return Err(problem(
+        return Some(problem(
             StatusCode::FORBIDDEN,
             "the admin API is off: set admin.api_token (or MESHGATE__ADMIN__API_TOKEN) to a secret of 16 characters or more",
             None,
@@ -69,15 +69,13 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(problem(
+    (!constant_time_eq(given.as_bytes(), token.as_bytes())).then(|| {
+        problem(
             StatusCode::UNAUTHORIZED,
             "send Authorization: Bearer <admin.api_token>",
             None,
-        ))
-    }
+        )
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -106,7 +104,7 @@ fn json_response(status: StatusCode, body: &Json) -> Response {
 }
 
 async fn list(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     let all: Vec<Json> = s.triggers.list().iter().map(|t| shown(&s, t)).collect();
@@ -114,7 +112,7 @@ async fn list(State(s): State<ApiState>, headers: HeaderMap) -> Response {
 }
 
 async fn show(State(s): State<ApiState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     match s.triggers.get(&name) {
@@ -129,7 +127,7 @@ async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     if !meshgate_config::triggers::valid_name(&name) {
@@ -188,9 +186,7 @@ async fn put(
                 None => StatusCode::NO_CONTENT.into_response(),
             }
         }
-        Err(e @ TriggerError::FromConfig(_)) => {
-            problem(StatusCode::CONFLICT, &e.to_string(), None)
-        }
+        Err(e @ TriggerError::FromConfig(_)) => problem(StatusCode::CONFLICT, &e.to_string(), None),
         Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string(), None),
     }
 }
@@ -200,7 +196,7 @@ async fn delete(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     match s.triggers.delete(&name) {

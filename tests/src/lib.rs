@@ -15,6 +15,7 @@ pub mod chromium;
 pub mod mqtt311;
 pub mod mqtt5;
 pub mod nats;
+pub mod sink;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

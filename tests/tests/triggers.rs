@@ -1,0 +1,656 @@
+//! Triggers end to end (issue 21): events posted to the gateway over HTTP, pushed by a trigger
+//! to a real HTTP subscriber started by the test (`meshgate_tests::sink`), which answers from a
+//! script: 2xx, 4xx, 429 with Retry-After, 5xx, a hang, a reply CloudEvent. Memory backbone
+//! here; the JetStream and NATS tests are in `triggers_nats.rs`.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use meshgate_config::TriggerConfig;
+use meshgate_core::TopicFilter;
+use meshgate_core::backbone::SubscribeOptions;
+use meshgate_tests::sink::{Answer, Sink};
+use meshgate_tests::{Deadline, start_gateway, test_config};
+use serde_json::{Value, json};
+
+fn trigger(doc: Value) -> TriggerConfig {
+    meshgate_config::parse_trigger(None, &doc).unwrap_or_else(|e| panic!("trigger: {e:?}"))
+}
+
+async fn post(web: std::net::SocketAddr, topic: &str, id: &str, ty: &str) {
+    let status = reqwest::Client::new()
+        .post(format!("http://{web}/events/{topic}"))
+        .header("content-type", "application/cloudevents+json")
+        .body(format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"{ty}","subject":"s-{id}","datacontenttype":"application/json","data":{{"n":1}}}}"#
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 202);
+}
+
+/// The value of the first sample of `name` whose labels include every one of `labels`.
+fn metric(gw: &meshgate::RunningGateway, name: &str, labels: &[&str]) -> f64 {
+    let text = gw.registry.render();
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn wait_metric(gw: &meshgate::RunningGateway, name: &str, labels: &[&str], at_least: f64) {
+    let d = Deadline::after(Duration::from_secs(10));
+    while metric(gw, name, labels) < at_least {
+        assert!(
+            !d.passed(),
+            "{name}{labels:?} stayed below {at_least}: {}",
+            metric(gw, name, labels)
+        );
+        d.pause().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_pick_the_events_and_the_subscriber_sees_only_the_original_event() {
+    let sink = Sink::start().await;
+    let mut c = test_config();
+    c.triggers = vec![
+        // Binary mode (the default), exact + CESQL.
+        trigger(json!({
+            "name": "binary", "topic": "orders/#",
+            "filters": [{"exact": {"type": "com.example.order"}}, {"cesql": "subject LIKE 's-b%'"}],
+            "subscriber": {"uri": sink.url("/binary")}
+        })),
+        // Structured mode, legacy attribute filter, nested any/not.
+        trigger(json!({
+            "name": "structured",
+            "filter": {"attributes": {"source": "/t"}},
+            "filters": [{"any": [{"prefix": {"type": "com.x."}}, {"not": {"suffix": {"type": "order"}}}]}],
+            "subscriber": {"uri": sink.url("/structured"), "contentMode": "structured"}
+        })),
+    ];
+    let gw = start_gateway(c).await;
+    let web = gw.web_addr.unwrap();
+    post(web, "orders/eu", "b1", "com.example.order").await; // binary: yes; structured: no
+    post(web, "orders/eu", "a2", "com.example.order").await; // subject s-a2: binary no
+    post(web, "other/x", "b3", "com.example.order").await; // topic: binary no
+    post(web, "other/x", "x4", "com.x.order").await; // structured: yes (prefix)
+    post(web, "other/x", "y5", "com.y.thing").await; // structured: yes (not suffix)
+    let posts = sink.wait_posts(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let posts_now = sink.posts();
+    assert_eq!(posts_now.len(), 3, "exactly three deliveries: {posts:#?}");
+    let binary: Vec<_> = posts_now
+        .iter()
+        .filter(|p| p.header("ce-id").is_some())
+        .collect();
+    assert_eq!(binary.len(), 1);
+    let b = binary[0];
+    assert_eq!(b.header("ce-id"), Some("b1"));
+    assert_eq!(b.header("ce-type"), Some("com.example.order"));
+    assert_eq!(b.header("ce-specversion"), Some("1.0"));
+    assert_eq!(b.header("content-type"), Some("application/json"));
+    assert_eq!(&b.body[..], br#"{"n":1}"#);
+    // Nothing of meshgate's own on the wire: only the event's attributes.
+    for (name, _) in &b.headers {
+        let n = name.as_str();
+        assert!(!n.contains("meshgate"), "{n}");
+        if let Some(attr) = n.strip_prefix("ce-") {
+            assert!(
+                ["id", "source", "type", "specversion", "subject"].contains(&attr),
+                "unexpected attribute {attr}"
+            );
+        }
+    }
+    let mut structured: Vec<String> = posts_now
+        .iter()
+        .filter(|p| p.header("ce-id").is_none())
+        .map(|p| {
+            assert_eq!(
+                p.header("content-type"),
+                Some("application/cloudevents+json; charset=utf-8")
+            );
+            let v: Value = serde_json::from_slice(&p.body).unwrap();
+            assert!(!p.body.windows(8).any(|w| w == b"meshgate"), "{v}");
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    structured.sort();
+    assert_eq!(structured, ["x4", "y5"]);
+    assert_eq!(
+        metric(
+            &gw,
+            "meshgate_trigger_events_total",
+            &["trigger=\"binary\"", "outcome=\"filtered\""]
+        ),
+        1.0,
+        "of the three events on orders/#, one fails the filter"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_then_the_dead_letter_sink_gets_the_error_extensions() {
+    let sink = Sink::start().await;
+    let dead = Sink::start().await;
+    sink.script([
+        Answer::status(500).body("boom 1"),
+        Answer::status(503).body("boom 2"),
+        Answer::status(502).body("boom 3"),
+    ]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t", "subscriber": {"uri": sink.url("/hook")},
+        "delivery": {"retry": 2, "backoffPolicy": "linear", "backoffDelay": "PT0.2S",
+                     "deadLetterSink": {"uri": dead.url("/dead")}}
+    }))];
+    let gw = start_gateway(c).await;
+    post(gw.web_addr.unwrap(), "a/b", "e1", "com.t").await;
+    let d = dead.wait_posts(1, Duration::from_secs(10)).await;
+    let posts = sink.posts();
+    assert_eq!(posts.len(), 3, "one attempt and two retries");
+    // Linear: the k-th retry waits 0.2 s × k.
+    let gap1 = posts[1].at - posts[0].at;
+    let gap2 = posts[2].at - posts[1].at;
+    assert!(
+        gap1 >= Duration::from_millis(200) && gap1 < Duration::from_millis(900),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(400) && gap2 < Duration::from_millis(1100),
+        "{gap2:?}"
+    );
+    let dl = &d[0];
+    assert_eq!(dl.header("ce-id"), Some("e1"));
+    assert_eq!(
+        dl.header("ce-knativeerrordest"),
+        Some(sink.url("/hook").as_str())
+    );
+    assert_eq!(dl.header("ce-knativeerrorcode"), Some("502"));
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(dl.header("ce-knativeerrordata").unwrap())
+        .unwrap();
+    assert_eq!(data, b"boom 3");
+    assert_eq!(&dl.body[..], br#"{"n":1}"#);
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["outcome=\"dead_lettered\""],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&gw, "meshgate_trigger_retries_total", &["trigger=\"t\""]),
+        2.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_is_not_retried_and_goes_to_a_dead_letter_topic() {
+    let sink = Sink::start().await;
+    sink.script([Answer::status(400).body("bad event")]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t", "topic": "in/#", "subscriber": {"uri": sink.url("/")},
+        "delivery": {"retry": 5, "backoffDelay": "PT0.05S", "deadLetterSink": {"topic": "dead/t"}}
+    }))];
+    let gw = start_gateway(c).await;
+    let mut dead = gw
+        .backbone()
+        .subscribe(
+            TopicFilter::parse("dead/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    post(gw.web_addr.unwrap(), "in/x", "e1", "com.t").await;
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a dead letter within 10 s")
+        .unwrap();
+    assert_eq!(d.topic().as_str(), "dead/t");
+    let e = d.event();
+    assert_eq!(e.id(), "e1");
+    assert_eq!(
+        e.extension("knativeerrorcode"),
+        Some(&meshgate_core::ExtensionValue::Integer(400))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.posts().len(), 1, "a 400 is not retried");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_up_to_retry_after_max() {
+    let sink = Sink::start().await;
+    sink.script([
+        Answer::status(429).header("retry-after", "1"),
+        Answer::status(503).header("retry-after", "3600"),
+        Answer::status(200),
+    ]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t", "subscriber": {"uri": sink.url("/")},
+        "delivery": {"retry": 3, "backoffDelay": "PT0.01S", "retryAfterMax": "PT0.5S"}
+    }))];
+    let gw = start_gateway(c).await;
+    post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
+    let posts = sink.wait_posts(3, Duration::from_secs(10)).await;
+    let gap1 = posts[1].at - posts[0].at;
+    let gap2 = posts[2].at - posts[1].at;
+    // Retry-After: 1 is longer than the backoff and than retryAfterMax: cut to 0.5 s; an hour
+    // is cut to 0.5 s too.
+    assert!(
+        gap1 >= Duration::from_millis(500) && gap1 < Duration::from_millis(1500),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(500) && gap2 < Duration::from_millis(1500),
+        "{gap2:?}"
+    );
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["outcome=\"delivered\""],
+        1.0,
+    )
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_subscriber_times_out_and_a_closed_one_is_retried() {
+    let sink = Sink::start().await;
+    sink.script([
+        Answer::status(200).hang(Duration::from_secs(5)),
+        Answer::status(204),
+    ]);
+    let mut c = test_config();
+    // The second trigger's subscriber is a port nobody listens on: connection refused.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    c.triggers = vec![
+        trigger(json!({
+            "name": "hang", "subscriber": {"uri": sink.url("/")},
+            "delivery": {"retry": 1, "timeout": "PT0.3S", "backoffDelay": "PT0.01S"}
+        })),
+        trigger(json!({
+            "name": "closed", "subscriber": {"uri": format!("http://{closed}/")},
+            "delivery": {"retry": 2, "backoffDelay": "PT0.01S"}
+        })),
+    ];
+    let gw = start_gateway(c).await;
+    post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
+    let posts = sink.wait_posts(2, Duration::from_secs(10)).await;
+    let gap = posts[1].at - posts[0].at;
+    assert!(
+        gap >= Duration::from_millis(300) && gap < Duration::from_secs(3),
+        "{gap:?}"
+    );
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["trigger=\"hang\"", "outcome=\"delivered\""],
+        1.0,
+    )
+    .await;
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["trigger=\"closed\"", "outcome=\"failed\""],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &gw,
+            "meshgate_trigger_retries_total",
+            &["trigger=\"closed\""]
+        ),
+        2.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cloudevent_is_published_to_the_reply_topic() {
+    let sink = Sink::start().await;
+    sink.script([
+        Answer::status(200)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "r1")
+            .header("ce-source", "/svc")
+            .header("ce-type", "com.example.reply")
+            .header("content-type", "text/plain")
+            .body("pong"),
+        // Not a CloudEvent: nothing is published.
+        Answer::status(200)
+            .header("content-type", "application/json")
+            .body("{}"),
+    ]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t", "topic": "ping/#", "subscriber": {"uri": sink.url("/")},
+        "reply": {"topic": "replies/t"}
+    }))];
+    let gw = start_gateway(c).await;
+    let mut replies = gw
+        .backbone()
+        .subscribe(
+            TopicFilter::parse("replies/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    post(gw.web_addr.unwrap(), "ping/1", "e1", "com.t").await;
+    let r = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("a reply within 10 s")
+        .unwrap();
+    assert_eq!(r.event().id(), "r1");
+    assert_eq!(r.event().ty(), "com.example.reply");
+    assert_eq!(r.event().data().unwrap().as_slice(), b"pong");
+    assert_eq!(sink.posts()[0].header("prefer"), Some("reply"));
+    post(gw.web_addr.unwrap(), "ping/1", "e2", "com.t").await;
+    sink.wait_posts(2, Duration::from_secs(10)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), replies.next())
+            .await
+            .is_err(),
+        "an answer that is not a CloudEvent publishes nothing"
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            "meshgate_trigger_replies_total",
+            &["outcome=\"published\""]
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_handshake_comes_before_the_first_delivery() {
+    let sink = Sink::start().await;
+    sink.script_options([
+        Answer::status(403),
+        Answer::status(200).header("webhook-allowed-origin", "meshgate"),
+    ]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t",
+        "subscriber": {"uri": sink.url("/"), "webhookValidation": true,
+                       "auth": {"bearer": "s3cret-token"}},
+        "delivery": {"retry": 3, "backoffDelay": "PT0.05S"}
+    }))];
+    let gw = start_gateway(c).await;
+    post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
+    post(gw.web_addr.unwrap(), "a", "e2", "com.t").await;
+    sink.wait_posts(2, Duration::from_secs(10)).await;
+    let seen = sink.seen();
+    let options: Vec<_> = seen.iter().filter(|s| s.method == "OPTIONS").collect();
+    assert_eq!(
+        options.len(),
+        2,
+        "refused once, allowed once, then never asked again"
+    );
+    assert_eq!(
+        options[0].header("webhook-request-origin"),
+        Some("meshgate")
+    );
+    assert_eq!(
+        seen[0].method, "OPTIONS",
+        "nothing is POSTed before the handshake"
+    );
+    assert_eq!(seen[1].method, "OPTIONS");
+    for p in sink.posts() {
+        assert_eq!(p.header("authorization"), Some("Bearer s3cret-token"));
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_subscriber_costs_at_most_max_pending_bytes() {
+    // A subscriber that accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            h.lock().await.push(s);
+        }
+    });
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "dead", "subscriber": {"uri": format!("http://{addr}/"), "maxConcurrency": 2},
+        "delivery": {"retry": 0, "timeout": "PT30S", "maxPendingBytes": 8192}
+    }))];
+    c.gateway.shutdown_grace = Duration::from_secs(1);
+    let gw = start_gateway(c).await;
+    let web = gw.web_addr.unwrap();
+    for i in 0..200 {
+        post(web, "a", &format!("e{i}"), "com.t").await;
+    }
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["outcome=\"overflow\""],
+        1.0,
+    )
+    .await;
+    let pending = metric(&gw, "meshgate_trigger_pending_bytes", &["trigger=\"dead\""]);
+    assert!(pending > 0.0 && pending <= 8192.0, "{pending}");
+    let overflow = metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["outcome=\"overflow\""],
+    );
+    assert!(
+        overflow >= 100.0,
+        "most of 200 events overflow an 8 KiB queue: {overflow}"
+    );
+    assert_eq!(
+        metric(&gw, "meshgate_trigger_in_flight", &["trigger=\"dead\""]),
+        2.0
+    );
+    // Publishers never waited: the posts above all got their 202 (asserted in `post`), and
+    // other subscribers still get events.
+    let (_, _) = (held, accept);
+    let report = gw.shutdown().await;
+    assert!(
+        !report.clean,
+        "deliveries to a dead subscriber are abandoned at the deadline"
+    );
+}
+
+async fn admin(
+    method: reqwest::Method,
+    gw: &meshgate::RunningGateway,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req =
+        reqwest::Client::new().request(method, format!("http://{}{path}", gw.admin_addr.unwrap()));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_creates_replaces_lists_and_deletes_triggers() {
+    use reqwest::Method;
+    let sink = Sink::start().await;
+    let token = "0123456789abcdef-token";
+    let mut c = test_config();
+    c.admin.api_token = Some(token.into());
+    c.triggers = vec![trigger(
+        json!({"name": "fixed", "topic": "fixed/#", "subscriber": {"uri": sink.url("/fixed")}}),
+    )];
+    let gw = start_gateway(c).await;
+    let web = gw.web_addr.unwrap();
+    let doc = json!({"topic": "api/#", "subscriber": {"uri": sink.url("/api"), "auth": {"bearer": "hidden-secret"}},
+                     "filters": [{"exact": {"type": "com.yes"}}]});
+    // Credentials first.
+    let (s, _) = admin(Method::PUT, &gw, "/triggers/t1", None, Some(doc.clone())).await;
+    assert_eq!(s, 401);
+    let (s, _) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/t1",
+        Some("wrong-token-wrong-token"),
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(s, 401);
+    // A bad document: every problem with its path.
+    let (s, body) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/t1",
+        Some(token),
+        Some(json!({"subscriber": {"uri": "ftp://x"}, "delivery": {"timeout": "10s"}})),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let paths: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["subscriber.uri", "delivery.timeout"], "{body}");
+    let (s, _) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/bad%20name",
+        Some(token),
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(s, 400);
+    // Created, effective at once.
+    let (s, body) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/t1",
+        Some(token),
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        body["trigger"]["subscriber"]["auth"]["bearer"],
+        "<redacted>"
+    );
+    post(web, "api/1", "e1", "com.yes").await;
+    post(web, "api/1", "e2", "com.no").await;
+    sink.wait_posts(1, Duration::from_secs(10)).await;
+    // The same document again changes nothing; a new one replaces it.
+    let (s, _) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/t1",
+        Some(token),
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let mut doc2 = doc.clone();
+    doc2["filters"] = json!([{"exact": {"type": "com.no"}}]);
+    let (s, _) = admin(Method::PUT, &gw, "/triggers/t1", Some(token), Some(doc2)).await;
+    assert_eq!(s, 200);
+    // The old subscription is gone once the new one takes events: poll with fresh events.
+    let d = Deadline::after(Duration::from_secs(10));
+    let mut i = 0;
+    loop {
+        i += 1;
+        post(web, "api/1", &format!("n{i}"), "com.no").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sink
+            .posts()
+            .iter()
+            .any(|p| p.header("ce-type") == Some("com.no"))
+        {
+            break;
+        }
+        assert!(!d.passed(), "the replaced trigger never delivered");
+    }
+    let (s, body) = admin(Method::GET, &gw, "/triggers", Some(token), None).await;
+    assert_eq!(s, 200);
+    let names: Vec<(&str, &str)> = body["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("fixed", "config"), ("t1", "api")]);
+    assert!(!body.to_string().contains("hidden-secret"));
+    let (s, body) = admin(Method::GET, &gw, "/triggers/t1", Some(token), None).await;
+    assert_eq!((s, body["trigger"]["topic"].as_str()), (200, Some("api/#")));
+    // Config-file triggers are read-only here.
+    let (s, _) = admin(Method::DELETE, &gw, "/triggers/fixed", Some(token), None).await;
+    assert_eq!(s, 409);
+    let (s, _) = admin(
+        Method::PUT,
+        &gw,
+        "/triggers/fixed",
+        Some(token),
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(s, 409);
+    // Deleted: no more deliveries.
+    let (s, _) = admin(Method::DELETE, &gw, "/triggers/t1", Some(token), None).await;
+    assert_eq!(s, 204);
+    let (s, _) = admin(Method::DELETE, &gw, "/triggers/t1", Some(token), None).await;
+    assert_eq!(s, 404);
+    let (s, _) = admin(Method::GET, &gw, "/triggers/t1", Some(token), None).await;
+    assert_eq!(s, 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = sink.posts().len();
+    post(web, "api/1", "late", "com.no").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.posts().len(),
+        before,
+        "a deleted trigger delivers nothing"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_admin_api_is_off() {
+    let gw = start_gateway(test_config()).await;
+    let (s, body) = admin(
+        reqwest::Method::GET,
+        &gw,
+        "/triggers",
+        Some("anything-anything"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert!(
+        body["detail"].as_str().unwrap().contains("admin.api_token"),
+        "{body}"
+    );
+    gw.shutdown().await;
+}

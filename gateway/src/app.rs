@@ -219,6 +219,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         registry.clone(),
         &config.triggers,
     )
+    .await
     .map_err(StartError::Trigger)?;
     #[cfg_attr(
         not(feature = "amqp"),

@@ -175,7 +175,7 @@ async fn put(
             );
         }
     };
-    match s.triggers.put(config) {
+    match s.triggers.put(config).await {
         Ok(applied) => {
             let status = match applied {
                 Applied::Created => StatusCode::CREATED,

@@ -25,6 +25,9 @@ use meshgate_core::metrics::Registry;
 
 use crate::runner::Trigger;
 
+/// How long starting or replacing a trigger waits for its backbone subscription.
+pub const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why a trigger was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {
@@ -66,9 +69,10 @@ struct Inner {
 }
 
 impl Triggers {
-    /// Starts the triggers of the config file. `connection`: the origin id of what triggers
-    /// publish (replies, dead letters) on this instance.
-    pub fn start(
+    /// Starts the triggers of the config file, and returns once each is subscribed (or after
+    /// [`SUBSCRIBE_WAIT`]). `connection`: the origin id of what triggers publish (replies, dead
+    /// letters) on this instance.
+    pub async fn start(
         backbone: Arc<dyn Backbone>,
         instance: Arc<str>,
         connection: u64,
@@ -86,7 +90,7 @@ impl Triggers {
             }),
         };
         for c in configs {
-            triggers.apply(c.clone())?;
+            triggers.apply(c.clone()).await?;
         }
         Ok(triggers)
     }
@@ -111,14 +115,15 @@ impl Triggers {
 
     /// Starts `config`, or replaces the running trigger of that name: the old one stops taking
     /// events, and finishes the deliveries it started (their retries included).
-    pub fn put(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
+    /// Returns once the new trigger is subscribed (or after [`SUBSCRIBE_WAIT`]).
+    pub async fn put(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
         if self.is_from_config(&config.name) {
             return Err(TriggerError::FromConfig(config.name));
         }
-        self.apply(config)
+        self.apply(config).await
     }
 
-    fn apply(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
+    async fn apply(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
         let name = config.name.clone();
         if self
             .running()
@@ -142,6 +147,15 @@ impl Triggers {
             source,
         })?;
         tokio::spawn(trigger.clone().run());
+        // Events published before the subscription exists would pass it by (a JetStream
+        // consumer starts with new events): the caller hears back once it is there.
+        let mut subscribed = trigger.subscribed.subscribe();
+        if tokio::time::timeout(SUBSCRIBE_WAIT, subscribed.wait_for(|s| *s))
+            .await
+            .is_err()
+        {
+            tracing::warn!(trigger = %name, "trigger not subscribed yet; it keeps trying");
+        }
         let old = self.running().insert(name.clone(), trigger);
         match old {
             Some(old) => {

@@ -117,6 +117,8 @@ pub(crate) struct Trigger {
     /// Stops deliveries under way (delete, the end of the shutdown grace period).
     pub abandon: CancellationToken,
     pub tasks: TaskTracker,
+    /// True once the backbone subscription is made (events published from then on reach it).
+    pub subscribed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Trigger {
@@ -161,6 +163,7 @@ impl Trigger {
             reading: CancellationToken::new(),
             abandon: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            subscribed: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -198,6 +201,7 @@ impl Trigger {
                 }
             };
             pause.reset();
+            self.subscribed.send_replace(true);
             loop {
                 let delivery = tokio::select! {
                     () = self.reading.cancelled() => return,

@@ -1,0 +1,144 @@
+//! Triggers on the NATS backbones against a real nats-server (one per test): on JetStream a
+//! retry survives a gateway restart and nothing is lost; two instances with the same trigger
+//! deliver each event once (JetStream and NATS core).
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use meshgate_config::{BackboneKind, TriggerConfig};
+use meshgate_tests::nats::NatsServer;
+use meshgate_tests::sink::{Answer, Sink};
+use meshgate_tests::{Deadline, start_gateway, test_config};
+use serde_json::json;
+
+fn trigger(sink: &Sink, retry: u32) -> TriggerConfig {
+    meshgate_config::parse_trigger(
+        None,
+        &json!({
+            "name": "orders", "topic": "orders/#",
+            "subscriber": {"uri": sink.url("/hook"), "maxConcurrency": 4},
+            "delivery": {"retry": retry, "backoffPolicy": "linear", "backoffDelay": "PT0.3S"}
+        }),
+    )
+    .unwrap()
+}
+
+fn config(server: &NatsServer, kind: BackboneKind, instance: &str) -> meshgate_config::Config {
+    let mut c = test_config();
+    c.gateway.instance_id = Some(instance.into());
+    c.gateway.shutdown_grace = Duration::from_secs(1);
+    c.backbone.kind = kind;
+    c.backbone.nats.urls = vec![server.url()];
+    c
+}
+
+async fn post(web: std::net::SocketAddr, id: &str) {
+    let status = reqwest::Client::new()
+        .post(format!("http://{web}/events/orders/eu"))
+        .header("content-type", "application/cloudevents+json")
+        .body(format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"com.t"}}"#
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 202);
+}
+
+fn delivered(gw: &meshgate::RunningGateway) -> u64 {
+    gw.registry
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with("meshgate_trigger_events_total") && l.contains("outcome=\"delivered\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Ids of the POSTs the subscriber answered with 2xx, with how often each came.
+fn accepted_ids(sink: &Sink, answered_ok_from: usize) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    for p in sink.posts().iter().skip(answered_ok_from) {
+        *ids.entry(p.header("ce-id").unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_a_retry_survives_a_gateway_restart() {
+    let server = NatsServer::start();
+    let sink = Sink::start().await;
+    // Failing until the first gateway is gone.
+    sink.script((0..3).map(|_| Answer::status(503)));
+    let mut c = config(&server, BackboneKind::JetStream, "a");
+    c.triggers = vec![trigger(&sink, 100)];
+    let gw = start_gateway(c.clone()).await;
+    post(gw.web_addr.unwrap(), "e1").await;
+    sink.wait_posts(2, Duration::from_secs(10)).await;
+    // Mid-retry: the event is neither delivered nor dropped; the shutdown gives it back.
+    gw.shutdown().await;
+    let failed_attempts = sink.posts().len();
+    assert!(failed_attempts <= 3, "{failed_attempts}");
+    // Whatever failed answers remain are used up by the restarted gateway, then 200.
+    let gw = start_gateway(c).await;
+    let d = Deadline::after(Duration::from_secs(20));
+    while delivered(&gw) < 1 {
+        assert!(
+            !d.passed(),
+            "the event was not delivered after the restart: {:?}",
+            sink.posts().len()
+        );
+        d.pause().await;
+    }
+    let posts = sink.posts();
+    assert!(posts.iter().all(|p| p.header("ce-id") == Some("e1")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.posts().len(),
+        4,
+        "three refused attempts and one delivery, nothing after it"
+    );
+    gw.shutdown().await;
+}
+
+async fn two_instances_deliver_each_event_once(kind: BackboneKind) {
+    let server = NatsServer::start();
+    let sink = Sink::start().await;
+    let mut a = config(&server, kind, "a");
+    a.triggers = vec![trigger(&sink, 3)];
+    let mut b = config(&server, kind, "b");
+    b.triggers = a.triggers.clone();
+    let ga = start_gateway(a).await;
+    let gb = start_gateway(b).await;
+    // Both members are subscribed before anything is published: on NATS core a queue group's
+    // member that is not there yet gets nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = 40;
+    for i in 0..n {
+        let web = if i % 2 == 0 { ga.web_addr } else { gb.web_addr };
+        post(web.unwrap(), &format!("e{i}")).await;
+    }
+    sink.wait_posts(n, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ids = accepted_ids(&sink, 0);
+    assert_eq!(ids.len(), n, "every event once: {ids:?}");
+    assert!(ids.values().all(|c| *c == 1), "a duplicate: {ids:?}");
+    assert_eq!(delivered(&ga) + delivered(&gb), n as u64);
+    ga.shutdown().await;
+    gb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_two_instances_deliver_each_event_once() {
+    two_instances_deliver_each_event_once(BackboneKind::JetStream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nats_core_two_instances_deliver_each_event_once() {
+    two_instances_deliver_each_event_once(BackboneKind::Nats).await;
+}

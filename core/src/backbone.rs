@@ -217,6 +217,27 @@ pub trait SessionStore: Send + Sync {
     >;
 }
 
+/// Documents every gateway instance on the backbone shares, by name (JetStream: a KV bucket):
+/// the triggers made through the admin API, so that each instance runs the same set.
+pub trait SharedDocuments: Send + Sync {
+    /// Stores `document` under `name` (replacing what was there).
+    fn put<'a>(
+        &'a self,
+        name: &'a str,
+        document: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Removes `name`'s document.
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Every stored document, then every change, as `(name, Some(document))` for a put and
+    /// `(name, None)` for a delete. Ends when the backbone's connection is lost; watch again.
+    fn watch(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<futures_util::stream::BoxStream<'static, (String, Option<Vec<u8>>)>, BackboneError>,
+    >;
+}
+
 /// A session record as stored, and its revision.
 pub type StoredRecord = (Vec<u8>, u64);
 
@@ -466,6 +487,12 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     /// Where persistent MQTT sessions live when the backbone keeps them for every instance
     /// (JetStream). `None`: each adapter parks its own sessions in memory.
     fn session_store(&self) -> Option<&dyn SessionStore> {
+        None
+    }
+
+    /// Where the triggers made through the admin API live when the backbone keeps them for
+    /// every instance (JetStream: a KV bucket). `None`: each instance keeps its own in memory.
+    fn trigger_store(&self) -> Option<&dyn SharedDocuments> {
         None
     }
 

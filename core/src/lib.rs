@@ -33,7 +33,7 @@ pub use auth::{
 };
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,
-    RetainedStore, SessionStore, SubscribeOptions, Subscription, TryPublish,
+    RetainedStore, SessionStore, SharedDocuments, SubscribeOptions, Subscription, TryPublish,
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
 pub use limits::{ConnectionLimits, ConnectionPermit, LimitError};

@@ -187,6 +187,9 @@ async fn put(
             }
         }
         Err(e @ TriggerError::FromConfig(_)) => problem(StatusCode::CONFLICT, &e.to_string(), None),
+        Err(e @ TriggerError::Store { .. }) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None)
+        }
         Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string(), None),
     }
 }
@@ -199,9 +202,10 @@ async fn delete(
     if let Some(r) = refusal(&s, &headers) {
         return r;
     }
-    match s.triggers.delete(&name) {
+    match s.triggers.delete(&name).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => problem(StatusCode::NOT_FOUND, &format!("no trigger `{name}`"), None),
-        Err(e) => problem(StatusCode::CONFLICT, &e.to_string(), None),
+        Err(e @ TriggerError::FromConfig(_)) => problem(StatusCode::CONFLICT, &e.to_string(), None),
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None),
     }
 }

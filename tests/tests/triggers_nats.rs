@@ -142,3 +142,68 @@ async fn on_jetstream_two_instances_deliver_each_event_once() {
 async fn on_nats_core_two_instances_deliver_each_event_once() {
     two_instances_deliver_each_event_once(BackboneKind::Nats).await;
 }
+
+async fn admin(
+    method: reqwest::Method,
+    gw: &meshgate::RunningGateway,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> u16 {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("http://{}{path}", gw.admin_addr.unwrap()))
+        .header("authorization", format!("Bearer {TOKEN}"));
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+const TOKEN: &str = "a-test-token-of-some-length";
+
+/// Polls until `gw` runs (or no longer runs) the trigger `name`.
+async fn wait_running(gw: &meshgate::RunningGateway, name: &str, running: bool) {
+    let d = Deadline::after(Duration::from_secs(10));
+    while gw.triggers.get(name).is_some() != running {
+        assert!(!d.passed(), "trigger {name} running should be {running}");
+        d.pause().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_api_triggers_are_shared_by_every_instance_and_kept() {
+    let server = NatsServer::start();
+    let sink = Sink::start().await;
+    let mut a = config(&server, BackboneKind::JetStream, "a");
+    a.admin.api_token = Some(TOKEN.into());
+    let mut b = config(&server, BackboneKind::JetStream, "b");
+    b.admin.api_token = Some(TOKEN.into());
+    let ga = start_gateway(a.clone()).await;
+    let gb = start_gateway(b).await;
+    let doc = json!({"topic": "orders/#", "subscriber": {"uri": sink.url("/api")}});
+    assert_eq!(
+        admin(reqwest::Method::PUT, &ga, "/triggers/shared", Some(doc)).await,
+        201
+    );
+    wait_running(&gb, "shared", true).await;
+    for i in 0..10 {
+        post(gb.web_addr.unwrap(), &format!("e{i}")).await;
+    }
+    sink.wait_posts(10, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids = accepted_ids(&sink, 0);
+    assert_eq!(ids.len(), 10);
+    assert!(ids.values().all(|c| *c == 1), "{ids:?}");
+    // A restarted instance runs the stored trigger again.
+    ga.shutdown().await;
+    let ga = start_gateway(a).await;
+    wait_running(&ga, "shared", true).await;
+    // Deleted through B: gone on A too.
+    assert_eq!(
+        admin(reqwest::Method::DELETE, &gb, "/triggers/shared", None).await,
+        204
+    );
+    wait_running(&ga, "shared", false).await;
+    assert!(gb.triggers.get("shared").is_none());
+    ga.shutdown().await;
+    gb.shutdown().await;
+}

@@ -38,6 +38,13 @@ pub enum TriggerError {
         #[source]
         source: sender::ClientError,
     },
+    /// The backbone's trigger store did not take the change.
+    #[error("trigger `{name}` not stored: {source}; retry later")]
+    Store {
+        name: String,
+        #[source]
+        source: meshgate_core::BackboneError,
+    },
     /// Defined in the config file: the file is its source of truth.
     #[error("trigger `{0}` is defined in the config file ([[triggers]]); change it there")]
     FromConfig(String),
@@ -66,6 +73,8 @@ struct Inner {
     connection: u64,
     running: Mutex<BTreeMap<String, Arc<Trigger>>>,
     from_config: BTreeSet<String>,
+    /// Ends the watch of the backbone's trigger store.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Triggers {
@@ -87,10 +96,14 @@ impl Triggers {
                 connection,
                 running: Mutex::default(),
                 from_config: configs.iter().map(|c| c.name.clone()).collect(),
+                stop: tokio_util::sync::CancellationToken::new(),
             }),
         };
         for c in configs {
             triggers.apply(c.clone()).await?;
+        }
+        if triggers.inner.backbone.trigger_store().is_some() {
+            tokio::spawn(triggers.clone().follow_store());
         }
         Ok(triggers)
     }
@@ -115,12 +128,98 @@ impl Triggers {
 
     /// Starts `config`, or replaces the running trigger of that name: the old one stops taking
     /// events, and finishes the deliveries it started (their retries included).
-    /// Returns once the new trigger is subscribed (or after [`SUBSCRIBE_WAIT`]).
+    /// Returns once the new trigger is subscribed (or after [`SUBSCRIBE_WAIT`]). On a backbone
+    /// with a trigger store (JetStream) it is stored first, and every instance runs it.
     pub async fn put(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
         if self.is_from_config(&config.name) {
             return Err(TriggerError::FromConfig(config.name));
         }
-        self.apply(config).await
+        // Judged before storing: the store's watcher may start it here before `apply` below.
+        let applied = match self.get(&config.name) {
+            None => Applied::Created,
+            Some(old) if old == config => Applied::Unchanged,
+            Some(_) => Applied::Replaced,
+        };
+        if let Some(store) = self.inner.backbone.trigger_store() {
+            store
+                .put(&config.name, config.document.to_string().into_bytes())
+                .await
+                .map_err(|source| TriggerError::Store {
+                    name: config.name.clone(),
+                    source,
+                })?;
+        }
+        self.apply(config).await?;
+        Ok(applied)
+    }
+
+    /// Runs what the backbone's trigger store holds, and every change to it, until shutdown:
+    /// how a trigger made through one instance's admin API runs on every instance.
+    async fn follow_store(self) {
+        let mut pause = meshgate_core::backoff::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(5),
+        );
+        loop {
+            let Some(store) = self.inner.backbone.trigger_store() else {
+                return;
+            };
+            let watched = tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                w = store.watch() => w,
+            };
+            match watched {
+                Ok(mut changes) => loop {
+                    let change = tokio::select! {
+                        () = self.inner.stop.cancelled() => return,
+                        c = futures_util::StreamExt::next(&mut changes) => c,
+                    };
+                    let Some((name, document)) = change else {
+                        break;
+                    };
+                    pause.reset();
+                    self.stored_change(&name, document).await;
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the stored triggers; trying again")
+                }
+            }
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(pause.next_pause()) => {}
+            }
+        }
+    }
+
+    async fn stored_change(&self, name: &str, document: Option<Vec<u8>>) {
+        if self.is_from_config(name) {
+            tracing::warn!(trigger = %name, "a stored trigger has the name of a config-file trigger; the config file's is kept");
+            return;
+        }
+        let Some(document) = document else {
+            if self.running().remove(name).is_some_and(|old| {
+                old.reading.cancel();
+                old.abandon.cancel();
+                old.tasks.close();
+                true
+            }) {
+                tracing::info!(trigger = %name, "trigger deleted (stored by another instance)");
+            }
+            return;
+        };
+        let parsed = serde_json::from_slice(&document)
+            .map_err(|e| vec![(String::new(), e.to_string())])
+            .and_then(|doc| meshgate_config::parse_trigger(Some(name), &doc));
+        match parsed {
+            Ok(config) => {
+                if let Err(e) = self.apply(config).await {
+                    tracing::warn!(trigger = %name, error = %e, "stored trigger not started");
+                }
+            }
+            Err(problems) => {
+                tracing::warn!(trigger = %name, ?problems, "stored trigger is not valid; ignored");
+            }
+        }
     }
 
     async fn apply(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
@@ -173,12 +272,24 @@ impl Triggers {
 
     /// Stops a trigger: no new events, and deliveries under way end (JetStream gives them back
     /// to be delivered again if a trigger of that name returns). `Ok(false)`: there is none.
-    pub fn delete(&self, name: &str) -> Result<bool, TriggerError> {
+    pub async fn delete(&self, name: &str) -> Result<bool, TriggerError> {
         if self.is_from_config(name) {
             return Err(TriggerError::FromConfig(name.to_owned()));
         }
-        let Some(old) = self.running().remove(name) else {
+        if !self.running().contains_key(name) {
             return Ok(false);
+        }
+        if let Some(store) = self.inner.backbone.trigger_store() {
+            store
+                .delete(name)
+                .await
+                .map_err(|source| TriggerError::Store {
+                    name: name.to_owned(),
+                    source,
+                })?;
+        }
+        let Some(old) = self.running().remove(name) else {
+            return Ok(true);
         };
         old.reading.cancel();
         old.abandon.cancel();
@@ -191,6 +302,7 @@ impl Triggers {
     /// abandoned (JetStream delivers them again, to this or another instance). Returns whether
     /// every delivery finished in time.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) -> bool {
+        self.inner.stop.cancel();
         let all: Vec<Arc<Trigger>> = self.running().values().cloned().collect();
         for t in &all {
             t.reading.cancel();

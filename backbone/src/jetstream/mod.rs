@@ -53,6 +53,7 @@ pub(crate) mod connect;
 mod consumer;
 mod cursors;
 mod direct;
+mod documents;
 mod feed;
 mod member;
 mod publish;
@@ -79,6 +80,8 @@ pub struct JetStreamBackbone {
     consumer: Client,
     retained: retained::KvRetained,
     sessions: sessions::KvSessions,
+    /// The admin API's triggers (`<stream>_TRIGGERS`).
+    triggers: documents::KvDocuments,
     config: JetStreamConfig,
     instance: (String, String),
     prefix: String,
@@ -202,6 +205,17 @@ impl JetStreamBackbone {
                 Some(cursors::Cursors::new(kv))
             }
         };
+        let triggers = {
+            let limits = retained::BucketLimits {
+                max_bytes: 64 << 20,
+                max_value_size: 64 * 1024,
+            };
+            let bucket = format!("{}_TRIGGERS", config.stream);
+            let kv = retained::open_bucket(&js, &bucket, config.replicas, limits)
+                .await
+                .map_err(|e| BackboneStartError::SessionBucket(Box::new(e)))?;
+            documents::KvDocuments::new(kv)
+        };
         let sessions = sessions::KvSessions::open(
             &client,
             &js,
@@ -273,6 +287,7 @@ impl JetStreamBackbone {
             consumer,
             retained,
             sessions,
+            triggers,
             config: config.clone(),
             instance: (instance.to_owned(), percent_encode_header(instance)),
             prefix: nats.subject_prefix.clone(),
@@ -678,6 +693,10 @@ impl Backbone for JetStreamBackbone {
 
     fn session_store(&self) -> Option<&dyn meshgate_core::SessionStore> {
         Some(&self.sessions)
+    }
+
+    fn trigger_store(&self) -> Option<&dyn meshgate_core::SharedDocuments> {
+        Some(&self.triggers)
     }
 
     fn is_ready(&self) -> bool {

@@ -230,13 +230,11 @@ pub trait SharedDocuments: Send + Sync {
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
     /// Every stored document, then every change, as `(name, Some(document))` for a put and
     /// `(name, None)` for a delete. Ends when the backbone's connection is lost; watch again.
-    fn watch(
-        &self,
-    ) -> BoxFuture<
-        '_,
-        Result<futures_util::stream::BoxStream<'static, (String, Option<Vec<u8>>)>, BackboneError>,
-    >;
+    fn watch(&self) -> BoxFuture<'_, Result<DocumentChanges, BackboneError>>;
 }
+
+/// What [`SharedDocuments::watch`] yields: a name, and its document (`None`: deleted).
+pub type DocumentChanges = futures_util::stream::BoxStream<'static, (String, Option<Vec<u8>>)>;
 
 /// A session record as stored, and its revision.
 pub type StoredRecord = (Vec<u8>, u64);

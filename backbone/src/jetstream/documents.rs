@@ -3,7 +3,7 @@
 //! instance watches it (one consumer per instance) and runs what it holds.
 
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
+use meshgate_core::backbone::DocumentChanges;
 use meshgate_core::{BackboneError, BoxFuture, SharedDocuments};
 
 use async_nats::jetstream::kv;
@@ -43,9 +43,7 @@ impl SharedDocuments for KvDocuments {
         Box::pin(async move { self.kv.delete(name).await.map_err(unavailable) })
     }
 
-    fn watch(
-        &self,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, (String, Option<Vec<u8>>)>, BackboneError>> {
+    fn watch(&self) -> BoxFuture<'_, Result<DocumentChanges, BackboneError>> {
         Box::pin(async move {
             let watch = self.kv.watch_with_history(">").await.map_err(unavailable)?;
             let changes = watch

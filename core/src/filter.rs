@@ -159,6 +159,42 @@ impl Filter {
     pub fn matches(&self, event: &Event) -> bool {
         self.evaluate(event) != Outcome::Fail
     }
+
+    /// A condition on the event's `type` without which the filter fails, if it has one: an
+    /// `exact` or `prefix` on `type` (or a legacy `type` attribute with a value), alone or as a
+    /// member of an `all` (which fails when any member fails). Lets many filters be indexed by
+    /// type instead of evaluated one by one.
+    pub fn type_condition(&self) -> Option<TypeCondition<'_>> {
+        match self {
+            Filter::Exact(name, value) if name == "type" => Some(TypeCondition::Exact(value)),
+            Filter::Prefix(name, value) if name == "type" => Some(TypeCondition::Prefix(value)),
+            Filter::Attributes(pairs) => pairs
+                .iter()
+                .find(|(name, value)| name == "type" && !value.is_empty())
+                .map(|(_, value)| TypeCondition::Exact(value)),
+            Filter::All(members) => {
+                let conditions = members.iter().filter_map(Filter::type_condition);
+                let mut prefix = None;
+                for c in conditions {
+                    match c {
+                        TypeCondition::Exact(_) => return Some(c),
+                        TypeCondition::Prefix(_) => prefix = prefix.or(Some(c)),
+                    }
+                }
+                prefix
+            }
+            _ => None,
+        }
+    }
+}
+
+/// See [`Filter::type_condition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeCondition<'a> {
+    /// `type` must be this.
+    Exact(&'a str),
+    /// `type` must start with this.
+    Prefix(&'a str),
 }
 
 fn parse_members(json: &Json, path: &str, depth: usize) -> Result<Vec<Filter>, FilterError> {
@@ -460,5 +496,39 @@ mod tests {
                 Ok(())
             },
         );
+    }
+
+    #[test]
+    fn type_conditions_are_necessary_conditions() {
+        use serde_json::json;
+        let cases = [
+            (
+                json!([{"exact": {"type": "a.b"}}]),
+                Some(TypeCondition::Exact("a.b")),
+            ),
+            (
+                json!([{"prefix": {"type": "a."}}, {"exact": {"type": "a.c"}}]),
+                Some(TypeCondition::Exact("a.c")),
+            ),
+            (
+                json!([{"prefix": {"type": "a."}}, {"cesql": "true"}]),
+                Some(TypeCondition::Prefix("a.")),
+            ),
+            (
+                json!([{"all": [{"exact": {"type": "x"}}]}]),
+                Some(TypeCondition::Exact("x")),
+            ),
+            (json!([{"any": [{"exact": {"type": "x"}}]}]), None),
+            (json!([{"not": {"exact": {"type": "x"}}}]), None),
+            (json!([{"exact": {"source": "x"}}]), None),
+        ];
+        for (doc, want) in cases {
+            let f = Filter::parse_list(&doc, "filters").unwrap();
+            assert_eq!(f.type_condition(), want, "{doc}");
+        }
+        let legacy = Filter::attributes(&json!({"type": "t", "source": ""}), "a").unwrap();
+        assert_eq!(legacy.type_condition(), Some(TypeCondition::Exact("t")));
+        let any_type = Filter::attributes(&json!({"type": ""}), "a").unwrap();
+        assert_eq!(any_type.type_condition(), None);
     }
 }

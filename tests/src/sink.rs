@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response};
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: Method,
+    /// The request's path.
+    pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
@@ -88,11 +90,12 @@ impl Sink {
     pub async fn start() -> Sink {
         let state = Arc::new(Mutex::new(State::default()));
         let s = state.clone();
-        let app =
-            axum::Router::new().fallback(move |method: Method, headers: HeaderMap, body: Bytes| {
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
                 let s = s.clone();
-                async move { answer(&s, method, headers, body).await }
-            });
+                async move { answer(&s, method, uri.path().to_owned(), headers, body).await }
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the test subscriber");
@@ -161,11 +164,18 @@ impl Sink {
     }
 }
 
-async fn answer(state: &Mutex<State>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
+async fn answer(
+    state: &Mutex<State>,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let next = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.seen.push(Seen {
             method: method.clone(),
+            path,
             headers,
             body,
             at: Instant::now(),

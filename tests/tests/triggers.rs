@@ -654,3 +654,57 @@ async fn without_a_token_the_admin_api_is_off() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn among_many_triggers_each_event_reaches_exactly_the_ones_that_match() {
+    let sink = Sink::start().await;
+    let mut c = test_config();
+    let n = 2000;
+    c.triggers = (0..n)
+        .map(|i| {
+            trigger(json!({
+                "name": format!("t{i}"), "topic": "many/#",
+                "filters": [{"exact": {"type": format!("com.t{i}")}}],
+                "subscriber": {"uri": sink.url(&format!("/t{i}"))}
+            }))
+        })
+        .chain([
+            trigger(json!({"name": "prefix", "topic": "many/#",
+                "filters": [{"prefix": {"type": "com.t1"}}], "subscriber": {"uri": sink.url("/prefix")}})),
+            trigger(json!({"name": "unindexed", "topic": "many/#",
+                "filters": [{"suffix": {"type": "99"}}], "subscriber": {"uri": sink.url("/suffix")}})),
+            trigger(json!({"name": "elsewhere", "topic": "other/#",
+                "filters": [{"exact": {"type": "com.t7"}}], "subscriber": {"uri": sink.url("/elsewhere")}})),
+        ])
+        .collect();
+    let gw = start_gateway(c).await;
+    let web = gw.web_addr.unwrap();
+    for (id, ty) in [
+        ("a", "com.t7"),
+        ("b", "com.t1999"),
+        ("c", "com.none"),
+        ("d", "com.t12"),
+    ] {
+        post(web, "many/x", id, ty).await;
+    }
+    // com.t7 → t7; com.t1999 → t1999, prefix, unindexed; com.t12 → t12, prefix.
+    let expected = [
+        "/prefix b",
+        "/prefix d",
+        "/suffix b",
+        "/t12 d",
+        "/t1999 b",
+        "/t7 a",
+    ];
+    sink.wait_posts(expected.len(), Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got: Vec<String> = sink
+        .posts()
+        .iter()
+        .map(|p| format!("{} {}", p.path, p.header("ce-id").unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, expected);
+    gw.shutdown().await;
+}

@@ -10,6 +10,7 @@
 //! are acknowledged.
 
 mod dead_letter;
+mod dispatch;
 pub mod policy;
 mod runner;
 pub mod sender;
@@ -23,6 +24,7 @@ use meshgate_core::Backbone;
 use meshgate_core::backbone::Origin;
 use meshgate_core::metrics::Registry;
 
+use crate::dispatch::{Dispatcher, Index};
 use crate::runner::Trigger;
 
 /// How long starting or replacing a trigger waits for its backbone subscription.
@@ -41,6 +43,13 @@ pub enum TriggerError {
     /// The backbone's trigger store did not take the change.
     #[error("trigger `{name}` not stored: {source}; retry later")]
     Store {
+        name: String,
+        #[source]
+        source: meshgate_core::BackboneError,
+    },
+    /// The backbone refused the trigger's subscription.
+    #[error("trigger `{name}` cannot subscribe: {source}")]
+    Subscribe {
         name: String,
         #[source]
         source: meshgate_core::BackboneError,
@@ -75,6 +84,8 @@ struct Inner {
     from_config: BTreeSet<String>,
     /// Ends the watch of the backbone's trigger store.
     stop: tokio_util::sync::CancellationToken,
+    /// The memory backbone's one subscription for every trigger (`dispatch.rs`).
+    dispatcher: Arc<Dispatcher>,
 }
 
 impl Triggers {
@@ -97,6 +108,7 @@ impl Triggers {
                 running: Mutex::default(),
                 from_config: configs.iter().map(|c| c.name.clone()).collect(),
                 stop: tokio_util::sync::CancellationToken::new(),
+                dispatcher: Arc::default(),
             }),
         };
         for c in configs {
@@ -110,6 +122,28 @@ impl Triggers {
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Trigger>>> {
         self.inner.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rebuilds the dispatcher's index from the running triggers it serves.
+    fn reindex(&self) {
+        let backbone = self.inner.backbone.as_ref();
+        let index = {
+            let running = self.running();
+            Index::build(
+                running
+                    .values()
+                    .filter(|t| Dispatcher::serves(backbone, &t.config.topic)),
+            )
+        };
+        self.inner.dispatcher.set_index(index);
+    }
+
+    /// Stops a trigger that was taken out of `running`.
+    fn stop(&self, old: &Trigger) {
+        old.reading.cancel();
+        old.abandon.cancel();
+        old.tasks.close();
+        self.reindex();
     }
 
     /// Every running trigger, by name.
@@ -197,12 +231,9 @@ impl Triggers {
             return;
         }
         let Some(document) = document else {
-            if self.running().remove(name).is_some_and(|old| {
-                old.reading.cancel();
-                old.abandon.cancel();
-                old.tasks.close();
-                true
-            }) {
+            let old = self.running().remove(name);
+            if let Some(old) = old {
+                self.stop(&old);
                 tracing::info!(trigger = %name, "trigger deleted (stored by another instance)");
             }
             return;
@@ -245,17 +276,30 @@ impl Triggers {
             name: name.clone(),
             source,
         })?;
-        tokio::spawn(trigger.clone().run());
-        // Events published before the subscription exists would pass it by (a JetStream
-        // consumer starts with new events): the caller hears back once it is there.
-        let mut subscribed = trigger.subscribed.subscribe();
-        if tokio::time::timeout(SUBSCRIBE_WAIT, subscribed.wait_for(|s| *s))
-            .await
-            .is_err()
-        {
-            tracing::warn!(trigger = %name, "trigger not subscribed yet; it keeps trying");
+        let backbone = &self.inner.backbone;
+        if Dispatcher::serves(backbone.as_ref(), &trigger.config.topic) {
+            self.inner
+                .dispatcher
+                .ensure_started(backbone)
+                .await
+                .map_err(|source| TriggerError::Subscribe {
+                    name: name.clone(),
+                    source,
+                })?;
+        } else {
+            tokio::spawn(trigger.clone().run());
+            // Events published before the subscription exists would pass it by (a JetStream
+            // consumer starts with new events): the caller hears back once it is there.
+            let mut subscribed = trigger.subscribed.subscribe();
+            if tokio::time::timeout(SUBSCRIBE_WAIT, subscribed.wait_for(|s| *s))
+                .await
+                .is_err()
+            {
+                tracing::warn!(trigger = %name, "trigger not subscribed yet; it keeps trying");
+            }
         }
         let old = self.running().insert(name.clone(), trigger);
+        self.reindex();
         match old {
             Some(old) => {
                 old.reading.cancel();
@@ -288,12 +332,11 @@ impl Triggers {
                     source,
                 })?;
         }
-        let Some(old) = self.running().remove(name) else {
+        let old = self.running().remove(name);
+        let Some(old) = old else {
             return Ok(true);
         };
-        old.reading.cancel();
-        old.abandon.cancel();
-        old.tasks.close();
+        self.stop(&old);
         tracing::info!(trigger = %name, "trigger deleted");
         Ok(true)
     }
@@ -303,6 +346,7 @@ impl Triggers {
     /// every delivery finished in time.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) -> bool {
         self.inner.stop.cancel();
+        self.inner.dispatcher.stop();
         let all: Vec<Arc<Trigger>> = self.running().values().cloned().collect();
         for t in &all {
             t.reading.cancel();

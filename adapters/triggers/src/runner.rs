@@ -214,43 +214,57 @@ impl Trigger {
         }
     }
 
-    /// One event from the backbone: filtered out, or on its way to a delivery slot.
-    async fn take(self: &Arc<Self>, delivery: Delivery) {
-        let envelope = &delivery.envelope;
+    /// Whether the trigger takes `envelope`: not its own reply, and through its filter.
+    fn passes(&self, envelope: &Envelope) -> bool {
         // A trigger does not see the replies it published itself (no loop through one trigger
         // whose reply topic it also matches).
-        let own_reply = envelope.origin == self.origin;
-        let passes = !own_reply
+        envelope.origin != self.origin
             && self
                 .config
                 .filter
                 .as_ref()
-                .is_none_or(|f| f.matches(&envelope.event));
-        if !passes {
-            self.metrics.filtered.inc();
-            if delivery.needs_ack() {
-                let _ = delivery.ack().await;
-            }
+                .is_none_or(|f| f.matches(&envelope.event))
+    }
+
+    /// One event from the trigger's own subscription: filtered out, or on its way to a
+    /// delivery slot.
+    async fn take(self: &Arc<Self>, delivery: Delivery) {
+        if !delivery.needs_ack() {
+            self.offer(delivery.envelope);
             return;
         }
-        if delivery.needs_ack() {
-            let permit = tokio::select! {
-                () = self.reading.cancelled() => {
-                    let _ = delivery.nack(None).await;
-                    return;
-                }
-                p = self.slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let this = self.clone();
-            self.tasks
-                .spawn(async move { this.deliver_acked(delivery, permit).await });
+        if !self.passes(&delivery.envelope) {
+            self.metrics.filtered.inc();
+            let _ = delivery.ack().await;
+            return;
+        }
+        let permit = tokio::select! {
+            () = self.reading.cancelled() => {
+                let _ = delivery.nack(None).await;
+                return;
+            }
+            p = self.slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.deliver_acked(delivery, permit).await });
+    }
+
+    /// An event of a backbone that keeps nothing for us (memory, NATS core): filtered, then
+    /// queued for a slot without waiting (see the module's comment). Also called by the
+    /// memory backbone's dispatcher (`dispatch.rs`) for the triggers its index picks.
+    pub(crate) fn offer(self: &Arc<Self>, envelope: Arc<Envelope>) {
+        if self.reading.is_cancelled() {
+            return;
+        }
+        if !self.passes(&envelope) {
+            self.metrics.filtered.inc();
             return;
         }
         let received = Instant::now();
-        let envelope = delivery.envelope;
         let size = meshgate_core::json::encoded_len_bound(&envelope.event) + 64;
         {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());

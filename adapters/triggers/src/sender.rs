@@ -1,7 +1,7 @@
 //! One HTTP attempt: an event POSTed to a subscriber in the CloudEvents HTTP binding (binary or
 //! structured), the answer read within the trigger's timeout and classified
-//! ([`crate::policy`]). One `reqwest::Client` per trigger, so connections to its subscriber are
-//! reused (HTTP/1.1 keep-alive) across events and attempts.
+//! ([`crate::policy`]). Connections to a subscriber are reused (HTTP/1.1 keep-alive) across
+//! events and attempts: see [`client`].
 
 use std::time::{Duration, SystemTime};
 
@@ -59,8 +59,22 @@ impl Failure {
 #[error("{0}")]
 pub struct ClientError(pub String);
 
-/// An HTTP client for one subscriber.
+/// An HTTP client for a subscriber: one shared by every trigger without a CA file of its own
+/// (its connection pool keeps connections per host, so triggers to one service reuse them, and
+/// the system's root certificates are read once), or one of its own with `ca_file`.
 pub fn client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, ClientError> {
+    static SHARED: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if ca_file.is_none() {
+        if let Some(c) = SHARED.get() {
+            return Ok(c.clone());
+        }
+        let c = build_client(None)?;
+        return Ok(SHARED.get_or_init(|| c).clone());
+    }
+    build_client(ca_file)
+}
+
+fn build_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, ClientError> {
     let pem = match ca_file {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
             ClientError(format!(

@@ -261,3 +261,47 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscriber's answer is hostile input: any `Retry-After` and any reply (headers and
+    /// body) is read or refused, never a panic.
+    #[test]
+    fn fuzz_subscriber_answer() {
+        let seeds: [&[u8]; 3] = [
+            b"ce-specversion: 1.0\nce-id: r\nce-source: /s\nce-type: t\n\nbody",
+            b"content-type: application/cloudevents+json\n\n{\"specversion\":\"1.0\",\"id\":\"1\",\"source\":\"/s\",\"type\":\"t\"}",
+            b"retry-after: Sun, 06 Nov 1994 08:49:37 GMT\n\n",
+        ];
+        meshgate_fuzz::run(
+            "subscriber_answer",
+            meshgate_fuzz::bytes("subscriber_answer", &seeds, 512),
+            |b| Some(b.to_vec()),
+            |bytes| {
+                let text = String::from_utf8_lossy(&bytes);
+                let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+                let mut headers = HeaderMap::new();
+                for line in head.lines() {
+                    if let Some((n, v)) = line.split_once(": ")
+                        && let (Ok(n), Ok(v)) = (
+                            reqwest::header::HeaderName::try_from(n),
+                            HeaderValue::try_from(v),
+                        )
+                    {
+                        headers.append(n, v);
+                    }
+                }
+                let _ = policy::retry_after(
+                    headers
+                        .get(header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok()),
+                    SystemTime::now(),
+                );
+                let _ = reply_event(&headers, Bytes::from(body.as_bytes().to_vec()));
+                Ok(())
+            },
+        );
+    }
+}

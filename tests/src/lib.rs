@@ -11,6 +11,7 @@
 //! was expected and what was seen instead.
 
 pub mod amqp;
+pub mod certs;
 pub mod chromium;
 pub mod mqtt311;
 pub mod mqtt5;

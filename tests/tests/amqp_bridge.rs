@@ -807,126 +807,13 @@ async fn a_nats_restart_under_a_source_loses_no_message() {
     rabbit.delete_queue(&input).await;
 }
 
-fn openssl(args: &[&str], dir: &std::path::Path) {
-    let status = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs (Debian package openssl)");
-    assert!(status.success(), "openssl {args:?}");
-}
-
-/// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`cert.pem`,
-/// `key.pem`), made with openssl. Returns (CA, certificate, key).
-fn private_ca(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=meshgate test CA",
-    ];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
-    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-    ca.extend(["-addext", "keyUsage=critical,keyCertSign"]);
-    openssl(&ca, dir);
-    let mut csr = vec![
-        "req",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "cert.csr",
-    ];
-    csr.extend(ec);
-    openssl(&csr, dir);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "cert.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            "cert.pem",
-            "-extfile",
-            "ext.cnf",
-        ],
-        dir,
-    );
-    (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    )
-}
-
-/// A TLS front for the RabbitMQ on 127.0.0.1:5672 (as a TLS-terminating proxy or RabbitMQ's
-/// own `listeners.ssl` would be): returns its port.
-async fn tls_front(cert: &std::path::Path, key: &std::path::Path) -> u16 {
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut rabbit) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut rabbit).await;
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_private_ca_and_credentials_kept_out_of_messages() {
     let dir = std::env::temp_dir().join(format!("meshgate-amqps-{}", std::process::id()));
-    let (ca, cert, key) = private_ca(&dir);
-    let port = tls_front(&cert, &key).await;
+    let (ca, cert, key) = meshgate_tests::certs::private_ca(&dir);
+    // A TLS front for the RabbitMQ on 127.0.0.1:5672 (as a TLS-terminating proxy or RabbitMQ's
+    // own `listeners.ssl` would be).
+    let port = meshgate_tests::certs::tls_front(&cert, &key, "127.0.0.1:5672").await;
     let rabbit = Rabbit::connect("/").await;
     let q = unique("tls");
     rabbit.queue(&q, None).await;

@@ -463,8 +463,13 @@ async fn a_dead_subscriber_costs_at_most_max_pending_bytes() {
         metric(&gw, "meshgate_trigger_in_flight", &["trigger=\"dead\""]),
         2.0
     );
-    // Publishers never waited: the posts above all got their 202 (asserted in `post`), and
-    // other subscribers still get events.
+    // Publishers never waited: the posts above all got their 202 (asserted in `post`); and a
+    // failing subscriber does not make the gateway unready.
+    let ready = reqwest::get(format!("http://{}/readyz", gw.admin_addr.unwrap()))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(ready, 200);
     let (_, _) = (held, accept);
     let report = gw.shutdown().await;
     assert!(
@@ -706,5 +711,67 @@ async fn among_many_triggers_each_event_reaches_exactly_the_ones_that_match() {
         .collect();
     got.sort();
     assert_eq!(got, expected);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_subscriber_is_trusted_through_the_trigger_ca_file() {
+    let dir = std::env::temp_dir().join(format!("meshgate-trigger-tls-{}", std::process::id()));
+    let (ca, cert, key) = meshgate_tests::certs::private_ca(&dir);
+    let sink = Sink::start().await;
+    let port = meshgate_tests::certs::tls_front(&cert, &key, &sink.addr.to_string()).await;
+    let mut c = test_config();
+    c.triggers = vec![
+        trigger(json!({
+            "name": "trusted", "topic": "tls/a",
+            "subscriber": {"uri": format!("https://127.0.0.1:{port}/a"), "caFile": ca.to_str().unwrap(),
+                           "auth": {"basic": {"user": "u", "password": "p w"}}}
+        })),
+        // The system roots alone do not know the private CA: refused, not retried into success.
+        trigger(json!({
+            "name": "untrusted", "topic": "tls/b",
+            "subscriber": {"uri": format!("https://127.0.0.1:{port}/b")},
+            "delivery": {"retry": 1, "backoffDelay": "PT0.01S", "deadLetterSink": {"topic": "dead/tls"}}
+        })),
+    ];
+    let gw = start_gateway(c).await;
+    let mut dead = gw
+        .backbone()
+        .subscribe(
+            TopicFilter::parse("dead/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    post(gw.web_addr.unwrap(), "tls/a", "e1", "com.t").await;
+    post(gw.web_addr.unwrap(), "tls/b", "e2", "com.t").await;
+    let posts = sink.wait_posts(1, Duration::from_secs(10)).await;
+    assert_eq!(posts[0].path, "/a");
+    assert_eq!(posts[0].header("authorization"), Some("Basic dTpwIHc="));
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a dead letter within 10 s")
+        .unwrap();
+    let Some(meshgate_core::ExtensionValue::String(data)) = d.event().extension("knativeerrordata")
+    else {
+        panic!("no knativeerrordata")
+    };
+    let why = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+    assert_eq!(
+        d.event().extension("knativeerrorcode"),
+        None,
+        "no answer, no status"
+    );
+    assert_eq!(
+        sink.posts().len(),
+        1,
+        "nothing reached the subscriber through the refused TLS"
+    );
     gw.shutdown().await;
 }

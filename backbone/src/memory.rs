@@ -559,6 +559,7 @@ mod tests {
             capacity: None,
             durable: None,
             max_in_flight: None,
+            ack_wait: None,
         };
         let mut a = bb.subscribe(filter("jobs/#"), opts.clone()).await.unwrap();
         let mut b = bb.subscribe(filter("jobs/#"), opts).await.unwrap();

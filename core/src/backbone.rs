@@ -330,6 +330,10 @@ pub struct SubscribeOptions {
     /// Deliveries handed out and not yet settled, at most (JetStream: the consumer's
     /// `max_ack_pending`, shared by every member of a queue group); `None`: the backbone's.
     pub max_in_flight: Option<usize>,
+    /// How long a delivery may stay unsettled before it is given again (JetStream's `ack_wait`,
+    /// with no `backoff` steps); `None`: the backbone's. For subscribers that report progress
+    /// ([`Delivery::in_progress`]) at a known interval.
+    pub ack_wait: Option<Duration>,
 }
 
 /// Settles a delivery with the backbone. The in-memory backbone has nothing to settle.

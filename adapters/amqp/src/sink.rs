@@ -403,6 +403,7 @@ impl Sink {
             capacity: None,
             durable: None,
             max_in_flight: None,
+            ack_wait: None,
         };
         let subscription = loop {
             match ctx

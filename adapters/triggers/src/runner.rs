@@ -31,8 +31,8 @@ use crate::policy::{self, Verdict};
 use crate::sender::{self, Attempt, Failure, Request};
 use crate::webhook;
 
-/// How often a JetStream delivery that is still being attempted says so (well within the
-/// default `ack_wait` of 30 s; `backbone.jetstream.ack_wait` must be longer).
+/// How often a JetStream delivery that is still being attempted says so; the trigger's
+/// consumer has an `ack_wait` of six of these (30 s), whatever `backbone.jetstream.ack_wait`.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a trigger's JetStream consumer outlives the last instance that served it.
 const CONSUMER_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -184,6 +184,8 @@ impl Trigger {
                     ttl: CONSUMER_TTL,
                 }),
                 max_in_flight: Some(self.config.subscriber.max_concurrency),
+                // Several heartbeats long, whatever backbone.jetstream.ack_wait says.
+                ack_wait: Some(HEARTBEAT * 6),
             };
             let subscribed = tokio::select! {
                 () = self.reading.cancelled() => return,

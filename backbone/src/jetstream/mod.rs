@@ -609,6 +609,10 @@ impl Backbone for JetStreamBackbone {
                 if let Some(n) = options.max_in_flight {
                     config.max_ack_pending = i64::try_from(n).unwrap_or(i64::MAX);
                 }
+                if let Some(wait) = options.ack_wait {
+                    config.ack_wait = wait;
+                    config.backoff = Vec::new();
+                }
                 // Not for a persistent session's durable consumer: meshgate deletes and
                 // re-creates those itself when the session moves or ends, and a repair by the
                 // instance that held it would take it back.

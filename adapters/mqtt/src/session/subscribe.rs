@@ -84,6 +84,7 @@ impl Session {
             capacity: None,
             durable,
             max_in_flight: None,
+            ack_wait: None,
         };
         let sub = self
             .shared

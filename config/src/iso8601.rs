@@ -36,21 +36,28 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             }
             other => return Err(format!("`{text}`: `{other}` is not a date unit (D, W)")),
         };
-        total += whole(number, text)?.saturating_mul(secs_per);
+        total = add(total, whole(number, text)?.checked_mul(secs_per), text)?;
     }
     if let Some(time) = time {
         for (number, unit) in components(time, text)? {
-            match unit {
-                'H' => total += whole(number, text)?.saturating_mul(3600),
-                'M' => total += whole(number, text)?.saturating_mul(60),
-                'S' => total += seconds(number, text)?,
+            let part = match unit {
+                'H' => whole(number, text)?.checked_mul(3600),
+                'M' => whole(number, text)?.checked_mul(60),
+                'S' => Some(seconds(number, text)?),
                 other => {
                     return Err(format!("`{text}`: `{other}` is not a time unit (H, M, S)"));
                 }
-            }
+            };
+            total = add(total, part, text)?;
         }
     }
     Ok(total)
+}
+
+/// `total + part`, refused (not panicking, not saturating) when either is too large.
+fn add(total: Duration, part: Option<Duration>, text: &str) -> Result<Duration, String> {
+    part.and_then(|p| total.checked_add(p))
+        .ok_or_else(|| format!("`{text}` is too long a duration"))
 }
 
 /// `12H30M` → [("12", 'H'), ("30", 'M')].
@@ -125,6 +132,10 @@ mod tests {
             ("PT.5S", "not a number of seconds"),
             ("PT1e3S", "not a time unit"),
             ("PT99999999999999999999H", "whole number"),
+            ("P1DT18446744073709551615H", "too long"),
+            ("PT18446744073709551615H1S", "too long"),
+            ("P18446744073709551615W", "too long"),
+            ("PT18446744073709551615S", "not a number of seconds"),
         ] {
             let e = parse(text).expect_err(text);
             assert!(e.contains(says), "{text}: {e}");

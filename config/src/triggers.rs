@@ -141,7 +141,7 @@ pub struct DeliveryConfig {
     pub retry_after_max: Duration,
     pub dead_letter_sink: Option<DeadLetterSink>,
     /// Events held for this trigger on backbones that do not keep them (memory, NATS core):
-    /// past it, new events go to the dead-letter sink (or are dropped and counted).
+    /// past it, new events are dropped and counted (`outcome="overflow"`).
     pub max_pending_bytes: usize,
 }
 

@@ -47,6 +47,10 @@ pub struct Envelope {
     /// data as payload, with `mqtt`'s Content Type and User Properties). Here rather than in
     /// `mqtt`, which a plain 3.1.1 publish would then need allocated for every message.
     pub plain: bool,
+    /// Set on a copy of an event that is published again on purpose (a trigger's dead letter
+    /// or reply): backbones that deduplicate by `source` + `id` (JetStream) keep it apart from
+    /// the original and from copies with another scope. `None` for events as clients sent them.
+    pub dedup_scope: Option<Arc<str>>,
     /// The JSON format of `event` (UTF-8), encoded once on first use and shared by every
     /// subscriber that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500
     /// times). `Bytes`, so that payloads and frames share it without a copy.
@@ -63,8 +67,15 @@ impl Envelope {
             retain: false,
             mqtt: None,
             plain: false,
+            dedup_scope: None,
             json: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The same envelope with a deduplication scope (see [`Envelope::dedup_scope`]).
+    pub fn with_dedup_scope(mut self, scope: impl Into<Arc<str>>) -> Self {
+        self.dedup_scope = Some(scope.into());
+        self
     }
 
     /// The same envelope with the publisher's QoS (MQTT).

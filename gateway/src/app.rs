@@ -212,15 +212,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.gateway.max_connections_per_user,
         ),
     };
-    let triggers = meshgate_triggers::Triggers::start(
-        backbone.clone(),
-        instance.clone(),
-        ctx.next_connection_id(),
-        registry.clone(),
-        &config.triggers,
-    )
-    .await
-    .map_err(StartError::Trigger)?;
+    let triggers =
+        meshgate_triggers::Triggers::start(backbone.clone(), registry.clone(), &config.triggers)
+            .await
+            .map_err(StartError::Trigger)?;
     #[cfg_attr(
         not(feature = "amqp"),
         expect(unused_mut, reason = "set by the AMQP bridge")

@@ -64,12 +64,16 @@ fn refusal(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
             None,
         ));
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
         .unwrap_or("");
-    (!constant_time_eq(given.as_bytes(), token.as_bytes())).then(|| {
+    (!same_secret(given, token)).then(|| {
         problem(
             StatusCode::UNAUTHORIZED,
             "send Authorization: Bearer <admin.api_token>",
@@ -78,8 +82,15 @@ fn refusal(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares the SHA-256 digests in constant time: neither the token's content nor its length
+/// shows in how long a refusal takes.
+fn same_secret(given: &str, token: &str) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn shown(state: &ApiState, t: &meshgate_config::TriggerConfig) -> Json {

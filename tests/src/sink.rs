@@ -36,6 +36,8 @@ pub struct Answer {
     pub body: Bytes,
     /// Wait this long before answering (a hanging subscriber).
     pub hang: Duration,
+    /// Send the status and headers at once, the body this much later.
+    pub slow_body: Duration,
 }
 
 impl Answer {
@@ -45,7 +47,13 @@ impl Answer {
             headers: Vec::new(),
             body: Bytes::new(),
             hang: Duration::ZERO,
+            slow_body: Duration::ZERO,
         }
+    }
+
+    pub fn slow_body(mut self, d: Duration) -> Answer {
+        self.slow_body = d;
+        self
     }
 
     pub fn header(mut self, name: &'static str, value: &str) -> Answer {
@@ -190,11 +198,17 @@ async fn answer(
     if !a.hang.is_zero() {
         tokio::time::sleep(a.hang).await;
     }
-    let mut r = (
-        StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK),
-        a.body,
-    )
-        .into_response();
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK);
+    let mut r = if a.slow_body.is_zero() {
+        (status, a.body).into_response()
+    } else {
+        let (wait, body) = (a.slow_body, a.body);
+        let stream = futures_util::stream::once(async move {
+            tokio::time::sleep(wait).await;
+            Ok::<_, std::convert::Infallible>(body)
+        });
+        (status, axum::body::Body::from_stream(stream)).into_response()
+    };
     for (name, value) in a.headers {
         if let Ok(v) = value.parse() {
             r.headers_mut().insert(name, v);

@@ -775,3 +775,140 @@ async fn an_https_subscriber_is_trusted_through_the_trigger_ca_file() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_whose_body_is_late_is_delivered_once_and_a_202_reply_is_not_published() {
+    let sink = Sink::start().await;
+    sink.script([
+        // The status in time, the body after the timeout: delivered, not retried.
+        Answer::status(200)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "late")
+            .header("ce-source", "/svc")
+            .header("ce-type", "t")
+            .body("x")
+            .slow_body(Duration::from_secs(2)),
+        // Knative: a 202 is never a reply.
+        Answer::status(202)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "r202")
+            .header("ce-source", "/svc")
+            .header("ce-type", "t"),
+    ]);
+    let mut c = test_config();
+    c.triggers = vec![trigger(json!({
+        "name": "t", "subscriber": {"uri": sink.url("/")},
+        "delivery": {"retry": 3, "timeout": "PT0.5S", "backoffDelay": "PT0.01S"},
+        "reply": {"topic": "replies/t"}
+    }))];
+    let gw = start_gateway(c).await;
+    let mut replies = gw
+        .backbone()
+        .subscribe(
+            TopicFilter::parse("replies/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
+    post(gw.web_addr.unwrap(), "a", "e2", "com.t").await;
+    wait_metric(
+        &gw,
+        "meshgate_trigger_events_total",
+        &["outcome=\"delivered\""],
+        2.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ids: Vec<_> = sink
+        .posts()
+        .iter()
+        .map(|p| p.header("ce-id").unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "each once: {ids:?}");
+    assert_eq!(
+        metric(&gw, "meshgate_trigger_retries_total", &["trigger=\"t\""]),
+        0.0
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), replies.next())
+            .await
+            .is_err(),
+        "neither the late reply nor the 202's is published"
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            "meshgate_trigger_replies_total",
+            &["outcome=\"refused\""]
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_takes_another_trigger_dead_letters() {
+    let sink = Sink::start().await;
+    sink.script([Answer::status(400)]);
+    let mut c = test_config();
+    c.triggers = vec![
+        trigger(json!({
+            "name": "first", "topic": "in/#", "subscriber": {"uri": sink.url("/first")},
+            "delivery": {"retry": 0, "deadLetterSink": {"topic": "dead/first"}}
+        })),
+        trigger(json!({
+            "name": "handler", "topic": "dead/#", "subscriber": {"uri": sink.url("/handler")}
+        })),
+    ];
+    let gw = start_gateway(c).await;
+    post(gw.web_addr.unwrap(), "in/x", "e1", "com.t").await;
+    let posts = sink.wait_posts(2, Duration::from_secs(10)).await;
+    assert_eq!(posts[1].path, "/handler");
+    assert_eq!(posts[1].header("ce-knativeerrorcode"), Some("400"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_trigger_mid_retry_sends_the_event_to_the_new_subscriber() {
+    let old = Sink::start().await;
+    let new = Sink::start().await;
+    old.script((0..10).map(|_| Answer::status(503)));
+    let token = "0123456789abcdef-token";
+    let mut c = test_config();
+    c.admin.api_token = Some(token.into());
+    let gw = start_gateway(c).await;
+    let doc = |uri: String| {
+        json!({"subscriber": {"uri": uri},
+               "delivery": {"retry": 10, "backoffPolicy": "linear", "backoffDelay": "PT30S"}})
+    };
+    let (s, _) = admin(
+        reqwest::Method::PUT,
+        &gw,
+        "/triggers/t",
+        Some(token),
+        Some(doc(old.url("/"))),
+    )
+    .await;
+    assert_eq!(s, 201);
+    post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
+    old.wait_posts(1, Duration::from_secs(10)).await;
+    // Now waiting 30 s for its first retry: the new subscriber gets it at once instead.
+    let (s, _) = admin(
+        reqwest::Method::PUT,
+        &gw,
+        "/triggers/t",
+        Some(token),
+        Some(doc(new.url("/"))),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let posts = new.wait_posts(1, Duration::from_secs(5)).await;
+    assert_eq!(posts[0].header("ce-id"), Some("e1"));
+    assert_eq!(
+        old.posts().len(),
+        1,
+        "the old trigger made no more attempts"
+    );
+    assert!(gw.shutdown().await.clean);
+}

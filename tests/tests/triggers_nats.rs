@@ -207,3 +207,70 @@ async fn on_jetstream_api_triggers_are_shared_by_every_instance_and_kept() {
     ga.shutdown().await;
     gb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_a_dead_letter_is_not_taken_for_the_event_it_copies() {
+    use meshgate_core::{SubscribeOptions, TopicFilter};
+    let server = NatsServer::start();
+    let sink = Sink::start().await;
+    sink.script([Answer::status(400)]);
+    let mut c = config(&server, BackboneKind::JetStream, "a");
+    c.triggers = vec![
+        meshgate_config::parse_trigger(
+            None,
+            &json!({"name": "t", "topic": "orders/#", "subscriber": {"uri": sink.url("/")},
+                    "delivery": {"retry": 0, "deadLetterSink": {"topic": "dead/t"}}}),
+        )
+        .unwrap(),
+    ];
+    let gw = start_gateway(c).await;
+    let mut dead = gw
+        .backbone()
+        .subscribe(
+            TopicFilter::parse("dead/#").unwrap(),
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Within the stream's duplicate window of the original, with the same source and id.
+    post(gw.web_addr.unwrap(), "e1").await;
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("the dead letter is stored and delivered")
+        .unwrap();
+    assert_eq!(d.event().id(), "e1");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_a_new_max_concurrency_reaches_the_trigger_consumer() {
+    let server = NatsServer::start();
+    let sink = Sink::start().await;
+    let mut c = config(&server, BackboneKind::JetStream, "a");
+    c.admin.api_token = Some(TOKEN.into());
+    let gw = start_gateway(c).await;
+    let doc = |n: u32| json!({"topic": "orders/#", "subscriber": {"uri": sink.url("/"), "maxConcurrency": n}});
+    assert_eq!(
+        admin(reqwest::Method::PUT, &gw, "/triggers/t_1", Some(doc(4))).await,
+        201
+    );
+    assert_eq!(
+        admin(reqwest::Method::PUT, &gw, "/triggers/t_1", Some(doc(9))).await,
+        200
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let mut stream = js.get_stream("MESHGATE").await.unwrap();
+    let mut names = Vec::new();
+    let mut list = stream.consumers();
+    while let Some(info) = futures_util::StreamExt::next(&mut list).await {
+        let info = info.unwrap();
+        if info.name.starts_with("q_trigger:t-u1") {
+            names.push((info.name.clone(), info.config.max_ack_pending));
+        }
+    }
+    // `orders/#` is two subjects (`orders` and `orders.>`): a consumer each, both updated.
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().all(|(_, n)| *n == 9), "{names:?}");
+    let _ = stream.info().await;
+    gw.shutdown().await;
+}

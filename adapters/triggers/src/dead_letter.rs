@@ -60,11 +60,10 @@ pub async fn write(
 ) -> Result<(), String> {
     match sink {
         Sink::Topic(topic) => backbone
-            .publish(Envelope::new(
-                topic.clone(),
-                Arc::new(event),
-                origin.clone(),
-            ))
+            .publish(
+                Envelope::new(topic.clone(), Arc::new(event), origin.clone())
+                    .with_dedup_scope(format!("dead-letter {}", origin.instance)),
+            )
             .await
             .map_err(|e| format!("dead-letter topic {}: {e}", topic.as_str())),
         Sink::Http(req) => {

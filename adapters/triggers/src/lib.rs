@@ -27,6 +27,20 @@ use meshgate_core::metrics::Registry;
 use crate::dispatch::{Dispatcher, Index};
 use crate::runner::Trigger;
 
+/// The origin of what trigger `name` publishes (replies, dead letters to a topic): the same on
+/// every instance, so that the trigger skips its own replies wherever they come back, and
+/// other triggers (a dead-letter handler, a chain on a reply topic) take them.
+fn origin_of(name: &str) -> Origin {
+    // FNV-1a of the name: the same everywhere; spreads triggers over JetStream's publishers.
+    let connection = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Origin {
+        instance: Arc::from(format!("trigger:{name}")),
+        connection,
+    }
+}
+
 /// How long starting or replacing a trigger waits for its backbone subscription.
 pub const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -77,38 +91,34 @@ pub struct Triggers {
 #[derive(Debug)]
 struct Inner {
     backbone: Arc<dyn Backbone>,
-    instance: Arc<str>,
     registry: Registry,
-    connection: u64,
     running: Mutex<BTreeMap<String, Arc<Trigger>>>,
     from_config: BTreeSet<String>,
     /// Ends the watch of the backbone's trigger store.
     stop: tokio_util::sync::CancellationToken,
     /// The memory backbone's one subscription for every trigger (`dispatch.rs`).
     dispatcher: Arc<Dispatcher>,
+    /// Replaced and deleted triggers whose deliveries may not have ended yet.
+    retired: Mutex<Vec<Arc<Trigger>>>,
 }
 
 impl Triggers {
     /// Starts the triggers of the config file, and returns once each is subscribed (or after
-    /// [`SUBSCRIBE_WAIT`]). `connection`: the origin id of what triggers publish (replies, dead
-    /// letters) on this instance.
+    /// [`SUBSCRIBE_WAIT`]).
     pub async fn start(
         backbone: Arc<dyn Backbone>,
-        instance: Arc<str>,
-        connection: u64,
         registry: Registry,
         configs: &[TriggerConfig],
     ) -> Result<Triggers, TriggerError> {
         let triggers = Triggers {
             inner: Arc::new(Inner {
                 backbone,
-                instance,
                 registry,
-                connection,
                 running: Mutex::default(),
                 from_config: configs.iter().map(|c| c.name.clone()).collect(),
                 stop: tokio_util::sync::CancellationToken::new(),
                 dispatcher: Arc::default(),
+                retired: Mutex::default(),
             }),
         };
         for c in configs {
@@ -139,11 +149,19 @@ impl Triggers {
     }
 
     /// Stops a trigger that was taken out of `running`.
-    fn stop(&self, old: &Trigger) {
+    fn stop(&self, old: Arc<Trigger>) {
         old.reading.cancel();
         old.abandon.cancel();
         old.tasks.close();
         self.reindex();
+        self.retire(old);
+    }
+
+    /// Keeps a stopped trigger until its deliveries have ended, for shutdown to wait for.
+    fn retire(&self, old: Arc<Trigger>) {
+        let mut retired = self.inner.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|t| !t.tasks.is_empty());
+        retired.push(old);
     }
 
     /// Every running trigger, by name.
@@ -160,8 +178,8 @@ impl Triggers {
         self.inner.from_config.contains(name)
     }
 
-    /// Starts `config`, or replaces the running trigger of that name: the old one stops taking
-    /// events, and finishes the deliveries it started (their retries included).
+    /// Starts `config`, or replaces the running trigger of that name: the old one stops at
+    /// once, and what it held (queued, or between attempts) goes to the new one.
     /// Returns once the new trigger is subscribed (or after [`SUBSCRIBE_WAIT`]). On a backbone
     /// with a trigger store (JetStream) it is stored first, and every instance runs it.
     pub async fn put(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
@@ -174,6 +192,13 @@ impl Triggers {
             Some(old) if old == config => Applied::Unchanged,
             Some(_) => Applied::Replaced,
         };
+        // What can fail here fails before the document is stored for every instance.
+        sender::client(config.subscriber.ca_file.as_deref()).map_err(|source| {
+            TriggerError::Client {
+                name: config.name.clone(),
+                source,
+            }
+        })?;
         if let Some(store) = self.inner.backbone.trigger_store() {
             store
                 .put(&config.name, config.document.to_string().into_bytes())
@@ -233,7 +258,7 @@ impl Triggers {
         let Some(document) = document else {
             let old = self.running().remove(name);
             if let Some(old) = old {
-                self.stop(&old);
+                self.stop(old);
                 tracing::info!(trigger = %name, "trigger deleted (stored by another instance)");
             }
             return;
@@ -262,10 +287,7 @@ impl Triggers {
         {
             return Ok(Applied::Unchanged);
         }
-        let origin = Origin {
-            instance: self.inner.instance.clone(),
-            connection: self.inner.connection,
-        };
+        let origin = origin_of(&name);
         let trigger = Trigger::new(
             config,
             self.inner.backbone.clone(),
@@ -298,12 +320,17 @@ impl Triggers {
                 tracing::warn!(trigger = %name, "trigger not subscribed yet; it keeps trying");
             }
         }
-        let old = self.running().insert(name.clone(), trigger);
+        let old = self.running().insert(name.clone(), trigger.clone());
         self.reindex();
         match old {
             Some(old) => {
+                // The old one stops at once, also mid-retry (a fix of a broken URL or a revoked
+                // credential must not wait for its retries); what it held goes to the new one.
+                *old.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(trigger.clone());
                 old.reading.cancel();
+                old.abandon.cancel();
                 old.tasks.close();
+                self.retire(old);
                 tracing::info!(trigger = %name, "trigger replaced");
                 Ok(Applied::Replaced)
             }
@@ -320,10 +347,15 @@ impl Triggers {
         if self.is_from_config(name) {
             return Err(TriggerError::FromConfig(name.to_owned()));
         }
-        if !self.running().contains_key(name) {
+        let store = self.inner.backbone.trigger_store();
+        // Judged before the store's delete: its watcher may stop it here before we do below.
+        let existed = self.running().contains_key(name);
+        if store.is_none() && !existed {
             return Ok(false);
         }
-        if let Some(store) = self.inner.backbone.trigger_store() {
+        // Deleted from the store even when it does not run here (a stored trigger another
+        // instance could start but this one could not, e.g. for its caFile).
+        if let Some(store) = store {
             store
                 .delete(name)
                 .await
@@ -334,9 +366,9 @@ impl Triggers {
         }
         let old = self.running().remove(name);
         let Some(old) = old else {
-            return Ok(true);
+            return Ok(existed);
         };
-        self.stop(&old);
+        self.stop(old);
         tracing::info!(trigger = %name, "trigger deleted");
         Ok(true)
     }
@@ -347,7 +379,14 @@ impl Triggers {
     pub async fn shutdown(&self, deadline: tokio::time::Instant) -> bool {
         self.inner.stop.cancel();
         self.inner.dispatcher.stop();
-        let all: Vec<Arc<Trigger>> = self.running().values().cloned().collect();
+        let mut all: Vec<Arc<Trigger>> = self.running().values().cloned().collect();
+        all.extend(
+            self.inner
+                .retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..),
+        );
         for t in &all {
             t.reading.cancel();
             t.tasks.close();

@@ -37,6 +37,22 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a trigger's JetStream consumer outlives the last instance that served it.
 const CONSUMER_TTL: Duration = Duration::from_secs(7 * 86_400);
 
+/// The backbone queue group of trigger `name`: `trigger:` and the name with `-` written `--`
+/// and `_` written `-u`, so that it holds no `_`: JetStream consumer names join their parts
+/// with `_` (`q_<group>_<subject>`), and `x_y` on `t` must not share `x`'s consumer on `y/t`.
+fn queue_group(name: &str) -> String {
+    let mut group = String::with_capacity(name.len() + 12);
+    group.push_str("trigger:");
+    for c in name.chars() {
+        match c {
+            '-' => group.push_str("--"),
+            '_' => group.push_str("-u"),
+            c => group.push(c),
+        }
+    }
+    group
+}
+
 /// Per-trigger metrics (labels `trigger`, and `outcome` where there is one).
 #[derive(Debug, Clone)]
 struct Metrics {
@@ -114,8 +130,11 @@ pub(crate) struct Trigger {
     validated: tokio::sync::Mutex<bool>,
     /// Stops taking new events (replace, delete, shutdown).
     pub reading: CancellationToken,
-    /// Stops deliveries under way (delete, the end of the shutdown grace period).
+    /// Stops deliveries under way (replace, delete, the end of the shutdown grace period).
     pub abandon: CancellationToken,
+    /// The trigger that replaced this one: gets what this one abandons (memory, NATS core;
+    /// on JetStream the consumer gives abandoned events to it again).
+    pub successor: Mutex<Option<Arc<Trigger>>>,
     pub tasks: TaskTracker,
     /// True once the backbone subscription is made (events published from then on reach it).
     pub subscribed: tokio::sync::watch::Sender<bool>,
@@ -162,6 +181,7 @@ impl Trigger {
             pending: Mutex::default(),
             reading: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            successor: Mutex::new(None),
             tasks: TaskTracker::new(),
             subscribed: tokio::sync::watch::Sender::new(false),
         }))
@@ -175,12 +195,13 @@ impl Trigger {
             Duration::from_secs(5),
         );
         loop {
+            let group = queue_group(&name);
             let options = SubscribeOptions {
                 // Every instance's copy of the trigger is one member: each event goes to one.
-                queue_group: Some(format!("trigger:{name}")),
+                queue_group: Some(group.clone()),
                 capacity: None,
                 durable: Some(Durable {
-                    name: format!("trigger:{name}"),
+                    name: group,
                     ttl: CONSUMER_TTL,
                 }),
                 max_in_flight: Some(self.config.subscriber.max_concurrency),
@@ -255,11 +276,28 @@ impl Trigger {
             .spawn(async move { this.deliver_acked(delivery, permit).await });
     }
 
+    /// An event this trigger will not deliver after all (replaced, deleted, or the gateway
+    /// stops) on a backbone that keeps nothing for us: to the trigger that replaced this one,
+    /// or counted as abandoned.
+    fn hand_over(&self, envelope: Arc<Envelope>) {
+        let successor = self
+            .successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match successor {
+            Some(next) => next.offer(envelope),
+            None => self.metrics.abandoned.inc(),
+        }
+    }
+
     /// An event of a backbone that keeps nothing for us (memory, NATS core): filtered, then
     /// queued for a slot without waiting (see the module's comment). Also called by the
     /// memory backbone's dispatcher (`dispatch.rs`) for the triggers its index picks.
     pub(crate) fn offer(self: &Arc<Self>, envelope: Arc<Envelope>) {
         if self.reading.is_cancelled() {
+            // Replaced or deleted while the event was on its way here.
+            self.hand_over(envelope);
             return;
         }
         if !self.passes(&envelope) {
@@ -303,7 +341,7 @@ impl Trigger {
         loop {
             while let Some((envelope, received)) = self.pop() {
                 if self.abandon.is_cancelled() {
-                    self.metrics.abandoned.inc();
+                    self.hand_over(envelope);
                     continue;
                 }
                 self.metrics.in_flight.inc();
@@ -313,7 +351,11 @@ impl Trigger {
                     s => s,
                 };
                 self.metrics.in_flight.dec();
-                self.count(settled);
+                if settled == Settled::Abandoned {
+                    self.hand_over(envelope);
+                } else {
+                    self.count(settled);
+                }
             }
             drop(permit);
             // An event queued after the last pop, while this task still held its slot, found
@@ -465,7 +507,8 @@ impl Trigger {
         let (Some(event), Some(topic)) = (reply, &self.config.reply_topic) else {
             return;
         };
-        let envelope = Envelope::new(topic.clone(), Arc::new(event), self.origin.clone());
+        let envelope = Envelope::new(topic.clone(), Arc::new(event), self.origin.clone())
+            .with_dedup_scope(format!("reply {}", self.origin.instance));
         match self.backbone.publish(envelope).await {
             Ok(()) => self.metrics.replies_published.inc(),
             Err(e) => {
@@ -493,5 +536,20 @@ impl Trigger {
                 Settled::Redeliver
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_group;
+
+    #[test]
+    fn queue_groups_hold_no_underscore_and_do_not_collide() {
+        assert_eq!(queue_group("orders"), "trigger:orders");
+        assert_eq!(queue_group("a_b-c"), "trigger:a-ub--c");
+        let names = ["a_b", "a-ub", "a--b", "a-b", "a__b", "a-_b", "a_-b"];
+        let groups: std::collections::BTreeSet<_> = names.iter().map(|n| queue_group(n)).collect();
+        assert_eq!(groups.len(), names.len());
+        assert!(groups.iter().all(|g| !g.contains('_')));
     }
 }

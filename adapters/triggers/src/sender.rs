@@ -142,40 +142,34 @@ pub async fn send(client: &reqwest::Client, req: &Request, envelope: &Envelope) 
     if req.want_reply {
         builder = builder.header("prefer", "reply");
     }
-    match tokio::time::timeout(req.timeout, exchange(builder)).await {
-        Ok(attempt) => attempt,
-        Err(_) => Attempt::Failed(Failure::no_answer(format!(
-            "no complete answer within the trigger's timeout of {:?}",
-            req.timeout
-        ))),
-    }
+    exchange(builder, req).await
 }
 
-async fn exchange(builder: reqwest::RequestBuilder) -> Attempt {
-    let mut response = match builder.send().await {
-        Ok(r) => r,
-        Err(e) => return Attempt::Failed(Failure::no_answer(error_chain(&e))),
+/// The request and its answer, all within `req.timeout`: once a 2xx status is in, the event
+/// counts as delivered whatever happens to the body (a reply body that does not arrive in time
+/// is only a lost reply, never a retry that would deliver the event twice).
+async fn exchange(builder: reqwest::RequestBuilder, req: &Request) -> Attempt {
+    let deadline = tokio::time::Instant::now() + req.timeout;
+    let mut response = match tokio::time::timeout_at(deadline, builder.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Attempt::Failed(Failure::no_answer(error_chain(&e))),
+        Err(_) => {
+            return Attempt::Failed(Failure::no_answer(format!(
+                "no answer within the trigger's timeout of {:?}",
+                req.timeout
+            )));
+        }
     };
     let status = response.status().as_u16();
     let verdict = policy::classify(status);
     let headers = response.headers().clone();
-    let limit = match verdict {
-        Verdict::Delivered => MAX_REPLY_BYTES,
-        _ => MAX_ERROR_DATA,
-    };
-    let (body, complete) = match read_body(&mut response, limit).await {
-        Ok(b) => b,
-        Err(e) if verdict == Verdict::Delivered => {
-            // The status was read: the subscriber took the event; only the reply is lost.
-            return Attempt::Delivered {
-                status,
-                reply: None,
-                reply_refused: Some(format!("reading the reply failed: {}", error_chain(&e))),
-            };
-        }
-        Err(_) => (Bytes::new(), false),
-    };
     if verdict != Verdict::Delivered {
+        let body = match tokio::time::timeout_at(deadline, read_body(&mut response, MAX_ERROR_DATA))
+            .await
+        {
+            Ok(Ok((body, _))) => body,
+            _ => Bytes::new(),
+        };
         let retry_after = policy::retry_after(
             headers
                 .get(header::RETRY_AFTER)
@@ -189,6 +183,38 @@ async fn exchange(builder: reqwest::RequestBuilder) -> Attempt {
             data: body,
         });
     }
+    // Knative's contract: a 202 is never processed as a reply; without a reply topic there is
+    // nothing to read it for. Read and dropped all the same (within the deadline), so that the
+    // connection goes back to the pool.
+    if !req.want_reply || status == 202 {
+        let _ = tokio::time::timeout_at(deadline, read_body(&mut response, MAX_REPLY_BYTES)).await;
+        return Attempt::Delivered {
+            status,
+            reply: None,
+            reply_refused: None,
+        };
+    }
+    let (body, complete) =
+        match tokio::time::timeout_at(deadline, read_body(&mut response, MAX_REPLY_BYTES)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return Attempt::Delivered {
+                    status,
+                    reply: None,
+                    reply_refused: Some(format!("reading the reply failed: {}", error_chain(&e))),
+                };
+            }
+            Err(_) => {
+                return Attempt::Delivered {
+                    status,
+                    reply: None,
+                    reply_refused: Some(format!(
+                        "the reply did not arrive within the trigger's timeout of {:?}",
+                        req.timeout
+                    )),
+                };
+            }
+        };
     if !complete {
         return Attempt::Delivered {
             status,

@@ -421,6 +421,21 @@ pub fn dedup_id(source: &str, id: &str) -> String {
     retained::B64.encode(&digest[..16])
 }
 
+/// [`dedup_id`] of a copy published again on purpose (`Envelope::dedup_scope`): the digest
+/// over `<source> <id> <scope>`, so a trigger's dead letter is not taken for the event it copies.
+pub fn scoped_dedup_id(source: &str, id: &str, scope: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(source.as_bytes())
+        .chain_update(b" ")
+        .chain_update(id.as_bytes())
+        .chain_update(b" ")
+        .chain_update(scope.as_bytes())
+        .finalize();
+    retained::B64.encode(&digest[..16])
+}
+
 /// Deletes a subscription's consumers once its stream is dropped (unsubscribe).
 struct DeleteOnDrop {
     js: jetstream::Context,
@@ -541,7 +556,12 @@ impl Backbone for JetStreamBackbone {
             );
             headers.put(
                 "Nats-Msg-Id",
-                &[&dedup_id(envelope.event.source(), envelope.event.id())],
+                &[&match &envelope.dedup_scope {
+                    None => dedup_id(envelope.event.source(), envelope.event.id()),
+                    Some(scope) => {
+                        scoped_dedup_id(envelope.event.source(), envelope.event.id(), scope)
+                    }
+                }],
             );
             // One client connection's events always on the same NATS connection: stored in
             // the order it published them.
@@ -626,10 +646,28 @@ impl Backbone for JetStreamBackbone {
                         .await
                         .map_err(unavailable)?
                 } else {
-                    stream
-                        .get_or_create_consumer(&name, config)
+                    let wanted = (config.max_ack_pending, config.ack_wait);
+                    let mut consumer: jetstream::consumer::PullConsumer = stream
+                        .get_or_create_consumer(&name, config.clone())
                         .await
-                        .map_err(unavailable)?
+                        .map_err(unavailable)?;
+                    // A queue group's consumer outlives its members: a member that asks for
+                    // other limits (a trigger's new maxConcurrency) updates it, or the old
+                    // ones would hold (get_or_create returns the consumer as it is).
+                    let held = consumer.cached_info().config.clone();
+                    if (options.max_in_flight.is_some() || options.ack_wait.is_some())
+                        && (held.max_ack_pending, held.ack_wait) != wanted
+                    {
+                        match stream.create_consumer(config).await {
+                            Ok(updated) => consumer = updated,
+                            Err(e) => tracing::warn!(
+                                consumer = %name,
+                                error = %e,
+                                "jetstream: cannot update the consumer's max_ack_pending/ack_wait; it keeps its own"
+                            ),
+                        }
+                    }
+                    consumer
                 };
                 let info = consumer.cached_info();
                 let limits = Limits::of(info.config.max_batch, info.config.max_expires);
@@ -861,6 +899,14 @@ mod tests {
         assert_eq!(dedup_id("/s", "1"), "vHmwK5DFbFQZHxAEOpF6Lw");
         assert_ne!(dedup_id("/s", "1"), dedup_id("/s", "2"));
         assert_ne!(dedup_id("/s", "1"), dedup_id("/t", "1"));
+        assert_ne!(
+            dedup_id("/s", "1"),
+            scoped_dedup_id("/s", "1", "dead-letter trigger:t")
+        );
+        assert_ne!(
+            scoped_dedup_id("/s", "1", "dead-letter trigger:t"),
+            scoped_dedup_id("/s", "1", "reply trigger:t")
+        );
         // However long the attributes.
         assert_eq!(dedup_id(&"s".repeat(10_000), &"i".repeat(10_000)).len(), 22);
     }

@@ -23,6 +23,11 @@
 //! [--duration 10] [--concurrency 32] [--triggers 10000] [--rate 1000] [--latency-secs 10]
 //! [--events 50000] [--only raw,one,many,latency,memory]`
 
+/// The meshgate binary's allocator (gateway/src/main.rs, decision 0021), so that the gateway in
+/// this process runs as it does in production (glibc malloc was a quarter of the profile).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

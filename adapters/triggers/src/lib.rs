@@ -122,8 +122,9 @@ impl Triggers {
             }),
         };
         for c in configs {
-            triggers.apply(c.clone()).await?;
+            triggers.apply_indexed(c.clone(), false).await?;
         }
+        triggers.reindex();
         if triggers.inner.backbone.trigger_store().is_some() {
             tokio::spawn(triggers.clone().follow_store());
         }
@@ -279,6 +280,16 @@ impl Triggers {
     }
 
     async fn apply(&self, config: TriggerConfig) -> Result<Applied, TriggerError> {
+        self.apply_indexed(config, true).await
+    }
+
+    /// [`Triggers::apply`]; `reindex`: false while the config file's triggers start (indexed
+    /// once after the last: one rebuild per trigger made starting 10,000 quadratic).
+    async fn apply_indexed(
+        &self,
+        config: TriggerConfig,
+        reindex: bool,
+    ) -> Result<Applied, TriggerError> {
         let name = config.name.clone();
         if self
             .running()
@@ -321,7 +332,9 @@ impl Triggers {
             }
         }
         let old = self.running().insert(name.clone(), trigger.clone());
-        self.reindex();
+        if reindex {
+            self.reindex();
+        }
         match old {
             Some(old) => {
                 // The old one stops at once, also mid-retry (a fix of a broken URL or a revoked

@@ -13,11 +13,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home meshgate
 COPY --from=build /src/target/release/meshgate /usr/local/bin/meshgate
-COPY examples/meshgate.toml /etc/meshgate/meshgate.toml
+# Anonymous access off: the image serves nobody until it is given users (examples/docker.toml).
+COPY examples/docker.toml /etc/meshgate/meshgate.toml
 USER 10001
-# Inside a container the listeners must bind all interfaces; override as needed.
-ENV MESHGATE__HTTP__LISTEN=0.0.0.0:8080 \
-    MESHGATE__ADMIN__LISTEN=0.0.0.0:9090
 # 1883: MQTT, when enabled (MESHGATE__MQTT__ENABLED=true, MESHGATE__MQTT__LISTEN=0.0.0.0:1883).
 EXPOSE 8080 9090 1883
 HEALTHCHECK --interval=10s --timeout=2s CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3 | grep -q \" 200 \""]

@@ -945,10 +945,18 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         return None;
     };
     for key in t.keys() {
-        if key != "anonymous" && key != "users" {
+        if !["anonymous", "users", "allow_anonymous_on_public"].contains(&key.as_str()) {
             errors.push(format!("auth.{key}"), "unknown key");
         }
     }
+    let allow_anonymous_on_public = match t.get("allow_anonymous_on_public") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => {
+            errors.push("auth.allow_anonymous_on_public", "must be true or false");
+            false
+        }
+    };
     let empty = Value::Table(Table::new());
     let anonymous: Option<raw::Anonymous> = section(
         t.get("anonymous").unwrap_or(&empty),
@@ -1038,5 +1046,6 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
     Some(AuthConfig {
         anonymous: anonymous?,
         users,
+        allow_anonymous_on_public,
     })
 }

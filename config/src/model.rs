@@ -337,6 +337,9 @@ impl std::fmt::Debug for UserConfig {
 pub struct AuthConfig {
     pub anonymous: AnonymousConfig,
     pub users: Vec<UserConfig>,
+    /// Start even when anonymous clients may publish or subscribe on a listener bound to a
+    /// non-loopback address (otherwise that refuses to start).
+    pub allow_anonymous_on_public: bool,
 }
 
 /// How events are written to MQTT 5 subscribers.

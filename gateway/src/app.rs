@@ -33,6 +33,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// Anonymous clients could use a listener bound to a non-loopback address.
+    #[error(
+        "anonymous clients could publish or subscribe on {0}, which other machines can reach; \
+         set auth.anonymous.enabled = false and configure [[auth.users]] (see examples/secured.toml), \
+         or bind those listeners to 127.0.0.1, or set auth.allow_anonymous_on_public = true to accept it"
+    )]
+    AnonymousExposed(String),
     #[error("invalid auth configuration: {0}")]
     Auth(#[source] meshgate_core::TopicError),
     #[error("backbone failed to start: {0}")]
@@ -125,11 +132,15 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartE
 /// Starts every configured listener. Returns once they are bound and serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     crate::features::check(&config).map_err(StartError::MissingFeatures)?;
-    for listener in web::anonymous_exposure(&config) {
+    let exposed = web::anonymous_exposure(&config);
+    if !exposed.is_empty() {
+        if !config.auth.allow_anonymous_on_public {
+            return Err(StartError::AnonymousExposed(exposed.join(", ")));
+        }
         tracing::warn!(
-            %listener,
-            "anonymous clients may publish/subscribe on a non-loopback address: anyone who can reach it can use the gateway; \
-             set auth.anonymous.enabled = false (or narrow its publish/subscribe lists) and configure [[auth.users]]"
+            listeners = %exposed.join(", "),
+            "anonymous clients may publish/subscribe on a non-loopback address (auth.allow_anonymous_on_public = true): \
+             anyone who can reach it can use the gateway"
         );
     }
     match crate::fd_limit::raise_soft_limit() {

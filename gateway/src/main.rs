@@ -79,6 +79,15 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
         }
         ExitCode::from(2)
     })?;
+    let exposed = meshgate::web::anonymous_exposure(&config);
+    if !exposed.is_empty() && !config.auth.allow_anonymous_on_public {
+        eprintln!("meshgate: invalid configuration:");
+        eprintln!(
+            "  auth.allow_anonymous_on_public: {}",
+            meshgate::StartError::AnonymousExposed(exposed.join(", "))
+        );
+        return Err(ExitCode::from(2));
+    }
     Ok(config)
 }
 

@@ -61,6 +61,17 @@ fn validate_reports_every_problem_with_its_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The Docker image's configuration: all interfaces, no anonymous access.
+    let out = Command::new(binary())
+        .args(["validate", "-c"])
+        .arg(examples.join("docker.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(binary())
         .args(["run", "-c"])
         .arg(dir.join("missing.toml"))
@@ -201,4 +212,43 @@ fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(seen, (hard, hard), "soft limit raised to the hard one");
+}
+
+/// Anonymous access on a listener other machines can reach refuses to start (issue 22 item 6),
+/// in `validate` and `run` alike, naming the listener and the ways out; the explicit switch
+/// starts it.
+#[test]
+fn anonymous_access_on_a_public_address_needs_the_explicit_switch() {
+    for command in ["validate", "run"] {
+        let mut cmd = Command::new(binary());
+        cmd.arg(command);
+        if command == "validate" {
+            cmd.args(["-c", "/dev/null"]);
+        }
+        let out = cmd
+            .env("MESHGATE__HTTP__LISTEN", "0.0.0.0:0")
+            .env("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for says in [
+            "http.listen 0.0.0.0:0",
+            "auth.anonymous.enabled = false",
+            "auth.allow_anonymous_on_public = true",
+        ] {
+            assert!(err.contains(says), "{command}: {says}:\n{err}");
+        }
+    }
+    let out = Command::new(binary())
+        .args(["validate", "-c", "/dev/null"])
+        .env("MESHGATE__HTTP__LISTEN", "0.0.0.0:0")
+        .env("MESHGATE__AUTH__ALLOW_ANONYMOUS_ON_PUBLIC", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -399,10 +399,12 @@ async fn bodies_over_max_body_size_are_refused_unread_and_counted() {
         d.pause().await;
     }
     assert_eq!(ready(&rabbit, &q).await, 0);
-    // Bounded by the read-ahead and frame buffers, not the body: under 24 MiB of growth for
-    // 144 MiB refused (a single one assembled would be 48).
+    // Bounded by the read-ahead and frame buffers, not the body: under 32 MiB of growth for
+    // 144 MiB refused (a single one assembled would be 48). Alone it grows by well under 24
+    // MiB; once, in the whole suite on a loaded machine, by 24.004 MiB (stop 33): the margin
+    // is the allocator's, the bound is that no body is assembled.
     let grown = rss(gw.pid()).saturating_sub(rss_before);
-    assert!(grown < 24 << 20, "RSS grew by {grown} bytes");
+    assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
     alive(&mut gw);
     rabbit.delete_queue(&q).await;
     rabbit.delete_queue(&dlq).await;

@@ -108,7 +108,7 @@ async fn run_once(run: &Run, seconds: u64) -> anyhow::Result<Outcome> {
                     .header("ce-specversion", "1.0")
                     .header("ce-id", format!("{p}-{i}"))
                     .header("ce-source", "/bench")
-                    .header("ce-type", "io.meshgate.bench")
+                    .header("ce-type", "com.example.bench")
                     .header("ce-sentus", sent.to_string())
                     .header("content-type", "text/plain")
                     .body(payload.clone())

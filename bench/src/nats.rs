@@ -346,7 +346,7 @@ async fn http_accepted_rate(addr: &str, concurrency: usize, seconds: u64) -> any
                     .header("ce-specversion", "1.0")
                     .header("ce-id", format!("{p}-{i}"))
                     .header("ce-source", "/bench")
-                    .header("ce-type", "io.meshgate.bench")
+                    .header("ce-type", "com.example.bench")
                     .header("content-type", "application/octet-stream")
                     .body(payload.clone())
                     .send()

@@ -3,6 +3,26 @@
 
 use crate::event_error::EventError;
 
+/// The `type` prefix of meshgate's own events: WebSocket control events, the wrappings of plain
+/// messages (`io.meshgate.mqtt.message`, ...), `$SYS` events.
+pub const RESERVED_TYPE_PREFIX: &str = "io.meshgate.";
+
+/// A CloudEvent a client sent (not one meshgate made from a plain message): its type may not be
+/// one of meshgate's own, which subscribers read as the gateway's word (a browser's
+/// `io.meshgate.error`, a device's `$SYS` event). Checked by every ingress binding.
+pub fn client_event(event: &crate::event::Event) -> Result<(), EventError> {
+    if event.ty().starts_with(RESERVED_TYPE_PREFIX) {
+        return Err(EventError::InvalidValue {
+            name: "type".to_owned(),
+            reason: format!(
+                "`{}`: types starting with `{RESERVED_TYPE_PREFIX}` are reserved for meshgate's own events",
+                event.ty()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Attribute names: `[a-z0-9]+`, not `data` (CE-BINDINGS.md §1). The SHOULD rules (start with a
 /// letter, at most 20 characters) are not enforced: a receiver must accept what the MUSTs allow.
 pub fn attribute_name(name: &str) -> Result<(), EventError> {

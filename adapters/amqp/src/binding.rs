@@ -135,7 +135,10 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
             ));
         }
         return match media::cloudevents_format(ct).as_deref() {
-            None | Some("json") => json::decode(&m.body),
+            None | Some("json") => json::decode(&m.body).and_then(|e| {
+                meshgate_core::validate::client_event(&e)?;
+                Ok(e)
+            }),
             Some(other) => Err(EventError::Format(format!(
                 "event format `{other}` is not supported; use application/cloudevents+json"
             ))),
@@ -205,6 +208,7 @@ pub fn decode(m: Inbound<'_>) -> Result<Event, EventError> {
     if !m.body.is_empty() {
         event.set_data(Some(Data::Binary(m.body)));
     }
+    meshgate_core::validate::client_event(&event)?;
     Ok(event)
 }
 
@@ -421,6 +425,35 @@ mod tests {
     /// Basic properties with only a `content_type`.
     fn with_ct(content_type: &str) -> BasicProperties {
         BasicProperties::default().with_content_type(ShortString::from(content_type))
+    }
+
+    /// A client's CloudEvent may not take a type of meshgate's own, structured or binary; a
+    /// plain message is still wrapped with one.
+    #[test]
+    fn reserved_types_are_refused_and_wrappings_keep_theirs() {
+        let structured = with_ct("application/cloudevents+json");
+        let body = br#"{"specversion":"1.0","id":"1","source":"/s","type":"io.meshgate.error"}"#;
+        let e = decode_props(&structured, body).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let binary = props::<&str>(
+            None,
+            &[
+                (
+                    "cloudEvents_specversion",
+                    AMQPValue::LongString("1.0".into()),
+                ),
+                ("cloudEvents_id", AMQPValue::LongString("1".into())),
+                ("cloudEvents_source", AMQPValue::LongString("/s".into())),
+                (
+                    "cloudEvents_type",
+                    AMQPValue::LongString("io.meshgate.x".into()),
+                ),
+            ],
+        );
+        let e = decode_props(&binary, b"x").unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let plain = decode_props(&BasicProperties::default(), b"hello").unwrap();
+        assert!(plain.ty().starts_with("io.meshgate."), "{}", plain.ty());
     }
 
     /// The E0 headers followed by `extra`.

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use meshgate_core::event::StringAttributes;
 pub use meshgate_core::header::{decode_header_value, percent_encode_header};
+use meshgate_core::validate;
 use meshgate_core::{Data, Event, EventError, json, media};
 
 /// What a request carried.
@@ -92,12 +93,18 @@ pub fn decode(
                 },
                 json::BatchError::Invalid { index: None, error } => BindingError::Event(error),
             })?;
+            for (index, event) in events.iter().enumerate() {
+                validate::client_event(event)
+                    .map_err(|source| BindingError::BatchElement { index, source })?;
+            }
             return Ok(Decoded::Batch(events));
         }
         if media::is_cloudevents(ct) {
             json_format(ct)?;
             // The body is authoritative; ce- headers are ignored in structured mode.
-            return Ok(Decoded::Structured(json::decode(&body)?));
+            let event = json::decode(&body)?;
+            validate::client_event(&event)?;
+            return Ok(Decoded::Structured(event));
         }
     }
     if !headers.keys().any(|k| k.as_str().starts_with("ce-")) {
@@ -124,6 +131,7 @@ pub fn decode(
     if !body.is_empty() {
         event.set_data(Some(Data::Binary(body)));
     }
+    validate::client_event(&event)?;
     Ok(Decoded::Binary(event))
 }
 

@@ -72,8 +72,17 @@ pub struct Decoded {
     pub user_properties: Vec<(String, String)>,
 }
 
-/// [`decode`], telling a wrapped plain payload from a CloudEvent.
+/// [`decode`], telling a wrapped plain payload from a CloudEvent. A CloudEvent may not have a
+/// type of meshgate's own ([`meshgate_core::validate::client_event`]); a wrapping has one.
 pub fn decode_publish(m: Inbound<'_>) -> Result<Decoded, EventError> {
+    let decoded = decode_any(m)?;
+    if !decoded.plain {
+        meshgate_core::validate::client_event(&decoded.event)?;
+    }
+    Ok(decoded)
+}
+
+fn decode_any(m: Inbound<'_>) -> Result<Decoded, EventError> {
     let content_type = m.properties.and_then(|p| p.content_type.as_deref());
     if let Some(ct) = content_type.filter(|ct| media::is_cloudevents(ct)) {
         return match media::cloudevents_format(ct).as_deref() {
@@ -268,6 +277,32 @@ mod tests {
         ("source", "/src"),
         ("type", "com.example.t"),
     ];
+
+    /// A client's CloudEvent may not take a type of meshgate's own, in any mode; a plain
+    /// message is still wrapped with one.
+    #[test]
+    fn reserved_types_are_refused_from_clients_and_wrappings_keep_theirs() {
+        let reserved =
+            br#"{"specversion":"1.0","id":"A1","source":"/src","type":"io.meshgate.error"}"#;
+        let p = props(Some("application/cloudevents+json"), &[]);
+        let e = decode(inbound(Version::V5, reserved, Some(&p))).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let e = decode(inbound(Version::V311, reserved, None)).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let p = props(
+            None,
+            &[
+                ("specversion", "1.0"),
+                ("id", "A1"),
+                ("source", "/src"),
+                ("type", "io.meshgate.mqtt.sys"),
+            ],
+        );
+        let e = decode(inbound(Version::V5, b"x", Some(&p))).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let plain = decode(inbound(Version::V5, b"21.5", None)).unwrap();
+        assert_eq!(plain.ty(), "io.meshgate.mqtt.message");
+    }
 
     #[test]
     fn i22_v311_structured() {

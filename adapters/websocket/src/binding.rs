@@ -239,7 +239,14 @@ pub fn decode_frame(text: &str) -> Result<Inbound, FrameError> {
             Ok(Inbound::Subscribe(filters, matching))
         }
         TYPE_UNSUBSCRIBE => Ok(Inbound::Unsubscribe(control_filters(&event)?.0)),
-        _ => Ok(Inbound::Publish(Box::new(event))),
+        _ => match meshgate_core::validate::client_event(&event) {
+            Ok(()) => Ok(Inbound::Publish(Box::new(event))),
+            Err(e) => Err(FrameError::new(
+                FrameCode::InvalidEvent,
+                e.to_string(),
+                Some(event.id()),
+            )),
+        },
     }
 }
 

@@ -87,16 +87,18 @@ pub enum PublishError {
 /// early where an adapter wants to refuse before reading a body or decoding an event (HTTP,
 /// MQTT), and the publish itself takes the proof instead of checking again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Authorized(Topic);
+pub struct Authorized(Topic, Arc<str>);
 
 impl Authorized {
     pub fn topic(&self) -> &Topic {
         &self.0
     }
 
-    /// The envelope to publish on this topic.
+    /// The envelope to publish on this topic. Its deduplication scope is the principal's name
+    /// (with the topic, on JetStream: `Envelope::dedup_scope`), so that one principal cannot
+    /// suppress another's event by sending its `source` and `id` first (review F12).
     pub fn envelope(self, event: Arc<crate::event::Event>, origin: Origin) -> AuthorizedEnvelope {
-        AuthorizedEnvelope(Envelope::new(self.0, event, origin))
+        AuthorizedEnvelope(Envelope::new(self.0, event, origin).with_dedup_scope(self.1))
     }
 }
 
@@ -143,7 +145,7 @@ impl AdapterContext {
         topic: Topic,
     ) -> Result<Authorized, PublishError> {
         match self.authorizer.check_publish(principal, &topic) {
-            Ok(()) => Ok(Authorized(topic)),
+            Ok(()) => Ok(Authorized(topic, principal.shared_name())),
             Err(e) => {
                 metrics.error(ErrorKind::Forbidden);
                 Err(e.into())

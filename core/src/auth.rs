@@ -65,6 +65,11 @@ impl Principal {
         }
     }
 
+    /// The name as a shared string (a reference count, no copy).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

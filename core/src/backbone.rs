@@ -47,9 +47,11 @@ pub struct Envelope {
     /// data as payload, with `mqtt`'s Content Type and User Properties). Here rather than in
     /// `mqtt`, which a plain 3.1.1 publish would then need allocated for every message.
     pub plain: bool,
-    /// Set on a copy of an event that is published again on purpose (a trigger's dead letter
-    /// or reply): backbones that deduplicate by `source` + `id` (JetStream) keep it apart from
-    /// the original and from copies with another scope. `None` for events as clients sent them.
+    /// Who answers for this copy of the event: the publishing principal's name for a client's
+    /// event, `dead-letter trigger:<name>` / `reply trigger:<name>` for a trigger's copies.
+    /// Backbones that deduplicate by `source` + `id` (JetStream) do so within one scope and
+    /// topic, so one principal cannot suppress another's event, and a dead letter is not taken
+    /// for the event it copies. `None` (events from the bus, `$SYS`): `source` + `id` alone.
     pub dedup_scope: Option<Arc<str>>,
     /// The JSON format of `event` (UTF-8), encoded once on first use and shared by every
     /// subscriber that needs it (a WebSocket fan-out to 500 browsers encodes once, not 500

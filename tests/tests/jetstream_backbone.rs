@@ -109,22 +109,25 @@ async fn ingress_is_stored_once_per_source_and_id() {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut stream = js.get_stream("MESHGATE").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 2);
-    // Their ids are the documented digest, base64url(SHA-256("<source> <id>")[..16]), here
+    // Their ids are the documented digest, base64url(SHA-256("<source> <id>\0<principal>\0
+    // <topic>")[..16]) (scoped by the publishing principal and topic, review F12), here
     // computed with Python's hashlib:
-    // base64.urlsafe_b64encode(hashlib.sha256(b"/test same").digest()[:16]).rstrip(b"=")
+    // base64.urlsafe_b64encode(hashlib.sha256(b"/test same\x00anonymous\x00orders/1")
+    //     .digest()[:16]).rstrip(b"=")
     let first = stream.get_raw_message(1).await.unwrap();
     assert_eq!(
         first
             .headers
             .get("Nats-Msg-Id")
             .map(|v| v.as_str().to_owned()),
-        Some("SgznbRn4aVQxYY43w-xf3g".to_owned())
+        Some("WSnJAB4ETXa03cEDFeyYcA".to_owned())
     );
-    // So another NATS program that publishes the same CloudEvent with that id is
-    // deduplicated against meshgate's copy.
+    // So another NATS program that publishes the same CloudEvent with that id (the event's
+    // id as the anonymous principal published it on orders/2) is deduplicated against
+    // meshgate's copy.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", "application/cloudevents+json");
-    headers.insert("Nats-Msg-Id", "6XVRuOUjIMn1ioy8Keby_Q"); // "/test other"
+    headers.insert("Nats-Msg-Id", "zhvTciqGXOFwRx59F5Ccdw"); // "/test other", anonymous, orders/2
     let ack = js
         .publish_with_headers(
             "meshgate.orders.2",
@@ -1368,5 +1371,65 @@ async fn a_restart_keeps_every_session_past_the_offline_limit() {
     for c in connected {
         c.abort();
     }
+    gw.shutdown().await;
+}
+
+/// Review F12: deduplication is per user and topic, so one user cannot suppress another's
+/// event by publishing its `source` and `id` first (the other is stored and delivered), while
+/// each user's own retry is still stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_suppress_another_users_event_by_its_id() {
+    use meshgate_config::{AclConfig, UserConfig};
+    let nats = NatsServer::start();
+    let mut c = js_config(&nats, "a");
+    c.auth.anonymous.enabled = false;
+    let user = |name: &str, topics: &str| UserConfig {
+        name: name.into(),
+        password: None,
+        tokens: vec![format!("{name}-token-0123456789")],
+        acl: AclConfig {
+            publish: vec![topics.to_owned()],
+            subscribe: vec![topics.to_owned()],
+            ..AclConfig::default()
+        },
+    };
+    c.auth.users = vec![user("alice", "a/#"), user("bob", "b/#")];
+    let gw = start_gateway(c).await;
+    let web = gw.web_addr.unwrap();
+    let mut bobs = gw
+        .backbone()
+        .subscribe(
+            meshgate_core::TopicFilter::parse("b/#").unwrap(),
+            meshgate_core::SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let send = |who: &'static str, topic: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("http://{web}/events/{topic}"))
+            .header("authorization", format!("Bearer {who}-token-0123456789"))
+            .header("content-type", "application/cloudevents+json")
+            .body(r#"{"specversion":"1.0","id":"42","source":"/sensor/B","type":"t"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    // Alice first, on her own topic, with Bob's sensor's source and id.
+    assert_eq!(send("alice", "a/x").await, 202);
+    assert_eq!(send("bob", "b/x").await, 202);
+    let d = tokio::time::timeout(Duration::from_secs(10), bobs.next())
+        .await
+        .expect("Bob's event is stored and delivered")
+        .unwrap();
+    assert_eq!(d.event().id(), "42");
+    // Bob's retry of the same event is still stored once.
+    assert_eq!(send("bob", "b/x").await, 202);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), bobs.next())
+            .await
+            .is_err(),
+        "a user's retry is deduplicated"
+    );
     gw.shutdown().await;
 }

@@ -421,17 +421,22 @@ pub fn dedup_id(source: &str, id: &str) -> String {
     retained::B64.encode(&digest[..16])
 }
 
-/// [`dedup_id`] of a copy published again on purpose (`Envelope::dedup_scope`): the digest
-/// over `<source> <id> <scope>`, so a trigger's dead letter is not taken for the event it copies.
-pub fn scoped_dedup_id(source: &str, id: &str, scope: &str) -> String {
+/// [`dedup_id`] within a scope (`Envelope::dedup_scope`: the publishing principal, or a
+/// trigger's dead letters or replies) and a topic: the digest over `<source> <id>`, a NUL, the
+/// scope, a NUL and the topic (NUL is in none of them, so the parts are unambiguous). A
+/// principal's retry is deduplicated; another principal's event with the same `source` and
+/// `id` is not (review F12), nor a trigger's dead letter against the event it copies.
+pub fn scoped_dedup_id(source: &str, id: &str, scope: &str, topic: &str) -> String {
     use base64::Engine;
     use sha2::Digest;
     let digest = sha2::Sha256::new()
         .chain_update(source.as_bytes())
         .chain_update(b" ")
         .chain_update(id.as_bytes())
-        .chain_update(b" ")
+        .chain_update(b"\0")
         .chain_update(scope.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(topic.as_bytes())
         .finalize();
     retained::B64.encode(&digest[..16])
 }
@@ -558,9 +563,12 @@ impl Backbone for JetStreamBackbone {
                 "Nats-Msg-Id",
                 &[&match &envelope.dedup_scope {
                     None => dedup_id(envelope.event.source(), envelope.event.id()),
-                    Some(scope) => {
-                        scoped_dedup_id(envelope.event.source(), envelope.event.id(), scope)
-                    }
+                    Some(scope) => scoped_dedup_id(
+                        envelope.event.source(),
+                        envelope.event.id(),
+                        scope,
+                        envelope.topic.as_str(),
+                    ),
                 }],
             );
             // One client connection's events always on the same NATS connection: stored in
@@ -901,12 +909,21 @@ mod tests {
         assert_ne!(dedup_id("/s", "1"), dedup_id("/t", "1"));
         assert_ne!(
             dedup_id("/s", "1"),
-            scoped_dedup_id("/s", "1", "dead-letter trigger:t")
+            scoped_dedup_id("/s", "1", "dead-letter trigger:t", "d")
         );
         assert_ne!(
-            scoped_dedup_id("/s", "1", "dead-letter trigger:t"),
-            scoped_dedup_id("/s", "1", "reply trigger:t")
+            scoped_dedup_id("/s", "1", "dead-letter trigger:t", "d"),
+            scoped_dedup_id("/s", "1", "reply trigger:t", "d")
         );
+        assert_ne!(
+            scoped_dedup_id("/s", "1", "alice", "a/1"),
+            scoped_dedup_id("/s", "1", "bob", "a/1")
+        );
+        assert_ne!(
+            scoped_dedup_id("/s", "1", "alice", "a/1"),
+            scoped_dedup_id("/s", "1", "alice", "a/2")
+        );
+        assert_eq!(scoped_dedup_id("/s", "1", "alice", "a/1").len(), 22);
         // However long the attributes.
         assert_eq!(dedup_id(&"s".repeat(10_000), &"i".repeat(10_000)).len(), 22);
     }

@@ -149,6 +149,7 @@ fn source(
         prefetch,
         wrap_source,
         wrap_type: s.wrap_type,
+        user: (!s.user.is_empty()).then_some(s.user),
     }
 }
 

@@ -883,6 +883,18 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             errors.push(path, format!("{d:?} is longer than the maximum of 24h"));
         }
     }
+    if let (Some(amqp), Some(auth)) = (&amqp, &auth) {
+        for (i, source) in amqp.sources.iter().enumerate() {
+            if let Some(user) = &source.user
+                && !auth.users.iter().any(|u| &u.name == user)
+            {
+                errors.push(
+                    format!("amqp.sources[{i}].user"),
+                    format!("`{user}` is not one of [[auth.users]]"),
+                );
+            }
+        }
+    }
     Some(Config {
         gateway: gateway?,
         log: log?,

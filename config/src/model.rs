@@ -507,6 +507,10 @@ pub struct AmqpSourceConfig {
     pub wrap_source: String,
     /// `type` of wrapped messages.
     pub wrap_type: String,
+    /// The `[[auth.users]]` user whose publish ACL the source's events are checked against
+    /// (refused ones are rejected to the dead-letter exchange); `None`: the source may publish
+    /// anywhere (it is the operator's).
+    pub user: Option<String>,
 }
 
 /// How events are written to AMQP (CE-BINDINGS.md §6 policy).

@@ -256,6 +256,8 @@ pub struct AmqpSource {
     pub wrap_source: String,
     #[serde(default = "default_amqp_wrap_type")]
     pub wrap_type: String,
+    #[serde(default)]
+    pub user: String,
 }
 
 fn default_prefetch() -> i64 {

@@ -890,3 +890,24 @@ fn websocket_outbound_queue_is_bounded_in_bytes() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn an_amqp_source_user_must_be_a_configured_user() {
+    let errs = errors_of(
+        "[[amqp.sources]]\nname = \"s\"\nqueue = \"q\"\nuser = \"ghost\"\n",
+        &[],
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.path == "amqp.sources[0].user" && e.message.contains("ghost")),
+        "{errs:?}"
+    );
+    let ok = load_str(
+        "[[auth.users]]\nname = \"app\"\ntokens = [\"app-token-0123456789\"]\n\
+         [[amqp.sources]]\nname = \"s\"\nqueue = \"q\"\nuser = \"app\"\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(ok.amqp.sources[0].user.as_deref(), Some("app"));
+}

@@ -406,6 +406,12 @@ impl Authorizer {
         }
     }
 
+    /// The configured user `name`, without its credentials: for parts of the gateway that act
+    /// as a user (an AMQP source with `user`), so that its ACL applies to them.
+    pub fn user(&self, name: &str) -> Option<Principal> {
+        self.users.get(name).map(|u| u.principal.clone())
+    }
+
     pub fn anonymous_allowed(&self) -> bool {
         self.anonymous.is_some()
     }

@@ -34,6 +34,7 @@ fn source(name: &str, queue: &str, topic_prefix: Option<&str>) -> AmqpSourceConf
         prefetch: 64,
         wrap_source: format!("/meshgate/amqp/{name}"),
         wrap_type: "io.meshgate.amqp.message".to_owned(),
+        user: None,
     }
 }
 
@@ -1070,4 +1071,74 @@ async fn a_backlog_waiting_before_the_source_starts_is_consumed() {
     );
     gw.shutdown().await;
     rabbit.delete_queue(&q).await;
+}
+
+/// Review F20: a source with `user` publishes as that user: what its ACL refuses is rejected
+/// to the dead-letter exchange and counted, what it allows is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_a_user_is_held_to_that_users_acl() {
+    let rabbit = Rabbit::connect("/").await;
+    let (q, dlx, dlq) = (unique("q"), unique("dlx"), unique("dlq"));
+    rabbit.exchange(&dlx).await;
+    rabbit.queue(&dlq, None).await;
+    rabbit.bind(&dlq, &dlx, "#").await;
+    rabbit.queue(&q, Some(&dlx)).await;
+
+    let mut config = amqp_config("/");
+    config.auth.users = vec![meshgate_config::UserConfig {
+        name: "legacy-app".into(),
+        password: None,
+        tokens: vec!["legacy-app-token-0123".into()],
+        acl: meshgate_config::AclConfig {
+            publish: vec!["legacy/allowed/#".into()],
+            ..meshgate_config::AclConfig::default()
+        },
+    }];
+    let mut s = source("orders", &q, Some("legacy"));
+    s.user = Some("legacy-app".into());
+    config.amqp.sources = vec![s];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["legacy/#"]).await;
+    let plain = BasicProperties::default().with_content_type("text/plain".into());
+    // Through the default exchange the routing key is the queue's name: the topic is
+    // legacy/<queue>, outside legacy/allowed/#: refused by the ACL.
+    rabbit.publish("", &q, plain.clone(), b"first").await;
+    let dead = rabbit.get(&dlq, Duration::from_secs(10)).await;
+    assert!(dead.is_some(), "the refused message is dead-lettered");
+    let m = metrics(gw.admin_addr.unwrap()).await;
+    assert!(
+        metric(
+            &m,
+            "meshgate_events_dropped_total{adapter=\"amqp\",reason=\"rejected\"}"
+        ) >= 1,
+        "{m}"
+    );
+    gw.shutdown().await;
+
+    // The same source with a topic its user may publish to: delivered.
+    let mut config = amqp_config("/");
+    config.auth.users = vec![meshgate_config::UserConfig {
+        name: "legacy-app".into(),
+        password: None,
+        tokens: vec!["legacy-app-token-0123".into()],
+        acl: meshgate_config::AclConfig {
+            publish: vec![format!("legacy/allowed/{}", q.replace('.', "/"))],
+            ..meshgate_config::AclConfig::default()
+        },
+    }];
+    let mut s = source("orders", &q, Some("legacy/allowed"));
+    s.user = Some("legacy-app".into());
+    config.amqp.sources = vec![s];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let mut ws2 = ws_connect(gw.web_addr.unwrap(), &["legacy/#"]).await;
+    rabbit.publish("", &q, plain, b"second").await;
+    let e = next_event(&mut ws2, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(e.data().unwrap().as_slice(), b"second");
+    drop(ws);
+    gw.shutdown().await;
+    rabbit.delete_queue(&q).await;
+    rabbit.delete_queue(&dlq).await;
+    rabbit.delete_exchange(&dlx).await;
 }

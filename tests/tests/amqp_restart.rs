@@ -54,6 +54,7 @@ async fn a_rabbitmq_restart_loses_no_acknowledged_message() {
         prefetch: 64,
         wrap_source: "/meshgate/amqp/rs".to_owned(),
         wrap_type: "io.meshgate.amqp.message".to_owned(),
+        user: None,
     }];
     config.amqp.sinks = vec![AmqpSinkConfig {
         name: "rsout".to_owned(),

@@ -416,6 +416,7 @@ async fn nothing_acknowledged_is_lost_when_the_connection_drops_with_unread_byte
         prefetch: 64,
         wrap_source: "/meshgate/amqp/loss".to_owned(),
         wrap_type: "io.meshgate.amqp.message".to_owned(),
+        user: None,
     }];
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();

@@ -146,8 +146,19 @@ impl Source {
             .map_err(|e| {
                 AmqpError::Config(format!("amqp source `{}`: topic_prefix: {e}", config.name))
             })?;
+        // As its configured user (its ACL applies; review F20), or as the operator's own part
+        // of the gateway, which may publish anywhere.
+        let principal = match &config.user {
+            Some(user) => ctx.authorizer.user(user).ok_or_else(|| {
+                AmqpError::Config(format!(
+                    "amqp source `{}`: user `{user}` is not one of [[auth.users]]",
+                    config.name
+                ))
+            })?,
+            None => Principal::internal(format!("amqp-source:{}", config.name)),
+        };
         Ok(Source {
-            principal: Principal::internal(format!("amqp-source:{}", config.name)),
+            principal,
             consumer_tag: consumer_tag(&ctx.instance, &config.name),
             stop,
             looped: metrics.dropped(DropReason::Loop).clone(),

@@ -50,7 +50,10 @@ pub fn router(config: &HttpConfig, ctx: &AdapterContext) -> Router {
         retry_after: HeaderValue::from(secs),
     });
     Router::new()
-        .route(&format!("{}/{{*topic}}", config.events_path), post(ingest))
+        .route(
+            &format!("{}/{{*topic}}", config.events_path),
+            post(ingest).options(preflight),
+        )
         .route(&config.events_path, post(missing_topic))
         .route(&format!("{}/", config.events_path), post(missing_topic))
         .with_state(state)
@@ -274,7 +277,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match handle(&state, &uri, &headers, body).await {
+    let mut response = match handle(&state, &uri, &headers, body).await {
         Ok(ids) => {
             let body = serde_json::json!({ "accepted": ids.len(), "ids": ids });
             (
@@ -285,7 +288,63 @@ async fn ingest(
                 .into_response()
         }
         Err(refusal) => refusal.into_response(&state),
+    };
+    cors(&state, &headers, response.headers_mut());
+    response
+}
+
+/// CORS (Fetch standard): a page of an origin that `http.allowed_origins` lists (or the
+/// gateway's own) may read the answer; the `Origin` check in `handle` already refused the
+/// others, whose answers get no CORS headers (the browser hides them).
+fn cors(state: &HttpState, request: &HeaderMap, response: &mut HeaderMap) {
+    let Some(origin) = request.get(header::ORIGIN) else {
+        return;
+    };
+    if meshgate_web::origin::check(
+        request,
+        &state.config.allowed_origins,
+        "http.allowed_origins",
+    )
+    .is_ok()
+    {
+        response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     }
+    response.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// The CORS preflight of a `POST {events_path}/{topic}` that a browser sends before a
+/// cross-origin request with CloudEvents headers (`ce-*`, `Content-Type:
+/// application/cloudevents+json`, `Authorization`): 204 with what may be sent for an allowed
+/// origin, 403 otherwise.
+async fn preflight(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(why) = meshgate_web::origin::check(
+        &headers,
+        &state.config.allowed_origins,
+        "http.allowed_origins",
+    ) {
+        state.metrics.error(ErrorKind::ForbiddenOrigin);
+        return problem(StatusCode::FORBIDDEN, why.to_string());
+    }
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST"),
+        );
+        // Binary mode's attributes are headers of any name (`ce-<extension>`): echo what the
+        // page asks for (the Fetch standard's way to allow them).
+        if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+        }
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    r
 }
 
 /// Runs the checks and publishes; the ids of the accepted events.

@@ -158,11 +158,11 @@ async fn retries_back_off_then_the_dead_letter_sink_gets_the_error_extensions() 
     let gap1 = posts[1].at - posts[0].at;
     let gap2 = posts[2].at - posts[1].at;
     assert!(
-        gap1 >= Duration::from_millis(200) && gap1 < Duration::from_millis(900),
+        gap1 >= Duration::from_millis(200) && gap1 < Duration::from_millis(1500),
         "{gap1:?}"
     );
     assert!(
-        gap2 >= Duration::from_millis(400) && gap2 < Duration::from_millis(1100),
+        gap2 >= Duration::from_millis(400) && gap2 < Duration::from_millis(1800),
         "{gap2:?}"
     );
     let dl = &d[0];
@@ -247,11 +247,11 @@ async fn retry_after_is_honoured_up_to_retry_after_max() {
     // Retry-After: 1 is longer than the backoff and than retryAfterMax: cut to 0.5 s; an hour
     // is cut to 0.5 s too.
     assert!(
-        gap1 >= Duration::from_millis(500) && gap1 < Duration::from_millis(1500),
+        gap1 >= Duration::from_millis(500) && gap1 < Duration::from_millis(2500),
         "{gap1:?}"
     );
     assert!(
-        gap2 >= Duration::from_millis(500) && gap2 < Duration::from_millis(1500),
+        gap2 >= Duration::from_millis(500) && gap2 < Duration::from_millis(2500),
         "{gap2:?}"
     );
     wait_metric(

@@ -299,14 +299,17 @@ impl AclSpec {
 
 struct User {
     principal: Principal,
-    password: Option<String>,
+    /// SHA-256 of the password: compared by digest (see [`Secret`]).
+    password: Option<Secret>,
     acl: AclSpec,
 }
 
 /// Authenticates clients and checks their topic permissions. Built once from config.
 pub struct Authorizer {
     users: HashMap<String, User>,
-    tokens: HashMap<String, String>,
+    /// Token digests to user names: a token is found by its digest, not by comparing it with
+    /// every configured one.
+    tokens: HashMap<Secret, String>,
     anonymous: Option<(Principal, AclSpec)>,
 }
 
@@ -319,13 +322,31 @@ impl fmt::Debug for Authorizer {
     }
 }
 
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The SHA-256 digest of a secret. Secrets are compared as digests, in constant time: neither
+/// where they differ nor their lengths show in how long a refusal takes (review F17).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Secret([u8; 32]);
+
+impl Secret {
+    fn of(secret: &[u8]) -> Secret {
+        use sha2::Digest;
+        Secret(sha2::Sha256::digest(secret).into())
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+
+    fn matches(&self, other: &Secret) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
 }
+
+/// What a password is compared with when there is none to compare with (an unknown user, a
+/// user with only tokens): the same work as for a known user, so timing does not tell whether
+/// a user exists (review F17).
+static NO_PASSWORD: std::sync::LazyLock<Secret> =
+    std::sync::LazyLock::new(|| Secret::of(b"\0meshgate: no password\0"));
 
 impl Authorizer {
     /// Builds the authorizer. `anonymous` is `Some` only where config allows anonymous access.
@@ -334,7 +355,7 @@ impl Authorizer {
         let mut tokens = HashMap::new();
         for spec in users {
             for token in &spec.tokens {
-                tokens.insert(token.clone(), spec.name.clone());
+                tokens.insert(Secret::of(token.as_bytes()), spec.name.clone());
             }
             let acl = AclSpec::compile(&spec.permissions, &spec.name)?;
             let user = User {
@@ -344,7 +365,7 @@ impl Authorizer {
                     internal: false,
                     acl: acl.base.clone(),
                 },
-                password: spec.password,
+                password: spec.password.as_deref().map(|p| Secret::of(p.as_bytes())),
                 acl,
             };
             map.insert(spec.name, user);
@@ -424,10 +445,13 @@ impl Authorizer {
                 .map(|(p, _)| p.clone())
                 .ok_or(AuthError::Required),
             Credentials::Password { username, password } => {
-                let user = self.users.get(username).ok_or(AuthError::Invalid)?;
-                match &user.password {
-                    Some(expected) if constant_time_eq(expected.as_bytes(), password) => {
-                        Ok(user.principal.clone())
+                // Digest and comparison happen whether or not the user exists.
+                let presented = Secret::of(password);
+                let user = self.users.get(username);
+                let expected = user.and_then(|u| u.password).unwrap_or(*NO_PASSWORD);
+                match user {
+                    Some(u) if u.password.is_some() && expected.matches(&presented) => {
+                        Ok(u.principal.clone())
                     }
                     _ => Err(AuthError::Invalid),
                 }
@@ -435,9 +459,7 @@ impl Authorizer {
             Credentials::Token(token) => {
                 let name = self
                     .tokens
-                    .iter()
-                    .find(|(t, _)| constant_time_eq(t.as_bytes(), token.as_bytes()))
-                    .map(|(_, n)| n)
+                    .get(&Secret::of(token.as_bytes()))
                     .ok_or(AuthError::Invalid)?;
                 self.users
                     .get(name)

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod media;
 pub mod metrics;
 pub mod problem;
+pub mod stable_hash;
 pub mod throttle;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -31,10 +31,8 @@ use crate::runner::Trigger;
 /// every instance, so that the trigger skips its own replies wherever they come back, and
 /// other triggers (a dead-letter handler, a chain on a reply topic) take them.
 fn origin_of(name: &str) -> Origin {
-    // FNV-1a of the name: the same everywhere; spreads triggers over JetStream's publishers.
-    let connection = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    // The same everywhere; spreads triggers over JetStream's publishers.
+    let connection = meshgate_core::stable_hash::fnv1a(name.as_bytes());
     Origin {
         instance: Arc::from(format!("trigger:{name}")),
         connection,

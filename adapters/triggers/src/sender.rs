@@ -194,35 +194,17 @@ async fn exchange(builder: reqwest::RequestBuilder, req: &Request) -> Attempt {
             reply_refused: None,
         };
     }
-    let (body, complete) =
+    let body =
         match tokio::time::timeout_at(deadline, read_body(&mut response, MAX_REPLY_BYTES)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return Attempt::Delivered {
-                    status,
-                    reply: None,
-                    reply_refused: Some(format!("reading the reply failed: {}", error_chain(&e))),
-                };
-            }
-            Err(_) => {
-                return Attempt::Delivered {
-                    status,
-                    reply: None,
-                    reply_refused: Some(format!(
-                        "the reply did not arrive within the trigger's timeout of {:?}",
-                        req.timeout
-                    )),
-                };
-            }
+            Ok(Ok((body, true))) => Ok(body),
+            Ok(Ok((_, false))) => Err(format!("the reply is larger than {MAX_REPLY_BYTES} bytes")),
+            Ok(Err(e)) => Err(format!("reading the reply failed: {}", error_chain(&e))),
+            Err(_) => Err(format!(
+                "the reply did not arrive within the trigger's timeout of {:?}",
+                req.timeout
+            )),
         };
-    if !complete {
-        return Attempt::Delivered {
-            status,
-            reply: None,
-            reply_refused: Some(format!("the reply is larger than {MAX_REPLY_BYTES} bytes")),
-        };
-    }
-    match reply_event(&headers, body) {
+    match body.and_then(|body| reply_event(&headers, body)) {
         Ok(reply) => Attempt::Delivered {
             status,
             reply,

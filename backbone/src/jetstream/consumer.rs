@@ -36,9 +36,7 @@ pub(super) fn consumer_name(parts: &[&str]) -> String {
     if out.len() > 200 {
         // Long filters: keep the start, make the rest a hash.
         // FNV-1a: the same on every instance and build (durable names must agree).
-        let hash = joined.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = meshgate_core::stable_hash::fnv1a(joined.as_bytes());
         let mut cut = 180;
         while !out.is_char_boundary(cut) {
             cut -= 1;

@@ -17,6 +17,7 @@ pub mod mqtt311;
 pub mod mqtt5;
 pub mod nats;
 pub mod sink;
+pub mod triggers;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -381,6 +382,53 @@ pub async fn wait_metric(admin: SocketAddr, needle: &str) {
         );
         d.pause().await;
     }
+}
+
+/// A `[[auth.users]]` user who logs in with the token `<name>-token-0123456789`, may publish
+/// on `publish` and subscribe to `subscribe`.
+pub fn token_user(
+    name: &str,
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+) -> meshgate_config::UserConfig {
+    meshgate_config::UserConfig {
+        name: name.into(),
+        password: None,
+        tokens: vec![format!("{name}-token-0123456789")],
+        acl: meshgate_config::AclConfig {
+            publish,
+            subscribe,
+            ..meshgate_config::AclConfig::default()
+        },
+    }
+}
+
+/// A subscription straight on `gw`'s backbone: what the gateway itself publishes (a
+/// trigger's replies and dead letters) or stores, without a protocol client in between.
+pub async fn bus_subscribe(
+    gw: &meshgate::RunningGateway,
+    filter: &str,
+) -> meshgate_core::Subscription {
+    gw.backbone()
+        .subscribe(
+            meshgate_core::TopicFilter::parse(filter)
+                .unwrap_or_else(|e| panic!("filter {filter}: {e}")),
+            meshgate_core::SubscribeOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("subscribing to {filter}: {e}"))
+}
+
+/// The next delivery of `sub` within `within`; panics naming `what` otherwise.
+pub async fn next_delivery(
+    sub: &mut meshgate_core::Subscription,
+    within: Duration,
+    what: &str,
+) -> meshgate_core::Delivery {
+    tokio::time::timeout(within, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+        .unwrap_or_else(|| panic!("the subscription ended before {what}"))
 }
 
 #[cfg(test)]

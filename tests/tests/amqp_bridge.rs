@@ -1085,15 +1085,11 @@ async fn a_source_with_a_user_is_held_to_that_users_acl() {
     rabbit.queue(&q, Some(&dlx)).await;
 
     let mut config = amqp_config("/");
-    config.auth.users = vec![meshgate_config::UserConfig {
-        name: "legacy-app".into(),
-        password: None,
-        tokens: vec!["legacy-app-token-0123".into()],
-        acl: meshgate_config::AclConfig {
-            publish: vec!["legacy/allowed/#".into()],
-            ..meshgate_config::AclConfig::default()
-        },
-    }];
+    config.auth.users = vec![meshgate_tests::token_user(
+        "legacy-app",
+        vec!["legacy/allowed/#".into()],
+        Vec::new(),
+    )];
     let mut s = source("orders", &q, Some("legacy"));
     s.user = Some("legacy-app".into());
     config.amqp.sources = vec![s];
@@ -1117,15 +1113,11 @@ async fn a_source_with_a_user_is_held_to_that_users_acl() {
 
     // The same source with a topic its user may publish to: delivered.
     let mut config = amqp_config("/");
-    config.auth.users = vec![meshgate_config::UserConfig {
-        name: "legacy-app".into(),
-        password: None,
-        tokens: vec!["legacy-app-token-0123".into()],
-        acl: meshgate_config::AclConfig {
-            publish: vec![format!("legacy/allowed/{}", q.replace('.', "/"))],
-            ..meshgate_config::AclConfig::default()
-        },
-    }];
+    config.auth.users = vec![meshgate_tests::token_user(
+        "legacy-app",
+        vec![format!("legacy/allowed/{}", q.replace('.', "/"))],
+        Vec::new(),
+    )];
     let mut s = source("orders", &q, Some("legacy/allowed"));
     s.user = Some("legacy-app".into());
     config.amqp.sources = vec![s];

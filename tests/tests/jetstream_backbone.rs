@@ -1379,31 +1379,16 @@ async fn a_restart_keeps_every_session_past_the_offline_limit() {
 /// each user's own retry is still stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_suppress_another_users_event_by_its_id() {
-    use meshgate_config::{AclConfig, UserConfig};
     let nats = NatsServer::start();
     let mut c = js_config(&nats, "a");
     c.auth.anonymous.enabled = false;
-    let user = |name: &str, topics: &str| UserConfig {
-        name: name.into(),
-        password: None,
-        tokens: vec![format!("{name}-token-0123456789")],
-        acl: AclConfig {
-            publish: vec![topics.to_owned()],
-            subscribe: vec![topics.to_owned()],
-            ..AclConfig::default()
-        },
+    let user = |name: &str, topics: &str| {
+        meshgate_tests::token_user(name, vec![topics.into()], vec![topics.into()])
     };
     c.auth.users = vec![user("alice", "a/#"), user("bob", "b/#")];
     let gw = start_gateway(c).await;
     let web = gw.web_addr.unwrap();
-    let mut bobs = gw
-        .backbone()
-        .subscribe(
-            meshgate_core::TopicFilter::parse("b/#").unwrap(),
-            meshgate_core::SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut bobs = meshgate_tests::bus_subscribe(&gw, "b/#").await;
     let send = |who: &'static str, topic: &'static str| async move {
         reqwest::Client::new()
             .post(format!("http://{web}/events/{topic}"))
@@ -1418,10 +1403,7 @@ async fn one_user_cannot_suppress_another_users_event_by_its_id() {
     // Alice first, on her own topic, with Bob's sensor's source and id.
     assert_eq!(send("alice", "a/x").await, 202);
     assert_eq!(send("bob", "b/x").await, 202);
-    let d = tokio::time::timeout(Duration::from_secs(10), bobs.next())
-        .await
-        .expect("Bob's event is stored and delivered")
-        .unwrap();
+    let d = meshgate_tests::next_delivery(&mut bobs, Duration::from_secs(10), "Bob's event").await;
     assert_eq!(d.event().id(), "42");
     // Bob's retry of the same event is still stored once.
     assert_eq!(send("bob", "b/x").await, 202);

@@ -9,16 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use meshgate_config::TriggerConfig;
-use meshgate_core::TopicFilter;
-use meshgate_core::backbone::SubscribeOptions;
 use meshgate_tests::sink::{Answer, Sink};
-use meshgate_tests::{Deadline, start_gateway, test_config};
+use meshgate_tests::triggers::{admin, trigger};
+use meshgate_tests::{Deadline, bus_subscribe, next_delivery, start_gateway, test_config};
 use serde_json::{Value, json};
-
-fn trigger(doc: Value) -> TriggerConfig {
-    meshgate_config::parse_trigger(None, &doc).unwrap_or_else(|e| panic!("trigger: {e:?}"))
-}
 
 async fn post(web: std::net::SocketAddr, topic: &str, id: &str, ty: &str) {
     let status = reqwest::Client::new()
@@ -201,19 +195,9 @@ async fn a_400_is_not_retried_and_goes_to_a_dead_letter_topic() {
         "delivery": {"retry": 5, "backoffDelay": "PT0.05S", "deadLetterSink": {"topic": "dead/t"}}
     }))];
     let gw = start_gateway(c).await;
-    let mut dead = gw
-        .backbone()
-        .subscribe(
-            TopicFilter::parse("dead/#").unwrap(),
-            SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = bus_subscribe(&gw, "dead/#").await;
     post(gw.web_addr.unwrap(), "in/x", "e1", "com.t").await;
-    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
-        .await
-        .expect("a dead letter within 10 s")
-        .unwrap();
+    let d = next_delivery(&mut dead, Duration::from_secs(10), "a dead letter").await;
     assert_eq!(d.topic().as_str(), "dead/t");
     let e = d.event();
     assert_eq!(e.id(), "e1");
@@ -342,19 +326,9 @@ async fn a_reply_cloudevent_is_published_to_the_reply_topic() {
         "reply": {"topic": "replies/t"}
     }))];
     let gw = start_gateway(c).await;
-    let mut replies = gw
-        .backbone()
-        .subscribe(
-            TopicFilter::parse("replies/#").unwrap(),
-            SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = bus_subscribe(&gw, "replies/#").await;
     post(gw.web_addr.unwrap(), "ping/1", "e1", "com.t").await;
-    let r = tokio::time::timeout(Duration::from_secs(10), replies.next())
-        .await
-        .expect("a reply within 10 s")
-        .unwrap();
+    let r = next_delivery(&mut replies, Duration::from_secs(10), "a reply").await;
     assert_eq!(r.event().id(), "r1");
     assert_eq!(r.event().ty(), "com.example.reply");
     assert_eq!(r.event().data().unwrap().as_slice(), b"pong");
@@ -476,27 +450,6 @@ async fn a_dead_subscriber_costs_at_most_max_pending_bytes() {
         !report.clean,
         "deliveries to a dead subscriber are abandoned at the deadline"
     );
-}
-
-async fn admin(
-    method: reqwest::Method,
-    gw: &meshgate::RunningGateway,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req =
-        reqwest::Client::new().request(method, format!("http://{}{path}", gw.admin_addr.unwrap()));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    if let Some(b) = body {
-        req = req.body(b.to_string());
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,23 +688,13 @@ async fn an_https_subscriber_is_trusted_through_the_trigger_ca_file() {
         })),
     ];
     let gw = start_gateway(c).await;
-    let mut dead = gw
-        .backbone()
-        .subscribe(
-            TopicFilter::parse("dead/#").unwrap(),
-            SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = bus_subscribe(&gw, "dead/#").await;
     post(gw.web_addr.unwrap(), "tls/a", "e1", "com.t").await;
     post(gw.web_addr.unwrap(), "tls/b", "e2", "com.t").await;
     let posts = sink.wait_posts(1, Duration::from_secs(10)).await;
     assert_eq!(posts[0].path, "/a");
     assert_eq!(posts[0].header("authorization"), Some("Basic dTpwIHc="));
-    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
-        .await
-        .expect("a dead letter within 10 s")
-        .unwrap();
+    let d = next_delivery(&mut dead, Duration::from_secs(10), "a dead letter").await;
     let Some(meshgate_core::ExtensionValue::String(data)) = d.event().extension("knativeerrordata")
     else {
         panic!("no knativeerrordata")
@@ -802,14 +745,7 @@ async fn a_2xx_whose_body_is_late_is_delivered_once_and_a_202_reply_is_not_publi
         "reply": {"topic": "replies/t"}
     }))];
     let gw = start_gateway(c).await;
-    let mut replies = gw
-        .backbone()
-        .subscribe(
-            TopicFilter::parse("replies/#").unwrap(),
-            SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = bus_subscribe(&gw, "replies/#").await;
     post(gw.web_addr.unwrap(), "a", "e1", "com.t").await;
     post(gw.web_addr.unwrap(), "a", "e2", "com.t").await;
     wait_metric(

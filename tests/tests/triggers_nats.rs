@@ -10,19 +10,15 @@ use std::time::Duration;
 use meshgate_config::{BackboneKind, TriggerConfig};
 use meshgate_tests::nats::NatsServer;
 use meshgate_tests::sink::{Answer, Sink};
-use meshgate_tests::{Deadline, start_gateway, test_config};
+use meshgate_tests::{Deadline, bus_subscribe, next_delivery, start_gateway, test_config};
 use serde_json::json;
 
 fn trigger(sink: &Sink, retry: u32) -> TriggerConfig {
-    meshgate_config::parse_trigger(
-        None,
-        &json!({
-            "name": "orders", "topic": "orders/#",
-            "subscriber": {"uri": sink.url("/hook"), "maxConcurrency": 4},
-            "delivery": {"retry": retry, "backoffPolicy": "linear", "backoffDelay": "PT0.3S"}
-        }),
-    )
-    .unwrap()
+    meshgate_tests::triggers::trigger(json!({
+        "name": "orders", "topic": "orders/#",
+        "subscriber": {"uri": sink.url("/hook"), "maxConcurrency": 4},
+        "delivery": {"retry": retry, "backoffPolicy": "linear", "backoffDelay": "PT0.3S"}
+    }))
 }
 
 fn config(server: &NatsServer, kind: BackboneKind, instance: &str) -> meshgate_config::Config {
@@ -149,13 +145,9 @@ async fn admin(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> u16 {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("http://{}{path}", gw.admin_addr.unwrap()))
-        .header("authorization", format!("Bearer {TOKEN}"));
-    if let Some(b) = body {
-        req = req.body(b.to_string());
-    }
-    req.send().await.unwrap().status().as_u16()
+    meshgate_tests::triggers::admin(method, gw, path, Some(TOKEN), body)
+        .await
+        .0
 }
 
 const TOKEN: &str = "a-test-token-of-some-length";
@@ -210,34 +202,24 @@ async fn on_jetstream_api_triggers_are_shared_by_every_instance_and_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_jetstream_a_dead_letter_is_not_taken_for_the_event_it_copies() {
-    use meshgate_core::{SubscribeOptions, TopicFilter};
     let server = NatsServer::start();
     let sink = Sink::start().await;
     sink.script([Answer::status(400)]);
     let mut c = config(&server, BackboneKind::JetStream, "a");
-    c.triggers = vec![
-        meshgate_config::parse_trigger(
-            None,
-            &json!({"name": "t", "topic": "orders/#", "subscriber": {"uri": sink.url("/")},
-                    "delivery": {"retry": 0, "deadLetterSink": {"topic": "dead/t"}}}),
-        )
-        .unwrap(),
-    ];
+    c.triggers = vec![meshgate_tests::triggers::trigger(
+        json!({"name": "t", "topic": "orders/#", "subscriber": {"uri": sink.url("/")},
+               "delivery": {"retry": 0, "deadLetterSink": {"topic": "dead/t"}}}),
+    )];
     let gw = start_gateway(c).await;
-    let mut dead = gw
-        .backbone()
-        .subscribe(
-            TopicFilter::parse("dead/#").unwrap(),
-            SubscribeOptions::default(),
-        )
-        .await
-        .unwrap();
+    let mut dead = bus_subscribe(&gw, "dead/#").await;
     // Within the stream's duplicate window of the original, with the same source and id.
     post(gw.web_addr.unwrap(), "e1").await;
-    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
-        .await
-        .expect("the dead letter is stored and delivered")
-        .unwrap();
+    let d = next_delivery(
+        &mut dead,
+        Duration::from_secs(10),
+        "stored and delivered dead letter",
+    )
+    .await;
     assert_eq!(d.event().id(), "e1");
     gw.shutdown().await;
 }

@@ -848,3 +848,49 @@ async fn replacing_a_trigger_mid_retry_sends_the_event_to_the_new_subscriber() {
     );
     assert!(gw.shutdown().await.clean);
 }
+
+/// Hostile admin API bodies: not JSON (400 naming it), over 64 KiB (413, read no further),
+/// filters nested past the bound (400 naming where); the gateway goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_malformed_oversized_and_deep_documents() {
+    let token = "0123456789abcdef-token";
+    let mut c = test_config();
+    c.admin.api_token = Some(token.into());
+    let gw = start_gateway(c).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/triggers/t", gw.admin_addr.unwrap());
+    let put = |body: String| {
+        client
+            .put(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(body)
+            .send()
+    };
+    let r = put("{\"subscriber\": ".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("not JSON"));
+    let big = format!(
+        r#"{{"subscriber": {{"uri": "http://127.0.0.1:9/"}}, "topic": "{}"}}"#,
+        "a".repeat(70 * 1024)
+    );
+    assert_eq!(put(big).await.unwrap().status(), 413);
+    let mut deep = json!({"exact": {"type": "x"}});
+    for _ in 0..40 {
+        deep = json!({"not": deep});
+    }
+    let doc = json!({"subscriber": {"uri": "http://127.0.0.1:9/"}, "filters": [deep]});
+    let r = put(doc.to_string()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["errors"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("filters[0]"),
+        "{body}"
+    );
+    assert!(gw.triggers.list().is_empty());
+    let (s, _) = admin(reqwest::Method::GET, &gw, "/triggers", Some(token), None).await;
+    assert_eq!(s, 200, "still serving");
+    gw.shutdown().await;
+}

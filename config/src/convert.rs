@@ -957,7 +957,16 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         return None;
     };
     for key in t.keys() {
-        if !["anonymous", "users", "allow_anonymous_on_public"].contains(&key.as_str()) {
+        if ![
+            "anonymous",
+            "users",
+            "allow_anonymous_on_public",
+            "allow_plaintext_passwords",
+            "max_failed_logins",
+            "failed_login_window",
+        ]
+        .contains(&key.as_str())
+        {
             errors.push(format!("auth.{key}"), "unknown key");
         }
     }
@@ -967,6 +976,36 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         Some(_) => {
             errors.push("auth.allow_anonymous_on_public", "must be true or false");
             false
+        }
+    };
+    let allow_plaintext_passwords = match t.get("allow_plaintext_passwords") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => {
+            errors.push("auth.allow_plaintext_passwords", "must be true or false");
+            false
+        }
+    };
+    let max_failed_logins = match t.get("max_failed_logins") {
+        None => 10,
+        Some(Value::Integer(n)) if (0..=i64::from(u32::MAX)).contains(n) => *n as u32,
+        Some(_) => {
+            errors.push(
+                "auth.max_failed_logins",
+                "must be a whole number of failed logins (0 turns the limit off)",
+            );
+            10
+        }
+    };
+    let failed_login_window = match t.get("failed_login_window") {
+        None => Duration::from_secs(60),
+        Some(Value::String(s)) => duration(s, "auth.failed_login_window", errors),
+        Some(_) => {
+            errors.push(
+                "auth.failed_login_window",
+                "must be a duration such as \"1m\" or \"30s\"",
+            );
+            Duration::from_secs(60)
         }
     };
     let empty = Value::Table(Table::new());
@@ -1021,8 +1060,18 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                         ),
                     );
                 }
-                if u.password.as_deref() == Some("") {
-                    errors.push(format!("{path}.password"), "must not be empty");
+                match u.password.as_deref() {
+                    Some("") => errors.push(format!("{path}.password"), "must not be empty"),
+                    Some(p) if meshgate_core::auth::password::is_hash(p) => {
+                        if let Err(e) = meshgate_core::auth::password::check_hash(p) {
+                            errors.push(format!("{path}.password"), e);
+                        }
+                    }
+                    Some(_) if !allow_plaintext_passwords => errors.push(
+                        format!("{path}.password"),
+                        "a plaintext password; store its hash instead: `meshgate passwd` reads the password on stdin and prints an Argon2id hash to paste here (or set auth.allow_plaintext_passwords = true, for development only)",
+                    ),
+                    _ => {}
                 }
                 for (j, tok) in u.tokens.iter().enumerate() {
                     if tok.len() < 8 {
@@ -1059,5 +1108,8 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         anonymous: anonymous?,
         users,
         allow_anonymous_on_public,
+        allow_plaintext_passwords,
+        max_failed_logins,
+        failed_login_window,
     })
 }

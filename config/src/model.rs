@@ -340,6 +340,13 @@ pub struct AuthConfig {
     /// Start even when anonymous clients may publish or subscribe on a listener bound to a
     /// non-loopback address (otherwise that refuses to start).
     pub allow_anonymous_on_public: bool,
+    /// Accept passwords written in plain text (development only; otherwise each
+    /// `auth.users[].password` must be a hash from `meshgate passwd`).
+    pub allow_plaintext_passwords: bool,
+    /// Failed logins a source address or a user may have within `failed_login_window` before
+    /// its logins are refused until the window ends; 0 turns the limit off.
+    pub max_failed_logins: u32,
+    pub failed_login_window: std::time::Duration,
 }
 
 /// How events are written to MQTT 5 subscribers.

@@ -59,6 +59,7 @@ fn env_overrides_scalars_nested_lists_and_users() {
             ("MESHGATE__WEBSOCKET__REQUIRE_SUBPROTOCOL", "false"),
             ("MESHGATE__AUTH__ANONYMOUS__PUBLISH", "a/#, b/+"),
             ("MESHGATE__AUTH__ANONYMOUS__SUBSCRIBE", "[\"x/#\"]"),
+            ("MESHGATE__AUTH__ALLOW_PLAINTEXT_PASSWORDS", "true"),
             ("MESHGATE__AUTH__USERS__0__NAME", "dev"),
             ("MESHGATE__AUTH__USERS__0__PASSWORD", "123"),
             ("MESHGATE__AUTH__USERS__0__TOKENS", "token-one-123"),
@@ -222,6 +223,8 @@ colour = "blue"
 fn acl_deny_lists() {
     let c = load_str(
         r##"
+[auth]
+allow_plaintext_passwords = true
 [auth.anonymous]
 enabled = true
 deny_subscribe = ["test/nosubscribe"]
@@ -256,7 +259,7 @@ deny_subscribe = ["$SYS/#", "secret/{user}/#"]
                 "test/nosubscribe, a/+",
             ),
             ("MESHGATE__AUTH__USERS__0__NAME", "dev"),
-            ("MESHGATE__AUTH__USERS__0__PASSWORD", "pw"),
+            ("MESHGATE__AUTH__USERS__0__TOKENS", "dev-token-0001"),
             ("MESHGATE__AUTH__USERS__0__DENY_PUBLISH", "[\"x/#\"]"),
         ]),
     )
@@ -503,7 +506,7 @@ fn missing_file_names_the_path() {
 #[test]
 fn debug_output_hides_secrets() {
     let c = load_str(
-        "[[auth.users]]\nname = \"u\"\npassword = \"hunter2\"\ntokens = [\"secret-token-1\"]\n",
+        "[auth]\nallow_plaintext_passwords = true\n[[auth.users]]\nname = \"u\"\npassword = \"hunter2\"\ntokens = [\"secret-token-1\"]\n",
         "t",
         Vec::new(),
     )
@@ -910,4 +913,46 @@ fn an_amqp_source_user_must_be_a_configured_user() {
     )
     .unwrap();
     assert_eq!(ok.amqp.sources[0].user.as_deref(), Some("app"));
+}
+
+#[test]
+fn passwords_must_be_hashes_unless_plaintext_is_allowed() {
+    let hash = meshgate_core::auth::password::hash_password(b"pw", 8, 1).unwrap();
+    let doc = |password: &str, plaintext: bool| {
+        format!(
+            "[auth]\nallow_plaintext_passwords = {plaintext}\nmax_failed_logins = 5\nfailed_login_window = \"30s\"\n[[auth.users]]\nname = \"u\"\npassword = \"{password}\"\n"
+        )
+    };
+    let c = load_str(&doc(&hash, false), "t", Vec::new()).unwrap();
+    assert_eq!(c.auth.users[0].password.as_deref(), Some(hash.as_str()));
+    assert_eq!(c.auth.max_failed_logins, 5);
+    assert_eq!(c.auth.failed_login_window, Duration::from_secs(30));
+    let errs = errors_of(&doc("hunter2", false), &[]);
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(
+        has(&errs, "auth.users[0].password", "meshgate passwd"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "no secret in the message: {text}"
+    );
+    assert!(load_str(&doc("hunter2", true), "t", Vec::new()).is_ok());
+    let errs = errors_of(&doc("$argon2id$v=19$m=8,t=1,p=1$broken", true), &[]);
+    assert!(
+        has(&errs, "auth.users[0].password", "not a password hash"),
+        "{errs:?}"
+    );
+    let errs = errors_of(
+        "[auth]\nmax_failed_logins = -1\nfailed_login_window = 5\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "auth.max_failed_logins", "whole number"),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "auth.failed_login_window", "duration"),
+        "{errs:?}"
+    );
 }

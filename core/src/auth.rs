@@ -1,7 +1,8 @@
 //! Authentication to a [`Principal`] and topic-level authorization.
 //!
 //! Every connection authenticates first (username/password or a static bearer token; anonymous
-//! only where configured). Every publish is checked against the principal's `publish` rules
+//! only where configured). Passwords are stored as hashes ([`password`]); failed logins are
+//! limited per source address and per user ([`login_limit`]). Every publish is checked against the principal's `publish` rules
 //! and every subscription against its `subscribe` rules before anything reaches the backbone.
 //!
 //! Rules are allow lists (`publish`, `subscribe`) and deny lists (`deny_publish`,
@@ -19,11 +20,21 @@
 //! (which would change the filter's shape). Wildcards at the first level match no topic starting
 //! with `$` ([MQTT-4.7.2-1]), so `#` grants no `$SYS/…`: it must be listed explicitly.
 
+pub mod login_limit;
+pub mod password;
+
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::metrics::{Counter, Registry};
 use crate::topic::{Topic, TopicError, TopicFilter};
+use login_limit::LoginLimiter;
+pub use login_limit::LoginPolicy;
+pub use password::PasswordError;
+use password::{HashRefusal, Passwords, Stored};
 
 /// Who is on the other end of a connection, with its compiled ACL. Two principals are equal
 /// when they are the same user (or both anonymous), whatever client id their ACL was bound to.
@@ -118,6 +129,13 @@ pub enum AuthError {
     /// Unknown user, wrong password or unknown token (HTTP 401 / MQTT "bad user name or password").
     #[error("invalid credentials")]
     Invalid,
+    /// Too many failed logins from this address or as this user (HTTP 429 / MQTT 5 0x9F
+    /// "connection rate exceeded"); credentials were not checked.
+    #[error("too many failed logins; retry in {}s", retry_after.as_secs().max(1))]
+    RateLimited { retry_after: Duration },
+    /// Too many logins wait for a password hash verification (HTTP 503 / MQTT "server busy").
+    #[error("too many logins in progress; retry later")]
+    Busy,
     /// Authenticated, but not allowed to do this (HTTP 403 / MQTT "not authorized").
     #[error("{principal} may not {action} `{target}`")]
     Forbidden {
@@ -299,9 +317,36 @@ impl AclSpec {
 
 struct User {
     principal: Principal,
-    /// SHA-256 of the password: compared by digest (see [`Secret`]).
-    password: Option<Secret>,
+    password: Option<Stored>,
     acl: AclSpec,
+}
+
+/// Why the users and rules given to [`Authorizer::new`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
+    Password(#[from] PasswordError),
+}
+
+/// `meshgate_auth_failures_total{reason}`: refused logins, by why.
+#[derive(Debug, Clone)]
+struct AuthMetrics {
+    invalid: Counter,
+    rate_limited: Counter,
+    busy: Counter,
+}
+
+impl AuthMetrics {
+    fn new(registry: &Registry) -> Self {
+        let c = |reason| registry.counter(crate::metrics::AUTH_FAILURES, &[("reason", reason)]);
+        AuthMetrics {
+            invalid: c("invalid"),
+            rate_limited: c("rate_limited"),
+            busy: c("busy"),
+        }
+    }
 }
 
 /// Authenticates clients and checks their topic permissions. Built once from config.
@@ -311,6 +356,9 @@ pub struct Authorizer {
     /// every configured one.
     tokens: HashMap<Secret, String>,
     anonymous: Option<(Principal, AclSpec)>,
+    passwords: Passwords,
+    limiter: LoginLimiter,
+    metrics: AuthMetrics,
 }
 
 impl fmt::Debug for Authorizer {
@@ -325,7 +373,7 @@ impl fmt::Debug for Authorizer {
 /// The SHA-256 digest of a secret. Secrets are compared as digests, in constant time: neither
 /// where they differ nor their lengths show in how long a refusal takes (review F17).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Secret([u8; 32]);
+pub(crate) struct Secret([u8; 32]);
 
 impl Secret {
     fn of(secret: &[u8]) -> Secret {
@@ -342,15 +390,12 @@ impl Secret {
     }
 }
 
-/// What a password is compared with when there is none to compare with (an unknown user, a
-/// user with only tokens): the same work as for a known user, so timing does not tell whether
-/// a user exists (review F17).
-static NO_PASSWORD: std::sync::LazyLock<Secret> =
-    std::sync::LazyLock::new(|| Secret::of(b"\0meshgate: no password\0"));
-
 impl Authorizer {
     /// Builds the authorizer. `anonymous` is `Some` only where config allows anonymous access.
-    pub fn new(users: Vec<UserSpec>, anonymous: Option<Permissions>) -> Result<Self, TopicError> {
+    pub fn new(
+        users: Vec<UserSpec>,
+        anonymous: Option<Permissions>,
+    ) -> Result<Self, AuthConfigError> {
         let mut map = HashMap::new();
         let mut tokens = HashMap::new();
         for spec in users {
@@ -365,7 +410,11 @@ impl Authorizer {
                     internal: false,
                     acl: acl.base.clone(),
                 },
-                password: spec.password.as_deref().map(|p| Secret::of(p.as_bytes())),
+                password: spec
+                    .password
+                    .as_deref()
+                    .map(|p| Stored::parse(&spec.name, p))
+                    .transpose()?,
                 acl,
             };
             map.insert(spec.name, user);
@@ -385,11 +434,30 @@ impl Authorizer {
             }
             None => None,
         };
+        let passwords = Passwords::new(map.values().filter_map(|u: &User| match &u.password {
+            Some(Stored::Hash(h)) => Some(&**h),
+            _ => None,
+        }));
         Ok(Authorizer {
             users: map,
             tokens,
             anonymous,
+            passwords,
+            limiter: LoginLimiter::new(LoginPolicy::default()),
+            metrics: AuthMetrics::new(&Registry::new()),
         })
+    }
+
+    /// The failed-login limits (default: [`LoginPolicy::default`]).
+    pub fn with_login_policy(mut self, policy: LoginPolicy) -> Self {
+        self.limiter = LoginLimiter::new(policy);
+        self
+    }
+
+    /// Counts refused logins in `registry` (`meshgate_auth_failures_total{reason}`).
+    pub fn with_metrics(mut self, registry: &Registry) -> Self {
+        self.metrics = AuthMetrics::new(registry);
+        self
     }
 
     /// An authorizer that lets anyone publish and subscribe anywhere (tests, embedded defaults).
@@ -404,6 +472,9 @@ impl Authorizer {
             users: HashMap::new(),
             tokens: HashMap::new(),
             anonymous: None,
+            passwords: Passwords::new(std::iter::empty()),
+            limiter: LoginLimiter::new(LoginPolicy::default()),
+            metrics: AuthMetrics::new(&Registry::new()),
         })
     }
 
@@ -437,35 +508,86 @@ impl Authorizer {
         self.anonymous.is_some()
     }
 
-    pub fn authenticate(&self, credentials: Credentials<'_>) -> Result<Principal, AuthError> {
-        match credentials {
-            Credentials::None => self
-                .anonymous
-                .as_ref()
-                .map(|(p, _)| p.clone())
-                .ok_or(AuthError::Required),
+    /// Authenticates a client connecting from `from` (its address, where there is one).
+    ///
+    /// Refused without checking anything while `from` or the named user has too many recent
+    /// failures ([`AuthError::RateLimited`]). A password login is answered no sooner than one
+    /// hash verification takes, whether the user exists or not (see [`password`]).
+    pub async fn authenticate(
+        &self,
+        credentials: Credentials<'_>,
+        from: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let started = Instant::now();
+        let user_name = match credentials {
+            Credentials::Password { username, .. } if self.users.contains_key(username) => {
+                Some(username)
+            }
+            _ => None,
+        };
+        if !matches!(credentials, Credentials::None)
+            && let Some(retry_after) = self.limiter.locked(from, user_name)
+        {
+            self.metrics.rate_limited.inc();
+            return Err(AuthError::RateLimited { retry_after });
+        }
+        let result = match credentials {
+            Credentials::None => {
+                return self
+                    .anonymous
+                    .as_ref()
+                    .map(|(p, _)| p.clone())
+                    .ok_or(AuthError::Required);
+            }
             Credentials::Password { username, password } => {
-                // Digest and comparison happen whether or not the user exists.
-                let presented = Secret::of(password);
-                let user = self.users.get(username);
-                let expected = user.and_then(|u| u.password).unwrap_or(*NO_PASSWORD);
-                match user {
-                    Some(u) if u.password.is_some() && expected.matches(&presented) => {
-                        Ok(u.principal.clone())
-                    }
-                    _ => Err(AuthError::Invalid),
+                let result = self.check_password(username, password).await;
+                // Known or unknown, right or wrong: no answer before the floor.
+                let floor = self.passwords.floor();
+                if let Some(rest) = floor.checked_sub(started.elapsed())
+                    && !rest.is_zero()
+                {
+                    tokio::time::sleep(rest).await;
                 }
+                result
             }
-            Credentials::Token(token) => {
-                let name = self
-                    .tokens
-                    .get(&Secret::of(token.as_bytes()))
-                    .ok_or(AuthError::Invalid)?;
-                self.users
-                    .get(name)
-                    .map(|u| u.principal.clone())
-                    .ok_or(AuthError::Invalid)
+            Credentials::Token(token) => self
+                .tokens
+                .get(&Secret::of(token.as_bytes()))
+                .and_then(|name| self.users.get(name))
+                .map(|u| u.principal.clone())
+                .ok_or(AuthError::Invalid),
+        };
+        match &result {
+            Ok(p) => self.limiter.succeeded(from, Some(p.name())),
+            Err(AuthError::Invalid) => {
+                self.metrics.invalid.inc();
+                self.limiter.failed(from, user_name);
             }
+            Err(AuthError::Busy) => self.metrics.busy.inc(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn check_password(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<Principal, AuthError> {
+        let Some(user) = self.users.get(username) else {
+            return Err(AuthError::Invalid);
+        };
+        let Some(stored) = &user.password else {
+            return Err(AuthError::Invalid);
+        };
+        match self
+            .passwords
+            .check(&user.principal.name, stored, password)
+            .await
+        {
+            Ok(true) => Ok(user.principal.clone()),
+            Ok(false) => Err(AuthError::Invalid),
+            Err(HashRefusal::Busy) => Err(AuthError::Busy),
         }
     }
 
@@ -513,6 +635,15 @@ impl Authorizer {
 mod tests {
     use super::*;
 
+    /// [`Authorizer::authenticate`] from no address, on a runtime of its own.
+    fn login(a: &Authorizer, credentials: Credentials<'_>) -> Result<Principal, AuthError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime")
+            .block_on(a.authenticate(credentials, None))
+    }
+
     fn authorizer() -> Authorizer {
         Authorizer::new(
             vec![UserSpec {
@@ -533,32 +664,176 @@ mod tests {
     #[test]
     fn authenticate() {
         let a = authorizer();
-        assert_eq!(a.authenticate(Credentials::None), Err(AuthError::Required));
-        let p = a
-            .authenticate(Credentials::Password {
+        assert_eq!(login(&a, Credentials::None), Err(AuthError::Required));
+        let p = login(
+            &a,
+            Credentials::Password {
                 username: "dev1",
                 password: b"s3cret",
-            })
-            .unwrap();
+            },
+        )
+        .unwrap();
         assert_eq!(p.name(), "dev1");
-        assert_eq!(a.authenticate(Credentials::Token("tok-1")).unwrap(), p);
+        assert_eq!(login(&a, Credentials::Token("tok-1")).unwrap(), p);
         assert_eq!(
-            a.authenticate(Credentials::Password {
-                username: "dev1",
-                password: b"wrong",
-            }),
+            login(
+                &a,
+                Credentials::Password {
+                    username: "dev1",
+                    password: b"wrong",
+                }
+            ),
             Err(AuthError::Invalid)
         );
         assert_eq!(
-            a.authenticate(Credentials::Token("nope")),
+            login(&a, Credentials::Token("nope")),
             Err(AuthError::Invalid)
         );
+    }
+
+    fn one_user(password: &str) -> Authorizer {
+        Authorizer::new(
+            vec![UserSpec {
+                name: "dev1".into(),
+                password: Some(password.into()),
+                tokens: vec!["tok-dev1-0001".into()],
+                permissions: Permissions::default(),
+            }],
+            None,
+        )
+        .unwrap()
+    }
+
+    fn as_dev1(password: &[u8]) -> Credentials<'_> {
+        Credentials::Password {
+            username: "dev1",
+            password,
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_logins_lock_the_address_and_the_user_until_the_window_ends() {
+        let registry = Registry::new();
+        let a = one_user("pw")
+            .with_login_policy(LoginPolicy {
+                max_failures: 3,
+                window: Duration::from_millis(300),
+            })
+            .with_metrics(&registry);
+        let (ip1, ip2, ip3): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        for _ in 0..3 {
+            let r = a.authenticate(as_dev1(b"guess"), Some(ip1)).await;
+            assert_eq!(r, Err(AuthError::Invalid));
+        }
+        // The right password no longer gets in: not from that address, not as that user.
+        for ip in [ip1, ip2] {
+            let r = a.authenticate(as_dev1(b"pw"), Some(ip)).await;
+            assert!(matches!(r, Err(AuthError::RateLimited { .. })), "{r:?}");
+        }
+        // A token from the locked address is refused too; from another address it works.
+        let r = a
+            .authenticate(Credentials::Token("tok-dev1-0001"), Some(ip1))
+            .await;
+        assert!(matches!(r, Err(AuthError::RateLimited { .. })), "{r:?}");
+        let r = a
+            .authenticate(Credentials::Token("tok-dev1-0001"), Some(ip3))
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(320)).await;
+        assert!(a.authenticate(as_dev1(b"pw"), Some(ip1)).await.is_ok());
+        let text = registry.render();
+        assert!(
+            text.contains(r#"meshgate_auth_failures_total{reason="invalid"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meshgate_auth_failures_total{reason="rate_limited"} 3"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_user_names_lock_only_their_address() {
+        let a = one_user("pw").with_login_policy(LoginPolicy {
+            max_failures: 2,
+            window: Duration::from_secs(60),
+        });
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        for name in ["nobody-1", "nobody-2"] {
+            let c = Credentials::Password {
+                username: name,
+                password: b"x",
+            };
+            assert_eq!(a.authenticate(c, Some(ip)).await, Err(AuthError::Invalid));
+        }
+        let r = a.authenticate(as_dev1(b"pw"), Some(ip)).await;
+        assert!(matches!(r, Err(AuthError::RateLimited { .. })), "{r:?}");
+        let other: IpAddr = "192.0.2.10".parse().unwrap();
+        assert!(a.authenticate(as_dev1(b"pw"), Some(other)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_is_answered_no_sooner_than_a_known_one() {
+        // The default Argon2id cost, as `meshgate passwd` writes it.
+        let hash = password::hash_password(b"pw", 19_456, 2).unwrap();
+        let a = one_user(&hash).with_login_policy(LoginPolicy {
+            max_failures: 0,
+            window: Duration::from_secs(60),
+        });
+        let floor = a.passwords.floor();
+        assert!(floor > Duration::ZERO);
+        let timed = |c: Credentials<'static>| {
+            let a = &a;
+            async move {
+                let t = Instant::now();
+                let r = a.authenticate(c, None).await;
+                (r, t.elapsed())
+            }
+        };
+        let unknown = Credentials::Password {
+            username: "nobody",
+            password: b"pw",
+        };
+        let (r, took) = timed(unknown).await;
+        assert_eq!(r, Err(AuthError::Invalid));
+        assert!(
+            took >= floor,
+            "unknown user answered in {took:?} < {floor:?}"
+        );
+        let (r, _) = timed(as_dev1(b"pw")).await;
+        assert!(r.is_ok());
+        // Known now (decided by digest), still answered no sooner.
+        let (r, took) = timed(as_dev1(b"wrong")).await;
+        assert_eq!(r, Err(AuthError::Invalid));
+        assert!(
+            took >= floor,
+            "cached refusal answered in {took:?} < {floor:?}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_hash_is_refused_naming_the_user() {
+        let e = Authorizer::new(
+            vec![UserSpec {
+                name: "dev1".into(),
+                password: Some("$argon2id$v=19$broken".into()),
+                tokens: Vec::new(),
+                permissions: Permissions::default(),
+            }],
+            None,
+        )
+        .expect_err("refused");
+        assert!(e.to_string().contains("user `dev1`"), "{e}");
     }
 
     #[test]
     fn acl_with_user_template() {
         let a = authorizer();
-        let p = a.authenticate(Credentials::Token("tok-1")).unwrap();
+        let p = login(&a, Credentials::Token("tok-1")).unwrap();
         let topic = |s| Topic::from_mqtt(s).unwrap();
         let filter = |s| TopicFilter::parse(s).unwrap();
         assert!(a.check_publish(&p, &topic("devices/dev1/temp")).is_ok());
@@ -597,10 +872,13 @@ mod tests {
     }
 
     fn dev1(a: &Authorizer) -> Principal {
-        a.authenticate(Credentials::Password {
-            username: "dev1",
-            password: b"pw",
-        })
+        login(
+            a,
+            Credentials::Password {
+                username: "dev1",
+                password: b"pw",
+            },
+        )
         .unwrap()
     }
 
@@ -618,7 +896,7 @@ mod tests {
     #[test]
     fn everything_except_subscribing_to_one_topic() {
         let a = with(all_but_nosubscribe(), Permissions::default());
-        let anon = a.authenticate(Credentials::None).unwrap();
+        let anon = login(&a, Credentials::None).unwrap();
         assert!(
             a.check_subscribe(&anon, &filter("test/nosubscribe"))
                 .is_err()
@@ -683,7 +961,7 @@ mod tests {
             ..Permissions::default()
         };
         let a = with(p, Permissions::default());
-        let anon = a.authenticate(Credentials::None).unwrap();
+        let anon = login(&a, Credentials::None).unwrap();
         assert!(a.check_publish(&anon, &topic("y")).is_err());
         assert!(a.check_subscribe(&anon, &filter("y")).is_err());
         assert!(!a.may_receive(&anon, &topic("y")));
@@ -692,7 +970,7 @@ mod tests {
     #[test]
     fn dollar_topics_need_an_explicit_grant() {
         let a = with(all_but_nosubscribe(), Permissions::default());
-        let anon = a.authenticate(Credentials::None).unwrap();
+        let anon = login(&a, Credentials::None).unwrap();
         assert!(a.check_publish(&anon, &topic("$SYS/x")).is_err());
         assert!(a.check_subscribe(&anon, &filter("$SYS/#")).is_err());
         assert!(
@@ -707,7 +985,7 @@ mod tests {
             deny_publish: strings(&["+/x"]),
         };
         let a = with(p, Permissions::default());
-        let anon = a.authenticate(Credentials::None).unwrap();
+        let anon = login(&a, Credentials::None).unwrap();
         assert!(a.check_publish(&anon, &topic("$SYS/x")).is_ok());
         assert!(a.check_publish(&anon, &topic("a/x")).is_err());
         assert_eq!(
@@ -843,7 +1121,7 @@ mod tests {
                     deny_subscribe: deny.clone(),
                 };
                 let a = Authorizer::new(Vec::new(), Some(p)).unwrap();
-                let anon = a.authenticate(Credentials::None).unwrap();
+                let anon = login(&a, Credentials::None).unwrap();
                 let matches_any = |list: &[String], t: &Topic| {
                     list.iter().any(|f| filter(f).matches(t))
                 };

@@ -45,6 +45,7 @@ pub const TRIGGER_REPLIES: &str = "meshgate_trigger_replies_total";
 pub const TRIGGER_IN_FLIGHT: &str = "meshgate_trigger_in_flight";
 pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
 pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
+pub const AUTH_FAILURES: &str = "meshgate_auth_failures_total";
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -80,6 +81,9 @@ fn help(name: &str) -> &'static str {
         }
         TRIGGER_LATENCY => {
             "Time from a trigger taking an event to its subscriber's 2xx, retries included."
+        }
+        AUTH_FAILURES => {
+            "Refused logins, per reason (invalid: wrong or unknown credentials; rate_limited: too many failures from the address or as the user; busy: too many waiting for a password hash)."
         }
         BUILD_INFO => "Always 1; the labels say which meshgate runs (version, compiled features).",
         _ => "meshgate metric",

@@ -41,7 +41,7 @@ pub enum StartError {
     )]
     AnonymousExposed(String),
     #[error("invalid auth configuration: {0}")]
-    Auth(#[source] meshgate_core::TopicError),
+    Auth(#[source] meshgate_core::AuthConfigError),
     #[error("backbone failed to start: {0}")]
     Backbone(#[source] meshgate_backbone::BackboneStartError),
     #[error("adapter failed to start: {0}")]
@@ -88,7 +88,10 @@ pub struct ShutdownReport {
     pub clean: bool,
 }
 
-fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
+fn authorizer(
+    config: &Config,
+    metrics: &meshgate_core::metrics::Registry,
+) -> Result<Authorizer, StartError> {
     let users = config
         .auth
         .users
@@ -105,7 +108,14 @@ fn authorizer(config: &Config) -> Result<Authorizer, StartError> {
         .anonymous
         .enabled
         .then(|| permissions(&config.auth.anonymous.acl));
-    Authorizer::new(users, anonymous).map_err(StartError::Auth)
+    let policy = meshgate_core::LoginPolicy {
+        max_failures: config.auth.max_failed_logins,
+        window: config.auth.failed_login_window,
+    };
+    Ok(Authorizer::new(users, anonymous)
+        .map_err(StartError::Auth)?
+        .with_login_policy(policy)
+        .with_metrics(metrics))
 }
 
 fn permissions(acl: &meshgate_config::AclConfig) -> Permissions {
@@ -214,7 +224,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let ctx = AdapterContext {
         instance: instance.clone(),
         backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer(&config)?),
+        authorizer: Arc::new(authorizer(&config, &registry)?),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),

@@ -54,6 +54,42 @@ enum Command {
     },
     /// Print the embedded default configuration (a starting point for a config file).
     Defaults,
+    /// Read a password from standard input (its first line) and print its Argon2id hash, for
+    /// `password = "..."` in `[[auth.users]]`. Example: `meshgate passwd < secret.txt`.
+    Passwd {
+        /// Memory cost in KiB (Argon2's m). The default is OWASP's minimum for Argon2id; each
+        /// login of a user not yet verified since start costs this much memory and time.
+        #[arg(long, value_name = "KIB", default_value_t = 19_456)]
+        memory_kib: u32,
+        /// Passes over the memory (Argon2's t).
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        iterations: u32,
+    },
+}
+
+/// `meshgate passwd`: the hash of the first line of stdin (without its line ending).
+fn passwd(memory_kib: u32, iterations: u32) -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("meshgate passwd: cannot read the password from stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("meshgate passwd: no password on stdin (give it as the first line)");
+        return ExitCode::from(2);
+    }
+    match meshgate_core::auth::password::hash_password(password.as_bytes(), memory_kib, iterations)
+    {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshgate passwd: {e} (--memory-kib at least 8, --iterations at least 1)");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn env_overrides() -> Vec<(String, String)> {
@@ -94,6 +130,10 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd {
+            memory_kib,
+            iterations,
+        } => passwd(memory_kib, iterations),
         Command::Defaults => {
             print!("{}", meshgate_config::DEFAULTS_TOML);
             ExitCode::SUCCESS

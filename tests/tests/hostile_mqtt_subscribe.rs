@@ -501,6 +501,9 @@ async fn the_retained_store_has_a_byte_cap() {
 }
 
 const USERS: &str = r##"
+[auth]
+allow_plaintext_passwords = true
+
 [auth.anonymous]
 enabled = true
 publish = ["#"]

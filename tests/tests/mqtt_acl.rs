@@ -27,6 +27,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 /// `tester`. `dev` publishes only under its client id and its name; `ordered` lists an allow
 /// before and after the deny that wins; `sys` may see `$SYS/#` because it lists it.
 const ACL: &str = r##"
+[auth]
+allow_plaintext_passwords = true
+
 [auth.anonymous]
 enabled = true
 publish = ["#"]
@@ -589,7 +592,7 @@ deny_subscribe = ["test/#/x"]
 
 [[auth.users]]
 name = "dev"
-password = "dev-pw"
+tokens = ["dev-token-0001"]
 publish = ["devices/{client_id}/#"]
 deny_publish = "devices/x"
 "##,
@@ -617,7 +620,7 @@ deny_publish = "devices/x"
     // Once the list is a list, the template is checked too.
     std::fs::write(
         &bad,
-        "[[auth.users]]\nname = \"dev\"\npassword = \"pw\"\npublish = [\"devices/{client_id}/#\"]\n",
+        "[[auth.users]]\nname = \"dev\"\ntokens = [\"dev-token-0001\"]\npublish = [\"devices/{client_id}/#\"]\n",
     )
     .unwrap();
     let out = std::process::Command::new(meshgate_tests::binary())

@@ -64,6 +64,8 @@ pub fn router(config: &HttpConfig, ctx: &AdapterContext) -> Router {
 struct Refusal {
     status: StatusCode,
     detail: String,
+    /// `Retry-After` in seconds, when not the listener's default.
+    retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -71,15 +73,24 @@ impl Refusal {
         Refusal {
             status,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after.as_secs().max(1));
+        self
     }
 
     fn into_response(self, state: &HttpState) -> Response {
         let mut r = problem(self.status, self.detail);
         match self.status {
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, state.retry_after.clone());
+                let value = match self.retry_after {
+                    Some(secs) => HeaderValue::from(secs),
+                    None => state.retry_after.clone(),
+                };
+                r.headers_mut().insert(header::RETRY_AFTER, value);
             }
             StatusCode::UNAUTHORIZED => {
                 r.headers_mut().insert(
@@ -132,7 +143,11 @@ fn presented(headers: &HeaderMap) -> Option<Presented> {
     None
 }
 
-fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Refusal> {
+async fn authenticate(
+    state: &HttpState,
+    headers: &HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Principal, Refusal> {
     let unauthorized = |detail: &str| {
         state.metrics.error(ErrorKind::Unauthorized);
         Refusal::new(StatusCode::UNAUTHORIZED, detail)
@@ -150,10 +165,23 @@ fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, Ref
         },
         Presented::Token(t) => Credentials::Token(t),
     };
-    state.ctx.authorizer.authenticate(creds).map_err(|e| match e {
+    let result = state
+        .ctx
+        .authorizer
+        .authenticate(creds, peer.map(|p| p.ip()))
+        .await;
+    result.map_err(|e| match e {
         AuthError::Required => unauthorized(
             "authentication required: send `Authorization: Bearer <token>` or Basic credentials",
         ),
+        AuthError::RateLimited { retry_after } => {
+            state.metrics.error(ErrorKind::Unauthorized);
+            Refusal::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).retry_after(retry_after)
+        }
+        AuthError::Busy => {
+            state.metrics.error(ErrorKind::Unauthorized);
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         _ => unauthorized("invalid credentials"),
     })
 }
@@ -273,11 +301,12 @@ fn decode(
 
 async fn ingest(
     State(state): State<Arc<HttpState>>,
+    meshgate_web::PeerAddr(peer): meshgate_web::PeerAddr,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let mut response = match handle(&state, &uri, &headers, body).await {
+    let mut response = match handle(&state, peer, &uri, &headers, body).await {
         Ok(ids) => {
             let body = serde_json::json!({ "accepted": ids.len(), "ids": ids });
             (
@@ -350,6 +379,7 @@ async fn preflight(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> R
 /// Runs the checks and publishes; the ids of the accepted events.
 async fn handle(
     state: &HttpState,
+    peer: Option<std::net::SocketAddr>,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
@@ -375,7 +405,7 @@ async fn handle(
         return Err(Refusal::new(StatusCode::FORBIDDEN, why.to_string()));
     }
     let topic = topic_from_path(state, uri)?;
-    let principal = authenticate(state, headers)?;
+    let principal = authenticate(state, headers, peer).await?;
     // Authorized before the body is read: a client without the right is refused at once.
     let authorized = state
         .ctx

@@ -392,10 +392,10 @@ async fn accept_loop(
             // Both held for the connection's life.
             let (_slot, _ip_permit) = (slot, ip_permit);
             match tls {
-                None => session::run(stream, shared).await,
+                None => session::run(stream, shared, Some(peer.ip())).await,
                 // Boxed: a TLS connection's state is large, and inline it would make every
                 // plain connection's task as large (idle connection memory, issue 3).
-                Some(acceptor) => Box::pin(run_tls(stream, shared, acceptor)).await,
+                Some(acceptor) => Box::pin(run_tls(stream, shared, acceptor, peer.ip())).await,
             }
         });
     }
@@ -406,10 +406,11 @@ async fn run_tls(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
+    peer: std::net::IpAddr,
 ) {
     let timeout = shared.config.connect_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => session::run(tls_stream, shared).await,
+        Ok(Ok(tls_stream)) => session::run(tls_stream, shared, Some(peer)).await,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "mqtt: TLS handshake failed");
             shared.metrics.error(ErrorKind::TlsHandshake);

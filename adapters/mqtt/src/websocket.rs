@@ -66,6 +66,9 @@ async fn upgrade(
         );
     }
     // Per source address, when the web listener tells it (it is served with connect info).
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
     let ip_permit = match extensions.get::<ConnectInfo<SocketAddr>>() {
         None => None,
         Some(ConnectInfo(peer)) => match shared.ctx.limits.acquire_ip(peer.ip()) {
@@ -90,18 +93,18 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 let (_slot, _ip_permit) = (slot, ip_permit);
-                bridge(socket, shared).await;
+                bridge(socket, shared, peer).await;
             })
         })
 }
 
 /// Runs a session over the WebSocket: binary frames in → session bytes, session bytes → binary
 /// frames out.
-async fn bridge(socket: WebSocket, shared: Arc<Shared>) {
+async fn bridge(socket: WebSocket, shared: Arc<Shared>, peer: Option<std::net::IpAddr>) {
     let (client_side, session_side) = tokio::io::duplex(64 * 1024);
     let (mut from_session, mut to_session) = tokio::io::split(client_side);
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let session = tokio::spawn(session::run(session_side, shared));
+    let session = tokio::spawn(session::run(session_side, shared, peer));
     let inbound = async move {
         while let Some(Ok(msg)) = ws_rx.next().await {
             match msg {

@@ -195,8 +195,22 @@ async fn handshake(
     };
     let token = bearer_from_headers(headers).or(params.access_token.as_deref());
     let credentials = token.map_or(Credentials::None, Credentials::Token);
-    let principal = match shared.ctx.authorizer.authenticate(credentials) {
+    let login = shared
+        .ctx
+        .authorizer
+        .authenticate(credentials, peer.map(|p| p.ip()))
+        .await;
+    let principal = match login {
         Ok(p) => p,
+        Err(e @ (AuthError::RateLimited { .. } | AuthError::Busy)) => {
+            shared.metrics.error(ErrorKind::Unauthorized);
+            let status = if matches!(e, AuthError::Busy) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            return problem(status, e.to_string());
+        }
         Err(AuthError::Required) => {
             shared.metrics.error(ErrorKind::Unauthorized);
             return unauthorized(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use meshgate_core::{Authorized, Credentials, Principal, Topic};
+use meshgate_core::{AuthError, Authorized, Credentials, Principal, Topic};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
     LastWillProperties, Login, Packet,
@@ -196,6 +196,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
+    peer: Option<std::net::IpAddr>,
 ) -> Option<(Session, u16, Registration)> {
     let request = read_connect(stream, buf, shared).await?;
     let version = request.version;
@@ -215,11 +216,10 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return refuse(stream, version, r).await;
     }
-    let principal = match authenticate(shared, request.login.as_ref(), &client_id) {
+    let principal = match authenticate(shared, request.login.as_ref(), &client_id, peer).await {
         Ok(p) => p,
-        Err(code) => {
+        Err(r) => {
             shared.metrics.error(ErrorKind::Unauthorized);
-            let r = Refusal::new(code, "authentication failed");
             return refuse(stream, version, r).await;
         }
     };
@@ -391,11 +391,12 @@ fn client_id(request: &Request) -> Result<(String, Option<String>), Refusal> {
 
 /// Checks the credentials of CONNECT; the principal's ACL rules with `{clientid}` are bound to
 /// `client_id` (assigned or not), so the will's topic is checked with them too.
-fn authenticate(
+async fn authenticate(
     shared: &Shared,
     login: Option<&Login>,
     client_id: &str,
-) -> Result<Principal, ConnectReturnCode> {
+    peer: Option<std::net::IpAddr>,
+) -> Result<Principal, Refusal> {
     let credentials = match login {
         None => Credentials::None,
         Some(l) if l.username.is_empty() && l.password.is_empty() => Credentials::None,
@@ -408,11 +409,17 @@ fn authenticate(
     };
     let authorizer = &shared.ctx.authorizer;
     authorizer
-        .authenticate(credentials)
+        .authenticate(credentials, peer)
+        .await
         .map(|p| authorizer.for_client(&p, client_id))
-        .map_err(|e| match e {
-            meshgate_core::AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
-            _ => ConnectReturnCode::NotAuthorized,
+        .map_err(|e| {
+            let code = match e {
+                AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
+                AuthError::RateLimited { .. } => ConnectReturnCode::ConnectionRateExceeded,
+                AuthError::Busy => ConnectReturnCode::ServerBusy,
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            Refusal::new(code, format!("authentication failed: {e}"))
         })
 }
 

@@ -172,8 +172,9 @@ fn to_qos(n: u8) -> QoS {
 /// Most QoS meshgate grants to a subscription.
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 
-/// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) until it ends.
-pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
+/// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) from `peer` until
+/// it ends.
+pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>, peer: Option<std::net::IpAddr>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -185,7 +186,7 @@ where
         let timeout = shared.config.connect_timeout;
         let connect = tokio::time::timeout(
             timeout,
-            Box::pin(connect_phase(&mut stream, &mut buf, &shared)),
+            Box::pin(connect_phase(&mut stream, &mut buf, &shared, peer)),
         )
         .await;
         let Ok(Some((session, keep_alive, registration))) = connect else {

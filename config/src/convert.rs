@@ -964,6 +964,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
             "allow_plaintext_passwords",
             "max_failed_logins",
             "failed_login_window",
+            "jwt",
         ]
         .contains(&key.as_str())
         {
@@ -1009,6 +1010,8 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         }
     };
     let empty = Value::Table(Table::new());
+    let jwt = section::<raw::Jwt>(t.get("jwt").unwrap_or(&empty), "auth.jwt", errors)
+        .map(|j| jwt(j, errors));
     let anonymous: Option<raw::Anonymous> = section(
         t.get("anonymous").unwrap_or(&empty),
         "auth.anonymous",
@@ -1111,5 +1114,87 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         allow_plaintext_passwords,
         max_failed_logins,
         failed_login_window,
+        jwt: jwt?,
     })
+}
+
+fn jwt(j: raw::Jwt, errors: &mut Errors) -> JwtConfig {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    let mqtt_username = match j.mqtt_username.as_str() {
+        "any" => false,
+        "claim" => true,
+        other => {
+            errors.push(
+                "auth.jwt.mqtt_username",
+                format!(
+                    "`{other}`: expected \"any\" (ignored) or \"claim\" (must be the token's user)"
+                ),
+            );
+            false
+        }
+    };
+    for (key, claim) in [
+        ("user_claim", &j.user_claim),
+        ("publish_claim", &j.publish_claim),
+        ("subscribe_claim", &j.subscribe_claim),
+    ] {
+        if claim.is_empty() {
+            errors.push(format!("auth.jwt.{key}"), "must name a claim");
+        }
+    }
+    let config = JwtConfig {
+        enabled: j.enabled,
+        secret: some(j.secret),
+        public_key_file: some(j.public_key_file).map(Into::into),
+        jwks_file: some(j.jwks_file).map(Into::into),
+        issuer: some(j.issuer),
+        audience: some(j.audience),
+        leeway: duration(&j.leeway, "auth.jwt.leeway", errors),
+        user_claim: j.user_claim,
+        publish_claim: j.publish_claim,
+        subscribe_claim: j.subscribe_claim,
+        match_mqtt_username: mqtt_username,
+        acl: acl(
+            &j.publish,
+            &j.subscribe,
+            &j.deny_publish,
+            &j.deny_subscribe,
+            "auth.jwt",
+            errors,
+        ),
+    };
+    if config.enabled {
+        if config.secret.as_ref().is_some_and(|s| s.len() < 32) {
+            errors.push(
+                "auth.jwt.secret",
+                "must be at least 32 bytes (HS256 keys are as long as the hash)",
+            );
+        }
+        if let Err(e) = meshgate_core::auth::jwt::check(&jwt_spec(&config)) {
+            errors.push("auth.jwt", e);
+        }
+    }
+    config
+}
+
+/// The core's view of `[auth.jwt]`.
+pub fn jwt_spec(c: &JwtConfig) -> meshgate_core::auth::JwtSpec {
+    meshgate_core::auth::JwtSpec {
+        secret: c.secret.clone(),
+        public_key_file: c.public_key_file.clone(),
+        jwks_file: c.jwks_file.clone(),
+        issuer: c.issuer.clone(),
+        audience: c.audience.clone(),
+        leeway: c.leeway,
+        user_claim: c.user_claim.clone(),
+        publish_claim: c.publish_claim.clone(),
+        subscribe_claim: c.subscribe_claim.clone(),
+        match_mqtt_username: c.match_mqtt_username,
+        permissions: meshgate_core::Permissions {
+            publish: c.acl.publish.clone(),
+            subscribe: c.acl.subscribe.clone(),
+            deny_publish: c.acl.deny_publish.clone(),
+            deny_subscribe: c.acl.deny_subscribe.clone(),
+        },
+    }
 }

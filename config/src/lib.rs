@@ -18,6 +18,7 @@ pub mod triggers;
 use std::fmt;
 use std::path::Path;
 
+pub use convert::jwt_spec;
 pub use model::*;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};

@@ -333,6 +333,46 @@ impl std::fmt::Debug for UserConfig {
     }
 }
 
+/// JSON Web Tokens as credentials (`[auth.jwt]`).
+#[derive(Clone, PartialEq)]
+pub struct JwtConfig {
+    pub enabled: bool,
+    /// HMAC secret (HS256/384/512), at least 32 bytes.
+    pub secret: Option<String>,
+    /// A PEM public key (RSA, EC P-256/P-384, Ed25519).
+    pub public_key_file: Option<std::path::PathBuf>,
+    /// A JSON Web Key Set file, reloaded when it changes.
+    pub jwks_file: Option<std::path::PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: std::time::Duration,
+    pub user_claim: String,
+    pub publish_claim: String,
+    pub subscribe_claim: String,
+    /// MQTT: the CONNECT user name must be the token's user (`mqtt_username = "claim"`).
+    pub match_mqtt_username: bool,
+    /// Rules of token users the config does not list as users.
+    pub acl: AclConfig,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("enabled", &self.enabled)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("public_key_file", &self.public_key_file)
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .field("user_claim", &self.user_claim)
+            .field("match_mqtt_username", &self.match_mqtt_username)
+            .field("acl", &self.acl)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     pub anonymous: AnonymousConfig,
@@ -347,6 +387,7 @@ pub struct AuthConfig {
     /// its logins are refused until the window ends; 0 turns the limit off.
     pub max_failed_logins: u32,
     pub failed_login_window: std::time::Duration,
+    pub jwt: JwtConfig,
 }
 
 /// How events are written to MQTT 5 subscribers.

@@ -146,6 +146,29 @@ pub struct WebSocket {
     pub allowed_origins: Vec<String>,
 }
 
+#[derive(Deserialize)]
+pub struct Jwt {
+    pub enabled: bool,
+    pub secret: String,
+    pub public_key_file: String,
+    pub jwks_file: String,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway: String,
+    pub user_claim: String,
+    pub publish_claim: String,
+    pub subscribe_claim: String,
+    pub mqtt_username: String,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Anonymous {
     pub enabled: bool,

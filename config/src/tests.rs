@@ -956,3 +956,35 @@ fn passwords_must_be_hashes_unless_plaintext_is_allowed() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn jwt_settings_are_checked_when_enabled() {
+    let errs = errors_of(
+        "[auth.jwt]\nenabled = true\nsecret = \"short\"\nmqtt_username = \"maybe\"\nuser_claim = \"\"\n",
+        &[],
+    );
+    let text = ConfigErrors(errs.clone()).to_string();
+    assert!(has(&errs, "auth.jwt.secret", "32 bytes"), "{text}");
+    assert!(has(&errs, "auth.jwt.mqtt_username", "claim"), "{text}");
+    assert!(has(&errs, "auth.jwt.user_claim", "name a claim"), "{text}");
+    assert!(!text.contains("short"), "no secret in messages: {text}");
+    let errs = errors_of(
+        "[auth.jwt]\nenabled = true\npublic_key_file = \"/nonexistent/jwt.pem\"\n",
+        &[],
+    );
+    assert!(has(&errs, "auth.jwt", "/nonexistent/jwt.pem"), "{errs:?}");
+    let errs = errors_of("[auth.jwt]\nenabled = true\n", &[]);
+    assert!(has(&errs, "auth.jwt", "no key"), "{errs:?}");
+    let c = load_str(
+        "[auth.jwt]\nenabled = true\nsecret = \"0123456789abcdef0123456789abcdef\"\nmqtt_username = \"claim\"\nsubscribe = [\"public/#\"]\n",
+        "t",
+        Vec::new(),
+    )
+    .unwrap();
+    assert!(c.auth.jwt.match_mqtt_username);
+    assert_eq!(c.auth.jwt.acl.subscribe, vec!["public/#"]);
+    assert!(
+        !format!("{c:?}").contains("0123456789abcdef"),
+        "Debug hides the secret"
+    );
+}

@@ -20,6 +20,7 @@
 //! (which would change the filter's shape). Wildcards at the first level match no topic starting
 //! with `$` ([MQTT-4.7.2-1]), so `#` grants no `$SYS/…`: it must be listed explicitly.
 
+pub mod jwt;
 pub mod login_limit;
 pub mod password;
 
@@ -31,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::{Counter, Registry};
 use crate::topic::{Topic, TopicError, TopicFilter};
+pub use jwt::JwtSpec;
+use jwt::JwtVerifier;
 use login_limit::LoginLimiter;
 pub use login_limit::LoginPolicy;
 pub use password::PasswordError;
@@ -46,6 +49,9 @@ pub struct Principal {
     /// publish and subscribe anywhere.
     internal: bool,
     acl: Arc<Acl>,
+    /// The rules of a token user (JWT), whose `{clientid}` rules are bound at MQTT CONNECT:
+    /// configured users and the anonymous principal find theirs in the [`Authorizer`].
+    token_acl: Option<Arc<AclSpec>>,
 }
 
 impl PartialEq for Principal {
@@ -73,6 +79,7 @@ impl Principal {
             anonymous: false,
             internal: true,
             acl: Arc::default(),
+            token_acl: None,
         }
     }
 
@@ -95,6 +102,7 @@ impl Principal {
             anonymous: true,
             internal: false,
             acl: Arc::default(),
+            token_acl: None,
         }
     }
 }
@@ -136,6 +144,10 @@ pub enum AuthError {
     /// Too many logins wait for a password hash verification (HTTP 503 / MQTT "server busy").
     #[error("too many logins in progress; retry later")]
     Busy,
+    /// A JWT that does not verify, and why (HTTP 401 / MQTT "bad user name or password", the
+    /// reason in MQTT 5's reason string).
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
     /// Authenticated, but not allowed to do this (HTTP 403 / MQTT "not authorized").
     #[error("{principal} may not {action} `{target}`")]
     Forbidden {
@@ -318,6 +330,8 @@ impl AclSpec {
 struct User {
     principal: Principal,
     password: Option<Stored>,
+    /// As configured: a token user of this name gets them plus its token's (JWT).
+    permissions: Permissions,
     acl: AclSpec,
 }
 
@@ -328,6 +342,8 @@ pub enum AuthConfigError {
     Topic(#[from] TopicError),
     #[error(transparent)]
     Password(#[from] PasswordError),
+    #[error("auth.jwt: {0}")]
+    Jwt(String),
 }
 
 /// `meshgate_auth_failures_total{reason}`: refused logins, by why.
@@ -359,6 +375,7 @@ pub struct Authorizer {
     passwords: Passwords,
     limiter: LoginLimiter,
     metrics: AuthMetrics,
+    jwt: Option<JwtVerifier>,
 }
 
 impl fmt::Debug for Authorizer {
@@ -409,12 +426,14 @@ impl Authorizer {
                     anonymous: false,
                     internal: false,
                     acl: acl.base.clone(),
+                    token_acl: None,
                 },
                 password: spec
                     .password
                     .as_deref()
                     .map(|p| Stored::parse(&spec.name, p))
                     .transpose()?,
+                permissions: spec.permissions.clone(),
                 acl,
             };
             map.insert(spec.name, user);
@@ -428,6 +447,7 @@ impl Authorizer {
                         anonymous: true,
                         internal: false,
                         acl: acl.base.clone(),
+                        token_acl: None,
                     },
                     acl,
                 ))
@@ -445,7 +465,16 @@ impl Authorizer {
             passwords,
             limiter: LoginLimiter::new(LoginPolicy::default()),
             metrics: AuthMetrics::new(&Registry::new()),
+            jwt: None,
         })
+    }
+
+    /// Accepts JSON Web Tokens as `spec` says (see [`jwt`]).
+    pub fn with_jwt(mut self, spec: JwtSpec) -> Result<Self, AuthConfigError> {
+        // The base rules must compile, as a configured user's must.
+        AclSpec::compile(&spec.permissions, "u")?;
+        self.jwt = Some(JwtVerifier::new(spec).map_err(AuthConfigError::Jwt)?);
+        Ok(self)
     }
 
     /// The failed-login limits (default: [`LoginPolicy::default`]).
@@ -475,6 +504,7 @@ impl Authorizer {
             passwords: Passwords::new(std::iter::empty()),
             limiter: LoginLimiter::new(LoginPolicy::default()),
             metrics: AuthMetrics::new(&Registry::new()),
+            jwt: None,
         })
     }
 
@@ -484,6 +514,8 @@ impl Authorizer {
     pub fn for_client(&self, principal: &Principal, client_id: &str) -> Principal {
         let spec = if principal.internal {
             None
+        } else if let Some(token_acl) = &principal.token_acl {
+            Some(&**token_acl)
         } else if principal.anonymous {
             self.anonymous.as_ref().map(|(_, a)| a)
         } else {
@@ -539,6 +571,16 @@ impl Authorizer {
                     .map(|(p, _)| p.clone())
                     .ok_or(AuthError::Required);
             }
+            Credentials::Password { username, password } if self.is_jwt(password) => {
+                let token = std::str::from_utf8(password).unwrap_or_default();
+                self.jwt_login(token, Some(username))
+            }
+            Credentials::Token(token) if self.is_jwt(token.as_bytes()) => {
+                match self.token_user(token) {
+                    Some(p) => Ok(p),
+                    None => self.jwt_login(token, None),
+                }
+            }
             Credentials::Password { username, password } => {
                 let result = self.check_password(username, password).await;
                 // Known or unknown, right or wrong: no answer before the floor.
@@ -550,12 +592,7 @@ impl Authorizer {
                 }
                 result
             }
-            Credentials::Token(token) => self
-                .tokens
-                .get(&Secret::of(token.as_bytes()))
-                .and_then(|name| self.users.get(name))
-                .map(|u| u.principal.clone())
-                .ok_or(AuthError::Invalid),
+            Credentials::Token(token) => self.token_user(token).ok_or(AuthError::Invalid),
         };
         match &result {
             Ok(p) => self.limiter.succeeded(from, Some(p.name())),
@@ -563,10 +600,61 @@ impl Authorizer {
                 self.metrics.invalid.inc();
                 self.limiter.failed(from, user_name);
             }
+            Err(AuthError::InvalidToken(_)) => {
+                self.metrics.invalid.inc();
+                self.limiter.failed(from, None);
+            }
             Err(AuthError::Busy) => self.metrics.busy.inc(),
             Err(_) => {}
         }
         result
+    }
+
+    /// The configured user of a static token.
+    fn token_user(&self, token: &str) -> Option<Principal> {
+        self.tokens
+            .get(&Secret::of(token.as_bytes()))
+            .and_then(|name| self.users.get(name))
+            .map(|u| u.principal.clone())
+    }
+
+    /// Whether a presented secret is to be verified as a JWT: JWTs are accepted and it has
+    /// the shape of one.
+    fn is_jwt(&self, secret: &[u8]) -> bool {
+        self.jwt.is_some() && std::str::from_utf8(secret).is_ok_and(jwt::looks_like_jwt)
+    }
+
+    /// A token user: the configured user of the token's name (or `[auth.jwt]`'s rules) with
+    /// the token's filter claims added. `mqtt_username`: the CONNECT user name, which must be
+    /// the token's user when `auth.jwt.mqtt_username = "claim"`.
+    fn jwt_login(&self, token: &str, mqtt_username: Option<&str>) -> Result<Principal, AuthError> {
+        let Some(verifier) = &self.jwt else {
+            return Err(AuthError::Invalid);
+        };
+        let claims = verifier.verify(token).map_err(AuthError::InvalidToken)?;
+        if verifier.spec().match_mqtt_username
+            && mqtt_username.is_some_and(|u| !u.is_empty() && u != claims.user)
+        {
+            return Err(AuthError::InvalidToken(
+                "the MQTT user name is not the token's user",
+            ));
+        }
+        let mut permissions = match self.users.get(&claims.user) {
+            Some(u) => u.permissions.clone(),
+            None => verifier.spec().permissions.clone(),
+        };
+        permissions.publish.extend(claims.publish);
+        permissions.subscribe.extend(claims.subscribe);
+        let acl = AclSpec::compile(&permissions, &claims.user).map_err(|_| {
+            AuthError::InvalidToken("an ACL claim of the token holds an invalid topic filter")
+        })?;
+        Ok(Principal {
+            name: Arc::from(claims.user.as_str()),
+            anonymous: false,
+            internal: false,
+            acl: acl.base.clone(),
+            token_acl: Some(Arc::new(acl)),
+        })
     }
 
     async fn check_password(
@@ -813,6 +901,122 @@ mod tests {
             took >= floor,
             "cached refusal answered in {took:?} < {floor:?}"
         );
+    }
+
+    mod tokens {
+        use super::*;
+        use jsonwebtoken::{EncodingKey, Header, encode};
+
+        const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+        fn jwt_authorizer(match_mqtt_username: bool) -> Authorizer {
+            Authorizer::new(
+                vec![UserSpec {
+                    name: "dev1".into(),
+                    password: None,
+                    tokens: vec!["static-token-1".into()],
+                    permissions: Permissions {
+                        publish: vec!["devices/{user}/#".into()],
+                        deny_publish: vec!["devices/{user}/config".into()],
+                        ..Permissions::default()
+                    },
+                }],
+                None,
+            )
+            .unwrap()
+            .with_jwt(JwtSpec {
+                secret: Some(SECRET.into()),
+                leeway: Duration::from_secs(5),
+                user_claim: "sub".into(),
+                publish_claim: "publish".into(),
+                subscribe_claim: "subscribe".into(),
+                match_mqtt_username,
+                permissions: Permissions {
+                    subscribe: vec!["public/#".into()],
+                    ..Permissions::default()
+                },
+                ..JwtSpec::default()
+            })
+            .unwrap()
+        }
+
+        fn token(sub: &str, publish: &[&str]) -> String {
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 60;
+            let claims = serde_json::json!({ "sub": sub, "exp": exp, "publish": publish });
+            encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        }
+
+        #[tokio::test]
+        async fn a_configured_user_gets_its_rules_plus_the_claims() {
+            let a = jwt_authorizer(false);
+            let t = token("dev1", &["extra/{user}/x"]);
+            let p = a.authenticate(Credentials::Token(&t), None).await.unwrap();
+            assert_eq!(p, a.user("dev1").unwrap(), "the same principal as the user");
+            assert!(a.check_publish(&p, &topic("devices/dev1/t")).is_ok());
+            assert!(a.check_publish(&p, &topic("extra/dev1/x")).is_ok());
+            assert!(
+                a.check_publish(&p, &topic("devices/dev1/config")).is_err(),
+                "the config's deny still wins"
+            );
+            // Static tokens keep working beside JWTs.
+            let q = a
+                .authenticate(Credentials::Token("static-token-1"), None)
+                .await
+                .unwrap();
+            assert_eq!(q.name(), "dev1");
+        }
+
+        #[tokio::test]
+        async fn an_unlisted_user_gets_the_jwt_rules_and_client_id_templates_bind() {
+            let a = jwt_authorizer(false);
+            let t = token("sensor-9", &["telemetry/{clientid}/#"]);
+            let login = Credentials::Password {
+                username: "whatever",
+                password: t.as_bytes(),
+            };
+            let p = a.authenticate(login, None).await.unwrap();
+            assert_eq!(p.name(), "sensor-9");
+            assert!(a.check_subscribe(&p, &filter("public/#")).is_ok());
+            assert!(a.check_publish(&p, &topic("telemetry/c-1/t")).is_err());
+            let bound = a.for_client(&p, "c-1");
+            assert!(a.check_publish(&bound, &topic("telemetry/c-1/t")).is_ok());
+            assert!(a.check_publish(&bound, &topic("telemetry/c-2/t")).is_err());
+        }
+
+        #[tokio::test]
+        async fn the_mqtt_user_name_must_match_when_configured() {
+            let a = jwt_authorizer(true);
+            let t = token("sensor-9", &[]);
+            let as_user = |username| Credentials::Password {
+                username,
+                password: t.as_bytes(),
+            };
+            assert!(a.authenticate(as_user("sensor-9"), None).await.is_ok());
+            assert!(a.authenticate(as_user(""), None).await.is_ok());
+            assert_eq!(
+                a.authenticate(as_user("dev1"), None).await,
+                Err(AuthError::InvalidToken(
+                    "the MQTT user name is not the token's user"
+                ))
+            );
+        }
+
+        #[tokio::test]
+        async fn a_bad_filter_in_a_claim_is_an_invalid_token() {
+            let a = jwt_authorizer(false);
+            let t = token("sensor-9", &["a/#/b"]);
+            let r = a.authenticate(Credentials::Token(&t), None).await;
+            assert!(matches!(r, Err(AuthError::InvalidToken(_))), "{r:?}");
+        }
     }
 
     #[test]

@@ -112,10 +112,16 @@ fn authorizer(
         max_failures: config.auth.max_failed_logins,
         window: config.auth.failed_login_window,
     };
-    Ok(Authorizer::new(users, anonymous)
+    let mut authorizer = Authorizer::new(users, anonymous)
         .map_err(StartError::Auth)?
         .with_login_policy(policy)
-        .with_metrics(metrics))
+        .with_metrics(metrics);
+    if config.auth.jwt.enabled {
+        authorizer = authorizer
+            .with_jwt(meshgate_config::jwt_spec(&config.auth.jwt))
+            .map_err(StartError::Auth)?;
+    }
+    Ok(authorizer)
 }
 
 fn permissions(acl: &meshgate_config::AclConfig) -> Permissions {

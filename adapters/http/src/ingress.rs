@@ -182,6 +182,7 @@ async fn authenticate(
             state.metrics.error(ErrorKind::Unauthorized);
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+        AuthError::InvalidToken(why) => unauthorized(&format!("invalid token: {why}")),
         _ => unauthorized("invalid credentials"),
     })
 }

@@ -217,6 +217,10 @@ async fn handshake(
                 "authentication required: send `Authorization: Bearer <token>` or `?access_token=<token>`",
             );
         }
+        Err(AuthError::InvalidToken(why)) => {
+            shared.metrics.error(ErrorKind::Unauthorized);
+            return unauthorized(&format!("invalid token: {why}"));
+        }
         Err(_) => {
             shared.metrics.error(ErrorKind::Unauthorized);
             return unauthorized("invalid token");

@@ -262,7 +262,9 @@ mod tests {
             "$argon2x$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
             "$2b$99$notabcrypthash",
         ] {
-            let e = Stored::parse("u", bad).err().unwrap_or_else(|| panic!("{bad}"));
+            let e = Stored::parse("u", bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad}"));
             assert!(e.to_string().contains("meshgate passwd"), "{e}");
         }
     }

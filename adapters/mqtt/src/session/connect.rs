@@ -414,7 +414,9 @@ async fn authenticate(
         .map(|p| authorizer.for_client(&p, client_id))
         .map_err(|e| {
             let code = match e {
-                AuthError::Invalid => ConnectReturnCode::BadUserNamePassword,
+                AuthError::Invalid | AuthError::InvalidToken(_) => {
+                    ConnectReturnCode::BadUserNamePassword
+                }
                 AuthError::RateLimited { .. } => ConnectReturnCode::ConnectionRateExceeded,
                 AuthError::Busy => ConnectReturnCode::ServerBusy,
                 _ => ConnectReturnCode::NotAuthorized,

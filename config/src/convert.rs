@@ -421,14 +421,25 @@ fn acl(
     subscribe: &[String],
     deny_publish: &[String],
     deny_subscribe: &[String],
+    client_id_prefixes: &[String],
     section: &str,
     errors: &mut Errors,
 ) -> AclConfig {
+    for (i, prefix) in client_id_prefixes.iter().enumerate() {
+        let rest = prefix.replace("{user}", "");
+        if prefix.is_empty() || prefix.len() > 256 || rest.contains(['{', '}']) {
+            errors.push(
+                format!("{section}.client_id_prefixes[{i}]"),
+                "a client id prefix: 1 to 256 bytes, `{user}` the only template",
+            );
+        }
+    }
     AclConfig {
         publish: filters(publish, &format!("{section}.publish"), errors),
         subscribe: filters(subscribe, &format!("{section}.subscribe"), errors),
         deny_publish: filters(deny_publish, &format!("{section}.deny_publish"), errors),
         deny_subscribe: filters(deny_subscribe, &format!("{section}.deny_subscribe"), errors),
+        client_id_prefixes: client_id_prefixes.to_vec(),
     }
 }
 
@@ -1024,6 +1035,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
             &a.subscribe,
             &a.deny_publish,
             &a.deny_subscribe,
+            &a.client_id_prefixes,
             "auth.anonymous",
             errors,
         ),
@@ -1096,6 +1108,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                         &u.subscribe,
                         &u.deny_publish,
                         &u.deny_subscribe,
+                        &u.client_id_prefixes,
                         &path,
                         errors,
                     ),
@@ -1159,6 +1172,7 @@ fn jwt(j: raw::Jwt, errors: &mut Errors) -> JwtConfig {
             &j.subscribe,
             &j.deny_publish,
             &j.deny_subscribe,
+            &j.client_id_prefixes,
             "auth.jwt",
             errors,
         ),
@@ -1195,6 +1209,7 @@ pub fn jwt_spec(c: &JwtConfig) -> meshgate_core::auth::JwtSpec {
             subscribe: c.acl.subscribe.clone(),
             deny_publish: c.acl.deny_publish.clone(),
             deny_subscribe: c.acl.deny_subscribe.clone(),
+            client_id_prefixes: c.acl.client_id_prefixes.clone(),
         },
     }
 }

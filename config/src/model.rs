@@ -305,6 +305,8 @@ pub struct AclConfig {
     pub subscribe: Vec<String>,
     pub deny_publish: Vec<String>,
     pub deny_subscribe: Vec<String>,
+    /// MQTT client ids must start with one of these (`{user}` allowed); empty: any.
+    pub client_id_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

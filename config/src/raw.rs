@@ -167,6 +167,8 @@ pub struct Jwt {
     pub deny_publish: Vec<String>,
     #[serde(default)]
     pub deny_subscribe: Vec<String>,
+    #[serde(default)]
+    pub client_id_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +182,8 @@ pub struct Anonymous {
     pub deny_publish: Vec<String>,
     #[serde(default)]
     pub deny_subscribe: Vec<String>,
+    #[serde(default)]
+    pub client_id_prefixes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +200,8 @@ pub struct User {
     pub deny_publish: Vec<String>,
     #[serde(default)]
     pub deny_subscribe: Vec<String>,
+    #[serde(default)]
+    pub client_id_prefixes: Vec<String>,
 }
 
 impl std::fmt::Debug for User {

@@ -988,3 +988,25 @@ fn jwt_settings_are_checked_when_enabled() {
         "Debug hides the secret"
     );
 }
+
+#[test]
+fn client_id_prefixes_are_checked() {
+    let errs = errors_of(
+        "[auth.anonymous]\nclient_id_prefixes = [\"\"]\n[[auth.users]]\nname = \"u\"\ntokens = [\"token-of-u-1\"]\nclient_id_prefixes = [\"{clientid}-\", \"{user}-\"]\n",
+        &[],
+    );
+    assert!(
+        has(&errs, "auth.anonymous.client_id_prefixes[0]", "1 to 256"),
+        "{errs:?}"
+    );
+    assert!(
+        has(&errs, "auth.users[0].client_id_prefixes[0]", "`{user}`"),
+        "{errs:?}"
+    );
+    assert!(
+        !errs
+            .iter()
+            .any(|e| e.path == "auth.users[0].client_id_prefixes[1]"),
+        "{errs:?}"
+    );
+}

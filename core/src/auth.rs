@@ -165,6 +165,9 @@ pub struct Permissions {
     pub subscribe: Vec<String>,
     pub deny_publish: Vec<String>,
     pub deny_subscribe: Vec<String>,
+    /// MQTT client ids the principal may use must start with one of these (`{user}` allowed);
+    /// empty: any client id.
+    pub client_id_prefixes: Vec<String>,
 }
 
 /// One configured user.
@@ -261,6 +264,8 @@ impl ClientTemplates {
 struct AclSpec {
     base: Arc<Acl>,
     templates: ClientTemplates,
+    /// `client_id_prefixes` with `{user}` replaced.
+    client_id_prefixes: Vec<String>,
 }
 
 impl AclSpec {
@@ -293,6 +298,11 @@ impl AclSpec {
         Ok(AclSpec {
             base: Arc::new(acl),
             templates,
+            client_id_prefixes: p
+                .client_id_prefixes
+                .iter()
+                .map(|t| t.replace("{user}", user))
+                .collect(),
         })
     }
 
@@ -512,22 +522,46 @@ impl Authorizer {
     /// this, they match nothing). Once per CONNECT; shares the compiled ACL when the principal
     /// has no such rule.
     pub fn for_client(&self, principal: &Principal, client_id: &str) -> Principal {
-        let spec = if principal.internal {
-            None
-        } else if let Some(token_acl) = &principal.token_acl {
-            Some(&**token_acl)
-        } else if principal.anonymous {
-            self.anonymous.as_ref().map(|(_, a)| a)
-        } else {
-            self.users.get(principal.name()).map(|u| &u.acl)
-        };
-        match spec {
+        match self.spec_of(principal) {
             Some(spec) => Principal {
                 acl: spec.for_client(client_id),
                 ..principal.clone()
             },
             None => principal.clone(),
         }
+    }
+
+    /// The rules of `principal` as configured (a configured user's, the anonymous ones, a token
+    /// user's); none for internal principals.
+    fn spec_of<'a>(&'a self, principal: &'a Principal) -> Option<&'a AclSpec> {
+        if principal.internal {
+            None
+        } else if let Some(token_acl) = &principal.token_acl {
+            Some(token_acl)
+        } else if principal.anonymous {
+            self.anonymous.as_ref().map(|(_, a)| a)
+        } else {
+            self.users.get(principal.name()).map(|u| &u.acl)
+        }
+    }
+
+    /// Whether `principal` may use the MQTT client id `client_id`: it starts with one of the
+    /// principal's `client_id_prefixes`, or there are none (review F4's per-user prefixes).
+    pub fn client_id_allowed(&self, principal: &Principal, client_id: &str) -> bool {
+        self.spec_of(principal).is_none_or(|spec| {
+            spec.client_id_prefixes.is_empty()
+                || spec
+                    .client_id_prefixes
+                    .iter()
+                    .any(|p| client_id.starts_with(p.as_str()))
+        })
+    }
+
+    /// The prefix a client id assigned to `principal` must start with (its first one).
+    pub fn client_id_prefix(&self, principal: &Principal) -> Option<String> {
+        self.spec_of(principal)
+            .and_then(|s| s.client_id_prefixes.first())
+            .cloned()
     }
 
     /// The configured user `name`, without its credentials: for parts of the gateway that act
@@ -1134,6 +1168,7 @@ mod tests {
             deny_publish: strings(&["a/b/#"]),
             subscribe: strings(&["a/b/c", "a/#"]),
             deny_subscribe: strings(&["a/+/c"]),
+            client_id_prefixes: Vec::new(),
         };
         let a = with(Permissions::default(), p);
         let u = dev1(&a);
@@ -1187,6 +1222,7 @@ mod tests {
             // `#` denies no `$…` topic either.
             deny_subscribe: strings(&["#"]),
             deny_publish: strings(&["+/x"]),
+            client_id_prefixes: Vec::new(),
         };
         let a = with(p, Permissions::default());
         let anon = login(&a, Credentials::None).unwrap();
@@ -1323,6 +1359,7 @@ mod tests {
                     subscribe: allow.clone(),
                     deny_publish: deny.clone(),
                     deny_subscribe: deny.clone(),
+                    client_id_prefixes: Vec::new(),
                 };
                 let a = Authorizer::new(Vec::new(), Some(p)).unwrap();
                 let anon = login(&a, Credentials::None).unwrap();

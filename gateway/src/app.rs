@@ -130,6 +130,7 @@ fn permissions(acl: &meshgate_config::AclConfig) -> Permissions {
         subscribe: acl.subscribe.clone(),
         deny_publish: acl.deny_publish.clone(),
         deny_subscribe: acl.deny_subscribe.clone(),
+        client_id_prefixes: acl.client_id_prefixes.clone(),
     }
 }
 

@@ -69,6 +69,13 @@ name = "sys"
 password = "sys-pw"
 publish = ["#", "$SYS/#"]
 subscribe = ["#", "$SYS/#"]
+
+[[auth.users]]
+name = "fleet"
+password = "fleet-pw"
+publish = ["#"]
+subscribe = ["#"]
+client_id_prefixes = ["{user}-", "legacy-"]
 "##;
 
 async fn gateway() -> meshgate::RunningGateway {
@@ -456,6 +463,63 @@ async fn client_id_and_user_templates() {
 
 /// `#` grants nothing under `$SYS` [MQTT-4.7.2-1], for subscribing or publishing; `$SYS/#`
 /// listed does.
+/// Per-user client-id prefixes (issue 22 item 4): `fleet` may only use ids starting with
+/// `fleet-` or `legacy-`; an id it leaves empty is assigned with its first prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_must_start_with_the_users_prefixes() {
+    let gw = gateway().await;
+    let port = gw.mqtt_addr.unwrap().port();
+    let code = |id: &str| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_credentials("fleet", "fleet-pw");
+        let (_c, mut el) = AsyncClient::new(o, 10);
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            return (ack.code, ack.properties);
+                        }
+                        Ok(_) => continue,
+                        Err(rumqttc::v5::ConnectionError::ConnectionRefused(c)) => {
+                            return (c, None);
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+            .await
+            .expect("a CONNACK within 5 s")
+        }
+    };
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+    assert_eq!(code("fleet-7").await.0, ConnectReturnCode::Success);
+    assert_eq!(code("legacy-7").await.0, ConnectReturnCode::Success);
+    assert_eq!(
+        code("other-7").await.0,
+        ConnectReturnCode::ClientIdentifierNotValid
+    );
+    let (ok, props) = code("").await;
+    assert_eq!(ok, ConnectReturnCode::Success);
+    let assigned = props
+        .and_then(|p| p.assigned_client_identifier)
+        .expect("an assigned id");
+    assert!(assigned.starts_with("fleet-"), "{assigned}");
+    // 3.1.1 (mosquitto_pub): "identifier rejected".
+    let out = meshgate_tests::mosquitto_command("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .args([
+            "-i", "other-8", "-u", "fleet", "-P", "fleet-pw", "-t", "x", "-m", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("identifier rejected"), "{err}");
+    // Users without prefixes use any id.
+    let (_c, _el) = v5(&gw, "other-9", Some(("tester", "tester-pw"))).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_grants_no_dollar_topics() {
     let gw = gateway().await;

@@ -216,13 +216,29 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return refuse(stream, version, r).await;
     }
-    let principal = match authenticate(shared, request.login.as_ref(), &client_id, peer).await {
+    let principal = match authenticate(shared, request.login.as_ref(), peer).await {
         Ok(p) => p,
         Err(r) => {
             shared.metrics.error(ErrorKind::Unauthorized);
             return refuse(stream, version, r).await;
         }
     };
+    let (client_id, assigned) = own_client_id(shared, &principal, client_id, assigned);
+    if !shared
+        .ctx
+        .authorizer
+        .client_id_allowed(&principal, &client_id)
+    {
+        shared.metrics.error(ErrorKind::Unauthorized);
+        let r = Refusal::new(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "this user's client ids must start with one of its client_id_prefixes",
+        );
+        return refuse(stream, version, r).await;
+    }
+    // Its rules with `{clientid}` bound to the client id (assigned or not), so that the will's
+    // topic is checked with them too.
+    let principal = shared.ctx.authorizer.for_client(&principal, &client_id);
     let user_permit = match user_slot(shared, &client_id, &principal) {
         Ok(p) => p,
         Err(r) => return refuse(stream, version, r).await,
@@ -389,12 +405,27 @@ fn client_id(request: &Request) -> Result<(String, Option<String>), Refusal> {
     Ok((id.clone(), Some(id)))
 }
 
-/// Checks the credentials of CONNECT; the principal's ACL rules with `{clientid}` are bound to
-/// `client_id` (assigned or not), so the will's topic is checked with them too.
+/// An assigned client id starts with the principal's first client-id prefix, when it has
+/// one (so that it passes the prefix check).
+fn own_client_id(
+    shared: &Shared,
+    principal: &Principal,
+    client_id: String,
+    assigned: Option<String>,
+) -> (String, Option<String>) {
+    match (assigned, shared.ctx.authorizer.client_id_prefix(principal)) {
+        (Some(_), Some(prefix)) => {
+            let id = format!("{prefix}{}", meshgate_core::wrap::new_id());
+            (id.clone(), Some(id))
+        }
+        (assigned, _) => (client_id, assigned),
+    }
+}
+
+/// Checks the credentials of CONNECT.
 async fn authenticate(
     shared: &Shared,
     login: Option<&Login>,
-    client_id: &str,
     peer: Option<std::net::IpAddr>,
 ) -> Result<Principal, Refusal> {
     let credentials = match login {
@@ -411,7 +442,6 @@ async fn authenticate(
     authorizer
         .authenticate(credentials, peer)
         .await
-        .map(|p| authorizer.for_client(&p, client_id))
         .map_err(|e| {
             let code = match e {
                 AuthError::Invalid | AuthError::InvalidToken(_) => {

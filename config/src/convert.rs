@@ -325,13 +325,29 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
     }
 }
 
-/// A PEM file that must exist (its content is checked when the listener starts).
-fn pem_file(v: &str, path: &str, errors: &mut Errors) -> std::path::PathBuf {
+/// HTTPS on a listener: both files or neither (`<section>.tls_cert_file`, `tls_key_file`).
+fn server_tls(
+    section: &str,
+    cert: &str,
+    key: &str,
+    errors: &mut Errors,
+) -> Option<ServerTlsConfig> {
+    if cert.is_empty() && key.is_empty() {
+        return None;
+    }
+    let why =
+        format!("required with {section}.tls_cert_file / tls_key_file: the path of a PEM file");
+    Some(ServerTlsConfig {
+        cert_file: pem_file(cert, &format!("{section}.tls_cert_file"), &why, errors),
+        key_file: pem_file(key, &format!("{section}.tls_key_file"), &why, errors),
+    })
+}
+
+/// A PEM file that must exist (its content is checked when the listener starts); `why_needed`
+/// when it is not set.
+fn pem_file(v: &str, path: &str, why_needed: &str, errors: &mut Errors) -> std::path::PathBuf {
     if v.is_empty() {
-        errors.push(
-            path,
-            "required when mqtt.tls_listen is set: the path of a PEM file",
-        );
+        errors.push(path, why_needed);
     } else if !std::path::Path::new(v).is_file() {
         errors.push(path, format!("`{v}` is not a readable file"));
     }
@@ -544,6 +560,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let admin = admin.map(|a| AdminConfig {
         enabled: a.enabled,
         listen: addr(&a.listen, "admin.listen", errors),
+        tls: server_tls("admin", &a.tls_cert_file, &a.tls_key_file, errors),
         max_connections: positive(a.max_connections, "admin.max_connections", errors),
         api_token: match a.api_token.as_str() {
             "" => None,
@@ -611,6 +628,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         HttpConfig {
             enabled: h.enabled,
             listen: addr(&h.listen, "http.listen", errors),
+            tls: server_tls("http", &h.tls_cert_file, &h.tls_key_file, errors),
             events_path: route(&h.events_path, "http.events_path", errors),
             max_body_size: size(
                 &h.max_body_size,
@@ -822,10 +840,48 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
             wrap_type: m.wrap_type,
             websocket_path: (!m.websocket_path.is_empty())
                 .then(|| route(&m.websocket_path, "mqtt.websocket_path", errors)),
-            tls: (!m.tls_listen.is_empty()).then(|| MqttTlsConfig {
-                listen: addr(&m.tls_listen, "mqtt.tls_listen", errors),
-                cert_file: pem_file(&m.tls_cert_file, "mqtt.tls_cert_file", errors),
-                key_file: pem_file(&m.tls_key_file, "mqtt.tls_key_file", errors),
+            tls: (!m.tls_listen.is_empty()).then(|| {
+                let why = "required when mqtt.tls_listen is set: the path of a PEM file";
+                let client_auth = match m.tls_client_auth.as_str() {
+                    "none" => ClientAuthMode::None,
+                    "optional" => ClientAuthMode::Optional,
+                    "required" => ClientAuthMode::Required,
+                    other => {
+                        errors.push(
+                            "mqtt.tls_client_auth",
+                            format!("`{other}`: expected \"none\", \"optional\" or \"required\""),
+                        );
+                        ClientAuthMode::None
+                    }
+                };
+                let client_ca_file = match (client_auth, m.tls_client_ca_file.as_str()) {
+                    (ClientAuthMode::None, _) => None,
+                    (_, ca) => Some(pem_file(
+                        ca,
+                        "mqtt.tls_client_ca_file",
+                        "required when mqtt.tls_client_auth is \"optional\" or \"required\": the CA that signs client certificates",
+                        errors,
+                    )),
+                };
+                let identity = match m.tls_identity.as_str() {
+                    "cn" => CertificateIdentity::CommonName,
+                    "san" => CertificateIdentity::SubjectAltName,
+                    other => {
+                        errors.push(
+                            "mqtt.tls_identity",
+                            format!("`{other}`: expected \"cn\" (subject common name) or \"san\" (first DNS, e-mail or URI alternative name)"),
+                        );
+                        CertificateIdentity::CommonName
+                    }
+                };
+                MqttTlsConfig {
+                    listen: addr(&m.tls_listen, "mqtt.tls_listen", errors),
+                    cert_file: pem_file(&m.tls_cert_file, "mqtt.tls_cert_file", why, errors),
+                    key_file: pem_file(&m.tls_key_file, "mqtt.tls_key_file", why, errors),
+                    client_ca_file,
+                    client_auth,
+                    identity,
+                }
             }),
         }
     });
@@ -976,6 +1032,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
             "max_failed_logins",
             "failed_login_window",
             "jwt",
+            "certificates",
         ]
         .contains(&key.as_str())
         {
@@ -1023,6 +1080,22 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
     let empty = Value::Table(Table::new());
     let jwt = section::<raw::Jwt>(t.get("jwt").unwrap_or(&empty), "auth.jwt", errors)
         .map(|j| jwt(j, errors));
+    let certificates = section::<raw::Rules>(
+        t.get("certificates").unwrap_or(&empty),
+        "auth.certificates",
+        errors,
+    )
+    .map(|r| {
+        acl(
+            &r.publish,
+            &r.subscribe,
+            &r.deny_publish,
+            &r.deny_subscribe,
+            &r.client_id_prefixes,
+            "auth.certificates",
+            errors,
+        )
+    });
     let anonymous: Option<raw::Anonymous> = section(
         t.get("anonymous").unwrap_or(&empty),
         "auth.anonymous",
@@ -1066,11 +1139,11 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                         format!("user `{}` is defined twice", u.name),
                     );
                 }
-                if u.password.is_none() && u.tokens.is_empty() {
+                if u.password.is_none() && u.tokens.is_empty() && !u.certificate {
                     errors.push(
                         path.clone(),
                         format!(
-                            "user `{}` has neither a password nor tokens; it could never log in",
+                            "user `{}` has neither a password nor tokens nor `certificate = true`; it could never log in",
                             u.name
                         ),
                     );
@@ -1114,6 +1187,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                     ),
                     name: u.name,
                     password: u.password,
+                    certificate: u.certificate,
                     tokens: u.tokens,
                 });
             }
@@ -1128,6 +1202,7 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
         max_failed_logins,
         failed_login_window,
         jwt: jwt?,
+        certificates: certificates?,
     })
 }
 

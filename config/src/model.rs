@@ -55,6 +55,8 @@ pub struct LogConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// HTTPS instead of HTTP.
+    pub tls: Option<ServerTlsConfig>,
     /// Connections the admin listener holds at once; more are closed at accept.
     pub max_connections: usize,
     /// Bearer token the admin API (`/triggers`) requires; `None`: the API answers 403 (the
@@ -221,6 +223,8 @@ pub struct WrapConfig {
 pub struct HttpConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// HTTPS and WSS instead of HTTP and WS on the web listener.
+    pub tls: Option<ServerTlsConfig>,
     /// Ingress route prefix: `POST {events_path}/{topic}`.
     pub events_path: String,
     /// Largest accepted request body in bytes (at least 64 KiB, the spec's minimum).
@@ -319,6 +323,8 @@ pub struct AnonymousConfig {
 pub struct UserConfig {
     pub name: String,
     pub password: Option<String>,
+    /// May log in with a client certificate naming it (MQTT over TLS).
+    pub certificate: bool,
     pub tokens: Vec<String>,
     pub acl: AclConfig,
 }
@@ -390,6 +396,8 @@ pub struct AuthConfig {
     pub max_failed_logins: u32,
     pub failed_login_window: std::time::Duration,
     pub jwt: JwtConfig,
+    /// Rules of clients whose verified certificate names a user the config does not list.
+    pub certificates: AclConfig,
 }
 
 /// How events are written to MQTT 5 subscribers.
@@ -485,6 +493,34 @@ pub struct MqttTlsConfig {
     /// PEM file with the server certificate chain (leaf first).
     pub cert_file: std::path::PathBuf,
     /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+    /// The CA that signs client certificates (mTLS).
+    pub client_ca_file: Option<std::path::PathBuf>,
+    pub client_auth: ClientAuthMode,
+    /// A verified client certificate's user name: its subject CN, or its first SAN.
+    pub identity: CertificateIdentity,
+}
+
+/// Whether TLS clients present certificates (`mqtt.tls_client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    None,
+    Optional,
+    Required,
+}
+
+/// Which name of a client certificate is the user (`mqtt.tls_identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateIdentity {
+    CommonName,
+    SubjectAltName,
+}
+
+/// HTTPS on a web or admin listener: the certificate chain and key, PEM files (reloaded when
+/// they change).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTlsConfig {
+    pub cert_file: std::path::PathBuf,
     pub key_file: std::path::PathBuf,
 }
 

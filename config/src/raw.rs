@@ -25,6 +25,8 @@ pub struct Admin {
     pub listen: String,
     pub max_connections: i64,
     pub api_token: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl std::fmt::Debug for Admin {
@@ -112,6 +114,8 @@ pub struct Wrap {
 pub struct Http {
     pub enabled: bool,
     pub listen: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
     pub events_path: String,
     pub max_body_size: Size,
     pub max_batch_events: i64,
@@ -171,6 +175,21 @@ pub struct Jwt {
     pub client_id_prefixes: Vec<String>,
 }
 
+/// Rules without an `enabled` switch (`[auth.certificates]`).
+#[derive(Debug, Deserialize)]
+pub struct Rules {
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
+    #[serde(default)]
+    pub client_id_prefixes: Vec<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Anonymous {
     pub enabled: bool,
@@ -190,6 +209,8 @@ pub struct Anonymous {
 pub struct User {
     pub name: String,
     pub password: Option<String>,
+    #[serde(default)]
+    pub certificate: bool,
     #[serde(default)]
     pub tokens: Vec<String>,
     #[serde(default)]
@@ -239,6 +260,9 @@ pub struct Mqtt {
     pub tls_listen: String,
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    pub tls_client_ca_file: String,
+    pub tls_client_auth: String,
+    pub tls_identity: String,
 }
 
 #[derive(Deserialize)]

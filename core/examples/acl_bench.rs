@@ -51,6 +51,7 @@ fn main() {
                 password: Some("pw".into()),
                 tokens: Vec::new(),
                 permissions: Permissions::default(),
+                certificate: false,
             })
             .collect();
         let mut permissions = Permissions {
@@ -63,6 +64,7 @@ fn main() {
             password: Some("pw".into()),
             tokens: Vec::new(),
             permissions,
+            certificate: false,
         });
         let a = Authorizer::new(users, None).expect("valid rules");
         let p = a.user("bench").expect("the user");

@@ -30,6 +30,7 @@ fn main() {
                 password: Some(hash.clone()),
                 tokens: Vec::new(),
                 permissions: Permissions::default(),
+                certificate: false,
             }],
             None,
         )
@@ -51,6 +52,7 @@ fn main() {
                         password: Some(hash.clone()),
                         tokens: Vec::new(),
                         permissions: Permissions::default(),
+                        certificate: false,
                     }],
                     None,
                 )
@@ -81,6 +83,7 @@ fn main() {
             password: Some("pw".into()),
             tokens: Vec::new(),
             permissions: Permissions::default(),
+            certificate: false,
         }],
         None,
     )

@@ -175,6 +175,8 @@ pub struct Permissions {
 pub struct UserSpec {
     pub name: String,
     pub password: Option<String>,
+    /// May log in with a verified client certificate that names it.
+    pub certificate: bool,
     pub tokens: Vec<String>,
     pub permissions: Permissions,
 }
@@ -340,6 +342,7 @@ impl AclSpec {
 struct User {
     principal: Principal,
     password: Option<Stored>,
+    certificate: bool,
     /// As configured: a token user of this name gets them plus its token's (JWT).
     permissions: Permissions,
     acl: AclSpec,
@@ -386,6 +389,8 @@ pub struct Authorizer {
     limiter: LoginLimiter,
     metrics: AuthMetrics,
     jwt: Option<JwtVerifier>,
+    /// Rules of certificate users the config does not list.
+    certificate_rules: Permissions,
 }
 
 impl fmt::Debug for Authorizer {
@@ -444,6 +449,7 @@ impl Authorizer {
                     .map(|p| Stored::parse(&spec.name, p))
                     .transpose()?,
                 permissions: spec.permissions.clone(),
+                certificate: spec.certificate,
                 acl,
             };
             map.insert(spec.name, user);
@@ -476,6 +482,49 @@ impl Authorizer {
             limiter: LoginLimiter::new(LoginPolicy::default()),
             metrics: AuthMetrics::new(&Registry::new()),
             jwt: None,
+            certificate_rules: Permissions::default(),
+        })
+    }
+
+    /// The rules of clients whose verified certificate names a user that is not configured.
+    pub fn with_certificate_rules(mut self, rules: Permissions) -> Result<Self, AuthConfigError> {
+        AclSpec::compile(&rules, "u")?;
+        self.certificate_rules = rules;
+        Ok(self)
+    }
+
+    /// The principal of a client whose certificate the listener's client CA verified, named
+    /// `name` by it: the configured user of that name when it allows certificate logins
+    /// (refused when it does not), else a user with the certificate rules.
+    pub fn certificate_login(&self, name: &str) -> Result<Principal, AuthError> {
+        if name.is_empty()
+            || name.len() > 256
+            || name.contains(['/', '+', '#'])
+            || name.contains(char::is_whitespace)
+            || name.contains(char::is_control)
+        {
+            return Err(AuthError::InvalidToken(
+                "the client certificate's name is not a usable user name",
+            ));
+        }
+        if let Some(user) = self.users.get(name) {
+            return if user.certificate {
+                Ok(user.principal.clone())
+            } else {
+                Err(AuthError::InvalidToken(
+                    "the client certificate names a user that may not log in by certificate",
+                ))
+            };
+        }
+        let acl = AclSpec::compile(&self.certificate_rules, name).map_err(|_| {
+            AuthError::InvalidToken("the certificate rules do not compile for this name")
+        })?;
+        Ok(Principal {
+            name: Arc::from(name),
+            anonymous: false,
+            internal: false,
+            acl: acl.base.clone(),
+            token_acl: Some(Arc::new(acl)),
         })
     }
 
@@ -515,6 +564,7 @@ impl Authorizer {
             limiter: LoginLimiter::new(LoginPolicy::default()),
             metrics: AuthMetrics::new(&Registry::new()),
             jwt: None,
+            certificate_rules: Permissions::default(),
         })
     }
 
@@ -777,6 +827,7 @@ mod tests {
                     subscribe: vec!["commands/{user}/+".into()],
                     ..Permissions::default()
                 },
+                certificate: false,
             }],
             None,
         )
@@ -820,6 +871,7 @@ mod tests {
                 password: Some(password.into()),
                 tokens: vec!["tok-dev1-0001".into()],
                 permissions: Permissions::default(),
+                certificate: false,
             }],
             None,
         )
@@ -954,6 +1006,7 @@ mod tests {
                         deny_publish: vec!["devices/{user}/config".into()],
                         ..Permissions::default()
                     },
+                    certificate: false,
                 }],
                 None,
             )
@@ -1061,6 +1114,7 @@ mod tests {
                 password: Some("$argon2id$v=19$broken".into()),
                 tokens: Vec::new(),
                 permissions: Permissions::default(),
+                certificate: false,
             }],
             None,
         )
@@ -1103,6 +1157,7 @@ mod tests {
                 password: Some("pw".into()),
                 tokens: Vec::new(),
                 permissions: user,
+                certificate: false,
             }],
             Some(anonymous),
         )

@@ -22,6 +22,8 @@ pub mod stable_hash;
 pub mod throttle;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "tls")]
+pub mod tls_server;
 pub mod topic;
 pub mod validate;
 pub mod wrap;

@@ -1,5 +1,6 @@
 //! Wiring: config → backbone, authorizer, adapters and listeners; and the ordered shutdown.
 
+use meshgate_core::tls_server::{ClientAuth, ReloadingAcceptor, ServerTlsFiles};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,6 +43,8 @@ pub enum StartError {
     AnonymousExposed(String),
     #[error("invalid auth configuration: {0}")]
     Auth(#[source] meshgate_core::AuthConfigError),
+    #[error("{0}")]
+    Tls(#[source] meshgate_core::tls_server::ServerTlsError),
     #[error("backbone failed to start: {0}")]
     Backbone(#[source] meshgate_backbone::BackboneStartError),
     #[error("adapter failed to start: {0}")]
@@ -101,6 +104,7 @@ fn authorizer(
             password: u.password.clone(),
             tokens: u.tokens.clone(),
             permissions: permissions(&u.acl),
+            certificate: u.certificate,
         })
         .collect();
     let anonymous = config
@@ -115,7 +119,9 @@ fn authorizer(
     let mut authorizer = Authorizer::new(users, anonymous)
         .map_err(StartError::Auth)?
         .with_login_policy(policy)
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .with_certificate_rules(permissions(&config.auth.certificates))
+        .map_err(StartError::Auth)?;
     if config.auth.jwt.enabled {
         authorizer = authorizer
             .with_jwt(meshgate_config::jwt_spec(&config.auth.jwt))
@@ -147,8 +153,32 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartE
 }
 
 /// Starts every configured listener. Returns once they are bound and serving.
+/// The TLS acceptor of a web or admin listener with `tls` set; `prefix` names its keys.
+fn listener_tls(
+    tls: Option<&meshgate_config::ServerTlsConfig>,
+    prefix: &'static str,
+) -> Result<Option<Arc<ReloadingAcceptor>>, StartError> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let files = ServerTlsFiles {
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        client_ca_file: None,
+        client_auth: ClientAuth::None,
+        alpn: vec![b"http/1.1".to_vec()],
+        key_prefix: prefix,
+    };
+    ReloadingAcceptor::new(files)
+        .map(|a| Some(Arc::new(a)))
+        .map_err(StartError::Tls)
+}
+
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     crate::features::check(&config).map_err(StartError::MissingFeatures)?;
+    // Certificates are read before anything starts: a bad file is a start error naming its key.
+    let web_tls = listener_tls(config.http.tls.as_ref(), "http.tls")?;
+    let admin_tls = listener_tls(config.admin.tls.as_ref(), "admin.tls")?;
     let exposed = web::anonymous_exposure(&config);
     if !exposed.is_empty() {
         if !config.auth.allow_anonymous_on_public {
@@ -306,7 +336,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         );
         let counters = serve::Counters::new(&registry, "http");
         web_task = Some(tokio::spawn(serve::serve(
-            listener, router, limits, counters, stop,
+            listener, router, limits, counters, stop, web_tls,
         )));
     }
     let (mut admin_addr, mut admin_task) = (None, None);
@@ -323,7 +353,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         );
         let counters = serve::Counters::new(&registry, "admin");
         admin_task = Some(tokio::spawn(serve::serve(
-            listener, router, limits, counters, stop,
+            listener, router, limits, counters, stop, admin_tls,
         )));
     }
     readiness.serving.store(true, Ordering::Release);

@@ -8,6 +8,7 @@ pub mod features;
 pub mod logging;
 pub mod process_metrics;
 pub mod serve;
+mod tls_stream;
 pub mod triggers_api;
 pub mod web;
 

@@ -170,6 +170,17 @@ async fn run(config: Config) -> ExitCode {
     meshgate::logging::init(&config.log);
     let backbone_kind = format!("{:?}", config.backbone.kind).to_lowercase();
     let events_path = config.http.events_path.clone();
+    // HTTPS/WSS when the listener has a certificate.
+    let (web_http, web_ws) = if config.http.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    let admin_http = if config.admin.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let ws_path = config.websocket.path.clone();
     let mqtt_ws_path = config.mqtt.websocket_path.clone();
     let amqp = config.amqp.enabled.then(|| {
@@ -206,13 +217,13 @@ async fn run(config: Config) -> ExitCode {
     );
     if let Some(addr) = gateway.web_addr {
         if http_on {
-            println!("http       POST http://{addr}{events_path}/{{topic}}");
+            println!("http       POST {web_http}://{addr}{events_path}/{{topic}}");
         }
         if ws_on {
-            println!("websocket  ws://{addr}{ws_path}");
+            println!("websocket  {web_ws}://{addr}{ws_path}");
         }
         if page_on {
-            println!("browser    http://{addr}/");
+            println!("browser    {web_http}://{addr}/");
         }
     }
     if let Some(addr) = gateway.mqtt_addr {
@@ -224,13 +235,13 @@ async fn run(config: Config) -> ExitCode {
     if gateway.mqtt_addr.is_some()
         && let (Some(web), Some(path)) = (gateway.web_addr, &mqtt_ws_path)
     {
-        println!("mqtt-ws    ws://{web}{path}");
+        println!("mqtt-ws    {web_ws}://{web}{path}");
     }
     if let Some(line) = amqp {
         println!("{line}");
     }
     if let Some(addr) = gateway.admin_addr {
-        println!("admin      http://{addr}/healthz /readyz /metrics");
+        println!("admin      {admin_http}://{addr}/healthz /readyz /metrics");
     }
     tracing::info!("meshgate started");
     signals.wait().await;

@@ -47,8 +47,11 @@ use axum::http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use meshgate_core::metrics::{Counter, Gauge, Registry};
+use meshgate_core::tls_server::ReloadingAcceptor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::tls_stream::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -104,6 +107,8 @@ pub struct Counters {
     bad_heads: Counter,
     not_found: Counter,
     method_not_allowed: Counter,
+    tls_failed: Counter,
+    tls_timeouts: Counter,
     open: Gauge,
 }
 
@@ -118,6 +123,8 @@ impl Counters {
             bad_heads: error(ErrorKind::BadRequest),
             not_found: error(ErrorKind::NotFound),
             method_not_allowed: error(ErrorKind::MethodNotAllowed),
+            tls_failed: error(ErrorKind::TlsHandshake),
+            tls_timeouts: error(ErrorKind::TlsHandshakeTimeout),
             open: registry.gauge(meshgate_core::metrics::CONNECTIONS, &[("adapter", adapter)]),
         }
     }
@@ -160,13 +167,15 @@ fn with_refusals(router: Router, counters: &Counters) -> Router {
 }
 
 /// Serves `router` on `listener` until `stop` is cancelled, then waits for the connections'
-/// in-flight requests.
+/// in-flight requests. With `tls`, each connection's TLS handshake comes first (within
+/// `header_read_timeout`), with the acceptor's files as they are at that moment.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     counters: Counters,
     stop: CancellationToken,
+    tls: Option<Arc<ReloadingAcceptor>>,
 ) -> io::Result<()> {
     // `Semaphore::new` panics above MAX_PERMITS (usize::MAX >> 3); a larger cap is no cap.
     let slots = Arc::new(Semaphore::new(
@@ -196,15 +205,19 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             counters.refused.inc();
-            let _ = stream.try_write(&refused);
+            // Plain HTTP only: on a TLS listener those bytes would be noise to the client.
+            if tls.is_none() {
+                let _ = stream.try_write(&refused);
+            }
             drop(stream);
             continue;
         };
         // Only a latency setting: a socket that refuses it is served anyway.
         let _ = stream.set_nodelay(true);
-        let io = Socket::new(stream, slot, counters.open.clone(), limits.max_header_size);
         connections.spawn(connection(
-            io,
+            stream,
+            slot,
+            tls.as_ref().map(|t| t.acceptor()),
             peer,
             router.clone(),
             limits,
@@ -227,14 +240,36 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+#[allow(clippy::too_many_arguments)] // one connection's whole context, passed once
 async fn connection(
-    io: Socket,
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     router: Router,
     limits: Limits,
     counters: Counters,
     stop: CancellationToken,
 ) {
+    let stream = match tls {
+        None => Stream::Plain(stream),
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    counters.tls_failed.inc();
+                    tracing::debug!(%peer, error = %e, "web listener: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    counters.tls_timeouts.inc();
+                    return;
+                }
+            }
+        }
+    };
+    let io = Socket::new(stream, slot, counters.open.clone(), limits.max_header_size);
     let activity = io.activity.clone();
     let closing = activity.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -327,7 +362,7 @@ struct Activity {
 /// A listener's socket: counts the bytes read (for [`HeadTimer`]) and holds the listener slot
 /// and the open-connections gauge until dropped — after an upgrade, when the WebSocket closes.
 struct Socket {
-    inner: TcpStream,
+    inner: Stream,
     activity: Arc<Activity>,
     _slot: OwnedSemaphorePermit,
     open: Gauge,
@@ -340,7 +375,7 @@ struct Socket {
 
 impl Socket {
     fn new(
-        inner: TcpStream,
+        inner: Stream,
         slot: OwnedSemaphorePermit,
         open: Gauge,
         max_header_size: usize,

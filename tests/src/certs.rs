@@ -124,3 +124,63 @@ pub async fn tls_front(cert: &std::path::Path, key: &std::path::Path, backend: &
     });
     port
 }
+
+/// A client certificate for `cn` (with `email:<cn>@devices.test` as its alternative name)
+/// signed by the CA that [`private_ca`] made in `ca_dir`, written as `<file>.pem` and
+/// `<file>.key` in `ca_dir`. Returns (certificate, key).
+pub fn client_cert(
+    ca_dir: &std::path::Path,
+    cn: &str,
+    file: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (key, csr, cert, ext) = (
+        format!("{file}.key"),
+        format!("{file}.csr"),
+        format!("{file}.pem"),
+        format!("{file}.cnf"),
+    );
+    let subject = format!("/CN={cn}");
+    openssl(
+        &[
+            "req",
+            "-subj",
+            &subject,
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ],
+        ca_dir,
+    );
+    std::fs::write(
+        ca_dir.join(&ext),
+        format!("subjectAltName=email:{cn}@devices.test\nextendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &cert,
+            "-extfile",
+            &ext,
+        ],
+        ca_dir,
+    );
+    (ca_dir.join(cert), ca_dir.join(key))
+}

@@ -394,6 +394,7 @@ pub fn token_user(
     meshgate_config::UserConfig {
         name: name.into(),
         password: None,
+        certificate: false,
         tokens: vec![format!("{name}-token-0123456789")],
         acl: meshgate_config::AclConfig {
             publish,

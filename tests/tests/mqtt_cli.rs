@@ -249,6 +249,9 @@ async fn mqtt_over_tls_with_mosquitto_clients() {
         listen: "127.0.0.1:0".parse().unwrap(),
         cert_file: cert.clone(),
         key_file: key,
+        client_ca_file: None,
+        client_auth: meshgate_config::ClientAuthMode::None,
+        identity: meshgate_config::CertificateIdentity::CommonName,
     });
     let gw = meshgate::start(config).await.unwrap();
     let port = gw.mqtt_tls_addr.unwrap().port().to_string();
@@ -324,6 +327,9 @@ async fn tls_key_that_is_not_a_key_is_a_start_error_naming_the_setting() {
         listen: "127.0.0.1:0".parse().unwrap(),
         cert_file: cert.clone(),
         key_file: cert,
+        client_ca_file: None,
+        client_auth: meshgate_config::ClientAuthMode::None,
+        identity: meshgate_config::CertificateIdentity::CommonName,
     });
     let err = meshgate::start(config).await.err().unwrap().to_string();
     assert!(err.contains("mqtt.tls_key_file"), "{err}");

@@ -32,6 +32,7 @@ fn http_config() -> HttpConfig {
             source: "/meshgate/http".into(),
             event_type: "io.meshgate.http.message".into(),
         },
+        tls: None,
     }
 }
 
@@ -235,6 +236,7 @@ async fn credentials_401_and_acl_403() {
                 subscribe: vec![],
                 ..Permissions::default()
             },
+            certificate: false,
         }],
         None,
     )

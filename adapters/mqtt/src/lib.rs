@@ -201,7 +201,7 @@ pub(crate) struct ClientIdTaken;
 pub struct MqttAdapter {
     shared: Arc<Shared>,
     listener: TcpListener,
-    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    tls: Option<(TcpListener, Arc<tls::ReloadingAcceptor>)>,
 }
 
 impl std::fmt::Debug for MqttAdapter {
@@ -217,7 +217,7 @@ impl std::fmt::Debug for MqttAdapter {
 /// listen on (an ephemeral port can equal a configured one).
 pub struct MqttListeners {
     listener: TcpListener,
-    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    tls: Option<(TcpListener, Arc<tls::ReloadingAcceptor>)>,
 }
 
 impl std::fmt::Debug for MqttListeners {
@@ -243,7 +243,8 @@ impl MqttListeners {
         let tls = match &config.tls {
             None => None,
             Some(t) => {
-                let acceptor = tls::acceptor(t).map_err(|e| AdapterError::Other(e.into()))?;
+                let acceptor =
+                    Arc::new(tls::acceptor(t).map_err(|e| AdapterError::Other(e.into()))?);
                 let listener =
                     TcpListener::bind(t.listen)
                         .await
@@ -347,7 +348,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     ctx: AdapterContext,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tls::ReloadingAcceptor>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -392,10 +393,13 @@ async fn accept_loop(
             // Both held for the connection's life.
             let (_slot, _ip_permit) = (slot, ip_permit);
             match tls {
-                None => session::run(stream, shared, Some(peer.ip())).await,
+                None => session::run(stream, shared, Some(peer.ip()), None).await,
                 // Boxed: a TLS connection's state is large, and inline it would make every
                 // plain connection's task as large (idle connection memory, issue 3).
-                Some(acceptor) => Box::pin(run_tls(stream, shared, acceptor, peer.ip())).await,
+                Some(acceptor) => {
+                    let acceptor = acceptor.acceptor();
+                    Box::pin(run_tls(stream, shared, acceptor, peer.ip())).await
+                }
             }
         });
     }
@@ -410,7 +414,23 @@ async fn run_tls(
 ) {
     let timeout = shared.config.connect_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => session::run(tls_stream, shared, Some(peer)).await,
+        Ok(Ok(tls_stream)) => {
+            let kind = shared
+                .config
+                .tls
+                .as_ref()
+                .map_or(meshgate_config::CertificateIdentity::CommonName, |t| {
+                    t.identity
+                });
+            match tls::identity(&tls_stream, kind) {
+                Ok(user) => session::run(tls_stream, shared, Some(peer), user).await,
+                Err(()) => {
+                    // Verified, but it names nobody: refused at the TLS layer (no CONNECT yet).
+                    tracing::debug!(%peer, "mqtt: a client certificate without a user name");
+                    shared.metrics.error(ErrorKind::Unauthorized);
+                }
+            }
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "mqtt: TLS handshake failed");
             shared.metrics.error(ErrorKind::TlsHandshake);

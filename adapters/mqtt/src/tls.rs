@@ -1,63 +1,41 @@
-//! MQTT over TLS: the server certificate and key from PEM files, served with rustls (ring
-//! provider, TLS 1.2 and 1.3). Client certificates are not requested.
+//! MQTT over TLS: the listener's files as `meshgate_core::tls_server` reads and reloads them,
+//! and the identity of a verified client certificate (mTLS).
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use meshgate_config::MqttTlsConfig;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio_rustls::rustls::{self, ServerConfig};
-
-/// Why the TLS listener cannot be set up; the text names the config key at fault and what
-/// to do.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum TlsSetupError {
-    #[error("mqtt.tls_cert_file: cannot read certificates from {}: {source}", path.display())]
-    ReadCertificates {
-        path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("mqtt.tls_cert_file: no PEM certificate in {}", .0.display())]
-    NoCertificate(PathBuf),
-    #[error(
-        "mqtt.tls_key_file: no usable private key in {} ({source}); PKCS#8, PKCS#1 and SEC1 PEM keys work",
-        path.display()
-    )]
-    Key {
-        path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("mqtt.tls_listen: {0}")]
-    Protocols(#[source] rustls::Error),
-    #[error("mqtt.tls_key_file: the key does not fit the certificate chain: {0}")]
-    KeyMismatch(#[source] rustls::Error),
-}
+use meshgate_config::{CertificateIdentity, ClientAuthMode, MqttTlsConfig};
+pub(crate) use meshgate_core::tls_server::ReloadingAcceptor;
+use meshgate_core::tls_server::{ClientAuth, ServerTlsError, ServerTlsFiles, certificate_identity};
+use tokio_rustls::server::TlsStream;
 
 /// Builds the acceptor; the error names the config key at fault and what to do.
-pub(crate) fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, TlsSetupError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert_file)
-        .and_then(|certs| certs.collect())
-        .map_err(|source| TlsSetupError::ReadCertificates {
-            path: config.cert_file.clone(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsSetupError::NoCertificate(config.cert_file.clone()));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(&config.key_file).map_err(|source| TlsSetupError::Key {
-            path: config.key_file.clone(),
-            source,
-        })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(TlsSetupError::Protocols)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(TlsSetupError::KeyMismatch)?;
-    Ok(TlsAcceptor::from(Arc::new(server)))
+pub(crate) fn acceptor(config: &MqttTlsConfig) -> Result<ReloadingAcceptor, ServerTlsError> {
+    ReloadingAcceptor::new(ServerTlsFiles {
+        cert_file: config.cert_file.clone(),
+        key_file: config.key_file.clone(),
+        client_ca_file: config.client_ca_file.clone(),
+        client_auth: match config.client_auth {
+            ClientAuthMode::None => ClientAuth::None,
+            ClientAuthMode::Optional => ClientAuth::Optional,
+            ClientAuthMode::Required => ClientAuth::Required,
+        },
+        alpn: Vec::new(),
+        key_prefix: "mqtt.tls",
+    })
+}
+
+/// The user a verified client certificate names, when the client presented one. `Err` when it
+/// presented one that names nobody (no CN / SAN of the configured kind).
+pub(crate) fn identity<S>(
+    stream: &TlsStream<S>,
+    kind: CertificateIdentity,
+) -> Result<Option<String>, ()> {
+    let Some(leaf) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    else {
+        return Ok(None);
+    };
+    let san = kind == CertificateIdentity::SubjectAltName;
+    certificate_identity(leaf, san).map(Some).ok_or(())
 }

@@ -104,7 +104,7 @@ async fn bridge(socket: WebSocket, shared: Arc<Shared>, peer: Option<std::net::I
     let (client_side, session_side) = tokio::io::duplex(64 * 1024);
     let (mut from_session, mut to_session) = tokio::io::split(client_side);
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let session = tokio::spawn(session::run(session_side, shared, peer));
+    let session = tokio::spawn(session::run(session_side, shared, peer, None));
     let inbound = async move {
         while let Some(Ok(msg)) = ws_rx.next().await {
             match msg {

@@ -213,6 +213,7 @@ fn acl_authorizer() -> Authorizer {
                 subscribe: vec!["commands/{user}/#".into()],
                 ..Permissions::default()
             },
+            certificate: false,
         }],
         None,
     )

@@ -18,6 +18,7 @@ fn users() -> Authorizer {
             subscribe: vec!["#".into()],
             ..Permissions::default()
         },
+        certificate: false,
     };
     Authorizer::new(
         vec![user("alice"), user("mallory"), user("anonymous")],

@@ -431,6 +431,7 @@ async fn tokens_and_acls_are_enforced_at_the_handshake() {
                 subscribe: vec!["public/#".into()],
                 ..Permissions::default()
             },
+            certificate: false,
         }],
         None,
     )
@@ -607,6 +608,7 @@ async fn per_address_and_per_user_caps_give_503_and_free_on_close() {
                 subscribe: vec!["#".into()],
                 ..Permissions::default()
             },
+            certificate: false,
         }],
         Some(Permissions {
             publish: vec!["#".into()],

@@ -197,6 +197,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
     peer: Option<std::net::IpAddr>,
+    certificate_user: Option<String>,
 ) -> Option<(Session, u16, Registration)> {
     let request = read_connect(stream, buf, shared).await?;
     let version = request.version;
@@ -216,7 +217,16 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return refuse(stream, version, r).await;
     }
-    let principal = match authenticate(shared, request.login.as_ref(), peer).await {
+    let login = match certificate_user {
+        // Mosquitto's `use_identity_as_username`: the CONNECT credentials are not used.
+        Some(user) => shared
+            .ctx
+            .authorizer
+            .certificate_login(&user)
+            .map_err(|e| Refusal::new(ConnectReturnCode::NotAuthorized, e.to_string())),
+        None => authenticate(shared, request.login.as_ref(), peer).await,
+    };
+    let principal = match login {
         Ok(p) => p,
         Err(r) => {
             shared.metrics.error(ErrorKind::Unauthorized);

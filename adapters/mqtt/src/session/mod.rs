@@ -173,9 +173,14 @@ fn to_qos(n: u8) -> QoS {
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 
 /// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) from `peer` until
-/// it ends.
-pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>, peer: Option<std::net::IpAddr>)
-where
+/// it ends. `certificate_user`: the user a verified client certificate names (MQTT over TLS
+/// with client certificates), which the connection is instead of its CONNECT credentials.
+pub(crate) async fn run<S>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    peer: Option<std::net::IpAddr>,
+    certificate_user: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     // In a block, so that what the connect phase returned (a `Session` moved into
@@ -186,7 +191,13 @@ where
         let timeout = shared.config.connect_timeout;
         let connect = tokio::time::timeout(
             timeout,
-            Box::pin(connect_phase(&mut stream, &mut buf, &shared, peer)),
+            Box::pin(connect_phase(
+                &mut stream,
+                &mut buf,
+                &shared,
+                peer,
+                certificate_user,
+            )),
         )
         .await;
         let Ok(Some((session, keep_alive, registration))) = connect else {

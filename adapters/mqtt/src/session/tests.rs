@@ -120,7 +120,7 @@ impl Client {
     /// Connects to a new session task and returns the CONNACK.
     async fn connect(shared: &Arc<Shared>, connect: mq::Connect) -> (Client, mq::ConnAck) {
         let (io, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(super::run(server, shared.clone(), None));
+        tokio::spawn(super::run(server, shared.clone(), None, None));
         let mut client = Client {
             io,
             buf: BytesMut::new(),
@@ -219,7 +219,7 @@ async fn keep_alive_closes_a_silent_connection_after_one_and_a_half_times_it() {
 async fn keep_alive_zero_in_3_1_1_never_times_out() {
     let shared = Shared::new(&config(), &context());
     let (mut io, server) = tokio::io::duplex(4096);
-    tokio::spawn(super::run(server, shared.clone(), None));
+    tokio::spawn(super::run(server, shared.clone(), None, None));
     // CONNECT 3.1.1, clean session, keep-alive 0, client id "k".
     let connect = [
         0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0, 0, 1, b'k',

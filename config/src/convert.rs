@@ -295,6 +295,29 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
             "use a token or a user and password, not both",
         );
     }
+    let tls = NatsTlsConfig {
+        ca_file: some(n.ca_file.clone()).map(|f| pem_file(&f, "backbone.nats.ca_file", "", errors)),
+        client: match (some(n.tls_cert_file), some(n.tls_key_file)) {
+            (None, None) => None,
+            (cert, key) => {
+                let why = "backbone.nats.tls_cert_file and tls_key_file go together: PEM files";
+                Some((
+                    pem_file(
+                        cert.as_deref().unwrap_or(""),
+                        "backbone.nats.tls_cert_file",
+                        why,
+                        errors,
+                    ),
+                    pem_file(
+                        key.as_deref().unwrap_or(""),
+                        "backbone.nats.tls_key_file",
+                        why,
+                        errors,
+                    ),
+                ))
+            }
+        },
+    };
     NatsBackboneConfig {
         urls: n.urls,
         subject_prefix: n.subject_prefix,
@@ -302,6 +325,7 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
         user,
         password,
         token,
+        tls,
         connect_timeout: duration(&n.connect_timeout, "backbone.nats.connect_timeout", errors),
         subscription_capacity: positive(
             n.subscription_capacity,

@@ -177,6 +177,9 @@ pub struct NatsBackboneConfig {
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// TLS to NATS: a CA to trust besides the system's, and a client certificate (mTLS). Read
+    /// at each connection, so a replaced file is used from the next reconnect on.
+    pub tls: NatsTlsConfig,
     /// How long start-up waits for the first connection before serving anyway (not ready).
     pub connect_timeout: Duration,
     /// Messages the NATS client buffers per subscription; beyond it they are dropped (slow
@@ -191,6 +194,14 @@ pub struct NatsBackboneConfig {
     pub max_control_line: usize,
 }
 
+/// TLS files of the NATS connections (`backbone.nats.ca_file`, `tls_cert_file`, `tls_key_file`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NatsTlsConfig {
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The client certificate chain and key, PEM; both or neither.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 impl std::fmt::Debug for NatsBackboneConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Credentials never reach logs.
@@ -201,6 +212,7 @@ impl std::fmt::Debug for NatsBackboneConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("subscription_bytes", &self.subscription_bytes)

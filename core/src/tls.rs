@@ -25,6 +25,9 @@ pub enum TlsSetupError {
     /// The provider cannot do the default protocol versions (not with ring).
     #[error("{0}")]
     Protocols(#[source] rustls::Error),
+    /// The client certificate or its key cannot be read or do not fit together.
+    #[error("the client certificate: {0}")]
+    ClientIdentity(String),
 }
 
 /// The TLS client: the system's root certificates (those it cannot parse are skipped, as is a
@@ -37,6 +40,15 @@ pub fn connector(extra_ca_pem: Option<&[u8]>) -> Result<TlsConnector, TlsSetupEr
 /// The rustls client configuration [`connector`] uses, for clients that take one (the HTTP
 /// client of triggers).
 pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<ClientConfig, TlsSetupError> {
+    client_config_with(extra_ca_pem, None)
+}
+
+/// [`client_config`] that also presents a client certificate: `identity` is the PEM chain and
+/// the PEM key (PKCS#8, PKCS#1 or SEC1), as file contents.
+pub fn client_config_with(
+    extra_ca_pem: Option<&[u8]>,
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<ClientConfig, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
@@ -53,12 +65,24 @@ pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<ClientConfig, TlsSet
             return Err(TlsSetupError::NoCertificate);
         }
     }
-    let config = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+    let builder = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(TlsSetupError::Protocols)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
+        .with_root_certificates(roots);
+    let Some((chain, key)) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let bad = |e: &dyn std::fmt::Display| TlsSetupError::ClientIdentity(e.to_string());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&e))?;
+    if chain.is_empty() {
+        return Err(TlsSetupError::ClientIdentity("no PEM certificate".into()));
+    }
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(&e))?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| bad(&e))
 }
 
 #[cfg(test)]

@@ -831,6 +831,7 @@ pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, AmqpEr
         AmqpError::Config(match e {
             TlsSetupError::NoCertificate => "amqp.ca_file holds no certificate".to_owned(),
             TlsSetupError::Protocols(e) => format!("TLS for amqps: {e}"),
+            e @ TlsSetupError::ClientIdentity(_) => format!("TLS for amqps: {e}"),
             e @ (TlsSetupError::NotPem(_) | TlsSetupError::Unusable(_)) => {
                 format!("amqp.ca_file: {e}")
             }

@@ -78,6 +78,12 @@ pub(super) async fn connect_client(
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if let Some(ca) = &config.tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls.client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
     let client = options
         .connect(addrs)
         .await

@@ -72,6 +72,8 @@ pub(crate) struct Options {
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// A CA and a client certificate for TLS connections.
+    pub tls: meshgate_config::NatsTlsConfig,
     pub connect_timeout: Duration,
     pub subscription_capacity: usize,
     /// Bytes (headers and payload) a subscription's queue holds at most, besides

@@ -101,6 +101,13 @@ pub(crate) enum TlsError {
     Handshake(#[source] std::io::Error),
     #[error(transparent)]
     Setup(#[from] meshgate_core::tls::TlsSetupError),
+    #[error("cannot read {key} {}: {source}", path.display())]
+    File {
+        key: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Longest pause between connection attempts (the pause doubles up to it).
@@ -271,7 +278,7 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             .store(info.max_payload, Ordering::Relaxed);
     }
     let mut io: Box<dyn Io> = if tls_url || info.tls_required {
-        Box::new(tls(tcp, &host).await?)
+        Box::new(tls(tcp, &host, &shared.options.tls).await?)
     } else {
         tcp
     };
@@ -319,11 +326,38 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
     Ok((io, buf))
 }
 
+/// The contents of a TLS file, read at each connection (a replaced file is used from the next
+/// reconnect on).
+fn read_tls_file(path: &std::path::Path, key: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::File {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 async fn tls(
     tcp: Box<dyn Io>,
     host: &str,
+    files: &meshgate_config::NatsTlsConfig,
 ) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, TlsError> {
-    let connector = meshgate_core::tls::connector(None)?;
+    let ca = files
+        .ca_file
+        .as_deref()
+        .map(|p| read_tls_file(p, "backbone.nats.ca_file"))
+        .transpose()?;
+    let identity = match &files.client {
+        None => None,
+        Some((cert, key)) => Some((
+            read_tls_file(cert, "backbone.nats.tls_cert_file")?,
+            read_tls_file(key, "backbone.nats.tls_key_file")?,
+        )),
+    };
+    let config = meshgate_core::tls::client_config_with(
+        ca.as_deref(),
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+    )?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(
         |source| TlsError::ServerName {
             host: host.to_owned(),

@@ -395,6 +395,7 @@ pub(crate) fn client_options(
         user: config.user.clone().filter(|_| config.password.is_some()),
         password: config.password.clone().filter(|_| config.user.is_some()),
         token: config.token.clone(),
+        tls: config.tls.clone(),
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
         subscription_bytes: config.subscription_bytes,

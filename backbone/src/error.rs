@@ -8,6 +8,9 @@ type Cause = Box<dyn std::error::Error + Send + Sync>;
 /// start (the in-memory one always does); the variants say which step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackboneStartError {
+    /// A setting whose file cannot be used (the text names the key).
+    #[error("{0}")]
+    Config(String),
     /// A URL meshgate's own client cannot connect to.
     #[error("backbone.nats.urls: `{url}` is not a NATS server address: {source}")]
     Url {

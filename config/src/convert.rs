@@ -295,6 +295,34 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
             "use a token or a user and password, not both",
         );
     }
+    let nkey = match (some(n.credentials_file), some(n.nkey_seed_file)) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            errors.push(
+                "backbone.nats.nkey_seed_file",
+                "use a credentials file or an NKey seed file, not both",
+            );
+            None
+        }
+        (Some(f), None) => Some(NatsNkey::CredentialsFile(pem_file(
+            &f,
+            "backbone.nats.credentials_file",
+            "",
+            errors,
+        ))),
+        (None, Some(f)) => Some(NatsNkey::SeedFile(pem_file(
+            &f,
+            "backbone.nats.nkey_seed_file",
+            "",
+            errors,
+        ))),
+    };
+    if nkey.is_some() && (user.is_some() || token.is_some()) {
+        errors.push(
+            "backbone.nats.credentials_file",
+            "NKey authentication replaces user/password and token: set one of them",
+        );
+    }
     let tls = NatsTlsConfig {
         ca_file: some(n.ca_file.clone()).map(|f| pem_file(&f, "backbone.nats.ca_file", "", errors)),
         client: match (some(n.tls_cert_file), some(n.tls_key_file)) {
@@ -326,6 +354,7 @@ fn nats_config(n: raw::Nats, errors: &mut Errors) -> NatsBackboneConfig {
         password,
         token,
         tls,
+        nkey,
         connect_timeout: duration(&n.connect_timeout, "backbone.nats.connect_timeout", errors),
         subscription_capacity: positive(
             n.subscription_capacity,

@@ -180,6 +180,8 @@ pub struct NatsBackboneConfig {
     /// TLS to NATS: a CA to trust besides the system's, and a client certificate (mTLS). Read
     /// at each connection, so a replaced file is used from the next reconnect on.
     pub tls: NatsTlsConfig,
+    /// NKey authentication: a `.creds` file (user JWT + seed) or an NKey seed file.
+    pub nkey: Option<NatsNkey>,
     /// How long start-up waits for the first connection before serving anyway (not ready).
     pub connect_timeout: Duration,
     /// Messages the NATS client buffers per subscription; beyond it they are dropped (slow
@@ -192,6 +194,25 @@ pub struct NatsBackboneConfig {
     /// longer (a long topic) is refused instead of sent, because the server would close the
     /// shared connection.
     pub max_control_line: usize,
+}
+
+/// How meshgate proves its NKey to NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NatsNkey {
+    /// `backbone.nats.credentials_file`: a user JWT and its seed (as `nsc` writes them).
+    CredentialsFile(std::path::PathBuf),
+    /// `backbone.nats.nkey_seed_file`: an NKey seed alone.
+    SeedFile(std::path::PathBuf),
+}
+
+impl NatsNkey {
+    /// The file and its config key.
+    pub fn file(&self) -> (&std::path::Path, &'static str) {
+        match self {
+            NatsNkey::CredentialsFile(p) => (p, "backbone.nats.credentials_file"),
+            NatsNkey::SeedFile(p) => (p, "backbone.nats.nkey_seed_file"),
+        }
+    }
 }
 
 /// TLS files of the NATS connections (`backbone.nats.ca_file`, `tls_cert_file`, `tls_key_file`).
@@ -213,6 +234,7 @@ impl std::fmt::Debug for NatsBackboneConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("nkey", &self.nkey)
             .field("connect_timeout", &self.connect_timeout)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("subscription_bytes", &self.subscription_bytes)

@@ -84,6 +84,8 @@ pub struct Nats {
     pub ca_file: String,
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    pub credentials_file: String,
+    pub nkey_seed_file: String,
     pub connect_timeout: String,
     pub subscription_capacity: i64,
     pub subscription_bytes: Size,

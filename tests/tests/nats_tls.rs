@@ -105,3 +105,56 @@ async fn jetstream_over_mutual_tls() {
     drop(server);
     std::fs::remove_dir_all(&pki.dir).ok();
 }
+
+/// A nats-server that knows one user by its NKey, and that user's seed in a file.
+fn nkey_server(name: &str) -> (PathBuf, NatsServer, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("meshgate-nkey-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let seed_file = dir.join("user.nk");
+    std::fs::write(&seed_file, format!("{}\n", user.seed().unwrap())).unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n",
+        user.public_key()
+    ));
+    (dir, server, seed_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_seed_files_authenticate_both_nats_clients() {
+    let (dir, server, seed_file) = nkey_server("ok");
+    for kind in [BackboneKind::Nats, BackboneKind::JetStream] {
+        let mut c = test_config();
+        c.backbone.kind = kind;
+        c.backbone.nats.urls = vec![server.url()];
+        c.backbone.nats.connect_timeout = Duration::from_secs(3);
+        c.backbone.nats.nkey = Some(meshgate_config::NatsNkey::SeedFile(seed_file.clone()));
+        c.backbone.jetstream.stream = "MESHGATE_NKEY".into();
+        let gw = start_gateway(c).await;
+        carries_events(&gw).await;
+        gw.shutdown().await;
+    }
+    // Another user's seed: refused by the server, so not ready.
+    let stranger = dir.join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let mut c = test_config();
+    c.backbone.kind = BackboneKind::Nats;
+    c.backbone.nats.urls = vec![server.url()];
+    c.backbone.nats.connect_timeout = Duration::from_secs(2);
+    c.backbone.nats.nkey = Some(meshgate_config::NatsNkey::SeedFile(stranger));
+    let gw = start_gateway(c).await;
+    assert_eq!(ready(gw.admin_addr.unwrap()).await, 503);
+    gw.shutdown().await;
+    // A file that is no seed: a start error naming the key.
+    let bad = dir.join("bad.nk");
+    std::fs::write(&bad, "not a seed").unwrap();
+    let mut c = test_config();
+    c.backbone.kind = BackboneKind::Nats;
+    c.backbone.nats.urls = vec![server.url()];
+    c.backbone.nats.nkey = Some(meshgate_config::NatsNkey::SeedFile(bad));
+    let err = meshgate::start(c).await.expect_err("refused").to_string();
+    assert!(err.contains("backbone.nats.nkey_seed_file"), "{err}");
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -84,6 +84,22 @@ pub(super) async fn connect_client(
     if let Some((cert, key)) = &config.tls.client {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
+    match &config.nkey {
+        None => {}
+        Some(meshgate_config::NatsNkey::CredentialsFile(path)) => {
+            options = options.credentials_file(path).await.map_err(|e| {
+                BackboneStartError::Config(format!("backbone.nats.credentials_file: {e}"))
+            })?;
+        }
+        Some(meshgate_config::NatsNkey::SeedFile(path)) => {
+            let id = crate::nats::nkey::load(path, "backbone.nats.nkey_seed_file")
+                .map_err(BackboneStartError::Config)?;
+            let seed = id.key.seed().map_err(|e| {
+                BackboneStartError::Config(format!("backbone.nats.nkey_seed_file: {e}"))
+            })?;
+            options = options.nkey(seed);
+        }
+    }
     let client = options
         .connect(addrs)
         .await

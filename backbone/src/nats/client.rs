@@ -74,6 +74,8 @@ pub(crate) struct Options {
     pub token: Option<String>,
     /// A CA and a client certificate for TLS connections.
     pub tls: meshgate_config::NatsTlsConfig,
+    /// NKey authentication: its file, read at each connection.
+    pub nkey: Option<meshgate_config::NatsNkey>,
     pub connect_timeout: Duration,
     pub subscription_capacity: usize,
     /// Bytes (headers and payload) a subscription's queue holds at most, besides

@@ -39,6 +39,9 @@ pub(crate) enum ConnectError {
     /// The server answered the `CONNECT` with another `-ERR`.
     #[error("the server refused the connection: {0}")]
     Refused(String),
+    /// The NKey file cannot be read or used.
+    #[error("{0}")]
+    Nkey(String),
 }
 
 impl ConnectError {
@@ -51,7 +54,7 @@ impl ConnectError {
             ConnectError::ServerClosed => "closed",
             ConnectError::Protocol(_) | ConnectError::NoHeaders => "protocol",
             ConnectError::Tls(_) => "tls",
-            ConnectError::Auth(_) => "auth",
+            ConnectError::Auth(_) | ConnectError::Nkey(_) => "auth",
             ConnectError::Refused(_) => "refused",
         }
     }
@@ -301,6 +304,12 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
     }
     if let Some(token) = &o.token {
         connect["auth_token"] = token.as_str().into();
+    }
+    if let (Some(nkey), Some(nonce)) = (&o.nkey, &info.nonce) {
+        let (path, key) = nkey.file();
+        super::nkey::load(path, key)
+            .and_then(|id| id.sign(nonce, &mut connect))
+            .map_err(ConnectError::Nkey)?;
     }
     let hello = format!("CONNECT {connect}\r\nPING\r\n");
     io.write_all(hello.as_bytes()).await?;

@@ -60,6 +60,7 @@ pub(crate) mod client;
 mod connection;
 pub(crate) mod connector;
 mod fanout;
+pub(crate) mod nkey;
 pub(crate) mod proto;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -105,6 +106,11 @@ impl NatsBackbone {
                 url: url.clone(),
                 source: Box::new(e),
             })?;
+        }
+        // A bad NKey file is a start error naming its key, not a retry loop.
+        if let Some(nkey) = &config.nkey {
+            let (path, key) = nkey.file();
+            nkey::load(path, key).map_err(BackboneStartError::Config)?;
         }
         // One counter for both connections and the fan-out queues.
         let slow_consumer = registry.backbone_dropped(NAME, DropReason::SlowConsumer);
@@ -396,6 +402,7 @@ pub(crate) fn client_options(
         password: config.password.clone().filter(|_| config.user.is_some()),
         token: config.token.clone(),
         tls: config.tls.clone(),
+        nkey: config.nkey.clone(),
         connect_timeout: config.connect_timeout,
         subscription_capacity: config.subscription_capacity,
         subscription_bytes: config.subscription_bytes,

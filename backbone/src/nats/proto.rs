@@ -130,6 +130,9 @@ pub(super) struct Info {
     pub(super) tls_required: bool,
     #[serde(default)]
     pub(super) headers: bool,
+    /// What an NKey client signs (servers with NKey or JWT authentication).
+    #[serde(default)]
+    pub(super) nonce: Option<String>,
 }
 
 pub(super) fn find_crlf(b: &[u8]) -> Option<usize> {

@@ -38,6 +38,7 @@ pub(super) fn unconnected_with(later: Option<Arc<dyn EncodeLater>>) -> Arc<Share
         later,
         max_control_line: 4096,
         tls: meshgate_config::NatsTlsConfig::default(),
+        nkey: None,
     }))
 }
 

@@ -231,6 +231,26 @@ pub(crate) fn convert(a: raw::Amqp, errors: &mut Errors) -> AmqpConfig {
         }
         std::path::PathBuf::from(&a.ca_file)
     });
+    let client_cert = match (a.tls_cert_file.as_str(), a.tls_key_file.as_str()) {
+        ("", "") => None,
+        (cert, key) => {
+            let mut file = |v: &str, k: &str| {
+                if v.is_empty() {
+                    errors.push(
+                        k,
+                        "amqp.tls_cert_file and tls_key_file go together: PEM files",
+                    );
+                } else if !std::path::Path::new(v).is_file() {
+                    errors.push(k, format!("`{v}` is not a readable file"));
+                }
+                std::path::PathBuf::from(v)
+            };
+            Some((
+                file(cert, "amqp.tls_cert_file"),
+                file(key, "amqp.tls_key_file"),
+            ))
+        }
+    };
     let reconnect_min = duration(&a.reconnect_min, "amqp.reconnect_min", errors);
     let reconnect_max = duration(&a.reconnect_max, "amqp.reconnect_max", errors);
     if reconnect_min.is_zero() {
@@ -279,6 +299,7 @@ pub(crate) fn convert(a: raw::Amqp, errors: &mut Errors) -> AmqpConfig {
         user: a.user,
         password: a.password,
         ca_file,
+        client_cert,
         heartbeat,
         connect_timeout,
         reconnect_min,

@@ -572,6 +572,8 @@ pub struct AmqpConfig {
     /// PEM file with CA certificates for the broker's certificate (amqps), trusted in addition
     /// to the system's root certificates; `None`: the system roots only.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate chain and key (PEM) for brokers that verify clients (amqps).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Heartbeat interval proposed to the broker (0: none).
     pub heartbeat: Duration,
     /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.

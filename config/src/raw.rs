@@ -278,6 +278,8 @@ pub struct Amqp {
     pub user: String,
     pub password: String,
     pub ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
     pub heartbeat: String,
     pub connect_timeout: String,
     pub reconnect_min: String,

@@ -1132,3 +1132,68 @@ async fn a_source_with_a_user_is_held_to_that_users_acl() {
     rabbit.delete_queue(&dlq).await;
     rabbit.delete_exchange(&dlx).await;
 }
+
+/// amqps to a broker that requires client certificates (issue 22 item 3): a TLS front that
+/// verifies them stands before RabbitMQ. With `amqp.tls_cert_file`/`tls_key_file` the source
+/// (meshgate's own consumer connection) and the sink (lapin) both connect and carry messages;
+/// without them the handshake fails and /readyz says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_client_certificate() {
+    let dir = std::env::temp_dir().join(format!("meshgate-amqps-mtls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ca, cert, key) = meshgate_tests::certs::private_ca(&dir);
+    let client = meshgate_tests::certs::client_cert(&dir, "meshgate", "client");
+    let port = meshgate_tests::certs::tls_front_verifying(&cert, &key, &ca, "127.0.0.1:5672").await;
+    let rabbit = Rabbit::connect("/").await;
+    let (input, output) = (unique("mtls-in"), unique("mtls-out"));
+    rabbit.queue(&input, None).await;
+    rabbit.queue(&output, None).await;
+
+    let mut config = amqp_config("/");
+    config.amqp.url = format!("amqps://127.0.0.1:{port}");
+    config.amqp.ca_file = Some(ca.clone());
+    config.amqp.client_cert = Some(client.clone());
+    config.amqp.sources = vec![source("mtls", &input, Some("mtls"))];
+    config.amqp.sinks = vec![sink("mtls-out", "out/#", "", &output, AmqpMode::Binary)];
+    let gw = start_gateway(config).await;
+    links_up(&gw).await;
+    let mut ws = ws_connect(gw.web_addr.unwrap(), &["mtls/#"]).await;
+    rabbit
+        .publish(
+            "",
+            &input,
+            BasicProperties::default().with_content_type("text/plain".into()),
+            b"with a client certificate",
+        )
+        .await;
+    let e = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        &e.data().unwrap().to_bytes()[..],
+        b"with a client certificate"
+    );
+    let status = reqwest::Client::new()
+        .post(format!("http://{}/events/out/x", gw.web_addr.unwrap()))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"m1","source":"/t","type":"t","data":"to the sink"}"#)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 202);
+    let got = rabbit.get(&output, Duration::from_secs(10)).await;
+    assert!(got.is_some(), "the sink wrote over mutual TLS");
+    gw.shutdown().await;
+
+    // Without the client certificate the front refuses the handshake.
+    let mut config = amqp_config("/");
+    config.amqp.url = format!("amqps://127.0.0.1:{port}");
+    config.amqp.ca_file = Some(ca.clone());
+    config.amqp.sources = vec![source("mtls-none", &input, None)];
+    let gw = start_gateway(config).await;
+    let (code, _) = readyz_once(gw.admin_addr.unwrap(), "cannot connect").await;
+    assert_eq!(code, 503);
+    gw.shutdown().await;
+    rabbit.delete_queue(&input).await;
+    rabbit.delete_queue(&output).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

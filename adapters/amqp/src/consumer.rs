@@ -825,13 +825,21 @@ fn client_properties(name: &str) -> FieldTable {
 
 /// The TLS client for `amqps`: the system's root certificates, and the CA file's when one is
 /// configured (`ca_pem`: its contents). The errors name `amqp.ca_file`.
-pub(crate) fn tls_connector(ca_pem: Option<&str>) -> Result<TlsConnector, AmqpError> {
+pub(crate) fn tls_connector(
+    ca_pem: Option<&str>,
+    identity: Option<&(Vec<u8>, Vec<u8>)>,
+) -> Result<TlsConnector, AmqpError> {
     use meshgate_core::tls::TlsSetupError;
-    meshgate_core::tls::connector(ca_pem.map(str::as_bytes)).map_err(|e| {
+    meshgate_core::tls::client_config_with(
+        ca_pem.map(str::as_bytes),
+        identity.map(|(c, k)| (c.as_slice(), k.as_slice())),
+    )
+    .map(|c| TlsConnector::from(std::sync::Arc::new(c)))
+    .map_err(|e| {
         AmqpError::Config(match e {
             TlsSetupError::NoCertificate => "amqp.ca_file holds no certificate".to_owned(),
             TlsSetupError::Protocols(e) => format!("TLS for amqps: {e}"),
-            e @ TlsSetupError::ClientIdentity(_) => format!("TLS for amqps: {e}"),
+            e @ TlsSetupError::ClientIdentity(_) => format!("amqp.tls_cert_file: {e}"),
             e @ (TlsSetupError::NotPem(_) | TlsSetupError::Unusable(_)) => {
                 format!("amqp.ca_file: {e}")
             }

@@ -89,17 +89,36 @@ impl Connector {
             })?),
             None => None,
         };
+        // The client certificate and key (read at start), for the own consumer connection
+        // and lapin's (whose rustls side takes a PEM chain and a PEM key as `PKCS8`).
+        let identity = match &config.client_cert {
+            None => None,
+            Some((cert, key)) => {
+                let read = |p: &std::path::Path, k: &str| {
+                    std::fs::read(p).map_err(|e| {
+                        AmqpError::Config(format!("{k}: cannot read `{}`: {e}", p.display()))
+                    })
+                };
+                Some((
+                    read(cert, "amqp.tls_cert_file")?,
+                    read(key, "amqp.tls_key_file")?,
+                ))
+            }
+        };
         let target_tls = match scheme {
             AMQPScheme::AMQPS => {
                 let name = ServerName::try_from(host.clone()).map_err(|e| {
                     AmqpError::Config(format!("amqp.url: `{host}` is not a host name: {e}"))
                 })?;
-                Some((consumer::tls_connector(ca_pem.as_deref())?, name))
+                Some((
+                    consumer::tls_connector(ca_pem.as_deref(), identity.as_ref())?,
+                    name,
+                ))
             }
             AMQPScheme::AMQP => None,
         };
         let tls = OwnedTLSConfig {
-            identity: None,
+            identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
             cert_chain: ca_pem,
         };
         let target = Arc::new(Target {

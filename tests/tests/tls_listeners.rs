@@ -331,6 +331,36 @@ publish = ["svc/#"]
             && !l.ends_with(" 0")),
         "{m}"
     );
+    // tls_identity = "san": the first alternative name (here the e-mail) is the user.
+    let (scert, skey) = (server_dir.join("cert.pem"), server_dir.join("key.pem"));
+    let mut c = test_config();
+    c.auth.anonymous.enabled = false;
+    c.auth.certificates.publish = vec!["devices/{user}/#".into()];
+    c.mqtt.enabled = true;
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c.mqtt.tls = Some(meshgate_config::MqttTlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_file: scert,
+        key_file: skey,
+        client_ca_file: Some(client_ca.clone()),
+        client_auth: meshgate_config::ClientAuthMode::Optional,
+        identity: meshgate_config::CertificateIdentity::SubjectAltName,
+    });
+    let gw2 = start_gateway(c).await;
+    let port2 = gw2.mqtt_tls_addr.unwrap().port();
+    let mut seen2 = meshgate_tests::bus_subscribe(&gw2, "#").await;
+    let topic = "devices/sensor-7@devices.test/u";
+    let (code, out) = mosquitto_tls(port2, &server_ca, Some(&device), "d3", topic);
+    assert_eq!(code, Some(0), "{out}");
+    let d =
+        meshgate_tests::next_delivery(&mut seen2, Duration::from_secs(5), "the SAN user's publish")
+            .await;
+    assert_eq!(d.envelope.topic.to_string(), topic);
+    // Optional: a client without a certificate completes the handshake; with anonymous access
+    // off it is refused at CONNECT.
+    let (code, out) = mosquitto_tls(port2, &server_ca, None, "n2", "devices/x/t");
+    assert_ne!(code, Some(0), "{out}");
+    gw2.shutdown().await;
     gw.shutdown().await;
     for d in [server_dir, clients, rogue_dir] {
         std::fs::remove_dir_all(d).ok();

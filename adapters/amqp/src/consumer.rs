@@ -62,7 +62,9 @@ const READ_CHUNK: usize = 64 * 1024;
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Where and as whom to connect (built once from the config by `link::Connector`).
+/// Where and as whom to connect (built from the config by `link::Connector`; its TLS part
+/// again at each connection).
+#[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) host: String,
     pub(crate) port: u16,

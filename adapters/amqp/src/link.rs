@@ -18,14 +18,67 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 use lapin::{Connection, ConnectionProperties};
 use meshgate_config::AmqpConfig;
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
+use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
+
+/// The TLS files of amqps connections, read at each connection: a replaced CA or client
+/// certificate is used from the next (re)connection on.
+#[derive(Clone)]
+struct TlsFiles {
+    ca_file: Option<std::path::PathBuf>,
+    client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// `amqps`: the name the broker's certificate must carry; `None` for `amqp`.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl TlsFiles {
+    /// lapin's TLS settings and the own consumer's connector, from the files as they are now.
+    fn read(
+        &self,
+    ) -> Result<(OwnedTLSConfig, Option<(TlsConnector, ServerName<'static>)>), AmqpError> {
+        let read = |p: &std::path::Path, k: &str| {
+            std::fs::read(p)
+                .map_err(|e| AmqpError::Config(format!("{k}: cannot read `{}`: {e}", p.display())))
+        };
+        let ca_pem = match &self.ca_file {
+            Some(path) => Some(String::from_utf8(read(path, "amqp.ca_file")?).map_err(|_| {
+                AmqpError::Config(format!(
+                    "amqp.ca_file: `{}` is not PEM text",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        // The client certificate and key, for the own consumer connection and lapin's (whose
+        // rustls side takes a PEM chain and a PEM key as `PKCS8`).
+        let identity = match &self.client_cert {
+            None => None,
+            Some((cert, key)) => Some((
+                read(cert, "amqp.tls_cert_file")?,
+                read(key, "amqp.tls_key_file")?,
+            )),
+        };
+        let connector = match &self.server_name {
+            Some(name) => Some((
+                consumer::tls_connector(ca_pem.as_deref(), identity.as_ref())?,
+                name.clone(),
+            )),
+            None => None,
+        };
+        let tls = OwnedTLSConfig {
+            identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+            cert_chain: ca_pem,
+        };
+        Ok((tls, connector))
+    }
+}
 
 /// How to reach the broker: everything but the per-link connection name.
 #[derive(Clone)]
 pub(crate) struct Connector {
     uri: AMQPUri,
-    tls: OwnedTLSConfig,
+    tls: TlsFiles,
     /// The sources' own consumer connections (consumer.rs) go to the same place.
     target: Arc<Target>,
     connect_timeout: Duration,
@@ -80,47 +133,19 @@ fn split_url(url: &str) -> Result<(AMQPScheme, String, u16), AmqpError> {
 impl Connector {
     pub(crate) fn new(config: &AmqpConfig, instance: Arc<str>) -> Result<Connector, AmqpError> {
         let (scheme, host, port) = split_url(&config.url)?;
-        let ca_pem = match &config.ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                AmqpError::Config(format!(
-                    "amqp.ca_file: cannot read `{}`: {e}",
-                    path.display()
-                ))
+        let server_name = match scheme {
+            AMQPScheme::AMQPS => Some(ServerName::try_from(host.clone()).map_err(|e| {
+                AmqpError::Config(format!("amqp.url: `{host}` is not a host name: {e}"))
             })?),
-            None => None,
-        };
-        // The client certificate and key (read at start), for the own consumer connection
-        // and lapin's (whose rustls side takes a PEM chain and a PEM key as `PKCS8`).
-        let identity = match &config.client_cert {
-            None => None,
-            Some((cert, key)) => {
-                let read = |p: &std::path::Path, k: &str| {
-                    std::fs::read(p).map_err(|e| {
-                        AmqpError::Config(format!("{k}: cannot read `{}`: {e}", p.display()))
-                    })
-                };
-                Some((
-                    read(cert, "amqp.tls_cert_file")?,
-                    read(key, "amqp.tls_key_file")?,
-                ))
-            }
-        };
-        let target_tls = match scheme {
-            AMQPScheme::AMQPS => {
-                let name = ServerName::try_from(host.clone()).map_err(|e| {
-                    AmqpError::Config(format!("amqp.url: `{host}` is not a host name: {e}"))
-                })?;
-                Some((
-                    consumer::tls_connector(ca_pem.as_deref(), identity.as_ref())?,
-                    name,
-                ))
-            }
             AMQPScheme::AMQP => None,
         };
-        let tls = OwnedTLSConfig {
-            identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
-            cert_chain: ca_pem,
+        let files = TlsFiles {
+            ca_file: config.ca_file.clone(),
+            client_cert: config.client_cert.clone(),
+            server_name,
         };
+        // Read now so that a bad file is a start error; read again at each connection.
+        let (_, target_tls) = files.read()?;
         let target = Arc::new(Target {
             host: host.clone(),
             port,
@@ -150,7 +175,7 @@ impl Connector {
         };
         Ok(Connector {
             uri,
-            tls,
+            tls: files,
             target,
             connect_timeout: config.connect_timeout,
             instance,
@@ -164,12 +189,9 @@ impl Connector {
             format!("meshgate {} {} {}", self.instance, link.kind, link.name).into(),
         );
         let runtime = lapin::runtime::default_runtime()?;
-        let attempt = Connection::connect_uri_with_config(
-            self.uri.clone(),
-            properties,
-            self.tls.clone(),
-            runtime,
-        );
+        let (tls, _) = self.tls.read()?;
+        let attempt =
+            Connection::connect_uri_with_config(self.uri.clone(), properties, tls, runtime);
         let attempt = async { attempt.await.map_err(AmqpError::from) };
         self.bounded(attempt).await
     }
@@ -177,7 +199,12 @@ impl Connector {
     /// A source's consumer connection (consumer.rs), bounded by `amqp.connect_timeout`.
     pub(crate) async fn consumer(&self, link: &Link) -> Result<consumer::Connection, AmqpError> {
         let name = format!("meshgate {} {} {}", self.instance, link.kind, link.name);
-        self.bounded(consumer::Connection::open(&self.target, &name))
+        let (_, tls) = self.tls.read()?;
+        let target = Target {
+            tls,
+            ..(*self.target).clone()
+        };
+        self.bounded(consumer::Connection::open(&target, &name))
             .await
     }
 

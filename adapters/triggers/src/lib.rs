@@ -98,6 +98,10 @@ struct Inner {
     dispatcher: Arc<Dispatcher>,
     /// Replaced and deleted triggers whose deliveries may not have ended yet.
     retired: Mutex<Vec<Arc<Trigger>>>,
+    /// One [`Triggers::apply`] at a time: a `put` and this instance's own store watch apply
+    /// the same document at once; without it both start the trigger and the second replaces
+    /// the first, whose already-pulled JetStream messages then wait out `ack_wait`.
+    applying: tokio::sync::Mutex<()>,
 }
 
 impl Triggers {
@@ -117,6 +121,7 @@ impl Triggers {
                 stop: tokio_util::sync::CancellationToken::new(),
                 dispatcher: Arc::default(),
                 retired: Mutex::default(),
+                applying: tokio::sync::Mutex::new(()),
             }),
         };
         for c in configs {
@@ -288,6 +293,7 @@ impl Triggers {
         config: TriggerConfig,
         reindex: bool,
     ) -> Result<Applied, TriggerError> {
+        let _one_at_a_time = self.inner.applying.lock().await;
         let name = config.name.clone();
         if self
             .running()

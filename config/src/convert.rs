@@ -1121,7 +1121,16 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
     };
     let failed_login_window = match t.get("failed_login_window") {
         None => Duration::from_secs(60),
-        Some(Value::String(s)) => duration(s, "auth.failed_login_window", errors),
+        Some(Value::String(s)) => {
+            let d = duration(s, "auth.failed_login_window", errors);
+            if d.is_zero() {
+                errors.push(
+                    "auth.failed_login_window",
+                    "must be longer than 0 (auth.max_failed_logins = 0 turns the limit off)",
+                );
+            }
+            d
+        }
         Some(_) => {
             errors.push(
                 "auth.failed_login_window",
@@ -1178,12 +1187,12 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
                     continue;
                 };
                 if u.name.is_empty()
-                    || u.name.contains(['/', '+', '#'])
+                    || u.name.contains(['/', '+', '#', '{', '}'])
                     || u.name.contains(char::is_whitespace)
                 {
                     errors.push(
                         format!("{path}.name"),
-                        "must be non-empty, without `/`, `+`, `#` or whitespace",
+                        "must be non-empty, without `/`, `+`, `#`, `{`, `}` or whitespace",
                     );
                 }
                 if !names.insert(u.name.clone()) {

@@ -11,13 +11,17 @@ const PREFIX: &str = "MESHGATE__";
 
 /// Keys of a user table (or `auth.anonymous`) that hold lists and have no default value (for
 /// users created by environment variables, and the deny lists).
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
     "tokens",
     "publish",
     "subscribe",
     "deny_publish",
     "deny_subscribe",
+    "client_id_prefixes",
 ];
+
+/// Keys the defaults do not have that are booleans (a user's `certificate`).
+const BOOL_KEYS: [&str; 1] = ["certificate"];
 
 /// Why a variable cannot be applied; the text is the config error's message (the variable's
 /// name is added by [`Errors::push`]).
@@ -118,6 +122,11 @@ fn set_in(node: &mut Value, segments: &[String], raw: &str, path: &str) -> Resul
                     None if LIST_KEYS.contains(&seg.as_str()) => {
                         list(raw).map_err(EnvError::List)?
                     }
+                    None if BOOL_KEYS.contains(&seg.as_str()) => typed(&Value::Boolean(false), raw)
+                        .map_err(|problem| EnvError::Value {
+                            path: path.to_owned(),
+                            problem,
+                        })?,
                     // Not in the defaults: a string; deserialization reports it if unknown.
                     None => Value::String(raw.to_owned()),
                 };

@@ -1010,3 +1010,30 @@ fn client_id_prefixes_are_checked() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn env_sets_a_users_certificate_flag_and_client_id_prefixes() {
+    let c = load_str(
+        "",
+        "t",
+        env(&[
+            ("MESHGATE__AUTH__USERS__0__NAME", "svc"),
+            ("MESHGATE__AUTH__USERS__0__CERTIFICATE", "true"),
+            (
+                "MESHGATE__AUTH__USERS__0__CLIENT_ID_PREFIXES",
+                "svc-, legacy-",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert!(c.auth.users[0].certificate);
+    assert_eq!(
+        c.auth.users[0].acl.client_id_prefixes,
+        vec!["svc-", "legacy-"]
+    );
+    let errs = errors_of("[auth]\nfailed_login_window = \"0s\"\n", &[]);
+    assert!(
+        has(&errs, "auth.failed_login_window", "longer than 0"),
+        "{errs:?}"
+    );
+}

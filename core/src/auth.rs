@@ -499,7 +499,8 @@ impl Authorizer {
     pub fn certificate_login(&self, name: &str) -> Result<Principal, AuthError> {
         if name.is_empty()
             || name.len() > 256
-            || name.contains(['/', '+', '#'])
+            // `{` / `}`: a name such as `{clientid}` would become a template in `{user}` rules.
+            || name.contains(['/', '+', '#', '{', '}'])
             || name.contains(char::is_whitespace)
             || name.contains(char::is_control)
         {
@@ -635,14 +636,16 @@ impl Authorizer {
         from: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
         let started = Instant::now();
+        // Counted by the name presented, configured or not (the answers must not tell which
+        // names exist); a JWT's MQTT user name is free text and not counted.
         let user_name = match credentials {
-            Credentials::Password { username, .. } if self.users.contains_key(username) => {
+            Credentials::Password { username, password } if !self.is_jwt(password) => {
                 Some(username)
             }
             _ => None,
         };
         if !matches!(credentials, Credentials::None)
-            && let Some(retry_after) = self.limiter.locked(from, user_name)
+            && let Err(retry_after) = self.limiter.begin(from, user_name)
         {
             self.metrics.rate_limited.inc();
             return Err(AuthError::RateLimited { retry_after });
@@ -678,18 +681,15 @@ impl Authorizer {
             }
             Credentials::Token(token) => self.token_user(token).ok_or(AuthError::Invalid),
         };
+        // The attempt was counted as a failure when it began.
         match &result {
-            Ok(p) => self.limiter.succeeded(from, Some(p.name())),
-            Err(AuthError::Invalid) => {
-                self.metrics.invalid.inc();
-                self.limiter.failed(from, user_name);
+            Ok(_) => self.limiter.succeeded(from, user_name),
+            Err(AuthError::Invalid | AuthError::InvalidToken(_)) => self.metrics.invalid.inc(),
+            Err(AuthError::Busy) => {
+                self.metrics.busy.inc();
+                self.limiter.undo(from, user_name);
             }
-            Err(AuthError::InvalidToken(_)) => {
-                self.metrics.invalid.inc();
-                self.limiter.failed(from, None);
-            }
-            Err(AuthError::Busy) => self.metrics.busy.inc(),
-            Err(_) => {}
+            Err(_) => self.limiter.undo(from, user_name),
         }
         result
     }
@@ -931,7 +931,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_user_names_lock_only_their_address() {
+    async fn unknown_user_names_are_counted_like_known_ones() {
         let a = one_user("pw").with_login_policy(LoginPolicy {
             max_failures: 2,
             window: Duration::from_secs(60),

@@ -224,6 +224,20 @@ subscribe = ["devices/{{user}}/#"]
     assert_eq!(status, 429);
     let secs: u64 = retry_after.expect("Retry-After on 429").parse().unwrap();
     assert!((1..=window.as_secs()).contains(&secs), "Retry-After {secs}");
+    // The WebSocket handshake from the locked address: 429 with Retry-After too.
+    let r = reqwest::Client::new()
+        .get(format!("http://{web}/ws?subscribe=devices%2Fdev%2F%23"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "cloudevents.json")
+        .bearer_auth("some-token-value")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     let out = mosquitto_command("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string()])
         .args([

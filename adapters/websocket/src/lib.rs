@@ -204,12 +204,16 @@ async fn handshake(
         Ok(p) => p,
         Err(e @ (AuthError::RateLimited { .. } | AuthError::Busy)) => {
             shared.metrics.error(ErrorKind::Unauthorized);
-            let status = if matches!(e, AuthError::Busy) {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::TOO_MANY_REQUESTS
+            let (status, retry_after) = match e {
+                AuthError::RateLimited { retry_after } => {
+                    (StatusCode::TOO_MANY_REQUESTS, retry_after.as_secs().max(1))
+                }
+                _ => (StatusCode::SERVICE_UNAVAILABLE, 1),
             };
-            return problem(status, e.to_string());
+            let mut r = problem(status, e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+            return r;
         }
         Err(AuthError::Required) => {
             shared.metrics.error(ErrorKind::Unauthorized);

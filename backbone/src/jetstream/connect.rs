@@ -78,6 +78,9 @@ pub(super) async fn connect_client(
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if config.tls.ca_file.is_some() || config.tls.client.is_some() {
+        options = options.require_tls(true);
+    }
     if let Some(ca) = &config.tls.ca_file {
         options = options.add_root_certificates(ca.clone());
     }

@@ -280,8 +280,13 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             .max_payload
             .store(info.max_payload, Ordering::Relaxed);
     }
-    let mut io: Box<dyn Io> = if tls_url || info.tls_required {
-        Box::new(tls(tcp, &host, &shared.options.tls).await?)
+    // TLS files configured: TLS even on a nats:// URL to a server that does not ask for it, so
+    // that credentials never go in clear to a server meant to be reached over TLS.
+    let files = &shared.options.tls;
+    let want_tls =
+        tls_url || info.tls_required || files.ca_file.is_some() || files.client.is_some();
+    let mut io: Box<dyn Io> = if want_tls {
+        Box::new(tls(tcp, &host, files).await?)
     } else {
         tcp
     };
@@ -289,7 +294,7 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
     let mut connect = serde_json::json!({
         "verbose": false,
         "pedantic": false,
-        "tls_required": tls_url || info.tls_required,
+        "tls_required": want_tls,
         "name": o.name,
         "lang": "rust-meshgate",
         "version": env!("CARGO_PKG_VERSION"),

@@ -328,7 +328,8 @@ impl JwtVerifier {
             .ok_or("the token has no user claim (auth.jwt.user_claim)")?;
         if user.is_empty()
             || user.len() > 256
-            || user.contains(['/', '+', '#'])
+            // `{` / `}`: a name such as `{clientid}` would become a template in `{user}` rules.
+            || user.contains(['/', '+', '#', '{', '}'])
             || user.contains(char::is_whitespace)
             || user.contains(char::is_control)
         {
@@ -448,6 +449,7 @@ mod tests {
         assert!(with("aud", "other".into()).contains("audience"));
         assert!(with("iss", "https://evil.example".into()).contains("issuer"));
         assert!(with("sub", "a/b".into()).contains("user name"));
+        assert!(with("sub", "{clientid}".into()).contains("user name"));
         assert!(with("publish", "devices/#".into()).contains("not a list"));
         let many: Vec<String> = (0..65).map(|i| format!("t/{i}")).collect();
         assert!(with("publish", many.into()).contains("64"));

@@ -82,6 +82,16 @@ fn is_bcrypt(value: &str) -> bool {
         .any(|p| value.starts_with(p))
 }
 
+/// The part of a hash that sets its cost: the algorithm and parameters, without the salt and
+/// digest (`$argon2id$v=19$m=19456,t=2,p=1`, `$2b$12`).
+fn cost_of(hash: &str) -> &str {
+    let keep = if is_bcrypt(hash) { 2 } else { 3 };
+    match hash.match_indices('$').nth(keep) {
+        Some((i, _)) => &hash[..i],
+        None => hash,
+    }
+}
+
 /// Verifies `password` against a hash: CPU-bound, run on the blocking pool.
 fn verify_hash(hash: &str, password: &[u8]) -> bool {
     if is_bcrypt(hash) {
@@ -154,13 +164,20 @@ impl Passwords {
         use argon2::password_hash::rand_core::{OsRng, RngCore};
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
-        let floor = hashes
-            .max_by_key(|h| h.len())
+        // One verification per distinct algorithm and cost (the hash without its salt and
+        // digest); the slowest sets the floor.
+        let mut costs: HashMap<&str, &str> = HashMap::new();
+        for h in hashes {
+            costs.entry(cost_of(h)).or_insert(h);
+        }
+        let floor = costs
+            .values()
             .map(|h| {
                 let start = Instant::now();
                 verify_hash(h, b"\0meshgate: measuring the verification time\0");
                 start.elapsed().min(Duration::from_millis(500))
             })
+            .max()
             .unwrap_or_default();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Passwords {
@@ -217,12 +234,21 @@ impl Passwords {
     /// One hash verification on the blocking pool, after a permit; refused when too many wait.
     async fn verify_bounded(&self, hash: Arc<str>, password: Vec<u8>) -> Result<bool, HashRefusal> {
         use std::sync::atomic::Ordering::Relaxed;
+        /// Gives the waiting slot back however the wait ends, also when the login is dropped
+        /// while it waits (an MQTT connect timeout).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
         if self.waiting.fetch_add(1, Relaxed) >= self.max_waiting {
             self.waiting.fetch_sub(1, Relaxed);
             return Err(HashRefusal::Busy);
         }
+        let waiting = Waiting(&self.waiting);
         let permit = self.hashing.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Relaxed);
+        drop(waiting);
         let Ok(permit) = permit else {
             return Err(HashRefusal::Busy);
         };
@@ -304,6 +330,17 @@ mod tests {
         p.max_waiting = 0;
         let user: Arc<str> = Arc::from("u");
         assert_eq!(p.check(&user, &stored, b"pw").await, Err(HashRefusal::Busy));
+    }
+
+    #[test]
+    fn the_floor_is_set_by_the_slowest_cost_whatever_the_hash_lengths() {
+        let fast = hash_password(b"a-much-longer-password-string", 8, 1).unwrap();
+        let slow = hash_password(b"pw", 19456, 2).unwrap();
+        assert_eq!(cost_of(&slow), "$argon2id$v=19$m=19456,t=2,p=1");
+        assert_eq!(cost_of("$2b$12$abcdefghijklmnopqrstuv"), "$2b$12");
+        let only_slow = Passwords::new(std::iter::once(slow.as_str())).floor();
+        let both = Passwords::new([fast.as_str(), slow.as_str()].into_iter()).floor();
+        assert!(both * 2 >= only_slow, "{both:?} against {only_slow:?}");
     }
 
     #[test]

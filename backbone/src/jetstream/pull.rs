@@ -459,6 +459,25 @@ impl Pull {
     }
 }
 
+impl Drop for Pull {
+    /// Deliveries already in the inbox's queue were never handed out: they are given back at
+    /// once (`-NAK`) rather than left to come back after `ack_wait` (a trigger replaced or
+    /// deleted, a subscription ended, shutdown). Those still on the wire when the subscription
+    /// goes are not seen here, and do wait for `ack_wait`.
+    fn drop(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while let Poll::Ready(Some(m)) = Pin::new(&mut self.messages).poll_next(&mut cx) {
+            if m.subject == self.inbox {
+                continue;
+            }
+            if let Some(reply) = m.reply.as_deref().and_then(|r| std::str::from_utf8(r).ok()) {
+                // Not waited for: a full write buffer or a closed client loses only the speed-up.
+                let _ = self.client.publish_with_reply(reply, None, b"", b"-NAK");
+            }
+        }
+    }
+}
+
 impl Stream for Pull {
     type Item = Msg;
 
@@ -704,6 +723,43 @@ mod tests {
             }
         });
         rx
+    }
+
+    /// Deliveries that reached the inbox but were never taken are given back (`-NAK`) when the
+    /// pull is dropped, instead of waiting out `ack_wait`.
+    #[tokio::test]
+    async fn a_dropped_pull_gives_back_what_it_held() {
+        use futures_util::StreamExt;
+        let (client, _serving, server) = serving(64 << 10).await;
+        let mut pull = Pull::start(&client, "S", "C", Default::default()).unwrap();
+        // One poll: it subscribes and asks.
+        let _ = tokio::time::timeout(Duration::from_millis(50), pull.next()).await;
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        let sub = line_of(&mut r, &mut seen, "SUB ").await;
+        let inbox = sub.split(' ').nth(1).unwrap().to_owned();
+        line_of(&mut r, &mut seen, "PUB $JS.API.CONSUMER.MSG.NEXT").await;
+        let mut send = String::new();
+        for n in 1..=3 {
+            send.push_str(&format!("MSG p.x 1 $JS.ACK.S.C.1.{n}.{n}.0.0 2\r\nhi\r\n"));
+        }
+        w.write_all(send.as_bytes()).await.unwrap();
+        // Queued in the inbox, never polled out.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(pull);
+        let naks = async {
+            for n in 1..=3 {
+                let line = line_of(&mut r, &mut seen, "PUB $JS.ACK").await;
+                assert!(
+                    line.starts_with(&format!("PUB $JS.ACK.S.C.1.{n}.{n}.0.0 4")),
+                    "{line} ({inbox})"
+                );
+                assert_eq!(line_of(&mut r, &mut seen, "-NAK").await, "-NAK");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), naks)
+            .await
+            .expect("the three deliveries given back within 5 s");
     }
 
     #[tokio::test]

@@ -49,8 +49,34 @@ impl NatsServer {
     pub fn start_with(args: &[&str]) -> NatsServer {
         let mut server = NatsServer::prepare();
         server.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
-        server.restart();
+        server.first_start();
         server
+    }
+
+    /// The first start: when the server exits before listening because another process took
+    /// one of its ports between [`free_port`] and its bind, again on new ports (up to 5 times).
+    fn first_start(&mut self) {
+        for attempt in 1..=5 {
+            match self.try_restart() {
+                Ok(()) => return,
+                Err(e) if attempt == 5 => panic!("{e}"),
+                Err(_) => {
+                    self.port = free_port();
+                    if let Some(old) = self.monitor {
+                        let mut new = free_port();
+                        while new == self.port {
+                            new = free_port();
+                        }
+                        for a in &mut self.extra_args {
+                            if *a == old.to_string() {
+                                *a = new.to_string();
+                            }
+                        }
+                        self.monitor = Some(new);
+                    }
+                }
+            }
+        }
     }
 
     /// Starts a server with JetStream on a free port and a configuration file holding `config`
@@ -61,7 +87,7 @@ impl NatsServer {
         let file = server.dir.join("nats-server.conf");
         std::fs::write(&file, config).expect("the nats-server configuration file is written");
         server.extra_args = vec!["-c".to_owned(), file.display().to_string()];
-        server.restart();
+        server.first_start();
         server
     }
 
@@ -83,9 +109,15 @@ impl NatsServer {
     /// Starts a server with JetStream and its HTTP monitoring on free ports (for
     /// [`NatsServer::closed_by_server`]).
     pub fn start_monitored() -> NatsServer {
-        let monitor = free_port();
-        let mut server = NatsServer::start_with(&["-m", &monitor.to_string()]);
+        let mut server = NatsServer::prepare();
+        // Two calls of `free_port` can return the same port (it was given back in between).
+        let mut monitor = free_port();
+        while monitor == server.port {
+            monitor = free_port();
+        }
+        server.extra_args = vec!["-m".to_owned(), monitor.to_string()];
         server.monitor = Some(monitor);
+        server.first_start();
         server
     }
 
@@ -145,6 +177,13 @@ impl NatsServer {
 
     /// Starts it again on the same port and store (after [`NatsServer::kill`]).
     pub fn restart(&mut self) {
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`NatsServer::restart`]; `Err` when the server exits before listening.
+    fn try_restart(&mut self) -> Result<(), String> {
         self.kill();
         let child = Command::new(binary())
             .args([
@@ -167,10 +206,10 @@ impl NatsServer {
             // A bad argument or configuration file makes it exit at once: say so now.
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "nats-server {:?} exited ({status}) before listening on {}",
                     self.extra_args, self.port
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -179,6 +218,7 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ pub mod backbone;
 pub mod backoff;
 pub mod event;
 mod event_error;
+pub mod file_watch;
 pub mod filter;
 pub mod header;
 pub mod json;

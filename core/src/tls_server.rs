@@ -10,8 +10,9 @@
 //! in the log, once per change.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, RwLock};
+
+use crate::file_watch::FileWatch;
 
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -157,27 +158,11 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, ServerTlsEr
     Ok(config)
 }
 
-/// The size and modification time of a file, to notice a change.
-type Stamp = Option<(u64, SystemTime)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
-}
-
-/// How often the files are looked at, at most.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
-
-struct Watch {
-    checked: Instant,
-    stamps: Vec<Stamp>,
-}
-
 /// A TLS acceptor that follows its files (see the module documentation).
 pub struct ReloadingAcceptor {
     files: ServerTlsFiles,
     current: RwLock<TlsAcceptor>,
-    watch: Mutex<Watch>,
+    watch: FileWatch,
 }
 
 impl std::fmt::Debug for ReloadingAcceptor {
@@ -192,27 +177,21 @@ impl ReloadingAcceptor {
     /// Reads the files; the error names the config key at fault.
     pub fn new(files: ServerTlsFiles) -> Result<Self, ServerTlsError> {
         let config = server_config(&files)?;
-        let stamps = Self::stamps(&files);
+        let watch = FileWatch::new(
+            [
+                Some(&files.cert_file),
+                Some(&files.key_file),
+                files.client_ca_file.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
         Ok(ReloadingAcceptor {
             files,
             current: RwLock::new(TlsAcceptor::from(Arc::new(config))),
-            watch: Mutex::new(Watch {
-                checked: Instant::now(),
-                stamps,
-            }),
+            watch,
         })
-    }
-
-    fn stamps(files: &ServerTlsFiles) -> Vec<Stamp> {
-        [
-            Some(&files.cert_file),
-            Some(&files.key_file),
-            files.client_ca_file.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|p| stamp(p))
-        .collect()
     }
 
     /// The acceptor for a new connection: the current configuration, rebuilt first when a
@@ -226,19 +205,9 @@ impl ReloadingAcceptor {
     }
 
     fn reload_if_changed(&self) {
-        let Ok(mut watch) = self.watch.try_lock() else {
-            // Another accept is looking: this one uses the current configuration.
-            return;
-        };
-        if watch.checked.elapsed() < RELOAD_CHECK {
+        if !self.watch.changed() {
             return;
         }
-        watch.checked = Instant::now();
-        let stamps = Self::stamps(&self.files);
-        if stamps == watch.stamps {
-            return;
-        }
-        watch.stamps = stamps;
         match server_config(&self.files) {
             Ok(config) => {
                 if let Ok(mut current) = self.current.write() {

@@ -16,14 +16,15 @@
 //! ([`MAX_TOKEN_BYTES`]): a token is client input.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::RwLock;
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use super::Permissions;
+use crate::file_watch::FileWatch;
 
 /// A token longer than this is refused before it is decoded.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -180,24 +181,11 @@ pub(super) struct Claims {
     pub subscribe: Vec<String>,
 }
 
-/// The size and modification time of a key file, to notice a change.
-type Stamp = Option<(u64, SystemTime)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
-}
-
-struct Watch {
-    checked: Instant,
-    stamps: Vec<Stamp>,
-}
-
 /// Verifies tokens; reloads its key files when they change.
 pub(super) struct JwtVerifier {
     spec: JwtSpec,
     keys: RwLock<std::sync::Arc<Keys>>,
-    watch: Mutex<Watch>,
+    watch: FileWatch,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -208,20 +196,14 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
-/// How often the key files are looked at, at most.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
-
 impl JwtVerifier {
     pub(super) fn new(spec: JwtSpec) -> Result<Self, String> {
         let keys = load(&spec)?;
-        let stamps = Self::files(&spec).map(stamp).collect();
+        let watch = FileWatch::new(Self::files(&spec).map(Path::to_path_buf));
         Ok(JwtVerifier {
             spec,
             keys: RwLock::new(std::sync::Arc::new(keys)),
-            watch: Mutex::new(Watch {
-                checked: Instant::now(),
-                stamps,
-            }),
+            watch,
         })
     }
 
@@ -238,20 +220,11 @@ impl JwtVerifier {
 
     /// Reloads the keys when a file changed since the last look (at most once a second).
     fn reload_if_changed(&self) {
-        let Ok(mut watch) = self.watch.lock() else {
-            return;
-        };
-        if watch.checked.elapsed() < RELOAD_CHECK {
-            return;
-        }
-        watch.checked = Instant::now();
-        let stamps: Vec<Stamp> = Self::files(&self.spec).map(stamp).collect();
-        if stamps == watch.stamps {
+        if !self.watch.changed() {
             return;
         }
         match load(&self.spec) {
             Ok(keys) => {
-                watch.stamps = stamps;
                 if let Ok(mut k) = self.keys.write() {
                     *k = std::sync::Arc::new(keys);
                 }
@@ -259,7 +232,6 @@ impl JwtVerifier {
             }
             Err(e) => {
                 // Keep the old keys; try again once the file changes again.
-                watch.stamps = stamps;
                 tracing::warn!(
                     "auth.jwt: key files changed but cannot be used ({e}); keeping the previous keys"
                 );
@@ -383,8 +355,8 @@ mod tests {
     const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 
     fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
     }

@@ -32,11 +32,12 @@ struct TlsFiles {
     server_name: Option<ServerName<'static>>,
 }
 
+/// The contents of the TLS files: the CA PEM and the client certificate chain and key.
+type TlsContents = (Option<String>, Option<(Vec<u8>, Vec<u8>)>);
+
 impl TlsFiles {
-    /// lapin's TLS settings and the own consumer's connector, from the files as they are now.
-    fn read(
-        &self,
-    ) -> Result<(OwnedTLSConfig, Option<(TlsConnector, ServerName<'static>)>), AmqpError> {
+    /// The files as they are now.
+    fn contents(&self) -> Result<TlsContents, AmqpError> {
         let read = |p: &std::path::Path, k: &str| {
             std::fs::read(p)
                 .map_err(|e| AmqpError::Config(format!("{k}: cannot read `{}`: {e}", p.display())))
@@ -50,8 +51,6 @@ impl TlsFiles {
             })?),
             None => None,
         };
-        // The client certificate and key, for the own consumer connection and lapin's (whose
-        // rustls side takes a PEM chain and a PEM key as `PKCS8`).
         let identity = match &self.client_cert {
             None => None,
             Some((cert, key)) => Some((
@@ -59,18 +58,26 @@ impl TlsFiles {
                 read(key, "amqp.tls_key_file")?,
             )),
         };
-        let connector = match &self.server_name {
-            Some(name) => Some((
-                consumer::tls_connector(ca_pem.as_deref(), identity.as_ref())?,
-                name.clone(),
-            )),
-            None => None,
-        };
-        let tls = OwnedTLSConfig {
+        Ok((ca_pem, identity))
+    }
+
+    /// lapin's TLS settings (its rustls side takes a PEM chain and a PEM key as `PKCS8`).
+    fn lapin(&self) -> Result<OwnedTLSConfig, AmqpError> {
+        let (ca_pem, identity) = self.contents()?;
+        Ok(OwnedTLSConfig {
             identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
             cert_chain: ca_pem,
+        })
+    }
+
+    /// The own consumer connection's connector (`amqps` only).
+    fn consumer(&self) -> Result<Option<(TlsConnector, ServerName<'static>)>, AmqpError> {
+        let Some(name) = &self.server_name else {
+            return Ok(None);
         };
-        Ok((tls, connector))
+        let (ca_pem, identity) = self.contents()?;
+        let connector = consumer::tls_connector(ca_pem.as_deref(), identity.as_ref())?;
+        Ok(Some((connector, name.clone())))
     }
 }
 
@@ -145,7 +152,8 @@ impl Connector {
             server_name,
         };
         // Read now so that a bad file is a start error; read again at each connection.
-        let (_, target_tls) = files.read()?;
+        files.contents()?;
+        let target_tls = files.consumer()?;
         let target = Arc::new(Target {
             host: host.clone(),
             port,
@@ -189,7 +197,7 @@ impl Connector {
             format!("meshgate {} {} {}", self.instance, link.kind, link.name).into(),
         );
         let runtime = lapin::runtime::default_runtime()?;
-        let (tls, _) = self.tls.read()?;
+        let tls = self.tls.lapin()?;
         let attempt =
             Connection::connect_uri_with_config(self.uri.clone(), properties, tls, runtime);
         let attempt = async { attempt.await.map_err(AmqpError::from) };
@@ -199,7 +207,7 @@ impl Connector {
     /// A source's consumer connection (consumer.rs), bounded by `amqp.connect_timeout`.
     pub(crate) async fn consumer(&self, link: &Link) -> Result<consumer::Connection, AmqpError> {
         let name = format!("meshgate {} {} {}", self.instance, link.kind, link.name);
-        let (_, tls) = self.tls.read()?;
+        let tls = self.tls.consumer()?;
         let target = Target {
             tls,
             ..(*self.target).clone()

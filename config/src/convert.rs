@@ -1092,22 +1092,17 @@ fn auth(value: &Value, errors: &mut Errors) -> Option<AuthConfig> {
             errors.push(format!("auth.{key}"), "unknown key");
         }
     }
-    let allow_anonymous_on_public = match t.get("allow_anonymous_on_public") {
+    // `auth.<key>`: a boolean, false when absent.
+    let mut switch = |key: &str| match t.get(key) {
         None => false,
         Some(Value::Boolean(b)) => *b,
         Some(_) => {
-            errors.push("auth.allow_anonymous_on_public", "must be true or false");
+            errors.push(format!("auth.{key}"), "must be true or false");
             false
         }
     };
-    let allow_plaintext_passwords = match t.get("allow_plaintext_passwords") {
-        None => false,
-        Some(Value::Boolean(b)) => *b,
-        Some(_) => {
-            errors.push("auth.allow_plaintext_passwords", "must be true or false");
-            false
-        }
-    };
+    let allow_anonymous_on_public = switch("allow_anonymous_on_public");
+    let allow_plaintext_passwords = switch("allow_plaintext_passwords");
     let max_failed_logins = match t.get("max_failed_logins") {
         None => 10,
         Some(Value::Integer(n)) if (0..=i64::from(u32::MAX)).contains(n) => *n as u32,

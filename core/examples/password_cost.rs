@@ -15,6 +15,21 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// An authorizer with one user, `u`, whose stored password is `password`.
+fn one_user(password: &str) -> Authorizer {
+    Authorizer::new(
+        vec![UserSpec {
+            name: "u".into(),
+            password: Some(password.into()),
+            tokens: Vec::new(),
+            permissions: Permissions::default(),
+            certificate: false,
+        }],
+        None,
+    )
+    .unwrap()
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -22,41 +37,20 @@ fn main() {
         .unwrap();
     println!("| Argon2id cost | first login (hash verified) | returning user (digest) |");
     println!("|---|---:|---:|");
+    let login = || Credentials::Password {
+        username: "u",
+        password: b"pw",
+    };
     for (m, t) in [(19_456, 2), (65_536, 3), (8_192, 1)] {
         let hash = hash_password(b"pw", m, t).unwrap();
-        let a = Authorizer::new(
-            vec![UserSpec {
-                name: "u".into(),
-                password: Some(hash.clone()),
-                tokens: Vec::new(),
-                permissions: Permissions::default(),
-                certificate: false,
-            }],
-            None,
-        )
-        .unwrap()
-        .with_login_policy(LoginPolicy {
+        let a = one_user(&hash).with_login_policy(LoginPolicy {
             max_failures: 0,
             window: Duration::from_secs(1),
         });
-        let login = || Credentials::Password {
-            username: "u",
-            password: b"pw",
-        };
         // A new authorizer per sample, so that each first login verifies the hash.
         let first: Vec<Duration> = (0..7)
             .map(|_| {
-                let fresh = Authorizer::new(
-                    vec![UserSpec {
-                        name: "u".into(),
-                        password: Some(hash.clone()),
-                        tokens: Vec::new(),
-                        permissions: Permissions::default(),
-                        certificate: false,
-                    }],
-                    None,
-                )
-                .unwrap();
+                let fresh = one_user(&hash);
                 let t = Instant::now();
                 runtime.block_on(fresh.authenticate(login(), None)).unwrap();
                 t.elapsed()
@@ -77,29 +71,11 @@ fn main() {
         );
     }
     // CPU per returning login without the floor: the digest and comparison only.
-    let plain = Authorizer::new(
-        vec![UserSpec {
-            name: "u".into(),
-            password: Some("pw".into()),
-            tokens: Vec::new(),
-            permissions: Permissions::default(),
-            certificate: false,
-        }],
-        None,
-    )
-    .unwrap();
+    let plain = one_user("pw");
     let n = 100_000;
     let t = Instant::now();
     for _ in 0..n {
-        runtime
-            .block_on(plain.authenticate(
-                Credentials::Password {
-                    username: "u",
-                    password: b"pw",
-                },
-                None,
-            ))
-            .unwrap();
+        runtime.block_on(plain.authenticate(login(), None)).unwrap();
     }
     println!(
         "\ndigest comparison (no hash, no floor): {:.2} µs per login",

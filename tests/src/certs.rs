@@ -3,14 +3,20 @@
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
-fn openssl(args: &[&str], dir: &std::path::Path) {
-    let status = std::process::Command::new("openssl")
+/// Runs `openssl args` in `dir`; its standard output. Panics with openssl's message when it
+/// fails.
+pub fn openssl(args: &[&str], dir: &std::path::Path) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
         .args(args)
         .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
+        .output()
         .expect("openssl runs (Debian package openssl)");
-    assert!(status.success(), "openssl {args:?}");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`cert.pem`,
@@ -82,28 +88,69 @@ pub fn private_ca(
     )
 }
 
-/// A TLS acceptor (rustls with ring) serving `cert` (PEM chain) with `key`.
-pub fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+/// A TLS acceptor (rustls with ring) serving `cert` (PEM chain) with `key`; with `client_ca`,
+/// it requires client certificates that CA signed.
+fn acceptor_with(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
         .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key).unwrap();
     tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// A TLS acceptor (rustls with ring) serving `cert` (PEM chain) with `key`.
+pub fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    acceptor_with(cert, key, None)
 }
 
 /// A TLS front on a free loopback port for the plain TCP service at `backend` (as a
 /// TLS-terminating proxy would be): returns its port.
 pub async fn tls_front(cert: &std::path::Path, key: &std::path::Path, backend: &str) -> u16 {
-    let acceptor = acceptor(cert, key);
+    front(acceptor(cert, key), backend).await
+}
+
+/// [`tls_front`] that requires a client certificate signed by `client_ca` (PEM file), as a
+/// broker with `verify_peer` and `fail_if_no_peer_cert` would.
+pub async fn tls_front_verifying(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+    backend: &str,
+) -> u16 {
+    front(acceptor_with(cert, key, Some(client_ca)), backend).await
+}
+
+/// Accepts TLS with `acceptor` on a free loopback port and relays each connection to
+/// `backend`; returns the port.
+async fn front(acceptor: tokio_rustls::TlsAcceptor, backend: &str) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let backend = backend.to_owned();
@@ -183,58 +230,4 @@ pub fn client_cert(
         ca_dir,
     );
     (ca_dir.join(cert), ca_dir.join(key))
-}
-
-/// [`tls_front`] that requires a client certificate signed by `client_ca` (PEM file), as a
-/// broker with `verify_peer` and `fail_if_no_peer_cert` would.
-pub async fn tls_front_verifying(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    client_ca: &std::path::Path,
-    backend: &str,
-) -> u16 {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(client_ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let backend = backend.to_owned();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let backend = backend.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    port
 }

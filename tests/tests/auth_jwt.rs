@@ -8,11 +8,12 @@
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use meshgate_tests::certs::openssl;
 use meshgate_tests::{Process, mosquitto_command, spawn_logging_to};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
@@ -26,20 +27,6 @@ fn now() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-fn openssl(args: &[&str], dir: &Path) -> Vec<u8> {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 struct Keys {

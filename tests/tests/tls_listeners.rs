@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,20 +22,10 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-/// A TLS client trusting only the CA in `ca`.
+/// A TLS client trusting the CA in `ca` (and the system's roots): meshgate's own outbound
+/// TLS client.
 fn connector(ca: &Path) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    meshgate_core::tls::connector(Some(&std::fs::read(ca).unwrap())).unwrap()
 }
 
 type Wss =

@@ -248,3 +248,39 @@ pub fn certificate_identity(cert: &CertificateDer<'_>, san: bool) -> Option<Stri
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &[u8] =
+        include_bytes!("../../fuzz/corpus/certificate_identity/seed-ec-cn-and-san.der");
+
+    /// A client certificate is verified by rustls before its name is read, but the reader is
+    /// x509-parser on bytes a client sent: any bytes give a name or none, never a panic.
+    #[test]
+    fn fuzz_certificate_identity() {
+        // A minimal DER SEQUENCE and a truncated one, besides random bytes and the corpus
+        // (fuzz/corpus/certificate_identity: a real certificate with a CN and two SANs, which
+        // the mutations start from).
+        let seeds: [&[u8]; 3] = [b"\x30\x03\x02\x01\x01", b"\x30\x82\x01", b""];
+        meshgate_fuzz::run(
+            "certificate_identity",
+            meshgate_fuzz::bytes("certificate_identity", &seeds, 1024),
+            |b| Some(b.to_vec()),
+            |bytes| {
+                let cert = CertificateDer::from(bytes.clone());
+                let cn = certificate_identity(&cert, false);
+                let san = certificate_identity(&cert, true);
+                // The checked-in certificate itself reads as it was made.
+                if bytes == SEED
+                    && (cn.as_deref() != Some("sensor-7")
+                        || san.as_deref() != Some("sensor-7@devices.test"))
+                {
+                    return Err(format!("seed read as {cn:?} / {san:?}"));
+                }
+                Ok(())
+            },
+        );
+    }
+}

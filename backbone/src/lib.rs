@@ -8,6 +8,7 @@ pub mod jetstream;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod queue;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
 
+use crate::queue::{self, TrySendError};
 use futures_util::Stream;
 use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
@@ -40,14 +41,12 @@ use meshgate_core::{
     Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
     TopicFilter, TopicIndex, TryPublish,
 };
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 
 #[derive(Debug)]
 struct Sub {
     id: u64,
     group: Option<(String, TopicFilter)>,
-    tx: mpsc::Sender<Delivery>,
+    tx: queue::Sender<Delivery>,
     /// Set when a publish gave up waiting for this subscriber (`block`); cleared once its
     /// queue is half empty again. While set, publishes do not wait for it.
     stalled: Arc<AtomicBool>,
@@ -57,15 +56,14 @@ impl Sub {
     /// A copy of the event could be queued: a stalled subscriber whose queue has drained to
     /// half is waited for again.
     fn sent(&self) {
-        if self.stalled.load(Ordering::Relaxed) && self.tx.capacity() * 2 >= self.tx.max_capacity()
-        {
+        if self.stalled.load(Ordering::Relaxed) && self.tx.len() * 2 <= self.tx.capacity() {
             self.stalled.store(false, Ordering::Relaxed);
         }
     }
 }
 
 /// A full queue a `block` publish waits for.
-type Blocked = (mpsc::Sender<Delivery>, Arc<AtomicBool>);
+type Blocked = (queue::Sender<Delivery>, Arc<AtomicBool>);
 
 #[derive(Debug, Default)]
 struct State {
@@ -248,7 +246,7 @@ impl MemoryBackbone {
     /// event was dropped for that subscriber.
     async fn wait_for_room(
         &self,
-        tx: &mpsc::Sender<Delivery>,
+        tx: &queue::Sender<Delivery>,
         stalled: &AtomicBool,
         envelope: &Arc<Envelope>,
         deadline: tokio::time::Instant,
@@ -276,7 +274,7 @@ impl MemoryBackbone {
 struct MemoryStream {
     id: u64,
     filter: TopicFilter,
-    rx: mpsc::Receiver<Delivery>,
+    rx: queue::Receiver<Delivery>,
     backbone: Weak<Inner>,
 }
 
@@ -332,7 +330,7 @@ impl Backbone for MemoryBackbone {
                 .capacity
                 .unwrap_or(inner.config.queue_capacity)
                 .max(1);
-            let (tx, rx) = mpsc::channel(capacity);
+            let (tx, rx) = queue::bounded(capacity);
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let group = options.queue_group.map(|g| (g, filter.clone()));
             {

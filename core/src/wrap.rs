@@ -194,13 +194,15 @@ pub struct Wrapper {
 }
 
 impl Wrapper {
-    pub fn new(source: impl Into<String>, ty: impl Into<String>) -> Result<Wrapper, EventError> {
+    /// A wrapper for `source`; `ty` may be an `Arc<str>` shared by many wrappers (one per MQTT
+    /// connection: the configured type is not copied for each).
+    pub fn new(source: impl Into<String>, ty: impl Into<Arc<str>>) -> Result<Wrapper, EventError> {
         let (source, ty) = (source.into(), ty.into());
         crate::validate::uri_reference("source", &source)?;
         crate::validate::non_empty_string("type", &ty)?;
         Ok(Wrapper {
             source: source.into(),
-            ty: ty.into(),
+            ty,
         })
     }
 

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod fd_limit;
 pub mod features;
+pub mod huge_pages;
 pub mod logging;
 pub mod process_metrics;
 pub mod serve;

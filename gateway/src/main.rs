@@ -128,6 +128,7 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    meshgate::huge_pages::disable_unless_asked();
     let cli = Cli::parse();
     match cli.command {
         Command::Passwd {

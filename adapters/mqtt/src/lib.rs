@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     /// read and per write batch.
     bytes_in: Counter,
     bytes_out: Counter,
+    /// `mqtt.wrap_type`, shared by every connection's wrapper instead of copied into each.
+    wrap_type: Arc<str>,
 }
 
 struct Client {
@@ -95,6 +97,7 @@ impl Shared {
             pipeline: ctx.backbone.publish_round_trips(),
             pipeline_qos0: ctx.backbone.publish_round_trips() && ctx.backbone.qos0_round_trips(),
             in_process: ctx.backbone.delivers_in_process(),
+            wrap_type: Arc::from(config.wrap_type.as_str()),
             config: config.clone(),
             ctx: ctx.clone(),
             metrics,

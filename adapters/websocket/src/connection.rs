@@ -666,122 +666,135 @@ fn classify_error(err: tungstenite::Error, max: usize, metrics: &AdapterMetrics)
 /// Runs a connection until the client leaves, a protocol rule closes it, the slow-consumer
 /// policy disconnects it, or the gateway shuts down (what its subscriptions hold and the queue
 /// go out first, then close 1001).
-pub(crate) async fn run(
+///
+/// A plain function returning an `async move` block rather than an `async fn`: rustc keeps an
+/// async fn's arguments as upvars and again as locals, so the 360-byte WebSocket stream and
+/// the principal took their space twice in every idle connection's task (the MQTT session's
+/// loop is written the same way, decision 0020).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future (see above)"
+)]
+pub(crate) fn run(
     mut ws: WebSocket,
     shared: Arc<Shared>,
     principal: Principal,
     initial: Vec<TopicFilter>,
-) {
-    let id = shared.ctx.next_connection_id();
-    let ping_interval = shared.config.ping_interval;
-    let max = shared.config.max_message_size;
-    tracing::debug!(
-        connection = id,
-        principal = principal.name(),
-        "websocket connected"
-    );
-    let shutdown = shared.ctx.shutdown.clone();
-    let shutdown = shutdown.cancelled();
-    tokio::pin!(shutdown);
-    let timer = tokio::time::sleep(ping_interval);
-    tokio::pin!(timer);
-    let mut conn = Conn {
-        shared,
-        principal,
-        id,
-        subs: Vec::new(),
-        next_sub: 0,
-        queue: VecDeque::new(),
-        queued: 0,
-        writing: false,
-        unflushed: Vec::new(),
-        to_ack: Vec::new(),
-        op: None,
-        last_seen: Instant::now(),
-        killed: None,
-        draining: false,
-    };
-    // Answered with the greeting `io.meshgate.subscribed` (also without filters), so a client
-    // knows when it is subscribed.
-    conn.subscribe(initial, None);
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let id = shared.ctx.next_connection_id();
+        let ping_interval = shared.config.ping_interval;
+        let max = shared.config.max_message_size;
+        tracing::debug!(
+            connection = id,
+            principal = principal.name(),
+            "websocket connected"
+        );
+        let shutdown = shared.ctx.shutdown.clone();
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let timer = tokio::time::sleep(ping_interval);
+        tokio::pin!(timer);
+        let mut conn = Conn {
+            shared,
+            principal,
+            id,
+            subs: Vec::new(),
+            next_sub: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+            writing: false,
+            unflushed: Vec::new(),
+            to_ack: Vec::new(),
+            op: None,
+            last_seen: Instant::now(),
+            killed: None,
+            draining: false,
+        };
+        // Answered with the greeting `io.meshgate.subscribed` (also without filters), so a client
+        // knows when it is subscribed.
+        conn.subscribe(initial, None);
 
-    let end = loop {
-        let step = std::future::poll_fn(|cx| {
-            conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
-        })
-        .await;
-        match step {
-            Step::Frame(frame) => {
-                conn.last_seen = Instant::now();
-                match frame {
-                    None => break End::Client,
-                    Some(Err(e)) => break classify_error(e, max, &conn.shared.metrics),
-                    Some(Ok(Message::Text(text))) => conn.handle_text(text.as_str()),
-                    Some(Ok(Message::Binary(_))) => {
-                        break End::Close(close_frame(
-                            close_code::UNSUPPORTED_DATA,
-                            "binary frames are not supported on cloudevents.json; send JSON text frames",
+        let end = loop {
+            let step = std::future::poll_fn(|cx| {
+                conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
+            })
+            .await;
+            match step {
+                Step::Frame(frame) => {
+                    conn.last_seen = Instant::now();
+                    match frame {
+                        None => break End::Client,
+                        Some(Err(e)) => break classify_error(e, max, &conn.shared.metrics),
+                        Some(Ok(Message::Text(text))) => conn.handle_text(text.as_str()),
+                        Some(Ok(Message::Binary(_))) => {
+                            break End::Close(close_frame(
+                                close_code::UNSUPPORTED_DATA,
+                                "binary frames are not supported on cloudevents.json; send JSON text frames",
+                            ));
+                        }
+                        // Pings are answered by the protocol layer; a close frame is answered there
+                        // too and the stream then ends.
+                        Some(Ok(_)) => {}
+                    }
+                }
+                Step::Op(done) => conn.finish_op(done),
+                Step::Flushed => conn.settle_sent().await,
+                Step::Ack => conn.ack_unsent().await,
+                Step::Timer if conn.draining => break End::Shutdown,
+                Step::Timer => {
+                    timer.as_mut().reset(Instant::now() + ping_interval);
+                    // A peer that answered nothing for two ping intervals is gone (half-open TCP,
+                    // suspended laptop): close instead of holding its resources forever.
+                    if conn.last_seen.elapsed() > ping_interval * 2 {
+                        conn.shared.metrics.error(ErrorKind::PingTimeout);
+                        break End::Killed(close_frame(
+                            close_code::GOING_AWAY,
+                            "no answer to pings",
                         ));
                     }
-                    // Pings are answered by the protocol layer; a close frame is answered there
-                    // too and the stream then ends.
-                    Some(Ok(_)) => {}
+                    conn.queue.push_back(Outbound::Ping);
                 }
-            }
-            Step::Op(done) => conn.finish_op(done),
-            Step::Flushed => conn.settle_sent().await,
-            Step::Ack => conn.ack_unsent().await,
-            Step::Timer if conn.draining => break End::Shutdown,
-            Step::Timer => {
-                timer.as_mut().reset(Instant::now() + ping_interval);
-                // A peer that answered nothing for two ping intervals is gone (half-open TCP,
-                // suspended laptop): close instead of holding its resources forever.
-                if conn.last_seen.elapsed() > ping_interval * 2 {
-                    conn.shared.metrics.error(ErrorKind::PingTimeout);
-                    break End::Killed(close_frame(close_code::GOING_AWAY, "no answer to pings"));
+                Step::Shutdown => {
+                    // The backbone was closed first: each subscription ends once it handed over
+                    // what it holds. The timer becomes the deadline for that.
+                    conn.draining = true;
+                    timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
                 }
-                conn.queue.push_back(Outbound::Ping);
+                Step::Drained => break End::Shutdown,
+                Step::Killed => {
+                    let frame = conn.killed.take().unwrap_or_else(|| {
+                        close_frame(close_code::POLICY_VIOLATION, "slow consumer")
+                    });
+                    break End::Killed(frame);
+                }
+                Step::WriteFailed => break End::Client,
             }
-            Step::Shutdown => {
-                // The backbone was closed first: each subscription ends once it handed over
-                // what it holds. The timer becomes the deadline for that.
-                conn.draining = true;
-                timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+        };
+        // The subscriptions end here (except at shutdown, where they ended already).
+        conn.subs.clear();
+        let id = conn.id;
+        match end {
+            End::Shutdown => {
+                let frame = close_frame(close_code::GOING_AWAY, "server shutting down");
+                close(&mut conn, &mut ws, frame).await;
             }
-            Step::Drained => break End::Shutdown,
-            Step::Killed => {
-                let frame = conn
-                    .killed
-                    .take()
-                    .unwrap_or_else(|| close_frame(close_code::POLICY_VIOLATION, "slow consumer"));
-                break End::Killed(frame);
+            End::Close(frame) => close(&mut conn, &mut ws, frame).await,
+            End::Killed(frame) => {
+                tracing::info!(
+                    connection = id,
+                    "websocket closed by policy (slow consumer or no pong)"
+                );
+                // Never wait long for a client that does not read: what the socket has already,
+                // then the close frame, and no waiting for its answer.
+                conn.queue.clear();
+                conn.send_close(&mut ws, frame).await;
             }
-            Step::WriteFailed => break End::Client,
+            End::Client => {}
         }
-    };
-    // The subscriptions end here (except at shutdown, where they ended already).
-    conn.subs.clear();
-    let id = conn.id;
-    match end {
-        End::Shutdown => {
-            let frame = close_frame(close_code::GOING_AWAY, "server shutting down");
-            close(&mut conn, &mut ws, frame).await;
-        }
-        End::Close(frame) => close(&mut conn, &mut ws, frame).await,
-        End::Killed(frame) => {
-            tracing::info!(
-                connection = id,
-                "websocket closed by policy (slow consumer or no pong)"
-            );
-            // Never wait long for a client that does not read: what the socket has already,
-            // then the close frame, and no waiting for its answer.
-            conn.queue.clear();
-            conn.send_close(&mut ws, frame).await;
-        }
-        End::Client => {}
+        conn.ack_unsent().await;
+        tracing::debug!(connection = id, "websocket disconnected");
     }
-    conn.ack_unsent().await;
-    tracing::debug!(connection = id, "websocket disconnected");
 }
 
 /// Closes with `frame` after what is queued, then waits for the client's answer.

@@ -290,9 +290,13 @@ async fn handshake(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let io = read_ahead::ReadAhead::new(TokioIo::new(upgraded));
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-        connection::run(socket, shared, principal, filters).await;
+        // In a block, so the stream moved into `run` is not kept beside it in this task.
+        let connection = {
+            let io = read_ahead::ReadAhead::new(TokioIo::new(upgraded));
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
+            connection::run(socket, shared, principal, filters)
+        };
+        connection.await;
     }));
     let mut response = (
         StatusCode::SWITCHING_PROTOCOLS,

@@ -49,7 +49,9 @@ use futures_util::Stream;
 use meshgate_core::Envelope;
 use meshgate_core::metrics::Counter;
 use meshgate_core::throttle::LogThrottle;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
+
+use crate::queue::TrySendError;
 
 pub(crate) use super::proto::Msg;
 use super::proto::{
@@ -694,7 +696,7 @@ impl Client {
 /// held for one slow subscriber. An empty queue takes one message of any size (the server's
 /// `max_payload` bounds it), so a budget below a message's size still lets it through.
 pub(crate) fn byte_queue<T>(capacity: usize, max_bytes: usize) -> (ByteQueueTx<T>, ByteQueueRx<T>) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let (tx, rx) = crate::queue::bounded(capacity.max(1));
     let bytes = Arc::new(AtomicUsize::new(0));
     (
         ByteQueueTx {
@@ -716,7 +718,7 @@ const MAX_UNRELEASED: usize = 64 << 10;
 
 /// The sending side of [`byte_queue`].
 pub(crate) struct ByteQueueTx<T> {
-    tx: mpsc::Sender<(T, usize)>,
+    tx: crate::queue::Sender<(T, usize)>,
     bytes: Arc<AtomicUsize>,
     max: usize,
 }
@@ -744,20 +746,15 @@ impl<T> ByteQueueTx<T> {
     /// No room for one more message: its count is reached, or its bytes are (a message
     /// of any size is refused then). A snapshot: the reader may make room right after.
     pub(crate) fn is_full(&self) -> bool {
-        self.tx.capacity() == 0 || self.bytes.load(Ordering::Acquire) >= self.max
+        self.tx.len() >= self.tx.capacity() || self.bytes.load(Ordering::Acquire) >= self.max
     }
 
     /// Queues `item` of `size` bytes unless the queue is full in messages or bytes
     /// (`Full`), or its reader is gone (`Closed`).
-    pub(crate) fn try_send(
-        &self,
-        item: T,
-        size: usize,
-    ) -> Result<(), mpsc::error::TrySendError<T>> {
-        use mpsc::error::TrySendError;
+    pub(crate) fn try_send(&self, item: T, size: usize) -> Result<(), TrySendError<T>> {
         // Full in count: refused without touching the byte count (a flooded subscription
         // refuses most messages, on the reader's task).
-        if self.tx.capacity() == 0 {
+        if self.tx.len() >= self.tx.capacity() {
             return Err(TrySendError::Full(item));
         }
         let before = self.bytes.fetch_add(size, Ordering::AcqRel);
@@ -782,7 +779,7 @@ impl<T> ByteQueueTx<T> {
 /// that the count's cache line does not move between the reader's and the writer's cores on
 /// every message. The budget is thereby at most that much tighter while the reader is busy.
 pub(crate) struct ByteQueueRx<T> {
-    rx: mpsc::Receiver<(T, usize)>,
+    rx: crate::queue::Receiver<(T, usize)>,
     bytes: Arc<AtomicUsize>,
     /// Bytes taken off the queue but not yet off `bytes`.
     unreleased: usize,

@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshgate_core::Envelope;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use super::client::{ClientError, Deliver, Frame, MAX_PENDING, Pong, Shared, Waiting};
 use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
@@ -349,7 +348,7 @@ fn handle(shared: &Shared, op: Op) {
                 }
             };
             let size = msg.headers.as_ref().map_or(0, Bytes::len) + msg.payload.len();
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg, size) {
+            if let Err(crate::queue::TrySendError::Full(_)) = tx.try_send(msg, size) {
                 shared.options.slow_consumer.inc();
                 if shared.warn_slow.ready() {
                     tracing::warn!(

@@ -246,7 +246,7 @@ async fn pass_on<M>(
         let size = approx_size(&delivery.envelope);
         let members = group.members();
         for (_, tx) in members.iter() {
-            if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+            if let Err(crate::queue::TrySendError::Full(_)) =
                 tx.try_send(Delivery::new(delivery.envelope.clone(), None), size)
             {
                 slow_consumer.inc();

@@ -539,18 +539,15 @@ fn check_will(
 
 /// The wrapper of this client's plain payloads.
 fn wrapper(shared: &Shared, client_id: &str) -> Result<meshgate_core::wrap::Wrapper, Refusal> {
-    meshgate_core::wrap::Wrapper::new(
-        binding::client_source(client_id),
-        shared.config.wrap_type.clone(),
-    )
-    .map_err(|e| {
-        // The source is percent-encoded and the type checked by config; report, not panic.
-        tracing::warn!(error = %e, "mqtt: cannot build the wrapper for this client");
-        Refusal::new(
-            ConnectReturnCode::ClientIdentifierNotValid,
-            "client id not usable",
-        )
-    })
+    meshgate_core::wrap::Wrapper::new(binding::client_source(client_id), shared.wrap_type.clone())
+        .map_err(|e| {
+            // The source is percent-encoded and the type checked by config; report, not panic.
+            tracing::warn!(error = %e, "mqtt: cannot build the wrapper for this client");
+            Refusal::new(
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "client id not usable",
+            )
+        })
 }
 
 /// A client id is bound to the principal holding it (connected, or its session kept here or
@@ -751,7 +748,8 @@ impl Registration {
         connection: u64,
         user_permit: Option<meshgate_core::ConnectionPermit>,
     ) -> Result<Self, crate::ClientIdTaken> {
-        let takeover = CancellationToken::new();
+        // A child of the shutdown token: the session loop waits for both with one future.
+        let takeover = shared.ctx.shutdown.child_token();
         let finished = CancellationToken::new();
         let previous = shared.register(client_id, principal, connection, &takeover, &finished)?;
         Ok(Registration {

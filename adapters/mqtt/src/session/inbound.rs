@@ -55,13 +55,13 @@ pub(super) type Answer = (QoS, u16, Result<(), PublishError>);
 #[derive(Default)]
 pub(super) struct Inbound {
     /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL. Kept with the session.
-    pub(super) awaiting_pubrel: HashSet<u16>,
+    pub(super) awaiting_pubrel: HashSet<u16, super::PacketIdHasher>,
     /// PUBLISHes handed to the backbone and not yet accepted, in arrival order, so that their
     /// PUBACK/PUBREC go out in that order (MQTT 3.1.1 §4.6) while several are pending — a
     /// JetStream PubAck takes a round trip. Boxed and created on first use (idle memory).
     at_backbone: Option<Box<FuturesOrdered<InboundPublish>>>,
     /// Packet ids of the QoS 2 PUBLISHes in `at_backbone`.
-    qos2_at_backbone: HashSet<u16>,
+    qos2_at_backbone: HashSet<u16, super::PacketIdHasher>,
 }
 
 impl Inbound {

@@ -55,6 +55,12 @@ use inbound::{Inbound, Will};
 use outbound::{DeliveryStreams, Window, next_queued};
 use subscribe::Subscription;
 
+/// The hasher of the session's maps keyed by packet id: SipHash with fixed keys, a zero-sized
+/// builder instead of `RandomState`'s 16 bytes in each of three maps of every connection (idle
+/// connection memory). The keys are u16 packet ids from the client, at most the in-flight
+/// window of them per map, so there is no flood of colliding keys to fear.
+type PacketIdHasher = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
 /// Why a connection ended, for logs and for the will.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -175,42 +181,51 @@ const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 /// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) from `peer` until
 /// it ends. `certificate_user`: the user a verified client certificate names (MQTT over TLS
 /// with client certificates), which the connection is instead of its CONNECT credentials.
-pub(crate) async fn run<S>(
+///
+/// Not an `async fn`, for the reason given at [`run_session`].
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future (see above)"
+)]
+pub(crate) fn run<S>(
     mut stream: S,
     shared: Arc<Shared>,
     peer: Option<std::net::IpAddr>,
     certificate_user: Option<String>,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    // In a block, so that what the connect phase returned (a `Session` moved into
-    // `run_session`) is not kept in this future beside it: rustc keeps a moved-from local's
-    // space while its scope lasts, and this future is an idle connection's memory.
-    let (session, registration) = {
-        let mut buf = BytesMut::with_capacity(512);
-        let timeout = shared.config.connect_timeout;
-        let connect = tokio::time::timeout(
-            timeout,
-            Box::pin(connect_phase(
-                &mut stream,
-                &mut buf,
-                &shared,
-                peer,
-                certificate_user,
-            )),
-        )
-        .await;
-        let Ok(Some((session, keep_alive, registration))) = connect else {
-            if connect.is_err() {
-                shared.metrics.error(ErrorKind::ConnectTimeout);
-            }
-            return;
+    async move {
+        // In a block, so that what the connect phase returned (a `Session` moved into
+        // `run_session`) is not kept in this future beside it: rustc keeps a moved-from local's
+        // space while its scope lasts, and this future is an idle connection's memory.
+        let (session, registration) = {
+            let mut buf = BytesMut::with_capacity(512);
+            let timeout = shared.config.connect_timeout;
+            let connect = tokio::time::timeout(
+                timeout,
+                Box::pin(connect_phase(
+                    &mut stream,
+                    &mut buf,
+                    &shared,
+                    peer,
+                    certificate_user,
+                )),
+            )
+            .await;
+            let Ok(Some((session, keep_alive, registration))) = connect else {
+                if connect.is_err() {
+                    shared.metrics.error(ErrorKind::ConnectTimeout);
+                }
+                return;
+            };
+            (run_session(stream, buf, session, keep_alive), registration)
         };
-        (run_session(stream, buf, session, keep_alive), registration)
-    };
-    session.await;
-    // Released only now, after the session was parked or ended.
-    drop(registration);
+        session.await;
+        // Released only now, after the session was parked or ended.
+        drop(registration);
+    }
 }
 
 /// TCP keep-alive of MQTT sockets: probes after this long idle, then every
@@ -529,211 +544,226 @@ impl KeepAlive {
     }
 }
 
-async fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-    stream: S,
+/// The connection's packet loop, from CONNACK to its end.
+///
+/// A plain function returning an `async move` block, not an `async fn`: rustc keeps an async
+/// fn's arguments as upvars *and* moves them into locals, so a 536-byte `Session` took its
+/// space twice in every idle connection's future (1,744 bytes; 1,136 this way). One socket,
+/// no `tokio::io::split`: reads and writes never run at once here (writes happen between
+/// polls of the `select!`), and split costs a shared allocation and a lock per operation.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future (see above)"
+)]
+fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    mut stream: S,
     mut buf: BytesMut,
     mut session: Session,
     keep_alive: u16,
-) {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let shared = session.shared.clone();
-    let max = shared.config.max_packet_size;
-    let mut keep_alive = KeepAlive::new(keep_alive);
-    let takeover = session.takeover.clone();
-    let pending_limit = shared.config.max_queued;
-    let write_timeout = shared.config.write_timeout;
-    let mut busy = false;
-    let mut out_hint = 0;
-    // Created once, not per loop turn: each new `cancelled()` future registers with (and on
-    // drop leaves) the token's waiter list under a lock.
-    let shutdown = shared.ctx.shutdown.cancelled();
-    let taken_over = takeover.cancelled();
-    // One keep-alive timer per connection, moved only when it fires early: a new `sleep_until`
-    // per loop turn inserted into and removed from the timer wheel (under its lock) for every
-    // batch of packets.
-    let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
-    // Set once shutdown began: the connection delivers what its subscriptions still hold until
-    // they ended and the client acknowledged everything, or this deadline. Boxed and made only
-    // then: a second timer in every idle connection's future would cost memory for an event
-    // that happens once per process.
-    let mut draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    tokio::pin!(shutdown, taken_over, keep_alive_timer);
-    let end = 'conn: loop {
-        // Handle every complete packet already buffered (while the backbone keeps up).
-        let mut got_packet = false;
-        loop {
-            if session.inbound_full() {
-                break;
-            }
-            // No packet is held in this future across an await: `next_step` handles what it
-            // can at once and boxes the rest (a `Packet` is 392 bytes, and this future is an
-            // idle connection's memory).
-            match next_step(&mut session, &shared, &mut buf, max) {
-                Step::NeedMore => break,
-                Step::Done(flow) => {
-                    got_packet = true;
-                    if let Flow::End(e) = flow {
-                        break 'conn e;
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let shared = session.shared.clone();
+        let max = shared.config.max_packet_size;
+        let mut keep_alive = KeepAlive::new(keep_alive);
+        let takeover = session.takeover.clone();
+        let pending_limit = shared.config.max_queued;
+        let write_timeout = shared.config.write_timeout;
+        let mut busy = false;
+        let mut out_hint = 0;
+        // Created once, not per loop turn: each new `cancelled()` future registers with (and on
+        // drop leaves) the token's waiter list under a lock. One wait for two events: the
+        // takeover token is a child of the gateway's shutdown token (`Registration::new`), so
+        // it fires at shutdown too, and which of the two it was is read off the parent (a
+        // second 72-byte waiter in every idle connection's future otherwise).
+        let stop = takeover.cancelled();
+        // One keep-alive timer per connection, moved only when it fires early: a new `sleep_until`
+        // per loop turn inserted into and removed from the timer wheel (under its lock) for every
+        // batch of packets.
+        let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
+        // Set once shutdown began: the connection delivers what its subscriptions still hold until
+        // they ended and the client acknowledged everything, or this deadline. Boxed and made only
+        // then: a second timer in every idle connection's future would cost memory for an event
+        // that happens once per process.
+        let mut draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        tokio::pin!(stop, keep_alive_timer);
+        let end = 'conn: loop {
+            // Handle every complete packet already buffered (while the backbone keeps up).
+            let mut got_packet = false;
+            loop {
+                if session.inbound_full() {
+                    break;
+                }
+                // No packet is held in this future across an await: `next_step` handles what it
+                // can at once and boxes the rest (a `Packet` is 392 bytes, and this future is an
+                // idle connection's memory).
+                match next_step(&mut session, &shared, &mut buf, max) {
+                    Step::NeedMore => break,
+                    Step::Done(flow) => {
+                        got_packet = true;
+                        if let Flow::End(e) = flow {
+                            break 'conn e;
+                        }
+                    }
+                    Step::Wait(rest) => {
+                        got_packet = true;
+                        if let Flow::End(e) = rest.await {
+                            break 'conn e;
+                        }
                     }
                 }
-                Step::Wait(rest) => {
-                    got_packet = true;
-                    if let Flow::End(e) = rest.await {
-                        break 'conn e;
+            }
+            // Keep-alive counts from the last complete packet (one clock reading per batch).
+            if got_packet {
+                keep_alive.packet_received();
+            }
+            if !session.out.is_empty() {
+                if std::mem::take(&mut session.acked_publish) && shared.in_process {
+                    // Let the subscribers this batch of publishes woke (on the memory backbone,
+                    // runnable on this thread next) write their deliveries before the PUBACKs go
+                    // out, as Mosquitto does: a delivery should not wait behind the publisher's
+                    // acknowledgement. Once per batch, not per message; not over NATS, where
+                    // deliveries come back through the server anyway.
+                    tokio::task::yield_now().await;
+                }
+                // Bounded: a client that stops reading (a zero TCP window) must not pin this task
+                // and, through its full queues, the publishers (F3). The timer is only made when
+                // the socket is not writable at once (the common case needs none: no clock read, no
+                // timer handle per batch).
+                let written = {
+                    use futures_util::FutureExt as _;
+                    let mut write = std::pin::pin!(stream.write_all(&session.out));
+                    match write.as_mut().now_or_never() {
+                        Some(r) => Ok(r),
+                        None => tokio::time::timeout(write_timeout, write).await,
+                    }
+                };
+                match written {
+                    Ok(Ok(())) => shared.bytes_out.add(session.out.len() as u64),
+                    Ok(Err(_)) => break End::Abnormal,
+                    Err(_) => {
+                        shared.metrics.error(ErrorKind::WriteTimeout);
+                        tracing::debug!(client_id = session.client_id, "mqtt: write timed out");
+                        session.out = BytesMut::new();
+                        break End::Abnormal;
                     }
                 }
+                // Give the buffer back: an idle connection holds no write buffer. How much was
+                // written is the size to start the next batch with, instead of growing the buffer
+                // by doubling (a copy each time) from nothing for every batch.
+                out_hint = session.out.len().min(WRITE_BATCH);
+                session.out = BytesMut::new();
+            } else if session.out.capacity() != 0 {
+                // Reserved for deliveries that wrote nothing (window full, no-local, expired).
+                session.out = BytesMut::new();
             }
-        }
-        // Keep-alive counts from the last complete packet (one clock reading per batch).
-        if got_packet {
-            keep_alive.packet_received();
-        }
-        if !session.out.is_empty() {
-            if std::mem::take(&mut session.acked_publish) && shared.in_process {
-                // Let the subscribers this batch of publishes woke (on the memory backbone,
-                // runnable on this thread next) write their deliveries before the PUBACKs go
-                // out, as Mosquitto does: a delivery should not wait behind the publisher's
-                // acknowledgement. Once per batch, not per message; not over NATS, where
-                // deliveries come back through the server anyway.
-                tokio::task::yield_now().await;
+            if !session.settle.is_empty() {
+                session.settle().await;
             }
-            // Bounded: a client that stops reading (a zero TCP window) must not pin this task
-            // and, through its full queues, the publishers (F3). The timer is only made when
-            // the socket is not writable at once (the common case needs none: no clock read, no
-            // timer handle per batch).
-            let written = {
-                use futures_util::FutureExt as _;
-                let mut write = std::pin::pin!(wr.write_all(&session.out));
-                match write.as_mut().now_or_never() {
-                    Some(r) => Ok(r),
-                    None => tokio::time::timeout(write_timeout, write).await,
-                }
-            };
-            match written {
-                Ok(Ok(())) => shared.bytes_out.add(session.out.len() as u64),
-                Ok(Err(_)) => break End::Abnormal,
-                Err(_) => {
-                    shared.metrics.error(ErrorKind::WriteTimeout);
-                    tracing::debug!(client_id = session.client_id, "mqtt: write timed out");
-                    session.out = BytesMut::new();
-                    break End::Abnormal;
-                }
-            }
-            // Give the buffer back: an idle connection holds no write buffer. How much was
-            // written is the size to start the next batch with, instead of growing the buffer
-            // by doubling (a copy each time) from nothing for every batch.
-            out_hint = session.out.len().min(WRITE_BATCH);
-            session.out = BytesMut::new();
-        } else if session.out.capacity() != 0 {
-            // Reserved for deliveries that wrote nothing (window full, no-local, expired).
-            session.out = BytesMut::new();
-        }
-        if !session.settle.is_empty() {
-            session.settle().await;
-        }
-        if draining.is_some()
-            && session.streams.as_ref().is_none_or(|s| s.is_empty())
-            && session.window.is_idle()
-        {
-            // Everything the subscriptions held was delivered and acknowledged.
-            session.disconnect(DisconnectReasonCode::ServerShuttingDown);
-            break End::Server;
-        }
-        // Idle connections keep a small read buffer; busy ones read in larger chunks.
-        if buf.is_empty() {
-            buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
-        }
-        tokio::select! {
-            biased;
-            _ = &mut shutdown, if draining.is_none() => {
-                draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));
-                continue;
-            }
-            () = async { if let Some(t) = draining.as_mut() { t.await } }, if draining.is_some() => {
-                // What is still not delivered is lost with this connection (kept in the stored
-                // session on JetStream, and redelivered there).
-                let undelivered = session.window.undelivered();
-                if undelivered > 0 {
-                    shared.metrics.dropped(DropReason::Shutdown).add(undelivered as u64);
-                }
+            if draining.is_some()
+                && session.streams.as_ref().is_none_or(|s| s.is_empty())
+                && session.window.is_idle()
+            {
+                // Everything the subscriptions held was delivered and acknowledged.
                 session.disconnect(DisconnectReasonCode::ServerShuttingDown);
                 break End::Server;
             }
-            _ = &mut taken_over => {
-                session.disconnect(DisconnectReasonCode::SessionTakenOver);
-                break End::Server;
+            // Idle connections keep a small read buffer; busy ones read in larger chunks.
+            if buf.is_empty() {
+                buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
             }
-            Some((qos, pkid, r)) = session.inbound.next_answer() => {
-                if let Flow::End(e) = session.published(qos, pkid, r) {
-                    break e;
-                }
-                // The answers already in as well, so their PUBACKs go out in one write (a
-                // JetStream PubAck per publish otherwise costs a write each).
-                while let Some((qos, pkid, r)) = session.inbound.ready_answer() {
-                    if let Flow::End(e) = session.published(qos, pkid, r) {
-                        break 'conn e;
+            tokio::select! {
+                biased;
+                _ = &mut stop, if draining.is_none() => {
+                    if !shared.ctx.shutdown.is_cancelled() {
+                        session.disconnect(DisconnectReasonCode::SessionTakenOver);
+                        break End::Server;
                     }
-                }
-            }
-            r = rd.read_buf(&mut buf), if !session.inbound_full() => match r {
-                Ok(0) | Err(_) => break End::Abnormal,
-                Ok(n) => {
-                    busy = n >= 64;
-                    shared.bytes_in.add(n as u64);
-                }
-            },
-            // While the in-flight window and `pending` are full, deliveries wait in the queue
-            // (and behind it, in the backbone), until the client acknowledges.
-            // `None`: the last subscription ended (the backbone closed at shutdown). Matched,
-            // not filtered by the pattern: a `Some(q) =` pattern would leave this `select!`
-            // waiting on the other branches, so a draining connection would sit until its
-            // drain deadline instead of disconnecting now (the check at the loop's top).
-            q = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
-                let Some(q) = q else { continue };
-                if session.out.capacity() == 0 && out_hint > 1024 {
-                    session.out.reserve(out_hint);
-                }
-                session.deliver(q);
-                // Take what else is ready without waiting, so writes are batched.
-                while session.window.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
-                    let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {
-                        break;
-                    };
-                    session.deliver(q);
-                }
-            }
-            _ = &mut keep_alive_timer, if keep_alive.is_on() => {
-                if tokio::time::Instant::now() < keep_alive.deadline {
-                    // Packets came since the timer was set: wait for the rest of the interval.
-                    keep_alive_timer.as_mut().reset(keep_alive.deadline);
+                    draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));
                     continue;
                 }
-                shared.metrics.error(ErrorKind::KeepAliveTimeout);
-                session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
-                break End::Abnormal;
-            }
-        }
-    };
-    // Publishes the client sent before it left still reach the backbone (a QoS 0 publish
-    // followed by DISCONNECT must not be lost).
-    if let Some(mut inbound) = session.inbound.take_at_backbone() {
-        use futures_util::StreamExt;
-        let drain = async {
-            while let Some((qos, pkid, r)) = inbound.next().await {
-                let _ = session.published(qos, pkid, r);
+                () = async { if let Some(t) = draining.as_mut() { t.await } }, if draining.is_some() => {
+                    // What is still not delivered is lost with this connection (kept in the stored
+                    // session on JetStream, and redelivered there).
+                    let undelivered = session.window.undelivered();
+                    if undelivered > 0 {
+                        shared.metrics.dropped(DropReason::Shutdown).add(undelivered as u64);
+                    }
+                    session.disconnect(DisconnectReasonCode::ServerShuttingDown);
+                    break End::Server;
+                }
+                Some((qos, pkid, r)) = session.inbound.next_answer() => {
+                    if let Flow::End(e) = session.published(qos, pkid, r) {
+                        break e;
+                    }
+                    // The answers already in as well, so their PUBACKs go out in one write (a
+                    // JetStream PubAck per publish otherwise costs a write each).
+                    while let Some((qos, pkid, r)) = session.inbound.ready_answer() {
+                        if let Flow::End(e) = session.published(qos, pkid, r) {
+                            break 'conn e;
+                        }
+                    }
+                }
+                r = stream.read_buf(&mut buf), if !session.inbound_full() => match r {
+                    Ok(0) | Err(_) => break End::Abnormal,
+                    Ok(n) => {
+                        busy = n >= 64;
+                        shared.bytes_in.add(n as u64);
+                    }
+                },
+                // While the in-flight window and `pending` are full, deliveries wait in the queue
+                // (and behind it, in the backbone), until the client acknowledges.
+                // `None`: the last subscription ended (the backbone closed at shutdown). Matched,
+                // not filtered by the pattern: a `Some(q) =` pattern would leave this `select!`
+                // waiting on the other branches, so a draining connection would sit until its
+                // drain deadline instead of disconnecting now (the check at the loop's top).
+                q = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
+                    let Some(q) = q else { continue };
+                    if session.out.capacity() == 0 && out_hint > 1024 {
+                        session.out.reserve(out_hint);
+                    }
+                    session.deliver(q);
+                    // Take what else is ready without waiting, so writes are batched.
+                    while session.window.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
+                        let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {
+                            break;
+                        };
+                        session.deliver(q);
+                    }
+                }
+                _ = &mut keep_alive_timer, if keep_alive.is_on() => {
+                    if tokio::time::Instant::now() < keep_alive.deadline {
+                        // Packets came since the timer was set: wait for the rest of the interval.
+                        keep_alive_timer.as_mut().reset(keep_alive.deadline);
+                        continue;
+                    }
+                    shared.metrics.error(ErrorKind::KeepAliveTimeout);
+                    session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
+                    break End::Abnormal;
+                }
             }
         };
-        if tokio::time::timeout(INBOUND_DRAIN, drain).await.is_err() {
-            shared.metrics.error(ErrorKind::InboundDrainTimeout);
+        // Publishes the client sent before it left still reach the backbone (a QoS 0 publish
+        // followed by DISCONNECT must not be lost).
+        if let Some(mut inbound) = session.inbound.take_at_backbone() {
+            use futures_util::StreamExt;
+            let drain = async {
+                while let Some((qos, pkid, r)) = inbound.next().await {
+                    let _ = session.published(qos, pkid, r);
+                }
+            };
+            if tokio::time::timeout(INBOUND_DRAIN, drain).await.is_err() {
+                shared.metrics.error(ErrorKind::InboundDrainTimeout);
+            }
         }
+        if !session.out.is_empty() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
+        }
+        // Bounded too: a TLS close_notify is a write.
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        shared.metrics.connections.dec();
+        tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
+        // Boxed, like packet handling: only the last moments of a connection need it.
+        Box::pin(finish(session, end)).await;
     }
-    if !session.out.is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&session.out)).await;
-    }
-    // Bounded too: a TLS close_notify is a write.
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    shared.metrics.connections.dec();
-    tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
-    // Boxed, like packet handling: only the last moments of a connection need it.
-    Box::pin(finish(session, end)).await;
 }

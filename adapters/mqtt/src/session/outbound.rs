@@ -55,7 +55,7 @@ pub(super) struct Window {
     /// Deliveries waiting for a free slot in the in-flight window (or for the client to return).
     pub(super) pending: VecDeque<Outgoing>,
     /// QoS 1/2 messages sent and not yet fully acknowledged.
-    inflight: HashMap<u16, Inflight>,
+    inflight: HashMap<u16, Inflight, super::PacketIdHasher>,
     next_seq: u64,
     pub(super) next_pkid: u16,
 }
@@ -76,7 +76,7 @@ impl Window {
         Window {
             receive_max,
             pending: VecDeque::new(),
-            inflight: HashMap::new(),
+            inflight: HashMap::default(),
             next_seq: 0,
             next_pkid: 1,
         }

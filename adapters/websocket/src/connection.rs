@@ -573,12 +573,18 @@ impl Conn {
             OpDone::Subscribed(results) => {
                 for r in results {
                     match r {
-                        Ok((filter, filtered, stream, matching)) => self.subs.push(Sub {
-                            filter,
-                            stream: Some(stream),
-                            filtered,
-                            matching,
-                        }),
+                        Ok((filter, filtered, stream, matching)) => {
+                            // Most connections hold one filter: room for one, not four.
+                            if self.subs.capacity() == 0 {
+                                self.subs.reserve_exact(1);
+                            }
+                            self.subs.push(Sub {
+                                filter,
+                                stream: Some(stream),
+                                filtered,
+                                matching,
+                            });
+                        }
                         Err(e) => self.report(&e),
                     }
                 }

@@ -3,10 +3,11 @@
 //!
 //! For each broker: delivered messages/s for QoS 0 and QoS 1 with 1 and 4 publishers (256-byte
 //! payloads, one subscriber on `bench/#`, loss counted), p50/p99 latency at a fixed 2,000 msg/s,
-//! and RSS per idle connection with `--conns N` idle MQTT connections.
+//! and RSS per idle connection with `--conns N` idle MQTT connections (3.1.1 CONNECTs, or MQTT 5
+//! with `--v5`; nats-server's listener speaks 3.1.1 only, so its cell is then an error).
 //!
 //! Usage (release build; the brokers are started by this program on free loopback ports):
-//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--rounds R] [--conns N] [--only NAME] [--rss-only] [--client raw|rumqttc]`
+//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--rounds R] [--conns N] [--only NAME] [--rss-only] [--v5] [--client raw|rumqttc]`
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
@@ -49,21 +50,32 @@ fn start_nats() -> anyhow::Result<Broker> {
     })
 }
 
-/// Opens `n` idle MQTT 3.1.1 connections with raw CONNECT packets; RSS growth per connection.
-async fn rss_per_connection(broker: &Broker, n: usize) -> anyhow::Result<f64> {
+/// Opens `n` idle MQTT connections (3.1.1, or 5 with `v5`) with raw CONNECT packets; RSS
+/// growth per connection.
+async fn rss_per_connection(broker: &Broker, n: usize, v5: bool) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let before = rss_kib(broker.child.id());
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", broker.port)).await?;
-        s.write_all(&meshgate_bench::raw::connect_packet(
-            &format!("idle-{i}"),
-            240,
-        ))
-        .await?;
-        let mut ack = [0u8; 4];
-        s.read_exact(&mut ack).await?;
-        anyhow::ensure!(ack[3] == 0, "connection {i} refused: {ack:?}");
+        let id = format!("idle-{i}");
+        let connect = if v5 {
+            meshgate_bench::raw::connect_packet_v5(&id, 240)
+        } else {
+            meshgate_bench::raw::connect_packet(&id, 240)
+        };
+        s.write_all(&connect).await?;
+        // CONNACK: type, remaining length (one byte: an MQTT 5 CONNACK's properties stay
+        // under 128 bytes here), flags, return/reason code, [properties].
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await?;
+        anyhow::ensure!(
+            head[0] == 0x20 && head[1] < 0x80 && head[1] >= 2,
+            "connection {i}: not a CONNACK: {head:?}"
+        );
+        let mut body = vec![0u8; usize::from(head[1])];
+        s.read_exact(&mut body).await?;
+        anyhow::ensure!(body[1] == 0, "connection {i} refused: {body:?}");
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -96,6 +108,8 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let rss_only = args.iter().any(|a| a == "--rss-only");
+    // The idle connections of the memory column connect with MQTT 5 instead of 3.1.1.
+    let v5 = args.iter().any(|a| a == "--v5");
     let generator = Generator::from_args(&args)?;
     println!(
         "MQTT -> MQTT, {PAYLOAD}-byte payloads, one subscriber on bench/#, {seconds} s per cell, {}, all on this machine",
@@ -172,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
         row.rss = match start() {
             Ok(fresh) => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                rss_per_connection(&fresh, conns)
+                rss_per_connection(&fresh, conns, v5)
                     .await
                     .map(|r| format!("{r:.1} KiB"))
             }
@@ -181,7 +195,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|e| format!("error: {e}"));
     }
     println!(
-        "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}) |"
+        "| broker | QoS0 1 pub | QoS0 4 pub | QoS1 1 pub | QoS1 4 pub | QoS1 acked, not delivered | p50 @2k/s | p99 @2k/s | RSS/idle conn ({conns}{}) |",
+        if v5 { ", MQTT 5" } else { "" }
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {

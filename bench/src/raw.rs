@@ -66,6 +66,20 @@ pub fn connect_packet_with(client_id: &str, keep_alive: u16, clean: bool) -> Vec
     pkt
 }
 
+/// An MQTT 5 CONNECT with a clean start and no properties.
+pub fn connect_packet_v5(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    string("MQTT", &mut body);
+    body.extend_from_slice(&[5, 2]); // level 5, clean start
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.push(0); // no properties
+    string(client_id, &mut body);
+    let mut pkt = vec![0x10];
+    remaining_length(body.len(), &mut pkt);
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
 /// Connects with a clean session and waits for a successful CONNACK.
 pub async fn connect(port: u16, client_id: &str) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;

@@ -47,6 +47,36 @@ pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
 pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
 pub const AUTH_FAILURES: &str = "meshgate_auth_failures_total";
 
+/// Every metric name above: what dashboards and alerts may use (the process collector's
+/// `process_*` names are the Prometheus client conventions, see `gateway/src/process_metrics.rs`).
+pub const NAMES: &[&str] = &[
+    EVENTS_RECEIVED,
+    EVENTS_SENT,
+    EVENTS_DROPPED,
+    CONNECTIONS,
+    ERRORS,
+    PUBLISH_LATENCY,
+    BACKBONE_DROPPED,
+    BACKBONE_SUBSCRIPTIONS,
+    BACKBONE_DISCONNECTS,
+    MQTT_IN_BY_QOS,
+    MQTT_OUT_BY_QOS,
+    MQTT_SESSIONS_OFFLINE,
+    MQTT_SUBSCRIPTIONS,
+    MQTT_BYTES_RECEIVED,
+    MQTT_BYTES_SENT,
+    AMQP_LINK_UP,
+    AMQP_RECONNECTS,
+    BUILD_INFO,
+    TRIGGER_EVENTS,
+    TRIGGER_RETRIES,
+    TRIGGER_REPLIES,
+    TRIGGER_IN_FLIGHT,
+    TRIGGER_PENDING_BYTES,
+    TRIGGER_LATENCY,
+    AUTH_FAILURES,
+];
+
 fn help(name: &str) -> &'static str {
     match name {
         EVENTS_RECEIVED => {
@@ -346,6 +376,22 @@ impl AdapterMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_name_has_its_own_help_and_is_listed_once() {
+        // This file's source: every `pub const X: &str = "meshgate_..."` must be in NAMES.
+        let source = include_str!("metrics.rs");
+        let declared = source
+            .lines()
+            .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"meshgate_"))
+            .count();
+        assert_eq!(declared, NAMES.len(), "a metric name is missing from NAMES");
+        let mut seen = std::collections::HashSet::new();
+        for name in NAMES {
+            assert!(seen.insert(name), "{name} listed twice");
+            assert_ne!(help(name), "meshgate metric", "{name} has no help text");
+        }
+    }
 
     #[test]
     fn renders_prometheus_text() {

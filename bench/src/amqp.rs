@@ -350,13 +350,7 @@ async fn nats_subscriber(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |name: &str, default: u64| meshgate_bench::arg_u64(&args, name, default);
     let (seconds, rounds) = (arg("--seconds", 5), arg("--rounds", 3).max(1));
     let rabbit = rabbitmq_pid()?;
     println!(

@@ -89,12 +89,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let value = |name: &str| meshgate_bench::arg_value(&args, name);
     let seconds: u64 = value("--seconds").and_then(|v| v.parse().ok()).unwrap_or(5);
     let rounds: usize = value("--rounds")
         .and_then(|v| v.parse().ok())
@@ -105,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(1)
         .max(1);
     let subs: Vec<usize> = value("--subs")
-        .unwrap_or_else(|| "0,10000,100000".to_owned())
+        .unwrap_or("0,10000,100000")
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();

@@ -24,12 +24,7 @@ pub enum Generator {
 impl Generator {
     /// `--client raw|rumqttc` from the command line (default `raw`).
     pub fn from_args(args: &[String]) -> anyhow::Result<Generator> {
-        match args
-            .iter()
-            .position(|a| a == "--client")
-            .and_then(|i| args.get(i + 1))
-            .map(String::as_str)
-        {
+        match arg_value(args, "--client") {
             None | Some("raw") => Ok(Generator::Raw),
             Some("rumqttc") => Ok(Generator::Rumqttc),
             Some(other) => anyhow::bail!("--client {other}: expected raw or rumqttc"),
@@ -440,6 +435,22 @@ pub fn process_cpu(pid: u32) -> Duration {
             .unwrap_or(0)
     };
     Duration::from_millis((field(14) + field(15)) * 10)
+}
+
+/// The word after `name` on the command line (`--only MQTT`), if `name` is there.
+pub fn arg_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The number after `name` on the command line (`--seconds 5`); `default` when `name` is
+/// absent or not followed by a number.
+pub fn arg_u64(args: &[String], name: &str, default: u64) -> u64 {
+    arg_value(args, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The resident memory of process `pid`, in KiB (`VmRSS`; 0 if it cannot be read).

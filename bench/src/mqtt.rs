@@ -92,21 +92,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |name: &str, default: u64| meshgate_bench::arg_u64(&args, name, default);
     let seconds = arg("--seconds", 5);
     let conns = arg("--conns", 20_000) as usize;
     let rounds = arg("--rounds", 3).max(1) as usize;
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let only = meshgate_bench::arg_value(&args, "--only");
     let rss_only = args.iter().any(|a| a == "--rss-only");
     // The idle connections of the memory column connect with MQTT 5 instead of 3.1.1.
     let v5 = args.iter().any(|a| a == "--v5");
@@ -125,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         ("nats-server", start_nats),
     ]
     .into_iter()
-    .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name))
+    .filter(|(name, _)| only.is_none_or(|o| o == *name))
     .collect();
     let mut rows: Vec<Row> = starters.iter().map(|(name, _)| Row::new(name)).collect();
     if !rss_only {

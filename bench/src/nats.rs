@@ -372,20 +372,11 @@ async fn http_accepted_rate(addr: &str, concurrency: usize, seconds: u64) -> any
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5u64);
+    let seconds = meshgate_bench::arg_u64(&args, "--seconds", 5);
     let generator = Generator::from_args(&args)?;
     // `--only <text>`: run only the rows whose name contains it (for profiling one row).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
-    let want = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    let only = meshgate_bench::arg_value(&args, "--only");
+    let want = |name: &str| only.is_none_or(|o| name.contains(o));
     println!(
         "NATS backbone: {PAYLOAD}-byte messages, {seconds} s per row, one subscriber, all processes on this machine, MQTT rows by the {}\n",
         generator.describe()
@@ -433,11 +424,7 @@ async fn main() -> anyhow::Result<()> {
         let (rate, lost) = raw_jetstream_consumed(&url, seconds, JsMessages::Meshgate).await?;
         row(name, rate, &lost.to_string(), None);
     }
-    let wire = args
-        .iter()
-        .position(|a| a == "--wire")
-        .and_then(|i| args.get(i + 1))
-        .map_or("structured", String::as_str);
+    let wire = meshgate_bench::arg_value(&args, "--wire").unwrap_or("structured");
     let nats_env = [
         ("MESHGATE__BACKBONE__KIND", "nats"),
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),

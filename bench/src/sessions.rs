@@ -136,19 +136,14 @@ async fn run(mode: &str, n: usize, parallel: usize) -> anyhow::Result<String> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let value = |name: &str| meshgate_bench::arg_value(&args, name);
     let n = value("--sessions")
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
     let parallel = value("--parallel")
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
-    let modes = value("--modes").unwrap_or_else(|| "consumer_each,instance_feed".to_owned());
+    let modes = value("--modes").unwrap_or("consumer_each,instance_feed");
     println!(
         "JetStream backbone, {n} persistent MQTT 3.1.1 sessions (clean session 0), each subscribed at QoS 1 to dev/<i>/cmd, {parallel} at a time, all on this machine; backbone.jetstream.subscriptions = each mode in turn\n"
     );

@@ -585,24 +585,14 @@ fn median(v: &[f64], unit: &str) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |name: &str, default: u64| meshgate_bench::arg_u64(&args, name, default);
     let seconds = arg("--seconds", 5).max(1);
     let rounds = arg("--rounds", 1).max(1) as usize;
     let conns = arg("--conns", 5_000) as usize;
     let mqtt_publishers = arg("--mqtt-publishers", MQTT_PUBLISHERS as u64).max(1) as usize;
     let http_publishers = arg("--http-publishers", HTTP_PUBLISHERS as u64).max(1) as usize;
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
-    let wanted = |path: &str| only.as_deref().is_none_or(|o| path.contains(o));
+    let only = meshgate_bench::arg_value(&args, "--only");
+    let wanted = |path: &str| only.is_none_or(|o| path.contains(o));
 
     let mut rows: Vec<Row> = [
         Row::new("MQTT → MQTT", Ingress::Mqtt, Egress::Mqtt, false),

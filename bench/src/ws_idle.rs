@@ -110,12 +110,7 @@ async fn open(kind: Kind, port: u16, i: usize) -> anyhow::Result<TcpStream> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let conns = args
-        .iter()
-        .position(|a| a == "--conns")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000usize);
+    let conns = meshgate_bench::arg_u64(&args, "--conns", 5_000) as usize;
     println!("| connection | RSS per idle connection ({conns}) |");
     println!("|---|---:|");
     for (name, kind) in [

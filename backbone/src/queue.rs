@@ -215,29 +215,36 @@ impl<T> Receiver<T> {
         }
         // Registered before looking again: a sender that queues after the look wakes it.
         self.shared.receiver.register(cx.waker());
-        if self.refill() {
+        if self.refill_or_shrink() {
             return Poll::Ready(self.take_local());
         }
         if self.shared.senders.load(Ordering::Acquire) == 0 && !self.refill() {
             return Poll::Ready(None);
         }
-        self.shrink_idle();
         Poll::Pending
     }
 
-    /// Frees what a burst grew, now that the queue is empty: the receiver's deque and the
-    /// shared one (the receiver's former). Only when it waits, not each time a batch is taken:
-    /// under a steady flood the two deques are swapped back and forth at the size of the
-    /// backlog, and freeing one after every batch made the producer grow it again from nothing
-    /// (a NATS subscription of 65,536 messages copied megabytes per batch: 5× slower).
-    fn shrink_idle(&mut self) {
+    /// [`Self::refill`], and when there is nothing to take (the receiver is about to wait), frees
+    /// what a burst grew: the receiver's deque and the shared one (the receiver's former), under
+    /// the lock the look took anyway. Only when it waits, not each time a batch is taken: under a
+    /// steady flood the two deques are swapped back and forth at the size of the backlog, and
+    /// freeing one after every batch made the producer grow it again from nothing (a NATS
+    /// subscription of 65,536 messages copied megabytes per batch: 5× slower).
+    fn refill_or_shrink(&mut self) -> bool {
+        debug_assert!(self.taken.is_empty());
+        let mut items = self.shared.lock();
+        if !items.deque.is_empty() {
+            std::mem::swap(&mut items.deque, &mut self.taken);
+            return true;
+        }
+        if items.deque.capacity() > KEEP_CAPACITY {
+            items.deque = VecDeque::new();
+        }
+        drop(items);
         if self.taken.capacity() > KEEP_CAPACITY {
             self.taken = VecDeque::new();
         }
-        let mut items = self.shared.lock();
-        if items.deque.is_empty() && items.deque.capacity() > KEEP_CAPACITY {
-            items.deque = VecDeque::new();
-        }
+        false
     }
 
     /// Takes the next swapped-out item.

@@ -162,6 +162,11 @@ impl<T> Sender<T> {
         self.shared.len.load(Ordering::Acquire)
     }
 
+    /// Whether the queue holds `capacity` items (a snapshot).
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.shared.capacity
+    }
+
     /// Whether nothing is queued (a snapshot).
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -746,7 +746,7 @@ impl<T> ByteQueueTx<T> {
     /// No room for one more message: its count is reached, or its bytes are (a message
     /// of any size is refused then). A snapshot: the reader may make room right after.
     pub(crate) fn is_full(&self) -> bool {
-        self.tx.len() >= self.tx.capacity() || self.bytes.load(Ordering::Acquire) >= self.max
+        self.tx.is_full() || self.bytes.load(Ordering::Acquire) >= self.max
     }
 
     /// Queues `item` of `size` bytes unless the queue is full in messages or bytes
@@ -754,7 +754,7 @@ impl<T> ByteQueueTx<T> {
     pub(crate) fn try_send(&self, item: T, size: usize) -> Result<(), TrySendError<T>> {
         // Full in count: refused without touching the byte count (a flooded subscription
         // refuses most messages, on the reader's task).
-        if self.tx.len() >= self.tx.capacity() {
+        if self.tx.is_full() {
             return Err(TrySendError::Full(item));
         }
         let before = self.bytes.fetch_add(size, Ordering::AcqRel);

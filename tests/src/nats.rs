@@ -202,7 +202,7 @@ impl NatsServer {
             .expect("nats-server starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.answers_as_nats() {
             // A bad argument or configuration file makes it exit at once: say so now.
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
@@ -220,11 +220,168 @@ impl NatsServer {
         }
         Ok(())
     }
+
+    /// Whether what listens on the port is a nats-server: it greets with `INFO`. Another
+    /// process may have bound the port between [`free_port`] and the server's bind (a gateway
+    /// listening on port 0 in a test running alongside gets ports from the same range): the
+    /// server then exits, and a bare connect would take that listener for it (a CI run's
+    /// gateway waited 5 s for NATS on an HTTP listener).
+    fn answers_as_nats(&self) -> bool {
+        use std::io::Read;
+        let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut greeting = [0u8; 5];
+        socket.read_exact(&mut greeting).is_ok() && &greeting == b"INFO "
+    }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A cluster of `nats-server -js` nodes on loopback, routed to each other, each with its own
+/// store directory, client port and HTTP monitoring port (for [`NatsCluster::meta_leader`]
+/// and [`NatsCluster::clients_of`]). Lame-duck mode is short (`lame_duck_duration` 6 s, grace
+/// 1 s) so that a test sees its whole course.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until JetStream has a meta leader. Again on new ports when a
+    /// node exits before listening (a port taken between choosing it and the bind), up to 5 times.
+    pub async fn start(n: usize) -> NatsCluster {
+        for attempt in 1..=5 {
+            match NatsCluster::try_start(n) {
+                Ok(cluster) => {
+                    cluster.wait_for_meta_leader(Duration::from_secs(30)).await;
+                    return cluster;
+                }
+                Err(e) if attempt == 5 => panic!("{e}"),
+                Err(_) => {}
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(n: usize) -> Result<NatsCluster, String> {
+        let mut taken = std::collections::HashSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if taken.insert(p) {
+                return p;
+            }
+        };
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (port(), port(), port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, (client, route, monitor)) in ports.iter().enumerate() {
+            let mut node = NatsServer::prepare();
+            node.port = *client;
+            node.monitor = Some(*monitor);
+            let file = node.dir.join("nats-server.conf");
+            let config = format!(
+                "server_name: n{i}\nhttp: \"127.0.0.1:{monitor}\"\n\
+                 lame_duck_duration: \"6s\"\nlame_duck_grace_period: \"1s\"\n\
+                 cluster {{\n  name: meshgate-test\n  listen: \"127.0.0.1:{route}\"\n  \
+                 routes: [{routes}]\n}}\n"
+            );
+            std::fs::write(&file, config).map_err(|e| format!("{}: {e}", file.display()))?;
+            node.extra_args = vec!["-c".to_owned(), file.display().to_string()];
+            node.try_restart()?;
+            nodes.push(node);
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, `nats://127.0.0.1:<port>`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// GET `path` (e.g. `/jsz`) from node `i`'s monitoring listener; `None` when it does not
+    /// answer (killed).
+    pub async fn monitor(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        let port = self.nodes[i].monitor?;
+        self.nodes[i].child.as_ref()?;
+        let response = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        response.json().await.ok()
+    }
+
+    /// The index of the node that is the JetStream meta leader, as a running node reports it.
+    pub async fn meta_leader(&self) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            let Some(jsz) = self.monitor(i, "/jsz").await else {
+                continue;
+            };
+            if let Some(leader) = jsz["meta_cluster"]["leader"].as_str()
+                && let Some(n) = leader.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())
+                && n < self.nodes.len()
+                && self.nodes[n].child.is_some()
+            {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// Waits until a running node names a running meta leader.
+    pub async fn wait_for_meta_leader(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(leader) = self.meta_leader().await {
+                return leader;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the NATS cluster has no JetStream meta leader after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many client connections named `name` node `i` has (0 when it does not answer).
+    pub async fn clients_of(&self, i: usize, name: &str) -> usize {
+        let Some(connz) = self.monitor(i, "/connz?limit=1024").await else {
+            return 0;
+        };
+        connz["connections"].as_array().map_or(0, |list| {
+            list.iter()
+                .filter(|c| c["name"].as_str() == Some(name))
+                .count()
+        })
+    }
+
+    /// Puts node `i` into lame-duck mode (`nats-server --signal ldm=<pid>`): it tells its
+    /// clients (`"ldm": true` in INFO), takes no new ones, and closes those left after the
+    /// grace period, spread over `lame_duck_duration`, then exits.
+    pub fn lame_duck(&self, i: usize) {
+        let pid = self.nodes[i]
+            .child
+            .as_ref()
+            .expect("the node is running")
+            .id();
+        let status = Command::new(binary())
+            .args(["--signal", &format!("ldm={pid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("nats-server --signal runs");
+        assert!(status.success(), "nats-server --signal ldm={pid}: {status}");
     }
 }

@@ -35,10 +35,24 @@ impl Backoff {
         pause
     }
 
+    /// [`Backoff::next_pause`] at a random point of its upper half: gateway instances that lost
+    /// the same server at the same moment do not all come back to it at once.
+    pub fn next_jittered_pause(&mut self) -> Duration {
+        jittered(self.next_pause())
+    }
+
     /// The next pause is `min` again.
     pub fn reset(&mut self) {
         self.current = self.min;
     }
+}
+
+/// A random point of `pause`'s upper half (`pause` / 2 ..= `pause`).
+pub fn jittered(pause: Duration) -> Duration {
+    let half = pause / 2;
+    half.checked_add(half.mul_f64(fastrand::f64()))
+        .unwrap_or(pause)
+        .min(pause)
 }
 
 #[cfg(test)]
@@ -56,7 +70,13 @@ mod tests {
         assert_eq!(b.current(), ms(50));
         assert_eq!(b.next_pause(), ms(50));
         assert_eq!(b.next_pause(), ms(100));
+        let mut jittered = Backoff::new(ms(100), ms(400));
+        for expected in [ms(100), ms(200), ms(400), ms(400)] {
+            let pause = jittered.next_jittered_pause();
+            assert!(pause >= expected / 2 && pause <= expected, "{pause:?}");
+        }
         let mut at_max = Backoff::new(Duration::MAX, Duration::MAX);
+        assert!(at_max.clone().next_jittered_pause() >= Duration::MAX / 2);
         assert_eq!(at_max.next_pause(), Duration::MAX);
         assert_eq!(at_max.next_pause(), Duration::MAX);
     }

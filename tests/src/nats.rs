@@ -246,8 +246,8 @@ impl Drop for NatsServer {
 
 /// A cluster of `nats-server -js` nodes on loopback, routed to each other, each with its own
 /// store directory, client port and HTTP monitoring port (for [`NatsCluster::meta_leader`]
-/// and [`NatsCluster::clients_of`]). Lame-duck mode is short (`lame_duck_duration` 6 s, grace
-/// 1 s) so that a test sees its whole course.
+/// and [`NatsCluster::clients_of`]). Lame-duck mode: `lame_duck_duration` 30 s (the least
+/// nats-server 2.9 takes), a grace period of 1 s.
 #[derive(Debug)]
 pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
@@ -292,7 +292,7 @@ impl NatsCluster {
             let file = node.dir.join("nats-server.conf");
             let config = format!(
                 "server_name: n{i}\nhttp: \"127.0.0.1:{monitor}\"\n\
-                 lame_duck_duration: \"6s\"\nlame_duck_grace_period: \"1s\"\n\
+                 lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n\
                  cluster {{\n  name: meshgate-test\n  listen: \"127.0.0.1:{route}\"\n  \
                  routes: [{routes}]\n}}\n"
             );
@@ -330,7 +330,9 @@ impl NatsCluster {
                 continue;
             };
             if let Some(leader) = jsz["meta_cluster"]["leader"].as_str()
-                && let Some(n) = leader.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())
+                && let Some(n) = leader
+                    .strip_prefix('n')
+                    .and_then(|n| n.parse::<usize>().ok())
                 && n < self.nodes.len()
                 && self.nodes[n].child.is_some()
             {

@@ -22,7 +22,7 @@ pub(super) async fn connect_client(
     instance: &str,
     registry: &Registry,
     metric_backbone: &'static str,
-) -> Result<async_nats::Client, BackboneStartError> {
+) -> Result<(async_nats::Client, ForgetOnDrop), BackboneStartError> {
     let addrs = config
         .urls
         .iter()
@@ -42,18 +42,45 @@ pub(super) async fn connect_client(
     let warn_slow = Arc::new(meshgate_core::throttle::LogThrottle::new(
         SLOW_CONSUMER_LOG_INTERVAL,
     ));
+    // Set once connected: the event callback needs it to leave a server in lame-duck mode.
+    let this_client = ClientForEvents::default();
     let mut options = ConnectOptions::new()
         .name(format!("meshgate {instance}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // As meshgate's own client: the first retry at once (async-nats tries the servers it
+        // knows, configured and announced at connect, shuffled), then a pause that doubles up
+        // to 4 s, at random in its upper half so instances that lost a node spread out.
+        .reconnect_delay_callback(|attempts| {
+            let exponent = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+            let pause = Duration::from_millis(50)
+                .saturating_mul(2u32.saturating_pow(exponent.min(16)))
+                .min(crate::nats::connector::MAX_BACKOFF);
+            if attempts <= 1 {
+                Duration::ZERO
+            } else {
+                meshgate_core::backoff::jittered(pause)
+            }
+        })
         .connection_timeout(config.connect_timeout)
         .subscription_capacity(config.subscription_capacity)
-        .event_callback(move |event| {
+        .event_callback({
+            let this_client = this_client.clone();
+            move |event| {
             let slow_consumer = slow_consumer.clone();
             let warn_slow = warn_slow.clone();
             let disconnects = disconnects.clone();
+            let this_client = this_client.clone();
             async move {
                 match event {
+                    // async-nats only reports it; leave the server before it closes us.
+                    async_nats::Event::LameDuckMode => {
+                        tracing::info!("nats: the JetStream management connection's server is in lame-duck mode; moving to another");
+                        let client = this_client.get();
+                        if let Some(client) = client {
+                            let _ = client.force_reconnect().await;
+                        }
+                    }
                     async_nats::Event::SlowConsumer(sid) => {
                         slow_consumer.inc();
                         if warn_slow.ready() {
@@ -70,6 +97,7 @@ pub(super) async fn connect_client(
                     }
                     other => tracing::info!(event = %other, "nats"),
                 }
+            }
             }
         });
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
@@ -107,6 +135,7 @@ pub(super) async fn connect_client(
         .connect(addrs)
         .await
         .map_err(BackboneStartError::Connect)?;
+    this_client.set(client.clone());
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     while client.connection_state() != State::Connected {
         if tokio::time::Instant::now() >= deadline {
@@ -118,5 +147,32 @@ pub(super) async fn connect_client(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(client)
+    Ok((client, ForgetOnDrop(this_client)))
+}
+
+/// The client, for its own event callback (which async-nats runs on the connection's task).
+#[derive(Debug, Clone, Default)]
+struct ClientForEvents(Arc<std::sync::Mutex<Option<async_nats::Client>>>);
+
+/// Held by the backbone: lets the callback's client go when dropped (a clone kept by the
+/// callback alone would keep the connection open, reconnecting, for good).
+#[derive(Debug)]
+pub(super) struct ForgetOnDrop(ClientForEvents);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.0.forget();
+    }
+}
+
+impl ClientForEvents {
+    fn set(&self, client: async_nats::Client) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+    }
+    fn get(&self) -> Option<async_nats::Client> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn forget(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }

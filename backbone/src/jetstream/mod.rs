@@ -70,6 +70,8 @@ const INACTIVE_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(3
 #[derive(Debug)]
 pub struct JetStreamBackbone {
     client: async_nats::Client,
+    /// What lets async-nats's event callback move the client off a lame-duck server.
+    _client_for_events: connect::ForgetOnDrop,
     js: jetstream::Context,
     /// Publishes, on a connection of meshgate's own client (see there why).
     /// `backbone.jetstream.publish_connections` of them, never empty.
@@ -157,7 +159,7 @@ impl JetStreamBackbone {
         instance: &str,
         registry: &Registry,
     ) -> Result<Arc<JetStreamBackbone>, BackboneStartError> {
-        let client = connect_client(nats, instance, registry, NAME).await?;
+        let (client, client_for_events) = connect_client(nats, instance, registry, NAME).await?;
         if client.connection_state() != State::Connected {
             return Err(BackboneStartError::NotReachable {
                 urls: nats.urls.clone(),
@@ -282,6 +284,7 @@ impl JetStreamBackbone {
         };
         let backbone = Arc::new(JetStreamBackbone {
             client,
+            _client_for_events: client_for_events,
             js,
             publishers,
             consumer,

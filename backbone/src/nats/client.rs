@@ -57,6 +57,7 @@ pub(crate) use super::proto::Msg;
 use super::proto::{
     PUB_LINE_OVERHEAD, not_a_subject, pub_line_len, write_pub, write_sub, write_unsub,
 };
+use super::servers::ServerPool;
 use super::wire::HeaderError;
 
 /// At most one slow-consumer warning per this interval (every drop is counted).
@@ -211,6 +212,9 @@ pub(super) enum Pong {
     /// The publishers of the events of one write: the server read them when it answers the
     /// `PING` the writer put after them (one `PING` per write, whatever the number of events).
     Written(Vec<Confirm>),
+    /// The last `PING` on a connection being left for another (lame-duck mode): the server
+    /// read everything written on it. Entries after this one are for the next connection.
+    Switch(oneshot::Sender<()>),
 }
 
 /// What the writer sends, and who waits for which `PONG`.
@@ -237,6 +241,10 @@ pub(super) struct Out {
     pub(super) waiting: Vec<Waiting>,
     /// One entry per `PING` sent on this connection, in order: who waits for its `PONG`.
     pub(super) pongs: VecDeque<Pong>,
+    /// A move to another server is asked for: the writer writes what it holds and a last
+    /// `PING` ([`Pong::Switch`]) on this connection, then stops; what is appended meanwhile
+    /// waits here for the next connection.
+    pub(super) switch: Option<oneshot::Sender<()>>,
 }
 
 impl Out {
@@ -260,10 +268,11 @@ impl Out {
             .iter()
             .map(|p| match p {
                 Pong::Written(w) => w.len(),
-                Pong::KeepAlive | Pong::Flush(_) => 0,
+                Pong::KeepAlive | Pong::Flush(_) | Pong::Switch(_) => 0,
             })
             .sum();
         self.pongs.clear();
+        self.switch = None;
         std::mem::take(&mut self.events) + std::mem::take(&mut self.in_write) + unconfirmed
     }
 }
@@ -303,10 +312,16 @@ pub(super) struct Shared {
     pub(super) warn_slow: LogThrottle,
     /// Called whenever a connection ends (lost, or closed): see [`Client::on_disconnect`].
     pub(super) on_disconnect: Hooks,
+    /// The configured servers and those the cluster announced.
+    pub(super) servers: Mutex<ServerPool>,
+    /// The server of this connection announced lame-duck mode (`"ldm": true`).
+    pub(super) lame_duck: AtomicBool,
+    pub(super) lame_duck_told: Notify,
 }
 
 impl Shared {
     pub(super) fn new(options: Options) -> Shared {
+        let servers = Mutex::new(ServerPool::new(&options.urls));
         Shared {
             options,
             out: Mutex::new(Out::default()),
@@ -323,6 +338,9 @@ impl Shared {
             connections: AtomicU64::new(0),
             warn_slow: LogThrottle::new(SLOW_CONSUMER_LOG_INTERVAL),
             on_disconnect: Hooks::default(),
+            servers,
+            lame_duck: AtomicBool::new(false),
+            lame_duck_told: Notify::new(),
         }
     }
 
@@ -332,6 +350,9 @@ impl Shared {
     }
     pub(super) fn subs(&self) -> MutexGuard<'_, HashMap<u64, Sub>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(super) fn servers(&self) -> MutexGuard<'_, ServerPool> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs the [`Client::on_disconnect`] hooks (the connection is marked disconnected

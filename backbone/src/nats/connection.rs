@@ -56,20 +56,54 @@ pub(crate) enum Disconnect {
     Unresponsive,
 }
 
-/// Runs a connection until it fails: re-subscribes, then reads and writes. Returns why it ended.
-pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut) -> Disconnect {
+/// How a connection ended.
+pub(super) enum Served {
+    /// Lost or closed: [`super::connector::disconnected`] is due.
+    Ended(Disconnect),
+    /// Left for another server (the old one is in lame-duck mode) after it confirmed everything
+    /// written on it: what was appended since waits in [`super::client::Out`] for `Replacement`.
+    Moved(Replacement),
+}
+
+/// A connection that is up (handshake done) and not yet served.
+pub(super) struct Replacement {
+    pub(super) io: Box<dyn Io>,
+    /// What the server sent after the handshake's `PONG`.
+    pub(super) rest: BytesMut,
+    pub(super) url: String,
+}
+
+/// Runs the connection to `url` until it fails or `replacement` (which waits for lame-duck
+/// mode, see [`super::connector`]) has another one ready: re-subscribes, then reads and writes.
+pub(super) async fn serve(
+    shared: &Arc<Shared>,
+    io: Box<dyn Io>,
+    rest: BytesMut,
+    url: &str,
+    replacement: impl Future<Output = Replacement>,
+) -> Served {
     // (A write cancelled by the last connection's end left it set.)
     shared.writing.store(false, Ordering::Release);
+    shared.lame_duck.store(false, Ordering::Release);
     {
         let mut out = shared.out();
-        // (Empty: `disconnected` cleared it when the last connection ended, and publishes
-        // are refused until this one is up.)
-        let _ = out.clear();
+        // The subscriptions first, then whatever was appended while a move to this server
+        // was under way (nothing after a lost connection: `disconnected` cleared it, and
+        // publishes are refused until this one is up).
+        let mut buf = Vec::with_capacity(out.buf.len() + 64);
         let subs = shared.subs();
         for (sid, sub) in subs.iter() {
-            write_sub(&mut out.buf, *sid, &sub.subject, sub.queue.as_deref());
+            write_sub(&mut buf, *sid, &sub.subject, sub.queue.as_deref());
         }
         drop(subs);
+        let shift = buf.len();
+        buf.extend_from_slice(&out.buf);
+        out.buf = buf;
+        for (offset, _) in &mut out.later {
+            *offset += shift;
+        }
+        out.in_write = 0;
+        out.switch = None;
         out.connected = true;
         shared.connections.fetch_add(1, Ordering::Release);
     }
@@ -77,10 +111,11 @@ pub(super) async fn serve(shared: &Arc<Shared>, io: Box<dyn Io>, rest: BytesMut)
     let (reader, writer) = tokio::io::split(io);
     let closed = shared.close.notified();
     tokio::select! {
-        r = read_loop(shared, reader, rest) => r,
-        r = write_loop(shared, writer) => r,
-        r = keep_alive(shared) => r,
-        _ = closed => Disconnect::Closed,
+        r = read_loop(shared, reader, rest, url) => Served::Ended(r),
+        r = write_loop(shared, writer) => Served::Ended(r),
+        r = keep_alive(shared) => Served::Ended(r),
+        r = replacement => Served::Moved(r),
+        _ = closed => Served::Ended(Disconnect::Closed),
     }
 }
 
@@ -127,10 +162,11 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
     let mut tags = Vec::new();
     let mut refused = Vec::new();
     loop {
-        let (idle, confirm) = {
+        let (idle, confirm, switching) = {
             let mut out = shared.out();
             // (The last write is done.)
             out.in_write = 0;
+            let switching = out.switch.take();
             let idle = out.is_empty();
             let mut confirm = false;
             if !idle {
@@ -151,15 +187,27 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
                     confirm = true;
                 }
             }
-            (idle, confirm)
+            // Leaving this server: this write's PINGs are the last it gets; the PONG of the
+            // last says it read everything (entries pushed later are the next server's).
+            let switching = match switching {
+                Some(told) => {
+                    out.pongs.push_back(Pong::Switch(told));
+                    true
+                }
+                None => false,
+            };
+            (idle, confirm, switching)
         };
-        if idle {
+        if idle && !switching {
             shared.wake_writer.notified().await;
             continue;
         }
         shared.room.notify_waiters();
         let bytes = if later.is_empty() {
             if confirm {
+                spare.extend_from_slice(b"PING\r\n");
+            }
+            if switching {
                 spare.extend_from_slice(b"PING\r\n");
             }
             &spare
@@ -178,6 +226,9 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
             if confirm {
                 joined.extend_from_slice(b"PING\r\n");
             }
+            if switching {
+                joined.extend_from_slice(b"PING\r\n");
+            }
             &joined
         };
         shared.writing.store(true, Ordering::Release);
@@ -194,6 +245,10 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
             if buf.capacity() > 4 * MAX_PENDING {
                 *buf = Vec::with_capacity(64 << 10);
             }
+        }
+        if switching {
+            // Nothing more goes to this server; the reader waits for the last PONG.
+            return std::future::pending().await;
         }
     }
 }
@@ -237,7 +292,7 @@ fn refuse(shared: &Shared, tags: &[Option<usize>], refused: &mut Vec<(usize, Hea
     // took it; entries after it are keep-alives and flushes).
     let mut confirms = out.pongs.iter_mut().rev().find_map(|p| match p {
         Pong::Written(c) => Some(c),
-        Pong::KeepAlive | Pong::Flush(_) => None,
+        Pong::KeepAlive | Pong::Flush(_) | Pong::Switch(_) => None,
     });
     // Last first: removing a publisher leaves the positions of those before it as they were.
     for (index, error) in refused.drain(..).rev() {
@@ -296,6 +351,7 @@ async fn read_loop(
     shared: &Shared,
     mut r: tokio::io::ReadHalf<Box<dyn Io>>,
     mut buf: BytesMut,
+    url: &str,
 ) -> Disconnect {
     // Bytes of a too-large message still to be skipped.
     let mut skip = 0usize;
@@ -310,7 +366,7 @@ async fn read_loop(
                         "nats: the server sent a message over its own max_payload; skipped (counted in meshgate_backbone_dropped_total{{reason=\"too_large\"}})"
                     );
                 }
-                Ok(Some(op)) => handle(shared, op),
+                Ok(Some(op)) => handle(shared, op, url),
                 Ok(None) => break,
                 Err(e) => return Disconnect::Protocol(e),
             }
@@ -331,7 +387,7 @@ fn inbound_limit(shared: &Shared) -> usize {
     (shared.max_payload.load(Ordering::Relaxed) + INBOUND_SLACK).min(MAX_INBOUND_MESSAGE)
 }
 
-fn handle(shared: &Shared, op: Op) {
+fn handle(shared: &Shared, op: Op, url: &str) {
     match op {
         Op::Msg { sid, msg } => {
             let subs = shared.subs();
@@ -374,6 +430,9 @@ fn handle(shared: &Shared, op: Op) {
                         let _ = c.send(Ok(()));
                     }
                 }
+                Some(Pong::Switch(told)) => {
+                    let _ = told.send(());
+                }
                 Some(Pong::KeepAlive) | None => {}
             }
         }
@@ -386,12 +445,24 @@ fn handle(shared: &Shared, op: Op) {
             tracing::warn!(error = %text, "nats: the server reported an error");
         }
         Op::Info(json) => {
-            if let Ok(info) = serde_json::from_str::<Info>(&json)
-                && info.max_payload > 0
-            {
+            let Ok(info) = serde_json::from_str::<Info>(&json) else {
+                return;
+            };
+            if info.max_payload > 0 {
                 shared
                     .max_payload
                     .store(info.max_payload, Ordering::Relaxed);
+            }
+            let added = shared.servers().learn(&info.connect_urls, url);
+            if added > 0 {
+                tracing::info!(added, servers = ?shared.servers().urls(), "nats: the cluster announced servers");
+            }
+            if info.ldm && !shared.lame_duck.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    url,
+                    "nats: the server is in lame-duck mode; moving to another"
+                );
+                shared.lame_duck_told.notify_one();
             }
         }
     }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::client::{Client, Options, Shared};
-use super::connection::{Io, serve};
+use super::connection::{Disconnect, Io, Replacement, Served, serve};
 use super::proto::{Info, MAX_CONTROL_LINE, ProtocolError, find_crlf};
 
 /// Why a connection attempt failed. [`ConnectError::kind`] names the kind for the log, so that
@@ -114,7 +114,7 @@ pub(crate) enum TlsError {
 }
 
 /// Longest pause between connection attempts (the pause doubles up to it).
-pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(4);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 // The client's constructor is here, with the task it starts, so that `client.rs` does not
 // depend on this file (one direction: connector → client).
@@ -171,21 +171,27 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(not a string)")
 }
 
-/// Connects, reconnects, and runs each connection's reader and writer.
+/// Connects, reconnects, and runs each connection's reader and writer. The servers are
+/// tried in turn ([`super::servers::ServerPool`]: the configured ones and those the cluster
+/// announced), the one just lost last; after a round of failures, a pause that doubles up to
+/// [`MAX_BACKOFF`], at random in its upper half (instances that lost the same node spread).
 async fn run(shared: Arc<Shared>) {
-    let urls = shared.options.urls.clone();
-    if urls.is_empty() {
-        // (The config refuses an empty backbone.nats.urls; this keeps the index below safe.)
+    if shared.servers().len() == 0 {
+        // (The config refuses an empty backbone.nats.urls.)
         tracing::error!("nats: no server URL to connect to (backbone.nats.urls)");
         return;
     }
     let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
-    let mut index = 0usize;
+    // Failed attempts since the last connection, and the server of the last one.
+    let mut failures = 0usize;
+    let mut last: Option<String> = None;
     let mut was_connected = false;
     while !shared.closed.load(Ordering::Acquire) {
-        let url = &urls[index % urls.len()];
-        index += 1;
-        let attempt = tokio::time::timeout(shared.options.connect_timeout, handshake(&shared, url));
+        let Some(url) = shared.servers().next(last.as_deref()) else {
+            break;
+        };
+        let attempt =
+            tokio::time::timeout(shared.options.connect_timeout, handshake(&shared, &url));
         let closed = shared.close.notified();
         let result = tokio::select! {
             r = attempt => r.unwrap_or(Err(ConnectError::Timeout)),
@@ -195,9 +201,11 @@ async fn run(shared: Arc<Shared>) {
             Ok((io, rest)) => {
                 tracing::info!(url = %url, "nats: connected");
                 was_connected = true;
+                failures = 0;
                 let started = tokio::time::Instant::now();
-                let reason = serve(&shared, io, rest).await;
+                let (reason, url) = serve_moving(&shared, io, rest, url).await;
                 disconnected(&shared);
+                last = Some(url.clone());
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
@@ -207,7 +215,7 @@ async fn run(shared: Arc<Shared>) {
                     // Ended at once (refused after the handshake, say): no tight loop.
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_pause()) => {}
+                        _ = tokio::time::sleep(backoff.next_jittered_pause()) => {}
                         _ = closed => break,
                     }
                 } else {
@@ -215,7 +223,9 @@ async fn run(shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                let loud = was_connected || index <= urls.len();
+                failures += 1;
+                let rounds = shared.servers().len();
+                let loud = was_connected || failures <= rounds;
                 match &e {
                     ConnectError::Auth(_) if loud => {
                         tracing::warn!(url = %url, kind = e.kind(), error = %e, "nats: the server refused meshgate's credentials (backbone.nats.user/password or token); retrying")
@@ -230,10 +240,11 @@ async fn run(shared: Arc<Shared>) {
                         tracing::debug!(url = %url, kind = e.kind(), error = %e, "nats: cannot connect; retrying")
                     }
                 }
-                if index.is_multiple_of(urls.len()) {
+                last = None;
+                if failures.is_multiple_of(rounds) {
                     let closed = shared.close.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_pause()) => {}
+                        _ = tokio::time::sleep(backoff.next_jittered_pause()) => {}
                         _ = closed => break,
                     }
                 }
@@ -241,6 +252,69 @@ async fn run(shared: Arc<Shared>) {
         }
     }
     disconnected(&shared);
+}
+
+/// Serves the connection to `url`, and the next one each time the server goes into lame-duck
+/// mode and another was reached ([`replacement`]); returns why the last one ended, and its
+/// server.
+async fn serve_moving(
+    shared: &Arc<Shared>,
+    mut io: Box<dyn Io>,
+    mut rest: BytesMut,
+    mut url: String,
+) -> (Disconnect, String) {
+    loop {
+        match serve(shared, io, rest, &url, replacement(shared, &url)).await {
+            Served::Ended(reason) => return (reason, url),
+            Served::Moved(next) => {
+                tracing::info!(from = %url, to = %next.url, "nats: left a server in lame-duck mode");
+                (io, rest, url) = (next.io, next.rest, next.url);
+            }
+        }
+    }
+}
+
+/// Once the server of `current` announces lame-duck mode: connects to another (each in turn,
+/// pausing after a round of failures), then has the writer send what it holds and a last
+/// `PING` on the old connection, and returns the new one when that `PONG` came (so nothing
+/// written on the old connection is lost, and nothing is refused meanwhile: what publishers
+/// append waits for the new one). If the old connection ends first, `serve` returns that
+/// instead.
+async fn replacement(shared: &Shared, current: &str) -> Replacement {
+    loop {
+        let told = shared.lame_duck_told.notified();
+        if shared.lame_duck.load(Ordering::Acquire) {
+            break;
+        }
+        told.await;
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
+    let mut failures = 0usize;
+    let (io, rest, url) = loop {
+        let next = shared.servers().next(Some(current));
+        if let Some(url) = next.filter(|u| u != current) {
+            let attempt =
+                tokio::time::timeout(shared.options.connect_timeout, handshake(shared, &url));
+            match attempt.await.unwrap_or(Err(ConnectError::Timeout)) {
+                Ok((io, rest)) => break (io, rest, url),
+                Err(e) => {
+                    tracing::debug!(url = %url, error = %e, "nats: cannot connect to leave a lame-duck server; retrying")
+                }
+            }
+        }
+        failures += 1;
+        if failures.is_multiple_of(shared.servers().len().max(1)) {
+            tokio::time::sleep(backoff.next_jittered_pause()).await;
+        }
+    };
+    let (told, last_pong) = tokio::sync::oneshot::channel();
+    shared.out().switch = Some(told);
+    shared.wake_writer.notify_one();
+    if last_pong.await.is_err() {
+        // The old connection ended first (its end is what `serve` returns).
+        std::future::pending::<()>().await;
+    }
+    Replacement { io, rest, url }
 }
 
 pub(super) fn disconnected(shared: &Shared) {
@@ -280,6 +354,7 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             .max_payload
             .store(info.max_payload, Ordering::Relaxed);
     }
+    shared.servers().learn(&info.connect_urls, url);
     // TLS files configured: TLS even on a nats:// URL to a server that does not ask for it, so
     // that credentials never go in clear to a server meant to be reached over TLS.
     let files = &shared.options.tls;

@@ -62,6 +62,7 @@ pub(crate) mod connector;
 mod fanout;
 pub(crate) mod nkey;
 pub(crate) mod proto;
+mod servers;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod wire;

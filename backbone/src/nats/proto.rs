@@ -133,6 +133,13 @@ pub(super) struct Info {
     /// What an NKey client signs (servers with NKey or JWT authentication).
     #[serde(default)]
     pub(super) nonce: Option<String>,
+    /// The client listeners of the cluster's servers (`host:port`), announced at connect and
+    /// again when the cluster changes ([`super::servers::ServerPool::learn`]).
+    #[serde(default)]
+    pub(super) connect_urls: Vec<String>,
+    /// Lame-duck mode: the server is about to close its clients and exit; leave it.
+    #[serde(default)]
+    pub(super) ldm: bool,
 }
 
 pub(super) fn find_crlf(b: &[u8]) -> Option<usize> {

@@ -11,7 +11,7 @@ use meshgate_core::metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::client::{Client, EncodeLater, Frame, Options, Shared};
-use super::connection::{Disconnect, serve};
+use super::connection::{Disconnect, Served, serve};
 use super::wire::HeaderError;
 
 /// A client's shared state as [`Client::connect`] makes it, without connecting.
@@ -66,7 +66,19 @@ pub(crate) async fn serving_with(
     let (io, server) = tokio::io::duplex(capacity);
     let serving = tokio::spawn({
         let shared = shared.clone();
-        async move { serve(&shared, Box::new(io), BytesMut::new()).await }
+        async move {
+            let served = serve(
+                &shared,
+                Box::new(io),
+                BytesMut::new(),
+                "nats://test",
+                std::future::pending(),
+            );
+            match served.await {
+                Served::Ended(reason) => reason,
+                Served::Moved(_) => unreachable!("no replacement is offered"),
+            }
+        }
     });
     let client = Client { shared };
     while !client.is_connected() {

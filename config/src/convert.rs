@@ -179,16 +179,6 @@ fn jetstream_config(j: raw::JetStream, errors: &mut Errors) -> JetStreamConfig {
             JetStreamSubscriptions::ConsumerEach
         }
     };
-    if subscriptions == JetStreamSubscriptions::InstanceFeed && j.replicas > 1 {
-        // Direct gets may be answered by a replica that lags the leader: a subscription that
-        // reads what it missed could take its "nothing more" for the truth and skip a message.
-        errors.push(
-            "backbone.jetstream.subscriptions",
-            "\"instance_feed\" (the default) needs backbone.jetstream.replicas = 1 for now (its \
-             subscriptions read missed events with direct gets, which a lagging replica may \
-             answer); with replicas > 1 set subscriptions = \"consumer_each\"",
-        );
-    }
     JetStreamConfig {
         stream: j.stream,
         max_age: duration(&j.max_age, "backbone.jetstream.max_age", errors),

@@ -9,6 +9,14 @@
 //! `Nats-Time-Stamp` added to its headers, or a status (`NATS/1.0 404 Message Not Found`: none;
 //! `408 …`: a bad request; `503`: no stream answers, e.g. without `allow_direct`). Replies come
 //! to one wildcard inbox, as for publishes ([`super::replies`]).
+//!
+//! A replicated stream (`backbone.jetstream.replicas` > 1) is read through its leader instead:
+//! with `allow_direct` every replica answers direct gets, and one that lags the leader would
+//! answer 404 for a message the feed already passed, so a member would go live past it and
+//! skip it. `$JS.API.STREAM.MSG.GET.<stream>` takes the same request and only the leader
+//! answers it, in JSON (`{"message":{"subject","seq","hdrs","data"}}` with the header block and
+//! payload in base64, or `{"error":{"code":404,…}}`); nats-server 2.9 takes `next_by_subj`
+//! there too (checked on 2.9.10).
 
 use std::time::Duration;
 
@@ -53,20 +61,27 @@ pub(crate) struct DirectGet {
 const MAX_IN_FLIGHT: usize = 256;
 
 impl DirectGet {
+    /// Reads `stream` by direct get, or through its leader when `replicated` (see above).
     pub(crate) fn start(
         client: &Client,
         stream: &str,
         timeout: Duration,
+        replicated: bool,
     ) -> Result<DirectGet, ClientError> {
-        let replies = Replies::start(
-            client,
-            read_answer,
-            || Err(DirectError::ConnectionLost),
-            |_| {},
-        )?;
+        let read = if replicated {
+            read_leader_answer
+        } else {
+            read_answer
+        };
+        let replies = Replies::start(client, read, || Err(DirectError::ConnectionLost), |_| {})?;
+        let api = if replicated {
+            "STREAM.MSG.GET"
+        } else {
+            "DIRECT.GET"
+        };
         Ok(DirectGet {
             client: client.clone(),
-            subject: format!("$JS.API.DIRECT.GET.{stream}"),
+            subject: format!("$JS.API.{api}.{stream}"),
             replies,
             timeout,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
@@ -133,6 +148,69 @@ fn read_answer(mut m: Msg) -> Result<Option<Stored>, DirectError> {
     Ok(Some(Stored { seq, msg: m }))
 }
 
+/// The leader's answer (`$JS.API.STREAM.MSG.GET`), in JSON.
+#[derive(serde::Deserialize)]
+struct LeaderAnswer {
+    message: Option<LeaderStored>,
+    error: Option<LeaderError>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeaderStored {
+    subject: String,
+    seq: u64,
+    /// The header block, base64 (absent without headers).
+    #[serde(default)]
+    hdrs: Option<String>,
+    /// The payload, base64 (absent when empty).
+    #[serde(default)]
+    data: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeaderError {
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+/// Reads a leader's answer: the stored message, `None` for 404, or why not.
+fn read_leader_answer(m: Msg) -> Result<Option<Stored>, DirectError> {
+    use base64::Engine;
+    let refused = |why: &str| DirectError::Refused(why.to_owned());
+    let answer: LeaderAnswer = serde_json::from_slice(&m.payload)
+        .map_err(|e| refused(&format!("an answer that is not JetStream's JSON: {e}")))?;
+    if let Some(e) = answer.error {
+        if e.code == 404 {
+            return Ok(None);
+        }
+        return Err(refused(&format!("{} {}", e.code, e.description)));
+    }
+    let stored = answer
+        .message
+        .ok_or_else(|| refused("an answer without a message or an error"))?;
+    if stored.subject.is_empty() {
+        return Err(refused("a stored message without a subject"));
+    }
+    let decode = |field: Option<String>, what: &str| {
+        field
+            .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
+            .transpose()
+            .map_err(|e| refused(&format!("{what} is not base64: {e}")))
+    };
+    let headers = decode(stored.hdrs, "hdrs")?.filter(|h| !h.is_empty());
+    let payload = decode(stored.data, "data")?.unwrap_or_default();
+    Ok(Some(Stored {
+        seq: stored.seq,
+        msg: Msg {
+            subject: Bytes::from(stored.subject),
+            reply: None,
+            headers: headers.map(Bytes::from),
+            payload: Bytes::from(payload),
+        },
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -194,6 +272,81 @@ mod tests {
                     payload: Bytes::new(),
                 };
                 if let Ok(Some(s)) = read_answer(m)
+                    && s.msg.subject.is_empty()
+                {
+                    return Err("a stored message without a subject".into());
+                }
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn a_leaders_answer_gives_the_stored_message_and_404_is_none() {
+        let answer = |json: &str| Msg {
+            subject: Bytes::from_static(b"_INBOX.x.1"),
+            reply: None,
+            headers: None,
+            payload: Bytes::from(json.to_owned()),
+        };
+        // As nats-server 2.9.10 answered (the header block "NATS/1.0\r\nA: b\r\n\r\n").
+        let s = read_leader_answer(answer(
+            r#"{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"p.a","seq":2,"hdrs":"TkFUUy8xLjANCkE6IGINCg0K","data":"aG8=","time":"2026-12-06T07:22:45.905485135Z"}}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.seq, 2);
+        assert_eq!(&s.msg.subject[..], b"p.a");
+        assert_eq!(
+            s.msg.headers.as_deref(),
+            Some(&b"NATS/1.0\r\nA: b\r\n\r\n"[..])
+        );
+        assert_eq!(&s.msg.payload[..], b"ho");
+        assert!(
+            read_leader_answer(answer(
+                r#"{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","error":{"code":404,"err_code":10037,"description":"no message found"}}"#
+            ))
+            .unwrap()
+            .is_none()
+        );
+        for bad in [
+            r#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#,
+            r#"{"message":{"subject":"","seq":1}}"#,
+            r#"{"message":{"subject":"p.a","seq":1,"data":"%%"}}"#,
+            r#"{}"#,
+            "not json",
+        ] {
+            assert!(
+                matches!(
+                    read_leader_answer(answer(bad)),
+                    Err(DirectError::Refused(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    /// The leader's answers come from the bus too: any payload is a message, a `None` or a
+    /// refusal, never a panic.
+    #[test]
+    fn fuzz_leader_get_answer() {
+        let seeds: [&[u8]; 3] = [
+            br#"{"message":{"subject":"p.a","seq":2,"hdrs":"TkFUUy8xLjANCg0K","data":"aG8="}}"#,
+            br#"{"error":{"code":404,"description":"no message found"}}"#,
+            br#"{"error":{"code":503}}"#,
+        ];
+        meshgate_fuzz::run(
+            "leader_get_answer",
+            meshgate_fuzz::bytes("leader_get_answer", &seeds, 256),
+            |b| Some(b.to_vec()),
+            |bytes| {
+                let m = Msg {
+                    subject: Bytes::from_static(b"_INBOX.x.1"),
+                    reply: None,
+                    headers: None,
+                    payload: Bytes::from(bytes),
+                };
+                if let Ok(Some(s)) = read_leader_answer(m)
                     && s.msg.subject.is_empty()
                 {
                     return Err("a stored message without a subject".into());

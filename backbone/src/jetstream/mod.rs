@@ -270,9 +270,13 @@ impl JetStreamBackbone {
                 )
                 .await
                 .map_err(BackboneStartError::Feed)?;
-                let direct =
-                    direct::DirectGet::start(&consumer, &config.stream, config.publish_timeout)
-                        .map_err(|e| BackboneStartError::Feed(e.to_string()))?;
+                let direct = direct::DirectGet::start(
+                    &consumer,
+                    &config.stream,
+                    config.publish_timeout,
+                    config.replicas > 1,
+                )
+                .map_err(|e| BackboneStartError::Feed(e.to_string()))?;
                 Some(FeedParts {
                     feed,
                     direct: Arc::new(direct),

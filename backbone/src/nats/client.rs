@@ -53,6 +53,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::queue::TrySendError;
 
+use super::overlap::Overlap;
 pub(crate) use super::proto::Msg;
 use super::proto::{
     PUB_LINE_OVERHEAD, not_a_subject, pub_line_len, write_pub, write_sub, write_unsub,
@@ -317,6 +318,8 @@ pub(super) struct Shared {
     /// The server of this connection announced lame-duck mode (`"ldm": true`).
     pub(super) lame_duck: AtomicBool,
     pub(super) lame_duck_told: Notify,
+    /// Copies delivered by both connections while leaving a lame-duck server, handed on once.
+    pub(super) overlap: Overlap,
 }
 
 impl Shared {
@@ -341,6 +344,7 @@ impl Shared {
             servers,
             lame_duck: AtomicBool::new(false),
             lame_duck_told: Notify::new(),
+            overlap: Overlap::default(),
         }
     }
 

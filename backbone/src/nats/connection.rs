@@ -65,7 +65,8 @@ pub(super) enum Served {
     Moved(Replacement),
 }
 
-/// A connection that is up (handshake done) and not yet served.
+/// A connection that is up (handshake done, every subscription made on it) and not yet
+/// served.
 pub(super) struct Replacement {
     pub(super) io: Box<dyn Io>,
     /// What the server sent after the handshake's `PONG`.
@@ -80,6 +81,7 @@ pub(super) async fn serve(
     io: Box<dyn Io>,
     rest: BytesMut,
     url: &str,
+    subscribed: bool,
     replacement: impl Future<Output = Replacement>,
 ) -> Served {
     // (A write cancelled by the last connection's end left it set.)
@@ -91,11 +93,15 @@ pub(super) async fn serve(
         // was under way (nothing after a lost connection: `disconnected` cleared it, and
         // publishes are refused until this one is up).
         let mut buf = Vec::with_capacity(out.buf.len() + 64);
-        let subs = shared.subs();
-        for (sid, sub) in subs.iter() {
-            write_sub(&mut buf, *sid, &sub.subject, sub.queue.as_deref());
+        if subscribed {
+            // (By `replacement`, while the old connection still read: see `overlap`.)
+            shared.overlap.filter();
+        } else {
+            shared.overlap.end();
         }
-        drop(subs);
+        // Again after a move: a subscription made after `replacement` wrote them may have
+        // gone to the old connection only. nats-server ignores a SUB whose sid it has.
+        write_subs(shared, &mut buf);
         let shift = buf.len();
         buf.extend_from_slice(&out.buf);
         out.buf = buf;
@@ -116,6 +122,14 @@ pub(super) async fn serve(
         r = keep_alive(shared) => Served::Ended(r),
         r = replacement => Served::Moved(r),
         _ = closed => Served::Ended(Disconnect::Closed),
+    }
+}
+
+/// `SUB` for every subscription.
+pub(super) fn write_subs(shared: &Shared, buf: &mut Vec<u8>) {
+    let subs = shared.subs();
+    for (sid, sub) in subs.iter() {
+        write_sub(buf, *sid, &sub.subject, sub.queue.as_deref());
     }
 }
 
@@ -390,6 +404,9 @@ fn inbound_limit(shared: &Shared) -> usize {
 fn handle(shared: &Shared, op: Op, url: &str) {
     match op {
         Op::Msg { sid, msg } => {
+            if !shared.overlap.admit(sid, &msg) {
+                return;
+            }
             let subs = shared.subs();
             let Some(sub) = subs.get(&sid) else {
                 return;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::client::{Client, Options, Shared};
-use super::connection::{Disconnect, Io, Replacement, Served, serve};
+use super::connection::{Disconnect, Io, Replacement, Served, serve, write_subs};
 use super::proto::{Info, MAX_CONTROL_LINE, ProtocolError, find_crlf};
 
 /// Why a connection attempt failed. [`ConnectError::kind`] names the kind for the log, so that
@@ -263,10 +263,21 @@ async fn serve_moving(
     mut rest: BytesMut,
     mut url: String,
 ) -> (Disconnect, String) {
+    let mut subscribed = false;
     loop {
-        match serve(shared, io, rest, &url, replacement(shared, &url)).await {
+        match serve(
+            shared,
+            io,
+            rest,
+            &url,
+            subscribed,
+            replacement(shared, &url),
+        )
+        .await
+        {
             Served::Ended(reason) => return (reason, url),
             Served::Moved(next) => {
+                subscribed = true;
                 tracing::info!(from = %url, to = %next.url, "nats: left a server in lame-duck mode");
                 (io, rest, url) = (next.io, next.rest, next.url);
             }
@@ -274,12 +285,17 @@ async fn serve_moving(
     }
 }
 
+/// How long both connections read after the old one's last `PONG`: time for the new
+/// connection's subscriptions to reach every node of the cluster (over its routes).
+const OVERLAP: Duration = Duration::from_millis(25);
+
 /// Once the server of `current` announces lame-duck mode: connects to another (each in turn,
-/// pausing after a round of failures), then has the writer send what it holds and a last
-/// `PING` on the old connection, and returns the new one when that `PONG` came (so nothing
-/// written on the old connection is lost, and nothing is refused meanwhile: what publishers
-/// append waits for the new one). If the old connection ends first, `serve` returns that
-/// instead.
+/// pausing after a round of failures) and makes every subscription there, then has the writer
+/// send what it holds and a last `PING` on the old connection, and returns the new one
+/// [`OVERLAP`] after that `PONG` came. So nothing written on the old connection is lost and
+/// nothing is refused meanwhile (what publishers append waits for the new one), and no message
+/// published during the move finds no subscription (what both connections deliver is handed
+/// on once: [`super::overlap`]). If the old connection ends first, `serve` returns that instead.
 async fn replacement(shared: &Shared, current: &str) -> Replacement {
     loop {
         let told = shared.lame_duck_told.notified();
@@ -296,7 +312,18 @@ async fn replacement(shared: &Shared, current: &str) -> Replacement {
             let attempt =
                 tokio::time::timeout(shared.options.connect_timeout, handshake(shared, &url));
             match attempt.await.unwrap_or(Err(ConnectError::Timeout)) {
-                Ok((io, rest)) => break (io, rest, url),
+                Ok((mut io, rest)) => {
+                    let mut subscribe = Vec::new();
+                    shared.overlap.record();
+                    write_subs(shared, &mut subscribe);
+                    match io.write_all(&subscribe).await {
+                        Ok(()) => break (io, rest, url),
+                        Err(e) => {
+                            shared.overlap.end();
+                            tracing::debug!(url = %url, error = %e, "nats: cannot subscribe on the server that is to replace a lame-duck one; retrying")
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(url = %url, error = %e, "nats: cannot connect to leave a lame-duck server; retrying")
                 }
@@ -314,6 +341,7 @@ async fn replacement(shared: &Shared, current: &str) -> Replacement {
         // The old connection ended first (its end is what `serve` returns).
         std::future::pending::<()>().await;
     }
+    tokio::time::sleep(OVERLAP).await;
     Replacement { io, rest, url }
 }
 

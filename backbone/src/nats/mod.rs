@@ -61,6 +61,7 @@ mod connection;
 pub(crate) mod connector;
 mod fanout;
 pub(crate) mod nkey;
+mod overlap;
 pub(crate) mod proto;
 mod servers;
 #[cfg(test)]

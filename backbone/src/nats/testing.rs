@@ -72,6 +72,7 @@ pub(crate) async fn serving_with(
                 Box::new(io),
                 BytesMut::new(),
                 "nats://test",
+                false,
                 std::future::pending(),
             );
             match served.await {

@@ -103,18 +103,49 @@ impl JsPublisher {
 
     /// Publishes one message and waits for the stream's answer. Messages are written in the
     /// order of the calls (each is appended before this returns its future's first `Pending`).
+    ///
+    /// "No responders" is asked again, after 50 ms, then twice as long each time (up to 1 s),
+    /// until `timeout`: on a cluster it is what a stream answers while it has no leader (its
+    /// node died, a new one is being elected, about 2–5 s), and a publish held that long is
+    /// better than one refused. (A subject no stream takes is refused after `timeout` too.)
     pub(crate) async fn publish(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
     ) -> Result<PubAck, PublishFailure> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.publish_once(subject, headers, payload, deadline).await {
+                Err(PublishFailure::NoResponders(_))
+                    if tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(
+                        subject,
+                        "jetstream: no responders (no stream leader?); asking again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<PubAck, PublishFailure> {
         // Forgets the request however this ends (error, timeout, the caller gave up).
         let mut waiter = self.replies.waiter();
         self.client
             .publish_when_room(subject, Some(&waiter.reply), headers, payload)
             .await?;
-        match tokio::time::timeout(self.timeout, &mut waiter.answer).await {
+        match tokio::time::timeout_at(deadline, &mut waiter.answer).await {
             Ok(Ok(answer)) => answer.map_err(|e| match e {
                 PublishFailure::NoResponders(_) => PublishFailure::NoResponders(subject.into()),
                 e => e,
@@ -234,7 +265,7 @@ mod tests {
         let (client, _serving, server) = serving(64 << 10).await;
         let publisher = JsPublisher::start(
             client,
-            Duration::from_secs(5),
+            Duration::from_millis(400),
             Counter::default(),
             Counter::default(),
         )
@@ -252,7 +283,9 @@ mod tests {
                 .publish("p.a", b"NATS/1.0\r\nX: y\r\n\r\n", b"hi")
                 .await;
             let b = publisher.publish("p.b", b"", b"yo").await;
-            (a, b)
+            let started = tokio::time::Instant::now();
+            let c = publisher.publish("p.c", b"", b"no").await;
+            (a, b, c, started.elapsed())
         });
         // HPUB <subject> <reply> <header size> <total size>, then the reply to it.
         let hpub = line_of(&mut r, &mut seen, "HPUB ").await;
@@ -265,19 +298,38 @@ mod tests {
         let ack = r#"{"stream":"S","seq":1,"duplicate":true}"#;
         let reply = format!("MSG {} 1 {}\r\n{ack}\r\n", parts[2], ack.len());
         w.write_all(reply.as_bytes()).await.unwrap();
-        // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503).
+        // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503), as
+        // while a stream elects a leader; asked again, it is stored.
+        let status = "NATS/1.0 503\r\n\r\n";
+        let no_responders = move |inbox: &str| {
+            format!(
+                "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+                status.len(),
+                status.len()
+            )
+        };
         let publ = line_of(&mut r, &mut seen, "PUB p.b").await;
         let inbox = publ.split(' ').nth(2).unwrap().to_owned();
-        let status = "NATS/1.0 503\r\n\r\n";
-        let reply = format!(
-            "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
-            status.len(),
-            status.len()
-        );
+        w.write_all(no_responders(&inbox).as_bytes()).await.unwrap();
+        let again = line_of(&mut r, &mut seen, "PUB p.b").await;
+        let inbox = again.split(' ').nth(2).unwrap().to_owned();
+        let ack = r#"{"stream":"S","seq":2}"#;
+        let reply = format!("MSG {inbox} 1 {}\r\n{ack}\r\n", ack.len());
         w.write_all(reply.as_bytes()).await.unwrap();
+        // Nobody ever: refused as "no responders" within the publish timeout.
+        let answer_all = tokio::spawn(async move {
+            loop {
+                let publ = line_of(&mut r, &mut seen, "PUB p.c").await;
+                let inbox = publ.split(' ').nth(2).unwrap().to_owned();
+                w.write_all(no_responders(&inbox).as_bytes()).await.unwrap();
+            }
+        });
 
-        let (a, b) = first.await.unwrap();
+        let (a, b, c, took) = first.await.unwrap();
+        answer_all.abort();
         assert_eq!(a, Ok(PubAck { duplicate: true }));
-        assert_eq!(b, Err(PublishFailure::NoResponders("p.b".into())));
+        assert_eq!(b, Ok(PubAck { duplicate: false }));
+        assert_eq!(c, Err(PublishFailure::NoResponders("p.c".into())));
+        assert!(took <= Duration::from_millis(400), "{took:?}");
     }
 }

@@ -19,7 +19,7 @@
 # into the system's Python), dclint with npm --prefix there. Neither needs root. Debian packages
 # (python3-venv, nodejs + npm, nats-server) are installed with apt-get when run as root and
 # missing; otherwise the script says what to install. meshgate is $MESHGATE_BIN, else
-# target/debug/meshgate built with `cargo build --bin meshgate` (the build scripts/test.sh does).
+# ${CARGO_TARGET_DIR:-target}/debug/meshgate built with `cargo build --bin meshgate` (the build scripts/test.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +71,7 @@ if [ -n "${MESHGATE_BIN:-}" ]; then
     MESHGATE=$MESHGATE_BIN
 else
     cargo build --quiet --bin meshgate
-    MESHGATE=target/debug/meshgate
+    MESHGATE=${CARGO_TARGET_DIR:-target}/debug/meshgate
 fi
 say "kubernetes-validate $("$KV" --version), dclint $("$DCLINT" --version)," \
     "$(nats-server --version), $("$MESHGATE" --version)"

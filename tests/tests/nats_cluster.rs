@@ -52,6 +52,9 @@ fn gateway_config(bus: Bus, seed: &str, instance: &str) -> meshgate_config::Conf
             c.backbone.jetstream.replicas = 3;
             if bus == Bus::JetStreamR3ConsumerEach {
                 c.backbone.jetstream.subscriptions = JetStreamSubscriptions::ConsumerEach;
+                // A delivery on its way over the killed node's connection is delivered again
+                // after ack_wait (at least once): within the time the counting waits.
+                c.backbone.jetstream.ack_wait = Duration::from_secs(2);
             }
         }
     }
@@ -190,7 +193,7 @@ async fn run_with_fault(
     while answers.lock().unwrap().len() < published.len() && !d.passed() {
         d.pause().await;
     }
-    // Deliveries settle: until every acknowledged event arrived, or 3 s without a new one.
+    // Deliveries settle: until every acknowledged event arrived, or 5 s without a new one.
     let acknowledged: HashSet<String> = answers
         .lock()
         .unwrap()
@@ -207,7 +210,7 @@ async fn run_with_fault(
         }
         if got.len() != last.0 {
             last = (got.len(), Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(3) {
+        } else if last.1.elapsed() > Duration::from_secs(5) {
             break;
         }
         d.pause().await;

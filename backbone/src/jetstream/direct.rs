@@ -170,6 +170,10 @@ struct LeaderStored {
 #[derive(serde::Deserialize)]
 struct LeaderError {
     code: u16,
+    /// JetStream's error number: 10037 "no message found" (10059 "stream not found" is a 404
+    /// too, and an error).
+    #[serde(default)]
+    err_code: u32,
     #[serde(default)]
     description: String,
 }
@@ -181,7 +185,7 @@ fn read_leader_answer(m: Msg) -> Result<Option<Stored>, DirectError> {
     let answer: LeaderAnswer = serde_json::from_slice(&m.payload)
         .map_err(|e| refused(&format!("an answer that is not JetStream's JSON: {e}")))?;
     if let Some(e) = answer.error {
-        if e.code == 404 {
+        if e.code == 404 && e.err_code == 10037 {
             return Ok(None);
         }
         return Err(refused(&format!("{} {}", e.code, e.description)));
@@ -311,6 +315,7 @@ mod tests {
         );
         for bad in [
             r#"{"error":{"code":503,"description":"JetStream system temporarily unavailable"}}"#,
+            r#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#,
             r#"{"message":{"subject":"","seq":1}}"#,
             r#"{"message":{"subject":"p.a","seq":1,"data":"%%"}}"#,
             r#"{}"#,
@@ -332,7 +337,7 @@ mod tests {
     fn fuzz_leader_get_answer() {
         let seeds: [&[u8]; 3] = [
             br#"{"message":{"subject":"p.a","seq":2,"hdrs":"TkFUUy8xLjANCg0K","data":"aG8="}}"#,
-            br#"{"error":{"code":404,"description":"no message found"}}"#,
+            br#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#,
             br#"{"error":{"code":503}}"#,
         ];
         meshgate_fuzz::run(

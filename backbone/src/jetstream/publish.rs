@@ -63,6 +63,12 @@ pub(crate) struct JsPublisher {
     timeout: Duration,
     /// Publishes refused for want of a PubAck within `timeout`.
     timed_out: Counter,
+    /// Publishes under way on this connection (see [`JsPublisher::publish`]).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Publishes started so far, and how many of the first of them may not be asked again
+    /// (one started with them was refused: theirs would be stored after it).
+    started: std::sync::atomic::AtomicU64,
+    not_again_below: std::sync::atomic::AtomicU64,
 }
 
 impl JsPublisher {
@@ -94,6 +100,9 @@ impl JsPublisher {
             replies,
             timeout,
             timed_out,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            started: std::sync::atomic::AtomicU64::new(0),
+            not_again_below: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -106,29 +115,57 @@ impl JsPublisher {
     ///
     /// "No responders" is asked again, after 50 ms, then twice as long each time (up to 1 s),
     /// until `timeout`: on a cluster it is what a stream answers while it has no leader (its
-    /// node died, a new one is being elected, about 2–5 s), and a publish held that long is
-    /// better than one refused. (A subject no stream takes is refused after `timeout` too.)
+    /// node died, a new one is being elected, 4–9 s on nats-server 2.9), and a publish held is
+    /// better than one refused. Only while it is the only publish under way on this
+    /// connection: with another one appended after it, that one could be stored first, so it
+    /// is refused as before and the client's retry comes after (a subject no stream takes is
+    /// refused after `timeout`).
     pub(crate) async fn publish(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
     ) -> Result<PubAck, PublishFailure> {
+        use std::sync::atomic::Ordering;
+        struct UnderWay<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for UnderWay<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _under_way = UnderWay(&self.in_flight);
+        let ticket = self.started.fetch_add(1, Ordering::AcqRel);
+        // Alone on the connection, and nothing started with it refused.
+        let alone = || {
+            self.in_flight.load(Ordering::Acquire) == 1
+                && ticket >= self.not_again_below.load(Ordering::Acquire)
+        };
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.publish_once(subject, headers, payload, deadline).await {
-                Err(PublishFailure::NoResponders(_))
-                    if tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(
-                        subject,
-                        "jetstream: no responders (no stream leader?); asking again"
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                done => return done,
+            let done = self.publish_once(subject, headers, payload, deadline).await;
+            if !matches!(done, Err(PublishFailure::NoResponders(_))) {
+                return done;
+            }
+            if tokio::time::Instant::now() + pause >= deadline || !alone() {
+                // Refused: what started until now is not asked again (it would be stored
+                // after this one's retry by the client).
+                self.not_again_below
+                    .fetch_max(self.started.load(Ordering::Acquire), Ordering::AcqRel);
+                return done;
+            }
+            tracing::debug!(
+                subject,
+                "jetstream: no responders (no stream leader?); asking again"
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            if !alone() {
+                // Another publish came meanwhile and may be stored first.
+                self.not_again_below
+                    .fetch_max(self.started.load(Ordering::Acquire), Ordering::AcqRel);
+                return done;
             }
         }
     }
@@ -331,5 +368,44 @@ mod tests {
         assert_eq!(b, Ok(PubAck { duplicate: false }));
         assert_eq!(c, Err(PublishFailure::NoResponders("p.c".into())));
         assert!(took <= Duration::from_millis(400), "{took:?}");
+    }
+
+    /// Two publishes under way on one connection, both answered "no responders": neither is
+    /// asked again (the second could be stored before the first), both are refused at once.
+    #[tokio::test]
+    async fn no_responders_is_not_asked_again_with_another_publish_under_way() {
+        let (client, _serving, server) = serving(64 << 10).await;
+        let publisher = std::sync::Arc::new(
+            JsPublisher::start(
+                client,
+                Duration::from_secs(5),
+                Counter::default(),
+                Counter::default(),
+            )
+            .unwrap(),
+        );
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        line_of(&mut r, &mut seen, "SUB ").await;
+        let (p1, p2) = (publisher.clone(), publisher.clone());
+        let first = tokio::spawn(async move { p1.publish("p.x", b"", b"1").await });
+        let x = line_of(&mut r, &mut seen, "PUB p.x").await;
+        let second = tokio::spawn(async move { p2.publish("p.y", b"", b"2").await });
+        let y = line_of(&mut r, &mut seen, "PUB p.y").await;
+        let status = "NATS/1.0 503\r\n\r\n";
+        for line in [x, y] {
+            let inbox = line.split(' ').nth(2).unwrap().to_owned();
+            let reply = format!(
+                "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+                status.len(),
+                status.len()
+            );
+            w.write_all(reply.as_bytes()).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let (a, b) = (first.await.unwrap(), second.await.unwrap());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(a, Err(PublishFailure::NoResponders("p.x".into())));
+        assert_eq!(b, Err(PublishFailure::NoResponders("p.y".into())));
     }
 }

@@ -11,7 +11,9 @@ use meshgate_core::Envelope;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::client::{ClientError, Deliver, Frame, MAX_PENDING, Pong, Shared, Waiting};
-use super::proto::{Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub};
+use super::proto::{
+    Info, MAX_INBOUND_MESSAGE, Op, ProtocolError, next_op, write_pub, write_sub, write_unsub,
+};
 use super::wire::HeaderError;
 
 /// Keep-alive `PING` interval (as async-nats and the Go client).
@@ -28,8 +30,9 @@ const MAX_KEPT_FRAME: usize = 1 << 20;
 /// Read chunk; received messages are slices of it (no copy).
 const READ_CHUNK: usize = 32 << 10;
 
-/// Room above the server's `max_payload` for a received message (headers a server may add
-/// to a stored message); past `max_payload` + this, a message is skipped unread and counted
+/// Room above the server's `max_payload` (and its third, see `inbound_limit`) for a received
+/// message (headers a server may add to a stored message); past it, a message is skipped
+/// unread and counted
 /// as `too_large` (review F15: was any size up to [`MAX_INBOUND_MESSAGE`]).
 pub(super) const INBOUND_SLACK: usize = 64 << 10;
 
@@ -65,43 +68,78 @@ pub(super) enum Served {
     Moved(Replacement),
 }
 
-/// A connection that is up (handshake done, every subscription made on it) and not yet
-/// served.
+/// A connection that is up (handshake done, the subscriptions of `sids` made on it) and not
+/// yet served.
 pub(super) struct Replacement {
     pub(super) io: Box<dyn Io>,
     /// What the server sent after the handshake's `PONG`.
     pub(super) rest: BytesMut,
     pub(super) url: String,
+    pub(super) sids: Vec<u64>,
+}
+
+/// How a connection to serve came to be.
+pub(super) enum Start {
+    /// After a loss, or the first: `disconnected` cleared everything; subscribe to all.
+    Fresh {
+        /// The server announced lame-duck mode already in the handshake.
+        lame_duck: bool,
+    },
+    /// Moved from a lame-duck server: `subscribed` were made by `replacement`; the buffer holds
+    /// what was appended since the old connection's last write.
+    Moved { subscribed: Vec<u64> },
 }
 
 /// Runs the connection to `url` until it fails or `replacement` (which waits for lame-duck
-/// mode, see [`super::connector`]) has another one ready: re-subscribes, then reads and writes.
+/// mode, see [`super::connector`]) has another one ready: subscribes, then reads and writes.
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     io: Box<dyn Io>,
     rest: BytesMut,
     url: &str,
-    subscribed: bool,
+    start: Start,
     replacement: impl Future<Output = Replacement>,
 ) -> Served {
     // (A write cancelled by the last connection's end left it set.)
     shared.writing.store(false, Ordering::Release);
-    shared.lame_duck.store(false, Ordering::Release);
+    let lame_duck = matches!(start, Start::Fresh { lame_duck: true });
+    shared.lame_duck.store(lame_duck, Ordering::Release);
+    if lame_duck {
+        shared.lame_duck_told.notify_one();
+    }
     {
         let mut out = shared.out();
         // The subscriptions first, then whatever was appended while a move to this server
         // was under way (nothing after a lost connection: `disconnected` cleared it, and
         // publishes are refused until this one is up).
         let mut buf = Vec::with_capacity(out.buf.len() + 64);
-        if subscribed {
-            // (By `replacement`, while the old connection still read: see `overlap`.)
-            shared.overlap.filter();
-        } else {
-            shared.overlap.end();
+        match &start {
+            Start::Fresh { .. } => {
+                shared.overlap.end();
+                write_subs(shared, &mut buf);
+                // A new connection: server-side state of the last one (pending pull
+                // requests) is gone. Not so after a move: the subscriptions were made here
+                // before the old connection let go of them, so replies still find them.
+                shared.connections.fetch_add(1, Ordering::Release);
+            }
+            Start::Moved { subscribed } => {
+                // (What both connections delivered meanwhile is handed on once: `overlap`.)
+                shared.overlap.filter();
+                // Subscriptions made or ended after `replacement` subscribed here went to the
+                // old connection only.
+                let subs = shared.subs();
+                for (sid, sub) in subs.iter() {
+                    if !subscribed.contains(sid) {
+                        write_sub(&mut buf, *sid, &sub.subject, sub.queue.as_deref());
+                    }
+                }
+                for sid in subscribed {
+                    if !subs.contains_key(sid) {
+                        write_unsub(&mut buf, *sid);
+                    }
+                }
+            }
         }
-        // Again after a move: a subscription made after `replacement` wrote them may have
-        // gone to the old connection only. nats-server ignores a SUB whose sid it has.
-        write_subs(shared, &mut buf);
         let shift = buf.len();
         buf.extend_from_slice(&out.buf);
         out.buf = buf;
@@ -111,7 +149,6 @@ pub(super) async fn serve(
         out.in_write = 0;
         out.switch = None;
         out.connected = true;
-        shared.connections.fetch_add(1, Ordering::Release);
     }
     shared.wake_writer.notify_one();
     let (reader, writer) = tokio::io::split(io);
@@ -125,12 +162,22 @@ pub(super) async fn serve(
     }
 }
 
-/// `SUB` for every subscription.
-pub(super) fn write_subs(shared: &Shared, buf: &mut Vec<u8>) {
+/// `SUB` for every subscription; returns their sids.
+pub(super) fn write_subs(shared: &Shared, buf: &mut Vec<u8>) -> Vec<u64> {
     let subs = shared.subs();
     for (sid, sub) in subs.iter() {
         write_sub(buf, *sid, &sub.subject, sub.queue.as_deref());
     }
+    subs.keys().copied().collect()
+}
+
+/// The end of a connection being left: `UNSUB` for every subscription (the new connection has
+/// them), then the `PING` whose `PONG` comes after every message the server will still send.
+fn write_leaving(shared: &Shared, buf: &mut Vec<u8>) {
+    for sid in shared.subs().keys() {
+        write_unsub(buf, *sid);
+    }
+    buf.extend_from_slice(b"PING\r\n");
 }
 
 /// A `PING` every [`PING_INTERVAL`]; the connection is given up with
@@ -202,7 +249,8 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
                 }
             }
             // Leaving this server: this write's PINGs are the last it gets; the PONG of the
-            // last says it read everything (entries pushed later are the next server's).
+            // last says it read everything and sent every message it will (entries pushed
+            // later are the next server's).
             let switching = match switching {
                 Some(told) => {
                     out.pongs.push_back(Pong::Switch(told));
@@ -222,7 +270,7 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
                 spare.extend_from_slice(b"PING\r\n");
             }
             if switching {
-                spare.extend_from_slice(b"PING\r\n");
+                write_leaving(shared, &mut spare);
             }
             &spare
         } else {
@@ -241,7 +289,7 @@ async fn write_loop(shared: &Shared, mut w: tokio::io::WriteHalf<Box<dyn Io>>) -
                 joined.extend_from_slice(b"PING\r\n");
             }
             if switching {
-                joined.extend_from_slice(b"PING\r\n");
+                write_leaving(shared, &mut joined);
             }
             &joined
         };
@@ -396,9 +444,12 @@ async fn read_loop(
     }
 }
 
-/// The largest message accepted from the server: its `max_payload` and some room.
+/// The largest message accepted from the server: its `max_payload` and some room, times 4/3:
+/// a JetStream answer that carries a stored message in base64 (the leader's
+/// `STREAM.MSG.GET`, `jetstream/direct.rs`) is that much larger than the message.
 fn inbound_limit(shared: &Shared) -> usize {
-    (shared.max_payload.load(Ordering::Relaxed) + INBOUND_SLACK).min(MAX_INBOUND_MESSAGE)
+    let max = shared.max_payload.load(Ordering::Relaxed);
+    (max.saturating_add(max / 3) + INBOUND_SLACK).min(MAX_INBOUND_MESSAGE)
 }
 
 fn handle(shared: &Shared, op: Op, url: &str) {
@@ -470,7 +521,7 @@ fn handle(shared: &Shared, op: Op, url: &str) {
                     .max_payload
                     .store(info.max_payload, Ordering::Relaxed);
             }
-            let added = shared.servers().learn(&info.connect_urls, url);
+            let added = shared.servers().learn(&info.urls(), url);
             if added > 0 {
                 tracing::info!(added, servers = ?shared.servers().urls(), "nats: the cluster announced servers");
             }
@@ -628,13 +679,15 @@ mod tests {
         let mut seen = Vec::new();
         let line = line_of(&mut r, &mut seen, "SUB ").await;
         assert_eq!(line, "SUB s 1");
-        let big = 1000 + INBOUND_SLACK + 1;
+        // The limit: max_payload and a third (base64 answers), and the slack.
+        let limit = 1000 + 1000 / 3 + INBOUND_SLACK;
+        let big = limit + 1;
         let mut input = format!("MSG s 1 {big}\r\n").into_bytes();
         input.extend(std::iter::repeat_n(b'x', big));
         input.extend_from_slice(b"\r\nMSG s 1 2\r\nok\r\n");
         // The per-subscription byte budget (1 MiB in `unconnected_with`): the first of
         // these fills it, the second is over it and dropped.
-        let near = 1000 + INBOUND_SLACK;
+        let near = limit;
         for _ in 0..20 {
             input.extend_from_slice(format!("MSG s 1 {near}\r\n").as_bytes());
             input.extend(std::iter::repeat_n(b'y', near));

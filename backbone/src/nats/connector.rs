@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::client::{Client, Options, Shared};
-use super::connection::{Disconnect, Io, Replacement, Served, serve, write_subs};
+use super::connection::{Disconnect, Io, Replacement, Served, Start, serve, write_subs};
 use super::proto::{Info, MAX_CONTROL_LINE, ProtocolError, find_crlf};
 
 /// Why a connection attempt failed. [`ConnectError::kind`] names the kind for the log, so that
@@ -198,12 +198,12 @@ async fn run(shared: Arc<Shared>) {
             _ = closed => break,
         };
         match result {
-            Ok((io, rest)) => {
+            Ok(connected) => {
                 tracing::info!(url = %url, "nats: connected");
                 was_connected = true;
                 failures = 0;
                 let started = tokio::time::Instant::now();
-                let (reason, url) = serve_moving(&shared, io, rest, url).await;
+                let (reason, url) = serve_moving(&shared, connected, url).await;
                 disconnected(&shared);
                 last = Some(url.clone());
                 if shared.closed.load(Ordering::Acquire) {
@@ -259,43 +259,40 @@ async fn run(shared: Arc<Shared>) {
 /// server.
 async fn serve_moving(
     shared: &Arc<Shared>,
-    mut io: Box<dyn Io>,
-    mut rest: BytesMut,
+    connected: Handshake,
     mut url: String,
 ) -> (Disconnect, String) {
-    let mut subscribed = false;
+    let (mut io, mut rest) = (connected.io, connected.rest);
+    let mut start = Start::Fresh {
+        lame_duck: connected.lame_duck,
+    };
     loop {
-        match serve(
-            shared,
-            io,
-            rest,
-            &url,
-            subscribed,
-            replacement(shared, &url),
-        )
-        .await
-        {
+        match serve(shared, io, rest, &url, start, replacement(shared, &url)).await {
             Served::Ended(reason) => return (reason, url),
             Served::Moved(next) => {
-                subscribed = true;
                 tracing::info!(from = %url, to = %next.url, "nats: left a server in lame-duck mode");
+                start = Start::Moved {
+                    subscribed: next.sids,
+                };
                 (io, rest, url) = (next.io, next.rest, next.url);
             }
         }
     }
 }
 
-/// How long both connections read after the old one's last `PONG`: time for the new
-/// connection's subscriptions to reach every node of the cluster (over its routes).
+/// How long both connections have the subscriptions before the old one lets go of them:
+/// time for the new connection's interest to reach every node of the cluster over its routes.
 const OVERLAP: Duration = Duration::from_millis(25);
 
-/// Once the server of `current` announces lame-duck mode: connects to another (each in turn,
-/// pausing after a round of failures) and makes every subscription there, then has the writer
-/// send what it holds and a last `PING` on the old connection, and returns the new one
-/// [`OVERLAP`] after that `PONG` came. So nothing written on the old connection is lost and
-/// nothing is refused meanwhile (what publishers append waits for the new one), and no message
-/// published during the move finds no subscription (what both connections deliver is handed
-/// on once: [`super::overlap`]). If the old connection ends first, `serve` returns that instead.
+/// Once the server of `current` announces lame-duck mode: connects to another that is not in
+/// lame-duck mode too (each in turn, pausing after a round of failures) and makes every
+/// subscription there; after [`OVERLAP`], has the writer send what it holds, `UNSUB` for every
+/// subscription and a last `PING` on the old connection, and halt; returns the new connection
+/// when that `PONG` came. By then the old server read everything written to it and sent every
+/// message it will, so nothing is lost on either side and nothing is refused meanwhile (what
+/// publishers append waits for the new connection); what both connections delivered during
+/// the overlap is handed on once ([`super::overlap`]). If the old connection ends first,
+/// `serve` returns that instead. With no other server known it stays, and says so.
 async fn replacement(shared: &Shared, current: &str) -> Replacement {
     loop {
         let told = shared.lame_duck_told.notified();
@@ -306,27 +303,42 @@ async fn replacement(shared: &Shared, current: &str) -> Replacement {
     }
     let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
     let mut failures = 0usize;
-    let (io, rest, url) = loop {
+    let (io, rest, url, sids) = loop {
         let next = shared.servers().next(Some(current));
-        if let Some(url) = next.filter(|u| u != current) {
-            let attempt =
-                tokio::time::timeout(shared.options.connect_timeout, handshake(shared, &url));
-            match attempt.await.unwrap_or(Err(ConnectError::Timeout)) {
-                Ok((mut io, rest)) => {
-                    let mut subscribe = Vec::new();
-                    shared.overlap.record();
-                    write_subs(shared, &mut subscribe);
-                    match io.write_all(&subscribe).await {
-                        Ok(()) => break (io, rest, url),
-                        Err(e) => {
-                            shared.overlap.end();
-                            tracing::debug!(url = %url, error = %e, "nats: cannot subscribe on the server that is to replace a lame-duck one; retrying")
-                        }
+        let Some(url) = next.filter(|u| u != current) else {
+            tracing::warn!(
+                url = current,
+                "nats: the server is in lame-duck mode and no other server is known (backbone.nats.urls, or the cluster's connect_urls); staying until it closes the connection"
+            );
+            return std::future::pending().await;
+        };
+        let attempt = tokio::time::timeout(shared.options.connect_timeout, handshake(shared, &url));
+        match attempt.await.unwrap_or(Err(ConnectError::Timeout)) {
+            Ok(connected) if !connected.lame_duck => {
+                let mut io = connected.io;
+                let mut subscribe = Vec::new();
+                shared.overlap.record();
+                let sids = write_subs(shared, &mut subscribe);
+                let written = tokio::time::timeout(shared.options.connect_timeout, async {
+                    io.write_all(&subscribe).await?;
+                    io.flush().await
+                });
+                match written.await {
+                    Ok(Ok(())) => break (io, connected.rest, url, sids),
+                    Ok(Err(e)) => {
+                        tracing::debug!(url = %url, error = %e, "nats: cannot subscribe on the server that is to replace a lame-duck one; trying another")
+                    }
+                    Err(_) => {
+                        tracing::debug!(url = %url, "nats: the server that is to replace a lame-duck one does not take the subscriptions; trying another")
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(url = %url, error = %e, "nats: cannot connect to leave a lame-duck server; retrying")
-                }
+                shared.overlap.end();
+            }
+            Ok(_) => {
+                tracing::debug!(url = %url, "nats: that server is in lame-duck mode too; trying another")
+            }
+            Err(e) => {
+                tracing::debug!(url = %url, error = %e, "nats: cannot connect to leave a lame-duck server; trying another")
             }
         }
         failures += 1;
@@ -334,6 +346,7 @@ async fn replacement(shared: &Shared, current: &str) -> Replacement {
             tokio::time::sleep(backoff.next_jittered_pause()).await;
         }
     };
+    tokio::time::sleep(OVERLAP).await;
     let (told, last_pong) = tokio::sync::oneshot::channel();
     shared.out().switch = Some(told);
     shared.wake_writer.notify_one();
@@ -341,8 +354,12 @@ async fn replacement(shared: &Shared, current: &str) -> Replacement {
         // The old connection ended first (its end is what `serve` returns).
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(OVERLAP).await;
-    Replacement { io, rest, url }
+    Replacement {
+        io,
+        rest,
+        url,
+        sids,
+    }
 }
 
 pub(super) fn disconnected(shared: &Shared) {
@@ -361,7 +378,16 @@ pub(super) fn disconnected(shared: &Shared) {
 
 /// Opens the connection: `INFO`, then `CONNECT` + `PING`, until `PONG`. Returns the stream
 /// and whatever the server sent after the `PONG`.
-async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut), ConnectError> {
+/// An established connection, before it is served.
+pub(super) struct Handshake {
+    io: Box<dyn Io>,
+    /// What the server sent after the `PONG`.
+    rest: BytesMut,
+    /// The server announced lame-duck mode in an `INFO` of the handshake.
+    lame_duck: bool,
+}
+
+async fn handshake(shared: &Shared, url: &str) -> Result<Handshake, ConnectError> {
     let (tls_url, host, port) = parse_url(url)?;
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     let _ = tcp.set_nodelay(true);
@@ -382,7 +408,8 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             .max_payload
             .store(info.max_payload, Ordering::Relaxed);
     }
-    shared.servers().learn(&info.connect_urls, url);
+    shared.servers().learn(&info.urls(), url);
+    let mut lame_duck = info.ldm;
     // TLS files configured: TLS even on a nats:// URL to a server that does not ask for it, so
     // that credentials never go in clear to a server meant to be reached over TLS.
     let files = &shared.options.tls;
@@ -428,7 +455,12 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             "PONG" => break,
             "+OK" => {}
             "PING" => io.write_all(b"PONG\r\n").await?,
-            l if l.starts_with("INFO ") => {}
+            l if l.starts_with("INFO ") => {
+                if let Ok(info) = serde_json::from_str::<Info>(&l[5..]) {
+                    shared.servers().learn(&info.urls(), url);
+                    lame_duck |= info.ldm;
+                }
+            }
             l if l.get(..4).is_some_and(|v| v.eq_ignore_ascii_case("-ERR")) => {
                 return Err(ConnectError::from_err_line(l));
             }
@@ -440,7 +472,11 @@ async fn handshake(shared: &Shared, url: &str) -> Result<(Box<dyn Io>, BytesMut)
             }
         }
     }
-    Ok((io, buf))
+    Ok(Handshake {
+        io,
+        rest: buf,
+        lame_duck,
+    })
 }
 
 /// The contents of a TLS file, read at each connection (a replaced file is used from the next

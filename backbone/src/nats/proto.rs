@@ -135,11 +135,23 @@ pub(super) struct Info {
     pub(super) nonce: Option<String>,
     /// The client listeners of the cluster's servers (`host:port`), announced at connect and
     /// again when the cluster changes ([`super::servers::ServerPool::learn`]).
+    /// (Values, not strings: one entry of another type must not make the whole `INFO`
+    /// unreadable; see [`Info::urls`].)
     #[serde(default)]
-    pub(super) connect_urls: Vec<String>,
+    pub(super) connect_urls: Vec<serde_json::Value>,
     /// Lame-duck mode: the server is about to close its clients and exit; leave it.
     #[serde(default)]
     pub(super) ldm: bool,
+}
+
+impl Info {
+    /// The announced servers that are strings (others are skipped).
+    pub(super) fn urls(&self) -> Vec<String> {
+        self.connect_urls
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect()
+    }
 }
 
 pub(super) fn find_crlf(b: &[u8]) -> Option<usize> {

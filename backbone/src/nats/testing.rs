@@ -72,7 +72,7 @@ pub(crate) async fn serving_with(
                 Box::new(io),
                 BytesMut::new(),
                 "nats://test",
-                false,
+                super::connection::Start::Fresh { lame_duck: false },
                 std::future::pending(),
             );
             match served.await {

@@ -345,6 +345,20 @@ mod tests {
         (v, buf.len())
     }
 
+    /// A cluster's `INFO`: the announced servers (an entry that is not a string skipped, not
+    /// the whole `INFO`) and lame-duck mode.
+    #[test]
+    fn info_announces_servers_and_lame_duck_mode() {
+        let info: Info = serde_json::from_str(
+            r#"{"max_payload":1024,"headers":true,"connect_urls":["a:1",7,null,"b:2"],"ldm":true}"#,
+        )
+        .unwrap();
+        assert_eq!(info.urls(), ["a:1", "b:2"]);
+        assert!(info.ldm);
+        let plain: Info = serde_json::from_str(r#"{"headers":true}"#).unwrap();
+        assert!(plain.urls().is_empty() && !plain.ldm);
+    }
+
     #[test]
     fn parses_every_server_operation() {
         let (v, rest) = ops(

@@ -378,8 +378,9 @@ impl AuthMetrics {
     }
 }
 
-/// Authenticates clients and checks their topic permissions. Built once from config.
-pub struct Authorizer {
+/// Users, tokens, anonymous and certificate rules and JWT keys as one configuration made them:
+/// what [`Authorizer`] holds, and replaces as a whole on a config reload.
+pub struct AuthRules {
     users: HashMap<String, User>,
     /// Token digests to user names: a token is found by its digest, not by comparing it with
     /// every configured one.
@@ -393,9 +394,9 @@ pub struct Authorizer {
     certificate_rules: Permissions,
 }
 
-impl fmt::Debug for Authorizer {
+impl fmt::Debug for AuthRules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Authorizer")
+        f.debug_struct("AuthRules")
             .field("users", &self.users.len())
             .field("anonymous", &self.anonymous.is_some())
             .finish()
@@ -422,8 +423,8 @@ impl Secret {
     }
 }
 
-impl Authorizer {
-    /// Builds the authorizer. `anonymous` is `Some` only where config allows anonymous access.
+impl AuthRules {
+    /// Builds the rules. `anonymous` is `Some` only where config allows anonymous access.
     pub fn new(
         users: Vec<UserSpec>,
         anonymous: Option<Permissions>,
@@ -474,7 +475,7 @@ impl Authorizer {
             Some(Stored::Hash(h)) => Some(&**h),
             _ => None,
         }));
-        Ok(Authorizer {
+        Ok(AuthRules {
             users: map,
             tokens,
             anonymous,
@@ -557,7 +558,7 @@ impl Authorizer {
             ..Permissions::default()
         };
         // "#" is a valid filter.
-        Authorizer::new(Vec::new(), Some(all)).unwrap_or_else(|_| Authorizer {
+        AuthRules::new(Vec::new(), Some(all)).unwrap_or_else(|_| AuthRules {
             users: HashMap::new(),
             tokens: HashMap::new(),
             anonymous: None,
@@ -764,6 +765,30 @@ impl Authorizer {
     }
 
     pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
+        check_publish(principal, topic)
+    }
+
+    /// Whether `principal` may subscribe to `filter`, and whether what it receives on it must
+    /// then be checked delivery by delivery ([`SubscribeGrant::Filtered`]).
+    pub fn check_subscribe(
+        &self,
+        principal: &Principal,
+        filter: &TopicFilter,
+    ) -> Result<SubscribeGrant, AuthError> {
+        check_subscribe(principal, filter)
+    }
+
+    /// Whether `principal` may receive a message on `topic` (its subscribe rules), for the
+    /// deliveries of a [`SubscribeGrant::Filtered`] subscription.
+    pub fn may_receive(&self, principal: &Principal, topic: &Topic) -> bool {
+        may_receive(principal, topic)
+    }
+}
+
+/// The checks against a principal's own rules (resolved at login, or by
+/// [`Authorizer::refresh`]).
+fn check_publish(principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
+    {
         if principal.internal || principal.acl.publish.allows(topic) {
             Ok(())
         } else {
@@ -774,14 +799,13 @@ impl Authorizer {
             })
         }
     }
+}
 
-    /// Whether `principal` may subscribe to `filter`, and whether what it receives on it must
-    /// then be checked delivery by delivery ([`SubscribeGrant::Filtered`]).
-    pub fn check_subscribe(
-        &self,
-        principal: &Principal,
-        filter: &TopicFilter,
-    ) -> Result<SubscribeGrant, AuthError> {
+fn check_subscribe(
+    principal: &Principal,
+    filter: &TopicFilter,
+) -> Result<SubscribeGrant, AuthError> {
+    {
         if principal.internal {
             return Ok(SubscribeGrant::All);
         }
@@ -795,11 +819,185 @@ impl Authorizer {
                 target: filter.to_string(),
             })
     }
+}
 
-    /// Whether `principal` may receive a message on `topic` (its subscribe rules), for the
-    /// deliveries of a [`SubscribeGrant::Filtered`] subscription.
+fn may_receive(principal: &Principal, topic: &Topic) -> bool {
+    principal.internal || principal.acl.subscribe.allows(topic)
+}
+
+/// Authenticates clients and checks their topic permissions: the [`AuthRules`] built from config,
+/// replaced as a whole by [`Authorizer::reload`] (a config reload). Each replacement moves
+/// [`Authorizer::generation`] on, which connections compare to re-resolve their principal
+/// ([`Authorizer::refresh`]) and re-check what they hold.
+pub struct Authorizer {
+    current: std::sync::RwLock<Arc<AuthRules>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("rules", &*self.rules())
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl From<AuthRules> for Authorizer {
+    fn from(rules: AuthRules) -> Authorizer {
+        Authorizer {
+            current: std::sync::RwLock::new(Arc::new(rules)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Authorizer {
+    /// See [`AuthRules::new`].
+    pub fn new(
+        users: Vec<UserSpec>,
+        anonymous: Option<Permissions>,
+    ) -> Result<Self, AuthConfigError> {
+        AuthRules::new(users, anonymous).map(Authorizer::from)
+    }
+
+    /// The rules, for building on them (only while nobody else holds them: they are handed
+    /// out for the length of a call).
+    fn into_rules(self) -> AuthRules {
+        let current = self.current.into_inner().unwrap_or_else(|e| e.into_inner());
+        Arc::try_unwrap(current)
+            .expect("an authorizer's rules are built on before anything else reads them")
+    }
+
+    /// See [`AuthRules::with_certificate_rules`].
+    pub fn with_certificate_rules(self, rules: Permissions) -> Result<Self, AuthConfigError> {
+        self.into_rules()
+            .with_certificate_rules(rules)
+            .map(Authorizer::from)
+    }
+
+    /// See [`AuthRules::with_jwt`].
+    pub fn with_jwt(self, spec: JwtSpec) -> Result<Self, AuthConfigError> {
+        self.into_rules().with_jwt(spec).map(Authorizer::from)
+    }
+
+    /// See [`AuthRules::with_login_policy`].
+    pub fn with_login_policy(self, policy: LoginPolicy) -> Self {
+        self.into_rules().with_login_policy(policy).into()
+    }
+
+    /// See [`AuthRules::with_metrics`].
+    pub fn with_metrics(self, registry: &Registry) -> Self {
+        self.into_rules().with_metrics(registry).into()
+    }
+
+    /// See [`AuthRules::allow_all`].
+    pub fn allow_all() -> Self {
+        AuthRules::allow_all().into()
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<AuthRules> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many times the rules were replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Puts `next`'s rules in force (a config reload): logins from now on use them, and
+    /// connections see the generation move. Failed-login counts start again.
+    pub fn reload(&self, next: Authorizer) {
+        let rules = Arc::new(next.into_rules());
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = rules;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `principal` under the rules in force (after a reload), as the MQTT client `client_id`
+    /// where there is one: a configured user's or the anonymous rules as they are now; `None`
+    /// when that user is gone or anonymous access is off. Token and certificate users keep the
+    /// rules they logged in with (the token's claims are not kept), and internal principals
+    /// are not subject to the rules.
+    pub fn refresh(&self, principal: &Principal, client_id: Option<&str>) -> Option<Principal> {
+        if principal.internal || principal.token_acl.is_some() {
+            return Some(principal.clone());
+        }
+        let rules = self.rules();
+        let base = if principal.anonymous {
+            rules.anonymous.as_ref().map(|(p, _)| p.clone())?
+        } else {
+            rules
+                .users
+                .get(principal.name())
+                .map(|u| u.principal.clone())?
+        };
+        Some(match client_id {
+            Some(id) => rules.for_client(&base, id),
+            None => base,
+        })
+    }
+
+    /// See [`AuthRules::certificate_login`].
+    pub fn certificate_login(&self, name: &str) -> Result<Principal, AuthError> {
+        self.rules().certificate_login(name)
+    }
+
+    /// See [`AuthRules::for_client`].
+    pub fn for_client(&self, principal: &Principal, client_id: &str) -> Principal {
+        self.rules().for_client(principal, client_id)
+    }
+
+    /// See [`AuthRules::client_id_allowed`].
+    pub fn client_id_allowed(&self, principal: &Principal, client_id: &str) -> bool {
+        self.rules().client_id_allowed(principal, client_id)
+    }
+
+    /// See [`AuthRules::client_id_prefix`].
+    pub fn client_id_prefix(&self, principal: &Principal) -> Option<String> {
+        self.rules().client_id_prefix(principal)
+    }
+
+    /// See [`AuthRules::user`].
+    pub fn user(&self, name: &str) -> Option<Principal> {
+        self.rules().user(name)
+    }
+
+    pub fn anonymous_allowed(&self) -> bool {
+        self.rules().anonymous_allowed()
+    }
+
+    /// See [`AuthRules::authenticate`].
+    pub async fn authenticate(
+        &self,
+        credentials: Credentials<'_>,
+        from: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let rules = self.rules();
+        rules.authenticate(credentials, from).await
+    }
+
+    /// See [`AuthRules::check_publish`] (the principal's own rules: no lock).
+    pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
+        check_publish(principal, topic)
+    }
+
+    /// See [`AuthRules::check_subscribe`].
+    pub fn check_subscribe(
+        &self,
+        principal: &Principal,
+        filter: &TopicFilter,
+    ) -> Result<SubscribeGrant, AuthError> {
+        check_subscribe(principal, filter)
+    }
+
+    /// See [`AuthRules::may_receive`].
     pub fn may_receive(&self, principal: &Principal, topic: &Topic) -> bool {
-        principal.internal || principal.acl.subscribe.allows(topic)
+        may_receive(principal, topic)
     }
 }
 
@@ -862,6 +1060,55 @@ mod tests {
             login(&a, Credentials::Token("nope")),
             Err(AuthError::Invalid)
         );
+    }
+
+    /// A reload puts new rules in force for logins, and [`Authorizer::refresh`] gives a
+    /// connected principal its rules as they are now (or none, its user gone).
+    #[test]
+    fn a_reload_changes_logins_and_refreshes_connected_principals() {
+        let a = authorizer();
+        let p = login(&a, Credentials::Token("tok-1")).unwrap();
+        let commands = TopicFilter::parse("commands/dev1/+").unwrap();
+        assert!(a.check_subscribe(&p, &commands).is_ok());
+        assert_eq!(a.generation(), 0);
+        let narrower = Authorizer::new(
+            vec![UserSpec {
+                name: "dev1".into(),
+                password: Some("n3w".into()),
+                tokens: vec![],
+                permissions: Permissions {
+                    publish: vec!["devices/{user}/#".into()],
+                    subscribe: vec!["commands/{user}/a".into()],
+                    ..Permissions::default()
+                },
+                certificate: false,
+            }],
+            None,
+        )
+        .unwrap();
+        a.reload(narrower);
+        assert_eq!(a.generation(), 1);
+        // The old token and password are refused, the new password accepted.
+        assert_eq!(
+            login(&a, Credentials::Token("tok-1")),
+            Err(AuthError::Invalid)
+        );
+        let new = Credentials::Password {
+            username: "dev1",
+            password: b"n3w",
+        };
+        assert_eq!(login(&a, new).unwrap().name(), "dev1");
+        // The principal logged in before keeps its rules until refreshed.
+        assert!(a.check_subscribe(&p, &commands).is_ok());
+        let now = a.refresh(&p, Some("c1")).unwrap();
+        assert!(a.check_subscribe(&now, &commands).is_err());
+        let only_a = TopicFilter::parse("commands/dev1/a").unwrap();
+        assert!(a.check_subscribe(&now, &only_a).is_ok());
+        // A user removed: nothing to refresh to; nor for anonymous when it is turned off.
+        a.reload(Authorizer::new(Vec::new(), None).unwrap());
+        assert!(a.refresh(&p, None).is_none());
+        assert!(a.refresh(&Principal::anonymous_for_tests(), None).is_none());
+        assert!(a.refresh(&Principal::internal("bridge"), None).is_some());
     }
 
     fn one_user(password: &str) -> Authorizer {
@@ -958,7 +1205,7 @@ mod tests {
             max_failures: 0,
             window: Duration::from_secs(60),
         });
-        let floor = a.passwords.floor();
+        let floor = a.rules().passwords.floor();
         assert!(floor > Duration::ZERO);
         let timed = |c: Credentials<'static>| {
             let a = &a;

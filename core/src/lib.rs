@@ -33,8 +33,8 @@ pub use adapter::{
     Adapter, AdapterContext, AdapterError, Authorized, AuthorizedEnvelope, PublishError, Published,
 };
 pub use auth::{
-    AuthConfigError, AuthError, Authorizer, Credentials, LoginPolicy, Permissions, Principal,
-    SubscribeGrant, UserSpec,
+    AuthConfigError, AuthError, AuthRules, Authorizer, Credentials, LoginPolicy, Permissions,
+    Principal, SubscribeGrant, UserSpec,
 };
 pub use backbone::{
     Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,

@@ -52,6 +52,9 @@ pub struct Principal {
     /// The rules of a token user (JWT), whose `{clientid}` rules are bound at MQTT CONNECT:
     /// configured users and the anonymous principal find theirs in the [`Authorizer`].
     token_acl: Option<Arc<AclSpec>>,
+    /// The [`Authorizer::generation`] (low 32 bits) it was resolved under: a connection holding
+    /// it looks again when that moves. (In the padding: no byte more per connection.)
+    generation: u32,
 }
 
 impl PartialEq for Principal {
@@ -80,7 +83,31 @@ impl Principal {
             internal: true,
             acl: Arc::default(),
             token_acl: None,
+            generation: 0,
         }
+    }
+
+    /// The same principal with no rights at all: what a connected client is left with when a
+    /// config reload removed its user (or anonymous access).
+    pub fn without_rights(&self) -> Principal {
+        Principal {
+            name: self.name.clone(),
+            anonymous: self.anonymous,
+            internal: false,
+            acl: Arc::default(),
+            token_acl: None,
+            generation: 0,
+        }
+    }
+
+    /// The [`Authorizer::generation`] (low 32 bits) this principal was resolved under.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn stamped(mut self, generation: u32) -> Principal {
+        self.generation = generation;
+        self
     }
 
     /// The name as a shared string (a reference count, no copy).
@@ -103,6 +130,7 @@ impl Principal {
             internal: false,
             acl: Arc::default(),
             token_acl: None,
+            generation: 0,
         }
     }
 }
@@ -443,6 +471,7 @@ impl AuthRules {
                     internal: false,
                     acl: acl.base.clone(),
                     token_acl: None,
+                    generation: 0,
                 },
                 password: spec
                     .password
@@ -465,6 +494,7 @@ impl AuthRules {
                         internal: false,
                         acl: acl.base.clone(),
                         token_acl: None,
+                        generation: 0,
                     },
                     acl,
                 ))
@@ -527,6 +557,7 @@ impl AuthRules {
             internal: false,
             acl: acl.base.clone(),
             token_acl: Some(Arc::new(acl)),
+            generation: 0,
         })
     }
 
@@ -739,6 +770,7 @@ impl AuthRules {
             internal: false,
             acl: acl.base.clone(),
             token_acl: Some(Arc::new(acl)),
+            generation: 0,
         })
     }
 
@@ -924,8 +956,9 @@ impl Authorizer {
     /// rules they logged in with (the token's claims are not kept), and internal principals
     /// are not subject to the rules.
     pub fn refresh(&self, principal: &Principal, client_id: Option<&str>) -> Option<Principal> {
+        let generation = self.generation32();
         if principal.internal || principal.token_acl.is_some() {
-            return Some(principal.clone());
+            return Some(principal.clone().stamped(generation));
         }
         let rules = self.rules();
         let base = if principal.anonymous {
@@ -936,19 +969,40 @@ impl Authorizer {
                 .get(principal.name())
                 .map(|u| u.principal.clone())?
         };
-        Some(match client_id {
+        let now = match client_id {
             Some(id) => rules.for_client(&base, id),
             None => base,
-        })
+        };
+        Some(now.stamped(generation))
+    }
+
+    /// The generation as principals keep it.
+    fn generation32(&self) -> u32 {
+        // (Truncated: equality is all that is asked of it.)
+        self.generation() as u32
+    }
+
+    /// `principal` with no rights, as of the rules in force (its user is gone).
+    pub fn without_rights(&self, principal: &Principal) -> Principal {
+        principal.without_rights().stamped(self.generation32())
+    }
+
+    /// Whether `principal` was resolved under the rules in force (one atomic load).
+    pub fn is_current(&self, principal: &Principal) -> bool {
+        principal.generation == self.generation32()
     }
 
     /// See [`AuthRules::certificate_login`].
     pub fn certificate_login(&self, name: &str) -> Result<Principal, AuthError> {
-        self.rules().certificate_login(name)
+        let generation = self.generation32();
+        self.rules()
+            .certificate_login(name)
+            .map(|p| p.stamped(generation))
     }
 
     /// See [`AuthRules::for_client`].
     pub fn for_client(&self, principal: &Principal, client_id: &str) -> Principal {
+        // (Keeps the principal's generation: its rules are those it was resolved under.)
         self.rules().for_client(principal, client_id)
     }
 
@@ -964,7 +1018,8 @@ impl Authorizer {
 
     /// See [`AuthRules::user`].
     pub fn user(&self, name: &str) -> Option<Principal> {
-        self.rules().user(name)
+        let generation = self.generation32();
+        self.rules().user(name).map(|p| p.stamped(generation))
     }
 
     pub fn anonymous_allowed(&self) -> bool {
@@ -977,8 +1032,12 @@ impl Authorizer {
         credentials: Credentials<'_>,
         from: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
+        let generation = self.generation32();
         let rules = self.rules();
-        rules.authenticate(credentials, from).await
+        rules
+            .authenticate(credentials, from)
+            .await
+            .map(|p| p.stamped(generation))
     }
 
     /// See [`AuthRules::check_publish`] (the principal's own rules: no lock).
@@ -1109,6 +1168,11 @@ mod tests {
         assert!(a.refresh(&p, None).is_none());
         assert!(a.refresh(&Principal::anonymous_for_tests(), None).is_none());
         assert!(a.refresh(&Principal::internal("bridge"), None).is_some());
+        let none = p.without_rights();
+        assert!(a.check_subscribe(&none, &only_a).is_err());
+        let topic = Topic::from_mqtt("devices/dev1/x").unwrap();
+        assert!(a.check_publish(&p, &topic).is_ok());
+        assert!(a.check_publish(&none, &topic).is_err());
     }
 
     fn one_user(password: &str) -> Authorizer {

@@ -81,6 +81,7 @@ pub struct RunningGateway {
     #[cfg(feature = "amqp")]
     pub amqp: Option<meshgate_amqp::AmqpStatus>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
+    reloader: Arc<crate::reload::Reloader>,
     grace: Duration,
 }
 
@@ -91,7 +92,7 @@ pub struct ShutdownReport {
     pub clean: bool,
 }
 
-fn authorizer(
+pub(crate) fn authorizer(
     config: &Config,
     metrics: &meshgate_core::metrics::Registry,
 ) -> Result<Authorizer, StartError> {
@@ -258,10 +259,16 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         meshgate_backbone::build(&config.backbone, &instance, &registry)
             .await
             .map_err(StartError::Backbone)?;
+    let authorizer = Arc::new(authorizer(&config, &registry)?);
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        config.clone(),
+        authorizer.clone(),
+        registry.clone(),
+    ));
     let ctx = AdapterContext {
         instance: instance.clone(),
         backbone: backbone.clone(),
-        authorizer: Arc::new(authorizer(&config, &registry)?),
+        authorizer,
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),
@@ -342,9 +349,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (mut admin_addr, mut admin_task) = (None, None);
     if let Some(listener) = admin_listener {
         admin_addr = listener.local_addr().ok();
-        let router = admin::router(readiness.clone(), registry.clone()).merge(
-            crate::triggers_api::router(triggers.clone(), config.admin.api_token.clone()),
-        );
+        let router = admin::router(readiness.clone(), registry.clone())
+            .merge(crate::triggers_api::router(
+                triggers.clone(),
+                config.admin.api_token.clone(),
+            ))
+            .merge(crate::reload::router(
+                reloader.clone(),
+                config.admin.api_token.clone(),
+            ));
         let stop = admin_stop.clone();
         let limits = serve::Limits::of(
             &config.http,
@@ -378,12 +391,18 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         amqp: amqp_status,
         admin_task,
         grace: config.gateway.shutdown_grace,
+        reloader,
     })
 }
 
 impl RunningGateway {
     pub fn backbone(&self) -> Arc<dyn Backbone> {
         self.ctx.backbone.clone()
+    }
+
+    /// What reloads the configuration (`SIGHUP`, `POST /reload`).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        self.reloader.clone()
     }
 
     /// Stops in the order that loses nothing that was acknowledged:

@@ -8,6 +8,7 @@ pub mod features;
 pub mod huge_pages;
 pub mod logging;
 pub mod process_metrics;
+pub mod reload;
 pub mod serve;
 mod tls_stream;
 pub mod triggers_api;

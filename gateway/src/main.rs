@@ -93,9 +93,7 @@ fn passwd(memory_kib: u32, iterations: u32) -> ExitCode {
 }
 
 fn env_overrides() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with("MESHGATE__"))
-        .collect()
+    meshgate::reload::env_overrides()
 }
 
 /// The configuration, or exit code 2 after reporting every problem: the config's own, or (once
@@ -147,6 +145,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => {
+            let path = config.clone();
             let config = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -162,12 +161,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(config))
+            runtime.block_on(run(config, path))
         }
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     meshgate::logging::init(&config.log);
     let backbone_kind = format!("{:?}", config.backbone.kind).to_lowercase();
     let events_path = config.http.events_path.clone();
@@ -201,7 +200,7 @@ async fn run(config: Config) -> ExitCode {
     // Before anything is announced: a SIGINT/SIGTERM that follows the banner at once (a script,
     // a test) must find the handler in place, not the default action that ends the process
     // without a graceful shutdown.
-    let signals = Signals::install();
+    let mut signals = Signals::install();
     let gateway = match meshgate::start(config).await {
         Ok(g) => g,
         Err(e) => {
@@ -245,7 +244,20 @@ async fn run(config: Config) -> ExitCode {
         println!("admin      {admin_http}://{addr}/healthz /readyz /metrics");
     }
     tracing::info!("meshgate started");
-    signals.wait().await;
+    if let Some(path) = path {
+        gateway.reloader().set_source(path);
+    }
+    // SIGHUP reloads the configuration file (gateway/src/reload.rs); SIGTERM/SIGINT stop.
+    while signals.wait().await == Wanted::Reload {
+        let reloader = gateway.reloader();
+        match tokio::task::spawn_blocking(move || reloader.reload_file()).await {
+            Ok(Ok(done)) => {
+                tracing::info!(changed = ?done.changed, "configuration reloaded (SIGHUP)")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "configuration reload refused (SIGHUP)"),
+            Err(e) => tracing::error!(error = %e, "configuration reload did not finish"),
+        }
+    }
     tracing::info!("shutting down");
     let report = gateway.shutdown().await;
     if report.clean {
@@ -263,6 +275,15 @@ struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -273,14 +294,15 @@ impl Signals {
             Signals {
                 term: signal(SignalKind::terminate()).ok(),
                 int: signal(SignalKind::interrupt()).ok(),
+                hup: signal(SignalKind::hangup()).ok(),
             }
         }
         #[cfg(not(unix))]
         Signals {}
     }
 
-    /// Waits for the first of them.
-    async fn wait(mut self) {
+    /// Waits for the next of them.
+    async fn wait(&mut self) -> Wanted {
         #[cfg(unix)]
         {
             async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
@@ -292,13 +314,15 @@ impl Signals {
                 }
             }
             tokio::select! {
-                () = next(&mut self.term) => {}
-                () = next(&mut self.int) => {}
+                () = next(&mut self.term) => Wanted::Stop,
+                () = next(&mut self.int) => Wanted::Stop,
+                () = next(&mut self.hup) => Wanted::Reload,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            Wanted::Stop
         }
     }
 }

@@ -30,7 +30,7 @@ pub fn router(triggers: Triggers, token: Option<String>) -> Router {
         .with_state(ApiState { triggers, token })
 }
 
-fn problem(status: StatusCode, detail: &str, extra: Option<Json>) -> Response {
+pub(crate) fn problem(status: StatusCode, detail: &str, extra: Option<Json>) -> Response {
     let mut body = json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or(""),
@@ -57,7 +57,13 @@ fn problem(status: StatusCode, detail: &str, extra: Option<Json>) -> Response {
 
 /// Checks the bearer token; `Some` is the refusal to send.
 fn refusal(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.token else {
+    refusal_for(state.token.as_deref(), headers)
+}
+
+/// The refusal to send when `headers` lack `Authorization: Bearer <token>` (or no token is
+/// configured); shared by the admin API's routes.
+pub(crate) fn refusal_for(token: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = token else {
         return Some(problem(
             StatusCode::FORBIDDEN,
             "the admin API is off: set admin.api_token (or MESHGATE__ADMIN__API_TOKEN) to a secret of 16 characters or more",

@@ -290,9 +290,51 @@ impl Conn {
         }
     }
 
+    /// After a config reload (the authorizer's generation moved; one atomic load otherwise):
+    /// the principal under the new rules (a user removed keeps no rights), and the
+    /// subscriptions checked again. Those no longer granted end (their backbone subscription
+    /// with them) and the client gets a `forbidden` error event naming each, then the list it
+    /// holds now; the others take their new grant.
+    fn reauthorize(&mut self) {
+        let authorizer = &self.shared.ctx.authorizer;
+        if authorizer.is_current(&self.principal) {
+            return;
+        }
+        let principal = authorizer
+            .refresh(&self.principal, None)
+            .unwrap_or_else(|| authorizer.without_rights(&self.principal));
+        let mut ended = Vec::new();
+        self.subs.retain_mut(
+            |s| match authorizer.check_subscribe(&principal, &s.filter) {
+                Ok(grant) => {
+                    s.filtered = grant == meshgate_core::SubscribeGrant::Filtered;
+                    true
+                }
+                Err(_) => {
+                    ended.push(s.filter.clone());
+                    false
+                }
+            },
+        );
+        self.principal = principal;
+        if ended.is_empty() {
+            return;
+        }
+        self.next_sub = 0;
+        for filter in ended {
+            self.report(&FrameError::new(
+                FrameCode::Forbidden,
+                format!("the subscription to `{filter}` ended: the reloaded configuration no longer grants it"),
+                None,
+            ));
+        }
+        self.send_subscribed();
+    }
+
     /// Takes what the subscriptions hold now (at most [`TAKE_BATCH`]); true if it took any.
     /// Subscriptions the backbone ended are kept as filters without a stream.
     fn poll_subscriptions(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.reauthorize();
         let mut took = 0;
         let n = self.subs.len();
         let mut idle = 0;
@@ -441,6 +483,7 @@ impl Conn {
 
     /// Starts what a text frame asks for: a publish or subscribe becomes `self.op`.
     fn handle_text(&mut self, text: &str) {
+        self.reauthorize();
         match binding::decode_frame(text) {
             Err(e) => self.report(&e),
             Ok(Inbound::Publish(event)) => {

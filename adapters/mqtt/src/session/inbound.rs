@@ -203,6 +203,7 @@ impl Session {
         p: &codec::InPublish,
         props: Option<&PublishProperties>,
     ) -> Result<AuthorizedEnvelope, Flow> {
+        self.reauthorize();
         let meta = p.meta;
         let (qos, pkid) = (meta.qos, meta.pkid);
         if qos == QoS::ExactlyOnce && self.inbound.qos2_at_backbone.contains(&pkid) {

@@ -30,6 +30,7 @@ mod connect;
 mod inbound;
 mod outbound;
 pub(crate) mod parked;
+mod reauthorize;
 pub(crate) mod stored;
 mod subscribe;
 #[cfg(test)]
@@ -354,6 +355,11 @@ impl Session {
     }
 
     async fn handle(&mut self, packet: Packet, meta: Option<codec::PublishMeta>) -> Flow {
+        self.reauthorize();
+        if self.subscriptions.iter().any(|s| s.revoked) {
+            // Boxed: rare, and its awaits would otherwise grow every connection's future.
+            Box::pin(self.finish_revocations()).await;
+        }
         match packet {
             Packet::Publish(p, props) => {
                 let meta = meta.unwrap_or_else(|| codec::publish_meta(&p));

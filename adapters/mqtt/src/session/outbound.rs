@@ -279,7 +279,12 @@ impl Session {
     /// A delivery not sent (another subscription sends it, or it was unsubscribed meanwhile)
     /// is settled with the backbone after the next write.
     fn route(&mut self, q: Queued) -> Option<Outgoing> {
-        let Some(source) = self.subscriptions.iter().find(|s| *s.key == *q.key) else {
+        self.reauthorize();
+        let Some(source) = self
+            .subscriptions
+            .iter()
+            .find(|s| *s.key == *q.key && !s.revoked)
+        else {
             self.settle_later(q.delivery);
             return None;
         };
@@ -304,7 +309,11 @@ impl Session {
         let mut best = QoS::AtMostOnce;
         let mut retain = false;
         let mut sub_ids = Vec::new();
-        for s in self.subscriptions.iter().filter(|s| !s.shared) {
+        for s in self
+            .subscriptions
+            .iter()
+            .filter(|s| !s.shared && !s.revoked)
+        {
             if !s.filter.matches(&envelope.topic) || (s.no_local && envelope.origin == self.origin)
             {
                 continue;

@@ -30,6 +30,9 @@ pub(super) struct Subscription {
     /// A deny rule of the principal covers part of the filter: each delivery is checked
     /// ([`meshgate_core::SubscribeGrant::Filtered`]).
     pub(super) filtered: bool,
+    /// A config reload took the right to it away: its deliveries are dropped until the session
+    /// removes it ([`Session::finish_revocations`]).
+    pub(super) revoked: bool,
     /// Ends this subscription's stream in the session's stream set (unsubscribe).
     cancel: CancellationToken,
 }
@@ -106,6 +109,7 @@ impl Session {
             retain_as_published: o.retain_as_published,
             id: o.id,
             filtered: o.filtered,
+            revoked: false,
             cancel,
         });
         self.shared.subscriptions.inc();

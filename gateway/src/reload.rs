@@ -1,0 +1,210 @@
+//! Reloading the configuration without a restart (issue 25 item 3, first part): `SIGHUP` or
+//! `POST /reload` on the admin listener re-read the file the gateway started with (and the
+//! `MESHGATE__…` environment), check it as `meshgate validate` does, and put what can change
+//! in place into force.
+//!
+//! In place today: the whole `[auth]` section (users, passwords, tokens, anonymous access and
+//! its rules, JWT keys and settings, certificate rules, failed-login limits). Logins from then
+//! on use it; connected MQTT clients are re-resolved at their next packet or delivery and lose
+//! the subscriptions their rules no longer grant. Any other difference needs a restart: the
+//! reload is refused, naming the sections, and the running configuration stays — as it does
+//! for a file that does not load or validate (the same messages as `meshgate validate`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use meshgate_config::Config;
+use meshgate_core::Authorizer;
+use meshgate_core::metrics::Registry;
+use serde_json::json;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no configuration file to reload: the gateway was started without -c")]
+    NoFile,
+    /// The file does not load or is not valid: every problem, `key: message`.
+    #[error("invalid configuration, nothing changed:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    /// Sections that differ and cannot change while running.
+    #[error(
+        "these sections changed and need a restart, nothing changed: {}; only [auth] reloads in place",
+        .0.join(", ")
+    )]
+    NeedsRestart(Vec<&'static str>),
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Sections put into force (empty: the file says what runs already).
+    pub changed: Vec<&'static str>,
+}
+
+/// The running configuration and what a reload changes in it.
+#[derive(Debug)]
+pub struct Reloader {
+    running: Mutex<Config>,
+    authorizer: Arc<Authorizer>,
+    registry: Registry,
+    /// The file given with `-c` (set by `main`; tests in-process have none).
+    source: OnceLock<PathBuf>,
+}
+
+impl Reloader {
+    pub(crate) fn new(running: Config, authorizer: Arc<Authorizer>, registry: Registry) -> Self {
+        Reloader {
+            running: Mutex::new(running),
+            authorizer,
+            registry,
+            source: OnceLock::new(),
+        }
+    }
+
+    /// The file [`Reloader::reload_file`] reads.
+    pub fn set_source(&self, path: PathBuf) {
+        let _ = self.source.set(path);
+    }
+
+    /// Reads the file again (and the `MESHGATE__…` environment) and applies it.
+    pub fn reload_file(&self) -> Result<Reloaded, ReloadError> {
+        let path = self.source.get().ok_or(ReloadError::NoFile)?;
+        let next = meshgate_config::load(Some(path), env_overrides()).map_err(|errors| {
+            ReloadError::Invalid(
+                errors
+                    .0
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.message))
+                    .collect(),
+            )
+        })?;
+        self.apply(next)
+    }
+
+    /// Puts `next` into force where it differs from what runs, or changes nothing and says why.
+    pub fn apply(&self, next: Config) -> Result<Reloaded, ReloadError> {
+        crate::features::check(&next).map_err(|missing| {
+            ReloadError::Invalid(missing.0.iter().map(ToString::to_string).collect())
+        })?;
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let restart = needs_restart(&running, &next);
+        if !restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(restart));
+        }
+        let mut changed = Vec::new();
+        if next.auth != running.auth {
+            let exposed = crate::web::anonymous_exposure(&next);
+            if !exposed.is_empty() && !next.auth.allow_anonymous_on_public {
+                return Err(ReloadError::Invalid(vec![format!(
+                    "auth.allow_anonymous_on_public: {}",
+                    crate::StartError::AnonymousExposed(exposed.join(", "))
+                )]));
+            }
+            let authorizer = crate::app::authorizer(&next, &self.registry)
+                .map_err(|e| ReloadError::Invalid(vec![format!("auth: {e}")]))?;
+            self.authorizer.reload(authorizer);
+            changed.push("auth");
+        }
+        *running = next;
+        Ok(Reloaded { changed })
+    }
+}
+
+/// The `MESHGATE__…` environment variables (config overrides).
+pub fn env_overrides() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("MESHGATE__"))
+        .collect()
+}
+
+/// The sections of `next` that differ from `running` and cannot change in place.
+fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
+    let mut sections = Vec::new();
+    let mut differs = |name, same: bool| {
+        if !same {
+            sections.push(name);
+        }
+    };
+    differs("gateway", running.gateway == next.gateway);
+    differs("log", running.log == next.log);
+    differs("admin", running.admin == next.admin);
+    differs("backbone", running.backbone == next.backbone);
+    differs("http", running.http == next.http);
+    differs("websocket", running.websocket == next.websocket);
+    differs("mqtt", running.mqtt == next.mqtt);
+    differs("amqp", running.amqp == next.amqp);
+    differs("triggers", running.triggers == next.triggers);
+    // (Every section but `auth`: a field added to `Config` must be listed here or in place.)
+    let Config {
+        gateway: _,
+        log: _,
+        admin: _,
+        backbone: _,
+        http: _,
+        websocket: _,
+        mqtt: _,
+        amqp: _,
+        auth: _,
+        triggers: _,
+    } = next;
+    sections
+}
+
+/// `POST /reload` (same token): re-reads the configuration file (`crate::reload`). 200 with
+/// the sections put into force, 409 when the gateway has no file or the changes need a
+/// restart, 422 for an invalid file; nothing changes unless 200.
+pub fn router(reloader: std::sync::Arc<crate::reload::Reloader>, token: Option<String>) -> Router {
+    Router::new().route(
+        "/reload",
+        axum::routing::post(move |headers: HeaderMap| async move {
+            if let Some(r) = crate::triggers_api::refusal_for(token.as_deref(), &headers) {
+                return r;
+            }
+            // (Reading and checking the file is short blocking work.)
+            let result = tokio::task::spawn_blocking(move || reloader.reload_file()).await;
+            match result {
+                Ok(Ok(done)) => {
+                    tracing::info!(changed = ?done.changed, "configuration reloaded (POST /reload)");
+                    (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        json!({ "changed": done.changed }).to_string(),
+                    )
+                        .into_response()
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "configuration reload refused (POST /reload)");
+                    let status = match e {
+                        ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                        ReloadError::NoFile | ReloadError::NeedsRestart(_) => StatusCode::CONFLICT,
+                    };
+                    crate::triggers_api::problem(status, &e.to_string(), None)
+                }
+                Err(e) => crate::triggers_api::problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the reload did not finish: {e}"),
+                    None,
+                ),
+            }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_auth_reloads_in_place() {
+        let running = Config::default();
+        let mut next = running.clone();
+        next.auth.anonymous.acl.publish = vec!["a/#".into()];
+        assert!(needs_restart(&running, &next).is_empty());
+        next.mqtt.enabled = !next.mqtt.enabled;
+        next.http.listen = "127.0.0.1:1".parse().expect("an address");
+        assert_eq!(needs_restart(&running, &next), ["http", "mqtt"]);
+    }
+}

@@ -1,0 +1,268 @@
+//! Reloading the configuration without a restart (issue 25 item 3): the real binary started
+//! with `-c`, the file rewritten, then `SIGHUP` or `POST /reload`. Users, tokens and ACLs
+//! change in place (new logins use them; a connected client loses exactly the subscriptions
+//! the new rules no longer grant); a change that needs a restart, or an invalid file, changes
+//! nothing and says why.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use meshgate_tests::{Deadline, spawn};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const API_TOKEN: &str = "reload-test-admin-token-0123456789";
+
+/// User `dev` logs in with `token` and may publish anywhere and subscribe to `subscribe`.
+fn config(token: &str, subscribe: &str) -> String {
+    format!(
+        r##"
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+api_token = "{API_TOKEN}"
+
+[mqtt]
+enabled = true
+listen = "127.0.0.1:0"
+
+[auth.anonymous]
+enabled = false
+
+[[auth.users]]
+name = "dev"
+tokens = ["{token}"]
+publish = ["#"]
+subscribe = {subscribe}
+"##
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Connects with `token` as the user name (MQTT 5); the CONNACK's code.
+async fn connect(port: u16, id: &str, token: &str) -> (AsyncClient, EventLoop, ConnectReturnCode) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_credentials(token, "");
+    let (c, mut el) = AsyncClient::new(o, 100);
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => return (c, el, ack.code),
+            Ok(_) => {}
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => return (c, el, code),
+            Err(e) => panic!("MQTT connect: {e:?}"),
+        }
+    }
+}
+
+/// The next PUBLISH's topic within `within`, polling `el`.
+async fn next_topic(el: &mut EventLoop, within: Duration) -> Option<String> {
+    tokio::time::timeout(within, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                return String::from_utf8(p.topic.to_vec()).unwrap();
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A CloudEvents WebSocket client of `url` logged in with `token`, subscribed to `a/#` and
+/// `b/#`.
+async fn ws_with_token(url: &str, token: &str) -> meshgate_tests::Ws {
+    let url = format!("{url}?subscribe=a/%23&subscribe=b/%23&access_token={token}");
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws
+}
+
+async fn post_reload(admin: std::net::SocketAddr, token: Option<&str>) -> (u16, String) {
+    let mut request = reqwest::Client::new().post(format!("http://{admin}/reload"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_users_and_narrows_a_connected_clients_subscriptions() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    write(
+        &path,
+        &config("token-one-aaaaaaaaaaaa", r#"["a/#", "b/#"]"#),
+    );
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let port = gw.mqtt.unwrap().port();
+
+    let (sub, mut sub_el, code) = connect(port, "reload-sub", "token-one-aaaaaaaaaaaa").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    for filter in ["a/#", "b/#"] {
+        sub.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+        let suback = meshgate_tests::mqtt5::suback(&mut sub_el).await;
+        assert_eq!(
+            format!("{:?}", suback.return_codes[0]),
+            "Success(AtMostOnce)"
+        );
+    }
+    // A browser subscribed to both too (WebSocket, the token as `access_token`).
+    let mut ws = ws_with_token(gw.ws_url.as_deref().unwrap(), "token-one-aaaaaaaaaaaa").await;
+    let (publ, mut pub_el, code) = connect(port, "reload-pub", "token-one-aaaaaaaaaaaa").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
+    publ.publish("b/1", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_topic(&mut sub_el, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("b/1")
+    );
+
+    // New token, and `b/#` no longer granted.
+    write(&path, &config("token-two-bbbbbbbbbbbb", r#"["a/#"]"#));
+    gw.signal("HUP");
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let (_, _, code) = connect(port, "reload-probe", "token-two-bbbbbbbbbbbb").await;
+        if code == ConnectReturnCode::Success {
+            break;
+        }
+        assert!(!d.passed(), "the new token is not accepted after SIGHUP");
+        d.pause().await;
+    }
+    let (_, _, old) = connect(port, "reload-old", "token-one-aaaaaaaaaaaa").await;
+    assert_eq!(old, ConnectReturnCode::BadUserNamePassword);
+
+    // The connected subscriber keeps `a/#` and loses `b/#`: b/2 goes first, so had it been
+    // delivered it would come before a/2.
+    publ.publish("b/2", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    publ.publish("a/2", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_topic(&mut sub_el, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("a/2")
+    );
+    publ.publish("b/3", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_topic(&mut sub_el, Duration::from_millis(500)).await,
+        None
+    );
+    // The WebSocket client is told (an error event naming the filter, then what it holds),
+    // and gets a/4 but not b/4.
+    publ.publish("b/4", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    publ.publish("a/4", QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    let d = Deadline::after(Duration::from_secs(5));
+    while !texts
+        .iter()
+        .any(|t: &String| t.contains("\"subject\":\"a/4\""))
+    {
+        assert!(!d.passed(), "no a/4 over WebSocket: {texts:?}");
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+        {
+            texts.push(t.to_string());
+        }
+    }
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("forbidden") && t.contains("b/#")),
+        "{texts:?}"
+    );
+    // (b/1 came before the reload.)
+    for after in ["b/2", "b/3", "b/4"] {
+        let subject = format!("\"subject\":\"{after}\"");
+        assert!(!texts.iter().any(|t| t.contains(&subject)), "{texts:?}");
+    }
+    // Subscribing to it again is refused now.
+    sub.subscribe("b/#", QoS::AtMostOnce).await.unwrap();
+    let suback = meshgate_tests::mqtt5::suback(&mut sub_el).await;
+    assert_eq!(format!("{:?}", suback.return_codes[0]), "NotAuthorized");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_refuses_restart_changes_and_invalid_files_and_keeps_running() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-post-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    let v1 = config("token-one-aaaaaaaaaaaa", r#"["a/#"]"#);
+    write(&path, &v1);
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (admin, port) = (gw.admin.unwrap(), gw.mqtt.unwrap().port());
+
+    // The admin token is required.
+    assert_eq!(post_reload(admin, None).await.0, 401);
+    // Nothing changed: 200, nothing put into force.
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"changed":[]}"#));
+    // A listener address needs a restart: refused, naming the section, nothing changed.
+    let moved = v1.replace(
+        "[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"",
+        "[mqtt]\nenabled = true\nlisten = \"127.0.0.1:1\"",
+    );
+    assert_ne!(moved, v1);
+    write(
+        &path,
+        &moved.replace("token-one-aaaaaaaaaaaa", "token-two-bbbbbbbbbbbb"),
+    );
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("need a restart") && body.contains("mqtt"),
+        "{body}"
+    );
+    // An invalid file: the same messages as `meshgate validate`, nothing changed.
+    write(
+        &path,
+        &v1.replace("publish = [\"#\"]", "publish = [\"a/#/b\"]"),
+    );
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("auth.users"), "{body}");
+    // Still the first configuration.
+    let (_, _, code) = connect(port, "still", "token-one-aaaaaaaaaaaa").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    // A valid [auth] change: put into force.
+    write(
+        &path,
+        &v1.replace("token-one-aaaaaaaaaaaa", "token-two-bbbbbbbbbbbb"),
+    );
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"changed":["auth"]}"#));
+    let (_, _, code) = connect(port, "now", "token-two-bbbbbbbbbbbb").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,30 +13,17 @@
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
 //! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/nats [--seconds S] [--wire structured|binary] [--client raw|rumqttc] [--only <row name part>]`
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use meshgate_bench::{
-    Generator, PAYLOAD, Throughput, now_us, payload, percentiles, settle, start_meshgate_with,
+    Generator, JsMessages, PAYLOAD, RAW_CONSUMED_STREAM, RAW_STREAM, Throughput,
+    meshgate_like_message, now_us, payload, percentiles, settle, start_meshgate_with,
     start_nats_server,
 };
 use rumqttc::QoS;
-
-/// What meshgate puts on the bus for one 256-byte MQTT publish: the two headers and the
-/// structured CloudEvent (the data as Base64), about 520 bytes.
-fn meshgate_like_message() -> (async_nats::HeaderMap, Vec<u8>) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Meshgate-Origin", "17@meshgate-bench");
-    headers.insert("Content-Type", "application/cloudevents+json");
-    let json = format!(
-        r#"{{"specversion":"1.0","id":"019ae0b0-5c3d-7a41-8f2e-6b1d2c3e4f50","source":"mqtt://meshgate/raw-pub","type":"io.meshgate.mqtt.publish","subject":"bench/x","time":"2026-12-02T19:00:00.123456Z","data_base64":"{}"}}"#,
-        "A".repeat(PAYLOAD.div_ceil(3) * 4)
-    );
-    (headers, json.into_bytes())
-}
 
 /// Raw NATS core: one publisher as fast as it can, one subscriber; (delivered/s, lost). With
 /// `meshgate_messages`, each message is what meshgate publishes (headers and JSON) instead of
@@ -86,150 +73,36 @@ async fn raw_core(url: &str, seconds: u64, meshgate_messages: bool) -> anyhow::R
     Ok((got as f64 / elapsed, sent.saturating_sub(got)))
 }
 
-/// Raw JetStream: publish and wait for every PubAck, 256 outstanding; acknowledged/s.
+/// Raw JetStream on a fresh server: publish and wait for every PubAck, 256 outstanding;
+/// acknowledged/s.
 async fn raw_jetstream(url: &str, seconds: u64, kind: JsMessages) -> anyhow::Result<f64> {
     let js = fresh_jetstream(url).await?;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "RAWBENCH".into(),
-        subjects: vec!["jsbench.>".into()],
-        max_bytes: 1 << 30,
-        ..Default::default()
-    })
-    .await?;
-    let (acked, elapsed) = publish_with_acks(&js, "jsbench.x", seconds, kind).await?;
-    Ok(acked as f64 / elapsed)
+    meshgate_bench::raw_jetstream(&js, 1, seconds, kind).await
 }
+
+/// The stream of the meshgate JetStream rows.
+const MESHGATE_STREAM: &str = "MGBENCH";
 
 /// Deletes the streams earlier rows filled, so that every JetStream row starts on an empty
 /// server: a stream's stored messages and its duplicate window's ids (millions after a row)
 /// otherwise slow the rows after it, raw or meshgate's.
 async fn fresh_jetstream(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
     let js = async_nats::jetstream::new(async_nats::connect(url).await?);
-    for stream in ["RAWBENCH", "RAWBENCHC", "MESHGATE"] {
+    for stream in [RAW_STREAM, RAW_CONSUMED_STREAM, MESHGATE_STREAM] {
         let _ = js.delete_stream(stream).await;
     }
     Ok(js)
 }
 
-/// What the raw JetStream rows publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JsMessages {
-    /// The bare 256-byte payload.
-    Bare,
-    /// The bare payload with a `Nats-Msg-Id` (unique per message): what deduplication alone
-    /// costs the server.
-    BareWithMsgId,
-    /// What meshgate stores for a 256-byte MQTT publish: its headers, `Nats-Msg-Id`, the
-    /// structured JSON.
-    Meshgate,
-}
-
-/// Publishes to `subject` for `seconds` with up to 256 PubAcks outstanding; returns how many
-/// were acknowledged and the seconds the publishing took (the final acks not included).
-async fn publish_with_acks(
-    js: &async_nats::jetstream::Context,
-    subject: &'static str,
-    seconds: u64,
-    kind: JsMessages,
-) -> anyhow::Result<(u64, f64)> {
-    let origin = Instant::now();
-    let started = Instant::now();
-    let mut outstanding = VecDeque::new();
-    let mut acked = 0u64;
-    // Encoded once: the publisher's own work per message stays a header insert and a clone.
-    let (headers, body) = meshgate_like_message();
-    let body = bytes::Bytes::from(body);
-    while started.elapsed() < Duration::from_secs(seconds) {
-        if outstanding.len() >= 256
-            && let Some(f) = outstanding.pop_front()
-        {
-            let _: async_nats::jetstream::publish::PublishAck = f.await?;
-            acked += 1;
-        }
-        // A deduplication id as meshgate's JetStream backbone makes them (22 characters of
-        // the digest of source and id), unique per message and per row.
-        let sent = acked + outstanding.len() as u64;
-        let msg_id = || {
-            meshgate_backbone::jetstream::dedup_id(
-                &format!("mqtt://meshgate/raw-pub/{kind:?}"),
-                &sent.to_string(),
-            )
-        };
-        let ack = match kind {
-            JsMessages::Meshgate => {
-                let mut headers = headers.clone();
-                headers.insert("Nats-Msg-Id", msg_id().as_str());
-                js.publish_with_headers(subject, headers, body.clone())
-                    .await?
-            }
-            JsMessages::BareWithMsgId => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", msg_id().as_str());
-                js.publish_with_headers(subject, headers, payload(origin).into())
-                    .await?
-            }
-            JsMessages::Bare => js.publish(subject, payload(origin).into()).await?,
-        };
-        outstanding.push_back(ack);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    for f in outstanding {
-        f.await?;
-        acked += 1;
-    }
-    Ok((acked, elapsed))
-}
-
-/// Raw JetStream end to end: the publisher of [`raw_jetstream`] plus a durable pull consumer
-/// (explicit acks, one per message, as meshgate's) on its own connection; delivered and acked
-/// per second. What nats-server does per message when someone consumes, without meshgate.
+/// Raw JetStream end to end on a fresh server (see [`meshgate_bench::raw_jetstream_consumed`]);
+/// (delivered/s, lost).
 async fn raw_jetstream_consumed(
     url: &str,
     seconds: u64,
     kind: JsMessages,
 ) -> anyhow::Result<(f64, u64)> {
-    use async_nats::jetstream::{consumer, stream};
     let js = fresh_jetstream(url).await?;
-    let s = js
-        .create_stream(stream::Config {
-            name: "RAWBENCHC".into(),
-            subjects: vec!["jsbenchc.>".into()],
-            max_bytes: 1 << 30,
-            ..Default::default()
-        })
-        .await?;
-    let consumer_client = async_nats::connect(url).await?;
-    let cjs = async_nats::jetstream::new(consumer_client);
-    s.create_consumer(consumer::pull::Config {
-        durable_name: Some("raw".into()),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ..Default::default()
-    })
-    .await?;
-    let c: consumer::PullConsumer = cjs
-        .get_stream("RAWBENCHC")
-        .await?
-        .get_consumer("raw")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut messages = c.messages().await?;
-    let delivered = Arc::new(AtomicU64::new(0));
-    let d = delivered.clone();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(m)) = messages.next().await {
-            let _ = m.ack().await;
-            d.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    let (acked, elapsed) = publish_with_acks(&js, "jsbenchc.x", seconds, kind).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    reader.abort();
-    let got = delivered.load(Ordering::Relaxed);
-    let _ = js.delete_stream("RAWBENCHC").await;
-    Ok((got as f64 / elapsed, acked.saturating_sub(got)))
+    meshgate_bench::raw_jetstream_consumed(&js, url, 1, seconds, kind).await
 }
 
 /// Raw NATS core latency at a fixed rate; (p50, p99) in µs.
@@ -537,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
         ("MESHGATE__BACKBONE__KIND", "jetstream"),
         ("MESHGATE__BACKBONE__NATS__URLS", url.as_str()),
         ("MESHGATE__BACKBONE__NATS__WIRE_MODE", wire),
-        ("MESHGATE__BACKBONE__JETSTREAM__STREAM", "MGBENCH"),
+        ("MESHGATE__BACKBONE__JETSTREAM__STREAM", MESHGATE_STREAM),
         ("MESHGATE__BACKBONE__NATS__SUBJECT_PREFIX", "mgjs"),
     ];
     for publishers in [1, 4] {

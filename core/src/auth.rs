@@ -795,66 +795,6 @@ impl AuthRules {
             Err(HashRefusal::Busy) => Err(AuthError::Busy),
         }
     }
-
-    pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
-        check_publish(principal, topic)
-    }
-
-    /// Whether `principal` may subscribe to `filter`, and whether what it receives on it must
-    /// then be checked delivery by delivery ([`SubscribeGrant::Filtered`]).
-    pub fn check_subscribe(
-        &self,
-        principal: &Principal,
-        filter: &TopicFilter,
-    ) -> Result<SubscribeGrant, AuthError> {
-        check_subscribe(principal, filter)
-    }
-
-    /// Whether `principal` may receive a message on `topic` (its subscribe rules), for the
-    /// deliveries of a [`SubscribeGrant::Filtered`] subscription.
-    pub fn may_receive(&self, principal: &Principal, topic: &Topic) -> bool {
-        may_receive(principal, topic)
-    }
-}
-
-/// The checks against a principal's own rules (resolved at login, or by
-/// [`Authorizer::refresh`]).
-fn check_publish(principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
-    {
-        if principal.internal || principal.acl.publish.allows(topic) {
-            Ok(())
-        } else {
-            Err(AuthError::Forbidden {
-                principal: principal.name().to_owned(),
-                action: "publish to",
-                target: topic.to_string(),
-            })
-        }
-    }
-}
-
-fn check_subscribe(
-    principal: &Principal,
-    filter: &TopicFilter,
-) -> Result<SubscribeGrant, AuthError> {
-    {
-        if principal.internal {
-            return Ok(SubscribeGrant::All);
-        }
-        principal
-            .acl
-            .subscribe
-            .grant(filter)
-            .ok_or_else(|| AuthError::Forbidden {
-                principal: principal.name().to_owned(),
-                action: "subscribe to",
-                target: filter.to_string(),
-            })
-    }
-}
-
-fn may_receive(principal: &Principal, topic: &Topic) -> bool {
-    principal.internal || principal.acl.subscribe.allows(topic)
 }
 
 /// Authenticates clients and checks their topic permissions: the [`AuthRules`] built from config,
@@ -1040,23 +980,45 @@ impl Authorizer {
             .map(|p| p.stamped(generation))
     }
 
-    /// See [`AuthRules::check_publish`] (the principal's own rules: no lock).
+    /// Whether `principal` may publish to `topic`: its own rules, as resolved at login or by
+    /// [`Authorizer::refresh`] (no lock).
     pub fn check_publish(&self, principal: &Principal, topic: &Topic) -> Result<(), AuthError> {
-        check_publish(principal, topic)
+        if principal.internal || principal.acl.publish.allows(topic) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden {
+                principal: principal.name().to_owned(),
+                action: "publish to",
+                target: topic.to_string(),
+            })
+        }
     }
 
-    /// See [`AuthRules::check_subscribe`].
+    /// Whether `principal` may subscribe to `filter`, and whether what it receives on it must
+    /// then be checked delivery by delivery ([`SubscribeGrant::Filtered`]).
     pub fn check_subscribe(
         &self,
         principal: &Principal,
         filter: &TopicFilter,
     ) -> Result<SubscribeGrant, AuthError> {
-        check_subscribe(principal, filter)
+        if principal.internal {
+            return Ok(SubscribeGrant::All);
+        }
+        principal
+            .acl
+            .subscribe
+            .grant(filter)
+            .ok_or_else(|| AuthError::Forbidden {
+                principal: principal.name().to_owned(),
+                action: "subscribe to",
+                target: filter.to_string(),
+            })
     }
 
-    /// See [`AuthRules::may_receive`].
+    /// Whether `principal` may receive a message on `topic` (its subscribe rules), for the
+    /// deliveries of a [`SubscribeGrant::Filtered`] subscription.
     pub fn may_receive(&self, principal: &Principal, topic: &Topic) -> bool {
-        may_receive(principal, topic)
+        principal.internal || principal.acl.subscribe.allows(topic)
     }
 }
 

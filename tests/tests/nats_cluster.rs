@@ -473,14 +473,32 @@ async fn with_the_jetstream_meta_leader_killed_publishes_are_answered_then_serve
     println!("meta leader (node {leader}) killed: {counts:?}");
     assert_eq!(counts.unanswered, 0, "{counts:?}");
     assert_eq!(counts.lost_acknowledged, 0, "{counts:?}");
-    // Served again: a new meta leader, and the last second's publishes acknowledged.
+    // Served again: a new meta leader, and then every publish acknowledged and delivered.
     let new_leader = cluster.wait_for_meta_leader(Duration::from_secs(10)).await;
     assert_ne!(new_leader, leader);
     assert!(
         counts.slowest_answer < Duration::from_secs(10),
         "{counts:?}"
     );
-    assert!(counts.acknowledged > counts.published / 2, "{counts:?}");
+    // (How many of the fault run's publishes were acknowledged depends on whether the killed
+    // node also led the stream: its election takes 4–9 s on nats-server 2.9, during which
+    // pipelined publishes are refused. So "served again" is asked directly.)
+    let d = Deadline::after(Duration::from_secs(20));
+    loop {
+        let fresh = subscriber(b.mqtt_addr.unwrap().port()).await;
+        let again = run_with_fault(
+            a.mqtt_addr.unwrap().port(),
+            fresh,
+            Duration::from_secs(1),
+            Duration::MAX,
+            || {},
+        )
+        .await;
+        if again.acknowledged == again.published && again.lost_acknowledged == 0 {
+            break;
+        }
+        assert!(!d.passed(), "not served again after the kill: {again:?}");
+    }
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -56,6 +56,7 @@ mod direct;
 mod documents;
 mod feed;
 mod member;
+mod order;
 mod publish;
 pub(crate) mod pull;
 mod replies;

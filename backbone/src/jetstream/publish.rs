@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use meshgate_core::metrics::Counter;
 
-use super::replies::Replies;
+use super::order::PublishOrder;
+use super::replies::{Replies, Waiter};
 use crate::nats::client::{Client, ClientError};
 
 /// The stream's answer to a publish.
@@ -63,12 +64,8 @@ pub(crate) struct JsPublisher {
     timeout: Duration,
     /// Publishes refused for want of a PubAck within `timeout`.
     timed_out: Counter,
-    /// Publishes under way on this connection (see [`JsPublisher::publish`]).
-    in_flight: std::sync::atomic::AtomicUsize,
-    /// Publishes started so far, and how many of the first of them may not be asked again
-    /// (one started with them was refused: theirs would be stored after it).
-    started: std::sync::atomic::AtomicU64,
-    not_again_below: std::sync::atomic::AtomicU64,
+    /// The order of this connection's publishes across "no responders" retries.
+    order: PublishOrder,
 }
 
 impl JsPublisher {
@@ -100,9 +97,7 @@ impl JsPublisher {
             replies,
             timeout,
             timed_out,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            started: std::sync::atomic::AtomicU64::new(0),
-            not_again_below: std::sync::atomic::AtomicU64::new(0),
+            order: PublishOrder::default(),
         })
     }
 
@@ -111,77 +106,92 @@ impl JsPublisher {
     }
 
     /// Publishes one message and waits for the stream's answer. Messages are written in the
-    /// order of the calls (each is appended before this returns its future's first `Pending`).
+    /// order of the calls.
     ///
-    /// "No responders" is asked again, after 50 ms, then twice as long each time (up to 1 s),
-    /// until `timeout`: on a cluster it is what a stream answers while it has no leader (its
-    /// node died, a new one is being elected, 4–9 s on nats-server 2.9), and a publish held is
-    /// better than one refused. Only while it is the only publish under way on this
-    /// connection: with another one appended after it, that one could be stored first, so it
-    /// is refused as before and the client's retry comes after (a subject no stream takes is
-    /// refused after `timeout`).
+    /// "No responders" is asked again until `timeout`: on a cluster it is what a stream
+    /// answers while it has no leader (its node died or went lame duck and a new one is being
+    /// elected), and a publish held is better than one refused. The retries keep the order of
+    /// the calls ([`super::order`]): they go out oldest first, alone, while newer publishes
+    /// wait; the first retry of a leaderless spell waits 50 ms, then twice as long each time
+    /// (up to 1 s). A publish whose successor was stored meanwhile is refused (asked again it
+    /// would be stored after it) and so is one on a subject no stream takes, after `timeout`.
     pub(crate) async fn publish(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
     ) -> Result<PubAck, PublishFailure> {
-        use std::sync::atomic::Ordering;
-        struct UnderWay<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for UnderWay<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _under_way = UnderWay(&self.in_flight);
-        let ticket = self.started.fetch_add(1, Ordering::AcqRel);
-        // Alone on the connection, and nothing started with it refused.
-        let alone = || {
-            self.in_flight.load(Ordering::Acquire) == 1
-                && ticket >= self.not_again_below.load(Ordering::Acquire)
-        };
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut ticket = self.order.enter();
+        if tokio::time::timeout_at(deadline, ticket.turn_to_write())
+            .await
+            .is_err()
+        {
+            // Held behind retries that took the whole publish timeout.
+            self.timed_out.inc();
+            return Err(PublishFailure::TimedOut(self.timeout));
+        }
+        let mut waiter = self.write(subject, headers, payload).await?;
+        ticket.written();
         let mut pause = Duration::from_millis(50);
         loop {
-            let done = self.publish_once(subject, headers, payload, deadline).await;
-            if !matches!(done, Err(PublishFailure::NoResponders(_))) {
-                return done;
+            let refused = match self.answer(&mut waiter, subject, deadline).await {
+                Ok(ack) => {
+                    ticket.stored();
+                    return Ok(ack);
+                }
+                Err(e @ PublishFailure::NoResponders(_)) => e,
+                Err(e) => return Err(e),
+            };
+            ticket.no_responders();
+            let Ok(turn) = tokio::time::timeout_at(deadline, ticket.turn_to_retry()).await else {
+                return Err(refused);
+            };
+            if turn.later_stored {
+                return Err(refused);
             }
-            if tokio::time::Instant::now() + pause >= deadline || !alone() {
-                // Refused: what started until now is not asked again (it would be stored
-                // after this one's retry by the client).
-                self.not_again_below
-                    .fetch_max(self.started.load(Ordering::Acquire), Ordering::AcqRel);
-                return done;
+            if turn.leaderless {
+                // Still no leader: wait before asking (newer publishes wait behind this one).
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(refused);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                if ticket.later_stored() {
+                    return Err(refused);
+                }
             }
             tracing::debug!(
                 subject,
                 "jetstream: no responders (no stream leader?); asking again"
             );
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-            if !alone() {
-                // Another publish came meanwhile and may be stored first.
-                self.not_again_below
-                    .fetch_max(self.started.load(Ordering::Acquire), Ordering::AcqRel);
-                return done;
-            }
+            waiter = self.write(subject, headers, payload).await?;
         }
     }
 
-    async fn publish_once(
+    /// Appends the publish to the connection's write buffer (waiting for room).
+    async fn write(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
-        deadline: tokio::time::Instant,
-    ) -> Result<PubAck, PublishFailure> {
-        // Forgets the request however this ends (error, timeout, the caller gave up).
-        let mut waiter = self.replies.waiter();
+    ) -> Result<Waiter<'_, Result<PubAck, PublishFailure>>, PublishFailure> {
+        // The waiter forgets the request however this ends (error, timeout, the caller gave
+        // up).
+        let waiter = self.replies.waiter();
         self.client
             .publish_when_room(subject, Some(&waiter.reply), headers, payload)
             .await?;
+        Ok(waiter)
+    }
+
+    /// The stream's answer to a written publish, by `deadline`.
+    async fn answer(
+        &self,
+        waiter: &mut Waiter<'_, Result<PubAck, PublishFailure>>,
+        subject: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<PubAck, PublishFailure> {
         match tokio::time::timeout_at(deadline, &mut waiter.answer).await {
             Ok(Ok(answer)) => answer.map_err(|e| match e {
                 PublishFailure::NoResponders(_) => PublishFailure::NoResponders(subject.into()),
@@ -337,28 +347,21 @@ mod tests {
         w.write_all(reply.as_bytes()).await.unwrap();
         // PUB <subject> <reply> <size>: nobody takes it, the server says so (status 503), as
         // while a stream elects a leader; asked again, it is stored.
-        let status = "NATS/1.0 503\r\n\r\n";
-        let no_responders = move |inbox: &str| {
-            format!(
-                "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
-                status.len(),
-                status.len()
-            )
-        };
         let publ = line_of(&mut r, &mut seen, "PUB p.b").await;
-        let inbox = publ.split(' ').nth(2).unwrap().to_owned();
-        w.write_all(no_responders(&inbox).as_bytes()).await.unwrap();
+        w.write_all(no_responders(&inbox_of(&publ)).as_bytes())
+            .await
+            .unwrap();
         let again = line_of(&mut r, &mut seen, "PUB p.b").await;
-        let inbox = again.split(' ').nth(2).unwrap().to_owned();
-        let ack = r#"{"stream":"S","seq":2}"#;
-        let reply = format!("MSG {inbox} 1 {}\r\n{ack}\r\n", ack.len());
-        w.write_all(reply.as_bytes()).await.unwrap();
+        w.write_all(puback(&inbox_of(&again), 2).as_bytes())
+            .await
+            .unwrap();
         // Nobody ever: refused as "no responders" within the publish timeout.
         let answer_all = tokio::spawn(async move {
             loop {
                 let publ = line_of(&mut r, &mut seen, "PUB p.c").await;
-                let inbox = publ.split(' ').nth(2).unwrap().to_owned();
-                w.write_all(no_responders(&inbox).as_bytes()).await.unwrap();
+                w.write_all(no_responders(&inbox_of(&publ)).as_bytes())
+                    .await
+                    .unwrap();
             }
         });
 
@@ -370,10 +373,80 @@ mod tests {
         assert!(took <= Duration::from_millis(400), "{took:?}");
     }
 
-    /// Two publishes under way on one connection, both answered "no responders": neither is
-    /// asked again (the second could be stored before the first), both are refused at once.
+    fn no_responders(inbox: &str) -> String {
+        let status = "NATS/1.0 503\r\n\r\n";
+        format!(
+            "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
+            status.len(),
+            status.len()
+        )
+    }
+
+    fn puback(inbox: &str, seq: u64) -> String {
+        let ack = format!(r#"{{"stream":"S","seq":{seq}}}"#);
+        format!("MSG {inbox} 1 {}\r\n{ack}\r\n", ack.len())
+    }
+
+    fn inbox_of(line: &str) -> String {
+        line.split(' ').nth(2).unwrap().to_owned()
+    }
+
+    /// Three publishes pipelined on one connection, the first two answered "no responders"
+    /// (a stream between leaders): both are asked again, oldest first and one at a time, and
+    /// the third, newer one waits behind them; all three are stored in call order.
     #[tokio::test]
-    async fn no_responders_is_not_asked_again_with_another_publish_under_way() {
+    async fn pipelined_no_responders_are_asked_again_in_call_order() {
+        let (client, _serving, server) = serving(64 << 10).await;
+        let publisher = std::sync::Arc::new(
+            JsPublisher::start(
+                client,
+                Duration::from_secs(5),
+                Counter::default(),
+                Counter::default(),
+            )
+            .unwrap(),
+        );
+        let (mut r, mut w) = tokio::io::split(server);
+        let mut seen = Vec::new();
+        line_of(&mut r, &mut seen, "SUB ").await;
+        let (p1, p2, p3) = (publisher.clone(), publisher.clone(), publisher.clone());
+        let first = tokio::spawn(async move { p1.publish("p.x", b"", b"1").await });
+        let x = line_of(&mut r, &mut seen, "PUB p.x").await;
+        let second = tokio::spawn(async move { p2.publish("p.y", b"", b"2").await });
+        let y = line_of(&mut r, &mut seen, "PUB p.y").await;
+        w.write_all(no_responders(&inbox_of(&x)).as_bytes())
+            .await
+            .unwrap();
+        w.write_all(no_responders(&inbox_of(&y)).as_bytes())
+            .await
+            .unwrap();
+        // x is asked again first (after a pause: no leader yet); z, newer, waits.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let third = tokio::spawn(async move { p3.publish("p.z", b"", b"3").await });
+        let x = line_of(&mut r, &mut seen, "PUB ").await;
+        assert!(x.starts_with("PUB p.x "), "{x}");
+        w.write_all(puback(&inbox_of(&x), 1).as_bytes())
+            .await
+            .unwrap();
+        let y = line_of(&mut r, &mut seen, "PUB ").await;
+        assert!(y.starts_with("PUB p.y "), "{y}");
+        w.write_all(puback(&inbox_of(&y), 2).as_bytes())
+            .await
+            .unwrap();
+        let z = line_of(&mut r, &mut seen, "PUB ").await;
+        assert!(z.starts_with("PUB p.z "), "{z}");
+        w.write_all(puback(&inbox_of(&z), 3).as_bytes())
+            .await
+            .unwrap();
+        for p in [first, second, third] {
+            assert_eq!(p.await.unwrap(), Ok(PubAck { duplicate: false }));
+        }
+    }
+
+    /// A publish answered "no responders" after a newer one was stored: asked again it would
+    /// be stored after that one, so it is refused at once.
+    #[tokio::test]
+    async fn no_responders_is_refused_when_a_newer_publish_was_stored() {
         let (client, _serving, server) = serving(64 << 10).await;
         let publisher = std::sync::Arc::new(
             JsPublisher::start(
@@ -392,20 +465,18 @@ mod tests {
         let x = line_of(&mut r, &mut seen, "PUB p.x").await;
         let second = tokio::spawn(async move { p2.publish("p.y", b"", b"2").await });
         let y = line_of(&mut r, &mut seen, "PUB p.y").await;
-        let status = "NATS/1.0 503\r\n\r\n";
-        for line in [x, y] {
-            let inbox = line.split(' ').nth(2).unwrap().to_owned();
-            let reply = format!(
-                "HMSG {inbox} 1 {} {}\r\n{status}\r\n",
-                status.len(),
-                status.len()
-            );
-            w.write_all(reply.as_bytes()).await.unwrap();
-        }
+        w.write_all(puback(&inbox_of(&y), 1).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(second.await.unwrap(), Ok(PubAck { duplicate: false }));
         let started = tokio::time::Instant::now();
-        let (a, b) = (first.await.unwrap(), second.await.unwrap());
+        w.write_all(no_responders(&inbox_of(&x)).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            first.await.unwrap(),
+            Err(PublishFailure::NoResponders("p.x".into()))
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert_eq!(a, Err(PublishFailure::NoResponders("p.x".into())));
-        assert_eq!(b, Err(PublishFailure::NoResponders("p.y".into())));
     }
 }

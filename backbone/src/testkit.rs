@@ -49,6 +49,7 @@ impl TestKit {
             tracker: TaskTracker::new(),
             registry: registry.clone(),
             limits: ConnectionLimits::unlimited(),
+            connections: Default::default(),
         };
         TestKit {
             ctx,

@@ -26,6 +26,8 @@ pub struct AdapterContext {
     pub registry: Registry,
     /// Per source address and per user connection caps, shared by every listener.
     pub limits: Arc<crate::limits::ConnectionLimits>,
+    /// The live client connections, for the admin API.
+    pub connections: crate::connections::Connections,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod auth;
 pub mod backbone;
 pub mod backoff;
+pub mod connections;
 pub mod event;
 mod event_error;
 pub mod file_watch;

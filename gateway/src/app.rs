@@ -276,6 +276,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.gateway.max_connections_per_ip,
             config.gateway.max_connections_per_user,
         ),
+        connections: Default::default(),
     };
     let triggers =
         meshgate_triggers::Triggers::start(backbone.clone(), registry.clone(), &config.triggers)
@@ -316,11 +317,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     )]
     let (mut mqtt_addr, mut mqtt_tls_addr, mut mqtt_task, mut mqtt_ws) = (None, None, None, None);
     #[cfg(feature = "mqtt")]
+    let mut mqtt_admin = None;
+    #[cfg(feature = "mqtt")]
     if let Some(listeners) = mqtt_listeners {
         let adapter = meshgate_mqtt::MqttAdapter::new(listeners, &config.mqtt, &ctx);
         mqtt_addr = adapter.local_addr();
         mqtt_tls_addr = adapter.tls_addr();
         mqtt_ws = adapter.websocket_router();
+        mqtt_admin = Some(adapter.admin());
         let ctx = ctx.clone();
         mqtt_task = Some(tokio::spawn(async move {
             if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
@@ -357,7 +361,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .merge(crate::reload::router(
                 reloader.clone(),
                 config.admin.api_token.clone(),
-            ));
+            ))
+            .merge(crate::admin_api::router(crate::admin_api::AdminApi {
+                connections: ctx.connections.clone(),
+                #[cfg(feature = "mqtt")]
+                mqtt: mqtt_admin,
+                #[cfg(feature = "amqp")]
+                amqp: amqp_status.clone(),
+                token: config.admin.api_token.clone(),
+            }));
         let stop = admin_stop.clone();
         let limits = serve::Limits::of(
             &config.http,

@@ -2,6 +2,7 @@
 //! and by tests that run a gateway in-process.
 
 pub mod admin;
+pub mod admin_api;
 pub mod app;
 pub mod fd_limit;
 pub mod features;

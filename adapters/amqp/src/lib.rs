@@ -47,7 +47,41 @@ pub struct AmqpStatus {
     links: Arc<[Arc<Link>]>,
 }
 
+/// A source or sink as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkInfo {
+    /// `source` or `sink`.
+    pub kind: &'static str,
+    pub name: String,
+    /// `up`, `connecting` (never up yet) or `down` (failed; `last_error` says why).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+}
+
 impl AmqpStatus {
+    /// Every source and sink with its state, in configuration order, for the admin API.
+    pub fn link_states(&self) -> Vec<LinkInfo> {
+        self.links
+            .iter()
+            .map(|l| {
+                let last_error = l.last_error();
+                LinkInfo {
+                    kind: l.kind,
+                    name: l.name.clone(),
+                    state: match (l.is_up(), &last_error) {
+                        (true, _) => "up",
+                        (false, None) => "connecting",
+                        (false, Some(_)) => "down",
+                    },
+                    last_error,
+                    reconnects: l.reconnects(),
+                }
+            })
+            .collect()
+    }
+
     /// `None` when every source and sink is connected and set up; otherwise which are not,
     /// and why.
     pub fn not_ready(&self) -> Option<String> {

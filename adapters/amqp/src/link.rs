@@ -261,6 +261,11 @@ impl Link {
         })
     }
 
+    /// Times the link connected again after losing its connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.get()
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }

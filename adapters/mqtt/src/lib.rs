@@ -5,6 +5,7 @@
 //! acknowledged only after the backbone accepted it. MQTT payloads become CloudEvents per the
 //! MQTT binding ([`binding`]).
 
+pub mod admin;
 pub mod binding;
 pub mod codec;
 mod retained;
@@ -175,6 +176,12 @@ impl Shared {
             .is_some_and(|c| c.principal == *principal)
     }
 
+    /// Whether a connection holds `client_id` here.
+    fn is_connected(&self, client_id: &str) -> bool {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.contains_key(client_id)
+    }
+
     /// Tells the connection of `client_id`, if there is one, to go (another instance takes
     /// the session over); its `finished` token is returned, to wait for.
     fn take_over(&self, client_id: &str) -> Option<CancellationToken> {
@@ -294,6 +301,11 @@ impl MqttAdapter {
         self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
+    /// The broker's sessions and retained messages, for the admin API.
+    pub fn admin(&self) -> admin::MqttAdmin {
+        admin::MqttAdmin::new(self.shared.clone())
+    }
+
     /// MQTT over WebSocket at `mqtt.websocket_path`, sharing this broker's sessions, for the
     /// gateway's web listener.
     pub fn websocket_router(&self) -> Option<axum::Router> {
@@ -396,12 +408,18 @@ async fn accept_loop(
             // Both held for the connection's life.
             let (_slot, _ip_permit) = (slot, ip_permit);
             match tls {
-                None => session::run(stream, shared, Some(peer.ip()), None).await,
+                None => {
+                    let peer = session::Peer {
+                        addr: Some(peer),
+                        transport: session::Transport::Tcp,
+                    };
+                    session::run(stream, shared, peer, None).await
+                }
                 // Boxed: a TLS connection's state is large, and inline it would make every
                 // plain connection's task as large (idle connection memory, issue 3).
                 Some(acceptor) => {
                     let acceptor = acceptor.acceptor();
-                    Box::pin(run_tls(stream, shared, acceptor, peer.ip())).await
+                    Box::pin(run_tls(stream, shared, acceptor, peer)).await
                 }
             }
         });
@@ -413,7 +431,7 @@ async fn run_tls(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
-    peer: std::net::IpAddr,
+    peer: std::net::SocketAddr,
 ) {
     let timeout = shared.config.connect_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -426,7 +444,13 @@ async fn run_tls(
                     t.identity
                 });
             match tls::identity(&tls_stream, kind) {
-                Ok(user) => session::run(tls_stream, shared, Some(peer), user).await,
+                Ok(user) => {
+                    let peer = session::Peer {
+                        addr: Some(peer),
+                        transport: session::Transport::Tls,
+                    };
+                    session::run(tls_stream, shared, peer, user).await
+                }
                 Err(()) => {
                     // Verified, but it names nobody: refused at the TLS layer (no CONNECT yet).
                     tracing::debug!(%peer, "mqtt: a client certificate without a user name");

@@ -163,6 +163,26 @@ impl Retained {
         );
     }
 
+    /// Removes `topic`'s retained message (admin API). `Ok(false)` when the memory store had
+    /// none; the backbone's shared store does not tell, so `Ok(true)` there.
+    pub(crate) async fn clear(
+        &self,
+        topic: &meshgate_core::Topic,
+    ) -> Result<bool, meshgate_core::BackboneError> {
+        if let Some(store) = self.shared.as_ref().and_then(|b| b.retained_store()) {
+            store.clear(topic).await?;
+            return Ok(true);
+        }
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        match store.messages.remove(topic.as_str()) {
+            Some((_, old)) => {
+                store.bytes -= old;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Up to `limit` retained messages whose topic matches `filter`, together at most
     /// `max_bytes` (topic and event JSON each), and how many more match
     /// ([`meshgate_core::RetainedStore::matching`]).

@@ -66,9 +66,7 @@ async fn upgrade(
         );
     }
     // Per source address, when the web listener tells it (it is served with connect info).
-    let peer = extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let ip_permit = match extensions.get::<ConnectInfo<SocketAddr>>() {
         None => None,
         Some(ConnectInfo(peer)) => match shared.ctx.limits.acquire_ip(peer.ip()) {
@@ -100,10 +98,14 @@ async fn upgrade(
 
 /// Runs a session over the WebSocket: binary frames in → session bytes, session bytes → binary
 /// frames out.
-async fn bridge(socket: WebSocket, shared: Arc<Shared>, peer: Option<std::net::IpAddr>) {
+async fn bridge(socket: WebSocket, shared: Arc<Shared>, peer: Option<SocketAddr>) {
     let (client_side, session_side) = tokio::io::duplex(64 * 1024);
     let (mut from_session, mut to_session) = tokio::io::split(client_side);
     let (mut ws_tx, mut ws_rx) = socket.split();
+    let peer = session::Peer {
+        addr: peer,
+        transport: session::Transport::WebSocket,
+    };
     let session = tokio::spawn(session::run(session_side, shared, peer, None));
     let inbound = async move {
         while let Some(Ok(msg)) = ws_rx.next().await {

@@ -40,6 +40,7 @@ use tungstenite::{Message, Utf8Bytes};
 use crate::Shared;
 use crate::binding::{self, FrameCode, FrameError, Inbound};
 use crate::read_ahead::ReadAhead;
+use meshgate_core::connections::{NewConnection, Registered, SubscriptionInfo};
 
 /// The upgraded connection as the connection task sees it.
 pub(crate) type WebSocket =
@@ -178,7 +179,8 @@ enum Step {
 struct Conn {
     shared: Arc<Shared>,
     principal: Principal,
-    id: u64,
+    /// This connection in the admin API's registry (its id, its close token).
+    listed: Registered,
     /// Filters in subscription order; an event matching several is delivered once, for the
     /// first matching filter.
     subs: Vec<Sub>,
@@ -230,8 +232,14 @@ impl Conn {
         let _ = self.push(Outbound::Control(text));
     }
 
+    /// Tells the client (and the admin API) the filters the connection holds now.
     fn send_subscribed(&mut self) {
         let filters: Vec<TopicFilter> = self.subs.iter().map(|s| s.filter.clone()).collect();
+        self.listed
+            .set_subscriptions(filters.iter().map(|f| SubscriptionInfo {
+                filter: f.as_str().to_owned(),
+                qos: None,
+            }));
         let text = Utf8Bytes::from(binding::subscribed_event(&filters));
         let _ = self.push(Outbound::Control(text));
     }
@@ -515,7 +523,7 @@ impl Conn {
                 };
                 let shared = shared.clone();
                 let principal = self.principal.clone();
-                let origin = shared.ctx.origin(self.id);
+                let origin = shared.ctx.origin(self.listed.id());
                 self.op = Some(Box::pin(async move {
                     let id = event.id().to_owned();
                     let published = shared
@@ -589,7 +597,7 @@ impl Conn {
         for e in &refused {
             self.report(e);
         }
-        let connection = self.id;
+        let connection = self.listed.id();
         self.op = Some(Box::pin(async move {
             let matching = matching;
             let mut done = Vec::with_capacity(wanted.len());
@@ -729,9 +737,23 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     principal: Principal,
     initial: Vec<TopicFilter>,
+    peer: Option<std::net::SocketAddr>,
+    version: &'static str,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let id = shared.ctx.next_connection_id();
+        // A child of the shutdown token, fired at shutdown or by an operator (admin API).
+        let listed = shared.ctx.connections.register(
+            NewConnection {
+                id,
+                protocol: "websocket",
+                version,
+                principal: principal.clone(),
+                client_id: None,
+                peer,
+            },
+            shared.ctx.shutdown.child_token(),
+        );
         let ping_interval = shared.config.ping_interval;
         let max = shared.config.max_message_size;
         tracing::debug!(
@@ -739,7 +761,7 @@ pub(crate) fn run(
             principal = principal.name(),
             "websocket connected"
         );
-        let shutdown = shared.ctx.shutdown.clone();
+        let shutdown = listed.close_token().clone();
         let shutdown = shutdown.cancelled();
         tokio::pin!(shutdown);
         let timer = tokio::time::sleep(ping_interval);
@@ -747,7 +769,7 @@ pub(crate) fn run(
         let mut conn = Conn {
             shared,
             principal,
-            id,
+            listed,
             subs: Vec::new(),
             next_sub: 0,
             queue: VecDeque::new(),
@@ -765,6 +787,9 @@ pub(crate) fn run(
         conn.subscribe(initial, None);
 
         let end = loop {
+            // What the admin API shows of this connection's load.
+            conn.listed
+                .set_load(conn.queue.len(), conn.unflushed.len() as u64);
             let step = std::future::poll_fn(|cx| {
                 conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
             })
@@ -804,6 +829,19 @@ pub(crate) fn run(
                     }
                     conn.queue.push_back(Outbound::Ping);
                 }
+                Step::Shutdown
+                    if !conn.shared.ctx.shutdown.is_cancelled()
+                        && conn.listed.closed_by_operator() =>
+                {
+                    tracing::info!(
+                        connection = id,
+                        "websocket closed by an operator (admin API)"
+                    );
+                    break End::Close(close_frame(
+                        close_code::POLICY_VIOLATION,
+                        "closed by an operator",
+                    ));
+                }
                 Step::Shutdown => {
                     // The backbone was closed first: each subscription ends once it handed over
                     // what it holds. The timer becomes the deadline for that.
@@ -822,7 +860,6 @@ pub(crate) fn run(
         };
         // The subscriptions end here (except at shutdown, where they ended already).
         conn.subs.clear();
-        let id = conn.id;
         match end {
             End::Shutdown => {
                 let frame = close_frame(close_code::GOING_AWAY, "server shutting down");
@@ -848,7 +885,7 @@ pub(crate) fn run(
 
 /// Closes with `frame` after what is queued, then waits for the client's answer.
 async fn close(conn: &mut Conn, ws: &mut WebSocket, frame: CloseFrame) {
-    tracing::debug!(connection = conn.id, code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
+    tracing::debug!(connection = conn.listed.id(), code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
     if !conn.flush_queue(ws, CLOSE_TIMEOUT * 2).await {
         return;
     }

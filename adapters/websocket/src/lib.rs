@@ -294,7 +294,11 @@ async fn handshake(
         let connection = {
             let io = read_ahead::ReadAhead::new(TokioIo::new(upgraded));
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-            connection::run(socket, shared, principal, filters)
+            let version = match negotiated {
+                binding::Negotiated::CloudEventsJson => binding::SUBPROTOCOL,
+                binding::Negotiated::CompatJson => "none",
+            };
+            connection::run(socket, shared, principal, filters, peer, version)
         };
         connection.await;
     }));

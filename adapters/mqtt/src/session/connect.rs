@@ -196,7 +196,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     shared: &Arc<Shared>,
-    peer: Option<std::net::IpAddr>,
+    peer: super::Peer,
     certificate_user: Option<String>,
 ) -> Option<(Session, u16, Registration)> {
     let request = read_connect(stream, buf, shared).await?;
@@ -224,7 +224,7 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
             .authorizer
             .certificate_login(&user)
             .map_err(|e| Refusal::new(ConnectReturnCode::NotAuthorized, e.to_string())),
-        None => authenticate(shared, request.login.as_ref(), peer).await,
+        None => authenticate(shared, request.login.as_ref(), peer.ip()).await,
     };
     let principal = match login {
         Ok(p) => p,
@@ -262,7 +262,15 @@ pub(super) async fn connect_phase<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(w) => w,
         Err(r) => return refuse(stream, version, r).await,
     };
-    let mut registration = match register(shared, &client_id, &principal, user_permit).await {
+    let mut registration = match register(
+        shared,
+        &client_id,
+        &principal,
+        user_permit,
+        peer.listing(version),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(r) => return refuse(stream, version, r).await,
     };
@@ -574,9 +582,9 @@ async fn register(
     client_id: &str,
     principal: &Principal,
     user_permit: Option<meshgate_core::ConnectionPermit>,
+    listing: super::Listing,
 ) -> Result<Registration, Refusal> {
-    let connection = shared.ctx.next_connection_id();
-    let Ok(registration) = Registration::new(shared, client_id, principal, connection, user_permit)
+    let Ok(registration) = Registration::new(shared, client_id, principal, user_permit, listing)
     else {
         return Err(client_id_taken(shared, client_id, principal));
     };
@@ -731,10 +739,9 @@ pub(super) struct Registration {
     /// `None` only while a connection at its user's cap takes over its own client id.
     user_permit: Option<meshgate_core::ConnectionPermit>,
     shared: Arc<Shared>,
-    client_id: String,
-    pub(super) connection: u64,
-    /// Fired when another connection takes over this client id.
-    pub(super) takeover: CancellationToken,
+    /// The connection in the admin API's registry (its id, client id, and the token fired when
+    /// another connection takes over this client id, an operator closes it, or at shutdown).
+    pub(super) listed: meshgate_core::connections::Registered,
     finished: CancellationToken,
     /// The previous connection's `finished`, when this one takes over.
     previous: Option<CancellationToken>,
@@ -745,28 +752,44 @@ impl Registration {
         shared: &Arc<Shared>,
         client_id: &str,
         principal: &Principal,
-        connection: u64,
         user_permit: Option<meshgate_core::ConnectionPermit>,
+        listing: super::Listing,
     ) -> Result<Self, crate::ClientIdTaken> {
+        let connection = shared.ctx.next_connection_id();
         // A child of the shutdown token: the session loop waits for both with one future.
         let takeover = shared.ctx.shutdown.child_token();
         let finished = CancellationToken::new();
         let previous = shared.register(client_id, principal, connection, &takeover, &finished)?;
+        let listed = shared.ctx.connections.register(
+            meshgate_core::connections::NewConnection {
+                id: connection,
+                protocol: listing.protocol,
+                version: listing.version,
+                principal: principal.clone(),
+                client_id: Some(client_id.to_owned()),
+                peer: listing.peer,
+            },
+            takeover,
+        );
         Ok(Registration {
             user_permit,
             shared: shared.clone(),
-            client_id: client_id.to_owned(),
-            connection,
-            takeover,
+            listed,
             finished,
             previous,
         })
+    }
+
+    pub(super) fn connection(&self) -> u64 {
+        self.listed.id()
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.shared.unregister(&self.client_id, self.connection);
+        if let Some(client_id) = self.listed.client_id() {
+            self.shared.unregister(client_id, self.listed.id());
+        }
         // The slot is given back before `finished` wakes a connection taking over, which
         // may need it.
         drop(self.user_permit.take());

@@ -46,7 +46,6 @@ use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, PublishProperties, QoS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::codec::{self, Version};
@@ -106,8 +105,9 @@ struct Session {
     requested_expiry: u32,
     /// Topic aliases, both ways (MQTT 5); they last as long as the connection.
     aliases: TopicAliases,
-    /// Fired when another connection takes over this client id.
-    takeover: CancellationToken,
+    /// This connection in the admin API's registry; its close token fires when another
+    /// connection takes over this client id, an operator closes it, or at shutdown.
+    live: Arc<meshgate_core::connections::Connection>,
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
     /// last read or wrote; 0: the session has nothing stored.
     store_revision: u64,
@@ -136,7 +136,7 @@ impl Session {
         will: Will,
     ) -> Session {
         Session {
-            origin: shared.ctx.origin(registration.connection),
+            origin: shared.ctx.origin(registration.connection()),
             shared: shared.clone(),
             version: terms.version,
             wrapper,
@@ -153,7 +153,7 @@ impl Session {
             expiry: terms.expiry,
             requested_expiry: terms.requested_expiry,
             aliases: TopicAliases::new(terms.alias_max),
-            takeover: registration.takeover.clone(),
+            live: registration.listed.connection().clone(),
             store_revision: 0,
             acked_publish: false,
         }
@@ -162,6 +162,7 @@ impl Session {
     /// Takes over what a persistent session kept from its previous connection.
     fn resume(&mut self, old: &mut Session) {
         self.subscriptions = std::mem::take(&mut old.subscriptions);
+        self.list_subscriptions();
         self.streams = old.streams.take();
         self.window.resume(&mut old.window);
         self.inbound.resume(&mut old.inbound);
@@ -179,6 +180,50 @@ fn to_qos(n: u8) -> QoS {
 /// Most QoS meshgate grants to a subscription.
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 
+/// Where a connection comes from, as its listener knows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub(crate) addr: Option<std::net::SocketAddr>,
+    pub(crate) transport: Transport,
+}
+
+/// How the client reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Tcp,
+    Tls,
+    WebSocket,
+}
+
+impl Peer {
+    fn ip(&self) -> Option<std::net::IpAddr> {
+        self.addr.map(|a| a.ip())
+    }
+
+    /// How the admin API lists the connection.
+    fn listing(&self, version: Version) -> Listing {
+        Listing {
+            protocol: match self.transport {
+                Transport::Tcp => "mqtt",
+                Transport::Tls => "mqtts",
+                Transport::WebSocket => "mqtt-ws",
+            },
+            version: match version {
+                Version::V311 => "3.1.1",
+                Version::V5 => "5",
+            },
+            peer: self.addr,
+        }
+    }
+}
+
+/// What the admin API's registry shows of an MQTT connection besides its client id and user.
+pub(super) struct Listing {
+    protocol: &'static str,
+    version: &'static str,
+    peer: Option<std::net::SocketAddr>,
+}
+
 /// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) from `peer` until
 /// it ends. `certificate_user`: the user a verified client certificate names (MQTT over TLS
 /// with client certificates), which the connection is instead of its CONNECT credentials.
@@ -191,7 +236,7 @@ const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 pub(crate) fn run<S>(
     mut stream: S,
     shared: Arc<Shared>,
-    peer: Option<std::net::IpAddr>,
+    peer: Peer,
     certificate_user: Option<String>,
 ) -> impl std::future::Future<Output = ()> + Send
 where
@@ -571,7 +616,7 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         let shared = session.shared.clone();
         let max = shared.config.max_packet_size;
         let mut keep_alive = KeepAlive::new(keep_alive);
-        let takeover = session.takeover.clone();
+        let takeover = session.live.close_token().clone();
         let pending_limit = shared.config.max_queued;
         let write_timeout = shared.config.write_timeout;
         let mut busy = false;
@@ -677,11 +722,21 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             if buf.is_empty() {
                 buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
             }
+            // What the admin API shows of this connection's load (two loads when unchanged).
+            session.live.set_load(
+                session.window.pending.len(),
+                session.window.in_flight() as u64,
+            );
             tokio::select! {
                 biased;
                 _ = &mut stop, if draining.is_none() => {
                     if !shared.ctx.shutdown.is_cancelled() {
-                        session.disconnect(DisconnectReasonCode::SessionTakenOver);
+                        if session.live.closed_by_operator() {
+                            tracing::info!(client_id = session.client_id, "mqtt: closed by an operator (admin API)");
+                            session.disconnect(DisconnectReasonCode::AdministrativeAction);
+                        } else {
+                            session.disconnect(DisconnectReasonCode::SessionTakenOver);
+                        }
                         break End::Server;
                     }
                     draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));

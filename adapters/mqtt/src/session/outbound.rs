@@ -67,6 +67,11 @@ impl Window {
     }
 
     /// Messages not fully delivered: waiting for a slot, or sent and unacknowledged.
+    /// Messages sent and not yet acknowledged by the client.
+    pub(super) fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
     pub(super) fn undelivered(&self) -> usize {
         self.pending.len() + self.inflight.len()
     }

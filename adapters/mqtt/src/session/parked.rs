@@ -33,6 +33,22 @@ struct Entry {
     principal: meshgate_core::Principal,
     generation: u64,
     control: oneshot::Sender<Command>,
+    /// What the admin API shows.
+    parked_at_ms: u64,
+    expires_at_ms: u64,
+    subscriptions: usize,
+}
+
+/// A parked session as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ParkedInfo {
+    pub(crate) client_id: String,
+    pub(crate) user: String,
+    /// Unix time in milliseconds when its client left.
+    pub(crate) parked_at_ms: u64,
+    /// Unix time in milliseconds when it ends unless its client comes back.
+    pub(crate) expires_at_ms: u64,
+    pub(crate) subscriptions: usize,
 }
 
 /// The disconnected persistent sessions of one listener, by client id.
@@ -75,12 +91,17 @@ impl Parked {
             }
             // A session parked under the same id cannot exist (the connection that parks owns
             // the id), but if it did, dropping its control ends it.
+            let now = meshgate_core::backbone::now_ms();
+            let expiry = u64::try_from(session.expiry.as_millis()).unwrap_or(u64::MAX);
             map.insert(
                 session.client_id.clone(),
                 Entry {
                     principal: session.principal.clone(),
                     generation,
                     control,
+                    parked_at_ms: now,
+                    expires_at_ms: now.saturating_add(expiry),
+                    subscriptions: session.subscriptions.len(),
                 },
             );
         }
@@ -97,6 +118,30 @@ impl Parked {
         self.lock()
             .get(client_id)
             .is_none_or(|e| e.principal == *principal)
+    }
+
+    /// Up to `limit` parked sessions whose client id sorts after `after`, in client id order,
+    /// and whether there are more.
+    pub(crate) fn list(&self, after: &str, limit: usize) -> (Vec<ParkedInfo>, bool) {
+        let map = self.lock();
+        let mut ids: Vec<&String> = map.keys().filter(|id| id.as_str() > after).collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page = ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| {
+                let e = map.get(id)?;
+                Some(ParkedInfo {
+                    client_id: id.clone(),
+                    user: e.principal.name().to_owned(),
+                    parked_at_ms: e.parked_at_ms,
+                    expires_at_ms: e.expires_at_ms,
+                    subscriptions: e.subscriptions,
+                })
+            })
+            .collect();
+        (page, more)
     }
 
     /// The parked session of `client_id`, handed over (`resume`) or ended.

@@ -38,6 +38,7 @@ impl Session {
             .into_iter()
             .partition(|s| s.revoked);
         self.subscriptions = kept;
+        self.list_subscriptions();
         for s in &revoked {
             self.shared.subscriptions.dec();
             self.shared.metrics.error(ErrorKind::Unauthorized);

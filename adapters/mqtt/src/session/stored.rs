@@ -19,6 +19,7 @@ use super::connect::TAKEOVER_WAIT;
 use super::subscribe::{SubOptions, Subscription, shared_filter};
 use super::{Session, to_qos};
 use crate::Shared;
+use crate::admin::DeleteError;
 
 /// A session as the store keeps it (JSON).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -201,6 +202,49 @@ pub(super) async fn claim(
     })
 }
 
+/// The admin API deletes `client_id`'s session (its client not connected): what a clean start
+/// would do to it, wherever it is kept — a session parked here ends (a will still waiting is
+/// published, as at expiry), a stored one (JetStream) loses its record and durable
+/// subscriptions after its holding instance let go of it. True when there was one.
+pub(crate) async fn delete(shared: &Shared, client_id: &str) -> Result<bool, DeleteError> {
+    let mut found = false;
+    if let Some(mut session) = shared.parked.take(client_id, true).await {
+        found = true;
+        Box::pin(session.end_stored()).await;
+        Box::pin(session.publish_will()).await;
+        // Dropped here: its backbone subscriptions end.
+    }
+    let Some(store) = shared.ctx.backbone.session_store() else {
+        return Ok(found);
+    };
+    let Some((record, revision)) = load(store, shared, client_id)
+        .await
+        .map_err(|()| DeleteError::Unavailable)?
+    else {
+        return Ok(found);
+    };
+    if record.left_at_ms.is_none() && !record.expired() {
+        return Err(DeleteError::Connected(client_id.to_owned(), record.owner));
+    }
+    let (record, revision) = if record.owner == *shared.ctx.instance {
+        (record, revision)
+    } else {
+        // Its holder drops its placeholder (timers, will) first.
+        if let Err(e) = store.release(&record.owner, client_id, TAKEOVER_WAIT).await {
+            tracing::warn!(client_id, error = %e, "mqtt: deleting a session without its holder");
+        }
+        match load(store, shared, client_id)
+            .await
+            .map_err(|()| DeleteError::Unavailable)?
+        {
+            Some(found) => found,
+            None => return Ok(true),
+        }
+    };
+    discard(store, client_id, &record, revision).await;
+    Ok(true)
+}
+
 /// Lets go of a session held here, for another instance: its connection closes (session taken
 /// over) and saves it; a parked placeholder is dropped without its will (the client is back).
 pub(crate) async fn release_here(shared: &Shared, client_id: &str) {
@@ -341,7 +385,7 @@ impl Session {
     pub(super) async fn save_stored(&mut self) -> Saved {
         let saved = self.save(None).await;
         if saved == Saved::Conflict {
-            self.takeover.cancel();
+            self.live.close_token().cancel();
         }
         saved
     }

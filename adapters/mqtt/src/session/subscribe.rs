@@ -4,6 +4,7 @@
 use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::sync::Arc;
 
+use meshgate_core::connections::SubscriptionInfo;
 use meshgate_core::{Delivery, SubscribeGrant, SubscribeOptions, TopicFilter};
 use rumqttd::protocol::{
     Filter, Packet, QoS, RetainForwardRule, SubAck, SubscribeProperties, SubscribeReasonCode,
@@ -69,6 +70,16 @@ pub(super) struct SubOptions {
 }
 
 impl Session {
+    /// Shows the session's subscriptions in the admin API (after a resume or a revocation;
+    /// single changes are made one by one).
+    pub(super) fn list_subscriptions(&self) {
+        self.live
+            .set_subscriptions(self.subscriptions.iter().map(|s| SubscriptionInfo {
+                filter: s.key.clone(),
+                qos: Some(s.granted as u8),
+            }));
+    }
+
     /// Subscribes to the backbone for filter `key` (as the client wrote it) and adds the
     /// subscription to the session; `durable` for a persistent session's ordinary
     /// subscriptions where the backbone keeps sessions ([`Session::durable`]).
@@ -100,6 +111,10 @@ impl Session {
         self.streams
             .get_or_insert_with(Default::default)
             .push(delivery_stream(sub, stream_key, cancel.clone()));
+        self.live.add_subscription(SubscriptionInfo {
+            filter: key.to_owned(),
+            qos: Some(o.granted as u8),
+        });
         self.subscriptions.push(Subscription {
             key: key.to_owned(),
             filter,
@@ -342,6 +357,7 @@ impl Session {
             // Dropping a subscription ends its stream (and its backbone subscription); a
             // durable one is also deleted from the backbone.
             let removed = self.subscriptions.remove(i);
+            self.live.remove_subscription(&removed.key);
             self.shared.subscriptions.dec();
             self.forget_durable(&removed).await;
             reasons.push(UnsubAckReason::Success);

@@ -1,0 +1,404 @@
+//! The live client connections of this process (MQTT over TCP, TLS and WebSocket, CloudEvents
+//! WebSocket), for the admin API: who is connected, what each holds, and a way to close one.
+//!
+//! Each connection registers once it is admitted (MQTT CONNECT accepted, WebSocket upgraded)
+//! and is removed when its [`Registered`] guard drops. The entry holds what does not change
+//! (protocol, user, client id, address, when) and a few figures the connection refreshes itself
+//! where it already has them at hand: its subscriptions when they change, its queued and
+//! in-flight counts once per turn of its loop (two relaxed stores). Nothing here is on a
+//! delivery's path.
+//!
+//! Sharded by connection id (ids are handed out in sequence, so consecutive connections land on
+//! different shards): registering and leaving lock one shard for a map insert or remove. A
+//! listing walks the shards one at a time, each `BTreeMap` from the page's cursor on, so a page
+//! costs `limit` entries per shard at most and no lock is held across shards.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+
+const SHARDS: usize = 16;
+
+/// Longest page of a listing.
+pub const MAX_PAGE: usize = 1000;
+
+/// The connection registry, shared by every listener of the process.
+#[derive(Clone, Default)]
+pub struct Connections {
+    shards: Arc<[Mutex<BTreeMap<u64, Arc<Connection>>>; SHARDS]>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+/// What a connection is, given when it registers.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub id: u64,
+    /// `mqtt`, `mqtt-ws` or `websocket`.
+    pub protocol: &'static str,
+    /// `3.1.1` or `5` for MQTT; the subprotocol for WebSocket.
+    pub version: &'static str,
+    pub principal: Principal,
+    /// MQTT client id.
+    pub client_id: Option<String>,
+    /// The client's address, when the listener knows it.
+    pub peer: Option<SocketAddr>,
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    protocol: &'static str,
+    version: &'static str,
+    principal: Principal,
+    client_id: Option<Box<str>>,
+    peer: Option<SocketAddr>,
+    /// Unix time of the registration, in milliseconds.
+    connected_at_ms: u64,
+    /// Messages waiting for the client (MQTT: beyond the in-flight window; WebSocket: in the
+    /// outbound queue).
+    queued: AtomicU32,
+    /// MQTT: QoS 1/2 messages sent and not yet acknowledged by the client. WebSocket: bytes in
+    /// the outbound queue.
+    in_flight: AtomicU64,
+    subscriptions: Mutex<Vec<SubscriptionInfo>>,
+    /// Fired to make the connection close (see [`Connections::close`]); for MQTT, the same token
+    /// a session takeover and shutdown fire.
+    close: CancellationToken,
+    closed_by_operator: AtomicBool,
+}
+
+/// A subscription as the admin API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SubscriptionInfo {
+    /// The filter as the client wrote it (MQTT `$share/<group>/…` included).
+    pub filter: String,
+    /// MQTT: the granted QoS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+}
+
+impl Connection {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.client_id.as_deref()
+    }
+
+    /// The token that fires when the connection is to close (operator, takeover, shutdown).
+    pub fn close_token(&self) -> &CancellationToken {
+        &self.close
+    }
+
+    /// An operator asked this connection to close ([`Connections::close`]).
+    pub fn closed_by_operator(&self) -> bool {
+        self.closed_by_operator.load(Ordering::Acquire)
+    }
+
+    /// Refreshes the queued and in-flight figures (see the fields' meaning per protocol).
+    pub fn set_load(&self, queued: usize, in_flight: u64) {
+        let queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        // Read-before-write keeps the cache line shared while nothing changed.
+        if self.queued.load(Ordering::Relaxed) != queued {
+            self.queued.store(queued, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) != in_flight {
+            self.in_flight.store(in_flight, Ordering::Relaxed);
+        }
+    }
+
+    /// Replaces the list of subscriptions (after a subscribe, an unsubscribe, a revocation).
+    pub fn set_subscriptions(&self, subscriptions: impl IntoIterator<Item = SubscriptionInfo>) {
+        let mut list = lock(&self.subscriptions);
+        list.clear();
+        list.extend(subscriptions);
+        list.shrink_to_fit();
+    }
+
+    /// Adds a subscription (or replaces the one with the same filter).
+    pub fn add_subscription(&self, subscription: SubscriptionInfo) {
+        let mut list = lock(&self.subscriptions);
+        match list.iter_mut().find(|s| s.filter == subscription.filter) {
+            Some(s) => *s = subscription,
+            None => list.push(subscription),
+        }
+    }
+
+    /// Removes the subscription with this filter.
+    pub fn remove_subscription(&self, filter: &str) {
+        lock(&self.subscriptions).retain(|s| s.filter != filter);
+    }
+
+    fn info(&self, with_subscriptions: bool) -> ConnectionInfo {
+        let subscriptions = lock(&self.subscriptions);
+        ConnectionInfo {
+            id: self.id,
+            protocol: self.protocol,
+            version: self.version,
+            user: self.principal.name().to_owned(),
+            anonymous: self.principal.is_anonymous(),
+            client_id: self.client_id.as_deref().map(str::to_owned),
+            address: self.peer.map(|p| p.to_string()),
+            connected_at_ms: self.connected_at_ms,
+            subscription_count: subscriptions.len(),
+            queued: self.queued.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            subscriptions: with_subscriptions.then(|| subscriptions.clone()),
+        }
+    }
+}
+
+/// A connection as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub protocol: &'static str,
+    pub version: &'static str,
+    pub user: String,
+    pub anonymous: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub connected_at_ms: u64,
+    pub subscription_count: usize,
+    pub queued: u32,
+    pub in_flight: u64,
+    /// Only when one connection is asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<Vec<SubscriptionInfo>>,
+}
+
+/// Which connections a listing wants, and from where.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub protocol: Option<String>,
+    pub user: Option<String>,
+    pub client_id: Option<String>,
+    /// Only ids above this (the previous page's `next`).
+    pub after: u64,
+    /// At most this many (capped at [`MAX_PAGE`]).
+    pub limit: usize,
+}
+
+impl Query {
+    fn wants(&self, c: &Connection) -> bool {
+        self.protocol.as_deref().is_none_or(|p| p == c.protocol)
+            && self.user.as_deref().is_none_or(|u| u == c.principal.name())
+            && self
+                .client_id
+                .as_deref()
+                .is_none_or(|id| Some(id) == c.client_id.as_deref())
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The cursor of the next page (`?after=`), when there may be more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks panics half-way through a change.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Connections {
+    fn shard(&self, id: u64) -> &Mutex<BTreeMap<u64, Arc<Connection>>> {
+        &self.shards[(id % SHARDS as u64) as usize]
+    }
+
+    /// Registers a connection; `close` is the token it closes on (see [`Connection::close_token`]).
+    /// It stays listed until the returned guard drops.
+    pub fn register(&self, new: NewConnection, close: CancellationToken) -> Registered {
+        let connection = Arc::new(Connection {
+            id: new.id,
+            protocol: new.protocol,
+            version: new.version,
+            principal: new.principal,
+            client_id: new.client_id.map(String::into_boxed_str),
+            peer: new.peer,
+            connected_at_ms: crate::backbone::now_ms(),
+            queued: AtomicU32::new(0),
+            in_flight: AtomicU64::new(0),
+            subscriptions: Mutex::new(Vec::new()),
+            close,
+            closed_by_operator: AtomicBool::new(false),
+        });
+        lock(self.shard(new.id)).insert(new.id, connection.clone());
+        Registered {
+            connections: self.clone(),
+            connection,
+        }
+    }
+
+    /// Connections listed now.
+    pub fn count(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// One page of connections in id order (oldest first), filtered by `query`.
+    pub fn list(&self, query: &Query) -> Page<ConnectionInfo> {
+        let limit = query.limit.clamp(1, MAX_PAGE);
+        let mut found: Vec<Arc<Connection>> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            found.extend(
+                shard
+                    .range(query.after.saturating_add(1)..)
+                    .map(|(_, c)| c)
+                    .filter(|c| query.wants(c))
+                    .take(limit)
+                    .cloned(),
+            );
+        }
+        found.sort_unstable_by_key(|c| c.id);
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let next = (more || found.len() == limit)
+            .then(|| found.last().map(|c| c.id.to_string()))
+            .flatten();
+        Page {
+            items: found.iter().map(|c| c.info(false)).collect(),
+            next,
+        }
+    }
+
+    /// One connection, with its subscriptions.
+    pub fn get(&self, id: u64) -> Option<ConnectionInfo> {
+        let c = lock(self.shard(id)).get(&id).cloned()?;
+        Some(c.info(true))
+    }
+
+    /// Tells connection `id` to close (MQTT 5: DISCONNECT 0x98 "administrative action";
+    /// WebSocket: close 1008). False when no such connection is listed.
+    pub fn close(&self, id: u64) -> bool {
+        let Some(c) = lock(self.shard(id)).get(&id).cloned() else {
+            return false;
+        };
+        c.closed_by_operator.store(true, Ordering::Release);
+        c.close.cancel();
+        true
+    }
+}
+
+/// A connection's place in the registry; dropping it removes the connection.
+#[derive(Debug)]
+pub struct Registered {
+    connections: Connections,
+    connection: Arc<Connection>,
+}
+
+impl Registered {
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+}
+
+impl std::ops::Deref for Registered {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let id = self.connection.id;
+        lock(self.connections.shard(id)).remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn new(id: u64, protocol: &'static str, client_id: &str) -> NewConnection {
+        NewConnection {
+            id,
+            protocol,
+            version: "5",
+            principal: Principal::anonymous_for_tests(),
+            client_id: Some(client_id.to_owned()),
+            peer: Some("127.0.0.1:4000".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn connections_are_listed_in_pages_filtered_and_leave_when_dropped() {
+        let registry = Connections::default();
+        let held: Vec<Registered> = (1..=40)
+            .map(|i| {
+                let protocol = if i % 2 == 0 { "mqtt" } else { "websocket" };
+                registry.register(new(i, protocol, &format!("c{i}")), CancellationToken::new())
+            })
+            .collect();
+        assert_eq!(registry.count(), 40);
+        let mut query = Query {
+            protocol: Some("mqtt".into()),
+            limit: 7,
+            ..Query::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = registry.list(&query);
+            seen.extend(page.items.iter().map(|c| c.id));
+            match page.next {
+                Some(next) => query.after = next.parse().unwrap(),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (1..=20).map(|i| i * 2).collect::<Vec<_>>());
+        let one = registry.list(&Query {
+            client_id: Some("c7".into()),
+            limit: 10,
+            ..Query::default()
+        });
+        assert_eq!(one.items.len(), 1);
+        assert_eq!(one.items[0].address.as_deref(), Some("127.0.0.1:4000"));
+        assert!(one.next.is_none());
+        drop(held);
+        assert_eq!(registry.count(), 0);
+        assert!(registry.get(7).is_none());
+    }
+
+    #[test]
+    fn an_operator_close_fires_the_connections_token_and_says_so() {
+        let registry = Connections::default();
+        let token = CancellationToken::new();
+        let held = registry.register(new(3, "mqtt", "x"), token.clone());
+        held.set_subscriptions([SubscriptionInfo {
+            filter: "a/#".into(),
+            qos: Some(1),
+        }]);
+        held.set_load(2, 5);
+        let info = registry.get(3).unwrap();
+        assert_eq!(info.subscription_count, 1);
+        assert_eq!((info.queued, info.in_flight), (2, 5));
+        assert_eq!(info.subscriptions.unwrap()[0].filter, "a/#");
+        assert!(!held.closed_by_operator());
+        assert!(registry.close(3));
+        assert!(token.is_cancelled() && held.closed_by_operator());
+        assert!(!registry.close(4));
+    }
+}

@@ -1,0 +1,351 @@
+//! The admin API of live state, on the admin listener (docs/admin-api.md): connections (list,
+//! inspect, close), MQTT persistent sessions and retained messages (list, delete), AMQP links.
+//! Every request needs `Authorization: Bearer <admin.api_token>`, as `/triggers` does; errors
+//! are `application/problem+json`. Listings are paged: `?limit=` (at most 1000) and the
+//! previous page's `next` as `?after=`.
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meshgate_core::connections::{Connections, MAX_PAGE, Query as ConnectionQuery};
+use serde::Deserialize;
+
+use crate::triggers_api::{problem, refusal_for};
+
+/// Page length when `?limit=` is not given.
+const DEFAULT_PAGE: usize = 100;
+
+/// What the routes read.
+#[derive(Clone)]
+pub struct AdminApi {
+    pub connections: Connections,
+    #[cfg(feature = "mqtt")]
+    pub mqtt: Option<meshgate_mqtt::admin::MqttAdmin>,
+    #[cfg(feature = "amqp")]
+    pub amqp: Option<meshgate_amqp::AmqpStatus>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminApi")
+            .field("connections", &self.connections)
+            .field("token", &self.token.as_ref().map(|_| "<secret>"))
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn router(api: AdminApi) -> Router {
+    let router = Router::new()
+        .route("/connections", get(list_connections))
+        .route(
+            "/connections/{id}",
+            get(show_connection).delete(close_connection),
+        )
+        .route("/amqp/links", get(amqp_links));
+    #[cfg(feature = "mqtt")]
+    let router = mqtt_routes::routes(router);
+    router.with_state(api)
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the answer: {e}"),
+            None,
+        ),
+    }
+}
+
+fn bad_query(e: &QueryRejection) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        &format!("bad query string: {}", e.body_text()),
+        None,
+    )
+}
+
+fn page_limit(limit: Option<usize>) -> Result<usize, Box<Response>> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            &format!("limit={n}: a page holds 1 to {MAX_PAGE} items"),
+            None,
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ConnectionsQuery {
+    protocol: Option<String>,
+    user: Option<String>,
+    client_id: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn list_connections(
+    State(api): State<AdminApi>,
+    headers: HeaderMap,
+    query: Result<Query<ConnectionsQuery>, QueryRejection>,
+) -> Response {
+    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+        return r;
+    }
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_query(&e),
+    };
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    let page = api.connections.list(&ConnectionQuery {
+        protocol: q.protocol,
+        user: q.user,
+        client_id: q.client_id,
+        after: q.after.unwrap_or(0),
+        limit,
+    });
+    json(StatusCode::OK, &page)
+}
+
+fn connection_id(id: &str) -> Result<u64, Box<Response>> {
+    id.parse().map_err(|_| {
+        Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            &format!("`{id}` is not a connection id (a number, as GET /connections lists them)"),
+            None,
+        ))
+    })
+}
+
+async fn show_connection(
+    State(api): State<AdminApi>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+        return r;
+    }
+    let id = match connection_id(&id) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    match api.connections.get(id) {
+        Some(c) => json(StatusCode::OK, &c),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            &format!("no connection {id} (closed, or never was)"),
+            None,
+        ),
+    }
+}
+
+async fn close_connection(
+    State(api): State<AdminApi>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+        return r;
+    }
+    let id = match connection_id(&id) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    if api.connections.close(id) {
+        // Closing takes the connection's next turn (an MQTT 5 DISCONNECT or a close frame
+        // after what is already queued).
+        json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "id": id, "closing": true }),
+        )
+    } else {
+        problem(
+            StatusCode::NOT_FOUND,
+            &format!("no connection {id} (closed, or never was)"),
+            None,
+        )
+    }
+}
+
+/// Persistent sessions and retained messages: the MQTT broker's.
+#[cfg(feature = "mqtt")]
+mod mqtt_routes {
+    use super::*;
+
+    pub(super) fn routes(router: Router<AdminApi>) -> Router<AdminApi> {
+        router
+            .route("/sessions", get(list_sessions))
+            .route(
+                "/sessions/{client_id}",
+                axum::routing::delete(delete_session),
+            )
+            .route("/retained", get(list_retained))
+            .route("/retained/{*topic}", axum::routing::delete(delete_retained))
+    }
+
+    fn mqtt(api: &AdminApi) -> Result<&meshgate_mqtt::admin::MqttAdmin, Box<Response>> {
+        api.mqtt.as_ref().ok_or_else(|| {
+            Box::new(problem(
+                StatusCode::NOT_FOUND,
+                "the MQTT broker is off (mqtt.enabled = false): it has no sessions or retained messages",
+                None,
+            ))
+        })
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct SessionsQuery {
+        after: Option<String>,
+        limit: Option<usize>,
+    }
+
+    async fn list_sessions(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        query: Result<Query<SessionsQuery>, QueryRejection>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        let Query(q) = match query {
+            Ok(q) => q,
+            Err(e) => return bad_query(&e),
+        };
+        let limit = match page_limit(q.limit) {
+            Ok(l) => l,
+            Err(r) => return *r,
+        };
+        match mqtt(&api) {
+            Ok(m) => json(
+                StatusCode::OK,
+                &m.sessions(q.after.as_deref().unwrap_or(""), limit),
+            ),
+            Err(r) => *r,
+        }
+    }
+
+    async fn delete_session(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        Path(client_id): Path<String>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        match mqtt(&api) {
+            Ok(m) => {
+                use meshgate_mqtt::admin::DeleteError;
+                match m.delete_session(&client_id).await {
+                    Ok(true) => StatusCode::NO_CONTENT.into_response(),
+                    Ok(false) => problem(
+                        StatusCode::NOT_FOUND,
+                        &format!("no persistent session of client `{client_id}`"),
+                        None,
+                    ),
+                    Err(e @ DeleteError::Connected(..)) => {
+                        problem(StatusCode::CONFLICT, &e.to_string(), None)
+                    }
+                    Err(e @ DeleteError::Unavailable) => {
+                        problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None)
+                    }
+                }
+            }
+            Err(r) => *r,
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct RetainedQuery {
+        /// An MQTT topic filter; `#` (everything) when absent.
+        filter: Option<String>,
+        limit: Option<usize>,
+    }
+
+    async fn list_retained(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        query: Result<Query<RetainedQuery>, QueryRejection>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        let Query(q) = match query {
+            Ok(q) => q,
+            Err(e) => return bad_query(&e),
+        };
+        let limit = match page_limit(q.limit) {
+            Ok(l) => l,
+            Err(r) => return *r,
+        };
+        let filter = match meshgate_core::TopicFilter::parse(q.filter.as_deref().unwrap_or("#")) {
+            Ok(f) => f,
+            Err(e) => {
+                return problem(StatusCode::BAD_REQUEST, &format!("filter: {e}"), None);
+            }
+        };
+        match mqtt(&api) {
+            Ok(m) => json(StatusCode::OK, &m.retained(&filter, limit).await),
+            Err(r) => *r,
+        }
+    }
+
+    async fn delete_retained(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        Path(topic): Path<String>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        let topic = match meshgate_core::Topic::from_mqtt(&topic) {
+            Ok(t) => t,
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    &format!("`{topic}` is not a topic: {e}"),
+                    None,
+                );
+            }
+        };
+        match mqtt(&api) {
+            Ok(m) => match m.clear_retained(&topic).await {
+                Ok(true) => StatusCode::NO_CONTENT.into_response(),
+                Ok(false) => problem(
+                    StatusCode::NOT_FOUND,
+                    &format!("no retained message on `{}`", topic.as_str()),
+                    None,
+                ),
+                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None),
+            },
+            Err(r) => *r,
+        }
+    }
+}
+
+async fn amqp_links(State(api): State<AdminApi>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+        return r;
+    }
+    #[cfg(feature = "amqp")]
+    if let Some(amqp) = &api.amqp {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({ "items": amqp.link_states() }),
+        );
+    }
+    problem(
+        StatusCode::NOT_FOUND,
+        "the AMQP bridge is off (amqp.enabled = false)",
+        None,
+    )
+}

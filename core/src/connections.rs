@@ -28,10 +28,13 @@ const SHARDS: usize = 16;
 /// Longest page of a listing.
 pub const MAX_PAGE: usize = 1000;
 
+/// One shard of the registry: connections by id.
+type Shard = Mutex<BTreeMap<u64, Arc<Connection>>>;
+
 /// The connection registry, shared by every listener of the process.
 #[derive(Clone, Default)]
 pub struct Connections {
-    shards: Arc<[Mutex<BTreeMap<u64, Arc<Connection>>>; SHARDS]>,
+    shards: Arc<[Shard; SHARDS]>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -222,7 +225,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Connections {
-    fn shard(&self, id: u64) -> &Mutex<BTreeMap<u64, Arc<Connection>>> {
+    fn shard(&self, id: u64) -> &Shard {
         &self.shards[(id % SHARDS as u64) as usize]
     }
 

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod admin_api;
 pub mod app;
+pub mod ctl;
 pub mod fd_limit;
 pub mod features;
 pub mod huge_pages;

@@ -53,6 +53,9 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask a running gateway through its admin API: connections, sessions, retained messages,
+    /// AMQP links, reload (needs admin.api_token; see docs/admin-api.md).
+    Ctl(meshgate::ctl::CtlArgs),
     /// Print the embedded default configuration (a starting point for a config file).
     Defaults,
     /// Read a password from standard input (its first line) and print its Argon2id hash, for
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             memory_kib,
             iterations,
         } => passwd(memory_kib, iterations),
+        Command::Ctl(args) => meshgate::ctl::main(args),
         Command::Defaults => {
             print!("{}", meshgate_config::DEFAULTS_TOML);
             ExitCode::SUCCESS

@@ -15,6 +15,9 @@ use meshgate_core::{Data, ExtensionValue};
 use meshgate_tests::amqp::{Rabbit, Vhost, ce_headers, header, rabbitmqctl, unique};
 use meshgate_tests::{Deadline, metrics, next_event, start_gateway, test_config, ws_connect};
 
+/// The admin API's token where a test reads `/amqp/links`.
+const ADMIN_TOKEN: &str = "amqp-bridge-test-admin-token-0123";
+
 fn amqp_config(vhost: &str) -> Config {
     let mut c = test_config();
     c.amqp.enabled = true;
@@ -127,8 +130,20 @@ async fn amqp_messages_reach_websocket_with_attributes_intact_and_poison_is_dead
 
     let mut config = amqp_config("/");
     config.amqp.sources = vec![source("orders", &q, Some("legacy"))];
+    config.admin.api_token = Some(ADMIN_TOKEN.to_owned());
     let gw = start_gateway(config).await;
     links_up(&gw).await;
+    let links: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/amqp/links", gw.admin_addr.unwrap()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(links["items"][0]["name"], "orders");
+    assert_eq!(links["items"][0]["state"], "up", "{links}");
     let mut ws = ws_connect(gw.web_addr.unwrap(), &["legacy/#"]).await;
 
     // Binary mode, as sdk-java writes it: cloudEvents_ headers, native integer and boolean.
@@ -503,6 +518,7 @@ async fn readiness_names_the_link_that_is_down() {
     config.amqp.password = "not-the-password".to_owned();
     config.amqp.sources = vec![source("badlogin", "q", None)];
     config.amqp.sinks = vec![sink("badsink", "#", "", "x", AmqpMode::Binary)];
+    config.admin.api_token = Some(ADMIN_TOKEN.to_owned());
     let gw = start_gateway(config).await;
     let admin = gw.admin_addr.unwrap();
     let (code, body) = readyz_once(admin, "`badsink`: auth:").await;
@@ -510,6 +526,38 @@ async fn readiness_names_the_link_that_is_down() {
     assert!(
         body.contains("amqp source `badlogin`: auth:") && body.contains("check amqp.user"),
         "{body}"
+    );
+    // The admin API lists both links with their state and why they are down.
+    let links: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{admin}/amqp/links"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = links["items"].as_array().unwrap();
+    let names: Vec<(&str, &str, &str)> = items
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap(),
+                l["name"].as_str().unwrap(),
+                l["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [("source", "badlogin", "down"), ("sink", "badsink", "down")],
+        "{links}"
+    );
+    assert!(
+        items
+            .iter()
+            .all(|l| l["last_error"].as_str().unwrap().contains("auth")),
+        "{links}"
     );
     gw.shutdown().await;
 

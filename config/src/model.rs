@@ -59,7 +59,8 @@ pub struct AdminConfig {
     pub tls: Option<ServerTlsConfig>,
     /// Connections the admin listener holds at once; more are closed at accept.
     pub max_connections: usize,
-    /// Bearer token the admin API (`/triggers`) requires; `None`: the API answers 403 (the
+    /// Bearer token the admin API (`/connections`, `/sessions`, `/retained`, `/amqp/links`,
+    /// `/triggers`, `/reload`) requires; `None`: the API answers 403 (the
     /// health, readiness and metrics endpoints need none).
     pub api_token: Option<String>,
 }

@@ -282,6 +282,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         meshgate_triggers::Triggers::start(backbone.clone(), registry.clone(), &config.triggers)
             .await
             .map_err(StartError::Trigger)?;
+    reloader.set_triggers(triggers.clone());
     #[cfg_attr(
         not(feature = "amqp"),
         expect(unused_mut, reason = "set by the AMQP bridge")

@@ -40,8 +40,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway (without -c: embedded defaults, memory backbone, HTTP+WebSocket on
-    /// 127.0.0.1:8080, admin on 127.0.0.1:9090). SIGHUP re-reads the -c file: [auth] changes in
-    /// place, any other change is refused until a restart; SIGTERM/SIGINT stop gracefully.
+    /// 127.0.0.1:8080, admin on 127.0.0.1:9090). SIGHUP re-reads the -c file: [auth] and
+    /// [[triggers]] change in place, any other change is refused until a restart; SIGTERM/SIGINT
+    /// stop gracefully.
     Run {
         /// TOML configuration file.
         #[arg(short, long, value_name = "FILE")]
@@ -255,12 +256,11 @@ async fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     // SIGHUP reloads the configuration file (gateway/src/reload.rs); SIGTERM/SIGINT stop.
     while signals.wait().await == Wanted::Reload {
         let reloader = gateway.reloader();
-        match tokio::task::spawn_blocking(move || reloader.reload_file()).await {
-            Ok(Ok(done)) => {
+        match reloader.reload().await {
+            Ok(done) => {
                 tracing::info!(changed = ?done.changed, "configuration reloaded (SIGHUP)")
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "configuration reload refused (SIGHUP)"),
-            Err(e) => tracing::error!(error = %e, "configuration reload did not finish"),
+            Err(e) => tracing::warn!(error = %e, "configuration reload refused (SIGHUP)"),
         }
     }
     tracing::info!("shutting down");

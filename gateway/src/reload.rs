@@ -6,7 +6,8 @@
 //! In place today: the whole `[auth]` section (users, passwords, tokens, anonymous access and
 //! its rules, JWT keys and settings, certificate rules, failed-login limits). Logins from then
 //! on use it; connected MQTT clients are re-resolved at their next packet or delivery and lose
-//! the subscriptions their rules no longer grant. Any other difference needs a restart: the
+//! the subscriptions their rules no longer grant. And `[[triggers]]`: new ones start, changed
+//! ones are replaced, removed ones stop (`Triggers::reload_config`). Any other difference needs a restart: the
 //! reload is refused, naming the sections, and the running configuration stays — as it does
 //! for a file that does not load or validate (the same messages as `meshgate validate`).
 
@@ -31,10 +32,22 @@ pub enum ReloadError {
     Invalid(Vec<String>),
     /// Sections that differ and cannot change while running.
     #[error(
-        "these sections changed and need a restart, nothing changed: {}; only [auth] reloads in place",
+        "these sections changed and need a restart, nothing changed: {}; only [auth] and [[triggers]] reload in place",
         .0.join(", ")
     )]
     NeedsRestart(Vec<&'static str>),
+    /// A trigger of the file could not start ([auth], if it changed too, is in force).
+    #[error("{0}")]
+    Triggers(String),
+    /// The reload's task ended abnormally.
+    #[error("the reload did not finish: {0}")]
+    Failed(String),
+}
+
+/// What the blocking part of a reload did, and the triggers left to apply.
+struct Staged {
+    changed: Vec<&'static str>,
+    triggers: Option<Vec<meshgate_config::TriggerConfig>>,
 }
 
 /// What a reload changed.
@@ -52,6 +65,8 @@ pub struct Reloader {
     registry: Registry,
     /// The file given with `-c` (set by `main`; tests in-process have none).
     source: OnceLock<PathBuf>,
+    /// The running triggers (set once they started).
+    triggers: OnceLock<meshgate_triggers::Triggers>,
 }
 
 impl Reloader {
@@ -61,7 +76,47 @@ impl Reloader {
             authorizer,
             registry,
             source: OnceLock::new(),
+            triggers: OnceLock::new(),
         }
+    }
+
+    /// The triggers a reload of `[[triggers]]` changes.
+    pub(crate) fn set_triggers(&self, triggers: meshgate_triggers::Triggers) {
+        let _ = self.triggers.set(triggers);
+    }
+
+    /// Reads the file again and applies it: the reading, checking and `[auth]` on the blocking
+    /// pool (password hashes may be measured), then the triggers.
+    pub async fn reload(self: Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let me = self.clone();
+        let staged = tokio::task::spawn_blocking(move || me.stage_file())
+            .await
+            .map_err(|e| ReloadError::Failed(e.to_string()))??;
+        self.finish(staged).await
+    }
+
+    /// Puts `next` into force where it differs from what runs, or changes nothing and says why.
+    pub async fn apply(&self, next: Config) -> Result<Reloaded, ReloadError> {
+        let staged = self.stage(next)?;
+        self.finish(staged).await
+    }
+
+    async fn finish(&self, staged: Staged) -> Result<Reloaded, ReloadError> {
+        let mut changed = staged.changed;
+        if let Some(configs) = staged.triggers {
+            if let Some(triggers) = self.triggers.get() {
+                triggers
+                    .reload_config(&configs)
+                    .await
+                    .map_err(|e| ReloadError::Triggers(format!("triggers: {e}")))?;
+            }
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .triggers = configs;
+            changed.push("triggers");
+        }
+        Ok(Reloaded { changed })
     }
 
     /// The file [`Reloader::reload_file`] reads.
@@ -69,8 +124,9 @@ impl Reloader {
         let _ = self.source.set(path);
     }
 
-    /// Reads the file again (and the `MESHGATE__…` environment) and applies it.
-    pub fn reload_file(&self) -> Result<Reloaded, ReloadError> {
+    /// Reads the file again (and the `MESHGATE__…` environment) and applies what can be
+    /// applied without waiting.
+    fn stage_file(&self) -> Result<Staged, ReloadError> {
         let path = self.source.get().ok_or(ReloadError::NoFile)?;
         let next = meshgate_config::load(Some(path), env_overrides()).map_err(|errors| {
             ReloadError::Invalid(
@@ -81,11 +137,11 @@ impl Reloader {
                     .collect(),
             )
         })?;
-        self.apply(next)
+        self.stage(next)
     }
 
-    /// Puts `next` into force where it differs from what runs, or changes nothing and says why.
-    pub fn apply(&self, next: Config) -> Result<Reloaded, ReloadError> {
+    /// Checks `next`, puts `[auth]` into force, and leaves the triggers to [`Reloader::finish`].
+    fn stage(&self, mut next: Config) -> Result<Staged, ReloadError> {
         crate::features::check(&next).map_err(|missing| {
             ReloadError::Invalid(missing.0.iter().map(ToString::to_string).collect())
         })?;
@@ -108,8 +164,11 @@ impl Reloader {
             self.authorizer.reload(authorizer);
             changed.push("auth");
         }
+        // The running config keeps its triggers until they are in force.
+        let triggers = (next.triggers != running.triggers)
+            .then(|| std::mem::replace(&mut next.triggers, running.triggers.clone()));
         *running = next;
-        Ok(Reloaded { changed })
+        Ok(Staged { changed, triggers })
     }
 }
 
@@ -136,8 +195,8 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     differs("websocket", running.websocket == next.websocket);
     differs("mqtt", running.mqtt == next.mqtt);
     differs("amqp", running.amqp == next.amqp);
-    differs("triggers", running.triggers == next.triggers);
-    // (Every section but `auth`: a field added to `Config` must be listed here or in place.)
+    // (Every section but `auth` and `triggers`: a field added to `Config` must be listed here
+    // or in place.)
     let Config {
         gateway: _,
         log: _,
@@ -163,10 +222,8 @@ pub fn router(reloader: std::sync::Arc<crate::reload::Reloader>, token: Option<S
             if let Some(r) = crate::triggers_api::refusal_for(token.as_deref(), &headers) {
                 return r;
             }
-            // (Reading and checking the file is short blocking work.)
-            let result = tokio::task::spawn_blocking(move || reloader.reload_file()).await;
-            match result {
-                Ok(Ok(done)) => {
+            match reloader.reload().await {
+                Ok(done) => {
                     tracing::info!(changed = ?done.changed, "configuration reloaded (POST /reload)");
                     (
                         StatusCode::OK,
@@ -175,19 +232,17 @@ pub fn router(reloader: std::sync::Arc<crate::reload::Reloader>, token: Option<S
                     )
                         .into_response()
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "configuration reload refused (POST /reload)");
                     let status = match e {
-                        ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                        ReloadError::Invalid(_) | ReloadError::Triggers(_) => {
+                            StatusCode::UNPROCESSABLE_ENTITY
+                        }
                         ReloadError::NoFile | ReloadError::NeedsRestart(_) => StatusCode::CONFLICT,
+                        ReloadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     };
                     crate::triggers_api::problem(status, &e.to_string(), None)
                 }
-                Err(e) => crate::triggers_api::problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("the reload did not finish: {e}"),
-                    None,
-                ),
             }
         }),
     )

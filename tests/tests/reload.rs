@@ -266,3 +266,135 @@ async fn post_reload_refuses_restart_changes_and_invalid_files_and_keeps_running
     assert_eq!(code, ConnectReturnCode::Success);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[[triggers]]` reload in place: a trigger added to the file starts delivering, a changed
+/// one delivers what its new topic takes, a removed one stops; the admin API's own triggers
+/// keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_change_in_place() {
+    let sink = meshgate_tests::sink::Sink::start().await;
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-triggers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    let base = r##"
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+api_token = "API_TOKEN"
+"##
+    .replace("API_TOKEN", API_TOKEN);
+    let trigger = |topic: &str| {
+        format!(
+            "\n[[triggers]]\nname = \"t\"\ntopic = \"{topic}\"\n[triggers.subscriber]\nuri = \"{}\"\n",
+            sink.url("/hook")
+        )
+    };
+    write(&path, &base);
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    // One trigger made through the admin API: not the file's, it stays.
+    let api = reqwest::Client::new()
+        .put(format!("http://{admin}/triggers/api"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({"topic": "x/#", "subscriber": {"uri": sink.url("/api")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status().as_u16(), 201);
+
+    let paths_after = |n: usize| {
+        sink.posts()
+            .into_iter()
+            .skip(n)
+            .map(|s| s.path)
+            .collect::<Vec<_>>()
+    };
+    let post = |topic: &'static str, id: &'static str| async move {
+        let (status, body) = meshgate_tests::post_data(web, topic, id, "\"x\"").await;
+        assert_eq!(status, 202, "{body}");
+    };
+    let wait_posts = |n: usize| {
+        let sink = &sink;
+        async move {
+            let d = Deadline::after(Duration::from_secs(10));
+            while sink.posts().len() < n {
+                assert!(!d.passed(), "{} deliveries, not {n}", sink.posts().len());
+                d.pause().await;
+            }
+        }
+    };
+
+    // Added: delivers a/ events.
+    write(&path, &format!("{base}{}", trigger("a/#")));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("triggers"), "{body}");
+    post("a/1", "e1").await;
+    wait_posts(1).await;
+    assert_eq!(paths_after(0), ["/hook"]);
+
+    // Changed: now b/ events, a/ ones no more.
+    write(&path, &format!("{base}{}", trigger("b/#")));
+    gw.signal("HUP");
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let t: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://{admin}/triggers/t"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if t["trigger"]["topic"] == "b/#" {
+            assert_eq!(t["source"], "config");
+            break;
+        }
+        assert!(!d.passed(), "trigger t not changed after SIGHUP: {t}");
+        d.pause().await;
+    }
+    post("a/2", "e2").await;
+    post("b/1", "e3").await;
+    post("x/1", "e4").await;
+    wait_posts(3).await;
+    let mut got = paths_after(1);
+    got.sort();
+    assert_eq!(got, ["/api", "/hook"], "a/2 not delivered any more");
+
+    // Removed: nothing more from it; the API's trigger still runs.
+    write(&path, &base);
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    post("b/2", "e5").await;
+    post("x/2", "e6").await;
+    wait_posts(4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(paths_after(3), ["/api"]);
+
+    // A trigger the file cannot start (its caFile is missing): refused, nothing changed.
+    write(
+        &path,
+        &format!(
+            "{base}{}caFile = \"{}\"\n",
+            trigger("c/#"),
+            dir.join("no-such-ca.pem").display()
+        ),
+    );
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert!(status == 422, "{status} {body}");
+    assert!(
+        body.contains("no-such-ca.pem") || body.contains("caFile"),
+        "{body}"
+    );
+    let (status, _) = reqwest::Client::new()
+        .get(format!("http://{admin}/triggers/t"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 404, "the refused trigger does not run");
+}

@@ -91,7 +91,8 @@ struct Inner {
     backbone: Arc<dyn Backbone>,
     registry: Registry,
     running: Mutex<BTreeMap<String, Arc<Trigger>>>,
-    from_config: BTreeSet<String>,
+    /// The names of the config file's triggers (changed by a reload).
+    from_config: Mutex<BTreeSet<String>>,
     /// Ends the watch of the backbone's trigger store.
     stop: tokio_util::sync::CancellationToken,
     /// The memory backbone's one subscription for every trigger (`dispatch.rs`).
@@ -117,7 +118,7 @@ impl Triggers {
                 backbone,
                 registry,
                 running: Mutex::default(),
-                from_config: configs.iter().map(|c| c.name.clone()).collect(),
+                from_config: Mutex::new(configs.iter().map(|c| c.name.clone()).collect()),
                 stop: tokio_util::sync::CancellationToken::new(),
                 dispatcher: Arc::default(),
                 retired: Mutex::default(),
@@ -179,7 +180,61 @@ impl Triggers {
 
     /// Whether `name` comes from the config file (the admin API may not change it).
     pub fn is_from_config(&self, name: &str) -> bool {
-        self.inner.from_config.contains(name)
+        self.from_config().contains(name)
+    }
+
+    fn from_config(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inner
+            .from_config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reloaded config file's `[[triggers]]`: new ones start, changed ones are replaced (what
+    /// the old one held goes to the new one, as with `put`), ones no longer in the file stop.
+    /// A config trigger takes the place of an admin-API trigger of the same name. Every new
+    /// or changed trigger's HTTP client is made first, so a bad `caFile` changes nothing.
+    /// Returns the names started, replaced and stopped.
+    pub async fn reload_config(
+        &self,
+        configs: &[TriggerConfig],
+    ) -> Result<Vec<String>, TriggerError> {
+        let changed: Vec<&TriggerConfig> = configs
+            .iter()
+            .filter(|c| self.get(&c.name).as_ref() != Some(*c) || !self.is_from_config(&c.name))
+            .collect();
+        for c in &changed {
+            sender::client(c.subscriber.ca_file.as_deref()).map_err(|source| {
+                TriggerError::Client {
+                    name: c.name.clone(),
+                    source,
+                }
+            })?;
+        }
+        let names: BTreeSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+        let gone: Vec<String> = self
+            .from_config()
+            .iter()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        *self.from_config() = names;
+        let mut done = Vec::new();
+        for name in gone {
+            let old = self.running().remove(&name);
+            if let Some(old) = old {
+                self.stop(old);
+                tracing::info!(trigger = %name, "trigger stopped: no longer in the config file");
+            }
+            done.push(name);
+        }
+        for c in changed {
+            if self.apply(c.clone()).await? != Applied::Unchanged {
+                tracing::info!(trigger = %c.name, "trigger started from the reloaded config file");
+            }
+            done.push(c.name.clone());
+        }
+        Ok(done)
     }
 
     /// Starts `config`, or replaces the running trigger of that name: the old one stops at

@@ -180,10 +180,10 @@ impl Triggers {
 
     /// Whether `name` comes from the config file (the admin API may not change it).
     pub fn is_from_config(&self, name: &str) -> bool {
-        self.from_config().contains(name)
+        self.file_names().contains(name)
     }
 
-    fn from_config(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn file_names(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.inner
             .from_config
             .lock()
@@ -218,7 +218,7 @@ impl Triggers {
             .filter(|n| !names.contains(*n))
             .cloned()
             .collect();
-        *self.from_config() = names;
+        *self.file_names() = names;
         let mut done = Vec::new();
         for name in gone {
             let old = self.running().remove(&name);

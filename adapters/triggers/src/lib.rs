@@ -213,7 +213,7 @@ impl Triggers {
         }
         let names: BTreeSet<String> = configs.iter().map(|c| c.name.clone()).collect();
         let gone: Vec<String> = self
-            .from_config()
+            .file_names()
             .iter()
             .filter(|n| !names.contains(*n))
             .cloned()

@@ -10,8 +10,9 @@
 //!
 //! Sharded by connection id (ids are handed out in sequence, so consecutive connections land on
 //! different shards): registering and leaving lock one shard for a map insert or remove. A
-//! listing walks the shards one at a time, each `BTreeMap` from the page's cursor on, so a page
-//! costs `limit` entries per shard at most and no lock is held across shards.
+//! listing walks the shards one at a time, each `BTreeMap` from the page's cursor on, taking
+//! at most `limit` matches per shard (with a filter, the entries it skips are scanned too) and
+//! holding no lock across shards.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,7 +67,10 @@ pub struct Connection {
     id: u64,
     protocol: &'static str,
     version: &'static str,
-    principal: Principal,
+    /// The principal's name and kind (not the principal: its rules would stay alive here
+    /// after a reload replaced them).
+    user: Arc<str>,
+    anonymous: bool,
     client_id: Option<Box<str>>,
     peer: Option<SocketAddr>,
     /// Unix time of the registration, in milliseconds.
@@ -74,8 +78,8 @@ pub struct Connection {
     /// Messages waiting for the client (MQTT: beyond the in-flight window; WebSocket: in the
     /// outbound queue).
     queued: AtomicU32,
-    /// MQTT: QoS 1/2 messages sent and not yet acknowledged by the client. WebSocket: bytes in
-    /// the outbound queue.
+    /// MQTT: QoS 1/2 messages sent and not yet acknowledged by the client. WebSocket: events
+    /// handed to the socket and not yet flushed.
     in_flight: AtomicU64,
     subscriptions: Mutex<Vec<SubscriptionInfo>>,
     /// Fired to make the connection close (see [`Connections::close`]); for MQTT, the same token
@@ -153,8 +157,8 @@ impl Connection {
             id: self.id,
             protocol: self.protocol,
             version: self.version,
-            user: self.principal.name().to_owned(),
-            anonymous: self.principal.is_anonymous(),
+            user: self.user.to_string(),
+            anonymous: self.anonymous,
             client_id: self.client_id.as_deref().map(str::to_owned),
             address: self.peer.map(|p| p.to_string()),
             connected_at_ms: self.connected_at_ms,
@@ -202,7 +206,7 @@ pub struct Query {
 impl Query {
     fn wants(&self, c: &Connection) -> bool {
         self.protocol.as_deref().is_none_or(|p| p == c.protocol)
-            && self.user.as_deref().is_none_or(|u| u == c.principal.name())
+            && self.user.as_deref().is_none_or(|u| u == &*c.user)
             && self
                 .client_id
                 .as_deref()
@@ -236,7 +240,8 @@ impl Connections {
             id: new.id,
             protocol: new.protocol,
             version: new.version,
-            principal: new.principal,
+            user: new.principal.shared_name(),
+            anonymous: new.principal.is_anonymous(),
             client_id: new.client_id.map(String::into_boxed_str),
             peer: new.peer,
             connected_at_ms: crate::backbone::now_ms(),

@@ -184,12 +184,18 @@ mod mqtt_routes {
 
     pub(super) fn routes(router: Router<AdminApi>) -> Router<AdminApi> {
         router
-            .route("/sessions", get(list_sessions))
+            .route(
+                "/sessions",
+                get(list_sessions).delete(delete_session_by_query),
+            )
             .route(
                 "/sessions/{client_id}",
                 axum::routing::delete(delete_session),
             )
-            .route("/retained", get(list_retained))
+            .route(
+                "/retained",
+                get(list_retained).delete(delete_retained_by_query),
+            )
             .route("/retained/{*topic}", axum::routing::delete(delete_retained))
     }
 
@@ -234,6 +240,27 @@ mod mqtt_routes {
         }
     }
 
+    #[derive(Debug, Deserialize)]
+    struct ClientIdQuery {
+        client_id: String,
+    }
+
+    /// `DELETE /sessions?client_id=` (any client id, `.` and `..` included, which a path
+    /// segment cannot carry through URL normalisation).
+    async fn delete_session_by_query(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        query: Result<Query<ClientIdQuery>, QueryRejection>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        match query {
+            Ok(Query(q)) => delete_session(State(api), headers, Path(q.client_id)).await,
+            Err(e) => bad_query(&e),
+        }
+    }
+
     async fn delete_session(
         State(api): State<AdminApi>,
         headers: HeaderMap,
@@ -252,7 +279,7 @@ mod mqtt_routes {
                         &format!("no persistent session of client `{client_id}`"),
                         None,
                     ),
-                    Err(e @ DeleteError::Connected(..)) => {
+                    Err(e @ (DeleteError::Connected(..) | DeleteError::Claimed(_))) => {
                         problem(StatusCode::CONFLICT, &e.to_string(), None)
                     }
                     Err(e @ DeleteError::Unavailable) => {
@@ -296,6 +323,26 @@ mod mqtt_routes {
         match mqtt(&api) {
             Ok(m) => json(StatusCode::OK, &m.retained(&filter, limit).await),
             Err(r) => *r,
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct TopicQuery {
+        topic: String,
+    }
+
+    /// `DELETE /retained?topic=` (any topic, `.` and `..` levels included).
+    async fn delete_retained_by_query(
+        State(api): State<AdminApi>,
+        headers: HeaderMap,
+        query: Result<Query<TopicQuery>, QueryRejection>,
+    ) -> Response {
+        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
+            return r;
+        }
+        match query {
+            Ok(Query(q)) => delete_retained(State(api), headers, Path(q.topic)).await,
+            Err(e) => bad_query(&e),
         }
     }
 

@@ -342,9 +342,10 @@ async fn run(target: &Target, args: &CtlArgs) -> Result<(), Failure> {
         }
         CtlCommand::DeleteSession { client_id } => {
             target
+                // As a query parameter: a path segment `.` or `..` would be normalised away.
                 .call(
                     reqwest::Method::DELETE,
-                    &format!("/sessions/{}", encode(client_id)),
+                    &format!("/sessions?client_id={}", encode(client_id)),
                 )
                 .await?;
             println!("session of `{client_id}`: deleted");
@@ -376,12 +377,12 @@ async fn run(target: &Target, args: &CtlArgs) -> Result<(), Failure> {
             }
         }
         CtlCommand::DeleteRetained { topic } => {
-            // Levels are encoded one by one: the path keeps the topic's `/`.
-            let path: Vec<String> = topic.split('/').map(encode).collect();
+            // As a query parameter: a `.` or `..` level in a path would be normalised away
+            // (and another topic's message deleted).
             target
                 .call(
                     reqwest::Method::DELETE,
-                    &format!("/retained/{}", path.join("/")),
+                    &format!("/retained?topic={}", encode(topic)),
                 )
                 .await?;
             println!("retained message of `{topic}`: deleted");

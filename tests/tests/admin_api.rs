@@ -418,6 +418,27 @@ async fn sessions_and_retained_messages_are_listed_and_deleted() {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(out.starts_with("r/1\t"), "{out}");
+    // A topic with a `..` level: ctl sends it as a query parameter, so URL normalisation
+    // cannot turn it into another topic.
+    let status = meshgate_tests::mosquitto_command("mosquitto_pub")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            "u/..",
+            "-m",
+            "dots",
+            "-r",
+            "-q",
+            "1",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, _, err) = ctl(&path, admin, &["delete-retained", "u/.."]);
+    assert_eq!(code, 0, "{err}");
+    let page = get(admin, "/retained?filter=u/%23").await;
+    assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
     // A new subscriber gets only what is left.
     let (s, mut sel) = mqtt5(port, "admin-late", true).await;
     s.subscribe("#", QoS::AtMostOnce).await.unwrap();

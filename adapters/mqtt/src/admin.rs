@@ -16,6 +16,10 @@ pub enum DeleteError {
     Connected(String, String),
     #[error("the session store cannot be read; retry later")]
     Unavailable,
+    #[error(
+        "client `{0}` took its session back meanwhile (or the store refused the delete); nothing deleted"
+    )]
+    Claimed(String),
 }
 
 /// Most bytes of retained events one page of `GET /retained` holds.
@@ -48,7 +52,9 @@ pub struct SessionInfo {
     pub client_id: String,
     pub user: String,
     pub parked_at_ms: u64,
-    pub expires_at_ms: u64,
+    /// `None`: never (MQTT 5 Session Expiry Interval 0xFFFFFFFF).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
     pub subscriptions: usize,
 }
 

@@ -11,7 +11,9 @@
 //!   lower ticket has been written and no publish is waiting to be asked again; while all is
 //!   well this holds at once (the write buffer is appended to in call order anyway);
 //! - a publish answered "no responders" waits until it is the oldest publish not yet settled
-//!   (everything before it stored, refused or given up), then is written again, alone: later
+//!   (everything before it stored, refused or given up) and every publish written after it has
+//!   had its answer (a "no responders" comes at once, a PubAck only after the stream stored
+//!   it: a newer publish still waiting may be stored yet), then is written again, alone: later
 //!   ones wait behind it, so the retries go out in ticket order, one at a time, and pipelining
 //!   resumes when the last of them is settled;
 //! - if a publish written after it was stored meanwhile (the leader came back between the two),
@@ -52,6 +54,8 @@ struct State {
 #[derive(Debug, Default)]
 struct Entry {
     settled: bool,
+    /// Answered "no responders" (waiting to be asked again).
+    refused: bool,
     /// The task waiting for this publish's turn (to be written, or to be asked again).
     waker: Option<Waker>,
 }
@@ -67,6 +71,16 @@ impl State {
         while self.entry(self.written_below).is_some_and(|e| e.settled) {
             self.written_below += 1;
         }
+    }
+
+    /// Every publish written after `ticket` has had its answer: settled, or refused and
+    /// waiting behind it.
+    fn newer_answered(&self, ticket: u64) -> bool {
+        let from = usize::try_from(ticket.saturating_sub(self.base) + 1).unwrap_or(usize::MAX);
+        let to = usize::try_from(self.written_below.saturating_sub(self.base)).unwrap_or(0);
+        self.entries
+            .range(from.min(to)..to.min(self.entries.len()))
+            .all(|e| e.settled || e.refused)
     }
 
     fn take_waker(&mut self, ticket: u64) -> Option<Waker> {
@@ -154,19 +168,35 @@ impl Ticket<'_> {
 
     /// Answered "no responders": from now on, publishes not yet written wait for this one.
     pub(crate) fn no_responders(&mut self) {
-        let mut st = self.order.lock();
-        st.leaderless = true;
-        if !self.retrying {
-            self.retrying = true;
-            st.retrying += 1;
+        let oldest = {
+            let mut st = self.order.lock();
+            st.leaderless = true;
+            if !self.retrying {
+                self.retrying = true;
+                st.retrying += 1;
+            }
+            if let Some(e) = st.entry(self.ticket) {
+                e.refused = true;
+            }
+            // The oldest may be waiting for this answer.
+            let base = st.base;
+            if base == self.ticket {
+                None
+            } else {
+                st.take_waker(base)
+            }
+        };
+        if let Some(w) = oldest {
+            w.wake();
         }
     }
 
-    /// Ready when this publish is the oldest not settled, so it may be written again.
+    /// Ready when this publish is the oldest not settled and every newer one written has had
+    /// its answer, so it may be written again.
     pub(crate) async fn turn_to_retry(&self) -> RetryTurn {
         std::future::poll_fn(|cx| {
             let mut st = self.order.lock();
-            if st.base == self.ticket {
+            if st.base == self.ticket && st.newer_answered(self.ticket) {
                 return Poll::Ready(RetryTurn {
                     later_stored: st.stored_max.is_some_and(|m| m > self.ticket),
                     leaderless: st.leaderless,
@@ -308,6 +338,19 @@ mod tests {
         b.stored();
         drop(b);
         assert_eq!(ready(c.turn_to_write()), Some(()));
+    }
+
+    #[test]
+    fn a_retry_waits_for_the_answer_of_a_newer_publish_already_written() {
+        let order = PublishOrder::default();
+        let (mut a, b) = (order.enter(), order.enter());
+        a.written();
+        b.written();
+        a.no_responders();
+        assert_eq!(ready(a.turn_to_retry()), None, "b may be stored yet");
+        b.stored();
+        drop(b);
+        assert_eq!(ready(a.turn_to_retry()).map(|t| t.later_stored), Some(true));
     }
 
     #[test]

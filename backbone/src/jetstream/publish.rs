@@ -127,9 +127,9 @@ impl JsPublisher {
             .await
             .is_err()
         {
-            // Held behind retries that took the whole publish timeout.
-            self.timed_out.inc();
-            return Err(PublishFailure::TimedOut(self.timeout));
+            // Held, never written, behind retries that took the whole publish timeout: the
+            // stream had no leader all along.
+            return Err(PublishFailure::NoResponders(subject.into()));
         }
         let mut waiter = self.write(subject, headers, payload).await?;
         ticket.written();

@@ -126,14 +126,17 @@ pub(super) async fn serve(
                 // (What both connections delivered meanwhile is handed on once: `overlap`.)
                 shared.overlap.filter();
                 // Subscriptions made or ended after `replacement` subscribed here went to the
-                // old connection only.
+                // old connection only. Sorted, so that a move with thousands of subscriptions
+                // is not quadratic.
+                let mut subscribed = subscribed.clone();
+                subscribed.sort_unstable();
                 let subs = shared.subs();
                 for (sid, sub) in subs.iter() {
-                    if !subscribed.contains(sid) {
+                    if subscribed.binary_search(sid).is_err() {
                         write_sub(&mut buf, *sid, &sub.subject, sub.queue.as_deref());
                     }
                 }
-                for sid in subscribed {
+                for sid in &subscribed {
                     if !subs.contains_key(sid) {
                         write_unsub(&mut buf, *sid);
                     }

@@ -35,7 +35,7 @@ struct Entry {
     control: oneshot::Sender<Command>,
     /// What the admin API shows.
     parked_at_ms: u64,
-    expires_at_ms: u64,
+    expires_at_ms: Option<u64>,
     subscriptions: usize,
 }
 
@@ -46,8 +46,9 @@ pub(crate) struct ParkedInfo {
     pub(crate) user: String,
     /// Unix time in milliseconds when its client left.
     pub(crate) parked_at_ms: u64,
-    /// Unix time in milliseconds when it ends unless its client comes back.
-    pub(crate) expires_at_ms: u64,
+    /// Unix time in milliseconds when it ends unless its client comes back; `None`: never
+    /// (MQTT 5 Session Expiry Interval 0xFFFFFFFF).
+    pub(crate) expires_at_ms: Option<u64>,
     pub(crate) subscriptions: usize,
 }
 
@@ -92,7 +93,8 @@ impl Parked {
             // A session parked under the same id cannot exist (the connection that parks owns
             // the id), but if it did, dropping its control ends it.
             let now = meshgate_core::backbone::now_ms();
-            let expiry = u64::try_from(session.expiry.as_millis()).unwrap_or(u64::MAX);
+            let expiry = (session.expiry.as_secs() < u64::from(u32::MAX))
+                .then(|| u64::try_from(session.expiry.as_millis()).unwrap_or(u64::MAX));
             map.insert(
                 session.client_id.clone(),
                 Entry {
@@ -100,12 +102,14 @@ impl Parked {
                     generation,
                     control,
                     parked_at_ms: now,
-                    expires_at_ms: now.saturating_add(expiry),
+                    expires_at_ms: expiry.map(|e| now.saturating_add(e)),
                     subscriptions: session.subscriptions.len(),
                 },
             );
         }
         self.gauge.inc();
+        // The connection's registry entry is gone; its copy of the filters need not stay.
+        session.live.set_subscriptions([]);
         let tracker = session.shared.ctx.tracker.clone();
         tracker.spawn(hold(session, commands, generation));
         Ok(())
@@ -123,17 +127,27 @@ impl Parked {
     /// Up to `limit` parked sessions whose client id sorts after `after`, in client id order,
     /// and whether there are more.
     pub(crate) fn list(&self, after: &str, limit: usize) -> (Vec<ParkedInfo>, bool) {
-        let map = self.lock();
-        let mut ids: Vec<&String> = map.keys().filter(|id| id.as_str() > after).collect();
-        ids.sort_unstable();
+        // Only the ids are taken under the lock (a scan, no sort): parking and resuming
+        // (CONNECT) wait on it.
+        let mut ids: Vec<String> = self
+            .lock()
+            .keys()
+            .filter(|id| id.as_str() > after)
+            .cloned()
+            .collect();
         let more = ids.len() > limit;
+        if more {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
+        }
+        ids.sort_unstable();
+        let map = self.lock();
         let page = ids
             .into_iter()
-            .take(limit)
             .filter_map(|id| {
-                let e = map.get(id)?;
+                let e = map.get(&id)?;
                 Some(ParkedInfo {
-                    client_id: id.clone(),
+                    client_id: id,
                     user: e.principal.name().to_owned(),
                     parked_at_ms: e.parked_at_ms,
                     expires_at_ms: e.expires_at_ms,

@@ -202,17 +202,21 @@ pub(super) async fn claim(
     })
 }
 
-/// The admin API deletes `client_id`'s session (its client not connected): what a clean start
-/// would do to it, wherever it is kept — a session parked here ends (a will still waiting is
-/// published, as at expiry), a stored one (JetStream) loses its record and durable
-/// subscriptions after its holding instance let go of it. True when there was one.
+/// The admin API deletes `client_id`'s session (its client not connected here): what a clean
+/// start would do to it, wherever it is kept — a session parked here ends (a will still
+/// waiting is published, as at expiry), a stored one (JetStream) loses its record, then its
+/// durable subscriptions, after its holding instance let go of it. True when there was one.
+///
+/// The record goes first, on its revision: a client that claimed the session meanwhile (a new
+/// revision) keeps it, durables and all. (One that connects in the moment between the record's
+/// removal and the durables' starts clean, as after any delete, and may see durables it made
+/// in that moment go.)
 pub(crate) async fn delete(shared: &Shared, client_id: &str) -> Result<bool, DeleteError> {
     let mut found = false;
     if let Some(mut session) = shared.parked.take(client_id, true).await {
         found = true;
-        Box::pin(session.end_stored()).await;
         Box::pin(session.publish_will()).await;
-        // Dropped here: its backbone subscriptions end.
+        // Dropped here: its backbone subscriptions end; the stored part is deleted below.
     }
     let Some(store) = shared.ctx.backbone.session_store() else {
         return Ok(found);
@@ -223,7 +227,7 @@ pub(crate) async fn delete(shared: &Shared, client_id: &str) -> Result<bool, Del
     else {
         return Ok(found);
     };
-    if record.left_at_ms.is_none() && !record.expired() {
+    if record.left_at_ms.is_none() && !record.expired() && record.owner != *shared.ctx.instance {
         return Err(DeleteError::Connected(client_id.to_owned(), record.owner));
     }
     let (record, revision) = if record.owner == *shared.ctx.instance {
@@ -241,7 +245,17 @@ pub(crate) async fn delete(shared: &Shared, client_id: &str) -> Result<bool, Del
             None => return Ok(true),
         }
     };
-    discard(store, client_id, &record, revision).await;
+    if store.remove(client_id, revision).await.is_err() {
+        // Claimed meanwhile (or the store failed): the session is someone's again.
+        return Err(DeleteError::Claimed(client_id.to_owned()));
+    }
+    for s in &record.subscriptions {
+        if shared_filter(&s.key).is_none()
+            && let Ok(filter) = TopicFilter::parse(&s.key)
+        {
+            delete_durable(store, client_id, &s.key, &filter).await;
+        }
+    }
     Ok(true)
 }
 

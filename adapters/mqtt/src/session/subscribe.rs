@@ -203,6 +203,10 @@ impl Session {
                 // Same filter again: replace the options, keep the backbone subscription.
                 let s = &mut self.subscriptions[i];
                 s.granted = granted;
+                self.live.add_subscription(SubscriptionInfo {
+                    filter: s.key.clone(),
+                    qos: Some(granted as u8),
+                });
                 s.no_local = f.nolocal;
                 s.retain_as_published = f.preserve_retain;
                 s.id = id;

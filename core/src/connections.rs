@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -80,19 +80,61 @@ pub struct Connection {
     queued: AtomicU32,
     /// MQTT: QoS 1/2 messages sent and not yet acknowledged by the client. WebSocket: events
     /// handed to the socket and not yet flushed.
-    in_flight: AtomicU64,
-    subscriptions: Mutex<Vec<SubscriptionInfo>>,
-    /// Fired to make the connection close (see [`Connections::close`]); for MQTT, the same token
-    /// a session takeover and shutdown fire.
-    close: CancellationToken,
+    in_flight: AtomicU32,
+    subscriptions: Mutex<Subscriptions>,
+    /// How the connection is told to close (see [`Connections::close`]).
+    closer: Closer,
     closed_by_operator: AtomicBool,
+}
+
+/// How a connection is told to close.
+#[derive(Debug)]
+enum Closer {
+    /// A token it waits on anyway (MQTT: the one a session takeover and shutdown fire).
+    Token(CancellationToken),
+    /// Its task's waker, registered as it polls ([`Connection::poll_closed`]): no token (and
+    /// no entry in the shutdown token's child list) per connection (WebSocket).
+    Wake(futures_util::task::AtomicWaker),
+}
+
+/// A connection's subscriptions; most hold none or one, kept without a `Vec` (idle connection
+/// memory).
+#[derive(Debug, Default)]
+enum Subscriptions {
+    #[default]
+    None,
+    One(SubscriptionInfo),
+    Many(Vec<SubscriptionInfo>),
+}
+
+impl Subscriptions {
+    fn as_slice(&self) -> &[SubscriptionInfo] {
+        match self {
+            Subscriptions::None => &[],
+            Subscriptions::One(s) => std::slice::from_ref(s),
+            Subscriptions::Many(v) => v,
+        }
+    }
+
+    fn set(&mut self, mut list: Vec<SubscriptionInfo>) {
+        *self = match list.len() {
+            0 => Subscriptions::None,
+            1 => Subscriptions::One(list.remove(0)),
+            _ => {
+                list.shrink_to_fit();
+                Subscriptions::Many(list)
+            }
+        };
+    }
 }
 
 /// A subscription as the admin API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SubscriptionInfo {
-    /// The filter as the client wrote it (MQTT `$share/<group>/…` included).
-    pub filter: String,
+    /// The filter as the client wrote it (MQTT `$share/<group>/…` included); shared with the
+    /// connection's own copy where it has one (`TopicFilter`).
+    #[serde(serialize_with = "text")]
+    pub filter: Arc<str>,
     /// MQTT: the granted QoS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qos: Option<u8>,
@@ -107,9 +149,26 @@ impl Connection {
         self.client_id.as_deref()
     }
 
-    /// The token that fires when the connection is to close (operator, takeover, shutdown).
-    pub fn close_token(&self) -> &CancellationToken {
-        &self.close
+    /// The token that fires when the connection is to close (operator, takeover, shutdown),
+    /// for a connection registered with one.
+    pub fn close_token(&self) -> Option<&CancellationToken> {
+        match &self.closer {
+            Closer::Token(t) => Some(t),
+            Closer::Wake(_) => None,
+        }
+    }
+
+    /// Ready once an operator asked this connection to close; for a connection registered
+    /// without a token, polled by its task.
+    pub fn poll_closed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if let Closer::Wake(w) = &self.closer {
+            w.register(cx.waker());
+        }
+        if self.closed_by_operator() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// An operator asked this connection to close ([`Connections::close`]).
@@ -118,8 +177,9 @@ impl Connection {
     }
 
     /// Refreshes the queued and in-flight figures (see the fields' meaning per protocol).
-    pub fn set_load(&self, queued: usize, in_flight: u64) {
+    pub fn set_load(&self, queued: usize, in_flight: usize) {
         let queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        let in_flight = u32::try_from(in_flight).unwrap_or(u32::MAX);
         // Read-before-write keeps the cache line shared while nothing changed.
         if self.queued.load(Ordering::Relaxed) != queued {
             self.queued.store(queued, Ordering::Relaxed);
@@ -131,28 +191,32 @@ impl Connection {
 
     /// Replaces the list of subscriptions (after a subscribe, an unsubscribe, a revocation).
     pub fn set_subscriptions(&self, subscriptions: impl IntoIterator<Item = SubscriptionInfo>) {
-        let mut list = lock(&self.subscriptions);
-        list.clear();
-        list.extend(subscriptions);
-        list.shrink_to_fit();
+        let list: Vec<SubscriptionInfo> = subscriptions.into_iter().collect();
+        lock(&self.subscriptions).set(list);
     }
 
     /// Adds a subscription (or replaces the one with the same filter).
     pub fn add_subscription(&self, subscription: SubscriptionInfo) {
-        let mut list = lock(&self.subscriptions);
+        let mut subs = lock(&self.subscriptions);
+        let mut list = subs.as_slice().to_vec();
         match list.iter_mut().find(|s| s.filter == subscription.filter) {
             Some(s) => *s = subscription,
             None => list.push(subscription),
         }
+        subs.set(list);
     }
 
     /// Removes the subscription with this filter.
     pub fn remove_subscription(&self, filter: &str) {
-        lock(&self.subscriptions).retain(|s| s.filter != filter);
+        let mut subs = lock(&self.subscriptions);
+        let mut list = subs.as_slice().to_vec();
+        list.retain(|s| &*s.filter != filter);
+        subs.set(list);
     }
 
     fn info(&self, with_subscriptions: bool) -> ConnectionInfo {
         let subscriptions = lock(&self.subscriptions);
+        let subscriptions = subscriptions.as_slice();
         ConnectionInfo {
             id: self.id,
             protocol: self.protocol,
@@ -165,7 +229,7 @@ impl Connection {
             subscription_count: subscriptions.len(),
             queued: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            subscriptions: with_subscriptions.then(|| subscriptions.clone()),
+            subscriptions: with_subscriptions.then(|| subscriptions.to_vec()),
         }
     }
 }
@@ -185,7 +249,7 @@ pub struct ConnectionInfo {
     pub connected_at_ms: u64,
     pub subscription_count: usize,
     pub queued: u32,
-    pub in_flight: u64,
+    pub in_flight: u32,
     /// Only when one connection is asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriptions: Option<Vec<SubscriptionInfo>>,
@@ -223,6 +287,10 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+fn text<S: serde::Serializer>(s: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(s)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing under these locks panics half-way through a change.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -233,9 +301,10 @@ impl Connections {
         &self.shards[(id % SHARDS as u64) as usize]
     }
 
-    /// Registers a connection; `close` is the token it closes on (see [`Connection::close_token`]).
+    /// Registers a connection; `close` is the token it closes on (see
+    /// [`Connection::close_token`]), or `None` for one that polls [`Connection::poll_closed`].
     /// It stays listed until the returned guard drops.
-    pub fn register(&self, new: NewConnection, close: CancellationToken) -> Registered {
+    pub fn register(&self, new: NewConnection, close: Option<CancellationToken>) -> Registered {
         let connection = Arc::new(Connection {
             id: new.id,
             protocol: new.protocol,
@@ -246,9 +315,12 @@ impl Connections {
             peer: new.peer,
             connected_at_ms: crate::backbone::now_ms(),
             queued: AtomicU32::new(0),
-            in_flight: AtomicU64::new(0),
-            subscriptions: Mutex::new(Vec::new()),
-            close,
+            in_flight: AtomicU32::new(0),
+            subscriptions: Mutex::new(Subscriptions::None),
+            closer: match close {
+                Some(t) => Closer::Token(t),
+                None => Closer::Wake(Default::default()),
+            },
             closed_by_operator: AtomicBool::new(false),
         });
         lock(self.shard(new.id)).insert(new.id, connection.clone());
@@ -303,7 +375,10 @@ impl Connections {
             return false;
         };
         c.closed_by_operator.store(true, Ordering::Release);
-        c.close.cancel();
+        match &c.closer {
+            Closer::Token(t) => t.cancel(),
+            Closer::Wake(w) => w.wake(),
+        }
         true
     }
 }
@@ -358,7 +433,10 @@ mod tests {
         let held: Vec<Registered> = (1..=40)
             .map(|i| {
                 let protocol = if i % 2 == 0 { "mqtt" } else { "websocket" };
-                registry.register(new(i, protocol, &format!("c{i}")), CancellationToken::new())
+                registry.register(
+                    new(i, protocol, &format!("c{i}")),
+                    Some(CancellationToken::new()),
+                )
             })
             .collect();
         assert_eq!(registry.count(), 40);
@@ -394,16 +472,16 @@ mod tests {
     fn an_operator_close_fires_the_connections_token_and_says_so() {
         let registry = Connections::default();
         let token = CancellationToken::new();
-        let held = registry.register(new(3, "mqtt", "x"), token.clone());
+        let held = registry.register(new(3, "mqtt", "x"), Some(token.clone()));
         held.set_subscriptions([SubscriptionInfo {
-            filter: "a/#".into(),
+            filter: Arc::from("a/#"),
             qos: Some(1),
         }]);
         held.set_load(2, 5);
         let info = registry.get(3).unwrap();
         assert_eq!(info.subscription_count, 1);
         assert_eq!((info.queued, info.in_flight), (2, 5));
-        assert_eq!(info.subscriptions.unwrap()[0].filter, "a/#");
+        assert_eq!(info.subscriptions.unwrap()[0].filter.as_ref(), "a/#");
         assert!(!held.closed_by_operator());
         assert!(registry.close(3));
         assert!(token.is_cancelled() && held.closed_by_operator());

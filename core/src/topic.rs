@@ -320,6 +320,11 @@ impl TopicFilter {
         &self.0
     }
 
+    /// The filter's text, shared (no copy).
+    pub fn shared_str(&self) -> Arc<str> {
+        self.0.clone()
+    }
+
     pub fn levels(&self) -> impl Iterator<Item = FilterLevel<'_>> {
         self.0.split('/').map(|l| match l {
             "+" => FilterLevel::Single,

@@ -167,6 +167,8 @@ enum Step {
     Timer,
     /// The gateway is shutting down.
     Shutdown,
+    /// An operator closes the connection (admin API).
+    Closed,
     /// The slow-consumer policy disconnects the client.
     Killed,
     /// The socket failed while writing.
@@ -237,7 +239,7 @@ impl Conn {
         let filters: Vec<TopicFilter> = self.subs.iter().map(|s| s.filter.clone()).collect();
         self.listed
             .set_subscriptions(filters.iter().map(|f| SubscriptionInfo {
-                filter: f.as_str().to_owned(),
+                filter: f.shared_str(),
                 qos: None,
             }));
         let text = Utf8Bytes::from(binding::subscribed_event(&filters));
@@ -424,6 +426,9 @@ impl Conn {
     ) -> Poll<Step> {
         if !self.draining && shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Step::Shutdown);
+        }
+        if self.listed.poll_closed(cx).is_ready() {
+            return Poll::Ready(Step::Closed);
         }
         for round in 0.. {
             if round == 4 {
@@ -742,7 +747,7 @@ pub(crate) fn run(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let id = shared.ctx.next_connection_id();
-        // A child of the shutdown token, fired at shutdown or by an operator (admin API).
+        // Told to close by an operator through its waker (`poll_closed`): no token per connection.
         let listed = shared.ctx.connections.register(
             NewConnection {
                 id,
@@ -752,7 +757,7 @@ pub(crate) fn run(
                 client_id: None,
                 peer,
             },
-            shared.ctx.shutdown.child_token(),
+            None,
         );
         let ping_interval = shared.config.ping_interval;
         let max = shared.config.max_message_size;
@@ -761,7 +766,7 @@ pub(crate) fn run(
             principal = principal.name(),
             "websocket connected"
         );
-        let shutdown = listed.close_token().clone();
+        let shutdown = shared.ctx.shutdown.clone();
         let shutdown = shutdown.cancelled();
         tokio::pin!(shutdown);
         let timer = tokio::time::sleep(ping_interval);
@@ -788,8 +793,7 @@ pub(crate) fn run(
 
         let end = loop {
             // What the admin API shows of this connection's load.
-            conn.listed
-                .set_load(conn.queue.len(), conn.unflushed.len() as u64);
+            conn.listed.set_load(conn.queue.len(), conn.unflushed.len());
             let step = std::future::poll_fn(|cx| {
                 conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
             })
@@ -829,10 +833,7 @@ pub(crate) fn run(
                     }
                     conn.queue.push_back(Outbound::Ping);
                 }
-                Step::Shutdown
-                    if !conn.shared.ctx.shutdown.is_cancelled()
-                        && conn.listed.closed_by_operator() =>
-                {
+                Step::Closed => {
                     tracing::info!(
                         connection = id,
                         "websocket closed by an operator (admin API)"

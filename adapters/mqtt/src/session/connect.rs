@@ -769,7 +769,7 @@ impl Registration {
                 client_id: Some(client_id.to_owned()),
                 peer: listing.peer,
             },
-            takeover,
+            Some(takeover),
         );
         Ok(Registration {
             user_permit,

@@ -616,7 +616,8 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         let shared = session.shared.clone();
         let max = shared.config.max_packet_size;
         let mut keep_alive = KeepAlive::new(keep_alive);
-        let takeover = session.live.close_token().clone();
+        // (Registered with the takeover token: always there.)
+        let takeover = session.live.close_token().cloned().unwrap_or_default();
         let pending_limit = shared.config.max_queued;
         let write_timeout = shared.config.write_timeout;
         let mut busy = false;
@@ -723,10 +724,9 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 buf = BytesMut::with_capacity(if busy { READ_CHUNK } else { 64 });
             }
             // What the admin API shows of this connection's load (two loads when unchanged).
-            session.live.set_load(
-                session.window.pending.len(),
-                session.window.in_flight() as u64,
-            );
+            session
+                .live
+                .set_load(session.window.pending.len(), session.window.in_flight());
             tokio::select! {
                 biased;
                 _ = &mut stop, if draining.is_none() => {

@@ -398,8 +398,10 @@ impl Session {
     /// took meanwhile (its holder did not answer in time) ends its connection here.
     pub(super) async fn save_stored(&mut self) -> Saved {
         let saved = self.save(None).await;
-        if saved == Saved::Conflict {
-            self.live.close_token().cancel();
+        if saved == Saved::Conflict
+            && let Some(t) = self.live.close_token()
+        {
+            t.cancel();
         }
         saved
     }

@@ -75,7 +75,7 @@ impl Session {
     pub(super) fn list_subscriptions(&self) {
         self.live
             .set_subscriptions(self.subscriptions.iter().map(|s| SubscriptionInfo {
-                filter: s.key.clone(),
+                filter: Arc::from(s.key.as_str()),
                 qos: Some(s.granted as u8),
             }));
     }
@@ -112,7 +112,7 @@ impl Session {
             .get_or_insert_with(Default::default)
             .push(delivery_stream(sub, stream_key, cancel.clone()));
         self.live.add_subscription(SubscriptionInfo {
-            filter: key.to_owned(),
+            filter: Arc::from(key),
             qos: Some(o.granted as u8),
         });
         self.subscriptions.push(Subscription {
@@ -204,7 +204,7 @@ impl Session {
                 let s = &mut self.subscriptions[i];
                 s.granted = granted;
                 self.live.add_subscription(SubscriptionInfo {
-                    filter: s.key.clone(),
+                    filter: Arc::from(s.key.as_str()),
                     qos: Some(granted as u8),
                 });
                 s.no_local = f.nolocal;

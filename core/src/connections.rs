@@ -33,9 +33,18 @@ pub const MAX_PAGE: usize = 1000;
 type Shard = Mutex<BTreeMap<u64, Arc<Connection>>>;
 
 /// The connection registry, shared by every listener of the process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Connections {
     shards: Arc<[Shard; SHARDS]>,
+    /// Off when nothing can read it (the admin API is off): connections that need an entry
+    /// only to be listed (WebSocket) make none ([`Connections::register_if_on`]).
+    on: bool,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections::new(true)
+    }
 }
 
 impl std::fmt::Debug for Connections {
@@ -297,6 +306,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Connections {
+    /// A registry; `on`: whether connections are listed (the admin API is on).
+    pub fn new(on: bool) -> Connections {
+        Connections {
+            shards: Arc::default(),
+            on,
+        }
+    }
+
+    /// [`Connections::register`] when the registry is on; `None` otherwise.
+    pub fn register_if_on(&self, new: NewConnection) -> Option<Registered> {
+        self.on.then(|| self.register(new, None))
+    }
+
     fn shard(&self, id: u64) -> &Shard {
         &self.shards[(id % SHARDS as u64) as usize]
     }
@@ -323,7 +345,9 @@ impl Connections {
             },
             closed_by_operator: AtomicBool::new(false),
         });
-        lock(self.shard(new.id)).insert(new.id, connection.clone());
+        if self.on {
+            lock(self.shard(new.id)).insert(new.id, connection.clone());
+        }
         Registered {
             connections: self.clone(),
             connection,
@@ -405,8 +429,10 @@ impl std::ops::Deref for Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let id = self.connection.id;
-        lock(self.connections.shard(id)).remove(&id);
+        if self.connections.on {
+            let id = self.connection.id;
+            lock(self.connections.shard(id)).remove(&id);
+        }
     }
 }
 

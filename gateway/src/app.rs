@@ -276,7 +276,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.gateway.max_connections_per_ip,
             config.gateway.max_connections_per_user,
         ),
-        connections: Default::default(),
+        // Listed only where the admin API can show them (an entry costs a WebSocket
+        // connection ~0.3 KiB).
+        connections: meshgate_core::connections::Connections::new(
+            config.admin.enabled && config.admin.api_token.is_some(),
+        ),
     };
     let triggers =
         meshgate_triggers::Triggers::start(backbone.clone(), registry.clone(), &config.triggers)

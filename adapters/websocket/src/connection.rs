@@ -40,7 +40,7 @@ use tungstenite::{Message, Utf8Bytes};
 use crate::Shared;
 use crate::binding::{self, FrameCode, FrameError, Inbound};
 use crate::read_ahead::ReadAhead;
-use meshgate_core::connections::{NewConnection, Registered, SubscriptionInfo};
+use meshgate_core::connections::{Registered, SubscriptionInfo};
 
 /// The upgraded connection as the connection task sees it.
 pub(crate) type WebSocket =
@@ -181,8 +181,9 @@ enum Step {
 struct Conn {
     shared: Arc<Shared>,
     principal: Principal,
-    /// This connection in the admin API's registry (its id, its close token).
-    listed: Registered,
+    id: u64,
+    /// This connection in the admin API's registry, when that is on.
+    listed: Option<Registered>,
     /// Filters in subscription order; an event matching several is delivered once, for the
     /// first matching filter.
     subs: Vec<Sub>,
@@ -237,11 +238,12 @@ impl Conn {
     /// Tells the client (and the admin API) the filters the connection holds now.
     fn send_subscribed(&mut self) {
         let filters: Vec<TopicFilter> = self.subs.iter().map(|s| s.filter.clone()).collect();
-        self.listed
-            .set_subscriptions(filters.iter().map(|f| SubscriptionInfo {
+        if let Some(listed) = &self.listed {
+            listed.set_subscriptions(filters.iter().map(|f| SubscriptionInfo {
                 filter: f.shared_str(),
                 qos: None,
             }));
+        }
         let text = Utf8Bytes::from(binding::subscribed_event(&filters));
         let _ = self.push(Outbound::Control(text));
     }
@@ -427,7 +429,11 @@ impl Conn {
         if !self.draining && shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Step::Shutdown);
         }
-        if self.listed.poll_closed(cx).is_ready() {
+        if self
+            .listed
+            .as_ref()
+            .is_some_and(|l| l.poll_closed(cx).is_ready())
+        {
             return Poll::Ready(Step::Closed);
         }
         for round in 0.. {
@@ -528,7 +534,7 @@ impl Conn {
                 };
                 let shared = shared.clone();
                 let principal = self.principal.clone();
-                let origin = shared.ctx.origin(self.listed.id());
+                let origin = shared.ctx.origin(self.id);
                 self.op = Some(Box::pin(async move {
                     let id = event.id().to_owned();
                     let published = shared
@@ -602,7 +608,7 @@ impl Conn {
         for e in &refused {
             self.report(e);
         }
-        let connection = self.listed.id();
+        let connection = self.id;
         self.op = Some(Box::pin(async move {
             let matching = matching;
             let mut done = Vec::with_capacity(wanted.len());
@@ -742,23 +748,12 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     principal: Principal,
     initial: Vec<TopicFilter>,
-    peer: Option<std::net::SocketAddr>,
-    version: &'static str,
+    listed: Option<Registered>,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let id = shared.ctx.next_connection_id();
-        // Told to close by an operator through its waker (`poll_closed`): no token per connection.
-        let listed = shared.ctx.connections.register(
-            NewConnection {
-                id,
-                protocol: "websocket",
-                version,
-                principal: principal.clone(),
-                client_id: None,
-                peer,
-            },
-            None,
-        );
+        let id = listed
+            .as_ref()
+            .map_or_else(|| shared.ctx.next_connection_id(), |l| l.id());
         let ping_interval = shared.config.ping_interval;
         let max = shared.config.max_message_size;
         tracing::debug!(
@@ -774,6 +769,7 @@ pub(crate) fn run(
         let mut conn = Conn {
             shared,
             principal,
+            id,
             listed,
             subs: Vec::new(),
             next_sub: 0,
@@ -793,7 +789,9 @@ pub(crate) fn run(
 
         let end = loop {
             // What the admin API shows of this connection's load.
-            conn.listed.set_load(conn.queue.len(), conn.unflushed.len());
+            if let Some(listed) = &conn.listed {
+                listed.set_load(conn.queue.len(), conn.unflushed.len());
+            }
             let step = std::future::poll_fn(|cx| {
                 conn.poll_step(cx, &mut ws, shutdown.as_mut(), timer.as_mut())
             })
@@ -886,11 +884,35 @@ pub(crate) fn run(
 
 /// Closes with `frame` after what is queued, then waits for the client's answer.
 async fn close(conn: &mut Conn, ws: &mut WebSocket, frame: CloseFrame) {
-    tracing::debug!(connection = conn.listed.id(), code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
+    tracing::debug!(connection = conn.id, code = u16::from(frame.code), reason = %frame.reason, "closing websocket");
     if !conn.flush_queue(ws, CLOSE_TIMEOUT * 2).await {
         return;
     }
     conn.send_close(ws, frame).await;
     // Let the client answer the close handshake.
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while ws.next().await.is_some() {} }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<F, Fut>(_: &F) -> usize
+    where
+        F: Fn(WebSocket, Arc<Shared>, Principal, Vec<TopicFilter>, Option<Registered>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle connection's memory is mostly its task, whose size is this future's.
+    #[test]
+    fn an_idle_connections_future_stays_small() {
+        let size = returned_size(&run);
+        eprintln!(
+            "websocket connection future: {size} bytes; Conn {} bytes",
+            std::mem::size_of::<Conn>()
+        );
+        assert!(size <= 2048, "connection::run's future is {size} bytes");
+    }
 }

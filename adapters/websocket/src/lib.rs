@@ -283,6 +283,22 @@ async fn handshake(
         .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
         .max_message_size(Some(shared.config.max_message_size))
         .max_frame_size(Some(shared.config.max_message_size));
+    // Listed for the admin API (when it is on) from here; told to close through its waker
+    // (`Connection::poll_closed`), so no token per connection.
+    let listed = shared
+        .ctx
+        .connections
+        .register_if_on(meshgate_core::connections::NewConnection {
+            id: shared.ctx.next_connection_id(),
+            protocol: "websocket",
+            version: match negotiated {
+                binding::Negotiated::CloudEventsJson => binding::SUBPROTOCOL,
+                binding::Negotiated::CompatJson => "none",
+            },
+            principal: principal.clone(),
+            client_id: None,
+            peer,
+        });
     let tracker = shared.ctx.tracker.clone();
     tokio::spawn(tracker.track_future(async move {
         let _slots = (slot, ip_permit, user_permit);
@@ -294,11 +310,7 @@ async fn handshake(
         let connection = {
             let io = read_ahead::ReadAhead::new(TokioIo::new(upgraded));
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-            let version = match negotiated {
-                binding::Negotiated::CloudEventsJson => binding::SUBPROTOCOL,
-                binding::Negotiated::CompatJson => "none",
-            };
-            connection::run(socket, shared, principal, filters, peer, version)
+            connection::run(socket, shared, principal, filters, listed)
         };
         connection.await;
     }));

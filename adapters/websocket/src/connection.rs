@@ -905,14 +905,12 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    /// An idle connection's memory is mostly its task, whose size is this future's.
+    /// An idle connection's memory is mostly its task, whose size is this future's: 1,632
+    /// bytes with the admin API's registry handle (an `Option`, 16 bytes). rustc adds to it
+    /// silently; raise the bound only knowingly (`ws-idle` measures what it costs).
     #[test]
     fn an_idle_connections_future_stays_small() {
         let size = returned_size(&run);
-        eprintln!(
-            "websocket connection future: {size} bytes; Conn {} bytes",
-            std::mem::size_of::<Conn>()
-        );
-        assert!(size <= 2048, "connection::run's future is {size} bytes");
+        assert!(size <= 1_664, "connection::run's future is {size} bytes");
     }
 }

@@ -409,10 +409,7 @@ async fn accept_loop(
             let (_slot, _ip_permit) = (slot, ip_permit);
             match tls {
                 None => {
-                    let peer = session::Peer {
-                        addr: Some(peer),
-                        transport: session::Transport::Tcp,
-                    };
+                    let peer = session::Peer::new(Some(peer), session::Transport::Tcp);
                     session::run(stream, shared, peer, None).await
                 }
                 // Boxed: a TLS connection's state is large, and inline it would make every
@@ -445,10 +442,7 @@ async fn run_tls(
                 });
             match tls::identity(&tls_stream, kind) {
                 Ok(user) => {
-                    let peer = session::Peer {
-                        addr: Some(peer),
-                        transport: session::Transport::Tls,
-                    };
+                    let peer = session::Peer::new(Some(peer), session::Transport::Tls);
                     session::run(tls_stream, shared, peer, user).await
                 }
                 Err(()) => {

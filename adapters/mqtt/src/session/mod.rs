@@ -180,11 +180,14 @@ fn to_qos(n: u8) -> QoS {
 /// Most QoS meshgate grants to a subscription.
 const MAX_GRANTED_QOS: QoS = QoS::ExactlyOnce;
 
-/// Where a connection comes from, as its listener knows it.
+/// Where a connection comes from, as its listener knows it. The address is kept as its parts:
+/// a `SocketAddr` (32 bytes, for an IPv6 flow label and scope nobody reads here) would grow
+/// every connection's future (see `an_idle_connections_future_stays_small`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer {
-    pub(crate) addr: Option<std::net::SocketAddr>,
-    pub(crate) transport: Transport,
+    ip: Option<std::net::IpAddr>,
+    port: u16,
+    transport: Transport,
 }
 
 /// How the client reaches the broker.
@@ -196,8 +199,16 @@ pub(crate) enum Transport {
 }
 
 impl Peer {
+    pub(crate) fn new(addr: Option<std::net::SocketAddr>, transport: Transport) -> Peer {
+        Peer {
+            ip: addr.map(|a| a.ip()),
+            port: addr.map_or(0, |a| a.port()),
+            transport,
+        }
+    }
+
     fn ip(&self) -> Option<std::net::IpAddr> {
-        self.addr.map(|a| a.ip())
+        self.ip
     }
 
     /// How the admin API lists the connection.
@@ -212,7 +223,7 @@ impl Peer {
                 Version::V311 => "3.1.1",
                 Version::V5 => "5",
             },
-            peer: self.addr,
+            peer: self.ip.map(|ip| std::net::SocketAddr::new(ip, self.port)),
         }
     }
 }

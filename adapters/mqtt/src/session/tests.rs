@@ -49,10 +49,9 @@ fn config() -> MqttConfig {
 
 /// An adapter context on a memory backbone that lets everyone in.
 /// A connection whose address the listener does not know.
-const LOCAL: super::Peer = super::Peer {
-    addr: None,
-    transport: super::Transport::Tcp,
-};
+fn local() -> super::Peer {
+    super::Peer::new(None, super::Transport::Tcp)
+}
 
 fn context() -> AdapterContext {
     let registry = Registry::new();
@@ -127,7 +126,7 @@ impl Client {
     /// Connects to a new session task and returns the CONNACK.
     async fn connect(shared: &Arc<Shared>, connect: mq::Connect) -> (Client, mq::ConnAck) {
         let (io, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(super::run(server, shared.clone(), LOCAL, None));
+        tokio::spawn(super::run(server, shared.clone(), local(), None));
         let mut client = Client {
             io,
             buf: BytesMut::new(),
@@ -226,7 +225,7 @@ async fn keep_alive_closes_a_silent_connection_after_one_and_a_half_times_it() {
 async fn keep_alive_zero_in_3_1_1_never_times_out() {
     let shared = Shared::new(&config(), &context());
     let (mut io, server) = tokio::io::duplex(4096);
-    tokio::spawn(super::run(server, shared.clone(), LOCAL, None));
+    tokio::spawn(super::run(server, shared.clone(), local(), None));
     // CONNECT 3.1.1, clean session, keep-alive 0, client id "k".
     let connect = [
         0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0, 0, 1, b'k',
@@ -376,7 +375,7 @@ async fn an_idle_connections_future_stays_small() {
     let socket = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
-    let future = super::run(socket, shared, LOCAL, None);
+    let future = super::run(socket, shared, local(), None);
     let size = std::mem::size_of_val(&future);
     assert!(size <= 1_216, "session::run's future is {size} bytes");
 }

@@ -5,7 +5,7 @@
 //! previous page's `next` as `?after=`.
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -70,6 +70,15 @@ fn bad_query(e: &QueryRejection) -> Response {
     )
 }
 
+/// A path segment that does not decode (e.g. `%FF`): said as a problem, after the token check.
+fn bad_path(e: &PathRejection) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        &format!("bad path: {}", e.body_text()),
+        None,
+    )
+}
+
 fn page_limit(limit: Option<usize>) -> Result<usize, Box<Response>> {
     match limit {
         None => Ok(DEFAULT_PAGE),
@@ -130,11 +139,15 @@ fn connection_id(id: &str) -> Result<u64, Box<Response>> {
 async fn show_connection(
     State(api): State<AdminApi>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
     if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
         return r;
     }
+    let Path(id) = match id {
+        Ok(p) => p,
+        Err(e) => return bad_path(&e),
+    };
     let id = match connection_id(&id) {
         Ok(id) => id,
         Err(r) => return *r,
@@ -152,11 +165,15 @@ async fn show_connection(
 async fn close_connection(
     State(api): State<AdminApi>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
     if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
         return r;
     }
+    let Path(id) = match id {
+        Ok(p) => p,
+        Err(e) => return bad_path(&e),
+    };
     let id = match connection_id(&id) {
         Ok(id) => id,
         Err(r) => return *r,
@@ -256,7 +273,7 @@ mod mqtt_routes {
             return r;
         }
         match query {
-            Ok(Query(q)) => delete_session(State(api), headers, Path(q.client_id)).await,
+            Ok(Query(q)) => delete_session(State(api), headers, Ok(Path(q.client_id))).await,
             Err(e) => bad_query(&e),
         }
     }
@@ -264,11 +281,15 @@ mod mqtt_routes {
     async fn delete_session(
         State(api): State<AdminApi>,
         headers: HeaderMap,
-        Path(client_id): Path<String>,
+        client_id: Result<Path<String>, PathRejection>,
     ) -> Response {
         if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
             return r;
         }
+        let Path(client_id) = match client_id {
+            Ok(p) => p,
+            Err(e) => return bad_path(&e),
+        };
         match mqtt(&api) {
             Ok(m) => {
                 use meshgate_mqtt::admin::DeleteError;
@@ -341,7 +362,7 @@ mod mqtt_routes {
             return r;
         }
         match query {
-            Ok(Query(q)) => delete_retained(State(api), headers, Path(q.topic)).await,
+            Ok(Query(q)) => delete_retained(State(api), headers, Ok(Path(q.topic))).await,
             Err(e) => bad_query(&e),
         }
     }
@@ -349,11 +370,15 @@ mod mqtt_routes {
     async fn delete_retained(
         State(api): State<AdminApi>,
         headers: HeaderMap,
-        Path(topic): Path<String>,
+        topic: Result<Path<String>, PathRejection>,
     ) -> Response {
         if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
             return r;
         }
+        let Path(topic) = match topic {
+            Ok(p) => p,
+            Err(e) => return bad_path(&e),
+        };
         let topic = match meshgate_core::Topic::from_mqtt(&topic) {
             Ok(t) => t,
             Err(e) => {

@@ -114,11 +114,14 @@ async fn connections_are_listed_inspected_and_closed() {
     let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
     let (admin, port, web) = (gw.admin.unwrap(), gw.mqtt.unwrap().port(), gw.web.unwrap());
 
-    // Without the token, or with another one: refused, saying how.
+    // Without the token, or with another one: refused, saying how (a path that does not
+    // decode too: the token is checked first).
     for token in [None, Some("not-the-token-at-all-000")] {
-        let (status, body) = call_with(reqwest::Method::GET, admin, "/connections", token).await;
-        assert_eq!(status, 401, "{body}");
-        assert!(body["detail"].as_str().unwrap().contains("admin.api_token"));
+        for path in ["/connections", "/connections/%FF"] {
+            let (status, body) = call_with(reqwest::Method::GET, admin, path, token).await;
+            assert_eq!(status, 401, "{path}: {body}");
+            assert!(body["detail"].as_str().unwrap().contains("admin.api_token"));
+        }
     }
 
     // An MQTT 5 client with two subscriptions.
@@ -196,6 +199,7 @@ async fn connections_are_listed_inspected_and_closed() {
     // Bad requests say what is wrong.
     for (path, status, says) in [
         ("/connections/abc", 400, "not a connection id"),
+        ("/connections/%FF", 400, "bad path"),
         ("/connections/999999", 404, "no connection 999999"),
         ("/connections?limit=0", 400, "1 to 1000"),
         ("/connections?limit=5000", 400, "1 to 1000"),

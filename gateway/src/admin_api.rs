@@ -7,7 +7,7 @@
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meshgate_core::connections::{Connections, MAX_PAGE, Query as ConnectionQuery};
@@ -48,7 +48,26 @@ pub fn router(api: AdminApi) -> Router {
         .route("/amqp/links", get(amqp_links));
     #[cfg(feature = "mqtt")]
     let router = mqtt_routes::routes(router);
-    router.with_state(api)
+    // One token check for every route, before any extractor reads the request.
+    router
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.token.clone(),
+            require_token,
+        ))
+        .with_state(api)
+}
+
+/// Refuses a request without `Authorization: Bearer <admin.api_token>` (see
+/// [`refusal_for`]).
+async fn require_token(
+    State(token): State<Option<String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(r) = refusal_for(token.as_deref(), request.headers()) {
+        return r;
+    }
+    next.run(request).await
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
@@ -102,12 +121,8 @@ struct ConnectionsQuery {
 
 async fn list_connections(
     State(api): State<AdminApi>,
-    headers: HeaderMap,
     query: Result<Query<ConnectionsQuery>, QueryRejection>,
 ) -> Response {
-    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-        return r;
-    }
     let Query(q) = match query {
         Ok(q) => q,
         Err(e) => return bad_query(&e),
@@ -138,12 +153,8 @@ fn connection_id(id: &str) -> Result<u64, Box<Response>> {
 
 async fn show_connection(
     State(api): State<AdminApi>,
-    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
-    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-        return r;
-    }
     let Path(id) = match id {
         Ok(p) => p,
         Err(e) => return bad_path(&e),
@@ -164,12 +175,8 @@ async fn show_connection(
 
 async fn close_connection(
     State(api): State<AdminApi>,
-    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
-    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-        return r;
-    }
     let Path(id) = match id {
         Ok(p) => p,
         Err(e) => return bad_path(&e),
@@ -234,12 +241,8 @@ mod mqtt_routes {
 
     async fn list_sessions(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         query: Result<Query<SessionsQuery>, QueryRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         let Query(q) = match query {
             Ok(q) => q,
             Err(e) => return bad_query(&e),
@@ -266,26 +269,18 @@ mod mqtt_routes {
     /// segment cannot carry through URL normalisation).
     async fn delete_session_by_query(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         query: Result<Query<ClientIdQuery>, QueryRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         match query {
-            Ok(Query(q)) => delete_session(State(api), headers, Ok(Path(q.client_id))).await,
+            Ok(Query(q)) => delete_session(State(api), Ok(Path(q.client_id))).await,
             Err(e) => bad_query(&e),
         }
     }
 
     async fn delete_session(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         client_id: Result<Path<String>, PathRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         let Path(client_id) = match client_id {
             Ok(p) => p,
             Err(e) => return bad_path(&e),
@@ -321,12 +316,8 @@ mod mqtt_routes {
 
     async fn list_retained(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         query: Result<Query<RetainedQuery>, QueryRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         let Query(q) = match query {
             Ok(q) => q,
             Err(e) => return bad_query(&e),
@@ -355,26 +346,18 @@ mod mqtt_routes {
     /// `DELETE /retained?topic=` (any topic, `.` and `..` levels included).
     async fn delete_retained_by_query(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         query: Result<Query<TopicQuery>, QueryRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         match query {
-            Ok(Query(q)) => delete_retained(State(api), headers, Ok(Path(q.topic))).await,
+            Ok(Query(q)) => delete_retained(State(api), Ok(Path(q.topic))).await,
             Err(e) => bad_query(&e),
         }
     }
 
     async fn delete_retained(
         State(api): State<AdminApi>,
-        headers: HeaderMap,
         topic: Result<Path<String>, PathRejection>,
     ) -> Response {
-        if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-            return r;
-        }
         let Path(topic) = match topic {
             Ok(p) => p,
             Err(e) => return bad_path(&e),
@@ -404,10 +387,7 @@ mod mqtt_routes {
     }
 }
 
-async fn amqp_links(State(api): State<AdminApi>, headers: HeaderMap) -> Response {
-    if let Some(r) = refusal_for(api.token.as_deref(), &headers) {
-        return r;
-    }
+async fn amqp_links(State(api): State<AdminApi>) -> Response {
     #[cfg(feature = "amqp")]
     if let Some(amqp) = &api.amqp {
         return json(

@@ -328,6 +328,30 @@ pub async fn next_event(ws: &mut Ws, within: Duration) -> Result<Event, Option<u
     }
 }
 
+/// A request to the admin API (`Authorization: Bearer <token>` when given): the status and
+/// the JSON body (`Null` when there is none or it is not JSON).
+pub async fn admin_call(
+    method: reqwest::Method,
+    admin: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().request(method, format!("http://{admin}{path}"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("admin API {path}: {e}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// Posts a structured CloudEvent whose `data` is the JSON string `data`; the status and body.
 pub async fn post_data(
     web: SocketAddr,

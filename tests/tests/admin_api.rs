@@ -35,24 +35,17 @@ listen = "127.0.0.1:0"
     )
 }
 
-async fn call(method: reqwest::Method, admin: SocketAddr, path: &str) -> (u16, Json) {
-    call_with(method, admin, path, Some(TOKEN)).await
+/// [`config`] written to a file of its own (`meshgate-<test>-<pid>/meshgate.toml`).
+fn config_file(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("meshgate-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    std::fs::write(&path, config()).unwrap();
+    path
 }
 
-async fn call_with(
-    method: reqwest::Method,
-    admin: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-) -> (u16, Json) {
-    let mut request = reqwest::Client::new().request(method, format!("http://{admin}{path}"));
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Json::Null))
+async fn call(method: reqwest::Method, admin: SocketAddr, path: &str) -> (u16, Json) {
+    meshgate_tests::admin_call(method, admin, path, Some(TOKEN)).await
 }
 
 async fn get(admin: SocketAddr, path: &str) -> Json {
@@ -107,10 +100,7 @@ fn ctl(config: &std::path::Path, admin: SocketAddr, args: &[&str]) -> (i32, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_listed_inspected_and_closed() {
-    let dir = std::env::temp_dir().join(format!("meshgate-admin-api-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
-    std::fs::write(&path, config()).unwrap();
+    let path = config_file("admin-api");
     let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
     let (admin, port, web) = (gw.admin.unwrap(), gw.mqtt.unwrap().port(), gw.web.unwrap());
 
@@ -118,7 +108,8 @@ async fn connections_are_listed_inspected_and_closed() {
     // decode too: the token is checked first).
     for token in [None, Some("not-the-token-at-all-000")] {
         for path in ["/connections", "/connections/%FF"] {
-            let (status, body) = call_with(reqwest::Method::GET, admin, path, token).await;
+            let (status, body) =
+                meshgate_tests::admin_call(reqwest::Method::GET, admin, path, token).await;
             assert_eq!(status, 401, "{path}: {body}");
             assert!(body["detail"].as_str().unwrap().contains("admin.api_token"));
         }
@@ -323,10 +314,7 @@ async fn connections_are_listed_inspected_and_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_retained_messages_are_listed_and_deleted() {
-    let dir = std::env::temp_dir().join(format!("meshgate-admin-state-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
-    std::fs::write(&path, config()).unwrap();
+    let path = config_file("admin-state");
     let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
     let (admin, port) = (gw.admin.unwrap(), gw.mqtt.unwrap().port());
 

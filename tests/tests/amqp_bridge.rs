@@ -18,6 +18,19 @@ use meshgate_tests::{Deadline, metrics, next_event, start_gateway, test_config, 
 /// The admin API's token where a test reads `/amqp/links`.
 const ADMIN_TOKEN: &str = "amqp-bridge-test-admin-token-0123";
 
+/// `GET /amqp/links` of the admin API.
+async fn amqp_links(admin: SocketAddr) -> serde_json::Value {
+    let (status, links) = meshgate_tests::admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/amqp/links",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{links}");
+    links
+}
+
 fn amqp_config(vhost: &str) -> Config {
     let mut c = test_config();
     c.amqp.enabled = true;
@@ -133,15 +146,7 @@ async fn amqp_messages_reach_websocket_with_attributes_intact_and_poison_is_dead
     config.admin.api_token = Some(ADMIN_TOKEN.to_owned());
     let gw = start_gateway(config).await;
     links_up(&gw).await;
-    let links: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/amqp/links", gw.admin_addr.unwrap()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let links = amqp_links(gw.admin_addr.unwrap()).await;
     assert_eq!(links["items"][0]["name"], "orders");
     assert_eq!(links["items"][0]["state"], "up", "{links}");
     let mut ws = ws_connect(gw.web_addr.unwrap(), &["legacy/#"]).await;
@@ -528,15 +533,7 @@ async fn readiness_names_the_link_that_is_down() {
         "{body}"
     );
     // The admin API lists both links with their state and why they are down.
-    let links: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{admin}/amqp/links"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let links = amqp_links(admin).await;
     let items = links["items"].as_array().unwrap();
     let names: Vec<(&str, &str, &str)> = items
         .iter()

@@ -340,15 +340,9 @@ api_token = "API_TOKEN"
     gw.signal("HUP");
     let d = Deadline::after(Duration::from_secs(10));
     loop {
-        let t: serde_json::Value = reqwest::Client::new()
-            .get(format!("http://{admin}/triggers/t"))
-            .bearer_auth(API_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, t) =
+            meshgate_tests::admin_call(reqwest::Method::GET, admin, "/triggers/t", Some(API_TOKEN))
+                .await;
         if t["trigger"]["topic"] == "b/#" {
             assert_eq!(t["source"], "config");
             break;
@@ -389,12 +383,8 @@ api_token = "API_TOKEN"
         body.contains("no-such-ca.pem") || body.contains("caFile"),
         "{body}"
     );
-    let (status, _) = reqwest::Client::new()
-        .get(format!("http://{admin}/triggers/t"))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .map(|r| (r.status().as_u16(), ()))
-        .unwrap();
+    let (status, _) =
+        meshgate_tests::admin_call(reqwest::Method::GET, admin, "/triggers/t", Some(API_TOKEN))
+            .await;
     assert_eq!(status, 404, "the refused trigger does not run");
 }

@@ -387,6 +387,19 @@ mod tests {
         format!("MSG {inbox} 1 {}\r\n{ack}\r\n", ack.len())
     }
 
+    /// A publisher with a 5 s publish timeout, for several tasks of a test.
+    fn shared_publisher(client: Client) -> std::sync::Arc<JsPublisher> {
+        std::sync::Arc::new(
+            JsPublisher::start(
+                client,
+                Duration::from_secs(5),
+                Counter::default(),
+                Counter::default(),
+            )
+            .unwrap(),
+        )
+    }
+
     fn inbox_of(line: &str) -> String {
         line.split(' ').nth(2).unwrap().to_owned()
     }
@@ -397,15 +410,7 @@ mod tests {
     #[tokio::test]
     async fn pipelined_no_responders_are_asked_again_in_call_order() {
         let (client, _serving, server) = serving(64 << 10).await;
-        let publisher = std::sync::Arc::new(
-            JsPublisher::start(
-                client,
-                Duration::from_secs(5),
-                Counter::default(),
-                Counter::default(),
-            )
-            .unwrap(),
-        );
+        let publisher = shared_publisher(client);
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
         line_of(&mut r, &mut seen, "SUB ").await;
@@ -448,15 +453,7 @@ mod tests {
     #[tokio::test]
     async fn no_responders_is_refused_when_a_newer_publish_was_stored() {
         let (client, _serving, server) = serving(64 << 10).await;
-        let publisher = std::sync::Arc::new(
-            JsPublisher::start(
-                client,
-                Duration::from_secs(5),
-                Counter::default(),
-                Counter::default(),
-            )
-            .unwrap(),
-        );
+        let publisher = shared_publisher(client);
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
         line_of(&mut r, &mut seen, "SUB ").await;

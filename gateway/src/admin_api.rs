@@ -387,6 +387,13 @@ mod mqtt_routes {
     }
 }
 
+#[cfg_attr(
+    not(feature = "amqp"),
+    expect(
+        unused_variables,
+        reason = "the AMQP bridge's state, when it is built in"
+    )
+)]
 async fn amqp_links(State(api): State<AdminApi>) -> Response {
     #[cfg(feature = "amqp")]
     if let Some(amqp) = &api.amqp {

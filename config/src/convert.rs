@@ -517,6 +517,7 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         "mqtt",
         "amqp",
         "auth",
+        "tracing",
         "triggers",
     ];
     for key in table.keys() {
@@ -540,6 +541,8 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
     let amqp: Option<raw::Amqp> = section(sec("amqp"), "amqp", errors);
     let amqp = amqp.map(|a| crate::amqp::convert(a, errors));
     let auth = auth(sec("auth"), errors);
+    let tracing: Option<raw::Tracing> = section(sec("tracing"), "tracing", errors);
+    let tracing = tracing.map(|t| tracing_config(t, errors));
     let triggers = triggers(table.get("triggers"), errors);
 
     let gateway = gateway.map(|g| {
@@ -1015,8 +1018,39 @@ pub(crate) fn convert(table: &Table, errors: &mut Errors) -> Option<Config> {
         mqtt: mqtt?,
         amqp: amqp?,
         auth: auth?,
+        tracing: tracing?,
         triggers,
     })
+}
+
+fn tracing_config(t: raw::Tracing, errors: &mut Errors) -> TracingConfig {
+    let endpoint = t.endpoint.trim();
+    let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+    if !scheme_ok || endpoint.contains(char::is_whitespace) || endpoint.len() <= "https://".len() {
+        errors.push(
+            "tracing.endpoint",
+            format!(
+                "{endpoint:?} is not an http:// or https:// URL (the OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces)"
+            ),
+        );
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        errors.push(
+            "tracing.sample_ratio",
+            format!("{} is not between 0.0 and 1.0", t.sample_ratio),
+        );
+    }
+    if t.service_name.trim().is_empty() {
+        errors.push("tracing.service_name", "must not be empty");
+    }
+    TracingConfig {
+        enabled: t.enabled,
+        endpoint: endpoint.to_owned(),
+        sample_ratio: t.sample_ratio.clamp(0.0, 1.0),
+        service_name: t.service_name,
+        export_timeout: duration(&t.export_timeout, "tracing.export_timeout", errors),
+        max_queued_spans: positive(t.max_queued_spans, "tracing.max_queued_spans", errors),
+    }
 }
 
 /// `[[triggers]]`: each checked as the admin API checks a `PUT /triggers/{name}` body.

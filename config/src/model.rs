@@ -16,6 +16,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
+    pub tracing: TracingConfig,
     /// `[[triggers]]`: filtered push delivery to HTTP subscribers (more come from the admin
     /// API at run time).
     pub triggers: Vec<crate::TriggerConfig>,
@@ -49,6 +50,25 @@ pub struct LogConfig {
     /// A `tracing` filter directive, e.g. `info` or `meshgate_http=debug,info`.
     pub level: String,
     pub format: LogFormat,
+}
+
+/// `[tracing]`: spans per hop, exported over OTLP (HTTP/protobuf); see docs/tracing.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// Off (the default): no span is recorded and no trace context is read or written.
+    pub enabled: bool,
+    /// Where spans are sent: the full OTLP/HTTP traces URL (`http://host:4318/v1/traces`).
+    pub endpoint: String,
+    /// The share of new traces recorded (0.0 to 1.0); a trace that arrives with a context
+    /// follows its parent's sampled flag.
+    pub sample_ratio: f64,
+    /// The `service.name` of every span.
+    pub service_name: String,
+    /// How long one export request may take.
+    pub export_timeout: Duration,
+    /// Finished spans held for export; more are dropped (a slow or absent collector costs
+    /// spans, never events).
+    pub max_queued_spans: usize,
 }
 
 #[derive(Clone, PartialEq)]

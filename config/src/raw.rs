@@ -40,6 +40,16 @@ impl std::fmt::Debug for Admin {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct Tracing {
+    pub enabled: bool,
+    pub endpoint: String,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub export_timeout: String,
+    pub max_queued_spans: i64,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct Memory {
     pub queue_capacity: i64,
     pub full_policy: String,

@@ -190,15 +190,23 @@ impl AdapterContext {
         metrics: &'a AdapterMetrics,
         envelope: AuthorizedEnvelope,
     ) -> Published<'a> {
-        match self.backbone.try_publish(envelope.0) {
+        let mut envelope = envelope.0;
+        // Tracing on: the ingress hop's spans, ended once the backbone answered.
+        let mut hop = crate::trace::ingress(metrics.adapter(), &mut envelope);
+        match self.backbone.try_publish(envelope) {
             // Settled without waiting: recorded as taking no time (the lowest latency bucket)
             // rather than reading the clock twice per message.
-            TryPublish::Done(r) => Published::Done(settled(metrics, r, None)),
+            TryPublish::Done(r) => {
+                traced(hop.as_deref_mut(), &r);
+                Published::Done(settled(metrics, r, None))
+            }
             TryPublish::Pending(f) => {
                 let started = std::time::Instant::now();
-                Published::Pending(Box::pin(
-                    async move { settled(metrics, f.await, Some(started)) },
-                ))
+                Published::Pending(Box::pin(async move {
+                    let r = f.await;
+                    traced(hop.as_deref_mut(), &r);
+                    settled(metrics, r, Some(started))
+                }))
             }
         }
     }
@@ -218,6 +226,13 @@ impl std::fmt::Debug for Published<'_> {
             Published::Done(r) => f.debug_tuple("Done").field(r).finish(),
             Published::Pending(_) => f.write_str("Pending"),
         }
+    }
+}
+
+/// Notes a refused publish on the hop's spans.
+fn traced(hop: Option<&mut crate::trace::Ingress>, r: &Result<(), crate::backbone::BackboneError>) {
+    if let (Some(hop), Err(e)) = (hop, r) {
+        hop.failed(e);
     }
 }
 

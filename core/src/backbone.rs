@@ -112,6 +112,28 @@ impl Envelope {
         self
     }
 
+    /// Forgets the JSON format made so far: for the one who changed `event` (tracing sets its
+    /// trace context at ingress).
+    pub(crate) fn forget_json(&mut self) {
+        self.json = std::sync::OnceLock::new();
+    }
+
+    /// This envelope with `event` in place of its event (a delivery's own copy, see
+    /// `trace::deliver`); the JSON format is made again for it when asked for.
+    pub fn with_event(&self, event: Arc<Event>) -> Envelope {
+        Envelope {
+            topic: self.topic.clone(),
+            event,
+            origin: self.origin.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            mqtt: self.mqtt.clone(),
+            plain: self.plain,
+            dedup_scope: self.dedup_scope.clone(),
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The JSON format of `event` if something asked for it already ([`Envelope::json`]).
     pub fn json_if_encoded(&self) -> Option<&bytes::Bytes> {
         self.json.get()

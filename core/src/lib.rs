@@ -27,6 +27,7 @@ pub mod tls;
 #[cfg(feature = "tls")]
 pub mod tls_server;
 pub mod topic;
+pub mod trace;
 pub mod validate;
 pub mod wrap;
 

@@ -345,6 +345,11 @@ pub struct AdapterMetrics {
 }
 
 impl AdapterMetrics {
+    /// The adapter these metrics count for (`mqtt`, `http`, ...).
+    pub fn adapter(&self) -> &'static str {
+        self.adapter
+    }
+
     pub fn new(registry: &Registry, adapter: &'static str) -> Self {
         let a = [("adapter", adapter)];
         AdapterMetrics {

@@ -51,6 +51,8 @@ pub enum StartError {
     Adapter(#[source] meshgate_core::AdapterError),
     #[error("{0}")]
     Trigger(#[source] meshgate_triggers::TriggerError),
+    #[error("{0}")]
+    Tracing(#[source] crate::tracing_export::TracingStartError),
 }
 
 /// A started gateway. Call [`RunningGateway::shutdown`] to stop it in order.
@@ -231,6 +233,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .clone()
             .unwrap_or_else(meshgate_core::wrap::new_id),
     );
+    crate::tracing_export::start(&config.tracing, &instance).map_err(StartError::Tracing)?;
     // Every listener is bound before anything connects out (backbone, AMQP): an outgoing
     // connection's ephemeral port could otherwise take a port configured here.
     let web_listener = match web::enabled(&config) {

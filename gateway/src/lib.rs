@@ -13,6 +13,7 @@ pub mod process_metrics;
 pub mod reload;
 pub mod serve;
 mod tls_stream;
+pub mod tracing_export;
 pub mod triggers_api;
 pub mod web;
 

@@ -265,6 +265,12 @@ async fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     }
     tracing::info!("shutting down");
     let report = gateway.shutdown().await;
+    // The spans of the last events go out before the process ends (blocking: the SDK's
+    // exporter thread is joined).
+    let _ = tokio::task::spawn_blocking(|| {
+        meshgate::tracing_export::finish(std::time::Duration::from_secs(5))
+    })
+    .await;
     if report.clean {
         tracing::info!("shutdown complete");
         ExitCode::SUCCESS

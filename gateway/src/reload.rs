@@ -195,6 +195,7 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     differs("websocket", running.websocket == next.websocket);
     differs("mqtt", running.mqtt == next.mqtt);
     differs("amqp", running.amqp == next.amqp);
+    differs("tracing", running.tracing == next.tracing);
     // (Every section but `auth` and `triggers`: a field added to `Config` must be listed here
     // or in place.)
     let Config {
@@ -207,6 +208,7 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
         mqtt: _,
         amqp: _,
         auth: _,
+        tracing: _,
         triggers: _,
     } = next;
     sections

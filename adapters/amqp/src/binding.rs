@@ -54,6 +54,22 @@ pub fn from_mesh(properties: &BasicProperties) -> bool {
         .is_some_and(|h| h.contains_key(ORIGIN_HEADER))
 }
 
+/// A W3C Trace Context header (`traceparent`, `tracestate`: the names the AMQP form of Trace
+/// Context uses) as text, when it is a string.
+pub fn trace_header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    let (_, value) = properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == name)?;
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// `(prefix index, attribute name)` for a header that names a CloudEvents attribute.
 fn attribute_header(key: &str) -> Option<(usize, String)> {
     PREFIXES.iter().enumerate().find_map(|(i, p)| {
@@ -311,6 +327,23 @@ pub fn encode(
         short("header", ORIGIN_HEADER.to_owned())?,
         AMQPValue::LongString(LongString::from(origin)),
     )?;
+    // With tracing on, the delivery's context also in W3C's own AMQP form (the event's
+    // `traceparent`, set by `trace::deliver`), for consumers that know Trace Context and not
+    // CloudEvents.
+    if meshgate_core::trace::enabled() {
+        for name in [
+            meshgate_core::trace::TRACEPARENT,
+            meshgate_core::trace::TRACESTATE,
+        ] {
+            if let Some(ExtensionValue::String(v)) = event.extension(name) {
+                insert(
+                    &mut headers,
+                    short("header", name.to_owned())?,
+                    AMQPValue::LongString(LongString::from(v.as_str())),
+                )?;
+            }
+        }
+    }
     let mut properties =
         BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
     let mut content_type_size = 0;

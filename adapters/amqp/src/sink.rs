@@ -124,8 +124,14 @@ impl Sink {
         &self,
         channel: &lapin::Channel,
         frame_max: u32,
-        delivery: Delivery,
+        mut delivery: Delivery,
     ) -> Result<Option<Confirming>, (Delivery, lapin::Error)> {
+        // Tracing on: this delivery's span, and its context on the message.
+        let _hop = meshgate_core::trace::deliver(
+            "amqp publish",
+            meshgate_core::trace::SpanKind::Producer,
+            &mut delivery.envelope,
+        );
         let envelope = delivery.envelope.clone();
         // Everything written is checked first (short strings, the header frame against
         // frame_max): an event AMQP cannot carry is skipped for this sink and counted, never

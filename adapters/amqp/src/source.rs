@@ -215,7 +215,7 @@ impl Source {
                 wrapper: &self.wrapper,
             })
         }));
-        let event = match event {
+        let mut event = match event {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 return Handled::Now(Outcome::Reject(format!("not a valid CloudEvent: {e}")));
@@ -227,6 +227,11 @@ impl Source {
                 ));
             }
         };
+        meshgate_core::trace::adopt(
+            &mut event,
+            binding::trace_header(&d.properties, meshgate_core::trace::TRACEPARENT),
+            binding::trace_header(&d.properties, meshgate_core::trace::TRACESTATE),
+        );
         let envelope = match ctx.authorize(&self.metrics, &self.principal, topic) {
             Ok(authorized) => authorized.envelope(Arc::new(event), ctx.origin(0)),
             Err(e) => return Handled::Now(outcome(Err(e))),

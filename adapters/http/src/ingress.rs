@@ -415,7 +415,15 @@ async fn handle(
     let body = read_body(state, headers, body).await?;
     let events = decode(state, headers, authorized.topic(), body)?;
     let mut ids = Vec::with_capacity(events.len());
-    for event in events {
+    // W3C Trace Context: the request's `traceparent` header is the parent of this hop (with
+    // tracing on; `ce-traceparent`, the event's own, otherwise).
+    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let carried = (
+        header_str(meshgate_core::trace::TRACEPARENT),
+        header_str(meshgate_core::trace::TRACESTATE),
+    );
+    for mut event in events {
+        meshgate_core::trace::adopt(&mut event, carried.0, carried.1);
         let id = event.id().to_owned();
         let origin = state.ctx.origin(0);
         let result = state

@@ -124,7 +124,17 @@ pub fn authorization(credentials: &Credentials) -> Option<HeaderValue> {
 
 /// Sends `envelope`'s event once.
 pub async fn send(client: &reqwest::Client, req: &Request, envelope: &Envelope) -> Attempt {
-    let (headers, body) = match req.mode {
+    // Tracing on: one span per attempt (retries and dead letters are attempts too); the event
+    // sent and the W3C `traceparent` header carry its context.
+    let (mut hop, envelope) = match meshgate_core::trace::deliver_copy(
+        "trigger deliver",
+        meshgate_core::trace::SpanKind::Client,
+        envelope,
+    ) {
+        Some((hop, copy)) => (Some(hop), std::borrow::Cow::Owned(copy)),
+        None => (None, std::borrow::Cow::Borrowed(envelope)),
+    };
+    let (mut headers, body) = match req.mode {
         ContentMode::Binary => meshgate_http::binding::encode_binary(&envelope.event),
         ContentMode::Structured => {
             let mut h = HeaderMap::new();
@@ -135,6 +145,15 @@ pub async fn send(client: &reqwest::Client, req: &Request, envelope: &Envelope) 
             (h, envelope.json())
         }
     };
+    if let Some(hop) = &hop {
+        let w3c = hop.headers();
+        if let Ok(v) = HeaderValue::try_from(w3c.traceparent) {
+            headers.insert(meshgate_core::trace::TRACEPARENT, v);
+        }
+        if let Some(v) = w3c.tracestate.and_then(|s| HeaderValue::try_from(s).ok()) {
+            headers.insert(meshgate_core::trace::TRACESTATE, v);
+        }
+    }
     let mut builder = client.post(&req.uri).headers(headers).body(body);
     if let Some(auth) = &req.auth {
         builder = builder.header(header::AUTHORIZATION, auth.clone());
@@ -142,7 +161,14 @@ pub async fn send(client: &reqwest::Client, req: &Request, envelope: &Envelope) 
     if req.want_reply {
         builder = builder.header("prefer", "reply");
     }
-    exchange(builder, req).await
+    let attempt = exchange(builder, req).await;
+    if let (Some(hop), Attempt::Failed(f)) = (hop.as_mut(), &attempt) {
+        match f.status {
+            Some(status) => hop.failed(&format_args!("HTTP status {status}")),
+            None => hop.failed(&"no answer"),
+        }
+    }
+    attempt
 }
 
 /// The request and its answer, all within `req.timeout`: once a 2xx status is in, the event

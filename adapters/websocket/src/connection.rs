@@ -258,7 +258,7 @@ impl Conn {
     /// Routes one delivery of subscription `i`: queued for the client, settled (another
     /// filter sends it), or handed to the slow-consumer policy. False when the connection is
     /// to be disconnected.
-    fn route(&mut self, i: usize, delivery: Delivery) -> bool {
+    fn route(&mut self, i: usize, mut delivery: Delivery) -> bool {
         if self.subs[i].filtered
             && !self
                 .shared
@@ -279,6 +279,12 @@ impl Conn {
             self.settle_unsent(delivery);
             return true;
         }
+        // Tracing on: this delivery's span; the event sent carries its context.
+        let _hop = meshgate_core::trace::deliver(
+            "websocket deliver",
+            meshgate_core::trace::SpanKind::Producer,
+            &mut delivery.envelope,
+        );
         // The JSON encoder writes UTF-8 only; checked anyway rather than trusted (no copy).
         let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
         match self.push(Outbound::Event(text, delivery)) {

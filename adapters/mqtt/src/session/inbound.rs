@@ -301,6 +301,23 @@ impl Session {
                 ));
             }
         };
+        let mut event = event;
+        if plain {
+            // A plain message's W3C context is in its user properties (a CloudEvent's is its
+            // `traceparent` attribute already). The properties themselves are forwarded as
+            // they were sent [MQTT-3.3.2-17].
+            let property = |name: &str| {
+                user_properties
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            meshgate_core::trace::adopt(
+                &mut event,
+                property(meshgate_core::trace::TRACEPARENT),
+                property(meshgate_core::trace::TRACESTATE),
+            );
+        }
         let event = Arc::new(event);
         Ok(authorized
             .envelope(event, self.origin.clone())

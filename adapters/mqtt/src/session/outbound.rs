@@ -394,7 +394,7 @@ impl Session {
     /// Writes a delivery now, or queues it while the in-flight window is full. A delivery
     /// this client cannot be sent (see [`Session::prepare_delivery`]) is skipped before it
     /// takes a packet id or an in-flight slot, so it can never be resent on reconnect.
-    pub(super) fn send(&mut self, o: Outgoing) {
+    pub(super) fn send(&mut self, mut o: Outgoing) {
         let expired = o.delivery.envelope.mqtt.as_ref().is_some_and(|m| {
             m.expires_at_ms
                 .is_some_and(|t| t <= meshgate_core::backbone::now_ms())
@@ -410,6 +410,13 @@ impl Session {
             self.window.pending.push_back(o);
             return;
         }
+        // Tracing on: this delivery's span; the event sent (and kept for a resend) carries its
+        // context.
+        let _hop = meshgate_core::trace::deliver(
+            "mqtt deliver",
+            meshgate_core::trace::SpanKind::Producer,
+            &mut o.delivery.envelope,
+        );
         let prepared = match self.prepare_delivery(&o) {
             Ok(p) => p,
             Err(skip) => {

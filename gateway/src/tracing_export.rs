@@ -1,0 +1,141 @@
+//! `[tracing]`: the OpenTelemetry SDK and its OTLP exporter (HTTP/protobuf) for the spans that
+//! `meshgate_core::trace` records at every hop (decision 0095).
+//!
+//! What the crates do, read in their source (0.33): the SDK's `BatchSpanProcessor` keeps
+//! finished spans in a bounded channel (`max_queue_size`; a full one drops the span and counts
+//! it) and exports them from its own thread with `futures_executor::block_on`. The OTLP HTTP
+//! exporter takes any `opentelemetry_http::HttpClient`; its own clients would add reqwest 0.13
+//! or hyper's client beside the reqwest 0.12 the gateway has, so [`Client`] hands the request to
+//! the gateway's tokio runtime and waits for the task there (a tokio `JoinHandle` may be awaited
+//! from any executor). An endpoint given in code is used as it is (the full `/v1/traces` URL);
+//! `OTEL_EXPORTER_OTLP_TRACES_HEADERS` and the `OTEL_BSP_*` batch variables still apply.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use meshgate_config::TracingConfig;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
+
+/// The largest collector answer read (an OTLP answer is a few bytes; a partial-success one a
+/// message): more is an error, not memory.
+const MAX_ANSWER: usize = 64 * 1024;
+
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Why tracing could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("tracing.endpoint: {0}")]
+pub struct TracingStartError(String);
+
+/// Starts exporting spans when `config.enabled` (once per process: a second gateway in the same
+/// process shares the first one's exporter).
+pub fn start(config: &TracingConfig, instance: &str) -> Result<(), TracingStartError> {
+    if !config.enabled || PROVIDER.get().is_some() {
+        return Ok(());
+    }
+    let client = Client {
+        http: reqwest::Client::builder()
+            .timeout(config.export_timeout)
+            .build()
+            .map_err(|e| TracingStartError(format!("cannot make its HTTP client: {e}")))?,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(config.endpoint.clone())
+        .with_timeout(config.export_timeout)
+        .build()
+        .map_err(|e| TracingStartError(format!("{:?}: {e}", config.endpoint)))?;
+    let batch = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(config.max_queued_spans)
+                .with_max_export_batch_size(config.max_queued_spans.min(512))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(batch)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
+        .with_resource(
+            Resource::builder_empty()
+                .with_service_name(config.service_name.clone())
+                .with_attribute(KeyValue::new("service.instance.id", instance.to_owned()))
+                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("meshgate");
+    if PROVIDER.set(provider).is_ok() {
+        meshgate_core::trace::install(tracer);
+        tracing::info!(endpoint = %config.endpoint, sample_ratio = config.sample_ratio, "tracing on: spans exported over OTLP/HTTP");
+    }
+    Ok(())
+}
+
+/// Exports the spans still held (at most `timeout`), at exit. Blocking: call it off the
+/// runtime's worker threads.
+pub fn finish(timeout: Duration) {
+    if let Some(provider) = PROVIDER.get()
+        && let Err(e) = provider.shutdown_with_timeout(timeout)
+    {
+        tracing::warn!("tracing: spans not exported at exit: {e}");
+    }
+}
+
+/// The exporter's HTTP client: the gateway's reqwest, run on the gateway's runtime.
+#[derive(Debug)]
+struct Client {
+    http: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Client {
+    async fn send(
+        http: reqwest::Client,
+        request: Request<Bytes>,
+    ) -> Result<Response<Bytes>, HttpError> {
+        let mut answer = http.execute(reqwest::Request::try_from(request)?).await?;
+        let mut response = Response::builder().status(answer.status());
+        for (name, value) in answer.headers() {
+            response = response.header(name, value);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = answer.chunk().await? {
+            if body.len() + chunk.len() > MAX_ANSWER {
+                return Err(
+                    format!("the collector's answer is longer than {MAX_ANSWER} bytes").into(),
+                );
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(response.body(Bytes::from(body))?)
+    }
+}
+
+impl HttpClient for Client {
+    fn send_bytes<'a, 'b>(
+        &'a self,
+        request: Request<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Bytes>, HttpError>> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        let task = self.runtime.spawn(Self::send(self.http.clone(), request));
+        Box::pin(async move { task.await? })
+    }
+}

@@ -1039,3 +1039,37 @@ fn env_sets_a_users_certificate_flag_and_client_id_prefixes() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn tracing_is_off_by_default_and_checked_when_set() {
+    let c = Config::default();
+    assert!(!c.tracing.enabled);
+    assert_eq!(c.tracing.endpoint, "http://127.0.0.1:4318/v1/traces");
+    let c = load_str(
+        "",
+        "t",
+        env(&[
+            ("MESHGATE__TRACING__ENABLED", "true"),
+            ("MESHGATE__TRACING__SAMPLE_RATIO", "0.25"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.tracing.enabled);
+    assert!((c.tracing.sample_ratio - 0.25).abs() < f64::EPSILON);
+    let e = errors_of(
+        "[tracing]\nendpoint = \"collector:4318\"\nsample_ratio = 2.0\nservice_name = \" \"\nmax_queued_spans = 0\n",
+        &[],
+    );
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "tracing.endpoint",
+            "tracing.sample_ratio",
+            "tracing.service_name",
+            "tracing.max_queued_spans"
+        ],
+        "{e:?}"
+    );
+    assert!(e[0].message.contains("http://"), "{}", e[0].message);
+}

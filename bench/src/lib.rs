@@ -112,6 +112,10 @@ pub fn wait_listening(port: u16) -> bool {
 
 /// The release `meshgate` binary next to this program, with its MQTT listener on a free port
 /// and `extra` environment settings (e.g. the backbone).
+/// In the `extra` environment of [`start_meshgate_with`]: the meshgate binary to run instead of
+/// the one beside the benchmark (not passed on to meshgate).
+pub const BENCH_BIN: &str = "MESHGATE_BENCH_BIN";
+
 pub fn start_meshgate_with(extra: &[(&str, &str)]) -> anyhow::Result<Broker> {
     spawn_meshgate(extra, None)
 }
@@ -165,7 +169,12 @@ fn spawn_meshgate(
 ) -> anyhow::Result<Broker> {
     let port = free_port();
     let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("meshgate");
+    // Another build of meshgate side by side (e.g. the commit before a change, to show what the
+    // change costs): `MESHGATE_BENCH_BIN` in `extra` names its binary.
+    let bin = match extra.iter().find(|(k, _)| *k == BENCH_BIN) {
+        Some((_, path)) => std::path::PathBuf::from(path),
+        None => exe.with_file_name("meshgate"),
+    };
     anyhow::ensure!(
         bin.exists(),
         "{} missing: cargo build --release --bin meshgate",
@@ -190,7 +199,7 @@ fn spawn_meshgate(
         .env("MESHGATE__HTTP__LISTEN", "127.0.0.1:0")
         .env("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("MESHGATE__LOG__LEVEL", "warn")
-        .envs(extra.iter().copied())
+        .envs(extra.iter().copied().filter(|(k, _)| *k != BENCH_BIN))
         .envs(workers_env())
         .stdout(Stdio::null())
         .stderr(stderr)

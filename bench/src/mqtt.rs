@@ -7,7 +7,11 @@
 //! with `--v5`; nats-server's listener speaks 3.1.1 only, so its cell is then an error).
 //!
 //! Usage (release build; the brokers are started by this program on free loopback ports):
-//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--rounds R] [--conns N] [--only NAME] [--rss-only] [--v5] [--client raw|rumqttc]`
+//! `cargo run --release -p meshgate-bench --bin mqtt -- [--seconds S] [--rounds R] [--conns N] [--only NAME] [--rss-only] [--v5] [--client raw|rumqttc] [--tracing-cost]`
+//!
+//! `--tracing-cost` adds meshgate with `[tracing]` on (every trace sampled) and, when
+//! `MESHGATE_BENCH_BASELINE` names another meshgate binary (the build before a change), that
+//! build, as rows of their own in the same run.
 //! Needs `/usr/sbin/mosquitto` and `/usr/sbin/nats-server` (Debian packages `mosquitto`,
 //! `nats-server`); a missing one is reported and skipped in the table.
 
@@ -22,6 +26,24 @@ use rumqttc::QoS;
 
 fn start_meshgate() -> anyhow::Result<Broker> {
     start_meshgate_with(&[])
+}
+
+/// `--tracing-cost`: meshgate with `[tracing]` on, every trace sampled, spans exported to a
+/// port nobody listens on (what recording costs; export failures only drop spans).
+fn start_meshgate_tracing() -> anyhow::Result<Broker> {
+    let endpoint = format!("http://127.0.0.1:{}/v1/traces", free_port());
+    start_meshgate_with(&[
+        ("MESHGATE__TRACING__ENABLED", "true"),
+        ("MESHGATE__TRACING__ENDPOINT", &endpoint),
+    ])
+}
+
+/// `--tracing-cost` with `MESHGATE_BENCH_BASELINE=<binary>`: that build of meshgate (e.g. the
+/// commit before tracing) beside this one, tracing off in both.
+fn start_meshgate_baseline() -> anyhow::Result<Broker> {
+    let bin = std::env::var("MESHGATE_BENCH_BASELINE")
+        .map_err(|_| anyhow::anyhow!("MESHGATE_BENCH_BASELINE names no binary"))?;
+    start_meshgate_with(&[(meshgate_bench::BENCH_BIN, &bin)])
 }
 
 fn start_nats() -> anyhow::Result<Broker> {
@@ -109,14 +131,16 @@ async fn main() -> anyhow::Result<()> {
         "{rounds} round(s), brokers taking turns within each round; each cell is the median of the rounds\n"
     );
     type Start = fn() -> anyhow::Result<Broker>;
-    let starters: Vec<(&str, Start)> = [
-        ("meshgate", start_meshgate as Start),
-        ("mosquitto", start_mosquitto),
-        ("nats-server", start_nats),
-    ]
-    .into_iter()
-    .filter(|(name, _)| only.is_none_or(|o| o == *name))
-    .collect();
+    let mut starters: Vec<(&str, Start)> = vec![("meshgate", start_meshgate as Start)];
+    if args.iter().any(|a| a == "--tracing-cost") {
+        if std::env::var_os("MESHGATE_BENCH_BASELINE").is_some() {
+            starters.push(("meshgate baseline", start_meshgate_baseline));
+        }
+        starters.push(("meshgate tracing on", start_meshgate_tracing));
+    }
+    starters.push(("mosquitto", start_mosquitto));
+    starters.push(("nats-server", start_nats));
+    starters.retain(|(name, _)| only.is_none_or(|o| o == *name));
     let mut rows: Vec<Row> = starters.iter().map(|(name, _)| Row::new(name)).collect();
     if !rss_only {
         // All brokers run at once (an idle one costs no CPU), so that rounds can alternate.

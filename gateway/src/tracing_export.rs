@@ -42,8 +42,14 @@ pub fn start(config: &TracingConfig, instance: &str) -> Result<(), TracingStartE
     if !config.enabled || PROVIDER.get().is_some() {
         return Ok(());
     }
+    // https:// collectors are verified against the system's root certificates (the reqwest
+    // build here has no roots of its own), as trigger subscribers are.
+    let tls = meshgate_core::tls::client_config(None)
+        .map_err(|e| TracingStartError(format!("cannot set up TLS: {e}")))?;
     let client = Client {
         http: reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.export_timeout)
             .build()
             .map_err(|e| TracingStartError(format!("cannot make its HTTP client: {e}")))?,

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// tungstenite's read buffer for each WebSocket connection (both listeners: CloudEvents and
@@ -47,10 +48,11 @@ enum Key {
 }
 
 /// Per-address and per-user connection counts of one gateway process. A limit of 0 is no limit.
+/// The caps change in place on a config reload ([`ConnectionLimits::set_caps`]).
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
-    per_ip: usize,
-    per_user: usize,
+    per_ip: AtomicUsize,
+    per_user: AtomicUsize,
     counts: Mutex<HashMap<Key, usize>>,
 }
 
@@ -69,10 +71,18 @@ impl ConnectionLimits {
     /// (0: no cap).
     pub fn new(per_ip: usize, per_user: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            per_ip,
-            per_user,
+            per_ip: AtomicUsize::new(per_ip),
+            per_user: AtomicUsize::new(per_user),
             counts: Mutex::default(),
         })
+    }
+
+    /// New caps (a config reload): connections from then on are counted against them. Those
+    /// already over a lowered cap stay connected; new ones are refused until they are under it.
+    /// A cap turned on counts only connections made from then on.
+    pub fn set_caps(&self, per_ip: usize, per_user: usize) {
+        self.per_ip.store(per_ip, Ordering::Relaxed);
+        self.per_user.store(per_user, Ordering::Relaxed);
     }
 
     /// No caps (tests, embedded use).
@@ -86,7 +96,11 @@ impl ConnectionLimits {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        self.acquire(Key::Ip(ip), self.per_ip, LimitError::PerIp)
+        self.acquire(
+            Key::Ip(ip),
+            self.per_ip.load(Ordering::Relaxed),
+            LimitError::PerIp,
+        )
     }
 
     /// A slot for a connection authenticated as `user`. Anonymous clients are not counted here
@@ -100,7 +114,7 @@ impl ConnectionLimits {
         }
         self.acquire(
             Key::User(Arc::from(principal.name())),
-            self.per_user,
+            self.per_user.load(Ordering::Relaxed),
             LimitError::PerUser,
         )
     }
@@ -176,5 +190,19 @@ mod tests {
         let _a1 = limits.acquire_user(&anon).expect("anonymous");
         let _a2 = limits.acquire_user(&anon).expect("anonymous again");
         assert!(limits.counts.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn caps_change_in_place() {
+        let limits = ConnectionLimits::new(1, 0);
+        let ip: IpAddr = "192.0.2.7".parse().expect("ip");
+        let first = limits.acquire_ip(ip).expect("first");
+        assert!(limits.acquire_ip(ip).is_err());
+        limits.set_caps(2, 0);
+        let second = limits.acquire_ip(ip).expect("under the raised cap");
+        limits.set_caps(1, 0);
+        assert!(limits.acquire_ip(ip).is_err(), "over the lowered cap");
+        drop((first, second));
+        let _third = limits.acquire_ip(ip).expect("under it again");
     }
 }

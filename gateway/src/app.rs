@@ -263,9 +263,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .await
             .map_err(StartError::Backbone)?;
     let authorizer = Arc::new(authorizer(&config, &registry)?);
+    let limits = meshgate_core::ConnectionLimits::new(
+        config.gateway.max_connections_per_ip,
+        config.gateway.max_connections_per_user,
+    );
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.clone(),
         authorizer.clone(),
+        limits.clone(),
         registry.clone(),
     ));
     let ctx = AdapterContext {
@@ -275,10 +280,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         registry: registry.clone(),
-        limits: meshgate_core::ConnectionLimits::new(
-            config.gateway.max_connections_per_ip,
-            config.gateway.max_connections_per_user,
-        ),
+        limits,
         // Listed only where the admin API can show them (an entry costs a WebSocket
         // connection ~0.3 KiB).
         connections: meshgate_core::connections::Connections::new(

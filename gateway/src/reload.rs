@@ -7,7 +7,10 @@
 //! its rules, JWT keys and settings, certificate rules, failed-login limits). Logins from then
 //! on use it; connected MQTT clients are re-resolved at their next packet or delivery and lose
 //! the subscriptions their rules no longer grant. And `[[triggers]]`: new ones start, changed
-//! ones are replaced, removed ones stop (`Triggers::reload_config`). Any other difference needs a restart: the
+//! ones are replaced, removed ones stop (`Triggers::reload_config`). And the connection caps
+//! `gateway.max_connections_per_ip` / `max_connections_per_user` (`ConnectionLimits::set_caps`:
+//! new connections count against the new caps; those over a lowered one stay). Any other
+//! difference needs a restart: the
 //! reload is refused, naming the sections, and the running configuration stays — as it does
 //! for a file that does not load or validate (the same messages as `meshgate validate`).
 
@@ -32,7 +35,7 @@ pub enum ReloadError {
     Invalid(Vec<String>),
     /// Sections that differ and cannot change while running.
     #[error(
-        "these sections changed and need a restart, nothing changed: {}; only [auth] and [[triggers]] reload in place",
+        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]] and the gateway.max_connections_per_* caps reload in place",
         .0.join(", ")
     )]
     NeedsRestart(Vec<&'static str>),
@@ -62,6 +65,8 @@ pub struct Reloaded {
 pub struct Reloader {
     running: Mutex<Config>,
     authorizer: Arc<Authorizer>,
+    /// The per-address and per-user connection caps every listener counts against.
+    limits: Arc<meshgate_core::ConnectionLimits>,
     registry: Registry,
     /// The file given with `-c` (set by `main`; tests in-process have none).
     source: OnceLock<PathBuf>,
@@ -70,10 +75,16 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub(crate) fn new(running: Config, authorizer: Arc<Authorizer>, registry: Registry) -> Self {
+    pub(crate) fn new(
+        running: Config,
+        authorizer: Arc<Authorizer>,
+        limits: Arc<meshgate_core::ConnectionLimits>,
+        registry: Registry,
+    ) -> Self {
         Reloader {
             running: Mutex::new(running),
             authorizer,
+            limits,
             registry,
             source: OnceLock::new(),
             triggers: OnceLock::new(),
@@ -164,6 +175,14 @@ impl Reloader {
             self.authorizer.reload(authorizer);
             changed.push("auth");
         }
+        let caps = |g: &meshgate_config::GatewayConfig| {
+            (g.max_connections_per_ip, g.max_connections_per_user)
+        };
+        if caps(&next.gateway) != caps(&running.gateway) {
+            let (per_ip, per_user) = caps(&next.gateway);
+            self.limits.set_caps(per_ip, per_user);
+            changed.push("gateway.max_connections_per_ip/per_user");
+        }
         // The running config keeps its triggers until they are in force.
         let triggers = (next.triggers != running.triggers)
             .then(|| std::mem::replace(&mut next.triggers, running.triggers.clone()));
@@ -187,7 +206,17 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
             sections.push(name);
         }
     };
-    differs("gateway", running.gateway == next.gateway);
+    // The per-address and per-user connection caps change in place; the rest of [gateway]
+    // needs a restart.
+    let without_caps = |g: &meshgate_config::GatewayConfig| meshgate_config::GatewayConfig {
+        max_connections_per_ip: 0,
+        max_connections_per_user: 0,
+        ..g.clone()
+    };
+    differs(
+        "gateway",
+        without_caps(&running.gateway) == without_caps(&next.gateway),
+    );
     differs("log", running.log == next.log);
     differs("admin", running.admin == next.admin);
     differs("backbone", running.backbone == next.backbone);
@@ -259,7 +288,12 @@ mod tests {
         let running = Config::default();
         let mut next = running.clone();
         next.auth.anonymous.acl.publish = vec!["a/#".into()];
+        next.gateway.max_connections_per_ip = 7;
+        next.gateway.max_connections_per_user = 3;
         assert!(needs_restart(&running, &next).is_empty());
+        next.gateway.shutdown_grace = std::time::Duration::from_secs(99);
+        assert_eq!(needs_restart(&running, &next), ["gateway"]);
+        next.gateway.shutdown_grace = running.gateway.shutdown_grace;
         next.mqtt.enabled = !next.mqtt.enabled;
         next.http.listen = "127.0.0.1:1".parse().expect("an address");
         assert_eq!(needs_restart(&running, &next), ["http", "mqtt"]);

@@ -388,3 +388,74 @@ api_token = "API_TOKEN"
             .await;
     assert_eq!(status, 404, "the refused trigger does not run");
 }
+
+/// An anonymous MQTT 5 connection: `Ok` with the client and its event loop once accepted,
+/// `Err` with why when the gateway refused it (a CONNACK code or the connection closed).
+async fn connect_anonymous(port: u16, id: &str) -> Result<(AsyncClient, EventLoop), String> {
+    let (c, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 10);
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    return match ack.code {
+                        ConnectReturnCode::Success => Ok(()),
+                        code => Err(format!("CONNACK {code:?}")),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("{e:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no CONNACK within 10 s".to_owned()));
+    answer.map(|()| (c, el))
+}
+
+/// `gateway.max_connections_per_ip` changes in place: a raised cap admits the connection it
+/// refused, a lowered one refuses new connections and keeps those already in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_change_in_place() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    let caps = |per_ip: usize| {
+        format!(
+            "[gateway]\nmax_connections_per_ip = {per_ip}\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"\n"
+        )
+    };
+    write(&path, &caps(1));
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (port, admin) = (gw.mqtt.unwrap().port(), gw.admin.unwrap());
+    let _first = connect_anonymous(port, "cap-1").await.unwrap();
+    let refused = connect_anonymous(port, "cap-2").await;
+    assert!(refused.is_err(), "over the cap of 1");
+
+    write(&path, &caps(2));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("gateway.max_connections_per_ip"), "{body}");
+    let _second = connect_anonymous(port, "cap-2")
+        .await
+        .unwrap_or_else(|e| panic!("admitted under the raised cap: {e}"));
+
+    write(&path, &caps(1));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let refused = connect_anonymous(port, "cap-3").await;
+    assert!(refused.is_err(), "over the lowered cap");
+    // The two admitted before stay connected.
+    let page = meshgate_tests::admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/connections?protocol=mqtt",
+        Some(API_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        page.1["items"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        page.1
+    );
+}

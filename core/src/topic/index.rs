@@ -110,6 +110,14 @@ impl<V> TopicIndex<V> {
         visit(&self.root, levels.as_slice(), true, dollar, &mut f);
     }
 
+    /// Calls `f` with every value and its filter's text (the levels it was inserted under,
+    /// joined by `/`), in no particular order; the values of one filter one after another. For
+    /// listings (the admin API), not for the publish path: it visits the whole trie.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &V)) {
+        let mut filter = String::new();
+        walk(&self.root, &mut filter, true, &mut f);
+    }
+
     /// Removes every value.
     pub fn clear(&mut self) {
         self.root = Node::default();
@@ -183,6 +191,40 @@ fn visit<'a, V>(
     }
     if wild && let Some(child) = node.plus.as_deref() {
         visit(child, rest, false, dollar, f);
+    }
+}
+
+/// [`TopicIndex::for_each`] below `node`, whose filter so far is `filter` (`root`: no level
+/// yet, so the next one is not preceded by `/`).
+fn walk<V>(node: &Node<V>, filter: &mut String, root: bool, f: &mut impl FnMut(&str, &V)) {
+    for value in &node.ends {
+        f(filter, value);
+    }
+    // The filter one level further down: `filter` until `truncate`.
+    let down = |filter: &mut String, level: &str| {
+        let len = filter.len();
+        if !root {
+            filter.push('/');
+        }
+        filter.push_str(level);
+        len
+    };
+    if !node.hash.is_empty() {
+        let len = down(filter, "#");
+        for value in &node.hash {
+            f(filter, value);
+        }
+        filter.truncate(len);
+    }
+    for (level, child) in &node.literal {
+        let len = down(filter, level);
+        walk(child, filter, false, f);
+        filter.truncate(len);
+    }
+    if let Some(child) = node.plus.as_deref() {
+        let len = down(filter, "+");
+        walk(child, filter, false, f);
+        filter.truncate(len);
     }
 }
 
@@ -283,6 +325,42 @@ mod tests {
         assert_eq!(index.remove(&filter("dev/+/cmd"), |_| true), Some(2));
         assert!(index.is_empty());
         assert!(index.root.is_empty(), "{:?}", index.root);
+    }
+
+    #[test]
+    fn every_value_is_visited_with_its_filter() {
+        let mut index = TopicIndex::new();
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "+", "$SYS/#", "/a", "a//b", "a/b", "+/+/#",
+        ];
+        for (i, f) in filters.iter().enumerate() {
+            index.insert(&filter(f), i);
+        }
+        let mut seen = Vec::new();
+        index.for_each(|f, v| seen.push((f.to_owned(), *v)));
+        seen.sort_unstable_by_key(|(_, v)| *v);
+        let expected: Vec<(String, usize)> = filters
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ((*f).to_owned(), i))
+            .collect();
+        assert_eq!(seen, expected);
+        // The values of one filter come one after another.
+        let mut order = Vec::new();
+        index.for_each(|f, _| order.push(f.to_owned()));
+        let at: Vec<usize> = order
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| *f == "a/b")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(at.len(), 2);
+        assert_eq!(at[1], at[0] + 1, "{order:?}");
+        index.remove(&filter("a/b"), |v| *v == 0);
+        let mut after = 0;
+        index.for_each(|_, _| after += 1);
+        assert_eq!(after, filters.len() - 1);
+        assert_eq!(after, index.len());
     }
 
     fn level() -> impl Strategy<Value = String> {

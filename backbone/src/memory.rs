@@ -38,8 +38,8 @@ use futures_util::Stream;
 use meshgate_config::{FullQueuePolicy, MemoryBackboneConfig};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
 use meshgate_core::{
-    Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
-    TopicFilter, TopicIndex, TryPublish,
+    Backbone, BackboneError, BackboneSubscription, BoxFuture, Delivery, Envelope, SubscribeOptions,
+    Subscription, TopicFilter, TopicIndex, TryPublish,
 };
 
 #[derive(Debug)]
@@ -185,6 +185,47 @@ impl MemoryBackbone {
     /// Number of live subscriptions (for tests and admin).
     pub fn subscription_count(&self) -> usize {
         self.inner.read().subs.len()
+    }
+
+    /// [`Backbone::subscriptions`], each entry of kind `kind` (the NATS backbone's local part
+    /// says `nats-local`): one per filter and group, over its subscribers' queues. A subscriber
+    /// whose queue is full is `full`, one that publishes skip (`block`) `stalled`.
+    pub(crate) fn subscriptions_as(&self, kind: &'static str) -> Vec<BackboneSubscription> {
+        use meshgate_core::backbone::subscription_state::{FULL, OK, STALLED};
+        let mut out: Vec<BackboneSubscription> = Vec::new();
+        // The entries of the filter visited now (the index visits one filter's subscribers
+        // one after another): from `current` on in `out`.
+        let mut current = 0;
+        let state = self.inner.read();
+        state.subs.for_each(|filter, sub| {
+            if out.get(current).is_none_or(|e| e.filter != filter) {
+                current = out.len();
+            }
+            let group = sub.group.as_ref().map(|(g, _)| g.as_str());
+            let at = match out[current..]
+                .iter()
+                .position(|e| e.group.as_deref() == group)
+            {
+                Some(i) => current + i,
+                None => {
+                    out.push(BackboneSubscription::new(
+                        filter,
+                        group.map(str::to_owned),
+                        kind,
+                    ));
+                    out.len() - 1
+                }
+            };
+            let health = if sub.stalled.load(Ordering::Relaxed) {
+                STALLED
+            } else if sub.tx.is_full() {
+                FULL
+            } else {
+                OK
+            };
+            out[at].add_queue(sub.tx.len(), sub.tx.capacity(), health);
+        });
+        out
     }
 
     /// Queues the event for every matching subscriber without waiting. Subscribers whose queue
@@ -357,6 +398,10 @@ impl Backbone for MemoryBackbone {
             };
             Ok(Subscription::new(filter, Box::pin(stream)))
         })
+    }
+
+    fn subscriptions(&self) -> Vec<BackboneSubscription> {
+        self.subscriptions_as("queue")
     }
 
     fn is_ready(&self) -> bool {
@@ -583,6 +628,69 @@ mod tests {
         }
         assert_eq!((na + nb, np), (10, 10));
         assert_eq!((na, nb), (5, 5), "round-robin");
+    }
+
+    /// One entry per filter and group, over its subscribers' queues, with their fill and state.
+    #[tokio::test(start_paused = true)]
+    async fn subscriptions_are_listed_per_filter_and_group() {
+        let bb = MemoryBackbone::new(config(2, FullQueuePolicy::Block), &Registry::new());
+        let group = |g: &str| SubscribeOptions {
+            queue_group: Some(g.to_owned()),
+            ..Default::default()
+        };
+        let _a1 = bb
+            .subscribe(filter("a/#"), Default::default())
+            .await
+            .unwrap();
+        let _a2 = bb
+            .subscribe(filter("a/#"), Default::default())
+            .await
+            .unwrap();
+        let _g1 = bb.subscribe(filter("a/#"), group("g")).await.unwrap();
+        let _g2 = bb.subscribe(filter("a/#"), group("g")).await.unwrap();
+        let b = bb
+            .subscribe(filter("b/+"), Default::default())
+            .await
+            .unwrap();
+        bb.publish(envelope("a/x", "1")).await.unwrap();
+        let mut listed = bb.subscriptions();
+        listed.sort_by(|x, y| x.sort_key().cmp(&y.sort_key()));
+        let brief: Vec<_> = listed
+            .iter()
+            .map(|s| {
+                (
+                    s.filter.as_str(),
+                    s.group.as_deref(),
+                    s.kind,
+                    s.subscribers,
+                    s.queued,
+                    s.capacity,
+                    s.state,
+                )
+            })
+            .collect();
+        assert_eq!(
+            brief,
+            [
+                ("a/#", None, "queue", 2, Some(2), Some(4), "ok"),
+                ("a/#", Some("g"), "queue", 2, Some(1), Some(4), "ok"),
+                ("b/+", None, "queue", 1, Some(0), Some(2), "ok"),
+            ]
+        );
+        // Full, then stalled (a publish gave up waiting for it).
+        bb.publish(envelope("a/x", "2")).await.unwrap();
+        let state_of = |f: &str, g: Option<&str>| {
+            bb.subscriptions()
+                .into_iter()
+                .find(|s| s.filter == f && s.group.as_deref() == g)
+                .map(|s| s.state)
+        };
+        assert_eq!(state_of("a/#", None), Some("full"));
+        assert_eq!(state_of("a/#", Some("g")), Some("ok"), "one event each");
+        assert!(bb.publish(envelope("a/x", "3")).await.is_err());
+        assert_eq!(state_of("a/#", None), Some("stalled"));
+        drop(b);
+        assert_eq!(state_of("b/+", None), None, "gone with its subscriber");
     }
 
     #[tokio::test]

@@ -491,6 +491,98 @@ impl fmt::Debug for TryPublish<'_> {
     }
 }
 
+/// One subscription as the backbone holds it (`GET /backbone/subscriptions`): what it keeps once
+/// for this instance's subscribers of one topic filter and queue group — a NATS subscription, a
+/// JetStream consumer, the in-process queues of one filter. Counts and states are a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackboneSubscription {
+    /// The topic filter, in MQTT syntax (`a/+/c`, `a/#`).
+    pub filter: String,
+    /// The queue group whose members share the events (MQTT shared subscriptions are
+    /// `mqtt-share:<share name>`, AMQP sinks `amqp-sink:<name>`, triggers their own); `None`:
+    /// every subscriber gets every event.
+    pub group: Option<String>,
+    /// What it is: `queue` (memory backbone: the subscribers' in-process queues), `nats` (a
+    /// NATS core subscription, whose events one forwarding task hands to every local
+    /// subscriber of the filter; for a queue group, each member's own), `nats-local` (NATS
+    /// backbone: the in-process queues that carry this instance's own events to its
+    /// subscribers), `consumer` (a JetStream pull consumer per subscription, or shared by a
+    /// queue group across instances), `feed` (JetStream `instance_feed`: members of the
+    /// instance's one consumer).
+    pub kind: &'static str,
+    /// Subscribers on this instance it serves (for `nats` without a group: sharing the one
+    /// NATS subscription).
+    pub subscribers: usize,
+    /// Events waiting in the subscribers' queues, summed over them; `None` where the backbone
+    /// keeps no queue of its own for them here (NATS queue groups, JetStream consumers).
+    pub queued: Option<usize>,
+    /// What those queues hold at most, in events, summed over them (`None`: as for `queued`).
+    pub capacity: Option<usize>,
+    /// The worst state among what it covers ([`subscription_state`]): `ok`, `full` (a queue
+    /// holds its capacity), `stalled` (memory `block`: a subscriber skipped until its queue is
+    /// half empty), `behind` (a feed member reads the stream itself), `refused` (JetStream
+    /// refused the last pull request), `repairing` (its JetStream consumer is being looked up
+    /// and made again if it is gone), `disconnected` (the NATS connection it lives on is down;
+    /// made again when it is back).
+    pub state: &'static str,
+    /// What the NATS server knows it by: the subjects (`nats`), the consumers (`consumer`,
+    /// `feed`: the instance's consumer); empty in process (`queue`, `nats-local`).
+    pub names: Vec<String>,
+}
+
+/// The states of a [`BackboneSubscription`], best first.
+pub mod subscription_state {
+    pub const OK: &str = "ok";
+    pub const BEHIND: &str = "behind";
+    pub const FULL: &str = "full";
+    pub const STALLED: &str = "stalled";
+    pub const REFUSED: &str = "refused";
+    pub const REPAIRING: &str = "repairing";
+    pub const DISCONNECTED: &str = "disconnected";
+
+    const ORDER: [&str; 7] = [OK, BEHIND, FULL, STALLED, REFUSED, REPAIRING, DISCONNECTED];
+
+    /// The worse of two states (for a subscription covering several queues or pulls).
+    pub fn worse(a: &'static str, b: &'static str) -> &'static str {
+        let rank = |s: &str| ORDER.iter().position(|o| *o == s).unwrap_or(ORDER.len());
+        if rank(b) > rank(a) { b } else { a }
+    }
+}
+
+impl BackboneSubscription {
+    /// An entry without subscribers or queues yet, `ok`.
+    pub fn new(filter: impl Into<String>, group: Option<String>, kind: &'static str) -> Self {
+        BackboneSubscription {
+            filter: filter.into(),
+            group,
+            kind,
+            subscribers: 0,
+            queued: None,
+            capacity: None,
+            state: subscription_state::OK,
+            names: Vec::new(),
+        }
+    }
+
+    /// Adds one subscriber's queue (`queued` of `capacity` events) and its state.
+    pub fn add_queue(&mut self, queued: usize, capacity: usize, state: &'static str) {
+        self.subscribers += 1;
+        self.queued = Some(self.queued.unwrap_or(0) + queued);
+        self.capacity = Some(self.capacity.unwrap_or(0) + capacity);
+        self.worsen(state);
+    }
+
+    /// Makes the state `state` if that is worse.
+    pub fn worsen(&mut self, state: &'static str) {
+        self.state = subscription_state::worse(self.state, state);
+    }
+
+    /// The listing's order: by filter, then group (none first), then kind.
+    pub fn sort_key(&self) -> (&str, Option<&str>, &str) {
+        (&self.filter, self.group.as_deref(), self.kind)
+    }
+}
+
 /// The event bus.
 pub trait Backbone: Send + Sync + fmt::Debug {
     /// Short name for logs and metrics (`memory`, `nats`, `jetstream`).
@@ -561,6 +653,11 @@ pub trait Backbone: Send + Sync + fmt::Debug {
         true
     }
 
+    /// This instance's subscriptions as the backbone holds them, in no particular order (the
+    /// admin API's `GET /backbone/subscriptions`). Required, so that a backbone cannot forget
+    /// it and answer with an empty list.
+    fn subscriptions(&self) -> Vec<BackboneSubscription>;
+
     /// Whether the backbone can take events now (reported on `/readyz`).
     fn is_ready(&self) -> bool;
 
@@ -572,5 +669,36 @@ pub trait Backbone: Send + Sync + fmt::Debug {
     /// (JetStream KV) on their way out. Default: nothing to release.
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscription_state::*;
+    use super::*;
+
+    #[test]
+    fn a_subscription_over_several_queues_sums_them_and_takes_the_worst_state() {
+        let mut s = BackboneSubscription::new("a/#", None, "queue");
+        assert_eq!((s.subscribers, s.queued, s.capacity), (0, None, None));
+        s.add_queue(3, 10, OK);
+        s.add_queue(10, 10, FULL);
+        s.add_queue(0, 10, BEHIND);
+        assert_eq!(
+            (s.subscribers, s.queued, s.capacity),
+            (3, Some(13), Some(30))
+        );
+        assert_eq!(s.state, FULL);
+        s.worsen(DISCONNECTED);
+        s.worsen(STALLED);
+        assert_eq!(s.state, DISCONNECTED);
+        assert_eq!(worse(REFUSED, REPAIRING), REPAIRING);
+        assert_eq!(worse(STALLED, FULL), STALLED);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"filter": "a/#", "group": null, "kind": "queue", "subscribers": 3,
+                "queued": 13, "capacity": 30, "state": "disconnected", "names": []})
+        );
     }
 }

@@ -39,8 +39,9 @@ pub use auth::{
     Principal, SubscribeGrant, UserSpec,
 };
 pub use backbone::{
-    Backbone, BackboneError, BoxFuture, Delivery, Durable, Envelope, Origin, ReleaseRequest,
-    RetainedStore, SessionStore, SharedDocuments, SubscribeOptions, Subscription, TryPublish,
+    Backbone, BackboneError, BackboneSubscription, BoxFuture, Delivery, Durable, Envelope, Origin,
+    ReleaseRequest, RetainedStore, SessionStore, SharedDocuments, SubscribeOptions, Subscription,
+    TryPublish,
 };
 pub use event::{Data, Event, EventError, ExtensionValue};
 pub use limits::{ConnectionLimits, ConnectionPermit, LimitError};

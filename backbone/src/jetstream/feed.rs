@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use meshgate_core::metrics::Counter;
-use meshgate_core::{Topic, TopicIndex};
+use meshgate_core::{BackboneSubscription, Topic, TopicFilter, TopicIndex};
 
 use super::consumer::{consumer_name, repair_consumer};
 use super::member::{Member, Offer};
-use super::pull::{Limits, Pull, sequences};
+use super::pull::{Limits, Pull, PullState, sequences};
 use crate::nats::client::Client;
 
 /// How often the feed checks whether its connection was replaced.
@@ -48,8 +48,10 @@ pub(crate) struct Feed {
     /// The highest stream sequence the feed has seen (at start: the stream's last).
     position: AtomicU64,
     next_id: AtomicU64,
-    /// The feed's consumer, for the log.
+    /// The feed's consumer, for the log and the listing.
     consumer: String,
+    /// What the feed's pull last learnt about that consumer.
+    pull: PullState,
 }
 
 impl Feed {
@@ -101,6 +103,7 @@ impl Feed {
             position: AtomicU64::new(position),
             next_id: AtomicU64::new(1),
             consumer: name,
+            pull: pull.state(),
         });
         let delivered = info.delivered.consumer_sequence;
         tokio::spawn(feed.clone().run(
@@ -139,6 +142,40 @@ impl Feed {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&member.filter, |m| m.id == member.id);
+    }
+
+    /// The members by filter (kind `feed`), over their queues: `behind` while one reads the
+    /// stream itself, `full` while one's queue is full (it goes behind at the next message);
+    /// and what the feed's pull knows of its consumer (`refused`, `repairing`).
+    pub(crate) fn list(&self) -> Vec<BackboneSubscription> {
+        use meshgate_core::backbone::subscription_state::{BEHIND, FULL, OK};
+        let mut by_filter: HashMap<TopicFilter, BackboneSubscription> = HashMap::new();
+        for member in self.members.all().values() {
+            let (queued, capacity, behind) = member.snapshot();
+            let state = if behind {
+                BEHIND
+            } else if queued >= capacity {
+                FULL
+            } else {
+                OK
+            };
+            by_filter
+                .entry(member.filter.clone())
+                .or_insert_with(|| {
+                    let mut entry = BackboneSubscription::new(member.filter.as_str(), None, "feed");
+                    entry.names = vec![self.consumer.clone()];
+                    entry
+                })
+                .add_queue(queued, capacity, state);
+        }
+        let consumer = self.pull.get();
+        by_filter
+            .into_values()
+            .map(|mut entry| {
+                entry.worsen(consumer);
+                entry
+            })
+            .collect()
     }
 
     /// Hands each message to the members it matches; ends them when the pull ends (the

@@ -174,6 +174,13 @@ impl Member {
         }
     }
 
+    /// Events queued, the queue's capacity, and whether the member is behind (for the
+    /// backbone's listing).
+    pub(crate) fn snapshot(&self) -> (usize, usize, bool) {
+        let s = self.state();
+        (s.queue.len(), self.capacity, s.behind)
+    }
+
     /// The feed may have lost messages (a gap in its consumer sequence): read the stream.
     pub(crate) fn lost(&self) {
         let mut s = self.state();

@@ -25,8 +25,9 @@
 //! KV buckets).
 
 use meshgate_core::metrics::DropReason;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, stream};
@@ -36,14 +37,14 @@ use meshgate_core::backbone::Acknowledge;
 use meshgate_core::header::percent_encode_header;
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
 use meshgate_core::{
-    Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
-    TopicFilter,
+    Backbone, BackboneError, BackboneSubscription, BoxFuture, Delivery, Envelope, SubscribeOptions,
+    Subscription, TopicFilter,
 };
 
 use self::connect::connect_client;
 use self::consumer::{consumer_name, durable_consumer, repair_consumer, resume_durable};
 use self::publish::{JsPublisher, PublishFailure};
-use self::pull::{Limits, Pull};
+use self::pull::{Limits, Pull, PullState};
 use crate::error::BackboneStartError;
 use crate::nats::Counted;
 use crate::nats::client::Client;
@@ -99,6 +100,78 @@ pub struct JetStreamBackbone {
     subscriptions: Gauge,
     /// `backbone.jetstream.subscriptions = "instance_feed"` (decision 0080).
     feed: Option<FeedParts>,
+    /// The subscriptions with consumers of their own (not the feed's members), for
+    /// [`Backbone::subscriptions`].
+    listed: Arc<Listed>,
+}
+
+/// This instance's subscriptions that pull consumers of their own (or their queue group's).
+#[derive(Debug, Default)]
+struct Listed {
+    next_id: AtomicU64,
+    subs: Mutex<HashMap<u64, ListedConsumers>>,
+}
+
+/// One subscription's consumers (one per NATS subject of its filter).
+#[derive(Debug)]
+struct ListedConsumers {
+    filter: TopicFilter,
+    group: Option<String>,
+    names: Vec<String>,
+    pulls: Vec<PullState>,
+}
+
+impl Listed {
+    fn subs(&self) -> MutexGuard<'_, HashMap<u64, ListedConsumers>> {
+        // Inserts and removals only: usable after a panic elsewhere.
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lists `consumers` until the result is dropped.
+    fn add(self: &Arc<Self>, consumers: ListedConsumers) -> Unlist {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.subs().insert(id, consumers);
+        Unlist {
+            listed: self.clone(),
+            id,
+        }
+    }
+
+    /// By filter and group (kind `consumer`): every consumer they pull (a queue group's
+    /// members share theirs), with the worst of their pulls' states.
+    fn list(&self) -> Vec<BackboneSubscription> {
+        let mut by: HashMap<(&TopicFilter, Option<&str>), BackboneSubscription> = HashMap::new();
+        let subs = self.subs();
+        for sub in subs.values() {
+            let entry = by
+                .entry((&sub.filter, sub.group.as_deref()))
+                .or_insert_with(|| {
+                    BackboneSubscription::new(sub.filter.as_str(), sub.group.clone(), "consumer")
+                });
+            entry.subscribers += 1;
+            for name in &sub.names {
+                if !entry.names.contains(name) {
+                    entry.names.push(name.clone());
+                }
+            }
+            for pull in &sub.pulls {
+                entry.worsen(pull.get());
+            }
+        }
+        by.into_values().collect()
+    }
+}
+
+/// Takes a subscription off [`Listed`] when its stream is dropped.
+struct Unlist {
+    listed: Arc<Listed>,
+    id: u64,
+}
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        self.listed.subs().remove(&self.id);
+    }
 }
 
 /// The parts of the instance feed (decision 0080).
@@ -307,6 +380,7 @@ impl JetStreamBackbone {
             unrepresentable: registry.backbone_dropped(NAME, DropReason::Unrepresentable),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
             feed,
+            listed: Arc::default(),
         });
         let dead = registry.backbone_dropped(NAME, DropReason::MaxDeliveries);
         tokio::spawn(watch_dead_letters(
@@ -621,6 +695,7 @@ impl Backbone for JetStreamBackbone {
             let unique = meshgate_core::wrap::new_id();
             let mut pulls = Vec::new();
             let mut owned = Vec::new();
+            let mut names = Vec::new();
             for subject in filter.to_nats_subjects(&self.prefix) {
                 let (name, ttl) = match (&options.queue_group, &options.durable) {
                     // Shared by every instance: one consumer per group and subject.
@@ -692,8 +767,15 @@ impl Backbone for JetStreamBackbone {
                 if let Some(repair) = repair {
                     pull = pull.with_repair(repair, info.delivered.stream_sequence);
                 }
+                names.push(name);
                 pulls.push(pull);
             }
+            let listed = self.listed.add(ListedConsumers {
+                filter: filter.clone(),
+                group: options.queue_group.clone(),
+                names,
+                pulls: pulls.iter().map(Pull::state).collect(),
+            });
             self.subscriptions.inc();
             let counted = Counted(self.subscriptions.clone());
             let cleanup = DeleteOnDrop {
@@ -707,7 +789,7 @@ impl Backbone for JetStreamBackbone {
             // As for NATS core: `$` topics are not matched by MQTT wildcards, subjects are.
             let matcher = filter.clone();
             let merged = futures_util::stream::select_all(pulls).filter_map(move |mut m| {
-                let _alive = (&counted, &cleanup);
+                let _alive = (&counted, &cleanup, &listed);
                 // Copied out (~60 bytes): a slice would keep the whole read buffer it came in
                 // alive until the delivery is settled.
                 let acker = m.reply.take().and_then(|reply| {
@@ -755,6 +837,20 @@ impl Backbone for JetStreamBackbone {
 
     fn trigger_store(&self) -> Option<&dyn meshgate_core::SharedDocuments> {
         Some(&self.triggers)
+    }
+
+    fn subscriptions(&self) -> Vec<BackboneSubscription> {
+        let mut out = self.listed.list();
+        if let Some(parts) = &self.feed {
+            out.extend(parts.feed.list());
+        }
+        // Pulls, deliveries and acknowledgements all go over this connection.
+        if !self.consumer.is_connected() {
+            for entry in &mut out {
+                entry.worsen(meshgate_core::backbone::subscription_state::DISCONNECTED);
+            }
+        }
+        out
     }
 
     fn is_ready(&self) -> bool {

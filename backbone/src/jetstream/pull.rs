@@ -47,6 +47,8 @@
 //! are tried again after 1, 2, 4 … up to 32 s.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -225,6 +227,29 @@ impl Window {
     }
 }
 
+/// What a pull last learnt about its consumer, shared with the backbone's listing
+/// (`Backbone::subscriptions`): the server serves it (`ok`), refused the last request
+/// (`refused`, asked again every second), or it is gone or unknown after a reconnect and being
+/// looked up and made again (`repairing`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PullState(Arc<AtomicU8>);
+
+impl PullState {
+    const OK: u8 = 0;
+    const REFUSED: u8 = 1;
+    const REPAIRING: u8 = 2;
+
+    /// As a [`meshgate_core::BackboneSubscription`] state.
+    pub(crate) fn get(&self) -> &'static str {
+        use meshgate_core::backbone::subscription_state::{OK, REFUSED, REPAIRING};
+        match self.0.load(Ordering::Relaxed) {
+            Self::REFUSED => REFUSED,
+            Self::REPAIRING => REPAIRING,
+            _ => OK,
+        }
+    }
+}
+
 /// The deliveries of one pull consumer, as the client's raw messages (subject, `$JS.ACK` reply,
 /// header block, payload). Ends when the client is closed; unsubscribes when dropped.
 pub(crate) struct Pull {
@@ -256,6 +281,10 @@ pub(crate) struct Pull {
     last_sequence: Option<u64>,
     /// The pause after a failed repair: longer after each in a row, reset by a repair.
     repair_backoff: Backoff,
+    /// What the listing reads, and the value last stored in it (compared on every delivery:
+    /// the shared one is written only when it changes).
+    state: PullState,
+    reported: u8,
 }
 
 impl std::fmt::Debug for Pull {
@@ -310,6 +339,8 @@ impl Pull {
             repairing: None,
             last_sequence: None,
             repair_backoff: Backoff::new(RETRY, MAX_REPAIR_PAUSE),
+            state: PullState::default(),
+            reported: PullState::OK,
         })
     }
 
@@ -320,6 +351,18 @@ impl Pull {
         self.repair = Some(repair);
         self.last_sequence = Some(delivered);
         self
+    }
+
+    /// What the listing reads about this pull.
+    pub(crate) fn state(&self) -> PullState {
+        self.state.clone()
+    }
+
+    fn report(&mut self, state: u8) {
+        if self.reported != state {
+            self.reported = state;
+            self.state.0.store(state, Ordering::Relaxed);
+        }
     }
 
     /// Asks for more when the window has room (and the last refusal is long enough ago).
@@ -362,21 +405,32 @@ impl Pull {
             }
         };
         match status {
-            Status::Heartbeat => {}
-            Status::Ended { pending } => self.window.ended(pending),
+            // A request the consumer took.
+            Status::Heartbeat => self.report(PullState::OK),
+            Status::Ended { pending } => {
+                self.window.ended(pending);
+                self.report(PullState::OK);
+            }
             Status::Rejected => {
                 self.window.ended(Some(self.last_asked));
                 refused(self);
+                self.report(PullState::REFUSED);
             }
             Status::Refused { pending } => {
                 self.window.ended(pending);
                 refused(self);
+                self.report(PullState::REFUSED);
             }
             Status::Gone => {
                 // What the consumer owed will not come; a repaired one starts a new window.
                 self.window.reset();
                 self.gone = self.repair.is_some();
                 refused(self);
+                self.report(if self.gone {
+                    PullState::REPAIRING
+                } else {
+                    PullState::REFUSED
+                });
             }
         }
     }
@@ -403,6 +457,7 @@ impl Pull {
                     tracing::warn!(consumer = %self.consumer, start_sequence = ?start, "jetstream: the consumer was gone and is created again");
                 }
                 self.gone = false;
+                self.report(PullState::OK);
                 self.not_before = Instant::now();
                 // Old requests died with the consumer: a new window on a new inbox.
                 self.start_over();
@@ -436,6 +491,7 @@ impl Pull {
             self.connection = connection;
             self.window.reset();
             self.gone = true;
+            self.report(PullState::REPAIRING);
             return;
         }
         self.start_over();
@@ -508,6 +564,7 @@ impl Stream for Pull {
                     }
                     this.window.received();
                     this.warned = false;
+                    this.report(PullState::OK);
                     // Only a pull that repairs needs it. (A redelivery of an older message does
                     // not move it back.)
                     if this.repair.is_some()
@@ -852,6 +909,7 @@ mod tests {
         let pull = Pull::start(&client, "S", "C", Default::default())
             .unwrap()
             .with_repair(repair, 7);
+        let state = pull.state();
         let mut got = forward(pull);
         let (mut r, mut w) = tokio::io::split(server);
         let mut seen = Vec::new();
@@ -875,8 +933,15 @@ mod tests {
         for _ in 0..3 {
             got.recv().await.unwrap();
         }
+        // Listed as repairing meanwhile.
+        let d = std::time::Instant::now();
+        while state.get() != "repairing" {
+            assert!(d.elapsed() < Duration::from_secs(5), "{}", state.get());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // After a pause: repaired from sequence 43, and pulled again on a new inbox.
         let second = line_of(&mut r, &mut seen, "SUB ").await;
+        assert_eq!(state.get(), "ok");
         assert!(started.elapsed() >= Duration::from_millis(900));
         assert_eq!(*starts.lock().unwrap(), vec![Some(43)]);
         let inbox2 = second.split(' ').nth(1).unwrap().to_owned();

@@ -774,6 +774,16 @@ impl<T> ByteQueueTx<T> {
         self.tx.is_full() || self.bytes.load(Ordering::Acquire) >= self.max
     }
 
+    /// Messages queued (a snapshot).
+    pub(crate) fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// The most messages it holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.tx.capacity()
+    }
+
     /// Queues `item` of `size` bytes unless the queue is full in messages or bytes
     /// (`Full`), or its reader is gone (`Closed`).
     pub(crate) fn try_send(&self, item: T, size: usize) -> Result<(), TrySendError<T>> {

@@ -27,7 +27,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use meshgate_config::NatsWireMode;
 use meshgate_core::backoff::Backoff;
 use meshgate_core::metrics::Counter;
-use meshgate_core::{BoxFuture, Delivery, Envelope, TopicFilter};
+use meshgate_core::{BackboneSubscription, BoxFuture, Delivery, Envelope, TopicFilter};
 
 use crate::nats::client::{ByteQueueRx, ByteQueueTx, byte_queue};
 
@@ -159,6 +159,29 @@ impl Fanout {
         *group.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         groups.insert(filter.clone(), group.clone());
         Ok(member(&group, rx))
+    }
+
+    /// Each filter's shared NATS subscription (kind `nats`), over its members' queues: `full`
+    /// when one of them is (that member loses events, counted as slow consumer).
+    /// `prefix`: the subjects' (`backbone.nats.subject_prefix`), for the entries' names.
+    pub(crate) fn list(&self, prefix: &str) -> Vec<BackboneSubscription> {
+        use meshgate_core::backbone::subscription_state::{FULL, OK};
+        let groups = self.inner.groups();
+        groups
+            .iter()
+            .map(|(filter, group)| {
+                let mut entry = BackboneSubscription::new(filter.as_str(), None, "nats");
+                entry.names = filter.to_nats_subjects(prefix);
+                for (_, tx) in group.members().iter() {
+                    entry.add_queue(
+                        tx.len(),
+                        tx.capacity(),
+                        if tx.is_full() { FULL } else { OK },
+                    );
+                }
+                entry
+            })
+            .collect()
     }
 
     /// Number of NATS subscriptions shared this way (for tests).
@@ -376,6 +399,18 @@ mod tests {
             "the second joined the first's"
         );
         assert_eq!(fanout.groups(), 1);
+        let listed = fanout.list("p");
+        assert_eq!(listed.len(), 1);
+        let entry = &listed[0];
+        assert_eq!(
+            (entry.filter.as_str(), entry.kind, entry.subscribers),
+            ("a/#", "nats", 2)
+        );
+        assert_eq!((entry.queued, entry.capacity), (Some(0), Some(16)));
+        assert_eq!(
+            (entry.state, entry.names.clone()),
+            ("ok", vec!["p.a".to_owned(), "p.a.>".to_owned()])
+        );
         events.send(delivery("e1")).unwrap();
         assert_eq!(first.next().await.unwrap().event().id(), "e1");
         assert_eq!(second.next().await.unwrap().event().id(), "e1");
@@ -384,6 +419,7 @@ mod tests {
         assert_eq!(fanout.groups(), 1);
         drop(second);
         assert_eq!(fanout.groups(), 0);
+        assert!(fanout.list("p").is_empty());
         let (_events, _, subscribe) = source(&made);
         let _third = fanout
             .join(&filter, (8, BYTES), subscribe, as_is())
@@ -414,7 +450,11 @@ mod tests {
         for i in 0..3 {
             assert_eq!(large.next().await.unwrap().event().id(), format!("e{i}"));
         }
+        // Listed full while the small one holds its one event.
+        let listed = fanout.list("");
+        assert_eq!((listed[0].queued, listed[0].state), (Some(1), "full"));
         assert_eq!(small.next().await.unwrap().event().id(), "e0");
+        assert_eq!(fanout.list("")[0].state, "ok");
         assert_eq!(slow.get(), 2);
     }
 

@@ -37,15 +37,16 @@
 //! (with backoff, forever) and re-subscribes.
 
 use meshgate_core::metrics::{DropReason, ErrorKind};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
 use meshgate_config::{MemoryBackboneConfig, NatsBackboneConfig, NatsWireMode};
 use meshgate_core::metrics::{self, Counter, Gauge, Registry};
 use meshgate_core::{
-    Backbone, BackboneError, BoxFuture, Delivery, Envelope, SubscribeOptions, Subscription,
-    TopicFilter, TryPublish,
+    Backbone, BackboneError, BackboneSubscription, BoxFuture, Delivery, Envelope, SubscribeOptions,
+    Subscription, TopicFilter, TryPublish,
 };
 
 use tokio::sync::oneshot;
@@ -91,6 +92,46 @@ pub struct NatsBackbone {
     closed: AtomicBool,
     malformed: Counter,
     subscriptions: Gauge,
+    /// This instance's queue-group subscriptions, counted by filter and group (for
+    /// [`Backbone::subscriptions`]).
+    queue_groups: QueueGroups,
+}
+
+/// Queue-group subscriptions by filter and group: how many on this instance.
+type QueueGroups = Arc<Mutex<HashMap<(TopicFilter, String), usize>>>;
+
+/// Counts one queue-group subscription in [`QueueGroups`] while it lives.
+struct InQueueGroup {
+    groups: QueueGroups,
+    key: (TopicFilter, String),
+}
+
+impl InQueueGroup {
+    fn new(groups: &QueueGroups, filter: &TopicFilter, group: &str) -> InQueueGroup {
+        let key = (filter.clone(), group.to_owned());
+        *lock(groups).entry(key.clone()).or_default() += 1;
+        InQueueGroup {
+            groups: groups.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for InQueueGroup {
+    fn drop(&mut self) {
+        let mut groups = lock(&self.groups);
+        if let Some(n) = groups.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                groups.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Counts only: usable after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl NatsBackbone {
@@ -151,6 +192,7 @@ impl NatsBackbone {
             closed: AtomicBool::new(false),
             malformed: registry.backbone_dropped(NAME, DropReason::Malformed),
             subscriptions: registry.gauge(metrics::BACKBONE_SUBSCRIPTIONS, &[("backbone", NAME)]),
+            queue_groups: QueueGroups::default(),
         }))
     }
 
@@ -512,11 +554,15 @@ impl Backbone for NatsBackbone {
             if self.closed.load(Ordering::Acquire) {
                 return Err(BackboneError::Closed);
             }
+            let mut listed = None;
             let stream = match options.queue_group.as_deref() {
                 // Shared across instances: NATS picks the member, this instance's included.
                 Some(group) => {
-                    self.nats_subscription(&self.group_client, &filter, Some(group))
-                        .await?
+                    let stream = self
+                        .nats_subscription(&self.group_client, &filter, Some(group))
+                        .await?;
+                    listed = Some(InQueueGroup::new(&self.queue_groups, &filter, group));
+                    stream
                 }
                 None => {
                     let capacity = options.capacity.unwrap_or(self.subscription_capacity);
@@ -558,7 +604,7 @@ impl Backbone for NatsBackbone {
             self.subscriptions.inc();
             let counted = Counted(self.subscriptions.clone());
             let stream = stream.map(move |d| {
-                let _alive = &counted;
+                let _alive = (&counted, &listed);
                 d
             });
             Ok(Subscription::new(filter, Box::pin(stream)))
@@ -579,6 +625,29 @@ impl Backbone for NatsBackbone {
     fn delivers_in_process(&self) -> bool {
         // This instance's own subscribers get its events from the in-memory part.
         true
+    }
+
+    fn subscriptions(&self) -> Vec<BackboneSubscription> {
+        use meshgate_core::backbone::subscription_state::DISCONNECTED;
+        // Other instances' events: one NATS subscription per filter, on `client`.
+        let mut out = self.fanout.list(&self.prefix);
+        if !self.client.is_connected() {
+            out.iter_mut().for_each(|s| s.worsen(DISCONNECTED));
+        }
+        // Queue groups: each member its own NATS subscription, on `group_client`.
+        let group_connected = self.group_client.is_connected();
+        for ((filter, group), n) in lock(&self.queue_groups).iter() {
+            let mut entry = BackboneSubscription::new(filter.as_str(), Some(group.clone()), NAME);
+            entry.subscribers = *n;
+            entry.names = filter.to_nats_subjects(&self.prefix);
+            if !group_connected {
+                entry.worsen(DISCONNECTED);
+            }
+            out.push(entry);
+        }
+        // This instance's own events, in process.
+        out.extend(self.local.subscriptions_as("nats-local"));
+        out
     }
 
     fn is_ready(&self) -> bool {

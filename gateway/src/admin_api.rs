@@ -1,5 +1,6 @@
 //! The admin API of live state, on the admin listener (docs/admin-api.md): connections (list,
-//! inspect, close), MQTT persistent sessions and retained messages (list, delete), AMQP links.
+//! inspect, close), MQTT persistent sessions and retained messages (list, delete), AMQP links,
+//! the backbone's subscriptions.
 //! Every request needs `Authorization: Bearer <admin.api_token>`, as `/triggers` does; errors
 //! are `application/problem+json`. Listings are paged: `?limit=` (at most 1000) and the
 //! previous page's `next` as `?after=`.
@@ -11,7 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meshgate_core::connections::{Connections, MAX_PAGE, Query as ConnectionQuery};
+use meshgate_core::{Backbone, BackboneSubscription};
 use serde::Deserialize;
+use std::sync::Arc;
 
 use crate::triggers_api::{problem, refusal_for};
 
@@ -22,6 +25,7 @@ const DEFAULT_PAGE: usize = 100;
 #[derive(Clone)]
 pub struct AdminApi {
     pub connections: Connections,
+    pub backbone: Arc<dyn Backbone>,
     #[cfg(feature = "mqtt")]
     pub mqtt: Option<meshgate_mqtt::admin::MqttAdmin>,
     #[cfg(feature = "amqp")]
@@ -33,6 +37,7 @@ impl std::fmt::Debug for AdminApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminApi")
             .field("connections", &self.connections)
+            .field("backbone", &self.backbone.name())
             .field("token", &self.token.as_ref().map(|_| "<secret>"))
             .finish_non_exhaustive()
     }
@@ -45,7 +50,8 @@ pub fn router(api: AdminApi) -> Router {
             "/connections/{id}",
             get(show_connection).delete(close_connection),
         )
-        .route("/amqp/links", get(amqp_links));
+        .route("/amqp/links", get(amqp_links))
+        .route("/backbone/subscriptions", get(backbone_subscriptions));
     #[cfg(feature = "mqtt")]
     let router = mqtt_routes::routes(router);
     // One token check for every route, before any extractor reads the request.
@@ -407,4 +413,117 @@ async fn amqp_links(State(api): State<AdminApi>) -> Response {
         "the AMQP bridge is off (amqp.enabled = false)",
         None,
     )
+}
+
+#[derive(Debug, Deserialize)]
+struct BackboneQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// One page of `GET /backbone/subscriptions`.
+#[derive(Debug, serde::Serialize)]
+struct BackbonePage {
+    backbone: &'static str,
+    items: Vec<BackboneSubscription>,
+    /// The cursor of the next page, when there are more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+    /// How many more there are after this page.
+    more: usize,
+}
+
+/// A subscription's place in the listing (filter, group, kind), as a cursor: its JSON array in
+/// hex, opaque and safe in a query string whatever the filter and group hold.
+fn backbone_cursor(s: &BackboneSubscription) -> String {
+    let (filter, group, kind) = s.sort_key();
+    let json = serde_json::json!([filter, group, kind]).to_string();
+    json.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The (filter, group, kind) a [`backbone_cursor`] holds.
+fn read_backbone_cursor(cursor: &str) -> Option<(String, Option<String>, String)> {
+    if !cursor.len().is_multiple_of(2) || !cursor.is_ascii() {
+        return None;
+    }
+    let bytes = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// `GET /backbone/subscriptions`: this instance's subscriptions as the backbone holds them, by
+/// filter, group and kind, paged.
+async fn backbone_subscriptions(
+    State(api): State<AdminApi>,
+    query: Result<Query<BackboneQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_query(&e),
+    };
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    let after = match q.after.as_deref().map(read_backbone_cursor) {
+        None => None,
+        Some(Some(after)) => Some(after),
+        Some(None) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "after: not a cursor of this listing (give the previous page's `next`)",
+                None,
+            );
+        }
+    };
+    let mut items = api.backbone.subscriptions();
+    items.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    if let Some((filter, group, kind)) = &after {
+        let after = (filter.as_str(), group.as_deref(), kind.as_str());
+        items.retain(|s| s.sort_key() > after);
+    }
+    let more = items.len().saturating_sub(limit);
+    items.truncate(limit);
+    let next = (more > 0)
+        .then(|| items.last().map(backbone_cursor))
+        .flatten();
+    json(
+        StatusCode::OK,
+        &BackbonePage {
+            backbone: api.backbone.name(),
+            items,
+            next,
+            more,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backbone_cursors_read_back() {
+        let mut s = BackboneSubscription::new("a/#", Some("g \"x\" é".to_owned()), "nats");
+        let cursor = backbone_cursor(&s);
+        assert!(cursor.bytes().all(|b| b.is_ascii_hexdigit()), "{cursor}");
+        assert_eq!(
+            read_backbone_cursor(&cursor),
+            Some((
+                "a/#".to_owned(),
+                Some("g \"x\" é".to_owned()),
+                "nats".to_owned()
+            ))
+        );
+        s.group = None;
+        assert_eq!(
+            read_backbone_cursor(&backbone_cursor(&s)),
+            Some(("a/#".to_owned(), None, "nats".to_owned()))
+        );
+        for bad in ["", "x", "5b", "zz", "5b22612f23225d", "éé"] {
+            assert_eq!(read_backbone_cursor(bad), None, "{bad}");
+        }
+    }
 }

@@ -374,6 +374,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             ))
             .merge(crate::admin_api::router(crate::admin_api::AdminApi {
                 connections: ctx.connections.clone(),
+                backbone: ctx.backbone.clone(),
                 #[cfg(feature = "mqtt")]
                 mqtt: mqtt_admin,
                 #[cfg(feature = "amqp")]

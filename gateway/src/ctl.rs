@@ -81,6 +81,16 @@ pub enum CtlCommand {
     DeleteRetained { topic: String },
     /// List the AMQP bridge's sources and sinks with their state.
     AmqpLinks,
+    /// List the backbone's subscriptions (NATS subscriptions, JetStream consumers, queues)
+    /// with their state.
+    BackboneSubscriptions {
+        /// Page length (1–1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Follow the pages to the end.
+        #[arg(long)]
+        all: bool,
+    },
     /// Re-read the configuration file (as SIGHUP does).
     Reload,
 }
@@ -403,6 +413,41 @@ async fn run(target: &Target, args: &CtlArgs) -> Result<(), Failure> {
                     ("STATE", "state"),
                     ("RECONNECTS", "reconnects"),
                     ("LAST ERROR", "last_error"),
+                ],
+            );
+        }
+        CtlCommand::BackboneSubscriptions { limit, all } => {
+            limit_ok(*limit)?;
+            let mut items = target
+                .pages(&format!("/backbone/subscriptions?limit={limit}"), *all)
+                .await?;
+            if !args.json {
+                // The subjects or consumers in one column, comma-separated.
+                for item in &mut items {
+                    let Some(names) = item.get("names").and_then(Json::as_array) else {
+                        continue;
+                    };
+                    let joined: Vec<&str> = names.iter().filter_map(Json::as_str).collect();
+                    let joined = joined.join(",");
+                    item["names"] = if joined.is_empty() {
+                        Json::Null
+                    } else {
+                        Json::String(joined)
+                    };
+                }
+            }
+            print_table(
+                args.json,
+                &items,
+                &[
+                    ("FILTER", "filter"),
+                    ("GROUP", "group"),
+                    ("KIND", "kind"),
+                    ("SUBSCRIBERS", "subscribers"),
+                    ("QUEUED", "queued"),
+                    ("CAPACITY", "capacity"),
+                    ("STATE", "state"),
+                    ("NAMES", "names"),
                 ],
             );
         }

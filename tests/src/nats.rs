@@ -150,6 +150,35 @@ impl NatsServer {
             .unwrap_or_default()
     }
 
+    /// The subscriptions the server holds on subjects starting with `prefix`, as (subject,
+    /// queue group), sorted (`/subsz`). Needs [`NatsServer::start_monitored`].
+    pub async fn subscriptions(&self, prefix: &str) -> Vec<(String, Option<String>)> {
+        let port = self
+            .monitor
+            .expect("subscriptions needs NatsServer::start_monitored");
+        let subsz: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/subsz?subs=1&limit=100000"))
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .expect("nats-server's /subsz answers")
+                .json()
+                .await
+                .expect("/subsz is JSON");
+        let mut found: Vec<(String, Option<String>)> = subsz["subscriptions_list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let subject = s["subject"].as_str()?;
+                subject
+                    .starts_with(prefix)
+                    .then(|| (subject.to_owned(), s["qgroup"].as_str().map(str::to_owned)))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     /// `nats://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)

@@ -2,7 +2,8 @@
 //! rumqttc (MQTT 5), mosquitto_sub (MQTT 3.1.1), a CloudEvents WebSocket client, and
 //! `meshgate ctl`. Connections are listed, filtered, paged, inspected and closed (MQTT 5
 //! DISCONNECT 0x98, WebSocket close 1008); persistent sessions and retained messages are
-//! listed and deleted; refusals say why.
+//! listed and deleted; the backbone's subscriptions are listed (memory, and NATS against a
+//! real nats-server's own view); refusals say why.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
@@ -451,4 +452,415 @@ async fn sessions_and_retained_messages_are_listed_and_deleted() {
         body["detail"].as_str().unwrap().contains("amqp.enabled"),
         "{body}"
     );
+}
+
+/// A backbone subscription as (group, kind, subscribers, queued, state).
+type Listed = (Option<String>, String, u64, Option<u64>, String);
+
+/// The backbone's subscriptions on `filter`, sorted.
+fn on_filter(page: &Json, filter: &str) -> Vec<Listed> {
+    let mut found: Vec<_> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["filter"] == filter)
+        .map(|s| {
+            (
+                s["group"].as_str().map(str::to_owned),
+                s["kind"].as_str().unwrap().to_owned(),
+                s["subscribers"].as_u64().unwrap(),
+                s["queued"].as_u64(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Polls `GET /backbone/subscriptions` until `done` holds for the page (or fails naming it).
+async fn backbone_until(admin: SocketAddr, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let page = get(admin, "/backbone/subscriptions?limit=1000").await;
+        if done(&page) {
+            return page;
+        }
+        assert!(!d.passed(), "{what}: {page}");
+        d.pause().await;
+    }
+}
+
+fn owned(
+    group: Option<&str>,
+    kind: &str,
+    subscribers: u64,
+    queued: Option<u64>,
+    state: &str,
+) -> Listed {
+    (
+        group.map(str::to_owned),
+        kind.to_owned(),
+        subscribers,
+        queued,
+        state.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_backbone_subscriptions_are_listed_with_their_groups() {
+    let path = config_file("admin-backbone");
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (admin, port, web) = (gw.admin.unwrap(), gw.mqtt.unwrap().port(), gw.web.unwrap());
+
+    // Refused without the token, as every admin route.
+    let (status, body) =
+        meshgate_tests::admin_call(reqwest::Method::GET, admin, "/backbone/subscriptions", None)
+            .await;
+    assert_eq!(status, 401, "{body}");
+
+    // An MQTT 5 client: a plain subscription and a shared one; two WebSocket clients on one
+    // filter.
+    let (c, mut el) = mqtt5(port, "admin-bb", true).await;
+    c.subscribe("bb/+/t", QoS::AtLeastOnce).await.unwrap();
+    meshgate_tests::mqtt5::suback(&mut el).await;
+    c.subscribe("$share/g/bb/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    meshgate_tests::mqtt5::suback(&mut el).await;
+    let poll = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let ws1 = meshgate_tests::ws_connect(web, &["bw/#"]).await;
+    let ws2 = meshgate_tests::ws_connect(web, &["bw/#"]).await;
+
+    let page = backbone_until(admin, "all four subscriptions listed", |p| {
+        on_filter(p, "bw/#").first().map(|s| s.2) == Some(2) && !on_filter(p, "bb/#").is_empty()
+    })
+    .await;
+    assert_eq!(page["backbone"], "memory");
+    assert_eq!(
+        on_filter(&page, "bw/#"),
+        [owned(None, "queue", 2, Some(0), "ok")]
+    );
+    assert_eq!(
+        on_filter(&page, "bb/+/t"),
+        [owned(None, "queue", 1, Some(0), "ok")]
+    );
+    assert_eq!(
+        on_filter(&page, "bb/#"),
+        [owned(Some("mqtt-share:g"), "queue", 1, Some(0), "ok")]
+    );
+    let ws_entry = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["filter"] == "bw/#")
+        .unwrap();
+    // Two queues, each of the WebSocket adapter's capacity; nothing named on a server.
+    let capacity = ws_entry["capacity"].as_u64().unwrap();
+    assert!(capacity >= 2 && capacity.is_multiple_of(2), "{ws_entry}");
+    assert_eq!(ws_entry["names"], serde_json::json!([]));
+    // Sorted by filter (then group, then kind).
+    let all: Vec<(String, Option<String>, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["filter"].as_str().unwrap().to_owned(),
+                s["group"].as_str().map(str::to_owned),
+                s["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut sorted = all.clone();
+    sorted.sort();
+    assert_eq!(all, sorted);
+    assert_eq!(page["more"], 0);
+    assert!(page.get("next").is_none(), "{page}");
+
+    // Paged one by one: the cursors lead through the same list.
+    let mut paged = Vec::new();
+    let mut next_page = "/backbone/subscriptions?limit=1".to_owned();
+    loop {
+        let page = get(admin, &next_page).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 1, "{page}");
+        paged.extend(items.iter().map(|s| {
+            (
+                s["filter"].as_str().unwrap().to_owned(),
+                s["group"].as_str().map(str::to_owned),
+                s["kind"].as_str().unwrap().to_owned(),
+            )
+        }));
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(
+                    page["more"].as_u64().unwrap() as usize,
+                    all.len() - paged.len()
+                );
+                next_page = format!("/backbone/subscriptions?limit=1&after={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    for (query, says) in [
+        ("after=nope", "not a cursor"),
+        ("limit=0", "1 to 1000"),
+        ("limit=x", "bad query string"),
+    ] {
+        let (status, body) = call(
+            reqwest::Method::GET,
+            admin,
+            &format!("/backbone/subscriptions?{query}"),
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(says),
+            "{query}: {body}"
+        );
+    }
+
+    // `meshgate ctl backbone-subscriptions`: a table, or the items as JSON.
+    let (code, out, err) = ctl(&path, admin, &["backbone-subscriptions"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("FILTER"), "{out}");
+    let shared = out
+        .lines()
+        .find(|l| l.starts_with("bb/# "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cells: Vec<&str> = shared.split_whitespace().collect();
+    assert_eq!(
+        cells[..5],
+        ["bb/#", "mqtt-share:g", "queue", "1", "0"],
+        "{out}"
+    );
+    let (code, out, err) = ctl(
+        &path,
+        admin,
+        &["--json", "backbone-subscriptions", "--limit", "1", "--all"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let items: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(items.as_array().unwrap().len(), all.len(), "{out}");
+
+    // Gone with their subscribers: an unsubscribe, a closed WebSocket.
+    c.unsubscribe("bb/+/t").await.unwrap();
+    drop(ws1);
+    let page = backbone_until(admin, "bb/+/t and one bw/# subscriber gone", |p| {
+        on_filter(p, "bb/+/t").is_empty() && on_filter(p, "bw/#").first().map(|s| s.2) == Some(1)
+    })
+    .await;
+    assert_eq!(
+        on_filter(&page, "bb/#"),
+        [owned(Some("mqtt-share:g"), "queue", 1, Some(0), "ok")]
+    );
+    c.disconnect().await.unwrap();
+    drop(ws2);
+    let _ = poll.await;
+    backbone_until(admin, "nothing left of the clients", |p| {
+        on_filter(p, "bw/#").is_empty() && on_filter(p, "bb/#").is_empty()
+    })
+    .await;
+}
+
+/// On NATS: a plain subscription is one NATS subscription per filter shared by the local
+/// subscribers (`nats`) and their in-process queues (`nats-local`); a shared one a NATS queue
+/// subscription. The names listed are the subjects nats-server holds, and they go when the
+/// clients unsubscribe and leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_backbone_subscriptions_follow_the_servers() {
+    let nats = meshgate_tests::nats::NatsServer::start_monitored();
+    let url = nats.url();
+    let path = config_file("admin-backbone-nats");
+    let gw = spawn(
+        &["-c", path.to_str().unwrap()],
+        &[
+            ("MESHGATE__BACKBONE__KIND", "nats"),
+            ("MESHGATE__BACKBONE__NATS__URLS", &url),
+        ],
+    );
+    let (admin, port) = (gw.admin.unwrap(), gw.mqtt.unwrap().port());
+
+    let (a, mut ael) = mqtt5(port, "admin-nats-a", true).await;
+    a.subscribe("nb/#", QoS::AtLeastOnce).await.unwrap();
+    meshgate_tests::mqtt5::suback(&mut ael).await;
+    a.subscribe("$share/g/ns/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    meshgate_tests::mqtt5::suback(&mut ael).await;
+    let (b, mut bel) = mqtt5(port, "admin-nats-b", true).await;
+    b.subscribe("nb/#", QoS::AtMostOnce).await.unwrap();
+    meshgate_tests::mqtt5::suback(&mut bel).await;
+    let apoll = tokio::spawn(async move { while ael.poll().await.is_ok() {} });
+    let bpoll = tokio::spawn(async move { while bel.poll().await.is_ok() {} });
+
+    let page = backbone_until(admin, "nb/# with both subscribers", |p| {
+        on_filter(p, "nb/#")
+            .iter()
+            .any(|s| s.1 == "nats" && s.2 == 2)
+    })
+    .await;
+    assert_eq!(page["backbone"], "nats");
+    assert_eq!(
+        on_filter(&page, "nb/#"),
+        [
+            owned(None, "nats", 2, Some(0), "ok"),
+            owned(None, "nats-local", 2, Some(0), "ok"),
+        ]
+    );
+    assert_eq!(
+        on_filter(&page, "ns/+"),
+        [owned(Some("mqtt-share:g"), "nats", 1, None, "ok")]
+    );
+    let names = |page: &Json, filter: &str, kind: &str| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["filter"] == filter && s["kind"] == kind)
+            .map(|s| {
+                s["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        names(&page, "nb/#", "nats"),
+        ["meshgate.nb", "meshgate.nb.>"]
+    );
+    assert_eq!(names(&page, "ns/+", "nats"), ["meshgate.ns.*"]);
+    // What the server holds: one subscription per subject for both clients of nb/#, the queue
+    // group's (its name as the MQTT adapter gives it).
+    assert_eq!(
+        nats.subscriptions("meshgate.n").await,
+        [
+            ("meshgate.nb".to_owned(), None),
+            ("meshgate.nb.>".to_owned(), None),
+            ("meshgate.ns.*".to_owned(), Some("mqtt-share:g".to_owned())),
+        ]
+    );
+
+    // One client of nb/# unsubscribes: the NATS subscription stays for the other.
+    b.unsubscribe("nb/#").await.unwrap();
+    let page = backbone_until(admin, "one subscriber of nb/# left", |p| {
+        on_filter(p, "nb/#").iter().all(|s| s.2 == 1)
+    })
+    .await;
+    assert_eq!(on_filter(&page, "nb/#").len(), 2, "{page}");
+    assert_eq!(nats.subscriptions("meshgate.nb").await.len(), 2);
+    // The last one leaves: the NATS subscriptions go, listed and on the server.
+    a.disconnect().await.unwrap();
+    let _ = apoll.await;
+    backbone_until(admin, "nothing left on nb/# and ns/+", |p| {
+        on_filter(p, "nb/#").is_empty() && on_filter(p, "ns/+").is_empty()
+    })
+    .await;
+    let d = Deadline::after(Duration::from_secs(10));
+    loop {
+        let held = nats.subscriptions("meshgate.n").await;
+        if held.is_empty() {
+            break;
+        }
+        assert!(!d.passed(), "nats-server still holds {held:?}");
+        d.pause().await;
+    }
+    b.disconnect().await.unwrap();
+    let _ = bpoll.await;
+}
+
+/// On JetStream: each subscription pulls consumers of its own (`consumer_each`, named after
+/// its subjects) or is a member of the instance's feed (`instance_feed`); a queue group pulls
+/// the group's shared consumer either way. They go when the client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_backbone_subscriptions_are_consumers_or_feed_members() {
+    for mode in ["consumer_each", "instance_feed"] {
+        let nats = meshgate_tests::nats::NatsServer::start();
+        let url = nats.url();
+        let path = config_file(&format!("admin-backbone-js-{mode}"));
+        let gw = spawn(
+            &["-c", path.to_str().unwrap()],
+            &[
+                ("MESHGATE__BACKBONE__KIND", "jetstream"),
+                ("MESHGATE__BACKBONE__NATS__URLS", &url),
+                ("MESHGATE__BACKBONE__JETSTREAM__SUBSCRIPTIONS", mode),
+            ],
+        );
+        let (admin, port) = (gw.admin.unwrap(), gw.mqtt.unwrap().port());
+        let (c, mut el) = mqtt5(port, &format!("admin-js-{mode}"), true).await;
+        c.subscribe("jb/#", QoS::AtLeastOnce).await.unwrap();
+        meshgate_tests::mqtt5::suback(&mut el).await;
+        c.subscribe("$share/g/jq/+", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        meshgate_tests::mqtt5::suback(&mut el).await;
+        let poll = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+
+        let page = backbone_until(admin, mode, |p| {
+            !on_filter(p, "jb/#").is_empty() && !on_filter(p, "jq/+").is_empty()
+        })
+        .await;
+        assert_eq!(page["backbone"], "jetstream", "{mode}");
+        let item = |filter: &str| {
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["filter"] == filter)
+                .unwrap()
+                .clone()
+        };
+        let names = |item: &Json| -> Vec<String> {
+            item["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let plain = item("jb/#");
+        match mode {
+            "consumer_each" => {
+                assert_eq!(
+                    on_filter(&page, "jb/#"),
+                    [owned(None, "consumer", 1, None, "ok")]
+                );
+                // One consumer per subject: `meshgate.jb` and `meshgate.jb.>`.
+                let names = names(&plain);
+                assert_eq!(names.len(), 2, "{plain}");
+                assert!(names[0].starts_with("s_") && names[0].ends_with("_meshgate_jb"));
+                assert!(names[1].ends_with("_meshgate_jb__"), "{plain}");
+            }
+            _ => {
+                assert_eq!(
+                    on_filter(&page, "jb/#"),
+                    [owned(None, "feed", 1, Some(0), "ok")]
+                );
+                let names = names(&plain);
+                assert_eq!(names.len(), 1, "{plain}");
+                assert!(names[0].starts_with("live_"), "{plain}");
+            }
+        }
+        assert_eq!(
+            on_filter(&page, "jq/+"),
+            [owned(Some("mqtt-share:g"), "consumer", 1, None, "ok")]
+        );
+        assert_eq!(
+            names(&item("jq/+")),
+            ["q_mqtt-share:g_meshgate_jq__"],
+            "{mode}"
+        );
+
+        c.disconnect().await.unwrap();
+        let _ = poll.await;
+        backbone_until(admin, "the client's subscriptions gone", |p| {
+            on_filter(p, "jb/#").is_empty() && on_filter(p, "jq/+").is_empty()
+        })
+        .await;
+    }
 }

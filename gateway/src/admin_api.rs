@@ -104,6 +104,16 @@ fn bad_path(e: &PathRejection) -> Response {
     )
 }
 
+/// A list endpoint's query and its page size (`limit`), or the problem to answer.
+fn paged<Q>(
+    query: Result<Query<Q>, QueryRejection>,
+    limit: impl FnOnce(&Q) -> Option<usize>,
+) -> Result<(Q, usize), Box<Response>> {
+    let Query(q) = query.map_err(|e| Box::new(bad_query(&e)))?;
+    let n = page_limit(limit(&q))?;
+    Ok((q, n))
+}
+
 fn page_limit(limit: Option<usize>) -> Result<usize, Box<Response>> {
     match limit {
         None => Ok(DEFAULT_PAGE),
@@ -129,12 +139,8 @@ async fn list_connections(
     State(api): State<AdminApi>,
     query: Result<Query<ConnectionsQuery>, QueryRejection>,
 ) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return bad_query(&e),
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
+    let (q, limit) = match paged(query, |q| q.limit) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     let page = api.connections.list(&ConnectionQuery {
@@ -249,12 +255,8 @@ mod mqtt_routes {
         State(api): State<AdminApi>,
         query: Result<Query<SessionsQuery>, QueryRejection>,
     ) -> Response {
-        let Query(q) = match query {
-            Ok(q) => q,
-            Err(e) => return bad_query(&e),
-        };
-        let limit = match page_limit(q.limit) {
-            Ok(l) => l,
+        let (q, limit) = match paged(query, |q| q.limit) {
+            Ok(x) => x,
             Err(r) => return *r,
         };
         match mqtt(&api) {
@@ -324,12 +326,8 @@ mod mqtt_routes {
         State(api): State<AdminApi>,
         query: Result<Query<RetainedQuery>, QueryRejection>,
     ) -> Response {
-        let Query(q) = match query {
-            Ok(q) => q,
-            Err(e) => return bad_query(&e),
-        };
-        let limit = match page_limit(q.limit) {
-            Ok(l) => l,
+        let (q, limit) = match paged(query, |q| q.limit) {
+            Ok(x) => x,
             Err(r) => return *r,
         };
         let filter = match meshgate_core::TopicFilter::parse(q.filter.as_deref().unwrap_or("#")) {
@@ -459,12 +457,8 @@ async fn backbone_subscriptions(
     State(api): State<AdminApi>,
     query: Result<Query<BackboneQuery>, QueryRejection>,
 ) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return bad_query(&e),
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
+    let (q, limit) = match paged(query, |q| q.limit) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     let after = match q.after.as_deref().map(read_backbone_cursor) {

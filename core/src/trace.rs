@@ -200,8 +200,19 @@ impl Drop for Ingress {
 /// Records an ingress hop of `envelope`'s event through `adapter` (see the module docs) and
 /// gives the event the publish span's context. `None` while tracing is off. Boxed: the publish
 /// future that holds it stays one pointer larger, not two spans larger, while tracing is off.
+/// Inlined: while off, the call is the one load at the caller, not a call into this crate.
+#[inline]
 pub fn ingress(adapter: &'static str, envelope: &mut Envelope) -> Option<Box<Ingress>> {
     let tracer = TRACER.get()?;
+    Some(ingress_spans(tracer, adapter, envelope))
+}
+
+#[inline(never)]
+fn ingress_spans(
+    tracer: &SdkTracer,
+    adapter: &'static str,
+    envelope: &mut Envelope,
+) -> Box<Ingress> {
     let parent = of_event(&envelope.event);
     let mut receive = start(
         tracer,
@@ -225,7 +236,7 @@ pub fn ingress(adapter: &'static str, envelope: &mut Envelope) -> Option<Box<Ing
     // made, no longer matches.
     set_on_event(Arc::make_mut(&mut envelope.event), &sc);
     envelope.forget_json();
-    Some(Box::new(Ingress { receive, publish }))
+    Box::new(Ingress { receive, publish })
 }
 
 /// The span of one delivery; it ends when dropped.
@@ -260,8 +271,21 @@ impl Drop for Egress {
 /// Records a delivery of `envelope` through `name` (`"websocket deliver"`, ...) as a child of
 /// the event's context, and swaps `envelope` for a copy whose event carries the delivery
 /// span's context (only this delivery's copy: other subscribers keep theirs). `None` while
-/// tracing is off.
+/// tracing is off (inlined: then only the one load at the caller).
+#[inline]
 pub fn deliver(name: &'static str, kind: SpanKind, envelope: &mut Arc<Envelope>) -> Option<Egress> {
+    if !enabled() {
+        return None;
+    }
+    deliver_swap(name, kind, envelope)
+}
+
+#[inline(never)]
+fn deliver_swap(
+    name: &'static str,
+    kind: SpanKind,
+    envelope: &mut Arc<Envelope>,
+) -> Option<Egress> {
     let (hop, copy) = deliver_copy(name, kind, envelope)?;
     *envelope = Arc::new(copy);
     Some(hop)

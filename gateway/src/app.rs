@@ -305,6 +305,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             meshgate_amqp::AmqpAdapter::new(&config.amqp, &ctx).map_err(StartError::Adapter)?;
         amqp_status = Some(adapter.status());
         amqp_ingress = Some(adapter.ingress());
+        reloader.set_amqp(adapter.links());
         let ctx = ctx.clone();
         amqp_task = Some(tokio::spawn(async move {
             if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {

@@ -35,13 +35,14 @@ pub enum ReloadError {
     Invalid(Vec<String>),
     /// Sections that differ and cannot change while running.
     #[error(
-        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]] and the gateway.max_connections_per_* caps reload in place",
+        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]], amqp.sources/sinks and the gateway.max_connections_per_* caps reload in place",
         .0.join(", ")
     )]
     NeedsRestart(Vec<&'static str>),
-    /// A trigger of the file could not start ([auth], if it changed too, is in force).
+    /// A trigger or an AMQP link of the file could not start ([auth], if it changed too, is in
+    /// force; so are the triggers when an AMQP link failed).
     #[error("{0}")]
-    Triggers(String),
+    Apply(String),
     /// The reload's task ended abnormally.
     #[error("the reload did not finish: {0}")]
     Failed(String),
@@ -51,6 +52,8 @@ pub enum ReloadError {
 struct Staged {
     changed: Vec<&'static str>,
     triggers: Option<Vec<meshgate_config::TriggerConfig>>,
+    /// The AMQP configuration whose sources and sinks are to be put in force.
+    amqp: Option<meshgate_config::AmqpConfig>,
 }
 
 /// What a reload changed.
@@ -68,6 +71,9 @@ pub struct Reloader {
     /// The per-address and per-user connection caps every listener counts against.
     limits: Arc<meshgate_core::ConnectionLimits>,
     registry: Registry,
+    /// The AMQP bridge's sources and sinks (set once the bridge is made, when enabled).
+    #[cfg(feature = "amqp")]
+    amqp: OnceLock<meshgate_amqp::AmqpLinks>,
     /// The file given with `-c` (set by `main`; tests in-process have none).
     source: OnceLock<PathBuf>,
     /// The running triggers (set once they started).
@@ -88,7 +94,15 @@ impl Reloader {
             registry,
             source: OnceLock::new(),
             triggers: OnceLock::new(),
+            #[cfg(feature = "amqp")]
+            amqp: OnceLock::new(),
         }
+    }
+
+    /// The AMQP sources and sinks a reload of `amqp.sources` / `amqp.sinks` changes.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn set_amqp(&self, links: meshgate_amqp::AmqpLinks) {
+        let _ = self.amqp.set(links);
     }
 
     /// The triggers a reload of `[[triggers]]` changes.
@@ -119,13 +133,26 @@ impl Reloader {
                 triggers
                     .reload_config(&configs)
                     .await
-                    .map_err(|e| ReloadError::Triggers(format!("triggers: {e}")))?;
+                    .map_err(|e| ReloadError::Apply(format!("triggers: {e}")))?;
             }
             self.running
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .triggers = configs;
             changed.push("triggers");
+        }
+        if let Some(amqp) = staged.amqp {
+            #[cfg(feature = "amqp")]
+            if let Some(links) = self.amqp.get() {
+                let lines = links.reload(&amqp).await.map_err(|e| {
+                    ReloadError::Apply(format!("amqp: {e} (nothing of amqp changed)"))
+                })?;
+                for line in &lines {
+                    tracing::info!("reload: {line}");
+                }
+            }
+            self.running.lock().unwrap_or_else(|e| e.into_inner()).amqp = amqp;
+            changed.push("amqp");
         }
         Ok(Reloaded { changed })
     }
@@ -183,11 +210,17 @@ impl Reloader {
             self.limits.set_caps(per_ip, per_user);
             changed.push("gateway.max_connections_per_ip/per_user");
         }
-        // The running config keeps its triggers until they are in force.
+        // The running config keeps its triggers and AMQP links until they are in force.
         let triggers = (next.triggers != running.triggers)
             .then(|| std::mem::replace(&mut next.triggers, running.triggers.clone()));
+        let amqp = (next.amqp != running.amqp)
+            .then(|| std::mem::replace(&mut next.amqp, running.amqp.clone()));
         *running = next;
-        Ok(Staged { changed, triggers })
+        Ok(Staged {
+            changed,
+            triggers,
+            amqp,
+        })
     }
 }
 
@@ -223,7 +256,16 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     differs("http", running.http == next.http);
     differs("websocket", running.websocket == next.websocket);
     differs("mqtt", running.mqtt == next.mqtt);
-    differs("amqp", running.amqp == next.amqp);
+    // Sources and sinks change in place; the connection settings need a restart.
+    let without_links = |a: &meshgate_config::AmqpConfig| meshgate_config::AmqpConfig {
+        sources: Vec::new(),
+        sinks: Vec::new(),
+        ..a.clone()
+    };
+    differs(
+        "amqp",
+        without_links(&running.amqp) == without_links(&next.amqp),
+    );
     differs("tracing", running.tracing == next.tracing);
     // (Every section but `auth` and `triggers`: a field added to `Config` must be listed here
     // or in place.)
@@ -266,7 +308,7 @@ pub fn router(reloader: std::sync::Arc<crate::reload::Reloader>, token: Option<S
                 Err(e) => {
                     tracing::warn!(error = %e, "configuration reload refused (POST /reload)");
                     let status = match e {
-                        ReloadError::Invalid(_) | ReloadError::Triggers(_) => {
+                        ReloadError::Invalid(_) | ReloadError::Apply(_) => {
                             StatusCode::UNPROCESSABLE_ENTITY
                         }
                         ReloadError::NoFile | ReloadError::NeedsRestart(_) => StatusCode::CONFLICT,

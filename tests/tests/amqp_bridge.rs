@@ -1242,3 +1242,143 @@ async fn amqps_with_a_client_certificate() {
     rabbit.delete_queue(&output).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reload changes the bridge's links in place (issue 25 item 3): a source added starts
+/// consuming, a sink whose exchange changed publishes to the new one, a removed sink stops,
+/// and a sink left as it was keeps its connection (no reconnect counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_changes_and_removes_links_in_place() {
+    let rabbit = Rabbit::connect("/").await;
+    let (old_ex, new_ex, keep_ex) = (unique("old-ex"), unique("new-ex"), unique("keep-ex"));
+    let (old_q, new_q, keep_q, in_q) = (
+        unique("old-q"),
+        unique("new-q"),
+        unique("keep-q"),
+        unique("in-q"),
+    );
+    for (ex, q) in [(&old_ex, &old_q), (&new_ex, &new_q), (&keep_ex, &keep_q)] {
+        rabbit.exchange(ex).await;
+        rabbit.queue(q, None).await;
+        rabbit.bind(q, ex, "#").await;
+    }
+    rabbit.queue(&in_q, None).await;
+
+    let mut config = amqp_config("/");
+    config.admin.api_token = Some(ADMIN_TOKEN.to_owned());
+    config.amqp.sinks = vec![
+        sink("moving", "r/moving/#", &old_ex, "{topic}", AmqpMode::Binary),
+        sink("gone", "r/gone/#", &old_ex, "{topic}", AmqpMode::Binary),
+        sink("kept", "r/kept/#", &keep_ex, "{topic}", AmqpMode::Binary),
+    ];
+    let gw = start_gateway(config.clone()).await;
+    links_up(&gw).await;
+    let (web, admin) = (gw.web_addr.unwrap(), gw.admin_addr.unwrap());
+    let kept_reconnects = |m: &str| {
+        metric(
+            m,
+            r#"meshgate_amqp_reconnects_total{kind="sink",link="kept"}"#,
+        )
+    };
+    let before = kept_reconnects(&metrics(admin).await);
+
+    let mut next = config.clone();
+    next.amqp.sinks = vec![
+        sink("moving", "r/moving/#", &new_ex, "{topic}", AmqpMode::Binary),
+        sink("kept", "r/kept/#", &keep_ex, "{topic}", AmqpMode::Binary),
+    ];
+    next.amqp.sources = vec![source("incoming", &in_q, Some("from-amqp"))];
+    let done = gw.reloader().apply(next).await.unwrap();
+    assert_eq!(done.changed, ["amqp"]);
+    links_up(&gw).await;
+    let links = amqp_links(admin).await;
+    let names: Vec<(String, String)> = links["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap().to_owned(),
+                l["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("source".to_owned(), "incoming".to_owned()),
+            ("sink".to_owned(), "moving".to_owned()),
+            ("sink".to_owned(), "kept".to_owned()),
+        ],
+        "{links}"
+    );
+
+    let post = |topic: &'static str, id: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("http://{web}/events/{topic}"))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/reload")
+            .header("ce-type", "t")
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post("r/moving/1", "M1").await, 202);
+    assert_eq!(post("r/gone/1", "G1").await, 202);
+    assert_eq!(post("r/kept/1", "K1").await, 202);
+    let within = Duration::from_secs(10);
+    let moved = rabbit
+        .get(&new_q, within)
+        .await
+        .expect("the changed sink publishes to its new exchange");
+    assert_eq!(
+        header(&moved.properties, "cloudEvents_id"),
+        Some(&text("M1"))
+    );
+    let kept = rabbit
+        .get(&keep_q, within)
+        .await
+        .expect("the kept sink goes on");
+    assert_eq!(
+        header(&kept.properties, "cloudEvents_id"),
+        Some(&text("K1"))
+    );
+    assert!(
+        rabbit
+            .get(&old_q, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing more to the old exchange: the removed sink and the old one stopped"
+    );
+    assert_eq!(
+        kept_reconnects(&metrics(admin).await),
+        before,
+        "the unchanged sink was not restarted"
+    );
+
+    // The new source consumes into the mesh.
+    let mut ws = ws_connect(web, &["from-amqp/#"]).await;
+    rabbit
+        .publish("", &in_q, BasicProperties::default(), b"hello")
+        .await;
+    let got = next_event(&mut ws, within).await.unwrap();
+    assert_eq!(got.source(), "/meshgate/amqp/incoming");
+
+    // Back to the first links; then a change of the connection settings is refused.
+    let back = gw.reloader().apply(config.clone()).await.unwrap();
+    assert_eq!(back.changed, ["amqp"]);
+    assert_eq!(
+        amqp_links(admin).await["items"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let mut moved_url = config;
+    moved_url.amqp.url = "amqp://127.0.0.1:5673".to_owned();
+    let refused = gw.reloader().apply(moved_url).await.unwrap_err();
+    assert!(
+        matches!(&refused, meshgate::reload::ReloadError::NeedsRestart(s) if s == &["amqp"]),
+        "{refused}"
+    );
+}

@@ -285,6 +285,12 @@ impl Link {
 
     /// Connected but unable to work (RabbitMQ blocked the connection): not ready, not a
     /// reconnect.
+    /// A reload removed or replaced it: no longer up, without counting a reconnect.
+    pub(crate) fn set_stopped(&self) {
+        self.up.store(false, Ordering::Release);
+        self.up_gauge.set(0);
+    }
+
     pub(crate) fn set_blocked(&self, why: String) {
         self.up.store(false, Ordering::Release);
         self.up_gauge.set(0);

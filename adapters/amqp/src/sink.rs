@@ -29,6 +29,7 @@ use meshgate_core::throttle::LogThrottle;
 use meshgate_core::{
     AdapterContext, BoxFuture, Delivery, SubscribeOptions, Subscription, TopicFilter,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::binding;
 use crate::error::AmqpError;
@@ -69,6 +70,12 @@ pub(crate) struct Sink {
     /// `exchange` as a short string (config checked it holds at most 255 bytes).
     exchange: lapin::types::ShortString,
     warn_log: LogThrottle,
+    /// Fires when a reload removed or changed this sink: it stops taking events, waits for its
+    /// outstanding confirms and closes. Not at shutdown, when the sink keeps taking what the
+    /// backbone still hands over until the subscription ends.
+    removed: CancellationToken,
+    /// Fires at shutdown and when removed: ends the reconnect loop and its pauses.
+    halt: CancellationToken,
 }
 
 /// The deliveries a sink holds across connections.
@@ -108,7 +115,22 @@ impl Sink {
             link,
             config,
             warn_log: LogThrottle::new(WARN_INTERVAL),
+            removed: CancellationToken::new(),
+            halt: ctx.shutdown.child_token(),
         })
+    }
+
+    /// Stops this sink alone (a reload removed or changed it): see [`Sink::removed`]. What it
+    /// holds unconfirmed comes again on JetStream (to the sink's queue group) and is counted
+    /// as dropped on the other backbones.
+    pub(crate) fn halt(&self) {
+        self.removed.cancel();
+        self.halt.cancel();
+    }
+
+    /// Fires at shutdown and on [`Sink::halt`].
+    pub(crate) fn halt_token(&self) -> CancellationToken {
+        self.halt.clone()
     }
 
     fn warn(&self, what: &str, detail: &str) {
@@ -295,6 +317,8 @@ impl Sink {
                         }
                     }
                 }
+                // Removed by a reload: no more events; the confirms outstanding are awaited below.
+                () = self.removed.cancelled() => break None,
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) => break Some(AmqpError::from(e)),
                     // A resource alarm (memory, disk): RabbitMQ stops reading what we publish.
@@ -423,7 +447,7 @@ impl Sink {
                         filter: self.filter.to_string(),
                         source,
                     };
-                    if !backoff.failed(&self.link, error, &ctx.shutdown).await {
+                    if !backoff.failed(&self.link, error, &self.halt).await {
                         return;
                     }
                 }
@@ -435,7 +459,7 @@ impl Sink {
             closed: false,
             redelivers: false,
         };
-        while !ctx.shutdown.is_cancelled() {
+        while !self.halt.is_cancelled() {
             // While it connects (up to amqp.connect_timeout) and between attempts, the sink
             // keeps taking deliveries (see `hold`): a sink that cannot reach RabbitMQ must not
             // fill its backbone queue and make publishers wait on it (review F3).
@@ -449,7 +473,7 @@ impl Sink {
             match ended {
                 Ended::Shutdown => break,
                 Ended::Failed(error) => {
-                    let wait = backoff.failed(&self.link, error, &ctx.shutdown);
+                    let wait = backoff.failed(&self.link, error, &self.halt);
                     if !self.draining(&mut state, wait).await {
                         break;
                     }

@@ -489,6 +489,17 @@ impl Source {
         Ok(false)
     }
 
+    /// Stops this source alone (a reload removed or changed it): it settles what it has in
+    /// flight, cancels its consumer and closes, as at shutdown.
+    pub(crate) fn halt(&self) {
+        self.stop.cancel();
+    }
+
+    /// Fires when this source is to stop (shutdown, or [`Source::halt`]).
+    pub(crate) fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     pub(crate) async fn run(
         self: Arc<Self>,
         ctx: AdapterContext,

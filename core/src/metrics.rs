@@ -46,6 +46,7 @@ pub const TRIGGER_IN_FLIGHT: &str = "meshgate_trigger_in_flight";
 pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
 pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
 pub const AUTH_FAILURES: &str = "meshgate_auth_failures_total";
+pub const TRACE_SPANS: &str = "meshgate_trace_spans_total";
 
 /// Every metric name above: what dashboards and alerts may use (the process collector's
 /// `process_*` names are the Prometheus client conventions, see `gateway/src/process_metrics.rs`).
@@ -75,6 +76,7 @@ pub const NAMES: &[&str] = &[
     TRIGGER_PENDING_BYTES,
     TRIGGER_LATENCY,
     AUTH_FAILURES,
+    TRACE_SPANS,
 ];
 
 fn help(name: &str) -> &'static str {
@@ -98,6 +100,9 @@ fn help(name: &str) -> &'static str {
         MQTT_BYTES_SENT => "Bytes written to MQTT clients' sockets.",
         AMQP_LINK_UP => "1 while an AMQP source or sink is connected and set up, else 0.",
         AMQP_RECONNECTS => "Times an AMQP source or sink lost its connection or channel.",
+        TRACE_SPANS => {
+            "Spans handed to the OTLP collector, per outcome (exported, or failed: refused, unreachable)."
+        }
         TRIGGER_EVENTS => {
             "Events a trigger settled, per trigger and outcome (delivered, filtered, dead_lettered, failed, overflow, abandoned)."
         }

@@ -233,7 +233,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .clone()
             .unwrap_or_else(meshgate_core::wrap::new_id),
     );
-    crate::tracing_export::start(&config.tracing, &instance).map_err(StartError::Tracing)?;
+    crate::tracing_export::start(&config.tracing, &instance, &registry)
+        .map_err(StartError::Tracing)?;
     // Every listener is bound before anything connects out (backbone, AMQP): an outgoing
     // connection's ephemeral port could otherwise take a port configured here.
     let web_listener = match web::enabled(&config) {

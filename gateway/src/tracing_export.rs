@@ -22,7 +22,7 @@ use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanExporter,
 };
 
 /// The largest collector answer read (an OTLP answer is a few bytes; a partial-success one a
@@ -38,7 +38,11 @@ pub struct TracingStartError(String);
 
 /// Starts exporting spans when `config.enabled` (once per process: a second gateway in the same
 /// process shares the first one's exporter).
-pub fn start(config: &TracingConfig, instance: &str) -> Result<(), TracingStartError> {
+pub fn start(
+    config: &TracingConfig,
+    instance: &str,
+    registry: &meshgate_core::metrics::Registry,
+) -> Result<(), TracingStartError> {
     if !config.enabled || PROVIDER.get().is_some() {
         return Ok(());
     }
@@ -63,6 +67,17 @@ pub fn start(config: &TracingConfig, instance: &str) -> Result<(), TracingStartE
         .with_timeout(config.export_timeout)
         .build()
         .map_err(|e| TracingStartError(format!("{:?}: {e}", config.endpoint)))?;
+    let exporter = Counted {
+        inner: exporter,
+        exported: registry.counter(
+            meshgate_core::metrics::TRACE_SPANS,
+            &[("outcome", "exported")],
+        ),
+        failed: registry.counter(
+            meshgate_core::metrics::TRACE_SPANS,
+            &[("outcome", "failed")],
+        ),
+    };
     let batch = BatchSpanProcessor::builder(exporter)
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -99,6 +114,49 @@ pub fn finish(timeout: Duration) {
         && let Err(e) = provider.shutdown_with_timeout(timeout)
     {
         tracing::warn!("tracing: spans not exported at exit: {e}");
+    }
+}
+
+/// The OTLP exporter, counting the spans of each batch by how the export went
+/// (`meshgate_trace_spans_total{outcome}`): a collector that is down or refuses shows as
+/// `failed` (after the exporter's own retries), not only as a log line.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    exported: meshgate_core::metrics::Counter,
+    failed: meshgate_core::metrics::Counter,
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        let n = batch.len() as u64;
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            match &result {
+                Ok(()) => self.exported.add(n),
+                Err(e) => {
+                    self.failed.add(n);
+                    tracing::debug!("tracing: {n} spans not exported: {e}");
+                }
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
     }
 }
 

@@ -226,5 +226,73 @@ async fn one_event_from_mqtt_to_websocket_and_a_trigger_on_another_instance_is_o
     assert_eq!(trace_id, parent_trace, "the client's trace goes on");
     let t = trace(&collector, parent_trace, 4).await;
     assert_eq!(one(&t, "mqtt receive").parent, parent_span, "{t:#?}");
+    // What was exported is counted.
+    let m = meshgate_tests::metrics(a.admin.unwrap()).await;
+    assert!(
+        spans_counted(&m, "exported") >= 4,
+        "meshgate_trace_spans_total on instance a: {m}"
+    );
+    assert_eq!(spans_counted(&m, "failed"), 0, "{m}");
     drop((a, b));
+}
+
+/// `meshgate_trace_spans_total{outcome}` in a `/metrics` text.
+fn spans_counted(metrics: &str, outcome: &str) -> u64 {
+    let prefix = format!("meshgate_trace_spans_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+}
+
+/// A collector that cannot be reached costs spans, never events: the event is delivered, the
+/// spans are counted as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_collector_cannot_take_are_counted_as_failed() {
+    let closed = meshgate_tests::nats::free_port();
+    let gw = spawn(
+        &[],
+        &[
+            ("MESHGATE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MESHGATE__TRACING__ENABLED", "true"),
+            (
+                "MESHGATE__TRACING__ENDPOINT",
+                &format!("http://127.0.0.1:{closed}/v1/traces"),
+            ),
+            ("MESHGATE__TRACING__EXPORT_TIMEOUT", "1s"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let mut ws = ws_connect(web, &["t/#"]).await;
+    let status = reqwest::Client::new()
+        .post(format!("http://{web}/events/t/1"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body("x")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 202);
+    let got = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    let (trace_id, _) = ids(&traceparent_of(&got));
+    assert_eq!(
+        trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the HTTP header's trace"
+    );
+    let d = Deadline::after(Duration::from_secs(20));
+    loop {
+        let m = meshgate_tests::metrics(admin).await;
+        if spans_counted(&m, "failed") >= 3 {
+            assert_eq!(spans_counted(&m, "exported"), 0, "{m}");
+            break;
+        }
+        assert!(!d.passed(), "no failed spans counted: {m}");
+        d.pause().await;
+    }
 }

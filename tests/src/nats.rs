@@ -121,21 +121,26 @@ impl NatsServer {
         server
     }
 
+    /// A page of the server's monitoring endpoint (`path` with its query), as JSON. Needs
+    /// [`NatsServer::start_monitored`].
+    async fn monitor_json(&self, path: &str) -> serde_json::Value {
+        let port = self
+            .monitor
+            .unwrap_or_else(|| panic!("{path} needs NatsServer::start_monitored"));
+        reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("nats-server's {path} answers: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{path} is JSON: {e}"))
+    }
+
     /// Why the server closed each client connection it closed so far, besides those the
     /// client closed and the readiness probe's (`/connz?state=closed`), e.g. "Maximum Control Line Exceeded". Needs
     /// [`NatsServer::start_monitored`].
     pub async fn closed_by_server(&self) -> Vec<String> {
-        let port = self
-            .monitor
-            .expect("closed_by_server needs NatsServer::start_monitored");
-        let connz: serde_json::Value =
-            reqwest::get(format!("http://127.0.0.1:{port}/connz?state=closed"))
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .expect("nats-server's /connz answers")
-                .json()
-                .await
-                .expect("/connz is JSON");
+        let connz = self.monitor_json("/connz?state=closed").await;
         connz["connections"]
             .as_array()
             .map(|list| {
@@ -153,17 +158,7 @@ impl NatsServer {
     /// The subscriptions the server holds on subjects starting with `prefix`, as (subject,
     /// queue group), sorted (`/subsz`). Needs [`NatsServer::start_monitored`].
     pub async fn subscriptions(&self, prefix: &str) -> Vec<(String, Option<String>)> {
-        let port = self
-            .monitor
-            .expect("subscriptions needs NatsServer::start_monitored");
-        let subsz: serde_json::Value =
-            reqwest::get(format!("http://127.0.0.1:{port}/subsz?subs=1&limit=100000"))
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .expect("nats-server's /subsz answers")
-                .json()
-                .await
-                .expect("/subsz is JSON");
+        let subsz = self.monitor_json("/subsz?subs=1&limit=100000").await;
         let mut found: Vec<(String, Option<String>)> = subsz["subscriptions_list"]
             .as_array()
             .into_iter()

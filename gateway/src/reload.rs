@@ -9,8 +9,10 @@
 //! the subscriptions their rules no longer grant. And `[[triggers]]`: new ones start, changed
 //! ones are replaced, removed ones stop (`Triggers::reload_config`). And the connection caps
 //! `gateway.max_connections_per_ip` / `max_connections_per_user` (`ConnectionLimits::set_caps`:
-//! new connections count against the new caps; those over a lowered one stay). Any other
-//! difference needs a restart: the
+//! new connections count against the new caps; those over a lowered one stay). And the AMQP
+//! bridge's sources and sinks (`AmqpLinks::reload`: added ones start, removed ones stop,
+//! changed ones restart, the rest keep their connections). Any other difference needs a
+//! restart: the
 //! reload is refused, naming the sections, and the running configuration stays — as it does
 //! for a file that does not load or validate (the same messages as `meshgate validate`).
 

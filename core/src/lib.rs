@@ -17,6 +17,7 @@ pub mod filter;
 pub mod header;
 pub mod json;
 pub mod limits;
+pub mod live;
 pub mod media;
 pub mod metrics;
 pub mod problem;

@@ -268,10 +268,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         config.gateway.max_connections_per_ip,
         config.gateway.max_connections_per_user,
     );
+    let listener_limits = crate::listener_limits::ListenerLimits::new(&config);
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.clone(),
         authorizer.clone(),
         limits.clone(),
+        listener_limits.clone(),
         registry.clone(),
     ));
     let ctx = AdapterContext {
@@ -337,6 +339,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         mqtt_tls_addr = adapter.tls_addr();
         mqtt_ws = adapter.websocket_router();
         mqtt_admin = Some(adapter.admin());
+        let _ = listener_limits.mqtt.set(adapter.limits());
         let ctx = ctx.clone();
         mqtt_task = Some(tokio::spawn(async move {
             if let Err(e) = meshgate_core::Adapter::run(Box::new(adapter), ctx).await {
@@ -347,16 +350,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (mut web_addr, mut web_task) = (None, None);
     if let Some(listener) = web_listener {
         web_addr = listener.local_addr().ok();
-        let mut router = web::router(&config, &ctx);
+        let mut router = web::router(&config, &listener_limits, &ctx);
         if let Some(mqtt_ws) = mqtt_ws {
             router = router.merge(web::origin_checked(mqtt_ws, &config, &registry));
         }
         let stop = ingress_stop.clone();
-        let limits = serve::Limits::of(
-            &config.http,
-            config.http.max_connections,
-            "http.max_connections",
-        );
+        let limits = listener_limits.web.clone();
         let counters = serve::Counters::new(&registry, "http");
         web_task = Some(tokio::spawn(serve::serve(
             listener, router, limits, counters, stop, web_tls,
@@ -384,11 +383,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 token: config.admin.api_token.clone(),
             }));
         let stop = admin_stop.clone();
-        let limits = serve::Limits::of(
-            &config.http,
-            config.admin.max_connections,
-            "admin.max_connections",
-        );
+        let limits = listener_limits.admin.clone();
         let counters = serve::Counters::new(&registry, "admin");
         admin_task = Some(tokio::spawn(serve::serve(
             listener, router, limits, counters, stop, admin_tls,

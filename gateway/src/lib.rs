@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod fd_limit;
 pub mod features;
 pub mod huge_pages;
+pub mod listener_limits;
 pub mod logging;
 pub mod process_metrics;
 pub mod reload;

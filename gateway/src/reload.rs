@@ -11,7 +11,8 @@
 //! `gateway.max_connections_per_ip` / `max_connections_per_user` (`ConnectionLimits::set_caps`:
 //! new connections count against the new caps; those over a lowered one stay). And the AMQP
 //! bridge's sources and sinks (`AmqpLinks::reload`: added ones start, removed ones stop,
-//! changed ones restart, the rest keep their connections). Any other difference needs a
+//! changed ones restart, the rest keep their connections). And the limits of `[http]`,
+//! `[websocket]` and `[mqtt]` (`crate::listener_limits`). Any other difference needs a
 //! restart: the
 //! reload is refused, naming the sections, and the running configuration stays — as it does
 //! for a file that does not load or validate (the same messages as `meshgate validate`).
@@ -37,7 +38,7 @@ pub enum ReloadError {
     Invalid(Vec<String>),
     /// Sections that differ and cannot change while running.
     #[error(
-        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]], amqp.sources/sinks and the gateway.max_connections_per_* caps reload in place",
+        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]], amqp.sources/sinks, the gateway.max_connections_per_* caps and the limits (sizes, counts, timeouts) of [http], [websocket] and [mqtt] reload in place",
         .0.join(", ")
     )]
     NeedsRestart(Vec<&'static str>),
@@ -72,6 +73,8 @@ pub struct Reloader {
     authorizer: Arc<Authorizer>,
     /// The per-address and per-user connection caps every listener counts against.
     limits: Arc<meshgate_core::ConnectionLimits>,
+    /// Where the listeners read the limits of `[http]`, `[websocket]` and `[mqtt]`.
+    listeners: Arc<crate::listener_limits::ListenerLimits>,
     registry: Registry,
     /// The AMQP bridge's sources and sinks (set once the bridge is made, when enabled).
     #[cfg(feature = "amqp")]
@@ -87,12 +90,14 @@ impl Reloader {
         running: Config,
         authorizer: Arc<Authorizer>,
         limits: Arc<meshgate_core::ConnectionLimits>,
+        listeners: Arc<crate::listener_limits::ListenerLimits>,
         registry: Registry,
     ) -> Self {
         Reloader {
             running: Mutex::new(running),
             authorizer,
             limits,
+            listeners,
             registry,
             source: OnceLock::new(),
             triggers: OnceLock::new(),
@@ -212,6 +217,7 @@ impl Reloader {
             self.limits.set_caps(per_ip, per_user);
             changed.push("gateway.max_connections_per_ip/per_user");
         }
+        changed.extend(self.listeners.apply(&running, &next));
         // The running config keeps its triggers and AMQP links until they are in force.
         let triggers = (next.triggers != running.triggers)
             .then(|| std::mem::replace(&mut next.triggers, running.triggers.clone()));
@@ -255,9 +261,20 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     differs("log", running.log == next.log);
     differs("admin", running.admin == next.admin);
     differs("backbone", running.backbone == next.backbone);
-    differs("http", running.http == next.http);
-    differs("websocket", running.websocket == next.websocket);
-    differs("mqtt", running.mqtt == next.mqtt);
+    // Their limits change in place (`crate::listener_limits`); the rest needs a restart.
+    use crate::listener_limits::{http_limits_of, mqtt_limits_of, websocket_limits_of};
+    differs(
+        "http",
+        http_limits_of(&next.http, &running.http) == running.http,
+    );
+    differs(
+        "websocket",
+        websocket_limits_of(&next.websocket, &running.websocket) == running.websocket,
+    );
+    differs(
+        "mqtt",
+        mqtt_limits_of(&next.mqtt, &running.mqtt) == running.mqtt,
+    );
     // Sources and sinks change in place; the connection settings need a restart.
     let without_links = |a: &meshgate_config::AmqpConfig| meshgate_config::AmqpConfig {
         sources: Vec::new(),

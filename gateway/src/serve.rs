@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::tls_stream::Stream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use meshgate_core::live::{Live, Slot, Slots};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
@@ -172,16 +172,13 @@ fn with_refusals(router: Router, counters: &Counters) -> Router {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: Limits,
+    limits: Arc<Live<Limits>>,
     counters: Counters,
     stop: CancellationToken,
     tls: Option<Arc<ReloadingAcceptor>>,
 ) -> io::Result<()> {
-    // `Semaphore::new` panics above MAX_PERMITS (usize::MAX >> 3); a larger cap is no cap.
-    let slots = Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
-    let refused = refusal(limits.max_connections_key);
+    let slots = Slots::new(limits.get().max_connections);
+    let refused = refusal(limits.get().max_connections_key);
     let router = with_refusals(router, &counters);
     let connections = TaskTracker::new();
     loop {
@@ -203,7 +200,10 @@ pub async fn serve(
                 }
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // The bounds in force now (a reload may have changed them): this connection keeps them.
+        let limits = *limits.get();
+        slots.set_cap(limits.max_connections);
+        let Some(slot) = slots.try_take() else {
             counters.refused.inc();
             // Plain HTTP only: on a TLS listener those bytes would be noise to the client.
             if tls.is_none() {
@@ -243,7 +243,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 #[allow(clippy::too_many_arguments)] // one connection's whole context, passed once
 async fn connection(
     stream: TcpStream,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
     tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     router: Router,
@@ -364,7 +364,7 @@ struct Activity {
 struct Socket {
     inner: Stream,
     activity: Arc<Activity>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
     open: Gauge,
     /// For the 431 reply's detail.
     max_header_size: usize,
@@ -374,12 +374,7 @@ struct Socket {
 }
 
 impl Socket {
-    fn new(
-        inner: Stream,
-        slot: OwnedSemaphorePermit,
-        open: Gauge,
-        max_header_size: usize,
-    ) -> Socket {
+    fn new(inner: Stream, slot: Slot, open: Gauge, max_header_size: usize) -> Socket {
         open.inc();
         Socket {
             inner,

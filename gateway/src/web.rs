@@ -26,14 +26,20 @@ pub fn enabled(config: &Config) -> bool {
         || (config.mqtt.enabled && config.mqtt.websocket_path.is_some())
 }
 
-pub fn router(config: &Config, ctx: &AdapterContext) -> Router {
+/// The web listener's routes; `live` holds the `[http]` and `[websocket]` sections a reload
+/// may change the limits of.
+pub fn router(
+    config: &Config,
+    live: &crate::listener_limits::ListenerLimits,
+    ctx: &AdapterContext,
+) -> Router {
     let mut router = Router::new();
     if config.http.enabled {
-        router = router.merge(meshgate_http::router(&config.http, ctx));
+        router = router.merge(meshgate_http::router(live.http.clone(), ctx));
     }
     #[cfg(feature = "websocket")]
     if config.websocket.enabled {
-        router = router.merge(meshgate_websocket::router(&config.websocket, ctx));
+        router = router.merge(meshgate_websocket::router(live.websocket.clone(), ctx));
     }
     if config.http.browser_page {
         // The page reads its endpoints from these two meta values.

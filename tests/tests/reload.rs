@@ -459,3 +459,132 @@ async fn connection_caps_change_in_place() {
         page.1
     );
 }
+
+/// The limits of `[http]`, `[websocket]` and `[mqtt]` change in place: a connected MQTT
+/// client may hold the subscriptions a raised `max_subscriptions` allows, a new one is
+/// announced the new Receive Maximum, a larger HTTP body and more WebSocket filters are taken;
+/// anything else in those sections is still refused (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_limits_change_in_place() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    let limits = |n: usize| {
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_size = {}\n[websocket]\nmax_filters = {n}\n[admin]\nlisten = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"\nmax_subscriptions = {n}\nmax_inflight = {}\n",
+            n * 65_536,
+            n * 10
+        )
+    };
+    write(&path, &limits(1));
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (port, admin, web) = (gw.mqtt.unwrap().port(), gw.admin.unwrap(), gw.web.unwrap());
+
+    // Under the first limits: one subscription, a 64 KiB body, one WebSocket filter.
+    let (held, mut held_el) = connect_anonymous(port, "held").await.unwrap();
+    let granted = |held: AsyncClient, mut el: EventLoop, topic: &'static str| async move {
+        held.subscribe(topic, QoS::AtMostOnce).await.unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(ack)) = el.poll().await.unwrap() {
+                    return ack.return_codes[0];
+                }
+            }
+        })
+        .await
+        .expect("SUBACK");
+        (held, el, ack)
+    };
+    let (held, el, first) = granted(held, held_el, "a/1").await;
+    held_el = el;
+    assert!(matches!(
+        first,
+        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+    ));
+    let (held, el, second) = granted(held, held_el, "a/2").await;
+    held_el = el;
+    assert!(
+        !matches!(
+            second,
+            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+        ),
+        "over mqtt.max_subscriptions = 1: {second:?}"
+    );
+    let post = |len: usize| async move {
+        reqwest::Client::new()
+            .post(format!("http://{web}/events/limits/body"))
+            .header("content-type", "text/plain")
+            .body("x".repeat(len))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post(100_000).await, 413, "over http.max_body_size = 64 KiB");
+    let ws = |filters: usize| async move {
+        let query: Vec<String> = (0..filters).map(|i| format!("subscribe=w/{i}")).collect();
+        let mut request = format!("ws://{web}/ws?{}", query.join("&"))
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "cloudevents.json".parse().unwrap(),
+        );
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("WebSocket: {e}"),
+        }
+    };
+    assert_eq!(ws(2).await, 400, "over websocket.max_filters = 1");
+
+    // Raised: in force for the connected client, new connections and requests.
+    write(&path, &limits(2));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    for section in ["http limits", "websocket limits", "mqtt limits"] {
+        assert!(body.contains(section), "{section} in {body}");
+    }
+    let (_held, _el, again) = granted(held, held_el, "a/2").await;
+    assert!(
+        matches!(
+            again,
+            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+        ),
+        "the connected client may hold two now: {again:?}"
+    );
+    let mut o = MqttOptions::new("new", "127.0.0.1", port);
+    o.set_clean_start(true);
+    let (_new, mut new_el) = AsyncClient::new(o, 10);
+    let receive_max = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(ack)) = new_el.poll().await.unwrap() {
+                return ack.properties.and_then(|p| p.receive_max);
+            }
+        }
+    })
+    .await
+    .expect("CONNACK");
+    assert_eq!(
+        receive_max,
+        Some(20),
+        "the raised mqtt.max_inflight announced"
+    );
+    assert_eq!(
+        post(100_000).await,
+        202,
+        "under the raised http.max_body_size"
+    );
+    assert_eq!(ws(2).await, 101, "under the raised websocket.max_filters");
+
+    // Anything but a limit in those sections still needs a restart.
+    write(
+        &path,
+        &format!("{}wrap_type = \"com.example.other\"\n", limits(2)),
+    );
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("mqtt"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

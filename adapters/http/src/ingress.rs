@@ -19,12 +19,12 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use meshgate_config::HttpConfig;
+use meshgate_core::live::{Live, Slots};
 use meshgate_core::metrics::AdapterMetrics;
 use meshgate_core::wrap::{self, Wrap};
 use meshgate_core::{
     AdapterContext, AuthError, BackboneError, Credentials, Event, Principal, PublishError, Topic,
 };
-use tokio::sync::Semaphore;
 
 use crate::binding::{self, Decoded};
 
@@ -32,30 +32,36 @@ use crate::binding::{self, Decoded};
 pub const ADAPTER: &str = "http";
 
 struct HttpState {
-    config: HttpConfig,
+    /// The `[http]` section in force: a reload may change its limits (`max_body_size`,
+    /// `max_batch_events`, `max_in_flight`, `retry_after`, `body_read_timeout`), each request
+    /// reads them as it goes; the rest needs a restart (`events_path` is in the routes).
+    config: Arc<Live<HttpConfig>>,
+    events_path: String,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
-    in_flight: Arc<Semaphore>,
-    retry_after: HeaderValue,
+    /// Requests in flight, capped at `max_in_flight` (moved by [`HttpState::config`]'s reads).
+    in_flight: Arc<Slots>,
 }
 
-/// The ingress routes, to be merged into the gateway's web listener.
-pub fn router(config: &HttpConfig, ctx: &AdapterContext) -> Router {
-    let secs = config.retry_after.as_secs().max(1);
+/// The ingress routes, to be merged into the gateway's web listener; `config` is the `[http]`
+/// section a reload may replace (its limits change in place).
+pub fn router(config: Arc<Live<HttpConfig>>, ctx: &AdapterContext) -> Router {
+    let now = config.get();
+    let events_path = now.events_path.clone();
     let state = Arc::new(HttpState {
-        config: config.clone(),
+        in_flight: Slots::new(now.max_in_flight),
+        events_path: events_path.clone(),
+        config,
         ctx: ctx.clone(),
         metrics: ctx.metrics(ADAPTER),
-        in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-        retry_after: HeaderValue::from(secs),
     });
     Router::new()
         .route(
-            &format!("{}/{{*topic}}", config.events_path),
+            &format!("{events_path}/{{*topic}}"),
             post(ingest).options(preflight),
         )
-        .route(&config.events_path, post(missing_topic))
-        .route(&format!("{}/", config.events_path), post(missing_topic))
+        .route(&events_path, post(missing_topic))
+        .route(&format!("{events_path}/"), post(missing_topic))
         .with_state(state)
 }
 
@@ -86,10 +92,10 @@ impl Refusal {
         let mut r = problem(self.status, self.detail);
         match self.status {
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                let value = match self.retry_after {
-                    Some(secs) => HeaderValue::from(secs),
-                    None => state.retry_after.clone(),
-                };
+                let secs = self
+                    .retry_after
+                    .unwrap_or_else(|| state.config.read().retry_after.as_secs().max(1));
+                let value = HeaderValue::from(secs);
                 r.headers_mut().insert(header::RETRY_AFTER, value);
             }
             StatusCode::UNAUTHORIZED => {
@@ -110,7 +116,7 @@ fn problem(status: StatusCode, detail: impl AsRef<str>) -> Response {
 }
 
 async fn missing_topic(State(state): State<Arc<HttpState>>) -> Response {
-    let path = &state.config.events_path;
+    let path = &state.events_path;
     problem(
         StatusCode::BAD_REQUEST,
         format!("no topic in the path: POST to {path}/<topic>, e.g. {path}/sensors/42/temperature"),
@@ -189,7 +195,7 @@ async fn authenticate(
 
 /// Reads the body, refusing (413) as soon as it grows past the limit.
 async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
-    let limit = state.config.max_body_size;
+    let limit = state.config.read().max_body_size;
     let too_large = || {
         state.metrics.error(ErrorKind::TooLarge);
         Refusal::new(
@@ -208,7 +214,7 @@ async fn read_body(state: &HttpState, headers: &HeaderMap, body: Body) -> Result
     let mut stream = body.into_data_stream();
     // A client that trickles its body (slowloris) holds one of the `max_in_flight` slots at
     // most this long.
-    let within = state.config.body_read_timeout;
+    let within = state.config.read().body_read_timeout;
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next()).await;
@@ -241,7 +247,7 @@ fn topic_from_path(state: &HttpState, uri: &Uri) -> Result<Topic, Refusal> {
     // The raw (still percent-encoded) path, so that `%2F` inside a level is not a separator.
     let raw = uri
         .path()
-        .strip_prefix(state.config.events_path.as_str())
+        .strip_prefix(state.events_path.as_str())
         .and_then(|p| p.strip_prefix('/'))
         .unwrap_or("");
     Topic::from_url_path(raw).map_err(|e| {
@@ -259,17 +265,17 @@ fn decode(
     topic: &Topic,
     body: Bytes,
 ) -> Result<Vec<Event>, Refusal> {
-    let decoded =
-        binding::decode(headers, body.clone(), state.config.max_batch_events).map_err(|e| {
-            let kind = match e.status() {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorKind::UnsupportedMediaType,
-                StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
-                _ => ErrorKind::BadEvent,
-            };
-            state.metrics.error(kind);
-            tracing::debug!(error = %e, "http: invalid event");
-            Refusal::new(e.status(), e.to_string())
-        })?;
+    let config = state.config.read();
+    let decoded = binding::decode(headers, body.clone(), config.max_batch_events).map_err(|e| {
+        let kind = match e.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorKind::UnsupportedMediaType,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
+            _ => ErrorKind::BadEvent,
+        };
+        state.metrics.error(kind);
+        tracing::debug!(error = %e, "http: invalid event");
+        Refusal::new(e.status(), e.to_string())
+    })?;
     let events = match decoded {
         Decoded::Binary(e) | Decoded::Structured(e) => vec![e],
         // At most `max_batch_events`: the decoder stops at the next one (413).
@@ -281,8 +287,8 @@ fn decode(
             let event = wrap::wrap(
                 body,
                 Wrap {
-                    source: &state.config.wrap.source,
-                    ty: &state.config.wrap.event_type,
+                    source: &config.wrap.source,
+                    ty: &config.wrap.event_type,
                     subject: Some(topic.as_str()),
                     content_type,
                 },
@@ -332,7 +338,7 @@ fn cors(state: &HttpState, request: &HeaderMap, response: &mut HeaderMap) {
     };
     if meshgate_web::origin::check(
         request,
-        &state.config.allowed_origins,
+        &state.config.read().allowed_origins,
         "http.allowed_origins",
     )
     .is_ok()
@@ -349,7 +355,7 @@ fn cors(state: &HttpState, request: &HeaderMap, response: &mut HeaderMap) {
 async fn preflight(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     if let Err(why) = meshgate_web::origin::check(
         &headers,
-        &state.config.allowed_origins,
+        &state.config.read().allowed_origins,
         "http.allowed_origins",
     ) {
         state.metrics.error(ErrorKind::ForbiddenOrigin);
@@ -385,13 +391,15 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<String>, Refusal> {
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+    // A reload may have moved `max_in_flight`: requests in flight over a lowered cap finish.
+    state.in_flight.set_cap(state.config.read().max_in_flight);
+    let Some(_permit) = state.in_flight.try_take() else {
         state.metrics.error(ErrorKind::Saturated);
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "{} requests are already in flight (http.max_in_flight); retry later",
-                state.config.max_in_flight
+                state.in_flight.cap()
             ),
         ));
     };
@@ -399,7 +407,7 @@ async fn handle(
     // "simple request" needs no CORS preflight).
     if let Err(why) = meshgate_web::origin::check(
         headers,
-        &state.config.allowed_origins,
+        &state.config.read().allowed_origins,
         "http.allowed_origins",
     ) {
         state.metrics.error(ErrorKind::ForbiddenOrigin);

@@ -52,7 +52,10 @@ async fn start_with(
         backbone,
         registry,
     } = TestKit::on(authorizer, memory);
-    let router = meshgate_http::router(&config, &ctx);
+    let router = meshgate_http::router(
+        std::sync::Arc::new(meshgate_core::live::Live::new(config)),
+        &ctx,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use meshgate_config::MqttConfig;
+use meshgate_core::live::Live;
 use meshgate_core::metrics::{self, AdapterMetrics, Counter, Gauge};
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio::net::TcpListener;
@@ -35,7 +36,13 @@ const BUSY_HEADROOM: usize = 64;
 
 /// State shared by the connections of one listener.
 pub(crate) struct Shared {
-    config: MqttConfig,
+    /// The `[mqtt]` section in force: a reload ([`MqttAdapter::limits`]) may change its limits,
+    /// read where each is checked (a connection's announced Receive Maximum and packet size
+    /// stay as its CONNACK said); the rest needs a restart.
+    config: Live<MqttConfig>,
+    /// `mqtt.plain_messages`, `v5_outbound`, `v311_outbound` (restart-only), read per
+    /// delivery: copied here so the hot path does not load the live section.
+    modes: OutboundModes,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
     /// Connected client ids → their connection id, takeover token, and the token cancelled when
@@ -66,6 +73,40 @@ pub(crate) struct Shared {
     bytes_out: Counter,
     /// `mqtt.wrap_type`, shared by every connection's wrapper instead of copied into each.
     wrap_type: Arc<str>,
+}
+
+/// Puts a reloaded `[mqtt]` section in force (see [`MqttAdapter::limits`]).
+#[derive(Clone)]
+pub struct MqttLimits(Arc<Shared>);
+
+impl std::fmt::Debug for MqttLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MqttLimits").finish_non_exhaustive()
+    }
+}
+
+impl MqttLimits {
+    /// From now on: new connections take `config`'s bounds; connected ones hold to the
+    /// Receive Maximum and packet size their CONNACK announced and meet the other limits
+    /// (`max_queued`, `max_subscriptions`, `max_session_expiry`, ...) at their next check;
+    /// the retained store and the parked sessions keep what they hold over lowered bounds.
+    /// Only the limits may differ from the running section (the reload checks that).
+    pub fn set(&self, config: &MqttConfig) {
+        let shared = &self.0;
+        shared
+            .retained
+            .set_limits(config.max_retained_messages, config.max_retained_bytes);
+        shared.parked.set_limit(config.max_offline_sessions);
+        shared.config.set(config.clone());
+    }
+}
+
+/// How deliveries are encoded (see [`Shared::modes`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutboundModes {
+    pub(crate) plain: meshgate_config::PlainMessages,
+    pub(crate) v5: meshgate_config::Mqtt5Mode,
+    pub(crate) v311: meshgate_config::Mqtt311Mode,
 }
 
 struct Client {
@@ -99,7 +140,12 @@ impl Shared {
             pipeline_qos0: ctx.backbone.publish_round_trips() && ctx.backbone.qos0_round_trips(),
             in_process: ctx.backbone.delivers_in_process(),
             wrap_type: Arc::from(config.wrap_type.as_str()),
-            config: config.clone(),
+            modes: OutboundModes {
+                plain: config.plain_messages,
+                v5: config.v5_outbound,
+                v311: config.v311_outbound,
+            },
+            config: Live::new(config.clone()),
             ctx: ctx.clone(),
             metrics,
             clients: Mutex::new(HashMap::new()),
@@ -122,14 +168,18 @@ impl Shared {
     }
 
     fn over_capacity(&self) -> bool {
-        self.sockets.load(Ordering::Acquire) > self.config.max_connections
+        self.sockets.load(Ordering::Acquire) > self.config.read().max_connections
     }
 
     /// Past the limit and the few sockets kept to answer "server busy": new sockets are
     /// closed (TCP) or refused (WebSocket upgrades) at once.
     fn at_hard_cap(&self) -> bool {
         self.sockets.load(Ordering::Acquire)
-            >= self.config.max_connections.saturating_add(BUSY_HEADROOM)
+            >= self
+                .config
+                .read()
+                .max_connections
+                .saturating_add(BUSY_HEADROOM)
     }
 
     /// Registers a client id for `principal`; an existing connection with the same id is told
@@ -306,11 +356,16 @@ impl MqttAdapter {
         admin::MqttAdmin::new(self.shared.clone())
     }
 
+    /// The handle a configuration reload puts a new `[mqtt]` section in force with.
+    pub fn limits(&self) -> MqttLimits {
+        MqttLimits(self.shared.clone())
+    }
+
     /// MQTT over WebSocket at `mqtt.websocket_path`, sharing this broker's sessions, for the
     /// gateway's web listener.
     pub fn websocket_router(&self) -> Option<axum::Router> {
-        let path = self.shared.config.websocket_path.as_deref()?;
-        Some(websocket::router(path, self.shared.clone()))
+        let path = self.shared.config.read().websocket_path.clone()?;
+        Some(websocket::router(&path, self.shared.clone()))
     }
 }
 
@@ -430,11 +485,12 @@ async fn run_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     peer: std::net::SocketAddr,
 ) {
-    let timeout = shared.config.connect_timeout;
+    let timeout = shared.config.read().connect_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let kind = shared
                 .config
+                .read()
                 .tls
                 .as_ref()
                 .map_or(meshgate_config::CertificateIdentity::CommonName, |t| {

@@ -7,6 +7,7 @@
 //! the topic's earlier retained message, if any, is removed rather than left as stale state.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meshgate_core::metrics::Counter;
@@ -30,8 +31,10 @@ struct Store {
 
 pub(crate) struct Retained {
     store: Mutex<Store>,
-    max_messages: usize,
-    max_bytes: usize,
+    /// `mqtt.max_retained_messages` / `max_retained_bytes`, which a reload may move
+    /// ([`Retained::set_limits`]); lowered, what is stored stays and new topics wait for room.
+    max_messages: AtomicUsize,
+    max_bytes: AtomicUsize,
     dropped: Counter,
     failed: Counter,
     /// The backbone, when it has a shared store.
@@ -85,8 +88,8 @@ impl Retained {
     ) -> Self {
         Retained {
             store: Mutex::new(Store::default()),
-            max_messages,
-            max_bytes,
+            max_messages: AtomicUsize::new(max_messages),
+            max_bytes: AtomicUsize::new(max_bytes),
             dropped,
             failed,
             shared: backbone
@@ -94,6 +97,12 @@ impl Retained {
                 .is_some()
                 .then(|| backbone.clone()),
         }
+    }
+
+    /// Moves the memory store's bounds (a reload).
+    pub(crate) fn set_limits(&self, max_messages: usize, max_bytes: usize) {
+        self.max_messages.store(max_messages, Ordering::Relaxed);
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
     }
 
     /// Stores `envelope` as the topic's retained message, or clears it (an empty payload).
@@ -142,8 +151,8 @@ impl Retained {
         }
         let old = store.messages.get(envelope.topic.as_str()).map(|(_, n)| *n);
         let (is_new, replaced) = (old.is_none(), old.unwrap_or(0));
-        if (is_new && store.messages.len() >= self.max_messages)
-            || store.bytes - replaced + size > self.max_bytes
+        if (is_new && store.messages.len() >= self.max_messages.load(Ordering::Relaxed))
+            || store.bytes - replaced + size > self.max_bytes.load(Ordering::Relaxed)
         {
             // The topic's earlier message is no longer its last retained one: keeping it would
             // send new subscribers stale state ([MQTT-3.3.1-5] replaces it). It goes, and its

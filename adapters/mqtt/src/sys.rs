@@ -61,7 +61,7 @@ fn prefix(shared: &Shared) -> String {
 
 /// Publishes the figures every `mqtt.sys_interval` until shutdown (not at all when it is 0).
 pub(crate) async fn publish_every_interval(shared: Arc<Shared>) {
-    let interval = shared.config.sys_interval;
+    let interval = shared.config.read().sys_interval;
     if interval.is_zero() {
         return;
     }

@@ -82,7 +82,9 @@ async fn upgrade(
     let tracker = shared.ctx.tracker.clone();
     // A frame and a message are both at most one MQTT packet (and the WebSocket framing):
     // tungstenite would otherwise buffer frames up to its 16 MiB default (review F19).
-    let max = shared.config.max_packet_size + 8;
+    // (A reload between this upgrade and CONNACK may announce another size: the frame
+    // bound follows the section as it is now, the packet bound what CONNACK says.)
+    let max = shared.config.read().max_packet_size + 8;
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(meshgate_core::limits::WEBSOCKET_READ_BUFFER)
         .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)

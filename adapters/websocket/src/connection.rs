@@ -213,7 +213,7 @@ struct Conn {
 
 impl Conn {
     fn budget(&self) -> usize {
-        self.shared.config.outbound_queue_bytes
+        self.shared.config.read().outbound_queue_bytes
     }
 
     /// Queues `msg` if it fits into the byte budget; gives it back if not.
@@ -289,7 +289,7 @@ impl Conn {
         let text = Utf8Bytes::try_from(delivery.envelope.json()).unwrap_or_default();
         match self.push(Outbound::Event(text, delivery)) {
             Ok(()) => true,
-            Err(Outbound::Event(_, delivery)) => match self.shared.config.slow_consumer {
+            Err(Outbound::Event(_, delivery)) => match self.shared.config.read().slow_consumer {
                 SlowConsumerPolicy::Drop => {
                     self.shared.dropped_slow.inc();
                     self.settle_unsent(delivery);
@@ -513,7 +513,7 @@ impl Conn {
             Err(e) => self.report(&e),
             Ok(Inbound::Publish(event)) => {
                 let shared = &self.shared;
-                let topic = match &shared.config.publish_topic {
+                let topic = match &shared.config.read().publish_topic {
                     PublishTopic::Fixed(t) => Topic::from_mqtt(t),
                     PublishTopic::Subject => match event.subject() {
                         Some(s) => Topic::from_mqtt(s),
@@ -571,7 +571,7 @@ impl Conn {
     /// here, subscribed by the backbone in `self.op`); answered with `io.meshgate.subscribed`.
     fn subscribe(&mut self, filters: Vec<TopicFilter>, matching: Option<Arc<EventFilter>>) {
         let shared = self.shared.clone();
-        let max = shared.config.max_filters;
+        let max = shared.config.read().max_filters;
         let mut held = self.subs.len();
         let mut wanted = Vec::with_capacity(filters.len());
         let mut refused = Vec::new();
@@ -760,8 +760,8 @@ pub(crate) fn run(
         let id = listed
             .as_ref()
             .map_or_else(|| shared.ctx.next_connection_id(), |l| l.id());
-        let ping_interval = shared.config.ping_interval;
-        let max = shared.config.max_message_size;
+        let ping_interval = shared.config.read().ping_interval;
+        let max = shared.config.read().max_message_size;
         tracing::debug!(
             connection = id,
             principal = principal.name(),

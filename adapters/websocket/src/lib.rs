@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use meshgate_config::WebSocketConfig;
+use meshgate_core::live::Live;
 use meshgate_core::metrics::{AdapterMetrics, Counter};
 use meshgate_core::{AdapterContext, AuthError, Credentials, TopicFilter};
 use meshgate_web::PeerAddr;
@@ -39,7 +40,9 @@ pub const ADAPTER: &str = "websocket";
 
 /// State shared by every connection of this adapter.
 struct Shared {
-    config: WebSocketConfig,
+    /// The `[websocket]` section in force: a reload may change its limits (read where each
+    /// is checked; a connection's frame size and ping interval at its upgrade).
+    config: Arc<Live<WebSocketConfig>>,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
     dropped_slow: Counter,
@@ -48,10 +51,11 @@ struct Shared {
 }
 
 /// The WebSocket endpoint, to be merged into the gateway's web listener.
-pub fn router(config: &WebSocketConfig, ctx: &AdapterContext) -> Router {
+pub fn router(config: Arc<Live<WebSocketConfig>>, ctx: &AdapterContext) -> Router {
     let metrics = ctx.metrics(ADAPTER);
+    let path = config.read().path.clone();
     let shared = Arc::new(Shared {
-        config: config.clone(),
+        config,
         ctx: ctx.clone(),
         dropped_slow: metrics.dropped(DropReason::SlowConsumer).clone(),
         disconnected_slow: ctx
@@ -61,7 +65,7 @@ pub fn router(config: &WebSocketConfig, ctx: &AdapterContext) -> Router {
         connections: AtomicUsize::new(0),
     });
     Router::new()
-        .route(&config.path, get(handshake))
+        .route(&path, get(handshake))
         .with_state(shared)
 }
 
@@ -163,7 +167,7 @@ async fn handshake(
     // network position (or cookies) to subscribe.
     if let Err(refusal) = meshgate_web::origin::check(
         headers,
-        &shared.config.allowed_origins,
+        &shared.config.read().allowed_origins,
         "websocket.allowed_origins",
     ) {
         shared.metrics.error(ErrorKind::ForbiddenOrigin);
@@ -182,7 +186,7 @@ async fn handshake(
         }
     };
     let protocols = meshgate_web::offered_subprotocols(headers);
-    let negotiated = match binding::negotiate(protocols, shared.config.require_subprotocol) {
+    let negotiated = match binding::negotiate(protocols, shared.config.read().require_subprotocol) {
         Ok(n) => n,
         Err(refusal) => {
             shared.metrics.error(ErrorKind::BadHandshake);
@@ -230,7 +234,7 @@ async fn handshake(
             return unauthorized("invalid token");
         }
     };
-    let max_filters = shared.config.max_filters;
+    let max_filters = shared.config.read().max_filters;
     if params.subscribe.len() > max_filters {
         shared.metrics.error(ErrorKind::TooManyFilters);
         return problem(
@@ -268,21 +272,21 @@ async fn handshake(
     let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.metrics.connections.inc();
     let slot = ConnectionSlot(shared.clone());
-    if previous >= shared.config.max_connections {
+    if previous >= shared.config.read().max_connections {
         shared.metrics.error(ErrorKind::TooManyConnections);
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "connection limit of {} reached; retry later",
-                shared.config.max_connections
+                shared.config.read().max_connections
             ),
         );
     }
     let limits = Limits::default()
         .read_buffer_size(read_ahead::TUNGSTENITE_READ)
         .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
-        .max_message_size(Some(shared.config.max_message_size))
-        .max_frame_size(Some(shared.config.max_message_size));
+        .max_message_size(Some(shared.config.read().max_message_size))
+        .max_frame_size(Some(shared.config.read().max_message_size));
     // Listed for the admin API (when it is on) from here; told to close through its waker
     // (`Connection::poll_closed`), so no token per connection.
     let listed = shared

@@ -66,7 +66,10 @@ async fn start_limited(
         backbone,
         registry,
     } = TestKit::new(authorizer).with_limits(limits);
-    let router = meshgate_websocket::router(&config, &ctx);
+    let router = meshgate_websocket::router(
+        std::sync::Arc::new(meshgate_core::live::Live::new(config)),
+        &ctx,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

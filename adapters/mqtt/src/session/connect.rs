@@ -154,10 +154,16 @@ pub(super) struct Terms {
     pub(super) requested_expiry: u32,
     /// How long the session outlives its connection.
     pub(super) expiry: Duration,
+    /// Our Receive Maximum (`mqtt.max_inflight`) and largest packet (`mqtt.max_packet_size`)
+    /// as CONNACK announces them: the connection holds the client to these, whatever a reload
+    /// sets for later connections.
+    pub(super) own_receive_max: u16,
+    pub(super) own_max_packet: u32,
 }
 
 impl Terms {
     fn of(shared: &Shared, request: &Request) -> Terms {
+        let config = shared.config.read();
         let props = request.props.as_ref();
         let max_packet = props
             .and_then(|p| p.max_packet_size)
@@ -165,7 +171,7 @@ impl Terms {
         let receive_max = props
             .and_then(|p| p.receive_maximum)
             .unwrap_or(65_535)
-            .min(shared.config.max_inflight);
+            .min(config.max_inflight);
         let alias_max = props.and_then(|p| p.topic_alias_max).unwrap_or(0);
         // Session lifetime: MQTT 5 Session Expiry Interval (absent = 0), MQTT 3.1.1 clean session
         // 0 = "until the server discards it"; both capped by `mqtt.max_session_expiry`.
@@ -175,8 +181,10 @@ impl Terms {
             Version::V311 => u32::MAX,
         };
         let expiry =
-            Duration::from_secs(u64::from(requested_expiry)).min(shared.config.max_session_expiry);
+            Duration::from_secs(u64::from(requested_expiry)).min(config.max_session_expiry);
         Terms {
+            own_receive_max: config.max_inflight,
+            own_max_packet: u32::try_from(config.max_packet_size).unwrap_or(u32::MAX),
             version: request.version,
             max_packet,
             receive_max,
@@ -350,7 +358,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let max = shared.config.max_packet_size;
+    let max = shared.config.read().max_packet_size;
     let packet = match read_packet(stream, buf, version, max).await {
         Ok(p) => p,
         Err(e) => {
@@ -384,7 +392,7 @@ fn check_connect(shared: &Shared, request: &Request) -> Result<(u16, Option<u16>
     // Client identifier rules (3.1.1 §3.1.3.1, 5 §3.1.3.1). A server may refuse long ids; a
     // connection keeps several copies of its id (the clients map, the wrapper's source, the
     // session), so it is capped (`mqtt.max_client_id_len`).
-    let max_id = shared.config.max_client_id_len;
+    let max_id = shared.config.read().max_client_id_len;
     if request.connect.client_id.len() > max_id {
         shared.metrics.error(ErrorKind::ClientIdTooLong);
         return Err(Refusal::new(
@@ -395,14 +403,15 @@ fn check_connect(shared: &Shared, request: &Request) -> Result<(u16, Option<u16>
     // `mqtt.max_keep_alive`: MQTT 5 is told the maximum in CONNACK; 3.1.1 cannot be told
     // another keep-alive, so a longer one is refused (see `codec::keep_alive`).
     let requested = request.connect.keep_alive;
-    codec::keep_alive(request.version, requested, shared.config.max_keep_alive).ok_or_else(|| {
+    let max_keep_alive = shared.config.read().max_keep_alive;
+    codec::keep_alive(request.version, requested, max_keep_alive).ok_or_else(|| {
         shared.metrics.error(ErrorKind::KeepAliveTooLong);
         Refusal::new(
             ConnectReturnCode::ClientIdentifierNotValid,
             format!(
                 "keep-alive {requested} s is longer than this server allows ({} s, mqtt.max_keep_alive); \
                  connect with a shorter one",
-                shared.config.max_keep_alive.as_secs()
+                max_keep_alive.as_secs()
             ),
         )
     })
@@ -694,8 +703,8 @@ async fn accept<S: AsyncWrite + Unpin>(
         // MQTT 5 §3.2.2.3.2: a Session Expiry Interval other than the client's is announced.
         session_expiry_interval: (granted_expiry != terms.requested_expiry)
             .then_some(granted_expiry),
-        receive_max: Some(shared.config.max_inflight),
-        max_packet_size: u32::try_from(shared.config.max_packet_size).ok(),
+        receive_max: Some(terms.own_receive_max),
+        max_packet_size: Some(terms.own_max_packet),
         assigned_client_identifier: ack.assigned,
         topic_alias_max: Some(TOPIC_ALIAS_MAX),
         retain_available: Some(1),

@@ -222,7 +222,7 @@ impl Session {
             return Err(Flow::Continue);
         }
         if qos == QoS::ExactlyOnce
-            && self.inbound.awaiting_pubrel.len() >= usize::from(self.shared.config.max_inflight)
+            && self.inbound.awaiting_pubrel.len() >= usize::from(self.own_receive_max)
         {
             self.shared.metrics.error(ErrorKind::ReceiveMaximum);
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
@@ -452,8 +452,7 @@ impl Session {
     /// Whether as many PUBLISHes wait for the backbone as the client may send unacknowledged
     /// (our Receive Maximum): then no more packets are read until one is answered.
     pub(super) fn inbound_full(&self) -> bool {
-        self.inbound
-            .is_full(usize::from(self.shared.config.max_inflight))
+        self.inbound.is_full(usize::from(self.own_receive_max))
     }
 
     /// PUBREL: the client releases a QoS 2 message; PUBCOMP ends the handshake.

@@ -86,6 +86,10 @@ struct Session {
     origin: Origin,
     /// Largest packet the client accepts (MQTT 5 CONNECT property).
     client_max_packet: usize,
+    /// Our Receive Maximum and largest packet, as this connection's CONNACK announced them
+    /// ([`connect::Terms`]).
+    own_receive_max: u16,
+    own_max_packet: u32,
     out: BytesMut,
     subscriptions: Vec<Subscription>,
     /// The subscriptions' delivery streams; created at the first subscription, so an idle
@@ -143,6 +147,8 @@ impl Session {
             client_id,
             principal,
             client_max_packet: terms.max_packet,
+            own_receive_max: terms.own_receive_max,
+            own_max_packet: terms.own_max_packet,
             out: BytesMut::new(),
             subscriptions: Vec::new(),
             streams: None,
@@ -259,7 +265,7 @@ where
         // space while its scope lasts, and this future is an idle connection's memory.
         let (session, registration) = {
             let mut buf = BytesMut::with_capacity(512);
-            let timeout = shared.config.connect_timeout;
+            let timeout = shared.config.read().connect_timeout;
             let connect = tokio::time::timeout(
                 timeout,
                 Box::pin(connect_phase(
@@ -465,7 +471,7 @@ impl Session {
                         return Flow::End(End::Abnormal);
                     }
                     self.expiry = Duration::from_secs(u64::from(e))
-                        .min(self.shared.config.max_session_expiry);
+                        .min(self.shared.config.read().max_session_expiry);
                 }
                 if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                     Flow::End(End::Abnormal)
@@ -625,12 +631,14 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         let shared = session.shared.clone();
-        let max = shared.config.max_packet_size;
+        let max = session.own_max_packet as usize;
         let mut keep_alive = KeepAlive::new(keep_alive);
         // (Registered with the takeover token: always there.)
         let takeover = session.live.close_token().cloned().unwrap_or_default();
-        let pending_limit = shared.config.max_queued;
-        let write_timeout = shared.config.write_timeout;
+        let (pending_limit, write_timeout) = {
+            let config = shared.config.read();
+            (config.max_queued, config.write_timeout)
+        };
         let mut busy = false;
         let mut out_hint = 0;
         // Created once, not per loop turn: each new `cancelled()` future registers with (and on

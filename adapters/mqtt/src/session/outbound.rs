@@ -381,7 +381,7 @@ impl Session {
         if o.qos == QoS::AtMostOnce {
             self.shared.metrics.dropped(DropReason::OfflineQos0).inc();
             self.settle_later(o.delivery);
-        } else if self.window.pending.len() >= self.shared.config.max_queued {
+        } else if self.window.pending.len() >= self.shared.config.read().max_queued {
             self.shared
                 .metrics
                 .dropped(DropReason::SessionQueueFull)
@@ -468,8 +468,8 @@ impl Session {
     #[inline]
     fn prepare_delivery(&self, o: &Outgoing) -> Result<Prepared, Skip> {
         let envelope = &o.delivery.envelope;
-        let config = &self.shared.config;
-        let as_published = envelope.plain && config.plain_messages == PlainMessages::AsPublished;
+        let modes = self.shared.modes;
+        let as_published = envelope.plain && modes.plain == PlainMessages::AsPublished;
         let mut encoded = if as_published {
             binding::as_published(&envelope.event, envelope.mqtt.as_deref(), self.version)
         } else {
@@ -477,8 +477,8 @@ impl Session {
                 &envelope.event,
                 || envelope.json(),
                 self.version,
-                config.v5_outbound,
-                config.v311_outbound,
+                modes.v5,
+                modes.v311,
             )
         };
         if self.version == Version::V5 && !o.sub_ids.is_empty() {

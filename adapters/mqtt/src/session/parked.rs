@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use meshgate_core::metrics::Gauge;
 use tokio::sync::oneshot;
@@ -56,7 +56,9 @@ pub(crate) struct ParkedInfo {
 pub(crate) struct Parked {
     sessions: Mutex<HashMap<String, Entry>>,
     generation: AtomicU64,
-    limit: usize,
+    /// `mqtt.max_offline_sessions`; a reload may move it ([`Parked::set_limit`]): lowered,
+    /// the parked sessions stay and no more park until they are under it.
+    limit: AtomicUsize,
     /// How many are parked (the `meshgate_mqtt_sessions_offline` gauge).
     gauge: Gauge,
 }
@@ -66,9 +68,14 @@ impl Parked {
         Parked {
             sessions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
             gauge,
         }
+    }
+
+    /// Moves `mqtt.max_offline_sessions` (a reload).
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// How many sessions are parked.
@@ -87,7 +94,9 @@ impl Parked {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut map = self.lock();
-            if map.len() >= self.limit && !map.contains_key(&session.client_id) {
+            if map.len() >= self.limit.load(Ordering::Relaxed)
+                && !map.contains_key(&session.client_id)
+            {
                 return Err(Box::new(session));
             }
             // A session parked under the same id cannot exist (the connection that parks owns

@@ -319,7 +319,7 @@ impl Session {
         Durable {
             name: durable_name(&self.client_id, key),
             // The longest a session may be away; the holder deletes it earlier when it expires.
-            ttl: self.shared.config.max_session_expiry,
+            ttl: self.shared.config.read().max_session_expiry,
         }
     }
 

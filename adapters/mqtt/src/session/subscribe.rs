@@ -211,7 +211,7 @@ impl Session {
                 s.retain_as_published = f.preserve_retain;
                 s.id = id;
                 s.filtered = filtered;
-            } else if self.subscriptions.len() >= self.shared.config.max_subscriptions {
+            } else if self.subscriptions.len() >= self.shared.config.read().max_subscriptions {
                 // Each is a backbone subscription (on JetStream a consumer on the server).
                 self.shared.metrics.error(ErrorKind::SubscriptionLimit);
                 codes.push(failure(SubscribeReasonCode::QuotaExceeded));
@@ -281,7 +281,7 @@ impl Session {
         if retained_for.is_empty() {
             return;
         }
-        let config = &self.shared.config;
+        let config = self.shared.config.get();
         let mut messages = config.max_queued.saturating_sub(self.window.pending.len());
         // What waits already counts; a queued envelope not yet encoded counts its topic only.
         let waiting = self.out.len()

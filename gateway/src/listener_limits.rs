@@ -1,0 +1,168 @@
+//! The limits of the `[http]`, `[websocket]` and `[mqtt]` sections, which a configuration
+//! reload changes in place (issue 25 item 3): each listener reads them from a
+//! [`meshgate_core::live::Live`] cell made here at start and replaced by [`ListenerLimits::apply`].
+//!
+//! What is a limit (a number or a duration that bounds a client): the fields the `*_limits_of`
+//! functions below copy. Everything else in those sections (`enabled`, listen addresses, paths,
+//! TLS on or off, allowed origins, encodings and modes) shapes the listeners and their routes
+//! when they start: a change there still needs a restart (`reload::needs_restart`).
+//!
+//! When a changed limit takes effect: HTTP requests and the web and admin listeners' new
+//! connections use the section as it is when they start; WebSocket and MQTT connections meet
+//! `max_queued`, `max_subscriptions`, `max_filters`, `outbound_queue_bytes`, `slow_consumer`
+//! and the session expiry cap at their next check, and keep the frame size and ping interval
+//! of their upgrade and the Receive Maximum and packet size their CONNACK announced. Counts
+//! over a lowered cap (connections, requests in flight, retained messages, parked sessions)
+//! are not cut: newcomers wait until they are under it.
+
+use std::sync::Arc;
+
+use meshgate_config::{Config, HttpConfig, MqttConfig, WebSocketConfig};
+use meshgate_core::live::Live;
+
+use crate::serve;
+
+/// Where the listeners read their limits (see the module documentation).
+pub struct ListenerLimits {
+    pub http: Arc<Live<HttpConfig>>,
+    pub websocket: Arc<Live<WebSocketConfig>>,
+    /// The web and admin listeners' socket bounds (timeouts and head size from `[http]`).
+    pub web: Arc<Live<serve::Limits>>,
+    pub admin: Arc<Live<serve::Limits>>,
+    /// The MQTT broker's, once it runs.
+    #[cfg(feature = "mqtt")]
+    pub mqtt: std::sync::OnceLock<meshgate_mqtt::MqttLimits>,
+}
+
+impl std::fmt::Debug for ListenerLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerLimits").finish_non_exhaustive()
+    }
+}
+
+impl ListenerLimits {
+    /// The cells for the configuration the gateway starts with.
+    pub fn new(config: &Config) -> Arc<ListenerLimits> {
+        Arc::new(ListenerLimits {
+            http: Arc::new(Live::new(config.http.clone())),
+            websocket: Arc::new(Live::new(config.websocket.clone())),
+            web: Arc::new(Live::new(web(config))),
+            admin: Arc::new(Live::new(admin(config))),
+            #[cfg(feature = "mqtt")]
+            mqtt: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Puts `next`'s limits in force where they differ from `running`'s; the sections whose
+    /// limits changed. Only limits may differ in these sections (`reload::needs_restart`
+    /// refused the rest before).
+    pub fn apply(&self, running: &Config, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if next.http != running.http {
+            self.http.set(next.http.clone());
+            self.web.set(web(next));
+            self.admin.set(admin(next));
+            changed.push("http limits");
+        }
+        if next.websocket != running.websocket {
+            self.websocket.set(next.websocket.clone());
+            changed.push("websocket limits");
+        }
+        if next.mqtt != running.mqtt {
+            #[cfg(feature = "mqtt")]
+            if let Some(mqtt) = self.mqtt.get() {
+                mqtt.set(&next.mqtt);
+            }
+            changed.push("mqtt limits");
+        }
+        changed
+    }
+}
+
+fn web(config: &Config) -> serve::Limits {
+    serve::Limits::of(
+        &config.http,
+        config.http.max_connections,
+        "http.max_connections",
+    )
+}
+
+fn admin(config: &Config) -> serve::Limits {
+    serve::Limits::of(
+        &config.http,
+        config.admin.max_connections,
+        "admin.max_connections",
+    )
+}
+
+/// `section` with the limits of `limits`: equal to `limits` when only limits differ.
+pub fn http_limits_of(section: &HttpConfig, limits: &HttpConfig) -> HttpConfig {
+    HttpConfig {
+        max_body_size: limits.max_body_size,
+        max_batch_events: limits.max_batch_events,
+        max_in_flight: limits.max_in_flight,
+        retry_after: limits.retry_after,
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections: limits.max_connections,
+        max_header_size: limits.max_header_size,
+        body_read_timeout: limits.body_read_timeout,
+        ..section.clone()
+    }
+}
+
+/// Likewise for `[websocket]`.
+pub fn websocket_limits_of(section: &WebSocketConfig, limits: &WebSocketConfig) -> WebSocketConfig {
+    WebSocketConfig {
+        max_message_size: limits.max_message_size,
+        outbound_queue_bytes: limits.outbound_queue_bytes,
+        slow_consumer: limits.slow_consumer,
+        max_connections: limits.max_connections,
+        ping_interval: limits.ping_interval,
+        max_filters: limits.max_filters,
+        ..section.clone()
+    }
+}
+
+/// Likewise for `[mqtt]`.
+pub fn mqtt_limits_of(section: &MqttConfig, limits: &MqttConfig) -> MqttConfig {
+    MqttConfig {
+        max_connections: limits.max_connections,
+        max_packet_size: limits.max_packet_size,
+        connect_timeout: limits.connect_timeout,
+        write_timeout: limits.write_timeout,
+        max_keep_alive: limits.max_keep_alive,
+        max_inflight: limits.max_inflight,
+        max_queued: limits.max_queued,
+        max_subscriptions: limits.max_subscriptions,
+        max_session_expiry: limits.max_session_expiry,
+        max_offline_sessions: limits.max_offline_sessions,
+        max_retained_messages: limits.max_retained_messages,
+        max_retained_bytes: limits.max_retained_bytes,
+        max_retained_send_bytes: limits.max_retained_send_bytes,
+        max_client_id_len: limits.max_client_id_len,
+        ..section.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_is_copied_and_anything_else_is_not() {
+        let running = Config::default();
+        let mut next = running.clone();
+        next.mqtt.max_queued += 1;
+        next.http.max_in_flight += 1;
+        next.websocket.max_filters += 1;
+        assert_eq!(mqtt_limits_of(&running.mqtt, &next.mqtt), next.mqtt);
+        assert_eq!(http_limits_of(&running.http, &next.http), next.http);
+        assert_eq!(
+            websocket_limits_of(&running.websocket, &next.websocket),
+            next.websocket
+        );
+        next.mqtt.wrap_type = "other".into();
+        assert_ne!(mqtt_limits_of(&running.mqtt, &next.mqtt), next.mqtt);
+    }
+}

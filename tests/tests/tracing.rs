@@ -3,7 +3,8 @@
 //! second, and an OTLP/HTTP receiver here (the tests' HTTP sink; the protobuf bodies decoded
 //! with OpenTelemetry's own message types). One event must form one trace:
 //! `mqtt receive` → `backbone publish` (instance a) → `websocket deliver`, `trigger deliver`
-//! (instance b), and every egress must carry its own span's context.
+//! (instance b), and every egress must carry its own span's context. A CloudEvent another NATS
+//! program publishes with a W3C `traceparent` header continues that program's trace.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
@@ -226,6 +227,35 @@ async fn one_event_from_mqtt_to_websocket_and_a_trigger_on_another_instance_is_o
     assert_eq!(trace_id, parent_trace, "the client's trace goes on");
     let t = trace(&collector, parent_trace, 4).await;
     assert_eq!(one(&t, "mqtt receive").parent, parent_span, "{t:#?}");
+    // 3. Another NATS program publishes a binary-mode CloudEvent with its span's context in
+    //    the W3C header: the deliveries on b continue that trace, as children of its span.
+    let other_trace = "0af7651916cd43dd8448eb211c80319c";
+    let other_span = "b7ad6b7169203331";
+    let program = async_nats::connect(nats.url()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "from-nats-1"),
+        ("ce-source", "/other/program"),
+        ("ce-type", "com.example.reading"),
+        ("traceparent", &format!("00-{other_trace}-{other_span}-01")),
+    ] {
+        headers.insert(k, v);
+    }
+    program
+        .publish_with_headers("meshgate.dev.3", headers, "21.5".into())
+        .await
+        .unwrap();
+    program.flush().await.unwrap();
+    let got = next_event(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.id(), "from-nats-1");
+    let (trace_id, ws_span) = ids(&traceparent_of(&got));
+    assert_eq!(trace_id, other_trace, "the NATS program's trace goes on");
+    let t = trace(&collector, other_trace, 2).await;
+    let deliver = one(&t, "websocket deliver");
+    assert_eq!(deliver.parent, other_span, "{t:#?}");
+    assert_eq!(deliver.span_id, ws_span);
+    assert_eq!(one(&t, "trigger deliver").parent, other_span, "{t:#?}");
     // What was exported is counted.
     let m = meshgate_tests::metrics(a.admin.unwrap()).await;
     assert!(

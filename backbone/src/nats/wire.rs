@@ -551,6 +551,16 @@ pub(crate) fn decode(
             _ => json::decode(&payload).map_err(DecodeError::NotAnEvent)?,
         },
     };
+    // The message's own trace context (headers) becomes the event's, so that the deliveries'
+    // spans continue the publisher's trace (only while tracing is on; the transport's wins
+    // over the event's attribute, as at every ingress). Meshgate instances send none: theirs
+    // travels in the event.
+    let mut event = event;
+    if m.traceparent.is_some() && meshgate_core::trace::enabled() {
+        meshgate_core::trace::adopt(&mut event, m.traceparent, m.tracestate);
+        // The event may have changed: its JSON is written anew.
+        own_json = None;
+    }
     let origin = match origin {
         Some(o) => o,
         // Published by another NATS program: no meshgate connection to compare with.
@@ -617,6 +627,10 @@ struct Meta<'a> {
     user_properties: Vec<&'a str>,
     /// Any `ce-` header.
     binary: bool,
+    /// W3C Trace Context headers (`traceparent`, `tracestate`): what an instrumented NATS
+    /// program publishing on the bus sends its span's context in.
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
 }
 
 impl<'a> Meta<'a> {
@@ -647,6 +661,10 @@ impl<'a> Meta<'a> {
                 } else if k.eq_ignore_ascii_case(MQTT_USER_PROPERTY) {
                     m.user_properties.push(v);
                     return;
+                } else if k.eq_ignore_ascii_case(meshgate_core::trace::TRACEPARENT) {
+                    &mut m.traceparent
+                } else if k.eq_ignore_ascii_case(meshgate_core::trace::TRACESTATE) {
+                    &mut m.tracestate
                 } else {
                     m.binary |= is_ce_header(k);
                     return;

@@ -47,6 +47,7 @@ pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
 pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
 pub const AUTH_FAILURES: &str = "meshgate_auth_failures_total";
 pub const TRACE_SPANS: &str = "meshgate_trace_spans_total";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "meshgate_tls_certificate_expiry_seconds";
 
 /// Every metric name above: what dashboards and alerts may use (the process collector's
 /// `process_*` names are the Prometheus client conventions, see `gateway/src/process_metrics.rs`).
@@ -77,6 +78,7 @@ pub const NAMES: &[&str] = &[
     TRIGGER_LATENCY,
     AUTH_FAILURES,
     TRACE_SPANS,
+    TLS_CERTIFICATE_EXPIRY,
 ];
 
 fn help(name: &str) -> &'static str {
@@ -119,6 +121,9 @@ fn help(name: &str) -> &'static str {
         }
         AUTH_FAILURES => {
             "Refused logins, per reason (invalid: wrong or unknown credentials; rate_limited: too many failures from the address or as the user; busy: too many waiting for a password hash)."
+        }
+        TLS_CERTIFICATE_EXPIRY => {
+            "When the certificate a TLS listener serves expires (its notAfter, Unix seconds), per listener (http, admin, mqtt)."
         }
         BUILD_INFO => "Always 1; the labels say which meshgate runs (version, compiled features).",
         _ => "meshgate metric",

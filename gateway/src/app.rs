@@ -155,7 +155,22 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartE
         .map_err(|source| StartError::Bind { addr, key, source })
 }
 
-/// Starts every configured listener. Returns once they are bound and serving.
+/// The files and settings of a web or admin listener's rustls configuration; `prefix` names
+/// its keys (`http.tls`, `admin.tls`). Also what a configuration reload reads again.
+pub(crate) fn listener_tls_files(
+    tls: &meshgate_config::ServerTlsConfig,
+    prefix: &'static str,
+) -> ServerTlsFiles {
+    ServerTlsFiles {
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        client_ca_file: None,
+        client_auth: ClientAuth::None,
+        alpn: vec![b"http/1.1".to_vec()],
+        key_prefix: prefix,
+    }
+}
+
 /// The TLS acceptor of a web or admin listener with `tls` set; `prefix` names its keys.
 fn listener_tls(
     tls: Option<&meshgate_config::ServerTlsConfig>,
@@ -164,19 +179,12 @@ fn listener_tls(
     let Some(tls) = tls else {
         return Ok(None);
     };
-    let files = ServerTlsFiles {
-        cert_file: tls.cert_file.clone(),
-        key_file: tls.key_file.clone(),
-        client_ca_file: None,
-        client_auth: ClientAuth::None,
-        alpn: vec![b"http/1.1".to_vec()],
-        key_prefix: prefix,
-    };
-    ReloadingAcceptor::new(files)
+    ReloadingAcceptor::new(listener_tls_files(tls, prefix))
         .map(|a| Some(Arc::new(a)))
         .map_err(StartError::Tls)
 }
 
+/// Starts every configured listener. Returns once they are bound and serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     crate::features::check(&config).map_err(StartError::MissingFeatures)?;
     // Certificates are read before anything starts: a bad file is a start error naming its key.
@@ -295,6 +303,19 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .await
             .map_err(StartError::Trigger)?;
     reloader.set_triggers(triggers.clone());
+    // The TLS listeners that will serve: a reload reads their files again.
+    let mut tls_listeners = Vec::new();
+    if let (Some(_), Some(tls)) = (&web_listener, &web_tls) {
+        tls_listeners.push((crate::reload::TlsListener::Http, tls.clone()));
+    }
+    if let (Some(_), Some(tls)) = (&admin_listener, &admin_tls) {
+        tls_listeners.push((crate::reload::TlsListener::Admin, tls.clone()));
+    }
+    #[cfg(feature = "mqtt")]
+    if let Some(tls) = mqtt_listeners.as_ref().and_then(|l| l.tls_acceptor()) {
+        tls_listeners.push((crate::reload::TlsListener::Mqtt, tls));
+    }
+    reloader.set_tls(tls_listeners);
     #[cfg_attr(
         not(feature = "amqp"),
         expect(unused_mut, reason = "set by the AMQP bridge")

@@ -58,17 +58,18 @@ impl ListenerLimits {
     /// refused the rest before).
     pub fn apply(&self, running: &Config, next: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
-        if next.http != running.http {
+        // Compared by their limits only: a reload may also change their TLS files.
+        if http_limits_of(&running.http, &next.http) != running.http {
             self.http.set(next.http.clone());
             self.web.set(web(next));
             self.admin.set(admin(next));
             changed.push("http limits");
         }
-        if next.websocket != running.websocket {
+        if websocket_limits_of(&running.websocket, &next.websocket) != running.websocket {
             self.websocket.set(next.websocket.clone());
             changed.push("websocket limits");
         }
-        if next.mqtt != running.mqtt {
+        if mqtt_limits_of(&running.mqtt, &next.mqtt) != running.mqtt {
             #[cfg(feature = "mqtt")]
             if let Some(mqtt) = self.mqtt.get() {
                 mqtt.set(&next.mqtt);

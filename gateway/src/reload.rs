@@ -12,10 +12,19 @@
 //! new connections count against the new caps; those over a lowered one stay). And the AMQP
 //! bridge's sources and sinks (`AmqpLinks::reload`: added ones start, removed ones stop,
 //! changed ones restart, the rest keep their connections). And the limits of `[http]`,
-//! `[websocket]` and `[mqtt]` (`crate::listener_limits`). Any other difference needs a
-//! restart: the
-//! reload is refused, naming the sections, and the running configuration stays — as it does
-//! for a file that does not load or validate (the same messages as `meshgate validate`).
+//! `[websocket]` and `[mqtt]` (`crate::listener_limits`). And the TLS listeners' certificates
+//! (web `http.tls_*`, admin `admin.tls_*`, MQTT `mqtt.tls_*`): at every reload,
+//! even of an unchanged file, each TLS listener's certificate chain, key and (MQTT) client CA
+//! are read again, from the paths the file now gives, into a new rustls configuration; a
+//! listener whose chain, client CA or settings differ from what it serves gets it for the
+//! connections it accepts from then on (connections already made keep theirs), and is named in
+//! the answer (`http.tls`, `admin.tls`, `mqtt.tls`). They are read before anything is put in
+//! force: one that does not load refuses the whole reload with the message a start would give
+//! (`mqtt.tls_key_file: ...`). So the certificate and key paths, `mqtt.tls_client_ca_file` and
+//! `mqtt.tls_client_auth` change in place; turning TLS on or off, `mqtt.tls_listen` and
+//! `mqtt.tls_identity` do not. Any other difference needs a restart: the reload is refused,
+//! naming the sections, and the running configuration stays — as it does for a file that does
+//! not load or validate (the same messages as `meshgate validate`).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -26,6 +35,7 @@ use axum::response::IntoResponse;
 use meshgate_config::Config;
 use meshgate_core::Authorizer;
 use meshgate_core::metrics::Registry;
+use meshgate_core::tls_server::{ReloadingAcceptor, ServerTls, ServerTlsFiles};
 use serde_json::json;
 
 /// Why a reload changed nothing.
@@ -38,12 +48,13 @@ pub enum ReloadError {
     Invalid(Vec<String>),
     /// Sections that differ and cannot change while running.
     #[error(
-        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]], amqp.sources/sinks, the gateway.max_connections_per_* caps and the limits (sizes, counts, timeouts) of [http], [websocket] and [mqtt] reload in place",
+        "these sections changed and need a restart, nothing changed: {}; only [auth], [[triggers]], amqp.sources/sinks, the gateway.max_connections_per_* caps, the limits (sizes, counts, timeouts) of [http], [websocket] and [mqtt] and the TLS listeners' certificate, key and client CA files reload in place",
         .0.join(", ")
     )]
     NeedsRestart(Vec<&'static str>),
-    /// A trigger or an AMQP link of the file could not start ([auth], if it changed too, is in
-    /// force; so are the triggers when an AMQP link failed).
+    /// A trigger or an AMQP link of the file could not start ([auth], the connection caps and
+    /// the TLS certificates, if they changed too, are in force; so are the triggers when an
+    /// AMQP link failed).
     #[error("{0}")]
     Apply(String),
     /// The reload's task ended abnormally.
@@ -66,6 +77,48 @@ pub struct Reloaded {
     pub changed: Vec<&'static str>,
 }
 
+/// A TLS listener whose certificate a reload reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsListener {
+    /// The web listener (`http.tls_cert_file`, `tls_key_file`).
+    Http,
+    /// The admin listener (`admin.tls_cert_file`, `tls_key_file`).
+    Admin,
+    /// MQTT over TLS (`mqtt.tls_*`).
+    #[cfg(feature = "mqtt")]
+    Mqtt,
+}
+
+impl TlsListener {
+    /// The `listener` label of `meshgate_tls_certificate_expiry_seconds`.
+    fn label(self) -> &'static str {
+        match self {
+            TlsListener::Http => "http",
+            TlsListener::Admin => "admin",
+            #[cfg(feature = "mqtt")]
+            TlsListener::Mqtt => "mqtt",
+        }
+    }
+
+    /// Its files and settings in `config`; `None` where TLS is off.
+    fn files(self, config: &Config) -> Option<ServerTlsFiles> {
+        match self {
+            TlsListener::Http => config
+                .http
+                .tls
+                .as_ref()
+                .map(|t| crate::app::listener_tls_files(t, "http.tls")),
+            TlsListener::Admin => config
+                .admin
+                .tls
+                .as_ref()
+                .map(|t| crate::app::listener_tls_files(t, "admin.tls")),
+            #[cfg(feature = "mqtt")]
+            TlsListener::Mqtt => config.mqtt.tls.as_ref().map(meshgate_mqtt::tls_files),
+        }
+    }
+}
+
 /// The running configuration and what a reload changes in it.
 #[derive(Debug)]
 pub struct Reloader {
@@ -83,6 +136,8 @@ pub struct Reloader {
     source: OnceLock<PathBuf>,
     /// The running triggers (set once they started).
     triggers: OnceLock<meshgate_triggers::Triggers>,
+    /// The TLS listeners that serve (set once they are made).
+    tls: OnceLock<Vec<(TlsListener, Arc<ReloadingAcceptor>)>>,
 }
 
 impl Reloader {
@@ -101,6 +156,7 @@ impl Reloader {
             registry,
             source: OnceLock::new(),
             triggers: OnceLock::new(),
+            tls: OnceLock::new(),
             #[cfg(feature = "amqp")]
             amqp: OnceLock::new(),
         }
@@ -115,6 +171,41 @@ impl Reloader {
     /// The triggers a reload of `[[triggers]]` changes.
     pub(crate) fn set_triggers(&self, triggers: meshgate_triggers::Triggers) {
         let _ = self.triggers.set(triggers);
+    }
+
+    /// The TLS listeners whose files a reload reads again; each one's certificate expiry
+    /// becomes `meshgate_tls_certificate_expiry_seconds{listener}`.
+    pub(crate) fn set_tls(&self, listeners: Vec<(TlsListener, Arc<ReloadingAcceptor>)>) {
+        for (listener, acceptor) in &listeners {
+            acceptor.set_expiry_gauge(self.registry.gauge(
+                meshgate_core::metrics::TLS_CERTIFICATE_EXPIRY,
+                &[("listener", listener.label())],
+            ));
+        }
+        let _ = self.tls.set(listeners);
+    }
+
+    /// Every TLS listener's files as `next` gives them, read now; every one that does not
+    /// load, with the message a start gives.
+    fn read_tls(
+        &self,
+        next: &Config,
+    ) -> Result<Vec<(Arc<ReloadingAcceptor>, ServerTls)>, ReloadError> {
+        let (mut read, mut errors) = (Vec::new(), Vec::new());
+        for (listener, acceptor) in self.tls.get().into_iter().flatten() {
+            // (None: TLS turned off, which `needs_restart` refused.)
+            let Some(files) = listener.files(next) else {
+                continue;
+            };
+            match ServerTls::read(files) {
+                Ok(tls) => read.push((acceptor.clone(), tls)),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        match errors.is_empty() {
+            true => Ok(read),
+            false => Err(ReloadError::Invalid(errors)),
+        }
     }
 
     /// Reads the file again and applies it: the reading, checking and `[auth]` on the blocking
@@ -185,7 +276,8 @@ impl Reloader {
         self.stage(next)
     }
 
-    /// Checks `next`, puts `[auth]` into force, and leaves the triggers to [`Reloader::finish`].
+    /// Checks `next`, puts `[auth]`, the connection caps and the TLS certificates into force,
+    /// and leaves the triggers and AMQP links to [`Reloader::finish`].
     fn stage(&self, mut next: Config) -> Result<Staged, ReloadError> {
         crate::features::check(&next).map_err(|missing| {
             ReloadError::Invalid(missing.0.iter().map(ToString::to_string).collect())
@@ -195,6 +287,9 @@ impl Reloader {
         if !restart.is_empty() {
             return Err(ReloadError::NeedsRestart(restart));
         }
+        // Read before anything is put in force: a certificate or key that does not load
+        // refuses the whole reload.
+        let tls = self.read_tls(&next)?;
         let mut changed = Vec::new();
         if next.auth != running.auth {
             let exposed = crate::web::anonymous_exposure(&next);
@@ -218,6 +313,12 @@ impl Reloader {
             changed.push("gateway.max_connections_per_ip/per_user");
         }
         changed.extend(self.listeners.apply(&running, &next));
+        for (acceptor, tls) in tls {
+            if acceptor.differs(&tls) {
+                changed.push(tls.key_prefix());
+                acceptor.replace(tls);
+            }
+        }
         // The running config keeps its triggers and AMQP links until they are in force.
         let triggers = (next.triggers != running.triggers)
             .then(|| std::mem::replace(&mut next.triggers, running.triggers.clone()));
@@ -241,6 +342,8 @@ pub fn env_overrides() -> Vec<(String, String)> {
 
 /// The sections of `next` that differ from `running` and cannot change in place.
 fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
+    // The TLS listeners' certificate files change in place.
+    let (running, next) = (&without_tls_files(running), &without_tls_files(next));
     let mut sections = Vec::new();
     let mut differs = |name, same: bool| {
         if !same {
@@ -304,6 +407,33 @@ fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
     sections
 }
 
+/// `config` without what a reload puts in force through the TLS listeners' rustls
+/// configurations: the certificate and key files of the web, admin and MQTT listeners, MQTT's
+/// client CA file and whether it asks for client certificates. Whether TLS is on,
+/// `mqtt.tls_listen` and `mqtt.tls_identity` stay (they need a restart).
+fn without_tls_files(config: &Config) -> Config {
+    let mut c = config.clone();
+    for tls in [c.http.tls.as_mut(), c.admin.tls.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        *tls = meshgate_config::ServerTlsConfig {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+        };
+    }
+    if let Some(tls) = c.mqtt.tls.as_mut() {
+        *tls = meshgate_config::MqttTlsConfig {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: None,
+            client_auth: meshgate_config::ClientAuthMode::None,
+            ..tls.clone()
+        };
+    }
+    c
+}
+
 /// `POST /reload` (same token): re-reads the configuration file (`crate::reload`). 200 with
 /// the sections put into force, 409 when the gateway has no file or the changes need a
 /// restart, 422 for an invalid file; nothing changes unless 200.
@@ -358,5 +488,53 @@ mod tests {
         next.mqtt.enabled = !next.mqtt.enabled;
         next.http.listen = "127.0.0.1:1".parse().expect("an address");
         assert_eq!(needs_restart(&running, &next), ["http", "mqtt"]);
+    }
+
+    #[test]
+    fn tls_files_reload_in_place_and_turning_tls_on_or_off_does_not() {
+        let server = |dir: &str| meshgate_config::ServerTlsConfig {
+            cert_file: PathBuf::from(format!("/{dir}/cert.pem")),
+            key_file: PathBuf::from(format!("/{dir}/key.pem")),
+        };
+        let mqtt = |dir: &str| meshgate_config::MqttTlsConfig {
+            listen: "127.0.0.1:8883".parse().expect("an address"),
+            cert_file: PathBuf::from(format!("/{dir}/cert.pem")),
+            key_file: PathBuf::from(format!("/{dir}/key.pem")),
+            client_ca_file: None,
+            client_auth: meshgate_config::ClientAuthMode::None,
+            identity: meshgate_config::CertificateIdentity::CommonName,
+        };
+        let mut running = Config::default();
+        running.http.tls = Some(server("a"));
+        running.admin.tls = Some(server("a"));
+        running.mqtt.tls = Some(mqtt("a"));
+        let mut next = running.clone();
+        next.http.tls = Some(server("b"));
+        next.admin.tls = Some(server("b"));
+        let mut tls = mqtt("b");
+        tls.client_ca_file = Some(PathBuf::from("/b/ca.pem"));
+        tls.client_auth = meshgate_config::ClientAuthMode::Required;
+        next.mqtt.tls = Some(tls);
+        assert!(needs_restart(&running, &next).is_empty());
+        // The TLS address and the identity a client certificate gives are the adapter's.
+        let mut moved = next.clone();
+        if let Some(t) = moved.mqtt.tls.as_mut() {
+            t.listen = "127.0.0.1:8884".parse().expect("an address");
+        }
+        assert_eq!(needs_restart(&running, &moved), ["mqtt"]);
+        let mut san = next.clone();
+        if let Some(t) = san.mqtt.tls.as_mut() {
+            t.identity = meshgate_config::CertificateIdentity::SubjectAltName;
+        }
+        assert_eq!(needs_restart(&running, &san), ["mqtt"]);
+        // TLS on or off.
+        next.http.tls = None;
+        next.admin.tls = None;
+        next.mqtt.tls = None;
+        assert_eq!(needs_restart(&running, &next), ["admin", "http", "mqtt"]);
+        assert_eq!(
+            needs_restart(&Config::default(), &running),
+            ["admin", "http", "mqtt"]
+        );
     }
 }

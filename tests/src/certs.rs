@@ -20,10 +20,19 @@ pub fn openssl(args: &[&str], dir: &std::path::Path) -> Vec<u8> {
 }
 
 /// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`cert.pem`,
-/// `key.pem`), made with openssl. Returns (CA, certificate, key).
+/// `key.pem`), made with openssl, each valid for a day. Returns (CA, certificate, key).
 pub fn private_ca(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    private_ca_valid_for(dir, 1)
+}
+
+/// [`private_ca`] whose server certificate is valid for `days` days.
+pub fn private_ca_valid_for(
+    dir: &std::path::Path,
+    days: u32,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let days = days.to_string();
     std::fs::create_dir_all(dir).unwrap();
     let ec = [
         "-newkey",
@@ -73,7 +82,7 @@ pub fn private_ca(
             "ca.key",
             "-CAcreateserial",
             "-days",
-            "1",
+            &days,
             "-out",
             "cert.pem",
             "-extfile",

@@ -1,8 +1,9 @@
 //! Reloading the configuration without a restart (issue 25 item 3): the real binary started
 //! with `-c`, the file rewritten, then `SIGHUP` or `POST /reload`. Users, tokens and ACLs
 //! change in place (new logins use them; a connected client loses exactly the subscriptions
-//! the new rules no longer grant); a change that needs a restart, or an invalid file, changes
-//! nothing and says why.
+//! the new rules no longer grant); TLS certificates too (new connections get the new one,
+//! connected clients stay); a change that needs a restart, or an invalid file or certificate,
+//! changes nothing and says why.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
@@ -241,7 +242,7 @@ async fn post_reload_refuses_restart_changes_and_invalid_files_and_keeps_running
     let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
     assert_eq!(status, 409, "{body}");
     assert!(
-        body.contains("need a restart") && body.contains("mqtt"),
+        body.contains("need a restart, nothing changed: mqtt;"),
         "{body}"
     );
     // An invalid file: the same messages as `meshgate validate`, nothing changed.
@@ -585,6 +586,384 @@ async fn listener_limits_change_in_place() {
     );
     let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("mqtt"), "{body}");
+    assert!(
+        body.contains("need a restart, nothing changed: mqtt;"),
+        "{body}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first certificate of the PEM file `path` (DER).
+fn leaf_der(path: &Path) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// A TLS client trusting every CA in `cas` (PEM files).
+fn tls_client(cas: &[&Path]) -> tokio_rustls::TlsConnector {
+    let pem: Vec<u8> = cas.iter().flat_map(|p| std::fs::read(p).unwrap()).collect();
+    meshgate_core::tls::connector(Some(&pem)).unwrap()
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `addr` (as 127.0.0.1).
+async fn tls_connect(addr: std::net::SocketAddr, client: &tokio_rustls::TlsConnector) -> Tls {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.connect(name, tcp))
+        .await
+        .expect("a TLS handshake within 5 s")
+        .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"))
+}
+
+/// The leaf certificate (DER) a TLS connection to `addr` is shown now.
+async fn served_leaf(addr: std::net::SocketAddr, client: &tokio_rustls::TlsConnector) -> Vec<u8> {
+    let tls = tls_connect(addr, client).await;
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+/// An MQTT packet: `header` and `body` (shorter than 128 bytes: one length byte).
+fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header, u8::try_from(body.len()).unwrap()];
+    assert!(body.len() < 128);
+    p.extend_from_slice(body);
+    p
+}
+
+/// An MQTT string: its length (two bytes) and its bytes.
+fn mqtt_str(s: &str) -> Vec<u8> {
+    let mut v = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// The next MQTT packet read from `tls`, within 5 s: its first byte and its body.
+async fn mqtt_read(tls: &mut Tls) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let header = tls.read_u8().await.unwrap();
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = tls.read_u8().await.unwrap();
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        tls.read_exact(&mut body).await.unwrap();
+        (header, body)
+    })
+    .await
+    .expect("an MQTT packet within 5 s")
+}
+
+async fn mqtt_write(tls: &mut Tls, packet: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    tls.write_all(packet).await.unwrap();
+    tls.flush().await.unwrap();
+}
+
+/// MQTT 3.1.1 over TLS to `addr` as `id` (clean session, no credentials): accepted.
+async fn mqtt_tls(
+    addr: std::net::SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+    id: &str,
+) -> Tls {
+    let mut tls = tls_connect(addr, client).await;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend(mqtt_str(id));
+    mqtt_write(&mut tls, &mqtt_packet(0x10, &body)).await;
+    assert_eq!(mqtt_read(&mut tls).await, (0x20, vec![0, 0]), "CONNACK");
+    tls
+}
+
+/// A CloudEvents WebSocket client over TLS subscribed to `t/#`, past its greeting.
+async fn wss_subscriber(
+    addr: std::net::SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+) -> tokio_tungstenite::WebSocketStream<Tls> {
+    let tls = tls_connect(addr, client).await;
+    let mut request = format!("wss://{addr}/ws?subscribe=t%2F%23")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "cloudevents.json".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    let greeting = next_text(&mut ws).await;
+    assert!(greeting.contains("io.meshgate.subscribed"), "{greeting}");
+    ws
+}
+
+/// The next text frame of `ws`, within 5 s.
+async fn next_text(ws: &mut tokio_tungstenite::WebSocketStream<Tls>) -> String {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("the connection is open")
+            .unwrap();
+        if let Message::Text(t) = frame {
+            return t.to_string();
+        }
+    }
+}
+
+/// `meshgate_tls_certificate_expiry_seconds{listener}` in a `/metrics` text.
+fn expiry(metrics: &str, listener: &str) -> Option<i64> {
+    let prefix = format!("meshgate_tls_certificate_expiry_seconds{{listener=\"{listener}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.parse().unwrap())
+}
+
+fn now_unix() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(now.as_secs()).unwrap()
+}
+
+/// Writes `from` over `to`, beside and renamed (as certbot's deploy hooks and `install` do).
+fn copy_over(from: &Path, to: &Path) {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// MQTT over TLS and the web listener's HTTPS/WSS serve certificate A; the files are
+/// overwritten with B (another CA, valid 30 days instead of 1) and the configuration reloaded:
+/// new connections get B, the clients connected before stay and get the next publish; a
+/// reload with a broken key is refused naming the key and B stays; a file that names other
+/// certificate files is put in force by SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_in_place_and_connected_clients_stay() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ca_a, cert_a, key_a) = meshgate_tests::certs::private_ca(&dir.join("a"));
+    let (ca_b, cert_b, key_b) = meshgate_tests::certs::private_ca_valid_for(&dir.join("b"), 30);
+    let (der_a, der_b) = (leaf_der(&cert_a), leaf_der(&cert_b));
+    assert_ne!(der_a, der_b);
+    // Which certificate a connection was shown.
+    let name = |der: Vec<u8>| match der {
+        d if d == der_a => "A",
+        d if d == der_b => "B",
+        _ => "another certificate",
+    };
+    // The files the gateway serves: A's for now.
+    let served = dir.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let (cert, key) = (served.join("cert.pem"), served.join("key.pem"));
+    copy_over(&cert_a, &cert);
+    copy_over(&key_a, &key);
+    let config = |cert: &Path, key: &Path| {
+        format!(
+            r#"
+[http]
+listen = "127.0.0.1:0"
+tls_cert_file = "{cert}"
+tls_key_file = "{key}"
+
+[admin]
+listen = "127.0.0.1:0"
+api_token = "{API_TOKEN}"
+
+[mqtt]
+enabled = true
+listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+tls_cert_file = "{cert}"
+tls_key_file = "{key}"
+"#,
+            cert = cert.display(),
+            key = key.display()
+        )
+    };
+    let path = dir.join("meshgate.toml");
+    write(&path, &config(&cert, &key));
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (web, admin) = (gw.web.unwrap(), gw.admin.unwrap());
+    let mqtts = gw
+        .banner
+        .iter()
+        .filter_map(|l| meshgate_tests::parse_banner_line(l))
+        .find(|(label, _, _)| *label == "mqtt-tls")
+        .and_then(|(_, _, addr)| addr)
+        .unwrap_or_else(|| panic!("no mqtt-tls line in {:?}", gw.banner));
+    // Trusting both CAs, so that the certificate shown is what the assertions tell apart.
+    let both = tls_client(&[&ca_a, &ca_b]);
+    assert_eq!(name(served_leaf(mqtts, &both).await), "A");
+    assert_eq!(name(served_leaf(web, &both).await), "A");
+    let m = meshgate_tests::metrics(admin).await;
+    for listener in ["mqtt", "http"] {
+        let expires = expiry(&m, listener).unwrap_or_else(|| panic!("{listener}: {m}"));
+        assert!(
+            (now_unix()..now_unix() + 2 * 86_400).contains(&expires),
+            "A is valid for a day: {expires}"
+        );
+    }
+
+    // Clients that stay connected across the reload: MQTT over TLS and WSS, both trusting A's
+    // CA only, subscribed to t/#.
+    let only_a = tls_client(&[&ca_a]);
+    let mut old_mqtt = mqtt_tls(mqtts, &only_a, "old-sub").await;
+    let mut body = vec![0, 1];
+    body.extend(mqtt_str("t/#"));
+    body.push(0);
+    mqtt_write(&mut old_mqtt, &mqtt_packet(0x82, &body)).await;
+    assert_eq!(
+        mqtt_read(&mut old_mqtt).await,
+        (0x90, vec![0, 1, 0]),
+        "SUBACK"
+    );
+    let mut old_wss = wss_subscriber(web, &only_a).await;
+
+    // B over the same files, then a reload (the file itself unchanged). No TLS connection
+    // comes in between: the listeners' own look at their files (at an accepted connection)
+    // does not get to it first.
+    copy_over(&cert_b, &cert);
+    copy_over(&key_b, &key);
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut changed: Vec<&str> = answer["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    changed.sort_unstable();
+    assert_eq!(changed, ["http.tls", "mqtt.tls"], "{body}");
+    assert_eq!(name(served_leaf(mqtts, &both).await), "B", "MQTT serves B");
+    assert_eq!(name(served_leaf(web, &both).await), "B", "HTTPS serves B");
+    let m = meshgate_tests::metrics(admin).await;
+    for listener in ["mqtt", "http"] {
+        let expires = expiry(&m, listener).unwrap_or_else(|| panic!("{listener}: {m}"));
+        assert!(
+            expires > now_unix() + 20 * 86_400,
+            "{listener}: B is valid for 30 days: {expires}"
+        );
+    }
+
+    // The clients connected before still work: a publisher with B's CA only (a new
+    // connection), and both subscribers get its message.
+    let only_b = tls_client(&[&ca_b]);
+    let mut publisher = mqtt_tls(mqtts, &only_b, "new-pub").await;
+    let mut body = mqtt_str("t/1");
+    body.extend_from_slice(b"after-reload");
+    mqtt_write(&mut publisher, &mqtt_packet(0x30, &body)).await;
+    let (header, body) = mqtt_read(&mut old_mqtt).await;
+    assert_eq!(header & 0xf0, 0x30, "a PUBLISH on the old connection");
+    assert!(body.starts_with(&mqtt_str("t/1")), "{body:?}");
+    assert!(body.ends_with(b"after-reload"), "{body:?}");
+    mqtt_write(&mut old_mqtt, &[0xc0, 0]).await;
+    assert_eq!(mqtt_read(&mut old_mqtt).await, (0xd0, vec![]), "PINGRESP");
+    let event = next_text(&mut old_wss).await;
+    assert!(event.contains("\"subject\":\"t/1\""), "{event}");
+
+    // A broken key: refused, naming the key of each listener, and B is still served.
+    std::fs::write(&key, "not a key").unwrap();
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("mqtt.tls_key_file") && body.contains("http.tls_key_file"),
+        "{body}"
+    );
+    assert_eq!(name(served_leaf(mqtts, &both).await), "B");
+    assert_eq!(name(served_leaf(web, &both).await), "B");
+    // (Also after the listeners' own look at the changed file, a second later.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(name(served_leaf(mqtts, &both).await), "B");
+    assert_eq!(name(served_leaf(web, &both).await), "B");
+
+    // Other paths in the file (A's own files): put in force by SIGHUP, no restart needed.
+    write(&path, &config(&cert_a, &key_a));
+    gw.signal("HUP");
+    let d = Deadline::after(Duration::from_secs(10));
+    while name(served_leaf(mqtts, &both).await) != "A" {
+        assert!(!d.passed(), "MQTT does not serve A's files after SIGHUP");
+        d.pause().await;
+    }
+    assert_eq!(
+        name(served_leaf(web, &both).await),
+        "A",
+        "HTTPS serves A's files"
+    );
+    // The old connection is still there.
+    mqtt_write(&mut old_mqtt, &[0xc0, 0]).await;
+    assert_eq!(mqtt_read(&mut old_mqtt).await, (0xd0, vec![]), "PINGRESP");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The admin listener's HTTPS, reloaded in process (`Reloader::apply`): new files are served
+/// and named, the same ones again change nothing, a key that does not load is refused naming
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listeners_certificate_reloads_in_place() {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ca_a, cert_a, key_a) = meshgate_tests::certs::private_ca(&dir.join("a"));
+    let (ca_b, cert_b, key_b) = meshgate_tests::certs::private_ca(&dir.join("b"));
+    let mut config = meshgate_tests::test_config();
+    config.admin.tls = Some(meshgate_config::ServerTlsConfig {
+        cert_file: cert_a.clone(),
+        key_file: key_a,
+    });
+    let gw = meshgate_tests::start_gateway(config.clone()).await;
+    let admin = gw.admin_addr.unwrap();
+    let both = tls_client(&[&ca_a, &ca_b]);
+    let (der_a, der_b) = (leaf_der(&cert_a), leaf_der(&cert_b));
+    let name = |der: Vec<u8>| match der {
+        d if d == der_a => "A",
+        d if d == der_b => "B",
+        _ => "another certificate",
+    };
+    assert_eq!(name(served_leaf(admin, &both).await), "A");
+
+    let mut next = config.clone();
+    next.admin.tls = Some(meshgate_config::ServerTlsConfig {
+        cert_file: cert_b.clone(),
+        key_file: key_b.clone(),
+    });
+    let reloader = gw.reloader();
+    let done = reloader.apply(next.clone()).await.unwrap();
+    assert_eq!(done.changed, ["admin.tls"]);
+    assert_eq!(name(served_leaf(admin, &both).await), "B");
+    assert!(
+        gw.registry
+            .render()
+            .contains("meshgate_tls_certificate_expiry_seconds{listener=\"admin\"}"),
+        "{}",
+        gw.registry.render()
+    );
+    // The same files again: nothing to put in force.
+    let done = reloader.apply(next.clone()).await.unwrap();
+    assert!(done.changed.is_empty(), "{:?}", done.changed);
+    // A key that does not load.
+    let broken = dir.join("broken.pem");
+    std::fs::write(&broken, "not a key").unwrap();
+    let mut bad = next.clone();
+    bad.admin.tls = Some(meshgate_config::ServerTlsConfig {
+        cert_file: cert_b.clone(),
+        key_file: broken,
+    });
+    let err = reloader.apply(bad).await.unwrap_err().to_string();
+    assert!(err.contains("admin.tls_key_file"), "{err}");
+    assert_eq!(name(served_leaf(admin, &both).await), "B");
+    gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

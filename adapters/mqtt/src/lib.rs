@@ -14,6 +14,8 @@ mod sys;
 mod tls;
 pub mod websocket;
 
+pub use tls::files as tls_files;
+
 use meshgate_core::metrics::{DropReason, ErrorKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -317,6 +319,12 @@ impl MqttListeners {
             }
         };
         Ok(MqttListeners { listener, tls })
+    }
+
+    /// The MQTT over TLS listener's acceptor, when configured: what a configuration reload
+    /// gives new certificates to.
+    pub fn tls_acceptor(&self) -> Option<Arc<meshgate_core::tls_server::ReloadingAcceptor>> {
+        self.tls.as_ref().map(|(_, acceptor)| acceptor.clone())
     }
 }
 

@@ -8,7 +8,13 @@ use tokio_rustls::server::TlsStream;
 
 /// Builds the acceptor; the error names the config key at fault and what to do.
 pub(crate) fn acceptor(config: &MqttTlsConfig) -> Result<ReloadingAcceptor, ServerTlsError> {
-    ReloadingAcceptor::new(ServerTlsFiles {
+    ReloadingAcceptor::new(files(config))
+}
+
+/// The files and settings of the MQTT over TLS listener's rustls configuration (also what a
+/// configuration reload reads again).
+pub fn files(config: &MqttTlsConfig) -> ServerTlsFiles {
+    ServerTlsFiles {
         cert_file: config.cert_file.clone(),
         key_file: config.key_file.clone(),
         client_ca_file: config.client_ca_file.clone(),
@@ -19,7 +25,7 @@ pub(crate) fn acceptor(config: &MqttTlsConfig) -> Result<ReloadingAcceptor, Serv
         },
         alpn: Vec::new(),
         key_prefix: "mqtt.tls",
-    })
+    }
 }
 
 /// The user a verified client certificate names, when the client presented one. `Err` when it

@@ -175,6 +175,11 @@ async fn one_event_from_mqtt_to_websocket_and_a_trigger_on_another_instance_is_o
     let (client, mut el) = AsyncClient::new(options, 10);
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
 
+    // An instrumented NATS program reading the bus.
+    let reader = async_nats::connect(nats.url()).await.unwrap();
+    let mut on_bus = reader.subscribe("meshgate.dev.>").await.unwrap();
+    reader.flush().await.unwrap();
+
     // 1. A plain message without a context: a new trace starts at the MQTT ingress.
     client
         .publish("dev/1", QoS::AtLeastOnce, false, "hello")
@@ -191,6 +196,19 @@ async fn one_event_from_mqtt_to_websocket_and_a_trigger_on_another_instance_is_o
     assert_eq!(publish.parent, receive.span_id, "{t:#?}");
     assert_eq!(deliver.parent, publish.span_id, "{t:#?}");
     assert_eq!(trigger.parent, publish.span_id, "{t:#?}");
+    // On the bus the message carries the publish span's context in the W3C header too.
+    use futures_util::StreamExt as _;
+    let message = tokio::time::timeout(Duration::from_secs(10), on_bus.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let header = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_owned())
+        .expect("a traceparent header on the bus");
+    assert_eq!(ids(&header), (trace_id.clone(), publish.span_id.clone()));
     assert_eq!(
         (receive.instance.as_str(), publish.instance.as_str()),
         ("gw-a", "gw-a")

@@ -267,6 +267,14 @@ pub(crate) fn size_bound(envelope: &Envelope, mode: NatsWireMode) -> usize {
             .sum::<usize>();
     }
     let event = &envelope.event;
+    if meshgate_core::trace::enabled() {
+        // The W3C lines: a 55-byte traceparent, a tracestate no longer than the event's.
+        headers += 128
+            + match event.extension(meshgate_core::trace::TRACESTATE) {
+                Some(ExtensionValue::String(s)) => s.len(),
+                _ => 0,
+            };
+    }
     match mode {
         // Kept JSON (another instance's, or encoded here already) is written as it is.
         NatsWireMode::Structured => match envelope.json_if_encoded() {
@@ -339,6 +347,17 @@ pub(crate) fn encode_headers(
         }
         if let Some(t) = m.expires_at_ms {
             headers.put(MQTT_EXPIRES, &[&t.to_string()]);
+        }
+    }
+    // While tracing is on, the event's context also in the W3C headers, for instrumented NATS
+    // programs reading the bus (instances read it from the event).
+    if meshgate_core::trace::enabled()
+        && let Some(sc) = meshgate_core::trace::of_event(&envelope.event)
+    {
+        let w3c = meshgate_core::trace::headers(&sc);
+        headers.put(meshgate_core::trace::TRACEPARENT, &[&w3c.traceparent]);
+        if let Some(ts) = &w3c.tracestate {
+            headers.put(meshgate_core::trace::TRACESTATE, &[ts]);
         }
     }
     match mode {
@@ -553,10 +572,10 @@ pub(crate) fn decode(
     };
     // The message's own trace context (headers) becomes the event's, so that the deliveries'
     // spans continue the publisher's trace (only while tracing is on; the transport's wins
-    // over the event's attribute, as at every ingress). Meshgate instances send none: theirs
-    // travels in the event.
+    // over the event's attribute, as at every ingress). Not an instance's (it wrote the headers
+    // from the event).
     let mut event = event;
-    if m.traceparent.is_some() && meshgate_core::trace::enabled() {
+    if origin.is_none() && m.traceparent.is_some() && meshgate_core::trace::enabled() {
         meshgate_core::trace::adopt(&mut event, m.traceparent, m.tracestate);
         // The event may have changed: its JSON is written anew.
         own_json = None;

@@ -17,8 +17,12 @@
 //! the stream; by default instance_feed on R1, consumer_each on R3 (instance_feed needed
 //! replicas = 1 when this was written). A gateway that refuses to start is a row that says so.
 //!
+//! `--window N`: each MQTT publisher keeps N QoS 1 publishes unacknowledged (100 by default,
+//! as rumqttc's) and the gateways run with `mqtt.max_inflight = N`; `--window 256` gives the
+//! meshgate row the raw rows' 256 outstanding.
+//!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
-//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/cluster [--seconds S] [--publishers N] [--client raw|rumqttc] [--subscriptions MODE[,MODE]] [--only <setup name part>]`
+//! `cargo build --release -p meshgate -p meshgate-bench && ./target/release/cluster [--seconds S] [--publishers N] [--window N] [--client raw|rumqttc] [--subscriptions MODE[,MODE]] [--only <setup name part>]`
 
 use std::time::{Duration, Instant};
 
@@ -99,6 +103,9 @@ fn logged(gateway: &str, broker: &Broker) -> Option<String> {
 
 /// The meshgate part of a row: gateways A (node 0) and B (node 1, or 0 on one node) on a
 /// stream of their own.
+/// `--window`'s value for `MESHGATE__MQTT__MAX_INFLIGHT`, when not the default.
+static MQTT_WINDOW: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn meshgate_row(
     cluster: &NatsCluster,
     js: &async_nats::jetstream::Context,
@@ -127,6 +134,11 @@ async fn meshgate_row(
         ),
     ];
     let (url_a, url_b) = (cluster.url(0), cluster.url(1 % setup.nodes));
+    let mut common = common.to_vec();
+    if let Some(window) = MQTT_WINDOW.get() {
+        common.push(("MESHGATE__MQTT__MAX_INFLIGHT", window.as_str()));
+    }
+    let common = common;
     let mut env_a = common.to_vec();
     env_a.push(("MESHGATE__BACKBONE__NATS__URLS", url_a.as_str()));
     env_a.push(("MESHGATE__GATEWAY__INSTANCE_ID", "bench-a"));
@@ -212,6 +224,13 @@ async fn main() -> anyhow::Result<()> {
     let seconds = arg_u64(&args, "--seconds", 5);
     let publishers = arg_u64(&args, "--publishers", 1).max(1) as usize;
     let generator = Generator::from_args(&args)?;
+    // `--window N`: QoS 1 publishes unacknowledged per MQTT publisher, and meshgate's
+    // `mqtt.max_inflight` (its window towards the subscriber) to match; 100 by default.
+    let window = arg_u64(&args, "--window", 100).clamp(1, u64::from(u16::MAX));
+    if window != 100 {
+        meshgate_bench::raw::set_window(window as usize);
+        let _ = MQTT_WINDOW.set(window.to_string());
+    }
     let modes: Option<Vec<&str>> = arg_value(&args, "--subscriptions")
         .map(|m| m.split(',').map(str::trim).collect::<Vec<_>>());
     for m in modes.iter().flatten() {
@@ -221,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "NATS cluster, JetStream R1 and R3 ({}): {PAYLOAD}-byte MQTT payloads, {seconds} s per measurement, {publishers} QoS 1 publisher(s) on gateway A (node 0), one QoS 1 subscriber on gateway B (node 1), MQTT by the {}; raw rows: async-nats on node 0, meshgate's messages, 256 PubAcks outstanding; latency at {RATE} msg/s; load average at start {}\n",
+        "NATS cluster, JetStream R1 and R3 ({}): {PAYLOAD}-byte MQTT payloads, {seconds} s per measurement, {publishers} QoS 1 publisher(s) on gateway A (node 0), one QoS 1 subscriber on gateway B (node 1), MQTT by the {}; raw rows: async-nats on node 0, meshgate's messages, 256 PubAcks outstanding; MQTT window (publisher in flight, mqtt.max_inflight) {window}; latency at {RATE} msg/s; load average at start {}\n",
         nats_server_version(),
         generator.describe(),
         load_average()

@@ -5,7 +5,7 @@
 //! the CPU to the broker under test. Every broker gets the same generator.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,8 +13,14 @@ use tokio::net::TcpStream;
 
 use crate::{PAYLOAD, Throughput, now_us};
 
-/// How many QoS 1 publishes a publisher keeps unacknowledged (as rumqttc's `set_inflight(100)`).
-const WINDOW: usize = 100;
+/// How many QoS 1 publishes a publisher keeps unacknowledged: as rumqttc's `set_inflight(100)`
+/// unless a benchmark sets another ([`set_window`]).
+static WINDOW: AtomicUsize = AtomicUsize::new(100);
+
+/// Sets how many QoS 1 publishes each publisher keeps unacknowledged (`cluster --window`).
+pub fn set_window(n: usize) {
+    WINDOW.store(n.max(1), Ordering::Relaxed);
+}
 
 fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
@@ -211,6 +217,7 @@ async fn publisher(
     let mut out = Vec::with_capacity(64 * 1024);
     let mut pkid: u16 = 0;
     let mut inflight = 0usize;
+    let window = WINDOW.load(Ordering::Relaxed);
     let mut inbuf = vec![0u8; 16 * 1024];
     let mut filled = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -226,7 +233,7 @@ async fn publisher(
             sent += 200;
             continue;
         }
-        while inflight < WINDOW {
+        while inflight < window {
             pkid = pkid.checked_add(1).unwrap_or(1);
             publish_packet(&topic, 1, pkid, now, &mut out);
             inflight += 1;

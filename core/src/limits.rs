@@ -57,8 +57,8 @@ pub struct ConnectionLimits {
 }
 
 /// One slot of a [`ConnectionLimits`] cap, given back on drop. A permit of a disabled cap holds
-/// nothing.
-#[derive(Debug)]
+/// nothing, as does the default one (a place for a permit to come).
+#[derive(Debug, Default)]
 #[must_use = "the slot is given back when the permit is dropped"]
 pub struct ConnectionPermit {
     /// Boxed: every connection keeps its permits for its whole life, most with the caps off

@@ -516,7 +516,7 @@ fn user_slot_after_takeover(
 ) -> Result<(), Refusal> {
     match shared.ctx.limits.acquire_user(principal) {
         Ok(p) => {
-            registration.user_permit = Some(p);
+            registration.user_permit = p;
             Ok(())
         }
         Err(e) => {
@@ -593,11 +593,12 @@ async fn register(
     user_permit: Option<meshgate_core::ConnectionPermit>,
     listing: super::Listing,
 ) -> Result<Registration, Refusal> {
-    let Ok(registration) = Registration::new(shared, client_id, principal, user_permit, listing)
+    let Ok((registration, previous)) =
+        Registration::new(shared, client_id, principal, user_permit, listing)
     else {
         return Err(client_id_taken(shared, client_id, principal));
     };
-    if let Some(previous) = &registration.previous
+    if let Some(previous) = &previous
         && tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
             .await
             .is_err()
@@ -745,25 +746,27 @@ pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// take over) when dropped, after the session was parked or ended. Holds the connection's
 /// per-user slot as long.
 pub(super) struct Registration {
-    /// `None` only while a connection at its user's cap takes over its own client id.
-    user_permit: Option<meshgate_core::ConnectionPermit>,
+    /// Empty (the default permit) only while a connection at its user's cap takes over its
+    /// own client id. (Not an `Option`: that would take 8 bytes more of every idle
+    /// connection's future, which is 8 bytes under a smaller tokio task allocation.)
+    user_permit: meshgate_core::ConnectionPermit,
     shared: Arc<Shared>,
     /// The connection in the admin API's registry (its id, client id, and the token fired when
     /// another connection takes over this client id, an operator closes it, or at shutdown).
     pub(super) listed: meshgate_core::connections::Registered,
     finished: CancellationToken,
-    /// The previous connection's `finished`, when this one takes over.
-    previous: Option<CancellationToken>,
 }
 
 impl Registration {
+    /// The registration, and the previous connection's `finished` when this one takes over
+    /// (to wait for; not kept: every idle connection's future holds a `Registration`).
     fn new(
         shared: &Arc<Shared>,
         client_id: &str,
         principal: &Principal,
         user_permit: Option<meshgate_core::ConnectionPermit>,
         listing: super::Listing,
-    ) -> Result<Self, crate::ClientIdTaken> {
+    ) -> Result<(Self, Option<CancellationToken>), crate::ClientIdTaken> {
         let connection = shared.ctx.next_connection_id();
         // A child of the shutdown token: the session loop waits for both with one future.
         let takeover = shared.ctx.shutdown.child_token();
@@ -780,13 +783,13 @@ impl Registration {
             },
             Some(takeover),
         );
-        Ok(Registration {
-            user_permit,
+        let registration = Registration {
+            user_permit: user_permit.unwrap_or_default(),
             shared: shared.clone(),
             listed,
             finished,
-            previous,
-        })
+        };
+        Ok((registration, previous))
     }
 
     pub(super) fn connection(&self) -> u64 {
@@ -801,7 +804,7 @@ impl Drop for Registration {
         }
         // The slot is given back before `finished` wakes a connection taking over, which
         // may need it.
-        drop(self.user_permit.take());
+        drop(std::mem::take(&mut self.user_permit));
         self.finished.cancel();
     }
 }

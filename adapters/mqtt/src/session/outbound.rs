@@ -537,7 +537,7 @@ impl Session {
             tracing::debug!(client_id = self.client_id, %why, "mqtt: event not representable");
             Skip::Unrepresentable
         })?;
-        if size > self.client_max_packet {
+        if size > self.client_max_packet as usize {
             return Err(Skip::TooLarge);
         }
         Ok(Prepared {

@@ -102,8 +102,8 @@ impl Parked {
             // A session parked under the same id cannot exist (the connection that parks owns
             // the id), but if it did, dropping its control ends it.
             let now = meshgate_core::backbone::now_ms();
-            let expiry = (session.expiry.as_secs() < u64::from(u32::MAX))
-                .then(|| u64::try_from(session.expiry.as_millis()).unwrap_or(u64::MAX));
+            let expiry =
+                (session.expiry().as_secs() < u64::from(u32::MAX)).then_some(session.expiry_ms);
             map.insert(
                 session.client_id.clone(),
                 Entry {
@@ -196,7 +196,7 @@ impl Parked {
 /// Owns a parked session until it resumes, ends or expires.
 async fn hold(mut session: Session, mut commands: oneshot::Receiver<Command>, generation: u64) {
     let shared = session.shared.clone();
-    let expires = Instant::now() + session.expiry;
+    let expires = Instant::now() + session.expiry();
     let will_at = session.will.delay.map(|d| Instant::now() + d);
     loop {
         tokio::select! {

@@ -312,7 +312,7 @@ impl Session {
     /// How filter `key` is subscribed for a persistent session where the backbone keeps
     /// sessions: durably, so what arrives while the client is away waits for it on any instance.
     pub(super) fn durable(&self, key: &str) -> Option<Durable> {
-        (self.store().is_some() && !self.expiry.is_zero()).then(|| self.durable_forced(key))
+        (self.store().is_some() && !self.expiry().is_zero()).then(|| self.durable_forced(key))
     }
 
     fn durable_forced(&self, key: &str) -> Durable {
@@ -339,7 +339,7 @@ impl Session {
             anonymous: Some(self.principal.is_anonymous()),
             owner: self.shared.ctx.instance.to_string(),
             left_at_ms,
-            expiry_secs: self.expiry.as_secs(),
+            expiry_secs: self.expiry().as_secs(),
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -365,7 +365,7 @@ impl Session {
         };
         // A clean session has nothing stored — unless it resumed a stored one (a v5 client
         // may resume with expiry 0): then the record says it is held here until it ends.
-        if self.expiry.is_zero() && self.store_revision == 0 {
+        if self.expiry().is_zero() && self.store_revision == 0 {
             return Saved::Yes;
         }
         let Ok(record) = serde_json::to_vec(&self.record(left_at_ms)) else {

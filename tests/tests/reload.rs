@@ -47,6 +47,14 @@ subscribe = {subscribe}
     )
 }
 
+/// A fresh directory for one test (`meshgate-reload-<name>-<pid>`) and its config file's path.
+fn config_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("meshgate-reload-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meshgate.toml");
+    (dir, path)
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
@@ -104,9 +112,7 @@ async fn post_reload(admin: std::net::SocketAddr, token: Option<&str>) -> (u16, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_users_and_narrows_a_connected_clients_subscriptions() {
-    let dir = std::env::temp_dir().join(format!("meshgate-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
+    let (dir, path) = config_dir("users");
     write(
         &path,
         &config("token-one-aaaaaaaaaaaa", r#"["a/#", "b/#"]"#),
@@ -216,9 +222,7 @@ async fn sighup_reloads_users_and_narrows_a_connected_clients_subscriptions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_reload_refuses_restart_changes_and_invalid_files_and_keeps_running() {
-    let dir = std::env::temp_dir().join(format!("meshgate-reload-post-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
+    let (dir, path) = config_dir("post");
     let v1 = config("token-one-aaaaaaaaaaaa", r#"["a/#"]"#);
     write(&path, &v1);
     let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
@@ -274,9 +278,7 @@ async fn post_reload_refuses_restart_changes_and_invalid_files_and_keeps_running
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_change_in_place() {
     let sink = meshgate_tests::sink::Sink::start().await;
-    let dir = std::env::temp_dir().join(format!("meshgate-reload-triggers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
+    let (dir, path) = config_dir("triggers");
     let base = r##"
 [http]
 listen = "127.0.0.1:0"
@@ -417,9 +419,7 @@ async fn connect_anonymous(port: u16, id: &str) -> Result<(AsyncClient, EventLoo
 /// refused, a lowered one refuses new connections and keeps those already in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_change_in_place() {
-    let dir = std::env::temp_dir().join(format!("meshgate-reload-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
+    let (dir, path) = config_dir("caps");
     let caps = |per_ip: usize| {
         format!(
             "[gateway]\nmax_connections_per_ip = {per_ip}\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"\n"
@@ -467,9 +467,7 @@ async fn connection_caps_change_in_place() {
 /// anything else in those sections is still refused (409).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_limits_change_in_place() {
-    let dir = std::env::temp_dir().join(format!("meshgate-reload-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("meshgate.toml");
+    let (dir, path) = config_dir("limits");
     let limits = |n: usize| {
         format!(
             "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_size = {}\n[websocket]\nmax_filters = {n}\n[admin]\nlisten = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"\nmax_subscriptions = {n}\nmax_inflight = {}\n",

@@ -459,6 +459,7 @@ async fn connection_caps_change_in_place() {
         "{}",
         page.1
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The limits of `[http]`, `[websocket]` and `[mqtt]` change in place: a connected MQTT

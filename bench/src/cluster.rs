@@ -17,8 +17,9 @@
 //! the stream; by default instance_feed on R1, consumer_each on R3 (instance_feed needed
 //! replicas = 1 when this was written). A gateway that refuses to start is a row that says so.
 //!
-//! `--window N`: each MQTT publisher keeps N QoS 1 publishes unacknowledged (100 by default,
-//! as rumqttc's) and the gateways run with `mqtt.max_inflight = N`; `--window 256` gives the
+//! `--window N`: each MQTT publisher of the raw generator keeps N QoS 1 publishes
+//! unacknowledged (100 by default, as rumqttc's, which `--client rumqttc` keeps) and the
+//! gateways run with `mqtt.max_inflight = N`; `--window 256` gives the
 //! meshgate row the raw rows' 256 outstanding.
 //!
 //! Usage (release build; starts its own nats-server and meshgate processes on free ports):
@@ -101,11 +102,11 @@ fn logged(gateway: &str, broker: &Broker) -> Option<String> {
     })
 }
 
-/// The meshgate part of a row: gateways A (node 0) and B (node 1, or 0 on one node) on a
-/// stream of their own.
 /// `--window`'s value for `MESHGATE__MQTT__MAX_INFLIGHT`, when not the default.
 static MQTT_WINDOW: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// The meshgate part of a row: gateways A (node 0) and B (node 1, or 0 on one node) on a
+/// stream of their own.
 async fn meshgate_row(
     cluster: &NatsCluster,
     js: &async_nats::jetstream::Context,

@@ -47,7 +47,7 @@ pub const TRIGGER_PENDING_BYTES: &str = "meshgate_trigger_pending_bytes";
 pub const TRIGGER_LATENCY: &str = "meshgate_trigger_delivery_latency_seconds";
 pub const AUTH_FAILURES: &str = "meshgate_auth_failures_total";
 pub const TRACE_SPANS: &str = "meshgate_trace_spans_total";
-pub const TLS_CERTIFICATE_EXPIRY: &str = "meshgate_tls_certificate_expiry_seconds";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "meshgate_tls_certificate_expiry_timestamp_seconds";
 
 /// Every metric name above: what dashboards and alerts may use (the process collector's
 /// `process_*` names are the Prometheus client conventions, see `gateway/src/process_metrics.rs`).

@@ -16,7 +16,7 @@
 //!   so in the log, once per change.
 //!
 //! Either way the certificate now in force is logged (subject, notAfter, file), and
-//! `meshgate_tls_certificate_expiry_seconds{listener}` holds its notAfter once the gateway
+//! `meshgate_tls_certificate_expiry_timestamp_seconds{listener}` holds its notAfter once the gateway
 //! registered the gauge ([`ReloadingAcceptor::set_expiry_gauge`]).
 
 use std::path::{Path, PathBuf};
@@ -294,7 +294,7 @@ struct Current {
 /// A TLS acceptor whose configuration can be replaced (see the module documentation).
 pub struct ReloadingAcceptor {
     current: RwLock<Current>,
-    /// `meshgate_tls_certificate_expiry_seconds{listener}`, once registered.
+    /// `meshgate_tls_certificate_expiry_timestamp_seconds{listener}`, once registered.
     expiry: OnceLock<Gauge>,
 }
 

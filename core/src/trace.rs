@@ -135,13 +135,19 @@ fn set_on_event(event: &mut Event, sc: &SpanContext) {
 /// An ingress transport's own trace context (an HTTP or AMQP `traceparent` header, an MQTT
 /// user property of a plain message) becomes the event's, so that the hop's span is its child.
 /// Only while tracing is on, and only a valid one; the transport's wins over the event's.
-pub fn adopt(event: &mut Event, traceparent: Option<&str>, tracestate: Option<&str>) {
+/// Whether the event changed.
+pub fn adopt(event: &mut Event, traceparent: Option<&str>, tracestate: Option<&str>) -> bool {
     if !enabled() {
-        return;
+        return false;
     }
-    if let Some(sc) = traceparent.and_then(|tp| parse(tp, tracestate)) {
-        set_on_event(event, &sc);
+    let Some(sc) = traceparent.and_then(|tp| parse(tp, tracestate)) else {
+        return false;
+    };
+    if of_event(event).as_ref() == Some(&sc) {
+        return false;
     }
+    set_on_event(event, &sc);
+    true
 }
 
 fn start(tracer: &SdkTracer, name: String, kind: SpanKind, parent: Option<SpanContext>) -> Span {

@@ -13,7 +13,10 @@
 //! and the session expiry cap at their next check, and keep the frame size and ping interval
 //! of their upgrade and the Receive Maximum and packet size their CONNACK announced. Counts
 //! over a lowered cap (connections, requests in flight, retained messages, parked sessions)
-//! are not cut: newcomers wait until they are under it.
+//! are not cut; until they are under it, new connections and requests are refused (503, a
+//! CONNACK refusal), a new topic's retained message is not stored, a disconnecting session
+//! ends instead of being kept. The retained-store limits bound the in-memory store only (a
+//! JetStream store has its own, `backbone.jetstream.retained_max_bytes`).
 
 use std::sync::Arc;
 
@@ -69,11 +72,12 @@ impl ListenerLimits {
             self.websocket.set(next.websocket.clone());
             changed.push("websocket limits");
         }
-        if mqtt_limits_of(&running.mqtt, &next.mqtt) != running.mqtt {
-            #[cfg(feature = "mqtt")]
-            if let Some(mqtt) = self.mqtt.get() {
-                mqtt.set(&next.mqtt);
-            }
+        #[cfg(feature = "mqtt")]
+        if mqtt_limits_of(&running.mqtt, &next.mqtt) != running.mqtt
+            && let Some(mqtt) = self.mqtt.get()
+        {
+            // (Named only when the broker runs.)
+            mqtt.set(&next.mqtt);
             changed.push("mqtt limits");
         }
         changed

@@ -41,9 +41,9 @@ struct Cli {
 enum Command {
     /// Run the gateway (without -c: embedded defaults, memory backbone, HTTP+WebSocket on
     /// 127.0.0.1:8080, admin on 127.0.0.1:9090). SIGHUP re-reads the -c file: [auth],
-    /// [[triggers]], the AMQP sources and sinks, the connection caps and the TLS certificates
-    /// change in place, any other change is refused until a restart; SIGTERM/SIGINT stop
-    /// gracefully.
+    /// [[triggers]], the AMQP sources and sinks, the connection caps, the limits of [http],
+    /// [websocket] and [mqtt] and the TLS certificates change in place, any other change is
+    /// refused until a restart; SIGTERM/SIGINT stop gracefully.
     Run {
         /// TOML configuration file.
         #[arg(short, long, value_name = "FILE")]

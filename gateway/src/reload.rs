@@ -90,7 +90,7 @@ pub(crate) enum TlsListener {
 }
 
 impl TlsListener {
-    /// The `listener` label of `meshgate_tls_certificate_expiry_seconds`.
+    /// The `listener` label of `meshgate_tls_certificate_expiry_timestamp_seconds`.
     fn label(self) -> &'static str {
         match self {
             TlsListener::Http => "http",
@@ -174,7 +174,7 @@ impl Reloader {
     }
 
     /// The TLS listeners whose files a reload reads again; each one's certificate expiry
-    /// becomes `meshgate_tls_certificate_expiry_seconds{listener}`.
+    /// becomes `meshgate_tls_certificate_expiry_timestamp_seconds{listener}`.
     pub(crate) fn set_tls(&self, listeners: Vec<(TlsListener, Arc<ReloadingAcceptor>)>) {
         for (listener, acceptor) in &listeners {
             acceptor.set_expiry_gauge(self.registry.gauge(
@@ -312,7 +312,19 @@ impl Reloader {
             self.limits.set_caps(per_ip, per_user);
             changed.push("gateway.max_connections_per_ip/per_user");
         }
-        changed.extend(self.listeners.apply(&running, &next));
+        let limits = self.listeners.apply(&running, &next);
+        // Raised connection caps may now exceed the open-file limit: said as at start.
+        if !limits.is_empty()
+            && let Some((caps, limit)) =
+                crate::web::descriptors_short(&next, crate::fd_limit::soft_limit())
+        {
+            tracing::warn!(
+                caps,
+                limit,
+                "after this reload the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) exceed the process's open-file limit: past it accepts fail; raise the limit or lower the caps"
+            );
+        }
+        changed.extend(limits);
         for (acceptor, tls) in tls {
             if acceptor.differs(&tls) {
                 changed.push(tls.key_prefix());
@@ -436,7 +448,9 @@ fn without_tls_files(config: &Config) -> Config {
 
 /// `POST /reload` (same token): re-reads the configuration file (`crate::reload`). 200 with
 /// the sections put into force, 409 when the gateway has no file or the changes need a
-/// restart, 422 for an invalid file; nothing changes unless 200.
+/// restart, 422 for an invalid file or a certificate that does not load (nothing changes
+/// then); 422 too when a trigger or an AMQP link of the file could not start, after what
+/// comes before them (`[auth]`, caps, limits, certificates) was put in force.
 pub fn router(reloader: std::sync::Arc<crate::reload::Reloader>, token: Option<String>) -> Router {
     Router::new().route(
         "/reload",
@@ -475,7 +489,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_auth_reloads_in_place() {
+    fn what_needs_a_restart() {
         let running = Config::default();
         let mut next = running.clone();
         next.auth.anonymous.acl.publish = vec!["a/#".into()];

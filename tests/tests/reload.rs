@@ -720,9 +720,10 @@ async fn next_text(ws: &mut tokio_tungstenite::WebSocketStream<Tls>) -> String {
     }
 }
 
-/// `meshgate_tls_certificate_expiry_seconds{listener}` in a `/metrics` text.
+/// `meshgate_tls_certificate_expiry_timestamp_seconds{listener}` in a `/metrics` text.
 fn expiry(metrics: &str, listener: &str) -> Option<i64> {
-    let prefix = format!("meshgate_tls_certificate_expiry_seconds{{listener=\"{listener}\"}} ");
+    let prefix =
+        format!("meshgate_tls_certificate_expiry_timestamp_seconds{{listener=\"{listener}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
@@ -945,7 +946,7 @@ async fn the_admin_listeners_certificate_reloads_in_place() {
     assert!(
         gw.registry
             .render()
-            .contains("meshgate_tls_certificate_expiry_seconds{listener=\"admin\"}"),
+            .contains("meshgate_tls_certificate_expiry_timestamp_seconds{listener=\"admin\"}"),
         "{}",
         gw.registry.render()
     );

@@ -391,8 +391,12 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<String>, Refusal> {
-    // A reload may have moved `max_in_flight`: requests in flight over a lowered cap finish.
-    state.in_flight.set_cap(state.config.read().max_in_flight);
+    // A reload may have moved `max_in_flight` (requests in flight over a lowered cap finish);
+    // stored only when it did, so requests do not all write the same cache line.
+    let cap = state.config.read().max_in_flight;
+    if state.in_flight.cap() != cap {
+        state.in_flight.set_cap(cap);
+    }
     let Some(_permit) = state.in_flight.try_take() else {
         state.metrics.error(ErrorKind::Saturated);
         return Err(Refusal::new(

@@ -575,9 +575,8 @@ pub(crate) fn decode(
     // over the event's attribute, as at every ingress). Not an instance's (it wrote the headers
     // from the event).
     let mut event = event;
-    if origin.is_none() && m.traceparent.is_some() && meshgate_core::trace::enabled() {
-        meshgate_core::trace::adopt(&mut event, m.traceparent, m.tracestate);
-        // The event may have changed: its JSON is written anew.
+    if origin.is_none() && meshgate_core::trace::adopt(&mut event, m.traceparent, m.tracestate) {
+        // The event changed: its JSON is written anew.
         own_json = None;
     }
     let origin = match origin {

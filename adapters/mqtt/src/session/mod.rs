@@ -652,10 +652,6 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         let mut keep_alive = KeepAlive::new(keep_alive);
         // (Registered with the takeover token: always there.)
         let takeover = session.live.close_token().cloned().unwrap_or_default();
-        let (pending_limit, write_timeout) = {
-            let config = shared.config.read();
-            (config.max_queued, config.write_timeout)
-        };
         let mut busy = false;
         let mut out_hint = 0;
         // Created once, not per loop turn: each new `cancelled()` future registers with (and on
@@ -722,7 +718,11 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     let mut write = std::pin::pin!(stream.write_all(&session.out));
                     match write.as_mut().now_or_never() {
                         Some(r) => Ok(r),
-                        None => tokio::time::timeout(write_timeout, write).await,
+                        None => {
+                            // Read here (a reload may have changed it), not kept in the future.
+                            let write_timeout = shared.config.read().write_timeout;
+                            tokio::time::timeout(write_timeout, write).await
+                        }
                     }
                 };
                 match written {
@@ -813,12 +813,14 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 // not filtered by the pattern: a `Some(q) =` pattern would leave this `select!`
                 // waiting on the other branches, so a draining connection would sit until its
                 // drain deadline instead of disconnecting now (the check at the loop's top).
-                q = next_queued(&mut session.streams), if session.window.pending.len() < pending_limit => {
+                // `mqtt.max_queued` read at each turn: a reload reaches connected clients.
+                q = next_queued(&mut session.streams), if session.window.pending.len() < shared.config.read().max_queued => {
                     let Some(q) = q else { continue };
                     if session.out.capacity() == 0 && out_hint > 1024 {
                         session.out.reserve(out_hint);
                     }
                     session.deliver(q);
+                    let pending_limit = shared.config.read().max_queued;
                     // Take what else is ready without waiting, so writes are batched.
                     while session.window.pending.len() < pending_limit && session.out.len() < WRITE_BATCH {
                         let Some(q) = session.streams.as_mut().and_then(|s| s.try_next()) else {

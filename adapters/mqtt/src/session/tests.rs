@@ -300,6 +300,35 @@ async fn qos2_publish_goes_to_the_backbone_once_through_the_whole_handshake() {
     assert!(next_event(&mut events).await.is_some());
 }
 
+/// A reload that lowers `mqtt.max_inflight` does not hold a connected client to it: the
+/// client may keep as many QoS 2 handshakes open as its CONNACK's Receive Maximum said; a
+/// client connecting after the reload is told the new one and held to it.
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_receive_maximum_a_connack_announced() {
+    let shared = Shared::new(&config(), &context());
+    let (mut before, ack) =
+        Client::connect(&shared, connect("before", 60, Default::default())).await;
+    assert_eq!(ack.properties.and_then(|p| p.receive_max), Some(16));
+    crate::MqttLimits(shared.clone()).set(&MqttConfig {
+        max_inflight: 1,
+        ..config()
+    });
+    for pkid in 1..=3 {
+        before
+            .send(publish("r/1", QoS::ExactlyOnce, pkid, b"x"))
+            .await;
+        before.expect_pubrec(pkid).await;
+    }
+    let (mut after, ack) = Client::connect(&shared, connect("after", 60, Default::default())).await;
+    assert_eq!(ack.properties.and_then(|p| p.receive_max), Some(1));
+    after.send(publish("r/2", QoS::ExactlyOnce, 1, b"x")).await;
+    after.expect_pubrec(1).await;
+    after.send(publish("r/2", QoS::ExactlyOnce, 2, b"x")).await;
+    after
+        .expect_disconnect(mq::DisconnectReasonCode::ReceiveMaximumExceeded)
+        .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_topic_alias_the_client_set_resolves_to_its_topic() {
     let ctx = context();
@@ -365,7 +394,8 @@ async fn the_in_flight_window_holds_deliveries_until_pubacks_free_it() {
 
 /// An idle connection's memory is mostly its task, whose size is this future's (decision
 /// 0020): 1,952 bytes before issue 23, 1,200 after, 1,168 since the session's expiry, the
-/// keep-alive period and the registration's fields were made smaller. rustc adds to it
+/// keep-alive period and the registration's fields were made smaller, 1,144 since
+/// `max_queued` and `write_timeout` are read where used (a reload reaches them). rustc adds to it
 /// silently (a local kept across an await, an `async fn` argument kept twice), so growth fails
 /// here, not in a benchmark months later. Raise the bound only knowingly: tokio 1.54's task
 /// cell is the future plus 104 bytes (header 32, scheduler and id 16, stage tag 8, trailer

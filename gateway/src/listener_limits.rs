@@ -101,8 +101,37 @@ fn admin(config: &Config) -> serve::Limits {
 }
 
 /// `section` with the limits of `limits`: equal to `limits` when only limits differ.
+///
+/// Every field is named (no `..`): a field added to the section does not compile here until
+/// it is sorted as a limit (taken from `limits`) or not (kept from `section`: a difference
+/// needs a restart).
 pub fn http_limits_of(section: &HttpConfig, limits: &HttpConfig) -> HttpConfig {
+    let HttpConfig {
+        enabled,
+        listen,
+        tls,
+        events_path,
+        browser_page,
+        allowed_origins,
+        wrap,
+        max_body_size: _,
+        max_batch_events: _,
+        max_in_flight: _,
+        retry_after: _,
+        header_read_timeout: _,
+        idle_timeout: _,
+        max_connections: _,
+        max_header_size: _,
+        body_read_timeout: _,
+    } = section.clone();
     HttpConfig {
+        enabled,
+        listen,
+        tls,
+        events_path,
+        browser_page,
+        allowed_origins,
+        wrap,
         max_body_size: limits.max_body_size,
         max_batch_events: limits.max_batch_events,
         max_in_flight: limits.max_in_flight,
@@ -112,26 +141,76 @@ pub fn http_limits_of(section: &HttpConfig, limits: &HttpConfig) -> HttpConfig {
         max_connections: limits.max_connections,
         max_header_size: limits.max_header_size,
         body_read_timeout: limits.body_read_timeout,
-        ..section.clone()
     }
 }
 
 /// Likewise for `[websocket]`.
 pub fn websocket_limits_of(section: &WebSocketConfig, limits: &WebSocketConfig) -> WebSocketConfig {
+    let WebSocketConfig {
+        enabled,
+        path,
+        require_subprotocol,
+        publish_topic,
+        allowed_origins,
+        max_message_size: _,
+        outbound_queue_bytes: _,
+        slow_consumer: _,
+        max_connections: _,
+        ping_interval: _,
+        max_filters: _,
+    } = section.clone();
     WebSocketConfig {
+        enabled,
+        path,
+        require_subprotocol,
+        publish_topic,
+        allowed_origins,
         max_message_size: limits.max_message_size,
         outbound_queue_bytes: limits.outbound_queue_bytes,
         slow_consumer: limits.slow_consumer,
         max_connections: limits.max_connections,
         ping_interval: limits.ping_interval,
         max_filters: limits.max_filters,
-        ..section.clone()
     }
 }
 
 /// Likewise for `[mqtt]`.
 pub fn mqtt_limits_of(section: &MqttConfig, limits: &MqttConfig) -> MqttConfig {
+    let MqttConfig {
+        enabled,
+        listen,
+        v5_outbound,
+        v311_outbound,
+        plain_messages,
+        sys_interval,
+        wrap_type,
+        websocket_path,
+        tls,
+        max_connections: _,
+        max_packet_size: _,
+        connect_timeout: _,
+        write_timeout: _,
+        max_keep_alive: _,
+        max_inflight: _,
+        max_queued: _,
+        max_subscriptions: _,
+        max_session_expiry: _,
+        max_offline_sessions: _,
+        max_retained_messages: _,
+        max_retained_bytes: _,
+        max_retained_send_bytes: _,
+        max_client_id_len: _,
+    } = section.clone();
     MqttConfig {
+        enabled,
+        listen,
+        v5_outbound,
+        v311_outbound,
+        plain_messages,
+        sys_interval,
+        wrap_type,
+        websocket_path,
+        tls,
         max_connections: limits.max_connections,
         max_packet_size: limits.max_packet_size,
         connect_timeout: limits.connect_timeout,
@@ -146,7 +225,6 @@ pub fn mqtt_limits_of(section: &MqttConfig, limits: &MqttConfig) -> MqttConfig {
         max_retained_bytes: limits.max_retained_bytes,
         max_retained_send_bytes: limits.max_retained_send_bytes,
         max_client_id_len: limits.max_client_id_len,
-        ..section.clone()
     }
 }
 

@@ -157,6 +157,9 @@ async fn handshake(
     };
     let headers = request.headers();
     let uri = request.uri();
+    // The section as it is now (a reload may replace it): one read for the whole handshake,
+    // so that what a refusal names is what was enforced.
+    let config = shared.config.get();
     if shared.ctx.shutdown.is_cancelled() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -167,7 +170,7 @@ async fn handshake(
     // network position (or cookies) to subscribe.
     if let Err(refusal) = meshgate_web::origin::check(
         headers,
-        &shared.config.read().allowed_origins,
+        &config.allowed_origins,
         "websocket.allowed_origins",
     ) {
         shared.metrics.error(ErrorKind::ForbiddenOrigin);
@@ -186,7 +189,7 @@ async fn handshake(
         }
     };
     let protocols = meshgate_web::offered_subprotocols(headers);
-    let negotiated = match binding::negotiate(protocols, shared.config.read().require_subprotocol) {
+    let negotiated = match binding::negotiate(protocols, config.require_subprotocol) {
         Ok(n) => n,
         Err(refusal) => {
             shared.metrics.error(ErrorKind::BadHandshake);
@@ -234,7 +237,7 @@ async fn handshake(
             return unauthorized("invalid token");
         }
     };
-    let max_filters = shared.config.read().max_filters;
+    let max_filters = config.max_filters;
     if params.subscribe.len() > max_filters {
         shared.metrics.error(ErrorKind::TooManyFilters);
         return problem(
@@ -272,21 +275,21 @@ async fn handshake(
     let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
     shared.metrics.connections.inc();
     let slot = ConnectionSlot(shared.clone());
-    if previous >= shared.config.read().max_connections {
+    if previous >= config.max_connections {
         shared.metrics.error(ErrorKind::TooManyConnections);
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "connection limit of {} reached; retry later",
-                shared.config.read().max_connections
+                config.max_connections
             ),
         );
     }
     let limits = Limits::default()
         .read_buffer_size(read_ahead::TUNGSTENITE_READ)
         .write_buffer_size(meshgate_core::limits::WEBSOCKET_WRITE_BUFFER)
-        .max_message_size(Some(shared.config.read().max_message_size))
-        .max_frame_size(Some(shared.config.read().max_message_size));
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size));
     // Listed for the admin API (when it is on) from here; told to close through its waker
     // (`Connection::poll_closed`), so no token per connection.
     let listed = shared

@@ -967,3 +967,83 @@ async fn the_admin_listeners_certificate_reloads_in_place() {
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Lowered connection caps of `[mqtt]` and `[http]` refuse newcomers and keep who is in; raised
+/// again, they admit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowered_connection_caps_refuse_newcomers_and_keep_who_is_in() {
+    let (dir, path) = config_dir("lowered");
+    let caps = |n: usize| {
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nmax_connections = {n}\n[admin]\nlisten = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n[mqtt]\nenabled = true\nlisten = \"127.0.0.1:0\"\nmax_connections = {n}\n"
+        )
+    };
+    write(&path, &caps(3));
+    let gw = spawn(&["-c", path.to_str().unwrap()], &[]);
+    let (port, admin, web) = (gw.mqtt.unwrap().port(), gw.admin.unwrap(), gw.web.unwrap());
+    let _a = connect_anonymous(port, "in-1").await.unwrap();
+    let _b = connect_anonymous(port, "in-2").await.unwrap();
+    // Two idle sockets on the web listener hold two of its slots.
+    let held: Vec<tokio::net::TcpStream> = vec![
+        tokio::net::TcpStream::connect(web).await.unwrap(),
+        tokio::net::TcpStream::connect(web).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let web_answer = || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(web).await.unwrap();
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+        String::from_utf8_lossy(&reply)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+
+    write(&path, &caps(1));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let refused = connect_anonymous(port, "new-1").await;
+    assert!(
+        matches!(&refused, Err(e) if e.contains("ServerBusy")),
+        "over the lowered mqtt.max_connections: {:?}",
+        refused.as_ref().map(|_| ())
+    );
+    let line = web_answer().await;
+    assert!(
+        line.contains("503"),
+        "over the lowered http.max_connections: {line:?}"
+    );
+    // Those already in stay.
+    let page = meshgate_tests::admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/connections?protocol=mqtt",
+        Some(API_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        page.1["items"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        page.1
+    );
+
+    write(&path, &caps(4));
+    let (status, body) = post_reload(admin, Some(API_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let _c = connect_anonymous(port, "new-2")
+        .await
+        .unwrap_or_else(|e| panic!("admitted under the raised mqtt.max_connections: {e}"));
+    let line = web_answer().await;
+    assert!(
+        line.contains("404") || line.contains("200"),
+        "admitted on the web listener: {line:?}"
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,9 +6,11 @@
 //! paths (a check per delivered message) use [`Live::read`]: `arc-swap`'s `load`, which borrows
 //! through a per-thread debt slot instead of touching the reference count, so readers do not
 //! contend with each other (arc-swap 1.9 `src/docs/performance.rs`, `src/docs/internal.rs`),
-//! where a lock or an `Arc` clone would make every core write the same cache line. [`Slots`] is a count with a cap the reload may move (a listener's
-//! `max_connections`, HTTP's `max_in_flight`): lowering it refuses newcomers until enough
-//! holders left, it never takes a slot back.
+//! where a lock or an `Arc` clone would make every core write the same cache line.
+//!
+//! [`Slots`] counts holders against a cap the caller reads from its `Live` section at each
+//! take (a listener's `max_connections`, HTTP's `max_in_flight`): a lowered cap refuses
+//! newcomers until enough holders left, it never takes a slot back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,24 +47,22 @@ impl<T> Live<T> {
     }
 }
 
-/// Places with a cap that can move while they are held (see the module documentation).
-#[derive(Debug)]
+/// Places held against a cap given at each take, which may move while they are held (see the
+/// module documentation).
+#[derive(Debug, Default)]
 pub struct Slots {
     held: AtomicUsize,
-    cap: AtomicUsize,
 }
 
 impl Slots {
-    pub fn new(cap: usize) -> Arc<Slots> {
-        Arc::new(Slots {
-            held: AtomicUsize::new(0),
-            cap: AtomicUsize::new(cap),
-        })
+    pub fn new() -> Arc<Slots> {
+        Arc::default()
     }
 
-    /// A slot, unless `cap` are held already; given back when the [`Slot`] drops.
-    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        let cap = self.cap.load(Ordering::Acquire);
+    /// A slot, unless `cap` (the cap in force now) or more are held already; given back when
+    /// the [`Slot`] drops. Raised, newcomers fit at once; lowered, holders over it keep their
+    /// slots and newcomers are refused until enough gave theirs back.
+    pub fn try_take(self: &Arc<Self>, cap: usize) -> Option<Slot> {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 (held < cap).then_some(held + 1)
@@ -71,17 +71,6 @@ impl Slots {
         Some(Slot {
             slots: Arc::clone(self),
         })
-    }
-
-    /// The cap in force now.
-    pub fn cap(&self) -> usize {
-        self.cap.load(Ordering::Acquire)
-    }
-
-    /// Moves the cap: raised, newcomers fit at once; lowered, holders over it keep their slots
-    /// and newcomers are refused until enough gave theirs back.
-    pub fn set_cap(&self, cap: usize) {
-        self.cap.store(cap, Ordering::Release);
     }
 
     /// Slots held now.
@@ -116,17 +105,15 @@ mod tests {
 
     #[test]
     fn slots_follow_a_moving_cap() {
-        let slots = Slots::new(2);
-        let a = slots.try_take().expect("first");
-        let b = slots.try_take().expect("second");
-        assert!(slots.try_take().is_none(), "at the cap");
-        slots.set_cap(1);
+        let slots = Slots::new();
+        let a = slots.try_take(2).expect("first");
+        let b = slots.try_take(2).expect("second");
+        assert!(slots.try_take(2).is_none(), "at the cap");
         drop(a);
-        assert!(slots.try_take().is_none(), "still one held, lowered cap 1");
+        assert!(slots.try_take(1).is_none(), "still one held, lowered cap 1");
         drop(b);
-        let c = slots.try_take().expect("under the lowered cap");
-        slots.set_cap(3);
-        let _d = slots.try_take().expect("raised");
+        let c = slots.try_take(1).expect("under the lowered cap");
+        let _d = slots.try_take(3).expect("raised");
         assert_eq!(slots.held(), 2);
         drop(c);
         assert_eq!(slots.held(), 1);

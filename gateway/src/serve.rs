@@ -177,7 +177,7 @@ pub async fn serve(
     stop: CancellationToken,
     tls: Option<Arc<ReloadingAcceptor>>,
 ) -> io::Result<()> {
-    let slots = Slots::new(limits.get().max_connections);
+    let slots = Slots::new();
     let refused = refusal(limits.get().max_connections_key);
     let router = with_refusals(router, &counters);
     let connections = TaskTracker::new();
@@ -201,9 +201,8 @@ pub async fn serve(
             }
         };
         // The bounds in force now (a reload may have changed them): this connection keeps them.
-        let limits = *limits.get();
-        slots.set_cap(limits.max_connections);
-        let Some(slot) = slots.try_take() else {
+        let limits = **limits.read();
+        let Some(slot) = slots.try_take(limits.max_connections) else {
             counters.refused.inc();
             // Plain HTTP only: on a TLS listener those bytes would be noise to the client.
             if tls.is_none() {

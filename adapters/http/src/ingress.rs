@@ -39,7 +39,7 @@ struct HttpState {
     events_path: String,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
-    /// Requests in flight, capped at `max_in_flight` (moved by [`HttpState::config`]'s reads).
+    /// Requests in flight, capped at the `max_in_flight` in force at each request.
     in_flight: Arc<Slots>,
 }
 
@@ -49,7 +49,7 @@ pub fn router(config: Arc<Live<HttpConfig>>, ctx: &AdapterContext) -> Router {
     let now = config.get();
     let events_path = now.events_path.clone();
     let state = Arc::new(HttpState {
-        in_flight: Slots::new(now.max_in_flight),
+        in_flight: Slots::new(),
         events_path: events_path.clone(),
         config,
         ctx: ctx.clone(),
@@ -391,20 +391,14 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<String>, Refusal> {
-    // A reload may have moved `max_in_flight` (requests in flight over a lowered cap finish);
-    // stored only when it did, so requests do not all write the same cache line.
+    // The cap in force now: a reload may have moved it (requests in flight over a lowered cap
+    // finish).
     let cap = state.config.read().max_in_flight;
-    if state.in_flight.cap() != cap {
-        state.in_flight.set_cap(cap);
-    }
-    let Some(_permit) = state.in_flight.try_take() else {
+    let Some(_permit) = state.in_flight.try_take(cap) else {
         state.metrics.error(ErrorKind::Saturated);
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{} requests are already in flight (http.max_in_flight); retry later",
-                state.in_flight.cap()
-            ),
+            format!("{cap} requests are already in flight (http.max_in_flight); retry later"),
         ));
     };
     // A page of another origin may not publish through the visitor's browser (a text/plain

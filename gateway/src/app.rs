@@ -215,15 +215,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             "cannot raise the open-file soft limit to the hard limit; it stays as it was"
         ),
     }
-    if let Some((caps, limit)) = web::descriptors_short(&config, crate::fd_limit::soft_limit()) {
-        tracing::warn!(
-            caps,
-            limit,
-            "the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) \
-             exceed the process's open-file limit: past it accepts fail for every listener and \
-             backbone reconnects; raise the limit (ulimit -n, LimitNOFILE=) or lower the caps"
-        );
-    }
+    warn_if_descriptors_short(&config);
     let registry = Registry::new();
     registry
         .gauge(
@@ -526,5 +518,19 @@ impl RunningGateway {
             }
         }
         ShutdownReport { clean }
+    }
+}
+
+/// Warns when the listeners' connection caps exceed the open-file limit (at start, and after a
+/// reload that changed them).
+pub(crate) fn warn_if_descriptors_short(config: &Config) {
+    if let Some((caps, limit)) = web::descriptors_short(config, crate::fd_limit::soft_limit()) {
+        tracing::warn!(
+            caps,
+            limit,
+            "the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) \
+             exceed the process's open-file limit: past it accepts fail for every listener and \
+             backbone reconnects; raise the limit (ulimit -n, LimitNOFILE=) or lower the caps"
+        );
     }
 }

@@ -314,15 +314,8 @@ impl Reloader {
         }
         let limits = self.listeners.apply(&running, &next);
         // Raised connection caps may now exceed the open-file limit: said as at start.
-        if !limits.is_empty()
-            && let Some((caps, limit)) =
-                crate::web::descriptors_short(&next, crate::fd_limit::soft_limit())
-        {
-            tracing::warn!(
-                caps,
-                limit,
-                "after this reload the connection caps (http.max_connections + admin.max_connections + mqtt.max_connections) exceed the process's open-file limit: past it accepts fail; raise the limit or lower the caps"
-            );
+        if !limits.is_empty() {
+            crate::app::warn_if_descriptors_short(&next);
         }
         changed.extend(limits);
         for (acceptor, tls) in tls {

@@ -117,11 +117,6 @@ fn certificates(path: &Path, key: String) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// The rustls server configuration of `files`, read now.
-pub fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, ServerTlsError> {
-    read_files(files).map(|(config, _, _)| config)
-}
-
 /// The configuration of `files`, with the certificate chain and client CAs it was made of.
 type Read = (
     ServerConfig,

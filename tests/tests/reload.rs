@@ -415,6 +415,18 @@ async fn connect_anonymous(port: u16, id: &str) -> Result<(AsyncClient, EventLoo
     answer.map(|()| (c, el))
 }
 
+/// The admin API's page of MQTT connections.
+async fn mqtt_connections(admin: std::net::SocketAddr) -> serde_json::Value {
+    meshgate_tests::admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/connections?protocol=mqtt",
+        Some(API_TOKEN),
+    )
+    .await
+    .1
+}
+
 /// `gateway.max_connections_per_ip` changes in place: a raised cap admits the connection it
 /// refused, a lowered one refuses new connections and keeps those already in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,19 +458,8 @@ async fn connection_caps_change_in_place() {
     let refused = connect_anonymous(port, "cap-3").await;
     assert!(refused.is_err(), "over the lowered cap");
     // The two admitted before stay connected.
-    let page = meshgate_tests::admin_call(
-        reqwest::Method::GET,
-        admin,
-        "/connections?protocol=mqtt",
-        Some(API_TOKEN),
-    )
-    .await;
-    assert_eq!(
-        page.1["items"].as_array().map(Vec::len),
-        Some(2),
-        "{}",
-        page.1
-    );
+    let page = mqtt_connections(admin).await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2), "{page}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1019,19 +1020,8 @@ async fn lowered_connection_caps_refuse_newcomers_and_keep_who_is_in() {
         "over the lowered http.max_connections: {line:?}"
     );
     // Those already in stay.
-    let page = meshgate_tests::admin_call(
-        reqwest::Method::GET,
-        admin,
-        "/connections?protocol=mqtt",
-        Some(API_TOKEN),
-    )
-    .await;
-    assert_eq!(
-        page.1["items"].as_array().map(Vec::len),
-        Some(2),
-        "{}",
-        page.1
-    );
+    let page = mqtt_connections(admin).await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2), "{page}");
 
     write(&path, &caps(4));
     let (status, body) = post_reload(admin, Some(API_TOKEN)).await;

@@ -122,6 +122,11 @@ impl Principal {
         self.anonymous
     }
 
+    /// A part of the gateway (see [`Principal::internal`]), not a client.
+    pub(crate) fn is_internal(&self) -> bool {
+        self.internal
+    }
+
     #[cfg(test)]
     pub(crate) fn anonymous_for_tests() -> Principal {
         Principal {

@@ -16,11 +16,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::auth::Principal;
 
@@ -75,7 +77,9 @@ pub struct NewConnection {
     pub peer: Option<SocketAddr>,
 }
 
-/// One live connection.
+/// One live connection, and how its task is told to close and announces that it ended: one
+/// allocation per connection for all of it (an MQTT connection had two cancellation tokens,
+/// 224 bytes, beside it: idle connection memory, issue 23).
 #[derive(Debug)]
 pub struct Connection {
     id: u64,
@@ -85,6 +89,16 @@ pub struct Connection {
     /// after a reload replaced them).
     user: Arc<str>,
     anonymous: bool,
+    internal: bool,
+    /// Why the connection was told to close: a [`CloseReason`], 0 while it was not.
+    close: AtomicU8,
+    /// Set when the connection's task has ended ([`Connection::finish`]).
+    finished: AtomicBool,
+    /// An idle timeout its listener sweeps (MQTT keep-alive), in that listener's clock ticks:
+    /// how many may pass without activity (0: none) and the tick of the last activity. Two
+    /// words here instead of a timer in every idle connection's task.
+    idle_limit: AtomicU32,
+    last_active: AtomicU32,
     client_id: Option<Box<str>>,
     peer: Option<SocketAddr>,
     /// Unix time of the registration, in milliseconds.
@@ -96,19 +110,38 @@ pub struct Connection {
     /// handed to the socket and not yet flushed.
     in_flight: AtomicU32,
     subscriptions: Mutex<Subscriptions>,
-    /// How the connection is told to close (see [`Connections::close`]).
-    closer: Closer,
-    closed_by_operator: AtomicBool,
+    /// The connection's task, registered as it polls [`Connection::poll_closed`]: woken by
+    /// [`Connection::close`].
+    waker: AtomicWaker,
+    /// Wakes whoever waits for the connection to end ([`Connection::finished`]).
+    finish: Notify,
 }
 
-/// How a connection is told to close.
-#[derive(Debug)]
-enum Closer {
-    /// A token it waits on anyway (MQTT: the one a session takeover and shutdown fire).
-    Token(CancellationToken),
-    /// Its task's waker, registered as it polls ([`Connection::poll_closed`]): no token (and
-    /// no entry in the shutdown token's child list) per connection (WebSocket).
-    Wake(futures_util::task::AtomicWaker),
+/// Why a connection was told to close ([`Connection::close`]; the first reason given stays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// An operator, through the admin API (MQTT 5: DISCONNECT 0x98; WebSocket: close 1008).
+    Operator = 1,
+    /// Another connection took its client id over, here or on another instance (MQTT 5:
+    /// DISCONNECT 0x8E).
+    TakenOver = 2,
+    /// The gateway is shutting down: deliver what is held, then close.
+    Shutdown = 3,
+    /// Nothing came from the client within its keep-alive (MQTT 5: DISCONNECT 0x8D).
+    KeepAlive = 4,
+}
+
+impl CloseReason {
+    fn from_u8(n: u8) -> Option<CloseReason> {
+        match n {
+            1 => Some(CloseReason::Operator),
+            2 => Some(CloseReason::TakenOver),
+            3 => Some(CloseReason::Shutdown),
+            4 => Some(CloseReason::KeepAlive),
+            _ => None,
+        }
+    }
 }
 
 /// A connection's subscriptions; most hold none or one, kept without a `Vec` (idle connection
@@ -163,31 +196,91 @@ impl Connection {
         self.client_id.as_deref()
     }
 
-    /// The token that fires when the connection is to close (operator, takeover, shutdown),
-    /// for a connection registered with one.
-    pub fn close_token(&self) -> Option<&CancellationToken> {
-        match &self.closer {
-            Closer::Token(t) => Some(t),
-            Closer::Wake(_) => None,
+    /// Tells the connection to close, for `reason`, unless it was told already (the first
+    /// reason stays); its task is woken. True: this call told it.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let told = self
+            .close
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if told {
+            self.waker.wake();
         }
+        told
     }
 
-    /// Ready once an operator asked this connection to close; for a connection registered
-    /// without a token, polled by its task.
-    pub fn poll_closed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if let Closer::Wake(w) = &self.closer {
-            w.register(cx.waker());
+    /// Why the connection was told to close, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.close.load(Ordering::Acquire))
+    }
+
+    /// Ready with the reason once the connection was told to close; polled by its task (whose
+    /// waker [`Connection::close`] wakes).
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(reason) = self.close_reason() {
+            return Poll::Ready(reason);
         }
-        if self.closed_by_operator() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
+        self.waker.register(cx.waker());
+        // Told between the first look and the registration: that wake may have gone to the
+        // previous waker.
+        match self.close_reason() {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
         }
     }
 
     /// An operator asked this connection to close ([`Connections::close`]).
     pub fn closed_by_operator(&self) -> bool {
-        self.closed_by_operator.load(Ordering::Acquire)
+        self.close_reason() == Some(CloseReason::Operator)
+    }
+
+    /// Whether `principal` is who holds this connection (the same user, or both anonymous:
+    /// [`Principal`]'s equality).
+    pub fn is_held_by(&self, principal: &Principal) -> bool {
+        *self.user == *principal.name()
+            && self.anonymous == principal.is_anonymous()
+            && self.internal == principal.is_internal()
+    }
+
+    /// From tick `now` of its listener's clock on, the connection may stay silent for `limit`
+    /// ticks (0: for ever) before [`Connection::idle_past_limit`] says so.
+    pub fn set_idle_limit(&self, limit: u32, now: u32) {
+        self.last_active.store(now, Ordering::Relaxed);
+        self.idle_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Activity at tick `now`: the idle count starts again. A load and, once per tick, a
+    /// store (the connection's own line; the sweep reads it once per tick).
+    pub fn touch(&self, now: u32) {
+        if self.last_active.load(Ordering::Relaxed) != now {
+            self.last_active.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether, at tick `now`, more than its limit of whole ticks has passed since the tick of
+    /// its last activity (that activity may have come at the end of its tick: one tick more
+    /// than the limit is waited, so nobody is cut before the limit).
+    pub fn idle_past_limit(&self, now: u32) -> bool {
+        let limit = self.idle_limit.load(Ordering::Relaxed);
+        limit != 0 && now.wrapping_sub(self.last_active.load(Ordering::Relaxed)) > limit
+    }
+
+    /// The connection's task has ended: whoever waits in [`Connection::finished`] goes on.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        self.finish.notify_waiters();
+    }
+
+    /// Waits until the connection's task has ended ([`Connection::finish`]).
+    pub async fn finished(&self) {
+        let notified = self.finish.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Enabled before the flag is read: a `finish` in between still wakes this waiter.
+        notified.as_mut().enable();
+        if self.finished.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 
     /// Refreshes the queued and in-flight figures (see the fields' meaning per protocol).
@@ -321,34 +414,35 @@ impl Connections {
 
     /// [`Connections::register`] when the registry is on; `None` otherwise.
     pub fn register_if_on(&self, new: NewConnection) -> Option<Registered> {
-        self.on.then(|| self.register(new, None))
+        self.on.then(|| self.register(new))
     }
 
     fn shard(&self, id: u64) -> &Shard {
         shard_of(&self.shards, id)
     }
 
-    /// Registers a connection; `close` is the token it closes on (see
-    /// [`Connection::close_token`]), or `None` for one that polls [`Connection::poll_closed`].
-    /// It stays listed until the returned guard drops.
-    pub fn register(&self, new: NewConnection, close: Option<CancellationToken>) -> Registered {
+    /// Registers a connection, listed (when the registry is on) until the returned guard
+    /// drops; its task polls [`Connection::poll_closed`] to learn when to close.
+    pub fn register(&self, new: NewConnection) -> Registered {
         let connection = Arc::new(Connection {
             id: new.id,
             protocol: new.protocol,
             version: new.version,
             user: new.principal.shared_name(),
             anonymous: new.principal.is_anonymous(),
+            internal: new.principal.is_internal(),
+            close: AtomicU8::new(0),
+            finished: AtomicBool::new(false),
+            idle_limit: AtomicU32::new(0),
+            last_active: AtomicU32::new(0),
             client_id: new.client_id.map(String::into_boxed_str),
             peer: new.peer,
             connected_at_ms: crate::backbone::now_ms(),
             queued: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             subscriptions: Mutex::new(Subscriptions::None),
-            closer: match close {
-                Some(t) => Closer::Token(t),
-                None => Closer::Wake(Default::default()),
-            },
-            closed_by_operator: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            finish: Notify::new(),
         });
         if self.on {
             lock(self.shard(new.id)).insert(new.id, connection.clone());
@@ -403,11 +497,7 @@ impl Connections {
         let Some(c) = lock(self.shard(id)).get(&id).cloned() else {
             return false;
         };
-        c.closed_by_operator.store(true, Ordering::Release);
-        match &c.closer {
-            Closer::Token(t) => t.cancel(),
-            Closer::Wake(w) => w.wake(),
-        }
+        c.close(CloseReason::Operator);
         true
     }
 }
@@ -466,10 +556,7 @@ mod tests {
         let held: Vec<Registered> = (1..=40)
             .map(|i| {
                 let protocol = if i % 2 == 0 { "mqtt" } else { "websocket" };
-                registry.register(
-                    new(i, protocol, &format!("c{i}")),
-                    Some(CancellationToken::new()),
-                )
+                registry.register(new(i, protocol, &format!("c{i}")))
             })
             .collect();
         assert_eq!(registry.count(), 40);
@@ -501,11 +588,10 @@ mod tests {
         assert!(registry.get(7).is_none());
     }
 
-    #[test]
-    fn an_operator_close_fires_the_connections_token_and_says_so() {
+    #[tokio::test]
+    async fn an_operator_close_wakes_the_connection_and_says_so() {
         let registry = Connections::default();
-        let token = CancellationToken::new();
-        let held = registry.register(new(3, "mqtt", "x"), Some(token.clone()));
+        let held = registry.register(new(3, "mqtt", "x"));
         held.set_subscriptions([SubscriptionInfo {
             filter: Arc::from("a/#"),
             qos: Some(1),
@@ -516,8 +602,71 @@ mod tests {
         assert_eq!((info.queued, info.in_flight), (2, 5));
         assert_eq!(info.subscriptions.unwrap()[0].filter.as_ref(), "a/#");
         assert!(!held.closed_by_operator());
+        let connection = held.connection().clone();
+        let waiting =
+            tokio::spawn(
+                async move { std::future::poll_fn(|cx| connection.poll_closed(cx)).await },
+            );
+        tokio::task::yield_now().await;
         assert!(registry.close(3));
-        assert!(token.is_cancelled() && held.closed_by_operator());
+        assert_eq!(waiting.await.unwrap(), CloseReason::Operator);
+        assert!(held.closed_by_operator());
         assert!(!registry.close(4));
+    }
+
+    #[test]
+    fn the_first_close_reason_stays() {
+        let registry = Connections::new(false);
+        let held = registry.register(new(5, "mqtt", "y"));
+        assert_eq!(held.close_reason(), None);
+        assert!(held.close(CloseReason::Shutdown));
+        assert!(!held.close(CloseReason::TakenOver));
+        assert_eq!(held.close_reason(), Some(CloseReason::Shutdown));
+        assert!(!held.closed_by_operator());
+        // Off: not listed, still closable.
+        assert_eq!(registry.count(), 0);
+        assert!(!registry.close(5));
+    }
+
+    #[tokio::test]
+    async fn finished_returns_once_the_connection_has_ended_even_when_asked_late() {
+        let registry = Connections::new(false);
+        let held = registry.register(new(6, "mqtt", "z"));
+        let connection = held.connection().clone();
+        let waiter = tokio::spawn(async move { connection.finished().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        held.finish();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        // After the end: at once.
+        held.finished().await;
+    }
+
+    #[test]
+    fn idle_past_limit_counts_whole_ticks_from_the_last_activity() {
+        let registry = Connections::new(false);
+        let held = registry.register(new(8, "mqtt", "v"));
+        assert!(!held.idle_past_limit(1_000), "no limit: never idle");
+        held.set_idle_limit(3, 10);
+        assert!(!held.idle_past_limit(13));
+        assert!(held.idle_past_limit(14));
+        held.touch(12);
+        assert!(!held.idle_past_limit(15));
+        assert!(held.idle_past_limit(16));
+        // The clock wraps after 2^32 ticks.
+        held.touch(u32::MAX);
+        assert!(!held.idle_past_limit(2));
+        assert!(held.idle_past_limit(3));
+    }
+
+    #[test]
+    fn a_connection_is_held_by_the_principal_it_was_registered_for() {
+        let registry = Connections::new(false);
+        let held = registry.register(new(7, "mqtt", "w"));
+        assert!(held.is_held_by(&Principal::anonymous_for_tests()));
+        assert!(!held.is_held_by(&Principal::internal("bridge")));
     }
 }

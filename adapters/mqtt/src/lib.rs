@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod binding;
 pub mod codec;
+mod keep_alive;
 mod retained;
 mod session;
 mod sys;
@@ -16,8 +17,9 @@ pub mod websocket;
 
 pub use tls::files as tls_files;
 
+use meshgate_core::connections::{CloseReason, Connection};
 use meshgate_core::metrics::{DropReason, ErrorKind};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,7 +30,6 @@ use meshgate_core::live::Live;
 use meshgate_core::metrics::{self, AdapterMetrics, Counter, Gauge};
 use meshgate_core::{Adapter, AdapterContext, AdapterError, BoxFuture};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// Adapter name in metrics and logs.
 pub const ADAPTER: &str = "mqtt";
@@ -47,9 +48,13 @@ pub(crate) struct Shared {
     modes: OutboundModes,
     ctx: AdapterContext,
     metrics: AdapterMetrics,
-    /// Connected client ids → their connection id, takeover token, and the token cancelled when
-    /// that connection has finished (its session parked or ended).
-    clients: Mutex<HashMap<String, Client>>,
+    /// The connected clients, by client id: each connection's registry entry, which says who
+    /// holds it, tells it to go (takeover, shutdown) and tells when it has finished (its
+    /// session parked or ended). One pointer per client (a map of client id to principal
+    /// and tokens took ~180 bytes of every idle connection).
+    clients: Mutex<HashSet<ClientEntry>>,
+    /// The clock the clients' keep-alive is counted in ([`keep_alive::sweep`]).
+    keep_alive: keep_alive::Clock,
     /// Persistent sessions whose client is away.
     parked: session::parked::Parked,
     /// Subscriptions of all sessions, connected or parked.
@@ -111,13 +116,36 @@ pub(crate) struct OutboundModes {
     pub(crate) v311: meshgate_config::Mqtt311Mode,
 }
 
-struct Client {
-    /// Who holds the client id: only the same principal may take it over.
-    principal: meshgate_core::Principal,
-    connection: u64,
-    takeover: CancellationToken,
-    finished: CancellationToken,
+/// A connected client in [`Shared::clients`], found by its client id.
+struct ClientEntry(Arc<Connection>);
+
+impl ClientEntry {
+    fn client_id(&self) -> &str {
+        // Registered with one (`session::connect::Registration`).
+        self.0.client_id().unwrap_or_default()
+    }
 }
+
+impl std::borrow::Borrow<str> for ClientEntry {
+    fn borrow(&self) -> &str {
+        self.client_id()
+    }
+}
+
+impl std::hash::Hash for ClientEntry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: `Borrow<str>` lookups must find it.
+        self.client_id().hash(state);
+    }
+}
+
+impl PartialEq for ClientEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.client_id() == other.client_id()
+    }
+}
+
+impl Eq for ClientEntry {}
 
 impl Shared {
     /// The state of one listener's connections (also what the session tests run on).
@@ -150,7 +178,8 @@ impl Shared {
             config: Live::new(config.clone()),
             ctx: ctx.clone(),
             metrics,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashSet::new()),
+            keep_alive: keep_alive::Clock::default(),
             parked: session::parked::Parked::new(
                 config.max_offline_sessions,
                 ctx.registry
@@ -184,39 +213,37 @@ impl Shared {
                 .saturating_add(BUSY_HEADROOM)
     }
 
-    /// Registers a client id for `principal`; an existing connection with the same id is told
-    /// to go (session takeover) and its `finished` token is returned, to wait for.
+    /// Registers `connection` (registered with its client id and principal) as the holder of
+    /// its client id; an existing connection with the same id is told to go (session
+    /// takeover) and returned, to wait for ([`Connection::finished`]). Registered after
+    /// shutdown began, it is told to close at once (the shutdown walk may have passed).
     ///
     /// `Err(ClientIdTaken)` — nothing changed, nobody told to go — when the id is held by
     /// another principal: connected, or its session parked here. Checked under the clients'
     /// lock (the parked sessions' lock inside it), so two principals cannot both pass.
     fn register(
         &self,
-        client_id: &str,
+        connection: &Arc<Connection>,
         principal: &meshgate_core::Principal,
-        connection: u64,
-        takeover: &CancellationToken,
-        finished: &CancellationToken,
-    ) -> Result<Option<CancellationToken>, ClientIdTaken> {
+    ) -> Result<Option<Arc<Connection>>, ClientIdTaken> {
+        let client_id = connection.client_id().unwrap_or_default();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients
             .get(client_id)
-            .is_some_and(|c| c.principal != *principal)
+            .is_some_and(|c| !c.0.is_held_by(principal))
             || !self.parked.held_by(client_id, principal)
         {
             return Err(ClientIdTaken);
         }
-        let new = Client {
-            principal: principal.clone(),
-            connection,
-            takeover: takeover.clone(),
-            finished: finished.clone(),
-        };
-        let Some(old) = clients.insert(client_id.to_owned(), new) else {
-            return Ok(None);
-        };
-        old.takeover.cancel();
-        Ok(Some(old.finished))
+        let old = clients.replace(ClientEntry(connection.clone()));
+        if self.ctx.shutdown.is_cancelled() {
+            connection.close(CloseReason::Shutdown);
+        }
+        drop(clients);
+        Ok(old.map(|old| {
+            old.0.close(CloseReason::TakenOver);
+            old.0
+        }))
     }
 
     /// Whether `client_id` is connected here as `principal` (a CONNECT with it would take
@@ -225,31 +252,51 @@ impl Shared {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .get(client_id)
-            .is_some_and(|c| c.principal == *principal)
+            .is_some_and(|c| c.0.is_held_by(principal))
     }
 
     /// Whether a connection holds `client_id` here.
     fn is_connected(&self, client_id: &str) -> bool {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.contains_key(client_id)
+        clients.contains(client_id)
     }
 
     /// Tells the connection of `client_id`, if there is one, to go (another instance takes
-    /// the session over); its `finished` token is returned, to wait for.
-    fn take_over(&self, client_id: &str) -> Option<CancellationToken> {
+    /// the session over); it is returned, to wait for ([`Connection::finished`]).
+    fn take_over(&self, client_id: &str) -> Option<Arc<Connection>> {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let c = clients.get(client_id)?;
-        c.takeover.cancel();
-        Some(c.finished.clone())
+        c.0.close(CloseReason::TakenOver);
+        Some(c.0.clone())
     }
 
-    fn unregister(&self, client_id: &str, connection: u64) {
+    /// Removes `connection` from the clients, if it still holds its client id.
+    fn unregister(&self, connection: &Connection) {
+        let client_id = connection.client_id().unwrap_or_default();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients
             .get(client_id)
-            .is_some_and(|c| c.connection == connection)
+            .is_some_and(|c| c.0.id() == connection.id())
         {
             clients.remove(client_id);
+        }
+    }
+
+    /// Tells every connected client to close (at shutdown: after delivering what it holds).
+    fn close_all(&self, reason: CloseReason) {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for c in clients.iter() {
+            c.0.close(reason);
+        }
+    }
+
+    /// Tells the clients silent past their keep-alive at tick `now` to close.
+    fn close_silent(&self, now: u32) {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for c in clients.iter() {
+            if c.0.idle_past_limit(now) {
+                c.0.close(CloseReason::KeepAlive);
+            }
         }
     }
 }
@@ -408,10 +455,15 @@ impl Adapter for MqttAdapter {
             });
             // Sessions kept by the backbone move between instances on request.
             let releases = tokio::spawn(session::stored::serve_releases(shared.clone()));
+            // Keep-alive, and at shutdown the word to close: connections wait on their
+            // registry entry, not on a timer and the shutdown token each.
+            let sweep = tokio::spawn(keep_alive::sweep(shared.clone()));
             let sys = tokio::spawn(sys::publish_every_interval(shared.clone()));
             accept_loop(listener, shared, ctx, None).await;
             releases.abort();
             sys.abort();
+            // The accept loop ended at shutdown: so does the sweep, telling everyone to close.
+            let _ = sweep.await;
             if let Some(t) = tls_loop {
                 let _ = t.await;
             }
@@ -464,25 +516,23 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         session::set_tcp_keepalive(&stream);
         shared.sockets.fetch_add(1, Ordering::AcqRel);
-        let slot = SocketSlot(shared.clone());
+        // Both held for the connection's life.
+        let held = (SocketSlot(shared.clone()), ip_permit);
         let shared = shared.clone();
-        let tls = tls.clone();
-        ctx.tracker.spawn(async move {
-            // Both held for the connection's life.
-            let (_slot, _ip_permit) = (slot, ip_permit);
-            match tls {
-                None => {
-                    let peer = session::Peer::new(Some(peer), session::Transport::Tcp);
-                    session::run(stream, shared, peer, None).await
-                }
-                // Boxed: a TLS connection's state is large, and inline it would make every
-                // plain connection's task as large (idle connection memory, issue 3).
-                Some(acceptor) => {
-                    let acceptor = acceptor.acceptor();
-                    Box::pin(run_tls(stream, shared, acceptor, peer)).await
-                }
+        match &tls {
+            None => {
+                let peer = session::Peer::new(Some(peer), session::Transport::Tcp);
+                ctx.tracker
+                    .spawn(session::run(stream, shared, peer, None, held));
             }
-        });
+            // A task of its own type: a TLS connection's state is large, and in a common
+            // future it would make every plain connection's task as large.
+            Some(acceptor) => {
+                let acceptor = acceptor.acceptor();
+                ctx.tracker
+                    .spawn(run_tls(stream, shared, acceptor, peer, held));
+            }
+        }
     }
 }
 
@@ -492,6 +542,7 @@ async fn run_tls(
     shared: Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
     peer: std::net::SocketAddr,
+    held: impl Send + 'static,
 ) {
     let timeout = shared.config.read().connect_timeout;
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -507,7 +558,7 @@ async fn run_tls(
             match tls::identity(&tls_stream, kind) {
                 Ok(user) => {
                     let peer = session::Peer::new(Some(peer), session::Transport::Tls);
-                    session::run(tls_stream, shared, peer, user).await
+                    session::run(tls_stream, shared, peer, user, held).await
                 }
                 Err(()) => {
                     // Verified, but it names nobody: refused at the TLS layer (no CONNECT yet).

@@ -105,7 +105,7 @@ async fn bridge(socket: WebSocket, shared: Arc<Shared>, peer: Option<SocketAddr>
     let (mut from_session, mut to_session) = tokio::io::split(client_side);
     let (mut ws_tx, mut ws_rx) = socket.split();
     let peer = session::Peer::new(peer, session::Transport::WebSocket);
-    let session = tokio::spawn(session::run(session_side, shared, peer, None));
+    let session = tokio::spawn(session::run(session_side, shared, peer, None, ()));
     let inbound = async move {
         while let Some(Ok(msg)) = ws_rx.next().await {
             match msg {

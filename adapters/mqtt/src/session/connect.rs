@@ -14,7 +14,6 @@ use rumqttd::protocol::{
     LastWillProperties, Login, Packet,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use super::aliases::TOPIC_ALIAS_MAX;
 use super::inbound::Will;
@@ -599,7 +598,7 @@ async fn register(
         return Err(client_id_taken(shared, client_id, principal));
     };
     if let Some(previous) = &previous
-        && tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
+        && tokio::time::timeout(TAKEOVER_WAIT, previous.finished())
             .await
             .is_err()
     {
@@ -748,46 +747,43 @@ pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 pub(super) struct Registration {
     /// Empty (the default permit) only while a connection at its user's cap takes over its
     /// own client id. (Not an `Option`: that would take 8 bytes more of every idle
-    /// connection's future, which is 8 bytes under a smaller tokio task allocation.)
+    /// connection's future.)
     user_permit: meshgate_core::ConnectionPermit,
     shared: Arc<Shared>,
-    /// The connection in the admin API's registry (its id, client id, and the token fired when
-    /// another connection takes over this client id, an operator closes it, or at shutdown).
+    /// The connection in the admin API's registry: its id and client id, how it is told to
+    /// close (another connection takes over this client id, an operator, shutdown) and how it
+    /// tells a connection taking over that it has finished.
     pub(super) listed: meshgate_core::connections::Registered,
-    finished: CancellationToken,
 }
 
 impl Registration {
-    /// The registration, and the previous connection's `finished` when this one takes over
-    /// (to wait for; not kept: every idle connection's future holds a `Registration`).
+    /// The registration, and the previous connection when this one takes over (to wait for;
+    /// not kept: every idle connection's future holds a `Registration`).
     fn new(
         shared: &Arc<Shared>,
         client_id: &str,
         principal: &Principal,
         user_permit: Option<meshgate_core::ConnectionPermit>,
         listing: super::Listing,
-    ) -> Result<(Self, Option<CancellationToken>), crate::ClientIdTaken> {
-        let connection = shared.ctx.next_connection_id();
-        // A child of the shutdown token: the session loop waits for both with one future.
-        let takeover = shared.ctx.shutdown.child_token();
-        let finished = CancellationToken::new();
-        let previous = shared.register(client_id, principal, connection, &takeover, &finished)?;
-        let listed = shared.ctx.connections.register(
-            meshgate_core::connections::NewConnection {
-                id: connection,
+    ) -> Result<(Self, Option<Arc<meshgate_core::connections::Connection>>), crate::ClientIdTaken>
+    {
+        let listed = shared
+            .ctx
+            .connections
+            .register(meshgate_core::connections::NewConnection {
+                id: shared.ctx.next_connection_id(),
                 protocol: listing.protocol,
                 version: listing.version,
                 principal: principal.clone(),
                 client_id: Some(client_id.to_owned()),
                 peer: listing.peer,
-            },
-            Some(takeover),
-        );
+            });
+        // Refused: `listed` drops here, and leaves the registry.
+        let previous = shared.register(listed.connection(), principal)?;
         let registration = Registration {
             user_permit: user_permit.unwrap_or_default(),
             shared: shared.clone(),
             listed,
-            finished,
         };
         Ok((registration, previous))
     }
@@ -799,12 +795,10 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(client_id) = self.listed.client_id() {
-            self.shared.unregister(client_id, self.listed.id());
-        }
-        // The slot is given back before `finished` wakes a connection taking over, which
-        // may need it.
+        self.shared.unregister(&self.listed);
+        // The slot is given back before a connection taking over is woken, which may need
+        // it.
         drop(std::mem::take(&mut self.user_permit));
-        self.finished.cancel();
+        self.listed.finish();
     }
 }

@@ -54,20 +54,68 @@ pub(super) type Answer = (QoS, u16, Result<(), PublishError>);
 /// backbone, and the QoS 2 handshakes (PUBREC sent, PUBREL not yet).
 #[derive(Default)]
 pub(super) struct Inbound {
-    /// QoS 2 packet ids received (PUBREC sent), waiting for PUBREL. Kept with the session.
-    pub(super) awaiting_pubrel: HashSet<u16, super::PacketIdHasher>,
     /// PUBLISHes handed to the backbone and not yet accepted, in arrival order, so that their
     /// PUBACK/PUBREC go out in that order (MQTT 3.1.1 §4.6) while several are pending — a
     /// JetStream PubAck takes a round trip. Boxed and created on first use (idle memory).
     at_backbone: Option<Box<FuturesOrdered<InboundPublish>>>,
-    /// Packet ids of the QoS 2 PUBLISHes in `at_backbone`.
-    qos2_at_backbone: HashSet<u16, super::PacketIdHasher>,
+    /// The QoS 2 handshakes, made at the first QoS 2 PUBLISH: two sets are 64 bytes of every
+    /// idle connection's task, for what few clients use (issue 23).
+    qos2: Option<Box<Qos2Handshakes>>,
+}
+
+/// Packet ids of the client's QoS 2 PUBLISHes between PUBLISH and PUBREL.
+#[derive(Default)]
+struct Qos2Handshakes {
+    /// Received and acknowledged (PUBREC sent), waiting for PUBREL. Kept with the session.
+    awaiting_pubrel: HashSet<u16, super::PacketIdHasher>,
+    /// With the backbone (in `Inbound::at_backbone`), not yet acknowledged.
+    at_backbone: HashSet<u16, super::PacketIdHasher>,
 }
 
 impl Inbound {
     /// Takes the QoS 2 handshakes a persistent session's previous connection left open.
     pub(super) fn resume(&mut self, old: &mut Inbound) {
-        self.awaiting_pubrel = std::mem::take(&mut old.awaiting_pubrel);
+        if let Some(q) = &mut old.qos2 {
+            self.set_awaiting_pubrel(std::mem::take(&mut q.awaiting_pubrel));
+        }
+    }
+
+    fn qos2_mut(&mut self) -> &mut Qos2Handshakes {
+        self.qos2.get_or_insert_with(Default::default)
+    }
+
+    /// The QoS 2 packet ids acknowledged and waiting for PUBREL.
+    pub(super) fn awaiting_pubrel(&self) -> impl Iterator<Item = u16> + '_ {
+        self.qos2
+            .iter()
+            .flat_map(|q| q.awaiting_pubrel.iter().copied())
+    }
+
+    /// Replaces the QoS 2 packet ids waiting for PUBREL (a session restored or resumed).
+    pub(super) fn set_awaiting_pubrel(&mut self, pkids: HashSet<u16, super::PacketIdHasher>) {
+        if pkids.is_empty() {
+            if let Some(q) = &mut self.qos2 {
+                q.awaiting_pubrel.clear();
+            }
+        } else {
+            self.qos2_mut().awaiting_pubrel = pkids;
+        }
+    }
+
+    fn is_awaiting_pubrel(&self, pkid: u16) -> bool {
+        self.qos2
+            .as_ref()
+            .is_some_and(|q| q.awaiting_pubrel.contains(&pkid))
+    }
+
+    fn awaiting_pubrel_count(&self) -> usize {
+        self.qos2.as_ref().map_or(0, |q| q.awaiting_pubrel.len())
+    }
+
+    fn is_qos2_at_backbone(&self, pkid: u16) -> bool {
+        self.qos2
+            .as_ref()
+            .is_some_and(|q| q.at_backbone.contains(&pkid))
     }
 
     /// Whether `max` PUBLISHes wait for the backbone.
@@ -101,7 +149,9 @@ impl Inbound {
 
     /// PUBREL: the QoS 2 handshake of `pkid` ends; false if there was none.
     fn release(&mut self, pkid: u16) -> bool {
-        self.awaiting_pubrel.remove(&pkid)
+        self.qos2
+            .as_mut()
+            .is_some_and(|q| q.awaiting_pubrel.remove(&pkid))
     }
 }
 
@@ -157,7 +207,7 @@ impl Session {
                     _ => PubRecReason::ImplementationSpecificError,
                 };
                 if reason == PubRecReason::Success {
-                    self.inbound.awaiting_pubrel.insert(pkid);
+                    self.inbound.qos2_mut().awaiting_pubrel.insert(pkid);
                 }
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None));
             }
@@ -206,11 +256,11 @@ impl Session {
         self.reauthorize();
         let meta = p.meta;
         let (qos, pkid) = (meta.qos, meta.pkid);
-        if qos == QoS::ExactlyOnce && self.inbound.qos2_at_backbone.contains(&pkid) {
+        if qos == QoS::ExactlyOnce && self.inbound.is_qos2_at_backbone(pkid) {
             // Resent while the first copy is still with the backbone: its PUBREC will follow.
             return Err(Flow::Continue);
         }
-        if qos == QoS::ExactlyOnce && self.inbound.awaiting_pubrel.contains(&pkid) {
+        if qos == QoS::ExactlyOnce && self.inbound.is_awaiting_pubrel(pkid) {
             // A resent QoS 2 publish before PUBREL: acknowledge again, publish once.
             self.write(Packet::PubRec(
                 PubRec {
@@ -222,7 +272,7 @@ impl Session {
             return Err(Flow::Continue);
         }
         if qos == QoS::ExactlyOnce
-            && self.inbound.awaiting_pubrel.len() >= usize::from(self.own_receive_max)
+            && self.inbound.awaiting_pubrel_count() >= usize::from(self.own_receive_max)
         {
             self.shared.metrics.error(ErrorKind::ReceiveMaximum);
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
@@ -405,7 +455,7 @@ impl Session {
             }
         }
         if qos == QoS::ExactlyOnce {
-            self.inbound.qos2_at_backbone.insert(pkid);
+            self.inbound.qos2_mut().at_backbone.insert(pkid);
         }
         self.inbound
             .at_backbone
@@ -416,8 +466,10 @@ impl Session {
 
     /// The backbone's answer to an inbound PUBLISH: acknowledge it, or refuse it.
     pub(super) fn published(&mut self, qos: QoS, pkid: u16, r: Result<(), PublishError>) -> Flow {
-        if qos == QoS::ExactlyOnce {
-            self.inbound.qos2_at_backbone.remove(&pkid);
+        if qos == QoS::ExactlyOnce
+            && let Some(q) = &mut self.inbound.qos2
+        {
+            q.at_backbone.remove(&pkid);
         }
         match r {
             Ok(()) => {

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use meshgate_core::connections::CloseReason;
 use meshgate_core::{Origin, Principal};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, PublishProperties, QoS,
@@ -253,53 +254,77 @@ pub(super) struct Listing {
 }
 
 /// Handles a new connection (TCP, or a WebSocket bridged to a byte stream) from `peer` until
-/// it ends. `certificate_user`: the user a verified client certificate names (MQTT over TLS
-/// with client certificates), which the connection is instead of its CONNECT credentials.
+/// it ends: the future its task runs. `certificate_user`: the user a verified client
+/// certificate names (MQTT over TLS with client certificates), which the connection is
+/// instead of its CONNECT credentials. `held` is kept as long as the connection (its socket
+/// slot and per-address permit).
 ///
-/// Not an `async fn`, for the reason given at [`run_session`].
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice in its future (see above)"
-)]
-pub(crate) fn run<S>(
+/// Two phases, one after the other in the task: the connect phase, boxed (large: a CONNECT
+/// being read, authentication, the session store; over within `mqtt.connect_timeout`), then
+/// the packet loop, made from what the connect phase returned. `then` holds one phase or the
+/// other, never both, and nothing of the first (its arguments included) stays beside the
+/// packet loop: this future is an idle connection's task, its memory (decision 0020,
+/// `an_idle_connections_task_stays_small`).
+pub(crate) fn run<S, H>(
+    stream: S,
+    shared: Arc<Shared>,
+    peer: Peer,
+    certificate_user: Option<String>,
+    held: H,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    H: Send + 'static,
+{
+    use futures_util::FutureExt as _;
+    Box::pin(connect(stream, shared, peer, certificate_user)).then(move |connected| {
+        futures_util::future::OptionFuture::from(connected.map(|c| run_session(c, held)))
+            .map(|_| ())
+    })
+}
+
+/// What the connect phase hands the packet loop.
+struct Connected<S> {
+    stream: S,
+    /// What the client sent after CONNECT, already read.
+    buf: BytesMut,
+    session: Session,
+    /// The keep-alive granted, in seconds (0: none).
+    keep_alive: u16,
+    /// The client id's claim, released after the session was parked or ended.
+    registration: Registration,
+}
+
+/// The connect phase, within `mqtt.connect_timeout`: `None` when the connection ended in it.
+async fn connect<S>(
     mut stream: S,
     shared: Arc<Shared>,
     peer: Peer,
     certificate_user: Option<String>,
-) -> impl std::future::Future<Output = ()> + Send
+) -> Option<Connected<S>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    async move {
-        // In a block, so that what the connect phase returned (a `Session` moved into
-        // `run_session`) is not kept in this future beside it: rustc keeps a moved-from local's
-        // space while its scope lasts, and this future is an idle connection's memory.
-        let (session, registration) = {
-            let mut buf = BytesMut::with_capacity(512);
-            let timeout = shared.config.read().connect_timeout;
-            let connect = tokio::time::timeout(
-                timeout,
-                Box::pin(connect_phase(
-                    &mut stream,
-                    &mut buf,
-                    &shared,
-                    peer,
-                    certificate_user,
-                )),
-            )
-            .await;
-            let Ok(Some((session, keep_alive, registration))) = connect else {
-                if connect.is_err() {
-                    shared.metrics.error(ErrorKind::ConnectTimeout);
-                }
-                return;
-            };
-            (run_session(stream, buf, session, keep_alive), registration)
-        };
-        session.await;
-        // Released only now, after the session was parked or ended.
-        drop(registration);
-    }
+    let mut buf = BytesMut::with_capacity(512);
+    let timeout = shared.config.read().connect_timeout;
+    let connect = tokio::time::timeout(
+        timeout,
+        connect_phase(&mut stream, &mut buf, &shared, peer, certificate_user),
+    )
+    .await;
+    let Ok(Some((session, keep_alive, registration))) = connect else {
+        if connect.is_err() {
+            shared.metrics.error(ErrorKind::ConnectTimeout);
+        }
+        return None;
+    };
+    Some(Connected {
+        stream,
+        buf,
+        session,
+        keep_alive,
+        registration,
+    })
 }
 
 /// TCP keep-alive of MQTT sockets: probes after this long idle, then every
@@ -595,81 +620,50 @@ fn publish_step<'a>(
     }
 }
 
-/// The client's keep-alive (MQTT 3.1.1 §3.1.2.10, 5 §3.1.2.10): the connection is closed
-/// after one and a half times it without a complete packet; 0 is none.
-struct KeepAlive {
-    /// One and a half times the keep-alive, in milliseconds (at most 98,302,500); 0: none.
-    /// (4 bytes where an `Option<Duration>` takes 16 of every idle connection's future.)
-    period_ms: u32,
-    /// When the connection is closed unless a packet comes first.
-    deadline: tokio::time::Instant,
-}
-
-impl KeepAlive {
-    fn new(seconds: u16) -> Self {
-        let period_ms = u32::from(seconds) * 1500;
-        let mut k = KeepAlive {
-            period_ms,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(86_400),
-        };
-        k.packet_received();
-        k
-    }
-
-    fn is_on(&self) -> bool {
-        self.period_ms > 0
-    }
-
-    /// A complete packet came: the count starts again.
-    fn packet_received(&mut self) {
-        if self.is_on() {
-            self.deadline =
-                tokio::time::Instant::now() + Duration::from_millis(u64::from(self.period_ms));
-        }
-    }
-}
-
-/// The connection's packet loop, from CONNACK to its end.
+/// The connection's packet loop, from CONNACK to its end; then the session is parked or ended
+/// and the client id's claim released.
 ///
-/// A plain function returning an `async move` block, not an `async fn`: rustc keeps an async
-/// fn's arguments as upvars *and* moves them into locals, so a 536-byte `Session` took its
-/// space twice in every idle connection's future (1,744 bytes; 1,136 this way). One socket,
-/// no `tokio::io::split`: reads and writes never run at once here (writes happen between
-/// polls of the `select!`), and split costs a shared allocation and a lock per operation.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice in its future (see above)"
-)]
-fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-    mut stream: S,
-    mut buf: BytesMut,
-    mut session: Session,
-    keep_alive: u16,
-) -> impl std::future::Future<Output = ()> + Send {
+/// A plain function returning an `async move` block, not an `async fn`, and what it gets is
+/// taken apart before the block: rustc keeps an async fn's arguments as upvars *and* moves
+/// them into locals, so a 536-byte `Session` took its space twice in every idle connection's
+/// future (1,744 bytes; 1,136 this way). One socket, no `tokio::io::split`: reads and writes
+/// never run at once here (writes happen between polls of the `select!`), and split costs a
+/// shared allocation and a lock per operation.
+fn run_session<S, H>(
+    connected: Connected<S>,
+    held: H,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    H: Send + 'static,
+{
+    let Connected {
+        mut stream,
+        mut buf,
+        mut session,
+        keep_alive,
+        registration,
+    } = connected;
     async move {
         let shared = session.shared.clone();
         let max = session.own_max_packet as usize;
-        let mut keep_alive = KeepAlive::new(keep_alive);
-        // (Registered with the takeover token: always there.)
-        let takeover = session.live.close_token().cloned().unwrap_or_default();
+        // The keep-alive (1.5 times it without a complete packet closes the connection) is
+        // counted by the listener's sweep (`crate::keep_alive`), from now.
+        session.live.set_idle_limit(
+            crate::keep_alive::limit(keep_alive),
+            shared.keep_alive.now(),
+        );
+        // Told to close through the registry entry (takeover, an operator, shutdown): polled
+        // in place each turn (its waker kept in the entry), no waiter of a token's list in
+        // every idle connection's future.
+        let live = session.live.clone();
         let mut busy = false;
         let mut out_hint = 0;
-        // Created once, not per loop turn: each new `cancelled()` future registers with (and on
-        // drop leaves) the token's waiter list under a lock. One wait for two events: the
-        // takeover token is a child of the gateway's shutdown token (`Registration::new`), so
-        // it fires at shutdown too, and which of the two it was is read off the parent (a
-        // second 72-byte waiter in every idle connection's future otherwise).
-        let stop = takeover.cancelled();
-        // One keep-alive timer per connection, moved only when it fires early: a new `sleep_until`
-        // per loop turn inserted into and removed from the timer wheel (under its lock) for every
-        // batch of packets.
-        let keep_alive_timer = tokio::time::sleep_until(keep_alive.deadline);
         // Set once shutdown began: the connection delivers what its subscriptions still hold until
         // they ended and the client acknowledged everything, or this deadline. Boxed and made only
         // then: a second timer in every idle connection's future would cost memory for an event
         // that happens once per process.
         let mut draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        tokio::pin!(stop, keep_alive_timer);
         let end = 'conn: loop {
             // Handle every complete packet already buffered (while the backbone keeps up).
             let mut got_packet = false;
@@ -696,9 +690,9 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                     }
                 }
             }
-            // Keep-alive counts from the last complete packet (one clock reading per batch).
+            // Keep-alive counts from the last complete packet (one shared load per batch).
             if got_packet {
-                keep_alive.packet_received();
+                live.touch(shared.keep_alive.now());
             }
             if !session.out.is_empty() {
                 if std::mem::take(&mut session.acked_publish) && shared.in_process {
@@ -765,18 +759,26 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 .set_load(session.window.pending.len(), session.window.in_flight());
             tokio::select! {
                 biased;
-                _ = &mut stop, if draining.is_none() => {
-                    if !shared.ctx.shutdown.is_cancelled() {
-                        if session.live.closed_by_operator() {
+                reason = std::future::poll_fn(|cx| live.poll_closed(cx)), if draining.is_none() => {
+                    match reason {
+                        CloseReason::Shutdown => {
+                            draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));
+                            continue;
+                        }
+                        CloseReason::Operator => {
                             tracing::info!(client_id = session.client_id, "mqtt: closed by an operator (admin API)");
                             session.disconnect(DisconnectReasonCode::AdministrativeAction);
-                        } else {
+                        }
+                        CloseReason::TakenOver => {
                             session.disconnect(DisconnectReasonCode::SessionTakenOver);
                         }
-                        break End::Server;
+                        CloseReason::KeepAlive => {
+                            shared.metrics.error(ErrorKind::KeepAliveTimeout);
+                            session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
+                            break End::Abnormal;
+                        }
                     }
-                    draining = Some(Box::pin(tokio::time::sleep(SHUTDOWN_DRAIN)));
-                    continue;
+                    break End::Server;
                 }
                 () = async { if let Some(t) = draining.as_mut() { t.await } }, if draining.is_some() => {
                     // What is still not delivered is lost with this connection (kept in the stored
@@ -829,16 +831,6 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                         session.deliver(q);
                     }
                 }
-                _ = &mut keep_alive_timer, if keep_alive.is_on() => {
-                    if tokio::time::Instant::now() < keep_alive.deadline {
-                        // Packets came since the timer was set: wait for the rest of the interval.
-                        keep_alive_timer.as_mut().reset(keep_alive.deadline);
-                        continue;
-                    }
-                    shared.metrics.error(ErrorKind::KeepAliveTimeout);
-                    session.disconnect(DisconnectReasonCode::KeepAliveTimeout);
-                    break End::Abnormal;
-                }
             }
         };
         // Publishes the client sent before it left still reach the backbone (a QoS 0 publish
@@ -864,5 +856,8 @@ fn run_session<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         tracing::debug!(client_id = session.client_id, ?end, "mqtt disconnected");
         // Boxed, like packet handling: only the last moments of a connection need it.
         Box::pin(finish(session, end)).await;
+        // Released only now, after the session was parked or ended.
+        drop(registration);
+        drop(held);
     }
 }

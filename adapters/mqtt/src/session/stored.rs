@@ -262,8 +262,8 @@ pub(crate) async fn delete(shared: &Shared, client_id: &str) -> Result<bool, Del
 /// Lets go of a session held here, for another instance: its connection closes (session taken
 /// over) and saves it; a parked placeholder is dropped without its will (the client is back).
 pub(crate) async fn release_here(shared: &Shared, client_id: &str) {
-    if let Some(finished) = shared.take_over(client_id)
-        && tokio::time::timeout(TAKEOVER_WAIT, finished.cancelled())
+    if let Some(connection) = shared.take_over(client_id)
+        && tokio::time::timeout(TAKEOVER_WAIT, connection.finished())
             .await
             .is_err()
     {
@@ -351,7 +351,7 @@ impl Session {
                     id: s.id,
                 })
                 .collect(),
-            incoming_qos2: self.inbound.awaiting_pubrel.iter().copied().collect(),
+            incoming_qos2: self.inbound.awaiting_pubrel().collect(),
             released: self.window.released_pkids(),
             next_pkid: self.window.next_pkid,
             origin: (self.origin.instance.to_string(), self.origin.connection),
@@ -398,10 +398,9 @@ impl Session {
     /// took meanwhile (its holder did not answer in time) ends its connection here.
     pub(super) async fn save_stored(&mut self) -> Saved {
         let saved = self.save(None).await;
-        if saved == Saved::Conflict
-            && let Some(t) = self.live.close_token()
-        {
-            t.cancel();
+        if saved == Saved::Conflict {
+            self.live
+                .close(meshgate_core::connections::CloseReason::TakenOver);
         }
         saved
     }
@@ -447,7 +446,8 @@ impl Session {
                 return Err(e);
             }
         }
-        self.inbound.awaiting_pubrel = record.incoming_qos2.into_iter().collect();
+        self.inbound
+            .set_awaiting_pubrel(record.incoming_qos2.into_iter().collect());
         for pkid in record.released {
             self.window.restore_released(pkid);
         }

@@ -111,8 +111,8 @@ struct Session {
     requested_expiry: u32,
     /// Topic aliases, both ways (MQTT 5); they last as long as the connection.
     aliases: TopicAliases,
-    /// This connection in the admin API's registry; its close token fires when another
-    /// connection takes over this client id, an operator closes it, or at shutdown.
+    /// This connection in the admin API's registry: it is told there to close (another
+    /// connection takes over this client id, an operator, shutdown, keep-alive expired).
     live: Arc<meshgate_core::connections::Connection>,
     /// Revision of the record in the backbone's session store (see [`stored`]) this session
     /// last read or wrote; 0: the session has nothing stored.

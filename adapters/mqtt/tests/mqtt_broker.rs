@@ -583,6 +583,82 @@ async fn shutdown_sends_v5_server_shutting_down() {
     }
 }
 
+/// The session reads the WebSocket as a byte stream (MQTT 5 §6.0: a frame may hold several
+/// packets or part of one): a CONNECT split over two frames and two PINGREQs in one are all
+/// answered; a WebSocket ping gets its pong; a text frame (not MQTT) ends the connection, which
+/// the server closes with 1000.
+#[tokio::test]
+async fn mqtt_over_websocket_frames_are_a_byte_stream() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let h = start().await;
+    let mut req = format!("ws://{}/mqtt", h.ws_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut connect = BytesMut::new();
+    codec::write(
+        Version::V311,
+        rumqttd::protocol::Packet::Connect(
+            rumqttd::protocol::Connect {
+                keep_alive: 30,
+                client_id: "split".into(),
+                clean_session: true,
+            },
+            None,
+            None,
+            None,
+            None,
+        ),
+        &mut connect,
+    )
+    .unwrap();
+    let second = connect.split_off(5);
+    ws.send(Message::Binary(connect.freeze())).await.unwrap();
+    ws.send(Message::Binary(second.freeze())).await.unwrap();
+    // Whatever comes in binary frames, as one byte stream; control frames as they are.
+    let mut received = BytesMut::new();
+    let mut next_packet = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+        if let Some(p) = codec::read(Version::V311, &mut received, 1 << 20).unwrap() {
+            return Ok(p);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+        {
+            Some(Ok(Message::Binary(b))) => received.extend_from_slice(&b),
+            Some(Ok(other)) => return Err(other),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        matches!(next_packet(&mut ws).await, Ok(rumqttd::protocol::Packet::ConnAck(a, _)) if a.code == rumqttd::protocol::ConnectReturnCode::Success)
+    );
+    ws.send(Message::Binary(vec![0xc0, 0, 0xc0, 0].into()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            next_packet(&mut ws).await,
+            Ok(rumqttd::protocol::Packet::PingResp(_))
+        ));
+    }
+    ws.send(Message::Ping(b"hi"[..].into())).await.unwrap();
+    match next_packet(&mut ws).await {
+        Err(Message::Pong(p)) => assert_eq!(&p[..], b"hi"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    ws.send(Message::Text("not mqtt".into())).await.unwrap();
+    match next_packet(&mut ws).await {
+        Err(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1000),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn mqtt_over_websocket_uses_the_same_sessions() {
     use futures_util::{SinkExt, StreamExt};

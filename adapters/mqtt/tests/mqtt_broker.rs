@@ -584,8 +584,8 @@ async fn shutdown_sends_v5_server_shutting_down() {
 }
 
 /// The session reads the WebSocket as a byte stream (MQTT 5 §6.0: a frame may hold several
-/// packets or part of one): a CONNECT split over two frames and two PINGREQs in one are all
-/// answered; a WebSocket ping gets its pong; a text frame (not MQTT) ends the connection, which
+/// packets or part of one): a CONNECT split over two frames, two PINGREQs in one and a frame
+/// of 100 KB are all answered; a WebSocket ping gets its pong; a text frame (not MQTT) ends the connection, which
 /// the server closes with 1000.
 #[tokio::test]
 async fn mqtt_over_websocket_frames_are_a_byte_stream() {
@@ -647,6 +647,30 @@ async fn mqtt_over_websocket_frames_are_a_byte_stream() {
             Ok(rumqttd::protocol::Packet::PingResp(_))
         ));
     }
+    // A frame far larger than the server's 1 KiB read buffer: a 100 KB QoS 1 PUBLISH.
+    // (Encoded here: rumqttd's `Publish` keeps its packet id private.)
+    let topic = b"ws/big";
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    body.extend_from_slice(&9u16.to_be_bytes());
+    body.extend_from_slice(&[7u8; 100_000]);
+    let mut publish = BytesMut::from(&[0x32u8][..]);
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        publish.extend_from_slice(&[if len > 0 { byte | 0x80 } else { byte }]);
+        if len == 0 {
+            break;
+        }
+    }
+    publish.extend_from_slice(&body);
+    ws.send(Message::Binary(publish.freeze())).await.unwrap();
+    assert!(matches!(
+        next_packet(&mut ws).await,
+        Ok(rumqttd::protocol::Packet::PubAck(a, _)) if a.pkid == 9
+    ));
     ws.send(Message::Ping(b"hi"[..].into())).await.unwrap();
     match next_packet(&mut ws).await {
         Err(Message::Pong(p)) => assert_eq!(&p[..], b"hi"),

@@ -10,13 +10,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// tungstenite's read buffer for each WebSocket connection (both listeners: CloudEvents and
-/// MQTT over WebSocket). Its default, 128 KiB, is allocated and zeroed when the connection is
-/// made, so it was almost all of an idle connection's 140 KiB (issue 27). A message larger
-/// than this still arrives whole: the buffer grows to the frame's length, up to the
-/// listener's `max_message_size`.
-pub const WEBSOCKET_READ_BUFFER: usize = 4 << 10;
-
 /// What tungstenite collects before writing (a flush writes at once anyway). Its default is
 /// 128 KiB; this much is plenty to batch the frames of one flush, and is what a connection
 /// keeps after a burst.

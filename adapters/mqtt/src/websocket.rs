@@ -25,11 +25,13 @@ use crate::{Shared, SocketSlot, session};
 /// The subprotocol MQTT over WebSocket requires.
 pub const SUBPROTOCOL: &str = "mqtt";
 
-/// tungstenite's read buffer: allocated at the upgrade, zero-filled to this size at the first
-/// read, so every connection that sent CONNECT keeps it resident; and the most one read call
-/// takes. 1 KiB, not the CloudEvents WebSocket's 4 KiB (`WEBSOCKET_READ_BUFFER`): an idle
-/// MQTT over WebSocket connection cost 6.5 KiB with 4 KiB, 3.x with 1 KiB (issue 23), for a
-/// read call per KiB of larger frames (tungstenite 0.29, `FrameCodec::read_in`).
+/// tungstenite's read buffer: made at the upgrade, zero-filled to this size at the first read
+/// (tungstenite 0.29, `FrameCodec::read_in`), so it is resident in every connection that sent
+/// CONNECT; and the most one read call takes. 1 KiB: an idle MQTT over WebSocket connection
+/// cost 6.5 KiB with 4 KiB, 3.5 with 1 KiB (issue 23), for a read call per KiB of a larger
+/// frame. (The CloudEvents WebSocket listener gives tungstenite 256 bytes over a read-ahead
+/// buffer that exists only while bytes wait, `adapters/websocket/src/read_ahead.rs`; that
+/// needs its own upgrade instead of axum's, not done here yet.)
 const READ_BUFFER: usize = 1 << 10;
 
 pub(crate) fn router(path: &str, shared: Arc<Shared>) -> Router {

@@ -55,12 +55,12 @@ fn broker(ctx: &AdapterContext) -> Arc<Shared> {
     shared
 }
 
-/// An adapter context on a memory backbone that lets everyone in.
 /// A connection whose address the listener does not know.
 fn local() -> super::Peer {
     super::Peer::new(None, super::Transport::Tcp)
 }
 
+/// An adapter context on a memory backbone that lets everyone in.
 fn context() -> AdapterContext {
     let registry = Registry::new();
     let memory = MemoryBackboneConfig {

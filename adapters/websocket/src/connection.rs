@@ -413,6 +413,13 @@ impl Conn {
         match Pin::new(&mut *ws).poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.writing = false;
+                // An idle connection keeps no queue: the first few messages' block (4 entries,
+                // 256 bytes: the subscription's confirmation, a ping) is given back once they
+                // are written, as in every idle subscriber it stayed (issue 23); a queue grown by
+                // a burst is kept.
+                if self.queue.is_empty() && self.queue.capacity() <= 4 {
+                    self.queue = VecDeque::new();
+                }
                 if self.unflushed.is_empty() {
                     Poll::Ready(None)
                 } else {
